@@ -1,0 +1,467 @@
+//! Request and response bodies.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::duration::GoDuration;
+
+/// Error body of every JSON error: exactly `code` and `message`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+/// Lifecycle state of a sandbox as reported on the wire.
+pub mod state {
+    pub const CREATING: &str = "creating";
+    pub const RUNNING: &str = "running";
+    pub const IDLE: &str = "idle";
+    pub const UNHEALTHY: &str = "unhealthy";
+    pub const EXPIRED: &str = "expired";
+    pub const DESTROYED: &str = "destroyed";
+    pub const ERROR: &str = "error";
+    pub const STOPPED: &str = "stopped";
+}
+
+fn is_empty_map(m: &Option<BTreeMap<String, String>>) -> bool {
+    m.as_ref().is_none_or(BTreeMap::is_empty)
+}
+
+/// The sandbox object (`GET /sandboxes/{id}` and friends).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Sandbox {
+    pub id: String,
+    pub state: String,
+    pub provider: String,
+    pub image: String,
+    pub memory_mb: i64,
+    pub vcpus: i64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub vm_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub worker_id: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "is_empty_map")]
+    pub metadata: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub preview_domain: String,
+}
+
+/// `POST /sandboxes` and `POST /sandboxes/admission` body. Every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SpawnRequest {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub image: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub provider: String,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub memory_mb: i64,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub vcpus: i64,
+    /// Go duration string; parsed by the server so that a bad value is a 400.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub ttl: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub template: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub owner_id: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub tenant_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub network_mode: String,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
+}
+
+fn is_false(v: &bool) -> bool {
+    !*v
+}
+
+/// `POST /sandboxes/admission` response. The three worker keys of the original
+/// are deliberately absent: the published Python SDK rejects unknown keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdmissionDecision {
+    pub allowed: bool,
+    pub queueable: bool,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    pub active_sandboxes: i64,
+    pub max_sandboxes: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub active_owner_sandboxes: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_owner_sandboxes: i64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub max_ttl: String,
+}
+
+/// `POST /sandboxes/{id}/exec` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExecRequest {
+    pub command: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub mode: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub workdir: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub timeout: String,
+    #[serde(skip_serializing_if = "is_false")]
+    pub stream: bool,
+    /// Extension: when true, a streamed exec ends with one
+    /// `{"type":"exit","exit_code":N,"duration":"…"}` record.
+    #[serde(skip_serializing_if = "is_false")]
+    pub report_exit: bool,
+    /// Extension: standard input given to the command, as UTF-8 text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stdin: Option<String>,
+}
+
+/// Synchronous exec result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecResponse {
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub duration: GoDuration,
+}
+
+/// One NDJSON line of a streamed exec (or one WebSocket text message).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamChunk {
+    pub stream: String,
+    pub data: String,
+}
+
+/// Final record of a streamed exec when `report_exit` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamExit {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub exit_code: i32,
+    pub duration: GoDuration,
+}
+
+/// File metadata, normalised across providers: absolute `path`, permission
+/// bits in octal without type bits (`644`), RFC 3339 UTC `mod_time`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    pub path: String,
+    pub size: u64,
+    pub mode: String,
+    pub is_dir: bool,
+    pub mod_time: String,
+    /// Extension: the final path component.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub name: String,
+}
+
+/// `POST /sandboxes/{id}/files` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WriteFileRequest {
+    pub path: String,
+    pub content: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub mode: String,
+    /// Extension: `base64` means `content` is base64 of arbitrary bytes.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub encoding: String,
+}
+
+/// `POST /sandboxes/{id}/files/move` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MoveFileRequest {
+    pub old_path: String,
+    pub new_path: String,
+}
+
+/// `POST /sandboxes/{id}/files/chmod` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ChmodRequest {
+    pub path: String,
+    pub mode: String,
+}
+
+/// `POST /sandboxes/{id}/extend` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExtendRequest {
+    pub ttl: String,
+}
+
+/// `{"status":"…"}` responses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusResponse {
+    pub status: String,
+}
+
+impl StatusResponse {
+    pub fn new(status: &str) -> Self {
+        StatusResponse {
+            status: status.to_string(),
+        }
+    }
+}
+
+/// `DELETE /sandboxes` response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PruneResponse {
+    pub pruned: u64,
+}
+
+/// `GET /health` and `GET /live`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthResponse {
+    pub status: String,
+    pub uptime: GoDuration,
+    pub version: String,
+}
+
+/// Health of one provider.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderHealth {
+    pub name: String,
+    pub healthy: bool,
+    pub default: bool,
+    pub latency_ms: i64,
+    pub last_checked: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    pub capabilities: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_count: Option<i64>,
+}
+
+/// `GET /ready`; map-typed in the original, so keys are alphabetical.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReadyResponse {
+    pub providers: Vec<ProviderHealth>,
+    pub ready_providers: i64,
+    pub status: String,
+    pub total_providers: i64,
+    pub uptime: GoDuration,
+    pub version: String,
+}
+
+/// `GET /providers/{name}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ProviderDetail {
+    pub name: String,
+    pub healthy: bool,
+    pub default: bool,
+    pub sandbox_count: i64,
+    pub health: ProviderHealth,
+    pub config: BTreeMap<String, String>,
+}
+
+/// A template secret reference.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateSecret {
+    pub name: String,
+    #[serde(default)]
+    pub inject_at: String,
+}
+
+/// A sandbox template. Input also accepts the SDK aliases `vcpus`
+/// (→ `cpu_cores`), `ttl` (→ `ttl_seconds`), `provider` and `metadata`;
+/// output carries both spellings so either SDK reads what it sent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Template {
+    pub name: String,
+    pub version: i64,
+    pub image: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub setup: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_hosts: Vec<String>,
+    pub memory_mb: i64,
+    pub cpu_cores: i64,
+    pub ttl_seconds: i64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub secrets: Vec<TemplateSecret>,
+    pub pool_size: i64,
+    /// Alias of `cpu_cores` for the SDKs.
+    pub vcpus: i64,
+    /// Alias of `ttl_seconds` as a Go duration, for the SDKs.
+    pub ttl: GoDuration,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Template create/replace body (all fields optional on the wire).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TemplateInput {
+    pub name: String,
+    pub version: i64,
+    pub image: String,
+    pub description: String,
+    pub setup: Vec<String>,
+    pub allowed_hosts: Vec<String>,
+    pub memory_mb: i64,
+    pub cpu_cores: i64,
+    pub ttl_seconds: i64,
+    pub env: BTreeMap<String, String>,
+    pub secrets: Vec<TemplateSecret>,
+    pub pool_size: i64,
+    pub vcpus: i64,
+    /// Go duration string or integer seconds.
+    pub ttl: Option<serde_json::Value>,
+    pub provider: String,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// `POST /templates/{name}/spawn` optional body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TemplateSpawnRequest {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub provider: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub ttl: String,
+}
+
+/// Per-owner quota override.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OwnerQuota {
+    pub owner_id: String,
+    pub max_sandboxes: i64,
+    pub max_ttl: GoDuration,
+    pub max_exec_timeout: GoDuration,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `PUT /quotas/{owner}` body.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QuotaInput {
+    pub max_sandboxes: i64,
+    pub max_ttl: String,
+    pub max_exec_timeout: String,
+}
+
+/// `GET /quotas/summary`: exactly four keys (the Python SDK unpacks them).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaSummary {
+    pub total: i64,
+    pub with_max_sandboxes: i64,
+    pub with_max_ttl: i64,
+    pub with_max_exec_timeout: i64,
+}
+
+/// `GET /quotas/{owner}/usage`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaUsage {
+    pub owner_id: String,
+    pub active_sandboxes: i64,
+    pub max_sandboxes: i64,
+    pub max_ttl: GoDuration,
+    pub max_exec_timeout: GoDuration,
+    pub quota_configured: bool,
+}
+
+/// `GET /snapshots` item.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotSummary {
+    pub image: String,
+    pub provider: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An event on `GET /events` (SSE) and the internal bus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub sandbox_id: String,
+    pub timestamp: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<BTreeMap<String, serde_json::Value>>,
+}
+
+/// Pool status when the pool is disabled: `{"enabled":false}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolStatus {
+    pub enabled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_vms: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_users: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_users_per_vm: Option<i64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sandbox_omits_empty_fields_in_contract_order() {
+        let t = DateTime::parse_from_rfc3339("2026-05-04T10:30:00.5Z")
+            .expect("time")
+            .with_timezone(&Utc);
+        let sb = Sandbox {
+            id: "sb-1a2b3c4d".into(),
+            state: "running".into(),
+            provider: "native".into(),
+            image: "host".into(),
+            memory_mb: 1024,
+            vcpus: 1,
+            owner_id: String::new(),
+            tenant_id: String::new(),
+            vm_id: String::new(),
+            worker_id: "local".into(),
+            created_at: t,
+            expires_at: t,
+            metadata: Some(BTreeMap::new()),
+            preview_domain: "localhost".into(),
+        };
+        let json = serde_json::to_string(&sb).expect("json");
+        assert_eq!(
+            json,
+            r#"{"id":"sb-1a2b3c4d","state":"running","provider":"native","image":"host","memory_mb":1024,"vcpus":1,"worker_id":"local","created_at":"2026-05-04T10:30:00.500Z","expires_at":"2026-05-04T10:30:00.500Z","preview_domain":"localhost"}"#
+        );
+    }
+
+    #[test]
+    fn spawn_request_ignores_unknown_fields_and_defaults_missing() {
+        let req: SpawnRequest =
+            serde_json::from_str(r#"{"image":"x","bogus":1}"#).expect("decode");
+        assert_eq!(req.image, "x");
+        assert_eq!(req.memory_mb, 0);
+        assert!(serde_json::from_str::<SpawnRequest>(r#"{"memory_mb":"lots"}"#).is_err());
+    }
+}

@@ -1,0 +1,1068 @@
+//! Configuration: YAML file + `STACYVM_*` environment overrides.
+//!
+//! Lookup order (spec/config-and-cli.md §1): an explicit `--config PATH`,
+//! else the first existing file of `./stacyvm.yaml` and
+//! `~/.stacyvm/config.yaml`; a missing file means defaults only. Every key
+//! that exists in the defaults or in the file can be overridden by an
+//! environment variable named `STACYVM_` + the key path upper-cased with `.`
+//! replaced by `_` (`server.port` → `STACYVM_SERVER_PORT`). Lists take
+//! comma-separated values, booleans `true/false/1/0`.
+//!
+//! Loading parses into a value tree, applies env overrides, deserialises into
+//! [`Config`], reads secret files and finally [`Config::validate`]s. Errors
+//! name the key and say what is allowed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_yaml::Value;
+use stacyvm_api::duration;
+
+/// A configuration error; the message names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: String, message: String },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        message: message.into(),
+    }
+}
+
+/// A string whose `Debug` and `Serialize` never reveal the value.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.is_empty() {
+            f.write_str("\"\"")
+        } else {
+            f.write_str("[REDACTED]")
+        }
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // Secrets are serialised as-is only into the defaults tree (always
+        // empty); anything rendered for humans goes through redaction.
+        s.serialize_str(&self.0)
+    }
+}
+
+/// A Go duration in config; accepts a string (`30m`) or the integer 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Dur(pub stacyvm_api::GoDuration);
+
+impl Dur {
+    pub fn secs(s: i64) -> Self {
+        Dur(stacyvm_api::GoDuration::from_secs(s))
+    }
+    pub fn std(self) -> std::time::Duration {
+        self.0.to_std()
+    }
+    pub fn is_zero(self) -> bool {
+        self.0.is_zero()
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        match v {
+            Value::String(s) if s.trim().is_empty() => Ok(Dur::default()),
+            Value::String(s) => duration::parse(s.trim())
+                .map(|n| Dur(stacyvm_api::GoDuration(n)))
+                .map_err(|e| serde::de::Error::custom(format!("{e}; use a duration like 30s, 10m or 1h30m"))),
+            Value::Number(n) if n.as_i64() == Some(0) => Ok(Dur::default()),
+            Value::Null => Ok(Dur::default()),
+            other => Err(serde::de::Error::custom(format!(
+                "expected a duration string like 30s, 10m or 1h30m, got {}",
+                yaml_brief(&other)
+            ))),
+        }
+    }
+}
+
+fn yaml_brief(v: &Value) -> String {
+    serde_yaml::to_string(v)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "a value".into())
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub worker: WorkerConfig,
+    pub providers: ProvidersConfig,
+    pub defaults: DefaultsConfig,
+    pub auth: AuthConfig,
+    pub rate_limit: RateLimitConfig,
+    pub database: DatabaseConfig,
+    pub logging: LoggingConfig,
+    pub pool: PoolConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    pub preview_domain: String,
+    pub cors_allowed_origins: Vec<String>,
+    /// Directory for the database, images and sandbox state.
+    pub data_dir: String,
+    /// Largest accepted request body in bytes (413 above).
+    pub max_body_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct WorkerConfig {
+    pub id: String,
+    pub control_plane_url: String,
+    pub listen_addr: String,
+    pub preview_domain: String,
+    pub heartbeat_interval: Dur,
+    pub shutdown_timeout: Dur,
+    pub rpc_tls: RpcTlsConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RpcTlsConfig {
+    pub enabled: bool,
+    pub server_cert_file: String,
+    pub server_key_file: String,
+    pub client_ca_file: String,
+    pub ca_file: String,
+    pub client_cert_file: String,
+    pub client_key_file: String,
+    pub server_name: String,
+    pub insecure_skip_verify: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProvidersConfig {
+    pub default: String,
+    pub mock: MockConfig,
+    pub native: NativeConfig,
+    pub firecracker: FirecrackerConfig,
+    pub docker: DockerConfig,
+    pub e2b: E2bConfig,
+    pub custom: CustomConfig,
+    pub proot: ProotConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MockConfig {
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct NativeConfig {
+    pub enabled: bool,
+    /// Network mode when the spawn does not ask: `none` or `bridge`.
+    pub network_mode: String,
+    /// Path of the static `stacyvm-agent` binary ("" = next to the server binary).
+    pub agent_path: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FirecrackerConfig {
+    pub enabled: bool,
+    pub firecracker_path: String,
+    pub kernel_path: String,
+    pub default_rootfs: String,
+    pub agent_path: String,
+    pub data_dir: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DockerConfig {
+    pub enabled: bool,
+    pub socket: String,
+    pub runtime: String,
+    pub default_image: String,
+    pub network_mode: String,
+    pub seccomp_profile: String,
+    pub read_only_rootfs: bool,
+    pub memory: String,
+    pub cpus: f64,
+    pub pids_limit: i64,
+    pub user: String,
+    pub dropped_caps: Vec<String>,
+    pub added_caps: Vec<String>,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub tmpfs: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct E2bConfig {
+    pub enabled: bool,
+    pub api_key: Secret,
+    pub base_url: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct CustomConfig {
+    pub enabled: bool,
+    pub name: String,
+    pub base_url: String,
+    pub api_key: Secret,
+    pub timeout: Dur,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProotConfig {
+    pub enabled: bool,
+    pub rootfs_path: String,
+    pub proot_binary: String,
+    pub workspace_base: String,
+    pub default_timeout: Dur,
+    pub max_sandboxes: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DefaultsConfig {
+    pub ttl: Dur,
+    pub image: String,
+    pub memory_mb: i64,
+    pub vcpus: i64,
+    pub max_ttl: Dur,
+    pub default_exec_timeout: Dur,
+    pub max_exec_timeout: Dur,
+    pub max_sandboxes: i64,
+    pub max_sandboxes_per_owner: i64,
+    pub spawn_overflow: String,
+    pub spawn_queue_timeout: Dur,
+    pub max_spawn_queue: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AuthConfig {
+    pub enabled: bool,
+    pub api_key: Secret,
+    pub admin_api_key: Secret,
+    pub admin_fallback_enabled: bool,
+    pub admin_audit_retention: Dur,
+    pub worker_token: Secret,
+    pub worker_token_file: String,
+    pub worker_tokens: BTreeMap<String, Secret>,
+    pub worker_signing_key: Secret,
+    pub worker_signing_key_file: String,
+    pub worker_signing_keys: Vec<Secret>,
+    pub worker_revoked_token_ids: Vec<String>,
+    pub oidc_enabled: bool,
+    pub oidc_issuer: String,
+    pub oidc_audience: String,
+    pub oidc_jwks_url: String,
+    pub oidc_public_key: String,
+    pub oidc_public_key_file: String,
+    pub oidc_groups_claim: String,
+    pub oidc_tenant_claim: String,
+    pub oidc_admin_groups: Vec<String>,
+    pub oidc_operator_groups: Vec<String>,
+    pub oidc_viewer_groups: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RateLimitConfig {
+    pub enabled: bool,
+    pub requests_per_minute: i64,
+    pub burst: i64,
+    pub key_by: String,
+    pub bucket_ttl: Dur,
+    pub cleanup_interval: Dur,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DatabaseConfig {
+    pub driver: String,
+    /// SQLite file; "" = `<server.data_dir>/stacyvm.db`.
+    pub path: String,
+    pub dsn: Secret,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LoggingConfig {
+    pub level: String,
+    pub format: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PoolConfig {
+    pub enabled: bool,
+    pub max_vms: i64,
+    pub max_users_per_vm: i64,
+    pub image: String,
+    pub memory_mb: i64,
+    pub vcpus: i64,
+    pub overflow: String,
+}
+
+/// Default data directory: `/var/lib/stacyvm` for root, else
+/// `$XDG_DATA_HOME/stacyvm` or `~/.local/share/stacyvm`.
+pub fn default_data_dir() -> String {
+    // SAFETY-free check: geteuid via /proc is not needed; HOME and USER suffice.
+    let is_root = std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || std::env::var("HOME").map(|h| h == "/root").unwrap_or(false);
+    if is_root {
+        return "/var/lib/stacyvm".into();
+    }
+    if let Ok(x) = std::env::var("XDG_DATA_HOME") {
+        if !x.is_empty() {
+            return format!("{x}/stacyvm");
+        }
+    }
+    match std::env::var("HOME") {
+        Ok(h) if !h.is_empty() => format!("{h}/.local/share/stacyvm"),
+        _ => "/tmp/stacyvm".into(),
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "0.0.0.0".into(),
+            port: stacyvm_api::DEFAULT_PORT,
+            preview_domain: "localhost".into(),
+            cors_allowed_origins: vec!["*".into()],
+            data_dir: default_data_dir(),
+            max_body_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            id: String::new(),
+            control_plane_url: "http://localhost:7423".into(),
+            listen_addr: String::new(),
+            preview_domain: String::new(),
+            heartbeat_interval: Dur::secs(30),
+            shutdown_timeout: Dur::secs(10),
+            rpc_tls: RpcTlsConfig::default(),
+        }
+    }
+}
+
+impl Default for ProvidersConfig {
+    fn default() -> Self {
+        ProvidersConfig {
+            default: "native".into(),
+            mock: MockConfig::default(),
+            native: NativeConfig::default(),
+            firecracker: FirecrackerConfig::default(),
+            docker: DockerConfig::default(),
+            e2b: E2bConfig::default(),
+            custom: CustomConfig::default(),
+            proot: ProotConfig::default(),
+        }
+    }
+}
+
+impl Default for NativeConfig {
+    fn default() -> Self {
+        NativeConfig {
+            enabled: true,
+            network_mode: "none".into(),
+            agent_path: String::new(),
+        }
+    }
+}
+
+impl Default for FirecrackerConfig {
+    fn default() -> Self {
+        FirecrackerConfig {
+            enabled: false,
+            firecracker_path: "/usr/local/bin/firecracker".into(),
+            kernel_path: "/var/lib/stacyvm/vmlinux.bin".into(),
+            default_rootfs: String::new(),
+            agent_path: "./bin/stacyvm-agent".into(),
+            data_dir: "/var/lib/stacyvm".into(),
+        }
+    }
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        DockerConfig {
+            enabled: false,
+            socket: String::new(),
+            runtime: "runc".into(),
+            default_image: "alpine:latest".into(),
+            network_mode: "none".into(),
+            seccomp_profile: "default".into(),
+            read_only_rootfs: false,
+            memory: "512m".into(),
+            cpus: 1.0,
+            pids_limit: 256,
+            user: String::new(),
+            dropped_caps: vec!["ALL".into()],
+            added_caps: Vec::new(),
+            tmpfs: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for E2bConfig {
+    fn default() -> Self {
+        E2bConfig {
+            enabled: false,
+            api_key: Secret::default(),
+            base_url: "https://api.e2b.dev".into(),
+        }
+    }
+}
+
+impl Default for CustomConfig {
+    fn default() -> Self {
+        CustomConfig {
+            enabled: false,
+            name: "custom".into(),
+            base_url: String::new(),
+            api_key: Secret::default(),
+            timeout: Dur::secs(60),
+        }
+    }
+}
+
+impl Default for ProotConfig {
+    fn default() -> Self {
+        ProotConfig {
+            enabled: false,
+            rootfs_path: "/var/lib/stacyvm/rootfs".into(),
+            proot_binary: "proot".into(),
+            workspace_base: "/var/lib/stacyvm/workspaces".into(),
+            default_timeout: Dur::secs(60),
+            max_sandboxes: 10,
+        }
+    }
+}
+
+impl Default for DefaultsConfig {
+    fn default() -> Self {
+        DefaultsConfig {
+            ttl: Dur::secs(30 * 60),
+            image: "host".into(),
+            memory_mb: 1024,
+            vcpus: 1,
+            max_ttl: Dur::secs(24 * 3600),
+            default_exec_timeout: Dur::default(),
+            max_exec_timeout: Dur::secs(10 * 60),
+            max_sandboxes: 0,
+            max_sandboxes_per_owner: 0,
+            spawn_overflow: "reject".into(),
+            spawn_queue_timeout: Dur::secs(30),
+            max_spawn_queue: 100,
+        }
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            enabled: false,
+            api_key: Secret::default(),
+            admin_api_key: Secret::default(),
+            admin_fallback_enabled: true,
+            admin_audit_retention: Dur::default(),
+            worker_token: Secret::default(),
+            worker_token_file: String::new(),
+            worker_tokens: BTreeMap::new(),
+            worker_signing_key: Secret::default(),
+            worker_signing_key_file: String::new(),
+            worker_signing_keys: Vec::new(),
+            worker_revoked_token_ids: Vec::new(),
+            oidc_enabled: false,
+            oidc_issuer: String::new(),
+            oidc_audience: String::new(),
+            oidc_jwks_url: String::new(),
+            oidc_public_key: String::new(),
+            oidc_public_key_file: String::new(),
+            oidc_groups_claim: "groups".into(),
+            oidc_tenant_claim: "tenant_id".into(),
+            oidc_admin_groups: Vec::new(),
+            oidc_operator_groups: Vec::new(),
+            oidc_viewer_groups: Vec::new(),
+        }
+    }
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        RateLimitConfig {
+            enabled: false,
+            requests_per_minute: 120,
+            burst: 60,
+            key_by: "owner".into(),
+            bucket_ttl: Dur::secs(15 * 60),
+            cleanup_interval: Dur::secs(60),
+        }
+    }
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            driver: "sqlite".into(),
+            path: String::new(),
+            dsn: Secret::default(),
+        }
+    }
+}
+
+impl Default for LoggingConfig {
+    fn default() -> Self {
+        LoggingConfig {
+            level: "info".into(),
+            format: "pretty".into(),
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            enabled: false,
+            max_vms: 10,
+            max_users_per_vm: 5,
+            image: "alpine:latest".into(),
+            memory_mb: 2048,
+            vcpus: 2,
+            overflow: "reject".into(),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            server: ServerConfig::default(),
+            worker: WorkerConfig::default(),
+            providers: ProvidersConfig::default(),
+            defaults: DefaultsConfig::default(),
+            auth: AuthConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            database: DatabaseConfig::default(),
+            logging: LoggingConfig::default(),
+            pool: PoolConfig::default(),
+        }
+    }
+}
+
+/// A loaded configuration plus where it came from.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    /// The file that was read, if any.
+    pub source: Option<PathBuf>,
+    /// Keys in the file that this build does not know (dotted paths).
+    pub unknown_keys: Vec<String>,
+}
+
+/// Candidate files in lookup order.
+pub fn default_paths() -> Vec<PathBuf> {
+    let mut v = vec![PathBuf::from("stacyvm.yaml")];
+    if let Ok(home) = std::env::var("HOME") {
+        v.push(Path::new(&home).join(".stacyvm").join("config.yaml"));
+    }
+    v
+}
+
+/// Loads configuration from `explicit` (must exist) or the default lookup,
+/// applying overrides from `env` (pass `std::env::vars()`).
+pub fn load(
+    explicit: Option<&Path>,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<Loaded, ConfigError> {
+    let source = match explicit {
+        Some(p) => Some(p.to_path_buf()),
+        None => default_paths().into_iter().find(|p| p.is_file()),
+    };
+    let file_value = match &source {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|e| ConfigError::Read {
+                path: p.clone(),
+                source: e,
+            })?;
+            if text.trim().is_empty() {
+                None
+            } else {
+                let v: Value = serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
+                    path: p.clone(),
+                    message: e.to_string(),
+                })?;
+                match v {
+                    Value::Mapping(_) => Some(v),
+                    Value::Null => None,
+                    _ => {
+                        return Err(ConfigError::Parse {
+                            path: p.clone(),
+                            message: "top level must be a mapping of sections".into(),
+                        })
+                    }
+                }
+            }
+        }
+        None => None,
+    };
+    let env: BTreeMap<String, String> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("STACYVM_"))
+        .collect();
+    let (config, unknown_keys) = from_value_tree(file_value, &env, source.as_deref())?;
+    Ok(Loaded {
+        config,
+        source,
+        unknown_keys,
+    })
+}
+
+/// Parses YAML text (for tests and `config lint`) with the given env.
+pub fn from_yaml_str(text: &str, env: &BTreeMap<String, String>) -> Result<Loaded, ConfigError> {
+    let path = PathBuf::from("<inline>");
+    let v: Value = serde_yaml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let v = if v.is_null() { None } else { Some(v) };
+    let (config, unknown_keys) = from_value_tree(v, env, None)?;
+    Ok(Loaded {
+        config,
+        source: None,
+        unknown_keys,
+    })
+}
+
+fn from_value_tree(
+    file: Option<Value>,
+    env: &BTreeMap<String, String>,
+    source: Option<&Path>,
+) -> Result<(Config, Vec<String>), ConfigError> {
+    let mut tree = serde_yaml::to_value(Config::default()).map_err(|e| ConfigError::Parse {
+        path: PathBuf::from("<defaults>"),
+        message: e.to_string(),
+    })?;
+    let mut unknown = Vec::new();
+    if let Some(file) = file {
+        merge(&mut tree, file, "", &mut unknown);
+    }
+    apply_env(&mut tree, "", env)?;
+    let mut config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+        let key = e.path().to_string();
+        let message = e.into_inner().to_string();
+        match source {
+            Some(p) => ConfigError::Parse {
+                path: p.to_path_buf(),
+                message: format!("{key}: {message}"),
+            },
+            None => ConfigError::Invalid { key, message },
+        }
+    })?;
+    config.resolve_secret_files()?;
+    config.validate()?;
+    Ok((config, unknown))
+}
+
+/// Deep-merges `src` into `dst`; records keys of `src` absent from `dst`
+/// (except under free-form maps, which accept any key).
+fn merge(dst: &mut Value, src: Value, path: &str, unknown: &mut Vec<String>) {
+    const FREE_FORM: &[&str] = &["auth.worker_tokens", "providers.docker.tmpfs"];
+    match (dst, src) {
+        (Value::Mapping(d), Value::Mapping(s)) => {
+            let free = FREE_FORM.contains(&path);
+            for (k, v) in s {
+                let key = match &k {
+                    Value::String(s) => s.clone(),
+                    other => yaml_brief(other),
+                };
+                let child = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match d.get_mut(&k) {
+                    Some(existing) => merge(existing, v, &child, unknown),
+                    None => {
+                        if !free && !FREE_FORM.contains(&child.as_str()) {
+                            unknown.push(child);
+                        }
+                        d.insert(k, v);
+                    }
+                }
+            }
+        }
+        (d, s) => *d = s,
+    }
+}
+
+/// Environment variable name of a dotted key.
+pub fn env_name(key: &str) -> String {
+    format!("STACYVM_{}", key.to_uppercase().replace(['.', '-'], "_"))
+}
+
+fn apply_env(
+    node: &mut Value,
+    path: &str,
+    env: &BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
+    if let Value::Mapping(m) = node {
+        // Maps of secrets keyed by id cannot be set from env (spec §1).
+        if path == "auth.worker_tokens" || path == "providers.docker.tmpfs" {
+            return Ok(());
+        }
+        for (k, v) in m.iter_mut() {
+            let Value::String(key) = k else { continue };
+            let child = if path.is_empty() {
+                key.clone()
+            } else {
+                format!("{path}.{key}")
+            };
+            apply_env(v, &child, env)?;
+        }
+        return Ok(());
+    }
+    let var = env_name(path);
+    let Some(raw) = env.get(&var) else {
+        return Ok(());
+    };
+    let parsed = match node {
+        Value::Bool(_) => match raw.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Value::Bool(true),
+            "false" | "0" | "no" | "off" | "" => Value::Bool(false),
+            _ => {
+                return Err(ConfigError::Env {
+                    var,
+                    message: format!("{raw:?} is not a boolean (use true/false/1/0)"),
+                })
+            }
+        },
+        Value::Number(n) => {
+            let t = raw.trim();
+            if n.is_f64() {
+                Value::Number(t.parse::<f64>().map_err(|_| ConfigError::Env {
+                    var: var.clone(),
+                    message: format!("{raw:?} is not a number"),
+                })?.into())
+            } else {
+                Value::Number(t.parse::<i64>().map_err(|_| ConfigError::Env {
+                    var: var.clone(),
+                    message: format!("{raw:?} is not an integer"),
+                })?.into())
+            }
+        }
+        Value::Sequence(_) => Value::Sequence(
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| Value::String(s.to_string()))
+                .collect(),
+        ),
+        _ => Value::String(raw.clone()),
+    };
+    *node = parsed;
+    Ok(())
+}
+
+fn read_secret_file(file_key: &str, path: &str) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid(file_key, format!("reading {path}: {e}")))?;
+    let t = text.trim().to_string();
+    if t.is_empty() {
+        return Err(invalid(file_key, format!("{file_key} is empty")));
+    }
+    Ok(t)
+}
+
+impl Config {
+    fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
+        let a = &mut self.auth;
+        if !a.worker_token_file.is_empty() {
+            if !a.worker_token.is_empty() {
+                return Err(invalid(
+                    "auth.worker_token",
+                    "auth.worker_token and auth.worker_token_file cannot both be set",
+                ));
+            }
+            a.worker_token = Secret(read_secret_file("auth.worker_token_file", &a.worker_token_file)?);
+        }
+        if !a.worker_signing_key_file.is_empty() {
+            if !a.worker_signing_key.is_empty() {
+                return Err(invalid(
+                    "auth.worker_signing_key",
+                    "auth.worker_signing_key and auth.worker_signing_key_file cannot both be set",
+                ));
+            }
+            a.worker_signing_key = Secret(read_secret_file(
+                "auth.worker_signing_key_file",
+                &a.worker_signing_key_file,
+            )?);
+        }
+        if !a.oidc_public_key_file.is_empty() {
+            if !a.oidc_public_key.is_empty() {
+                return Err(invalid(
+                    "auth.oidc_public_key",
+                    "auth.oidc_public_key and auth.oidc_public_key_file cannot both be set",
+                ));
+            }
+            a.oidc_public_key = read_secret_file("auth.oidc_public_key_file", &a.oidc_public_key_file)?;
+        }
+        Ok(())
+    }
+
+    /// Checks every constraint of spec/config-and-cli.md §3.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let db = &self.database;
+        match db.driver.to_ascii_lowercase().as_str() {
+            "sqlite" | "sqlite3" => {}
+            "postgres" | "postgresql" => {
+                if db.dsn.expose().trim().is_empty() {
+                    return Err(invalid("database.dsn", "required when database.driver is postgres"));
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "database.driver",
+                    format!("unsupported database.driver {other:?} (allowed: sqlite, postgres)"),
+                ))
+            }
+        }
+        let durations = [
+            ("defaults.ttl", self.defaults.ttl),
+            ("defaults.max_ttl", self.defaults.max_ttl),
+            ("defaults.default_exec_timeout", self.defaults.default_exec_timeout),
+            ("defaults.max_exec_timeout", self.defaults.max_exec_timeout),
+            ("defaults.spawn_queue_timeout", self.defaults.spawn_queue_timeout),
+            ("rate_limit.bucket_ttl", self.rate_limit.bucket_ttl),
+            ("rate_limit.cleanup_interval", self.rate_limit.cleanup_interval),
+            ("auth.admin_audit_retention", self.auth.admin_audit_retention),
+            ("worker.heartbeat_interval", self.worker.heartbeat_interval),
+            ("worker.shutdown_timeout", self.worker.shutdown_timeout),
+            ("providers.custom.timeout", self.providers.custom.timeout),
+            ("providers.proot.default_timeout", self.providers.proot.default_timeout),
+        ];
+        for (key, d) in durations {
+            if d.0.is_negative() {
+                return Err(invalid(key, format!("must not be negative, got {}", d.0)));
+            }
+        }
+        let non_negative = [
+            ("defaults.max_sandboxes", self.defaults.max_sandboxes),
+            ("defaults.max_sandboxes_per_owner", self.defaults.max_sandboxes_per_owner),
+            ("defaults.max_spawn_queue", self.defaults.max_spawn_queue),
+            ("defaults.memory_mb", self.defaults.memory_mb),
+            ("defaults.vcpus", self.defaults.vcpus),
+            ("rate_limit.requests_per_minute", self.rate_limit.requests_per_minute),
+            ("rate_limit.burst", self.rate_limit.burst),
+        ];
+        for (key, v) in non_negative {
+            if v < 0 {
+                return Err(invalid(key, format!("must not be negative, got {v}")));
+            }
+        }
+        let enums: [(&str, &str, &[&str]); 5] = [
+            ("defaults.spawn_overflow", &self.defaults.spawn_overflow, &["", "reject", "queue"]),
+            ("rate_limit.key_by", &self.rate_limit.key_by, &["", "owner", "api_key", "ip"]),
+            ("pool.overflow", &self.pool.overflow, &["", "reject", "queue"]),
+            ("logging.format", &self.logging.format, &["json", "pretty", "text"]),
+            ("providers.native.network_mode", &self.providers.native.network_mode, &["none", "bridge"]),
+        ];
+        for (key, v, allowed) in enums {
+            if !allowed.contains(&v) {
+                let list: Vec<&str> = allowed.iter().copied().filter(|s| !s.is_empty()).collect();
+                return Err(invalid(key, format!("{v:?} is not allowed (allowed: {})", list.join(", "))));
+            }
+        }
+        match self.logging.level.to_ascii_lowercase().as_str() {
+            "trace" | "debug" | "info" | "warn" | "warning" | "error" => {}
+            other => {
+                return Err(invalid(
+                    "logging.level",
+                    format!("{other:?} is not allowed (allowed: trace, debug, info, warn, error)"),
+                ))
+            }
+        }
+        for origin in &self.server.cors_allowed_origins {
+            let o = origin.trim();
+            if o.is_empty() || o == "*" {
+                continue;
+            }
+            validate_origin(o).map_err(|m| invalid("server.cors_allowed_origins", format!("{o:?}: {m}")))?;
+        }
+        if self.server.data_dir.trim().is_empty() {
+            return Err(invalid("server.data_dir", "must not be empty"));
+        }
+        if self.server.max_body_bytes < 1024 {
+            return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        Ok(())
+    }
+
+    /// The SQLite file path (explicit, or under the data dir).
+    pub fn sqlite_path(&self) -> PathBuf {
+        if self.database.path.trim().is_empty() {
+            Path::new(&self.server.data_dir).join("stacyvm.db")
+        } else {
+            PathBuf::from(&self.database.path)
+        }
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self.database.driver.to_ascii_lowercase().as_str(), "postgres" | "postgresql")
+    }
+}
+
+fn validate_origin(o: &str) -> Result<(), &'static str> {
+    let (scheme, rest) = o.split_once("://").ok_or("must be a URL like https://app.example.com")?;
+    if scheme != "http" && scheme != "https" {
+        return Err("scheme must be http or https");
+    }
+    if rest.is_empty() {
+        return Err("host is missing");
+    }
+    if rest.contains(['/', '?', '#']) {
+        return Err("must not have a path, query or fragment");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let l = from_yaml_str("", &env(&[])).expect("defaults");
+        assert_eq!(l.config.server.port, 7423);
+        assert_eq!(l.config.providers.default, "native");
+        assert_eq!(l.config.defaults.ttl.0.to_string(), "30m0s");
+    }
+
+    #[test]
+    fn file_values_and_env_overrides() {
+        let yaml = "server:\n  port: 9000\ndefaults:\n  ttl: 1h\nproviders:\n  docker:\n    tmpfs:\n      /tmp: size=64m\n";
+        let l = from_yaml_str(
+            yaml,
+            &env(&[
+                ("STACYVM_SERVER_PORT", "9100"),
+                ("STACYVM_SERVER_CORS_ALLOWED_ORIGINS", "https://a.example, https://b.example"),
+                ("STACYVM_RATE_LIMIT_ENABLED", "1"),
+                ("STACYVM_DEFAULTS_MAX_TTL", "2h"),
+            ]),
+        )
+        .expect("load");
+        assert_eq!(l.config.server.port, 9100);
+        assert_eq!(l.config.defaults.ttl.0.to_string(), "1h0m0s");
+        assert_eq!(l.config.defaults.max_ttl.0.to_string(), "2h0m0s");
+        assert!(l.config.rate_limit.enabled);
+        assert_eq!(
+            l.config.server.cors_allowed_origins,
+            vec!["https://a.example".to_string(), "https://b.example".to_string()]
+        );
+        assert_eq!(l.config.providers.docker.tmpfs.get("/tmp").map(String::as_str), Some("size=64m"));
+        assert!(l.unknown_keys.is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = from_yaml_str("defaults:\n  ttl: forever\n", &env(&[])).expect_err("bad ttl");
+        assert!(e.to_string().contains("defaults.ttl"), "{e}");
+        let e = from_yaml_str("defaults:\n  spawn_overflow: maybe\n", &env(&[])).expect_err("enum");
+        assert!(e.to_string().contains("defaults.spawn_overflow") && e.to_string().contains("reject, queue"), "{e}");
+        let e = from_yaml_str("", &env(&[("STACYVM_SERVER_PORT", "http")])).expect_err("env");
+        assert!(e.to_string().contains("STACYVM_SERVER_PORT"), "{e}");
+        let e = from_yaml_str("server:\n  cors_allowed_origins: [\"https://x.example/path\"]\n", &env(&[]))
+            .expect_err("cors");
+        assert!(e.to_string().contains("server.cors_allowed_origins"), "{e}");
+        let e = from_yaml_str("database:\n  driver: mysql\n", &env(&[])).expect_err("driver");
+        assert!(e.to_string().contains("unsupported database.driver"), "{e}");
+        let e = from_yaml_str("defaults:\n  max_ttl: -1h\n", &env(&[])).expect_err("negative");
+        assert!(e.to_string().contains("defaults.max_ttl"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_reported() {
+        let l = from_yaml_str("server:\n  prot: 1\nbogus: true\n", &env(&[])).expect("load");
+        assert_eq!(l.unknown_keys, vec!["server.prot".to_string(), "bogus".to_string()]);
+    }
+
+    #[test]
+    fn secret_files_are_read_and_conflicts_rejected() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let f = dir.path().join("tok");
+        std::fs::write(&f, "  s3cret\n").expect("write");
+        let yaml = format!("auth:\n  worker_token_file: {}\n", f.display());
+        let l = from_yaml_str(&yaml, &env(&[])).expect("load");
+        assert_eq!(l.config.auth.worker_token.expose(), "s3cret");
+        assert_eq!(format!("{:?}", l.config.auth.worker_token), "[REDACTED]");
+        let yaml = format!("auth:\n  worker_token: x\n  worker_token_file: {}\n", f.display());
+        assert!(from_yaml_str(&yaml, &env(&[])).is_err());
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").expect("write");
+        let yaml = format!("auth:\n  worker_signing_key_file: {}\n", empty.display());
+        let e = from_yaml_str(&yaml, &env(&[])).expect_err("empty");
+        assert!(e.to_string().contains("is empty"), "{e}");
+    }
+
+    #[test]
+    fn env_name_rule() {
+        assert_eq!(env_name("providers.docker.pool_security.hidepid"), "STACYVM_PROVIDERS_DOCKER_POOL_SECURITY_HIDEPID");
+    }
+}

@@ -1,0 +1,111 @@
+//! In-process event bus: fan-out to SSE subscribers, bounded history.
+//!
+//! Slow subscribers lose events rather than slowing publishers (each
+//! subscriber has a 64-slot buffer, as in the original).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use chrono::Utc;
+use stacyvm_api::Event;
+use tokio::sync::broadcast;
+
+const HISTORY: usize = 1000;
+const SUBSCRIBER_BUFFER: usize = 64;
+
+/// Event type names.
+pub mod kind {
+    pub const SANDBOX_CREATED: &str = "sandbox.created";
+    pub const SANDBOX_RUNNING: &str = "sandbox.running";
+    pub const SANDBOX_DESTROYED: &str = "sandbox.destroyed";
+    pub const EXEC_STARTED: &str = "exec.started";
+    pub const EXEC_COMPLETED: &str = "exec.completed";
+    pub const EXEC_FAILED: &str = "exec.failed";
+    pub const EXEC_TIMEOUT: &str = "exec.timeout";
+    pub const FILE_WRITTEN: &str = "file.written";
+    pub const FILE_READ: &str = "file.read";
+    pub const OPERATION_FAILED: &str = "operation.failed";
+    pub const RESOURCE_LIMIT: &str = "resource.limit";
+    pub const PROVIDER_FAILED: &str = "provider.failed";
+    pub const RECONCILE_ACTION: &str = "reconcile.action";
+    pub const SPAWN_QUEUED: &str = "spawn.queued";
+    pub const SPAWN_DEQUEUED: &str = "spawn.dequeued";
+    pub const SPAWN_QUEUE_TIMEOUT: &str = "spawn.queue_timeout";
+    pub const QUOTA_SAVED: &str = "quota.saved";
+    pub const QUOTA_DELETED: &str = "quota.deleted";
+}
+
+/// Counters shown in diagnostics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BusStats {
+    pub subscribers: usize,
+    pub history_size: usize,
+    pub events_total: u64,
+}
+
+#[derive(Debug)]
+pub struct EventBus {
+    tx: broadcast::Sender<Event>,
+    seq: AtomicU64,
+    history: Mutex<VecDeque<Event>>,
+}
+
+impl Default for EventBus {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl EventBus {
+    pub fn new() -> Self {
+        let (tx, _) = broadcast::channel(SUBSCRIBER_BUFFER);
+        EventBus {
+            tx,
+            seq: AtomicU64::new(0),
+            history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+        }
+    }
+
+    /// Publishes an event; never blocks.
+    pub fn publish(
+        &self,
+        kind: &str,
+        sandbox_id: &str,
+        data: Option<BTreeMap<String, serde_json::Value>>,
+    ) {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed) + 1;
+        let ev = Event {
+            id: format!("evt-{n}"),
+            kind: kind.to_string(),
+            sandbox_id: sandbox_id.to_string(),
+            timestamp: Utc::now(),
+            data,
+        };
+        if let Ok(mut h) = self.history.lock() {
+            if h.len() == HISTORY {
+                h.pop_front();
+            }
+            h.push_back(ev.clone());
+        }
+        // No receivers is fine.
+        let _ = self.tx.send(ev);
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.tx.subscribe()
+    }
+
+    pub fn stats(&self) -> BusStats {
+        BusStats {
+            subscribers: self.tx.receiver_count(),
+            history_size: self.history.lock().map(|h| h.len()).unwrap_or(0),
+            events_total: self.seq.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Builds an event data map from string pairs.
+pub fn data<const N: usize>(pairs: [(&str, serde_json::Value); N]) -> Option<BTreeMap<String, serde_json::Value>> {
+    Some(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+}

@@ -1,0 +1,17 @@
+//! StacyVM core: configuration, the error taxonomy, the provider and store
+//! traits, the provider registry, the event bus and the orchestrator.
+//!
+//! No HTTP and no SQL here: the server (`stacyvm-server`) and the store
+//! (`stacyvm-store`) depend on this crate, never the other way round.
+
+pub mod config;
+pub mod error;
+pub mod events;
+pub mod manager;
+pub mod metrics;
+pub mod paths;
+pub mod provider;
+pub mod registry;
+pub mod store;
+
+pub use error::{Error, ErrorKind, Result};

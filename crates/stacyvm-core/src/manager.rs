@@ -1,0 +1,1225 @@
+//! The orchestrator: sandbox lifecycle, admission, exec and file routing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use parking_lot::{Mutex, RwLock};
+use serde_json::json;
+use stacyvm_api::{
+    duration, state, AdmissionDecision, FileInfo, GoDuration, Sandbox, SpawnRequest,
+};
+use tokio::sync::{mpsc, Notify};
+use tracing::{info, warn};
+
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::events::{self, kind, EventBus};
+use crate::metrics::Metrics;
+use crate::paths;
+use crate::provider::{ExecSpec, ExitStatus, OutputChunk, Provider, SpawnSpec, StreamKind};
+use crate::registry::Registry;
+use crate::store::{
+    ExecLogRecord, OpAuditRecord, QuotaRecord, SandboxRecord, Store, TemplateRecord,
+};
+
+/// Id of the control plane's own worker.
+pub const LOCAL_WORKER: &str = "local";
+/// Lease grace after expiry.
+const LEASE_GRACE: Duration = Duration::from_secs(300);
+/// Captured stdout/stderr of a synchronous exec is capped at this many bytes each.
+pub const MAX_CAPTURE: usize = 32 * 1024 * 1024;
+
+/// Who is asking, for ownership, tenancy and audit.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Caller {
+    /// Owner id to stamp on new sandboxes (already authorised).
+    pub owner_id: String,
+    /// Tenant of the verified identity; "" = no tenant scoping.
+    pub tenant_id: String,
+    /// Audit actor.
+    pub actor: String,
+    pub request_id: String,
+}
+
+/// A resolved exec request.
+#[derive(Debug, Clone, Default)]
+pub struct ExecRequest {
+    pub command: String,
+    pub args: Vec<String>,
+    pub mode: String,
+    pub env: BTreeMap<String, String>,
+    pub workdir: String,
+    pub timeout: String,
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// The result of a synchronous exec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ExecOutcome {
+    pub exit_code: i32,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub duration: Duration,
+}
+
+/// Items of a streamed exec.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StreamEvent {
+    Output(OutputChunk),
+    Exit { code: i32, duration: Duration },
+    /// The stream ended abnormally (timeout or provider error).
+    Failed(String),
+}
+
+/// Spawn-queue counters for diagnostics.
+#[derive(Debug, Default)]
+pub struct QueueStats {
+    pub queued_total: AtomicU64,
+    pub dequeued_total: AtomicU64,
+    pub timeouts: AtomicU64,
+    pub wait_count: AtomicU64,
+    pub wait_total_ms: AtomicU64,
+    pub wait_max_ms: AtomicU64,
+    pub depth: AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Admission {
+    total: i64,
+    per_owner: HashMap<String, i64>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Deny {
+    MaxTtl,
+    MaxSandboxes(i64),
+    MaxPerOwner(i64),
+}
+
+/// The sandbox orchestrator.
+#[derive(Debug)]
+pub struct Manager {
+    cfg: Arc<Config>,
+    store: Arc<dyn Store>,
+    registry: Arc<Registry>,
+    events: Arc<EventBus>,
+    metrics: Arc<Metrics>,
+    cache: RwLock<HashMap<String, Arc<SandboxRecord>>>,
+    admission: Mutex<Admission>,
+    capacity_changed: Notify,
+    pub queue: QueueStats,
+    audit_tx: mpsc::Sender<AuditItem>,
+    started: Instant,
+}
+
+#[derive(Debug)]
+enum AuditItem {
+    Op(OpAuditRecord),
+    Exec(ExecLogRecord),
+}
+
+impl Manager {
+    /// Creates the manager and its background audit writer.
+    pub fn new(
+        cfg: Arc<Config>,
+        store: Arc<dyn Store>,
+        registry: Arc<Registry>,
+        events: Arc<EventBus>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let (audit_tx, audit_rx) = mpsc::channel(4096);
+        let m = Arc::new(Manager {
+            cfg,
+            store: store.clone(),
+            registry,
+            events,
+            metrics,
+            cache: RwLock::new(HashMap::new()),
+            admission: Mutex::new(Admission::default()),
+            capacity_changed: Notify::new(),
+            queue: QueueStats::default(),
+            audit_tx,
+            started: Instant::now(),
+        });
+        tokio::spawn(audit_writer(store, audit_rx));
+        m
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+    pub fn events(&self) -> &Arc<EventBus> {
+        &self.events
+    }
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// The wire object for a record.
+    pub fn to_api(&self, r: &SandboxRecord) -> Sandbox {
+        Sandbox {
+            id: r.id.clone(),
+            state: r.state.clone(),
+            provider: r.provider.clone(),
+            image: r.image.clone(),
+            memory_mb: r.memory_mb,
+            vcpus: r.vcpus,
+            owner_id: r.owner_id.clone(),
+            tenant_id: r.tenant_id.clone(),
+            vm_id: r.vm_id.clone(),
+            worker_id: r.worker_id.clone(),
+            created_at: r.created_at,
+            expires_at: r.expires_at,
+            metadata: if r.metadata.is_empty() { None } else { Some(r.metadata.clone()) },
+            preview_domain: self.cfg.server.preview_domain.clone(),
+        }
+    }
+
+    // ----- lookup -------------------------------------------------------
+
+    /// Finds a live sandbox visible to `caller`.
+    pub async fn get(&self, id: &str, caller: &Caller) -> Result<Arc<SandboxRecord>> {
+        if let Some(r) = self.cache.read().get(id).cloned() {
+            return check_tenant(r, caller);
+        }
+        if !paths::is_sandbox_id(id) && id.len() > 128 {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let rec = match self.store.get_sandbox(id).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::sandbox_not_found(id)),
+            Err(e) => return Err(e),
+        };
+        if rec.state == state::DESTROYED {
+            if !caller.tenant_id.is_empty() && rec.tenant_id != caller.tenant_id {
+                return Err(Error::sandbox_not_found(id));
+            }
+            return Err(Error::sandbox_destroyed(id));
+        }
+        check_tenant(Arc::new(rec), caller)
+    }
+
+    /// Live sandboxes visible to `caller`, newest first.
+    pub async fn list(&self, caller: &Caller) -> Result<Vec<SandboxRecord>> {
+        let mut all = self.store.list_active_sandboxes().await?;
+        if !caller.tenant_id.is_empty() {
+            all.retain(|r| r.tenant_id == caller.tenant_id);
+        }
+        Ok(all)
+    }
+
+    /// Cached live sandboxes (cheap; for metrics).
+    pub fn cached(&self) -> Vec<Arc<SandboxRecord>> {
+        self.cache.read().values().cloned().collect()
+    }
+
+    // ----- admission ----------------------------------------------------
+
+    fn effective_limits(&self, quota: Option<&QuotaRecord>) -> (GoDuration, i64) {
+        let d = &self.cfg.defaults;
+        let max_ttl = match quota {
+            Some(q) if q.max_ttl_seconds > 0 => GoDuration::from_secs(q.max_ttl_seconds),
+            _ => d.max_ttl.0,
+        };
+        let per_owner = match quota {
+            Some(q) if q.max_sandboxes > 0 => q.max_sandboxes,
+            _ => d.max_sandboxes_per_owner,
+        };
+        (max_ttl, per_owner)
+    }
+
+    async fn quota_for(&self, owner: &str) -> Result<Option<QuotaRecord>> {
+        if owner.is_empty() {
+            return Ok(None);
+        }
+        match self.store.get_quota(owner).await {
+            Ok(q) => Ok(Some(q)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn evaluate(&self, adm: &Admission, owner: &str, ttl: GoDuration, max_ttl: GoDuration, per_owner: i64) -> Option<Deny> {
+        if !max_ttl.is_zero() && ttl > max_ttl {
+            return Some(Deny::MaxTtl);
+        }
+        let max = self.cfg.defaults.max_sandboxes;
+        if max > 0 && adm.total >= max {
+            return Some(Deny::MaxSandboxes(max));
+        }
+        if per_owner > 0 && !owner.is_empty() && adm.per_owner.get(owner).copied().unwrap_or(0) >= per_owner {
+            return Some(Deny::MaxPerOwner(per_owner));
+        }
+        None
+    }
+
+    fn deny_error(&self, d: Deny, max_ttl: GoDuration) -> Error {
+        match d {
+            Deny::MaxTtl => Error::limit(format!("ttl exceeds max ttl {max_ttl}")),
+            Deny::MaxSandboxes(n) => Error::limit(format!("max sandboxes reached ({n})")),
+            Deny::MaxPerOwner(n) => Error::limit(format!("max sandboxes per owner reached ({n})")),
+        }
+    }
+
+    /// Reserves a slot for `owner`, queueing when configured. The slot is
+    /// released by `release_slot` on failure or destroy.
+    async fn reserve_slot(&self, owner: &str, ttl: GoDuration) -> Result<()> {
+        let quota = self.quota_for(owner).await?;
+        let (max_ttl, per_owner) = self.effective_limits(quota.as_ref());
+        let queue_mode = self.cfg.defaults.spawn_overflow == "queue";
+        let mut deadline: Option<tokio::time::Instant> = None;
+        let mut queued_at: Option<Instant> = None;
+        loop {
+            let notified = self.capacity_changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut adm = self.admission.lock();
+                match self.evaluate(&adm, owner, ttl, max_ttl, per_owner) {
+                    None => {
+                        adm.total += 1;
+                        if !owner.is_empty() {
+                            *adm.per_owner.entry(owner.to_string()).or_default() += 1;
+                        }
+                        drop(adm);
+                        if let Some(q) = queued_at {
+                            self.dequeued(q);
+                        }
+                        return Ok(());
+                    }
+                    Some(Deny::MaxTtl) => return Err(self.deny_error(Deny::MaxTtl, max_ttl)),
+                    Some(d) if !queue_mode => {
+                        drop(adm);
+                        self.events.publish(kind::RESOURCE_LIMIT, "", events::data([
+                            ("operation", json!("spawn")),
+                            ("owner_id", json!(owner)),
+                        ]));
+                        return Err(self.deny_error(d, max_ttl));
+                    }
+                    Some(_) => {}
+                }
+            }
+            if queued_at.is_none() {
+                let max_queue = usize::try_from(self.cfg.defaults.max_spawn_queue.max(1)).unwrap_or(100);
+                let depth = self.queue.depth.fetch_add(1, Ordering::SeqCst);
+                if depth >= max_queue {
+                    self.queue.depth.fetch_sub(1, Ordering::SeqCst);
+                    return Err(Error::limit(format!("spawn queue full ({max_queue})")));
+                }
+                self.queue.queued_total.fetch_add(1, Ordering::Relaxed);
+                self.events.publish(kind::SPAWN_QUEUED, "", events::data([
+                    ("operation", json!("spawn")),
+                    ("owner_id", json!(owner)),
+                    ("depth", json!(depth + 1)),
+                ]));
+                queued_at = Some(Instant::now());
+                let t = if self.cfg.defaults.spawn_queue_timeout.is_zero() {
+                    Duration::from_secs(30)
+                } else {
+                    self.cfg.defaults.spawn_queue_timeout.std()
+                };
+                deadline = Some(tokio::time::Instant::now() + t);
+            }
+            let Some(dl) = deadline else { continue };
+            if tokio::time::timeout_at(dl, notified).await.is_err() {
+                self.queue.depth.fetch_sub(1, Ordering::SeqCst);
+                self.queue.timeouts.fetch_add(1, Ordering::Relaxed);
+                let t = GoDuration::from_std(self.cfg.defaults.spawn_queue_timeout.std());
+                self.events.publish(kind::SPAWN_QUEUE_TIMEOUT, "", events::data([
+                    ("operation", json!("spawn")),
+                    ("owner_id", json!(owner)),
+                ]));
+                return Err(Error::limit(format!("spawn queue timeout after {t}")));
+            }
+        }
+    }
+
+    fn dequeued(&self, since: Instant) {
+        self.queue.depth.fetch_sub(1, Ordering::SeqCst);
+        self.queue.dequeued_total.fetch_add(1, Ordering::Relaxed);
+        let ms = since.elapsed().as_millis() as u64;
+        self.queue.wait_count.fetch_add(1, Ordering::Relaxed);
+        self.queue.wait_total_ms.fetch_add(ms, Ordering::Relaxed);
+        self.queue.wait_max_ms.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    fn release_slot(&self, owner: &str) {
+        {
+            let mut adm = self.admission.lock();
+            adm.total = (adm.total - 1).max(0);
+            if let Some(c) = adm.per_owner.get_mut(owner) {
+                *c -= 1;
+                if *c <= 0 {
+                    adm.per_owner.remove(owner);
+                }
+            }
+        }
+        self.capacity_changed.notify_waiters();
+    }
+
+    /// Wakes queued spawns (after quota changes).
+    pub fn wake_queue(&self) {
+        self.capacity_changed.notify_waiters();
+    }
+
+    /// Preflight: would a spawn be admitted now?
+    pub async fn admission(&self, req: &SpawnRequest, owner: &str) -> Result<AdmissionDecision> {
+        let owner = paths::normalize_owner(owner)?;
+        let ttl = self.parse_ttl(&req.ttl)?;
+        let quota = self.quota_for(&owner).await?;
+        let (max_ttl, per_owner) = self.effective_limits(quota.as_ref());
+        let adm = self.admission.lock();
+        let deny = self.evaluate(&adm, &owner, ttl, max_ttl, per_owner);
+        let queue_mode = self.cfg.defaults.spawn_overflow == "queue";
+        let (reason, queueable) = match deny {
+            None => ("", false),
+            Some(Deny::MaxTtl) => ("max_ttl", false),
+            Some(Deny::MaxSandboxes(_)) => ("max_sandboxes", queue_mode),
+            Some(Deny::MaxPerOwner(_)) => ("max_sandboxes_per_owner", queue_mode),
+        };
+        let owner_active = adm.per_owner.get(&owner).copied().unwrap_or(0);
+        Ok(AdmissionDecision {
+            allowed: deny.is_none(),
+            queueable,
+            reason: reason.to_string(),
+            active_sandboxes: if matches!(deny, Some(Deny::MaxTtl)) { 0 } else { adm.total },
+            max_sandboxes: self.cfg.defaults.max_sandboxes,
+            active_owner_sandboxes: if owner.is_empty() { 0 } else { owner_active },
+            max_owner_sandboxes: if owner.is_empty() { 0 } else { per_owner },
+            max_ttl: if max_ttl.is_zero() { String::new() } else { max_ttl.to_string() },
+        })
+    }
+
+    fn parse_ttl(&self, ttl: &str) -> Result<GoDuration> {
+        if ttl.trim().is_empty() {
+            let d = self.cfg.defaults.ttl.0;
+            return Ok(if d.is_zero() { GoDuration::from_secs(1800) } else { d });
+        }
+        let d = duration::parse(ttl.trim())
+            .map_err(|e| Error::invalid(format!("parsing TTL: {e}")))?;
+        if d <= 0 {
+            return Err(Error::invalid(format!("ttl must be positive, got {ttl:?}")));
+        }
+        Ok(GoDuration(d))
+    }
+
+    // ----- spawn ------------------------------------------------------------
+
+    /// Spawns a sandbox. `req.template` merges a stored template first.
+    pub async fn spawn(&self, mut req: SpawnRequest, caller: &Caller) -> Result<Sandbox> {
+        let started = Instant::now();
+        if !req.template.is_empty() {
+            let t = self.get_template(&req.template).await?;
+            merge_template(&mut req, &t);
+        }
+        let provider = self.registry.get(&req.provider)?;
+        let provider_name = provider.name().to_string();
+        let owner = paths::normalize_owner(if caller.owner_id.is_empty() { &req.owner_id } else { &caller.owner_id })?;
+        let ttl = self.parse_ttl(&req.ttl)?;
+        let d = &self.cfg.defaults;
+        let image = if req.image.trim().is_empty() { d.image.clone() } else { req.image.trim().to_string() };
+        let memory_mb = if req.memory_mb == 0 { if d.memory_mb > 0 { d.memory_mb } else { 512 } } else { req.memory_mb };
+        let vcpus = if req.vcpus == 0 { d.vcpus.max(1) } else { req.vcpus };
+        if memory_mb < 0 {
+            return Err(Error::invalid(format!("memory_mb must be positive, got {memory_mb}")));
+        }
+        if vcpus < 0 {
+            return Err(Error::invalid(format!("vcpus must be positive, got {vcpus}")));
+        }
+        if let Some(md) = &req.metadata {
+            if md.len() > 64 || md.iter().any(|(k, v)| k.len() > 256 || v.len() > 4096) {
+                return Err(Error::invalid("metadata is limited to 64 keys, keys of 256 bytes and values of 4096 bytes"));
+            }
+        }
+        match req.network_mode.as_str() {
+            "" | "none" | "bridge" => {}
+            other => return Err(Error::invalid(format!("unsupported network_mode {other:?} (allowed: none, bridge)"))),
+        }
+        self.reserve_slot(&owner, ttl).await?;
+        let res = self
+            .spawn_reserved(&provider, &image, memory_mb, vcpus, ttl, &owner, &req, caller)
+            .await;
+        let took = started.elapsed();
+        match &res {
+            Ok(sb) => {
+                self.metrics.observe("spawn", &provider_name, took, None);
+                self.audit(caller, &owner, "sandbox.spawn", &sb.id, &image, &provider_name, true, "state=running".into());
+            }
+            Err(e) => {
+                self.release_slot(&owner);
+                self.metrics.observe("spawn", &provider_name, took, Some(&e.to_string()));
+                self.events.publish(kind::OPERATION_FAILED, "", events::data([
+                    ("operation", json!("spawn")),
+                    ("provider", json!(provider_name)),
+                    ("error", json!(e.to_string())),
+                ]));
+                self.audit(caller, &owner, "sandbox.spawn", "", &image, &provider_name, false, e.to_string());
+            }
+        }
+        res
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn spawn_reserved(
+        &self,
+        provider: &Arc<dyn Provider>,
+        image: &str,
+        memory_mb: i64,
+        vcpus: i64,
+        ttl: GoDuration,
+        owner: &str,
+        req: &SpawnRequest,
+        caller: &Caller,
+    ) -> Result<Sandbox> {
+        let mut id = paths::new_sandbox_id();
+        while self.cache.read().contains_key(&id) {
+            id = paths::new_sandbox_id();
+        }
+        let now = Utc::now();
+        let expires_at = now + chrono::Duration::nanoseconds(ttl.nanos());
+        let metadata = req.metadata.clone().unwrap_or_default();
+        let spec = SpawnSpec {
+            id: id.clone(),
+            image: image.to_string(),
+            memory_mb,
+            vcpus,
+            metadata: metadata.clone(),
+            owner_id: owner.to_string(),
+            tenant_id: caller.tenant_id.clone(),
+            expires_at,
+            network_mode: req.network_mode.clone(),
+        };
+        let spawned = provider.spawn(&spec).await?;
+        let lease_ttl = ttl.to_std() + LEASE_GRACE;
+        if let Err(e) = self.store.acquire_lease(&id, "sandbox", LOCAL_WORKER, lease_ttl).await {
+            self.destroy_runtime(provider, &spawned.runtime_id).await;
+            return Err(e);
+        }
+        let rec = SandboxRecord {
+            id: id.clone(),
+            state: state::RUNNING.into(),
+            provider: provider.name().to_string(),
+            image: image.to_string(),
+            memory_mb,
+            vcpus,
+            metadata,
+            owner_id: owner.to_string(),
+            tenant_id: caller.tenant_id.clone(),
+            vm_id: if spawned.runtime_id == id { String::new() } else { spawned.runtime_id.clone() },
+            worker_id: LOCAL_WORKER.into(),
+            created_at: now,
+            expires_at,
+            updated_at: now,
+        };
+        if let Err(e) = self.store.insert_sandbox(&rec).await {
+            self.destroy_runtime(provider, &spawned.runtime_id).await;
+            let _ = self.store.release_lease(&id, LOCAL_WORKER).await;
+            return Err(e);
+        }
+        let api = self.to_api(&rec);
+        self.cache.write().insert(id.clone(), Arc::new(rec));
+        self.events.publish(kind::SANDBOX_CREATED, &id, events::data([
+            ("provider", json!(provider.name())),
+            ("image", json!(image)),
+        ]));
+        self.events.publish(kind::SANDBOX_RUNNING, &id, None);
+        info!(sandbox_id = %id, provider = provider.name(), image, "sandbox spawned");
+        Ok(api)
+    }
+
+    async fn destroy_runtime(&self, provider: &Arc<dyn Provider>, runtime_id: &str) {
+        if let Err(e) = provider.destroy(runtime_id).await {
+            warn!(runtime_id, provider = provider.name(), error = %e, "cleanup of runtime failed");
+        }
+    }
+
+    // ----- destroy / extend / prune ----------------------------------------
+
+    /// Destroys a sandbox. Unknown and already destroyed ids succeed.
+    pub async fn destroy(&self, id: &str, caller: &Caller) -> Result<()> {
+        let rec = match self.get(id, caller).await {
+            Ok(r) => r,
+            Err(e) if matches!(e.kind(), ErrorKind::SandboxDestroyed) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::SandboxNotFound && caller.tenant_id.is_empty() => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::SandboxNotFound => {
+                // A tenant caller gets 200 only for ids that do not exist at all.
+                return match self.store.get_sandbox(id).await {
+                    Ok(_) => Err(e),
+                    Err(_) => Ok(()),
+                };
+            }
+            Err(e) => return Err(e),
+        };
+        self.destroy_record(&rec, caller).await
+    }
+
+    async fn destroy_record(&self, rec: &SandboxRecord, caller: &Caller) -> Result<()> {
+        let started = Instant::now();
+        let lease_ttl = LEASE_GRACE;
+        if let Err(e) = self.store.acquire_lease(&rec.id, "sandbox", LOCAL_WORKER, lease_ttl).await {
+            if e.kind() == ErrorKind::Conflict {
+                return Err(e);
+            }
+            warn!(sandbox_id = %rec.id, error = %e, "lease acquire before destroy failed");
+        }
+        let mut detail = String::new();
+        match self.registry.get(&rec.provider) {
+            Ok(p) => {
+                let target = if rec.vm_id.is_empty() { &rec.id } else { &rec.vm_id };
+                if let Err(e) = p.destroy(target).await {
+                    warn!(sandbox_id = %rec.id, error = %e, "provider destroy failed");
+                    detail = format!("provider_error={e}");
+                    self.events.publish(kind::PROVIDER_FAILED, &rec.id, events::data([
+                        ("operation", json!("destroy")),
+                        ("provider", json!(rec.provider)),
+                        ("error", json!(e.to_string())),
+                    ]));
+                }
+            }
+            Err(_) => detail = "provider_unavailable=true".into(),
+        }
+        match self.store.set_sandbox_state(&rec.id, state::DESTROYED).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
+        }
+        let _ = self.store.release_lease(&rec.id, LOCAL_WORKER).await;
+        let was_cached = self.cache.write().remove(&rec.id).is_some();
+        if was_cached {
+            self.release_slot(&rec.owner_id);
+        }
+        self.metrics.observe("destroy", &rec.provider, started.elapsed(), None);
+        self.events.publish(kind::SANDBOX_DESTROYED, &rec.id, None);
+        self.audit(caller, &rec.owner_id, "sandbox.destroy", &rec.id, &rec.image, &rec.provider, true, detail);
+        info!(sandbox_id = %rec.id, "sandbox destroyed");
+        Ok(())
+    }
+
+    /// Sets `expires_at = now + ttl` (bounded by the effective max TTL) and
+    /// renews the lease to match.
+    pub async fn extend(&self, id: &str, ttl: &str, caller: &Caller) -> Result<Sandbox> {
+        if ttl.trim().is_empty() {
+            return Err(Error::invalid("ttl is required"));
+        }
+        let d = duration::parse(ttl.trim()).map_err(|e| Error::invalid(format!("invalid ttl format: {e}")))?;
+        if d <= 0 {
+            return Err(Error::invalid("ttl must be positive"));
+        }
+        let rec = self.get(id, caller).await?;
+        let quota = self.quota_for(&rec.owner_id).await?;
+        let (max_ttl, _) = self.effective_limits(quota.as_ref());
+        if !max_ttl.is_zero() && GoDuration(d) > max_ttl {
+            return Err(Error::limit(format!("ttl exceeds max ttl {max_ttl}")));
+        }
+        let expires_at = Utc::now() + chrono::Duration::nanoseconds(d);
+        self.store.set_sandbox_expiry(id, expires_at).await.map_err(|e| {
+            if e.kind() == ErrorKind::NotFound { Error::sandbox_not_found(id) } else { e }
+        })?;
+        let lease_ttl = GoDuration(d).to_std() + LEASE_GRACE;
+        if let Err(e) = self.store.renew_lease(id, LOCAL_WORKER, lease_ttl).await {
+            // A missing lease is re-acquired; one held elsewhere is a conflict.
+            self.store.acquire_lease(id, "sandbox", LOCAL_WORKER, lease_ttl).await.map_err(|_| e)?;
+        }
+        let mut updated = (*rec).clone();
+        updated.expires_at = expires_at;
+        updated.updated_at = Utc::now();
+        let api = self.to_api(&updated);
+        self.cache.write().insert(id.to_string(), Arc::new(updated));
+        Ok(api)
+    }
+
+    /// Destroys every live sandbox past its expiry. Returns how many.
+    pub async fn prune(&self) -> Result<u64> {
+        let expired = self.store.list_expired_sandboxes(Utc::now()).await?;
+        let system = Caller { actor: "system:reaper".into(), ..Caller::default() };
+        let mut n = 0;
+        for rec in expired {
+            match self.destroy_record(&rec, &system).await {
+                Ok(()) => n += 1,
+                Err(e) => warn!(sandbox_id = %rec.id, error = %e, "reaping expired sandbox failed"),
+            }
+        }
+        Ok(n)
+    }
+
+    /// Runs `prune` every `interval` until the returned handle is aborted.
+    pub fn start_reaper(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match me.prune().await {
+                    Ok(0) => {}
+                    Ok(n) => info!(count = n, "reaped expired sandboxes"),
+                    Err(e) => warn!(error = %e, "reaper pass failed"),
+                }
+            }
+        })
+    }
+
+    // ----- reconcile ---------------------------------------------------------
+
+    /// Startup reconciliation of stored records against provider runtimes,
+    /// then adoption of unknown runtimes. Never aborts on one bad record.
+    pub async fn reconcile(&self) -> Result<()> {
+        let records = self.store.list_active_sandboxes().await?;
+        for rec in records {
+            if !rec.worker_id.is_empty() && rec.worker_id != LOCAL_WORKER {
+                // Remote workers are handled by the cluster layer.
+                continue;
+            }
+            let provider = match self.registry.get(&rec.provider) {
+                Ok(p) => p,
+                Err(_) => {
+                    let _ = self.store.set_sandbox_state(&rec.id, state::ERROR).await;
+                    self.events.publish(kind::PROVIDER_FAILED, &rec.id, events::data([
+                        ("operation", json!("reconcile.status")),
+                        ("provider", json!(rec.provider)),
+                        ("error", json!("provider not registered")),
+                    ]));
+                    warn!(sandbox_id = %rec.id, provider = %rec.provider, "provider of stored sandbox is not registered");
+                    continue;
+                }
+            };
+            let target = if rec.vm_id.is_empty() { rec.id.clone() } else { rec.vm_id.clone() };
+            match provider.status(&target).await {
+                Ok(st) if st.state == state::DESTROYED => self.mark_destroyed(&rec, "runtime destroyed").await,
+                Ok(st) => {
+                    let new_state = if st.state.is_empty() { state::RUNNING.to_string() } else { st.state };
+                    let mut r = rec.clone();
+                    if new_state != rec.state {
+                        let _ = self.store.set_sandbox_state(&rec.id, &new_state).await;
+                        r.state = new_state;
+                    }
+                    self.adopt_into_cache(r);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::SandboxNotFound | ErrorKind::SandboxDestroyed | ErrorKind::NotFound) => {
+                    self.mark_destroyed(&rec, "runtime missing").await;
+                }
+                Err(e) => {
+                    warn!(sandbox_id = %rec.id, error = %e, "status during reconcile failed");
+                    let _ = self.store.set_sandbox_state(&rec.id, state::ERROR).await;
+                }
+            }
+        }
+        for provider in self.registry.all() {
+            let runtimes = match provider.list_runtimes().await {
+                Ok(r) => r,
+                Err(e) if e.kind() == ErrorKind::Unsupported => continue,
+                Err(e) => {
+                    warn!(provider = provider.name(), error = %e, "runtime inventory failed");
+                    continue;
+                }
+            };
+            for rt in runtimes {
+                if rt.state == state::DESTROYED || self.cache.read().contains_key(&rt.sandbox_id) {
+                    continue;
+                }
+                if let Ok(existing) = self.store.get_sandbox(&rt.sandbox_id).await {
+                    if existing.state == state::DESTROYED {
+                        // The store says it is gone: finish the job.
+                        self.destroy_runtime(&provider, &rt.sandbox_id).await;
+                    }
+                    continue;
+                }
+                self.adopt_runtime(&provider, rt).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn mark_destroyed(&self, rec: &SandboxRecord, reason: &str) {
+        let _ = self.store.set_sandbox_state(&rec.id, state::DESTROYED).await;
+        let _ = self.store.release_lease(&rec.id, LOCAL_WORKER).await;
+        self.events.publish(kind::RECONCILE_ACTION, &rec.id, events::data([
+            ("action", json!("marked_destroyed")),
+            ("provider", json!(rec.provider)),
+            ("reason", json!(reason)),
+        ]));
+        info!(sandbox_id = %rec.id, reason, "reconcile marked sandbox destroyed");
+    }
+
+    fn adopt_into_cache(&self, r: SandboxRecord) {
+        {
+            let mut adm = self.admission.lock();
+            adm.total += 1;
+            if !r.owner_id.is_empty() {
+                *adm.per_owner.entry(r.owner_id.clone()).or_default() += 1;
+            }
+        }
+        self.cache.write().insert(r.id.clone(), Arc::new(r));
+    }
+
+    async fn adopt_runtime(&self, provider: &Arc<dyn Provider>, rt: crate::provider::RuntimeInfo) {
+        let now = Utc::now();
+        let created_at = rt.created_at.unwrap_or(now);
+        let ttl = chrono::Duration::nanoseconds(self.cfg.defaults.ttl.0.nanos().max(1));
+        let mut expires_at = rt.expires_at.unwrap_or(created_at + ttl);
+        if expires_at < now && rt.expires_at.is_none() {
+            expires_at = now + ttl;
+        }
+        let rec = SandboxRecord {
+            id: rt.sandbox_id.clone(),
+            state: if rt.state.is_empty() { state::RUNNING.into() } else { rt.state.clone() },
+            provider: provider.name().to_string(),
+            image: if rt.image.is_empty() { self.cfg.defaults.image.clone() } else { rt.image.clone() },
+            memory_mb: self.cfg.defaults.memory_mb,
+            vcpus: self.cfg.defaults.vcpus,
+            metadata: rt.metadata.clone(),
+            owner_id: rt.owner_id.clone(),
+            tenant_id: rt.tenant_id.clone(),
+            vm_id: String::new(),
+            worker_id: LOCAL_WORKER.into(),
+            created_at,
+            expires_at,
+            updated_at: now,
+        };
+        let lease_ttl = (expires_at - now).to_std().unwrap_or_default() + LEASE_GRACE;
+        if self.store.acquire_lease(&rec.id, "sandbox", LOCAL_WORKER, lease_ttl).await.is_err() {
+            return;
+        }
+        if let Err(e) = self.store.insert_sandbox(&rec).await {
+            warn!(sandbox_id = %rec.id, error = %e, "adopting runtime failed");
+            return;
+        }
+        self.events.publish(kind::RECONCILE_ACTION, &rec.id, events::data([
+            ("action", json!("adopted_runtime")),
+            ("provider", json!(rec.provider)),
+            ("image", json!(rec.image)),
+        ]));
+        info!(sandbox_id = %rec.id, provider = %rec.provider, "adopted runtime");
+        self.adopt_into_cache(rec);
+    }
+
+    // ----- exec -----------------------------------------------------------
+
+    /// Resolves the exec deadline (spec/api.md §3.9).
+    pub async fn resolve_timeout(&self, timeout: &str, owner: &str) -> Result<Option<Duration>> {
+        let d = if timeout.trim().is_empty() {
+            self.cfg.defaults.default_exec_timeout.0
+        } else {
+            GoDuration(duration::parse(timeout.trim()).map_err(|e| Error::invalid(format!("parsing exec timeout: {e}")))?)
+        };
+        if d.is_negative() {
+            return Err(Error::invalid(format!("exec timeout must not be negative, got {d}")));
+        }
+        let quota = self.quota_for(owner).await?;
+        let max = match &quota {
+            Some(q) if q.max_exec_timeout_seconds > 0 => GoDuration::from_secs(q.max_exec_timeout_seconds),
+            _ => self.cfg.defaults.max_exec_timeout.0,
+        };
+        if !max.is_zero() && d > max {
+            return Err(Error::limit(format!("exec timeout {d} exceeds max exec timeout {max}")));
+        }
+        Ok(if d.is_zero() { None } else { Some(d.to_std()) })
+    }
+
+    async fn exec_target(&self, id: &str, caller: &Caller) -> Result<(Arc<SandboxRecord>, Arc<dyn Provider>)> {
+        let rec = self.get(id, caller).await?;
+        let p = self.registry.get(&rec.provider)?;
+        Ok((rec, p))
+    }
+
+    async fn prepare_exec(&self, rec: &SandboxRecord, req: &ExecRequest) -> Result<ExecSpec> {
+        let argv = paths::build_argv(&req.mode, &req.command, &req.args)?;
+        let total: usize = argv.iter().map(String::len).sum::<usize>()
+            + req.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        if total > 1024 * 1024 {
+            return Err(Error::invalid("command, arguments and environment exceed 1 MiB"));
+        }
+        for (k, v) in &req.env {
+            if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
+                return Err(Error::invalid(format!("invalid environment variable name {k:?}")));
+            }
+        }
+        if argv.iter().any(|a| a.contains('\0')) {
+            return Err(Error::invalid("command and arguments must not contain NUL bytes"));
+        }
+        let workdir = if req.workdir.trim().is_empty() { String::new() } else { paths::normalize(&req.workdir)? };
+        let timeout = self.resolve_timeout(&req.timeout, &rec.owner_id).await?;
+        Ok(ExecSpec { argv, env: req.env.clone(), workdir, timeout, stdin: req.stdin.clone() })
+    }
+
+    fn command_text(req: &ExecRequest) -> String {
+        let mut s = req.command.clone();
+        for a in &req.args {
+            s.push(' ');
+            s.push_str(a);
+        }
+        s.chars().take(2048).collect()
+    }
+
+    /// Runs a command to completion and returns its captured output.
+    pub async fn exec(&self, id: &str, req: &ExecRequest, caller: &Caller) -> Result<ExecOutcome> {
+        let (rec, provider) = self.exec_target(id, caller).await?;
+        let spec = self.prepare_exec(&rec, req).await?;
+        let target = if rec.vm_id.is_empty() { rec.id.clone() } else { rec.vm_id.clone() };
+        self.events.publish(kind::EXEC_STARTED, id, events::data([("command", json!(Self::command_text(req)))]));
+        let started = Instant::now();
+        let (tx, mut rx) = mpsc::channel::<OutputChunk>(64);
+        let collect = async move {
+            let mut out = Vec::new();
+            let mut err = Vec::new();
+            while let Some(c) = rx.recv().await {
+                let buf = match c.stream { StreamKind::Stdout => &mut out, StreamKind::Stderr => &mut err };
+                let room = MAX_CAPTURE.saturating_sub(buf.len());
+                buf.extend_from_slice(&c.data[..c.data.len().min(room)]);
+            }
+            (out, err)
+        };
+        let (res, (stdout, stderr)) = tokio::join!(provider.exec(&target, &spec, tx), collect);
+        let took = started.elapsed();
+        let mode = if req.mode.is_empty() { "shell" } else { req.mode.as_str() };
+        match res {
+            Ok(status) => {
+                self.metrics.observe("exec", &rec.provider, took, None);
+                self.events.publish(kind::EXEC_COMPLETED, id, events::data([
+                    ("exit_code", json!(status.code)),
+                    ("duration", json!(GoDuration::from_std(took).to_string())),
+                ]));
+                let dur = GoDuration::from_std(took).to_string();
+                self.audit(caller, &rec.owner_id, "exec", id, &Self::command_text(req), &rec.provider, true,
+                    format!("exit={} duration={dur} mode={mode}", status.code));
+                let log = ExecLogRecord {
+                    sandbox_id: id.to_string(),
+                    command: Self::command_text(req),
+                    exit_code: status.code,
+                    stdout: truncate_lossy(&stdout, 64 * 1024),
+                    stderr: truncate_lossy(&stderr, 64 * 1024),
+                    duration: dur,
+                    created_at: Utc::now(),
+                };
+                let _ = self.audit_tx.try_send(AuditItem::Exec(log));
+                Ok(ExecOutcome { exit_code: status.code, stdout, stderr, duration: took })
+            }
+            Err(e) => {
+                self.exec_failed(id, &rec, req, caller, &e, took);
+                Err(e)
+            }
+        }
+    }
+
+    fn exec_failed(&self, id: &str, rec: &SandboxRecord, req: &ExecRequest, caller: &Caller, e: &Error, took: Duration) {
+        self.metrics.observe("exec", &rec.provider, took, Some(&e.to_string()));
+        let k = if e.kind() == ErrorKind::ExecTimeout { kind::EXEC_TIMEOUT } else { kind::EXEC_FAILED };
+        self.events.publish(k, id, events::data([("error", json!(e.to_string()))]));
+        self.audit(caller, &rec.owner_id, "exec", id, &Self::command_text(req), &rec.provider, false, e.to_string());
+    }
+
+    /// Starts a streamed exec. Pre-flight errors are returned directly;
+    /// afterwards everything arrives on the channel, ending with `Exit` or
+    /// `Failed`. Dropping the receiver kills the command.
+    pub async fn exec_stream(self: &Arc<Self>, id: &str, req: &ExecRequest, caller: &Caller) -> Result<mpsc::Receiver<StreamEvent>> {
+        let (rec, provider) = self.exec_target(id, caller).await?;
+        let spec = self.prepare_exec(&rec, req).await?;
+        let target = if rec.vm_id.is_empty() { rec.id.clone() } else { rec.vm_id.clone() };
+        let (out_tx, mut out_rx) = mpsc::channel::<StreamEvent>(64);
+        let me = Arc::clone(self);
+        let id = id.to_string();
+        let req = req.clone();
+        let caller = caller.clone();
+        self.events.publish(kind::EXEC_STARTED, &id, events::data([("command", json!(Self::command_text(&req)))]));
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let (tx, mut rx) = mpsc::channel::<OutputChunk>(64);
+            let forward_tx = out_tx.clone();
+            let forward = async move {
+                while let Some(c) = rx.recv().await {
+                    if forward_tx.send(StreamEvent::Output(c)).await.is_err() {
+                        return false;
+                    }
+                }
+                true
+            };
+            let run = provider.exec(&target, &spec, tx);
+            tokio::pin!(run);
+            tokio::pin!(forward);
+            let mut forward_done = false;
+            let res: Option<Result<ExitStatus>> = loop {
+                tokio::select! {
+                    r = &mut run => break Some(r),
+                    ok = &mut forward, if !forward_done => {
+                        forward_done = true;
+                        if !ok { break None; }
+                    }
+                    () = out_tx.closed() => break None,
+                }
+            };
+            let Some(res) = res else {
+                // The client went away: dropping `run` kills the command.
+                me.audit(&caller, &rec.owner_id, "exec_stream", &id, &Self::command_text(&req), &rec.provider, false, "client disconnected".into());
+                return;
+            };
+            // Drain output that is still buffered.
+            if !forward_done {
+                let _ = forward.await;
+            }
+            let took = started.elapsed();
+            match res {
+                Ok(status) => {
+                    me.metrics.observe("exec_stream", &rec.provider, took, None);
+                    me.events.publish(kind::EXEC_COMPLETED, &id, events::data([
+                        ("exit_code", json!(status.code)),
+                        ("duration", json!(GoDuration::from_std(took).to_string())),
+                    ]));
+                    me.audit(&caller, &rec.owner_id, "exec_stream", &id, &Self::command_text(&req), &rec.provider, true,
+                        format!("exit={} duration={} mode={}", status.code, GoDuration::from_std(took), if req.mode.is_empty() { "shell" } else { &req.mode }));
+                    let _ = out_tx.send(StreamEvent::Exit { code: status.code, duration: took }).await;
+                }
+                Err(e) => {
+                    me.exec_failed(&id, &rec, &req, &caller, &e, took);
+                    let _ = out_tx.send(StreamEvent::Failed(e.to_string())).await;
+                }
+            }
+        });
+        // Peek nothing: return the receiver; the first item arrives as produced.
+        let (tx2, rx2) = mpsc::channel(64);
+        tokio::spawn(async move {
+            while let Some(ev) = out_rx.recv().await {
+                if tx2.send(ev).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(rx2)
+    }
+
+    // ----- files ----------------------------------------------------------
+
+    async fn file_op<T, F, Fut>(&self, op: &str, id: &str, resource: &str, caller: &Caller, detail: impl FnOnce(&T) -> String, f: F) -> Result<T>
+    where
+        F: FnOnce(Arc<dyn Provider>, String) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        let (rec, provider) = self.exec_target(id, caller).await?;
+        let target = if rec.vm_id.is_empty() { rec.id.clone() } else { rec.vm_id.clone() };
+        let started = Instant::now();
+        let res = f(provider, target).await;
+        let took = started.elapsed();
+        let metric = format!("file_{op}");
+        let action = format!("file.{op}");
+        match &res {
+            Ok(v) => {
+                self.metrics.observe(&metric, &rec.provider, took, None);
+                self.audit(caller, &rec.owner_id, &action, id, resource, &rec.provider, true, detail(v));
+            }
+            Err(e) => {
+                self.metrics.observe(&metric, &rec.provider, took, Some(&e.to_string()));
+                self.audit(caller, &rec.owner_id, &action, id, resource, &rec.provider, false, e.to_string());
+            }
+        }
+        res
+    }
+
+    pub async fn write_file(&self, id: &str, path: &str, data: Vec<u8>, mode: &str, caller: &Caller) -> Result<()> {
+        let path = paths::normalize(path)?;
+        let mode = paths::parse_mode(mode)?;
+        let len = data.len();
+        let p2 = path.clone();
+        self.file_op("write", id, &path, caller, |_| format!("bytes={len} mode={mode:04o}"), |p, t| async move {
+            p.write_file(&t, &p2, &data, mode).await
+        }).await?;
+        self.events.publish(kind::FILE_WRITTEN, id, events::data([("path", json!(path)), ("bytes", json!(len))]));
+        Ok(())
+    }
+
+    pub async fn read_file(&self, id: &str, path: &str, caller: &Caller) -> Result<Vec<u8>> {
+        let path = paths::normalize(path)?;
+        let p2 = path.clone();
+        let data = self.file_op("read", id, &path, caller, |d: &Vec<u8>| format!("bytes={}", d.len()), |p, t| async move {
+            p.read_file(&t, &p2).await
+        }).await?;
+        self.events.publish(kind::FILE_READ, id, events::data([("path", json!(path)), ("bytes", json!(data.len()))]));
+        Ok(data)
+    }
+
+    pub async fn list_files(&self, id: &str, path: &str, caller: &Caller) -> Result<Vec<FileInfo>> {
+        let path = if path.trim().is_empty() { "/".to_string() } else { paths::normalize(path)? };
+        let p2 = path.clone();
+        self.file_op("list", id, &path, caller, |v: &Vec<FileInfo>| format!("count={}", v.len()), |p, t| async move {
+            p.list_files(&t, &p2).await
+        }).await
+    }
+
+    pub async fn delete_file(&self, id: &str, path: &str, recursive: bool, caller: &Caller) -> Result<()> {
+        let path = paths::normalize(path)?;
+        if path == "/" {
+            return Err(Error::invalid("refusing to delete the sandbox root"));
+        }
+        let p2 = path.clone();
+        self.file_op("delete", id, &path, caller, |_| format!("recursive={recursive}"), |p, t| async move {
+            p.delete_file(&t, &p2, recursive).await
+        }).await
+    }
+
+    pub async fn move_file(&self, id: &str, old: &str, new: &str, caller: &Caller) -> Result<()> {
+        let old = paths::normalize(old).map_err(|e| e.context("old_path"))?;
+        let new = paths::normalize(new).map_err(|e| e.context("new_path"))?;
+        if old == "/" || new == "/" {
+            return Err(Error::invalid("cannot move the sandbox root"));
+        }
+        let res = format!("{old} -> {new}");
+        self.file_op("move", id, &res, caller, |_| String::new(), |p, t| async move {
+            p.move_file(&t, &old, &new).await
+        }).await
+    }
+
+    pub async fn chmod_file(&self, id: &str, path: &str, mode: &str, caller: &Caller) -> Result<()> {
+        let path = paths::normalize(path)?;
+        if mode.trim().is_empty() {
+            return Err(Error::invalid("mode is required"));
+        }
+        let mode = paths::parse_mode(mode)?;
+        let p2 = path.clone();
+        self.file_op("chmod", id, &path, caller, |_| format!("mode={mode:04o}"), |p, t| async move {
+            p.chmod_file(&t, &p2, mode).await
+        }).await
+    }
+
+    pub async fn stat_file(&self, id: &str, path: &str, caller: &Caller) -> Result<FileInfo> {
+        let path = paths::normalize(path)?;
+        let p2 = path.clone();
+        self.file_op("stat", id, &path, caller, |_| String::new(), |p, t| async move {
+            p.stat_file(&t, &p2).await
+        }).await
+    }
+
+    pub async fn glob_files(&self, id: &str, pattern: &str, caller: &Caller) -> Result<Vec<String>> {
+        let pattern = paths::normalize_pattern(pattern)?;
+        let p2 = pattern.clone();
+        self.file_op("glob", id, &pattern, caller, |v: &Vec<String>| format!("count={}", v.len()), |p, t| async move {
+            p.glob_files(&t, &p2).await
+        }).await
+    }
+
+    pub async fn logs(&self, id: &str, lines: usize, caller: &Caller) -> Result<Vec<String>> {
+        let (rec, provider) = self.exec_target(id, caller).await?;
+        let target = if rec.vm_id.is_empty() { rec.id.clone() } else { rec.vm_id.clone() };
+        provider.logs(&target, lines).await
+    }
+
+    pub async fn stats(&self, id: &str, caller: &Caller) -> Result<Option<crate::provider::Stats>> {
+        let (rec, provider) = self.exec_target(id, caller).await?;
+        let target = if rec.vm_id.is_empty() { rec.id.clone() } else { rec.vm_id.clone() };
+        match provider.stats(&target).await {
+            Ok(s) => Ok(Some(s)),
+            Err(e) if e.kind() == ErrorKind::Unsupported => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    // ----- templates ------------------------------------------------------
+
+    pub async fn get_template(&self, name: &str) -> Result<TemplateRecord> {
+        self.store.get_template(name).await.map_err(|e| {
+            if e.kind() == ErrorKind::NotFound { Error::not_found(format!("template {name:?}")) } else { e }
+        })
+    }
+
+    // ----- audit ----------------------------------------------------------
+
+    #[allow(clippy::too_many_arguments)]
+    fn audit(&self, caller: &Caller, owner: &str, action: &str, sandbox_id: &str, resource: &str, provider: &str, ok: bool, detail: String) {
+        let actor = if !caller.actor.is_empty() { caller.actor.clone() } else { owner.to_string() };
+        let rec = OpAuditRecord {
+            id: 0,
+            actor,
+            action: action.to_string(),
+            sandbox_id: sandbox_id.to_string(),
+            resource: resource.chars().take(2048).collect(),
+            provider: provider.to_string(),
+            status: if ok { "success".into() } else { "failure".into() },
+            detail: detail.chars().take(2048).collect(),
+            tenant_id: caller.tenant_id.clone(),
+            request_id: caller.request_id.clone(),
+            created_at: Utc::now(),
+        };
+        if self.audit_tx.try_send(AuditItem::Op(rec)).is_err() {
+            warn!(action, "audit queue full; record dropped");
+        }
+    }
+
+    /// Waits until queued audit records are written (tests and shutdown).
+    pub async fn flush_audit(&self) {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        // A zero-sized marker: the writer processes items in order.
+        let marker = OpAuditRecord { id: -1, actor: String::new(), action: String::new(), sandbox_id: String::new(), resource: String::new(), provider: String::new(), status: String::new(), detail: String::new(), tenant_id: String::new(), request_id: String::new(), created_at: Utc::now() };
+        FLUSH.lock().push(tx);
+        let _ = self.audit_tx.send(AuditItem::Op(marker)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+    }
+}
+
+static FLUSH: Mutex<Vec<tokio::sync::oneshot::Sender<()>>> = Mutex::new(Vec::new());
+
+async fn audit_writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<AuditItem>) {
+    while let Some(item) = rx.recv().await {
+        let res = match item {
+            AuditItem::Op(r) if r.id == -1 => {
+                for tx in FLUSH.lock().drain(..) {
+                    let _ = tx.send(());
+                }
+                Ok(())
+            }
+            AuditItem::Op(r) => store.insert_op_audit(&r).await,
+            AuditItem::Exec(r) => store.insert_exec_log(&r).await,
+        };
+        if let Err(e) = res {
+            warn!(error = %e, "writing audit record failed");
+        }
+    }
+}
+
+fn check_tenant(r: Arc<SandboxRecord>, caller: &Caller) -> Result<Arc<SandboxRecord>> {
+    if !caller.tenant_id.is_empty() && r.tenant_id != caller.tenant_id {
+        return Err(Error::sandbox_not_found(&r.id));
+    }
+    Ok(r)
+}
+
+fn truncate_lossy(b: &[u8], max: usize) -> String {
+    String::from_utf8_lossy(&b[..b.len().min(max)]).into_owned()
+}
+
+/// Applies a template under an explicit spawn request.
+pub fn merge_template(req: &mut SpawnRequest, t: &TemplateRecord) {
+    if req.image.is_empty() {
+        req.image = t.image.clone();
+    }
+    if req.memory_mb == 0 {
+        req.memory_mb = t.memory_mb;
+    }
+    if req.vcpus == 0 {
+        req.vcpus = t.cpu_cores;
+    }
+    if req.ttl.is_empty() && t.ttl_seconds > 0 {
+        req.ttl = format!("{}s", t.ttl_seconds);
+    }
+    if req.provider.is_empty() {
+        req.provider = t.provider.clone();
+    }
+    let md = req.metadata.get_or_insert_with(BTreeMap::new);
+    for (k, v) in &t.metadata {
+        md.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+    md.entry("template".into()).or_insert_with(|| t.name.clone());
+}
+
+/// Parses an RFC 3339 timestamp.
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+}

@@ -1,0 +1,203 @@
+//! The provider trait: one backend that runs sandboxes.
+//!
+//! Contract highlights (checked by the conformance suite in
+//! `stacyvm-providers::conformance`):
+//! - `spawn` returns only once the sandbox can run commands.
+//! - `exec` streams output chunks in order to the sink and returns the exit
+//!   status; a non-zero exit is `Ok`. When `spec.timeout` elapses the whole
+//!   process tree is killed and the result is `ErrorKind::ExecTimeout`.
+//!   Dropping the future kills the process too.
+//! - File paths given to providers are already normalised by the
+//!   orchestrator: absolute, lexically clean, no NUL. Providers must still
+//!   resolve them *inside* the sandbox: symlinks can never reach host files.
+//! - A missing file is `ErrorKind::NotFound`; a missing sandbox is
+//!   `ErrorKind::SandboxNotFound`.
+//! - `destroy` of an unknown sandbox returns `Ok` (idempotent).
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use stacyvm_api::FileInfo;
+use tokio::sync::mpsc;
+
+use crate::error::{Error, Result};
+
+/// What a provider needs to create a sandbox.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SpawnSpec {
+    /// The StacyVM sandbox id (`sb-xxxxxxxx`); providers should use it as
+    /// their runtime name so inventory and adoption can match it.
+    pub id: String,
+    pub image: String,
+    pub memory_mb: i64,
+    pub vcpus: i64,
+    pub metadata: BTreeMap<String, String>,
+    pub owner_id: String,
+    pub tenant_id: String,
+    pub expires_at: DateTime<Utc>,
+    /// `none` or `bridge`; empty = provider default.
+    pub network_mode: String,
+}
+
+/// A spawned runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spawned {
+    /// Provider runtime id (usually equal to the sandbox id).
+    pub runtime_id: String,
+}
+
+/// A fully resolved command to run.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ExecSpec {
+    /// `argv[0]` is the program; never empty.
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Absolute working directory; empty = provider default (`/workspace`).
+    pub workdir: String,
+    pub timeout: Option<Duration>,
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// Which output stream a chunk came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamKind {
+    Stdout,
+    Stderr,
+}
+
+impl StreamKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StreamKind::Stdout => "stdout",
+            StreamKind::Stderr => "stderr",
+        }
+    }
+}
+
+/// One chunk of output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputChunk {
+    pub stream: StreamKind,
+    pub data: Vec<u8>,
+}
+
+/// Where a provider sends output. A closed receiver must not fail the exec.
+pub type OutputSink = mpsc::Sender<OutputChunk>;
+
+/// How the process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExitStatus {
+    /// Exit code; `128 + signal` when killed by a signal (as a shell reports).
+    pub code: i32,
+    pub signal: Option<i32>,
+}
+
+/// Runtime state reported by a provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeStatus {
+    pub state: String,
+}
+
+/// A runtime found by inventory (for adoption after restart).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuntimeInfo {
+    pub sandbox_id: String,
+    pub state: String,
+    pub image: String,
+    pub created_at: Option<DateTime<Utc>>,
+    pub metadata: BTreeMap<String, String>,
+    pub owner_id: String,
+    pub tenant_id: String,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// Resource usage of a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stats {
+    pub cpu_pct: f64,
+    pub mem_bytes: u64,
+    pub mem_limit_bytes: u64,
+}
+
+/// Capability names reported on `GET /providers`.
+pub mod capability {
+    pub const SPAWN: &str = "spawn";
+    pub const EXEC: &str = "exec";
+    pub const EXEC_STREAM: &str = "exec_stream";
+    pub const FILES: &str = "files";
+    pub const CONSOLE: &str = "console";
+    pub const HEALTH: &str = "health";
+    pub const RUNTIME_INVENTORY: &str = "runtime_inventory";
+    pub const STATS: &str = "stats";
+    pub const BASE: [&str; 6] = [SPAWN, EXEC, EXEC_STREAM, FILES, CONSOLE, HEALTH];
+}
+
+/// A sandbox backend.
+#[async_trait]
+pub trait Provider: Debug + Send + Sync + 'static {
+    /// Stable registry name (`native`, `docker`, `mock`, …).
+    fn name(&self) -> &str;
+
+    /// Capability strings, e.g. `capability::BASE` plus extras.
+    fn capabilities(&self) -> Vec<String>;
+
+    /// Non-secret configuration shown on `GET /providers/{name}`.
+    fn describe(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([("type".to_string(), "other".to_string())])
+    }
+
+    /// Fast, side-effect-free health probe; `Err` says why it is unhealthy.
+    async fn health(&self) -> Result<()>;
+
+    /// Creates and starts a sandbox; returns once it can run commands.
+    /// On error nothing of the sandbox may remain.
+    async fn spawn(&self, spec: &SpawnSpec) -> Result<Spawned>;
+
+    /// Runs a command, streaming output to `sink` in order.
+    async fn exec(&self, runtime_id: &str, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus>;
+
+    async fn write_file(&self, runtime_id: &str, path: &str, data: &[u8], mode: u32) -> Result<()>;
+    async fn read_file(&self, runtime_id: &str, path: &str) -> Result<Vec<u8>>;
+    /// Lists one directory level, sorted by path.
+    async fn list_files(&self, runtime_id: &str, path: &str) -> Result<Vec<FileInfo>>;
+    /// Deleting a missing path is `Ok`; a non-empty directory needs `recursive`.
+    async fn delete_file(&self, runtime_id: &str, path: &str, recursive: bool) -> Result<()>;
+    /// Creates the parent of `new` when missing.
+    async fn move_file(&self, runtime_id: &str, old: &str, new: &str) -> Result<()>;
+    async fn chmod_file(&self, runtime_id: &str, path: &str, mode: u32) -> Result<()>;
+    async fn stat_file(&self, runtime_id: &str, path: &str) -> Result<FileInfo>;
+    /// Absolute matching paths, sorted; no match is an empty list.
+    async fn glob_files(&self, runtime_id: &str, pattern: &str) -> Result<Vec<String>>;
+
+    /// Current state; unknown sandbox → `ErrorKind::SandboxNotFound`.
+    async fn status(&self, runtime_id: &str) -> Result<RuntimeStatus>;
+
+    /// Tears the sandbox down completely. Unknown sandbox → `Ok`.
+    async fn destroy(&self, runtime_id: &str) -> Result<()>;
+
+    /// Last `lines` lines of the sandbox console/log.
+    async fn logs(&self, runtime_id: &str, lines: usize) -> Result<Vec<String>>;
+
+    /// Runtimes owned by this provider, for adoption after a restart.
+    async fn list_runtimes(&self) -> Result<Vec<RuntimeInfo>> {
+        Err(Error::unsupported(format!("{}: runtime inventory", self.name())))
+    }
+
+    /// Resource usage.
+    async fn stats(&self, _runtime_id: &str) -> Result<Stats> {
+        Err(Error::unsupported(format!("{}: stats", self.name())))
+    }
+}
+
+/// Formats a unix mode's permission bits like the contract (`644`, `755`, `1777`).
+pub fn format_mode(mode: u32) -> String {
+    format!("{:o}", mode & 0o7777)
+}
+
+/// Formats a modification time as RFC 3339 UTC with seconds precision.
+pub fn format_mod_time(t: DateTime<Utc>) -> String {
+    t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
+}

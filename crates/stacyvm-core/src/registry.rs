@@ -1,0 +1,110 @@
+//! The provider registry: name → provider, the default, cached health.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use parking_lot::Mutex;
+use stacyvm_api::ProviderHealth;
+
+use crate::error::{Error, Result};
+use crate::provider::Provider;
+
+/// How long a health result is reused before probing again.
+const HEALTH_TTL: Duration = Duration::from_secs(2);
+/// Upper bound of one health probe.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+#[derive(Debug)]
+pub struct Registry {
+    providers: BTreeMap<String, Arc<dyn Provider>>,
+    default: String,
+    health: Mutex<BTreeMap<String, (Instant, ProviderHealth)>>,
+}
+
+impl Registry {
+    /// Builds a registry; `default` must name one of `providers`.
+    pub fn new(providers: Vec<Arc<dyn Provider>>, default: &str) -> Result<Self> {
+        let mut map = BTreeMap::new();
+        for p in providers {
+            map.insert(p.name().to_string(), p);
+        }
+        if !map.contains_key(default) {
+            let known: Vec<&str> = map.keys().map(String::as_str).collect();
+            return Err(Error::provider_not_found(default).context(&format!(
+                "default provider is not available (registered: {})",
+                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            )));
+        }
+        Ok(Registry {
+            providers: map,
+            default: default.to_string(),
+            health: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn default_name(&self) -> &str {
+        &self.default
+    }
+
+    /// Resolves a provider name ("" = the default).
+    pub fn get(&self, name: &str) -> Result<Arc<dyn Provider>> {
+        let name = if name.is_empty() { &self.default } else { name };
+        self.providers
+            .get(name)
+            .cloned()
+            .ok_or_else(|| Error::provider_not_found(name))
+    }
+
+    /// Registered names, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.providers.keys().cloned().collect()
+    }
+
+    pub fn all(&self) -> Vec<Arc<dyn Provider>> {
+        self.providers.values().cloned().collect()
+    }
+
+    /// Health of one provider, probed at most every 2 s.
+    pub async fn health_of(&self, p: &Arc<dyn Provider>) -> ProviderHealth {
+        let name = p.name().to_string();
+        if let Some((at, h)) = self.health.lock().get(&name) {
+            if at.elapsed() < HEALTH_TTL {
+                return h.clone();
+            }
+        }
+        let start = Instant::now();
+        let res = tokio::time::timeout(HEALTH_TIMEOUT, p.health()).await;
+        let latency = start.elapsed();
+        let error = match res {
+            Ok(Ok(())) => String::new(),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!("health check timed out after {}s", HEALTH_TIMEOUT.as_secs()),
+        };
+        let mut runtime_count = None;
+        if error.is_empty() && p.capabilities().iter().any(|c| c == crate::provider::capability::RUNTIME_INVENTORY) {
+            if let Ok(Ok(list)) = tokio::time::timeout(HEALTH_TIMEOUT, p.list_runtimes()).await {
+                runtime_count = Some(list.len() as i64);
+            }
+        }
+        let h = ProviderHealth {
+            name: name.clone(),
+            healthy: error.is_empty(),
+            default: name == self.default,
+            latency_ms: latency.as_millis() as i64,
+            last_checked: Utc::now(),
+            error,
+            capabilities: p.capabilities(),
+            runtime_count,
+        };
+        self.health.lock().insert(name, (Instant::now(), h.clone()));
+        h
+    }
+
+    /// Health of every provider, probed concurrently, sorted by name.
+    pub async fn health_all(&self) -> Vec<ProviderHealth> {
+        let futs = self.providers.values().map(|p| self.health_of(p));
+        futures::future::join_all(futs).await
+    }
+}

@@ -1,0 +1,215 @@
+//! The persistence trait and its records.
+//!
+//! Implemented by `stacyvm-store` for SQLite and Postgres; callers never see
+//! which. Not-found is `ErrorKind::NotFound`, uniqueness violations are
+//! `ErrorKind::Conflict`. Sandboxes are soft-deleted (state `destroyed`).
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::Result;
+
+/// A persisted sandbox.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub state: String,
+    pub provider: String,
+    pub image: String,
+    pub memory_mb: i64,
+    pub vcpus: i64,
+    pub metadata: BTreeMap<String, String>,
+    pub owner_id: String,
+    pub tenant_id: String,
+    pub vm_id: String,
+    pub worker_id: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One synchronous exec, for the exec log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ExecLogRecord {
+    pub sandbox_id: String,
+    pub command: String,
+    pub exit_code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub duration: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A stored template.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TemplateRecord {
+    pub name: String,
+    pub version: i64,
+    pub image: String,
+    pub description: String,
+    pub setup: Vec<String>,
+    pub allowed_hosts: Vec<String>,
+    pub memory_mb: i64,
+    pub cpu_cores: i64,
+    pub ttl_seconds: i64,
+    pub env: BTreeMap<String, String>,
+    pub secrets: Vec<stacyvm_api::TemplateSecret>,
+    pub pool_size: i64,
+    pub provider: String,
+    pub metadata: BTreeMap<String, String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A per-owner quota override; zero means "use the global default".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuotaRecord {
+    pub owner_id: String,
+    pub max_sandboxes: i64,
+    pub max_ttl_seconds: i64,
+    pub max_exec_timeout_seconds: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An operation audit row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OpAuditRecord {
+    pub id: i64,
+    pub actor: String,
+    pub action: String,
+    pub sandbox_id: String,
+    pub resource: String,
+    pub provider: String,
+    pub status: String,
+    pub detail: String,
+    pub tenant_id: String,
+    pub request_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Filters for listing operation audit rows; empty fields do not filter.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OpAuditFilter {
+    pub actor: String,
+    pub action: String,
+    pub sandbox_id: String,
+    pub tenant_id: String,
+    pub since: Option<DateTime<Utc>>,
+    pub limit: i64,
+}
+
+/// An admin audit row.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdminAuditRecord {
+    pub id: i64,
+    pub actor: String,
+    pub method: String,
+    pub path: String,
+    pub status: i64,
+    pub duration_ms: i64,
+    pub request_id: String,
+    pub remote_addr: String,
+    pub user_agent: String,
+    pub tenant_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// A registered worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerRecord {
+    pub id: String,
+    pub hostname: String,
+    pub status: String,
+    pub providers: Vec<String>,
+    pub capabilities: Vec<String>,
+    pub capacity: serde_json::Value,
+    pub last_heartbeat: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A lease (fencing token) on a resource.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    pub resource_id: String,
+    pub resource_type: String,
+    pub holder_id: String,
+    pub generation: i64,
+    pub expires_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Persistence for everything the control plane remembers.
+#[async_trait]
+pub trait Store: Debug + Send + Sync + 'static {
+    /// Engine name (`sqlite`, `postgres`).
+    fn engine(&self) -> &'static str;
+    /// A cheap round trip to the database.
+    async fn ping(&self) -> Result<()>;
+
+    /// Inserts a new sandbox; a duplicate id is a conflict.
+    async fn insert_sandbox(&self, rec: &SandboxRecord) -> Result<()>;
+    /// Any sandbox, destroyed or not; unknown id is not-found.
+    async fn get_sandbox(&self, id: &str) -> Result<SandboxRecord>;
+    /// Non-destroyed sandboxes, newest first.
+    async fn list_active_sandboxes(&self) -> Result<Vec<SandboxRecord>>;
+    /// Sets the state (and `updated_at`); unknown id is not-found.
+    async fn set_sandbox_state(&self, id: &str, state: &str) -> Result<()>;
+    /// Sets `expires_at` of a non-destroyed sandbox; else not-found.
+    async fn set_sandbox_expiry(&self, id: &str, expires_at: DateTime<Utc>) -> Result<()>;
+    /// Non-destroyed sandboxes with `expires_at < now`.
+    async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>>;
+
+    async fn insert_exec_log(&self, rec: &ExecLogRecord) -> Result<()>;
+    async fn list_exec_logs(&self, sandbox_id: &str, limit: i64) -> Result<Vec<ExecLogRecord>>;
+
+    /// Creates a template; a duplicate name is a conflict.
+    async fn create_template(&self, t: &TemplateRecord) -> Result<()>;
+    async fn get_template(&self, name: &str) -> Result<TemplateRecord>;
+    /// Ordered by name.
+    async fn list_templates(&self) -> Result<Vec<TemplateRecord>>;
+    /// Replaces every mutable field; `created_at` is preserved. Not-found if missing.
+    async fn update_template(&self, t: &TemplateRecord) -> Result<TemplateRecord>;
+    async fn delete_template(&self, name: &str) -> Result<()>;
+
+    /// Insert or replace; `created_at` of an existing row is preserved.
+    async fn upsert_quota(&self, q: &QuotaRecord) -> Result<QuotaRecord>;
+    async fn get_quota(&self, owner_id: &str) -> Result<QuotaRecord>;
+    /// Ordered by owner id.
+    async fn list_quotas(&self) -> Result<Vec<QuotaRecord>>;
+    async fn delete_quota(&self, owner_id: &str) -> Result<()>;
+
+    async fn insert_op_audit(&self, rec: &OpAuditRecord) -> Result<()>;
+    /// Newest first.
+    async fn list_op_audit(&self, filter: &OpAuditFilter) -> Result<Vec<OpAuditRecord>>;
+    async fn insert_admin_audit(&self, rec: &AdminAuditRecord) -> Result<()>;
+
+    /// Insert or update; `created_at` of an existing row is preserved.
+    async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord>;
+    /// Ordered by id.
+    async fn list_workers(&self) -> Result<Vec<WorkerRecord>>;
+
+    /// Takes the lease when free, expired or already held by `holder`
+    /// (generation + 1); else conflict.
+    async fn acquire_lease(
+        &self,
+        resource_id: &str,
+        resource_type: &str,
+        holder_id: &str,
+        ttl: Duration,
+    ) -> Result<LeaseRecord>;
+    /// Extends a lease held (unexpired) by `holder`; else conflict.
+    async fn renew_lease(&self, resource_id: &str, holder_id: &str, ttl: Duration) -> Result<LeaseRecord>;
+    /// Drops a lease held by `holder`; not-found when it is not.
+    async fn release_lease(&self, resource_id: &str, holder_id: &str) -> Result<()>;
+    async fn get_lease(&self, resource_id: &str) -> Result<LeaseRecord>;
+    /// Ordered by resource id.
+    async fn list_leases(&self) -> Result<Vec<LeaseRecord>>;
+}
