@@ -1,0 +1,216 @@
+-- StacyVM schema v1 (SQLite). Timestamps are fixed-width RFC 3339 UTC text
+-- (YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ) so that text order is time order.
+CREATE TABLE sandboxes (
+    id TEXT PRIMARY KEY,
+    state TEXT NOT NULL DEFAULT 'creating',
+    provider TEXT NOT NULL,
+    image TEXT NOT NULL DEFAULT '',
+    memory_mb INTEGER NOT NULL DEFAULT 512,
+    vcpus INTEGER NOT NULL DEFAULT 1,
+    metadata TEXT NOT NULL DEFAULT '{}',
+    created_at TEXT NOT NULL,
+    expires_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    template TEXT NOT NULL DEFAULT '',
+    owner_id TEXT NOT NULL DEFAULT '',
+    vm_id TEXT NOT NULL DEFAULT '',
+    worker_id TEXT NOT NULL DEFAULT 'local',
+    tenant_id TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX idx_sandboxes_state ON sandboxes(state);
+CREATE INDEX idx_sandboxes_owner ON sandboxes(owner_id);
+CREATE INDEX idx_sandboxes_vm ON sandboxes(vm_id);
+CREATE INDEX idx_sandboxes_worker ON sandboxes(worker_id);
+CREATE INDEX idx_sandboxes_tenant ON sandboxes(tenant_id);
+
+CREATE TABLE exec_logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    sandbox_id TEXT NOT NULL REFERENCES sandboxes(id),
+    command TEXT NOT NULL,
+    exit_code INTEGER NOT NULL,
+    stdout TEXT NOT NULL DEFAULT '',
+    stderr TEXT NOT NULL DEFAULT '',
+    duration TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL
+);
+CREATE INDEX idx_exec_logs_sandbox ON exec_logs(sandbox_id);
+
+CREATE TABLE provider_configs (
+    name TEXT PRIMARY KEY,
+    config TEXT NOT NULL DEFAULT '{}',
+    enabled INTEGER NOT NULL DEFAULT 1,
+    updated_at TEXT NOT NULL
+);
+
+CREATE TABLE templates (
+    name TEXT PRIMARY KEY,
+    version INTEGER NOT NULL DEFAULT 1,
+    image TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    setup TEXT NOT NULL DEFAULT '[]',
+    allowed_hosts TEXT NOT NULL DEFAULT '[]',
+    memory_mb INTEGER NOT NULL DEFAULT 512,
+    cpu_cores INTEGER NOT NULL DEFAULT 1,
+    ttl_seconds INTEGER NOT NULL DEFAULT 300,
+    env TEXT NOT NULL DEFAULT '{}',
+    secrets TEXT NOT NULL DEFAULT '[]',
+    pool_size INTEGER NOT NULL DEFAULT 0,
+    provider TEXT NOT NULL DEFAULT '',
+    metadata TEXT NOT NULL DEFAULT '{}',
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+
+CREATE TABLE environment_specs (
+    id TEXT PRIMARY KEY,
+    owner_id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    base_image TEXT NOT NULL,
+    python_packages TEXT NOT NULL DEFAULT '[]',
+    apt_packages TEXT NOT NULL DEFAULT '[]',
+    python_version TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    UNIQUE(owner_id, name)
+);
+
+CREATE TABLE environment_builds (
+    id TEXT PRIMARY KEY,
+    spec_id TEXT NOT NULL REFERENCES environment_specs(id),
+    status TEXT NOT NULL DEFAULT 'queued',
+    current_step TEXT NOT NULL DEFAULT '',
+    log_blob TEXT NOT NULL DEFAULT '',
+    image_size_bytes INTEGER NOT NULL DEFAULT 0,
+    digest_local TEXT NOT NULL DEFAULT '',
+    error TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL,
+    finished_at TEXT,
+    updated_at TEXT NOT NULL
+);
+
+CREATE TABLE environment_artifacts (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    build_id TEXT NOT NULL REFERENCES environment_builds(id),
+    target TEXT NOT NULL,
+    image_ref TEXT NOT NULL DEFAULT '',
+    digest TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT 'pending',
+    error TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    UNIQUE(build_id, target)
+);
+
+CREATE TABLE registry_connections (
+    id TEXT PRIMARY KEY,
+    owner_id TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    username TEXT NOT NULL,
+    secret_ref TEXT NOT NULL,
+    is_default INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    UNIQUE(owner_id, provider, username)
+);
+
+CREATE TABLE owner_quotas (
+    owner_id TEXT PRIMARY KEY,
+    max_sandboxes INTEGER NOT NULL DEFAULT 0,
+    max_ttl_seconds INTEGER NOT NULL DEFAULT 0,
+    max_exec_timeout_seconds INTEGER NOT NULL DEFAULT 0,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+
+CREATE TABLE admin_audit_logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    actor TEXT NOT NULL DEFAULT '',
+    method TEXT NOT NULL,
+    path TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL DEFAULT 0,
+    request_id TEXT NOT NULL DEFAULT '',
+    remote_addr TEXT NOT NULL DEFAULT '',
+    user_agent TEXT NOT NULL DEFAULT '',
+    tenant_id TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL
+);
+CREATE INDEX idx_admin_audit_created ON admin_audit_logs(created_at DESC);
+CREATE INDEX idx_admin_audit_actor ON admin_audit_logs(actor);
+
+CREATE TABLE operation_audit_logs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    actor TEXT NOT NULL DEFAULT '',
+    action TEXT NOT NULL,
+    sandbox_id TEXT NOT NULL DEFAULT '',
+    resource TEXT NOT NULL DEFAULT '',
+    provider TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    tenant_id TEXT NOT NULL DEFAULT '',
+    request_id TEXT NOT NULL DEFAULT '',
+    created_at TEXT NOT NULL
+);
+CREATE INDEX idx_op_audit_created ON operation_audit_logs(created_at DESC);
+CREATE INDEX idx_op_audit_actor ON operation_audit_logs(actor);
+CREATE INDEX idx_op_audit_sandbox ON operation_audit_logs(sandbox_id);
+CREATE INDEX idx_op_audit_action ON operation_audit_logs(action);
+
+CREATE TABLE workers (
+    id TEXT PRIMARY KEY,
+    hostname TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT 'online',
+    providers TEXT NOT NULL DEFAULT '[]',
+    capabilities TEXT NOT NULL DEFAULT '[]',
+    capacity TEXT NOT NULL DEFAULT '{}',
+    last_heartbeat TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX idx_workers_status ON workers(status);
+CREATE INDEX idx_workers_heartbeat ON workers(last_heartbeat DESC);
+
+CREATE TABLE leases (
+    resource_id TEXT PRIMARY KEY,
+    resource_type TEXT NOT NULL DEFAULT '',
+    holder_id TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 1,
+    expires_at TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX idx_leases_holder ON leases(holder_id);
+CREATE INDEX idx_leases_expires ON leases(expires_at);
+
+CREATE TABLE tenants (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    owner_id TEXT NOT NULL DEFAULT '',
+    settings TEXT NOT NULL DEFAULT '{}',
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX idx_tenants_owner ON tenants(owner_id);
+
+CREATE TABLE tenant_members (
+    tenant_id TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    role TEXT NOT NULL DEFAULT 'viewer',
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    PRIMARY KEY (tenant_id, user_id)
+);
+CREATE INDEX idx_tenant_members_user ON tenant_members(user_id);
+
+CREATE TABLE policies (
+    id TEXT PRIMARY KEY,
+    tenant_id TEXT NOT NULL DEFAULT '',
+    resource_type TEXT NOT NULL,
+    effect TEXT NOT NULL DEFAULT 'allow',
+    pattern TEXT NOT NULL,
+    priority INTEGER NOT NULL DEFAULT 10,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE INDEX idx_policies_tenant ON policies(tenant_id);
+CREATE INDEX idx_policies_resource ON policies(resource_type);

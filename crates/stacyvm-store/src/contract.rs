@@ -1,0 +1,295 @@
+//! The store contract suite: every engine must pass these checks.
+//!
+//! Use [`store_contract_tests!`](crate::store_contract_tests) to emit one
+//! `#[tokio::test]` per case for an engine.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::Utc;
+use stacyvm_core::store::{
+    AdminAuditRecord, ExecLogRecord, OpAuditFilter, OpAuditRecord, QuotaRecord, SandboxRecord, Store,
+    TemplateRecord, WorkerRecord,
+};
+use stacyvm_core::ErrorKind;
+
+/// Inserts a running sandbox with the given id.
+pub async fn insert_sample(s: &dyn Store, id: &str) -> SandboxRecord {
+    let now = Utc::now();
+    let rec = SandboxRecord {
+        id: id.to_string(),
+        state: "running".into(),
+        provider: "mock".into(),
+        image: "host".into(),
+        memory_mb: 256,
+        vcpus: 1,
+        metadata: BTreeMap::from([("k".to_string(), "v".to_string())]),
+        owner_id: "alice".into(),
+        tenant_id: String::new(),
+        vm_id: String::new(),
+        worker_id: "local".into(),
+        created_at: now,
+        expires_at: now + chrono::Duration::minutes(30),
+        updated_at: now,
+    };
+    s.insert_sandbox(&rec).await.expect("insert sandbox");
+    rec
+}
+
+pub async fn sandbox_lifecycle(s: &dyn Store) {
+    let rec = insert_sample(s, "sb-00000001").await;
+    let got = s.get_sandbox("sb-00000001").await.expect("get");
+    assert_eq!(got.id, rec.id);
+    assert_eq!(got.metadata, rec.metadata);
+    assert_eq!(got.created_at, rec.created_at, "timestamps round-trip with nanoseconds");
+    let dup = s.insert_sandbox(&rec).await.expect_err("duplicate");
+    assert_eq!(dup.kind(), ErrorKind::Conflict);
+    let missing = s.get_sandbox("sb-ffffffff").await.expect_err("missing");
+    assert_eq!(missing.kind(), ErrorKind::NotFound);
+    s.set_sandbox_state("sb-00000001", "destroyed").await.expect("destroy");
+    assert!(s.list_active_sandboxes().await.expect("list").is_empty());
+    assert_eq!(s.get_sandbox("sb-00000001").await.expect("soft delete keeps row").state, "destroyed");
+    let e = s.set_sandbox_expiry("sb-00000001", Utc::now()).await.expect_err("expiry of destroyed");
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert_eq!(s.set_sandbox_state("sb-ffffffff", "x").await.expect_err("state of missing").kind(), ErrorKind::NotFound);
+}
+
+pub async fn sandbox_listing_order_and_expiry(s: &dyn Store) {
+    let a = insert_sample(s, "sb-0000000a").await;
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    insert_sample(s, "sb-0000000b").await;
+    let list = s.list_active_sandboxes().await.expect("list");
+    let ids: Vec<&str> = list.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, vec!["sb-0000000b", "sb-0000000a"], "newest first");
+    s.set_sandbox_expiry(&a.id, Utc::now() - chrono::Duration::seconds(1)).await.expect("expire");
+    let expired = s.list_expired_sandboxes(Utc::now()).await.expect("expired");
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].id, a.id);
+}
+
+pub async fn exec_logs(s: &dyn Store) {
+    insert_sample(s, "sb-00000e0e").await;
+    for i in 0..3 {
+        s.insert_exec_log(&ExecLogRecord {
+            sandbox_id: "sb-00000e0e".into(),
+            command: format!("echo {i}"),
+            exit_code: i,
+            stdout: format!("{i}\n"),
+            stderr: String::new(),
+            duration: "1ms".into(),
+            created_at: Utc::now(),
+        })
+        .await
+        .expect("insert log");
+    }
+    let logs = s.list_exec_logs("sb-00000e0e", 2).await.expect("logs");
+    assert_eq!(logs.len(), 2);
+    assert_eq!(logs[0].command, "echo 2", "newest first");
+}
+
+fn template(name: &str) -> TemplateRecord {
+    let now = Utc::now();
+    TemplateRecord {
+        name: name.into(),
+        version: 1,
+        image: "python:3.12".into(),
+        description: "d".into(),
+        setup: vec!["pip install x".into()],
+        allowed_hosts: vec![],
+        memory_mb: 512,
+        cpu_cores: 1,
+        ttl_seconds: 300,
+        env: BTreeMap::from([("A".to_string(), "1".to_string())]),
+        secrets: vec![],
+        pool_size: 0,
+        provider: String::new(),
+        metadata: BTreeMap::new(),
+        created_at: now,
+        updated_at: now,
+    }
+}
+
+pub async fn templates(s: &dyn Store) {
+    s.create_template(&template("b")).await.expect("create b");
+    s.create_template(&template("a")).await.expect("create a");
+    let e = s.create_template(&template("a")).await.expect_err("dup");
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert_eq!(e.to_string(), "conflict: template already exists");
+    let names: Vec<String> = s.list_templates().await.expect("list").into_iter().map(|t| t.name).collect();
+    assert_eq!(names, vec!["a", "b"]);
+    let mut t = s.get_template("a").await.expect("get");
+    let created = t.created_at;
+    t.image = "alpine".into();
+    t.updated_at = Utc::now();
+    let u = s.update_template(&t).await.expect("update");
+    assert_eq!(u.image, "alpine");
+    assert_eq!(u.created_at, created, "update keeps created_at");
+    assert_eq!(s.update_template(&template("zz")).await.expect_err("missing").kind(), ErrorKind::NotFound);
+    s.delete_template("a").await.expect("delete");
+    assert_eq!(s.delete_template("a").await.expect_err("gone").kind(), ErrorKind::NotFound);
+    assert_eq!(s.get_template("a").await.expect_err("gone").kind(), ErrorKind::NotFound);
+}
+
+pub async fn quotas(s: &dyn Store) {
+    let now = Utc::now();
+    let q = QuotaRecord {
+        owner_id: "bob".into(),
+        max_sandboxes: 3,
+        max_ttl_seconds: 3600,
+        max_exec_timeout_seconds: 0,
+        created_at: now,
+        updated_at: now,
+    };
+    let saved = s.upsert_quota(&q).await.expect("upsert");
+    assert_eq!(saved.max_sandboxes, 3);
+    let mut q2 = q.clone();
+    q2.max_sandboxes = 5;
+    q2.created_at = now + chrono::Duration::hours(1);
+    let saved2 = s.upsert_quota(&q2).await.expect("upsert again");
+    assert_eq!(saved2.max_sandboxes, 5);
+    assert_eq!(saved2.created_at, now, "created_at preserved");
+    assert_eq!(s.list_quotas().await.expect("list").len(), 1);
+    s.delete_quota("bob").await.expect("delete");
+    let e = s.get_quota("bob").await.expect_err("gone");
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert_eq!(e.to_string(), "not found: owner_quota \"bob\"");
+}
+
+pub async fn audit(s: &dyn Store) {
+    for (i, action) in ["exec", "file.write", "exec"].iter().enumerate() {
+        s.insert_op_audit(&OpAuditRecord {
+            id: 0,
+            actor: "alice".into(),
+            action: (*action).into(),
+            sandbox_id: format!("sb-{i}"),
+            resource: "echo".into(),
+            provider: "mock".into(),
+            status: "success".into(),
+            detail: String::new(),
+            tenant_id: if i == 2 { "acme".into() } else { String::new() },
+            request_id: "r".into(),
+            created_at: Utc::now(),
+        })
+        .await
+        .expect("insert op audit");
+    }
+    let f = OpAuditFilter { action: "exec".into(), ..Default::default() };
+    assert_eq!(s.list_op_audit(&f).await.expect("by action").len(), 2);
+    let f = OpAuditFilter { tenant_id: "acme".into(), ..Default::default() };
+    assert_eq!(s.list_op_audit(&f).await.expect("by tenant").len(), 1);
+    let f = OpAuditFilter { since: Some(Utc::now() + chrono::Duration::seconds(5)), ..Default::default() };
+    assert!(s.list_op_audit(&f).await.expect("since").is_empty());
+    s.insert_admin_audit(&AdminAuditRecord {
+        id: 0,
+        actor: "admin".into(),
+        method: "GET".into(),
+        path: "/api/v1/admin/audit".into(),
+        status: 200,
+        duration_ms: 1,
+        request_id: "r".into(),
+        remote_addr: "127.0.0.1".into(),
+        user_agent: "t".into(),
+        tenant_id: String::new(),
+        created_at: Utc::now(),
+    })
+    .await
+    .expect("admin audit");
+}
+
+pub async fn workers(s: &dyn Store) {
+    let now = Utc::now();
+    let w = WorkerRecord {
+        id: "local".into(),
+        hostname: "h".into(),
+        status: "online".into(),
+        providers: vec!["native".into()],
+        capabilities: vec!["api".into()],
+        capacity: serde_json::json!({"max_sandboxes": 0}),
+        last_heartbeat: now,
+        created_at: now,
+        updated_at: now,
+    };
+    s.upsert_worker(&w).await.expect("upsert");
+    let mut w2 = w.clone();
+    w2.status = "draining".into();
+    w2.created_at = now + chrono::Duration::hours(1);
+    let got = s.upsert_worker(&w2).await.expect("upsert 2");
+    assert_eq!(got.status, "draining");
+    assert_eq!(got.created_at, now);
+    assert_eq!(s.list_workers().await.expect("list").len(), 1);
+}
+
+pub async fn leases(s: &dyn Store) {
+    let ttl = Duration::from_secs(60);
+    let l = s.acquire_lease("sb-1", "sandbox", "w1", ttl).await.expect("acquire");
+    assert_eq!(l.generation, 1);
+    let l = s.acquire_lease("sb-1", "sandbox", "w1", ttl).await.expect("re-acquire by holder");
+    assert_eq!(l.generation, 2);
+    let e = s.acquire_lease("sb-1", "sandbox", "w2", ttl).await.expect_err("held elsewhere");
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert_eq!(e.to_string(), "conflict: lease is held by another worker");
+    let l = s.renew_lease("sb-1", "w1", ttl).await.expect("renew");
+    assert_eq!(l.generation, 3);
+    assert_eq!(s.renew_lease("sb-1", "w2", ttl).await.expect_err("renew by other").kind(), ErrorKind::Conflict);
+    // An expired lease can be taken over.
+    s.acquire_lease("sb-2", "sandbox", "w1", Duration::from_millis(1)).await.expect("short");
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    assert_eq!(s.renew_lease("sb-2", "w1", ttl).await.expect_err("expired renew").kind(), ErrorKind::Conflict);
+    let taken = s.acquire_lease("sb-2", "sandbox", "w2", ttl).await.expect("take over expired");
+    assert_eq!(taken.holder_id, "w2");
+    assert_eq!(taken.generation, 2);
+    assert_eq!(s.release_lease("sb-1", "w2").await.expect_err("not holder").kind(), ErrorKind::NotFound);
+    s.release_lease("sb-1", "w1").await.expect("release");
+    assert_eq!(s.get_lease("sb-1").await.expect_err("gone").kind(), ErrorKind::NotFound);
+    assert_eq!(s.list_leases().await.expect("list").len(), 1);
+    assert!(s.acquire_lease("", "sandbox", "w1", ttl).await.is_err());
+}
+
+pub async fn concurrent_writers(s: &dyn Store) {
+    // Many concurrent inserts must all land (busy handling, no lost writes).
+    let now = Utc::now();
+    let recs: Vec<SandboxRecord> = (0..50)
+        .map(|i| SandboxRecord {
+            id: format!("sb-c{i:07}"),
+            state: "running".into(),
+            provider: "mock".into(),
+            image: "host".into(),
+            memory_mb: 1,
+            vcpus: 1,
+            metadata: BTreeMap::new(),
+            owner_id: String::new(),
+            tenant_id: String::new(),
+            vm_id: String::new(),
+            worker_id: "local".into(),
+            created_at: now,
+            expires_at: now,
+            updated_at: now,
+        })
+        .collect();
+    let results = futures::future::join_all(recs.iter().map(|r| s.insert_sandbox(r))).await;
+    for r in results {
+        r.expect("concurrent insert");
+    }
+    assert_eq!(s.list_active_sandboxes().await.expect("list").len(), 50);
+}
+
+/// Emits one `#[tokio::test]` per contract case for a store constructor.
+#[macro_export]
+macro_rules! store_contract_tests {
+    ($engine:ident, $make:expr) => {
+        mod $engine {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, templates, quotas, audit, workers, leases, concurrent_writers);
+        }
+    };
+    (@case $make:expr, $($case:ident),*) => {
+        $(
+            #[tokio::test]
+            async fn $case() {
+                let store = $make.await;
+                $crate::contract::$case(&store).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,668 @@
+//! SQLite engine.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::{Row, SqlitePool};
+use stacyvm_core::store::{
+    AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditFilter, OpAuditRecord, QuotaRecord,
+    SandboxRecord, Store, TemplateRecord, WorkerRecord,
+};
+use stacyvm_core::{Error, ErrorKind, Result};
+
+use crate::codec::{db_err, from_json, parse_ts, to_json, ts};
+
+const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_initial.sql"))];
+
+/// The SQLite store.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and applies migrations.
+    pub async fn open(path: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    Error::internal(format!("creating database directory {}", dir.display())).with_source(e)
+                })?;
+            }
+        }
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        Self::with_options(opts, 4).await
+    }
+
+    /// A private in-memory database (tests).
+    pub async fn in_memory() -> Result<Self> {
+        let opts = SqliteConnectOptions::from_str("sqlite::memory:")
+            .map_err(db_err)?
+            .foreign_keys(true);
+        // One connection: every in-memory connection is its own database.
+        Self::with_options(opts, 1).await
+    }
+
+    async fn with_options(opts: SqliteConnectOptions, max: u32) -> Result<Self> {
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(opts)
+            .await
+            .map_err(|e| Error::internal("opening sqlite database").with_source(e))?;
+        let store = SqliteStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The underlying pool (backup tooling).
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
+        )
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        for (version, sql) in MIGRATIONS {
+            let mut tx = self.pool.begin().await.map_err(db_err)?;
+            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            if done.is_some() {
+                continue;
+            }
+            sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(|e| {
+                Error::internal(format!("applying migration {version}")).with_source(e)
+            })?;
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)")
+                .bind(version)
+                .bind(ts(Utc::now()))
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+            tx.commit().await.map_err(db_err)?;
+            tracing::info!(version, "applied database migration");
+        }
+        Ok(())
+    }
+}
+
+fn sandbox_from(row: &SqliteRow) -> Result<SandboxRecord> {
+    Ok(SandboxRecord {
+        id: row.get("id"),
+        state: row.get("state"),
+        provider: row.get("provider"),
+        image: row.get("image"),
+        memory_mb: row.get("memory_mb"),
+        vcpus: row.get("vcpus"),
+        metadata: from_json(row.get::<&str, _>("metadata")),
+        owner_id: row.get("owner_id"),
+        tenant_id: row.get("tenant_id"),
+        vm_id: row.get("vm_id"),
+        worker_id: row.get("worker_id"),
+        created_at: parse_ts(row.get("created_at"))?,
+        expires_at: parse_ts(row.get("expires_at"))?,
+        updated_at: parse_ts(row.get("updated_at"))?,
+    })
+}
+
+fn template_from(row: &SqliteRow) -> Result<TemplateRecord> {
+    Ok(TemplateRecord {
+        name: row.get("name"),
+        version: row.get("version"),
+        image: row.get("image"),
+        description: row.get("description"),
+        setup: from_json(row.get::<&str, _>("setup")),
+        allowed_hosts: from_json(row.get::<&str, _>("allowed_hosts")),
+        memory_mb: row.get("memory_mb"),
+        cpu_cores: row.get("cpu_cores"),
+        ttl_seconds: row.get("ttl_seconds"),
+        env: from_json(row.get::<&str, _>("env")),
+        secrets: from_json(row.get::<&str, _>("secrets")),
+        pool_size: row.get("pool_size"),
+        provider: row.get("provider"),
+        metadata: from_json(row.get::<&str, _>("metadata")),
+        created_at: parse_ts(row.get("created_at"))?,
+        updated_at: parse_ts(row.get("updated_at"))?,
+    })
+}
+
+fn quota_from(row: &SqliteRow) -> Result<QuotaRecord> {
+    Ok(QuotaRecord {
+        owner_id: row.get("owner_id"),
+        max_sandboxes: row.get("max_sandboxes"),
+        max_ttl_seconds: row.get("max_ttl_seconds"),
+        max_exec_timeout_seconds: row.get("max_exec_timeout_seconds"),
+        created_at: parse_ts(row.get("created_at"))?,
+        updated_at: parse_ts(row.get("updated_at"))?,
+    })
+}
+
+fn worker_from(row: &SqliteRow) -> Result<WorkerRecord> {
+    Ok(WorkerRecord {
+        id: row.get("id"),
+        hostname: row.get("hostname"),
+        status: row.get("status"),
+        providers: from_json(row.get::<&str, _>("providers")),
+        capabilities: from_json(row.get::<&str, _>("capabilities")),
+        capacity: serde_json::from_str(row.get::<&str, _>("capacity")).unwrap_or(serde_json::Value::Null),
+        last_heartbeat: parse_ts(row.get("last_heartbeat"))?,
+        created_at: parse_ts(row.get("created_at"))?,
+        updated_at: parse_ts(row.get("updated_at"))?,
+    })
+}
+
+fn lease_from(row: &SqliteRow) -> Result<LeaseRecord> {
+    Ok(LeaseRecord {
+        resource_id: row.get("resource_id"),
+        resource_type: row.get("resource_type"),
+        holder_id: row.get("holder_id"),
+        generation: row.get("generation"),
+        expires_at: parse_ts(row.get("expires_at"))?,
+        created_at: parse_ts(row.get("created_at"))?,
+        updated_at: parse_ts(row.get("updated_at"))?,
+    })
+}
+
+fn op_audit_from(row: &SqliteRow) -> Result<OpAuditRecord> {
+    Ok(OpAuditRecord {
+        id: row.get("id"),
+        actor: row.get("actor"),
+        action: row.get("action"),
+        sandbox_id: row.get("sandbox_id"),
+        resource: row.get("resource"),
+        provider: row.get("provider"),
+        status: row.get("status"),
+        detail: row.get("detail"),
+        tenant_id: row.get("tenant_id"),
+        request_id: row.get("request_id"),
+        created_at: parse_ts(row.get("created_at"))?,
+    })
+}
+
+fn not_found_if_zero(rows: u64, what: String) -> Result<()> {
+    if rows == 0 {
+        Err(Error::not_found(what))
+    } else {
+        Ok(())
+    }
+}
+
+fn ttl_chrono(ttl: Duration) -> chrono::Duration {
+    chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    fn engine(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn insert_sandbox(&self, r: &SandboxRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sandboxes (id, state, provider, image, memory_mb, vcpus, metadata, created_at, expires_at, updated_at, owner_id, vm_id, worker_id, tenant_id) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.state)
+        .bind(&r.provider)
+        .bind(&r.image)
+        .bind(r.memory_mb)
+        .bind(r.vcpus)
+        .bind(to_json(&r.metadata))
+        .bind(ts(r.created_at))
+        .bind(ts(r.expires_at))
+        .bind(ts(r.updated_at))
+        .bind(&r.owner_id)
+        .bind(&r.vm_id)
+        .bind(&r.worker_id)
+        .bind(&r.tenant_id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match db_err(e) {
+            e if e.kind() == ErrorKind::Conflict => Error::conflict(format!("sandbox {} already exists", r.id)),
+            e => e,
+        })?;
+        Ok(())
+    }
+
+    async fn get_sandbox(&self, id: &str) -> Result<SandboxRecord> {
+        let row = sqlx::query("SELECT * FROM sandboxes WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("sandbox {id:?}")))?;
+        sandbox_from(&row)
+    }
+
+    async fn list_active_sandboxes(&self) -> Result<Vec<SandboxRecord>> {
+        let rows = sqlx::query("SELECT * FROM sandboxes WHERE state != 'destroyed' ORDER BY created_at DESC, id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(sandbox_from).collect()
+    }
+
+    async fn set_sandbox_state(&self, id: &str, state: &str) -> Result<()> {
+        let r = sqlx::query("UPDATE sandboxes SET state = ?, updated_at = ? WHERE id = ?")
+            .bind(state)
+            .bind(ts(Utc::now()))
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
+    }
+
+    async fn set_sandbox_expiry(&self, id: &str, expires_at: DateTime<Utc>) -> Result<()> {
+        let r = sqlx::query("UPDATE sandboxes SET expires_at = ?, updated_at = ? WHERE id = ? AND state != 'destroyed'")
+            .bind(ts(expires_at))
+            .bind(ts(Utc::now()))
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
+    }
+
+    async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>> {
+        let rows = sqlx::query("SELECT * FROM sandboxes WHERE state != 'destroyed' AND expires_at < ? ORDER BY expires_at")
+            .bind(ts(now))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(sandbox_from).collect()
+    }
+
+    async fn insert_exec_log(&self, r: &ExecLogRecord) -> Result<()> {
+        sqlx::query("INSERT INTO exec_logs (sandbox_id, command, exit_code, stdout, stderr, duration, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(&r.sandbox_id)
+            .bind(&r.command)
+            .bind(r.exit_code)
+            .bind(&r.stdout)
+            .bind(&r.stderr)
+            .bind(&r.duration)
+            .bind(ts(r.created_at))
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn list_exec_logs(&self, sandbox_id: &str, limit: i64) -> Result<Vec<ExecLogRecord>> {
+        let rows = sqlx::query("SELECT * FROM exec_logs WHERE sandbox_id = ? ORDER BY id DESC LIMIT ?")
+            .bind(sandbox_id)
+            .bind(limit.clamp(1, 1000))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(ExecLogRecord {
+                    sandbox_id: row.get("sandbox_id"),
+                    command: row.get("command"),
+                    exit_code: row.get("exit_code"),
+                    stdout: row.get("stdout"),
+                    stderr: row.get("stderr"),
+                    duration: row.get("duration"),
+                    created_at: parse_ts(row.get("created_at"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn create_template(&self, t: &TemplateRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO templates (name, version, image, description, setup, allowed_hosts, memory_mb, cpu_cores, ttl_seconds, env, secrets, pool_size, provider, metadata, created_at, updated_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.name)
+        .bind(t.version)
+        .bind(&t.image)
+        .bind(&t.description)
+        .bind(to_json(&t.setup))
+        .bind(to_json(&t.allowed_hosts))
+        .bind(t.memory_mb)
+        .bind(t.cpu_cores)
+        .bind(t.ttl_seconds)
+        .bind(to_json(&t.env))
+        .bind(to_json(&t.secrets))
+        .bind(t.pool_size)
+        .bind(&t.provider)
+        .bind(to_json(&t.metadata))
+        .bind(ts(t.created_at))
+        .bind(ts(t.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match db_err(e) {
+            e if e.kind() == ErrorKind::Conflict => Error::conflict("template already exists"),
+            e => e,
+        })?;
+        Ok(())
+    }
+
+    async fn get_template(&self, name: &str) -> Result<TemplateRecord> {
+        let row = sqlx::query("SELECT * FROM templates WHERE name = ?")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("template {name:?}")))?;
+        template_from(&row)
+    }
+
+    async fn list_templates(&self) -> Result<Vec<TemplateRecord>> {
+        let rows = sqlx::query("SELECT * FROM templates ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(template_from).collect()
+    }
+
+    async fn update_template(&self, t: &TemplateRecord) -> Result<TemplateRecord> {
+        let r = sqlx::query(
+            "UPDATE templates SET version = ?, image = ?, description = ?, setup = ?, allowed_hosts = ?, memory_mb = ?, cpu_cores = ?, ttl_seconds = ?, env = ?, secrets = ?, pool_size = ?, provider = ?, metadata = ?, updated_at = ? WHERE name = ?",
+        )
+        .bind(t.version)
+        .bind(&t.image)
+        .bind(&t.description)
+        .bind(to_json(&t.setup))
+        .bind(to_json(&t.allowed_hosts))
+        .bind(t.memory_mb)
+        .bind(t.cpu_cores)
+        .bind(t.ttl_seconds)
+        .bind(to_json(&t.env))
+        .bind(to_json(&t.secrets))
+        .bind(t.pool_size)
+        .bind(&t.provider)
+        .bind(to_json(&t.metadata))
+        .bind(ts(t.updated_at))
+        .bind(&t.name)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("template {:?}", t.name))?;
+        self.get_template(&t.name).await
+    }
+
+    async fn delete_template(&self, name: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM templates WHERE name = ?")
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("template {name:?}"))
+    }
+
+    async fn upsert_quota(&self, q: &QuotaRecord) -> Result<QuotaRecord> {
+        sqlx::query(
+            "INSERT INTO owner_quotas (owner_id, max_sandboxes, max_ttl_seconds, max_exec_timeout_seconds, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT(owner_id) DO UPDATE SET max_sandboxes = excluded.max_sandboxes, max_ttl_seconds = excluded.max_ttl_seconds, \
+             max_exec_timeout_seconds = excluded.max_exec_timeout_seconds, updated_at = excluded.updated_at",
+        )
+        .bind(&q.owner_id)
+        .bind(q.max_sandboxes)
+        .bind(q.max_ttl_seconds)
+        .bind(q.max_exec_timeout_seconds)
+        .bind(ts(q.created_at))
+        .bind(ts(q.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        self.get_quota(&q.owner_id).await
+    }
+
+    async fn get_quota(&self, owner_id: &str) -> Result<QuotaRecord> {
+        let row = sqlx::query("SELECT * FROM owner_quotas WHERE owner_id = ?")
+            .bind(owner_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("owner_quota {owner_id:?}")))?;
+        quota_from(&row)
+    }
+
+    async fn list_quotas(&self) -> Result<Vec<QuotaRecord>> {
+        let rows = sqlx::query("SELECT * FROM owner_quotas ORDER BY owner_id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(quota_from).collect()
+    }
+
+    async fn delete_quota(&self, owner_id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM owner_quotas WHERE owner_id = ?")
+            .bind(owner_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("owner_quota {owner_id:?}"))
+    }
+
+    async fn insert_op_audit(&self, r: &OpAuditRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO operation_audit_logs (actor, action, sandbox_id, resource, provider, status, detail, tenant_id, request_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.actor)
+        .bind(&r.action)
+        .bind(&r.sandbox_id)
+        .bind(&r.resource)
+        .bind(&r.provider)
+        .bind(&r.status)
+        .bind(&r.detail)
+        .bind(&r.tenant_id)
+        .bind(&r.request_id)
+        .bind(ts(r.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn list_op_audit(&self, f: &OpAuditFilter) -> Result<Vec<OpAuditRecord>> {
+        let limit = if f.limit <= 0 { 100 } else { f.limit.min(500) };
+        let since = f.since.map(ts).unwrap_or_default();
+        let rows = sqlx::query(
+            "SELECT * FROM operation_audit_logs WHERE (? = '' OR actor = ?) AND (? = '' OR action = ?) AND (? = '' OR sandbox_id = ?) \
+             AND (? = '' OR tenant_id = ?) AND (? = '' OR created_at >= ?) ORDER BY created_at DESC, id DESC LIMIT ?",
+        )
+        .bind(&f.actor)
+        .bind(&f.actor)
+        .bind(&f.action)
+        .bind(&f.action)
+        .bind(&f.sandbox_id)
+        .bind(&f.sandbox_id)
+        .bind(&f.tenant_id)
+        .bind(&f.tenant_id)
+        .bind(&since)
+        .bind(&since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(op_audit_from).collect()
+    }
+
+    async fn insert_admin_audit(&self, r: &AdminAuditRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO admin_audit_logs (actor, method, path, status, duration_ms, request_id, remote_addr, user_agent, tenant_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.actor)
+        .bind(&r.method)
+        .bind(&r.path)
+        .bind(r.status)
+        .bind(r.duration_ms)
+        .bind(&r.request_id)
+        .bind(&r.remote_addr)
+        .bind(&r.user_agent)
+        .bind(&r.tenant_id)
+        .bind(ts(r.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord> {
+        sqlx::query(
+            "INSERT INTO workers (id, hostname, status, providers, capabilities, capacity, last_heartbeat, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
+             ON CONFLICT(id) DO UPDATE SET hostname = excluded.hostname, status = excluded.status, providers = excluded.providers, \
+             capabilities = excluded.capabilities, capacity = excluded.capacity, last_heartbeat = excluded.last_heartbeat, updated_at = excluded.updated_at",
+        )
+        .bind(&w.id)
+        .bind(&w.hostname)
+        .bind(&w.status)
+        .bind(to_json(&w.providers))
+        .bind(to_json(&w.capabilities))
+        .bind(to_json(&w.capacity))
+        .bind(ts(w.last_heartbeat))
+        .bind(ts(w.created_at))
+        .bind(ts(w.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let row = sqlx::query("SELECT * FROM workers WHERE id = ?")
+            .bind(&w.id)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(db_err)?;
+        worker_from(&row)
+    }
+
+    async fn list_workers(&self) -> Result<Vec<WorkerRecord>> {
+        let rows = sqlx::query("SELECT * FROM workers ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(worker_from).collect()
+    }
+
+    async fn acquire_lease(&self, resource_id: &str, resource_type: &str, holder_id: &str, ttl: Duration) -> Result<LeaseRecord> {
+        if resource_id.is_empty() || holder_id.is_empty() || ttl.is_zero() {
+            return Err(Error::conflict("lease needs a resource, a holder and a positive ttl"));
+        }
+        let now = Utc::now();
+        let expires = now + ttl_chrono(ttl);
+        let r = sqlx::query(
+            "INSERT INTO leases (resource_id, resource_type, holder_id, generation, expires_at, created_at, updated_at) VALUES (?, ?, ?, 1, ?, ?, ?) \
+             ON CONFLICT(resource_id) DO UPDATE SET holder_id = excluded.holder_id, resource_type = excluded.resource_type, \
+             generation = leases.generation + 1, expires_at = excluded.expires_at, updated_at = excluded.updated_at \
+             WHERE leases.expires_at <= excluded.updated_at OR leases.holder_id = excluded.holder_id",
+        )
+        .bind(resource_id)
+        .bind(resource_type)
+        .bind(holder_id)
+        .bind(ts(expires))
+        .bind(ts(now))
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if r.rows_affected() == 0 {
+            return Err(Error::conflict("lease is held by another worker"));
+        }
+        self.get_lease(resource_id).await
+    }
+
+    async fn renew_lease(&self, resource_id: &str, holder_id: &str, ttl: Duration) -> Result<LeaseRecord> {
+        if ttl.is_zero() {
+            return Err(Error::conflict("lease ttl must be positive"));
+        }
+        let now = Utc::now();
+        let r = sqlx::query(
+            "UPDATE leases SET generation = generation + 1, expires_at = ?, updated_at = ? WHERE resource_id = ? AND holder_id = ? AND expires_at > ?",
+        )
+        .bind(ts(now + ttl_chrono(ttl)))
+        .bind(ts(now))
+        .bind(resource_id)
+        .bind(holder_id)
+        .bind(ts(now))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if r.rows_affected() == 0 {
+            return Err(Error::conflict("lease is not held by worker or has expired"));
+        }
+        self.get_lease(resource_id).await
+    }
+
+    async fn release_lease(&self, resource_id: &str, holder_id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM leases WHERE resource_id = ? AND holder_id = ?")
+            .bind(resource_id)
+            .bind(holder_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("lease {resource_id:?}"))
+    }
+
+    async fn get_lease(&self, resource_id: &str) -> Result<LeaseRecord> {
+        let row = sqlx::query("SELECT * FROM leases WHERE resource_id = ?")
+            .bind(resource_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("lease {resource_id:?}")))?;
+        lease_from(&row)
+    }
+
+    async fn list_leases(&self) -> Result<Vec<LeaseRecord>> {
+        let rows = sqlx::query("SELECT * FROM leases ORDER BY resource_id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(lease_from).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    crate::store_contract_tests!(sqlite_memory, async { SqliteStore::in_memory().await.expect("open") });
+    // A file database with a multi-connection pool exercises WAL and busy handling.
+    crate::store_contract_tests!(sqlite_file, async {
+        let dir = tempfile::tempdir().expect("tmp").keep();
+        SqliteStore::open(&dir.join("contract.db")).await.expect("open")
+    });
+
+    #[tokio::test]
+    async fn file_database_survives_reopen_and_uses_wal() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("sub").join("s.db");
+        {
+            let s = SqliteStore::open(&path).await.expect("open");
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(s.pool()).await.expect("pragma");
+            assert_eq!(mode, "wal");
+            crate::contract::insert_sample(&s, "sb-0000aaaa").await;
+        }
+        let s = SqliteStore::open(&path).await.expect("reopen");
+        assert_eq!(s.get_sandbox("sb-0000aaaa").await.expect("get").id, "sb-0000aaaa");
+        let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations").fetch_all(s.pool()).await.expect("versions");
+        assert_eq!(versions, vec![1]);
+    }
+}
