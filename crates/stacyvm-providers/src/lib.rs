@@ -1,0 +1,10 @@
+//! StacyVM providers.
+//!
+//! Each backend is a module behind a feature. [`conformance`] is the shared
+//! suite every provider must pass; [`conformance_tests!`] emits one test per
+//! case for a provider fixture.
+
+pub mod conformance;
+pub mod hostfs;
+#[cfg(feature = "mock")]
+pub mod mock;
