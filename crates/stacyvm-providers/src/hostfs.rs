@@ -194,26 +194,77 @@ impl HostRoot {
         self.resolve(path, true).map(|p| p.is_dir()).unwrap_or(false)
     }
 
-    /// Glob inside the root; returns sandbox paths, sorted. Matches are
-    /// checked to resolve inside the root.
+    /// Glob inside the root (`*`, `?`, `[..]`, and `**` for any depth);
+    /// returns sandbox paths, sorted. Every directory is resolved in-root,
+    /// so symlinked directories are followed the way the sandbox sees them.
     pub fn glob(&self, pattern: &str) -> Result<Vec<String>> {
-        let root = self.root.to_string_lossy().to_string();
-        let escaped_root = glob::Pattern::escape(&root);
-        let full = format!("{escaped_root}{pattern}");
-        let paths = glob::glob(&full).map_err(|e| Error::invalid(format!("invalid glob pattern {pattern:?}: {}", e.msg)))?;
-        let mut out = Vec::new();
-        for p in paths.flatten() {
-            if let Ok(rel) = p.strip_prefix(&self.root) {
-                let s = format!("/{}", rel.to_string_lossy());
-                // A match reached through a symlinked directory must still
-                // resolve within the root.
-                if self.resolve(&s, false).is_ok() {
-                    out.push(s);
+        let comps: Vec<&str> = pattern.split('/').filter(|c| !c.is_empty()).collect();
+        let mut compiled = Vec::with_capacity(comps.len());
+        for c in &comps {
+            if *c == "**" {
+                compiled.push(None);
+            } else {
+                let pat = glob::Pattern::new(c)
+                    .map_err(|e| Error::invalid(format!("invalid glob pattern {pattern:?}: {}", e.msg)))?;
+                compiled.push(Some(pat));
+            }
+        }
+        let mut out = std::collections::BTreeSet::new();
+        self.glob_walk("/", &compiled, 0, &mut out);
+        Ok(out.into_iter().collect())
+    }
+
+    fn glob_walk(&self, dir: &str, pats: &[Option<glob::Pattern>], depth: usize, out: &mut std::collections::BTreeSet<String>) {
+        if out.len() >= 100_000 || depth > 64 {
+            return;
+        }
+        let Some((first, rest)) = pats.split_first() else {
+            out.insert(dir.to_string());
+            return;
+        };
+        let join = |name: &str| if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
+        let opts = glob::MatchOptions { case_sensitive: true, require_literal_separator: true, require_literal_leading_dot: true };
+        match first {
+            None => {
+                // `**`: zero directories here, or descend into each subdirectory.
+                self.glob_walk(dir, rest, depth + 1, out);
+                for entry in self.entries(dir) {
+                    if !entry.starts_with('.') {
+                        let child = join(&entry);
+                        if self.is_dir(&child) {
+                            self.glob_walk(&child, pats, depth + 1, out);
+                        }
+                    }
+                }
+            }
+            Some(p) => {
+                let literal = !p.as_str().contains(['*', '?', '[']);
+                if literal {
+                    let child = join(p.as_str());
+                    let exists = self.resolve(&child, false).map(|h| fs::symlink_metadata(h).is_ok()).unwrap_or(false);
+                    if exists && (rest.is_empty() || self.is_dir(&child)) {
+                        self.glob_walk(&child, rest, depth + 1, out);
+                    }
+                    return;
+                }
+                for entry in self.entries(dir) {
+                    if p.matches_with(&entry, opts) {
+                        let child = join(&entry);
+                        if rest.is_empty() || self.is_dir(&child) {
+                            self.glob_walk(&child, rest, depth + 1, out);
+                        }
+                    }
                 }
             }
         }
-        out.sort();
-        Ok(out)
+    }
+
+    fn entries(&self, dir: &str) -> Vec<String> {
+        let Ok(host) = self.resolve(dir, true) else { return Vec::new() };
+        let Ok(rd) = fs::read_dir(host) else { return Vec::new() };
+        let mut v: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
+        v.sort();
+        v
     }
 }
 
