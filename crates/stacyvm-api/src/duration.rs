@@ -329,8 +329,14 @@ mod tests {
             ("15m", 15 * MINUTE as i64),
             ("16h", 16 * HOUR as i64),
             ("3h30m", 3 * HOUR as i64 + 30 * MINUTE as i64),
-            ("10.5s4m", 4 * MINUTE as i64 + 10 * SECOND as i64 + 500 * MILLISECOND as i64),
-            ("-2m3.4s", -(2 * MINUTE as i64 + 3 * SECOND as i64 + 400 * MILLISECOND as i64)),
+            (
+                "10.5s4m",
+                4 * MINUTE as i64 + 10 * SECOND as i64 + 500 * MILLISECOND as i64,
+            ),
+            (
+                "-2m3.4s",
+                -(2 * MINUTE as i64 + 3 * SECOND as i64 + 400 * MILLISECOND as i64),
+            ),
             ("1h2m3s4ms5us6ns", 3_723_004_005_006),
             ("39h9m14.425s", 140_954_425 * MILLISECOND as i64),
             ("52763797000ns", 52_763_797_000),
@@ -342,7 +348,10 @@ mod tests {
             ("-9223372036854775808ns", i64::MIN),
             ("-9223372036854775.808us", i64::MIN),
             ("0.100000000000000000000h", 6 * MINUTE as i64),
-            ("0.830103483285477580700h", 49 * MINUTE as i64 + 48 * SECOND as i64 + 372_539_827),
+            (
+                "0.830103483285477580700h",
+                49 * MINUTE as i64 + 48 * SECOND as i64 + 372_539_827,
+            ),
             ("1.5h", 90 * MINUTE as i64),
         ];
         for (input, want) in cases {
@@ -353,9 +362,27 @@ mod tests {
     #[test]
     fn rejects_go_failures() {
         for input in [
-            "", "3", "-", "s", ".", "-.", ".s", "+.s", "1d", "\u{ffd}", "9223372036854775810ns",
-            "9223372036854775808ns", "-9223372036854775809ns", "9223372036854776us", "3000000h",
-            "9223372036854775.808us", "9223372036854ms775us808ns", "10 s", "1h ", " 1h", "1e3s",
+            "",
+            "3",
+            "-",
+            "s",
+            ".",
+            "-.",
+            ".s",
+            "+.s",
+            "1d",
+            "\u{ffd}",
+            "9223372036854775810ns",
+            "9223372036854775808ns",
+            "-9223372036854775809ns",
+            "9223372036854776us",
+            "3000000h",
+            "9223372036854775.808us",
+            "9223372036854ms775us808ns",
+            "10 s",
+            "1h ",
+            " 1h",
+            "1e3s",
         ] {
             assert!(parse(input).is_err(), "parse({input:?}) should fail");
         }
@@ -371,7 +398,10 @@ mod tests {
             (3_300_000_000, "3.3s"),
             (4 * MINUTE as i64 + 5 * SECOND as i64, "4m5s"),
             (4 * MINUTE as i64 + 5_001 * MILLISECOND as i64, "4m5.001s"),
-            (5 * HOUR as i64 + 6 * MINUTE as i64 + 7_001 * MILLISECOND as i64, "5h6m7.001s"),
+            (
+                5 * HOUR as i64 + 6 * MINUTE as i64 + 7_001 * MILLISECOND as i64,
+                "5h6m7.001s",
+            ),
             (8 * MINUTE as i64 + 1, "8m0.000000001s"),
             (i64::MAX, "2562047h47m16.854775807s"),
             (i64::MIN, "-2562047h47m16.854775808s"),

@@ -458,8 +458,7 @@ mod tests {
 
     #[test]
     fn spawn_request_ignores_unknown_fields_and_defaults_missing() {
-        let req: SpawnRequest =
-            serde_json::from_str(r#"{"image":"x","bogus":1}"#).expect("decode");
+        let req: SpawnRequest = serde_json::from_str(r#"{"image":"x","bogus":1}"#).expect("decode");
         assert_eq!(req.image, "x");
         assert_eq!(req.memory_mb, 0);
         assert!(serde_json::from_str::<SpawnRequest>(r#"{"memory_mb":"lots"}"#).is_err());

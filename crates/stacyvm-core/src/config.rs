@@ -108,7 +108,9 @@ impl<'de> Deserialize<'de> for Dur {
             Value::String(s) if s.trim().is_empty() => Ok(Dur::default()),
             Value::String(s) => duration::parse(s.trim())
                 .map(|n| Dur(stacyvm_api::GoDuration(n)))
-                .map_err(|e| serde::de::Error::custom(format!("{e}; use a duration like 30s, 10m or 1h30m"))),
+                .map_err(|e| {
+                    serde::de::Error::custom(format!("{e}; use a duration like 30s, 10m or 1h30m"))
+                }),
             Value::Number(n) if n.as_i64() == Some(0) => Ok(Dur::default()),
             Value::Null => Ok(Dur::default()),
             other => Err(serde::de::Error::custom(format!(
@@ -793,15 +795,23 @@ fn apply_env(
         Value::Number(n) => {
             let t = raw.trim();
             if n.is_f64() {
-                Value::Number(t.parse::<f64>().map_err(|_| ConfigError::Env {
-                    var: var.clone(),
-                    message: format!("{raw:?} is not a number"),
-                })?.into())
+                Value::Number(
+                    t.parse::<f64>()
+                        .map_err(|_| ConfigError::Env {
+                            var: var.clone(),
+                            message: format!("{raw:?} is not a number"),
+                        })?
+                        .into(),
+                )
             } else {
-                Value::Number(t.parse::<i64>().map_err(|_| ConfigError::Env {
-                    var: var.clone(),
-                    message: format!("{raw:?} is not an integer"),
-                })?.into())
+                Value::Number(
+                    t.parse::<i64>()
+                        .map_err(|_| ConfigError::Env {
+                            var: var.clone(),
+                            message: format!("{raw:?} is not an integer"),
+                        })?
+                        .into(),
+                )
             }
         }
         Value::Sequence(_) => Value::Sequence(
@@ -837,7 +847,10 @@ impl Config {
                     "auth.worker_token and auth.worker_token_file cannot both be set",
                 ));
             }
-            a.worker_token = Secret(read_secret_file("auth.worker_token_file", &a.worker_token_file)?);
+            a.worker_token = Secret(read_secret_file(
+                "auth.worker_token_file",
+                &a.worker_token_file,
+            )?);
         }
         if !a.worker_signing_key_file.is_empty() {
             if !a.worker_signing_key.is_empty() {
@@ -858,7 +871,8 @@ impl Config {
                     "auth.oidc_public_key and auth.oidc_public_key_file cannot both be set",
                 ));
             }
-            a.oidc_public_key = read_secret_file("auth.oidc_public_key_file", &a.oidc_public_key_file)?;
+            a.oidc_public_key =
+                read_secret_file("auth.oidc_public_key_file", &a.oidc_public_key_file)?;
         }
         Ok(())
     }
@@ -870,7 +884,10 @@ impl Config {
             "sqlite" | "sqlite3" => {}
             "postgres" | "postgresql" => {
                 if db.dsn.expose().trim().is_empty() {
-                    return Err(invalid("database.dsn", "required when database.driver is postgres"));
+                    return Err(invalid(
+                        "database.dsn",
+                        "required when database.driver is postgres",
+                    ));
                 }
             }
             other => {
@@ -883,16 +900,31 @@ impl Config {
         let durations = [
             ("defaults.ttl", self.defaults.ttl),
             ("defaults.max_ttl", self.defaults.max_ttl),
-            ("defaults.default_exec_timeout", self.defaults.default_exec_timeout),
+            (
+                "defaults.default_exec_timeout",
+                self.defaults.default_exec_timeout,
+            ),
             ("defaults.max_exec_timeout", self.defaults.max_exec_timeout),
-            ("defaults.spawn_queue_timeout", self.defaults.spawn_queue_timeout),
+            (
+                "defaults.spawn_queue_timeout",
+                self.defaults.spawn_queue_timeout,
+            ),
             ("rate_limit.bucket_ttl", self.rate_limit.bucket_ttl),
-            ("rate_limit.cleanup_interval", self.rate_limit.cleanup_interval),
-            ("auth.admin_audit_retention", self.auth.admin_audit_retention),
+            (
+                "rate_limit.cleanup_interval",
+                self.rate_limit.cleanup_interval,
+            ),
+            (
+                "auth.admin_audit_retention",
+                self.auth.admin_audit_retention,
+            ),
             ("worker.heartbeat_interval", self.worker.heartbeat_interval),
             ("worker.shutdown_timeout", self.worker.shutdown_timeout),
             ("providers.custom.timeout", self.providers.custom.timeout),
-            ("providers.proot.default_timeout", self.providers.proot.default_timeout),
+            (
+                "providers.proot.default_timeout",
+                self.providers.proot.default_timeout,
+            ),
         ];
         for (key, d) in durations {
             if d.0.is_negative() {
@@ -901,11 +933,17 @@ impl Config {
         }
         let non_negative = [
             ("defaults.max_sandboxes", self.defaults.max_sandboxes),
-            ("defaults.max_sandboxes_per_owner", self.defaults.max_sandboxes_per_owner),
+            (
+                "defaults.max_sandboxes_per_owner",
+                self.defaults.max_sandboxes_per_owner,
+            ),
             ("defaults.max_spawn_queue", self.defaults.max_spawn_queue),
             ("defaults.memory_mb", self.defaults.memory_mb),
             ("defaults.vcpus", self.defaults.vcpus),
-            ("rate_limit.requests_per_minute", self.rate_limit.requests_per_minute),
+            (
+                "rate_limit.requests_per_minute",
+                self.rate_limit.requests_per_minute,
+            ),
             ("rate_limit.burst", self.rate_limit.burst),
         ];
         for (key, v) in non_negative {
@@ -914,16 +952,39 @@ impl Config {
             }
         }
         let enums: [(&str, &str, &[&str]); 5] = [
-            ("defaults.spawn_overflow", &self.defaults.spawn_overflow, &["", "reject", "queue"]),
-            ("rate_limit.key_by", &self.rate_limit.key_by, &["", "owner", "api_key", "ip"]),
-            ("pool.overflow", &self.pool.overflow, &["", "reject", "queue"]),
-            ("logging.format", &self.logging.format, &["json", "pretty", "text"]),
-            ("providers.native.network_mode", &self.providers.native.network_mode, &["none", "bridge"]),
+            (
+                "defaults.spawn_overflow",
+                &self.defaults.spawn_overflow,
+                &["", "reject", "queue"],
+            ),
+            (
+                "rate_limit.key_by",
+                &self.rate_limit.key_by,
+                &["", "owner", "api_key", "ip"],
+            ),
+            (
+                "pool.overflow",
+                &self.pool.overflow,
+                &["", "reject", "queue"],
+            ),
+            (
+                "logging.format",
+                &self.logging.format,
+                &["json", "pretty", "text"],
+            ),
+            (
+                "providers.native.network_mode",
+                &self.providers.native.network_mode,
+                &["none", "bridge"],
+            ),
         ];
         for (key, v, allowed) in enums {
             if !allowed.contains(&v) {
                 let list: Vec<&str> = allowed.iter().copied().filter(|s| !s.is_empty()).collect();
-                return Err(invalid(key, format!("{v:?} is not allowed (allowed: {})", list.join(", "))));
+                return Err(invalid(
+                    key,
+                    format!("{v:?} is not allowed (allowed: {})", list.join(", ")),
+                ));
             }
         }
         match self.logging.level.to_ascii_lowercase().as_str() {
@@ -940,7 +1001,8 @@ impl Config {
             if o.is_empty() || o == "*" {
                 continue;
             }
-            validate_origin(o).map_err(|m| invalid("server.cors_allowed_origins", format!("{o:?}: {m}")))?;
+            validate_origin(o)
+                .map_err(|m| invalid("server.cors_allowed_origins", format!("{o:?}: {m}")))?;
         }
         if self.server.data_dir.trim().is_empty() {
             return Err(invalid("server.data_dir", "must not be empty"));
@@ -961,12 +1023,17 @@ impl Config {
     }
 
     pub fn is_postgres(&self) -> bool {
-        matches!(self.database.driver.to_ascii_lowercase().as_str(), "postgres" | "postgresql")
+        matches!(
+            self.database.driver.to_ascii_lowercase().as_str(),
+            "postgres" | "postgresql"
+        )
     }
 }
 
 fn validate_origin(o: &str) -> Result<(), &'static str> {
-    let (scheme, rest) = o.split_once("://").ok_or("must be a URL like https://app.example.com")?;
+    let (scheme, rest) = o
+        .split_once("://")
+        .ok_or("must be a URL like https://app.example.com")?;
     if scheme != "http" && scheme != "https" {
         return Err("scheme must be http or https");
     }
@@ -984,7 +1051,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -1002,7 +1072,10 @@ mod tests {
             yaml,
             &env(&[
                 ("STACYVM_SERVER_PORT", "9100"),
-                ("STACYVM_SERVER_CORS_ALLOWED_ORIGINS", "https://a.example, https://b.example"),
+                (
+                    "STACYVM_SERVER_CORS_ALLOWED_ORIGINS",
+                    "https://a.example, https://b.example",
+                ),
                 ("STACYVM_RATE_LIMIT_ENABLED", "1"),
                 ("STACYVM_DEFAULTS_MAX_TTL", "2h"),
             ]),
@@ -1014,9 +1087,20 @@ mod tests {
         assert!(l.config.rate_limit.enabled);
         assert_eq!(
             l.config.server.cors_allowed_origins,
-            vec!["https://a.example".to_string(), "https://b.example".to_string()]
+            vec![
+                "https://a.example".to_string(),
+                "https://b.example".to_string()
+            ]
         );
-        assert_eq!(l.config.providers.docker.tmpfs.get("/tmp").map(String::as_str), Some("size=64m"));
+        assert_eq!(
+            l.config
+                .providers
+                .docker
+                .tmpfs
+                .get("/tmp")
+                .map(String::as_str),
+            Some("size=64m")
+        );
         assert!(l.unknown_keys.is_empty());
     }
 
@@ -1025,11 +1109,18 @@ mod tests {
         let e = from_yaml_str("defaults:\n  ttl: forever\n", &env(&[])).expect_err("bad ttl");
         assert!(e.to_string().contains("defaults.ttl"), "{e}");
         let e = from_yaml_str("defaults:\n  spawn_overflow: maybe\n", &env(&[])).expect_err("enum");
-        assert!(e.to_string().contains("defaults.spawn_overflow") && e.to_string().contains("reject, queue"), "{e}");
+        assert!(
+            e.to_string().contains("defaults.spawn_overflow")
+                && e.to_string().contains("reject, queue"),
+            "{e}"
+        );
         let e = from_yaml_str("", &env(&[("STACYVM_SERVER_PORT", "http")])).expect_err("env");
         assert!(e.to_string().contains("STACYVM_SERVER_PORT"), "{e}");
-        let e = from_yaml_str("server:\n  cors_allowed_origins: [\"https://x.example/path\"]\n", &env(&[]))
-            .expect_err("cors");
+        let e = from_yaml_str(
+            "server:\n  cors_allowed_origins: [\"https://x.example/path\"]\n",
+            &env(&[]),
+        )
+        .expect_err("cors");
         assert!(e.to_string().contains("server.cors_allowed_origins"), "{e}");
         let e = from_yaml_str("database:\n  driver: mysql\n", &env(&[])).expect_err("driver");
         assert!(e.to_string().contains("unsupported database.driver"), "{e}");
@@ -1040,7 +1131,10 @@ mod tests {
     #[test]
     fn unknown_keys_are_reported() {
         let l = from_yaml_str("server:\n  prot: 1\nbogus: true\n", &env(&[])).expect("load");
-        assert_eq!(l.unknown_keys, vec!["server.prot".to_string(), "bogus".to_string()]);
+        assert_eq!(
+            l.unknown_keys,
+            vec!["server.prot".to_string(), "bogus".to_string()]
+        );
     }
 
     #[test]
@@ -1052,7 +1146,10 @@ mod tests {
         let l = from_yaml_str(&yaml, &env(&[])).expect("load");
         assert_eq!(l.config.auth.worker_token.expose(), "s3cret");
         assert_eq!(format!("{:?}", l.config.auth.worker_token), "[REDACTED]");
-        let yaml = format!("auth:\n  worker_token: x\n  worker_token_file: {}\n", f.display());
+        let yaml = format!(
+            "auth:\n  worker_token: x\n  worker_token_file: {}\n",
+            f.display()
+        );
         assert!(from_yaml_str(&yaml, &env(&[])).is_err());
         let empty = dir.path().join("empty");
         std::fs::write(&empty, "\n").expect("write");
@@ -1063,6 +1160,9 @@ mod tests {
 
     #[test]
     fn env_name_rule() {
-        assert_eq!(env_name("providers.docker.pool_security.hidepid"), "STACYVM_PROVIDERS_DOCKER_POOL_SECURITY_HIDEPID");
+        assert_eq!(
+            env_name("providers.docker.pool_security.hidepid"),
+            "STACYVM_PROVIDERS_DOCKER_POOL_SECURITY_HIDEPID"
+        );
     }
 }

@@ -195,7 +195,9 @@ mod tests {
             "resource limit exceeded: max sandboxes reached (10)"
         );
         assert_eq!(
-            Error::provider_not_found("xyz").context("getting provider").detail(),
+            Error::provider_not_found("xyz")
+                .context("getting provider")
+                .detail(),
             "getting provider: xyz"
         );
         assert_eq!(Error::internal("boom").to_string(), "boom");

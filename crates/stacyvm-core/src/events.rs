@@ -106,6 +106,8 @@ impl EventBus {
 }
 
 /// Builds an event data map from string pairs.
-pub fn data<const N: usize>(pairs: [(&str, serde_json::Value); N]) -> Option<BTreeMap<String, serde_json::Value>> {
+pub fn data<const N: usize>(
+    pairs: [(&str, serde_json::Value); N],
+) -> Option<BTreeMap<String, serde_json::Value>> {
     Some(pairs.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
 }

@@ -69,7 +69,10 @@ pub struct ExecOutcome {
 #[derive(Debug, Clone, PartialEq)]
 pub enum StreamEvent {
     Output(OutputChunk),
-    Exit { code: i32, duration: Duration },
+    Exit {
+        code: i32,
+        duration: Duration,
+    },
     /// The stream ended abnormally (timeout or provider error).
     Failed(String),
 }
@@ -182,7 +185,11 @@ impl Manager {
             worker_id: r.worker_id.clone(),
             created_at: r.created_at,
             expires_at: r.expires_at,
-            metadata: if r.metadata.is_empty() { None } else { Some(r.metadata.clone()) },
+            metadata: if r.metadata.is_empty() {
+                None
+            } else {
+                Some(r.metadata.clone())
+            },
             preview_domain: self.cfg.server.preview_domain.clone(),
         }
     }
@@ -251,7 +258,14 @@ impl Manager {
         }
     }
 
-    fn evaluate(&self, adm: &Admission, owner: &str, ttl: GoDuration, max_ttl: GoDuration, per_owner: i64) -> Option<Deny> {
+    fn evaluate(
+        &self,
+        adm: &Admission,
+        owner: &str,
+        ttl: GoDuration,
+        max_ttl: GoDuration,
+        per_owner: i64,
+    ) -> Option<Deny> {
         if !max_ttl.is_zero() && ttl > max_ttl {
             return Some(Deny::MaxTtl);
         }
@@ -259,7 +273,10 @@ impl Manager {
         if max > 0 && adm.total >= max {
             return Some(Deny::MaxSandboxes(max));
         }
-        if per_owner > 0 && !owner.is_empty() && adm.per_owner.get(owner).copied().unwrap_or(0) >= per_owner {
+        if per_owner > 0
+            && !owner.is_empty()
+            && adm.per_owner.get(owner).copied().unwrap_or(0) >= per_owner
+        {
             return Some(Deny::MaxPerOwner(per_owner));
         }
         None
@@ -302,28 +319,37 @@ impl Manager {
                     Some(Deny::MaxTtl) => return Err(self.deny_error(Deny::MaxTtl, max_ttl)),
                     Some(d) if !queue_mode => {
                         drop(adm);
-                        self.events.publish(kind::RESOURCE_LIMIT, "", events::data([
-                            ("operation", json!("spawn")),
-                            ("owner_id", json!(owner)),
-                        ]));
+                        self.events.publish(
+                            kind::RESOURCE_LIMIT,
+                            "",
+                            events::data([
+                                ("operation", json!("spawn")),
+                                ("owner_id", json!(owner)),
+                            ]),
+                        );
                         return Err(self.deny_error(d, max_ttl));
                     }
                     Some(_) => {}
                 }
             }
             if queued_at.is_none() {
-                let max_queue = usize::try_from(self.cfg.defaults.max_spawn_queue.max(1)).unwrap_or(100);
+                let max_queue =
+                    usize::try_from(self.cfg.defaults.max_spawn_queue.max(1)).unwrap_or(100);
                 let depth = self.queue.depth.fetch_add(1, Ordering::SeqCst);
                 if depth >= max_queue {
                     self.queue.depth.fetch_sub(1, Ordering::SeqCst);
                     return Err(Error::limit(format!("spawn queue full ({max_queue})")));
                 }
                 self.queue.queued_total.fetch_add(1, Ordering::Relaxed);
-                self.events.publish(kind::SPAWN_QUEUED, "", events::data([
-                    ("operation", json!("spawn")),
-                    ("owner_id", json!(owner)),
-                    ("depth", json!(depth + 1)),
-                ]));
+                self.events.publish(
+                    kind::SPAWN_QUEUED,
+                    "",
+                    events::data([
+                        ("operation", json!("spawn")),
+                        ("owner_id", json!(owner)),
+                        ("depth", json!(depth + 1)),
+                    ]),
+                );
                 queued_at = Some(Instant::now());
                 let t = if self.cfg.defaults.spawn_queue_timeout.is_zero() {
                     Duration::from_secs(30)
@@ -337,10 +363,11 @@ impl Manager {
                 self.queue.depth.fetch_sub(1, Ordering::SeqCst);
                 self.queue.timeouts.fetch_add(1, Ordering::Relaxed);
                 let t = GoDuration::from_std(self.cfg.defaults.spawn_queue_timeout.std());
-                self.events.publish(kind::SPAWN_QUEUE_TIMEOUT, "", events::data([
-                    ("operation", json!("spawn")),
-                    ("owner_id", json!(owner)),
-                ]));
+                self.events.publish(
+                    kind::SPAWN_QUEUE_TIMEOUT,
+                    "",
+                    events::data([("operation", json!("spawn")), ("owner_id", json!(owner))]),
+                );
                 return Err(Error::limit(format!("spawn queue timeout after {t}")));
             }
         }
@@ -394,21 +421,33 @@ impl Manager {
             allowed: deny.is_none(),
             queueable,
             reason: reason.to_string(),
-            active_sandboxes: if matches!(deny, Some(Deny::MaxTtl)) { 0 } else { adm.total },
+            active_sandboxes: if matches!(deny, Some(Deny::MaxTtl)) {
+                0
+            } else {
+                adm.total
+            },
             max_sandboxes: self.cfg.defaults.max_sandboxes,
             active_owner_sandboxes: if owner.is_empty() { 0 } else { owner_active },
             max_owner_sandboxes: if owner.is_empty() { 0 } else { per_owner },
-            max_ttl: if max_ttl.is_zero() { String::new() } else { max_ttl.to_string() },
+            max_ttl: if max_ttl.is_zero() {
+                String::new()
+            } else {
+                max_ttl.to_string()
+            },
         })
     }
 
     fn parse_ttl(&self, ttl: &str) -> Result<GoDuration> {
         if ttl.trim().is_empty() {
             let d = self.cfg.defaults.ttl.0;
-            return Ok(if d.is_zero() { GoDuration::from_secs(1800) } else { d });
+            return Ok(if d.is_zero() {
+                GoDuration::from_secs(1800)
+            } else {
+                d
+            });
         }
-        let d = duration::parse(ttl.trim())
-            .map_err(|e| Error::invalid(format!("parsing TTL: {e}")))?;
+        let d =
+            duration::parse(ttl.trim()).map_err(|e| Error::invalid(format!("parsing TTL: {e}")))?;
         if d <= 0 {
             return Err(Error::invalid(format!("ttl must be positive, got {ttl:?}")));
         }
@@ -426,46 +465,101 @@ impl Manager {
         }
         let provider = self.registry.get(&req.provider)?;
         let provider_name = provider.name().to_string();
-        let owner = paths::normalize_owner(if caller.owner_id.is_empty() { &req.owner_id } else { &caller.owner_id })?;
+        let owner = paths::normalize_owner(if caller.owner_id.is_empty() {
+            &req.owner_id
+        } else {
+            &caller.owner_id
+        })?;
         let ttl = self.parse_ttl(&req.ttl)?;
         let d = &self.cfg.defaults;
-        let image = if req.image.trim().is_empty() { d.image.clone() } else { req.image.trim().to_string() };
-        let memory_mb = if req.memory_mb == 0 { if d.memory_mb > 0 { d.memory_mb } else { 512 } } else { req.memory_mb };
-        let vcpus = if req.vcpus == 0 { d.vcpus.max(1) } else { req.vcpus };
+        let image = if req.image.trim().is_empty() {
+            d.image.clone()
+        } else {
+            req.image.trim().to_string()
+        };
+        let memory_mb = if req.memory_mb == 0 {
+            if d.memory_mb > 0 {
+                d.memory_mb
+            } else {
+                512
+            }
+        } else {
+            req.memory_mb
+        };
+        let vcpus = if req.vcpus == 0 {
+            d.vcpus.max(1)
+        } else {
+            req.vcpus
+        };
         if memory_mb < 0 {
-            return Err(Error::invalid(format!("memory_mb must be positive, got {memory_mb}")));
+            return Err(Error::invalid(format!(
+                "memory_mb must be positive, got {memory_mb}"
+            )));
         }
         if vcpus < 0 {
-            return Err(Error::invalid(format!("vcpus must be positive, got {vcpus}")));
+            return Err(Error::invalid(format!(
+                "vcpus must be positive, got {vcpus}"
+            )));
         }
         if let Some(md) = &req.metadata {
             if md.len() > 64 || md.iter().any(|(k, v)| k.len() > 256 || v.len() > 4096) {
-                return Err(Error::invalid("metadata is limited to 64 keys, keys of 256 bytes and values of 4096 bytes"));
+                return Err(Error::invalid(
+                    "metadata is limited to 64 keys, keys of 256 bytes and values of 4096 bytes",
+                ));
             }
         }
         match req.network_mode.as_str() {
             "" | "none" | "bridge" => {}
-            other => return Err(Error::invalid(format!("unsupported network_mode {other:?} (allowed: none, bridge)"))),
+            other => {
+                return Err(Error::invalid(format!(
+                    "unsupported network_mode {other:?} (allowed: none, bridge)"
+                )))
+            }
         }
         self.reserve_slot(&owner, ttl).await?;
         let res = self
-            .spawn_reserved(&provider, &image, memory_mb, vcpus, ttl, &owner, &req, caller)
+            .spawn_reserved(
+                &provider, &image, memory_mb, vcpus, ttl, &owner, &req, caller,
+            )
             .await;
         let took = started.elapsed();
         match &res {
             Ok(sb) => {
                 self.metrics.observe("spawn", &provider_name, took, None);
-                self.audit(caller, &owner, "sandbox.spawn", &sb.id, &image, &provider_name, true, "state=running".into());
+                self.audit(
+                    caller,
+                    &owner,
+                    "sandbox.spawn",
+                    &sb.id,
+                    &image,
+                    &provider_name,
+                    true,
+                    "state=running".into(),
+                );
             }
             Err(e) => {
                 self.release_slot(&owner);
-                self.metrics.observe("spawn", &provider_name, took, Some(&e.to_string()));
-                self.events.publish(kind::OPERATION_FAILED, "", events::data([
-                    ("operation", json!("spawn")),
-                    ("provider", json!(provider_name)),
-                    ("error", json!(e.to_string())),
-                ]));
-                self.audit(caller, &owner, "sandbox.spawn", "", &image, &provider_name, false, e.to_string());
+                self.metrics
+                    .observe("spawn", &provider_name, took, Some(&e.to_string()));
+                self.events.publish(
+                    kind::OPERATION_FAILED,
+                    "",
+                    events::data([
+                        ("operation", json!("spawn")),
+                        ("provider", json!(provider_name)),
+                        ("error", json!(e.to_string())),
+                    ]),
+                );
+                self.audit(
+                    caller,
+                    &owner,
+                    "sandbox.spawn",
+                    "",
+                    &image,
+                    &provider_name,
+                    false,
+                    e.to_string(),
+                );
             }
         }
         res
@@ -503,7 +597,11 @@ impl Manager {
         };
         let spawned = provider.spawn(&spec).await?;
         let lease_ttl = ttl.to_std() + LEASE_GRACE;
-        if let Err(e) = self.store.acquire_lease(&id, "sandbox", LOCAL_WORKER, lease_ttl).await {
+        if let Err(e) = self
+            .store
+            .acquire_lease(&id, "sandbox", LOCAL_WORKER, lease_ttl)
+            .await
+        {
             self.destroy_runtime(provider, &spawned.runtime_id).await;
             return Err(e);
         }
@@ -517,7 +615,11 @@ impl Manager {
             metadata,
             owner_id: owner.to_string(),
             tenant_id: caller.tenant_id.clone(),
-            vm_id: if spawned.runtime_id == id { String::new() } else { spawned.runtime_id.clone() },
+            vm_id: if spawned.runtime_id == id {
+                String::new()
+            } else {
+                spawned.runtime_id.clone()
+            },
             worker_id: LOCAL_WORKER.into(),
             created_at: now,
             expires_at,
@@ -530,10 +632,14 @@ impl Manager {
         }
         let api = self.to_api(&rec);
         self.cache.write().insert(id.clone(), Arc::new(rec));
-        self.events.publish(kind::SANDBOX_CREATED, &id, events::data([
-            ("provider", json!(provider.name())),
-            ("image", json!(image)),
-        ]));
+        self.events.publish(
+            kind::SANDBOX_CREATED,
+            &id,
+            events::data([
+                ("provider", json!(provider.name())),
+                ("image", json!(image)),
+            ]),
+        );
         self.events.publish(kind::SANDBOX_RUNNING, &id, None);
         info!(sandbox_id = %id, provider = provider.name(), image, "sandbox spawned");
         Ok(api)
@@ -552,7 +658,9 @@ impl Manager {
         let rec = match self.get(id, caller).await {
             Ok(r) => r,
             Err(e) if matches!(e.kind(), ErrorKind::SandboxDestroyed) => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::SandboxNotFound && caller.tenant_id.is_empty() => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::SandboxNotFound && caller.tenant_id.is_empty() => {
+                return Ok(())
+            }
             Err(e) if e.kind() == ErrorKind::SandboxNotFound => {
                 // A tenant caller gets 200 only for ids that do not exist at all.
                 return match self.store.get_sandbox(id).await {
@@ -568,7 +676,11 @@ impl Manager {
     async fn destroy_record(&self, rec: &SandboxRecord, caller: &Caller) -> Result<()> {
         let started = Instant::now();
         let lease_ttl = LEASE_GRACE;
-        if let Err(e) = self.store.acquire_lease(&rec.id, "sandbox", LOCAL_WORKER, lease_ttl).await {
+        if let Err(e) = self
+            .store
+            .acquire_lease(&rec.id, "sandbox", LOCAL_WORKER, lease_ttl)
+            .await
+        {
             if e.kind() == ErrorKind::Conflict {
                 return Err(e);
             }
@@ -577,20 +689,32 @@ impl Manager {
         let mut detail = String::new();
         match self.registry.get(&rec.provider) {
             Ok(p) => {
-                let target = if rec.vm_id.is_empty() { &rec.id } else { &rec.vm_id };
+                let target = if rec.vm_id.is_empty() {
+                    &rec.id
+                } else {
+                    &rec.vm_id
+                };
                 if let Err(e) = p.destroy(target).await {
                     warn!(sandbox_id = %rec.id, error = %e, "provider destroy failed");
                     detail = format!("provider_error={e}");
-                    self.events.publish(kind::PROVIDER_FAILED, &rec.id, events::data([
-                        ("operation", json!("destroy")),
-                        ("provider", json!(rec.provider)),
-                        ("error", json!(e.to_string())),
-                    ]));
+                    self.events.publish(
+                        kind::PROVIDER_FAILED,
+                        &rec.id,
+                        events::data([
+                            ("operation", json!("destroy")),
+                            ("provider", json!(rec.provider)),
+                            ("error", json!(e.to_string())),
+                        ]),
+                    );
                 }
             }
             Err(_) => detail = "provider_unavailable=true".into(),
         }
-        match self.store.set_sandbox_state(&rec.id, state::DESTROYED).await {
+        match self
+            .store
+            .set_sandbox_state(&rec.id, state::DESTROYED)
+            .await
+        {
             Ok(()) => {}
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e),
@@ -600,9 +724,19 @@ impl Manager {
         if was_cached {
             self.release_slot(&rec.owner_id);
         }
-        self.metrics.observe("destroy", &rec.provider, started.elapsed(), None);
+        self.metrics
+            .observe("destroy", &rec.provider, started.elapsed(), None);
         self.events.publish(kind::SANDBOX_DESTROYED, &rec.id, None);
-        self.audit(caller, &rec.owner_id, "sandbox.destroy", &rec.id, &rec.image, &rec.provider, true, detail);
+        self.audit(
+            caller,
+            &rec.owner_id,
+            "sandbox.destroy",
+            &rec.id,
+            &rec.image,
+            &rec.provider,
+            true,
+            detail,
+        );
         info!(sandbox_id = %rec.id, "sandbox destroyed");
         Ok(())
     }
@@ -613,7 +747,8 @@ impl Manager {
         if ttl.trim().is_empty() {
             return Err(Error::invalid("ttl is required"));
         }
-        let d = duration::parse(ttl.trim()).map_err(|e| Error::invalid(format!("invalid ttl format: {e}")))?;
+        let d = duration::parse(ttl.trim())
+            .map_err(|e| Error::invalid(format!("invalid ttl format: {e}")))?;
         if d <= 0 {
             return Err(Error::invalid("ttl must be positive"));
         }
@@ -624,13 +759,23 @@ impl Manager {
             return Err(Error::limit(format!("ttl exceeds max ttl {max_ttl}")));
         }
         let expires_at = Utc::now() + chrono::Duration::nanoseconds(d);
-        self.store.set_sandbox_expiry(id, expires_at).await.map_err(|e| {
-            if e.kind() == ErrorKind::NotFound { Error::sandbox_not_found(id) } else { e }
-        })?;
+        self.store
+            .set_sandbox_expiry(id, expires_at)
+            .await
+            .map_err(|e| {
+                if e.kind() == ErrorKind::NotFound {
+                    Error::sandbox_not_found(id)
+                } else {
+                    e
+                }
+            })?;
         let lease_ttl = GoDuration(d).to_std() + LEASE_GRACE;
         if let Err(e) = self.store.renew_lease(id, LOCAL_WORKER, lease_ttl).await {
             // A missing lease is re-acquired; one held elsewhere is a conflict.
-            self.store.acquire_lease(id, "sandbox", LOCAL_WORKER, lease_ttl).await.map_err(|_| e)?;
+            self.store
+                .acquire_lease(id, "sandbox", LOCAL_WORKER, lease_ttl)
+                .await
+                .map_err(|_| e)?;
         }
         let mut updated = (*rec).clone();
         updated.expires_at = expires_at;
@@ -643,7 +788,10 @@ impl Manager {
     /// Destroys every live sandbox past its expiry. Returns how many.
     pub async fn prune(&self) -> Result<u64> {
         let expired = self.store.list_expired_sandboxes(Utc::now()).await?;
-        let system = Caller { actor: "system:reaper".into(), ..Caller::default() };
+        let system = Caller {
+            actor: "system:reaper".into(),
+            ..Caller::default()
+        };
         let mut n = 0;
         for rec in expired {
             match self.destroy_record(&rec, &system).await {
@@ -686,20 +834,34 @@ impl Manager {
                 Ok(p) => p,
                 Err(_) => {
                     let _ = self.store.set_sandbox_state(&rec.id, state::ERROR).await;
-                    self.events.publish(kind::PROVIDER_FAILED, &rec.id, events::data([
-                        ("operation", json!("reconcile.status")),
-                        ("provider", json!(rec.provider)),
-                        ("error", json!("provider not registered")),
-                    ]));
+                    self.events.publish(
+                        kind::PROVIDER_FAILED,
+                        &rec.id,
+                        events::data([
+                            ("operation", json!("reconcile.status")),
+                            ("provider", json!(rec.provider)),
+                            ("error", json!("provider not registered")),
+                        ]),
+                    );
                     warn!(sandbox_id = %rec.id, provider = %rec.provider, "provider of stored sandbox is not registered");
                     continue;
                 }
             };
-            let target = if rec.vm_id.is_empty() { rec.id.clone() } else { rec.vm_id.clone() };
+            let target = if rec.vm_id.is_empty() {
+                rec.id.clone()
+            } else {
+                rec.vm_id.clone()
+            };
             match provider.status(&target).await {
-                Ok(st) if st.state == state::DESTROYED => self.mark_destroyed(&rec, "runtime destroyed").await,
+                Ok(st) if st.state == state::DESTROYED => {
+                    self.mark_destroyed(&rec, "runtime destroyed").await
+                }
                 Ok(st) => {
-                    let new_state = if st.state.is_empty() { state::RUNNING.to_string() } else { st.state };
+                    let new_state = if st.state.is_empty() {
+                        state::RUNNING.to_string()
+                    } else {
+                        st.state
+                    };
                     let mut r = rec.clone();
                     if new_state != rec.state {
                         let _ = self.store.set_sandbox_state(&rec.id, &new_state).await;
@@ -707,7 +869,14 @@ impl Manager {
                     }
                     self.adopt_into_cache(r);
                 }
-                Err(e) if matches!(e.kind(), ErrorKind::SandboxNotFound | ErrorKind::SandboxDestroyed | ErrorKind::NotFound) => {
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        ErrorKind::SandboxNotFound
+                            | ErrorKind::SandboxDestroyed
+                            | ErrorKind::NotFound
+                    ) =>
+                {
                     self.mark_destroyed(&rec, "runtime missing").await;
                 }
                 Err(e) => {
@@ -743,13 +912,20 @@ impl Manager {
     }
 
     async fn mark_destroyed(&self, rec: &SandboxRecord, reason: &str) {
-        let _ = self.store.set_sandbox_state(&rec.id, state::DESTROYED).await;
+        let _ = self
+            .store
+            .set_sandbox_state(&rec.id, state::DESTROYED)
+            .await;
         let _ = self.store.release_lease(&rec.id, LOCAL_WORKER).await;
-        self.events.publish(kind::RECONCILE_ACTION, &rec.id, events::data([
-            ("action", json!("marked_destroyed")),
-            ("provider", json!(rec.provider)),
-            ("reason", json!(reason)),
-        ]));
+        self.events.publish(
+            kind::RECONCILE_ACTION,
+            &rec.id,
+            events::data([
+                ("action", json!("marked_destroyed")),
+                ("provider", json!(rec.provider)),
+                ("reason", json!(reason)),
+            ]),
+        );
         info!(sandbox_id = %rec.id, reason, "reconcile marked sandbox destroyed");
     }
 
@@ -774,9 +950,17 @@ impl Manager {
         }
         let rec = SandboxRecord {
             id: rt.sandbox_id.clone(),
-            state: if rt.state.is_empty() { state::RUNNING.into() } else { rt.state.clone() },
+            state: if rt.state.is_empty() {
+                state::RUNNING.into()
+            } else {
+                rt.state.clone()
+            },
             provider: provider.name().to_string(),
-            image: if rt.image.is_empty() { self.cfg.defaults.image.clone() } else { rt.image.clone() },
+            image: if rt.image.is_empty() {
+                self.cfg.defaults.image.clone()
+            } else {
+                rt.image.clone()
+            },
             memory_mb: self.cfg.defaults.memory_mb,
             vcpus: self.cfg.defaults.vcpus,
             metadata: rt.metadata.clone(),
@@ -789,18 +973,27 @@ impl Manager {
             updated_at: now,
         };
         let lease_ttl = (expires_at - now).to_std().unwrap_or_default() + LEASE_GRACE;
-        if self.store.acquire_lease(&rec.id, "sandbox", LOCAL_WORKER, lease_ttl).await.is_err() {
+        if self
+            .store
+            .acquire_lease(&rec.id, "sandbox", LOCAL_WORKER, lease_ttl)
+            .await
+            .is_err()
+        {
             return;
         }
         if let Err(e) = self.store.insert_sandbox(&rec).await {
             warn!(sandbox_id = %rec.id, error = %e, "adopting runtime failed");
             return;
         }
-        self.events.publish(kind::RECONCILE_ACTION, &rec.id, events::data([
-            ("action", json!("adopted_runtime")),
-            ("provider", json!(rec.provider)),
-            ("image", json!(rec.image)),
-        ]));
+        self.events.publish(
+            kind::RECONCILE_ACTION,
+            &rec.id,
+            events::data([
+                ("action", json!("adopted_runtime")),
+                ("provider", json!(rec.provider)),
+                ("image", json!(rec.image)),
+            ]),
+        );
         info!(sandbox_id = %rec.id, provider = %rec.provider, "adopted runtime");
         self.adopt_into_cache(rec);
     }
@@ -812,23 +1005,36 @@ impl Manager {
         let d = if timeout.trim().is_empty() {
             self.cfg.defaults.default_exec_timeout.0
         } else {
-            GoDuration(duration::parse(timeout.trim()).map_err(|e| Error::invalid(format!("parsing exec timeout: {e}")))?)
+            GoDuration(
+                duration::parse(timeout.trim())
+                    .map_err(|e| Error::invalid(format!("parsing exec timeout: {e}")))?,
+            )
         };
         if d.is_negative() {
-            return Err(Error::invalid(format!("exec timeout must not be negative, got {d}")));
+            return Err(Error::invalid(format!(
+                "exec timeout must not be negative, got {d}"
+            )));
         }
         let quota = self.quota_for(owner).await?;
         let max = match &quota {
-            Some(q) if q.max_exec_timeout_seconds > 0 => GoDuration::from_secs(q.max_exec_timeout_seconds),
+            Some(q) if q.max_exec_timeout_seconds > 0 => {
+                GoDuration::from_secs(q.max_exec_timeout_seconds)
+            }
             _ => self.cfg.defaults.max_exec_timeout.0,
         };
         if !max.is_zero() && d > max {
-            return Err(Error::limit(format!("exec timeout {d} exceeds max exec timeout {max}")));
+            return Err(Error::limit(format!(
+                "exec timeout {d} exceeds max exec timeout {max}"
+            )));
         }
         Ok(if d.is_zero() { None } else { Some(d.to_std()) })
     }
 
-    async fn exec_target(&self, id: &str, caller: &Caller) -> Result<(Arc<SandboxRecord>, Arc<dyn Provider>)> {
+    async fn exec_target(
+        &self,
+        id: &str,
+        caller: &Caller,
+    ) -> Result<(Arc<SandboxRecord>, Arc<dyn Provider>)> {
         let rec = self.get(id, caller).await?;
         let p = self.registry.get(&rec.provider)?;
         Ok((rec, p))
@@ -837,21 +1043,41 @@ impl Manager {
     async fn prepare_exec(&self, rec: &SandboxRecord, req: &ExecRequest) -> Result<ExecSpec> {
         let argv = paths::build_argv(&req.mode, &req.command, &req.args)?;
         let total: usize = argv.iter().map(String::len).sum::<usize>()
-            + req.env.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            + req
+                .env
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
         if total > 1024 * 1024 {
-            return Err(Error::invalid("command, arguments and environment exceed 1 MiB"));
+            return Err(Error::invalid(
+                "command, arguments and environment exceed 1 MiB",
+            ));
         }
         for (k, v) in &req.env {
             if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
-                return Err(Error::invalid(format!("invalid environment variable name {k:?}")));
+                return Err(Error::invalid(format!(
+                    "invalid environment variable name {k:?}"
+                )));
             }
         }
         if argv.iter().any(|a| a.contains('\0')) {
-            return Err(Error::invalid("command and arguments must not contain NUL bytes"));
+            return Err(Error::invalid(
+                "command and arguments must not contain NUL bytes",
+            ));
         }
-        let workdir = if req.workdir.trim().is_empty() { String::new() } else { paths::normalize(&req.workdir)? };
+        let workdir = if req.workdir.trim().is_empty() {
+            String::new()
+        } else {
+            paths::normalize(&req.workdir)?
+        };
         let timeout = self.resolve_timeout(&req.timeout, &rec.owner_id).await?;
-        Ok(ExecSpec { argv, env: req.env.clone(), workdir, timeout, stdin: req.stdin.clone() })
+        Ok(ExecSpec {
+            argv,
+            env: req.env.clone(),
+            workdir,
+            timeout,
+            stdin: req.stdin.clone(),
+        })
     }
 
     fn command_text(req: &ExecRequest) -> String {
@@ -867,15 +1093,26 @@ impl Manager {
     pub async fn exec(&self, id: &str, req: &ExecRequest, caller: &Caller) -> Result<ExecOutcome> {
         let (rec, provider) = self.exec_target(id, caller).await?;
         let spec = self.prepare_exec(&rec, req).await?;
-        let target = if rec.vm_id.is_empty() { rec.id.clone() } else { rec.vm_id.clone() };
-        self.events.publish(kind::EXEC_STARTED, id, events::data([("command", json!(Self::command_text(req)))]));
+        let target = if rec.vm_id.is_empty() {
+            rec.id.clone()
+        } else {
+            rec.vm_id.clone()
+        };
+        self.events.publish(
+            kind::EXEC_STARTED,
+            id,
+            events::data([("command", json!(Self::command_text(req)))]),
+        );
         let started = Instant::now();
         let (tx, mut rx) = mpsc::channel::<OutputChunk>(64);
         let collect = async move {
             let mut out = Vec::new();
             let mut err = Vec::new();
             while let Some(c) = rx.recv().await {
-                let buf = match c.stream { StreamKind::Stdout => &mut out, StreamKind::Stderr => &mut err };
+                let buf = match c.stream {
+                    StreamKind::Stdout => &mut out,
+                    StreamKind::Stderr => &mut err,
+                };
                 let room = MAX_CAPTURE.saturating_sub(buf.len());
                 buf.extend_from_slice(&c.data[..c.data.len().min(room)]);
             }
@@ -883,17 +1120,33 @@ impl Manager {
         };
         let (res, (stdout, stderr)) = tokio::join!(provider.exec(&target, &spec, tx), collect);
         let took = started.elapsed();
-        let mode = if req.mode.is_empty() { "shell" } else { req.mode.as_str() };
+        let mode = if req.mode.is_empty() {
+            "shell"
+        } else {
+            req.mode.as_str()
+        };
         match res {
             Ok(status) => {
                 self.metrics.observe("exec", &rec.provider, took, None);
-                self.events.publish(kind::EXEC_COMPLETED, id, events::data([
-                    ("exit_code", json!(status.code)),
-                    ("duration", json!(GoDuration::from_std(took).to_string())),
-                ]));
+                self.events.publish(
+                    kind::EXEC_COMPLETED,
+                    id,
+                    events::data([
+                        ("exit_code", json!(status.code)),
+                        ("duration", json!(GoDuration::from_std(took).to_string())),
+                    ]),
+                );
                 let dur = GoDuration::from_std(took).to_string();
-                self.audit(caller, &rec.owner_id, "exec", id, &Self::command_text(req), &rec.provider, true,
-                    format!("exit={} duration={dur} mode={mode}", status.code));
+                self.audit(
+                    caller,
+                    &rec.owner_id,
+                    "exec",
+                    id,
+                    &Self::command_text(req),
+                    &rec.provider,
+                    true,
+                    format!("exit={} duration={dur} mode={mode}", status.code),
+                );
                 let log = ExecLogRecord {
                     sandbox_id: id.to_string(),
                     command: Self::command_text(req),
@@ -904,7 +1157,12 @@ impl Manager {
                     created_at: Utc::now(),
                 };
                 let _ = self.audit_tx.try_send(AuditItem::Exec(log));
-                Ok(ExecOutcome { exit_code: status.code, stdout, stderr, duration: took })
+                Ok(ExecOutcome {
+                    exit_code: status.code,
+                    stdout,
+                    stderr,
+                    duration: took,
+                })
             }
             Err(e) => {
                 self.exec_failed(id, &rec, req, caller, &e, took);
@@ -913,26 +1171,62 @@ impl Manager {
         }
     }
 
-    fn exec_failed(&self, id: &str, rec: &SandboxRecord, req: &ExecRequest, caller: &Caller, e: &Error, took: Duration) {
-        self.metrics.observe("exec", &rec.provider, took, Some(&e.to_string()));
-        let k = if e.kind() == ErrorKind::ExecTimeout { kind::EXEC_TIMEOUT } else { kind::EXEC_FAILED };
-        self.events.publish(k, id, events::data([("error", json!(e.to_string()))]));
-        self.audit(caller, &rec.owner_id, "exec", id, &Self::command_text(req), &rec.provider, false, e.to_string());
+    fn exec_failed(
+        &self,
+        id: &str,
+        rec: &SandboxRecord,
+        req: &ExecRequest,
+        caller: &Caller,
+        e: &Error,
+        took: Duration,
+    ) {
+        self.metrics
+            .observe("exec", &rec.provider, took, Some(&e.to_string()));
+        let k = if e.kind() == ErrorKind::ExecTimeout {
+            kind::EXEC_TIMEOUT
+        } else {
+            kind::EXEC_FAILED
+        };
+        self.events
+            .publish(k, id, events::data([("error", json!(e.to_string()))]));
+        self.audit(
+            caller,
+            &rec.owner_id,
+            "exec",
+            id,
+            &Self::command_text(req),
+            &rec.provider,
+            false,
+            e.to_string(),
+        );
     }
 
     /// Starts a streamed exec. Pre-flight errors are returned directly;
     /// afterwards everything arrives on the channel, ending with `Exit` or
     /// `Failed`. Dropping the receiver kills the command.
-    pub async fn exec_stream(self: &Arc<Self>, id: &str, req: &ExecRequest, caller: &Caller) -> Result<mpsc::Receiver<StreamEvent>> {
+    pub async fn exec_stream(
+        self: &Arc<Self>,
+        id: &str,
+        req: &ExecRequest,
+        caller: &Caller,
+    ) -> Result<mpsc::Receiver<StreamEvent>> {
         let (rec, provider) = self.exec_target(id, caller).await?;
         let spec = self.prepare_exec(&rec, req).await?;
-        let target = if rec.vm_id.is_empty() { rec.id.clone() } else { rec.vm_id.clone() };
+        let target = if rec.vm_id.is_empty() {
+            rec.id.clone()
+        } else {
+            rec.vm_id.clone()
+        };
         let (out_tx, mut out_rx) = mpsc::channel::<StreamEvent>(64);
         let me = Arc::clone(self);
         let id = id.to_string();
         let req = req.clone();
         let caller = caller.clone();
-        self.events.publish(kind::EXEC_STARTED, &id, events::data([("command", json!(Self::command_text(&req)))]));
+        self.events.publish(
+            kind::EXEC_STARTED,
+            &id,
+            events::data([("command", json!(Self::command_text(&req)))]),
+        );
         tokio::spawn(async move {
             let started = Instant::now();
             let (tx, mut rx) = mpsc::channel::<OutputChunk>(64);
@@ -961,7 +1255,16 @@ impl Manager {
             };
             let Some(res) = res else {
                 // The client went away: dropping `run` kills the command.
-                me.audit(&caller, &rec.owner_id, "exec_stream", &id, &Self::command_text(&req), &rec.provider, false, "client disconnected".into());
+                me.audit(
+                    &caller,
+                    &rec.owner_id,
+                    "exec_stream",
+                    &id,
+                    &Self::command_text(&req),
+                    &rec.provider,
+                    false,
+                    "client disconnected".into(),
+                );
                 return;
             };
             // Drain output that is still buffered.
@@ -972,13 +1275,39 @@ impl Manager {
             match res {
                 Ok(status) => {
                     me.metrics.observe("exec_stream", &rec.provider, took, None);
-                    me.events.publish(kind::EXEC_COMPLETED, &id, events::data([
-                        ("exit_code", json!(status.code)),
-                        ("duration", json!(GoDuration::from_std(took).to_string())),
-                    ]));
-                    me.audit(&caller, &rec.owner_id, "exec_stream", &id, &Self::command_text(&req), &rec.provider, true,
-                        format!("exit={} duration={} mode={}", status.code, GoDuration::from_std(took), if req.mode.is_empty() { "shell" } else { &req.mode }));
-                    let _ = out_tx.send(StreamEvent::Exit { code: status.code, duration: took }).await;
+                    me.events.publish(
+                        kind::EXEC_COMPLETED,
+                        &id,
+                        events::data([
+                            ("exit_code", json!(status.code)),
+                            ("duration", json!(GoDuration::from_std(took).to_string())),
+                        ]),
+                    );
+                    me.audit(
+                        &caller,
+                        &rec.owner_id,
+                        "exec_stream",
+                        &id,
+                        &Self::command_text(&req),
+                        &rec.provider,
+                        true,
+                        format!(
+                            "exit={} duration={} mode={}",
+                            status.code,
+                            GoDuration::from_std(took),
+                            if req.mode.is_empty() {
+                                "shell"
+                            } else {
+                                &req.mode
+                            }
+                        ),
+                    );
+                    let _ = out_tx
+                        .send(StreamEvent::Exit {
+                            code: status.code,
+                            duration: took,
+                        })
+                        .await;
                 }
                 Err(e) => {
                     me.exec_failed(&id, &rec, &req, &caller, &e, took);
@@ -1000,13 +1329,25 @@ impl Manager {
 
     // ----- files ----------------------------------------------------------
 
-    async fn file_op<T, F, Fut>(&self, op: &str, id: &str, resource: &str, caller: &Caller, detail: impl FnOnce(&T) -> String, f: F) -> Result<T>
+    async fn file_op<T, F, Fut>(
+        &self,
+        op: &str,
+        id: &str,
+        resource: &str,
+        caller: &Caller,
+        detail: impl FnOnce(&T) -> String,
+        f: F,
+    ) -> Result<T>
     where
         F: FnOnce(Arc<dyn Provider>, String) -> Fut,
         Fut: std::future::Future<Output = Result<T>>,
     {
         let (rec, provider) = self.exec_target(id, caller).await?;
-        let target = if rec.vm_id.is_empty() { rec.id.clone() } else { rec.vm_id.clone() };
+        let target = if rec.vm_id.is_empty() {
+            rec.id.clone()
+        } else {
+            rec.vm_id.clone()
+        };
         let started = Instant::now();
         let res = f(provider, target).await;
         let took = started.elapsed();
@@ -1015,55 +1356,124 @@ impl Manager {
         match &res {
             Ok(v) => {
                 self.metrics.observe(&metric, &rec.provider, took, None);
-                self.audit(caller, &rec.owner_id, &action, id, resource, &rec.provider, true, detail(v));
+                self.audit(
+                    caller,
+                    &rec.owner_id,
+                    &action,
+                    id,
+                    resource,
+                    &rec.provider,
+                    true,
+                    detail(v),
+                );
             }
             Err(e) => {
-                self.metrics.observe(&metric, &rec.provider, took, Some(&e.to_string()));
-                self.audit(caller, &rec.owner_id, &action, id, resource, &rec.provider, false, e.to_string());
+                self.metrics
+                    .observe(&metric, &rec.provider, took, Some(&e.to_string()));
+                self.audit(
+                    caller,
+                    &rec.owner_id,
+                    &action,
+                    id,
+                    resource,
+                    &rec.provider,
+                    false,
+                    e.to_string(),
+                );
             }
         }
         res
     }
 
-    pub async fn write_file(&self, id: &str, path: &str, data: Vec<u8>, mode: &str, caller: &Caller) -> Result<()> {
+    pub async fn write_file(
+        &self,
+        id: &str,
+        path: &str,
+        data: Vec<u8>,
+        mode: &str,
+        caller: &Caller,
+    ) -> Result<()> {
         let path = paths::normalize(path)?;
         let mode = paths::parse_mode(mode)?;
         let len = data.len();
         let p2 = path.clone();
-        self.file_op("write", id, &path, caller, |_| format!("bytes={len} mode={mode:04o}"), |p, t| async move {
-            p.write_file(&t, &p2, &data, mode).await
-        }).await?;
-        self.events.publish(kind::FILE_WRITTEN, id, events::data([("path", json!(path)), ("bytes", json!(len))]));
+        self.file_op(
+            "write",
+            id,
+            &path,
+            caller,
+            |_| format!("bytes={len} mode={mode:04o}"),
+            |p, t| async move { p.write_file(&t, &p2, &data, mode).await },
+        )
+        .await?;
+        self.events.publish(
+            kind::FILE_WRITTEN,
+            id,
+            events::data([("path", json!(path)), ("bytes", json!(len))]),
+        );
         Ok(())
     }
 
     pub async fn read_file(&self, id: &str, path: &str, caller: &Caller) -> Result<Vec<u8>> {
         let path = paths::normalize(path)?;
         let p2 = path.clone();
-        let data = self.file_op("read", id, &path, caller, |d: &Vec<u8>| format!("bytes={}", d.len()), |p, t| async move {
-            p.read_file(&t, &p2).await
-        }).await?;
-        self.events.publish(kind::FILE_READ, id, events::data([("path", json!(path)), ("bytes", json!(data.len()))]));
+        let data = self
+            .file_op(
+                "read",
+                id,
+                &path,
+                caller,
+                |d: &Vec<u8>| format!("bytes={}", d.len()),
+                |p, t| async move { p.read_file(&t, &p2).await },
+            )
+            .await?;
+        self.events.publish(
+            kind::FILE_READ,
+            id,
+            events::data([("path", json!(path)), ("bytes", json!(data.len()))]),
+        );
         Ok(data)
     }
 
     pub async fn list_files(&self, id: &str, path: &str, caller: &Caller) -> Result<Vec<FileInfo>> {
-        let path = if path.trim().is_empty() { "/".to_string() } else { paths::normalize(path)? };
+        let path = if path.trim().is_empty() {
+            "/".to_string()
+        } else {
+            paths::normalize(path)?
+        };
         let p2 = path.clone();
-        self.file_op("list", id, &path, caller, |v: &Vec<FileInfo>| format!("count={}", v.len()), |p, t| async move {
-            p.list_files(&t, &p2).await
-        }).await
+        self.file_op(
+            "list",
+            id,
+            &path,
+            caller,
+            |v: &Vec<FileInfo>| format!("count={}", v.len()),
+            |p, t| async move { p.list_files(&t, &p2).await },
+        )
+        .await
     }
 
-    pub async fn delete_file(&self, id: &str, path: &str, recursive: bool, caller: &Caller) -> Result<()> {
+    pub async fn delete_file(
+        &self,
+        id: &str,
+        path: &str,
+        recursive: bool,
+        caller: &Caller,
+    ) -> Result<()> {
         let path = paths::normalize(path)?;
         if path == "/" {
             return Err(Error::invalid("refusing to delete the sandbox root"));
         }
         let p2 = path.clone();
-        self.file_op("delete", id, &path, caller, |_| format!("recursive={recursive}"), |p, t| async move {
-            p.delete_file(&t, &p2, recursive).await
-        }).await
+        self.file_op(
+            "delete",
+            id,
+            &path,
+            caller,
+            |_| format!("recursive={recursive}"),
+            |p, t| async move { p.delete_file(&t, &p2, recursive).await },
+        )
+        .await
     }
 
     pub async fn move_file(&self, id: &str, old: &str, new: &str, caller: &Caller) -> Result<()> {
@@ -1073,48 +1483,91 @@ impl Manager {
             return Err(Error::invalid("cannot move the sandbox root"));
         }
         let res = format!("{old} -> {new}");
-        self.file_op("move", id, &res, caller, |_| String::new(), |p, t| async move {
-            p.move_file(&t, &old, &new).await
-        }).await
+        self.file_op(
+            "move",
+            id,
+            &res,
+            caller,
+            |_| String::new(),
+            |p, t| async move { p.move_file(&t, &old, &new).await },
+        )
+        .await
     }
 
-    pub async fn chmod_file(&self, id: &str, path: &str, mode: &str, caller: &Caller) -> Result<()> {
+    pub async fn chmod_file(
+        &self,
+        id: &str,
+        path: &str,
+        mode: &str,
+        caller: &Caller,
+    ) -> Result<()> {
         let path = paths::normalize(path)?;
         if mode.trim().is_empty() {
             return Err(Error::invalid("mode is required"));
         }
         let mode = paths::parse_mode(mode)?;
         let p2 = path.clone();
-        self.file_op("chmod", id, &path, caller, |_| format!("mode={mode:04o}"), |p, t| async move {
-            p.chmod_file(&t, &p2, mode).await
-        }).await
+        self.file_op(
+            "chmod",
+            id,
+            &path,
+            caller,
+            |_| format!("mode={mode:04o}"),
+            |p, t| async move { p.chmod_file(&t, &p2, mode).await },
+        )
+        .await
     }
 
     pub async fn stat_file(&self, id: &str, path: &str, caller: &Caller) -> Result<FileInfo> {
         let path = paths::normalize(path)?;
         let p2 = path.clone();
-        self.file_op("stat", id, &path, caller, |_| String::new(), |p, t| async move {
-            p.stat_file(&t, &p2).await
-        }).await
+        self.file_op(
+            "stat",
+            id,
+            &path,
+            caller,
+            |_| String::new(),
+            |p, t| async move { p.stat_file(&t, &p2).await },
+        )
+        .await
     }
 
-    pub async fn glob_files(&self, id: &str, pattern: &str, caller: &Caller) -> Result<Vec<String>> {
+    pub async fn glob_files(
+        &self,
+        id: &str,
+        pattern: &str,
+        caller: &Caller,
+    ) -> Result<Vec<String>> {
         let pattern = paths::normalize_pattern(pattern)?;
         let p2 = pattern.clone();
-        self.file_op("glob", id, &pattern, caller, |v: &Vec<String>| format!("count={}", v.len()), |p, t| async move {
-            p.glob_files(&t, &p2).await
-        }).await
+        self.file_op(
+            "glob",
+            id,
+            &pattern,
+            caller,
+            |v: &Vec<String>| format!("count={}", v.len()),
+            |p, t| async move { p.glob_files(&t, &p2).await },
+        )
+        .await
     }
 
     pub async fn logs(&self, id: &str, lines: usize, caller: &Caller) -> Result<Vec<String>> {
         let (rec, provider) = self.exec_target(id, caller).await?;
-        let target = if rec.vm_id.is_empty() { rec.id.clone() } else { rec.vm_id.clone() };
+        let target = if rec.vm_id.is_empty() {
+            rec.id.clone()
+        } else {
+            rec.vm_id.clone()
+        };
         provider.logs(&target, lines).await
     }
 
     pub async fn stats(&self, id: &str, caller: &Caller) -> Result<Option<crate::provider::Stats>> {
         let (rec, provider) = self.exec_target(id, caller).await?;
-        let target = if rec.vm_id.is_empty() { rec.id.clone() } else { rec.vm_id.clone() };
+        let target = if rec.vm_id.is_empty() {
+            rec.id.clone()
+        } else {
+            rec.vm_id.clone()
+        };
         match provider.stats(&target).await {
             Ok(s) => Ok(Some(s)),
             Err(e) if e.kind() == ErrorKind::Unsupported => Ok(None),
@@ -1126,15 +1579,33 @@ impl Manager {
 
     pub async fn get_template(&self, name: &str) -> Result<TemplateRecord> {
         self.store.get_template(name).await.map_err(|e| {
-            if e.kind() == ErrorKind::NotFound { Error::not_found(format!("template {name:?}")) } else { e }
+            if e.kind() == ErrorKind::NotFound {
+                Error::not_found(format!("template {name:?}"))
+            } else {
+                e
+            }
         })
     }
 
     // ----- audit ----------------------------------------------------------
 
     #[allow(clippy::too_many_arguments)]
-    fn audit(&self, caller: &Caller, owner: &str, action: &str, sandbox_id: &str, resource: &str, provider: &str, ok: bool, detail: String) {
-        let actor = if !caller.actor.is_empty() { caller.actor.clone() } else { owner.to_string() };
+    fn audit(
+        &self,
+        caller: &Caller,
+        owner: &str,
+        action: &str,
+        sandbox_id: &str,
+        resource: &str,
+        provider: &str,
+        ok: bool,
+        detail: String,
+    ) {
+        let actor = if !caller.actor.is_empty() {
+            caller.actor.clone()
+        } else {
+            owner.to_string()
+        };
         let rec = OpAuditRecord {
             id: 0,
             actor,
@@ -1142,7 +1613,11 @@ impl Manager {
             sandbox_id: sandbox_id.to_string(),
             resource: resource.chars().take(2048).collect(),
             provider: provider.to_string(),
-            status: if ok { "success".into() } else { "failure".into() },
+            status: if ok {
+                "success".into()
+            } else {
+                "failure".into()
+            },
             detail: detail.chars().take(2048).collect(),
             tenant_id: caller.tenant_id.clone(),
             request_id: caller.request_id.clone(),
@@ -1157,7 +1632,19 @@ impl Manager {
     pub async fn flush_audit(&self) {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         // A zero-sized marker: the writer processes items in order.
-        let marker = OpAuditRecord { id: -1, actor: String::new(), action: String::new(), sandbox_id: String::new(), resource: String::new(), provider: String::new(), status: String::new(), detail: String::new(), tenant_id: String::new(), request_id: String::new(), created_at: Utc::now() };
+        let marker = OpAuditRecord {
+            id: -1,
+            actor: String::new(),
+            action: String::new(),
+            sandbox_id: String::new(),
+            resource: String::new(),
+            provider: String::new(),
+            status: String::new(),
+            detail: String::new(),
+            tenant_id: String::new(),
+            request_id: String::new(),
+            created_at: Utc::now(),
+        };
         FLUSH.lock().push(tx);
         let _ = self.audit_tx.send(AuditItem::Op(marker)).await;
         let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
@@ -1216,10 +1703,13 @@ pub fn merge_template(req: &mut SpawnRequest, t: &TemplateRecord) {
     for (k, v) in &t.metadata {
         md.entry(k.clone()).or_insert_with(|| v.clone());
     }
-    md.entry("template".into()).or_insert_with(|| t.name.clone());
+    md.entry("template".into())
+        .or_insert_with(|| t.name.clone());
 }
 
 /// Parses an RFC 3339 timestamp.
 pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
-    DateTime::parse_from_rfc3339(s).ok().map(|t| t.with_timezone(&Utc))
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&Utc))
 }

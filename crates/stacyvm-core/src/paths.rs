@@ -31,7 +31,9 @@ pub fn normalize(path: &str) -> Result<String> {
             "" | "." => {}
             ".." => {
                 if parts.pop().is_none() {
-                    return Err(Error::invalid(format!("path {path:?} escapes sandbox root")));
+                    return Err(Error::invalid(format!(
+                        "path {path:?} escapes sandbox root"
+                    )));
                 }
             }
             c => parts.push(c),
@@ -46,7 +48,9 @@ pub fn normalize_pattern(pattern: &str) -> Result<String> {
         return Err(Error::invalid("pattern is required"));
     }
     if pattern.split('/').any(|c| c == "..") {
-        return Err(Error::invalid(format!("pattern {pattern:?} must not contain '..'")));
+        return Err(Error::invalid(format!(
+            "pattern {pattern:?} must not contain '..'"
+        )));
     }
     normalize(pattern)
 }
@@ -61,10 +65,14 @@ pub fn parse_mode(mode: &str) -> Result<u32> {
         return Ok(0o755);
     }
     let digits = m.strip_prefix("0o").unwrap_or(m);
-    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-        return Err(Error::invalid(format!("mode {mode:?} is not an octal file mode like 644 or 0755")));
+    if digits.is_empty() || digits.len() > 5 || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+    {
+        return Err(Error::invalid(format!(
+            "mode {mode:?} is not an octal file mode like 644 or 0755"
+        )));
     }
-    let v = u32::from_str_radix(digits, 8).map_err(|_| Error::invalid(format!("mode {mode:?} is invalid")))?;
+    let v = u32::from_str_radix(digits, 8)
+        .map_err(|_| Error::invalid(format!("mode {mode:?} is invalid")))?;
     if v > 0o7777 {
         return Err(Error::invalid(format!("mode {mode:?} is larger than 7777")));
     }
@@ -82,7 +90,9 @@ pub fn new_sandbox_id() -> String {
 pub fn is_sandbox_id(id: &str) -> bool {
     id.len() == 11
         && id.starts_with("sb-")
-        && id[3..].bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && id[3..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// Validates and trims an owner id (spec: ≤128 chars, no `/` `\`,
@@ -99,7 +109,9 @@ pub fn normalize_owner(owner: &str) -> Result<String> {
         return Err(Error::invalid("owner_id must not contain '/' or '\\'"));
     }
     if o.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(Error::invalid("owner_id must not contain whitespace or control characters"));
+        return Err(Error::invalid(
+            "owner_id must not contain whitespace or control characters",
+        ));
     }
     Ok(o.to_string())
 }
@@ -144,7 +156,10 @@ mod tests {
     #[test]
     fn normalize_rules() {
         assert_eq!(normalize("a.txt").expect("rel"), "/workspace/a.txt");
-        assert_eq!(normalize("/workspace/./x/../y").expect("dots"), "/workspace/y");
+        assert_eq!(
+            normalize("/workspace/./x/../y").expect("dots"),
+            "/workspace/y"
+        );
         assert_eq!(normalize("/").expect("root"), "/");
         assert_eq!(normalize("../x").expect("up from workspace"), "/x");
         assert!(normalize("../../x").is_err());

@@ -157,7 +157,8 @@ pub trait Provider: Debug + Send + Sync + 'static {
     async fn spawn(&self, spec: &SpawnSpec) -> Result<Spawned>;
 
     /// Runs a command, streaming output to `sink` in order.
-    async fn exec(&self, runtime_id: &str, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus>;
+    async fn exec(&self, runtime_id: &str, spec: &ExecSpec, sink: OutputSink)
+        -> Result<ExitStatus>;
 
     async fn write_file(&self, runtime_id: &str, path: &str, data: &[u8], mode: u32) -> Result<()>;
     async fn read_file(&self, runtime_id: &str, path: &str) -> Result<Vec<u8>>;
@@ -183,7 +184,10 @@ pub trait Provider: Debug + Send + Sync + 'static {
 
     /// Runtimes owned by this provider, for adoption after a restart.
     async fn list_runtimes(&self) -> Result<Vec<RuntimeInfo>> {
-        Err(Error::unsupported(format!("{}: runtime inventory", self.name())))
+        Err(Error::unsupported(format!(
+            "{}: runtime inventory",
+            self.name()
+        )))
     }
 
     /// Resource usage.

@@ -34,7 +34,11 @@ impl Registry {
             let known: Vec<&str> = map.keys().map(String::as_str).collect();
             return Err(Error::provider_not_found(default).context(&format!(
                 "default provider is not available (registered: {})",
-                if known.is_empty() { "none".to_string() } else { known.join(", ") }
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
             )));
         }
         Ok(Registry {
@@ -83,7 +87,11 @@ impl Registry {
             Err(_) => format!("health check timed out after {}s", HEALTH_TIMEOUT.as_secs()),
         };
         let mut runtime_count = None;
-        if error.is_empty() && p.capabilities().iter().any(|c| c == crate::provider::capability::RUNTIME_INVENTORY) {
+        if error.is_empty()
+            && p.capabilities()
+                .iter()
+                .any(|c| c == crate::provider::capability::RUNTIME_INVENTORY)
+        {
             if let Ok(Ok(list)) = tokio::time::timeout(HEALTH_TIMEOUT, p.list_runtimes()).await {
                 runtime_count = Some(list.len() as i64);
             }

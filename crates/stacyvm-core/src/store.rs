@@ -206,7 +206,12 @@ pub trait Store: Debug + Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<LeaseRecord>;
     /// Extends a lease held (unexpired) by `holder`; else conflict.
-    async fn renew_lease(&self, resource_id: &str, holder_id: &str, ttl: Duration) -> Result<LeaseRecord>;
+    async fn renew_lease(
+        &self,
+        resource_id: &str,
+        holder_id: &str,
+        ttl: Duration,
+    ) -> Result<LeaseRecord>;
     /// Drops a lease held by `holder`; not-found when it is not.
     async fn release_lease(&self, resource_id: &str, holder_id: &str) -> Result<()>;
     async fn get_lease(&self, resource_id: &str) -> Result<LeaseRecord>;

@@ -74,15 +74,33 @@ pub async fn run_spec(p: &dyn Provider, id: &str, spec: ExecSpec) -> stacyvm_cor
     let (res, chunks) = tokio::join!(p.exec(id, &spec, tx), collect);
     let status = res?;
     let join = |k: StreamKind| {
-        let bytes: Vec<u8> = chunks.iter().filter(|c| c.0 == k).flat_map(|c| c.1.clone()).collect();
+        let bytes: Vec<u8> = chunks
+            .iter()
+            .filter(|c| c.0 == k)
+            .flat_map(|c| c.1.clone())
+            .collect();
         String::from_utf8_lossy(&bytes).into_owned()
     };
-    Ok(Ran { code: status.code, stdout: join(StreamKind::Stdout), stderr: join(StreamKind::Stderr), chunks })
+    Ok(Ran {
+        code: status.code,
+        stdout: join(StreamKind::Stdout),
+        stderr: join(StreamKind::Stderr),
+        chunks,
+    })
 }
 
 pub async fn sh(p: &dyn Provider, id: &str, script: &str) -> Ran {
     let argv = paths::build_argv("shell", script, &[]).expect("argv");
-    run_spec(p, id, ExecSpec { argv, ..ExecSpec::default() }).await.expect("exec")
+    run_spec(
+        p,
+        id,
+        ExecSpec {
+            argv,
+            ..ExecSpec::default()
+        },
+    )
+    .await
+    .expect("exec")
 }
 
 pub async fn lifecycle(f: &dyn Fixture) {
@@ -96,9 +114,22 @@ pub async fn lifecycle(f: &dyn Fixture) {
     let e = p.status(&id).await.expect_err("status after destroy");
     assert_eq!(e.kind(), ErrorKind::SandboxNotFound);
     p.destroy(&id).await.expect("destroy is idempotent");
-    let e = p.exec(&id, &ExecSpec { argv: vec!["true".into()], ..Default::default() }, mpsc::channel(1).0).await.expect_err("exec after destroy");
+    let e = p
+        .exec(
+            &id,
+            &ExecSpec {
+                argv: vec!["true".into()],
+                ..Default::default()
+            },
+            mpsc::channel(1).0,
+        )
+        .await
+        .expect_err("exec after destroy");
     assert_eq!(e.kind(), ErrorKind::SandboxNotFound);
-    assert_eq!(p.status("sb-00000000").await.expect_err("unknown").kind(), ErrorKind::SandboxNotFound);
+    assert_eq!(
+        p.status("sb-00000000").await.expect_err("unknown").kind(),
+        ErrorKind::SandboxNotFound
+    );
 }
 
 pub async fn exec_shell_and_argv(f: &dyn Fixture) {
@@ -108,11 +139,30 @@ pub async fn exec_shell_and_argv(f: &dyn Fixture) {
     assert_eq!(r.stdout, "42\n");
     // Shell mode quotes args: the payload stays one literal word.
     let argv = paths::build_argv("shell", "echo", &["$HOME;echo pwned".into()]).expect("argv");
-    let r = run_spec(p.as_ref(), &id, ExecSpec { argv, ..Default::default() }).await.expect("exec");
+    let r = run_spec(
+        p.as_ref(),
+        &id,
+        ExecSpec {
+            argv,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("exec");
     assert_eq!(r.stdout, "$HOME;echo pwned\n");
     // Argv mode never involves a shell.
-    let argv = paths::build_argv("argv", "echo", &["$HOME;echo pwned".into(), "a b".into()]).expect("argv");
-    let r = run_spec(p.as_ref(), &id, ExecSpec { argv, ..Default::default() }).await.expect("exec");
+    let argv = paths::build_argv("argv", "echo", &["$HOME;echo pwned".into(), "a b".into()])
+        .expect("argv");
+    let r = run_spec(
+        p.as_ref(),
+        &id,
+        ExecSpec {
+            argv,
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("exec");
     assert_eq!(r.stdout, "$HOME;echo pwned a b\n");
     assert!(!r.stdout.contains("pwned\npwned"));
     p.destroy(&id).await.expect("destroy");
@@ -122,8 +172,20 @@ pub async fn exit_codes(f: &dyn Fixture) {
     let p = f.provider();
     let id = spawn(p.as_ref(), &f.image()).await;
     let r = sh(p.as_ref(), &id, "echo out; echo err >&2; exit 3").await;
-    assert_eq!((r.code, r.stdout.as_str(), r.stderr.as_str()), (3, "out\n", "err\n"));
-    let r = run_spec(p.as_ref(), &id, ExecSpec { argv: vec!["/definitely/not/here".into()], ..Default::default() }).await.expect("missing program is an exec result");
+    assert_eq!(
+        (r.code, r.stdout.as_str(), r.stderr.as_str()),
+        (3, "out\n", "err\n")
+    );
+    let r = run_spec(
+        p.as_ref(),
+        &id,
+        ExecSpec {
+            argv: vec!["/definitely/not/here".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("missing program is an exec result");
     assert_eq!(r.code, 127, "missing program exits 127 like a shell");
     let r = sh(p.as_ref(), &id, "kill -9 $$").await;
     assert_eq!(r.code, 137, "killed by signal 9 reports 128+9");
@@ -133,18 +195,37 @@ pub async fn exit_codes(f: &dyn Fixture) {
 pub async fn env_and_workdir(f: &dyn Fixture) {
     let p = f.provider();
     let id = spawn(p.as_ref(), &f.image()).await;
-    let r = sh(p.as_ref(), &id, "[ \"$(pwd)\" = \"${SANDBOX_ROOT}/workspace\" ] && echo yes").await;
+    let r = sh(
+        p.as_ref(),
+        &id,
+        "[ \"$(pwd)\" = \"${SANDBOX_ROOT}/workspace\" ] && echo yes",
+    )
+    .await;
     assert_eq!(r.stdout, "yes\n", "default workdir is /workspace");
     let spec = ExecSpec {
-        argv: paths::build_argv("shell", "echo \"$FOO|$BAR\"; [ \"$(pwd)\" = \"${SANDBOX_ROOT}/tmp\" ] && echo /tmp", &[]).expect("argv"),
-        env: BTreeMap::from([("FOO".into(), "foo value".into()), ("BAR".into(), "x=y".into())]),
+        argv: paths::build_argv(
+            "shell",
+            "echo \"$FOO|$BAR\"; [ \"$(pwd)\" = \"${SANDBOX_ROOT}/tmp\" ] && echo /tmp",
+            &[],
+        )
+        .expect("argv"),
+        env: BTreeMap::from([
+            ("FOO".into(), "foo value".into()),
+            ("BAR".into(), "x=y".into()),
+        ]),
         workdir: "/tmp".into(),
         ..Default::default()
     };
     let r = run_spec(p.as_ref(), &id, spec).await.expect("exec");
     assert_eq!(r.stdout, "foo value|x=y\n/tmp\n");
-    let spec = ExecSpec { argv: vec!["true".into()], workdir: "/no/such/dir".into(), ..Default::default() };
-    let e = run_spec(p.as_ref(), &id, spec).await.expect_err("missing workdir");
+    let spec = ExecSpec {
+        argv: vec!["true".into()],
+        workdir: "/no/such/dir".into(),
+        ..Default::default()
+    };
+    let e = run_spec(p.as_ref(), &id, spec)
+        .await
+        .expect_err("missing workdir");
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
     p.destroy(&id).await.expect("destroy");
 }
@@ -152,16 +233,34 @@ pub async fn env_and_workdir(f: &dyn Fixture) {
 pub async fn streaming(f: &dyn Fixture) {
     let p = f.provider();
     let id = spawn(p.as_ref(), &f.image()).await;
-    let r = sh(p.as_ref(), &id, "i=1; while [ $i -le 2000 ]; do echo line$i; echo err$i >&2; i=$((i+1)); done").await;
+    let r = sh(
+        p.as_ref(),
+        &id,
+        "i=1; while [ $i -le 2000 ]; do echo line$i; echo err$i >&2; i=$((i+1)); done",
+    )
+    .await;
     let want_out: String = (1..=2000).map(|i| format!("line{i}\n")).collect();
     let want_err: String = (1..=2000).map(|i| format!("err{i}\n")).collect();
     assert_eq!(r.stdout, want_out, "stdout complete and in order");
     assert_eq!(r.stderr, want_err, "stderr complete and in order");
     // Output is delivered while the command runs, not at the end.
     let r = sh(p.as_ref(), &id, "echo first; sleep 2; echo second").await;
-    let first = r.chunks.iter().find(|c| String::from_utf8_lossy(&c.1).contains("first")).expect("first chunk");
-    let second = r.chunks.iter().find(|c| String::from_utf8_lossy(&c.1).contains("second")).expect("second chunk");
-    assert!(second.2 > first.2 + Duration::from_millis(1000), "first chunk streamed before the command ended: {:?} vs {:?}", first.2, second.2);
+    let first = r
+        .chunks
+        .iter()
+        .find(|c| String::from_utf8_lossy(&c.1).contains("first"))
+        .expect("first chunk");
+    let second = r
+        .chunks
+        .iter()
+        .find(|c| String::from_utf8_lossy(&c.1).contains("second"))
+        .expect("second chunk");
+    assert!(
+        second.2 > first.2 + Duration::from_millis(1000),
+        "first chunk streamed before the command ended: {:?} vs {:?}",
+        first.2,
+        second.2
+    );
     p.destroy(&id).await.expect("destroy");
 }
 
@@ -169,16 +268,27 @@ pub async fn timeout_kills_process_tree(f: &dyn Fixture) {
     let p = f.provider();
     let id = spawn(p.as_ref(), &f.image()).await;
     let spec = ExecSpec {
-        argv: paths::build_argv("shell", "(sleep 2; echo leaked > ${SANDBOX_ROOT}/workspace/after) & sleep 30", &[]).expect("argv"),
+        argv: paths::build_argv(
+            "shell",
+            "(sleep 2; echo leaked > ${SANDBOX_ROOT}/workspace/after) & sleep 30",
+            &[],
+        )
+        .expect("argv"),
         timeout: Some(Duration::from_millis(500)),
         ..Default::default()
     };
     let start = Instant::now();
     let e = run_spec(p.as_ref(), &id, spec).await.expect_err("timeout");
     assert_eq!(e.kind(), ErrorKind::ExecTimeout, "{e}");
-    assert!(start.elapsed() < Duration::from_secs(10), "timeout returned promptly");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "timeout returned promptly"
+    );
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let e = p.read_file(&id, "/workspace/after").await.expect_err("background child must be dead");
+    let e = p
+        .read_file(&id, "/workspace/after")
+        .await
+        .expect_err("background child must be dead");
     assert_eq!(e.kind(), ErrorKind::NotFound);
     // The sandbox still works afterwards.
     assert_eq!(sh(p.as_ref(), &id, "echo ok").await.stdout, "ok\n");
@@ -188,11 +298,19 @@ pub async fn timeout_kills_process_tree(f: &dyn Fixture) {
 pub async fn stdin_is_delivered(f: &dyn Fixture) {
     let p = f.provider();
     let id = spawn(p.as_ref(), &f.image()).await;
-    let spec = ExecSpec { argv: vec!["cat".into()], stdin: Some(b"from stdin\n".to_vec()), ..Default::default() };
+    let spec = ExecSpec {
+        argv: vec!["cat".into()],
+        stdin: Some(b"from stdin\n".to_vec()),
+        ..Default::default()
+    };
     let r = run_spec(p.as_ref(), &id, spec).await.expect("exec");
     assert_eq!(r.stdout, "from stdin\n");
     // Without stdin, reading it hits EOF immediately instead of hanging.
-    let spec = ExecSpec { argv: vec!["cat".into()], timeout: Some(Duration::from_secs(10)), ..Default::default() };
+    let spec = ExecSpec {
+        argv: vec!["cat".into()],
+        timeout: Some(Duration::from_secs(10)),
+        ..Default::default()
+    };
     let r = run_spec(p.as_ref(), &id, spec).await.expect("exec");
     assert_eq!((r.code, r.stdout.as_str()), (0, ""));
     p.destroy(&id).await.expect("destroy");
@@ -202,37 +320,151 @@ pub async fn file_operations(f: &dyn Fixture) {
     let p = f.provider();
     let id = spawn(p.as_ref(), &f.image()).await;
     let p = p.as_ref();
-    p.write_file(&id, "/workspace/dir/sub/a.txt", b"hello", 0o600).await.expect("write creates parents");
-    assert_eq!(p.read_file(&id, "/workspace/dir/sub/a.txt").await.expect("read"), b"hello");
-    assert_eq!(sh(p, &id, "cat ${SANDBOX_ROOT}/workspace/dir/sub/a.txt").await.stdout, "hello", "exec sees API writes");
-    let st = p.stat_file(&id, "/workspace/dir/sub/a.txt").await.expect("stat");
-    assert_eq!((st.path.as_str(), st.size, st.mode.as_str(), st.is_dir, st.name.as_str()), ("/workspace/dir/sub/a.txt", 5, "600", false, "a.txt"));
-    assert!(chrono::DateTime::parse_from_rfc3339(&st.mod_time).is_ok(), "mod_time is RFC 3339: {}", st.mod_time);
-    p.chmod_file(&id, "/workspace/dir/sub/a.txt", 0o755).await.expect("chmod");
-    assert_eq!(p.stat_file(&id, "/workspace/dir/sub/a.txt").await.expect("stat").mode, "755");
-    p.write_file(&id, "/workspace/dir/b.py", b"print(1)", 0o644).await.expect("write b");
+    p.write_file(&id, "/workspace/dir/sub/a.txt", b"hello", 0o600)
+        .await
+        .expect("write creates parents");
+    assert_eq!(
+        p.read_file(&id, "/workspace/dir/sub/a.txt")
+            .await
+            .expect("read"),
+        b"hello"
+    );
+    assert_eq!(
+        sh(p, &id, "cat ${SANDBOX_ROOT}/workspace/dir/sub/a.txt")
+            .await
+            .stdout,
+        "hello",
+        "exec sees API writes"
+    );
+    let st = p
+        .stat_file(&id, "/workspace/dir/sub/a.txt")
+        .await
+        .expect("stat");
+    assert_eq!(
+        (
+            st.path.as_str(),
+            st.size,
+            st.mode.as_str(),
+            st.is_dir,
+            st.name.as_str()
+        ),
+        ("/workspace/dir/sub/a.txt", 5, "600", false, "a.txt")
+    );
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(&st.mod_time).is_ok(),
+        "mod_time is RFC 3339: {}",
+        st.mod_time
+    );
+    p.chmod_file(&id, "/workspace/dir/sub/a.txt", 0o755)
+        .await
+        .expect("chmod");
+    assert_eq!(
+        p.stat_file(&id, "/workspace/dir/sub/a.txt")
+            .await
+            .expect("stat")
+            .mode,
+        "755"
+    );
+    p.write_file(&id, "/workspace/dir/b.py", b"print(1)", 0o644)
+        .await
+        .expect("write b");
     let list = p.list_files(&id, "/workspace/dir").await.expect("list");
     let names: Vec<(&str, bool)> = list.iter().map(|f| (f.path.as_str(), f.is_dir)).collect();
-    assert_eq!(names, vec![("/workspace/dir/b.py", false), ("/workspace/dir/sub", true)]);
-    assert_eq!(p.glob_files(&id, "/workspace/dir/*.py").await.expect("glob"), vec!["/workspace/dir/b.py".to_string()]);
-    assert_eq!(p.glob_files(&id, "/workspace/dir/**/*.txt").await.expect("glob **").len(), 1);
-    assert!(p.glob_files(&id, "/workspace/*.nomatch").await.expect("glob no match").is_empty());
-    p.move_file(&id, "/workspace/dir/b.py", "/workspace/new/place/c.py").await.expect("move creates parent");
-    assert_eq!(p.read_file(&id, "/workspace/new/place/c.py").await.expect("moved"), b"print(1)");
-    assert_eq!(p.read_file(&id, "/workspace/dir/b.py").await.expect_err("old gone").kind(), ErrorKind::NotFound);
-    assert_eq!(p.move_file(&id, "/workspace/nope", "/workspace/x").await.expect_err("move missing").kind(), ErrorKind::NotFound);
-    let e = p.delete_file(&id, "/workspace/dir", false).await.expect_err("non-empty dir needs recursive");
+    assert_eq!(
+        names,
+        vec![("/workspace/dir/b.py", false), ("/workspace/dir/sub", true)]
+    );
+    assert_eq!(
+        p.glob_files(&id, "/workspace/dir/*.py")
+            .await
+            .expect("glob"),
+        vec!["/workspace/dir/b.py".to_string()]
+    );
+    assert_eq!(
+        p.glob_files(&id, "/workspace/dir/**/*.txt")
+            .await
+            .expect("glob **")
+            .len(),
+        1
+    );
+    assert!(p
+        .glob_files(&id, "/workspace/*.nomatch")
+        .await
+        .expect("glob no match")
+        .is_empty());
+    p.move_file(&id, "/workspace/dir/b.py", "/workspace/new/place/c.py")
+        .await
+        .expect("move creates parent");
+    assert_eq!(
+        p.read_file(&id, "/workspace/new/place/c.py")
+            .await
+            .expect("moved"),
+        b"print(1)"
+    );
+    assert_eq!(
+        p.read_file(&id, "/workspace/dir/b.py")
+            .await
+            .expect_err("old gone")
+            .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        p.move_file(&id, "/workspace/nope", "/workspace/x")
+            .await
+            .expect_err("move missing")
+            .kind(),
+        ErrorKind::NotFound
+    );
+    let e = p
+        .delete_file(&id, "/workspace/dir", false)
+        .await
+        .expect_err("non-empty dir needs recursive");
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
-    p.delete_file(&id, "/workspace/dir", true).await.expect("recursive delete");
-    assert_eq!(p.stat_file(&id, "/workspace/dir").await.expect_err("deleted").kind(), ErrorKind::NotFound);
-    p.delete_file(&id, "/workspace/never-existed", false).await.expect("deleting a missing path is ok");
-    assert_eq!(p.read_file(&id, "/workspace/missing").await.expect_err("missing").kind(), ErrorKind::NotFound);
-    assert_eq!(p.list_files(&id, "/workspace/missing").await.expect_err("missing dir").kind(), ErrorKind::NotFound);
-    assert_eq!(p.read_file(&id, "/workspace").await.expect_err("read dir").kind(), ErrorKind::InvalidInput);
+    p.delete_file(&id, "/workspace/dir", true)
+        .await
+        .expect("recursive delete");
+    assert_eq!(
+        p.stat_file(&id, "/workspace/dir")
+            .await
+            .expect_err("deleted")
+            .kind(),
+        ErrorKind::NotFound
+    );
+    p.delete_file(&id, "/workspace/never-existed", false)
+        .await
+        .expect("deleting a missing path is ok");
+    assert_eq!(
+        p.read_file(&id, "/workspace/missing")
+            .await
+            .expect_err("missing")
+            .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        p.list_files(&id, "/workspace/missing")
+            .await
+            .expect_err("missing dir")
+            .kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        p.read_file(&id, "/workspace")
+            .await
+            .expect_err("read dir")
+            .kind(),
+        ErrorKind::InvalidInput
+    );
     // Overwrite replaces content entirely.
-    p.write_file(&id, "/workspace/o.txt", b"long content", 0o644).await.expect("write");
-    p.write_file(&id, "/workspace/o.txt", b"short", 0o644).await.expect("overwrite");
-    assert_eq!(p.read_file(&id, "/workspace/o.txt").await.expect("read"), b"short");
+    p.write_file(&id, "/workspace/o.txt", b"long content", 0o644)
+        .await
+        .expect("write");
+    p.write_file(&id, "/workspace/o.txt", b"short", 0o644)
+        .await
+        .expect("overwrite");
+    assert_eq!(
+        p.read_file(&id, "/workspace/o.txt").await.expect("read"),
+        b"short"
+    );
     p.destroy(&id).await.expect("destroy");
 }
 
@@ -240,13 +472,33 @@ pub async fn binary_and_large_files(f: &dyn Fixture) {
     let p = f.provider();
     let id = spawn(p.as_ref(), &f.image()).await;
     let bin: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
-    p.write_file(&id, "/workspace/bin.dat", &bin, 0o644).await.expect("write binary");
-    assert_eq!(p.read_file(&id, "/workspace/bin.dat").await.expect("read binary"), bin);
-    let big: Vec<u8> = (0..10 * 1024 * 1024u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
-    p.write_file(&id, "/workspace/big.bin", &big, 0o644).await.expect("write 10 MiB");
-    let back = p.read_file(&id, "/workspace/big.bin").await.expect("read 10 MiB");
+    p.write_file(&id, "/workspace/bin.dat", &bin, 0o644)
+        .await
+        .expect("write binary");
+    assert_eq!(
+        p.read_file(&id, "/workspace/bin.dat")
+            .await
+            .expect("read binary"),
+        bin
+    );
+    let big: Vec<u8> = (0..10 * 1024 * 1024u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    p.write_file(&id, "/workspace/big.bin", &big, 0o644)
+        .await
+        .expect("write 10 MiB");
+    let back = p
+        .read_file(&id, "/workspace/big.bin")
+        .await
+        .expect("read 10 MiB");
     assert!(back == big, "10 MiB round trip differs");
-    assert_eq!(sh(p.as_ref(), &id, "wc -c < ${SANDBOX_ROOT}/workspace/big.bin").await.stdout.trim(), "10485760");
+    assert_eq!(
+        sh(p.as_ref(), &id, "wc -c < ${SANDBOX_ROOT}/workspace/big.bin")
+            .await
+            .stdout
+            .trim(),
+        "10485760"
+    );
     p.destroy(&id).await.expect("destroy");
 }
 
@@ -264,7 +516,11 @@ pub async fn symlink_escapes_are_contained(f: &dyn Fixture) {
     let id = spawn(p.as_ref(), &f.image()).await;
     let p = p.as_ref();
     let (_keep, host_path, marker) = host_marker();
-    let host_dir = std::path::Path::new(&host_path).parent().expect("parent").to_string_lossy().to_string();
+    let host_dir = std::path::Path::new(&host_path)
+        .parent()
+        .expect("parent")
+        .to_string_lossy()
+        .to_string();
     let ups = "../".repeat(30);
     let script = format!(
         "cd ${{SANDBOX_ROOT}}/workspace && ln -s {host_path} abs && ln -s {ups}{rel} rel && ln -s {host_dir} dirlink && echo ok",
@@ -272,27 +528,59 @@ pub async fn symlink_escapes_are_contained(f: &dyn Fixture) {
     );
     assert_eq!(sh(p, &id, &script).await.stdout, "ok\n");
     if let Ok(list) = p.list_files(&id, "/workspace/dirlink").await {
-        assert!(list.iter().all(|f| f.name != "marker.txt"), "list through a dir link reached the host");
+        assert!(
+            list.iter().all(|f| f.name != "marker.txt"),
+            "list through a dir link reached the host"
+        );
     }
-    let globbed = p.glob_files(&id, "/workspace/dirlink/*").await.unwrap_or_default();
-    assert!(globbed.iter().all(|g| !g.ends_with("marker.txt")), "glob through a dir link reached the host: {globbed:?}");
-    for link in ["/workspace/abs", "/workspace/rel", "/workspace/dirlink/marker.txt"] {
+    let globbed = p
+        .glob_files(&id, "/workspace/dirlink/*")
+        .await
+        .unwrap_or_default();
+    assert!(
+        globbed.iter().all(|g| !g.ends_with("marker.txt")),
+        "glob through a dir link reached the host: {globbed:?}"
+    );
+    for link in [
+        "/workspace/abs",
+        "/workspace/rel",
+        "/workspace/dirlink/marker.txt",
+    ] {
         if let Ok(data) = p.read_file(&id, link).await {
-            assert!(!String::from_utf8_lossy(&data).contains(&marker), "read through {link} reached the host file");
+            assert!(
+                !String::from_utf8_lossy(&data).contains(&marker),
+                "read through {link} reached the host file"
+            );
         }
         if let Ok(st) = p.stat_file(&id, link).await {
-            assert_ne!(st.size, marker.len() as u64, "stat through {link} looks like the host file");
+            assert_ne!(
+                st.size,
+                marker.len() as u64,
+                "stat through {link} looks like the host file"
+            );
         }
         let _ = p.write_file(&id, link, b"overwritten", 0o644).await;
         let _ = p.chmod_file(&id, link, 0o777).await;
     }
-    let _ = p.move_file(&id, "/workspace/dirlink/marker.txt", "/workspace/stolen.txt").await;
-    let _ = p.delete_file(&id, "/workspace/dirlink/marker.txt", false).await;
+    let _ = p
+        .move_file(
+            &id,
+            "/workspace/dirlink/marker.txt",
+            "/workspace/stolen.txt",
+        )
+        .await;
+    let _ = p
+        .delete_file(&id, "/workspace/dirlink/marker.txt", false)
+        .await;
     let _ = p.delete_file(&id, "/workspace/dirlink", true).await;
     let host_now = std::fs::read_to_string(&host_path).expect("host file still exists");
     assert_eq!(host_now, marker, "host file content unchanged");
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(&host_path).expect("meta").permissions().mode() & 0o777;
+    let mode = std::fs::metadata(&host_path)
+        .expect("meta")
+        .permissions()
+        .mode()
+        & 0o777;
     assert_ne!(mode, 0o777, "host file mode unchanged");
     p.destroy(&id).await.expect("destroy");
 }
@@ -300,7 +588,12 @@ pub async fn symlink_escapes_are_contained(f: &dyn Fixture) {
 pub async fn traversal_is_rejected_before_providers(_f: &dyn Fixture) {
     // The orchestrator normalises every path before a provider sees it;
     // climbing above the root is an error for every operation's input.
-    for bad in ["../../etc/passwd", "/../etc/passwd", "/workspace/../../x", "a/../../../b"] {
+    for bad in [
+        "../../etc/passwd",
+        "/../etc/passwd",
+        "/workspace/../../x",
+        "a/../../../b",
+    ] {
         let e = paths::normalize(bad).expect_err(bad);
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
     }
@@ -312,10 +605,22 @@ pub async fn sandboxes_are_separate(f: &dyn Fixture) {
     let p = f.provider();
     let a = spawn(p.as_ref(), &f.image()).await;
     let b = spawn(p.as_ref(), &f.image()).await;
-    p.write_file(&a, "/workspace/only-a.txt", b"a", 0o644).await.expect("write a");
-    assert_eq!(p.read_file(&b, "/workspace/only-a.txt").await.expect_err("not in b").kind(), ErrorKind::NotFound);
+    p.write_file(&a, "/workspace/only-a.txt", b"a", 0o644)
+        .await
+        .expect("write a");
+    assert_eq!(
+        p.read_file(&b, "/workspace/only-a.txt")
+            .await
+            .expect_err("not in b")
+            .kind(),
+        ErrorKind::NotFound
+    );
     p.destroy(&a).await.expect("destroy a");
-    assert_eq!(sh(p.as_ref(), &b, "echo alive").await.stdout, "alive\n", "destroying a leaves b running");
+    assert_eq!(
+        sh(p.as_ref(), &b, "echo alive").await.stdout,
+        "alive\n",
+        "destroying a leaves b running"
+    );
     p.destroy(&b).await.expect("destroy b");
 }
 
@@ -334,7 +639,9 @@ pub async fn concurrent_execs(f: &dyn Fixture) {
     p.destroy(&id).await.expect("destroy");
 }
 
-async fn futures_join_all<F: std::future::Future + Send + 'static>(futs: impl Iterator<Item = F>) -> Vec<F::Output>
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<F::Output>
 where
     F::Output: Send + 'static,
 {
@@ -349,17 +656,43 @@ where
 pub async fn restart_visibility(f: &dyn Fixture) {
     let first = f.provider();
     let id = spawn(first.as_ref(), &f.image()).await;
-    first.write_file(&id, "/workspace/keep.txt", b"kept", 0o644).await.expect("write");
+    first
+        .write_file(&id, "/workspace/keep.txt", b"kept", 0o644)
+        .await
+        .expect("write");
     let second = f.provider();
     if f.survives_restart() {
-        assert_eq!(second.status(&id).await.expect("status after restart").state, "running");
-        assert_eq!(second.read_file(&id, "/workspace/keep.txt").await.expect("read after restart"), b"kept");
+        assert_eq!(
+            second
+                .status(&id)
+                .await
+                .expect("status after restart")
+                .state,
+            "running"
+        );
+        assert_eq!(
+            second
+                .read_file(&id, "/workspace/keep.txt")
+                .await
+                .expect("read after restart"),
+            b"kept"
+        );
         assert_eq!(sh(second.as_ref(), &id, "echo back").await.stdout, "back\n");
         if let Ok(rts) = second.list_runtimes().await {
-            assert!(rts.iter().any(|r| r.sandbox_id == id), "inventory lists the sandbox");
+            assert!(
+                rts.iter().any(|r| r.sandbox_id == id),
+                "inventory lists the sandbox"
+            );
         }
     } else {
-        assert_eq!(second.status(&id).await.expect_err("gone after restart").kind(), ErrorKind::SandboxNotFound);
+        assert_eq!(
+            second
+                .status(&id)
+                .await
+                .expect_err("gone after restart")
+                .kind(),
+            ErrorKind::SandboxNotFound
+        );
     }
     second.destroy(&id).await.expect("destroy via new instance");
     let _ = first.destroy(&id).await;

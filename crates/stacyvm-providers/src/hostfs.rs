@@ -28,8 +28,12 @@ fn io_err(path: &str, e: io::Error) -> Error {
         io::ErrorKind::NotFound => Error::not_found(format!("path {path:?}")),
         io::ErrorKind::AlreadyExists => Error::conflict(format!("path {path:?} already exists")),
         io::ErrorKind::PermissionDenied => Error::forbidden(format!("permission denied: {path:?}")),
-        io::ErrorKind::DirectoryNotEmpty => Error::invalid(format!("directory {path:?} is not empty (use recursive)")),
-        io::ErrorKind::NotADirectory => Error::invalid(format!("a component of {path:?} is not a directory")),
+        io::ErrorKind::DirectoryNotEmpty => {
+            Error::invalid(format!("directory {path:?} is not empty (use recursive)"))
+        }
+        io::ErrorKind::NotADirectory => {
+            Error::invalid(format!("a component of {path:?} is not a directory"))
+        }
         io::ErrorKind::IsADirectory => Error::invalid(format!("{path:?} is a directory")),
         _ => Error::internal(format!("file operation on {path:?} failed")).with_source(e),
     }
@@ -49,7 +53,12 @@ impl HostRoot {
     /// delete, move, lstat). Missing components are allowed at the end.
     pub fn resolve(&self, path: &str, follow_last: bool) -> Result<PathBuf> {
         let mut parts: Vec<String> = Vec::new();
-        let mut pending: Vec<String> = path.split('/').filter(|c| !c.is_empty()).rev().map(str::to_string).collect();
+        let mut pending: Vec<String> = path
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .rev()
+            .map(str::to_string)
+            .collect();
         let mut links = 0;
         while let Some(comp) = pending.pop() {
             match comp.as_str() {
@@ -74,7 +83,9 @@ impl HostRoot {
                 Ok(m) if m.file_type().is_symlink() => {
                     links += 1;
                     if links > MAX_LINKS {
-                        return Err(Error::invalid(format!("too many levels of symbolic links in {path:?}")));
+                        return Err(Error::invalid(format!(
+                            "too many levels of symbolic links in {path:?}"
+                        )));
                     }
                     let target = fs::read_link(&candidate).map_err(|e| io_err(path, e))?;
                     let t = target.to_string_lossy().to_string();
@@ -96,7 +107,12 @@ impl HostRoot {
     }
 
     fn info(&self, sandbox_path: &str, host: &Path, lstat: bool) -> Result<FileInfo> {
-        let m = if lstat { fs::symlink_metadata(host) } else { fs::metadata(host) }.map_err(|e| io_err(sandbox_path, e))?;
+        let m = if lstat {
+            fs::symlink_metadata(host)
+        } else {
+            fs::metadata(host)
+        }
+        .map_err(|e| io_err(sandbox_path, e))?;
         Ok(file_info(sandbox_path, &m))
     }
 
@@ -108,7 +124,9 @@ impl HostRoot {
         // Write to a temp file and rename: readers never see partial content.
         let tmp = host.with_file_name(format!(
             ".{}.stacyvm-tmp-{}",
-            host.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default(),
+            host.file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default(),
             std::process::id()
         ));
         fs::write(&tmp, data).map_err(|e| io_err(path, e))?;
@@ -138,7 +156,11 @@ impl HostRoot {
         for entry in fs::read_dir(&host).map_err(|e| io_err(path, e))? {
             let entry = entry.map_err(|e| io_err(path, e))?;
             let name = entry.file_name().to_string_lossy().to_string();
-            let child = if path == "/" { format!("/{name}") } else { format!("{path}/{name}") };
+            let child = if path == "/" {
+                format!("/{name}")
+            } else {
+                format!("{path}/{name}")
+            };
             if let Ok(m) = entry.metadata() {
                 out.push(file_info(&child, &m));
             }
@@ -191,7 +213,9 @@ impl HostRoot {
     }
 
     pub fn is_dir(&self, path: &str) -> bool {
-        self.resolve(path, true).map(|p| p.is_dir()).unwrap_or(false)
+        self.resolve(path, true)
+            .map(|p| p.is_dir())
+            .unwrap_or(false)
     }
 
     /// Glob inside the root (`*`, `?`, `[..]`, and `**` for any depth);
@@ -204,8 +228,9 @@ impl HostRoot {
             if *c == "**" {
                 compiled.push(None);
             } else {
-                let pat = glob::Pattern::new(c)
-                    .map_err(|e| Error::invalid(format!("invalid glob pattern {pattern:?}: {}", e.msg)))?;
+                let pat = glob::Pattern::new(c).map_err(|e| {
+                    Error::invalid(format!("invalid glob pattern {pattern:?}: {}", e.msg))
+                })?;
                 compiled.push(Some(pat));
             }
         }
@@ -214,7 +239,13 @@ impl HostRoot {
         Ok(out.into_iter().collect())
     }
 
-    fn glob_walk(&self, dir: &str, pats: &[Option<glob::Pattern>], depth: usize, out: &mut std::collections::BTreeSet<String>) {
+    fn glob_walk(
+        &self,
+        dir: &str,
+        pats: &[Option<glob::Pattern>],
+        depth: usize,
+        out: &mut std::collections::BTreeSet<String>,
+    ) {
         if out.len() >= 100_000 || depth > 64 {
             return;
         }
@@ -222,8 +253,18 @@ impl HostRoot {
             out.insert(dir.to_string());
             return;
         };
-        let join = |name: &str| if dir == "/" { format!("/{name}") } else { format!("{dir}/{name}") };
-        let opts = glob::MatchOptions { case_sensitive: true, require_literal_separator: true, require_literal_leading_dot: true };
+        let join = |name: &str| {
+            if dir == "/" {
+                format!("/{name}")
+            } else {
+                format!("{dir}/{name}")
+            }
+        };
+        let opts = glob::MatchOptions {
+            case_sensitive: true,
+            require_literal_separator: true,
+            require_literal_leading_dot: true,
+        };
         match first {
             None => {
                 // `**`: zero directories here, or descend into each subdirectory.
@@ -241,7 +282,10 @@ impl HostRoot {
                 let literal = !p.as_str().contains(['*', '?', '[']);
                 if literal {
                     let child = join(p.as_str());
-                    let exists = self.resolve(&child, false).map(|h| fs::symlink_metadata(h).is_ok()).unwrap_or(false);
+                    let exists = self
+                        .resolve(&child, false)
+                        .map(|h| fs::symlink_metadata(h).is_ok())
+                        .unwrap_or(false);
                     if exists && (rest.is_empty() || self.is_dir(&child)) {
                         self.glob_walk(&child, rest, depth + 1, out);
                     }
@@ -260,9 +304,16 @@ impl HostRoot {
     }
 
     fn entries(&self, dir: &str) -> Vec<String> {
-        let Ok(host) = self.resolve(dir, true) else { return Vec::new() };
-        let Ok(rd) = fs::read_dir(host) else { return Vec::new() };
-        let mut v: Vec<String> = rd.flatten().map(|e| e.file_name().to_string_lossy().to_string()).collect();
+        let Ok(host) = self.resolve(dir, true) else {
+            return Vec::new();
+        };
+        let Ok(rd) = fs::read_dir(host) else {
+            return Vec::new();
+        };
+        let mut v: Vec<String> = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().to_string())
+            .collect();
         v.sort();
         v
     }
@@ -271,14 +322,22 @@ impl HostRoot {
 /// Builds the normalised FileInfo for a sandbox path.
 pub fn file_info(sandbox_path: &str, m: &fs::Metadata) -> FileInfo {
     let mtime = DateTime::<Utc>::from_timestamp(m.mtime(), 0).unwrap_or_default();
-    let name = sandbox_path.rsplit('/').next().unwrap_or_default().to_string();
+    let name = sandbox_path
+        .rsplit('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     FileInfo {
         path: sandbox_path.to_string(),
         size: if m.is_dir() { 0 } else { m.len() },
         mode: format_mode(m.mode()),
         is_dir: m.is_dir(),
         mod_time: format_mod_time(mtime),
-        name: if sandbox_path == "/" { "/".into() } else { name },
+        name: if sandbox_path == "/" {
+            "/".into()
+        } else {
+            name
+        },
     }
 }
 
@@ -294,11 +353,23 @@ mod tests {
         fs::write(outside.path().join("secret"), "host secret").expect("secret");
         let root = HostRoot::new(dir.path());
         root.mkdir_all("/workspace").expect("ws");
-        symlink(outside.path().join("secret"), dir.path().join("workspace/abs")).expect("abs link");
-        symlink("../../../../../../../../../../..".to_string() + &outside.path().join("secret").to_string_lossy(), dir.path().join("workspace/rel")).expect("rel link");
+        symlink(
+            outside.path().join("secret"),
+            dir.path().join("workspace/abs"),
+        )
+        .expect("abs link");
+        symlink(
+            "../../../../../../../../../../..".to_string()
+                + &outside.path().join("secret").to_string_lossy(),
+            dir.path().join("workspace/rel"),
+        )
+        .expect("rel link");
         for p in ["/workspace/abs", "/workspace/rel"] {
             let r = root.read(p);
-            assert!(r.is_err() || r.as_ref().map(|d| d != b"host secret").unwrap_or(true), "{p} escaped: {r:?}");
+            assert!(
+                r.is_err() || r.as_ref().map(|d| d != b"host secret").unwrap_or(true),
+                "{p} escaped: {r:?}"
+            );
         }
         let resolved = root.resolve("/workspace/abs", true).expect("resolve");
         assert!(resolved.starts_with(dir.path()));

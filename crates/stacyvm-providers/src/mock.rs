@@ -17,8 +17,8 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use stacyvm_api::FileInfo;
 use stacyvm_core::provider::{
-    capability, ExecSpec, ExitStatus, OutputChunk, OutputSink, Provider, RuntimeInfo, RuntimeStatus,
-    SpawnSpec, Spawned, StreamKind,
+    capability, ExecSpec, ExitStatus, OutputChunk, OutputSink, Provider, RuntimeInfo,
+    RuntimeStatus, SpawnSpec, Spawned, StreamKind,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -57,7 +57,9 @@ impl MockProvider {
         Ok(HostRoot::new(self.dir(id)?))
     }
 
-    async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    async fn blocking<T: Send + 'static>(
+        f: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> Result<T> {
         tokio::task::spawn_blocking(f)
             .await
             .map_err(|e| Error::internal("file worker failed").with_source(e))?
@@ -82,7 +84,12 @@ async fn pump(mut r: impl tokio::io::AsyncRead + Unpin, stream: StreamKind, sink
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 // A closed receiver must not stop the command: keep draining.
-                let _ = sink.send(OutputChunk { stream, data: buf[..n].to_vec() }).await;
+                let _ = sink
+                    .send(OutputChunk {
+                        stream,
+                        data: buf[..n].to_vec(),
+                    })
+                    .await;
             }
         }
     }
@@ -105,7 +112,10 @@ impl Provider for MockProvider {
         BTreeMap::from([
             ("type".to_string(), "mock".to_string()),
             ("base_dir".to_string(), self.base.display().to_string()),
-            ("isolation".to_string(), "none: runs commands on the host (test double)".to_string()),
+            (
+                "isolation".to_string(),
+                "none: runs commands on the host (test double)".to_string(),
+            ),
         ])
     }
 
@@ -113,13 +123,19 @@ impl Provider for MockProvider {
         if self.base.is_dir() {
             Ok(())
         } else {
-            Err(Error::unavailable(format!("mock base dir {} is missing", self.base.display())))
+            Err(Error::unavailable(format!(
+                "mock base dir {} is missing",
+                self.base.display()
+            )))
         }
     }
 
     async fn spawn(&self, spec: &SpawnSpec) -> Result<Spawned> {
         if spec.image.contains(char::is_whitespace) {
-            return Err(Error::invalid(format!("invalid image name {:?}", spec.image)));
+            return Err(Error::invalid(format!(
+                "invalid image name {:?}",
+                spec.image
+            )));
         }
         let dir = self.base.join(&spec.id);
         let meta = serde_json::json!({
@@ -145,10 +161,16 @@ impl Provider for MockProvider {
     async fn exec(&self, id: &str, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus> {
         let dir = self.dir(id)?;
         let root = HostRoot::new(&dir);
-        let workdir = if spec.workdir.is_empty() { "/workspace".to_string() } else { spec.workdir.clone() };
+        let workdir = if spec.workdir.is_empty() {
+            "/workspace".to_string()
+        } else {
+            spec.workdir.clone()
+        };
         let cwd = root.resolve(&workdir, true)?;
         if !cwd.is_dir() {
-            return Err(Error::invalid(format!("workdir {workdir:?} does not exist")));
+            return Err(Error::invalid(format!(
+                "workdir {workdir:?} does not exist"
+            )));
         }
         let Some((prog, args)) = spec.argv.split_first() else {
             return Err(Error::invalid("empty command"));
@@ -160,7 +182,11 @@ impl Provider for MockProvider {
             .env("WORKSPACE", dir.join("workspace"))
             .env("SANDBOX_ROOT", &dir)
             .envs(&spec.env)
-            .stdin(if spec.stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdin(if spec.stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -169,13 +195,29 @@ impl Provider for MockProvider {
             Ok(c) => c,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let msg = format!("stacyvm: {prog}: command not found\n");
-                let _ = sink.send(OutputChunk { stream: StreamKind::Stderr, data: msg.into_bytes() }).await;
-                return Ok(ExitStatus { code: 127, signal: None });
+                let _ = sink
+                    .send(OutputChunk {
+                        stream: StreamKind::Stderr,
+                        data: msg.into_bytes(),
+                    })
+                    .await;
+                return Ok(ExitStatus {
+                    code: 127,
+                    signal: None,
+                });
             }
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
                 let msg = format!("stacyvm: {prog}: permission denied\n");
-                let _ = sink.send(OutputChunk { stream: StreamKind::Stderr, data: msg.into_bytes() }).await;
-                return Ok(ExitStatus { code: 126, signal: None });
+                let _ = sink
+                    .send(OutputChunk {
+                        stream: StreamKind::Stderr,
+                        data: msg.into_bytes(),
+                    })
+                    .await;
+                return Ok(ExitStatus {
+                    code: 126,
+                    signal: None,
+                });
             }
             Err(e) => return Err(Error::internal("starting command").with_source(e)),
         };
@@ -185,8 +227,14 @@ impl Provider for MockProvider {
                 let _ = stdin.write_all(&data).await;
             });
         }
-        let out = child.stdout.take().map(|o| tokio::spawn(pump(o, StreamKind::Stdout, sink.clone())));
-        let err = child.stderr.take().map(|e| tokio::spawn(pump(e, StreamKind::Stderr, sink.clone())));
+        let out = child
+            .stdout
+            .take()
+            .map(|o| tokio::spawn(pump(o, StreamKind::Stdout, sink.clone())));
+        let err = child
+            .stderr
+            .take()
+            .map(|e| tokio::spawn(pump(e, StreamKind::Stderr, sink.clone())));
         let wait = async {
             let status = child.wait().await;
             // Output pipes close when every process holding them exits.
@@ -214,9 +262,18 @@ impl Provider for MockProvider {
         let _ = guard;
         use std::os::unix::process::ExitStatusExt;
         Ok(match (status.code(), status.signal()) {
-            (Some(c), _) => ExitStatus { code: c, signal: None },
-            (None, Some(s)) => ExitStatus { code: 128 + s, signal: Some(s) },
-            _ => ExitStatus { code: -1, signal: None },
+            (Some(c), _) => ExitStatus {
+                code: c,
+                signal: None,
+            },
+            (None, Some(s)) => ExitStatus {
+                code: 128 + s,
+                signal: Some(s),
+            },
+            _ => ExitStatus {
+                code: -1,
+                signal: None,
+            },
         })
     }
 
@@ -280,7 +337,9 @@ impl Provider for MockProvider {
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {
         self.dir(id)?;
-        Ok(RuntimeStatus { state: "running".into() })
+        Ok(RuntimeStatus {
+            state: "running".into(),
+        })
     }
 
     async fn destroy(&self, id: &str) -> Result<()> {
@@ -292,7 +351,13 @@ impl Provider for MockProvider {
         Self::blocking(move || {
             // Remove the marker first so a crash mid-way leaves no "live" sandbox.
             let _ = std::fs::remove_file(dir.join(META));
-            std::fs::remove_dir_all(&dir).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })?;
+            std::fs::remove_dir_all(&dir).or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })?;
             Ok(())
         })
         .await
@@ -318,16 +383,31 @@ impl Provider for MockProvider {
                 if !stacyvm_core::paths::is_sandbox_id(&id) {
                     continue;
                 }
-                let Ok(text) = std::fs::read_to_string(entry.path().join(META)) else { continue };
+                let Ok(text) = std::fs::read_to_string(entry.path().join(META)) else {
+                    continue;
+                };
                 let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-                let s = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
-                let t = |k: &str| v.get(k).and_then(|x| x.as_str()).and_then(|x| DateTime::parse_from_rfc3339(x).ok()).map(|x| x.with_timezone(&Utc));
+                let s = |k: &str| {
+                    v.get(k)
+                        .and_then(|x| x.as_str())
+                        .unwrap_or_default()
+                        .to_string()
+                };
+                let t = |k: &str| {
+                    v.get(k)
+                        .and_then(|x| x.as_str())
+                        .and_then(|x| DateTime::parse_from_rfc3339(x).ok())
+                        .map(|x| x.with_timezone(&Utc))
+                };
                 out.push(RuntimeInfo {
                     sandbox_id: id,
                     state: "running".into(),
                     image: s("image"),
                     created_at: t("created_at"),
-                    metadata: v.get("metadata").and_then(|m| serde_json::from_value(m.clone()).ok()).unwrap_or_default(),
+                    metadata: v
+                        .get("metadata")
+                        .and_then(|m| serde_json::from_value(m.clone()).ok())
+                        .unwrap_or_default(),
                     owner_id: s("owner_id"),
                     tenant_id: s("tenant_id"),
                     expires_at: t("expires_at"),

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use stacyvm_core::store::{
-    AdminAuditRecord, ExecLogRecord, OpAuditFilter, OpAuditRecord, QuotaRecord, SandboxRecord, Store,
-    TemplateRecord, WorkerRecord,
+    AdminAuditRecord, ExecLogRecord, OpAuditFilter, OpAuditRecord, QuotaRecord, SandboxRecord,
+    Store, TemplateRecord, WorkerRecord,
 };
 use stacyvm_core::ErrorKind;
 
@@ -41,17 +41,37 @@ pub async fn sandbox_lifecycle(s: &dyn Store) {
     let got = s.get_sandbox("sb-00000001").await.expect("get");
     assert_eq!(got.id, rec.id);
     assert_eq!(got.metadata, rec.metadata);
-    assert_eq!(got.created_at, rec.created_at, "timestamps round-trip with nanoseconds");
+    assert_eq!(
+        got.created_at, rec.created_at,
+        "timestamps round-trip with nanoseconds"
+    );
     let dup = s.insert_sandbox(&rec).await.expect_err("duplicate");
     assert_eq!(dup.kind(), ErrorKind::Conflict);
     let missing = s.get_sandbox("sb-ffffffff").await.expect_err("missing");
     assert_eq!(missing.kind(), ErrorKind::NotFound);
-    s.set_sandbox_state("sb-00000001", "destroyed").await.expect("destroy");
+    s.set_sandbox_state("sb-00000001", "destroyed")
+        .await
+        .expect("destroy");
     assert!(s.list_active_sandboxes().await.expect("list").is_empty());
-    assert_eq!(s.get_sandbox("sb-00000001").await.expect("soft delete keeps row").state, "destroyed");
-    let e = s.set_sandbox_expiry("sb-00000001", Utc::now()).await.expect_err("expiry of destroyed");
+    assert_eq!(
+        s.get_sandbox("sb-00000001")
+            .await
+            .expect("soft delete keeps row")
+            .state,
+        "destroyed"
+    );
+    let e = s
+        .set_sandbox_expiry("sb-00000001", Utc::now())
+        .await
+        .expect_err("expiry of destroyed");
     assert_eq!(e.kind(), ErrorKind::NotFound);
-    assert_eq!(s.set_sandbox_state("sb-ffffffff", "x").await.expect_err("state of missing").kind(), ErrorKind::NotFound);
+    assert_eq!(
+        s.set_sandbox_state("sb-ffffffff", "x")
+            .await
+            .expect_err("state of missing")
+            .kind(),
+        ErrorKind::NotFound
+    );
 }
 
 pub async fn sandbox_listing_order_and_expiry(s: &dyn Store) {
@@ -61,7 +81,9 @@ pub async fn sandbox_listing_order_and_expiry(s: &dyn Store) {
     let list = s.list_active_sandboxes().await.expect("list");
     let ids: Vec<&str> = list.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, vec!["sb-0000000b", "sb-0000000a"], "newest first");
-    s.set_sandbox_expiry(&a.id, Utc::now() - chrono::Duration::seconds(1)).await.expect("expire");
+    s.set_sandbox_expiry(&a.id, Utc::now() - chrono::Duration::seconds(1))
+        .await
+        .expect("expire");
     let expired = s.list_expired_sandboxes(Utc::now()).await.expect("expired");
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].id, a.id);
@@ -115,7 +137,13 @@ pub async fn templates(s: &dyn Store) {
     let e = s.create_template(&template("a")).await.expect_err("dup");
     assert_eq!(e.kind(), ErrorKind::Conflict);
     assert_eq!(e.to_string(), "conflict: template already exists");
-    let names: Vec<String> = s.list_templates().await.expect("list").into_iter().map(|t| t.name).collect();
+    let names: Vec<String> = s
+        .list_templates()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|t| t.name)
+        .collect();
     assert_eq!(names, vec!["a", "b"]);
     let mut t = s.get_template("a").await.expect("get");
     let created = t.created_at;
@@ -124,10 +152,22 @@ pub async fn templates(s: &dyn Store) {
     let u = s.update_template(&t).await.expect("update");
     assert_eq!(u.image, "alpine");
     assert_eq!(u.created_at, created, "update keeps created_at");
-    assert_eq!(s.update_template(&template("zz")).await.expect_err("missing").kind(), ErrorKind::NotFound);
+    assert_eq!(
+        s.update_template(&template("zz"))
+            .await
+            .expect_err("missing")
+            .kind(),
+        ErrorKind::NotFound
+    );
     s.delete_template("a").await.expect("delete");
-    assert_eq!(s.delete_template("a").await.expect_err("gone").kind(), ErrorKind::NotFound);
-    assert_eq!(s.get_template("a").await.expect_err("gone").kind(), ErrorKind::NotFound);
+    assert_eq!(
+        s.delete_template("a").await.expect_err("gone").kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        s.get_template("a").await.expect_err("gone").kind(),
+        ErrorKind::NotFound
+    );
 }
 
 pub async fn quotas(s: &dyn Store) {
@@ -173,11 +213,20 @@ pub async fn audit(s: &dyn Store) {
         .await
         .expect("insert op audit");
     }
-    let f = OpAuditFilter { action: "exec".into(), ..Default::default() };
+    let f = OpAuditFilter {
+        action: "exec".into(),
+        ..Default::default()
+    };
     assert_eq!(s.list_op_audit(&f).await.expect("by action").len(), 2);
-    let f = OpAuditFilter { tenant_id: "acme".into(), ..Default::default() };
+    let f = OpAuditFilter {
+        tenant_id: "acme".into(),
+        ..Default::default()
+    };
     assert_eq!(s.list_op_audit(&f).await.expect("by tenant").len(), 1);
-    let f = OpAuditFilter { since: Some(Utc::now() + chrono::Duration::seconds(5)), ..Default::default() };
+    let f = OpAuditFilter {
+        since: Some(Utc::now() + chrono::Duration::seconds(5)),
+        ..Default::default()
+    };
     assert!(s.list_op_audit(&f).await.expect("since").is_empty());
     s.insert_admin_audit(&AdminAuditRecord {
         id: 0,
@@ -221,26 +270,61 @@ pub async fn workers(s: &dyn Store) {
 
 pub async fn leases(s: &dyn Store) {
     let ttl = Duration::from_secs(60);
-    let l = s.acquire_lease("sb-1", "sandbox", "w1", ttl).await.expect("acquire");
+    let l = s
+        .acquire_lease("sb-1", "sandbox", "w1", ttl)
+        .await
+        .expect("acquire");
     assert_eq!(l.generation, 1);
-    let l = s.acquire_lease("sb-1", "sandbox", "w1", ttl).await.expect("re-acquire by holder");
+    let l = s
+        .acquire_lease("sb-1", "sandbox", "w1", ttl)
+        .await
+        .expect("re-acquire by holder");
     assert_eq!(l.generation, 2);
-    let e = s.acquire_lease("sb-1", "sandbox", "w2", ttl).await.expect_err("held elsewhere");
+    let e = s
+        .acquire_lease("sb-1", "sandbox", "w2", ttl)
+        .await
+        .expect_err("held elsewhere");
     assert_eq!(e.kind(), ErrorKind::Conflict);
     assert_eq!(e.to_string(), "conflict: lease is held by another worker");
     let l = s.renew_lease("sb-1", "w1", ttl).await.expect("renew");
     assert_eq!(l.generation, 3);
-    assert_eq!(s.renew_lease("sb-1", "w2", ttl).await.expect_err("renew by other").kind(), ErrorKind::Conflict);
+    assert_eq!(
+        s.renew_lease("sb-1", "w2", ttl)
+            .await
+            .expect_err("renew by other")
+            .kind(),
+        ErrorKind::Conflict
+    );
     // An expired lease can be taken over.
-    s.acquire_lease("sb-2", "sandbox", "w1", Duration::from_millis(1)).await.expect("short");
+    s.acquire_lease("sb-2", "sandbox", "w1", Duration::from_millis(1))
+        .await
+        .expect("short");
     tokio::time::sleep(Duration::from_millis(5)).await;
-    assert_eq!(s.renew_lease("sb-2", "w1", ttl).await.expect_err("expired renew").kind(), ErrorKind::Conflict);
-    let taken = s.acquire_lease("sb-2", "sandbox", "w2", ttl).await.expect("take over expired");
+    assert_eq!(
+        s.renew_lease("sb-2", "w1", ttl)
+            .await
+            .expect_err("expired renew")
+            .kind(),
+        ErrorKind::Conflict
+    );
+    let taken = s
+        .acquire_lease("sb-2", "sandbox", "w2", ttl)
+        .await
+        .expect("take over expired");
     assert_eq!(taken.holder_id, "w2");
     assert_eq!(taken.generation, 2);
-    assert_eq!(s.release_lease("sb-1", "w2").await.expect_err("not holder").kind(), ErrorKind::NotFound);
+    assert_eq!(
+        s.release_lease("sb-1", "w2")
+            .await
+            .expect_err("not holder")
+            .kind(),
+        ErrorKind::NotFound
+    );
     s.release_lease("sb-1", "w1").await.expect("release");
-    assert_eq!(s.get_lease("sb-1").await.expect_err("gone").kind(), ErrorKind::NotFound);
+    assert_eq!(
+        s.get_lease("sb-1").await.expect_err("gone").kind(),
+        ErrorKind::NotFound
+    );
     assert_eq!(s.list_leases().await.expect("list").len(), 1);
     assert!(s.acquire_lease("", "sandbox", "w1", ttl).await.is_err());
 }

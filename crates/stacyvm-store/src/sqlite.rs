@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{Row, SqlitePool};
 use stacyvm_core::store::{
     AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditFilter, OpAuditRecord, QuotaRecord,
@@ -30,7 +32,8 @@ impl SqliteStore {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir).map_err(|e| {
-                    Error::internal(format!("creating database directory {}", dir.display())).with_source(e)
+                    Error::internal(format!("creating database directory {}", dir.display()))
+                        .with_source(e)
                 })?;
             }
         }
@@ -81,11 +84,12 @@ impl SqliteStore {
         .map_err(db_err)?;
         for (version, sql) in MIGRATIONS {
             let mut tx = self.pool.begin().await.map_err(db_err)?;
-            let done: Option<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
-                .bind(version)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db_err)?;
+            let done: Option<i64> =
+                sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
+                    .bind(version)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(db_err)?;
             if done.is_some() {
                 continue;
             }
@@ -163,7 +167,8 @@ fn worker_from(row: &SqliteRow) -> Result<WorkerRecord> {
         status: row.get("status"),
         providers: from_json(row.get::<&str, _>("providers")),
         capabilities: from_json(row.get::<&str, _>("capabilities")),
-        capacity: serde_json::from_str(row.get::<&str, _>("capacity")).unwrap_or(serde_json::Value::Null),
+        capacity: serde_json::from_str(row.get::<&str, _>("capacity"))
+            .unwrap_or(serde_json::Value::Null),
         last_heartbeat: parse_ts(row.get("last_heartbeat"))?,
         created_at: parse_ts(row.get("created_at"))?,
         updated_at: parse_ts(row.get("updated_at"))?,
@@ -217,7 +222,10 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<()> {
-        sqlx::query("SELECT 1").execute(&self.pool).await.map_err(db_err)?;
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
         Ok(())
     }
 
@@ -260,10 +268,12 @@ impl Store for SqliteStore {
     }
 
     async fn list_active_sandboxes(&self) -> Result<Vec<SandboxRecord>> {
-        let rows = sqlx::query("SELECT * FROM sandboxes WHERE state != 'destroyed' ORDER BY created_at DESC, id")
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?;
+        let rows = sqlx::query(
+            "SELECT * FROM sandboxes WHERE state != 'destroyed' ORDER BY created_at DESC, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
         rows.iter().map(sandbox_from).collect()
     }
 
@@ -314,12 +324,13 @@ impl Store for SqliteStore {
     }
 
     async fn list_exec_logs(&self, sandbox_id: &str, limit: i64) -> Result<Vec<ExecLogRecord>> {
-        let rows = sqlx::query("SELECT * FROM exec_logs WHERE sandbox_id = ? ORDER BY id DESC LIMIT ?")
-            .bind(sandbox_id)
-            .bind(limit.clamp(1, 1000))
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?;
+        let rows =
+            sqlx::query("SELECT * FROM exec_logs WHERE sandbox_id = ? ORDER BY id DESC LIMIT ?")
+                .bind(sandbox_id)
+                .bind(limit.clamp(1, 1000))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
         rows.iter()
             .map(|row| {
                 Ok(ExecLogRecord {
@@ -561,9 +572,17 @@ impl Store for SqliteStore {
         rows.iter().map(worker_from).collect()
     }
 
-    async fn acquire_lease(&self, resource_id: &str, resource_type: &str, holder_id: &str, ttl: Duration) -> Result<LeaseRecord> {
+    async fn acquire_lease(
+        &self,
+        resource_id: &str,
+        resource_type: &str,
+        holder_id: &str,
+        ttl: Duration,
+    ) -> Result<LeaseRecord> {
         if resource_id.is_empty() || holder_id.is_empty() || ttl.is_zero() {
-            return Err(Error::conflict("lease needs a resource, a holder and a positive ttl"));
+            return Err(Error::conflict(
+                "lease needs a resource, a holder and a positive ttl",
+            ));
         }
         let now = Utc::now();
         let expires = now + ttl_chrono(ttl);
@@ -588,7 +607,12 @@ impl Store for SqliteStore {
         self.get_lease(resource_id).await
     }
 
-    async fn renew_lease(&self, resource_id: &str, holder_id: &str, ttl: Duration) -> Result<LeaseRecord> {
+    async fn renew_lease(
+        &self,
+        resource_id: &str,
+        holder_id: &str,
+        ttl: Duration,
+    ) -> Result<LeaseRecord> {
         if ttl.is_zero() {
             return Err(Error::conflict("lease ttl must be positive"));
         }
@@ -605,7 +629,9 @@ impl Store for SqliteStore {
         .await
         .map_err(db_err)?;
         if r.rows_affected() == 0 {
-            return Err(Error::conflict("lease is not held by worker or has expired"));
+            return Err(Error::conflict(
+                "lease is not held by worker or has expired",
+            ));
         }
         self.get_lease(resource_id).await
     }
@@ -643,11 +669,15 @@ impl Store for SqliteStore {
 mod tests {
     use super::*;
 
-    crate::store_contract_tests!(sqlite_memory, async { SqliteStore::in_memory().await.expect("open") });
+    crate::store_contract_tests!(sqlite_memory, async {
+        SqliteStore::in_memory().await.expect("open")
+    });
     // A file database with a multi-connection pool exercises WAL and busy handling.
     crate::store_contract_tests!(sqlite_file, async {
         let dir = tempfile::tempdir().expect("tmp").keep();
-        SqliteStore::open(&dir.join("contract.db")).await.expect("open")
+        SqliteStore::open(&dir.join("contract.db"))
+            .await
+            .expect("open")
     });
 
     #[tokio::test]
@@ -656,13 +686,22 @@ mod tests {
         let path = dir.path().join("sub").join("s.db");
         {
             let s = SqliteStore::open(&path).await.expect("open");
-            let mode: String = sqlx::query_scalar("PRAGMA journal_mode").fetch_one(s.pool()).await.expect("pragma");
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(s.pool())
+                .await
+                .expect("pragma");
             assert_eq!(mode, "wal");
             crate::contract::insert_sample(&s, "sb-0000aaaa").await;
         }
         let s = SqliteStore::open(&path).await.expect("reopen");
-        assert_eq!(s.get_sandbox("sb-0000aaaa").await.expect("get").id, "sb-0000aaaa");
-        let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations").fetch_all(s.pool()).await.expect("versions");
+        assert_eq!(
+            s.get_sandbox("sb-0000aaaa").await.expect("get").id,
+            "sb-0000aaaa"
+        );
+        let versions: Vec<i64> = sqlx::query_scalar("SELECT version FROM schema_migrations")
+            .fetch_all(s.pool())
+            .await
+            .expect("versions");
         assert_eq!(versions, vec![1]);
     }
 }

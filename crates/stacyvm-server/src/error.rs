@@ -1,0 +1,88 @@
+//! The one table from error kind to HTTP status, and the error body.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use stacyvm_api::ErrorBody;
+use stacyvm_core::{Error, ErrorKind};
+
+use crate::json::json_response;
+
+/// An error as the API reports it.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// Status and wire code of an error kind.
+pub fn status_of(kind: ErrorKind) -> (StatusCode, &'static str) {
+    match kind {
+        ErrorKind::InvalidInput => (StatusCode::BAD_REQUEST, "BAD_REQUEST"),
+        ErrorKind::SandboxNotFound
+        | ErrorKind::SandboxDestroyed
+        | ErrorKind::ProviderNotFound
+        | ErrorKind::NotFound => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+        ErrorKind::Conflict => (StatusCode::CONFLICT, "CONFLICT"),
+        ErrorKind::ExecTimeout => (StatusCode::REQUEST_TIMEOUT, "TIMEOUT"),
+        ErrorKind::ResourceLimit => (StatusCode::TOO_MANY_REQUESTS, "RESOURCE_LIMIT"),
+        ErrorKind::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
+        ErrorKind::Forbidden => (StatusCode::FORBIDDEN, "FORBIDDEN"),
+        ErrorKind::ProviderUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+        ErrorKind::Unsupported => (StatusCode::NOT_IMPLEMENTED, "NOT_IMPLEMENTED"),
+        ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
+    }
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let (status, code) = status_of(e.kind());
+        let message = if status.is_server_error() {
+            // The full cause chain goes to the log, not to the client.
+            tracing::error!(error = %e, "request failed");
+            let d = e.detail();
+            if d.is_empty() {
+                e.kind().prefix().to_string()
+            } else if e.kind() == ErrorKind::Internal {
+                d.to_string()
+            } else {
+                format!("{}: {d}", e.kind().prefix())
+            }
+        } else {
+            e.to_string()
+        };
+        ApiError {
+            status,
+            code,
+            message,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        json_response(
+            self.status,
+            &ErrorBody {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        )
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

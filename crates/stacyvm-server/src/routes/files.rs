@@ -1,0 +1,142 @@
+//! `/sandboxes/{id}/files…`: the eight file routes.
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue};
+use axum::response::Response;
+use base64::Engine;
+use serde::Deserialize;
+use stacyvm_api::{ChmodRequest, FileInfo, MoveFileRequest, StatusResponse, WriteFileRequest};
+
+use super::Who;
+use crate::error::{ApiError, ApiResult};
+use crate::json::{Body2, Json};
+use crate::AppState;
+
+#[derive(Debug, Deserialize)]
+pub struct PathQuery {
+    path: Option<String>,
+    recursive: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct GlobQuery {
+    pattern: Option<String>,
+}
+
+fn required(p: Option<String>) -> ApiResult<String> {
+    match p {
+        Some(p) if !p.trim().is_empty() => Ok(p),
+        _ => Err(ApiError::bad_request("path query parameter required")),
+    }
+}
+
+pub async fn write(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Body2(req): Body2<WriteFileRequest>,
+) -> ApiResult<Json<StatusResponse>> {
+    let data = match req.encoding.as_str() {
+        "" | "utf-8" | "utf8" | "text" => req.content.into_bytes(),
+        "base64" => base64::engine::general_purpose::STANDARD
+            .decode(req.content.as_bytes())
+            .map_err(|e| {
+                ApiError::bad_request(format!("invalid input: content is not valid base64: {e}"))
+            })?,
+        other => {
+            return Err(ApiError::bad_request(format!(
+                "invalid input: unsupported encoding {other:?} (allowed: utf-8, base64)"
+            )))
+        }
+    };
+    st.manager
+        .write_file(&id, &req.path, data, &req.mode, &who)
+        .await?;
+    Ok(Json::ok(StatusResponse::new("written")))
+}
+
+pub async fn read(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> ApiResult<Response> {
+    let path = required(q.path)?;
+    let data = st.manager.read_file(&id, &path, &who).await?;
+    let mut resp = Response::new(Body::from(data));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    Ok(resp)
+}
+
+pub async fn delete(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> ApiResult<Json<StatusResponse>> {
+    let path = required(q.path)?;
+    let recursive = q.recursive.as_deref() == Some("true");
+    st.manager.delete_file(&id, &path, recursive, &who).await?;
+    Ok(Json::ok(StatusResponse::new("deleted")))
+}
+
+pub async fn list(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> ApiResult<Json<Vec<FileInfo>>> {
+    let path = q.path.unwrap_or_default();
+    Ok(Json::ok(st.manager.list_files(&id, &path, &who).await?))
+}
+
+pub async fn mv(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Body2(req): Body2<MoveFileRequest>,
+) -> ApiResult<Json<StatusResponse>> {
+    st.manager
+        .move_file(&id, &req.old_path, &req.new_path, &who)
+        .await?;
+    Ok(Json::ok(StatusResponse::new("moved")))
+}
+
+pub async fn chmod(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Body2(req): Body2<ChmodRequest>,
+) -> ApiResult<Json<StatusResponse>> {
+    st.manager
+        .chmod_file(&id, &req.path, &req.mode, &who)
+        .await?;
+    Ok(Json::ok(StatusResponse::new("chmod applied")))
+}
+
+pub async fn stat(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Query(q): Query<PathQuery>,
+) -> ApiResult<Json<FileInfo>> {
+    let path = required(q.path)?;
+    Ok(Json::ok(st.manager.stat_file(&id, &path, &who).await?))
+}
+
+pub async fn glob(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Query(q): Query<GlobQuery>,
+) -> ApiResult<Json<Vec<String>>> {
+    let pattern = match q.pattern {
+        Some(p) if !p.trim().is_empty() => p,
+        _ => return Err(ApiError::bad_request("pattern query parameter required")),
+    };
+    Ok(Json::ok(st.manager.glob_files(&id, &pattern, &who).await?))
+}

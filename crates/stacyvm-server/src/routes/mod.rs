@@ -1,0 +1,106 @@
+//! Route table of `/api/v1`.
+
+pub mod files;
+pub mod quotas;
+pub mod sandboxes;
+pub mod system;
+pub mod templates;
+
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use axum::routing::{get, post};
+use axum::Router;
+use stacyvm_core::manager::Caller;
+
+use crate::error::ApiError;
+use crate::middleware::RequestId;
+use crate::AppState;
+
+pub fn api_routes() -> Router<AppState> {
+    Router::new()
+        .route("/health", get(system::health))
+        .route("/live", get(system::live))
+        .route("/ready", get(system::ready))
+        .route(
+            "/sandboxes",
+            post(sandboxes::spawn)
+                .get(sandboxes::list)
+                .delete(sandboxes::prune),
+        )
+        .route("/sandboxes/admission", post(sandboxes::admission))
+        .route(
+            "/sandboxes/{id}",
+            get(sandboxes::get).delete(sandboxes::destroy),
+        )
+        .route("/sandboxes/{id}/extend", post(sandboxes::extend))
+        .route("/sandboxes/{id}/exec", post(sandboxes::exec))
+        .route("/sandboxes/{id}/exec/ws", get(sandboxes::exec_ws))
+        .route("/sandboxes/{id}/logs", get(sandboxes::logs))
+        .route("/sandboxes/{id}/stats", get(sandboxes::stats))
+        .route(
+            "/sandboxes/{id}/files",
+            post(files::write).get(files::read).delete(files::delete),
+        )
+        .route("/sandboxes/{id}/files/list", get(files::list))
+        .route("/sandboxes/{id}/files/move", post(files::mv))
+        .route("/sandboxes/{id}/files/chmod", post(files::chmod))
+        .route("/sandboxes/{id}/files/stat", get(files::stat))
+        .route("/sandboxes/{id}/files/glob", get(files::glob))
+        .route("/providers", get(system::providers))
+        .route("/providers/test", post(system::providers_test))
+        .route("/providers/{name}", get(system::provider))
+        .route("/pool/status", get(system::pool_status))
+        .route("/snapshots", get(system::snapshots))
+        .route("/templates", get(templates::list).post(templates::create))
+        .route(
+            "/templates/{name}",
+            get(templates::get)
+                .put(templates::replace)
+                .delete(templates::delete),
+        )
+        .route("/templates/{name}/spawn", post(templates::spawn))
+        .route("/quotas", get(quotas::list))
+        .route("/quotas/summary", get(quotas::summary))
+        .route(
+            "/quotas/{owner}",
+            get(quotas::get).put(quotas::put).delete(quotas::delete),
+        )
+        .route("/quotas/{owner}/usage", get(quotas::usage))
+        .route("/events", get(system::events))
+        .route("/metrics", get(system::metrics))
+        .route("/metrics/prometheus", get(system::prometheus))
+        .route("/diagnostics", get(system::diagnostics))
+        .route("/system/stats", get(system::system_stats))
+}
+
+/// The caller identity of a request.
+pub struct Who(pub Caller);
+
+impl<S: Send + Sync> FromRequestParts<S> for Who {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let header = |name: &str| {
+            parts
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .trim()
+                .to_string()
+        };
+        let owner = header("x-user-id");
+        let owner = stacyvm_core::paths::normalize_owner(&owner).map_err(ApiError::from)?;
+        let request_id = parts
+            .extensions
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default();
+        Ok(Who(Caller {
+            actor: owner.clone(),
+            owner_id: owner,
+            tenant_id: String::new(),
+            request_id,
+        }))
+    }
+}

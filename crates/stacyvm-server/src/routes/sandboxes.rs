@@ -1,0 +1,326 @@
+//! `/sandboxes` routes: lifecycle, exec (sync, NDJSON, WebSocket), logs, stats.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::Deserialize;
+use stacyvm_api::{
+    ExecRequest, ExecResponse, ExtendRequest, GoDuration, PruneResponse, Sandbox, SpawnRequest,
+    StatusResponse, StreamChunk, StreamExit,
+};
+use stacyvm_core::manager::{self, Caller, StreamEvent};
+use tokio_stream::wrappers::ReceiverStream;
+
+use super::Who;
+use crate::error::ApiResult;
+use crate::json::{Body2, Json, OptBody};
+use crate::AppState;
+
+pub async fn spawn(
+    State(st): State<AppState>,
+    Who(who): Who,
+    OptBody(req): OptBody<SpawnRequest>,
+) -> ApiResult<Json<Sandbox>> {
+    Ok(Json::created(st.manager.spawn(req, &who).await?))
+}
+
+pub async fn admission(
+    State(st): State<AppState>,
+    Who(who): Who,
+    OptBody(req): OptBody<SpawnRequest>,
+) -> ApiResult<Json<stacyvm_api::AdmissionDecision>> {
+    let owner = if who.owner_id.is_empty() {
+        req.owner_id.clone()
+    } else {
+        who.owner_id.clone()
+    };
+    Ok(Json::ok(st.manager.admission(&req, &owner).await?))
+}
+
+pub async fn list(State(st): State<AppState>, Who(who): Who) -> ApiResult<Json<Vec<Sandbox>>> {
+    let recs = st.manager.list(&who).await?;
+    Ok(Json::ok(
+        recs.iter().map(|r| st.manager.to_api(r)).collect(),
+    ))
+}
+
+pub async fn prune(State(st): State<AppState>) -> ApiResult<Json<PruneResponse>> {
+    Ok(Json::ok(PruneResponse {
+        pruned: st.manager.prune().await?,
+    }))
+}
+
+pub async fn get(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Sandbox>> {
+    let r = st.manager.get(&id, &who).await?;
+    Ok(Json::ok(st.manager.to_api(&r)))
+}
+
+pub async fn destroy(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+) -> ApiResult<Json<StatusResponse>> {
+    st.manager.destroy(&id, &who).await?;
+    Ok(Json::ok(StatusResponse::new("destroyed")))
+}
+
+pub async fn extend(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Body2(req): Body2<ExtendRequest>,
+) -> ApiResult<Json<Sandbox>> {
+    Ok(Json::ok(st.manager.extend(&id, &req.ttl, &who).await?))
+}
+
+fn to_manager_req(req: &ExecRequest) -> manager::ExecRequest {
+    manager::ExecRequest {
+        command: req.command.clone(),
+        args: req.args.clone(),
+        mode: req.mode.clone(),
+        env: req.env.clone(),
+        workdir: req.workdir.clone(),
+        timeout: req.timeout.clone(),
+        stdin: req.stdin.as_ref().map(|s| s.as_bytes().to_vec()),
+    }
+}
+
+pub async fn exec(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Body2(req): Body2<ExecRequest>,
+) -> ApiResult<Response> {
+    let mreq = to_manager_req(&req);
+    if req.stream {
+        let rx = st.manager.exec_stream(&id, &mreq, &who).await?;
+        return Ok(ndjson(rx, req.report_exit, id));
+    }
+    let out = st.manager.exec(&id, &mreq, &who).await?;
+    Ok(Json::ok(ExecResponse {
+        exit_code: out.exit_code,
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        duration: GoDuration::from_std(out.duration),
+    })
+    .into_response())
+}
+
+/// Converts output bytes to text without splitting UTF-8 sequences across
+/// chunks: an incomplete trailing sequence is carried to the next chunk.
+#[derive(Default)]
+struct Utf8Carry {
+    pending: BTreeMap<&'static str, Vec<u8>>,
+}
+
+impl Utf8Carry {
+    fn push(&mut self, stream: &'static str, data: &[u8]) -> String {
+        let buf = self.pending.entry(stream).or_default();
+        buf.extend_from_slice(data);
+        let cut = match std::str::from_utf8(buf) {
+            Ok(_) => buf.len(),
+            Err(e) if e.error_len().is_none() => e.valid_up_to(),
+            Err(_) => buf.len(),
+        };
+        let rest = buf.split_off(cut);
+        let text = String::from_utf8_lossy(buf).into_owned();
+        *buf = rest;
+        text
+    }
+
+    fn flush(&mut self) -> Vec<(&'static str, String)> {
+        std::mem::take(&mut self.pending)
+            .into_iter()
+            .filter(|(_, b)| !b.is_empty())
+            .map(|(k, b)| (k, String::from_utf8_lossy(&b).into_owned()))
+            .collect()
+    }
+}
+
+fn line<T: serde::Serialize>(v: &T) -> Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    Bytes::from(b)
+}
+
+fn ndjson(rx: tokio::sync::mpsc::Receiver<StreamEvent>, report_exit: bool, id: String) -> Response {
+    let mut carry = Utf8Carry::default();
+    let stream = ReceiverStream::new(rx).flat_map(move |ev| {
+        let mut out: Vec<Result<Bytes, std::io::Error>> = Vec::new();
+        match ev {
+            StreamEvent::Output(c) => {
+                let text = carry.push(c.stream.as_str(), &c.data);
+                if !text.is_empty() {
+                    out.push(Ok(line(&StreamChunk {
+                        stream: c.stream.as_str().into(),
+                        data: text,
+                    })));
+                }
+            }
+            StreamEvent::Exit { code, duration } => {
+                for (s, text) in carry.flush() {
+                    out.push(Ok(line(&StreamChunk {
+                        stream: s.into(),
+                        data: text,
+                    })));
+                }
+                if report_exit {
+                    out.push(Ok(line(&StreamExit {
+                        kind: "exit".into(),
+                        exit_code: code,
+                        duration: GoDuration::from_std(duration),
+                    })));
+                }
+            }
+            StreamEvent::Failed(msg) => {
+                for (s, text) in carry.flush() {
+                    out.push(Ok(line(&StreamChunk {
+                        stream: s.into(),
+                        data: text,
+                    })));
+                }
+                let _ = &id;
+                out.push(Ok(line(&StreamChunk {
+                    stream: "stderr".into(),
+                    data: msg,
+                })));
+            }
+        }
+        futures::stream::iter(out)
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    resp.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    resp.headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+/// WebSocket exec: one JSON request message in; `{"stream","data"}`
+/// messages out; then `{"type":"done","exit_code":N}` and close 1000.
+pub async fn exec_ws(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> ApiResult<Response> {
+    // Auth, tenant and existence are checked before the upgrade.
+    st.manager.get(&id, &who).await?;
+    Ok(ws.on_upgrade(move |socket| ws_session(st, who, id, socket)))
+}
+
+async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
+    let _ = socket
+        .send(Message::Close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        })))
+        .await;
+}
+
+async fn ws_session(st: AppState, who: Caller, id: String, mut socket: WebSocket) {
+    let first = tokio::time::timeout(Duration::from_secs(30), socket.recv()).await;
+    let req: ExecRequest = match first {
+        Ok(Some(Ok(Message::Text(t)))) => match serde_json::from_str(t.as_str()) {
+            Ok(r) => r,
+            Err(_) => return close(&mut socket, 1007, "invalid request").await,
+        },
+        _ => return close(&mut socket, 1007, "invalid request").await,
+    };
+    let mreq = to_manager_req(&req);
+    let mut rx = match st.manager.exec_stream(&id, &mreq, &who).await {
+        Ok(rx) => rx,
+        Err(e) => {
+            let msg = serde_json::json!({"error": e.to_string()}).to_string();
+            let _ = socket.send(Message::Text(msg.into())).await;
+            return close(&mut socket, 1011, "exec failed").await;
+        }
+    };
+    let mut carry = Utf8Carry::default();
+    loop {
+        tokio::select! {
+            ev = rx.recv() => {
+                let Some(ev) = ev else { break };
+                let msgs: Vec<String> = match ev {
+                    StreamEvent::Output(c) => {
+                        let text = carry.push(c.stream.as_str(), &c.data);
+                        if text.is_empty() { vec![] } else {
+                            vec![serde_json::to_string(&StreamChunk { stream: c.stream.as_str().into(), data: text }).unwrap_or_default()]
+                        }
+                    }
+                    StreamEvent::Exit { code, duration } => {
+                        let mut v: Vec<String> = carry.flush().into_iter().map(|(s, t)| serde_json::to_string(&StreamChunk { stream: s.into(), data: t }).unwrap_or_default()).collect();
+                        v.push(serde_json::json!({"type": "done", "exit_code": code, "duration": GoDuration::from_std(duration)}).to_string());
+                        v
+                    }
+                    StreamEvent::Failed(msg) => {
+                        let mut v: Vec<String> = carry.flush().into_iter().map(|(s, t)| serde_json::to_string(&StreamChunk { stream: s.into(), data: t }).unwrap_or_default()).collect();
+                        v.push(serde_json::to_string(&StreamChunk { stream: "stderr".into(), data: msg }).unwrap_or_default());
+                        v.push(serde_json::json!({"type": "done"}).to_string());
+                        v
+                    }
+                };
+                for m in msgs {
+                    if socket.send(Message::Text(m.into())).await.is_err() {
+                        return; // client gone: dropping rx kills the command
+                    }
+                }
+            }
+            incoming = socket.recv() => {
+                match incoming {
+                    None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                    _ => {}
+                }
+            }
+        }
+    }
+    close(&mut socket, 1000, "").await;
+}
+
+#[derive(Debug, Deserialize)]
+pub struct LogsQuery {
+    lines: Option<String>,
+}
+
+pub async fn logs(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<Json<Vec<String>>> {
+    let lines = q
+        .lines
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(100)
+        .min(10_000);
+    Ok(Json::ok(st.manager.logs(&id, lines, &who).await?))
+}
+
+pub async fn stats(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let v = match st.manager.stats(&id, &who).await? {
+        Some(s) => {
+            serde_json::json!({"cpu_pct": s.cpu_pct, "mem_bytes": s.mem_bytes, "mem_limit_bytes": s.mem_limit_bytes, "supported": true})
+        }
+        None => serde_json::json!({"supported": false}),
+    };
+    Ok(Json(StatusCode::OK, v).into_response())
+}

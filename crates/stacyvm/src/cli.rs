@@ -1,0 +1,322 @@
+//! Command-line interface. Data goes to stdout, diagnostics to stderr.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use comfy_table::{presets, Table};
+use stacyvm_api::{ExecRequest, SpawnRequest};
+use stacyvm_client::{Client, StreamItem};
+
+#[derive(Debug, Parser)]
+#[command(name = "stacyvm", version, about = "StacyVM: disposable sandboxes for agents, code runners and CI", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct Conn {
+    /// Server URL.
+    #[arg(
+        long,
+        global = true,
+        env = "STACYVM_URL",
+        default_value = "http://localhost:7423",
+        alias = "server"
+    )]
+    pub url: String,
+    /// API key sent as X-API-Key.
+    #[arg(long, global = true, env = "STACYVM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Print machine-readable JSON instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the API server.
+    Serve {
+        /// Config file (default: ./stacyvm.yaml, then ~/.stacyvm/config.yaml).
+        #[arg(long, short = 'c', env = "STACYVM_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Create a sandbox and print its id.
+    Spawn {
+        #[command(flatten)]
+        conn: Conn,
+        /// Image (provider specific; native: `host`).
+        #[arg(long)]
+        image: Option<String>,
+        /// Provider name (default: the server's default provider).
+        #[arg(long)]
+        provider: Option<String>,
+        /// Lifetime as a duration, e.g. 30m or 2h.
+        #[arg(long)]
+        ttl: Option<String>,
+        /// Memory limit in MiB.
+        #[arg(long)]
+        memory: Option<i64>,
+        /// Virtual CPUs.
+        #[arg(long)]
+        vcpus: Option<i64>,
+        /// Template to start from.
+        #[arg(long)]
+        template: Option<String>,
+        /// Metadata as KEY=VALUE (repeatable).
+        #[arg(long = "meta", value_parser = parse_kv)]
+        metadata: Vec<(String, String)>,
+    },
+    /// Run a command in a sandbox; exits with the command's exit code.
+    Exec {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox id.
+        id: String,
+        /// Run through `/bin/sh -c` (the words are joined with spaces).
+        #[arg(long)]
+        shell: bool,
+        /// Working directory inside the sandbox.
+        #[arg(long, short = 'w')]
+        workdir: Option<String>,
+        /// Environment variable KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e', value_parser = parse_kv)]
+        env: Vec<(String, String)>,
+        /// Timeout, e.g. 30s.
+        #[arg(long)]
+        timeout: Option<String>,
+        /// Wait for the whole output instead of streaming it.
+        #[arg(long)]
+        no_stream: bool,
+        /// The command and its arguments (after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
+        command: Vec<String>,
+    },
+    /// List live sandboxes.
+    #[command(alias = "ls")]
+    List {
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Destroy sandboxes.
+    #[command(alias = "destroy", alias = "rm")]
+    Kill {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Print a sandbox's console log.
+    Logs {
+        #[command(flatten)]
+        conn: Conn,
+        id: String,
+        /// Number of lines.
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: usize,
+    },
+    /// Print the version.
+    Version,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+fn client(c: &Conn) -> Result<Client> {
+    Ok(Client::new(&c.url, c.api_key.clone())?)
+}
+
+fn print_json(v: &impl serde::Serialize) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, v)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Serve { config } => crate::serve::run(config).await.map(|()| ExitCode::SUCCESS),
+        Command::Version => {
+            println!(
+                "stacyvm {} ({}/{})",
+                env!("CARGO_PKG_VERSION"),
+                std::env::consts::OS,
+                std::env::consts::ARCH
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Spawn {
+            conn,
+            image,
+            provider,
+            ttl,
+            memory,
+            vcpus,
+            template,
+            metadata,
+        } => {
+            let c = client(&conn)?;
+            let req = SpawnRequest {
+                image: image.unwrap_or_default(),
+                provider: provider.unwrap_or_default(),
+                ttl: ttl.unwrap_or_default(),
+                memory_mb: memory.unwrap_or(0),
+                vcpus: vcpus.unwrap_or(0),
+                template: template.unwrap_or_default(),
+                metadata: if metadata.is_empty() {
+                    None
+                } else {
+                    Some(metadata.into_iter().collect::<BTreeMap<_, _>>())
+                },
+                ..SpawnRequest::default()
+            };
+            let sb = c.spawn(&req).await?;
+            if conn.json {
+                print_json(&sb)?;
+            } else {
+                println!("{}", sb.id);
+                eprintln!(
+                    "Sandbox {} spawned (provider: {}, image: {})",
+                    sb.id, sb.provider, sb.image
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Exec {
+            conn,
+            id,
+            shell,
+            workdir,
+            env,
+            timeout,
+            no_stream,
+            command,
+        } => {
+            let c = client(&conn)?;
+            let (mode, cmd, args) = if shell {
+                ("shell".to_string(), command.join(" "), Vec::new())
+            } else {
+                let mut it = command.into_iter();
+                let Some(first) = it.next() else {
+                    bail!("missing command: use `stacyvm exec ID -- COMMAND [ARGS…]`")
+                };
+                ("argv".to_string(), first, it.collect())
+            };
+            let req = ExecRequest {
+                command: cmd,
+                args,
+                mode,
+                env: env.into_iter().collect(),
+                workdir: workdir.unwrap_or_default(),
+                timeout: timeout.unwrap_or_default(),
+                ..ExecRequest::default()
+            };
+            if no_stream || conn.json {
+                let r = c.exec(&id, &req).await?;
+                if conn.json {
+                    print_json(&r)?;
+                } else {
+                    std::io::stdout().write_all(r.stdout.as_bytes())?;
+                    std::io::stderr().write_all(r.stderr.as_bytes())?;
+                }
+                return Ok(exit_code(r.exit_code));
+            }
+            let mut out = std::io::stdout();
+            let mut err = std::io::stderr();
+            let code = c
+                .exec_stream(&id, &req, |item| match item {
+                    StreamItem::Stdout(s) => {
+                        let _ = out.write_all(s.as_bytes());
+                        let _ = out.flush();
+                    }
+                    StreamItem::Stderr(s) => {
+                        let _ = err.write_all(s.as_bytes());
+                    }
+                    StreamItem::Exit(_) => {}
+                })
+                .await?;
+            Ok(exit_code(code.unwrap_or(1)))
+        }
+        Command::List { conn } => {
+            let c = client(&conn)?;
+            let list = c.list().await?;
+            if conn.json {
+                print_json(&list)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if list.is_empty() {
+                eprintln!("No active sandboxes");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let mut t = Table::new();
+            t.load_preset(presets::NOTHING);
+            t.set_header([
+                "ID", "STATE", "PROVIDER", "IMAGE", "OWNER", "CREATED", "EXPIRES",
+            ]);
+            for s in list {
+                t.add_row([
+                    s.id,
+                    s.state,
+                    s.provider,
+                    s.image,
+                    s.owner_id,
+                    s.created_at
+                        .with_timezone(&chrono::Local)
+                        .format("%H:%M:%S")
+                        .to_string(),
+                    s.expires_at
+                        .with_timezone(&chrono::Local)
+                        .format("%H:%M:%S")
+                        .to_string(),
+                ]);
+            }
+            println!("{t}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Kill { conn, ids } => {
+            let c = client(&conn)?;
+            let mut failed = 0;
+            for id in ids {
+                match c.destroy(&id).await {
+                    Ok(()) => eprintln!("Sandbox {id} destroyed"),
+                    Err(e) => {
+                        eprintln!("error: destroying {id}: {e}");
+                        failed += 1;
+                    }
+                }
+            }
+            Ok(if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        Command::Logs { conn, id, lines } => {
+            let c = client(&conn)?;
+            let logs = c
+                .logs(&id, lines)
+                .await
+                .with_context(|| format!("reading logs of {id}"))?;
+            if conn.json {
+                print_json(&logs)?;
+            } else {
+                for l in logs {
+                    println!("{l}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
+}

@@ -1,0 +1,157 @@
+//! `stacyvm serve`: load config, open the store, register providers,
+//! reconcile, then serve until SIGINT/SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use chrono::Utc;
+use stacyvm_core::config::{self, Config};
+use stacyvm_core::events::EventBus;
+use stacyvm_core::manager::{Manager, LOCAL_WORKER};
+use stacyvm_core::metrics::Metrics;
+use stacyvm_core::provider::Provider;
+use stacyvm_core::registry::Registry;
+use stacyvm_core::store::WorkerRecord;
+use tracing::{info, warn};
+
+fn init_logging(cfg: &Config) {
+    let level = cfg.logging.level.to_ascii_lowercase();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STACYVM_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},sqlx=warn,hyper=warn,tower=warn"))
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.logging.format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
+    let mut v: Vec<Arc<dyn Provider>> = Vec::new();
+    if cfg.providers.mock.enabled {
+        let base =
+            stacyvm_providers::mock::default_base(std::path::Path::new(&cfg.server.data_dir));
+        warn!("the mock provider is enabled: it runs sandbox commands ON THE HOST without isolation; use it for tests only");
+        v.push(Arc::new(stacyvm_providers::mock::MockProvider::new(base)?));
+    }
+    Ok(v)
+}
+
+pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
+    let loaded = config::load(config_path.as_deref(), std::env::vars())?;
+    let cfg = loaded.config;
+    init_logging(&cfg);
+    match &loaded.source {
+        Some(p) => info!(path = %p.display(), "loaded config"),
+        None => info!("no config file found; using defaults"),
+    }
+    for k in &loaded.unknown_keys {
+        warn!(key = %k, "unknown config key ignored");
+    }
+    if cfg.auth.enabled && cfg.auth.api_key.is_empty() && cfg.auth.admin_api_key.is_empty() {
+        bail!("auth.enabled is true but neither auth.api_key nor auth.admin_api_key is set; refusing to start without credentials");
+    }
+    if cfg.auth.api_key.is_empty() && cfg.auth.admin_api_key.is_empty() {
+        warn!(
+            "no API key configured: the API is open to anyone who can reach {}:{}",
+            cfg.server.host, cfg.server.port
+        );
+    }
+    std::fs::create_dir_all(&cfg.server.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.server.data_dir))?;
+    let providers = build_providers(&cfg)?;
+    let registry = match Registry::new(providers, &cfg.providers.default) {
+        Ok(r) => r,
+        Err(_) if cfg.providers.default == "native" => bail!(
+            "the default provider \"native\" is not available in this build yet.\n\
+             For testing only, enable the mock test double (commands run on the host, NO isolation):\n  \
+             STACYVM_PROVIDERS_MOCK_ENABLED=true STACYVM_PROVIDERS_DEFAULT=mock stacyvm serve"
+        ),
+        Err(e) => bail!("{e}"),
+    };
+    let registry = Arc::new(registry);
+    let store = stacyvm_store::open(&cfg)
+        .await
+        .context("opening the database")?;
+    info!(engine = store.engine(), path = %cfg.sqlite_path().display(), "store ready");
+    let cfg = Arc::new(cfg);
+    let manager = Manager::new(
+        cfg.clone(),
+        store.clone(),
+        registry.clone(),
+        Arc::new(EventBus::new()),
+        Arc::new(Metrics::default()),
+    );
+    manager
+        .reconcile()
+        .await
+        .context("startup reconciliation")?;
+    let reaper = manager.start_reaper(Duration::from_secs(30));
+    let heartbeat = tokio::spawn(heartbeat(manager.clone()));
+    let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .with_context(|| format!("listening on {addr}"))?;
+    info!(addr = %listener.local_addr()?, default_provider = registry.default_name(), version = stacyvm_server::VERSION, "stacyvm is serving");
+    let state = stacyvm_server::AppState::new(manager.clone());
+    stacyvm_server::serve(listener, state, shutdown_signal()).await?;
+    reaper.abort();
+    heartbeat.abort();
+    manager.flush_audit().await;
+    info!("stopped");
+    Ok(())
+}
+
+async fn heartbeat(m: Arc<Manager>) {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "local".into());
+    let mut tick = tokio::time::interval(Duration::from_secs(30));
+    let created = Utc::now();
+    loop {
+        tick.tick().await;
+        let now = Utc::now();
+        let d = &m.config().defaults;
+        let w = WorkerRecord {
+            id: LOCAL_WORKER.into(),
+            hostname: host.clone(),
+            status: "online".into(),
+            providers: m.registry().names(),
+            capabilities: vec![
+                "api".into(),
+                "single_node".into(),
+                "spawn".into(),
+                "exec".into(),
+                "files".into(),
+            ],
+            capacity: serde_json::json!({"max_sandboxes": d.max_sandboxes, "max_sandboxes_per_owner": d.max_sandboxes_per_owner}),
+            last_heartbeat: now,
+            created_at: created,
+            updated_at: now,
+        };
+        if let Err(e) = m.store().upsert_worker(&w).await {
+            warn!(error = %e, "local worker heartbeat failed");
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    info!("shutdown requested; draining");
+}
