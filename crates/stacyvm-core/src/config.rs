@@ -127,7 +127,7 @@ fn yaml_brief(v: &Value) -> String {
         .unwrap_or_else(|_| "a value".into())
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Config {
     pub server: ServerConfig,
@@ -585,22 +585,6 @@ impl Default for PoolConfig {
             memory_mb: 2048,
             vcpus: 2,
             overflow: "reject".into(),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            server: ServerConfig::default(),
-            worker: WorkerConfig::default(),
-            providers: ProvidersConfig::default(),
-            defaults: DefaultsConfig::default(),
-            auth: AuthConfig::default(),
-            rate_limit: RateLimitConfig::default(),
-            database: DatabaseConfig::default(),
-            logging: LoggingConfig::default(),
-            pool: PoolConfig::default(),
         }
     }
 }

@@ -97,9 +97,9 @@ struct Admission {
 
 #[derive(Debug, Clone, Copy)]
 enum Deny {
-    MaxTtl,
-    MaxSandboxes(i64),
-    MaxPerOwner(i64),
+    Ttl,
+    Total(i64),
+    PerOwner(i64),
 }
 
 /// The sandbox orchestrator.
@@ -267,26 +267,26 @@ impl Manager {
         per_owner: i64,
     ) -> Option<Deny> {
         if !max_ttl.is_zero() && ttl > max_ttl {
-            return Some(Deny::MaxTtl);
+            return Some(Deny::Ttl);
         }
         let max = self.cfg.defaults.max_sandboxes;
         if max > 0 && adm.total >= max {
-            return Some(Deny::MaxSandboxes(max));
+            return Some(Deny::Total(max));
         }
         if per_owner > 0
             && !owner.is_empty()
             && adm.per_owner.get(owner).copied().unwrap_or(0) >= per_owner
         {
-            return Some(Deny::MaxPerOwner(per_owner));
+            return Some(Deny::PerOwner(per_owner));
         }
         None
     }
 
     fn deny_error(&self, d: Deny, max_ttl: GoDuration) -> Error {
         match d {
-            Deny::MaxTtl => Error::limit(format!("ttl exceeds max ttl {max_ttl}")),
-            Deny::MaxSandboxes(n) => Error::limit(format!("max sandboxes reached ({n})")),
-            Deny::MaxPerOwner(n) => Error::limit(format!("max sandboxes per owner reached ({n})")),
+            Deny::Ttl => Error::limit(format!("ttl exceeds max ttl {max_ttl}")),
+            Deny::Total(n) => Error::limit(format!("max sandboxes reached ({n})")),
+            Deny::PerOwner(n) => Error::limit(format!("max sandboxes per owner reached ({n})")),
         }
     }
 
@@ -316,7 +316,7 @@ impl Manager {
                         }
                         return Ok(());
                     }
-                    Some(Deny::MaxTtl) => return Err(self.deny_error(Deny::MaxTtl, max_ttl)),
+                    Some(Deny::Ttl) => return Err(self.deny_error(Deny::Ttl, max_ttl)),
                     Some(d) if !queue_mode => {
                         drop(adm);
                         self.events.publish(
@@ -412,16 +412,16 @@ impl Manager {
         let queue_mode = self.cfg.defaults.spawn_overflow == "queue";
         let (reason, queueable) = match deny {
             None => ("", false),
-            Some(Deny::MaxTtl) => ("max_ttl", false),
-            Some(Deny::MaxSandboxes(_)) => ("max_sandboxes", queue_mode),
-            Some(Deny::MaxPerOwner(_)) => ("max_sandboxes_per_owner", queue_mode),
+            Some(Deny::Ttl) => ("max_ttl", false),
+            Some(Deny::Total(_)) => ("max_sandboxes", queue_mode),
+            Some(Deny::PerOwner(_)) => ("max_sandboxes_per_owner", queue_mode),
         };
         let owner_active = adm.per_owner.get(&owner).copied().unwrap_or(0);
         Ok(AdmissionDecision {
             allowed: deny.is_none(),
             queueable,
             reason: reason.to_string(),
-            active_sandboxes: if matches!(deny, Some(Deny::MaxTtl)) {
+            active_sandboxes: if matches!(deny, Some(Deny::Ttl)) {
                 0
             } else {
                 adm.total

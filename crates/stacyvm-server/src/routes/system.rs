@@ -206,7 +206,7 @@ fn scheduler(st: &AppState) -> Value {
     let count = q.wait_count.load(Relaxed);
     let total = q.wait_total_ms.load(Relaxed);
     let max = q.wait_max_ms.load(Relaxed);
-    let avg = if count == 0 { 0 } else { total / count };
+    let avg = total.checked_div(count).unwrap_or(0);
     let d = |ms: u64| GoDuration((ms as i64) * 1_000_000).to_string();
     json!({
         "spawn_overflow": st.cfg.defaults.spawn_overflow,
@@ -697,8 +697,11 @@ pub async fn prometheus(State(st): State<AppState>) -> ApiResult<Response> {
 /// Host CPU/memory/disk/network sampler; deltas between calls.
 #[derive(Debug, Default)]
 pub struct SystemSampler {
-    last: Mutex<Option<(Instant, u64, u64, u64, u64)>>,
+    last: Mutex<Option<Sample>>,
 }
+
+/// (taken at, cpu total, cpu idle, rx bytes, tx bytes)
+type Sample = (Instant, u64, u64, u64, u64);
 
 fn cpu_times() -> (u64, u64) {
     let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
