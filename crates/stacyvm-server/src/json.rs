@@ -105,3 +105,43 @@ where
         decode(&bytes).map(OptBody)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use stacyvm_api::{ExecRequest, SpawnRequest, TemplateInput, WriteFileRequest};
+
+    fn never_5xx<T: DeserializeOwned>(bytes: &[u8]) {
+        if let Err(e) = decode::<T>(bytes) {
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.message.starts_with("invalid request body"));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_decode_or_400(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            never_5xx::<SpawnRequest>(&bytes);
+            never_5xx::<ExecRequest>(&bytes);
+            never_5xx::<WriteFileRequest>(&bytes);
+            never_5xx::<TemplateInput>(&bytes);
+        }
+
+        #[test]
+        fn json_shaped_input_decodes_or_400(
+            key in "(image|ttl|memory_mb|command|args|env|mode|path|content|timeout|metadata)",
+            val in prop_oneof![
+                Just("null".to_string()), Just("1".to_string()), Just("-1".to_string()), Just("1e400".to_string()),
+                Just("\"x\"".to_string()), Just("[]".to_string()), Just("{}".to_string()), Just("[1,\"a\"]".to_string()),
+                Just("{\"a\":1}".to_string()), Just("true".to_string()), Just("\"\\u0000\"".to_string()),
+                "\"[^\"\\\\]{0,20}\"",
+            ],
+        ) {
+            let body = format!("{{\"{key}\":{val}}}");
+            never_5xx::<SpawnRequest>(body.as_bytes());
+            never_5xx::<ExecRequest>(body.as_bytes());
+            never_5xx::<WriteFileRequest>(body.as_bytes());
+        }
+    }
+}

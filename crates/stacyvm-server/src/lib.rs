@@ -44,22 +44,25 @@ impl AppState {
 /// All routes with their middleware.
 pub fn router(state: AppState) -> Router {
     let limit = usize::try_from(state.cfg.server.max_body_bytes).unwrap_or(usize::MAX);
-    let api = routes::api_routes()
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            middleware::auth,
-        ))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            middleware::cors,
-        ));
-    Router::new()
+    let api = routes::api_routes().layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        middleware::auth,
+    ));
+    let inner: Router = Router::new()
         .nest("/api/v1", api)
         .fallback(middleware::not_found)
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .with_state(state.clone());
+    // CORS and request ids wrap routing, so preflights are answered for
+    // every path (before auth) and every response carries X-Request-ID.
+    Router::new()
+        .fallback_service(inner)
+        .layer(axum::middleware::from_fn_with_state(
+            state,
+            middleware::cors,
+        ))
         .layer(axum::middleware::from_fn(middleware::request_id))
-        .with_state(state)
 }
 
 /// Serves until `shutdown` resolves, then waits for in-flight requests.

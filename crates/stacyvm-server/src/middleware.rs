@@ -77,6 +77,9 @@ const EXPOSE_HEADERS: &str = "X-Request-ID, X-RateLimit-Limit, X-RateLimit-Remai
 
 /// CORS with exact-origin lists; preflights are answered before auth.
 pub async fn cors(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if !req.uri().path().starts_with("/api/v1") {
+        return next.run(req).await;
+    }
     let origins = &st.cfg.server.cors_allowed_origins;
     let any = origins.is_empty() || origins.iter().any(|o| o == "*");
     let origin = req

@@ -216,10 +216,16 @@ pub async fn exec_ws(
     State(st): State<AppState>,
     Who(who): Who,
     Path(id): Path<String>,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     // Auth, tenant and existence are checked before the upgrade.
     st.manager.get(&id, &who).await?;
+    let ws = ws.map_err(|e| {
+        crate::error::ApiError::bad_request(format!(
+            "websocket upgrade required: {}",
+            e.body_text()
+        ))
+    })?;
     Ok(ws.on_upgrade(move |socket| ws_session(st, who, id, socket)))
 }
 

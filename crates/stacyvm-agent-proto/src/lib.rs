@@ -1,0 +1,439 @@
+//! The StacyVM agent protocol (version 1).
+//!
+//! One byte stream (unix socket, vsock, virtio-serial) carries many
+//! concurrent requests. Every frame is
+//!
+//! ```text
+//! +----------------+---------+----------------+-------------------+
+//! | len: u32 (BE)  | kind u8 | id: u32 (BE)   | body (len-5 bytes)|
+//! +----------------+---------+----------------+-------------------+
+//! ```
+//!
+//! `len` counts kind + id + body and is at most [`MAX_FRAME`]. Control
+//! bodies are JSON ([`Request`], [`Response`], [`Exit`], …); data bodies
+//! (stdout, stderr, stdin, file chunks) are raw bytes. Output streams use
+//! credit-based flow control: the agent sends at most [`INITIAL_WINDOW`]
+//! unacknowledged output bytes per exec and the host grants more with
+//! `Window` frames, so one slow consumer never blocks the others.
+//! See `docs/agent-protocol.md`.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version spoken by this crate.
+pub const VERSION: u32 = 1;
+/// Largest frame (kind + id + body).
+pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+/// Largest data body the sender produces (leaves room for the header).
+pub const MAX_CHUNK: usize = 1024 * 1024;
+/// Output bytes an exec may have in flight before the host grants more.
+pub const INITIAL_WINDOW: u64 = 1024 * 1024;
+
+/// Frame kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Host → agent, id 0: JSON [`Hello`]; the agent answers with its own.
+    Hello = 1,
+    /// Host → agent: JSON [`Request`].
+    Request = 2,
+    /// Agent → host: JSON [`Response`]; ends the request (except exec, which ends with `Exit`).
+    Response = 3,
+    /// Agent → host: raw stdout bytes of an exec.
+    Stdout = 4,
+    /// Agent → host: raw stderr bytes of an exec.
+    Stderr = 5,
+    /// Host → agent: raw stdin bytes; an empty body closes stdin.
+    Stdin = 6,
+    /// Agent → host: JSON [`Exit`]; ends an exec.
+    Exit = 7,
+    /// Either way: a raw chunk of file content (write upload / read download).
+    Data = 8,
+    /// Host → agent: JSON [`SignalMsg`] for a running exec.
+    Signal = 9,
+    /// Host → agent: JSON [`Resize`] for a PTY exec.
+    Resize = 10,
+    /// Host → agent: JSON [`WindowMsg`], more output credit for an exec.
+    Window = 11,
+}
+
+impl Kind {
+    pub fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Hello,
+            2 => Kind::Request,
+            3 => Kind::Response,
+            4 => Kind::Stdout,
+            5 => Kind::Stderr,
+            6 => Kind::Stdin,
+            7 => Kind::Exit,
+            8 => Kind::Data,
+            9 => Kind::Signal,
+            10 => Kind::Resize,
+            11 => Kind::Window,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: Kind,
+    pub id: u32,
+    pub body: Vec<u8>,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("i/o: {0}")]
+    Io(#[from] io::Error),
+    #[error("frame length {0} outside 5..={MAX_FRAME}")]
+    BadLength(usize),
+    #[error("unknown frame kind {0}")]
+    BadKind(u8),
+}
+
+impl Frame {
+    pub fn new(kind: Kind, id: u32, body: Vec<u8>) -> Frame {
+        Frame { kind, id, body }
+    }
+
+    pub fn json<T: Serialize>(kind: Kind, id: u32, v: &T) -> Frame {
+        Frame {
+            kind,
+            id,
+            body: serde_json::to_vec(v).unwrap_or_default(),
+        }
+    }
+
+    /// Encodes the frame with its length prefix.
+    pub fn encode(&self) -> Vec<u8> {
+        let len = 5 + self.body.len();
+        let mut out = Vec::with_capacity(4 + len);
+        out.extend_from_slice(&(len as u32).to_be_bytes());
+        out.push(self.kind as u8);
+        out.extend_from_slice(&self.id.to_be_bytes());
+        out.extend_from_slice(&self.body);
+        out
+    }
+
+    pub fn write_to(&self, w: &mut impl Write) -> io::Result<()> {
+        w.write_all(&self.encode())
+    }
+
+    /// Reads one frame; `Ok(None)` on a clean EOF before a frame starts.
+    pub fn read_from(r: &mut impl Read) -> Result<Option<Frame>, FrameError> {
+        let mut len = [0u8; 4];
+        match r.read_exact(&mut len) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+            Err(e) => return Err(e.into()),
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if !(5..=MAX_FRAME).contains(&len) {
+            return Err(FrameError::BadLength(len));
+        }
+        let mut buf = vec![0u8; len];
+        r.read_exact(&mut buf)?;
+        Self::from_parts(&buf).map(Some)
+    }
+
+    /// Decodes kind, id and body from a length-stripped buffer.
+    pub fn from_parts(buf: &[u8]) -> Result<Frame, FrameError> {
+        if buf.len() < 5 {
+            return Err(FrameError::BadLength(buf.len()));
+        }
+        let kind = Kind::from_u8(buf[0]).ok_or(FrameError::BadKind(buf[0]))?;
+        let id = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+        Ok(Frame {
+            kind,
+            id,
+            body: buf[5..].to_vec(),
+        })
+    }
+}
+
+/// Incremental decoder for non-blocking readers: feed bytes, take frames.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    buf: Vec<u8>,
+}
+
+impl Decoder {
+    pub fn push(&mut self, data: &[u8]) {
+        self.buf.extend_from_slice(data);
+    }
+
+    /// The next complete frame, if buffered.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.buf.len() < 4 {
+            return Ok(None);
+        }
+        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        if !(5..=MAX_FRAME).contains(&len) {
+            return Err(FrameError::BadLength(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let frame = Frame::from_parts(&self.buf[4..4 + len])?;
+        self.buf.drain(..4 + len);
+        Ok(Some(frame))
+    }
+}
+
+/// Handshake body, both directions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    #[serde(default)]
+    pub agent: String,
+    #[serde(default)]
+    pub pid: u32,
+}
+
+/// Error categories that map onto the server's error kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    NotFound,
+    InvalidInput,
+    PermissionDenied,
+    AlreadyExists,
+    Unsupported,
+    Internal,
+}
+
+/// A failure reported by the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl AgentError {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        AgentError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// File metadata as the agent reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStat {
+    pub path: String,
+    pub size: u64,
+    /// Permission bits (no type bits).
+    pub mode: u32,
+    pub is_dir: bool,
+    pub is_symlink: bool,
+    /// Seconds since the epoch.
+    pub mtime: i64,
+}
+
+/// Requests (host → agent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Ping,
+    /// Runs a command. Output arrives as `Stdout`/`Stderr` frames and the
+    /// request ends with one `Exit` frame (or a `Response` error if it
+    /// could not start).
+    Exec {
+        argv: Vec<String>,
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        #[serde(default)]
+        cwd: String,
+        #[serde(default)]
+        uid: Option<u32>,
+        #[serde(default)]
+        gid: Option<u32>,
+        /// Keep stdin open for `Stdin` frames (else it is /dev/null).
+        #[serde(default)]
+        stdin: bool,
+        /// Run on a pseudo-terminal of this size.
+        #[serde(default)]
+        pty: Option<Resize>,
+        /// Kill the whole process group after this many milliseconds.
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// Writes a file from the `Data` frames that follow (an empty `Data`
+    /// frame ends the upload); parents are created.
+    WriteFile {
+        path: String,
+        mode: u32,
+        size: u64,
+    },
+    /// Reads a file: `Data` frames, then a `Response` with the size.
+    ReadFile {
+        path: String,
+    },
+    ListDir {
+        path: String,
+    },
+    Stat {
+        path: String,
+    },
+    /// Deleting a missing path succeeds.
+    Remove {
+        path: String,
+        recursive: bool,
+    },
+    /// Creates the parent of `to`.
+    Rename {
+        from: String,
+        to: String,
+    },
+    Chmod {
+        path: String,
+        mode: u32,
+    },
+    Mkdir {
+        path: String,
+    },
+    Glob {
+        pattern: String,
+    },
+    /// Stops every process and exits the agent (sandbox teardown).
+    Shutdown,
+}
+
+/// Terminal answer to a request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Response {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<AgentError>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+}
+
+impl Response {
+    pub fn ok(v: serde_json::Value) -> Self {
+        Response {
+            error: None,
+            result: Some(v),
+        }
+    }
+    pub fn err(e: AgentError) -> Self {
+        Response {
+            error: Some(e),
+            result: None,
+        }
+    }
+}
+
+/// End of an exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exit {
+    /// Exit code, or 128 + signal when killed by a signal.
+    pub code: i32,
+    #[serde(default)]
+    pub signal: Option<i32>,
+    #[serde(default)]
+    pub timed_out: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalMsg {
+    pub signal: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WindowMsg {
+    pub bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip() {
+        let f = Frame::json(Kind::Request, 7, &Request::Ping);
+        let bytes = f.encode();
+        let back = Frame::read_from(&mut &bytes[..])
+            .expect("read")
+            .expect("frame");
+        assert_eq!(back, f);
+        let mut d = Decoder::default();
+        d.push(&bytes[..3]);
+        assert!(d.next_frame().expect("partial").is_none());
+        d.push(&bytes[3..]);
+        assert_eq!(d.next_frame().expect("full"), Some(f));
+    }
+
+    #[test]
+    fn rejects_bad_lengths_and_kinds() {
+        assert!(matches!(
+            Frame::read_from(&mut &[0u8, 0, 0, 1, 1][..]),
+            Err(FrameError::BadLength(1))
+        ));
+        assert!(matches!(
+            Frame::read_from(&mut &[0xffu8, 0, 0, 0][..]),
+            Err(FrameError::BadLength(_))
+        ));
+        assert!(matches!(
+            Frame::read_from(&mut &[0u8, 0, 0, 5, 99, 0, 0, 0, 0][..]),
+            Err(FrameError::BadKind(99))
+        ));
+        assert!(Frame::read_from(&mut &[][..]).expect("eof").is_none());
+    }
+
+    #[test]
+    fn request_json_shape() {
+        let r = Request::Stat { path: "/x".into() };
+        assert_eq!(
+            serde_json::to_string(&r).expect("json"),
+            r#"{"op":"stat","path":"/x"}"#
+        );
+    }
+
+    proptest! {
+        /// The decoder never panics and never yields a frame it could not re-encode.
+        #[test]
+        fn decoder_survives_arbitrary_bytes(chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..64), 0..16)) {
+            let mut d = Decoder::default();
+            for c in chunks {
+                d.push(&c);
+                while let Ok(Some(f)) = d.next_frame() {
+                    let _ = f.encode();
+                }
+            }
+        }
+
+        #[test]
+        fn reader_survives_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut r = &bytes[..];
+            while let Ok(Some(_)) = Frame::read_from(&mut r) {}
+        }
+
+        #[test]
+        fn request_decoding_never_panics(s in "\\PC{0,200}") {
+            let _ = serde_json::from_str::<Request>(&s);
+        }
+
+        #[test]
+        fn frames_round_trip(kind in 1u8..=11, id in any::<u32>(), body in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let f = Frame::new(Kind::from_u8(kind).expect("kind"), id, body);
+            let enc = f.encode();
+            let mut d = Decoder::default();
+            d.push(&enc);
+            prop_assert_eq!(d.next_frame().expect("ok"), Some(f));
+        }
+    }
+}

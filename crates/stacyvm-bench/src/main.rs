@@ -1,0 +1,441 @@
+//! `stacyvm-bench`: drives a running StacyVM server over HTTP with N
+//! concurrent clients and prints latency percentiles and throughput.
+//!
+//! Each client owns one keep-alive HTTP/1.1 connection (hyper, no pooling
+//! layer) so the numbers measure the server, not the client stack.
+//! Scenarios: get, list, spawn, create→first exec, exec round trip,
+//! file write+read (1 KiB, 1 MiB), destroy. Results print as a table, or
+//! Markdown rows for docs/benchmarks.md with `--markdown`.
+
+#![allow(clippy::print_stdout)]
+
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::client::conn::http1::SendRequest;
+use hyper::{Method, Request};
+use serde_json::{json, Value};
+use tokio::net::TcpStream;
+
+#[derive(Debug, Parser, Clone)]
+#[command(name = "stacyvm-bench", about = "Benchmark a running StacyVM server")]
+struct Args {
+    /// Server address (host:port, no scheme).
+    #[arg(long, default_value = "127.0.0.1:7423")]
+    addr: String,
+    /// API key sent as X-API-Key.
+    #[arg(long, env = "STACYVM_API_KEY")]
+    api_key: Option<String>,
+    /// Provider to spawn on ("" = server default).
+    #[arg(long, default_value = "")]
+    provider: String,
+    /// Image to spawn.
+    #[arg(long, default_value = "")]
+    image: String,
+    /// Concurrent clients.
+    #[arg(long, short = 'c', default_value_t = 8)]
+    clients: usize,
+    /// Requests per scenario for the cheap scenarios (get, list).
+    #[arg(long, default_value_t = 50_000)]
+    requests: usize,
+    /// Operations per scenario for sandbox-heavy scenarios (spawn, exec, files).
+    #[arg(long, default_value_t = 200)]
+    ops: usize,
+    /// Comma-separated scenarios: get,list,spawn,first_exec,exec,file_1k,file_1m,destroy.
+    #[arg(
+        long,
+        default_value = "get,list,spawn,first_exec,exec,file_1k,file_1m,destroy"
+    )]
+    scenarios: String,
+    /// Print Markdown table rows.
+    #[arg(long)]
+    markdown: bool,
+    /// Label for the provider column.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+struct Conn {
+    tx: SendRequest<Full<Bytes>>,
+    host: String,
+    key: Option<String>,
+}
+
+impl Conn {
+    async fn open(args: &Args) -> Result<Conn> {
+        let stream = TcpStream::connect(&args.addr)
+            .await
+            .with_context(|| format!("connecting to {}", args.addr))?;
+        stream.set_nodelay(true)?;
+        let io = hyper_util_io::TokioIo(stream);
+        let (tx, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Conn {
+            tx,
+            host: args.addr.clone(),
+            key: args.api_key.clone(),
+        })
+    }
+
+    async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<(u16, Bytes)> {
+        let mut b = Request::builder()
+            .method(method)
+            .uri(format!("/api/v1{path}"))
+            .header("host", &self.host);
+        if let Some(k) = &self.key {
+            b = b.header("x-api-key", k);
+        }
+        if body.is_some() {
+            b = b.header("content-type", "application/json");
+        }
+        let req = b.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        self.tx.ready().await?;
+        let resp = self.tx.send_request(req).await?;
+        let status = resp.status().as_u16();
+        let bytes = resp.into_body().collect().await?.to_bytes();
+        Ok((status, bytes))
+    }
+
+    async fn ok(&mut self, method: Method, path: &str, body: Option<Value>) -> Result<Bytes> {
+        let (st, b) = self
+            .call(
+                method.clone(),
+                path,
+                body.map(|v| v.to_string().into_bytes()),
+            )
+            .await?;
+        if !(200..300).contains(&st) {
+            bail!("{method} {path} -> {st}: {}", String::from_utf8_lossy(&b));
+        }
+        Ok(b)
+    }
+
+    async fn spawn(&mut self, args: &Args) -> Result<String> {
+        let mut body = json!({"ttl": "30m"});
+        if !args.provider.is_empty() {
+            body["provider"] = json!(args.provider);
+        }
+        if !args.image.is_empty() {
+            body["image"] = json!(args.image);
+        }
+        let b = self.ok(Method::POST, "/sandboxes", Some(body)).await?;
+        let v: Value = serde_json::from_slice(&b)?;
+        v["id"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("spawn returned no id"))
+    }
+}
+
+/// Adapts tokio's TcpStream to hyper's IO traits.
+mod hyper_util_io {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    pub struct TokioIo(pub tokio::net::TcpStream);
+
+    impl hyper::rt::Read for TokioIo {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            mut buf: hyper::rt::ReadBufCursor<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            // Read into an initialised scratch buffer, then copy: no unsafe code.
+            let want = buf.remaining().min(64 * 1024);
+            let mut scratch = vec![0u8; want];
+            let mut rb = tokio::io::ReadBuf::new(&mut scratch);
+            match tokio::io::AsyncRead::poll_read(Pin::new(&mut self.get_mut().0), cx, &mut rb) {
+                Poll::Ready(Ok(())) => {
+                    buf.put_slice(rb.filled());
+                    Poll::Ready(Ok(()))
+                }
+                other => other,
+            }
+        }
+    }
+
+    impl hyper::rt::Write for TokioIo {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            tokio::io::AsyncWrite::poll_write(Pin::new(&mut self.get_mut().0), cx, buf)
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            tokio::io::AsyncWrite::poll_flush(Pin::new(&mut self.get_mut().0), cx)
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            tokio::io::AsyncWrite::poll_shutdown(Pin::new(&mut self.get_mut().0), cx)
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Outcome {
+    name: String,
+    latencies: Vec<Duration>,
+    wall: Duration,
+    errors: usize,
+    first_error: Option<String>,
+}
+
+fn pct(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((p / 100.0) * (sorted.len() as f64 - 1.0)).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+/// Runs `total` operations over `clients` connections; `op` gets the
+/// connection and a sequence number and returns the measured latency.
+async fn run<F, Fut>(args: &Args, name: &str, total: usize, op: F) -> Result<Outcome>
+where
+    F: Fn(Conn, usize) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = (Conn, Result<Duration>)> + Send,
+{
+    let clients = args.clients.max(1).min(total.max(1));
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut handles = Vec::new();
+    for _ in 0..clients {
+        let mut conn = Conn::open(args).await?;
+        let op = op.clone();
+        let counter = counter.clone();
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            let mut errors = 0;
+            let mut first_error = None;
+            loop {
+                let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if i >= total {
+                    break;
+                }
+                let (c, r) = op(conn, i).await;
+                conn = c;
+                match r {
+                    Ok(d) => lat.push(d),
+                    Err(e) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| format!("{e:#}"));
+                    }
+                }
+            }
+            (lat, errors, first_error)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(total);
+    let mut errors = 0;
+    let mut first_error = None;
+    for h in handles {
+        let (l, e, f) = h.await?;
+        latencies.extend(l);
+        errors += e;
+        if first_error.is_none() {
+            first_error = f;
+        }
+    }
+    let wall = start.elapsed();
+    latencies.sort();
+    Ok(Outcome {
+        name: name.to_string(),
+        latencies,
+        wall,
+        errors,
+        first_error,
+    })
+}
+
+fn timed<T>(start: Instant, r: Result<T>) -> Result<Duration> {
+    r.map(|_| start.elapsed())
+}
+
+async fn scenario(args: &Args, name: &str) -> Result<Outcome> {
+    let a = args.clone();
+    match name {
+        "get" | "list" => {
+            let mut c = Conn::open(args).await?;
+            let id = c.spawn(args).await?;
+            let path = if name == "get" {
+                format!("/sandboxes/{id}")
+            } else {
+                "/sandboxes".to_string()
+            };
+            let out = run(args, name, args.requests, move |mut c, _| {
+                let path = path.clone();
+                async move {
+                    let t = Instant::now();
+                    let r = c.ok(Method::GET, &path, None).await;
+                    (c, timed(t, r))
+                }
+            })
+            .await;
+            c.ok(Method::DELETE, &format!("/sandboxes/{id}"), None)
+                .await?;
+            out
+        }
+        "spawn" | "destroy" | "first_exec" => {
+            let owned = name.to_string();
+            let out = run(args, name, args.ops, move |mut c, _| {
+                let a = a.clone();
+                let name = owned.clone();
+                async move {
+                    let r = async {
+                        let t = Instant::now();
+                        let id = c.spawn(&a).await?;
+                        let mut d = t.elapsed();
+                        if name == "first_exec" {
+                            c.ok(
+                                Method::POST,
+                                &format!("/sandboxes/{id}/exec"),
+                                Some(json!({"command": "true", "mode": "argv"})),
+                            )
+                            .await?;
+                            d = t.elapsed();
+                        }
+                        let t2 = Instant::now();
+                        c.ok(Method::DELETE, &format!("/sandboxes/{id}"), None)
+                            .await?;
+                        if name == "destroy" {
+                            d = t2.elapsed();
+                        }
+                        Ok(d)
+                    }
+                    .await;
+                    (c, r)
+                }
+            })
+            .await;
+            out
+        }
+        "exec" | "file_1k" | "file_1m" => {
+            let mut c = Conn::open(args).await?;
+            let id = c.spawn(args).await?;
+            let size = match name {
+                "file_1k" => 1024,
+                "file_1m" => 1024 * 1024,
+                _ => 0,
+            };
+            let content: String = (0..size).map(|i| (b'a' + (i % 26) as u8) as char).collect();
+            let id2 = id.clone();
+            let out = run(args, name, args.ops, move |mut c, i| {
+                let id = id2.clone();
+                let content = content.clone();
+                async move {
+                    let t = Instant::now();
+                    let r = async {
+                        if size == 0 {
+                            c.ok(
+                                Method::POST,
+                                &format!("/sandboxes/{id}/exec"),
+                                Some(json!({"command": "true", "mode": "argv"})),
+                            )
+                            .await?;
+                        } else {
+                            let path = format!("/workspace/bench-{i}.txt");
+                            c.ok(
+                                Method::POST,
+                                &format!("/sandboxes/{id}/files"),
+                                Some(json!({"path": path, "content": content})),
+                            )
+                            .await?;
+                            let back = c
+                                .ok(
+                                    Method::GET,
+                                    &format!("/sandboxes/{id}/files?path={path}"),
+                                    None,
+                                )
+                                .await?;
+                            if back.len() != size {
+                                bail!("read {} bytes, wrote {size}", back.len());
+                            }
+                        }
+                        Ok(())
+                    }
+                    .await;
+                    (c, timed(t, r))
+                }
+            })
+            .await;
+            c.ok(Method::DELETE, &format!("/sandboxes/{id}"), None)
+                .await?;
+            out
+        }
+        other => bail!("unknown scenario {other:?}"),
+    }
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    let label = if args.label.is_empty() {
+        if args.provider.is_empty() {
+            "default".to_string()
+        } else {
+            args.provider.clone()
+        }
+    } else {
+        args.label.clone()
+    };
+    if !args.markdown {
+        println!(
+            "{:<11} {:>9} {:>4} {:>9} {:>9} {:>9} {:>9} {:>10} {:>6}",
+            "scenario", "provider", "c", "n", "p50 ms", "p95 ms", "p99 ms", "ops/s", "errors"
+        );
+    }
+    for name in args
+        .scenarios
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+    {
+        let o = scenario(&args, name).await?;
+        let n = o.latencies.len();
+        let rate = n as f64 / o.wall.as_secs_f64();
+        let (p50, p95, p99) = (
+            pct(&o.latencies, 50.0),
+            pct(&o.latencies, 95.0),
+            pct(&o.latencies, 99.0),
+        );
+        if args.markdown {
+            println!(
+                "| {} | {label} | {} | {n} | {} | {} | {} | {rate:.0} | {} |",
+                o.name,
+                args.clients,
+                ms(p50),
+                ms(p95),
+                ms(p99),
+                o.errors
+            );
+        } else {
+            println!(
+                "{:<11} {label:>9} {:>4} {n:>9} {:>9} {:>9} {:>9} {rate:>10.0} {:>6}",
+                o.name,
+                args.clients,
+                ms(p50),
+                ms(p95),
+                ms(p99),
+                o.errors
+            );
+        }
+        if let Some(e) = o.first_error {
+            eprintln!("{name}: first error: {e}");
+        }
+    }
+    Ok(())
+}
