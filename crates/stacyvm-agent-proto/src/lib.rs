@@ -17,6 +17,8 @@
 //! `Window` frames, so one slow consumer never blocks the others.
 //! See `docs/agent-protocol.md`.
 
+pub mod boot;
+
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 

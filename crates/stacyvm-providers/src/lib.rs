@@ -8,3 +8,4 @@ pub mod conformance;
 pub mod hostfs;
 #[cfg(feature = "mock")]
 pub mod mock;
+pub mod native;

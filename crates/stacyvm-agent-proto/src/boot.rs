@@ -1,0 +1,57 @@
+//! The boot specification the native provider hands to `stacyvm-agent boot`.
+
+use serde::{Deserialize, Serialize};
+
+/// Overlay root: read-only image layers plus a per-sandbox upper dir.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootSpec {
+    /// Lower layers, topmost first.
+    pub lower: Vec<String>,
+    pub upper: String,
+    pub work: String,
+    /// Mount point of the merged root (host path).
+    pub merged: String,
+}
+
+/// A host path bound into the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BindSpec {
+    pub source: String,
+    /// Path inside the sandbox.
+    pub target: String,
+    pub readonly: bool,
+}
+
+/// Everything `stacyvm-agent boot` needs to build a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BootSpec {
+    pub id: String,
+    pub hostname: String,
+    pub root: RootSpec,
+    #[serde(default)]
+    pub binds: Vec<BindSpec>,
+    /// Sandbox paths hidden from the sandbox (files become empty, dirs empty read-only).
+    #[serde(default)]
+    pub masks: Vec<String>,
+    /// Host path of the agent's listening socket (never visible inside).
+    pub socket: String,
+    /// Host file that receives the sandbox init's stdout/stderr (console log).
+    #[serde(default)]
+    pub console_log: String,
+    /// cgroup directories to join before unsharing.
+    #[serde(default)]
+    pub cgroups: Vec<String>,
+    /// `none` (loopback only) or `host-bridge` (veth set up by the provider).
+    #[serde(default)]
+    pub network: String,
+    /// Size of /tmp in MiB (0 = half of memory).
+    #[serde(default)]
+    pub tmp_size_mb: u64,
+    /// Install the seccomp filter (always on in production).
+    #[serde(default = "yes")]
+    pub seccomp: bool,
+}
+
+fn yes() -> bool {
+    true
+}

@@ -1,0 +1,382 @@
+//! Process execution: spawning, output pumping with credit-based flow
+//! control, timeouts that kill the whole process group, and the reaper
+//! that collects every child (the agent is PID 1 of its sandbox).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use stacyvm_agent_proto::{AgentError, ErrorKind, Exit, Frame, Kind, INITIAL_WINDOW};
+
+use crate::server::Conn;
+
+/// Default environment of sandboxed commands.
+const BASE_ENV: [(&str, &str); 5] = [
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("HOME", "/root"),
+    ("LANG", "C.UTF-8"),
+    ("TERM", "xterm-256color"),
+    ("SHELL", "/bin/sh"),
+];
+
+/// Exit statuses by pid, filled by the reaper.
+#[derive(Default)]
+pub struct Reaper {
+    inner: Mutex<ReaperState>,
+    cv: Condvar,
+}
+
+#[derive(Default)]
+struct ReaperState {
+    waiting: HashMap<i32, mpsc::Sender<WaitStatus>>,
+    unclaimed: HashMap<i32, WaitStatus>,
+    unclaimed_order: VecDeque<i32>,
+    children: usize,
+}
+
+impl Reaper {
+    /// Reaps every child forever; dispatches statuses to registered waiters.
+    pub fn run(self: Arc<Self>) {
+        loop {
+            {
+                let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+                while st.children == 0 {
+                    let (g, _) = self
+                        .cv
+                        .wait_timeout(st, Duration::from_secs(1))
+                        .unwrap_or_else(|e| e.into_inner());
+                    st = g;
+                    if st.children == 0 {
+                        // Orphans re-parented to us are reaped here too.
+                        drop(st);
+                        reap_nonblocking(&self);
+                        st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+                    }
+                }
+            }
+            match waitpid(Pid::from_raw(-1), None) {
+                Ok(ws) => self.deliver(ws),
+                Err(nix::errno::Errno::ECHILD) => {
+                    let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+                    st.children = 0;
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+    }
+
+    fn deliver(&self, ws: WaitStatus) {
+        let Some(pid) = ws.pid() else { return };
+        if !matches!(ws, WaitStatus::Exited(..) | WaitStatus::Signaled(..)) {
+            return;
+        }
+        let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(tx) = st.waiting.remove(&pid.as_raw()) {
+            let _ = tx.send(ws);
+        } else {
+            st.unclaimed.insert(pid.as_raw(), ws);
+            st.unclaimed_order.push_back(pid.as_raw());
+            while st.unclaimed_order.len() > 4096 {
+                if let Some(old) = st.unclaimed_order.pop_front() {
+                    st.unclaimed.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// Spawns under the reaper's lock so the exit status cannot be missed.
+    fn spawn(
+        &self,
+        cmd: &mut Command,
+    ) -> std::io::Result<(std::process::Child, mpsc::Receiver<WaitStatus>)> {
+        let mut st = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let child = cmd.spawn()?;
+        let (tx, rx) = mpsc::channel();
+        let pid = child.id() as i32;
+        if let Some(ws) = st.unclaimed.remove(&pid) {
+            let _ = tx.send(ws);
+        } else {
+            st.waiting.insert(pid, tx);
+        }
+        st.children += 1;
+        self.cv.notify_all();
+        Ok((child, rx))
+    }
+}
+
+fn reap_nonblocking(r: &Reaper) {
+    while let Ok(ws) = waitpid(
+        Pid::from_raw(-1),
+        Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+    ) {
+        if ws == WaitStatus::StillAlive {
+            break;
+        }
+        r.deliver(ws);
+    }
+}
+
+/// Output credit of one exec (bytes the agent may still send).
+pub struct Window {
+    credit: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl Window {
+    pub fn new() -> Arc<Window> {
+        Arc::new(Window {
+            credit: Mutex::new(INITIAL_WINDOW),
+            cv: Condvar::new(),
+        })
+    }
+
+    pub fn grant(&self, n: u64) {
+        let mut c = self.credit.lock().unwrap_or_else(|e| e.into_inner());
+        *c = c.saturating_add(n);
+        self.cv.notify_all();
+    }
+
+    /// Waits for at least one byte of credit and takes up to `want`.
+    fn take(&self, want: u64) -> u64 {
+        let mut c = self.credit.lock().unwrap_or_else(|e| e.into_inner());
+        while *c == 0 {
+            c = self.cv.wait(c).unwrap_or_else(|e| e.into_inner());
+        }
+        let n = want.min(*c);
+        *c -= n;
+        n
+    }
+}
+
+/// Routes for a running exec (stdin and signals from the host).
+pub struct ExecHandle {
+    pub stdin: Option<mpsc::Sender<Vec<u8>>>,
+    pub pgid: Arc<Mutex<Option<i32>>>,
+    pub window: Arc<Window>,
+}
+
+/// Parameters of an exec request.
+pub struct ExecParams {
+    pub argv: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    pub cwd: String,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub stdin: bool,
+    pub timeout: Option<Duration>,
+}
+
+fn pump(
+    mut r: impl Read,
+    kind: Kind,
+    id: u32,
+    conn: Arc<Conn>,
+    window: Arc<Window>,
+    done: mpsc::Sender<()>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let want = window.take(buf.len() as u64) as usize;
+        match r.read(&mut buf[..want]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if n < want {
+                    window.grant((want - n) as u64);
+                }
+                if conn.send(&Frame::new(kind, id, buf[..n].to_vec())).is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = done.send(());
+}
+
+fn exit_of(ws: WaitStatus) -> Exit {
+    match ws {
+        WaitStatus::Exited(_, code) => Exit {
+            code,
+            signal: None,
+            timed_out: false,
+        },
+        WaitStatus::Signaled(_, sig, _) => Exit {
+            code: 128 + sig as i32,
+            signal: Some(sig as i32),
+            timed_out: false,
+        },
+        _ => Exit {
+            code: -1,
+            signal: None,
+            timed_out: false,
+        },
+    }
+}
+
+/// Runs one exec to completion, sending output and the final `Exit` frame.
+pub fn run(
+    id: u32,
+    p: ExecParams,
+    conn: Arc<Conn>,
+    reaper: Arc<Reaper>,
+    handle: Arc<ExecHandle>,
+    stdin_rx: Option<mpsc::Receiver<Vec<u8>>>,
+) {
+    let result = start(id, &p, &conn, &reaper, &handle, stdin_rx);
+    match result {
+        Ok(exit) => {
+            let _ = conn.send(&Frame::json(Kind::Exit, id, &exit));
+        }
+        Err(e) => conn.respond_err(id, e),
+    }
+    conn.forget_exec(id);
+}
+
+fn start(
+    id: u32,
+    p: &ExecParams,
+    conn: &Arc<Conn>,
+    reaper: &Arc<Reaper>,
+    handle: &Arc<ExecHandle>,
+    stdin_rx: Option<mpsc::Receiver<Vec<u8>>>,
+) -> Result<Exit, AgentError> {
+    let Some((prog, args)) = p.argv.split_first() else {
+        return Err(AgentError::new(ErrorKind::InvalidInput, "empty command"));
+    };
+    let cwd = if p.cwd.is_empty() {
+        "/workspace"
+    } else {
+        p.cwd.as_str()
+    };
+    match std::fs::metadata(cwd) {
+        Ok(m) if m.is_dir() => {}
+        _ => {
+            return Err(AgentError::new(
+                ErrorKind::InvalidInput,
+                format!("workdir {cwd:?} does not exist"),
+            ))
+        }
+    }
+    let mut cmd = Command::new(prog);
+    cmd.args(args).env_clear().current_dir(cwd).process_group(0);
+    for (k, v) in BASE_ENV {
+        cmd.env(k, v);
+    }
+    cmd.envs(&p.env);
+    if let Some(uid) = p.uid {
+        cmd.uid(uid);
+    }
+    if let Some(gid) = p.gid {
+        cmd.gid(gid);
+    }
+    cmd.stdin(if p.stdin {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let (mut child, status_rx) = match reaper.spawn(&mut cmd) {
+        Ok(c) => c,
+        Err(e) => {
+            let (code, what) = match e.kind() {
+                std::io::ErrorKind::NotFound => (127, "command not found"),
+                std::io::ErrorKind::PermissionDenied => (126, "permission denied"),
+                _ => {
+                    return Err(AgentError::new(
+                        ErrorKind::Internal,
+                        format!("starting {prog}: {e}"),
+                    ))
+                }
+            };
+            let msg = format!("stacyvm: {prog}: {what}\n");
+            let _ = conn.send(&Frame::new(Kind::Stderr, id, msg.into_bytes()));
+            return Ok(Exit {
+                code,
+                signal: None,
+                timed_out: false,
+            });
+        }
+    };
+    let pid = child.id() as i32;
+    if let Ok(mut g) = handle.pgid.lock() {
+        *g = Some(pid);
+    }
+    if let (Some(mut stdin), Some(rx)) = (child.stdin.take(), stdin_rx) {
+        std::thread::spawn(move || {
+            while let Ok(data) = rx.recv() {
+                if data.is_empty() || stdin.write_all(&data).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let (done_tx, done_rx) = mpsc::channel();
+    let mut readers = 0;
+    if let Some(out) = child.stdout.take() {
+        let (c, w, d) = (conn.clone(), handle.window.clone(), done_tx.clone());
+        std::thread::spawn(move || pump(out, Kind::Stdout, id, c, w, d));
+        readers += 1;
+    }
+    if let Some(err) = child.stderr.take() {
+        let (c, w, d) = (conn.clone(), handle.window.clone(), done_tx.clone());
+        std::thread::spawn(move || pump(err, Kind::Stderr, id, c, w, d));
+        readers += 1;
+    }
+    drop(done_tx);
+    let deadline = p.timeout.map(|t| Instant::now() + t);
+    let mut timed_out = false;
+    let ws = loop {
+        let wait = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None => Duration::from_secs(3600),
+        };
+        match status_rx.recv_timeout(wait) {
+            Ok(ws) => break ws,
+            Err(mpsc::RecvTimeoutError::Timeout) if deadline.is_some() => {
+                timed_out = true;
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                match status_rx.recv_timeout(Duration::from_secs(10)) {
+                    Ok(ws) => break ws,
+                    Err(_) => {
+                        return Err(AgentError::new(
+                            ErrorKind::Internal,
+                            "process did not die after SIGKILL",
+                        ))
+                    }
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(AgentError::new(ErrorKind::Internal, "reaper stopped"))
+            }
+        }
+    };
+    if timed_out {
+        // Everything in the group dies with the timeout.
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+    // Drain output: pipes close once every holder exits. A background
+    // process that keeps them open does not hold the exec hostage.
+    let until = Instant::now() + Duration::from_millis(if timed_out { 200 } else { 2000 });
+    for _ in 0..readers {
+        if done_rx
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+            .is_err()
+        {
+            break;
+        }
+    }
+    let mut exit = exit_of(ws);
+    exit.timed_out = timed_out;
+    Ok(exit)
+}

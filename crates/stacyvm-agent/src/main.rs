@@ -1,0 +1,84 @@
+//! `stacyvm-agent`: runs inside a sandbox and serves the StacyVM agent
+//! protocol (docs/agent-protocol.md).
+//!
+//! Usage:
+//!   stacyvm-agent boot --spec FILE   build a native sandbox and serve as its PID 1
+//!   stacyvm-agent serve --socket PATH  serve on a unix socket (no setup)
+//!   stacyvm-agent version
+
+mod exec;
+mod files;
+mod server;
+
+use std::os::unix::net::UnixListener;
+use std::process::ExitCode;
+
+use stacyvm_sandbox::{BootSpec, Booted};
+
+const USAGE: &str = "usage: stacyvm-agent boot --spec FILE | serve --socket PATH | version";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["boot", "--spec", path] => boot(path),
+        ["serve", "--socket", path] => {
+            let _ = std::fs::remove_file(path);
+            match UnixListener::bind(path) {
+                Ok(l) => {
+                    server::serve(l, false);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("stacyvm-agent: binding {path}: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        ["version"] | ["--version"] => {
+            println!(
+                "stacyvm-agent {} (protocol {})",
+                env!("CARGO_PKG_VERSION"),
+                stacyvm_agent_proto::VERSION
+            );
+            ExitCode::SUCCESS
+        }
+        _ => {
+            eprintln!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn boot(path: &str) -> ExitCode {
+    let spec: BootSpec = match std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("stacyvm-agent: reading boot spec {path}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match stacyvm_sandbox::boot(&spec) {
+        Ok(Booted::Parent(pid)) => {
+            // The intermediate parent reports the init pid and leaves; the
+            // sandbox lives on under the host's init, not under the server.
+            println!("{pid}");
+            ExitCode::SUCCESS
+        }
+        Ok(Booted::Init(listener)) => {
+            server::serve(listener, true);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("stacyvm-agent: sandbox setup failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

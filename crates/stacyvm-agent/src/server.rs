@@ -1,0 +1,338 @@
+//! Connection handling: handshake, request dispatch, routing of stdin,
+//! window, signal and upload frames to the request they belong to.
+
+use std::collections::HashMap;
+use std::io::{BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stacyvm_agent_proto::{
+    AgentError, ErrorKind, Frame, Hello, Kind, Request, Response, SignalMsg, WindowMsg, MAX_CHUNK,
+    VERSION,
+};
+
+use crate::exec::{self, ExecHandle, ExecParams, Reaper, Window};
+use crate::files;
+
+/// One host connection.
+pub struct Conn {
+    writer: Mutex<UnixStream>,
+    execs: Mutex<HashMap<u32, Arc<ExecHandle>>>,
+    uploads: Mutex<HashMap<u32, mpsc::Sender<Vec<u8>>>>,
+}
+
+impl Conn {
+    pub fn send(&self, f: &Frame) -> std::io::Result<()> {
+        let bytes = f.encode();
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        w.write_all(&bytes)
+    }
+
+    pub fn respond(&self, id: u32, r: Result<serde_json::Value, AgentError>) {
+        let resp = match r {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(e),
+        };
+        let _ = self.send(&Frame::json(Kind::Response, id, &resp));
+    }
+
+    pub fn respond_err(&self, id: u32, e: AgentError) {
+        self.respond(id, Err(e));
+    }
+
+    pub fn forget_exec(&self, id: u32) {
+        self.execs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+    }
+}
+
+/// Accepts connections forever. `pid1` marks the sandbox init.
+pub fn serve(listener: UnixListener, pid1: bool) {
+    let reaper = Arc::new(Reaper::default());
+    {
+        let r = reaper.clone();
+        std::thread::spawn(move || r.run());
+    }
+    if pid1 {
+        eprintln!(
+            "stacyvm-agent {} ready (pid 1, protocol {VERSION})",
+            env!("CARGO_PKG_VERSION")
+        );
+    }
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let reaper = reaper.clone();
+        std::thread::spawn(move || handle(stream, reaper, pid1));
+    }
+}
+
+fn handle(stream: UnixStream, reaper: Arc<Reaper>, pid1: bool) {
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    let conn = Arc::new(Conn {
+        writer: Mutex::new(write_half),
+        execs: Mutex::new(HashMap::new()),
+        uploads: Mutex::new(HashMap::new()),
+    });
+    let mut reader = BufReader::with_capacity(256 * 1024, stream);
+    // Handshake: the first frame must be Hello with our major version.
+    match Frame::read_from(&mut reader) {
+        Ok(Some(f)) if f.kind == Kind::Hello => {
+            let hello: Option<Hello> = serde_json::from_slice(&f.body).ok();
+            let ours = Hello {
+                version: VERSION,
+                agent: format!("stacyvm-agent {}", env!("CARGO_PKG_VERSION")),
+                pid: std::process::id(),
+            };
+            let _ = conn.send(&Frame::json(Kind::Hello, 0, &ours));
+            if hello.map(|h| h.version) != Some(VERSION) {
+                return;
+            }
+        }
+        _ => return,
+    }
+    loop {
+        let frame = match Frame::read_from(&mut reader) {
+            Ok(Some(f)) => f,
+            Ok(None) | Err(_) => return,
+        };
+        dispatch(frame, &conn, &reaper, pid1);
+    }
+}
+
+fn dispatch(f: Frame, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: bool) {
+    let id = f.id;
+    match f.kind {
+        Kind::Request => {
+            let req: Request = match serde_json::from_slice(&f.body) {
+                Ok(r) => r,
+                Err(e) => {
+                    return conn.respond_err(
+                        id,
+                        AgentError::new(ErrorKind::InvalidInput, format!("bad request: {e}")),
+                    )
+                }
+            };
+            request(id, req, conn, reaper, pid1);
+        }
+        Kind::Data => {
+            let tx = conn
+                .uploads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .cloned();
+            if let Some(tx) = tx {
+                let end = f.body.is_empty();
+                let _ = tx.send(f.body);
+                if end {
+                    conn.uploads
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                }
+            }
+        }
+        Kind::Stdin => {
+            let h = conn
+                .execs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .cloned();
+            if let Some(tx) = h.and_then(|h| h.stdin.clone()) {
+                let _ = tx.send(f.body);
+            }
+        }
+        Kind::Window => {
+            let h = conn
+                .execs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .cloned();
+            if let (Some(h), Ok(w)) = (h, serde_json::from_slice::<WindowMsg>(&f.body)) {
+                h.window.grant(w.bytes);
+            }
+        }
+        Kind::Signal => {
+            let h = conn
+                .execs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .cloned();
+            if let (Some(h), Ok(s)) = (h, serde_json::from_slice::<SignalMsg>(&f.body)) {
+                if let (Some(pgid), Ok(sig)) = (
+                    *h.pgid.lock().unwrap_or_else(|e| e.into_inner()),
+                    nix::sys::signal::Signal::try_from(s.signal),
+                ) {
+                    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: bool) {
+    match req {
+        Request::Ping => conn.respond(id, Ok(serde_json::json!({"pong": true}))),
+        Request::Exec {
+            argv,
+            env,
+            cwd,
+            uid,
+            gid,
+            stdin,
+            pty,
+            timeout_ms,
+        } => {
+            if pty.is_some() {
+                return conn.respond_err(
+                    id,
+                    AgentError::new(
+                        ErrorKind::Unsupported,
+                        "pty exec is not supported by this agent yet",
+                    ),
+                );
+            }
+            let (stdin_tx, stdin_rx) = if stdin {
+                let (tx, rx) = mpsc::channel();
+                (Some(tx), Some(rx))
+            } else {
+                (None, None)
+            };
+            let handle = Arc::new(ExecHandle {
+                stdin: stdin_tx,
+                pgid: Arc::new(Mutex::new(None)),
+                window: Window::new(),
+            });
+            conn.execs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, handle.clone());
+            let params = ExecParams {
+                argv,
+                env,
+                cwd,
+                uid,
+                gid,
+                stdin,
+                timeout: timeout_ms.map(Duration::from_millis),
+            };
+            let (c, r) = (conn.clone(), reaper.clone());
+            std::thread::spawn(move || exec::run(id, params, c, r, handle, stdin_rx));
+        }
+        Request::WriteFile {
+            path,
+            mode,
+            size: _,
+        } => {
+            // Register the upload route before any Data frame can arrive.
+            let (tx, rx) = mpsc::channel::<Vec<u8>>();
+            conn.uploads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, tx);
+            let c = conn.clone();
+            std::thread::spawn(move || {
+                let res = (|| {
+                    let mut up = files::Upload::start(&path, mode)?;
+                    loop {
+                        match rx.recv_timeout(Duration::from_secs(120)) {
+                            Ok(d) if d.is_empty() => break,
+                            Ok(d) => {
+                                if let Err(e) = up.write(&d) {
+                                    up.abort();
+                                    return Err(e);
+                                }
+                            }
+                            Err(_) => {
+                                up.abort();
+                                return Err(AgentError::new(
+                                    ErrorKind::InvalidInput,
+                                    "upload ended before its last chunk",
+                                ));
+                            }
+                        }
+                    }
+                    up.finish()
+                })();
+                c.uploads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                c.respond(id, res.map(|n| serde_json::json!({"size": n})));
+            });
+        }
+        other => {
+            let c = conn.clone();
+            std::thread::spawn(move || simple(id, other, &c, pid1));
+        }
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: T) -> Result<serde_json::Value, AgentError> {
+    serde_json::to_value(v).map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))
+}
+
+fn simple(id: u32, req: Request, conn: &Arc<Conn>, pid1: bool) {
+    let res: Result<serde_json::Value, AgentError> = match req {
+        Request::ReadFile { path } => read_file(id, &path, conn),
+        Request::ListDir { path } => files::list(&path).and_then(to_json),
+        Request::Stat { path } => files::stat_of(&path, true).and_then(to_json),
+        Request::Remove { path, recursive } => {
+            files::remove(&path, recursive).map(|()| serde_json::json!({}))
+        }
+        Request::Rename { from, to } => files::rename(&from, &to).map(|()| serde_json::json!({})),
+        Request::Chmod { path, mode } => files::chmod(&path, mode).map(|()| serde_json::json!({})),
+        Request::Mkdir { path } => files::mkdir(&path).map(|()| serde_json::json!({})),
+        Request::Glob { pattern } => files::glob(&pattern).and_then(to_json),
+        Request::Shutdown => {
+            conn.respond(id, Ok(serde_json::json!({})));
+            if pid1 {
+                // Killing every process of the namespace ends the sandbox.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(-1),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                std::process::exit(0);
+            }
+            return;
+        }
+        Request::Ping | Request::Exec { .. } | Request::WriteFile { .. } => {
+            Err(AgentError::new(ErrorKind::Internal, "unreachable"))
+        }
+    };
+    conn.respond(id, res);
+}
+
+fn read_file(id: u32, path: &str, conn: &Arc<Conn>) -> Result<serde_json::Value, AgentError> {
+    use std::io::Read;
+    let m = std::fs::metadata(path).map_err(|e| files::err(path, &e))?;
+    if m.is_dir() {
+        return Err(AgentError::new(
+            ErrorKind::InvalidInput,
+            format!("{path:?} is a directory"),
+        ));
+    }
+    let mut f = std::fs::File::open(path).map_err(|e| files::err(path, &e))?;
+    let mut total = 0u64;
+    let mut buf = vec![0u8; MAX_CHUNK];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| files::err(path, &e))?;
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        conn.send(&Frame::new(Kind::Data, id, buf[..n].to_vec()))
+            .map_err(|e| files::err(path, &e))?;
+    }
+    Ok(serde_json::json!({"size": total}))
+}

@@ -1,0 +1,692 @@
+//! The `native` provider: Linux namespaces + overlayfs + cgroups, with the
+//! stacyvm agent as PID 1 of every sandbox.
+//!
+//! Per sandbox (`<data>/native/sandboxes/<id>/`): `upper/` and `work/` of
+//! the overlay root, `merged/` (mount point, only mounted inside the
+//! sandbox's mount namespace), `agent.sock` (the agent's socket, bound
+//! before pivot_root so it is invisible inside), `console.log`, `boot.json`
+//! and `meta.json`. Sandboxes live under the host's init, not under the
+//! server: a restarted server re-adopts them through `agent.sock`.
+
+pub mod client;
+pub mod images;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use stacyvm_agent_proto::boot::{BootSpec, RootSpec};
+use stacyvm_agent_proto::{FileStat, Request};
+use stacyvm_api::FileInfo;
+use stacyvm_core::provider::{
+    capability, format_mod_time, format_mode, ExecSpec, ExitStatus, OutputSink, Provider,
+    RuntimeInfo, RuntimeStatus, SpawnSpec, Spawned,
+};
+use stacyvm_core::{paths, Error, ErrorKind, Result};
+use stacyvm_sandbox::cgroup::{self, Layout, Limits};
+use tracing::{info, warn};
+
+use self::client::AgentClient;
+
+/// Settings of the native provider.
+#[derive(Debug, Clone)]
+pub struct NativeOptions {
+    /// Root of the provider's state (`<data_dir>/native`).
+    pub state_dir: PathBuf,
+    /// The `stacyvm-agent` binary.
+    pub agent_path: PathBuf,
+    /// Default pids limit per sandbox.
+    pub pids_limit: u64,
+    /// Paths never exposed (e.g. the server's data dir).
+    pub hidden: Vec<String>,
+}
+
+#[derive(Debug)]
+pub struct NativeProvider {
+    opts: NativeOptions,
+    images: images::ImageStore,
+    cgroups: Option<Layout>,
+    conns: Mutex<HashMap<String, Arc<AgentClient>>>,
+    /// Serialises connection setup per sandbox.
+    connecting: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Meta {
+    id: String,
+    image: String,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    owner_id: String,
+    tenant_id: String,
+    metadata: BTreeMap<String, String>,
+    init_pid: i32,
+    cgroups: Vec<PathBuf>,
+    memory_mb: i64,
+}
+
+/// Finds `stacyvm-agent` next to the running binary (or its parent dir,
+/// for test binaries under `deps/`).
+pub fn find_agent(configured: &str) -> Option<PathBuf> {
+    if !configured.is_empty() {
+        return Some(PathBuf::from(configured));
+    }
+    if let Ok(p) = std::env::var("STACYVM_AGENT_PATH") {
+        if !p.is_empty() {
+            return Some(PathBuf::from(p));
+        }
+    }
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?;
+    for cand in [
+        dir.join("stacyvm-agent"),
+        dir.parent()?.join("stacyvm-agent"),
+    ] {
+        if cand.is_file() {
+            return Some(cand);
+        }
+    }
+    None
+}
+
+fn host_memory_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+fn pid_alive(pid: i32) -> bool {
+    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+}
+
+fn to_info(s: FileStat) -> FileInfo {
+    let name = s.path.rsplit('/').next().unwrap_or_default().to_string();
+    FileInfo {
+        path: s.path.clone(),
+        size: s.size,
+        mode: format_mode(s.mode),
+        is_dir: s.is_dir,
+        mod_time: format_mod_time(DateTime::<Utc>::from_timestamp(s.mtime, 0).unwrap_or_default()),
+        name: if s.path == "/" { "/".into() } else { name },
+    }
+}
+
+impl NativeProvider {
+    pub fn new(opts: NativeOptions) -> Result<Self> {
+        std::fs::create_dir_all(opts.state_dir.join("sandboxes")).map_err(|e| {
+            Error::internal(format!("creating {}", opts.state_dir.display())).with_source(e)
+        })?;
+        let images = images::ImageStore::new(opts.state_dir.join("images"), &opts.hidden)?;
+        Ok(NativeProvider {
+            images,
+            cgroups: cgroup::detect(),
+            conns: Mutex::new(HashMap::new()),
+            connecting: tokio::sync::Mutex::new(()),
+            opts,
+        })
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.opts.state_dir.join("sandboxes").join(id)
+    }
+
+    fn meta(&self, id: &str) -> Result<Meta> {
+        if !paths::is_sandbox_id(id) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let text = std::fs::read_to_string(self.dir(id).join("meta.json"))
+            .map_err(|_| Error::sandbox_not_found(id))?;
+        serde_json::from_str(&text)
+            .map_err(|e| Error::internal(format!("corrupt sandbox metadata of {id}: {e}")))
+    }
+
+    /// The live connection to a sandbox's agent (re-connecting after a restart).
+    async fn client(&self, id: &str) -> Result<Arc<AgentClient>> {
+        if let Some(c) = self
+            .conns
+            .lock()
+            .map_err(|_| Error::internal("lock"))?
+            .get(id)
+            .cloned()
+        {
+            if !c.is_closed() {
+                return Ok(c);
+            }
+        }
+        let _g = self.connecting.lock().await;
+        if let Some(c) = self
+            .conns
+            .lock()
+            .map_err(|_| Error::internal("lock"))?
+            .get(id)
+            .cloned()
+        {
+            if !c.is_closed() {
+                return Ok(c);
+            }
+        }
+        let meta = self.meta(id)?;
+        if !pid_alive(meta.init_pid) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let c = AgentClient::connect(&self.dir(id).join("agent.sock")).await?;
+        self.conns
+            .lock()
+            .map_err(|_| Error::internal("lock"))?
+            .insert(id.to_string(), c.clone());
+        Ok(c)
+    }
+
+    async fn boot(&self, spec: &SpawnSpec, memory_bytes: u64, dir: &Path) -> Result<Meta> {
+        let (lower, binds, masks) = self.images.layers(&spec.image)?;
+        let cgroups = match &self.cgroups {
+            Some(layout) => {
+                let limits = Limits {
+                    memory_bytes,
+                    pids: self.opts.pids_limit,
+                    cpu_quota_us: (spec.vcpus.max(1) as u64) * 100_000,
+                };
+                cgroup::create(layout, &spec.id, limits)
+                    .map_err(|e| Error::internal(format!("creating cgroups: {e}")))?
+            }
+            None => Vec::new(),
+        };
+        let boot = BootSpec {
+            id: spec.id.clone(),
+            hostname: spec.id.clone(),
+            root: RootSpec {
+                lower,
+                upper: dir.join("upper").to_string_lossy().to_string(),
+                work: dir.join("work").to_string_lossy().to_string(),
+                merged: dir.join("merged").to_string_lossy().to_string(),
+            },
+            binds,
+            masks,
+            socket: dir.join("agent.sock").to_string_lossy().to_string(),
+            console_log: dir.join("console.log").to_string_lossy().to_string(),
+            cgroups: cgroups
+                .iter()
+                .map(|p| p.to_string_lossy().to_string())
+                .collect(),
+            network: if spec.network_mode.is_empty() {
+                "none".into()
+            } else {
+                spec.network_mode.clone()
+            },
+            tmp_size_mb: (memory_bytes / (2 * 1024 * 1024)).max(16),
+            seccomp: true,
+        };
+        let boot_path = dir.join("boot.json");
+        std::fs::write(
+            &boot_path,
+            serde_json::to_vec_pretty(&boot).unwrap_or_default(),
+        )
+        .map_err(|e| Error::internal("writing boot spec").with_source(e))?;
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new(&self.opts.agent_path)
+                .arg("boot")
+                .arg("--spec")
+                .arg(&boot_path)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| Error::internal("sandbox boot timed out after 30s"))?
+        .map_err(|e| {
+            Error::unavailable(format!("starting {}", self.opts.agent_path.display()))
+                .with_source(e)
+        })?;
+        if !out.status.success() {
+            cgroup::destroy(&cgroups);
+            let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(Error::internal(format!("sandbox setup failed: {msg}")));
+        }
+        let init_pid: i32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| Error::internal("sandbox boot did not report the init pid"))?;
+        Ok(Meta {
+            id: spec.id.clone(),
+            image: spec.image.clone(),
+            created_at: Utc::now(),
+            expires_at: spec.expires_at,
+            owner_id: spec.owner_id.clone(),
+            tenant_id: spec.tenant_id.clone(),
+            metadata: spec.metadata.clone(),
+            init_pid,
+            cgroups,
+            memory_mb: spec.memory_mb,
+        })
+    }
+
+    /// Kills everything of a sandbox and removes its state.
+    async fn teardown(&self, id: &str, meta: Option<Meta>) {
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.remove(id);
+        }
+        let dir = self.dir(id);
+        let cgroups = meta.as_ref().map(|m| m.cgroups.clone()).unwrap_or_default();
+        if let Some(m) = &meta {
+            if pid_alive(m.init_pid) {
+                // SIGKILL of a pid namespace's init kills the whole namespace.
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(m.init_pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let init = meta.as_ref().map_or(0, |m| m.init_pid);
+        let _ = tokio::task::spawn_blocking(move || {
+            for _ in 0..500 {
+                if !pid_alive(init) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            cgroup::destroy(&cgroups);
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    warn!(dir = %dir.display(), error = %e, "removing sandbox state failed");
+                }
+            }
+        })
+        .await;
+    }
+}
+
+#[async_trait]
+impl Provider for NativeProvider {
+    fn name(&self) -> &str {
+        "native"
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        let mut c: Vec<String> = capability::BASE.iter().map(|s| (*s).to_string()).collect();
+        c.push(capability::RUNTIME_INVENTORY.into());
+        c.push("namespaces".into());
+        c
+    }
+
+    fn describe(&self) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("type".to_string(), "native".to_string()),
+            (
+                "agent_path".to_string(),
+                self.opts.agent_path.display().to_string(),
+            ),
+            (
+                "state_dir".to_string(),
+                self.opts.state_dir.display().to_string(),
+            ),
+            (
+                "cgroups".to_string(),
+                match &self.cgroups {
+                    Some(Layout::V2(_)) => "v2".into(),
+                    Some(Layout::V1(_)) => "v1".into(),
+                    None => "none".into(),
+                },
+            ),
+            ("images".to_string(), self.images.names().join(",")),
+        ])
+    }
+
+    async fn health(&self) -> Result<()> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(Error::unavailable(
+                "the native provider needs root (user namespaces are not supported yet)",
+            ));
+        }
+        if !self.opts.agent_path.is_file() {
+            return Err(Error::unavailable(format!(
+                "agent binary {} not found; build it or set providers.native.agent_path",
+                self.opts.agent_path.display()
+            )));
+        }
+        let fs = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+        if !fs.contains("overlay") {
+            return Err(Error::unavailable(
+                "the kernel has no overlayfs (modprobe overlay)",
+            ));
+        }
+        if self.cgroups.is_none() {
+            return Err(Error::unavailable(
+                "no usable cgroup hierarchy under /sys/fs/cgroup",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn spawn(&self, spec: &SpawnSpec) -> Result<Spawned> {
+        let host = host_memory_bytes();
+        let memory_bytes = (spec.memory_mb.max(0) as u64) * 1024 * 1024;
+        if memory_bytes < 16 * 1024 * 1024 {
+            return Err(Error::invalid(format!(
+                "memory_mb {} is below the minimum of 16",
+                spec.memory_mb
+            )));
+        }
+        if host > 0 && memory_bytes > host {
+            return Err(Error::invalid(format!(
+                "memory_mb {} exceeds host memory ({} MiB)",
+                spec.memory_mb,
+                host / 1024 / 1024
+            )));
+        }
+        if spec.vcpus < 1 || spec.vcpus > 256 {
+            return Err(Error::invalid(format!(
+                "vcpus {} must be between 1 and 256",
+                spec.vcpus
+            )));
+        }
+        match spec.network_mode.as_str() {
+            "" | "none" => {}
+            "bridge" => {
+                return Err(Error::invalid(
+                    "network_mode bridge is not available for the native provider yet; use none",
+                ))
+            }
+            other => {
+                return Err(Error::invalid(format!(
+                    "unsupported network_mode {other:?}"
+                )))
+            }
+        }
+        self.images.check(&spec.image)?;
+        let dir = self.dir(&spec.id);
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| Error::internal("creating sandbox dir").with_source(e))?;
+        let meta = match self.boot(spec, memory_bytes, &dir).await {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
+        let write_meta = std::fs::write(
+            dir.join("meta.json"),
+            serde_json::to_vec(&meta).unwrap_or_default(),
+        );
+        let connected = match write_meta {
+            Ok(()) => AgentClient::connect(&dir.join("agent.sock")).await,
+            Err(e) => Err(Error::internal("writing sandbox metadata").with_source(e)),
+        };
+        match connected {
+            Ok(c) => {
+                self.conns
+                    .lock()
+                    .map_err(|_| Error::internal("lock"))?
+                    .insert(spec.id.clone(), c);
+                info!(sandbox_id = %spec.id, init_pid = meta.init_pid, "native sandbox booted");
+                Ok(Spawned {
+                    runtime_id: spec.id.clone(),
+                })
+            }
+            Err(e) => {
+                self.teardown(&spec.id, Some(meta)).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn exec(&self, id: &str, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus> {
+        let c = self.client(id).await?;
+        let req = Request::Exec {
+            argv: spec.argv.clone(),
+            env: spec.env.clone(),
+            cwd: spec.workdir.clone(),
+            uid: None,
+            gid: None,
+            stdin: spec.stdin.is_some(),
+            pty: None,
+            timeout_ms: spec
+                .timeout
+                .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
+        };
+        let exit = c.exec(req, spec.stdin.clone(), sink).await?;
+        client::to_status(id, exit)
+    }
+
+    async fn write_file(&self, id: &str, path: &str, data: &[u8], mode: u32) -> Result<()> {
+        self.client(id).await?.write_file(path, data, mode).await
+    }
+
+    async fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>> {
+        let (_, data) = self
+            .client(id)
+            .await?
+            .call(&Request::ReadFile {
+                path: path.to_string(),
+            })
+            .await?;
+        Ok(data)
+    }
+
+    async fn list_files(&self, id: &str, path: &str) -> Result<Vec<FileInfo>> {
+        let (v, _) = self
+            .client(id)
+            .await?
+            .call(&Request::ListDir {
+                path: path.to_string(),
+            })
+            .await?;
+        let stats: Vec<FileStat> = serde_json::from_value(v)
+            .map_err(|e| Error::internal(format!("agent listing: {e}")))?;
+        Ok(stats.into_iter().map(to_info).collect())
+    }
+
+    async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
+        self.client(id)
+            .await?
+            .call(&Request::Remove {
+                path: path.to_string(),
+                recursive,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn move_file(&self, id: &str, old: &str, new: &str) -> Result<()> {
+        self.client(id)
+            .await?
+            .call(&Request::Rename {
+                from: old.to_string(),
+                to: new.to_string(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn chmod_file(&self, id: &str, path: &str, mode: u32) -> Result<()> {
+        self.client(id)
+            .await?
+            .call(&Request::Chmod {
+                path: path.to_string(),
+                mode,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn stat_file(&self, id: &str, path: &str) -> Result<FileInfo> {
+        let (v, _) = self
+            .client(id)
+            .await?
+            .call(&Request::Stat {
+                path: path.to_string(),
+            })
+            .await?;
+        let s: FileStat =
+            serde_json::from_value(v).map_err(|e| Error::internal(format!("agent stat: {e}")))?;
+        Ok(to_info(s))
+    }
+
+    async fn glob_files(&self, id: &str, pattern: &str) -> Result<Vec<String>> {
+        let (v, _) = self
+            .client(id)
+            .await?
+            .call(&Request::Glob {
+                pattern: pattern.to_string(),
+            })
+            .await?;
+        serde_json::from_value(v).map_err(|e| Error::internal(format!("agent glob: {e}")))
+    }
+
+    async fn status(&self, id: &str) -> Result<RuntimeStatus> {
+        let c = self.client(id).await.map_err(|e| {
+            if e.kind() == ErrorKind::SandboxNotFound {
+                e
+            } else {
+                Error::sandbox_not_found(id)
+            }
+        })?;
+        match tokio::time::timeout(Duration::from_secs(5), c.ping()).await {
+            Ok(Ok(())) => Ok(RuntimeStatus {
+                state: "running".into(),
+            }),
+            _ => Ok(RuntimeStatus {
+                state: "unhealthy".into(),
+            }),
+        }
+    }
+
+    async fn destroy(&self, id: &str) -> Result<()> {
+        if !paths::is_sandbox_id(id) {
+            return Ok(());
+        }
+        let meta = self.meta(id).ok();
+        if meta.is_none() && !self.dir(id).exists() {
+            return Ok(());
+        }
+        self.teardown(id, meta).await;
+        Ok(())
+    }
+
+    async fn logs(&self, id: &str, lines: usize) -> Result<Vec<String>> {
+        self.meta(id)?;
+        let text = tokio::fs::read_to_string(self.dir(id).join("console.log"))
+            .await
+            .unwrap_or_default();
+        let all: Vec<String> = text
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect();
+        let skip = all.len().saturating_sub(lines);
+        Ok(all.into_iter().skip(skip).collect())
+    }
+
+    async fn list_runtimes(&self) -> Result<Vec<RuntimeInfo>> {
+        let base = self.opts.state_dir.join("sandboxes");
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(&base) else {
+            return Ok(out);
+        };
+        for entry in rd.flatten() {
+            let id = entry.file_name().to_string_lossy().to_string();
+            let Ok(meta) = self.meta(&id) else { continue };
+            let state = if pid_alive(meta.init_pid) {
+                "running"
+            } else {
+                "destroyed"
+            };
+            out.push(RuntimeInfo {
+                sandbox_id: id,
+                state: state.into(),
+                image: meta.image,
+                created_at: Some(meta.created_at),
+                metadata: meta.metadata,
+                owner_id: meta.owner_id,
+                tenant_id: meta.tenant_id,
+                expires_at: Some(meta.expires_at),
+            });
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub struct Fixture {
+        dir: tempfile::TempDir,
+    }
+
+    pub fn fixture() -> Fixture {
+        assert!(
+            nix::unistd::geteuid().is_root(),
+            "native provider tests need root (CI runs as root)"
+        );
+        Fixture {
+            dir: tempfile::tempdir().expect("tmp"),
+        }
+    }
+
+    impl Fixture {
+        pub fn make(&self) -> NativeProvider {
+            let agent = find_agent("").expect("stacyvm-agent binary not found next to the test binary: run `cargo build --bins` first");
+            NativeProvider::new(NativeOptions {
+                state_dir: self.dir.path().join("native"),
+                agent_path: agent,
+                pids_limit: 512,
+                hidden: vec![],
+            })
+            .expect("native")
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            // Kill whatever a failed test left running (synchronously: we
+            // may be inside the test's runtime).
+            let base = self.dir.path().join("native/sandboxes");
+            let Ok(rd) = std::fs::read_dir(&base) else {
+                return;
+            };
+            for e in rd.flatten() {
+                let Ok(text) = std::fs::read_to_string(e.path().join("meta.json")) else {
+                    continue;
+                };
+                let Ok(meta) = serde_json::from_str::<Meta>(&text) else {
+                    continue;
+                };
+                if pid_alive(meta.init_pid) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(meta.init_pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                for _ in 0..500 {
+                    if !pid_alive(meta.init_pid) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                cgroup::destroy(&meta.cgroups);
+            }
+        }
+    }
+
+    impl crate::conformance::Fixture for Fixture {
+        fn provider(&self) -> Arc<dyn Provider> {
+            Arc::new(self.make())
+        }
+        fn image(&self) -> String {
+            "host".into()
+        }
+        fn survives_restart(&self) -> bool {
+            true
+        }
+    }
+
+    crate::conformance_tests!(native_conformance, fixture());
+}

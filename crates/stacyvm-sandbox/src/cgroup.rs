@@ -1,0 +1,196 @@
+//! cgroup v1 (one hierarchy per controller) and v2 (unified) support.
+//!
+//! The provider creates one cgroup per sandbox under the server's own
+//! cgroup in each hierarchy, writes the limits, and the sandbox init joins
+//! them before unsharing its cgroup namespace.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::{io, SetupError};
+
+/// Limits for one sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub pids: u64,
+    /// CPU quota in microseconds per 100 ms period.
+    pub cpu_quota_us: u64,
+}
+
+/// Which cgroup layout the host has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Layout {
+    /// Pure cgroup v2 at the given mount.
+    V2(PathBuf),
+    /// v1 controllers: (controller, directory of this process's cgroup).
+    V1(Vec<(String, PathBuf)>),
+}
+
+/// Detects the layout from /sys/fs/cgroup and /proc/self/cgroup.
+pub fn detect() -> Option<Layout> {
+    let root = Path::new("/sys/fs/cgroup");
+    if root.join("cgroup.controllers").is_file() {
+        let own = own_path("")?;
+        return Some(Layout::V2(root.join(own.trim_start_matches('/'))));
+    }
+    let mut v = Vec::new();
+    for ctl in ["memory", "pids", "cpu"] {
+        let mount = root.join(ctl);
+        if !mount.join("cgroup.procs").is_file() {
+            continue;
+        }
+        let own = own_path(ctl).unwrap_or_default();
+        v.push((ctl.to_string(), mount.join(own.trim_start_matches('/'))));
+    }
+    if v.is_empty() {
+        None
+    } else {
+        Some(Layout::V1(v))
+    }
+}
+
+/// This process's cgroup path for a v1 controller ("" = the v2 entry).
+fn own_path(controller: &str) -> Option<String> {
+    let text = fs::read_to_string("/proc/self/cgroup").ok()?;
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctls, path) = (parts.next()?, parts.next()?, parts.next()?);
+        if controller.is_empty() && ctls.is_empty() {
+            return Some(path.to_string());
+        }
+        if !controller.is_empty() && ctls.split(',').any(|c| c == controller) {
+            return Some(path.to_string());
+        }
+    }
+    None
+}
+
+fn write(path: &Path, value: &str) -> Result<(), SetupError> {
+    io(
+        format!("writing {value} to {}", path.display()),
+        fs::write(path, value),
+    )
+}
+
+/// Creates the sandbox cgroups and applies limits; returns the directories
+/// to join.
+pub fn create(layout: &Layout, name: &str, limits: Limits) -> Result<Vec<PathBuf>, SetupError> {
+    match layout {
+        Layout::V2(base) => {
+            let parent = base.join("stacyvm");
+            io("creating cgroup", fs::create_dir_all(&parent))?;
+            // Enable controllers for children (ignore ones the parent lacks).
+            let _ = fs::write(parent.join("cgroup.subtree_control"), "+memory +pids +cpu");
+            let dir = parent.join(name);
+            io("creating cgroup", fs::create_dir_all(&dir))?;
+            if limits.memory_bytes > 0 {
+                write(&dir.join("memory.max"), &limits.memory_bytes.to_string())?;
+                let _ = fs::write(dir.join("memory.swap.max"), "0");
+            }
+            if limits.pids > 0 {
+                write(&dir.join("pids.max"), &limits.pids.to_string())?;
+            }
+            if limits.cpu_quota_us > 0 {
+                let _ = fs::write(
+                    dir.join("cpu.max"),
+                    format!("{} 100000", limits.cpu_quota_us),
+                );
+            }
+            Ok(vec![dir])
+        }
+        Layout::V1(ctls) => {
+            let mut dirs = Vec::new();
+            for (ctl, base) in ctls {
+                let dir = base.join("stacyvm").join(name);
+                io(format!("creating {ctl} cgroup"), fs::create_dir_all(&dir))?;
+                match ctl.as_str() {
+                    "memory" if limits.memory_bytes > 0 => {
+                        write(
+                            &dir.join("memory.limit_in_bytes"),
+                            &limits.memory_bytes.to_string(),
+                        )?;
+                        let _ = fs::write(
+                            dir.join("memory.memsw.limit_in_bytes"),
+                            limits.memory_bytes.to_string(),
+                        );
+                        let _ = fs::write(dir.join("memory.swappiness"), "0");
+                    }
+                    "pids" if limits.pids > 0 => {
+                        write(&dir.join("pids.max"), &limits.pids.to_string())?
+                    }
+                    "cpu" if limits.cpu_quota_us > 0 => {
+                        let _ = fs::write(dir.join("cpu.cfs_period_us"), "100000");
+                        let _ = fs::write(
+                            dir.join("cpu.cfs_quota_us"),
+                            limits.cpu_quota_us.to_string(),
+                        );
+                    }
+                    _ => {}
+                }
+                dirs.push(dir);
+            }
+            Ok(dirs)
+        }
+    }
+}
+
+/// Moves the calling process into `dir`.
+pub fn join(dir: &Path) -> Result<(), SetupError> {
+    write(&dir.join("cgroup.procs"), &std::process::id().to_string())
+}
+
+/// Kills every process in the cgroups and removes them (best effort, retried).
+pub fn destroy(dirs: &[PathBuf]) {
+    for dir in dirs {
+        if dir.join("cgroup.kill").is_file() {
+            let _ = fs::write(dir.join("cgroup.kill"), "1");
+        } else if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+    for _ in 0..100 {
+        let mut left = false;
+        for dir in dirs {
+            if dir.exists() && fs::remove_dir(dir).is_err() {
+                left = true;
+            }
+        }
+        if !left {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Whether a cgroup still has processes.
+pub fn populated(dirs: &[PathBuf]) -> bool {
+    dirs.iter().any(|d| {
+        fs::read_to_string(d.join("cgroup.procs"))
+            .map(|s| !s.trim().is_empty())
+            .unwrap_or(false)
+    })
+}
+
+/// Peak/current memory and OOM kills of a sandbox (v1 or v2).
+pub fn memory_usage(dirs: &[PathBuf]) -> (u64, u64) {
+    for d in dirs {
+        let read = |f: &str| {
+            fs::read_to_string(d.join(f))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+        };
+        if let Some(cur) = read("memory.current").or_else(|| read("memory.usage_in_bytes")) {
+            let limit = read("memory.max")
+                .or_else(|| read("memory.limit_in_bytes"))
+                .unwrap_or(0);
+            return (cur, limit);
+        }
+    }
+    (0, 0)
+}

@@ -1,0 +1,195 @@
+//! Sandbox setup: namespaces, the root filesystem, cgroups, capabilities,
+//! no_new_privs and seccomp. Synchronous, and the only crate of StacyVM
+//! with `unsafe` code (each block says why it is sound).
+//!
+//! [`boot`] is called by `stacyvm-agent boot` while it is still
+//! single-threaded. It joins the sandbox cgroups, unshares every namespace,
+//! forks the future PID 1, builds the root filesystem, binds the host-side
+//! agent socket, pivots into the new root, locks itself down and hands the
+//! listening socket to the caller, which then serves the agent protocol.
+
+pub mod cgroup;
+mod mounts;
+pub mod security;
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+
+use nix::sched::CloneFlags;
+use nix::unistd::{ForkResult, Pid};
+pub use stacyvm_agent_proto::boot::BootSpec;
+
+/// A setup failure, with the step that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("{step}: {source}")]
+    Sys {
+        step: String,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("{step}: {source}")]
+    Io {
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub(crate) fn sys<T>(step: impl Into<String>, r: nix::Result<T>) -> Result<T, SetupError> {
+    r.map_err(|source| SetupError::Sys {
+        step: step.into(),
+        source,
+    })
+}
+
+pub(crate) fn io<T>(step: impl Into<String>, r: std::io::Result<T>) -> Result<T, SetupError> {
+    r.map_err(|source| SetupError::Io {
+        step: step.into(),
+        source,
+    })
+}
+
+/// What the original process does after the fork.
+pub enum Booted {
+    /// The caller is the intermediate parent: the sandbox PID 1 has this
+    /// host pid and is ready (its socket accepts connections).
+    Parent(Pid),
+    /// The caller is the sandbox PID 1 inside the new root; serve on this socket.
+    Init(UnixListener),
+}
+
+/// Sets up the sandbox described by `spec`.
+///
+/// Must be called while the process is single-threaded. Returns twice, as
+/// fork does: in the parent once the child reported readiness (or the
+/// child's error), and in the child as PID 1 of the sandbox.
+pub fn boot(spec: &BootSpec) -> Result<Booted, SetupError> {
+    sys("setsid", nix::unistd::setsid())?;
+    for dir in &spec.cgroups {
+        cgroup::join(Path::new(dir))?;
+    }
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWPID
+        | CloneFlags::CLONE_NEWCGROUP;
+    if spec.network == "none" || spec.network.is_empty() {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    sys("unshare namespaces", nix::sched::unshare(flags))?;
+    let (ready_r, ready_w) = sys("pipe", nix::unistd::pipe())?;
+    // SAFETY: the agent calls `boot` before it starts any thread, so the
+    // child is a full copy of a single-threaded process and may allocate.
+    match unsafe { nix::unistd::fork() } {
+        Err(e) => Err(SetupError::Sys {
+            step: "fork".into(),
+            source: e,
+        }),
+        Ok(ForkResult::Parent { child }) => {
+            drop(ready_w);
+            let mut msg = String::new();
+            let mut r = File::from(ready_r);
+            let _ = r.read_to_string(&mut msg);
+            if msg.starts_with("OK") {
+                Ok(Booted::Parent(child))
+            } else {
+                let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(child, None);
+                Err(SetupError::Other(if msg.is_empty() {
+                    "sandbox init exited during setup".into()
+                } else {
+                    msg.trim().to_string()
+                }))
+            }
+        }
+        Ok(ForkResult::Child) => {
+            drop(ready_r);
+            let mut w = File::from(ready_w);
+            match init(spec) {
+                Ok(listener) => {
+                    let _ = w.write_all(b"OK\n");
+                    drop(w);
+                    Ok(Booted::Init(listener))
+                }
+                Err(e) => {
+                    let _ = w.write_all(format!("ERR {e}\n").as_bytes());
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
+}
+
+/// Runs as PID 1 in the new namespaces.
+fn init(spec: &BootSpec) -> Result<UnixListener, SetupError> {
+    redirect_stdio(&spec.console_log)?;
+    sys("sethostname", nix::unistd::sethostname(&spec.hostname))?;
+    mounts::build_root(spec)?;
+    // Bind the agent socket on the host path before the host disappears
+    // from view: sandboxed processes can never reach (or replace) it.
+    let sock = Path::new(&spec.socket);
+    let _ = std::fs::remove_file(sock);
+    let listener = io("bind agent socket", UnixListener::bind(sock))?;
+    io(
+        "chmod agent socket",
+        std::fs::set_permissions(sock, std::os::unix::fs::PermissionsExt::from_mode(0o600)),
+    )?;
+    mounts::pivot(Path::new(&spec.root.merged))?;
+    if spec.network == "none" || spec.network.is_empty() {
+        security::loopback_up()?;
+    }
+    security::lock_down(spec)?;
+    Ok(listener)
+}
+
+/// Points stdin at /dev/null and stdout/stderr at the console log, so the
+/// sandbox never holds the pipes of whoever started it.
+fn redirect_stdio(console_log: &str) -> Result<(), SetupError> {
+    use std::os::fd::AsRawFd;
+    let null = io(
+        "open /dev/null",
+        std::fs::OpenOptions::new().read(true).open("/dev/null"),
+    )?;
+    sys("dup2 stdin", nix::unistd::dup2(null.as_raw_fd(), 0))?;
+    let out = if console_log.is_empty() {
+        io(
+            "open /dev/null",
+            std::fs::OpenOptions::new().write(true).open("/dev/null"),
+        )?
+    } else {
+        io(
+            "open console log",
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(console_log),
+        )?
+    };
+    sys("dup2 stdout", nix::unistd::dup2(out.as_raw_fd(), 1))?;
+    sys("dup2 stderr", nix::unistd::dup2(out.as_raw_fd(), 2))?;
+    Ok(())
+}
+
+/// Closes every fd above stderr except `keep` (after boot, before serving).
+pub fn close_other_fds(keep: &[&OwnedFd]) {
+    use std::os::fd::AsRawFd;
+    let keep: Vec<i32> = keep.iter().map(|f| f.as_raw_fd()).collect();
+    let Ok(rd) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if fd > 2 && !keep.contains(&fd) {
+            let _ = nix::unistd::close(fd);
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Root filesystem: overlay root, read-only host binds, masks, /proc, /dev,
+//! tmpfs mounts, then pivot_root.
+
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::{io, sys, BootSpec, SetupError};
+
+const NONE: Option<&str> = None;
+
+fn inside(merged: &Path, p: &str) -> PathBuf {
+    merged.join(p.trim_start_matches('/'))
+}
+
+fn mkdirs(p: &Path) -> Result<(), SetupError> {
+    io(format!("mkdir {}", p.display()), fs::create_dir_all(p))
+}
+
+fn touch(p: &Path) -> Result<(), SetupError> {
+    if let Some(parent) = p.parent() {
+        mkdirs(parent)?;
+    }
+    if fs::symlink_metadata(p).is_err() {
+        io(format!("create {}", p.display()), fs::write(p, b""))?;
+    }
+    Ok(())
+}
+
+/// Remounts `target` and every mount below it read-only.
+fn remount_tree_ro(target: &Path) -> Result<(), SetupError> {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let t = target.to_string_lossy().to_string();
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(|m| m.replace("\\040", " ")))
+        .filter(|m| *m == t || m.starts_with(&format!("{t}/")))
+        .collect();
+    points.sort();
+    points.dedup();
+    for m in points {
+        let flags = MsFlags::MS_BIND
+            | MsFlags::MS_REMOUNT
+            | MsFlags::MS_RDONLY
+            | MsFlags::MS_NOSUID
+            | MsFlags::MS_NODEV;
+        // A remount may fail on mounts that carry locked flags; keep the
+        // stricter original in that case.
+        if mount(NONE, m.as_str(), NONE, flags, NONE).is_err() {
+            sys(
+                format!("remount {m} read-only"),
+                mount(
+                    NONE,
+                    m.as_str(),
+                    NONE,
+                    MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                    NONE,
+                ),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+pub fn build_root(spec: &BootSpec) -> Result<(), SetupError> {
+    sys(
+        "make / private",
+        mount(NONE, "/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE),
+    )?;
+    let r = &spec.root;
+    let merged = Path::new(&r.merged);
+    mkdirs(merged)?;
+    mkdirs(Path::new(&r.upper))?;
+    mkdirs(Path::new(&r.work))?;
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        r.lower.join(":"),
+        r.upper,
+        r.work
+    );
+    sys(
+        "mount overlay root",
+        mount(
+            Some("overlay"),
+            merged,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(opts.as_str()),
+        ),
+    )?;
+
+    for b in &spec.binds {
+        let src = Path::new(&b.source);
+        let dst = inside(merged, &b.target);
+        let meta = io(format!("bind source {}", b.source), fs::metadata(src))?;
+        if meta.is_dir() {
+            mkdirs(&dst)?;
+        } else {
+            touch(&dst)?;
+        }
+        sys(
+            format!("bind {} -> {}", b.source, b.target),
+            mount(
+                Some(src),
+                &dst,
+                NONE,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                NONE,
+            ),
+        )?;
+        if b.readonly {
+            remount_tree_ro(&dst)?;
+        }
+    }
+
+    // Kernel interfaces.
+    let proc_dir = inside(merged, "/proc");
+    mkdirs(&proc_dir)?;
+    sys(
+        "mount /proc",
+        mount(
+            Some("proc"),
+            &proc_dir,
+            Some("proc"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+            NONE,
+        ),
+    )?;
+    for p in [
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/sched_debug",
+        "/proc/latency_stats",
+    ] {
+        let t = inside(merged, p);
+        if t.exists() {
+            let _ = mount(Some("/dev/null"), &t, NONE, MsFlags::MS_BIND, NONE);
+        }
+    }
+    for p in [
+        "/proc/sys",
+        "/proc/sysrq-trigger",
+        "/proc/irq",
+        "/proc/bus",
+        "/proc/fs",
+    ] {
+        let t = inside(merged, p);
+        if t.exists() && mount(Some(&t), &t, NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE).is_ok()
+        {
+            let _ = mount(
+                NONE,
+                &t,
+                NONE,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
+                NONE,
+            );
+        }
+    }
+    build_dev(merged)?;
+
+    let tmp_size = if spec.tmp_size_mb > 0 {
+        format!("size={}m,", spec.tmp_size_mb)
+    } else {
+        String::new()
+    };
+    for (p, mode, extra) in [
+        ("/tmp", "1777", tmp_size.as_str()),
+        ("/run", "755", "size=64m,"),
+        ("/dev/shm", "1777", "size=64m,"),
+    ] {
+        let t = inside(merged, p);
+        mkdirs(&t)?;
+        let opts = format!("{extra}mode={mode}");
+        sys(
+            format!("mount tmpfs {p}"),
+            mount(
+                Some("tmpfs"),
+                &t,
+                Some("tmpfs"),
+                MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                Some(opts.as_str()),
+            ),
+        )?;
+    }
+    mkdirs(&inside(merged, "/workspace"))?;
+
+    for m in &spec.masks {
+        let t = inside(merged, m);
+        match fs::symlink_metadata(&t) {
+            Ok(md) if md.is_dir() => {
+                sys(
+                    format!("mask {m}"),
+                    mount(
+                        Some("tmpfs"),
+                        &t,
+                        Some("tmpfs"),
+                        MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                        Some("size=4k,mode=000"),
+                    ),
+                )?;
+            }
+            Ok(md) if md.is_file() => {
+                sys(
+                    format!("mask {m}"),
+                    mount(Some("/dev/null"), &t, NONE, MsFlags::MS_BIND, NONE),
+                )?;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn build_dev(merged: &Path) -> Result<(), SetupError> {
+    let dev = inside(merged, "/dev");
+    mkdirs(&dev)?;
+    sys(
+        "mount /dev",
+        mount(
+            Some("tmpfs"),
+            &dev,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("mode=755,size=64k"),
+        ),
+    )?;
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let src = Path::new("/dev").join(name);
+        if !src.exists() {
+            continue;
+        }
+        let dst = dev.join(name);
+        touch(&dst)?;
+        sys(
+            format!("bind /dev/{name}"),
+            mount(Some(&src), &dst, NONE, MsFlags::MS_BIND, NONE),
+        )?;
+    }
+    let pts = dev.join("pts");
+    mkdirs(&pts)?;
+    sys(
+        "mount devpts",
+        mount(
+            Some("devpts"),
+            &pts,
+            Some("devpts"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=620"),
+        ),
+    )?;
+    io("ptmx link", symlink("pts/ptmx", dev.join("ptmx")))?;
+    mkdirs(&dev.join("shm"))?;
+    for (l, t) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        io(format!("/dev/{l} link"), symlink(t, dev.join(l)))?;
+    }
+    Ok(())
+}
+
+/// Makes `merged` the root and detaches the host tree.
+pub fn pivot(merged: &Path) -> Result<(), SetupError> {
+    let old = merged.join(".oldroot");
+    mkdirs(&old)?;
+    sys("chdir new root", nix::unistd::chdir(merged))?;
+    sys("pivot_root", nix::unistd::pivot_root(".", ".oldroot"))?;
+    sys("chdir /", nix::unistd::chdir("/"))?;
+    sys(
+        "detach old root",
+        umount2("/.oldroot", MntFlags::MNT_DETACH),
+    )?;
+    let _ = fs::remove_dir("/.oldroot");
+    Ok(())
+}
