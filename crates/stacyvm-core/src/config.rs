@@ -207,6 +207,8 @@ pub struct NativeConfig {
     pub network_mode: String,
     /// Path of the static `stacyvm-agent` binary ("" = next to the server binary).
     pub agent_path: String,
+    /// Maximum processes per sandbox.
+    pub pids_limit: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -421,6 +423,7 @@ impl Default for NativeConfig {
             enabled: true,
             network_mode: "none".into(),
             agent_path: String::new(),
+            pids_limit: 512,
         }
     }
 }

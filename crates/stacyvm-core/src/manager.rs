@@ -912,6 +912,15 @@ impl Manager {
     }
 
     async fn mark_destroyed(&self, rec: &SandboxRecord, reason: &str) {
+        // Clean up whatever the runtime left behind (destroy is idempotent).
+        if let Ok(p) = self.registry.get(&rec.provider) {
+            let target = if rec.vm_id.is_empty() {
+                &rec.id
+            } else {
+                &rec.vm_id
+            };
+            self.destroy_runtime(&p, target).await;
+        }
         let _ = self
             .store
             .set_sandbox_state(&rec.id, state::DESTROYED)

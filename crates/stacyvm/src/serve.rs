@@ -33,6 +33,21 @@ fn init_logging(cfg: &Config) {
 
 fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
     let mut v: Vec<Arc<dyn Provider>> = Vec::new();
+    if cfg.providers.native.enabled {
+        let agent = stacyvm_providers::native::find_agent(&cfg.providers.native.agent_path).ok_or_else(|| {
+            anyhow::anyhow!("stacyvm-agent not found next to the stacyvm binary; build it (cargo build -p stacyvm-agent) or set providers.native.agent_path")
+        })?;
+        let data = std::path::Path::new(&cfg.server.data_dir);
+        let opts = stacyvm_providers::native::NativeOptions {
+            state_dir: data.join("native"),
+            agent_path: agent,
+            pids_limit: u64::try_from(cfg.providers.native.pids_limit).unwrap_or(512),
+            hidden: vec![cfg.server.data_dir.clone()],
+        };
+        v.push(Arc::new(stacyvm_providers::native::NativeProvider::new(
+            opts,
+        )?));
+    }
     if cfg.providers.mock.enabled {
         let base =
             stacyvm_providers::mock::default_base(std::path::Path::new(&cfg.server.data_dir));
@@ -67,14 +82,16 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     let providers = build_providers(&cfg)?;
     let registry = match Registry::new(providers, &cfg.providers.default) {
         Ok(r) => r,
-        Err(_) if cfg.providers.default == "native" => bail!(
-            "the default provider \"native\" is not available in this build yet.\n\
-             For testing only, enable the mock test double (commands run on the host, NO isolation):\n  \
-             STACYVM_PROVIDERS_MOCK_ENABLED=true STACYVM_PROVIDERS_DEFAULT=mock stacyvm serve"
-        ),
-        Err(e) => bail!("{e}"),
+        Err(e) => {
+            bail!("{e}; enable it under providers.<name>.enabled or pick another providers.default")
+        }
     };
     let registry = Arc::new(registry);
+    let default = registry.get("")?;
+    if let Err(e) = default.health().await {
+        // Start degraded rather than refusing to serve (gaps C-29); /ready says why.
+        warn!(provider = default.name(), error = %e, "the default provider is not healthy");
+    }
     let store = stacyvm_store::open(&cfg)
         .await
         .context("opening the database")?;

@@ -103,8 +103,19 @@ fn host_memory_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// Whether `pid` is a live process (zombies count as dead).
 fn pid_alive(pid: i32) -> bool {
-    pid > 0 && nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+    if pid <= 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(s) => s
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.trim_start())
+            .is_some_and(|r| !(r.starts_with('Z') || r.starts_with('X'))),
+        Err(_) => false,
+    }
 }
 
 fn to_info(s: FileStat) -> FileInfo {
