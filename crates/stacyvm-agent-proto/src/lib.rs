@@ -207,6 +207,8 @@ pub enum ErrorKind {
     PermissionDenied,
     AlreadyExists,
     Unsupported,
+    /// A sandbox limit (processes, memory, disk) is exhausted.
+    ResourceExhausted,
     Internal,
 }
 

@@ -202,6 +202,17 @@ fn pump(
     let _ = done.send(());
 }
 
+/// Sends SIGKILL to a process group until it no longer exists (≤ 2 s).
+fn kill_group(pgid: i32) {
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        if killpg(Pid::from_raw(pgid), Signal::SIGKILL).is_err() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 fn exit_of(ws: WaitStatus) -> Exit {
     match ws {
         WaitStatus::Exited(_, code) => Exit {
@@ -291,6 +302,12 @@ fn start(
             let (code, what) = match e.kind() {
                 std::io::ErrorKind::NotFound => (127, "command not found"),
                 std::io::ErrorKind::PermissionDenied => (126, "permission denied"),
+                std::io::ErrorKind::WouldBlock => {
+                    return Err(AgentError::new(
+                        ErrorKind::ResourceExhausted,
+                        "the sandbox's process limit is reached; wait for processes to exit or destroy the sandbox",
+                    ))
+                }
                 _ => {
                     return Err(AgentError::new(
                         ErrorKind::Internal,
@@ -312,7 +329,7 @@ fn start(
         *g = Some(pid);
     }
     if let (Some(mut stdin), Some(rx)) = (child.stdin.take(), stdin_rx) {
-        std::thread::spawn(move || {
+        let _ = crate::spawn_thread(move || {
             while let Ok(data) = rx.recv() {
                 if data.is_empty() || stdin.write_all(&data).is_err() {
                     break;
@@ -324,13 +341,15 @@ fn start(
     let mut readers = 0;
     if let Some(out) = child.stdout.take() {
         let (c, w, d) = (conn.clone(), handle.window.clone(), done_tx.clone());
-        std::thread::spawn(move || pump(out, Kind::Stdout, id, c, w, d));
-        readers += 1;
+        if crate::spawn_thread(move || pump(out, Kind::Stdout, id, c, w, d)).is_ok() {
+            readers += 1;
+        }
     }
     if let Some(err) = child.stderr.take() {
         let (c, w, d) = (conn.clone(), handle.window.clone(), done_tx.clone());
-        std::thread::spawn(move || pump(err, Kind::Stderr, id, c, w, d));
-        readers += 1;
+        if crate::spawn_thread(move || pump(err, Kind::Stderr, id, c, w, d)).is_ok() {
+            readers += 1;
+        }
     }
     drop(done_tx);
     let deadline = p.timeout.map(|t| Instant::now() + t);
@@ -344,7 +363,7 @@ fn start(
             Ok(ws) => break ws,
             Err(mpsc::RecvTimeoutError::Timeout) if deadline.is_some() => {
                 timed_out = true;
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                kill_group(pid);
                 match status_rx.recv_timeout(Duration::from_secs(10)) {
                     Ok(ws) => break ws,
                     Err(_) => {
@@ -362,8 +381,9 @@ fn start(
         }
     };
     if timed_out {
-        // Everything in the group dies with the timeout.
-        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        // Everything in the group dies with the timeout; repeat until the
+        // group is empty so processes forked during the kill die too.
+        kill_group(pid);
     }
     // Drain output: pipes close once every holder exits. A background
     // process that keeps them open does not hold the exec hostage.

@@ -6,7 +6,18 @@
 //!   stacyvm-agent serve --socket PATH  serve on a unix socket (no setup)
 //!   stacyvm-agent version
 
+#![allow(clippy::print_stdout)]
+
 mod exec;
+
+/// Starts a thread without panicking when the sandbox is out of pids or
+/// memory (the agent must survive a fork bomb).
+pub fn spawn_thread<F: FnOnce() + Send + 'static>(f: F) -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .stack_size(256 * 1024)
+        .spawn(f)
+        .map(|_| ())
+}
 mod files;
 mod server;
 

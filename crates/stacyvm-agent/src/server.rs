@@ -55,7 +55,10 @@ pub fn serve(listener: UnixListener, pid1: bool) {
     let reaper = Arc::new(Reaper::default());
     {
         let r = reaper.clone();
-        std::thread::spawn(move || r.run());
+        if crate::spawn_thread(move || r.run()).is_err() {
+            eprintln!("stacyvm-agent: cannot start the reaper thread");
+            return;
+        }
     }
     if pid1 {
         eprintln!(
@@ -66,7 +69,10 @@ pub fn serve(listener: UnixListener, pid1: bool) {
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let reaper = reaper.clone();
-        std::thread::spawn(move || handle(stream, reaper, pid1));
+        if crate::spawn_thread(move || handle(stream, reaper, pid1)).is_err() {
+            // Out of threads: drop this connection; the host reconnects.
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
@@ -227,7 +233,10 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
                 timeout: timeout_ms.map(Duration::from_millis),
             };
             let (c, r) = (conn.clone(), reaper.clone());
-            std::thread::spawn(move || exec::run(id, params, c, r, handle, stdin_rx));
+            if crate::spawn_thread(move || exec::run(id, params, c, r, handle, stdin_rx)).is_err() {
+                conn.forget_exec(id);
+                conn.respond_err(id, exhausted());
+            }
         }
         Request::WriteFile {
             path,
@@ -241,7 +250,7 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
                 .unwrap_or_else(|e| e.into_inner())
                 .insert(id, tx);
             let c = conn.clone();
-            std::thread::spawn(move || {
+            let spawned = crate::spawn_thread(move || {
                 let res = (|| {
                     let mut up = files::Upload::start(&path, mode)?;
                     loop {
@@ -270,12 +279,28 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
                     .remove(&id);
                 c.respond(id, res.map(|n| serde_json::json!({"size": n})));
             });
+            if spawned.is_err() {
+                conn.uploads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                conn.respond_err(id, exhausted());
+            }
         }
         other => {
             let c = conn.clone();
-            std::thread::spawn(move || simple(id, other, &c, pid1));
+            if crate::spawn_thread(move || simple(id, other, &c, pid1)).is_err() {
+                conn.respond_err(id, exhausted());
+            }
         }
     }
+}
+
+fn exhausted() -> AgentError {
+    AgentError::new(
+        ErrorKind::ResourceExhausted,
+        "the sandbox is out of processes or memory; retry when its processes exit",
+    )
 }
 
 fn to_json<T: serde::Serialize>(v: T) -> Result<serde_json::Value, AgentError> {

@@ -37,6 +37,7 @@ pub fn map_err(e: proto::AgentError) -> Error {
         K::PermissionDenied => Error::forbidden(e.message),
         K::AlreadyExists => Error::conflict(e.message),
         K::Unsupported => Error::unsupported(e.message),
+        K::ResourceExhausted => Error::limit(e.message),
         K::Internal => Error::internal(format!("agent: {}", e.message)),
     }
 }

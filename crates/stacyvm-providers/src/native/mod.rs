@@ -10,6 +10,8 @@
 
 pub mod client;
 pub mod images;
+#[cfg(test)]
+mod isolation_tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -81,15 +83,12 @@ pub fn find_agent(configured: &str) -> Option<PathBuf> {
     }
     let exe = std::env::current_exe().ok()?;
     let dir = exe.parent()?;
-    for cand in [
+    [
         dir.join("stacyvm-agent"),
         dir.parent()?.join("stacyvm-agent"),
-    ] {
-        if cand.is_file() {
-            return Some(cand);
-        }
-    }
-    None
+    ]
+    .into_iter()
+    .find(|c| c.is_file())
 }
 
 fn host_memory_bytes() -> u64 {
@@ -625,7 +624,7 @@ impl Provider for NativeProvider {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub struct Fixture {
@@ -643,6 +642,10 @@ mod tests {
     }
 
     impl Fixture {
+        pub fn state_dir(&self) -> std::path::PathBuf {
+            self.dir.path().join("native")
+        }
+
         pub fn make(&self) -> NativeProvider {
             let agent = find_agent("").expect("stacyvm-agent binary not found next to the test binary: run `cargo build --bins` first");
             NativeProvider::new(NativeOptions {

@@ -1,0 +1,355 @@
+//! Escape attempts from inside a native sandbox. Each must fail.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use stacyvm_core::paths;
+use stacyvm_core::provider::{ExecSpec, Provider, SpawnSpec};
+
+use super::tests::fixture;
+use crate::conformance::{run_spec, sh, Ran};
+
+async fn spawn_with(p: &dyn Provider, memory_mb: i64) -> String {
+    let id = paths::new_sandbox_id();
+    let spec = SpawnSpec {
+        id: id.clone(),
+        image: "host".into(),
+        memory_mb,
+        vcpus: 1,
+        metadata: Default::default(),
+        owner_id: String::new(),
+        tenant_id: String::new(),
+        expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
+        network_mode: String::new(),
+    };
+    p.spawn(&spec).await.expect("spawn");
+    id
+}
+
+async fn run(
+    p: &dyn Provider,
+    id: &str,
+    script: &str,
+    timeout: Duration,
+) -> stacyvm_core::Result<Ran> {
+    let argv = paths::build_argv("shell", script, &[]).expect("argv");
+    run_spec(
+        p,
+        id,
+        ExecSpec {
+            argv,
+            timeout: Some(timeout),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+/// Runs a Python snippet and returns its stdout.
+async fn py(p: &dyn Provider, id: &str, code: &str) -> Ran {
+    let spec = ExecSpec {
+        argv: vec!["python3".into(), "-c".into(), code.into()],
+        timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    run_spec(p, id, spec).await.expect("python")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_processes_and_files_are_invisible() {
+    let fx = fixture();
+    let p: Arc<dyn Provider> = Arc::new(fx.make());
+    let id = spawn_with(p.as_ref(), 256).await;
+    // A host process with a unique argument.
+    let marker = format!(
+        "{}.{}",
+        3000 + std::process::id() % 1000,
+        std::process::id()
+    );
+    let mut host_child = std::process::Command::new("sleep")
+        .arg(&marker)
+        .spawn()
+        .expect("host sleep");
+    let r = sh(
+        p.as_ref(),
+        &id,
+        "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '; echo; ls /proc | grep -c '^[0-9]'",
+    )
+    .await;
+    assert!(
+        !r.stdout.contains(&marker),
+        "host process visible: {}",
+        r.stdout
+    );
+    let nprocs: usize = r
+        .stdout
+        .lines()
+        .last()
+        .and_then(|l| l.trim().parse().ok())
+        .expect("count");
+    assert!(
+        nprocs < 10,
+        "only the sandbox's processes are visible, saw {nprocs}"
+    );
+    let _ = host_child.kill();
+    let _ = host_child.wait();
+    // A file the test creates in /root on the host.
+    let root_marker = format!("/root/stacyvm-isolation-{}", paths::new_sandbox_id());
+    std::fs::write(&root_marker, "host secret").expect("write /root marker");
+    let r = sh(
+        p.as_ref(),
+        &id,
+        &format!(
+            "cat {root_marker}; ls -A /root | wc -l; ls -A /home | wc -l; cat /etc/shadow | wc -c"
+        ),
+    )
+    .await;
+    let _ = std::fs::remove_file(&root_marker);
+    assert!(
+        !r.stdout.contains("host secret"),
+        "host /root readable: {r:?}"
+    );
+    assert_eq!(
+        r.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["0", "0", "0"],
+        "/root and /home empty, /etc/shadow masked: {r:?}"
+    );
+    assert_eq!(
+        sh(p.as_ref(), &id, "hostname").await.stdout.trim(),
+        id,
+        "hostname is the sandbox id"
+    );
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn privileged_operations_fail() {
+    let fx = fixture();
+    let p: Arc<dyn Provider> = Arc::new(fx.make());
+    let id = spawn_with(p.as_ref(), 256).await;
+    for (what, script) in [
+        ("mount", "mount -t tmpfs none /mnt"),
+        ("umount", "umount /proc"),
+        ("unshare", "unshare -m true"),
+        ("unshare user ns", "unshare -U true"),
+        ("write image layer", "touch /usr/bin/stacyvm-escape"),
+        ("modify host /etc", "echo x >> /etc/passwd"),
+        ("sysctl", "echo 1 > /proc/sys/kernel/panic"),
+        ("ptrace pid 1 via /proc", "cat /proc/1/environ"),
+        ("sysrq", "echo b > /proc/sysrq-trigger"),
+        ("chroot", "chroot / true"),
+        ("mknod", "mknod /tmp/sda b 8 0"),
+    ] {
+        let r = run(p.as_ref(), &id, script, Duration::from_secs(20))
+            .await
+            .expect(what);
+        assert_ne!(r.code, 0, "{what} must fail: {r:?}");
+    }
+    // Syscalls straight from Python: each must return -1.
+    let r = py(p.as_ref(), &id, r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+calls = {"init_module": (175, 0, 0, 0), "finit_module": (313, 0, 0, 0), "delete_module": (176, 0, 0),
+         "ptrace_attach_pid1": (101, 16, 1, 0, 0), "unshare_net": (272, 0x40000000), "setns": (308, 0, 0),
+         "mount": (165, 0, 0, 0, 0, 0), "kexec_load": (246, 0, 0, 0, 0), "bpf": (321, 0, 0, 0),
+         "reboot": (169, 0xfee1dead, 672274793, 0x1234567, 0)}
+print(" ".join(f"{k}={libc.syscall(*v)}" for k, v in calls.items()))
+"#).await;
+    for part in r.stdout.split_whitespace() {
+        assert!(
+            part.ends_with("=-1"),
+            "syscall allowed: {part} ({})",
+            r.stdout
+        );
+    }
+    assert_eq!(r.stdout.split_whitespace().count(), 10, "{r:?}");
+    // Raw sockets need CAP_NET_RAW, which is dropped.
+    let r = py(p.as_ref(), &id, "import socket\ntry:\n  socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP); print('raw ok')\nexcept PermissionError: print('denied')").await;
+    assert_eq!(r.stdout.trim(), "denied");
+    // No dangerous capability is effective.
+    let r = sh(p.as_ref(), &id, "grep CapEff /proc/self/status | cut -f2").await;
+    let eff = u64::from_str_radix(r.stdout.trim(), 16).expect("hex caps");
+    for bit in [
+        21u32, /* SYS_ADMIN */
+        19,    /* SYS_PTRACE */
+        16,    /* SYS_MODULE */
+        13,    /* NET_RAW */
+        12,    /* NET_ADMIN */
+        27,    /* MKNOD */
+    ] {
+        assert_eq!(
+            eff & (1 << bit),
+            0,
+            "capability bit {bit} must be dropped (CapEff {eff:x})"
+        );
+    }
+    let r = sh(
+        p.as_ref(),
+        &id,
+        "grep NoNewPrivs /proc/self/status | cut -f2; grep Seccomp: /proc/self/status | cut -f2",
+    )
+    .await;
+    assert_eq!(
+        r.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["1", "2"],
+        "no_new_privs and a seccomp filter"
+    );
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_none_has_only_loopback() {
+    let fx = fixture();
+    let p: Arc<dyn Provider> = Arc::new(fx.make());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("host listener");
+    let port = listener.local_addr().expect("addr").port();
+    let id = spawn_with(p.as_ref(), 256).await;
+    let code = format!(
+        "import socket\ns = socket.socket(); s.settimeout(3)\ntry:\n  s.connect(('127.0.0.1', {port})); print('reached host')\nexcept OSError as e: print('blocked', e.errno)\n\
+         l = socket.socket(); l.bind(('127.0.0.1', 0)); l.listen(); c = socket.create_connection(l.getsockname()); print('loopback ok')"
+    );
+    let r = py(p.as_ref(), &id, &code).await;
+    assert!(r.stdout.contains("blocked"), "host port reachable: {r:?}");
+    assert!(
+        r.stdout.contains("loopback ok"),
+        "sandbox loopback works: {r:?}"
+    );
+    let r = sh(p.as_ref(), &id, "tail -n +2 /proc/net/route | wc -l; ls /sys/class/net 2>/dev/null || cat /proc/net/dev | tail -n +3 | cut -d: -f1").await;
+    assert_eq!(
+        r.stdout.lines().next().map(str::trim),
+        Some("0"),
+        "no routes: {r:?}"
+    );
+    drop(listener);
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_bomb_is_contained() {
+    let fx = fixture();
+    let p: Arc<dyn Provider> = Arc::new(fx.make());
+    let id = spawn_with(p.as_ref(), 256).await;
+    let bombed = p.clone();
+    let bomb_id = id.clone();
+    // The bomb keeps replicating inside its pids limit; its exec ends with
+    // an exit status or the timeout, never by taking the host down.
+    let bomb = tokio::spawn(async move {
+        run(
+            bombed.as_ref(),
+            &bomb_id,
+            "bomb() { bomb | bomb & }; bomb 2>/dev/null; sleep 2; echo done",
+            Duration::from_secs(5),
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Meanwhile another sandbox works.
+    let other = spawn_with(p.as_ref(), 256).await;
+    assert_eq!(sh(p.as_ref(), &other, "echo fine").await.stdout, "fine\n");
+    match bomb.await.expect("bomb task") {
+        Ok(_) => {}
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                stacyvm_core::ErrorKind::ExecTimeout | stacyvm_core::ErrorKind::ResourceLimit
+            ),
+            "{e}"
+        ),
+    }
+    let meta = fx.make().meta(&id).expect("meta");
+    let pids: Vec<u64> = meta
+        .cgroups
+        .iter()
+        .filter_map(|d| {
+            std::fs::read_to_string(d.join("pids.current"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .collect();
+    assert!(!pids.is_empty(), "pids cgroup present");
+    assert!(pids.iter().all(|n| *n <= 512), "pids limit holds: {pids:?}");
+    // Destroy ends the bomb completely.
+    p.destroy(&id).await.expect("destroy bombed sandbox");
+    assert!(!super::pid_alive(meta.init_pid));
+    assert!(meta.cgroups.iter().all(|d| !d.exists()), "cgroups removed");
+    p.destroy(&other).await.expect("destroy other");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_hog_is_a_clean_exec_result() {
+    let fx = fixture();
+    let p: Arc<dyn Provider> = Arc::new(fx.make());
+    let id = spawn_with(p.as_ref(), 128).await;
+    let r = py(
+        p.as_ref(),
+        &id,
+        "x = bytearray(1024 * 1024 * 1024)\nprint('allocated', len(x))",
+    )
+    .await;
+    assert_ne!(r.code, 0, "1 GiB in a 128 MiB sandbox must fail: {r:?}");
+    assert!(!r.stdout.contains("allocated"));
+    assert_eq!(
+        sh(p.as_ref(), &id, "echo still alive").await.stdout,
+        "still alive\n",
+        "the agent survives the OOM"
+    );
+    p.destroy(&id).await.expect("destroy");
+}
+
+fn host_mounts() -> usize {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+}
+
+fn cgroup_dirs_of(id: &str) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![std::path::PathBuf::from("/sys/fs/cgroup")];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                let p = e.path();
+                if p.file_name().is_some_and(|n| n == id) {
+                    out.push(p.clone());
+                }
+                if p.components().count() < 12 {
+                    stack.push(p);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// 100 spawn/exec/destroy cycles: every sandbox's processes, cgroups,
+/// state dir and mounts are gone afterwards. (Counts are per sandbox so
+/// tests running in parallel do not disturb them.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hundred_cycles_leak_nothing() {
+    let fx = fixture();
+    let p = fx.make();
+    let before_mounts = host_mounts();
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        let id = spawn_with(&p, 64).await;
+        assert_eq!(sh(&p, &id, "echo x").await.stdout, "x\n");
+        let meta = p.meta(&id).expect("meta");
+        p.destroy(&id).await.expect("destroy");
+        seen.push((id, meta.init_pid));
+    }
+    assert_eq!(host_mounts(), before_mounts, "host mount table changed");
+    for (id, pid) in &seen {
+        assert!(!super::pid_alive(*pid), "init of {id} still alive");
+        let dirs = cgroup_dirs_of(id);
+        assert!(dirs.is_empty(), "cgroups of {id} leaked: {dirs:?}");
+    }
+    let left: Vec<_> = std::fs::read_dir(fx.state_dir().join("sandboxes"))
+        .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "sandbox dirs leaked: {left:?}");
+}
