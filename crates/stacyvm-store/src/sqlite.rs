@@ -44,6 +44,23 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(5))
             .foreign_keys(true);
+        // Switch the file to WAL on one connection first: switching needs an
+        // exclusive lock, and pool connections opening in parallel would
+        // otherwise race for it ("database is locked").
+        {
+            use sqlx::ConnectOptions;
+            let mut first = opts
+                .clone()
+                .connect()
+                .await
+                .map_err(|e| Error::internal("opening sqlite database").with_source(e))?;
+            sqlx::query("SELECT 1")
+                .execute(&mut first)
+                .await
+                .map_err(db_err)?;
+            use sqlx::Connection;
+            let _ = first.close().await;
+        }
         Self::with_options(opts, 4).await
     }
 

@@ -1,0 +1,241 @@
+//! The real `stacyvm` binary: `serve` on the native provider, the CLI
+//! against it, and a server restart that re-adopts running sandboxes.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stacyvm");
+
+struct Server {
+    child: Child,
+    url: String,
+    data: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn start(data: &Path, port: u16) -> Server {
+    let log = std::fs::File::create(data.join(format!(
+        "server-{}.log",
+        Instant::now().elapsed().as_nanos()
+    )))
+    .expect("log");
+    let child = Command::new(BIN)
+        .arg("serve")
+        .env("STACYVM_SERVER_HOST", "127.0.0.1")
+        .env("STACYVM_SERVER_PORT", port.to_string())
+        .env("STACYVM_SERVER_DATA_DIR", data)
+        .env("STACYVM_LOGGING_LEVEL", "warn")
+        .current_dir(data)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn serve");
+    let url = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Server {
+                child,
+                url,
+                data: data.to_path_buf(),
+            };
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("stacyvm serve did not listen within 30 s");
+}
+
+impl Server {
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("STACYVM_URL", &self.url)
+            .output()
+            .expect("run cli")
+    }
+
+    fn stop(mut self) {
+        let _ = nix_kill(self.child.id(), 15);
+        let _ = self.child.wait();
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = &self.data;
+    }
+}
+
+fn nix_kill(pid: u32, sig: i32) -> std::io::Result<()> {
+    let st = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()?;
+    if st.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("kill failed"))
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn version_and_help() {
+    let out = Command::new(BIN).arg("version").output().expect("version");
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).starts_with("stacyvm "),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = Command::new(BIN).arg("--help").output().expect("help");
+    let help = text(&out.stdout);
+    for cmd in ["serve", "spawn", "exec", "list", "kill", "logs", "version"] {
+        assert!(help.contains(cmd), "--help lists {cmd}");
+    }
+}
+
+#[test]
+fn invalid_config_stops_serve_with_the_key_named() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cfg = dir.path().join("bad.yaml");
+    std::fs::write(&cfg, "defaults:\n  ttl: forever\n").expect("write");
+    let out = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("serve");
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("defaults.ttl") && err.contains("forever"),
+        "{err}"
+    );
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env("STACYVM_AUTH_ENABLED", "true")
+        .env("STACYVM_SERVER_DATA_DIR", dir.path())
+        .output()
+        .expect("serve");
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("refusing to start"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn cli_drives_native_sandboxes_and_restart_readopts_them() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let s = start(dir.path(), port);
+    let out = s.cli(&["spawn", "--ttl", "10m", "--meta", "suite=cli"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    assert!(id.starts_with("sb-"), "spawn prints the id: {id}");
+    assert!(
+        text(&out.stderr).contains("provider: native"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = s.cli(&["exec", &id, "--", "python3", "-c", "print(40+2)"]);
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "42\n".to_string()),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = s.cli(&["exec", &id, "--", "sh", "-c", "echo err >&2; exit 3"]);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "exit code of exec is the command's"
+    );
+    assert_eq!(text(&out.stderr), "err\n");
+    let out = s.cli(&["exec", &id, "--", "echo", "$HOME;echo pwned"]);
+    assert_eq!(
+        text(&out.stdout),
+        "$HOME;echo pwned\n",
+        "argv mode by default"
+    );
+    let out = s.cli(&[
+        "exec",
+        "--shell",
+        &id,
+        "--",
+        "echo kept > /workspace/state.txt && echo $((2*21))",
+    ]);
+    assert_eq!(text(&out.stdout), "42\n");
+    let out = s.cli(&[
+        "exec",
+        "--no-stream",
+        &id,
+        "--",
+        "cat",
+        "/workspace/state.txt",
+    ]);
+    assert_eq!(text(&out.stdout), "kept\n");
+
+    let out = s.cli(&["list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json list");
+    assert_eq!(list[0]["id"], id.as_str());
+    let out = s.cli(&["list"]);
+    assert!(text(&out.stdout).contains(&id) && text(&out.stdout).contains("STATE"));
+    let out = s.cli(&["logs", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
+    // Restart: the sandbox keeps running and is re-adopted with its files.
+    s.stop();
+    let s = start(dir.path(), port);
+    let out = s.cli(&["exec", &id, "--", "cat", "/workspace/state.txt"]);
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "kept\n".to_string()),
+        "after restart: {}",
+        text(&out.stderr)
+    );
+
+    let out = s.cli(&["kill", &id]);
+    assert!(out.status.success());
+    assert!(text(&out.stderr).contains("destroyed"));
+    let out = s.cli(&["exec", &id, "--", "true"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "exec on a destroyed sandbox fails"
+    );
+    assert!(
+        text(&out.stderr).contains("sandbox destroyed"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = s.cli(&["list"]);
+    assert!(text(&out.stderr).contains("No active sandboxes"));
+    let out = Command::new(BIN)
+        .args(["list", "--url", "http://127.0.0.1:1"])
+        .output()
+        .expect("list");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("cannot reach the server"),
+        "{}",
+        text(&out.stderr)
+    );
+}
