@@ -154,17 +154,20 @@ pub fn destroy(dirs: &[PathBuf]) {
             }
         }
     }
-    for _ in 0..100 {
+    // Processes of a killed PID namespace take a moment to exit; poll
+    // briefly instead of sleeping in large steps (≤ 5 s in total).
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
         let mut left = false;
         for dir in dirs {
             if dir.exists() && fs::remove_dir(dir).is_err() {
                 left = true;
             }
         }
-        if !left {
+        if !left || std::time::Instant::now() > until {
             return;
         }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+        std::thread::sleep(std::time::Duration::from_micros(500));
     }
 }
 

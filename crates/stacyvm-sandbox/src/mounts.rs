@@ -227,16 +227,31 @@ fn build_dev(merged: &Path) -> Result<(), SetupError> {
             Some("mode=755,size=64k"),
         ),
     )?;
-    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
-        let src = Path::new("/dev").join(name);
-        if !src.exists() {
-            continue;
-        }
+    // Device nodes are created directly (cheaper than six bind mounts); the
+    // sandbox loses CAP_MKNOD afterwards, so it cannot create others.
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
         let dst = dev.join(name);
-        touch(&dst)?;
+        let mode = nix::sys::stat::Mode::from_bits_truncate(0o666);
         sys(
-            format!("bind /dev/{name}"),
-            mount(Some(&src), &dst, NONE, MsFlags::MS_BIND, NONE),
+            format!("mknod /dev/{name}"),
+            nix::sys::stat::mknod(
+                &dst,
+                nix::sys::stat::SFlag::S_IFCHR,
+                mode,
+                nix::sys::stat::makedev(major, minor),
+            ),
+        )?;
+        // mknod honours the umask; make sure the node is world-usable.
+        io(
+            format!("chmod /dev/{name}"),
+            fs::set_permissions(&dst, std::os::unix::fs::PermissionsExt::from_mode(0o666)),
         )?;
     }
     let pts = dev.join("pts");

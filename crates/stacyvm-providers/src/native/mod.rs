@@ -296,11 +296,11 @@ impl NativeProvider {
         }
         let init = meta.as_ref().map_or(0, |m| m.init_pid);
         let _ = tokio::task::spawn_blocking(move || {
-            for _ in 0..500 {
+            for _ in 0..10_000 {
                 if !pid_alive(init) {
                     break;
                 }
-                std::thread::sleep(Duration::from_millis(2));
+                std::thread::sleep(Duration::from_micros(200));
             }
             cgroup::destroy(&cgroups);
             if let Err(e) = std::fs::remove_dir_all(&dir) {
