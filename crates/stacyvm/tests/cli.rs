@@ -39,18 +39,19 @@ fn start(data: &Path, port: u16) -> Server {
         .stderr(log)
         .spawn()
         .expect("spawn serve");
-    let url = format!("http://127.0.0.1:{port}");
+    let server = Server {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        data: data.to_path_buf(),
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return Server {
-                child,
-                url,
-                data: data.to_path_buf(),
-            };
+            return server;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    drop(server);
     panic!("stacyvm serve did not listen within 30 s");
 }
 
