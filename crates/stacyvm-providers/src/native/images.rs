@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use stacyvm_agent_proto::boot::BindSpec;
 use stacyvm_core::{Error, Result};
 
+pub use super::import::{import_archive, normalize_name, ImageRecord, Progress};
+
 /// Host top-level entries the `host` image exposes (read-only).
 const HOST_DIRS: [&str; 8] = [
     "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc",
@@ -53,7 +55,12 @@ pub struct ImageStore {
     root: PathBuf,
     host_skel: PathBuf,
     hidden: Vec<String>,
+    /// Serialises index updates within this process.
+    lock: std::sync::Mutex<()>,
 }
+
+/// Index file of imported images.
+const INDEX: &str = "index.json";
 
 impl ImageStore {
     pub fn new(root: PathBuf, hidden: &[String]) -> Result<Self> {
@@ -62,6 +69,7 @@ impl ImageStore {
             root,
             host_skel,
             hidden: hidden.to_vec(),
+            lock: std::sync::Mutex::new(()),
         };
         store.ensure_skeleton()?;
         Ok(store)
@@ -98,25 +106,130 @@ impl ImageStore {
         Ok(())
     }
 
-    /// Image names available.
+    fn rootfs_dir(&self) -> PathBuf {
+        self.root.join("rootfs")
+    }
+
+    /// Imported images (the built-in `host` image is not listed).
+    pub fn list(&self) -> Vec<ImageRecord> {
+        std::fs::read(self.root.join(INDEX))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default()
+    }
+
+    fn save(&self, list: &[ImageRecord]) -> Result<()> {
+        let tmp = self.root.join(format!("{INDEX}.tmp"));
+        std::fs::write(&tmp, serde_json::to_vec_pretty(list).unwrap_or_default())
+            .map_err(|e| Error::internal("writing image index").with_source(e))?;
+        std::fs::rename(&tmp, self.root.join(INDEX))
+            .map_err(|e| Error::internal("writing image index").with_source(e))
+    }
+
+    /// Image names available: `host` plus every imported name.
     pub fn names(&self) -> Vec<String> {
-        vec!["host".to_string()]
+        let mut v = vec!["host".to_string()];
+        for r in self.list() {
+            v.extend(r.names);
+        }
+        v
+    }
+
+    /// Finds an imported image by name (`alpine` = `alpine:latest`) or id prefix.
+    pub fn find(&self, image: &str) -> Option<ImageRecord> {
+        let list = self.list();
+        let by_name = normalize_name(image)
+            .ok()
+            .and_then(|n| list.iter().find(|r| r.names.contains(&n)).cloned());
+        by_name.or_else(|| {
+            let id = image.strip_prefix("sha256:").unwrap_or(image);
+            if id.len() >= 12 {
+                list.into_iter()
+                    .find(|r| r.id.trim_start_matches("sha256:").starts_with(id))
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Imports a `docker save` or OCI archive; the name moves to the new image.
+    pub fn import(
+        &self,
+        archive: &Path,
+        name: Option<&str>,
+        progress: Progress<'_>,
+    ) -> Result<ImageRecord> {
+        std::fs::create_dir_all(self.rootfs_dir())
+            .map_err(|e| Error::internal("creating image store").with_source(e))?;
+        let rec = import_archive(archive, &self.rootfs_dir(), name, progress)?;
+        let _g = self
+            .lock
+            .lock()
+            .map_err(|_| Error::internal("image index lock"))?;
+        let mut list = self.list();
+        for r in &mut list {
+            r.names.retain(|n| !rec.names.contains(n));
+        }
+        match list.iter_mut().find(|r| r.id == rec.id) {
+            Some(existing) => {
+                for n in &rec.names {
+                    if !existing.names.contains(n) {
+                        existing.names.push(n.clone());
+                    }
+                }
+            }
+            None => list.push(rec.clone()),
+        }
+        list.retain(|r| !r.names.is_empty() || r.id == rec.id);
+        self.save(&list)?;
+        Ok(list.into_iter().find(|r| r.id == rec.id).unwrap_or(rec))
+    }
+
+    /// Removes an image (all its names) and its rootfs.
+    pub fn remove(&self, image: &str) -> Result<ImageRecord> {
+        let rec = self
+            .find(image)
+            .ok_or_else(|| Error::not_found(format!("image {image:?}")))?;
+        let _g = self
+            .lock
+            .lock()
+            .map_err(|_| Error::internal("image index lock"))?;
+        let mut list = self.list();
+        list.retain(|r| r.id != rec.id);
+        self.save(&list)?;
+        let dir = self.rootfs_dir().join(rec.id.trim_start_matches("sha256:"));
+        let _ = std::fs::remove_dir_all(dir);
+        Ok(rec)
+    }
+
+    /// The rootfs directory of an imported image.
+    pub fn rootfs_of(&self, rec: &ImageRecord) -> PathBuf {
+        self.rootfs_dir().join(rec.id.trim_start_matches("sha256:"))
     }
 
     /// Checks that an image exists, with a message telling how to get it.
     pub fn check(&self, image: &str) -> Result<()> {
-        match image {
-            "" | "host" => Ok(()),
-            other => Err(Error::invalid(format!(
-                "image {other:?} is not available to the native provider; use image \"host\" (the host's /usr and /etc, read-only) or import it first with `stacyvm image import FILE` (images directory: {})",
-                self.root.display()
-            ))),
+        if image.is_empty() || image == "host" || self.find(image).is_some() {
+            return Ok(());
         }
+        Err(Error::invalid(format!(
+            "image {image:?} is not available to the native provider; use image \"host\" (the host's /usr and /etc, read-only) or import it first: `docker save {image} -o image.tar && stacyvm image import image.tar` (see `stacyvm image ls`)"
+        )))
     }
 
     /// Overlay lower layers, read-only binds and masked paths of an image.
     pub fn layers(&self, image: &str) -> Result<(Vec<String>, Vec<BindSpec>, Vec<String>)> {
         self.check(image)?;
+        if !(image.is_empty() || image == "host") {
+            let rec = self
+                .find(image)
+                .ok_or_else(|| Error::invalid(format!("image {image:?} disappeared")))?;
+            return Ok((
+                vec![self.rootfs_of(&rec).to_string_lossy().to_string()],
+                Vec::new(),
+                Vec::new(),
+            ));
+        }
         let mut binds = Vec::new();
         for name in HOST_DIRS {
             let host = Path::new("/").join(name);

@@ -10,6 +10,7 @@
 
 pub mod client;
 pub mod images;
+pub mod import;
 #[cfg(test)]
 mod isolation_tests;
 
@@ -146,6 +147,11 @@ impl NativeProvider {
 
     fn dir(&self, id: &str) -> PathBuf {
         self.opts.state_dir.join("sandboxes").join(id)
+    }
+
+    /// The image store (for `stacyvm image …`).
+    pub fn images(&self) -> &images::ImageStore {
+        &self.images
     }
 
     fn meta(&self, id: &str) -> Result<Meta> {
@@ -703,4 +709,79 @@ pub(crate) mod tests {
     }
 
     crate::conformance_tests!(native_conformance, fixture());
+
+    /// The same suite on an imported image (busybox, two layers with whiteouts).
+    pub struct BusyboxFixture {
+        inner: Fixture,
+    }
+
+    const BUSYBOX_TAG: &str = "stacyvm-test/busybox:1";
+
+    pub fn busybox_fixture() -> BusyboxFixture {
+        let inner = fixture();
+        let archive = super::import::tests::busybox_archive(inner.dir.path(), BUSYBOX_TAG);
+        inner
+            .make()
+            .images()
+            .import(&archive, None, &mut |_, _, _| {})
+            .expect("import busybox image");
+        BusyboxFixture { inner }
+    }
+
+    impl crate::conformance::Fixture for BusyboxFixture {
+        fn provider(&self) -> Arc<dyn Provider> {
+            self.inner.provider()
+        }
+        fn image(&self) -> String {
+            BUSYBOX_TAG.into()
+        }
+        fn survives_restart(&self) -> bool {
+            true
+        }
+    }
+
+    crate::conformance_tests!(native_busybox_conformance, busybox_fixture());
+
+    #[tokio::test]
+    async fn imported_image_is_the_root_and_unknown_images_say_how_to_get_them() {
+        let fx = busybox_fixture();
+        let p = fx.inner.make();
+        let id = crate::conformance::spawn(&p, BUSYBOX_TAG).await;
+        let r = crate::conformance::sh(&p, &id, "cat /etc/os-release; ls /gone 2>&1; ls /opaque; test -e /usr/bin/python3 || echo no-host-usr").await;
+        assert_eq!(r.stdout.lines().next(), Some("NAME=stacyvm-test-busybox"));
+        assert!(r.stdout.contains("No such file"), "whiteout applied: {r:?}");
+        assert!(
+            r.stdout.contains("new") && !r.stdout.contains("sub"),
+            "opaque dir applied: {r:?}"
+        );
+        assert!(
+            r.stdout.contains("no-host-usr"),
+            "host /usr not mounted into imported images"
+        );
+        // Writes land in the sandbox's upper dir, never in the image.
+        crate::conformance::sh(&p, &id, "echo changed > /etc/os-release").await;
+        let rec = p.images().find(BUSYBOX_TAG).expect("record");
+        assert_eq!(
+            std::fs::read_to_string(p.images().rootfs_of(&rec).join("etc/os-release"))
+                .expect("image file"),
+            "NAME=stacyvm-test-busybox\n"
+        );
+        p.destroy(&id).await.expect("destroy");
+        let spec = SpawnSpec {
+            id: paths::new_sandbox_id(),
+            image: "alpine:3.20".into(),
+            memory_mb: 64,
+            vcpus: 1,
+            metadata: BTreeMap::new(),
+            owner_id: String::new(),
+            tenant_id: String::new(),
+            expires_at: Utc::now(),
+            network_mode: String::new(),
+        };
+        let e = p.spawn(&spec).await.expect_err("unknown image");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("stacyvm image import"), "{e}");
+        p.images().remove(BUSYBOX_TAG).expect("rm");
+        assert!(p.images().find(BUSYBOX_TAG).is_none());
+    }
 }
