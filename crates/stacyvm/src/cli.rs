@@ -120,8 +120,40 @@ pub enum Command {
         #[arg(long, short = 'n', default_value_t = 100)]
         lines: usize,
     },
+    /// Manage images of the native provider (local to this machine).
+    Image {
+        /// Config file (for server.data_dir).
+        #[arg(long, short = 'c', global = true, env = "STACYVM_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
     /// Print the version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Import a `docker save` tarball or an OCI image layout archive.
+    Import {
+        /// The archive (e.g. from `docker save IMAGE -o image.tar`).
+        file: PathBuf,
+        /// Extra name for the image (e.g. python:3.12).
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// List imported images.
+    #[command(alias = "list")]
+    Ls {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove an image by name or id prefix.
+    Rm {
+        /// Image name or id.
+        image: String,
+    },
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -144,6 +176,9 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve { config } => crate::serve::run(config).await.map(|()| ExitCode::SUCCESS),
+        Command::Image { config, command } => {
+            crate::image::run(config, command).map(|()| ExitCode::SUCCESS)
+        }
         Command::Version => {
             println!(
                 "stacyvm {} ({}/{})",

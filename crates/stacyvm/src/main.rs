@@ -3,6 +3,7 @@
 #![allow(clippy::print_stdout)]
 
 mod cli;
+mod image;
 mod serve;
 
 use std::process::ExitCode;

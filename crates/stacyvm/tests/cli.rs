@@ -240,3 +240,106 @@ fn cli_drives_native_sandboxes_and_restart_readopts_them() {
         text(&out.stderr)
     );
 }
+
+/// Builds a one-layer `docker save` archive of busybox with the system tar.
+fn busybox_archive(dir: &Path) -> PathBuf {
+    let root = dir.join("rootfs");
+    std::fs::create_dir_all(root.join("bin")).expect("mkdir");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .expect("/bin/busybox (apt-get install busybox-static)");
+    for applet in ["sh", "echo", "cat", "ls"] {
+        std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("link");
+    }
+    let run = |args: &[&str]| {
+        let st = Command::new("tar")
+            .args(args)
+            .current_dir(dir)
+            .status()
+            .expect("tar");
+        assert!(st.success(), "tar {args:?}");
+    };
+    run(&["-cf", "layer.tar", "-C", "rootfs", "."]);
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"os":"linux","architecture":"amd64"}"#,
+    )
+    .expect("config");
+    std::fs::write(
+        dir.join("manifest.json"),
+        r#"[{"Config":"config.json","RepoTags":["mini/busybox:1"],"Layers":["layer.tar"]}]"#,
+    )
+    .expect("manifest");
+    run(&[
+        "-cf",
+        "image.tar",
+        "manifest.json",
+        "config.json",
+        "layer.tar",
+    ]);
+    dir.join("image.tar")
+}
+
+#[test]
+fn image_import_ls_rm_and_spawn() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data");
+    let archive = busybox_archive(dir.path());
+    let image = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("image")
+            .args(args)
+            .env("STACYVM_SERVER_DATA_DIR", &data)
+            .output()
+            .expect("image cmd")
+    };
+    let out = image(&["import", archive.to_str().expect("utf8"), "--name", "mini"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("sha256:"), "prints the id");
+    assert!(
+        text(&out.stderr).contains("mini/busybox:1") && text(&out.stderr).contains("mini:latest"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = image(&["ls"]);
+    assert!(text(&out.stdout).contains("mini/busybox:1") && text(&out.stdout).contains("host"));
+    let out = image(&["import", "/nonexistent.tar"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("nonexistent.tar"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let s = start(&data, free_port());
+    let out = s.cli(&["spawn", "--image", "mini"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    let out = s.cli(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "ls /bin | head -3; test -e /usr/bin/python3 || echo isolated-root",
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "busybox\ncat\necho\nisolated-root\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let out = s.cli(&["spawn", "--image", "nope:1"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("stacyvm image import"),
+        "{}",
+        text(&out.stderr)
+    );
+    s.cli(&["kill", &id]);
+    drop(s);
+    let out = image(&["rm", "mini/busybox:1"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = image(&["ls", "--json"]);
+    assert_eq!(text(&out.stdout).trim(), "[]");
+}

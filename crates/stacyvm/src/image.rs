@@ -1,0 +1,107 @@
+//! `stacyvm image import|ls|rm`: the native provider's local image store
+//! under `<server.data_dir>/native/images`. A running server sees changes
+//! immediately.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use comfy_table::{presets, Table};
+use indicatif::{ProgressBar, ProgressStyle};
+use stacyvm_core::config;
+use stacyvm_providers::native::images::ImageStore;
+
+use crate::cli::ImageCommand;
+
+fn store(config_path: Option<PathBuf>) -> Result<ImageStore> {
+    let loaded = config::load(config_path.as_deref(), std::env::vars())?;
+    let data = PathBuf::from(&loaded.config.server.data_dir);
+    let root = data.join("native").join("images");
+    std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+    Ok(ImageStore::new(
+        root,
+        &[loaded.config.server.data_dir.clone()],
+    )?)
+}
+
+fn human(bytes: u64) -> String {
+    let mut v = bytes as f64;
+    for unit in ["B", "KiB", "MiB", "GiB"] {
+        if v < 1024.0 {
+            return format!("{v:.1} {unit}");
+        }
+        v /= 1024.0;
+    }
+    format!("{v:.1} TiB")
+}
+
+pub fn run(config_path: Option<PathBuf>, cmd: ImageCommand) -> Result<()> {
+    let store = store(config_path)?;
+    match cmd {
+        ImageCommand::Import { file, name } => {
+            let bar = if std::io::stderr().is_terminal() {
+                ProgressBar::new(0)
+            } else {
+                ProgressBar::hidden()
+            };
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {msg:16} [{bar:30}] {bytes}/{total_bytes} ({eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            let rec = store
+                .import(&file, name.as_deref(), &mut |done, total, what| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                    bar.set_message(what.to_string());
+                })
+                .with_context(|| format!("importing {}", file.display()))?;
+            bar.finish_and_clear();
+            eprintln!(
+                "imported {} ({} layers, {})",
+                rec.names.join(", "),
+                rec.layers,
+                human(rec.size_bytes)
+            );
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{}", rec.id);
+            }
+        }
+        ImageCommand::Ls { json } => {
+            let list = store.list();
+            #[allow(clippy::print_stdout)]
+            if json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+            } else {
+                let mut t = Table::new();
+                t.load_preset(presets::NOTHING);
+                t.set_header(["NAME", "ID", "LAYERS", "SIZE", "IMPORTED"]);
+                t.add_row([
+                    "host".to_string(),
+                    "-".into(),
+                    "-".into(),
+                    "-".into(),
+                    "built in (host /usr and /etc, read-only)".into(),
+                ]);
+                for r in list {
+                    t.add_row([
+                        r.names.join(", "),
+                        r.id.chars().take(19).collect(),
+                        r.layers.to_string(),
+                        human(r.size_bytes),
+                        r.imported_at,
+                    ]);
+                }
+                println!("{t}");
+            }
+        }
+        ImageCommand::Rm { image } => {
+            let rec = store.remove(&image)?;
+            eprintln!("removed {} ({})", rec.names.join(", "), rec.id);
+        }
+    }
+    Ok(())
+}
