@@ -20,7 +20,7 @@ fn store(config_path: Option<PathBuf>) -> Result<ImageStore> {
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     Ok(ImageStore::new(
         root,
-        &[loaded.config.server.data_dir.clone()],
+        std::slice::from_ref(&loaded.config.server.data_dir),
     )?)
 }
 
