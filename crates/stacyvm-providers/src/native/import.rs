@@ -573,7 +573,7 @@ pub(crate) mod tests {
         h.as_old_mut().name[..13].copy_from_slice(b"../escape.txt");
         h.set_cksum();
         let mut raw = h.as_bytes().to_vec();
-        raw.extend_from_slice(&[b'x']);
+        raw.extend_from_slice(b"x");
         raw.resize(1024, 0);
         raw.extend_from_slice(&[0u8; 1024]);
         let a = archive_with_layer(dir.path(), raw);
