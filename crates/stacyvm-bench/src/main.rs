@@ -44,7 +44,7 @@ struct Args {
     /// Operations per scenario for sandbox-heavy scenarios (spawn, exec, files).
     #[arg(long, default_value_t = 200)]
     ops: usize,
-    /// Comma-separated scenarios: get,list,spawn,first_exec,exec,file_1k,file_1m,destroy.
+    /// Comma-separated scenarios: get,list,spawn,first_exec,exec,file_1k,file_1m,raw_1m,destroy.
     #[arg(
         long,
         default_value = "get,list,spawn,first_exec,exec,file_1k,file_1m,destroy"
@@ -323,14 +323,15 @@ async fn scenario(args: &Args, name: &str) -> Result<Outcome> {
             .await;
             out
         }
-        "exec" | "file_1k" | "file_1m" => {
+        "exec" | "file_1k" | "file_1m" | "raw_1m" => {
             let mut c = Conn::open(args).await?;
             let id = c.spawn(args).await?;
             let size = match name {
                 "file_1k" => 1024,
-                "file_1m" => 1024 * 1024,
+                "file_1m" | "raw_1m" => 1024 * 1024,
                 _ => 0,
             };
+            let raw = name == "raw_1m";
             let content: String = (0..size).map(|i| (b'a' + (i % 26) as u8) as char).collect();
             let id2 = id.clone();
             let out = run(args, name, args.ops, move |mut c, i| {
@@ -348,12 +349,22 @@ async fn scenario(args: &Args, name: &str) -> Result<Outcome> {
                             .await?;
                         } else {
                             let path = format!("/workspace/bench-{i}.txt");
-                            c.ok(
-                                Method::POST,
-                                &format!("/sandboxes/{id}/files"),
-                                Some(json!({"path": path, "content": content})),
-                            )
-                            .await?;
+                            if raw {
+                                let url = format!("/sandboxes/{id}/files?path={path}");
+                                let (st, b) = c
+                                    .call(Method::PUT, &url, Some(content.clone().into_bytes()))
+                                    .await?;
+                                if st != 200 {
+                                    bail!("PUT file -> {st}: {}", String::from_utf8_lossy(&b));
+                                }
+                            } else {
+                                c.ok(
+                                    Method::POST,
+                                    &format!("/sandboxes/{id}/files"),
+                                    Some(json!({"path": path, "content": content})),
+                                )
+                                .await?;
+                            }
                             let back = c
                                 .ok(
                                     Method::GET,

@@ -1179,3 +1179,44 @@ async fn fuzzed_bodies_never_cause_server_errors() {
     let (st, _) = s.get("/live").await;
     assert_eq!(st, 200, "server still serving");
 }
+
+#[tokio::test]
+async fn raw_upload_extension_is_binary_safe() {
+    let s = start().await;
+    let id = s.spawn().await;
+    let data: Vec<u8> = (0..=255u8).cycle().take(300_000).collect();
+    let r = s
+        .http
+        .put(format!("{}/sandboxes/{id}/files", s.base))
+        .query(&[("path", "/workspace/raw.bin"), ("mode", "600")])
+        .body(data.clone())
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 200);
+    let back = s
+        .http
+        .get(format!("{}/sandboxes/{id}/files", s.base))
+        .query(&[("path", "/workspace/raw.bin")])
+        .send()
+        .await
+        .expect("get")
+        .bytes()
+        .await
+        .expect("bytes");
+    assert!(back.to_vec() == data, "raw round trip");
+    let (_, v) = s
+        .get(&format!(
+            "/sandboxes/{id}/files/stat?path=/workspace/raw.bin"
+        ))
+        .await;
+    assert_eq!(v["mode"], "600");
+    let r = s
+        .http
+        .put(format!("{}/sandboxes/{id}/files", s.base))
+        .body("x")
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(r.status(), 400, "path is required");
+}

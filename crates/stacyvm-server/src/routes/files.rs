@@ -20,6 +20,34 @@ pub struct PathQuery {
 }
 
 #[derive(Debug, Deserialize)]
+pub struct UploadQuery {
+    path: Option<String>,
+    mode: Option<String>,
+}
+
+/// Extension: `PUT /files?path=…&mode=…` with the raw file as the body
+/// (no JSON or base64 encoding; binary-safe).
+pub async fn upload(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Query(q): Query<UploadQuery>,
+    body: axum::body::Bytes,
+) -> ApiResult<Json<StatusResponse>> {
+    let path = required(q.path)?;
+    st.manager
+        .write_file(
+            &id,
+            &path,
+            body.to_vec(),
+            q.mode.as_deref().unwrap_or(""),
+            &who,
+        )
+        .await?;
+    Ok(Json::ok(StatusResponse::new("written")))
+}
+
+#[derive(Debug, Deserialize)]
 pub struct GlobQuery {
     pattern: Option<String>,
 }

@@ -39,7 +39,10 @@ pub fn api_routes() -> Router<AppState> {
         .route("/sandboxes/{id}/stats", get(sandboxes::stats))
         .route(
             "/sandboxes/{id}/files",
-            post(files::write).get(files::read).delete(files::delete),
+            post(files::write)
+                .put(files::upload)
+                .get(files::read)
+                .delete(files::delete),
         )
         .route("/sandboxes/{id}/files/list", get(files::list))
         .route("/sandboxes/{id}/files/move", post(files::mv))
