@@ -164,30 +164,21 @@ impl NativeProvider {
             .map_err(|e| Error::internal(format!("corrupt sandbox metadata of {id}: {e}")))
     }
 
+    /// The cached connection to a sandbox's agent, if it is still open.
+    fn open_client(&self, id: &str) -> Result<Option<Arc<AgentClient>>> {
+        let conns = self.conns.lock().map_err(|_| Error::internal("lock"))?;
+        Ok(conns.get(id).filter(|c| !c.is_closed()).cloned())
+    }
+
     /// The live connection to a sandbox's agent (re-connecting after a restart).
     async fn client(&self, id: &str) -> Result<Arc<AgentClient>> {
-        if let Some(c) = self
-            .conns
-            .lock()
-            .map_err(|_| Error::internal("lock"))?
-            .get(id)
-            .cloned()
-        {
-            if !c.is_closed() {
-                return Ok(c);
-            }
+        if let Some(c) = self.open_client(id)? {
+            return Ok(c);
         }
         let _g = self.connecting.lock().await;
-        if let Some(c) = self
-            .conns
-            .lock()
-            .map_err(|_| Error::internal("lock"))?
-            .get(id)
-            .cloned()
-        {
-            if !c.is_closed() {
-                return Ok(c);
-            }
+        // Another task may have connected while we waited.
+        if let Some(c) = self.open_client(id)? {
+            return Ok(c);
         }
         let meta = self.meta(id)?;
         if !pid_alive(meta.init_pid) {
