@@ -947,6 +947,27 @@ async fn events_metrics_and_providers() {
     assert_eq!(m["sandboxes"]["total"], 1);
     let (_, d) = s.get("/diagnostics").await;
     assert_eq!(d["store"]["healthy"], true);
+    for key in [
+        "build",
+        "events",
+        "generated_at",
+        "leases",
+        "limits",
+        "operations",
+        "process",
+        "providers",
+        "quotas",
+        "rate_limit",
+        "redactions",
+        "remediation",
+        "sandboxes",
+        "scheduler",
+        "store",
+        "workers",
+    ] {
+        assert!(d.get(key).is_some(), "diagnostics has {key}");
+    }
+    assert!(d["build"]["goarch"].is_string() && d["process"]["memory"]["alloc"].is_number());
     let (_, p) = s.get("/providers").await;
     assert_eq!(p[0]["name"], "mock");
     assert_eq!(p[0]["default"], true);

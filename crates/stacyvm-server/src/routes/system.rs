@@ -334,13 +334,19 @@ pub async fn diagnostics(State(st): State<AppState>) -> ApiResult<Json<Value>> {
     let (rss, vsz) = process_memory();
     let doc = |p: &str| format!("docs/{p}");
     Ok(Json::ok(json!({
-        "build": {"arch": std::env::consts::ARCH, "os": std::env::consts::OS, "version": VERSION},
+        // Key names follow the original server's (Go) diagnostics so existing
+        // dashboards keep working; values describe this process.
+        "build": {"goarch": go_arch(), "goos": std::env::consts::OS, "version": VERSION},
         "events": {"subscribers": bus.subscribers, "history_size": bus.history_size, "events_total": bus.events_total},
         "generated_at": Utc::now(),
         "leases": leases(&st).await?,
         "limits": limits(&st),
         "operations": st.manager.metrics().snapshot(),
-        "process": {"threads": thread_count(), "memory": {"rss": rss, "virtual": vsz}, "uptime": uptime(&st)},
+        "process": {
+            "goroutines": thread_count(),
+            "memory": {"alloc": rss, "gc_cycles": 0, "heap_alloc": rss, "sys": vsz},
+            "uptime": uptime(&st),
+        },
         "providers": providers,
         "quotas": quota_counts(&st).await?,
         "rate_limit": rate_limit_stats(&st),
@@ -357,6 +363,16 @@ pub async fn diagnostics(State(st): State<AppState>) -> ApiResult<Json<Value>> {
         "store": store,
         "workers": workers_summary(),
     })))
+}
+
+/// The architecture under Go's name (`amd64`, `arm64`).
+fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        other => other,
+    }
 }
 
 fn esc(v: &str) -> String {
