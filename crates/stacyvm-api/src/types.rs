@@ -132,6 +132,11 @@ pub struct ExecRequest {
     /// Extension: standard input given to the command, as UTF-8 text.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
+    /// Extension (WebSocket only): keep stdin open and accept
+    /// `{"type":"stdin","data":…}`, `{"type":"stdin_close"}` and
+    /// `{"type":"signal","signal":N}` messages while the command runs.
+    #[serde(skip_serializing_if = "is_false")]
+    pub interactive: bool,
 }
 
 /// Synchronous exec result.

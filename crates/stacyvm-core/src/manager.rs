@@ -1219,6 +1219,17 @@ impl Manager {
         req: &ExecRequest,
         caller: &Caller,
     ) -> Result<mpsc::Receiver<StreamEvent>> {
+        self.exec_stream_with(id, req, caller, None).await
+    }
+
+    /// `exec_stream` with live stdin and signals from `input` (interactive).
+    pub async fn exec_stream_with(
+        self: &Arc<Self>,
+        id: &str,
+        req: &ExecRequest,
+        caller: &Caller,
+        input: Option<mpsc::Receiver<crate::provider::ExecInput>>,
+    ) -> Result<mpsc::Receiver<StreamEvent>> {
         let (rec, provider) = self.exec_target(id, caller).await?;
         let spec = self.prepare_exec(&rec, req).await?;
         let target = if rec.vm_id.is_empty() {
@@ -1248,7 +1259,12 @@ impl Manager {
                 }
                 true
             };
-            let run = provider.exec(&target, &spec, tx);
+            let run: std::pin::Pin<
+                Box<dyn std::future::Future<Output = Result<ExitStatus>> + Send + '_>,
+            > = match input {
+                Some(input) => Box::pin(provider.exec_interactive(&target, &spec, tx, input)),
+                None => Box::pin(provider.exec(&target, &spec, tx)),
+            };
             tokio::pin!(run);
             tokio::pin!(forward);
             let mut forward_done = false;

@@ -87,6 +87,15 @@ pub struct OutputChunk {
 /// Where a provider sends output. A closed receiver must not fail the exec.
 pub type OutputSink = mpsc::Sender<OutputChunk>;
 
+/// Input to an interactive exec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecInput {
+    Stdin(Vec<u8>),
+    CloseStdin,
+    /// Signal number sent to the command's process group.
+    Signal(i32),
+}
+
 /// How the process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExitStatus {
@@ -159,6 +168,22 @@ pub trait Provider: Debug + Send + Sync + 'static {
     /// Runs a command, streaming output to `sink` in order.
     async fn exec(&self, runtime_id: &str, spec: &ExecSpec, sink: OutputSink)
         -> Result<ExitStatus>;
+
+    /// Like `exec`, but stdin stays open for `ExecInput::Stdin` chunks and
+    /// signals can be delivered while the command runs. Dropping `input`
+    /// closes stdin.
+    async fn exec_interactive(
+        &self,
+        _runtime_id: &str,
+        _spec: &ExecSpec,
+        _sink: OutputSink,
+        _input: mpsc::Receiver<ExecInput>,
+    ) -> Result<ExitStatus> {
+        Err(Error::unsupported(format!(
+            "{}: interactive exec",
+            self.name()
+        )))
+    }
 
     async fn write_file(&self, runtime_id: &str, path: &str, data: &[u8], mode: u32) -> Result<()>;
     async fn read_file(&self, runtime_id: &str, path: &str) -> Result<Vec<u8>>;

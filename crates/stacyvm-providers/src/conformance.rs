@@ -624,6 +624,59 @@ pub async fn sandboxes_are_separate(f: &dyn Fixture) {
     p.destroy(&b).await.expect("destroy b");
 }
 
+pub async fn interactive_stdin_and_signals(f: &dyn Fixture) {
+    use stacyvm_core::provider::ExecInput;
+    let p = f.provider();
+    let id = spawn(p.as_ref(), &f.image()).await;
+    // Stdin arrives while the command runs; its output streams back.
+    let (in_tx, in_rx) = mpsc::channel(8);
+    let (tx, mut rx) = mpsc::channel::<OutputChunk>(16);
+    let spec = ExecSpec {
+        argv: vec!["cat".into()],
+        timeout: Some(Duration::from_secs(20)),
+        ..Default::default()
+    };
+    let p2 = p.clone();
+    let id2 = id.clone();
+    let run = tokio::spawn(async move { p2.exec_interactive(&id2, &spec, tx, in_rx).await });
+    in_tx
+        .send(ExecInput::Stdin(b"first line\n".to_vec()))
+        .await
+        .expect("send");
+    let echoed = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("echo in time")
+        .expect("chunk");
+    assert_eq!(
+        echoed.data, b"first line\n",
+        "output arrives before stdin closes"
+    );
+    in_tx.send(ExecInput::CloseStdin).await.expect("close");
+    let status = run.await.expect("task").expect("exec");
+    assert_eq!(status.code, 0, "cat exits at end of input");
+    // A signal reaches the running command.
+    let (in_tx, in_rx) = mpsc::channel(8);
+    let (tx, _rx) = mpsc::channel::<OutputChunk>(16);
+    let argv = paths::build_argv("shell", "sleep 30", &[]).expect("argv");
+    let spec = ExecSpec {
+        argv,
+        timeout: Some(Duration::from_secs(20)),
+        ..Default::default()
+    };
+    let p2 = p.clone();
+    let id2 = id.clone();
+    let run = tokio::spawn(async move { p2.exec_interactive(&id2, &spec, tx, in_rx).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    in_tx.send(ExecInput::Signal(15)).await.expect("signal");
+    let status = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("ends after SIGTERM")
+        .expect("task")
+        .expect("exec");
+    assert_eq!(status.code, 143, "killed by SIGTERM reports 128+15");
+    p.destroy(&id).await.expect("destroy");
+}
+
 pub async fn concurrent_execs(f: &dyn Fixture) {
     let p = f.provider();
     let id = spawn(p.as_ref(), &f.image()).await;
@@ -708,7 +761,7 @@ macro_rules! conformance_tests {
             $crate::conformance_tests!(@cases $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
                 streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
-                sandboxes_are_separate, concurrent_execs, restart_visibility);
+                sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, restart_visibility);
         }
     };
     (@cases $fixture:expr; $($case:ident),*) => {

@@ -17,7 +17,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use stacyvm_api::FileInfo;
 use stacyvm_core::provider::{
-    capability, ExecSpec, ExitStatus, OutputChunk, OutputSink, Provider, RuntimeInfo,
+    capability, ExecInput, ExecSpec, ExitStatus, OutputChunk, OutputSink, Provider, RuntimeInfo,
     RuntimeStatus, SpawnSpec, Spawned, StreamKind,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
@@ -63,6 +63,157 @@ impl MockProvider {
         tokio::task::spawn_blocking(f)
             .await
             .map_err(|e| Error::internal("file worker failed").with_source(e))?
+    }
+}
+
+impl MockProvider {
+    async fn run(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        sink: OutputSink,
+        input: Option<tokio::sync::mpsc::Receiver<ExecInput>>,
+    ) -> Result<ExitStatus> {
+        let dir = self.dir(id)?;
+        let root = HostRoot::new(&dir);
+        let workdir = if spec.workdir.is_empty() {
+            "/workspace".to_string()
+        } else {
+            spec.workdir.clone()
+        };
+        let cwd = root.resolve(&workdir, true)?;
+        if !cwd.is_dir() {
+            return Err(Error::invalid(format!(
+                "workdir {workdir:?} does not exist"
+            )));
+        }
+        let Some((prog, args)) = spec.argv.split_first() else {
+            return Err(Error::invalid("empty command"));
+        };
+        let mut cmd = Command::new(prog);
+        cmd.args(args)
+            .current_dir(&cwd)
+            .env("HOME", &dir)
+            .env("WORKSPACE", dir.join("workspace"))
+            .env("SANDBOX_ROOT", &dir)
+            .envs(&spec.env)
+            .stdin(if spec.stdin.is_some() || input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let msg = format!("stacyvm: {prog}: command not found\n");
+                let _ = sink
+                    .send(OutputChunk {
+                        stream: StreamKind::Stderr,
+                        data: msg.into_bytes(),
+                    })
+                    .await;
+                return Ok(ExitStatus {
+                    code: 127,
+                    signal: None,
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                let msg = format!("stacyvm: {prog}: permission denied\n");
+                let _ = sink
+                    .send(OutputChunk {
+                        stream: StreamKind::Stderr,
+                        data: msg.into_bytes(),
+                    })
+                    .await;
+                return Ok(ExitStatus {
+                    code: 126,
+                    signal: None,
+                });
+            }
+            Err(e) => return Err(Error::internal("starting command").with_source(e)),
+        };
+        let mut guard = GroupKill(child.id().and_then(|p| i32::try_from(p).ok()));
+        let pgid = child.id().and_then(|p| i32::try_from(p).ok());
+        match (child.stdin.take(), spec.stdin.clone(), input) {
+            (Some(stdin), _, Some(mut input)) => {
+                tokio::spawn(async move {
+                    let mut stdin = Some(stdin);
+                    while let Some(msg) = input.recv().await {
+                        match msg {
+                            ExecInput::Stdin(d) => {
+                                if let Some(w) = stdin.as_mut() {
+                                    let _ = w.write_all(&d).await;
+                                }
+                            }
+                            ExecInput::CloseStdin => stdin = None,
+                            ExecInput::Signal(sig) => {
+                                if let (Some(pg), Ok(sig)) = (pgid, Signal::try_from(sig)) {
+                                    let _ = killpg(Pid::from_raw(pg), sig);
+                                }
+                            }
+                        }
+                    }
+                });
+            }
+            (Some(mut stdin), Some(data), None) => {
+                tokio::spawn(async move {
+                    let _ = stdin.write_all(&data).await;
+                });
+            }
+            _ => {}
+        }
+        let out = child
+            .stdout
+            .take()
+            .map(|o| tokio::spawn(pump(o, StreamKind::Stdout, sink.clone())));
+        let err = child
+            .stderr
+            .take()
+            .map(|e| tokio::spawn(pump(e, StreamKind::Stderr, sink.clone())));
+        let wait = async {
+            let status = child.wait().await;
+            // Output pipes close when every process holding them exits.
+            if let Some(h) = out {
+                let _ = h.await;
+            }
+            if let Some(h) = err {
+                let _ = h.await;
+            }
+            status
+        };
+        let status = match spec.timeout {
+            Some(t) => match tokio::time::timeout(t, wait).await {
+                Ok(s) => s,
+                Err(_) => {
+                    drop(guard); // kill the group now
+                    return Err(Error::exec_timeout(id));
+                }
+            },
+            None => wait.await,
+        }
+        .map_err(|e| Error::internal("waiting for command").with_source(e))?;
+        // Leftover background processes die with the group.
+        drop(std::mem::replace(&mut guard, GroupKill(None)));
+        let _ = guard;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(match (status.code(), status.signal()) {
+            (Some(c), _) => ExitStatus {
+                code: c,
+                signal: None,
+            },
+            (None, Some(s)) => ExitStatus {
+                code: 128 + s,
+                signal: Some(s),
+            },
+            _ => ExitStatus {
+                code: -1,
+                signal: None,
+            },
+        })
     }
 }
 
@@ -159,122 +310,17 @@ impl Provider for MockProvider {
     }
 
     async fn exec(&self, id: &str, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus> {
-        let dir = self.dir(id)?;
-        let root = HostRoot::new(&dir);
-        let workdir = if spec.workdir.is_empty() {
-            "/workspace".to_string()
-        } else {
-            spec.workdir.clone()
-        };
-        let cwd = root.resolve(&workdir, true)?;
-        if !cwd.is_dir() {
-            return Err(Error::invalid(format!(
-                "workdir {workdir:?} does not exist"
-            )));
-        }
-        let Some((prog, args)) = spec.argv.split_first() else {
-            return Err(Error::invalid("empty command"));
-        };
-        let mut cmd = Command::new(prog);
-        cmd.args(args)
-            .current_dir(&cwd)
-            .env("HOME", &dir)
-            .env("WORKSPACE", dir.join("workspace"))
-            .env("SANDBOX_ROOT", &dir)
-            .envs(&spec.env)
-            .stdin(if spec.stdin.is_some() {
-                Stdio::piped()
-            } else {
-                Stdio::null()
-            })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
-        let mut child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let msg = format!("stacyvm: {prog}: command not found\n");
-                let _ = sink
-                    .send(OutputChunk {
-                        stream: StreamKind::Stderr,
-                        data: msg.into_bytes(),
-                    })
-                    .await;
-                return Ok(ExitStatus {
-                    code: 127,
-                    signal: None,
-                });
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                let msg = format!("stacyvm: {prog}: permission denied\n");
-                let _ = sink
-                    .send(OutputChunk {
-                        stream: StreamKind::Stderr,
-                        data: msg.into_bytes(),
-                    })
-                    .await;
-                return Ok(ExitStatus {
-                    code: 126,
-                    signal: None,
-                });
-            }
-            Err(e) => return Err(Error::internal("starting command").with_source(e)),
-        };
-        let mut guard = GroupKill(child.id().and_then(|p| i32::try_from(p).ok()));
-        if let (Some(mut stdin), Some(data)) = (child.stdin.take(), spec.stdin.clone()) {
-            tokio::spawn(async move {
-                let _ = stdin.write_all(&data).await;
-            });
-        }
-        let out = child
-            .stdout
-            .take()
-            .map(|o| tokio::spawn(pump(o, StreamKind::Stdout, sink.clone())));
-        let err = child
-            .stderr
-            .take()
-            .map(|e| tokio::spawn(pump(e, StreamKind::Stderr, sink.clone())));
-        let wait = async {
-            let status = child.wait().await;
-            // Output pipes close when every process holding them exits.
-            if let Some(h) = out {
-                let _ = h.await;
-            }
-            if let Some(h) = err {
-                let _ = h.await;
-            }
-            status
-        };
-        let status = match spec.timeout {
-            Some(t) => match tokio::time::timeout(t, wait).await {
-                Ok(s) => s,
-                Err(_) => {
-                    drop(guard); // kill the group now
-                    return Err(Error::exec_timeout(id));
-                }
-            },
-            None => wait.await,
-        }
-        .map_err(|e| Error::internal("waiting for command").with_source(e))?;
-        // Leftover background processes die with the group.
-        drop(std::mem::replace(&mut guard, GroupKill(None)));
-        let _ = guard;
-        use std::os::unix::process::ExitStatusExt;
-        Ok(match (status.code(), status.signal()) {
-            (Some(c), _) => ExitStatus {
-                code: c,
-                signal: None,
-            },
-            (None, Some(s)) => ExitStatus {
-                code: 128 + s,
-                signal: Some(s),
-            },
-            _ => ExitStatus {
-                code: -1,
-                signal: None,
-            },
-        })
+        self.run(id, spec, sink, None).await
+    }
+
+    async fn exec_interactive(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        sink: OutputSink,
+        input: tokio::sync::mpsc::Receiver<ExecInput>,
+    ) -> Result<ExitStatus> {
+        self.run(id, spec, sink, Some(input)).await
     }
 
     async fn write_file(&self, id: &str, path: &str, data: &[u8], mode: u32) -> Result<()> {

@@ -1241,3 +1241,86 @@ async fn raw_upload_extension_is_binary_safe() {
         .expect("put");
     assert_eq!(r.status(), 400, "path is required");
 }
+
+#[tokio::test]
+async fn interactive_websocket_exec_takes_stdin_and_signals() {
+    use tokio_tungstenite::tungstenite::Message as M;
+    let s = start().await;
+    let id = s.spawn().await;
+    let url = format!(
+        "{}/sandboxes/{id}/exec/ws",
+        s.base.replace("http://", "ws://")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    ws.send(M::Text(
+        json!({"command": "cat", "mode": "argv", "interactive": true})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .expect("start");
+    ws.send(M::Text(
+        json!({"type": "stdin", "data": "hello\n"})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .expect("stdin");
+    let next_json = |m: M| -> Option<Value> {
+        if let M::Text(t) = m {
+            serde_json::from_str(&t).ok()
+        } else {
+            None
+        }
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .expect("echo in time")
+        .expect("msg")
+        .expect("ok");
+    assert_eq!(
+        next_json(first).expect("json"),
+        json!({"stream": "stdout", "data": "hello\n"})
+    );
+    ws.send(M::Text(json!({"type": "stdin_close"}).to_string().into()))
+        .await
+        .expect("close stdin");
+    let mut done = None;
+    while let Some(Ok(m)) = ws.next().await {
+        if let Some(v) = next_json(m) {
+            if v["type"] == "done" {
+                done = Some(v);
+                break;
+            }
+        }
+    }
+    assert_eq!(done.expect("done")["exit_code"], 0);
+    let (mut ws, _) = tokio_tungstenite::connect_async(&url)
+        .await
+        .expect("connect");
+    ws.send(M::Text(
+        json!({"command": "sleep 30", "interactive": true})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .expect("start");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws.send(M::Text(
+        json!({"type": "signal", "signal": 15}).to_string().into(),
+    ))
+    .await
+    .expect("signal");
+    let mut done = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), ws.next()).await {
+        if let Some(v) = next_json(m) {
+            if v["type"] == "done" {
+                done = Some(v);
+                break;
+            }
+        }
+    }
+    assert_eq!(done.expect("done after SIGTERM")["exit_code"], 143);
+}

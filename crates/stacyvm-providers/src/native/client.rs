@@ -289,6 +289,62 @@ impl AgentClient {
         Err(lost())
     }
 
+    /// An exec whose stdin and signals come from `input` while it runs.
+    pub async fn exec_interactive(
+        self: &Arc<Self>,
+        req: Request,
+        mut input: mpsc::Receiver<stacyvm_core::provider::ExecInput>,
+        sink: OutputSink,
+    ) -> Result<Exit> {
+        use stacyvm_core::provider::ExecInput;
+        let (id, mut rx, guard) = self.register()?;
+        self.send(&Frame::json(Kind::Request, id, &req)).await?;
+        let mut killer = KillOnDrop {
+            client: Some(self.clone()),
+            id,
+        };
+        let mut input_open = true;
+        loop {
+            tokio::select! {
+                msg = input.recv(), if input_open => match msg {
+                    Some(ExecInput::Stdin(data)) => {
+                        for chunk in data.chunks(MAX_CHUNK) {
+                            self.send(&Frame::new(Kind::Stdin, id, chunk.to_vec())).await?;
+                        }
+                    }
+                    Some(ExecInput::Signal(sig)) => self.send(&Frame::json(Kind::Signal, id, &SignalMsg { signal: sig })).await?,
+                    Some(ExecInput::CloseStdin) | None => {
+                        self.send(&Frame::new(Kind::Stdin, id, Vec::new())).await?;
+                        input_open = false;
+                    }
+                },
+                f = rx.recv() => {
+                    let Some(f) = f else { break };
+                    match f.kind {
+                        Kind::Stdout | Kind::Stderr => {
+                            let n = f.body.len() as u64;
+                            let stream = if f.kind == Kind::Stdout { StreamKind::Stdout } else { StreamKind::Stderr };
+                            let _ = sink.send(OutputChunk { stream, data: f.body }).await;
+                            let _ = self.send(&Frame::json(Kind::Window, id, &WindowMsg { bytes: n })).await;
+                        }
+                        Kind::Exit => {
+                            killer.client = None;
+                            drop(guard);
+                            return serde_json::from_slice::<Exit>(&f.body).map_err(|e| Error::internal(format!("agent sent a bad exit record: {e}")));
+                        }
+                        Kind::Response => {
+                            killer.client = None;
+                            return response(&f.body).and_then(|_| Err(Error::internal("agent ended exec without an exit status")));
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+        killer.client = None;
+        Err(lost())
+    }
+
     pub async fn ping(&self) -> Result<()> {
         self.call(&Request::Ping).await.map(|_| ())
     }

@@ -25,8 +25,8 @@ use stacyvm_agent_proto::boot::{BootSpec, RootSpec};
 use stacyvm_agent_proto::{FileStat, Request};
 use stacyvm_api::FileInfo;
 use stacyvm_core::provider::{
-    capability, format_mod_time, format_mode, ExecSpec, ExitStatus, OutputSink, Provider,
-    RuntimeInfo, RuntimeStatus, SpawnSpec, Spawned,
+    capability, format_mod_time, format_mode, ExecInput, ExecSpec, ExitStatus, OutputSink,
+    Provider, RuntimeInfo, RuntimeStatus, SpawnSpec, Spawned,
 };
 use stacyvm_core::{paths, Error, ErrorKind, Result};
 use stacyvm_sandbox::cgroup::{self, Layout, Limits};
@@ -459,6 +459,30 @@ impl Provider for NativeProvider {
                 .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
         };
         let exit = c.exec(req, spec.stdin.clone(), sink).await?;
+        client::to_status(id, exit)
+    }
+
+    async fn exec_interactive(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        sink: OutputSink,
+        input: tokio::sync::mpsc::Receiver<ExecInput>,
+    ) -> Result<ExitStatus> {
+        let c = self.client(id).await?;
+        let req = Request::Exec {
+            argv: spec.argv.clone(),
+            env: spec.env.clone(),
+            cwd: spec.workdir.clone(),
+            uid: None,
+            gid: None,
+            stdin: true,
+            pty: None,
+            timeout_ms: spec
+                .timeout
+                .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
+        };
+        let exit = c.exec_interactive(req, input, sink).await?;
         client::to_status(id, exit)
     }
 

@@ -248,7 +248,17 @@ async fn ws_session(st: AppState, who: Caller, id: String, mut socket: WebSocket
         _ => return close(&mut socket, 1007, "invalid request").await,
     };
     let mreq = to_manager_req(&req);
-    let mut rx = match st.manager.exec_stream(&id, &mreq, &who).await {
+    let (input_tx, input_rx) = if req.interactive {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        (Some(tx), Some(rx))
+    } else {
+        (None, None)
+    };
+    let mut rx = match st
+        .manager
+        .exec_stream_with(&id, &mreq, &who, input_rx)
+        .await
+    {
         Ok(rx) => rx,
         Err(e) => {
             let msg = serde_json::json!({"error": e.to_string()}).to_string();
@@ -289,12 +299,36 @@ async fn ws_session(st: AppState, who: Caller, id: String, mut socket: WebSocket
             incoming = socket.recv() => {
                 match incoming {
                     None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                    Some(Ok(Message::Text(t))) => {
+                        if let (Some(tx), Some(msg)) = (&input_tx, parse_input(t.as_str())) {
+                            let _ = tx.send(msg).await;
+                        }
+                    }
                     _ => {}
                 }
             }
         }
     }
     close(&mut socket, 1000, "").await;
+}
+
+/// An interactive WebSocket message: stdin data, end of stdin or a signal.
+fn parse_input(text: &str) -> Option<stacyvm_core::provider::ExecInput> {
+    use stacyvm_core::provider::ExecInput;
+    let v: serde_json::Value = serde_json::from_str(text).ok()?;
+    match v.get("type")?.as_str()? {
+        "stdin" => Some(ExecInput::Stdin(
+            v.get("data")?.as_str()?.as_bytes().to_vec(),
+        )),
+        "stdin_close" => Some(ExecInput::CloseStdin),
+        "signal" => {
+            let sig = v.get("signal")?.as_i64()?;
+            (1..=64)
+                .contains(&sig)
+                .then_some(ExecInput::Signal(sig as i32))
+        }
+        _ => None,
+    }
 }
 
 #[derive(Debug, Deserialize)]
