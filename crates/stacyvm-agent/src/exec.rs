@@ -161,6 +161,8 @@ impl Window {
 /// Routes for a running exec (stdin and signals from the host).
 pub struct ExecHandle {
     pub stdin: Option<mpsc::Sender<Vec<u8>>>,
+    /// The pty master of a terminal exec (for resizes).
+    pub pty: Mutex<Option<std::os::fd::OwnedFd>>,
     pub pgid: Arc<Mutex<Option<i32>>>,
     pub window: Arc<Window>,
 }
@@ -174,6 +176,8 @@ pub struct ExecParams {
     pub gid: Option<u32>,
     pub stdin: bool,
     pub timeout: Option<Duration>,
+    /// Run on a pseudo-terminal of (rows, cols).
+    pub pty: Option<(u16, u16)>,
 }
 
 fn pump(
@@ -278,7 +282,7 @@ fn start(
         }
     }
     let mut cmd = Command::new(prog);
-    cmd.args(args).env_clear().current_dir(cwd).process_group(0);
+    cmd.args(args).env_clear().current_dir(cwd);
     for (k, v) in BASE_ENV {
         cmd.env(k, v);
     }
@@ -289,13 +293,28 @@ fn start(
     if let Some(gid) = p.gid {
         cmd.gid(gid);
     }
-    cmd.stdin(if p.stdin {
-        Stdio::piped()
-    } else {
-        Stdio::null()
-    })
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped());
+    let mut pty_master = None;
+    match p.pty {
+        Some((rows, cols)) => {
+            let (master, slave) = stacyvm_sandbox::pty::open(rows, cols)
+                .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))?;
+            stacyvm_sandbox::pty::attach(&mut cmd, &slave)
+                .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))?;
+            pty_master = Some(master);
+        }
+        None => {
+            // Its own process group, so timeouts and signals reach every child.
+            // (A pty exec gets a whole new session from setsid instead.)
+            cmd.process_group(0);
+            cmd.stdin(if p.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        }
+    }
     let (mut child, status_rx) = match reaper.spawn(&mut cmd) {
         Ok(c) => c,
         Err(e) => {
@@ -328,6 +347,45 @@ fn start(
     if let Ok(mut g) = handle.pgid.lock() {
         *g = Some(pid);
     }
+    // Drop our copies of the slave (held by `cmd`) so EOF is seen on exit.
+    drop(cmd);
+    let mut stdin_rx = stdin_rx;
+    let mut readers_from_pty = 0;
+    let (done_tx, done_rx) = mpsc::channel();
+    if let Some(master) = pty_master {
+        let reader = std::fs::File::from(
+            master
+                .try_clone()
+                .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))?,
+        );
+        let writer = std::fs::File::from(
+            master
+                .try_clone()
+                .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))?,
+        );
+        if let Ok(mut g) = handle.pty.lock() {
+            *g = Some(master);
+        }
+        if let Some(rx) = stdin_rx.take() {
+            let mut writer = writer;
+            let _ = crate::spawn_thread(move || {
+                while let Ok(data) = rx.recv() {
+                    if data.is_empty() {
+                        // End of input on a terminal is ^D.
+                        let _ = writer.write_all(&[4]);
+                        continue;
+                    }
+                    if writer.write_all(&data).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        let (c, w, d) = (conn.clone(), handle.window.clone(), done_tx.clone());
+        if crate::spawn_thread(move || pump(reader, Kind::Stdout, id, c, w, d)).is_ok() {
+            readers_from_pty = 1;
+        }
+    }
     if let (Some(mut stdin), Some(rx)) = (child.stdin.take(), stdin_rx) {
         let _ = crate::spawn_thread(move || {
             while let Ok(data) = rx.recv() {
@@ -337,8 +395,7 @@ fn start(
             }
         });
     }
-    let (done_tx, done_rx) = mpsc::channel();
-    let mut readers = 0;
+    let mut readers = readers_from_pty;
     if let Some(out) = child.stdout.take() {
         let (c, w, d) = (conn.clone(), handle.window.clone(), done_tx.clone());
         if crate::spawn_thread(move || pump(out, Kind::Stdout, id, c, w, d)).is_ok() {

@@ -166,6 +166,22 @@ fn dispatch(f: Frame, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: bool) {
                 h.window.grant(w.bytes);
             }
         }
+        Kind::Resize => {
+            let h = conn
+                .execs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+                .cloned();
+            if let (Some(h), Ok(r)) = (
+                h,
+                serde_json::from_slice::<stacyvm_agent_proto::Resize>(&f.body),
+            ) {
+                if let Some(m) = h.pty.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+                    let _ = stacyvm_sandbox::pty::resize(m, r.rows, r.cols);
+                }
+            }
+        }
         Kind::Signal => {
             let h = conn
                 .execs
@@ -199,15 +215,6 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
             pty,
             timeout_ms,
         } => {
-            if pty.is_some() {
-                return conn.respond_err(
-                    id,
-                    AgentError::new(
-                        ErrorKind::Unsupported,
-                        "pty exec is not supported by this agent yet",
-                    ),
-                );
-            }
             let (stdin_tx, stdin_rx) = if stdin {
                 let (tx, rx) = mpsc::channel();
                 (Some(tx), Some(rx))
@@ -218,6 +225,7 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
                 stdin: stdin_tx,
                 pgid: Arc::new(Mutex::new(None)),
                 window: Window::new(),
+                pty: Mutex::new(None),
             });
             conn.execs
                 .lock()
@@ -231,6 +239,7 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
                 gid,
                 stdin,
                 timeout: timeout_ms.map(Duration::from_millis),
+                pty: pty.map(|r| (r.rows, r.cols)),
             };
             let (c, r) = (conn.clone(), reaper.clone());
             if crate::spawn_thread(move || exec::run(id, params, c, r, handle, stdin_rx)).is_err() {

@@ -137,6 +137,17 @@ pub struct ExecRequest {
     /// `{"type":"signal","signal":N}` messages while the command runs.
     #[serde(skip_serializing_if = "is_false")]
     pub interactive: bool,
+    /// Extension (WebSocket only): run on a pseudo-terminal of this size;
+    /// `{"type":"resize","rows":R,"cols":C}` messages resize it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tty: Option<TtySize>,
+}
+
+/// Terminal size of a pty exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
 }
 
 /// Synchronous exec result.

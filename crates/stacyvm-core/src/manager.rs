@@ -54,6 +54,8 @@ pub struct ExecRequest {
     pub workdir: String,
     pub timeout: String,
     pub stdin: Option<Vec<u8>>,
+    /// Pseudo-terminal size (rows, cols), if any.
+    pub pty: Option<(u16, u16)>,
 }
 
 /// The result of a synchronous exec.
@@ -1086,6 +1088,7 @@ impl Manager {
             workdir,
             timeout,
             stdin: req.stdin.clone(),
+            pty: req.pty,
         })
     }
 

@@ -59,6 +59,8 @@ pub struct ExecSpec {
     pub workdir: String,
     pub timeout: Option<Duration>,
     pub stdin: Option<Vec<u8>>,
+    /// Run on a pseudo-terminal of (rows, cols); stdout carries everything.
+    pub pty: Option<(u16, u16)>,
 }
 
 /// Which output stream a chunk came from.
@@ -94,6 +96,8 @@ pub enum ExecInput {
     CloseStdin,
     /// Signal number sent to the command's process group.
     Signal(i32),
+    /// New terminal size (rows, cols) of a pty exec.
+    Resize(u16, u16),
 }
 
 /// How the process ended.

@@ -32,6 +32,10 @@ pub trait Fixture: Send + Sync {
     fn image(&self) -> String;
     /// Whether a new instance re-discovers running sandboxes (adoption).
     fn survives_restart(&self) -> bool;
+    /// Whether pty execs are supported (the mock test double has none).
+    fn supports_pty(&self) -> bool {
+        true
+    }
 }
 
 /// Output of a finished command.
@@ -677,6 +681,78 @@ pub async fn interactive_stdin_and_signals(f: &dyn Fixture) {
     p.destroy(&id).await.expect("destroy");
 }
 
+pub async fn pty_exec_with_resize(f: &dyn Fixture) {
+    use stacyvm_core::provider::ExecInput;
+    let p = f.provider();
+    let id = spawn(p.as_ref(), &f.image()).await;
+    let argv = paths::build_argv(
+        "shell",
+        "stty size; read line; stty size; echo \"got:$line\"",
+        &[],
+    )
+    .expect("argv");
+    let spec = ExecSpec {
+        argv,
+        timeout: Some(Duration::from_secs(20)),
+        pty: Some((30, 90)),
+        ..Default::default()
+    };
+    if !f.supports_pty() {
+        let e = run_spec(p.as_ref(), &id, spec)
+            .await
+            .expect_err("pty unsupported");
+        assert_eq!(e.kind(), ErrorKind::Unsupported);
+        p.destroy(&id).await.expect("destroy");
+        return;
+    }
+    let (in_tx, in_rx) = mpsc::channel(8);
+    let (tx, mut rx) = mpsc::channel::<OutputChunk>(64);
+    let p2 = p.clone();
+    let id2 = id.clone();
+    let run = tokio::spawn(async move { p2.exec_interactive(&id2, &spec, tx, in_rx).await });
+    let mut out = String::new();
+    let wait_for = |needle: &'static str| needle;
+    while !out.contains(wait_for("30 90")) {
+        let c = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("initial size in time")
+            .expect("chunk");
+        assert_eq!(
+            c.stream,
+            StreamKind::Stdout,
+            "a pty merges everything into stdout"
+        );
+        out.push_str(&String::from_utf8_lossy(&c.data));
+    }
+    in_tx
+        .send(ExecInput::Resize(40, 100))
+        .await
+        .expect("resize");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    in_tx
+        .send(ExecInput::Stdin(b"typed\n".to_vec()))
+        .await
+        .expect("stdin");
+    while let Ok(Some(c)) = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+        out.push_str(&String::from_utf8_lossy(&c.data));
+        if out.contains("got:typed") {
+            break;
+        }
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("exits")
+        .expect("task")
+        .expect("exec");
+    assert_eq!(status.code, 0, "{out}");
+    assert!(
+        out.contains("40 100"),
+        "resize seen by the command: {out:?}"
+    );
+    assert!(out.contains("got:typed"), "{out:?}");
+    p.destroy(&id).await.expect("destroy");
+}
+
 pub async fn concurrent_execs(f: &dyn Fixture) {
     let p = f.provider();
     let id = spawn(p.as_ref(), &f.image()).await;
@@ -761,7 +837,7 @@ macro_rules! conformance_tests {
             $crate::conformance_tests!(@cases $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
                 streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
-                sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, restart_visibility);
+                sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility);
         }
     };
     (@cases $fixture:expr; $($case:ident),*) => {

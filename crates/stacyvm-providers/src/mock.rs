@@ -75,6 +75,9 @@ impl MockProvider {
         input: Option<tokio::sync::mpsc::Receiver<ExecInput>>,
     ) -> Result<ExitStatus> {
         let dir = self.dir(id)?;
+        if spec.pty.is_some() {
+            return Err(Error::unsupported("mock: pty exec"));
+        }
         let root = HostRoot::new(&dir);
         let workdir = if spec.workdir.is_empty() {
             "/workspace".to_string()
@@ -150,6 +153,7 @@ impl MockProvider {
                                 }
                             }
                             ExecInput::CloseStdin => stdin = None,
+                            ExecInput::Resize(..) => {}
                             ExecInput::Signal(sig) => {
                                 if let (Some(pg), Ok(sig)) = (pgid, Signal::try_from(sig)) {
                                     let _ = killpg(Pid::from_raw(pg), sig);
@@ -488,6 +492,9 @@ mod tests {
         }
         fn survives_restart(&self) -> bool {
             true
+        }
+        fn supports_pty(&self) -> bool {
+            false
         }
     }
 

@@ -10,6 +10,7 @@
 
 pub mod cgroup;
 mod mounts;
+pub mod pty;
 pub mod security;
 
 use std::fs::File;

@@ -313,6 +313,7 @@ impl AgentClient {
                         }
                     }
                     Some(ExecInput::Signal(sig)) => self.send(&Frame::json(Kind::Signal, id, &SignalMsg { signal: sig })).await?,
+                    Some(ExecInput::Resize(rows, cols)) => self.send(&Frame::json(Kind::Resize, id, &proto::Resize { rows, cols })).await?,
                     Some(ExecInput::CloseStdin) | None => {
                         self.send(&Frame::new(Kind::Stdin, id, Vec::new())).await?;
                         input_open = false;

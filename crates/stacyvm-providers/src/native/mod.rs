@@ -453,7 +453,9 @@ impl Provider for NativeProvider {
             uid: None,
             gid: None,
             stdin: spec.stdin.is_some(),
-            pty: None,
+            pty: spec
+                .pty
+                .map(|(rows, cols)| stacyvm_agent_proto::Resize { rows, cols }),
             timeout_ms: spec
                 .timeout
                 .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
@@ -477,7 +479,9 @@ impl Provider for NativeProvider {
             uid: None,
             gid: None,
             stdin: true,
-            pty: None,
+            pty: spec
+                .pty
+                .map(|(rows, cols)| stacyvm_agent_proto::Resize { rows, cols }),
             timeout_ms: spec
                 .timeout
                 .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),

@@ -92,6 +92,7 @@ fn to_manager_req(req: &ExecRequest) -> manager::ExecRequest {
         workdir: req.workdir.clone(),
         timeout: req.timeout.clone(),
         stdin: req.stdin.as_ref().map(|s| s.as_bytes().to_vec()),
+        pty: req.tty.map(|t| (t.rows.max(1), t.cols.max(1))),
     }
 }
 
@@ -248,7 +249,7 @@ async fn ws_session(st: AppState, who: Caller, id: String, mut socket: WebSocket
         _ => return close(&mut socket, 1007, "invalid request").await,
     };
     let mreq = to_manager_req(&req);
-    let (input_tx, input_rx) = if req.interactive {
+    let (input_tx, input_rx) = if req.interactive || req.tty.is_some() {
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         (Some(tx), Some(rx))
     } else {
@@ -321,6 +322,11 @@ fn parse_input(text: &str) -> Option<stacyvm_core::provider::ExecInput> {
             v.get("data")?.as_str()?.as_bytes().to_vec(),
         )),
         "stdin_close" => Some(ExecInput::CloseStdin),
+        "resize" => {
+            let rows = u16::try_from(v.get("rows")?.as_u64()?).ok()?;
+            let cols = u16::try_from(v.get("cols")?.as_u64()?).ok()?;
+            Some(ExecInput::Resize(rows.max(1), cols.max(1)))
+        }
         "signal" => {
             let sig = v.get("signal")?.as_i64()?;
             (1..=64)
