@@ -343,3 +343,53 @@ fn image_import_ls_rm_and_spawn() {
     let out = image(&["ls", "--json"]);
     assert_eq!(text(&out.stdout).trim(), "[]");
 }
+
+/// A terminal session over the WebSocket on a native sandbox: pty size,
+/// resize, typed input, and the exit code in the final message.
+#[test]
+fn websocket_tty_session_on_native() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message as M;
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = start(dir.path(), free_port());
+    let out = s.cli(&["spawn"]);
+    let id = text(&out.stdout).trim().to_string();
+    let url = format!(
+        "{}/api/v1/sandboxes/{id}/exec/ws",
+        s.url.replace("http://", "ws://")
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("rt");
+    let (output, done) = rt.block_on(async {
+        let (mut ws, _) = tokio_tungstenite::connect_async(&url).await.expect("connect");
+        let start = serde_json::json!({"command": "stty size; read l; stty size; echo got:$l; exit 4", "tty": {"rows": 20, "cols": 70}});
+        ws.send(M::Text(start.to_string().into())).await.expect("start");
+        let mut output = String::new();
+        let mut done = serde_json::Value::Null;
+        let mut sent = false;
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(15), ws.next()).await {
+            let M::Text(t) = m else { continue };
+            let v: serde_json::Value = serde_json::from_str(&t).expect("json");
+            if v["type"] == "done" {
+                done = v;
+                break;
+            }
+            output.push_str(v["data"].as_str().unwrap_or_default());
+            if !sent && output.contains("20 70") {
+                sent = true;
+                ws.send(M::Text(serde_json::json!({"type": "resize", "rows": 50, "cols": 120}).to_string().into())).await.expect("resize");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                ws.send(M::Text(serde_json::json!({"type": "stdin", "data": "hi\n"}).to_string().into())).await.expect("stdin");
+            }
+        }
+        (output, done)
+    });
+    assert!(
+        output.contains("20 70") && output.contains("50 120") && output.contains("got:hi"),
+        "{output:?}"
+    );
+    assert_eq!(done["exit_code"], 4, "{done}");
+    s.cli(&["kill", &id]);
+}
