@@ -103,6 +103,24 @@ fn host_memory_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// The agent request for an exec spec.
+fn exec_request(spec: &ExecSpec, stdin: bool) -> Request {
+    Request::Exec {
+        argv: spec.argv.clone(),
+        env: spec.env.clone(),
+        cwd: spec.workdir.clone(),
+        uid: None,
+        gid: None,
+        stdin,
+        pty: spec
+            .pty
+            .map(|(rows, cols)| stacyvm_agent_proto::Resize { rows, cols }),
+        timeout_ms: spec
+            .timeout
+            .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
+    }
+}
+
 /// Whether `pid` is a live process (zombies count as dead).
 fn pid_alive(pid: i32) -> bool {
     if pid <= 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
@@ -446,20 +464,7 @@ impl Provider for NativeProvider {
 
     async fn exec(&self, id: &str, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus> {
         let c = self.client(id).await?;
-        let req = Request::Exec {
-            argv: spec.argv.clone(),
-            env: spec.env.clone(),
-            cwd: spec.workdir.clone(),
-            uid: None,
-            gid: None,
-            stdin: spec.stdin.is_some(),
-            pty: spec
-                .pty
-                .map(|(rows, cols)| stacyvm_agent_proto::Resize { rows, cols }),
-            timeout_ms: spec
-                .timeout
-                .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
-        };
+        let req = exec_request(spec, spec.stdin.is_some());
         let exit = c.exec(req, spec.stdin.clone(), sink).await?;
         client::to_status(id, exit)
     }
@@ -472,20 +477,7 @@ impl Provider for NativeProvider {
         input: tokio::sync::mpsc::Receiver<ExecInput>,
     ) -> Result<ExitStatus> {
         let c = self.client(id).await?;
-        let req = Request::Exec {
-            argv: spec.argv.clone(),
-            env: spec.env.clone(),
-            cwd: spec.workdir.clone(),
-            uid: None,
-            gid: None,
-            stdin: true,
-            pty: spec
-                .pty
-                .map(|(rows, cols)| stacyvm_agent_proto::Resize { rows, cols }),
-            timeout_ms: spec
-                .timeout
-                .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
-        };
+        let req = exec_request(spec, true);
         let exit = c.exec_interactive(req, input, sink).await?;
         client::to_status(id, exit)
     }
