@@ -41,7 +41,7 @@ pub struct BootSpec {
     /// cgroup directories to join before unsharing.
     #[serde(default)]
     pub cgroups: Vec<String>,
-    /// `none` (loopback only) or `host-bridge` (veth set up by the provider).
+    /// `none` (loopback only) or `bridge` (eth0 added by the provider after boot).
     #[serde(default)]
     pub network: String,
     /// Size of /tmp in MiB (0 = half of memory).

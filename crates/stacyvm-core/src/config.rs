@@ -209,6 +209,10 @@ pub struct NativeConfig {
     pub agent_path: String,
     /// Maximum processes per sandbox.
     pub pids_limit: i64,
+    /// Host bridge of `bridge` mode (at most 15 bytes).
+    pub bridge_name: String,
+    /// IPv4 subnet of the bridge; its first address is the gateway.
+    pub bridge_subnet: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -424,6 +428,8 @@ impl Default for NativeConfig {
             network_mode: "none".into(),
             agent_path: String::new(),
             pids_limit: 512,
+            bridge_name: "stacyvm0".into(),
+            bridge_subnet: "10.88.0.0/16".into(),
         }
     }
 }
@@ -996,6 +1002,18 @@ impl Config {
         }
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        let bridge = &self.providers.native.bridge_name;
+        if bridge.is_empty()
+            || bridge.len() > 15
+            || !bridge
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        {
+            return Err(invalid(
+                "providers.native.bridge_name",
+                format!("{bridge:?} must be 1-15 characters of [A-Za-z0-9_-]"),
+            ));
         }
         Ok(())
     }

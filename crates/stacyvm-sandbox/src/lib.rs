@@ -75,14 +75,13 @@ pub fn boot(spec: &BootSpec) -> Result<Booted, SetupError> {
     for dir in &spec.cgroups {
         cgroup::join(Path::new(dir))?;
     }
-    let mut flags = CloneFlags::CLONE_NEWNS
+    let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWCGROUP;
-    if spec.network == "none" || spec.network.is_empty() {
-        flags |= CloneFlags::CLONE_NEWNET;
-    }
+        | CloneFlags::CLONE_NEWCGROUP
+        // Always private: `bridge` mode gets its eth0 from the host later.
+        | CloneFlags::CLONE_NEWNET;
     sys("unshare namespaces", nix::sched::unshare(flags))?;
     let (ready_r, ready_w) = sys("pipe", nix::unistd::pipe())?;
     // SAFETY: the agent calls `boot` before it starts any thread, so the
@@ -142,9 +141,7 @@ fn init(spec: &BootSpec) -> Result<UnixListener, SetupError> {
         std::fs::set_permissions(sock, std::os::unix::fs::PermissionsExt::from_mode(0o600)),
     )?;
     mounts::pivot(Path::new(&spec.root.merged))?;
-    if spec.network == "none" || spec.network.is_empty() {
-        security::loopback_up()?;
-    }
+    security::loopback_up()?;
     security::lock_down(spec)?;
     Ok(listener)
 }

@@ -43,6 +43,14 @@ fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
             agent_path: agent,
             pids_limit: u64::try_from(cfg.providers.native.pids_limit).unwrap_or(512),
             hidden: vec![cfg.server.data_dir.clone()],
+            network_mode: cfg.providers.native.network_mode.clone(),
+            bridge: stacyvm_providers::native::net::BridgeOptions {
+                name: cfg.providers.native.bridge_name.clone(),
+                subnet: stacyvm_providers::native::net::Subnet::parse(
+                    &cfg.providers.native.bridge_subnet,
+                )
+                .map_err(|e| anyhow::anyhow!("providers.native.bridge_subnet: {e}"))?,
+            },
         };
         v.push(Arc::new(stacyvm_providers::native::NativeProvider::new(
             opts,

@@ -10,6 +10,10 @@ use super::tests::fixture;
 use crate::conformance::{run_spec, sh, Ran};
 
 async fn spawn_with(p: &dyn Provider, memory_mb: i64) -> String {
+    spawn_net(p, memory_mb, "").await
+}
+
+async fn spawn_net(p: &dyn Provider, memory_mb: i64, network_mode: &str) -> String {
     let id = paths::new_sandbox_id();
     let spec = SpawnSpec {
         id: id.clone(),
@@ -20,7 +24,7 @@ async fn spawn_with(p: &dyn Provider, memory_mb: i64) -> String {
         owner_id: String::new(),
         tenant_id: String::new(),
         expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
-        network_mode: String::new(),
+        network_mode: network_mode.into(),
     };
     p.spawn(&spec).await.expect("spawn");
     id
@@ -298,10 +302,16 @@ async fn memory_hog_is_a_clean_exec_result() {
     p.destroy(&id).await.expect("destroy");
 }
 
-fn host_mounts() -> usize {
+/// Host mounts under `dir` (other tests, e.g. Docker's, mount elsewhere
+/// concurrently, so the whole table cannot be compared).
+fn host_mounts_under(dir: &std::path::Path) -> Vec<String> {
+    let dir = dir.to_string_lossy().to_string();
     std::fs::read_to_string("/proc/self/mountinfo")
-        .map(|s| s.lines().count())
-        .unwrap_or(0)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&dir)))
+        .map(str::to_string)
+        .collect()
 }
 
 fn cgroup_dirs_of(id: &str) -> Vec<std::path::PathBuf> {
@@ -326,25 +336,36 @@ fn cgroup_dirs_of(id: &str) -> Vec<std::path::PathBuf> {
     out
 }
 
-/// 100 spawn/exec/destroy cycles: every sandbox's processes, cgroups,
-/// state dir and mounts are gone afterwards. (Counts are per sandbox so
-/// tests running in parallel do not disturb them.)
+/// 100 spawn/exec/destroy cycles, every other one in `bridge` mode: every
+/// sandbox's processes, cgroups, veth, address lease, state dir and mounts
+/// are gone afterwards. (Counts are per sandbox so tests running in
+/// parallel do not disturb them.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_cycles_leak_nothing() {
     let fx = fixture();
     let p = fx.make();
-    let before_mounts = host_mounts();
     let mut seen = Vec::new();
-    for _ in 0..100 {
-        let id = spawn_with(&p, 64).await;
+    for i in 0..100 {
+        let mode = if i % 2 == 0 { "none" } else { "bridge" };
+        let id = spawn_net(&p, 64, mode).await;
         assert_eq!(sh(&p, &id, "echo x").await.stdout, "x\n");
         let meta = p.meta(&id).expect("meta");
+        assert_eq!(meta.net.is_some(), mode == "bridge");
         p.destroy(&id).await.expect("destroy");
-        seen.push((id, meta.init_pid));
+        seen.push((id, meta));
     }
-    assert_eq!(host_mounts(), before_mounts, "host mount table changed");
-    for (id, pid) in &seen {
-        assert!(!super::pid_alive(*pid), "init of {id} still alive");
+    let leaked = host_mounts_under(&fx.state_dir());
+    assert!(leaked.is_empty(), "host mounts leaked: {leaked:?}");
+    for (id, meta) in &seen {
+        assert!(!super::pid_alive(meta.init_pid), "init of {id} still alive");
+        if let Some(att) = &meta.net {
+            let veth = std::path::Path::new("/sys/class/net").join(&att.host_if);
+            assert!(!veth.exists(), "veth of {id} leaked");
+            let lease = std::path::Path::new("/run/stacyvm/net")
+                .join(&att.bridge)
+                .join(att.ip.to_string());
+            assert!(!lease.exists(), "address lease of {id} leaked");
+        }
         let dirs = cgroup_dirs_of(id);
         assert!(dirs.is_empty(), "cgroups of {id} leaked: {dirs:?}");
     }
@@ -352,4 +373,202 @@ async fn hundred_cycles_leak_nothing() {
         .map(|rd| rd.flatten().map(|e| e.file_name()).collect())
         .unwrap_or_default();
     assert!(left.is_empty(), "sandbox dirs leaked: {left:?}");
+}
+
+/// Runs a command on the host; panics with its stderr on failure.
+fn host(cmd: &str) -> String {
+    let out = std::process::Command::new("sh")
+        .args(["-c", cmd])
+        .output()
+        .expect("sh");
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A network namespace standing in for "the internet": a veth to the host
+/// with its own /30, removed on drop.
+struct Outside {
+    ns: String,
+    host_if: String,
+    host_ip: String,
+    peer_ip: String,
+}
+
+impl Outside {
+    fn new() -> Outside {
+        let n = std::process::id() % 250 + 1;
+        let o = Outside {
+            ns: format!("svmt-out-{n}"),
+            host_if: format!("svmto{n}"),
+            host_ip: format!("198.18.{n}.1"),
+            peer_ip: format!("198.18.{n}.2"),
+        };
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &o.ns])
+            .output();
+        host(&format!(
+            "ip netns add {ns} && ip link add {h} type veth peer name eth0 netns {ns} && \
+             ip addr add {hip}/30 dev {h} && ip link set {h} up && \
+             ip -n {ns} addr add {pip}/30 dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} link set lo up",
+            ns = o.ns,
+            h = o.host_if,
+            hip = o.host_ip,
+            pip = o.peer_ip
+        ));
+        o
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .output();
+    }
+}
+
+/// `bridge` mode: the sandbox gets eth0 on the host bridge and reaches an
+/// outside host through NAT (the peer sees the host's address), but
+/// neither the host's own services nor another sandbox. Destroy removes
+/// the veth and the address lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_mode_reaches_outside_through_nat_only() {
+    let fx = fixture();
+    let p: Arc<dyn Provider> = Arc::new(fx.make());
+    let outside = Outside::new();
+    // The outside host accepts one connection and prints the peer address
+    // and the line it received.
+    let server = std::process::Command::new("ip")
+        .args(["netns", "exec", &outside.ns, "python3", "-c"])
+        .arg(format!(
+            "import socket\nl = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+             l.bind(('{ip}', 8080)); l.listen(); l.settimeout(30)\nc, a = l.accept()\n\
+             print(a[0], c.makefile().readline().strip(), flush=True)",
+            ip = outside.peer_ip
+        ))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("outside server");
+    std::thread::sleep(Duration::from_millis(300));
+    let host_listener = std::net::TcpListener::bind("0.0.0.0:0").expect("host listener");
+    let host_port = host_listener.local_addr().expect("addr").port();
+
+    let a = spawn_net(p.as_ref(), 256, "bridge").await;
+    let b = spawn_net(p.as_ref(), 256, "bridge").await;
+    let addr_of = |r: &Ran| -> String {
+        r.stdout
+            .split_whitespace()
+            .skip_while(|w| *w != "inet")
+            .nth(1)
+            .and_then(|c| c.split('/').next())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let ra = sh(p.as_ref(), &a, "ip -4 -o addr show dev eth0").await;
+    let ip_a = addr_of(&ra);
+    assert!(ip_a.starts_with("10.88."), "eth0 of a: {ra:?}");
+    let rb = sh(p.as_ref(), &b, "ip -4 -o addr show dev eth0").await;
+    let ip_b = addr_of(&rb);
+    assert!(
+        ip_b.starts_with("10.88.") && ip_b != ip_a,
+        "eth0 of b: {rb:?}"
+    );
+
+    let r = py(
+        p.as_ref(),
+        &a,
+        &format!(
+            "import socket\nc = socket.create_connection(('{ip}', 8080), timeout=10)\nc.sendall(b'hello from {a}\\n'); c.close(); print('sent')",
+            ip = outside.peer_ip
+        ),
+    )
+    .await;
+    assert_eq!(r.stdout.trim(), "sent", "{r:?}");
+    let out = server.wait_with_output().expect("outside server output");
+    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        line,
+        format!("{} hello from {a}", outside.host_ip),
+        "the outside host sees the masqueraded host address"
+    );
+
+    // Not the host itself, on the gateway or on any other host address.
+    let probe = |ip: String, port: u16| {
+        format!(
+            "import socket\ns = socket.socket(); s.settimeout(2)\ntry:\n  s.connect(('{ip}', {port})); print('reached')\nexcept OSError as e: print('blocked')"
+        )
+    };
+    let r = py(p.as_ref(), &a, &probe("10.88.0.1".into(), host_port)).await;
+    assert_eq!(r.stdout.trim(), "blocked", "host via gateway: {r:?}");
+    let r = py(p.as_ref(), &a, &probe(outside.host_ip.clone(), host_port)).await;
+    assert_eq!(
+        r.stdout.trim(),
+        "blocked",
+        "host via another address: {r:?}"
+    );
+
+    // Not the other sandbox, even though it listens on its eth0.
+    let listen = format!(
+        "import socket, time\nl = socket.socket(); l.bind(('{ip_b}', 9000)); l.listen(); l.settimeout(6)\n\
+         try:\n  c, _ = l.accept(); print('accepted')\nexcept OSError: print('nobody')"
+    );
+    let pb = p.clone();
+    let b2 = b.clone();
+    let listening = tokio::spawn(async move { py(pb.as_ref(), &b2, &listen).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = py(p.as_ref(), &a, &probe(ip_b.clone(), 9000)).await;
+    assert_eq!(r.stdout.trim(), "blocked", "peer sandbox: {r:?}");
+    let r = listening.await.expect("listener task");
+    assert_eq!(r.stdout.trim(), "nobody", "{r:?}");
+    // A sandbox has no NET_ADMIN: it cannot change its own address.
+    let r = sh(p.as_ref(), &a, "ip addr add 10.88.250.250/16 dev eth0").await;
+    assert_ne!(r.code, 0, "{r:?}");
+    drop(host_listener);
+
+    let if_a = super::net::host_if_name(&a);
+    assert!(std::path::Path::new("/sys/class/net").join(&if_a).exists());
+    for id in [&a, &b] {
+        p.destroy(id).await.expect("destroy");
+    }
+    for (id, ip) in [(&a, &ip_a), (&b, &ip_b)] {
+        let veth = super::net::host_if_name(id);
+        assert!(
+            !std::path::Path::new("/sys/class/net").join(&veth).exists(),
+            "veth {veth} leaked"
+        );
+        let lease = std::path::Path::new("/run/stacyvm/net/stacyvm0").join(ip);
+        assert!(!lease.exists(), "lease {ip} leaked");
+    }
+}
+
+/// An unknown network mode is a clear 400-class error, nothing created.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_network_mode_is_rejected() {
+    let fx = fixture();
+    let p = fx.make();
+    let spec = SpawnSpec {
+        id: paths::new_sandbox_id(),
+        image: "host".into(),
+        memory_mb: 128,
+        vcpus: 1,
+        metadata: Default::default(),
+        owner_id: String::new(),
+        tenant_id: String::new(),
+        expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
+        network_mode: "host".into(),
+    };
+    let e = p
+        .spawn(&spec)
+        .await
+        .expect_err("host networking must be refused");
+    assert_eq!(e.kind(), stacyvm_core::ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("allowed: none, bridge"), "{e}");
+    assert!(!fx.state_dir().join("sandboxes").join(&spec.id).exists());
 }

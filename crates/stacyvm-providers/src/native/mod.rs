@@ -13,6 +13,7 @@ pub mod images;
 pub mod import;
 #[cfg(test)]
 mod isolation_tests;
+pub mod net;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -45,6 +46,10 @@ pub struct NativeOptions {
     pub pids_limit: u64,
     /// Paths never exposed (e.g. the server's data dir).
     pub hidden: Vec<String>,
+    /// Network mode when a spawn does not name one: `none` or `bridge`.
+    pub network_mode: String,
+    /// The host bridge used by `bridge` mode.
+    pub bridge: net::BridgeOptions,
 }
 
 #[derive(Debug)]
@@ -52,6 +57,7 @@ pub struct NativeProvider {
     opts: NativeOptions,
     images: images::ImageStore,
     cgroups: Option<Layout>,
+    bridge: Arc<net::Bridge>,
     conns: Mutex<HashMap<String, Arc<AgentClient>>>,
     /// Serialises connection setup per sandbox.
     connecting: tokio::sync::Mutex<()>,
@@ -69,6 +75,9 @@ struct Meta {
     init_pid: i32,
     cgroups: Vec<PathBuf>,
     memory_mb: i64,
+    /// Set in `bridge` mode.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    net: Option<net::Attachment>,
 }
 
 /// Finds `stacyvm-agent` next to the running binary (or its parent dir,
@@ -157,10 +166,22 @@ impl NativeProvider {
         Ok(NativeProvider {
             images,
             cgroups: cgroup::detect(),
+            bridge: Arc::new(net::Bridge::new(opts.bridge.clone())),
             conns: Mutex::new(HashMap::new()),
             connecting: tokio::sync::Mutex::new(()),
             opts,
         })
+    }
+
+    /// The spawn's network mode, or the provider's default.
+    fn network_mode<'a>(&'a self, spec: &'a SpawnSpec) -> &'a str {
+        match spec.network_mode.as_str() {
+            "" => match self.opts.network_mode.as_str() {
+                "" => "none",
+                m => m,
+            },
+            m => m,
+        }
     }
 
     fn dir(&self, id: &str) -> PathBuf {
@@ -241,11 +262,7 @@ impl NativeProvider {
                 .iter()
                 .map(|p| p.to_string_lossy().to_string())
                 .collect(),
-            network: if spec.network_mode.is_empty() {
-                "none".into()
-            } else {
-                spec.network_mode.clone()
-            },
+            network: self.network_mode(spec).to_string(),
             tmp_size_mb: (memory_bytes / (2 * 1024 * 1024)).max(16),
             seccomp: true,
         };
@@ -290,6 +307,7 @@ impl NativeProvider {
             init_pid,
             cgroups,
             memory_mb: spec.memory_mb,
+            net: None,
         })
     }
 
@@ -310,6 +328,8 @@ impl NativeProvider {
             }
         }
         let init = meta.as_ref().map_or(0, |m| m.init_pid);
+        let att = meta.as_ref().and_then(|m| m.net.clone());
+        let bridge = self.bridge.clone();
         let _ = tokio::task::spawn_blocking(move || {
             for _ in 0..10_000 {
                 if !pid_alive(init) {
@@ -318,6 +338,9 @@ impl NativeProvider {
                 std::thread::sleep(Duration::from_micros(200));
             }
             cgroup::destroy(&cgroups);
+            if let Some(att) = att {
+                bridge.detach(&att);
+            }
             if let Err(e) = std::fs::remove_dir_all(&dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     warn!(dir = %dir.display(), error = %e, "removing sandbox state failed");
@@ -412,16 +435,11 @@ impl Provider for NativeProvider {
                 spec.vcpus
             )));
         }
-        match spec.network_mode.as_str() {
-            "" | "none" => {}
-            "bridge" => {
-                return Err(Error::invalid(
-                    "network_mode bridge is not available for the native provider yet; use none",
-                ))
-            }
+        match self.network_mode(spec) {
+            "none" | "bridge" => {}
             other => {
                 return Err(Error::invalid(format!(
-                    "unsupported network_mode {other:?}"
+                    "unsupported network_mode {other:?} for the native provider (allowed: none, bridge)"
                 )))
             }
         }
@@ -429,13 +447,26 @@ impl Provider for NativeProvider {
         let dir = self.dir(&spec.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::internal("creating sandbox dir").with_source(e))?;
-        let meta = match self.boot(spec, memory_bytes, &dir).await {
+        let mut meta = match self.boot(spec, memory_bytes, &dir).await {
             Ok(m) => m,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e);
             }
         };
+        if self.network_mode(spec) == "bridge" {
+            let (bridge, id, pid) = (self.bridge.clone(), spec.id.clone(), meta.init_pid);
+            let attached = tokio::task::spawn_blocking(move || bridge.attach(&id, pid))
+                .await
+                .unwrap_or_else(|e| Err(Error::internal(format!("bridge setup task: {e}"))));
+            match attached {
+                Ok(att) => meta.net = Some(att),
+                Err(e) => {
+                    self.teardown(&spec.id, Some(meta)).await;
+                    return Err(e.context("connecting the sandbox to the bridge"));
+                }
+            }
+        }
         let write_meta = std::fs::write(
             dir.join("meta.json"),
             serde_json::to_vec(&meta).unwrap_or_default(),
@@ -670,6 +701,8 @@ pub(crate) mod tests {
                 agent_path: agent,
                 pids_limit: 512,
                 hidden: vec![],
+                network_mode: "none".into(),
+                bridge: net::BridgeOptions::default(),
             })
             .expect("native")
         }
