@@ -4,6 +4,9 @@
 //! Usage:
 //!   stacyvm-agent boot --spec FILE   build a native sandbox and serve as its PID 1
 //!   stacyvm-agent serve --socket PATH  serve on a unix socket (no setup)
+//!   stacyvm-agent relay --socket PATH  copy stdin/stdout to and from an
+//!                                      agent socket (for runtimes whose
+//!                                      sockets the host cannot reach, e.g. gVisor)
 //!   stacyvm-agent version
 
 #![allow(clippy::print_stdout)]
@@ -26,7 +29,8 @@ use std::process::ExitCode;
 
 use stacyvm_sandbox::{BootSpec, Booted};
 
-const USAGE: &str = "usage: stacyvm-agent boot --spec FILE | serve --socket PATH | version";
+const USAGE: &str =
+    "usage: stacyvm-agent boot --spec FILE | serve --socket PATH | relay --socket PATH | version";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -50,6 +54,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        ["relay", "--socket", path] => relay(path),
         ["version"] | ["--version"] => {
             println!(
                 "stacyvm-agent {} (protocol {})",
@@ -92,4 +97,64 @@ fn boot(path: &str) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Connects to an agent socket (waiting up to 10 s for it to appear) and
+/// copies stdin to it and its output to stdout until either side closes.
+/// A container runtime whose unix sockets stay inside its sandbox (gVisor,
+/// Kata) reaches the agent through this relay, started by the engine's exec
+/// API; the bytes are the agent protocol, unchanged.
+fn relay(path: &str) -> ExitCode {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let stream = loop {
+        match UnixStream::connect(path) {
+            Ok(s) => break s,
+            Err(e) if std::time::Instant::now() >= deadline => {
+                eprintln!("stacyvm-agent: connecting to {path}: {e}");
+                return ExitCode::from(1);
+            }
+            Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+        }
+    };
+    let Ok(mut to_agent) = stream.try_clone() else {
+        return ExitCode::from(1);
+    };
+    // stdin → agent on a thread; EOF on stdin half-closes the socket.
+    let copier = std::thread::spawn(move || {
+        let mut stdin = std::io::stdin().lock();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if to_agent.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = to_agent.shutdown(std::net::Shutdown::Write);
+    });
+    // agent → stdout, flushed per read so frames are not held back.
+    let mut from_agent = stream;
+    let mut stdout = std::io::stdout().lock();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match from_agent.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if stdout
+                    .write_all(&buf[..n])
+                    .and_then(|()| stdout.flush())
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    }
+    drop(copier);
+    ExitCode::SUCCESS
 }

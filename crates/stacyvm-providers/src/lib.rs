@@ -5,6 +5,8 @@
 //! case for a provider fixture.
 
 pub mod conformance;
+#[cfg(feature = "docker")]
+pub mod docker;
 pub mod hostfs;
 #[cfg(feature = "mock")]
 pub mod mock;

@@ -1,0 +1,1260 @@
+//! The `docker` provider: one container per sandbox through the Docker
+//! Engine API (`bollard`), with runc, gVisor (`runsc`) or Kata as the
+//! container runtime.
+//!
+//! The container's entrypoint is the static `stacyvm-agent` (bind-mounted
+//! read-only at `/.stacyvm/agent`) in `serve` mode, so exec, pty, signals,
+//! timeouts and every file operation have exactly the native provider's
+//! semantics and cost about a millisecond instead of an Engine exec round
+//! trip. The agent listens on `/.stacyvm/run/agent.sock`, a bind mount of
+//! the host dir `<state>/<id>/run/`:
+//! - runc: the host connects to that socket directly;
+//! - runtimes whose unix sockets stay inside their sandbox (gVisor's
+//!   sentry, Kata's VM) are reached through one long-lived Engine exec of
+//!   `stacyvm-agent relay`, which copies the same protocol bytes between
+//!   its stdio and the socket.
+//!
+//! Secure defaults (gaps S-18, G-DOC-11): every capability dropped,
+//! `no-new-privileges`, a pids limit, memory without extra swap, network
+//! `none` unless configured, the configured (or image) user. Containers
+//! carry `stacyvm.*` labels so a restarted server finds them again.
+
+mod spec;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bollard::container::LogOutput;
+use bollard::errors::Error as EngineError;
+use bollard::exec::{CreateExecOptions, StartExecResults};
+use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    StatsOptionsBuilder, UploadToContainerOptionsBuilder,
+};
+use bollard::Docker;
+use chrono::{DateTime, Utc};
+use futures::StreamExt;
+use stacyvm_agent_proto::{FileStat, Request};
+use stacyvm_api::FileInfo;
+use stacyvm_core::config::DockerConfig;
+use stacyvm_core::provider::{
+    capability, format_mod_time, format_mode, ExecInput, ExecSpec, ExitStatus, OutputSink,
+    Provider, RuntimeInfo, RuntimeStatus, SpawnSpec, Spawned, Stats,
+};
+use stacyvm_core::{paths, Error, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::native::client::{self, AgentClient};
+
+pub use self::spec::{parse_image, parse_memory, ImageRef};
+
+/// Where the agent binary appears inside every container.
+const AGENT_IN: &str = "/.stacyvm/agent";
+/// The bind-mounted socket dir inside every container.
+const RUN_IN: &str = "/.stacyvm/run";
+/// The agent's socket inside every container.
+const SOCK_IN: &str = "/.stacyvm/run/agent.sock";
+/// Log lines quoted when a container dies during start.
+const DEATH_LOG_LINES: usize = 20;
+/// How long spawn waits for the agent to answer.
+const AGENT_START_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Settings of the docker provider.
+#[derive(Debug, Clone)]
+pub struct DockerOptions {
+    /// `providers.docker.*`.
+    pub config: DockerConfig,
+    /// Root of the provider's host state (`<data_dir>/docker`).
+    pub state_dir: PathBuf,
+    /// The static `stacyvm-agent` binary bind-mounted into containers.
+    pub agent_path: PathBuf,
+    /// Engine request timeout (connect, create, start, …).
+    pub engine_timeout: Duration,
+}
+
+impl DockerOptions {
+    pub fn new(config: DockerConfig, state_dir: PathBuf, agent_path: PathBuf) -> Self {
+        DockerOptions {
+            config,
+            state_dir,
+            agent_path,
+            engine_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// An open agent connection of one sandbox.
+#[derive(Debug)]
+struct Conn {
+    client: Arc<AgentClient>,
+    /// The container's environment (image `ENV` + ours): the base of every exec's env.
+    env: BTreeMap<String, String>,
+    /// The byte pump of a relay connection (aborted with the connection).
+    relay: Option<JoinHandle<()>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Some(h) = self.relay.take() {
+            h.abort();
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct DockerProvider {
+    opts: DockerOptions,
+    /// The engine client, negotiated on first use (dockerd may start after us).
+    engine: tokio::sync::OnceCell<Docker>,
+    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    /// Serialises connection setup (a relay is one engine exec per sandbox).
+    connecting: tokio::sync::Mutex<()>,
+    relay_seq: AtomicU64,
+}
+
+/// Whether containers of this runtime expose bind-mounted unix sockets to
+/// the host (runc shares the host kernel; gVisor and Kata do not).
+fn direct_socket(runtime: &str) -> bool {
+    matches!(runtime, "" | "runc" | "io.containerd.runc.v2" | "crun")
+}
+
+/// Maps an engine error to a typed error; `what` names the operation.
+fn engine_err(what: &str, e: EngineError) -> Error {
+    match e {
+        EngineError::DockerResponseServerError {
+            status_code,
+            message,
+        } => match status_code {
+            400 => Error::invalid(format!("{what}: {message}")),
+            404 => Error::not_found(format!("{what}: {message}")),
+            409 => Error::conflict(format!("{what}: {message}")),
+            _ => Error::unavailable(format!(
+                "{what}: docker engine error {status_code}: {message}"
+            )),
+        },
+        EngineError::RequestTimeoutError => Error::unavailable(format!(
+            "{what}: the docker engine did not answer in time"
+        )),
+        EngineError::DockerStreamError { error } => {
+            Error::unavailable(format!("{what}: {error}"))
+        }
+        EngineError::SocketNotFoundError(path) => Error::unavailable(format!(
+            "{what}: docker socket {path} not found (is dockerd running? set providers.docker.socket)"
+        )),
+        e @ (EngineError::HyperResponseError { .. }
+        | EngineError::IOError { .. }
+        | EngineError::HttpClientError { .. }
+        | EngineError::HyperLegacyError { .. }) => Error::unavailable(format!(
+            "{what}: cannot reach the docker engine ({e}); is dockerd running?"
+        )),
+        e => Error::unavailable(format!("{what}: {e}")),
+    }
+}
+
+fn is_status(e: &EngineError, code: u16) -> bool {
+    matches!(e, EngineError::DockerResponseServerError { status_code, .. } if *status_code == code)
+}
+
+/// Classifies a failed pull: a missing image is the caller's problem (400),
+/// anything else (registry down, TLS, auth backend) a 503 with the reason.
+fn pull_err(image: &str, reason: &str) -> Error {
+    let r = reason.to_ascii_lowercase();
+    let missing = [
+        "not found",
+        "manifest unknown",
+        "pull access denied",
+        "repository does not exist",
+        "no such image",
+        "invalid reference",
+    ];
+    if missing.iter().any(|m| r.contains(m)) {
+        Error::invalid(format!("image {image:?} is not available: {reason}"))
+    } else {
+        Error::unavailable(format!("pulling image {image:?} failed: {reason}"))
+    }
+}
+
+fn to_info(s: FileStat) -> FileInfo {
+    let name = s.path.rsplit('/').next().unwrap_or_default().to_string();
+    FileInfo {
+        path: s.path.clone(),
+        size: s.size,
+        mode: format_mode(s.mode),
+        is_dir: s.is_dir,
+        mod_time: format_mod_time(DateTime::<Utc>::from_timestamp(s.mtime, 0).unwrap_or_default()),
+        name: if s.path == "/" { "/".into() } else { name },
+    }
+}
+
+/// A one-directory tar (for the workspace owned by the container user).
+fn dir_tar(name: &str, uid: u32, gid: u32, mode: u32) -> Result<Vec<u8>> {
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_size(0);
+    h.set_mode(mode);
+    h.set_uid(u64::from(uid));
+    h.set_gid(u64::from(gid));
+    h.set_mtime(Utc::now().timestamp().max(0) as u64);
+    b.append_data(&mut h, format!("{name}/"), std::io::empty())
+        .map_err(|e| Error::internal("building workspace archive").with_source(e))?;
+    b.into_inner()
+        .map_err(|e| Error::internal("building workspace archive").with_source(e))
+}
+
+/// The content of the first regular file in a tar archive.
+fn first_file(archive: &[u8]) -> Option<String> {
+    let mut a = tar::Archive::new(archive);
+    for entry in a.entries().ok()?.flatten() {
+        let mut entry = entry;
+        if entry.header().entry_type().is_file() {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut entry, &mut s).ok()?;
+            return Some(s);
+        }
+    }
+    None
+}
+
+impl DockerProvider {
+    pub fn new(opts: DockerOptions) -> Result<Self> {
+        std::fs::create_dir_all(&opts.state_dir).map_err(|e| {
+            Error::internal(format!("creating {}", opts.state_dir.display())).with_source(e)
+        })?;
+        // Per-sandbox dirs below are world-writable (the container user
+        // binds the socket there); this dir keeps other host users out.
+        let _ = std::fs::set_permissions(&opts.state_dir, std::fs::Permissions::from_mode(0o711));
+        Ok(DockerProvider {
+            opts,
+            engine: tokio::sync::OnceCell::new(),
+            conns: Mutex::new(HashMap::new()),
+            connecting: tokio::sync::Mutex::new(()),
+            relay_seq: AtomicU64::new(0),
+        })
+    }
+
+    /// The negotiated engine client.
+    pub async fn engine(&self) -> Result<&Docker> {
+        self.engine
+            .get_or_try_init(|| async {
+                let timeout = self.opts.engine_timeout.as_secs().max(1);
+                let sock = self.opts.config.socket.trim();
+                let d = if sock.is_empty() {
+                    Docker::connect_with_defaults()
+                } else if sock.starts_with('/') {
+                    Docker::connect_with_unix(sock, timeout, bollard::API_DEFAULT_VERSION)
+                } else {
+                    Docker::connect_with_host(sock)
+                }
+                .map_err(|e| engine_err("connecting to the docker engine", e))?
+                .with_timeout(Duration::from_secs(timeout));
+                d.negotiate_version()
+                    .await
+                    .map_err(|e| engine_err("negotiating the docker API version", e))
+            })
+            .await
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.opts.state_dir.join(id)
+    }
+
+    /// The spawn's network mode, or the configured one (empty = `none`).
+    fn network_mode<'a>(&'a self, spec: &'a SpawnSpec) -> &'a str {
+        match spec.network_mode.as_str() {
+            "" => match self.opts.config.network_mode.as_str() {
+                "" => "none",
+                m => m,
+            },
+            m => m,
+        }
+    }
+
+    fn runtime(&self) -> &str {
+        match self.opts.config.runtime.as_str() {
+            "" => "runc",
+            r => r,
+        }
+    }
+
+    fn security_opts(&self) -> Result<Vec<String>> {
+        let mut out = vec!["no-new-privileges:true".to_string()];
+        match self.opts.config.seccomp_profile.trim() {
+            "" | "default" => {}
+            "unconfined" => out.push("seccomp=unconfined".into()),
+            path => {
+                // The engine wants the profile's JSON, not its path (the CLI reads it).
+                let json = std::fs::read_to_string(path).map_err(|e| {
+                    Error::invalid(format!(
+                        "providers.docker.seccomp_profile {path:?} cannot be read: {e}"
+                    ))
+                })?;
+                out.push(format!("seccomp={json}"));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Makes sure the image exists locally, pulling it with progress logs.
+    /// Returns its configured user and environment.
+    async fn ensure_image(&self, image: &ImageRef) -> Result<(String, Vec<String>)> {
+        let d = self.engine().await?;
+        let full = image.full();
+        let found = match d.inspect_image(&full).await {
+            Ok(i) => Some(i),
+            Err(e) if is_status(&e, 404) => None,
+            Err(e) => return Err(engine_err(&format!("inspecting image {full}"), e)),
+        };
+        let inspected = match found {
+            Some(i) => i,
+            None => {
+                self.pull(image).await?;
+                d.inspect_image(&full)
+                    .await
+                    .map_err(|e| engine_err(&format!("inspecting image {full}"), e))?
+            }
+        };
+        let cfg = inspected.config.unwrap_or_default();
+        Ok((cfg.user.unwrap_or_default(), cfg.env.unwrap_or_default()))
+    }
+
+    /// Pulls an image, logging progress server-side.
+    pub async fn pull(&self, image: &ImageRef) -> Result<()> {
+        let d = self.engine().await?;
+        let full = image.full();
+        info!(image = %full, "pulling image");
+        let started = Instant::now();
+        let opts = CreateImageOptionsBuilder::default()
+            .from_image(&image.repo)
+            .tag(&image.tag)
+            .build();
+        let mut stream = d.create_image(Some(opts), None, None);
+        let mut last_status = String::new();
+        while let Some(item) = stream.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                        return Err(pull_err(&full, &err));
+                    }
+                    let status = info.status.unwrap_or_default();
+                    if status != last_status {
+                        debug!(image = %full, layer = info.id.as_deref().unwrap_or(""), %status, "pull progress");
+                        last_status = status;
+                    }
+                }
+                Err(EngineError::DockerResponseServerError { message, .. })
+                | Err(EngineError::DockerStreamError { error: message }) => {
+                    return Err(pull_err(&full, &message))
+                }
+                Err(e) => return Err(engine_err(&format!("pulling image {full}"), e)),
+            }
+        }
+        info!(image = %full, elapsed_ms = started.elapsed().as_millis() as u64, "image pulled");
+        Ok(())
+    }
+
+    fn host_config(&self, spec: &SpawnSpec, run_dir: &Path) -> Result<HostConfig> {
+        let c = &self.opts.config;
+        let memory = if spec.memory_mb > 0 {
+            spec.memory_mb.saturating_mul(1024 * 1024)
+        } else {
+            parse_memory(&c.memory)?
+        };
+        let cpus = if spec.vcpus > 0 {
+            spec.vcpus as f64
+        } else {
+            c.cpus
+        };
+        let mut tmpfs: HashMap<String, String> = c
+            .tmpfs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if c.read_only_rootfs && !tmpfs.contains_key(paths::WORKSPACE) {
+            // A read-only root still needs a writable workspace.
+            tmpfs.insert(paths::WORKSPACE.into(), "mode=1777".into());
+        }
+        Ok(HostConfig {
+            runtime: Some(self.runtime().to_string()),
+            network_mode: Some(self.network_mode(spec).to_string()),
+            readonly_rootfs: Some(c.read_only_rootfs),
+            memory: Some(memory),
+            // No swap beyond the memory limit: the limit is the limit.
+            memory_swap: Some(memory),
+            nano_cpus: Some((cpus * 1e9) as i64),
+            pids_limit: Some(if c.pids_limit > 0 { c.pids_limit } else { 256 }),
+            security_opt: Some(self.security_opts()?),
+            cap_drop: Some(c.dropped_caps.clone()),
+            cap_add: if c.added_caps.is_empty() {
+                None
+            } else {
+                Some(c.added_caps.clone())
+            },
+            tmpfs: if tmpfs.is_empty() { None } else { Some(tmpfs) },
+            binds: Some(vec![
+                format!("{}:{AGENT_IN}:ro", self.opts.agent_path.display()),
+                format!("{}:{RUN_IN}", run_dir.display()),
+            ]),
+            auto_remove: Some(false),
+            init: Some(false),
+            ..Default::default()
+        })
+    }
+
+    /// Removes a container and its host state, ignoring "already gone".
+    async fn discard(&self, id: &str) {
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.remove(id);
+        }
+        if let Ok(d) = self.engine().await {
+            let opts = RemoveContainerOptionsBuilder::default()
+                .force(true)
+                .v(true)
+                .build();
+            match d.remove_container(id, Some(opts)).await {
+                Ok(()) => {}
+                Err(e) if is_status(&e, 404) => {}
+                Err(e) => warn!(sandbox_id = %id, error = %e, "removing container failed"),
+            }
+        }
+        let dir = self.dir(id);
+        if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(dir = %dir.display(), error = %e, "removing sandbox state failed");
+            }
+        }
+    }
+
+    /// Reads a text file of a (created or running) container through the archive API.
+    async fn container_text(&self, id: &str, path: &str) -> Option<String> {
+        let d = self.engine().await.ok()?;
+        let opts = DownloadFromContainerOptionsBuilder::default()
+            .path(path)
+            .build();
+        let mut s = d.download_from_container(id, Some(opts));
+        let mut buf = Vec::new();
+        while let Some(chunk) = s.next().await {
+            buf.extend_from_slice(&chunk.ok()?);
+        }
+        first_file(&buf)
+    }
+
+    /// Gives `/workspace` to a non-root container user before start (the
+    /// engine would create it as root, and the user has no capabilities).
+    async fn prepare_workspace(&self, id: &str, user: &str) -> Result<()> {
+        if user.is_empty() || user == "root" || user == "0" || user.starts_with("0:") {
+            return Ok(());
+        }
+        let numeric = user.split(':').all(|p| p.parse::<u32>().is_ok());
+        let (passwd, group) = if numeric {
+            (String::new(), String::new())
+        } else {
+            (
+                self.container_text(id, "/etc/passwd")
+                    .await
+                    .unwrap_or_default(),
+                self.container_text(id, "/etc/group")
+                    .await
+                    .unwrap_or_default(),
+            )
+        };
+        let (uid, gid) = spec::resolve_user(user, &passwd, &group)?;
+        if uid == 0 {
+            return Ok(());
+        }
+        let tar = dir_tar("workspace", uid, gid, 0o755)?;
+        let opts = UploadToContainerOptionsBuilder::default().path("/").build();
+        self.engine()
+            .await?
+            .upload_to_container(id, Some(opts), bollard::body_full(tar.into()))
+            .await
+            .map_err(|e| engine_err("creating the workspace", e))
+    }
+
+    /// Describes why a container stopped during start, with its last log lines.
+    async fn death_report(&self, id: &str) -> Error {
+        let Ok(d) = self.engine().await else {
+            return Error::unavailable("the docker engine went away during spawn");
+        };
+        let state = d
+            .inspect_container(id, None)
+            .await
+            .ok()
+            .and_then(|c| c.state)
+            .unwrap_or_default();
+        let lines = self
+            .tail_logs(id, DEATH_LOG_LINES)
+            .await
+            .unwrap_or_default();
+        let logs = if lines.is_empty() {
+            "no output".to_string()
+        } else {
+            lines.join("\n")
+        };
+        if state.oom_killed == Some(true) {
+            return Error::invalid(format!(
+                "the sandbox container was killed for exceeding its memory limit during start; raise memory_mb (last log lines: {logs})"
+            ));
+        }
+        let code = state.exit_code.unwrap_or(-1);
+        let err = state.error.filter(|e| !e.is_empty());
+        Error::invalid(format!(
+            "the sandbox container exited during start (exit code {code}{}); last log lines:\n{logs}",
+            err.map(|e| format!(", {e}")).unwrap_or_default()
+        ))
+    }
+
+    async fn tail_logs(&self, id: &str, lines: usize) -> Result<Vec<String>> {
+        let d = self.engine().await?;
+        let opts = LogsOptionsBuilder::default()
+            .stdout(true)
+            .stderr(true)
+            .tail(&if lines == 0 {
+                "all".to_string()
+            } else {
+                lines.to_string()
+            })
+            .build();
+        let mut s = d.logs(id, Some(opts));
+        let mut out = Vec::new();
+        while let Some(item) = s.next().await {
+            match item {
+                Ok(o) => {
+                    let text = String::from_utf8_lossy(&o.into_bytes()).to_string();
+                    out.extend(
+                        text.lines()
+                            .filter(|l| !l.trim().is_empty())
+                            .map(str::to_string),
+                    );
+                }
+                Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
+                Err(e) => return Err(engine_err("reading container logs", e)),
+            }
+        }
+        let skip = out.len().saturating_sub(lines.max(1));
+        Ok(if lines == 0 {
+            out
+        } else {
+            out.into_iter().skip(skip).collect()
+        })
+    }
+
+    /// Connects to the agent of a running container: directly through the
+    /// bind-mounted socket, or through a relay exec.
+    async fn connect(
+        &self,
+        id: &str,
+        runtime: &str,
+    ) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
+        if direct_socket(runtime) {
+            let c = AgentClient::connect(&self.dir(id).join("run/agent.sock")).await?;
+            return Ok((c, None));
+        }
+        self.relay(id).await
+    }
+
+    /// Opens the agent protocol over an Engine exec of `stacyvm-agent relay`
+    /// and hands it to the agent client through a private unix socket.
+    async fn relay(&self, id: &str) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
+        let d = self.engine().await?;
+        let exec = d
+            .create_exec(
+                id,
+                CreateExecOptions::<String> {
+                    attach_stdin: Some(true),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    tty: Some(false),
+                    cmd: Some(vec![
+                        AGENT_IN.into(),
+                        "relay".into(),
+                        "--socket".into(),
+                        SOCK_IN.into(),
+                    ]),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                e if is_status(&e, 404) => Error::sandbox_not_found(id),
+                e => engine_err("starting the agent relay", e),
+            })?;
+        let StartExecResults::Attached {
+            mut output,
+            mut input,
+        } = d
+            .start_exec(&exec.id, None)
+            .await
+            .map_err(|e| engine_err("starting the agent relay", e))?
+        else {
+            return Err(Error::internal("agent relay exec started detached"));
+        };
+        let n = self.relay_seq.fetch_add(1, Ordering::Relaxed);
+        let path = self.dir(id).join(format!("relay-{n}.sock"));
+        let _ = std::fs::remove_file(&path);
+        let listener = tokio::net::UnixListener::bind(&path)
+            .map_err(|e| Error::internal("binding the relay socket").with_source(e))?;
+        let sandbox = id.to_string();
+        let pump = tokio::spawn(async move {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            drop(listener);
+            let (mut rd, mut wr) = stream.into_split();
+            let to_container = async {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match rd.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if input.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                            let _ = input.flush().await;
+                        }
+                    }
+                }
+                let _ = input.shutdown().await;
+            };
+            let from_container = async {
+                while let Some(Ok(out)) = output.next().await {
+                    match out {
+                        LogOutput::StdOut { message } => {
+                            if wr.write_all(&message).await.is_err() {
+                                break;
+                            }
+                        }
+                        LogOutput::StdErr { message } => {
+                            warn!(sandbox_id = %sandbox, relay = %String::from_utf8_lossy(&message).trim(), "agent relay");
+                        }
+                        _ => {}
+                    }
+                }
+                let _ = wr.shutdown().await;
+            };
+            // Either direction ending ends the connection.
+            tokio::select! {
+                () = to_container => {}
+                () = from_container => {}
+            }
+        });
+        let connected = AgentClient::connect(&path).await;
+        let _ = std::fs::remove_file(&path);
+        match connected {
+            Ok(c) => Ok((c, Some(pump))),
+            Err(e) => {
+                pump.abort();
+                Err(e)
+            }
+        }
+    }
+
+    fn open_conn(&self, id: &str) -> Result<Option<Arc<Conn>>> {
+        let conns = self.conns.lock().map_err(|_| Error::internal("lock"))?;
+        Ok(conns.get(id).filter(|c| !c.client.is_closed()).cloned())
+    }
+
+    /// The live agent connection of a sandbox (re-connecting after a restart).
+    async fn conn(&self, id: &str) -> Result<Arc<Conn>> {
+        if let Some(c) = self.open_conn(id)? {
+            return Ok(c);
+        }
+        let _g = self.connecting.lock().await;
+        if let Some(c) = self.open_conn(id)? {
+            return Ok(c);
+        }
+        if !paths::is_sandbox_id(id) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let d = self.engine().await?;
+        let info = match d.inspect_container(id, None).await {
+            Ok(i) => i,
+            Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
+            Err(e) => return Err(engine_err("inspecting the sandbox container", e)),
+        };
+        let cfg = info.config.unwrap_or_default();
+        if !spec::is_ours(cfg.labels.as_ref()) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let state = info.state.unwrap_or_default();
+        if state.running != Some(true) {
+            return Err(Error::unavailable(format!(
+                "sandbox {id} is not running (container state {})",
+                state.status.map(|s| s.to_string()).unwrap_or_default()
+            )));
+        }
+        let runtime = info.host_config.and_then(|h| h.runtime).unwrap_or_default();
+        let (client, relay) = self.connect(id, &runtime).await?;
+        let conn = Arc::new(Conn {
+            client,
+            env: spec::parse_env(&cfg.env.unwrap_or_default()),
+            relay,
+        });
+        self.conns
+            .lock()
+            .map_err(|_| Error::internal("lock"))?
+            .insert(id.to_string(), conn.clone());
+        Ok(conn)
+    }
+
+    /// Waits until a freshly started container's agent answers; a container
+    /// that stops first is reported with its last log lines.
+    async fn await_agent(&self, id: &str, env: BTreeMap<String, String>) -> Result<Arc<Conn>> {
+        let d = self.engine().await?;
+        let started = Instant::now();
+        let sock = self.dir(id).join("run/agent.sock");
+        let direct = direct_socket(self.runtime());
+        let mut tries = 0u32;
+        loop {
+            if direct {
+                if sock.exists() {
+                    if let Ok(c) = AgentClient::connect(&sock).await {
+                        return Ok(Arc::new(Conn {
+                            client: c,
+                            env,
+                            relay: None,
+                        }));
+                    }
+                }
+            } else {
+                match self.relay(id).await {
+                    Ok((client, relay)) => return Ok(Arc::new(Conn { client, env, relay })),
+                    Err(e) => debug!(sandbox_id = %id, error = %e, "agent relay not ready"),
+                }
+            }
+            tries += 1;
+            // Check the container now and then: it may have died.
+            if !direct || tries % 100 == 0 {
+                let running = d
+                    .inspect_container(id, None)
+                    .await
+                    .ok()
+                    .and_then(|c| c.state)
+                    .and_then(|s| s.running);
+                if running != Some(true) {
+                    return Err(self.death_report(id).await);
+                }
+            }
+            if started.elapsed() > AGENT_START_TIMEOUT {
+                let logs = self
+                    .tail_logs(id, DEATH_LOG_LINES)
+                    .await
+                    .unwrap_or_default();
+                return Err(Error::unavailable(format!(
+                    "the sandbox agent did not answer within {}s; last log lines:\n{}",
+                    AGENT_START_TIMEOUT.as_secs(),
+                    logs.join("\n")
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(if direct { 1 } else { 50 })).await;
+        }
+    }
+
+    async fn spawn_inner(&self, spec: &SpawnSpec, image: &ImageRef) -> Result<()> {
+        let (image_user, image_env) = self.ensure_image(image).await?;
+        let d = self.engine().await?;
+        let dir = self.dir(&spec.id);
+        let run_dir = dir.join("run");
+        std::fs::create_dir_all(&run_dir)
+            .map_err(|e| Error::internal("creating sandbox dir").with_source(e))?;
+        // The agent runs as the container user and binds its socket here.
+        std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o777))
+            .map_err(|e| Error::internal("preparing sandbox dir").with_source(e))?;
+        let user = if self.opts.config.user.is_empty() {
+            image_user
+        } else {
+            self.opts.config.user.clone()
+        };
+        let body = ContainerCreateBody {
+            image: Some(image.full()),
+            entrypoint: Some(vec![
+                AGENT_IN.into(),
+                "serve".into(),
+                "--socket".into(),
+                SOCK_IN.into(),
+            ]),
+            cmd: Some(Vec::new()),
+            working_dir: Some(paths::WORKSPACE.into()),
+            hostname: Some(spec.id.clone()),
+            user: if self.opts.config.user.is_empty() {
+                None
+            } else {
+                Some(self.opts.config.user.clone())
+            },
+            labels: Some(spec::labels(spec, &spec.image)),
+            tty: Some(false),
+            attach_stdin: Some(false),
+            open_stdin: Some(false),
+            // The agent ignores SIGTERM as PID 1; stopping means killing.
+            stop_signal: Some("SIGKILL".into()),
+            network_disabled: None,
+            host_config: Some(self.host_config(spec, &run_dir)?),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptionsBuilder::default()
+            .name(&spec.id)
+            .build();
+        d.create_container(Some(opts), body)
+            .await
+            .map_err(|e| engine_err("creating the sandbox container", e))?;
+        self.prepare_workspace(&spec.id, &user).await?;
+        d.start_container(&spec.id, None)
+            .await
+            .map_err(|e| match e {
+                EngineError::DockerResponseServerError { message, .. } => {
+                    Error::invalid(format!("the sandbox container failed to start: {message}"))
+                }
+                e => engine_err("starting the sandbox container", e),
+            })?;
+        let conn = self
+            .await_agent(&spec.id, spec::parse_env(&image_env))
+            .await?;
+        self.conns
+            .lock()
+            .map_err(|_| Error::internal("lock"))?
+            .insert(spec.id.clone(), conn);
+        Ok(())
+    }
+
+    /// The exec's environment: the container's (image) env under the request's.
+    fn exec_spec(conn: &Conn, spec: &ExecSpec) -> ExecSpec {
+        let mut s = spec.clone();
+        let mut env = conn.env.clone();
+        // HOME and PATH come from the agent unless the image sets them.
+        env.remove("HOSTNAME");
+        env.extend(spec.env.clone());
+        s.env = env;
+        s
+    }
+}
+
+/// The agent request for an exec spec.
+fn exec_request(spec: &ExecSpec, stdin: bool) -> Request {
+    Request::Exec {
+        argv: spec.argv.clone(),
+        env: spec.env.clone(),
+        cwd: spec.workdir.clone(),
+        uid: None,
+        gid: None,
+        stdin,
+        pty: spec
+            .pty
+            .map(|(rows, cols)| stacyvm_agent_proto::Resize { rows, cols }),
+        timeout_ms: spec
+            .timeout
+            .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
+    }
+}
+
+#[async_trait]
+impl Provider for DockerProvider {
+    fn name(&self) -> &str {
+        "docker"
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        let mut c: Vec<String> = capability::BASE.iter().map(|s| (*s).to_string()).collect();
+        c.push(capability::RUNTIME_INVENTORY.into());
+        c.push(capability::STATS.into());
+        c
+    }
+
+    fn describe(&self) -> BTreeMap<String, String> {
+        let c = &self.opts.config;
+        let mut m = BTreeMap::from([
+            ("type".to_string(), "docker".to_string()),
+            ("runtime".to_string(), self.runtime().to_string()),
+            (
+                "socket".to_string(),
+                if c.socket.is_empty() {
+                    std::env::var("DOCKER_HOST")
+                        .unwrap_or_else(|_| "unix:///var/run/docker.sock".into())
+                } else {
+                    c.socket.clone()
+                },
+            ),
+            (
+                "network_mode".to_string(),
+                if c.network_mode.is_empty() {
+                    "none".into()
+                } else {
+                    c.network_mode.clone()
+                },
+            ),
+            ("default_image".to_string(), c.default_image.clone()),
+            (
+                "read_only_rootfs".to_string(),
+                c.read_only_rootfs.to_string(),
+            ),
+            ("user".to_string(), c.user.clone()),
+            (
+                "agent_path".to_string(),
+                self.opts.agent_path.display().to_string(),
+            ),
+            (
+                "exec_transport".to_string(),
+                if direct_socket(self.runtime()) {
+                    "agent socket".into()
+                } else {
+                    "agent relay over engine exec".into()
+                },
+            ),
+        ]);
+        if let Some(d) = self.engine.get() {
+            m.insert("api_version".to_string(), d.client_version().to_string());
+        }
+        m
+    }
+
+    async fn health(&self) -> Result<()> {
+        let d = self.engine().await?;
+        d.ping()
+            .await
+            .map_err(|e| engine_err("pinging the docker engine", e))?;
+        let info = d
+            .info()
+            .await
+            .map_err(|e| engine_err("reading docker engine info", e))?;
+        let runtimes: Vec<String> = info
+            .runtimes
+            .map(|r| {
+                let mut k: Vec<String> = r.into_keys().collect();
+                k.sort();
+                k
+            })
+            .unwrap_or_default();
+        let want = self.runtime();
+        if !runtimes.iter().any(|r| r == want) {
+            return Err(Error::unavailable(format!(
+                "docker runtime {want:?} (providers.docker.runtime) is not registered with dockerd (registered: {}); add it under \"runtimes\" in /etc/docker/daemon.json and restart dockerd",
+                runtimes.join(", ")
+            )));
+        }
+        if !self.opts.agent_path.is_file() {
+            return Err(Error::unavailable(format!(
+                "agent binary {} not found; build it with scripts/build-agent or set STACYVM_AGENT_PATH",
+                self.opts.agent_path.display()
+            )));
+        }
+        Ok(())
+    }
+
+    async fn spawn(&self, spec: &SpawnSpec) -> Result<Spawned> {
+        if !paths::is_sandbox_id(&spec.id) {
+            return Err(Error::invalid(format!("bad sandbox id {:?}", spec.id)));
+        }
+        let name = if spec.image.is_empty() {
+            self.opts.config.default_image.as_str()
+        } else {
+            spec.image.as_str()
+        };
+        let image = parse_image(name)?;
+        if !self.opts.agent_path.is_file() {
+            return Err(Error::unavailable(format!(
+                "agent binary {} not found; build it with scripts/build-agent or set STACYVM_AGENT_PATH",
+                self.opts.agent_path.display()
+            )));
+        }
+        let started = Instant::now();
+        match self.spawn_inner(spec, &image).await {
+            Ok(()) => {
+                info!(sandbox_id = %spec.id, image = %image.full(), runtime = self.runtime(), elapsed_ms = started.elapsed().as_millis() as u64, "docker sandbox started");
+                Ok(Spawned {
+                    runtime_id: spec.id.clone(),
+                })
+            }
+            Err(e) => {
+                // Nothing of a failed spawn remains.
+                self.discard(&spec.id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn exec(&self, id: &str, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus> {
+        let conn = self.conn(id).await?;
+        let spec = Self::exec_spec(&conn, spec);
+        let req = exec_request(&spec, spec.stdin.is_some());
+        let exit = conn.client.exec(req, spec.stdin.clone(), sink).await?;
+        client::to_status(id, exit)
+    }
+
+    async fn exec_interactive(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        sink: OutputSink,
+        input: tokio::sync::mpsc::Receiver<ExecInput>,
+    ) -> Result<ExitStatus> {
+        let conn = self.conn(id).await?;
+        let spec = Self::exec_spec(&conn, spec);
+        let req = exec_request(&spec, true);
+        let exit = conn.client.exec_interactive(req, input, sink).await?;
+        client::to_status(id, exit)
+    }
+
+    async fn write_file(&self, id: &str, path: &str, data: &[u8], mode: u32) -> Result<()> {
+        self.conn(id)
+            .await?
+            .client
+            .write_file(path, data, mode)
+            .await
+    }
+
+    async fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>> {
+        let (_, data) = self
+            .conn(id)
+            .await?
+            .client
+            .call(&Request::ReadFile {
+                path: path.to_string(),
+            })
+            .await?;
+        Ok(data)
+    }
+
+    async fn list_files(&self, id: &str, path: &str) -> Result<Vec<FileInfo>> {
+        let (v, _) = self
+            .conn(id)
+            .await?
+            .client
+            .call(&Request::ListDir {
+                path: path.to_string(),
+            })
+            .await?;
+        let stats: Vec<FileStat> = serde_json::from_value(v)
+            .map_err(|e| Error::internal(format!("agent listing: {e}")))?;
+        Ok(stats.into_iter().map(to_info).collect())
+    }
+
+    async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
+        self.conn(id)
+            .await?
+            .client
+            .call(&Request::Remove {
+                path: path.to_string(),
+                recursive,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn move_file(&self, id: &str, old: &str, new: &str) -> Result<()> {
+        self.conn(id)
+            .await?
+            .client
+            .call(&Request::Rename {
+                from: old.to_string(),
+                to: new.to_string(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn chmod_file(&self, id: &str, path: &str, mode: u32) -> Result<()> {
+        self.conn(id)
+            .await?
+            .client
+            .call(&Request::Chmod {
+                path: path.to_string(),
+                mode,
+            })
+            .await
+            .map(|_| ())
+    }
+
+    async fn stat_file(&self, id: &str, path: &str) -> Result<FileInfo> {
+        let (v, _) = self
+            .conn(id)
+            .await?
+            .client
+            .call(&Request::Stat {
+                path: path.to_string(),
+            })
+            .await?;
+        let s: FileStat =
+            serde_json::from_value(v).map_err(|e| Error::internal(format!("agent stat: {e}")))?;
+        Ok(to_info(s))
+    }
+
+    async fn glob_files(&self, id: &str, pattern: &str) -> Result<Vec<String>> {
+        let (v, _) = self
+            .conn(id)
+            .await?
+            .client
+            .call(&Request::Glob {
+                pattern: pattern.to_string(),
+            })
+            .await?;
+        // An empty match is `[]`, never null (gaps C-3).
+        let matches: Option<Vec<String>> =
+            serde_json::from_value(v).map_err(|e| Error::internal(format!("agent glob: {e}")))?;
+        Ok(matches.unwrap_or_default())
+    }
+
+    async fn status(&self, id: &str) -> Result<RuntimeStatus> {
+        if !paths::is_sandbox_id(id) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let d = self.engine().await?;
+        let info = match d.inspect_container(id, None).await {
+            Ok(i) => i,
+            Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
+            Err(e) => return Err(engine_err("inspecting the sandbox container", e)),
+        };
+        if !spec::is_ours(info.config.as_ref().and_then(|c| c.labels.as_ref())) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let state = info
+            .state
+            .and_then(|s| s.status)
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        Ok(RuntimeStatus {
+            state: spec::map_state(&state).to_string(),
+        })
+    }
+
+    async fn destroy(&self, id: &str) -> Result<()> {
+        if !paths::is_sandbox_id(id) {
+            return Ok(());
+        }
+        let d = self.engine().await?;
+        match d.inspect_container(id, None).await {
+            Ok(info) => {
+                if !spec::is_ours(info.config.as_ref().and_then(|c| c.labels.as_ref())) {
+                    // Never touch a container StacyVM did not create.
+                    return Ok(());
+                }
+            }
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(engine_err("inspecting the sandbox container", e)),
+        }
+        self.discard(id).await;
+        Ok(())
+    }
+
+    async fn logs(&self, id: &str, lines: usize) -> Result<Vec<String>> {
+        if !paths::is_sandbox_id(id) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        self.status(id).await?;
+        self.tail_logs(id, lines).await
+    }
+
+    async fn list_runtimes(&self) -> Result<Vec<RuntimeInfo>> {
+        let d = self.engine().await?;
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![
+                format!("{}=true", spec::LABEL_MANAGED),
+                format!("{}=docker", spec::LABEL_PROVIDER),
+            ],
+        )]);
+        let opts = ListContainersOptionsBuilder::default()
+            .all(true)
+            .filters(&filters)
+            .build();
+        let list = d
+            .list_containers(Some(opts))
+            .await
+            .map_err(|e| engine_err("listing sandbox containers", e))?;
+        let mut out = Vec::new();
+        for c in list {
+            let labels = c.labels.unwrap_or_default();
+            if !spec::is_ours(Some(&labels)) {
+                continue;
+            }
+            let name = c
+                .names
+                .as_ref()
+                .and_then(|n| n.first())
+                .map(|n| n.trim_start_matches('/').to_string())
+                .unwrap_or_default();
+            out.push(spec::runtime_info(
+                &labels,
+                &name,
+                c.id.as_deref().unwrap_or_default(),
+                c.image.as_deref().unwrap_or_default(),
+                &c.state.map(|s| s.to_string()).unwrap_or_default(),
+                c.created,
+            ));
+        }
+        out.sort_by(|a, b| a.sandbox_id.cmp(&b.sandbox_id));
+        Ok(out)
+    }
+
+    async fn stats(&self, id: &str) -> Result<Stats> {
+        self.status(id).await?;
+        let d = self.engine().await?;
+        // A non-streaming sample carries the previous one for the CPU delta.
+        let opts = StatsOptionsBuilder::default()
+            .stream(false)
+            .one_shot(false)
+            .build();
+        let mut s = d.stats(id, Some(opts));
+        let st = match s.next().await {
+            Some(Ok(st)) => st,
+            Some(Err(e)) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
+            Some(Err(e)) => return Err(engine_err("reading container stats", e)),
+            None => return Err(Error::unavailable("the engine returned no stats")),
+        };
+        let cpu = st.cpu_stats.unwrap_or_default();
+        let pre = st.precpu_stats.unwrap_or_default();
+        let total = |c: &bollard::models::ContainerCpuStats| {
+            c.cpu_usage
+                .as_ref()
+                .and_then(|u| u.total_usage)
+                .unwrap_or(0)
+        };
+        let cpus = cpu.online_cpus.unwrap_or_else(|| {
+            cpu.cpu_usage
+                .as_ref()
+                .and_then(|u| u.percpu_usage.as_ref())
+                .map_or(1, |p| p.len() as u32)
+        });
+        let mem = st.memory_stats.unwrap_or_default();
+        let usage = mem.usage.unwrap_or(0);
+        // Page cache is reclaimable: v1 reports it as `cache`, v2 as `file`.
+        let cache = mem
+            .stats
+            .as_ref()
+            .and_then(|s| s.get("cache").or_else(|| s.get("file")).copied())
+            .unwrap_or(0);
+        Ok(Stats {
+            cpu_pct: spec::cpu_percent(
+                total(&cpu),
+                total(&pre),
+                cpu.system_cpu_usage.unwrap_or(0),
+                pre.system_cpu_usage.unwrap_or(0),
+                cpus,
+            ),
+            mem_bytes: usage.saturating_sub(cache),
+            mem_limit_bytes: mem.limit.unwrap_or(0),
+        })
+    }
+}
+
+impl DockerProvider {
+    /// Whether the provider's engine knows `runtime` (for `doctor` and tests).
+    pub async fn has_runtime(&self, runtime: &str) -> Result<bool> {
+        let info = self
+            .engine()
+            .await?
+            .info()
+            .await
+            .map_err(|e| engine_err("reading docker engine info", e))?;
+        Ok(info.runtimes.is_some_and(|r| r.contains_key(runtime)))
+    }
+}

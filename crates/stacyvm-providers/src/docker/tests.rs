@@ -1,0 +1,792 @@
+//! Docker provider tests against the real dockerd that `scripts/test`
+//! installs and starts: the conformance suite on runc and gVisor, security
+//! checks from inside a sandbox, adoption by a new provider instance, a
+//! pull from a loopback registry, and bad input.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bollard::query_parameters::{
+    CreateImageOptionsBuilder, ListContainersOptionsBuilder, PushImageOptionsBuilder,
+    RemoveImageOptionsBuilder, TagImageOptionsBuilder,
+};
+use chrono::Utc;
+use futures::StreamExt;
+use stacyvm_core::config::DockerConfig;
+use stacyvm_core::provider::{Provider, SpawnSpec};
+use stacyvm_core::{paths, ErrorKind};
+
+use super::*;
+use crate::conformance::{self, sh};
+
+/// The image every docker test uses, built here from Debian's busybox-static.
+pub const TEST_IMAGE: &str = "stacyvm-test/docker-busybox:1";
+
+/// The static agent: `STACYVM_AGENT_PATH`, else where `scripts/test` puts it.
+pub fn static_agent() -> PathBuf {
+    let p = std::env::var("STACYVM_AGENT_PATH")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map_or_else(
+            || PathBuf::from("/var/cache/stacyvm/agent/stacyvm-agent"),
+            PathBuf::from,
+        );
+    assert!(
+        p.is_file(),
+        "static agent {} missing: run `scripts/build-agent /var/cache/stacyvm/agent` (docker tests bind-mount it into containers)",
+        p.display()
+    );
+    p
+}
+
+fn add_file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8], mode: u32) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Regular);
+    h.set_size(data.len() as u64);
+    h.set_mode(mode);
+    h.set_mtime(1_700_000_000);
+    b.append_data(&mut h, path, data).expect("tar file");
+}
+
+fn add_dir(b: &mut tar::Builder<Vec<u8>>, path: &str, mode: u32) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_size(0);
+    h.set_mode(mode);
+    h.set_mtime(1_700_000_000);
+    b.append_data(&mut h, path, std::io::empty())
+        .expect("tar dir");
+}
+
+/// A root filesystem tar: busybox with its applets, a `sandbox` user (1000).
+fn busybox_rootfs() -> Vec<u8> {
+    let busybox =
+        std::fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
+    let list = std::process::Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    let mut b = tar::Builder::new(Vec::new());
+    for d in ["bin/", "etc/", "root/", "home/", "home/sandbox/"] {
+        add_dir(&mut b, d, 0o755);
+    }
+    add_dir(&mut b, "tmp/", 0o1777);
+    add_file(&mut b, "bin/busybox", &busybox, 0o755);
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if applet.is_empty() || applet == "busybox" {
+            continue;
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        h.set_mode(0o777);
+        b.append_link(&mut h, format!("bin/{applet}"), "busybox")
+            .expect("tar link");
+    }
+    add_file(
+        &mut b,
+        "etc/passwd",
+        b"root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000::/home/sandbox:/bin/sh\n",
+        0o644,
+    );
+    add_file(&mut b, "etc/group", b"root:x:0:\nsandbox:x:1000:\n", 0o644);
+    b.into_inner().expect("tar")
+}
+
+/// Imports [`TEST_IMAGE`] into the engine unless it is there (like `docker import`).
+pub async fn ensure_test_image(d: &Docker) {
+    if d.inspect_image(TEST_IMAGE).await.is_ok() {
+        return;
+    }
+    let (repo, tag) = TEST_IMAGE.split_once(':').expect("tag");
+    let opts = CreateImageOptionsBuilder::default()
+        .from_src("-")
+        .repo(repo)
+        .tag(tag)
+        .build();
+    let mut s = d.create_image(
+        Some(opts),
+        Some(bollard::body_full(busybox_rootfs().into())),
+        None,
+    );
+    while let Some(r) = s.next().await {
+        r.expect("importing the busybox test image");
+    }
+}
+
+pub struct Fixture {
+    dir: tempfile::TempDir,
+    pub config: DockerConfig,
+    pub agent: PathBuf,
+}
+
+/// A fixture for `runtime` with the provider's defaults otherwise.
+pub fn fixture(runtime: &str) -> Fixture {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "docker provider tests need root (CI runs as root)"
+    );
+    let config = DockerConfig {
+        enabled: true,
+        runtime: runtime.into(),
+        default_image: TEST_IMAGE.into(),
+        network_mode: "none".into(),
+        ..DockerConfig::default()
+    };
+    Fixture {
+        dir: tempfile::tempdir().expect("tmp"),
+        config,
+        agent: static_agent(),
+    }
+}
+
+impl Fixture {
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("docker")
+    }
+
+    pub fn make(&self) -> DockerProvider {
+        DockerProvider::new(DockerOptions::new(
+            self.config.clone(),
+            self.state_dir(),
+            self.agent.clone(),
+        ))
+        .expect("docker provider")
+    }
+
+    /// A provider whose engine is reachable and has the test image.
+    pub async fn ready(&self) -> DockerProvider {
+        let p = self.make();
+        let d = p
+            .engine()
+            .await
+            .expect("dockerd must be running for docker tests (scripts/test starts it)");
+        ensure_test_image(d).await;
+        p
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // Remove whatever a failed test left behind: containers whose run
+        // dir lives in this fixture's state dir.
+        let state = self.state_dir();
+        let _ = std::thread::spawn(move || {
+            let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            rt.block_on(async move {
+                let Ok(d) = Docker::connect_with_defaults() else {
+                    return;
+                };
+                let Ok(d) = d.negotiate_version().await else {
+                    return;
+                };
+                for c in leftovers(&d, &state).await {
+                    let _ = d
+                        .remove_container(
+                            &c,
+                            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                        )
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Containers whose agent socket dir is under `state`.
+async fn leftovers(d: &Docker, state: &Path) -> Vec<String> {
+    let opts = ListContainersOptionsBuilder::default().all(true).build();
+    let mut out = Vec::new();
+    for c in d.list_containers(Some(opts)).await.unwrap_or_default() {
+        let ours = c.mounts.unwrap_or_default().iter().any(|m| {
+            m.source
+                .as_deref()
+                .is_some_and(|s| Path::new(s).starts_with(state))
+        });
+        if ours {
+            out.extend(c.id);
+        }
+    }
+    out
+}
+
+/// The suite gets a ready provider per call; `provider()` is sync, so the
+/// image is ensured once when the fixture is made.
+pub struct SuiteFixture(Fixture);
+
+pub fn suite_fixture(runtime: &str) -> SuiteFixture {
+    let fx = fixture(runtime);
+    let p = fx.make();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("rt");
+            rt.block_on(async {
+                let d = p
+                    .engine()
+                    .await
+                    .expect("dockerd must be running for docker tests (scripts/test starts it)");
+                ensure_test_image(d).await;
+                assert!(
+                    p.has_runtime(runtime).await.expect("engine info"),
+                    "docker runtime {runtime} is not registered (scripts/test registers runsc in /etc/docker/daemon.json)"
+                );
+            });
+        })
+        .join()
+        .expect("setup");
+    });
+    SuiteFixture(fx)
+}
+
+impl conformance::Fixture for SuiteFixture {
+    fn provider(&self) -> Arc<dyn Provider> {
+        Arc::new(self.0.make())
+    }
+    fn image(&self) -> String {
+        TEST_IMAGE.into()
+    }
+    fn survives_restart(&self) -> bool {
+        true
+    }
+}
+
+crate::conformance_tests!(docker_runc_conformance, suite_fixture("runc"));
+crate::conformance_tests!(docker_runsc_conformance, suite_fixture("runsc"));
+
+fn spawn_spec(image: &str, memory_mb: i64) -> SpawnSpec {
+    SpawnSpec {
+        id: paths::new_sandbox_id(),
+        image: image.to_string(),
+        memory_mb,
+        vcpus: 1,
+        metadata: BTreeMap::from([("purpose".to_string(), "test".to_string())]),
+        owner_id: "alice".into(),
+        tenant_id: "acme".into(),
+        expires_at: Utc::now() + chrono::Duration::minutes(10),
+        network_mode: String::new(),
+    }
+}
+
+/// Asserts no container of this sandbox id exists (nothing half-created).
+async fn assert_no_container(p: &DockerProvider, id: &str) {
+    let d = p.engine().await.expect("engine");
+    assert!(
+        d.inspect_container(id, None).await.is_err(),
+        "container {id} was left behind"
+    );
+}
+
+async fn security_checks(runtime: &str) {
+    let mut fx = fixture(runtime);
+    fx.config.pids_limit = 64;
+    let p = fx.ready().await;
+    let spec = spawn_spec(TEST_IMAGE, 64);
+    let id = p.spawn(&spec).await.expect("spawn").runtime_id;
+    // No capabilities, no new privileges.
+    let st = sh(
+        &p,
+        &id,
+        "grep -E '^(CapEff|CapPrm|NoNewPrivs)' /proc/self/status",
+    )
+    .await;
+    assert!(st.stdout.contains("CapEff:\t0000000000000000"), "{st:?}");
+    assert!(st.stdout.contains("CapPrm:\t0000000000000000"), "{st:?}");
+    assert!(st.stdout.contains("NoNewPrivs:\t1"), "{st:?}");
+    // Root without capabilities cannot do privileged things.
+    let r = sh(&p, &id, "mount -t tmpfs none /mnt 2>&1; echo rc=$?").await;
+    assert!(!r.stdout.contains("rc=0"), "mount must fail: {r:?}");
+    // No network in `none` mode: loopback only.
+    let net = sh(&p, &id, "ls /sys/class/net").await;
+    assert_eq!(
+        net.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["lo"],
+        "{net:?}"
+    );
+    // The pids limit holds: at most 64 processes, the rest fail to fork.
+    let r = sh(
+        &p,
+        &id,
+        "n=0; for i in $(seq 1 100); do sleep 30 2>/dev/null & n=$((n+1)); done 2>/dev/null; sleep 0.5; ls /proc | grep -c '^[0-9]'",
+    )
+    .await;
+    let procs: u32 = r.stdout.trim().parse().unwrap_or(0);
+    assert!(procs > 0 && procs <= 64, "pids limit holds: {r:?}");
+    sh(&p, &id, "kill -9 $(pgrep sleep) 2>/dev/null; true").await;
+    // The memory limit holds: a 128 MiB buffer is killed, 16 MiB is fine.
+    let ok = sh(
+        &p,
+        &id,
+        "dd if=/dev/zero of=/dev/null bs=16M count=1 2>/dev/null; echo rc=$?",
+    )
+    .await;
+    assert!(ok.stdout.contains("rc=0"), "{ok:?}");
+    let big = sh(
+        &p,
+        &id,
+        "dd if=/dev/zero of=/dev/null bs=128M count=1 2>/dev/null",
+    )
+    .await;
+    assert_eq!(big.code, 137, "the OOM killer ends the process: {big:?}");
+    // Stats report the limit.
+    let stats = p.stats(&id).await.expect("stats");
+    assert_eq!(stats.mem_limit_bytes, 64 * 1024 * 1024);
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_from_inside_runc() {
+    security_checks("runc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_from_inside_runsc() {
+    security_checks("runsc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_root_keeps_a_writable_workspace() {
+    let mut fx = fixture("runc");
+    fx.config.read_only_rootfs = true;
+    fx.config.tmpfs = BTreeMap::from([("/tmp".to_string(), "size=16m".to_string())]);
+    let p = fx.ready().await;
+    let id = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    let r = sh(&p, &id, "touch /rootfile 2>&1; echo rc=$?").await;
+    assert!(r.stdout.contains("Read-only file system"), "{r:?}");
+    assert!(!r.stdout.contains("rc=0"), "{r:?}");
+    p.write_file(&id, "/workspace/a.txt", b"ok", 0o644)
+        .await
+        .expect("workspace is writable");
+    assert_eq!(
+        sh(&p, &id, "cat a.txt; touch /tmp/t && echo tmp-ok")
+            .await
+            .stdout,
+        "oktmp-ok\n"
+    );
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn non_root_user_owns_its_files() {
+    let mut fx = fixture("runc");
+    fx.config.user = "sandbox".into();
+    let p = fx.ready().await;
+    let id = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    assert_eq!(
+        sh(&p, &id, "id -u; id -g; pwd").await.stdout,
+        "1000\n1000\n/workspace\n"
+    );
+    // Files written through the API belong to the container user, who can
+    // change them (gaps C-15), in the workspace and in new directories.
+    p.write_file(&id, "/workspace/sub/f.txt", b"api\n", 0o644)
+        .await
+        .expect("write");
+    let r = sh(
+        &p,
+        &id,
+        "echo user >> sub/f.txt && cat sub/f.txt && stat -c '%u:%g' sub sub/f.txt",
+    )
+    .await;
+    assert_eq!(r.stdout, "api\nuser\n1000:1000\n1000:1000\n", "{r:?}");
+    // Outside its own files the user has no rights.
+    let e = p
+        .write_file(&id, "/etc/passwd", b"x", 0o644)
+        .await
+        .expect_err("not writable");
+    assert_eq!(e.kind(), ErrorKind::Forbidden, "{e}");
+    p.destroy(&id).await.expect("destroy");
+    // A numeric uid that the image does not know works too.
+    fx.config.user = "4242:4242".into();
+    let p = fx.make();
+    let id = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    assert_eq!(
+        sh(&p, &id, "id -u; touch x && stat -c %u x").await.stdout,
+        "4242\n4242\n"
+    );
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adoption_after_restart() {
+    let fx = fixture("runc");
+    let first = fx.ready().await;
+    let spec = spawn_spec(TEST_IMAGE, 64);
+    let id = first.spawn(&spec).await.expect("spawn").runtime_id;
+    sh(&first, &id, "echo state > kept.txt").await;
+    drop(first);
+    // A new instance (a restarted server) finds it through its labels.
+    let second = fx.make();
+    let rts = second.list_runtimes().await.expect("inventory");
+    let rt = rts.iter().find(|r| r.sandbox_id == id).expect("listed");
+    assert_eq!(rt.state, "running");
+    assert_eq!(rt.image, TEST_IMAGE);
+    assert_eq!(rt.owner_id, "alice");
+    assert_eq!(rt.tenant_id, "acme");
+    assert_eq!(rt.metadata["purpose"], "test");
+    assert_eq!(
+        rt.expires_at.map(|t| t.timestamp()),
+        Some(spec.expires_at.timestamp())
+    );
+    assert!(rt.created_at.is_some());
+    assert_eq!(sh(&second, &id, "cat kept.txt").await.stdout, "state\n");
+    // A stopped container is listed as stopped (the orchestrator decides).
+    let d = second.engine().await.expect("engine");
+    d.kill_container(&id, None::<bollard::query_parameters::KillContainerOptions>)
+        .await
+        .expect("kill");
+    let third = fx.make();
+    assert_eq!(third.status(&id).await.expect("status").state, "stopped");
+    let listed = third.list_runtimes().await.expect("inventory");
+    assert_eq!(
+        listed
+            .iter()
+            .find(|r| r.sandbox_id == id)
+            .map(|r| r.state.as_str()),
+        Some("stopped")
+    );
+    assert_eq!(
+        sh_err(&third, &id).await,
+        ErrorKind::ProviderUnavailable,
+        "exec on a stopped sandbox says why"
+    );
+    third.destroy(&id).await.expect("destroy");
+    assert_eq!(
+        third.status(&id).await.expect_err("gone").kind(),
+        ErrorKind::SandboxNotFound
+    );
+    assert!(!third
+        .list_runtimes()
+        .await
+        .expect("inventory")
+        .iter()
+        .any(|r| r.sandbox_id == id));
+    assert!(!fx.state_dir().join(&id).exists(), "host state removed");
+    third.destroy(&id).await.expect("destroying twice is Ok");
+}
+
+async fn sh_err(p: &DockerProvider, id: &str) -> ErrorKind {
+    let (tx, _rx) = tokio::sync::mpsc::channel(8);
+    let spec = stacyvm_core::provider::ExecSpec {
+        argv: vec!["true".into()],
+        ..Default::default()
+    };
+    p.exec(id, &spec, tx).await.expect_err("exec fails").kind()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_containers_are_not_touched() {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    let d = p.engine().await.expect("engine");
+    // A container named like a sandbox but not created by StacyVM.
+    let name = paths::new_sandbox_id();
+    let body = ContainerCreateBody {
+        image: Some(TEST_IMAGE.into()),
+        cmd: Some(vec!["sleep".into(), "60".into()]),
+        ..Default::default()
+    };
+    d.create_container(
+        Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+        body,
+    )
+    .await
+    .expect("create");
+    assert_eq!(
+        p.status(&name).await.expect_err("not ours").kind(),
+        ErrorKind::SandboxNotFound
+    );
+    p.destroy(&name).await.expect("destroy is Ok");
+    assert!(
+        d.inspect_container(&name, None).await.is_ok(),
+        "still there"
+    );
+    assert!(!p
+        .list_runtimes()
+        .await
+        .expect("inventory")
+        .iter()
+        .any(|r| r.sandbox_id == name));
+    d.remove_container(
+        &name,
+        Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+    )
+    .await
+    .expect("cleanup");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_reaped_by_the_agent() {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    let id = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    // The background sleeps outlive their shell and are re-parented to the
+    // agent (PID 1), which must reap them.
+    sh(&p, &id, "for i in 1 2 3; do (sleep 0.05 &) ; done; true").await;
+    let zombies =
+        "for f in /proc/[0-9]*/stat; do cat $f 2>/dev/null; echo; done | grep -c ') Z' || true";
+    let mut left = String::new();
+    for _ in 0..100 {
+        left = sh(&p, &id, zombies).await.stdout.trim().to_string();
+        if left == "0" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, "0", "no zombies remain");
+    assert_eq!(
+        sh(&p, &id, "cat /proc/1/cmdline | tr '\\0' ' '")
+            .await
+            .stdout
+            .trim(),
+        "/.stacyvm/agent serve --socket /.stacyvm/run/agent.sock"
+    );
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_reports_engine_and_runtimes() {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    p.health().await.expect("healthy");
+    let desc = p.describe();
+    assert_eq!(desc["runtime"], "runc");
+    assert!(desc.contains_key("api_version"), "{desc:?}");
+    let mut bad = fixture("no-such-runtime");
+    bad.config.runtime = "no-such-runtime".into();
+    let e = bad.make().health().await.expect_err("unknown runtime");
+    assert_eq!(e.kind(), ErrorKind::ProviderUnavailable);
+    assert!(
+        e.to_string().contains("no-such-runtime") && e.to_string().contains("runc"),
+        "{e}"
+    );
+    let mut gone = fixture("runc");
+    gone.config.socket = "/nonexistent/docker.sock".into();
+    let gp = gone.make();
+    let e = gp.health().await.expect_err("unreachable");
+    assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
+    let e = gp
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect_err("unreachable");
+    assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_is_typed_and_leaves_nothing_behind() {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    // Unknown runtime.
+    let mut rfx = fixture("runc");
+    rfx.config.runtime = "no-such-runtime".into();
+    let rp = rfx.make();
+    let spec = spawn_spec(TEST_IMAGE, 64);
+    let e = rp.spawn(&spec).await.expect_err("unknown runtime");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("no-such-runtime"), "{e}");
+    assert_no_container(&p, &spec.id).await;
+    assert!(!rfx.state_dir().join(&spec.id).exists());
+    // Image names with bad syntax never reach the engine.
+    for bad in ["Bad/Name", "bad//name", "name:", "x@sha256:zz"] {
+        let spec = spawn_spec(bad, 64);
+        let e = p.spawn(&spec).await.expect_err(bad);
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{bad}: {e}");
+        assert!(e.to_string().contains("invalid image reference"), "{e}");
+    }
+    // Memory below the engine's minimum.
+    let spec = spawn_spec(TEST_IMAGE, 1);
+    let e = p.spawn(&spec).await.expect_err("tiny memory");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().to_lowercase().contains("memory"), "{e}");
+    assert_no_container(&p, &spec.id).await;
+    // More CPUs than the host has.
+    let mut spec = spawn_spec(TEST_IMAGE, 64);
+    spec.vcpus = 4096;
+    let e = p.spawn(&spec).await.expect_err("too many cpus");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert_no_container(&p, &spec.id).await;
+    // A user the image does not have.
+    let mut ufx = fixture("runc");
+    ufx.config.user = "nobody-here".into();
+    let spec = spawn_spec(TEST_IMAGE, 64);
+    let e = ufx.make().spawn(&spec).await.expect_err("unknown user");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("nobody-here"), "{e}");
+    assert_no_container(&p, &spec.id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_container_dying_at_start_reports_its_last_log_lines() {
+    let mut fx = fixture("runc");
+    // An "agent" that logs and exits: what a broken entrypoint looks like.
+    let fake = fx.dir.path().join("dying-agent");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho starting up\necho 'fatal: cannot continue' >&2\nexit 3\n",
+    )
+    .expect("script");
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    fx.agent = fake;
+    let p = fx.ready().await;
+    let spec = spawn_spec(TEST_IMAGE, 64);
+    let e = p.spawn(&spec).await.expect_err("dies");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    let msg = e.to_string();
+    assert!(msg.contains("exit code 3"), "{msg}");
+    assert!(
+        msg.contains("starting up") && msg.contains("fatal: cannot continue"),
+        "{msg}"
+    );
+    assert_no_container(&p, &spec.id).await;
+    assert!(!fx.state_dir().join(&spec.id).exists());
+}
+
+/// A loopback `docker-registry` with filesystem storage in a temp dir.
+struct Registry {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start() -> Registry {
+        let dir = tempfile::tempdir().expect("tmp");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                dir.path().join("data").display()
+            ),
+        )
+        .expect("config");
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("docker-registry (apt-get install docker-registry)");
+        // Wait until it accepts connections.
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Registry {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_from_a_registry_and_reports_missing_images() {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    let d = p.engine().await.expect("engine");
+    let reg = Registry::start();
+    let repo = format!("localhost:{}/stacyvm-test/pulled", reg.port);
+    let tag = paths::new_sandbox_id();
+    let image = format!("{repo}:{tag}");
+    d.tag_image(
+        TEST_IMAGE,
+        Some(
+            TagImageOptionsBuilder::default()
+                .repo(&repo)
+                .tag(&tag)
+                .build(),
+        ),
+    )
+    .await
+    .expect("tag");
+    let mut push = d.push_image(
+        &repo,
+        Some(PushImageOptionsBuilder::default().tag(&tag).build()),
+        None,
+    );
+    while let Some(r) = push.next().await {
+        let info = r.expect("push");
+        assert!(info.error_detail.is_none(), "push failed: {info:?}");
+    }
+    // Only the registry has it now.
+    d.remove_image(
+        &image,
+        None::<bollard::query_parameters::RemoveImageOptions>,
+        None,
+    )
+    .await
+    .expect("untag");
+    assert!(d.inspect_image(&image).await.is_err());
+    let spec = spawn_spec(&image, 64);
+    let id = p.spawn(&spec).await.expect("spawn pulls").runtime_id;
+    assert_eq!(sh(&p, &id, "echo pulled").await.stdout, "pulled\n");
+    let rts = p.list_runtimes().await.expect("inventory");
+    assert_eq!(
+        rts.iter()
+            .find(|r| r.sandbox_id == id)
+            .map(|r| r.image.clone()),
+        Some(image.clone())
+    );
+    p.destroy(&id).await.expect("destroy");
+    // A tag the registry does not have: the engine's reason, a 400.
+    let spec = spawn_spec(&format!("{repo}:missing"), 64);
+    let e = p.spawn(&spec).await.expect_err("missing tag");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("missing"), "{e}");
+    assert_no_container(&p, &spec.id).await;
+    // A registry that is down: unavailable, with the reason.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("port");
+    let dead_port = closed.local_addr().expect("addr").port();
+    drop(closed);
+    let spec = spawn_spec(&format!("localhost:{dead_port}/nothing:1"), 64);
+    let e = p.spawn(&spec).await.expect_err("registry down");
+    assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
+    assert!(e.to_string().contains("connection refused"), "{e}");
+    let _ = d
+        .remove_image(
+            &image,
+            Some(RemoveImageOptionsBuilder::default().force(true).build()),
+            None,
+        )
+        .await;
+}
