@@ -134,13 +134,39 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
-    /// Import a `docker save` tarball or an OCI image layout archive.
+    /// Import a `docker save` tarball or an OCI image layout archive, or
+    /// (with --docker) an image of the local Docker engine.
+    #[command(
+        after_help = "Examples:\n  docker save python:3.12 -o py.tar && stacyvm image import py.tar\n  stacyvm image import --docker python:3.12"
+    )]
     Import {
         /// The archive (e.g. from `docker save IMAGE -o image.tar`).
-        file: PathBuf,
+        #[arg(required_unless_present = "docker", conflicts_with = "docker")]
+        file: Option<PathBuf>,
+        /// Export this image from the local Docker engine (DOCKER_HOST or
+        /// /var/run/docker.sock) instead of reading a file.
+        #[arg(long, value_name = "IMAGE")]
+        docker: Option<String>,
         /// Extra name for the image (e.g. python:3.12).
         #[arg(long)]
         name: Option<String>,
+    },
+    /// Pull an image from an OCI registry (linux/amd64).
+    ///
+    /// Loopback registries (localhost, 127.0.0.1) are reached over plain
+    /// HTTP like Docker does; others over HTTPS unless --insecure.
+    /// Credentials come from STACYVM_REGISTRY_USERNAME and
+    /// STACYVM_REGISTRY_PASSWORD (anonymous otherwise).
+    #[command(after_help = "Example:\n  stacyvm image pull localhost:5000/tools/busybox:1.36")]
+    Pull {
+        /// Image reference, e.g. registry.example.com/team/image:tag.
+        reference: String,
+        /// Extra local name for the image.
+        #[arg(long)]
+        name: Option<String>,
+        /// Use plain HTTP for this registry.
+        #[arg(long)]
+        insecure: bool,
     },
     /// List imported images.
     #[command(alias = "list")]
@@ -177,7 +203,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve { config } => crate::serve::run(config).await.map(|()| ExitCode::SUCCESS),
         Command::Image { config, command } => {
-            crate::image::run(config, command).map(|()| ExitCode::SUCCESS)
+            crate::image::run(config, command)
+                .await
+                .map(|()| ExitCode::SUCCESS)
         }
         Command::Version => {
             println!(

@@ -35,40 +35,95 @@ fn human(bytes: u64) -> String {
     format!("{v:.1} TiB")
 }
 
-pub fn run(config_path: Option<PathBuf>, cmd: ImageCommand) -> Result<()> {
+/// A byte progress bar on a terminal, nothing otherwise.
+fn progress_bar() -> ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new(0)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{spinner} {msg:16} [{bar:30}] {bytes}/{total_bytes} ({eta})")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
+/// Reports an imported image: summary on stderr, id on stdout.
+fn done(rec: &stacyvm_providers::native::images::ImageRecord) {
+    eprintln!(
+        "imported {} ({} layers, {})",
+        rec.names.join(", "),
+        rec.layers,
+        human(rec.size_bytes)
+    );
+    #[allow(clippy::print_stdout)]
+    {
+        println!("{}", rec.id);
+    }
+}
+
+pub async fn run(config_path: Option<PathBuf>, cmd: ImageCommand) -> Result<()> {
     let store = store(config_path)?;
     match cmd {
-        ImageCommand::Import { file, name } => {
-            let bar = if std::io::stderr().is_terminal() {
-                ProgressBar::new(0)
-            } else {
-                ProgressBar::hidden()
+        ImageCommand::Import { file, docker, name } => {
+            let bar = progress_bar();
+            let mut report = |done: u64, total: u64, what: &str| {
+                bar.set_length(total);
+                bar.set_position(done);
+                bar.set_message(what.to_string());
             };
-            bar.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} {msg:16} [{bar:30}] {bytes}/{total_bytes} ({eta})",
+            let rec = match (file, docker) {
+                (_, Some(image)) => stacyvm_providers::native::pull::import_from_docker(
+                    &store,
+                    &image,
+                    name.as_deref(),
+                    &mut report,
                 )
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-            );
-            let rec = store
-                .import(&file, name.as_deref(), &mut |done, total, what| {
-                    bar.set_length(total);
-                    bar.set_position(done);
-                    bar.set_message(what.to_string());
-                })
-                .with_context(|| format!("importing {}", file.display()))?;
+                .await
+                .with_context(|| format!("importing {image} from Docker"))?,
+                (Some(file), None) => store
+                    .import(&file, name.as_deref(), &mut report)
+                    .with_context(|| format!("importing {}", file.display()))?,
+                (None, None) => anyhow::bail!("give an archive file or --docker IMAGE"),
+            };
             bar.finish_and_clear();
-            eprintln!(
-                "imported {} ({} layers, {})",
-                rec.names.join(", "),
-                rec.layers,
-                human(rec.size_bytes)
-            );
-            #[allow(clippy::print_stdout)]
-            {
-                println!("{}", rec.id);
-            }
+            done(&rec);
+        }
+        ImageCommand::Pull {
+            reference,
+            name,
+            insecure,
+        } => {
+            let bar = progress_bar();
+            let mut report = |done: u64, total: u64, what: &str| {
+                bar.set_length(total);
+                bar.set_position(done);
+                bar.set_message(what.to_string());
+            };
+            let credentials = match (
+                std::env::var("STACYVM_REGISTRY_USERNAME"),
+                std::env::var("STACYVM_REGISTRY_PASSWORD"),
+            ) {
+                (Ok(u), Ok(p)) if !u.is_empty() => Some((u, p)),
+                _ => None,
+            };
+            let opts = stacyvm_providers::native::pull::PullOptions {
+                insecure,
+                credentials,
+                name,
+            };
+            let rec = stacyvm_providers::native::pull::pull_registry(
+                &store,
+                &reference,
+                &opts,
+                &mut report,
+            )
+            .await
+            .with_context(|| format!("pulling {reference}"))?;
+            bar.finish_and_clear();
+            done(&rec);
         }
         ImageCommand::Ls { json } => {
             let list = store.list();

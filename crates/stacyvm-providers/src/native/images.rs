@@ -106,7 +106,8 @@ impl ImageStore {
         Ok(())
     }
 
-    fn rootfs_dir(&self) -> PathBuf {
+    /// Where unpacked images live (`<root>/rootfs`).
+    pub(crate) fn rootfs_dir(&self) -> PathBuf {
         self.root.join("rootfs")
     }
 
@@ -162,6 +163,12 @@ impl ImageStore {
         std::fs::create_dir_all(self.rootfs_dir())
             .map_err(|e| Error::internal("creating image store").with_source(e))?;
         let rec = import_archive(archive, &self.rootfs_dir(), name, progress)?;
+        self.record(rec)
+    }
+
+    /// Adds (or merges) an unpacked image into the index; its names move
+    /// to it from any other image.
+    pub(crate) fn record(&self, rec: ImageRecord) -> Result<ImageRecord> {
         let _g = self
             .lock
             .lock()
@@ -213,7 +220,7 @@ impl ImageStore {
             return Ok(());
         }
         Err(Error::invalid(format!(
-            "image {image:?} is not available to the native provider; use image \"host\" (the host's /usr and /etc, read-only) or import it first: `docker save {image} -o image.tar && stacyvm image import image.tar` (see `stacyvm image ls`)"
+            "image {image:?} is not available to the native provider; use image \"host\" (the host's /usr and /etc, read-only) or get it first: `stacyvm image pull {image}` (from a registry), `stacyvm image import --docker {image}` (from the local Docker engine) or `docker save {image} -o image.tar && stacyvm image import image.tar` (see `stacyvm image ls`)"
         )))
     }
 

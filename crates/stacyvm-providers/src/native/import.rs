@@ -199,7 +199,7 @@ fn plan(file: &mut fs::File, idx: &BTreeMap<String, (u64, u64)>) -> Result<Plan>
 }
 
 /// Opens a layer stream, transparently gunzipping.
-fn layer_reader<'a>(r: io::Take<&'a mut fs::File>) -> Result<Box<dyn Read + 'a>> {
+pub(crate) fn layer_reader<'a, R: Read + 'a>(r: R) -> Result<Box<dyn Read + 'a>> {
     let mut br = BufReader::new(r);
     let head = io::BufRead::fill_buf(&mut br).map_err(|e| bad("reading layer").with_source(e))?;
     if head.starts_with(&[0x1f, 0x8b]) {
@@ -363,8 +363,7 @@ pub fn import_archive(
     let idx = index_tar(&mut file)?;
     let plan = plan(&mut file, &idx)?;
     let config = read_member(&mut file, &idx, &plan.config)?;
-    let id = format!("sha256:{}", hex_digest(&config));
-    let dir = rootfs_dir.join(id.trim_start_matches("sha256:"));
+    let id = image_id(&config);
     let mut names = Vec::new();
     for n in plan.names.iter().map(String::as_str).chain(extra_name) {
         names.push(normalize_name(n)?);
@@ -377,32 +376,21 @@ pub fn import_archive(
         .iter()
         .filter_map(|l| idx.get(l.trim_start_matches("./")).map(|x| x.1))
         .sum();
-    if !dir.join(".complete").is_file() {
-        let tmp = rootfs_dir.join(format!(".partial-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&tmp);
-        fs::create_dir_all(&tmp)
-            .map_err(|e| Error::internal("creating image dir").with_source(e))?;
-        let mut done = 0;
-        for (i, layer) in plan.layers.iter().enumerate() {
-            progress(
-                done,
-                total,
-                &format!("layer {}/{}", i + 1, plan.layers.len()),
-            );
-            let r = member(&mut file, &idx, layer)?;
-            let size = r.limit();
-            if let Err(e) = apply_layer(&tmp, layer_reader(r)?) {
-                let _ = fs::remove_dir_all(&tmp);
-                return Err(e);
-            }
-            done += size;
-        }
-        progress(total, total, "done");
-        fs::write(tmp.join(".complete"), &id)
-            .map_err(|e| Error::internal("finishing image").with_source(e))?;
-        let _ = fs::remove_dir_all(&dir);
-        fs::rename(&tmp, &dir).map_err(|e| Error::internal("finishing image").with_source(e))?;
-    }
+    let layers = plan.layers.clone();
+    let dir = unpack(
+        rootfs_dir,
+        &id,
+        layers.len(),
+        total,
+        &mut |i| {
+            // A handle of its own per layer: the reader outlives this call.
+            let mut f = fs::File::open(archive)
+                .map_err(|e| bad(format!("opening {}", archive.display())).with_source(e))?;
+            let size = member(&mut f, &idx, &layers[i])?.limit();
+            Ok((layer_reader(f.take(size))?, size))
+        },
+        progress,
+    )?;
     Ok(ImageRecord {
         id,
         names,
@@ -411,6 +399,57 @@ pub fn import_archive(
         imported_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         source: archive.display().to_string(),
     })
+}
+
+/// Opens layer `i` of an image: its (decompressed) stream and its size in
+/// bytes as stored (for progress).
+pub(crate) type OpenLayer<'a> = dyn FnMut(usize) -> Result<(Box<dyn Read + 'a>, u64)> + 'a;
+
+/// Unpacks `n` layers in order into `rootfs_dir/<id hex>` unless that
+/// image is already complete: into a private partial dir first, renamed
+/// into place at the end, so a crash never leaves a half image in use.
+pub(crate) fn unpack<'a>(
+    rootfs_dir: &Path,
+    id: &str,
+    n: usize,
+    total: u64,
+    open: &mut OpenLayer<'a>,
+    progress: Progress<'_>,
+) -> Result<PathBuf> {
+    let dir = rootfs_dir.join(id.trim_start_matches("sha256:"));
+    if dir.join(".complete").is_file() {
+        return Ok(dir);
+    }
+    let tmp = rootfs_dir.join(format!(".partial-{}-{}", std::process::id(), &id[7..19]));
+    let _ = fs::remove_dir_all(&tmp);
+    fs::create_dir_all(&tmp).map_err(|e| Error::internal("creating image dir").with_source(e))?;
+    let mut done = 0;
+    for i in 0..n {
+        progress(done, total, &format!("layer {}/{n}", i + 1));
+        let applied = open(i).and_then(|(r, size)| apply_layer(&tmp, r).map(|()| size));
+        match applied {
+            Ok(size) => done += size,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&tmp);
+                return Err(e);
+            }
+        }
+    }
+    progress(total, total, "done");
+    fs::write(tmp.join(".complete"), id)
+        .map_err(|e| Error::internal("finishing image").with_source(e))?;
+    let _ = fs::remove_dir_all(&dir);
+    fs::rename(&tmp, &dir).map_err(|e| Error::internal("finishing image").with_source(e))?;
+    Ok(dir)
+}
+
+/// The image id: the sha256 of its config JSON (as Docker computes it).
+pub(crate) fn image_id(config: &[u8]) -> String {
+    format!("sha256:{}", hex_digest(config))
+}
+
+pub(crate) fn dir_size_of(p: &Path) -> u64 {
+    dir_size(p)
 }
 
 fn hex_digest(b: &[u8]) -> String {
@@ -455,10 +494,10 @@ pub(crate) mod tests {
         b.append_link(&mut h, path, target).expect("append link");
     }
 
-    /// A `docker save`-style archive of a busybox image: layer 1 has
-    /// busybox and its applets plus files that layer 2 deletes (a whiteout
-    /// and an opaque directory). Needs Debian's busybox-static.
-    pub fn busybox_archive(dir: &Path, tag: &str) -> PathBuf {
+    /// A busybox image: (config JSON, layer 1 tar, layer 2 tar.gz). Layer 1
+    /// has busybox and its applets plus files that layer 2 deletes (a
+    /// whiteout and an opaque directory). Needs Debian's busybox-static.
+    pub fn busybox_image(tag: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
         let busybox =
             fs::read("/bin/busybox").expect("/bin/busybox (apt-get install busybox-static)");
         let list = std::process::Command::new("/bin/busybox")
@@ -490,15 +529,30 @@ pub(crate) mod tests {
         add_file(&mut l2, "opaque/.wh..wh..opq", b"", 0o644);
         add_file(&mut l2, "opaque/new", b"layer 2", 0o644);
         let l2 = l2.into_inner().expect("layer2");
+        // Docker refuses configs without rootfs.diff_ids (digests of the
+        // uncompressed layers).
+        let diff_ids = [
+            format!("sha256:{}", hex_digest(&l1)),
+            format!("sha256:{}", hex_digest(&l2)),
+        ];
+        let config =
+            serde_json::json!({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"]},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids}, "tag": tag})
+            .to_string();
         // Layer 2 is gzipped, as registries serve them.
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &l2).expect("gzip");
         let l2 = gz.finish().expect("gzip");
-        let config = serde_json::json!({"architecture": "amd64", "os": "linux", "config": {"Cmd": ["sh"]}, "tag": tag}).to_string();
+        (config.into_bytes(), l1, l2)
+    }
+
+    /// A `docker save`-style archive of [`busybox_image`].
+    pub fn busybox_archive(dir: &Path, tag: &str) -> PathBuf {
+        let (config, l1, l2) = busybox_image(tag);
         let manifest = serde_json::json!([{"Config": "config.json", "RepoTags": [tag], "Layers": ["l1/layer.tar", "l2/layer.tar.gz"]}]).to_string();
         let mut outer = tar::Builder::new(Vec::new());
         add_file(&mut outer, "manifest.json", manifest.as_bytes(), 0o644);
-        add_file(&mut outer, "config.json", config.as_bytes(), 0o644);
+        add_file(&mut outer, "config.json", &config, 0o644);
         add_file(&mut outer, "l1/layer.tar", &l1, 0o644);
         add_file(&mut outer, "l2/layer.tar.gz", &l2, 0o644);
         let path = dir.join("busybox.tar");

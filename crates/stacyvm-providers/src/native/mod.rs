@@ -14,6 +14,7 @@ pub mod import;
 #[cfg(test)]
 mod isolation_tests;
 pub mod net;
+pub mod pull;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
