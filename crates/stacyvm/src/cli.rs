@@ -130,6 +130,9 @@ pub enum Command {
     },
     /// Print the version.
     Version,
+    /// Operator tooling: config lint, doctor, db, upgrade, support.
+    #[command(flatten)]
+    Ops(crate::ops::OpsCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -207,6 +210,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 .await
                 .map(|()| ExitCode::SUCCESS)
         }
+        Command::Ops(command) => crate::ops::run(command).await,
         Command::Version => {
             println!(
                 "stacyvm {} ({}/{})",

@@ -2,8 +2,11 @@
 
 #![allow(clippy::print_stdout)]
 
+mod checks;
 mod cli;
 mod image;
+mod lint;
+mod ops;
 mod serve;
 
 use std::process::ExitCode;
