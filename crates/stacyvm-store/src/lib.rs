@@ -8,6 +8,7 @@
 //! [`contract`] is the store contract suite, written once against the trait
 //! so every engine runs the same checks.
 
+pub mod backup;
 mod codec;
 pub mod contract;
 mod sqlite;

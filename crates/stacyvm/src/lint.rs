@@ -1,0 +1,835 @@
+//! `stacyvm config lint`: static checks of a configuration, no host access.
+//!
+//! The rules follow spec/config-and-cli.md §7. A rule marked "(P)" there is
+//! a WARN normally and a FAIL with `--production` ([`Report::prod`]).
+//! Messages never contain secret values, only facts about them (missing,
+//! placeholder, length).
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use stacyvm_core::config::{self, Config, Secret};
+
+use crate::checks::{self, Report};
+
+/// Arguments of `stacyvm config lint`.
+#[derive(Debug, Args)]
+pub struct LintArgs {
+    /// Config file to lint (must exist; default: ./stacyvm.yaml, then
+    /// ~/.stacyvm/config.yaml, else the built-in defaults).
+    #[arg(long, short = 'f')]
+    pub file: Option<PathBuf>,
+    /// Apply production rules: weak settings become failures.
+    #[arg(long)]
+    pub production: bool,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs the command: loads the config (load errors abort), lints, prints.
+pub fn run(args: &LintArgs) -> Result<()> {
+    let loaded = config::load(args.file.as_deref(), std::env::vars())?;
+    let mut report = Report::default();
+    let source = loaded.source.as_ref().map_or_else(
+        || "built-in defaults".to_string(),
+        |p| p.display().to_string(),
+    );
+    report.pass("config", format!("loaded and validated ({source})"));
+    if !loaded.unknown_keys.is_empty() {
+        report.warn(
+            "config.unknown_keys",
+            format!(
+                "keys this build does not know are ignored: {}",
+                loaded.unknown_keys.join(", ")
+            ),
+            "remove them or fix their spelling (see docs/configuration.md)",
+        );
+    }
+    report.extend(lint(&loaded.config, args.production));
+    checks::finish(&report, args.json, "config lint")
+}
+
+/// Placeholder fragments that mark a secret as never having been set.
+const PLACEHOLDERS: &[&str] = &["change-me", "changeme", "replace-me"];
+
+/// Minimum length of API keys and signing keys.
+const MIN_SECRET_LEN: usize = 32;
+
+/// The spec's secret rule: missing, placeholder or short is (P).
+fn secret_rule(r: &mut Report, production: bool, key: &str, value: &Secret) {
+    let v = value.expose();
+    let lower = v.to_ascii_lowercase();
+    let fix = format!("set {key} to a random value of at least {MIN_SECRET_LEN} characters, e.g. `openssl rand -hex 32`");
+    if v.trim().is_empty() {
+        r.prod(production, key, "missing secret", fix);
+    } else if PLACEHOLDERS.iter().any(|p| lower.contains(p)) {
+        r.prod(production, key, "still a placeholder value", fix);
+    } else if v.chars().count() < MIN_SECRET_LEN {
+        r.prod(
+            production,
+            key,
+            format!(
+                "shorter than {MIN_SECRET_LEN} characters ({} chars)",
+                v.chars().count()
+            ),
+            fix,
+        );
+    } else {
+        r.pass(key, format!("set ({} chars)", v.chars().count()));
+    }
+}
+
+/// All lint rules over an already validated config.
+pub fn lint(cfg: &Config, production: bool) -> Report {
+    let mut r = Report::default();
+    let p = production;
+    lint_auth(&mut r, cfg, p);
+    lint_server(&mut r, cfg, p);
+    lint_limits(&mut r, cfg, p);
+    lint_rpc_tls(&mut r, cfg, p);
+    lint_providers(&mut r, cfg, p);
+    r
+}
+
+fn lint_auth(r: &mut Report, cfg: &Config, p: bool) {
+    let a = &cfg.auth;
+    if a.enabled {
+        r.pass("auth.enabled", "true");
+    } else {
+        r.prod(
+            p,
+            "auth.enabled",
+            "authentication is not declared enabled",
+            "set auth.enabled: true together with auth.api_key and auth.admin_api_key",
+        );
+    }
+    secret_rule(r, p, "auth.api_key", &a.api_key);
+    secret_rule(r, p, "auth.admin_api_key", &a.admin_api_key);
+    lint_worker_credentials(r, cfg, p);
+    if !a.api_key.is_empty() && a.api_key == a.admin_api_key {
+        r.prod(
+            p,
+            "auth.key_separation",
+            "auth.api_key and auth.admin_api_key are the same key",
+            "give the admin key its own random value",
+        );
+    } else {
+        r.pass("auth.key_separation", "API and admin keys differ");
+    }
+    if a.admin_fallback_enabled {
+        r.prod(
+            p,
+            "auth.admin_fallback_enabled",
+            "the regular API key is accepted on admin routes when no admin key is set",
+            "set auth.admin_fallback_enabled: false",
+        );
+    } else {
+        r.pass("auth.admin_fallback_enabled", "false");
+    }
+    if a.admin_audit_retention.is_zero() {
+        r.prod(
+            p,
+            "auth.admin_audit_retention",
+            "admin audit rows are kept forever (retention 0)",
+            "set auth.admin_audit_retention, e.g. 2160h (90 days)",
+        );
+    } else {
+        r.pass(
+            "auth.admin_audit_retention",
+            a.admin_audit_retention.0.to_string(),
+        );
+    }
+    if a.oidc_enabled {
+        if a.oidc_issuer.trim().is_empty() {
+            r.prod(
+                p,
+                "auth.oidc_issuer",
+                "OIDC is enabled without an issuer",
+                "set auth.oidc_issuer to your identity provider's issuer URL",
+            );
+        } else {
+            r.pass("auth.oidc_issuer", a.oidc_issuer.clone());
+        }
+        if a.oidc_jwks_url.trim().is_empty() && a.oidc_public_key.trim().is_empty() {
+            r.prod(
+                p,
+                "auth.oidc_jwks_url",
+                "OIDC is enabled without a JWKS URL or public key",
+                "set auth.oidc_jwks_url or auth.oidc_public_key_file",
+            );
+        } else {
+            r.pass("auth.oidc_jwks_url", "a verification key source is set");
+        }
+        if !a.oidc_public_key.trim().is_empty() && a.oidc_public_key_file.is_empty() {
+            r.warn(
+                "auth.oidc_public_key_file",
+                "the OIDC public key is inline in the config",
+                "store the PEM in a file and set auth.oidc_public_key_file",
+            );
+        }
+        if a.oidc_audience.trim().is_empty() {
+            r.warn(
+                "auth.oidc_audience",
+                "tokens for any audience of the issuer are accepted",
+                "set auth.oidc_audience to this server's client id",
+            );
+        } else {
+            r.pass("auth.oidc_audience", a.oidc_audience.clone());
+        }
+        if a.oidc_admin_groups.is_empty()
+            && a.oidc_operator_groups.is_empty()
+            && a.oidc_viewer_groups.is_empty()
+        {
+            r.warn(
+                "auth.oidc_groups",
+                "no group is mapped to a role; every OIDC user gets the api role",
+                "set auth.oidc_admin_groups, auth.oidc_operator_groups or auth.oidc_viewer_groups",
+            );
+        } else {
+            r.pass("auth.oidc_groups", "group mappings set");
+        }
+    }
+}
+
+/// Worker credential rules (the spec's four cases).
+fn lint_worker_credentials(r: &mut Report, cfg: &Config, p: bool) {
+    let a = &cfg.auth;
+    let inline_token = |r: &mut Report| {
+        if a.worker_token_file.is_empty() {
+            r.warn(
+                "auth.worker_token_file",
+                "the shared worker token is inline in the config",
+                "store it in a file readable only by stacyvm and set auth.worker_token_file",
+            );
+        } else {
+            r.pass("auth.worker_token_file", a.worker_token_file.clone());
+        }
+    };
+    if !a.worker_signing_key.is_empty() {
+        secret_rule(r, p, "auth.worker_signing_key", &a.worker_signing_key);
+        if a.worker_signing_key_file.is_empty() {
+            r.warn(
+                "auth.worker_signing_key_file",
+                "the worker signing key is inline in the config",
+                "store it in a file readable only by stacyvm and set auth.worker_signing_key_file",
+            );
+        } else {
+            r.pass(
+                "auth.worker_signing_key_file",
+                a.worker_signing_key_file.clone(),
+            );
+        }
+        let mut seen = BTreeSet::new();
+        let dup = a
+            .worker_signing_keys
+            .iter()
+            .any(|k| !seen.insert(k.expose()));
+        if a.worker_signing_keys.contains(&a.worker_signing_key) || dup {
+            r.warn(
+                "auth.worker_signing_keys",
+                "rotation keys repeat the active key or each other",
+                "list only previous keys in auth.worker_signing_keys, each once",
+            );
+        } else {
+            r.pass(
+                "auth.worker_signing_keys",
+                format!("{} rotation key(s)", a.worker_signing_keys.len()),
+            );
+        }
+        r.pass(
+            "auth.worker_revoked_token_ids",
+            format!("{} revoked token id(s)", a.worker_revoked_token_ids.len()),
+        );
+        if !a.worker_token.is_empty() {
+            r.warn(
+                "auth.worker_token",
+                "a shared static worker token is still accepted next to signed tokens",
+                "remove auth.worker_token once every worker uses signed tokens",
+            );
+            inline_token(r);
+        }
+        if !a.worker_tokens.is_empty() {
+            r.warn(
+                "auth.worker_tokens",
+                "static per-worker tokens are still accepted next to signed tokens",
+                "remove auth.worker_tokens once every worker uses signed tokens",
+            );
+        }
+    } else if !a.worker_signing_keys.is_empty() {
+        r.prod(
+            p,
+            "auth.worker_signing_key",
+            "rotation keys are set but no active signing key",
+            "set auth.worker_signing_key_file to the current key",
+        );
+        if !a.worker_revoked_token_ids.is_empty() {
+            r.warn(
+                "auth.worker_revoked_token_ids",
+                "revoked token ids are set but no signing key issues tokens",
+                "set an active signing key or remove the list",
+            );
+        }
+    } else if !a.worker_tokens.is_empty() {
+        r.pass(
+            "auth.worker_tokens",
+            format!("{} per-worker token(s)", a.worker_tokens.len()),
+        );
+        if !a.worker_revoked_token_ids.is_empty() {
+            r.warn(
+                "auth.worker_revoked_token_ids",
+                "revoked token ids only apply to signed tokens",
+                "remove the list or switch workers to signed tokens",
+            );
+        }
+    } else if !a.worker_token.is_empty() {
+        r.warn(
+            "auth.worker_tokens",
+            "using a shared worker token for every worker",
+            "prefer signed worker tokens (auth.worker_signing_key_file)",
+        );
+        inline_token(r);
+    } else {
+        r.warn(
+            "auth.worker_tokens",
+            "no worker credentials configured; remote workers cannot join",
+            "ignore on a single node; for workers set auth.worker_signing_key_file",
+        );
+    }
+}
+
+fn lint_server(r: &mut Report, cfg: &Config, p: bool) {
+    let origins = &cfg.server.cors_allowed_origins;
+    if origins.is_empty() || origins.iter().any(|o| o.trim() == "*") {
+        r.prod(
+            p,
+            "server.cors_allowed_origins",
+            "browsers from any origin may call the API",
+            "list the exact origins of your web apps, e.g. [\"https://app.example.com\"]",
+        );
+    } else {
+        r.pass(
+            "server.cors_allowed_origins",
+            format!("{} origin(s)", origins.len()),
+        );
+    }
+    let rl = &cfg.rate_limit;
+    if rl.enabled {
+        r.pass("rate_limit.enabled", "true");
+    } else {
+        r.prod(
+            p,
+            "rate_limit.enabled",
+            "requests are not rate limited",
+            "set rate_limit.enabled: true",
+        );
+    }
+    if rl.requests_per_minute <= 0 || rl.burst <= 0 {
+        r.prod(
+            p,
+            "rate_limit.capacity",
+            format!(
+                "requests_per_minute {} and burst {} must both be positive",
+                rl.requests_per_minute, rl.burst
+            ),
+            "set rate_limit.requests_per_minute and rate_limit.burst above 0",
+        );
+    } else {
+        r.pass(
+            "rate_limit.capacity",
+            format!("{}/min, burst {}", rl.requests_per_minute, rl.burst),
+        );
+    }
+    if rl.key_by == "ip" {
+        r.warn(
+            "rate_limit.key_by",
+            "clients behind one proxy or NAT share a bucket",
+            "use owner or api_key unless clients are anonymous",
+        );
+    } else {
+        r.pass("rate_limit.key_by", rl.key_by.clone());
+    }
+    if cfg.is_postgres() {
+        // Validation already refused an empty DSN; this build cannot open it.
+        r.fail(
+            "database.driver",
+            "postgres is not available in this build",
+            "use database.driver: sqlite",
+        );
+    } else {
+        let path = cfg.sqlite_path();
+        if path.is_relative() {
+            r.prod(
+                p,
+                "database.path",
+                format!("{} is relative to the working directory", path.display()),
+                "use an absolute path, e.g. /var/lib/stacyvm/stacyvm.db",
+            );
+        } else {
+            r.pass("database.path", path.display().to_string());
+        }
+    }
+    if cfg.logging.format == "json" {
+        r.pass("logging.format", "json");
+    } else {
+        r.prod(
+            p,
+            "logging.format",
+            format!(
+                "{:?} logs are for humans, not collectors",
+                cfg.logging.format
+            ),
+            "set logging.format: json",
+        );
+    }
+}
+
+fn lint_limits(r: &mut Report, cfg: &Config, p: bool) {
+    let d = &cfg.defaults;
+    if d.max_sandboxes <= 0 || d.max_sandboxes_per_owner <= 0 {
+        r.prod(
+            p,
+            "defaults.sandbox_caps",
+            format!(
+                "max_sandboxes {} / max_sandboxes_per_owner {}: 0 means unlimited",
+                d.max_sandboxes, d.max_sandboxes_per_owner
+            ),
+            "set defaults.max_sandboxes and defaults.max_sandboxes_per_owner to what the host can carry",
+        );
+    } else {
+        r.pass(
+            "defaults.sandbox_caps",
+            format!(
+                "{} total, {} per owner",
+                d.max_sandboxes, d.max_sandboxes_per_owner
+            ),
+        );
+    }
+    if d.max_spawn_queue <= 0 {
+        r.prod(
+            p,
+            "defaults.max_spawn_queue",
+            "the spawn queue is unbounded",
+            "set defaults.max_spawn_queue, e.g. 100",
+        );
+    } else {
+        r.pass("defaults.max_spawn_queue", d.max_spawn_queue.to_string());
+    }
+    if d.default_exec_timeout.is_zero() || d.max_exec_timeout.is_zero() {
+        r.prod(
+            p,
+            "defaults.exec_timeouts",
+            format!(
+                "default_exec_timeout {} / max_exec_timeout {}: 0 means commands may run forever",
+                d.default_exec_timeout.0, d.max_exec_timeout.0
+            ),
+            "set defaults.default_exec_timeout (e.g. 60s) and defaults.max_exec_timeout (e.g. 10m)",
+        );
+    } else {
+        r.pass(
+            "defaults.exec_timeouts",
+            format!(
+                "default {}, max {}",
+                d.default_exec_timeout.0, d.max_exec_timeout.0
+            ),
+        );
+    }
+    if d.max_ttl.is_zero() {
+        r.prod(
+            p,
+            "defaults.max_ttl",
+            "sandboxes may live forever (max_ttl 0)",
+            "set defaults.max_ttl, e.g. 24h",
+        );
+    } else {
+        r.pass("defaults.max_ttl", d.max_ttl.0.to_string());
+    }
+}
+
+fn lint_rpc_tls(r: &mut Report, cfg: &Config, p: bool) {
+    let t = &cfg.worker.rpc_tls;
+    if !t.enabled {
+        r.warn(
+            "worker.rpc_tls.enabled",
+            "worker RPC is plain HTTP",
+            "ignore on a single node; with remote workers enable worker.rpc_tls",
+        );
+        return;
+    }
+    let files = [
+        ("worker.rpc_tls.server_cert_file", &t.server_cert_file),
+        ("worker.rpc_tls.server_key_file", &t.server_key_file),
+        ("worker.rpc_tls.client_ca_file", &t.client_ca_file),
+        ("worker.rpc_tls.ca_file", &t.ca_file),
+        ("worker.rpc_tls.client_cert_file", &t.client_cert_file),
+        ("worker.rpc_tls.client_key_file", &t.client_key_file),
+    ];
+    for (key, v) in files {
+        if v.trim().is_empty() {
+            r.prod(
+                p,
+                key,
+                "not set while worker.rpc_tls is enabled",
+                format!("set {key} (mutual TLS needs all six files)"),
+            );
+        } else {
+            r.pass(key, v.clone());
+        }
+    }
+    if t.insecure_skip_verify {
+        r.prod(
+            p,
+            "worker.rpc_tls.insecure_skip_verify",
+            "worker certificates are not verified",
+            "set worker.rpc_tls.insecure_skip_verify: false and worker.rpc_tls.ca_file",
+        );
+    } else {
+        r.pass("worker.rpc_tls.insecure_skip_verify", "false");
+    }
+}
+
+/// Whether provider `name` is enabled in `cfg`.
+pub fn provider_enabled(cfg: &Config, name: &str) -> Option<bool> {
+    let pr = &cfg.providers;
+    Some(match name {
+        "native" => pr.native.enabled,
+        "docker" => pr.docker.enabled,
+        "firecracker" => pr.firecracker.enabled,
+        "proot" => pr.proot.enabled,
+        "e2b" => pr.e2b.enabled,
+        "custom" => pr.custom.enabled,
+        "mock" => pr.mock.enabled,
+        _ => return None,
+    })
+}
+
+fn lint_providers(r: &mut Report, cfg: &Config, p: bool) {
+    let pr = &cfg.providers;
+    let default = if pr.default.is_empty() {
+        "native"
+    } else {
+        pr.default.as_str()
+    };
+    match provider_enabled(cfg, default) {
+        Some(true) => r.pass("providers.default", format!("{default} (enabled)")),
+        Some(false) => r.fail(
+            "providers.default",
+            format!("the default provider {default:?} is not enabled"),
+            format!("set providers.{default}.enabled: true or choose an enabled provider"),
+        ),
+        None => r.fail(
+            "providers.default",
+            format!("unknown provider {default:?}"),
+            "use native, docker, firecracker, proot, e2b or custom",
+        ),
+    }
+    if pr.mock.enabled {
+        r.prod(
+            p,
+            "providers.mock.enabled",
+            "the mock provider runs sandbox commands on the host without isolation",
+            "set providers.mock.enabled: false (it is for tests only)",
+        );
+    }
+    if pr.native.enabled {
+        let n = &pr.native;
+        if n.pids_limit <= 0 {
+            r.prod(
+                p,
+                "providers.native.pids_limit",
+                "no process limit per sandbox",
+                "set providers.native.pids_limit, e.g. 512",
+            );
+        } else {
+            r.pass("providers.native.pids_limit", n.pids_limit.to_string());
+        }
+        if n.network_mode == "bridge" {
+            r.warn(
+                "providers.native.network_mode",
+                "sandboxes get network access by default",
+                "use none unless workloads need the network; spawns can still ask for bridge",
+            );
+        } else {
+            r.pass("providers.native.network_mode", n.network_mode.clone());
+        }
+    }
+    if pr.docker.enabled || default == "docker" {
+        lint_docker(r, cfg, p);
+    } else {
+        r.warn(
+            "providers.docker",
+            "docker is not enabled; docker checks skipped",
+            "ignore unless you use the docker provider",
+        );
+    }
+    if pr.firecracker.enabled {
+        let f = &pr.firecracker;
+        for (key, v) in [
+            ("providers.firecracker.kernel_path", &f.kernel_path),
+            ("providers.firecracker.agent_path", &f.agent_path),
+        ] {
+            if v.trim().is_empty() {
+                r.fail(
+                    key,
+                    "empty while firecracker is enabled",
+                    format!("set {key}"),
+                );
+            }
+        }
+    }
+    if pr.proot.enabled {
+        r.prod(
+            p,
+            "providers.proot.enabled",
+            "proot is ptrace-based path translation, not an isolation boundary",
+            "use native, docker or firecracker for untrusted code",
+        );
+    }
+    if pr.custom.enabled && pr.custom.base_url.starts_with("http://") {
+        r.warn(
+            "providers.custom.base_url",
+            "the custom provider's API key travels over plain HTTP",
+            "use an https:// base_url",
+        );
+    }
+}
+
+fn lint_docker(r: &mut Report, cfg: &Config, p: bool) {
+    let d = &cfg.providers.docker;
+    if d.runtime.trim().is_empty() {
+        r.prod(
+            p,
+            "providers.docker.runtime",
+            "no container runtime set",
+            "set providers.docker.runtime (runc, or runsc for gVisor)",
+        );
+    } else {
+        r.pass("providers.docker.runtime", d.runtime.clone());
+    }
+    if d.network_mode.trim().is_empty() {
+        r.prod(
+            p,
+            "providers.docker.network_mode",
+            "no network mode set",
+            "set providers.docker.network_mode: none (or bridge if workloads need it)",
+        );
+    } else {
+        r.pass("providers.docker.network_mode", d.network_mode.clone());
+    }
+    if d.seccomp_profile.trim().is_empty() || d.seccomp_profile == "unconfined" {
+        r.prod(
+            p,
+            "providers.docker.seccomp_profile",
+            format!(
+                "seccomp profile {:?} does not filter syscalls",
+                d.seccomp_profile
+            ),
+            "set providers.docker.seccomp_profile: default (or a profile path)",
+        );
+    } else {
+        r.pass(
+            "providers.docker.seccomp_profile",
+            d.seccomp_profile.clone(),
+        );
+    }
+    if d.added_caps.is_empty() {
+        r.pass("providers.docker.added_caps", "none");
+    } else {
+        r.prod(
+            p,
+            "providers.docker.added_caps",
+            format!("capabilities added: {}", d.added_caps.join(", ")),
+            "remove providers.docker.added_caps",
+        );
+    }
+    if d.dropped_caps.iter().any(|c| c.eq_ignore_ascii_case("ALL")) {
+        r.pass("providers.docker.dropped_caps", "ALL");
+    } else {
+        r.prod(
+            p,
+            "providers.docker.dropped_caps",
+            "not every capability is dropped",
+            "set providers.docker.dropped_caps: [ALL]",
+        );
+    }
+    if d.memory.trim().is_empty() || d.cpus <= 0.0 || d.pids_limit <= 0 {
+        r.prod(
+            p,
+            "providers.docker.limits",
+            format!(
+                "memory {:?}, cpus {}, pids_limit {}: each must be set",
+                d.memory, d.cpus, d.pids_limit
+            ),
+            "set providers.docker.memory, cpus and pids_limit",
+        );
+    } else {
+        r.pass(
+            "providers.docker.limits",
+            format!(
+                "memory {}, cpus {}, pids {}",
+                d.memory, d.cpus, d.pids_limit
+            ),
+        );
+    }
+    if d.user.trim().is_empty() {
+        r.prod(
+            p,
+            "providers.docker.user",
+            "containers run as the image's user (often root)",
+            "set providers.docker.user, e.g. 65534:65534",
+        );
+    } else {
+        r.pass("providers.docker.user", d.user.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::checks::Status;
+
+    fn cfg(yaml: &str) -> Config {
+        config::from_yaml_str(yaml, &BTreeMap::new())
+            .expect("config")
+            .config
+    }
+
+    fn status(r: &Report, name: &str) -> Option<Status> {
+        r.checks.iter().find(|c| c.name == name).map(|c| c.status)
+    }
+
+    const GOOD: &str = "
+auth:
+  enabled: true
+  api_key: 0123456789abcdef0123456789abcdef-api
+  admin_api_key: 0123456789abcdef0123456789abcdef-admin
+  admin_fallback_enabled: false
+  admin_audit_retention: 720h
+server:
+  cors_allowed_origins: [\"https://app.example.com\"]
+rate_limit:
+  enabled: true
+database:
+  path: /var/lib/stacyvm/stacyvm.db
+defaults:
+  max_sandboxes: 50
+  max_sandboxes_per_owner: 5
+  default_exec_timeout: 60s
+logging:
+  format: json
+";
+
+    #[test]
+    fn defaults_fail_production_for_every_reason() {
+        let r = lint(&cfg(""), true);
+        for name in [
+            "auth.enabled",
+            "auth.api_key",
+            "auth.admin_api_key",
+            "auth.admin_fallback_enabled",
+            "auth.admin_audit_retention",
+            "server.cors_allowed_origins",
+            "rate_limit.enabled",
+            "defaults.sandbox_caps",
+            "defaults.exec_timeouts",
+            "logging.format",
+        ] {
+            assert_eq!(status(&r, name), Some(Status::Fail), "{name}");
+        }
+        // Without --production the same rules only warn.
+        let r = lint(&cfg(""), false);
+        assert_eq!(r.failures(), 0, "{:?}", r.checks);
+        assert_eq!(status(&r, "auth.api_key"), Some(Status::Warn));
+    }
+
+    #[test]
+    fn a_hardened_config_passes_production() {
+        let r = lint(&cfg(GOOD), true);
+        assert_eq!(r.failures(), 0, "{:#?}", r.checks);
+        for c in &r.checks {
+            assert!(c.status == Status::Pass || c.fix.is_some(), "{c:?}");
+        }
+    }
+
+    #[test]
+    fn secret_rule_catches_placeholders_short_keys_and_equal_keys() {
+        let y = GOOD.replace(
+            "0123456789abcdef0123456789abcdef-api",
+            "please-change-me-0123456789abcdef0123",
+        );
+        assert_eq!(
+            status(&lint(&cfg(&y), true), "auth.api_key"),
+            Some(Status::Fail)
+        );
+        let y = GOOD.replace("0123456789abcdef0123456789abcdef-api", "tiny-xyzzy");
+        let r = lint(&cfg(&y), true);
+        assert_eq!(status(&r, "auth.api_key"), Some(Status::Fail));
+        // The value itself is never printed.
+        assert!(!r.checks.iter().any(|c| c.message.contains("xyzzy")));
+        let y = GOOD.replace("-admin", "-api");
+        assert_eq!(
+            status(&lint(&cfg(&y), true), "auth.key_separation"),
+            Some(Status::Fail)
+        );
+    }
+
+    #[test]
+    fn docker_rules_apply_when_docker_is_used() {
+        let y = format!(
+            "{GOOD}providers:\n  docker:\n    enabled: true\n    seccomp_profile: unconfined\n    added_caps: [NET_ADMIN]\n    dropped_caps: [MKNOD]\n"
+        );
+        let r = lint(&cfg(&y), true);
+        for name in [
+            "providers.docker.seccomp_profile",
+            "providers.docker.added_caps",
+            "providers.docker.dropped_caps",
+            "providers.docker.user",
+        ] {
+            assert_eq!(status(&r, name), Some(Status::Fail), "{name}");
+        }
+        assert_eq!(status(&r, "providers.docker.runtime"), Some(Status::Pass));
+        let r = lint(&cfg(GOOD), true);
+        assert_eq!(status(&r, "providers.docker"), Some(Status::Warn));
+        assert_eq!(status(&r, "providers.docker.user"), None);
+    }
+
+    #[test]
+    fn worker_credential_cases() {
+        let y = GOOD.replace(
+            "auth:\n",
+            "auth:\n  worker_signing_keys: [aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa]\n",
+        );
+        let r = lint(&cfg(&y), true);
+        assert_eq!(
+            status(&r, "auth.worker_signing_key"),
+            Some(Status::Fail),
+            "rotation keys without an active key"
+        );
+        let y = GOOD.replace(
+            "auth:\n",
+            "auth:\n  worker_signing_key: bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb\n  worker_signing_keys: [bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb]\n  worker_token: shared-token\n",
+        );
+        let r = lint(&cfg(&y), true);
+        assert_eq!(status(&r, "auth.worker_signing_key"), Some(Status::Pass));
+        assert_eq!(
+            status(&r, "auth.worker_signing_key_file"),
+            Some(Status::Warn)
+        );
+        assert_eq!(status(&r, "auth.worker_signing_keys"), Some(Status::Warn));
+        assert_eq!(status(&r, "auth.worker_token"), Some(Status::Warn));
+        let r = lint(&cfg(GOOD), true);
+        assert_eq!(status(&r, "auth.worker_tokens"), Some(Status::Warn));
+    }
+
+    #[test]
+    fn mock_and_default_provider_rules() {
+        let y = format!("{GOOD}providers:\n  default: docker\n  mock:\n    enabled: true\n");
+        let r = lint(&cfg(&y), true);
+        assert_eq!(status(&r, "providers.default"), Some(Status::Fail));
+        assert_eq!(status(&r, "providers.mock.enabled"), Some(Status::Fail));
+    }
+}
