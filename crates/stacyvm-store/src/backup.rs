@@ -13,8 +13,10 @@
 //! `VACUUM INTO` copy that includes committed WAL content, or a raw copy
 //! of the files if the current database is too damaged for that), the
 //! `-wal`/`-shm` sidecars are removed so SQLite cannot replay stale pages
-//! over the restored file, and the backup is copied to a temporary file,
-//! fsynced and renamed over the target.
+//! over the restored file, and the backup is copied (again with `VACUUM
+//! INTO`) to a temporary file, checked, fsynced and renamed over the
+//! target. Every file written is mode 0600 and uses a rollback journal, so
+//! it is complete without sidecar files.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -256,6 +258,20 @@ async fn vacuum_into(source: &Path, dest: &Path) -> Result<(), BackupError> {
         .await;
     let _ = conn.close().await;
     result.map_err(sql_err("copying (VACUUM INTO) from", source))?;
+    // The copy inherits WAL mode; switch it to a rollback journal so the
+    // file is self-contained and opening it (even read-only) leaves no
+    // -wal/-shm files behind. The server switches back to WAL on open.
+    let mut conn = SqliteConnectOptions::new()
+        .filename(dest)
+        .busy_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(sql_err("opening", dest))?;
+    let mode = sqlx::query_scalar::<_, String>("PRAGMA journal_mode = DELETE")
+        .fetch_one(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    mode.map_err(sql_err("setting the journal mode of", dest))?;
     fs::set_permissions(dest, fs::Permissions::from_mode(0o600))
         .map_err(io_err("setting permissions of", dest))?;
     integrity_check(dest).await?;
@@ -396,7 +412,9 @@ pub async fn restore(backup: &Path, target: &Path) -> Result<RestoreReport, Back
     create_parent(target)?;
     let tmp = temp_sibling(target, "restore");
     remove_if_exists(&tmp)?;
-    if let Err(e) = copy_private(backup, &tmp) {
+    // A fresh consistent copy rather than a byte copy: it includes a WAL
+    // the backup file may have next to it and is a self-contained file.
+    if let Err(e) = vacuum_into(backup, &tmp).await {
         let _ = fs::remove_file(&tmp);
         return Err(e);
     }

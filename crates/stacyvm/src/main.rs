@@ -4,6 +4,7 @@
 
 mod checks;
 mod cli;
+mod db;
 mod image;
 mod lint;
 mod ops;

@@ -15,6 +15,11 @@ pub enum OpsCommand {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Back up, restore and check the SQLite database.
+    Db {
+        #[command(subcommand)]
+        command: crate::db::DbCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -31,6 +36,7 @@ pub async fn run(command: OpsCommand) -> Result<ExitCode> {
         OpsCommand::Config {
             command: ConfigCommand::Lint(args),
         } => crate::lint::run(&args)?,
+        OpsCommand::Db { command } => crate::db::run(command).await?,
     }
     Ok(ExitCode::SUCCESS)
 }
