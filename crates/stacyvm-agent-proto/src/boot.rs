@@ -50,6 +50,22 @@ pub struct BootSpec {
     /// Install the seccomp filter (always on in production).
     #[serde(default = "yes")]
     pub seccomp: bool,
+    /// Rootless mode: a user namespace mapping these host ids to root
+    /// inside (set when the server does not run as root).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub userns: Option<IdMap>,
+    /// RLIMIT_NPROC for the sandbox (0 = unset). Used in rootless mode
+    /// without a delegated cgroup: since Linux 5.14 it counts processes per
+    /// user namespace, so it bounds the sandbox alone.
+    #[serde(default)]
+    pub nproc_limit: u64,
+}
+
+/// Host ids that become uid/gid 0 inside a user namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdMap {
+    pub uid: u32,
+    pub gid: u32,
 }
 
 fn yes() -> bool {

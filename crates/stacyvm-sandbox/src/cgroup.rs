@@ -50,6 +50,17 @@ pub fn detect() -> Option<Layout> {
     }
 }
 
+/// Whether this process may create cgroups under its own (a delegated
+/// subtree when not root).
+pub fn writable(layout: &Layout) -> bool {
+    let dirs: Vec<&Path> = match layout {
+        Layout::V2(base) => vec![base.as_path()],
+        Layout::V1(v) => v.iter().map(|(_, d)| d.as_path()).collect(),
+    };
+    dirs.iter()
+        .all(|d| nix::unistd::access(*d, nix::unistd::AccessFlags::W_OK).is_ok())
+}
+
 /// This process's cgroup path for a v1 controller ("" = the v2 entry).
 fn own_path(controller: &str) -> Option<String> {
     let text = fs::read_to_string("/proc/self/cgroup").ok()?;

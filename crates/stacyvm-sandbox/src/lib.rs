@@ -75,6 +75,9 @@ pub fn boot(spec: &BootSpec) -> Result<Booted, SetupError> {
     for dir in &spec.cgroups {
         cgroup::join(Path::new(dir))?;
     }
+    if let Some(ids) = spec.userns {
+        enter_user_namespace(ids)?;
+    }
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
@@ -124,6 +127,29 @@ pub fn boot(spec: &BootSpec) -> Result<Booted, SetupError> {
             }
         }
     }
+}
+
+/// Rootless mode: a new user namespace in which the server's uid and gid
+/// are root. Every namespace unshared afterwards is owned by it, so the
+/// sandbox's "root" has no privilege over anything of the host.
+fn enter_user_namespace(ids: stacyvm_agent_proto::boot::IdMap) -> Result<(), SetupError> {
+    sys(
+        "unshare user namespace",
+        nix::sched::unshare(CloneFlags::CLONE_NEWUSER),
+    )?;
+    io(
+        "writing setgroups",
+        std::fs::write("/proc/self/setgroups", "deny"),
+    )?;
+    io(
+        "writing uid_map",
+        std::fs::write("/proc/self/uid_map", format!("0 {} 1\n", ids.uid)),
+    )?;
+    io(
+        "writing gid_map",
+        std::fs::write("/proc/self/gid_map", format!("0 {} 1\n", ids.gid)),
+    )?;
+    Ok(())
 }
 
 /// Runs as PID 1 in the new namespaces.

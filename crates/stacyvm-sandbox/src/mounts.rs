@@ -239,15 +239,29 @@ fn build_dev(merged: &Path) -> Result<(), SetupError> {
     ] {
         let dst = dev.join(name);
         let mode = nix::sys::stat::Mode::from_bits_truncate(0o666);
-        sys(
-            format!("mknod /dev/{name}"),
-            nix::sys::stat::mknod(
-                &dst,
-                nix::sys::stat::SFlag::S_IFCHR,
-                mode,
-                nix::sys::stat::makedev(major, minor),
-            ),
-        )?;
+        let made = nix::sys::stat::mknod(
+            &dst,
+            nix::sys::stat::SFlag::S_IFCHR,
+            mode,
+            nix::sys::stat::makedev(major, minor),
+        );
+        if made == Err(nix::errno::Errno::EPERM) {
+            // In a user namespace (rootless mode) mknod is not allowed:
+            // bind the host's node instead, still visible before pivot.
+            touch(&dst)?;
+            sys(
+                format!("bind /dev/{name}"),
+                mount(
+                    Some(&Path::new("/dev").join(name)),
+                    &dst,
+                    NONE,
+                    MsFlags::MS_BIND,
+                    NONE,
+                ),
+            )?;
+            continue;
+        }
+        sys(format!("mknod /dev/{name}"), made)?;
         // mknod honours the umask; make sure the node is world-usable.
         io(
             format!("chmod /dev/{name}"),

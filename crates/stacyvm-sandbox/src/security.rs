@@ -48,6 +48,16 @@ pub fn lock_down(spec: &BootSpec) -> Result<(), SetupError> {
         .map_err(|e| caps_err("setting effective capabilities", e))?;
     caps::set(None, CapSet::Permitted, &keep)
         .map_err(|e| caps_err("setting permitted capabilities", e))?;
+    if spec.nproc_limit > 0 {
+        crate::sys(
+            "RLIMIT_NPROC",
+            nix::sys::resource::setrlimit(
+                nix::sys::resource::Resource::RLIMIT_NPROC,
+                spec.nproc_limit,
+                spec.nproc_limit,
+            ),
+        )?;
+    }
     crate::sys("no_new_privs", nix::sys::prctl::set_no_new_privs())?;
     crate::sys("dumpable", nix::sys::prctl::set_dumpable(false))?;
     if spec.seccomp {

@@ -70,6 +70,9 @@ pub enum Command {
         /// Metadata as KEY=VALUE (repeatable).
         #[arg(long = "meta", value_parser = parse_kv)]
         metadata: Vec<(String, String)>,
+        /// Network mode: none (loopback only) or bridge (NAT to the outside).
+        #[arg(long)]
+        network: Option<String>,
     },
     /// Run a command in a sandbox; exits with the command's exit code.
     Exec {
@@ -229,6 +232,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             vcpus,
             template,
             metadata,
+            network,
         } => {
             let c = client(&conn)?;
             let req = SpawnRequest {
@@ -243,6 +247,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 } else {
                     Some(metadata.into_iter().collect::<BTreeMap<_, _>>())
                 },
+                network_mode: network.unwrap_or_default(),
                 ..SpawnRequest::default()
             };
             let sb = c.spawn(&req).await?;

@@ -393,3 +393,125 @@ fn websocket_tty_session_on_native() {
     assert_eq!(done["exit_code"], 4, "{done}");
     s.cli(&["kill", &id]);
 }
+
+/// A server that is not root runs native sandboxes in a user namespace
+/// (rootless mode): root inside is the server's uid outside, processes are
+/// bounded by RLIMIT_NPROC (no delegated cgroup here), files land owned by
+/// the server's uid, bridge networking is refused, and destroy removes
+/// everything (overlayfs leaves a mode-000 work dir that an unprivileged
+/// server must open up first).
+#[test]
+fn rootless_server_uses_a_user_namespace() {
+    const NOBODY: u32 = 65534;
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("data dir");
+    std::os::unix::fs::chown(&data, Some(NOBODY), Some(NOBODY)).expect("chown");
+    let port = free_port();
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path).expect("log");
+    let child = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            BIN,
+            "serve",
+        ])
+        .env("HOME", &data)
+        .env("STACYVM_SERVER_HOST", "127.0.0.1")
+        .env("STACYVM_SERVER_PORT", port.to_string())
+        .env("STACYVM_SERVER_DATA_DIR", &data)
+        .env("STACYVM_PROVIDERS_NATIVE_PIDS_LIMIT", "64")
+        .env("STACYVM_LOGGING_LEVEL", "warn")
+        .current_dir(&data)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("setpriv (util-linux)");
+    let s = Server {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+        data: data.clone(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "rootless serve did not listen: {}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = s.cli(&["spawn"]);
+    assert!(
+        out.status.success(),
+        "{} / server log: {}",
+        text(&out.stderr),
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
+    let id = text(&out.stdout).trim().to_string();
+
+    let out = s.cli(&[
+        "exec",
+        "--shell",
+        &id,
+        "--",
+        "id -u; tr -s ' ' < /proc/self/uid_map; echo data > /workspace/f; ps -e | wc -l",
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "0\n 0 65534 1\n5\n",
+        "root inside maps to nobody outside; only the sandbox processes (ps header, agent, sh, ps, wc): {}",
+        text(&out.stderr)
+    );
+    let upper = data
+        .join("native/sandboxes")
+        .join(&id)
+        .join("upper/workspace/f");
+    let meta = std::fs::metadata(&upper).expect("file in the upper dir");
+    assert_eq!(
+        std::os::unix::fs::MetadataExt::uid(&meta),
+        NOBODY,
+        "files belong to the server's uid on the host"
+    );
+
+    // A fork bomb stops at the pids limit; the server keeps serving.
+    let out = s.cli(&[
+        "exec",
+        &id,
+        "--",
+        "python3",
+        "-c",
+        "import os, time\nn = 0\ntry:\n  while n < 1000:\n    if os.fork() == 0:\n      time.sleep(3); os._exit(0)\n    n += 1\nexcept OSError:\n  print('bounded', n < 64)",
+    ]);
+    assert_eq!(text(&out.stdout), "bounded True\n", "{}", text(&out.stderr));
+    // Privileged operations still fail inside.
+    let out = s.cli(&["exec", "--shell", &id, "--", "mount -t tmpfs x /mnt"]);
+    assert_ne!(out.status.code(), Some(0));
+
+    let out = s.cli(&["spawn", "--network", "bridge"]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("needs a server running as root"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    let out = s.cli(&["kill", &id]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        !data.join("native/sandboxes").join(&id).exists(),
+        "sandbox state removed: {}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    assert!(log.contains("rootless mode"), "{log}");
+    s.stop();
+}

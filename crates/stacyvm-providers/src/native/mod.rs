@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use stacyvm_agent_proto::boot::{BootSpec, RootSpec};
+use stacyvm_agent_proto::boot::{BootSpec, IdMap, RootSpec};
 use stacyvm_agent_proto::{FileStat, Request};
 use stacyvm_api::FileInfo;
 use stacyvm_core::provider::{
@@ -58,6 +58,8 @@ pub struct NativeProvider {
     opts: NativeOptions,
     images: images::ImageStore,
     cgroups: Option<Layout>,
+    /// The server is not root: sandboxes get a user namespace.
+    rootless: bool,
     bridge: Arc<net::Bridge>,
     conns: Mutex<HashMap<String, Arc<AgentClient>>>,
     /// Serialises connection setup per sandbox.
@@ -132,6 +134,32 @@ fn exec_request(spec: &ExecSpec, stdin: bool) -> Request {
 }
 
 /// Whether `pid` is a live process (zombies count as dead).
+/// Removes a sandbox's state. Directories the sandbox (or overlayfs, whose
+/// `work/work` is mode 000) left unreadable are opened up first: without
+/// CAP_DAC_OVERRIDE (rootless mode) they could not be emptied otherwise.
+fn remove_tree(dir: &Path) -> std::io::Result<()> {
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            let mut stack = vec![dir.to_path_buf()];
+            while let Some(d) = stack.pop() {
+                let _ = std::fs::set_permissions(
+                    &d,
+                    std::os::unix::fs::PermissionsExt::from_mode(0o700),
+                );
+                if let Ok(rd) = std::fs::read_dir(&d) {
+                    for e in rd.flatten() {
+                        if e.file_type().is_ok_and(|t| t.is_dir()) {
+                            stack.push(e.path());
+                        }
+                    }
+                }
+            }
+            std::fs::remove_dir_all(dir)
+        }
+        r => r,
+    }
+}
+
 fn pid_alive(pid: i32) -> bool {
     if pid <= 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
         return false;
@@ -164,9 +192,19 @@ impl NativeProvider {
             Error::internal(format!("creating {}", opts.state_dir.display())).with_source(e)
         })?;
         let images = images::ImageStore::new(opts.state_dir.join("images"), &opts.hidden)?;
+        let rootless = !nix::unistd::geteuid().is_root();
+        let mut cgroups = cgroup::detect();
+        if rootless && !cgroups.as_ref().is_some_and(cgroup::writable) {
+            warn!(
+                "native provider in rootless mode (user namespaces) without a delegated cgroup: \
+                 memory and cpu limits are not enforced; processes are bounded by RLIMIT_NPROC"
+            );
+            cgroups = None;
+        }
         Ok(NativeProvider {
             images,
-            cgroups: cgroup::detect(),
+            rootless,
+            cgroups,
             bridge: Arc::new(net::Bridge::new(opts.bridge.clone())),
             conns: Mutex::new(HashMap::new()),
             connecting: tokio::sync::Mutex::new(()),
@@ -266,6 +304,15 @@ impl NativeProvider {
             network: self.network_mode(spec).to_string(),
             tmp_size_mb: (memory_bytes / (2 * 1024 * 1024)).max(16),
             seccomp: true,
+            userns: self.rootless.then(|| IdMap {
+                uid: nix::unistd::getuid().as_raw(),
+                gid: nix::unistd::getgid().as_raw(),
+            }),
+            nproc_limit: if self.rootless && cgroups.is_empty() {
+                self.opts.pids_limit
+            } else {
+                0
+            },
         };
         let boot_path = dir.join("boot.json");
         std::fs::write(
@@ -342,7 +389,7 @@ impl NativeProvider {
             if let Some(att) = att {
                 bridge.detach(&att);
             }
-            if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if let Err(e) = remove_tree(&dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
                     warn!(dir = %dir.display(), error = %e, "removing sandbox state failed");
                 }
@@ -385,15 +432,18 @@ impl Provider for NativeProvider {
                 },
             ),
             ("images".to_string(), self.images.names().join(",")),
+            (
+                "mode".to_string(),
+                if self.rootless {
+                    "rootless (user namespace)".into()
+                } else {
+                    "root".into()
+                },
+            ),
         ])
     }
 
     async fn health(&self) -> Result<()> {
-        if !nix::unistd::geteuid().is_root() {
-            return Err(Error::unavailable(
-                "the native provider needs root (user namespaces are not supported yet)",
-            ));
-        }
         if !self.opts.agent_path.is_file() {
             return Err(Error::unavailable(format!(
                 "agent binary {} not found; build it or set providers.native.agent_path",
@@ -406,7 +456,15 @@ impl Provider for NativeProvider {
                 "the kernel has no overlayfs (modprobe overlay)",
             ));
         }
-        if self.cgroups.is_none() {
+        if self.rootless {
+            let max =
+                std::fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
+            if max.trim() == "0" {
+                return Err(Error::unavailable(
+                    "rootless mode needs user namespaces: sysctl user.max_user_namespaces is 0 (or run the server as root)",
+                ));
+            }
+        } else if self.cgroups.is_none() {
             return Err(Error::unavailable(
                 "no usable cgroup hierarchy under /sys/fs/cgroup",
             ));
@@ -437,6 +495,11 @@ impl Provider for NativeProvider {
             )));
         }
         match self.network_mode(spec) {
+            "bridge" if self.rootless => {
+                return Err(Error::invalid(
+                    "network_mode bridge needs a server running as root (rootless mode has loopback only)",
+                ))
+            }
             "none" | "bridge" => {}
             other => {
                 return Err(Error::invalid(format!(
