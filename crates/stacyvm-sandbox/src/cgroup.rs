@@ -35,11 +35,19 @@ pub fn detect() -> Option<Layout> {
         return Some(Layout::V2(root.join(own.trim_start_matches('/'))));
     }
     let mut v = Vec::new();
-    for ctl in ["memory", "pids", "cpu"] {
+    // cpuacct only for usage (stats); when co-mounted with cpu both names
+    // lead to one hierarchy, kept once.
+    let mut seen = Vec::new();
+    for ctl in ["memory", "pids", "cpu", "cpuacct"] {
         let mount = root.join(ctl);
         if !mount.join("cgroup.procs").is_file() {
             continue;
         }
+        let real = fs::canonicalize(&mount).unwrap_or_else(|_| mount.clone());
+        if seen.contains(&real) {
+            continue;
+        }
+        seen.push(real);
         let own = own_path(ctl).unwrap_or_default();
         v.push((ctl.to_string(), mount.join(own.trim_start_matches('/'))));
     }
@@ -207,4 +215,48 @@ pub fn memory_usage(dirs: &[PathBuf]) -> (u64, u64) {
         }
     }
     (0, 0)
+}
+
+/// Resource usage read from a sandbox's cgroups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Total CPU time used, in nanoseconds.
+    pub cpu_ns: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    /// `None` when unlimited.
+    pub memory_limit_bytes: Option<u64>,
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// Reads usage from the directories [`create`] returned (v1 or v2).
+pub fn usage(dirs: &[PathBuf]) -> Usage {
+    let mut u = Usage::default();
+    for d in dirs {
+        // v2
+        if let Some(m) = read_u64(&d.join("memory.current")) {
+            u.memory_bytes = Some(m);
+            u.memory_limit_bytes = read_u64(&d.join("memory.max"));
+        }
+        if let Ok(stat) = fs::read_to_string(d.join("cpu.stat")) {
+            for line in stat.lines() {
+                if let Some(v) = line.strip_prefix("usage_usec ") {
+                    u.cpu_ns = v.trim().parse::<u64>().ok().map(|us| us * 1000);
+                }
+            }
+        }
+        // v1
+        if let Some(m) = read_u64(&d.join("memory.usage_in_bytes")) {
+            u.memory_bytes = Some(m);
+            // v1 reports "unlimited" as a huge page-rounded number.
+            u.memory_limit_bytes =
+                read_u64(&d.join("memory.limit_in_bytes")).filter(|l| *l < (1 << 62));
+        }
+        if let Some(ns) = read_u64(&d.join("cpuacct.usage")) {
+            u.cpu_ns = Some(ns);
+        }
+    }
+    u
 }

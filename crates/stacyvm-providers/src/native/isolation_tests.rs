@@ -572,3 +572,44 @@ async fn unknown_network_mode_is_rejected() {
     assert!(e.to_string().contains("allowed: none, bridge"), "{e}");
     assert!(!fx.state_dir().join("sandboxes").join(&spec.id).exists());
 }
+
+/// Stats come from the sandbox's cgroups: a busy loop shows CPU, held
+/// memory shows in the usage, the limit is the spawn's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_report_cpu_and_memory_from_cgroups() {
+    let fx = fixture();
+    let p: Arc<dyn Provider> = Arc::new(fx.make());
+    let id = spawn_with(p.as_ref(), 256).await;
+    let idle = p.stats(&id).await.expect("stats");
+    assert_eq!(idle.mem_limit_bytes, 256 * 1024 * 1024);
+    let p2 = p.clone();
+    let id2 = id.clone();
+    let busy = tokio::spawn(async move {
+        py(
+            p2.as_ref(),
+            &id2,
+            "import time
+b = bytearray(64 << 20)
+for i in range(0, len(b), 4096): b[i] = 1
+end = time.time() + 2
+while time.time() < end: pass
+print(len(b))",
+        )
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let s = p.stats(&id).await.expect("stats");
+    let r = busy.await.expect("busy task");
+    assert_eq!(r.stdout.trim(), (64 << 20).to_string(), "{r:?}");
+    assert!(
+        s.cpu_pct > 20.0,
+        "busy loop shows CPU: {s:?} (idle {idle:?})"
+    );
+    assert!(
+        s.mem_bytes >= 64 << 20 && s.mem_bytes > idle.mem_bytes,
+        "held memory shows: {s:?} (idle {idle:?})"
+    );
+    p.destroy(&id).await.expect("destroy");
+    let e = p.stats(&id).await.expect_err("destroyed");
+    assert_eq!(e.kind(), stacyvm_core::ErrorKind::SandboxNotFound);
+}

@@ -28,7 +28,7 @@ use stacyvm_agent_proto::{FileStat, Request};
 use stacyvm_api::FileInfo;
 use stacyvm_core::provider::{
     capability, format_mod_time, format_mode, ExecInput, ExecSpec, ExitStatus, OutputSink,
-    Provider, RuntimeInfo, RuntimeStatus, SpawnSpec, Spawned,
+    Provider, RuntimeInfo, RuntimeStatus, SpawnSpec, Spawned, Stats,
 };
 use stacyvm_core::{paths, Error, ErrorKind, Result};
 use stacyvm_sandbox::cgroup::{self, Layout, Limits};
@@ -408,6 +408,9 @@ impl Provider for NativeProvider {
     fn capabilities(&self) -> Vec<String> {
         let mut c: Vec<String> = capability::BASE.iter().map(|s| (*s).to_string()).collect();
         c.push(capability::RUNTIME_INVENTORY.into());
+        if self.cgroups.is_some() {
+            c.push(capability::STATS.into());
+        }
         c.push("namespaces".into());
         c
     }
@@ -690,6 +693,35 @@ impl Provider for NativeProvider {
         }
         self.teardown(id, meta).await;
         Ok(())
+    }
+
+    /// CPU (% of one CPU over a 100 ms window) and memory from the
+    /// sandbox's cgroups; the memory limit falls back to the spawn's.
+    async fn stats(&self, id: &str) -> Result<Stats> {
+        let meta = self.meta(id)?;
+        if !pid_alive(meta.init_pid) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        if meta.cgroups.is_empty() {
+            return Err(Error::unsupported(
+                "native: stats need cgroups (this server runs rootless without a delegated cgroup)",
+            ));
+        }
+        let window = Duration::from_millis(100);
+        let first = cgroup::usage(&meta.cgroups);
+        tokio::time::sleep(window).await;
+        let second = cgroup::usage(&meta.cgroups);
+        let cpu_pct = match (first.cpu_ns, second.cpu_ns) {
+            (Some(a), Some(b)) => (b.saturating_sub(a) as f64) / (window.as_nanos() as f64) * 100.0,
+            _ => 0.0,
+        };
+        Ok(Stats {
+            cpu_pct: (cpu_pct * 100.0).round() / 100.0,
+            mem_bytes: second.memory_bytes.unwrap_or(0),
+            mem_limit_bytes: second
+                .memory_limit_bytes
+                .unwrap_or((meta.memory_mb.max(0) as u64) * 1024 * 1024),
+        })
     }
 
     async fn logs(&self, id: &str, lines: usize) -> Result<Vec<String>> {
