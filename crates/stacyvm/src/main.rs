@@ -5,6 +5,8 @@
 mod checks;
 mod cli;
 mod db;
+mod doctor;
+mod engine;
 mod image;
 mod lint;
 mod ops;

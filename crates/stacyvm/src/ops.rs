@@ -15,6 +15,10 @@ pub enum OpsCommand {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Check that this host can run the configured providers.
+    ///
+    /// Exits with status 1 when any check fails.
+    Doctor(crate::doctor::DoctorArgs),
     /// Back up, restore and check the SQLite database.
     Db {
         #[command(subcommand)]
@@ -36,6 +40,7 @@ pub async fn run(command: OpsCommand) -> Result<ExitCode> {
         OpsCommand::Config {
             command: ConfigCommand::Lint(args),
         } => crate::lint::run(&args)?,
+        OpsCommand::Doctor(args) => crate::doctor::run(&args).await?,
         OpsCommand::Db { command } => crate::db::run(command).await?,
     }
     Ok(ExitCode::SUCCESS)
