@@ -10,7 +10,10 @@ mod engine;
 mod image;
 mod lint;
 mod ops;
+mod redact;
 mod serve;
+mod support;
+mod upgrade;
 
 use std::process::ExitCode;
 

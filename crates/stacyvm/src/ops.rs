@@ -24,6 +24,40 @@ pub enum OpsCommand {
         #[command(subcommand)]
         command: crate::db::DbCommand,
     },
+    /// Prepare upgrades.
+    Upgrade {
+        #[command(subcommand)]
+        command: UpgradeCommand,
+    },
+    /// Collect diagnostics for a bug report, with secrets redacted.
+    Support {
+        #[command(subcommand)]
+        command: SupportCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UpgradeCommand {
+    /// Check everything an upgrade depends on, without changing anything.
+    ///
+    /// Runs the production config lint, checks the database (integrity,
+    /// schema version) and applies this build's migrations to a scratch
+    /// copy, checks the planned backup path, optionally runs doctor, and
+    /// prints the recommended upgrade steps. Exits 1 on any failure.
+    Rehearse(crate::upgrade::RehearseArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SupportCommand {
+    /// Write a redacted JSON bundle: version, platform, effective config,
+    /// production lint, optionally doctor and server diagnostics.
+    ///
+    /// Every secret of the config and environment, and the API key used
+    /// for --include-server, is removed before the file is written (0600).
+    #[command(
+        after_help = "Example:\n  stacyvm support bundle /tmp/stacyvm-support.json --include-doctor --include-server"
+    )]
+    Bundle(crate::support::BundleArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -41,6 +75,12 @@ pub async fn run(command: OpsCommand) -> Result<ExitCode> {
             command: ConfigCommand::Lint(args),
         } => crate::lint::run(&args)?,
         OpsCommand::Doctor(args) => crate::doctor::run(&args).await?,
+        OpsCommand::Upgrade {
+            command: UpgradeCommand::Rehearse(args),
+        } => crate::upgrade::run(&args).await?,
+        OpsCommand::Support {
+            command: SupportCommand::Bundle(args),
+        } => crate::support::run(&args).await?,
         OpsCommand::Db { command } => crate::db::run(command).await?,
     }
     Ok(ExitCode::SUCCESS)
