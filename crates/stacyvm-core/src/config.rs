@@ -213,6 +213,9 @@ pub struct NativeConfig {
     pub bridge_name: String,
     /// IPv4 subnet of the bridge; its first address is the gateway.
     pub bridge_subnet: String,
+    /// Sandboxes pre-booted for fast spawns (image `host`, network
+    /// `none`; root servers only). 0 disables the pool.
+    pub warm_pool: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -430,6 +433,7 @@ impl Default for NativeConfig {
             pids_limit: 512,
             bridge_name: "stacyvm0".into(),
             bridge_subnet: "10.88.0.0/16".into(),
+            warm_pool: 2,
         }
     }
 }
@@ -1002,6 +1006,12 @@ impl Config {
         }
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        if !(0..=1000).contains(&self.providers.native.warm_pool) {
+            return Err(invalid(
+                "providers.native.warm_pool",
+                "must be between 0 and 1000",
+            ));
         }
         let bridge = &self.providers.native.bridge_name;
         if bridge.is_empty()

@@ -47,10 +47,10 @@ pub struct Ran {
     pub chunks: Vec<(StreamKind, Vec<u8>, Duration)>,
 }
 
-pub async fn spawn(p: &dyn Provider, image: &str) -> String {
-    let id = paths::new_sandbox_id();
-    let spec = SpawnSpec {
-        id: id.clone(),
+/// The suite's spawn request for `image` (256 MiB, 1 vCPU, 10 minutes).
+pub fn spawn_spec(image: &str) -> SpawnSpec {
+    SpawnSpec {
+        id: paths::new_sandbox_id(),
         image: image.to_string(),
         memory_mb: 256,
         vcpus: 1,
@@ -59,7 +59,11 @@ pub async fn spawn(p: &dyn Provider, image: &str) -> String {
         tenant_id: String::new(),
         expires_at: Utc::now() + chrono::Duration::minutes(10),
         network_mode: String::new(),
-    };
+    }
+}
+
+pub async fn spawn(p: &dyn Provider, image: &str) -> String {
+    let spec = spawn_spec(image);
     let s = p.spawn(&spec).await.expect("spawn");
     assert!(!s.runtime_id.is_empty(), "runtime id must not be empty");
     s.runtime_id

@@ -260,3 +260,39 @@ pub fn usage(dirs: &[PathBuf]) -> Usage {
     }
     u
 }
+
+/// Writes `limits` into existing sandbox cgroups (v1 or v2, recognised by
+/// their files); used when a pre-booted sandbox is claimed.
+pub fn set_limits(dirs: &[PathBuf], limits: Limits) -> Result<(), SetupError> {
+    for d in dirs {
+        if limits.memory_bytes > 0 {
+            let m = limits.memory_bytes.to_string();
+            if d.join("memory.max").is_file() {
+                write(&d.join("memory.max"), &m)?;
+            } else if d.join("memory.limit_in_bytes").is_file() {
+                // memsw must stay >= the memory limit: order the writes so
+                // each one is valid whether the limit grows or shrinks.
+                let memsw = d.join("memory.memsw.limit_in_bytes");
+                if memsw.is_file() {
+                    let _ = fs::write(&memsw, "-1");
+                }
+                write(&d.join("memory.limit_in_bytes"), &m)?;
+                if memsw.is_file() {
+                    let _ = fs::write(&memsw, &m);
+                }
+            }
+        }
+        if limits.pids > 0 && d.join("pids.max").is_file() {
+            write(&d.join("pids.max"), &limits.pids.to_string())?;
+        }
+        if limits.cpu_quota_us > 0 {
+            if d.join("cpu.max").is_file() {
+                let _ = fs::write(d.join("cpu.max"), format!("{} 100000", limits.cpu_quota_us));
+            } else if d.join("cpu.cfs_quota_us").is_file() {
+                let _ = fs::write(d.join("cpu.cfs_period_us"), "100000");
+                let _ = fs::write(d.join("cpu.cfs_quota_us"), limits.cpu_quota_us.to_string());
+            }
+        }
+    }
+    Ok(())
+}

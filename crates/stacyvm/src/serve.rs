@@ -51,6 +51,8 @@ fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
                 )
                 .map_err(|e| anyhow::anyhow!("providers.native.bridge_subnet: {e}"))?,
             },
+            warm_pool: usize::try_from(cfg.providers.native.warm_pool).unwrap_or(0),
+            pool_memory_mb: cfg.defaults.memory_mb,
         };
         v.push(Arc::new(stacyvm_providers::native::NativeProvider::new(
             opts,

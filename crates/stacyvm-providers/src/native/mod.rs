@@ -14,6 +14,7 @@ pub mod import;
 #[cfg(test)]
 mod isolation_tests;
 pub mod net;
+mod pool;
 pub mod pull;
 
 use std::collections::{BTreeMap, HashMap};
@@ -51,16 +52,24 @@ pub struct NativeOptions {
     pub network_mode: String,
     /// The host bridge used by `bridge` mode.
     pub bridge: net::BridgeOptions,
+    /// Pre-booted sandboxes kept ready (root mode, image `host`, network
+    /// `none`); 0 disables the pool.
+    pub warm_pool: usize,
+    /// Memory limit (MiB) pool sandboxes boot with (sizes their /tmp);
+    /// the spawn's own limit is applied when one is claimed.
+    pub pool_memory_mb: i64,
 }
 
 #[derive(Debug)]
 pub struct NativeProvider {
     opts: NativeOptions,
-    images: images::ImageStore,
+    images: Arc<images::ImageStore>,
     cgroups: Option<Layout>,
     /// The server is not root: sandboxes get a user namespace.
     rootless: bool,
     bridge: Arc<net::Bridge>,
+    booter: Arc<Booter>,
+    pool: Arc<pool::Pool>,
     conns: Mutex<HashMap<String, Arc<AgentClient>>>,
     /// Serialises connection setup per sandbox.
     connecting: tokio::sync::Mutex<()>,
@@ -201,15 +210,33 @@ impl NativeProvider {
             );
             cgroups = None;
         }
-        Ok(NativeProvider {
+        let images = Arc::new(images);
+        let bridge = Arc::new(net::Bridge::new(opts.bridge.clone()));
+        let booter = Arc::new(Booter {
+            opts: opts.clone(),
+            images: images.clone(),
+            cgroups: cgroups.clone(),
+            rootless,
+            bridge: bridge.clone(),
+        });
+        // Setting a claimed sandbox's hostname needs setns from the host,
+        // which a rootless server cannot do: no pool there.
+        let pool_size = if rootless { 0 } else { opts.warm_pool };
+        let pool = Arc::new(pool::Pool::new(pool_size));
+        pool::clear_leftovers(&opts.state_dir.join("sandboxes"));
+        let p = NativeProvider {
             images,
             rootless,
             cgroups,
-            bridge: Arc::new(net::Bridge::new(opts.bridge.clone())),
+            bridge,
+            booter,
+            pool,
             conns: Mutex::new(HashMap::new()),
             connecting: tokio::sync::Mutex::new(()),
             opts,
-        })
+        };
+        p.pool.refill(&p.booter);
+        Ok(p)
     }
 
     /// The spawn's network mode, or the provider's default.
@@ -270,6 +297,63 @@ impl NativeProvider {
         Ok(c)
     }
 
+    /// The cgroup limits of a spawn.
+    fn limits(&self, spec: &SpawnSpec, memory_bytes: u64) -> Limits {
+        Limits {
+            memory_bytes,
+            pids: self.opts.pids_limit,
+            cpu_quota_us: (spec.vcpus.max(1) as u64) * 100_000,
+        }
+    }
+
+    /// Serves a spawn from the warm pool when it asks for what the pool
+    /// holds (image `host`, network `none`); refills the pool either way.
+    async fn claim_warm(&self, spec: &SpawnSpec, memory_bytes: u64) -> Option<Spawned> {
+        if self.pool.size() == 0 {
+            return None;
+        }
+        let eligible = matches!(spec.image.as_str(), "" | "host") && spec.network_mode == "none";
+        let warm = if eligible { self.pool.take() } else { None };
+        self.pool.refill(&self.booter);
+        let warm = warm?;
+        let limits = self.limits(spec, memory_bytes);
+        match pool::claim(&self.booter, warm, spec, limits).await {
+            Ok((meta, client)) => {
+                if let Ok(mut conns) = self.conns.lock() {
+                    conns.insert(spec.id.clone(), client);
+                }
+                info!(sandbox_id = %spec.id, init_pid = meta.init_pid, "native sandbox claimed from the warm pool");
+                Some(Spawned {
+                    runtime_id: spec.id.clone(),
+                })
+            }
+            Err(e) => {
+                warn!(error = %e, "claiming a warm sandbox failed; booting a new one");
+                None
+            }
+        }
+    }
+
+    /// Kills everything of a sandbox and removes its state.
+    async fn teardown(&self, id: &str, meta: Option<Meta>) {
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.remove(id);
+        }
+        teardown_state(self.dir(id), meta, self.bridge.clone()).await;
+    }
+}
+
+/// Boots sandboxes; shared with the warm pool's background tasks.
+#[derive(Debug)]
+struct Booter {
+    opts: NativeOptions,
+    images: Arc<images::ImageStore>,
+    cgroups: Option<Layout>,
+    rootless: bool,
+    bridge: Arc<net::Bridge>,
+}
+
+impl Booter {
     async fn boot(&self, spec: &SpawnSpec, memory_bytes: u64, dir: &Path) -> Result<Meta> {
         let (lower, binds, masks) = self.images.layers(&spec.image)?;
         let cgroups = match &self.cgroups {
@@ -301,7 +385,11 @@ impl NativeProvider {
                 .iter()
                 .map(|p| p.to_string_lossy().to_string())
                 .collect(),
-            network: self.network_mode(spec).to_string(),
+            network: if spec.network_mode.is_empty() {
+                "none".into()
+            } else {
+                spec.network_mode.clone()
+            },
             tmp_size_mb: (memory_bytes / (2 * 1024 * 1024)).max(16),
             seccomp: true,
             userns: self.rootless.then(|| IdMap {
@@ -358,45 +446,40 @@ impl NativeProvider {
             net: None,
         })
     }
+}
 
-    /// Kills everything of a sandbox and removes its state.
-    async fn teardown(&self, id: &str, meta: Option<Meta>) {
-        if let Ok(mut conns) = self.conns.lock() {
-            conns.remove(id);
+/// Kills a sandbox's processes (SIGKILL of its PID 1 ends the whole pid
+/// namespace), then removes its cgroups, veth, address lease and state dir.
+async fn teardown_state(dir: PathBuf, meta: Option<Meta>, bridge: Arc<net::Bridge>) {
+    let cgroups = meta.as_ref().map(|m| m.cgroups.clone()).unwrap_or_default();
+    if let Some(m) = &meta {
+        if pid_alive(m.init_pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(m.init_pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
-        let dir = self.dir(id);
-        let cgroups = meta.as_ref().map(|m| m.cgroups.clone()).unwrap_or_default();
-        if let Some(m) = &meta {
-            if pid_alive(m.init_pid) {
-                // SIGKILL of a pid namespace's init kills the whole namespace.
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(m.init_pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
-        let init = meta.as_ref().map_or(0, |m| m.init_pid);
-        let att = meta.as_ref().and_then(|m| m.net.clone());
-        let bridge = self.bridge.clone();
-        let _ = tokio::task::spawn_blocking(move || {
-            for _ in 0..10_000 {
-                if !pid_alive(init) {
-                    break;
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            cgroup::destroy(&cgroups);
-            if let Some(att) = att {
-                bridge.detach(&att);
-            }
-            if let Err(e) = remove_tree(&dir) {
-                if e.kind() != std::io::ErrorKind::NotFound {
-                    warn!(dir = %dir.display(), error = %e, "removing sandbox state failed");
-                }
-            }
-        })
-        .await;
     }
+    let init = meta.as_ref().map_or(0, |m| m.init_pid);
+    let att = meta.as_ref().and_then(|m| m.net.clone());
+    let _ = tokio::task::spawn_blocking(move || {
+        for _ in 0..10_000 {
+            if !pid_alive(init) {
+                break;
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        cgroup::destroy(&cgroups);
+        if let Some(att) = att {
+            bridge.detach(&att);
+        }
+        if let Err(e) = remove_tree(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                warn!(dir = %dir.display(), error = %e, "removing sandbox state failed");
+            }
+        }
+    })
+    .await;
 }
 
 #[async_trait]
@@ -511,10 +594,16 @@ impl Provider for NativeProvider {
             }
         }
         self.images.check(&spec.image)?;
+        let mut resolved = spec.clone();
+        resolved.network_mode = self.network_mode(spec).to_string();
+        let spec = &resolved;
+        if let Some(spawned) = self.claim_warm(spec, memory_bytes).await {
+            return Ok(spawned);
+        }
         let dir = self.dir(&spec.id);
         std::fs::create_dir_all(&dir)
             .map_err(|e| Error::internal("creating sandbox dir").with_source(e))?;
-        let mut meta = match self.boot(spec, memory_bytes, &dir).await {
+        let mut meta = match self.booter.boot(spec, memory_bytes, &dir).await {
             Ok(m) => m,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
@@ -746,6 +835,9 @@ impl Provider for NativeProvider {
         };
         for entry in rd.flatten() {
             let id = entry.file_name().to_string_lossy().to_string();
+            if id.starts_with(pool::PREFIX) {
+                continue;
+            }
             let Ok(meta) = self.meta(&id) else { continue };
             let state = if pid_alive(meta.init_pid) {
                 "running"
@@ -773,6 +865,7 @@ pub(crate) mod tests {
 
     pub struct Fixture {
         dir: tempfile::TempDir,
+        pool: usize,
     }
 
     pub fn fixture() -> Fixture {
@@ -782,7 +875,15 @@ pub(crate) mod tests {
         );
         Fixture {
             dir: tempfile::tempdir().expect("tmp"),
+            pool: 0,
         }
+    }
+
+    /// A provider with a warm pool of `size`.
+    pub fn pooled_fixture(size: usize) -> Fixture {
+        let mut fx = fixture();
+        fx.pool = size;
+        fx
     }
 
     impl Fixture {
@@ -791,6 +892,10 @@ pub(crate) mod tests {
         }
 
         pub fn make(&self) -> NativeProvider {
+            self.make_with_pool(self.pool)
+        }
+
+        pub fn make_with_pool(&self, pool: usize) -> NativeProvider {
             let agent = find_agent("").expect("stacyvm-agent binary not found next to the test binary: run `cargo build --bins` first");
             NativeProvider::new(NativeOptions {
                 state_dir: self.dir.path().join("native"),
@@ -799,6 +904,8 @@ pub(crate) mod tests {
                 hidden: vec![],
                 network_mode: "none".into(),
                 bridge: net::BridgeOptions::default(),
+                warm_pool: pool,
+                pool_memory_mb: 256,
             })
             .expect("native")
         }
@@ -849,6 +956,109 @@ pub(crate) mod tests {
     }
 
     crate::conformance_tests!(native_conformance, fixture());
+    // Every spawn of the suite that can be served from the pool is.
+    crate::conformance_tests!(native_pooled_conformance, pooled_fixture(1));
+
+    /// Waits until the pool holds `n` ready sandboxes.
+    async fn pool_ready(p: &NativeProvider, n: usize) {
+        for _ in 0..400 {
+            if p.pool.ready_count() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("warm pool did not reach {n} ready sandboxes in 10 s");
+    }
+
+    /// A claimed warm sandbox is the spawn's sandbox in every visible way:
+    /// hostname, cgroup names and limits, state dir, inventory; pool
+    /// sandboxes never show in the inventory; the pool refills; a new
+    /// provider instance removes the previous one's pool.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn warm_pool_claims_look_like_fresh_sandboxes() {
+        let fx = pooled_fixture(2);
+        let p = fx.make();
+        pool_ready(&p, 2).await;
+        assert!(p.list_runtimes().await.expect("inventory").is_empty());
+        let pool_dirs = |fx: &Fixture| -> usize {
+            std::fs::read_dir(fx.state_dir().join("sandboxes"))
+                .map(|rd| {
+                    rd.flatten()
+                        .filter(|e| e.file_name().to_string_lossy().starts_with(pool::PREFIX))
+                        .count()
+                })
+                .unwrap_or(0)
+        };
+        assert_eq!(pool_dirs(&fx), 2);
+        let warm_pids: Vec<i32> = std::fs::read_dir(fx.state_dir().join("sandboxes"))
+            .expect("state")
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("meta.json")).ok())
+            .filter_map(|b| serde_json::from_slice::<Meta>(&b).ok())
+            .map(|m| m.init_pid)
+            .collect();
+
+        let mut spec = crate::conformance::spawn_spec("host");
+        spec.memory_mb = 96;
+        spec.vcpus = 2;
+        p.spawn(&spec).await.expect("spawn");
+        let id = spec.id.clone();
+        let meta = p.meta(&id).expect("meta under the sandbox id");
+        assert!(warm_pids.contains(&meta.init_pid), "served from the pool");
+        assert_eq!(meta.id, id);
+        assert_eq!(meta.memory_mb, 96);
+        assert!(!meta.cgroups.is_empty());
+        for dir in &meta.cgroups {
+            assert_eq!(
+                dir.file_name().and_then(|n| n.to_str()),
+                Some(id.as_str()),
+                "cgroup renamed: {dir:?}"
+            );
+            for (file, want) in [
+                ("memory.limit_in_bytes", (96u64 << 20).to_string()),
+                ("memory.max", (96u64 << 20).to_string()),
+                ("cpu.cfs_quota_us", "200000".to_string()),
+            ] {
+                if let Ok(v) = std::fs::read_to_string(dir.join(file)) {
+                    assert_eq!(v.trim(), want, "{}", dir.join(file).display());
+                }
+            }
+        }
+        let r = crate::conformance::sh(
+            &p,
+            &id,
+            "hostname; echo x > /workspace/f && cat /workspace/f; ps -e | wc -l",
+        )
+        .await;
+        assert_eq!(r.stdout, format!("{id}\nx\n5\n"), "{r:?}");
+        let inv = p.list_runtimes().await.expect("inventory");
+        assert_eq!(inv.len(), 1);
+        assert_eq!(inv[0].sandbox_id, id);
+        // A spawn the pool cannot serve boots normally.
+        let mut busy = crate::conformance::spawn_spec("host");
+        busy.network_mode = "bridge".into();
+        p.spawn(&busy).await.expect("bridge spawn");
+        assert!(p.meta(&busy.id).expect("meta").net.is_some());
+        pool_ready(&p, 2).await;
+        assert_eq!(pool_dirs(&fx), 2, "refilled");
+
+        // Restart: the new instance clears the old pool (and fills its own
+        // only when configured to).
+        let q = fx.make_with_pool(0);
+        assert_eq!(pool_dirs(&fx), 0, "old pool removed");
+        let ids: Vec<_> = q
+            .list_runtimes()
+            .await
+            .expect("inventory")
+            .into_iter()
+            .map(|r| r.sandbox_id)
+            .collect();
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        for id in [&spec.id, &busy.id] {
+            q.destroy(id).await.expect("destroy");
+        }
+        assert!(q.list_runtimes().await.expect("inventory").is_empty());
+    }
 
     /// The same suite on an imported image (busybox, two layers with whiteouts).
     pub struct BusyboxFixture {

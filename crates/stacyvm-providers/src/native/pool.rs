@@ -1,0 +1,249 @@
+//! The warm pool: sandboxes booted ahead of time so a spawn only claims one.
+//!
+//! A pool sandbox is a complete native sandbox (image `host`, network
+//! `none`) under `sandboxes/pool-<hex>/`, with its agent connected. Claiming
+//! one for sandbox `sb-…` renames its state dir and cgroups to the new id,
+//! writes the spawn's limits into its cgroups, sets its hostname (setns into
+//! its UTS namespace from a short-lived host thread) and records its
+//! metadata: the result is indistinguishable from a sandbox booted for the
+//! spawn, in a fraction of the time. The pool refills in the background
+//! after every claim. Pool sandboxes never appear in the runtime inventory;
+//! a restarted server removes the previous server's pool.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use chrono::Utc;
+use stacyvm_core::provider::SpawnSpec;
+use stacyvm_core::{Error, Result};
+use stacyvm_sandbox::cgroup::{self, Limits};
+use tracing::{debug, warn};
+
+use super::client::AgentClient;
+use super::{pid_alive, teardown_state, Booter, Meta};
+
+/// Name prefix of pool sandboxes' state dirs (never a sandbox id).
+pub(crate) const PREFIX: &str = "pool-";
+
+/// A booted, connected sandbox waiting to be claimed.
+#[derive(Debug)]
+pub(crate) struct Warm {
+    pub meta: Meta,
+    pub client: Arc<AgentClient>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Pool {
+    size: usize,
+    ready: Mutex<Vec<Warm>>,
+    /// Boots in flight.
+    filling: AtomicUsize,
+}
+
+impl Pool {
+    pub fn new(size: usize) -> Self {
+        Pool {
+            size,
+            ready: Mutex::new(Vec::new()),
+            filling: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn ready_count(&self) -> usize {
+        self.ready.lock().map(|r| r.len()).unwrap_or(0)
+    }
+
+    /// Takes a ready sandbox whose init is still alive.
+    pub fn take(&self) -> Option<Warm> {
+        let mut ready = self.ready.lock().ok()?;
+        while let Some(w) = ready.pop() {
+            if pid_alive(w.meta.init_pid) {
+                return Some(w);
+            }
+        }
+        None
+    }
+
+    /// Starts background boots until ready + in flight reaches the size.
+    /// Needs a tokio runtime; without one it does nothing (the next spawn
+    /// calls it again).
+    pub fn refill(self: &Arc<Self>, booter: &Arc<Booter>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        loop {
+            let have = self.ready_count() + self.filling.load(Ordering::SeqCst);
+            if have >= self.size {
+                return;
+            }
+            self.filling.fetch_add(1, Ordering::SeqCst);
+            let pool = self.clone();
+            let booter = booter.clone();
+            rt.spawn(async move {
+                match boot_one(&booter).await {
+                    Ok(w) => {
+                        if let Ok(mut r) = pool.ready.lock() {
+                            r.push(w);
+                        }
+                    }
+                    // Not retried until the next claim: a persistent
+                    // failure (e.g. out of pids) must not spin.
+                    Err(e) => warn!(error = %e, "booting a warm pool sandbox failed"),
+                }
+                pool.filling.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    }
+}
+
+async fn boot_one(booter: &Booter) -> Result<Warm> {
+    let id = format!("{PREFIX}{:08x}", rand::random::<u32>());
+    let spec = SpawnSpec {
+        id: id.clone(),
+        image: "host".into(),
+        memory_mb: booter.opts.pool_memory_mb,
+        vcpus: 1,
+        metadata: Default::default(),
+        owner_id: String::new(),
+        tenant_id: String::new(),
+        expires_at: Utc::now() + chrono::Duration::days(3650),
+        network_mode: "none".into(),
+    };
+    let dir = booter.opts.state_dir.join("sandboxes").join(&id);
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::internal("creating pool sandbox dir").with_source(e))?;
+    let memory_bytes = (spec.memory_mb.max(16) as u64) * 1024 * 1024;
+    let meta = match booter.boot(&spec, memory_bytes, &dir).await {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+    };
+    let ready = std::fs::write(
+        dir.join("meta.json"),
+        serde_json::to_vec(&meta).unwrap_or_default(),
+    )
+    .map_err(|e| Error::internal("writing pool metadata").with_source(e));
+    let client = match ready {
+        Ok(()) => AgentClient::connect(&dir.join("agent.sock")).await,
+        Err(e) => Err(e),
+    };
+    match client {
+        Ok(client) => {
+            debug!(pool_id = %id, "warm pool sandbox ready");
+            Ok(Warm { meta, client })
+        }
+        Err(e) => {
+            teardown_state(dir, Some(meta), booter.bridge.clone()).await;
+            Err(e)
+        }
+    }
+}
+
+/// Turns a warm sandbox into `spec`'s sandbox (see the module docs).
+/// On error the warm sandbox is gone (torn down) and nothing named
+/// `spec.id` is left behind.
+pub(crate) async fn claim(
+    booter: &Booter,
+    warm: Warm,
+    spec: &SpawnSpec,
+    limits: Limits,
+) -> Result<(Meta, Arc<AgentClient>)> {
+    let base = booter.opts.state_dir.join("sandboxes");
+    let old_dir = base.join(&warm.meta.id);
+    let new_dir = base.join(&spec.id);
+    let mut meta = warm.meta;
+    if let Err(e) = std::fs::rename(&old_dir, &new_dir) {
+        teardown_state(old_dir, Some(meta), booter.bridge.clone()).await;
+        return Err(Error::internal("claiming a pool sandbox").with_source(e));
+    }
+    let res = (|| {
+        // cgroups take the sandbox's name (kept as they are if the
+        // hierarchy refuses the rename: meta records the real paths).
+        for dir in &mut meta.cgroups {
+            let renamed = dir.with_file_name(&spec.id);
+            if std::fs::rename(&*dir, &renamed).is_ok() {
+                *dir = renamed;
+            }
+        }
+        cgroup::set_limits(&meta.cgroups, limits)
+            .map_err(|e| Error::internal(format!("applying limits: {e}")))?;
+        set_hostname(meta.init_pid, &spec.id)?;
+        meta.id = spec.id.clone();
+        meta.image = spec.image.clone();
+        meta.created_at = Utc::now();
+        meta.expires_at = spec.expires_at;
+        meta.owner_id = spec.owner_id.clone();
+        meta.tenant_id = spec.tenant_id.clone();
+        meta.metadata = spec.metadata.clone();
+        meta.memory_mb = spec.memory_mb;
+        std::fs::write(
+            new_dir.join("meta.json"),
+            serde_json::to_vec(&meta).unwrap_or_default(),
+        )
+        .map_err(|e| Error::internal("writing sandbox metadata").with_source(e))
+    })();
+    match res {
+        Ok(()) => Ok((meta, warm.client)),
+        Err(e) => {
+            teardown_state(new_dir, Some(meta), booter.bridge.clone()).await;
+            Err(e)
+        }
+    }
+}
+
+/// Sets the hostname inside the sandbox whose PID 1 is `init_pid`, from a
+/// dedicated thread that joins its UTS namespace and then exits (so no
+/// server thread ever stays in a sandbox namespace).
+fn set_hostname(init_pid: i32, name: &str) -> Result<()> {
+    let ns = std::fs::File::open(format!("/proc/{init_pid}/ns/uts"))
+        .map_err(|e| Error::internal("opening the sandbox UTS namespace").with_source(e))?;
+    let name = name.to_string();
+    std::thread::spawn(move || -> std::result::Result<(), nix::Error> {
+        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUTS)?;
+        nix::unistd::sethostname(&name)
+    })
+    .join()
+    .map_err(|_| Error::internal("hostname thread panicked"))?
+    .map_err(|e| Error::internal("setting the sandbox hostname").with_source(e))
+}
+
+/// Removes pool sandboxes a previous server left (they are not sandboxes
+/// anyone owns). Synchronous: runs at provider construction.
+pub(crate) fn clear_leftovers(sandboxes: &Path) {
+    let Ok(rd) = std::fs::read_dir(sandboxes) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.starts_with(PREFIX) {
+            continue;
+        }
+        let dir = e.path();
+        let meta: Option<Meta> = std::fs::read(dir.join("meta.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(m) = &meta {
+            if pid_alive(m.init_pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(m.init_pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                for _ in 0..5_000 {
+                    if !pid_alive(m.init_pid) {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
+            cgroup::destroy(&m.cgroups);
+        }
+        let _ = super::remove_tree(&dir);
+    }
+}
