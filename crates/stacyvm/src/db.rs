@@ -48,6 +48,30 @@ pub enum DbCommand {
         #[arg(long)]
         yes: bool,
     },
+    /// Dump a Postgres database with pg_dump.
+    ///
+    /// The DSN comes from --dsn, else database.dsn of the config, else
+    /// STACYVM_DATABASE_DSN. Its password is handed to pg_dump through
+    /// PGPASSWORD (never on a command line) and never printed.
+    #[command(
+        after_help = "Example:\n  stacyvm db pg-backup /var/backups/stacyvm/pg.sql --format plain"
+    )]
+    PgBackup {
+        /// The dump file (or directory for --format directory).
+        output: PathBuf,
+        /// Postgres DSN (URL or key=value form).
+        #[arg(long, hide_env_values = true)]
+        dsn: Option<String>,
+        /// pg_dump output format.
+        #[arg(long, default_value = "plain", value_parser = ["plain", "custom", "directory", "tar"])]
+        format: String,
+        /// Config file to read database.dsn from.
+        #[arg(long, short = 'c', env = "STACYVM_CONFIG")]
+        config: Option<PathBuf>,
+        /// Replace OUTPUT if it exists.
+        #[arg(long)]
+        force: bool,
+    },
     /// Check a database or backup file: integrity, schema version, rows.
     Check {
         /// The file to check (default: the configured database).
@@ -200,6 +224,13 @@ pub async fn run(command: DbCommand) -> Result<()> {
                 }
             }
         }
+        DbCommand::PgBackup {
+            output,
+            dsn,
+            format,
+            config,
+            force,
+        } => pg_backup(&output, dsn, &format, config.as_deref(), force)?,
         DbCommand::Check { file, db } => {
             let path = match file {
                 Some(f) => f,
@@ -229,4 +260,159 @@ pub async fn run(command: DbCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A DSN split into what may be shown and the password.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SplitDsn {
+    /// The DSN without its password (safe for argv).
+    pub without_password: String,
+    /// The password, decoded, if there was one.
+    pub password: Option<String>,
+}
+
+/// Removes the password from a URL (`postgres://user:pw@host/db`) or
+/// key=value (`host=db password=pw`) DSN.
+pub fn split_dsn(dsn: &str) -> SplitDsn {
+    let dsn = dsn.trim();
+    if let Some((scheme, rest)) = dsn.split_once("://") {
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            if let Some((user, pw)) = userinfo.split_once(':') {
+                return SplitDsn {
+                    without_password: format!("{scheme}://{user}@{host}{tail}"),
+                    password: Some(percent_decode(pw)),
+                };
+            }
+        }
+        return SplitDsn {
+            without_password: dsn.to_string(),
+            password: None,
+        };
+    }
+    let mut kept = Vec::new();
+    let mut password = None;
+    for part in dsn.split_whitespace() {
+        match part.split_once('=') {
+            Some((k, v)) if k.eq_ignore_ascii_case("password") => {
+                password = Some(v.trim_matches('\'').to_string());
+            }
+            _ => kept.push(part),
+        }
+    }
+    SplitDsn {
+        without_password: kept.join(" "),
+        password,
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Some(Ok(v)) = s.get(i + 1..i + 3).map(|h| u8::from_str_radix(h, 16)) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn pg_backup(
+    output: &Path,
+    dsn: Option<String>,
+    format: &str,
+    config_path: Option<&Path>,
+    force: bool,
+) -> Result<()> {
+    let dsn = match dsn.filter(|d| !d.trim().is_empty()) {
+        Some(d) => d,
+        None => {
+            let from_config = config::load(config_path, std::env::vars())
+                .map(|l| l.config.database.dsn.expose().to_string())
+                .unwrap_or_default();
+            if from_config.trim().is_empty() {
+                std::env::var("STACYVM_DATABASE_DSN").unwrap_or_default()
+            } else {
+                from_config
+            }
+        }
+    };
+    if dsn.trim().is_empty() {
+        bail!("no Postgres DSN: pass --dsn, set database.dsn or STACYVM_DATABASE_DSN");
+    }
+    match std::fs::symlink_metadata(output) {
+        Ok(_) if !force => bail!(
+            "{} already exists; pass --force to overwrite it",
+            output.display()
+        ),
+        _ => {}
+    }
+    let Some(pg_dump) = crate::doctor::which("pg_dump") else {
+        bail!("pg_dump not found in PATH; install the PostgreSQL client (apt-get install postgresql-client)");
+    };
+    let split = split_dsn(&dsn);
+    let shown = crate::redact::url_without_credentials(&split.without_password);
+    let mut cmd = std::process::Command::new(&pg_dump);
+    cmd.arg(format!("--format={format}"))
+        .arg(format!("--file={}", output.display()))
+        .arg(format!("--dbname={}", split.without_password));
+    if let Some(pw) = &split.password {
+        cmd.env("PGPASSWORD", pw);
+    }
+    eprintln!(
+        "running: {} --format={format} --file={} --dbname={shown}",
+        pg_dump.display(),
+        output.display()
+    );
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", pg_dump.display()))?;
+    if !out.status.success() {
+        let mut r = crate::redact::Redactor::new();
+        r.add_secret(&dsn);
+        if let Some(pw) = &split.password {
+            r.add_secret(pw);
+        }
+        bail!(
+            "pg_dump failed ({}): {}",
+            out.status,
+            r.text(String::from_utf8_lossy(&out.stderr).trim())
+        );
+    }
+    println!("backup written: {}", absolute(output).display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dsn_passwords_are_split_off() {
+        assert_eq!(
+            split_dsn("postgres://app:p%40ss@db:5432/stacyvm?sslmode=require"),
+            SplitDsn {
+                without_password: "postgres://app@db:5432/stacyvm?sslmode=require".into(),
+                password: Some("p@ss".into()),
+            }
+        );
+        assert_eq!(
+            split_dsn("host=db user=app password='s3cret' dbname=stacyvm"),
+            SplitDsn {
+                without_password: "host=db user=app dbname=stacyvm".into(),
+                password: Some("s3cret".into()),
+            }
+        );
+        assert_eq!(split_dsn("postgres://db/x").password, None);
+        assert_eq!(percent_decode("a%2"), "a%2");
+        assert_eq!(percent_decode("%e2%82%ac"), "€");
+    }
 }

@@ -264,7 +264,6 @@ pub fn url_password(s: &str) -> Option<String> {
 }
 
 /// `url` with any user info replaced by `[REDACTED]` (for printing DSNs).
-#[allow(dead_code)] // used by `db pg-backup`
 pub fn url_without_credentials(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();

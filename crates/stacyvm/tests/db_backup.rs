@@ -346,3 +346,146 @@ async fn refusals_leave_everything_untouched() {
     let out = stacyvm(d, &["db", "check", "corrupt.db"]);
     assert!(!out.status.success(), "{}", text(&out));
 }
+
+const HARDENED: &str = "auth:
+  enabled: true
+  api_key: 0123456789abcdef0123456789abcdef-api
+  admin_api_key: 0123456789abcdef0123456789abcdef-adm
+  admin_fallback_enabled: false
+  admin_audit_retention: 720h
+server:
+  cors_allowed_origins: [\"https://app.example.com\"]
+rate_limit:
+  enabled: true
+database:
+  path: /var/lib/stacyvm/stacyvm.db
+defaults:
+  max_sandboxes: 20
+  max_sandboxes_per_owner: 4
+  default_exec_timeout: 60s
+logging:
+  format: json
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_rehearsal_checks_without_changing_anything() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    std::fs::write(d.join("prod.yaml"), HARDENED).expect("config");
+    let live = d.join("stacyvm.db");
+    create_db(&live).await;
+    let mut c = open_rw(&live).await.expect("open");
+    write_pair(&mut c, 0).await;
+    c.close().await.expect("close");
+    let before = std::fs::read(&live).expect("read");
+    let live_s = live.to_str().expect("utf8");
+    let out = stacyvm(
+        d,
+        &[
+            "upgrade",
+            "rehearse",
+            "--config",
+            "prod.yaml",
+            "--database",
+            live_s,
+            "--backup-output",
+            "pre-upgrade.db",
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    for want in [
+        "== config lint (production) ==",
+        "== database ==",
+        "[PASS] database.integrity: ok",
+        "[PASS] database.migrations: a scratch copy migrated",
+        "[PASS] backup.output: pre-upgrade.db is free",
+        "== recommended steps ==",
+        "1. Back up the database while the server still runs: stacyvm db backup pre-upgrade.db",
+        "6. If anything fails",
+    ] {
+        assert!(stdout.contains(want), "{want:?} missing:\n{}", text(&out));
+    }
+    // Nothing was written: same database bytes, no backup, no scratch dir.
+    assert_eq!(std::fs::read(&live).expect("read"), before);
+    let names: Vec<String> = std::fs::read_dir(d)
+        .expect("ls")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.contains("pre-upgrade") || n.contains("rehearsal")),
+        "{names:?}"
+    );
+
+    // An existing backup output and a corrupt database are failures.
+    std::fs::write(d.join("pre-upgrade.db"), b"old").expect("write");
+    let out = stacyvm(
+        d,
+        &[
+            "upgrade",
+            "rehearse",
+            "--config",
+            "prod.yaml",
+            "--database",
+            live_s,
+            "--backup-output",
+            "pre-upgrade.db",
+            "--json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["steps"].as_array().map(Vec::len), Some(6));
+    let backup_section = v["sections"]
+        .as_array()
+        .expect("sections")
+        .iter()
+        .find(|s| s["name"] == "backup")
+        .expect("backup section");
+    assert!(backup_section["report"]["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .any(|c| c["name"] == "backup.output" && c["status"] == "fail"));
+    std::fs::write(d.join("broken.db"), vec![1u8; 8192]).expect("write");
+    let out = stacyvm(
+        d,
+        &[
+            "upgrade",
+            "rehearse",
+            "--config",
+            "prod.yaml",
+            "--database",
+            "broken.db",
+            "--backup-output",
+            "x.db",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("[FAIL] database.integrity"),
+        "{}",
+        text(&out)
+    );
+    // The default (production-weak) config fails the lint section.
+    let out = stacyvm(
+        d,
+        &[
+            "upgrade",
+            "rehearse",
+            "--database",
+            live_s,
+            "--backup-output",
+            "y.db",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("[FAIL] auth.api_key"),
+        "{}",
+        text(&out)
+    );
+}

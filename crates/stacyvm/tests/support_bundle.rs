@@ -253,6 +253,7 @@ fn no_command_prints_a_dsn_password() {
         vec!["db", "backup", "out.db"],
         vec!["db", "restore", "x.db", "--yes"],
         vec!["db", "check"],
+        vec!["db", "pg-backup", "dump.sql"],
         vec!["upgrade", "rehearse"],
         vec!["upgrade", "rehearse", "--json"],
         vec!["support", "bundle", "b.json", "--include-doctor"],
@@ -268,4 +269,70 @@ fn no_command_prints_a_dsn_password() {
     }
     let bundle = std::fs::read_to_string(d.join("b.json")).expect("bundle");
     assert!(!bundle.contains(&pw));
+}
+
+/// S-13 for `db pg-backup`: the password reaches pg_dump only through
+/// PGPASSWORD (not its argv, which `ps` shows) and is never printed.
+#[test]
+fn pg_backup_hands_the_password_over_privately() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let bin = d.join("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    // A stand-in pg_dump that records what it was given.
+    let script = format!(
+        "#!/bin/sh\nprintf '%s\\n' \"$@\" > {d}/argv.txt\nprintf '%s' \"$PGPASSWORD\" > {d}/pgpassword.txt\nfor a in \"$@\"; do case \"$a\" in --file=*) echo dump > \"${{a#--file=}}\";; esac; done\necho \"pg_dump: connected to $3\" >&2\n",
+        d = d.display()
+    );
+    std::fs::write(bin.join("pg_dump"), script).expect("script");
+    std::fs::set_permissions(bin.join("pg_dump"), std::fs::Permissions::from_mode(0o755))
+        .expect("chmod");
+    let pw = marker("PGPASSWORD");
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = base_cmd(d)
+        .args(["db", "pg-backup", "dump.sql"])
+        .env("PATH", &path)
+        .env(
+            "STACYVM_DATABASE_DSN",
+            format!("postgres://stacy:{pw}@db.example:5432/stacyvm"),
+        )
+        .output()
+        .expect("run");
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!text(&out).contains(&pw), "{}", text(&out));
+    assert!(text(&out).contains("backup written: "), "{}", text(&out));
+    let argv = std::fs::read_to_string(d.join("argv.txt")).expect("argv");
+    assert!(!argv.contains(&pw), "{argv}");
+    assert!(
+        argv.contains("--dbname=postgres://stacy@db.example:5432/stacyvm"),
+        "{argv}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("pgpassword.txt")).expect("pw"),
+        pw
+    );
+    assert!(d.join("dump.sql").is_file());
+    // Existing output needs --force.
+    let out = base_cmd(d)
+        .args([
+            "db",
+            "pg-backup",
+            "dump.sql",
+            "--dsn",
+            &format!("host=db password={pw}"),
+        ])
+        .env("PATH", &path)
+        .output()
+        .expect("run");
+    assert!(
+        !out.status.success() && text(&out).contains("--force"),
+        "{}",
+        text(&out)
+    );
+    assert!(!text(&out).contains(&pw));
 }
