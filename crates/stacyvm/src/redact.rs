@@ -375,6 +375,26 @@ mod tests {
         assert!(r.check("oops wt-CCCC").is_err());
     }
 
+    /// Every `Secret`-typed config field must be caught by the key rule, so
+    /// a new secret added to the config cannot slip past the bundle.
+    #[test]
+    fn every_secret_config_field_matches_the_key_rule() {
+        let src = include_str!("../../stacyvm-core/src/config.rs");
+        let re = Regex::new(r"pub (\w+): (?:Secret|Vec<Secret>|BTreeMap<String, Secret>),")
+            .expect("regex");
+        let fields: Vec<&str> = re
+            .captures_iter(src)
+            .filter_map(|c| c.get(1).map(|m| m.as_str()))
+            .collect();
+        assert!(fields.len() >= 8, "{fields:?}");
+        for f in fields {
+            assert!(
+                is_secret_key(f),
+                "config field {f} holds a Secret but its name is not redacted"
+            );
+        }
+    }
+
     #[test]
     fn url_helpers() {
         assert_eq!(

@@ -350,3 +350,30 @@ fn config_lint_default_config_fails_production_with_every_reason() {
         text(&out)
     );
 }
+
+/// Every operator command explains itself.
+#[test]
+fn operator_commands_have_help() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for cmd in [
+        &["doctor"][..],
+        &["config", "lint"],
+        &["db", "backup"],
+        &["db", "restore"],
+        &["db", "check"],
+        &["db", "pg-backup"],
+        &["upgrade", "rehearse"],
+        &["support", "bundle"],
+    ] {
+        let mut args = cmd.to_vec();
+        args.push("--help");
+        let out = stacyvm(dir.path(), &args);
+        assert!(out.status.success(), "{cmd:?}: {}", text(&out));
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(help.contains("Usage: stacyvm"), "{cmd:?}: {help}");
+        assert!(
+            help.lines().next().is_some_and(|l| l.len() > 20),
+            "{cmd:?}: {help}"
+        );
+    }
+}
