@@ -38,7 +38,7 @@ use bollard::models::{ContainerCreateBody, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
     ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    StatsOptionsBuilder, UploadToContainerOptionsBuilder,
+    StatsOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptions,
 };
 use bollard::Docker;
 use chrono::{DateTime, Utc};
@@ -606,6 +606,10 @@ impl DockerProvider {
         let listener = tokio::net::UnixListener::bind(&path)
             .map_err(|e| Error::internal("binding the relay socket").with_source(e))?;
         let sandbox = id.to_string();
+        // A sandbox runtime that dies does not always end the exec stream
+        // (gVisor tears the sandbox down when it hits its pids or memory
+        // limit and the engine keeps the exec attached): watch the container.
+        let mut exited = d.wait_container(id, None::<WaitContainerOptions>);
         let pump = tokio::spawn(async move {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
@@ -630,11 +634,10 @@ impl DockerProvider {
             let from_container = async {
                 while let Some(Ok(out)) = output.next().await {
                     match out {
-                        LogOutput::StdOut { message } => {
-                            if wr.write_all(&message).await.is_err() {
-                                break;
-                            }
+                        LogOutput::StdOut { message } if wr.write_all(&message).await.is_err() => {
+                            break;
                         }
+                        LogOutput::StdOut { .. } => {}
                         LogOutput::StdErr { message } => {
                             warn!(sandbox_id = %sandbox, relay = %String::from_utf8_lossy(&message).trim(), "agent relay");
                         }
@@ -643,10 +646,17 @@ impl DockerProvider {
                 }
                 let _ = wr.shutdown().await;
             };
-            // Either direction ending ends the connection.
+            let watch = async {
+                if let Some(Err(EngineError::RequestTimeoutError)) = exited.next().await {
+                    // The engine did not answer the wait: keep the relay.
+                    std::future::pending::<()>().await;
+                }
+            };
+            // Either direction ending, or the container stopping, ends the connection.
             tokio::select! {
                 () = to_container => {}
                 () = from_container => {}
+                () = watch => debug!(sandbox_id = %sandbox, "sandbox container stopped; closing the agent relay"),
             }
         });
         let connected = AgentClient::connect(&path).await;
@@ -735,7 +745,7 @@ impl DockerProvider {
             }
             tries += 1;
             // Check the container now and then: it may have died.
-            if !direct || tries % 100 == 0 {
+            if !direct || tries.is_multiple_of(100) {
                 let running = d
                     .inspect_container(id, None)
                     .await

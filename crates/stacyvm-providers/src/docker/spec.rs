@@ -46,7 +46,7 @@ pub fn labels(spec: &SpawnSpec, image: &str) -> HashMap<String, String> {
 pub fn is_ours(labels: Option<&HashMap<String, String>>) -> bool {
     labels.is_some_and(|l| {
         l.get(LABEL_MANAGED).map(String::as_str) == Some("true")
-            && l.get(LABEL_PROVIDER).map_or(true, |p| p == "docker")
+            && l.get(LABEL_PROVIDER).is_none_or(|p| p == "docker")
     })
 }
 
