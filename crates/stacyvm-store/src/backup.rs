@@ -564,4 +564,40 @@ mod tests {
             "{names:?}"
         );
     }
+
+    async fn provider_rows(path: &Path) -> i64 {
+        inspect(path)
+            .await
+            .expect("inspect")
+            .tables
+            .iter()
+            .find(|(t, _)| t == "provider_configs")
+            .map_or(-1, |(_, n)| *n)
+    }
+
+    #[tokio::test]
+    async fn restore_keeps_wal_only_data_in_the_safety_copy() {
+        let dir = tempfile::tempdir().expect("tmp");
+        // An empty StacyVM database as the backup.
+        let empty = dir.path().join("empty.db");
+        let store = SqliteStore::open(&empty).await.expect("open");
+        store.pool().close().await;
+        let backup_file = dir.path().join("backup.db");
+        backup(&empty, &backup_file, false).await.expect("backup");
+        // The live database has a committed row that is still only in its
+        // WAL (as after a crash).
+        let db = seeded(dir.path()).await;
+        assert!(fs::metadata(sidecar(&db, "-wal")).expect("wal").len() > 0);
+        let r = restore(&backup_file, &db).await.expect("restore");
+        let safety = r.safety_copy.expect("safety copy");
+        assert!(!r.safety_copy_raw);
+        assert_eq!(provider_rows(&safety).await, 1);
+        assert_eq!(provider_rows(&db).await, 0);
+        assert!(!sidecar(&db, "-wal").exists());
+        // A fresh machine: no database yet, parent directories created.
+        let fresh = dir.path().join("new/data/stacyvm.db");
+        let r = restore(&backup_file, &fresh).await.expect("restore fresh");
+        assert!(r.safety_copy.is_none());
+        assert_eq!(provider_rows(&fresh).await, 0);
+    }
 }
