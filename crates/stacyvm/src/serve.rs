@@ -58,6 +58,20 @@ fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
             opts,
         )?));
     }
+    if cfg.providers.docker.enabled {
+        // The engine is contacted lazily: a stopped dockerd makes the
+        // provider unhealthy, not the server fail to start.
+        let agent = stacyvm_providers::docker::find_static_agent()
+            .unwrap_or_else(|| PathBuf::from("stacyvm-agent"));
+        let state_dir = std::path::Path::new(&cfg.server.data_dir).join("docker");
+        v.push(Arc::new(stacyvm_providers::docker::DockerProvider::new(
+            stacyvm_providers::docker::DockerOptions::new(
+                cfg.providers.docker.clone(),
+                state_dir,
+                agent,
+            ),
+        )?));
+    }
     if cfg.providers.mock.enabled {
         let base =
             stacyvm_providers::mock::default_base(std::path::Path::new(&cfg.server.data_dir));

@@ -129,6 +129,65 @@ fn direct_socket(runtime: &str) -> bool {
     matches!(runtime, "" | "runc" | "io.containerd.runc.v2" | "crun")
 }
 
+/// Whether `path` is an ELF executable without an interpreter (a static
+/// binary runs in any image; a dynamic one needs the host's libc).
+pub fn is_static_elf(path: &Path) -> bool {
+    let Ok(b) = std::fs::read(path) else {
+        return false;
+    };
+    // 64-bit little-endian ELF only (the agent is built for x86_64).
+    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 || b[5] != 1 {
+        return false;
+    }
+    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
+    let phoff = u64::from_le_bytes(b[32..40].try_into().unwrap_or([0; 8])) as usize;
+    let (phentsize, phnum) = (u16_at(54), u16_at(56));
+    for i in 0..phnum {
+        let off = phoff + i * phentsize;
+        if off + 4 > b.len() {
+            return false;
+        }
+        // PT_INTERP names the dynamic loader.
+        if u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]) == 3 {
+            return false;
+        }
+    }
+    true
+}
+
+/// Finds a static `stacyvm-agent` for containers: `STACYVM_AGENT_PATH`,
+/// next to the running binary, then where `scripts/build-agent` installs
+/// it. Returns the first static candidate, else the first existing one
+/// (health then says why it cannot be used).
+pub fn find_static_agent() -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = Vec::new();
+    candidates.extend(crate::native::find_agent(""));
+    candidates.push(PathBuf::from("/usr/local/lib/stacyvm/stacyvm-agent"));
+    candidates.push(PathBuf::from("/var/cache/stacyvm/agent/stacyvm-agent"));
+    candidates
+        .iter()
+        .find(|p| is_static_elf(p))
+        .or_else(|| candidates.iter().find(|p| p.is_file()))
+        .cloned()
+}
+
+/// Why the agent binary cannot go into containers, if it cannot.
+fn agent_problem(path: &Path) -> Option<String> {
+    if !path.is_file() {
+        return Some(format!(
+            "agent binary {} not found; build it with scripts/build-agent or set STACYVM_AGENT_PATH",
+            path.display()
+        ));
+    }
+    if !is_static_elf(path) {
+        return Some(format!(
+            "agent binary {} is dynamically linked and cannot run inside container images; build a static one with scripts/build-agent DIR and set STACYVM_AGENT_PATH",
+            path.display()
+        ));
+    }
+    None
+}
+
 /// Maps an engine error to a typed error; `what` names the operation.
 fn engine_err(what: &str, e: EngineError) -> Error {
     match e {
@@ -552,13 +611,15 @@ impl DockerProvider {
 
     /// Connects to the agent of a running container: directly through the
     /// bind-mounted socket, or through a relay exec.
+    /// `run_dir` is the host side of the container's socket dir.
     async fn connect(
         &self,
         id: &str,
         runtime: &str,
+        run_dir: &Path,
     ) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
         if direct_socket(runtime) {
-            let c = AgentClient::connect(&self.dir(id).join("run/agent.sock")).await?;
+            let c = AgentClient::connect(&run_dir.join("agent.sock")).await?;
             return Ok((c, None));
         }
         self.relay(id).await
@@ -601,6 +662,9 @@ impl DockerProvider {
             return Err(Error::internal("agent relay exec started detached"));
         };
         let n = self.relay_seq.fetch_add(1, Ordering::Relaxed);
+        // (Adopted containers may have been created under another data dir.)
+        std::fs::create_dir_all(self.dir(id))
+            .map_err(|e| Error::internal("creating sandbox dir").with_source(e))?;
         let path = self.dir(id).join(format!("relay-{n}.sock"));
         let _ = std::fs::remove_file(&path);
         let listener = tokio::net::UnixListener::bind(&path)
@@ -705,7 +769,16 @@ impl DockerProvider {
             )));
         }
         let runtime = info.host_config.and_then(|h| h.runtime).unwrap_or_default();
-        let (client, relay) = self.connect(id, &runtime).await?;
+        // The socket dir is wherever the container's bind mount says (a
+        // container adopted from another data dir keeps its old one).
+        let run_dir = info
+            .mounts
+            .unwrap_or_default()
+            .into_iter()
+            .find(|m| m.destination.as_deref() == Some(RUN_IN))
+            .and_then(|m| m.source)
+            .map_or_else(|| self.dir(id).join("run"), PathBuf::from);
+        let (client, relay) = self.connect(id, &runtime, &run_dir).await?;
         let conn = Arc::new(Conn {
             client,
             env: spec::parse_env(&cfg.env.unwrap_or_default()),
@@ -951,11 +1024,8 @@ impl Provider for DockerProvider {
                 runtimes.join(", ")
             )));
         }
-        if !self.opts.agent_path.is_file() {
-            return Err(Error::unavailable(format!(
-                "agent binary {} not found; build it with scripts/build-agent or set STACYVM_AGENT_PATH",
-                self.opts.agent_path.display()
-            )));
+        if let Some(problem) = agent_problem(&self.opts.agent_path) {
+            return Err(Error::unavailable(problem));
         }
         Ok(())
     }

@@ -489,6 +489,11 @@ async fn adoption_after_restart() {
     );
     assert!(rt.created_at.is_some());
     assert_eq!(sh(&second, &id, "cat kept.txt").await.stdout, "state\n");
+    // A server with another data dir finds the socket through the mount.
+    let moved = fixture("runc");
+    let elsewhere = moved.make();
+    assert_eq!(sh(&elsewhere, &id, "cat kept.txt").await.stdout, "state\n");
+    drop(elsewhere);
     // A stopped container is listed as stopped (the orchestrator decides).
     let d = second.engine().await.expect("engine");
     d.kill_container(&id, None::<bollard::query_parameters::KillContainerOptions>)
@@ -871,4 +876,17 @@ async fn pulls_from_a_registry_and_reports_missing_images() {
             None,
         )
         .await;
+}
+
+#[test]
+fn static_agent_detection() {
+    assert!(is_static_elf(&static_agent()), "the test agent is static");
+    assert!(!is_static_elf(Path::new("/bin/sh")), "dash is dynamic");
+    let dir = tempfile::tempdir().expect("tmp");
+    let text = dir.path().join("script");
+    std::fs::write(&text, "#!/bin/sh\n").expect("write");
+    assert!(!is_static_elf(&text));
+    assert!(!is_static_elf(&dir.path().join("missing")));
+    assert!(agent_problem(&text).is_some_and(|p| p.contains("dynamically linked")));
+    assert!(agent_problem(&static_agent()).is_none());
 }

@@ -1,0 +1,300 @@
+//! The real `stacyvm` binary serving the docker provider over REST, and a
+//! server restart in between: stored sandboxes are re-attached, a stored
+//! sandbox whose container is gone is marked destroyed, and a labelled
+//! container missing from the store is adopted.
+//!
+//! Needs root, a running dockerd and the static agent (`scripts/test`
+//! provides all three).
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stacyvm");
+const IMAGE: &str = "stacyvm-test/docker-busybox:1";
+
+fn static_agent() -> PathBuf {
+    let p = std::env::var("STACYVM_AGENT_PATH")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map_or_else(
+            || PathBuf::from("/var/cache/stacyvm/agent/stacyvm-agent"),
+            PathBuf::from,
+        );
+    assert!(
+        p.is_file(),
+        "static agent {} missing: run scripts/build-agent /var/cache/stacyvm/agent",
+        p.display()
+    );
+    p
+}
+
+fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI (test setup only)")
+}
+
+/// `docker import`s a busybox image unless it exists (test setup only).
+fn ensure_image() {
+    if docker(&["image", "inspect", IMAGE]).status.success() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = dir.path();
+    for d in ["bin", "etc", "tmp", "root"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    let list = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if !applet.is_empty() && applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("link");
+        }
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000::/home/sandbox:/bin/sh\n",
+    )
+    .expect("passwd");
+    std::fs::write(root.join("etc/group"), "root:x:0:\nsandbox:x:1000:\n").expect("group");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar -C {} -c . | docker import - {IMAGE} >/dev/null",
+            root.display()
+        ))
+        .status()
+        .expect("import");
+    assert!(st.success(), "docker import failed");
+}
+
+struct Server {
+    child: Child,
+    url: String,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+fn start(data: &Path) -> Server {
+    let port = free_port();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(data.join("server.log"))
+        .expect("log");
+    let child = Command::new(BIN)
+        .arg("serve")
+        .env("STACYVM_SERVER_HOST", "127.0.0.1")
+        .env("STACYVM_SERVER_PORT", port.to_string())
+        .env("STACYVM_SERVER_DATA_DIR", data)
+        .env("STACYVM_LOGGING_LEVEL", "info")
+        .env("STACYVM_PROVIDERS_NATIVE_ENABLED", "false")
+        .env("STACYVM_PROVIDERS_DOCKER_ENABLED", "true")
+        .env("STACYVM_PROVIDERS_DEFAULT", "docker")
+        .env("STACYVM_DEFAULTS_IMAGE", IMAGE)
+        .env("STACYVM_DEFAULTS_MEMORY_MB", "64")
+        .env("STACYVM_AGENT_PATH", static_agent())
+        .current_dir(data)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn serve");
+    let server = Server {
+        child,
+        url: format!("http://127.0.0.1:{port}/api/v1"),
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return server;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!(
+        "stacyvm serve did not listen within 30 s: {}",
+        std::fs::read_to_string(data.join("server.log")).unwrap_or_default()
+    );
+}
+
+impl Server {
+    /// Stops the server with SIGTERM (sandboxes keep running).
+    fn stop(mut self) {
+        let _ = Command::new("kill")
+            .arg("-15")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Removes the test's containers whatever happens.
+struct Containers(Vec<String>);
+
+impl Drop for Containers {
+    fn drop(&mut self) {
+        for id in &self.0 {
+            let _ = docker(&["rm", "-f", id]);
+        }
+    }
+}
+
+async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let client = reqwest::Client::new();
+    let mut req = client.request(method, url);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let v = resp.json::<Value>().await.unwrap_or(Value::Null);
+    (status, v)
+}
+
+async fn spawn(s: &Server, owner: &str) -> String {
+    let (status, v) = call(
+        reqwest::Method::POST,
+        format!("{}/sandboxes", s.url),
+        Some(json!({"provider": "docker", "image": IMAGE, "owner_id": owner, "metadata": {"suite": "docker_serve"}})),
+    )
+    .await;
+    assert!(status == 200 || status == 201, "spawn: {status} {v}");
+    assert_eq!(v["provider"], "docker", "{v}");
+    v["id"].as_str().expect("id").to_string()
+}
+
+async fn exec(s: &Server, id: &str, command: &str) -> (u16, Value) {
+    call(
+        reqwest::Method::POST,
+        format!("{}/sandboxes/{id}/exec", s.url),
+        Some(json!({"command": command})),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_sandboxes_over_rest_survive_a_restart() {
+    assert!(
+        nix_is_root(),
+        "docker serve tests need root (CI runs as root)"
+    );
+    ensure_image();
+    let data = tempfile::tempdir().expect("tmp");
+    let other = tempfile::tempdir().expect("tmp");
+    let mut containers = Containers(Vec::new());
+
+    let s = start(data.path());
+    let kept = spawn(&s, "alice").await;
+    let gone = spawn(&s, "bob").await;
+    containers.0.extend([kept.clone(), gone.clone()]);
+    let (status, v) = exec(&s, &kept, "echo hello > greeting; cat greeting; id -u").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["stdout"], "hello\n0\n", "{v}");
+    assert_eq!(v["exit_code"], 0);
+    // Files through the API; relative paths resolve against /workspace.
+    let (status, v) = call(
+        reqwest::Method::GET,
+        format!("{}/sandboxes/{kept}/files?path=greeting", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = call(
+        reqwest::Method::GET,
+        format!("{}/sandboxes/{kept}/files/glob?pattern=*.nothing", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v, json!([]), "no match is [] (gaps C-3)");
+    // Bad input is a typed 4xx with the engine's reason.
+    let (status, v) = call(
+        reqwest::Method::POST,
+        format!("{}/sandboxes", s.url),
+        Some(json!({"provider": "docker", "image": "Not/A//Valid"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    s.stop();
+
+    // While the server is down: one container disappears, and another
+    // server (another store) creates one this store does not know.
+    assert!(docker(&["rm", "-f", &gone]).status.success());
+    let s2 = start(other.path());
+    let orphan = spawn(&s2, "carol").await;
+    containers.0.push(orphan.clone());
+    s2.stop();
+
+    let s = start(data.path());
+    let (status, v) = exec(&s, &kept, "cat greeting").await;
+    assert_eq!(
+        (status, v["stdout"].clone()),
+        (200, json!("hello\n")),
+        "{v}"
+    );
+    let (status, v) = call(
+        reqwest::Method::GET,
+        format!("{}/sandboxes/{gone}", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404, "missing container → destroyed: {v}");
+    let (status, v) = call(
+        reqwest::Method::GET,
+        format!("{}/sandboxes/{orphan}", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "orphan adopted: {v}");
+    assert_eq!(v["provider"], "docker");
+    assert_eq!(v["owner_id"], "carol", "{v}");
+    assert_eq!(v["metadata"]["suite"], "docker_serve", "{v}");
+    let (status, v) = exec(&s, &orphan, "echo adopted").await;
+    assert_eq!(
+        (status, v["stdout"].clone()),
+        (200, json!("adopted\n")),
+        "{v}"
+    );
+    for id in [&kept, &orphan] {
+        let (status, _) = call(
+            reqwest::Method::DELETE,
+            format!("{}/sandboxes/{id}", s.url),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        assert!(
+            !docker(&["inspect", id]).status.success(),
+            "container {id} removed"
+        );
+    }
+    s.stop();
+}
+
+fn nix_is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
