@@ -68,7 +68,7 @@ pub async fn diagnose(config_path: Option<&Path>, production: bool) -> Report {
     check_data_dir(&mut r, &cfg);
     check_native(&mut r, &cfg);
     check_docker(&mut r, &cfg).await;
-    check_firecracker(&mut r, &cfg);
+    check_firecracker(&mut r, &cfg).await;
     check_proot(&mut r, &cfg);
     r
 }
@@ -670,7 +670,28 @@ fn resolve_agent(p: &str) -> Option<PathBuf> {
     which(path.file_name()?.to_str()?)
 }
 
-fn check_firecracker(r: &mut Report, cfg: &Config) {
+/// Runs `bin args…` with a 5 s limit; its stdout, or why it failed.
+async fn probe_output(bin: &Path, args: &[&str]) -> Result<String, String> {
+    let child = tokio::process::Command::new(bin)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(5), child).await {
+        Err(_) => Err("no answer within 5 s".into()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok(out)) if out.status.success() => {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        }
+        Ok(Ok(out)) => Err(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
+    }
+}
+
+async fn check_firecracker(r: &mut Report, cfg: &Config) {
     if !used(cfg, "firecracker") {
         r.warn(
             "firecracker",
@@ -682,16 +703,47 @@ fn check_firecracker(r: &mut Report, cfg: &Config) {
     let f = &cfg.providers.firecracker;
     let fc = which(&f.firecracker_path).or_else(|| which("firecracker"));
     match (fc, which("qemu-system-x86_64")) {
-        (Some(p), _) => r.pass("firecracker.binary", p.display().to_string()),
-        (None, Some(q)) => r.warn(
-            "firecracker.binary",
-            format!(
-                "{} not found; microVMs use QEMU ({})",
-                f.firecracker_path,
-                q.display()
+        (Some(p), _) => match probe_output(&p, &["--version"]).await {
+            Ok(out) => r.pass(
+                "firecracker.binary",
+                format!(
+                    "{} ({})",
+                    p.display(),
+                    out.lines().next().unwrap_or_default().trim()
+                ),
             ),
-            "install firecracker and set providers.firecracker.firecracker_path to use it",
-        ),
+            Err(e) => r.fail(
+                "firecracker.binary",
+                format!("{} does not run: {e}", p.display()),
+                "reinstall firecracker for this architecture",
+            ),
+        },
+        (None, Some(q)) => {
+            r.warn(
+                "firecracker.binary",
+                format!(
+                    "{} not found; microVMs use QEMU ({})",
+                    f.firecracker_path,
+                    q.display()
+                ),
+                "install firecracker and set providers.firecracker.firecracker_path to use it",
+            );
+            match probe_output(&q, &["-machine", "help"]).await {
+                Ok(out) if out.lines().any(|l| l.split_whitespace().next() == Some("microvm")) => {
+                    r.pass("firecracker.qemu", "QEMU has the microvm machine type");
+                }
+                Ok(_) => r.fail(
+                    "firecracker.qemu",
+                    format!("{} has no microvm machine type", q.display()),
+                    "install a QEMU built with microvm support (Debian's qemu-system-x86 is)",
+                ),
+                Err(e) => r.fail(
+                    "firecracker.qemu",
+                    format!("{} does not run: {e}", q.display()),
+                    "reinstall qemu-system-x86",
+                ),
+            }
+        }
         (None, None) => r.fail(
             "firecracker.binary",
             format!("neither {} nor qemu-system-x86_64 found", f.firecracker_path),
@@ -719,6 +771,27 @@ fn check_firecracker(r: &mut Report, cfg: &Config) {
             format!("{} does not exist", f.kernel_path),
             "put a guest kernel (vmlinux) there or set providers.firecracker.kernel_path",
         );
+    }
+    let data = Path::new(&f.data_dir);
+    match fs::metadata(data) {
+        Ok(m) if m.is_dir() => match probe_writable(data) {
+            Ok(()) => r.pass("firecracker.data_dir", f.data_dir.clone()),
+            Err(e) => r.fail(
+                "firecracker.data_dir",
+                format!("cannot write in {}: {e}", f.data_dir),
+                "run stacyvm as the directory's owner or fix its permissions",
+            ),
+        },
+        Ok(_) => r.fail(
+            "firecracker.data_dir",
+            format!("{} is not a directory", f.data_dir),
+            "point providers.firecracker.data_dir at a directory",
+        ),
+        Err(_) => r.warn(
+            "firecracker.data_dir",
+            format!("{} does not exist yet", f.data_dir),
+            format!("create it: install -d -m 0750 {}", f.data_dir),
+        ),
     }
     match resolve_agent(&f.agent_path) {
         Some(p) => r.pass("firecracker.agent", p.display().to_string()),

@@ -377,3 +377,109 @@ fn operator_commands_have_help() {
         );
     }
 }
+
+/// The microVM checks run the VMM: Firecracker's version, or QEMU's
+/// machine list when only QEMU is there.
+#[test]
+fn doctor_probes_the_vmm() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    let bin = d.join("bin");
+    std::fs::create_dir(&bin).expect("mkdir");
+    let script = |name: &str, body: &str| {
+        let p = bin.join(name);
+        std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).expect("write");
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        p
+    };
+    let fc = script("fc", "echo 'Firecracker v1.99.0'");
+    std::fs::write(d.join("vmlinux"), b"kernel").expect("kernel");
+    std::fs::write(d.join("agent"), b"agent").expect("agent");
+    let cfg = |fc_path: &str| {
+        write_config(
+            d,
+            &format!(
+                "server:\n  data_dir: {d}/data\nproviders:\n  firecracker:\n    enabled: true\n    firecracker_path: {fc_path}\n    kernel_path: {d}/vmlinux\n    agent_path: {d}/agent\n    data_dir: {d}\n",
+                d = d.display()
+            ),
+        )
+    };
+    let run = |config: &str, path: &str| {
+        let mut cmd = Command::new(BIN);
+        cmd.args(["doctor", "--config", config])
+            .current_dir(d)
+            .env("HOME", d)
+            .env("PATH", path);
+        for (k, _) in std::env::vars() {
+            if k.starts_with("STACYVM_") {
+                cmd.env_remove(k);
+            }
+        }
+        cmd.output().expect("run")
+    };
+    let sys_path = std::env::var("PATH").unwrap_or_default();
+    let with_bin = format!("{}:{sys_path}", bin.display());
+
+    let c = cfg(fc.to_str().expect("utf8"));
+    let out = run(&c, &sys_path);
+    assert_eq!(
+        status_of(&out, "firecracker.binary").as_deref(),
+        Some("PASS"),
+        "{}",
+        text(&out)
+    );
+    assert!(text(&out).contains("Firecracker v1.99.0"), "{}", text(&out));
+    assert_eq!(
+        status_of(&out, "firecracker.kernel").as_deref(),
+        Some("PASS")
+    );
+    assert_eq!(
+        status_of(&out, "firecracker.agent").as_deref(),
+        Some("PASS")
+    );
+    assert_eq!(
+        status_of(&out, "firecracker.data_dir").as_deref(),
+        Some("PASS")
+    );
+
+    // No firecracker: QEMU with and without the microvm machine.
+    let c = cfg(&format!("{}/no-firecracker", d.display()));
+    script(
+        "qemu-system-x86_64",
+        "echo 'Supported machines are:'; echo 'microvm              microvm (i386)'; echo 'pc                   Standard PC'",
+    );
+    let out = run(&c, &with_bin);
+    assert_eq!(
+        status_of(&out, "firecracker.binary").as_deref(),
+        Some("WARN"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        status_of(&out, "firecracker.qemu").as_deref(),
+        Some("PASS"),
+        "{}",
+        text(&out)
+    );
+    script(
+        "qemu-system-x86_64",
+        "echo 'Supported machines are:'; echo 'pc  Standard PC'",
+    );
+    let out = run(&c, &with_bin);
+    assert_eq!(
+        status_of(&out, "firecracker.qemu").as_deref(),
+        Some("FAIL"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let broken = script("fc-broken", "echo 'bad exec format' >&2; exit 126");
+    let out = run(&cfg(broken.to_str().expect("utf8")), &sys_path);
+    assert_eq!(
+        status_of(&out, "firecracker.binary").as_deref(),
+        Some("FAIL"),
+        "{}",
+        text(&out)
+    );
+}
