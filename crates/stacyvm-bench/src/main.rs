@@ -6,6 +6,13 @@
 //! Scenarios: get, list, spawn, create→first exec, exec round trip,
 //! file write+read (1 KiB, 1 MiB), destroy. Results print as a table, or
 //! Markdown rows for docs/benchmarks.md with `--markdown`.
+//!
+//! Docker floors (no StacyVM server involved, for the docker provider's
+//! targets): `engine_spawn` = raw Engine API create+start of a container
+//! with the provider's security settings, `engine_exec` = Engine exec API
+//! round trip of `true` (create, attach, drain, inspect for the exit code),
+//! `cli_exec` = `docker exec <container> true`. `density` spawns `--ops`
+//! sandboxes through the server and reports host memory per sandbox.
 
 #![allow(clippy::print_stdout)]
 
@@ -56,6 +63,9 @@ struct Args {
     /// Label for the provider column.
     #[arg(long, default_value = "")]
     label: String,
+    /// Container runtime of the engine_* scenarios.
+    #[arg(long, default_value = "runc")]
+    runtime: String,
 }
 
 struct Conn {
@@ -387,7 +397,249 @@ async fn scenario(args: &Args, name: &str) -> Result<Outcome> {
                 .await?;
             out
         }
+        "engine_spawn" | "engine_exec" | "cli_exec" => engine::scenario(args, name).await,
+        "density" => density(args).await,
         other => bail!("unknown scenario {other:?}"),
+    }
+}
+
+/// `MemAvailable` after dropping the page cache (bytes).
+fn mem_available() -> Result<u64> {
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
+    let text = std::fs::read_to_string("/proc/meminfo")?;
+    let kb: u64 = text
+        .lines()
+        .find(|l| l.starts_with("MemAvailable:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| anyhow!("no MemAvailable in /proc/meminfo"))?;
+    Ok(kb * 1024)
+}
+
+/// Spawns `--ops` idle sandboxes, reports host memory per sandbox, destroys them.
+async fn density(args: &Args) -> Result<Outcome> {
+    let before = mem_available()?;
+    let ids = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let a = args.clone();
+    let ids2 = ids.clone();
+    let out = run(args, "density", args.ops, move |mut c, _| {
+        let a = a.clone();
+        let ids = ids2.clone();
+        async move {
+            let t = Instant::now();
+            let r = c.spawn(&a).await;
+            if let Ok(id) = &r {
+                if let Ok(mut v) = ids.lock() {
+                    v.push(id.clone());
+                }
+            }
+            (c, timed(t, r))
+        }
+    })
+    .await?;
+    // Let the sandboxes settle before measuring.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after = mem_available()?;
+    let ids: Vec<String> = ids.lock().map(|v| v.clone()).unwrap_or_default();
+    let n = ids.len().max(1) as f64;
+    let per = before.saturating_sub(after) as f64 / n / (1024.0 * 1024.0);
+    println!(
+        "density: {} idle sandboxes cost {per:.2} MiB of host memory each (MemAvailable {:.0} → {:.0} MiB)",
+        ids.len(),
+        before as f64 / 1048576.0,
+        after as f64 / 1048576.0
+    );
+    let mut c = Conn::open(args).await?;
+    for id in ids {
+        let _ = c
+            .ok(Method::DELETE, &format!("/sandboxes/{id}"), None)
+            .await;
+    }
+    Ok(out)
+}
+
+/// Docker Engine floors measured without StacyVM.
+mod engine {
+    use super::{timed, Args, Outcome};
+    use anyhow::{anyhow, bail, Result};
+    use bollard::exec::{CreateExecOptions, StartExecResults};
+    use bollard::models::{ContainerCreateBody, HostConfig};
+    use bollard::query_parameters::{CreateContainerOptionsBuilder, RemoveContainerOptionsBuilder};
+    use bollard::Docker;
+    use futures::StreamExt;
+    use std::time::{Duration, Instant};
+
+    fn body(args: &Args) -> ContainerCreateBody {
+        ContainerCreateBody {
+            image: Some(args.image.clone()),
+            cmd: Some(vec!["sleep".into(), "3600".into()]),
+            working_dir: Some("/workspace".into()),
+            host_config: Some(HostConfig {
+                runtime: Some(args.runtime.clone()),
+                network_mode: Some("none".into()),
+                memory: Some(256 * 1024 * 1024),
+                memory_swap: Some(256 * 1024 * 1024),
+                pids_limit: Some(256),
+                cap_drop: Some(vec!["ALL".into()]),
+                security_opt: Some(vec!["no-new-privileges:true".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    async fn create_start(d: &Docker, args: &Args, name: &str) -> Result<()> {
+        d.create_container(
+            Some(CreateContainerOptionsBuilder::default().name(name).build()),
+            body(args),
+        )
+        .await?;
+        d.start_container(name, None).await?;
+        Ok(())
+    }
+
+    async fn remove(d: &Docker, name: &str) {
+        let _ = d
+            .remove_container(
+                name,
+                Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+            )
+            .await;
+    }
+
+    /// One Engine exec API round trip: create, start attached, drain, inspect.
+    async fn exec_true(d: &Docker, name: &str) -> Result<()> {
+        let e = d
+            .create_exec(
+                name,
+                CreateExecOptions::<String> {
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    cmd: Some(vec!["true".into()]),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if let StartExecResults::Attached { mut output, .. } = d.start_exec(&e.id, None).await? {
+            while let Some(o) = output.next().await {
+                o?;
+            }
+        }
+        let code = d.inspect_exec(&e.id).await?.exit_code;
+        if code != Some(0) {
+            bail!("exec exit code {code:?}");
+        }
+        Ok(())
+    }
+
+    /// Runs `--ops` operations on `--clients` tasks (no server connection).
+    async fn run_plain<F, Fut>(args: &Args, name: &str, op: F) -> Result<Outcome>
+    where
+        F: Fn(usize) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = Result<Duration>> + Send,
+    {
+        let total = args.ops;
+        let counter = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let start = Instant::now();
+        let mut handles = Vec::new();
+        for _ in 0..args.clients.max(1).min(total.max(1)) {
+            let (op, counter) = (op.clone(), counter.clone());
+            handles.push(tokio::spawn(async move {
+                let (mut lat, mut errors, mut first) = (Vec::new(), 0, None);
+                loop {
+                    let i = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= total {
+                        break;
+                    }
+                    match op(i).await {
+                        Ok(d) => lat.push(d),
+                        Err(e) => {
+                            errors += 1;
+                            first.get_or_insert_with(|| format!("{e:#}"));
+                        }
+                    }
+                }
+                (lat, errors, first)
+            }));
+        }
+        let mut out = Outcome {
+            name: name.to_string(),
+            latencies: Vec::new(),
+            wall: Duration::ZERO,
+            errors: 0,
+            first_error: None,
+        };
+        for h in handles {
+            let (l, e, f) = h.await?;
+            out.latencies.extend(l);
+            out.errors += e;
+            if out.first_error.is_none() {
+                out.first_error = f;
+            }
+        }
+        out.wall = start.elapsed();
+        out.latencies.sort();
+        Ok(out)
+    }
+
+    pub async fn scenario(args: &Args, name: &str) -> Result<Outcome> {
+        if args.image.is_empty() {
+            bail!("{name} needs --image");
+        }
+        let d = Docker::connect_with_defaults()?
+            .negotiate_version()
+            .await
+            .map_err(|e| anyhow!("docker engine: {e}"))?;
+        let tag = std::process::id();
+        match name {
+            "engine_spawn" => {
+                let (a, d2) = (args.clone(), d.clone());
+                run_plain(args, name, move |i| {
+                    let (a, d) = (a.clone(), d2.clone());
+                    async move {
+                        let n = format!("stacyvm-bench-{tag}-{i}");
+                        let t = Instant::now();
+                        let r = timed(t, create_start(&d, &a, &n).await);
+                        remove(&d, &n).await;
+                        r
+                    }
+                })
+                .await
+            }
+            _ => {
+                let n = format!("stacyvm-bench-{tag}-exec");
+                create_start(&d, args, &n).await?;
+                let (d2, n2, cli) = (d.clone(), n.clone(), name == "cli_exec");
+                let out = run_plain(args, name, move |_| {
+                    let (d, n) = (d2.clone(), n2.clone());
+                    async move {
+                        let t = Instant::now();
+                        let r = if cli {
+                            tokio::process::Command::new("docker")
+                                .args(["exec", &n, "true"])
+                                .status()
+                                .await
+                                .map_err(anyhow::Error::from)
+                                .and_then(|s| {
+                                    if s.success() {
+                                        Ok(())
+                                    } else {
+                                        Err(anyhow!("docker exec: {s}"))
+                                    }
+                                })
+                        } else {
+                            exec_true(&d, &n).await
+                        };
+                        timed(t, r)
+                    }
+                })
+                .await;
+                // Give the last exec a moment before removal.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                remove(&d, &n).await;
+                out
+            }
+        }
     }
 }
 
