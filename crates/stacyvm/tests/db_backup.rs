@@ -489,3 +489,177 @@ async fn upgrade_rehearsal_checks_without_changing_anything() {
         text(&out)
     );
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// A server process, killed if the test fails before stopping it.
+struct Served(std::process::Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `stacyvm serve` on the mock provider (no root or kernel features
+/// needed), with its data under `data`.
+fn serve(data: &Path, port: u16) -> Served {
+    let log = std::fs::File::create(data.join(format!("server-{port}.log"))).expect("log");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("serve").current_dir(data).env("HOME", data);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("STACYVM_") {
+            cmd.env_remove(k);
+        }
+    }
+    let child = Served(
+        cmd.env("STACYVM_SERVER_HOST", "127.0.0.1")
+            .env("STACYVM_SERVER_PORT", port.to_string())
+            .env("STACYVM_SERVER_DATA_DIR", data)
+            .env("STACYVM_PROVIDERS_DEFAULT", "mock")
+            .env("STACYVM_PROVIDERS_MOCK_ENABLED", "true")
+            .env("STACYVM_PROVIDERS_NATIVE_ENABLED", "false")
+            .env("STACYVM_LOGGING_LEVEL", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn serve"),
+    );
+    // Wait until it listens (the loop ends when it does; no timing assertion).
+    for _ in 0..600 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return child;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("stacyvm serve did not listen on {port}");
+}
+
+/// Stops the server with SIGTERM (a graceful shutdown) and waits.
+fn stop(mut s: Served) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(s.0.id()).expect("pid"));
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let _ = s.0.wait();
+}
+
+/// The drill against a real server: sandboxes are created through the API
+/// while `db backup` runs; restore is refused while the server holds the
+/// database; after it stops, the restore matches the backup row for row
+/// and the server starts on it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drill_against_a_running_server() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).expect("mkdir");
+    let port = free_port();
+    let server = serve(&data, port);
+    let url = format!("http://127.0.0.1:{port}");
+    let client = stacyvm_client::Client::new(&url, None).expect("client");
+
+    let stop_flag = Arc::new(AtomicBool::new(false));
+    let created = Arc::new(AtomicI64::new(0));
+    let writer = {
+        let (stop_flag, created, client) = (stop_flag.clone(), created.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while !stop_flag.load(Ordering::SeqCst) {
+                let req = stacyvm_api::SpawnRequest {
+                    image: "drill".into(),
+                    ..Default::default()
+                };
+                let sb = client.spawn(&req).await.expect("spawn");
+                ids.push(sb.id);
+                created.fetch_add(1, Ordering::SeqCst);
+            }
+            ids
+        })
+    };
+    while created.load(Ordering::SeqCst) < 5 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let before = created.load(Ordering::SeqCst);
+    let db = data.join("stacyvm.db");
+    let backup = dir.path().join("drill.db");
+    let (d, b, l) = (dir.path().to_path_buf(), backup.clone(), db.clone());
+    let out = tokio::task::spawn_blocking(move || {
+        stacyvm(
+            &d,
+            &[
+                "db",
+                "backup",
+                b.to_str().expect("utf8"),
+                "--database",
+                l.to_str().expect("utf8"),
+            ],
+        )
+    })
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{}", text(&out));
+    let after = created.load(Ordering::SeqCst);
+    while created.load(Ordering::SeqCst) < after + 3 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    stop_flag.store(true, Ordering::SeqCst);
+    let ids = writer.await.expect("writer");
+
+    // Every sandbox created before the backup started is in it.
+    let mut c = open_plain(&backup).await;
+    let in_backup: Vec<String> = sqlx::query_scalar("SELECT id FROM sandboxes ORDER BY id")
+        .fetch_all(&mut c)
+        .await
+        .expect("ids");
+    c.close().await.expect("close");
+    for id in &ids[..usize::try_from(before).expect("count")] {
+        assert!(in_backup.contains(id), "{id} missing from the backup");
+    }
+    assert!(
+        in_backup.len() < ids.len(),
+        "sandboxes created after the backup"
+    );
+
+    // The running server holds the database: restore refuses.
+    let db_s = db.to_str().expect("utf8");
+    let out = stacyvm(
+        dir.path(),
+        &["db", "restore", "drill.db", "--database", db_s, "--yes"],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!("open by process {}", server.0.id())),
+        "{}",
+        text(&out)
+    );
+    stop(server);
+
+    let out = stacyvm(
+        dir.path(),
+        &["db", "restore", "drill.db", "--database", db_s, "--yes"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(dump(&db).await, dump(&backup).await);
+
+    // The server starts on the restored database and knows its sandboxes.
+    let server = serve(&data, port);
+    let listed: Vec<String> = client
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|s| s.id)
+        .collect();
+    for id in &in_backup {
+        assert!(
+            listed.contains(id),
+            "{id} not listed after restore: {listed:?}"
+        );
+    }
+    stop(server);
+}
