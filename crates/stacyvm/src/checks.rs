@@ -87,6 +87,11 @@ impl Report {
         fix: impl Into<String>,
     ) {
         let fix = fix.into();
+        // Every WARN and FAIL must tell the operator what to do.
+        debug_assert!(
+            status == Status::Pass || !fix.is_empty(),
+            "check {name} has no remediation"
+        );
         self.checks.push(Check {
             name: name.to_string(),
             status,

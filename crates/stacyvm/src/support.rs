@@ -87,7 +87,13 @@ pub async fn run(args: &BundleArgs) -> Result<()> {
     let mut bundle = json!({
         "generated_at": chrono::Utc::now().to_rfc3339(),
         "version": env!("CARGO_PKG_VERSION"),
-        "runtime": {"os": std::env::consts::OS, "arch": std::env::consts::ARCH},
+        // goos/goarch as the original's bundles name them; os/arch for people.
+        "runtime": {
+            "os": std::env::consts::OS,
+            "arch": std::env::consts::ARCH,
+            "goos": std::env::consts::OS,
+            "goarch": if std::env::consts::ARCH == "x86_64" { "amd64" } else if std::env::consts::ARCH == "aarch64" { "arm64" } else { std::env::consts::ARCH },
+        },
     });
     let loaded = config::load(args.config.as_deref(), env.clone());
     match &loaded {
