@@ -1,6 +1,7 @@
-//! Operator commands that work on this machine's files rather than on a
-//! server: `config lint`, `doctor`, `db backup|restore`, `upgrade
-//! rehearse` and `support bundle` (spec/config-and-cli.md §5–7).
+//! Local operator commands: `config lint`, `doctor`, `db backup|restore|
+//! check|pg-backup`, `upgrade rehearse` and `support bundle`
+//! (spec/config-and-cli.md §5–7). They read this machine's config and
+//! files; only `support bundle --include-server` talks to a server.
 
 use std::process::ExitCode;
 
