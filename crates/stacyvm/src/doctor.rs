@@ -332,14 +332,26 @@ fn check_native(r: &mut Report, cfg: &Config) {
         return;
     }
     let n = &cfg.providers.native;
-    if nix::unistd::geteuid().is_root() {
+    let root = nix::unistd::geteuid().is_root();
+    if root {
         r.pass("native.root", "running as root");
     } else {
-        r.fail(
-            "native.root",
-            "the native provider needs root (namespaces, mounts, cgroups)",
-            "run stacyvm serve as root (systemd unit) or use the docker provider",
-        );
+        let read = |p: &str| fs::read_to_string(p).ok();
+        match userns_available(
+            read("/proc/sys/user/max_user_namespaces").as_deref(),
+            read("/proc/sys/kernel/unprivileged_userns_clone").as_deref(),
+        ) {
+            Ok(()) => r.warn(
+                "native.root",
+                "not root: rootless mode, sandboxes get a user namespace and no warm pool",
+                "run stacyvm serve as root for full isolation, cgroup limits and the warm pool",
+            ),
+            Err(why) => r.fail(
+                "native.root",
+                format!("not root, and rootless mode is impossible: {why}"),
+                "run stacyvm serve as root, or allow user namespaces (sysctl user.max_user_namespaces=15000)",
+            ),
+        }
     }
     match stacyvm_providers::native::find_agent(&n.agent_path) {
         Some(p) if is_executable(&p) => match elf_is_static(&p) {
@@ -392,7 +404,7 @@ fn check_native(r: &mut Report, cfg: &Config) {
             "load it: modprobe overlay (and add it to /etc/modules)",
         );
     }
-    check_cgroups(r);
+    check_cgroups(r, root);
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
     if status.lines().any(|l| l.starts_with("Seccomp:")) {
         r.pass("native.seccomp", "available");
@@ -430,7 +442,65 @@ fn check_native(r: &mut Report, cfg: &Config) {
     }
 }
 
-fn check_cgroups(r: &mut Report) {
+/// Whether unprivileged user namespaces are allowed, from the contents of
+/// `user.max_user_namespaces` and Debian's `kernel.unprivileged_userns_clone`
+/// (absent on other kernels).
+fn userns_available(max: Option<&str>, unprivileged: Option<&str>) -> Result<(), String> {
+    match max {
+        Some(m) if m.trim() != "0" => {}
+        _ => return Err("user.max_user_namespaces is 0".into()),
+    }
+    if unprivileged.is_some_and(|u| u.trim() == "0") {
+        return Err("kernel.unprivileged_userns_clone is 0".into());
+    }
+    Ok(())
+}
+
+/// This process's own cgroup directories (where a rootless server would
+/// create sandbox cgroups).
+fn own_cgroup_dirs() -> Vec<PathBuf> {
+    let root = Path::new("/sys/fs/cgroup");
+    let text = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mut dirs = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(ctls), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        if ctls.is_empty() {
+            if root.join("cgroup.controllers").is_file() {
+                dirs.push(root.join(rel));
+            }
+        } else {
+            for ctl in ["memory", "pids", "cpu"] {
+                if ctls.split(',').any(|c| c == ctl)
+                    && root.join(ctl).join("cgroup.procs").is_file()
+                {
+                    dirs.push(root.join(ctl).join(rel));
+                }
+            }
+        }
+    }
+    dirs
+}
+
+fn check_cgroups(r: &mut Report, root_user: bool) {
+    if !root_user {
+        let dirs = own_cgroup_dirs();
+        let writable = !dirs.is_empty()
+            && dirs
+                .iter()
+                .all(|d| nix::unistd::access(d.as_path(), nix::unistd::AccessFlags::W_OK).is_ok());
+        if !writable {
+            r.warn(
+                "native.cgroups",
+                "rootless without a delegated cgroup: memory and cpu limits are not enforced",
+                "run as root, or start stacyvm in a delegated cgroup (systemd: Delegate=yes)",
+            );
+            return;
+        }
+    }
     let root = Path::new("/sys/fs/cgroup");
     let wanted = ["memory", "pids", "cpu"];
     let (kind, have): (&str, Vec<&str>) = match fs::read_to_string(root.join("cgroup.controllers"))
@@ -865,6 +935,16 @@ mod tests {
         let f = dir.path().join("static");
         fs::write(&f, &h).expect("write");
         assert_eq!(elf_is_static(&f), Some(true));
+    }
+
+    #[test]
+    fn user_namespace_availability() {
+        assert!(userns_available(Some("15000\n"), None).is_ok());
+        assert!(userns_available(Some("15000\n"), Some("1\n")).is_ok());
+        assert!(userns_available(Some("0\n"), None).is_err());
+        assert!(userns_available(None, None).is_err());
+        let e = userns_available(Some("100"), Some("0")).expect_err("debian switch off");
+        assert!(e.contains("unprivileged_userns_clone"), "{e}");
     }
 
     #[test]
