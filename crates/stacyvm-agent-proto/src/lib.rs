@@ -112,6 +112,17 @@ impl Frame {
         }
     }
 
+    /// The 9-byte prefix (length, kind, id) of a frame whose body is
+    /// `body_len` bytes: lets large bodies be written without copying them
+    /// into a frame first.
+    pub fn header(kind: Kind, id: u32, body_len: usize) -> [u8; 9] {
+        let mut h = [0u8; 9];
+        h[..4].copy_from_slice(&((5 + body_len) as u32).to_be_bytes());
+        h[4] = kind as u8;
+        h[5..].copy_from_slice(&id.to_be_bytes());
+        h
+    }
+
     /// Encodes the frame with its length prefix.
     pub fn encode(&self) -> Vec<u8> {
         let len = 5 + self.body.len();
@@ -163,27 +174,39 @@ impl Frame {
 #[derive(Debug, Default)]
 pub struct Decoder {
     buf: Vec<u8>,
+    /// Start of unconsumed bytes in `buf` (consumed frames are dropped in
+    /// bulk, not with a memmove per frame).
+    pos: usize,
 }
 
 impl Decoder {
     pub fn push(&mut self, data: &[u8]) {
+        if self.pos > 0 && (self.pos == self.buf.len() || self.pos >= 1 << 20) {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+        }
         self.buf.extend_from_slice(data);
     }
 
     /// The next complete frame, if buffered.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        if self.buf.len() < 4 {
+        let b = &self.buf[self.pos..];
+        if b.len() < 4 {
             return Ok(None);
         }
-        let len = u32::from_be_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        let len = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
         if !(5..=MAX_FRAME).contains(&len) {
             return Err(FrameError::BadLength(len));
         }
-        if self.buf.len() < 4 + len {
+        if b.len() < 4 + len {
             return Ok(None);
         }
-        let frame = Frame::from_parts(&self.buf[4..4 + len])?;
-        self.buf.drain(..4 + len);
+        let frame = Frame::from_parts(&b[4..4 + len])?;
+        self.pos += 4 + len;
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        }
         Ok(Some(frame))
     }
 }

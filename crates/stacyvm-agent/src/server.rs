@@ -30,6 +30,14 @@ impl Conn {
         w.write_all(&bytes)
     }
 
+    /// Sends a frame made of `body` without building it in memory first.
+    pub fn send_body(&self, kind: Kind, id: u32, body: &[u8]) -> std::io::Result<()> {
+        let header = Frame::header(kind, id, body.len());
+        let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        w.write_all(&header)?;
+        w.write_all(body)
+    }
+
     pub fn respond(&self, id: u32, r: Result<serde_json::Value, AgentError>) {
         let resp = match r {
             Ok(v) => Response::ok(v),
@@ -52,6 +60,9 @@ impl Conn {
 
 /// Accepts connections forever. `pid1` marks the sandbox init.
 pub fn serve(listener: UnixListener, pid1: bool) {
+    // 1 MiB file chunks reuse heap memory; at most 4 MiB of freed heap is
+    // kept (idle sandboxes stay small).
+    stacyvm_sandbox::tune_allocator(2 << 20, 4 << 20);
     let reaper = Arc::new(Reaper::default());
     {
         let r = reaper.clone();
@@ -365,7 +376,7 @@ fn read_file(id: u32, path: &str, conn: &Arc<Conn>) -> Result<serde_json::Value,
             break;
         }
         total += n as u64;
-        conn.send(&Frame::new(Kind::Data, id, buf[..n].to_vec()))
+        conn.send_body(Kind::Data, id, &buf[..n])
             .map_err(|e| files::err(path, &e))?;
     }
     Ok(serde_json::json!({"size": total}))

@@ -82,6 +82,8 @@ fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
 }
 
 pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
+    // Request bodies and file chunks of up to 1 MiB reuse heap memory.
+    stacyvm_sandbox::tune_allocator(32 << 20, 64 << 20);
     let loaded = config::load(config_path.as_deref(), std::env::vars())?;
     let cfg = loaded.config;
     init_logging(&cfg);

@@ -87,7 +87,8 @@ impl AgentClient {
             .await
             .map_err(|e| Error::unavailable("agent handshake").with_source(e))?;
         let mut dec = Decoder::default();
-        let mut buf = vec![0u8; 64 * 1024];
+        // Large reads: a 1 MiB file chunk arrives in a few syscalls.
+        let mut buf = vec![0u8; 256 * 1024];
         let reply = tokio::time::timeout(Duration::from_secs(5), async {
             loop {
                 if let Some(f) = dec
@@ -174,6 +175,14 @@ impl AgentClient {
         w.write_all(&bytes).await.map_err(|_| lost())
     }
 
+    /// Sends a frame made of `body` without copying it into a frame.
+    async fn send_body(&self, kind: Kind, id: u32, body: &[u8]) -> Result<()> {
+        let header = Frame::header(kind, id, body.len());
+        let mut w = self.writer.lock().await;
+        w.write_all(&header).await.map_err(|_| lost())?;
+        w.write_all(body).await.map_err(|_| lost())
+    }
+
     fn register(&self) -> Result<(u32, mpsc::UnboundedReceiver<Frame>, RouteGuard)> {
         if self.is_closed() {
             return Err(lost());
@@ -216,10 +225,9 @@ impl AgentClient {
         };
         self.send(&Frame::json(Kind::Request, id, &req)).await?;
         for chunk in data.chunks(MAX_CHUNK) {
-            self.send(&Frame::new(Kind::Data, id, chunk.to_vec()))
-                .await?;
+            self.send_body(Kind::Data, id, chunk).await?;
         }
-        self.send(&Frame::new(Kind::Data, id, Vec::new())).await?;
+        self.send_body(Kind::Data, id, &[]).await?;
         while let Some(f) = rx.recv().await {
             if f.kind == Kind::Response {
                 return response(&f.body).map(|_| ());
