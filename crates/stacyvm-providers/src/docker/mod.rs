@@ -188,6 +188,23 @@ fn agent_problem(path: &Path) -> Option<String> {
     None
 }
 
+/// Host threads gVisor's sentry keeps in the container's pids cgroup
+/// (about 110 idle on this host, more under load).
+const GVISOR_PIDS_ALLOWANCE: i64 = 512;
+
+/// The container's pids cgroup limit for `providers.docker.pids_limit`
+/// (≤ 0 → 256). Under gVisor the sentry's own threads share the cgroup and
+/// hitting the limit ends the whole sandbox, so they get an allowance on
+/// top: the sandbox's processes keep the configured headroom.
+fn pids_cgroup_limit(configured: i64, runtime: &str) -> i64 {
+    let base = if configured > 0 { configured } else { 256 };
+    if runtime.contains("runsc") || runtime.contains("gvisor") {
+        base + GVISOR_PIDS_ALLOWANCE
+    } else {
+        base
+    }
+}
+
 /// Maps an engine error to a typed error; `what` names the operation.
 fn engine_err(what: &str, e: EngineError) -> Error {
     match e {
@@ -452,7 +469,7 @@ impl DockerProvider {
             // No swap beyond the memory limit: the limit is the limit.
             memory_swap: Some(memory),
             nano_cpus: Some((cpus * 1e9) as i64),
-            pids_limit: Some(if c.pids_limit > 0 { c.pids_limit } else { 256 }),
+            pids_limit: Some(pids_cgroup_limit(c.pids_limit, self.runtime())),
             security_opt: Some(self.security_opts()?),
             cap_drop: Some(c.dropped_caps.clone()),
             cap_add: if c.added_caps.is_empty() {

@@ -289,9 +289,7 @@ async fn assert_no_container(p: &DockerProvider, id: &str) {
 
 async fn security_checks(runtime: &str) {
     let mut fx = fixture(runtime);
-    // gVisor's sentry runs its own ~110 host threads in the container's
-    // pids cgroup, so runsc sandboxes need the default limit.
-    fx.config.pids_limit = if runtime == "runsc" { 256 } else { 64 };
+    fx.config.pids_limit = 64;
     let p = fx.ready().await;
     let spec = spawn_spec(TEST_IMAGE, 64);
     let id = p.spawn(&spec).await.expect("spawn").runtime_id;
@@ -331,7 +329,8 @@ async fn security_checks(runtime: &str) {
     if runtime == "runsc" {
         // gVisor enforces the limits on the sandbox as a whole: exceeding
         // one ends the sandbox. The provider must say so, not hang.
-        let bomb = conformance::run_spec(&p, &id, fork_bomb()).await;
+        // 64 + the sentry's allowance (512): 1000 processes exceed it.
+        let bomb = conformance::run_spec(&p, &id, fork_bomb(1000)).await;
         assert!(
             bomb.as_ref()
                 .map_or(true, |r| !r.stdout.contains("all-started")),
@@ -362,7 +361,7 @@ async fn security_checks(runtime: &str) {
         return;
     }
     // runc: forking 300 sleeps fails part way; the agent survives.
-    let bomb = conformance::run_spec(&p, &id, fork_bomb())
+    let bomb = conformance::run_spec(&p, &id, fork_bomb(300))
         .await
         .expect("exec");
     assert!(
@@ -529,11 +528,12 @@ async fn adoption_after_restart() {
     third.destroy(&id).await.expect("destroying twice is Ok");
 }
 
-fn fork_bomb() -> stacyvm_core::provider::ExecSpec {
+/// Forks `n` sleeps, then says so.
+fn fork_bomb(n: u32) -> stacyvm_core::provider::ExecSpec {
     stacyvm_core::provider::ExecSpec {
         argv: paths::build_argv(
             "shell",
-            "for i in $(seq 1 300); do sleep 30 & done; echo all-started",
+            &format!("for i in $(seq 1 {n}); do sleep 30 & done; echo all-started"),
             &[],
         )
         .expect("argv"),
@@ -889,4 +889,44 @@ fn static_agent_detection() {
     assert!(!is_static_elf(&dir.path().join("missing")));
     assert!(agent_problem(&text).is_some_and(|p| p.contains("dynamically linked")));
     assert!(agent_problem(&static_agent()).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_that_does_not_answer_is_a_typed_timeout() {
+    let mut fx = fixture("runc");
+    // A socket that accepts connections and never answers.
+    let sock = fx.dir.path().join("silent.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+    let holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in listener.incoming().take(4) {
+            held.push(c);
+        }
+        std::thread::sleep(Duration::from_secs(5));
+    });
+    fx.config.socket = sock.to_string_lossy().to_string();
+    let mut opts = DockerOptions::new(fx.config.clone(), fx.state_dir(), fx.agent.clone());
+    opts.engine_timeout = Duration::from_secs(1);
+    let p = DockerProvider::new(opts).expect("provider");
+    let e = p.health().await.expect_err("no answer");
+    assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
+    assert!(e.to_string().contains("did not answer in time"), "{e}");
+    let e = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect_err("no answer");
+    assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
+    drop(holder);
+}
+
+#[test]
+fn gvisor_gets_a_pids_allowance_for_its_sentry() {
+    assert_eq!(pids_cgroup_limit(64, "runc"), 64);
+    assert_eq!(pids_cgroup_limit(0, "runc"), 256);
+    assert_eq!(pids_cgroup_limit(-5, "kata"), 256);
+    assert_eq!(pids_cgroup_limit(64, "runsc"), 64 + GVISOR_PIDS_ALLOWANCE);
+    assert_eq!(
+        pids_cgroup_limit(0, "runsc-kvm"),
+        256 + GVISOR_PIDS_ALLOWANCE
+    );
 }
