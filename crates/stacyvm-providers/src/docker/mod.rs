@@ -796,11 +796,9 @@ impl DockerProvider {
             .and_then(|m| m.source)
             .map_or_else(|| self.dir(id).join("run"), PathBuf::from);
         let (client, relay) = self.connect(id, &runtime, &run_dir).await?;
-        let conn = Arc::new(Conn {
-            client,
-            env: spec::parse_env(&cfg.env.unwrap_or_default()),
-            relay,
-        });
+        let env = spec::parse_env(&cfg.env.unwrap_or_default());
+        let env = base_env(&client, env, cfg.user.as_deref().unwrap_or_default()).await;
+        let conn = Arc::new(Conn { client, env, relay });
         self.conns
             .lock()
             .map_err(|_| Error::internal("lock"))?
@@ -810,7 +808,7 @@ impl DockerProvider {
 
     /// Waits until a freshly started container's agent answers; a container
     /// that stops first is reported with its last log lines.
-    async fn await_agent(&self, id: &str, env: BTreeMap<String, String>) -> Result<Arc<Conn>> {
+    async fn await_agent(&self, id: &str) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
         let d = self.engine().await?;
         let started = Instant::now();
         let sock = self.dir(id).join("run/agent.sock");
@@ -820,16 +818,12 @@ impl DockerProvider {
             if direct {
                 if sock.exists() {
                     if let Ok(c) = AgentClient::connect(&sock).await {
-                        return Ok(Arc::new(Conn {
-                            client: c,
-                            env,
-                            relay: None,
-                        }));
+                        return Ok((c, None));
                     }
                 }
             } else {
                 match self.relay(id).await {
-                    Ok((client, relay)) => return Ok(Arc::new(Conn { client, env, relay })),
+                    Ok(connected) => return Ok(connected),
                     Err(e) => debug!(sandbox_id = %id, error = %e, "agent relay not ready"),
                 }
             }
@@ -917,9 +911,9 @@ impl DockerProvider {
                 }
                 e => engine_err("starting the sandbox container", e),
             })?;
-        let conn = self
-            .await_agent(&spec.id, spec::parse_env(&image_env))
-            .await?;
+        let (client, relay) = self.await_agent(&spec.id).await?;
+        let env = base_env(&client, spec::parse_env(&image_env), &user).await;
+        let conn = Arc::new(Conn { client, env, relay });
         self.conns
             .lock()
             .map_err(|_| Error::internal("lock"))?
@@ -937,6 +931,37 @@ impl DockerProvider {
         s.env = env;
         s
     }
+}
+
+/// The base environment of a sandbox's execs: the container's (image) env
+/// plus `HOME` of a non-root user from the image's /etc/passwd (the agent's
+/// default `/root` is not theirs), as `docker exec` would set it.
+async fn base_env(
+    client: &AgentClient,
+    mut env: BTreeMap<String, String>,
+    user: &str,
+) -> BTreeMap<String, String> {
+    let name = user.split(':').next().unwrap_or_default();
+    if name.is_empty() || name == "root" || name == "0" || env.contains_key("HOME") {
+        return env;
+    }
+    let read = client
+        .call(&Request::ReadFile {
+            path: "/etc/passwd".into(),
+        })
+        .await;
+    let passwd = read
+        .map(|(_, data)| String::from_utf8_lossy(&data).to_string())
+        .unwrap_or_default();
+    let home = passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.len() >= 6 && (f[0] == name || f[2] == name)).then(|| f[5].to_string())
+    });
+    env.insert(
+        "HOME".into(),
+        home.filter(|h| !h.is_empty()).unwrap_or_else(|| "/".into()),
+    );
+    env
 }
 
 /// The agent request for an exec spec.

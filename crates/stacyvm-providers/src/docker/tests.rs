@@ -428,8 +428,8 @@ async fn non_root_user_owns_its_files() {
         .expect("spawn")
         .runtime_id;
     assert_eq!(
-        sh(&p, &id, "id -u; id -g; pwd").await.stdout,
-        "1000\n1000\n/workspace\n"
+        sh(&p, &id, "id -u; id -g; pwd; echo $HOME").await.stdout,
+        "1000\n1000\n/workspace\n/home/sandbox\n"
     );
     // Files written through the API belong to the container user, who can
     // change them (gaps C-15), in the workspace and in new directories.
@@ -929,4 +929,49 @@ fn gvisor_gets_a_pids_allowance_for_its_sentry() {
         pids_cgroup_limit(0, "runsc-kvm"),
         256 + GVISOR_PIDS_ALLOWANCE
     );
+}
+
+/// Kata is not packaged in Debian: where dockerd has a Kata runtime the
+/// suite's basics run on it (through the relay); elsewhere health must say
+/// that the configured runtime is missing and how to add it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kata_where_present_otherwise_health_explains() {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    let info = p
+        .engine()
+        .await
+        .expect("engine")
+        .info()
+        .await
+        .expect("info");
+    let kata = info
+        .runtimes
+        .unwrap_or_default()
+        .into_keys()
+        .find(|r| r.contains("kata"));
+    let mut kfx = fixture("runc");
+    kfx.config.runtime = kata.clone().unwrap_or_else(|| "kata-runtime".into());
+    let kp = kfx.make();
+    match kata {
+        Some(_) => {
+            kp.health().await.expect("kata registered");
+            let id = kp
+                .spawn(&spawn_spec(TEST_IMAGE, 256))
+                .await
+                .expect("spawn")
+                .runtime_id;
+            assert_eq!(sh(&kp, &id, "echo kata").await.stdout, "kata\n");
+            kp.destroy(&id).await.expect("destroy");
+        }
+        None => {
+            let e = kp.health().await.expect_err("kata missing");
+            assert_eq!(e.kind(), ErrorKind::ProviderUnavailable);
+            let msg = e.to_string();
+            assert!(
+                msg.contains("kata-runtime") && msg.contains("/etc/docker/daemon.json"),
+                "{msg}"
+            );
+        }
+    }
 }
