@@ -532,6 +532,10 @@ impl DockerProvider {
         if user.is_empty() || user == "root" || user == "0" || user.starts_with("0:") {
             return Ok(());
         }
+        if self.opts.config.read_only_rootfs {
+            // The workspace is a world-writable tmpfs then (see host_config).
+            return Ok(());
+        }
         let numeric = user.split(':').all(|p| p.parse::<u32>().is_ok());
         let (passwd, group) = if numeric {
             (String::new(), String::new())
@@ -879,7 +883,13 @@ impl DockerProvider {
                 SOCK_IN.into(),
             ]),
             cmd: Some(Vec::new()),
-            working_dir: Some(paths::WORKSPACE.into()),
+            // The engine creates the workdir; on a read-only root the
+            // workspace is a tmpfs instead, whose mode a workdir would reset.
+            working_dir: if self.opts.config.read_only_rootfs {
+                None
+            } else {
+                Some(paths::WORKSPACE.into())
+            },
             hostname: Some(spec.id.clone()),
             user: if self.opts.config.user.is_empty() {
                 None
@@ -892,7 +902,6 @@ impl DockerProvider {
             open_stdin: Some(false),
             // The agent ignores SIGTERM as PID 1; stopping means killing.
             stop_signal: Some("SIGKILL".into()),
-            network_disabled: None,
             host_config: Some(self.host_config(spec, &run_dir)?),
             ..Default::default()
         };
@@ -1097,8 +1106,19 @@ impl Provider for DockerProvider {
                 })
             }
             Err(e) => {
-                // Nothing of a failed spawn remains.
-                self.discard(&spec.id).await;
+                // Nothing of a failed spawn remains, but a container of
+                // that name that StacyVM did not create stays untouched.
+                let foreign = match self.engine().await {
+                    Ok(d) => d.inspect_container(&spec.id, None).await.is_ok_and(|c| {
+                        !spec::is_ours(c.config.as_ref().and_then(|c| c.labels.as_ref()))
+                    }),
+                    Err(_) => false,
+                };
+                if foreign {
+                    let _ = tokio::fs::remove_dir_all(self.dir(&spec.id)).await;
+                } else {
+                    self.discard(&spec.id).await;
+                }
                 Err(e)
             }
         }

@@ -415,6 +415,22 @@ async fn read_only_root_keeps_a_writable_workspace() {
         "oktmp-ok\n"
     );
     p.destroy(&id).await.expect("destroy");
+    // With a non-root user the workspace is still writable.
+    fx.config.user = "sandbox".into();
+    let p = fx.make();
+    let id = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    p.write_file(&id, "/workspace/b.txt", b"x", 0o644)
+        .await
+        .expect("write as sandbox");
+    assert_eq!(
+        sh(&p, &id, "id -u; stat -c %u b.txt").await.stdout,
+        "1000\n1000\n"
+    );
+    p.destroy(&id).await.expect("destroy");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -603,6 +619,15 @@ async fn foreign_containers_are_not_touched() {
     assert_eq!(
         p.status(&name).await.expect_err("not ours").kind(),
         ErrorKind::SandboxNotFound
+    );
+    // A spawn that collides with it fails and leaves it alone.
+    let mut spec = spawn_spec(TEST_IMAGE, 64);
+    spec.id = name.clone();
+    let e = p.spawn(&spec).await.expect_err("name taken");
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    assert!(
+        d.inspect_container(&name, None).await.is_ok(),
+        "still there"
     );
     p.destroy(&name).await.expect("destroy is Ok");
     assert!(
