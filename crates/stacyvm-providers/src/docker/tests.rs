@@ -1000,3 +1000,48 @@ async fn kata_where_present_otherwise_health_explains() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_knobs_reach_the_container() {
+    let mut fx = fixture("runc");
+    // A seccomp profile (the provider sends the file's JSON) that denies mkdir.
+    let profile = fx.dir.path().join("seccomp.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO"}]}"#,
+    )
+    .expect("profile");
+    fx.config.seccomp_profile = profile.to_string_lossy().to_string();
+    fx.config.added_caps = vec!["CHOWN".into()];
+    fx.config.network_mode = "bridge".into();
+    let p = fx.ready().await;
+    let mut spec = spawn_spec(TEST_IMAGE, 64);
+    spec.vcpus = 1;
+    let id = p.spawn(&spec).await.expect("spawn").runtime_id;
+    let r = sh(&p, &id, "mkdir /workspace/d 2>&1; echo rc=$?").await;
+    assert!(r.stdout.contains("Operation not permitted"), "{r:?}");
+    let r = sh(&p, &id, "grep CapEff /proc/self/status; ls /sys/class/net | sort | tr '\\n' ' '; cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us /sys/fs/cgroup/cpu/cpu.cfs_period_us").await;
+    assert!(
+        r.stdout.contains("CapEff:\t0000000000000001"),
+        "only CHOWN: {r:?}"
+    );
+    assert!(r.stdout.contains("eth0 lo"), "bridge mode has eth0: {r:?}");
+    assert!(
+        r.stdout.contains("100000\n100000"),
+        "one CPU of quota: {r:?}"
+    );
+    p.destroy(&id).await.expect("destroy");
+    // A spawn's own network mode wins over the configured one.
+    let mut spec = spawn_spec(TEST_IMAGE, 64);
+    spec.network_mode = "none".into();
+    let id = p.spawn(&spec).await.expect("spawn").runtime_id;
+    assert_eq!(sh(&p, &id, "ls /sys/class/net").await.stdout, "lo\n");
+    p.destroy(&id).await.expect("destroy");
+    // An unreadable profile is a configuration error, before any container exists.
+    fx.config.seccomp_profile = "/nonexistent/profile.json".into();
+    let spec = spawn_spec(TEST_IMAGE, 64);
+    let e = fx.make().spawn(&spec).await.expect_err("no profile");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    assert!(e.to_string().contains("seccomp_profile"), "{e}");
+    assert_no_container(&p, &spec.id).await;
+}
