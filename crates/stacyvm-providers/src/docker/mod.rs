@@ -121,12 +121,26 @@ pub struct DockerProvider {
     /// Serialises connection setup (a relay is one engine exec per sandbox).
     connecting: tokio::sync::Mutex<()>,
     relay_seq: AtomicU64,
+    /// Per runtime name: whether its sockets reach the host (from engine info).
+    socket_sharing: Mutex<HashMap<String, bool>>,
 }
 
 /// Whether containers of this runtime expose bind-mounted unix sockets to
-/// the host (runc shares the host kernel; gVisor and Kata do not).
+/// the host by its name alone (runc shares the host kernel; gVisor and
+/// Kata do not, see [`DockerProvider::shares_sockets`]).
 fn direct_socket(runtime: &str) -> bool {
     matches!(runtime, "" | "runc" | "io.containerd.runc.v2" | "crun")
+}
+
+/// Whether a runtime's registered arguments let sockets bound inside reach
+/// the host: gVisor with `--host-uds=create` (or `all`).
+fn args_share_sockets(args: &[String]) -> bool {
+    args.iter().any(|a| {
+        matches!(
+            a.as_str(),
+            "--host-uds=create" | "--host-uds=all" | "-host-uds=create" | "-host-uds=all"
+        )
+    })
 }
 
 /// Whether `path` is an ELF executable without an interpreter (a static
@@ -317,6 +331,7 @@ impl DockerProvider {
             conns: Mutex::new(HashMap::new()),
             connecting: tokio::sync::Mutex::new(()),
             relay_seq: AtomicU64::new(0),
+            socket_sharing: Mutex::new(HashMap::new()),
         })
     }
 
@@ -344,6 +359,38 @@ impl DockerProvider {
 
     fn dir(&self, id: &str) -> PathBuf {
         self.opts.state_dir.join(id)
+    }
+
+    /// Whether the host can connect to a socket the agent binds inside a
+    /// container of `runtime`; otherwise the relay exec is used. Asks the
+    /// engine for the runtime's arguments once per runtime name.
+    async fn shares_sockets(&self, runtime: &str) -> bool {
+        if direct_socket(runtime) {
+            return true;
+        }
+        if let Some(v) = self
+            .socket_sharing
+            .lock()
+            .ok()
+            .and_then(|m| m.get(runtime).copied())
+        {
+            return v;
+        }
+        let Ok(d) = self.engine().await else {
+            return false;
+        };
+        let Ok(info) = d.info().await else {
+            return false;
+        };
+        let shared = info
+            .runtimes
+            .and_then(|mut r| r.remove(runtime))
+            .and_then(|r| r.runtime_args)
+            .is_some_and(|a| args_share_sockets(&a));
+        if let Ok(mut m) = self.socket_sharing.lock() {
+            m.insert(runtime.to_string(), shared);
+        }
+        shared
     }
 
     /// The spawn's network mode, or the configured one (empty = `none`).
@@ -639,7 +686,7 @@ impl DockerProvider {
         runtime: &str,
         run_dir: &Path,
     ) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
-        if direct_socket(runtime) {
+        if self.shares_sockets(runtime).await {
             let c = AgentClient::connect(&run_dir.join("agent.sock")).await?;
             return Ok((c, None));
         }
@@ -816,7 +863,7 @@ impl DockerProvider {
         let d = self.engine().await?;
         let started = Instant::now();
         let sock = self.dir(id).join("run/agent.sock");
-        let direct = direct_socket(self.runtime());
+        let direct = self.shares_sockets(self.runtime()).await;
         let mut tries = 0u32;
         loop {
             if direct {
@@ -1038,10 +1085,16 @@ impl Provider for DockerProvider {
             ),
             (
                 "exec_transport".to_string(),
-                if direct_socket(self.runtime()) {
-                    "agent socket".into()
-                } else {
-                    "agent relay over engine exec".into()
+                match self
+                    .socket_sharing
+                    .lock()
+                    .ok()
+                    .and_then(|m| m.get(self.runtime()).copied())
+                {
+                    _ if direct_socket(self.runtime()) => "agent socket".into(),
+                    Some(true) => "agent socket (host-uds)".into(),
+                    Some(false) => "agent relay over engine exec".into(),
+                    None => "not probed yet".into(),
                 },
             ),
         ]);
@@ -1078,6 +1131,8 @@ impl Provider for DockerProvider {
         if let Some(problem) = agent_problem(&self.opts.agent_path) {
             return Err(Error::unavailable(problem));
         }
+        // Learn the exec transport now, so `describe` can show it.
+        self.shares_sockets(want).await;
         Ok(())
     }
 

@@ -263,6 +263,12 @@ impl conformance::Fixture for SuiteFixture {
 
 crate::conformance_tests!(docker_runc_conformance, suite_fixture("runc"));
 crate::conformance_tests!(docker_runsc_conformance, suite_fixture("runsc"));
+// gVisor registered with `--host-uds=create`: the agent's socket reaches
+// the host, so no relay exec is needed (scripts/test registers both).
+crate::conformance_tests!(
+    docker_runsc_hostuds_conformance,
+    suite_fixture("runsc-hostuds")
+);
 
 fn spawn_spec(image: &str, memory_mb: i64) -> SpawnSpec {
     SpawnSpec {
@@ -1044,4 +1050,36 @@ async fn config_knobs_reach_the_container() {
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
     assert!(e.to_string().contains("seccomp_profile"), "{e}");
     assert_no_container(&p, &spec.id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_transport_follows_the_runtime_registration() {
+    assert!(args_share_sockets(&[
+        "--network=none".into(),
+        "--host-uds=create".into()
+    ]));
+    assert!(!args_share_sockets(&["--network=none".into()]));
+    for (runtime, transport) in [
+        ("runc", "agent socket"),
+        ("runsc", "agent relay over engine exec"),
+        ("runsc-hostuds", "agent socket (host-uds)"),
+    ] {
+        let fx = fixture(runtime);
+        let p = fx.ready().await;
+        p.health().await.expect("healthy");
+        assert_eq!(p.describe()["exec_transport"], transport, "{runtime}");
+        let id = p
+            .spawn(&spawn_spec(TEST_IMAGE, 128))
+            .await
+            .expect("spawn")
+            .runtime_id;
+        let host_sock = fx.state_dir().join(&id).join("run/agent.sock");
+        assert_eq!(
+            host_sock.exists(),
+            runtime != "runsc",
+            "{runtime}: socket visible on the host"
+        );
+        assert_eq!(sh(&p, &id, "echo ok").await.stdout, "ok\n");
+        p.destroy(&id).await.expect("destroy");
+    }
 }
