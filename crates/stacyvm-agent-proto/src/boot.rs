@@ -59,6 +59,10 @@ pub struct BootSpec {
     /// user namespace, so it bounds the sandbox alone.
     #[serde(default)]
     pub nproc_limit: u64,
+    /// Landlock: when not empty, the sandbox (agent included) may write
+    /// only beneath these paths; everything else is read/execute only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub landlock_write: Vec<String>,
 }
 
 /// Host ids that become uid/gid 0 inside a user namespace.

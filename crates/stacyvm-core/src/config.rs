@@ -216,6 +216,9 @@ pub struct NativeConfig {
     /// Sandboxes pre-booted for fast spawns (image `host`, network
     /// `none`; root servers only). 0 disables the pool.
     pub warm_pool: i64,
+    /// Landlock: sandboxes may write only beneath their workspace, /tmp,
+    /// /var/tmp, /run, /dev, /proc, /home and /root.
+    pub landlock: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -434,6 +437,7 @@ impl Default for NativeConfig {
             bridge_name: "stacyvm0".into(),
             bridge_subnet: "10.88.0.0/16".into(),
             warm_pool: 2,
+            landlock: false,
         }
     }
 }

@@ -59,6 +59,9 @@ pub fn lock_down(spec: &BootSpec) -> Result<(), SetupError> {
         )?;
     }
     crate::sys("no_new_privs", nix::sys::prctl::set_no_new_privs())?;
+    if !spec.landlock_write.is_empty() {
+        landlock_writes_beneath(&spec.landlock_write)?;
+    }
     crate::sys("dumpable", nix::sys::prctl::set_dumpable(false))?;
     if spec.seccomp {
         install_seccomp()?;
@@ -226,4 +229,34 @@ mod tests {
         let (a, b) = build_filters().expect("filters");
         assert!(!a.is_empty() && !b.is_empty());
     }
+}
+
+/// Landlock: reads and executes anywhere, writes only beneath `writable`.
+/// Applies to the calling thread and everything it starts afterwards (the
+/// agent's threads and every command). Best effort across kernel ABIs; a
+/// kernel without landlock is an error (the operator asked for it).
+fn landlock_writes_beneath(writable: &[String]) -> Result<(), SetupError> {
+    use landlock::{
+        path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr,
+        RulesetStatus, ABI,
+    };
+    let abi = ABI::V5;
+    let fail = |e: landlock::RulesetError| SetupError::Other(format!("landlock: {e}"));
+    let status = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(fail)?
+        .create()
+        .map_err(fail)?
+        .add_rules(path_beneath_rules(["/"], AccessFs::from_read(abi)))
+        .map_err(fail)?
+        .add_rules(path_beneath_rules(writable, AccessFs::from_all(abi)))
+        .map_err(fail)?
+        .restrict_self()
+        .map_err(fail)?;
+    if status.ruleset == RulesetStatus::NotEnforced {
+        return Err(SetupError::Other(
+            "landlock is enabled in the config but this kernel does not enforce it".into(),
+        ));
+    }
+    Ok(())
 }

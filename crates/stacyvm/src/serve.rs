@@ -53,6 +53,7 @@ fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
             },
             warm_pool: usize::try_from(cfg.providers.native.warm_pool).unwrap_or(0),
             pool_memory_mb: cfg.defaults.memory_mb,
+            landlock: cfg.providers.native.landlock,
         };
         v.push(Arc::new(stacyvm_providers::native::NativeProvider::new(
             opts,

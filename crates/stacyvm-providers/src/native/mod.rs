@@ -58,7 +58,22 @@ pub struct NativeOptions {
     /// Memory limit (MiB) pool sandboxes boot with (sizes their /tmp);
     /// the spawn's own limit is applied when one is claimed.
     pub pool_memory_mb: i64,
+    /// Landlock: sandboxes may write only beneath [`LANDLOCK_WRITABLE`].
+    pub landlock: bool,
 }
+
+/// Where a sandbox may write when landlock is on: its workspace, scratch
+/// space, devices and procfs; the rest of its root is read/execute only.
+pub const LANDLOCK_WRITABLE: &[&str] = &[
+    "/workspace",
+    "/tmp",
+    "/var/tmp",
+    "/run",
+    "/dev",
+    "/proc",
+    "/home",
+    "/root",
+];
 
 #[derive(Debug)]
 pub struct NativeProvider {
@@ -400,6 +415,11 @@ impl Booter {
                 self.opts.pids_limit
             } else {
                 0
+            },
+            landlock_write: if self.opts.landlock {
+                LANDLOCK_WRITABLE.iter().map(|p| (*p).to_string()).collect()
+            } else {
+                Vec::new()
             },
         };
         let boot_path = dir.join("boot.json");
@@ -866,6 +886,7 @@ pub(crate) mod tests {
     pub struct Fixture {
         dir: tempfile::TempDir,
         pool: usize,
+        landlock: bool,
     }
 
     pub fn fixture() -> Fixture {
@@ -876,7 +897,15 @@ pub(crate) mod tests {
         Fixture {
             dir: tempfile::tempdir().expect("tmp"),
             pool: 0,
+            landlock: false,
         }
+    }
+
+    /// A provider whose sandboxes run under landlock.
+    pub fn landlock_fixture() -> Fixture {
+        let mut fx = fixture();
+        fx.landlock = true;
+        fx
     }
 
     /// A provider with a warm pool of `size`.
@@ -906,6 +935,7 @@ pub(crate) mod tests {
                 bridge: net::BridgeOptions::default(),
                 warm_pool: pool,
                 pool_memory_mb: 256,
+                landlock: self.landlock,
             })
             .expect("native")
         }
@@ -958,6 +988,42 @@ pub(crate) mod tests {
     crate::conformance_tests!(native_conformance, fixture());
     // Every spawn of the suite that can be served from the pool is.
     crate::conformance_tests!(native_pooled_conformance, pooled_fixture(1));
+    // Landlock must not break anything the contract promises.
+    crate::conformance_tests!(native_landlock_conformance, landlock_fixture());
+
+    /// With landlock, writes outside the writable set fail for commands
+    /// and for the file API alike (403), even where the overlay root would
+    /// allow them; the workspace and /tmp stay writable.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn landlock_limits_writes_to_the_writable_set() {
+        let fx = landlock_fixture();
+        let p = fx.make();
+        let id = crate::conformance::spawn(&p, "host").await;
+        let r = crate::conformance::sh(
+            &p,
+            &id,
+            "touch /workspace/ok /tmp/ok && echo writable; touch /opt/x 2>/dev/null || echo denied; cat /usr/bin/env > /dev/null && echo readable",
+        )
+        .await;
+        assert_eq!(r.stdout, "writable\ndenied\nreadable\n", "{r:?}");
+        let e = p
+            .write_file(&id, "/opt/y", b"x", 0o644)
+            .await
+            .expect_err("file API outside the writable set");
+        assert_eq!(e.kind(), ErrorKind::Forbidden, "{e}");
+        p.write_file(&id, "/workspace/y", b"x", 0o644)
+            .await
+            .expect("workspace write");
+        // Without landlock the same write succeeds (the overlay root is writable).
+        let plain = fixture();
+        let q = plain.make();
+        let id2 = crate::conformance::spawn(&q, "host").await;
+        q.write_file(&id2, "/opt/y", b"x", 0o644)
+            .await
+            .expect("overlay root writable without landlock");
+        q.destroy(&id2).await.expect("destroy");
+        p.destroy(&id).await.expect("destroy");
+    }
 
     /// Waits until the pool holds `n` ready sandboxes.
     async fn pool_ready(p: &NativeProvider, n: usize) {
