@@ -220,17 +220,6 @@ pub fn loopback_up() -> Result<(), SetupError> {
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn filters_compile() {
-        let (a, b) = build_filters().expect("filters");
-        assert!(!a.is_empty() && !b.is_empty());
-    }
-}
-
 /// Landlock: reads and executes anywhere, writes only beneath `writable`.
 /// Applies to the calling thread and everything it starts afterwards (the
 /// agent's threads and every command). Best effort across kernel ABIs; a
@@ -259,4 +248,15 @@ fn landlock_writes_beneath(writable: &[String]) -> Result<(), SetupError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_compile() {
+        let (a, b) = build_filters().expect("filters");
+        assert!(!a.is_empty() && !b.is_empty());
+    }
 }
