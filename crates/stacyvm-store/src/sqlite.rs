@@ -18,7 +18,8 @@ use stacyvm_core::{Error, ErrorKind, Result};
 
 use crate::codec::{db_err, from_json, parse_ts, to_json, ts};
 
-pub(crate) const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../migrations/sqlite/0001_initial.sql"))];
+pub(crate) const MIGRATIONS: &[(i64, &str)] =
+    &[(1, include_str!("../migrations/sqlite/0001_initial.sql"))];
 
 /// The SQLite store.
 #[derive(Debug, Clone)]

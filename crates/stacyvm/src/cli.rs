@@ -208,11 +208,9 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve { config } => crate::serve::run(config).await.map(|()| ExitCode::SUCCESS),
-        Command::Image { config, command } => {
-            crate::image::run(config, command)
-                .await
-                .map(|()| ExitCode::SUCCESS)
-        }
+        Command::Image { config, command } => crate::image::run(config, command)
+            .await
+            .map(|()| ExitCode::SUCCESS),
         Command::Ops(command) => crate::ops::run(command).await,
         Command::Version => {
             println!(
