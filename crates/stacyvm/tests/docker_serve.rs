@@ -227,6 +227,24 @@ async fn docker_sandboxes_over_rest_survive_a_restart() {
     .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v, json!([]), "no match is [] (gaps C-3)");
+    // Stats come from the engine (64 MiB limit from defaults.memory_mb).
+    let (status, v) = call(
+        reqwest::Method::GET,
+        format!("{}/sandboxes/{kept}/stats", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["supported"], true, "{v}");
+    assert_eq!(v["mem_limit_bytes"], 64 * 1024 * 1024, "{v}");
+    assert!(v["mem_bytes"].as_u64().unwrap_or(0) > 0, "{v}");
+    let (status, v) = call(
+        reqwest::Method::GET,
+        format!("{}/sandboxes/{kept}/logs", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
     // Bad input is a typed 4xx with the engine's reason.
     let (status, v) = call(
         reqwest::Method::POST,
