@@ -152,6 +152,8 @@ pub struct ServerConfig {
     pub data_dir: String,
     /// Largest accepted request body in bytes (413 above).
     pub max_body_bytes: u64,
+    /// Proxies (addresses or CIDRs) whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -394,6 +396,7 @@ impl Default for ServerConfig {
             cors_allowed_origins: vec!["*".into()],
             data_dir: default_data_dir(),
             max_body_bytes: 64 * 1024 * 1024,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -104,6 +104,27 @@ pub struct OpAuditFilter {
     pub limit: i64,
 }
 
+/// Filters for listing admin audit rows; empty fields do not filter.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdminAuditFilter {
+    pub actor: String,
+    pub method: String,
+    pub tenant_id: String,
+    pub since: Option<DateTime<Utc>>,
+    pub limit: i64,
+}
+
+/// A tenant membership.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantMemberRecord {
+    pub tenant_id: String,
+    pub user_id: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// An admin audit row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdminAuditRecord {
@@ -190,6 +211,17 @@ pub trait Store: Debug + Send + Sync + 'static {
     /// Newest first.
     async fn list_op_audit(&self, filter: &OpAuditFilter) -> Result<Vec<OpAuditRecord>>;
     async fn insert_admin_audit(&self, rec: &AdminAuditRecord) -> Result<()>;
+    /// Newest first; limit default 100, cap 500.
+    async fn list_admin_audit(&self, filter: &AdminAuditFilter) -> Result<Vec<AdminAuditRecord>>;
+    /// Deletes admin and operation audit rows older than `before`; returns
+    /// the number removed.
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64>;
+
+    /// Insert or update (role); `created_at` of an existing row is kept.
+    async fn upsert_tenant_member(&self, m: &TenantMemberRecord) -> Result<TenantMemberRecord>;
+    /// Not found when `user_id` is not a member of `tenant_id`.
+    async fn get_tenant_member(&self, tenant_id: &str, user_id: &str)
+        -> Result<TenantMemberRecord>;
 
     /// Insert or update; `created_at` of an existing row is preserved.
     async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord>;

@@ -5,10 +5,12 @@
 //! request timeout: long execs, NDJSON streams, WebSockets and SSE are
 //! bounded by their own deadlines, not cut at 120 s (gaps C-20).
 
+pub mod auth;
 pub mod error;
 pub mod json;
 mod middleware;
 mod routes;
+pub mod tenancy;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,7 +19,10 @@ use axum::extract::DefaultBodyLimit;
 use axum::Router;
 use stacyvm_core::config::Config;
 use stacyvm_core::manager::Manager;
+use stacyvm_core::store::AdminAuditRecord;
 use tokio::net::TcpListener;
+
+pub use auth::{Perm, Role, ROUTE_PERMISSIONS};
 
 /// Server version reported on `/health`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -28,15 +33,55 @@ pub struct AppState {
     pub manager: Arc<Manager>,
     pub cfg: Arc<Config>,
     pub system: Arc<routes::system::SystemSampler>,
+    pub auth: Arc<auth::Authenticator>,
+    last_prune: Arc<parking_lot::Mutex<Option<std::time::Instant>>>,
 }
 
 impl AppState {
-    pub fn new(manager: Arc<Manager>) -> Self {
+    /// Fails on an unusable auth configuration (e.g. `auth.enabled` with
+    /// no credential, a malformed key hash or OIDC key).
+    pub fn new(manager: Arc<Manager>) -> Result<Self, String> {
+        let cfg = Arc::new(manager.config().clone());
+        let auth = auth::Authenticator::new(&cfg.auth)?;
+        Ok(Self::with_auth(manager, auth))
+    }
+
+    /// State with a prepared authenticator (tests tune OIDC refetching).
+    pub fn with_auth(manager: Arc<Manager>, auth: auth::Authenticator) -> Self {
         let cfg = Arc::new(manager.config().clone());
         AppState {
             manager,
             cfg,
             system: Arc::new(routes::system::SystemSampler::default()),
+            auth: Arc::new(auth),
+            last_prune: Arc::default(),
+        }
+    }
+
+    /// Writes an admin audit row; applies `auth.admin_audit_retention` at
+    /// most once a minute (not after every write, C-28).
+    pub async fn audit_admin(&self, rec: AdminAuditRecord) {
+        let store = self.manager.store();
+        if let Err(e) = store.insert_admin_audit(&rec).await {
+            tracing::warn!(error = %e, "writing admin audit failed");
+            return;
+        }
+        let keep = self.cfg.auth.admin_audit_retention;
+        if keep.is_zero() || keep.0.is_negative() {
+            return;
+        }
+        let Ok(keep) = chrono::Duration::from_std(keep.std()) else {
+            return;
+        };
+        {
+            let mut last = self.last_prune.lock();
+            if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60)) {
+                return;
+            }
+            *last = Some(std::time::Instant::now());
+        }
+        if let Err(e) = store.prune_audit(chrono::Utc::now() - keep).await {
+            tracing::warn!(error = %e, "pruning audit failed");
         }
     }
 }
@@ -44,9 +89,11 @@ impl AppState {
 /// All routes with their middleware.
 pub fn router(state: AppState) -> Router {
     let limit = usize::try_from(state.cfg.server.max_body_bytes).unwrap_or(usize::MAX);
-    let api = routes::api_routes().layer(axum::middleware::from_fn_with_state(
+    // The permission table is checked on matched routes only, so the
+    // matched pattern decides; CORS (outer) answers preflights first.
+    let api = routes::api_routes().route_layer(axum::middleware::from_fn_with_state(
         state.clone(),
-        middleware::auth,
+        middleware::authorize,
     ));
     let inner: Router = Router::new()
         .nest("/api/v1", api)

@@ -1,12 +1,16 @@
-//! Request ids, API-key authentication, CORS, 404/405 bodies.
+//! Request ids, authentication/authorization, CORS, 404/405 bodies.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, MatchedPath, OriginalUri, Request, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use subtle::ConstantTimeEq;
+use stacyvm_core::store::AdminAuditRecord;
 
+use crate::auth::{self, AuthFailure, Perm};
 use crate::error::ApiError;
 use crate::AppState;
 
@@ -32,42 +36,226 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
     resp
 }
 
-fn eq_ct(a: &str, b: &str) -> bool {
-    !b.is_empty() && a.as_bytes().ct_eq(b.as_bytes()).into()
+/// The client address: the socket peer, or the first `X-Forwarded-For`
+/// hop when the peer is one of `server.trusted_proxies` (S-19).
+pub fn remote_addr(req_headers: &HeaderMap, peer: Option<IpAddr>, trusted: &[String]) -> String {
+    let Some(peer) = peer else {
+        return String::new();
+    };
+    let peer_trusted = trusted.iter().any(|t| proxy_matches(t, peer));
+    if peer_trusted {
+        if let Some(first) = req_headers
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+            .and_then(|v| v.parse::<IpAddr>().ok())
+        {
+            return first.to_string();
+        }
+    }
+    peer.to_string()
 }
 
-fn is_open_path(path: &str) -> bool {
-    matches!(
-        path,
-        "/health" | "/live" | "/ready" | "/api/v1/health" | "/api/v1/live" | "/api/v1/ready"
-    )
+/// `t` is an address or a CIDR (`10.0.0.0/8`).
+fn proxy_matches(t: &str, ip: IpAddr) -> bool {
+    let (addr, bits) = match t.split_once('/') {
+        Some((a, b)) => (a, b.parse::<u32>().ok()),
+        None => (t, None),
+    };
+    let Ok(net) = addr.trim().parse::<IpAddr>() else {
+        return false;
+    };
+    match (net, ip) {
+        (IpAddr::V4(n), IpAddr::V4(i)) => {
+            let bits = bits.unwrap_or(32).min(32);
+            let mask = if bits == 0 {
+                0
+            } else {
+                u32::MAX << (32 - bits)
+            };
+            u32::from(n) & mask == u32::from(i) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(i)) => {
+            let bits = bits.unwrap_or(128).min(128);
+            let mask = if bits == 0 {
+                0
+            } else {
+                u128::MAX << (128 - bits)
+            };
+            u128::from(n) & mask == u128::from(i) & mask
+        }
+        _ => false,
+    }
 }
 
-/// API-key check: when a key is configured, every route but the probes
-/// needs `X-API-Key` or `X-Admin-API-Key` matching it.
-pub async fn auth(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let a = &st.cfg.auth;
-    let keys = [a.api_key.expose(), a.admin_api_key.expose()];
-    if keys.iter().all(|k| k.is_empty())
-        || is_open_path(req.uri().path())
-        || req.method() == Method::OPTIONS
-    {
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+}
+
+/// Authenticates the caller and checks the route's entry in the
+/// permission table. Runs only on matched routes (route layer), so the
+/// matched pattern is known. 401 = who are you; 403 = not allowed.
+pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| {
+            m.as_str()
+                .strip_prefix("/api/v1")
+                .unwrap_or(m.as_str())
+                .to_string()
+        })
+        .unwrap_or_default();
+    let method = req.method().clone();
+    let Some(perm) = auth::permission(&method, &route) else {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            format!("route {method} {route} has no permission entry"),
+        )
+        .into_response();
+    };
+    if perm == Perm::Open {
         return next.run(req).await;
     }
-    let presented: Vec<&str> = ["x-admin-api-key", "x-api-key"]
-        .iter()
-        .filter_map(|h| req.headers().get(*h).and_then(|v| v.to_str().ok()))
-        .collect();
-    let ok = presented.iter().any(|p| keys.iter().any(|k| eq_ct(p, k)));
-    if !ok {
+    let started = Instant::now();
+    let h = req.headers();
+    let bearer = header_str(h, "authorization").and_then(|v| {
+        v.strip_prefix("Bearer ")
+            .or_else(|| v.strip_prefix("bearer "))
+            .map(str::trim)
+    });
+    let meta = AuditMeta::of(&req, &st);
+    let result = st
+        .auth
+        .authenticate(
+            header_str(h, "x-admin-api-key"),
+            header_str(h, "x-api-key"),
+            bearer,
+        )
+        .await;
+    let ident = match result {
+        Ok(i) => i,
+        Err(f) => {
+            let actor = match &f {
+                AuthFailure::BadToken(_) => "jwt:rejected",
+                AuthFailure::BadKey => "key:rejected",
+                AuthFailure::Missing => "anonymous",
+            };
+            let msg = f.to_string();
+            meta.write(&st, actor, "", 401, started).await;
+            tracing::info!(reason = %msg, path = %meta.path, "authentication failed");
+            return ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", msg).into_response();
+        }
+    };
+    let caller = match crate::tenancy::caller_of(&st, &ident, req.headers(), &meta.request_id).await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            meta.write(
+                &st,
+                &ident.label(),
+                "",
+                i64::from(e.status.as_u16()),
+                started,
+            )
+            .await;
+            return e.into_response();
+        }
+    };
+    if !perm.allows(caller.role) {
+        meta.write(
+            &st,
+            &caller.caller.actor,
+            &caller.caller.tenant_id,
+            403,
+            started,
+        )
+        .await;
         return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "UNAUTHORIZED",
-            "invalid or missing API key",
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            format!(
+                "role {} lacks scope {} required for {method} /api/v1{route}",
+                caller.role.name(),
+                perm.name()
+            ),
         )
         .into_response();
     }
-    next.run(req).await
+    let actor = caller.caller.actor.clone();
+    let tenant = caller.caller.tenant_id.clone();
+    req.extensions_mut().insert(caller);
+    let resp = next.run(req).await;
+    if perm == Perm::Admin || method != Method::GET {
+        meta.write(
+            &st,
+            &actor,
+            &tenant,
+            i64::from(resp.status().as_u16()),
+            started,
+        )
+        .await;
+    }
+    resp
+}
+
+/// Request facts for the admin audit log.
+struct AuditMeta {
+    method: String,
+    path: String,
+    request_id: String,
+    remote_addr: String,
+    user_agent: String,
+}
+
+impl AuditMeta {
+    fn of(req: &Request, st: &AppState) -> Self {
+        let peer = req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        AuditMeta {
+            method: req.method().to_string(),
+            // Nested routers see the path without `/api/v1`.
+            path: req
+                .extensions()
+                .get::<OriginalUri>()
+                .map_or_else(|| req.uri().path().to_string(), |u| u.0.path().to_string()),
+            request_id: req
+                .extensions()
+                .get::<RequestId>()
+                .map(|r| r.0.clone())
+                .unwrap_or_default(),
+            remote_addr: remote_addr(req.headers(), peer, &st.cfg.server.trusted_proxies),
+            user_agent: header_str(req.headers(), "user-agent")
+                .unwrap_or_default()
+                .chars()
+                .take(256)
+                .collect(),
+        }
+    }
+
+    async fn write(&self, st: &AppState, actor: &str, tenant: &str, status: i64, started: Instant) {
+        let rec = AdminAuditRecord {
+            id: 0,
+            actor: actor.to_string(),
+            method: self.method.clone(),
+            path: self.path.clone(),
+            status,
+            duration_ms: i64::try_from(started.elapsed().as_millis()).unwrap_or(i64::MAX),
+            request_id: self.request_id.clone(),
+            remote_addr: self.remote_addr.clone(),
+            user_agent: self.user_agent.clone(),
+            tenant_id: tenant.to_string(),
+            created_at: chrono::Utc::now(),
+        };
+        st.audit_admin(rec).await;
+    }
 }
 
 const ALLOW_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";

@@ -46,7 +46,7 @@ async fn start_with(mut cfg: Config) -> Server {
         .expect("bind");
     let base = format!("http://{}/api/v1", listener.local_addr().expect("addr"));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let state = stacyvm_server::AppState::new(manager.clone());
+    let state = stacyvm_server::AppState::new(manager.clone()).expect("state");
     tokio::spawn(stacyvm_server::serve(listener, state, async move {
         let _ = rx.await;
     }));
@@ -1014,7 +1014,7 @@ async fn api_key_protects_everything_but_probes() {
         "/providers",
     ] {
         let (st, v) = s.get(path).await;
-        assert_error(st, &v, 401, "UNAUTHORIZED", "invalid or missing API key");
+        assert_error(st, &v, 401, "UNAUTHORIZED", "authentication required");
     }
     let r = s
         .http

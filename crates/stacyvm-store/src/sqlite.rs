@@ -11,8 +11,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlitePool};
 use stacyvm_core::store::{
-    AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditFilter, OpAuditRecord, QuotaRecord,
-    SandboxRecord, Store, TemplateRecord, WorkerRecord,
+    AdminAuditFilter, AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditFilter, OpAuditRecord,
+    QuotaRecord, SandboxRecord, Store, TemplateRecord, TenantMemberRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
 
@@ -554,6 +554,98 @@ impl Store for SqliteStore {
         .await
         .map_err(db_err)?;
         Ok(())
+    }
+
+    async fn list_admin_audit(&self, f: &AdminAuditFilter) -> Result<Vec<AdminAuditRecord>> {
+        let limit = if f.limit <= 0 { 100 } else { f.limit.min(500) };
+        let since = f.since.map(ts).unwrap_or_default();
+        let rows = sqlx::query(
+            "SELECT * FROM admin_audit_logs WHERE (? = '' OR actor = ?) AND (? = '' OR method = ?) \
+             AND (? = '' OR tenant_id = ?) AND (? = '' OR created_at >= ?) ORDER BY created_at DESC, id DESC LIMIT ?",
+        )
+        .bind(&f.actor)
+        .bind(&f.actor)
+        .bind(&f.method)
+        .bind(&f.method)
+        .bind(&f.tenant_id)
+        .bind(&f.tenant_id)
+        .bind(&since)
+        .bind(&since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(AdminAuditRecord {
+                    id: row.get("id"),
+                    actor: row.get("actor"),
+                    method: row.get("method"),
+                    path: row.get("path"),
+                    status: row.get("status"),
+                    duration_ms: row.get("duration_ms"),
+                    request_id: row.get("request_id"),
+                    remote_addr: row.get("remote_addr"),
+                    user_agent: row.get("user_agent"),
+                    tenant_id: row.get("tenant_id"),
+                    created_at: parse_ts(row.get("created_at"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64> {
+        let cutoff = ts(before);
+        let a = sqlx::query("DELETE FROM admin_audit_logs WHERE created_at < ?")
+            .bind(&cutoff)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let o = sqlx::query("DELETE FROM operation_audit_logs WHERE created_at < ?")
+            .bind(&cutoff)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(a.rows_affected() + o.rows_affected())
+    }
+
+    async fn upsert_tenant_member(&self, m: &TenantMemberRecord) -> Result<TenantMemberRecord> {
+        sqlx::query(
+            "INSERT INTO tenant_members (tenant_id, user_id, role, created_at, updated_at) VALUES (?, ?, ?, ?, ?) \
+             ON CONFLICT(tenant_id, user_id) DO UPDATE SET role = excluded.role, updated_at = excluded.updated_at",
+        )
+        .bind(&m.tenant_id)
+        .bind(&m.user_id)
+        .bind(&m.role)
+        .bind(ts(m.created_at))
+        .bind(ts(m.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        self.get_tenant_member(&m.tenant_id, &m.user_id).await
+    }
+
+    async fn get_tenant_member(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+    ) -> Result<TenantMemberRecord> {
+        let row = sqlx::query("SELECT * FROM tenant_members WHERE tenant_id = ? AND user_id = ?")
+            .bind(tenant_id)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| {
+                Error::not_found(format!("tenant member {user_id:?} of {tenant_id:?}"))
+            })?;
+        Ok(TenantMemberRecord {
+            tenant_id: row.get("tenant_id"),
+            user_id: row.get("user_id"),
+            role: row.get("role"),
+            created_at: parse_ts(row.get("created_at"))?,
+            updated_at: parse_ts(row.get("updated_at"))?,
+        })
     }
 
     async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord> {

@@ -142,7 +142,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         .await
         .with_context(|| format!("listening on {addr}"))?;
     info!(addr = %listener.local_addr()?, default_provider = registry.default_name(), version = stacyvm_server::VERSION, "stacyvm is serving");
-    let state = stacyvm_server::AppState::new(manager.clone());
+    let state = stacyvm_server::AppState::new(manager.clone()).map_err(anyhow::Error::msg)?;
     stacyvm_server::serve(listener, state, shutdown_signal()).await?;
     reaper.abort();
     heartbeat.abort();

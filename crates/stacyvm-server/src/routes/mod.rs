@@ -1,5 +1,6 @@
 //! Route table of `/api/v1`.
 
+pub mod audit;
 pub mod files;
 pub mod quotas;
 pub mod sandboxes;
@@ -13,7 +14,7 @@ use axum::Router;
 use stacyvm_core::manager::Caller;
 
 use crate::error::ApiError;
-use crate::middleware::RequestId;
+use crate::tenancy::Authed;
 use crate::AppState;
 
 pub fn api_routes() -> Router<AppState> {
@@ -74,36 +75,24 @@ pub fn api_routes() -> Router<AppState> {
         .route("/metrics/prometheus", get(system::prometheus))
         .route("/diagnostics", get(system::diagnostics))
         .route("/system/stats", get(system::system_stats))
+        .route("/admin/audit", get(audit::admin_audit))
+        .route("/admin/op-audit", get(audit::op_audit))
 }
 
-/// The caller identity of a request.
+/// The caller of a request, as the authorization layer resolved it.
 pub struct Who(pub Caller);
 
 impl<S: Send + Sync> FromRequestParts<S> for Who {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
-        let header = |name: &str| {
-            parts
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .trim()
-                .to_string()
-        };
-        let owner = header("x-user-id");
-        let owner = stacyvm_core::paths::normalize_owner(&owner).map_err(ApiError::from)?;
-        let request_id = parts
-            .extensions
-            .get::<RequestId>()
-            .map(|r| r.0.clone())
-            .unwrap_or_default();
-        Ok(Who(Caller {
-            actor: owner.clone(),
-            owner_id: owner,
-            tenant_id: String::new(),
-            request_id,
-        }))
+        match parts.extensions.get::<Authed>() {
+            Some(a) => Ok(Who(a.caller.clone())),
+            None => Err(ApiError::new(
+                axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+                "INTERNAL_ERROR",
+                "caller identity missing",
+            )),
+        }
     }
 }

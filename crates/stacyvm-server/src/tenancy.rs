@@ -1,0 +1,107 @@
+//! From a verified identity to the orchestrator's [`Caller`]: owner,
+//! actor and tenant, never taken on the caller's word alone (S-3, S-4).
+
+use axum::http::{HeaderMap, StatusCode};
+use stacyvm_core::manager::Caller;
+use stacyvm_core::ErrorKind;
+
+use crate::auth::{Identity, Role, Via};
+use crate::error::ApiError;
+use crate::AppState;
+
+/// The authorised caller of a request (request extension).
+#[derive(Debug, Clone)]
+pub struct Authed {
+    pub identity: Identity,
+    /// Effective role (a tenant membership may narrow or widen it).
+    pub role: Role,
+    pub caller: Caller,
+}
+
+fn header(h: &HeaderMap, name: &str) -> String {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+fn forbidden(msg: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", msg)
+}
+
+/// Resolves owner, actor and tenant:
+/// - `X-User-ID` names the owner only for static keys (service
+///   credentials); an OIDC caller is its `sub`, and a different
+///   `X-User-ID` is refused.
+/// - The tenant is the OIDC tenant claim; `X-Tenant-ID` is believed from
+///   the admin key, and otherwise only when the user is a member of that
+///   tenant (membership role `viewer` narrows the role to viewer, `admin`
+///   widens an OIDC user to `tenant_admin`).
+pub async fn caller_of(
+    st: &AppState,
+    id: &Identity,
+    h: &HeaderMap,
+    request_id: &str,
+) -> Result<Authed, ApiError> {
+    let asked_user = header(h, "x-user-id");
+    let owner = if id.via == Via::Oidc {
+        if !asked_user.is_empty() && asked_user != id.subject {
+            return Err(forbidden(
+                "X-User-ID cannot override the subject of an OIDC token",
+            ));
+        }
+        id.subject.clone()
+    } else {
+        asked_user
+    };
+    let owner = stacyvm_core::paths::normalize_owner(&owner).map_err(ApiError::from)?;
+    let actor = if owner.is_empty() || id.via == Via::Oidc {
+        id.label()
+    } else {
+        format!("{}:{owner}", id.label())
+    };
+    let asked_tenant = header(h, "x-tenant-id");
+    let mut role = id.role;
+    let tenant_id = if asked_tenant.is_empty() || asked_tenant == id.tenant_id {
+        id.tenant_id.clone()
+    } else if matches!(id.via, Via::AdminKey | Via::Unauthenticated) {
+        asked_tenant
+    } else {
+        if owner.is_empty() {
+            return Err(forbidden(
+                "X-Tenant-ID from an API key needs X-User-ID of a member of that tenant",
+            ));
+        }
+        let member = match st
+            .manager
+            .store()
+            .get_tenant_member(&asked_tenant, &owner)
+            .await
+        {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(forbidden(format!(
+                    "user {owner:?} is not a member of tenant {asked_tenant:?}"
+                )))
+            }
+            Err(e) => return Err(ApiError::from(e)),
+        };
+        match member.role.as_str() {
+            "viewer" => role = Role::Viewer,
+            "admin" if id.via == Via::Oidc && role != Role::Admin => role = Role::TenantAdmin,
+            _ => {}
+        }
+        asked_tenant
+    };
+    Ok(Authed {
+        identity: id.clone(),
+        role,
+        caller: Caller {
+            owner_id: owner,
+            tenant_id,
+            actor,
+            request_id: request_id.to_string(),
+        },
+    })
+}
