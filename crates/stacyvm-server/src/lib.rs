@@ -9,6 +9,7 @@ pub mod auth;
 pub mod error;
 pub mod json;
 mod middleware;
+pub mod ratelimit;
 mod routes;
 pub mod tenancy;
 
@@ -34,6 +35,7 @@ pub struct AppState {
     pub cfg: Arc<Config>,
     pub system: Arc<routes::system::SystemSampler>,
     pub auth: Arc<auth::Authenticator>,
+    pub ratelimit: Arc<ratelimit::RateLimiter>,
     last_prune: Arc<parking_lot::Mutex<Option<std::time::Instant>>>,
 }
 
@@ -49,11 +51,13 @@ impl AppState {
     /// State with a prepared authenticator (tests tune OIDC refetching).
     pub fn with_auth(manager: Arc<Manager>, auth: auth::Authenticator) -> Self {
         let cfg = Arc::new(manager.config().clone());
+        let ratelimit = Arc::new(ratelimit::RateLimiter::new(&cfg.rate_limit));
         AppState {
             manager,
             cfg,
             system: Arc::new(routes::system::SystemSampler::default()),
             auth: Arc::new(auth),
+            ratelimit,
             last_prune: Arc::default(),
         }
     }

@@ -12,6 +12,7 @@ use stacyvm_core::store::AdminAuditRecord;
 
 use crate::auth::{self, AuthFailure, Perm};
 use crate::error::ApiError;
+use crate::ratelimit::Decision;
 use crate::AppState;
 
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -187,10 +188,42 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
         )
         .into_response();
     }
+    let mut limit_headers = None;
+    if st.ratelimit.enabled() {
+        let key = st.ratelimit.key(
+            &caller.caller.owner_id,
+            header_str(req.headers(), "x-api-key").unwrap_or_default(),
+            &meta.remote_addr,
+        );
+        match st.ratelimit.check(&key) {
+            Decision::Allowed { limit, remaining } => limit_headers = Some((limit, remaining)),
+            Decision::Limited {
+                limit,
+                retry_after_secs,
+            } => {
+                let mut resp = ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "RESOURCE_LIMIT",
+                    format!("rate limit exceeded; retry after {retry_after_secs}s"),
+                )
+                .into_response();
+                let h = resp.headers_mut();
+                h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+                h.insert("x-ratelimit-limit", HeaderValue::from(limit));
+                h.insert("x-ratelimit-remaining", HeaderValue::from(0u64));
+                return resp;
+            }
+        }
+    }
     let actor = caller.caller.actor.clone();
     let tenant = caller.caller.tenant_id.clone();
     req.extensions_mut().insert(caller);
-    let resp = next.run(req).await;
+    let mut resp = next.run(req).await;
+    if let Some((limit, remaining)) = limit_headers {
+        let h = resp.headers_mut();
+        h.insert("x-ratelimit-limit", HeaderValue::from(limit));
+        h.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
+    }
     if perm == Perm::Admin || method != Method::GET {
         meta.write(
             &st,

@@ -936,3 +936,44 @@ fn docs_security_md_lists_the_permission_table() {
         );
     }
 }
+
+#[tokio::test]
+async fn rate_limit_answers_429_with_retry_after_per_bucket() {
+    let mut cfg = Config::default();
+    cfg.auth.api_key = Secret::new(API_KEY);
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.requests_per_minute = 1;
+    cfg.rate_limit.burst = 2;
+    cfg.rate_limit.key_by = "owner".into();
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let get = |user: &'static str| {
+        s.http
+            .get(format!("{}/sandboxes", s.base))
+            .header("X-API-Key", API_KEY)
+            .header("X-User-ID", user)
+            .send()
+    };
+    let r = get("ann").await.expect("send");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ratelimit-limit"], "2");
+    assert_eq!(r.headers()["x-ratelimit-remaining"], "1");
+    assert_eq!(get("ann").await.expect("send").status(), 200);
+    let r = get("ann").await.expect("send");
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .expect("str")
+        .parse()
+        .expect("secs");
+    assert!((1..=60).contains(&retry), "{retry}");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["code"], "RESOURCE_LIMIT");
+    assert!(v["message"]
+        .as_str()
+        .expect("msg")
+        .contains("rate limit exceeded"));
+    // Another owner has its own bucket; probes are never limited.
+    assert_eq!(get("ben").await.expect("send").status(), 200);
+    let (st, _) = s.send("GET", "/live", &Cred::None, &[], None).await;
+    assert_eq!(st, 200);
+}

@@ -281,10 +281,12 @@ async fn leases(st: &AppState) -> ApiResult<Value> {
 
 fn rate_limit_stats(st: &AppState) -> Value {
     let r = &st.cfg.rate_limit;
+    let s = st.ratelimit.stats();
     json!({
         "enabled": r.enabled, "requests_per_minute": if r.enabled { r.requests_per_minute } else { 0 },
         "burst": if r.enabled { r.burst } else { 0 }, "key_by": if r.enabled { r.key_by.as_str() } else { "" },
-        "active_buckets": 0, "allowed_total": 0, "limited_total": 0, "evicted_total": 0,
+        "active_buckets": s.active_buckets, "allowed_total": s.allowed_total,
+        "limited_total": s.limited_total, "evicted_total": s.evicted_total,
         "bucket_ttl": if r.enabled { r.bucket_ttl.0 } else { GoDuration::ZERO },
         "cleanup_interval": if r.enabled { r.cleanup_interval.0 } else { GoDuration::ZERO },
     })
@@ -631,30 +633,35 @@ pub async fn prometheus(State(st): State<AppState>) -> ApiResult<Response> {
             "stacyvm_owner_quota_overrides_total{{type=\"{t}\"}} {n}"
         );
     }
-    for (name, kind, help) in [
+    let rl = st.ratelimit.stats();
+    for (name, kind, help, v) in [
         (
             "stacyvm_rate_limit_allowed_total",
             "counter",
             "Requests allowed by the rate limiter.",
+            rl.allowed_total,
         ),
         (
             "stacyvm_rate_limit_blocked_total",
             "counter",
             "Requests rejected by the rate limiter.",
+            rl.limited_total,
         ),
         (
             "stacyvm_rate_limit_evicted_buckets_total",
             "counter",
             "Idle rate-limit buckets evicted.",
+            rl.evicted_total,
         ),
         (
             "stacyvm_rate_limit_active_buckets",
             "gauge",
             "Active rate-limit buckets.",
+            rl.active_buckets,
         ),
     ] {
         fam(&mut out, name, kind, help);
-        let _ = writeln!(out, "{name} 0");
+        let _ = writeln!(out, "{name} {v}");
     }
     let ops = st.manager.metrics().snapshot();
     let groups: [(&str, &str, &str); 5] = [
