@@ -10,6 +10,7 @@ pub mod events;
 pub mod manager;
 pub mod metrics;
 pub mod paths;
+pub mod policy;
 pub mod provider;
 pub mod registry;
 pub mod store;

@@ -518,6 +518,38 @@ impl Manager {
                 )))
             }
         }
+        let network = if req.network_mode.is_empty() {
+            match provider_name.as_str() {
+                "native" => self.cfg.providers.native.network_mode.clone(),
+                "docker" => self.cfg.providers.docker.network_mode.clone(),
+                _ => "none".to_string(),
+            }
+        } else {
+            req.network_mode.clone()
+        };
+        let policies = self
+            .store
+            .list_policies(Some(caller.tenant_id.as_str()))
+            .await?;
+        for (t, v) in [
+            ("image", image.as_str()),
+            ("provider", provider_name.as_str()),
+            ("network", network.as_str()),
+        ] {
+            if let Err(e) = crate::policy::check(&policies, t, v) {
+                self.audit(
+                    caller,
+                    &owner,
+                    "sandbox.spawn",
+                    "",
+                    &image,
+                    &provider_name,
+                    false,
+                    e.to_string(),
+                );
+                return Err(e);
+            }
+        }
         self.reserve_slot(&owner, ttl).await?;
         let res = self
             .spawn_reserved(

@@ -125,6 +125,33 @@ pub struct TenantMemberRecord {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantRecord {
+    pub id: String,
+    pub name: String,
+    pub owner_id: String,
+    /// JSON object text.
+    pub settings: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A spawn policy; `tenant_id` "" = global.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRecord {
+    pub id: String,
+    pub tenant_id: String,
+    /// `image`, `provider` or `network`.
+    pub resource_type: String,
+    /// `allow` or `deny`.
+    pub effect: String,
+    pub pattern: String,
+    pub priority: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// An admin audit row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdminAuditRecord {
@@ -222,6 +249,26 @@ pub trait Store: Debug + Send + Sync + 'static {
     /// Not found when `user_id` is not a member of `tenant_id`.
     async fn get_tenant_member(&self, tenant_id: &str, user_id: &str)
         -> Result<TenantMemberRecord>;
+    /// Oldest first.
+    async fn list_tenant_members(&self, tenant_id: &str) -> Result<Vec<TenantMemberRecord>>;
+    async fn delete_tenant_member(&self, tenant_id: &str, user_id: &str) -> Result<()>;
+
+    /// Conflict on a duplicate id.
+    async fn create_tenant(&self, t: &TenantRecord) -> Result<()>;
+    async fn get_tenant(&self, id: &str) -> Result<TenantRecord>;
+    /// Newest first.
+    async fn list_tenants(&self) -> Result<Vec<TenantRecord>>;
+    async fn update_tenant(&self, t: &TenantRecord) -> Result<()>;
+    /// Removes the tenant with its members and tenant policies.
+    async fn delete_tenant(&self, id: &str) -> Result<()>;
+
+    /// Conflict on a duplicate id.
+    async fn create_policy(&self, p: &PolicyRecord) -> Result<()>;
+    /// `Some(t)`: tenant `t` and global; `None`: global only. Priority
+    /// ascending, then oldest first.
+    async fn list_policies(&self, tenant_id: Option<&str>) -> Result<Vec<PolicyRecord>>;
+    /// Deletes policy `id` only if it belongs to `tenant_id` ("" = global).
+    async fn delete_policy(&self, tenant_id: &str, id: &str) -> Result<()>;
 
     /// Insert or update; `created_at` of an existing row is preserved.
     async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord>;

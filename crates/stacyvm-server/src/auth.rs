@@ -21,6 +21,7 @@ pub const READ: u8 = 1;
 pub const API: u8 = 2;
 pub const OPERATOR: u8 = 4;
 pub const ADMIN: u8 = 8;
+pub const TENANT_ADMIN: u8 = 16;
 
 /// The role of an authenticated caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,8 +51,9 @@ impl Role {
         match self {
             Role::Viewer => READ,
             Role::Api => READ | API,
-            Role::Operator | Role::TenantAdmin => READ | API | OPERATOR,
-            Role::Admin => READ | API | OPERATOR | ADMIN,
+            Role::Operator => READ | API | OPERATOR,
+            Role::TenantAdmin => READ | API | OPERATOR | TENANT_ADMIN,
+            Role::Admin => READ | API | OPERATOR | ADMIN | TENANT_ADMIN,
         }
     }
 
@@ -77,6 +79,9 @@ pub enum Perm {
     Write,
     /// `operator:*` (shared configuration: templates, prune, metrics)
     Operate,
+    /// `tenant:admin`: the admin, or a tenant admin for its own tenant
+    /// (the handler compares the tenant in the path).
+    Tenant,
     /// `admin:*`
     Admin,
 }
@@ -88,6 +93,7 @@ impl Perm {
             Perm::Read => Some((READ, "read:*")),
             Perm::Write => Some((API, "api:*")),
             Perm::Operate => Some((OPERATOR, "operator:*")),
+            Perm::Tenant => Some((TENANT_ADMIN, "tenant:admin")),
             Perm::Admin => Some((ADMIN, "admin:*")),
         }
     }
@@ -102,6 +108,7 @@ impl Perm {
             Perm::Read => "read:*",
             Perm::Write => "api:*",
             Perm::Operate => "operator:*",
+            Perm::Tenant => "tenant:admin",
             Perm::Admin => "admin:*",
         }
     }
@@ -170,6 +177,33 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
     r("GET", "/system/stats", Perm::Operate),
     r("GET", "/admin/audit", Perm::Admin),
     r("GET", "/admin/op-audit", Perm::Admin),
+    r("GET", "/admin/tenants", Perm::Admin),
+    r("POST", "/admin/tenants", Perm::Admin),
+    r("GET", "/admin/tenants/{tenant}", Perm::Tenant),
+    r("PUT", "/admin/tenants/{tenant}", Perm::Admin),
+    r("DELETE", "/admin/tenants/{tenant}", Perm::Admin),
+    r("GET", "/admin/tenants/{tenant}/members", Perm::Tenant),
+    r(
+        "PUT",
+        "/admin/tenants/{tenant}/members/{user}",
+        Perm::Tenant,
+    ),
+    r(
+        "DELETE",
+        "/admin/tenants/{tenant}/members/{user}",
+        Perm::Tenant,
+    ),
+    r("GET", "/admin/tenants/{tenant}/audit", Perm::Tenant),
+    r("GET", "/admin/tenants/{tenant}/policies", Perm::Tenant),
+    r("POST", "/admin/tenants/{tenant}/policies", Perm::Tenant),
+    r(
+        "DELETE",
+        "/admin/tenants/{tenant}/policies/{policy}",
+        Perm::Tenant,
+    ),
+    r("GET", "/admin/policies", Perm::Admin),
+    r("POST", "/admin/policies", Perm::Admin),
+    r("DELETE", "/admin/policies/{policy}", Perm::Admin),
 ];
 
 /// The permission of `method route` (route = axum pattern under `/api/v1`).
@@ -720,6 +754,10 @@ mod tests {
         assert!(!Perm::Operate.allows(Role::Api));
         assert!(Perm::Operate.allows(Role::TenantAdmin));
         assert!(!Perm::Admin.allows(Role::Operator));
+        assert!(!Perm::Tenant.allows(Role::Operator));
+        assert!(Perm::Tenant.allows(Role::TenantAdmin));
+        assert!(Perm::Tenant.allows(Role::Admin));
+        assert!(!Perm::Admin.allows(Role::TenantAdmin));
         assert!(Perm::Admin.allows(Role::Admin));
     }
 

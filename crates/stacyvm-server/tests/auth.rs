@@ -285,6 +285,9 @@ fn concrete(path: &str) -> String {
     path.replace("{id}", "sb-0000dead")
         .replace("{name}", "no-such")
         .replace("{owner}", "someone")
+        .replace("{tenant}", "acme")
+        .replace("{user}", "someone")
+        .replace("{policy}", "pol-00000000")
 }
 
 #[tokio::test]
@@ -976,4 +979,326 @@ async fn rate_limit_answers_429_with_retry_after_per_bucket() {
     assert_eq!(get("ben").await.expect("send").status(), 200);
     let (st, _) = s.send("GET", "/live", &Cred::None, &[], None).await;
     assert_eq!(st, 200);
+}
+
+#[tokio::test]
+async fn tenants_members_policies_and_tenant_audit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
+    let s = start(oidc_config(&jwks.url), Duration::from_secs(10)).await;
+    let admin = Cred::AdminKey;
+    let (st, v) = s
+        .send(
+            "POST",
+            "/admin/tenants",
+            &admin,
+            &[],
+            Some(json!({"id":"acme","name":"Acme","settings":{"tier":"gold"}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["tenant"]["settings"], "{\"tier\":\"gold\"}");
+    let (st, v) = s
+        .send(
+            "POST",
+            "/admin/tenants",
+            &admin,
+            &[],
+            Some(json!({"id":"acme","name":"again"})),
+        )
+        .await;
+    assert_eq!(st, 409, "{v}");
+    let (st, v) = s
+        .send(
+            "POST",
+            "/admin/tenants",
+            &admin,
+            &[],
+            Some(json!({"name":"Globex"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let globex = v["tenant"]["id"].as_str().expect("id").to_string();
+    assert!(globex.starts_with("tenant-"), "{globex}");
+    let (st, v) = s
+        .send("POST", "/admin/tenants", &admin, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 400, "{v}");
+
+    // Members: unknown roles are refused.
+    let (st, v) = s
+        .send(
+            "PUT",
+            "/admin/tenants/acme/members/tara",
+            &admin,
+            &[],
+            Some(json!({"role":"root"})),
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v["message"]
+        .as_str()
+        .expect("m")
+        .contains("role must be viewer, operator, or admin"));
+    let (st, v) = s
+        .send(
+            "PUT",
+            "/admin/tenants/acme/members/tara",
+            &admin,
+            &[],
+            Some(json!({"role":"admin"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s
+        .send(
+            "PUT",
+            "/admin/tenants/acme/members/vic",
+            &admin,
+            &[],
+            Some(json!({"role":"viewer"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+
+    // tara is tenant_admin of acme only.
+    let tara = Cred::Bearer(sign(&rsa, "rsa1", &claims("tara", &[])));
+    let acme = [("X-Tenant-ID", "acme")];
+    let (st, v) = s
+        .send("GET", "/admin/tenants/acme/members", &tara, &acme, None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["members"].as_array().expect("members").len(), 2);
+    let (st, v) = s
+        .send(
+            "GET",
+            &format!("/admin/tenants/{globex}/members"),
+            &tara,
+            &acme,
+            None,
+        )
+        .await;
+    assert_eq!(st, 403, "{v}");
+    let (st, v) = s
+        .send("GET", "/admin/tenants/acme/members", &tara, &[], None)
+        .await;
+    assert_eq!(st, 403, "without the tenant she is a plain user: {v}");
+    let (st, v) = s.send("GET", "/admin/tenants", &tara, &acme, None).await;
+    assert_eq!(st, 403, "{v}");
+    // A viewer membership narrows the role.
+    let vic = Cred::Bearer(sign(&rsa, "rsa1", &claims("vic", &[])));
+    let (st, v) = s
+        .send("POST", "/sandboxes", &vic, &acme, Some(json!({})))
+        .await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["message"].as_str().expect("m").contains("role viewer"),
+        "{v}"
+    );
+
+    // Policies: bad patterns are refused; an allow list restricts.
+    let (st, v) = s
+        .send(
+            "POST",
+            "/admin/tenants/acme/policies",
+            &tara,
+            &acme,
+            Some(json!({"resource_type":"image","effect":"allow","pattern":"[oops"})),
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .expect("m")
+            .contains("does not compile"),
+        "{v}"
+    );
+    let (st, v) = s
+        .send(
+            "POST",
+            "/admin/tenants/acme/policies",
+            &tara,
+            &acme,
+            Some(
+                json!({"resource_type":"image","effect":"allow","pattern":"python:*","priority":5}),
+            ),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let allow_id = v["policy"]["id"].as_str().expect("id").to_string();
+    let (st, v) = s
+        .send(
+            "POST",
+            "/admin/policies",
+            &admin,
+            &[],
+            Some(json!({"resource_type":"network","effect":"deny","pattern":"bridge"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = s
+        .send("GET", "/admin/tenants/acme/policies", &tara, &acme, None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v["policies"].as_array().expect("p").len(),
+        2,
+        "tenant + global: {v}"
+    );
+
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &tara,
+            &acme,
+            Some(json!({"image":"ubuntu:24.04"})),
+        )
+        .await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .expect("m")
+            .contains("not in the allowed image list"),
+        "{v}"
+    );
+    // Omitting the image does not bypass the check (default image is not python:*).
+    let (st, v) = s
+        .send("POST", "/sandboxes", &tara, &acme, Some(json!({})))
+        .await;
+    assert_eq!(st, 403, "{v}");
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &tara,
+            &acme,
+            Some(json!({"image":"python:3.12"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["tenant_id"].as_str().unwrap_or("acme"), "acme");
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &tara,
+            &acme,
+            Some(json!({"image":"python:3.12","network_mode":"bridge"})),
+        )
+        .await;
+    assert_eq!(st, 403, "global deny: {v}");
+    // Template spawns are checked too.
+    let (st, v) = s
+        .send(
+            "POST",
+            "/templates",
+            &admin,
+            &[],
+            Some(json!({"name":"ubu","image":"ubuntu:24.04"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = s
+        .send(
+            "POST",
+            "/templates/ubu/spawn",
+            &tara,
+            &acme,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 403, "{v}");
+    // Another tenant's policy cannot be deleted through acme's path…
+    let (st, v) = s
+        .send(
+            "DELETE",
+            &format!("/admin/tenants/{globex}/policies/{allow_id}"),
+            &admin,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 404, "{v}");
+    // …but through its own.
+    let (st, _) = s
+        .send(
+            "DELETE",
+            &format!("/admin/tenants/acme/policies/{allow_id}"),
+            &tara,
+            &acme,
+            None,
+        )
+        .await;
+    assert_eq!(st, 204);
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &tara,
+            &acme,
+            Some(json!({"image":"ubuntu:24.04"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+
+    // Per-tenant audit export with a time filter.
+    let (st, v) = s
+        .send(
+            "GET",
+            "/admin/tenants/acme/audit?since=1h",
+            &tara,
+            &acme,
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let ops = v["op_audit"].as_array().expect("ops");
+    assert!(
+        ops.iter()
+            .any(|o| o["action"] == "sandbox.spawn" && o["status"] == "failure"),
+        "{v}"
+    );
+    assert!(ops.iter().all(|o| o["tenant_id"] == "acme"));
+    let adm = v["admin_audit"].as_array().expect("admin");
+    assert!(
+        adm.iter()
+            .any(|a| a["status"] == 400 && a["path"] == "/api/v1/admin/tenants/acme/policies"),
+        "{v}"
+    );
+    let future = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .to_rfc3339()
+        .replace('+', "%2B");
+    let (st, v) = s
+        .send(
+            "GET",
+            &format!("/admin/tenants/acme/audit?since={future}"),
+            &tara,
+            &acme,
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["op_audit"].as_array().expect("ops").len(), 0);
+    assert_eq!(v["admin_audit"].as_array().expect("adm").len(), 0);
+
+    // Delete removes members and tenant policies with it.
+    let (st, _) = s
+        .send("DELETE", "/admin/tenants/acme", &admin, &[], None)
+        .await;
+    assert_eq!(st, 204);
+    let (st, _) = s
+        .send("GET", "/admin/tenants/acme", &admin, &[], None)
+        .await;
+    assert_eq!(st, 404);
+    assert!(s
+        .manager
+        .store()
+        .list_tenant_members("acme")
+        .await
+        .expect("m")
+        .is_empty());
 }

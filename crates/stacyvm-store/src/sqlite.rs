@@ -12,7 +12,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 use stacyvm_core::store::{
     AdminAuditFilter, AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditFilter, OpAuditRecord,
-    QuotaRecord, SandboxRecord, Store, TemplateRecord, TenantMemberRecord, WorkerRecord,
+    PolicyRecord, QuotaRecord, SandboxRecord, Store, TemplateRecord, TenantMemberRecord,
+    TenantRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
 
@@ -200,6 +201,17 @@ fn lease_from(row: &SqliteRow) -> Result<LeaseRecord> {
         holder_id: row.get("holder_id"),
         generation: row.get("generation"),
         expires_at: parse_ts(row.get("expires_at"))?,
+        created_at: parse_ts(row.get("created_at"))?,
+        updated_at: parse_ts(row.get("updated_at"))?,
+    })
+}
+
+fn tenant_from(row: &SqliteRow) -> Result<TenantRecord> {
+    Ok(TenantRecord {
+        id: row.get("id"),
+        name: row.get("name"),
+        owner_id: row.get("owner_id"),
+        settings: row.get("settings"),
         created_at: parse_ts(row.get("created_at"))?,
         updated_at: parse_ts(row.get("updated_at"))?,
     })
@@ -646,6 +658,172 @@ impl Store for SqliteStore {
             created_at: parse_ts(row.get("created_at"))?,
             updated_at: parse_ts(row.get("updated_at"))?,
         })
+    }
+
+    async fn list_tenant_members(&self, tenant_id: &str) -> Result<Vec<TenantMemberRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM tenant_members WHERE tenant_id = ? ORDER BY created_at ASC, user_id ASC",
+        )
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(TenantMemberRecord {
+                    tenant_id: row.get("tenant_id"),
+                    user_id: row.get("user_id"),
+                    role: row.get("role"),
+                    created_at: parse_ts(row.get("created_at"))?,
+                    updated_at: parse_ts(row.get("updated_at"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_tenant_member(&self, tenant_id: &str, user_id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM tenant_members WHERE tenant_id = ? AND user_id = ?")
+            .bind(tenant_id)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("member {user_id:?}"))
+    }
+
+    async fn create_tenant(&self, t: &TenantRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tenants (id, name, owner_id, settings, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.id)
+        .bind(&t.name)
+        .bind(&t.owner_id)
+        .bind(&t.settings)
+        .bind(ts(t.created_at))
+        .bind(ts(t.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match db_err(e) {
+            e if e.kind() == ErrorKind::Conflict => Error::conflict(format!("tenant {:?} already exists", t.id)),
+            e => e,
+        })?;
+        Ok(())
+    }
+
+    async fn get_tenant(&self, id: &str) -> Result<TenantRecord> {
+        let row = sqlx::query("SELECT * FROM tenants WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("tenant {id:?}")))?;
+        tenant_from(&row)
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<TenantRecord>> {
+        let rows = sqlx::query("SELECT * FROM tenants ORDER BY created_at DESC, id ASC")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(tenant_from).collect()
+    }
+
+    async fn update_tenant(&self, t: &TenantRecord) -> Result<()> {
+        let r = sqlx::query(
+            "UPDATE tenants SET name = ?, owner_id = ?, settings = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&t.name)
+        .bind(&t.owner_id)
+        .bind(&t.settings)
+        .bind(ts(t.updated_at))
+        .bind(&t.id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("tenant {:?}", t.id))
+    }
+
+    async fn delete_tenant(&self, id: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let r = sqlx::query("DELETE FROM tenants WHERE id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        if r.rows_affected() == 0 {
+            return Err(Error::not_found(format!("tenant {id:?}")));
+        }
+        sqlx::query("DELETE FROM tenant_members WHERE tenant_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        sqlx::query("DELETE FROM policies WHERE tenant_id = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn create_policy(&self, p: &PolicyRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO policies (id, tenant_id, resource_type, effect, pattern, priority, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&p.id)
+        .bind(&p.tenant_id)
+        .bind(&p.resource_type)
+        .bind(&p.effect)
+        .bind(&p.pattern)
+        .bind(p.priority)
+        .bind(ts(p.created_at))
+        .bind(ts(p.updated_at))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match db_err(e) {
+            e if e.kind() == ErrorKind::Conflict => Error::conflict(format!("policy {:?} already exists", p.id)),
+            e => e,
+        })?;
+        Ok(())
+    }
+
+    async fn list_policies(&self, tenant_id: Option<&str>) -> Result<Vec<PolicyRecord>> {
+        let rows = match tenant_id {
+            Some(t) => sqlx::query(
+                "SELECT * FROM policies WHERE tenant_id = ? OR tenant_id = '' ORDER BY priority ASC, created_at ASC, id ASC",
+            )
+            .bind(t),
+            None => sqlx::query(
+                "SELECT * FROM policies WHERE tenant_id = '' ORDER BY priority ASC, created_at ASC, id ASC",
+            ),
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                Ok(PolicyRecord {
+                    id: row.get("id"),
+                    tenant_id: row.get("tenant_id"),
+                    resource_type: row.get("resource_type"),
+                    effect: row.get("effect"),
+                    pattern: row.get("pattern"),
+                    priority: row.get("priority"),
+                    created_at: parse_ts(row.get("created_at"))?,
+                    updated_at: parse_ts(row.get("updated_at"))?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_policy(&self, tenant_id: &str, id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM policies WHERE id = ? AND tenant_id = ?")
+            .bind(id)
+            .bind(tenant_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("policy {id:?}"))
     }
 
     async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord> {

@@ -6,10 +6,11 @@ pub mod quotas;
 pub mod sandboxes;
 pub mod system;
 pub mod templates;
+pub mod tenants;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::Router;
 use stacyvm_core::manager::Caller;
 
@@ -77,6 +78,35 @@ pub fn api_routes() -> Router<AppState> {
         .route("/system/stats", get(system::system_stats))
         .route("/admin/audit", get(audit::admin_audit))
         .route("/admin/op-audit", get(audit::op_audit))
+        .route("/admin/tenants", get(tenants::list).post(tenants::create))
+        .route(
+            "/admin/tenants/{tenant}",
+            get(tenants::get)
+                .put(tenants::update)
+                .delete(tenants::delete),
+        )
+        .route("/admin/tenants/{tenant}/members", get(tenants::members))
+        .route(
+            "/admin/tenants/{tenant}/members/{user}",
+            put(tenants::put_member).delete(tenants::delete_member),
+        )
+        .route("/admin/tenants/{tenant}/audit", get(tenants::audit))
+        .route(
+            "/admin/tenants/{tenant}/policies",
+            get(tenants::policies).post(tenants::create_policy),
+        )
+        .route(
+            "/admin/tenants/{tenant}/policies/{policy}",
+            delete(tenants::delete_policy),
+        )
+        .route(
+            "/admin/policies",
+            get(tenants::global_policies).post(tenants::create_global_policy),
+        )
+        .route(
+            "/admin/policies/{policy}",
+            delete(tenants::delete_global_policy),
+        )
 }
 
 /// The caller of a request, as the authorization layer resolved it.
