@@ -550,10 +550,29 @@ impl Manager {
                 return Err(e);
             }
         }
+        // A provider's own defaults win over the server's when the request
+        // names no size (gaps C-26); the spec then carries 0 so the
+        // provider applies its exact setting (fractional CPUs included).
+        let pd = provider.default_resources();
+        let (memory_mb, spec_memory_mb) = match pd {
+            Some(d) if req.memory_mb == 0 => (d.memory_mb, 0),
+            _ => (memory_mb, memory_mb),
+        };
+        let (vcpus, spec_vcpus) = match pd {
+            Some(d) if req.vcpus == 0 => (d.vcpus, 0),
+            _ => (vcpus, vcpus),
+        };
         self.reserve_slot(&owner, ttl).await?;
         let res = self
             .spawn_reserved(
-                &provider, &image, memory_mb, vcpus, ttl, &owner, &req, caller,
+                &provider,
+                &image,
+                (memory_mb, spec_memory_mb),
+                (vcpus, spec_vcpus),
+                ttl,
+                &owner,
+                &req,
+                caller,
             )
             .await;
         let took = started.elapsed();
@@ -604,8 +623,8 @@ impl Manager {
         &self,
         provider: &Arc<dyn Provider>,
         image: &str,
-        memory_mb: i64,
-        vcpus: i64,
+        (memory_mb, spec_memory_mb): (i64, i64),
+        (vcpus, spec_vcpus): (i64, i64),
         ttl: GoDuration,
         owner: &str,
         req: &SpawnRequest,
@@ -621,8 +640,8 @@ impl Manager {
         let spec = SpawnSpec {
             id: id.clone(),
             image: image.to_string(),
-            memory_mb,
-            vcpus,
+            memory_mb: spec_memory_mb,
+            vcpus: spec_vcpus,
             metadata: metadata.clone(),
             owner_id: owner.to_string(),
             tenant_id: caller.tenant_id.clone(),

@@ -149,6 +149,14 @@ pub mod capability {
 }
 
 /// A sandbox backend.
+/// See [`Provider::default_resources`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceDefaults {
+    pub memory_mb: i64,
+    /// Rounded up when the provider allows fractions.
+    pub vcpus: i64,
+}
+
 #[async_trait]
 pub trait Provider: Debug + Send + Sync + 'static {
     /// Stable registry name (`native`, `docker`, `mock`, …).
@@ -156,6 +164,15 @@ pub trait Provider: Debug + Send + Sync + 'static {
 
     /// Capability strings, e.g. `capability::BASE` plus extras.
     fn capabilities(&self) -> Vec<String>;
+
+    /// The provider's own resource defaults for spawns that name none
+    /// (e.g. `providers.docker.memory`/`cpus`). `None`: the server's
+    /// `defaults.memory_mb`/`vcpus` apply. When `Some`, the manager records
+    /// these values and passes 0 in [`SpawnSpec`] so the provider applies
+    /// its exact setting (gaps C-26).
+    fn default_resources(&self) -> Option<ResourceDefaults> {
+        None
+    }
 
     /// Non-secret configuration shown on `GET /providers/{name}`.
     fn describe(&self) -> BTreeMap<String, String> {

@@ -106,7 +106,10 @@ fn start(data: &Path) -> Server {
         .env("STACYVM_PROVIDERS_DOCKER_ENABLED", "true")
         .env("STACYVM_PROVIDERS_DEFAULT", "docker")
         .env("STACYVM_DEFAULTS_IMAGE", IMAGE)
-        .env("STACYVM_DEFAULTS_MEMORY_MB", "64")
+        .env("STACYVM_DEFAULTS_MEMORY_MB", "256")
+        // The provider's own sizes win over defaults.* (gaps C-26).
+        .env("STACYVM_PROVIDERS_DOCKER_MEMORY", "64m")
+        .env("STACYVM_PROVIDERS_DOCKER_CPUS", "0.5")
         .env("STACYVM_AGENT_PATH", static_agent())
         .current_dir(data)
         .stdout(Stdio::null())
@@ -227,7 +230,63 @@ async fn docker_sandboxes_over_rest_survive_a_restart() {
     .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v, json!([]), "no match is [] (gaps C-3)");
-    // Stats come from the engine (64 MiB limit from defaults.memory_mb).
+    // providers.docker.memory/cpus, not defaults.memory_mb, size a spawn
+    // that names none (gaps C-26): the record says so and so does the engine.
+    let (status, v) = call(
+        reqwest::Method::GET,
+        format!("{}/sandboxes/{kept}", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(
+        (v["memory_mb"].as_i64(), v["vcpus"].as_i64()),
+        (Some(64), Some(1)),
+        "{v}"
+    );
+    let out = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}}",
+        &kept,
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{} 500000000", 64 * 1024 * 1024)
+    );
+    // An explicit size still wins over the provider's.
+    let (status, v) = call(
+        reqwest::Method::POST,
+        format!("{}/sandboxes", s.url),
+        Some(json!({"provider": "docker", "image": IMAGE, "memory_mb": 96, "vcpus": 2})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let sized = v["id"].as_str().expect("id").to_string();
+    containers.0.push(sized.clone());
+    assert_eq!(
+        (v["memory_mb"].as_i64(), v["vcpus"].as_i64()),
+        (Some(96), Some(2)),
+        "{v}"
+    );
+    let out = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}}",
+        &sized,
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("{} 2000000000", 96 * 1024 * 1024)
+    );
+    let (status, _) = call(
+        reqwest::Method::DELETE,
+        format!("{}/sandboxes/{sized}", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    // Stats come from the engine (the 64 MiB limit above).
     let (status, v) = call(
         reqwest::Method::GET,
         format!("{}/sandboxes/{kept}/stats", s.url),

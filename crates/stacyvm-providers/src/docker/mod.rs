@@ -1044,6 +1044,18 @@ impl Provider for DockerProvider {
         "docker"
     }
 
+    /// `providers.docker.memory`/`cpus` apply to spawns that name no size
+    /// (gaps C-26: the original always overrode them with the server's
+    /// defaults).
+    fn default_resources(&self) -> Option<stacyvm_core::provider::ResourceDefaults> {
+        let c = &self.opts.config;
+        let memory = parse_memory(&c.memory).ok()?;
+        Some(stacyvm_core::provider::ResourceDefaults {
+            memory_mb: (memory / (1024 * 1024)).max(1),
+            vcpus: (c.cpus.ceil() as i64).max(1),
+        })
+    }
+
     fn capabilities(&self) -> Vec<String> {
         let mut c: Vec<String> = capability::BASE.iter().map(|s| (*s).to_string()).collect();
         c.push(capability::RUNTIME_INVENTORY.into());
