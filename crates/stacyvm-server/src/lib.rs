@@ -110,6 +110,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .fallback_service(inner)
         .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::body_limit,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
             state,
             middleware::cors,
         ))

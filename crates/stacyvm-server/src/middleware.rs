@@ -291,6 +291,40 @@ impl AuditMeta {
     }
 }
 
+/// Refuses a declared body over `server.max_body_bytes` on every route
+/// before authentication or routing (S-20); bodies without a length are
+/// capped by the extractors' limit, and a plain-text 413 from them is
+/// turned into the JSON error shape.
+pub async fn body_limit(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let limit = st.cfg.server.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return too_large(limit);
+    }
+    let resp = next.run(req).await;
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
+        return too_large(limit);
+    }
+    resp
+}
+
+fn too_large(limit: u64) -> Response {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "PAYLOAD_TOO_LARGE",
+        format!("request body too large (limit {limit} bytes)"),
+    )
+    .into_response()
+}
+
 const ALLOW_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
 const ALLOW_HEADERS: &str =
     "Content-Type, X-API-Key, X-Admin-API-Key, X-Request-ID, X-User-ID, X-Tenant-ID, Authorization";
