@@ -157,7 +157,8 @@ pub enum ImageCommand {
         #[arg(long)]
         name: Option<String>,
     },
-    /// Pull an image from an OCI registry (linux/amd64).
+    /// Pull an image from an OCI registry (linux/amd64) into the native
+    /// image store, or with --docker into the Docker engine.
     ///
     /// Loopback registries (localhost, 127.0.0.1) are reached over plain
     /// HTTP like Docker does; others over HTTPS unless --insecure.
@@ -173,6 +174,10 @@ pub enum ImageCommand {
         /// Use plain HTTP for this registry.
         #[arg(long)]
         insecure: bool,
+        /// Pull into the Docker engine (for the docker provider) instead of
+        /// the native image store.
+        #[arg(long, conflicts_with_all = ["insecure", "name"])]
+        docker: bool,
     },
     /// List imported images.
     #[command(alias = "list")]

@@ -13,14 +13,13 @@ use stacyvm_providers::native::images::ImageStore;
 
 use crate::cli::ImageCommand;
 
-fn store(config_path: Option<PathBuf>) -> Result<ImageStore> {
-    let loaded = config::load(config_path.as_deref(), std::env::vars())?;
-    let data = PathBuf::from(&loaded.config.server.data_dir);
+fn store(cfg: &config::Config) -> Result<ImageStore> {
+    let data = PathBuf::from(&cfg.server.data_dir);
     let root = data.join("native").join("images");
     std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
     Ok(ImageStore::new(
         root,
-        std::slice::from_ref(&loaded.config.server.data_dir),
+        std::slice::from_ref(&cfg.server.data_dir),
     )?)
 }
 
@@ -65,7 +64,8 @@ fn done(rec: &stacyvm_providers::native::images::ImageRecord) {
 }
 
 pub async fn run(config_path: Option<PathBuf>, cmd: ImageCommand) -> Result<()> {
-    let store = store(config_path)?;
+    let cfg = config::load(config_path.as_deref(), std::env::vars())?.config;
+    let store = store(&cfg)?;
     match cmd {
         ImageCommand::Import { file, docker, name } => {
             let bar = progress_bar();
@@ -93,8 +93,34 @@ pub async fn run(config_path: Option<PathBuf>, cmd: ImageCommand) -> Result<()> 
         }
         ImageCommand::Pull {
             reference,
+            docker: true,
+            ..
+        } => {
+            let bar = progress_bar();
+            let mut report = |done: u64, total: u64, status: &str| {
+                bar.set_length(total);
+                bar.set_position(done);
+                bar.set_message(status.chars().take(16).collect::<String>());
+            };
+            let id = stacyvm_providers::docker::pull_into_engine(
+                &cfg.providers.docker,
+                &reference,
+                &mut report,
+            )
+            .await
+            .with_context(|| format!("pulling {reference} into the Docker engine"))?;
+            bar.finish_and_clear();
+            eprintln!("pulled {reference} into the Docker engine");
+            #[allow(clippy::print_stdout)]
+            {
+                println!("{id}");
+            }
+        }
+        ImageCommand::Pull {
+            reference,
             name,
             insecure,
+            docker: false,
         } => {
             let bar = progress_bar();
             let mut report = |done: u64, total: u64, what: &str| {

@@ -375,3 +375,83 @@ fn nix_is_root() -> bool {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
         .unwrap_or(false)
 }
+
+/// `stacyvm image pull --docker` pulls through the Engine API from a
+/// registry on loopback (Debian's docker-registry) and prints the image id;
+/// a tag the registry lacks is a clear error and exit code 1.
+#[test]
+fn cli_pulls_into_the_docker_engine() {
+    assert!(nix_is_root(), "docker tests need root (CI runs as root)");
+    ensure_image();
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let cfg = dir.path().join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .expect("registry config");
+    let mut registry = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry (scripts/test installs it)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "registry did not listen");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let remote = format!("127.0.0.1:{port}/cli/busybox:1");
+    assert!(docker(&["tag", IMAGE, &remote]).status.success());
+    let pushed = docker(&["push", &remote]);
+    assert!(
+        pushed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    assert!(docker(&["rmi", &remote]).status.success());
+
+    let data = dir.path().join("stacyvm");
+    let out = Command::new(BIN)
+        .args(["image", "pull", "--docker", &remote])
+        .env("STACYVM_SERVER_DATA_DIR", &data)
+        .output()
+        .expect("cli");
+    let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("sha256:"),
+        "prints the image id: {stdout}"
+    );
+    let inspected = docker(&["image", "inspect", "-f", "{{.Id}}", &remote]);
+    assert_eq!(String::from_utf8_lossy(&inspected.stdout).trim(), stdout);
+    let _ = docker(&["rmi", &remote]);
+
+    let out = Command::new(BIN)
+        .args([
+            "image",
+            "pull",
+            "--docker",
+            &format!("127.0.0.1:{port}/cli/none:1"),
+        ])
+        .env("STACYVM_SERVER_DATA_DIR", &data)
+        .output()
+        .expect("cli");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("is not available"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = registry.kill();
+    let _ = registry.wait();
+}

@@ -256,6 +256,94 @@ fn is_status(e: &EngineError, code: u16) -> bool {
     matches!(e, EngineError::DockerResponseServerError { status_code, .. } if *status_code == code)
 }
 
+/// Pulls `image` through the engine; `progress(done, total, status)` gets
+/// the bytes downloaded so far over all layers (the total grows as the
+/// engine learns layer sizes).
+pub async fn pull_image(
+    d: &Docker,
+    image: &ImageRef,
+    progress: &mut (dyn FnMut(u64, u64, &str) + Send),
+) -> Result<()> {
+    let full = image.full();
+    let opts = CreateImageOptionsBuilder::default()
+        .from_image(&image.repo)
+        .tag(&image.tag)
+        .build();
+    let mut stream = d.create_image(Some(opts), None, None);
+    let mut layers: std::collections::HashMap<String, (u64, u64)> = Default::default();
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(info) => {
+                if let Some(err) = info.error_detail.and_then(|d| d.message) {
+                    return Err(pull_err(&full, &err));
+                }
+                let status = info.status.unwrap_or_default();
+                if let (Some(id), Some(pd)) = (info.id, info.progress_detail) {
+                    let e = layers.entry(id).or_default();
+                    if let Some(c) = pd.current {
+                        e.0 = c.max(0) as u64;
+                    }
+                    if let Some(t) = pd.total {
+                        e.1 = t.max(0) as u64;
+                    }
+                    if status.starts_with("Download complete")
+                        || status.starts_with("Pull complete")
+                    {
+                        e.0 = e.1.max(e.0);
+                    }
+                }
+                let done = layers.values().map(|l| l.0.min(l.1.max(l.0))).sum();
+                let total = layers.values().map(|l| l.1.max(l.0)).sum();
+                progress(done, total, &status);
+            }
+            Err(EngineError::DockerResponseServerError { message, .. })
+            | Err(EngineError::DockerStreamError { error: message }) => {
+                return Err(pull_err(&full, &message))
+            }
+            Err(e) => return Err(engine_err(&format!("pulling image {full}"), e)),
+        }
+    }
+    Ok(())
+}
+
+/// `stacyvm image pull --docker`: pulls `reference` into the engine named
+/// by `providers.docker.socket` (or `DOCKER_HOST`/the default socket) and
+/// returns the image id.
+pub async fn pull_into_engine(
+    config: &DockerConfig,
+    reference: &str,
+    progress: &mut (dyn FnMut(u64, u64, &str) + Send),
+) -> Result<String> {
+    let image = parse_image(reference)?;
+    let opts = DockerOptions::new(config.clone(), PathBuf::new(), PathBuf::new());
+    let d = connect_engine(&opts).await?;
+    pull_image(&d, &image, progress).await?;
+    let full = image.full();
+    let info = d
+        .inspect_image(&full)
+        .await
+        .map_err(|e| engine_err(&format!("inspecting image {full}"), e))?;
+    Ok(info.id.unwrap_or(full))
+}
+
+/// Connects to the engine of `opts` and negotiates the API version.
+async fn connect_engine(opts: &DockerOptions) -> Result<Docker> {
+    let timeout = opts.engine_timeout.as_secs().max(1);
+    let sock = opts.config.socket.trim();
+    let d = if sock.is_empty() {
+        Docker::connect_with_defaults()
+    } else if sock.starts_with('/') {
+        Docker::connect_with_unix(sock, timeout, bollard::API_DEFAULT_VERSION)
+    } else {
+        Docker::connect_with_host(sock)
+    }
+    .map_err(|e| engine_err("connecting to the docker engine", e))?
+    .with_timeout(Duration::from_secs(timeout));
+    d.negotiate_version()
+        .await
+        .map_err(|e| engine_err("negotiating the docker API version", e))
+}
+
 /// Classifies a failed pull: a missing image is the caller's problem (400),
 /// anything else (registry down, TLS, auth backend) a 503 with the reason.
 fn pull_err(image: &str, reason: &str) -> Error {
@@ -338,22 +426,7 @@ impl DockerProvider {
     /// The negotiated engine client.
     pub async fn engine(&self) -> Result<&Docker> {
         self.engine
-            .get_or_try_init(|| async {
-                let timeout = self.opts.engine_timeout.as_secs().max(1);
-                let sock = self.opts.config.socket.trim();
-                let d = if sock.is_empty() {
-                    Docker::connect_with_defaults()
-                } else if sock.starts_with('/') {
-                    Docker::connect_with_unix(sock, timeout, bollard::API_DEFAULT_VERSION)
-                } else {
-                    Docker::connect_with_host(sock)
-                }
-                .map_err(|e| engine_err("connecting to the docker engine", e))?
-                .with_timeout(Duration::from_secs(timeout));
-                d.negotiate_version()
-                    .await
-                    .map_err(|e| engine_err("negotiating the docker API version", e))
-            })
+            .get_or_try_init(|| connect_engine(&self.opts))
             .await
     }
 
@@ -458,31 +531,14 @@ impl DockerProvider {
         let full = image.full();
         info!(image = %full, "pulling image");
         let started = Instant::now();
-        let opts = CreateImageOptionsBuilder::default()
-            .from_image(&image.repo)
-            .tag(&image.tag)
-            .build();
-        let mut stream = d.create_image(Some(opts), None, None);
-        let mut last_status = String::new();
-        while let Some(item) = stream.next().await {
-            match item {
-                Ok(info) => {
-                    if let Some(err) = info.error_detail.and_then(|d| d.message) {
-                        return Err(pull_err(&full, &err));
-                    }
-                    let status = info.status.unwrap_or_default();
-                    if status != last_status {
-                        debug!(image = %full, layer = info.id.as_deref().unwrap_or(""), %status, "pull progress");
-                        last_status = status;
-                    }
-                }
-                Err(EngineError::DockerResponseServerError { message, .. })
-                | Err(EngineError::DockerStreamError { error: message }) => {
-                    return Err(pull_err(&full, &message))
-                }
-                Err(e) => return Err(engine_err(&format!("pulling image {full}"), e)),
+        let mut last = String::new();
+        pull_image(d, image, &mut |_, _, status| {
+            if status != last {
+                debug!(image = %full, %status, "pull progress");
+                last = status.to_string();
             }
-        }
+        })
+        .await?;
         info!(image = %full, elapsed_ms = started.elapsed().as_millis() as u64, "image pulled");
         Ok(())
     }
