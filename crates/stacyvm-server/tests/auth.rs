@@ -1352,3 +1352,40 @@ async fn every_route_refuses_oversized_bodies_with_json_413() {
         }
     }
 }
+
+#[tokio::test]
+async fn oidc_static_public_keys_rsa_p256_p384() {
+    let dir = tempfile::tempdir().expect("tmp");
+    for (alg, kid) in [
+        (Algorithm::RS256, "r"),
+        (Algorithm::ES256, "e2"),
+        (Algorithm::ES384, "e3"),
+    ] {
+        let k = make_key(dir.path(), kid, alg);
+        let other = make_key(dir.path(), &format!("{kid}-other"), alg);
+        let mut cfg = Config::default();
+        cfg.auth.oidc_issuer = "https://idp.test".into();
+        cfg.auth.oidc_audience = AUD.into();
+        cfg.auth.oidc_public_key = String::from_utf8(k.public_pem.clone()).expect("pem");
+        let s = start(cfg, Duration::from_secs(10)).await;
+        let (st, v) = s
+            .send(
+                "GET",
+                "/sandboxes",
+                &Cred::Bearer(sign(&k, "any", &claims("pat", &[]))),
+                &[],
+                None,
+            )
+            .await;
+        assert_eq!(st, 200, "{kid}: {v}");
+        rejected(
+            &s,
+            &sign(&other, "any", &claims("pat", &[])),
+            "signature verification failed",
+        )
+        .await;
+        // Without any credential the OIDC-only server is closed.
+        let (st, _) = s.send("GET", "/templates", &Cred::None, &[], None).await;
+        assert_eq!(st, 401);
+    }
+}
