@@ -780,6 +780,17 @@ impl Manager {
         self.metrics
             .observe("destroy", &rec.provider, started.elapsed(), None);
         self.events.publish(kind::SANDBOX_DESTROYED, &rec.id, None);
+        // The reaper has no tenant; the row belongs to the sandbox's.
+        let stamped;
+        let caller = if caller.tenant_id.is_empty() && !rec.tenant_id.is_empty() {
+            stamped = Caller {
+                tenant_id: rec.tenant_id.clone(),
+                ..caller.clone()
+            };
+            &stamped
+        } else {
+            caller
+        };
         self.audit(
             caller,
             &rec.owner_id,
@@ -833,6 +844,20 @@ impl Manager {
         let mut updated = (*rec).clone();
         updated.expires_at = expires_at;
         updated.updated_at = Utc::now();
+        self.audit(
+            caller,
+            &rec.owner_id,
+            "sandbox.extend",
+            id,
+            &rec.image,
+            &rec.provider,
+            true,
+            format!(
+                "ttl={} expires_at={}",
+                GoDuration(d),
+                expires_at.to_rfc3339()
+            ),
+        );
         let api = self.to_api(&updated);
         self.cache.write().insert(id.to_string(), Arc::new(updated));
         Ok(api)
@@ -910,11 +935,24 @@ impl Manager {
                     self.mark_destroyed(&rec, "runtime destroyed").await
                 }
                 Ok(st) => {
-                    let new_state = if st.state.is_empty() {
+                    let mut new_state = if st.state.is_empty() {
                         state::RUNNING.to_string()
                     } else {
                         st.state
                     };
+                    // A stopped runtime is brought back rather than left
+                    // counting as active forever (gaps C-25).
+                    if new_state == state::STOPPED {
+                        match provider.recover(&target).await {
+                            Ok(()) => {
+                                info!(sandbox_id = %rec.id, "stopped sandbox recovered");
+                                new_state = state::RUNNING.to_string();
+                            }
+                            Err(e) => {
+                                warn!(sandbox_id = %rec.id, error = %e, "stopped sandbox could not be recovered");
+                            }
+                        }
+                    }
                     let mut r = rec.clone();
                     if new_state != rec.state {
                         let _ = self.store.set_sandbox_state(&rec.id, &new_state).await;

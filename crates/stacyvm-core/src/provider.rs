@@ -165,6 +165,16 @@ pub trait Provider: Debug + Send + Sync + 'static {
     /// Capability strings, e.g. `capability::BASE` plus extras.
     fn capabilities(&self) -> Vec<String>;
 
+    /// Brings a stopped runtime (e.g. a container stopped by a host or
+    /// engine restart) back to running, its state kept. Called by startup
+    /// reconciliation (gaps C-25); the default is unsupported.
+    async fn recover(&self, runtime_id: &str) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "{}: recovering {runtime_id}",
+            self.name()
+        )))
+    }
+
     /// The provider's own resource defaults for spawns that name none
     /// (e.g. `providers.docker.memory`/`cpus`). `None`: the server's
     /// `defaults.memory_mb`/`vcpus` apply. When `Some`, the manager records

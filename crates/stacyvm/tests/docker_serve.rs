@@ -455,3 +455,48 @@ fn cli_pulls_into_the_docker_engine() {
     let _ = registry.kill();
     let _ = registry.wait();
 }
+
+/// A sandbox whose container was stopped while the server was down (a
+/// host or engine restart) is started again at startup, workspace intact,
+/// instead of staying `stopped` and counting as active forever (gaps C-25).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopped_containers_are_recovered_at_startup() {
+    assert!(nix_is_root(), "docker tests need root (CI runs as root)");
+    ensure_image();
+    let data = tempfile::tempdir().expect("tmp");
+    let mut containers = Containers(Vec::new());
+    let s = start(data.path());
+    let id = spawn(&s, "carol").await;
+    containers.0.push(id.clone());
+    let (status, v) = exec(&s, &id, "echo kept > /workspace/state").await;
+    assert_eq!(status, 200, "{v}");
+    s.stop();
+    let out = docker(&["kill", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st = docker(&["inspect", "-f", "{{.State.Running}}", &id]);
+    assert_eq!(String::from_utf8_lossy(&st.stdout).trim(), "false");
+
+    let s = start(data.path());
+    let (status, v) = call(
+        reqwest::Method::GET,
+        format!("{}/sandboxes/{id}", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["state"], "running", "{v}");
+    let (status, v) = exec(&s, &id, "cat /workspace/state").await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["stdout"], "kept\n", "{v}");
+    let (status, _) = call(
+        reqwest::Method::DELETE,
+        format!("{}/sandboxes/{id}", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+}

@@ -1100,6 +1100,29 @@ impl Provider for DockerProvider {
         "docker"
     }
 
+    /// Starts a stopped sandbox container again (its writable layer, so
+    /// the workspace, is kept) and waits until its agent answers.
+    async fn recover(&self, id: &str) -> Result<()> {
+        let d = self.engine().await?;
+        match d.start_container(id, None).await {
+            Ok(()) => {}
+            Err(e) if is_status(&e, 304) => {}
+            Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
+            Err(e) => return Err(engine_err("restarting the sandbox container", e)),
+        }
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.remove(id);
+        }
+        let started = Instant::now();
+        loop {
+            match self.conn(id).await {
+                Ok(_) => return Ok(()),
+                Err(e) if started.elapsed() > Duration::from_secs(15) => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     /// `providers.docker.memory`/`cpus` apply to spawns that name no size
     /// (gaps C-26: the original always overrode them with the server's
     /// defaults).
