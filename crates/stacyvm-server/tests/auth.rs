@@ -1389,3 +1389,81 @@ async fn oidc_static_public_keys_rsa_p256_p384() {
         assert_eq!(st, 401);
     }
 }
+
+#[tokio::test]
+async fn lifecycle_audit_carries_actor_tenant_and_request_id() {
+    let mut cfg = Config::default();
+    cfg.auth.admin_api_key = Secret::new(ADMIN_KEY);
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let acme = [
+        ("X-Tenant-ID", "acme"),
+        ("X-User-ID", "ops"),
+        ("X-Request-ID", "req-lifecycle-1"),
+    ];
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &Cred::AdminKey,
+            &acme,
+            Some(json!({"ttl":"1s"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{id}/extend"),
+            &Cred::AdminKey,
+            &acme,
+            Some(json!({"ttl":"2s"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{id}/exec"),
+            &Cred::AdminKey,
+            &acme,
+            Some(json!({"command":"sh","args":["-c","exit 4"]})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let (st, v) = s
+        .send("DELETE", "/sandboxes", &Cred::AdminKey, &[], None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    s.manager.flush_audit().await;
+    let (st, v) = s
+        .send(
+            "GET",
+            &format!("/admin/op-audit?sandbox_id={id}"),
+            &Cred::AdminKey,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let rows = v.as_array().expect("rows");
+    let find = |a: &str| {
+        rows.iter()
+            .find(|r| r["action"] == a)
+            .unwrap_or_else(|| panic!("no {a} row in {v}"))
+    };
+    for a in ["sandbox.spawn", "sandbox.extend", "exec"] {
+        let r = find(a);
+        assert_eq!(r["tenant_id"], "acme", "{r}");
+        assert_eq!(r["actor"], "admin-key:ops", "{r}");
+        assert_eq!(r["request_id"], "req-lifecycle-1", "{r}");
+    }
+    assert!(find("exec")["detail"]
+        .as_str()
+        .expect("d")
+        .contains("exit=4"));
+    let d = find("sandbox.destroy");
+    assert_eq!(d["actor"], "system:reaper", "{d}");
+    assert_eq!(d["tenant_id"], "acme", "reaped rows keep the tenant: {d}");
+}
