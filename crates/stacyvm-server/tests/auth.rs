@@ -1467,3 +1467,65 @@ async fn lifecycle_audit_carries_actor_tenant_and_request_id() {
     assert_eq!(d["actor"], "system:reaper", "{d}");
     assert_eq!(d["tenant_id"], "acme", "reaped rows keep the tenant: {d}");
 }
+
+#[tokio::test]
+async fn websocket_origin_must_be_listed_and_admin_aliases_are_admin_only() {
+    let mut cfg = Config::default();
+    cfg.auth.api_key = Secret::new(API_KEY);
+    cfg.auth.admin_api_key = Secret::new(ADMIN_KEY);
+    cfg.server.cors_allowed_origins = vec!["https://app.example".into()];
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let (st, v) = s
+        .send("POST", "/sandboxes", &Cred::ApiKey, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let (st, v) = s
+        .send(
+            "GET",
+            &format!("/sandboxes/{id}/exec/ws"),
+            &Cred::ApiKey,
+            &[("Origin", "https://evil.example")],
+            None,
+        )
+        .await;
+    assert_eq!(st, 403, "{v}");
+    assert!(v["message"].as_str().expect("m").contains("origin"), "{v}");
+    // A listed origin gets past the check (then needs an upgrade: 400).
+    let (st, v) = s
+        .send(
+            "GET",
+            &format!("/sandboxes/{id}/exec/ws"),
+            &Cred::ApiKey,
+            &[("Origin", "https://app.example")],
+            None,
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+    for path in ["/admin/quotas", "/admin/metrics", "/admin/diagnostics"] {
+        let (st, _) = s.send("GET", path, &Cred::ApiKey, &[], None).await;
+        assert_eq!(st, 403, "{path}");
+        let (st, v) = s.send("GET", path, &Cred::AdminKey, &[], None).await;
+        assert_eq!(st, 200, "{path}: {v}");
+    }
+    let (st, v) = s
+        .send(
+            "PUT",
+            "/admin/quotas/zed",
+            &Cred::AdminKey,
+            &[],
+            Some(json!({"max_sandboxes": 2})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = s
+        .send(
+            "PUT",
+            "/quotas/zed",
+            &Cred::ApiKey,
+            &[],
+            Some(json!({"max_sandboxes": 9})),
+        )
+        .await;
+    assert_eq!(st, 403, "quota writes are admin-only: {v}");
+}

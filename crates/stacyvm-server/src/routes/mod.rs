@@ -76,6 +76,20 @@ pub fn api_routes() -> Router<AppState> {
         .route("/metrics/prometheus", get(system::prometheus))
         .route("/diagnostics", get(system::diagnostics))
         .route("/system/stats", get(system::system_stats))
+        // Admin aliases used by the web dashboard (api.md §12).
+        .route("/admin/diagnostics", get(system::diagnostics))
+        .route("/admin/metrics", get(system::metrics))
+        .route("/admin/metrics/prometheus", get(system::prometheus))
+        .route("/admin/providers", get(system::providers))
+        .route("/admin/providers/test", post(system::providers_test))
+        .route("/admin/providers/{name}", get(system::provider))
+        .route("/admin/quotas", get(quotas::list))
+        .route("/admin/quotas/summary", get(quotas::summary))
+        .route(
+            "/admin/quotas/{owner}",
+            get(quotas::get).put(quotas::put).delete(quotas::delete),
+        )
+        .route("/admin/quotas/{owner}/usage", get(quotas::usage))
         .route("/admin/audit", get(audit::admin_audit))
         .route("/admin/op-audit", get(audit::op_audit))
         .route("/admin/tenants", get(tenants::list).post(tenants::create))

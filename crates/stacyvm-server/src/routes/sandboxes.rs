@@ -217,8 +217,23 @@ pub async fn exec_ws(
     State(st): State<AppState>,
     Who(who): Who,
     Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
+    // A browser's Origin must be in an exact CORS list (S-17); non-browser
+    // clients send none.
+    let origins = &st.cfg.server.cors_allowed_origins;
+    if let Some(origin) = headers.get(axum::http::header::ORIGIN) {
+        let origin = origin.to_str().unwrap_or_default();
+        let any = origins.is_empty() || origins.iter().any(|o| o == "*");
+        if !any && !origins.iter().any(|o| o == origin) {
+            return Err(crate::error::ApiError::new(
+                axum::http::StatusCode::FORBIDDEN,
+                "FORBIDDEN",
+                format!("websocket origin {origin:?} is not allowed"),
+            ));
+        }
+    }
     // Auth, tenant and existence are checked before the upgrade.
     st.manager.get(&id, &who).await?;
     let ws = ws.map_err(|e| {
