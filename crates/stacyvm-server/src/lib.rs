@@ -63,7 +63,8 @@ impl AppState {
     }
 
     /// Writes an admin audit row; applies `auth.admin_audit_retention` at
-    /// most once a minute (not after every write, C-28).
+    /// most once a minute (or once per retention period if shorter), not
+    /// after every write (C-28).
     pub async fn audit_admin(&self, rec: AdminAuditRecord) {
         let store = self.manager.store();
         if let Err(e) = store.insert_admin_audit(&rec).await {
@@ -77,9 +78,13 @@ impl AppState {
         let Ok(keep) = chrono::Duration::from_std(keep.std()) else {
             return;
         };
+        let every = keep
+            .to_std()
+            .unwrap_or_default()
+            .min(std::time::Duration::from_secs(60));
         {
             let mut last = self.last_prune.lock();
-            if last.is_some_and(|t| t.elapsed() < std::time::Duration::from_secs(60)) {
+            if last.is_some_and(|t| t.elapsed() < every) {
                 return;
             }
             *last = Some(std::time::Instant::now());

@@ -1529,3 +1529,64 @@ async fn websocket_origin_must_be_listed_and_admin_aliases_are_admin_only() {
         .await;
     assert_eq!(st, 403, "quota writes are admin-only: {v}");
 }
+
+#[tokio::test]
+async fn audit_retention_prunes_old_rows() {
+    let mut cfg = Config::default();
+    cfg.auth.admin_api_key = Secret::new(ADMIN_KEY);
+    cfg.auth.admin_audit_retention = stacyvm_core::config::Dur::secs(1);
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let (st, _) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &Cred::AdminKey,
+            &[("X-Request-ID", "old-1")],
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    s.manager.flush_audit().await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let (st, _) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &Cred::AdminKey,
+            &[("X-Request-ID", "new-1")],
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 201);
+    s.manager.flush_audit().await;
+    let store = s.manager.store();
+    let admin = store
+        .list_admin_audit(&AdminAuditFilter::default())
+        .await
+        .expect("admin");
+    assert!(admin.iter().all(|r| r.request_id != "old-1"), "{admin:?}");
+    assert!(admin.iter().any(|r| r.request_id == "new-1"), "{admin:?}");
+    let ops = store
+        .list_op_audit(&stacyvm_core::store::OpAuditFilter::default())
+        .await
+        .expect("ops");
+    assert!(ops.iter().all(|r| r.request_id != "old-1"), "{ops:?}");
+}
+
+#[tokio::test]
+async fn jwks_http_errors_are_reported() {
+    let jwks = jwks_server(vec![]).await;
+    let dir = tempfile::tempdir().expect("tmp");
+    let k = make_key(dir.path(), "k", Algorithm::ES256);
+    let s = start(
+        oidc_config(&format!("{}-missing", jwks.url)),
+        Duration::from_secs(10),
+    )
+    .await;
+    rejected(
+        &s,
+        &sign(&k, "k", &claims("a", &[])),
+        "fetching JWKS: HTTP 404",
+    )
+    .await;
+}
