@@ -613,11 +613,16 @@ impl Oidc {
                 return Ok(k.clone());
             }
         }
+        // At most one fetch per refetch interval, whether the cache is
+        // stale or the kid unknown, so a flood of tokens (or an IdP
+        // outage) cannot turn into a flood of JWKS requests.
         let may_fetch = c
             .last_attempt
-            .is_none_or(|t| t.elapsed() >= self.refetch_interval)
-            || !fresh;
+            .is_none_or(|t| t.elapsed() >= self.refetch_interval);
         if !may_fetch {
+            if let Some(k) = c.keys.get(kid) {
+                return Ok(k.clone());
+            }
             return Err(format!(
                 "unknown key id {kid:?} (JWKS was refetched less than {}s ago)",
                 self.refetch_interval.as_secs()

@@ -142,6 +142,19 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
     let ident = match result {
         Ok(i) => i,
         Err(f) => {
+            // Failed attempts spend the client address's rate-limit tokens;
+            // once exhausted they are refused without an audit write, so
+            // anonymous floods cannot fill the audit log.
+            if st.ratelimit.enabled() {
+                let key = st.ratelimit.key("", "", &meta.remote_addr);
+                if let Decision::Limited {
+                    limit,
+                    retry_after_secs,
+                } = st.ratelimit.check(&key)
+                {
+                    return rate_limited(limit, retry_after_secs);
+                }
+            }
             let actor = match &f {
                 AuthFailure::BadToken(_) => "jwt:rejected",
                 AuthFailure::BadKey => "key:rejected",
@@ -200,19 +213,7 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
             Decision::Limited {
                 limit,
                 retry_after_secs,
-            } => {
-                let mut resp = ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "RESOURCE_LIMIT",
-                    format!("rate limit exceeded; retry after {retry_after_secs}s"),
-                )
-                .into_response();
-                let h = resp.headers_mut();
-                h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
-                h.insert("x-ratelimit-limit", HeaderValue::from(limit));
-                h.insert("x-ratelimit-remaining", HeaderValue::from(0u64));
-                return resp;
-            }
+            } => return rate_limited(limit, retry_after_secs),
         }
     }
     let actor = caller.caller.actor.clone();
@@ -234,6 +235,20 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
         )
         .await;
     }
+    resp
+}
+
+fn rate_limited(limit: u64, retry_after_secs: u64) -> Response {
+    let mut resp = ApiError::new(
+        StatusCode::TOO_MANY_REQUESTS,
+        "RESOURCE_LIMIT",
+        format!("rate limit exceeded; retry after {retry_after_secs}s"),
+    )
+    .into_response();
+    let h = resp.headers_mut();
+    h.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    h.insert("x-ratelimit-limit", HeaderValue::from(limit));
+    h.insert("x-ratelimit-remaining", HeaderValue::from(0u64));
     resp
 }
 

@@ -979,6 +979,24 @@ async fn rate_limit_answers_429_with_retry_after_per_bucket() {
     assert_eq!(get("ben").await.expect("send").status(), 200);
     let (st, _) = s.send("GET", "/live", &Cred::None, &[], None).await;
     assert_eq!(st, 200);
+    // Failed attempts spend the address's bucket; past it they are 429 and
+    // leave no audit row.
+    let bad = Cred::Bearer("x.y.z".into());
+    let mut codes = Vec::new();
+    for _ in 0..4 {
+        codes.push(s.send("GET", "/sandboxes", &bad, &[], None).await.0);
+    }
+    assert_eq!(codes, vec![401, 401, 429, 429]);
+    let rows = s
+        .manager
+        .store()
+        .list_admin_audit(&AdminAuditFilter {
+            actor: "jwt:rejected".into(),
+            ..AdminAuditFilter::default()
+        })
+        .await
+        .expect("audit");
+    assert_eq!(rows.len(), 2, "{rows:?}");
 }
 
 #[tokio::test]
