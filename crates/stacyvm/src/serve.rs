@@ -95,10 +95,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     for k in &loaded.unknown_keys {
         warn!(key = %k, "unknown config key ignored");
     }
-    if cfg.auth.enabled && cfg.auth.api_key.is_empty() && cfg.auth.admin_api_key.is_empty() {
-        bail!("auth.enabled is true but neither auth.api_key nor auth.admin_api_key is set; refusing to start without credentials");
-    }
-    if cfg.auth.api_key.is_empty() && cfg.auth.admin_api_key.is_empty() {
+    // Refuses auth.enabled without any credential (keys or OIDC), bad key
+    // hashes and unusable OIDC keys before anything is started.
+    let authn = stacyvm_server::auth::Authenticator::new(&cfg.auth)
+        .map_err(|e| anyhow::anyhow!("{e}; refusing to start"))?;
+    if !authn.enabled() {
         warn!(
             "no API key configured: the API is open to anyone who can reach {}:{}",
             cfg.server.host, cfg.server.port
