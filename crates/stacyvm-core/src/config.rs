@@ -841,6 +841,25 @@ fn read_secret_file(file_key: &str, path: &str) -> Result<String, ConfigError> {
     Ok(t)
 }
 
+/// A trusted proxy: an IP address or a CIDR (`10.0.0.0/8`, `fd00::/8`).
+fn validate_proxy(p: &str) -> Result<(), String> {
+    let (addr, bits) = match p.split_once('/') {
+        Some((a, b)) => (a, Some(b)),
+        None => (p, None),
+    };
+    let ip: std::net::IpAddr = addr
+        .parse()
+        .map_err(|_| "must be an IP address or CIDR like 10.0.0.0/8".to_string())?;
+    if let Some(b) = bits {
+        let max = if ip.is_ipv4() { 32 } else { 128 };
+        match b.parse::<u32>() {
+            Ok(n) if n <= max => {}
+            _ => return Err(format!("prefix length must be 0..={max}")),
+        }
+    }
+    Ok(())
+}
+
 impl Config {
     fn resolve_secret_files(&mut self) -> Result<(), ConfigError> {
         let a = &mut self.auth;
@@ -1008,6 +1027,10 @@ impl Config {
             validate_origin(o)
                 .map_err(|m| invalid("server.cors_allowed_origins", format!("{o:?}: {m}")))?;
         }
+        for p in &self.server.trusted_proxies {
+            validate_proxy(p.trim())
+                .map_err(|m| invalid("server.trusted_proxies", format!("{p:?}: {m}")))?;
+        }
         if self.server.data_dir.trim().is_empty() {
             return Err(invalid("server.data_dir", "must not be empty"));
         }
@@ -1144,6 +1167,18 @@ mod tests {
         )
         .expect_err("cors");
         assert!(e.to_string().contains("server.cors_allowed_origins"), "{e}");
+        let e = from_yaml_str("server:\n  trusted_proxies: [\"10.0.0.0/33\"]\n", &env(&[]))
+            .expect_err("bad proxy");
+        assert!(e.to_string().contains("server.trusted_proxies"), "{e}");
+        let e = from_yaml_str("server:\n  trusted_proxies: [\"proxy.local\"]\n", &env(&[]))
+            .expect_err("bad proxy");
+        assert!(e.to_string().contains("IP address or CIDR"), "{e}");
+        let ok = from_yaml_str(
+            "server:\n  trusted_proxies: [\"10.0.0.0/8\", \"::1\", \"fd00::/8\"]\n",
+            &env(&[]),
+        )
+        .expect("good proxies");
+        assert_eq!(ok.config.server.trusted_proxies.len(), 3);
         let e = from_yaml_str("database:\n  driver: mysql\n", &env(&[])).expect_err("driver");
         assert!(e.to_string().contains("unsupported database.driver"), "{e}");
         let e = from_yaml_str("defaults:\n  max_ttl: -1h\n", &env(&[])).expect_err("negative");

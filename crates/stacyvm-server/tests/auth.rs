@@ -1198,7 +1198,7 @@ async fn tenants_members_policies_and_tenant_audit() {
         )
         .await;
     assert_eq!(st, 201, "{v}");
-    assert_eq!(v["tenant_id"].as_str().unwrap_or("acme"), "acme");
+    assert_eq!(v["tenant_id"], "acme", "tenant stamped: {v}");
     let (st, v) = s
         .send(
             "POST",
