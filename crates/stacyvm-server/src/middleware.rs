@@ -306,11 +306,28 @@ impl AuditMeta {
     }
 }
 
-/// Refuses a declared body over `server.max_body_bytes` on every route
+/// Largest accepted total of header names and values; beyond about
+/// 400 KB hyper itself answers 431 without a body.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
+/// Refuses headers over [`MAX_HEADER_BYTES`] (431) and a declared body over `server.max_body_bytes` on every route
 /// before authentication or routing (S-20); bodies without a length are
 /// capped by the extractors' limit, and a plain-text 413 from them is
 /// turned into the JSON error shape.
 pub async fn body_limit(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "HEADERS_TOO_LARGE",
+            format!("request headers too large ({header_bytes} bytes, limit {MAX_HEADER_BYTES})"),
+        )
+        .into_response();
+    }
     let limit = st.cfg.server.max_body_bytes;
     let declared = req
         .headers()

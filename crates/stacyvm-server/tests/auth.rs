@@ -1328,6 +1328,18 @@ async fn every_route_refuses_oversized_bodies_with_json_413() {
     cfg.server.max_body_bytes = 1024;
     let s = start(cfg, Duration::from_secs(10)).await;
     let big = "x".repeat(4096);
+    // Oversized headers: 431 with the JSON error shape, before auth.
+    let (st, v) = s
+        .send(
+            "GET",
+            "/sandboxes",
+            &Cred::None,
+            &[("X-Filler", &"h".repeat(70_000))],
+            None,
+        )
+        .await;
+    assert_eq!(st, 431, "{v}");
+    assert_eq!(v["code"], "HEADERS_TOO_LARGE", "{v}");
     for rp in ROUTE_PERMISSIONS {
         let m = reqwest::Method::from_bytes(rp.method.as_bytes()).expect("method");
         for (chunked, cred) in [(false, true), (false, false), (true, true)] {
