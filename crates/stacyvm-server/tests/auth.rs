@@ -1620,3 +1620,71 @@ async fn jwks_http_errors_are_reported() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn events_are_scoped_to_the_callers_tenant() {
+    let mut cfg = Config::default();
+    cfg.auth.admin_api_key = Secret::new(ADMIN_KEY);
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let mut resp = s
+        .http
+        .get(format!("{}/events", s.base))
+        .header("X-Admin-API-Key", ADMIN_KEY)
+        .header("X-Tenant-ID", "acme")
+        .send()
+        .await
+        .expect("sse");
+    assert_eq!(resp.status(), 200);
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &Cred::AdminKey,
+            &[("X-Tenant-ID", "acme")],
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let mine = v["id"].as_str().expect("id").to_string();
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &Cred::AdminKey,
+            &[("X-Tenant-ID", "globex")],
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let theirs = v["id"].as_str().expect("id").to_string();
+    for id in [&theirs, &mine] {
+        let (st, _) = s
+            .send(
+                "DELETE",
+                &format!("/sandboxes/{id}"),
+                &Cred::AdminKey,
+                &[],
+                None,
+            )
+            .await;
+        assert_eq!(st, 200);
+    }
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !text.contains(&format!("\"sandbox.destroyed\",\"sandbox_id\":\"{mine}\"")) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, resp.chunk()).await {
+            Ok(Ok(Some(c))) => text.push_str(&String::from_utf8_lossy(&c)),
+            _ => break,
+        }
+    }
+    assert!(
+        text.contains(&format!("\"sandbox.created\",\"sandbox_id\":\"{mine}\"")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("\"sandbox.destroyed\",\"sandbox_id\":\"{mine}\"")),
+        "{text}"
+    );
+    assert!(!text.contains(&theirs), "other tenant leaked: {text}");
+}

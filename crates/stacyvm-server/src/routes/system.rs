@@ -21,6 +21,7 @@ use tokio_stream::wrappers::BroadcastStream;
 
 use crate::error::ApiResult;
 use crate::json::Json;
+use crate::routes::Who;
 use crate::{AppState, VERSION};
 
 fn uptime(st: &AppState) -> GoDuration {
@@ -127,15 +128,47 @@ pub async fn snapshots() -> Json<Vec<SnapshotSummary>> {
 }
 
 /// Server-sent events: `data: <json>\n\n` per event, flushed immediately.
-pub async fn events(State(st): State<AppState>) -> Response {
+/// SSE of orchestrator events. A caller acting in a tenant only sees
+/// events of that tenant's sandboxes (ids remembered so the final
+/// `sandbox.destroyed` still arrives after the record left the cache).
+pub async fn events(State(st): State<AppState>, Who(who): Who) -> Response {
     let rx = st.manager.events().subscribe();
-    let stream = BroadcastStream::new(rx).filter_map(|ev| async move {
-        // Lagged subscribers skip what they missed.
-        let ev = ev.ok()?;
-        let mut s = String::from("data: ");
-        s.push_str(&serde_json::to_string(&ev).ok()?);
-        s.push_str("\n\n");
-        Some(Ok::<Bytes, Infallible>(Bytes::from(s)))
+    let tenant = who.tenant_id;
+    let mine: std::sync::Arc<Mutex<std::collections::HashSet<String>>> = std::sync::Arc::default();
+    if !tenant.is_empty() {
+        if let Ok(mut m) = mine.lock() {
+            for r in st.manager.cached() {
+                if r.tenant_id == tenant {
+                    m.insert(r.id.clone());
+                }
+            }
+        }
+    }
+    let manager = st.manager.clone();
+    let stream = BroadcastStream::new(rx).filter_map(move |ev| {
+        let (tenant, mine, manager) = (tenant.clone(), mine.clone(), manager.clone());
+        async move {
+            // Lagged subscribers skip what they missed.
+            let ev = ev.ok()?;
+            if !tenant.is_empty() {
+                let mut m = mine.lock().ok()?;
+                if !m.contains(&ev.sandbox_id) {
+                    let owned = !ev.sandbox_id.is_empty()
+                        && manager
+                            .cached()
+                            .iter()
+                            .any(|r| r.id == ev.sandbox_id && r.tenant_id == tenant);
+                    if !owned {
+                        return None;
+                    }
+                    m.insert(ev.sandbox_id.clone());
+                }
+            }
+            let mut s = String::from("data: ");
+            s.push_str(&serde_json::to_string(&ev).ok()?);
+            s.push_str("\n\n");
+            Some(Ok::<Bytes, Infallible>(Bytes::from(s)))
+        }
     });
     // A comment line first so proxies and clients see the stream open.
     let opening = futures::stream::once(async {
