@@ -225,7 +225,9 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
         h.insert("x-ratelimit-limit", HeaderValue::from(limit));
         h.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
     }
-    if perm == Perm::Admin || method != Method::GET {
+    // Every change, every admin/tenant-admin route and WebSocket exec (a
+    // GET that needs api:*); plain reads and metric scrapes are not.
+    if method != Method::GET || matches!(perm, Perm::Admin | Perm::Tenant | Perm::Write) {
         meta.write(
             &st,
             &actor,
