@@ -601,8 +601,9 @@ print(len(b))",
     let s = p.stats(&id).await.expect("stats");
     let r = busy.await.expect("busy task");
     assert_eq!(r.stdout.trim(), (64 << 20).to_string(), "{r:?}");
+    // A low bar: CI runs many tests on two cores; an idle sandbox reads 0.
     assert!(
-        s.cpu_pct > 20.0,
+        s.cpu_pct > 5.0 && idle.cpu_pct < 5.0,
         "busy loop shows CPU: {s:?} (idle {idle:?})"
     );
     assert!(
