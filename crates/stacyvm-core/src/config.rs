@@ -307,6 +307,10 @@ pub struct AuthConfig {
     pub api_key: Secret,
     pub admin_api_key: Secret,
     pub admin_fallback_enabled: bool,
+    /// Whether the shared API key may name the end user in `X-User-ID`
+    /// (a backend acting for its users, as the SDKs do). The admin key
+    /// always may; an OIDC caller never can.
+    pub api_key_acts_for_users: bool,
     pub admin_audit_retention: Dur,
     pub worker_token: Secret,
     pub worker_token_file: String,
@@ -540,6 +544,7 @@ impl Default for AuthConfig {
             api_key: Secret::default(),
             admin_api_key: Secret::default(),
             admin_fallback_enabled: true,
+            api_key_acts_for_users: true,
             admin_audit_retention: Dur::default(),
             worker_token: Secret::default(),
             worker_token_file: String::new(),

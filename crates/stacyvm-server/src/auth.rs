@@ -241,6 +241,8 @@ pub enum Via {
 pub struct Identity {
     pub role: Role,
     pub via: Via,
+    /// `auth.api_key_acts_for_users` for API-key identities.
+    pub api_key_acts_for_users: bool,
     /// OIDC `sub`; "" for keys.
     pub subject: String,
     pub email: String,
@@ -250,10 +252,15 @@ pub struct Identity {
 }
 
 impl Identity {
-    /// Static keys are service credentials that may name the end user in
-    /// `X-User-ID`; an OIDC user is always itself.
+    /// The admin key (and an open server) may name the end user in
+    /// `X-User-ID`; the API key when `auth.api_key_acts_for_users`; an
+    /// OIDC user is always itself.
     pub fn may_act_for_others(&self) -> bool {
-        self.via != Via::Oidc
+        match self.via {
+            Via::Unauthenticated | Via::AdminKey => true,
+            Via::ApiKey => self.api_key_acts_for_users,
+            Via::Oidc => false,
+        }
     }
 
     /// Audit actor label when no `X-User-ID` is given.
@@ -324,6 +331,7 @@ pub struct Authenticator {
     api_key: Option<Hash>,
     admin_key: Option<Hash>,
     admin_fallback: bool,
+    api_key_acts_for_users: bool,
     oidc: Option<Oidc>,
 }
 
@@ -359,6 +367,7 @@ impl Authenticator {
             api_key,
             admin_key,
             admin_fallback: a.admin_fallback_enabled,
+            api_key_acts_for_users: a.api_key_acts_for_users,
             oidc,
         })
     }
@@ -392,6 +401,7 @@ impl Authenticator {
         role_via.map(|(role, via)| Identity {
             role,
             via,
+            api_key_acts_for_users: self.api_key_acts_for_users,
             subject: String::new(),
             email: String::new(),
             tenant_id: String::new(),
@@ -411,6 +421,7 @@ impl Authenticator {
             return Ok(Identity {
                 role: Role::Admin,
                 via: Via::Unauthenticated,
+                api_key_acts_for_users: true,
                 subject: String::new(),
                 email: String::new(),
                 tenant_id: String::new(),
@@ -731,6 +742,7 @@ impl Oidc {
         Ok(Identity {
             role,
             via: Via::Oidc,
+            api_key_acts_for_users: false,
             subject,
             email: s("email"),
             tenant_id,

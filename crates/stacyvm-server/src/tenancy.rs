@@ -31,9 +31,9 @@ fn forbidden(msg: impl Into<String>) -> ApiError {
 }
 
 /// Resolves owner, actor and tenant:
-/// - `X-User-ID` names the owner only for static keys (service
-///   credentials); an OIDC caller is its `sub`, and a different
-///   `X-User-ID` is refused.
+/// - `X-User-ID` names the owner for the admin key and, when
+///   `auth.api_key_acts_for_users`, the API key (service credentials); an
+///   OIDC caller is its `sub`, and a different `X-User-ID` is refused.
 /// - The tenant is the OIDC tenant claim; `X-Tenant-ID` is believed from
 ///   the admin key, and otherwise only when the user is a member of that
 ///   tenant (membership role `viewer` narrows the role to viewer, `admin`
@@ -52,6 +52,10 @@ pub async fn caller_of(
             ));
         }
         id.subject.clone()
+    } else if !asked_user.is_empty() && !id.may_act_for_others() {
+        return Err(forbidden(
+            "this API key may not act for other users (auth.api_key_acts_for_users is false)",
+        ));
     } else {
         asked_user
     };

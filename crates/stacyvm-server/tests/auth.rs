@@ -1688,3 +1688,44 @@ async fn events_are_scoped_to_the_callers_tenant() {
     );
     assert!(!text.contains(&theirs), "other tenant leaked: {text}");
 }
+
+#[tokio::test]
+async fn api_key_may_be_barred_from_naming_users() {
+    let mut cfg = Config::default();
+    cfg.auth.api_key = Secret::new(API_KEY);
+    cfg.auth.admin_api_key = Secret::new(ADMIN_KEY);
+    cfg.auth.api_key_acts_for_users = false;
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &Cred::ApiKey,
+            &[("X-User-ID", "eve")],
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .expect("m")
+            .contains("api_key_acts_for_users"),
+        "{v}"
+    );
+    let (st, v) = s
+        .send("POST", "/sandboxes", &Cred::ApiKey, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &Cred::AdminKey,
+            &[("X-User-ID", "eve")],
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["owner_id"], "eve");
+}
