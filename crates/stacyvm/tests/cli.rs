@@ -259,9 +259,21 @@ fn busybox_archive(dir: &Path) -> PathBuf {
         assert!(st.success(), "tar {args:?}");
     };
     run(&["-cf", "layer.tar", "-C", "rootfs", "."]);
+    // Docker needs rootfs.diff_ids (the sha256 of the uncompressed layer).
+    let digest = Command::new("sha256sum")
+        .arg(dir.join("layer.tar"))
+        .output()
+        .expect("sha256sum");
+    let hex = text(&digest.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string();
     std::fs::write(
         dir.join("config.json"),
-        r#"{"os":"linux","architecture":"amd64"}"#,
+        format!(
+            r#"{{"os":"linux","architecture":"amd64","rootfs":{{"type":"layers","diff_ids":["sha256:{hex}"]}}}}"#
+        ),
     )
     .expect("config");
     std::fs::write(
@@ -514,4 +526,94 @@ fn rootless_server_uses_a_user_namespace() {
     let log = std::fs::read_to_string(&log_path).unwrap_or_default();
     assert!(log.contains("rootless mode"), "{log}");
     s.stop();
+}
+
+/// `stacyvm image pull` (registry) and `stacyvm image import --docker`
+/// through the real binary: each prints the image id on stdout, and both
+/// ways in give the same id for the same image. The image is loaded into
+/// the real dockerd and pushed to Debian's docker-registry on loopback.
+#[test]
+fn image_pull_and_docker_import_through_the_cli() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let archive = busybox_archive(dir.path());
+    let docker = |args: &[&str]| {
+        Command::new("docker")
+            .args(args)
+            .output()
+            .expect("docker CLI (scripts/test installs docker.io)")
+    };
+    let loaded = docker(&["load", "-i", archive.to_str().expect("utf8")]);
+    assert!(loaded.status.success(), "{}", text(&loaded.stderr));
+    let port = free_port();
+    let cfg = dir.path().join("registry.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("registry").display()
+        ),
+    )
+    .expect("registry config");
+    let mut registry = Command::new("docker-registry")
+        .arg("serve")
+        .arg(&cfg)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("docker-registry (scripts/test installs it)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "registry did not listen");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    let remote = format!("127.0.0.1:{port}/cli/mini:1");
+    assert!(docker(&["tag", "mini/busybox:1", &remote]).status.success());
+    let pushed = docker(&["push", &remote]);
+    assert!(pushed.status.success(), "{}", text(&pushed.stderr));
+
+    let data = dir.path().join("data");
+    let image = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("image")
+            .args(args)
+            .env("STACYVM_SERVER_DATA_DIR", &data)
+            .output()
+            .expect("image cmd")
+    };
+    let pulled = image(&["pull", &remote]);
+    assert!(pulled.status.success(), "{}", text(&pulled.stderr));
+    let pulled_id = text(&pulled.stdout).trim().to_string();
+    assert!(pulled_id.starts_with("sha256:"), "{pulled_id}");
+    let imported = image(&[
+        "import",
+        "--docker",
+        "mini/busybox:1",
+        "--name",
+        "from-docker",
+    ]);
+    assert!(imported.status.success(), "{}", text(&imported.stderr));
+    assert_eq!(
+        text(&imported.stdout).trim(),
+        pulled_id,
+        "the same image has the same id however it arrives"
+    );
+    let ls = image(&["ls", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&ls.stdout).expect("json");
+    let names = list[0]["names"].to_string();
+    assert!(
+        names.contains(&remote) && names.contains("from-docker:latest"),
+        "{names}"
+    );
+    let missing = image(&["pull", &format!("127.0.0.1:{port}/cli/none:1")]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        text(&missing.stderr).contains("not found"),
+        "{}",
+        text(&missing.stderr)
+    );
+
+    let _ = docker(&["rmi", &remote]);
+    let _ = docker(&["rmi", "mini/busybox:1"]);
+    let _ = registry.kill();
+    let _ = registry.wait();
 }
