@@ -41,21 +41,21 @@ use bollard::query_parameters::{
     StatsOptionsBuilder, UploadToContainerOptionsBuilder, WaitContainerOptions,
 };
 use bollard::Docker;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use futures::StreamExt;
 use stacyvm_agent_proto::{FileStat, Request};
 use stacyvm_api::FileInfo;
 use stacyvm_core::config::DockerConfig;
 use stacyvm_core::provider::{
-    capability, format_mod_time, format_mode, ExecInput, ExecSpec, ExitStatus, OutputSink,
-    Provider, RuntimeInfo, RuntimeStatus, SpawnSpec, Spawned, Stats,
+    capability, ExecInput, ExecSpec, ExitStatus, OutputSink, Provider, RuntimeInfo, RuntimeStatus,
+    SpawnSpec, Spawned, Stats,
 };
 use stacyvm_core::{paths, Error, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::native::client::{self, AgentClient};
+use crate::native::client::{self, exec_request, to_info, AgentClient};
 
 pub use self::spec::{parse_image, parse_memory, ImageRef};
 
@@ -360,18 +360,6 @@ fn pull_err(image: &str, reason: &str) -> Error {
         Error::invalid(format!("image {image:?} is not available: {reason}"))
     } else {
         Error::unavailable(format!("pulling image {image:?} failed: {reason}"))
-    }
-}
-
-fn to_info(s: FileStat) -> FileInfo {
-    let name = s.path.rsplit('/').next().unwrap_or_default().to_string();
-    FileInfo {
-        path: s.path.clone(),
-        size: s.size,
-        mode: format_mode(s.mode),
-        is_dir: s.is_dir,
-        mod_time: format_mod_time(DateTime::<Utc>::from_timestamp(s.mtime, 0).unwrap_or_default()),
-        name: if s.path == "/" { "/".into() } else { name },
     }
 }
 
@@ -1074,24 +1062,6 @@ async fn base_env(
         home.filter(|h| !h.is_empty()).unwrap_or_else(|| "/".into()),
     );
     env
-}
-
-/// The agent request for an exec spec.
-fn exec_request(spec: &ExecSpec, stdin: bool) -> Request {
-    Request::Exec {
-        argv: spec.argv.clone(),
-        env: spec.env.clone(),
-        cwd: spec.workdir.clone(),
-        uid: None,
-        gid: None,
-        stdin,
-        pty: spec
-            .pty
-            .map(|(rows, cols)| stacyvm_agent_proto::Resize { rows, cols }),
-        timeout_ms: spec
-            .timeout
-            .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
-    }
 }
 
 #[async_trait]

@@ -395,3 +395,36 @@ pub fn to_status(id: &str, e: Exit) -> Result<ExitStatus> {
         signal: e.signal,
     })
 }
+
+/// The agent request for an exec spec (shared by every provider that
+/// runs the agent).
+pub(crate) fn exec_request(spec: &stacyvm_core::provider::ExecSpec, stdin: bool) -> Request {
+    Request::Exec {
+        argv: spec.argv.clone(),
+        env: spec.env.clone(),
+        cwd: spec.workdir.clone(),
+        uid: None,
+        gid: None,
+        stdin,
+        pty: spec.pty.map(|(rows, cols)| proto::Resize { rows, cols }),
+        timeout_ms: spec
+            .timeout
+            .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
+    }
+}
+
+/// An agent `FileStat` in the contract's `FileInfo` shape.
+pub(crate) fn to_info(s: proto::FileStat) -> stacyvm_api::FileInfo {
+    use stacyvm_core::provider::{format_mod_time, format_mode};
+    let name = s.path.rsplit('/').next().unwrap_or_default().to_string();
+    stacyvm_api::FileInfo {
+        path: s.path.clone(),
+        size: s.size,
+        mode: format_mode(s.mode),
+        is_dir: s.is_dir,
+        mod_time: format_mod_time(
+            chrono::DateTime::<chrono::Utc>::from_timestamp(s.mtime, 0).unwrap_or_default(),
+        ),
+        name: if s.path == "/" { "/".into() } else { name },
+    }
+}

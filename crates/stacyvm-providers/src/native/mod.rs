@@ -28,14 +28,14 @@ use stacyvm_agent_proto::boot::{BootSpec, IdMap, RootSpec};
 use stacyvm_agent_proto::{FileStat, Request};
 use stacyvm_api::FileInfo;
 use stacyvm_core::provider::{
-    capability, format_mod_time, format_mode, ExecInput, ExecSpec, ExitStatus, OutputSink,
-    Provider, RuntimeInfo, RuntimeStatus, SpawnSpec, Spawned, Stats,
+    capability, ExecInput, ExecSpec, ExitStatus, OutputSink, Provider, RuntimeInfo, RuntimeStatus,
+    SpawnSpec, Spawned, Stats,
 };
 use stacyvm_core::{paths, Error, ErrorKind, Result};
 use stacyvm_sandbox::cgroup::{self, Layout, Limits};
 use tracing::{info, warn};
 
-use self::client::AgentClient;
+use self::client::{exec_request, to_info, AgentClient};
 
 /// Settings of the native provider.
 #[derive(Debug, Clone)]
@@ -139,24 +139,6 @@ fn host_memory_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// The agent request for an exec spec.
-fn exec_request(spec: &ExecSpec, stdin: bool) -> Request {
-    Request::Exec {
-        argv: spec.argv.clone(),
-        env: spec.env.clone(),
-        cwd: spec.workdir.clone(),
-        uid: None,
-        gid: None,
-        stdin,
-        pty: spec
-            .pty
-            .map(|(rows, cols)| stacyvm_agent_proto::Resize { rows, cols }),
-        timeout_ms: spec
-            .timeout
-            .map(|t| t.as_millis().min(u128::from(u64::MAX)) as u64),
-    }
-}
-
 /// Whether `pid` is a live process (zombies count as dead).
 /// Removes a sandbox's state. Directories the sandbox (or overlayfs, whose
 /// `work/work` is mode 000) left unreadable are opened up first: without
@@ -195,18 +177,6 @@ fn pid_alive(pid: i32) -> bool {
             .map(|(_, rest)| rest.trim_start())
             .is_some_and(|r| !(r.starts_with('Z') || r.starts_with('X'))),
         Err(_) => false,
-    }
-}
-
-fn to_info(s: FileStat) -> FileInfo {
-    let name = s.path.rsplit('/').next().unwrap_or_default().to_string();
-    FileInfo {
-        path: s.path.clone(),
-        size: s.size,
-        mode: format_mode(s.mode),
-        is_dir: s.is_dir,
-        mod_time: format_mod_time(DateTime::<Utc>::from_timestamp(s.mtime, 0).unwrap_or_default()),
-        name: if s.path == "/" { "/".into() } else { name },
     }
 }
 
