@@ -1,6 +1,8 @@
 //! The real `stacyvm` binary: `serve` on the native provider, the CLI
 //! against it, and a server restart that re-adopts running sandboxes.
 
+mod common;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -544,29 +546,9 @@ fn image_pull_and_docker_import_through_the_cli() {
     };
     let loaded = docker(&["load", "-i", archive.to_str().expect("utf8")]);
     assert!(loaded.status.success(), "{}", text(&loaded.stderr));
-    let port = free_port();
-    let cfg = dir.path().join("registry.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("registry").display()
-        ),
-    )
-    .expect("registry config");
-    let mut registry = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry (scripts/test installs it)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "registry did not listen");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    let remote = format!("127.0.0.1:{port}/cli/mini:1");
+    let registry = common::Registry::start(dir.path());
+    let addr = &registry.addr;
+    let remote = format!("{addr}/cli/mini:1");
     assert!(docker(&["tag", "mini/busybox:1", &remote]).status.success());
     let pushed = docker(&["push", &remote]);
     assert!(pushed.status.success(), "{}", text(&pushed.stderr));
@@ -604,7 +586,7 @@ fn image_pull_and_docker_import_through_the_cli() {
         names.contains(&remote) && names.contains("from-docker:latest"),
         "{names}"
     );
-    let missing = image(&["pull", &format!("127.0.0.1:{port}/cli/none:1")]);
+    let missing = image(&["pull", &format!("{addr}/cli/none:1")]);
     assert_eq!(missing.status.code(), Some(1));
     assert!(
         text(&missing.stderr).contains("not found"),
@@ -614,6 +596,5 @@ fn image_pull_and_docker_import_through_the_cli() {
 
     let _ = docker(&["rmi", &remote]);
     let _ = docker(&["rmi", "mini/busybox:1"]);
-    let _ = registry.kill();
-    let _ = registry.wait();
+    drop(registry);
 }

@@ -6,6 +6,8 @@
 //! Needs root, a running dockerd and the static agent (`scripts/test`
 //! provides all three).
 
+mod common;
+
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -384,29 +386,9 @@ fn cli_pulls_into_the_docker_engine() {
     assert!(nix_is_root(), "docker tests need root (CI runs as root)");
     ensure_image();
     let dir = tempfile::tempdir().expect("tmp");
-    let port = free_port();
-    let cfg = dir.path().join("registry.yml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("data").display()
-        ),
-    )
-    .expect("registry config");
-    let mut registry = Command::new("docker-registry")
-        .arg("serve")
-        .arg(&cfg)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("docker-registry (scripts/test installs it)");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "registry did not listen");
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    let remote = format!("127.0.0.1:{port}/cli/busybox:1");
+    let registry = common::Registry::start(dir.path());
+    let addr = &registry.addr;
+    let remote = format!("{addr}/cli/busybox:1");
     assert!(docker(&["tag", IMAGE, &remote]).status.success());
     let pushed = docker(&["push", &remote]);
     assert!(
@@ -437,12 +419,7 @@ fn cli_pulls_into_the_docker_engine() {
     let _ = docker(&["rmi", &remote]);
 
     let out = Command::new(BIN)
-        .args([
-            "image",
-            "pull",
-            "--docker",
-            &format!("127.0.0.1:{port}/cli/none:1"),
-        ])
+        .args(["image", "pull", "--docker", &format!("{addr}/cli/none:1")])
         .env("STACYVM_SERVER_DATA_DIR", &data)
         .output()
         .expect("cli");
@@ -452,8 +429,7 @@ fn cli_pulls_into_the_docker_engine() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let _ = registry.kill();
-    let _ = registry.wait();
+    drop(registry);
 }
 
 /// A sandbox whose container was stopped while the server was down (a
