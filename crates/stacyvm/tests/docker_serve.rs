@@ -41,6 +41,17 @@ fn docker(args: &[&str]) -> std::process::Output {
         .expect("docker CLI (test setup only)")
 }
 
+/// The engine's memory limit and NanoCpus of a container, as "MEM NANO".
+fn memory_and_cpus(id: &str) -> String {
+    let out = docker(&[
+        "inspect",
+        "-f",
+        "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}}",
+        id,
+    ]);
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// `docker import`s a busybox image unless it exists (test setup only).
 fn ensure_image() {
     if docker(&["image", "inspect", IMAGE]).status.success() {
@@ -246,14 +257,8 @@ async fn docker_sandboxes_over_rest_survive_a_restart() {
         (Some(64), Some(1)),
         "{v}"
     );
-    let out = docker(&[
-        "inspect",
-        "-f",
-        "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}}",
-        &kept,
-    ]);
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        memory_and_cpus(&kept),
         format!("{} 500000000", 64 * 1024 * 1024)
     );
     // An explicit size still wins over the provider's.
@@ -271,14 +276,8 @@ async fn docker_sandboxes_over_rest_survive_a_restart() {
         (Some(96), Some(2)),
         "{v}"
     );
-    let out = docker(&[
-        "inspect",
-        "-f",
-        "{{.HostConfig.Memory}} {{.HostConfig.NanoCpus}}",
-        &sized,
-    ]);
     assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
+        memory_and_cpus(&sized),
         format!("{} 2000000000", 96 * 1024 * 1024)
     );
     let (status, _) = call(
