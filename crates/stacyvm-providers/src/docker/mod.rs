@@ -43,12 +43,11 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use chrono::Utc;
 use futures::StreamExt;
-use stacyvm_agent_proto::{FileStat, Request};
 use stacyvm_api::FileInfo;
 use stacyvm_core::config::DockerConfig;
 use stacyvm_core::provider::{
-    capability, ExecInput, ExecSpec, ExitStatus, OutputSink, Provider, RuntimeInfo, RuntimeStatus,
-    SpawnSpec, Spawned, Stats,
+    capability, ExecInput, ExecSpec, ExitStatus, FileStream, OutputSink, Provider, RuntimeInfo,
+    RuntimeStatus, SpawnSpec, Spawned, Stats,
 };
 use stacyvm_core::{paths, Error, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -731,7 +730,7 @@ impl DockerProvider {
         run_dir: &Path,
     ) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
         if self.shares_sockets(runtime).await {
-            let c = AgentClient::connect(&run_dir.join("agent.sock")).await?;
+            let c = AgentClient::connect(&run_dir.join("agent.sock"), None).await?;
             return Ok((c, None));
         }
         self.relay(id).await
@@ -835,7 +834,7 @@ impl DockerProvider {
                 () = watch => debug!(sandbox_id = %sandbox, "sandbox container stopped; closing the agent relay"),
             }
         });
-        let connected = AgentClient::connect(&path).await;
+        let connected = AgentClient::connect(&path, None).await;
         let _ = std::fs::remove_file(&path);
         match connected {
             Ok(c) => Ok((c, Some(pump))),
@@ -912,7 +911,7 @@ impl DockerProvider {
         loop {
             if direct {
                 if sock.exists() {
-                    if let Ok(c) = AgentClient::connect(&sock).await {
+                    if let Ok(c) = AgentClient::connect(&sock, None).await {
                         return Ok((c, None));
                     }
                 }
@@ -1037,7 +1036,7 @@ impl DockerProvider {
 /// plus `HOME` of a non-root user from the image's /etc/passwd (the agent's
 /// default `/root` is not theirs), as `docker exec` would set it.
 async fn base_env(
-    client: &AgentClient,
+    client: &Arc<AgentClient>,
     mut env: BTreeMap<String, String>,
     user: &str,
 ) -> BTreeMap<String, String> {
@@ -1045,13 +1044,10 @@ async fn base_env(
     if name.is_empty() || name == "root" || name == "0" || env.contains_key("HOME") {
         return env;
     }
-    let read = client
-        .call(&Request::ReadFile {
-            path: "/etc/passwd".into(),
-        })
-        .await;
+    // Bounded: the sandbox controls this file (it may be a link to /dev/zero).
+    let read = client.read_all("/etc/passwd", 1 << 20).await;
     let passwd = read
-        .map(|(_, data)| String::from_utf8_lossy(&data).to_string())
+        .map(|data| String::from_utf8_lossy(&data).to_string())
         .unwrap_or_default();
     let home = passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
@@ -1271,94 +1267,60 @@ impl Provider for DockerProvider {
     }
 
     async fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>> {
-        let (_, data) = self
-            .conn(id)
+        self.conn(id)
             .await?
             .client
-            .call(&Request::ReadFile {
-                path: path.to_string(),
-            })
-            .await?;
-        Ok(data)
+            .read_all(path, crate::native::client::MAX_RESULT_BYTES as u64)
+            .await
+    }
+
+    async fn read_file_stream(&self, id: &str, path: &str, max_bytes: u64) -> Result<FileStream> {
+        self.conn(id)
+            .await?
+            .client
+            .read_stream(path, max_bytes)
+            .await
+    }
+
+    async fn write_file_stream(
+        &self,
+        id: &str,
+        path: &str,
+        mode: u32,
+        chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        max_bytes: u64,
+    ) -> Result<u64> {
+        self.conn(id)
+            .await?
+            .client
+            .write_stream(path, mode, chunks, max_bytes)
+            .await
     }
 
     async fn list_files(&self, id: &str, path: &str) -> Result<Vec<FileInfo>> {
-        let (v, _) = self
-            .conn(id)
-            .await?
-            .client
-            .call(&Request::ListDir {
-                path: path.to_string(),
-            })
-            .await?;
-        let stats: Vec<FileStat> = serde_json::from_value(v)
-            .map_err(|e| Error::internal(format!("agent listing: {e}")))?;
+        let stats = self.conn(id).await?.client.list(path).await?;
         Ok(stats.into_iter().map(to_info).collect())
     }
 
     async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
-        self.conn(id)
-            .await?
-            .client
-            .call(&Request::Remove {
-                path: path.to_string(),
-                recursive,
-            })
-            .await
-            .map(|_| ())
+        self.conn(id).await?.client.remove(path, recursive).await
     }
 
     async fn move_file(&self, id: &str, old: &str, new: &str) -> Result<()> {
-        self.conn(id)
-            .await?
-            .client
-            .call(&Request::Rename {
-                from: old.to_string(),
-                to: new.to_string(),
-            })
-            .await
-            .map(|_| ())
+        self.conn(id).await?.client.rename(old, new).await
     }
 
     async fn chmod_file(&self, id: &str, path: &str, mode: u32) -> Result<()> {
-        self.conn(id)
-            .await?
-            .client
-            .call(&Request::Chmod {
-                path: path.to_string(),
-                mode,
-            })
-            .await
-            .map(|_| ())
+        self.conn(id).await?.client.chmod(path, mode).await
     }
 
     async fn stat_file(&self, id: &str, path: &str) -> Result<FileInfo> {
-        let (v, _) = self
-            .conn(id)
-            .await?
-            .client
-            .call(&Request::Stat {
-                path: path.to_string(),
-            })
-            .await?;
-        let s: FileStat =
-            serde_json::from_value(v).map_err(|e| Error::internal(format!("agent stat: {e}")))?;
-        Ok(to_info(s))
+        Ok(to_info(self.conn(id).await?.client.stat(path).await?))
     }
 
     async fn glob_files(&self, id: &str, pattern: &str) -> Result<Vec<String>> {
-        let (v, _) = self
-            .conn(id)
-            .await?
-            .client
-            .call(&Request::Glob {
-                pattern: pattern.to_string(),
-            })
-            .await?;
         // An empty match is `[]`, never null (gaps C-3).
-        let matches: Option<Vec<String>> =
-            serde_json::from_value(v).map_err(|e| Error::internal(format!("agent glob: {e}")))?;
-        Ok(matches.unwrap_or_default())
+        self.conn(id).await?.client.glob(pattern).await
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {
