@@ -69,11 +69,21 @@ pub struct BootSpec {
     pub token: String,
 }
 
-/// Host ids that become uid/gid 0 inside a user namespace.
+/// Host ids that become uid/gid 0 inside a user namespace: `count` ids
+/// from `uid`/`gid` on. One id (rootless mode: the server's own) is mapped
+/// by the sandbox itself; a range (a root server's subordinate ids) is
+/// mapped by a privileged helper, and the image layers are then
+/// idmapped so their root-owned files belong to the sandbox's root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdMap {
     pub uid: u32,
     pub gid: u32,
+    #[serde(default = "one")]
+    pub count: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 fn yes() -> bool {

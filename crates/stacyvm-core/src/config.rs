@@ -239,6 +239,11 @@ pub struct NativeConfig {
     /// Landlock: sandboxes may write only beneath their workspace, /tmp,
     /// /var/tmp, /run, /dev, /proc, /home and /root.
     pub landlock: bool,
+    /// A root server runs each sandbox in its own user namespace: sandbox
+    /// root is an unprivileged block of `subordinate_ids`, never host root.
+    pub user_namespace: bool,
+    /// `START:COUNT` host ids handed out in blocks of 65536 per sandbox.
+    pub subordinate_ids: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -462,6 +467,8 @@ impl Default for NativeConfig {
             bridge_name: "stacyvm0".into(),
             bridge_subnet: "10.88.0.0/16".into(),
             warm_pool: 2,
+            user_namespace: true,
+            subordinate_ids: "100000000:1000000000".into(),
             landlock: false,
         }
     }

@@ -12,6 +12,7 @@ pub mod cgroup;
 mod mounts;
 pub mod pty;
 pub mod security;
+pub mod userns;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -75,9 +76,18 @@ pub fn boot(spec: &BootSpec) -> Result<Booted, SetupError> {
     for dir in &spec.cgroups {
         cgroup::join(Path::new(dir))?;
     }
-    if let Some(ids) = spec.userns {
-        enter_user_namespace(ids)?;
-    }
+    let staged;
+    let spec = match spec.userns {
+        Some(ids) if ids.count > 1 => {
+            staged = userns::enter_mapped(spec, ids)?;
+            &staged
+        }
+        Some(ids) => {
+            enter_user_namespace(ids)?;
+            spec
+        }
+        None => spec,
+    };
     let flags = CloneFlags::CLONE_NEWNS
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC

@@ -54,6 +54,11 @@ fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
             warm_pool: usize::try_from(cfg.providers.native.warm_pool).unwrap_or(0),
             pool_memory_mb: cfg.defaults.memory_mb,
             landlock: cfg.providers.native.landlock,
+            user_namespace: cfg.providers.native.user_namespace,
+            subordinate_ids: stacyvm_providers::native::ids::IdRange::parse(
+                &cfg.providers.native.subordinate_ids,
+            )
+            .map_err(|e| anyhow::anyhow!("providers.native.subordinate_ids: {e}"))?,
         };
         v.push(Arc::new(stacyvm_providers::native::NativeProvider::new(
             opts,

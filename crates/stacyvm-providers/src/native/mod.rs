@@ -9,6 +9,7 @@
 //! server: a restarted server re-adopts them through `agent.sock`.
 
 pub mod client;
+pub mod ids;
 pub mod images;
 pub mod import;
 #[cfg(test)]
@@ -59,6 +60,10 @@ pub struct NativeOptions {
     pub pool_memory_mb: i64,
     /// Landlock: sandboxes may write only beneath [`LANDLOCK_WRITABLE`].
     pub landlock: bool,
+    /// A root server runs every sandbox in its own user namespace, its
+    /// root mapped to a block of `subordinate_ids` (never host root).
+    pub user_namespace: bool,
+    pub subordinate_ids: ids::IdRange,
 }
 
 /// Where a sandbox may write when landlock is on: its workspace, scratch
@@ -105,6 +110,9 @@ struct Meta {
     /// Set in `bridge` mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     net: Option<net::Attachment>,
+    /// First host id of the sandbox's user namespace block (root servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    id_base: Option<u32>,
     /// Hex secret the agent proves at every handshake (empty for
     /// sandboxes of older servers).
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -192,9 +200,13 @@ fn pid_alive(pid: i32) -> bool {
 
 impl NativeProvider {
     pub fn new(opts: NativeOptions) -> Result<Self> {
-        std::fs::create_dir_all(opts.state_dir.join("sandboxes")).map_err(|e| {
-            Error::internal(format!("creating {}", opts.state_dir.display())).with_source(e)
-        })?;
+        // Only the server may enter the provider's state: sandboxes' upper
+        // dirs, sockets and metadata are nobody else's business.
+        for d in [opts.state_dir.clone(), opts.state_dir.join("sandboxes")] {
+            std::fs::create_dir_all(&d)
+                .map_err(|e| Error::internal(format!("creating {}", d.display())).with_source(e))?;
+            private_dir(&d)?;
+        }
         let images = images::ImageStore::new(opts.state_dir.join("images"), &opts.hidden)?;
         let rootless = !nix::unistd::geteuid().is_root();
         let mut cgroups = cgroup::detect();
@@ -207,12 +219,21 @@ impl NativeProvider {
         }
         let images = Arc::new(images);
         let bridge = Arc::new(net::Bridge::new(opts.bridge.clone()));
+        let ids = (!rootless && opts.user_namespace).then(|| {
+            let a = ids::IdAllocator::new(opts.subordinate_ids);
+            a.sweep();
+            Arc::new(a)
+        });
+        if !rootless && !opts.user_namespace {
+            warn!("providers.native.user_namespace is off: sandbox root is host root");
+        }
         let booter = Arc::new(Booter {
             opts: opts.clone(),
             images: images.clone(),
             cgroups: cgroups.clone(),
             rootless,
             bridge: bridge.clone(),
+            ids,
         });
         // Setting a claimed sandbox's hostname needs setns from the host,
         // which a rootless server cannot do: no pool there.
@@ -357,10 +378,54 @@ struct Booter {
     cgroups: Option<Layout>,
     rootless: bool,
     bridge: Arc<net::Bridge>,
+    /// Id blocks of sandbox user namespaces (root server with
+    /// `user_namespace`).
+    ids: Option<Arc<ids::IdAllocator>>,
+}
+
+/// Makes `dir` accessible to its owner only.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::internal(format!("restricting {}", dir.display())).with_source(e))
 }
 
 impl Booter {
+    /// Creates a sandbox's state dir (0700; owned by the sandbox's root
+    /// when it has a user namespace) and leases its id block.
+    fn prepare_dir(&self, dir: &Path) -> Result<Option<u32>> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::internal("creating sandbox dir").with_source(e))?;
+        private_dir(dir)?;
+        let Some(ids) = &self.ids else {
+            return Ok(None);
+        };
+        let base = ids.allocate(dir)?;
+        if let Err(e) = std::os::unix::fs::chown(dir, Some(base), Some(base)) {
+            ids.release(base);
+            return Err(Error::internal("handing the sandbox dir to its ids").with_source(e));
+        }
+        Ok(Some(base))
+    }
+
     async fn boot(&self, spec: &SpawnSpec, memory_bytes: u64, dir: &Path) -> Result<Meta> {
+        let id_base = self.prepare_dir(dir)?;
+        let res = self.boot_prepared(spec, memory_bytes, dir, id_base).await;
+        if res.is_err() {
+            if let (Some(ids), Some(base)) = (&self.ids, id_base) {
+                ids.release(base);
+            }
+        }
+        res
+    }
+
+    async fn boot_prepared(
+        &self,
+        spec: &SpawnSpec,
+        memory_bytes: u64,
+        dir: &Path,
+        id_base: Option<u32>,
+    ) -> Result<Meta> {
         let (lower, binds, masks) = self.images.layers(&spec.image)?;
         let cgroups = match &self.cgroups {
             Some(layout) => {
@@ -400,10 +465,18 @@ impl Booter {
             },
             tmp_size_mb: (memory_bytes / (2 * 1024 * 1024)).max(16),
             seccomp: true,
-            userns: self.rootless.then(|| IdMap {
-                uid: nix::unistd::getuid().as_raw(),
-                gid: nix::unistd::getgid().as_raw(),
-            }),
+            userns: match id_base {
+                Some(base) => Some(IdMap {
+                    uid: base,
+                    gid: base,
+                    count: ids::PER_SANDBOX,
+                }),
+                None => self.rootless.then(|| IdMap {
+                    uid: nix::unistd::getuid().as_raw(),
+                    gid: nix::unistd::getgid().as_raw(),
+                    count: 1,
+                }),
+            },
             nproc_limit: if self.rootless && cgroups.is_empty() {
                 self.opts.pids_limit
             } else {
@@ -457,6 +530,7 @@ impl Booter {
             cgroups,
             memory_mb: spec.memory_mb,
             net: None,
+            id_base,
             token,
         })
     }
@@ -476,6 +550,7 @@ async fn teardown_state(dir: PathBuf, meta: Option<Meta>, bridge: Arc<net::Bridg
     }
     let init = meta.as_ref().map_or(0, |m| m.init_pid);
     let att = meta.as_ref().and_then(|m| m.net.clone());
+    let id_base = meta.as_ref().and_then(|m| m.id_base);
     let _ = tokio::task::spawn_blocking(move || {
         for _ in 0..10_000 {
             if !pid_alive(init) {
@@ -491,6 +566,9 @@ async fn teardown_state(dir: PathBuf, meta: Option<Meta>, bridge: Arc<net::Bridg
             if e.kind() != std::io::ErrorKind::NotFound {
                 warn!(dir = %dir.display(), error = %e, "removing sandbox state failed");
             }
+        }
+        if let Some(base) = id_base {
+            ids::release_lease(base);
         }
     })
     .await;
@@ -536,8 +614,10 @@ impl Provider for NativeProvider {
                 "mode".to_string(),
                 if self.rootless {
                     "rootless (user namespace)".into()
+                } else if self.booter.ids.is_some() {
+                    "root (a user namespace per sandbox)".into()
                 } else {
-                    "root".into()
+                    "root (no user namespace)".into()
                 },
             ),
         ])
@@ -615,8 +695,6 @@ impl Provider for NativeProvider {
             return Ok(spawned);
         }
         let dir = self.dir(&spec.id);
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| Error::internal("creating sandbox dir").with_source(e))?;
         let mut meta = match self.booter.boot(spec, memory_bytes, &dir).await {
             Ok(m) => m,
             Err(e) => {
@@ -899,6 +977,8 @@ pub(crate) mod tests {
                 warm_pool: pool,
                 pool_memory_mb: 256,
                 landlock: self.landlock,
+                user_namespace: true,
+                subordinate_ids: ids::IdRange::parse(ids::DEFAULT_RANGE).expect("range"),
             })
             .expect("native")
         }

@@ -115,8 +115,6 @@ async fn boot_one(booter: &Booter) -> Result<Warm> {
         network_mode: "none".into(),
     };
     let dir = booter.opts.state_dir.join("sandboxes").join(&id);
-    std::fs::create_dir_all(&dir)
-        .map_err(|e| Error::internal("creating pool sandbox dir").with_source(e))?;
     let memory_bytes = (spec.memory_mb.max(16) as u64) * 1024 * 1024;
     let meta = match booter.boot(&spec, memory_bytes, &dir).await {
         Ok(m) => m,
@@ -162,6 +160,9 @@ pub(crate) async fn claim(
     if let Err(e) = std::fs::rename(&old_dir, &new_dir) {
         teardown_state(old_dir, Some(meta), booter.bridge.clone()).await;
         return Err(Error::internal("claiming a pool sandbox").with_source(e));
+    }
+    if let (Some(ids), Some(base)) = (&booter.ids, meta.id_base) {
+        ids.reassign(base, &new_dir);
     }
     let res = (|| {
         // cgroups take the sandbox's name (kept as they are if the
@@ -245,5 +246,8 @@ pub(crate) fn clear_leftovers(sandboxes: &Path) {
             cgroup::destroy(&m.cgroups);
         }
         let _ = super::remove_tree(&dir);
+        if let Some(base) = meta.as_ref().and_then(|m| m.id_base) {
+            super::ids::release_lease(base);
+        }
     }
 }
