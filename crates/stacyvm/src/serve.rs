@@ -112,6 +112,12 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     }
     std::fs::create_dir_all(&cfg.server.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.server.data_dir))?;
+    // The database, sandbox state and images are the server's alone.
+    std::fs::set_permissions(
+        &cfg.server.data_dir,
+        std::os::unix::fs::PermissionsExt::from_mode(0o700),
+    )
+    .with_context(|| format!("making data dir {} private (0700)", cfg.server.data_dir))?;
     let providers = build_providers(&cfg)?;
     let registry = match Registry::new(providers, &cfg.providers.default) {
         Ok(r) => r,

@@ -1,8 +1,9 @@
 //! Root filesystem images for native sandboxes.
 //!
-//! `host` (the default) shows the host's `/usr`, `/bin`, `/sbin`, `/lib*`
-//! and `/etc` read-only on top of an empty skeleton, never `/root`,
-//! `/home`, `/var`, the server's data dir or secrets such as `/etc/shadow`.
+//! `host` (the default) shows the host's `/usr`, `/bin`, `/sbin` and
+//! `/lib*` read-only and a synthesized `/etc` (see [`super::hostetc`]) on
+//! top of an empty skeleton, never the host's own `/etc`, `/root`, `/home`,
+//! `/var` or the server's data dir.
 //! Unpacked OCI images (content-addressed rootfs directories under
 //! `images/rootfs/`) are used as read-only overlay lower layers.
 
@@ -15,9 +16,7 @@ use stacyvm_core::{Error, Result};
 pub use super::import::{import_archive, normalize_name, ImageRecord, Progress};
 
 /// Host top-level entries the `host` image exposes (read-only).
-const HOST_DIRS: [&str; 8] = [
-    "usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc",
-];
+const HOST_DIRS: [&str; 7] = ["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
 /// Empty directories every root has.
 const SKELETON_DIRS: [&str; 11] = [
     "proc",
@@ -32,28 +31,12 @@ const SKELETON_DIRS: [&str; 11] = [
     "opt",
     "mnt",
 ];
-/// Files and directories under the exposed host dirs that stay hidden.
-const HOST_SECRETS: [&str; 14] = [
-    "/etc/shadow",
-    "/etc/shadow-",
-    "/etc/gshadow",
-    "/etc/gshadow-",
-    "/etc/sudoers",
-    "/etc/sudoers.d",
-    "/etc/ssh",
-    "/etc/ssl/private",
-    "/etc/stacyvm",
-    "/etc/security/opasswd",
-    "/etc/docker",
-    "/etc/machine-id",
-    "/etc/krb5.keytab",
-    "/etc/postgresql",
-];
-
 #[derive(Debug)]
 pub struct ImageStore {
     root: PathBuf,
     host_skel: PathBuf,
+    /// The synthesized `/etc` layer of the `host` image.
+    host_etc: PathBuf,
     hidden: Vec<String>,
     /// Serialises index updates within this process.
     lock: std::sync::Mutex<()>,
@@ -65,9 +48,11 @@ const INDEX: &str = "index.json";
 impl ImageStore {
     pub fn new(root: PathBuf, hidden: &[String]) -> Result<Self> {
         let host_skel = root.join("host-skeleton");
+        let host_etc = super::hostetc::ensure_layer(Path::new("/etc"), &root.join("host-etc"))?;
         let store = ImageStore {
             root,
             host_skel,
+            host_etc,
             hidden: hidden.to_vec(),
             lock: std::sync::Mutex::new(()),
         };
@@ -220,7 +205,7 @@ impl ImageStore {
             return Ok(());
         }
         Err(Error::invalid(format!(
-            "image {image:?} is not available to the native provider; use image \"host\" (the host's /usr and /etc, read-only) or get it first: `stacyvm image pull {image}` (from a registry), `stacyvm image import --docker {image}` (from the local Docker engine) or `docker save {image} -o image.tar && stacyvm image import image.tar` (see `stacyvm image ls`)"
+            "image {image:?} is not available to the native provider; use image \"host\" (the host's /usr read-only and a synthesized /etc) or get it first: `stacyvm image pull {image}` (from a registry), `stacyvm image import --docker {image}` (from the local Docker engine) or `docker save {image} -o image.tar && stacyvm image import image.tar` (see `stacyvm image ls`)"
         )))
     }
 
@@ -250,14 +235,17 @@ impl ImageStore {
                 }
             }
         }
-        let mut masks: Vec<String> = HOST_SECRETS.iter().map(|s| (*s).to_string()).collect();
+        let mut masks: Vec<String> = Vec::new();
         for h in &self.hidden {
             if HOST_DIRS.iter().any(|d| h.starts_with(&format!("/{d}/"))) {
                 masks.push(h.clone());
             }
         }
         Ok((
-            vec![self.host_skel.to_string_lossy().to_string()],
+            vec![
+                self.host_etc.to_string_lossy().to_string(),
+                self.host_skel.to_string_lossy().to_string(),
+            ],
             binds,
             masks,
         ))

@@ -9,6 +9,7 @@
 //! server: a restarted server re-adopts them through `agent.sock`.
 
 pub mod client;
+pub mod hostetc;
 pub mod ids;
 pub mod images;
 pub mod import;
@@ -17,6 +18,8 @@ mod isolation_tests;
 pub mod net;
 mod pool;
 pub mod pull;
+#[cfg(test)]
+mod security_tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

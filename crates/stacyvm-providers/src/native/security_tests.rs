@@ -1,0 +1,139 @@
+//! The security regression suite of the native provider: each test
+//! reproduces an attack from the security review (docs/security.md) from
+//! inside a sandbox or against the provider, and asserts it fails.
+
+use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
+
+use stacyvm_core::paths;
+use stacyvm_core::provider::Provider;
+
+use super::tests::fixture;
+use crate::conformance::{sh, spawn};
+
+/// Runs a shell command on the host as the unprivileged user `nobody`.
+fn as_nobody(script: &str) -> std::process::Output {
+    std::process::Command::new("su")
+        .args(["nobody", "-s", "/bin/sh", "-c", script])
+        .output()
+        .expect("su")
+}
+
+/// F-3: a setuid-root shell planted by sandbox root is owned by an
+/// unprivileged host id, in a directory no other host user can reach.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn setuid_plant_gives_a_host_user_nothing() {
+    let fx = fixture();
+    let p = fx.make();
+    let id = spawn(&p, "host").await;
+    let r = sh(
+        &p,
+        &id,
+        "cp /bin/sh /workspace/sh && chmod 4755 /workspace/sh && setcap cap_setuid+ep /workspace/sh 2>/dev/null; stat -c '%u %a' /workspace/sh",
+    )
+    .await;
+    assert_eq!(
+        r.stdout.trim(),
+        "0 4755",
+        "root inside made it setuid: {r:?}"
+    );
+    let sb = fx.state_dir().join("sandboxes").join(&id);
+    let planted = sb.join("upper/workspace/sh");
+    let m = std::fs::metadata(&planted).expect("planted file on the host");
+    assert_ne!(m.uid(), 0, "sandbox root must not be host root");
+    assert!(
+        m.uid() >= 65536,
+        "an unprivileged subordinate id, got {}",
+        m.uid()
+    );
+    for dir in [fx.state_dir(), fx.state_dir().join("sandboxes"), sb.clone()] {
+        let mode = std::fs::metadata(&dir).expect("dir").mode() & 0o777;
+        assert_eq!(mode, 0o700, "{} must be 0700", dir.display());
+    }
+    let out = as_nobody(&format!("{} -p -c 'id -u'", planted.display()));
+    assert!(
+        !out.status.success() && out.stdout.is_empty(),
+        "a host user ran the planted shell: {out:?}"
+    );
+    // Even when handed the file directly, it is setuid to the sandbox's
+    // id, not to root.
+    let copy = tempfile::tempdir().expect("tmp");
+    let exposed = copy.path().join("sh");
+    std::fs::copy(&planted, &exposed).expect("copy");
+    std::os::unix::fs::chown(&exposed, Some(m.uid()), Some(m.gid())).expect("chown");
+    std::fs::set_permissions(
+        &exposed,
+        std::os::unix::fs::PermissionsExt::from_mode(0o4755),
+    )
+    .expect("chmod");
+    std::fs::set_permissions(
+        copy.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .expect("chmod dir");
+    let out = as_nobody(&format!("{} -p -c 'id -u'", exposed.display()));
+    let euid = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(euid, m.uid().to_string(), "{out:?}");
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// F-1: the `host` image's /etc is synthesized from an allowlist: a file
+/// the host adds to /etc is invisible, no password hash or ordinary user
+/// account shows, and what programs need still works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_etc_secrets_stay_on_the_host() {
+    let marker = format!("stacyvm-secret-{}", paths::new_sandbox_id());
+    let etc_file = format!("/etc/{marker}");
+    std::fs::write(&etc_file, "HOST-ETC-SECRET").expect("host /etc marker");
+    let default_dir = std::path::Path::new("/etc/default");
+    let default_file = default_dir.join(&marker);
+    let wrote_default = std::fs::write(&default_file, "STACYVM_AUTH_ADMIN_API_KEY=x").is_ok();
+    let fx = fixture();
+    let p = fx.make();
+    let _ = std::fs::remove_file(&etc_file);
+    if wrote_default {
+        let _ = std::fs::remove_file(&default_file);
+    }
+    let id = spawn(&p, "host").await;
+    let r = sh(
+        &p,
+        &id,
+        &format!(
+            "cat /etc/{marker} /etc/default/{marker} 2>&1; ls /etc/default 2>&1 | wc -l; \
+             test -e /etc/shadow || echo no-shadow; \
+             awk -F: '$3 >= 1000 && $3 != 65534' /etc/passwd | wc -l; grep -c ':x:' /etc/passwd; \
+             python3 -c 'import ssl; print(len(ssl.create_default_context().get_ca_certs()) >= 0)'; \
+             getent hosts localhost | head -1; echo edited >> /etc/hosts && tail -1 /etc/hosts"
+        ),
+    )
+    .await;
+    assert!(!r.stdout.contains("HOST-ETC-SECRET"), "{r:?}");
+    assert!(!r.stdout.contains("STACYVM_AUTH"), "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines.contains(&"no-shadow"), "{r:?}");
+    assert!(lines.contains(&"True"), "python3 + ssl work: {r:?}");
+    assert!(lines.iter().any(|l| l.contains("localhost")), "{r:?}");
+    assert_eq!(
+        lines.last().copied(),
+        Some("edited"),
+        "/etc is writable inside: {r:?}"
+    );
+    // Ordinary accounts (uid >= 1000) never show; system ones do.
+    let pos = lines
+        .iter()
+        .position(|l| *l == "no-shadow")
+        .expect("marker");
+    assert_eq!(lines[pos + 1], "0", "no ordinary accounts: {r:?}");
+    assert_ne!(lines[pos + 2], "0", "system accounts present: {r:?}");
+    // The file API sees the same /etc.
+    let e = p
+        .read_file(&id, &format!("/etc/{marker}"))
+        .await
+        .expect_err("marker through the file API");
+    assert_eq!(e.kind(), stacyvm_core::ErrorKind::NotFound, "{e}");
+    p.destroy(&id).await.expect("destroy");
+    // Host /etc is untouched by the sandbox's edit.
+    let hosts = std::fs::read_to_string("/etc/hosts").expect("hosts");
+    assert!(!hosts.contains("edited"));
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
