@@ -103,11 +103,24 @@ fn boot(path: &str) -> ExitCode {
         }
     };
     match stacyvm_sandbox::boot(&spec) {
-        Ok(Booted::Parent(pid)) => {
+        Ok(Booted::Parent(pending)) => {
             // The intermediate parent reports the init pid and leaves; the
             // sandbox lives on under the host's init, not under the server.
-            println!("{pid}");
-            ExitCode::SUCCESS
+            // Only once the server has the pid is the init committed: if
+            // the server is gone, the write fails and the init dies with us.
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            let told = writeln!(out, "{}", pending.pid).and_then(|()| out.flush());
+            if told.is_err() {
+                return ExitCode::from(1);
+            }
+            match pending.commit() {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("stacyvm-agent: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
         Ok(Booted::Init(listener)) => {
             if let Ok(t) = hex::decode(&spec.token) {

@@ -998,6 +998,21 @@ impl Manager {
                     }
                     continue;
                 }
+                if !provider.adopts_unknown_runtimes() {
+                    // Never acknowledged to anyone (the server stopped
+                    // between boot and record): reap it.
+                    warn!(sandbox_id = %rt.sandbox_id, provider = provider.name(), "destroying a runtime the store never recorded");
+                    self.destroy_runtime(&provider, &rt.sandbox_id).await;
+                    self.events.publish(
+                        kind::RECONCILE_ACTION,
+                        &rt.sandbox_id,
+                        events::data([
+                            ("action", json!("reaped_unrecorded")),
+                            ("provider", json!(provider.name())),
+                        ]),
+                    );
+                    continue;
+                }
                 self.adopt_runtime(&provider, rt).await;
             }
         }

@@ -245,6 +245,19 @@ pub trait Provider: Debug + Send + Sync + 'static {
         )))
     }
 
+    /// Whether startup reconciliation adopts runtimes the store does not
+    /// know (true, the spec's rule for engines shared with other tools) or
+    /// destroys them (false: every sandbox of this provider was recorded
+    /// before its spawn was acknowledged, so an unknown one was never
+    /// handed to anyone).
+    fn adopts_unknown_runtimes(&self) -> bool {
+        true
+    }
+
+    /// Stops what the provider runs for itself (warm pools, helpers)
+    /// before the server exits; user sandboxes keep running.
+    async fn shutdown(&self) {}
+
     async fn write_file(&self, runtime_id: &str, path: &str, data: &[u8], mode: u32) -> Result<()>;
     async fn read_file(&self, runtime_id: &str, path: &str) -> Result<Vec<u8>>;
 

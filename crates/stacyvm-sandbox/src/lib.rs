@@ -10,6 +10,7 @@
 
 pub mod cgroup;
 mod mounts;
+pub mod procs;
 pub mod pty;
 pub mod security;
 pub mod userns;
@@ -59,11 +60,50 @@ pub(crate) fn io<T>(step: impl Into<String>, r: std::io::Result<T>) -> Result<T,
 
 /// What the original process does after the fork.
 pub enum Booted {
-    /// The caller is the intermediate parent: the sandbox PID 1 has this
-    /// host pid and is ready (its socket accepts connections).
-    Parent(Pid),
+    /// The caller is the intermediate parent: the sandbox PID 1 is ready
+    /// (its socket accepts connections) but dies with this process unless
+    /// [`Pending::commit`] is called once its pid reached the server.
+    Parent(Pending),
     /// The caller is the sandbox PID 1 inside the new root; serve on this socket.
     Init(UnixListener),
+}
+
+/// A booted sandbox init that is not yet anybody's: it carries a
+/// parent-death signal, so if the server dies before it learns the pid
+/// (or a boot is abandoned), the init dies with the intermediate process
+/// instead of running unowned.
+pub struct Pending {
+    pub pid: Pid,
+    commit: File,
+    ack: File,
+}
+
+impl Pending {
+    /// Tells the init it is owned (it drops its parent-death signal) and
+    /// waits for it to confirm, so the caller may exit.
+    pub fn commit(mut self) -> Result<Pid, SetupError> {
+        io("committing the sandbox init", self.commit.write_all(b"C"))?;
+        let mut a = [0u8; 1];
+        match self.ack.read(&mut a) {
+            Ok(1) if a[0] == b'A' => Ok(self.pid),
+            _ => Err(SetupError::Other(
+                "the sandbox init did not confirm its commit".into(),
+            )),
+        }
+    }
+}
+
+/// Reads one line (up to and including `\n`, or to EOF).
+fn read_line(f: &mut File) -> String {
+    let mut out = Vec::new();
+    let mut b = [0u8; 1];
+    while let Ok(1) = f.read(&mut b) {
+        out.push(b[0]);
+        if b[0] == b'\n' || out.len() > 64 * 1024 {
+            break;
+        }
+    }
+    String::from_utf8_lossy(&out).to_string()
 }
 
 /// Sets up the sandbox described by `spec`.
@@ -72,6 +112,7 @@ pub enum Booted {
 /// fork does: in the parent once the child reported readiness (or the
 /// child's error), and in the child as PID 1 of the sandbox.
 pub fn boot(spec: &BootSpec) -> Result<Booted, SetupError> {
+    let server = nix::unistd::getppid();
     sys("setsid", nix::unistd::setsid())?;
     for dir in &spec.cgroups {
         cgroup::join(Path::new(dir))?;
@@ -96,7 +137,20 @@ pub fn boot(spec: &BootSpec) -> Result<Booted, SetupError> {
         // Always private: `bridge` mode gets its eth0 from the host later.
         | CloneFlags::CLONE_NEWNET;
     sys("unshare namespaces", nix::sched::unshare(flags))?;
+    // This process dies with the server that started it (set after every
+    // credential change, which would clear it); if the server is already
+    // gone, stop here.
+    sys(
+        "parent-death signal",
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL),
+    )?;
+    if nix::unistd::getppid() != server {
+        return Err(SetupError::Other(
+            "the server exited during the boot".into(),
+        ));
+    }
     let (ready_r, ready_w) = sys("pipe", nix::unistd::pipe())?;
+    let (commit_r, commit_w) = sys("pipe", nix::unistd::pipe())?;
     // SAFETY: the agent calls `boot` before it starts any thread, so the
     // child is a full copy of a single-threaded process and may allocate.
     match unsafe { nix::unistd::fork() } {
@@ -106,11 +160,15 @@ pub fn boot(spec: &BootSpec) -> Result<Booted, SetupError> {
         }),
         Ok(ForkResult::Parent { child }) => {
             drop(ready_w);
-            let mut msg = String::new();
+            drop(commit_r);
             let mut r = File::from(ready_r);
-            let _ = r.read_to_string(&mut msg);
+            let msg = read_line(&mut r);
             if msg.starts_with("OK") {
-                Ok(Booted::Parent(child))
+                Ok(Booted::Parent(Pending {
+                    pid: child,
+                    commit: File::from(commit_w),
+                    ack: r,
+                }))
             } else {
                 let _ = nix::sys::signal::kill(child, nix::sys::signal::Signal::SIGKILL);
                 let _ = nix::sys::wait::waitpid(child, None);
@@ -123,10 +181,28 @@ pub fn boot(spec: &BootSpec) -> Result<Booted, SetupError> {
         }
         Ok(ForkResult::Child) => {
             drop(ready_r);
+            drop(commit_w);
+            // Not owned yet: die with the intermediate process. (Its pid
+            // is outside the new pid namespace, so getppid() says 0 here;
+            // if it died before this line, the commit read below sees EOF.)
+            if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err() {
+                std::process::exit(1);
+            }
             let mut w = File::from(ready_w);
             match init(spec) {
                 Ok(listener) => {
                     let _ = w.write_all(b"OK\n");
+                    let mut c = [0u8; 1];
+                    match File::from(commit_r).read(&mut c) {
+                        Ok(1) if c[0] == b'C' => {}
+                        // The intermediate died uncommitted (the server is
+                        // gone or gave up on this boot).
+                        _ => std::process::exit(1),
+                    }
+                    if nix::sys::prctl::set_pdeathsig(None).is_err() {
+                        std::process::exit(1);
+                    }
+                    let _ = w.write_all(b"A");
                     drop(w);
                     Ok(Booted::Init(listener))
                 }

@@ -158,6 +158,10 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     stacyvm_server::serve(listener, state, shutdown_signal()).await?;
     reaper.abort();
     heartbeat.abort();
+    // Warm pools hold no user state: nothing of them outlives the server.
+    for p in registry.all() {
+        p.shutdown().await;
+    }
     manager.flush_audit().await;
     info!("stopped");
     Ok(())

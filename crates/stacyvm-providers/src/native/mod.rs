@@ -16,6 +16,7 @@ pub mod import;
 #[cfg(test)]
 mod isolation_tests;
 pub mod net;
+mod orphans;
 mod pool;
 pub mod pull;
 #[cfg(test)]
@@ -36,6 +37,7 @@ use stacyvm_core::provider::{
 };
 use stacyvm_core::{paths, Error, ErrorKind, Result};
 use stacyvm_sandbox::cgroup::{self, Layout, Limits};
+use stacyvm_sandbox::procs::Identity;
 use tracing::{info, warn};
 
 use self::client::{exec_request, to_info, AgentClient};
@@ -108,6 +110,13 @@ struct Meta {
     tenant_id: String,
     metadata: BTreeMap<String, String>,
     init_pid: i32,
+    /// Start time (clock ticks since boot) and boot id of the init: with
+    /// the pid, the identity that survives pid reuse (0/empty: recorded by
+    /// an older server).
+    #[serde(default)]
+    init_start: u64,
+    #[serde(default)]
+    boot_id: String,
     cgroups: Vec<PathBuf>,
     memory_mb: i64,
     /// Set in `bridge` mode.
@@ -125,6 +134,38 @@ struct Meta {
 impl Meta {
     fn token(&self) -> Option<Vec<u8>> {
         hex::decode(&self.token).ok().filter(|t| !t.is_empty())
+    }
+
+    /// The sandbox init as a pid-reuse-proof identity, if it is still
+    /// alive. Metadata of older servers has no start time: their init is
+    /// recognised by being a `stacyvm-agent boot` process.
+    fn init(&self) -> Option<Identity> {
+        if self.init_start != 0 {
+            let id = Identity {
+                pid: self.init_pid,
+                start_time: self.init_start,
+                boot_id: self.boot_id.clone(),
+            };
+            return id.alive().then_some(id);
+        }
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", self.init_pid)).ok()?;
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        let is_agent_boot = args.first().is_some_and(|a| a.ends_with(b"stacyvm-agent"))
+            && args.get(1) == Some(&&b"boot"[..]);
+        is_agent_boot.then(|| Identity::of(self.init_pid)).flatten()
+    }
+
+    fn init_alive(&self) -> bool {
+        self.init().is_some()
+    }
+
+    /// SIGKILLs the init if it is still the recorded process (its death
+    /// ends the sandbox's pid namespace).
+    #[cfg(test)]
+    fn kill_init(&self) {
+        if let Some(id) = self.init() {
+            id.kill();
+        }
     }
 }
 
@@ -243,6 +284,9 @@ impl NativeProvider {
         let pool_size = if rootless { 0 } else { opts.warm_pool };
         let pool = Arc::new(pool::Pool::new(pool_size));
         pool::clear_leftovers(&opts.state_dir.join("sandboxes"));
+        if !rootless {
+            orphans::reap(&opts.state_dir.join("sandboxes"));
+        }
         let p = NativeProvider {
             images,
             rootless,
@@ -521,6 +565,10 @@ impl Booter {
             .trim()
             .parse()
             .map_err(|_| Error::internal("sandbox boot did not report the init pid"))?;
+        let Some(init) = Identity::of(init_pid) else {
+            cgroup::destroy(&cgroups);
+            return Err(Error::internal("the sandbox init exited right after boot"));
+        };
         Ok(Meta {
             id: spec.id.clone(),
             image: spec.image.clone(),
@@ -530,6 +578,8 @@ impl Booter {
             tenant_id: spec.tenant_id.clone(),
             metadata: spec.metadata.clone(),
             init_pid,
+            init_start: init.start_time,
+            boot_id: init.boot_id,
             cgroups,
             memory_mb: spec.memory_mb,
             net: None,
@@ -543,20 +593,15 @@ impl Booter {
 /// namespace), then removes its cgroups, veth, address lease and state dir.
 async fn teardown_state(dir: PathBuf, meta: Option<Meta>, bridge: Arc<net::Bridge>) {
     let cgroups = meta.as_ref().map(|m| m.cgroups.clone()).unwrap_or_default();
-    if let Some(m) = &meta {
-        if pid_alive(m.init_pid) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(m.init_pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+    let init = meta.as_ref().and_then(Meta::init);
+    if let Some(i) = &init {
+        i.kill();
     }
-    let init = meta.as_ref().map_or(0, |m| m.init_pid);
     let att = meta.as_ref().and_then(|m| m.net.clone());
     let id_base = meta.as_ref().and_then(|m| m.id_base);
     let _ = tokio::task::spawn_blocking(move || {
         for _ in 0..10_000 {
-            if !pid_alive(init) {
+            if !init.as_ref().is_some_and(Identity::alive) {
                 break;
             }
             std::thread::sleep(Duration::from_micros(200));
@@ -581,6 +626,17 @@ async fn teardown_state(dir: PathBuf, meta: Option<Meta>, bridge: Arc<net::Bridg
 impl Provider for NativeProvider {
     fn name(&self) -> &str {
         "native"
+    }
+
+    /// Every sandbox this provider runs was recorded by the server before
+    /// the spawn was acknowledged: one the store does not know was never
+    /// handed to anyone and is destroyed, not adopted.
+    fn adopts_unknown_runtimes(&self) -> bool {
+        false
+    }
+
+    async fn shutdown(&self) {
+        self.pool.close(&self.booter, Duration::from_secs(30)).await;
     }
 
     fn capabilities(&self) -> Vec<String> {
@@ -852,7 +908,7 @@ impl Provider for NativeProvider {
     /// sandbox's cgroups; the memory limit falls back to the spawn's.
     async fn stats(&self, id: &str) -> Result<Stats> {
         let meta = self.meta(id)?;
-        if !pid_alive(meta.init_pid) {
+        if !meta.init_alive() {
             return Err(Error::sandbox_not_found(id));
         }
         if meta.cgroups.is_empty() {
@@ -903,7 +959,7 @@ impl Provider for NativeProvider {
                 continue;
             }
             let Ok(meta) = self.meta(&id) else { continue };
-            let state = if pid_alive(meta.init_pid) {
+            let state = if meta.init_alive() {
                 "running"
             } else {
                 "destroyed"
@@ -1002,14 +1058,10 @@ pub(crate) mod tests {
                 let Ok(meta) = serde_json::from_str::<Meta>(&text) else {
                     continue;
                 };
-                if pid_alive(meta.init_pid) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(meta.init_pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
+                let init = meta.init();
+                meta.kill_init();
                 for _ in 0..500 {
-                    if !pid_alive(meta.init_pid) {
+                    if !init.as_ref().is_some_and(Identity::alive) {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(2));

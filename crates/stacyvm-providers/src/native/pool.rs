@@ -21,7 +21,7 @@ use stacyvm_sandbox::cgroup::{self, Limits};
 use tracing::{debug, warn};
 
 use super::client::AgentClient;
-use super::{pid_alive, teardown_state, Booter, Meta};
+use super::{teardown_state, Booter, Meta};
 
 /// Name prefix of pool sandboxes' state dirs (never a sandbox id).
 pub(crate) const PREFIX: &str = "pool-";
@@ -39,6 +39,8 @@ pub(crate) struct Pool {
     ready: Mutex<Vec<Warm>>,
     /// Boots in flight.
     filling: AtomicUsize,
+    /// Set at shutdown: no refills; boots that finish tear themselves down.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl Pool {
@@ -47,6 +49,30 @@ impl Pool {
             size,
             ready: Mutex::new(Vec::new()),
             filling: AtomicUsize::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Stops the pool and tears down every sandbox it holds, waiting (at
+    /// most `wait`) for boots in flight. Pool sandboxes hold no user state:
+    /// none may outlive the server that booted them.
+    pub async fn close(&self, booter: &Booter, wait: std::time::Duration) {
+        self.closed.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let drained: Vec<Warm> = self
+                .ready
+                .lock()
+                .map(|mut r| std::mem::take(&mut *r))
+                .unwrap_or_default();
+            for w in drained {
+                let dir = booter.opts.state_dir.join("sandboxes").join(&w.meta.id);
+                teardown_state(dir, Some(w.meta), booter.bridge.clone()).await;
+            }
+            if self.filling.load(Ordering::SeqCst) == 0 || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 
@@ -62,7 +88,7 @@ impl Pool {
     pub fn take(&self) -> Option<Warm> {
         let mut ready = self.ready.lock().ok()?;
         while let Some(w) = ready.pop() {
-            if pid_alive(w.meta.init_pid) {
+            if w.meta.init_alive() {
                 return Some(w);
             }
         }
@@ -76,6 +102,9 @@ impl Pool {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
         loop {
             let have = self.ready_count() + self.filling.load(Ordering::SeqCst);
             if have >= self.size {
@@ -86,6 +115,10 @@ impl Pool {
             let booter = booter.clone();
             rt.spawn(async move {
                 match boot_one(&booter).await {
+                    Ok(w) if pool.closed.load(Ordering::SeqCst) => {
+                        let dir = booter.opts.state_dir.join("sandboxes").join(&w.meta.id);
+                        teardown_state(dir, Some(w.meta), booter.bridge.clone()).await;
+                    }
                     Ok(w) => {
                         if let Ok(mut r) = pool.ready.lock() {
                             r.push(w);
@@ -175,7 +208,7 @@ pub(crate) async fn claim(
         }
         cgroup::set_limits(&meta.cgroups, limits)
             .map_err(|e| Error::internal(format!("applying limits: {e}")))?;
-        set_hostname(meta.init_pid, &spec.id)?;
+        set_hostname(&meta, &spec.id)?;
         meta.id = spec.id.clone();
         meta.image = spec.image.clone();
         meta.created_at = Utc::now();
@@ -202,8 +235,14 @@ pub(crate) async fn claim(
 /// Sets the hostname inside the sandbox whose PID 1 is `init_pid`, from a
 /// dedicated thread that joins its UTS namespace and then exits (so no
 /// server thread ever stays in a sandbox namespace).
-fn set_hostname(init_pid: i32, name: &str) -> Result<()> {
-    let ns = std::fs::File::open(format!("/proc/{init_pid}/ns/uts"))
+fn set_hostname(meta: &Meta, name: &str) -> Result<()> {
+    // Only the recorded init's namespace: a reused pid must never lead the
+    // server into a stranger's (or the host's) UTS namespace.
+    let init = meta
+        .init()
+        .ok_or_else(|| Error::internal("the warm sandbox's init is gone"))?;
+    let ns = init
+        .open_ns("uts")
         .map_err(|e| Error::internal("opening the sandbox UTS namespace").with_source(e))?;
     let name = name.to_string();
     std::thread::spawn(move || -> std::result::Result<(), nix::Error> {
@@ -231,13 +270,11 @@ pub(crate) fn clear_leftovers(sandboxes: &Path) {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         if let Some(m) = &meta {
-            if pid_alive(m.init_pid) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(m.init_pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+            // Only the recorded process: after a reboot the pid is someone else's.
+            if let Some(init) = m.init() {
+                init.kill();
                 for _ in 0..5_000 {
-                    if !pid_alive(m.init_pid) {
+                    if !init.alive() {
                         break;
                     }
                     std::thread::sleep(std::time::Duration::from_micros(200));

@@ -137,3 +137,123 @@ async fn host_etc_secrets_stay_on_the_host() {
     assert!(!hosts.contains("edited"));
     tokio::time::sleep(Duration::from_millis(1)).await;
 }
+
+/// A `sleep` playing an unrelated host process.
+fn decoy() -> (std::process::Child, stacyvm_sandbox::procs::Identity) {
+    let child = std::process::Command::new("sleep")
+        .arg("300")
+        .spawn()
+        .expect("sleep");
+    let pid = i32::try_from(child.id()).expect("pid");
+    let id = stacyvm_sandbox::procs::Identity::of(pid).expect("decoy alive");
+    (child, id)
+}
+
+/// Writes metadata claiming `pid` as a sandbox init, as an earlier boot
+/// (or an older server, `start` 0) would have.
+fn plant_meta(dir: &std::path::Path, name: &str, pid: i32, start: u64) {
+    let sb = dir.join(name);
+    std::fs::create_dir_all(&sb).expect("dir");
+    let meta = serde_json::json!({
+        "id": name, "image": "host", "created_at": "2026-01-01T00:00:00Z",
+        "expires_at": "2036-01-01T00:00:00Z", "owner_id": "", "tenant_id": "",
+        "metadata": {}, "init_pid": pid, "init_start": start,
+        "boot_id": stacyvm_sandbox::procs::boot_id(), "cgroups": [], "memory_mb": 64
+    });
+    std::fs::write(sb.join("meta.json"), meta.to_string()).expect("meta");
+}
+
+/// F-5: a recorded init pid that now belongs to another process (reuse
+/// after a reboot or after the init died) is never signalled: not by the
+/// pool cleanup at start, not by destroy, not by the orphan reaper.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pid_reuse_never_kills_a_stranger() {
+    let fx = fixture();
+    let sandboxes = fx.state_dir().join("sandboxes");
+    let (mut a, ida) = decoy();
+    let (mut b, idb) = decoy();
+    let (mut c, idc) = decoy();
+    // A pool sandbox of a previous boot whose pid the decoy now holds.
+    plant_meta(&sandboxes, "pool-deadbeef", ida.pid, ida.start_time + 1);
+    // A sandbox recorded by an older server (no start time): the decoy is
+    // not a stacyvm-agent, so it is not the init.
+    let legacy = paths::new_sandbox_id();
+    plant_meta(&sandboxes, &legacy, idb.pid, 0);
+    let reused = paths::new_sandbox_id();
+    plant_meta(&sandboxes, &reused, idc.pid, idc.start_time + 7);
+    let p = fx.make();
+    p.destroy(&legacy).await.expect("destroy legacy");
+    p.destroy(&reused).await.expect("destroy reused");
+    assert_eq!(
+        p.status(&reused).await.expect_err("gone").kind(),
+        stacyvm_core::ErrorKind::SandboxNotFound
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (child, id, what) in [
+        (&mut a, &ida, "pool"),
+        (&mut b, &idb, "legacy"),
+        (&mut c, &idc, "destroy"),
+    ] {
+        assert!(id.alive(), "{what}: the decoy was killed");
+        assert!(child.try_wait().expect("wait").is_none(), "{what}");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    assert!(
+        std::fs::symlink_metadata(sandboxes.join("pool-deadbeef")).is_err(),
+        "the stale pool dir is removed all the same"
+    );
+}
+
+/// Inits nobody owns die when a provider starts: one whose metadata was
+/// never written (a server killed mid-spawn) and one whose whole data dir
+/// is gone. A live sandbox of another data dir is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphans_are_reaped_at_start() {
+    let fx = fixture();
+    let p = fx.make();
+    let unrecorded = spawn(&p, "host").await;
+    let kept = spawn(&p, "host").await;
+    let meta_of = |fx: &super::tests::Fixture, id: &str| -> super::Meta {
+        let b = std::fs::read(fx.state_dir().join("sandboxes").join(id).join("meta.json"))
+            .expect("meta");
+        serde_json::from_slice(&b).expect("meta json")
+    };
+    let unrecorded_init = meta_of(&fx, &unrecorded).init().expect("alive");
+    let kept_init = meta_of(&fx, &kept).init().expect("alive");
+    std::fs::remove_file(
+        fx.state_dir()
+            .join("sandboxes")
+            .join(&unrecorded)
+            .join("meta.json"),
+    )
+    .expect("forget it");
+    // Another data dir whose directory is deleted under a live sandbox.
+    let gone = fixture();
+    let g = gone.make();
+    let doomed = spawn(&g, "host").await;
+    let doomed_init = meta_of(&gone, &doomed).init().expect("alive");
+    super::remove_tree(&gone.state_dir()).expect("delete the data dir");
+    // A third data dir, alive: its sandbox must survive.
+    let other = fixture();
+    let o = other.make();
+    let bystander = spawn(&o, "host").await;
+    let bystander_init = meta_of(&other, &bystander).init().expect("alive");
+
+    let _restarted = fx.make();
+    for _ in 0..100 {
+        if !unrecorded_init.alive() && !doomed_init.alive() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!unrecorded_init.alive(), "unrecorded sandbox still running");
+    assert!(!doomed_init.alive(), "a sandbox outlived its data dir");
+    assert!(kept_init.alive(), "a recorded sandbox was killed");
+    assert!(
+        bystander_init.alive(),
+        "another server's sandbox was killed"
+    );
+    p.destroy(&kept).await.expect("destroy");
+    o.destroy(&bystander).await.expect("destroy");
+}
