@@ -263,6 +263,18 @@ impl Identity {
         }
     }
 
+    /// The credential that authenticated, as a stable name for rate
+    /// limits and per-caller caps: `api-key`, `admin-key`, `oidc:<sub>`;
+    /// "" on an open server (no credential at all).
+    pub fn credential(&self) -> String {
+        match self.via {
+            Via::Unauthenticated => String::new(),
+            Via::ApiKey => "api-key".into(),
+            Via::AdminKey => "admin-key".into(),
+            Via::Oidc => format!("oidc:{}", self.subject),
+        }
+    }
+
     /// Audit actor label when no `X-User-ID` is given.
     pub fn label(&self) -> String {
         match self.via {

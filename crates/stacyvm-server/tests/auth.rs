@@ -295,7 +295,11 @@ async fn every_route_times_every_role_matches_the_permission_table() {
     let dir = tempfile::tempdir().expect("tmp");
     let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
     let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
-    let s = start(oidc_config(&jwks.url), Duration::from_secs(10)).await;
+    let mut cfg = oidc_config(&jwks.url);
+    // Every route is tried anonymously: far more failures than one
+    // address may make by default.
+    cfg.rate_limit.failed_auth_per_minute = 0;
+    let s = start(cfg, Duration::from_secs(10)).await;
     s.manager
         .store()
         .upsert_tenant_member(&TenantMemberRecord {
@@ -948,6 +952,7 @@ async fn rate_limit_answers_429_with_retry_after_per_bucket() {
     cfg.rate_limit.requests_per_minute = 1;
     cfg.rate_limit.burst = 2;
     cfg.rate_limit.key_by = "owner".into();
+    cfg.rate_limit.failed_auth_per_minute = 2;
     let s = start(cfg, Duration::from_secs(10)).await;
     let get = |user: &'static str| {
         s.http
@@ -1728,4 +1733,222 @@ async fn api_key_may_be_barred_from_naming_users() {
         .await;
     assert_eq!(st, 201, "{v}");
     assert_eq!(v["owner_id"], "eve");
+}
+
+/// An open server (no credential) is on loopback; a web page that rebinds
+/// its own name to 127.0.0.1, or posts cross-origin, gets nothing.
+#[tokio::test]
+async fn open_server_refuses_foreign_hosts_and_cross_origin_requests() {
+    let s = start(Config::default(), Duration::from_secs(10)).await;
+    let port = s
+        .base
+        .split(':')
+        .nth(2)
+        .and_then(|p| p.split('/').next())
+        .expect("port");
+    let req = |host: String| {
+        s.http
+            .get(format!("{}/sandboxes", s.base))
+            .header("Host", host)
+            .send()
+    };
+    for ok in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "LOCALHOST".to_string(),
+        format!("[::1]:{port}"),
+    ] {
+        let r = req(ok.clone()).await.expect("send");
+        assert_eq!(r.status(), 200, "{ok}");
+    }
+    for bad in [
+        format!("evil.example:{port}"),
+        "rebind.attacker.test".to_string(),
+        format!("127.0.0.1.nip.io:{port}"),
+        format!("localhost.evil:{port}"),
+    ] {
+        let r = req(bad.clone()).await.expect("send");
+        assert_eq!(r.status(), 421, "{bad}");
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["code"], "MISDIRECTED_REQUEST", "{v}");
+    }
+    // A simple cross-origin POST (no preflight) does not spawn.
+    let r = s
+        .http
+        .post(format!("{}/sandboxes", s.base))
+        .header("Origin", "https://evil.example")
+        .header("Content-Type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let pre = s
+        .http
+        .request(reqwest::Method::OPTIONS, format!("{}/sandboxes", s.base))
+        .header("Origin", "https://evil.example")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(pre.status(), 403);
+    assert!(s
+        .manager
+        .list(&stacyvm_core::manager::Caller::default())
+        .await
+        .expect("list")
+        .is_empty());
+    // Non-browser clients (no Origin) work as in the quickstart.
+    let (st, v) = s
+        .send("POST", "/sandboxes", &Cred::None, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+
+    // With a credential the server listens everywhere and any Host works.
+    let mut cfg = Config::default();
+    cfg.auth.api_key = Secret::new(API_KEY);
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let r = s
+        .http
+        .get(format!("{}/sandboxes", s.base))
+        .header("Host", "api.example.com")
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+}
+
+/// F-13: the bucket is the credential that authenticated, not whatever
+/// the caller puts in `X-API-Key`.
+#[tokio::test]
+async fn rate_limit_keys_on_the_credential_that_authenticated() {
+    for key_by in ["owner", "api_key"] {
+        let mut cfg = Config::default();
+        cfg.auth.api_key = Secret::new(API_KEY);
+        cfg.auth.admin_api_key = Secret::new(ADMIN_KEY);
+        cfg.rate_limit.enabled = true;
+        cfg.rate_limit.requests_per_minute = 1;
+        cfg.rate_limit.burst = 1;
+        cfg.rate_limit.key_by = key_by.into();
+        let s = start(cfg, Duration::from_secs(10)).await;
+        let mut codes = Vec::new();
+        for i in 0..10 {
+            // The valid key in X-Admin-API-Key, a fresh junk X-API-Key.
+            let r = s
+                .http
+                .get(format!("{}/sandboxes", s.base))
+                .header("X-Admin-API-Key", API_KEY)
+                .header("X-API-Key", format!("junk-{i}"))
+                .send()
+                .await
+                .expect("send");
+            codes.push(r.status().as_u16());
+        }
+        assert_eq!(codes[0], 200, "{key_by}: {codes:?}");
+        assert!(codes[1..].iter().all(|c| *c == 429), "{key_by}: {codes:?}");
+        // The admin key is another credential with its own bucket.
+        let (st, _) = s
+            .send("GET", "/sandboxes", &Cred::AdminKey, &[], None)
+            .await;
+        assert_eq!(st, 200, "{key_by}");
+    }
+    // OIDC: one bucket per subject, whatever else the request carries.
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
+    let mut cfg = oidc_config(&jwks.url);
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.requests_per_minute = 1;
+    cfg.rate_limit.burst = 1;
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let erin = Cred::Bearer(sign(&rsa, "rsa1", &claims("erin", &[])));
+    let (st, _) = s
+        .send("GET", "/sandboxes", &erin, &[("X-API-Key", "a")], None)
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = s
+        .send("GET", "/sandboxes", &erin, &[("X-API-Key", "b")], None)
+        .await;
+    assert_eq!(st, 429);
+    let fred = Cred::Bearer(sign(&rsa, "rsa1", &claims("fred", &[])));
+    let (st, _) = s.send("GET", "/sandboxes", &fred, &[], None).await;
+    assert_eq!(st, 200);
+}
+
+/// F-8.2: 10,000 unauthenticated requests with long paths from 10,000
+/// addresses leave a bounded number of short audit rows.
+#[tokio::test]
+async fn unauthenticated_floods_keep_the_audit_log_bounded() {
+    use futures::StreamExt as _;
+    let mut cfg = Config::default();
+    cfg.auth.api_key = Secret::new(API_KEY);
+    // The test client is a trusted proxy, so every request may come from
+    // its own address (the worst case for per-address limits).
+    cfg.server.trusted_proxies = vec!["127.0.0.1".into()];
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let long = "a".repeat(8000);
+    let t0 = std::time::Instant::now();
+    let codes: Vec<u16> = futures::stream::iter(0..10_000u32)
+        .map(|i| {
+            let url = format!("{}/sandboxes/{long}{i}", s.base);
+            let xff = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
+            let http = s.http.clone();
+            async move {
+                http.get(url)
+                    .header("X-Forwarded-For", xff)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(codes.iter().all(|c| *c == 401), "{:?}", &codes[..20]);
+    // The row budget: 120 at once, then 2 a second (plus as many rows
+    // summarising what was skipped).
+    let budget = 121 + 2 * t0.elapsed().as_secs() as usize;
+    let rows = s
+        .manager
+        .store()
+        .list_admin_audit(&AdminAuditFilter {
+            limit: 500,
+            ..AdminAuditFilter::default()
+        })
+        .await
+        .expect("audit");
+    assert!(
+        rows.len() <= 2 * budget,
+        "{} rows, budget {budget}",
+        rows.len()
+    );
+    assert!(rows.len() < 1000, "{} rows", rows.len());
+    assert!(rows.iter().all(|r| r.path.len() <= 2048), "paths are cut");
+    assert!(rows.iter().any(|r| r.path.ends_with('…')));
+    // Past the row budget the rest is counted, and said so in one row.
+    let (st, _) = s.send("GET", "/sandboxes", &Cred::None, &[], None).await;
+    assert_eq!(st, 401);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (st, _) = s.send("GET", "/sandboxes", &Cred::None, &[], None).await;
+    assert_eq!(st, 401);
+    let rows = s
+        .manager
+        .store()
+        .list_admin_audit(&AdminAuditFilter {
+            actor: "audit:suppressed".into(),
+            ..AdminAuditFilter::default()
+        })
+        .await
+        .expect("audit");
+    assert!(!rows.is_empty());
+    assert!(rows[0].path.contains("were not recorded"), "{rows:?}");
+    // One address alone is limited sooner: 429 and no row at all.
+    let mut codes = Vec::new();
+    for _ in 0..40 {
+        codes.push(s.send("GET", "/sandboxes", &Cred::None, &[], None).await.0);
+    }
+    assert!(codes.contains(&429), "{codes:?}");
 }

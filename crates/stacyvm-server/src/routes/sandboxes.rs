@@ -225,7 +225,7 @@ pub async fn exec_ws(
     let origins = &st.cfg.server.cors_allowed_origins;
     if let Some(origin) = headers.get(axum::http::header::ORIGIN) {
         let origin = origin.to_str().unwrap_or_default();
-        let any = origins.is_empty() || origins.iter().any(|o| o == "*");
+        let any = origins.iter().any(|o| o == "*");
         if !any && !origins.iter().any(|o| o == origin) {
             return Err(crate::error::ApiError::new(
                 axum::http::StatusCode::FORBIDDEN,
