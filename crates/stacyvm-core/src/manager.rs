@@ -32,16 +32,68 @@ const LEASE_GRACE: Duration = Duration::from_secs(300);
 /// Captured stdout/stderr of a synchronous exec is capped at this many bytes each.
 pub const MAX_CAPTURE: usize = 32 * 1024 * 1024;
 
+/// Which sandboxes a caller reaches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Its tenant's sandboxes; without a tenant, every tenant's (the
+    /// system, the admin key, an open server).
+    #[default]
+    Global,
+    /// Only its tenant's sandboxes; "" is a tenant of its own (the
+    /// sandboxes of callers without a tenant).
+    Tenant,
+    /// Only the sandboxes of its tenant that it owns.
+    Owner,
+}
+
 /// Who is asking, for ownership, tenancy and audit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Caller {
     /// Owner id to stamp on new sandboxes (already authorised).
     pub owner_id: String,
-    /// Tenant of the verified identity; "" = no tenant scoping.
+    /// Tenant of the verified identity; "" = none (see [`Scope`]).
     pub tenant_id: String,
     /// Audit actor.
     pub actor: String,
     pub request_id: String,
+    pub scope: Scope,
+    /// May name another owner in a spawn body's `owner_id` (a credential
+    /// acting for its users); otherwise a foreign `owner_id` is 403.
+    pub names_owners: bool,
+}
+
+impl Caller {
+    /// Whether this caller reaches every tenant's sandboxes.
+    pub fn sees_all_tenants(&self) -> bool {
+        self.scope == Scope::Global && self.tenant_id.is_empty()
+    }
+
+    /// Whether `r` is visible to this caller (tenancy, then ownership).
+    pub fn sees(&self, r: &SandboxRecord) -> bool {
+        if self.sees_all_tenants() {
+            return true;
+        }
+        r.tenant_id == self.tenant_id && (self.scope != Scope::Owner || r.owner_id == self.owner_id)
+    }
+
+    /// The owner of a new sandbox. A body `owner_id` other than the
+    /// caller's own is 403 unless the caller may name owners; then the
+    /// caller's own (`X-User-ID`) still wins when it has one.
+    pub fn owner_for(&self, asked: &str) -> Result<String> {
+        let asked = asked.trim();
+        if asked.is_empty() || asked == self.owner_id {
+            return paths::normalize_owner(&self.owner_id);
+        }
+        if !self.names_owners {
+            return Err(Error::forbidden(format!(
+                "owner_id {asked:?} names another owner; this credential may not act for other users"
+            )));
+        }
+        if !self.owner_id.is_empty() {
+            return paths::normalize_owner(&self.owner_id);
+        }
+        paths::normalize_owner(asked)
+    }
 }
 
 /// A resolved exec request.
@@ -212,7 +264,7 @@ impl Manager {
             Err(e) => return Err(e),
         };
         if rec.state == state::DESTROYED {
-            if !caller.tenant_id.is_empty() && rec.tenant_id != caller.tenant_id {
+            if !caller.sees(&rec) {
                 return Err(Error::sandbox_not_found(id));
             }
             return Err(Error::sandbox_destroyed(id));
@@ -223,9 +275,7 @@ impl Manager {
     /// Live sandboxes visible to `caller`, newest first.
     pub async fn list(&self, caller: &Caller) -> Result<Vec<SandboxRecord>> {
         let mut all = self.store.list_active_sandboxes().await?;
-        if !caller.tenant_id.is_empty() {
-            all.retain(|r| r.tenant_id == caller.tenant_id);
-        }
+        all.retain(|r| caller.sees(r));
         Ok(all)
     }
 
@@ -467,11 +517,7 @@ impl Manager {
         }
         let provider = self.registry.get(&req.provider)?;
         let provider_name = provider.name().to_string();
-        let owner = paths::normalize_owner(if caller.owner_id.is_empty() {
-            &req.owner_id
-        } else {
-            &caller.owner_id
-        })?;
+        let owner = caller.owner_for(&req.owner_id)?;
         let ttl = self.parse_ttl(&req.ttl)?;
         let d = &self.cfg.defaults;
         let image = if req.image.trim().is_empty() {
@@ -711,11 +757,11 @@ impl Manager {
         let rec = match self.get(id, caller).await {
             Ok(r) => r,
             Err(e) if matches!(e.kind(), ErrorKind::SandboxDestroyed) => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::SandboxNotFound && caller.tenant_id.is_empty() => {
+            Err(e) if e.kind() == ErrorKind::SandboxNotFound && caller.sees_all_tenants() => {
                 return Ok(())
             }
             Err(e) if e.kind() == ErrorKind::SandboxNotFound => {
-                // A tenant caller gets 200 only for ids that do not exist at all.
+                // A scoped caller gets 200 only for ids that do not exist at all.
                 return match self.store.get_sandbox(id).await {
                     Ok(_) => Err(e),
                     Err(_) => Ok(()),
@@ -1789,7 +1835,7 @@ async fn audit_writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<AuditItem>) 
 }
 
 fn check_tenant(r: Arc<SandboxRecord>, caller: &Caller) -> Result<Arc<SandboxRecord>> {
-    if !caller.tenant_id.is_empty() && r.tenant_id != caller.tenant_id {
+    if !caller.sees(&r) {
         return Err(Error::sandbox_not_found(&r.id));
     }
     Ok(r)

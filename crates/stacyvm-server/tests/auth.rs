@@ -664,8 +664,9 @@ async fn identity_and_tenant_are_never_self_asserted() {
     let bob_box = v["id"].as_str().expect("id").to_string();
     assert_eq!(v["owner_id"], "bob");
 
-    // The tenant from the token claim scopes list and get.
-    let mut c = claims("dave", &[]);
+    // The tenant from the token claim scopes list and get (dave is an
+    // operator: he sees the whole tenant, not only what he owns).
+    let mut c = claims("dave", &["ops"]);
     c["tenant"] = json!("acme");
     let dave = Cred::Bearer(sign(&rsa, "rsa1", &c));
     let (st, v) = s.send("GET", "/sandboxes", &dave, &[], None).await;
@@ -1733,6 +1734,249 @@ async fn api_key_may_be_barred_from_naming_users() {
         .await;
     assert_eq!(st, 201, "{v}");
     assert_eq!(v["owner_id"], "eve");
+    // F-14: the body's owner_id is no way around it (403, nothing made),
+    // for the API key and for an OIDC-like caller alike.
+    let before = s
+        .manager
+        .list(&stacyvm_core::manager::Caller::default())
+        .await
+        .expect("list")
+        .len();
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &Cred::ApiKey,
+            &[],
+            Some(json!({"owner_id": "alice"})),
+        )
+        .await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["message"].as_str().expect("m").contains("owner_id"),
+        "{v}"
+    );
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes/admission",
+            &Cred::ApiKey,
+            &[],
+            Some(json!({"owner_id": "alice"})),
+        )
+        .await;
+    assert_eq!(st, 403, "{v}");
+    let after = s
+        .manager
+        .list(&stacyvm_core::manager::Caller::default())
+        .await
+        .expect("list")
+        .len();
+    assert_eq!(before, after);
+    // The admin key may still name the owner in the body.
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &Cred::AdminKey,
+            &[],
+            Some(json!({"owner_id": "alice"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["owner_id"], "alice");
+}
+
+/// Reads an SSE response for `wait`, returning what arrived.
+async fn read_sse(resp: &mut reqwest::Response, wait: Duration) -> String {
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, resp.chunk()).await {
+            Ok(Ok(Some(c))) => text.push_str(&String::from_utf8_lossy(&c)),
+            _ => return text,
+        }
+    }
+}
+
+async fn sse(s: &Server, cred: &Cred, extra: &[(&str, &str)]) -> reqwest::Response {
+    let mut rb = s.http.get(format!("{}/events", s.base));
+    rb = match cred {
+        Cred::ApiKey => rb.header("X-API-Key", API_KEY),
+        Cred::AdminKey => rb.header("X-Admin-API-Key", ADMIN_KEY),
+        Cred::Bearer(t) => rb.header("Authorization", format!("Bearer {t}")),
+        Cred::None => rb,
+    };
+    for (k, v) in extra {
+        rb = rb.header(*k, *v);
+    }
+    let r = rb.send().await.expect("sse");
+    assert_eq!(r.status(), 200);
+    r
+}
+
+/// F-6: a caller without a tenant is in a tenant of its own, and inside a
+/// tenant viewers and api callers only reach what they own: list, get,
+/// exec, files and the exec command lines on `/events`.
+#[tokio::test]
+async fn no_tenant_is_a_tenant_and_owners_are_scoped_inside_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
+    let mut cfg = oidc_config(&jwks.url);
+    cfg.auth.oidc_tenant_claim = "tenant".into();
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let token = |sub: &str, tenant: Option<&str>, groups: &[&str]| {
+        let mut c = claims(sub, groups);
+        if let Some(t) = tenant {
+            c["tenant"] = json!(t);
+        }
+        Cred::Bearer(sign(&rsa, "rsa1", &c))
+    };
+    let alice = token("alice", Some("acme"), &[]);
+    let carol = token("carol", Some("acme"), &[]);
+    let oscar = token("oscar", Some("acme"), &["ops"]);
+    let bob = token("bob", None, &[]);
+    let (st, v) = s
+        .send("POST", "/sandboxes", &alice, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let a = v["id"].as_str().expect("id").to_string();
+    let (st, v) = s
+        .send("POST", "/sandboxes", &bob, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let b = v["id"].as_str().expect("id").to_string();
+
+    let mut bob_events = sse(&s, &bob, &[]).await;
+    let mut key_events = sse(&s, &Cred::ApiKey, &[]).await;
+    let mut carol_events = sse(&s, &carol, &[]).await;
+    let mut alice_events = sse(&s, &alice, &[]).await;
+    let mut oscar_events = sse(&s, &oscar, &[]).await;
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{a}/exec"),
+            &alice,
+            &[],
+            Some(json!({"command": "echo TOP-SECRET-ARGV"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+
+    let ids = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|x| x["id"].as_str().map(str::to_string))
+            .collect()
+    };
+    let file = format!("/sandboxes/{a}/files?path=/etc/hostname");
+    let exec = format!("/sandboxes/{a}/exec");
+    let get = format!("/sandboxes/{a}");
+    // Bob (no tenant claim), the API key (no X-Tenant-ID) and Carol (same
+    // tenant, another owner) reach nothing of Alice's.
+    for (who, cred) in [("bob", &bob), ("api key", &Cred::ApiKey), ("carol", &carol)] {
+        let (st, v) = s.send("GET", "/sandboxes", cred, &[], None).await;
+        assert_eq!(st, 200, "{who}");
+        assert!(!ids(&v).contains(&a), "{who} lists {a}: {v}");
+        let (st, _) = s.send("GET", &get, cred, &[], None).await;
+        assert_eq!(st, 404, "{who} get");
+        let (st, _) = s
+            .send("POST", &exec, cred, &[], Some(json!({"command": "id"})))
+            .await;
+        assert_eq!(st, 404, "{who} exec");
+        let (st, _) = s.send("GET", &file, cred, &[], None).await;
+        assert_eq!(st, 404, "{who} files");
+        let (st, _) = s.send("DELETE", &get, cred, &[], None).await;
+        assert_eq!(st, 404, "{who} destroy");
+    }
+    // Bob sees his own sandbox; the service API key without a tenant sees
+    // the sandboxes without a tenant.
+    let (_, v) = s.send("GET", "/sandboxes", &bob, &[], None).await;
+    assert_eq!(ids(&v), vec![b.clone()]);
+    let (_, v) = s.send("GET", "/sandboxes", &Cred::ApiKey, &[], None).await;
+    assert_eq!(ids(&v), vec![b.clone()]);
+    // Alice and an operator of her tenant reach it; the admin sees all.
+    let (_, v) = s.send("GET", "/sandboxes", &alice, &[], None).await;
+    assert_eq!(ids(&v), vec![a.clone()]);
+    let (_, v) = s.send("GET", "/sandboxes", &oscar, &[], None).await;
+    assert_eq!(ids(&v), vec![a.clone()]);
+    let (st, _) = s.send("GET", &get, &oscar, &[], None).await;
+    assert_eq!(st, 200);
+    let (_, v) = s
+        .send("GET", "/sandboxes", &Cred::AdminKey, &[], None)
+        .await;
+    assert_eq!(ids(&v).len(), 2, "{v}");
+
+    // The exec command line only reaches callers who see the sandbox.
+    let wait = Duration::from_millis(700);
+    let alice_text = read_sse(&mut alice_events, wait).await;
+    assert!(alice_text.contains("TOP-SECRET-ARGV"), "{alice_text}");
+    assert!(read_sse(&mut oscar_events, wait)
+        .await
+        .contains("TOP-SECRET-ARGV"));
+    for (who, stream) in [
+        ("bob", &mut bob_events),
+        ("api key", &mut key_events),
+        ("carol", &mut carol_events),
+    ] {
+        let text = read_sse(stream, wait).await;
+        assert!(!text.contains("TOP-SECRET-ARGV"), "{who}: {text}");
+        assert!(!text.contains(&a), "{who}: {text}");
+    }
+}
+
+/// `auth.owner_scoping: false` lets every member of a tenant reach the
+/// tenant's sandboxes (tenancy still holds).
+#[tokio::test]
+async fn owner_scoping_can_be_switched_off() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
+    let mut cfg = oidc_config(&jwks.url);
+    cfg.auth.oidc_tenant_claim = "tenant".into();
+    cfg.auth.owner_scoping = false;
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let token = |sub: &str, tenant: Option<&str>| {
+        let mut c = claims(sub, &[]);
+        if let Some(t) = tenant {
+            c["tenant"] = json!(t);
+        }
+        Cred::Bearer(sign(&rsa, "rsa1", &c))
+    };
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &token("alice", Some("acme")),
+            &[],
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let a = v["id"].as_str().expect("id").to_string();
+    let (st, _) = s
+        .send(
+            "GET",
+            &format!("/sandboxes/{a}"),
+            &token("carol", Some("acme")),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = s
+        .send(
+            "GET",
+            &format!("/sandboxes/{a}"),
+            &token("bob", None),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 404);
 }
 
 /// An open server (no credential) is on loopback; a web page that rebinds

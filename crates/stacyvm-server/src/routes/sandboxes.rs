@@ -35,11 +35,7 @@ pub async fn admission(
     Who(who): Who,
     OptBody(req): OptBody<SpawnRequest>,
 ) -> ApiResult<Json<stacyvm_api::AdmissionDecision>> {
-    let owner = if who.owner_id.is_empty() {
-        req.owner_id.clone()
-    } else {
-        who.owner_id.clone()
-    };
+    let owner = who.owner_for(&req.owner_id)?;
     Ok(Json::ok(st.manager.admission(&req, &owner).await?))
 }
 

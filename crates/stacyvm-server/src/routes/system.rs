@@ -128,37 +128,40 @@ pub async fn snapshots() -> Json<Vec<SnapshotSummary>> {
 }
 
 /// Server-sent events: `data: <json>\n\n` per event, flushed immediately.
-/// SSE of orchestrator events. A caller acting in a tenant only sees
-/// events of that tenant's sandboxes (ids remembered so the final
-/// `sandbox.destroyed` still arrives after the record left the cache).
+/// SSE of orchestrator events. A caller only sees events of sandboxes it
+/// can see (its tenant's, or its own when owner-scoped; only the admin
+/// without a tenant sees all), so exec command lines never reach another
+/// tenant or owner. Ids are remembered so the final `sandbox.destroyed`
+/// still arrives after the record left the cache.
 pub async fn events(State(st): State<AppState>, Who(who): Who) -> Response {
     let rx = st.manager.events().subscribe();
-    let tenant = who.tenant_id;
+    let all = who.sees_all_tenants();
     let mine: std::sync::Arc<Mutex<std::collections::HashSet<String>>> = std::sync::Arc::default();
-    if !tenant.is_empty() {
+    if !all {
         if let Ok(mut m) = mine.lock() {
             for r in st.manager.cached() {
-                if r.tenant_id == tenant {
+                if who.sees(&r) {
                     m.insert(r.id.clone());
                 }
             }
         }
     }
     let manager = st.manager.clone();
+    let who = std::sync::Arc::new(who);
     let stream = BroadcastStream::new(rx).filter_map(move |ev| {
-        let (tenant, mine, manager) = (tenant.clone(), mine.clone(), manager.clone());
+        let (who, mine, manager) = (who.clone(), mine.clone(), manager.clone());
         async move {
             // Lagged subscribers skip what they missed.
             let ev = ev.ok()?;
-            if !tenant.is_empty() {
+            if !all {
                 let mut m = mine.lock().ok()?;
                 if !m.contains(&ev.sandbox_id) {
-                    let owned = !ev.sandbox_id.is_empty()
+                    let visible = !ev.sandbox_id.is_empty()
                         && manager
                             .cached()
                             .iter()
-                            .any(|r| r.id == ev.sandbox_id && r.tenant_id == tenant);
-                    if !owned {
+                            .any(|r| r.id == ev.sandbox_id && who.sees(r));
+                    if !visible {
                         return None;
                     }
                     m.insert(ev.sandbox_id.clone());
