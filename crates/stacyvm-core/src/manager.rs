@@ -926,7 +926,35 @@ impl Manager {
         Ok(n)
     }
 
-    /// Runs `prune` every `interval` until the returned handle is aborted.
+    /// Deletes stored rows past their retention: admin and operation
+    /// audit (`auth.admin_audit_retention`), exec logs
+    /// (`database.exec_log_retention`) and destroyed sandboxes
+    /// (`database.sandbox_retention`); 0 keeps that kind forever. Returns
+    /// how many rows went.
+    pub async fn apply_retention(&self) -> Result<u64> {
+        let cutoff = |d: crate::config::Dur| {
+            if d.is_zero() || d.0.is_negative() {
+                return None;
+            }
+            chrono::Duration::from_std(d.std())
+                .ok()
+                .map(|keep| Utc::now() - keep)
+        };
+        let mut n = 0;
+        if let Some(t) = cutoff(self.cfg.auth.admin_audit_retention) {
+            n += self.store.prune_audit(t).await?;
+        }
+        if let Some(t) = cutoff(self.cfg.database.exec_log_retention) {
+            n += self.store.prune_exec_logs(t).await?;
+        }
+        if let Some(t) = cutoff(self.cfg.database.sandbox_retention) {
+            n += self.store.prune_destroyed_sandboxes(t).await?;
+        }
+        Ok(n)
+    }
+
+    /// Runs `prune` and `apply_retention` every `interval` until the
+    /// returned handle is aborted.
     pub fn start_reaper(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
         let me = Arc::clone(self);
         tokio::spawn(async move {
@@ -938,6 +966,11 @@ impl Manager {
                     Ok(0) => {}
                     Ok(n) => info!(count = n, "reaped expired sandboxes"),
                     Err(e) => warn!(error = %e, "reaper pass failed"),
+                }
+                match me.apply_retention().await {
+                    Ok(0) => {}
+                    Ok(n) => info!(rows = n, "deleted rows past their retention"),
+                    Err(e) => warn!(error = %e, "retention pass failed"),
                 }
             }
         })

@@ -2196,3 +2196,76 @@ async fn unauthenticated_floods_keep_the_audit_log_bounded() {
     }
     assert!(codes.contains(&429), "{codes:?}");
 }
+
+/// F-8.3/8.4: the reaper deletes exec logs, audit rows and destroyed
+/// sandboxes past their retention (all on by default).
+#[tokio::test]
+async fn reaper_applies_retention_to_exec_logs_audit_and_destroyed_sandboxes() {
+    let d = Config::default();
+    assert!(!d.database.exec_log_retention.is_zero());
+    assert!(!d.database.sandbox_retention.is_zero());
+    assert!(!d.auth.admin_audit_retention.is_zero());
+    let mut cfg = Config::default();
+    cfg.auth.admin_api_key = Secret::new(ADMIN_KEY);
+    cfg.database.exec_log_retention = stacyvm_core::config::Dur::secs(1);
+    cfg.database.sandbox_retention = stacyvm_core::config::Dur::secs(1);
+    cfg.auth.admin_audit_retention = stacyvm_core::config::Dur::secs(1);
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let (st, v) = s
+        .send("POST", "/sandboxes", &Cred::AdminKey, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    for i in 0..3 {
+        let (st, v) = s
+            .send(
+                "POST",
+                &format!("/sandboxes/{id}/exec"),
+                &Cred::AdminKey,
+                &[],
+                Some(json!({"command": format!("echo {i}")})),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let (st, _) = s
+        .send(
+            "DELETE",
+            &format!("/sandboxes/{id}"),
+            &Cred::AdminKey,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
+    s.manager.flush_audit().await;
+    let store = s.manager.store().clone();
+    assert_eq!(store.list_exec_logs(&id, 10).await.expect("logs").len(), 3);
+    assert!(store.get_sandbox(&id).await.is_ok());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let reaper = s.manager.start_reaper(Duration::from_millis(100));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while store.get_sandbox(&id).await.is_ok() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reaper.abort();
+    assert!(
+        store.get_sandbox(&id).await.is_err(),
+        "destroyed row pruned"
+    );
+    assert!(store
+        .list_exec_logs(&id, 10)
+        .await
+        .expect("logs")
+        .is_empty());
+    let ops = store
+        .list_op_audit(&stacyvm_core::store::OpAuditFilter::default())
+        .await
+        .expect("ops");
+    assert!(ops.is_empty(), "{ops:?}");
+    let admin = store
+        .list_admin_audit(&AdminAuditFilter::default())
+        .await
+        .expect("admin");
+    assert!(admin.is_empty(), "{admin:?}");
+}
