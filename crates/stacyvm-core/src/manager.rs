@@ -29,6 +29,9 @@ use crate::store::{
 pub const LOCAL_WORKER: &str = "local";
 /// Lease grace after expiry.
 const LEASE_GRACE: Duration = Duration::from_secs(300);
+/// Characters of an operation audit row's resource (an exec's command
+/// line) that are kept.
+pub const MAX_AUDIT_RESOURCE: usize = 256;
 /// Captured stdout/stderr of a synchronous exec is capped at this many bytes each.
 pub const MAX_CAPTURE: usize = 32 * 1024 * 1024;
 
@@ -1807,7 +1810,9 @@ impl Manager {
             actor,
             action: action.to_string(),
             sandbox_id: sandbox_id.to_string(),
-            resource: resource.chars().take(2048).collect(),
+            // An exec's resource is its command line: keep a short prefix
+            // (argv may carry secrets; F-17), retention removes the rest.
+            resource: resource.chars().take(MAX_AUDIT_RESOURCE).collect(),
             provider: provider.to_string(),
             status: if ok {
                 "success".into()

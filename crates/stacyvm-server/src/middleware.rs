@@ -31,10 +31,59 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string);
     req.extensions_mut().insert(RequestId(id.clone()));
     let mut resp = next.run(req).await;
+    if resp.status().is_server_error() {
+        resp = scrub_server_error(resp, &id).await;
+    }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
     }
     resp
+}
+
+/// A 5xx error body says only its kind and the request id; the message
+/// it had (host paths, agent stderr) goes to the log (F-17). Bodies that
+/// are not the error shape (`/ready`'s 503 report) pass unchanged.
+async fn scrub_server_error(resp: Response, request_id: &str) -> Response {
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 256 * 1024).await else {
+        return ApiError::new(parts.status, "INTERNAL_ERROR", "").into_response();
+    };
+    let Ok(err) = serde_json::from_slice::<stacyvm_api::ErrorBody>(&bytes) else {
+        return Response::from_parts(parts, Body::from(bytes));
+    };
+    let kind = match err.code.as_str() {
+        "INTERNAL_ERROR" => "internal error",
+        "UNAVAILABLE" => "provider unavailable",
+        "NOT_IMPLEMENTED" => "unsupported operation",
+        _ => "server error",
+    };
+    tracing::error!(
+        request_id,
+        status = parts.status.as_u16(),
+        code = %err.code,
+        message = %err.message,
+        "request failed"
+    );
+    let mut out = crate::json::json_response(
+        parts.status,
+        &stacyvm_api::ErrorBody {
+            code: err.code,
+            message: format!("{kind} (request id {request_id})"),
+        },
+    );
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_LENGTH && k != header::CONTENT_TYPE {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 /// The client address: the socket peer, or the first `X-Forwarded-For`
@@ -590,4 +639,73 @@ pub async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiErro
         "METHOD_NOT_ALLOWED",
         format!("method {method} is not allowed on {}", uri.path()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tower::ServiceExt as _;
+
+    #[tokio::test]
+    async fn server_errors_say_only_kind_and_request_id() {
+        let app = axum::Router::new()
+            .route(
+                "/agent",
+                get(|| async {
+                    ApiError::from(stacyvm_core::Error::unavailable(
+                        "connecting to the sandbox agent at /var/lib/stacyvm/docker/sb-1/run/agent.sock",
+                    ))
+                }),
+            )
+            .route(
+                "/setup",
+                get(|| async {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "INTERNAL_ERROR",
+                        "sandbox setup failed: mount /var/lib/stacyvm/native: EPERM",
+                    )
+                }),
+            )
+            .route(
+                "/ready",
+                get(|| async {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [(header::CONTENT_TYPE, "application/json")],
+                        r#"{"status":"not_ready"}"#,
+                    )
+                }),
+            )
+            .layer(axum::middleware::from_fn(request_id));
+        for path in ["/agent", "/setup"] {
+            let resp = app
+                .clone()
+                .oneshot(
+                    Request::get(path)
+                        .header("x-request-id", "rid-42")
+                        .body(Body::empty())
+                        .expect("req"),
+                )
+                .await
+                .expect("resp");
+            assert!(resp.status().is_server_error());
+            let bytes = axum::body::to_bytes(resp.into_body(), 4096)
+                .await
+                .expect("body");
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains("/var/lib"), "{path}: {text}");
+            assert!(!text.contains("setup failed"), "{path}: {text}");
+            assert!(text.contains("request id rid-42"), "{path}: {text}");
+        }
+        let resp = app
+            .oneshot(Request::get("/ready").body(Body::empty()).expect("req"))
+            .await
+            .expect("resp");
+        let bytes = axum::body::to_bytes(resp.into_body(), 4096)
+            .await
+            .expect("body");
+        assert_eq!(&bytes[..], br#"{"status":"not_ready"}"#);
+    }
 }

@@ -2269,3 +2269,43 @@ async fn reaper_applies_retention_to_exec_logs_audit_and_destroyed_sandboxes() {
         .expect("admin");
     assert!(admin.is_empty(), "{admin:?}");
 }
+
+/// F-17: the operation audit keeps only a short prefix of an exec's
+/// command line.
+#[tokio::test]
+async fn op_audit_keeps_a_truncated_exec_command() {
+    let s = start(Config::default(), Duration::from_secs(10)).await;
+    let (st, v) = s
+        .send("POST", "/sandboxes", &Cred::None, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let cmd = format!("echo {}", "S".repeat(5000));
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{id}/exec"),
+            &Cred::None,
+            &[],
+            Some(json!({ "command": cmd })),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    s.manager.flush_audit().await;
+    let rows = s
+        .manager
+        .store()
+        .list_op_audit(&stacyvm_core::store::OpAuditFilter {
+            action: "exec".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ops");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0].resource.starts_with("echo SSS"));
+    assert!(
+        rows[0].resource.chars().count() <= 256,
+        "{}",
+        rows[0].resource.len()
+    );
+}

@@ -273,7 +273,9 @@ async fn ws_session(st: AppState, who: Caller, id: String, mut socket: WebSocket
     {
         Ok(rx) => rx,
         Err(e) => {
-            let msg = serde_json::json!({"error": e.to_string()}).to_string();
+            // Server-side failures say only their kind (F-17).
+            let text = crate::error::ApiError::from(e).message;
+            let msg = serde_json::json!({"error": text}).to_string();
             let _ = socket.send(Message::Text(msg.into())).await;
             return close(&mut socket, 1011, "exec failed").await;
         }
