@@ -22,6 +22,9 @@ pub const API: u8 = 2;
 pub const OPERATOR: u8 = 4;
 pub const ADMIN: u8 = 8;
 pub const TENANT_ADMIN: u8 = 16;
+/// Changing configuration shared by every tenant (templates): operators
+/// and the admin, never a tenant admin (F-15).
+pub const SHARED: u8 = 32;
 
 /// The role of an authenticated caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,9 +54,9 @@ impl Role {
         match self {
             Role::Viewer => READ,
             Role::Api => READ | API,
-            Role::Operator => READ | API | OPERATOR,
+            Role::Operator => READ | API | OPERATOR | SHARED,
             Role::TenantAdmin => READ | API | OPERATOR | TENANT_ADMIN,
-            Role::Admin => READ | API | OPERATOR | ADMIN | TENANT_ADMIN,
+            Role::Admin => READ | API | OPERATOR | ADMIN | TENANT_ADMIN | SHARED,
         }
     }
 
@@ -77,8 +80,11 @@ pub enum Perm {
     Read,
     /// `api:*`
     Write,
-    /// `operator:*` (shared configuration: templates, prune, metrics)
+    /// `operator:*` (prune, metrics)
     Operate,
+    /// `operator:shared`: configuration every tenant uses (templates);
+    /// operators and the admin, not tenant admins.
+    Shared,
     /// `tenant:admin`: the admin, or a tenant admin for its own tenant
     /// (the handler compares the tenant in the path).
     Tenant,
@@ -93,6 +99,7 @@ impl Perm {
             Perm::Read => Some((READ, "read:*")),
             Perm::Write => Some((API, "api:*")),
             Perm::Operate => Some((OPERATOR, "operator:*")),
+            Perm::Shared => Some((SHARED, "operator:shared")),
             Perm::Tenant => Some((TENANT_ADMIN, "tenant:admin")),
             Perm::Admin => Some((ADMIN, "admin:*")),
         }
@@ -108,6 +115,7 @@ impl Perm {
             Perm::Read => "read:*",
             Perm::Write => "api:*",
             Perm::Operate => "operator:*",
+            Perm::Shared => "operator:shared",
             Perm::Tenant => "tenant:admin",
             Perm::Admin => "admin:*",
         }
@@ -159,10 +167,10 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
     r("GET", "/pool/status", Perm::Read),
     r("GET", "/snapshots", Perm::Read),
     r("GET", "/templates", Perm::Read),
-    r("POST", "/templates", Perm::Operate),
+    r("POST", "/templates", Perm::Shared),
     r("GET", "/templates/{name}", Perm::Read),
-    r("PUT", "/templates/{name}", Perm::Operate),
-    r("DELETE", "/templates/{name}", Perm::Operate),
+    r("PUT", "/templates/{name}", Perm::Shared),
+    r("DELETE", "/templates/{name}", Perm::Shared),
     r("POST", "/templates/{name}/spawn", Perm::Write),
     r("GET", "/quotas", Perm::Read),
     r("GET", "/quotas/summary", Perm::Read),
@@ -794,6 +802,20 @@ mod tests {
         assert!(Perm::Write.allows(Role::Api));
         assert!(!Perm::Operate.allows(Role::Api));
         assert!(Perm::Operate.allows(Role::TenantAdmin));
+        assert!(!Perm::Shared.allows(Role::TenantAdmin));
+        assert!(Perm::Shared.allows(Role::Operator));
+        assert!(Perm::Shared.allows(Role::Admin));
+        // Tenant admins cannot change the templates every tenant uses.
+        for m in [Method::POST, Method::PUT, Method::DELETE] {
+            let path = if m == Method::POST {
+                "/templates"
+            } else {
+                "/templates/{name}"
+            };
+            let p = permission(&m, path).expect("entry");
+            assert!(!p.allows(Role::TenantAdmin), "{m} {path}");
+            assert!(p.allows(Role::Operator), "{m} {path}");
+        }
         assert!(!Perm::Admin.allows(Role::Operator));
         assert!(!Perm::Tenant.allows(Role::Operator));
         assert!(Perm::Tenant.allows(Role::TenantAdmin));
