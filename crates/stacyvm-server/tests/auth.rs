@@ -2309,3 +2309,111 @@ async fn op_audit_keeps_a_truncated_exec_command() {
         rows[0].resource.len()
     );
 }
+
+/// F-18: a slow JWKS fetch (an unknown `kid`) does not hold up tokens
+/// whose key is cached; oversized documents and redirects are refused.
+#[tokio::test]
+async fn jwks_fetch_is_single_flight_bounded_and_never_redirected() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let set = json!({ "keys": [rsa.jwk.clone()] });
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (s2, slow2, hits2) = (set.clone(), slow.clone(), hits.clone());
+    let app = axum::Router::new()
+        .route(
+            "/jwks",
+            axum::routing::get(move || {
+                let (s, slow, hits) = (s2.clone(), slow2.clone(), hits2.clone());
+                async move {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    if slow.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
+                    axum::Json(s)
+                }
+            }),
+        )
+        .route(
+            "/big",
+            axum::routing::get(|| async {
+                format!("{{\"keys\":[],\"pad\":\"{}\"}}", "x".repeat(2 << 20))
+            }),
+        )
+        .route(
+            "/redirect",
+            axum::routing::get(|| async {
+                (
+                    axum::http::StatusCode::FOUND,
+                    [(axum::http::header::LOCATION, "/jwks")],
+                )
+            }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+
+    let s = start(
+        oidc_config(&format!("{base}/jwks")),
+        Duration::from_millis(0),
+    )
+    .await;
+    let good = Cred::Bearer(sign(&rsa, "rsa1", &claims("gina", &[])));
+    let (st, _) = s.send("GET", "/sandboxes", &good, &[], None).await;
+    assert_eq!(st, 200);
+    slow.store(true, Ordering::SeqCst);
+    let unknown = Cred::Bearer(sign(&rsa, "nope", &claims("gina", &[])));
+    let stalled = {
+        let (http, base) = (s.http.clone(), s.base.clone());
+        let Cred::Bearer(t) = unknown else {
+            unreachable!()
+        };
+        tokio::spawn(async move {
+            http.get(format!("{base}/sandboxes"))
+                .bearer_auth(t)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = std::time::Instant::now();
+    let (st, _) = s.send("GET", "/sandboxes", &good, &[], None).await;
+    assert_eq!(st, 200);
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "a cached key waited {:?} for the JWKS fetch",
+        t0.elapsed()
+    );
+    // A second unknown kid while the fetch is in flight waits for it and
+    // does not start another one.
+    let (st, _) = s
+        .send(
+            "GET",
+            "/sandboxes",
+            &Cred::Bearer(sign(&rsa, "nope2", &claims("gina", &[]))),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 401);
+    assert_eq!(stalled.await.expect("join").expect("send"), 401);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        2,
+        "one initial fetch, one refetch"
+    );
+
+    for (path, why) in [("/big", "larger than"), ("/redirect", "HTTP 302")] {
+        let s = start(
+            oidc_config(&format!("{base}{path}")),
+            Duration::from_secs(10),
+        )
+        .await;
+        rejected(&s, &sign(&rsa, "rsa1", &claims("gina", &[])), why).await;
+    }
+}
