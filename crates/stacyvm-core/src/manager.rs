@@ -32,7 +32,8 @@ const LEASE_GRACE: Duration = Duration::from_secs(300);
 /// Characters of an operation audit row's resource (an exec's command
 /// line) that are kept.
 pub const MAX_AUDIT_RESOURCE: usize = 256;
-/// Captured stdout/stderr of a synchronous exec is capped at this many bytes each.
+/// Upper bound of `limits.exec_output_bytes`: captured stdout/stderr of a
+/// synchronous exec never exceeds this many bytes each.
 pub const MAX_CAPTURE: usize = 32 * 1024 * 1024;
 
 /// Which sandboxes a caller reaches.
@@ -1288,6 +1289,10 @@ impl Manager {
         );
         let started = Instant::now();
         let (tx, mut rx) = mpsc::channel::<OutputChunk>(64);
+        let cap = match usize::try_from(self.cfg.limits.exec_output_bytes) {
+            Ok(n) if n > 0 => n.min(MAX_CAPTURE),
+            _ => MAX_CAPTURE,
+        };
         let collect = async move {
             let mut out = Vec::new();
             let mut err = Vec::new();
@@ -1296,7 +1301,7 @@ impl Manager {
                     StreamKind::Stdout => &mut out,
                     StreamKind::Stderr => &mut err,
                 };
-                let room = MAX_CAPTURE.saturating_sub(buf.len());
+                let room = cap.saturating_sub(buf.len());
                 buf.extend_from_slice(&c.data[..c.data.len().min(room)]);
             }
             (out, err)

@@ -5,6 +5,7 @@
 //! request timeout: long execs, NDJSON streams, WebSockets and SSE are
 //! bounded by their own deadlines, not cut at 120 s (gaps C-20).
 
+pub mod active;
 pub mod auth;
 pub mod error;
 pub mod json;
@@ -36,6 +37,8 @@ pub struct AppState {
     pub system: Arc<routes::system::SystemSampler>,
     pub auth: Arc<auth::Authenticator>,
     pub ratelimit: Arc<ratelimit::RateLimiter>,
+    /// Per-caller caps on concurrent execs, transfers and streams.
+    pub active: Arc<active::Active>,
     /// Failed authentication attempts per client address.
     pub failed_auth: Arc<ratelimit::RateLimiter>,
     /// Server-wide budget of failed-authentication audit rows.
@@ -63,6 +66,7 @@ impl AppState {
             !auth.enabled() && stacyvm_core::config::is_loopback_host(cfg.listen_host().0);
         let failed_auth = Arc::new(ratelimit::RateLimiter::failed_auth(&cfg.rate_limit));
         AppState {
+            active: Arc::new(active::Active::new(&cfg.limits)),
             failed_auth,
             failed_auth_rows: Arc::default(),
             host_checked,

@@ -275,10 +275,61 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
             } => return rate_limited(limit, retry_after_secs),
         }
     }
+    // Long-lived work takes a slot of each per-caller cap (F-10); the
+    // slot lives as long as the response body (or the WebSocket session,
+    // which takes it out of the request).
+    let mut slot = None;
+    if let Some(per_sandbox) = crate::active::counted(&method, &route) {
+        let sandbox = per_sandbox.then(|| {
+            // Counted under the caller's tenant, so nobody can use up the
+            // slots of a sandbox they cannot see.
+            let id = req
+                .uri()
+                .path()
+                .split('/')
+                .skip_while(|s| *s != "sandboxes")
+                .nth(1)
+                .unwrap_or_default();
+            format!("{}/{id}", caller.caller.tenant_id)
+        });
+        let credential = match caller.identity.credential() {
+            c if c.is_empty() => format!("addr:{}", meta.remote_addr),
+            c => format!("{c}\0{}", caller.caller.owner_id),
+        };
+        match st
+            .active
+            .try_acquire(sandbox.as_deref(), &credential, &caller.caller.tenant_id)
+        {
+            Ok(p) => {
+                let s = crate::active::PermitSlot::default();
+                *s.0.lock() = Some(p);
+                req.extensions_mut().insert(s.clone());
+                slot = Some(s);
+            }
+            Err(cap) => {
+                return ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "RESOURCE_LIMIT",
+                    cap.to_string(),
+                )
+                .into_response();
+            }
+        }
+    }
     let actor = caller.caller.actor.clone();
     let tenant = caller.caller.tenant_id.clone();
     req.extensions_mut().insert(caller);
     let mut resp = next.run(req).await;
+    if let Some(permit) = slot.and_then(|s| s.take()) {
+        resp = resp.map(|body| {
+            use futures::StreamExt as _;
+            let stream = body.into_data_stream().map(move |chunk| {
+                let _held = &permit;
+                chunk
+            });
+            Body::from_stream(stream)
+        });
+    }
     if let Some((limit, remaining)) = limit_headers {
         let h = resp.headers_mut();
         h.insert("x-ratelimit-limit", HeaderValue::from(limit));

@@ -2417,3 +2417,110 @@ async fn jwks_fetch_is_single_flight_bounded_and_never_redirected() {
         rejected(&s, &sign(&rsa, "rsa1", &claims("gina", &[])), why).await;
     }
 }
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// F-10: concurrent execs over the per-sandbox and per-credential caps get
+/// a typed 429, slots come back when execs end, and 20 parallel
+/// maximum-output execs keep the server's memory bounded.
+#[tokio::test]
+async fn concurrent_execs_over_the_caps_get_429_and_memory_stays_bounded() {
+    let mut cfg = Config::default();
+    cfg.limits.max_active_per_sandbox = 3;
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let (st, v) = s
+        .send("POST", "/sandboxes", &Cred::None, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let exec = |cmd: &'static str| {
+        let (http, url) = (s.http.clone(), format!("{}/sandboxes/{id}/exec", s.base));
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&json!({ "command": cmd }))
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await
+                .expect("send");
+            let st = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (st, v)
+        })
+    };
+    let running: Vec<_> = (0..8).map(|_| exec("sleep 1")).collect();
+    let mut codes = Vec::new();
+    for h in running {
+        let (st, v) = h.await.expect("join");
+        if st == 429 {
+            assert_eq!(v["code"], "RESOURCE_LIMIT", "{v}");
+            assert!(
+                v["message"]
+                    .as_str()
+                    .expect("m")
+                    .contains("max_active_per_sandbox"),
+                "{v}"
+            );
+        }
+        codes.push(st);
+    }
+    codes.sort_unstable();
+    assert_eq!(codes, vec![200, 200, 200, 429, 429, 429, 429, 429]);
+    let (st, _) = exec("true").await.expect("join");
+    assert_eq!(st, 200, "slots are released when execs end");
+    assert_eq!(s.manager.store().ping().await.ok(), Some(()));
+
+    // 20 parallel execs that each print 8 MiB of NUL bytes to stdout and
+    // to stderr (JSON-escaped six-fold): the per-credential cap admits 8
+    // and limits.exec_output_bytes (1 MiB) bounds what each one holds.
+    let mut cfg = Config::default();
+    cfg.limits.max_active_per_credential = 8;
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let (st, v) = s
+        .send("POST", "/sandboxes", &Cred::None, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let before = vm_hwm_kib();
+    let big = "head -c 8388608 /dev/zero; head -c 8388608 /dev/zero >&2; sleep 1";
+    let running: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, url) = (s.http.clone(), format!("{}/sandboxes/{id}/exec", s.base));
+            tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .json(&json!({ "command": big }))
+                    .timeout(Duration::from_secs(120))
+                    .send()
+                    .await
+                    .expect("send");
+                let st = r.status().as_u16();
+                let v: Value = r.json().await.unwrap_or(Value::Null);
+                let out = v["stdout"].as_str().map_or(0, str::len);
+                (st, out)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut limited = 0;
+    for h in running {
+        match h.await.expect("join") {
+            (200, out) => {
+                ok += 1;
+                assert_eq!(out, 1024 * 1024, "stdout cut at limits.exec_output_bytes");
+            }
+            (429, _) => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((ok, limited), (8, 12));
+    let grown_mib = vm_hwm_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 400, "peak RSS grew by {grown_mib} MiB");
+}

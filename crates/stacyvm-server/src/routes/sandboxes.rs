@@ -214,6 +214,7 @@ pub async fn exec_ws(
     Who(who): Who,
     Path(id): Path<String>,
     headers: axum::http::HeaderMap,
+    slot: Option<axum::Extension<crate::active::PermitSlot>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     // A browser's Origin must be in an exact CORS list (S-17); non-browser
@@ -238,7 +239,19 @@ pub async fn exec_ws(
             e.body_text()
         ))
     })?;
-    Ok(ws.on_upgrade(move |socket| ws_session(st, who, id, socket)))
+    // The session keeps the caller's concurrency slot until it ends.
+    let permit = slot.and_then(|s| s.0.take());
+    let max = usize::try_from(st.cfg.limits.ws_max_message_bytes)
+        .ok()
+        .filter(|n| *n > 0)
+        .unwrap_or(64 << 20);
+    Ok(ws
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            let _permit = permit;
+            ws_session(st, who, id, socket).await;
+        }))
 }
 
 async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
