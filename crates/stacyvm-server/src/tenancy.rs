@@ -134,6 +134,16 @@ fn scope_of(st: &AppState, id: &Identity, role: Role, owner: &str) -> Scope {
     }
 }
 
+impl Authed {
+    /// Whether this caller may see server-wide facts: other owners'
+    /// quotas and usage, global sandbox counts, provider configuration
+    /// (the admin, or an operator acting in no tenant; F-17).
+    pub fn sees_server_wide(&self) -> bool {
+        self.role == Role::Admin
+            || (self.role == Role::Operator && self.caller.tenant_id.is_empty())
+    }
+}
+
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Authed {
     type Rejection = ApiError;
 

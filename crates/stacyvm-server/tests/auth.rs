@@ -2524,3 +2524,102 @@ async fn concurrent_execs_over_the_caps_get_429_and_memory_stays_bounded() {
     let grown_mib = vm_hwm_kib().saturating_sub(before) / 1024;
     assert!(grown_mib < 400, "peak RSS grew by {grown_mib} MiB");
 }
+
+/// F-17: provider details, quotas and admission counts are server-wide
+/// facts for the admin (and global operators) only.
+#[tokio::test]
+async fn provider_config_quotas_and_global_counts_are_admin_only() {
+    let mut cfg = Config::default();
+    cfg.auth.api_key = Secret::new(API_KEY);
+    cfg.auth.admin_api_key = Secret::new(ADMIN_KEY);
+    let s = start(cfg, Duration::from_secs(10)).await;
+    for owner in ["ann", "bob"] {
+        let (st, v) = s
+            .send(
+                "POST",
+                "/sandboxes",
+                &Cred::AdminKey,
+                &[("X-User-ID", owner)],
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(st, 201, "{v}");
+        let (st, v) = s
+            .send(
+                "PUT",
+                &format!("/quotas/{owner}"),
+                &Cred::AdminKey,
+                &[],
+                Some(json!({"max_sandboxes": 5})),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let ann = [("X-User-ID", "ann")];
+    // Provider details: no host paths for the API key, all for the admin.
+    let (st, v) = s
+        .send("GET", "/providers/mock", &Cred::ApiKey, &ann, None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        !v.to_string().contains(s._dir.path().to_str().expect("p")),
+        "{v}"
+    );
+    assert_eq!(v["config"], json!({}), "{v}");
+    assert_eq!(v["sandbox_count"], 1, "only ann's own: {v}");
+    let (_, v) = s
+        .send("GET", "/providers/mock", &Cred::AdminKey, &[], None)
+        .await;
+    assert!(v["config"]["base_dir"].is_string(), "{v}");
+    assert_eq!(v["sandbox_count"], 2, "{v}");
+    // Quotas: ann sees her own, not bob's.
+    let (st, v) = s.send("GET", "/quotas", &Cred::ApiKey, &ann, None).await;
+    assert_eq!(st, 200);
+    let owners: Vec<&str> = v
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|q| q["owner_id"].as_str())
+        .collect();
+    assert_eq!(owners, vec!["ann"], "{v}");
+    let (_, v) = s
+        .send("GET", "/quotas/summary", &Cred::ApiKey, &ann, None)
+        .await;
+    assert_eq!(v["total"], 1, "{v}");
+    for path in ["/quotas/bob", "/quotas/bob/usage"] {
+        let (st, _) = s.send("GET", path, &Cred::ApiKey, &ann, None).await;
+        assert_eq!(st, 404, "{path}");
+        let (st, _) = s.send("GET", path, &Cred::AdminKey, &[], None).await;
+        assert_eq!(st, 200, "{path}");
+    }
+    let (st, v) = s
+        .send("GET", "/quotas/ann/usage", &Cred::ApiKey, &ann, None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["active_sandboxes"], 1);
+    let (_, v) = s.send("GET", "/quotas", &Cred::AdminKey, &[], None).await;
+    assert_eq!(v.as_array().expect("list").len(), 2);
+    // Admission: no global counts for the API key.
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes/admission",
+            &Cred::ApiKey,
+            &ann,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["active_sandboxes"], 0, "{v}");
+    assert_eq!(v["active_owner_sandboxes"], 1, "{v}");
+    let (_, v) = s
+        .send(
+            "POST",
+            "/sandboxes/admission",
+            &Cred::AdminKey,
+            &[],
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(v["active_sandboxes"], 2, "{v}");
+}

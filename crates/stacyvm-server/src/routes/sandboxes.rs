@@ -30,13 +30,21 @@ pub async fn spawn(
     Ok(Json::created(st.manager.spawn(req, &who).await?))
 }
 
+/// Preflight of a spawn. Global counts (all tenants' active sandboxes
+/// and the server-wide cap) are for the admin and global operators only
+/// (F-17); other callers see their own owner's numbers.
 pub async fn admission(
     State(st): State<AppState>,
-    Who(who): Who,
+    authed: crate::tenancy::Authed,
     OptBody(req): OptBody<SpawnRequest>,
 ) -> ApiResult<Json<stacyvm_api::AdmissionDecision>> {
-    let owner = who.owner_for(&req.owner_id)?;
-    Ok(Json::ok(st.manager.admission(&req, &owner).await?))
+    let owner = authed.caller.owner_for(&req.owner_id)?;
+    let mut d = st.manager.admission(&req, &owner).await?;
+    if !authed.sees_server_wide() {
+        d.active_sandboxes = 0;
+        d.max_sandboxes = 0;
+    }
+    Ok(Json::ok(d))
 }
 
 pub async fn list(State(st): State<AppState>, Who(who): Who) -> ApiResult<Json<Vec<Sandbox>>> {

@@ -83,10 +83,16 @@ pub async fn providers_test(State(st): State<AppState>) -> Json<BTreeMap<String,
     Json::ok(all.into_iter().map(|h| (h.name, h.healthy)).collect())
 }
 
+/// One provider. Callers that may not see server-wide facts (F-17) get
+/// neither its configuration (host paths, sockets, `DOCKER_HOST`) nor
+/// the error text of its health check, and a count of only the sandboxes
+/// they can see.
 pub async fn provider(
     State(st): State<AppState>,
+    authed: crate::tenancy::Authed,
     Path(name): Path<String>,
 ) -> ApiResult<Json<ProviderDetail>> {
+    let wide = authed.sees_server_wide();
     let reg = st.manager.registry();
     let p = reg.get(&name).map_err(|e| {
         if name.is_empty() {
@@ -95,20 +101,31 @@ pub async fn provider(
             stacyvm_core::Error::provider_not_found(&name)
         }
     })?;
-    let health = reg.health_of(&p).await;
+    let mut health = reg.health_of(&p).await;
     let count = st
         .manager
         .cached()
         .iter()
-        .filter(|r| r.provider == p.name())
+        .filter(|r| r.provider == p.name() && (wide || authed.caller.sees(r)))
         .count() as i64;
+    let config = if wide {
+        p.describe()
+    } else {
+        health.error = if health.healthy {
+            String::new()
+        } else {
+            "unhealthy".into()
+        };
+        health.runtime_count = None;
+        BTreeMap::new()
+    };
     Ok(Json::ok(ProviderDetail {
         name: p.name().to_string(),
         healthy: health.healthy,
         default: health.default,
         sandbox_count: count,
         health,
-        config: p.describe(),
+        config,
     }))
 }
 
