@@ -1892,6 +1892,48 @@ async fn no_tenant_is_a_tenant_and_owners_are_scoped_inside_one() {
         let (st, _) = s.send("DELETE", &get, cred, &[], None).await;
         assert_eq!(st, 404, "{who} destroy");
     }
+    // The API key acting for a member of acme (X-Tenant-ID) is scoped to
+    // that member's sandboxes too.
+    s.manager
+        .store()
+        .upsert_tenant_member(&TenantMemberRecord {
+            tenant_id: "acme".into(),
+            user_id: "carl".into(),
+            role: "operator".into(),
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        })
+        .await
+        .expect("member");
+    let carl = [("X-User-ID", "carl"), ("X-Tenant-ID", "acme")];
+    let (st, v) = s
+        .send("GET", "/sandboxes", &Cred::ApiKey, &carl, None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert!(ids(&v).is_empty(), "{v}");
+    let (st, _) = s.send("GET", &get, &Cred::ApiKey, &carl, None).await;
+    assert_eq!(st, 404);
+    let (st, _) = s
+        .send(
+            "POST",
+            &exec,
+            &Cred::ApiKey,
+            &carl,
+            Some(json!({"command": "id"})),
+        )
+        .await;
+    assert_eq!(st, 404);
+    // The admin key in acme reaches it.
+    let (st, _) = s
+        .send(
+            "GET",
+            &get,
+            &Cred::AdminKey,
+            &[("X-Tenant-ID", "acme")],
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
     // Bob sees his own sandbox; the service API key without a tenant sees
     // the sandboxes without a tenant.
     let (_, v) = s.send("GET", "/sandboxes", &bob, &[], None).await;

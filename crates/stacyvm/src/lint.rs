@@ -477,6 +477,66 @@ fn lint_limits(r: &mut Report, cfg: &Config, p: bool) {
     } else {
         r.pass("defaults.max_ttl", d.max_ttl.0.to_string());
     }
+    let l = &cfg.limits;
+    let caps = [
+        ("max_active_per_sandbox", l.max_active_per_sandbox),
+        ("max_active_per_credential", l.max_active_per_credential),
+        ("max_active_per_tenant", l.max_active_per_tenant),
+    ];
+    let open: Vec<&str> = caps
+        .iter()
+        .filter(|(_, v)| *v <= 0)
+        .map(|(k, _)| *k)
+        .collect();
+    if open.is_empty() {
+        r.pass(
+            "limits.active_caps",
+            format!(
+                "{} per sandbox, {} per credential, {} per tenant",
+                l.max_active_per_sandbox, l.max_active_per_credential, l.max_active_per_tenant
+            ),
+        );
+    } else {
+        r.prod(
+            p,
+            "limits.active_caps",
+            format!("limits.{} unlimited: one caller can hold every exec slot", open.join(", limits.")),
+            "set limits.max_active_per_sandbox, _per_credential and _per_tenant above 0 (defaults 16, 32, 128)",
+        );
+    }
+    let db = &cfg.database;
+    if db.exec_log_retention.is_zero() || db.sandbox_retention.is_zero() {
+        r.prod(
+            p,
+            "database.retention",
+            format!(
+                "exec_log_retention {} / sandbox_retention {}: 0 keeps exec output and destroyed sandboxes forever",
+                db.exec_log_retention.0, db.sandbox_retention.0
+            ),
+            "set database.exec_log_retention (e.g. 168h) and database.sandbox_retention (e.g. 720h)",
+        );
+    } else {
+        r.pass(
+            "database.retention",
+            format!(
+                "exec logs {}, destroyed sandboxes {}",
+                db.exec_log_retention.0, db.sandbox_retention.0
+            ),
+        );
+    }
+    if cfg.auth.owner_scoping {
+        r.pass(
+            "auth.owner_scoping",
+            "viewers and api callers reach only what they own",
+        );
+    } else {
+        r.prod(
+            p,
+            "auth.owner_scoping",
+            "every member of a tenant reaches every sandbox in it",
+            "set auth.owner_scoping: true unless all members of a tenant trust each other",
+        );
+    }
 }
 
 fn lint_rpc_tls(r: &mut Report, cfg: &Config, p: bool) {
@@ -773,6 +833,27 @@ logging:
         let r = lint(&cfg(""), false);
         assert_eq!(r.failures(), 0, "{:?}", r.checks);
         assert_eq!(status(&r, "auth.api_key"), Some(Status::Warn));
+    }
+
+    #[test]
+    fn caps_retention_and_owner_scoping_are_on_by_default() {
+        let r = lint(&cfg(""), true);
+        for name in [
+            "limits.active_caps",
+            "database.retention",
+            "auth.owner_scoping",
+        ] {
+            assert_eq!(status(&r, name), Some(Status::Pass), "{name}");
+        }
+        let off = "limits:\n  max_active_per_tenant: 0\ndatabase:\n  exec_log_retention: 0s\nauth:\n  owner_scoping: false\n";
+        let r = lint(&cfg(off), true);
+        for name in [
+            "limits.active_caps",
+            "database.retention",
+            "auth.owner_scoping",
+        ] {
+            assert_eq!(status(&r, name), Some(Status::Fail), "{name}");
+        }
     }
 
     #[test]
