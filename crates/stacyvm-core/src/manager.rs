@@ -1515,7 +1515,20 @@ impl Manager {
                 }
                 Err(e) => {
                     me.exec_failed(&id, &rec, &req, &caller, &e, took);
-                    let _ = out_tx.send(StreamEvent::Failed(e.to_string())).await;
+                    // Server-side failures name only their kind to the
+                    // client (host paths, agent stderr stay in the log).
+                    let text = if matches!(
+                        e.kind(),
+                        ErrorKind::Internal
+                            | ErrorKind::ProviderUnavailable
+                            | ErrorKind::Unsupported
+                    ) {
+                        warn!(sandbox_id = %id, error = %e, "streamed exec failed");
+                        e.kind().prefix().to_string()
+                    } else {
+                        e.to_string()
+                    };
+                    let _ = out_tx.send(StreamEvent::Failed(text)).await;
                 }
             }
         });
