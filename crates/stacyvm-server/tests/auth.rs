@@ -2664,4 +2664,20 @@ async fn provider_config_quotas_and_global_counts_are_admin_only() {
         )
         .await;
     assert_eq!(v["active_sandboxes"], 2, "{v}");
+    // A failed health check names host paths: only the admin reads them.
+    let base = s._dir.path().join("mock");
+    let moved = s._dir.path().join("mock-away");
+    std::fs::rename(&base, &moved).expect("hide mock base");
+    // Health results are cached for 2 s.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let dir = s._dir.path().to_str().expect("p").to_string();
+    for path in ["/providers", "/providers/mock"] {
+        let (st, v) = s.send("GET", path, &Cred::ApiKey, &ann, None).await;
+        assert_eq!(st, 200, "{v}");
+        assert!(!v.to_string().contains(&dir), "{path}: {v}");
+        assert!(v.to_string().contains("unhealthy"), "{path}: {v}");
+        let (_, v) = s.send("GET", path, &Cred::AdminKey, &[], None).await;
+        assert!(v.to_string().contains(&dir), "{path}: {v}");
+    }
+    std::fs::rename(&moved, &base).expect("restore mock base");
 }

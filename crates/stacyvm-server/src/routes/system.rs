@@ -74,8 +74,22 @@ pub async fn ready(State(st): State<AppState>) -> Response {
     .into_response()
 }
 
-pub async fn providers(State(st): State<AppState>) -> Json<Vec<ProviderHealth>> {
-    Json::ok(st.manager.registry().health_all().await)
+/// Provider health; the error text of a failed check (which may name
+/// sockets and paths) only for the admin and global operators (F-17).
+pub async fn providers(
+    State(st): State<AppState>,
+    authed: crate::tenancy::Authed,
+) -> Json<Vec<ProviderHealth>> {
+    let mut all = st.manager.registry().health_all().await;
+    if !authed.sees_server_wide() {
+        for h in &mut all {
+            if !h.error.is_empty() {
+                h.error = "unhealthy".into();
+            }
+            h.runtime_count = None;
+        }
+    }
+    Json::ok(all)
 }
 
 pub async fn providers_test(State(st): State<AppState>) -> Json<BTreeMap<String, bool>> {
