@@ -142,26 +142,11 @@ pub struct Config {
     pub limits: LimitsConfig,
 }
 
-/// Bounds on what one request may move through the server.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct LimitsConfig {
-    /// Largest file the file API reads or writes (413 above). Transfers
-    /// stream, so the server's memory does not depend on it.
-    pub max_file_bytes: u64,
-}
-
-impl Default for LimitsConfig {
-    fn default() -> Self {
-        LimitsConfig {
-            max_file_bytes: 4 * 1024 * 1024 * 1024,
-        }
-    }
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct ServerConfig {
+    /// Listen address; "" = automatic: `127.0.0.1` while no credential is
+    /// configured, `0.0.0.0` once one is (see [`Config::listen_host`]).
     pub host: String,
     pub port: u16,
     pub preview_domain: String,
@@ -334,7 +319,12 @@ pub struct AuthConfig {
     /// (a backend acting for its users, as the SDKs do). The admin key
     /// always may; an OIDC caller never can.
     pub api_key_acts_for_users: bool,
+    /// Age after which admin and operation audit rows are deleted (0 =
+    /// keep forever).
     pub admin_audit_retention: Dur,
+    /// Callers with the viewer or api role only see sandboxes they own
+    /// (inside their tenant); operators and admins see the whole tenant.
+    pub owner_scoping: bool,
     pub worker_token: Secret,
     pub worker_token_file: String,
     pub worker_tokens: BTreeMap<String, Secret>,
@@ -364,6 +354,12 @@ pub struct RateLimitConfig {
     pub key_by: String,
     pub bucket_ttl: Dur,
     pub cleanup_interval: Dur,
+    /// Most buckets kept in memory; beyond it the least recently used
+    /// generation is dropped.
+    pub max_buckets: i64,
+    /// Failed authentication attempts allowed per client address and
+    /// minute, whether or not `enabled` (0 = unlimited).
+    pub failed_auth_per_minute: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -373,6 +369,12 @@ pub struct DatabaseConfig {
     /// SQLite file; "" = `<server.data_dir>/stacyvm.db`.
     pub path: String,
     pub dsn: Secret,
+    /// Age after which stored exec logs (command, captured output) are
+    /// deleted (0 = keep forever).
+    pub exec_log_retention: Dur,
+    /// Age after which rows of destroyed sandboxes are deleted (0 = keep
+    /// forever).
+    pub sandbox_retention: Dur,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -392,6 +394,30 @@ pub struct PoolConfig {
     pub memory_mb: i64,
     pub vcpus: i64,
     pub overflow: String,
+}
+
+/// Per-caller resource caps of the API server (0 = unlimited).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LimitsConfig {
+    /// Concurrent execs (sync, NDJSON, WebSocket) and file transfers on
+    /// one sandbox.
+    pub max_active_per_sandbox: i64,
+    /// Concurrent execs, file transfers and event streams of one
+    /// credential (an API key, an API key acting for one user, an OIDC
+    /// subject, or a client address when authentication is off).
+    pub max_active_per_credential: i64,
+    /// Concurrent execs, file transfers and event streams of one tenant
+    /// (callers without a tenant share one budget).
+    pub max_active_per_tenant: i64,
+    /// Bytes of stdout and of stderr a synchronous exec returns; the
+    /// rest is dropped (`stream: true` has no such cap).
+    pub exec_output_bytes: i64,
+    /// Largest WebSocket message or frame accepted from a client.
+    pub ws_max_message_bytes: i64,
+    /// Largest file the file API reads or writes (413 above). Transfers
+    /// stream, so the server's memory does not depend on it.
+    pub max_file_bytes: u64,
 }
 
 /// Default data directory: `/var/lib/stacyvm` for root, else
@@ -417,10 +443,10 @@ pub fn default_data_dir() -> String {
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
-            host: "0.0.0.0".into(),
+            host: String::new(),
             port: stacyvm_api::DEFAULT_PORT,
             preview_domain: "localhost".into(),
-            cors_allowed_origins: vec!["*".into()],
+            cors_allowed_origins: Vec::new(),
             data_dir: default_data_dir(),
             max_body_bytes: 64 * 1024 * 1024,
             trusted_proxies: Vec::new(),
@@ -570,7 +596,8 @@ impl Default for AuthConfig {
             admin_api_key: Secret::default(),
             admin_fallback_enabled: true,
             api_key_acts_for_users: true,
-            admin_audit_retention: Dur::default(),
+            admin_audit_retention: Dur::secs(30 * 24 * 3600),
+            owner_scoping: true,
             worker_token: Secret::default(),
             worker_token_file: String::new(),
             worker_tokens: BTreeMap::new(),
@@ -602,6 +629,8 @@ impl Default for RateLimitConfig {
             key_by: "owner".into(),
             bucket_ttl: Dur::secs(15 * 60),
             cleanup_interval: Dur::secs(60),
+            max_buckets: 100_000,
+            failed_auth_per_minute: 30,
         }
     }
 }
@@ -612,6 +641,8 @@ impl Default for DatabaseConfig {
             driver: "sqlite".into(),
             path: String::new(),
             dsn: Secret::default(),
+            exec_log_retention: Dur::secs(7 * 24 * 3600),
+            sandbox_retention: Dur::secs(30 * 24 * 3600),
         }
     }
 }
@@ -621,6 +652,19 @@ impl Default for LoggingConfig {
         LoggingConfig {
             level: "info".into(),
             format: "pretty".into(),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_active_per_sandbox: 16,
+            max_active_per_credential: 32,
+            max_active_per_tenant: 128,
+            exec_output_bytes: 1024 * 1024,
+            ws_max_message_bytes: 1024 * 1024,
+            max_file_bytes: 4 * 1024 * 1024 * 1024,
         }
     }
 }
@@ -971,6 +1015,14 @@ impl Config {
                 "auth.admin_audit_retention",
                 self.auth.admin_audit_retention,
             ),
+            (
+                "database.exec_log_retention",
+                self.database.exec_log_retention,
+            ),
+            (
+                "database.sandbox_retention",
+                self.database.sandbox_retention,
+            ),
             ("worker.heartbeat_interval", self.worker.heartbeat_interval),
             ("worker.shutdown_timeout", self.worker.shutdown_timeout),
             ("providers.custom.timeout", self.providers.custom.timeout),
@@ -998,6 +1050,28 @@ impl Config {
                 self.rate_limit.requests_per_minute,
             ),
             ("rate_limit.burst", self.rate_limit.burst),
+            ("rate_limit.max_buckets", self.rate_limit.max_buckets),
+            (
+                "rate_limit.failed_auth_per_minute",
+                self.rate_limit.failed_auth_per_minute,
+            ),
+            (
+                "limits.max_active_per_sandbox",
+                self.limits.max_active_per_sandbox,
+            ),
+            (
+                "limits.max_active_per_credential",
+                self.limits.max_active_per_credential,
+            ),
+            (
+                "limits.max_active_per_tenant",
+                self.limits.max_active_per_tenant,
+            ),
+            ("limits.exec_output_bytes", self.limits.exec_output_bytes),
+            (
+                "limits.ws_max_message_bytes",
+                self.limits.ws_max_message_bytes,
+            ),
         ];
         for (key, v) in non_negative {
             if v < 0 {
@@ -1088,6 +1162,31 @@ impl Config {
         Ok(())
     }
 
+    /// Whether any API credential is configured: a key or an OIDC key
+    /// source. Without one the API is open to whoever reaches it.
+    pub fn auth_configured(&self) -> bool {
+        let a = &self.auth;
+        !a.api_key.expose().trim().is_empty()
+            || !a.admin_api_key.expose().trim().is_empty()
+            || !a.oidc_issuer.trim().is_empty()
+            || !a.oidc_jwks_url.trim().is_empty()
+            || !a.oidc_public_key.trim().is_empty()
+    }
+
+    /// The host to listen on and why: `server.host` when the operator set
+    /// it (file or `STACYVM_SERVER_HOST`), else `0.0.0.0` when a
+    /// credential is configured and `127.0.0.1` when the API is open.
+    pub fn listen_host(&self) -> (&str, ListenChoice) {
+        let h = self.server.host.trim();
+        if !h.is_empty() {
+            (h, ListenChoice::Explicit)
+        } else if self.auth_configured() {
+            ("0.0.0.0", ListenChoice::AuthConfigured)
+        } else {
+            ("127.0.0.1", ListenChoice::LoopbackNoAuth)
+        }
+    }
+
     /// The SQLite file path (explicit, or under the data dir).
     pub fn sqlite_path(&self) -> PathBuf {
         if self.database.path.trim().is_empty() {
@@ -1103,6 +1202,25 @@ impl Config {
             "postgres" | "postgresql"
         )
     }
+}
+
+/// Why [`Config::listen_host`] picked its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenChoice {
+    /// `server.host` is set.
+    Explicit,
+    /// No host set and a credential is configured: all interfaces.
+    AuthConfigured,
+    /// No host set and no credential: loopback only.
+    LoopbackNoAuth,
+}
+
+/// Whether a listen host only accepts local connections.
+pub fn is_loopback_host(host: &str) -> bool {
+    let h = host.trim().trim_start_matches('[').trim_end_matches(']');
+    h.eq_ignore_ascii_case("localhost")
+        || h.parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn validate_origin(o: &str) -> Result<(), &'static str> {
@@ -1138,6 +1256,38 @@ mod tests {
         assert_eq!(l.config.server.port, 7423);
         assert_eq!(l.config.providers.default, "native");
         assert_eq!(l.config.defaults.ttl.0.to_string(), "30m0s");
+    }
+
+    #[test]
+    fn listen_host_is_loopback_until_a_credential_is_configured() {
+        let l = from_yaml_str("", &env(&[])).expect("defaults");
+        assert_eq!(
+            l.config.listen_host(),
+            ("127.0.0.1", ListenChoice::LoopbackNoAuth)
+        );
+        let l = from_yaml_str("auth:\n  api_key: k\n", &env(&[])).expect("key");
+        assert_eq!(
+            l.config.listen_host(),
+            ("0.0.0.0", ListenChoice::AuthConfigured)
+        );
+        let l = from_yaml_str(
+            "",
+            &env(&[("STACYVM_AUTH_OIDC_JWKS_URL", "https://idp/jwks")]),
+        )
+        .expect("oidc");
+        assert_eq!(l.config.listen_host().1, ListenChoice::AuthConfigured);
+        // The operator's explicit choice wins, from the file or the env.
+        let l = from_yaml_str("server:\n  host: 0.0.0.0\n", &env(&[])).expect("file");
+        assert_eq!(l.config.listen_host(), ("0.0.0.0", ListenChoice::Explicit));
+        let l = from_yaml_str("", &env(&[("STACYVM_SERVER_HOST", "::")])).expect("env");
+        assert_eq!(l.config.listen_host(), ("::", ListenChoice::Explicit));
+        assert!(is_loopback_host("127.0.0.1"));
+        assert!(is_loopback_host("[::1]"));
+        assert!(is_loopback_host("localhost"));
+        assert!(!is_loopback_host("0.0.0.0"));
+        assert!(!is_loopback_host("10.0.0.1"));
+        // No browser origin may call the API unless listed.
+        assert!(l.config.server.cors_allowed_origins.is_empty());
     }
 
     #[test]

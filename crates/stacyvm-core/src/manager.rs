@@ -31,19 +31,75 @@ use crate::store::{
 pub const LOCAL_WORKER: &str = "local";
 /// Lease grace after expiry.
 const LEASE_GRACE: Duration = Duration::from_secs(300);
-/// Captured stdout/stderr of a synchronous exec is capped at this many bytes each.
+/// Characters of an operation audit row's resource (an exec's command
+/// line) that are kept.
+pub const MAX_AUDIT_RESOURCE: usize = 256;
+/// Upper bound of `limits.exec_output_bytes`: captured stdout/stderr of a
+/// synchronous exec never exceeds this many bytes each.
 pub const MAX_CAPTURE: usize = 32 * 1024 * 1024;
+
+/// Which sandboxes a caller reaches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Scope {
+    /// Its tenant's sandboxes; without a tenant, every tenant's (the
+    /// system, the admin key, an open server).
+    #[default]
+    Global,
+    /// Only its tenant's sandboxes; "" is a tenant of its own (the
+    /// sandboxes of callers without a tenant).
+    Tenant,
+    /// Only the sandboxes of its tenant that it owns.
+    Owner,
+}
 
 /// Who is asking, for ownership, tenancy and audit.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Caller {
     /// Owner id to stamp on new sandboxes (already authorised).
     pub owner_id: String,
-    /// Tenant of the verified identity; "" = no tenant scoping.
+    /// Tenant of the verified identity; "" = none (see [`Scope`]).
     pub tenant_id: String,
     /// Audit actor.
     pub actor: String,
     pub request_id: String,
+    pub scope: Scope,
+    /// May name another owner in a spawn body's `owner_id` (a credential
+    /// acting for its users); otherwise a foreign `owner_id` is 403.
+    pub names_owners: bool,
+}
+
+impl Caller {
+    /// Whether this caller reaches every tenant's sandboxes.
+    pub fn sees_all_tenants(&self) -> bool {
+        self.scope == Scope::Global && self.tenant_id.is_empty()
+    }
+
+    /// Whether `r` is visible to this caller (tenancy, then ownership).
+    pub fn sees(&self, r: &SandboxRecord) -> bool {
+        if self.sees_all_tenants() {
+            return true;
+        }
+        r.tenant_id == self.tenant_id && (self.scope != Scope::Owner || r.owner_id == self.owner_id)
+    }
+
+    /// The owner of a new sandbox. A body `owner_id` other than the
+    /// caller's own is 403 unless the caller may name owners; then the
+    /// caller's own (`X-User-ID`) still wins when it has one.
+    pub fn owner_for(&self, asked: &str) -> Result<String> {
+        let asked = asked.trim();
+        if asked.is_empty() || asked == self.owner_id {
+            return paths::normalize_owner(&self.owner_id);
+        }
+        if !self.names_owners {
+            return Err(Error::forbidden(format!(
+                "owner_id {asked:?} names another owner; this credential may not act for other users"
+            )));
+        }
+        if !self.owner_id.is_empty() {
+            return paths::normalize_owner(&self.owner_id);
+        }
+        paths::normalize_owner(asked)
+    }
 }
 
 /// A resolved exec request.
@@ -214,7 +270,7 @@ impl Manager {
             Err(e) => return Err(e),
         };
         if rec.state == state::DESTROYED {
-            if !caller.tenant_id.is_empty() && rec.tenant_id != caller.tenant_id {
+            if !caller.sees(&rec) {
                 return Err(Error::sandbox_not_found(id));
             }
             return Err(Error::sandbox_destroyed(id));
@@ -225,9 +281,7 @@ impl Manager {
     /// Live sandboxes visible to `caller`, newest first.
     pub async fn list(&self, caller: &Caller) -> Result<Vec<SandboxRecord>> {
         let mut all = self.store.list_active_sandboxes().await?;
-        if !caller.tenant_id.is_empty() {
-            all.retain(|r| r.tenant_id == caller.tenant_id);
-        }
+        all.retain(|r| caller.sees(r));
         Ok(all)
     }
 
@@ -469,11 +523,7 @@ impl Manager {
         }
         let provider = self.registry.get(&req.provider)?;
         let provider_name = provider.name().to_string();
-        let owner = paths::normalize_owner(if caller.owner_id.is_empty() {
-            &req.owner_id
-        } else {
-            &caller.owner_id
-        })?;
+        let owner = caller.owner_for(&req.owner_id)?;
         let ttl = self.parse_ttl(&req.ttl)?;
         let d = &self.cfg.defaults;
         let image = if req.image.trim().is_empty() {
@@ -713,11 +763,11 @@ impl Manager {
         let rec = match self.get(id, caller).await {
             Ok(r) => r,
             Err(e) if matches!(e.kind(), ErrorKind::SandboxDestroyed) => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::SandboxNotFound && caller.tenant_id.is_empty() => {
+            Err(e) if e.kind() == ErrorKind::SandboxNotFound && caller.sees_all_tenants() => {
                 return Ok(())
             }
             Err(e) if e.kind() == ErrorKind::SandboxNotFound => {
-                // A tenant caller gets 200 only for ids that do not exist at all.
+                // A scoped caller gets 200 only for ids that do not exist at all.
                 return match self.store.get_sandbox(id).await {
                     Ok(_) => Err(e),
                     Err(_) => Ok(()),
@@ -882,7 +932,35 @@ impl Manager {
         Ok(n)
     }
 
-    /// Runs `prune` every `interval` until the returned handle is aborted.
+    /// Deletes stored rows past their retention: admin and operation
+    /// audit (`auth.admin_audit_retention`), exec logs
+    /// (`database.exec_log_retention`) and destroyed sandboxes
+    /// (`database.sandbox_retention`); 0 keeps that kind forever. Returns
+    /// how many rows went.
+    pub async fn apply_retention(&self) -> Result<u64> {
+        let cutoff = |d: crate::config::Dur| {
+            if d.is_zero() || d.0.is_negative() {
+                return None;
+            }
+            chrono::Duration::from_std(d.std())
+                .ok()
+                .map(|keep| Utc::now() - keep)
+        };
+        let mut n = 0;
+        if let Some(t) = cutoff(self.cfg.auth.admin_audit_retention) {
+            n += self.store.prune_audit(t).await?;
+        }
+        if let Some(t) = cutoff(self.cfg.database.exec_log_retention) {
+            n += self.store.prune_exec_logs(t).await?;
+        }
+        if let Some(t) = cutoff(self.cfg.database.sandbox_retention) {
+            n += self.store.prune_destroyed_sandboxes(t).await?;
+        }
+        Ok(n)
+    }
+
+    /// Runs `prune` and `apply_retention` every `interval` until the
+    /// returned handle is aborted.
     pub fn start_reaper(self: &Arc<Self>, interval: Duration) -> tokio::task::JoinHandle<()> {
         let me = Arc::clone(self);
         tokio::spawn(async move {
@@ -894,6 +972,11 @@ impl Manager {
                     Ok(0) => {}
                     Ok(n) => info!(count = n, "reaped expired sandboxes"),
                     Err(e) => warn!(error = %e, "reaper pass failed"),
+                }
+                match me.apply_retention().await {
+                    Ok(0) => {}
+                    Ok(n) => info!(rows = n, "deleted rows past their retention"),
+                    Err(e) => warn!(error = %e, "retention pass failed"),
                 }
             }
         })
@@ -1223,6 +1306,10 @@ impl Manager {
         );
         let started = Instant::now();
         let (tx, mut rx) = mpsc::channel::<OutputChunk>(64);
+        let cap = match usize::try_from(self.cfg.limits.exec_output_bytes) {
+            Ok(n) if n > 0 => n.min(MAX_CAPTURE),
+            _ => MAX_CAPTURE,
+        };
         let collect = async move {
             let mut out = Vec::new();
             let mut err = Vec::new();
@@ -1231,7 +1318,7 @@ impl Manager {
                     StreamKind::Stdout => &mut out,
                     StreamKind::Stderr => &mut err,
                 };
-                let room = MAX_CAPTURE.saturating_sub(buf.len());
+                let room = cap.saturating_sub(buf.len());
                 buf.extend_from_slice(&c.data[..c.data.len().min(room)]);
             }
             (out, err)
@@ -1445,7 +1532,20 @@ impl Manager {
                 }
                 Err(e) => {
                     me.exec_failed(&id, &rec, &req, &caller, &e, took);
-                    let _ = out_tx.send(StreamEvent::Failed(e.to_string())).await;
+                    // Server-side failures name only their kind to the
+                    // client (host paths, agent stderr stay in the log).
+                    let text = if matches!(
+                        e.kind(),
+                        ErrorKind::Internal
+                            | ErrorKind::ProviderUnavailable
+                            | ErrorKind::Unsupported
+                    ) {
+                        warn!(sandbox_id = %id, error = %e, "streamed exec failed");
+                        e.kind().prefix().to_string()
+                    } else {
+                        e.to_string()
+                    };
+                    let _ = out_tx.send(StreamEvent::Failed(text)).await;
                 }
             }
         });
@@ -1780,7 +1880,9 @@ impl Manager {
             actor,
             action: action.to_string(),
             sandbox_id: sandbox_id.to_string(),
-            resource: resource.chars().take(2048).collect(),
+            // An exec's resource is its command line: keep a short prefix
+            // (argv may carry secrets; F-17), retention removes the rest.
+            resource: resource.chars().take(MAX_AUDIT_RESOURCE).collect(),
             provider: provider.to_string(),
             status: if ok {
                 "success".into()
@@ -1841,7 +1943,7 @@ async fn audit_writer(store: Arc<dyn Store>, mut rx: mpsc::Receiver<AuditItem>) 
 }
 
 fn check_tenant(r: Arc<SandboxRecord>, caller: &Caller) -> Result<Arc<SandboxRecord>> {
-    if !caller.tenant_id.is_empty() && r.tenant_id != caller.tenant_id {
+    if !caller.sees(&r) {
         return Err(Error::sandbox_not_found(&r.id));
     }
     Ok(r)

@@ -40,11 +40,80 @@ fn matches(pattern: &str, value: &str) -> bool {
         || glob::Pattern::new(pattern).is_ok_and(|p| p.matches(value))
 }
 
+/// The spellings of an image reference a policy pattern is matched
+/// against (F-15), so `ubuntu`, `ubuntu:latest`, `docker.io/library/
+/// ubuntu:22.04` and `ubuntu@sha256:…` cannot dodge a rule written for
+/// another spelling: the reference as given; with the default registry
+/// (`docker.io`), `library/` namespace and tag (`latest`) filled in; the
+/// short form without them; a digest reference also as `<name>:<digest>`;
+/// and the bare repository name in both forms.
+pub fn image_forms(value: &str) -> Vec<String> {
+    let v = value.trim();
+    let mut forms = vec![v.to_string()];
+    let (name_tag, digest) = match v.split_once('@') {
+        Some((n, d)) => (n, Some(d)),
+        None => (v, None),
+    };
+    let (name, tag) = match name_tag.rsplit_once(':') {
+        Some((n, t)) if !t.contains('/') => (n, Some(t)),
+        _ => (name_tag, None),
+    };
+    if name.is_empty() {
+        return forms;
+    }
+    let (domain, path) = match name.split_once('/') {
+        Some((d, rest)) if d.contains(['.', ':']) || d == "localhost" => (d, rest.to_string()),
+        _ => ("docker.io", name.to_string()),
+    };
+    let domain = if domain == "index.docker.io" {
+        "docker.io"
+    } else {
+        domain
+    };
+    let path = if domain == "docker.io" && !path.contains('/') {
+        format!("library/{path}")
+    } else {
+        path
+    };
+    let full = format!("{domain}/{path}");
+    let short = if domain == "docker.io" {
+        path.strip_prefix("library/").unwrap_or(&path).to_string()
+    } else {
+        full.clone()
+    };
+    let mut push = |f: String| {
+        if !forms.contains(&f) {
+            forms.push(f);
+        }
+    };
+    for n in [&full, &short] {
+        match (tag, digest) {
+            (_, Some(d)) => {
+                push(format!("{n}@{d}"));
+                push(format!("{n}:{d}"));
+                if let Some(t) = tag {
+                    push(format!("{n}:{t}"));
+                }
+            }
+            (Some(t), None) => push(format!("{n}:{t}")),
+            (None, None) => push(format!("{n}:latest")),
+        }
+        push(n.clone());
+    }
+    forms
+}
+
 /// Decides `value` of `resource_type` under `policies` (already ordered).
+/// Image references are matched in every spelling of [`image_forms`].
 pub fn check(policies: &[PolicyRecord], resource_type: &str, value: &str) -> Result<()> {
+    let forms = if resource_type == "image" {
+        image_forms(value)
+    } else {
+        vec![value.to_string()]
+    };
     let mut has_allow = false;
     for p in policies.iter().filter(|p| p.resource_type == resource_type) {
-        if matches(&p.pattern, value) {
+        if forms.iter().any(|f| matches(&p.pattern, f)) {
             if p.effect == "deny" {
                 return Err(Error::forbidden(format!(
                     "{resource_type} {value:?} is not permitted by policy {}",
@@ -66,6 +135,41 @@ pub fn check(policies: &[PolicyRecord], resource_type: &str, value: &str) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_policies_match_every_spelling_of_a_reference() {
+        let deny = [pol("p1", "image", "deny", "ubuntu:*", 1)];
+        for v in [
+            "ubuntu",
+            "ubuntu:22.04",
+            "docker.io/library/ubuntu:22.04",
+            "index.docker.io/library/ubuntu",
+            "library/ubuntu:latest",
+            "ubuntu@sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            "docker.io/library/ubuntu:22.04@sha256:0123",
+        ] {
+            assert!(
+                check(&deny, "image", v).is_err(),
+                "{v} slipped past ubuntu:*"
+            );
+        }
+        for v in ["alpine", "ghcr.io/x/ubuntu:1", "myubuntu:1", "host"] {
+            assert!(check(&deny, "image", v).is_ok(), "{v}");
+        }
+        // Full-form patterns catch short spellings too.
+        let deny = [pol("p1", "image", "deny", "docker.io/library/alpine*", 1)];
+        assert!(check(&deny, "image", "alpine:3").is_err());
+        // Registries are kept apart.
+        let allow = [pol("p1", "image", "allow", "registry.example:5000/*", 1)];
+        assert!(check(&allow, "image", "registry.example:5000/app:1").is_ok());
+        assert!(check(&allow, "image", "evil.example:5000/app:1").is_err());
+        assert!(check(&allow, "image", "app").is_err());
+        let forms = image_forms("localhost/x");
+        assert!(
+            forms.contains(&"localhost/x:latest".to_string()),
+            "{forms:?}"
+        );
+    }
 
     fn pol(id: &str, t: &str, effect: &str, pattern: &str, priority: i64) -> PolicyRecord {
         PolicyRecord {

@@ -217,6 +217,12 @@ pub trait Store: Debug + Send + Sync + 'static {
 
     async fn insert_exec_log(&self, rec: &ExecLogRecord) -> Result<()>;
     async fn list_exec_logs(&self, sandbox_id: &str, limit: i64) -> Result<Vec<ExecLogRecord>>;
+    /// Deletes exec logs created before `before`; returns how many.
+    async fn prune_exec_logs(&self, before: DateTime<Utc>) -> Result<u64>;
+    /// Deletes destroyed sandboxes (and their exec logs) last updated
+    /// before `before`; live sandboxes are never touched. Returns how many
+    /// sandboxes were removed.
+    async fn prune_destroyed_sandboxes(&self, before: DateTime<Utc>) -> Result<u64>;
 
     /// Creates a template; a duplicate name is a conflict.
     async fn create_template(&self, t: &TemplateRecord) -> Result<()>;

@@ -22,6 +22,9 @@ pub const API: u8 = 2;
 pub const OPERATOR: u8 = 4;
 pub const ADMIN: u8 = 8;
 pub const TENANT_ADMIN: u8 = 16;
+/// Changing configuration shared by every tenant (templates): operators
+/// and the admin, never a tenant admin (F-15).
+pub const SHARED: u8 = 32;
 
 /// The role of an authenticated caller.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,9 +54,9 @@ impl Role {
         match self {
             Role::Viewer => READ,
             Role::Api => READ | API,
-            Role::Operator => READ | API | OPERATOR,
+            Role::Operator => READ | API | OPERATOR | SHARED,
             Role::TenantAdmin => READ | API | OPERATOR | TENANT_ADMIN,
-            Role::Admin => READ | API | OPERATOR | ADMIN | TENANT_ADMIN,
+            Role::Admin => READ | API | OPERATOR | ADMIN | TENANT_ADMIN | SHARED,
         }
     }
 
@@ -77,8 +80,11 @@ pub enum Perm {
     Read,
     /// `api:*`
     Write,
-    /// `operator:*` (shared configuration: templates, prune, metrics)
+    /// `operator:*` (prune, metrics)
     Operate,
+    /// `operator:shared`: configuration every tenant uses (templates);
+    /// operators and the admin, not tenant admins.
+    Shared,
     /// `tenant:admin`: the admin, or a tenant admin for its own tenant
     /// (the handler compares the tenant in the path).
     Tenant,
@@ -93,6 +99,7 @@ impl Perm {
             Perm::Read => Some((READ, "read:*")),
             Perm::Write => Some((API, "api:*")),
             Perm::Operate => Some((OPERATOR, "operator:*")),
+            Perm::Shared => Some((SHARED, "operator:shared")),
             Perm::Tenant => Some((TENANT_ADMIN, "tenant:admin")),
             Perm::Admin => Some((ADMIN, "admin:*")),
         }
@@ -108,6 +115,7 @@ impl Perm {
             Perm::Read => "read:*",
             Perm::Write => "api:*",
             Perm::Operate => "operator:*",
+            Perm::Shared => "operator:shared",
             Perm::Tenant => "tenant:admin",
             Perm::Admin => "admin:*",
         }
@@ -159,10 +167,10 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
     r("GET", "/pool/status", Perm::Read),
     r("GET", "/snapshots", Perm::Read),
     r("GET", "/templates", Perm::Read),
-    r("POST", "/templates", Perm::Operate),
+    r("POST", "/templates", Perm::Shared),
     r("GET", "/templates/{name}", Perm::Read),
-    r("PUT", "/templates/{name}", Perm::Operate),
-    r("DELETE", "/templates/{name}", Perm::Operate),
+    r("PUT", "/templates/{name}", Perm::Shared),
+    r("DELETE", "/templates/{name}", Perm::Shared),
     r("POST", "/templates/{name}/spawn", Perm::Write),
     r("GET", "/quotas", Perm::Read),
     r("GET", "/quotas/summary", Perm::Read),
@@ -260,6 +268,18 @@ impl Identity {
             Via::Unauthenticated | Via::AdminKey => true,
             Via::ApiKey => self.api_key_acts_for_users,
             Via::Oidc => false,
+        }
+    }
+
+    /// The credential that authenticated, as a stable name for rate
+    /// limits and per-caller caps: `api-key`, `admin-key`, `oidc:<sub>`;
+    /// "" on an open server (no credential at all).
+    pub fn credential(&self) -> String {
+        match self.via {
+            Via::Unauthenticated => String::new(),
+            Via::ApiKey => "api-key".into(),
+            Via::AdminKey => "admin-key".into(),
+            Via::Oidc => format!("oidc:{}", self.subject),
         }
     }
 
@@ -483,6 +503,8 @@ struct JwksCache {
     keys: HashMap<String, Key>,
     fetched: Option<Instant>,
     last_attempt: Option<Instant>,
+    /// Bumped when a fetch ends (either way).
+    generation: u64,
 }
 
 /// OIDC bearer verification: RS256, ES256, ES384 with JOSE signatures;
@@ -501,12 +523,18 @@ pub struct Oidc {
     static_key: Option<Key>,
     jwks_url: String,
     http: reqwest::Client,
-    cache: tokio::sync::Mutex<JwksCache>,
+    /// Never held across an await: verifications with cached keys never
+    /// wait for a fetch (F-18).
+    cache: parking_lot::Mutex<JwksCache>,
+    /// Single-flight: one JWKS fetch at a time.
+    fetching: tokio::sync::Mutex<()>,
     cache_ttl: Duration,
     refetch_interval: Duration,
 }
 
 const LEEWAY_SECS: u64 = 30;
+/// Largest JWKS document accepted.
+const MAX_JWKS_BYTES: usize = 1024 * 1024;
 
 fn static_key(pem: &str) -> Result<Key, String> {
     if let Ok(k) = DecodingKey::from_rsa_pem(pem.as_bytes()) {
@@ -549,6 +577,7 @@ impl Oidc {
         };
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| format!("building the JWKS client: {e}"))?;
         Ok(Oidc {
@@ -566,7 +595,8 @@ impl Oidc {
             static_key,
             jwks_url: a.oidc_jwks_url.clone(),
             http,
-            cache: tokio::sync::Mutex::new(JwksCache::default()),
+            cache: parking_lot::Mutex::new(JwksCache::default()),
+            fetching: tokio::sync::Mutex::new(()),
             cache_ttl: Duration::from_secs(300),
             refetch_interval: Duration::from_secs(10),
         })
@@ -578,19 +608,35 @@ impl Oidc {
     }
 
     async fn fetch_jwks(&self) -> Result<HashMap<String, Key>, String> {
-        let resp = self
+        let mut resp = self
             .http
             .get(&self.jwks_url)
             .send()
             .await
             .map_err(|e| format!("fetching JWKS: {e}"))?;
+        // Redirects are not followed (a 3xx is an error like any other).
         if !resp.status().is_success() {
             return Err(format!("fetching JWKS: HTTP {}", resp.status().as_u16()));
         }
-        let set: JwkSet = resp
-            .json()
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+        {
+            return Err(format!("fetching JWKS: larger than {MAX_JWKS_BYTES} bytes"));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| format!("parsing JWKS: {e}"))?;
+            .map_err(|e| format!("fetching JWKS: {e}"))?
+        {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(format!("fetching JWKS: larger than {MAX_JWKS_BYTES} bytes"));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let set: JwkSet =
+            serde_json::from_slice(&body).map_err(|e| format!("parsing JWKS: {e}"))?;
         let mut keys = HashMap::new();
         for jwk in &set.keys {
             let kind = match &jwk.algorithm {
@@ -617,31 +663,59 @@ impl Oidc {
         if let Some(k) = &self.static_key {
             return Ok(k.clone());
         }
-        let mut c = self.cache.lock().await;
-        let fresh = c.fetched.is_some_and(|t| t.elapsed() < self.cache_ttl);
-        if fresh {
-            if let Some(k) = c.keys.get(kid) {
-                return Ok(k.clone());
+        let (cached, seen_generation) = {
+            let c = self.cache.lock();
+            let fresh = c.fetched.is_some_and(|t| t.elapsed() < self.cache_ttl);
+            let cached = c.keys.get(kid).cloned();
+            if fresh {
+                if let Some(k) = cached {
+                    return Ok(k);
+                }
             }
-        }
-        // At most one fetch per refetch interval, whether the cache is
-        // stale or the kid unknown, so a flood of tokens (or an IdP
-        // outage) cannot turn into a flood of JWKS requests.
-        let may_fetch = c
-            .last_attempt
-            .is_none_or(|t| t.elapsed() >= self.refetch_interval);
-        if !may_fetch {
-            if let Some(k) = c.keys.get(kid) {
-                return Ok(k.clone());
+            (cached, c.generation)
+        };
+        // One fetch at a time. A stale but known key is served while
+        // another request refreshes the set.
+        let _flight = match self.fetching.try_lock() {
+            Ok(g) => g,
+            Err(_) => {
+                if let Some(k) = cached {
+                    return Ok(k);
+                }
+                self.fetching.lock().await
             }
-            return Err(format!(
-                "unknown key id {kid:?} (JWKS was refetched less than {}s ago)",
-                self.refetch_interval.as_secs()
-            ));
+        };
+        {
+            let mut c = self.cache.lock();
+            // A fetch finished while this request waited: use its result.
+            if c.generation != seen_generation {
+                return c
+                    .keys
+                    .get(kid)
+                    .cloned()
+                    .ok_or_else(|| format!("unknown key id {kid:?} (JWKS was just refetched)"));
+            }
+            // At most one fetch per refetch interval, whether the cache is
+            // stale or the kid unknown, so a flood of tokens (or an IdP
+            // outage) cannot turn into a flood of JWKS requests.
+            let may_fetch = c
+                .last_attempt
+                .is_none_or(|t| t.elapsed() >= self.refetch_interval);
+            if !may_fetch {
+                if let Some(k) = c.keys.get(kid) {
+                    return Ok(k.clone());
+                }
+                return Err(format!(
+                    "unknown key id {kid:?} (JWKS was refetched less than {}s ago)",
+                    self.refetch_interval.as_secs()
+                ));
+            }
+            c.last_attempt = Some(Instant::now());
         }
-        c.last_attempt = Some(Instant::now());
-        let keys = self.fetch_jwks().await?;
-        c.keys = keys;
+        let fetched = self.fetch_jwks().await;
+        let mut c = self.cache.lock();
+        c.generation += 1;
+        c.keys = fetched?;
         c.fetched = Some(Instant::now());
         c.keys
             .get(kid)
@@ -782,6 +856,20 @@ mod tests {
         assert!(Perm::Write.allows(Role::Api));
         assert!(!Perm::Operate.allows(Role::Api));
         assert!(Perm::Operate.allows(Role::TenantAdmin));
+        assert!(!Perm::Shared.allows(Role::TenantAdmin));
+        assert!(Perm::Shared.allows(Role::Operator));
+        assert!(Perm::Shared.allows(Role::Admin));
+        // Tenant admins cannot change the templates every tenant uses.
+        for m in [Method::POST, Method::PUT, Method::DELETE] {
+            let path = if m == Method::POST {
+                "/templates"
+            } else {
+                "/templates/{name}"
+            };
+            let p = permission(&m, path).expect("entry");
+            assert!(!p.allows(Role::TenantAdmin), "{m} {path}");
+            assert!(p.allows(Role::Operator), "{m} {path}");
+        }
         assert!(!Perm::Admin.allows(Role::Operator));
         assert!(!Perm::Tenant.allows(Role::Operator));
         assert!(Perm::Tenant.allows(Role::TenantAdmin));

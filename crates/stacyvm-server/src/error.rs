@@ -52,16 +52,10 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         let (status, code) = status_of(e.kind());
         let message = if status.is_server_error() {
-            // The full cause chain goes to the log, not to the client.
+            // The full cause chain goes to the log, not to the client
+            // (F-17: details carry host paths and agent stderr).
             tracing::error!(error = %e, "request failed");
-            let d = e.detail();
-            if d.is_empty() {
-                e.kind().prefix().to_string()
-            } else if e.kind() == ErrorKind::Internal {
-                d.to_string()
-            } else {
-                format!("{}: {d}", e.kind().prefix())
-            }
+            e.kind().prefix().to_string()
         } else {
             e.to_string()
         };

@@ -5,6 +5,7 @@
 //! request timeout: long execs, NDJSON streams, WebSockets and SSE are
 //! bounded by their own deadlines, not cut at 120 s (gaps C-20).
 
+pub mod active;
 pub mod auth;
 pub mod error;
 pub mod json;
@@ -36,6 +37,15 @@ pub struct AppState {
     pub system: Arc<routes::system::SystemSampler>,
     pub auth: Arc<auth::Authenticator>,
     pub ratelimit: Arc<ratelimit::RateLimiter>,
+    /// Per-caller caps on concurrent execs, transfers and streams.
+    pub active: Arc<active::Active>,
+    /// Failed authentication attempts per client address.
+    pub failed_auth: Arc<ratelimit::RateLimiter>,
+    /// Server-wide budget of failed-authentication audit rows.
+    failed_auth_rows: Arc<middleware::FailedAuthRows>,
+    /// Refuse `Host` headers other than loopback names (the API is open
+    /// and bound to loopback: DNS-rebinding guard).
+    pub host_checked: bool,
     last_prune: Arc<parking_lot::Mutex<Option<std::time::Instant>>>,
 }
 
@@ -52,7 +62,14 @@ impl AppState {
     pub fn with_auth(manager: Arc<Manager>, auth: auth::Authenticator) -> Self {
         let cfg = Arc::new(manager.config().clone());
         let ratelimit = Arc::new(ratelimit::RateLimiter::new(&cfg.rate_limit));
+        let host_checked =
+            !auth.enabled() && stacyvm_core::config::is_loopback_host(cfg.listen_host().0);
+        let failed_auth = Arc::new(ratelimit::RateLimiter::failed_auth(&cfg.rate_limit));
         AppState {
+            active: Arc::new(active::Active::new(&cfg.limits)),
+            failed_auth,
+            failed_auth_rows: Arc::default(),
+            host_checked,
             manager,
             cfg,
             system: Arc::new(routes::system::SystemSampler::default()),
@@ -119,8 +136,12 @@ pub fn router(state: AppState) -> Router {
             middleware::body_limit,
         ))
         .layer(axum::middleware::from_fn_with_state(
-            state,
+            state.clone(),
             middleware::cors,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::host_guard,
         ))
         .layer(axum::middleware::from_fn(middleware::request_id))
 }

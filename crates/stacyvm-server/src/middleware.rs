@@ -31,10 +31,59 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_string);
     req.extensions_mut().insert(RequestId(id.clone()));
     let mut resp = next.run(req).await;
+    if resp.status().is_server_error() {
+        resp = scrub_server_error(resp, &id).await;
+    }
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(X_REQUEST_ID.clone(), v);
     }
     resp
+}
+
+/// A 5xx error body says only its kind and the request id; the message
+/// it had (host paths, agent stderr) goes to the log (F-17). Bodies that
+/// are not the error shape (`/ready`'s 503 report) pass unchanged.
+async fn scrub_server_error(resp: Response, request_id: &str) -> Response {
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, 256 * 1024).await else {
+        return ApiError::new(parts.status, "INTERNAL_ERROR", "").into_response();
+    };
+    let Ok(err) = serde_json::from_slice::<stacyvm_api::ErrorBody>(&bytes) else {
+        return Response::from_parts(parts, Body::from(bytes));
+    };
+    let kind = match err.code.as_str() {
+        "INTERNAL_ERROR" => "internal error",
+        "UNAVAILABLE" => "provider unavailable",
+        "NOT_IMPLEMENTED" => "unsupported operation",
+        _ => "server error",
+    };
+    tracing::error!(
+        request_id,
+        status = parts.status.as_u16(),
+        code = %err.code,
+        message = %err.message,
+        "request failed"
+    );
+    let mut out = crate::json::json_response(
+        parts.status,
+        &stacyvm_api::ErrorBody {
+            code: err.code,
+            message: format!("{kind} (request id {request_id})"),
+        },
+    );
+    for (k, v) in &parts.headers {
+        if k != header::CONTENT_LENGTH && k != header::CONTENT_TYPE {
+            out.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    out
 }
 
 /// The client address: the socket peer, or the first `X-Forwarded-For`
@@ -142,15 +191,17 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
     let ident = match result {
         Ok(i) => i,
         Err(f) => {
-            // Failed attempts spend the client address's rate-limit tokens;
-            // once exhausted they are refused without an audit write, so
-            // anonymous floods cannot fill the audit log.
-            if st.ratelimit.enabled() {
-                let key = st.ratelimit.key("", "", &meta.remote_addr);
+            // Failed attempts spend the client address's failed-auth
+            // tokens (on by default, `rate_limit.failed_auth_per_minute`);
+            // once exhausted they are refused without an audit write, and
+            // the rows they may write share one server-wide budget, so an
+            // anonymous flood from many addresses cannot fill the audit log.
+            if st.failed_auth.enabled() {
+                let key = st.failed_auth.key("", "", &meta.remote_addr);
                 if let Decision::Limited {
                     limit,
                     retry_after_secs,
-                } = st.ratelimit.check(&key)
+                } = st.failed_auth.check(&key)
                 {
                     return rate_limited(limit, retry_after_secs);
                 }
@@ -161,7 +212,15 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
                 AuthFailure::Missing => "anonymous",
             };
             let msg = f.to_string();
-            meta.write(&st, actor, "", 401, started).await;
+            match st.failed_auth_rows.take() {
+                RowBudget::Write { suppressed } => {
+                    if suppressed > 0 {
+                        meta.write_suppressed(&st, suppressed).await;
+                    }
+                    meta.write(&st, actor, "", 401, started).await;
+                }
+                RowBudget::Skip => {}
+            }
             tracing::info!(reason = %msg, path = %meta.path, "authentication failed");
             return ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", msg).into_response();
         }
@@ -204,8 +263,8 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
     let mut limit_headers = None;
     if st.ratelimit.enabled() {
         let key = st.ratelimit.key(
+            &caller.identity.credential(),
             &caller.caller.owner_id,
-            header_str(req.headers(), "x-api-key").unwrap_or_default(),
             &meta.remote_addr,
         );
         match st.ratelimit.check(&key) {
@@ -216,10 +275,61 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
             } => return rate_limited(limit, retry_after_secs),
         }
     }
+    // Long-lived work takes a slot of each per-caller cap (F-10); the
+    // slot lives as long as the response body (or the WebSocket session,
+    // which takes it out of the request).
+    let mut slot = None;
+    if let Some(per_sandbox) = crate::active::counted(&method, &route) {
+        let sandbox = per_sandbox.then(|| {
+            // Counted under the caller's tenant, so nobody can use up the
+            // slots of a sandbox they cannot see.
+            let id = req
+                .uri()
+                .path()
+                .split('/')
+                .skip_while(|s| *s != "sandboxes")
+                .nth(1)
+                .unwrap_or_default();
+            format!("{}/{id}", caller.caller.tenant_id)
+        });
+        let credential = match caller.identity.credential() {
+            c if c.is_empty() => format!("addr:{}", meta.remote_addr),
+            c => format!("{c}\0{}", caller.caller.owner_id),
+        };
+        match st
+            .active
+            .try_acquire(sandbox.as_deref(), &credential, &caller.caller.tenant_id)
+        {
+            Ok(p) => {
+                let s = crate::active::PermitSlot::default();
+                *s.0.lock() = Some(p);
+                req.extensions_mut().insert(s.clone());
+                slot = Some(s);
+            }
+            Err(cap) => {
+                return ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "RESOURCE_LIMIT",
+                    cap.to_string(),
+                )
+                .into_response();
+            }
+        }
+    }
     let actor = caller.caller.actor.clone();
     let tenant = caller.caller.tenant_id.clone();
     req.extensions_mut().insert(caller);
     let mut resp = next.run(req).await;
+    if let Some(permit) = slot.and_then(|s| s.take()) {
+        resp = resp.map(|body| {
+            use futures::StreamExt as _;
+            let stream = body.into_data_stream().map(move |chunk| {
+                let _held = &permit;
+                chunk
+            });
+            Body::from_stream(stream)
+        });
+    }
     if let Some((limit, remaining)) = limit_headers {
         let h = resp.headers_mut();
         h.insert("x-ratelimit-limit", HeaderValue::from(limit));
@@ -254,6 +364,70 @@ fn rate_limited(limit: u64, retry_after_secs: u64) -> Response {
     resp
 }
 
+/// Audited paths are cut to this many bytes (at a character boundary).
+pub const MAX_AUDIT_PATH: usize = 2048;
+
+/// Cuts `s` to at most `max` bytes at a character boundary, marking the
+/// cut with `…`.
+pub fn truncate_str(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// What the server-wide budget of failed-authentication audit rows says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowBudget {
+    /// Write the row; first one summary row for `suppressed` skipped ones.
+    Write { suppressed: u64 },
+    /// Over budget: count it, write nothing.
+    Skip,
+}
+
+/// A token bucket for failed-authentication audit rows across all
+/// addresses: [`FailedAuthRows::PER_MINUTE`] a minute with the same burst.
+/// Skipped rows are counted and summarised in one row once the budget
+/// refills.
+#[derive(Debug)]
+pub struct FailedAuthRows {
+    state: parking_lot::Mutex<(f64, Instant, u64)>,
+}
+
+impl Default for FailedAuthRows {
+    fn default() -> Self {
+        FailedAuthRows {
+            state: parking_lot::Mutex::new((Self::PER_MINUTE, Instant::now(), 0)),
+        }
+    }
+}
+
+impl FailedAuthRows {
+    pub const PER_MINUTE: f64 = 120.0;
+
+    pub fn take(&self) -> RowBudget {
+        let mut g = self.state.lock();
+        let (tokens, last, suppressed) = &mut *g;
+        let now = Instant::now();
+        *tokens = (*tokens + now.duration_since(*last).as_secs_f64() * Self::PER_MINUTE / 60.0)
+            .min(Self::PER_MINUTE);
+        *last = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            RowBudget::Write {
+                suppressed: std::mem::take(suppressed),
+            }
+        } else {
+            *suppressed += 1;
+            RowBudget::Skip
+        }
+    }
+}
+
 /// Request facts for the admin audit log.
 struct AuditMeta {
     method: String,
@@ -272,10 +446,12 @@ impl AuditMeta {
         AuditMeta {
             method: req.method().to_string(),
             // Nested routers see the path without `/api/v1`.
-            path: req
-                .extensions()
-                .get::<OriginalUri>()
-                .map_or_else(|| req.uri().path().to_string(), |u| u.0.path().to_string()),
+            path: truncate_str(
+                req.extensions()
+                    .get::<OriginalUri>()
+                    .map_or_else(|| req.uri().path(), |u| u.0.path()),
+                MAX_AUDIT_PATH,
+            ),
             request_id: req
                 .extensions()
                 .get::<RequestId>()
@@ -288,6 +464,24 @@ impl AuditMeta {
                 .take(256)
                 .collect(),
         }
+    }
+
+    /// One row standing for `n` failed attempts that were not recorded.
+    async fn write_suppressed(&self, st: &AppState, n: u64) {
+        let rec = AdminAuditRecord {
+            id: 0,
+            actor: "audit:suppressed".into(),
+            method: String::new(),
+            path: format!("{n} failed authentication attempts were not recorded individually"),
+            status: 401,
+            duration_ms: 0,
+            request_id: self.request_id.clone(),
+            remote_addr: String::new(),
+            user_agent: String::new(),
+            tenant_id: String::new(),
+            created_at: chrono::Utc::now(),
+        };
+        st.audit_admin(rec).await;
     }
 
     async fn write(&self, st: &AppState, actor: &str, tenant: &str, status: i64, started: Instant) {
@@ -371,18 +565,68 @@ fn too_large(limit: u64) -> Response {
     .into_response()
 }
 
+/// Whether a `Host` header names this machine's loopback interface:
+/// `localhost`, `127.0.0.1` or `[::1]`, with any port.
+fn is_local_host_header(host: &str) -> bool {
+    let h = host.trim();
+    let name = if let Some(rest) = h.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((inner, port)) if port.is_empty() || port.starts_with(':') => inner,
+            _ => return false,
+        }
+    } else {
+        match h.rsplit_once(':') {
+            Some((n, port)) if port.bytes().all(|b| b.is_ascii_digit()) => n,
+            Some(_) => return false,
+            None => h,
+        }
+    };
+    name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1" || name == "::1"
+}
+
+/// DNS-rebinding guard: while the API is open (no credential) and bound
+/// to loopback, a request whose `Host` is not `localhost`, `127.0.0.1`
+/// or `[::1]` (any port) came through a name that resolved here by
+/// accident or by design (a web page rebinding its own domain): 421.
+pub async fn host_guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if st.host_checked {
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| {
+                req.uri()
+                    .authority()
+                    .map(axum::http::uri::Authority::as_str)
+            });
+        if let Some(h) = host {
+            if !is_local_host_header(h) {
+                return ApiError::new(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "MISDIRECTED_REQUEST",
+                    "this server has no credential configured and only answers requests for localhost, 127.0.0.1 or [::1]; configure auth.api_key to serve other names",
+                )
+                .into_response();
+            }
+        }
+    }
+    next.run(req).await
+}
+
 const ALLOW_METHODS: &str = "GET, POST, PUT, PATCH, DELETE, OPTIONS";
 const ALLOW_HEADERS: &str =
     "Content-Type, X-API-Key, X-Admin-API-Key, X-Request-ID, X-User-ID, X-Tenant-ID, Authorization";
 const EXPOSE_HEADERS: &str = "X-Request-ID, X-RateLimit-Limit, X-RateLimit-Remaining, Retry-After";
 
-/// CORS with exact-origin lists; preflights are answered before auth.
+/// CORS with exact-origin lists (`*` = any; empty = none, the default);
+/// preflights are answered before auth, and a request carrying an
+/// `Origin` that is not allowed is refused (403) instead of run.
 pub async fn cors(State(st): State<AppState>, req: Request, next: Next) -> Response {
     if !req.uri().path().starts_with("/api/v1") {
         return next.run(req).await;
     }
     let origins = &st.cfg.server.cors_allowed_origins;
-    let any = origins.is_empty() || origins.iter().any(|o| o == "*");
+    let any = origins.iter().any(|o| o == "*");
     let origin = req
         .headers()
         .get(header::ORIGIN)
@@ -405,6 +649,17 @@ pub async fn cors(State(st): State<AppState>, req: Request, next: Next) -> Respo
             return r;
         }
         Response::new(Body::empty())
+    } else if let (Some(o), None) = (&origin, &allowed_origin) {
+        // A browser sends simple cross-origin requests (a form POST, a
+        // text/plain fetch) without a preflight; they must not run.
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "FORBIDDEN",
+            format!(
+                "cross-origin requests from {o:?} are not allowed (server.cors_allowed_origins)"
+            ),
+        )
+        .into_response();
     } else {
         next.run(req).await
     };
@@ -447,4 +702,73 @@ pub async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiErro
         "METHOD_NOT_ALLOWED",
         format!("method {method} is not allowed on {}", uri.path()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tower::ServiceExt as _;
+
+    #[tokio::test]
+    async fn server_errors_say_only_kind_and_request_id() {
+        let app = axum::Router::new()
+            .route(
+                "/agent",
+                get(|| async {
+                    ApiError::from(stacyvm_core::Error::unavailable(
+                        "connecting to the sandbox agent at /var/lib/stacyvm/docker/sb-1/run/agent.sock",
+                    ))
+                }),
+            )
+            .route(
+                "/setup",
+                get(|| async {
+                    ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "INTERNAL_ERROR",
+                        "sandbox setup failed: mount /var/lib/stacyvm/native: EPERM",
+                    )
+                }),
+            )
+            .route(
+                "/ready",
+                get(|| async {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        [(header::CONTENT_TYPE, "application/json")],
+                        r#"{"status":"not_ready"}"#,
+                    )
+                }),
+            )
+            .layer(axum::middleware::from_fn(request_id));
+        for path in ["/agent", "/setup"] {
+            let resp = app
+                .clone()
+                .oneshot(
+                    Request::get(path)
+                        .header("x-request-id", "rid-42")
+                        .body(Body::empty())
+                        .expect("req"),
+                )
+                .await
+                .expect("resp");
+            assert!(resp.status().is_server_error());
+            let bytes = axum::body::to_bytes(resp.into_body(), 4096)
+                .await
+                .expect("body");
+            let text = String::from_utf8_lossy(&bytes);
+            assert!(!text.contains("/var/lib"), "{path}: {text}");
+            assert!(!text.contains("setup failed"), "{path}: {text}");
+            assert!(text.contains("request id rid-42"), "{path}: {text}");
+        }
+        let resp = app
+            .oneshot(Request::get("/ready").body(Body::empty()).expect("req"))
+            .await
+            .expect("resp");
+        let bytes = axum::body::to_bytes(resp.into_body(), 4096)
+            .await
+            .expect("body");
+        assert_eq!(&bytes[..], br#"{"status":"not_ready"}"#);
+    }
 }

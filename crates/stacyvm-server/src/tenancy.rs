@@ -2,7 +2,7 @@
 //! actor and tenant, never taken on the caller's word alone (S-3, S-4).
 
 use axum::http::{HeaderMap, StatusCode};
-use stacyvm_core::manager::Caller;
+use stacyvm_core::manager::{Caller, Scope};
 use stacyvm_core::ErrorKind;
 
 use crate::auth::{Identity, Role, Via};
@@ -98,6 +98,7 @@ pub async fn caller_of(
         }
         asked_tenant
     };
+    let scope = scope_of(st, id, role, &owner);
     Ok(Authed {
         identity: id.clone(),
         role,
@@ -106,8 +107,41 @@ pub async fn caller_of(
             tenant_id,
             actor,
             request_id: request_id.to_string(),
+            scope,
+            names_owners: id.may_act_for_others(),
         },
     })
+}
+
+/// Which sandboxes a caller reaches (F-6):
+/// - the admin (and an open server): every tenant when it names none;
+/// - operators and tenant admins: their tenant (no tenant is a tenant);
+/// - viewers and api callers, with `auth.owner_scoping`: what they own in
+///   their tenant. A static key that may act for users and names none is
+///   a service credential and reaches its tenant.
+fn scope_of(st: &AppState, id: &Identity, role: Role, owner: &str) -> Scope {
+    match role {
+        Role::Admin => Scope::Global,
+        Role::Operator | Role::TenantAdmin => Scope::Tenant,
+        Role::Viewer | Role::Api => {
+            let service = id.may_act_for_others() && owner.is_empty();
+            if st.cfg.auth.owner_scoping && !service {
+                Scope::Owner
+            } else {
+                Scope::Tenant
+            }
+        }
+    }
+}
+
+impl Authed {
+    /// Whether this caller may see server-wide facts: other owners'
+    /// quotas and usage, global sandbox counts, provider configuration
+    /// (the admin, or an operator acting in no tenant; F-17).
+    pub fn sees_server_wide(&self) -> bool {
+        self.role == Role::Admin
+            || (self.role == Role::Operator && self.caller.tenant_id.is_empty())
+    }
 }
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Authed {

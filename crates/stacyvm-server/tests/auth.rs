@@ -295,7 +295,11 @@ async fn every_route_times_every_role_matches_the_permission_table() {
     let dir = tempfile::tempdir().expect("tmp");
     let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
     let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
-    let s = start(oidc_config(&jwks.url), Duration::from_secs(10)).await;
+    let mut cfg = oidc_config(&jwks.url);
+    // Every route is tried anonymously: far more failures than one
+    // address may make by default.
+    cfg.rate_limit.failed_auth_per_minute = 0;
+    let s = start(cfg, Duration::from_secs(10)).await;
     s.manager
         .store()
         .upsert_tenant_member(&TenantMemberRecord {
@@ -660,8 +664,9 @@ async fn identity_and_tenant_are_never_self_asserted() {
     let bob_box = v["id"].as_str().expect("id").to_string();
     assert_eq!(v["owner_id"], "bob");
 
-    // The tenant from the token claim scopes list and get.
-    let mut c = claims("dave", &[]);
+    // The tenant from the token claim scopes list and get (dave is an
+    // operator: he sees the whole tenant, not only what he owns).
+    let mut c = claims("dave", &["ops"]);
     c["tenant"] = json!("acme");
     let dave = Cred::Bearer(sign(&rsa, "rsa1", &c));
     let (st, v) = s.send("GET", "/sandboxes", &dave, &[], None).await;
@@ -948,6 +953,7 @@ async fn rate_limit_answers_429_with_retry_after_per_bucket() {
     cfg.rate_limit.requests_per_minute = 1;
     cfg.rate_limit.burst = 2;
     cfg.rate_limit.key_by = "owner".into();
+    cfg.rate_limit.failed_auth_per_minute = 2;
     let s = start(cfg, Duration::from_secs(10)).await;
     let get = |user: &'static str| {
         s.http
@@ -1730,4 +1736,950 @@ async fn api_key_may_be_barred_from_naming_users() {
         .await;
     assert_eq!(st, 201, "{v}");
     assert_eq!(v["owner_id"], "eve");
+    // F-14: the body's owner_id is no way around it (403, nothing made),
+    // for the API key and for an OIDC-like caller alike.
+    let before = s
+        .manager
+        .list(&stacyvm_core::manager::Caller::default())
+        .await
+        .expect("list")
+        .len();
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &Cred::ApiKey,
+            &[],
+            Some(json!({"owner_id": "alice"})),
+        )
+        .await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["message"].as_str().expect("m").contains("owner_id"),
+        "{v}"
+    );
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes/admission",
+            &Cred::ApiKey,
+            &[],
+            Some(json!({"owner_id": "alice"})),
+        )
+        .await;
+    assert_eq!(st, 403, "{v}");
+    let after = s
+        .manager
+        .list(&stacyvm_core::manager::Caller::default())
+        .await
+        .expect("list")
+        .len();
+    assert_eq!(before, after);
+    // The admin key may still name the owner in the body.
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &Cred::AdminKey,
+            &[],
+            Some(json!({"owner_id": "alice"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["owner_id"], "alice");
+}
+
+/// Reads an SSE response for `wait`, returning what arrived.
+async fn read_sse(resp: &mut reqwest::Response, wait: Duration) -> String {
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, resp.chunk()).await {
+            Ok(Ok(Some(c))) => text.push_str(&String::from_utf8_lossy(&c)),
+            _ => return text,
+        }
+    }
+}
+
+async fn sse(s: &Server, cred: &Cred, extra: &[(&str, &str)]) -> reqwest::Response {
+    let mut rb = s.http.get(format!("{}/events", s.base));
+    rb = match cred {
+        Cred::ApiKey => rb.header("X-API-Key", API_KEY),
+        Cred::AdminKey => rb.header("X-Admin-API-Key", ADMIN_KEY),
+        Cred::Bearer(t) => rb.header("Authorization", format!("Bearer {t}")),
+        Cred::None => rb,
+    };
+    for (k, v) in extra {
+        rb = rb.header(*k, *v);
+    }
+    let r = rb.send().await.expect("sse");
+    assert_eq!(r.status(), 200);
+    r
+}
+
+/// F-6: a caller without a tenant is in a tenant of its own, and inside a
+/// tenant viewers and api callers only reach what they own: list, get,
+/// exec, files and the exec command lines on `/events`.
+#[tokio::test]
+async fn no_tenant_is_a_tenant_and_owners_are_scoped_inside_one() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
+    let mut cfg = oidc_config(&jwks.url);
+    cfg.auth.oidc_tenant_claim = "tenant".into();
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let token = |sub: &str, tenant: Option<&str>, groups: &[&str]| {
+        let mut c = claims(sub, groups);
+        if let Some(t) = tenant {
+            c["tenant"] = json!(t);
+        }
+        Cred::Bearer(sign(&rsa, "rsa1", &c))
+    };
+    let alice = token("alice", Some("acme"), &[]);
+    let carol = token("carol", Some("acme"), &[]);
+    let oscar = token("oscar", Some("acme"), &["ops"]);
+    let bob = token("bob", None, &[]);
+    let (st, v) = s
+        .send("POST", "/sandboxes", &alice, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let a = v["id"].as_str().expect("id").to_string();
+    let (st, v) = s
+        .send("POST", "/sandboxes", &bob, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let b = v["id"].as_str().expect("id").to_string();
+
+    let mut bob_events = sse(&s, &bob, &[]).await;
+    let mut key_events = sse(&s, &Cred::ApiKey, &[]).await;
+    let mut carol_events = sse(&s, &carol, &[]).await;
+    let mut alice_events = sse(&s, &alice, &[]).await;
+    let mut oscar_events = sse(&s, &oscar, &[]).await;
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{a}/exec"),
+            &alice,
+            &[],
+            Some(json!({"command": "echo TOP-SECRET-ARGV"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+
+    let ids = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|x| x["id"].as_str().map(str::to_string))
+            .collect()
+    };
+    let file = format!("/sandboxes/{a}/files?path=/etc/hostname");
+    let exec = format!("/sandboxes/{a}/exec");
+    let get = format!("/sandboxes/{a}");
+    // Bob (no tenant claim), the API key (no X-Tenant-ID) and Carol (same
+    // tenant, another owner) reach nothing of Alice's.
+    for (who, cred) in [("bob", &bob), ("api key", &Cred::ApiKey), ("carol", &carol)] {
+        let (st, v) = s.send("GET", "/sandboxes", cred, &[], None).await;
+        assert_eq!(st, 200, "{who}");
+        assert!(!ids(&v).contains(&a), "{who} lists {a}: {v}");
+        let (st, _) = s.send("GET", &get, cred, &[], None).await;
+        assert_eq!(st, 404, "{who} get");
+        let (st, _) = s
+            .send("POST", &exec, cred, &[], Some(json!({"command": "id"})))
+            .await;
+        assert_eq!(st, 404, "{who} exec");
+        let (st, _) = s.send("GET", &file, cred, &[], None).await;
+        assert_eq!(st, 404, "{who} files");
+        let (st, _) = s.send("DELETE", &get, cred, &[], None).await;
+        assert_eq!(st, 404, "{who} destroy");
+    }
+    // The API key acting for a member of acme (X-Tenant-ID) is scoped to
+    // that member's sandboxes too.
+    s.manager
+        .store()
+        .upsert_tenant_member(&TenantMemberRecord {
+            tenant_id: "acme".into(),
+            user_id: "carl".into(),
+            role: "operator".into(),
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        })
+        .await
+        .expect("member");
+    let carl = [("X-User-ID", "carl"), ("X-Tenant-ID", "acme")];
+    let (st, v) = s
+        .send("GET", "/sandboxes", &Cred::ApiKey, &carl, None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert!(ids(&v).is_empty(), "{v}");
+    let (st, _) = s.send("GET", &get, &Cred::ApiKey, &carl, None).await;
+    assert_eq!(st, 404);
+    let (st, _) = s
+        .send(
+            "POST",
+            &exec,
+            &Cred::ApiKey,
+            &carl,
+            Some(json!({"command": "id"})),
+        )
+        .await;
+    assert_eq!(st, 404);
+    // The admin key in acme reaches it.
+    let (st, _) = s
+        .send(
+            "GET",
+            &get,
+            &Cred::AdminKey,
+            &[("X-Tenant-ID", "acme")],
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
+    // Bob sees his own sandbox; the service API key without a tenant sees
+    // the sandboxes without a tenant.
+    let (_, v) = s.send("GET", "/sandboxes", &bob, &[], None).await;
+    assert_eq!(ids(&v), vec![b.clone()]);
+    let (_, v) = s.send("GET", "/sandboxes", &Cred::ApiKey, &[], None).await;
+    assert_eq!(ids(&v), vec![b.clone()]);
+    // Alice and an operator of her tenant reach it; the admin sees all.
+    let (_, v) = s.send("GET", "/sandboxes", &alice, &[], None).await;
+    assert_eq!(ids(&v), vec![a.clone()]);
+    let (_, v) = s.send("GET", "/sandboxes", &oscar, &[], None).await;
+    assert_eq!(ids(&v), vec![a.clone()]);
+    let (st, _) = s.send("GET", &get, &oscar, &[], None).await;
+    assert_eq!(st, 200);
+    let (_, v) = s
+        .send("GET", "/sandboxes", &Cred::AdminKey, &[], None)
+        .await;
+    assert_eq!(ids(&v).len(), 2, "{v}");
+
+    // The exec command line only reaches callers who see the sandbox.
+    let wait = Duration::from_millis(700);
+    let alice_text = read_sse(&mut alice_events, wait).await;
+    assert!(alice_text.contains("TOP-SECRET-ARGV"), "{alice_text}");
+    assert!(read_sse(&mut oscar_events, wait)
+        .await
+        .contains("TOP-SECRET-ARGV"));
+    for (who, stream) in [
+        ("bob", &mut bob_events),
+        ("api key", &mut key_events),
+        ("carol", &mut carol_events),
+    ] {
+        let text = read_sse(stream, wait).await;
+        assert!(!text.contains("TOP-SECRET-ARGV"), "{who}: {text}");
+        assert!(!text.contains(&a), "{who}: {text}");
+    }
+}
+
+/// `auth.owner_scoping: false` lets every member of a tenant reach the
+/// tenant's sandboxes (tenancy still holds).
+#[tokio::test]
+async fn owner_scoping_can_be_switched_off() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
+    let mut cfg = oidc_config(&jwks.url);
+    cfg.auth.oidc_tenant_claim = "tenant".into();
+    cfg.auth.owner_scoping = false;
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let token = |sub: &str, tenant: Option<&str>| {
+        let mut c = claims(sub, &[]);
+        if let Some(t) = tenant {
+            c["tenant"] = json!(t);
+        }
+        Cred::Bearer(sign(&rsa, "rsa1", &c))
+    };
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &token("alice", Some("acme")),
+            &[],
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let a = v["id"].as_str().expect("id").to_string();
+    let (st, _) = s
+        .send(
+            "GET",
+            &format!("/sandboxes/{a}"),
+            &token("carol", Some("acme")),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = s
+        .send(
+            "GET",
+            &format!("/sandboxes/{a}"),
+            &token("bob", None),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 404);
+}
+
+/// An open server (no credential) is on loopback; a web page that rebinds
+/// its own name to 127.0.0.1, or posts cross-origin, gets nothing.
+#[tokio::test]
+async fn open_server_refuses_foreign_hosts_and_cross_origin_requests() {
+    let s = start(Config::default(), Duration::from_secs(10)).await;
+    let port = s
+        .base
+        .split(':')
+        .nth(2)
+        .and_then(|p| p.split('/').next())
+        .expect("port");
+    let req = |host: String| {
+        s.http
+            .get(format!("{}/sandboxes", s.base))
+            .header("Host", host)
+            .send()
+    };
+    for ok in [
+        format!("127.0.0.1:{port}"),
+        format!("localhost:{port}"),
+        "LOCALHOST".to_string(),
+        format!("[::1]:{port}"),
+    ] {
+        let r = req(ok.clone()).await.expect("send");
+        assert_eq!(r.status(), 200, "{ok}");
+    }
+    for bad in [
+        format!("evil.example:{port}"),
+        "rebind.attacker.test".to_string(),
+        format!("127.0.0.1.nip.io:{port}"),
+        format!("localhost.evil:{port}"),
+    ] {
+        let r = req(bad.clone()).await.expect("send");
+        assert_eq!(r.status(), 421, "{bad}");
+        let v: Value = r.json().await.expect("json");
+        assert_eq!(v["code"], "MISDIRECTED_REQUEST", "{v}");
+    }
+    // A simple cross-origin POST (no preflight) does not spawn.
+    let r = s
+        .http
+        .post(format!("{}/sandboxes", s.base))
+        .header("Origin", "https://evil.example")
+        .header("Content-Type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 403);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    let pre = s
+        .http
+        .request(reqwest::Method::OPTIONS, format!("{}/sandboxes", s.base))
+        .header("Origin", "https://evil.example")
+        .header("Access-Control-Request-Method", "POST")
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(pre.status(), 403);
+    assert!(s
+        .manager
+        .list(&stacyvm_core::manager::Caller::default())
+        .await
+        .expect("list")
+        .is_empty());
+    // Non-browser clients (no Origin) work as in the quickstart.
+    let (st, v) = s
+        .send("POST", "/sandboxes", &Cred::None, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+
+    // With a credential the server listens everywhere and any Host works.
+    let mut cfg = Config::default();
+    cfg.auth.api_key = Secret::new(API_KEY);
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let r = s
+        .http
+        .get(format!("{}/sandboxes", s.base))
+        .header("Host", "api.example.com")
+        .header("X-API-Key", API_KEY)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 200);
+}
+
+/// F-13: the bucket is the credential that authenticated, not whatever
+/// the caller puts in `X-API-Key`.
+#[tokio::test]
+async fn rate_limit_keys_on_the_credential_that_authenticated() {
+    for key_by in ["owner", "api_key"] {
+        let mut cfg = Config::default();
+        cfg.auth.api_key = Secret::new(API_KEY);
+        cfg.auth.admin_api_key = Secret::new(ADMIN_KEY);
+        cfg.rate_limit.enabled = true;
+        cfg.rate_limit.requests_per_minute = 1;
+        cfg.rate_limit.burst = 1;
+        cfg.rate_limit.key_by = key_by.into();
+        let s = start(cfg, Duration::from_secs(10)).await;
+        let mut codes = Vec::new();
+        for i in 0..10 {
+            // The valid key in X-Admin-API-Key, a fresh junk X-API-Key.
+            let r = s
+                .http
+                .get(format!("{}/sandboxes", s.base))
+                .header("X-Admin-API-Key", API_KEY)
+                .header("X-API-Key", format!("junk-{i}"))
+                .send()
+                .await
+                .expect("send");
+            codes.push(r.status().as_u16());
+        }
+        assert_eq!(codes[0], 200, "{key_by}: {codes:?}");
+        assert!(codes[1..].iter().all(|c| *c == 429), "{key_by}: {codes:?}");
+        // The admin key is another credential with its own bucket.
+        let (st, _) = s
+            .send("GET", "/sandboxes", &Cred::AdminKey, &[], None)
+            .await;
+        assert_eq!(st, 200, "{key_by}");
+    }
+    // OIDC: one bucket per subject, whatever else the request carries.
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
+    let mut cfg = oidc_config(&jwks.url);
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.requests_per_minute = 1;
+    cfg.rate_limit.burst = 1;
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let erin = Cred::Bearer(sign(&rsa, "rsa1", &claims("erin", &[])));
+    let (st, _) = s
+        .send("GET", "/sandboxes", &erin, &[("X-API-Key", "a")], None)
+        .await;
+    assert_eq!(st, 200);
+    let (st, _) = s
+        .send("GET", "/sandboxes", &erin, &[("X-API-Key", "b")], None)
+        .await;
+    assert_eq!(st, 429);
+    let fred = Cred::Bearer(sign(&rsa, "rsa1", &claims("fred", &[])));
+    let (st, _) = s.send("GET", "/sandboxes", &fred, &[], None).await;
+    assert_eq!(st, 200);
+}
+
+/// F-8.2: 10,000 unauthenticated requests with long paths from 10,000
+/// addresses leave a bounded number of short audit rows.
+#[tokio::test]
+async fn unauthenticated_floods_keep_the_audit_log_bounded() {
+    use futures::StreamExt as _;
+    let mut cfg = Config::default();
+    cfg.auth.api_key = Secret::new(API_KEY);
+    // The test client is a trusted proxy, so every request may come from
+    // its own address (the worst case for per-address limits).
+    cfg.server.trusted_proxies = vec!["127.0.0.1".into()];
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let long = "a".repeat(8000);
+    let t0 = std::time::Instant::now();
+    let codes: Vec<u16> = futures::stream::iter(0..10_000u32)
+        .map(|i| {
+            let url = format!("{}/sandboxes/{long}{i}", s.base);
+            let xff = format!("10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255);
+            let http = s.http.clone();
+            async move {
+                http.get(url)
+                    .header("X-Forwarded-For", xff)
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16())
+                    .unwrap_or(0)
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(codes.iter().all(|c| *c == 401), "{:?}", &codes[..20]);
+    // The row budget: 120 at once, then 2 a second (plus as many rows
+    // summarising what was skipped).
+    let budget = 121 + 2 * t0.elapsed().as_secs() as usize;
+    let rows = s
+        .manager
+        .store()
+        .list_admin_audit(&AdminAuditFilter {
+            limit: 500,
+            ..AdminAuditFilter::default()
+        })
+        .await
+        .expect("audit");
+    assert!(
+        rows.len() <= 2 * budget,
+        "{} rows, budget {budget}",
+        rows.len()
+    );
+    assert!(rows.len() < 1000, "{} rows", rows.len());
+    assert!(rows.iter().all(|r| r.path.len() <= 2048), "paths are cut");
+    assert!(rows.iter().any(|r| r.path.ends_with('…')));
+    // Past the row budget the rest is counted, and said so in one row.
+    let (st, _) = s.send("GET", "/sandboxes", &Cred::None, &[], None).await;
+    assert_eq!(st, 401);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (st, _) = s.send("GET", "/sandboxes", &Cred::None, &[], None).await;
+    assert_eq!(st, 401);
+    let rows = s
+        .manager
+        .store()
+        .list_admin_audit(&AdminAuditFilter {
+            actor: "audit:suppressed".into(),
+            ..AdminAuditFilter::default()
+        })
+        .await
+        .expect("audit");
+    assert!(!rows.is_empty());
+    assert!(rows[0].path.contains("were not recorded"), "{rows:?}");
+    // One address alone is limited sooner: 429 and no row at all.
+    let mut codes = Vec::new();
+    for _ in 0..40 {
+        codes.push(s.send("GET", "/sandboxes", &Cred::None, &[], None).await.0);
+    }
+    assert!(codes.contains(&429), "{codes:?}");
+}
+
+/// F-8.3/8.4: the reaper deletes exec logs, audit rows and destroyed
+/// sandboxes past their retention (all on by default).
+#[tokio::test]
+async fn reaper_applies_retention_to_exec_logs_audit_and_destroyed_sandboxes() {
+    let d = Config::default();
+    assert!(!d.database.exec_log_retention.is_zero());
+    assert!(!d.database.sandbox_retention.is_zero());
+    assert!(!d.auth.admin_audit_retention.is_zero());
+    let mut cfg = Config::default();
+    cfg.auth.admin_api_key = Secret::new(ADMIN_KEY);
+    cfg.database.exec_log_retention = stacyvm_core::config::Dur::secs(1);
+    cfg.database.sandbox_retention = stacyvm_core::config::Dur::secs(1);
+    cfg.auth.admin_audit_retention = stacyvm_core::config::Dur::secs(1);
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let (st, v) = s
+        .send("POST", "/sandboxes", &Cred::AdminKey, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    for i in 0..3 {
+        let (st, v) = s
+            .send(
+                "POST",
+                &format!("/sandboxes/{id}/exec"),
+                &Cred::AdminKey,
+                &[],
+                Some(json!({"command": format!("echo {i}")})),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let (st, _) = s
+        .send(
+            "DELETE",
+            &format!("/sandboxes/{id}"),
+            &Cred::AdminKey,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
+    s.manager.flush_audit().await;
+    let store = s.manager.store().clone();
+    assert_eq!(store.list_exec_logs(&id, 10).await.expect("logs").len(), 3);
+    assert!(store.get_sandbox(&id).await.is_ok());
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let reaper = s.manager.start_reaper(Duration::from_millis(100));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while store.get_sandbox(&id).await.is_ok() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reaper.abort();
+    assert!(
+        store.get_sandbox(&id).await.is_err(),
+        "destroyed row pruned"
+    );
+    assert!(store
+        .list_exec_logs(&id, 10)
+        .await
+        .expect("logs")
+        .is_empty());
+    let ops = store
+        .list_op_audit(&stacyvm_core::store::OpAuditFilter::default())
+        .await
+        .expect("ops");
+    assert!(ops.is_empty(), "{ops:?}");
+    let admin = store
+        .list_admin_audit(&AdminAuditFilter::default())
+        .await
+        .expect("admin");
+    assert!(admin.is_empty(), "{admin:?}");
+}
+
+/// F-17: the operation audit keeps only a short prefix of an exec's
+/// command line.
+#[tokio::test]
+async fn op_audit_keeps_a_truncated_exec_command() {
+    let s = start(Config::default(), Duration::from_secs(10)).await;
+    let (st, v) = s
+        .send("POST", "/sandboxes", &Cred::None, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let cmd = format!("echo {}", "S".repeat(5000));
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{id}/exec"),
+            &Cred::None,
+            &[],
+            Some(json!({ "command": cmd })),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    s.manager.flush_audit().await;
+    let rows = s
+        .manager
+        .store()
+        .list_op_audit(&stacyvm_core::store::OpAuditFilter {
+            action: "exec".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("ops");
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0].resource.starts_with("echo SSS"));
+    assert!(
+        rows[0].resource.chars().count() <= 256,
+        "{}",
+        rows[0].resource.len()
+    );
+}
+
+/// F-18: a slow JWKS fetch (an unknown `kid`) does not hold up tokens
+/// whose key is cached; oversized documents and redirects are refused.
+#[tokio::test]
+async fn jwks_fetch_is_single_flight_bounded_and_never_redirected() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let set = json!({ "keys": [rsa.jwk.clone()] });
+    let slow = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hits = Arc::new(AtomicUsize::new(0));
+    let (s2, slow2, hits2) = (set.clone(), slow.clone(), hits.clone());
+    let app = axum::Router::new()
+        .route(
+            "/jwks",
+            axum::routing::get(move || {
+                let (s, slow, hits) = (s2.clone(), slow2.clone(), hits2.clone());
+                async move {
+                    hits.fetch_add(1, Ordering::SeqCst);
+                    if slow.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_secs(3)).await;
+                    }
+                    axum::Json(s)
+                }
+            }),
+        )
+        .route(
+            "/big",
+            axum::routing::get(|| async {
+                format!("{{\"keys\":[],\"pad\":\"{}\"}}", "x".repeat(2 << 20))
+            }),
+        )
+        .route(
+            "/redirect",
+            axum::routing::get(|| async {
+                (
+                    axum::http::StatusCode::FOUND,
+                    [(axum::http::header::LOCATION, "/jwks")],
+                )
+            }),
+        );
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", l.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(l, app).await;
+    });
+
+    let s = start(
+        oidc_config(&format!("{base}/jwks")),
+        Duration::from_millis(0),
+    )
+    .await;
+    let good = Cred::Bearer(sign(&rsa, "rsa1", &claims("gina", &[])));
+    let (st, _) = s.send("GET", "/sandboxes", &good, &[], None).await;
+    assert_eq!(st, 200);
+    slow.store(true, Ordering::SeqCst);
+    let unknown = Cred::Bearer(sign(&rsa, "nope", &claims("gina", &[])));
+    let stalled = {
+        let (http, base) = (s.http.clone(), s.base.clone());
+        let Cred::Bearer(t) = unknown else {
+            unreachable!()
+        };
+        tokio::spawn(async move {
+            http.get(format!("{base}/sandboxes"))
+                .bearer_auth(t)
+                .send()
+                .await
+                .map(|r| r.status().as_u16())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t0 = std::time::Instant::now();
+    let (st, _) = s.send("GET", "/sandboxes", &good, &[], None).await;
+    assert_eq!(st, 200);
+    assert!(
+        t0.elapsed() < Duration::from_millis(1500),
+        "a cached key waited {:?} for the JWKS fetch",
+        t0.elapsed()
+    );
+    // A second unknown kid while the fetch is in flight waits for it and
+    // does not start another one.
+    let (st, _) = s
+        .send(
+            "GET",
+            "/sandboxes",
+            &Cred::Bearer(sign(&rsa, "nope2", &claims("gina", &[]))),
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 401);
+    assert_eq!(stalled.await.expect("join").expect("send"), 401);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        2,
+        "one initial fetch, one refetch"
+    );
+
+    for (path, why) in [("/big", "larger than"), ("/redirect", "HTTP 302")] {
+        let s = start(
+            oidc_config(&format!("{base}{path}")),
+            Duration::from_secs(10),
+        )
+        .await;
+        rejected(&s, &sign(&rsa, "rsa1", &claims("gina", &[])), why).await;
+    }
+}
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+/// F-10: concurrent execs over the per-sandbox and per-credential caps get
+/// a typed 429, slots come back when execs end, and 20 parallel
+/// maximum-output execs keep the server's memory bounded.
+#[tokio::test]
+async fn concurrent_execs_over_the_caps_get_429_and_memory_stays_bounded() {
+    let mut cfg = Config::default();
+    cfg.limits.max_active_per_sandbox = 3;
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let (st, v) = s
+        .send("POST", "/sandboxes", &Cred::None, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let exec = |cmd: &'static str| {
+        let (http, url) = (s.http.clone(), format!("{}/sandboxes/{id}/exec", s.base));
+        tokio::spawn(async move {
+            let r = http
+                .post(url)
+                .json(&json!({ "command": cmd }))
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await
+                .expect("send");
+            let st = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (st, v)
+        })
+    };
+    let running: Vec<_> = (0..8).map(|_| exec("sleep 1")).collect();
+    let mut codes = Vec::new();
+    for h in running {
+        let (st, v) = h.await.expect("join");
+        if st == 429 {
+            assert_eq!(v["code"], "RESOURCE_LIMIT", "{v}");
+            assert!(
+                v["message"]
+                    .as_str()
+                    .expect("m")
+                    .contains("max_active_per_sandbox"),
+                "{v}"
+            );
+        }
+        codes.push(st);
+    }
+    codes.sort_unstable();
+    assert_eq!(codes, vec![200, 200, 200, 429, 429, 429, 429, 429]);
+    let (st, _) = exec("true").await.expect("join");
+    assert_eq!(st, 200, "slots are released when execs end");
+    assert_eq!(s.manager.store().ping().await.ok(), Some(()));
+
+    // 20 parallel execs that each print 8 MiB of NUL bytes to stdout and
+    // to stderr (JSON-escaped six-fold): the per-credential cap admits 8
+    // and limits.exec_output_bytes (1 MiB) bounds what each one holds.
+    let mut cfg = Config::default();
+    cfg.limits.max_active_per_credential = 8;
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let (st, v) = s
+        .send("POST", "/sandboxes", &Cred::None, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    let before = vm_hwm_kib();
+    let big = "head -c 8388608 /dev/zero; head -c 8388608 /dev/zero >&2; sleep 1";
+    let running: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, url) = (s.http.clone(), format!("{}/sandboxes/{id}/exec", s.base));
+            tokio::spawn(async move {
+                let r = http
+                    .post(url)
+                    .json(&json!({ "command": big }))
+                    .timeout(Duration::from_secs(120))
+                    .send()
+                    .await
+                    .expect("send");
+                let st = r.status().as_u16();
+                let v: Value = r.json().await.unwrap_or(Value::Null);
+                let out = v["stdout"].as_str().map_or(0, str::len);
+                (st, out)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut limited = 0;
+    for h in running {
+        match h.await.expect("join") {
+            (200, out) => {
+                ok += 1;
+                assert_eq!(out, 1024 * 1024, "stdout cut at limits.exec_output_bytes");
+            }
+            (429, _) => limited += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!((ok, limited), (8, 12));
+    let grown_mib = vm_hwm_kib().saturating_sub(before) / 1024;
+    assert!(grown_mib < 400, "peak RSS grew by {grown_mib} MiB");
+}
+
+/// F-17: provider details, quotas and admission counts are server-wide
+/// facts for the admin (and global operators) only.
+#[tokio::test]
+async fn provider_config_quotas_and_global_counts_are_admin_only() {
+    let mut cfg = Config::default();
+    cfg.auth.api_key = Secret::new(API_KEY);
+    cfg.auth.admin_api_key = Secret::new(ADMIN_KEY);
+    let s = start(cfg, Duration::from_secs(10)).await;
+    for owner in ["ann", "bob"] {
+        let (st, v) = s
+            .send(
+                "POST",
+                "/sandboxes",
+                &Cred::AdminKey,
+                &[("X-User-ID", owner)],
+                Some(json!({})),
+            )
+            .await;
+        assert_eq!(st, 201, "{v}");
+        let (st, v) = s
+            .send(
+                "PUT",
+                &format!("/quotas/{owner}"),
+                &Cred::AdminKey,
+                &[],
+                Some(json!({"max_sandboxes": 5})),
+            )
+            .await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let ann = [("X-User-ID", "ann")];
+    // Provider details: no host paths for the API key, all for the admin.
+    let (st, v) = s
+        .send("GET", "/providers/mock", &Cred::ApiKey, &ann, None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert!(
+        !v.to_string().contains(s._dir.path().to_str().expect("p")),
+        "{v}"
+    );
+    assert_eq!(v["config"], json!({}), "{v}");
+    assert_eq!(v["sandbox_count"], 1, "only ann's own: {v}");
+    let (_, v) = s
+        .send("GET", "/providers/mock", &Cred::AdminKey, &[], None)
+        .await;
+    assert!(v["config"]["base_dir"].is_string(), "{v}");
+    assert_eq!(v["sandbox_count"], 2, "{v}");
+    // Quotas: ann sees her own, not bob's.
+    let (st, v) = s.send("GET", "/quotas", &Cred::ApiKey, &ann, None).await;
+    assert_eq!(st, 200);
+    let owners: Vec<&str> = v
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|q| q["owner_id"].as_str())
+        .collect();
+    assert_eq!(owners, vec!["ann"], "{v}");
+    let (_, v) = s
+        .send("GET", "/quotas/summary", &Cred::ApiKey, &ann, None)
+        .await;
+    assert_eq!(v["total"], 1, "{v}");
+    for path in ["/quotas/bob", "/quotas/bob/usage"] {
+        let (st, _) = s.send("GET", path, &Cred::ApiKey, &ann, None).await;
+        assert_eq!(st, 404, "{path}");
+        let (st, _) = s.send("GET", path, &Cred::AdminKey, &[], None).await;
+        assert_eq!(st, 200, "{path}");
+    }
+    let (st, v) = s
+        .send("GET", "/quotas/ann/usage", &Cred::ApiKey, &ann, None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["active_sandboxes"], 1);
+    let (_, v) = s.send("GET", "/quotas", &Cred::AdminKey, &[], None).await;
+    assert_eq!(v.as_array().expect("list").len(), 2);
+    // Admission: no global counts for the API key.
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes/admission",
+            &Cred::ApiKey,
+            &ann,
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["active_sandboxes"], 0, "{v}");
+    assert_eq!(v["active_owner_sandboxes"], 1, "{v}");
+    let (_, v) = s
+        .send(
+            "POST",
+            "/sandboxes/admission",
+            &Cred::AdminKey,
+            &[],
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(v["active_sandboxes"], 2, "{v}");
+    // A failed health check names host paths: only the admin reads them.
+    let base = s._dir.path().join("mock");
+    let moved = s._dir.path().join("mock-away");
+    std::fs::rename(&base, &moved).expect("hide mock base");
+    // Health results are cached for 2 s.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let dir = s._dir.path().to_str().expect("p").to_string();
+    for path in ["/providers", "/providers/mock"] {
+        let (st, v) = s.send("GET", path, &Cred::ApiKey, &ann, None).await;
+        assert_eq!(st, 200, "{v}");
+        assert!(!v.to_string().contains(&dir), "{path}: {v}");
+        assert!(v.to_string().contains("unhealthy"), "{path}: {v}");
+        let (_, v) = s.send("GET", path, &Cred::AdminKey, &[], None).await;
+        assert!(v.to_string().contains(&dir), "{path}: {v}");
+    }
+    std::fs::rename(&moved, &base).expect("restore mock base");
 }

@@ -219,12 +219,44 @@ fn parent(p: &Path) -> PathBuf {
 }
 
 /// A temporary sibling of `path` (same directory, so rename is atomic).
+/// A temp name next to `path` that others cannot predict (128 random
+/// bits), so nothing can be planted there in advance (F-20).
 fn temp_sibling(path: &Path, tag: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "stacyvm.db".into());
-    parent(path).join(format!(".{name}.{tag}-{}", std::process::id()))
+    parent(path).join(format!(".{name}.{tag}-{}", random_hex()))
+}
+
+fn random_hex() -> String {
+    use std::io::Read as _;
+    let mut b = [0u8; 16];
+    let read = File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    if read.is_err() {
+        // Without /dev/urandom: still unique; exclusive creation below
+        // keeps it safe even if guessed.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or_default();
+        b = (nanos ^ u128::from(std::process::id())).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Creates `path` empty with mode 0600, failing if anything is already
+/// there (`O_CREAT|O_EXCL` also fails on a symlink, dangling or not), so
+/// a copy is never readable by others while it is written and never
+/// lands where a planted link points.
+fn create_private_empty(path: &Path) -> Result<(), BackupError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+        .map_err(io_err("creating", path))
 }
 
 fn remove_if_exists(path: &Path) -> Result<(), BackupError> {
@@ -250,6 +282,8 @@ fn create_parent(path: &Path) -> Result<(), BackupError> {
 /// `VACUUM INTO` from `source` into `dest` (which must not exist), then an
 /// integrity check and fsync of `dest`.
 async fn vacuum_into(source: &Path, dest: &Path) -> Result<(), BackupError> {
+    // SQLite fills an existing empty file, keeping its 0600 mode.
+    create_private_empty(dest)?;
     let mut conn = open_ro(source).await?;
     let dest_str = dest.to_string_lossy().into_owned();
     let result = sqlx::query("VACUUM INTO ?")
@@ -313,7 +347,6 @@ pub async fn backup(
     }
     create_parent(output)?;
     let tmp = temp_sibling(output, "backup");
-    remove_if_exists(&tmp)?;
     if let Err(e) = vacuum_into(source, &tmp).await {
         let _ = fs::remove_file(&tmp);
         return Err(e);
@@ -411,7 +444,6 @@ pub async fn restore(backup: &Path, target: &Path) -> Result<RestoreReport, Back
     }
     create_parent(target)?;
     let tmp = temp_sibling(target, "restore");
-    remove_if_exists(&tmp)?;
     // A fresh consistent copy rather than a byte copy: it includes a WAL
     // the backup file may have next to it and is a self-contained file.
     if let Err(e) = vacuum_into(backup, &tmp).await {
@@ -493,6 +525,44 @@ mod tests {
         // Keep the row in the WAL: the pool stays open, nothing checkpoints.
         std::mem::forget(store);
         db
+    }
+
+    /// F-20: temp copies have names nobody can predict, are 0600 from
+    /// their first byte, and are never written through a planted link.
+    #[tokio::test]
+    async fn temp_copies_are_private_unpredictable_and_never_follow_links() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let db = seeded(dir.path()).await;
+        let out = dir.path().join("backup.db");
+        let a = temp_sibling(&out, "backup");
+        let b = temp_sibling(&out, "backup");
+        assert_ne!(a, b);
+        let name = a.file_name().expect("name").to_string_lossy().into_owned();
+        assert!(
+            !name.ends_with(&format!("-{}", std::process::id())),
+            "{name}"
+        );
+        assert!(name.len() >= ".backup.db.backup-".len() + 32, "{name}");
+        // Created 0600 before any data is written.
+        create_private_empty(&a).expect("create");
+        let mode = fs::metadata(&a).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        fs::remove_file(&a).expect("rm");
+        // A planted symlink (dangling or not) is refused, its target kept.
+        let victim = dir.path().join("victim");
+        fs::write(&victim, b"keep").expect("victim");
+        std::os::unix::fs::symlink(&victim, &a).expect("link");
+        assert!(vacuum_into(&db, &a).await.is_err());
+        assert_eq!(fs::read(&victim).expect("read"), b"keep");
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).expect("link");
+        assert!(vacuum_into(&db, &dangling).await.is_err());
+        assert!(fs::symlink_metadata(dir.path().join("nowhere")).is_err());
+        // A real copy is 0600.
+        let copy = dir.path().join("copy.db");
+        vacuum_into(&db, &copy).await.expect("vacuum");
+        let mode = fs::metadata(&copy).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 
     #[tokio::test]

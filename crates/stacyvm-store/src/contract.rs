@@ -109,6 +109,66 @@ pub async fn exec_logs(s: &dyn Store) {
     assert_eq!(logs[0].command, "echo 2", "newest first");
 }
 
+/// Retention: exec logs past their age and destroyed sandboxes past
+/// theirs are deleted; newer rows and live sandboxes stay.
+pub async fn retention(s: &dyn Store) {
+    insert_sample(s, "sb-0000a001").await;
+    insert_sample(s, "sb-0000a002").await;
+    let now = Utc::now();
+    for (i, age_h) in [(0, 200), (1, 190), (2, 1)] {
+        s.insert_exec_log(&ExecLogRecord {
+            sandbox_id: "sb-0000a001".into(),
+            command: format!("echo {i}"),
+            exit_code: 0,
+            stdout: "x".repeat(1000),
+            stderr: String::new(),
+            duration: "1ms".into(),
+            created_at: now - chrono::Duration::hours(age_h),
+        })
+        .await
+        .expect("insert log");
+    }
+    let n = s
+        .prune_exec_logs(now - chrono::Duration::hours(168))
+        .await
+        .expect("prune logs");
+    assert_eq!(n, 2);
+    let logs = s.list_exec_logs("sb-0000a001", 10).await.expect("logs");
+    assert_eq!(logs.len(), 1);
+    assert_eq!(logs[0].command, "echo 2");
+    // A live sandbox is never removed, however old; a destroyed one is,
+    // together with its logs, once it is past the cutoff.
+    s.set_sandbox_state("sb-0000a002", "destroyed")
+        .await
+        .expect("destroy");
+    let n = s
+        .prune_destroyed_sandboxes(now - chrono::Duration::hours(1))
+        .await
+        .expect("prune");
+    assert_eq!(n, 0, "destroyed just now");
+    s.set_sandbox_state("sb-0000a001", "destroyed")
+        .await
+        .expect("destroy");
+    let n = s
+        .prune_destroyed_sandboxes(Utc::now() + chrono::Duration::seconds(5))
+        .await
+        .expect("prune");
+    assert_eq!(n, 2);
+    assert!(s.get_sandbox("sb-0000a001").await.is_err());
+    assert!(s
+        .list_exec_logs("sb-0000a001", 10)
+        .await
+        .expect("logs")
+        .is_empty());
+    insert_sample(s, "sb-0000a003").await;
+    let n = s
+        .prune_destroyed_sandboxes(Utc::now() + chrono::Duration::hours(1))
+        .await
+        .expect("prune");
+    assert_eq!(n, 0);
+    assert!(s.get_sandbox("sb-0000a003").await.is_ok());
+}
+
 fn template(name: &str) -> TemplateRecord {
     let now = Utc::now();
     TemplateRecord {
@@ -364,7 +424,7 @@ macro_rules! store_contract_tests {
         mod $engine {
             #[allow(unused_imports)]
             use super::*;
-            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, templates, quotas, audit, workers, leases, concurrent_writers);
+            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, concurrent_writers);
         }
     };
     (@case $make:expr, $($case:ident),*) => {

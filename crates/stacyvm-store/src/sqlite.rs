@@ -19,8 +19,13 @@ use stacyvm_core::{Error, ErrorKind, Result};
 
 use crate::codec::{db_err, from_json, parse_ts, to_json, ts};
 
-pub(crate) const MIGRATIONS: &[(i64, &str)] =
-    &[(1, include_str!("../migrations/sqlite/0001_initial.sql"))];
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/sqlite/0001_initial.sql")),
+    (
+        2,
+        include_str!("../migrations/sqlite/0002_retention_indexes.sql"),
+    ),
+];
 
 /// The SQLite store.
 #[derive(Debug, Clone)]
@@ -351,6 +356,35 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?;
         Ok(())
+    }
+
+    async fn prune_exec_logs(&self, before: DateTime<Utc>) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM exec_logs WHERE created_at < ?")
+            .bind(ts(before))
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(r.rows_affected())
+    }
+
+    async fn prune_destroyed_sandboxes(&self, before: DateTime<Utc>) -> Result<u64> {
+        let cutoff = ts(before);
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query(
+            "DELETE FROM exec_logs WHERE sandbox_id IN \
+             (SELECT id FROM sandboxes WHERE state = 'destroyed' AND updated_at < ?)",
+        )
+        .bind(&cutoff)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let r = sqlx::query("DELETE FROM sandboxes WHERE state = 'destroyed' AND updated_at < ?")
+            .bind(&cutoff)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(r.rows_affected())
     }
 
     async fn list_exec_logs(&self, sandbox_id: &str, limit: i64) -> Result<Vec<ExecLogRecord>> {
@@ -990,6 +1024,6 @@ mod tests {
             .fetch_all(s.pool())
             .await
             .expect("versions");
-        assert_eq!(versions, vec![1]);
+        assert_eq!(versions, vec![1, 2]);
     }
 }

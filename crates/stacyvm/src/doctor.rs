@@ -78,6 +78,7 @@ fn used(cfg: &Config, name: &str) -> bool {
 }
 
 fn check_config(r: &mut Report, cfg: &Config, p: bool) {
+    crate::lint::listen_rule(r, cfg, p);
     let a = &cfg.auth;
     let key_fix = "set it to a random value of at least 32 characters, e.g. `openssl rand -hex 32`";
     match a.api_key.expose().chars().count() {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use stacyvm_core::config::{self, Config, Secret};
+use stacyvm_core::config::{self, is_loopback_host, Config, ListenChoice, Secret};
 
 use crate::checks::{self, Report};
 
@@ -300,14 +300,45 @@ fn lint_worker_credentials(r: &mut Report, cfg: &Config, p: bool) {
     }
 }
 
+/// `server.host`: where the server listens and why (shared with doctor).
+pub fn listen_rule(r: &mut Report, cfg: &Config, p: bool) {
+    let port = cfg.server.port;
+    match cfg.listen_host() {
+        (h, ListenChoice::LoopbackNoAuth) => r.pass(
+            "server.host",
+            format!("{h}:{port}: no credential is configured, so the open API listens on loopback only (requests must name localhost, 127.0.0.1 or [::1]); configuring auth.api_key makes it listen on all interfaces"),
+        ),
+        (h, ListenChoice::AuthConfigured) => r.pass(
+            "server.host",
+            format!("{h}:{port}: all interfaces, because a credential is configured"),
+        ),
+        (h, ListenChoice::Explicit) if !cfg.auth_configured() && !is_loopback_host(h) => r.prod(
+            p,
+            "server.host",
+            format!("{h}:{port} is set explicitly and no credential is configured: anyone who can reach it can run code on this host"),
+            "set auth.api_key and auth.admin_api_key, or remove server.host to listen on 127.0.0.1 only",
+        ),
+        (h, ListenChoice::Explicit) => r.pass(
+            "server.host",
+            format!("{h}:{port} (set explicitly)"),
+        ),
+    }
+}
+
 fn lint_server(r: &mut Report, cfg: &Config, p: bool) {
+    listen_rule(r, cfg, p);
     let origins = &cfg.server.cors_allowed_origins;
-    if origins.is_empty() || origins.iter().any(|o| o.trim() == "*") {
+    if origins.iter().any(|o| o.trim() == "*") {
         r.prod(
             p,
             "server.cors_allowed_origins",
-            "browsers from any origin may call the API",
-            "list the exact origins of your web apps, e.g. [\"https://app.example.com\"]",
+            "web pages from any origin may call the API with the user's browser",
+            "list the exact origins of your web apps, e.g. [\"https://app.example.com\"], or leave it empty",
+        );
+    } else if origins.is_empty() {
+        r.pass(
+            "server.cors_allowed_origins",
+            "no web page may call the API from a browser (empty list)",
         );
     } else {
         r.pass(
@@ -445,6 +476,66 @@ fn lint_limits(r: &mut Report, cfg: &Config, p: bool) {
         );
     } else {
         r.pass("defaults.max_ttl", d.max_ttl.0.to_string());
+    }
+    let l = &cfg.limits;
+    let caps = [
+        ("max_active_per_sandbox", l.max_active_per_sandbox),
+        ("max_active_per_credential", l.max_active_per_credential),
+        ("max_active_per_tenant", l.max_active_per_tenant),
+    ];
+    let open: Vec<&str> = caps
+        .iter()
+        .filter(|(_, v)| *v <= 0)
+        .map(|(k, _)| *k)
+        .collect();
+    if open.is_empty() {
+        r.pass(
+            "limits.active_caps",
+            format!(
+                "{} per sandbox, {} per credential, {} per tenant",
+                l.max_active_per_sandbox, l.max_active_per_credential, l.max_active_per_tenant
+            ),
+        );
+    } else {
+        r.prod(
+            p,
+            "limits.active_caps",
+            format!("limits.{} unlimited: one caller can hold every exec slot", open.join(", limits.")),
+            "set limits.max_active_per_sandbox, _per_credential and _per_tenant above 0 (defaults 16, 32, 128)",
+        );
+    }
+    let db = &cfg.database;
+    if db.exec_log_retention.is_zero() || db.sandbox_retention.is_zero() {
+        r.prod(
+            p,
+            "database.retention",
+            format!(
+                "exec_log_retention {} / sandbox_retention {}: 0 keeps exec output and destroyed sandboxes forever",
+                db.exec_log_retention.0, db.sandbox_retention.0
+            ),
+            "set database.exec_log_retention (e.g. 168h) and database.sandbox_retention (e.g. 720h)",
+        );
+    } else {
+        r.pass(
+            "database.retention",
+            format!(
+                "exec logs {}, destroyed sandboxes {}",
+                db.exec_log_retention.0, db.sandbox_retention.0
+            ),
+        );
+    }
+    if cfg.auth.owner_scoping {
+        r.pass(
+            "auth.owner_scoping",
+            "viewers and api callers reach only what they own",
+        );
+    } else {
+        r.prod(
+            p,
+            "auth.owner_scoping",
+            "every member of a tenant reaches every sandbox in it",
+            "set auth.owner_scoping: true unless all members of a tenant trust each other",
+        );
     }
 }
 
@@ -731,8 +822,6 @@ logging:
             "auth.api_key",
             "auth.admin_api_key",
             "auth.admin_fallback_enabled",
-            "auth.admin_audit_retention",
-            "server.cors_allowed_origins",
             "rate_limit.enabled",
             "defaults.sandbox_caps",
             "defaults.exec_timeouts",
@@ -744,6 +833,63 @@ logging:
         let r = lint(&cfg(""), false);
         assert_eq!(r.failures(), 0, "{:?}", r.checks);
         assert_eq!(status(&r, "auth.api_key"), Some(Status::Warn));
+    }
+
+    #[test]
+    fn caps_retention_and_owner_scoping_are_on_by_default() {
+        let r = lint(&cfg(""), true);
+        for name in [
+            "limits.active_caps",
+            "database.retention",
+            "auth.owner_scoping",
+        ] {
+            assert_eq!(status(&r, name), Some(Status::Pass), "{name}");
+        }
+        let off = "limits:\n  max_active_per_tenant: 0\ndatabase:\n  exec_log_retention: 0s\nauth:\n  owner_scoping: false\n";
+        let r = lint(&cfg(off), true);
+        for name in [
+            "limits.active_caps",
+            "database.retention",
+            "auth.owner_scoping",
+        ] {
+            assert_eq!(status(&r, name), Some(Status::Fail), "{name}");
+        }
+    }
+
+    #[test]
+    fn listen_host_and_cors_rules() {
+        // Defaults: loopback because nothing is configured, no CORS.
+        let r = lint(&cfg(""), true);
+        assert_eq!(status(&r, "server.host"), Some(Status::Pass));
+        assert_eq!(
+            status(&r, "server.cors_allowed_origins"),
+            Some(Status::Pass)
+        );
+        let msg = |r: &Report| {
+            r.checks
+                .iter()
+                .find(|c| c.name == "server.host")
+                .map(|c| c.message.clone())
+                .unwrap_or_default()
+        };
+        assert!(
+            msg(&r).contains("127.0.0.1") && msg(&r).contains("loopback"),
+            "{}",
+            msg(&r)
+        );
+        // An explicit public host without a credential fails production.
+        let open = "server:\n  host: 0.0.0.0\n  cors_allowed_origins: [\"*\"]\n";
+        let r = lint(&cfg(open), true);
+        assert_eq!(status(&r, "server.host"), Some(Status::Fail));
+        assert_eq!(
+            status(&r, "server.cors_allowed_origins"),
+            Some(Status::Fail)
+        );
+        let r = lint(&cfg(open), false);
+        assert_eq!(status(&r, "server.host"), Some(Status::Warn));
+        // A key makes the default listen everywhere, which is fine.
+        let r = lint(&cfg(GOOD), true);
+        assert!(msg(&r).contains("0.0.0.0"), "{}", msg(&r));
     }
 
     #[test]

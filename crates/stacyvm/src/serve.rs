@@ -104,11 +104,16 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     // hashes and unusable OIDC keys before anything is started.
     let authn = stacyvm_server::auth::Authenticator::new(&cfg.auth)
         .map_err(|e| anyhow::anyhow!("{e}; refusing to start"))?;
-    if !authn.enabled() {
-        warn!(
-            "no API key configured: the API is open to anyone who can reach {}:{}",
-            cfg.server.host, cfg.server.port
-        );
+    let (host, choice) = cfg.listen_host();
+    match choice {
+        config::ListenChoice::LoopbackNoAuth => warn!(
+            "no API key configured: listening on {host} only (the API is open to local users); set auth.api_key to listen on all interfaces, or server.host to choose"
+        ),
+        _ if !authn.enabled() => warn!(
+            "no API key configured: the API is open to anyone who can reach {host}:{}",
+            cfg.server.port
+        ),
+        _ => {}
     }
     std::fs::create_dir_all(&cfg.server.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.server.data_dir))?;
@@ -149,7 +154,12 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         .context("startup reconciliation")?;
     let reaper = manager.start_reaper(Duration::from_secs(30));
     let heartbeat = tokio::spawn(heartbeat(manager.clone()));
-    let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
+    let (host, _) = cfg.listen_host();
+    let addr = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{}", cfg.server.port)
+    } else {
+        format!("{host}:{}", cfg.server.port)
+    };
     let listener = tokio::net::TcpListener::bind(&addr)
         .await
         .with_context(|| format!("listening on {addr}"))?;

@@ -254,6 +254,38 @@ fn doctor_exit_code_follows_production_mode() {
 }
 
 #[test]
+fn doctor_explains_the_listen_address() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path();
+    std::fs::create_dir(d.join("data")).expect("mkdir");
+    let base = format!(
+        "server:\n  data_dir: {data}\n{{host}}providers:\n  default: mock\n  mock:\n    enabled: true\n  native:\n    enabled: false\n",
+        data = d.join("data").display()
+    );
+    // No credential, no host: loopback only, and doctor says why.
+    let cfg = write_config(d, &base.replace("{host}", ""));
+    let out = stacyvm(d, &["doctor", "--production", "--config", &cfg]);
+    assert_eq!(status_of(&out, "server.host").as_deref(), Some("PASS"));
+    assert!(
+        text(&out).contains("127.0.0.1:7423: no credential is configured"),
+        "{}",
+        text(&out)
+    );
+    // An explicit public host on an open server fails production.
+    let cfg = write_config(d, &base.replace("{host}", "  host: 0.0.0.0\n"));
+    let out = stacyvm(d, &["doctor", "--production", "--config", &cfg]);
+    assert_eq!(
+        status_of(&out, "server.host").as_deref(),
+        Some("FAIL"),
+        "{}",
+        text(&out)
+    );
+    let out = stacyvm(d, &["config", "lint", "--production", "--file", &cfg]);
+    assert_eq!(status_of(&out, "server.host").as_deref(), Some("FAIL"));
+    assert_fix_lines(&out);
+}
+
+#[test]
 fn doctor_reports_a_broken_config_as_its_only_check() {
     let dir = tempfile::tempdir().expect("tmp");
     let d = dir.path();
@@ -282,8 +314,6 @@ fn config_lint_default_config_fails_production_with_every_reason() {
         "auth.api_key",
         "auth.admin_api_key",
         "auth.admin_fallback_enabled",
-        "auth.admin_audit_retention",
-        "server.cors_allowed_origins",
         "rate_limit.enabled",
         "defaults.sandbox_caps",
         "defaults.exec_timeouts",

@@ -10,9 +10,9 @@ use stacyvm_core::events::{self, kind};
 use stacyvm_core::store::QuotaRecord;
 use stacyvm_core::{paths, Error, ErrorKind};
 
-use super::Who;
 use crate::error::ApiResult;
 use crate::json::{Body2, Json};
+use crate::tenancy::Authed;
 use crate::AppState;
 
 fn to_api(q: &QuotaRecord) -> OwnerQuota {
@@ -54,11 +54,30 @@ fn quota_secs(key: &str, v: &str) -> stacyvm_core::Result<i64> {
     Ok(n / 1_000_000_000)
 }
 
-pub async fn list(State(st): State<AppState>) -> ApiResult<Json<Vec<OwnerQuota>>> {
+/// Quotas the caller may read: all for the admin and an operator acting
+/// in no tenant, else only its own owner's (F-17: owner ids are OIDC
+/// subjects and emails of every tenant).
+async fn visible_quotas(st: &AppState, who: &Authed) -> stacyvm_core::Result<Vec<QuotaRecord>> {
+    let mut qs = st.manager.store().list_quotas().await?;
+    if !who.sees_server_wide() {
+        qs.retain(|q| !who.caller.owner_id.is_empty() && q.owner_id == who.caller.owner_id);
+    }
+    Ok(qs)
+}
+
+/// Another owner's quota or usage is the admin's or a global operator's
+/// business only: to anyone else it does not exist (404, like a sandbox
+/// of another tenant).
+fn may_read(who: &Authed, owner: &str) -> stacyvm_core::Result<()> {
+    if who.sees_server_wide() || (!who.caller.owner_id.is_empty() && who.caller.owner_id == owner) {
+        return Ok(());
+    }
+    Err(Error::not_found(format!("quota of owner {owner:?}")))
+}
+
+pub async fn list(State(st): State<AppState>, who: Authed) -> ApiResult<Json<Vec<OwnerQuota>>> {
     Ok(Json::ok(
-        st.manager
-            .store()
-            .list_quotas()
+        visible_quotas(&st, &who)
             .await?
             .iter()
             .map(to_api)
@@ -66,8 +85,8 @@ pub async fn list(State(st): State<AppState>) -> ApiResult<Json<Vec<OwnerQuota>>
     ))
 }
 
-pub async fn summary(State(st): State<AppState>) -> ApiResult<Json<QuotaSummary>> {
-    let qs = st.manager.store().list_quotas().await?;
+pub async fn summary(State(st): State<AppState>, who: Authed) -> ApiResult<Json<QuotaSummary>> {
+    let qs = visible_quotas(&st, &who).await?;
     Ok(Json::ok(QuotaSummary {
         total: qs.len() as i64,
         with_max_sandboxes: qs.iter().filter(|q| q.max_sandboxes > 0).count() as i64,
@@ -76,8 +95,13 @@ pub async fn summary(State(st): State<AppState>) -> ApiResult<Json<QuotaSummary>
     }))
 }
 
-pub async fn get(State(st): State<AppState>, Path(o): Path<String>) -> ApiResult<Json<OwnerQuota>> {
+pub async fn get(
+    State(st): State<AppState>,
+    who: Authed,
+    Path(o): Path<String>,
+) -> ApiResult<Json<OwnerQuota>> {
     let o = owner(&o)?;
+    may_read(&who, &o)?;
     Ok(Json::ok(to_api(&st.manager.store().get_quota(&o).await?)))
 }
 
@@ -132,10 +156,11 @@ pub async fn delete(
 
 pub async fn usage(
     State(st): State<AppState>,
-    Who(_who): Who,
+    who: Authed,
     Path(o): Path<String>,
 ) -> ApiResult<Json<QuotaUsage>> {
     let o = owner(&o)?;
+    may_read(&who, &o)?;
     let quota = match st.manager.store().get_quota(&o).await {
         Ok(q) => Some(q),
         Err(e) if e.kind() == ErrorKind::NotFound => None,

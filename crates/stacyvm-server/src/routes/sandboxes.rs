@@ -30,17 +30,21 @@ pub async fn spawn(
     Ok(Json::created(st.manager.spawn(req, &who).await?))
 }
 
+/// Preflight of a spawn. Global counts (all tenants' active sandboxes
+/// and the server-wide cap) are for the admin and global operators only
+/// (F-17); other callers see their own owner's numbers.
 pub async fn admission(
     State(st): State<AppState>,
-    Who(who): Who,
+    authed: crate::tenancy::Authed,
     OptBody(req): OptBody<SpawnRequest>,
 ) -> ApiResult<Json<stacyvm_api::AdmissionDecision>> {
-    let owner = if who.owner_id.is_empty() {
-        req.owner_id.clone()
-    } else {
-        who.owner_id.clone()
-    };
-    Ok(Json::ok(st.manager.admission(&req, &owner).await?))
+    let owner = authed.caller.owner_for(&req.owner_id)?;
+    let mut d = st.manager.admission(&req, &owner).await?;
+    if !authed.sees_server_wide() {
+        d.active_sandboxes = 0;
+        d.max_sandboxes = 0;
+    }
+    Ok(Json::ok(d))
 }
 
 pub async fn list(State(st): State<AppState>, Who(who): Who) -> ApiResult<Json<Vec<Sandbox>>> {
@@ -218,6 +222,7 @@ pub async fn exec_ws(
     Who(who): Who,
     Path(id): Path<String>,
     headers: axum::http::HeaderMap,
+    slot: Option<axum::Extension<crate::active::PermitSlot>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     // A browser's Origin must be in an exact CORS list (S-17); non-browser
@@ -225,7 +230,7 @@ pub async fn exec_ws(
     let origins = &st.cfg.server.cors_allowed_origins;
     if let Some(origin) = headers.get(axum::http::header::ORIGIN) {
         let origin = origin.to_str().unwrap_or_default();
-        let any = origins.is_empty() || origins.iter().any(|o| o == "*");
+        let any = origins.iter().any(|o| o == "*");
         if !any && !origins.iter().any(|o| o == origin) {
             return Err(crate::error::ApiError::new(
                 axum::http::StatusCode::FORBIDDEN,
@@ -242,7 +247,19 @@ pub async fn exec_ws(
             e.body_text()
         ))
     })?;
-    Ok(ws.on_upgrade(move |socket| ws_session(st, who, id, socket)))
+    // The session keeps the caller's concurrency slot until it ends.
+    let permit = slot.and_then(|s| s.0.take());
+    let max = usize::try_from(st.cfg.limits.ws_max_message_bytes)
+        .ok()
+        .filter(|n| *n > 0)
+        .unwrap_or(64 << 20);
+    Ok(ws
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            let _permit = permit;
+            ws_session(st, who, id, socket).await;
+        }))
 }
 
 async fn close(socket: &mut WebSocket, code: u16, reason: &str) {
@@ -277,7 +294,9 @@ async fn ws_session(st: AppState, who: Caller, id: String, mut socket: WebSocket
     {
         Ok(rx) => rx,
         Err(e) => {
-            let msg = serde_json::json!({"error": e.to_string()}).to_string();
+            // Server-side failures say only their kind (F-17).
+            let text = crate::error::ApiError::from(e).message;
+            let msg = serde_json::json!({"error": text}).to_string();
             let _ = socket.send(Message::Text(msg.into())).await;
             return close(&mut socket, 1011, "exec failed").await;
         }

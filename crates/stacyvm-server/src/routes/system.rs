@@ -74,8 +74,22 @@ pub async fn ready(State(st): State<AppState>) -> Response {
     .into_response()
 }
 
-pub async fn providers(State(st): State<AppState>) -> Json<Vec<ProviderHealth>> {
-    Json::ok(st.manager.registry().health_all().await)
+/// Provider health; the error text of a failed check (which may name
+/// sockets and paths) only for the admin and global operators (F-17).
+pub async fn providers(
+    State(st): State<AppState>,
+    authed: crate::tenancy::Authed,
+) -> Json<Vec<ProviderHealth>> {
+    let mut all = st.manager.registry().health_all().await;
+    if !authed.sees_server_wide() {
+        for h in &mut all {
+            if !h.error.is_empty() {
+                h.error = "unhealthy".into();
+            }
+            h.runtime_count = None;
+        }
+    }
+    Json::ok(all)
 }
 
 pub async fn providers_test(State(st): State<AppState>) -> Json<BTreeMap<String, bool>> {
@@ -83,10 +97,16 @@ pub async fn providers_test(State(st): State<AppState>) -> Json<BTreeMap<String,
     Json::ok(all.into_iter().map(|h| (h.name, h.healthy)).collect())
 }
 
+/// One provider. Callers that may not see server-wide facts (F-17) get
+/// neither its configuration (host paths, sockets, `DOCKER_HOST`) nor
+/// the error text of its health check, and a count of only the sandboxes
+/// they can see.
 pub async fn provider(
     State(st): State<AppState>,
+    authed: crate::tenancy::Authed,
     Path(name): Path<String>,
 ) -> ApiResult<Json<ProviderDetail>> {
+    let wide = authed.sees_server_wide();
     let reg = st.manager.registry();
     let p = reg.get(&name).map_err(|e| {
         if name.is_empty() {
@@ -95,20 +115,31 @@ pub async fn provider(
             stacyvm_core::Error::provider_not_found(&name)
         }
     })?;
-    let health = reg.health_of(&p).await;
+    let mut health = reg.health_of(&p).await;
     let count = st
         .manager
         .cached()
         .iter()
-        .filter(|r| r.provider == p.name())
+        .filter(|r| r.provider == p.name() && (wide || authed.caller.sees(r)))
         .count() as i64;
+    let config = if wide {
+        p.describe()
+    } else {
+        health.error = if health.healthy {
+            String::new()
+        } else {
+            "unhealthy".into()
+        };
+        health.runtime_count = None;
+        BTreeMap::new()
+    };
     Ok(Json::ok(ProviderDetail {
         name: p.name().to_string(),
         healthy: health.healthy,
         default: health.default,
         sandbox_count: count,
         health,
-        config: p.describe(),
+        config,
     }))
 }
 
@@ -128,37 +159,40 @@ pub async fn snapshots() -> Json<Vec<SnapshotSummary>> {
 }
 
 /// Server-sent events: `data: <json>\n\n` per event, flushed immediately.
-/// SSE of orchestrator events. A caller acting in a tenant only sees
-/// events of that tenant's sandboxes (ids remembered so the final
-/// `sandbox.destroyed` still arrives after the record left the cache).
+/// SSE of orchestrator events. A caller only sees events of sandboxes it
+/// can see (its tenant's, or its own when owner-scoped; only the admin
+/// without a tenant sees all), so exec command lines never reach another
+/// tenant or owner. Ids are remembered so the final `sandbox.destroyed`
+/// still arrives after the record left the cache.
 pub async fn events(State(st): State<AppState>, Who(who): Who) -> Response {
     let rx = st.manager.events().subscribe();
-    let tenant = who.tenant_id;
+    let all = who.sees_all_tenants();
     let mine: std::sync::Arc<Mutex<std::collections::HashSet<String>>> = std::sync::Arc::default();
-    if !tenant.is_empty() {
+    if !all {
         if let Ok(mut m) = mine.lock() {
             for r in st.manager.cached() {
-                if r.tenant_id == tenant {
+                if who.sees(&r) {
                     m.insert(r.id.clone());
                 }
             }
         }
     }
     let manager = st.manager.clone();
+    let who = std::sync::Arc::new(who);
     let stream = BroadcastStream::new(rx).filter_map(move |ev| {
-        let (tenant, mine, manager) = (tenant.clone(), mine.clone(), manager.clone());
+        let (who, mine, manager) = (who.clone(), mine.clone(), manager.clone());
         async move {
             // Lagged subscribers skip what they missed.
             let ev = ev.ok()?;
-            if !tenant.is_empty() {
+            if !all {
                 let mut m = mine.lock().ok()?;
                 if !m.contains(&ev.sandbox_id) {
-                    let owned = !ev.sandbox_id.is_empty()
+                    let visible = !ev.sandbox_id.is_empty()
                         && manager
                             .cached()
                             .iter()
-                            .any(|r| r.id == ev.sandbox_id && r.tenant_id == tenant);
-                    if !owned {
+                            .any(|r| r.id == ev.sandbox_id && who.sees(r));
+                    if !visible {
                         return None;
                     }
                     m.insert(ev.sandbox_id.clone());
