@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::query_parameters::{
-    CreateImageOptionsBuilder, ListContainersOptionsBuilder, PushImageOptionsBuilder,
-    RemoveImageOptionsBuilder, TagImageOptionsBuilder,
+    CreateImageOptionsBuilder, PushImageOptionsBuilder, RemoveImageOptionsBuilder,
+    TagImageOptionsBuilder,
 };
 use chrono::Utc;
 use futures::StreamExt;
@@ -133,6 +133,8 @@ pub fn fixture(runtime: &str) -> Fixture {
         runtime: runtime.into(),
         default_image: TEST_IMAGE.into(),
         network_mode: "none".into(),
+        // A network of the test's own, removed with the fixture.
+        bridge_network: format!("svt-{}", paths::new_sandbox_id()),
         ..DockerConfig::default()
     };
     Fixture {
@@ -170,9 +172,11 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        // Remove whatever a failed test left behind: containers whose run
-        // dir lives in this fixture's state dir.
+        // Remove whatever a failed test left behind: containers whose host
+        // dir lives in this fixture's state dir, and its sandbox network
+        // with its iptables rules.
         let state = self.state_dir();
+        let network = self.config.bridge_network.clone();
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -187,13 +191,28 @@ impl Drop for Fixture {
                 let Ok(d) = d.negotiate_version().await else {
                     return;
                 };
-                for c in leftovers(&d, &state).await {
+                for c in leftovers(&state) {
                     let _ = d
                         .remove_container(
                             &c,
-                            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                            Some(
+                                RemoveContainerOptionsBuilder::default()
+                                    .force(true)
+                                    .v(true)
+                                    .build(),
+                            ),
                         )
                         .await;
+                }
+                let bridge = d
+                    .inspect_network(&network, None)
+                    .await
+                    .ok()
+                    .and_then(|n| n.options)
+                    .and_then(|o| o.get(net::OPT_BRIDGE_NAME).cloned());
+                let _ = d.remove_network(&network).await;
+                if let Some(bridge) = bridge {
+                    net::remove_rules(&network, &bridge);
                 }
             });
         })
@@ -201,21 +220,16 @@ impl Drop for Fixture {
     }
 }
 
-/// Containers whose agent socket dir is under `state`.
-async fn leftovers(d: &Docker, state: &Path) -> Vec<String> {
-    let opts = ListContainersOptionsBuilder::default().all(true).build();
-    let mut out = Vec::new();
-    for c in d.list_containers(Some(opts)).await.unwrap_or_default() {
-        let ours = c.mounts.unwrap_or_default().iter().any(|m| {
-            m.source
-                .as_deref()
-                .is_some_and(|s| Path::new(s).starts_with(state))
-        });
-        if ours {
-            out.extend(c.id);
-        }
-    }
-    out
+/// Sandboxes whose host dir is still under `state` (a destroyed sandbox
+/// has none).
+fn leftovers(state: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(state) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| paths::is_sandbox_id(n))
+        .collect()
 }
 
 /// The suite gets a ready provider per call; `provider()` is sync, so the
@@ -1073,7 +1087,7 @@ async fn exec_transport_follows_the_runtime_registration() {
             .await
             .expect("spawn")
             .runtime_id;
-        let host_sock = fx.state_dir().join(&id).join("run/agent.sock");
+        let host_sock = run_dir(&p, &id).await.join("agent.sock");
         assert_eq!(
             host_sock.exists(),
             runtime != "runsc",
@@ -1082,4 +1096,285 @@ async fn exec_transport_follows_the_runtime_registration() {
         assert_eq!(sh(&p, &id, "echo ok").await.stdout, "ok\n");
         p.destroy(&id).await.expect("destroy");
     }
+}
+
+/// The host side of a sandbox's `/.stacyvm/run`.
+async fn run_dir(p: &DockerProvider, id: &str) -> PathBuf {
+    let info = p
+        .engine()
+        .await
+        .expect("engine")
+        .inspect_container(id, None)
+        .await
+        .expect("inspect");
+    run_dir_of(&info).expect("run mount")
+}
+
+/// Forgets the cached agent connection, as a lost connection or a server
+/// restart would.
+fn drop_connection(p: &DockerProvider, id: &str) {
+    p.conns.lock().expect("conns").remove(id);
+}
+
+/// Runs `script` on the host as `nobody`; returns its stdout and stderr.
+fn as_nobody(script: &str) -> String {
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("setpriv (util-linux)");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// F-3 and F-8: host state is root's alone, the run dir is a small tmpfs
+/// without setuid owned by the container user, a setuid file written into
+/// it through the API is out of reach of other host users, the container
+/// log rotates, and tmpfs mounts are capped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_state_is_private_and_bounded() {
+    let mut fx = fixture("runc");
+    fx.config.user = "sandbox".into();
+    fx.config.tmpfs = BTreeMap::from([("/tmp".to_string(), String::new())]);
+    // The data dir as an operator may leave it: traversable by everyone.
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let p = fx.ready().await;
+    let id = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode(&fx.state_dir()), 0o700, "<data>/docker");
+    assert_eq!(mode(&fx.state_dir().join(&id)), 0o700, "<data>/docker/<id>");
+    let run = run_dir(&p, &id).await;
+    let meta = std::fs::metadata(&run).expect("run dir");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o700, "run dir");
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            std::os::unix::fs::MetadataExt::gid(&meta)
+        ),
+        (1000, 1000),
+        "the run dir belongs to the container user"
+    );
+    // A setuid binary planted through the API.
+    p.write_file(&id, "/.stacyvm/run/s", b"#!/bin/sh\nid -u\n", 0o4755)
+        .await
+        .expect("write");
+    let planted = run.join("s");
+    let seen = as_nobody(&format!(
+        "{} id -u && echo REACHED; ls -l {} && echo LISTED; true",
+        planted.display(),
+        planted.display()
+    ));
+    assert!(
+        !seen.contains("REACHED") && !seen.contains("LISTED"),
+        "a host user reached the planted file: {seen}"
+    );
+    // Inside: the run dir is a 1 MiB tmpfs without setuid, devices or exec.
+    let r = sh(
+        &p,
+        &id,
+        "grep ' /.stacyvm/run ' /proc/mounts; dd if=/dev/zero of=/.stacyvm/run/fill bs=1M count=8 2>&1; echo rc=$?; rm -f /.stacyvm/run/fill /.stacyvm/run/s; grep ' /tmp ' /proc/mounts",
+    )
+    .await;
+    let run_line = r.stdout.lines().next().unwrap_or_default();
+    for opt in ["tmpfs", "nosuid", "nodev", "noexec", "size=1024k"] {
+        assert!(run_line.contains(opt), "{opt}: {r:?}");
+    }
+    assert!(
+        r.stdout.contains("No space left"),
+        "run dir is capped: {r:?}"
+    );
+    assert!(!r.stdout.contains("rc=0"), "{r:?}");
+    let tmp_line = r.stdout.lines().last().unwrap_or_default();
+    assert!(
+        tmp_line.contains("size=65536k") && tmp_line.contains("nosuid"),
+        "configured tmpfs gets a cap: {r:?}"
+    );
+    // The container log rotates; the writable layer cap follows the driver.
+    let info = p
+        .engine()
+        .await
+        .expect("engine")
+        .inspect_container(&id, None)
+        .await
+        .expect("inspect");
+    let hc = info.host_config.expect("host config");
+    let log = hc.log_config.expect("log config");
+    assert_eq!(log.typ.as_deref(), Some("json-file"));
+    let lc = log.config.unwrap_or_default();
+    assert_eq!(lc.get("max-size").map(String::as_str), Some(LOG_MAX_SIZE));
+    assert_eq!(lc.get("max-file").map(String::as_str), Some(LOG_MAX_FILES));
+    assert_eq!(
+        hc.storage_opt.is_some_and(|o| o.contains_key("size")),
+        p.layer_quota().await,
+        "storage_opt only where the driver honours it"
+    );
+    p.destroy(&id).await.expect("destroy");
+    assert!(!fx.state_dir().join(&id).exists());
+}
+
+/// F-4: a sandbox that points its agent socket at another sandbox's gets
+/// an error, never the other sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_agent_socket_never_reaches_another_sandbox() {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    let a = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn a")
+        .runtime_id;
+    let b = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn b")
+        .runtime_id;
+    sh(&p, &b, "echo b-secret > /workspace/secret").await;
+    let b_sock = run_dir(&p, &b).await.join("agent.sock");
+    let r = sh(
+        &p,
+        &a,
+        &format!(
+            "rm /.stacyvm/run/agent.sock && ln -s {} /.stacyvm/run/agent.sock && echo swapped",
+            b_sock.display()
+        ),
+    )
+    .await;
+    assert_eq!(r.stdout, "swapped\n", "{r:?}");
+    // The next call reconnects: through this provider and a restarted one.
+    drop_connection(&p, &a);
+    let restarted = fx.make();
+    for prov in [&p, &restarted] {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let spec = stacyvm_core::provider::ExecSpec {
+            argv: paths::build_argv("shell", "hostname; cat /workspace/secret", &[]).expect("argv"),
+            timeout: Some(Duration::from_secs(10)),
+            ..Default::default()
+        };
+        let res = prov.exec(&a, &spec, tx).await;
+        let mut out = Vec::new();
+        while let Ok(c) = rx.try_recv() {
+            out.extend_from_slice(&c.data);
+        }
+        let out = String::from_utf8_lossy(&out).to_string();
+        assert!(
+            !out.contains(&b) && !out.contains("b-secret"),
+            "sandbox A reached sandbox B: {out}"
+        );
+        let e = res.expect_err("the swapped socket is refused");
+        assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
+    }
+    // B is untouched.
+    assert_eq!(
+        sh(&p, &b, "cat /workspace/secret").await.stdout,
+        "b-secret\n"
+    );
+    p.destroy(&a).await.expect("destroy");
+    p.destroy(&b).await.expect("destroy");
+}
+
+/// A stand-in "agent" bound at `path`: `garbage` floods bytes, otherwise it
+/// accepts and never answers. Stops when `stop` is set.
+fn fake_agent(
+    path: &Path,
+    garbage: bool,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::Write;
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind fake agent");
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !stop.load(std::sync::atomic::Ordering::SeqCst)
+            && std::time::Instant::now() < deadline
+        {
+            if let Ok((mut c, _)) = listener.accept() {
+                if garbage {
+                    let _ = c.set_write_timeout(Some(Duration::from_millis(200)));
+                    let junk = vec![0xffu8; 1 << 20];
+                    for _ in 0..64 {
+                        if c.write_all(&junk).is_err() {
+                            break;
+                        }
+                    }
+                }
+                held.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+}
+
+/// F-11: a sandbox whose socket is a stand-in that never answers (or floods
+/// garbage) gets a typed error in bounded time, and another sandbox's
+/// calls go on meanwhile, also through a restarted provider that must
+/// reconnect to both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_agent_stalls_nobody_else() {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    let a = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn a")
+        .runtime_id;
+    let b = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn b")
+        .runtime_id;
+    let a_sock = run_dir(&p, &a).await.join("agent.sock");
+    for garbage in [false, true] {
+        sh(&p, &a, "rm -f /.stacyvm/run/agent.sock").await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fake = fake_agent(&a_sock, garbage, stop.clone());
+        let restarted = Arc::new(fx.make());
+        let started = std::time::Instant::now();
+        let on_a = {
+            let (prov, a) = (restarted.clone(), a.clone());
+            tokio::spawn(async move {
+                let (tx, _rx) = tokio::sync::mpsc::channel(8);
+                let spec = stacyvm_core::provider::ExecSpec {
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                };
+                prov.exec(&a, &spec, tx).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t = std::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(3), sh(&*restarted, &b, "echo b-ok"))
+            .await
+            .expect("sandbox B is not held up by A's agent");
+        assert_eq!(r.stdout, "b-ok\n");
+        assert!(t.elapsed() < Duration::from_secs(3));
+        let e = on_a
+            .await
+            .expect("join")
+            .expect_err("the stand-in is refused");
+        assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
+        assert!(
+            started.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(2),
+            "bounded: {:?}",
+            started.elapsed()
+        );
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        fake.join().expect("fake agent");
+        let _ = std::fs::remove_file(&a_sock);
+    }
+    p.destroy(&a).await.expect("destroy");
+    p.destroy(&b).await.expect("destroy");
 }
