@@ -1378,3 +1378,273 @@ async fn a_hostile_agent_stalls_nobody_else() {
     p.destroy(&a).await.expect("destroy");
     p.destroy(&b).await.expect("destroy");
 }
+
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// "The outside" for egress tests: a network namespace behind a veth, with
+/// a private address and the cloud metadata address, routed from the
+/// host, and a TCP listener on port 8080 that answers `reached`.
+struct Outside {
+    ns: String,
+    host_if: String,
+    private: String,
+    listener: std::process::Child,
+}
+
+const METADATA: &str = "169.254.169.254";
+
+impl Outside {
+    fn start() -> Outside {
+        let tag = &paths::new_sandbox_id()[3..];
+        let ns = format!("svt-{tag}");
+        let host_if = format!("svh{tag}");
+        let peer = format!("svp{tag}");
+        // 10.213.<n>.0/30 for this run.
+        let n = u8::from_str_radix(&tag[..2], 16).expect("hex");
+        let (host_ip, private) = (format!("10.213.{n}.1"), format!("10.213.{n}.2"));
+        assert!(ip(&["netns", "add", &ns]), "ip netns add");
+        let mut o = Outside {
+            ns: ns.clone(),
+            host_if: host_if.clone(),
+            private: private.clone(),
+            listener: std::process::Command::new("true").spawn().expect("true"),
+        };
+        let x = |args: &[&str]| {
+            let mut v = vec!["netns", "exec", &ns, "ip"];
+            v.extend_from_slice(args);
+            assert!(ip(&v), "ip {args:?} in {ns}");
+        };
+        assert!(ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &peer
+        ]));
+        assert!(ip(&["link", "set", &peer, "netns", &ns]));
+        assert!(ip(&[
+            "addr",
+            "add",
+            &format!("{host_ip}/30"),
+            "dev",
+            &host_if
+        ]));
+        assert!(ip(&["link", "set", &host_if, "up"]));
+        x(&["addr", "add", &format!("{private}/30"), "dev", &peer]);
+        x(&["addr", "add", &format!("{METADATA}/32"), "dev", &peer]);
+        x(&["link", "set", &peer, "up"]);
+        x(&["link", "set", "lo", "up"]);
+        x(&["route", "add", "default", "via", &host_ip]);
+        assert!(ip(&[
+            "route",
+            "add",
+            &format!("{METADATA}/32"),
+            "via",
+            &private
+        ]));
+        o.listener = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "busybox",
+                "nc",
+                "-ll",
+                "-p",
+                "8080",
+                "-e",
+                "/bin/echo",
+                "reached",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("listener");
+        // The listener answers the host on both addresses.
+        for addr in [private.as_str(), METADATA] {
+            let mut got = String::new();
+            for _ in 0..50 {
+                got = host_nc(addr, 8080);
+                if got.contains("reached") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(got.contains("reached"), "listener on {addr}: {got:?}");
+        }
+        o
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.listener.kill();
+        let _ = self.listener.wait();
+        ip(&["route", "del", &format!("{METADATA}/32")]);
+        // Deleting the namespace deletes the veth pair.
+        ip(&["netns", "del", &self.ns]);
+        ip(&["link", "del", &self.host_if]);
+    }
+}
+
+/// `busybox nc -w 2 addr port` on the host.
+fn host_nc(addr: &str, port: u16) -> String {
+    std::process::Command::new("busybox")
+        .args(["nc", "-w", "2", addr, &port.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+}
+
+/// Runs `script` in a plain container on Docker's default bridge (no
+/// StacyVM filter) and returns its output: proof that the test's outside
+/// is reachable from a container at all.
+async fn on_default_bridge(d: &Docker, script: &str) -> String {
+    let name = format!("svt-ctl-{}", &paths::new_sandbox_id()[3..]);
+    let body = ContainerCreateBody {
+        image: Some(TEST_IMAGE.into()),
+        cmd: Some(vec!["sh".into(), "-c".into(), script.into()]),
+        host_config: Some(HostConfig {
+            network_mode: Some("bridge".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    d.create_container(
+        Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+        body,
+    )
+    .await
+    .expect("create control");
+    d.start_container(&name, None).await.expect("start control");
+    let mut wait = d.wait_container(&name, None::<WaitContainerOptions>);
+    let _ = tokio::time::timeout(Duration::from_secs(30), wait.next()).await;
+    let mut logs = d.logs(
+        &name,
+        Some(
+            LogsOptionsBuilder::default()
+                .stdout(true)
+                .stderr(true)
+                .build(),
+        ),
+    );
+    let mut out = String::new();
+    while let Some(Ok(l)) = logs.next().await {
+        out.push_str(&String::from_utf8_lossy(&l.into_bytes()));
+    }
+    let _ = d
+        .remove_container(
+            &name,
+            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+        )
+        .await;
+    out
+}
+
+/// F-7: on `bridge`, a sandbox reaches neither cloud metadata, nor private
+/// ranges, nor the host, nor another sandbox, and has no IPv6; the same
+/// targets are reachable from an unfiltered container.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_sandboxes_reach_only_the_public_internet() {
+    let mut fx = fixture("runc");
+    fx.config.network_mode = "bridge".into();
+    let p = fx.ready().await;
+    let d = p.engine().await.expect("engine");
+    let outside = Outside::start();
+    let probe = format!(
+        "nc -w 2 {} 8080 </dev/null; nc -w 2 {METADATA} 8080 </dev/null; echo done",
+        outside.private
+    );
+    let control = on_default_bridge(d, &probe).await;
+    assert_eq!(
+        control.matches("reached").count(),
+        2,
+        "an unfiltered container reaches both: {control}"
+    );
+    let a = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn a")
+        .runtime_id;
+    let b = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn b")
+        .runtime_id;
+    let r = sh(&p, &a, &probe).await;
+    assert!(r.stdout.contains("done"), "{r:?}");
+    assert!(
+        !r.stdout.contains("reached"),
+        "metadata or private range reached: {r:?}"
+    );
+    // Another sandbox on the network listens; it answers itself only.
+    sh(
+        &p,
+        &b,
+        "setsid nc -ll -p 9090 -e /bin/echo peer >/dev/null 2>&1 </dev/null & sleep 0.3; nc -w 2 127.0.0.1 9090 </dev/null",
+    )
+    .await;
+    let net = fx.config.bridge_network.clone();
+    let info = d.inspect_container(&b, None).await.expect("inspect b");
+    let settings = info
+        .network_settings
+        .and_then(|n| n.networks)
+        .and_then(|mut n| n.remove(&net))
+        .expect("b is on the sandbox network");
+    let b_ip = settings.ip_address.expect("b's address");
+    let gateway = settings.gateway.expect("gateway");
+    let self_check = sh(&p, &b, "nc -w 2 127.0.0.1 9090 </dev/null").await;
+    assert_eq!(self_check.stdout.trim(), "peer", "{self_check:?}");
+    let r = sh(
+        &p,
+        &a,
+        &format!("nc -w 2 {b_ip} 9090 </dev/null; echo done"),
+    )
+    .await;
+    assert_eq!(r.stdout.trim(), "done", "sandbox B reached: {r:?}");
+    // The host itself (a listener on all its addresses) is out of reach.
+    let host = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    host.set_nonblocking(true).expect("nb");
+    let port = host.local_addr().expect("addr").port();
+    sh(
+        &p,
+        &a,
+        &format!("nc -w 2 {gateway} {port} </dev/null; true"),
+    )
+    .await;
+    assert!(
+        host.accept().is_err(),
+        "the host was reached from a sandbox"
+    );
+    // No IPv6 at all: not even a link-local address to talk from.
+    let v6 = sh(
+        &p,
+        &a,
+        "cat /proc/net/if_inet6; cat /proc/sys/net/ipv6/conf/all/disable_ipv6",
+    )
+    .await;
+    assert_eq!(v6.stdout.trim(), "1", "{v6:?}");
+    // Docker's own chains come first in FORWARD; ours live in DOCKER-USER.
+    let fwd = std::process::Command::new("iptables")
+        .args(["-w", "-S", "FORWARD"])
+        .output()
+        .expect("iptables");
+    let fwd = String::from_utf8_lossy(&fwd.stdout);
+    assert!(
+        !fwd.contains("stacyvm:"),
+        "no StacyVM rule in FORWARD: {fwd}"
+    );
+    p.destroy(&a).await.expect("destroy");
+    p.destroy(&b).await.expect("destroy");
+    p.remove_bridge_network().await.expect("remove network");
+    let left = std::process::Command::new("iptables")
+        .args(["-w", "-S"])
+        .output()
+        .expect("iptables");
+    assert!(
+        !String::from_utf8_lossy(&left.stdout).contains(&format!("stacyvm:{net}")),
+        "rules removed with the network"
+    );
+}
