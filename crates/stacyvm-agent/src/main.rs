@@ -42,6 +42,13 @@ fn main() -> ExitCode {
     {
         ["boot", "--spec", path] => boot(path),
         ["serve", "--socket", path] => {
+            // Sandbox processes share the agent's uid (docker): without
+            // this they could read /proc/1/environ and /proc/1/mem or
+            // ptrace the agent and answer for it.
+            if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+                eprintln!("stacyvm-agent: making the agent undumpable: {e}");
+                return ExitCode::from(1);
+            }
             let _ = std::fs::remove_file(path);
             match UnixListener::bind(path) {
                 Ok(l) => {

@@ -1648,3 +1648,33 @@ async fn bridge_sandboxes_reach_only_the_public_internet() {
         "rules removed with the network"
     );
 }
+
+/// F-11: sandbox processes (same uid as the agent) cannot read the agent's
+/// environment or memory map, nor its file descriptors (its stdout is the
+/// container log). runc only: gVisor's /proc ignores non-dumpability (see
+/// docs/security.md), which the handshake token's delivery accounts for.
+async fn agent_is_private(runtime: &str) {
+    let mut fx = fixture(runtime);
+    fx.config.user = "sandbox".into();
+    let p = fx.ready().await;
+    let id = p
+        .spawn(&spawn_spec(TEST_IMAGE, 128))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    let r = sh(
+        &p,
+        &id,
+        "id -u; stat -c %u /proc/1; for f in environ maps; do cat /proc/1/$f >/dev/null 2>&1 && echo $f-READABLE; done; ls /proc/1/fd >/dev/null 2>&1 && echo fd-READABLE; echo checked",
+    )
+    .await;
+    assert!(r.stdout.starts_with("1000\n"), "{r:?}");
+    assert!(r.stdout.contains("checked"), "{r:?}");
+    assert!(!r.stdout.contains("READABLE"), "{runtime}: {r:?}");
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_is_private_runc() {
+    agent_is_private("runc").await;
+}
