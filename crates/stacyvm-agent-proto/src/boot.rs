@@ -63,6 +63,10 @@ pub struct BootSpec {
     /// only beneath these paths; everything else is read/execute only.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub landlock_write: Vec<String>,
+    /// Hex per-sandbox secret the agent proves it holds at every handshake
+    /// (see `Hello::nonce`). Empty: no proof (sandboxes of older servers).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
 }
 
 /// Host ids that become uid/gid 0 inside a user namespace.

@@ -219,6 +219,58 @@ pub struct Hello {
     pub agent: String,
     #[serde(default)]
     pub pid: u32,
+    /// Host → agent: a fresh random challenge. An agent that was given a
+    /// per-sandbox token answers with [`Hello::proof`], so the host knows
+    /// it reached that sandbox's agent and not a stand-in.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub nonce: String,
+    /// Agent → host: [`handshake_proof`] of the host's nonce.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub proof: String,
+    /// Agent → host: optional protocol features it speaks ([`FEATURES`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
+}
+
+/// Features of this agent, announced in its `Hello`:
+/// - `read_stream`: `ReadFile { stream: true }` answers with a header
+///   `Response`, then `Data` under host credit (`Window`), ended by an
+///   empty `Data` frame (or a second, error `Response`); a `Signal` frame
+///   to the request cancels it.
+/// - `write_flow`: during `WriteFile { flow: true }` the agent grants the
+///   host upload credit with `Window` frames as chunks reach the disk.
+/// - `chunked_results`: a `ListDir`/`Glob` result larger than
+///   [`MAX_CHUNK`] arrives as `Data` frames of JSON followed by a
+///   `Response` whose result is `{"chunked": true}`.
+pub const FEATURES: &[&str] = &["read_stream", "write_flow", "chunked_results"];
+
+/// Domain separation for the handshake MAC.
+const PROOF_CONTEXT: &[u8] = b"stacyvm-agent-hello-v1\0";
+
+/// The agent's answer to a host nonce: hex HMAC-SHA256 keyed by the
+/// sandbox token.
+pub fn handshake_proof(token: &[u8], nonce: &str) -> String {
+    use hmac::Mac;
+    let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(token) else {
+        return String::new();
+    };
+    mac.update(PROOF_CONTEXT);
+    mac.update(nonce.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+/// Checks an agent's proof in constant time.
+pub fn verify_proof(token: &[u8], nonce: &str, proof: &str) -> bool {
+    use hmac::Mac;
+    let Ok(bytes) = hex::decode(proof) else {
+        return false;
+    };
+    let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(token) else {
+        return false;
+    };
+    mac.update(PROOF_CONTEXT);
+    mac.update(nonce.as_bytes());
+    !token.is_empty() && mac.verify_slice(&bytes).is_ok()
 }
 
 /// Error categories that map onto the server's error kinds.
@@ -232,6 +284,8 @@ pub enum ErrorKind {
     Unsupported,
     /// A sandbox limit (processes, memory, disk) is exhausted.
     ResourceExhausted,
+    /// The file (or result) is larger than the caller allows.
+    TooLarge,
     Internal,
 }
 
@@ -298,13 +352,25 @@ pub enum Request {
         path: String,
         mode: u32,
         size: u64,
+        /// The `write_flow` feature (see [`FEATURES`]).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        flow: bool,
     },
     /// Reads a file: `Data` frames, then a `Response` with the size.
     ReadFile {
         path: String,
+        /// Refuse files larger than this (and stop a growing file there).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_bytes: Option<u64>,
+        /// The `read_stream` feature (see [`FEATURES`]).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        stream: bool,
     },
     ListDir {
         path: String,
+        /// The `chunked_results` feature.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        chunked: bool,
     },
     Stat {
         path: String,
@@ -328,6 +394,9 @@ pub enum Request {
     },
     Glob {
         pattern: String,
+        /// The `chunked_results` feature.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        chunked: bool,
     },
     /// Stops every process and exits the agent (sandbox teardown).
     Shutdown,
@@ -419,6 +488,23 @@ mod tests {
             Err(FrameError::BadKind(99))
         ));
         assert!(Frame::read_from(&mut &[][..]).expect("eof").is_none());
+    }
+
+    #[test]
+    fn handshake_proof_binds_token_and_nonce() {
+        let p = handshake_proof(b"secret-a", "n1");
+        assert_eq!(p.len(), 64);
+        assert!(verify_proof(b"secret-a", "n1", &p));
+        assert!(
+            !verify_proof(b"secret-b", "n1", &p),
+            "another sandbox's token"
+        );
+        assert!(!verify_proof(b"secret-a", "n2", &p), "a replayed proof");
+        assert!(!verify_proof(b"secret-a", "n1", "zz"), "not hex");
+        assert!(
+            !verify_proof(b"", "n1", &handshake_proof(b"", "n1")),
+            "empty token"
+        );
     }
 
     #[test]

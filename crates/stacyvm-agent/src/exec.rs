@@ -130,6 +130,7 @@ fn reap_nonblocking(r: &Reaper) {
 pub struct Window {
     credit: Mutex<u64>,
     cv: Condvar,
+    cancelled: std::sync::atomic::AtomicBool,
 }
 
 impl Window {
@@ -137,6 +138,7 @@ impl Window {
         Arc::new(Window {
             credit: Mutex::new(INITIAL_WINDOW),
             cv: Condvar::new(),
+            cancelled: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -144,6 +146,37 @@ impl Window {
         let mut c = self.credit.lock().unwrap_or_else(|e| e.into_inner());
         *c = c.saturating_add(n);
         self.cv.notify_all();
+    }
+
+    /// Wakes every waiter; `take_within` returns `None` from now on.
+    pub fn cancel(&self) {
+        self.cancelled
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let _c = self.credit.lock().unwrap_or_else(|e| e.into_inner());
+        self.cv.notify_all();
+    }
+
+    /// Like `take`, but gives up (`None`) when cancelled or when no credit
+    /// arrives within `limit`.
+    pub fn take_within(&self, want: u64, limit: Duration) -> Option<u64> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut c = self.credit.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if self.cancelled.load(std::sync::atomic::Ordering::SeqCst) {
+                return None;
+            }
+            if *c > 0 {
+                let n = want.min(*c);
+                *c -= n;
+                return Some(n);
+            }
+            let left = deadline.checked_duration_since(std::time::Instant::now())?;
+            c = self
+                .cv
+                .wait_timeout(c, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
     }
 
     /// Waits for at least one byte of credit and takes up to `want`.

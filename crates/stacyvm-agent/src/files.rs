@@ -28,10 +28,67 @@ pub fn err(path: &str, e: &io::Error) -> AgentError {
             )
         }
         io::ErrorKind::InvalidInput | io::ErrorKind::InvalidFilename => ErrorKind::InvalidInput,
-        _ => ErrorKind::Internal,
+        _ => match e.raw_os_error() {
+            // What the caller's path or the sandbox's state caused is the
+            // caller's error (4xx), never an internal one.
+            Some(libc::EIO | libc::ENXIO | libc::ENODEV | libc::EINVAL | libc::EOVERFLOW)
+            | Some(libc::ELOOP | libc::ENAMETOOLONG | libc::EXDEV | libc::ESPIPE) => {
+                ErrorKind::InvalidInput
+            }
+            Some(libc::EROFS | libc::EPERM | libc::ETXTBSY) => ErrorKind::PermissionDenied,
+            Some(libc::ENOSPC | libc::EDQUOT | libc::EMFILE | libc::ENFILE | libc::ENOMEM) => {
+                ErrorKind::ResourceExhausted
+            }
+            Some(libc::EFBIG) => ErrorKind::TooLarge,
+            Some(libc::EBUSY) => ErrorKind::AlreadyExists,
+            _ => ErrorKind::Internal,
+        },
     };
     AgentError::new(kind, format!("{path}: {e}"))
 }
+
+/// The error for a file over the caller's limit.
+pub fn too_large(path: &str, max: u64) -> AgentError {
+    AgentError::new(
+        ErrorKind::TooLarge,
+        format!("{path:?} is larger than the limit of {max} bytes"),
+    )
+}
+
+/// Opens `path` for reading if it is a regular file of at most `max`
+/// bytes; returns it with its size. Devices, FIFOs and sockets are
+/// refused without blocking (a FIFO is opened non-blocking and refused).
+pub fn open_regular(path: &str, max: u64) -> Result<(fs::File, u64), AgentError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| err(path, &e))?;
+    let m = f.metadata().map_err(|e| err(path, &e))?;
+    if m.is_dir() {
+        return Err(AgentError::new(
+            ErrorKind::InvalidInput,
+            format!("{path:?} is a directory"),
+        ));
+    }
+    if !m.is_file() {
+        return Err(AgentError::new(
+            ErrorKind::InvalidInput,
+            format!("{path:?} is not a regular file (devices, FIFOs and sockets cannot be read)"),
+        ));
+    }
+    if m.len() > max {
+        return Err(too_large(path, max));
+    }
+    Ok((f, m.len()))
+}
+
+/// Most entries one listing returns.
+pub const MAX_LIST_ENTRIES: usize = 100_000;
+/// Most matches, and longest time, of one glob.
+pub const MAX_GLOB_MATCHES: usize = 100_000;
+pub const GLOB_TIME_LIMIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 pub fn stat_of(path: &str, follow: bool) -> Result<FileStat, AgentError> {
     let lm = fs::symlink_metadata(path).map_err(|e| err(path, &e))?;
@@ -134,6 +191,14 @@ pub fn list(path: &str) -> Result<Vec<FileStat>, AgentError> {
     }
     let mut out = Vec::new();
     for entry in fs::read_dir(path).map_err(|e| err(path, &e))?.flatten() {
+        if out.len() >= MAX_LIST_ENTRIES {
+            return Err(AgentError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "{path:?} has more than {MAX_LIST_ENTRIES} entries; list it with a command"
+                ),
+            ));
+        }
         let name = entry.file_name().to_string_lossy().to_string();
         let child = if path == "/" {
             format!("/{name}")
@@ -194,11 +259,21 @@ pub fn glob(pattern: &str) -> Result<Vec<String>, AgentError> {
             format!("invalid glob pattern {pattern:?}: {}", e.msg),
         )
     })?;
-    let mut out: Vec<String> = paths
-        .flatten()
-        .take(100_000)
-        .map(|p| p.to_string_lossy().to_string())
-        .collect();
+    let deadline = std::time::Instant::now() + GLOB_TIME_LIMIT;
+    let mut out: Vec<String> = Vec::new();
+    for p in paths.flatten() {
+        if out.len() >= MAX_GLOB_MATCHES || std::time::Instant::now() > deadline {
+            return Err(AgentError::new(
+                ErrorKind::TooLarge,
+                format!(
+                    "glob {pattern:?} matches more than {MAX_GLOB_MATCHES} paths or takes longer than {}s; narrow the pattern",
+                    GLOB_TIME_LIMIT.as_secs()
+                ),
+            ));
+        }
+        out.push(p.to_string_lossy().to_string());
+    }
     out.sort();
+    out.dedup();
     Ok(out)
 }

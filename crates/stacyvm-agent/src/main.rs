@@ -29,8 +29,15 @@ use std::process::ExitCode;
 
 use stacyvm_sandbox::{BootSpec, Booted};
 
-const USAGE: &str =
-    "usage: stacyvm-agent boot --spec FILE | serve --socket PATH | relay --socket PATH | version";
+const USAGE: &str = "usage: stacyvm-agent boot --spec FILE | serve --socket PATH [--token-file FILE] | relay --socket PATH | version";
+
+/// Reads the handshake token from `path` and removes the file, so nothing
+/// started later in the sandbox can read it.
+fn take_token_file(path: &str) -> Result<Vec<u8>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
+    let _ = std::fs::remove_file(path);
+    hex::decode(text.trim()).map_err(|e| format!("token in {path} is not hex: {e}"))
+}
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -41,13 +48,27 @@ fn main() -> ExitCode {
         .as_slice()
     {
         ["boot", "--spec", path] => boot(path),
-        ["serve", "--socket", path] => {
+        ["serve", "--socket", path, rest @ ..] => {
             // Sandbox processes share the agent's uid (docker): without
             // this they could read /proc/1/environ and /proc/1/mem or
             // ptrace the agent and answer for it.
             if let Err(e) = nix::sys::prctl::set_dumpable(false) {
                 eprintln!("stacyvm-agent: making the agent undumpable: {e}");
                 return ExitCode::from(1);
+            }
+            match rest {
+                [] => {}
+                ["--token-file", file] => match take_token_file(file) {
+                    Ok(t) => server::set_token(t),
+                    Err(e) => {
+                        eprintln!("stacyvm-agent: {e}");
+                        return ExitCode::from(1);
+                    }
+                },
+                _ => {
+                    eprintln!("{USAGE}");
+                    return ExitCode::from(2);
+                }
             }
             let _ = std::fs::remove_file(path);
             match UnixListener::bind(path) {
@@ -96,6 +117,11 @@ fn boot(path: &str) -> ExitCode {
             ExitCode::SUCCESS
         }
         Ok(Booted::Init(listener)) => {
+            if let Ok(t) = hex::decode(&spec.token) {
+                if !t.is_empty() {
+                    server::set_token(t);
+                }
+            }
             server::serve(listener, true);
             ExitCode::SUCCESS
         }

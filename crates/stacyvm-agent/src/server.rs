@@ -5,22 +5,35 @@ use std::collections::HashMap;
 use std::io::{BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use stacyvm_agent_proto::{
-    AgentError, ErrorKind, Frame, Hello, Kind, Request, Response, SignalMsg, WindowMsg, MAX_CHUNK,
-    VERSION,
+    AgentError, ErrorKind, Frame, Hello, Kind, Request, Response, SignalMsg, WindowMsg, FEATURES,
+    MAX_CHUNK, MAX_FRAME, VERSION,
 };
 
 use crate::exec::{self, ExecHandle, ExecParams, Reaper, Window};
 use crate::files;
+
+/// The per-sandbox secret this agent proves it holds at every handshake.
+static TOKEN: OnceLock<Vec<u8>> = OnceLock::new();
+
+/// Sets the handshake token (once, before serving).
+pub fn set_token(token: Vec<u8>) {
+    let _ = TOKEN.set(token);
+}
+
+/// How long a streamed read waits for host credit before giving up.
+const CREDIT_WAIT: Duration = Duration::from_secs(120);
 
 /// One host connection.
 pub struct Conn {
     writer: Mutex<UnixStream>,
     execs: Mutex<HashMap<u32, Arc<ExecHandle>>>,
     uploads: Mutex<HashMap<u32, mpsc::Sender<Vec<u8>>>>,
+    /// Streamed reads in flight: their credit (and cancellation).
+    reads: Mutex<HashMap<u32, Arc<Window>>>,
 }
 
 impl Conn {
@@ -43,7 +56,42 @@ impl Conn {
             Ok(v) => Response::ok(v),
             Err(e) => Response::err(e),
         };
-        let _ = self.send(&Frame::json(Kind::Response, id, &resp));
+        let mut frame = Frame::json(Kind::Response, id, &resp);
+        // Never send what the host must refuse (it would drop the whole
+        // connection): a result too large for one frame is an error.
+        if frame.body.len() + 5 > MAX_FRAME {
+            frame = Frame::json(
+                Kind::Response,
+                id,
+                &Response::err(AgentError::new(
+                    ErrorKind::TooLarge,
+                    "the result is too large for one reply; narrow the request",
+                )),
+            );
+        }
+        let _ = self.send(&frame);
+    }
+
+    /// Answers with `v`: inline when it fits one chunk, otherwise (when the
+    /// host asked for `chunked` results) as `Data` frames of its JSON
+    /// followed by `{"chunked": true}`.
+    fn respond_json<T: serde::Serialize>(&self, id: u32, v: Result<T, AgentError>, chunked: bool) {
+        let bytes = match v.and_then(|v| {
+            serde_json::to_vec(&v).map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))
+        }) {
+            Ok(b) => b,
+            Err(e) => return self.respond_err(id, e),
+        };
+        if bytes.len() <= MAX_CHUNK || !chunked {
+            let value = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+            return self.respond(id, Ok(value));
+        }
+        for chunk in bytes.chunks(MAX_CHUNK) {
+            if self.send_body(Kind::Data, id, chunk).is_err() {
+                return;
+            }
+        }
+        self.respond(id, Ok(serde_json::json!({"chunked": true})));
     }
 
     pub fn respond_err(&self, id: u32, e: AgentError) {
@@ -95,16 +143,26 @@ fn handle(stream: UnixStream, reaper: Arc<Reaper>, pid1: bool) {
         writer: Mutex::new(write_half),
         execs: Mutex::new(HashMap::new()),
         uploads: Mutex::new(HashMap::new()),
+        reads: Mutex::new(HashMap::new()),
     });
     let mut reader = BufReader::with_capacity(256 * 1024, stream);
     // Handshake: the first frame must be Hello with our major version.
     match Frame::read_from(&mut reader) {
         Ok(Some(f)) if f.kind == Kind::Hello => {
             let hello: Option<Hello> = serde_json::from_slice(&f.body).ok();
+            let proof = match (TOKEN.get(), hello.as_ref()) {
+                (Some(token), Some(h)) if !h.nonce.is_empty() => {
+                    stacyvm_agent_proto::handshake_proof(token, &h.nonce)
+                }
+                _ => String::new(),
+            };
             let ours = Hello {
                 version: VERSION,
                 agent: format!("stacyvm-agent {}", env!("CARGO_PKG_VERSION")),
                 pid: std::process::id(),
+                nonce: String::new(),
+                proof,
+                features: FEATURES.iter().map(|f| (*f).to_string()).collect(),
             };
             let _ = conn.send(&Frame::json(Kind::Hello, 0, &ours));
             if hello.map(|h| h.version) != Some(VERSION) {
@@ -173,8 +231,18 @@ fn dispatch(f: Frame, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: bool) {
                 .unwrap_or_else(|e| e.into_inner())
                 .get(&id)
                 .cloned();
-            if let (Some(h), Ok(w)) = (h, serde_json::from_slice::<WindowMsg>(&f.body)) {
+            let Ok(w) = serde_json::from_slice::<WindowMsg>(&f.body) else {
+                return;
+            };
+            if let Some(h) = h {
                 h.window.grant(w.bytes);
+            } else if let Some(r) = conn
+                .reads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+            {
+                r.grant(w.bytes);
             }
         }
         Kind::Resize => {
@@ -194,6 +262,26 @@ fn dispatch(f: Frame, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: bool) {
             }
         }
         Kind::Signal => {
+            // A signal to a streamed read cancels it; to an upload, aborts
+            // it (its channel closes before the final chunk).
+            if let Some(r) = conn
+                .reads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&id)
+            {
+                r.cancel();
+                return;
+            }
+            if conn
+                .uploads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id)
+                .is_some()
+            {
+                return;
+            }
             let h = conn
                 .execs
                 .lock()
@@ -262,6 +350,7 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
             path,
             mode,
             size: _,
+            flow,
         } => {
             // Register the upload route before any Data frame can arrive.
             let (tx, rx) = mpsc::channel::<Vec<u8>>();
@@ -280,6 +369,13 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
                                 if let Err(e) = up.write(&d) {
                                     up.abort();
                                     return Err(e);
+                                }
+                                if flow {
+                                    // The chunk is on disk: the host may send more.
+                                    let w = WindowMsg {
+                                        bytes: d.len() as u64,
+                                    };
+                                    let _ = c.send(&Frame::json(Kind::Window, id, &w));
                                 }
                             }
                             Err(_) => {
@@ -301,6 +397,32 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
             });
             if spawned.is_err() {
                 conn.uploads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                conn.respond_err(id, exhausted());
+            }
+        }
+        Request::ReadFile {
+            path,
+            max_bytes,
+            stream: true,
+        } => {
+            let window = Window::new();
+            conn.reads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, window.clone());
+            let c = conn.clone();
+            let spawned = crate::spawn_thread(move || {
+                stream_file(id, &path, max_bytes.unwrap_or(u64::MAX), &c, &window);
+                c.reads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            });
+            if spawned.is_err() {
+                conn.reads
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&id);
@@ -329,8 +451,12 @@ fn to_json<T: serde::Serialize>(v: T) -> Result<serde_json::Value, AgentError> {
 
 fn simple(id: u32, req: Request, conn: &Arc<Conn>, pid1: bool) {
     let res: Result<serde_json::Value, AgentError> = match req {
-        Request::ReadFile { path } => read_file(id, &path, conn),
-        Request::ListDir { path } => files::list(&path).and_then(to_json),
+        Request::ReadFile {
+            path, max_bytes, ..
+        } => read_file(id, &path, max_bytes.unwrap_or(u64::MAX), conn),
+        Request::ListDir { path, chunked } => {
+            return conn.respond_json(id, files::list(&path), chunked);
+        }
         Request::Stat { path } => files::stat_of(&path, true).and_then(to_json),
         Request::Remove { path, recursive } => {
             files::remove(&path, recursive).map(|()| serde_json::json!({}))
@@ -338,7 +464,9 @@ fn simple(id: u32, req: Request, conn: &Arc<Conn>, pid1: bool) {
         Request::Rename { from, to } => files::rename(&from, &to).map(|()| serde_json::json!({})),
         Request::Chmod { path, mode } => files::chmod(&path, mode).map(|()| serde_json::json!({})),
         Request::Mkdir { path } => files::mkdir(&path).map(|()| serde_json::json!({})),
-        Request::Glob { pattern } => files::glob(&pattern).and_then(to_json),
+        Request::Glob { pattern, chunked } => {
+            return conn.respond_json(id, files::glob(&pattern), chunked);
+        }
         Request::Shutdown => {
             conn.respond(id, Ok(serde_json::json!({})));
             if pid1 {
@@ -358,16 +486,16 @@ fn simple(id: u32, req: Request, conn: &Arc<Conn>, pid1: bool) {
     conn.respond(id, res);
 }
 
-fn read_file(id: u32, path: &str, conn: &Arc<Conn>) -> Result<serde_json::Value, AgentError> {
+/// Buffered read (hosts without `read_stream`): regular files only, at
+/// most `max` bytes.
+fn read_file(
+    id: u32,
+    path: &str,
+    max: u64,
+    conn: &Arc<Conn>,
+) -> Result<serde_json::Value, AgentError> {
     use std::io::Read;
-    let m = std::fs::metadata(path).map_err(|e| files::err(path, &e))?;
-    if m.is_dir() {
-        return Err(AgentError::new(
-            ErrorKind::InvalidInput,
-            format!("{path:?} is a directory"),
-        ));
-    }
-    let mut f = std::fs::File::open(path).map_err(|e| files::err(path, &e))?;
+    let (mut f, _) = files::open_regular(path, max)?;
     let mut total = 0u64;
     let mut buf = vec![0u8; MAX_CHUNK];
     loop {
@@ -376,8 +504,49 @@ fn read_file(id: u32, path: &str, conn: &Arc<Conn>) -> Result<serde_json::Value,
             break;
         }
         total += n as u64;
+        if total > max {
+            return Err(files::too_large(path, max));
+        }
         conn.send_body(Kind::Data, id, &buf[..n])
             .map_err(|e| files::err(path, &e))?;
     }
     Ok(serde_json::json!({"size": total}))
+}
+
+/// Streamed read (`read_stream`): a header response with the size, then
+/// chunks as the host grants credit, then an empty chunk; a failure after
+/// the header is a second (error) response.
+fn stream_file(id: u32, path: &str, max: u64, conn: &Arc<Conn>, window: &Window) {
+    use std::io::Read;
+    let (mut f, size) = match files::open_regular(path, max) {
+        Ok(x) => x,
+        Err(e) => return conn.respond_err(id, e),
+    };
+    conn.respond(id, Ok(serde_json::json!({ "size": size })));
+    let mut total = 0u64;
+    let mut buf = vec![0u8; MAX_CHUNK];
+    loop {
+        let Some(credit) = window.take_within(MAX_CHUNK as u64, CREDIT_WAIT) else {
+            // Cancelled, or the host stopped reading: just stop.
+            return;
+        };
+        let want = usize::try_from(credit).unwrap_or(MAX_CHUNK).min(MAX_CHUNK);
+        let n = match f.read(&mut buf[..want]) {
+            Ok(n) => n,
+            Err(e) => return conn.respond_err(id, files::err(path, &e)),
+        };
+        if n == 0 {
+            let _ = conn.send_body(Kind::Data, id, &[]);
+            return;
+        }
+        // Unused credit goes back for the next round.
+        window.grant(credit - n as u64);
+        total += n as u64;
+        if total > max {
+            return conn.respond_err(id, files::too_large(path, max));
+        }
+        if conn.send_body(Kind::Data, id, &buf[..n]).is_err() {
+            return;
+        }
+    }
 }

@@ -139,6 +139,24 @@ pub struct Config {
     pub database: DatabaseConfig,
     pub logging: LoggingConfig,
     pub pool: PoolConfig,
+    pub limits: LimitsConfig,
+}
+
+/// Bounds on what one request may move through the server.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct LimitsConfig {
+    /// Largest file the file API reads or writes (413 above). Transfers
+    /// stream, so the server's memory does not depend on it.
+    pub max_file_bytes: u64,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_file_bytes: 4 * 1024 * 1024 * 1024,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -117,6 +117,9 @@ impl Error {
     pub fn limit(detail: impl Into<String>) -> Self {
         Self::new(ErrorKind::ResourceLimit, detail)
     }
+    pub fn too_large(detail: impl Into<String>) -> Self {
+        Error::new(ErrorKind::PayloadTooLarge, detail)
+    }
     pub fn unavailable(detail: impl Into<String>) -> Self {
         Self::new(ErrorKind::ProviderUnavailable, detail)
     }

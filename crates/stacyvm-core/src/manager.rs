@@ -19,7 +19,9 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::events::{self, kind, EventBus};
 use crate::metrics::Metrics;
 use crate::paths;
-use crate::provider::{ExecSpec, ExitStatus, OutputChunk, Provider, SpawnSpec, StreamKind};
+use crate::provider::{
+    ExecSpec, ExitStatus, FileStream, OutputChunk, Provider, SpawnSpec, StreamKind,
+};
 use crate::registry::Registry;
 use crate::store::{
     ExecLogRecord, OpAuditRecord, QuotaRecord, SandboxRecord, Store, TemplateRecord,
@@ -1510,46 +1512,81 @@ impl Manager {
         mode: &str,
         caller: &Caller,
     ) -> Result<()> {
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx.try_send(data);
+        drop(tx);
+        self.write_file_stream(id, path, rx, mode, caller)
+            .await
+            .map(|_| ())
+    }
+
+    /// Writes a file from `chunks` (the upload ends when the channel
+    /// closes), at most `limits.max_file_bytes`; returns its size. The
+    /// provider streams it: the server holds a few chunks at a time.
+    pub async fn write_file_stream(
+        &self,
+        id: &str,
+        path: &str,
+        chunks: mpsc::Receiver<Vec<u8>>,
+        mode: &str,
+        caller: &Caller,
+    ) -> Result<u64> {
         let path = paths::normalize(path)?;
         let mode = paths::parse_mode(mode)?;
-        let len = data.len();
+        let max = self.cfg.limits.max_file_bytes;
         let p2 = path.clone();
-        self.file_op(
-            "write",
-            id,
-            &path,
-            caller,
-            |_| format!("bytes={len} mode={mode:04o}"),
-            |p, t| async move { p.write_file(&t, &p2, &data, mode).await },
-        )
-        .await?;
+        let len = self
+            .file_op(
+                "write",
+                id,
+                &path,
+                caller,
+                |n: &u64| format!("bytes={n} mode={mode:04o}"),
+                |p, t| async move { p.write_file_stream(&t, &p2, mode, chunks, max).await },
+            )
+            .await?;
         self.events.publish(
             kind::FILE_WRITTEN,
             id,
             events::data([("path", json!(path)), ("bytes", json!(len))]),
         );
-        Ok(())
+        Ok(len)
     }
 
+    /// Reads a whole file (bounded by `limits.max_file_bytes`).
     pub async fn read_file(&self, id: &str, path: &str, caller: &Caller) -> Result<Vec<u8>> {
+        self.read_file_stream(id, path, caller)
+            .await?
+            .collect()
+            .await
+    }
+
+    /// Streams a regular file of at most `limits.max_file_bytes`.
+    pub async fn read_file_stream(
+        &self,
+        id: &str,
+        path: &str,
+        caller: &Caller,
+    ) -> Result<FileStream> {
         let path = paths::normalize(path)?;
+        let max = self.cfg.limits.max_file_bytes;
         let p2 = path.clone();
-        let data = self
+        let stream = self
             .file_op(
                 "read",
                 id,
                 &path,
                 caller,
-                |d: &Vec<u8>| format!("bytes={}", d.len()),
-                |p, t| async move { p.read_file(&t, &p2).await },
+                |s: &FileStream| format!("bytes={}", s.size),
+                |p, t| async move { p.read_file_stream(&t, &p2, max).await },
             )
             .await?;
         self.events.publish(
             kind::FILE_READ,
             id,
-            events::data([("path", json!(path)), ("bytes", json!(data.len()))]),
+            events::data([("path", json!(path)), ("bytes", json!(stream.size))]),
         );
-        Ok(data)
+        Ok(stream)
     }
 
     pub async fn list_files(&self, id: &str, path: &str, caller: &Caller) -> Result<Vec<FileInfo>> {

@@ -76,6 +76,13 @@ pub fn parse_mode(mode: &str) -> Result<u32> {
     if v > 0o7777 {
         return Err(Error::invalid(format!("mode {mode:?} is larger than 7777")));
     }
+    if v & 0o6000 != 0 {
+        // A setuid/setgid file is a privilege-escalation tool for whoever
+        // can reach it; the API never makes one.
+        return Err(Error::invalid(format!(
+            "mode {mode:?} sets the setuid or setgid bit, which the file API does not allow"
+        )));
+    }
     Ok(v)
 }
 
@@ -178,6 +185,9 @@ mod tests {
         assert!(parse_mode("rwx").is_err());
         assert!(parse_mode("888").is_err());
         assert!(parse_mode("77777").is_err());
+        assert!(parse_mode("4755").is_err(), "setuid");
+        assert!(parse_mode("2755").is_err(), "setgid");
+        assert_eq!(parse_mode("1777").expect("sticky"), 0o1777);
     }
 
     #[test]

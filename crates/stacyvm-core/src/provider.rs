@@ -89,6 +89,35 @@ pub struct OutputChunk {
 /// Where a provider sends output. A closed receiver must not fail the exec.
 pub type OutputSink = mpsc::Sender<OutputChunk>;
 
+/// A regular file being read: its size when the read started, then its
+/// content in order. The channel is bounded: a slow reader slows the
+/// sandbox side, never grows the server's memory. Dropping the receiver
+/// cancels the read.
+#[derive(Debug)]
+pub struct FileStream {
+    pub size: u64,
+    pub chunks: mpsc::Receiver<Result<Vec<u8>>>,
+}
+
+impl FileStream {
+    /// A stream of one buffered chunk (providers without streaming).
+    pub fn buffered(data: Vec<u8>) -> FileStream {
+        let (tx, rx) = mpsc::channel(1);
+        let size = data.len() as u64;
+        let _ = tx.try_send(Ok(data));
+        FileStream { size, chunks: rx }
+    }
+
+    /// Reads the whole stream (tests and small internal reads).
+    pub async fn collect(mut self) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(usize::try_from(self.size).unwrap_or(0).min(1 << 20));
+        while let Some(chunk) = self.chunks.recv().await {
+            out.extend_from_slice(&chunk?);
+        }
+        Ok(out)
+    }
+}
+
 /// Input to an interactive exec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ExecInput {
@@ -218,6 +247,50 @@ pub trait Provider: Debug + Send + Sync + 'static {
 
     async fn write_file(&self, runtime_id: &str, path: &str, data: &[u8], mode: u32) -> Result<()>;
     async fn read_file(&self, runtime_id: &str, path: &str) -> Result<Vec<u8>>;
+
+    /// Reads a regular file of at most `max_bytes` as a stream; anything
+    /// else (device, FIFO, socket, directory) is `InvalidInput`, a larger
+    /// file `PayloadTooLarge`. The default buffers `read_file` (providers
+    /// whose reads are already bounded).
+    async fn read_file_stream(
+        &self,
+        runtime_id: &str,
+        path: &str,
+        max_bytes: u64,
+    ) -> Result<FileStream> {
+        let data = self.read_file(runtime_id, path).await?;
+        if data.len() as u64 > max_bytes {
+            return Err(Error::too_large(format!(
+                "{path:?} is larger than the limit of {max_bytes} bytes"
+            )));
+        }
+        Ok(FileStream::buffered(data))
+    }
+
+    /// Writes a file from `chunks` (ended by the channel closing); more
+    /// than `max_bytes` is `PayloadTooLarge` and leaves the old file as it
+    /// was. Returns the size written. The default collects, then calls
+    /// `write_file`.
+    async fn write_file_stream(
+        &self,
+        runtime_id: &str,
+        path: &str,
+        mode: u32,
+        mut chunks: mpsc::Receiver<Vec<u8>>,
+        max_bytes: u64,
+    ) -> Result<u64> {
+        let mut data = Vec::new();
+        while let Some(c) = chunks.recv().await {
+            if (data.len() + c.len()) as u64 > max_bytes {
+                return Err(Error::too_large(format!(
+                    "the upload is larger than the limit of {max_bytes} bytes"
+                )));
+            }
+            data.extend_from_slice(&c);
+        }
+        self.write_file(runtime_id, path, &data, mode).await?;
+        Ok(data.len() as u64)
+    }
     /// Lists one directory level, sorted by path.
     async fn list_files(&self, runtime_id: &str, path: &str) -> Result<Vec<FileInfo>>;
     /// Deleting a missing path is `Ok`; a non-empty directory needs `recursive`.

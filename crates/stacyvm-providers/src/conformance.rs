@@ -36,6 +36,11 @@ pub trait Fixture: Send + Sync {
     fn supports_pty(&self) -> bool {
         true
     }
+    /// Whether the sandbox has its own /dev and /proc (the mock test
+    /// double runs on the host and has neither).
+    fn has_devices(&self) -> bool {
+        true
+    }
 }
 
 /// Output of a finished command.
@@ -510,6 +515,163 @@ pub async fn binary_and_large_files(f: &dyn Fixture) {
     p.destroy(&id).await.expect("destroy");
 }
 
+/// Files a caller must not be able to turn into a server-side hazard:
+/// devices, FIFOs, huge sparse files and procfs oddities are refused with
+/// a typed client error, quickly, and the sandbox keeps working.
+pub async fn hostile_file_reads_are_refused(f: &dyn Fixture) {
+    let p = f.provider();
+    let id = spawn(p.as_ref(), &f.image()).await;
+    let quick = Duration::from_secs(10);
+    let refused = |what: &str, r: stacyvm_core::Result<stacyvm_core::provider::FileStream>| {
+        let e = r.expect_err(what);
+        assert!(
+            matches!(
+                e.kind(),
+                ErrorKind::InvalidInput | ErrorKind::PayloadTooLarge | ErrorKind::NotFound
+            ),
+            "{what}: a client error, got {:?}: {e}",
+            e.kind()
+        );
+        e.kind()
+    };
+    if f.has_devices() {
+        for dev in ["/dev/zero", "/dev/urandom", "/dev/null"] {
+            let r = tokio::time::timeout(quick, p.read_file_stream(&id, dev, 1 << 30))
+                .await
+                .expect("a device read must not hang");
+            assert_eq!(refused(dev, r), ErrorKind::InvalidInput, "{dev}");
+        }
+        let r = tokio::time::timeout(quick, p.read_file_stream(&id, "/proc/self/mem", 1 << 30))
+            .await
+            .expect("/proc/self/mem must not hang");
+        if let Err(e) = r {
+            assert_ne!(e.kind(), ErrorKind::Internal, "/proc/self/mem: {e}");
+        }
+    }
+    let made = sh(
+        p.as_ref(),
+        &id,
+        "mkfifo ${SANDBOX_ROOT}/workspace/fifo && truncate -s 10G ${SANDBOX_ROOT}/workspace/sparse && echo made",
+    )
+    .await;
+    assert_eq!(made.stdout, "made\n", "{made:?}");
+    let r = tokio::time::timeout(quick, p.read_file_stream(&id, "/workspace/fifo", 1 << 30))
+        .await
+        .expect("a FIFO read must not hang");
+    assert_eq!(refused("fifo", r), ErrorKind::InvalidInput);
+    let r = tokio::time::timeout(quick, p.read_file_stream(&id, "/workspace/sparse", 1 << 30))
+        .await
+        .expect("a sparse file read must not hang");
+    assert_eq!(refused("sparse 10G", r), ErrorKind::PayloadTooLarge);
+    assert_eq!(sh(p.as_ref(), &id, "echo alive").await.stdout, "alive\n");
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// Streamed reads and writes: many chunks in order, limits enforced on
+/// both sides, and a refused upload leaves the old file as it was.
+pub async fn streamed_transfers_are_bounded(f: &dyn Fixture) {
+    let p = f.provider();
+    let id = spawn(p.as_ref(), &f.image()).await;
+    let chunk = |i: u32| -> Vec<u8> {
+        (0..1024 * 1024u32)
+            .map(|j| (j.wrapping_mul(31).wrapping_add(i * 7) >> 3) as u8)
+            .collect()
+    };
+    let (tx, rx) = mpsc::channel(2);
+    let feed = tokio::spawn(async move {
+        for i in 0..12 {
+            if tx.send(chunk(i)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let n = p
+        .write_file_stream(&id, "/workspace/s.bin", 0o600, rx, 64 << 20)
+        .await
+        .expect("streamed write");
+    feed.await.expect("feeder");
+    assert_eq!(n, 12 << 20);
+    let mut s = p
+        .read_file_stream(&id, "/workspace/s.bin", 64 << 20)
+        .await
+        .expect("streamed read");
+    assert_eq!(s.size, 12 << 20);
+    let mut got = Vec::new();
+    while let Some(c) = s.chunks.recv().await {
+        got.extend_from_slice(&c.expect("chunk"));
+    }
+    let want: Vec<u8> = (0..12).flat_map(chunk).collect();
+    assert!(got == want, "12 MiB streamed round trip differs");
+    // Over the read limit: refused before any content.
+    let e = p
+        .read_file_stream(&id, "/workspace/s.bin", 1 << 20)
+        .await
+        .expect_err("over the read limit");
+    assert_eq!(e.kind(), ErrorKind::PayloadTooLarge, "{e}");
+    // Over the write limit: refused, the old file intact.
+    let (tx, rx) = mpsc::channel(2);
+    let feed = tokio::spawn(async move {
+        for i in 0..6 {
+            if tx.send(chunk(i + 100)).await.is_err() {
+                break;
+            }
+        }
+    });
+    let e = p
+        .write_file_stream(&id, "/workspace/s.bin", 0o600, rx, 3 << 20)
+        .await
+        .expect_err("over the write limit");
+    feed.await.expect("feeder");
+    assert_eq!(e.kind(), ErrorKind::PayloadTooLarge, "{e}");
+    let again = p.read_file(&id, "/workspace/s.bin").await.expect("read");
+    assert!(again == want, "a refused upload must not change the file");
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// A directory of 20,000 long names lists completely, a runaway glob is
+/// bounded, and neither disturbs an exec in flight on the same sandbox.
+pub async fn large_listings_and_globs_stay_bounded(f: &dyn Fixture) {
+    let p = f.provider();
+    let id = spawn(p.as_ref(), &f.image()).await;
+    let made = sh(
+        p.as_ref(),
+        &id,
+        "mkdir ${SANDBOX_ROOT}/workspace/big && cd ${SANDBOX_ROOT}/workspace/big && i=0; \
+         pad=$(printf '%0180d' 0); while [ $i -lt 20000 ]; do : > \"$pad$i\"; i=$((i+1)); done; ls | wc -l",
+    )
+    .await;
+    assert_eq!(made.stdout.trim(), "20000", "{made:?}");
+    let in_flight = {
+        let p = p.clone();
+        let id = id.clone();
+        tokio::spawn(async move { sh(p.as_ref(), &id, "sleep 1; echo still-here").await })
+    };
+    let list = p
+        .list_files(&id, "/workspace/big")
+        .await
+        .expect("list 20,000 entries");
+    assert_eq!(list.len(), 20_000);
+    let started = Instant::now();
+    match p.glob_files(&id, "/**/**/**/**/**/*").await {
+        Ok(v) => assert!(!v.is_empty()),
+        Err(e) => assert!(
+            matches!(
+                e.kind(),
+                ErrorKind::PayloadTooLarge | ErrorKind::InvalidInput
+            ),
+            "a runaway glob is a typed client error: {e}"
+        ),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "glob is bounded in time"
+    );
+    let r = in_flight.await.expect("exec task");
+    assert_eq!(r.stdout, "still-here\n", "{r:?}");
+    assert_eq!(sh(p.as_ref(), &id, "echo ok").await.stdout, "ok\n");
+    p.destroy(&id).await.expect("destroy");
+}
+
 /// Creates a host file with unique content outside every sandbox.
 fn host_marker() -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().expect("tmp");
@@ -841,7 +1003,8 @@ macro_rules! conformance_tests {
             $crate::conformance_tests!(@cases $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
                 streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
-                sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility);
+                sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
+                hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);
         }
     };
     (@cases $fixture:expr; $($case:ident),*) => {

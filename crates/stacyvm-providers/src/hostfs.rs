@@ -138,12 +138,43 @@ impl HostRoot {
     }
 
     pub fn read(&self, path: &str) -> Result<Vec<u8>> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
         let host = self.resolve(path, true)?;
-        let m = fs::metadata(&host).map_err(|e| io_err(path, e))?;
+        // Opened without following a final symlink and without blocking
+        // (a FIFO), then checked on the open file: what is read is what
+        // was checked.
+        let mut f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+            .open(&host)
+            .map_err(|e| io_err(path, e))?;
+        let m = f.metadata().map_err(|e| io_err(path, e))?;
         if m.is_dir() {
             return Err(Error::invalid(format!("{path:?} is a directory")));
         }
-        fs::read(&host).map_err(|e| io_err(path, e))
+        if !m.is_file() {
+            return Err(Error::invalid(format!(
+                "{path:?} is not a regular file (devices, FIFOs and sockets cannot be read)"
+            )));
+        }
+        let cap = crate::native::client::MAX_RESULT_BYTES as u64;
+        if m.len() > cap {
+            return Err(Error::too_large(format!(
+                "{path:?} is larger than {cap} bytes"
+            )));
+        }
+        let mut out = Vec::new();
+        f.by_ref()
+            .take(cap + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| io_err(path, e))?;
+        if out.len() as u64 > cap {
+            return Err(Error::too_large(format!(
+                "{path:?} grew beyond {cap} bytes"
+            )));
+        }
+        Ok(out)
     }
 
     pub fn list(&self, path: &str) -> Result<Vec<FileInfo>> {

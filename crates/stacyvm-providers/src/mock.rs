@@ -496,6 +496,9 @@ mod tests {
         fn supports_pty(&self) -> bool {
             false
         }
+        fn has_devices(&self) -> bool {
+            false
+        }
     }
 
     fn fixture() -> Fixture {

@@ -330,7 +330,19 @@ pub async fn body_limit(State(st): State<AppState>, req: Request, next: Next) ->
         )
         .into_response();
     }
-    let limit = st.cfg.server.max_body_bytes;
+    // The raw upload streams to the sandbox: its bound is the file limit.
+    let raw_upload = req.method() == axum::http::Method::PUT
+        && req
+            .uri()
+            .path()
+            .strip_prefix("/api/v1/sandboxes/")
+            .and_then(|rest| rest.split_once('/'))
+            .is_some_and(|(_, tail)| tail == "files");
+    let limit = if raw_upload {
+        st.cfg.limits.max_file_bytes
+    } else {
+        st.cfg.server.max_body_bytes
+    };
     let declared = req
         .headers()
         .get(header::CONTENT_LENGTH)

@@ -1326,6 +1326,8 @@ async fn every_route_refuses_oversized_bodies_with_json_413() {
     let mut cfg = Config::default();
     cfg.auth.admin_api_key = Secret::new(ADMIN_KEY);
     cfg.server.max_body_bytes = 1024;
+    // The raw upload route (PUT /files) streams; its bound is the file limit.
+    cfg.limits.max_file_bytes = 1024;
     let s = start(cfg, Duration::from_secs(10)).await;
     let big = "x".repeat(4096);
     // Oversized headers: 431 with the JSON error shape, before auth.

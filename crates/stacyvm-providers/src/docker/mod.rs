@@ -48,12 +48,11 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use chrono::Utc;
 use futures::StreamExt;
-use stacyvm_agent_proto::{FileStat, Request};
 use stacyvm_api::FileInfo;
 use stacyvm_core::config::DockerConfig;
 use stacyvm_core::provider::{
-    capability, ExecInput, ExecSpec, ExitStatus, OutputSink, Provider, RuntimeInfo, RuntimeStatus,
-    SpawnSpec, Spawned, Stats,
+    capability, ExecInput, ExecSpec, ExitStatus, FileStream, OutputSink, Provider, RuntimeInfo,
+    RuntimeStatus, SpawnSpec, Spawned, Stats,
 };
 use stacyvm_core::{paths, Error, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1016,7 +1015,7 @@ impl DockerProvider {
             let pinned = sock::open_agent_socket(run_dir)?.ok_or_else(|| {
                 Error::unavailable(format!("the agent socket of sandbox {id} is missing"))
             })?;
-            let c = AgentClient::connect(&pinned.path()).await?;
+            let c = AgentClient::connect(&pinned.path(), None).await?;
             return Ok((c, None));
         }
         self.relay(id).await
@@ -1118,7 +1117,7 @@ impl DockerProvider {
                 () = watch => debug!(sandbox_id = %sandbox, "sandbox container stopped; closing the agent relay"),
             }
         });
-        let connected = AgentClient::connect(&path).await;
+        let connected = AgentClient::connect(&path, None).await;
         let _ = std::fs::remove_file(&path);
         match connected {
             Ok(c) => Ok((c, Some(pump))),
@@ -1224,7 +1223,7 @@ impl DockerProvider {
         loop {
             if direct {
                 if let Some(pinned) = sock::open_agent_socket(run_dir)? {
-                    if let Ok(c) = AgentClient::connect(&pinned.path()).await {
+                    if let Ok(c) = AgentClient::connect(&pinned.path(), None).await {
                         return Ok((c, None));
                     }
                 }
@@ -1393,7 +1392,7 @@ impl DockerProvider {
 /// plus `HOME` of a non-root user from the image's /etc/passwd (the agent's
 /// default `/root` is not theirs), as `docker exec` would set it.
 async fn base_env(
-    client: &AgentClient,
+    client: &Arc<AgentClient>,
     mut env: BTreeMap<String, String>,
     user: &str,
 ) -> BTreeMap<String, String> {
@@ -1416,27 +1415,13 @@ async fn base_env(
 /// The image's /etc/passwd through the agent: a regular file of at most
 /// [`PASSWD_MAX_BYTES`], read within [`PASSWD_TIMEOUT`] (the sandbox may
 /// have made it a FIFO, a device or a huge file). `None` otherwise.
-async fn read_passwd(client: &AgentClient) -> Option<String> {
-    let path = "/etc/passwd".to_string();
-    let read = async {
-        let (v, _) = client
-            .call(&Request::Stat { path: path.clone() })
-            .await
-            .ok()?;
-        let st: FileStat = serde_json::from_value(v).ok()?;
-        if st.is_dir || st.size > PASSWD_MAX_BYTES {
-            return None;
-        }
-        let (_, data) = client.call(&Request::ReadFile { path }).await.ok()?;
-        if data.len() as u64 > PASSWD_MAX_BYTES {
-            return None;
-        }
-        Some(String::from_utf8_lossy(&data).to_string())
-    };
-    tokio::time::timeout(PASSWD_TIMEOUT, read)
+async fn read_passwd(client: &Arc<AgentClient>) -> Option<String> {
+    let read = client.read_all("/etc/passwd", PASSWD_MAX_BYTES);
+    let data = tokio::time::timeout(PASSWD_TIMEOUT, read)
         .await
-        .ok()
-        .flatten()
+        .ok()?
+        .ok()?;
+    Some(String::from_utf8_lossy(&data).to_string())
 }
 
 /// Whether a container user is root (by name or id).
@@ -1661,94 +1646,60 @@ impl Provider for DockerProvider {
     }
 
     async fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>> {
-        let (_, data) = self
-            .conn(id)
+        self.conn(id)
             .await?
             .client
-            .call(&Request::ReadFile {
-                path: path.to_string(),
-            })
-            .await?;
-        Ok(data)
+            .read_all(path, crate::native::client::MAX_RESULT_BYTES as u64)
+            .await
+    }
+
+    async fn read_file_stream(&self, id: &str, path: &str, max_bytes: u64) -> Result<FileStream> {
+        self.conn(id)
+            .await?
+            .client
+            .read_stream(path, max_bytes)
+            .await
+    }
+
+    async fn write_file_stream(
+        &self,
+        id: &str,
+        path: &str,
+        mode: u32,
+        chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        max_bytes: u64,
+    ) -> Result<u64> {
+        self.conn(id)
+            .await?
+            .client
+            .write_stream(path, mode, chunks, max_bytes)
+            .await
     }
 
     async fn list_files(&self, id: &str, path: &str) -> Result<Vec<FileInfo>> {
-        let (v, _) = self
-            .conn(id)
-            .await?
-            .client
-            .call(&Request::ListDir {
-                path: path.to_string(),
-            })
-            .await?;
-        let stats: Vec<FileStat> = serde_json::from_value(v)
-            .map_err(|e| Error::internal(format!("agent listing: {e}")))?;
+        let stats = self.conn(id).await?.client.list(path).await?;
         Ok(stats.into_iter().map(to_info).collect())
     }
 
     async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
-        self.conn(id)
-            .await?
-            .client
-            .call(&Request::Remove {
-                path: path.to_string(),
-                recursive,
-            })
-            .await
-            .map(|_| ())
+        self.conn(id).await?.client.remove(path, recursive).await
     }
 
     async fn move_file(&self, id: &str, old: &str, new: &str) -> Result<()> {
-        self.conn(id)
-            .await?
-            .client
-            .call(&Request::Rename {
-                from: old.to_string(),
-                to: new.to_string(),
-            })
-            .await
-            .map(|_| ())
+        self.conn(id).await?.client.rename(old, new).await
     }
 
     async fn chmod_file(&self, id: &str, path: &str, mode: u32) -> Result<()> {
-        self.conn(id)
-            .await?
-            .client
-            .call(&Request::Chmod {
-                path: path.to_string(),
-                mode,
-            })
-            .await
-            .map(|_| ())
+        self.conn(id).await?.client.chmod(path, mode).await
     }
 
     async fn stat_file(&self, id: &str, path: &str) -> Result<FileInfo> {
-        let (v, _) = self
-            .conn(id)
-            .await?
-            .client
-            .call(&Request::Stat {
-                path: path.to_string(),
-            })
-            .await?;
-        let s: FileStat =
-            serde_json::from_value(v).map_err(|e| Error::internal(format!("agent stat: {e}")))?;
-        Ok(to_info(s))
+        Ok(to_info(self.conn(id).await?.client.stat(path).await?))
     }
 
     async fn glob_files(&self, id: &str, pattern: &str) -> Result<Vec<String>> {
-        let (v, _) = self
-            .conn(id)
-            .await?
-            .client
-            .call(&Request::Glob {
-                pattern: pattern.to_string(),
-            })
-            .await?;
         // An empty match is `[]`, never null (gaps C-3).
-        let matches: Option<Vec<String>> =
-            serde_json::from_value(v).map_err(|e| Error::internal(format!("agent glob: {e}")))?;
-        Ok(matches.unwrap_or_default())
+        self.conn(id).await?.client.glob(pattern).await
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {

@@ -1,32 +1,85 @@
-//! Async host side of the agent protocol over a unix socket.
+//! Async host side of the agent protocol, over any byte stream (a unix
+//! socket, an engine-attached stream, a VM's serial port).
+//!
+//! Everything an agent sends is untrusted: a sandbox may have replaced its
+//! agent. Frames are bounded by the decoder; each request may have at most
+//! [`ROUTE_BUDGET`] bytes queued unread (an agent that ignores flow control
+//! loses its connection); every call has a deadline; and with a token the
+//! handshake proves the agent belongs to the sandbox the host meant to
+//! reach.
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stacyvm_agent_proto::{
-    self as proto, Decoder, Exit, Frame, Hello, Kind, Request, Response, SignalMsg, WindowMsg,
-    MAX_CHUNK,
+    self as proto, Decoder, Exit, FileStat, Frame, Hello, Kind, Request, Response, SignalMsg,
+    WindowMsg, INITIAL_WINDOW, MAX_CHUNK,
 };
-use stacyvm_core::provider::{ExitStatus, OutputChunk, OutputSink, StreamKind};
+use stacyvm_core::provider::{ExitStatus, FileStream, OutputChunk, OutputSink, StreamKind};
 use stacyvm_core::{Error, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::OwnedWriteHalf;
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-type Routes = Arc<Mutex<HashMap<u32, mpsc::UnboundedSender<Frame>>>>;
+/// Unread bytes one request may have queued on the host.
+pub const ROUTE_BUDGET: usize = 8 * 1024 * 1024;
+/// Deadline of a control request (stat, list, glob, remove …).
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(60);
+/// A transfer that makes no progress for this long fails.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Connect and handshake deadline.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest JSON result (listing, glob) the host accepts.
+pub const MAX_RESULT_BYTES: usize = 64 * 1024 * 1024;
+
+struct Route {
+    tx: mpsc::UnboundedSender<Frame>,
+    queued: Arc<AtomicUsize>,
+}
+
+type Routes = Arc<Mutex<HashMap<u32, Route>>>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// The receiving end of one request's frames.
+struct RouteRx {
+    rx: mpsc::UnboundedReceiver<Frame>,
+    queued: Arc<AtomicUsize>,
+}
+
+impl RouteRx {
+    async fn recv(&mut self) -> Option<Frame> {
+        let f = self.rx.recv().await?;
+        self.queued.fetch_sub(f.body.len(), Ordering::SeqCst);
+        Some(f)
+    }
+
+    /// The next frame within `limit`; `Err` when the deadline passes.
+    async fn recv_within(&mut self, limit: Duration) -> Result<Option<Frame>> {
+        tokio::time::timeout(limit, self.recv())
+            .await
+            .map_err(|_| silent(limit))
+    }
+}
 
 /// A connection to one agent.
-#[derive(Debug)]
 pub struct AgentClient {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<Writer>,
     routes: Routes,
     next: AtomicU32,
     closed: Arc<AtomicBool>,
     pub agent_pid: u32,
+    features: Vec<String>,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("agent_pid", &self.agent_pid)
+            .field("closed", &self.is_closed())
+            .finish_non_exhaustive()
+    }
 }
 
 pub fn map_err(e: proto::AgentError) -> Error {
@@ -38,12 +91,20 @@ pub fn map_err(e: proto::AgentError) -> Error {
         K::AlreadyExists => Error::conflict(e.message),
         K::Unsupported => Error::unsupported(e.message),
         K::ResourceExhausted => Error::limit(e.message),
+        K::TooLarge => Error::too_large(e.message),
         K::Internal => Error::internal(format!("agent: {}", e.message)),
     }
 }
 
 fn lost() -> Error {
     Error::unavailable("connection to the sandbox agent was lost")
+}
+
+fn silent(limit: Duration) -> Error {
+    Error::unavailable(format!(
+        "the sandbox agent did not answer within {}s",
+        limit.as_secs()
+    ))
 }
 
 /// Removes the route of a request when dropped (cancellation included).
@@ -60,20 +121,62 @@ impl Drop for RouteGuard {
     }
 }
 
+/// Opens the unix socket at `path` without following a symlink in its
+/// last component (a sandbox that can write the directory must not be
+/// able to point the host at another socket), and connects to it.
+fn open_socket_nofollow(path: &Path) -> Result<std::os::unix::net::UnixStream> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let fd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_PATH | nix::libc::O_NOFOLLOW)
+        .open(path)
+        .map_err(|e| Error::unavailable("opening the sandbox agent socket").with_source(e))?;
+    let ft = fd
+        .metadata()
+        .map_err(|e| Error::unavailable("inspecting the sandbox agent socket").with_source(e))?
+        .file_type();
+    if !ft.is_socket() {
+        return Err(Error::unavailable(
+            "the sandbox agent socket was replaced by something that is not a socket",
+        ));
+    }
+    std::os::unix::net::UnixStream::connect(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| Error::unavailable("connecting to the sandbox agent").with_source(e))
+}
+
 impl AgentClient {
-    /// Connects and performs the version handshake.
-    pub async fn connect(path: &Path) -> Result<Arc<AgentClient>> {
-        let stream = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(path))
-            .await
-            .map_err(|_| Error::unavailable("timed out connecting to the sandbox agent"))?
-            .map_err(|e| {
-                Error::unavailable(format!(
-                    "connecting to the sandbox agent at {}",
-                    path.display()
-                ))
-                .with_source(e)
-            })?;
-        let (mut rd, mut wr) = stream.into_split();
+    /// Connects to the agent socket at `path` (never through a symlink)
+    /// and performs the handshake; with `token`, the agent must prove it
+    /// holds it.
+    pub async fn connect(path: &Path, token: Option<&[u8]>) -> Result<Arc<AgentClient>> {
+        let p = path.to_path_buf();
+        let std_stream = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            tokio::task::spawn_blocking(move || open_socket_nofollow(&p)),
+        )
+        .await
+        .map_err(|_| Error::unavailable("timed out connecting to the sandbox agent"))?
+        .map_err(|e| Error::internal(format!("connect task: {e}")))??;
+        std_stream
+            .set_nonblocking(true)
+            .map_err(|e| Error::unavailable("connecting to the sandbox agent").with_source(e))?;
+        let stream = tokio::net::UnixStream::from_std(std_stream)
+            .map_err(|e| Error::unavailable("connecting to the sandbox agent").with_source(e))?;
+        Self::handshake(stream, token).await
+    }
+
+    /// Speaks the protocol over `stream`: version handshake (and proof of
+    /// `token`), then a reader task that routes frames to requests.
+    pub async fn handshake<S>(stream: S, token: Option<&[u8]>) -> Result<Arc<AgentClient>>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        let nonce = match token {
+            Some(_) => hex::encode(rand::random::<[u8; 16]>()),
+            None => String::new(),
+        };
         let hello = Frame::json(
             Kind::Hello,
             0,
@@ -81,15 +184,18 @@ impl AgentClient {
                 version: proto::VERSION,
                 agent: "stacyvm".into(),
                 pid: std::process::id(),
+                nonce: nonce.clone(),
+                proof: String::new(),
+                features: Vec::new(),
             },
         );
-        wr.write_all(&hello.encode())
-            .await
-            .map_err(|e| Error::unavailable("agent handshake").with_source(e))?;
         let mut dec = Decoder::default();
         // Large reads: a 1 MiB file chunk arrives in a few syscalls.
         let mut buf = vec![0u8; 256 * 1024];
-        let reply = tokio::time::timeout(Duration::from_secs(5), async {
+        let reply = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            wr.write_all(&hello.encode())
+                .await
+                .map_err(|e| Error::unavailable("agent handshake").with_source(e))?;
             loop {
                 if let Some(f) = dec
                     .next_frame()
@@ -120,29 +226,48 @@ impl AgentClient {
                 proto::VERSION
             )));
         }
+        if let Some(token) = token {
+            if !proto::verify_proof(token, &nonce, &theirs.proof) {
+                return Err(Error::unavailable(
+                    "the sandbox agent failed to prove it belongs to this sandbox",
+                ));
+            }
+        }
         let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
         let closed = Arc::new(AtomicBool::new(false));
         {
             let routes = routes.clone();
             let closed = closed.clone();
             tokio::spawn(async move {
-                loop {
+                'read: loop {
                     loop {
                         match dec.next_frame() {
                             Ok(Some(f)) => {
-                                let tx = routes.lock().ok().and_then(|r| r.get(&f.id).cloned());
-                                if let Some(tx) = tx {
-                                    let _ = tx.send(f);
+                                let over = {
+                                    let Ok(r) = routes.lock() else { break 'read };
+                                    match r.get(&f.id) {
+                                        Some(route) => {
+                                            let q = route
+                                                .queued
+                                                .fetch_add(f.body.len(), Ordering::SeqCst)
+                                                + f.body.len();
+                                            let over = q > ROUTE_BUDGET;
+                                            if !over {
+                                                let _ = route.tx.send(f);
+                                            }
+                                            over
+                                        }
+                                        None => false,
+                                    }
+                                };
+                                if over {
+                                    // The agent ignores flow control.
+                                    tracing::warn!("sandbox agent overran its flow-control budget; dropping the connection");
+                                    break 'read;
                                 }
                             }
                             Ok(None) => break,
-                            Err(_) => {
-                                closed.store(true, Ordering::SeqCst);
-                                if let Ok(mut r) = routes.lock() {
-                                    r.clear();
-                                }
-                                return;
-                            }
+                            Err(_) => break 'read,
                         }
                     }
                     match rd.read(&mut buf).await {
@@ -157,16 +282,21 @@ impl AgentClient {
             });
         }
         Ok(Arc::new(AgentClient {
-            writer: tokio::sync::Mutex::new(wr),
+            writer: tokio::sync::Mutex::new(Box::new(wr)),
             routes,
             next: AtomicU32::new(1),
             closed,
             agent_pid: theirs.pid,
+            features: theirs.features,
         }))
     }
 
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
+    }
+
+    fn has(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
     }
 
     async fn send(&self, f: &Frame) -> Result<()> {
@@ -183,16 +313,30 @@ impl AgentClient {
         w.write_all(body).await.map_err(|_| lost())
     }
 
-    fn register(&self) -> Result<(u32, mpsc::UnboundedReceiver<Frame>, RouteGuard)> {
+    /// Asks the agent to stop request `id` (a read, an upload or an exec).
+    async fn cancel(&self, id: u32) {
+        let _ = self
+            .send(&Frame::json(Kind::Signal, id, &SignalMsg { signal: 9 }))
+            .await;
+    }
+
+    fn register(&self) -> Result<(u32, RouteRx, RouteGuard)> {
         if self.is_closed() {
             return Err(lost());
         }
         let id = self.next.fetch_add(1, Ordering::Relaxed).max(1);
         let (tx, rx) = mpsc::unbounded_channel();
-        self.routes.lock().map_err(|_| lost())?.insert(id, tx);
+        let queued = Arc::new(AtomicUsize::new(0));
+        self.routes.lock().map_err(|_| lost())?.insert(
+            id,
+            Route {
+                tx,
+                queued: queued.clone(),
+            },
+        );
         Ok((
             id,
-            rx,
+            RouteRx { rx, queued },
             RouteGuard {
                 routes: self.routes.clone(),
                 id,
@@ -200,40 +344,286 @@ impl AgentClient {
         ))
     }
 
-    /// Sends a request and waits for its `Response`, collecting `Data` frames.
-    pub async fn call(&self, req: &Request) -> Result<(serde_json::Value, Vec<u8>)> {
+    /// Sends a request and waits (at most [`CALL_TIMEOUT`]) for its
+    /// `Response`, collecting up to `max_data` bytes of `Data` frames.
+    async fn call_collect(
+        &self,
+        req: &Request,
+        max_data: usize,
+    ) -> Result<(serde_json::Value, Vec<u8>)> {
         let (id, mut rx, _guard) = self.register()?;
         self.send(&Frame::json(Kind::Request, id, req)).await?;
         let mut data = Vec::new();
-        while let Some(f) = rx.recv().await {
+        let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+        loop {
+            let f = tokio::time::timeout_at(deadline, rx.recv())
+                .await
+                .map_err(|_| silent(CALL_TIMEOUT))?;
+            let Some(f) = f else { return Err(lost()) };
             match f.kind {
-                Kind::Data => data.extend_from_slice(&f.body),
+                Kind::Data => {
+                    if data.len() + f.body.len() > max_data {
+                        return Err(Error::too_large(format!(
+                            "the agent's reply is larger than {max_data} bytes"
+                        )));
+                    }
+                    data.extend_from_slice(&f.body);
+                }
                 Kind::Response => return response(&f.body).map(|v| (v, data)),
                 _ => {}
             }
         }
-        Err(lost())
     }
 
-    /// Uploads a file in chunks.
+    /// A control request without data.
+    pub async fn call(&self, req: &Request) -> Result<serde_json::Value> {
+        self.call_collect(req, 0).await.map(|(v, _)| v)
+    }
+
+    /// A request whose (possibly large) JSON result is decoded into `T`.
+    async fn call_json<T: serde::de::DeserializeOwned>(&self, req: &Request) -> Result<T> {
+        let (v, data) = self.call_collect(req, MAX_RESULT_BYTES).await?;
+        let chunked = v.get("chunked").and_then(serde_json::Value::as_bool) == Some(true);
+        let parsed = if chunked {
+            serde_json::from_slice(&data)
+        } else {
+            serde_json::from_value(v)
+        };
+        parsed.map_err(|e| Error::internal(format!("agent sent a malformed result: {e}")))
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        self.call(&Request::Ping).await.map(|_| ())
+    }
+
+    pub async fn stat(&self, path: &str) -> Result<FileStat> {
+        self.call_json(&Request::Stat {
+            path: path.to_string(),
+        })
+        .await
+    }
+
+    pub async fn list(&self, path: &str) -> Result<Vec<FileStat>> {
+        self.call_json(&Request::ListDir {
+            path: path.to_string(),
+            chunked: true,
+        })
+        .await
+    }
+
+    pub async fn glob(&self, pattern: &str) -> Result<Vec<String>> {
+        let v: Option<Vec<String>> = self
+            .call_json(&Request::Glob {
+                pattern: pattern.to_string(),
+                chunked: true,
+            })
+            .await?;
+        Ok(v.unwrap_or_default())
+    }
+
+    pub async fn remove(&self, path: &str, recursive: bool) -> Result<()> {
+        self.call(&Request::Remove {
+            path: path.to_string(),
+            recursive,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn rename(&self, from: &str, to: &str) -> Result<()> {
+        self.call(&Request::Rename {
+            from: from.to_string(),
+            to: to.to_string(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn chmod(&self, path: &str, mode: u32) -> Result<()> {
+        self.call(&Request::Chmod {
+            path: path.to_string(),
+            mode,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Reads a whole (small) file, at most `max` bytes.
+    pub async fn read_all(self: &Arc<Self>, path: &str, max: u64) -> Result<Vec<u8>> {
+        self.read_stream(path, max).await?.collect().await
+    }
+
+    /// Streams a regular file of at most `max` bytes (see [`FileStream`]).
+    pub async fn read_stream(self: &Arc<Self>, path: &str, max: u64) -> Result<FileStream> {
+        if !self.has("read_stream") {
+            let cap = usize::try_from(max)
+                .unwrap_or(usize::MAX)
+                .min(MAX_RESULT_BYTES);
+            let (_, data) = self
+                .call_collect(
+                    &Request::ReadFile {
+                        path: path.to_string(),
+                        max_bytes: Some(max),
+                        stream: false,
+                    },
+                    cap,
+                )
+                .await?;
+            return Ok(FileStream::buffered(data));
+        }
+        let (id, mut rx, guard) = self.register()?;
+        let req = Request::ReadFile {
+            path: path.to_string(),
+            max_bytes: Some(max),
+            stream: true,
+        };
+        self.send(&Frame::json(Kind::Request, id, &req)).await?;
+        let size = loop {
+            let Some(f) = rx.recv_within(CALL_TIMEOUT).await? else {
+                return Err(lost());
+            };
+            if f.kind == Kind::Response {
+                let v = response(&f.body)?;
+                break v
+                    .get("size")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0);
+            }
+        };
+        let (tx, chunks) = mpsc::channel::<Result<Vec<u8>>>(2);
+        let client = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let mut total = 0u64;
+            loop {
+                let f = match rx.recv_within(IDLE_TIMEOUT).await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => {
+                        let _ = tx.send(Err(lost())).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        break;
+                    }
+                };
+                match f.kind {
+                    Kind::Data if f.body.is_empty() => return,
+                    Kind::Data => {
+                        let n = f.body.len() as u64;
+                        total += n;
+                        if total > max {
+                            let _ = tx
+                                .send(Err(Error::too_large(format!(
+                                    "the file grew beyond the limit of {max} bytes"
+                                ))))
+                                .await;
+                            break;
+                        }
+                        if tx.send(Ok(f.body)).await.is_err() {
+                            break; // the reader went away
+                        }
+                        let w = Frame::json(Kind::Window, id, &WindowMsg { bytes: n });
+                        if client.send(&w).await.is_err() {
+                            let _ = tx.send(Err(lost())).await;
+                            return;
+                        }
+                    }
+                    Kind::Response => {
+                        let _ = tx.send(response(&f.body).and(Err(lost()))).await;
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+            // Stopped early: tell the agent to stop sending.
+            client.cancel(id).await;
+        });
+        Ok(FileStream { size, chunks })
+    }
+
+    /// Uploads a buffered file.
     pub async fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<()> {
+        let (tx, rx) = mpsc::channel(1);
+        let owned = data.to_vec();
+        let _ = tx.try_send(owned);
+        drop(tx);
+        self.write_stream(path, mode, rx, u64::MAX)
+            .await
+            .map(|_| ())
+    }
+
+    /// Uploads a file from `input` (ended when the channel closes), at
+    /// most `max` bytes; with the `write_flow` feature the host never has
+    /// more than [`INITIAL_WINDOW`] bytes in flight. On any failure the
+    /// agent discards the partial upload (the old file stays).
+    pub async fn write_stream(
+        &self,
+        path: &str,
+        mode: u32,
+        mut input: mpsc::Receiver<Vec<u8>>,
+        max: u64,
+    ) -> Result<u64> {
         let (id, mut rx, _guard) = self.register()?;
+        let flow = self.has("write_flow");
         let req = Request::WriteFile {
             path: path.to_string(),
             mode,
-            size: data.len() as u64,
+            size: 0,
+            flow,
         };
         self.send(&Frame::json(Kind::Request, id, &req)).await?;
-        for chunk in data.chunks(MAX_CHUNK) {
-            self.send_body(Kind::Data, id, chunk).await?;
-        }
-        self.send_body(Kind::Data, id, &[]).await?;
-        while let Some(f) = rx.recv().await {
-            if f.kind == Kind::Response {
-                return response(&f.body).map(|_| ());
+        let mut credit = INITIAL_WINDOW;
+        let mut total = 0u64;
+        loop {
+            let chunk = tokio::time::timeout(IDLE_TIMEOUT, input.recv()).await;
+            let chunk = match chunk {
+                Ok(Some(c)) => c,
+                Ok(None) => break,
+                Err(_) => {
+                    self.cancel(id).await;
+                    return Err(Error::invalid(format!(
+                        "the upload stalled for {}s",
+                        IDLE_TIMEOUT.as_secs()
+                    )));
+                }
+            };
+            total += chunk.len() as u64;
+            if total > max {
+                self.cancel(id).await;
+                return Err(Error::too_large(format!(
+                    "the upload is larger than the limit of {max} bytes"
+                )));
+            }
+            for piece in chunk.chunks(MAX_CHUNK) {
+                while flow && credit < piece.len() as u64 {
+                    let Some(f) = rx.recv_within(IDLE_TIMEOUT).await? else {
+                        return Err(lost());
+                    };
+                    match f.kind {
+                        Kind::Window => {
+                            if let Ok(w) = serde_json::from_slice::<WindowMsg>(&f.body) {
+                                credit = credit.saturating_add(w.bytes);
+                            }
+                        }
+                        // An early answer is a failure (e.g. permission denied).
+                        Kind::Response => return response(&f.body).map(|_| total),
+                        _ => {}
+                    }
+                }
+                self.send_body(Kind::Data, id, piece).await?;
+                credit = credit.saturating_sub(piece.len() as u64);
             }
         }
-        Err(lost())
+        self.send_body(Kind::Data, id, &[]).await?;
+        loop {
+            let Some(f) = rx.recv_within(CALL_TIMEOUT).await? else {
+                return Err(lost());
+            };
+            if f.kind == Kind::Response {
+                return response(&f.body).map(|_| total);
+            }
+        }
     }
 
     /// Runs a command; output goes to `sink` in order. Dropping the future
@@ -352,10 +742,6 @@ impl AgentClient {
         }
         killer.client = None;
         Err(lost())
-    }
-
-    pub async fn ping(&self) -> Result<()> {
-        self.call(&Request::Ping).await.map(|_| ())
     }
 }
 

@@ -25,11 +25,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use stacyvm_agent_proto::boot::{BootSpec, IdMap, RootSpec};
-use stacyvm_agent_proto::{FileStat, Request};
 use stacyvm_api::FileInfo;
 use stacyvm_core::provider::{
-    capability, ExecInput, ExecSpec, ExitStatus, OutputSink, Provider, RuntimeInfo, RuntimeStatus,
-    SpawnSpec, Spawned, Stats,
+    capability, ExecInput, ExecSpec, ExitStatus, FileStream, OutputSink, Provider, RuntimeInfo,
+    RuntimeStatus, SpawnSpec, Spawned, Stats,
 };
 use stacyvm_core::{paths, Error, ErrorKind, Result};
 use stacyvm_sandbox::cgroup::{self, Layout, Limits};
@@ -86,8 +85,9 @@ pub struct NativeProvider {
     booter: Arc<Booter>,
     pool: Arc<pool::Pool>,
     conns: Mutex<HashMap<String, Arc<AgentClient>>>,
-    /// Serialises connection setup per sandbox.
-    connecting: tokio::sync::Mutex<()>,
+    /// Serialises connection setup per sandbox (a hung agent delays only
+    /// its own sandbox).
+    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -105,6 +105,16 @@ struct Meta {
     /// Set in `bridge` mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     net: Option<net::Attachment>,
+    /// Hex secret the agent proves at every handshake (empty for
+    /// sandboxes of older servers).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    token: String,
+}
+
+impl Meta {
+    fn token(&self) -> Option<Vec<u8>> {
+        hex::decode(&self.token).ok().filter(|t| !t.is_empty())
+    }
 }
 
 /// Finds `stacyvm-agent` next to the running binary (or its parent dir,
@@ -217,7 +227,7 @@ impl NativeProvider {
             booter,
             pool,
             conns: Mutex::new(HashMap::new()),
-            connecting: tokio::sync::Mutex::new(()),
+            connecting: Mutex::new(HashMap::new()),
             opts,
         };
         p.pool.refill(&p.booter);
@@ -265,7 +275,14 @@ impl NativeProvider {
         if let Some(c) = self.open_client(id)? {
             return Ok(c);
         }
-        let _g = self.connecting.lock().await;
+        let lock = self
+            .connecting
+            .lock()
+            .map_err(|_| Error::internal("lock"))?
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        let _g = lock.lock().await;
         // Another task may have connected while we waited.
         if let Some(c) = self.open_client(id)? {
             return Ok(c);
@@ -274,7 +291,8 @@ impl NativeProvider {
         if !pid_alive(meta.init_pid) {
             return Err(Error::sandbox_not_found(id));
         }
-        let c = AgentClient::connect(&self.dir(id).join("agent.sock")).await?;
+        let c =
+            AgentClient::connect(&self.dir(id).join("agent.sock"), meta.token().as_deref()).await?;
         self.conns
             .lock()
             .map_err(|_| Error::internal("lock"))?
@@ -324,6 +342,9 @@ impl NativeProvider {
         if let Ok(mut conns) = self.conns.lock() {
             conns.remove(id);
         }
+        if let Ok(mut c) = self.connecting.lock() {
+            c.remove(id);
+        }
         teardown_state(self.dir(id), meta, self.bridge.clone()).await;
     }
 }
@@ -353,7 +374,9 @@ impl Booter {
             }
             None => Vec::new(),
         };
+        let token = hex::encode(rand::random::<[u8; 32]>());
         let boot = BootSpec {
+            token: token.clone(),
             id: spec.id.clone(),
             hostname: spec.id.clone(),
             root: RootSpec {
@@ -434,6 +457,7 @@ impl Booter {
             cgroups,
             memory_mb: spec.memory_mb,
             net: None,
+            token,
         })
     }
 }
@@ -618,7 +642,7 @@ impl Provider for NativeProvider {
             serde_json::to_vec(&meta).unwrap_or_default(),
         );
         let connected = match write_meta {
-            Ok(()) => AgentClient::connect(&dir.join("agent.sock")).await,
+            Ok(()) => AgentClient::connect(&dir.join("agent.sock"), meta.token().as_deref()).await,
             Err(e) => Err(Error::internal("writing sandbox metadata").with_source(e)),
         };
         match connected {
@@ -664,84 +688,53 @@ impl Provider for NativeProvider {
     }
 
     async fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>> {
-        let (_, data) = self
-            .client(id)
+        self.client(id)
             .await?
-            .call(&Request::ReadFile {
-                path: path.to_string(),
-            })
-            .await?;
-        Ok(data)
+            .read_all(path, client::MAX_RESULT_BYTES as u64)
+            .await
+    }
+
+    async fn read_file_stream(&self, id: &str, path: &str, max_bytes: u64) -> Result<FileStream> {
+        self.client(id).await?.read_stream(path, max_bytes).await
+    }
+
+    async fn write_file_stream(
+        &self,
+        id: &str,
+        path: &str,
+        mode: u32,
+        chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        max_bytes: u64,
+    ) -> Result<u64> {
+        self.client(id)
+            .await?
+            .write_stream(path, mode, chunks, max_bytes)
+            .await
     }
 
     async fn list_files(&self, id: &str, path: &str) -> Result<Vec<FileInfo>> {
-        let (v, _) = self
-            .client(id)
-            .await?
-            .call(&Request::ListDir {
-                path: path.to_string(),
-            })
-            .await?;
-        let stats: Vec<FileStat> = serde_json::from_value(v)
-            .map_err(|e| Error::internal(format!("agent listing: {e}")))?;
+        let stats = self.client(id).await?.list(path).await?;
         Ok(stats.into_iter().map(to_info).collect())
     }
 
     async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
-        self.client(id)
-            .await?
-            .call(&Request::Remove {
-                path: path.to_string(),
-                recursive,
-            })
-            .await
-            .map(|_| ())
+        self.client(id).await?.remove(path, recursive).await
     }
 
     async fn move_file(&self, id: &str, old: &str, new: &str) -> Result<()> {
-        self.client(id)
-            .await?
-            .call(&Request::Rename {
-                from: old.to_string(),
-                to: new.to_string(),
-            })
-            .await
-            .map(|_| ())
+        self.client(id).await?.rename(old, new).await
     }
 
     async fn chmod_file(&self, id: &str, path: &str, mode: u32) -> Result<()> {
-        self.client(id)
-            .await?
-            .call(&Request::Chmod {
-                path: path.to_string(),
-                mode,
-            })
-            .await
-            .map(|_| ())
+        self.client(id).await?.chmod(path, mode).await
     }
 
     async fn stat_file(&self, id: &str, path: &str) -> Result<FileInfo> {
-        let (v, _) = self
-            .client(id)
-            .await?
-            .call(&Request::Stat {
-                path: path.to_string(),
-            })
-            .await?;
-        let s: FileStat =
-            serde_json::from_value(v).map_err(|e| Error::internal(format!("agent stat: {e}")))?;
-        Ok(to_info(s))
+        Ok(to_info(self.client(id).await?.stat(path).await?))
     }
 
     async fn glob_files(&self, id: &str, pattern: &str) -> Result<Vec<String>> {
-        let (v, _) = self
-            .client(id)
-            .await?
-            .call(&Request::Glob {
-                pattern: pattern.to_string(),
-            })
-            .await?;
-        serde_json::from_value(v).map_err(|e| Error::internal(format!("agent glob: {e}")))
+        self.client(id).await?.glob(pattern).await
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {

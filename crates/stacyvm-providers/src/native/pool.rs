@@ -131,7 +131,7 @@ async fn boot_one(booter: &Booter) -> Result<Warm> {
     )
     .map_err(|e| Error::internal("writing pool metadata").with_source(e));
     let client = match ready {
-        Ok(()) => AgentClient::connect(&dir.join("agent.sock")).await,
+        Ok(()) => AgentClient::connect(&dir.join("agent.sock"), meta.token().as_deref()).await,
         Err(e) => Err(e),
     };
     match client {

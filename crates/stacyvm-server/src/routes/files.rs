@@ -26,24 +26,40 @@ pub struct UploadQuery {
 }
 
 /// Extension: `PUT /files?path=…&mode=…` with the raw file as the body
-/// (no JSON or base64 encoding; binary-safe).
+/// (no JSON or base64 encoding; binary-safe). The body streams to the
+/// sandbox with backpressure (a few chunks in memory at a time), up to
+/// `limits.max_file_bytes`.
 pub async fn upload(
     State(st): State<AppState>,
     Who(who): Who,
     Path(id): Path<String>,
     Query(q): Query<UploadQuery>,
-    body: axum::body::Bytes,
+    body: Body,
 ) -> ApiResult<Json<StatusResponse>> {
+    use futures::StreamExt;
     let path = required(q.path)?;
-    st.manager
-        .write_file(
-            &id,
-            &path,
-            body.to_vec(),
-            q.mode.as_deref().unwrap_or(""),
-            &who,
-        )
-        .await?;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+    let mut stream = body.into_data_stream();
+    // Forwards the body; a client error (or hang-up) stops the upload
+    // before its end, so the sandbox discards it.
+    let pump = async move {
+        while let Some(chunk) = stream.next().await {
+            let Ok(chunk) = chunk else {
+                return Err(ApiError::bad_request("the request body ended early"));
+            };
+            if tx.send(chunk.to_vec()).await.is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        Ok(())
+    };
+    let write = st
+        .manager
+        .write_file_stream(&id, &path, rx, q.mode.as_deref().unwrap_or(""), &who);
+    let (pumped, written) = tokio::join!(pump, write);
+    written?;
+    pumped?;
     Ok(Json::ok(StatusResponse::new("written")))
 }
 
@@ -91,12 +107,26 @@ pub async fn read(
     Query(q): Query<PathQuery>,
 ) -> ApiResult<Response> {
     let path = required(q.path)?;
-    let data = st.manager.read_file(&id, &path, &who).await?;
-    let mut resp = Response::new(Body::from(data));
+    let file = st.manager.read_file_stream(&id, &path, &who).await?;
+    let size = file.size;
+    // Streamed with backpressure: the agent sends as fast as the client reads.
+    let chunks = tokio_stream::wrappers::ReceiverStream::new(file.chunks);
+    let body = Body::from_stream(futures::StreamExt::map(chunks, |c| {
+        c.map(bytes::Bytes::from)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }));
+    let mut resp = Response::new(body);
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
     );
+    // The size when the read started: a file that changes meanwhile ends
+    // the response early (the client sees a short body), never silently.
+    // (/proc files report 0 and are sent chunked.)
+    if size > 0 {
+        resp.headers_mut()
+            .insert(header::CONTENT_LENGTH, HeaderValue::from(size));
+    }
     Ok(resp)
 }
 
