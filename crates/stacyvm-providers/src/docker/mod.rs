@@ -90,6 +90,15 @@ const LOG_MAX_SIZE: &str = "1m";
 const LOG_MAX_FILES: &str = "2";
 /// Size of a configured tmpfs mount that names none.
 const DEFAULT_TMPFS_SIZE: &str = "64m";
+/// Where the agent reads its handshake token: its stdin, which the
+/// provider attaches to before start, writes the token to and closes
+/// (`OpenStdin` + `StdinOnce`). Nothing of it stays in the container: not
+/// in its config, its environment, a file or the agent's arguments.
+const TOKEN_FROM: &str = "/proc/self/fd/0";
+/// The host's copy of a sandbox's token, in its 0600 host dir.
+const TOKEN_FILE: &str = "token";
+/// Bound on handing the token to a starting agent.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Settings of the docker provider.
 #[derive(Debug, Clone)]
@@ -1010,20 +1019,25 @@ impl DockerProvider {
         id: &str,
         runtime: &str,
         run_dir: &Path,
+        token: Option<&[u8]>,
     ) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
         if self.shares_sockets(runtime).await {
             let pinned = sock::open_agent_socket(run_dir)?.ok_or_else(|| {
                 Error::unavailable(format!("the agent socket of sandbox {id} is missing"))
             })?;
-            let c = AgentClient::connect(&pinned.path(), None).await?;
+            let c = agent_connect(&pinned.path(), token).await?;
             return Ok((c, None));
         }
-        self.relay(id).await
+        self.relay(id, token).await
     }
 
     /// Opens the agent protocol over an Engine exec of `stacyvm-agent relay`
     /// and hands it to the agent client through a private unix socket.
-    async fn relay(&self, id: &str) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
+    async fn relay(
+        &self,
+        id: &str,
+        token: Option<&[u8]>,
+    ) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
         let d = self.engine().await?;
         let exec = d
             .create_exec(
@@ -1117,7 +1131,7 @@ impl DockerProvider {
                 () = watch => debug!(sandbox_id = %sandbox, "sandbox container stopped; closing the agent relay"),
             }
         });
-        let connected = AgentClient::connect(&path, None).await;
+        let connected = agent_connect(&path, token).await;
         let _ = std::fs::remove_file(&path);
         match connected {
             Ok(c) => Ok((c, Some(pump))),
@@ -1131,6 +1145,66 @@ impl DockerProvider {
     fn open_conn(&self, id: &str) -> Result<Option<Arc<Conn>>> {
         let conns = self.conns.lock().map_err(|_| Error::internal("lock"))?;
         Ok(conns.get(id).filter(|c| !c.client.is_closed()).cloned())
+    }
+
+    /// Starts a created (or stopped) container and hands its agent the
+    /// token on stdin. Already running is `Ok` (nothing is handed then).
+    async fn start_with_token(&self, id: &str, token: &[u8]) -> Result<()> {
+        let d = self.engine().await?;
+        let opts = bollard::query_parameters::AttachContainerOptionsBuilder::default()
+            .stdin(true)
+            .stream(true)
+            .build();
+        let attached = tokio::time::timeout(TOKEN_TIMEOUT, d.attach_container(id, Some(opts)))
+            .await
+            .map_err(|_| Error::unavailable("attaching to the sandbox container timed out"))?
+            .map_err(|e| match e {
+                e if is_status(&e, 404) => Error::sandbox_not_found(id),
+                e => engine_err("attaching to the sandbox container", e),
+            })?;
+        match d.start_container(id, None).await {
+            Ok(()) => {}
+            Err(e) if is_status(&e, 304) => return Ok(()),
+            Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
+            Err(EngineError::DockerResponseServerError { message, .. }) => {
+                return Err(Error::invalid(message))
+            }
+            Err(e) => return Err(engine_err("starting the sandbox container", e)),
+        }
+        let mut input = attached.input;
+        let line = format!("{}\n", hex::encode(token));
+        tokio::time::timeout(TOKEN_TIMEOUT, async {
+            input.write_all(line.as_bytes()).await?;
+            input.flush().await?;
+            input.shutdown().await
+        })
+        .await
+        .map_err(|_| Error::unavailable("handing the agent its token timed out"))?
+        .map_err(|e| Error::unavailable("handing the agent its token").with_source(e))?;
+        Ok(())
+    }
+
+    /// The handshake token of a sandbox, from its host dir (found through
+    /// its label, so a container created under another data dir works).
+    /// `None` for containers made before tokens (their agent has none).
+    fn sandbox_token(
+        &self,
+        id: &str,
+        cfg: &bollard::models::ContainerConfig,
+    ) -> Result<Option<Vec<u8>>> {
+        let uses_token = cfg
+            .entrypoint
+            .as_ref()
+            .is_some_and(|e| e.iter().any(|a| a == "--token-file"));
+        if !uses_token {
+            return Ok(None);
+        }
+        let dir = cfg
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(spec::LABEL_HOST_DIR))
+            .map_or_else(|| self.dir(id), PathBuf::from);
+        read_token(&dir).map(Some)
     }
 
     /// The connect lock of one sandbox.
@@ -1198,7 +1272,10 @@ impl DockerProvider {
         // container adopted from another data dir keeps its old one).
         let run_dir = run_dir_of(&info)
             .ok_or_else(|| Error::unavailable(format!("sandbox {id} has no agent socket mount")))?;
-        let (client, relay) = self.connect(id, &runtime, &run_dir).await?;
+        let token = self.sandbox_token(id, &cfg)?;
+        let (client, relay) = self
+            .connect(id, &runtime, &run_dir, token.as_deref())
+            .await?;
         let env = spec::parse_env(&cfg.env.unwrap_or_default());
         let env = base_env(&client, env, cfg.user.as_deref().unwrap_or_default()).await;
         let conn = Arc::new(Conn { client, env, relay });
@@ -1215,6 +1292,7 @@ impl DockerProvider {
         &self,
         id: &str,
         run_dir: &Path,
+        token: &[u8],
     ) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
         let d = self.engine().await?;
         let started = Instant::now();
@@ -1223,12 +1301,12 @@ impl DockerProvider {
         loop {
             if direct {
                 if let Some(pinned) = sock::open_agent_socket(run_dir)? {
-                    if let Ok(c) = AgentClient::connect(&pinned.path(), None).await {
+                    if let Ok(c) = agent_connect(&pinned.path(), Some(token)).await {
                         return Ok((c, None));
                     }
                 }
             } else {
-                match self.relay(id).await {
+                match self.relay(id, Some(token)).await {
                     Ok(connected) => return Ok(connected),
                     Err(e) => debug!(sandbox_id = %id, error = %e, "agent relay not ready"),
                 }
@@ -1264,7 +1342,8 @@ impl DockerProvider {
     async fn spawn_inner(&self, spec: &SpawnSpec, image: &ImageRef) -> Result<()> {
         let (image_user, image_env, image_id) = self.ensure_image(image).await?;
         let d = self.engine().await?;
-        self.make_dir(&spec.id)?;
+        let dir = self.make_dir(&spec.id)?;
+        let token = new_token(&dir)?;
         let user = if self.opts.config.user.is_empty() {
             image_user
         } else {
@@ -1297,13 +1376,14 @@ impl DockerProvider {
             }
         };
         self.prepare_workspace(&spec.id, ids).await?;
-        d.start_container(&spec.id, None)
+        self.start_with_token(&spec.id, &token)
             .await
-            .map_err(|e| match e {
-                EngineError::DockerResponseServerError { message, .. } => {
-                    Error::invalid(format!("the sandbox container failed to start: {message}"))
-                }
-                e => engine_err("starting the sandbox container", e),
+            .map_err(|e| match e.kind() {
+                stacyvm_core::ErrorKind::InvalidInput => Error::invalid(format!(
+                    "the sandbox container failed to start: {}",
+                    e.detail()
+                )),
+                _ => e,
             })?;
         let info = d
             .inspect_container(&spec.id, None)
@@ -1311,7 +1391,7 @@ impl DockerProvider {
             .map_err(|e| engine_err("inspecting the sandbox container", e))?;
         let run_dir = run_dir_of(&info)
             .ok_or_else(|| Error::internal("the sandbox container has no agent socket mount"))?;
-        let (client, relay) = self.await_agent(&spec.id, &run_dir).await?;
+        let (client, relay) = self.await_agent(&spec.id, &run_dir, &token).await?;
         let env = tokio::time::timeout(
             CONNECT_TIMEOUT,
             base_env(&client, spec::parse_env(&image_env), &user),
@@ -1334,6 +1414,11 @@ impl DockerProvider {
         image: &ImageRef,
         run_owner: (u32, u32),
     ) -> Result<()> {
+        let mut labels = spec::labels(spec, &spec.image);
+        labels.insert(
+            spec::LABEL_HOST_DIR.to_string(),
+            self.dir(&spec.id).display().to_string(),
+        );
         let body = ContainerCreateBody {
             image: Some(image.full()),
             entrypoint: Some(vec![
@@ -1341,6 +1426,8 @@ impl DockerProvider {
                 "serve".into(),
                 "--socket".into(),
                 SOCK_IN.into(),
+                "--token-file".into(),
+                TOKEN_FROM.into(),
             ]),
             cmd: Some(Vec::new()),
             // The engine creates the workdir; on a read-only root the
@@ -1356,10 +1443,12 @@ impl DockerProvider {
             } else {
                 Some(self.opts.config.user.clone())
             },
-            labels: Some(spec::labels(spec, &spec.image)),
+            labels: Some(labels),
             tty: Some(false),
-            attach_stdin: Some(false),
-            open_stdin: Some(false),
+            // The token arrives on stdin, once (see TOKEN_FROM).
+            attach_stdin: Some(true),
+            open_stdin: Some(true),
+            stdin_once: Some(true),
             // The agent ignores SIGTERM as PID 1; stopping means killing.
             stop_signal: Some("SIGKILL".into()),
             host_config: Some(self.host_config(spec, run_owner).await?),
@@ -1424,6 +1513,38 @@ async fn read_passwd(client: &Arc<AgentClient>) -> Option<String> {
     Some(String::from_utf8_lossy(&data).to_string())
 }
 
+/// Connects to an agent and, with a token, requires it to prove it holds
+/// that sandbox's token.
+async fn agent_connect(path: &Path, token: Option<&[u8]>) -> Result<Arc<AgentClient>> {
+    AgentClient::connect(path, token).await
+}
+
+/// Makes a sandbox's random handshake token and keeps the host's copy in
+/// `<dir>/token` (0600, root's; the dir is 0700 and never visible inside).
+fn new_token(dir: &Path) -> Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token: [u8; 32] = rand::random();
+    let path = dir.join(TOKEN_FILE);
+    let _ = std::fs::remove_file(&path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(hex::encode(token).as_bytes()))
+        .map_err(|e| Error::internal("storing the sandbox token").with_source(e))?;
+    Ok(token.to_vec())
+}
+
+fn read_token(dir: &Path) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(dir.join(TOKEN_FILE)).map_err(|e| {
+        Error::unavailable("the sandbox's agent token is missing from its host dir").with_source(e)
+    })?;
+    hex::decode(text.trim())
+        .map_err(|e| Error::unavailable("the sandbox's agent token is corrupt").with_source(e))
+}
+
 /// Whether a container user is root (by name or id).
 fn is_root_user(user: &str) -> bool {
     user.is_empty() || user == "root" || user == "0" || user.starts_with("0:")
@@ -1449,11 +1570,20 @@ impl Provider for DockerProvider {
     /// the workspace, is kept) and waits until its agent answers.
     async fn recover(&self, id: &str) -> Result<()> {
         let d = self.engine().await?;
-        match d.start_container(id, None).await {
-            Ok(()) => {}
-            Err(e) if is_status(&e, 304) => {}
+        let info = match d.inspect_container(id, None).await {
+            Ok(i) => i,
             Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
-            Err(e) => return Err(engine_err("restarting the sandbox container", e)),
+            Err(e) => return Err(engine_err("inspecting the sandbox container", e)),
+        };
+        let cfg = info.config.unwrap_or_default();
+        match self.sandbox_token(id, &cfg)? {
+            Some(token) => self.start_with_token(id, &token).await?,
+            None => match d.start_container(id, None).await {
+                Ok(()) => {}
+                Err(e) if is_status(&e, 304) => {}
+                Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
+                Err(e) => return Err(engine_err("restarting the sandbox container", e)),
+            },
         }
         if let Ok(mut conns) = self.conns.lock() {
             conns.remove(id);
@@ -1510,6 +1640,14 @@ impl Provider for DockerProvider {
                 },
             ),
             ("default_image".to_string(), c.default_image.clone()),
+            ("bridge_network".to_string(), c.bridge_network.clone()),
+            (
+                "disk".to_string(),
+                match self.layer_quota.get() {
+                    Some(false) => "not capped (storage driver cannot)".into(),
+                    _ => c.disk.clone(),
+                },
+            ),
             (
                 "read_only_rootfs".to_string(),
                 c.read_only_rootfs.to_string(),

