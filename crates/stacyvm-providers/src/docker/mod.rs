@@ -869,6 +869,29 @@ impl DockerProvider {
                 Err(e) if is_status(&e, 404) => {}
                 Err(e) => warn!(sandbox_id = %id, error = %e, "removing container failed"),
             }
+            // The run dir volume goes with its container; one left by a
+            // container removed out of band (`docker rm` without `-v`) is
+            // found by its label.
+            let filters = HashMap::from([(
+                "label".to_string(),
+                vec![format!("{}={id}", spec::LABEL_SANDBOX)],
+            )]);
+            let opts = bollard::query_parameters::ListVolumesOptionsBuilder::default()
+                .filters(&filters)
+                .build();
+            if let Ok(list) = d.list_volumes(Some(opts)).await {
+                for v in list.volumes.unwrap_or_default() {
+                    if let Err(e) = d
+                        .remove_volume(
+                            &v.name,
+                            None::<bollard::query_parameters::RemoveVolumeOptions>,
+                        )
+                        .await
+                    {
+                        warn!(sandbox_id = %id, volume = %v.name, error = %e, "removing the run dir volume failed");
+                    }
+                }
+            }
         }
         let dir = self.dir(id);
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await {

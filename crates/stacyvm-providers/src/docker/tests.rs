@@ -1221,8 +1221,33 @@ async fn host_state_is_private_and_bounded() {
         p.layer_quota().await,
         "storage_opt only where the driver honours it"
     );
+    // Removed out of band without its volumes: destroy still finds the
+    // run dir volume by its label.
+    let d = p.engine().await.expect("engine");
+    d.remove_container(
+        &id,
+        Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+    )
+    .await
+    .expect("docker rm");
     p.destroy(&id).await.expect("destroy");
     assert!(!fx.state_dir().join(&id).exists());
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![format!("{}={id}", spec::LABEL_SANDBOX)],
+    )]);
+    let vols = d
+        .list_volumes(Some(
+            bollard::query_parameters::ListVolumesOptionsBuilder::default()
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .expect("volumes");
+    assert!(
+        vols.volumes.unwrap_or_default().is_empty(),
+        "run dir volume left"
+    );
 }
 
 /// F-4: a sandbox that points its agent socket at another sandbox's gets
