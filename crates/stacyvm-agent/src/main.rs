@@ -49,6 +49,13 @@ fn main() -> ExitCode {
     {
         ["boot", "--spec", path] => boot(path),
         ["serve", "--socket", path, rest @ ..] => {
+            // Sandbox processes share the agent's uid (docker): without
+            // this they could read /proc/1/environ and /proc/1/mem or
+            // ptrace the agent and answer for it.
+            if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+                eprintln!("stacyvm-agent: making the agent undumpable: {e}");
+                return ExitCode::from(1);
+            }
             match rest {
                 [] => {}
                 ["--token-file", file] => match take_token_file(file) {

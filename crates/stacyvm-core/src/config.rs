@@ -260,6 +260,12 @@ pub struct DockerConfig {
     pub added_caps: Vec<String>,
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub tmpfs: BTreeMap<String, String>,
+    /// Size cap of a container's writable layer (`storage_opt size`) where
+    /// the engine's storage driver supports one; empty = none.
+    pub disk: String,
+    /// The Docker network `network_mode: bridge` means (created on demand,
+    /// no inter-container traffic, public internet only).
+    pub bridge_network: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -530,6 +536,8 @@ impl Default for DockerConfig {
             dropped_caps: vec!["ALL".into()],
             added_caps: Vec::new(),
             tmpfs: BTreeMap::new(),
+            disk: "10g".into(),
+            bridge_network: "stacyvm-bridge".into(),
         }
     }
 }

@@ -170,7 +170,7 @@ struct Containers(Vec<String>);
 impl Drop for Containers {
     fn drop(&mut self) {
         for id in &self.0 {
-            let _ = docker(&["rm", "-f", id]);
+            let _ = docker(&["rm", "-fv", id]);
         }
     }
 }
@@ -317,7 +317,7 @@ async fn docker_sandboxes_over_rest_survive_a_restart() {
 
     // While the server is down: one container disappears, and another
     // server (another store) creates one this store does not know.
-    assert!(docker(&["rm", "-f", &gone]).status.success());
+    assert!(docker(&["rm", "-fv", &gone]).status.success());
     let s2 = start(other.path());
     let orphan = spawn(&s2, "carol").await;
     containers.0.push(orphan.clone());

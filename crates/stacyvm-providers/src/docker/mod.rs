@@ -19,6 +19,8 @@
 //! `none` unless configured, the configured (or image) user. Containers
 //! carry `stacyvm.*` labels so a restarted server finds them again.
 
+mod net;
+mod sock;
 mod spec;
 #[cfg(test)]
 mod tests;
@@ -34,7 +36,10 @@ use async_trait::async_trait;
 use bollard::container::LogOutput;
 use bollard::errors::Error as EngineError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
-use bollard::models::{ContainerCreateBody, HostConfig};
+use bollard::models::{
+    ContainerCreateBody, ContainerInspectResponse, HostConfig, HostConfigLogConfig, Mount,
+    MountType, MountVolumeOptions, MountVolumeOptionsDriverConfig, NetworkCreateRequest,
+};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
     ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
@@ -68,6 +73,32 @@ const SOCK_IN: &str = "/.stacyvm/run/agent.sock";
 const DEATH_LOG_LINES: usize = 20;
 /// How long spawn waits for the agent to answer.
 const AGENT_START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Bound on (re)connecting to a running sandbox's agent: waiting for the
+/// sandbox's connect lock, the connect, the handshake and reading the
+/// user's home. A sandbox that plays its own agent and never answers
+/// costs its own callers this long, nobody else anything.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound on reading the image's /etc/passwd through the agent (the file is
+/// sandbox-controlled: a symlink to /dev/zero must not be read forever).
+const PASSWD_TIMEOUT: Duration = Duration::from_secs(3);
+const PASSWD_MAX_BYTES: u64 = 1024 * 1024;
+/// Size of the tmpfs behind `/.stacyvm/run` (it holds one socket).
+const RUN_DIR_SIZE: &str = "1m";
+/// Container log rotation: what the agent or a sandbox process writes to
+/// the agent's stdout/stderr cannot fill the host's disk.
+const LOG_MAX_SIZE: &str = "1m";
+const LOG_MAX_FILES: &str = "2";
+/// Size of a configured tmpfs mount that names none.
+const DEFAULT_TMPFS_SIZE: &str = "64m";
+/// Where the agent reads its handshake token: its stdin, which the
+/// provider attaches to before start, writes the token to and closes
+/// (`OpenStdin` + `StdinOnce`). Nothing of it stays in the container: not
+/// in its config, its environment, a file or the agent's arguments.
+const TOKEN_FROM: &str = "/proc/self/fd/0";
+/// The host's copy of a sandbox's token, in its 0600 host dir.
+const TOKEN_FILE: &str = "token";
+/// Bound on handing the token to a starting agent.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Settings of the docker provider.
 #[derive(Debug, Clone)]
@@ -117,9 +148,21 @@ pub struct DockerProvider {
     /// The engine client, negotiated on first use (dockerd may start after us).
     engine: tokio::sync::OnceCell<Docker>,
     conns: Mutex<HashMap<String, Arc<Conn>>>,
-    /// Serialises connection setup (a relay is one engine exec per sandbox).
-    connecting: tokio::sync::Mutex<()>,
+    /// Serialises connection setup per sandbox (a relay is one engine exec
+    /// per sandbox); one sandbox's slow or hostile agent never holds up
+    /// another's.
+    connect_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     relay_seq: AtomicU64,
+    /// Host uid/gid of container root: non-zero under `userns-remap`.
+    remap: tokio::sync::OnceCell<(u32, u32)>,
+    /// Whether the storage driver caps a container's writable layer.
+    layer_quota: tokio::sync::OnceCell<bool>,
+    /// The bridge interface of `bridge_network`, once it and its egress
+    /// filter are in place.
+    bridge: tokio::sync::OnceCell<String>,
+    /// (image id, user) → container uid/gid, learnt from the image's
+    /// /etc/passwd; the run dir is created owned by that user.
+    user_ids: Mutex<HashMap<(String, String), (u32, u32)>>,
     /// Per runtime name: whether its sockets reach the host (from engine info).
     socket_sharing: Mutex<HashMap<String, bool>>,
 }
@@ -397,15 +440,21 @@ impl DockerProvider {
         std::fs::create_dir_all(&opts.state_dir).map_err(|e| {
             Error::internal(format!("creating {}", opts.state_dir.display())).with_source(e)
         })?;
-        // Per-sandbox dirs below are world-writable (the container user
-        // binds the socket there); this dir keeps other host users out.
-        let _ = std::fs::set_permissions(&opts.state_dir, std::fs::Permissions::from_mode(0o711));
+        // Host state is root's alone: nothing below is meant for other
+        // host users (the container reaches its run dir through its mount).
+        std::fs::set_permissions(&opts.state_dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |e| Error::internal(format!("securing {}", opts.state_dir.display())).with_source(e),
+        )?;
         Ok(DockerProvider {
             opts,
             engine: tokio::sync::OnceCell::new(),
             conns: Mutex::new(HashMap::new()),
-            connecting: tokio::sync::Mutex::new(()),
+            connect_locks: Mutex::new(HashMap::new()),
             relay_seq: AtomicU64::new(0),
+            remap: tokio::sync::OnceCell::new(),
+            layer_quota: tokio::sync::OnceCell::new(),
+            bridge: tokio::sync::OnceCell::new(),
+            user_ids: Mutex::new(HashMap::new()),
             socket_sharing: Mutex::new(HashMap::new()),
         })
     }
@@ -419,6 +468,167 @@ impl DockerProvider {
 
     fn dir(&self, id: &str) -> PathBuf {
         self.opts.state_dir.join(id)
+    }
+
+    /// Creates the sandbox's host dir (root's alone, 0700).
+    fn make_dir(&self, id: &str) -> Result<PathBuf> {
+        let dir = self.dir(id);
+        std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)))
+            .map_err(|e| Error::internal("creating sandbox dir").with_source(e))?;
+        Ok(dir)
+    }
+
+    /// Host uid/gid that container root maps to: `(0, 0)` unless dockerd
+    /// runs with `userns-remap` (engine info lists `name=userns`), then the
+    /// start of the remapped range, which dockerd encodes in its root dir
+    /// (`/var/lib/docker/100000.100000`).
+    async fn remap(&self) -> Result<(u32, u32)> {
+        self.remap
+            .get_or_try_init(|| async {
+                let info = self
+                    .engine()
+                    .await?
+                    .info()
+                    .await
+                    .map_err(|e| engine_err("reading docker engine info", e))?;
+                let userns = info
+                    .security_options
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|o| o.split(',').any(|kv| kv == "name=userns"));
+                if !userns {
+                    return Ok((0, 0));
+                }
+                let root = info.docker_root_dir.unwrap_or_default();
+                spec::remap_from_root_dir(&root).ok_or_else(|| {
+                    Error::unavailable(format!(
+                        "dockerd runs with userns-remap but its root dir {root:?} does not name the remapped ids (uid.gid)"
+                    ))
+                })
+            })
+            .await
+            .copied()
+    }
+
+    /// Whether the storage driver can cap a container's writable layer
+    /// (`storage_opt size`): btrfs, zfs, devicemapper, and overlay2 on xfs
+    /// (mounted with `pquota`). overlay2 on ext4, the common case, cannot.
+    async fn layer_quota(&self) -> bool {
+        if self.opts.config.disk.trim().is_empty() {
+            return false;
+        }
+        *self
+            .layer_quota
+            .get_or_init(|| async {
+                let Ok(d) = self.engine().await else {
+                    return false;
+                };
+                let Ok(info) = d.info().await else {
+                    return false;
+                };
+                let driver = info.driver.unwrap_or_default();
+                let backing = info
+                    .driver_status
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find(|kv| kv.first().map(String::as_str) == Some("Backing Filesystem"))
+                    .and_then(|kv| kv.get(1).cloned())
+                    .unwrap_or_default();
+                let ok = spec::driver_caps_layers(&driver, &backing);
+                if !ok {
+                    warn!(%driver, backing_fs = %backing, "the docker storage driver cannot cap a container's writable layer (providers.docker.disk is not applied); use read_only_rootfs with size-capped tmpfs mounts to bound sandbox disk use");
+                }
+                ok
+            })
+            .await
+    }
+
+    /// The network `bridge` stands for: StacyVM's own network, created on
+    /// first use with its egress filter (see `net`); other names pass
+    /// through unchanged.
+    async fn network_for(&self, mode: &str) -> Result<String> {
+        if mode != "bridge" {
+            return Ok(mode.to_string());
+        }
+        let name = match self.opts.config.bridge_network.trim() {
+            "" => "stacyvm-bridge",
+            n => n,
+        };
+        self.bridge
+            .get_or_try_init(|| self.ensure_bridge(name))
+            .await?;
+        Ok(name.to_string())
+    }
+
+    async fn ensure_bridge(&self, name: &str) -> Result<String> {
+        let d = self.engine().await?;
+        let bridge = match d.inspect_network(name, None).await {
+            Ok(n) => net::check_existing(
+                name,
+                n.driver.as_deref(),
+                n.enable_ipv6,
+                &n.options.unwrap_or_default(),
+            )?,
+            Err(e) if is_status(&e, 404) => {
+                let req = NetworkCreateRequest {
+                    name: name.to_string(),
+                    driver: Some("bridge".into()),
+                    enable_ipv6: Some(false),
+                    options: Some(net::network_options(name)),
+                    labels: Some(HashMap::from([(
+                        spec::LABEL_MANAGED.to_string(),
+                        "true".to_string(),
+                    )])),
+                    ..Default::default()
+                };
+                match d.create_network(req).await {
+                    Ok(_) => {}
+                    // Another provider instance created it meanwhile.
+                    Err(e) if is_status(&e, 409) => {}
+                    Err(e) => return Err(engine_err("creating the sandbox network", e)),
+                }
+                net::bridge_name(name)
+            }
+            Err(e) => return Err(engine_err("inspecting the sandbox network", e)),
+        };
+        let (n, b) = (name.to_string(), bridge.clone());
+        tokio::task::spawn_blocking(move || net::install_rules(&n, &b))
+            .await
+            .map_err(|e| Error::internal("installing the egress filter").with_source(e))??;
+        info!(network = %name, bridge = %bridge, "sandbox network ready (no inter-sandbox traffic, public internet only)");
+        Ok(bridge)
+    }
+
+    /// Removes the sandbox network and its egress filter (tests, and
+    /// operators uninstalling StacyVM). Containers still attached keep the
+    /// network alive; the engine's refusal is returned then.
+    pub async fn remove_bridge_network(&self) -> Result<()> {
+        let name = match self.opts.config.bridge_network.trim() {
+            "" => "stacyvm-bridge",
+            n => n,
+        };
+        let d = self.engine().await?;
+        let bridge = match d.inspect_network(name, None).await {
+            Ok(n) => n
+                .options
+                .unwrap_or_default()
+                .get(net::OPT_BRIDGE_NAME)
+                .cloned()
+                .unwrap_or_else(|| net::bridge_name(name)),
+            Err(e) if is_status(&e, 404) => net::bridge_name(name),
+            Err(e) => return Err(engine_err("inspecting the sandbox network", e)),
+        };
+        match d.remove_network(name).await {
+            Ok(()) => {}
+            Err(e) if is_status(&e, 404) => {}
+            Err(e) => return Err(engine_err("removing the sandbox network", e)),
+        }
+        let n = name.to_string();
+        tokio::task::spawn_blocking(move || net::remove_rules(&n, &bridge))
+            .await
+            .map_err(|e| Error::internal("removing the egress filter").with_source(e))?;
+        Ok(())
     }
 
     /// Whether the host can connect to a socket the agent binds inside a
@@ -490,8 +700,8 @@ impl DockerProvider {
     }
 
     /// Makes sure the image exists locally, pulling it with progress logs.
-    /// Returns its configured user and environment.
-    async fn ensure_image(&self, image: &ImageRef) -> Result<(String, Vec<String>)> {
+    /// Returns its configured user and environment, and its id.
+    async fn ensure_image(&self, image: &ImageRef) -> Result<(String, Vec<String>, String)> {
         let d = self.engine().await?;
         let full = image.full();
         let found = match d.inspect_image(&full).await {
@@ -508,8 +718,13 @@ impl DockerProvider {
                     .map_err(|e| engine_err(&format!("inspecting image {full}"), e))?
             }
         };
+        let id = inspected.id.unwrap_or_else(|| full.clone());
         let cfg = inspected.config.unwrap_or_default();
-        Ok((cfg.user.unwrap_or_default(), cfg.env.unwrap_or_default()))
+        Ok((
+            cfg.user.unwrap_or_default(),
+            cfg.env.unwrap_or_default(),
+            id,
+        ))
     }
 
     /// Pulls an image, logging progress server-side.
@@ -530,7 +745,9 @@ impl DockerProvider {
         Ok(())
     }
 
-    fn host_config(&self, spec: &SpawnSpec, run_dir: &Path) -> Result<HostConfig> {
+    /// The container's host config. `run_owner` is the host uid/gid that
+    /// owns the run dir (the container user, remapped).
+    async fn host_config(&self, spec: &SpawnSpec, run_owner: (u32, u32)) -> Result<HostConfig> {
         let c = &self.opts.config;
         let memory = if spec.memory_mb > 0 {
             spec.memory_mb.saturating_mul(1024 * 1024)
@@ -545,15 +762,62 @@ impl DockerProvider {
         let mut tmpfs: HashMap<String, String> = c
             .tmpfs
             .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.clone(), spec::capped_tmpfs(v, DEFAULT_TMPFS_SIZE)))
             .collect();
         if c.read_only_rootfs && !tmpfs.contains_key(paths::WORKSPACE) {
-            // A read-only root still needs a writable workspace.
-            tmpfs.insert(paths::WORKSPACE.into(), "mode=1777".into());
+            // A read-only root still needs a writable workspace; it can
+            // hold no more than the sandbox's memory anyway.
+            tmpfs.insert(
+                paths::WORKSPACE.into(),
+                format!("mode=1777,nosuid,nodev,size={memory}"),
+            );
         }
+        let network = self.network_for(self.network_mode(spec)).await?;
+        let sysctls = if network == "none" || network == "host" {
+            None
+        } else {
+            Some(net::no_ipv6_sysctls())
+        };
+        let storage_opt = if self.layer_quota().await {
+            Some(HashMap::from([(
+                "size".to_string(),
+                c.disk.trim().to_string(),
+            )]))
+        } else {
+            None
+        };
+        // `/.stacyvm/run` is a tmpfs volume dockerd mounts on the host
+        // (so the host reaches the socket): 1 MiB, no setuid, no devices,
+        // no exec, only the container user may enter it. Removed with the
+        // container (anonymous volume).
+        let run_opts = format!(
+            "size={RUN_DIR_SIZE},mode=0700,uid={},gid={},nosuid,nodev,noexec",
+            run_owner.0, run_owner.1
+        );
+        let run_mount = Mount {
+            target: Some(RUN_IN.into()),
+            typ: Some(MountType::VOLUME),
+            volume_options: Some(MountVolumeOptions {
+                driver_config: Some(MountVolumeOptionsDriverConfig {
+                    name: Some("local".into()),
+                    options: Some(HashMap::from([
+                        ("type".to_string(), "tmpfs".to_string()),
+                        ("device".to_string(), "tmpfs".to_string()),
+                        ("o".to_string(), run_opts),
+                    ])),
+                }),
+                labels: Some(HashMap::from([(
+                    spec::LABEL_SANDBOX.to_string(),
+                    spec.id.clone(),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
         Ok(HostConfig {
             runtime: Some(self.runtime().to_string()),
-            network_mode: Some(self.network_mode(spec).to_string()),
+            network_mode: Some(network),
+            sysctls,
             readonly_rootfs: Some(c.read_only_rootfs),
             memory: Some(memory),
             // No swap beyond the memory limit: the limit is the limit.
@@ -568,10 +832,19 @@ impl DockerProvider {
                 Some(c.added_caps.clone())
             },
             tmpfs: if tmpfs.is_empty() { None } else { Some(tmpfs) },
-            binds: Some(vec![
-                format!("{}:{AGENT_IN}:ro", self.opts.agent_path.display()),
-                format!("{}:{RUN_IN}", run_dir.display()),
-            ]),
+            storage_opt,
+            binds: Some(vec![format!(
+                "{}:{AGENT_IN}:ro",
+                self.opts.agent_path.display()
+            )]),
+            mounts: Some(vec![run_mount]),
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".into()),
+                config: Some(HashMap::from([
+                    ("max-size".to_string(), LOG_MAX_SIZE.to_string()),
+                    ("max-file".to_string(), LOG_MAX_FILES.to_string()),
+                ])),
+            }),
             auto_remove: Some(false),
             init: Some(false),
             ..Default::default()
@@ -583,6 +856,9 @@ impl DockerProvider {
         if let Ok(mut conns) = self.conns.lock() {
             conns.remove(id);
         }
+        if let Ok(mut locks) = self.connect_locks.lock() {
+            locks.remove(id);
+        }
         if let Ok(d) = self.engine().await {
             let opts = RemoveContainerOptionsBuilder::default()
                 .force(true)
@@ -592,6 +868,29 @@ impl DockerProvider {
                 Ok(()) => {}
                 Err(e) if is_status(&e, 404) => {}
                 Err(e) => warn!(sandbox_id = %id, error = %e, "removing container failed"),
+            }
+            // The run dir volume goes with its container; one left by a
+            // container removed out of band (`docker rm` without `-v`) is
+            // found by its label.
+            let filters = HashMap::from([(
+                "label".to_string(),
+                vec![format!("{}={id}", spec::LABEL_SANDBOX)],
+            )]);
+            let opts = bollard::query_parameters::ListVolumesOptionsBuilder::default()
+                .filters(&filters)
+                .build();
+            if let Ok(list) = d.list_volumes(Some(opts)).await {
+                for v in list.volumes.unwrap_or_default() {
+                    if let Err(e) = d
+                        .remove_volume(
+                            &v.name,
+                            None::<bollard::query_parameters::RemoveVolumeOptions>,
+                        )
+                        .await
+                    {
+                        warn!(sandbox_id = %id, volume = %v.name, error = %e, "removing the run dir volume failed");
+                    }
+                }
             }
         }
         let dir = self.dir(id);
@@ -616,31 +915,46 @@ impl DockerProvider {
         first_file(&buf)
     }
 
+    /// The container uid/gid of `user` when it is known without looking
+    /// into the image: root, numeric ids, or learnt before for this image.
+    fn known_ids(&self, image_id: &str, user: &str) -> Option<(u32, u32)> {
+        if is_root_user(user) {
+            return Some((0, 0));
+        }
+        if user.split(':').all(|p| p.parse::<u32>().is_ok()) {
+            return spec::resolve_user(user, "", "").ok();
+        }
+        self.user_ids
+            .lock()
+            .ok()?
+            .get(&(image_id.to_string(), user.to_string()))
+            .copied()
+    }
+
+    /// Resolves a named user through the created container's /etc/passwd
+    /// and /etc/group, remembering the answer for the image.
+    async fn resolve_ids(&self, id: &str, image_id: &str, user: &str) -> Result<(u32, u32)> {
+        let passwd = self
+            .container_text(id, "/etc/passwd")
+            .await
+            .unwrap_or_default();
+        let group = self
+            .container_text(id, "/etc/group")
+            .await
+            .unwrap_or_default();
+        let ids = spec::resolve_user(user, &passwd, &group)?;
+        if let Ok(mut m) = self.user_ids.lock() {
+            m.insert((image_id.to_string(), user.to_string()), ids);
+        }
+        Ok(ids)
+    }
+
     /// Gives `/workspace` to a non-root container user before start (the
     /// engine would create it as root, and the user has no capabilities).
-    async fn prepare_workspace(&self, id: &str, user: &str) -> Result<()> {
-        if user.is_empty() || user == "root" || user == "0" || user.starts_with("0:") {
-            return Ok(());
-        }
-        if self.opts.config.read_only_rootfs {
-            // The workspace is a world-writable tmpfs then (see host_config).
-            return Ok(());
-        }
-        let numeric = user.split(':').all(|p| p.parse::<u32>().is_ok());
-        let (passwd, group) = if numeric {
-            (String::new(), String::new())
-        } else {
-            (
-                self.container_text(id, "/etc/passwd")
-                    .await
-                    .unwrap_or_default(),
-                self.container_text(id, "/etc/group")
-                    .await
-                    .unwrap_or_default(),
-            )
-        };
-        let (uid, gid) = spec::resolve_user(user, &passwd, &group)?;
-        if uid == 0 {
+    async fn prepare_workspace(&self, id: &str, (uid, gid): (u32, u32)) -> Result<()> {
+        if uid == 0 || self.opts.config.read_only_rootfs {
+            // Root owns it already; on a read-only root the workspace is a
+            // world-writable tmpfs (see host_config).
             return Ok(());
         }
         let tar = dir_tar("workspace", uid, gid, 0o755)?;
@@ -728,17 +1042,25 @@ impl DockerProvider {
         id: &str,
         runtime: &str,
         run_dir: &Path,
+        token: Option<&[u8]>,
     ) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
         if self.shares_sockets(runtime).await {
-            let c = AgentClient::connect(&run_dir.join("agent.sock"), None).await?;
+            let pinned = sock::open_agent_socket(run_dir)?.ok_or_else(|| {
+                Error::unavailable(format!("the agent socket of sandbox {id} is missing"))
+            })?;
+            let c = agent_connect(&pinned.path(), token).await?;
             return Ok((c, None));
         }
-        self.relay(id).await
+        self.relay(id, token).await
     }
 
     /// Opens the agent protocol over an Engine exec of `stacyvm-agent relay`
     /// and hands it to the agent client through a private unix socket.
-    async fn relay(&self, id: &str) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
+    async fn relay(
+        &self,
+        id: &str,
+        token: Option<&[u8]>,
+    ) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
         let d = self.engine().await?;
         let exec = d
             .create_exec(
@@ -774,9 +1096,7 @@ impl DockerProvider {
         };
         let n = self.relay_seq.fetch_add(1, Ordering::Relaxed);
         // (Adopted containers may have been created under another data dir.)
-        std::fs::create_dir_all(self.dir(id))
-            .map_err(|e| Error::internal("creating sandbox dir").with_source(e))?;
-        let path = self.dir(id).join(format!("relay-{n}.sock"));
+        let path = self.make_dir(id)?.join(format!("relay-{n}.sock"));
         let _ = std::fs::remove_file(&path);
         let listener = tokio::net::UnixListener::bind(&path)
             .map_err(|e| Error::internal("binding the relay socket").with_source(e))?;
@@ -834,7 +1154,7 @@ impl DockerProvider {
                 () = watch => debug!(sandbox_id = %sandbox, "sandbox container stopped; closing the agent relay"),
             }
         });
-        let connected = AgentClient::connect(&path, None).await;
+        let connected = agent_connect(&path, token).await;
         let _ = std::fs::remove_file(&path);
         match connected {
             Ok(c) => Ok((c, Some(pump))),
@@ -850,46 +1170,135 @@ impl DockerProvider {
         Ok(conns.get(id).filter(|c| !c.client.is_closed()).cloned())
     }
 
-    /// The live agent connection of a sandbox (re-connecting after a restart).
-    async fn conn(&self, id: &str) -> Result<Arc<Conn>> {
-        if let Some(c) = self.open_conn(id)? {
-            return Ok(c);
+    /// Starts a created (or stopped) container and hands its agent the
+    /// token on stdin. Already running is `Ok` (nothing is handed then).
+    async fn start_with_token(&self, id: &str, token: &[u8]) -> Result<()> {
+        let d = self.engine().await?;
+        let opts = bollard::query_parameters::AttachContainerOptionsBuilder::default()
+            .stdin(true)
+            .stream(true)
+            .build();
+        let attached = tokio::time::timeout(TOKEN_TIMEOUT, d.attach_container(id, Some(opts)))
+            .await
+            .map_err(|_| Error::unavailable("attaching to the sandbox container timed out"))?
+            .map_err(|e| match e {
+                e if is_status(&e, 404) => Error::sandbox_not_found(id),
+                e => engine_err("attaching to the sandbox container", e),
+            })?;
+        match d.start_container(id, None).await {
+            Ok(()) => {}
+            Err(e) if is_status(&e, 304) => return Ok(()),
+            Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
+            Err(EngineError::DockerResponseServerError { message, .. }) => {
+                return Err(Error::invalid(message))
+            }
+            Err(e) => return Err(engine_err("starting the sandbox container", e)),
         }
-        let _g = self.connecting.lock().await;
+        let mut input = attached.input;
+        let line = format!("{}\n", hex::encode(token));
+        tokio::time::timeout(TOKEN_TIMEOUT, async {
+            input.write_all(line.as_bytes()).await?;
+            input.flush().await?;
+            input.shutdown().await
+        })
+        .await
+        .map_err(|_| Error::unavailable("handing the agent its token timed out"))?
+        .map_err(|e| Error::unavailable("handing the agent its token").with_source(e))?;
+        Ok(())
+    }
+
+    /// The handshake token of a sandbox, from its host dir (found through
+    /// its label, so a container created under another data dir works).
+    /// `None` for containers made before tokens (their agent has none).
+    fn sandbox_token(
+        &self,
+        id: &str,
+        cfg: &bollard::models::ContainerConfig,
+    ) -> Result<Option<Vec<u8>>> {
+        let uses_token = cfg
+            .entrypoint
+            .as_ref()
+            .is_some_and(|e| e.iter().any(|a| a == "--token-file"));
+        if !uses_token {
+            return Ok(None);
+        }
+        let dir = cfg
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(spec::LABEL_HOST_DIR))
+            .map_or_else(|| self.dir(id), PathBuf::from);
+        read_token(&dir).map(Some)
+    }
+
+    /// The connect lock of one sandbox.
+    fn connect_lock(&self, id: &str) -> Result<Arc<tokio::sync::Mutex<()>>> {
+        let mut locks = self
+            .connect_locks
+            .lock()
+            .map_err(|_| Error::internal("lock"))?;
+        Ok(locks.entry(id.to_string()).or_default().clone())
+    }
+
+    /// The live agent connection of a sandbox (re-connecting after a
+    /// restart or a lost connection). Connecting is serialised per sandbox
+    /// and bounded by [`CONNECT_TIMEOUT`], waiting included.
+    async fn conn(&self, id: &str) -> Result<Arc<Conn>> {
         if let Some(c) = self.open_conn(id)? {
             return Ok(c);
         }
         if !paths::is_sandbox_id(id) {
             return Err(Error::sandbox_not_found(id));
         }
+        let lock = self.connect_lock(id)?;
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        let timed_out = || {
+            Error::unavailable(format!(
+                "the agent of sandbox {id} did not answer within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            ))
+        };
+        let _g = tokio::time::timeout_at(deadline, lock.lock())
+            .await
+            .map_err(|_| timed_out())?;
+        if let Some(c) = self.open_conn(id)? {
+            return Ok(c);
+        }
+        tokio::time::timeout_at(deadline, self.reconnect(id))
+            .await
+            .map_err(|_| timed_out())?
+    }
+
+    async fn reconnect(&self, id: &str) -> Result<Arc<Conn>> {
         let d = self.engine().await?;
         let info = match d.inspect_container(id, None).await {
             Ok(i) => i,
             Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
             Err(e) => return Err(engine_err("inspecting the sandbox container", e)),
         };
-        let cfg = info.config.unwrap_or_default();
+        let cfg = info.config.clone().unwrap_or_default();
         if !spec::is_ours(cfg.labels.as_ref()) {
             return Err(Error::sandbox_not_found(id));
         }
-        let state = info.state.unwrap_or_default();
+        let state = info.state.clone().unwrap_or_default();
         if state.running != Some(true) {
             return Err(Error::unavailable(format!(
                 "sandbox {id} is not running (container state {})",
                 state.status.map(|s| s.to_string()).unwrap_or_default()
             )));
         }
-        let runtime = info.host_config.and_then(|h| h.runtime).unwrap_or_default();
-        // The socket dir is wherever the container's bind mount says (a
+        let runtime = info
+            .host_config
+            .as_ref()
+            .and_then(|h| h.runtime.clone())
+            .unwrap_or_default();
+        // The socket dir is wherever the container's mount says (a
         // container adopted from another data dir keeps its old one).
-        let run_dir = info
-            .mounts
-            .unwrap_or_default()
-            .into_iter()
-            .find(|m| m.destination.as_deref() == Some(RUN_IN))
-            .and_then(|m| m.source)
-            .map_or_else(|| self.dir(id).join("run"), PathBuf::from);
-        let (client, relay) = self.connect(id, &runtime, &run_dir).await?;
+        let run_dir = run_dir_of(&info)
+            .ok_or_else(|| Error::unavailable(format!("sandbox {id} has no agent socket mount")))?;
+        let token = self.sandbox_token(id, &cfg)?;
+        let (client, relay) = self
+            .connect(id, &runtime, &run_dir, token.as_deref())
+            .await?;
         let env = spec::parse_env(&cfg.env.unwrap_or_default());
         let env = base_env(&client, env, cfg.user.as_deref().unwrap_or_default()).await;
         let conn = Arc::new(Conn { client, env, relay });
@@ -902,21 +1311,25 @@ impl DockerProvider {
 
     /// Waits until a freshly started container's agent answers; a container
     /// that stops first is reported with its last log lines.
-    async fn await_agent(&self, id: &str) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
+    async fn await_agent(
+        &self,
+        id: &str,
+        run_dir: &Path,
+        token: &[u8],
+    ) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
         let d = self.engine().await?;
         let started = Instant::now();
-        let sock = self.dir(id).join("run/agent.sock");
         let direct = self.shares_sockets(self.runtime()).await;
         let mut tries = 0u32;
         loop {
             if direct {
-                if sock.exists() {
-                    if let Ok(c) = AgentClient::connect(&sock, None).await {
+                if let Some(pinned) = sock::open_agent_socket(run_dir)? {
+                    if let Ok(c) = agent_connect(&pinned.path(), Some(token)).await {
                         return Ok((c, None));
                     }
                 }
             } else {
-                match self.relay(id).await {
+                match self.relay(id, Some(token)).await {
                     Ok(connected) => return Ok(connected),
                     Err(e) => debug!(sandbox_id = %id, error = %e, "agent relay not ready"),
                 }
@@ -950,20 +1363,85 @@ impl DockerProvider {
     }
 
     async fn spawn_inner(&self, spec: &SpawnSpec, image: &ImageRef) -> Result<()> {
-        let (image_user, image_env) = self.ensure_image(image).await?;
+        let (image_user, image_env, image_id) = self.ensure_image(image).await?;
         let d = self.engine().await?;
-        let dir = self.dir(&spec.id);
-        let run_dir = dir.join("run");
-        std::fs::create_dir_all(&run_dir)
-            .map_err(|e| Error::internal("creating sandbox dir").with_source(e))?;
-        // The agent runs as the container user and binds its socket here.
-        std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o777))
-            .map_err(|e| Error::internal("preparing sandbox dir").with_source(e))?;
+        let dir = self.make_dir(&spec.id)?;
+        let token = new_token(&dir)?;
         let user = if self.opts.config.user.is_empty() {
             image_user
         } else {
             self.opts.config.user.clone()
         };
+        let remap = self.remap().await?;
+        let host_ids = |(u, g): (u32, u32)| (remap.0.saturating_add(u), remap.1.saturating_add(g));
+        let known = self.known_ids(&image_id, &user);
+        let guess = known.unwrap_or((0, 0));
+        self.create_container(spec, image, host_ids(guess)).await?;
+        let ids = match known {
+            Some(ids) => ids,
+            None => {
+                // A named user: its ids come from the image's /etc/passwd,
+                // readable only once a container exists. The run dir must
+                // belong to it, so the container is made again (once per
+                // image and user; the answer is remembered).
+                let ids = self.resolve_ids(&spec.id, &image_id, &user).await?;
+                if ids != guess {
+                    let opts = RemoveContainerOptionsBuilder::default()
+                        .force(true)
+                        .v(true)
+                        .build();
+                    d.remove_container(&spec.id, Some(opts))
+                        .await
+                        .map_err(|e| engine_err("re-creating the sandbox container", e))?;
+                    self.create_container(spec, image, host_ids(ids)).await?;
+                }
+                ids
+            }
+        };
+        self.prepare_workspace(&spec.id, ids).await?;
+        self.start_with_token(&spec.id, &token)
+            .await
+            .map_err(|e| match e.kind() {
+                stacyvm_core::ErrorKind::InvalidInput => Error::invalid(format!(
+                    "the sandbox container failed to start: {}",
+                    e.detail()
+                )),
+                _ => e,
+            })?;
+        let info = d
+            .inspect_container(&spec.id, None)
+            .await
+            .map_err(|e| engine_err("inspecting the sandbox container", e))?;
+        let run_dir = run_dir_of(&info)
+            .ok_or_else(|| Error::internal("the sandbox container has no agent socket mount"))?;
+        let (client, relay) = self.await_agent(&spec.id, &run_dir, &token).await?;
+        let env = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            base_env(&client, spec::parse_env(&image_env), &user),
+        )
+        .await
+        .map_err(|_| Error::unavailable("the sandbox agent did not answer in time"))?;
+        let conn = Arc::new(Conn { client, env, relay });
+        self.conns
+            .lock()
+            .map_err(|_| Error::internal("lock"))?
+            .insert(spec.id.clone(), conn);
+        Ok(())
+    }
+
+    /// Creates (does not start) the sandbox container; `run_owner` owns
+    /// its run dir on the host.
+    async fn create_container(
+        &self,
+        spec: &SpawnSpec,
+        image: &ImageRef,
+        run_owner: (u32, u32),
+    ) -> Result<()> {
+        let mut labels = spec::labels(spec, &spec.image);
+        labels.insert(
+            spec::LABEL_HOST_DIR.to_string(),
+            self.dir(&spec.id).display().to_string(),
+        );
         let body = ContainerCreateBody {
             image: Some(image.full()),
             entrypoint: Some(vec![
@@ -971,6 +1449,8 @@ impl DockerProvider {
                 "serve".into(),
                 "--socket".into(),
                 SOCK_IN.into(),
+                "--token-file".into(),
+                TOKEN_FROM.into(),
             ]),
             cmd: Some(Vec::new()),
             // The engine creates the workdir; on a read-only root the
@@ -986,37 +1466,25 @@ impl DockerProvider {
             } else {
                 Some(self.opts.config.user.clone())
             },
-            labels: Some(spec::labels(spec, &spec.image)),
+            labels: Some(labels),
             tty: Some(false),
-            attach_stdin: Some(false),
-            open_stdin: Some(false),
+            // The token arrives on stdin, once (see TOKEN_FROM).
+            attach_stdin: Some(true),
+            open_stdin: Some(true),
+            stdin_once: Some(true),
             // The agent ignores SIGTERM as PID 1; stopping means killing.
             stop_signal: Some("SIGKILL".into()),
-            host_config: Some(self.host_config(spec, &run_dir)?),
+            host_config: Some(self.host_config(spec, run_owner).await?),
             ..Default::default()
         };
         let opts = CreateContainerOptionsBuilder::default()
             .name(&spec.id)
             .build();
-        d.create_container(Some(opts), body)
+        self.engine()
+            .await?
+            .create_container(Some(opts), body)
             .await
             .map_err(|e| engine_err("creating the sandbox container", e))?;
-        self.prepare_workspace(&spec.id, &user).await?;
-        d.start_container(&spec.id, None)
-            .await
-            .map_err(|e| match e {
-                EngineError::DockerResponseServerError { message, .. } => {
-                    Error::invalid(format!("the sandbox container failed to start: {message}"))
-                }
-                e => engine_err("starting the sandbox container", e),
-            })?;
-        let (client, relay) = self.await_agent(&spec.id).await?;
-        let env = base_env(&client, spec::parse_env(&image_env), &user).await;
-        let conn = Arc::new(Conn { client, env, relay });
-        self.conns
-            .lock()
-            .map_err(|_| Error::internal("lock"))?
-            .insert(spec.id.clone(), conn);
         Ok(())
     }
 
@@ -1044,11 +1512,7 @@ async fn base_env(
     if name.is_empty() || name == "root" || name == "0" || env.contains_key("HOME") {
         return env;
     }
-    // Bounded: the sandbox controls this file (it may be a link to /dev/zero).
-    let read = client.read_all("/etc/passwd", 1 << 20).await;
-    let passwd = read
-        .map(|data| String::from_utf8_lossy(&data).to_string())
-        .unwrap_or_default();
+    let passwd = read_passwd(client).await.unwrap_or_default();
     let home = passwd.lines().find_map(|l| {
         let f: Vec<&str> = l.split(':').collect();
         (f.len() >= 6 && (f[0] == name || f[2] == name)).then(|| f[5].to_string())
@@ -1058,6 +1522,65 @@ async fn base_env(
         home.filter(|h| !h.is_empty()).unwrap_or_else(|| "/".into()),
     );
     env
+}
+
+/// The image's /etc/passwd through the agent: a regular file of at most
+/// [`PASSWD_MAX_BYTES`], read within [`PASSWD_TIMEOUT`] (the sandbox may
+/// have made it a FIFO, a device or a huge file). `None` otherwise.
+async fn read_passwd(client: &Arc<AgentClient>) -> Option<String> {
+    let read = client.read_all("/etc/passwd", PASSWD_MAX_BYTES);
+    let data = tokio::time::timeout(PASSWD_TIMEOUT, read)
+        .await
+        .ok()?
+        .ok()?;
+    Some(String::from_utf8_lossy(&data).to_string())
+}
+
+/// Connects to an agent and, with a token, requires it to prove it holds
+/// that sandbox's token.
+async fn agent_connect(path: &Path, token: Option<&[u8]>) -> Result<Arc<AgentClient>> {
+    AgentClient::connect(path, token).await
+}
+
+/// Makes a sandbox's random handshake token and keeps the host's copy in
+/// `<dir>/token` (0600, root's; the dir is 0700 and never visible inside).
+fn new_token(dir: &Path) -> Result<Vec<u8>> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let token: [u8; 32] = rand::random();
+    let path = dir.join(TOKEN_FILE);
+    let _ = std::fs::remove_file(&path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(hex::encode(token).as_bytes()))
+        .map_err(|e| Error::internal("storing the sandbox token").with_source(e))?;
+    Ok(token.to_vec())
+}
+
+fn read_token(dir: &Path) -> Result<Vec<u8>> {
+    let text = std::fs::read_to_string(dir.join(TOKEN_FILE)).map_err(|e| {
+        Error::unavailable("the sandbox's agent token is missing from its host dir").with_source(e)
+    })?;
+    hex::decode(text.trim())
+        .map_err(|e| Error::unavailable("the sandbox's agent token is corrupt").with_source(e))
+}
+
+/// Whether a container user is root (by name or id).
+fn is_root_user(user: &str) -> bool {
+    user.is_empty() || user == "root" || user == "0" || user.starts_with("0:")
+}
+
+/// The host side of a container's `/.stacyvm/run` (its mount's source).
+fn run_dir_of(info: &ContainerInspectResponse) -> Option<PathBuf> {
+    info.mounts
+        .as_ref()?
+        .iter()
+        .find(|m| m.destination.as_deref() == Some(RUN_IN))
+        .and_then(|m| m.source.clone())
+        .map(PathBuf::from)
 }
 
 #[async_trait]
@@ -1070,11 +1593,20 @@ impl Provider for DockerProvider {
     /// the workspace, is kept) and waits until its agent answers.
     async fn recover(&self, id: &str) -> Result<()> {
         let d = self.engine().await?;
-        match d.start_container(id, None).await {
-            Ok(()) => {}
-            Err(e) if is_status(&e, 304) => {}
+        let info = match d.inspect_container(id, None).await {
+            Ok(i) => i,
             Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
-            Err(e) => return Err(engine_err("restarting the sandbox container", e)),
+            Err(e) => return Err(engine_err("inspecting the sandbox container", e)),
+        };
+        let cfg = info.config.unwrap_or_default();
+        match self.sandbox_token(id, &cfg)? {
+            Some(token) => self.start_with_token(id, &token).await?,
+            None => match d.start_container(id, None).await {
+                Ok(()) => {}
+                Err(e) if is_status(&e, 304) => {}
+                Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
+                Err(e) => return Err(engine_err("restarting the sandbox container", e)),
+            },
         }
         if let Ok(mut conns) = self.conns.lock() {
             conns.remove(id);
@@ -1131,6 +1663,14 @@ impl Provider for DockerProvider {
                 },
             ),
             ("default_image".to_string(), c.default_image.clone()),
+            ("bridge_network".to_string(), c.bridge_network.clone()),
+            (
+                "disk".to_string(),
+                match self.layer_quota.get() {
+                    Some(false) => "not capped (storage driver cannot)".into(),
+                    _ => c.disk.clone(),
+                },
+            ),
             (
                 "read_only_rootfs".to_string(),
                 c.read_only_rootfs.to_string(),

@@ -17,6 +17,8 @@ pub const LABEL_METADATA: &str = "stacyvm.metadata";
 pub const LABEL_OWNER: &str = "stacyvm.owner";
 pub const LABEL_TENANT: &str = "stacyvm.tenant";
 pub const LABEL_EXPIRES: &str = "stacyvm.expires_at";
+/// The sandbox's host dir (where the host keeps its agent token).
+pub const LABEL_HOST_DIR: &str = "stacyvm.host_dir";
 
 /// The labels of a new sandbox container.
 pub fn labels(spec: &SpawnSpec, image: &str) -> HashMap<String, String> {
@@ -313,6 +315,50 @@ pub fn parse_env(env: &[String]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// The remapped root of a `userns-remap` dockerd from its root dir, whose
+/// last component is `<uid>.<gid>` (`/var/lib/docker/100000.100000`).
+pub fn remap_from_root_dir(root: &str) -> Option<(u32, u32)> {
+    let last = root.trim_end_matches('/').rsplit('/').next()?;
+    let (u, g) = last.split_once('.')?;
+    Some((u.parse().ok()?, g.parse().ok()?))
+}
+
+/// Whether a storage driver (with its backing filesystem) honours a
+/// container's `storage_opt size`.
+pub fn driver_caps_layers(driver: &str, backing_fs: &str) -> bool {
+    match driver {
+        "btrfs" | "zfs" | "devicemapper" | "windowsfilter" => true,
+        // Project quotas: xfs mounted with pquota (an unquota'd xfs makes
+        // container creation fail; the operator then clears `disk`).
+        "overlay2" | "overlay" => backing_fs.eq_ignore_ascii_case("xfs"),
+        _ => false,
+    }
+}
+
+/// Tmpfs mount options with a size cap, `nosuid` and `nodev` unless given.
+pub fn capped_tmpfs(options: &str, default_size: &str) -> String {
+    let mut parts: Vec<String> = options
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(str::to_string)
+        .collect();
+    let has = |parts: &[String], key: &str| {
+        parts
+            .iter()
+            .any(|p| p == key || p.starts_with(&format!("{key}=")))
+    };
+    if !has(&parts, "size") {
+        parts.push(format!("size={default_size}"));
+    }
+    for flag in ["nosuid", "nodev"] {
+        if !has(&parts, flag) && !has(&parts, &flag.replacen("no", "", 1)) {
+            parts.push(flag.to_string());
+        }
+    }
+    parts.join(",")
+}
+
 /// Computes the CPU percentage from two cumulative samples, as `docker
 /// stats` does: Δcontainer / Δsystem × online CPUs × 100.
 pub fn cpu_percent(cpu: u64, pre_cpu: u64, system: u64, pre_system: u64, cpus: u32) -> f64 {
@@ -327,6 +373,41 @@ pub fn cpu_percent(cpu: u64, pre_cpu: u64, system: u64, pre_system: u64, cpus: u
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn userns_remap_root_dirs() {
+        assert_eq!(
+            remap_from_root_dir("/var/lib/docker/100000.100000"),
+            Some((100_000, 100_000))
+        );
+        assert_eq!(
+            remap_from_root_dir("/data/docker/231072.231072/"),
+            Some((231_072, 231_072))
+        );
+        assert_eq!(remap_from_root_dir("/var/lib/docker"), None);
+        assert_eq!(remap_from_root_dir(""), None);
+    }
+
+    #[test]
+    fn layer_caps_by_driver() {
+        assert!(!driver_caps_layers("overlay2", "extfs"));
+        assert!(driver_caps_layers("overlay2", "xfs"));
+        assert!(driver_caps_layers("btrfs", "btrfs"));
+        assert!(!driver_caps_layers("vfs", "extfs"));
+    }
+
+    #[test]
+    fn tmpfs_mounts_get_a_size_cap() {
+        assert_eq!(capped_tmpfs("", "64m"), "size=64m,nosuid,nodev");
+        assert_eq!(
+            capped_tmpfs("size=16m,exec", "64m"),
+            "size=16m,exec,nosuid,nodev"
+        );
+        assert_eq!(
+            capped_tmpfs("mode=1777,suid", "8m"),
+            "mode=1777,suid,size=8m,nodev"
+        );
+    }
 
     fn spec() -> SpawnSpec {
         SpawnSpec {

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bollard::query_parameters::{
-    CreateImageOptionsBuilder, ListContainersOptionsBuilder, PushImageOptionsBuilder,
-    RemoveImageOptionsBuilder, TagImageOptionsBuilder,
+    CreateImageOptionsBuilder, PushImageOptionsBuilder, RemoveImageOptionsBuilder,
+    TagImageOptionsBuilder,
 };
 use chrono::Utc;
 use futures::StreamExt;
@@ -133,6 +133,8 @@ pub fn fixture(runtime: &str) -> Fixture {
         runtime: runtime.into(),
         default_image: TEST_IMAGE.into(),
         network_mode: "none".into(),
+        // A network of the test's own, removed with the fixture.
+        bridge_network: format!("svt-{}", paths::new_sandbox_id()),
         ..DockerConfig::default()
     };
     Fixture {
@@ -170,9 +172,11 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        // Remove whatever a failed test left behind: containers whose run
-        // dir lives in this fixture's state dir.
+        // Remove whatever a failed test left behind: containers whose host
+        // dir lives in this fixture's state dir, and its sandbox network
+        // with its iptables rules.
         let state = self.state_dir();
+        let network = self.config.bridge_network.clone();
         let _ = std::thread::spawn(move || {
             let Ok(rt) = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -187,13 +191,28 @@ impl Drop for Fixture {
                 let Ok(d) = d.negotiate_version().await else {
                     return;
                 };
-                for c in leftovers(&d, &state).await {
+                for c in leftovers(&state) {
                     let _ = d
                         .remove_container(
                             &c,
-                            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+                            Some(
+                                RemoveContainerOptionsBuilder::default()
+                                    .force(true)
+                                    .v(true)
+                                    .build(),
+                            ),
                         )
                         .await;
+                }
+                let bridge = d
+                    .inspect_network(&network, None)
+                    .await
+                    .ok()
+                    .and_then(|n| n.options)
+                    .and_then(|o| o.get(net::OPT_BRIDGE_NAME).cloned());
+                let _ = d.remove_network(&network).await;
+                if let Some(bridge) = bridge {
+                    net::remove_rules(&network, &bridge);
                 }
             });
         })
@@ -201,21 +220,16 @@ impl Drop for Fixture {
     }
 }
 
-/// Containers whose agent socket dir is under `state`.
-async fn leftovers(d: &Docker, state: &Path) -> Vec<String> {
-    let opts = ListContainersOptionsBuilder::default().all(true).build();
-    let mut out = Vec::new();
-    for c in d.list_containers(Some(opts)).await.unwrap_or_default() {
-        let ours = c.mounts.unwrap_or_default().iter().any(|m| {
-            m.source
-                .as_deref()
-                .is_some_and(|s| Path::new(s).starts_with(state))
-        });
-        if ours {
-            out.extend(c.id);
-        }
-    }
-    out
+/// Sandboxes whose host dir is still under `state` (a destroyed sandbox
+/// has none).
+fn leftovers(state: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(state) else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .filter(|n| paths::is_sandbox_id(n))
+        .collect()
 }
 
 /// The suite gets a ready provider per call; `provider()` is sync, so the
@@ -682,7 +696,7 @@ async fn orphans_are_reaped_by_the_agent() {
             .await
             .stdout
             .trim(),
-        "/.stacyvm/agent serve --socket /.stacyvm/run/agent.sock"
+        "/.stacyvm/agent serve --socket /.stacyvm/run/agent.sock --token-file /proc/self/fd/0"
     );
     p.destroy(&id).await.expect("destroy");
 }
@@ -1073,7 +1087,7 @@ async fn exec_transport_follows_the_runtime_registration() {
             .await
             .expect("spawn")
             .runtime_id;
-        let host_sock = fx.state_dir().join(&id).join("run/agent.sock");
+        let host_sock = run_dir(&p, &id).await.join("agent.sock");
         assert_eq!(
             host_sock.exists(),
             runtime != "runsc",
@@ -1082,4 +1096,730 @@ async fn exec_transport_follows_the_runtime_registration() {
         assert_eq!(sh(&p, &id, "echo ok").await.stdout, "ok\n");
         p.destroy(&id).await.expect("destroy");
     }
+}
+
+/// The host side of a sandbox's `/.stacyvm/run`.
+async fn run_dir(p: &DockerProvider, id: &str) -> PathBuf {
+    let info = p
+        .engine()
+        .await
+        .expect("engine")
+        .inspect_container(id, None)
+        .await
+        .expect("inspect");
+    run_dir_of(&info).expect("run mount")
+}
+
+/// Forgets the cached agent connection, as a lost connection or a server
+/// restart would.
+fn drop_connection(p: &DockerProvider, id: &str) {
+    p.conns.lock().expect("conns").remove(id);
+}
+
+/// Runs `script` on the host as `nobody`; returns its stdout and stderr.
+fn as_nobody(script: &str) -> String {
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--reuid=nobody",
+            "--regid=nogroup",
+            "--clear-groups",
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .expect("setpriv (util-linux)");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// F-3 and F-8: host state is root's alone, the run dir is a small tmpfs
+/// without setuid owned by the container user, a setuid file written into
+/// it through the API is out of reach of other host users, the container
+/// log rotates, and tmpfs mounts are capped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_state_is_private_and_bounded() {
+    let mut fx = fixture("runc");
+    fx.config.user = "sandbox".into();
+    fx.config.tmpfs = BTreeMap::from([("/tmp".to_string(), String::new())]);
+    // The data dir as an operator may leave it: traversable by everyone.
+    std::fs::set_permissions(fx.dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let p = fx.ready().await;
+    let id = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o7777;
+    assert_eq!(mode(&fx.state_dir()), 0o700, "<data>/docker");
+    assert_eq!(mode(&fx.state_dir().join(&id)), 0o700, "<data>/docker/<id>");
+    let run = run_dir(&p, &id).await;
+    let meta = std::fs::metadata(&run).expect("run dir");
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o700, "run dir");
+    assert_eq!(
+        (
+            std::os::unix::fs::MetadataExt::uid(&meta),
+            std::os::unix::fs::MetadataExt::gid(&meta)
+        ),
+        (1000, 1000),
+        "the run dir belongs to the container user"
+    );
+    // A setuid binary planted through the API.
+    p.write_file(&id, "/.stacyvm/run/s", b"#!/bin/sh\nid -u\n", 0o4755)
+        .await
+        .expect("write");
+    let planted = run.join("s");
+    let seen = as_nobody(&format!(
+        "{} id -u && echo REACHED; ls -l {} && echo LISTED; true",
+        planted.display(),
+        planted.display()
+    ));
+    assert!(
+        !seen.contains("REACHED") && !seen.contains("LISTED"),
+        "a host user reached the planted file: {seen}"
+    );
+    // Inside: the run dir is a 1 MiB tmpfs without setuid, devices or exec.
+    let r = sh(
+        &p,
+        &id,
+        "grep ' /.stacyvm/run ' /proc/mounts; dd if=/dev/zero of=/.stacyvm/run/fill bs=1M count=8 2>&1; echo rc=$?; rm -f /.stacyvm/run/fill /.stacyvm/run/s; grep ' /tmp ' /proc/mounts",
+    )
+    .await;
+    let run_line = r.stdout.lines().next().unwrap_or_default();
+    for opt in ["tmpfs", "nosuid", "nodev", "noexec", "size=1024k"] {
+        assert!(run_line.contains(opt), "{opt}: {r:?}");
+    }
+    assert!(
+        r.stdout.contains("No space left"),
+        "run dir is capped: {r:?}"
+    );
+    assert!(!r.stdout.contains("rc=0"), "{r:?}");
+    let tmp_line = r.stdout.lines().last().unwrap_or_default();
+    assert!(
+        tmp_line.contains("size=65536k") && tmp_line.contains("nosuid"),
+        "configured tmpfs gets a cap: {r:?}"
+    );
+    // The container log rotates; the writable layer cap follows the driver.
+    let info = p
+        .engine()
+        .await
+        .expect("engine")
+        .inspect_container(&id, None)
+        .await
+        .expect("inspect");
+    let hc = info.host_config.expect("host config");
+    let log = hc.log_config.expect("log config");
+    assert_eq!(log.typ.as_deref(), Some("json-file"));
+    let lc = log.config.unwrap_or_default();
+    assert_eq!(lc.get("max-size").map(String::as_str), Some(LOG_MAX_SIZE));
+    assert_eq!(lc.get("max-file").map(String::as_str), Some(LOG_MAX_FILES));
+    assert_eq!(
+        hc.storage_opt.is_some_and(|o| o.contains_key("size")),
+        p.layer_quota().await,
+        "storage_opt only where the driver honours it"
+    );
+    // Removed out of band without its volumes: destroy still finds the
+    // run dir volume by its label.
+    let d = p.engine().await.expect("engine");
+    d.remove_container(
+        &id,
+        Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+    )
+    .await
+    .expect("docker rm");
+    p.destroy(&id).await.expect("destroy");
+    assert!(!fx.state_dir().join(&id).exists());
+    let filters = HashMap::from([(
+        "label".to_string(),
+        vec![format!("{}={id}", spec::LABEL_SANDBOX)],
+    )]);
+    let vols = d
+        .list_volumes(Some(
+            bollard::query_parameters::ListVolumesOptionsBuilder::default()
+                .filters(&filters)
+                .build(),
+        ))
+        .await
+        .expect("volumes");
+    assert!(
+        vols.volumes.unwrap_or_default().is_empty(),
+        "run dir volume left"
+    );
+}
+
+/// F-4: a sandbox that points its agent socket at another sandbox's gets
+/// an error, never the other sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_swapped_agent_socket_never_reaches_another_sandbox() {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    let a = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn a")
+        .runtime_id;
+    let b = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn b")
+        .runtime_id;
+    sh(&p, &b, "echo b-secret > /workspace/secret").await;
+    let b_sock = run_dir(&p, &b).await.join("agent.sock");
+    let r = sh(
+        &p,
+        &a,
+        &format!(
+            "rm /.stacyvm/run/agent.sock && ln -s {} /.stacyvm/run/agent.sock && echo swapped",
+            b_sock.display()
+        ),
+    )
+    .await;
+    assert_eq!(r.stdout, "swapped\n", "{r:?}");
+    // The next call reconnects: through this provider and a restarted one.
+    drop_connection(&p, &a);
+    let restarted = fx.make();
+    for prov in [&p, &restarted] {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let spec = stacyvm_core::provider::ExecSpec {
+            argv: paths::build_argv("shell", "hostname; cat /workspace/secret", &[]).expect("argv"),
+            timeout: Some(Duration::from_secs(10)),
+            ..Default::default()
+        };
+        let res = prov.exec(&a, &spec, tx).await;
+        let mut out = Vec::new();
+        while let Ok(c) = rx.try_recv() {
+            out.extend_from_slice(&c.data);
+        }
+        let out = String::from_utf8_lossy(&out).to_string();
+        assert!(
+            !out.contains(&b) && !out.contains("b-secret"),
+            "sandbox A reached sandbox B: {out}"
+        );
+        let e = res.expect_err("the swapped socket is refused");
+        assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
+    }
+    // B is untouched.
+    assert_eq!(
+        sh(&p, &b, "cat /workspace/secret").await.stdout,
+        "b-secret\n"
+    );
+    p.destroy(&a).await.expect("destroy");
+    p.destroy(&b).await.expect("destroy");
+}
+
+/// A stand-in "agent" bound at `path`: `garbage` floods bytes, otherwise it
+/// accepts and never answers. Stops when `stop` is set.
+fn fake_agent(
+    path: &Path,
+    garbage: bool,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::Write;
+    let listener = std::os::unix::net::UnixListener::bind(path).expect("bind fake agent");
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !stop.load(std::sync::atomic::Ordering::SeqCst)
+            && std::time::Instant::now() < deadline
+        {
+            if let Ok((mut c, _)) = listener.accept() {
+                if garbage {
+                    let _ = c.set_write_timeout(Some(Duration::from_millis(200)));
+                    let junk = vec![0xffu8; 1 << 20];
+                    for _ in 0..64 {
+                        if c.write_all(&junk).is_err() {
+                            break;
+                        }
+                    }
+                }
+                held.push(c);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    })
+}
+
+/// F-11: a sandbox whose socket is a stand-in that never answers (or floods
+/// garbage) gets a typed error in bounded time, and another sandbox's
+/// calls go on meanwhile, also through a restarted provider that must
+/// reconnect to both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_agent_stalls_nobody_else() {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    let a = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn a")
+        .runtime_id;
+    let b = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn b")
+        .runtime_id;
+    let a_sock = run_dir(&p, &a).await.join("agent.sock");
+    for garbage in [false, true] {
+        sh(&p, &a, "rm -f /.stacyvm/run/agent.sock").await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let fake = fake_agent(&a_sock, garbage, stop.clone());
+        let restarted = Arc::new(fx.make());
+        let started = std::time::Instant::now();
+        let on_a = {
+            let (prov, a) = (restarted.clone(), a.clone());
+            tokio::spawn(async move {
+                let (tx, _rx) = tokio::sync::mpsc::channel(8);
+                let spec = stacyvm_core::provider::ExecSpec {
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                };
+                prov.exec(&a, &spec, tx).await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let t = std::time::Instant::now();
+        let r = tokio::time::timeout(Duration::from_secs(3), sh(&*restarted, &b, "echo b-ok"))
+            .await
+            .expect("sandbox B is not held up by A's agent");
+        assert_eq!(r.stdout, "b-ok\n");
+        assert!(t.elapsed() < Duration::from_secs(3));
+        let e = on_a
+            .await
+            .expect("join")
+            .expect_err("the stand-in is refused");
+        assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
+        assert!(
+            started.elapsed() < CONNECT_TIMEOUT + Duration::from_secs(2),
+            "bounded: {:?}",
+            started.elapsed()
+        );
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        fake.join().expect("fake agent");
+        let _ = std::fs::remove_file(&a_sock);
+    }
+    p.destroy(&a).await.expect("destroy");
+    p.destroy(&b).await.expect("destroy");
+}
+
+fn ip(args: &[&str]) -> bool {
+    std::process::Command::new("ip")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// "The outside" for egress tests: a network namespace behind a veth, with
+/// a private address and the cloud metadata address, routed from the
+/// host, and a TCP listener on port 8080 that answers `reached`.
+struct Outside {
+    ns: String,
+    host_if: String,
+    private: String,
+    listener: std::process::Child,
+}
+
+const METADATA: &str = "169.254.169.254";
+
+impl Outside {
+    fn start() -> Outside {
+        let tag = &paths::new_sandbox_id()[3..];
+        let ns = format!("svt-{tag}");
+        let host_if = format!("svh{tag}");
+        let peer = format!("svp{tag}");
+        // 10.213.<n>.0/30 for this run.
+        let n = u8::from_str_radix(&tag[..2], 16).expect("hex");
+        let (host_ip, private) = (format!("10.213.{n}.1"), format!("10.213.{n}.2"));
+        assert!(ip(&["netns", "add", &ns]), "ip netns add");
+        let mut o = Outside {
+            ns: ns.clone(),
+            host_if: host_if.clone(),
+            private: private.clone(),
+            listener: std::process::Command::new("true").spawn().expect("true"),
+        };
+        let x = |args: &[&str]| {
+            let mut v = vec!["netns", "exec", &ns, "ip"];
+            v.extend_from_slice(args);
+            assert!(ip(&v), "ip {args:?} in {ns}");
+        };
+        assert!(ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", &peer
+        ]));
+        assert!(ip(&["link", "set", &peer, "netns", &ns]));
+        assert!(ip(&[
+            "addr",
+            "add",
+            &format!("{host_ip}/30"),
+            "dev",
+            &host_if
+        ]));
+        assert!(ip(&["link", "set", &host_if, "up"]));
+        x(&["addr", "add", &format!("{private}/30"), "dev", &peer]);
+        x(&["addr", "add", &format!("{METADATA}/32"), "dev", &peer]);
+        x(&["link", "set", &peer, "up"]);
+        x(&["link", "set", "lo", "up"]);
+        x(&["route", "add", "default", "via", &host_ip]);
+        assert!(ip(&[
+            "route",
+            "add",
+            &format!("{METADATA}/32"),
+            "via",
+            &private
+        ]));
+        o.listener = std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "busybox",
+                "nc",
+                "-ll",
+                "-p",
+                "8080",
+                "-e",
+                "/bin/echo",
+                "reached",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("listener");
+        // The listener answers the host on both addresses.
+        for addr in [private.as_str(), METADATA] {
+            let mut got = String::new();
+            for _ in 0..50 {
+                got = host_nc(addr, 8080);
+                if got.contains("reached") {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(got.contains("reached"), "listener on {addr}: {got:?}");
+        }
+        o
+    }
+}
+
+impl Drop for Outside {
+    fn drop(&mut self) {
+        let _ = self.listener.kill();
+        let _ = self.listener.wait();
+        ip(&["route", "del", &format!("{METADATA}/32")]);
+        // Deleting the namespace deletes the veth pair.
+        ip(&["netns", "del", &self.ns]);
+        ip(&["link", "del", &self.host_if]);
+    }
+}
+
+/// `busybox nc -w 2 addr port` on the host.
+fn host_nc(addr: &str, port: u16) -> String {
+    std::process::Command::new("busybox")
+        .args(["nc", "-w", "2", addr, &port.to_string()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).to_string())
+        .unwrap_or_default()
+}
+
+/// Runs `script` in a plain container on Docker's default bridge (no
+/// StacyVM filter) and returns its output: proof that the test's outside
+/// is reachable from a container at all.
+async fn on_default_bridge(d: &Docker, script: &str) -> String {
+    let name = format!("svt-ctl-{}", &paths::new_sandbox_id()[3..]);
+    let body = ContainerCreateBody {
+        image: Some(TEST_IMAGE.into()),
+        cmd: Some(vec!["sh".into(), "-c".into(), script.into()]),
+        host_config: Some(HostConfig {
+            network_mode: Some("bridge".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    d.create_container(
+        Some(CreateContainerOptionsBuilder::default().name(&name).build()),
+        body,
+    )
+    .await
+    .expect("create control");
+    d.start_container(&name, None).await.expect("start control");
+    let mut wait = d.wait_container(&name, None::<WaitContainerOptions>);
+    let _ = tokio::time::timeout(Duration::from_secs(30), wait.next()).await;
+    let mut logs = d.logs(
+        &name,
+        Some(
+            LogsOptionsBuilder::default()
+                .stdout(true)
+                .stderr(true)
+                .build(),
+        ),
+    );
+    let mut out = String::new();
+    while let Some(Ok(l)) = logs.next().await {
+        out.push_str(&String::from_utf8_lossy(&l.into_bytes()));
+    }
+    let _ = d
+        .remove_container(
+            &name,
+            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+        )
+        .await;
+    out
+}
+
+/// F-7: on `bridge`, a sandbox reaches neither cloud metadata, nor private
+/// ranges, nor the host, nor another sandbox, and has no IPv6; the same
+/// targets are reachable from an unfiltered container.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_sandboxes_reach_only_the_public_internet() {
+    let mut fx = fixture("runc");
+    fx.config.network_mode = "bridge".into();
+    let p = fx.ready().await;
+    let d = p.engine().await.expect("engine");
+    let outside = Outside::start();
+    let probe = format!(
+        "nc -w 2 {} 8080 </dev/null; nc -w 2 {METADATA} 8080 </dev/null; echo done",
+        outside.private
+    );
+    let control = on_default_bridge(d, &probe).await;
+    assert_eq!(
+        control.matches("reached").count(),
+        2,
+        "an unfiltered container reaches both: {control}"
+    );
+    let a = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn a")
+        .runtime_id;
+    let b = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn b")
+        .runtime_id;
+    let r = sh(&p, &a, &probe).await;
+    assert!(r.stdout.contains("done"), "{r:?}");
+    assert!(
+        !r.stdout.contains("reached"),
+        "metadata or private range reached: {r:?}"
+    );
+    // Another sandbox on the network listens; it answers itself only.
+    sh(
+        &p,
+        &b,
+        "setsid nc -ll -p 9090 -e /bin/echo peer >/dev/null 2>&1 </dev/null & sleep 0.3; nc -w 2 127.0.0.1 9090 </dev/null",
+    )
+    .await;
+    let net = fx.config.bridge_network.clone();
+    let info = d.inspect_container(&b, None).await.expect("inspect b");
+    let settings = info
+        .network_settings
+        .and_then(|n| n.networks)
+        .and_then(|mut n| n.remove(&net))
+        .expect("b is on the sandbox network");
+    let b_ip = settings.ip_address.expect("b's address");
+    let gateway = settings.gateway.expect("gateway");
+    let self_check = sh(&p, &b, "nc -w 2 127.0.0.1 9090 </dev/null").await;
+    assert_eq!(self_check.stdout.trim(), "peer", "{self_check:?}");
+    let r = sh(
+        &p,
+        &a,
+        &format!("nc -w 2 {b_ip} 9090 </dev/null; echo done"),
+    )
+    .await;
+    assert_eq!(r.stdout.trim(), "done", "sandbox B reached: {r:?}");
+    // The host itself (a listener on all its addresses) is out of reach.
+    let host = std::net::TcpListener::bind("0.0.0.0:0").expect("bind");
+    host.set_nonblocking(true).expect("nb");
+    let port = host.local_addr().expect("addr").port();
+    sh(
+        &p,
+        &a,
+        &format!("nc -w 2 {gateway} {port} </dev/null; true"),
+    )
+    .await;
+    assert!(
+        host.accept().is_err(),
+        "the host was reached from a sandbox"
+    );
+    // No IPv6 at all: not even a link-local address to talk from.
+    let v6 = sh(
+        &p,
+        &a,
+        "cat /proc/net/if_inet6; cat /proc/sys/net/ipv6/conf/all/disable_ipv6",
+    )
+    .await;
+    assert_eq!(v6.stdout.trim(), "1", "{v6:?}");
+    // Docker's own chains come first in FORWARD; ours live in DOCKER-USER.
+    let fwd = std::process::Command::new("iptables")
+        .args(["-w", "-S", "FORWARD"])
+        .output()
+        .expect("iptables");
+    let fwd = String::from_utf8_lossy(&fwd.stdout);
+    assert!(
+        !fwd.contains("stacyvm:"),
+        "no StacyVM rule in FORWARD: {fwd}"
+    );
+    p.destroy(&a).await.expect("destroy");
+    p.destroy(&b).await.expect("destroy");
+    p.remove_bridge_network().await.expect("remove network");
+    let left = std::process::Command::new("iptables")
+        .args(["-w", "-S"])
+        .output()
+        .expect("iptables");
+    assert!(
+        !String::from_utf8_lossy(&left.stdout).contains(&format!("stacyvm:{net}")),
+        "rules removed with the network"
+    );
+}
+
+/// F-11: sandbox processes (same uid as the agent) cannot read the agent's
+/// environment or memory map, nor its file descriptors (its stdout is the
+/// container log). runc only: gVisor's /proc ignores non-dumpability (see
+/// docs/security.md), which the handshake token's delivery accounts for.
+async fn agent_is_private(runtime: &str) {
+    let mut fx = fixture(runtime);
+    fx.config.user = "sandbox".into();
+    let p = fx.ready().await;
+    let id = p
+        .spawn(&spawn_spec(TEST_IMAGE, 128))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    let r = sh(
+        &p,
+        &id,
+        "id -u; stat -c %u /proc/1; for f in environ maps; do cat /proc/1/$f >/dev/null 2>&1 && echo $f-READABLE; done; ls /proc/1/fd >/dev/null 2>&1 && echo fd-READABLE; echo checked",
+    )
+    .await;
+    assert!(r.stdout.starts_with("1000\n"), "{r:?}");
+    assert!(r.stdout.contains("checked"), "{r:?}");
+    assert!(!r.stdout.contains("READABLE"), "{runtime}: {r:?}");
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_is_private_runc() {
+    agent_is_private("runc").await;
+}
+
+/// F-4/F-11 with the authenticated handshake: a sandbox that runs its own
+/// agent (the real binary, without the token) at its socket path is
+/// refused on reconnect, directly (runc) and through the relay (runsc);
+/// the token is nowhere in the container's config, arguments or the
+/// agent's environment.
+async fn impostor_is_refused(runtime: &str) {
+    let fx = fixture(runtime);
+    let p = fx.ready().await;
+    let id = p
+        .spawn(&spawn_spec(TEST_IMAGE, 128))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    let token = hex::encode(read_token(&fx.state_dir().join(&id)).expect("host copy"));
+    let info = p
+        .engine()
+        .await
+        .expect("engine")
+        .inspect_container(&id, None)
+        .await
+        .expect("inspect");
+    let seen = format!("{:?}", info.config);
+    assert!(!seen.contains(&token), "token in the container config");
+    let r = sh(
+        &p,
+        &id,
+        "tr '\\0' ' ' </proc/1/cmdline; echo; tr '\\0' '\\n' </proc/1/environ 2>/dev/null; env",
+    )
+    .await;
+    assert!(
+        !r.stdout.contains(&token),
+        "{runtime}: token visible: {r:?}"
+    );
+    let key = std::os::unix::fs::MetadataExt::mode(
+        &std::fs::metadata(fx.state_dir().join(&id).join(TOKEN_FILE)).expect("token file"),
+    );
+    assert_eq!(key & 0o777, 0o600);
+    sh(
+        &p,
+        &id,
+        "rm -f /.stacyvm/run/agent.sock; setsid /.stacyvm/agent serve --socket /.stacyvm/run/agent.sock >/dev/null 2>&1 </dev/null & for i in $(seq 50); do [ -S /.stacyvm/run/agent.sock ] && break; sleep 0.1; done",
+    )
+    .await;
+    drop_connection(&p, &id);
+    let e = sh_err(&p, &id).await;
+    assert_eq!(
+        e,
+        ErrorKind::ProviderUnavailable,
+        "{runtime}: impostor accepted"
+    );
+    let restarted = fx.make();
+    assert_eq!(
+        sh_err(&restarted, &id).await,
+        ErrorKind::ProviderUnavailable
+    );
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_agent_is_refused_runc() {
+    impostor_is_refused("runc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_agent_is_refused_runsc() {
+    impostor_is_refused("runsc").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zz_stdin_probe() {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    let d = p.engine().await.expect("engine");
+    let name = "svt-stdin-probe";
+    let _ = d
+        .remove_container(
+            name,
+            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+        )
+        .await;
+    let body = ContainerCreateBody {
+        image: Some(TEST_IMAGE.into()),
+        cmd: Some(vec![
+            "sh".into(),
+            "-c".into(),
+            "cat /proc/self/fd/0 | od -c | head; echo end".into(),
+        ]),
+        attach_stdin: Some(true),
+        open_stdin: Some(true),
+        stdin_once: Some(true),
+        ..Default::default()
+    };
+    d.create_container(
+        Some(CreateContainerOptionsBuilder::default().name(name).build()),
+        body,
+    )
+    .await
+    .expect("create");
+    p.start_with_token(name, b"\x01\x02").await.expect("start");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut logs = d.logs(
+        name,
+        Some(
+            LogsOptionsBuilder::default()
+                .stdout(true)
+                .stderr(true)
+                .build(),
+        ),
+    );
+    while let Some(Ok(l)) = logs.next().await {
+        eprintln!("LOG {}", String::from_utf8_lossy(&l.into_bytes()));
+    }
+    let _ = d
+        .remove_container(
+            name,
+            Some(RemoveContainerOptionsBuilder::default().force(true).build()),
+        )
+        .await;
 }

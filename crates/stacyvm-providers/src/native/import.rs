@@ -299,6 +299,15 @@ fn apply_layer(root: &Path, reader: Box<dyn Read + '_>) -> Result<()> {
             continue;
         }
         if let Some(target) = name.strip_prefix(".wh.") {
+            // A whiteout names one entry of its own directory: `.wh..`
+            // (`.`), `.wh...` (`..`) or a bare `.wh.` would delete the
+            // image dir itself or everything next to it.
+            if matches!(target, "" | "." | "..") {
+                return Err(bad(format!(
+                    "layer entry {} is a bad whiteout",
+                    rel.display()
+                )));
+            }
             remove_any(&root.join(&parent).join(target));
             continue;
         }
@@ -321,6 +330,16 @@ fn apply_layer(root: &Path, reader: Box<dyn Read + '_>) -> Result<()> {
                 .flatten()
                 .and_then(|t| safe_rel(&t))
                 .ok_or_else(|| bad(format!("hard link {} has a bad target", rel.display())))?;
+            // The target is resolved by the kernel from `root`: a symlink
+            // on the way (`x -> /var/lib`, then `leak -> x/stacyvm.db`)
+            // would link a host file into the image. The last component is
+            // not followed (link(2) links a symlink itself).
+            if through_symlink(root, &target) {
+                return Err(bad(format!(
+                    "hard link {} points through a symlink",
+                    rel.display()
+                )));
+            }
             fs::hard_link(root.join(target), &dest)
                 .map_err(|e| bad(format!("hard link {}", rel.display())).with_source(e))?;
             continue;
@@ -642,6 +661,63 @@ pub(crate) mod tests {
         let junk = dir.path().join("junk.tar");
         fs::write(&junk, b"not a tar").expect("junk");
         assert!(import_archive(&junk, &rootfs, None, &mut |_, _, _| {}).is_err());
+    }
+
+    /// A layer that plants a symlink to the host and hard-links a host
+    /// file through it; whiteouts naming `.`, `..` or nothing.
+    #[test]
+    fn hostile_links_and_whiteouts_are_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let rootfs = dir.path().join("rootfs");
+        // Another, complete image next to the one being imported.
+        let other = rootfs.join("other-image");
+        fs::create_dir_all(&other).expect("mkdir");
+        fs::write(other.join("keep"), b"in use").expect("keep");
+        let outside = dir.path().join("var-lib");
+        fs::create_dir_all(&outside).expect("outside");
+        let secret = outside.join("stacyvm.db");
+        fs::write(&secret, b"key hashes").expect("secret");
+        let mut l = tar::Builder::new(Vec::new());
+        add_symlink(&mut l, "x", &outside.to_string_lossy());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_mtime(1_700_000_000);
+        l.append_link(&mut h, "leak", "x/stacyvm.db")
+            .expect("hard link");
+        let a = archive_with_layer(dir.path(), l.into_inner().expect("layer"));
+        let e = import_archive(&a, &rootfs, None, &mut |_, _, _| {}).expect_err("link via symlink");
+        assert_eq!(e.kind(), stacyvm_core::ErrorKind::InvalidInput, "{e}");
+        assert!(e.to_string().contains("through a symlink"), "{e}");
+        assert_eq!(
+            std::os::unix::fs::MetadataExt::nlink(&fs::metadata(&secret).expect("secret")),
+            1,
+            "the host file got no new link"
+        );
+        for bad_name in [".wh..", ".wh...", ".wh.", "sub/.wh..."] {
+            let mut l = tar::Builder::new(Vec::new());
+            add_dir(&mut l, "sub/");
+            add_file(&mut l, "sub/f", b"x", 0o644);
+            add_file(&mut l, bad_name, b"", 0o644);
+            let a = archive_with_layer(dir.path(), l.into_inner().expect("layer"));
+            let e = import_archive(&a, &rootfs, None, &mut |_, _, _| {}).expect_err(bad_name);
+            assert_eq!(
+                e.kind(),
+                stacyvm_core::ErrorKind::InvalidInput,
+                "{bad_name}: {e}"
+            );
+            assert!(e.to_string().contains("bad whiteout"), "{bad_name}: {e}");
+        }
+        // Nothing outside the partial dir changed, and it is gone.
+        assert_eq!(fs::read(other.join("keep")).expect("kept"), b"in use");
+        assert_eq!(fs::read(&secret).expect("secret"), b"key hashes");
+        let left: Vec<_> = fs::read_dir(&rootfs)
+            .expect("rootfs")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("other-image")]);
     }
 
     #[test]
