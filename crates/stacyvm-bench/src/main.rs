@@ -66,6 +66,12 @@ struct Args {
     /// Container runtime of the engine_* scenarios.
     #[arg(long, default_value = "runc")]
     runtime: String,
+    /// Size of the `bigfile` transfer in MiB.
+    #[arg(long, default_value_t = 2048)]
+    big_mib: u64,
+    /// Pid of the server, whose resident memory `bigfile` samples.
+    #[arg(long)]
+    server_pid: Option<u32>,
 }
 
 struct Conn {
@@ -399,6 +405,7 @@ async fn scenario(args: &Args, name: &str) -> Result<Outcome> {
         }
         "engine_spawn" | "engine_exec" | "cli_exec" => engine::scenario(args, name).await,
         "density" => density(args).await,
+        "bigfile" => bigfile(args).await,
         other => bail!("unknown scenario {other:?}"),
     }
 }
@@ -456,6 +463,175 @@ async fn density(args: &Args) -> Result<Outcome> {
             .await;
     }
     Ok(out)
+}
+
+/// Resident memory of `pid` (bytes), from /proc.
+fn rss_of(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Deterministic 1 MiB chunk `i` of the big file.
+fn big_chunk(i: u64) -> Bytes {
+    let mut v = vec![0u8; 1 << 20];
+    for (j, b) in v.iter_mut().enumerate() {
+        *b = (j as u64).wrapping_mul(2_654_435_761).wrapping_add(i) as u8;
+    }
+    Bytes::from(v)
+}
+
+/// Streams `--big-mib` MiB into a sandbox (`PUT /files`) and back
+/// (`GET /files`) while sampling the server's resident memory; the floor
+/// is the same bytes written to and read from a host file by this process.
+async fn bigfile(args: &Args) -> Result<Outcome> {
+    use http_body_util::StreamBody;
+    let mib = args.big_mib;
+    let mut c = Conn::open(args).await?;
+    let id = c.spawn(args).await?;
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = args.server_pid.map(|pid| {
+        let (peak, on) = (peak.clone(), sampling.clone());
+        tokio::spawn(async move {
+            while on.load(std::sync::atomic::Ordering::SeqCst) {
+                peak.fetch_max(rss_of(pid), std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    });
+    let start_rss = args.server_pid.map_or(0, rss_of);
+    // Upload on a connection whose body is a stream.
+    let stream = TcpStream::connect(&args.addr).await?;
+    let io = hyper_util_io::TokioIo(stream);
+    type Streamed = StreamBody<
+        futures::stream::BoxStream<'static, Result<hyper::body::Frame<Bytes>, std::io::Error>>,
+    >;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake::<_, Streamed>(io).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let body: futures::stream::BoxStream<'static, _> = Box::pin(futures::stream::iter(
+        (0..mib).map(|i| Ok(hyper::body::Frame::data(big_chunk(i)))),
+    ));
+    let mut req = Request::builder()
+        .method(Method::PUT)
+        .uri(format!(
+            "/api/v1/sandboxes/{id}/files?path=/workspace/big.bin"
+        ))
+        .header("host", &args.addr)
+        .header("content-length", (mib << 20).to_string());
+    if let Some(k) = &args.api_key {
+        req = req.header("x-api-key", k);
+    }
+    let t = Instant::now();
+    let resp = tx.send_request(req.body(StreamBody::new(body))?).await?;
+    let st = resp.status();
+    let b = resp.into_body().collect().await?.to_bytes();
+    if !st.is_success() {
+        bail!("upload -> {st}: {}", String::from_utf8_lossy(&b));
+    }
+    let up = t.elapsed();
+    // Download, checking every byte.
+    let t = Instant::now();
+    let mut req = Request::builder()
+        .method(Method::GET)
+        .uri(format!(
+            "/api/v1/sandboxes/{id}/files?path=/workspace/big.bin"
+        ))
+        .header("host", &args.addr);
+    if let Some(k) = &args.api_key {
+        req = req.header("x-api-key", k);
+    }
+    c.tx.ready().await?;
+    let resp =
+        c.tx.send_request(req.body(Full::new(Bytes::new()))?)
+            .await?;
+    if !resp.status().is_success() {
+        bail!("download -> {}", resp.status());
+    }
+    let mut body = resp.into_body();
+    let (mut got, mut chunk_i, mut pos) = (0u64, 0u64, 0usize);
+    let mut want = big_chunk(0);
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame?.into_data() else {
+            continue;
+        };
+        for b in data.iter() {
+            if *b != want[pos] {
+                bail!("download differs at byte {got}");
+            }
+            got += 1;
+            pos += 1;
+            if pos == want.len() {
+                chunk_i += 1;
+                want = big_chunk(chunk_i);
+                pos = 0;
+            }
+        }
+    }
+    let down = t.elapsed();
+    if got != mib << 20 {
+        bail!("downloaded {got} bytes of {}", mib << 20);
+    }
+    sampling.store(false, std::sync::atomic::Ordering::SeqCst);
+    if let Some(h) = sampler {
+        let _ = h.await;
+    }
+    let _ = c
+        .ok(Method::DELETE, &format!("/sandboxes/{id}"), None)
+        .await;
+    // Floor: the same bytes through a host file, no server, no sandbox.
+    let path = std::env::temp_dir().join(format!("stacyvm-bench-{}.bin", std::process::id()));
+    let t = Instant::now();
+    {
+        use std::io::Write;
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        for i in 0..mib {
+            f.write_all(&big_chunk(i))?;
+        }
+        f.flush()?;
+    }
+    let floor_up = t.elapsed();
+    let t = Instant::now();
+    {
+        use std::io::Read;
+        let mut f = std::fs::File::open(&path)?;
+        let mut buf = vec![0u8; 1 << 20];
+        while f.read(&mut buf)? > 0 {}
+    }
+    let floor_down = t.elapsed();
+    let _ = std::fs::remove_file(&path);
+    let rate = |d: Duration| mib as f64 / d.as_secs_f64();
+    let peak = peak.load(std::sync::atomic::Ordering::SeqCst);
+    println!(
+        "bigfile {mib} MiB: upload {:.1} s ({:.0} MiB/s), download+verify {:.1} s ({:.0} MiB/s); \
+         server RSS {:.1} MiB before, peak {:.1} MiB{}; floor (host file, this process): write {:.1} s ({:.0} MiB/s), read {:.1} s ({:.0} MiB/s)",
+        up.as_secs_f64(),
+        rate(up),
+        down.as_secs_f64(),
+        rate(down),
+        start_rss as f64 / 1048576.0,
+        peak as f64 / 1048576.0,
+        if args.server_pid.is_none() { " (pass --server-pid to sample)" } else { "" },
+        floor_up.as_secs_f64(),
+        rate(floor_up),
+        floor_down.as_secs_f64(),
+        rate(floor_down),
+    );
+    Ok(Outcome {
+        name: "bigfile".into(),
+        latencies: vec![up, down],
+        wall: up + down,
+        errors: 0,
+        first_error: None,
+    })
 }
 
 /// Docker Engine floors measured without StacyVM.
