@@ -496,6 +496,56 @@ fn rootless_server_uses_a_user_namespace() {
         "files belong to the server's uid on the host"
     );
 
+    // The security regressions hold in rootless mode too: no host /etc,
+    // devices refused by the file API, setuid plants unreachable.
+    let marker = format!("stacyvm-rootless-{}", std::process::id());
+    std::fs::write(format!("/etc/{marker}"), "HOST-ETC").expect("marker");
+    let out = s.cli(&[
+        "exec",
+        "--shell",
+        &id,
+        "--",
+        &format!("cat /etc/{marker} 2>/dev/null || echo hidden; test -e /etc/shadow || echo no-shadow; cp /bin/sh /workspace/s && chmod 4755 /workspace/s && echo planted"),
+    ]);
+    let _ = std::fs::remove_file(format!("/etc/{marker}"));
+    assert_eq!(
+        text(&out.stdout),
+        "hidden\nno-shadow\nplanted\n",
+        "{}",
+        text(&out.stderr)
+    );
+    let planted = data
+        .join("native/sandboxes")
+        .join(&id)
+        .join("upper/workspace/s");
+    let run = Command::new("su")
+        .args(["nobody", "-s", "/bin/sh", "-c"])
+        .arg(format!("{} -p -c 'id -u'", planted.display()))
+        .output()
+        .expect("su");
+    assert!(
+        !text(&run.stdout).trim().starts_with('0'),
+        "a planted shell gave root: {}",
+        text(&run.stdout)
+    );
+    let code = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .arg(format!(
+            "{}/api/v1/sandboxes/{id}/files?path=/dev/zero",
+            s.url
+        ))
+        .output()
+        .expect("curl");
+    assert_eq!(text(&code.stdout), "400", "/dev/zero through the file API");
+
     // A fork bomb stops at the pids limit; the server keeps serving.
     let out = s.cli(&[
         "exec",
