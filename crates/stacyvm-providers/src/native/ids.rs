@@ -194,10 +194,15 @@ mod tests {
         let e = a.allocate(&owners[0]).expect_err("full");
         assert_eq!(e.kind(), stacyvm_core::ErrorKind::ResourceLimit);
         a.release(1_065_536);
-        assert_eq!(a.allocate(&owners[1]).expect("freed block"), 1_065_536);
-        // A lease whose sandbox dir is gone is swept.
-        std::fs::remove_dir(&owners[2]).expect("rm");
+        let fresh = dir.path().join("sb-fresh");
+        std::fs::create_dir_all(&fresh).expect("fresh");
+        assert_eq!(a.allocate(&fresh).expect("freed block"), 1_065_536);
+        // A lease whose sandbox dir is gone is swept; the others stay.
+        let lease = dir.path().join("ids").join("1131072");
+        let owner = std::fs::read_to_string(&lease).expect("lease");
+        std::fs::remove_dir(&owner).expect("rm");
         a.sweep();
+        assert!(std::fs::symlink_metadata(&lease).is_err(), "swept");
         let left = std::fs::read_dir(dir.path().join("ids"))
             .expect("ids")
             .count();

@@ -125,15 +125,9 @@ pub(crate) fn reap(sandboxes: &Path) -> usize {
         if id.kill() {
             reaped += 1;
             warn!(pid = p.pid, dir = %p.sandbox_dir.display(), "killed an orphaned sandbox nobody owns");
-            for _ in 0..5_000 {
-                if !id.alive() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_micros(200));
-            }
-            for dir in cgroups.iter().rev() {
-                let _ = std::fs::remove_dir(dir);
-            }
+            // Kills whatever else is left in its cgroups and waits (boundedly)
+            // for them to empty before removing them.
+            stacyvm_sandbox::cgroup::destroy(&cgroups);
         }
     }
     reaped
