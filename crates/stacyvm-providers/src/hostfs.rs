@@ -3,7 +3,12 @@
 //! Paths are sandbox paths (absolute, already normalised). Resolution walks
 //! component by component and resolves symlinks *inside* the root, exactly
 //! as a chroot would: an absolute link target restarts at the root and `..`
-//! never climbs above it. A link can therefore never reach a host file.
+//! never climbs above it. Resolution and use are separate steps, though:
+//! a process that can change the tree *between* them (the mock provider's
+//! commands run on the host) can race a link in. Final opens use
+//! `O_NOFOLLOW` and temp files are created exclusively under random names,
+//! which closes the simple races; this module is a boundary only for the
+//! mock test double, never for a real sandbox.
 
 use std::fs;
 use std::io;
@@ -121,16 +126,33 @@ impl HostRoot {
         if let Some(parent) = host.parent() {
             fs::create_dir_all(parent).map_err(|e| io_err(path, e))?;
         }
-        // Write to a temp file and rename: readers never see partial content.
+        // Write to a temp file and rename: readers never see partial
+        // content. The temp name is unpredictable and created exclusively
+        // (O_EXCL never follows a planted symlink); the mode is set on the
+        // open file, not by path.
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let tmp = host.with_file_name(format!(
-            ".{}.stacyvm-tmp-{}",
+            ".{}.stacyvm-tmp-{:016x}",
             host.file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default(),
-            std::process::id()
+            rand::random::<u64>()
         ));
-        fs::write(&tmp, data).map_err(|e| io_err(path, e))?;
-        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode)).map_err(|e| io_err(path, e))?;
+        let written = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(nix::libc::O_NOFOLLOW)
+            .open(&tmp)
+            .and_then(|mut f| {
+                f.write_all(data)?;
+                f.set_permissions(fs::Permissions::from_mode(mode))
+            });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&tmp);
+            return Err(io_err(path, e));
+        }
         fs::rename(&tmp, &host).map_err(|e| {
             let _ = fs::remove_file(&tmp);
             io_err(path, e)
