@@ -550,7 +550,8 @@ impl Lab {
             }
         }
         quiet(format!(
-            "nft delete table inet stacyvm_{b}; ip link del {b}; rm -rf /run/stacyvm/net/{b}",
+            "nft delete table inet stacyvm_{b}; nft delete table ip stacyvm_{b}; \
+             ip link del {b}; rm -rf /run/stacyvm/net/{b}",
             b = self.bridge
         ));
         // The rule goes last: until then nothing from the lab leaves the host.
