@@ -218,6 +218,11 @@ pub struct NativeConfig {
     pub bridge_name: String,
     /// IPv4 subnet of the bridge; its first address is the gateway.
     pub bridge_subnet: String,
+    /// IPv4 CIDRs `bridge` sandboxes may reach despite the built-in deny
+    /// list (private, link-local, metadata, ...), e.g. an internal proxy.
+    pub egress_allow: Vec<String>,
+    /// Extra IPv4 CIDRs `bridge` sandboxes may not reach; beats `egress_allow`.
+    pub egress_deny: Vec<String>,
     /// Sandboxes pre-booted for fast spawns (image `host`, network
     /// `none`; root servers only). 0 disables the pool.
     pub warm_pool: i64,
@@ -498,6 +503,8 @@ impl Default for NativeConfig {
             pids_limit: 512,
             bridge_name: "stacyvm0".into(),
             bridge_subnet: "10.88.0.0/16".into(),
+            egress_allow: Vec::new(),
+            egress_deny: Vec::new(),
             warm_pool: 2,
             user_namespace: true,
             subordinate_ids: "100000000:1000000000".into(),
@@ -1167,6 +1174,27 @@ impl Config {
                 format!("{bridge:?} must be 1-15 characters of [A-Za-z0-9_-]"),
             ));
         }
+        for (key, list) in [
+            (
+                "providers.native.egress_allow",
+                &self.providers.native.egress_allow,
+            ),
+            (
+                "providers.native.egress_deny",
+                &self.providers.native.egress_deny,
+            ),
+        ] {
+            for entry in list {
+                let cidr: crate::cidr::Cidr =
+                    entry.parse().map_err(|e| invalid(key, format!("{e}")))?;
+                if !cidr.is_ipv4() {
+                    return Err(invalid(
+                        key,
+                        format!("{entry}: bridge sandboxes have no IPv6, list IPv4 CIDRs only"),
+                    ));
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1371,6 +1399,43 @@ mod tests {
         assert!(e.to_string().contains("unsupported database.driver"), "{e}");
         let e = from_yaml_str("defaults:\n  max_ttl: -1h\n", &env(&[])).expect_err("negative");
         assert!(e.to_string().contains("defaults.max_ttl"), "{e}");
+    }
+
+    #[test]
+    fn native_egress_lists_are_validated() {
+        let l = from_yaml_str(
+            "providers:\n  native:\n    egress_allow: [\"10.1.2.0/24\", \"192.168.7.9\"]\n    egress_deny: [\"198.51.100.0/24\"]\n",
+            &env(&[]),
+        )
+        .expect("good lists");
+        assert_eq!(l.config.providers.native.egress_allow.len(), 2);
+        assert_eq!(l.config.providers.native.egress_deny, ["198.51.100.0/24"]);
+        for (yaml, key, why) in [
+            (
+                "egress_allow: [\"10.1.2.3/24\"]",
+                "egress_allow",
+                "host bits",
+            ),
+            (
+                "egress_allow: [\"proxy.local\"]",
+                "egress_allow",
+                "not an IP",
+            ),
+            (
+                "egress_deny: [\"10.0.0.0/40\"]",
+                "egress_deny",
+                "prefix length",
+            ),
+            ("egress_deny: [\"fd00::/8\"]", "egress_deny", "no IPv6"),
+        ] {
+            let e = from_yaml_str(&format!("providers:\n  native:\n    {yaml}\n"), &env(&[]))
+                .expect_err(yaml);
+            assert!(
+                matches!(&e, ConfigError::Invalid { key: k, .. } if *k == format!("providers.native.{key}")),
+                "{e}"
+            );
+            assert!(e.to_string().contains(why), "{e}");
+        }
     }
 
     #[test]

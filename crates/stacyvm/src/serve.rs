@@ -31,6 +31,19 @@ fn init_logging(cfg: &Config) {
     }
 }
 
+/// A CIDR list of the config (validated at load; the key names an error).
+fn parse_cidrs(key: &str, list: &[String]) -> Result<Vec<stacyvm_core::cidr::Cidr>> {
+    let mut out = Vec::new();
+    for entry in list {
+        out.push(
+            entry
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{key}: {entry:?}: {e}"))?,
+        );
+    }
+    Ok(out)
+}
+
 fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
     let mut v: Vec<Arc<dyn Provider>> = Vec::new();
     if cfg.providers.native.enabled {
@@ -50,6 +63,15 @@ fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
                     &cfg.providers.native.bridge_subnet,
                 )
                 .map_err(|e| anyhow::anyhow!("providers.native.bridge_subnet: {e}"))?,
+                egress_allow: parse_cidrs(
+                    "providers.native.egress_allow",
+                    &cfg.providers.native.egress_allow,
+                )?,
+                egress_deny: parse_cidrs(
+                    "providers.native.egress_deny",
+                    &cfg.providers.native.egress_deny,
+                )?,
+                ..Default::default()
             },
             warm_pool: usize::try_from(cfg.providers.native.warm_pool).unwrap_or(0),
             pool_memory_mb: cfg.defaults.memory_mb,

@@ -388,76 +388,272 @@ fn host(cmd: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A network namespace standing in for "the internet": a veth to the host
-/// with its own /30, removed on drop.
-struct Outside {
-    ns: String,
-    host_if: String,
-    host_ip: String,
-    peer_ip: String,
+/// A test's own bridge and the world around it, all removed on drop.
+///
+/// Sandbox traffic from the lab's subnet is routed by a policy rule into a
+/// table of the lab's own whose default route is `unreachable`: it can only
+/// ever reach the namespaces below, never a real network, whatever address
+/// a probe names.
+/// - `outside` (netns): stands in for the internet; holds 192.88.99.n and
+///   192.88.99.(n+1) (globally reachable per IANA, in no blocked range; the
+///   second is listed in `egress_deny`), listening on TCP 8080;
+/// - `lan` (netns): cloud metadata (169.254.169.254, 100.100.100.200),
+///   private addresses (192.168.n.10 allowed, .12 allowed then denied, .20
+///   not allowed) and a "resolver" at 172.31.n.53; every address listens on
+///   TCP 53 and 80.
+struct Lab {
+    n: u32,
+    bridge: String,
+    table: u32,
+    outside_ns: String,
+    lan_ns: String,
+    docker: Option<String>,
+    children: Vec<std::process::Child>,
+    _resolv: tempfile::NamedTempFile,
+    resolv_path: std::path::PathBuf,
 }
 
-impl Outside {
-    fn new() -> Outside {
-        let n = std::process::id() % 250 + 1;
-        let o = Outside {
-            ns: format!("svmt-out-{n}"),
-            host_if: format!("svmto{n}"),
-            host_ip: format!("198.18.{n}.1"),
-            peer_ip: format!("198.18.{n}.2"),
+impl Lab {
+    fn new() -> Lab {
+        let n = std::process::id() % 200 + 20;
+        let mut resolv = tempfile::NamedTempFile::new().expect("resolv.conf");
+        std::io::Write::write_all(
+            &mut resolv,
+            format!("nameserver 172.31.{n}.53\nnameserver 127.0.0.53\n").as_bytes(),
+        )
+        .expect("write resolv.conf");
+        let lab = Lab {
+            n,
+            bridge: format!("svmeg{n}"),
+            table: 7100 + n,
+            outside_ns: format!("svmt-out-{n}"),
+            lan_ns: format!("svmt-lan-{n}"),
+            docker: None,
+            children: Vec::new(),
+            resolv_path: resolv.path().to_path_buf(),
+            _resolv: resolv,
         };
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &o.ns])
+        lab.cleanup();
+        host(&format!(
+            "set -e
+             ip rule add from 10.89.{n}.0/24 lookup {t} priority {t}
+             ip route add unreachable default table {t}
+             ip netns add {o}
+             ip link add svmto{n} type veth peer name eth0 netns {o}
+             ip addr add 10.214.{n}.1/30 dev svmto{n}; ip link set svmto{n} up
+             ip -n {o} addr add 10.214.{n}.2/30 dev eth0
+             ip -n {o} addr add 192.88.99.{n}/32 dev eth0
+             ip -n {o} addr add 192.88.99.{m}/32 dev eth0
+             ip -n {o} link set eth0 up; ip -n {o} link set lo up
+             ip route add 192.88.99.{n}/32 via 10.214.{n}.2 table {t}
+             ip route add 192.88.99.{m}/32 via 10.214.{n}.2 table {t}
+             ip netns add {l}
+             ip link add svmtl{n} type veth peer name eth0 netns {l}
+             ip addr add 10.215.{n}.1/30 dev svmtl{n}; ip link set svmtl{n} up
+             ip -n {l} addr add 10.215.{n}.2/30 dev eth0
+             ip route add 10.215.{n}.2/32 dev svmtl{n} table {t}
+             for a in 169.254.169.254 100.100.100.200 192.168.{n}.10 192.168.{n}.12 192.168.{n}.20 172.31.{n}.53; do
+               ip -n {l} addr add $a/32 dev eth0
+               ip route add $a/32 via 10.215.{n}.2 table {t}
+             done
+             ip -n {l} link set eth0 up; ip -n {l} link set lo up
+             ip -n {l} route add default via 10.215.{n}.1
+             ip -n {o} route add default via 10.214.{n}.1",
+            t = lab.table,
+            o = lab.outside_ns,
+            l = lab.lan_ns,
+            m = n + 1,
+        ));
+        lab
+    }
+
+    /// Starts a server in `ns` on every address: each TCP connection to one
+    /// of `ports` gets `<peer address>\n` back.
+    fn serve(&mut self, ns: &str, ports: &[u16]) {
+        let code = format!(
+            "import socket, threading\n\
+             def serve(port):\n  l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n  \
+             l.bind(('0.0.0.0', port)); l.listen(16)\n  while True:\n    c, a = l.accept(); c.sendall((a[0] + '\\n').encode()); c.close()\n\
+             for p in {ports:?}: threading.Thread(target=serve, args=(p,)).start()\n"
+        );
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-c", &code])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("lab server");
+        self.children.push(child);
+    }
+
+    /// A plain container on Docker's default bridge with a listener on
+    /// 8080; its address. Needs dockerd (as the docker tests do).
+    fn docker_listener(&mut self) -> String {
+        let image = "stacyvm-test/native-egress-busybox:1";
+        let has = std::process::Command::new("docker")
+            .args(["image", "inspect", image])
+            .output()
+            .expect("docker CLI (apt-get install docker.io)");
+        if !has.status.success() {
+            // No pulls here: import busybox-static as a one-file image.
+            host(&format!(
+                "d=$(mktemp -d) && mkdir $d/bin && cp /bin/busybox $d/bin/ && \
+                 tar -C $d -c . | docker import - {image} >/dev/null && rm -rf $d"
+            ));
+        }
+        let name = format!("svmt-egress-{}", self.n);
+        let _ = std::process::Command::new("docker")
+            .args(["rm", "-f", &name])
             .output();
         host(&format!(
-            "ip netns add {ns} && ip link add {h} type veth peer name eth0 netns {ns} && \
-             ip addr add {hip}/30 dev {h} && ip link set {h} up && \
-             ip -n {ns} addr add {pip}/30 dev eth0 && ip -n {ns} link set eth0 up && ip -n {ns} link set lo up",
-            ns = o.ns,
-            h = o.host_if,
-            hip = o.host_ip,
-            pip = o.peer_ip
+            "docker run -d --name {name} --network bridge {image} /bin/busybox nc -ll -p 8080 -e /bin/busybox echo docker >/dev/null"
         ));
-        o
-    }
-}
-
-impl Drop for Outside {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("ip")
-            .args(["netns", "del", &self.ns])
-            .output();
-        let _ = std::process::Command::new("ip")
-            .args(["link", "del", &self.host_if])
-            .output();
-    }
-}
-
-/// `bridge` mode: the sandbox gets eth0 on the host bridge and reaches an
-/// outside host through NAT (the peer sees the host's address), but
-/// neither the host's own services nor another sandbox. Destroy removes
-/// the veth and the address lease.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bridge_mode_reaches_outside_through_nat_only() {
-    let fx = fixture();
-    let p: Arc<dyn Provider> = Arc::new(fx.make());
-    let outside = Outside::new();
-    // The outside host accepts one connection and prints the peer address
-    // and the line it received.
-    let server = std::process::Command::new("ip")
-        .args(["netns", "exec", &outside.ns, "python3", "-c"])
-        .arg(format!(
-            "import socket\nl = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
-             l.bind(('{ip}', 8080)); l.listen(); l.settimeout(30)\nc, a = l.accept()\n\
-             print(a[0], c.makefile().readline().strip(), flush=True)",
-            ip = outside.peer_ip
+        self.docker = Some(name.clone());
+        let ip = host(&format!(
+            "docker inspect -f '{{{{.NetworkSettings.IPAddress}}}}' {name}"
         ))
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("outside server");
-    std::thread::sleep(Duration::from_millis(300));
-    let host_listener = std::net::TcpListener::bind("0.0.0.0:0").expect("host listener");
+        .trim()
+        .to_string();
+        assert!(!ip.is_empty(), "container {name} has no address");
+        host(&format!(
+            "ip route add {ip}/32 dev docker0 table {}",
+            self.table
+        ));
+        ip
+    }
+
+    fn cleanup(&self) {
+        let n = self.n;
+        let quiet = |cmd: String| {
+            let _ = std::process::Command::new("sh").args(["-c", &cmd]).output();
+        };
+        if let Some(name) = &self.docker {
+            quiet(format!("docker rm -f {name}"));
+        }
+        quiet(format!(
+            "ip netns del {}; ip netns del {}; ip link del svmto{n}; ip link del svmtl{n}",
+            self.outside_ns, self.lan_ns
+        ));
+        quiet(format!(
+            "iptables -w -D DOCKER-USER -i {} -d 192.88.99.{n}/32 -j DROP",
+            self.bridge
+        ));
+        for spec in super::net::forward_rules(&self.bridge) {
+            for _ in 0..8 {
+                let ok = std::process::Command::new("iptables")
+                    .args(["-w", "-D", "FORWARD"])
+                    .args(&spec)
+                    .output()
+                    .is_ok_and(|o| o.status.success());
+                if !ok {
+                    break;
+                }
+            }
+        }
+        quiet(format!(
+            "nft delete table inet stacyvm_{b}; nft delete table ip stacyvm_{b}; \
+             ip link del {b}; rm -rf /run/stacyvm/net/{b}",
+            b = self.bridge
+        ));
+        // The rule goes last: until then nothing from the lab leaves the host.
+        quiet(format!(
+            "ip route flush table {t}; ip rule del priority {t}",
+            t = self.table
+        ));
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.cleanup();
+    }
+}
+
+/// A provider like the fixture's, on the lab's bridge.
+fn lab_provider(fx: &super::tests::Fixture, lab: &Lab) -> super::NativeProvider {
+    let n = lab.n;
+    let cidrs = |l: &[&str]| -> Vec<stacyvm_core::cidr::Cidr> {
+        l.iter().map(|c| c.parse().expect("cidr")).collect()
+    };
+    super::NativeProvider::new(super::NativeOptions {
+        state_dir: fx.state_dir(),
+        agent_path: super::find_agent("").expect("stacyvm-agent next to the test binary"),
+        pids_limit: 512,
+        hidden: vec![],
+        network_mode: "none".into(),
+        bridge: super::net::BridgeOptions {
+            name: lab.bridge.clone(),
+            subnet: super::net::Subnet::parse(&format!("10.89.{n}.0/24")).expect("subnet"),
+            egress_allow: cidrs(&[&format!("192.168.{n}.0/28")]),
+            egress_deny: cidrs(&[
+                &format!("192.168.{n}.12/32"),
+                &format!("192.88.99.{}", n + 1),
+            ]),
+            resolv_conf: lab.resolv_path.clone(),
+        },
+        warm_pool: 0,
+        pool_memory_mb: 256,
+        landlock: false,
+        user_namespace: true,
+        subordinate_ids: super::ids::IdRange::parse(super::ids::DEFAULT_RANGE).expect("range"),
+    })
+    .expect("native provider on the lab bridge")
+}
+
+/// Connects, in parallel threads, to each `label=host:port` target (IPv6
+/// hosts in brackets) and prints `label=<first line received>` or
+/// `label=blocked`.
+fn probe_script(targets: &[(String, String, u16)]) -> String {
+    let list: Vec<String> = targets
+        .iter()
+        .map(|(l, h, p)| format!("({l:?}, {h:?}, {p})"))
+        .collect();
+    format!(
+        "import socket, threading\nres = {{}}\n\
+         def go(label, host, port):\n  try:\n    \
+         c = socket.create_connection((host, port), timeout=3); res[label] = c.makefile().readline().strip() or 'connected'\n  \
+         except OSError: res[label] = 'blocked'\n\
+         ts = [threading.Thread(target=go, args=t) for t in [{}]]\n\
+         [t.start() for t in ts]; [t.join() for t in ts]\n\
+         print(' '.join(f'{{k}}={{v}}' for k, v in sorted(res.items())))",
+        list.join(", ")
+    )
+}
+
+/// `bridge` mode reaches the public internet and nothing else (F-7): from
+/// a sandbox, an outside host (public address, through NAT) answers and
+/// sees the host's address; cloud metadata, private and reserved ranges,
+/// a Docker container, the host on any of its addresses (IPv4 or IPv6)
+/// and another sandbox do not. `egress_allow` opens a private address,
+/// `egress_deny` beats it and closes a public one, the configured resolver
+/// answers on port 53 only, Docker's `DOCKER-USER` judges the traffic
+/// before StacyVM's FORWARD accept. Destroy removes veth and lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_mode_reaches_only_the_public_internet() {
+    let mut lab = Lab::new();
+    let fx = fixture();
+    let p: Arc<dyn Provider> = Arc::new(lab_provider(&fx, &lab));
+    let n = lab.n;
+    let (outside, lan) = (lab.outside_ns.clone(), lab.lan_ns.clone());
+    lab.serve(&outside, &[8080]);
+    lab.serve(&lan, &[53, 80]);
+    let docker_ip = lab.docker_listener();
+    let host_listener = std::net::TcpListener::bind("[::]:0").expect("host listener");
     let host_port = host_listener.local_addr().expect("addr").port();
+    std::thread::sleep(Duration::from_millis(500));
+    // Positive controls: the listeners answer where the filter does not apply.
+    let r = host(&format!(
+        "ip netns exec {lan} python3 -c \"import socket; print(socket.create_connection(('169.254.169.254', 80), timeout=3).makefile().readline().strip())\"; \
+         busybox nc -w 3 {docker_ip} 8080 </dev/null"
+    ));
+    assert_eq!(
+        r.split_whitespace().collect::<Vec<_>>(),
+        ["169.254.169.254", "docker"],
+        "{r}"
+    );
 
     let a = spawn_net(p.as_ref(), 256, "bridge").await;
     let b = spawn_net(p.as_ref(), 256, "bridge").await;
@@ -472,46 +668,104 @@ async fn bridge_mode_reaches_outside_through_nat_only() {
     };
     let ra = sh(p.as_ref(), &a, "ip -4 -o addr show dev eth0").await;
     let ip_a = addr_of(&ra);
-    assert!(ip_a.starts_with("10.88."), "eth0 of a: {ra:?}");
+    let prefix = format!("10.89.{n}.");
+    assert!(ip_a.starts_with(&prefix), "eth0 of a: {ra:?}");
     let rb = sh(p.as_ref(), &b, "ip -4 -o addr show dev eth0").await;
     let ip_b = addr_of(&rb);
     assert!(
-        ip_b.starts_with("10.88.") && ip_b != ip_a,
+        ip_b.starts_with(&prefix) && ip_b != ip_a,
         "eth0 of b: {rb:?}"
     );
 
-    let r = py(
-        p.as_ref(),
-        &a,
-        &format!(
-            "import socket\nc = socket.create_connection(('{ip}', 8080), timeout=10)\nc.sendall(b'hello from {a}\\n'); c.close(); print('sent')",
-            ip = outside.peer_ip
-        ),
-    )
-    .await;
-    assert_eq!(r.stdout.trim(), "sent", "{r:?}");
-    let out = server.wait_with_output().expect("outside server output");
-    let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    // No IPv6 on eth0 (not even link-local); loopback keeps ::1.
+    let r = sh(p.as_ref(), &a, "cat /proc/net/if_inet6").await;
+    assert!(!r.stdout.contains("eth0"), "IPv6 on eth0: {r:?}");
+    assert!(r.stdout.contains(" lo"), "::1 on lo: {r:?}");
+
+    // Every host address (IPv4 and IPv6), bridge link-local included.
+    let mut targets: Vec<(String, String, u16)> = Vec::new();
+    let addrs = host("ip -o addr show | awk '{print $2, $4}'");
+    for line in addrs.lines() {
+        let mut w = line.split_whitespace();
+        let (Some(dev), Some(cidr)) = (w.next(), w.next()) else {
+            continue;
+        };
+        let ip = cidr.split('/').next().unwrap_or_default();
+        if dev == "lo" {
+            continue;
+        }
+        let h = if ip.starts_with("fe80:") {
+            format!("{ip}%eth0")
+        } else {
+            ip.to_string()
+        };
+        targets.push((format!("host-{dev}-{ip}"), h, host_port));
+    }
+    assert!(targets.iter().any(|t| t.0.contains("svmto")), "{addrs}");
+    let public = format!("192.88.99.{n}");
+    for (label, h, port) in [
+        ("public", public.clone(), 8080),
+        ("denied-public", format!("192.88.99.{}", n + 1), 8080),
+        ("metadata", "169.254.169.254".to_string(), 80),
+        ("alibaba-metadata", "100.100.100.200".to_string(), 80),
+        ("allowed-private", format!("192.168.{n}.10"), 80),
+        ("denied-private", format!("192.168.{n}.12"), 80),
+        ("private", format!("192.168.{n}.20"), 80),
+        ("lan-peer", format!("10.215.{n}.2"), 80),
+        ("resolver-dns", format!("172.31.{n}.53"), 53),
+        ("resolver-http", format!("172.31.{n}.53"), 80),
+        ("docker", docker_ip.clone(), 8080),
+        ("v6-metadata", "fd00:ec2::254".to_string(), 80),
+    ] {
+        targets.push((label.to_string(), h, port));
+    }
+    let r = py(p.as_ref(), &a, &probe_script(&targets)).await;
+    let got: std::collections::BTreeMap<&str, &str> = r
+        .stdout
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    assert_eq!(got.len(), targets.len(), "{r:?}");
+    for (label, _, _) in &targets {
+        let v = got.get(label.as_str()).copied().unwrap_or_default();
+        let want_open = matches!(
+            label.as_str(),
+            "public" | "allowed-private" | "resolver-dns"
+        );
+        if want_open {
+            assert_ne!(v, "blocked", "{label} must be reachable: {r:?}");
+        } else {
+            assert_eq!(v, "blocked", "{label} must be unreachable: {r:?}");
+        }
+    }
+    // Through NAT: the outside sees the host's address, not the sandbox's.
     assert_eq!(
-        line,
-        format!("{} hello from {a}", outside.host_ip),
-        "the outside host sees the masqueraded host address"
+        got.get("public"),
+        Some(&format!("10.214.{n}.1").as_str()),
+        "{r:?}"
     );
 
-    // Not the host itself, on the gateway or on any other host address.
-    let probe = |ip: String, port: u16| {
-        format!(
-            "import socket\ns = socket.socket(); s.settimeout(2)\ntry:\n  s.connect(('{ip}', {port})); print('reached')\nexcept OSError as e: print('blocked')"
-        )
-    };
-    let r = py(p.as_ref(), &a, &probe("10.88.0.1".into(), host_port)).await;
-    assert_eq!(r.stdout.trim(), "blocked", "host via gateway: {r:?}");
-    let r = py(p.as_ref(), &a, &probe(outside.host_ip.clone(), host_port)).await;
-    assert_eq!(
-        r.stdout.trim(),
-        "blocked",
-        "host via another address: {r:?}"
-    );
+    // Docker's DOCKER-USER judges the bridge's traffic before StacyVM's
+    // accept (which sits at the end of FORWARD).
+    if host("iptables -w -S DOCKER-USER 2>/dev/null || true").contains("-N DOCKER-USER") {
+        host(&format!(
+            "iptables -w -I DOCKER-USER -i {} -d {public}/32 -j DROP",
+            lab.bridge
+        ));
+        let one = [("public".to_string(), public.clone(), 8080)];
+        let r = py(p.as_ref(), &a, &probe_script(&one)).await;
+        assert_eq!(
+            r.stdout.trim(),
+            "public=blocked",
+            "DOCKER-USER bypassed: {r:?}"
+        );
+        host(&format!(
+            "iptables -w -D DOCKER-USER -i {} -d {public}/32 -j DROP",
+            lab.bridge
+        ));
+        let r = py(p.as_ref(), &a, &probe_script(&one)).await;
+        assert_ne!(r.stdout.trim(), "public=blocked", "{r:?}");
+    }
 
     // Not the other sandbox, even though it listens on its eth0.
     let listen = format!(
@@ -522,12 +776,25 @@ async fn bridge_mode_reaches_outside_through_nat_only() {
     let b2 = b.clone();
     let listening = tokio::spawn(async move { py(pb.as_ref(), &b2, &listen).await });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let r = py(p.as_ref(), &a, &probe(ip_b.clone(), 9000)).await;
-    assert_eq!(r.stdout.trim(), "blocked", "peer sandbox: {r:?}");
+    let peer = [("peer".to_string(), ip_b.clone(), 9000)];
+    let r = py(p.as_ref(), &a, &probe_script(&peer)).await;
+    assert_eq!(r.stdout.trim(), "peer=blocked", "peer sandbox: {r:?}");
     let r = listening.await.expect("listener task");
     assert_eq!(r.stdout.trim(), "nobody", "{r:?}");
-    // A sandbox has no NET_ADMIN: it cannot change its own address.
-    let r = sh(p.as_ref(), &a, "ip addr add 10.88.250.250/16 dev eth0").await;
+    // A sandbox has no NET_ADMIN: it can change neither its address nor IPv6.
+    let r = sh(
+        p.as_ref(),
+        &a,
+        &format!("ip addr add 10.89.{n}.250/24 dev eth0"),
+    )
+    .await;
+    assert_ne!(r.code, 0, "{r:?}");
+    let r = sh(
+        p.as_ref(),
+        &a,
+        "echo 0 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6",
+    )
+    .await;
     assert_ne!(r.code, 0, "{r:?}");
     drop(host_listener);
 
@@ -542,7 +809,9 @@ async fn bridge_mode_reaches_outside_through_nat_only() {
             !std::path::Path::new("/sys/class/net").join(&veth).exists(),
             "veth {veth} leaked"
         );
-        let lease = std::path::Path::new("/run/stacyvm/net/stacyvm0").join(ip);
+        let lease = std::path::Path::new("/run/stacyvm/net")
+            .join(&lab.bridge)
+            .join(ip);
         assert!(!lease.exists(), "lease {ip} leaked");
     }
 }

@@ -1,32 +1,70 @@
 //! `bridge` networking for native sandboxes: a host bridge with NAT, one
-//! veth pair per sandbox.
+//! veth pair per sandbox, and an egress filter that lets sandboxes reach
+//! the public internet and nothing else.
 //!
 //! Every native sandbox has its own network namespace. In `none` mode it
 //! holds only loopback. In `bridge` mode the provider, after boot, creates
 //! a veth pair whose inner end becomes `eth0` in the sandbox (address from
 //! the bridge subnet, default route via the bridge), and whose host end is
 //! an isolated port of the bridge (sandboxes cannot reach each other).
+//! Sandboxes get no IPv6: `disable_ipv6` is set on the bridge, on the host
+//! end and inside the namespace (`default`, `eth0`), so there is no
+//! address, not even link-local, to talk from (the sandbox keeps `::1` on
+//! its own loopback); the firewall drops IPv6 from the bridge as well.
 //!
 //! Host side, set up once per bridge and idempotently:
 //! - the bridge itself, with the subnet's first address as gateway;
-//! - an nftables table `ip stacyvm_<bridge>` that masquerades traffic
-//!   leaving through another interface and drops every new connection from
-//!   the bridge to the host itself (the StacyVM API and any other host
-//!   service stay unreachable from sandboxes);
+//! - an nftables table `inet stacyvm_<bridge>` that masquerades traffic
+//!   leaving through another interface and drops, for new connections from
+//!   the bridge: everything to the host itself (any of its addresses; the
+//!   StacyVM API and every other host service), everything over IPv6,
+//!   and forwarded traffic to [`BLOCKED_V4`] (cloud metadata, link-local,
+//!   private, CGNAT, loopback, multicast, reserved and documentation
+//!   ranges). The operator's `egress_deny` comes first, then
+//!   `egress_allow`, then the built-in list. The host's IPv4 resolvers
+//!   (nameservers of `/etc/resolv.conf`, read at setup) stay reachable on
+//!   port 53, so a resolver on a private address keeps working. Nothing
+//!   opens connections into a sandbox from another interface;
 //! - `ip_forward` on, and, when iptables has a FORWARD chain (Docker sets
-//!   its policy to DROP), accept rules for the bridge's traffic there.
+//!   its policy to DROP), accept rules for the bridge's traffic appended at
+//!   the *end* of FORWARD (comment `stacyvm:<bridge>`): Docker's chains
+//!   (`DOCKER-USER`, isolation, per-network drops) see the traffic first.
 //!
 //! Addresses are leased through files under `/run/stacyvm/net/<bridge>/`
 //! (created with O_EXCL, so concurrent servers and tests never share one);
 //! they live in /run because veths and namespaces do not survive a reboot.
 
 use std::io::Write;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
+use stacyvm_core::cidr::Cidr;
 use stacyvm_core::{Error, Result};
-use tracing::info;
+use tracing::{info, warn};
+
+/// Destinations no `bridge` sandbox may reach unless `egress_allow` lists
+/// them (the same list as the docker provider's): this network, private
+/// (RFC 1918), CGNAT (RFC 6598, holds Alibaba's metadata 100.100.100.200),
+/// loopback, link-local (169.254/16, holds 169.254.169.254), IETF protocol
+/// assignments, documentation, benchmarking, multicast and reserved (with
+/// the broadcast address).
+pub const BLOCKED_V4: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+];
 
 /// A parsed `a.b.c.d/len` IPv4 subnet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,14 +126,185 @@ pub struct BridgeOptions {
     /// Bridge interface name (at most 15 bytes).
     pub name: String,
     pub subnet: Subnet,
+    /// IPv4 destinations reachable despite [`BLOCKED_V4`].
+    pub egress_allow: Vec<Cidr>,
+    /// Extra IPv4 destinations dropped; beats `egress_allow`.
+    pub egress_deny: Vec<Cidr>,
+    /// Resolver config whose IPv4 nameservers stay reachable on port 53.
+    pub resolv_conf: PathBuf,
 }
 
 impl Default for BridgeOptions {
     fn default() -> Self {
         BridgeOptions {
             name: "stacyvm0".into(),
-            subnet: Subnet::parse("10.88.0.0/16").expect("valid default"),
+            subnet: Subnet {
+                base: Ipv4Addr::new(10, 88, 0, 0),
+                prefix: 16,
+            },
+            egress_allow: Vec::new(),
+            egress_deny: Vec::new(),
+            resolv_conf: PathBuf::from("/etc/resolv.conf"),
         }
+    }
+}
+
+/// The IPv4 nameservers of a resolv.conf, split into those a sandbox can
+/// be allowed to reach and loopback ones it never can (its loopback is its
+/// own).
+fn nameservers(text: &str) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
+    let (mut reachable, mut loopback) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if words.next() != Some("nameserver") {
+            continue;
+        }
+        let Some(Ok(IpAddr::V4(ip))) = words.next().map(str::parse::<IpAddr>) else {
+            continue;
+        };
+        let list = if ip.is_loopback() {
+            &mut loopback
+        } else {
+            &mut reachable
+        };
+        if !list.contains(&ip) {
+            list.push(ip);
+        }
+    }
+    (reachable, loopback)
+}
+
+/// An nft set of IPv4 intervals, with its elements when there are any.
+fn nft_set<T: std::fmt::Display>(name: &str, elements: &[T]) -> String {
+    let mut out = format!("  set {name} {{\n    type ipv4_addr; flags interval; auto-merge;\n");
+    if !elements.is_empty() {
+        let list: Vec<String> = elements.iter().map(ToString::to_string).collect();
+        out.push_str(&format!("    elements = {{ {} }}\n", list.join(", ")));
+    }
+    out.push_str("  }\n");
+    out
+}
+
+/// The nftables transaction that (re)creates the bridge's table, and
+/// removes the `ip` table of earlier versions.
+fn ruleset(opts: &BridgeOptions, resolvers: &[Ipv4Addr]) -> Result<String> {
+    let mut allow = Vec::new();
+    let mut deny = Vec::new();
+    for (list, out) in [
+        (&opts.egress_allow, &mut allow),
+        (&opts.egress_deny, &mut deny),
+    ] {
+        for c in list {
+            if !c.is_ipv4() {
+                return Err(Error::unavailable(format!(
+                    "egress rule {c}: bridge sandboxes have no IPv6, list IPv4 CIDRs only"
+                )));
+            }
+            out.push(*c);
+        }
+    }
+    let name = &opts.name;
+    let table = format!("stacyvm_{name}");
+    let mut sets = nft_set("blocked4", BLOCKED_V4);
+    sets.push_str(&nft_set("allow4", &allow));
+    sets.push_str(&nft_set("deny4", &deny));
+    sets.push_str(&nft_set("resolvers4", resolvers));
+    Ok(format!(
+        "table ip {table} {{}}\n\
+         delete table ip {table}\n\
+         table inet {table} {{}}\n\
+         delete table inet {table}\n\
+         table inet {table} {{\n\
+         {sets}\
+           chain postrouting {{\n\
+             type nat hook postrouting priority srcnat; policy accept;\n\
+             ip saddr {subnet} oifname != \"{name}\" masquerade\n\
+           }}\n\
+           chain input {{\n\
+             type filter hook input priority filter; policy accept;\n\
+             iifname \"{name}\" ct state established,related accept\n\
+             iifname \"{name}\" ip daddr @resolvers4 meta l4proto {{ tcp, udp }} th dport 53 accept\n\
+             iifname \"{name}\" drop\n\
+           }}\n\
+           chain forward {{\n\
+             type filter hook forward priority filter; policy accept;\n\
+             iifname \"{name}\" oifname \"{name}\" drop\n\
+             oifname \"{name}\" ct state established,related accept\n\
+             oifname \"{name}\" drop\n\
+             iifname \"{name}\" ct state established,related accept\n\
+             iifname \"{name}\" meta nfproto != ipv4 drop\n\
+             iifname \"{name}\" ip daddr @deny4 drop\n\
+             iifname \"{name}\" ip daddr @allow4 accept\n\
+             iifname \"{name}\" ip daddr @resolvers4 meta l4proto {{ tcp, udp }} th dport 53 accept\n\
+             iifname \"{name}\" ip daddr @blocked4 drop\n\
+           }}\n\
+         }}\n",
+        subnet = opts.subnet,
+    ))
+}
+
+/// The iptables FORWARD rules of a bridge (arguments after the chain):
+/// replies to sandboxes, and what the nft table let through from them.
+pub fn forward_rules(bridge: &str) -> [Vec<String>; 2] {
+    let comment = format!("stacyvm:{bridge}");
+    let with = |spec: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = spec.iter().map(|s| (*s).to_string()).collect();
+        v.extend(["-m", "comment", "--comment", &comment, "-j", "ACCEPT"].map(String::from));
+        v
+    };
+    [
+        with(&[
+            "-o",
+            bridge,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "RELATED,ESTABLISHED",
+        ]),
+        with(&["-i", bridge, "!", "-o", bridge]),
+    ]
+}
+
+/// The FORWARD rules earlier versions inserted at the top of the chain,
+/// ahead of Docker's (removed on setup).
+fn legacy_forward_rules(bridge: &str) -> [Vec<String>; 2] {
+    let spec = |s: &[&str]| s.iter().map(|s| (*s).to_string()).collect::<Vec<String>>();
+    [
+        spec(&["-i", bridge, "!", "-o", bridge, "-j", "ACCEPT"]),
+        spec(&[
+            "-o",
+            bridge,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "RELATED,ESTABLISHED",
+            "-j",
+            "ACCEPT",
+        ]),
+    ]
+}
+
+/// Runs `iptables -w <op> FORWARD <spec>`; true when it succeeded.
+fn iptables_forward(op: &str, spec: &[String]) -> bool {
+    std::process::Command::new("iptables")
+        .args(["-w", op, "FORWARD"])
+        .args(spec)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Turns IPv6 off on one interface of the current network namespace (a
+/// kernel without IPv6 has nothing to turn off).
+fn disable_ipv6(iface: &str) -> std::io::Result<()> {
+    let path = Path::new("/proc/sys/net/ipv6/conf")
+        .join(iface)
+        .join("disable_ipv6");
+    match std::fs::write(path, "1") {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        r => r,
     }
 }
 
@@ -195,67 +404,58 @@ impl Bridge {
             run("ip", &["link", "add", name, "type", "bridge"], None)?;
             info!(bridge = name, subnet = %self.opts.subnet, "created the native bridge");
         }
+        // No IPv6 on the bridge: no link-local address a sandbox could use.
+        disable_ipv6(name)
+            .map_err(|e| Error::internal("disabling IPv6 on the bridge").with_source(e))?;
         // `replace` is idempotent; the bridge must be up even with no ports.
         run("ip", &["addr", "replace", &gw, "dev", name], None)?;
         run("ip", &["link", "set", name, "up"], None)?;
         std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
             .map_err(|e| Error::internal("enabling ip_forward").with_source(e))?;
+        let (resolvers, loopback) = match std::fs::read_to_string(&self.opts.resolv_conf) {
+            Ok(text) => nameservers(&text),
+            Err(e) => {
+                warn!(path = %self.opts.resolv_conf.display(), error = %e, "no resolver config: bridge sandboxes get no DNS exception");
+                (Vec::new(), Vec::new())
+            }
+        };
+        if !loopback.is_empty() {
+            warn!(
+                bridge = name,
+                resolvers = ?loopback,
+                "the host resolver is on loopback, which bridge sandboxes cannot reach (their loopback is their own); point /etc/resolv.conf at a reachable resolver"
+            );
+        }
         // One transaction: create-if-missing, drop, recreate.
-        let table = format!("stacyvm_{name}");
-        let rules = format!(
-            "table ip {table} {{}}\n\
-             delete table ip {table}\n\
-             table ip {table} {{\n\
-               chain postrouting {{\n\
-                 type nat hook postrouting priority srcnat; policy accept;\n\
-                 ip saddr {subnet} oifname != \"{name}\" masquerade\n\
-               }}\n\
-               chain input {{\n\
-                 type filter hook input priority filter; policy accept;\n\
-                 iifname \"{name}\" ct state established,related accept\n\
-                 iifname \"{name}\" drop\n\
-               }}\n\
-               chain forward {{\n\
-                 type filter hook forward priority filter; policy accept;\n\
-                 iifname \"{name}\" oifname \"{name}\" drop\n\
-               }}\n\
-             }}\n",
-            subnet = self.opts.subnet,
-        );
-        run("nft", &["-f", "-"], Some(&rules))?;
+        run("nft", &["-f", "-"], Some(&ruleset(&self.opts, &resolvers)?))?;
         self.allow_in_iptables_forward();
         let _ = self.ready.set(());
         Ok(())
     }
 
     /// Docker sets the iptables FORWARD policy to DROP, which would also
-    /// drop the bridge's traffic; accept it there (idempotently).
+    /// drop the bridge's traffic: accept it there, at the end of the chain
+    /// so that Docker's own chains (and the operator's `DOCKER-USER`
+    /// rules) judge it first. What reaches these rules has passed the nft
+    /// table's filter (an nft drop is final whatever iptables says).
     fn allow_in_iptables_forward(&self) {
         let name = self.opts.name.as_str();
-        let rules: [&[&str]; 2] = [
-            &["-i", name, "!", "-o", name, "-j", "ACCEPT"],
-            &[
-                "-o",
-                name,
-                "-m",
-                "conntrack",
-                "--ctstate",
-                "RELATED,ESTABLISHED",
-                "-j",
-                "ACCEPT",
-            ],
-        ];
-        for rule in rules {
-            let mut check = vec!["-C", "FORWARD"];
-            check.extend_from_slice(rule);
-            if run("iptables", &check, None).is_ok() {
+        // Rules of earlier versions sat at the top of FORWARD, bypassing
+        // Docker's chains (bounded: a racing copy is removed too).
+        for spec in legacy_forward_rules(name) {
+            for _ in 0..8 {
+                if !iptables_forward("-D", &spec) {
+                    break;
+                }
+            }
+        }
+        for spec in forward_rules(name) {
+            if iptables_forward("-C", &spec) {
                 continue;
             }
-            let mut insert = vec!["-I", "FORWARD"];
-            insert.extend_from_slice(rule);
-            if let Err(e) = run("iptables", &insert, None) {
-                // No iptables at all: nothing else can be dropping.
-                tracing::debug!(error = %e, "iptables FORWARD rule not added");
+            if !iptables_forward("-A", &spec) {
+                // No iptables (or no FORWARD chain): nothing else can be dropping.
+                tracing::debug!(bridge = name, "iptables FORWARD rule not added");
             }
         }
     }
@@ -335,6 +535,9 @@ impl Bridge {
 
     fn wire(&self, att: &Attachment, init_pid: i32) -> Result<()> {
         let pid = init_pid.to_string();
+        // Opened before anything is created: a pid that is gone fails here.
+        let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
+            .map_err(|e| Error::internal("opening the sandbox network namespace").with_source(e))?;
         // The inner end is created directly in the sandbox's namespace.
         run(
             "ip",
@@ -352,6 +555,22 @@ impl Bridge {
             ],
             None,
         )?;
+        // No IPv6 on either end, before any link is up (so no link-local
+        // address is ever configured). Inside, from a thread that joins the
+        // sandbox's network namespace and then exits.
+        disable_ipv6(&att.host_if)
+            .map_err(|e| Error::internal("disabling IPv6 on the host veth").with_source(e))?;
+        std::thread::spawn(move || -> std::io::Result<()> {
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+            // Not `all`: that would take `::1` from the sandbox's own loopback.
+            for iface in ["default", "eth0"] {
+                disable_ipv6(iface)?;
+            }
+            Ok(())
+        })
+        .join()
+        .map_err(|_| Error::internal("IPv6 setup thread panicked"))?
+        .map_err(|e| Error::internal("disabling IPv6 in the sandbox").with_source(e))?;
         run(
             "ip",
             &["-batch", "-"],
@@ -413,6 +632,97 @@ mod tests {
             assert!(Subnet::parse(bad).is_err(), "{bad} accepted");
         }
         assert_eq!(s.to_string(), "10.88.0.0/16");
+    }
+
+    #[test]
+    fn nameservers_split_reachable_from_loopback() {
+        let (ok, lo) = nameservers(
+            "# comment\nsearch example\nnameserver 10.255.255.53\nnameserver 127.0.0.53\n\
+             nameserver fd00::1\nnameserver 10.255.255.53\nnameserver bogus\nnameserver 1.1.1.1\n",
+        );
+        assert_eq!(
+            ok,
+            [Ipv4Addr::new(10, 255, 255, 53), Ipv4Addr::new(1, 1, 1, 1)]
+        );
+        assert_eq!(lo, [Ipv4Addr::new(127, 0, 0, 53)]);
+    }
+
+    /// The table holds the deny, allow, built-in and resolver sets in that
+    /// order of precedence, drops IPv6 and the host, and is valid for the
+    /// installed nft (`--check` changes nothing).
+    #[test]
+    fn ruleset_filters_in_order_and_passes_nft_check() {
+        let opts = BridgeOptions {
+            name: "svmcheck0".into(),
+            egress_allow: vec!["10.1.0.0/16".parse().expect("cidr")],
+            egress_deny: vec![
+                "10.1.2.0/24".parse().expect("cidr"),
+                "192.88.99.1".parse().expect("cidr"),
+            ],
+            ..BridgeOptions::default()
+        };
+        let rs = ruleset(&opts, &[Ipv4Addr::new(10, 255, 255, 53)]).expect("ruleset");
+        for cidr in BLOCKED_V4 {
+            assert!(rs.contains(cidr), "{cidr} missing");
+        }
+        assert!(rs.contains("table inet stacyvm_svmcheck0 {\n"), "{rs}");
+        assert!(
+            rs.contains("delete table ip stacyvm_svmcheck0"),
+            "legacy table removed"
+        );
+        assert!(
+            rs.contains("elements = { 10.1.2.0/24, 192.88.99.1/32 }"),
+            "{rs}"
+        );
+        assert!(rs.contains("elements = { 10.255.255.53 }"), "{rs}");
+        let forward = rs.split("chain forward").nth(1).expect("forward chain");
+        let pos = |needle: &str| {
+            forward
+                .find(needle)
+                .unwrap_or_else(|| panic!("{needle} missing: {forward}"))
+        };
+        assert!(pos("nfproto != ipv4 drop") < pos("@deny4 drop"));
+        assert!(pos("@deny4 drop") < pos("@allow4 accept"));
+        assert!(pos("@allow4 accept") < pos("@resolvers4"));
+        assert!(pos("@resolvers4") < pos("@blocked4 drop"));
+        let input = rs.split("chain input").nth(1).expect("input chain");
+        assert!(input.contains("iifname \"svmcheck0\" drop"), "{input}");
+        let out = std::process::Command::new("nft")
+            .args(["--check", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|mut c| {
+                if let Some(mut w) = c.stdin.take() {
+                    w.write_all(rs.as_bytes())?;
+                }
+                c.wait_with_output()
+            })
+            .expect("nft (apt-get install nftables)");
+        assert!(
+            out.status.success(),
+            "{}\n{rs}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v6 = BridgeOptions {
+            egress_allow: vec!["fd00::/8".parse().expect("cidr")],
+            ..BridgeOptions::default()
+        };
+        assert!(ruleset(&v6, &[]).is_err(), "IPv6 egress rules are refused");
+    }
+
+    #[test]
+    fn forward_rules_are_marked_accepts_and_legacy_ones_are_not() {
+        let ours = forward_rules("stacyvm0");
+        for r in &ours {
+            assert!(r.windows(2).any(|w| w == ["--comment", "stacyvm:stacyvm0"]));
+            assert_eq!(r.last().map(String::as_str), Some("ACCEPT"));
+        }
+        for r in legacy_forward_rules("stacyvm0") {
+            assert!(!r.contains(&"--comment".to_string()));
+            assert!(!ours.contains(&r));
+        }
     }
 
     #[test]
