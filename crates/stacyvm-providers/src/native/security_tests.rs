@@ -257,3 +257,89 @@ async fn orphans_are_reaped_at_start() {
     p.destroy(&kept).await.expect("destroy");
     o.destroy(&bystander).await.expect("destroy");
 }
+
+/// Runs a Python snippet inside sandbox `id` and returns its stdout.
+async fn python(p: &dyn Provider, id: &str, code: &str) -> String {
+    let spec = stacyvm_core::provider::ExecSpec {
+        argv: vec!["python3".into(), "-c".into(), code.into()],
+        timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    let r = crate::conformance::run_spec(p, id, spec)
+        .await
+        .expect("python");
+    assert_eq!(r.code, 0, "{r:?}");
+    r.stdout.trim().to_string()
+}
+
+/// `syscall(nr, args…)` from Python; prints "<rc> <errno>".
+fn raw_syscall(nr: &str, args: &str) -> String {
+    format!(
+        "import ctypes\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         buf = ctypes.create_string_buffer(256)\n\
+         a = [ctypes.c_long(x) for x in ({args})]\n\
+         rc = libc.syscall(ctypes.c_long({nr}), *a)\n\
+         print(rc, ctypes.get_errno())"
+    )
+}
+
+/// F-9: io_uring (a major source of kernel privilege escalations) is
+/// refused: io_uring_setup returns -1 EPERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seccomp_refuses_io_uring() {
+    let fx = fixture();
+    let p = fx.make();
+    let id = spawn(&p, "host").await;
+    // io_uring_setup(8, &params) and io_uring_enter(0, …).
+    let setup = python(&p, &id, &raw_syscall("425", "8, ctypes.addressof(buf)")).await;
+    let enter = python(&p, &id, &raw_syscall("426", "0, 0, 0, 0")).await;
+    assert_eq!(setup, format!("-1 {}", nix::libc::EPERM), "io_uring_setup");
+    assert_eq!(enter, format!("-1 {}", nix::libc::EPERM), "io_uring_enter");
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// F-9: the x32 ABI (syscall number | 0x40000000, same audit arch) is no
+/// way around the filter: x32 unshare(CLONE_NEWUSER) gets EPERM from the
+/// filter (a kernel without x32 alone would say ENOSYS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seccomp_refuses_the_x32_abi() {
+    let fx = fixture();
+    let p = fx.make();
+    let id = spawn(&p, "host").await;
+    let unshare = python(&p, &id, &raw_syscall("0x40000000 | 272", "0x10000000,")).await;
+    let getpid = python(&p, &id, &raw_syscall("0x40000000 | 39", "")).await;
+    assert_eq!(unshare, format!("-1 {}", nix::libc::EPERM), "x32 unshare");
+    assert_eq!(getpid, format!("-1 {}", nix::libc::EPERM), "x32 getpid");
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// F-9: no AF_VSOCK socket (on a VM host it talks to the hypervisor),
+/// while the families programs need still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seccomp_refuses_vsock_sockets() {
+    let fx = fixture();
+    let p = fx.make();
+    let id = spawn(&p, "host").await;
+    let out = python(
+        &p,
+        &id,
+        "import socket\n\
+         def try_open(fam, kind):\n\
+         \x20   try:\n\
+         \x20       socket.socket(fam, kind).close()\n\
+         \x20       return 0\n\
+         \x20   except OSError as e:\n\
+         \x20       return e.errno\n\
+         print(try_open(40, socket.SOCK_STREAM), try_open(socket.AF_INET, socket.SOCK_DGRAM), \
+         try_open(socket.AF_INET6, socket.SOCK_DGRAM), try_open(socket.AF_UNIX, socket.SOCK_STREAM), \
+         try_open(socket.AF_NETLINK, socket.SOCK_RAW))",
+    )
+    .await;
+    assert_eq!(
+        out,
+        format!("{} 0 0 0 0", nix::libc::EPERM),
+        "vsock refused, others open"
+    );
+    p.destroy(&id).await.expect("destroy");
+}
