@@ -64,6 +64,134 @@ fn remount_tree_ro(target: &Path) -> Result<(), SetupError> {
     Ok(())
 }
 
+/// Kernel interfaces of /proc hidden from the sandbox: files read as
+/// empty, directories are empty and read-only (Docker's and runc's masked
+/// paths, plus slabinfo, which helps heap exploitation).
+const PROC_MASKED: [&str; 10] = [
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/latency_stats",
+    "/proc/slabinfo",
+    "/proc/acpi",
+    "/proc/scsi",
+    "/proc/asound",
+];
+
+/// Parts of /proc the sandbox may read but never write (a writable
+/// `/proc/sys` would let a root sandbox without a user namespace set
+/// `kernel.core_pattern`).
+const PROC_READ_ONLY: [&str; 5] = [
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+    "/proc/irq",
+    "/proc/bus",
+    "/proc/fs",
+];
+
+/// Hides `t` (`what` inside the sandbox): a file behind /dev/null, a
+/// directory behind an empty read-only tmpfs. A path this kernel does not
+/// have is skipped; any other failure fails the boot.
+fn mask(t: &Path, what: &str) -> Result<(), SetupError> {
+    let md = match fs::symlink_metadata(t) {
+        Ok(md) => md,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return io(format!("inspect {what}"), Err(e)),
+    };
+    if md.is_dir() {
+        sys(
+            format!("mask {what}"),
+            mount(
+                Some("tmpfs"),
+                t,
+                Some("tmpfs"),
+                MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+                Some("size=4k,mode=555"),
+            ),
+        )
+    } else {
+        sys(
+            format!("mask {what}"),
+            mount(Some("/dev/null"), t, NONE, MsFlags::MS_BIND, NONE),
+        )
+    }
+}
+
+/// Makes `t` (`what` inside the sandbox) a read-only bind of itself. A
+/// path this kernel does not have is skipped; any other failure fails
+/// the boot (the mounts are this mount namespace's own, so the remount
+/// works alike with and without a user namespace).
+fn read_only_self_bind(t: &Path, what: &str) -> Result<(), SetupError> {
+    match fs::symlink_metadata(t) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return io(format!("inspect {what}"), Err(e)),
+    }
+    sys(
+        format!("bind {what}"),
+        mount(Some(t), t, NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE),
+    )?;
+    remount_tree_ro(t)
+}
+
+/// Mounts the overlay root with short relative layer names, so the
+/// options shown in the sandbox's /proc/self/mountinfo name no host path:
+/// from the sandbox dir (the upper dir's parent), `lower/<k>` are
+/// symlinks to the layers and `upper`, `work` are relative. The kernel
+/// resolves the names at mount time and shows them as given.
+fn mount_overlay(r: &stacyvm_agent_proto::boot::RootSpec) -> Result<(), SetupError> {
+    let upper = Path::new(&r.upper);
+    let work = Path::new(&r.work);
+    let sbdir = upper
+        .parent()
+        .ok_or_else(|| SetupError::Other("upper dir has no parent".into()))?;
+    if work.parent() != Some(sbdir) {
+        return Err(SetupError::Other(
+            "upper and work dirs must share a parent".into(),
+        ));
+    }
+    let links = sbdir.join("lower");
+    match fs::remove_dir_all(&links) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return io(format!("clear {}", links.display()), Err(e));
+        }
+        _ => {}
+    }
+    mkdirs(&links)?;
+    let mut lower = Vec::new();
+    for (k, l) in r.lower.iter().enumerate() {
+        io(
+            format!("link layer {k}"),
+            symlink(l, links.join(k.to_string())),
+        )?;
+        lower.push(format!("lower/{k}"));
+    }
+    let name = |p: &Path| -> String {
+        p.file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default()
+    };
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.join(":"),
+        name(upper),
+        name(work)
+    );
+    let back = io("current dir", std::env::current_dir())?;
+    sys("chdir sandbox dir", nix::unistd::chdir(sbdir))?;
+    let mounted = mount(
+        Some("overlay"),
+        Path::new(&r.merged),
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    );
+    sys("chdir back", nix::unistd::chdir(&back))?;
+    sys("mount overlay root", mounted)
+}
+
 pub fn build_root(spec: &BootSpec) -> Result<(), SetupError> {
     sys(
         "make / private",
@@ -74,22 +202,7 @@ pub fn build_root(spec: &BootSpec) -> Result<(), SetupError> {
     mkdirs(merged)?;
     mkdirs(Path::new(&r.upper))?;
     mkdirs(Path::new(&r.work))?;
-    let opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        r.lower.join(":"),
-        r.upper,
-        r.work
-    );
-    sys(
-        "mount overlay root",
-        mount(
-            Some("overlay"),
-            merged,
-            Some("overlay"),
-            MsFlags::empty(),
-            Some(opts.as_str()),
-        ),
-    )?;
+    mount_overlay(r)?;
 
     for b in &spec.binds {
         let src = Path::new(&b.source);
@@ -128,36 +241,11 @@ pub fn build_root(spec: &BootSpec) -> Result<(), SetupError> {
             NONE,
         ),
     )?;
-    for p in [
-        "/proc/kcore",
-        "/proc/keys",
-        "/proc/timer_list",
-        "/proc/sched_debug",
-        "/proc/latency_stats",
-    ] {
-        let t = inside(merged, p);
-        if t.exists() {
-            let _ = mount(Some("/dev/null"), &t, NONE, MsFlags::MS_BIND, NONE);
-        }
+    for p in PROC_MASKED {
+        mask(&inside(merged, p), p)?;
     }
-    for p in [
-        "/proc/sys",
-        "/proc/sysrq-trigger",
-        "/proc/irq",
-        "/proc/bus",
-        "/proc/fs",
-    ] {
-        let t = inside(merged, p);
-        if t.exists() && mount(Some(&t), &t, NONE, MsFlags::MS_BIND | MsFlags::MS_REC, NONE).is_ok()
-        {
-            let _ = mount(
-                NONE,
-                &t,
-                NONE,
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY,
-                NONE,
-            );
-        }
+    for p in PROC_READ_ONLY {
+        read_only_self_bind(&inside(merged, p), p)?;
     }
     build_dev(merged)?;
 

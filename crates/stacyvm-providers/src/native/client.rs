@@ -814,3 +814,231 @@ pub(crate) fn to_info(s: proto::FileStat) -> stacyvm_api::FileInfo {
         name: if s.path == "/" { "/".into() } else { name },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Hostile agents: each fake agent speaks just enough of the protocol
+    //! over an in-memory pipe to attack the host client.
+
+    use super::*;
+    use stacyvm_core::ErrorKind;
+    use tokio::io::DuplexStream;
+
+    /// Bytes either direction of the in-memory pipe buffers.
+    const PIPE: usize = 64 * 1024;
+
+    /// The agent end: reads frames the host sends.
+    struct FakeAgent {
+        io: DuplexStream,
+        dec: Decoder,
+    }
+
+    impl FakeAgent {
+        async fn frame(&mut self) -> Option<Frame> {
+            let mut buf = vec![0u8; PIPE];
+            loop {
+                if let Some(f) = self.dec.next_frame().expect("host frames are valid") {
+                    return Some(f);
+                }
+                let n = self.io.read(&mut buf).await.ok()?;
+                if n == 0 {
+                    return None;
+                }
+                self.dec.push(&buf[..n]);
+            }
+        }
+
+        async fn send(&mut self, f: &Frame) -> std::io::Result<()> {
+            self.io.write_all(&f.encode()).await
+        }
+
+        /// Answers the host's Hello; `token` signs its nonce.
+        async fn hello(&mut self, token: Option<&[u8]>, features: &[&str]) {
+            let h = self.frame().await.expect("host hello");
+            assert_eq!(h.kind, Kind::Hello);
+            let theirs: Hello = serde_json::from_slice(&h.body).expect("hello json");
+            let reply = Hello {
+                version: proto::VERSION,
+                agent: "fake".into(),
+                pid: 42,
+                nonce: String::new(),
+                proof: token
+                    .map(|t| proto::handshake_proof(t, &theirs.nonce))
+                    .unwrap_or_default(),
+                features: features.iter().map(|f| (*f).to_string()).collect(),
+            };
+            self.send(&Frame::json(Kind::Hello, 0, &reply))
+                .await
+                .expect("send hello");
+        }
+    }
+
+    fn pipe() -> (DuplexStream, FakeAgent) {
+        let (host, agent) = tokio::io::duplex(PIPE);
+        (
+            host,
+            FakeAgent {
+                io: agent,
+                dec: Decoder::default(),
+            },
+        )
+    }
+
+    fn assert_unavailable<T: std::fmt::Debug>(r: Result<T>, what: &str) {
+        let e = r.expect_err(what);
+        assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{what}: {e}");
+    }
+
+    /// (a) An agent that answers a read and then floods Data frames,
+    /// ignoring flow control, loses its connection once the unread bytes
+    /// pass ROUTE_BUDGET: the host stops reading (memory stays bounded)
+    /// and every later call fails as unavailable.
+    #[tokio::test]
+    async fn a_flooding_agent_is_cut_off_at_the_route_budget() {
+        let (host, mut agent) = pipe();
+        let flood = tokio::spawn(async move {
+            agent.hello(None, &["read_stream"]).await;
+            let req = agent.frame().await.expect("read request");
+            let ok = Response {
+                result: Some(serde_json::json!({"size": 1u64 << 40})),
+                error: None,
+            };
+            agent
+                .send(&Frame::json(Kind::Response, req.id, &ok))
+                .await
+                .expect("response");
+            let chunk = Frame::new(Kind::Data, req.id, vec![7u8; MAX_CHUNK]);
+            let mut written = 0usize;
+            // Four times the budget, unless the host stops reading first.
+            while written < 4 * ROUTE_BUDGET {
+                let sent = tokio::time::timeout(Duration::from_secs(2), agent.send(&chunk)).await;
+                match sent {
+                    Ok(Ok(())) => written += MAX_CHUNK,
+                    _ => break,
+                }
+            }
+            (written, agent)
+        });
+        let client = AgentClient::handshake(host, None).await.expect("handshake");
+        // The caller holds the stream without reading it.
+        let stream = client.read_stream("/big", u64::MAX).await.expect("stream");
+        let (written, _agent) = flood.await.expect("agent task");
+        assert!(client.is_closed(), "the host kept the flooding agent");
+        assert!(
+            written <= ROUTE_BUDGET + 2 * proto::MAX_FRAME + 2 * PIPE + 256 * 1024,
+            "the host accepted {written} bytes"
+        );
+        assert!(written < 4 * ROUTE_BUDGET, "the host never stopped reading");
+        assert_unavailable(client.ping().await, "ping after the flood");
+        drop(stream);
+    }
+
+    /// (b) An agent that never answers: a call fails after CALL_TIMEOUT
+    /// (virtual time), and a handshake nobody answers after
+    /// CONNECT_TIMEOUT.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_agent_times_out() {
+        let (host, mut agent) = pipe();
+        let silent = tokio::spawn(async move {
+            agent.hello(None, &[]).await;
+            // Read requests forever, answer none.
+            while agent.frame().await.is_some() {}
+        });
+        let client = AgentClient::handshake(host, None).await.expect("handshake");
+        let start = tokio::time::Instant::now();
+        assert_unavailable(client.ping().await, "ping to a silent agent");
+        assert!(start.elapsed() >= CALL_TIMEOUT, "{:?}", start.elapsed());
+        assert_unavailable(
+            client.stat("/etc").await.map(|_| ()),
+            "stat to a silent agent",
+        );
+        drop(client);
+        silent.abort();
+
+        let (host, _agent) = pipe();
+        let start = tokio::time::Instant::now();
+        assert_unavailable(
+            AgentClient::handshake(host, None).await,
+            "handshake nobody answers",
+        );
+        assert!(start.elapsed() >= CONNECT_TIMEOUT, "{:?}", start.elapsed());
+    }
+
+    /// Runs a ping against an agent that answers the Hello and then
+    /// sends `garbage`; returns the client.
+    async fn ping_against(garbage: Vec<u8>) -> (Result<()>, Arc<AgentClient>) {
+        let (host, mut agent) = pipe();
+        let task = tokio::spawn(async move {
+            agent.hello(None, &[]).await;
+            let _ = agent.frame().await;
+            let _ = agent.io.write_all(&garbage).await;
+            // Keep the pipe open: the host must close on its own.
+            let _ = agent.frame().await;
+        });
+        let client = AgentClient::handshake(host, None).await.expect("handshake");
+        let r = tokio::time::timeout(Duration::from_secs(10), client.ping())
+            .await
+            .expect("the host must not wait for more after a malformed frame");
+        task.abort();
+        (r, client)
+    }
+
+    /// (c) Malformed frames (a length beyond MAX_FRAME, a length below the
+    /// header, an unknown kind) close the connection with a typed error,
+    /// during a call and during the handshake.
+    #[tokio::test]
+    async fn malformed_frames_close_the_connection() {
+        let too_long = u32::MAX.to_be_bytes().to_vec();
+        let too_short = 2u32.to_be_bytes().to_vec();
+        let mut unknown_kind = 9u32.to_be_bytes().to_vec();
+        unknown_kind.extend_from_slice(&[99, 0, 0, 0, 1, b'{', b'}', b' ', b' ']);
+        for (name, garbage) in [
+            ("length above MAX_FRAME", too_long.clone()),
+            ("length below the header", too_short),
+            ("unknown kind", unknown_kind),
+        ] {
+            let (r, client) = ping_against(garbage).await;
+            assert_unavailable(r, name);
+            assert!(client.is_closed(), "{name}: connection kept");
+            assert_unavailable(client.ping().await, name);
+        }
+
+        let (host, mut agent) = pipe();
+        let task = tokio::spawn(async move {
+            let _ = agent.frame().await;
+            let _ = agent.io.write_all(&too_long).await;
+            let _ = agent.frame().await;
+        });
+        assert_unavailable(AgentClient::handshake(host, None).await, "malformed hello");
+        task.abort();
+    }
+
+    /// (d) An agent that cannot prove it holds the sandbox's token (none,
+    /// or one made with another token) is refused; the right one passes.
+    #[tokio::test]
+    async fn a_wrong_handshake_proof_is_refused() {
+        let token = b"the sandbox's own token".to_vec();
+        for (name, signer) in [
+            ("no proof", None),
+            ("another sandbox's token", Some(b"another token".to_vec())),
+        ] {
+            let (host, mut agent) = pipe();
+            let task = tokio::spawn(async move {
+                agent.hello(signer.as_deref(), &[]).await;
+                let _ = agent.frame().await;
+            });
+            assert_unavailable(AgentClient::handshake(host, Some(&token)).await, name);
+            task.abort();
+        }
+        let (host, mut agent) = pipe();
+        let t = token.clone();
+        let task = tokio::spawn(async move {
+            agent.hello(Some(&t), &[]).await;
+            let _ = agent.frame().await;
+        });
+        AgentClient::handshake(host, Some(&token))
+            .await
+            .expect("the right proof passes");
+        task.abort();
+    }
+}

@@ -437,6 +437,9 @@ fn private_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::internal(format!("restricting {}", dir.display())).with_source(e))
 }
 
+/// How long `stacyvm-agent boot` may take.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
+
 impl Booter {
     /// Creates a sandbox's state dir (0700; owned by the sandbox's root
     /// when it has a user namespace) and leases its id block.
@@ -541,8 +544,8 @@ impl Booter {
             serde_json::to_vec_pretty(&boot).unwrap_or_default(),
         )
         .map_err(|e| Error::internal("writing boot spec").with_source(e))?;
-        let out = tokio::time::timeout(
-            Duration::from_secs(30),
+        let booted = tokio::time::timeout(
+            BOOT_TIMEOUT,
             tokio::process::Command::new(&self.opts.agent_path)
                 .arg("boot")
                 .arg("--spec")
@@ -550,12 +553,28 @@ impl Booter {
                 .kill_on_drop(true)
                 .output(),
         )
-        .await
-        .map_err(|_| Error::internal("sandbox boot timed out after 30s"))?
-        .map_err(|e| {
-            Error::unavailable(format!("starting {}", self.opts.agent_path.display()))
-                .with_source(e)
-        })?;
+        .await;
+        let out = match booted {
+            Ok(Ok(out)) => out,
+            failed => {
+                // The boot process is gone (kill_on_drop on a timeout); an
+                // init it forked was never committed and dies with it
+                // (parent-death signal). The cgroups go too, killing
+                // whatever is left in them.
+                let cg = cgroups.clone();
+                let _ = tokio::task::spawn_blocking(move || cgroup::destroy(&cg)).await;
+                return Err(match failed {
+                    Ok(Err(e)) => {
+                        Error::unavailable(format!("starting {}", self.opts.agent_path.display()))
+                            .with_source(e)
+                    }
+                    _ => Error::internal(format!(
+                        "sandbox boot timed out after {}s",
+                        BOOT_TIMEOUT.as_secs()
+                    )),
+                });
+            }
+        };
         if !out.status.success() {
             cgroup::destroy(&cgroups);
             let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();

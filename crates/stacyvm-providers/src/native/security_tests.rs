@@ -257,3 +257,356 @@ async fn orphans_are_reaped_at_start() {
     p.destroy(&kept).await.expect("destroy");
     o.destroy(&bystander).await.expect("destroy");
 }
+
+/// Runs a Python snippet inside sandbox `id` and returns its stdout.
+async fn python(p: &dyn Provider, id: &str, code: &str) -> String {
+    let spec = stacyvm_core::provider::ExecSpec {
+        argv: vec!["python3".into(), "-c".into(), code.into()],
+        timeout: Some(Duration::from_secs(30)),
+        ..Default::default()
+    };
+    let r = crate::conformance::run_spec(p, id, spec)
+        .await
+        .expect("python");
+    assert_eq!(r.code, 0, "{r:?}");
+    r.stdout.trim().to_string()
+}
+
+/// `syscall(nr, args…)` from Python; prints "<rc> <errno>".
+fn raw_syscall(nr: &str, args: &str) -> String {
+    format!(
+        "import ctypes\n\
+         libc = ctypes.CDLL(None, use_errno=True)\n\
+         buf = ctypes.create_string_buffer(256)\n\
+         a = [ctypes.c_long(x) for x in ({args})]\n\
+         rc = libc.syscall(ctypes.c_long({nr}), *a)\n\
+         print(rc, ctypes.get_errno())"
+    )
+}
+
+/// F-9: io_uring (a major source of kernel privilege escalations) is
+/// refused: io_uring_setup returns -1 EPERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seccomp_refuses_io_uring() {
+    let fx = fixture();
+    let p = fx.make();
+    let id = spawn(&p, "host").await;
+    // io_uring_setup(8, &params) and io_uring_enter(0, …).
+    let setup = python(&p, &id, &raw_syscall("425", "8, ctypes.addressof(buf)")).await;
+    let enter = python(&p, &id, &raw_syscall("426", "0, 0, 0, 0")).await;
+    assert_eq!(setup, format!("-1 {}", nix::libc::EPERM), "io_uring_setup");
+    assert_eq!(enter, format!("-1 {}", nix::libc::EPERM), "io_uring_enter");
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// F-9: the x32 ABI (syscall number | 0x40000000, same audit arch) is no
+/// way around the filter: x32 unshare(CLONE_NEWUSER) gets EPERM from the
+/// filter (a kernel without x32 alone would say ENOSYS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seccomp_refuses_the_x32_abi() {
+    let fx = fixture();
+    let p = fx.make();
+    let id = spawn(&p, "host").await;
+    let unshare = python(&p, &id, &raw_syscall("0x40000000 | 272", "0x10000000,")).await;
+    let getpid = python(&p, &id, &raw_syscall("0x40000000 | 39", "")).await;
+    assert_eq!(unshare, format!("-1 {}", nix::libc::EPERM), "x32 unshare");
+    assert_eq!(getpid, format!("-1 {}", nix::libc::EPERM), "x32 getpid");
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// F-9: no AF_VSOCK socket (on a VM host it talks to the hypervisor),
+/// while the families programs need still open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seccomp_refuses_vsock_sockets() {
+    let fx = fixture();
+    let p = fx.make();
+    let id = spawn(&p, "host").await;
+    let out = python(
+        &p,
+        &id,
+        "import socket\n\
+         def try_open(fam, kind):\n\
+         \x20   try:\n\
+         \x20       socket.socket(fam, kind).close()\n\
+         \x20       return 0\n\
+         \x20   except OSError as e:\n\
+         \x20       return e.errno\n\
+         print(try_open(40, socket.SOCK_STREAM), try_open(socket.AF_INET, socket.SOCK_DGRAM), \
+         try_open(socket.AF_INET6, socket.SOCK_DGRAM), try_open(socket.AF_UNIX, socket.SOCK_STREAM), \
+         try_open(socket.AF_NETLINK, socket.SOCK_RAW))",
+    )
+    .await;
+    assert_eq!(
+        out,
+        format!("{} 0 0 0 0", nix::libc::EPERM),
+        "vsock refused, others open"
+    );
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// Mount points and options of the sandbox's /proc/self/mountinfo:
+/// (mount point, fs type, per-mount options, super options).
+fn mounts_of(mountinfo: &str) -> Vec<(String, String, String, String)> {
+    let mut out = Vec::new();
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let l: Vec<&str> = left.split(' ').collect();
+        let r: Vec<&str> = right.split(' ').collect();
+        if l.len() >= 6 && r.len() >= 3 {
+            out.push((
+                l[4].to_string(),
+                r[0].to_string(),
+                l[5].to_string(),
+                r[2].to_string(),
+            ));
+        }
+    }
+    out
+}
+
+/// F-16: /proc's kernel interfaces are masked (Docker's list plus
+/// slabinfo) and its writable parts are read-only mounts; the sandbox
+/// cannot write /proc/sys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proc_interfaces_are_masked_and_read_only() {
+    let fx = fixture();
+    let p = fx.make();
+    let id = spawn(&p, "host").await;
+    let r = sh(
+        &p,
+        &id,
+        "cat /proc/self/mountinfo; echo 1 > /proc/sys/kernel/core_pattern 2>/dev/null && echo WROTE-PROC-SYS; \
+         wc -c < /proc/slabinfo; ls -A /proc/acpi | wc -l",
+    )
+    .await;
+    assert!(!r.stdout.contains("WROTE-PROC-SYS"), "{r:?}");
+    let mounts = mounts_of(&r.stdout);
+    let mounted = |p: &str| mounts.iter().find(|m| m.0 == p);
+    for masked in [
+        "/proc/kcore",
+        "/proc/keys",
+        "/proc/timer_list",
+        "/proc/timer_stats",
+        "/proc/sched_debug",
+        "/proc/latency_stats",
+        "/proc/slabinfo",
+        "/proc/acpi",
+        "/proc/scsi",
+        "/proc/asound",
+    ] {
+        // Only what this kernel has can be masked.
+        if std::fs::symlink_metadata(masked).is_ok() {
+            assert!(mounted(masked).is_some(), "{masked} not masked: {r:?}");
+        }
+    }
+    for ro in [
+        "/proc/sys",
+        "/proc/sysrq-trigger",
+        "/proc/irq",
+        "/proc/bus",
+        "/proc/fs",
+    ] {
+        if std::fs::symlink_metadata(ro).is_ok() {
+            let m = mounted(ro).unwrap_or_else(|| panic!("{ro} not a mount: {r:?}"));
+            assert!(m.2.split(',').any(|o| o == "ro"), "{ro} writable: {m:?}");
+        }
+    }
+    let tail: Vec<&str> = r.stdout.lines().rev().take(2).collect();
+    assert_eq!(tail, ["0", "0"], "slabinfo and acpi empty: {r:?}");
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// F-16: /proc/self/mountinfo inside a sandbox names no host path of the
+/// data dir: the overlay's layers, upper and work dirs appear by short
+/// relative names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mountinfo_reveals_no_host_data_path() {
+    let fx = fixture();
+    let p = fx.make();
+    let id = spawn(&p, "host").await;
+    let r = sh(&p, &id, "cat /proc/self/mountinfo /proc/1/mountinfo").await;
+    let data = fx.state_dir().to_string_lossy().to_string();
+    assert!(!r.stdout.contains(&data), "host data dir shows: {r:?}");
+    assert!(!r.stdout.contains(&id.to_string()) || !r.stdout.contains("sandboxes/"));
+    let root = mounts_of(&r.stdout)
+        .into_iter()
+        .find(|m| m.0 == "/")
+        .expect("root mount");
+    assert_eq!(root.1, "overlay", "{root:?}");
+    assert!(
+        root.3
+            .contains("lowerdir=lower/0:lower/1,upperdir=upper,workdir=work"),
+        "overlay options name staging or host paths: {root:?}"
+    );
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// F-16: no core dumps (RLIMIT_CORE 0, hard too) and a bounded
+/// descriptor table even when the server's is large; every tmpfs
+/// (/tmp, /run, /dev/shm, /dev) has a size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rlimits_and_tmpfs_sizes_are_bounded() {
+    // A server with systemd's 1M descriptors (this test process only),
+    // where the host lets root raise the limit.
+    let _ = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &std::process::id().to_string(),
+            "--nofile=1048576:1048576",
+        ])
+        .stderr(std::process::Stdio::null())
+        .status();
+    let limits = std::fs::read_to_string("/proc/self/limits").expect("limits");
+    let server_hard: u64 = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(4))
+        .and_then(|h| h.parse().ok())
+        .expect("hard nofile");
+    let nofile = server_hard
+        .min(stacyvm_sandbox::security::NOFILE_LIMIT)
+        .to_string();
+    let fx = fixture();
+    let p = fx.make();
+    let id = spawn(&p, "host").await;
+    let r = sh(
+        &p,
+        &id,
+        "ulimit -c; ulimit -Hc; ulimit -n; ulimit -Hn; ulimit -c unlimited 2>/dev/null && echo RAISED; cat /proc/self/mountinfo",
+    )
+    .await;
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines[..4], ["0", "0", &nofile, &nofile], "{r:?}");
+    assert!(!r.stdout.contains("RAISED"), "core limit raised: {r:?}");
+    let mounts = mounts_of(&r.stdout);
+    for (point, max_kib) in [
+        ("/tmp", 128 * 1024),
+        ("/run", 64 * 1024),
+        ("/dev/shm", 64 * 1024),
+        ("/dev", 64),
+    ] {
+        let m = mounts
+            .iter()
+            .find(|m| m.0 == point)
+            .unwrap_or_else(|| panic!("{point} not mounted: {r:?}"));
+        assert_eq!(m.1, "tmpfs", "{m:?}");
+        let size =
+            m.3.split(',')
+                .find_map(|o| o.strip_prefix("size="))
+                .unwrap_or_else(|| panic!("{point} has no size: {m:?}"));
+        let kib: u64 = size.trim_end_matches('k').parse().expect("size in KiB");
+        assert!(kib > 0 && kib <= max_kib, "{point}: {kib} KiB");
+    }
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// The pid of a process whose command line contains `needle` and is an
+/// agent boot.
+fn find_boot_process(needle: &str) -> Option<i32> {
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        if cmd.contains(" boot --spec ") && cmd.contains(needle) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// The child of `pid` that is PID 1 of a new pid namespace (the sandbox
+/// init, not the id-map helper).
+fn init_child_of(pid: i32) -> Option<i32> {
+    let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).ok()?;
+    for k in kids
+        .split_whitespace()
+        .filter_map(|k| k.parse::<i32>().ok())
+    {
+        let status = std::fs::read_to_string(format!("/proc/{k}/status")).unwrap_or_default();
+        let nspid = status
+            .lines()
+            .find_map(|l| l.strip_prefix("NSpid:"))
+            .unwrap_or_default();
+        if nspid.split_whitespace().count() > 1 {
+            return Some(k);
+        }
+    }
+    None
+}
+
+/// F-16: a boot that outlives the provider's 30 s timeout leaves nothing
+/// running. The boot process is frozen once the sandbox init exists (so
+/// it can never commit it); the provider's timeout kills it, and the
+/// uncommitted init dies with it; its cgroups and state dir are removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_boot_past_the_timeout_leaves_nothing_running() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let fx = fixture();
+    let p = std::sync::Arc::new(fx.make());
+    let spec = crate::conformance::spawn_spec("host");
+    let id = spec.id.clone();
+    let spawning = {
+        let p = p.clone();
+        tokio::spawn(async move { p.spawn(&spec).await })
+    };
+    // Freeze the boot process as soon as it has forked the init.
+    let needle = format!("sandboxes/{id}/");
+    let mut frozen = None;
+    for _ in 0..20_000 {
+        if let Some(boot) = find_boot_process(&needle) {
+            if let Some(init) = init_child_of(boot) {
+                kill(Pid::from_raw(boot), Signal::SIGSTOP).expect("freeze the boot");
+                frozen = Some((boot, init));
+                break;
+            }
+        }
+        if spawning.is_finished() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_micros(500)).await;
+    }
+    let (boot, init) = frozen.expect("caught the boot between fork and commit");
+    let init_id = stacyvm_sandbox::procs::Identity::of(init).expect("init alive");
+    let err = tokio::time::timeout(Duration::from_secs(60), spawning)
+        .await
+        .expect("the provider gives up after its timeout")
+        .expect("spawn task")
+        .expect_err("a frozen boot cannot succeed");
+    assert!(err.to_string().contains("timed out"), "{err}");
+    for _ in 0..500 {
+        if !init_id.alive() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!init_id.alive(), "the uncommitted init outlived its boot");
+    assert!(
+        std::fs::symlink_metadata(format!("/proc/{boot}")).is_err()
+            || find_boot_process(&needle).is_none(),
+        "the boot process is still there"
+    );
+    assert!(
+        std::fs::symlink_metadata(fx.state_dir().join("sandboxes").join(&id)).is_err(),
+        "state dir left behind"
+    );
+    let cg = std::process::Command::new("find")
+        .args([
+            "/sys/fs/cgroup",
+            "-maxdepth",
+            "4",
+            "-name",
+            &format!("*{id}*"),
+        ])
+        .output()
+        .expect("find");
+    assert!(
+        cg.stdout.is_empty(),
+        "cgroups left: {}",
+        String::from_utf8_lossy(&cg.stdout)
+    );
+}
