@@ -234,6 +234,12 @@ pub struct NativeConfig {
     pub user_namespace: bool,
     /// `START:COUNT` host ids handed out in blocks of 65536 per sandbox.
     pub subordinate_ids: String,
+    /// MiB a sandbox may write into its root (overlay upper dir); a
+    /// sandbox over it is ended. 0 = no cap.
+    pub disk_mb: i64,
+    /// MiB the data filesystem keeps free: below it the largest sandbox is
+    /// ended. 0 = no floor.
+    pub disk_min_free_mb: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -508,6 +514,8 @@ impl Default for NativeConfig {
             warm_pool: 2,
             user_namespace: true,
             subordinate_ids: "100000000:1000000000".into(),
+            disk_mb: 10240,
+            disk_min_free_mb: 1024,
             landlock: false,
         }
     }
@@ -1155,6 +1163,17 @@ impl Config {
         }
         if self.server.max_body_bytes < 1024 {
             return Err(invalid("server.max_body_bytes", "must be at least 1024"));
+        }
+        for (key, v) in [
+            ("providers.native.disk_mb", self.providers.native.disk_mb),
+            (
+                "providers.native.disk_min_free_mb",
+                self.providers.native.disk_min_free_mb,
+            ),
+        ] {
+            if v < 0 {
+                return Err(invalid(key, "must be 0 (off) or a positive number of MiB"));
+            }
         }
         if !(0..=1000).contains(&self.providers.native.warm_pool) {
             return Err(invalid(

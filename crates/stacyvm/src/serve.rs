@@ -81,6 +81,11 @@ fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
                 &cfg.providers.native.subordinate_ids,
             )
             .map_err(|e| anyhow::anyhow!("providers.native.subordinate_ids: {e}"))?,
+            disk: stacyvm_providers::native::disk::DiskCaps {
+                per_sandbox: u64::try_from(cfg.providers.native.disk_mb).unwrap_or(0) << 20,
+                min_free: u64::try_from(cfg.providers.native.disk_min_free_mb).unwrap_or(0) << 20,
+                interval: Duration::from_secs(5),
+            },
         };
         v.push(Arc::new(stacyvm_providers::native::NativeProvider::new(
             opts,

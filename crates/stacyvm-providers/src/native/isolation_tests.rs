@@ -599,6 +599,7 @@ fn lab_provider(fx: &super::tests::Fixture, lab: &Lab) -> super::NativeProvider 
         landlock: false,
         user_namespace: true,
         subordinate_ids: super::ids::IdRange::parse(super::ids::DEFAULT_RANGE).expect("range"),
+        disk: fx.disk,
     })
     .expect("native provider on the lab bridge")
 }

@@ -9,6 +9,7 @@
 //! server: a restarted server re-adopts them through `agent.sock`.
 
 pub mod client;
+pub mod disk;
 pub mod hostetc;
 pub mod ids;
 pub mod images;
@@ -69,6 +70,8 @@ pub struct NativeOptions {
     /// root mapped to a block of `subordinate_ids` (never host root).
     pub user_namespace: bool,
     pub subordinate_ids: ids::IdRange,
+    /// Per-sandbox disk cap and the data filesystem's free-space floor.
+    pub disk: disk::DiskCaps,
 }
 
 /// Where a sandbox may write when landlock is on: its workspace, scratch
@@ -98,6 +101,8 @@ pub struct NativeProvider {
     /// Serialises connection setup per sandbox (a hung agent delays only
     /// its own sandbox).
     connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held while the provider exists; the disk guard stops with it.
+    _alive: Arc<()>,
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -296,8 +301,14 @@ impl NativeProvider {
             pool,
             conns: Mutex::new(HashMap::new()),
             connecting: Mutex::new(HashMap::new()),
+            _alive: Arc::new(()),
             opts,
         };
+        disk::spawn(
+            Arc::downgrade(&p._alive),
+            p.opts.state_dir.join("sandboxes"),
+            p.opts.disk,
+        );
         p.pool.refill(&p.booter);
         Ok(p)
     }
@@ -1006,6 +1017,7 @@ pub(crate) mod tests {
         dir: tempfile::TempDir,
         pool: usize,
         landlock: bool,
+        pub disk: disk::DiskCaps,
     }
 
     pub fn fixture() -> Fixture {
@@ -1017,6 +1029,7 @@ pub(crate) mod tests {
             dir: tempfile::tempdir().expect("tmp"),
             pool: 0,
             landlock: false,
+            disk: disk::DiskCaps::default(),
         }
     }
 
@@ -1057,6 +1070,7 @@ pub(crate) mod tests {
                 landlock: self.landlock,
                 user_namespace: true,
                 subordinate_ids: ids::IdRange::parse(ids::DEFAULT_RANGE).expect("range"),
+                disk: self.disk,
             })
             .expect("native")
         }

@@ -610,3 +610,41 @@ async fn a_boot_past_the_timeout_leaves_nothing_running() {
         String::from_utf8_lossy(&cg.stdout)
     );
 }
+
+/// F-8: a sandbox that writes past its disk cap is ended; its neighbour
+/// keeps running and the host's space comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_over_its_disk_cap_is_ended() {
+    let mut fx = fixture();
+    fx.disk = super::disk::DiskCaps {
+        per_sandbox: 64 << 20,
+        min_free: 0,
+        interval: Duration::from_millis(200),
+    };
+    let p = fx.make();
+    let hog = spawn(&p, "host").await;
+    let quiet = spawn(&p, "host").await;
+    let argv = paths::build_argv(
+        "shell",
+        "dd if=/dev/zero of=/workspace/fill bs=1M count=160 2>/dev/null; sleep 30; echo survived",
+        &[],
+    )
+    .expect("argv");
+    let spec = stacyvm_core::provider::ExecSpec {
+        argv,
+        ..Default::default()
+    };
+    // The exec dies with its sandbox (lost connection), well before 30 s.
+    if let Ok(r) = crate::conformance::run_spec(&p, &hog, spec).await {
+        assert!(!r.stdout.contains("survived"), "{r:?}");
+    }
+    let e = p.status(&hog).await.expect_err("the hog is gone");
+    assert_eq!(e.kind(), stacyvm_core::ErrorKind::SandboxNotFound, "{e}");
+    assert_eq!(sh(&p, &quiet, "echo fine").await.stdout, "fine\n");
+    p.destroy(&hog).await.expect("destroy");
+    assert!(
+        std::fs::symlink_metadata(fx.state_dir().join("sandboxes").join(&hog)).is_err(),
+        "its upper dir is gone"
+    );
+    p.destroy(&quiet).await.expect("destroy");
+}
