@@ -152,6 +152,9 @@ pub struct DockerProvider {
     /// per sandbox); one sandbox's slow or hostile agent never holds up
     /// another's.
     connect_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Serialises removals of containers attached to the StacyVM bridge
+    /// network (see [`Self::discard`]).
+    leave_lock: tokio::sync::Mutex<()>,
     relay_seq: AtomicU64,
     /// Host uid/gid of container root: non-zero under `userns-remap`.
     remap: tokio::sync::OnceCell<(u32, u32)>,
@@ -450,6 +453,7 @@ impl DockerProvider {
             engine: tokio::sync::OnceCell::new(),
             conns: Mutex::new(HashMap::new()),
             connect_locks: Mutex::new(HashMap::new()),
+            leave_lock: tokio::sync::Mutex::new(()),
             relay_seq: AtomicU64::new(0),
             remap: tokio::sync::OnceCell::new(),
             layer_quota: tokio::sync::OnceCell::new(),
@@ -860,6 +864,24 @@ impl DockerProvider {
             locks.remove(id);
         }
         if let Ok(d) = self.engine().await {
+            // Docker 20.10's libnetwork can deadlock the whole engine when
+            // two endpoints leave one user-defined network at the same
+            // time (its store watch loop and the container-exit path take
+            // the controller and network locks in opposite orders). So
+            // containers on the StacyVM bridge network leave it one at a
+            // time, with a pause for the watch loop to drain.
+            let bridge = self.opts.config.bridge_network.trim().to_string();
+            let on_bridge = !bridge.is_empty()
+                && d.inspect_container(id, None).await.is_ok_and(|i| {
+                    i.network_settings
+                        .and_then(|n| n.networks)
+                        .is_some_and(|n| n.contains_key(&bridge))
+                });
+            let _serial = if on_bridge {
+                Some(self.leave_lock.lock().await)
+            } else {
+                None
+            };
             let opts = RemoveContainerOptionsBuilder::default()
                 .force(true)
                 .v(true)
@@ -868,6 +890,9 @@ impl DockerProvider {
                 Ok(()) => {}
                 Err(e) if is_status(&e, 404) => {}
                 Err(e) => warn!(sandbox_id = %id, error = %e, "removing container failed"),
+            }
+            if on_bridge {
+                tokio::time::sleep(Duration::from_millis(500)).await;
             }
             // The run dir volume goes with its container; one left by a
             // container removed out of band (`docker rm` without `-v`) is
