@@ -5,6 +5,28 @@ use std::str::FromStr;
 
 /// An IP network: an address whose host bits are zero, and a prefix length.
 /// A bare address is a single host (`/32` or `/128`).
+/// Destinations no `bridge` sandbox may reach by default, whatever the
+/// provider (IPv4): this network, private (RFC 1918), CGNAT (RFC 6598,
+/// which holds Alibaba's metadata 100.100.100.200), loopback, link-local
+/// (169.254/16, which holds 169.254.169.254), IETF protocol assignments,
+/// documentation, benchmarking, multicast and reserved (with broadcast).
+pub const BLOCKED_EGRESS_V4: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+];
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Cidr {
     addr: IpAddr,

@@ -26,23 +26,9 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 use stacyvm_core::{Error, Result};
 
-/// Destinations no sandbox on the bridge network may reach (IPv4).
-pub const BLOCKED_V4: &[&str] = &[
-    "0.0.0.0/8",
-    "10.0.0.0/8",
-    "100.64.0.0/10",
-    "127.0.0.0/8",
-    "169.254.0.0/16",
-    "172.16.0.0/12",
-    "192.0.0.0/24",
-    "192.0.2.0/24",
-    "192.168.0.0/16",
-    "198.18.0.0/15",
-    "198.51.100.0/24",
-    "203.0.113.0/24",
-    "224.0.0.0/4",
-    "240.0.0.0/4",
-];
+/// Destinations no `bridge` sandbox may reach unless allowed: one list
+/// for every provider.
+pub use stacyvm_core::cidr::BLOCKED_EGRESS_V4 as BLOCKED_V4;
 
 /// Docker's option naming the bridge interface of a network.
 pub const OPT_BRIDGE_NAME: &str = "com.docker.network.bridge.name";

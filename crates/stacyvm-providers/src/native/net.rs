@@ -43,28 +43,9 @@ use stacyvm_core::cidr::Cidr;
 use stacyvm_core::{Error, Result};
 use tracing::{info, warn};
 
-/// Destinations no `bridge` sandbox may reach unless `egress_allow` lists
-/// them (the same list as the docker provider's): this network, private
-/// (RFC 1918), CGNAT (RFC 6598, holds Alibaba's metadata 100.100.100.200),
-/// loopback, link-local (169.254/16, holds 169.254.169.254), IETF protocol
-/// assignments, documentation, benchmarking, multicast and reserved (with
-/// the broadcast address).
-pub const BLOCKED_V4: &[&str] = &[
-    "0.0.0.0/8",
-    "10.0.0.0/8",
-    "100.64.0.0/10",
-    "127.0.0.0/8",
-    "169.254.0.0/16",
-    "172.16.0.0/12",
-    "192.0.0.0/24",
-    "192.0.2.0/24",
-    "192.168.0.0/16",
-    "198.18.0.0/15",
-    "198.51.100.0/24",
-    "203.0.113.0/24",
-    "224.0.0.0/4",
-    "240.0.0.0/4",
-];
+/// Destinations no `bridge` sandbox may reach unless allowed: one list
+/// for every provider.
+pub use stacyvm_core::cidr::BLOCKED_EGRESS_V4 as BLOCKED_V4;
 
 /// A parsed `a.b.c.d/len` IPv4 subnet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
