@@ -179,7 +179,6 @@ fn mount_overlay(r: &stacyvm_agent_proto::boot::RootSpec) -> Result<(), SetupErr
         name(upper),
         name(work)
     );
-    let back = io("current dir", std::env::current_dir())?;
     sys("chdir sandbox dir", nix::unistd::chdir(sbdir))?;
     let mounted = mount(
         Some("overlay"),
@@ -188,7 +187,10 @@ fn mount_overlay(r: &stacyvm_agent_proto::boot::RootSpec) -> Result<(), SetupErr
         MsFlags::empty(),
         Some(opts.as_str()),
     );
-    sys("chdir back", nix::unistd::chdir(&back))?;
+    // Not back to the server's working directory: as the sandbox's root
+    // (an unprivileged host id) it may not be allowed in (e.g. /root, or a
+    // 0700 data dir). Every later step uses absolute paths.
+    sys("chdir /", nix::unistd::chdir("/"))?;
     sys("mount overlay root", mounted)
 }
 
