@@ -75,6 +75,15 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
+        // Gracefully first: a stopping server takes its warm pool down.
+        let _ = nix_kill(self.child.id(), 15);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = &self.data;
