@@ -92,6 +92,17 @@ fn write(path: &Path, value: &str) -> Result<(), SetupError> {
     )
 }
 
+/// The cgroup directories [`create`] makes for `name` (without creating them).
+pub fn paths(layout: &Layout, name: &str) -> Vec<PathBuf> {
+    match layout {
+        Layout::V2(base) => vec![base.join("stacyvm").join(name)],
+        Layout::V1(ctls) => ctls
+            .iter()
+            .map(|(_, base)| base.join("stacyvm").join(name))
+            .collect(),
+    }
+}
+
 /// Creates the sandbox cgroups and applies limits; returns the directories
 /// to join.
 pub fn create(layout: &Layout, name: &str, limits: Limits) -> Result<Vec<PathBuf>, SetupError> {

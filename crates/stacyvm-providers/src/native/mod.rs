@@ -441,6 +441,30 @@ struct Booter {
     ids: Option<Arc<ids::IdAllocator>>,
 }
 
+/// Undoes a boot's host-side setup unless disarmed (see `Booter::boot`).
+struct Unwind {
+    lease: Option<(Arc<ids::IdAllocator>, u32)>,
+    cgroups: Option<Vec<PathBuf>>,
+    armed: bool,
+}
+
+impl Drop for Unwind {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some((ids, base)) = self.lease.take() {
+            ids.release(base);
+        }
+        if let Some(dirs) = self.cgroups.take() {
+            // Waiting for the cgroups to empty blocks: not on this thread.
+            let _ = std::thread::Builder::new()
+                .name("stacyvm-boot-unwind".into())
+                .spawn(move || cgroup::destroy(&dirs));
+        }
+    }
+}
+
 /// Makes `dir` accessible to its owner only.
 fn private_dir(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -471,11 +495,17 @@ impl Booter {
 
     async fn boot(&self, spec: &SpawnSpec, memory_bytes: u64, dir: &Path) -> Result<Meta> {
         let id_base = self.prepare_dir(dir)?;
+        // If this future is dropped mid-boot (a cancelled request, a server
+        // shutting down), the uncommitted init dies with its boot process;
+        // the guard returns its id lease and cgroups.
+        let mut unwind = Unwind {
+            lease: self.ids.clone().zip(id_base),
+            cgroups: self.cgroups.as_ref().map(|l| cgroup::paths(l, &spec.id)),
+            armed: true,
+        };
         let res = self.boot_prepared(spec, memory_bytes, dir, id_base).await;
-        if res.is_err() {
-            if let (Some(ids), Some(base)) = (&self.ids, id_base) {
-                ids.release(base);
-            }
+        if res.is_ok() {
+            unwind.armed = false;
         }
         res
     }
