@@ -177,7 +177,6 @@ pub mod capability {
     pub const BASE: [&str; 6] = [SPAWN, EXEC, EXEC_STREAM, FILES, CONSOLE, HEALTH];
 }
 
-/// A sandbox backend.
 /// See [`Provider::default_resources`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResourceDefaults {
@@ -186,6 +185,93 @@ pub struct ResourceDefaults {
     pub vcpus: i64,
 }
 
+/// Exec and file I/O inside one sandbox (see [`Provider::io`]). The
+/// semantics are the provider contract's (module docs).
+#[async_trait]
+pub trait SandboxIo: Send + Sync {
+    /// Runs a command, streaming output to `sink` in order.
+    async fn exec(&self, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus>;
+
+    /// Like `exec`, but stdin stays open for `ExecInput::Stdin` chunks and
+    /// signals can be delivered while the command runs. Dropping `input`
+    /// closes stdin.
+    async fn exec_interactive(
+        &self,
+        _spec: &ExecSpec,
+        _sink: OutputSink,
+        _input: mpsc::Receiver<ExecInput>,
+    ) -> Result<ExitStatus> {
+        Err(Error::unsupported("interactive exec"))
+    }
+
+    async fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<()>;
+    async fn read_file(&self, path: &str) -> Result<Vec<u8>>;
+
+    /// Reads a regular file of at most `max_bytes` as a stream; anything
+    /// else (device, FIFO, socket, directory) is `InvalidInput`, a larger
+    /// file `PayloadTooLarge`. The default buffers `read_file` (for
+    /// sessions whose reads are already bounded).
+    async fn read_file_stream(&self, path: &str, max_bytes: u64) -> Result<FileStream> {
+        buffered_read(self.read_file(path).await?, path, max_bytes)
+    }
+
+    /// Writes a file from `chunks` (ended by the channel closing); more
+    /// than `max_bytes` is `PayloadTooLarge` and leaves the old file as it
+    /// was. Returns the size written. The default collects, then calls
+    /// `write_file`.
+    async fn write_file_stream(
+        &self,
+        path: &str,
+        mode: u32,
+        chunks: mpsc::Receiver<Vec<u8>>,
+        max_bytes: u64,
+    ) -> Result<u64> {
+        let data = collect_upload(chunks, max_bytes).await?;
+        self.write_file(path, &data, mode).await?;
+        Ok(data.len() as u64)
+    }
+    /// Lists one directory level, sorted by path.
+    async fn list_files(&self, path: &str) -> Result<Vec<FileInfo>>;
+    /// Deleting a missing path is `Ok`; a non-empty directory needs `recursive`.
+    async fn delete_file(&self, path: &str, recursive: bool) -> Result<()>;
+    /// Creates the parent of `new` when missing.
+    async fn move_file(&self, old: &str, new: &str) -> Result<()>;
+    async fn chmod_file(&self, path: &str, mode: u32) -> Result<()>;
+    async fn stat_file(&self, path: &str) -> Result<FileInfo>;
+    /// Absolute matching paths, sorted; no match is an empty list.
+    async fn glob_files(&self, pattern: &str) -> Result<Vec<String>>;
+}
+
+/// A whole file already read, as a stream bounded by `max_bytes`.
+pub fn buffered_read(data: Vec<u8>, path: &str, max_bytes: u64) -> Result<FileStream> {
+    if data.len() as u64 > max_bytes {
+        return Err(Error::too_large(format!(
+            "{path:?} is larger than the limit of {max_bytes} bytes"
+        )));
+    }
+    Ok(FileStream::buffered(data))
+}
+
+/// Collects an upload of at most `max_bytes`.
+pub async fn collect_upload(
+    mut chunks: mpsc::Receiver<Vec<u8>>,
+    max_bytes: u64,
+) -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    while let Some(c) = chunks.recv().await {
+        if (data.len() + c.len()) as u64 > max_bytes {
+            return Err(Error::too_large(format!(
+                "the upload is larger than the limit of {max_bytes} bytes"
+            )));
+        }
+        data.extend_from_slice(&c);
+    }
+    Ok(data)
+}
+
+/// A sandbox backend: the lifecycle (spawn, status, destroy, recover,
+/// inventory, stats, logs, health) plus the sandbox's I/O, which defaults
+/// to the session [`Provider::io`] returns.
 #[async_trait]
 pub trait Provider: Debug + Send + Sync + 'static {
     /// Stable registry name (`native`, `docker`, `mock`, …).
@@ -226,23 +312,29 @@ pub trait Provider: Debug + Send + Sync + 'static {
     async fn spawn(&self, spec: &SpawnSpec) -> Result<Spawned>;
 
     /// Runs a command, streaming output to `sink` in order.
-    async fn exec(&self, runtime_id: &str, spec: &ExecSpec, sink: OutputSink)
-        -> Result<ExitStatus>;
+    async fn exec(
+        &self,
+        runtime_id: &str,
+        spec: &ExecSpec,
+        sink: OutputSink,
+    ) -> Result<ExitStatus> {
+        self.io(runtime_id).await?.exec(spec, sink).await
+    }
 
     /// Like `exec`, but stdin stays open for `ExecInput::Stdin` chunks and
     /// signals can be delivered while the command runs. Dropping `input`
     /// closes stdin.
     async fn exec_interactive(
         &self,
-        _runtime_id: &str,
-        _spec: &ExecSpec,
-        _sink: OutputSink,
-        _input: mpsc::Receiver<ExecInput>,
+        runtime_id: &str,
+        spec: &ExecSpec,
+        sink: OutputSink,
+        input: mpsc::Receiver<ExecInput>,
     ) -> Result<ExitStatus> {
-        Err(Error::unsupported(format!(
-            "{}: interactive exec",
-            self.name()
-        )))
+        self.io(runtime_id)
+            .await?
+            .exec_interactive(spec, sink, input)
+            .await
     }
 
     /// Whether startup reconciliation adopts runtimes the store does not
@@ -258,62 +350,76 @@ pub trait Provider: Debug + Send + Sync + 'static {
     /// before the server exits; user sandboxes keep running.
     async fn shutdown(&self) {}
 
-    async fn write_file(&self, runtime_id: &str, path: &str, data: &[u8], mode: u32) -> Result<()>;
-    async fn read_file(&self, runtime_id: &str, path: &str) -> Result<Vec<u8>>;
+    /// The sandbox's I/O session: exec and every file operation. Agent-backed
+    /// providers return their agent session and implement nothing else of
+    /// the I/O below, whose defaults forward to it.
+    async fn io(&self, runtime_id: &str) -> Result<std::sync::Arc<dyn SandboxIo>> {
+        Err(Error::unsupported(format!(
+            "{}: sandbox I/O for {runtime_id}",
+            self.name()
+        )))
+    }
 
-    /// Reads a regular file of at most `max_bytes` as a stream; anything
-    /// else (device, FIFO, socket, directory) is `InvalidInput`, a larger
-    /// file `PayloadTooLarge`. The default buffers `read_file` (providers
-    /// whose reads are already bounded).
+    async fn write_file(&self, runtime_id: &str, path: &str, data: &[u8], mode: u32) -> Result<()> {
+        self.io(runtime_id)
+            .await?
+            .write_file(path, data, mode)
+            .await
+    }
+    async fn read_file(&self, runtime_id: &str, path: &str) -> Result<Vec<u8>> {
+        self.io(runtime_id).await?.read_file(path).await
+    }
+    /// See [`SandboxIo::read_file_stream`].
     async fn read_file_stream(
         &self,
         runtime_id: &str,
         path: &str,
         max_bytes: u64,
     ) -> Result<FileStream> {
-        let data = self.read_file(runtime_id, path).await?;
-        if data.len() as u64 > max_bytes {
-            return Err(Error::too_large(format!(
-                "{path:?} is larger than the limit of {max_bytes} bytes"
-            )));
-        }
-        Ok(FileStream::buffered(data))
+        self.io(runtime_id)
+            .await?
+            .read_file_stream(path, max_bytes)
+            .await
     }
-
-    /// Writes a file from `chunks` (ended by the channel closing); more
-    /// than `max_bytes` is `PayloadTooLarge` and leaves the old file as it
-    /// was. Returns the size written. The default collects, then calls
-    /// `write_file`.
+    /// See [`SandboxIo::write_file_stream`].
     async fn write_file_stream(
         &self,
         runtime_id: &str,
         path: &str,
         mode: u32,
-        mut chunks: mpsc::Receiver<Vec<u8>>,
+        chunks: mpsc::Receiver<Vec<u8>>,
         max_bytes: u64,
     ) -> Result<u64> {
-        let mut data = Vec::new();
-        while let Some(c) = chunks.recv().await {
-            if (data.len() + c.len()) as u64 > max_bytes {
-                return Err(Error::too_large(format!(
-                    "the upload is larger than the limit of {max_bytes} bytes"
-                )));
-            }
-            data.extend_from_slice(&c);
-        }
-        self.write_file(runtime_id, path, &data, mode).await?;
-        Ok(data.len() as u64)
+        self.io(runtime_id)
+            .await?
+            .write_file_stream(path, mode, chunks, max_bytes)
+            .await
     }
     /// Lists one directory level, sorted by path.
-    async fn list_files(&self, runtime_id: &str, path: &str) -> Result<Vec<FileInfo>>;
+    async fn list_files(&self, runtime_id: &str, path: &str) -> Result<Vec<FileInfo>> {
+        self.io(runtime_id).await?.list_files(path).await
+    }
     /// Deleting a missing path is `Ok`; a non-empty directory needs `recursive`.
-    async fn delete_file(&self, runtime_id: &str, path: &str, recursive: bool) -> Result<()>;
+    async fn delete_file(&self, runtime_id: &str, path: &str, recursive: bool) -> Result<()> {
+        self.io(runtime_id)
+            .await?
+            .delete_file(path, recursive)
+            .await
+    }
     /// Creates the parent of `new` when missing.
-    async fn move_file(&self, runtime_id: &str, old: &str, new: &str) -> Result<()>;
-    async fn chmod_file(&self, runtime_id: &str, path: &str, mode: u32) -> Result<()>;
-    async fn stat_file(&self, runtime_id: &str, path: &str) -> Result<FileInfo>;
+    async fn move_file(&self, runtime_id: &str, old: &str, new: &str) -> Result<()> {
+        self.io(runtime_id).await?.move_file(old, new).await
+    }
+    async fn chmod_file(&self, runtime_id: &str, path: &str, mode: u32) -> Result<()> {
+        self.io(runtime_id).await?.chmod_file(path, mode).await
+    }
+    async fn stat_file(&self, runtime_id: &str, path: &str) -> Result<FileInfo> {
+        self.io(runtime_id).await?.stat_file(path).await
+    }
     /// Absolute matching paths, sorted; no match is an empty list.
-    async fn glob_files(&self, runtime_id: &str, pattern: &str) -> Result<Vec<String>>;
+    async fn glob_files(&self, runtime_id: &str, pattern: &str) -> Result<Vec<String>> {
+        self.io(runtime_id).await?.glob_files(pattern).await
+    }
 
     /// Current state; unknown sandbox → `ErrorKind::SandboxNotFound`.
     async fn status(&self, runtime_id: &str) -> Result<RuntimeStatus>;

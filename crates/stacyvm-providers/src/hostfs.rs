@@ -180,7 +180,7 @@ impl HostRoot {
                 "{path:?} is not a regular file (devices, FIFOs and sockets cannot be read)"
             )));
         }
-        let cap = crate::native::client::MAX_RESULT_BYTES as u64;
+        let cap = crate::agent::client::MAX_RESULT_BYTES as u64;
         if m.len() > cap {
             return Err(Error::too_large(format!(
                 "{path:?} is larger than {cap} bytes"

@@ -4,10 +4,12 @@
 //! suite every provider must pass; [`conformance_tests!`] emits one test per
 //! case for a provider fixture.
 
+pub mod agent;
 pub mod conformance;
 #[cfg(feature = "docker")]
 pub mod docker;
 pub mod hostfs;
+pub mod image;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod native;

@@ -17,8 +17,8 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use stacyvm_api::FileInfo;
 use stacyvm_core::provider::{
-    capability, ExecInput, ExecSpec, ExitStatus, OutputChunk, OutputSink, Provider, RuntimeInfo,
-    RuntimeStatus, SpawnSpec, Spawned, StreamKind,
+    buffered_read, capability, collect_upload, ExecInput, ExecSpec, ExitStatus, FileStream,
+    OutputChunk, OutputSink, Provider, RuntimeInfo, RuntimeStatus, SpawnSpec, Spawned, StreamKind,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -337,6 +337,23 @@ impl Provider for MockProvider {
         let root = self.root(id)?;
         let path = path.to_string();
         Self::blocking(move || root.read(&path)).await
+    }
+
+    async fn read_file_stream(&self, id: &str, path: &str, max_bytes: u64) -> Result<FileStream> {
+        buffered_read(self.read_file(id, path).await?, path, max_bytes)
+    }
+
+    async fn write_file_stream(
+        &self,
+        id: &str,
+        path: &str,
+        mode: u32,
+        chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        max_bytes: u64,
+    ) -> Result<u64> {
+        let data = collect_upload(chunks, max_bytes).await?;
+        self.write_file(id, path, &data, mode).await?;
+        Ok(data.len() as u64)
     }
 
     async fn list_files(&self, id: &str, path: &str) -> Result<Vec<FileInfo>> {

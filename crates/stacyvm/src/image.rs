@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use comfy_table::{presets, Table};
 use indicatif::{ProgressBar, ProgressStyle};
 use stacyvm_core::config;
-use stacyvm_providers::native::images::ImageStore;
+use stacyvm_providers::image::ImageStore;
 
 use crate::cli::ImageCommand;
 
@@ -50,7 +50,7 @@ fn progress_bar() -> ProgressBar {
 }
 
 /// Reports an imported image: summary on stderr, id on stdout.
-fn done(rec: &stacyvm_providers::native::images::ImageRecord) {
+fn done(rec: &stacyvm_providers::image::ImageRecord) {
     eprintln!(
         "imported {} ({} layers, {})",
         rec.names.join(", "),
@@ -75,7 +75,7 @@ pub async fn run(config_path: Option<PathBuf>, cmd: ImageCommand) -> Result<()> 
                 bar.set_message(what.to_string());
             };
             let rec = match (file, docker) {
-                (_, Some(image)) => stacyvm_providers::native::pull::import_from_docker(
+                (_, Some(image)) => stacyvm_providers::image::pull::import_from_docker(
                     &store,
                     &image,
                     name.as_deref(),
@@ -135,12 +135,12 @@ pub async fn run(config_path: Option<PathBuf>, cmd: ImageCommand) -> Result<()> 
                 (Ok(u), Ok(p)) if !u.is_empty() => Some((u, p)),
                 _ => None,
             };
-            let opts = stacyvm_providers::native::pull::PullOptions {
+            let opts = stacyvm_providers::image::pull::PullOptions {
                 insecure,
                 credentials,
                 name,
             };
-            let rec = stacyvm_providers::native::pull::pull_registry(
+            let rec = stacyvm_providers::image::pull::pull_registry(
                 &store,
                 &reference,
                 &opts,

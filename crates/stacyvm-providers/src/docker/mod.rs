@@ -19,6 +19,7 @@
 //! `none` unless configured, the configured (or image) user. Containers
 //! carry `stacyvm.*` labels so a restarted server finds them again.
 
+mod link;
 mod net;
 mod sock;
 mod spec;
@@ -28,12 +29,10 @@ mod tests;
 use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bollard::container::LogOutput;
 use bollard::errors::Error as EngineError;
 use bollard::exec::{CreateExecOptions, StartExecResults};
 use bollard::models::{
@@ -48,18 +47,15 @@ use bollard::query_parameters::{
 use bollard::Docker;
 use chrono::Utc;
 use futures::StreamExt;
-use stacyvm_api::FileInfo;
 use stacyvm_core::config::DockerConfig;
 use stacyvm_core::provider::{
-    capability, ExecInput, ExecSpec, ExitStatus, FileStream, OutputSink, Provider, RuntimeInfo,
-    RuntimeStatus, SpawnSpec, Spawned, Stats,
+    capability, Provider, RuntimeInfo, RuntimeStatus, SandboxIo, SpawnSpec, Spawned, Stats,
 };
 use stacyvm_core::{paths, Error, Result};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::task::JoinHandle;
+use tokio::io::AsyncWriteExt;
 use tracing::{debug, info, warn};
 
-use crate::native::client::{self, exec_request, to_info, AgentClient};
+use crate::agent::{AgentClient, AgentSession};
 
 pub use self::spec::{parse_image, parse_memory, ImageRef};
 
@@ -124,30 +120,13 @@ impl DockerOptions {
     }
 }
 
-/// An open agent connection of one sandbox.
-#[derive(Debug)]
-struct Conn {
-    client: Arc<AgentClient>,
-    /// The container's environment (image `ENV` + ours): the base of every exec's env.
-    env: BTreeMap<String, String>,
-    /// The byte pump of a relay connection (aborted with the connection).
-    relay: Option<JoinHandle<()>>,
-}
-
-impl Drop for Conn {
-    fn drop(&mut self) {
-        if let Some(h) = self.relay.take() {
-            h.abort();
-        }
-    }
-}
-
 #[derive(Debug)]
 pub struct DockerProvider {
     opts: DockerOptions,
     /// The engine client, negotiated on first use (dockerd may start after us).
     engine: tokio::sync::OnceCell<Docker>,
-    conns: Mutex<HashMap<String, Arc<Conn>>>,
+    /// Open agent sessions by sandbox id.
+    conns: Mutex<HashMap<String, AgentSession>>,
     /// Serialises connection setup per sandbox (a relay is one engine exec
     /// per sandbox); one sandbox's slow or hostile agent never holds up
     /// another's.
@@ -155,7 +134,6 @@ pub struct DockerProvider {
     /// Serialises removals of containers attached to the StacyVM bridge
     /// network (see [`Self::discard`]).
     leave_lock: tokio::sync::Mutex<()>,
-    relay_seq: AtomicU64,
     /// Host uid/gid of container root: non-zero under `userns-remap`.
     remap: tokio::sync::OnceCell<(u32, u32)>,
     /// Whether the storage driver caps a container's writable layer.
@@ -188,63 +166,10 @@ fn args_share_sockets(args: &[String]) -> bool {
     })
 }
 
-/// Whether `path` is an ELF executable without an interpreter (a static
-/// binary runs in any image; a dynamic one needs the host's libc).
-pub fn is_static_elf(path: &Path) -> bool {
-    let Ok(b) = std::fs::read(path) else {
-        return false;
-    };
-    // 64-bit little-endian ELF only (the agent is built for x86_64).
-    if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 || b[5] != 1 {
-        return false;
-    }
-    let u16_at = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]) as usize;
-    let phoff = u64::from_le_bytes(b[32..40].try_into().unwrap_or([0; 8])) as usize;
-    let (phentsize, phnum) = (u16_at(54), u16_at(56));
-    for i in 0..phnum {
-        let off = phoff + i * phentsize;
-        if off + 4 > b.len() {
-            return false;
-        }
-        // PT_INTERP names the dynamic loader.
-        if u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]) == 3 {
-            return false;
-        }
-    }
-    true
-}
-
-/// Finds a static `stacyvm-agent` for containers: `STACYVM_AGENT_PATH`,
-/// next to the running binary, then where `scripts/build-agent` installs
-/// it. Returns the first static candidate, else the first existing one
-/// (health then says why it cannot be used).
+/// Finds a static `stacyvm-agent` for containers (see
+/// [`crate::agent::find_static_agent`]).
 pub fn find_static_agent() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> = Vec::new();
-    candidates.extend(crate::native::find_agent(""));
-    candidates.push(PathBuf::from("/usr/local/lib/stacyvm/stacyvm-agent"));
-    candidates.push(PathBuf::from("/var/cache/stacyvm/agent/stacyvm-agent"));
-    candidates
-        .iter()
-        .find(|p| is_static_elf(p))
-        .or_else(|| candidates.iter().find(|p| p.is_file()))
-        .cloned()
-}
-
-/// Why the agent binary cannot go into containers, if it cannot.
-fn agent_problem(path: &Path) -> Option<String> {
-    if !path.is_file() {
-        return Some(format!(
-            "agent binary {} not found; build it with scripts/build-agent or set STACYVM_AGENT_PATH",
-            path.display()
-        ));
-    }
-    if !is_static_elf(path) {
-        return Some(format!(
-            "agent binary {} is dynamically linked and cannot run inside container images; build a static one with scripts/build-agent DIR and set STACYVM_AGENT_PATH",
-            path.display()
-        ));
-    }
-    None
+    crate::agent::find_static_agent("")
 }
 
 /// Host threads gVisor's sentry keeps in the container's pids cgroup
@@ -454,7 +379,6 @@ impl DockerProvider {
             conns: Mutex::new(HashMap::new()),
             connect_locks: Mutex::new(HashMap::new()),
             leave_lock: tokio::sync::Mutex::new(()),
-            relay_seq: AtomicU64::new(0),
             remap: tokio::sync::OnceCell::new(),
             layer_quota: tokio::sync::OnceCell::new(),
             bridge: tokio::sync::OnceCell::new(),
@@ -1060,7 +984,7 @@ impl DockerProvider {
     }
 
     /// Connects to the agent of a running container: directly through the
-    /// bind-mounted socket, or through a relay exec.
+    /// bind-mounted socket, or over an engine exec of the agent's relay.
     /// `run_dir` is the host side of the container's socket dir.
     async fn connect(
         &self,
@@ -1068,24 +992,19 @@ impl DockerProvider {
         runtime: &str,
         run_dir: &Path,
         token: Option<&[u8]>,
-    ) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
+    ) -> Result<Arc<AgentClient>> {
         if self.shares_sockets(runtime).await {
             let pinned = sock::open_agent_socket(run_dir)?.ok_or_else(|| {
-                Error::unavailable(format!("the agent socket of sandbox {id} is missing"))
+                Error::unavailable(format!("the agent of sandbox {id} has no socket"))
             })?;
-            let c = agent_connect(&pinned.path(), token).await?;
-            return Ok((c, None));
+            return AgentClient::connect(&pinned.path(), token).await;
         }
         self.relay(id, token).await
     }
 
-    /// Opens the agent protocol over an Engine exec of `stacyvm-agent relay`
-    /// and hands it to the agent client through a private unix socket.
-    async fn relay(
-        &self,
-        id: &str,
-        token: Option<&[u8]>,
-    ) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
+    /// Speaks the agent protocol over an Engine exec of `stacyvm-agent
+    /// relay`, whose attached stream is the link (no host socket).
+    async fn relay(&self, id: &str, token: Option<&[u8]>) -> Result<Arc<AgentClient>> {
         let d = self.engine().await?;
         let exec = d
             .create_exec(
@@ -1109,90 +1028,20 @@ impl DockerProvider {
                 e if is_status(&e, 404) => Error::sandbox_not_found(id),
                 e => engine_err("starting the agent relay", e),
             })?;
-        let StartExecResults::Attached {
-            mut output,
-            mut input,
-        } = d
+        let StartExecResults::Attached { output, input } = d
             .start_exec(&exec.id, None)
             .await
             .map_err(|e| engine_err("starting the agent relay", e))?
         else {
             return Err(Error::internal("agent relay exec started detached"));
         };
-        let n = self.relay_seq.fetch_add(1, Ordering::Relaxed);
-        // (Adopted containers may have been created under another data dir.)
-        let path = self.make_dir(id)?.join(format!("relay-{n}.sock"));
-        let _ = std::fs::remove_file(&path);
-        let listener = tokio::net::UnixListener::bind(&path)
-            .map_err(|e| Error::internal("binding the relay socket").with_source(e))?;
-        let sandbox = id.to_string();
-        // A sandbox runtime that dies does not always end the exec stream
-        // (gVisor tears the sandbox down when it hits its pids or memory
-        // limit and the engine keeps the exec attached): watch the container.
-        let mut exited = d.wait_container(id, None::<WaitContainerOptions>);
-        let pump = tokio::spawn(async move {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            drop(listener);
-            let (mut rd, mut wr) = stream.into_split();
-            let to_container = async {
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match rd.read(&mut buf).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => {
-                            if input.write_all(&buf[..n]).await.is_err() {
-                                break;
-                            }
-                            let _ = input.flush().await;
-                        }
-                    }
-                }
-                let _ = input.shutdown().await;
-            };
-            let from_container = async {
-                while let Some(Ok(out)) = output.next().await {
-                    match out {
-                        LogOutput::StdOut { message } if wr.write_all(&message).await.is_err() => {
-                            break;
-                        }
-                        LogOutput::StdOut { .. } => {}
-                        LogOutput::StdErr { message } => {
-                            warn!(sandbox_id = %sandbox, relay = %String::from_utf8_lossy(&message).trim(), "agent relay");
-                        }
-                        _ => {}
-                    }
-                }
-                let _ = wr.shutdown().await;
-            };
-            let watch = async {
-                if let Some(Err(EngineError::RequestTimeoutError)) = exited.next().await {
-                    // The engine did not answer the wait: keep the relay.
-                    std::future::pending::<()>().await;
-                }
-            };
-            // Either direction ending, or the container stopping, ends the connection.
-            tokio::select! {
-                () = to_container => {}
-                () = from_container => {}
-                () = watch => debug!(sandbox_id = %sandbox, "sandbox container stopped; closing the agent relay"),
-            }
-        });
-        let connected = agent_connect(&path, token).await;
-        let _ = std::fs::remove_file(&path);
-        match connected {
-            Ok(c) => Ok((c, Some(pump))),
-            Err(e) => {
-                pump.abort();
-                Err(e)
-            }
-        }
+        let exited = Box::pin(d.wait_container(id, None::<WaitContainerOptions>));
+        AgentClient::handshake(link::EngineStream::new(id, output, input, exited), token).await
     }
 
-    fn open_conn(&self, id: &str) -> Result<Option<Arc<Conn>>> {
+    fn open_conn(&self, id: &str) -> Result<Option<AgentSession>> {
         let conns = self.conns.lock().map_err(|_| Error::internal("lock"))?;
-        Ok(conns.get(id).filter(|c| !c.client.is_closed()).cloned())
+        Ok(conns.get(id).filter(|c| !c.is_closed()).cloned())
     }
 
     /// Starts a created (or stopped) container and hands its agent the
@@ -1267,7 +1116,7 @@ impl DockerProvider {
     /// The live agent connection of a sandbox (re-connecting after a
     /// restart or a lost connection). Connecting is serialised per sandbox
     /// and bounded by [`CONNECT_TIMEOUT`], waiting included.
-    async fn conn(&self, id: &str) -> Result<Arc<Conn>> {
+    async fn conn(&self, id: &str) -> Result<AgentSession> {
         if let Some(c) = self.open_conn(id)? {
             return Ok(c);
         }
@@ -1293,7 +1142,7 @@ impl DockerProvider {
             .map_err(|_| timed_out())?
     }
 
-    async fn reconnect(&self, id: &str) -> Result<Arc<Conn>> {
+    async fn reconnect(&self, id: &str) -> Result<AgentSession> {
         let d = self.engine().await?;
         let info = match d.inspect_container(id, None).await {
             Ok(i) => i,
@@ -1321,12 +1170,12 @@ impl DockerProvider {
         let run_dir = run_dir_of(&info)
             .ok_or_else(|| Error::unavailable(format!("sandbox {id} has no agent socket mount")))?;
         let token = self.sandbox_token(id, &cfg)?;
-        let (client, relay) = self
+        let client = self
             .connect(id, &runtime, &run_dir, token.as_deref())
             .await?;
         let env = spec::parse_env(&cfg.env.unwrap_or_default());
         let env = base_env(&client, env, cfg.user.as_deref().unwrap_or_default()).await;
-        let conn = Arc::new(Conn { client, env, relay });
+        let conn = AgentSession::new(id, client).with_env(env);
         self.conns
             .lock()
             .map_err(|_| Error::internal("lock"))?
@@ -1341,7 +1190,7 @@ impl DockerProvider {
         id: &str,
         run_dir: &Path,
         token: &[u8],
-    ) -> Result<(Arc<AgentClient>, Option<JoinHandle<()>>)> {
+    ) -> Result<Arc<AgentClient>> {
         let d = self.engine().await?;
         let started = Instant::now();
         let direct = self.shares_sockets(self.runtime()).await;
@@ -1349,8 +1198,8 @@ impl DockerProvider {
         loop {
             if direct {
                 if let Some(pinned) = sock::open_agent_socket(run_dir)? {
-                    if let Ok(c) = agent_connect(&pinned.path(), Some(token)).await {
-                        return Ok((c, None));
+                    if let Ok(c) = AgentClient::connect(&pinned.path(), Some(token)).await {
+                        return Ok(c);
                     }
                 }
             } else {
@@ -1439,14 +1288,14 @@ impl DockerProvider {
             .map_err(|e| engine_err("inspecting the sandbox container", e))?;
         let run_dir = run_dir_of(&info)
             .ok_or_else(|| Error::internal("the sandbox container has no agent socket mount"))?;
-        let (client, relay) = self.await_agent(&spec.id, &run_dir, &token).await?;
+        let client = self.await_agent(&spec.id, &run_dir, &token).await?;
         let env = tokio::time::timeout(
             CONNECT_TIMEOUT,
             base_env(&client, spec::parse_env(&image_env), &user),
         )
         .await
         .map_err(|_| Error::unavailable("the sandbox agent did not answer in time"))?;
-        let conn = Arc::new(Conn { client, env, relay });
+        let conn = AgentSession::new(&spec.id, client).with_env(env);
         self.conns
             .lock()
             .map_err(|_| Error::internal("lock"))?
@@ -1512,17 +1361,6 @@ impl DockerProvider {
             .map_err(|e| engine_err("creating the sandbox container", e))?;
         Ok(())
     }
-
-    /// The exec's environment: the container's (image) env under the request's.
-    fn exec_spec(conn: &Conn, spec: &ExecSpec) -> ExecSpec {
-        let mut s = spec.clone();
-        let mut env = conn.env.clone();
-        // HOME and PATH come from the agent unless the image sets them.
-        env.remove("HOSTNAME");
-        env.extend(spec.env.clone());
-        s.env = env;
-        s
-    }
 }
 
 /// The base environment of a sandbox's execs: the container's (image) env
@@ -1533,6 +1371,9 @@ async fn base_env(
     mut env: BTreeMap<String, String>,
     user: &str,
 ) -> BTreeMap<String, String> {
+    // HOME and PATH come from the agent unless the image sets them; the
+    // container's HOSTNAME is not the exec's.
+    env.remove("HOSTNAME");
     let name = user.split(':').next().unwrap_or_default();
     if name.is_empty() || name == "root" || name == "0" || env.contains_key("HOME") {
         return env;
@@ -1559,12 +1400,6 @@ async fn read_passwd(client: &Arc<AgentClient>) -> Option<String> {
         .ok()?
         .ok()?;
     Some(String::from_utf8_lossy(&data).to_string())
-}
-
-/// Connects to an agent and, with a token, requires it to prove it holds
-/// that sandbox's token.
-async fn agent_connect(path: &Path, token: Option<&[u8]>) -> Result<Arc<AgentClient>> {
-    AgentClient::connect(path, token).await
 }
 
 /// Makes a sandbox's random handshake token and keeps the host's copy in
@@ -1750,7 +1585,7 @@ impl Provider for DockerProvider {
                 runtimes.join(", ")
             )));
         }
-        if let Some(problem) = agent_problem(&self.opts.agent_path) {
+        if let Some(problem) = crate::agent::agent_problem(&self.opts.agent_path) {
             return Err(Error::unavailable(problem));
         }
         // Learn the exec transport now, so `describe` can show it.
@@ -1801,91 +1636,8 @@ impl Provider for DockerProvider {
         }
     }
 
-    async fn exec(&self, id: &str, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus> {
-        let conn = self.conn(id).await?;
-        let spec = Self::exec_spec(&conn, spec);
-        let req = exec_request(&spec, spec.stdin.is_some());
-        let exit = conn.client.exec(req, spec.stdin.clone(), sink).await?;
-        client::to_status(id, exit)
-    }
-
-    async fn exec_interactive(
-        &self,
-        id: &str,
-        spec: &ExecSpec,
-        sink: OutputSink,
-        input: tokio::sync::mpsc::Receiver<ExecInput>,
-    ) -> Result<ExitStatus> {
-        let conn = self.conn(id).await?;
-        let spec = Self::exec_spec(&conn, spec);
-        let req = exec_request(&spec, true);
-        let exit = conn.client.exec_interactive(req, input, sink).await?;
-        client::to_status(id, exit)
-    }
-
-    async fn write_file(&self, id: &str, path: &str, data: &[u8], mode: u32) -> Result<()> {
-        self.conn(id)
-            .await?
-            .client
-            .write_file(path, data, mode)
-            .await
-    }
-
-    async fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>> {
-        self.conn(id)
-            .await?
-            .client
-            .read_all(path, crate::native::client::MAX_RESULT_BYTES as u64)
-            .await
-    }
-
-    async fn read_file_stream(&self, id: &str, path: &str, max_bytes: u64) -> Result<FileStream> {
-        self.conn(id)
-            .await?
-            .client
-            .read_stream(path, max_bytes)
-            .await
-    }
-
-    async fn write_file_stream(
-        &self,
-        id: &str,
-        path: &str,
-        mode: u32,
-        chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
-        max_bytes: u64,
-    ) -> Result<u64> {
-        self.conn(id)
-            .await?
-            .client
-            .write_stream(path, mode, chunks, max_bytes)
-            .await
-    }
-
-    async fn list_files(&self, id: &str, path: &str) -> Result<Vec<FileInfo>> {
-        let stats = self.conn(id).await?.client.list(path).await?;
-        Ok(stats.into_iter().map(to_info).collect())
-    }
-
-    async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
-        self.conn(id).await?.client.remove(path, recursive).await
-    }
-
-    async fn move_file(&self, id: &str, old: &str, new: &str) -> Result<()> {
-        self.conn(id).await?.client.rename(old, new).await
-    }
-
-    async fn chmod_file(&self, id: &str, path: &str, mode: u32) -> Result<()> {
-        self.conn(id).await?.client.chmod(path, mode).await
-    }
-
-    async fn stat_file(&self, id: &str, path: &str) -> Result<FileInfo> {
-        Ok(to_info(self.conn(id).await?.client.stat(path).await?))
-    }
-
-    async fn glob_files(&self, id: &str, pattern: &str) -> Result<Vec<String>> {
-        // An empty match is `[]`, never null (gaps C-3).
-        self.conn(id).await?.client.glob(pattern).await
+    async fn io(&self, id: &str) -> Result<Arc<dyn SandboxIo>> {
+        Ok(Arc::new(self.conn(id).await?))
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {

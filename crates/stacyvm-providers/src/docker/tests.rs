@@ -923,19 +923,6 @@ async fn pulls_from_a_registry_and_reports_missing_images() {
         .await;
 }
 
-#[test]
-fn static_agent_detection() {
-    assert!(is_static_elf(&static_agent()), "the test agent is static");
-    assert!(!is_static_elf(Path::new("/bin/sh")), "dash is dynamic");
-    let dir = tempfile::tempdir().expect("tmp");
-    let text = dir.path().join("script");
-    std::fs::write(&text, "#!/bin/sh\n").expect("write");
-    assert!(!is_static_elf(&text));
-    assert!(!is_static_elf(&dir.path().join("missing")));
-    assert!(agent_problem(&text).is_some_and(|p| p.contains("dynamically linked")));
-    assert!(agent_problem(&static_agent()).is_none());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_that_does_not_answer_is_a_typed_timeout() {
     let mut fx = fixture("runc");

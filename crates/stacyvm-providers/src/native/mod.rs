@@ -8,18 +8,13 @@
 //! and `meta.json`. Sandboxes live under the host's init, not under the
 //! server: a restarted server re-adopts them through `agent.sock`.
 
-pub mod client;
 pub mod disk;
-pub mod hostetc;
 pub mod ids;
-pub mod images;
-pub mod import;
 #[cfg(test)]
 mod isolation_tests;
 pub mod net;
 mod orphans;
 mod pool;
-pub mod pull;
 #[cfg(test)]
 mod security_tests;
 
@@ -31,17 +26,16 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use stacyvm_agent_proto::boot::{BootSpec, IdMap, RootSpec};
-use stacyvm_api::FileInfo;
 use stacyvm_core::provider::{
-    capability, ExecInput, ExecSpec, ExitStatus, FileStream, OutputSink, Provider, RuntimeInfo,
-    RuntimeStatus, SpawnSpec, Spawned, Stats,
+    capability, Provider, RuntimeInfo, RuntimeStatus, SandboxIo, SpawnSpec, Spawned, Stats,
 };
 use stacyvm_core::{paths, Error, ErrorKind, Result};
 use stacyvm_sandbox::cgroup::{self, Layout, Limits};
 use stacyvm_sandbox::procs::Identity;
 use tracing::{info, warn};
 
-use self::client::{exec_request, to_info, AgentClient};
+use crate::agent::{AgentClient, AgentSession};
+use crate::image::store as images;
 
 /// Settings of the native provider.
 #[derive(Debug, Clone)]
@@ -174,26 +168,7 @@ impl Meta {
     }
 }
 
-/// Finds `stacyvm-agent` next to the running binary (or its parent dir,
-/// for test binaries under `deps/`).
-pub fn find_agent(configured: &str) -> Option<PathBuf> {
-    if !configured.is_empty() {
-        return Some(PathBuf::from(configured));
-    }
-    if let Ok(p) = std::env::var("STACYVM_AGENT_PATH") {
-        if !p.is_empty() {
-            return Some(PathBuf::from(p));
-        }
-    }
-    let exe = std::env::current_exe().ok()?;
-    let dir = exe.parent()?;
-    [
-        dir.join("stacyvm-agent"),
-        dir.parent()?.join("stacyvm-agent"),
-    ]
-    .into_iter()
-    .find(|c| c.is_file())
-}
+pub use crate::agent::find_agent;
 
 fn host_memory_bytes() -> u64 {
     std::fs::read_to_string("/proc/meminfo")
@@ -860,78 +835,8 @@ impl Provider for NativeProvider {
         }
     }
 
-    async fn exec(&self, id: &str, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus> {
-        let c = self.client(id).await?;
-        let req = exec_request(spec, spec.stdin.is_some());
-        let exit = c.exec(req, spec.stdin.clone(), sink).await?;
-        client::to_status(id, exit)
-    }
-
-    async fn exec_interactive(
-        &self,
-        id: &str,
-        spec: &ExecSpec,
-        sink: OutputSink,
-        input: tokio::sync::mpsc::Receiver<ExecInput>,
-    ) -> Result<ExitStatus> {
-        let c = self.client(id).await?;
-        let req = exec_request(spec, true);
-        let exit = c.exec_interactive(req, input, sink).await?;
-        client::to_status(id, exit)
-    }
-
-    async fn write_file(&self, id: &str, path: &str, data: &[u8], mode: u32) -> Result<()> {
-        self.client(id).await?.write_file(path, data, mode).await
-    }
-
-    async fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>> {
-        self.client(id)
-            .await?
-            .read_all(path, client::MAX_RESULT_BYTES as u64)
-            .await
-    }
-
-    async fn read_file_stream(&self, id: &str, path: &str, max_bytes: u64) -> Result<FileStream> {
-        self.client(id).await?.read_stream(path, max_bytes).await
-    }
-
-    async fn write_file_stream(
-        &self,
-        id: &str,
-        path: &str,
-        mode: u32,
-        chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
-        max_bytes: u64,
-    ) -> Result<u64> {
-        self.client(id)
-            .await?
-            .write_stream(path, mode, chunks, max_bytes)
-            .await
-    }
-
-    async fn list_files(&self, id: &str, path: &str) -> Result<Vec<FileInfo>> {
-        let stats = self.client(id).await?.list(path).await?;
-        Ok(stats.into_iter().map(to_info).collect())
-    }
-
-    async fn delete_file(&self, id: &str, path: &str, recursive: bool) -> Result<()> {
-        self.client(id).await?.remove(path, recursive).await
-    }
-
-    async fn move_file(&self, id: &str, old: &str, new: &str) -> Result<()> {
-        self.client(id).await?.rename(old, new).await
-    }
-
-    async fn chmod_file(&self, id: &str, path: &str, mode: u32) -> Result<()> {
-        self.client(id).await?.chmod(path, mode).await
-    }
-
-    async fn stat_file(&self, id: &str, path: &str) -> Result<FileInfo> {
-        Ok(to_info(self.client(id).await?.stat(path).await?))
-    }
-
-    async fn glob_files(&self, id: &str, pattern: &str) -> Result<Vec<String>> {
-        self.client(id).await?.glob(pattern).await
+    async fn io(&self, id: &str) -> Result<Arc<dyn SandboxIo>> {
+        Ok(Arc::new(AgentSession::new(id, self.client(id).await?)))
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {
@@ -1296,7 +1201,7 @@ pub(crate) mod tests {
 
     pub fn busybox_fixture() -> BusyboxFixture {
         let inner = fixture();
-        let archive = super::import::tests::busybox_archive(inner.dir.path(), BUSYBOX_TAG);
+        let archive = crate::image::import::tests::busybox_archive(inner.dir.path(), BUSYBOX_TAG);
         inner
             .make()
             .images()

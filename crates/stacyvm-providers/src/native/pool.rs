@@ -20,8 +20,8 @@ use stacyvm_core::{Error, Result};
 use stacyvm_sandbox::cgroup::{self, Limits};
 use tracing::{debug, warn};
 
-use super::client::AgentClient;
 use super::{teardown_state, Booter, Meta};
+use crate::agent::AgentClient;
 
 /// Name prefix of pool sandboxes' state dirs (never a sandbox id).
 pub(crate) const PREFIX: &str = "pool-";

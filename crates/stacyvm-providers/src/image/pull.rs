@@ -17,8 +17,8 @@ use oci_client::{Client, Reference};
 use stacyvm_core::{Error, ErrorKind, Result};
 use tokio::io::AsyncWrite;
 
-use super::images::ImageStore;
 use super::import::{self, ImageRecord, Progress};
+use super::store::ImageStore;
 
 /// How to reach a registry.
 #[derive(Debug, Clone, Default)]
@@ -318,7 +318,7 @@ pub async fn import_from_docker(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::native::import::tests::busybox_image;
+    use crate::image::import::tests::busybox_image;
 
     /// Debian's docker-registry on a free loopback port, with filesystem
     /// storage in a temp dir; killed on drop.
@@ -528,7 +528,7 @@ mod tests {
     async fn imports_from_the_local_docker_engine() {
         let dir = tempfile::tempdir().expect("tmp");
         let tag = format!("stacyvm-test/native-export:{}", std::process::id());
-        let archive = crate::native::import::tests::busybox_archive(dir.path(), &tag);
+        let archive = crate::image::import::tests::busybox_archive(dir.path(), &tag);
         let out = std::process::Command::new("docker")
             .arg("load")
             .arg("-i")

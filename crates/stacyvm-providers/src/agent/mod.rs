@@ -1,0 +1,15 @@
+//! The agent layer every agent-backed provider shares.
+//!
+//! [`client`] speaks the agent protocol over any byte stream (a unix
+//! socket, an engine-attached exec stream, a VM's serial port or vsock);
+//! [`session`] implements exec and every file operation on top of it once;
+//! [`binary`] finds the agent binary. A provider implements the lifecycle
+//! (spawn, status, destroy, recover, inventory) and hands out sessions.
+
+pub mod binary;
+pub mod client;
+pub mod session;
+
+pub use binary::{agent_problem, elf_is_static, find_agent, find_static_agent};
+pub use client::AgentClient;
+pub use session::AgentSession;
