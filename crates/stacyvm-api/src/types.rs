@@ -266,6 +266,15 @@ pub struct ProviderHealth {
     pub capabilities: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime_count: Option<i64>,
+    /// Isolation class: `none`, `remote`, `process`, `container`,
+    /// `user-space kernel` or `microvm`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub isolation: String,
+    /// Network modes a spawn may ask for, and the one used when it names none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub network_modes: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub default_network_mode: String,
 }
 
 /// `GET /ready`; map-typed in the original, so keys are alphabetical.

@@ -562,22 +562,17 @@ impl Manager {
                 ));
             }
         }
-        match req.network_mode.as_str() {
-            "" | "none" | "bridge" => {}
-            other => {
-                return Err(Error::invalid(format!(
-                    "unsupported network_mode {other:?} (allowed: none, bridge)"
-                )))
-            }
-        }
+        let profile = provider.profile();
         let network = if req.network_mode.is_empty() {
-            match provider_name.as_str() {
-                "native" => self.cfg.providers.native.network_mode.clone(),
-                "docker" => self.cfg.providers.docker.network_mode.clone(),
-                _ => "none".to_string(),
-            }
-        } else {
+            profile.default_network.clone()
+        } else if profile.network_modes.contains(&req.network_mode) {
             req.network_mode.clone()
+        } else {
+            return Err(Error::invalid(format!(
+                "provider {provider_name} does not support network_mode {:?} (it supports: {})",
+                req.network_mode,
+                profile.network_modes.join(", ")
+            )));
         };
         let policies = self
             .store

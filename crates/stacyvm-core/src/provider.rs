@@ -175,6 +175,65 @@ pub mod capability {
     pub const RUNTIME_INVENTORY: &str = "runtime_inventory";
     pub const STATS: &str = "stats";
     pub const BASE: [&str; 6] = [SPAWN, EXEC, EXEC_STREAM, FILES, CONSOLE, HEALTH];
+    /// Interactive exec: stdin and signals while the command runs.
+    pub const EXEC_INTERACTIVE: &str = "exec_interactive";
+    /// Pseudo-terminal execs (with resize).
+    pub const PTY: &str = "pty";
+    pub const SNAPSHOTS: &str = "snapshots";
+}
+
+/// How a provider separates a sandbox from the host, weakest first: the
+/// order `providers.default: auto` ranks healthy providers by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Isolation {
+    /// Commands run as host processes (the mock test double).
+    None,
+    /// Another service runs the sandbox; its isolation is that service's.
+    Remote,
+    /// Host processes confined in user space (PRoot: ptrace path
+    /// translation, no kernel boundary of its own).
+    Process,
+    /// Kernel namespaces, cgroups and seccomp on the host kernel (native,
+    /// Docker with runc).
+    Container,
+    /// A user-space kernel between the sandbox and the host (gVisor).
+    UserSpaceKernel,
+    /// A guest kernel in a virtual machine (QEMU, Firecracker, Kata).
+    MicroVm,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::None => "none",
+            Isolation::Remote => "remote",
+            Isolation::Process => "process",
+            Isolation::Container => "container",
+            Isolation::UserSpaceKernel => "user-space kernel",
+            Isolation::MicroVm => "microvm",
+        }
+    }
+}
+
+/// What a provider is and offers, for the manager (network defaults and
+/// validation), `providers.default: auto` and the capability report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Profile {
+    pub isolation: Isolation,
+    /// Network modes a spawn may ask for.
+    pub network_modes: Vec<String>,
+    /// The mode of a spawn that names none.
+    pub default_network: String,
+}
+
+impl Default for Profile {
+    fn default() -> Self {
+        Profile {
+            isolation: Isolation::Process,
+            network_modes: vec!["none".into()],
+            default_network: "none".into(),
+        }
+    }
 }
 
 /// See [`Provider::default_resources`].
@@ -297,6 +356,11 @@ pub trait Provider: Debug + Send + Sync + 'static {
     /// its exact setting (gaps C-26).
     fn default_resources(&self) -> Option<ResourceDefaults> {
         None
+    }
+
+    /// Isolation class and network modes (see [`Profile`]).
+    fn profile(&self) -> Profile {
+        Profile::default()
     }
 
     /// Non-secret configuration shown on `GET /providers/{name}`.

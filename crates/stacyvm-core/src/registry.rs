@@ -9,10 +9,12 @@ use parking_lot::Mutex;
 use stacyvm_api::ProviderHealth;
 
 use crate::error::{Error, Result};
-use crate::provider::Provider;
+use crate::provider::{Isolation, Provider};
 
 /// How long a health result is reused before probing again.
 const HEALTH_TTL: Duration = Duration::from_secs(2);
+/// Upper bound of the health probes that choose an `auto` default.
+const AUTO_PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Upper bound of one health probe.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -46,6 +48,36 @@ impl Registry {
             default: default.to_string(),
             health: Mutex::new(BTreeMap::new()),
         })
+    }
+
+    /// Builds a registry whose default may be `auto`: the healthy provider
+    /// with the strongest isolation (the first registered among equals);
+    /// the mock test double is never chosen.
+    pub async fn with_default(providers: Vec<Arc<dyn Provider>>, default: &str) -> Result<Self> {
+        if default != "auto" {
+            return Self::new(providers, default);
+        }
+        let probes = providers.iter().map(|p| async move {
+            let healthy = matches!(
+                tokio::time::timeout(AUTO_PROBE_TIMEOUT, p.health()).await,
+                Ok(Ok(()))
+            );
+            (p.profile().isolation, healthy)
+        });
+        let ranked = futures::future::join_all(probes).await;
+        let mut best: Option<(Isolation, &str)> = None;
+        for (p, (iso, healthy)) in providers.iter().zip(ranked) {
+            if healthy && iso != Isolation::None && best.is_none_or(|(b, _)| iso > b) {
+                best = Some((iso, p.name()));
+            }
+        }
+        let Some((_, name)) = best else {
+            return Err(Error::unavailable(
+                "providers.default is auto but no enabled provider is healthy",
+            ));
+        };
+        let name = name.to_string();
+        Self::new(providers, &name)
     }
 
     pub fn default_name(&self) -> &str {
@@ -96,6 +128,7 @@ impl Registry {
                 runtime_count = Some(list.len() as i64);
             }
         }
+        let profile = p.profile();
         let h = ProviderHealth {
             name: name.clone(),
             healthy: error.is_empty(),
@@ -105,6 +138,9 @@ impl Registry {
             error,
             capabilities: p.capabilities(),
             runtime_count,
+            isolation: profile.isolation.as_str().to_string(),
+            network_modes: profile.network_modes,
+            default_network_mode: profile.default_network,
         };
         self.health.lock().insert(name, (Instant::now(), h.clone()));
         h

@@ -18,7 +18,8 @@ use nix::unistd::Pid;
 use stacyvm_api::FileInfo;
 use stacyvm_core::provider::{
     buffered_read, capability, collect_upload, ExecInput, ExecSpec, ExitStatus, FileStream,
-    OutputChunk, OutputSink, Provider, RuntimeInfo, RuntimeStatus, SpawnSpec, Spawned, StreamKind,
+    Isolation, OutputChunk, OutputSink, Profile, Provider, RuntimeInfo, RuntimeStatus, SpawnSpec,
+    Spawned, StreamKind,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -260,7 +261,16 @@ impl Provider for MockProvider {
         let mut c: Vec<String> = capability::BASE.iter().map(|s| s.to_string()).collect();
         c.push(capability::RUNTIME_INVENTORY.into());
         c.push("test_provider".into());
+        c.push(capability::EXEC_INTERACTIVE.into());
         c
+    }
+
+    fn profile(&self) -> Profile {
+        Profile {
+            isolation: Isolation::None,
+            network_modes: vec!["none".into(), "bridge".into()],
+            default_network: "none".into(),
+        }
     }
 
     fn describe(&self) -> BTreeMap<String, String> {

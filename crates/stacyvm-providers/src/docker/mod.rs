@@ -49,7 +49,8 @@ use chrono::Utc;
 use futures::StreamExt;
 use stacyvm_core::config::DockerConfig;
 use stacyvm_core::provider::{
-    capability, Provider, RuntimeInfo, RuntimeStatus, SandboxIo, SpawnSpec, Spawned, Stats,
+    capability, Isolation, Profile, Provider, RuntimeInfo, RuntimeStatus, SandboxIo, SpawnSpec,
+    Spawned, Stats,
 };
 use stacyvm_core::{paths, Error, Result};
 use tokio::io::AsyncWriteExt;
@@ -1497,7 +1498,28 @@ impl Provider for DockerProvider {
         let mut c: Vec<String> = capability::BASE.iter().map(|s| (*s).to_string()).collect();
         c.push(capability::RUNTIME_INVENTORY.into());
         c.push(capability::STATS.into());
+        c.push(capability::EXEC_INTERACTIVE.into());
+        c.push(capability::PTY.into());
         c
+    }
+
+    fn profile(&self) -> Profile {
+        let rt = self.runtime();
+        let isolation = if rt.contains("runsc") || rt.contains("gvisor") {
+            Isolation::UserSpaceKernel
+        } else if rt.contains("kata") {
+            Isolation::MicroVm
+        } else {
+            Isolation::Container
+        };
+        Profile {
+            isolation,
+            network_modes: vec!["none".into(), "bridge".into()],
+            default_network: match self.opts.config.network_mode.as_str() {
+                "" => "none".into(),
+                m => m.into(),
+            },
+        }
     }
 
     fn describe(&self) -> BTreeMap<String, String> {

@@ -27,7 +27,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use stacyvm_agent_proto::boot::{BootSpec, IdMap, RootSpec};
 use stacyvm_core::provider::{
-    capability, Provider, RuntimeInfo, RuntimeStatus, SandboxIo, SpawnSpec, Spawned, Stats,
+    capability, Isolation, Profile, Provider, RuntimeInfo, RuntimeStatus, SandboxIo, SpawnSpec,
+    Spawned, Stats,
 };
 use stacyvm_core::{paths, Error, ErrorKind, Result};
 use stacyvm_sandbox::cgroup::{self, Layout, Limits};
@@ -680,8 +681,27 @@ impl Provider for NativeProvider {
         if self.cgroups.is_some() {
             c.push(capability::STATS.into());
         }
+        c.push(capability::EXEC_INTERACTIVE.into());
+        c.push(capability::PTY.into());
         c.push("namespaces".into());
         c
+    }
+
+    fn profile(&self) -> Profile {
+        // Rootless mode has loopback only (no veth without root).
+        let modes: &[&str] = if self.rootless {
+            &["none"]
+        } else {
+            &["none", "bridge"]
+        };
+        Profile {
+            isolation: Isolation::Container,
+            network_modes: modes.iter().map(|m| (*m).to_string()).collect(),
+            default_network: match self.opts.network_mode.as_str() {
+                "" => "none".into(),
+                m => m.into(),
+            },
+        }
     }
 
     fn describe(&self) -> BTreeMap<String, String> {
