@@ -148,7 +148,12 @@ async fn custom_provider_serves_spawn_exec_and_files() {
     let backend = Backend::start();
     let data = tempfile::tempdir().expect("tmp");
     let s = start(data.path(), &backend.url);
-    let (status, v) = call(reqwest::Method::POST, format!("{}/sandboxes", s.url), Some(json!({}))).await;
+    let (status, v) = call(
+        reqwest::Method::POST,
+        format!("{}/sandboxes", s.url),
+        Some(json!({})),
+    )
+    .await;
     assert!(status == 200 || status == 201, "spawn: {status} {v}");
     assert_eq!(v["provider"], "custom", "providers.default: custom: {v}");
     let id = v["id"].as_str().expect("id").to_string();
@@ -160,7 +165,15 @@ async fn custom_provider_serves_spawn_exec_and_files() {
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    assert_eq!((v["stdout"].as_str(), v["stderr"].as_str(), v["exit_code"].as_i64()), (Some("hello\n"), Some("oops\n"), Some(4)), "{v}");
+    assert_eq!(
+        (
+            v["stdout"].as_str(),
+            v["stderr"].as_str(),
+            v["exit_code"].as_i64()
+        ),
+        (Some("hello\n"), Some("oops\n"), Some(4)),
+        "{v}"
+    );
 
     // A binary file up, listed, read back byte for byte, seen by commands.
     let bytes: Vec<u8> = (0..=255u8).cycle().take(70_000).collect();
@@ -172,26 +185,59 @@ async fn custom_provider_serves_spawn_exec_and_files() {
     )
     .await;
     assert_eq!(status, 200, "{v}");
-    let got = reqwest::get(format!("{}/sandboxes/{id}/files?path=/workspace/dir/blob.bin", s.url))
-        .await
-        .expect("read");
+    let got = reqwest::get(format!(
+        "{}/sandboxes/{id}/files?path=/workspace/dir/blob.bin",
+        s.url
+    ))
+    .await
+    .expect("read");
     assert_eq!(got.status().as_u16(), 200);
-    assert!(got.bytes().await.expect("body").as_ref() == bytes.as_slice(), "round trip differs");
-    let (status, v) = call(reqwest::Method::GET, format!("{}/sandboxes/{id}/files/list?path=/workspace/dir", s.url), None).await;
+    assert!(
+        got.bytes().await.expect("body").as_ref() == bytes.as_slice(),
+        "round trip differs"
+    );
+    let (status, v) = call(
+        reqwest::Method::GET,
+        format!("{}/sandboxes/{id}/files/list?path=/workspace/dir", s.url),
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
     assert_eq!(v[0]["path"], "/workspace/dir/blob.bin", "{v}");
-    assert_eq!((v[0]["size"].as_u64(), v[0]["mode"].as_str(), v[0]["is_dir"].as_bool()), (Some(70_000), Some("640"), Some(false)), "{v}");
+    assert_eq!(
+        (
+            v[0]["size"].as_u64(),
+            v[0]["mode"].as_str(),
+            v[0]["is_dir"].as_bool()
+        ),
+        (Some(70_000), Some("640"), Some(false)),
+        "{v}"
+    );
     let (status, v) = call(
         reqwest::Method::POST,
         format!("{}/sandboxes/{id}/exec", s.url),
         Some(json!({"command": "wc -c < /workspace/dir/blob.bin"})),
     )
     .await;
-    assert_eq!((status, v["stdout"].as_str()), (200, Some("70000\n")), "{v}");
-    let (status, v) = call(reqwest::Method::GET, format!("{}/sandboxes/{id}/files?path=/workspace/missing", s.url), None).await;
+    assert_eq!(
+        (status, v["stdout"].as_str()),
+        (200, Some("70000\n")),
+        "{v}"
+    );
+    let (status, v) = call(
+        reqwest::Method::GET,
+        format!("{}/sandboxes/{id}/files?path=/workspace/missing", s.url),
+        None,
+    )
+    .await;
     assert_eq!(status, 404, "a missing file is a 404: {v}");
 
-    let (status, v) = call(reqwest::Method::DELETE, format!("{}/sandboxes/{id}", s.url), None).await;
+    let (status, v) = call(
+        reqwest::Method::DELETE,
+        format!("{}/sandboxes/{id}", s.url),
+        None,
+    )
+    .await;
     assert_eq!(status, 200, "{v}");
     // The backend no longer has it.
     let resp = reqwest::Client::new()
@@ -223,7 +269,8 @@ fn custom_provider_without_base_url_is_a_startup_error() {
         std::thread::sleep(Duration::from_millis(50));
     };
     let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err).expect("stderr");
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
     assert!(!status.success());
     assert!(err.contains("providers.custom.base_url"), "{err}");
 }

@@ -150,7 +150,14 @@ impl fmt::Debug for CustomProvider {
         f.debug_struct("CustomProvider")
             .field("name", &self.name)
             .field("base", &self.base.as_str())
-            .field("api_key", &if self.api_key.is_empty() { "" } else { "[REDACTED]" })
+            .field(
+                "api_key",
+                &if self.api_key.is_empty() {
+                    ""
+                } else {
+                    "[REDACTED]"
+                },
+            )
             .field("timeout", &self.timeout)
             .finish_non_exhaustive()
     }
@@ -218,9 +225,9 @@ impl CustomProvider {
         if is_loopback(&base) {
             builder = builder.no_proxy();
         }
-        let client = builder
-            .build()
-            .map_err(|e| Error::internal("building the custom provider's HTTP client").with_source(e))?;
+        let client = builder.build().map_err(|e| {
+            Error::internal("building the custom provider's HTTP client").with_source(e)
+        })?;
         Ok(CustomProvider {
             name: name.to_string(),
             base,
@@ -256,7 +263,10 @@ impl CustomProvider {
     }
 
     fn hint_contract(&self) -> String {
-        format!("hint: the backend at {} must follow {CONTRACT_DOC}", self.base)
+        format!(
+            "hint: the backend at {} must follow {CONTRACT_DOC}",
+            self.base
+        )
     }
 
     /// A request that never reached an answer.
@@ -323,7 +333,11 @@ impl CustomProvider {
             return Err(self.too_big(op, cap));
         }
         let mut body = Vec::new();
-        while let Some(c) = resp.chunk().await.map_err(|e| self.transport_error(op, e))? {
+        while let Some(c) = resp
+            .chunk()
+            .await
+            .map_err(|e| self.transport_error(op, e))?
+        {
             if body.len() + c.len() > cap {
                 return Err(self.too_big(op, cap));
             }
@@ -342,7 +356,8 @@ impl CustomProvider {
 
     async fn read_json(&self, op: &str, resp: Response, cap: usize) -> Result<Value> {
         let body = self.read_capped(op, resp, cap).await?;
-        serde_json::from_slice(&body).map_err(|e| self.garbage(op, &format!("not JSON: {e}"), &body))
+        serde_json::from_slice(&body)
+            .map_err(|e| self.garbage(op, &format!("not JSON: {e}"), &body))
     }
 
     /// The backend's extensions, asking `/health` once if never known.
@@ -374,7 +389,10 @@ impl CustomProvider {
             )));
         }
         // Any answer below 400 is healthy; a JSON body may list extensions.
-        let body = self.read_capped(op, resp, MAX_JSON_BYTES).await.unwrap_or_default();
+        let body = self
+            .read_capped(op, resp, MAX_JSON_BYTES)
+            .await
+            .unwrap_or_default();
         let ext = serde_json::from_slice::<Value>(&body)
             .map(|v| Extensions::from_health(&v))
             .unwrap_or_default();
@@ -398,7 +416,14 @@ impl CustomProvider {
         }
     }
 
-    async fn simple(&self, op: &str, id: &str, method: Method, segs: &[&str], body: Value) -> Result<()> {
+    async fn simple(
+        &self,
+        op: &str,
+        id: &str,
+        method: Method,
+        segs: &[&str],
+        body: Value,
+    ) -> Result<()> {
         let rb = self.request(method, segs).json(&body);
         self.send(op, Some(id), rb).await?;
         Ok(())
@@ -445,7 +470,9 @@ impl CustomProvider {
             }
             body.insert(
                 "stdin".into(),
-                base64::engine::general_purpose::STANDARD.encode(stdin).into(),
+                base64::engine::general_purpose::STANDARD
+                    .encode(stdin)
+                    .into(),
             );
         }
         if input.is_some() && !(ext.interactive && ext.exit_status) {
@@ -506,7 +533,10 @@ impl CustomProvider {
         let Some(code) = v.get("exit_code").and_then(Value::as_i64) else {
             return Err(self.garbage(op, "no integer exit_code", &body));
         };
-        for (kind, key) in [(StreamKind::Stdout, "stdout"), (StreamKind::Stderr, "stderr")] {
+        for (kind, key) in [
+            (StreamKind::Stdout, "stdout"),
+            (StreamKind::Stderr, "stderr"),
+        ] {
             let text = match v.get(key) {
                 None | Some(Value::Null) => "",
                 Some(Value::String(s)) => s.as_str(),
@@ -637,13 +667,7 @@ impl CustomProvider {
     }
 
     /// `PUT /files/raw` with a streamed body (extension `raw_files`).
-    async fn put_raw(
-        &self,
-        id: &str,
-        path: &str,
-        mode: u32,
-        body: reqwest::Body,
-    ) -> Result<()> {
+    async fn put_raw(&self, id: &str, path: &str, mode: u32, body: reqwest::Body) -> Result<()> {
         let mode = octal(mode);
         let rb = self
             .request(Method::PUT, &["files", "raw"])
@@ -667,7 +691,9 @@ fn octal(mode: u32) -> String {
 }
 
 fn exit_status(code: i64, signal: Option<i64>) -> ExitStatus {
-    let signal = signal.and_then(|s| i32::try_from(s).ok()).filter(|s| *s > 0);
+    let signal = signal
+        .and_then(|s| i32::try_from(s).ok())
+        .filter(|s| *s > 0);
     let code = i32::try_from(code).unwrap_or(-1);
     ExitStatus { code, signal }
 }
@@ -749,9 +775,9 @@ fn status_to_error(
         _ => None,
     });
     match kind {
-        Some(k @ (ErrorKind::SandboxNotFound | ErrorKind::SandboxDestroyed | ErrorKind::ExecTimeout)) => {
-            Error::new(k, with_id(id))
-        }
+        Some(
+            k @ (ErrorKind::SandboxNotFound | ErrorKind::SandboxDestroyed | ErrorKind::ExecTimeout),
+        ) => Error::new(k, with_id(id)),
         Some(ErrorKind::ProviderUnavailable) => Error::unavailable(format!("{provider}: {reason}")),
         Some(ErrorKind::Internal) | None => {
             let hint = match code {
@@ -882,7 +908,11 @@ impl Ndjson {
 /// `ModTime`) or snake_case (`is_dir`, `mod_time`); `mode` as an octal or
 /// symbolic string or a number. `dir` resolves relative paths (listings)
 /// and `fixed` replaces the path (stat answers for the requested path).
-fn decode_file_info(v: &Value, dir: &str, fixed: Option<&str>) -> std::result::Result<FileInfo, String> {
+fn decode_file_info(
+    v: &Value,
+    dir: &str,
+    fixed: Option<&str>,
+) -> std::result::Result<FileInfo, String> {
     let Value::Object(m) = v else {
         return Err("a FileInfo is not a JSON object".into());
     };
@@ -902,14 +932,20 @@ fn decode_file_info(v: &Value, dir: &str, fixed: Option<&str>) -> std::result::R
     };
     let size = match fields.get("size") {
         None | Some(Value::Null) => 0,
-        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| format!("size {n} of {path:?} is not a byte count"))?,
-        Some(Value::String(s)) => s.trim().parse().map_err(|_| format!("size {s:?} of {path:?} is not a number"))?,
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| format!("size {n} of {path:?} is not a byte count"))?,
+        Some(Value::String(s)) => s
+            .trim()
+            .parse()
+            .map_err(|_| format!("size {s:?} of {path:?} is not a number"))?,
         Some(other) => return Err(format!("size {other} of {path:?} is not a number")),
     };
     let (perm, mode_is_dir) = match fields.get("mode") {
         None | Some(Value::Null) => (None, None),
         Some(v) => {
-            let (p, d) = parse_any_mode(v).ok_or_else(|| format!("mode {v} of {path:?} is not a file mode"))?;
+            let (p, d) = parse_any_mode(v)
+                .ok_or_else(|| format!("mode {v} of {path:?} is not a file mode"))?;
             (Some(p), d)
         }
     };
@@ -1142,11 +1178,16 @@ impl Provider for CustomProvider {
             (Ok(_), Some(id)) if valid_runtime_id(&id) => Ok(Spawned { runtime_id: id }),
             (parsed, id) => {
                 // Whatever the backend made must not outlive this error.
-                let victim = id.filter(|i| valid_runtime_id(i)).unwrap_or_else(|| spec.id.clone());
+                let victim = id
+                    .filter(|i| valid_runtime_id(i))
+                    .unwrap_or_else(|| spec.id.clone());
                 self.cleanup(&victim).await;
                 let what = match parsed {
                     Err(e) => format!("not JSON: {e}"),
-                    Ok(_) => "no usable \"id\" (a non-empty string of at most 255 printable characters)".into(),
+                    Ok(_) => {
+                        "no usable \"id\" (a non-empty string of at most 255 printable characters)"
+                            .into()
+                    }
                 };
                 Err(self.garbage(op, &what, &body))
             }
@@ -1196,8 +1237,14 @@ impl Provider for CustomProvider {
         if mode != 0 {
             body.insert("mode".into(), octal(mode).into());
         }
-        self.simple("POST /files", id, Method::POST, &["files"], Value::Object(body))
-            .await
+        self.simple(
+            "POST /files",
+            id,
+            Method::POST,
+            &["files"],
+            Value::Object(body),
+        )
+        .await
     }
 
     async fn read_file(&self, id: &str, path: &str) -> Result<Vec<u8>> {
@@ -1210,15 +1257,25 @@ impl Provider for CustomProvider {
     async fn read_file_stream(&self, id: &str, path: &str, max_bytes: u64) -> Result<FileStream> {
         let op = "GET /files";
         let max = max_bytes.to_string();
-        let rb = self
-            .request(Method::GET, &["files"])
-            .query(&[("sandbox_id", id), ("path", path), ("max_bytes", max.as_str())]);
+        let rb = self.request(Method::GET, &["files"]).query(&[
+            ("sandbox_id", id),
+            ("path", path),
+            ("max_bytes", max.as_str()),
+        ]);
         let mut resp = self.send(op, Some(id), rb).await?;
-        let too_large = || Error::too_large(format!("{path:?} is larger than the limit of {max_bytes} bytes"));
+        let too_large = || {
+            Error::too_large(format!(
+                "{path:?} is larger than the limit of {max_bytes} bytes"
+            ))
+        };
         let Some(size) = resp.content_length() else {
             // No length announced: buffer at most max_bytes.
             let mut data = Vec::new();
-            while let Some(c) = resp.chunk().await.map_err(|e| self.transport_error(op, e))? {
+            while let Some(c) = resp
+                .chunk()
+                .await
+                .map_err(|e| self.transport_error(op, e))?
+            {
                 if (data.len() + c.len()) as u64 > max_bytes {
                     return Err(too_large());
                 }
@@ -1275,8 +1332,11 @@ impl Provider for CustomProvider {
         mut chunks: mpsc::Receiver<Vec<u8>>,
         max_bytes: u64,
     ) -> Result<u64> {
-        let too_large =
-            || Error::too_large(format!("the upload is larger than the limit of {max_bytes} bytes"));
+        let too_large = || {
+            Error::too_large(format!(
+                "the upload is larger than the limit of {max_bytes} bytes"
+            ))
+        };
         if !self.extensions().await.raw_files {
             let mut data = Vec::new();
             while let Some(c) = chunks.recv().await {
@@ -1344,14 +1404,26 @@ impl Provider for CustomProvider {
 
     async fn move_file(&self, id: &str, old: &str, new: &str) -> Result<()> {
         let body = json!({"sandbox_id": id, "old_path": old, "new_path": new});
-        self.simple("POST /files/move", id, Method::POST, &["files", "move"], body)
-            .await
+        self.simple(
+            "POST /files/move",
+            id,
+            Method::POST,
+            &["files", "move"],
+            body,
+        )
+        .await
     }
 
     async fn chmod_file(&self, id: &str, path: &str, mode: u32) -> Result<()> {
         let body = json!({"sandbox_id": id, "path": path, "mode": octal(mode)});
-        self.simple("POST /files/chmod", id, Method::POST, &["files", "chmod"], body)
-            .await
+        self.simple(
+            "POST /files/chmod",
+            id,
+            Method::POST,
+            &["files", "chmod"],
+            body,
+        )
+        .await
     }
 
     async fn stat_file(&self, id: &str, path: &str) -> Result<FileInfo> {
@@ -1381,7 +1453,11 @@ impl Provider for CustomProvider {
             let Some(s) = item.as_str() else {
                 return Err(self.garbage(op, "a match is not a string", b""));
             };
-            let abs = if s.starts_with('/') { s.to_string() } else { format!("/{s}") };
+            let abs = if s.starts_with('/') {
+                s.to_string()
+            } else {
+                format!("/{s}")
+            };
             out.push(paths::normalize(&abs).map_err(|e| self.garbage(op, e.detail(), b""))?);
         }
         out.sort();
@@ -1395,7 +1471,9 @@ impl Provider for CustomProvider {
         let resp = self.send(op, Some(id), rb).await?;
         let body = self.read_capped(op, resp, MAX_JSON_BYTES).await?;
         if body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(RuntimeStatus { state: "running".into() });
+            return Ok(RuntimeStatus {
+                state: "running".into(),
+            });
         }
         let v: Value = serde_json::from_slice(&body)
             .map_err(|e| self.garbage(op, &format!("not JSON: {e}"), &body))?;
@@ -1408,20 +1486,33 @@ impl Provider for CustomProvider {
             return Err(self.garbage(op, "state is not a short printable word", &body));
         }
         let state = if state.is_empty() { "running" } else { state };
-        Ok(RuntimeStatus { state: state.to_string() })
+        Ok(RuntimeStatus {
+            state: state.to_string(),
+        })
     }
 
     async fn destroy(&self, id: &str) -> Result<()> {
         let rb = self.request(Method::DELETE, &["sandboxes", id]);
         match self.send("DELETE /sandboxes", Some(id), rb).await {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.kind(), ErrorKind::SandboxNotFound | ErrorKind::SandboxDestroyed) => Ok(()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::SandboxNotFound | ErrorKind::SandboxDestroyed
+                ) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
 
     async fn logs(&self, _id: &str, lines: usize) -> Result<Vec<String>> {
-        Ok(if lines == 0 { Vec::new() } else { vec![CONSOLE_LINE.to_string()] })
+        Ok(if lines == 0 {
+            Vec::new()
+        } else {
+            vec![CONSOLE_LINE.to_string()]
+        })
     }
 }
 
@@ -1516,7 +1607,12 @@ pub async fn doctor(cfg: &Config) -> Vec<Check> {
     let p = match CustomProvider::from_config(c) {
         Ok(p) => p,
         Err(e) => {
-            out.push(check("providers.custom.health", "fail", e.to_string(), None));
+            out.push(check(
+                "providers.custom.health",
+                "fail",
+                e.to_string(),
+                None,
+            ));
             return out;
         }
     };
@@ -1524,9 +1620,16 @@ pub async fn doctor(cfg: &Config) -> Vec<Check> {
         Ok(ext) => {
             let names = ext.names();
             let msg = if names.is_empty() {
-                format!("{} answers /health (plain contract: execs are buffered, text files only)", p.base)
+                format!(
+                    "{} answers /health (plain contract: execs are buffered, text files only)",
+                    p.base
+                )
             } else {
-                format!("{} answers /health; extensions: {}", p.base, names.join(", "))
+                format!(
+                    "{} answers /health; extensions: {}",
+                    p.base,
+                    names.join(", ")
+                )
             };
             out.push(check("providers.custom.health", "pass", msg, None));
         }
@@ -1534,7 +1637,9 @@ pub async fn doctor(cfg: &Config) -> Vec<Check> {
             "providers.custom.health",
             "fail",
             e.to_string(),
-            Some("start the backend (see docs/custom-provider.md) or fix providers.custom.base_url"),
+            Some(
+                "start the backend (see docs/custom-provider.md) or fix providers.custom.base_url",
+            ),
         )),
     }
     out
@@ -1557,7 +1662,10 @@ mod unit {
         assert_eq!(m(json!("Lrwxrwxrwx")), Some(("777".into(), Some(false))));
         assert_eq!(m(json!(0o100600)), Some(("600".into(), Some(false))));
         assert_eq!(m(json!(0o40700)), Some(("700".into(), Some(true))));
-        assert_eq!(m(json!((1u64 << 31) | 0o755)), Some(("755".into(), Some(true))));
+        assert_eq!(
+            m(json!((1u64 << 31) | 0o755)),
+            Some(("755".into(), Some(true)))
+        );
         assert_eq!(m(json!(420)), Some(("644".into(), None)));
         assert_eq!(m(json!("rwx")), None);
         assert_eq!(m(json!("-rw-r--r-X")), None);
@@ -1575,14 +1683,28 @@ mod unit {
         for v in [go, snake, lower] {
             let f = decode_file_info(&v, "/workspace", None).expect("decodes");
             assert_eq!(
-                (f.path.as_str(), f.size, f.mode.as_str(), f.is_dir, f.mod_time.as_str(), f.name.as_str()),
+                (
+                    f.path.as_str(),
+                    f.size,
+                    f.mode.as_str(),
+                    f.is_dir,
+                    f.mod_time.as_str(),
+                    f.name.as_str()
+                ),
                 ("/workspace/a", 5, "600", false, "2024-05-01T10:00:00Z", "a"),
                 "{v}"
             );
         }
-        let dir = decode_file_info(&json!({"name": "sub", "mode": "drwxr-xr-x"}), "/workspace/d", None)
-            .expect("dir");
-        assert_eq!((dir.path.as_str(), dir.is_dir, dir.mode.as_str()), ("/workspace/d/sub", true, "755"));
+        let dir = decode_file_info(
+            &json!({"name": "sub", "mode": "drwxr-xr-x"}),
+            "/workspace/d",
+            None,
+        )
+        .expect("dir");
+        assert_eq!(
+            (dir.path.as_str(), dir.is_dir, dir.mode.as_str()),
+            ("/workspace/d/sub", true, "755")
+        );
         assert!(decode_file_info(&json!({"path": "/../x"}), "/", None).is_err());
         assert!(decode_file_info(&json!({"size": 1}), "/", None).is_err());
         assert!(decode_file_info(&json!({"path": "/a", "size": -1}), "/", None).is_err());
@@ -1601,22 +1723,42 @@ mod unit {
         );
         assert_eq!(
             parse_record(br#"{"exit_code":137,"signal":9}"#),
-            Record::Exit(ExitStatus { code: 137, signal: Some(9) })
+            Record::Exit(ExitStatus {
+                code: 137,
+                signal: Some(9)
+            })
         );
         assert_eq!(
             parse_record(br#"{"error":"too slow","kind":"exec_timeout"}"#),
             Record::Error("too slow".into(), Some(ErrorKind::ExecTimeout))
         );
         assert_eq!(parse_record(b"  "), Record::Skip);
-        for bad in [&b"{nope"[..], b"[]", br#"{"stream":"stdin","data":"x"}"#, br#"{"exit_code":"0"}"#] {
-            assert_eq!(parse_record(bad), Record::Bad, "{}", String::from_utf8_lossy(bad));
+        for bad in [
+            &b"{nope"[..],
+            b"[]",
+            br#"{"stream":"stdin","data":"x"}"#,
+            br#"{"exit_code":"0"}"#,
+        ] {
+            assert_eq!(
+                parse_record(bad),
+                Record::Bad,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
     #[test]
     fn statuses_map_to_the_contracts_kinds() {
         let k = |code: u16, kind: Option<ErrorKind>| {
-            status_to_error("custom", "op", Some("sb-1"), StatusCode::from_u16(code).expect("code"), "why", kind)
+            status_to_error(
+                "custom",
+                "op",
+                Some("sb-1"),
+                StatusCode::from_u16(code).expect("code"),
+                "why",
+                kind,
+            )
         };
         assert_eq!(k(404, None).kind(), ErrorKind::SandboxNotFound);
         assert_eq!(k(404, None).to_string(), "sandbox not found: sb-1 (why)");
@@ -1625,12 +1767,29 @@ mod unit {
         assert_eq!(k(429, None).kind(), ErrorKind::ResourceLimit);
         assert_eq!(k(503, None).kind(), ErrorKind::ProviderUnavailable);
         assert_eq!(k(400, None).kind(), ErrorKind::Internal);
-        assert!(k(401, None).to_string().contains("api_key"), "{}", k(401, None));
-        assert_eq!(k(404, Some(ErrorKind::NotFound)).kind(), ErrorKind::NotFound);
-        assert_eq!(k(400, Some(ErrorKind::InvalidInput)).kind(), ErrorKind::InvalidInput);
-        assert_eq!(parse_kind("forbidden"), None, "policy kinds stay the server's");
+        assert!(
+            k(401, None).to_string().contains("api_key"),
+            "{}",
+            k(401, None)
+        );
+        assert_eq!(
+            k(404, Some(ErrorKind::NotFound)).kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            k(400, Some(ErrorKind::InvalidInput)).kind(),
+            ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            parse_kind("forbidden"),
+            None,
+            "policy kinds stay the server's"
+        );
         let (reason, kind) = parse_error_body(br#"{"error":"no\nsuch file","kind":"not_found"}"#);
-        assert_eq!((reason.as_str(), kind), ("no such file", Some(ErrorKind::NotFound)));
+        assert_eq!(
+            (reason.as_str(), kind),
+            ("no such file", Some(ErrorKind::NotFound))
+        );
         let (reason, _) = parse_error_body(&[b'x'; 5000]);
         assert_eq!(reason.chars().count(), MAX_REASON_CHARS + 1);
     }
@@ -1649,7 +1808,11 @@ mod unit {
         cfg.providers.custom.base_url = "http://127.0.0.1:8090".into();
         cfg.providers.custom.api_key = stacyvm_core::config::Secret::new("k");
         cfg.providers.custom.timeout = stacyvm_core::config::Dur::secs(30);
-        assert!(lint(&cfg, true).iter().all(|c| c.1 == "pass"), "{:?}", lint(&cfg, true));
+        assert!(
+            lint(&cfg, true).iter().all(|c| c.1 == "pass"),
+            "{:?}",
+            lint(&cfg, true)
+        );
         cfg.providers.custom.base_url = "ftp://x".into();
         assert!(CustomProvider::from_config(&cfg.providers.custom).is_err());
         cfg.providers.custom.base_url = String::new();
@@ -1672,7 +1835,10 @@ mod unit {
         c.base_url = "http://127.0.0.1:1".into();
         let p = CustomProvider::from_config(&c).expect("provider");
         assert_eq!(p.url(&["health"]).as_str(), "http://127.0.0.1:1/health");
-        assert!(!format!("{p:?}").contains("api_key: \"k"), "debug redacts the key");
+        assert!(
+            !format!("{p:?}").contains("api_key: \"k"),
+            "debug redacts the key"
+        );
         assert!(!valid_runtime_id("a b") && !valid_runtime_id("..") && valid_runtime_id("sb-1"));
     }
 }

@@ -116,7 +116,9 @@ async fn serve_conn(mut sock: TcpStream, handler: Handler, seen: Arc<Mutex<Vec<R
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
     let mut lines = head.lines();
     let line = lines.next().unwrap_or_default().to_string();
-    let line = line.rsplit_once(' ').map_or(line.clone(), |(l, _)| l.to_string());
+    let line = line
+        .rsplit_once(' ')
+        .map_or(line.clone(), |(l, _)| l.to_string());
     let headers = lines.collect::<Vec<_>>().join("\n").to_ascii_lowercase();
     let len: usize = headers
         .lines()
@@ -198,8 +200,7 @@ fn chunk_of(data: &[u8]) -> Vec<u8> {
     out
 }
 
-const ALL_EXTENSIONS: &str =
-    r#"{"status":"ok","extensions":["exit_status","stdin","timeout","base64","raw_files","interactive"]}"#;
+const ALL_EXTENSIONS: &str = r#"{"status":"ok","extensions":["exit_status","stdin","timeout","base64","raw_files","interactive"]}"#;
 
 fn argv(args: &[&str]) -> ExecSpec {
     ExecSpec {
@@ -242,14 +243,22 @@ mod custom_hostile {
         let e = p.spawn(&spec).await.expect_err("garbage");
         assert_eq!(e.kind(), ErrorKind::Internal, "{e}");
         let msg = e.to_string();
-        assert!(msg.contains("not JSON") && msg.contains("<html>") && msg.contains("hint"), "{msg}");
+        assert!(
+            msg.contains("not JSON") && msg.contains("<html>") && msg.contains("hint"),
+            "{msg}"
+        );
         let delete = format!("DELETE /sandboxes/{}", spec.id);
         assert!(srv.lines().contains(&delete), "{:?}", srv.lines());
     }
 
     #[tokio::test]
     async fn spawn_without_a_usable_id_deletes_what_it_got() {
-        for answer in [r#"{"id":""}"#, r#"{"id":42}"#, r#"{"id":"has space"}"#, "{\"id\":\"ok\""] {
+        for answer in [
+            r#"{"id":""}"#,
+            r#"{"id":42}"#,
+            r#"{"id":"has space"}"#,
+            "{\"id\":\"ok\"",
+        ] {
             let a = answer.to_string();
             let srv = Hostile::start(move |r| {
                 if r.line.starts_with("POST /spawn") {
@@ -263,7 +272,9 @@ mod custom_hostile {
             let e = srv.provider(5).spawn(&spec).await.expect_err(answer);
             assert_eq!(e.kind(), ErrorKind::Internal, "{answer}: {e}");
             assert!(
-                srv.lines().iter().any(|l| l.starts_with("DELETE /sandboxes/")),
+                srv.lines()
+                    .iter()
+                    .any(|l| l.starts_with("DELETE /sandboxes/")),
                 "{answer}: {:?}",
                 srv.lines()
             );
@@ -286,7 +297,11 @@ mod custom_hostile {
         let s = srv.provider(5).spawn(&spec).await.expect("spawn");
         assert_eq!(s.runtime_id, "rt-1");
         let req = srv.request("POST /spawn");
-        assert!(req.headers.contains("x-api-key: test-key"), "{}", req.headers);
+        assert!(
+            req.headers.contains("x-api-key: test-key"),
+            "{}",
+            req.headers
+        );
         let body: serde_json::Value = serde_json::from_slice(&req.body).expect("json");
         assert_eq!(
             body,
@@ -310,11 +325,14 @@ mod custom_hostile {
         assert_eq!(e.kind(), ErrorKind::Internal);
         let msg = e.to_string();
         assert!(
-            msg.contains("disk full on /var/lib/backend") && msg.contains("HTTP 500") && msg.contains("logs"),
+            msg.contains("disk full on /var/lib/backend")
+                && msg.contains("HTTP 500")
+                && msg.contains("logs"),
             "{msg}"
         );
         assert!(
-            srv.lines().contains(&format!("DELETE /sandboxes/{}", spec.id)),
+            srv.lines()
+                .contains(&format!("DELETE /sandboxes/{}", spec.id)),
             "a 5xx spawn may have left something: cleaned up"
         );
     }
@@ -334,7 +352,10 @@ mod custom_hostile {
             } else if l.starts_with("GET /files/stat") {
                 json(404, r#"{"error":"no such file","kind":"not_found"}"#)
             } else if l.starts_with("DELETE /files") {
-                json(400, r#"{"error":"directory not empty","kind":"invalid_input"}"#)
+                json(
+                    400,
+                    r#"{"error":"directory not empty","kind":"invalid_input"}"#,
+                )
             } else if l.starts_with("POST /exec") {
                 json(408, r#"{"error":"took too long"}"#)
             } else if l.starts_with("DELETE /sandboxes/") {
@@ -347,24 +368,42 @@ mod custom_hostile {
         let p = srv.provider(5);
         let e = p.status("sb-1").await.expect_err("404");
         assert_eq!(e.kind(), ErrorKind::SandboxNotFound, "{e}");
-        assert_eq!(p.status("gone").await.expect_err("410").kind(), ErrorKind::SandboxDestroyed);
-        let e = p.spawn(&crate::conformance::spawn_spec("a")).await.expect_err("429");
+        assert_eq!(
+            p.status("gone").await.expect_err("410").kind(),
+            ErrorKind::SandboxDestroyed
+        );
+        let e = p
+            .spawn(&crate::conformance::spawn_spec("a"))
+            .await
+            .expect_err("429");
         assert_eq!(e.kind(), ErrorKind::ResourceLimit);
         assert!(e.to_string().contains("backend full"), "{e}");
         let e = p.health().await.expect_err("503");
         assert_eq!(e.kind(), ErrorKind::ProviderUnavailable);
         assert!(e.to_string().contains("draining"), "{e}");
-        assert_eq!(p.stat_file("sb-1", "/x").await.expect_err("kind").kind(), ErrorKind::NotFound);
         assert_eq!(
-            p.delete_file("sb-1", "/d", false).await.expect_err("kind").kind(),
+            p.stat_file("sb-1", "/x").await.expect_err("kind").kind(),
+            ErrorKind::NotFound
+        );
+        assert_eq!(
+            p.delete_file("sb-1", "/d", false)
+                .await
+                .expect_err("kind")
+                .kind(),
             ErrorKind::InvalidInput
         );
         let (r, _) = exec(&p, argv(&["true"])).await;
         assert_eq!(r.expect_err("408").kind(), ErrorKind::ExecTimeout);
         let e = p.glob_files("sb-1", "/*").await.expect_err("401");
         assert!(e.to_string().contains("providers.custom.api_key"), "{e}");
-        p.destroy("sb-1").await.expect("destroying a missing sandbox is ok");
-        assert!(srv.lines().iter().any(|l| l == "GET /status/sb-1"), "{:?}", srv.lines());
+        p.destroy("sb-1")
+            .await
+            .expect("destroying a missing sandbox is ok");
+        assert!(
+            srv.lines().iter().any(|l| l == "GET /status/sb-1"),
+            "{:?}",
+            srv.lines()
+        );
     }
 
     #[tokio::test]
@@ -429,10 +468,16 @@ mod custom_hostile {
         let e = p.status("big").await.expect_err("2 GiB");
         assert_eq!(e.kind(), ErrorKind::Internal);
         assert!(e.to_string().contains("larger than"), "{e}");
-        let e = p.list_files("sb-1", "/workspace").await.expect_err("endless");
+        let e = p
+            .list_files("sb-1", "/workspace")
+            .await
+            .expect_err("endless");
         assert_eq!(e.kind(), ErrorKind::Internal);
         assert!(e.to_string().contains("larger than"), "{e}");
-        assert!(started.elapsed() < Duration::from_secs(15), "refused without reading it all");
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "refused without reading it all"
+        );
     }
 
     #[tokio::test]
@@ -445,9 +490,14 @@ mod custom_hostile {
                 )
             } else if r.line.contains("path=%2Fliar") {
                 // Announces 10 bytes, sends 20.
-                Reply::Raw(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234567890123456789".to_vec())
+                Reply::Raw(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n01234567890123456789".to_vec(),
+                )
             } else {
-                Reply::Endless(chunked_head("application/octet-stream"), chunk_of(&[7u8; 64 * 1024]))
+                Reply::Endless(
+                    chunked_head("application/octet-stream"),
+                    chunk_of(&[7u8; 64 * 1024]),
+                )
             }
         })
         .await;
@@ -462,7 +512,10 @@ mod custom_hostile {
             .await
             .expect_err("endless");
         assert_eq!(e.kind(), ErrorKind::PayloadTooLarge, "{e}");
-        let got = p.read_file("sb-1", "/liar").await.expect("hyper stops at the length");
+        let got = p
+            .read_file("sb-1", "/liar")
+            .await
+            .expect("hyper stops at the length");
         assert_eq!(got, b"0123456789");
         let req = srv.request("GET /files?sandbox_id=sb-1&path=%2Fannounced");
         assert!(req.line.ends_with("max_bytes=1048576"), "{}", req.line);
@@ -485,7 +538,10 @@ mod custom_hostile {
         let e = r.expect_err("endless");
         assert_eq!(e.kind(), ErrorKind::ExecTimeout, "{e}");
         assert!(e.to_string().contains("providers.custom.timeout"), "{e}");
-        assert!(out.starts_with("y\ny\n"), "output streamed before the timeout");
+        assert!(
+            out.starts_with("y\ny\n"),
+            "output streamed before the timeout"
+        );
         assert!(started.elapsed() < Duration::from_secs(15));
         // With a shorter exec timeout, that one applies.
         let mut spec = argv(&["yes"]);
@@ -496,7 +552,11 @@ mod custom_hostile {
         assert_eq!(r.expect_err("endless").kind(), ErrorKind::ExecTimeout);
         assert!(started.elapsed() < Duration::from_secs(20));
         let req = srv.request("POST /exec");
-        assert!(req.headers.contains("accept: application/x-ndjson"), "{}", req.headers);
+        assert!(
+            req.headers.contains("accept: application/x-ndjson"),
+            "{}",
+            req.headers
+        );
     }
 
     #[tokio::test]
@@ -505,7 +565,10 @@ mod custom_hostile {
             if r.line.starts_with("GET /health") {
                 json(200, ALL_EXTENSIONS)
             } else {
-                Reply::Endless(chunked_head("application/x-ndjson"), chunk_of(&[b'x'; 64 * 1024]))
+                Reply::Endless(
+                    chunked_head("application/x-ndjson"),
+                    chunk_of(&[b'x'; 64 * 1024]),
+                )
             }
         })
         .await;
@@ -572,13 +635,18 @@ mod custom_hostile {
         let mut spec = argv(&["cat"]);
         spec.stdin = Some(b"x".to_vec());
         let (r, _) = exec(&p, spec).await;
-        assert_eq!(r.expect_err("no stdin extension").kind(), ErrorKind::Unsupported);
+        assert_eq!(
+            r.expect_err("no stdin extension").kind(),
+            ErrorKind::Unsupported
+        );
         let e = p
             .write_file("sb-1", "/workspace/b", &[0xff, 0], 0o644)
             .await
             .expect_err("binary without base64");
         assert_eq!(e.kind(), ErrorKind::Unsupported);
-        p.write_file("sb-1", "/workspace/t", b"text", 0o600).await.expect("text write");
+        p.write_file("sb-1", "/workspace/t", b"text", 0o600)
+            .await
+            .expect("text write");
         let body: serde_json::Value =
             serde_json::from_slice(&srv.request("POST /files").body).expect("json");
         assert_eq!(
@@ -652,7 +720,14 @@ mod custom_hostile {
         let list = p.list_files("sb-1", "/workspace/d").await.expect("list");
         let got: Vec<_> = list
             .iter()
-            .map(|f| (f.path.as_str(), f.mode.as_str(), f.is_dir, f.mod_time.as_str()))
+            .map(|f| {
+                (
+                    f.path.as_str(),
+                    f.mode.as_str(),
+                    f.is_dir,
+                    f.mod_time.as_str(),
+                )
+            })
             .collect();
         assert_eq!(
             got,
@@ -664,7 +739,12 @@ mod custom_hostile {
         assert!(p.glob_files("sb-1", "/x*").await.expect("glob").is_empty());
         let st = p.stat_file("sb-1", "/workspace/a.txt").await.expect("stat");
         assert_eq!(
-            (st.path.as_str(), st.name.as_str(), st.mode.as_str(), st.mod_time.as_str()),
+            (
+                st.path.as_str(),
+                st.name.as_str(),
+                st.mode.as_str(),
+                st.mod_time.as_str()
+            ),
             ("/workspace/a.txt", "a.txt", "644", "")
         );
     }

@@ -45,7 +45,9 @@ impl Backend {
             .expect("start the reference backend (python3)");
         let out = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(out).read_line(&mut line).expect("backend address");
+        BufReader::new(out)
+            .read_line(&mut line)
+            .expect("backend address");
         let url = line
             .split_whitespace()
             .find(|w| w.starts_with("http://"))
@@ -131,8 +133,16 @@ async fn custom_backend_restart_keeps_sandboxes() {
     let second = Backend::start(&["--state-dir", &dir]);
     let p = second.provider();
     assert_eq!(p.status(&id).await.expect("status").state, "running");
-    assert_eq!(p.read_file(&id, "/workspace/keep.txt").await.expect("read"), b"kept");
-    let r = crate::conformance::sh(&p, &id, "cat /workspace/keep.txt; stat -c %a /workspace/keep.txt").await;
+    assert_eq!(
+        p.read_file(&id, "/workspace/keep.txt").await.expect("read"),
+        b"kept"
+    );
+    let r = crate::conformance::sh(
+        &p,
+        &id,
+        "cat /workspace/keep.txt; stat -c %a /workspace/keep.txt",
+    )
+    .await;
     assert_eq!(r.stdout, "kept640\n");
     p.destroy(&id).await.expect("destroy");
 }
