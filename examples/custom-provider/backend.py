@@ -952,29 +952,27 @@ class Handler(BaseHTTPRequestHandler):
             ex = self.backend.interactive.get(req.get("exec_id"))
         if ex is None:
             raise ApiError(404, "no such running exec", "not_found")
-        with ex.lock:
+        sig = req.get("signal")
+        if sig is not None:
+            if not isinstance(sig, int) or not 1 <= sig <= 64:
+                raise invalid("signal must be a number between 1 and 64")
+            ex.kill(sig)  # never waits for a stdin write in progress
+        data = None
+        if req.get("stdin") is not None:
+            try:
+                data = base64.b64decode(req["stdin"], validate=True)
+            except (binascii.Error, TypeError, ValueError):
+                raise invalid("stdin must be base64")
+        with ex.lock:  # keeps stdin chunks in order
             stdin = ex.proc.stdin
-            if req.get("stdin") is not None:
-                try:
-                    data = base64.b64decode(req["stdin"], validate=True)
-                except (binascii.Error, TypeError, ValueError):
-                    raise invalid("stdin must be base64")
-                try:
-                    if not stdin.closed:
-                        stdin.write(data)
-                        stdin.flush()
-                except OSError:
-                    pass
-            if req.get("close_stdin"):
-                try:
+            try:
+                if data and not stdin.closed:
+                    stdin.write(data)
+                    stdin.flush()
+                if req.get("close_stdin"):
                     stdin.close()
-                except OSError:
-                    pass
-            sig = req.get("signal")
-            if sig is not None:
-                if not isinstance(sig, int) or not 1 <= sig <= 64:
-                    raise invalid("signal must be a number between 1 and 64")
-                ex.kill(sig)
+            except OSError:
+                pass  # the command is gone or closed its stdin
         self.send_json(200, {})
 
     def _path(self):

@@ -562,7 +562,7 @@ impl CustomProvider {
         mut body: Map<String, Value>,
         deadline: Duration,
         sink: OutputSink,
-        mut input: Option<mpsc::Receiver<ExecInput>>,
+        input: Option<mpsc::Receiver<ExecInput>>,
     ) -> Result<ExitStatus> {
         let op = "POST /exec (stream)";
         body.insert("stream".into(), true.into());
@@ -576,63 +576,75 @@ impl CustomProvider {
             .json(&body);
         let resp = self.send(op, Some(id), rb).await?;
         let mut lines = Ndjson::new(resp);
-        let mut exec_id: Option<String> = None;
-        let mut bad_lines = 0usize;
-        loop {
-            let wants_input = exec_id.is_some() && input.is_some();
-            let line = tokio::select! {
-                line = lines.next_line() => line.map_err(|e| match e {
+        // Input is forwarded concurrently with reading the output, so a
+        // command that does not read its stdin cannot stall its output.
+        let (eid_tx, eid_rx) = tokio::sync::oneshot::channel::<String>();
+        let mut eid_tx = Some(eid_tx);
+        let forward = async {
+            if let (Some(mut input), Ok(eid)) = (input, eid_rx.await) {
+                while let Some(msg) = input.recv().await {
+                    self.forward_input(id, &eid, msg).await;
+                }
+                // Dropping the input closes stdin.
+                self.forward_input(id, &eid, ExecInput::CloseStdin).await;
+            }
+            std::future::pending::<Result<ExitStatus>>().await
+        };
+        let read = async {
+            let mut bad_lines = 0usize;
+            loop {
+                let line = lines.next_line().await.map_err(|e| match e {
                     NdjsonError::Transport(e) => self.transport_error(op, e),
                     NdjsonError::TooLong => Error::internal(format!(
                         "{}: {op}: the backend sent an NDJSON line longer than {MAX_LINE_BYTES} bytes; {}",
-                        self.name, self.hint_contract()
+                        self.name,
+                        self.hint_contract()
                     )),
-                })?,
-                msg = recv_input(&mut input), if wants_input => {
-                    let eid = exec_id.clone().unwrap_or_default();
-                    match msg {
-                        Some(m) => self.forward_input(id, &eid, m).await,
-                        None => {
-                            // Dropping the input closes stdin.
-                            input = None;
-                            self.forward_input(id, &eid, ExecInput::CloseStdin).await;
+                })?;
+                let Some(line) = line else {
+                    return Err(Error::internal(format!(
+                        "{}: {op}: the exec stream ended without an exit record; hint: the backend crashed or closed the connection early, see its logs",
+                        self.name
+                    )));
+                };
+                match parse_record(&line) {
+                    Record::Skip => {}
+                    Record::Output(stream, data) => {
+                        // A closed receiver must not fail the exec.
+                        let _ = sink.send(OutputChunk { stream, data }).await;
+                    }
+                    Record::Exit(status) => return Ok(status),
+                    Record::Error(reason, kind) => {
+                        return Err(match kind {
+                            Some(ErrorKind::ExecTimeout) => Error::exec_timeout(id),
+                            Some(k) => Error::new(k, reason),
+                            None => Error::internal(format!(
+                                "{}: {op}: the backend reported: {reason}",
+                                self.name
+                            )),
+                        })
+                    }
+                    Record::ExecId(eid) => {
+                        if let Some(tx) = eid_tx.take() {
+                            let _ = tx.send(eid);
                         }
                     }
-                    continue;
-                }
-            };
-            let Some(line) = line else {
-                return Err(Error::internal(format!(
-                    "{}: {op}: the exec stream ended without an exit record; hint: the backend crashed or closed the connection early, see its logs",
-                    self.name
-                )));
-            };
-            match parse_record(&line) {
-                Record::Skip => {}
-                Record::Output(stream, data) => {
-                    // A closed receiver must not fail the exec.
-                    let _ = sink.send(OutputChunk { stream, data }).await;
-                }
-                Record::Exit(status) => return Ok(status),
-                Record::Error(reason, kind) => {
-                    return Err(match kind {
-                        Some(ErrorKind::ExecTimeout) => Error::exec_timeout(id),
-                        Some(k) => Error::new(k, reason),
-                        None => Error::internal(format!(
-                            "{}: {op}: the backend reported: {reason}",
-                            self.name
-                        )),
-                    })
-                }
-                Record::ExecId(eid) => exec_id = Some(eid),
-                Record::Bad => {
-                    bad_lines += 1;
-                    if bad_lines == 1 {
-                        warn!(provider = %self.name, sandbox_id = id,
-                            "skipping an invalid NDJSON line from the backend");
+                    Record::Bad => {
+                        bad_lines += 1;
+                        if bad_lines == 1 {
+                            warn!(
+                                provider = %self.name,
+                                sandbox_id = id,
+                                "skipping an invalid NDJSON line from the backend"
+                            );
+                        }
                     }
                 }
             }
+        };
+        tokio::select! {
+            r = read => r,
+            r = forward => r,
         }
     }
 
@@ -675,13 +687,6 @@ impl CustomProvider {
             .body(body);
         self.send("PUT /files/raw", Some(id), rb).await?;
         Ok(())
-    }
-}
-
-async fn recv_input(input: &mut Option<mpsc::Receiver<ExecInput>>) -> Option<ExecInput> {
-    match input {
-        Some(rx) => rx.recv().await,
-        None => std::future::pending().await,
     }
 }
 

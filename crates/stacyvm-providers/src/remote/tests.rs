@@ -27,6 +27,9 @@ enum Reply {
     Endless(Vec<u8>, Vec<u8>),
     /// Reads the request body to the end, never answers.
     Drain,
+    /// Writes the first bytes, waits for the signal, writes the second
+    /// bytes, then keeps the connection open.
+    Then(Vec<u8>, Arc<tokio::sync::Notify>, Vec<u8>),
 }
 
 /// One received request: `METHOD /path?query`, headers (lowercase) and body.
@@ -151,6 +154,13 @@ async fn serve_conn(mut sock: TcpStream, handler: Handler, seen: Arc<Mutex<Vec<R
                 return;
             }
             while sock.write_all(&chunk).await.is_ok() {}
+        }
+        Reply::Then(first, signal, second) => {
+            if sock.write_all(&first).await.is_ok() {
+                signal.notified().await;
+                let _ = sock.write_all(&second).await;
+            }
+            std::future::pending::<()>().await;
         }
         Reply::Drain => {
             let mut chunk = vec![0u8; 64 * 1024];
@@ -746,6 +756,72 @@ mod custom_hostile {
                 st.mod_time.as_str()
             ),
             ("/workspace/a.txt", "a.txt", "644", "")
+        );
+    }
+
+    #[tokio::test]
+    async fn doctor_reports_health_and_extensions() {
+        let srv = Hostile::start(|_| json(200, ALL_EXTENSIONS)).await;
+        let mut cfg = stacyvm_core::config::Config::default();
+        cfg.providers.custom.enabled = true;
+        cfg.providers.custom.base_url = srv.url.clone();
+        let find = |checks: &[crate::remote::http::Check]| {
+            checks
+                .iter()
+                .find(|c| c.0 == "providers.custom.health")
+                .cloned()
+                .expect("health check")
+        };
+        let health = find(&crate::remote::http::doctor(&cfg).await);
+        assert_eq!(health.1, "pass", "{health:?}");
+        assert!(health.2.contains("raw_files"), "{health:?}");
+        let down = Hostile::start(|_| json(500, r#"{"error":"database locked"}"#)).await;
+        cfg.providers.custom.base_url = down.url.clone();
+        let health = find(&crate::remote::http::doctor(&cfg).await);
+        assert_eq!(health.1, "fail", "{health:?}");
+        assert!(health.2.contains("database locked"), "{health:?}");
+        assert!(health.3.is_some(), "a failed check says how to fix it");
+    }
+
+    #[tokio::test]
+    async fn a_command_that_ignores_stdin_cannot_stall_interactive_output() {
+        // The backend answers no input request; the output after the
+        // exec id comes only once the input request has arrived.
+        let seen = Arc::new(tokio::sync::Notify::new());
+        let srv = Hostile::start(move |r| {
+            if r.line.starts_with("GET /health") {
+                json(200, ALL_EXTENSIONS)
+            } else if r.line.starts_with("POST /exec/input") {
+                seen.notify_one();
+                Reply::Hang
+            } else {
+                let mut head = chunked_head("application/x-ndjson");
+                head.extend(chunk_of(b"{\"exec_id\":\"e1\"}\n"));
+                let tick = chunk_of(b"{\"stream\":\"stdout\",\"data\":\"tick\\n\"}\n");
+                Reply::Then(head, seen.clone(), tick)
+            }
+        })
+        .await;
+        let p = srv.provider(40);
+        let (in_tx, in_rx) = mpsc::channel(4);
+        in_tx
+            .send(stacyvm_core::provider::ExecInput::Stdin(b"x".to_vec()))
+            .await
+            .expect("send");
+        let (tx, mut rx) = mpsc::channel::<OutputChunk>(8);
+        let spec = argv(&["cat"]);
+        let run = p.exec_interactive("sb-1", &spec, tx, in_rx);
+        tokio::pin!(run);
+        let started = Instant::now();
+        tokio::select! {
+            c = rx.recv() => assert_eq!(c.map(|c| c.data).as_deref(), Some(&b"tick\n"[..])),
+            r = &mut run => panic!("the exec ended first: {r:?}"),
+        }
+        // A forwarder that blocked the reader would hold the output until
+        // the input request timed out (40 s).
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "output flowed while the input request hung"
         );
     }
 }
