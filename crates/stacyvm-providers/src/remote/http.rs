@@ -49,6 +49,8 @@ pub const MAX_LINE_BYTES: usize = 1 << 20;
 pub const MAX_READ_BYTES: u64 = 256 << 20;
 /// Bytes of an error body kept as the backend's reason.
 const MAX_REASON_BYTES: usize = 4096;
+/// How long an error body may take to arrive.
+const REASON_TIMEOUT: Duration = Duration::from_secs(5);
 /// Characters of the reason quoted in an error message.
 const MAX_REASON_CHARS: usize = 512;
 /// Deadline of a best-effort cleanup request.
@@ -138,7 +140,10 @@ impl Extensions {
 pub struct CustomProvider {
     name: String,
     base: Url,
-    api_key: String,
+    /// `base` without credentials, for messages and `describe`.
+    shown: String,
+    /// The `X-API-Key` value (marked sensitive), if a key is configured.
+    api_key: Option<HeaderValue>,
     timeout: Duration,
     client: reqwest::Client,
     /// What the last successful `/health` said; `None` until one answered.
@@ -149,10 +154,10 @@ impl fmt::Debug for CustomProvider {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CustomProvider")
             .field("name", &self.name)
-            .field("base", &self.base.as_str())
+            .field("base", &self.shown)
             .field(
                 "api_key",
-                &if self.api_key.is_empty() {
+                &if self.api_key.is_none() {
                     ""
                 } else {
                     "[REDACTED]"
@@ -228,10 +233,25 @@ impl CustomProvider {
         let client = builder.build().map_err(|e| {
             Error::internal("building the custom provider's HTTP client").with_source(e)
         })?;
+        let api_key = if cfg.api_key.is_empty() {
+            None
+        } else {
+            let mut v = HeaderValue::from_str(cfg.api_key.expose()).map_err(|_| {
+                Error::invalid(
+                    "providers.custom.api_key contains characters an HTTP header cannot carry",
+                )
+            })?;
+            v.set_sensitive(true);
+            Some(v)
+        };
+        let mut shown = base.clone();
+        let _ = shown.set_username("");
+        let _ = shown.set_password(None);
         Ok(CustomProvider {
             name: name.to_string(),
             base,
-            api_key: cfg.api_key.expose().to_string(),
+            shown: shown.to_string(),
+            api_key,
             timeout,
             client,
             extensions: Mutex::new(None),
@@ -255,17 +275,16 @@ impl CustomProvider {
 
     fn request(&self, method: Method, segments: &[&str]) -> RequestBuilder {
         let rb = self.client.request(method, self.url(segments));
-        if self.api_key.is_empty() {
-            rb
-        } else {
-            rb.header("X-API-Key", &self.api_key)
+        match &self.api_key {
+            Some(key) => rb.header("X-API-Key", key.clone()),
+            None => rb,
         }
     }
 
     fn hint_contract(&self) -> String {
         format!(
             "hint: the backend at {} must follow {CONTRACT_DOC}",
-            self.base
+            self.shown
         )
     }
 
@@ -274,18 +293,18 @@ impl CustomProvider {
         if e.is_timeout() {
             Error::unavailable(format!(
                 "{}: {op}: no answer from {} within {:?}; hint: check the backend's health and logs, or raise providers.custom.timeout",
-                self.name, self.base, self.timeout
+                self.name, self.shown, self.timeout
             ))
         } else if e.is_connect() {
             Error::unavailable(format!(
                 "{}: {op}: cannot connect to {}; hint: start the backend or fix providers.custom.base_url",
-                self.name, self.base
+                self.name, self.shown
             ))
             .with_source(e.without_url())
         } else {
             Error::unavailable(format!(
                 "{}: {op}: the connection to {} failed; hint: the backend may have crashed, see its logs",
-                self.name, self.base
+                self.name, self.shown
             ))
             .with_source(e.without_url())
         }
@@ -315,12 +334,16 @@ impl CustomProvider {
     async fn status_error(&self, op: &str, id: Option<&str>, mut resp: Response) -> Error {
         let status = resp.status();
         let mut body = Vec::new();
-        while body.len() < MAX_REASON_BYTES {
-            match resp.chunk().await {
-                Ok(Some(c)) => body.extend_from_slice(&c),
-                Ok(None) | Err(_) => break,
+        let read = async {
+            while body.len() < MAX_REASON_BYTES {
+                match resp.chunk().await {
+                    Ok(Some(c)) => body.extend_from_slice(&c),
+                    Ok(None) | Err(_) => break,
+                }
             }
-        }
+        };
+        // The status is the answer; the reason gets a few seconds at most.
+        let _ = tokio::time::timeout(self.timeout.min(REASON_TIMEOUT), read).await;
         body.truncate(MAX_REASON_BYTES);
         let (reason, kind) = parse_error_body(&body);
         debug!(provider = %self.name, op, status = status.as_u16(), reason = %reason, "backend refused");
@@ -1106,9 +1129,6 @@ impl Provider for CustomProvider {
     }
 
     fn describe(&self) -> BTreeMap<String, String> {
-        let mut base = self.base.clone();
-        let _ = base.set_username("");
-        let _ = base.set_password(None);
         let ext = self
             .extensions
             .lock()
@@ -1117,7 +1137,7 @@ impl Provider for CustomProvider {
             .unwrap_or_default();
         BTreeMap::from([
             ("type".to_string(), "custom".to_string()),
-            ("base_url".to_string(), base.to_string()),
+            ("base_url".to_string(), self.shown.clone()),
             ("timeout".to_string(), format!("{:?}", self.timeout)),
             ("extensions".to_string(), ext),
             (
@@ -1627,12 +1647,12 @@ pub async fn doctor(cfg: &Config) -> Vec<Check> {
             let msg = if names.is_empty() {
                 format!(
                     "{} answers /health (plain contract: execs are buffered, text files only)",
-                    p.base
+                    p.shown
                 )
             } else {
                 format!(
                     "{} answers /health; extensions: {}",
-                    p.base,
+                    p.shown,
                     names.join(", ")
                 )
             };
@@ -1651,7 +1671,9 @@ pub async fn doctor(cfg: &Config) -> Vec<Check> {
 }
 
 #[cfg(test)]
-mod unit {
+mod custom_http_unit {
+    use stacyvm_core::config::Secret;
+
     use super::*;
 
     #[test]
@@ -1840,10 +1862,20 @@ mod unit {
         c.base_url = "http://127.0.0.1:1".into();
         let p = CustomProvider::from_config(&c).expect("provider");
         assert_eq!(p.url(&["health"]).as_str(), "http://127.0.0.1:1/health");
+        // Neither the key nor URL credentials show in Debug, describe or errors.
+        c.base_url = "http://user:url-secret@127.0.0.1:1".into();
+        c.api_key = Secret::new("key-secret");
+        let p = CustomProvider::from_config(&c).expect("provider");
+        let shown = format!("{p:?} {:?} {}", p.describe(), p.garbage("op", "x", b""));
         assert!(
-            !format!("{p:?}").contains("api_key: \"k"),
-            "debug redacts the key"
+            !shown.contains("url-secret")
+                && !shown.contains("key-secret")
+                && shown.contains("[REDACTED]"),
+            "{shown}"
         );
+        c.api_key = Secret::new("bad\nkey");
+        let e = CustomProvider::from_config(&c).expect_err("header-unsafe key");
+        assert!(e.to_string().contains("providers.custom.api_key"), "{e}");
         assert!(!valid_runtime_id("a b") && !valid_runtime_id("..") && valid_runtime_id("sb-1"));
     }
 }
