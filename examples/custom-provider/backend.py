@@ -514,13 +514,27 @@ class Exec:
 
     def __init__(self, proc):
         self.proc = proc
-        self.lock = threading.Lock()
+        self.stdin_lock = threading.Lock()  # keeps stdin chunks in order
+        self.reap_lock = threading.Lock()  # no signal after the pid is reaped
+        self.done = False
 
     def kill(self, sig=signal.SIGKILL):
-        try:
-            os.killpg(self.proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
+        with self.reap_lock:
+            if not self.done:
+                try:
+                    os.killpg(self.proc.pid, sig)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def reap(self):
+        """Kills what is left of the command and waits for bwrap."""
+        with self.reap_lock:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+            self.done = True
 
 
 class Backend:
@@ -679,18 +693,18 @@ class Backend:
                 threading.Thread(target=feed, daemon=True).start()
             return self._pump(ex, timeout, emit, client)
         finally:
-            ex.kill()
-            proc.wait()
+            # Unregister first, then reap: no signal reaches a reused pid.
+            with self.lock:
+                self.running.discard(ex)
+                if exec_id is not None:
+                    self.interactive.pop(exec_id, None)
+            ex.reap()
             for f in (proc.stdin, proc.stdout, proc.stderr):
                 if f is not None:
                     try:
                         f.close()
                     except OSError:
                         pass
-            with self.lock:
-                self.running.discard(ex)
-                if exec_id is not None:
-                    self.interactive.pop(exec_id, None)
 
     def _pump(self, ex, timeout, emit, client):
         proc = ex.proc
@@ -963,7 +977,7 @@ class Handler(BaseHTTPRequestHandler):
                 data = base64.b64decode(req["stdin"], validate=True)
             except (binascii.Error, TypeError, ValueError):
                 raise invalid("stdin must be base64")
-        with ex.lock:  # keeps stdin chunks in order
+        with ex.stdin_lock:
             stdin = ex.proc.stdin
             try:
                 if data and not stdin.closed:
