@@ -13,3 +13,5 @@ pub mod image;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod native;
+#[cfg(feature = "custom")]
+pub mod remote;

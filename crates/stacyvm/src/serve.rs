@@ -111,6 +111,13 @@ fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
         warn!("the mock provider is enabled: it runs sandbox commands ON THE HOST without isolation; use it for tests only");
         v.push(Arc::new(stacyvm_providers::mock::MockProvider::new(base)?));
     }
+    if cfg.providers.custom.enabled {
+        // An empty or malformed base_url is a startup error, not a provider
+        // that fails every request.
+        v.push(Arc::new(
+            stacyvm_providers::remote::http::CustomProvider::from_config(&cfg.providers.custom)?,
+        ));
+    }
     Ok(v)
 }
 
