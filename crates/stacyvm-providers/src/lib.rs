@@ -11,3 +11,5 @@ pub mod hostfs;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod native;
+#[cfg(feature = "proot")]
+pub mod proot;
