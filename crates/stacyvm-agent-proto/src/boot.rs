@@ -142,4 +142,9 @@ pub struct ProotSpec {
 pub struct Stage {
     pub dir: String,
     pub binds: Vec<BindSpec>,
+    /// Host dir bound over `/tmp` in the private mount namespace: proot
+    /// keeps its scratch files (glue dirs, loader) in `/tmp`, which must
+    /// be the sandbox's own.
+    #[serde(default)]
+    pub tmp: String,
 }

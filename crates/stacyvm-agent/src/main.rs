@@ -37,9 +37,23 @@ const USAGE: &str = "usage: stacyvm-agent boot --spec FILE | serve (--socket PAT
 
 /// Reads the handshake token from `path` and removes the file, so nothing
 /// started later in the sandbox can read it.
+/// `-` reads stdin (a proot sandbox: proot's view of `/proc/self/fd/0`
+/// is not the pipe).
 fn take_token_file(path: &str) -> Result<Vec<u8>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
-    let _ = std::fs::remove_file(path);
+    let text = if path == "-" {
+        use std::io::Read;
+        let mut t = String::new();
+        std::io::stdin()
+            .lock()
+            .take(4096)
+            .read_to_string(&mut t)
+            .map_err(|e| format!("reading the token from stdin: {e}"))?;
+        t
+    } else {
+        let t = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
+        let _ = std::fs::remove_file(path);
+        t
+    };
     hex::decode(text.trim()).map_err(|e| format!("token in {path} is not hex: {e}"))
 }
 
@@ -56,8 +70,12 @@ fn main() -> ExitCode {
         ["serve", how, path, rest @ ..] if *how == "--socket" || *how == "--listen-fd" => {
             // Sandbox processes share the agent's uid (docker): without
             // this they could read /proc/1/environ and /proc/1/mem or
-            // ptrace the agent and answer for it.
-            if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            // ptrace the agent and answer for it. Not under proot
+            // (`--listen-fd`): an unprivileged tracer cannot read a
+            // non-dumpable tracee's memory, so proot could not translate
+            // a single path argument of the agent.
+            let under_proot = *how == "--listen-fd";
+            if let Err(e) = nix::sys::prctl::set_dumpable(under_proot) {
                 eprintln!("stacyvm-agent: making the agent undumpable: {e}");
                 return ExitCode::from(1);
             }

@@ -23,7 +23,7 @@
 
 use std::convert::Infallible;
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
 
@@ -208,10 +208,11 @@ pub fn launch(spec: &ProotSpec) -> Result<Infallible, SetupError> {
     // Its own session and process group: the server's signals and
     // terminal never reach it, and it outlives a server restart.
     sys("setsid", nix::unistd::setsid())?;
+    // Bound first: the stage may cover the host dir it lives in.
+    let listener = bind_socket(&spec.socket)?;
     if let Some(stage) = &spec.stage {
         build_stage(stage)?;
     }
-    let listener = bind_socket(&spec.socket)?;
     limits(spec)?;
     if let Some((uid, gid)) = spec.ids {
         drop_ids(uid, gid)?;
@@ -219,12 +220,24 @@ pub fn launch(spec: &ProotSpec) -> Result<Infallible, SetupError> {
     sys("no_new_privs", nix::sys::prctl::set_no_new_privs())?;
     landlock(spec)?;
     let programs = filters(std::process::id() as i32)?;
-    // The listener becomes fd 3 (dup2 leaves the copy inheritable).
-    sys(
-        "placing the agent socket",
-        nix::unistd::dup2(listener.as_raw_fd(), LISTEN_FD),
-    )?;
-    drop(listener);
+    // The listener becomes fd 3, inheritable (dup2 leaves the copy so;
+    // when it already is fd 3 only the flag changes).
+    if listener.as_raw_fd() == LISTEN_FD {
+        sys(
+            "placing the agent socket",
+            nix::fcntl::fcntl(
+                LISTEN_FD,
+                nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+            ),
+        )?;
+        let _ = listener.into_raw_fd();
+    } else {
+        sys(
+            "placing the agent socket",
+            nix::unistd::dup2(listener.as_raw_fd(), LISTEN_FD),
+        )?;
+        drop(listener);
+    }
     let path = cstring(&spec.proot)?;
     let mut argv = vec![path.clone()];
     for a in &spec.args {
@@ -317,6 +330,18 @@ fn build_stage(stage: &stacyvm_agent_proto::boot::Stage) -> Result<(), SetupErro
                 ),
             )?;
         }
+    }
+    if !stage.tmp.is_empty() {
+        sys(
+            "binding proot's /tmp",
+            mount(
+                Some(stage.tmp.as_str()),
+                "/tmp",
+                NONE,
+                MsFlags::MS_BIND | MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                NONE,
+            ),
+        )?;
     }
     sys(
         "making the stage read-only",

@@ -593,6 +593,7 @@ impl ProotProvider {
                 Some(Stage {
                     dir: STAGE_DIR.into(),
                     binds,
+                    tmp: s(&rw_host.join(".proot")),
                 }),
                 st.join("root"),
                 root.etc.as_ref().map(|_| st.join("etc")),
@@ -608,7 +609,7 @@ impl ProotProvider {
                 self.opts.agent_path.clone(),
             )
         };
-        let mut args: Vec<String> = vec!["-0".into(), "--kill-on-exit".into()];
+        let mut args: Vec<String> = vec!["-0".into()];
         args.push("-r".into());
         args.push(s(&root_dir));
         let mut bind = |host: String, guest: &str| {
@@ -640,7 +641,7 @@ impl ProotProvider {
                 "--listen-fd",
                 "3",
                 "--token-file",
-                "/proc/self/fd/0",
+                "-",
             ]
             .map(String::from),
         );
@@ -651,7 +652,6 @@ impl ProotProvider {
             ),
             ("HOME".into(), "/root".into()),
             ("LANG".into(), "C.UTF-8".into()),
-            ("PROOT_TMP_DIR".into(), s(&rw.join(".proot"))),
             (MARKER.into(), spec.id.clone()),
         ];
         // Landlock: read/execute the root, the host dirs it shows and
@@ -706,7 +706,9 @@ impl ProotProvider {
             nproc_limit,
             as_limit,
             read,
-            write: vec![s(&rw)],
+            // proot's scratch dir is /tmp: the sandbox's own `.proot` in
+            // a root server's mount namespace, the host's otherwise.
+            write: vec![s(&rw), "/tmp".into()],
             devices,
         }
     }

@@ -342,10 +342,11 @@ async fn bad_input_is_typed_and_leaves_nothing() {
 
     // A proot that dies at start.
     let mut dying = fixture();
-    // The launcher drops to the sandbox's uid before it runs proot.
-    std::fs::set_permissions(dying.dir.path(), std::fs::Permissions::from_mode(0o755))
+    // Where the sandbox's uid can run it (its /tmp is its own).
+    let fake_dir = tempfile::tempdir_in("/var/tmp").expect("tmp");
+    std::fs::set_permissions(fake_dir.path(), std::fs::Permissions::from_mode(0o755))
         .expect("chmod");
-    let fake = dying.dir.path().join("fake-proot");
+    let fake = fake_dir.path().join("fake-proot");
     std::fs::write(&fake, "#!/bin/sh\necho 'fake proot: cannot trace' >&2\nexit 3\n").expect("fake");
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     dying.proot_binary = fake.display().to_string();
