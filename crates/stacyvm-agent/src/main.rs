@@ -95,7 +95,10 @@ fn main() -> ExitCode {
             }
             let listener = if *how == "--listen-fd" {
                 if *path != stacyvm_sandbox::proot::LISTEN_FD.to_string() {
-                    eprintln!("stacyvm-agent: --listen-fd must be {}", stacyvm_sandbox::proot::LISTEN_FD);
+                    eprintln!(
+                        "stacyvm-agent: --listen-fd must be {}",
+                        stacyvm_sandbox::proot::LISTEN_FD
+                    );
                     return ExitCode::from(2);
                 }
                 stacyvm_sandbox::proot::inherited_listener().map_err(|e| e.to_string())

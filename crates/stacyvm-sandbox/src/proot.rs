@@ -159,8 +159,13 @@ pub fn filters(proot: i32) -> Result<[BpfProgram; 3], SetupError> {
     for ty in [libc::SOCK_DGRAM, libc::SOCK_RAW, libc::SOCK_SEQPACKET] {
         socket_rules.push(rule(vec![
             arg_eq(0, libc::AF_UNIX as u64)?,
-            SeccompCondition::new(1, SeccompCmpArgLen::Dword, SeccompCmpOp::MaskedEq(0xf), ty as u64)
-                .map_err(seccomp_err)?,
+            SeccompCondition::new(
+                1,
+                SeccompCmpArgLen::Dword,
+                SeccompCmpOp::MaskedEq(0xf),
+                ty as u64,
+            )
+            .map_err(seccomp_err)?,
         ])?);
     }
     rules.insert(libc::SYS_socket, socket_rules);
@@ -297,12 +302,12 @@ fn build_stage(stage: &stacyvm_agent_proto::boot::Stage) -> Result<(), SetupErro
             io("creating stage dirs", std::fs::create_dir_all(parent))?;
         }
         if is_dir {
-            io("creating a stage mount point", std::fs::create_dir_all(&target))?;
-        } else {
             io(
                 "creating a stage mount point",
-                std::fs::write(&target, b""),
+                std::fs::create_dir_all(&target),
             )?;
+        } else {
+            io("creating a stage mount point", std::fs::write(&target, b""))?;
         }
         sys(
             format!("binding {}", b.source),

@@ -412,9 +412,8 @@ impl ProotProvider {
             Arc::new(a)
         });
         if !rootless {
-            std::fs::create_dir_all(STAGE_DIR).map_err(|e| {
-                Error::internal(format!("creating {STAGE_DIR}")).with_source(e)
-            })?;
+            std::fs::create_dir_all(STAGE_DIR)
+                .map_err(|e| Error::internal(format!("creating {STAGE_DIR}")).with_source(e))?;
         }
         let p = ProotProvider {
             proot: resolve_binary(&opts.proot_binary),
@@ -508,9 +507,10 @@ impl ProotProvider {
         })?;
         if image.is_empty() || image == "host" {
             let etc = lower.first().map(|l| Path::new(l).join("etc"));
-            let dir = lower.get(1).map(PathBuf::from).ok_or_else(|| {
-                Error::internal("the host image has no skeleton layer")
-            })?;
+            let dir = lower
+                .get(1)
+                .map(PathBuf::from)
+                .ok_or_else(|| Error::internal("the host image has no skeleton layer"))?;
             return Ok(Root {
                 dir,
                 etc,
@@ -739,8 +739,8 @@ impl ProotProvider {
         if !meta.alive() {
             return Err(Error::sandbox_not_found(id));
         }
-        let c = AgentClient::connect(&self.dir(id).join("agent.sock"), meta.token().as_deref())
-            .await?;
+        let c =
+            AgentClient::connect(&self.dir(id).join("agent.sock"), meta.token().as_deref()).await?;
         self.conns
             .lock()
             .map_err(|_| Error::internal("lock"))?
@@ -757,8 +757,8 @@ impl ProotProvider {
         }
         let dir = self.dir(id);
         let id = id.to_string();
-        let _ = tokio::task::spawn_blocking(move || teardown_blocking(&dir, &id, meta.as_ref()))
-            .await;
+        let _ =
+            tokio::task::spawn_blocking(move || teardown_blocking(&dir, &id, meta.as_ref())).await;
     }
 
     /// The exec as it runs: the provider's hard timeout caps the request's.
@@ -869,8 +869,11 @@ impl ProotProvider {
             m.boot_id = identity.boot_id.clone();
         }
         if let Some(m) = slot.as_ref() {
-            std::fs::write(dir.join("meta.json"), serde_json::to_vec(m).unwrap_or_default())
-                .map_err(|e| Error::internal("writing sandbox metadata").with_source(e))?;
+            std::fs::write(
+                dir.join("meta.json"),
+                serde_json::to_vec(m).unwrap_or_default(),
+            )
+            .map_err(|e| Error::internal("writing sandbox metadata").with_source(e))?;
         }
         if let Some(mut stdin) = child.stdin.take() {
             let sent = stdin.write_all(hex::encode(token).as_bytes()).await;
@@ -907,7 +910,11 @@ impl ProotProvider {
         if client.stat("/bin/sh").await.is_err() {
             return Err(Error::invalid(format!(
                 "image {:?} has no /bin/sh; the proot provider needs a POSIX shell in the image",
-                if spec.image.is_empty() { "host" } else { &spec.image }
+                if spec.image.is_empty() {
+                    "host"
+                } else {
+                    &spec.image
+                }
             )));
         }
         Ok(client)
@@ -990,7 +997,12 @@ impl Provider for ProotProvider {
             ),
             (
                 "landlock".to_string(),
-                if self.landlock { "enforced" } else { "unavailable" }.to_string(),
+                if self.landlock {
+                    "enforced"
+                } else {
+                    "unavailable"
+                }
+                .to_string(),
             ),
             ("isolation".to_string(), "user-space".to_string()),
         ])
@@ -1057,10 +1069,7 @@ impl Provider for ProotProvider {
         }
         let root = self.root_for(&spec.image)?;
         {
-            let mut starting = self
-                .starting
-                .lock()
-                .map_err(|_| Error::internal("lock"))?;
+            let mut starting = self.starting.lock().map_err(|_| Error::internal("lock"))?;
             let max = self.opts.max_sandboxes;
             if max > 0 && self.live_count() + *starting >= max {
                 return Err(Error::limit(format!(

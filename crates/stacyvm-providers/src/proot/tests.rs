@@ -149,7 +149,10 @@ async fn a_sandbox_cannot_reach_or_change_the_host() {
     // Host view of proot: the leased uid, its own session, no_new_privs,
     // seccomp on, another network namespace.
     let status = std::fs::read_to_string(format!("/proc/{}/status", meta.pid)).expect("status");
-    assert_eq!(status_field(&status, "Uid:"), Some(uid.to_string().as_str()));
+    assert_eq!(
+        status_field(&status, "Uid:"),
+        Some(uid.to_string().as_str())
+    );
     assert_eq!(status_field(&status, "NoNewPrivs:"), Some("1"));
     assert_eq!(status_field(&status, "Seccomp:"), Some("2"));
     assert_eq!(session_of(meta.pid), Some(meta.pid));
@@ -236,12 +239,16 @@ print(sorted(k for k, v in res.items() if v))
     assert!(std::fs::symlink_metadata("/usr/bin/stacyvm-proot-test").is_err());
     assert!(std::fs::symlink_metadata(p.images().rootfs_dir().join("x")).is_err());
     assert!(std::fs::read_dir(&etc_layer).is_ok());
-    assert_eq!(std::fs::read_to_string(&marker).expect("marker"), "host-secret");
+    assert_eq!(
+        std::fs::read_to_string(&marker).expect("marker"),
+        "host-secret"
+    );
 
     p.destroy(&id).await.expect("destroy");
     assert_gone(&fx, &id);
-    assert!(scan_procs(&|_, s| status_field(s, "Uid:") == Some(uid.to_string().as_str()))
-        .is_empty());
+    assert!(
+        scan_procs(&|_, s| status_field(s, "Uid:") == Some(uid.to_string().as_str())).is_empty()
+    );
 }
 
 /// Files written inside an imported image's sandbox never reach the
@@ -349,7 +356,11 @@ async fn bad_input_is_typed_and_leaves_nothing() {
     std::fs::set_permissions(fake_dir.path(), std::fs::Permissions::from_mode(0o755))
         .expect("chmod");
     let fake = fake_dir.path().join("fake-proot");
-    std::fs::write(&fake, "#!/bin/sh\necho 'fake proot: cannot trace' >&2\nexit 3\n").expect("fake");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'fake proot: cannot trace' >&2\nexit 3\n",
+    )
+    .expect("fake");
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     dying.proot_binary = fake.display().to_string();
     let q = dying.make();
@@ -382,7 +393,10 @@ async fn a_restarted_provider_keeps_live_sandboxes_and_cleans_the_rest() {
     drop(p);
 
     let q = fx.make();
-    assert!(std::fs::symlink_metadata(&orphan).is_err(), "orphan dir kept");
+    assert!(
+        std::fs::symlink_metadata(&orphan).is_err(),
+        "orphan dir kept"
+    );
     assert_gone(&fx, &dead);
     assert_eq!(q.status(&live).await.expect("status").state, "running");
     let r = sh(&q, &live, "cat /workspace/k").await;
