@@ -89,3 +89,62 @@ fn one() -> u32 {
 fn yes() -> bool {
     true
 }
+
+/// What `stacyvm-agent proot --spec FILE` needs to start a PRoot sandbox:
+/// it prepares the process (cgroups, session, namespaces on a root
+/// server, limits, ids, landlock, seccomp), binds the agent's socket and
+/// then becomes `proot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProotSpec {
+    /// Sandbox id (for messages only).
+    pub id: String,
+    /// Absolute path of the `proot` binary.
+    pub proot: String,
+    /// Arguments after the binary; the agent's listening socket is fd 3.
+    pub args: Vec<String>,
+    /// proot's whole environment (passed on to the agent).
+    pub env: Vec<(String, String)>,
+    /// Host path where the agent's socket is bound (before any privilege
+    /// is dropped; never visible inside).
+    pub socket: String,
+    /// cgroup directories to join first.
+    #[serde(default)]
+    pub cgroups: Vec<String>,
+    /// Root servers: a private mount and network namespace (loopback
+    /// only) with these binds staged under a tmpfs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<Stage>,
+    /// Root servers: the unprivileged uid and gid the sandbox runs as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ids: Option<(u32, u32)>,
+    /// RLIMIT_NPROC (0 = unset).
+    #[serde(default)]
+    pub nproc_limit: u64,
+    /// RLIMIT_AS in bytes (0 = unset).
+    #[serde(default)]
+    pub as_limit: u64,
+    /// Landlock: paths that may be read and executed.
+    #[serde(default)]
+    pub read: Vec<String>,
+    /// Landlock: paths with every access.
+    #[serde(default)]
+    pub write: Vec<String>,
+    /// Landlock: device files that may be read, written and ioctl'd.
+    #[serde(default)]
+    pub devices: Vec<String>,
+}
+
+/// A tmpfs mounted at `dir` in the sandbox's private mount namespace,
+/// holding binds of host paths (`target` relative to `dir`) that the
+/// sandbox's unprivileged ids could not reach where they are (a 0700 data
+/// dir).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stage {
+    pub dir: String,
+    pub binds: Vec<BindSpec>,
+    /// Host dir bound over `/tmp` in the private mount namespace: proot
+    /// keeps its scratch files (glue dirs, loader) in `/tmp`, which must
+    /// be the sandbox's own.
+    #[serde(default)]
+    pub tmp: String,
+}

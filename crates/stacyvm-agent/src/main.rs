@@ -4,6 +4,10 @@
 //! Usage:
 //!   stacyvm-agent boot --spec FILE   build a native sandbox and serve as its PID 1
 //!   stacyvm-agent serve --socket PATH  serve on a unix socket (no setup)
+//!   stacyvm-agent serve --listen-fd 3  serve on an inherited listening socket
+//!                                      (a proot sandbox's agent)
+//!   stacyvm-agent proot --spec FILE    confine this process and become proot
+//!                                      (host side of the proot provider)
 //!   stacyvm-agent relay --socket PATH  copy stdin/stdout to and from an
 //!                                      agent socket (for runtimes whose
 //!                                      sockets the host cannot reach, e.g. gVisor)
@@ -29,13 +33,27 @@ use std::process::ExitCode;
 
 use stacyvm_sandbox::{BootSpec, Booted};
 
-const USAGE: &str = "usage: stacyvm-agent boot --spec FILE | serve --socket PATH [--token-file FILE] | relay --socket PATH | version";
+const USAGE: &str = "usage: stacyvm-agent boot --spec FILE | serve (--socket PATH | --listen-fd 3) [--token-file FILE] | proot --spec FILE | relay --socket PATH | version";
 
 /// Reads the handshake token from `path` and removes the file, so nothing
 /// started later in the sandbox can read it.
+/// `-` reads stdin (a proot sandbox: proot's view of `/proc/self/fd/0`
+/// is not the pipe).
 fn take_token_file(path: &str) -> Result<Vec<u8>, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
-    let _ = std::fs::remove_file(path);
+    let text = if path == "-" {
+        use std::io::Read;
+        let mut t = String::new();
+        std::io::stdin()
+            .lock()
+            .take(4096)
+            .read_to_string(&mut t)
+            .map_err(|e| format!("reading the token from stdin: {e}"))?;
+        t
+    } else {
+        let t = std::fs::read_to_string(path).map_err(|e| format!("reading {path}: {e}"))?;
+        let _ = std::fs::remove_file(path);
+        t
+    };
     hex::decode(text.trim()).map_err(|e| format!("token in {path} is not hex: {e}"))
 }
 
@@ -48,11 +66,16 @@ fn main() -> ExitCode {
         .as_slice()
     {
         ["boot", "--spec", path] => boot(path),
-        ["serve", "--socket", path, rest @ ..] => {
+        ["proot", "--spec", path] => proot(path),
+        ["serve", how, path, rest @ ..] if *how == "--socket" || *how == "--listen-fd" => {
             // Sandbox processes share the agent's uid (docker): without
             // this they could read /proc/1/environ and /proc/1/mem or
-            // ptrace the agent and answer for it.
-            if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            // ptrace the agent and answer for it. Not under proot
+            // (`--listen-fd`): an unprivileged tracer cannot read a
+            // non-dumpable tracee's memory, so proot could not translate
+            // a single path argument of the agent.
+            let under_proot = *how == "--listen-fd";
+            if let Err(e) = nix::sys::prctl::set_dumpable(under_proot) {
                 eprintln!("stacyvm-agent: making the agent undumpable: {e}");
                 return ExitCode::from(1);
             }
@@ -70,8 +93,20 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             }
-            let _ = std::fs::remove_file(path);
-            match UnixListener::bind(path) {
+            let listener = if *how == "--listen-fd" {
+                if *path != stacyvm_sandbox::proot::LISTEN_FD.to_string() {
+                    eprintln!(
+                        "stacyvm-agent: --listen-fd must be {}",
+                        stacyvm_sandbox::proot::LISTEN_FD
+                    );
+                    return ExitCode::from(2);
+                }
+                stacyvm_sandbox::proot::inherited_listener().map_err(|e| e.to_string())
+            } else {
+                let _ = std::fs::remove_file(path);
+                UnixListener::bind(path).map_err(|e| e.to_string())
+            };
+            match listener {
                 Ok(l) => {
                     server::serve(l, false);
                     ExitCode::SUCCESS
@@ -96,6 +131,24 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Confines this process as the proot provider's spec says and executes
+/// proot (see `stacyvm_sandbox::proot`); returns only on failure.
+fn proot(path: &str) -> ExitCode {
+    let spec: stacyvm_sandbox::proot::ProotSpec = match std::fs::read(path)
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("stacyvm-agent: reading proot spec {path}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let Err(e) = stacyvm_sandbox::proot::launch(&spec);
+    eprintln!("stacyvm-agent: starting proot sandbox {}: {e}", spec.id);
+    ExitCode::from(1)
 }
 
 fn boot(path: &str) -> ExitCode {

@@ -301,11 +301,41 @@ pub struct CustomConfig {
 #[serde(default)]
 pub struct ProotConfig {
     pub enabled: bool,
+    /// A plain root directory offered as image `rootfs` (optional; empty
+    /// = `<data_dir>/proot/rootfs`).
     pub rootfs_path: String,
     pub proot_binary: String,
+    /// Per-sandbox state (empty = `<data_dir>/proot/sandboxes`).
     pub workspace_base: String,
+    /// Hard cap of every exec.
     pub default_timeout: Dur,
     pub max_sandboxes: i64,
+    /// Largest `memory_mb` a spawn may ask for (0 = no cap).
+    pub max_memory_mb: i64,
+    /// Bytes a sandbox may hold in its writable dirs, in MiB (0 = no cap).
+    pub max_disk_mb: i64,
+    /// Processes per sandbox (cgroup, else RLIMIT_NPROC on root servers).
+    pub pids_limit: i64,
+}
+
+impl ProotConfig {
+    /// `workspace_base`, or its default under `data_dir`.
+    pub fn workspace_base_in(&self, data_dir: &str) -> std::path::PathBuf {
+        if self.workspace_base.is_empty() {
+            std::path::Path::new(data_dir).join("proot/sandboxes")
+        } else {
+            self.workspace_base.clone().into()
+        }
+    }
+
+    /// `rootfs_path`, or its default under `data_dir`.
+    pub fn rootfs_in(&self, data_dir: &str) -> std::path::PathBuf {
+        if self.rootfs_path.is_empty() {
+            std::path::Path::new(data_dir).join("proot/rootfs")
+        } else {
+            self.rootfs_path.clone().into()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -583,11 +613,14 @@ impl Default for ProotConfig {
     fn default() -> Self {
         ProotConfig {
             enabled: false,
-            rootfs_path: "/var/lib/stacyvm/rootfs".into(),
+            rootfs_path: String::new(),
             proot_binary: "proot".into(),
-            workspace_base: "/var/lib/stacyvm/workspaces".into(),
+            workspace_base: String::new(),
             default_timeout: Dur::secs(60),
             max_sandboxes: 10,
+            max_memory_mb: 2048,
+            max_disk_mb: 1024,
+            pids_limit: 512,
         }
     }
 }

@@ -13,5 +13,7 @@ pub mod image;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod native;
+#[cfg(feature = "proot")]
+pub mod proot;
 #[cfg(feature = "custom")]
 pub mod remote;

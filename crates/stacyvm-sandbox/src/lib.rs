@@ -11,6 +11,7 @@
 pub mod cgroup;
 mod mounts;
 pub mod procs;
+pub mod proot;
 pub mod pty;
 pub mod security;
 pub mod userns;

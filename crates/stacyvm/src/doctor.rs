@@ -887,7 +887,7 @@ fn check_proot(r: &mut Report, cfg: &Config) {
         return;
     }
     let pc = &cfg.providers.proot;
-    match which(&pc.proot_binary) {
+    match stacyvm_providers::proot::resolve_binary(&pc.proot_binary) {
         Some(p) => r.pass("proot.binary", p.display().to_string()),
         None => r.fail(
             "proot.binary",
@@ -895,23 +895,76 @@ fn check_proot(r: &mut Report, cfg: &Config) {
             "apt-get install proot or set providers.proot.proot_binary",
         ),
     }
-    for (name, dir) in [
-        ("proot.rootfs", &pc.rootfs_path),
-        ("proot.workspace_base", &pc.workspace_base),
-    ] {
-        match fs::metadata(dir) {
-            Ok(m) if m.is_dir() => r.pass(name, dir.clone()),
-            Ok(_) => r.fail(
-                name,
-                format!("{dir} is not a directory"),
-                format!("point providers.{name} at a directory"),
-            ),
-            Err(_) => r.fail(
-                name,
-                format!("{dir} does not exist"),
-                format!("create it (mkdir -p {dir}) or set providers.{name}"),
-            ),
+    // Imported images have no host libc: the agent must be static.
+    match stacyvm_providers::agent::find_static_agent("") {
+        Some(p) if elf_is_static(&p) == Some(true) => {
+            r.pass("proot.agent", format!("{} (static)", p.display()));
         }
+        found => r.fail(
+            "proot.agent",
+            match found {
+                Some(p) => format!("{} is not a static binary", p.display()),
+                None => "stacyvm-agent not found".to_string(),
+            },
+            "build it with scripts/build-agent DIR and set STACYVM_AGENT_PATH, or install it next to stacyvm",
+        ),
+    }
+    // rootfs_path is optional (image `rootfs`); workspace_base is created
+    // at start when missing.
+    let rootfs = pc.rootfs_in(&cfg.server.data_dir);
+    match fs::metadata(&rootfs) {
+        Ok(m) if m.is_dir() => r.pass("proot.rootfs", rootfs.display().to_string()),
+        Ok(_) => r.fail(
+            "proot.rootfs",
+            format!("{} is not a directory", rootfs.display()),
+            "point providers.proot.rootfs_path at a root directory, or leave it empty",
+        ),
+        Err(_) if pc.rootfs_path.is_empty() => r.pass(
+            "proot.rootfs",
+            "not set: images are `host` and imported ones (stacyvm image ls)",
+        ),
+        Err(_) => r.fail(
+            "proot.rootfs",
+            format!("{} does not exist", rootfs.display()),
+            "unpack a root filesystem there, or leave providers.proot.rootfs_path empty",
+        ),
+    }
+    let base = pc.workspace_base_in(&cfg.server.data_dir);
+    match fs::metadata(&base) {
+        Ok(m) if !m.is_dir() => r.fail(
+            "proot.workspace_base",
+            format!("{} is not a directory", base.display()),
+            "point providers.proot.workspace_base at a directory, or leave it empty",
+        ),
+        Ok(_) => r.pass("proot.workspace_base", base.display().to_string()),
+        Err(_) => r.pass(
+            "proot.workspace_base",
+            format!("{} (created at start, 0700)", base.display()),
+        ),
+    }
+    if stacyvm_sandbox::proot::landlock_available() {
+        r.pass(
+            "proot.landlock",
+            "enforced (sandboxes read and write only their own dirs)",
+        );
+    } else {
+        r.warn(
+            "proot.landlock",
+            "this kernel does not enforce landlock: proot sandboxes are confined by proot, seccomp and their uid only",
+            "use Linux 5.13 or later with landlock in the LSM list (lsm=…,landlock)",
+        );
+    }
+    if nix::unistd::geteuid().is_root() {
+        r.pass(
+            "proot.mode",
+            "root: each sandbox gets a leased uid, a private mount and network namespace",
+        );
+    } else {
+        r.warn(
+            "proot.mode",
+            "rootless: sandboxes run as the server's own uid and share the host network",
+            "run untrusted code only on a root server (or use the native provider)",
+        );
     }
 }
 

@@ -94,7 +94,7 @@ fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
     if cfg.providers.docker.enabled {
         // The engine is contacted lazily: a stopped dockerd makes the
         // provider unhealthy, not the server fail to start.
-        let agent = stacyvm_providers::docker::find_static_agent()
+        let agent = stacyvm_providers::agent::find_static_agent("")
             .unwrap_or_else(|| PathBuf::from("stacyvm-agent"));
         let state_dir = std::path::Path::new(&cfg.server.data_dir).join("docker");
         v.push(Arc::new(stacyvm_providers::docker::DockerProvider::new(
@@ -103,6 +103,36 @@ fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
                 state_dir,
                 agent,
             ),
+        )?));
+    }
+    if cfg.providers.proot.enabled || cfg.providers.default == "proot" {
+        let pc = &cfg.providers.proot;
+        let data = std::path::Path::new(&cfg.server.data_dir);
+        let opts = stacyvm_providers::proot::ProotOptions {
+            base: pc.workspace_base_in(&cfg.server.data_dir),
+            // The image store the native provider uses.
+            images_dir: data.join("native").join("images"),
+            rootfs_path: pc.rootfs_in(&cfg.server.data_dir),
+            hidden: vec![cfg.server.data_dir.clone()],
+            agent_path: stacyvm_providers::agent::find_static_agent("")
+                .unwrap_or_else(|| PathBuf::from("stacyvm-agent")),
+            proot_binary: pc.proot_binary.clone(),
+            max_sandboxes: usize::try_from(pc.max_sandboxes).unwrap_or(0),
+            max_memory_mb: pc.max_memory_mb,
+            pids_limit: u64::try_from(pc.pids_limit).unwrap_or(512),
+            exec_timeout: pc.default_timeout.std(),
+            subordinate_ids: stacyvm_providers::native::ids::IdRange::parse(
+                &cfg.providers.native.subordinate_ids,
+            )
+            .map_err(|e| anyhow::anyhow!("providers.native.subordinate_ids: {e}"))?,
+            disk: stacyvm_providers::native::disk::DiskCaps {
+                per_sandbox: u64::try_from(pc.max_disk_mb).unwrap_or(0) << 20,
+                min_free: 0,
+                interval: Duration::from_secs(5),
+            },
+        };
+        v.push(Arc::new(stacyvm_providers::proot::ProotProvider::new(
+            opts,
         )?));
     }
     if cfg.providers.mock.enabled {

@@ -31,7 +31,8 @@ use stacyvm_api::FileInfo;
 use stacyvm_core::config::{Config, CustomConfig};
 use stacyvm_core::provider::{
     capability, format_mod_time, format_mode, ExecInput, ExecSpec, ExitStatus, FileStream,
-    OutputChunk, OutputSink, Provider, RuntimeStatus, SpawnSpec, Spawned, StreamKind,
+    Isolation, OutputChunk, OutputSink, Profile, Provider, RuntimeStatus, SpawnSpec, Spawned,
+    StreamKind,
 };
 use stacyvm_core::{paths, Error, ErrorKind, Result};
 use tokio::sync::mpsc;
@@ -1126,6 +1127,16 @@ impl Provider for CustomProvider {
 
     fn capabilities(&self) -> Vec<String> {
         capability::BASE.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn profile(&self) -> Profile {
+        // The backend decides the isolation and the network; the contract
+        // carries no network mode.
+        Profile {
+            isolation: Isolation::Remote,
+            network_modes: vec!["none".into()],
+            default_network: "none".into(),
+        }
     }
 
     fn describe(&self) -> BTreeMap<String, String> {
