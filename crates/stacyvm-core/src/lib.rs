@@ -4,6 +4,7 @@
 //! No HTTP and no SQL here: the server (`stacyvm-server`) and the store
 //! (`stacyvm-store`) depend on this crate, never the other way round.
 
+pub mod checks;
 pub mod cidr;
 pub mod config;
 pub mod error;

@@ -15,5 +15,6 @@ pub mod mock;
 pub mod native;
 #[cfg(feature = "proot")]
 pub mod proot;
+pub mod registry;
 #[cfg(feature = "custom")]
 pub mod remote;

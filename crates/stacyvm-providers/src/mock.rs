@@ -501,6 +501,55 @@ pub fn default_base(data_dir: &Path) -> PathBuf {
     data_dir.join("mock")
 }
 
+/// The mock test double's module (`providers.mock.*`).
+pub struct MockModule;
+
+#[async_trait]
+impl crate::registry::ProviderModule for MockModule {
+    fn kind(&self) -> &'static str {
+        "mock"
+    }
+
+    fn enabled(&self, cfg: &stacyvm_core::config::Config) -> bool {
+        cfg.providers.mock.enabled
+    }
+
+    fn build(&self, cfg: &stacyvm_core::config::Config) -> Result<std::sync::Arc<dyn Provider>> {
+        tracing::warn!("the mock provider is enabled: it runs sandbox commands ON THE HOST without isolation; use it for tests only");
+        Ok(std::sync::Arc::new(MockProvider::new(default_base(
+            Path::new(&cfg.server.data_dir),
+        ))?))
+    }
+
+    fn lint(
+        &self,
+        _cfg: &stacyvm_core::config::Config,
+        p: bool,
+        r: &mut stacyvm_core::checks::Report,
+    ) {
+        r.prod(
+            p,
+            "providers.mock.enabled",
+            "the mock provider runs sandbox commands on the host without isolation",
+            "set providers.mock.enabled: false (it is for tests only)",
+        );
+    }
+
+    async fn doctor(
+        &self,
+        _cfg: &stacyvm_core::config::Config,
+        production: bool,
+        r: &mut stacyvm_core::checks::Report,
+    ) {
+        r.prod(
+            production,
+            "providers.mock",
+            "enabled: it runs sandbox commands on the host without isolation",
+            "set providers.mock.enabled: false outside tests",
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

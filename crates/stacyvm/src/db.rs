@@ -355,7 +355,7 @@ fn pg_backup(
         ),
         _ => {}
     }
-    let Some(pg_dump) = crate::doctor::which("pg_dump") else {
+    let Some(pg_dump) = stacyvm_core::checks::which("pg_dump") else {
         bail!("pg_dump not found in PATH; install the PostgreSQL client (apt-get install postgresql-client)");
     };
     let split = split_dsn(&dsn);

@@ -581,80 +581,11 @@ fn lint_rpc_tls(r: &mut Report, cfg: &Config, p: bool) {
     }
 }
 
-/// Whether provider `name` is enabled in `cfg`.
-pub fn provider_enabled(cfg: &Config, name: &str) -> Option<bool> {
-    let pr = &cfg.providers;
-    Some(match name {
-        "native" => pr.native.enabled,
-        "docker" => pr.docker.enabled,
-        "firecracker" => pr.firecracker.enabled,
-        "proot" => pr.proot.enabled,
-        "e2b" => pr.e2b.enabled,
-        "custom" => pr.custom.enabled,
-        "mock" => pr.mock.enabled,
-        _ => return None,
-    })
-}
-
+/// Every provider's own checks (from its module), then the microVM keys,
+/// whose provider does not exist yet.
 fn lint_providers(r: &mut Report, cfg: &Config, p: bool) {
+    stacyvm_providers::registry::lint(cfg, p, r);
     let pr = &cfg.providers;
-    let default = if pr.default.is_empty() {
-        "native"
-    } else {
-        pr.default.as_str()
-    };
-    match provider_enabled(cfg, default) {
-        Some(true) => r.pass("providers.default", format!("{default} (enabled)")),
-        Some(false) => r.fail(
-            "providers.default",
-            format!("the default provider {default:?} is not enabled"),
-            format!("set providers.{default}.enabled: true or choose an enabled provider"),
-        ),
-        None => r.fail(
-            "providers.default",
-            format!("unknown provider {default:?}"),
-            "use native, docker, firecracker, proot, e2b or custom",
-        ),
-    }
-    if pr.mock.enabled {
-        r.prod(
-            p,
-            "providers.mock.enabled",
-            "the mock provider runs sandbox commands on the host without isolation",
-            "set providers.mock.enabled: false (it is for tests only)",
-        );
-    }
-    if pr.native.enabled {
-        let n = &pr.native;
-        if n.pids_limit <= 0 {
-            r.prod(
-                p,
-                "providers.native.pids_limit",
-                "no process limit per sandbox",
-                "set providers.native.pids_limit, e.g. 512",
-            );
-        } else {
-            r.pass("providers.native.pids_limit", n.pids_limit.to_string());
-        }
-        if n.network_mode == "bridge" {
-            r.warn(
-                "providers.native.network_mode",
-                "sandboxes get network access by default",
-                "use none unless workloads need the network; spawns can still ask for bridge",
-            );
-        } else {
-            r.pass("providers.native.network_mode", n.network_mode.clone());
-        }
-    }
-    if pr.docker.enabled || default == "docker" {
-        lint_docker(r, cfg, p);
-    } else {
-        r.warn(
-            "providers.docker",
-            "docker is not enabled; docker checks skipped",
-            "ignore unless you use the docker provider",
-        );
-    }
     if pr.firecracker.enabled {
         let f = &pr.firecracker;
         for (key, v) in [
@@ -670,110 +601,6 @@ fn lint_providers(r: &mut Report, cfg: &Config, p: bool) {
             }
         }
     }
-    if pr.proot.enabled {
-        r.prod(
-            p,
-            "providers.proot.enabled",
-            "proot is ptrace-based path translation, not an isolation boundary",
-            "use native, docker or firecracker for untrusted code",
-        );
-    }
-    if pr.custom.enabled && pr.custom.base_url.starts_with("http://") {
-        r.warn(
-            "providers.custom.base_url",
-            "the custom provider's API key travels over plain HTTP",
-            "use an https:// base_url",
-        );
-    }
-}
-
-fn lint_docker(r: &mut Report, cfg: &Config, p: bool) {
-    let d = &cfg.providers.docker;
-    if d.runtime.trim().is_empty() {
-        r.prod(
-            p,
-            "providers.docker.runtime",
-            "no container runtime set",
-            "set providers.docker.runtime (runc, or runsc for gVisor)",
-        );
-    } else {
-        r.pass("providers.docker.runtime", d.runtime.clone());
-    }
-    if d.network_mode.trim().is_empty() {
-        r.prod(
-            p,
-            "providers.docker.network_mode",
-            "no network mode set",
-            "set providers.docker.network_mode: none (or bridge if workloads need it)",
-        );
-    } else {
-        r.pass("providers.docker.network_mode", d.network_mode.clone());
-    }
-    if d.seccomp_profile.trim().is_empty() || d.seccomp_profile == "unconfined" {
-        r.prod(
-            p,
-            "providers.docker.seccomp_profile",
-            format!(
-                "seccomp profile {:?} does not filter syscalls",
-                d.seccomp_profile
-            ),
-            "set providers.docker.seccomp_profile: default (or a profile path)",
-        );
-    } else {
-        r.pass(
-            "providers.docker.seccomp_profile",
-            d.seccomp_profile.clone(),
-        );
-    }
-    if d.added_caps.is_empty() {
-        r.pass("providers.docker.added_caps", "none");
-    } else {
-        r.prod(
-            p,
-            "providers.docker.added_caps",
-            format!("capabilities added: {}", d.added_caps.join(", ")),
-            "remove providers.docker.added_caps",
-        );
-    }
-    if d.dropped_caps.iter().any(|c| c.eq_ignore_ascii_case("ALL")) {
-        r.pass("providers.docker.dropped_caps", "ALL");
-    } else {
-        r.prod(
-            p,
-            "providers.docker.dropped_caps",
-            "not every capability is dropped",
-            "set providers.docker.dropped_caps: [ALL]",
-        );
-    }
-    if d.memory.trim().is_empty() || d.cpus <= 0.0 || d.pids_limit <= 0 {
-        r.prod(
-            p,
-            "providers.docker.limits",
-            format!(
-                "memory {:?}, cpus {}, pids_limit {}: each must be set",
-                d.memory, d.cpus, d.pids_limit
-            ),
-            "set providers.docker.memory, cpus and pids_limit",
-        );
-    } else {
-        r.pass(
-            "providers.docker.limits",
-            format!(
-                "memory {}, cpus {}, pids {}",
-                d.memory, d.cpus, d.pids_limit
-            ),
-        );
-    }
-    if d.user.trim().is_empty() {
-        r.prod(
-            p,
-            "providers.docker.user",
-            "containers run as the image's user (often root)",
-            "set providers.docker.user, e.g. 65534:65534",
-        );
-    } else {
-        r.pass("providers.docker.user", d.user.clone());
-    }
 }
 
 #[cfg(test)]
@@ -781,7 +608,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::checks::Status;
+    use stacyvm_core::checks::Status;
 
     fn cfg(yaml: &str) -> Config {
         config::from_yaml_str(yaml, &BTreeMap::new())

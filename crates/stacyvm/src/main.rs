@@ -6,7 +6,6 @@ mod checks;
 mod cli;
 mod db;
 mod doctor;
-mod engine;
 mod image;
 mod lint;
 mod ops;

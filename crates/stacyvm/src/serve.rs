@@ -11,7 +11,6 @@ use stacyvm_core::config::{self, Config};
 use stacyvm_core::events::EventBus;
 use stacyvm_core::manager::{Manager, LOCAL_WORKER};
 use stacyvm_core::metrics::Metrics;
-use stacyvm_core::provider::Provider;
 use stacyvm_core::registry::Registry;
 use stacyvm_core::store::WorkerRecord;
 use tracing::{info, warn};
@@ -29,126 +28,6 @@ fn init_logging(cfg: &Config) {
     } else {
         builder.init();
     }
-}
-
-/// A CIDR list of the config (validated at load; the key names an error).
-fn parse_cidrs(key: &str, list: &[String]) -> Result<Vec<stacyvm_core::cidr::Cidr>> {
-    let mut out = Vec::new();
-    for entry in list {
-        out.push(
-            entry
-                .parse()
-                .map_err(|e| anyhow::anyhow!("{key}: {entry:?}: {e}"))?,
-        );
-    }
-    Ok(out)
-}
-
-fn build_providers(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
-    let mut v: Vec<Arc<dyn Provider>> = Vec::new();
-    if cfg.providers.native.enabled {
-        let agent = stacyvm_providers::native::find_agent(&cfg.providers.native.agent_path).ok_or_else(|| {
-            anyhow::anyhow!("stacyvm-agent not found next to the stacyvm binary; build it (cargo build -p stacyvm-agent) or set providers.native.agent_path")
-        })?;
-        let data = std::path::Path::new(&cfg.server.data_dir);
-        let opts = stacyvm_providers::native::NativeOptions {
-            state_dir: data.join("native"),
-            agent_path: agent,
-            pids_limit: u64::try_from(cfg.providers.native.pids_limit).unwrap_or(512),
-            hidden: vec![cfg.server.data_dir.clone()],
-            network_mode: cfg.providers.native.network_mode.clone(),
-            bridge: stacyvm_providers::native::net::BridgeOptions {
-                name: cfg.providers.native.bridge_name.clone(),
-                subnet: stacyvm_providers::native::net::Subnet::parse(
-                    &cfg.providers.native.bridge_subnet,
-                )
-                .map_err(|e| anyhow::anyhow!("providers.native.bridge_subnet: {e}"))?,
-                egress_allow: parse_cidrs(
-                    "providers.native.egress_allow",
-                    &cfg.providers.native.egress_allow,
-                )?,
-                egress_deny: parse_cidrs(
-                    "providers.native.egress_deny",
-                    &cfg.providers.native.egress_deny,
-                )?,
-                ..Default::default()
-            },
-            warm_pool: usize::try_from(cfg.providers.native.warm_pool).unwrap_or(0),
-            pool_memory_mb: cfg.defaults.memory_mb,
-            landlock: cfg.providers.native.landlock,
-            user_namespace: cfg.providers.native.user_namespace,
-            subordinate_ids: stacyvm_providers::native::ids::IdRange::parse(
-                &cfg.providers.native.subordinate_ids,
-            )
-            .map_err(|e| anyhow::anyhow!("providers.native.subordinate_ids: {e}"))?,
-            disk: stacyvm_providers::native::disk::DiskCaps {
-                per_sandbox: u64::try_from(cfg.providers.native.disk_mb).unwrap_or(0) << 20,
-                min_free: u64::try_from(cfg.providers.native.disk_min_free_mb).unwrap_or(0) << 20,
-                interval: Duration::from_secs(5),
-            },
-        };
-        v.push(Arc::new(stacyvm_providers::native::NativeProvider::new(
-            opts,
-        )?));
-    }
-    if cfg.providers.docker.enabled {
-        // The engine is contacted lazily: a stopped dockerd makes the
-        // provider unhealthy, not the server fail to start.
-        let agent = stacyvm_providers::agent::find_static_agent("")
-            .unwrap_or_else(|| PathBuf::from("stacyvm-agent"));
-        let state_dir = std::path::Path::new(&cfg.server.data_dir).join("docker");
-        v.push(Arc::new(stacyvm_providers::docker::DockerProvider::new(
-            stacyvm_providers::docker::DockerOptions::new(
-                cfg.providers.docker.clone(),
-                state_dir,
-                agent,
-            ),
-        )?));
-    }
-    if cfg.providers.proot.enabled || cfg.providers.default == "proot" {
-        let pc = &cfg.providers.proot;
-        let data = std::path::Path::new(&cfg.server.data_dir);
-        let opts = stacyvm_providers::proot::ProotOptions {
-            base: pc.workspace_base_in(&cfg.server.data_dir),
-            // The image store the native provider uses.
-            images_dir: data.join("native").join("images"),
-            rootfs_path: pc.rootfs_in(&cfg.server.data_dir),
-            hidden: vec![cfg.server.data_dir.clone()],
-            agent_path: stacyvm_providers::agent::find_static_agent("")
-                .unwrap_or_else(|| PathBuf::from("stacyvm-agent")),
-            proot_binary: pc.proot_binary.clone(),
-            max_sandboxes: usize::try_from(pc.max_sandboxes).unwrap_or(0),
-            max_memory_mb: pc.max_memory_mb,
-            pids_limit: u64::try_from(pc.pids_limit).unwrap_or(512),
-            exec_timeout: pc.default_timeout.std(),
-            subordinate_ids: stacyvm_providers::native::ids::IdRange::parse(
-                &cfg.providers.native.subordinate_ids,
-            )
-            .map_err(|e| anyhow::anyhow!("providers.native.subordinate_ids: {e}"))?,
-            disk: stacyvm_providers::native::disk::DiskCaps {
-                per_sandbox: u64::try_from(pc.max_disk_mb).unwrap_or(0) << 20,
-                min_free: 0,
-                interval: Duration::from_secs(5),
-            },
-        };
-        v.push(Arc::new(stacyvm_providers::proot::ProotProvider::new(
-            opts,
-        )?));
-    }
-    if cfg.providers.mock.enabled {
-        let base =
-            stacyvm_providers::mock::default_base(std::path::Path::new(&cfg.server.data_dir));
-        warn!("the mock provider is enabled: it runs sandbox commands ON THE HOST without isolation; use it for tests only");
-        v.push(Arc::new(stacyvm_providers::mock::MockProvider::new(base)?));
-    }
-    if cfg.providers.custom.enabled {
-        // An empty or malformed base_url is a startup error, not a provider
-        // that fails every request.
-        v.push(Arc::new(
-            stacyvm_providers::remote::http::CustomProvider::from_config(&cfg.providers.custom)?,
-        ));
-    }
-    Ok(v)
 }
 
 pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
@@ -187,8 +66,8 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         std::os::unix::fs::PermissionsExt::from_mode(0o700),
     )
     .with_context(|| format!("making data dir {} private (0700)", cfg.server.data_dir))?;
-    let providers = build_providers(&cfg)?;
-    let registry = match Registry::new(providers, &cfg.providers.default) {
+    let providers = stacyvm_providers::registry::build(&cfg)?;
+    let registry = match Registry::with_default(providers, &cfg.providers.default).await {
         Ok(r) => r,
         Err(e) => {
             bail!("{e}; enable it under providers.<name>.enabled or pick another providers.default")

@@ -21,6 +21,7 @@
 
 mod link;
 mod net;
+pub mod setup;
 mod sock;
 mod spec;
 #[cfg(test)]

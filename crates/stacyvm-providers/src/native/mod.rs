@@ -17,6 +17,7 @@ mod orphans;
 mod pool;
 #[cfg(test)]
 mod security_tests;
+pub mod setup;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -688,15 +689,11 @@ impl Provider for NativeProvider {
     }
 
     fn profile(&self) -> Profile {
-        // Rootless mode has loopback only (no veth without root).
-        let modes: &[&str] = if self.rootless {
-            &["none"]
-        } else {
-            &["none", "bridge"]
-        };
+        // (Rootless mode refuses bridge at spawn, saying why: no veth
+        // without root.)
         Profile {
             isolation: Isolation::Container,
-            network_modes: modes.iter().map(|m| (*m).to_string()).collect(),
+            network_modes: vec!["none".into(), "bridge".into()],
             default_network: match self.opts.network_mode.as_str() {
                 "" => "none".into(),
                 m => m.into(),

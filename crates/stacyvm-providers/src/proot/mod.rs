@@ -21,6 +21,7 @@
 //! Sandboxes live on when the server stops; a new provider instance finds
 //! them through `meta.json` and reconnects to `agent.sock`.
 
+pub mod setup;
 #[cfg(test)]
 mod tests;
 

@@ -4,6 +4,7 @@
 //!   contract of `docs/custom-provider.md`.
 
 pub mod http;
+pub mod setup;
 
 #[cfg(test)]
 mod tests;
