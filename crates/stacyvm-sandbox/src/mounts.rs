@@ -29,8 +29,52 @@ fn touch(p: &Path) -> Result<(), SetupError> {
     Ok(())
 }
 
-/// Remounts `target` and every mount below it read-only.
+/// Remounts `target` and every mount below it read-only (and nosuid,
+/// nodev where the mount allows): one atomic mount_setattr(AT_RECURSIVE)
+/// on kernels that have it (5.12+), else each mount found in mountinfo
+/// (reading mountinfo on every bind cost a tenth of a sandbox boot).
 fn remount_tree_ro(target: &Path) -> Result<(), SetupError> {
+    use crate::userns::{
+        MountAttr, AT_RECURSIVE, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY,
+    };
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(path) = std::ffi::CString::new(target.as_os_str().as_bytes()) else {
+        return Err(SetupError::Other(format!(
+            "mount point {} has a NUL byte",
+            target.display()
+        )));
+    };
+    for set in [
+        MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        MOUNT_ATTR_RDONLY,
+    ] {
+        let attr = MountAttr {
+            attr_set: set,
+            attr_clr: 0,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        // SAFETY: `path` is a NUL-terminated string and `attr` a valid
+        // mount_attr of the size passed; both outlive the call.
+        let rc = unsafe {
+            nix::libc::syscall(
+                nix::libc::SYS_mount_setattr,
+                nix::libc::AT_FDCWD,
+                path.as_ptr(),
+                AT_RECURSIVE,
+                &attr as *const MountAttr,
+                std::mem::size_of::<MountAttr>(),
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+    }
+    remount_tree_ro_each(target)
+}
+
+/// [`remount_tree_ro`] for kernels without mount_setattr.
+fn remount_tree_ro_each(target: &Path) -> Result<(), SetupError> {
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let t = target.to_string_lossy().to_string();
     let mut points: Vec<String> = info

@@ -413,6 +413,15 @@ async fn proc_interfaces_are_masked_and_read_only() {
             assert!(m.2.split(',').any(|o| o == "ro"), "{ro} writable: {m:?}");
         }
     }
+    // The host's /usr is bound read-only, nosuid and nodev (the whole
+    // tree, in one mount_setattr).
+    let usr = mounted("/usr").unwrap_or_else(|| panic!("/usr not a mount: {r:?}"));
+    for opt in ["ro", "nosuid", "nodev"] {
+        assert!(
+            usr.2.split(',').any(|o| o == opt),
+            "/usr lacks {opt}: {usr:?}"
+        );
+    }
     let tail: Vec<&str> = r.stdout.lines().rev().take(2).collect();
     assert_eq!(tail, ["0", "0"], "slabinfo and acpi empty: {r:?}");
     p.destroy(&id).await.expect("destroy");
