@@ -69,6 +69,11 @@ pub fn module_named(cfg: &Config, name: &str) -> Option<&'static dyn ProviderMod
 
 /// Builds every enabled provider.
 pub fn build(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
+    if cfg!(not(feature = "mock")) && cfg.providers.mock.enabled {
+        return Err(stacyvm_core::Error::invalid(
+            "providers.mock.enabled: this binary has no mock provider (a test double, built only with the cargo feature `mock`); use native",
+        ));
+    }
     modules()
         .into_iter()
         .filter(|m| m.enabled(cfg))
@@ -80,6 +85,13 @@ pub fn build(cfg: &Config) -> Result<Vec<Arc<dyn Provider>>> {
 /// then each enabled provider's own checks.
 pub fn lint(cfg: &Config, production: bool, r: &mut Report) {
     lint_default(cfg, r);
+    if cfg!(not(feature = "mock")) && cfg.providers.mock.enabled {
+        r.fail(
+            "providers.mock.enabled",
+            "this binary has no mock provider (a test double, built only with the cargo feature `mock`)",
+            "set providers.mock.enabled: false and use native",
+        );
+    }
     for m in modules() {
         if m.enabled(cfg) {
             m.lint(cfg, production, r);
@@ -219,6 +231,7 @@ mod tests {
         assert_eq!(status(&r, "providers.docker.runtime"), None);
     }
 
+    #[cfg(feature = "mock")]
     #[test]
     fn build_makes_exactly_the_enabled_providers() {
         let dir = tempfile::tempdir().expect("tmp");
@@ -237,6 +250,7 @@ mod tests {
         assert_eq!(e.kind(), stacyvm_core::ErrorKind::InvalidInput, "{e}");
     }
 
+    #[cfg(feature = "mock")]
     #[tokio::test]
     async fn auto_picks_the_strongest_healthy_provider_and_never_the_mock() {
         let dir = tempfile::tempdir().expect("tmp");
