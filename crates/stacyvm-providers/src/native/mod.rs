@@ -985,6 +985,22 @@ pub(crate) mod tests {
         }
     }
 
+    /// A provider as an unprivileged server runs it (rootless mode: one
+    /// mapped id, no warm pool, no cgroup limits without delegation). As
+    /// root this is [`fixture`]: the cases run rootless when
+    /// `native_conformance_passes_rootless` re-runs them as nobody.
+    pub fn rootless_fixture() -> Fixture {
+        if nix::unistd::geteuid().is_root() {
+            return fixture();
+        }
+        Fixture {
+            dir: tempfile::tempdir().expect("tmp"),
+            pool: 0,
+            landlock: false,
+            disk: disk::DiskCaps::default(),
+        }
+    }
+
     /// A provider whose sandboxes run under landlock.
     pub fn landlock_fixture() -> Fixture {
         let mut fx = fixture();
@@ -1073,6 +1089,44 @@ pub(crate) mod tests {
     crate::conformance_tests!(native_pooled_conformance, pooled_fixture(1));
     // Landlock must not break anything the contract promises.
     crate::conformance_tests!(native_landlock_conformance, landlock_fixture());
+    // Rootless mode (see `native_conformance_passes_rootless`).
+    crate::conformance_tests!(native_rootless_conformance, rootless_fixture());
+
+    /// The whole suite on a rootless server: this test binary re-runs the
+    /// `native_rootless_conformance` cases as uid/gid 65534 (`setpriv`),
+    /// with its own temp dir, and every case must pass.
+    #[test]
+    fn native_conformance_passes_rootless() {
+        if !nix::unistd::geteuid().is_root() {
+            return; // already the unprivileged copy
+        }
+        let tmp = tempfile::tempdir().expect("tmp");
+        std::os::unix::fs::chown(tmp.path(), Some(65534), Some(65534)).expect("chown");
+        let exe = std::env::current_exe().expect("test binary");
+        let out = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--"])
+            .arg(&exe)
+            .args([
+                "native::tests::native_rootless_conformance::",
+                "--test-threads=2",
+            ])
+            .env("TMPDIR", tmp.path())
+            .env("HOME", tmp.path())
+            .current_dir(tmp.path())
+            .output()
+            .expect("setpriv (util-linux)");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "rootless suite failed:\n{stdout}\n{stderr}"
+        );
+        let passed = stdout
+            .lines()
+            .filter(|l| l.starts_with("test ") && l.ends_with(" ... ok"))
+            .count();
+        assert!(passed >= 15, "only {passed} rootless cases ran:\n{stdout}");
+    }
 
     /// With landlock, writes outside the writable set fail for commands
     /// and for the file API alike (403), even where the overlay root would
