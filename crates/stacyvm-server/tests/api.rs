@@ -825,6 +825,36 @@ async fn concurrent_spawns_are_not_serialised_and_respect_the_cap() {
     assert_eq!(codes.iter().filter(|c| **c == 429).count(), 6, "{codes:?}");
 }
 
+/// A template naming a provider that does not exist is refused on create
+/// and on replace, with the provider's name; the stored template stays.
+#[tokio::test]
+async fn templates_refuse_unknown_providers() {
+    let s = start().await;
+    let (st, v) = s
+        .post(
+            "/templates",
+            json!({"name": "t", "image": "host", "provider": "nope"}),
+        )
+        .await;
+    assert_error(st, &v, 404, "NOT_FOUND", "provider not found: nope");
+    let (st, v) = s
+        .post("/templates", json!({"name": "t", "image": "host"}))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let r = s
+        .http
+        .put(format!("{}/templates/t", s.base))
+        .json(&json!({"image": "host", "provider": "nope"}))
+        .send()
+        .await
+        .expect("send");
+    let st = r.status().as_u16();
+    let v: Value = r.json().await.expect("json");
+    assert_error(st, &v, 404, "NOT_FOUND", "provider not found: nope");
+    let (st, v) = s.get("/templates/t").await;
+    assert_eq!((st, v["provider"].as_str()), (200, None), "unchanged: {v}");
+}
+
 #[tokio::test]
 async fn templates_crud_aliases_and_spawn() {
     let s = start().await;

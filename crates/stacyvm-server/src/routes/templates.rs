@@ -161,6 +161,9 @@ pub async fn replace(
 ) -> ApiResult<Json<Template>> {
     let rec = from_input(&name, &input, true)?;
     st.manager.get_template(&name).await?;
+    if !rec.provider.is_empty() {
+        st.manager.registry().get(&rec.provider)?;
+    }
     let saved = st.manager.store().update_template(&rec).await?;
     Ok(Json::ok(to_api(&saved)))
 }
