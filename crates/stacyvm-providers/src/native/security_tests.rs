@@ -413,6 +413,15 @@ async fn proc_interfaces_are_masked_and_read_only() {
             assert!(m.2.split(',').any(|o| o == "ro"), "{ro} writable: {m:?}");
         }
     }
+    // The root overlay is volatile: nothing inside syncs the host's disk.
+    let root = mounted("/").unwrap_or_else(|| panic!("no / mount: {r:?}"));
+    assert_eq!(root.1, "overlay", "{root:?}");
+    assert!(
+        root.3
+            .split(',')
+            .any(|o| o == "volatile" || o == "fsync=volatile"),
+        "not volatile: {root:?}"
+    );
     // The host's /usr is bound read-only, nosuid and nodev (the whole
     // tree, in one mount_setattr).
     let usr = mounted("/usr").unwrap_or_else(|| panic!("/usr not a mount: {r:?}"));
