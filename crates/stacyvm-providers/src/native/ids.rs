@@ -9,6 +9,7 @@
 //! the leases vanish with the sandboxes at reboot.
 
 use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use stacyvm_core::{Error, Result};
@@ -87,6 +88,9 @@ impl IdAllocator {
     pub fn allocate(&self, owner: &Path) -> Result<u32> {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| Error::internal("creating the id lease dir").with_source(e))?;
+        // A lease names its sandbox's state dir: for the server's eyes only.
+        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::internal("restricting the id lease dir").with_source(e))?;
         let slots = self.range.slots();
         let first = rand::random::<u32>() % slots;
         for i in 0..slots {
@@ -96,6 +100,7 @@ impl IdAllocator {
             match std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .open(&path)
             {
                 Ok(mut f) => {
@@ -191,6 +196,13 @@ mod tests {
         }
         got.sort_unstable();
         assert_eq!(got, vec![1_000_000, 1_065_536, 1_131_072]);
+        let mode = |p: &Path| std::fs::metadata(p).expect("stat").permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.path().join("ids")), 0o700, "lease dir private");
+        assert_eq!(
+            mode(&dir.path().join("ids").join("1000000")),
+            0o600,
+            "lease private"
+        );
         let e = a.allocate(&owners[0]).expect_err("full");
         assert_eq!(e.kind(), stacyvm_core::ErrorKind::ResourceLimit);
         a.release(1_065_536);
