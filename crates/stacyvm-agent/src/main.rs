@@ -166,12 +166,19 @@ fn boot(path: &str) -> ExitCode {
         Ok(Booted::Parent(pending)) => {
             // The intermediate parent reports the init pid and leaves; the
             // sandbox lives on under the host's init, not under the server.
-            // Only once the server has the pid is the init committed: if
-            // the server is gone, the write fails and the init dies with us.
-            use std::io::Write;
+            // The init is committed only when the server says `commit` on
+            // stdin (it has recorded the sandbox by then): if the server is
+            // gone or says nothing, the init dies with us.
+            use std::io::{BufRead, Write};
             let mut out = std::io::stdout().lock();
             let told = writeln!(out, "{}", pending.pid).and_then(|()| out.flush());
             if told.is_err() {
+                return ExitCode::from(1);
+            }
+            let mut go = String::new();
+            let heard = std::io::stdin().lock().read_line(&mut go);
+            if heard.is_err() || go.trim() != "commit" {
+                eprintln!("stacyvm-agent: the server did not commit the sandbox init");
                 return ExitCode::from(1);
             }
             match pending.commit() {

@@ -562,51 +562,83 @@ impl Booter {
             serde_json::to_vec_pretty(&boot).unwrap_or_default(),
         )
         .map_err(|e| Error::internal("writing boot spec").with_source(e))?;
-        let booted = tokio::time::timeout(
-            BOOT_TIMEOUT,
-            tokio::process::Command::new(&self.opts.agent_path)
-                .arg("boot")
-                .arg("--spec")
-                .arg(&boot_path)
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await;
-        let out = match booted {
-            Ok(Ok(out)) => out,
-            failed => {
-                // The boot process is gone (kill_on_drop on a timeout); an
-                // init it forked was never committed and dies with it
-                // (parent-death signal). The cgroups go too, killing
-                // whatever is left in them.
-                let cg = cgroups.clone();
-                let _ = tokio::task::spawn_blocking(move || cgroup::destroy(&cg)).await;
-                return Err(match failed {
-                    Ok(Err(e)) => {
-                        Error::unavailable(format!("starting {}", self.opts.agent_path.display()))
-                            .with_source(e)
-                    }
-                    _ => Error::internal(format!(
-                        "sandbox boot timed out after {}s",
-                        BOOT_TIMEOUT.as_secs()
-                    )),
-                });
+        // The boot process reports the init's pid on stdout and commits the
+        // init (drops its parent-death signal) only when told so on stdin,
+        // which happens once the sandbox is recorded in `meta.json`: an init
+        // nobody can find never outlives its boot. A timeout or a dropped
+        // future kills the boot process (kill_on_drop), and an uncommitted
+        // init with it.
+        let fail = |cgroups: &Vec<PathBuf>, e: Error| {
+            let cg = cgroups.clone();
+            std::thread::spawn(move || cgroup::destroy(&cg));
+            e
+        };
+        let mut child = match tokio::process::Command::new(&self.opts.agent_path)
+            .arg("boot")
+            .arg("--spec")
+            .arg(&boot_path)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                return Err(fail(
+                    &cgroups,
+                    Error::unavailable(format!("starting {}", self.opts.agent_path.display()))
+                        .with_source(e),
+                ))
             }
         };
-        if !out.status.success() {
-            cgroup::destroy(&cgroups);
-            let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-            return Err(Error::internal(format!("sandbox setup failed: {msg}")));
-        }
-        let init_pid: i32 = String::from_utf8_lossy(&out.stdout)
-            .trim()
-            .parse()
-            .map_err(|_| Error::internal("sandbox boot did not report the init pid"))?;
-        let Some(init) = Identity::of(init_pid) else {
-            cgroup::destroy(&cgroups);
-            return Err(Error::internal("the sandbox init exited right after boot"));
+        let deadline = tokio::time::Instant::now() + BOOT_TIMEOUT;
+        let timed_out = || {
+            Error::internal(format!(
+                "sandbox boot timed out after {}s",
+                BOOT_TIMEOUT.as_secs()
+            ))
         };
-        Ok(Meta {
+        let mut stdout = child.stdout.take().map(tokio::io::BufReader::new);
+        let mut stderr = child.stderr.take();
+        let mut line = String::new();
+        let reported = match stdout.as_mut() {
+            Some(out) => {
+                use tokio::io::AsyncBufReadExt;
+                tokio::time::timeout_at(deadline, out.read_line(&mut line)).await
+            }
+            None => Ok(Ok(0)),
+        };
+        let init_pid: Option<i32> = match reported {
+            Err(_) => return Err(fail(&cgroups, timed_out())),
+            Ok(_) => line.trim().parse().ok(),
+        };
+        let Some(init_pid) = init_pid else {
+            // Setup failed: the boot process exits with its reason on stderr.
+            let mut msg = String::new();
+            if let Some(err) = stderr.as_mut() {
+                use tokio::io::AsyncReadExt;
+                let _ = tokio::time::timeout_at(deadline, err.read_to_string(&mut msg)).await;
+            }
+            let _ = child.kill().await;
+            let msg = msg.trim();
+            return Err(fail(
+                &cgroups,
+                if msg.is_empty() {
+                    Error::internal("sandbox boot did not report the init pid")
+                } else {
+                    Error::internal(format!("sandbox setup failed: {msg}"))
+                },
+            ));
+        };
+        let Some(init) = Identity::of(init_pid) else {
+            let _ = child.kill().await;
+            return Err(fail(
+                &cgroups,
+                Error::internal("the sandbox init exited right after boot"),
+            ));
+        };
+        let meta = Meta {
             id: spec.id.clone(),
             image: spec.image.clone(),
             created_at: Utc::now(),
@@ -617,12 +649,65 @@ impl Booter {
             init_pid,
             init_start: init.start_time,
             boot_id: init.boot_id,
-            cgroups,
+            cgroups: cgroups.clone(),
             memory_mb: spec.memory_mb,
             net: None,
             id_base,
             token,
-        })
+        };
+        if let Err(e) = std::fs::write(
+            dir.join("meta.json"),
+            serde_json::to_vec(&meta).unwrap_or_default(),
+        ) {
+            let _ = child.kill().await;
+            return Err(fail(
+                &cgroups,
+                Error::internal("recording the sandbox").with_source(e),
+            ));
+        }
+        let committed = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stdin = child
+                .stdin
+                .take()
+                .ok_or_else(|| Error::internal("boot process has no stdin"))?;
+            stdin
+                .write_all(b"commit\n")
+                .await
+                .map_err(|e| Error::internal("committing the sandbox init").with_source(e))?;
+            drop(stdin);
+            let mut msg = String::new();
+            if let Some(err) = stderr.as_mut() {
+                let _ = err.read_to_string(&mut msg).await;
+            }
+            let status = child
+                .wait()
+                .await
+                .map_err(|e| Error::internal("waiting for the boot process").with_source(e))?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(Error::internal(format!(
+                    "committing the sandbox init failed: {}",
+                    msg.trim()
+                )))
+            }
+        };
+        match tokio::time::timeout_at(deadline, committed).await {
+            Ok(Ok(())) => Ok(meta),
+            failed => {
+                // Not committed: the init dies with its boot process.
+                let _ = child.kill().await;
+                let _ = std::fs::remove_file(dir.join("meta.json"));
+                Err(fail(
+                    &cgroups,
+                    match failed {
+                        Ok(Err(e)) => e,
+                        _ => timed_out(),
+                    },
+                ))
+            }
+        }
     }
 }
 
