@@ -183,11 +183,30 @@ fn host_memory_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
-/// Whether `pid` is a live process (zombies count as dead).
+/// CPU (% of one CPU over a 100 ms window) and memory of a sandbox from
+/// its cgroups; the memory limit falls back to the spawn's `memory_mb`.
+pub(crate) async fn cgroup_stats(cgroups: &[PathBuf], memory_mb: i64) -> Stats {
+    let window = Duration::from_millis(100);
+    let first = cgroup::usage(cgroups);
+    tokio::time::sleep(window).await;
+    let second = cgroup::usage(cgroups);
+    let cpu_pct = match (first.cpu_ns, second.cpu_ns) {
+        (Some(a), Some(b)) => (b.saturating_sub(a) as f64) / (window.as_nanos() as f64) * 100.0,
+        _ => 0.0,
+    };
+    Stats {
+        cpu_pct: (cpu_pct * 100.0).round() / 100.0,
+        mem_bytes: second.memory_bytes.unwrap_or(0),
+        mem_limit_bytes: second
+            .memory_limit_bytes
+            .unwrap_or((memory_mb.max(0) as u64) << 20),
+    }
+}
+
 /// Removes a sandbox's state. Directories the sandbox (or overlayfs, whose
 /// `work/work` is mode 000) left unreadable are opened up first: without
 /// CAP_DAC_OVERRIDE (rootless mode) they could not be emptied otherwise.
-fn remove_tree(dir: &Path) -> std::io::Result<()> {
+pub(crate) fn remove_tree(dir: &Path) -> std::io::Result<()> {
     match std::fs::remove_dir_all(dir) {
         Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
             let mut stack = vec![dir.to_path_buf()];
@@ -210,6 +229,7 @@ fn remove_tree(dir: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Whether `pid` is a live process (zombies count as dead).
 fn pid_alive(pid: i32) -> bool {
     if pid <= 0 || nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_err() {
         return false;
@@ -983,21 +1003,7 @@ impl Provider for NativeProvider {
                 "native: stats need cgroups (this server runs rootless without a delegated cgroup)",
             ));
         }
-        let window = Duration::from_millis(100);
-        let first = cgroup::usage(&meta.cgroups);
-        tokio::time::sleep(window).await;
-        let second = cgroup::usage(&meta.cgroups);
-        let cpu_pct = match (first.cpu_ns, second.cpu_ns) {
-            (Some(a), Some(b)) => (b.saturating_sub(a) as f64) / (window.as_nanos() as f64) * 100.0,
-            _ => 0.0,
-        };
-        Ok(Stats {
-            cpu_pct: (cpu_pct * 100.0).round() / 100.0,
-            mem_bytes: second.memory_bytes.unwrap_or(0),
-            mem_limit_bytes: second
-                .memory_limit_bytes
-                .unwrap_or((meta.memory_mb.max(0) as u64) * 1024 * 1024),
-        })
+        Ok(cgroup_stats(&meta.cgroups, meta.memory_mb).await)
     }
 
     async fn logs(&self, id: &str, lines: usize) -> Result<Vec<String>> {

@@ -182,18 +182,7 @@ pub struct ProotProvider {
 
 /// Resolves `proot` like a shell: a path as is, a name through PATH.
 pub fn resolve_binary(name: &str) -> Option<PathBuf> {
-    if name.contains('/') {
-        let p = PathBuf::from(name);
-        return p.is_file().then_some(p);
-    }
-    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
-    for dir in std::env::split_paths(&path) {
-        let c = dir.join(name);
-        if c.is_file() {
-            return Some(c);
-        }
-    }
-    None
+    stacyvm_core::checks::which(name)
 }
 
 fn private_dir(dir: &Path) -> Result<()> {
@@ -302,23 +291,9 @@ fn kill_unrecorded(id: &str) {
     }
 }
 
-/// Removes a tree, opening up directories the sandbox made unreadable.
+/// Removes a sandbox's state (see [`crate::native::remove_tree`]).
 fn remove_tree(dir: &Path) {
-    if std::fs::remove_dir_all(dir).is_ok() {
-        return;
-    }
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let _ = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700));
-        if let Ok(rd) = std::fs::read_dir(&d) {
-            for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(e.path());
-                }
-            }
-        }
-    }
-    if let Err(e) = std::fs::remove_dir_all(dir) {
+    if let Err(e) = crate::native::remove_tree(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             warn!(dir = %dir.display(), error = %e, "removing proot sandbox state failed");
         }
@@ -1132,21 +1107,7 @@ impl Provider for ProotProvider {
                 "proot: stats need cgroups (this server has none it may create)",
             ));
         }
-        let window = Duration::from_millis(100);
-        let first = cgroup::usage(&meta.cgroups);
-        tokio::time::sleep(window).await;
-        let second = cgroup::usage(&meta.cgroups);
-        let cpu_pct = match (first.cpu_ns, second.cpu_ns) {
-            (Some(a), Some(b)) => (b.saturating_sub(a) as f64) / (window.as_nanos() as f64) * 100.0,
-            _ => 0.0,
-        };
-        Ok(Stats {
-            cpu_pct: (cpu_pct * 100.0).round() / 100.0,
-            mem_bytes: second.memory_bytes.unwrap_or(0),
-            mem_limit_bytes: second
-                .memory_limit_bytes
-                .unwrap_or((meta.memory_mb.max(0) as u64) << 20),
-        })
+        Ok(crate::native::cgroup_stats(&meta.cgroups, meta.memory_mb).await)
     }
 
     /// proot's and the agent's stderr (the last `lines` lines; the file
