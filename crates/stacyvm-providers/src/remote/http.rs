@@ -702,6 +702,32 @@ impl CustomProvider {
         [("sandbox_id", id), (key, value)]
     }
 
+    /// `GET /files/<sub>?sandbox_id=&<key>=<value>` as JSON of at most `max` bytes.
+    async fn files_get(
+        &self,
+        op: &str,
+        sub: &str,
+        id: &str,
+        key: &str,
+        value: &str,
+        max: usize,
+    ) -> Result<Value> {
+        let rb = self
+            .request(Method::GET, &["files", sub])
+            .query(&Self::file_query(id, key, value));
+        let resp = self.send(op, Some(id), rb).await?;
+        self.read_json(op, resp, max).await
+    }
+
+    /// A JSON array answer (`null` is empty).
+    fn json_list(&self, op: &str, v: Value) -> Result<Vec<Value>> {
+        match v {
+            Value::Null => Ok(Vec::new()),
+            Value::Array(a) => Ok(a),
+            _ => Err(self.garbage(op, "not a JSON array", b"")),
+        }
+    }
+
     /// `PUT /files/raw` with a streamed body (extension `raw_files`).
     async fn put_raw(&self, id: &str, path: &str, mode: u32, body: reqwest::Body) -> Result<()> {
         let mode = octal(mode);
@@ -1414,16 +1440,10 @@ impl Provider for CustomProvider {
 
     async fn list_files(&self, id: &str, path: &str) -> Result<Vec<FileInfo>> {
         let op = "GET /files/list";
-        let rb = self
-            .request(Method::GET, &["files", "list"])
-            .query(&Self::file_query(id, "path", path));
-        let resp = self.send(op, Some(id), rb).await?;
-        let v = self.read_json(op, resp, MAX_LIST_BYTES).await?;
-        let items = match v {
-            Value::Null => Vec::new(),
-            Value::Array(a) => a,
-            _ => return Err(self.garbage(op, "not a JSON array", b"")),
-        };
+        let v = self
+            .files_get(op, "list", id, "path", path, MAX_LIST_BYTES)
+            .await?;
+        let items = self.json_list(op, v)?;
         let mut out = Vec::with_capacity(items.len());
         for item in &items {
             out.push(decode_file_info(item, path, None).map_err(|e| self.garbage(op, &e, b""))?);
@@ -1464,26 +1484,18 @@ impl Provider for CustomProvider {
 
     async fn stat_file(&self, id: &str, path: &str) -> Result<FileInfo> {
         let op = "GET /files/stat";
-        let rb = self
-            .request(Method::GET, &["files", "stat"])
-            .query(&Self::file_query(id, "path", path));
-        let resp = self.send(op, Some(id), rb).await?;
-        let v = self.read_json(op, resp, MAX_JSON_BYTES).await?;
+        let v = self
+            .files_get(op, "stat", id, "path", path, MAX_JSON_BYTES)
+            .await?;
         decode_file_info(&v, path, Some(path)).map_err(|e| self.garbage(op, &e, b""))
     }
 
     async fn glob_files(&self, id: &str, pattern: &str) -> Result<Vec<String>> {
         let op = "GET /files/glob";
-        let rb = self
-            .request(Method::GET, &["files", "glob"])
-            .query(&Self::file_query(id, "pattern", pattern));
-        let resp = self.send(op, Some(id), rb).await?;
-        let v = self.read_json(op, resp, MAX_LIST_BYTES).await?;
-        let items = match v {
-            Value::Null => Vec::new(),
-            Value::Array(a) => a,
-            _ => return Err(self.garbage(op, "not a JSON array", b"")),
-        };
+        let v = self
+            .files_get(op, "glob", id, "pattern", pattern, MAX_LIST_BYTES)
+            .await?;
+        let items = self.json_list(op, v)?;
         let mut out = Vec::with_capacity(items.len());
         for item in &items {
             let Some(s) = item.as_str() else {
