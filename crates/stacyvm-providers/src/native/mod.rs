@@ -170,6 +170,14 @@ impl Meta {
     }
 }
 
+/// A provider dropped without `shutdown` (tests, a failed start) stops
+/// its pool's refills: a boot still running then ends its own sandbox.
+impl Drop for NativeProvider {
+    fn drop(&mut self) {
+        self.pool.stop_refills();
+    }
+}
+
 pub use crate::agent::find_agent;
 
 fn host_memory_bytes() -> u64 {

@@ -53,6 +53,11 @@ impl Pool {
         }
     }
 
+    /// Stops refills; boots in flight tear themselves down when they end.
+    pub fn stop_refills(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+    }
+
     /// Stops the pool and tears down every sandbox it holds, waiting (at
     /// most `wait`) for boots in flight. Pool sandboxes hold no user state:
     /// none may outlive the server that booted them.
@@ -114,7 +119,7 @@ impl Pool {
             let pool = self.clone();
             let booter = booter.clone();
             rt.spawn(async move {
-                match boot_one(&booter).await {
+                match boot_one(&booter, &pool.closed).await {
                     Ok(w) if pool.closed.load(Ordering::SeqCst) => {
                         let dir = booter.opts.state_dir.join("sandboxes").join(&w.meta.id);
                         teardown_state(dir, Some(w.meta), booter.bridge.clone()).await;
@@ -134,7 +139,7 @@ impl Pool {
     }
 }
 
-async fn boot_one(booter: &Booter) -> Result<Warm> {
+async fn boot_one(booter: &Booter, closed: &std::sync::atomic::AtomicBool) -> Result<Warm> {
     let id = format!("{PREFIX}{:08x}", rand::random::<u32>());
     let spec = SpawnSpec {
         id: id.clone(),
@@ -156,6 +161,12 @@ async fn boot_one(booter: &Booter) -> Result<Warm> {
             return Err(e);
         }
     };
+    // The provider went away while this boot ran: nobody will claim or
+    // tear down this sandbox (its init is killed before the first await).
+    if closed.load(Ordering::SeqCst) {
+        teardown_state(dir, Some(meta), booter.bridge.clone()).await;
+        return Err(Error::unavailable("the warm pool was closed during a boot"));
+    }
     let ready = std::fs::write(
         dir.join("meta.json"),
         serde_json::to_vec(&meta).unwrap_or_default(),
