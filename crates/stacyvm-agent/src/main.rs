@@ -11,6 +11,10 @@
 //!   stacyvm-agent relay --socket PATH  copy stdin/stdout to and from an
 //!                                      agent socket (for runtimes whose
 //!                                      sockets the host cannot reach, e.g. gVisor)
+//!   stacyvm-agent guest                as /init of a microVM's initramfs: mount,
+//!                                      load modules, serve on the virtio-serial
+//!                                      port (also when run as PID 1 with no
+//!                                      arguments, as the kernel runs /init)
 //!   stacyvm-agent version
 
 #![allow(clippy::print_stdout)]
@@ -26,6 +30,7 @@ pub fn spawn_thread<F: FnOnce() + Send + 'static>(f: F) -> std::io::Result<()> {
         .map(|_| ())
 }
 mod files;
+mod guest;
 mod server;
 
 use std::os::unix::net::UnixListener;
@@ -33,7 +38,7 @@ use std::process::ExitCode;
 
 use stacyvm_sandbox::{BootSpec, Booted};
 
-const USAGE: &str = "usage: stacyvm-agent boot --spec FILE | serve (--socket PATH | --listen-fd 3) [--token-file FILE] | proot --spec FILE | relay --socket PATH | version";
+const USAGE: &str = "usage: stacyvm-agent boot --spec FILE | serve (--socket PATH | --listen-fd 3) [--token-file FILE] | proot --spec FILE | relay --socket PATH | guest | version";
 
 /// Reads the handshake token from `path` and removes the file, so nothing
 /// started later in the sandbox can read it.
@@ -59,6 +64,9 @@ fn take_token_file(path: &str) -> Result<Vec<u8>, String> {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.is_empty() && std::process::id() == 1 {
+        return guest::run();
+    }
     match args
         .iter()
         .map(String::as_str)
@@ -118,6 +126,7 @@ fn main() -> ExitCode {
             }
         }
         ["relay", "--socket", path] => relay(path),
+        ["guest"] => guest::run(),
         ["version"] | ["--version"] => {
             println!(
                 "stacyvm-agent {} (protocol {})",

@@ -2,7 +2,7 @@
 //! window, signal and upload frames to the request they belong to.
 
 use std::collections::HashMap;
-use std::io::{BufReader, Write};
+use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -29,7 +29,7 @@ const CREDIT_WAIT: Duration = Duration::from_secs(120);
 
 /// One host connection.
 pub struct Conn {
-    writer: Mutex<UnixStream>,
+    writer: Mutex<Box<dyn Write + Send>>,
     execs: Mutex<HashMap<u32, Arc<ExecHandle>>>,
     uploads: Mutex<HashMap<u32, mpsc::Sender<Vec<u8>>>>,
     /// Streamed reads in flight: their credit (and cancellation).
@@ -139,8 +139,21 @@ fn handle(stream: UnixStream, reaper: Arc<Reaper>, pid1: bool) {
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
+    handle_stream(stream, Box::new(write_half), &reaper, pid1);
+}
+
+/// Serves one host connection on `read` (and `write`, the same stream's
+/// other half) until the host closes it: a unix socket, or a microVM's
+/// virtio-serial port.
+pub fn handle_stream<R: Read>(
+    read: R,
+    write: Box<dyn Write + Send>,
+    reaper: &Arc<Reaper>,
+    pid1: bool,
+) {
+    let stream = read;
     let conn = Arc::new(Conn {
-        writer: Mutex::new(write_half),
+        writer: Mutex::new(write),
         execs: Mutex::new(HashMap::new()),
         uploads: Mutex::new(HashMap::new()),
         reads: Mutex::new(HashMap::new()),
@@ -176,7 +189,7 @@ fn handle(stream: UnixStream, reaper: Arc<Reaper>, pid1: bool) {
             Ok(Some(f)) => f,
             Ok(None) | Err(_) => return,
         };
-        dispatch(frame, &conn, &reaper, pid1);
+        dispatch(frame, &conn, reaper, pid1);
     }
 }
 
@@ -475,6 +488,11 @@ fn simple(id: u32, req: Request, conn: &Arc<Conn>, pid1: bool) {
                     nix::unistd::Pid::from_raw(-1),
                     nix::sys::signal::Signal::SIGKILL,
                 );
+                if crate::guest::is_guest() {
+                    // A microVM's init must not exit (the kernel panics):
+                    // it powers the machine off.
+                    crate::guest::power_off();
+                }
                 std::process::exit(0);
             }
             return;

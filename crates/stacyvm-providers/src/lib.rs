@@ -10,6 +10,8 @@ pub mod conformance;
 pub mod docker;
 pub mod hostfs;
 pub mod image;
+#[cfg(feature = "microvm")]
+pub mod microvm;
 #[cfg(feature = "mock")]
 pub mod mock;
 pub mod native;

@@ -1,0 +1,215 @@
+//! Guest mode: the agent as `/init` of a microVM's initramfs.
+//!
+//! The kernel runs `/init` as PID 1 with no arguments. The agent then
+//! - mounts `/proc`, `/sys` and `/dev` (devtmpfs),
+//! - loads the kernel modules listed in `/lib/modules/load` (one `.ko` file
+//!   name per line, in dependency order; the host writes the list when it
+//!   builds the initramfs, see `stacyvm-providers` `microvm::kernel`),
+//! - sets the hostname from `stacyvm.hostname=` on the kernel command line,
+//! - takes the handshake token from `stacyvm.token=` (hex) on the kernel
+//!   command line,
+//! - serves the agent protocol on the virtio-serial port named
+//!   `org.stacyvm.agent` (found under `/sys/class/virtio-ports`), one host
+//!   connection after another, and reaps every child as PID 1.
+//!
+//! The token on the command line is readable by every process of the guest
+//! (`/proc/cmdline`). It proves to the host that the answering agent is the
+//! one it booted; guest processes cannot answer in its place because a
+//! virtio-serial port can be opened only once and the agent holds it.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+
+use crate::exec::Reaper;
+
+/// The name of the agent's virtio-serial port (`virtserialport,name=…`).
+pub const PORT_NAME: &str = "org.stacyvm.agent";
+
+static GUEST: AtomicBool = AtomicBool::new(false);
+
+/// Whether this agent is the init of a microVM.
+pub fn is_guest() -> bool {
+    GUEST.load(Ordering::Relaxed)
+}
+
+/// Syncs and powers the machine off; never returns.
+pub fn power_off() -> ! {
+    nix::unistd::sync();
+    let _ = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_POWER_OFF);
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Boots the guest and serves the host; returns only on a setup failure
+/// (and then PID 1 powers off rather than exit, which would panic the kernel).
+pub fn run() -> ExitCode {
+    GUEST.store(true, Ordering::Relaxed);
+    if let Err(e) = setup() {
+        eprintln!("stacyvm-agent: guest setup failed: {e}");
+        power_off();
+    }
+    let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some(name) = cmdline_value(&cmdline, "stacyvm.hostname") {
+        if let Err(e) = nix::unistd::sethostname(name) {
+            eprintln!("stacyvm-agent: setting the hostname: {e}");
+        }
+    }
+    if let Some(token) = cmdline_value(&cmdline, "stacyvm.token") {
+        match hex::decode(token) {
+            Ok(t) if !t.is_empty() => crate::server::set_token(t),
+            _ => eprintln!("stacyvm-agent: stacyvm.token is not hex"),
+        }
+    }
+    let port = match wait_for_port(PORT_NAME, Duration::from_secs(30)) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("stacyvm-agent: {e}");
+            power_off();
+        }
+    };
+    serve_port(&port);
+    power_off();
+}
+
+fn setup() -> Result<(), String> {
+    for (what, dir, fstype, flags) in [
+        ("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
+        ("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
+        ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID),
+        ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
+    ] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {dir}: {e}"))?;
+        match mount(Some(what), dir, Some(fstype), flags, None::<&str>) {
+            // The kernel may have mounted devtmpfs itself (DEVTMPFS_MOUNT).
+            Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
+            Err(e) => return Err(format!("mounting {fstype} on {dir}: {e}")),
+        }
+    }
+    let _ = std::fs::create_dir_all("/workspace");
+    load_modules(Path::new("/lib/modules"))
+}
+
+/// Loads the modules named in `dir/load`, in order. A module already
+/// present (built in, or loaded twice) is not an error.
+fn load_modules(dir: &Path) -> Result<(), String> {
+    let list = match std::fs::read_to_string(dir.join("load")) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("reading {}/load: {e}", dir.display())),
+    };
+    let no_params = CString::default();
+    for name in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = dir.join(name);
+        let f = File::open(&path).map_err(|e| format!("opening {}: {e}", path.display()))?;
+        match nix::kmod::finit_module(&f, &no_params, nix::kmod::ModuleInitFlags::empty()) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(format!("loading {}: {e}", path.display())),
+        }
+    }
+    Ok(())
+}
+
+/// The value of `key=value` on a kernel command line.
+fn cmdline_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    cmdline
+        .split_ascii_whitespace()
+        .find_map(|w| w.strip_prefix(key).and_then(|r| r.strip_prefix('=')))
+}
+
+/// Finds the device of the virtio-serial port called `name`, waiting for
+/// the driver to probe it and devtmpfs to create the node.
+fn wait_for_port(name: &str, timeout: Duration) -> Result<PathBuf, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(entries) = std::fs::read_dir("/sys/class/virtio-ports") {
+            for e in entries.flatten() {
+                let Ok(n) = std::fs::read_to_string(e.path().join("name")) else {
+                    continue;
+                };
+                if n.trim() == name {
+                    let dev = Path::new("/dev").join(e.file_name());
+                    if std::fs::metadata(&dev).is_ok() {
+                        return Ok(dev);
+                    }
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no virtio-serial port named {name}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Serves one host connection after another on the port. While no host is
+/// connected a read of the port returns end-of-file at once (and `poll`
+/// reports a hang-up), so the agent retries every 10 ms.
+fn serve_port(port: &Path) {
+    stacyvm_sandbox::tune_allocator(2 << 20, 4 << 20);
+    let reaper = Arc::new(Reaper::default());
+    {
+        let r = reaper.clone();
+        if crate::spawn_thread(move || r.run()).is_err() {
+            eprintln!("stacyvm-agent: cannot start the reaper thread");
+            return;
+        }
+    }
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(port)
+    {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("stacyvm-agent: opening {}: {e}", port.display());
+            return;
+        }
+    };
+    eprintln!(
+        "stacyvm-agent {} ready (guest, port {})",
+        env!("CARGO_PKG_VERSION"),
+        port.display()
+    );
+    loop {
+        let Ok(write) = file.try_clone() else {
+            return;
+        };
+        crate::server::handle_stream(&file, Box::new(write), &reaper, true);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_values() {
+        let c = "console=hvc0 quiet stacyvm.hostname=sb-1 stacyvm.token=abcd\n";
+        assert_eq!(cmdline_value(c, "stacyvm.hostname"), Some("sb-1"));
+        assert_eq!(cmdline_value(c, "stacyvm.token"), Some("abcd"));
+        assert_eq!(cmdline_value(c, "stacyvm.host"), None);
+        assert_eq!(cmdline_value(c, "quiet"), None);
+    }
+
+    #[test]
+    fn a_missing_module_list_loads_nothing() {
+        let d = tempfile_dir();
+        assert_eq!(load_modules(&d), Ok(()));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    fn tempfile_dir() -> PathBuf {
+        let d = std::env::temp_dir().join(format!("stacyvm-guest-test-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+}
