@@ -81,10 +81,25 @@ pub fn run() -> ExitCode {
 
 fn setup() -> Result<(), String> {
     for (what, dir, fstype, flags) in [
-        ("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
-        ("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
+        (
+            "proc",
+            "/proc",
+            "proc",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        ),
+        (
+            "sysfs",
+            "/sys",
+            "sysfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        ),
         ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID),
-        ("tmpfs", "/tmp", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
+        (
+            "tmpfs",
+            "/tmp",
+            "tmpfs",
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        ),
     ] {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {dir}: {e}"))?;
         match mount(Some(what), dir, Some(fstype), flags, None::<&str>) {

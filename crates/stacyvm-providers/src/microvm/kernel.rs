@@ -97,7 +97,8 @@ pub fn fetch_deb(cache: &Path, package: &str) -> Result<PathBuf> {
             found = Some(e.path());
         }
     }
-    let deb = found.ok_or_else(|| Error::internal(format!("apt-get download {package}: no .deb")))?;
+    let deb =
+        found.ok_or_else(|| Error::internal(format!("apt-get download {package}: no .deb")))?;
     let sum = sha256_file(&deb)?;
     let dest = debs.join(format!("{sum}.deb"));
     std::fs::rename(&deb, &dest).map_err(|e| io_err("moving", &deb, &e))?;
@@ -195,7 +196,16 @@ pub fn build_initramfs(
     let file = std::fs::File::create(out).map_err(|e| io_err("creating", out, &e))?;
     let mut w = CpioWriter::new(io::BufWriter::new(file));
     let werr = |e: io::Error| io_err("writing", out, &e);
-    for d in ["dev", "proc", "sys", "tmp", "bin", "lib", "lib/modules", "workspace"] {
+    for d in [
+        "dev",
+        "proc",
+        "sys",
+        "tmp",
+        "bin",
+        "lib",
+        "lib/modules",
+        "workspace",
+    ] {
         w.dir(d, 0o755).map_err(werr)?;
     }
     w.char_dev("dev/console", 0o600, 5, 1).map_err(werr)?;
@@ -316,7 +326,7 @@ mod tests {
         assert_eq!(field(&out, 1), S_IFREG | 0o755);
         assert_eq!(field(&out, 6), 5); // filesize
         assert_eq!(field(&out, 11), 5); // namesize with NUL
-        // 110-byte header + "init\0" = 115, padded to 116; data at 116.
+                                        // 110-byte header + "init\0" = 115, padded to 116; data at 116.
         assert_eq!(&out[110..115], b"init\0");
         assert_eq!(&out[116..121], b"hello");
         // data padded to 124, then the trailer.

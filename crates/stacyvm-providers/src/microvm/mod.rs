@@ -17,3 +17,10 @@ mod tests;
 
 /// The name of the agent's virtio-serial port.
 pub const AGENT_PORT: &str = "org.stacyvm.agent";
+
+/// Kernel command line of every guest (before the `stacyvm.*` values).
+/// Under TCG on a loaded host the kernel hangs calibrating its TSC and
+/// delay loop (no PIT, HPET or PM timer reference on `microvm`): giving it
+/// the TSC frequency and loops-per-jiffy skips both. `panic=-1` with QEMU's
+/// `-no-reboot` turns a guest panic into a QEMU exit.
+pub const KERNEL_ARGS: &str = "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 lpj=4000000";

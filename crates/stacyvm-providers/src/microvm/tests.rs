@@ -43,7 +43,10 @@ impl Drop for Vm {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn microvm_boots_and_runs_echo_through_the_agent() {
-    let agent = env_path("STACYVM_AGENT_PATH", "/var/cache/stacyvm/agent/stacyvm-agent");
+    let agent = env_path(
+        "STACYVM_AGENT_PATH",
+        "/var/cache/stacyvm/agent/stacyvm-agent",
+    );
     assert!(
         agent.is_file(),
         "static agent {} missing: run `scripts/build-agent /var/cache/stacyvm/agent`",
@@ -62,7 +65,8 @@ async fn microvm_boots_and_runs_echo_through_the_agent() {
     let console = dir.path().join("console.log");
     let token: [u8; 16] = rand::random();
     let append = format!(
-        "console=ttyS0 quiet panic=-1 stacyvm.hostname=microvm-test stacyvm.token={}",
+        "{} stacyvm.hostname=microvm-test stacyvm.token={}",
+        super::KERNEL_ARGS,
         hex::encode(token)
     );
 
