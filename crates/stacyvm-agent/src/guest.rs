@@ -224,7 +224,7 @@ mod tests {
 
     fn tempfile_dir() -> PathBuf {
         let d = std::env::temp_dir().join(format!("stacyvm-guest-test-{}", std::process::id()));
-        std::fs::create_dir_all(&d).unwrap();
+        std::fs::create_dir_all(&d).expect("test step");
         d
     }
 }

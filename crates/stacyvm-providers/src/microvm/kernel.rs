@@ -78,9 +78,18 @@ fn parse_depends(out: &str) -> Option<String> {
 
 /// Downloads `package` with `apt-get download` (no install, nothing
 /// touches `/boot`) into `cache/debs/<sha256>.deb` and returns that path.
+/// `cache/debs/<package>.sha256` remembers the download: a versioned
+/// package name names one build, so it is fetched once.
 pub fn fetch_deb(cache: &Path, package: &str) -> Result<PathBuf> {
     let debs = cache.join("debs");
     std::fs::create_dir_all(&debs).map_err(|e| io_err("creating", &debs, &e))?;
+    let index = debs.join(format!("{package}.sha256"));
+    if let Ok(sum) = std::fs::read_to_string(&index) {
+        let deb = debs.join(format!("{}.deb", sum.trim()));
+        if sum.trim().len() == 64 && sha256_file(&deb).ok().as_deref() == Some(sum.trim()) {
+            return Ok(deb);
+        }
+    }
     let tmp = tempfile::Builder::new()
         .prefix(".download-")
         .tempdir_in(&debs)
@@ -102,6 +111,9 @@ pub fn fetch_deb(cache: &Path, package: &str) -> Result<PathBuf> {
     let sum = sha256_file(&deb)?;
     let dest = debs.join(format!("{sum}.deb"));
     std::fs::rename(&deb, &dest).map_err(|e| io_err("moving", &deb, &e))?;
+    let tmp_index = tmp.path().join("index");
+    std::fs::write(&tmp_index, &sum).map_err(|e| io_err("writing", &tmp_index, &e))?;
+    std::fs::rename(&tmp_index, &index).map_err(|e| io_err("writing", &index, &e))?;
     Ok(dest)
 }
 
@@ -313,15 +325,15 @@ mod tests {
     use super::*;
 
     fn field(h: &[u8], i: usize) -> u32 {
-        let s = std::str::from_utf8(&h[6 + 8 * i..14 + 8 * i]).unwrap();
-        u32::from_str_radix(s, 16).unwrap()
+        let s = std::str::from_utf8(&h[6 + 8 * i..14 + 8 * i]).expect("test step");
+        u32::from_str_radix(s, 16).expect("test step")
     }
 
     #[test]
     fn newc_entry_layout() {
         let mut w = CpioWriter::new(Vec::new());
-        w.file("init", 0o755, b"hello").unwrap();
-        let out = w.finish().unwrap();
+        w.file("init", 0o755, b"hello").expect("test step");
+        let out = w.finish().expect("test step");
         assert_eq!(&out[..6], b"070701");
         assert_eq!(field(&out, 1), S_IFREG | 0o755);
         assert_eq!(field(&out, 6), 5); // filesize
@@ -338,14 +350,14 @@ mod tests {
     #[test]
     fn devices_and_symlinks() {
         let mut w = CpioWriter::new(Vec::new());
-        w.char_dev("dev/console", 0o600, 5, 1).unwrap();
-        let dev = w.finish().unwrap();
+        w.char_dev("dev/console", 0o600, 5, 1).expect("test step");
+        let dev = w.finish().expect("test step");
         assert_eq!(field(&dev, 1), S_IFCHR | 0o600);
         assert_eq!((field(&dev, 9), field(&dev, 10)), (5, 1));
 
         let mut w = CpioWriter::new(Vec::new());
-        w.symlink("bin/sh", "busybox").unwrap();
-        let link = w.finish().unwrap();
+        w.symlink("bin/sh", "busybox").expect("test step");
+        let link = w.finish().expect("test step");
         assert_eq!(field(&link, 1), S_IFLNK | 0o777);
         assert_eq!(field(&link, 6), 7);
     }
@@ -360,18 +372,23 @@ mod tests {
             return;
         }
         let mut w = CpioWriter::new(Vec::new());
-        w.dir("bin", 0o755).unwrap();
-        w.file("bin/a", 0o644, b"abc").unwrap();
-        w.symlink("bin/b", "a").unwrap();
-        let bytes = w.finish().unwrap();
+        w.dir("bin", 0o755).expect("test step");
+        w.file("bin/a", 0o644, b"abc").expect("test step");
+        w.symlink("bin/b", "a").expect("test step");
+        let bytes = w.finish().expect("test step");
         let mut child = Command::new("cpio")
             .args(["-t", "--quiet"])
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(&bytes).unwrap();
-        let out = child.wait_with_output().unwrap();
+            .expect("test step");
+        child
+            .stdin
+            .take()
+            .expect("test step")
+            .write_all(&bytes)
+            .expect("test step");
+        let out = child.wait_with_output().expect("test step");
         assert!(out.status.success());
         assert_eq!(String::from_utf8_lossy(&out.stdout), "bin\nbin/a\nbin/b\n");
     }
