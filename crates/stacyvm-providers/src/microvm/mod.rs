@@ -1,6 +1,7 @@
 //! MicroVM sandboxes (issue 11), groundwork: the guest kernel and
-//! initramfs ([`kernel`]) and a boot test that reaches the agent over
-//! virtio-serial. No `Provider` yet.
+//! initramfs ([`kernel`]), one QEMU VM's lifecycle ([`qemu::QemuVm`]: boot
+//! to agent handshake, status, destroy) and a boot test that runs a
+//! command through the agent over virtio-serial. No `Provider` yet.
 //!
 //! The guest: QEMU `-M microvm -accel tcg -cpu max` (stock guests hang
 //! under KVM on the hosts measured so far), Debian's cloud kernel, and an
@@ -11,6 +12,7 @@
 //! (`stacyvm.token=<hex>`), the hostname likewise (`stacyvm.hostname=`).
 
 pub mod kernel;
+pub mod qemu;
 
 #[cfg(test)]
 mod tests;
