@@ -5,6 +5,10 @@
 //! - loads the kernel modules listed in `/lib/modules/load` (one `.ko` file
 //!   name per line, in dependency order; the host writes the list when it
 //!   builds the initramfs, see `stacyvm-providers` `microvm::kernel`),
+//! - with `stacyvm.root=<dev>` (e.g. `vda`) on the kernel command line,
+//!   mounts that ext4 disk as the new root and moves into it (the
+//!   initramfs stays behind, unreachable), then mounts `/tmp`, `/run`,
+//!   `/dev/shm` (tmpfs) and `/dev/pts` (for ptys) in it,
 //! - sets the hostname from `stacyvm.hostname=` on the kernel command line,
 //! - takes the handshake token from `stacyvm.token=` (hex) on the kernel
 //!   command line,
@@ -57,6 +61,16 @@ pub fn run() -> ExitCode {
         power_off();
     }
     let cmdline = std::fs::read_to_string("/proc/cmdline").unwrap_or_default();
+    if let Some(dev) = cmdline_value(&cmdline, "stacyvm.root") {
+        if let Err(e) = switch_root(dev) {
+            eprintln!("stacyvm-agent: guest root: {e}");
+            power_off();
+        }
+    }
+    if let Err(e) = mount_runtime_dirs() {
+        eprintln!("stacyvm-agent: guest setup failed: {e}");
+        power_off();
+    }
     if let Some(name) = cmdline_value(&cmdline, "stacyvm.hostname") {
         if let Err(e) = nix::unistd::sethostname(name) {
             eprintln!("stacyvm-agent: setting the hostname: {e}");
@@ -94,12 +108,6 @@ fn setup() -> Result<(), String> {
             MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
         ),
         ("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID),
-        (
-            "tmpfs",
-            "/tmp",
-            "tmpfs",
-            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
-        ),
     ] {
         std::fs::create_dir_all(dir).map_err(|e| format!("creating {dir}: {e}"))?;
         match mount(Some(what), dir, Some(fstype), flags, None::<&str>) {
@@ -108,8 +116,95 @@ fn setup() -> Result<(), String> {
             Err(e) => return Err(format!("mounting {fstype} on {dir}: {e}")),
         }
     }
-    let _ = std::fs::create_dir_all("/workspace");
     load_modules(Path::new("/lib/modules"))
+}
+
+/// Mounts `/dev/<dev>` (ext4) and makes it `/`, moving `/proc`, `/sys`
+/// and `/dev` along (what `switch_root` does; the initramfs is not freed,
+/// it is small).
+fn switch_root(dev: &str) -> Result<(), String> {
+    if dev.is_empty() || dev.contains('/') || dev.starts_with('.') {
+        return Err(format!("bad stacyvm.root device {dev:?}"));
+    }
+    let dev = Path::new("/dev").join(dev);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&dev).is_err() {
+        if Instant::now() >= deadline {
+            return Err(format!("{} did not appear", dev.display()));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let new = Path::new("/newroot");
+    std::fs::create_dir_all(new).map_err(|e| format!("creating /newroot: {e}"))?;
+    mount(
+        Some(&dev),
+        new,
+        Some("ext4"),
+        MsFlags::MS_NOATIME,
+        None::<&str>,
+    )
+    .map_err(|e| format!("mounting {} (ext4): {e}", dev.display()))?;
+    for d in ["proc", "sys", "dev"] {
+        let target = new.join(d);
+        std::fs::create_dir_all(&target).map_err(|e| format!("creating /{d} in the root: {e}"))?;
+        mount(
+            Some(Path::new("/").join(d).as_path()),
+            &target,
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        )
+        .map_err(|e| format!("moving /{d} into the root: {e}"))?;
+    }
+    std::env::set_current_dir(new).map_err(|e| format!("entering the root: {e}"))?;
+    mount(
+        Some("."),
+        "/",
+        None::<&str>,
+        MsFlags::MS_MOVE,
+        None::<&str>,
+    )
+    .map_err(|e| format!("moving the root to /: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("entering /: {e}"))
+}
+
+/// The guest's scratch filesystems (after any root switch): `/tmp`,
+/// `/run` and `/dev/shm` as tmpfs, `/dev/pts` for ptys, `/workspace`.
+fn mount_runtime_dirs() -> Result<(), String> {
+    let nosuid = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    for (what, dir, fstype, flags, data) in [
+        ("tmpfs", "/tmp", "tmpfs", nosuid, Some("mode=1777")),
+        ("tmpfs", "/run", "tmpfs", nosuid, Some("mode=755")),
+        ("tmpfs", "/dev/shm", "tmpfs", nosuid, Some("mode=1777")),
+        (
+            "devpts",
+            "/dev/pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            Some("newinstance,ptmxmode=0666,mode=620"),
+        ),
+    ] {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {dir}: {e}"))?;
+        match mount(Some(what), dir, Some(fstype), flags, data) {
+            Ok(()) | Err(nix::errno::Errno::EBUSY) => {}
+            Err(e) => return Err(format!("mounting {fstype} on {dir}: {e}")),
+        }
+    }
+    // devtmpfs has its own ptmx node; ptys must come from /dev/pts.
+    let _ = std::fs::remove_file("/dev/ptmx");
+    let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    for (link, target) in [
+        ("/dev/fd", "/proc/self/fd"),
+        ("/dev/stdin", "/proc/self/fd/0"),
+        ("/dev/stdout", "/proc/self/fd/1"),
+        ("/dev/stderr", "/proc/self/fd/2"),
+    ] {
+        if std::fs::symlink_metadata(link).is_err() {
+            let _ = std::os::unix::fs::symlink(target, link);
+        }
+    }
+    std::fs::create_dir_all("/workspace").map_err(|e| format!("creating /workspace: {e}"))
 }
 
 /// Loads the modules named in `dir/load`, in order. A module already

@@ -192,6 +192,7 @@ pub struct ProvidersConfig {
     pub mock: MockConfig,
     pub native: NativeConfig,
     pub firecracker: FirecrackerConfig,
+    pub qemu: QemuConfig,
     pub docker: DockerConfig,
     pub e2b: E2bConfig,
     pub custom: CustomConfig,
@@ -240,6 +241,64 @@ pub struct NativeConfig {
     /// MiB the data filesystem keeps free: below it the largest sandbox is
     /// ended. 0 = no floor.
     pub disk_min_free_mb: i64,
+}
+
+/// The `qemu` provider: QEMU `microvm` machines with their own guest kernel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct QemuConfig {
+    pub enabled: bool,
+    /// `qemu-system-x86_64` (a name looked up in PATH, or a path).
+    pub qemu_binary: String,
+    /// `auto` (KVM when a guest boots with it, else TCG), `kvm` or `tcg`.
+    pub accel: String,
+    /// Debian package of the guest kernel (downloaded with apt once).
+    pub kernel_package: String,
+    /// Kernels, initramfs and root disks (empty = `<data_dir>/microvm`).
+    pub cache_dir: String,
+    /// Image used when a spawn names none or `host` (which a microVM
+    /// cannot show); empty = such spawns are refused.
+    pub default_image: String,
+    pub max_sandboxes: i64,
+    /// Largest `memory_mb` a spawn may ask for (0 = no cap).
+    pub max_memory_mb: i64,
+    pub max_vcpus: i64,
+    /// MiB free in each sandbox's root disk.
+    pub disk_mb: i64,
+    /// QEMU start to the guest agent's answer.
+    pub boot_timeout: Dur,
+    /// Hard cap of every exec.
+    pub default_timeout: Dur,
+}
+
+impl QemuConfig {
+    /// `cache_dir`, or its default under `data_dir`.
+    pub fn cache_in(&self, data_dir: &str) -> std::path::PathBuf {
+        if self.cache_dir.is_empty() {
+            std::path::Path::new(data_dir).join("microvm")
+        } else {
+            self.cache_dir.clone().into()
+        }
+    }
+}
+
+impl Default for QemuConfig {
+    fn default() -> Self {
+        QemuConfig {
+            enabled: false,
+            qemu_binary: "qemu-system-x86_64".into(),
+            accel: "auto".into(),
+            kernel_package: "linux-image-cloud-amd64".into(),
+            cache_dir: String::new(),
+            default_image: String::new(),
+            max_sandboxes: 20,
+            max_memory_mb: 4096,
+            max_vcpus: 4,
+            disk_mb: 2048,
+            boot_timeout: Dur::secs(60),
+            default_timeout: Dur::secs(300),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -522,6 +581,7 @@ impl Default for ProvidersConfig {
             mock: MockConfig::default(),
             native: NativeConfig::default(),
             firecracker: FirecrackerConfig::default(),
+            qemu: QemuConfig::default(),
             docker: DockerConfig::default(),
             e2b: E2bConfig::default(),
             custom: CustomConfig::default(),

@@ -53,6 +53,8 @@ pub fn modules() -> Vec<&'static dyn ProviderModule> {
         &crate::docker::setup::DockerModule,
         #[cfg(feature = "proot")]
         &crate::proot::setup::ProotModule,
+        #[cfg(feature = "microvm")]
+        &crate::microvm::setup::QemuModule,
         #[cfg(feature = "custom")]
         &crate::remote::setup::CustomModule,
         #[cfg(feature = "mock")]

@@ -179,6 +179,18 @@ pub async fn run(config_path: Option<PathBuf>, cmd: ImageCommand) -> Result<()> 
                 println!("{t}");
             }
         }
+        ImageCommand::Kernel => {
+            eprintln!("installing the microVM guest kernel (apt-get download, once) …");
+            let (k, initrd) = tokio::task::spawn_blocking(move || {
+                stacyvm_providers::microvm::setup::install(&cfg)
+            })
+            .await??;
+            println!("kernel     {}", k.vmlinuz.display());
+            for m in &k.modules {
+                println!("module     {}", m.display());
+            }
+            println!("initramfs  {}", initrd.display());
+        }
         ImageCommand::Rm { image } => {
             let rec = store.remove(&image)?;
             eprintln!("removed {} ({})", rec.names.join(", "), rec.id);

@@ -8,8 +8,9 @@
 //! Cache layout (content-addressed by the sha256 of the `.deb`):
 //! ```text
 //! CACHE/debs/<sha256>.deb
-//! CACHE/kernels/<sha256>/vmlinuz
-//! CACHE/kernels/<sha256>/modules/<name>.ko
+//! CACHE/kernels/<sha256>-<module set>/vmlinuz
+//! CACHE/kernels/<sha256>-<module set>/modules/<name>.ko
+//! CACHE/initramfs/<sha256 of kernel, modules and agent>.cpio
 //! ```
 //! A kernel directory appears by rename once complete, so a half-written
 //! one is never used.
@@ -31,6 +32,7 @@ pub const MODULES: &[&str] = &[
     "drivers/virtio/virtio.ko",
     "drivers/virtio/virtio_mmio.ko",
     "drivers/char/virtio_console.ko",
+    "drivers/char/hw_random/virtio-rng.ko",
     "drivers/block/virtio_blk.ko",
 ];
 
@@ -129,7 +131,9 @@ fn sha256_file(p: &Path) -> Result<String> {
 pub fn unpack(cache: &Path, deb: &Path) -> Result<Kernel> {
     let sum = sha256_file(deb)?;
     let kernels = cache.join("kernels");
-    let dir = kernels.join(&sum);
+    // The module set is part of the key: a new list unpacks again.
+    let set = hex::encode(&Sha256::digest(MODULES.join("\n").as_bytes())[..4]);
+    let dir = kernels.join(format!("{sum}-{set}"));
     let kernel = Kernel {
         vmlinuz: dir.join("vmlinuz"),
         modules: MODULES
@@ -150,7 +154,12 @@ pub fn unpack(cache: &Path, deb: &Path) -> Result<Kernel> {
     let out = tmp.path().join("out");
     let out_modules = out.join("modules");
     std::fs::create_dir_all(&out_modules).map_err(|e| io_err("creating", &out_modules, &e))?;
-    let image = find_one(&x.join("boot"), "vmlinuz-")?;
+    let image = find_one(&x.join("boot"), "vmlinuz-").map_err(|_| {
+        Error::invalid(format!(
+            "{} holds no kernel image (boot/vmlinuz-*): is it a linux-image package?",
+            deb.display()
+        ))
+    })?;
     copy(&image, &out.join("vmlinuz"))?;
     let version = image
         .file_name()
@@ -192,6 +201,87 @@ fn find_one(dir: &Path, prefix: &str) -> Result<PathBuf> {
         "no {prefix}* in {}",
         dir.display()
     )))
+}
+
+/// The kernel of `package` (a metapackage is resolved to the versioned
+/// one), downloaded and unpacked into `cache` once.
+pub fn install(cache: &Path, package: &str) -> Result<Kernel> {
+    // `linux-image-6.1.0-56-cloud-amd64` names one build; anything else
+    // (`linux-image-cloud-amd64`) is a metapackage apt resolves.
+    let versioned = package
+        .strip_prefix("linux-image-")
+        .is_some_and(|v| v.starts_with(|c: char| c.is_ascii_digit()));
+    let versioned = if versioned {
+        package.to_string()
+    } else {
+        match resolve_package(package) {
+            Ok(p) => p,
+            // Offline: use what an earlier run downloaded.
+            Err(e) => match cached_any(cache) {
+                Some(k) => return Ok(k),
+                None => return Err(Error::unavailable(format!(
+                    "the guest kernel is not installed and {e}; run `stacyvm microvm setup` where apt can reach Debian"
+                ))),
+            },
+        }
+    };
+    let deb = fetch_deb(cache, &versioned)?;
+    unpack(cache, &deb)
+}
+
+/// Any kernel already unpacked in `cache` (the newest).
+pub fn cached_any(cache: &Path) -> Option<Kernel> {
+    let rd = std::fs::read_dir(cache.join("kernels")).ok()?;
+    let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let complete = e.path().join("vmlinuz").is_file()
+            && MODULES
+                .iter()
+                .all(|m| e.path().join("modules").join(module_file(m)).is_file());
+        if name.starts_with('.') || !complete {
+            continue;
+        }
+        let t = e.metadata().and_then(|m| m.modified()).ok()?;
+        if best.as_ref().is_none_or(|(bt, _)| t > *bt) {
+            best = Some((t, e.path()));
+        }
+    }
+    let dir = best?.1;
+    Some(Kernel {
+        vmlinuz: dir.join("vmlinuz"),
+        modules: MODULES
+            .iter()
+            .map(|m| dir.join("modules").join(module_file(m)))
+            .collect(),
+    })
+}
+
+/// The initramfs of `agent` for `kernel`, built once per (kernel, agent):
+/// `cache/initramfs/<sha256 of kernel and agent>.cpio`.
+pub fn initramfs_for(cache: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf> {
+    let mut h = Sha256::new();
+    for p in std::iter::once(&kernel.vmlinuz)
+        .chain(kernel.modules.iter())
+        .chain(std::iter::once(&agent.to_path_buf()))
+    {
+        let mut f = std::fs::File::open(p).map_err(|e| io_err("opening", p, &e))?;
+        io::copy(&mut f, &mut h).map_err(|e| io_err("reading", p, &e))?;
+    }
+    let dir = cache.join("initramfs");
+    std::fs::create_dir_all(&dir).map_err(|e| io_err("creating", &dir, &e))?;
+    let out = dir.join(format!("{}.cpio", hex::encode(h.finalize())));
+    if out.is_file() {
+        return Ok(out);
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix(".build-")
+        .tempfile_in(&dir)
+        .map_err(|e| io_err("creating a temp file in", &dir, &e))?;
+    build_initramfs(agent, kernel, None, tmp.path())?;
+    tmp.persist(&out)
+        .map_err(|e| io_err("storing", &out, &e.error))?;
+    Ok(out)
 }
 
 /// Writes the initramfs: `agent` as `/init`, the kernel's modules under

@@ -1,18 +1,24 @@
-//! MicroVM sandboxes (issue 11), groundwork: the guest kernel and
-//! initramfs ([`kernel`]), one QEMU VM's lifecycle ([`qemu::QemuVm`]: boot
-//! to agent handshake, status, destroy) and a boot test that runs a
-//! command through the agent over virtio-serial. No `Provider` yet.
+//! MicroVM sandboxes: each sandbox gets its own guest kernel.
 //!
-//! The guest: QEMU `-M microvm -accel tcg -cpu max` (stock guests hang
-//! under KVM on the hosts measured so far), Debian's cloud kernel, and an
-//! initramfs whose `/init` is the static agent in guest mode
-//! (`stacyvm-agent guest`). The agent serves on the virtio-serial port
-//! [`AGENT_PORT`], which QEMU backs with a unix socket chardev on the host;
-//! the handshake token travels on the kernel command line
-//! (`stacyvm.token=<hex>`), the hostname likewise (`stacyvm.hostname=`).
+//! - [`kernel`]: the guest kernel (Debian's cloud kernel, downloaded with
+//!   apt, never installed into the host's /boot) and the initramfs whose
+//!   `/init` is the static agent in guest mode (`stacyvm-agent guest`);
+//! - [`rootfs`]: image-store roots as shared read-only ext4 disks;
+//! - [`qcow2`]: each VM's writable layer over its image's disk;
+//! - [`qmp`]: QEMU's control protocol;
+//! - [`qemu`]: the `qemu` provider (QEMU `-M microvm`).
+//!
+//! The agent serves on the virtio-serial port [`AGENT_PORT`], which QEMU
+//! backs with a unix socket on the host; the handshake token travels on
+//! the kernel command line (`stacyvm.token=<hex>`), the hostname likewise
+//! (`stacyvm.hostname=`), the root disk as `stacyvm.root=vda`.
 
 pub mod kernel;
+pub mod qcow2;
 pub mod qemu;
+pub mod qmp;
+pub mod rootfs;
+pub mod setup;
 
 #[cfg(test)]
 mod tests;
@@ -21,8 +27,54 @@ mod tests;
 pub const AGENT_PORT: &str = "org.stacyvm.agent";
 
 /// Kernel command line of every guest (before the `stacyvm.*` values).
-/// Under TCG on a loaded host the kernel hangs calibrating its TSC and
-/// delay loop (no PIT, HPET or PM timer reference on `microvm`): giving it
-/// the TSC frequency and loops-per-jiffy skips both. `panic=-1` with QEMU's
-/// `-no-reboot` turns a guest panic into a QEMU exit.
-pub const KERNEL_ARGS: &str = "console=ttyS0 quiet panic=-1 tsc_early_khz=2000000 lpj=4000000";
+/// `panic=-1` with QEMU's `-no-reboot` turns a guest panic into a QEMU exit.
+pub const KERNEL_ARGS: &str = "console=ttyS0 quiet panic=-1";
+
+/// Added under TCG: on a loaded host the kernel hangs calibrating its TSC
+/// and delay loop (no PIT, HPET or PM timer reference on `microvm`);
+/// giving it the TSC frequency and loops-per-jiffy skips both.
+pub const TCG_ARGS: &str = "tsc_early_khz=2000000 lpj=4000000";
+
+/// The accelerator (`providers.qemu.accel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// KVM when a guest boots with it, TCG otherwise.
+    Auto,
+    Kvm,
+    /// QEMU's binary translator: slower, needs no virtualisation support.
+    Tcg,
+}
+
+impl Accel {
+    pub fn parse(s: &str) -> Option<Accel> {
+        match s {
+            "" | "auto" => Some(Accel::Auto),
+            "kvm" => Some(Accel::Kvm),
+            "tcg" => Some(Accel::Tcg),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Accel::Auto => "auto",
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Whether `/dev/kvm` can be opened read-write; `Err` says why not.
+pub fn kvm_usable() -> std::result::Result<(), String> {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err("/dev/kvm does not exist (no hardware virtualisation here)".into())
+        }
+        Err(e) => Err(format!("/dev/kvm cannot be opened: {e}")),
+    }
+}

@@ -1,139 +1,1008 @@
-//! One QEMU microVM and its agent: the lifecycle core a `Provider` will
-//! wrap (not a `Provider` yet: no state dir, recovery, inventory or limits).
+//! The `qemu` provider: each sandbox is a QEMU `microvm` machine with its
+//! own guest kernel, the static agent as its init, and the image's root
+//! disk.
 //!
-//! [`QemuVm::boot`] starts `qemu-system-x86_64 -M microvm` under TCG with
-//! the agent's virtio-serial port on a unix socket in `dir`, and returns
-//! once the agent has answered the handshake. Dropping the [`QemuVm`] kills
-//! QEMU; [`QemuVm::destroy`] kills and reaps it.
+//! Per sandbox (`<base>/<id>/`, 0700):
+//! - `meta.json` — what the server knows (QEMU's pid identity, token, …);
+//! - `disk.qcow2` — the writable layer over the image's shared ext4;
+//! - `qemu.log` (QEMU's own stderr), `qmp.sock` (control), `agent.sock` (the agent's
+//!   virtio-serial port), `console.sock` (the serial console; the server
+//!   copies it into `console.log`, capped).
+//!
+//! A spawn starts QEMU paused (`-S`, its own process group), records the sandbox,
+//! moves QEMU into the sandbox's cgroup, then resumes it over QMP and
+//! waits for the agent's handshake. VMs outlive the server: a new
+//! provider instance finds them through `meta.json` and reconnects.
 
+use std::collections::{BTreeMap, HashMap};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use stacyvm_core::{Error, Result};
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use stacyvm_core::provider::{
+    capability, ExecInput, ExecSpec, ExitStatus, Isolation, OutputSink, Profile, Provider,
+    RuntimeInfo, RuntimeStatus, SandboxIo, SpawnSpec, Spawned, Stats,
+};
+use stacyvm_core::{paths, Error, ErrorKind, Result};
+use stacyvm_sandbox::cgroup::{self, Layout, Limits};
+use stacyvm_sandbox::procs::Identity;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::info;
 
-use super::kernel::Kernel;
-use crate::agent::AgentClient;
+use super::kernel::{self, Kernel};
+use super::rootfs::RootfsCache;
+use super::{qcow2, qmp, Accel};
+use crate::agent::{AgentClient, AgentSession};
+use crate::image::store as images;
 
-/// What to boot.
+/// The most a console log keeps (then it rotates to `console.log.1`).
+const CONSOLE_CAP: u64 = 1 << 20;
+/// The smallest guest the kernel and agent boot in.
+const MIN_MEMORY_MB: i64 = 64;
+/// QEMU's own memory beside the guest's (cgroup limit = guest + this).
+const VMM_OVERHEAD_MB: u64 = 192;
+
+/// Settings of the qemu provider (`providers.qemu.*`).
 #[derive(Debug, Clone)]
-pub struct VmSpec {
-    /// The guest's hostname (`stacyvm.hostname=`).
-    pub hostname: String,
-    pub memory_mb: u32,
-    /// The handshake token (`stacyvm.token=`).
-    pub token: Vec<u8>,
-    /// How long the boot may take, QEMU start to handshake.
-    pub boot_timeout: Duration,
-}
-
-/// A running microVM.
-#[derive(Debug)]
-pub struct QemuVm {
-    child: tokio::process::Child,
-    client: Arc<AgentClient>,
-    console: PathBuf,
+pub struct QemuOptions {
+    /// Per-sandbox state (`<data_dir>/qemu/sandboxes`).
+    pub base: PathBuf,
+    /// Kernels, initramfs and root disks (`providers.qemu.cache_dir`).
+    pub cache: PathBuf,
+    /// The image store shared with the native provider.
+    pub images_dir: PathBuf,
+    /// Paths never exposed (the server's data dir).
+    pub hidden: Vec<String>,
+    /// The static `stacyvm-agent` (the guest's init).
+    pub agent_path: PathBuf,
+    /// `qemu-system-x86_64` (a name looked up in PATH, or a path).
+    pub qemu_binary: String,
+    pub accel: Accel,
+    /// The Debian kernel package (a metapackage is resolved by apt).
+    pub kernel_package: String,
+    /// Used for spawns that name no image or `host`.
+    pub default_image: String,
+    pub max_sandboxes: usize,
+    pub max_memory_mb: i64,
+    pub max_vcpus: u32,
+    /// MiB free in each sandbox's root disk.
+    pub disk_mb: u64,
     /// QEMU start to agent handshake.
-    pub boot_time: Duration,
+    pub boot_timeout: Duration,
+    /// Hard cap of every exec.
+    pub exec_timeout: Duration,
 }
 
-impl QemuVm {
-    /// Boots `kernel` with `initrd`; `dir` (which must exist) receives the
-    /// agent socket and the serial console log (`console.log`).
-    pub async fn boot(kernel: &Kernel, initrd: &Path, dir: &Path, spec: &VmSpec) -> Result<Self> {
-        let sock = dir.join("agent.sock");
-        let console = dir.join("console.log");
-        let append = format!(
-            "{} stacyvm.hostname={} stacyvm.token={}",
-            super::KERNEL_ARGS,
-            spec.hostname,
-            hex::encode(&spec.token)
+/// What is recorded of a sandbox (`meta.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Meta {
+    id: String,
+    image: String,
+    created_at: DateTime<Utc>,
+    expires_at: DateTime<Utc>,
+    owner_id: String,
+    tenant_id: String,
+    metadata: BTreeMap<String, String>,
+    memory_mb: i64,
+    vcpus: i64,
+    accel: String,
+    /// QEMU's pid, start time and boot id.
+    pid: i32,
+    start_time: u64,
+    boot_id: String,
+    #[serde(default)]
+    cgroups: Vec<PathBuf>,
+    token: String,
+}
+
+impl Meta {
+    fn qemu(&self) -> Identity {
+        Identity {
+            pid: self.pid,
+            start_time: self.start_time,
+            boot_id: self.boot_id.clone(),
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.qemu().alive()
+    }
+
+    fn token(&self) -> Option<Vec<u8>> {
+        hex::decode(&self.token).ok().filter(|t| !t.is_empty())
+    }
+}
+
+/// The guest kernel and the initramfs built for it and this agent.
+#[derive(Debug, Clone)]
+struct Assets {
+    kernel: Kernel,
+    initrd: PathBuf,
+}
+
+#[derive(Debug)]
+pub struct QemuProvider {
+    opts: QemuOptions,
+    qemu: Option<PathBuf>,
+    images: Arc<images::ImageStore>,
+    disks: RootfsCache,
+    cgroups: Option<Layout>,
+    assets: tokio::sync::Mutex<Option<Assets>>,
+    /// The accelerator spawns use, once decided (`auto` probes KVM once).
+    accel: tokio::sync::Mutex<Option<(Accel, String)>>,
+    conns: Mutex<HashMap<String, Arc<AgentClient>>>,
+    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    starting: Mutex<usize>,
+}
+
+fn private_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::internal(format!("creating {}", dir.display())).with_source(e))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| Error::internal(format!("restricting {}", dir.display())).with_source(e))
+}
+
+fn read_meta(dir: &Path) -> Option<Meta> {
+    std::fs::read(dir.join("meta.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// Kills QEMU (if it is still the recorded process), waits for it to go,
+/// removes the cgroups and the state dir.
+fn teardown_blocking(dir: &Path, meta: Option<&Meta>) {
+    if let Some(m) = meta {
+        let q = m.qemu();
+        q.kill();
+        let until = Instant::now() + Duration::from_secs(5);
+        while q.alive() && Instant::now() < until {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if !m.cgroups.is_empty() {
+            cgroup::destroy(&m.cgroups);
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The QEMU binary: a path as is, a name through PATH.
+pub fn resolve_binary(name: &str) -> Option<PathBuf> {
+    stacyvm_core::checks::which(name)
+}
+
+impl QemuProvider {
+    pub fn new(opts: QemuOptions) -> Result<Self> {
+        private_dir(&opts.base)?;
+        let images = Arc::new(images::ImageStore::new(
+            opts.images_dir.clone(),
+            &opts.hidden,
+        )?);
+        let mut cgroups = cgroup::detect();
+        if !cgroups.as_ref().is_some_and(cgroup::writable) {
+            cgroups = None;
+        }
+        let p = Self {
+            qemu: resolve_binary(&opts.qemu_binary),
+            disks: RootfsCache::new(&opts.cache),
+            images,
+            cgroups,
+            assets: tokio::sync::Mutex::new(None),
+            accel: tokio::sync::Mutex::new(None),
+            conns: Mutex::default(),
+            connecting: Mutex::default(),
+            starting: Mutex::new(0),
+            opts,
+        };
+        p.sweep();
+        Ok(p)
+    }
+
+    /// Removes what dead VMs left (a VM that died while no server ran).
+    fn sweep(&self) {
+        let Ok(rd) = std::fs::read_dir(&self.opts.base) else {
+            return;
+        };
+        for e in rd.flatten() {
+            match read_meta(&e.path()) {
+                Some(m) if m.alive() => {}
+                meta => teardown_blocking(&e.path(), meta.as_ref()),
+            }
+        }
+    }
+
+    pub fn images(&self) -> &images::ImageStore {
+        &self.images
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.opts.base.join(id)
+    }
+
+    fn meta(&self, id: &str) -> Result<Meta> {
+        if !paths::is_sandbox_id(id) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        read_meta(&self.dir(id)).ok_or_else(|| Error::sandbox_not_found(id))
+    }
+
+    fn live_count(&self) -> usize {
+        std::fs::read_dir(&self.opts.base)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| read_meta(&e.path()).is_some_and(|m| m.alive()))
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    /// The kernel (downloaded once) and the initramfs for this agent.
+    async fn assets(&self) -> Result<Assets> {
+        let mut slot = self.assets.lock().await;
+        if let Some(a) = slot.as_ref() {
+            return Ok(a.clone());
+        }
+        let (cache, package, agent) = (
+            self.opts.cache.clone(),
+            self.opts.kernel_package.clone(),
+            self.opts.agent_path.clone(),
         );
-        let started = Instant::now();
-        let mut child = tokio::process::Command::new("qemu-system-x86_64")
-            .args(["-M", "microvm", "-accel", "tcg", "-cpu", "max"])
-            .args(["-m", &spec.memory_mb.to_string()])
-            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-            .arg("-kernel")
-            .arg(&kernel.vmlinuz)
-            .arg("-initrd")
-            .arg(initrd)
-            .args(["-append", &append])
-            .arg("-serial")
-            .arg(format!("file:{}", console.display()))
-            .args(["-device", "virtio-serial-device"])
-            .arg("-chardev")
-            .arg(format!(
-                "socket,path={},server=on,wait=off,id=agent",
-                sock.display()
-            ))
-            .args([
-                "-device",
-                &format!("virtserialport,chardev=agent,name={}", super::AGENT_PORT),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| Error::internal(format!("starting qemu-system-x86_64: {e}")))?;
-        let deadline = started + spec.boot_timeout;
-        // QEMU holds the host's bytes until the guest opens the port, so a
-        // handshake waits for the boot; each attempt times out after 5 s.
-        let client = loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(Error::internal(format!(
-                    "qemu exited during boot ({status}); console: {}",
-                    console.display()
-                )));
-            }
-            if Instant::now() >= deadline {
-                let _ = child.start_kill();
-                return Err(Error::internal(format!(
-                    "no agent handshake within {:?}; console: {}",
-                    spec.boot_timeout,
-                    console.display()
-                )));
-            }
-            let Ok(stream) = tokio::net::UnixStream::connect(&sock).await else {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                continue;
-            };
-            if let Ok(c) = AgentClient::handshake(stream, Some(&spec.token)).await {
-                break c;
+        let a = tokio::task::spawn_blocking(move || -> Result<Assets> {
+            let kernel = kernel::install(&cache, &package)?;
+            let initrd = kernel::initramfs_for(&cache, &agent, &kernel)?;
+            Ok(Assets { kernel, initrd })
+        })
+        .await
+        .map_err(|e| Error::internal(format!("guest kernel task: {e}")))??;
+        *slot = Some(a.clone());
+        Ok(a)
+    }
+
+    /// The accelerator to use: as configured, or for `auto` KVM when a
+    /// guest boots with it (probed once per provider), TCG otherwise.
+    async fn accel(&self) -> Result<(Accel, String)> {
+        let mut slot = self.accel.lock().await;
+        if let Some(a) = slot.as_ref() {
+            return Ok(a.clone());
+        }
+        let decided = match self.opts.accel {
+            Accel::Tcg => (Accel::Tcg, "tcg (configured)".to_string()),
+            Accel::Kvm => match super::kvm_usable() {
+                Ok(()) => (Accel::Kvm, "kvm (configured)".to_string()),
+                Err(why) => {
+                    return Err(Error::unavailable(format!(
+                        "providers.qemu.accel is kvm but {why}; set accel: auto or tcg"
+                    )))
+                }
+            },
+            Accel::Auto => match super::kvm_usable() {
+                Err(why) => (Accel::Tcg, format!("tcg ({why})")),
+                Ok(()) => self.probed().await,
+            },
+        };
+        info!(accel = %decided.1, "qemu provider accelerator");
+        *slot = Some(decided.clone());
+        Ok(decided)
+    }
+
+    /// The KVM probe's verdict, remembered per host boot in
+    /// `CACHE/accel.json` (a probe costs a guest boot, or its timeout).
+    async fn probed(&self) -> (Accel, String) {
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Verdict {
+            boot_id: String,
+            kvm: bool,
+            why: String,
+        }
+        let file = self.opts.cache.join("accel.json");
+        let boot_id = stacyvm_sandbox::procs::boot_id();
+        let known = std::fs::read(&file)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Verdict>(&b).ok())
+            .filter(|v| v.boot_id == boot_id);
+        let v = match known {
+            Some(v) => v,
+            None => {
+                let (kvm, why) = match self.probe_kvm().await {
+                    Ok(()) => (true, "kvm (a probe guest booted)".to_string()),
+                    Err(e) => (
+                        false,
+                        format!("tcg (a probe guest did not boot under KVM: {e})"),
+                    ),
+                };
+                let v = Verdict { boot_id, kvm, why };
+                let _ = std::fs::create_dir_all(&self.opts.cache);
+                let tmp = file.with_extension(format!("tmp{}", std::process::id()));
+                if std::fs::write(&tmp, serde_json::to_vec(&v).unwrap_or_default()).is_ok() {
+                    let _ = std::fs::rename(&tmp, &file);
+                }
+                v
             }
         };
-        Ok(Self {
-            child,
-            client,
-            console,
-            boot_time: started.elapsed(),
+        if v.kvm {
+            (Accel::Kvm, v.why)
+        } else {
+            (Accel::Tcg, v.why)
+        }
+    }
+
+    /// Boots the initramfs alone under KVM and waits for the agent.
+    async fn probe_kvm(&self) -> Result<()> {
+        let assets = self.assets().await?;
+        let dir = tempfile::Builder::new()
+            .prefix(".kvm-probe-")
+            .tempdir_in(&self.opts.base)
+            .map_err(|e| Error::internal(format!("probe dir: {e}")))?;
+        let launch = Launch {
+            dir: dir.path(),
+            assets: &assets,
+            accel: Accel::Kvm,
+            disk: None,
+            memory_mb: 128,
+            vcpus: 1,
+            hostname: "kvm-probe",
+            token: &rand::random::<[u8; 16]>(),
+        };
+        let res = async {
+            let pid = self.launch(&launch).await?;
+            let ident = Identity::of(pid).ok_or_else(|| Error::internal("probe exited"))?;
+            let r = async {
+                qmp::execute(&dir.path().join("qmp.sock"), "cont", None).await?;
+                wait_agent(&dir.path().join("agent.sock"), launch.token, Duration::from_secs(10), &ident).await
+            }
+            .await;
+            ident.kill();
+            r.map(|_| ())
+        }
+        .await;
+        let _ = tokio::task::spawn_blocking(move || drop(dir)).await;
+        res
+    }
+
+    fn qemu_path(&self) -> Result<&Path> {
+        self.qemu.as_deref().ok_or_else(|| {
+            Error::unavailable(format!(
+                "{} not found; install it (Debian: apt-get install qemu-system-x86) or set providers.qemu.qemu_binary",
+                self.opts.qemu_binary
+            ))
         })
     }
 
-    /// The agent connection.
-    pub fn client(&self) -> &Arc<AgentClient> {
-        &self.client
+    /// Starts QEMU paused, in its own process group, its stderr in
+    /// `qemu.log`; returns its pid once QMP listens. QEMU is not killed
+    /// when the server goes (VMs outlive restarts); tokio reaps it.
+    async fn launch(&self, l: &Launch<'_>) -> Result<i32> {
+        let qemu = self.qemu_path()?;
+        let mut append = String::from(super::KERNEL_ARGS);
+        if l.accel == Accel::Tcg {
+            append.push(' ');
+            append.push_str(super::TCG_ARGS);
+        }
+        if l.disk.is_some() {
+            append.push_str(" stacyvm.root=vda");
+        }
+        append.push_str(&format!(
+            " stacyvm.hostname={} stacyvm.token={}",
+            l.hostname,
+            hex::encode(l.token)
+        ));
+        let sock = |n: &str| l.dir.join(n).to_string_lossy().to_string();
+        let mut cmd = tokio::process::Command::new(qemu);
+        cmd.args(["-M", "microvm,rtc=on"])
+            .args(match l.accel {
+                Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+                _ => ["-accel", "tcg", "-cpu", "max"],
+            })
+            .args(["-m", &l.memory_mb.to_string()])
+            .args(["-smp", &l.vcpus.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+            .arg("-S")
+            .args([
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            ])
+            .arg("-kernel")
+            .arg(&l.assets.kernel.vmlinuz)
+            .arg("-initrd")
+            .arg(&l.assets.initrd)
+            .args(["-append", &append])
+            .args([
+                "-chardev",
+                &format!("socket,id=con,path={},server=on,wait=off", sock("console.sock")),
+                "-serial",
+                "chardev:con",
+            ])
+            .args([
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", sock("qmp.sock")),
+            ])
+            .args(["-device", "virtio-serial-device"])
+            .args([
+                "-chardev",
+                &format!("socket,id=agent,path={},server=on,wait=off", sock("agent.sock")),
+                "-device",
+                &format!("virtserialport,chardev=agent,name={}", super::AGENT_PORT),
+            ])
+            .args(["-device", "virtio-rng-device"]);
+        if let Some(disk) = l.disk {
+            cmd.args([
+                "-blockdev",
+                &format!(
+                    "driver=qcow2,node-name=root,file.driver=file,file.filename={}",
+                    disk.display()
+                ),
+                "-device",
+                "virtio-blk-device,drive=root",
+            ]);
+        }
+        let log = std::fs::File::create(l.dir.join("qemu.log"))
+            .map_err(|e| Error::internal(format!("creating qemu.log: {e}")))?;
+        let mut child = cmd
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .map_err(|e| Error::unavailable(format!("starting {}: {e}", qemu.display())))?;
+        let pid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| Error::internal("QEMU exited at once"))?;
+        let qmp = l.dir.join("qmp.sock");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                let err = std::fs::read_to_string(l.dir.join("qemu.log")).unwrap_or_default();
+                return Err(start_error(&status.to_string(), err.trim()));
+            }
+            if tokio::net::UnixStream::connect(&qmp).await.is_ok() {
+                return Ok(pid);
+            }
+            if Instant::now() >= deadline {
+                let _ = child.start_kill();
+                return Err(Error::internal("QEMU did not open its QMP socket within 30 s"));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
-    /// The serial console log.
-    pub fn console(&self) -> &Path {
-        &self.console
+    fn open_client(&self, id: &str) -> Result<Option<Arc<AgentClient>>> {
+        let conns = self.conns.lock().map_err(|_| Error::internal("lock"))?;
+        Ok(conns.get(id).filter(|c| !c.is_closed()).cloned())
     }
 
-    /// Whether QEMU still runs.
-    pub fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+    /// The live connection to a sandbox's agent (reconnecting after a
+    /// server restart: the VM's port takes a new host connection).
+    async fn client(&self, id: &str) -> Result<Arc<AgentClient>> {
+        if let Some(c) = self.open_client(id)? {
+            return Ok(c);
+        }
+        let lock = self
+            .connecting
+            .lock()
+            .map_err(|_| Error::internal("lock"))?
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        let _g = lock.lock().await;
+        if let Some(c) = self.open_client(id)? {
+            return Ok(c);
+        }
+        let meta = self.meta(id)?;
+        if !meta.alive() {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let token = meta.token().unwrap_or_default();
+        let c = wait_agent(
+            &self.dir(id).join("agent.sock"),
+            &token,
+            Duration::from_secs(10),
+            &meta.qemu(),
+        )
+        .await?;
+        spawn_console_reader(self.dir(id));
+        self.conns
+            .lock()
+            .map_err(|_| Error::internal("lock"))?
+            .insert(id.to_string(), c.clone());
+        Ok(c)
     }
 
-    /// Kills QEMU and reaps it. Destroying a stopped VM is Ok.
-    pub async fn destroy(mut self) -> Result<()> {
-        let _ = self.child.start_kill();
-        self.child
-            .wait()
+    async fn teardown(&self, id: &str, meta: Option<Meta>) {
+        if let Ok(mut c) = self.conns.lock() {
+            c.remove(id);
+        }
+        if let Ok(mut c) = self.connecting.lock() {
+            c.remove(id);
+        }
+        let dir = self.dir(id);
+        let _ = tokio::task::spawn_blocking(move || teardown_blocking(&dir, meta.as_ref())).await;
+    }
+
+    fn capped(&self, spec: &ExecSpec) -> ExecSpec {
+        let mut s = spec.clone();
+        if !self.opts.exec_timeout.is_zero() {
+            s.timeout = Some(match s.timeout {
+                Some(t) => t.min(self.opts.exec_timeout),
+                None => self.opts.exec_timeout,
+            });
+        }
+        s
+    }
+
+    /// The image's root directory and its content key.
+    fn image_source(&self, image: &str) -> Result<(String, PathBuf)> {
+        let image = if (image.is_empty() || image == "host") && !self.opts.default_image.is_empty() {
+            self.opts.default_image.as_str()
+        } else {
+            image
+        };
+        if image.is_empty() || image == "host" {
+            return Err(Error::invalid(
+                "image \"host\" is not available to the qemu provider (a microVM has no host /usr); set providers.qemu.default_image or use an imported image: `stacyvm image import`, `stacyvm image pull` (see `stacyvm image ls`)",
+            ));
+        }
+        self.images.check(image)?;
+        let rec = self
+            .images
+            .find(image)
+            .ok_or_else(|| Error::invalid(format!("image {image:?} disappeared")))?;
+        let key = rec.id.trim_start_matches("sha256:").to_string();
+        Ok((key, self.images.rootfs_of(&rec)))
+    }
+
+    fn validate(&self, spec: &SpawnSpec) -> Result<()> {
+        if !paths::is_sandbox_id(&spec.id) {
+            return Err(Error::invalid(format!("bad sandbox id {:?}", spec.id)));
+        }
+        if spec.memory_mb < MIN_MEMORY_MB {
+            return Err(Error::invalid(format!(
+                "memory_mb {} is below the qemu provider's minimum of {MIN_MEMORY_MB}",
+                spec.memory_mb
+            )));
+        }
+        if self.opts.max_memory_mb > 0 && spec.memory_mb > self.opts.max_memory_mb {
+            return Err(Error::invalid(format!(
+                "memory_mb {} exceeds providers.qemu.max_memory_mb ({})",
+                spec.memory_mb, self.opts.max_memory_mb
+            )));
+        }
+        let max_vcpus = i64::from(self.opts.max_vcpus.max(1));
+        if spec.vcpus < 1 || spec.vcpus > max_vcpus {
+            return Err(Error::invalid(format!(
+                "vcpus {} must be between 1 and {max_vcpus} (providers.qemu.max_vcpus)",
+                spec.vcpus
+            )));
+        }
+        match spec.network_mode.as_str() {
+            "" | "none" => Ok(()),
+            other => Err(Error::invalid(format!(
+                "unsupported network_mode {other:?} for the qemu provider (allowed: none)"
+            ))),
+        }
+    }
+
+    async fn spawn_counted(&self, spec: &SpawnSpec) -> Result<Spawned> {
+        let (key, src) = self.image_source(&spec.image)?;
+        let assets = self.assets().await?;
+        let (accel, _) = self.accel().await?;
+        let base = self.disks.get(&key, &src, self.opts.disk_mb).await?;
+        let dir = self.dir(&spec.id);
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            return Err(Error::conflict(format!("sandbox {} exists", spec.id)));
+        }
+        private_dir(&dir)?;
+        let mut slot: Option<Meta> = None;
+        match self
+            .start(spec, &dir, &assets, accel, &base, &mut slot)
             .await
-            .map(|_| ())
-            .map_err(|e| Error::internal(format!("reaping qemu: {e}")))
+        {
+            Ok(c) => {
+                self.conns
+                    .lock()
+                    .map_err(|_| Error::internal("lock"))?
+                    .insert(spec.id.clone(), c);
+                info!(sandbox_id = %spec.id, image = %spec.image, accel = accel.as_str(), "qemu sandbox started");
+                Ok(Spawned {
+                    runtime_id: spec.id.clone(),
+                })
+            }
+            Err(e) => {
+                self.teardown(&spec.id, slot).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start(
+        &self,
+        spec: &SpawnSpec,
+        dir: &Path,
+        assets: &Assets,
+        accel: Accel,
+        base: &Path,
+        slot: &mut Option<Meta>,
+    ) -> Result<Arc<AgentClient>> {
+        let disk = dir.join("disk.qcow2");
+        let size = std::fs::metadata(base)
+            .map_err(|e| Error::internal(format!("root disk {}: {e}", base.display())))?
+            .len();
+        qcow2::create_overlay(&disk, base, size)
+            .map_err(|e| Error::internal(format!("creating {}: {e}", disk.display())))?;
+        let token: [u8; 32] = rand::random();
+        let launch = Launch {
+            dir,
+            assets,
+            accel,
+            disk: Some(&disk),
+            memory_mb: spec.memory_mb,
+            vcpus: spec.vcpus,
+            hostname: &spec.id,
+            token: &token,
+        };
+        let pid = self.launch(&launch).await?;
+        let ident = Identity::of(pid)
+            .ok_or_else(|| Error::internal("QEMU exited right after it started"))?;
+        let cgroups = match &self.cgroups {
+            Some(layout) => {
+                let limits = Limits {
+                    memory_bytes: (u64::try_from(spec.memory_mb).unwrap_or(0) + VMM_OVERHEAD_MB)
+                        << 20,
+                    pids: 0,
+                    cpu_quota_us: (u64::try_from(spec.vcpus).unwrap_or(1)) * 100_000,
+                };
+                match cgroup::create(layout, &spec.id, limits) {
+                    Ok(dirs) => dirs,
+                    Err(e) => {
+                        ident.kill();
+                        return Err(Error::internal(format!("creating cgroups: {e}")));
+                    }
+                }
+            }
+            None => Vec::new(),
+        };
+        let meta = Meta {
+            id: spec.id.clone(),
+            image: spec.image.clone(),
+            created_at: Utc::now(),
+            expires_at: spec.expires_at,
+            owner_id: spec.owner_id.clone(),
+            tenant_id: spec.tenant_id.clone(),
+            metadata: spec.metadata.clone(),
+            memory_mb: spec.memory_mb,
+            vcpus: spec.vcpus,
+            accel: accel.as_str().to_string(),
+            pid,
+            start_time: ident.start_time,
+            boot_id: ident.boot_id.clone(),
+            cgroups: cgroups.clone(),
+            token: hex::encode(token),
+        };
+        *slot = Some(meta.clone());
+        std::fs::write(
+            dir.join("meta.json"),
+            serde_json::to_vec(&meta).unwrap_or_default(),
+        )
+        .map_err(|e| Error::internal("recording the sandbox").with_source(e))?;
+        for d in &cgroups {
+            std::fs::write(d.join("cgroup.procs"), pid.to_string())
+                .map_err(|e| Error::internal(format!("moving QEMU into {}: {e}", d.display())))?;
+        }
+        spawn_console_reader(dir.to_path_buf());
+        qmp::execute(&dir.join("qmp.sock"), "cont", None).await?;
+        wait_agent(&dir.join("agent.sock"), &token, self.opts.boot_timeout, &ident)
+            .await
+            .map_err(|e| {
+                let tail = console_tail(dir, 15);
+                if tail.is_empty() {
+                    e
+                } else {
+                    Error::new(e.kind(), format!("{e}; guest console:\n{tail}"))
+                }
+            })
+    }
+}
+
+/// The typed error of a QEMU that exited during start.
+fn start_error(status: &str, err: &str) -> Error {
+    if err.contains("failed to initialize kvm") || err.contains("Could not access KVM") {
+        Error::unavailable(format!("QEMU cannot use KVM: {err}"))
+    } else if err.contains("cannot set up guest memory") {
+        Error::limit(format!("QEMU cannot allocate the guest's memory: {err}"))
+    } else {
+        Error::internal(format!("QEMU failed to start ({status}): {err}"))
+    }
+}
+
+/// One VM to start.
+struct Launch<'a> {
+    dir: &'a Path,
+    assets: &'a Assets,
+    accel: Accel,
+    /// The writable root disk (qcow2); `None` boots the initramfs alone.
+    disk: Option<&'a Path>,
+    memory_mb: i64,
+    vcpus: i64,
+    hostname: &'a str,
+    token: &'a [u8],
+}
+
+/// Connects to the agent's port until it answers the handshake, QEMU
+/// dies, or `timeout` passes. QEMU holds the host's bytes until the guest
+/// opens the port, so each attempt waits up to the client's handshake
+/// timeout.
+async fn wait_agent(
+    sock: &Path,
+    token: &[u8],
+    timeout: Duration,
+    qemu: &Identity,
+) -> Result<Arc<AgentClient>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !qemu.alive() {
+            return Err(Error::internal("QEMU exited before the guest agent answered"));
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::unavailable(format!(
+                "the guest agent did not answer within {timeout:?}"
+            )));
+        }
+        match tokio::net::UnixStream::connect(sock).await {
+            Ok(stream) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if let Ok(Ok(c)) =
+                    tokio::time::timeout(left, AgentClient::handshake(stream, Some(token))).await
+                {
+                    return Ok(c);
+                }
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// Copies the serial console into `console.log` (rotated at
+/// [`CONSOLE_CAP`] to `console.log.1`) until QEMU closes it.
+fn spawn_console_reader(dir: PathBuf) {
+    tokio::spawn(async move {
+        let Ok(mut s) = tokio::net::UnixStream::connect(dir.join("console.sock")).await else {
+            return;
+        };
+        let log = dir.join("console.log");
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let size = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+            if size + n as u64 > CONSOLE_CAP {
+                let _ = std::fs::rename(&log, dir.join("console.log.1"));
+            }
+            let Ok(mut f) = tokio::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .await
+            else {
+                return;
+            };
+            if f.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+fn console_tail(dir: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+#[async_trait]
+impl Provider for QemuProvider {
+    fn name(&self) -> &str {
+        "qemu"
+    }
+
+    fn adopts_unknown_runtimes(&self) -> bool {
+        false
+    }
+
+    fn capabilities(&self) -> Vec<String> {
+        let mut c: Vec<String> = capability::BASE.iter().map(|s| (*s).to_string()).collect();
+        c.push(capability::RUNTIME_INVENTORY.into());
+        if self.cgroups.is_some() {
+            c.push(capability::STATS.into());
+        }
+        c.push(capability::EXEC_INTERACTIVE.into());
+        c.push(capability::PTY.into());
+        c.push("microvm".into());
+        c
+    }
+
+    fn profile(&self) -> Profile {
+        Profile {
+            isolation: Isolation::MicroVm,
+            network_modes: vec!["none".into()],
+            default_network: "none".into(),
+        }
+    }
+
+    fn describe(&self) -> BTreeMap<String, String> {
+        let accel = self
+            .accel
+            .try_lock()
+            .ok()
+            .and_then(|a| a.as_ref().map(|(_, why)| why.clone()))
+            .unwrap_or_else(|| format!("{} (decided at the first spawn)", self.opts.accel.as_str()));
+        BTreeMap::from([
+            ("type".to_string(), "qemu".to_string()),
+            (
+                "qemu".to_string(),
+                self.qemu
+                    .as_ref()
+                    .map_or_else(|| "not found".into(), |p| p.display().to_string()),
+            ),
+            ("accel".to_string(), accel),
+            ("machine".to_string(), "microvm".to_string()),
+            ("kernel_package".to_string(), self.opts.kernel_package.clone()),
+            ("cache_dir".to_string(), self.opts.cache.display().to_string()),
+            ("state_dir".to_string(), self.opts.base.display().to_string()),
+            (
+                "agent_path".to_string(),
+                self.opts.agent_path.display().to_string(),
+            ),
+            ("images".to_string(), self.images.names()[1..].join(",")),
+            ("isolation".to_string(), "microvm".to_string()),
+        ])
+    }
+
+    async fn health(&self) -> Result<()> {
+        self.qemu_path()?;
+        if crate::agent::elf_is_static(&self.opts.agent_path) != Some(true) {
+            return Err(Error::unavailable(format!(
+                "agent {} is missing or not a static binary (it is the guest's init); build one with scripts/build-agent or set STACYVM_AGENT_PATH",
+                self.opts.agent_path.display()
+            )));
+        }
+        if let Accel::Kvm = self.opts.accel {
+            super::kvm_usable().map_err(|why| {
+                Error::unavailable(format!("providers.qemu.accel is kvm but {why}"))
+            })?;
+        }
+        Ok(())
+    }
+
+    async fn spawn(&self, spec: &SpawnSpec) -> Result<Spawned> {
+        self.validate(spec)?;
+        {
+            let mut starting = self.starting.lock().map_err(|_| Error::internal("lock"))?;
+            let max = self.opts.max_sandboxes;
+            if max > 0 && self.live_count() + *starting >= max {
+                return Err(Error::limit(format!(
+                    "qemu sandboxes: max sandboxes reached ({max}, providers.qemu.max_sandboxes)"
+                )));
+            }
+            *starting += 1;
+        }
+        let res = self.spawn_counted(spec).await;
+        if let Ok(mut s) = self.starting.lock() {
+            *s = s.saturating_sub(1);
+        }
+        res
+    }
+
+    async fn io(&self, id: &str) -> Result<Arc<dyn SandboxIo>> {
+        Ok(Arc::new(AgentSession::new(id, self.client(id).await?)))
+    }
+
+    async fn exec(&self, id: &str, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus> {
+        self.io(id).await?.exec(&self.capped(spec), sink).await
+    }
+
+    async fn exec_interactive(
+        &self,
+        id: &str,
+        spec: &ExecSpec,
+        sink: OutputSink,
+        input: tokio::sync::mpsc::Receiver<ExecInput>,
+    ) -> Result<ExitStatus> {
+        self.io(id)
+            .await?
+            .exec_interactive(&self.capped(spec), sink, input)
+            .await
+    }
+
+    async fn status(&self, id: &str) -> Result<RuntimeStatus> {
+        let c = self.client(id).await.map_err(|e| {
+            if e.kind() == ErrorKind::SandboxNotFound {
+                e
+            } else {
+                Error::sandbox_not_found(id)
+            }
+        })?;
+        match tokio::time::timeout(Duration::from_secs(5), c.ping()).await {
+            Ok(Ok(())) => Ok(RuntimeStatus {
+                state: "running".into(),
+            }),
+            _ => Ok(RuntimeStatus {
+                state: "unhealthy".into(),
+            }),
+        }
+    }
+
+    async fn destroy(&self, id: &str) -> Result<()> {
+        if !paths::is_sandbox_id(id) {
+            return Ok(());
+        }
+        let meta = self.meta(id).ok();
+        if meta.is_none() && std::fs::symlink_metadata(self.dir(id)).is_err() {
+            return Ok(());
+        }
+        self.teardown(id, meta).await;
+        Ok(())
+    }
+
+    async fn stats(&self, id: &str) -> Result<Stats> {
+        let meta = self.meta(id)?;
+        if !meta.alive() {
+            return Err(Error::sandbox_not_found(id));
+        }
+        if meta.cgroups.is_empty() {
+            return Err(Error::unsupported(
+                "qemu: stats need cgroups (this server has none it may create)",
+            ));
+        }
+        Ok(crate::native::cgroup_stats(&meta.cgroups, meta.memory_mb).await)
+    }
+
+    /// The guest's serial console (kernel messages and the agent's).
+    async fn logs(&self, id: &str, lines: usize) -> Result<Vec<String>> {
+        self.meta(id)?;
+        let dir = self.dir(id);
+        let mut text = tokio::fs::read_to_string(dir.join("console.log.1"))
+            .await
+            .unwrap_or_default();
+        text.push_str(
+            &tokio::fs::read_to_string(dir.join("console.log"))
+                .await
+                .unwrap_or_default(),
+        );
+        let all: Vec<String> = text
+            .lines()
+            .map(|l| l.trim_end_matches('\r'))
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        let skip = all.len().saturating_sub(lines);
+        Ok(all.into_iter().skip(skip).collect())
+    }
+
+    async fn list_runtimes(&self) -> Result<Vec<RuntimeInfo>> {
+        let mut out = Vec::new();
+        let Ok(rd) = std::fs::read_dir(&self.opts.base) else {
+            return Ok(out);
+        };
+        for e in rd.flatten() {
+            let Some(meta) = read_meta(&e.path()) else {
+                continue;
+            };
+            let state = if meta.alive() { "running" } else { "destroyed" };
+            out.push(RuntimeInfo {
+                sandbox_id: meta.id,
+                state: state.into(),
+                image: meta.image,
+                created_at: Some(meta.created_at),
+                metadata: meta.metadata,
+                owner_id: meta.owner_id,
+                tenant_id: meta.tenant_id,
+                expires_at: Some(meta.expires_at),
+            });
+        }
+        Ok(out)
     }
 }

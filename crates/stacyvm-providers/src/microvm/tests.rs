@@ -1,20 +1,23 @@
-//! Boots a real microVM (QEMU TCG) and talks to its agent.
+//! The qemu provider on this host (TCG where KVM cannot boot guests): the
+//! conformance suite on an imported busybox image, isolation seen from
+//! inside the guest, teardown, adoption after a restart, and bad input.
 //!
-//! Needs `qemu-system-x86_64`, `apt-get` (the kernel .deb is downloaded
-//! once into the cache), `/bin/busybox` (static) and a static agent built
-//! from this tree: `STACYVM_AGENT_PATH`, else
-//! `/var/cache/stacyvm/agent/stacyvm-agent` (`scripts/build-agent DIR`).
-//! Cache: `STACYVM_MICROVM_CACHE`, else `/var/cache/stacyvm/microvm`.
+//! Needs root, `qemu-system-x86_64`, `mkfs.ext4`, `apt-get` (the kernel .deb
+//! is downloaded once into the cache) and a static agent built from this
+//! tree: `STACYVM_AGENT_PATH`, else `/var/cache/stacyvm/agent/stacyvm-agent`
+//! (`scripts/build-agent DIR`). Cache: `STACYVM_MICROVM_CACHE`, else
+//! `/var/cache/stacyvm/microvm`.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
-use stacyvm_core::provider::{ExecSpec, OutputChunk, SandboxIo, StreamKind};
-use tokio::sync::mpsc;
+use stacyvm_core::provider::Provider;
+use stacyvm_core::ErrorKind;
 
-use super::kernel;
-use super::qemu::{QemuVm, VmSpec};
-use crate::agent::AgentSession;
+use super::qemu::{QemuOptions, QemuProvider};
+use super::Accel;
+use crate::conformance::{self, sh};
 
 fn env_path(var: &str, default: &str) -> PathBuf {
     std::env::var(var)
@@ -23,91 +26,300 @@ fn env_path(var: &str, default: &str) -> PathBuf {
         .map_or_else(|| PathBuf::from(default), PathBuf::from)
 }
 
-/// The kernel, downloaded and unpacked once per cache.
-fn cached_kernel(cache: &Path) -> kernel::Kernel {
-    let package = kernel::resolve_package(kernel::KERNEL_PACKAGE).expect("resolve kernel package");
-    let deb = kernel::fetch_deb(cache, &package).expect("fetch kernel deb");
-    kernel::unpack(cache, &deb).expect("unpack kernel")
+const BUSYBOX_TAG: &str = "stacyvm-test/busybox:1";
+
+pub struct Fixture {
+    dir: tempfile::TempDir,
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn microvm_boots_and_runs_echo_through_the_agent() {
-    let agent = env_path(
-        "STACYVM_AGENT_PATH",
-        "/var/cache/stacyvm/agent/stacyvm-agent",
-    );
+pub fn fixture() -> Fixture {
     assert!(
-        agent.is_file(),
-        "static agent {} missing: run `scripts/build-agent /var/cache/stacyvm/agent`",
-        agent.display()
+        nix::unistd::geteuid().is_root(),
+        "qemu provider tests need root (CI runs as root)"
     );
-    let cache = env_path("STACYVM_MICROVM_CACHE", "/var/cache/stacyvm/microvm");
-    let kern = tokio::task::spawn_blocking(move || cached_kernel(&cache))
-        .await
-        .expect("join");
-
-    let dir = tempfile::tempdir().expect("tempdir");
-    let initrd = dir.path().join("initrd.cpio");
-    kernel::build_initramfs(&agent, &kern, Some(Path::new("/bin/busybox")), &initrd)
-        .expect("initramfs");
-    let token: [u8; 16] = rand::random();
-    let spec = VmSpec {
-        hostname: "microvm-test".into(),
-        memory_mb: 256,
-        token: token.to_vec(),
-        boot_timeout: Duration::from_secs(120),
+    let fx = Fixture {
+        dir: tempfile::tempdir().expect("tmp"),
     };
-    let mut vm = QemuVm::boot(&kern, &initrd, dir.path(), &spec)
-        .await
-        .unwrap_or_else(|e| {
-            let console = std::fs::read_to_string(dir.path().join("console.log"));
-            panic!("boot: {e}; console:\n{}", console.unwrap_or_default())
-        });
-    eprintln!(
-        "microvm: qemu start to agent handshake in {:?}",
-        vm.boot_time
-    );
-    assert!(vm.is_running());
+    let archive = crate::image::import::tests::busybox_archive(fx.dir.path(), BUSYBOX_TAG);
+    fx.make()
+        .images()
+        .import(&archive, None, &mut |_, _, _| {})
+        .expect("import busybox image");
+    fx
+}
 
-    let session = AgentSession::new("microvm-test", vm.client().clone());
-    let (tx, mut rx) = mpsc::channel::<OutputChunk>(16);
-    let spec = ExecSpec {
-        argv: vec!["echo".into(), "hello".into()],
-        ..ExecSpec::default()
-    };
-    let collect = async move {
+impl Fixture {
+    fn base(&self) -> PathBuf {
+        self.dir.path().join("qemu/sandboxes")
+    }
+
+    pub fn opts(&self) -> QemuOptions {
+        let agent = env_path(
+            "STACYVM_AGENT_PATH",
+            "/var/cache/stacyvm/agent/stacyvm-agent",
+        );
+        assert!(
+            crate::agent::elf_is_static(&agent) == Some(true),
+            "static agent {} missing: run `scripts/build-agent /var/cache/stacyvm/agent`",
+            agent.display()
+        );
+        QemuOptions {
+            base: self.base(),
+            cache: env_path("STACYVM_MICROVM_CACHE", "/var/cache/stacyvm/microvm"),
+            images_dir: self.dir.path().join("images"),
+            hidden: vec![self.dir.path().display().to_string()],
+            agent_path: agent,
+            qemu_binary: "qemu-system-x86_64".into(),
+            accel: Accel::Auto,
+            kernel_package: super::kernel::KERNEL_PACKAGE.into(),
+            default_image: String::new(),
+            max_sandboxes: 0,
+            max_memory_mb: 2048,
+            max_vcpus: 2,
+            disk_mb: 64,
+            // Two cores shared by parallel TCG boots.
+            boot_timeout: Duration::from_secs(180),
+            exec_timeout: Duration::from_secs(120),
+        }
+    }
+
+    pub fn make(&self) -> QemuProvider {
+        QemuProvider::new(self.opts()).expect("qemu provider")
+    }
+
+    /// QEMU processes started for this fixture's sandboxes.
+    fn qemus(&self) -> Vec<i32> {
+        let needle = self.base().display().to_string();
         let mut out = Vec::new();
-        while let Some(c) = rx.recv().await {
-            if c.stream == StreamKind::Stdout {
-                out.extend_from_slice(&c.data);
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains(&needle) {
+                out.push(pid);
             }
         }
         out
-    };
-    let (status, out) = tokio::join!(session.exec(&spec, tx), collect);
-    let status = status.expect("exec echo");
-    assert_eq!(status.code, 0);
-    assert_eq!(String::from_utf8_lossy(&out), "hello\n");
+    }
+}
 
-    let (tx, mut rx) = mpsc::channel::<OutputChunk>(16);
-    let spec = ExecSpec {
-        argv: vec!["cat".into(), "/proc/sys/kernel/hostname".into()],
-        ..ExecSpec::default()
-    };
-    let collect = async move {
-        let mut out = Vec::new();
-        while let Some(c) = rx.recv().await {
-            out.extend_from_slice(&c.data);
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // Whatever a failed test left running.
+        for pid in self.qemus() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
-        out
-    };
-    let (status, out) = tokio::join!(session.exec(&spec, tx), collect);
-    assert_eq!(status.expect("exec cat").code, 0);
-    assert_eq!(String::from_utf8_lossy(&out), "microvm-test\n");
+        if let Ok(rd) = std::fs::read_dir(self.base()) {
+            for e in rd.flatten() {
+                if let Ok(b) = std::fs::read(e.path().join("meta.json")) {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&b) {
+                        let dirs: Vec<PathBuf> = v["cgroups"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|d| d.as_str().map(PathBuf::from))
+                            .collect();
+                        stacyvm_sandbox::cgroup::destroy(&dirs);
+                    }
+                }
+            }
+        }
+    }
+}
 
-    drop(session);
-    vm.destroy().await.expect("destroy");
-    let path = dir.path().to_path_buf();
-    dir.close().expect("remove temp dir");
-    assert!(std::fs::metadata(path).is_err());
+impl conformance::Fixture for Fixture {
+    fn provider(&self) -> Arc<dyn Provider> {
+        Arc::new(self.make())
+    }
+    fn image(&self) -> String {
+        BUSYBOX_TAG.into()
+    }
+    fn survives_restart(&self) -> bool {
+        true
+    }
+}
+
+crate::conformance_tests!(qemu_conformance, fixture());
+
+/// Inside the guest: its own kernel (not the host's), none of the host's
+/// files or processes, no network but loopback, the sandbox's hostname,
+/// memory and vCPUs as asked, a clock that agrees with the host's, ptys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guest_is_its_own_machine() {
+    let fx = fixture();
+    let p = fx.make();
+    let mut spec = conformance::spawn_spec(BUSYBOX_TAG);
+    spec.memory_mb = 192;
+    spec.vcpus = 2;
+    p.spawn(&spec).await.expect("spawn");
+    let id = spec.id.clone();
+    let host_release = std::fs::read_to_string("/proc/sys/kernel/osrelease").expect("osrelease");
+    let r = sh(
+        &p,
+        &id,
+        "cat /proc/sys/kernel/osrelease; hostname; nproc; \
+         awk '/MemTotal/ {print $2}' /proc/meminfo; ls /sys/class/net; \
+         date +%s; cat /proc/1/comm; ls /dev/pts >/dev/null && echo pts",
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines[0].contains("cloud-amd64"), "guest kernel: {r:?}");
+    assert_ne!(lines[0], host_release.trim(), "the guest runs its own kernel");
+    assert_eq!(lines[1], id);
+    assert_eq!(lines[2], "2");
+    let mem_kb: u64 = lines[3].parse().expect("MemTotal");
+    assert!(
+        (100_000..=200_000).contains(&mem_kb),
+        "192 MiB guest reports {mem_kb} kB"
+    );
+    assert_eq!(lines[4], "lo", "no network device in mode none: {r:?}");
+    let guest_now: i64 = lines[5].parse().expect("date");
+    let now = chrono::Utc::now().timestamp();
+    assert!((guest_now - now).abs() < 30, "guest clock {guest_now} vs host {now}");
+    assert_eq!(lines[6], "init", "the agent is PID 1");
+    assert_eq!(lines[7], "pts");
+
+    // A marker file and the host's processes (this test, QEMU) are
+    // invisible to the guest.
+    let marker = fx.dir.path().join("host-secret");
+    std::fs::write(&marker, "secret").expect("marker");
+    let me = std::fs::read_to_string("/proc/self/comm").expect("comm");
+    let r = sh(
+        &p,
+        &id,
+        &format!("cat {} 2>&1; cat /proc/[0-9]*/comm", marker.display()),
+    )
+    .await;
+    assert!(r.stdout.contains("No such file"), "{r:?}");
+    assert!(!r.stdout.contains("secret\n"), "{r:?}");
+    assert!(!r.stdout.contains(me.trim()), "host process {me} visible: {r:?}");
+    assert!(!r.stdout.contains("qemu"), "{r:?}");
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// Destroy leaves no QEMU process, socket, state or cgroup behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroy_leaves_nothing() {
+    let fx = fixture();
+    let p = fx.make();
+    let id = conformance::spawn(&p, BUSYBOX_TAG).await;
+    let meta: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fx.base().join(&id).join("meta.json")).expect("meta"))
+            .expect("json");
+    let cgroups: Vec<PathBuf> = meta["cgroups"]
+        .as_array()
+        .expect("cgroups")
+        .iter()
+        .filter_map(|d| d.as_str().map(PathBuf::from))
+        .collect();
+    assert_eq!(fx.qemus().len(), 1);
+    p.destroy(&id).await.expect("destroy");
+    assert!(fx.qemus().is_empty(), "QEMU left running");
+    assert!(!fx.base().join(&id).exists(), "state dir left");
+    for d in cgroups {
+        assert!(!d.exists(), "cgroup {} left", d.display());
+    }
+    assert_eq!(
+        p.status(&id).await.expect_err("gone").kind(),
+        ErrorKind::SandboxNotFound
+    );
+    p.destroy(&id).await.expect("destroying twice is fine");
+}
+
+/// A sandbox keeps running across a provider restart with its files, and
+/// a VMM killed from outside is reported gone and swept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_adoption_and_a_dead_vmm() {
+    let fx = fixture();
+    let p = fx.make();
+    let id = conformance::spawn(&p, BUSYBOX_TAG).await;
+    assert_eq!(sh(&p, &id, "echo kept > /workspace/f").await.code, 0);
+    drop(p);
+    let q = fx.make();
+    let r = sh(&q, &id, "cat /workspace/f").await;
+    assert_eq!(r.stdout, "kept\n", "{r:?}");
+    assert_eq!(q.status(&id).await.expect("status").state, "running");
+    assert!(!q.logs(&id, 200).await.expect("logs").is_empty(), "console captured");
+
+    for pid in fx.qemus() {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill qemu");
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let inv = q.list_runtimes().await.expect("inventory");
+    assert_eq!(inv.len(), 1);
+    assert_eq!(inv[0].state, "destroyed");
+    let e = sh_err(&q, &id).await;
+    assert!(
+        matches!(e, ErrorKind::SandboxNotFound | ErrorKind::ProviderUnavailable),
+        "{e:?}"
+    );
+    // A new instance sweeps the dead VM's state.
+    drop(fx.make());
+    assert!(!fx.base().join(&id).exists());
+}
+
+async fn sh_err(p: &dyn Provider, id: &str) -> ErrorKind {
+    let spec = stacyvm_core::provider::ExecSpec {
+        argv: vec!["true".into()],
+        ..Default::default()
+    };
+    conformance::run_spec(p, id, spec)
+        .await
+        .expect_err("exec on a dead VM")
+        .kind()
+}
+
+/// Bad requests are typed errors and leave nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_spawns_are_refused() {
+    let fx = fixture();
+    let p = fx.make();
+    let mut s = conformance::spawn_spec("host");
+    let e = p.spawn(&s).await.expect_err("host image");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("default_image"), "{e}");
+    s.image = BUSYBOX_TAG.into();
+    s.memory_mb = 32;
+    assert_eq!(p.spawn(&s).await.expect_err("tiny").kind(), ErrorKind::InvalidInput);
+    s.memory_mb = 4096;
+    assert_eq!(p.spawn(&s).await.expect_err("huge").kind(), ErrorKind::InvalidInput);
+    s.memory_mb = 128;
+    s.vcpus = 3;
+    assert_eq!(p.spawn(&s).await.expect_err("vcpus").kind(), ErrorKind::InvalidInput);
+    s.vcpus = 1;
+    s.network_mode = "bridge".into();
+    assert_eq!(p.spawn(&s).await.expect_err("net").kind(), ErrorKind::InvalidInput);
+    s.network_mode = "none".into();
+    s.image = "nope:1".into();
+    assert_eq!(p.spawn(&s).await.expect_err("image").kind(), ErrorKind::InvalidInput);
+    assert!(fx.qemus().is_empty());
+    assert_eq!(std::fs::read_dir(fx.base()).expect("base").count(), 0);
+}
+
+/// A guest that never answers: the spawn times out with the console in
+/// the error, QEMU is killed, nothing is left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_never_answers_times_out_cleanly() {
+    let fx = fixture();
+    let mut o = fx.opts();
+    o.boot_timeout = Duration::from_secs(5);
+    // busybox as the guest's /init: the guest boots and never serves the
+    // agent port.
+    o.agent_path = PathBuf::from("/bin/busybox");
+    o.accel = Accel::Tcg;
+    let p = QemuProvider::new(o).expect("provider");
+    let s = conformance::spawn_spec(BUSYBOX_TAG);
+    let e = p.spawn(&s).await.expect_err("no answer in 5 s");
+    assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
+    assert!(fx.qemus().is_empty(), "QEMU killed");
+    assert!(!fx.base().join(&s.id).exists());
 }
