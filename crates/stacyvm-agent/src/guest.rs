@@ -157,14 +157,8 @@ fn switch_root(dev: &str) -> Result<(), String> {
         .map_err(|e| format!("moving /{d} into the root: {e}"))?;
     }
     std::env::set_current_dir(new).map_err(|e| format!("entering the root: {e}"))?;
-    mount(
-        Some("."),
-        "/",
-        None::<&str>,
-        MsFlags::MS_MOVE,
-        None::<&str>,
-    )
-    .map_err(|e| format!("moving the root to /: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("moving the root to /: {e}"))?;
     nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("entering /: {e}"))
 }

@@ -194,7 +194,9 @@ pub enum ImageCommand {
     /// Install the microVM guest kernel (Debian's package, downloaded with
     /// apt into the cache; nothing touches the host's /boot) and build the
     /// initramfs for this agent, ahead of the first qemu spawn.
-    #[command(after_help = "Example:\n  stacyvm image kernel\n  STACYVM_AGENT_PATH=/opt/stacyvm/stacyvm-agent stacyvm image kernel")]
+    #[command(
+        after_help = "Example:\n  stacyvm image kernel\n  STACYVM_AGENT_PATH=/opt/stacyvm/stacyvm-agent stacyvm image kernel"
+    )]
     Kernel,
 }
 

@@ -69,8 +69,18 @@ pub struct AgentClient {
     routes: Routes,
     next: AtomicU32,
     closed: Arc<AtomicBool>,
+    /// The task reading the connection: it holds the read half, so it is
+    /// ended with the client (the connection then closes; a microVM's
+    /// single-client agent port is free for the next one).
+    reader: tokio::task::AbortHandle,
     pub agent_pid: u32,
     features: Vec<String>,
+}
+
+impl Drop for AgentClient {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -235,7 +245,7 @@ impl AgentClient {
         }
         let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
         let closed = Arc::new(AtomicBool::new(false));
-        {
+        let reader = {
             let routes = routes.clone();
             let closed = closed.clone();
             tokio::spawn(async move {
@@ -279,13 +289,15 @@ impl AgentClient {
                 if let Ok(mut r) = routes.lock() {
                     r.clear();
                 }
-            });
-        }
+            })
+            .abort_handle()
+        };
         Ok(Arc::new(AgentClient {
             writer: tokio::sync::Mutex::new(Box::new(wr)),
             routes,
             next: AtomicU32::new(1),
             closed,
+            reader,
             agent_pid: theirs.pid,
             features: theirs.features,
         }))

@@ -41,10 +41,14 @@ pub fn overlay_bytes(backing: &Path, size: u64) -> std::io::Result<Vec<u8>> {
         .to_str()
         .ok_or_else(|| invalid("backing path is not UTF-8"))?;
     if !backing.is_absolute() || name.is_empty() || name.len() > 1023 {
-        return Err(invalid("backing path must be absolute and under 1024 bytes"));
+        return Err(invalid(
+            "backing path must be absolute and under 1024 bytes",
+        ));
     }
-    if size == 0 || size > MAX_SIZE || size % 512 != 0 {
-        return Err(invalid("size must be a non-zero multiple of 512 up to 4 TiB"));
+    if size == 0 || size > MAX_SIZE || !size.is_multiple_of(512) {
+        return Err(invalid(
+            "size must be a non-zero multiple of 512 up to 4 TiB",
+        ));
     }
     let l2_span = (CLUSTER / 8) * CLUSTER;
     let l1_size = size.div_ceil(l2_span);
@@ -154,7 +158,10 @@ mod tests {
             .expect("base");
         let ov = dir.path().join("ov.qcow2");
         create_overlay(&ov, &base, 64 << 20).expect("overlay");
-        assert!(create_overlay(&ov, &base, 64 << 20).is_err(), "never overwrites");
+        assert!(
+            create_overlay(&ov, &base, 64 << 20).is_err(),
+            "never overwrites"
+        );
         let check = std::process::Command::new("qemu-img")
             .arg("check")
             .arg(&ov)

@@ -40,6 +40,8 @@ use crate::image::store as images;
 
 /// The most a console log keeps (then it rotates to `console.log.1`).
 const CONSOLE_CAP: u64 = 1 << 20;
+/// How long reconnecting to a running guest's agent may take.
+const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The smallest guest the kernel and agent boot in.
 const MIN_MEMORY_MB: i64 = 64;
 /// QEMU's own memory beside the guest's (cgroup limit = guest + this).
@@ -168,6 +170,28 @@ fn teardown_blocking(dir: &Path, meta: Option<&Meta>) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// Kills QEMU processes started for `dir` that were never recorded.
+fn kill_unrecorded(dir: &Path) {
+    let needle = format!("path={}/qmp.sock", dir.display());
+    let needle_qmp = format!("unix:{}/qmp.sock", dir.display());
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Some(ident) = Identity::of(pid) else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains(&needle) || cmd.contains(&needle_qmp) {
+            ident.kill();
+        }
+    }
+}
+
 /// The QEMU binary: a path as is, a name through PATH.
 pub fn resolve_binary(name: &str) -> Option<PathBuf> {
     stacyvm_core::checks::which(name)
@@ -208,7 +232,13 @@ impl QemuProvider {
         for e in rd.flatten() {
             match read_meta(&e.path()) {
                 Some(m) if m.alive() => {}
-                meta => teardown_blocking(&e.path(), meta.as_ref()),
+                Some(m) => teardown_blocking(&e.path(), Some(&m)),
+                None => {
+                    // Killed between QEMU's start and the record: find
+                    // QEMU by the sockets on its command line.
+                    kill_unrecorded(&e.path());
+                    teardown_blocking(&e.path(), None);
+                }
             }
         }
     }
@@ -350,7 +380,13 @@ impl QemuProvider {
             let ident = Identity::of(pid).ok_or_else(|| Error::internal("probe exited"))?;
             let r = async {
                 qmp::execute(&dir.path().join("qmp.sock"), "cont", None).await?;
-                wait_agent(&dir.path().join("agent.sock"), launch.token, Duration::from_secs(10), &ident).await
+                wait_agent(
+                    &dir.path().join("agent.sock"),
+                    launch.token,
+                    Duration::from_secs(10),
+                    &ident,
+                )
+                .await
             }
             .await;
             ident.kill();
@@ -410,7 +446,10 @@ impl QemuProvider {
             .args(["-append", &append])
             .args([
                 "-chardev",
-                &format!("socket,id=con,path={},server=on,wait=off", sock("console.sock")),
+                &format!(
+                    "socket,id=con,path={},server=on,wait=off",
+                    sock("console.sock")
+                ),
                 "-serial",
                 "chardev:con",
             ])
@@ -421,7 +460,10 @@ impl QemuProvider {
             .args(["-device", "virtio-serial-device"])
             .args([
                 "-chardev",
-                &format!("socket,id=agent,path={},server=on,wait=off", sock("agent.sock")),
+                &format!(
+                    "socket,id=agent,path={},server=on,wait=off",
+                    sock("agent.sock")
+                ),
                 "-device",
                 &format!("virtserialport,chardev=agent,name={}", super::AGENT_PORT),
             ])
@@ -462,7 +504,9 @@ impl QemuProvider {
             }
             if Instant::now() >= deadline {
                 let _ = child.start_kill();
-                return Err(Error::internal("QEMU did not open its QMP socket within 30 s"));
+                return Err(Error::internal(
+                    "QEMU did not open its QMP socket within 30 s",
+                ));
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -498,7 +542,7 @@ impl QemuProvider {
         let c = wait_agent(
             &self.dir(id).join("agent.sock"),
             &token,
-            Duration::from_secs(10),
+            RECONNECT_TIMEOUT,
             &meta.qemu(),
         )
         .await?;
@@ -534,7 +578,8 @@ impl QemuProvider {
 
     /// The image's root directory and its content key.
     fn image_source(&self, image: &str) -> Result<(String, PathBuf)> {
-        let image = if (image.is_empty() || image == "host") && !self.opts.default_image.is_empty() {
+        let image = if (image.is_empty() || image == "host") && !self.opts.default_image.is_empty()
+        {
             self.opts.default_image.as_str()
         } else {
             image
@@ -692,16 +737,21 @@ impl QemuProvider {
         }
         spawn_console_reader(dir.to_path_buf());
         qmp::execute(&dir.join("qmp.sock"), "cont", None).await?;
-        wait_agent(&dir.join("agent.sock"), &token, self.opts.boot_timeout, &ident)
-            .await
-            .map_err(|e| {
-                let tail = console_tail(dir, 15);
-                if tail.is_empty() {
-                    e
-                } else {
-                    Error::new(e.kind(), format!("{e}; guest console:\n{tail}"))
-                }
-            })
+        wait_agent(
+            &dir.join("agent.sock"),
+            &token,
+            self.opts.boot_timeout,
+            &ident,
+        )
+        .await
+        .map_err(|e| {
+            let tail = console_tail(dir, 15);
+            if tail.is_empty() {
+                e
+            } else {
+                Error::new(e.kind(), format!("{e}; guest console:\n{tail}"))
+            }
+        })
     }
 }
 
@@ -742,7 +792,9 @@ async fn wait_agent(
     let deadline = Instant::now() + timeout;
     loop {
         if !qemu.alive() {
-            return Err(Error::internal("QEMU exited before the guest agent answered"));
+            return Err(Error::internal(
+                "QEMU exited before the guest agent answered",
+            ));
         }
         if Instant::now() >= deadline {
             return Err(Error::unavailable(format!(
@@ -751,7 +803,12 @@ async fn wait_agent(
         }
         match tokio::net::UnixStream::connect(sock).await {
             Ok(stream) => {
-                let left = deadline.saturating_duration_since(Instant::now());
+                // Short attempts: right after another host connection
+                // closed, the guest's previous session may swallow this
+                // one's hello before it notices; the next attempt lands.
+                let left = deadline
+                    .saturating_duration_since(Instant::now())
+                    .min(Duration::from_secs(3));
                 if let Ok(Ok(c)) =
                     tokio::time::timeout(left, AgentClient::handshake(stream, Some(token))).await
                 {
@@ -838,7 +895,9 @@ impl Provider for QemuProvider {
             .try_lock()
             .ok()
             .and_then(|a| a.as_ref().map(|(_, why)| why.clone()))
-            .unwrap_or_else(|| format!("{} (decided at the first spawn)", self.opts.accel.as_str()));
+            .unwrap_or_else(|| {
+                format!("{} (decided at the first spawn)", self.opts.accel.as_str())
+            });
         BTreeMap::from([
             ("type".to_string(), "qemu".to_string()),
             (
@@ -849,9 +908,18 @@ impl Provider for QemuProvider {
             ),
             ("accel".to_string(), accel),
             ("machine".to_string(), "microvm".to_string()),
-            ("kernel_package".to_string(), self.opts.kernel_package.clone()),
-            ("cache_dir".to_string(), self.opts.cache.display().to_string()),
-            ("state_dir".to_string(), self.opts.base.display().to_string()),
+            (
+                "kernel_package".to_string(),
+                self.opts.kernel_package.clone(),
+            ),
+            (
+                "cache_dir".to_string(),
+                self.opts.cache.display().to_string(),
+            ),
+            (
+                "state_dir".to_string(),
+                self.opts.base.display().to_string(),
+            ),
             (
                 "agent_path".to_string(),
                 self.opts.agent_path.display().to_string(),

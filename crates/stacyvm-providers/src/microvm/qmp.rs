@@ -23,19 +23,18 @@ pub async fn execute(sock: &Path, command: &str, args: Option<Value>) -> Result<
 }
 
 async fn run(sock: &Path, command: &str, args: Option<Value>) -> Result<Value> {
-    let stream = tokio::net::UnixStream::connect(sock).await.map_err(|e| {
-        Error::unavailable(format!("QMP: connecting to {}: {e}", sock.display()))
-    })?;
+    let stream = tokio::net::UnixStream::connect(sock)
+        .await
+        .map_err(|e| Error::unavailable(format!("QMP: connecting to {}: {e}", sock.display())))?;
     let (rd, mut wr) = stream.into_split();
     let mut rd = BufReader::new(rd);
     let greeting = read_reply(&mut rd).await?;
     if greeting.get("QMP").is_none() {
-        return Err(Error::internal(format!("QMP: unexpected greeting {greeting}")));
+        return Err(Error::internal(format!(
+            "QMP: unexpected greeting {greeting}"
+        )));
     }
-    for (cmd, args) in [
-        ("qmp_capabilities", None),
-        (command, args),
-    ] {
+    for (cmd, args) in [("qmp_capabilities", None), (command, args)] {
         let mut req = json!({ "execute": cmd });
         if let Some(a) = args {
             req["arguments"] = a;

@@ -108,7 +108,10 @@ fn build(dir: &Path, src: &Path, free_mb: u64, out: &Path) -> Result<()> {
         .map_err(|e| Error::internal(format!("sizing the rootfs disk: {e}")))?;
     let status = std::process::Command::new("mkfs.ext4")
         .args(["-q", "-F", "-m", "0", "-L", "stacyvm-root"])
-        .args(["-E", "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0"])
+        .args([
+            "-E",
+            "lazy_itable_init=1,lazy_journal_init=1,root_owner=0:0",
+        ])
         .arg("-d")
         .arg(src)
         .arg(tmp.path())
@@ -148,8 +151,11 @@ mod tests {
         let src = tmp.path().join("src");
         std::fs::create_dir_all(src.join("bin")).expect("mkdir");
         std::fs::write(src.join("bin/hello"), b"#!/bin/sh\necho hi\n").expect("write");
-        std::fs::set_permissions(src.join("bin/hello"), std::fs::Permissions::from_mode(0o751))
-            .expect("chmod");
+        std::fs::set_permissions(
+            src.join("bin/hello"),
+            std::fs::Permissions::from_mode(0o751),
+        )
+        .expect("chmod");
         std::os::unix::fs::symlink("bin/hello", src.join("link")).expect("symlink");
         let cache = Arc::new(RootfsCache::new(&tmp.path().join("cache")));
         let (a, b) = tokio::join!(cache.get("img1", &src, 8), cache.get("img1", &src, 8));
@@ -176,6 +182,9 @@ mod tests {
         let text = String::from_utf8_lossy(&stat.stdout);
         assert!(text.contains("Mode:  0751"), "{text}");
         assert!(cache.get("../x", &src, 8).await.is_err());
-        assert!(cache.get("img2", &tmp.path().join("nope"), 8).await.is_err());
+        assert!(cache
+            .get("img2", &tmp.path().join("nope"), 8)
+            .await
+            .is_err());
     }
 }

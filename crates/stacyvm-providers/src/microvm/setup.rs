@@ -126,7 +126,10 @@ fn check(cfg: &Config, r: &mut Report) {
     }
     let a = agent();
     if crate::agent::elf_is_static(&a) == Some(true) {
-        r.pass("qemu.agent", format!("{} (static; the guests' init)", a.display()));
+        r.pass(
+            "qemu.agent",
+            format!("{} (static; the guests' init)", a.display()),
+        );
     } else {
         r.fail(
             "qemu.agent",
@@ -142,7 +145,10 @@ fn check(cfg: &Config, r: &mut Report) {
         ),
         _ => r.warn(
             "qemu.kernel",
-            format!("no guest kernel in {} yet (the first spawn downloads it)", cache.display()),
+            format!(
+                "no guest kernel in {} yet (the first spawn downloads it)",
+                cache.display()
+            ),
             "run `stacyvm microvm setup` to fetch it now",
         ),
     }

@@ -169,7 +169,11 @@ async fn the_guest_is_its_own_machine() {
     assert_eq!(r.code, 0, "{r:?}");
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert!(lines[0].contains("cloud-amd64"), "guest kernel: {r:?}");
-    assert_ne!(lines[0], host_release.trim(), "the guest runs its own kernel");
+    assert_ne!(
+        lines[0],
+        host_release.trim(),
+        "the guest runs its own kernel"
+    );
     assert_eq!(lines[1], id);
     assert_eq!(lines[2], "2");
     let mem_kb: u64 = lines[3].parse().expect("MemTotal");
@@ -180,7 +184,10 @@ async fn the_guest_is_its_own_machine() {
     assert_eq!(lines[4], "lo", "no network device in mode none: {r:?}");
     let guest_now: i64 = lines[5].parse().expect("date");
     let now = chrono::Utc::now().timestamp();
-    assert!((guest_now - now).abs() < 30, "guest clock {guest_now} vs host {now}");
+    assert!(
+        (guest_now - now).abs() < 30,
+        "guest clock {guest_now} vs host {now}"
+    );
     assert_eq!(lines[6], "init", "the agent is PID 1");
     assert_eq!(lines[7], "pts");
 
@@ -197,7 +204,10 @@ async fn the_guest_is_its_own_machine() {
     .await;
     assert!(r.stdout.contains("No such file"), "{r:?}");
     assert!(!r.stdout.contains("secret\n"), "{r:?}");
-    assert!(!r.stdout.contains(me.trim()), "host process {me} visible: {r:?}");
+    assert!(
+        !r.stdout.contains(me.trim()),
+        "host process {me} visible: {r:?}"
+    );
     assert!(!r.stdout.contains("qemu"), "{r:?}");
     p.destroy(&id).await.expect("destroy");
 }
@@ -208,9 +218,10 @@ async fn destroy_leaves_nothing() {
     let fx = fixture();
     let p = fx.make();
     let id = conformance::spawn(&p, BUSYBOX_TAG).await;
-    let meta: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(fx.base().join(&id).join("meta.json")).expect("meta"))
-            .expect("json");
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fx.base().join(&id).join("meta.json")).expect("meta"),
+    )
+    .expect("json");
     let cgroups: Vec<PathBuf> = meta["cgroups"]
         .as_array()
         .expect("cgroups")
@@ -244,7 +255,10 @@ async fn restart_adoption_and_a_dead_vmm() {
     let r = sh(&q, &id, "cat /workspace/f").await;
     assert_eq!(r.stdout, "kept\n", "{r:?}");
     assert_eq!(q.status(&id).await.expect("status").state, "running");
-    assert!(!q.logs(&id, 200).await.expect("logs").is_empty(), "console captured");
+    assert!(
+        !q.logs(&id, 200).await.expect("logs").is_empty(),
+        "console captured"
+    );
 
     for pid in fx.qemus() {
         nix::sys::signal::kill(
@@ -259,7 +273,10 @@ async fn restart_adoption_and_a_dead_vmm() {
     assert_eq!(inv[0].state, "destroyed");
     let e = sh_err(&q, &id).await;
     assert!(
-        matches!(e, ErrorKind::SandboxNotFound | ErrorKind::ProviderUnavailable),
+        matches!(
+            e,
+            ErrorKind::SandboxNotFound | ErrorKind::ProviderUnavailable
+        ),
         "{e:?}"
     );
     // A new instance sweeps the dead VM's state.
@@ -289,18 +306,33 @@ async fn bad_spawns_are_refused() {
     assert!(e.to_string().contains("default_image"), "{e}");
     s.image = BUSYBOX_TAG.into();
     s.memory_mb = 32;
-    assert_eq!(p.spawn(&s).await.expect_err("tiny").kind(), ErrorKind::InvalidInput);
+    assert_eq!(
+        p.spawn(&s).await.expect_err("tiny").kind(),
+        ErrorKind::InvalidInput
+    );
     s.memory_mb = 4096;
-    assert_eq!(p.spawn(&s).await.expect_err("huge").kind(), ErrorKind::InvalidInput);
+    assert_eq!(
+        p.spawn(&s).await.expect_err("huge").kind(),
+        ErrorKind::InvalidInput
+    );
     s.memory_mb = 128;
     s.vcpus = 3;
-    assert_eq!(p.spawn(&s).await.expect_err("vcpus").kind(), ErrorKind::InvalidInput);
+    assert_eq!(
+        p.spawn(&s).await.expect_err("vcpus").kind(),
+        ErrorKind::InvalidInput
+    );
     s.vcpus = 1;
     s.network_mode = "bridge".into();
-    assert_eq!(p.spawn(&s).await.expect_err("net").kind(), ErrorKind::InvalidInput);
+    assert_eq!(
+        p.spawn(&s).await.expect_err("net").kind(),
+        ErrorKind::InvalidInput
+    );
     s.network_mode = "none".into();
     s.image = "nope:1".into();
-    assert_eq!(p.spawn(&s).await.expect_err("image").kind(), ErrorKind::InvalidInput);
+    assert_eq!(
+        p.spawn(&s).await.expect_err("image").kind(),
+        ErrorKind::InvalidInput
+    );
     assert!(fx.qemus().is_empty());
     assert_eq!(std::fs::read_dir(fx.base()).expect("base").count(), 0);
 }
