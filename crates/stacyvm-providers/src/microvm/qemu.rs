@@ -43,7 +43,7 @@ const CONSOLE_CAP: u64 = 1 << 20;
 /// How long reconnecting to a running guest's agent may take.
 const RECONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// The smallest guest the kernel and agent boot in.
-const MIN_MEMORY_MB: i64 = 64;
+const MIN_MEMORY_MB: i64 = 96;
 /// QEMU's own memory beside the guest's (cgroup limit = guest + this).
 const VMM_OVERHEAD_MB: u64 = 192;
 
