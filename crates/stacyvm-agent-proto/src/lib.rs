@@ -400,6 +400,17 @@ pub enum Request {
     },
     /// Stops every process and exits the agent (sandbox teardown).
     Shutdown,
+    /// MicroVM guests only, after a snapshot restore: a fresh identity
+    /// for the clone (hostname, wall clock, random seed mixed into and
+    /// reseeding the kernel's CRNG, a new `/etc/machine-id` if the image
+    /// has one).
+    Reidentify {
+        hostname: String,
+        /// The host's wall clock, nanoseconds since the epoch.
+        unix_nanos: i64,
+        /// Hex of 32 or more random bytes.
+        seed: String,
+    },
 }
 
 /// Terminal answer to a request.

@@ -201,6 +201,35 @@ fn mount_runtime_dirs() -> Result<(), String> {
     std::fs::create_dir_all("/workspace").map_err(|e| format!("creating /workspace: {e}"))
 }
 
+/// A restored snapshot's new identity (see `Request::Reidentify`).
+pub fn reidentify(hostname: &str, unix_nanos: i64, seed: &str) -> Result<(), String> {
+    if hostname.is_empty() || hostname.len() > 64 || hostname.contains(['/', '\0']) {
+        return Err(format!("bad hostname {hostname:?}"));
+    }
+    nix::unistd::sethostname(hostname).map_err(|e| format!("setting the hostname: {e}"))?;
+    let ts = nix::sys::time::TimeSpec::new(
+        unix_nanos.div_euclid(1_000_000_000),
+        unix_nanos.rem_euclid(1_000_000_000),
+    );
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
+        .map_err(|e| format!("setting the clock: {e}"))?;
+    let seed = hex::decode(seed).map_err(|e| format!("seed is not hex: {e}"))?;
+    if seed.len() < 32 {
+        return Err("the seed must be at least 32 bytes".into());
+    }
+    stacyvm_sandbox::reseed_random(&seed).map_err(|e| format!("reseeding the CRNG: {e}"))?;
+    // systemd-style images keep an id per machine: a clone gets its own.
+    if std::fs::metadata("/etc/machine-id").is_ok_and(|m| m.is_file()) {
+        let mut id = [0u8; 16];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
+            .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+        std::fs::write("/etc/machine-id", format!("{}\n", hex::encode(id)))
+            .map_err(|e| format!("writing /etc/machine-id: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Loads the modules named in `dir/load`, in order. A module already
 /// present (built in, or loaded twice) is not an error.
 fn load_modules(dir: &Path) -> Result<(), String> {

@@ -497,6 +497,22 @@ fn simple(id: u32, req: Request, conn: &Arc<Conn>, pid1: bool) {
             }
             return;
         }
+        Request::Reidentify {
+            hostname,
+            unix_nanos,
+            seed,
+        } => {
+            if crate::guest::is_guest() {
+                crate::guest::reidentify(&hostname, unix_nanos, &seed)
+                    .map(|()| serde_json::json!({}))
+                    .map_err(|e| AgentError::new(ErrorKind::Internal, e))
+            } else {
+                Err(AgentError::new(
+                    ErrorKind::Internal,
+                    "reidentify is for microVM guests only",
+                ))
+            }
+        }
         Request::Ping | Request::Exec { .. } | Request::WriteFile { .. } => {
             Err(AgentError::new(ErrorKind::Internal, "unreachable"))
         }

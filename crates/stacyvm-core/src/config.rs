@@ -269,6 +269,9 @@ pub struct QemuConfig {
     pub boot_timeout: Dur,
     /// Hard cap of every exec.
     pub default_timeout: Dur,
+    /// Spawn by restoring a snapshot of a booted guest of the same image,
+    /// memory and vCPUs (made in the background after the first boot).
+    pub snapshots: bool,
 }
 
 impl QemuConfig {
@@ -297,6 +300,7 @@ impl Default for QemuConfig {
             disk_mb: 2048,
             boot_timeout: Dur::secs(60),
             default_timeout: Dur::secs(300),
+            snapshots: true,
         }
     }
 }

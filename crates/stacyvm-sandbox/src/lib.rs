@@ -319,3 +319,42 @@ pub fn close_other_fds(keep: &[&OwnedFd]) {
         }
     }
 }
+
+/// Mixes `seed` into the kernel's entropy pool, credited (root only), and
+/// makes the CRNG reseed from it at once: a microVM restored from a
+/// snapshot must not hand out the random numbers its siblings will.
+pub fn reseed_random(seed: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203; // _IOW('R', 0x03, int[2])
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207; // _IO('R', 0x07)
+    let len = seed.len().min(512);
+    let mut info = Vec::with_capacity(8 + len);
+    info.extend_from_slice(&i32::try_from(len * 8).unwrap_or(0).to_ne_bytes());
+    info.extend_from_slice(&i32::try_from(len).unwrap_or(0).to_ne_bytes());
+    info.extend_from_slice(&seed[..len]);
+    // Keep the buffer 4-byte aligned for the kernel's __u32 view.
+    let words: Vec<u32> = info
+        .chunks(4)
+        .map(|c| {
+            let mut w = [0u8; 4];
+            w[..c.len()].copy_from_slice(c);
+            u32::from_ne_bytes(w)
+        })
+        .collect();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/urandom")?;
+    // SAFETY: the ioctl reads `8 + buf_size` bytes from a buffer we own of
+    // at least that size; RNDRESEEDCRNG takes no argument.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), RNDADDENTROPY, words.as_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: no argument, no memory.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

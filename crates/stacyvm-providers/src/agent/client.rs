@@ -408,6 +408,18 @@ impl AgentClient {
         self.call(&Request::Ping).await.map(|_| ())
     }
 
+    /// A microVM clone's fresh identity (see `Request::Reidentify`).
+    pub async fn reidentify(&self, hostname: &str) -> Result<()> {
+        let unix_nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+        self.call(&Request::Reidentify {
+            hostname: hostname.to_string(),
+            unix_nanos,
+            seed: hex::encode(rand::random::<[u8; 32]>()),
+        })
+        .await
+        .map(|_| ())
+    }
+
     pub async fn stat(&self, path: &str) -> Result<FileStat> {
         self.call_json(&Request::Stat {
             path: path.to_string(),

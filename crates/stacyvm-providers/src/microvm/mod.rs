@@ -19,6 +19,7 @@ pub mod qemu;
 pub mod qmp;
 pub mod rootfs;
 pub mod setup;
+pub mod snapshot;
 
 #[cfg(test)]
 mod tests;

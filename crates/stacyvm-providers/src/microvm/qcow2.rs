@@ -19,10 +19,24 @@ const CLUSTER: u64 = 1 << CLUSTER_BITS;
 /// 512 MiB each): 4 TiB, far beyond any sandbox disk.
 const MAX_SIZE: u64 = (CLUSTER / 8) * (CLUSTER / 8) * CLUSTER;
 
-/// Writes a qcow2 overlay of `size` bytes backed by the raw file `backing`
-/// (an absolute path, at most 1023 bytes) to `out` (created, must not exist).
-pub fn create_overlay(out: &Path, backing: &Path, size: u64) -> std::io::Result<()> {
-    let bytes = overlay_bytes(backing, size)?;
+/// The format of an overlay's backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// An image's ext4 disk.
+    Raw,
+    /// A snapshot's frozen overlay (a chain).
+    Qcow2,
+}
+
+/// Writes a qcow2 overlay of `size` bytes backed by `backing` (an absolute
+/// path, at most 1023 bytes) to `out` (created, must not exist).
+pub fn create_overlay(
+    out: &Path,
+    backing: &Path,
+    format: Backing,
+    size: u64,
+) -> std::io::Result<()> {
+    let bytes = overlay_bytes(backing, format, size)?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -36,7 +50,7 @@ fn invalid(msg: &str) -> std::io::Error {
 }
 
 /// The bytes of an overlay (see [`create_overlay`]).
-pub fn overlay_bytes(backing: &Path, size: u64) -> std::io::Result<Vec<u8>> {
+pub fn overlay_bytes(backing: &Path, format: Backing, size: u64) -> std::io::Result<Vec<u8>> {
     let name = backing
         .to_str()
         .ok_or_else(|| invalid("backing path is not UTF-8"))?;
@@ -60,7 +74,10 @@ pub fn overlay_bytes(backing: &Path, size: u64) -> std::io::Result<Vec<u8>> {
     // Header (104 bytes for version 3 without the compression type field).
     h.extend_from_slice(b"QFI\xfb");
     be32(&mut h, 3); // version
-    let ext_fmt = b"raw";
+    let ext_fmt: &[u8] = match format {
+        Backing::Raw => b"raw",
+        Backing::Qcow2 => b"qcow2",
+    };
     // extensions: format (8 + 3 padded to 8) + end (8)
     let backing_offset = 104 + 8 + 8 + 8;
     be64(&mut h, backing_offset); // backing_file_offset
@@ -119,7 +136,8 @@ mod tests {
 
     #[test]
     fn header_fields() {
-        let b = overlay_bytes(Path::new("/images/base.ext4"), 3 << 30).expect("bytes");
+        let b =
+            overlay_bytes(Path::new("/images/base.ext4"), Backing::Raw, 3 << 30).expect("bytes");
         assert_eq!(&b[..4], b"QFI\xfb");
         assert_eq!(u32_at(&b, 4), 3);
         let off = u64_at(&b, 8) as usize;
@@ -139,12 +157,12 @@ mod tests {
 
     #[test]
     fn bad_input_is_refused() {
-        assert!(overlay_bytes(Path::new("relative.ext4"), 1 << 30).is_err());
-        assert!(overlay_bytes(Path::new("/a"), 0).is_err());
-        assert!(overlay_bytes(Path::new("/a"), 1000).is_err());
-        assert!(overlay_bytes(Path::new("/a"), MAX_SIZE + 512).is_err());
+        assert!(overlay_bytes(Path::new("relative.ext4"), Backing::Raw, 1 << 30).is_err());
+        assert!(overlay_bytes(Path::new("/a"), Backing::Raw, 0).is_err());
+        assert!(overlay_bytes(Path::new("/a"), Backing::Raw, 1000).is_err());
+        assert!(overlay_bytes(Path::new("/a"), Backing::Raw, MAX_SIZE + 512).is_err());
         let long = format!("/{}", "x".repeat(1100));
-        assert!(overlay_bytes(Path::new(&long), 1 << 30).is_err());
+        assert!(overlay_bytes(Path::new(&long), Backing::Raw, 1 << 30).is_err());
     }
 
     /// The reference implementation agrees: `qemu-img check` finds no
@@ -157,11 +175,14 @@ mod tests {
             .and_then(|f| f.set_len(64 << 20))
             .expect("base");
         let ov = dir.path().join("ov.qcow2");
-        create_overlay(&ov, &base, 64 << 20).expect("overlay");
+        create_overlay(&ov, &base, Backing::Raw, 64 << 20).expect("overlay");
         assert!(
-            create_overlay(&ov, &base, 64 << 20).is_err(),
+            create_overlay(&ov, &base, Backing::Raw, 64 << 20).is_err(),
             "never overwrites"
         );
+        // A chain: an overlay of the overlay.
+        let top = dir.path().join("top.qcow2");
+        create_overlay(&top, &ov, Backing::Qcow2, 64 << 20).expect("chain");
         let check = std::process::Command::new("qemu-img")
             .arg("check")
             .arg(&ov)
@@ -183,5 +204,14 @@ mod tests {
         assert_eq!(v["virtual-size"], 64 << 20);
         assert_eq!(v["backing-filename"], base.to_str().expect("utf8"));
         assert_eq!(v["backing-filename-format"], "raw");
+        let info = std::process::Command::new("qemu-img")
+            .args(["info", "--backing-chain", "--output=json"])
+            .arg(&top)
+            .output()
+            .expect("qemu-img info");
+        let v: serde_json::Value = serde_json::from_slice(&info.stdout).expect("json");
+        assert_eq!(v[0]["backing-filename-format"], "qcow2");
+        assert_eq!(v[1]["filename"], ov.to_str().expect("utf8"));
+        assert_eq!(v[2]["format"], "raw");
     }
 }

@@ -30,10 +30,11 @@ use stacyvm_core::{paths, Error, ErrorKind, Result};
 use stacyvm_sandbox::cgroup::{self, Layout, Limits};
 use stacyvm_sandbox::procs::Identity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tracing::info;
+use tracing::{info, warn};
 
 use super::kernel::{self, Kernel};
 use super::rootfs::RootfsCache;
+use super::snapshot::{self, SnapMeta};
 use super::{qcow2, qmp, Accel};
 use crate::agent::{AgentClient, AgentSession};
 use crate::image::store as images;
@@ -76,6 +77,9 @@ pub struct QemuOptions {
     pub boot_timeout: Duration,
     /// Hard cap of every exec.
     pub exec_timeout: Duration,
+    /// Spawn by restoring a snapshot of a booted guest of the same shape
+    /// (built in the background after the first cold boot).
+    pub snapshots: bool,
 }
 
 /// What is recorded of a sandbox (`meta.json`).
@@ -98,6 +102,9 @@ struct Meta {
     #[serde(default)]
     cgroups: Vec<PathBuf>,
     token: String,
+    /// The snapshot this VM was restored from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<String>,
 }
 
 impl Meta {
@@ -120,9 +127,9 @@ impl Meta {
 
 /// The guest kernel and the initramfs built for it and this agent.
 #[derive(Debug, Clone)]
-struct Assets {
-    kernel: Kernel,
-    initrd: PathBuf,
+pub(super) struct Assets {
+    pub(super) kernel: Kernel,
+    pub(super) initrd: PathBuf,
 }
 
 #[derive(Debug)]
@@ -138,6 +145,8 @@ pub struct QemuProvider {
     conns: Mutex<HashMap<String, Arc<AgentClient>>>,
     connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     starting: Mutex<usize>,
+    /// Snapshot keys being built in the background.
+    building: Arc<Mutex<std::collections::HashSet<String>>>,
 }
 
 fn private_dir(dir: &Path) -> Result<()> {
@@ -218,6 +227,7 @@ impl QemuProvider {
             conns: Mutex::default(),
             connecting: Mutex::default(),
             starting: Mutex::new(0),
+            building: Arc::default(),
             opts,
         };
         p.sweep();
@@ -365,7 +375,7 @@ impl QemuProvider {
             .prefix(".kvm-probe-")
             .tempdir_in(&self.opts.base)
             .map_err(|e| Error::internal(format!("probe dir: {e}")))?;
-        let launch = Launch {
+        let probe = Launch {
             dir: dir.path(),
             assets: &assets,
             accel: Accel::Kvm,
@@ -374,15 +384,18 @@ impl QemuProvider {
             vcpus: 1,
             hostname: "kvm-probe",
             token: &rand::random::<[u8; 16]>(),
+            memory_file: None,
+            incoming: false,
+            kill_on_drop: true,
         };
         let res = async {
-            let pid = self.launch(&launch).await?;
+            let (pid, _child) = launch(self.qemu_path()?, &probe).await?;
             let ident = Identity::of(pid).ok_or_else(|| Error::internal("probe exited"))?;
             let r = async {
                 qmp::execute(&dir.path().join("qmp.sock"), "cont", None).await?;
                 wait_agent(
                     &dir.path().join("agent.sock"),
-                    launch.token,
+                    probe.token,
                     Duration::from_secs(10),
                     &ident,
                 )
@@ -404,112 +417,6 @@ impl QemuProvider {
                 self.opts.qemu_binary
             ))
         })
-    }
-
-    /// Starts QEMU paused, in its own process group, its stderr in
-    /// `qemu.log`; returns its pid once QMP listens. QEMU is not killed
-    /// when the server goes (VMs outlive restarts); tokio reaps it.
-    async fn launch(&self, l: &Launch<'_>) -> Result<i32> {
-        let qemu = self.qemu_path()?;
-        let mut append = String::from(super::KERNEL_ARGS);
-        if l.accel == Accel::Tcg {
-            append.push(' ');
-            append.push_str(super::TCG_ARGS);
-        }
-        if l.disk.is_some() {
-            append.push_str(" stacyvm.root=vda");
-        }
-        append.push_str(&format!(
-            " stacyvm.hostname={} stacyvm.token={}",
-            l.hostname,
-            hex::encode(l.token)
-        ));
-        let sock = |n: &str| l.dir.join(n).to_string_lossy().to_string();
-        let mut cmd = tokio::process::Command::new(qemu);
-        cmd.args(["-M", "microvm,rtc=on"])
-            .args(match l.accel {
-                Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
-                _ => ["-accel", "tcg", "-cpu", "max"],
-            })
-            .args(["-m", &l.memory_mb.to_string()])
-            .args(["-smp", &l.vcpus.to_string()])
-            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
-            .arg("-S")
-            .args([
-                "-sandbox",
-                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
-            ])
-            .arg("-kernel")
-            .arg(&l.assets.kernel.vmlinuz)
-            .arg("-initrd")
-            .arg(&l.assets.initrd)
-            .args(["-append", &append])
-            .args([
-                "-chardev",
-                &format!(
-                    "socket,id=con,path={},server=on,wait=off",
-                    sock("console.sock")
-                ),
-                "-serial",
-                "chardev:con",
-            ])
-            .args([
-                "-qmp",
-                &format!("unix:{},server=on,wait=off", sock("qmp.sock")),
-            ])
-            .args(["-device", "virtio-serial-device"])
-            .args([
-                "-chardev",
-                &format!(
-                    "socket,id=agent,path={},server=on,wait=off",
-                    sock("agent.sock")
-                ),
-                "-device",
-                &format!("virtserialport,chardev=agent,name={}", super::AGENT_PORT),
-            ])
-            .args(["-device", "virtio-rng-device"]);
-        if let Some(disk) = l.disk {
-            cmd.args([
-                "-blockdev",
-                &format!(
-                    "driver=qcow2,node-name=root,file.driver=file,file.filename={}",
-                    disk.display()
-                ),
-                "-device",
-                "virtio-blk-device,drive=root",
-            ]);
-        }
-        let log = std::fs::File::create(l.dir.join("qemu.log"))
-            .map_err(|e| Error::internal(format!("creating qemu.log: {e}")))?;
-        let mut child = cmd
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .process_group(0)
-            .spawn()
-            .map_err(|e| Error::unavailable(format!("starting {}: {e}", qemu.display())))?;
-        let pid = child
-            .id()
-            .and_then(|p| i32::try_from(p).ok())
-            .ok_or_else(|| Error::internal("QEMU exited at once"))?;
-        let qmp = l.dir.join("qmp.sock");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = child.try_wait() {
-                let err = std::fs::read_to_string(l.dir.join("qemu.log")).unwrap_or_default();
-                return Err(start_error(&status.to_string(), err.trim()));
-            }
-            if tokio::net::UnixStream::connect(&qmp).await.is_ok() {
-                return Ok(pid);
-            }
-            if Instant::now() >= deadline {
-                let _ = child.start_kill();
-                return Err(Error::internal(
-                    "QEMU did not open its QMP socket within 30 s",
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
     }
 
     fn open_client(&self, id: &str) -> Result<Option<Arc<AgentClient>>> {
@@ -634,6 +541,88 @@ impl QemuProvider {
         let assets = self.assets().await?;
         let (accel, _) = self.accel().await?;
         let base = self.disks.get(&key, &src, self.opts.disk_mb).await?;
+        let snap_key = snapshot::key(&key, spec.memory_mb, spec.vcpus, &assets.initrd, accel);
+        let snap = if self.opts.snapshots {
+            snapshot::find(&self.opts.cache, &snap_key)
+        } else {
+            None
+        };
+        let res = self
+            .spawn_from(spec, &assets, accel, &base, snap.as_ref())
+            .await;
+        let res = match (res, &snap) {
+            (Err(e), Some((_, m))) => {
+                // A snapshot that does not restore is of no use to anyone.
+                warn!(snapshot = %m.id, error = %e, "restoring a snapshot failed; removing it and booting");
+                let _ = snapshot::remove(&self.opts.cache, &m.id);
+                self.spawn_from(spec, &assets, accel, &base, None).await
+            }
+            (res, _) => res,
+        };
+        if res.is_ok() && self.opts.snapshots && snap.is_none() {
+            self.build_snapshot_later(&assets, accel, &base, &spec.image, &snap_key, spec);
+        }
+        res
+    }
+
+    /// Starts a background build of the snapshot `key` unless one runs.
+    fn build_snapshot_later(
+        &self,
+        assets: &Assets,
+        accel: Accel,
+        base: &Path,
+        image: &str,
+        key: &str,
+        spec: &SpawnSpec,
+    ) {
+        let Ok(qemu) = self.qemu_path().map(Path::to_path_buf) else {
+            return;
+        };
+        if let Ok(mut b) = self.building.lock() {
+            if !b.insert(key.to_string()) {
+                return;
+            }
+        }
+        let building = self.building.clone();
+        let (cache, assets, base, image, key) = (
+            self.opts.cache.clone(),
+            assets.clone(),
+            base.to_path_buf(),
+            image.to_string(),
+            key.to_string(),
+        );
+        let (memory_mb, vcpus, boot_timeout) = (spec.memory_mb, spec.vcpus, self.opts.boot_timeout);
+        tokio::spawn(async move {
+            let t = snapshot::Template {
+                qemu: &qemu,
+                cache: &cache,
+                assets: &assets,
+                accel,
+                base: &base,
+                image: &image,
+                key: &key,
+                memory_mb,
+                vcpus,
+                boot_timeout,
+            };
+            match snapshot::build(&t).await {
+                Ok(m) => info!(snapshot = %m.id, bytes = m.size_bytes, "qemu snapshot ready"),
+                Err(e) => warn!(snapshot = %key, error = %e, "building a qemu snapshot failed"),
+            }
+            if let Ok(mut b) = building.lock() {
+                b.remove(&key);
+            }
+        });
+    }
+
+    async fn spawn_from(
+        &self,
+        spec: &SpawnSpec,
+        assets: &Assets,
+        accel: Accel,
+        base: &Path,
+        snap: Option<&(PathBuf, SnapMeta)>,
+    ) -> Result<Spawned> {
         let dir = self.dir(&spec.id);
         if std::fs::symlink_metadata(&dir).is_ok() {
             return Err(Error::conflict(format!("sandbox {} exists", spec.id)));
@@ -641,7 +630,7 @@ impl QemuProvider {
         private_dir(&dir)?;
         let mut slot: Option<Meta> = None;
         match self
-            .start(spec, &dir, &assets, accel, &base, &mut slot)
+            .start(spec, &dir, assets, accel, base, snap, &mut slot)
             .await
         {
             Ok(c) => {
@@ -649,7 +638,13 @@ impl QemuProvider {
                     .lock()
                     .map_err(|_| Error::internal("lock"))?
                     .insert(spec.id.clone(), c);
-                info!(sandbox_id = %spec.id, image = %spec.image, accel = accel.as_str(), "qemu sandbox started");
+                info!(
+                    sandbox_id = %spec.id,
+                    image = %spec.image,
+                    accel = accel.as_str(),
+                    snapshot = snap.map_or("", |(_, m)| m.id.as_str()),
+                    "qemu sandbox started"
+                );
                 Ok(Spawned {
                     runtime_id: spec.id.clone(),
                 })
@@ -668,26 +663,41 @@ impl QemuProvider {
         assets: &Assets,
         accel: Accel,
         base: &Path,
+        snap: Option<&(PathBuf, SnapMeta)>,
         slot: &mut Option<Meta>,
     ) -> Result<Arc<AgentClient>> {
         let disk = dir.join("disk.qcow2");
         let size = std::fs::metadata(base)
             .map_err(|e| Error::internal(format!("root disk {}: {e}", base.display())))?
             .len();
-        qcow2::create_overlay(&disk, base, size)
+        let (backing, format) = match snap {
+            Some((sdir, _)) => (sdir.join("disk.qcow2"), qcow2::Backing::Qcow2),
+            None => (base.to_path_buf(), qcow2::Backing::Raw),
+        };
+        qcow2::create_overlay(&disk, &backing, format, size)
             .map_err(|e| Error::internal(format!("creating {}: {e}", disk.display())))?;
-        let token: [u8; 32] = rand::random();
-        let launch = Launch {
+        let fresh: [u8; 32] = rand::random();
+        let token = match snap {
+            Some((_, m)) => {
+                hex::decode(&m.token).map_err(|_| Error::internal("snapshot token is not hex"))?
+            }
+            None => fresh.to_vec(),
+        };
+        let mem = snap.map(|(sdir, _)| sdir.join("mem"));
+        let launch_spec = Launch {
             dir,
             assets,
             accel,
             disk: Some(&disk),
             memory_mb: spec.memory_mb,
             vcpus: spec.vcpus,
-            hostname: &spec.id,
+            hostname: snap.map_or(spec.id.as_str(), |(_, m)| m.hostname.as_str()),
             token: &token,
+            memory_file: mem.as_deref().map(|m| (m, false)),
+            incoming: snap.is_some(),
+            kill_on_drop: false,
         };
-        let pid = self.launch(&launch).await?;
+        let (pid, _child) = launch(self.qemu_path()?, &launch_spec).await?;
         let ident = Identity::of(pid)
             .ok_or_else(|| Error::internal("QEMU exited right after it started"))?;
         let cgroups = match &self.cgroups {
@@ -723,7 +733,8 @@ impl QemuProvider {
             start_time: ident.start_time,
             boot_id: ident.boot_id.clone(),
             cgroups: cgroups.clone(),
-            token: hex::encode(token),
+            token: hex::encode(&token),
+            snapshot: snap.map(|(_, m)| m.id.clone()),
         };
         *slot = Some(meta.clone());
         std::fs::write(
@@ -736,8 +747,12 @@ impl QemuProvider {
                 .map_err(|e| Error::internal(format!("moving QEMU into {}: {e}", d.display())))?;
         }
         spawn_console_reader(dir.to_path_buf());
-        qmp::execute(&dir.join("qmp.sock"), "cont", None).await?;
-        wait_agent(
+        let qmp_sock = dir.join("qmp.sock");
+        if let Some((sdir, _)) = snap {
+            restore_state(&qmp_sock, dir, &sdir.join("vmstate")).await?;
+        }
+        qmp::execute(&qmp_sock, "cont", None).await?;
+        let client = wait_agent(
             &dir.join("agent.sock"),
             &token,
             self.opts.boot_timeout,
@@ -751,7 +766,185 @@ impl QemuProvider {
             } else {
                 Error::new(e.kind(), format!("{e}; guest console:\n{tail}"))
             }
+        })?;
+        if snap.is_some() {
+            client.reidentify(&spec.id).await?;
+        }
+        Ok(client)
+    }
+}
+
+/// Loads a snapshot's device state into a QEMU started with `-incoming
+/// defer` (its RAM is already mapped from the snapshot's file).
+async fn restore_state(qmp_sock: &Path, dir: &Path, vmstate: &Path) -> Result<()> {
+    qmp::execute(
+        qmp_sock,
+        "migrate-set-capabilities",
+        Some(serde_json::json!({"capabilities": [
+            {"capability": "x-ignore-shared", "state": true}
+        ]})),
+    )
+    .await?;
+    let sock = dir.join("incoming.sock");
+    qmp::execute(
+        qmp_sock,
+        "migrate-incoming",
+        Some(serde_json::json!({ "uri": format!("unix:{}", sock.display()) })),
+    )
+    .await?;
+    let mut stream = tokio::net::UnixStream::connect(&sock)
+        .await
+        .map_err(|e| Error::internal(format!("connecting to {}: {e}", sock.display())))?;
+    let mut state = tokio::fs::File::open(vmstate)
+        .await
+        .map_err(|e| Error::internal(format!("opening {}: {e}", vmstate.display())))?;
+    tokio::io::copy(&mut state, &mut stream)
+        .await
+        .map_err(|e| Error::internal(format!("sending the snapshot state: {e}")))?;
+    drop(stream);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = qmp::execute(qmp_sock, "query-status", None).await?;
+        match st.get("status").and_then(serde_json::Value::as_str) {
+            Some("inmigrate") if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Some("paused") | Some("prelaunch") | Some("running") => break,
+            other => {
+                return Err(Error::internal(format!(
+                    "restoring the snapshot failed (QEMU status {other:?}); see qemu.log"
+                )))
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&sock);
+    Ok(())
+}
+
+/// Starts QEMU (paused, or waiting for an incoming migration) in its own
+/// process group, its stderr in
+/// `qemu.log`; returns its pid once QMP listens. QEMU is not killed
+/// when the server goes (VMs outlive restarts); tokio reaps it.
+pub(super) async fn launch(qemu: &Path, l: &Launch<'_>) -> Result<(i32, tokio::process::Child)> {
+    let mut append = String::from(super::KERNEL_ARGS);
+    if l.accel == Accel::Tcg {
+        append.push(' ');
+        append.push_str(super::TCG_ARGS);
+    }
+    if l.disk.is_some() {
+        append.push_str(" stacyvm.root=vda");
+    }
+    append.push_str(&format!(
+        " stacyvm.hostname={} stacyvm.token={}",
+        l.hostname,
+        hex::encode(l.token)
+    ));
+    let sock = |n: &str| l.dir.join(n).to_string_lossy().to_string();
+    let mut cmd = tokio::process::Command::new(qemu);
+    let machine = if l.memory_file.is_some() {
+        "microvm,rtc=on,memory-backend=mem"
+    } else {
+        "microvm,rtc=on"
+    };
+    cmd.args(["-M", machine])
+        .args(match l.accel {
+            Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
+            _ => ["-accel", "tcg", "-cpu", "max"],
         })
+        .args(["-m", &l.memory_mb.to_string()])
+        .args(["-smp", &l.vcpus.to_string()])
+        .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
+        .args([
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ])
+        .arg("-kernel")
+        .arg(&l.assets.kernel.vmlinuz)
+        .arg("-initrd")
+        .arg(&l.assets.initrd)
+        .args(["-append", &append])
+        .args([
+            "-chardev",
+            &format!(
+                "socket,id=con,path={},server=on,wait=off",
+                sock("console.sock")
+            ),
+            "-serial",
+            "chardev:con",
+        ])
+        .args([
+            "-qmp",
+            &format!("unix:{},server=on,wait=off", sock("qmp.sock")),
+        ])
+        .args(["-device", "virtio-serial-device"])
+        .args([
+            "-chardev",
+            &format!(
+                "socket,id=agent,path={},server=on,wait=off",
+                sock("agent.sock")
+            ),
+            "-device",
+            &format!("virtserialport,chardev=agent,name={}", super::AGENT_PORT),
+        ])
+        .args(["-device", "virtio-rng-device"]);
+    if l.incoming {
+        cmd.args(["-incoming", "defer"]);
+    } else {
+        cmd.arg("-S");
+    }
+    if let Some((path, share)) = l.memory_file {
+        cmd.args([
+            "-object",
+            &format!(
+                "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
+                l.memory_mb,
+                path.display(),
+                if share { "on" } else { "off" }
+            ),
+        ]);
+    }
+    if let Some(disk) = l.disk {
+        cmd.args([
+            "-blockdev",
+            &format!(
+                "driver=qcow2,node-name=root,file.driver=file,file.filename={}",
+                disk.display()
+            ),
+            "-device",
+            "virtio-blk-device,drive=root",
+        ]);
+    }
+    let log = std::fs::File::create(l.dir.join("qemu.log"))
+        .map_err(|e| Error::internal(format!("creating qemu.log: {e}")))?;
+    let mut child = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .process_group(0)
+        .kill_on_drop(l.kill_on_drop)
+        .spawn()
+        .map_err(|e| Error::unavailable(format!("starting {}: {e}", qemu.display())))?;
+    let pid = child
+        .id()
+        .and_then(|p| i32::try_from(p).ok())
+        .ok_or_else(|| Error::internal("QEMU exited at once"))?;
+    let qmp = l.dir.join("qmp.sock");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let err = std::fs::read_to_string(l.dir.join("qemu.log")).unwrap_or_default();
+            return Err(start_error(&status.to_string(), err.trim()));
+        }
+        if tokio::net::UnixStream::connect(&qmp).await.is_ok() {
+            return Ok((pid, child));
+        }
+        if Instant::now() >= deadline {
+            let _ = child.start_kill();
+            return Err(Error::internal(
+                "QEMU did not open its QMP socket within 30 s",
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -767,23 +960,30 @@ fn start_error(status: &str, err: &str) -> Error {
 }
 
 /// One VM to start.
-struct Launch<'a> {
-    dir: &'a Path,
-    assets: &'a Assets,
-    accel: Accel,
+pub(super) struct Launch<'a> {
+    pub(super) dir: &'a Path,
+    pub(super) assets: &'a Assets,
+    pub(super) accel: Accel,
     /// The writable root disk (qcow2); `None` boots the initramfs alone.
-    disk: Option<&'a Path>,
-    memory_mb: i64,
-    vcpus: i64,
-    hostname: &'a str,
-    token: &'a [u8],
+    pub(super) disk: Option<&'a Path>,
+    pub(super) memory_mb: i64,
+    pub(super) vcpus: i64,
+    pub(super) hostname: &'a str,
+    pub(super) token: &'a [u8],
+    /// Guest RAM in this file (`share`: writes go to the file, a
+    /// snapshot's template; else copy-on-write of it, a restored clone).
+    pub(super) memory_file: Option<(&'a Path, bool)>,
+    /// Wait for an incoming migration (a restore) instead of booting.
+    pub(super) incoming: bool,
+    /// Kill QEMU when the returned child is dropped (snapshot templates).
+    pub(super) kill_on_drop: bool,
 }
 
 /// Connects to the agent's port until it answers the handshake, QEMU
 /// dies, or `timeout` passes. QEMU holds the host's bytes until the guest
 /// opens the port, so each attempt waits up to the client's handshake
 /// timeout.
-async fn wait_agent(
+pub(super) async fn wait_agent(
     sock: &Path,
     token: &[u8],
     timeout: Duration,

@@ -51,6 +51,7 @@ pub fn options(cfg: &Config) -> Result<super::qemu::QemuOptions> {
         disk_mb: u64::try_from(q.disk_mb).unwrap_or(0),
         boot_timeout: q.boot_timeout.std(),
         exec_timeout: q.default_timeout.std(),
+        snapshots: q.snapshots,
     })
 }
 

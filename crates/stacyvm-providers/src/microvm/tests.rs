@@ -80,6 +80,7 @@ impl Fixture {
             // Two cores shared by parallel TCG boots.
             boot_timeout: Duration::from_secs(180),
             exec_timeout: Duration::from_secs(120),
+            snapshots: true,
         }
     }
 
@@ -354,4 +355,87 @@ async fn a_guest_that_never_answers_times_out_cleanly() {
     assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
     assert!(fx.qemus().is_empty(), "QEMU killed");
     assert!(!fx.base().join(&s.id).exists());
+}
+
+/// Snapshot-restore spawns: after a cold boot the provider freezes a guest
+/// of that shape; later spawns resume copies of it. Each clone has its own
+/// identity (hostname, random numbers, clock) and private writes, and a
+/// file the template's image holds is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawns_restore_snapshots_with_fresh_identity_and_private_writes() {
+    let fx = fixture();
+    let p = fx.make();
+    // A shape no other test uses, so this test's first spawn boots.
+    let spec = |mb| {
+        let mut s = conformance::spawn_spec(BUSYBOX_TAG);
+        s.memory_mb = mb;
+        s
+    };
+    let first = spec(160);
+    p.spawn(&first).await.expect("cold spawn");
+    let cache = fx.opts().cache;
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    let snap = loop {
+        let found = super::snapshot::list(&cache)
+            .into_iter()
+            .find(|m| m.memory_mb == 160 && m.image == BUSYBOX_TAG);
+        if let Some(m) = found {
+            break m;
+        }
+        assert!(std::time::Instant::now() < deadline, "no snapshot built");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(snap.size_bytes > 0);
+    p.destroy(&first.id).await.expect("destroy");
+
+    let (a, b) = (spec(160), spec(160));
+    let started = std::time::Instant::now();
+    p.spawn(&a).await.expect("restored spawn a");
+    eprintln!("restore spawn took {:?}", started.elapsed());
+    p.spawn(&b).await.expect("restored spawn b");
+    for s in [&a, &b] {
+        let meta: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(fx.base().join(&s.id).join("meta.json")).expect("meta"),
+        )
+        .expect("json");
+        assert_eq!(meta["snapshot"], snap.id.as_str(), "restored, not booted");
+    }
+    let probe = "hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; \
+                 ls /bin/busybox; echo $0 > /workspace/who; cat /workspace/who";
+    let ra = sh(&p, &a.id, &probe.replace("$0", &a.id)).await;
+    let rb = sh(&p, &b.id, &probe.replace("$0", &b.id)).await;
+    assert_eq!(ra.code, 0, "{ra:?}");
+    let (la, lb): (Vec<&str>, Vec<&str>) =
+        (ra.stdout.lines().collect(), rb.stdout.lines().collect());
+    assert_eq!(la[0], a.id, "clone a has its own hostname");
+    assert_eq!(lb[0], b.id, "clone b has its own hostname");
+    assert_eq!(la[1].len(), 32);
+    assert_ne!(la[1], lb[1], "clones draw different random numbers");
+    let now = chrono::Utc::now().timestamp();
+    for l in [&la, &lb] {
+        let t: i64 = l[2].parse().expect("date");
+        assert!(
+            (t - now).abs() < 30,
+            "clock stepped to the host's: {t} vs {now}"
+        );
+    }
+    assert_eq!(la[3], "/bin/busybox");
+    assert_eq!(la[4], a.id, "a reads its own write");
+    assert_eq!(lb[4], b.id, "b reads its own write");
+    let again = sh(&p, &a.id, "cat /workspace/who").await;
+    assert_eq!(again.stdout.trim(), a.id, "b's write did not reach a");
+
+    // A snapshot that cannot be restored is removed and the spawn boots.
+    let (dir, _) = super::snapshot::find(&cache, &snap.id).expect("still there");
+    std::fs::write(dir.join("vmstate"), b"not a migration stream").expect("corrupt");
+    let c = spec(160);
+    p.spawn(&c).await.expect("spawn falls back to a boot");
+    assert!(
+        super::snapshot::find(&cache, &snap.id).is_none(),
+        "corrupt snapshot removed"
+    );
+    for s in [&a, &b, &c] {
+        p.destroy(&s.id).await.expect("destroy");
+    }
+    assert!(fx.qemus().is_empty());
 }
