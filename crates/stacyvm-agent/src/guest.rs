@@ -227,6 +227,7 @@ pub fn reidentify(hostname: &str, unix_nanos: i64, seed: &str) -> Result<(), Str
         std::fs::write("/etc/machine-id", format!("{}\n", hex::encode(id)))
             .map_err(|e| format!("writing /etc/machine-id: {e}"))?;
     }
+    eprintln!("stacyvm-agent: restored from a snapshot as {hostname}");
     Ok(())
 }
 
