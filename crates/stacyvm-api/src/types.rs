@@ -414,12 +414,24 @@ pub struct QuotaUsage {
     pub quota_configured: bool,
 }
 
-/// `GET /snapshots` item.
+/// `GET /snapshots` item (the spec's three fields, then StacyVM's).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotSummary {
     pub image: String,
     pub provider: String,
     pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub memory_mb: i64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub vcpus: i64,
+    #[serde(default, skip_serializing_if = "is_zero_u64")]
+    pub size_bytes: u64,
+}
+
+fn is_zero_u64(v: &u64) -> bool {
+    *v == 0
 }
 
 /// An event on `GET /events` (SSE) and the internal bus.

@@ -410,6 +410,11 @@ pub trait Provider: Debug + Send + Sync + 'static {
         true
     }
 
+    /// Snapshots the provider holds (`GET /snapshots`); none by default.
+    async fn snapshots(&self) -> Result<Vec<stacyvm_api::SnapshotSummary>> {
+        Ok(Vec::new())
+    }
+
     /// Stops what the provider runs for itself (warm pools, helpers)
     /// before the server exits; user sandboxes keep running.
     async fn shutdown(&self) {}

@@ -1077,8 +1077,30 @@ impl Provider for QemuProvider {
         }
         c.push(capability::EXEC_INTERACTIVE.into());
         c.push(capability::PTY.into());
+        if self.opts.snapshots {
+            c.push(capability::SNAPSHOTS.into());
+        }
         c.push("microvm".into());
         c
+    }
+
+    async fn snapshots(&self) -> Result<Vec<stacyvm_api::SnapshotSummary>> {
+        let cache = self.opts.cache.clone();
+        let list = tokio::task::spawn_blocking(move || snapshot::list(&cache))
+            .await
+            .map_err(|e| Error::internal(format!("snapshot listing task: {e}")))?;
+        Ok(list
+            .into_iter()
+            .map(|m| stacyvm_api::SnapshotSummary {
+                image: m.image,
+                provider: "qemu".into(),
+                created_at: m.created_at,
+                id: m.id,
+                memory_mb: m.memory_mb,
+                vcpus: m.vcpus,
+                size_bytes: m.size_bytes,
+            })
+            .collect())
     }
 
     fn profile(&self) -> Profile {

@@ -154,8 +154,17 @@ pub async fn pool_status(State(st): State<AppState>) -> Json<PoolStatus> {
     })
 }
 
-pub async fn snapshots() -> Json<Vec<SnapshotSummary>> {
-    Json::ok(Vec::new())
+/// Snapshots of every provider that keeps them (microVM restore points).
+pub async fn snapshots(State(st): State<AppState>) -> Json<Vec<SnapshotSummary>> {
+    let mut all = Vec::new();
+    for p in st.manager.registry().all() {
+        match p.snapshots().await {
+            Ok(list) => all.extend(list),
+            Err(e) => tracing::warn!(provider = p.name(), error = %e, "listing snapshots failed"),
+        }
+    }
+    all.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+    Json::ok(all)
 }
 
 /// Server-sent events: `data: <json>\n\n` per event, flushed immediately.
