@@ -484,7 +484,9 @@ impl QemuProvider {
     }
 
     /// The image's root directory and its content key.
-    fn image_source(&self, image: &str) -> Result<(String, PathBuf)> {
+    /// The image a spawn gets (resolving `host` to the default image), its
+    /// content key and its root directory.
+    fn image_source(&self, image: &str) -> Result<(String, String, PathBuf)> {
         let image = if (image.is_empty() || image == "host") && !self.opts.default_image.is_empty()
         {
             self.opts.default_image.as_str()
@@ -502,7 +504,7 @@ impl QemuProvider {
             .find(image)
             .ok_or_else(|| Error::invalid(format!("image {image:?} disappeared")))?;
         let key = rec.id.trim_start_matches("sha256:").to_string();
-        Ok((key, self.images.rootfs_of(&rec)))
+        Ok((image.to_string(), key, self.images.rootfs_of(&rec)))
     }
 
     fn validate(&self, spec: &SpawnSpec) -> Result<()> {
@@ -537,7 +539,7 @@ impl QemuProvider {
     }
 
     async fn spawn_counted(&self, spec: &SpawnSpec) -> Result<Spawned> {
-        let (key, src) = self.image_source(&spec.image)?;
+        let (image, key, src) = self.image_source(&spec.image)?;
         let assets = self.assets().await?;
         let (accel, _) = self.accel().await?;
         let base = self.disks.get(&key, &src, self.opts.disk_mb).await?;
@@ -560,7 +562,7 @@ impl QemuProvider {
             (res, _) => res,
         };
         if res.is_ok() && self.opts.snapshots && snap.is_none() {
-            self.build_snapshot_later(&assets, accel, &base, &spec.image, &snap_key, spec);
+            self.build_snapshot_later(&assets, accel, &base, &image, &snap_key, spec);
         }
         res
     }
@@ -630,7 +632,17 @@ impl QemuProvider {
         private_dir(&dir)?;
         let mut slot: Option<Meta> = None;
         match self
-            .start(spec, &dir, assets, accel, base, snap, &mut slot)
+            .start(
+                spec,
+                &dir,
+                &Boot {
+                    assets,
+                    accel,
+                    base,
+                    snap,
+                },
+                &mut slot,
+            )
             .await
         {
             Ok(c) => {
@@ -660,12 +672,15 @@ impl QemuProvider {
         &self,
         spec: &SpawnSpec,
         dir: &Path,
-        assets: &Assets,
-        accel: Accel,
-        base: &Path,
-        snap: Option<&(PathBuf, SnapMeta)>,
+        how: &Boot<'_>,
         slot: &mut Option<Meta>,
     ) -> Result<Arc<AgentClient>> {
+        let Boot {
+            assets,
+            accel,
+            base,
+            snap,
+        } = *how;
         let disk = dir.join("disk.qcow2");
         let size = std::fs::metadata(base)
             .map_err(|e| Error::internal(format!("root disk {}: {e}", base.display())))?
@@ -772,6 +787,16 @@ impl QemuProvider {
         }
         Ok(client)
     }
+}
+
+/// How a VM comes up: booted from the image's disk, or restored from a
+/// snapshot of that image.
+#[derive(Clone, Copy)]
+struct Boot<'a> {
+    assets: &'a Assets,
+    accel: Accel,
+    base: &'a Path,
+    snap: Option<&'a (PathBuf, SnapMeta)>,
 }
 
 /// Loads a snapshot's device state into a QEMU started with `-incoming

@@ -91,7 +91,7 @@ pub fn list(cache: &Path) -> Vec<SnapMeta> {
                 .flatten()
         })
         .collect();
-    out.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+    out.sort_by_key(|s| s.created_at);
     out
 }
 

@@ -163,7 +163,7 @@ pub async fn snapshots(State(st): State<AppState>) -> Json<Vec<SnapshotSummary>>
             Err(e) => tracing::warn!(provider = p.name(), error = %e, "listing snapshots failed"),
         }
     }
-    all.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+    all.sort_by_key(|s| s.created_at);
     Json::ok(all)
 }
 

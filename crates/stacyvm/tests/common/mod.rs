@@ -1,4 +1,7 @@
-//! Helpers shared by the integration tests of the `stacyvm` binary.
+//! Helpers shared by the integration tests of the `stacyvm` binary (each
+//! test binary uses some of them).
+
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -46,6 +49,71 @@ impl Registry {
 
 impl Drop for Registry {
     fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `stacyvm serve` on a free loopback port with its data dir, stderr in
+/// `<data>/server.log`; stopped with SIGTERM (then SIGKILL) on drop.
+pub struct Server {
+    child: Child,
+    /// `http://127.0.0.1:<port>/api/v1`
+    pub url: String,
+}
+
+impl Server {
+    /// Starts `stacyvm serve` with `env` on top of a loopback listener and
+    /// the data dir, and waits until it listens.
+    pub fn start(data: &Path, env: &[(&str, &str)]) -> Server {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let log = std::fs::File::create(data.join("server.log")).expect("log");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_stacyvm"));
+        cmd.arg("serve")
+            .env("STACYVM_SERVER_HOST", "127.0.0.1")
+            .env("STACYVM_SERVER_PORT", port.to_string())
+            .env("STACYVM_SERVER_DATA_DIR", data)
+            .env("STACYVM_LOGGING_LEVEL", "warn")
+            .current_dir(data)
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn serve");
+        let s = Server {
+            child,
+            url: format!("http://127.0.0.1:{port}/api/v1"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "stacyvm serve did not listen within 30 s: {}",
+                std::fs::read_to_string(data.join("server.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        s
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-15")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

@@ -1,0 +1,184 @@
+//! The qemu provider end to end with the real binary (TCG here): `stacyvm
+//! image import` of a busybox image, then `stacyvm serve` with
+//! `providers.default: qemu`: the provider report, spawn with no image
+//! (the configured default image), exec, a file round trip, logs, the
+//! snapshot list, destroy; and a spawn of `host` with no default image is
+//! a 400 that says what to do.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stacyvm");
+
+fn agent() -> String {
+    std::env::var("STACYVM_AGENT_PATH")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "/var/cache/stacyvm/agent/stacyvm-agent".into())
+}
+
+fn cache() -> String {
+    std::env::var("STACYVM_MICROVM_CACHE")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| "/var/cache/stacyvm/microvm".into())
+}
+
+/// A `docker save` archive of the host's static busybox with its applets.
+fn busybox_archive(dir: &std::path::Path) -> PathBuf {
+    let script = r#"
+import tarfile, io, json, hashlib, subprocess, sys
+applets = subprocess.run(["/bin/busybox","--list"],capture_output=True,text=True).stdout.split()
+lb = io.BytesIO()
+with tarfile.open(fileobj=lb, mode="w") as t:
+    for d in ["bin","tmp","workspace","etc","root"]:
+        ti = tarfile.TarInfo(d); ti.type = tarfile.DIRTYPE; ti.mode = 0o755; t.addfile(ti)
+    t.add("/bin/busybox", arcname="bin/busybox")
+    for a in applets:
+        if a != "busybox":
+            ti = tarfile.TarInfo("bin/"+a); ti.type = tarfile.SYMTYPE; ti.linkname = "busybox"; t.addfile(ti)
+layer = lb.getvalue()
+diff = "sha256:" + hashlib.sha256(layer).hexdigest()
+cfg = json.dumps({"architecture":"amd64","os":"linux","config":{"Env":["PATH=/bin"]},"rootfs":{"type":"layers","diff_ids":[diff]}}).encode()
+man = json.dumps([{"Config":"config.json","RepoTags":["e2e/busybox:1"],"Layers":["layer.tar"]}]).encode()
+with tarfile.open(sys.argv[1],"w") as t:
+    for name, data in [("manifest.json",man),("config.json",cfg),("layer.tar",layer)]:
+        ti = tarfile.TarInfo(name); ti.size = len(data); t.addfile(ti, io.BytesIO(data))
+"#;
+    let out = dir.join("busybox.tar");
+    let st = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&out)
+        .status()
+        .expect("python3");
+    assert!(st.success());
+    out
+}
+
+async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().request(method, url);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.json::<Value>().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_provider_end_to_end() {
+    let data = tempfile::tempdir().expect("tmp");
+    let archive = busybox_archive(data.path());
+    let (agent, cache) = (agent(), cache());
+    let import = std::process::Command::new(BIN)
+        .args(["image", "import"])
+        .arg(&archive)
+        .env("STACYVM_SERVER_DATA_DIR", data.path())
+        .output()
+        .expect("image import");
+    assert!(
+        import.status.success(),
+        "{}",
+        String::from_utf8_lossy(&import.stderr)
+    );
+    let env = [
+        ("STACYVM_PROVIDERS_NATIVE_ENABLED", "false"),
+        ("STACYVM_PROVIDERS_QEMU_ENABLED", "true"),
+        ("STACYVM_PROVIDERS_DEFAULT", "qemu"),
+        ("STACYVM_PROVIDERS_QEMU_DEFAULT_IMAGE", "e2e/busybox:1"),
+        ("STACYVM_PROVIDERS_QEMU_BOOT_TIMEOUT", "180s"),
+        ("STACYVM_AGENT_PATH", agent.as_str()),
+        ("STACYVM_MICROVM_CACHE", cache.as_str()),
+    ];
+    let s = common::Server::start(data.path(), &env);
+
+    let (status, v) = call(
+        reqwest::Method::GET,
+        format!("{}/providers/qemu", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let text = v.to_string();
+    assert!(text.contains("microvm"), "isolation class: {v}");
+
+    let (status, v) = call(
+        reqwest::Method::POST,
+        format!("{}/sandboxes", s.url),
+        Some(json!({"memory_mb": 224})),
+    )
+    .await;
+    assert!(status == 200 || status == 201, "spawn: {status} {v}");
+    assert_eq!(v["provider"], "qemu", "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+
+    let (status, v) = call(
+        reqwest::Method::POST,
+        format!("{}/sandboxes/{id}/exec", s.url),
+        Some(json!({"command": "uname -r; hostname; echo hi > /workspace/f; cat /workspace/f"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let out = v["stdout"].as_str().expect("stdout");
+    assert!(out.contains("cloud-amd64"), "the guest kernel: {v}");
+    assert!(out.contains(&id), "hostname: {v}");
+    assert!(out.ends_with("hi\n"), "{v}");
+
+    let got = reqwest::get(format!("{}/sandboxes/{id}/files?path=/workspace/f", s.url))
+        .await
+        .expect("read");
+    assert_eq!(got.status().as_u16(), 200);
+    assert_eq!(got.bytes().await.expect("body").as_ref(), b"hi\n");
+
+    let (status, v) = call(
+        reqwest::Method::GET,
+        format!("{}/sandboxes/{id}/logs", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+
+    // The cold boot leaves a restore point of this shape behind.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let (status, v) = call(reqwest::Method::GET, format!("{}/snapshots", s.url), None).await;
+        assert_eq!(status, 200, "{v}");
+        let listed = v.as_array().into_iter().flatten().any(|x| {
+            x["provider"] == "qemu" && x["image"] == "e2e/busybox:1" && x["memory_mb"] == 224
+        });
+        if listed {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no snapshot listed: {v}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    let (status, v) = call(
+        reqwest::Method::DELETE,
+        format!("{}/sandboxes/{id}", s.url),
+        None,
+    )
+    .await;
+    assert!(status == 200 || status == 204, "{status} {v}");
+    drop(s);
+
+    // Without a default image, `host` (the server default) is refused.
+    let env2: Vec<(&str, &str)> = env
+        .iter()
+        .copied()
+        .filter(|(k, _)| *k != "STACYVM_PROVIDERS_QEMU_DEFAULT_IMAGE")
+        .collect();
+    let s = common::Server::start(data.path(), &env2);
+    let (status, v) = call(
+        reqwest::Method::POST,
+        format!("{}/sandboxes", s.url),
+        Some(json!({"image": "host"})),
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(v.to_string().contains("default_image"), "{v}");
+}
