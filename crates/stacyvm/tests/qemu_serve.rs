@@ -59,6 +59,41 @@ with tarfile.open(sys.argv[1],"w") as t:
     out
 }
 
+/// Kills whatever QEMU a failed run left for `dir` (VMs outlive a
+/// server by design; a test must not leave them behind).
+struct VmReaper(PathBuf);
+
+impl Drop for VmReaper {
+    fn drop(&mut self) {
+        let needle = self.0.display().to_string();
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains(&needle) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-9", &pid.to_string()])
+                    .status();
+            }
+        }
+        // Their cgroups, once empty.
+        std::thread::sleep(Duration::from_millis(200));
+        let vms = self.0.join("qemu/sandboxes");
+        for e in std::fs::read_dir(vms).into_iter().flatten().flatten() {
+            let Ok(b) = std::fs::read(e.path().join("meta.json")) else {
+                continue;
+            };
+            let meta: Value = serde_json::from_slice(&b).unwrap_or(Value::Null);
+            for d in meta["cgroups"].as_array().into_iter().flatten() {
+                if let Some(d) = d.as_str() {
+                    let _ = std::fs::remove_dir(d);
+                }
+            }
+        }
+    }
+}
+
 async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
     let mut req = reqwest::Client::new().request(method, url);
     if let Some(b) = body {
@@ -72,6 +107,7 @@ async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_provider_end_to_end() {
     let data = tempfile::tempdir().expect("tmp");
+    let _reaper = VmReaper(data.path().to_path_buf());
     let archive = busybox_archive(data.path());
     let (agent, cache) = (agent(), cache());
     let import = std::process::Command::new(BIN)
