@@ -82,6 +82,11 @@ pub fn run() -> ExitCode {
             _ => eprintln!("stacyvm-agent: stacyvm.token is not hex"),
         }
     }
+    if cmdline_value(&cmdline, "stacyvm.transport") == Some("vsock") {
+        // Firecracker: no virtio-serial, the host reaches us over vsock.
+        serve_vsock(VSOCK_PORT);
+        power_off();
+    }
     let port = match wait_for_port(PORT_NAME, Duration::from_secs(30)) {
         Ok(p) => p,
         Err(e) => {
@@ -91,6 +96,54 @@ pub fn run() -> ExitCode {
     };
     serve_port(&port);
     power_off();
+}
+
+/// The vsock port the agent listens on (`stacyvm.transport=vsock`).
+pub const VSOCK_PORT: u32 = 1024;
+
+/// Starts the reaper thread every serving loop needs.
+fn start_reaper() -> Option<Arc<Reaper>> {
+    stacyvm_sandbox::tune_allocator(2 << 20, 4 << 20);
+    let reaper = Arc::new(Reaper::default());
+    let r = reaper.clone();
+    if crate::spawn_thread(move || r.run()).is_err() {
+        eprintln!("stacyvm-agent: cannot start the reaper thread");
+        return None;
+    }
+    Some(reaper)
+}
+
+/// Serves host connections on vsock `port`, one at a time (the host holds
+/// one connection per VM; a new one replaces a dead one).
+fn serve_vsock(port: u32) {
+    let Some(reaper) = start_reaper() else {
+        return;
+    };
+    let listener = match stacyvm_sandbox::VsockListener::bind(port) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("stacyvm-agent: vsock port {port}: {e} (are the vsock modules loaded?)");
+            return;
+        }
+    };
+    eprintln!(
+        "stacyvm-agent {} ready (guest, vsock port {port})",
+        env!("CARGO_PKG_VERSION")
+    );
+    loop {
+        let conn = match listener.accept() {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("stacyvm-agent: vsock accept: {e}");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        let Ok(write) = conn.try_clone() else {
+            continue;
+        };
+        crate::server::handle_stream(&conn, Box::new(write), &reaper, true);
+    }
 }
 
 fn setup() -> Result<(), String> {
@@ -287,15 +340,9 @@ fn wait_for_port(name: &str, timeout: Duration) -> Result<PathBuf, String> {
 /// connected a read of the port returns end-of-file at once (and `poll`
 /// reports a hang-up), so the agent retries every 10 ms.
 fn serve_port(port: &Path) {
-    stacyvm_sandbox::tune_allocator(2 << 20, 4 << 20);
-    let reaper = Arc::new(Reaper::default());
-    {
-        let r = reaper.clone();
-        if crate::spawn_thread(move || r.run()).is_err() {
-            eprintln!("stacyvm-agent: cannot start the reaper thread");
-            return;
-        }
-    }
+    let Some(reaper) = start_reaper() else {
+        return;
+    };
     let file = match std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -358,3 +358,43 @@ pub fn reseed_random(seed: &[u8]) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// A listening AF_VSOCK stream socket (a microVM guest's agent under a
+/// VMM without virtio-serial, e.g. Firecracker).
+pub struct VsockListener(std::os::fd::OwnedFd);
+
+impl VsockListener {
+    /// Listens on `port` for any CID.
+    pub fn bind(port: u32) -> std::io::Result<VsockListener> {
+        use nix::sys::socket::{
+            bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
+        };
+        use std::os::fd::AsRawFd;
+        let sock = socket(
+            AddressFamily::Vsock,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        // VMADDR_CID_ANY: whatever CID the VMM gave this guest.
+        bind(sock.as_raw_fd(), &VsockAddr::new(u32::MAX, port))?;
+        listen(&sock, Backlog::new(4).unwrap_or(Backlog::MAXCONN))?;
+        Ok(VsockListener(sock))
+    }
+
+    /// Waits for the next connection.
+    pub fn accept(&self) -> std::io::Result<std::fs::File> {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        loop {
+            match nix::sys::socket::accept4(
+                self.0.as_raw_fd(),
+                nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+            ) {
+                // SAFETY: accept4 just created this fd; nothing else owns it.
+                Ok(fd) => return Ok(unsafe { std::fs::File::from_raw_fd(fd) }),
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}

@@ -34,6 +34,10 @@ pub const MODULES: &[&str] = &[
     "drivers/char/virtio_console.ko",
     "drivers/char/hw_random/virtio-rng.ko",
     "drivers/block/virtio_blk.ko",
+    // vsock: the agent's transport under Firecracker.
+    "net/vmw_vsock/vsock.ko",
+    "net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",
+    "net/vmw_vsock/vmw_vsock_virtio_transport.ko",
 ];
 
 /// An unpacked kernel: its image and the modules of [`MODULES`].
@@ -220,7 +224,7 @@ pub fn install(cache: &Path, package: &str) -> Result<Kernel> {
             Err(e) => match cached_any(cache) {
                 Some(k) => return Ok(k),
                 None => return Err(Error::unavailable(format!(
-                    "the guest kernel is not installed and {e}; run `stacyvm microvm setup` where apt can reach Debian"
+                    "the guest kernel is not installed and {e}; run `stacyvm image kernel` where apt can reach Debian"
                 ))),
             },
         }

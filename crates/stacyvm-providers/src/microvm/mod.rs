@@ -6,13 +6,16 @@
 //! - [`rootfs`]: image-store roots as shared read-only ext4 disks;
 //! - [`qcow2`]: each VM's writable layer over its image's disk;
 //! - [`qmp`]: QEMU's control protocol;
-//! - [`qemu`]: the `qemu` provider (QEMU `-M microvm`).
+//! - [`qemu`]: the `qemu` provider (QEMU `-M microvm`);
+//! - [`firecracker`]: Firecracker's API and hybrid vsock (the provider
+//!   on top of it is next).
 //!
 //! The agent serves on the virtio-serial port [`AGENT_PORT`], which QEMU
 //! backs with a unix socket on the host; the handshake token travels on
 //! the kernel command line (`stacyvm.token=<hex>`), the hostname likewise
 //! (`stacyvm.hostname=`), the root disk as `stacyvm.root=vda`.
 
+pub mod firecracker;
 pub mod kernel;
 pub mod qcow2;
 pub mod qemu;

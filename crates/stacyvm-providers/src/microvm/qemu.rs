@@ -179,6 +179,19 @@ fn teardown_blocking(dir: &Path, meta: Option<&Meta>) {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// The host's memory in MiB (`MemTotal`).
+fn host_memory_mb() -> Option<i64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kb: i64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb / 1024)
+}
+
 /// Kills QEMU processes started for `dir` that were never recorded.
 fn kill_unrecorded(dir: &Path) {
     let needle = format!("path={}/qmp.sock", dir.display());
@@ -529,6 +542,22 @@ impl QemuProvider {
                 "vcpus {} must be between 1 and {max_vcpus} (providers.qemu.max_vcpus)",
                 spec.vcpus
             )));
+        }
+        // Whatever the caps say, a guest larger than the host cannot run.
+        let host_cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as i64);
+        if spec.vcpus > host_cpus {
+            return Err(Error::invalid(format!(
+                "vcpus {} exceeds this host's {host_cpus} CPUs",
+                spec.vcpus
+            )));
+        }
+        if let Some(host_mb) = host_memory_mb() {
+            if spec.memory_mb >= host_mb {
+                return Err(Error::invalid(format!(
+                    "memory_mb {} exceeds this host's {host_mb} MiB of memory",
+                    spec.memory_mb
+                )));
+            }
         }
         match spec.network_mode.as_str() {
             "" | "none" => Ok(()),

@@ -1,5 +1,5 @@
 //! The qemu provider's module: built from `providers.qemu.*`, with its own
-//! `config lint` and `doctor` checks, and `stacyvm microvm setup` (guest
+//! `config lint` and `doctor` checks, and `stacyvm image kernel` (guest
 //! kernel and initramfs ahead of the first spawn).
 
 use std::path::{Path, PathBuf};
@@ -150,7 +150,7 @@ fn check(cfg: &Config, r: &mut Report) {
                 "no guest kernel in {} yet (the first spawn downloads it)",
                 cache.display()
             ),
-            "run `stacyvm microvm setup` to fetch it now",
+            "run `stacyvm image kernel` to fetch it now",
         ),
     }
     match (Accel::parse(&q.accel), super::kvm_usable()) {
@@ -173,7 +173,7 @@ fn check(cfg: &Config, r: &mut Report) {
     }
 }
 
-/// `stacyvm microvm setup`: downloads the guest kernel and builds the
+/// `stacyvm image kernel`: downloads the guest kernel and builds the
 /// initramfs for this agent; returns what it installed.
 pub fn install(cfg: &Config) -> Result<(kernel::Kernel, PathBuf)> {
     let o = options(cfg)?;

@@ -322,6 +322,25 @@ async fn bad_spawns_are_refused() {
         p.spawn(&s).await.expect_err("vcpus").kind(),
         ErrorKind::InvalidInput
     );
+    // Beyond the host, whatever the caps allow.
+    let mut big = fx.opts();
+    big.max_memory_mb = 0;
+    big.max_vcpus = 4096;
+    let unbounded = QemuProvider::new(big).expect("provider");
+    s.memory_mb = 64 << 20;
+    let e = unbounded
+        .spawn(&s)
+        .await
+        .expect_err("more memory than the host");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("host"), "{e}");
+    s.memory_mb = 128;
+    s.vcpus = 4096;
+    let e = unbounded
+        .spawn(&s)
+        .await
+        .expect_err("more CPUs than the host");
+    assert!(e.to_string().contains("CPUs"), "{e}");
     s.vcpus = 1;
     s.network_mode = "bridge".into();
     assert_eq!(
@@ -438,4 +457,65 @@ async fn spawns_restore_snapshots_with_fresh_identity_and_private_writes() {
         p.destroy(&s.id).await.expect("destroy");
     }
     assert!(fx.qemus().is_empty());
+}
+
+/// A VMM that dies mid-exec: the exec ends with an error at once (not a
+/// hang), the sandbox reports gone, and another VM is unaffected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vmm_that_dies_mid_exec_fails_the_exec_only() {
+    let fx = fixture();
+    let p = Arc::new(fx.make());
+    let victim = conformance::spawn(p.as_ref(), BUSYBOX_TAG).await;
+    let other = conformance::spawn(p.as_ref(), BUSYBOX_TAG).await;
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fx.base().join(&victim).join("meta.json")).expect("meta"),
+    )
+    .expect("json");
+    let pid = meta["pid"].as_i64().expect("pid") as i32;
+    let runner = {
+        let (p, id) = (p.clone(), victim.clone());
+        tokio::spawn(async move {
+            let spec = stacyvm_core::provider::ExecSpec {
+                argv: vec!["sleep".into(), "60".into()],
+                ..Default::default()
+            };
+            let started = std::time::Instant::now();
+            let r = conformance::run_spec(p.as_ref(), &id, spec).await;
+            (r, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill the VMM");
+    let (r, took) = runner.await.expect("join");
+    assert!(r.is_err(), "exec on a dead VM must fail: {r:?}");
+    assert!(
+        took < Duration::from_secs(30),
+        "the exec ended promptly: {took:?}"
+    );
+    let r = sh(p.as_ref(), &other, "echo still here").await;
+    assert_eq!(r.stdout, "still here\n", "{r:?}");
+    p.destroy(&victim).await.expect("destroy a dead VM");
+    p.destroy(&other).await.expect("destroy");
+    assert!(fx.qemus().is_empty());
+}
+
+/// No kernel anywhere (offline, nothing cached): a typed error that says
+/// how to get one, and nothing left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_kernel_is_a_clear_error() {
+    let fx = fixture();
+    let mut o = fx.opts();
+    o.cache = fx.dir.path().join("empty-cache");
+    o.kernel_package = "linux-image-stacyvm-does-not-exist".into();
+    let p = QemuProvider::new(o).expect("provider");
+    let s = conformance::spawn_spec(BUSYBOX_TAG);
+    let e = p.spawn(&s).await.expect_err("no kernel");
+    assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
+    assert!(e.to_string().contains("stacyvm image kernel"), "{e}");
+    assert!(fx.qemus().is_empty());
+    assert!(!fx.base().join(&s.id).exists());
 }
