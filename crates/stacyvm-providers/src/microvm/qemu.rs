@@ -38,6 +38,7 @@ use super::snapshot::{self, SnapMeta};
 use super::{qcow2, qmp, Accel};
 use crate::agent::{AgentClient, AgentSession};
 use crate::image::store as images;
+use crate::native::ids;
 
 /// The most a console log keeps (then it rotates to `console.log.1`).
 const CONSOLE_CAP: u64 = 1 << 20;
@@ -80,6 +81,8 @@ pub struct QemuOptions {
     /// Spawn by restoring a snapshot of a booted guest of the same shape
     /// (built in the background after the first cold boot).
     pub snapshots: bool,
+    /// Where QEMU's unprivileged uids come from (leased like native's).
+    pub subordinate_ids: ids::IdRange,
 }
 
 /// What is recorded of a sandbox (`meta.json`).
@@ -105,6 +108,9 @@ struct Meta {
     /// The snapshot this VM was restored from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     snapshot: Option<String>,
+    /// The unprivileged uid (= gid) QEMU runs as, leased (root servers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
 }
 
 impl Meta {
@@ -147,6 +153,8 @@ pub struct QemuProvider {
     starting: Mutex<usize>,
     /// Snapshot keys being built in the background.
     building: Arc<Mutex<std::collections::HashSet<String>>>,
+    /// Unprivileged uids for QEMU (root servers).
+    ids: Option<Arc<ids::IdAllocator>>,
 }
 
 fn private_dir(dir: &Path) -> Result<()> {
@@ -177,6 +185,9 @@ fn teardown_blocking(dir: &Path, meta: Option<&Meta>) {
         }
     }
     let _ = std::fs::remove_dir_all(dir);
+    if let Some(uid) = meta.and_then(|m| m.uid) {
+        ids::release_lease(uid);
+    }
 }
 
 /// The host's memory in MiB (`MemTotal`).
@@ -241,6 +252,11 @@ impl QemuProvider {
             connecting: Mutex::default(),
             starting: Mutex::new(0),
             building: Arc::default(),
+            ids: nix::unistd::geteuid().is_root().then(|| {
+                let a = ids::IdAllocator::new(opts.subordinate_ids);
+                a.sweep();
+                Arc::new(a)
+            }),
             opts,
         };
         p.sweep();
@@ -400,6 +416,7 @@ impl QemuProvider {
             memory_file: None,
             incoming: false,
             kill_on_drop: true,
+            runas: None,
         };
         let res = async {
             let (pid, _child) = launch(self.qemu_path()?, &probe).await?;
@@ -659,6 +676,20 @@ impl QemuProvider {
             return Err(Error::conflict(format!("sandbox {} exists", spec.id)));
         }
         private_dir(&dir)?;
+        // QEMU drops to a leased uid. Not yet for restored clones: QEMU
+        // re-activates their disks after the incoming migration, which an
+        // unprivileged uid cannot do in the server's 0700 directories.
+        let ids = if snap.is_none() { self.ids.as_ref() } else { None };
+        let uid = match ids {
+            Some(a) => match a.allocate(&dir) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
         let mut slot: Option<Meta> = None;
         match self
             .start(
@@ -669,6 +700,7 @@ impl QemuProvider {
                     accel,
                     base,
                     snap,
+                    uid,
                 },
                 &mut slot,
             )
@@ -691,7 +723,11 @@ impl QemuProvider {
                 })
             }
             Err(e) => {
+                let recorded = slot.is_some();
                 self.teardown(&spec.id, slot).await;
+                if let (Some(u), false) = (uid, recorded) {
+                    ids::release_lease(u);
+                }
                 Err(e)
             }
         }
@@ -709,7 +745,9 @@ impl QemuProvider {
             accel,
             base,
             snap,
+            uid,
         } = *how;
+
         let disk = dir.join("disk.qcow2");
         let size = std::fs::metadata(base)
             .map_err(|e| Error::internal(format!("root disk {}: {e}", base.display())))?
@@ -740,6 +778,7 @@ impl QemuProvider {
             memory_file: mem.as_deref().map(|m| (m, false)),
             incoming: snap.is_some(),
             kill_on_drop: false,
+            runas: uid,
         };
         let (pid, _child) = launch(self.qemu_path()?, &launch_spec).await?;
         let ident = Identity::of(pid)
@@ -779,6 +818,7 @@ impl QemuProvider {
             cgroups: cgroups.clone(),
             token: hex::encode(&token),
             snapshot: snap.map(|(_, m)| m.id.clone()),
+            uid,
         };
         *slot = Some(meta.clone());
         std::fs::write(
@@ -826,29 +866,31 @@ struct Boot<'a> {
     accel: Accel,
     base: &'a Path,
     snap: Option<&'a (PathBuf, SnapMeta)>,
+    /// QEMU's unprivileged uid.
+    uid: Option<u32>,
 }
 
 /// Loads a snapshot's device state into a QEMU started with `-incoming
-/// defer` (its RAM is already mapped from the snapshot's file).
+/// unix:<dir>/incoming.sock` (its RAM is already mapped from the
+/// snapshot's file). QEMU binds that socket at start, before it drops to
+/// its uid, so no path of the server's needs to be reachable by that uid.
 async fn restore_state(qmp_sock: &Path, dir: &Path, vmstate: &Path) -> Result<()> {
-    qmp::execute(
-        qmp_sock,
-        "migrate-set-capabilities",
-        Some(serde_json::json!({"capabilities": [
-            {"capability": "x-ignore-shared", "state": true}
-        ]})),
-    )
-    .await?;
+    let _ = qmp_sock;
     let sock = dir.join("incoming.sock");
-    qmp::execute(
-        qmp_sock,
-        "migrate-incoming",
-        Some(serde_json::json!({ "uri": format!("unix:{}", sock.display()) })),
-    )
-    .await?;
-    let mut stream = tokio::net::UnixStream::connect(&sock)
-        .await
-        .map_err(|e| Error::internal(format!("connecting to {}: {e}", sock.display())))?;
+    // QEMU binds it a moment after its QMP socket.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match tokio::net::UnixStream::connect(&sock).await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() >= deadline => {
+                return Err(Error::internal(format!(
+                    "connecting to {}: {e}",
+                    sock.display()
+                )))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+        }
+    };
     let mut state = tokio::fs::File::open(vmstate)
         .await
         .map_err(|e| Error::internal(format!("opening {}: {e}", vmstate.display())))?;
@@ -865,8 +907,11 @@ async fn restore_state(qmp_sock: &Path, dir: &Path, vmstate: &Path) -> Result<()
             }
             Some("paused") | Some("prelaunch") | Some("running") => break,
             other => {
+                let log = std::fs::read_to_string(dir.join("qemu.log"))
+                    .unwrap_or_default();
                 return Err(Error::internal(format!(
-                    "restoring the snapshot failed (QEMU status {other:?}); see qemu.log"
+                    "restoring the snapshot failed (QEMU status {other:?}): {}",
+                    log.trim()
                 )))
             }
         }
@@ -910,7 +955,14 @@ pub(super) async fn launch(qemu: &Path, l: &Launch<'_>) -> Result<(i32, tokio::p
         .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot"])
         .args([
             "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            // QEMU installs its seccomp filter before `-runas` drops to the
+            // leased uid, so set*id must stay allowed then; once dropped,
+            // QEMU holds no capability to regain root with them.
+            if l.runas.is_some() {
+                "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny"
+            } else {
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            },
         ])
         .arg("-kernel")
         .arg(&l.assets.kernel.vmlinuz)
@@ -941,8 +993,14 @@ pub(super) async fn launch(qemu: &Path, l: &Launch<'_>) -> Result<(i32, tokio::p
             &format!("virtserialport,chardev=agent,name={}", super::AGENT_PORT),
         ])
         .args(["-device", "virtio-rng-device"]);
+    if let Some(u) = l.runas {
+        cmd.args(["-runas", &format!("{u}:{u}")]);
+    }
     if l.incoming {
-        cmd.args(["-incoming", "defer"]);
+        // The snapshot's RAM is mapped from its file, not sent.
+        cmd.args(["-global", "migration.x-ignore-shared=on"]);
+        cmd.arg("-incoming")
+            .arg(format!("unix:{}", l.dir.join("incoming.sock").display()));
     } else {
         cmd.arg("-S");
     }
@@ -1031,6 +1089,8 @@ pub(super) struct Launch<'a> {
     pub(super) incoming: bool,
     /// Kill QEMU when the returned child is dropped (snapshot templates).
     pub(super) kill_on_drop: bool,
+    /// The uid (= gid) QEMU drops to once set up (`-runas`).
+    pub(super) runas: Option<u32>,
 }
 
 /// Connects to the agent's port until it answers the handshake, QEMU

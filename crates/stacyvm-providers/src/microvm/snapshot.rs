@@ -189,6 +189,9 @@ pub(super) async fn build(t: &Template<'_>) -> Result<SnapMeta> {
         memory_file: Some((&mem, true)),
         incoming: false,
         kill_on_drop: true,
+        // The template runs no caller's code (the agent as init only, on a
+        // pristine image) and must reach the server's migration socket.
+        runas: None,
     };
     let (pid, child) = launch(t.qemu, &l).await?;
     let ident = Identity::of(pid).ok_or_else(|| Error::internal("QEMU exited at once"))?;

@@ -81,6 +81,8 @@ impl Fixture {
             boot_timeout: Duration::from_secs(180),
             exec_timeout: Duration::from_secs(120),
             snapshots: true,
+            subordinate_ids: crate::native::ids::IdRange::parse(crate::native::ids::DEFAULT_RANGE)
+                .expect("range"),
         }
     }
 
@@ -230,7 +232,25 @@ async fn destroy_leaves_nothing() {
         .filter_map(|d| d.as_str().map(PathBuf::from))
         .collect();
     assert_eq!(fx.qemus().len(), 1);
+    // QEMU runs as the sandbox's leased, unprivileged uid, never root.
+    let uid = meta["uid"].as_u64().expect("a leased uid") as u32;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", fx.qemus()[0])).expect("status");
+    let real_uids = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .expect("Uid line")
+        .split_whitespace()
+        .map(|u| u.parse::<u32>().expect("uid"))
+        .collect::<Vec<_>>();
+    assert!(real_uids.iter().all(|u| *u == uid), "QEMU uids {real_uids:?}, leased {uid}");
+    let lease = std::path::Path::new("/run/stacyvm/ids").join(uid.to_string());
+    assert!(lease.exists(), "lease held while the VM runs");
+    // The state dir is the server's: QEMU's uid owns only run/.
+    use std::os::unix::fs::MetadataExt;
+    let d = std::fs::metadata(fx.base().join(&id)).expect("dir");
+    assert_eq!(d.uid(), 0);
     p.destroy(&id).await.expect("destroy");
+    assert!(!lease.exists(), "lease released");
     assert!(fx.qemus().is_empty(), "QEMU left running");
     assert!(!fx.base().join(&id).exists(), "state dir left");
     for d in cgroups {
