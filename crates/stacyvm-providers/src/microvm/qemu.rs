@@ -676,10 +676,15 @@ impl QemuProvider {
             return Err(Error::conflict(format!("sandbox {} exists", spec.id)));
         }
         private_dir(&dir)?;
-        // QEMU drops to a leased uid. Not yet for restored clones: QEMU
-        // re-activates their disks after the incoming migration, which an
-        // unprivileged uid cannot do in the server's 0700 directories.
-        let ids = if snap.is_none() { self.ids.as_ref() } else { None };
+        // QEMU drops to a leased uid. Not yet for restored clones: their
+        // QEMU must bind the incoming-migration socket after it has
+        // started, which an unprivileged uid cannot do in the server's
+        // 0700 directories (next: pass it a socket over QMP instead).
+        let ids = if snap.is_none() {
+            self.ids.as_ref()
+        } else {
+            None
+        };
         let uid = match ids {
             Some(a) => match a.allocate(&dir) {
                 Ok(u) => Some(u),
@@ -871,13 +876,24 @@ struct Boot<'a> {
 }
 
 /// Loads a snapshot's device state into a QEMU started with `-incoming
-/// unix:<dir>/incoming.sock` (its RAM is already mapped from the
-/// snapshot's file). QEMU binds that socket at start, before it drops to
-/// its uid, so no path of the server's needs to be reachable by that uid.
+/// defer` (its RAM is already mapped from the snapshot's file).
 async fn restore_state(qmp_sock: &Path, dir: &Path, vmstate: &Path) -> Result<()> {
-    let _ = qmp_sock;
+    qmp::execute(
+        qmp_sock,
+        "migrate-set-capabilities",
+        Some(serde_json::json!({"capabilities": [
+            {"capability": "x-ignore-shared", "state": true}
+        ]})),
+    )
+    .await?;
     let sock = dir.join("incoming.sock");
-    // QEMU binds it a moment after its QMP socket.
+    qmp::execute(
+        qmp_sock,
+        "migrate-incoming",
+        Some(serde_json::json!({ "uri": format!("unix:{}", sock.display()) })),
+    )
+    .await?;
+    // QEMU may bind it a moment after answering.
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut stream = loop {
         match tokio::net::UnixStream::connect(&sock).await {
@@ -907,12 +923,11 @@ async fn restore_state(qmp_sock: &Path, dir: &Path, vmstate: &Path) -> Result<()
             }
             Some("paused") | Some("prelaunch") | Some("running") => break,
             other => {
-                let log = std::fs::read_to_string(dir.join("qemu.log"))
-                    .unwrap_or_default();
+                let log = std::fs::read_to_string(dir.join("qemu.log")).unwrap_or_default();
                 return Err(Error::internal(format!(
                     "restoring the snapshot failed (QEMU status {other:?}): {}",
                     log.trim()
-                )))
+                )));
             }
         }
     }
@@ -997,10 +1012,7 @@ pub(super) async fn launch(qemu: &Path, l: &Launch<'_>) -> Result<(i32, tokio::p
         cmd.args(["-runas", &format!("{u}:{u}")]);
     }
     if l.incoming {
-        // The snapshot's RAM is mapped from its file, not sent.
-        cmd.args(["-global", "migration.x-ignore-shared=on"]);
-        cmd.arg("-incoming")
-            .arg(format!("unix:{}", l.dir.join("incoming.sock").display()));
+        cmd.args(["-incoming", "defer"]);
     } else {
         cmd.arg("-S");
     }

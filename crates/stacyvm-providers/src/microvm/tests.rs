@@ -234,7 +234,8 @@ async fn destroy_leaves_nothing() {
     assert_eq!(fx.qemus().len(), 1);
     // QEMU runs as the sandbox's leased, unprivileged uid, never root.
     let uid = meta["uid"].as_u64().expect("a leased uid") as u32;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", fx.qemus()[0])).expect("status");
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", fx.qemus()[0])).expect("status");
     let real_uids = status
         .lines()
         .find_map(|l| l.strip_prefix("Uid:"))
@@ -242,7 +243,10 @@ async fn destroy_leaves_nothing() {
         .split_whitespace()
         .map(|u| u.parse::<u32>().expect("uid"))
         .collect::<Vec<_>>();
-    assert!(real_uids.iter().all(|u| *u == uid), "QEMU uids {real_uids:?}, leased {uid}");
+    assert!(
+        real_uids.iter().all(|u| *u == uid),
+        "QEMU uids {real_uids:?}, leased {uid}"
+    );
     let lease = std::path::Path::new("/run/stacyvm/ids").join(uid.to_string());
     assert!(lease.exists(), "lease held while the VM runs");
     // The state dir is the server's: QEMU's uid owns only run/.
