@@ -312,6 +312,11 @@ async fn check_firecracker(r: &mut Report, cfg: &Config) {
         return;
     }
     let f = &cfg.providers.firecracker;
+    r.warn(
+        "firecracker.provider",
+        "not certified on this host: StacyVM speaks Firecracker's API (tested against a recording fake of its socket) but registers no firecracker provider yet",
+        "use providers.qemu for microVMs (KVM where a guest boots with it, else TCG)",
+    );
     let fc = which(&f.firecracker_path).or_else(|| which("firecracker"));
     match (fc, which("qemu-system-x86_64")) {
         (Some(p), _) => match probe_output(&p, &["--version"]).await {
