@@ -632,6 +632,7 @@ impl QemuProvider {
             }
         }
         let building = self.building.clone();
+        let ids = self.ids.clone();
         let (cache, assets, base, image, key) = (
             self.opts.cache.clone(),
             assets.clone(),
@@ -641,7 +642,11 @@ impl QemuProvider {
         );
         let (memory_mb, vcpus, boot_timeout) = (spec.memory_mb, spec.vcpus, self.opts.boot_timeout);
         tokio::spawn(async move {
+            let runas = ids
+                .as_ref()
+                .and_then(|a| a.allocate(&cache.join("snapshots")).ok());
             let t = snapshot::Template {
+                runas,
                 qemu: &qemu,
                 cache: &cache,
                 assets: &assets,
@@ -656,6 +661,9 @@ impl QemuProvider {
             match snapshot::build(&t).await {
                 Ok(m) => info!(snapshot = %m.id, bytes = m.size_bytes, "qemu snapshot ready"),
                 Err(e) => warn!(snapshot = %key, error = %e, "building a qemu snapshot failed"),
+            }
+            if let Some(u) = runas {
+                ids::release_lease(u);
             }
             if let Ok(mut b) = building.lock() {
                 b.remove(&key);
@@ -676,16 +684,8 @@ impl QemuProvider {
             return Err(Error::conflict(format!("sandbox {} exists", spec.id)));
         }
         private_dir(&dir)?;
-        // QEMU drops to a leased uid. Not yet for restored clones: their
-        // QEMU must bind the incoming-migration socket after it has
-        // started, which an unprivileged uid cannot do in the server's
-        // 0700 directories (next: pass it a socket over QMP instead).
-        let ids = if snap.is_none() {
-            self.ids.as_ref()
-        } else {
-            None
-        };
-        let uid = match ids {
+        // QEMU drops to a leased uid once it is set up.
+        let uid = match &self.ids {
             Some(a) => match a.allocate(&dir) {
                 Ok(u) => Some(u),
                 Err(e) => {
@@ -886,27 +886,23 @@ async fn restore_state(qmp_sock: &Path, dir: &Path, vmstate: &Path) -> Result<()
         ]})),
     )
     .await?;
-    let sock = dir.join("incoming.sock");
-    qmp::execute(
+    let _ = dir;
+    // The state travels over a socket pair whose far end QEMU receives
+    // over QMP: QEMU (an unprivileged uid by now) opens no path of ours.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| Error::internal(format!("socket pair: {e}")))?;
+    qmp::execute_with_fd(
         qmp_sock,
+        std::os::fd::OwnedFd::from(theirs),
+        "restore",
         "migrate-incoming",
-        Some(serde_json::json!({ "uri": format!("unix:{}", sock.display()) })),
+        Some(serde_json::json!({ "uri": "fd:restore" })),
     )
     .await?;
-    // QEMU may bind it a moment after answering.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut stream = loop {
-        match tokio::net::UnixStream::connect(&sock).await {
-            Ok(s) => break s,
-            Err(e) if Instant::now() >= deadline => {
-                return Err(Error::internal(format!(
-                    "connecting to {}: {e}",
-                    sock.display()
-                )))
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
-        }
-    };
+    ours.set_nonblocking(true)
+        .map_err(|e| Error::internal(format!("socket pair: {e}")))?;
+    let mut stream = tokio::net::UnixStream::from_std(ours)
+        .map_err(|e| Error::internal(format!("socket pair: {e}")))?;
     let mut state = tokio::fs::File::open(vmstate)
         .await
         .map_err(|e| Error::internal(format!("opening {}: {e}", vmstate.display())))?;
@@ -931,7 +927,6 @@ async fn restore_state(qmp_sock: &Path, dir: &Path, vmstate: &Path) -> Result<()
             }
         }
     }
-    let _ = std::fs::remove_file(&sock);
     Ok(())
 }
 

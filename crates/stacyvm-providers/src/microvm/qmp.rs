@@ -79,6 +79,94 @@ async fn read_reply<R: tokio::io::AsyncBufRead + Unpin>(rd: &mut R) -> Result<Va
     serde_json::from_slice(&line).map_err(|e| Error::internal(format!("QMP: bad reply: {e}")))
 }
 
+/// Hands QEMU `fd` under `name` (QMP `getfd`, the descriptor passed with
+/// SCM_RIGHTS) and runs `command` in the same session, so the command can
+/// use `fd:<name>` (e.g. a migration stream). QEMU then needs no path of
+/// the server's: it may run as an unprivileged uid.
+pub async fn execute_with_fd(
+    sock: &Path,
+    fd: std::os::fd::OwnedFd,
+    name: &str,
+    command: &str,
+    args: Option<Value>,
+) -> Result<Value> {
+    let (sock, name, command) = (sock.to_path_buf(), name.to_string(), command.to_string());
+    tokio::task::spawn_blocking(move || with_fd_blocking(&sock, &fd, &name, &command, args))
+        .await
+        .map_err(|e| Error::internal(format!("QMP task: {e}")))?
+}
+
+fn with_fd_blocking(
+    sock: &Path,
+    fd: &std::os::fd::OwnedFd,
+    name: &str,
+    command: &str,
+    args: Option<Value>,
+) -> Result<Value> {
+    use std::io::{BufRead, Write};
+    use std::os::fd::AsRawFd;
+    let err =
+        |what: &str, e: &dyn std::fmt::Display| Error::unavailable(format!("QMP {what}: {e}"));
+    let stream = std::os::unix::net::UnixStream::connect(sock).map_err(|e| err("connect", &e))?;
+    stream
+        .set_read_timeout(Some(TIMEOUT))
+        .map_err(|e| err("timeout", &e))?;
+    let mut rd = std::io::BufReader::new(stream.try_clone().map_err(|e| err("clone", &e))?);
+    let mut wr = stream;
+    let read = |rd: &mut std::io::BufReader<std::os::unix::net::UnixStream>| -> Result<Value> {
+        loop {
+            let mut line = String::new();
+            let n = rd.read_line(&mut line).map_err(|e| err("read", &e))?;
+            if n == 0 {
+                return Err(Error::unavailable("QMP: QEMU closed the connection"));
+            }
+            let v: Value = serde_json::from_str(&line)
+                .map_err(|e| Error::internal(format!("QMP: bad reply: {e}")))?;
+            if v.get("event").is_some() || v.get("QMP").is_some() {
+                continue;
+            }
+            if let Some(e) = v.get("error") {
+                return Err(Error::internal(format!(
+                    "QMP: {}",
+                    e.get("desc").and_then(Value::as_str).unwrap_or("error")
+                )));
+            }
+            return Ok(v.get("return").cloned().unwrap_or(Value::Null));
+        }
+    };
+    // Greeting, then capabilities.
+    let mut greeting = String::new();
+    rd.read_line(&mut greeting)
+        .map_err(|e| err("greeting", &e))?;
+    wr.write_all(b"{\"execute\":\"qmp_capabilities\"}\n")
+        .map_err(|e| err("write", &e))?;
+    read(&mut rd)?;
+    // getfd with the descriptor attached to the same message.
+    let getfd = format!(
+        "{}\n",
+        json!({"execute": "getfd", "arguments": {"fdname": name}})
+    );
+    let iov = [std::io::IoSlice::new(getfd.as_bytes())];
+    let fds = [fd.as_raw_fd()];
+    let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+    nix::sys::socket::sendmsg::<()>(
+        wr.as_raw_fd(),
+        &iov,
+        &cmsg,
+        nix::sys::socket::MsgFlags::empty(),
+        None,
+    )
+    .map_err(|e| err("getfd", &e))?;
+    read(&mut rd)?;
+    let mut req = json!({ "execute": command });
+    if let Some(a) = args {
+        req["arguments"] = a;
+    }
+    wr.write_all(format!("{req}\n").as_bytes())
+        .map_err(|e| err("write", &e))?;
+    read(&mut rd)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

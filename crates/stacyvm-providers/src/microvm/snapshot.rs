@@ -143,6 +143,8 @@ fn allocated(dir: &Path) -> u64 {
 
 /// What a template boot needs.
 pub(super) struct Template<'a> {
+    /// The leased uid the template's QEMU drops to.
+    pub(super) runas: Option<u32>,
     pub(super) qemu: &'a Path,
     pub(super) cache: &'a Path,
     pub(super) assets: &'a super::qemu::Assets,
@@ -189,9 +191,7 @@ pub(super) async fn build(t: &Template<'_>) -> Result<SnapMeta> {
         memory_file: Some((&mem, true)),
         incoming: false,
         kill_on_drop: true,
-        // The template runs no caller's code (the agent as init only, on a
-        // pristine image) and must reach the server's migration socket.
-        runas: None,
+        runas: t.runas,
     };
     let (pid, child) = launch(t.qemu, &l).await?;
     let ident = Identity::of(pid).ok_or_else(|| Error::internal("QEMU exited at once"))?;
@@ -213,19 +213,20 @@ pub(super) async fn build(t: &Template<'_>) -> Result<SnapMeta> {
         ]})),
     )
     .await?;
-    let mig = dir.join("mig.sock");
-    let listener = tokio::net::UnixListener::bind(&mig)
-        .map_err(|e| Error::internal(format!("binding {}: {e}", mig.display())))?;
+    // The device state comes back over a socket pair whose far end QEMU
+    // receives over QMP (it runs as an unprivileged uid by now).
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| Error::internal(format!("socket pair: {e}")))?;
+    ours.set_nonblocking(true)
+        .map_err(|e| Error::internal(format!("socket pair: {e}")))?;
+    let mut ours = tokio::net::UnixStream::from_std(ours)
+        .map_err(|e| Error::internal(format!("socket pair: {e}")))?;
     let state = dir.join("vmstate");
     let receive = async {
-        let (mut s, _) = listener
-            .accept()
-            .await
-            .map_err(|e| Error::internal(format!("migration stream: {e}")))?;
         let mut f = tokio::fs::File::create(&state)
             .await
             .map_err(|e| Error::internal(format!("creating vmstate: {e}")))?;
-        tokio::io::copy(&mut s, &mut f)
+        tokio::io::copy(&mut ours, &mut f)
             .await
             .map_err(|e| Error::internal(format!("receiving vmstate: {e}")))?;
         f.flush()
@@ -233,12 +234,13 @@ pub(super) async fn build(t: &Template<'_>) -> Result<SnapMeta> {
             .map_err(|e| Error::internal(format!("writing vmstate: {e}")))?;
         Ok::<(), Error>(())
     };
-    let uri = format!("unix:{}", mig.display());
     let (sent, received) = tokio::join!(
-        qmp::execute(
+        qmp::execute_with_fd(
             &qmp_sock,
+            std::os::fd::OwnedFd::from(theirs),
+            "snapshot",
             "migrate",
-            Some(serde_json::json!({ "uri": uri }))
+            Some(serde_json::json!({ "uri": "fd:snapshot" })),
         ),
         tokio::time::timeout(Duration::from_secs(60), receive)
     );

@@ -442,6 +442,17 @@ async fn spawns_restore_snapshots_with_fresh_identity_and_private_writes() {
         )
         .expect("json");
         assert_eq!(meta["snapshot"], snap.id.as_str(), "restored, not booted");
+        // A clone's QEMU runs as its own leased uid too.
+        let uid = meta["uid"].as_u64().expect("a leased uid");
+        let pid = meta["pid"].as_i64().expect("pid");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let line = status.lines().find(|l| l.starts_with("Uid:")).expect("Uid");
+        assert!(
+            line.split_whitespace()
+                .skip(1)
+                .all(|u| u == uid.to_string()),
+            "clone QEMU {line}, leased {uid}"
+        );
     }
     let probe = "hostname; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; \
                  ls /bin/busybox; echo $0 > /workspace/who; cat /workspace/who";
