@@ -190,6 +190,17 @@ fn teardown_blocking(dir: &Path, meta: Option<&Meta>) {
     }
 }
 
+/// Releases a leased uid when dropped.
+struct LeaseGuard(Option<u32>);
+
+impl Drop for LeaseGuard {
+    fn drop(&mut self) {
+        if let Some(u) = self.0 {
+            ids::release_lease(u);
+        }
+    }
+}
+
 /// The host's memory in MiB (`MemTotal`).
 fn host_memory_mb() -> Option<i64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -645,6 +656,9 @@ impl QemuProvider {
             let runas = ids
                 .as_ref()
                 .and_then(|a| a.allocate(&cache.join("snapshots")).ok());
+            // Released however the task ends, also when it is dropped
+            // unfinished (the server or runtime shutting down).
+            let _lease = LeaseGuard(runas);
             let t = snapshot::Template {
                 runas,
                 qemu: &qemu,
@@ -661,9 +675,6 @@ impl QemuProvider {
             match snapshot::build(&t).await {
                 Ok(m) => info!(snapshot = %m.id, bytes = m.size_bytes, "qemu snapshot ready"),
                 Err(e) => warn!(snapshot = %key, error = %e, "building a qemu snapshot failed"),
-            }
-            if let Some(u) = runas {
-                ids::release_lease(u);
             }
             if let Ok(mut b) = building.lock() {
                 b.remove(&key);
