@@ -133,3 +133,13 @@ impl SandboxIo for AgentSession {
         self.client.glob(pattern).await
     }
 }
+
+/// The exec as it runs: a provider's hard timeout `max` (zero = none)
+/// caps the request's own.
+pub fn capped(spec: &ExecSpec, max: std::time::Duration) -> ExecSpec {
+    let mut s = spec.clone();
+    if !max.is_zero() {
+        s.timeout = Some(s.timeout.map_or(max, |t| t.min(max)));
+    }
+    s
+}

@@ -15,7 +15,6 @@
 //! provider instance finds them through `meta.json` and reconnects.
 
 use std::collections::{BTreeMap, HashMap};
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -157,13 +156,6 @@ pub struct QemuProvider {
     ids: Option<Arc<ids::IdAllocator>>,
 }
 
-fn private_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::internal(format!("creating {}", dir.display())).with_source(e))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::internal(format!("restricting {}", dir.display())).with_source(e))
-}
-
 fn read_meta(dir: &Path) -> Option<Meta> {
     std::fs::read(dir.join("meta.json"))
         .ok()
@@ -243,7 +235,7 @@ pub fn resolve_binary(name: &str) -> Option<PathBuf> {
 
 impl QemuProvider {
     pub fn new(opts: QemuOptions) -> Result<Self> {
-        private_dir(&opts.base)?;
+        crate::native::create_private_dir(&opts.base)?;
         let images = Arc::new(images::ImageStore::new(
             opts.images_dir.clone(),
             &opts.hidden,
@@ -513,17 +505,6 @@ impl QemuProvider {
         let _ = tokio::task::spawn_blocking(move || teardown_blocking(&dir, meta.as_ref())).await;
     }
 
-    fn capped(&self, spec: &ExecSpec) -> ExecSpec {
-        let mut s = spec.clone();
-        if !self.opts.exec_timeout.is_zero() {
-            s.timeout = Some(match s.timeout {
-                Some(t) => t.min(self.opts.exec_timeout),
-                None => self.opts.exec_timeout,
-            });
-        }
-        s
-    }
-
     /// The image's root directory and its content key.
     /// The image a spawn gets (resolving `host` to the default image), its
     /// content key and its root directory.
@@ -694,7 +675,7 @@ impl QemuProvider {
         if std::fs::symlink_metadata(&dir).is_ok() {
             return Err(Error::conflict(format!("sandbox {} exists", spec.id)));
         }
-        private_dir(&dir)?;
+        crate::native::create_private_dir(&dir)?;
         // QEMU drops to a leased uid once it is set up.
         let uid = match &self.ids {
             Some(a) => match a.allocate(&dir) {
@@ -1323,7 +1304,13 @@ impl Provider for QemuProvider {
     }
 
     async fn exec(&self, id: &str, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus> {
-        self.io(id).await?.exec(&self.capped(spec), sink).await
+        self.io(id)
+            .await?
+            .exec(
+                &crate::agent::session::capped(spec, self.opts.exec_timeout),
+                sink,
+            )
+            .await
     }
 
     async fn exec_interactive(
@@ -1335,7 +1322,11 @@ impl Provider for QemuProvider {
     ) -> Result<ExitStatus> {
         self.io(id)
             .await?
-            .exec_interactive(&self.capped(spec), sink, input)
+            .exec_interactive(
+                &crate::agent::session::capped(spec, self.opts.exec_timeout),
+                sink,
+                input,
+            )
             .await
     }
 

@@ -477,6 +477,14 @@ fn private_dir(dir: &Path) -> Result<()> {
         .map_err(|e| Error::internal(format!("restricting {}", dir.display())).with_source(e))
 }
 
+/// Creates `dir` (and its parents) and makes it accessible to its owner
+/// only: the state dir of a sandbox of any provider.
+pub(crate) fn create_private_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::internal(format!("creating {}", dir.display())).with_source(e))?;
+    private_dir(dir)
+}
+
 /// How long `stacyvm-agent boot` may take.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -185,13 +185,6 @@ pub fn resolve_binary(name: &str) -> Option<PathBuf> {
     stacyvm_core::checks::which(name)
 }
 
-fn private_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::internal(format!("creating {}", dir.display())).with_source(e))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| Error::internal(format!("restricting {}", dir.display())).with_source(e))
-}
-
 /// Processes whose status satisfies `pick` (given the status text).
 fn scan_procs(pick: &dyn Fn(i32, &str) -> bool) -> Vec<Identity> {
     let mut out = Vec::new();
@@ -347,7 +340,7 @@ fn guard_disk(alive: Weak<()>, base: PathBuf, caps: disk::DiskCaps) {
 
 impl ProotProvider {
     pub fn new(opts: ProotOptions) -> Result<Self> {
-        private_dir(&opts.base)?;
+        crate::native::create_private_dir(&opts.base)?;
         let images = Arc::new(images::ImageStore::new(
             opts.images_dir.clone(),
             &opts.hidden,
@@ -712,18 +705,6 @@ impl ProotProvider {
             tokio::task::spawn_blocking(move || teardown_blocking(&dir, &id, meta.as_ref())).await;
     }
 
-    /// The exec as it runs: the provider's hard timeout caps the request's.
-    fn capped(&self, spec: &ExecSpec) -> ExecSpec {
-        let mut s = spec.clone();
-        if !self.opts.exec_timeout.is_zero() {
-            s.timeout = Some(match s.timeout {
-                Some(t) => t.min(self.opts.exec_timeout),
-                None => self.opts.exec_timeout,
-            });
-        }
-        s
-    }
-
     /// The last lines of a sandbox's console log, for error messages.
     fn console_tail(dir: &Path, n: usize) -> String {
         let text = std::fs::read_to_string(dir.join("console.log")).unwrap_or_default();
@@ -1051,7 +1032,13 @@ impl Provider for ProotProvider {
     }
 
     async fn exec(&self, id: &str, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus> {
-        self.io(id).await?.exec(&self.capped(spec), sink).await
+        self.io(id)
+            .await?
+            .exec(
+                &crate::agent::session::capped(spec, self.opts.exec_timeout),
+                sink,
+            )
+            .await
     }
 
     async fn exec_interactive(
@@ -1063,7 +1050,11 @@ impl Provider for ProotProvider {
     ) -> Result<ExitStatus> {
         self.io(id)
             .await?
-            .exec_interactive(&self.capped(spec), sink, input)
+            .exec_interactive(
+                &crate::agent::session::capped(spec, self.opts.exec_timeout),
+                sink,
+                input,
+            )
             .await
     }
 
@@ -1157,7 +1148,7 @@ impl ProotProvider {
         if std::fs::symlink_metadata(&dir).is_ok() {
             return Err(Error::conflict(format!("sandbox {} exists", spec.id)));
         }
-        private_dir(&dir)?;
+        crate::native::create_private_dir(&dir)?;
         let uid = match &self.ids {
             Some(a) => match a.allocate(&dir) {
                 Ok(u) => Some(u),
