@@ -410,7 +410,29 @@ pub enum Request {
         unix_nanos: i64,
         /// Hex of 32 or more random bytes.
         seed: String,
+        /// The clone's network interface, when the VM has one: the
+        /// template's guest left `eth0` down and unaddressed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        net: Option<GuestNet>,
     },
+}
+
+/// How a microVM guest configures `eth0` (given at boot on the kernel
+/// command line, or to a restored clone by `Reidentify`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GuestNet {
+    /// IPv4 address, dotted.
+    pub address: String,
+    /// Prefix length of the subnet.
+    pub prefix: u8,
+    /// Default gateway, dotted.
+    pub gateway: String,
+    /// The interface's MAC (`aa:bb:cc:dd:ee:ff`); empty keeps the device's.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub mac: String,
+    /// Written to `/etc/resolv.conf` when not empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
 }
 
 /// Terminal answer to a request.

@@ -9,6 +9,8 @@
 //!   mounts that ext4 disk as the new root and moves into it (the
 //!   initramfs stays behind, unreachable), then mounts `/tmp`, `/run`,
 //!   `/dev/shm` (tmpfs) and `/dev/pts` (for ptys) in it,
+//! - brings `lo` up and, with `stacyvm.net=<ip>/<len>,<gateway>` (and
+//!   `stacyvm.dns=<ip>,…`), addresses `eth0` (see `guestnet`),
 //! - sets the hostname from `stacyvm.hostname=` on the kernel command line,
 //! - takes the handshake token from `stacyvm.token=` (hex) on the kernel
 //!   command line,
@@ -70,6 +72,20 @@ pub fn run() -> ExitCode {
     if let Err(e) = mount_runtime_dirs() {
         eprintln!("stacyvm-agent: guest setup failed: {e}");
         power_off();
+    }
+    if let Err(e) = crate::guestnet::loopback_up() {
+        eprintln!("stacyvm-agent: bringing lo up: {e}");
+    }
+    if let Some(net) = cmdline_value(&cmdline, "stacyvm.net") {
+        let dns = cmdline_value(&cmdline, "stacyvm.dns");
+        if let Err(e) =
+            crate::guestnet::from_cmdline(net, dns).and_then(|n| crate::guestnet::configure(&n))
+        {
+            // A VM asked to be on the network and is not: no agent answers,
+            // so the spawn fails with this line on the console.
+            eprintln!("stacyvm-agent: guest network: {e}");
+            power_off();
+        }
     }
     if let Some(name) = cmdline_value(&cmdline, "stacyvm.hostname") {
         if let Err(e) = nix::unistd::sethostname(name) {
@@ -255,7 +271,12 @@ fn mount_runtime_dirs() -> Result<(), String> {
 }
 
 /// A restored snapshot's new identity (see `Request::Reidentify`).
-pub fn reidentify(hostname: &str, unix_nanos: i64, seed: &str) -> Result<(), String> {
+pub fn reidentify(
+    hostname: &str,
+    unix_nanos: i64,
+    seed: &str,
+    net: Option<&stacyvm_agent_proto::GuestNet>,
+) -> Result<(), String> {
     if hostname.is_empty() || hostname.len() > 64 || hostname.contains(['/', '\0']) {
         return Err(format!("bad hostname {hostname:?}"));
     }
@@ -279,6 +300,9 @@ pub fn reidentify(hostname: &str, unix_nanos: i64, seed: &str) -> Result<(), Str
             .map_err(|e| format!("reading /dev/urandom: {e}"))?;
         std::fs::write("/etc/machine-id", format!("{}\n", hex::encode(id)))
             .map_err(|e| format!("writing /etc/machine-id: {e}"))?;
+    }
+    if let Some(net) = net {
+        crate::guestnet::configure(net).map_err(|e| format!("network: {e}"))?;
     }
     eprintln!("stacyvm-agent: restored from a snapshot as {hostname}");
     Ok(())

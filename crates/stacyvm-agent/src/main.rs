@@ -31,6 +31,7 @@ pub fn spawn_thread<F: FnOnce() + Send + 'static>(f: F) -> std::io::Result<()> {
 }
 mod files;
 mod guest;
+mod guestnet;
 mod server;
 
 use std::os::unix::net::UnixListener;

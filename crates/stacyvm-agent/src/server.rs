@@ -501,9 +501,10 @@ fn simple(id: u32, req: Request, conn: &Arc<Conn>, pid1: bool) {
             hostname,
             unix_nanos,
             seed,
+            net,
         } => {
             if crate::guest::is_guest() {
-                crate::guest::reidentify(&hostname, unix_nanos, &seed)
+                crate::guest::reidentify(&hostname, unix_nanos, &seed, net.as_ref())
                     .map(|()| serde_json::json!({}))
                     .map_err(|e| AgentError::new(ErrorKind::Internal, e))
             } else {

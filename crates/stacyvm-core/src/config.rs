@@ -272,6 +272,10 @@ pub struct QemuConfig {
     /// Spawn by restoring a snapshot of a booted guest of the same image,
     /// memory and vCPUs (made in the background after the first boot).
     pub snapshots: bool,
+    /// Network of spawns that do not ask: `none` (no NIC at all) or
+    /// `bridge` (a tap on the native bridge, with its egress rules:
+    /// `providers.native.bridge_*`, `egress_allow`, `egress_deny`).
+    pub network_mode: String,
 }
 
 impl QemuConfig {
@@ -301,6 +305,7 @@ impl Default for QemuConfig {
             boot_timeout: Dur::secs(60),
             default_timeout: Dur::secs(300),
             snapshots: true,
+            network_mode: "none".into(),
         }
     }
 }
@@ -1198,7 +1203,7 @@ impl Config {
                 return Err(invalid(key, format!("must not be negative, got {v}")));
             }
         }
-        let enums: [(&str, &str, &[&str]); 5] = [
+        let enums: [(&str, &str, &[&str]); 6] = [
             (
                 "defaults.spawn_overflow",
                 &self.defaults.spawn_overflow,
@@ -1222,6 +1227,11 @@ impl Config {
             (
                 "providers.native.network_mode",
                 &self.providers.native.network_mode,
+                &["none", "bridge"],
+            ),
+            (
+                "providers.qemu.network_mode",
+                &self.providers.qemu.network_mode,
                 &["none", "bridge"],
             ),
         ];

@@ -9,6 +9,7 @@
 //! listening socket to the caller, which then serves the agent protocol.
 
 pub mod cgroup;
+pub mod ifconfig;
 mod mounts;
 pub mod procs;
 pub mod proot;

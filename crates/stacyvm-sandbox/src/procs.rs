@@ -107,6 +107,30 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
+/// Makes `fd` descriptor number `target` in the child `cmd` starts (and
+/// only there: the parent's copy keeps close-on-exec, so no other child
+/// forked meanwhile inherits it). The parent's copy closes when `cmd` is
+/// dropped.
+pub fn pass_fd(cmd: &mut std::process::Command, fd: OwnedFd, target: i32) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and makes
+    // only the async-signal-safe syscalls dup2(2) and fcntl(2).
+    unsafe {
+        cmd.pre_exec(move || {
+            let src = fd.as_raw_fd();
+            if src == target {
+                let flags = libc::fcntl(src, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(src, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(src, target) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -409,12 +409,17 @@ impl AgentClient {
     }
 
     /// A microVM clone's fresh identity (see `Request::Reidentify`).
-    pub async fn reidentify(&self, hostname: &str) -> Result<()> {
+    pub async fn reidentify(
+        &self,
+        hostname: &str,
+        net: Option<stacyvm_agent_proto::GuestNet>,
+    ) -> Result<()> {
         let unix_nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
         self.call(&Request::Reidentify {
             hostname: hostname.to_string(),
             unix_nanos,
             seed: hex::encode(rand::random::<[u8; 32]>()),
+            net,
         })
         .await
         .map(|_| ())

@@ -34,6 +34,10 @@ pub const MODULES: &[&str] = &[
     "drivers/char/virtio_console.ko",
     "drivers/char/hw_random/virtio-rng.ko",
     "drivers/block/virtio_blk.ko",
+    // virtio-net: `bridge` networking.
+    "net/core/failover.ko",
+    "drivers/net/net_failover.ko",
+    "drivers/net/virtio_net.ko",
     // vsock: the agent's transport under Firecracker.
     "net/vmw_vsock/vsock.ko",
     "net/vmw_vsock/vmw_vsock_virtio_transport_common.ko",

@@ -37,7 +37,7 @@ use super::snapshot::{self, SnapMeta};
 use super::{qcow2, qmp, Accel};
 use crate::agent::{AgentClient, AgentSession};
 use crate::image::store as images;
-use crate::native::ids;
+use crate::native::{ids, net};
 
 /// The most a console log keeps (then it rotates to `console.log.1`).
 const CONSOLE_CAP: u64 = 1 << 20;
@@ -82,6 +82,10 @@ pub struct QemuOptions {
     pub snapshots: bool,
     /// Where QEMU's unprivileged uids come from (leased like native's).
     pub subordinate_ids: ids::IdRange,
+    /// Network of spawns that do not ask (`none` or `bridge`).
+    pub network_mode: String,
+    /// The native bridge `bridge` spawns join through a tap.
+    pub bridge: net::BridgeOptions,
 }
 
 /// What is recorded of a sandbox (`meta.json`).
@@ -110,6 +114,9 @@ struct Meta {
     /// The unprivileged uid (= gid) QEMU runs as, leased (root servers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     uid: Option<u32>,
+    /// The VM's tap on the bridge (`bridge` networking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    net: Option<net::Attachment>,
 }
 
 impl Meta {
@@ -154,6 +161,7 @@ pub struct QemuProvider {
     building: Arc<Mutex<std::collections::HashSet<String>>>,
     /// Unprivileged uids for QEMU (root servers).
     ids: Option<Arc<ids::IdAllocator>>,
+    bridge: Arc<net::Bridge>,
 }
 
 fn read_meta(dir: &Path) -> Option<Meta> {
@@ -179,6 +187,22 @@ fn teardown_blocking(dir: &Path, meta: Option<&Meta>) {
     let _ = std::fs::remove_dir_all(dir);
     if let Some(uid) = meta.and_then(|m| m.uid) {
         ids::release_lease(uid);
+    }
+    // QEMU is gone, and with it the tap: the lease and pins go now.
+    if let Some(att) = meta.and_then(|m| m.net.as_ref()) {
+        net::release(att);
+    }
+}
+
+/// Releases a bridge attachment when dropped, unless disarmed (it was
+/// recorded in `meta.json`, and teardown releases it from there).
+struct NetGuard(Option<net::Attachment>);
+
+impl Drop for NetGuard {
+    fn drop(&mut self) {
+        if let Some(att) = self.0.take() {
+            net::release(&att);
+        }
     }
 }
 
@@ -245,6 +269,7 @@ impl QemuProvider {
             cgroups = None;
         }
         let p = Self {
+            bridge: Arc::new(net::Bridge::new(opts.bridge.clone())),
             qemu: resolve_binary(&opts.qemu_binary),
             disks: RootfsCache::new(&opts.cache),
             images,
@@ -420,6 +445,7 @@ impl QemuProvider {
             incoming: false,
             kill_on_drop: true,
             runas: None,
+            nic: None,
         };
         let res = async {
             let (pid, _child) = launch(self.qemu_path()?, &probe).await?;
@@ -568,11 +594,19 @@ impl QemuProvider {
                 )));
             }
         }
-        match spec.network_mode.as_str() {
-            "" | "none" => Ok(()),
+        match self.network_of(spec) {
+            "none" | "bridge" => Ok(()),
             other => Err(Error::invalid(format!(
-                "unsupported network_mode {other:?} for the qemu provider (allowed: none)"
+                "unsupported network_mode {other:?} for the qemu provider (allowed: none, bridge)"
             ))),
+        }
+    }
+
+    /// The network a spawn gets: what it asks for, else the default.
+    fn network_of<'s>(&'s self, spec: &'s SpawnSpec) -> &'s str {
+        match spec.network_mode.as_str() {
+            "" => self.opts.network_mode.as_str(),
+            m => m,
         }
     }
 
@@ -581,7 +615,15 @@ impl QemuProvider {
         let assets = self.assets().await?;
         let (accel, _) = self.accel().await?;
         let base = self.disks.get(&key, &src, self.opts.disk_mb).await?;
-        let snap_key = snapshot::key(&key, spec.memory_mb, spec.vcpus, &assets.initrd, accel);
+        let networked = self.network_of(spec) == "bridge";
+        let snap_key = snapshot::key(
+            &key,
+            spec.memory_mb,
+            spec.vcpus,
+            &assets.initrd,
+            accel,
+            networked,
+        );
         let snap = if self.opts.snapshots {
             snapshot::find(&self.opts.cache, &snap_key)
         } else {
@@ -633,6 +675,7 @@ impl QemuProvider {
             key.to_string(),
         );
         let (memory_mb, vcpus, boot_timeout) = (spec.memory_mb, spec.vcpus, self.opts.boot_timeout);
+        let networked = self.network_of(spec) == "bridge";
         tokio::spawn(async move {
             let runas = ids
                 .as_ref()
@@ -652,6 +695,7 @@ impl QemuProvider {
                 memory_mb,
                 vcpus,
                 boot_timeout,
+                networked,
             };
             match snapshot::build(&t).await {
                 Ok(m) => info!(snapshot = %m.id, bytes = m.size_bytes, "qemu snapshot ready"),
@@ -763,6 +807,18 @@ impl QemuProvider {
             None => fresh.to_vec(),
         };
         let mem = snap.map(|(sdir, _)| sdir.join("mem"));
+        // `bridge`: a tap on the native bridge, pinned to the leased
+        // address. Released here on any failure until meta.json has it.
+        let (mut net_guard, tap) = if self.network_of(spec) == "bridge" {
+            let (bridge, id) = (self.bridge.clone(), spec.id.clone());
+            let (att, tap) = tokio::task::spawn_blocking(move || bridge.attach_tap(&id))
+                .await
+                .map_err(|e| Error::internal(format!("tap setup task: {e}")))??;
+            (NetGuard(Some(att)), Some(tap))
+        } else {
+            (NetGuard(None), None)
+        };
+        let guest_net = net_guard.0.as_ref().map(|att| self.guest_net(att));
         let launch_spec = Launch {
             dir,
             assets,
@@ -776,8 +832,20 @@ impl QemuProvider {
             incoming: snap.is_some(),
             kill_on_drop: false,
             runas: uid,
+            nic: tap.as_ref().zip(guest_net.as_ref()).map(|(fd, g)| Nic {
+                tap: fd,
+                mac: net::mac_for(
+                    net_guard
+                        .0
+                        .as_ref()
+                        .map_or(std::net::Ipv4Addr::UNSPECIFIED, |a| a.ip),
+                ),
+                // A restored clone gets its address from `Reidentify`.
+                boot_config: snap.is_none().then_some(g),
+            }),
         };
         let (pid, _child) = launch(self.qemu_path()?, &launch_spec).await?;
+        drop(tap);
         let ident = Identity::of(pid)
             .ok_or_else(|| Error::internal("QEMU exited right after it started"))?;
         let cgroups = match &self.cgroups {
@@ -816,6 +884,7 @@ impl QemuProvider {
             token: hex::encode(&token),
             snapshot: snap.map(|(_, m)| m.id.clone()),
             uid,
+            net: net_guard.0.take(),
         };
         *slot = Some(meta.clone());
         std::fs::write(
@@ -849,9 +918,30 @@ impl QemuProvider {
             }
         })?;
         if snap.is_some() {
-            client.reidentify(&spec.id).await?;
+            let mut net = guest_net;
+            if let (Some(n), Some(att)) = (net.as_mut(), meta.net.as_ref()) {
+                n.mac = net::mac_for(att.ip);
+            }
+            client.reidentify(&spec.id, net).await?;
         }
         Ok(client)
+    }
+
+    /// What the guest configures on `eth0` for its bridge attachment.
+    fn guest_net(&self, att: &net::Attachment) -> stacyvm_agent_proto::GuestNet {
+        let subnet = self.bridge.options().subnet;
+        stacyvm_agent_proto::GuestNet {
+            address: att.ip.to_string(),
+            prefix: subnet.prefix,
+            gateway: subnet.gateway().to_string(),
+            mac: String::new(),
+            nameservers: self
+                .bridge
+                .resolvers()
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        }
     }
 }
 
@@ -940,6 +1030,15 @@ pub(super) async fn launch(qemu: &Path, l: &Launch<'_>) -> Result<(i32, tokio::p
         l.hostname,
         hex::encode(l.token)
     ));
+    if let Some(g) = l.nic.as_ref().and_then(|n| n.boot_config) {
+        append.push_str(&format!(
+            " stacyvm.net={}/{},{}",
+            g.address, g.prefix, g.gateway
+        ));
+        if !g.nameservers.is_empty() {
+            append.push_str(&format!(" stacyvm.dns={}", g.nameservers.join(",")));
+        }
+    }
     let sock = |n: &str| l.dir.join(n).to_string_lossy().to_string();
     let mut cmd = tokio::process::Command::new(qemu);
     let machine = if l.memory_file.is_some() {
@@ -1025,6 +1124,19 @@ pub(super) async fn launch(qemu: &Path, l: &Launch<'_>) -> Result<(i32, tokio::p
             "virtio-blk-device,drive=root",
         ]);
     }
+    if let Some(nic) = &l.nic {
+        let fd = nic
+            .tap
+            .try_clone()
+            .map_err(|e| Error::internal(format!("duplicating the tap: {e}")))?;
+        stacyvm_sandbox::procs::pass_fd(cmd.as_std_mut(), fd, TAP_FD);
+        cmd.args([
+            "-netdev",
+            &format!("tap,id=net0,fd={TAP_FD},vhost=off"),
+            "-device",
+            &format!("virtio-net-device,netdev=net0,mac={}", nic.mac),
+        ]);
+    }
     let log = std::fs::File::create(l.dir.join("qemu.log"))
         .map_err(|e| Error::internal(format!("creating qemu.log: {e}")))?;
     let mut child = cmd
@@ -1090,7 +1202,23 @@ pub(super) struct Launch<'a> {
     pub(super) kill_on_drop: bool,
     /// The uid (= gid) QEMU drops to once set up (`-runas`).
     pub(super) runas: Option<u32>,
+    /// A virtio-net NIC on this tap; `None`: no network device at all.
+    pub(super) nic: Option<Nic<'a>>,
 }
+
+/// A VM's network card.
+pub(super) struct Nic<'a> {
+    /// The tap's queue, handed to QEMU as an inherited descriptor.
+    pub(super) tap: &'a std::os::fd::OwnedFd,
+    pub(super) mac: String,
+    /// Put on the kernel command line for a booting guest (a restored
+    /// clone is configured by `Reidentify` instead; a snapshot template
+    /// leaves `eth0` down).
+    pub(super) boot_config: Option<&'a stacyvm_agent_proto::GuestNet>,
+}
+
+/// The descriptor number a VM's tap has in QEMU.
+const TAP_FD: i32 = 3;
 
 /// Connects to the agent's port until it answers the handshake, QEMU
 /// dies, or `timeout` passes. QEMU holds the host's bytes until the guest
@@ -1219,8 +1347,8 @@ impl Provider for QemuProvider {
     fn profile(&self) -> Profile {
         Profile {
             isolation: Isolation::MicroVm,
-            network_modes: vec!["none".into()],
-            default_network: "none".into(),
+            network_modes: vec!["none".into(), "bridge".into()],
+            default_network: self.opts.network_mode.clone(),
         }
     }
 

@@ -52,6 +52,8 @@ pub fn options(cfg: &Config) -> Result<super::qemu::QemuOptions> {
         boot_timeout: q.boot_timeout.std(),
         exec_timeout: q.default_timeout.std(),
         snapshots: q.snapshots,
+        network_mode: q.network_mode.clone(),
+        bridge: crate::native::setup::bridge_options(cfg)?,
         subordinate_ids: crate::native::ids::IdRange::parse(&cfg.providers.native.subordinate_ids)
             .map_err(|e| Error::invalid(format!("providers.native.subordinate_ids: {e}")))?,
     })

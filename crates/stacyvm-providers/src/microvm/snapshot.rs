@@ -51,14 +51,22 @@ pub struct SnapMeta {
 }
 
 /// The snapshot directory name of a VM shape.
-pub fn key(image_key: &str, memory_mb: i64, vcpus: i64, initrd: &Path, accel: Accel) -> String {
+pub fn key(
+    image_key: &str,
+    memory_mb: i64,
+    vcpus: i64,
+    initrd: &Path,
+    accel: Accel,
+    networked: bool,
+) -> String {
     let mut h = Sha256::new();
     h.update(initrd.to_string_lossy().as_bytes());
     let short = &image_key[..image_key.len().min(16)];
     format!(
-        "{short}-{memory_mb}m-{vcpus}c-{}-{}",
+        "{short}-{memory_mb}m-{vcpus}c-{}-{}{}",
         &hex::encode(h.finalize())[..12],
-        accel.as_str()
+        accel.as_str(),
+        if networked { "-net" } else { "" }
     )
 }
 
@@ -111,7 +119,14 @@ pub fn remove(cache: &Path, key: &str) -> Result<()> {
 /// Removes snapshots of the same image and size made for another
 /// initramfs or accelerator (an older agent): nothing restores them.
 fn remove_superseded(cache: &Path, key: &str) {
-    let Some(shape) = key.rsplitn(3, '-').nth(2) else {
+    let split = |k: &str| -> (String, bool) {
+        match k.strip_suffix("-net") {
+            Some(b) => (b.to_string(), true),
+            None => (k.to_string(), false),
+        }
+    };
+    let (base, networked) = split(key);
+    let Some(shape) = base.rsplitn(3, '-').nth(2) else {
         return;
     };
     let prefix = format!("{shape}-");
@@ -120,10 +135,11 @@ fn remove_superseded(cache: &Path, key: &str) {
     };
     for e in rd.flatten() {
         let name = e.file_name().to_string_lossy().to_string();
-        if name != key
-            && name.starts_with(&prefix)
-            && name[prefix.len()..].matches('-').count() == 1
-        {
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let (rest, net) = split(rest);
+        if name != key && net == networked && rest.matches('-').count() == 1 {
             let _ = std::fs::remove_dir_all(e.path());
         }
     }
@@ -156,6 +172,9 @@ pub(super) struct Template<'a> {
     pub(super) memory_mb: i64,
     pub(super) vcpus: i64,
     pub(super) boot_timeout: Duration,
+    /// With a NIC (for `bridge` clones): the template's is on a tap of
+    /// its own that joins no bridge, and its guest leaves `eth0` down.
+    pub(super) networked: bool,
 }
 
 /// Boots a template, freezes it and stores the snapshot under `t.key`.
@@ -179,6 +198,15 @@ pub(super) async fn build(t: &Template<'_>) -> Result<SnapMeta> {
     let token: [u8; 32] = rand::random();
     let hostname = "stacyvm-snapshot";
     let mem = dir.join("mem");
+    let tap = if t.networked {
+        let name = crate::native::net::host_if_name(&format!("snapshot-{}", t.key));
+        Some(
+            stacyvm_sandbox::ifconfig::open_tap(&name)
+                .map_err(|e| Error::internal(format!("creating the template's tap {name}: {e}")))?,
+        )
+    } else {
+        None
+    };
     let l = Launch {
         dir,
         assets: t.assets,
@@ -192,6 +220,11 @@ pub(super) async fn build(t: &Template<'_>) -> Result<SnapMeta> {
         incoming: false,
         kill_on_drop: true,
         runas: t.runas,
+        nic: tap.as_ref().map(|fd| super::qemu::Nic {
+            tap: fd,
+            mac: "52:54:00:00:00:01".into(),
+            boot_config: None,
+        }),
     };
     let (pid, child) = launch(t.qemu, &l).await?;
     let ident = Identity::of(pid).ok_or_else(|| Error::internal("QEMU exited at once"))?;
@@ -315,9 +348,19 @@ mod tests {
             1,
             Path::new("/c/initramfs/x.cpio"),
             Accel::Tcg,
+            false,
         );
         assert!(k.starts_with("abcdef0123456789-256m-1c-"), "{k}");
         assert!(k.ends_with("-tcg"));
+        let networked = key(
+            "abcdef0123456789ffff",
+            256,
+            1,
+            Path::new("/c/initramfs/x.cpio"),
+            Accel::Tcg,
+            true,
+        );
+        assert_eq!(networked, format!("{k}-net"));
         assert_ne!(
             k,
             key(
@@ -325,7 +368,8 @@ mod tests {
                 256,
                 2,
                 Path::new("/c/initramfs/x.cpio"),
-                Accel::Tcg
+                Accel::Tcg,
+                false
             )
         );
         assert_ne!(
@@ -335,7 +379,8 @@ mod tests {
                 256,
                 1,
                 Path::new("/c/initramfs/y.cpio"),
-                Accel::Tcg
+                Accel::Tcg,
+                false
             )
         );
     }
@@ -349,10 +394,14 @@ mod tests {
             "img-256m-1c-bbbb-tcg",
             "img-512m-1c-aaaa-tcg",
             "other-256m-1c-aaaa-tcg",
+            "img-256m-1c-aaaa-tcg-net",
+            "img-256m-1c-cccc-tcg-net",
         ] {
             std::fs::create_dir_all(r.join(n)).expect("mkdir");
         }
         remove_superseded(d.path(), "img-256m-1c-bbbb-tcg");
+        // A networked shape is another shape; its own variants go alike.
+        remove_superseded(d.path(), "img-256m-1c-cccc-tcg-net");
         let mut left: Vec<String> = std::fs::read_dir(&r)
             .expect("dir")
             .flatten()
@@ -363,6 +412,7 @@ mod tests {
             left,
             [
                 "img-256m-1c-bbbb-tcg",
+                "img-256m-1c-cccc-tcg-net",
                 "img-512m-1c-aaaa-tcg",
                 "other-256m-1c-aaaa-tcg"
             ]

@@ -83,6 +83,8 @@ impl Fixture {
             snapshots: true,
             subordinate_ids: crate::native::ids::IdRange::parse(crate::native::ids::DEFAULT_RANGE)
                 .expect("range"),
+            network_mode: "none".into(),
+            bridge: crate::native::net::BridgeOptions::default(),
         }
     }
 
@@ -553,4 +555,253 @@ async fn a_missing_kernel_is_a_clear_error() {
     assert!(e.to_string().contains("stacyvm image kernel"), "{e}");
     assert!(fx.qemus().is_empty());
     assert!(!fx.base().join(&s.id).exists());
+}
+
+/// Runs `probe LABEL HOST PORT` lines in parallel in the guest with
+/// busybox nc: each prints `LABEL=<first line received>` or
+/// `LABEL=blocked`.
+fn nc_probes(targets: &[(String, String, u16)]) -> String {
+    let mut script = String::from(
+        "probe() { r=$(busybox nc -w 3 \"$2\" \"$3\" </dev/null 2>/dev/null | head -n1); echo \"$1=${r:-blocked}\"; }\n",
+    );
+    for (label, host, port) in targets {
+        script.push_str(&format!("probe {label} {host} {port} &\n"));
+    }
+    script.push_str("wait\n");
+    script
+}
+
+fn probe_results(stdout: &str) -> std::collections::BTreeMap<String, String> {
+    stdout
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// `bridge` microVMs sit on the native bridge behind the same egress rules
+/// as native sandboxes: the public internet (a lab namespace) answers
+/// through NAT, the host on any address, cloud metadata, private ranges and
+/// the other VM do not, the resolver answers on port 53 only. The guest
+/// is root of its own kernel, so the host pins each tap to its leased
+/// address and MAC: a guest that takes another address or MAC is cut off.
+/// A clone restored from a networked snapshot gets its own address and
+/// MAC. Destroy removes tap, pins and lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_vms_reach_only_what_the_bridge_allows() {
+    use crate::native::isolation_tests::{host, Lab};
+    let mut lab = Lab::new();
+    let fx = fixture();
+    let mut opts = fx.opts();
+    opts.bridge = lab.bridge_options();
+    let p = QemuProvider::new(opts).expect("provider");
+    let n = lab.n;
+    let (outside, lan) = (lab.outside_ns.clone(), lab.lan_ns.clone());
+    lab.serve(&outside, &[8080]);
+    lab.serve(&lan, &[53, 80]);
+    let host_listener = std::net::TcpListener::bind("0.0.0.0:0").expect("host listener");
+    let host_port = host_listener.local_addr().expect("addr").port();
+    let accepting = std::thread::spawn(move || {
+        use std::io::Write;
+        for mut c in host_listener.incoming().flatten() {
+            let _ = c.write_all(b"host\n");
+        }
+    });
+    let _ = accepting;
+
+    // A shape of its own: the first spawn boots, the second restores.
+    let spec = |mode: &str| {
+        let mut s = conformance::spawn_spec(BUSYBOX_TAG);
+        s.memory_mb = 176;
+        s.network_mode = mode.into();
+        s
+    };
+    let a = spec("bridge");
+    p.spawn(&a).await.expect("bridge spawn");
+    let addr = |id: &str| {
+        let p = &p;
+        let id = id.to_string();
+        async move {
+            let r = sh(p, &id, "ip -4 -o addr show dev eth0; cat /sys/class/net/eth0/address; cat /etc/resolv.conf").await;
+            assert_eq!(r.code, 0, "{r:?}");
+            let ip = r
+                .stdout
+                .split_whitespace()
+                .skip_while(|w| *w != "inet")
+                .nth(1)
+                .and_then(|c| c.split('/').next())
+                .unwrap_or_default()
+                .to_string();
+            (ip, r.stdout)
+        }
+    };
+    let (ip_a, out) = addr(&a.id).await;
+    assert!(ip_a.starts_with(&format!("10.89.{n}.")), "{out}");
+    let ip: std::net::Ipv4Addr = ip_a.parse().expect("ip");
+    assert!(
+        out.contains(&crate::native::net::mac_for(ip)),
+        "MAC from the lease: {out}"
+    );
+    assert!(
+        out.contains(&format!("nameserver 172.31.{n}.53")),
+        "resolver: {out}"
+    );
+    assert!(
+        !out.contains("127.0.0.53"),
+        "loopback resolvers are useless to a VM: {out}"
+    );
+
+    let mut targets: Vec<(String, String, u16)> = Vec::new();
+    let addrs = host("ip -4 -o addr show | awk '{print $2, $4}'");
+    for line in addrs.lines() {
+        let mut w = line.split_whitespace();
+        let (Some(dev), Some(cidr)) = (w.next(), w.next()) else {
+            continue;
+        };
+        if dev == "lo" {
+            continue;
+        }
+        let ip = cidr.split('/').next().unwrap_or_default();
+        targets.push((
+            format!("host_{}", ip.replace('.', "_")),
+            ip.to_string(),
+            host_port,
+        ));
+    }
+    for (label, h, port) in [
+        ("public", format!("192.88.99.{n}"), 8080),
+        ("denied_public", format!("192.88.99.{}", n + 1), 8080),
+        ("metadata", "169.254.169.254".to_string(), 80),
+        ("allowed_private", format!("192.168.{n}.10"), 80),
+        ("denied_private", format!("192.168.{n}.12"), 80),
+        ("private", format!("192.168.{n}.20"), 80),
+        ("resolver_dns", format!("172.31.{n}.53"), 53),
+        ("resolver_http", format!("172.31.{n}.53"), 80),
+    ] {
+        targets.push((label.to_string(), h, port));
+    }
+    let r = sh(&p, &a.id, &nc_probes(&targets)).await;
+    let got = probe_results(&r.stdout);
+    assert_eq!(got.len(), targets.len(), "{r:?}");
+    for (label, _, _) in &targets {
+        let v = got.get(label).map(String::as_str).unwrap_or_default();
+        if matches!(
+            label.as_str(),
+            "public" | "allowed_private" | "resolver_dns"
+        ) {
+            assert_ne!(v, "blocked", "{label} must be reachable: {r:?}");
+        } else {
+            assert_eq!(v, "blocked", "{label} must be unreachable: {r:?}");
+        }
+    }
+    assert_eq!(got["public"], format!("10.214.{n}.1"), "through NAT: {r:?}");
+
+    // The networked snapshot restores with the clone's own address and MAC.
+    let cache = fx.opts().cache;
+    let deadline = std::time::Instant::now() + Duration::from_secs(240);
+    while !super::snapshot::list(&cache)
+        .iter()
+        .any(|m| m.memory_mb == 176 && m.id.ends_with("-net"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no networked snapshot built"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let b = spec("bridge");
+    p.spawn(&b).await.expect("restored bridge spawn");
+    let meta: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(fx.base().join(&b.id).join("meta.json")).expect("meta"),
+    )
+    .expect("json");
+    assert!(
+        meta["snapshot"]
+            .as_str()
+            .is_some_and(|s| s.ends_with("-net")),
+        "b was restored: {meta}"
+    );
+    let (ip_b, out) = addr(&b.id).await;
+    assert!(
+        ip_b.starts_with(&format!("10.89.{n}.")) && ip_b != ip_a,
+        "{out}"
+    );
+    let ip: std::net::Ipv4Addr = ip_b.parse().expect("ip");
+    assert!(
+        out.contains(&crate::native::net::mac_for(ip)),
+        "clone's own MAC: {out}"
+    );
+    let one = |label: &str, h: &str, port: u16| vec![(label.to_string(), h.to_string(), port)];
+    let r = sh(
+        &p,
+        &b.id,
+        &nc_probes(&one("public", &format!("192.88.99.{n}"), 8080)),
+    )
+    .await;
+    assert_eq!(r.stdout.trim(), format!("public=10.214.{n}.1"), "{r:?}");
+    // Not each other: a listens, b knocks.
+    let pa = &p;
+    let (listen, knock) = tokio::join!(
+        sh(
+            pa,
+            &a.id,
+            "busybox timeout 8 busybox nc -l -p 9000 -e busybox echo peer; echo done"
+        ),
+        async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            sh(pa, &b.id, &nc_probes(&one("peer", &ip_a, 9000))).await
+        }
+    );
+    assert_eq!(
+        knock.stdout.trim(),
+        "peer=blocked",
+        "{knock:?} / {listen:?}"
+    );
+
+    // Spoofing: the guest's root changes its address, then its MAC; the
+    // host drops what no longer matches the pin.
+    let spoof_ip = format!(
+        "ip addr flush dev eth0; ip addr add 10.89.{n}.250/24 dev eth0; \
+         ip route add default via 10.89.{n}.1; {}",
+        nc_probes(&one("public", &format!("192.88.99.{n}"), 8080))
+    );
+    let r = sh(&p, &a.id, &spoof_ip).await;
+    assert_eq!(r.stdout.trim(), "public=blocked", "forged address: {r:?}");
+    let spoof_mac = format!(
+        "ip link set eth0 down; ip link set eth0 address 52:54:00:66:66:66; \
+         ip link set eth0 up; ip route add default via 10.89.{n}.1; {}",
+        nc_probes(&one("public", &format!("192.88.99.{n}"), 8080))
+    );
+    let r = sh(&p, &b.id, &spoof_mac).await;
+    assert_eq!(r.stdout.trim(), "public=blocked", "forged MAC: {r:?}");
+
+    let taps: Vec<String> = [&a.id, &b.id]
+        .iter()
+        .map(|id| crate::native::net::host_if_name(id))
+        .collect();
+    for t in &taps {
+        assert!(
+            std::path::Path::new("/sys/class/net").join(t).exists(),
+            "tap {t}"
+        );
+    }
+    for s in [&a, &b] {
+        p.destroy(&s.id).await.expect("destroy");
+    }
+    let pins = host(&format!(
+        "nft list set bridge stacyvm_{} vmports",
+        lab.bridge
+    ));
+    for (t, ip) in taps.iter().zip([&ip_a, &ip_b]) {
+        assert!(
+            !std::path::Path::new("/sys/class/net").join(t).exists(),
+            "tap {t} leaked"
+        );
+        assert!(!pins.contains(t.as_str()), "pin of {t} leaked: {pins}");
+        let lease = std::path::Path::new("/run/stacyvm/net")
+            .join(&lab.bridge)
+            .join(ip);
+        assert!(!lease.exists(), "lease {ip} leaked");
+    }
+    assert!(fx.qemus().is_empty());
 }

@@ -375,7 +375,7 @@ async fn hundred_cycles_leak_nothing() {
 }
 
 /// Runs a command on the host; panics with its stderr on failure.
-fn host(cmd: &str) -> String {
+pub(crate) fn host(cmd: &str) -> String {
     let out = std::process::Command::new("sh")
         .args(["-c", cmd])
         .output()
@@ -401,12 +401,12 @@ fn host(cmd: &str) -> String {
 ///   private addresses (192.168.n.10 allowed, .12 allowed then denied, .20
 ///   not allowed) and a "resolver" at 172.31.n.53; every address listens on
 ///   TCP 53 and 80.
-struct Lab {
-    n: u32,
-    bridge: String,
+pub(crate) struct Lab {
+    pub(crate) n: u32,
+    pub(crate) bridge: String,
     table: u32,
-    outside_ns: String,
-    lan_ns: String,
+    pub(crate) outside_ns: String,
+    pub(crate) lan_ns: String,
     docker: Option<String>,
     children: Vec<std::process::Child>,
     _resolv: tempfile::NamedTempFile,
@@ -414,8 +414,21 @@ struct Lab {
 }
 
 impl Lab {
-    fn new() -> Lab {
-        let n = std::process::id() % 200 + 20;
+    pub(crate) fn new() -> Lab {
+        // One number per live lab on this host (tests of several providers
+        // run labs at once): claimed with O_EXCL, freed on drop.
+        std::fs::create_dir_all(LAB_CLAIMS).expect("lab claims dir");
+        let start = std::process::id() % 200;
+        let n = (0..200)
+            .map(|i| (start + i) % 200 + 20)
+            .find(|n| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(format!("{LAB_CLAIMS}/{n}"))
+                    .is_ok()
+            })
+            .expect("a free lab number");
         let mut resolv = tempfile::NamedTempFile::new().expect("resolv.conf");
         std::io::Write::write_all(
             &mut resolv,
@@ -469,7 +482,7 @@ impl Lab {
 
     /// Starts a server in `ns` on every address: each TCP connection to one
     /// of `ports` gets `<peer address>\n` back.
-    fn serve(&mut self, ns: &str, ports: &[u16]) {
+    pub(crate) fn serve(&mut self, ns: &str, ports: &[u16]) {
         let code = format!(
             "import socket, threading\n\
              def serve(port):\n  l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n  \
@@ -551,6 +564,7 @@ impl Lab {
         }
         quiet(format!(
             "nft delete table inet stacyvm_{b}; nft delete table ip stacyvm_{b}; \
+             nft delete table bridge stacyvm_{b}; \
              ip link del {b}; rm -rf /run/stacyvm/net/{b}",
             b = self.bridge
         ));
@@ -569,31 +583,43 @@ impl Drop for Lab {
             let _ = c.wait();
         }
         self.cleanup();
+        let _ = std::fs::remove_file(format!("{LAB_CLAIMS}/{}", self.n));
     }
 }
 
-/// A provider like the fixture's, on the lab's bridge.
-fn lab_provider(fx: &super::tests::Fixture, lab: &Lab) -> super::NativeProvider {
-    let n = lab.n;
-    let cidrs = |l: &[&str]| -> Vec<stacyvm_core::cidr::Cidr> {
-        l.iter().map(|c| c.parse().expect("cidr")).collect()
-    };
-    super::NativeProvider::new(super::NativeOptions {
-        state_dir: fx.state_dir(),
-        agent_path: super::find_agent("").expect("stacyvm-agent next to the test binary"),
-        pids_limit: 512,
-        hidden: vec![],
-        network_mode: "none".into(),
-        bridge: super::net::BridgeOptions {
-            name: lab.bridge.clone(),
+/// Where labs claim their numbers.
+const LAB_CLAIMS: &str = "/run/stacyvm-test-labs";
+
+impl Lab {
+    /// The lab's bridge: subnet 10.89.n.0/24, 192.168.n.0/28 allowed,
+    /// 192.168.n.12 and 192.88.99.(n+1) denied, the lab's resolver.
+    pub(crate) fn bridge_options(&self) -> super::net::BridgeOptions {
+        let n = self.n;
+        let cidrs = |l: &[&str]| -> Vec<stacyvm_core::cidr::Cidr> {
+            l.iter().map(|c| c.parse().expect("cidr")).collect()
+        };
+        super::net::BridgeOptions {
+            name: self.bridge.clone(),
             subnet: super::net::Subnet::parse(&format!("10.89.{n}.0/24")).expect("subnet"),
             egress_allow: cidrs(&[&format!("192.168.{n}.0/28")]),
             egress_deny: cidrs(&[
                 &format!("192.168.{n}.12/32"),
                 &format!("192.88.99.{}", n + 1),
             ]),
-            resolv_conf: lab.resolv_path.clone(),
-        },
+            resolv_conf: self.resolv_path.clone(),
+        }
+    }
+}
+
+/// A provider like the fixture's, on the lab's bridge.
+fn lab_provider(fx: &super::tests::Fixture, lab: &Lab) -> super::NativeProvider {
+    super::NativeProvider::new(super::NativeOptions {
+        state_dir: fx.state_dir(),
+        agent_path: super::find_agent("").expect("stacyvm-agent next to the test binary"),
+        pids_limit: 512,
+        hidden: vec![],
+        network_mode: "none".into(),
+        bridge: lab.bridge_options(),
         warm_pool: 0,
         pool_memory_mb: 256,
         landlock: false,

@@ -11,7 +11,7 @@
 pub mod disk;
 pub mod ids;
 #[cfg(test)]
-mod isolation_tests;
+pub(crate) mod isolation_tests;
 pub mod net;
 mod orphans;
 mod pool;

@@ -30,6 +30,10 @@
 //!   the *end* of FORWARD (comment `stacyvm:<bridge>`): Docker's chains
 //!   (`DOCKER-USER`, isolation, per-network drops) see the traffic first.
 //!
+//! - a `bridge`-family table (same name) whose sets pin each microVM tap
+//!   to its address and MAC ([`Bridge::attach_tap`]): a VM's guest root
+//!   holds NET_ADMIN in its own kernel, a native sandbox does not.
+//!
 //! Addresses are leased through files under `/run/stacyvm/net/<bridge>/`
 //! (created with O_EXCL, so concurrent servers and tests never share one);
 //! they live in /run because veths and namespaces do not survive a reboot.
@@ -219,9 +223,47 @@ fn ruleset(opts: &BridgeOptions, resolvers: &[Ipv4Addr]) -> Result<String> {
              iifname \"{name}\" ip daddr @resolvers4 meta l4proto {{ tcp, udp }} th dport 53 accept\n\
              iifname \"{name}\" ip daddr @blocked4 drop\n\
            }}\n\
-         }}\n",
+         }}\n\
+         {spoof}",
         subnet = opts.subnet,
+        spoof = antispoof_ruleset(&table),
     ))
+}
+
+/// The `bridge`-family table that pins each VM port (a tap, see
+/// [`Bridge::attach_tap`]) to its own MAC and IPv4 address. A guest kernel
+/// is the guest's: its root can change the address and MAC of `eth0`, and
+/// without this would send from another sandbox's address (hijacking its
+/// replies, poisoning the host's ARP cache) or, outside the subnet, past
+/// the masquerade with a forged source. Veth ports of native sandboxes are
+/// not listed (no code in them holds NET_ADMIN) and pass.
+///
+/// Unlike the `inet` table this one is never dropped: its sets hold the
+/// VMs of every server on the bridge; only the chain is rewritten.
+fn antispoof_ruleset(table: &str) -> String {
+    format!(
+        "table bridge {table} {{\n\
+           set vmports {{ type ifname; }}\n\
+           set bound4 {{ type ifname . ether_addr . ipv4_addr; }}\n\
+           chain prerouting {{ type filter hook prerouting priority filter; policy accept; }}\n\
+         }}\n\
+         flush chain bridge {table} prerouting\n\
+         table bridge {table} {{\n\
+           chain prerouting {{\n\
+             iifname != @vmports accept\n\
+             ether type ip iifname . ether saddr . ip saddr @bound4 accept\n\
+             ether type arp iifname . ether saddr . arp saddr ip @bound4 accept\n\
+             drop\n\
+           }}\n\
+         }}\n"
+    )
+}
+
+/// The MAC of the VM holding bridge address `ip`: locally administered,
+/// unicast, and unique on the bridge because the lease is.
+pub fn mac_for(ip: Ipv4Addr) -> String {
+    let o = ip.octets();
+    format!("52:54:{:02x}:{:02x}:{:02x}:{:02x}", o[0], o[1], o[2], o[3])
 }
 
 /// The iptables FORWARD rules of a bridge (arguments after the chain):
@@ -295,6 +337,9 @@ pub struct Attachment {
     pub bridge: String,
     pub ip: Ipv4Addr,
     pub host_if: String,
+    /// A VM's tap (pinned in the anti-spoofing sets) rather than a veth.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tap: bool,
 }
 
 /// Runs a tool, feeding `stdin`; a non-zero exit is an error with its stderr.
@@ -506,6 +551,7 @@ impl Bridge {
             bridge: self.opts.name.clone(),
             ip,
             host_if: host_if.clone(),
+            tap: false,
         };
         let res = self.wire(&att, init_pid);
         if res.is_err() {
@@ -577,13 +623,103 @@ impl Bridge {
     /// Removes what a sandbox held: its veth (gone anyway once its
     /// namespace dies) and its address lease.
     pub fn detach(&self, att: &Attachment) {
-        if iface_exists(&att.host_if) {
-            let _ = run("ip", &["link", "del", &att.host_if], None);
+        release(att);
+    }
+
+    /// The bridge's IPv4 resolvers a sandbox may query (the host's
+    /// non-loopback nameservers).
+    pub fn resolvers(&self) -> Vec<Ipv4Addr> {
+        std::fs::read_to_string(&self.opts.resolv_conf)
+            .map(|t| nameservers(&t).0)
+            .unwrap_or_default()
+    }
+
+    /// Connects a VM to the bridge through a new tap, which is returned
+    /// open (hand it to the VMM; it disappears when the VMM's copy closes).
+    /// The port is isolated like a veth and pinned to the VM's leased
+    /// address and [`mac_for`] it in the anti-spoofing sets before it is
+    /// up.
+    pub fn attach_tap(&self, sandbox_id: &str) -> Result<(Attachment, std::os::fd::OwnedFd)> {
+        self.ensure()?;
+        let host_if = host_if_name(sandbox_id);
+        let ip = self.lease(sandbox_id, &host_if)?;
+        let att = Attachment {
+            bridge: self.opts.name.clone(),
+            ip,
+            host_if: host_if.clone(),
+            tap: true,
+        };
+        let res = (|| {
+            let tap = stacyvm_sandbox::ifconfig::open_tap(&host_if).map_err(|e| {
+                Error::internal(format!("creating tap {host_if} (/dev/net/tun): {e}"))
+            })?;
+            disable_ipv6(&host_if)
+                .map_err(|e| Error::internal("disabling IPv6 on the tap").with_source(e))?;
+            let table = format!("stacyvm_{}", att.bridge);
+            run(
+                "nft",
+                &["-f", "-"],
+                Some(&format!(
+                    "add element bridge {table} bound4 {{ \"{h}\" . {mac} . {ip} }}\n\
+                     add element bridge {table} vmports {{ \"{h}\" }}\n",
+                    h = host_if,
+                    mac = mac_for(ip),
+                )),
+            )?;
+            run(
+                "ip",
+                &["-batch", "-"],
+                Some(&format!(
+                    "link set {h} master {b}\nlink set {h} type bridge_slave isolated on\nlink set {h} up\n",
+                    h = host_if,
+                    b = att.bridge
+                )),
+            )?;
+            Ok(tap)
+        })();
+        match res {
+            Ok(tap) => Ok((att, tap)),
+            Err(e) => {
+                self.detach(&att);
+                Err(e)
+            }
         }
-        let lease = self.lease_dir.join(att.ip.to_string());
-        if std::fs::read_to_string(&lease).is_ok_and(|o| o.trim() == att.host_if) {
-            let _ = std::fs::remove_file(lease);
-        }
+    }
+}
+
+/// Removes what a sandbox held on its bridge: its veth or tap (a veth is
+/// gone anyway once its namespace dies, a tap once its VMM exits), a tap's
+/// anti-spoofing entries, and the address lease.
+pub fn release(att: &Attachment) {
+    if iface_exists(&att.host_if) {
+        let _ = run("ip", &["link", "del", &att.host_if], None);
+    }
+    if att.tap {
+        let table = format!("stacyvm_{}", att.bridge);
+        let _ = run(
+            "nft",
+            &["-f", "-"],
+            Some(&format!(
+                "delete element bridge {table} vmports {{ \"{h}\" }}\n",
+                h = att.host_if
+            )),
+        );
+        let _ = run(
+            "nft",
+            &["-f", "-"],
+            Some(&format!(
+                "delete element bridge {table} bound4 {{ \"{h}\" . {mac} . {ip} }}\n",
+                h = att.host_if,
+                mac = mac_for(att.ip),
+                ip = att.ip
+            )),
+        );
+    }
+    let lease = PathBuf::from("/run/stacyvm/net")
+        .join(&att.bridge)
+        .join(att.ip.to_string());
+    if std::fs::read_to_string(&lease).is_ok_and(|o| o.trim() == att.host_if) {
+        let _ = std::fs::remove_file(lease);
     }
 }
 

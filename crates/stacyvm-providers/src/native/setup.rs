@@ -27,6 +27,20 @@ fn parse_cidrs(key: &str, list: &[String]) -> Result<Vec<Cidr>> {
         .collect()
 }
 
+/// The host bridge every provider that offers `bridge` networking on it
+/// shares (native sandboxes, microVMs): one subnet, one set of egress rules.
+pub fn bridge_options(cfg: &Config) -> Result<super::net::BridgeOptions> {
+    let n = &cfg.providers.native;
+    Ok(super::net::BridgeOptions {
+        name: n.bridge_name.clone(),
+        subnet: super::net::Subnet::parse(&n.bridge_subnet)
+            .map_err(|e| Error::invalid(format!("providers.native.bridge_subnet: {e}")))?,
+        egress_allow: parse_cidrs("providers.native.egress_allow", &n.egress_allow)?,
+        egress_deny: parse_cidrs("providers.native.egress_deny", &n.egress_deny)?,
+        ..Default::default()
+    })
+}
+
 /// The provider's options from `providers.native.*` and the server's data dir.
 pub fn options(cfg: &Config) -> Result<super::NativeOptions> {
     let n = &cfg.providers.native;
@@ -40,14 +54,7 @@ pub fn options(cfg: &Config) -> Result<super::NativeOptions> {
         pids_limit: u64::try_from(n.pids_limit).unwrap_or(512),
         hidden: vec![cfg.server.data_dir.clone()],
         network_mode: n.network_mode.clone(),
-        bridge: super::net::BridgeOptions {
-            name: n.bridge_name.clone(),
-            subnet: super::net::Subnet::parse(&n.bridge_subnet)
-                .map_err(|e| Error::invalid(format!("providers.native.bridge_subnet: {e}")))?,
-            egress_allow: parse_cidrs("providers.native.egress_allow", &n.egress_allow)?,
-            egress_deny: parse_cidrs("providers.native.egress_deny", &n.egress_deny)?,
-            ..Default::default()
-        },
+        bridge: bridge_options(cfg)?,
         warm_pool: usize::try_from(n.warm_pool).unwrap_or(0),
         pool_memory_mb: cfg.defaults.memory_mb,
         landlock: n.landlock,
