@@ -694,6 +694,7 @@ impl Manager {
             tenant_id: caller.tenant_id.clone(),
             expires_at,
             network_mode: req.network_mode.clone(),
+            snapshot: None,
         };
         let spawned = provider.spawn(&spec).await?;
         let lease_ttl = ttl.to_std() + LEASE_GRACE;

@@ -40,6 +40,20 @@ pub struct SpawnSpec {
     pub expires_at: DateTime<Utc>,
     /// `none` or `bridge`; empty = provider default.
     pub network_mode: String,
+    /// Start from this snapshot of a sandbox ([`Provider::snapshot_sandbox`])
+    /// instead of booting the image: its files, processes and memory as
+    /// they were. The orchestrator sets image, size and network to the
+    /// snapshot's.
+    pub snapshot: Option<String>,
+}
+
+/// What [`Provider::snapshot_sandbox`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxSnapshot {
+    /// Disk space the snapshot takes.
+    pub size_bytes: u64,
+    /// The source's network mode, which its children get.
+    pub network_mode: String,
 }
 
 /// A spawned runtime.
@@ -180,6 +194,8 @@ pub mod capability {
     /// Pseudo-terminal execs (with resize).
     pub const PTY: &str = "pty";
     pub const SNAPSHOTS: &str = "snapshots";
+    /// `POST /sandboxes/{id}/snapshot`, `/fork` and spawns from a snapshot.
+    pub const SANDBOX_SNAPSHOTS: &str = "sandbox_snapshots";
 }
 
 /// How a provider separates a sandbox from the host, weakest first: the
@@ -413,6 +429,26 @@ pub trait Provider: Debug + Send + Sync + 'static {
     /// Snapshots the provider holds (`GET /snapshots`); none by default.
     async fn snapshots(&self) -> Result<Vec<stacyvm_api::SnapshotSummary>> {
         Ok(Vec::new())
+    }
+
+    /// Freezes the running sandbox `id` into the snapshot `snapshot_id`
+    /// (a name the orchestrator chose, `snap-…`): what spawns with
+    /// [`SpawnSpec::snapshot`] start from. The sandbox keeps running.
+    /// Providers with [`capability::SANDBOX_SNAPSHOTS`] implement it.
+    async fn snapshot_sandbox(&self, id: &str, snapshot_id: &str) -> Result<SandboxSnapshot> {
+        let _ = (id, snapshot_id);
+        Err(Error::unsupported(format!(
+            "provider {} cannot snapshot sandboxes",
+            self.name()
+        )))
+    }
+
+    /// Removes a snapshot made by [`Provider::snapshot_sandbox`]. A
+    /// snapshot that sandboxes still run from is a `Conflict`; an unknown
+    /// one is `Ok` (idempotent).
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<()> {
+        let _ = snapshot_id;
+        Ok(())
     }
 
     /// Stops what the provider runs for itself (warm pools, helpers)

@@ -152,6 +152,25 @@ pub struct PolicyRecord {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A snapshot of a sandbox (the provider holds its data).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    /// `snap-` + 16 hex digits.
+    pub id: String,
+    pub provider: String,
+    /// The sandbox it was taken of.
+    pub source_sandbox_id: String,
+    pub image: String,
+    pub memory_mb: i64,
+    pub vcpus: i64,
+    /// The network mode of the source (children get the same).
+    pub network_mode: String,
+    pub size_bytes: u64,
+    pub owner_id: String,
+    pub tenant_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
 /// An admin audit row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdminAuditRecord {
@@ -277,6 +296,12 @@ pub trait Store: Debug + Send + Sync + 'static {
     async fn delete_policy(&self, tenant_id: &str, id: &str) -> Result<()>;
 
     /// Insert or update; `created_at` of an existing row is preserved.
+    async fn insert_snapshot(&self, r: &SnapshotRecord) -> Result<()>;
+    async fn get_snapshot(&self, id: &str) -> Result<SnapshotRecord>;
+    /// One tenant's snapshots, or every snapshot with `None`; oldest first.
+    async fn list_snapshots(&self, tenant_id: Option<&str>) -> Result<Vec<SnapshotRecord>>;
+    async fn delete_snapshot(&self, id: &str) -> Result<()>;
+
     async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord>;
     /// Ordered by id.
     async fn list_workers(&self) -> Result<Vec<WorkerRecord>>;

@@ -64,6 +64,7 @@ pub fn spawn_spec(image: &str) -> SpawnSpec {
         tenant_id: String::new(),
         expires_at: Utc::now() + chrono::Duration::minutes(10),
         network_mode: String::new(),
+        snapshot: None,
     }
 }
 

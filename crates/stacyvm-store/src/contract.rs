@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::Utc;
 use stacyvm_core::store::{
     AdminAuditRecord, ExecLogRecord, OpAuditFilter, OpAuditRecord, QuotaRecord, SandboxRecord,
-    Store, TemplateRecord, WorkerRecord,
+    SnapshotRecord, Store, TemplateRecord, WorkerRecord,
 };
 use stacyvm_core::ErrorKind;
 
@@ -328,6 +328,61 @@ pub async fn workers(s: &dyn Store) {
     assert_eq!(s.list_workers().await.expect("list").len(), 1);
 }
 
+pub async fn snapshots(s: &dyn Store) {
+    let now = Utc::now();
+    let rec = |id: &str, tenant: &str, secs: i64| SnapshotRecord {
+        id: id.into(),
+        provider: "qemu".into(),
+        source_sandbox_id: "sb-0000aaaa".into(),
+        image: "busybox:1".into(),
+        memory_mb: 256,
+        vcpus: 1,
+        network_mode: "none".into(),
+        size_bytes: 5 << 30,
+        owner_id: "alice".into(),
+        tenant_id: tenant.into(),
+        created_at: now + chrono::Duration::seconds(secs),
+    };
+    s.insert_snapshot(&rec("snap-b", "t1", 2))
+        .await
+        .expect("insert");
+    s.insert_snapshot(&rec("snap-a", "t1", 1))
+        .await
+        .expect("insert");
+    s.insert_snapshot(&rec("snap-c", "t2", 0))
+        .await
+        .expect("insert");
+    assert_eq!(
+        s.insert_snapshot(&rec("snap-a", "t2", 0))
+            .await
+            .expect_err("duplicate")
+            .kind(),
+        ErrorKind::Conflict
+    );
+    assert_eq!(
+        s.get_snapshot("snap-b").await.expect("get"),
+        rec("snap-b", "t1", 2)
+    );
+    let ids = |l: Vec<SnapshotRecord>| l.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.list_snapshots(Some("t1")).await.expect("list")),
+        ["snap-a", "snap-b"]
+    );
+    assert_eq!(
+        ids(s.list_snapshots(None).await.expect("list")),
+        ["snap-c", "snap-a", "snap-b"]
+    );
+    s.delete_snapshot("snap-a").await.expect("delete");
+    assert_eq!(
+        s.delete_snapshot("snap-a").await.expect_err("gone").kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        s.get_snapshot("snap-a").await.expect_err("gone").kind(),
+        ErrorKind::NotFound
+    );
+}
+
 pub async fn leases(s: &dyn Store) {
     let ttl = Duration::from_secs(60);
     let l = s
@@ -424,7 +479,7 @@ macro_rules! store_contract_tests {
         mod $engine {
             #[allow(unused_imports)]
             use super::*;
-            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, concurrent_writers);
+            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, concurrent_writers, snapshots);
         }
     };
     (@case $make:expr, $($case:ident),*) => {

@@ -12,8 +12,8 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 use stacyvm_core::store::{
     AdminAuditFilter, AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditFilter, OpAuditRecord,
-    PolicyRecord, QuotaRecord, SandboxRecord, Store, TemplateRecord, TenantMemberRecord,
-    TenantRecord, WorkerRecord,
+    PolicyRecord, QuotaRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
+    TenantMemberRecord, TenantRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
 
@@ -25,6 +25,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
         2,
         include_str!("../migrations/sqlite/0002_retention_indexes.sql"),
     ),
+    (3, include_str!("../migrations/sqlite/0003_snapshots.sql")),
 ];
 
 /// The SQLite store.
@@ -248,6 +249,22 @@ fn not_found_if_zero(rows: u64, what: String) -> Result<()> {
 
 fn ttl_chrono(ttl: Duration) -> chrono::Duration {
     chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
+}
+
+fn snapshot_from(row: &sqlx::sqlite::SqliteRow) -> Result<SnapshotRecord> {
+    Ok(SnapshotRecord {
+        id: row.get("id"),
+        provider: row.get("provider"),
+        source_sandbox_id: row.get("source_sandbox_id"),
+        image: row.get("image"),
+        memory_mb: row.get("memory_mb"),
+        vcpus: row.get("vcpus"),
+        network_mode: row.get("network_mode"),
+        size_bytes: u64::try_from(row.get::<i64, _>("size_bytes")).unwrap_or(0),
+        owner_id: row.get("owner_id"),
+        tenant_id: row.get("tenant_id"),
+        created_at: parse_ts(row.get("created_at"))?,
+    })
 }
 
 #[async_trait]
@@ -858,6 +875,65 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("policy {id:?}"))
+    }
+
+    async fn insert_snapshot(&self, r: &SnapshotRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO snapshots (id, provider, source_sandbox_id, image, memory_mb, vcpus, network_mode, size_bytes, owner_id, tenant_id, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.provider)
+        .bind(&r.source_sandbox_id)
+        .bind(&r.image)
+        .bind(r.memory_mb)
+        .bind(r.vcpus)
+        .bind(&r.network_mode)
+        .bind(i64::try_from(r.size_bytes).unwrap_or(i64::MAX))
+        .bind(&r.owner_id)
+        .bind(&r.tenant_id)
+        .bind(ts(r.created_at))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| match db_err(e) {
+            e if e.kind() == ErrorKind::Conflict => {
+                Error::conflict(format!("snapshot {:?} already exists", r.id))
+            }
+            e => e,
+        })?;
+        Ok(())
+    }
+
+    async fn get_snapshot(&self, id: &str) -> Result<SnapshotRecord> {
+        let row = sqlx::query("SELECT * FROM snapshots WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("snapshot {id:?}")))?;
+        snapshot_from(&row)
+    }
+
+    async fn list_snapshots(&self, tenant_id: Option<&str>) -> Result<Vec<SnapshotRecord>> {
+        let rows = match tenant_id {
+            Some(t) => sqlx::query(
+                "SELECT * FROM snapshots WHERE tenant_id = ? ORDER BY created_at ASC, id ASC",
+            )
+            .bind(t),
+            None => sqlx::query("SELECT * FROM snapshots ORDER BY created_at ASC, id ASC"),
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(snapshot_from).collect()
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM snapshots WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("snapshot {id:?}"))
     }
 
     async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord> {

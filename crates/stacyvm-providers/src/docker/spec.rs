@@ -422,6 +422,7 @@ mod tests {
                 .expect("time")
                 .with_timezone(&Utc),
             network_mode: String::new(),
+            snapshot: None,
         }
     }
 

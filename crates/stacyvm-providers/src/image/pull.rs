@@ -457,6 +457,7 @@ mod tests {
             tenant_id: String::new(),
             expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
             network_mode: String::new(),
+            snapshot: None,
         };
         use stacyvm_core::provider::Provider;
         p.spawn(&spec).await.expect("spawn the pulled image");

@@ -23,6 +23,7 @@ pub mod qmp;
 pub mod rootfs;
 pub mod setup;
 pub mod snapshot;
+pub mod usersnap;
 
 #[cfg(test)]
 mod tests;

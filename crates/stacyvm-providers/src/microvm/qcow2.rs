@@ -11,7 +11,7 @@
 //! big-endian fields, header extension `0xE2792ACA` = backing file format.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const CLUSTER_BITS: u32 = 16;
 const CLUSTER: u64 = 1 << CLUSTER_BITS;
@@ -43,6 +43,31 @@ pub fn create_overlay(
         .open(out)?;
     f.write_all(&bytes)?;
     f.sync_all()
+}
+
+/// The backing file named in the header of the qcow2 image at `path`
+/// (`None` for an image without one).
+pub fn backing_file(path: &Path) -> std::io::Result<Option<PathBuf>> {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::ffi::OsStringExt;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = [0u8; 20];
+    f.read_exact(&mut h)?;
+    if &h[..4] != b"QFI\xfb" {
+        return Err(invalid("not a qcow2 image"));
+    }
+    let offset = u64::from_be_bytes(h[8..16].try_into().unwrap_or_default());
+    let len = u32::from_be_bytes(h[16..20].try_into().unwrap_or_default());
+    if offset == 0 || len == 0 {
+        return Ok(None);
+    }
+    if len > 1023 {
+        return Err(invalid("backing file name too long"));
+    }
+    let mut name = vec![0u8; len as usize];
+    f.seek(SeekFrom::Start(offset))?;
+    f.read_exact(&mut name)?;
+    Ok(Some(PathBuf::from(std::ffi::OsString::from_vec(name))))
 }
 
 fn invalid(msg: &str) -> std::io::Error {
@@ -153,6 +178,20 @@ mod tests {
         assert_eq!(u32_at(&b, 104), 0xE279_2ACA);
         assert_eq!(&b[112..115], b"raw");
         assert_eq!(b.len() as u64, 4 * CLUSTER);
+    }
+
+    #[test]
+    fn the_backing_file_reads_back() {
+        let d = tempfile::tempdir().expect("tmp");
+        let o = d.path().join("o.qcow2");
+        create_overlay(&o, Path::new("/images/base.ext4"), Backing::Raw, 1 << 30).expect("create");
+        assert_eq!(
+            backing_file(&o).expect("read"),
+            Some(PathBuf::from("/images/base.ext4"))
+        );
+        let junk = d.path().join("junk");
+        std::fs::write(&junk, [0u8; 64]).expect("write");
+        assert!(backing_file(&junk).is_err());
     }
 
     #[test]

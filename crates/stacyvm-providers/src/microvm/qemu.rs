@@ -23,7 +23,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use stacyvm_core::provider::{
     capability, ExecInput, ExecSpec, ExitStatus, Isolation, OutputSink, Profile, Provider,
-    RuntimeInfo, RuntimeStatus, SandboxIo, SpawnSpec, Spawned, Stats,
+    RuntimeInfo, RuntimeStatus, SandboxIo, SandboxSnapshot, SpawnSpec, Spawned, Stats,
 };
 use stacyvm_core::{paths, Error, ErrorKind, Result};
 use stacyvm_sandbox::cgroup::{self, Layout, Limits};
@@ -34,6 +34,7 @@ use tracing::{info, warn};
 use super::kernel::{self, Kernel};
 use super::rootfs::RootfsCache;
 use super::snapshot::{self, SnapMeta};
+use super::usersnap;
 use super::{qcow2, qmp, Accel};
 use crate::agent::{AgentClient, AgentSession};
 use crate::image::store as images;
@@ -117,6 +118,9 @@ struct Meta {
     /// The VM's tap on the bridge (`bridge` networking).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     net: Option<net::Attachment>,
+    /// The image's ext4 disk at the bottom of the VM's disk chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base: Option<PathBuf>,
 }
 
 impl Meta {
@@ -162,6 +166,8 @@ pub struct QemuProvider {
     /// Unprivileged uids for QEMU (root servers).
     ids: Option<Arc<ids::IdAllocator>>,
     bridge: Arc<net::Bridge>,
+    /// Sandboxes being snapshotted (one snapshot of a VM at a time).
+    freezing: Mutex<std::collections::HashSet<String>>,
 }
 
 fn read_meta(dir: &Path) -> Option<Meta> {
@@ -270,6 +276,7 @@ impl QemuProvider {
         }
         let p = Self {
             bridge: Arc::new(net::Bridge::new(opts.bridge.clone())),
+            freezing: Mutex::default(),
             qemu: resolve_binary(&opts.qemu_binary),
             disks: RootfsCache::new(&opts.cache),
             images,
@@ -288,7 +295,16 @@ impl QemuProvider {
             opts,
         };
         p.sweep();
+        usersnap::sweep(&p.user_snapshots());
         Ok(p)
+    }
+
+    /// Where sandbox snapshots live: `<data_dir>/qemu/snapshots`.
+    fn user_snapshots(&self) -> PathBuf {
+        self.opts
+            .base
+            .parent()
+            .map_or_else(|| self.opts.base.join("snapshots"), |p| p.join("snapshots"))
     }
 
     /// Removes what dead VMs left (a VM that died while no server ran).
@@ -611,6 +627,9 @@ impl QemuProvider {
     }
 
     async fn spawn_counted(&self, spec: &SpawnSpec) -> Result<Spawned> {
+        if let Some(id) = &spec.snapshot {
+            return self.spawn_from_snapshot(spec, id).await;
+        }
         let (image, key, src) = self.image_source(&spec.image)?;
         let assets = self.assets().await?;
         let (accel, _) = self.accel().await?;
@@ -645,6 +664,49 @@ impl QemuProvider {
             self.build_snapshot_later(&assets, accel, &base, &image, &snap_key, spec);
         }
         res
+    }
+
+    /// A child of the sandbox snapshot `id`: its shape is the snapshot's.
+    async fn spawn_from_snapshot(&self, spec: &SpawnSpec, id: &str) -> Result<Spawned> {
+        let found = usersnap::find(&self.user_snapshots(), id)
+            .ok_or_else(|| Error::not_found(format!("snapshot {id:?}")))?;
+        let m = &found.1;
+        if spec.memory_mb != m.memory_mb || spec.vcpus != m.vcpus {
+            return Err(Error::invalid(format!(
+                "snapshot {id} is a {} MiB, {} vCPU machine; a spawn from it cannot change that",
+                m.memory_mb, m.vcpus
+            )));
+        }
+        if (self.network_of(spec) == "bridge") != m.networked {
+            return Err(Error::invalid(format!(
+                "snapshot {id} was taken with network_mode {}; its children get the same",
+                if m.networked { "bridge" } else { "none" }
+            )));
+        }
+        let assets = self.assets().await?;
+        let (accel, _) = self.accel().await?;
+        if accel.as_str() != m.accel {
+            return Err(Error::unavailable(format!(
+                "snapshot {id} was taken under {} and this host runs guests under {}; a machine state restores only under the accelerator that made it",
+                m.accel,
+                accel.as_str()
+            )));
+        }
+        self.spawn_with(
+            spec,
+            &assets,
+            accel,
+            &m.base.clone(),
+            Restore::Snapshot(&found),
+        )
+        .await
+        .map_err(|e| {
+            if e.kind() == ErrorKind::Internal {
+                Error::internal(format!("restoring snapshot {id}: {e}"))
+            } else {
+                e
+            }
+        })
     }
 
     /// Starts a background build of the snapshot `key` unless one runs.
@@ -715,6 +777,21 @@ impl QemuProvider {
         base: &Path,
         snap: Option<&(PathBuf, SnapMeta)>,
     ) -> Result<Spawned> {
+        let how = match snap {
+            Some(s) => Restore::Point(s),
+            None => Restore::Boot,
+        };
+        self.spawn_with(spec, assets, accel, base, how).await
+    }
+
+    async fn spawn_with(
+        &self,
+        spec: &SpawnSpec,
+        assets: &Assets,
+        accel: Accel,
+        base: &Path,
+        snap: Restore<'_>,
+    ) -> Result<Spawned> {
         let dir = self.dir(&spec.id);
         if std::fs::symlink_metadata(&dir).is_ok() {
             return Err(Error::conflict(format!("sandbox {} exists", spec.id)));
@@ -756,7 +833,7 @@ impl QemuProvider {
                     sandbox_id = %spec.id,
                     image = %spec.image,
                     accel = accel.as_str(),
-                    snapshot = snap.map_or("", |(_, m)| m.id.as_str()),
+                    snapshot = snap.id(),
                     "qemu sandbox started"
                 );
                 Ok(Spawned {
@@ -793,20 +870,33 @@ impl QemuProvider {
         let size = std::fs::metadata(base)
             .map_err(|e| Error::internal(format!("root disk {}: {e}", base.display())))?
             .len();
-        let (backing, format) = match snap {
-            Some((sdir, _)) => (sdir.join("disk.qcow2"), qcow2::Backing::Qcow2),
-            None => (base.to_path_buf(), qcow2::Backing::Raw),
-        };
-        qcow2::create_overlay(&disk, &backing, format, size)
-            .map_err(|e| Error::internal(format!("creating {}: {e}", disk.display())))?;
-        let fresh: [u8; 32] = rand::random();
-        let token = match snap {
-            Some((_, m)) => {
-                hex::decode(&m.token).map_err(|_| Error::internal("snapshot token is not hex"))?
+        let overlay = match snap {
+            Restore::Boot => Some((base.to_path_buf(), qcow2::Backing::Raw)),
+            Restore::Point((sdir, _)) => Some((sdir.join("disk.qcow2"), qcow2::Backing::Qcow2)),
+            // A child owns a copy of the snapshot's overlay (on the image's
+            // ext4): the snapshot may go while the child runs.
+            Restore::Snapshot((sdir, _)) => {
+                usersnap::copy_sparse(&sdir.join("disk.qcow2"), &disk).await?;
+                None
             }
-            None => fresh.to_vec(),
         };
-        let mem = snap.map(|(sdir, _)| sdir.join("mem"));
+        if let Some((backing, format)) = overlay {
+            qcow2::create_overlay(&disk, &backing, format, size)
+                .map_err(|e| Error::internal(format!("creating {}: {e}", disk.display())))?;
+        }
+        let fresh: [u8; 32] = rand::random();
+        let token =
+            match snap {
+                Restore::Point((_, m)) => hex::decode(&m.token)
+                    .map_err(|_| Error::internal("snapshot token is not hex"))?,
+                Restore::Snapshot((_, m)) => hex::decode(&m.token)
+                    .map_err(|_| Error::internal("snapshot token is not hex"))?,
+                Restore::Boot => fresh.to_vec(),
+            };
+        let mem = match snap {
+            Restore::Point((sdir, _)) => Some(sdir.join("mem")),
+            _ => None,
+        };
         // `bridge`: a tap on the native bridge, pinned to the leased
         // address. Released here on any failure until meta.json has it.
         let (mut net_guard, tap) = if self.network_of(spec) == "bridge" {
@@ -826,10 +916,13 @@ impl QemuProvider {
             disk: Some(&disk),
             memory_mb: spec.memory_mb,
             vcpus: spec.vcpus,
-            hostname: snap.map_or(spec.id.as_str(), |(_, m)| m.hostname.as_str()),
+            hostname: match snap {
+                Restore::Point((_, m)) => m.hostname.as_str(),
+                _ => spec.id.as_str(),
+            },
             token: &token,
             memory_file: mem.as_deref().map(|m| (m, false)),
-            incoming: snap.is_some(),
+            incoming: snap.is_restore(),
             kill_on_drop: false,
             runas: uid,
             nic: tap.as_ref().zip(guest_net.as_ref()).map(|(fd, g)| Nic {
@@ -841,7 +934,7 @@ impl QemuProvider {
                         .map_or(std::net::Ipv4Addr::UNSPECIFIED, |a| a.ip),
                 ),
                 // A restored clone gets its address from `Reidentify`.
-                boot_config: snap.is_none().then_some(g),
+                boot_config: (!snap.is_restore()).then_some(g),
             }),
         };
         let (pid, _child) = launch(self.qemu_path()?, &launch_spec).await?;
@@ -882,9 +975,13 @@ impl QemuProvider {
             boot_id: ident.boot_id.clone(),
             cgroups: cgroups.clone(),
             token: hex::encode(&token),
-            snapshot: snap.map(|(_, m)| m.id.clone()),
+            snapshot: snap.is_restore().then(|| snap.id().to_string()),
             uid,
             net: net_guard.0.take(),
+            base: Some(match snap {
+                Restore::Snapshot((_, m)) => m.base.clone(),
+                _ => base.to_path_buf(),
+            }),
         };
         *slot = Some(meta.clone());
         std::fs::write(
@@ -898,10 +995,27 @@ impl QemuProvider {
         }
         spawn_console_reader(dir.to_path_buf());
         let qmp_sock = dir.join("qmp.sock");
-        if let Some((sdir, _)) = snap {
-            restore_state(&qmp_sock, dir, &sdir.join("vmstate")).await?;
+        match snap {
+            Restore::Point((sdir, _)) => {
+                restore_state(&qmp_sock, dir, &sdir.join("vmstate"), true).await?;
+            }
+            Restore::Snapshot((sdir, _)) => {
+                restore_state(&qmp_sock, dir, &sdir.join("vmstate"), false).await?;
+            }
+            Restore::Boot => {}
         }
         qmp::execute(&qmp_sock, "cont", None).await?;
+        if let Restore::Snapshot(_) = snap {
+            // The source's agent was in a session with its host when the
+            // snapshot was taken. A connection that opens and closes the
+            // port shows the child's agent that this host is gone, so it
+            // waits for a new one instead of reading our handshake as the
+            // next request of the old session.
+            if let Ok(c) = tokio::net::UnixStream::connect(dir.join("agent.sock")).await {
+                drop(c);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
         let client = wait_agent(
             &dir.join("agent.sock"),
             &token,
@@ -917,7 +1031,7 @@ impl QemuProvider {
                 Error::new(e.kind(), format!("{e}; guest console:\n{tail}"))
             }
         })?;
-        if snap.is_some() {
+        if snap.is_restore() {
             let mut net = guest_net;
             if let (Some(n), Some(att)) = (net.as_mut(), meta.net.as_ref()) {
                 n.mac = net::mac_for(att.ip);
@@ -952,19 +1066,49 @@ struct Boot<'a> {
     assets: &'a Assets,
     accel: Accel,
     base: &'a Path,
-    snap: Option<&'a (PathBuf, SnapMeta)>,
+    snap: Restore<'a>,
     /// QEMU's unprivileged uid.
     uid: Option<u32>,
 }
 
+/// Where a VM's state comes from.
+#[derive(Clone, Copy)]
+enum Restore<'a> {
+    /// A cold boot of the image.
+    Boot,
+    /// A restore point of its shape (RAM in a shared file).
+    Point(&'a (PathBuf, SnapMeta)),
+    /// A snapshot of a sandbox (RAM in the stream).
+    Snapshot(&'a (PathBuf, usersnap::UserSnap)),
+}
+
+impl Restore<'_> {
+    fn is_restore(&self) -> bool {
+        !matches!(self, Restore::Boot)
+    }
+
+    fn id(&self) -> &str {
+        match self {
+            Restore::Boot => "",
+            Restore::Point((_, m)) => &m.id,
+            Restore::Snapshot((_, m)) => &m.id,
+        }
+    }
+}
+
 /// Loads a snapshot's device state into a QEMU started with `-incoming
 /// defer` (its RAM is already mapped from the snapshot's file).
-async fn restore_state(qmp_sock: &Path, dir: &Path, vmstate: &Path) -> Result<()> {
+async fn restore_state(
+    qmp_sock: &Path,
+    dir: &Path,
+    vmstate: &Path,
+    ignore_shared: bool,
+) -> Result<()> {
     qmp::execute(
         qmp_sock,
         "migrate-set-capabilities",
         Some(serde_json::json!({"capabilities": [
-            {"capability": "x-ignore-shared", "state": true}
+            {"capability": "x-ignore-shared", "state": ignore_shared}
         ]})),
     )
     .await?;
@@ -1041,11 +1185,11 @@ pub(super) async fn launch(qemu: &Path, l: &Launch<'_>) -> Result<(i32, tokio::p
     }
     let sock = |n: &str| l.dir.join(n).to_string_lossy().to_string();
     let mut cmd = tokio::process::Command::new(qemu);
-    let machine = if l.memory_file.is_some() {
-        "microvm,rtc=on,memory-backend=mem"
-    } else {
-        "microvm,rtc=on"
-    };
+    // Guest RAM is always the backend `mem` (a file for snapshot
+    // templates and their clones, anonymous otherwise): a migration stream
+    // names RAM blocks, and a sandbox snapshot's children must find the
+    // block its source had.
+    let machine = "microvm,rtc=on,memory-backend=mem";
     cmd.args(["-M", machine])
         .args(match l.accel {
             Accel::Kvm => ["-accel", "kvm", "-cpu", "host"],
@@ -1102,8 +1246,8 @@ pub(super) async fn launch(qemu: &Path, l: &Launch<'_>) -> Result<(i32, tokio::p
     } else {
         cmd.arg("-S");
     }
-    if let Some((path, share)) = l.memory_file {
-        cmd.args([
+    match l.memory_file {
+        Some((path, share)) => cmd.args([
             "-object",
             &format!(
                 "memory-backend-file,id=mem,size={}M,mem-path={},share={}",
@@ -1111,8 +1255,12 @@ pub(super) async fn launch(qemu: &Path, l: &Launch<'_>) -> Result<(i32, tokio::p
                 path.display(),
                 if share { "on" } else { "off" }
             ),
-        ]);
-    }
+        ]),
+        None => cmd.args([
+            "-object",
+            &format!("memory-backend-ram,id=mem,size={}M", l.memory_mb),
+        ]),
+    };
     if let Some(disk) = l.disk {
         cmd.args([
             "-blockdev",
@@ -1321,6 +1469,7 @@ impl Provider for QemuProvider {
         if self.opts.snapshots {
             c.push(capability::SNAPSHOTS.into());
         }
+        c.push(capability::SANDBOX_SNAPSHOTS.into());
         c.push("microvm".into());
         c
     }
@@ -1342,6 +1491,73 @@ impl Provider for QemuProvider {
                 size_bytes: m.size_bytes,
             })
             .collect())
+    }
+
+    async fn snapshot_sandbox(&self, id: &str, snapshot_id: &str) -> Result<SandboxSnapshot> {
+        let meta = self.meta(id)?;
+        if !meta.alive() {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let base = match &meta.base {
+            Some(b) => b.clone(),
+            // Recorded since sandbox snapshots exist; older VMs: find it.
+            None => {
+                let (_, key, src) = self.image_source(&meta.image)?;
+                self.disks.get(&key, &src, self.opts.disk_mb).await?
+            }
+        };
+        let qemu_img = self
+            .qemu
+            .as_ref()
+            .and_then(|q| q.parent().map(|d| d.join("qemu-img")))
+            .filter(|p| p.is_file())
+            .or_else(|| resolve_binary("qemu-img"))
+            .ok_or_else(|| {
+                Error::unavailable("qemu-img not found (Debian: apt-get install qemu-utils)")
+            })?;
+        {
+            let mut f = self.freezing.lock().map_err(|_| Error::internal("lock"))?;
+            if !f.insert(id.to_string()) {
+                return Err(Error::conflict(format!(
+                    "sandbox {id} is being snapshotted already"
+                )));
+            }
+        }
+        let src = usersnap::Source {
+            id,
+            dir: &self.dir(id),
+            image: &meta.image,
+            memory_mb: meta.memory_mb,
+            vcpus: meta.vcpus,
+            accel: &meta.accel,
+            networked: meta.net.is_some(),
+            token: &meta.token,
+            base: &base,
+            qemu_img: &qemu_img,
+        };
+        let res = usersnap::create(&self.user_snapshots(), snapshot_id, &src).await;
+        if let Ok(mut f) = self.freezing.lock() {
+            f.remove(id);
+        }
+        let m = res?;
+        info!(
+            sandbox_id = id,
+            snapshot = snapshot_id,
+            bytes = m.size_bytes,
+            "qemu sandbox snapshot taken"
+        );
+        Ok(SandboxSnapshot {
+            size_bytes: m.size_bytes,
+            network_mode: if m.networked { "bridge" } else { "none" }.into(),
+        })
+    }
+
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<()> {
+        let root = self.user_snapshots();
+        let id = snapshot_id.to_string();
+        tokio::task::spawn_blocking(move || usersnap::remove(&root, &id))
+            .await
+            .map_err(|e| Error::internal(format!("snapshot removal task: {e}")))?
     }
 
     fn profile(&self) -> Profile {

@@ -238,66 +238,7 @@ pub(super) async fn build(t: &Template<'_>) -> Result<SnapMeta> {
     drop(client);
     tokio::time::sleep(SETTLE).await;
     qmp::execute(&qmp_sock, "stop", None).await?;
-    qmp::execute(
-        &qmp_sock,
-        "migrate-set-capabilities",
-        Some(serde_json::json!({"capabilities": [
-            {"capability": "x-ignore-shared", "state": true}
-        ]})),
-    )
-    .await?;
-    // The device state comes back over a socket pair whose far end QEMU
-    // receives over QMP (it runs as an unprivileged uid by now).
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
-        .map_err(|e| Error::internal(format!("socket pair: {e}")))?;
-    ours.set_nonblocking(true)
-        .map_err(|e| Error::internal(format!("socket pair: {e}")))?;
-    let mut ours = tokio::net::UnixStream::from_std(ours)
-        .map_err(|e| Error::internal(format!("socket pair: {e}")))?;
-    let state = dir.join("vmstate");
-    let receive = async {
-        let mut f = tokio::fs::File::create(&state)
-            .await
-            .map_err(|e| Error::internal(format!("creating vmstate: {e}")))?;
-        tokio::io::copy(&mut ours, &mut f)
-            .await
-            .map_err(|e| Error::internal(format!("receiving vmstate: {e}")))?;
-        f.flush()
-            .await
-            .map_err(|e| Error::internal(format!("writing vmstate: {e}")))?;
-        Ok::<(), Error>(())
-    };
-    let (sent, received) = tokio::join!(
-        qmp::execute_with_fd(
-            &qmp_sock,
-            std::os::fd::OwnedFd::from(theirs),
-            "snapshot",
-            "migrate",
-            Some(serde_json::json!({ "uri": "fd:snapshot" })),
-        ),
-        tokio::time::timeout(Duration::from_secs(60), receive)
-    );
-    sent?;
-    received.map_err(|_| Error::internal("the migration stream did not end within 60 s"))??;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let r = qmp::execute(&qmp_sock, "query-migrate", None).await?;
-        match r.get("status").and_then(serde_json::Value::as_str) {
-            Some("completed") => break,
-            Some("failed") | Some("cancelled") => {
-                return Err(Error::internal(format!(
-                    "snapshot migration failed: {}",
-                    r.get("error-desc")
-                        .and_then(serde_json::Value::as_str)
-                        .unwrap_or("no reason given")
-                )))
-            }
-            _ if Instant::now() >= deadline => {
-                return Err(Error::internal("snapshot migration did not complete"))
-            }
-            _ => tokio::time::sleep(Duration::from_millis(5)).await,
-        }
-    }
+    migrate_out(&qmp_sock, &dir.join("vmstate"), true).await?;
     // The RAM is in `mem` (shared mapping); the template must not run on.
     ident.kill();
     drop(child);
@@ -334,6 +275,74 @@ pub(super) async fn build(t: &Template<'_>) -> Result<SnapMeta> {
     }
     remove_superseded(t.cache, t.key);
     Ok(meta)
+}
+
+/// Migrates the stopped VM behind `qmp_sock` into the file `state`: the
+/// stream comes back over a socket pair whose far end QEMU receives over
+/// QMP (it runs as an unprivileged uid by now and opens no path of ours).
+/// `ignore_shared`: leave RAM in shared memory backends out of the stream
+/// (a template's RAM is its `mem` file); otherwise every RAM page goes in.
+pub(super) async fn migrate_out(qmp_sock: &Path, state: &Path, ignore_shared: bool) -> Result<()> {
+    qmp::execute(
+        qmp_sock,
+        "migrate-set-capabilities",
+        Some(serde_json::json!({"capabilities": [
+            {"capability": "x-ignore-shared", "state": ignore_shared}
+        ]})),
+    )
+    .await?;
+    // The device state comes back over a socket pair whose far end QEMU
+    // receives over QMP (it runs as an unprivileged uid by now).
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+        .map_err(|e| Error::internal(format!("socket pair: {e}")))?;
+    ours.set_nonblocking(true)
+        .map_err(|e| Error::internal(format!("socket pair: {e}")))?;
+    let mut ours = tokio::net::UnixStream::from_std(ours)
+        .map_err(|e| Error::internal(format!("socket pair: {e}")))?;
+    let receive = async {
+        let mut f = tokio::fs::File::create(state)
+            .await
+            .map_err(|e| Error::internal(format!("creating vmstate: {e}")))?;
+        tokio::io::copy(&mut ours, &mut f)
+            .await
+            .map_err(|e| Error::internal(format!("receiving vmstate: {e}")))?;
+        f.flush()
+            .await
+            .map_err(|e| Error::internal(format!("writing vmstate: {e}")))?;
+        Ok::<(), Error>(())
+    };
+    let (sent, received) = tokio::join!(
+        qmp::execute_with_fd(
+            qmp_sock,
+            std::os::fd::OwnedFd::from(theirs),
+            "snapshot",
+            "migrate",
+            Some(serde_json::json!({ "uri": "fd:snapshot" })),
+        ),
+        tokio::time::timeout(Duration::from_secs(60), receive)
+    );
+    sent?;
+    received.map_err(|_| Error::internal("the migration stream did not end within 60 s"))??;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = qmp::execute(qmp_sock, "query-migrate", None).await?;
+        match r.get("status").and_then(serde_json::Value::as_str) {
+            Some("completed") => break,
+            Some("failed") | Some("cancelled") => {
+                return Err(Error::internal(format!(
+                    "snapshot migration failed: {}",
+                    r.get("error-desc")
+                        .and_then(serde_json::Value::as_str)
+                        .unwrap_or("no reason given")
+                )))
+            }
+            _ if Instant::now() >= deadline => {
+                return Err(Error::internal("snapshot migration did not complete"))
+            }
+            _ => tokio::time::sleep(Duration::from_millis(5)).await,
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

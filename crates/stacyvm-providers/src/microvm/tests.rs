@@ -805,3 +805,119 @@ async fn bridge_vms_reach_only_what_the_bridge_allows() {
     }
     assert!(fx.qemus().is_empty());
 }
+
+/// A snapshot of a running sandbox and its children (fork): the source
+/// pauses for the snapshot and runs on; each child starts with the
+/// source's files, memory (a tmpfs file) and running processes as they
+/// were, its own identity, and writes private to it. The snapshot can go
+/// while children run. Bad input gets typed errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_snapshots_fork_children_with_state_and_private_writes() {
+    let fx = fixture();
+    let p = fx.make();
+    let mut src = conformance::spawn_spec(BUSYBOX_TAG);
+    src.memory_mb = 144;
+    p.spawn(&src).await.expect("spawn source");
+    let r = sh(
+        &p,
+        &src.id,
+        "echo disk > /workspace/before; echo ram > /dev/shm/marker; \
+         (i=0; while true; do i=$((i+1)); echo $i > /dev/shm/counter; sleep 0.2; done) >/dev/null 2>&1 & \
+         echo started",
+    )
+    .await;
+    assert_eq!(r.stdout.trim(), "started", "{r:?}");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    let snap = format!("snap-{}", hex::encode(rand::random::<[u8; 8]>()));
+    let t = std::time::Instant::now();
+    let made = p.snapshot_sandbox(&src.id, &snap).await.expect("snapshot");
+    eprintln!("snapshot took {:?}, {} bytes", t.elapsed(), made.size_bytes);
+    assert!(made.size_bytes > 0);
+    assert_eq!(made.network_mode, "none");
+    // The source runs on, and what it does next is not in the snapshot.
+    let r = sh(&p, &src.id, "echo later > /workspace/after; cat /workspace/before").await;
+    assert_eq!(r.stdout.trim(), "disk", "{r:?}");
+    assert_eq!(
+        p.snapshot_sandbox(&src.id, &snap)
+            .await
+            .expect_err("same id twice")
+            .kind(),
+        ErrorKind::Conflict
+    );
+
+    let child = || {
+        let mut s = conformance::spawn_spec(BUSYBOX_TAG);
+        s.memory_mb = 144;
+        s.snapshot = Some(snap.clone());
+        s
+    };
+    let (c1, c2) = (child(), child());
+    let t = std::time::Instant::now();
+    p.spawn(&c1).await.expect("child 1");
+    eprintln!("child spawn took {:?}", t.elapsed());
+    p.spawn(&c2).await.expect("child 2");
+    let probe = "hostname; cat /workspace/before /dev/shm/marker; ls /workspace/after 2>&1; \
+                 a=$(cat /dev/shm/counter); sleep 1; b=$(cat /dev/shm/counter); \
+                 [ \"$b\" -gt \"$a\" ] && echo counting";
+    for c in [&c1, &c2] {
+        let r = sh(&p, &c.id, probe).await;
+        let l: Vec<&str> = r.stdout.lines().collect();
+        assert_eq!(l.first().copied(), Some(c.id.as_str()), "own hostname: {r:?}");
+        assert_eq!(&l[1..3], ["disk", "ram"], "files and memory of the source: {r:?}");
+        assert!(l[3].contains("No such file"), "the source's later write: {r:?}");
+        assert_eq!(l.get(4).copied(), Some("counting"), "the source's process runs on: {r:?}");
+    }
+    sh(&p, &c1.id, "echo one > /workspace/mine").await;
+    sh(&p, &c2.id, "echo two > /workspace/mine").await;
+    let r1 = sh(&p, &c1.id, "cat /workspace/mine").await;
+    let r2 = sh(&p, &c2.id, "cat /workspace/mine").await;
+    assert_eq!((r1.stdout.trim(), r2.stdout.trim()), ("one", "two"));
+    let r = sh(&p, &src.id, "ls /workspace/mine 2>&1").await;
+    assert!(r.stdout.contains("No such file"), "{r:?}");
+
+    // Children need nothing of the snapshot once started.
+    p.delete_snapshot(&snap).await.expect("delete");
+    p.delete_snapshot(&snap).await.expect("delete is idempotent");
+    let r = sh(&p, &c1.id, "echo still > /workspace/x && cat /workspace/x /workspace/before").await;
+    assert_eq!(r.stdout.split_whitespace().collect::<Vec<_>>(), ["still", "disk"]);
+
+    // Bad input.
+    assert_eq!(
+        p.spawn(&child()).await.expect_err("deleted snapshot").kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        p.snapshot_sandbox("sb-00000000", "snap-00aa")
+            .await
+            .expect_err("no such sandbox")
+            .kind(),
+        ErrorKind::SandboxNotFound
+    );
+    assert_eq!(
+        p.snapshot_sandbox(&src.id, "snap-../../x")
+            .await
+            .expect_err("bad id")
+            .kind(),
+        ErrorKind::InvalidInput
+    );
+    let again = format!("snap-{}", hex::encode(rand::random::<[u8; 8]>()));
+    p.snapshot_sandbox(&c2.id, &again).await.expect("snapshot of a child");
+    let mut wrong = child();
+    wrong.snapshot = Some(again.clone());
+    wrong.memory_mb = 256;
+    assert_eq!(
+        p.spawn(&wrong).await.expect_err("another size").kind(),
+        ErrorKind::InvalidInput
+    );
+    let mut grandchild = child();
+    grandchild.snapshot = Some(again.clone());
+    p.spawn(&grandchild).await.expect("grandchild");
+    let r = sh(&p, &grandchild.id, "cat /workspace/mine /workspace/before").await;
+    assert_eq!(r.stdout.split_whitespace().collect::<Vec<_>>(), ["two", "disk"], "{r:?}");
+    p.delete_snapshot(&again).await.expect("delete");
+    for s in [&src, &c1, &c2, &grandchild] {
+        p.destroy(&s.id).await.expect("destroy");
+    }
+    assert!(fx.qemus().is_empty());
+}

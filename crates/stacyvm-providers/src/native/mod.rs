@@ -1437,6 +1437,7 @@ pub(crate) mod tests {
             tenant_id: String::new(),
             expires_at: Utc::now(),
             network_mode: String::new(),
+            snapshot: None,
         };
         let e = p.spawn(&spec).await.expect_err("unknown image");
         assert_eq!(e.kind(), ErrorKind::InvalidInput);
