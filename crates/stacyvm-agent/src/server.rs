@@ -37,6 +37,22 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// Drops what the host of this session had in flight (a new host took
+    /// over): streamed output and reads stop waiting for its credit,
+    /// uploads end, stdin closes. Processes run on.
+    fn forget_session(&self) {
+        for h in self.execs.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            h.1.window.cancel();
+        }
+        for r in self.reads.lock().unwrap_or_else(|e| e.into_inner()).drain() {
+            r.1.cancel();
+        }
+        self.uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     pub fn send(&self, f: &Frame) -> std::io::Result<()> {
         let bytes = f.encode();
         let mut w = self.writer.lock().unwrap_or_else(|e| e.into_inner());
@@ -162,23 +178,7 @@ pub fn handle_stream<R: Read>(
     // Handshake: the first frame must be Hello with our major version.
     match Frame::read_from(&mut reader) {
         Ok(Some(f)) if f.kind == Kind::Hello => {
-            let hello: Option<Hello> = serde_json::from_slice(&f.body).ok();
-            let proof = match (TOKEN.get(), hello.as_ref()) {
-                (Some(token), Some(h)) if !h.nonce.is_empty() => {
-                    stacyvm_agent_proto::handshake_proof(token, &h.nonce)
-                }
-                _ => String::new(),
-            };
-            let ours = Hello {
-                version: VERSION,
-                agent: format!("stacyvm-agent {}", env!("CARGO_PKG_VERSION")),
-                pid: std::process::id(),
-                nonce: String::new(),
-                proof,
-                features: FEATURES.iter().map(|f| (*f).to_string()).collect(),
-            };
-            let _ = conn.send(&Frame::json(Kind::Hello, 0, &ours));
-            if hello.map(|h| h.version) != Some(VERSION) {
+            if !answer_hello(&f, &conn) {
                 return;
             }
         }
@@ -189,8 +189,42 @@ pub fn handle_stream<R: Read>(
             Ok(Some(f)) => f,
             Ok(None) | Err(_) => return,
         };
+        if frame.kind == Kind::Hello && crate::guest::is_guest() {
+            // A new host on a virtio port that never said the old one
+            // left: a clone of a sandbox snapshot, whose agent was in its
+            // source's session (the port's hang-up is a control message
+            // the device may drop). What the old host ran is forgotten,
+            // as at the end of a session, and the new one is answered.
+            conn.forget_session();
+            if !answer_hello(&frame, &conn) {
+                return;
+            }
+            continue;
+        }
         dispatch(frame, &conn, reaper, pid1);
     }
+}
+
+/// Answers a host's Hello (with the token proof when we have a token);
+/// false when its protocol version is not ours.
+fn answer_hello(f: &Frame, conn: &Conn) -> bool {
+    let hello: Option<Hello> = serde_json::from_slice(&f.body).ok();
+    let proof = match (TOKEN.get(), hello.as_ref()) {
+        (Some(token), Some(h)) if !h.nonce.is_empty() => {
+            stacyvm_agent_proto::handshake_proof(token, &h.nonce)
+        }
+        _ => String::new(),
+    };
+    let ours = Hello {
+        version: VERSION,
+        agent: format!("stacyvm-agent {}", env!("CARGO_PKG_VERSION")),
+        pid: std::process::id(),
+        nonce: String::new(),
+        proof,
+        features: FEATURES.iter().map(|f| (*f).to_string()).collect(),
+    };
+    let _ = conn.send(&Frame::json(Kind::Hello, 0, &ours));
+    hello.map(|h| h.version) == Some(VERSION)
 }
 
 fn dispatch(f: Frame, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: bool) {

@@ -80,6 +80,11 @@ pub struct SpawnRequest {
     pub metadata: Option<BTreeMap<String, String>>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub network_mode: String,
+    /// Start from this snapshot (`snap-…`) of a sandbox: its files, memory
+    /// and processes. Provider, image, size and network are the
+    /// snapshot's; naming others is a 400.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub snapshot: String,
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -415,7 +420,7 @@ pub struct QuotaUsage {
 }
 
 /// `GET /snapshots` item (the spec's three fields, then StacyVM's).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct SnapshotSummary {
     pub image: String,
     pub provider: String,
@@ -428,6 +433,42 @@ pub struct SnapshotSummary {
     pub vcpus: i64,
     #[serde(default, skip_serializing_if = "is_zero_u64")]
     pub size_bytes: u64,
+    /// Snapshots of sandboxes only: the sandbox it was taken of (restore
+    /// points a provider keeps for its spawns have none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub source_sandbox_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub network_mode: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner_id: String,
+}
+
+/// `POST /sandboxes/{id}/fork` body. Every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ForkRequest {
+    /// Children to start (1–16, default 1).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub count: i64,
+    /// Time to live of each child (Go duration; default as for spawns).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub ttl: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+    /// Keep the snapshot the children start from (listed, spawnable,
+    /// counted against the owner's snapshots) instead of deleting it once
+    /// they run.
+    #[serde(skip_serializing_if = "is_false")]
+    pub keep_snapshot: bool,
+}
+
+/// `POST /sandboxes/{id}/fork` response.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ForkResponse {
+    pub sandboxes: Vec<Sandbox>,
+    /// The snapshot, when `keep_snapshot` asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<SnapshotSummary>,
 }
 
 fn is_zero_u64(v: &u64) -> bool {

@@ -418,6 +418,8 @@ pub struct DefaultsConfig {
     pub max_exec_timeout: Dur,
     pub max_sandboxes: i64,
     pub max_sandboxes_per_owner: i64,
+    /// Snapshots of sandboxes one owner may keep (0 = no limit).
+    pub max_snapshots_per_owner: i64,
     pub spawn_overflow: String,
     pub spawn_queue_timeout: Dur,
     pub max_spawn_queue: i64,
@@ -706,6 +708,7 @@ impl Default for DefaultsConfig {
             max_exec_timeout: Dur::secs(10 * 60),
             max_sandboxes: 0,
             max_sandboxes_per_owner: 0,
+            max_snapshots_per_owner: 20,
             spawn_overflow: "reject".into(),
             spawn_queue_timeout: Dur::secs(30),
             max_spawn_queue: 100,

@@ -27,6 +27,9 @@ use crate::store::{
     ExecLogRecord, OpAuditRecord, QuotaRecord, SandboxRecord, Store, TemplateRecord,
 };
 
+mod snapshots;
+pub use snapshots::{summary as snapshot_summary, MAX_FORK};
+
 /// Id of the control plane's own worker.
 pub const LOCAL_WORKER: &str = "local";
 /// Lease grace after expiry.
@@ -517,7 +520,9 @@ impl Manager {
     /// Spawns a sandbox. `req.template` merges a stored template first.
     pub async fn spawn(&self, mut req: SpawnRequest, caller: &Caller) -> Result<Sandbox> {
         let started = Instant::now();
-        if !req.template.is_empty() {
+        if !req.snapshot.is_empty() {
+            self.apply_snapshot(&mut req, caller).await?;
+        } else if !req.template.is_empty() {
             let t = self.get_template(&req.template).await?;
             merge_template(&mut req, &t);
         }
@@ -694,7 +699,7 @@ impl Manager {
             tenant_id: caller.tenant_id.clone(),
             expires_at,
             network_mode: req.network_mode.clone(),
-            snapshot: None,
+            snapshot: (!req.snapshot.is_empty()).then(|| req.snapshot.clone()),
         };
         let spawned = provider.spawn(&spec).await?;
         let lease_ttl = ttl.to_std() + LEASE_GRACE;

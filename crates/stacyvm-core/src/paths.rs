@@ -93,6 +93,22 @@ pub fn new_sandbox_id() -> String {
     format!("sb-{}", hex::encode(b))
 }
 
+/// A fresh snapshot id: `snap-` and 16 hex digits.
+pub fn new_snapshot_id() -> String {
+    let mut b = [0u8; 8];
+    rand::thread_rng().fill_bytes(&mut b);
+    format!("snap-{}", hex::encode(b))
+}
+
+/// Whether `id` has the snapshot id shape (`snap-` + 16 hex digits).
+pub fn is_snapshot_id(id: &str) -> bool {
+    id.len() == 21
+        && id.starts_with("snap-")
+        && id[5..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// Whether `id` has the sandbox id shape.
 pub fn is_sandbox_id(id: &str) -> bool {
     id.len() == 11

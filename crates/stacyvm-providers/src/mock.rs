@@ -18,8 +18,8 @@ use nix::unistd::Pid;
 use stacyvm_api::FileInfo;
 use stacyvm_core::provider::{
     buffered_read, capability, collect_upload, ExecInput, ExecSpec, ExitStatus, FileStream,
-    Isolation, OutputChunk, OutputSink, Profile, Provider, RuntimeInfo, RuntimeStatus, SpawnSpec,
-    Spawned, StreamKind,
+    Isolation, OutputChunk, OutputSink, Profile, Provider, RuntimeInfo, RuntimeStatus,
+    SandboxSnapshot, SpawnSpec, Spawned, StreamKind,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -28,6 +28,25 @@ use tokio::process::Command;
 use crate::hostfs::HostRoot;
 
 const META: &str = ".stacyvm-mock.json";
+
+/// `cp -a from to` (to must not exist).
+fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    let out = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .output()
+        .map_err(|e| Error::internal("running cp").with_source(e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::internal(format!(
+            "copying {}: {}",
+            from.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
 
 #[derive(Debug)]
 pub struct MockProvider {
@@ -56,6 +75,14 @@ impl MockProvider {
 
     fn root(&self, id: &str) -> Result<HostRoot> {
         Ok(HostRoot::new(self.dir(id)?))
+    }
+
+    /// Where snapshot `id` lives (`<base>/.snapshots/<id>`).
+    fn snapshot_dir(&self, id: &str) -> Result<PathBuf> {
+        if !stacyvm_core::paths::is_snapshot_id(id) {
+            return Err(Error::invalid(format!("bad snapshot id {id:?}")));
+        }
+        Ok(self.base.join(".snapshots").join(id))
     }
 
     async fn blocking<T: Send + 'static>(
@@ -262,6 +289,7 @@ impl Provider for MockProvider {
         c.push(capability::RUNTIME_INVENTORY.into());
         c.push("test_provider".into());
         c.push(capability::EXEC_INTERACTIVE.into());
+        c.push(capability::SANDBOX_SNAPSHOTS.into());
         c
     }
 
@@ -312,15 +340,62 @@ impl Provider for MockProvider {
             "metadata": spec.metadata,
         });
         let id = spec.id.clone();
+        let from = match &spec.snapshot {
+            Some(s) => {
+                let d = self.snapshot_dir(s)?;
+                if !d.is_dir() {
+                    return Err(Error::not_found(format!("snapshot {s:?}")));
+                }
+                Some(d)
+            }
+            None => None,
+        };
         Self::blocking(move || {
-            std::fs::create_dir_all(dir.join("workspace"))?;
             std::fs::create_dir_all(dir.join("tmp"))?;
+            match from {
+                // A child starts with the snapshot's files.
+                Some(src) => copy_tree(&src.join("workspace"), &dir.join("workspace"))?,
+                None => std::fs::create_dir_all(dir.join("workspace"))?,
+            }
             std::fs::write(dir.join(META), meta.to_string())?;
             Ok(())
         })
         .await
         .map_err(|e| e.context("mock spawn"))?;
         Ok(Spawned { runtime_id: id })
+    }
+
+    /// A copy of the sandbox's `/workspace` (a test double's snapshot: no
+    /// memory, no processes).
+    async fn snapshot_sandbox(&self, id: &str, snapshot_id: &str) -> Result<SandboxSnapshot> {
+        let dir = self.base.join(id);
+        if !stacyvm_core::paths::is_sandbox_id(id) || !dir.join(META).is_file() {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let target = self.snapshot_dir(snapshot_id)?;
+        if target.exists() {
+            return Err(Error::conflict(format!("snapshot {snapshot_id} exists")));
+        }
+        Self::blocking(move || {
+            std::fs::create_dir_all(&target)?;
+            copy_tree(&dir.join("workspace"), &target.join("workspace"))?;
+            Ok(())
+        })
+        .await
+        .map_err(|e| e.context("mock snapshot"))?;
+        Ok(SandboxSnapshot {
+            size_bytes: 4096,
+            network_mode: "none".into(),
+        })
+    }
+
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<()> {
+        let dir = self.snapshot_dir(snapshot_id)?;
+        Self::blocking(move || match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        })
+        .await
     }
 
     async fn exec(&self, id: &str, spec: &ExecSpec, sink: OutputSink) -> Result<ExitStatus> {

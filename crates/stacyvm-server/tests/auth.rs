@@ -18,7 +18,7 @@ use stacyvm_core::events::EventBus;
 use stacyvm_core::manager::Manager;
 use stacyvm_core::metrics::Metrics;
 use stacyvm_core::registry::Registry;
-use stacyvm_core::store::{AdminAuditFilter, TenantMemberRecord};
+use stacyvm_core::store::{AdminAuditFilter, OpAuditFilter, TenantMemberRecord};
 use stacyvm_providers::mock::MockProvider;
 use stacyvm_server::auth::Authenticator;
 use stacyvm_server::{AppState, Perm, Role, ROUTE_PERMISSIONS};
@@ -2682,4 +2682,278 @@ async fn provider_config_quotas_and_global_counts_are_admin_only() {
         assert!(v.to_string().contains(&dir), "{path}: {v}");
     }
     std::fs::rename(&moved, &base).expect("restore mock base");
+}
+
+/// Snapshots of sandboxes and forks follow the rules of sandboxes: a
+/// snapshot belongs to its sandbox's tenant and owner; others in the
+/// tenant with the owner scope, and other tenants, see no such snapshot
+/// (list, get, spawn from, delete: 404), an operator sees the tenant's.
+/// A child starts with the source's files and gets the snapshot's image;
+/// naming another is a 400. A fork starts N children, all or none, and
+/// drops its snapshot unless asked to keep it. The per-owner limit is a
+/// 429; snapshot and delete are audited. The mock provider stands in for a
+/// provider that snapshots (qemu has its own tests for the machine state).
+#[tokio::test]
+async fn snapshots_and_forks_follow_tenancy_limits_and_audit() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
+    let mut cfg = oidc_config(&jwks.url);
+    cfg.auth.oidc_tenant_claim = "tenant".into();
+    cfg.defaults.max_snapshots_per_owner = 3;
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let token = |sub: &str, tenant: Option<&str>, groups: &[&str]| {
+        let mut c = claims(sub, groups);
+        if let Some(t) = tenant {
+            c["tenant"] = json!(t);
+        }
+        Cred::Bearer(sign(&rsa, "rsa1", &c))
+    };
+    let alice = token("alice", Some("acme"), &[]);
+    let carol = token("carol", Some("acme"), &[]);
+    let oscar = token("oscar", Some("acme"), &["ops"]);
+    let bob = token("bob", None, &[]);
+
+    let (st, v) = s
+        .send("POST", "/sandboxes", &alice, &[], Some(json!({})))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let a = v["id"].as_str().expect("id").to_string();
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{a}/files"),
+            &alice,
+            &[],
+            Some(json!({"path": "/workspace/f", "content": "alpha"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{a}/snapshot"),
+            &alice,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let snap = v["id"].as_str().expect("snapshot id").to_string();
+    assert!(snap.starts_with("snap-"), "{v}");
+    assert_eq!(v["source_sandbox_id"], a.as_str(), "{v}");
+    assert_eq!(v["owner_id"], "alice", "{v}");
+    assert_eq!(v["provider"], "mock", "{v}");
+
+    let listed = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|x| x["id"].as_str().map(str::to_string))
+            .collect()
+    };
+    for (who, cred, sees) in [
+        ("alice", &alice, true),
+        ("oscar", &oscar, true),
+        ("carol", &carol, false),
+        ("bob", &bob, false),
+    ] {
+        let (st, v) = s.send("GET", "/snapshots", cred, &[], None).await;
+        assert_eq!(st, 200, "{who}: {v}");
+        assert_eq!(listed(&v).contains(&snap), sees, "{who} lists: {v}");
+        let (st, v) = s
+            .send("GET", &format!("/snapshots/{snap}"), cred, &[], None)
+            .await;
+        assert_eq!(st, if sees { 200 } else { 404 }, "{who} gets: {v}");
+        if !sees {
+            let (st, v) = s
+                .send(
+                    "POST",
+                    "/sandboxes",
+                    cred,
+                    &[],
+                    Some(json!({"snapshot": snap})),
+                )
+                .await;
+            assert_eq!(st, 404, "{who} spawns from it: {v}");
+            let (st, v) = s
+                .send("DELETE", &format!("/snapshots/{snap}"), cred, &[], None)
+                .await;
+            assert_eq!(st, 404, "{who} deletes it: {v}");
+            let (st, v) = s
+                .send("POST", &format!("/sandboxes/{a}/snapshot"), cred, &[], None)
+                .await;
+            assert_eq!(st, 404, "{who} snapshots another's sandbox: {v}");
+        }
+    }
+
+    // A child has the source's files; it cannot change what the snapshot is.
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &alice,
+            &[],
+            Some(json!({"snapshot": snap})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let child = v["id"].as_str().expect("id").to_string();
+    let body = s
+        .http
+        .get(format!(
+            "{}/sandboxes/{child}/files?path=/workspace/f",
+            s.base
+        ))
+        .bearer_auth(match &alice {
+            Cred::Bearer(t) => t.clone(),
+            _ => unreachable!(),
+        })
+        .send()
+        .await
+        .expect("read")
+        .text()
+        .await
+        .expect("body");
+    assert_eq!(body, "alpha");
+    for bad in [
+        json!({"snapshot": snap, "image": "other:1"}),
+        json!({"snapshot": snap, "memory_mb": 4096}),
+        json!({"snapshot": snap, "template": "t"}),
+    ] {
+        let (st, v) = s
+            .send("POST", "/sandboxes", &alice, &[], Some(bad.clone()))
+            .await;
+        assert_eq!(st, 400, "{bad}: {v}");
+    }
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &alice,
+            &[],
+            Some(json!({"snapshot": "snap-0000000000000000"})),
+        )
+        .await;
+    assert_eq!(st, 404, "{v}");
+
+    // Fork: N children, the snapshot gone unless kept.
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{a}/fork"),
+            &alice,
+            &[],
+            Some(json!({"count": 2})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(v["sandboxes"].as_array().map(Vec::len), Some(2), "{v}");
+    assert!(v.get("snapshot").is_none(), "{v}");
+    let (_, v) = s.send("GET", "/snapshots", &alice, &[], None).await;
+    assert_eq!(
+        listed(&v),
+        std::slice::from_ref(&snap),
+        "the fork's snapshot is gone: {v}"
+    );
+    for bad in [
+        json!({"count": 17}),
+        json!({"count": -1}),
+        json!({"ttl": "soon"}),
+    ] {
+        let (st, v) = s
+            .send(
+                "POST",
+                &format!("/sandboxes/{a}/fork"),
+                &alice,
+                &[],
+                Some(bad.clone()),
+            )
+            .await;
+        assert_eq!(st, 400, "{bad}: {v}");
+    }
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{a}/fork"),
+            &alice,
+            &[],
+            Some(json!({"keep_snapshot": true})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert!(
+        v["snapshot"]["id"]
+            .as_str()
+            .is_some_and(|i| i.starts_with("snap-")),
+        "{v}"
+    );
+
+    // The limit (3 per owner): two kept so far, one more fits.
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{a}/snapshot"),
+            &alice,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{a}/snapshot"),
+            &alice,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 429, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_snapshots_per_owner"),
+        "{v}"
+    );
+
+    let (st, v) = s
+        .send("DELETE", &format!("/snapshots/{snap}"), &alice, &[], None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, _) = s
+        .send("GET", &format!("/snapshots/{snap}"), &alice, &[], None)
+        .await;
+    assert_eq!(st, 404);
+    // The child started from it runs on.
+    let (st, v) = s
+        .send("GET", &format!("/sandboxes/{child}"), &alice, &[], None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+
+    s.manager.flush_audit().await;
+    let rows = s
+        .manager
+        .store()
+        .list_op_audit(&OpAuditFilter {
+            tenant_id: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("audit");
+    let count = |action: &str, ok: bool| {
+        let status = if ok { "success" } else { "failure" };
+        rows.iter()
+            .filter(|r| r.action == action && r.status == status)
+            .count()
+    };
+    assert_eq!(count("sandbox.snapshot", true), 4, "{rows:?}");
+    assert_eq!(
+        count("sandbox.snapshot", false),
+        1,
+        "the refused one: {rows:?}"
+    );
+    assert_eq!(count("snapshot.delete", true), 1, "{rows:?}");
 }

@@ -1,8 +1,8 @@
 //! The qemu provider end to end with the real binary (TCG here): `stacyvm
 //! image import` of a busybox image, then `stacyvm serve` with
 //! `providers.default: qemu`: the provider report, spawn with no image
-//! (the configured default image), exec, a file round trip, logs, the
-//! snapshot list, destroy; and a spawn of `host` with no default image is
+//! (the configured default image), exec, a file round trip, logs, a fork
+//! into two children, the snapshot list, destroy; and a spawn of `host` with no default image is
 //! a 400 that says what to do.
 
 mod common;
@@ -121,6 +121,15 @@ async fn qemu_provider_end_to_end() {
         "{}",
         String::from_utf8_lossy(&import.stderr)
     );
+    // Restore points are keyed by image content (another run may have
+    // built this one under another name): `<first 16 hex of the id>-…`.
+    let printed = String::from_utf8_lossy(&import.stdout).to_string()
+        + &String::from_utf8_lossy(&import.stderr);
+    let image_key = printed
+        .split("sha256:")
+        .nth(1)
+        .map(|h| h.chars().take(16).collect::<String>())
+        .expect("image id printed by image import");
     let env = [
         ("STACYVM_PROVIDERS_NATIVE_ENABLED", "false"),
         ("STACYVM_PROVIDERS_QEMU_ENABLED", "true"),
@@ -178,13 +187,48 @@ async fn qemu_provider_end_to_end() {
     .await;
     assert_eq!(status, 200, "{v}");
 
+    // Fork: two children with the source's file, each its own machine.
+    let (status, v) = call(
+        reqwest::Method::POST,
+        format!("{}/sandboxes/{id}/fork", s.url),
+        Some(json!({"count": 2})),
+    )
+    .await;
+    assert_eq!(status, 201, "fork: {v}");
+    let children: Vec<String> = v["sandboxes"]
+        .as_array()
+        .expect("children")
+        .iter()
+        .map(|c| c["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(children.len(), 2, "{v}");
+    for c in &children {
+        let (status, v) = call(
+            reqwest::Method::POST,
+            format!("{}/sandboxes/{c}/exec", s.url),
+            Some(json!({"command": "hostname; cat /workspace/f"})),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["stdout"], format!("{c}\nhi\n"), "{v}");
+        let (status, v) = call(
+            reqwest::Method::DELETE,
+            format!("{}/sandboxes/{c}", s.url),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+    }
+
     // The cold boot leaves a restore point of this shape behind.
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         let (status, v) = call(reqwest::Method::GET, format!("{}/snapshots", s.url), None).await;
         assert_eq!(status, 200, "{v}");
         let listed = v.as_array().into_iter().flatten().any(|x| {
-            x["provider"] == "qemu" && x["image"] == "e2e/busybox:1" && x["memory_mb"] == 224
+            x["provider"] == "qemu"
+                && x["id"].as_str().is_some_and(|i| i.starts_with(&image_key))
+                && x["memory_mb"] == 224
         });
         if listed {
             break;

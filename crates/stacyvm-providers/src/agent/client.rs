@@ -303,6 +303,21 @@ impl AgentClient {
         }))
     }
 
+    /// Closes the connection (our write side; the agent's end sees the
+    /// host leave). Requests in flight fail as on a lost connection.
+    pub async fn close(&self) {
+        if let Ok(mut w) =
+            tokio::time::timeout(std::time::Duration::from_secs(2), self.writer.lock()).await
+        {
+            let _ = w.shutdown().await;
+        }
+        self.reader.abort();
+        self.closed.store(true, Ordering::SeqCst);
+        if let Ok(mut r) = self.routes.lock() {
+            r.clear();
+        }
+    }
+
     pub fn is_closed(&self) -> bool {
         self.closed.load(Ordering::SeqCst)
     }

@@ -1005,17 +1005,6 @@ impl QemuProvider {
             Restore::Boot => {}
         }
         qmp::execute(&qmp_sock, "cont", None).await?;
-        if let Restore::Snapshot(_) = snap {
-            // The source's agent was in a session with its host when the
-            // snapshot was taken. A connection that opens and closes the
-            // port shows the child's agent that this host is gone, so it
-            // waits for a new one instead of reading our handshake as the
-            // next request of the old session.
-            if let Ok(c) = tokio::net::UnixStream::connect(dir.join("agent.sock")).await {
-                drop(c);
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        }
         let client = wait_agent(
             &dir.join("agent.sock"),
             &token,
@@ -1489,6 +1478,7 @@ impl Provider for QemuProvider {
                 memory_mb: m.memory_mb,
                 vcpus: m.vcpus,
                 size_bytes: m.size_bytes,
+                ..Default::default()
             })
             .collect())
     }
@@ -1523,6 +1513,27 @@ impl Provider for QemuProvider {
                 )));
             }
         }
+        // The frozen agent must be waiting for a new host, not inside a
+        // session no child could finish (what snapshot templates do too):
+        // close this server's connection and let the agent see it. Until
+        // the snapshot is done, requests wait on the reconnect lock.
+        let lock = self
+            .connecting
+            .lock()
+            .map_err(|_| Error::internal("lock"))?
+            .entry(id.to_string())
+            .or_default()
+            .clone();
+        let _reconnect = lock.lock().await;
+        let open = self
+            .conns
+            .lock()
+            .map_err(|_| Error::internal("lock"))?
+            .remove(id);
+        if let Some(c) = open {
+            c.close().await;
+        }
+        tokio::time::sleep(snapshot::SETTLE).await;
         let src = usersnap::Source {
             id,
             dir: &self.dir(id),

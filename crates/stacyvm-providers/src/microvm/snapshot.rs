@@ -31,7 +31,7 @@ use super::qemu::{launch, wait_agent, Launch};
 use super::{qcow2, qmp, Accel};
 
 /// How long the template's agent gets to notice its host left.
-const SETTLE: Duration = Duration::from_millis(300);
+pub(super) const SETTLE: Duration = Duration::from_millis(300);
 
 /// What is recorded of a snapshot (`meta.json`).
 #[derive(Debug, Clone, Serialize, Deserialize)]

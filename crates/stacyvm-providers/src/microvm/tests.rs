@@ -836,7 +836,12 @@ async fn sandbox_snapshots_fork_children_with_state_and_private_writes() {
     assert!(made.size_bytes > 0);
     assert_eq!(made.network_mode, "none");
     // The source runs on, and what it does next is not in the snapshot.
-    let r = sh(&p, &src.id, "echo later > /workspace/after; cat /workspace/before").await;
+    let r = sh(
+        &p,
+        &src.id,
+        "echo later > /workspace/after; cat /workspace/before",
+    )
+    .await;
     assert_eq!(r.stdout.trim(), "disk", "{r:?}");
     assert_eq!(
         p.snapshot_sandbox(&src.id, &snap)
@@ -863,10 +868,25 @@ async fn sandbox_snapshots_fork_children_with_state_and_private_writes() {
     for c in [&c1, &c2] {
         let r = sh(&p, &c.id, probe).await;
         let l: Vec<&str> = r.stdout.lines().collect();
-        assert_eq!(l.first().copied(), Some(c.id.as_str()), "own hostname: {r:?}");
-        assert_eq!(&l[1..3], ["disk", "ram"], "files and memory of the source: {r:?}");
-        assert!(l[3].contains("No such file"), "the source's later write: {r:?}");
-        assert_eq!(l.get(4).copied(), Some("counting"), "the source's process runs on: {r:?}");
+        assert_eq!(
+            l.first().copied(),
+            Some(c.id.as_str()),
+            "own hostname: {r:?}"
+        );
+        assert_eq!(
+            &l[1..3],
+            ["disk", "ram"],
+            "files and memory of the source: {r:?}"
+        );
+        assert!(
+            l[3].contains("No such file"),
+            "the source's later write: {r:?}"
+        );
+        assert_eq!(
+            l.get(4).copied(),
+            Some("counting"),
+            "the source's process runs on: {r:?}"
+        );
     }
     sh(&p, &c1.id, "echo one > /workspace/mine").await;
     sh(&p, &c2.id, "echo two > /workspace/mine").await;
@@ -878,13 +898,26 @@ async fn sandbox_snapshots_fork_children_with_state_and_private_writes() {
 
     // Children need nothing of the snapshot once started.
     p.delete_snapshot(&snap).await.expect("delete");
-    p.delete_snapshot(&snap).await.expect("delete is idempotent");
-    let r = sh(&p, &c1.id, "echo still > /workspace/x && cat /workspace/x /workspace/before").await;
-    assert_eq!(r.stdout.split_whitespace().collect::<Vec<_>>(), ["still", "disk"]);
+    p.delete_snapshot(&snap)
+        .await
+        .expect("delete is idempotent");
+    let r = sh(
+        &p,
+        &c1.id,
+        "echo still > /workspace/x && cat /workspace/x /workspace/before",
+    )
+    .await;
+    assert_eq!(
+        r.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["still", "disk"]
+    );
 
     // Bad input.
     assert_eq!(
-        p.spawn(&child()).await.expect_err("deleted snapshot").kind(),
+        p.spawn(&child())
+            .await
+            .expect_err("deleted snapshot")
+            .kind(),
         ErrorKind::NotFound
     );
     assert_eq!(
@@ -902,7 +935,9 @@ async fn sandbox_snapshots_fork_children_with_state_and_private_writes() {
         ErrorKind::InvalidInput
     );
     let again = format!("snap-{}", hex::encode(rand::random::<[u8; 8]>()));
-    p.snapshot_sandbox(&c2.id, &again).await.expect("snapshot of a child");
+    p.snapshot_sandbox(&c2.id, &again)
+        .await
+        .expect("snapshot of a child");
     let mut wrong = child();
     wrong.snapshot = Some(again.clone());
     wrong.memory_mb = 256;
@@ -914,7 +949,11 @@ async fn sandbox_snapshots_fork_children_with_state_and_private_writes() {
     grandchild.snapshot = Some(again.clone());
     p.spawn(&grandchild).await.expect("grandchild");
     let r = sh(&p, &grandchild.id, "cat /workspace/mine /workspace/before").await;
-    assert_eq!(r.stdout.split_whitespace().collect::<Vec<_>>(), ["two", "disk"], "{r:?}");
+    assert_eq!(
+        r.stdout.split_whitespace().collect::<Vec<_>>(),
+        ["two", "disk"],
+        "{r:?}"
+    );
     p.delete_snapshot(&again).await.expect("delete");
     for s in [&src, &c1, &c2, &grandchild] {
         p.destroy(&s.id).await.expect("destroy");

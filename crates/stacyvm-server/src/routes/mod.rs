@@ -35,6 +35,8 @@ pub fn api_routes() -> Router<AppState> {
             get(sandboxes::get).delete(sandboxes::destroy),
         )
         .route("/sandboxes/{id}/extend", post(sandboxes::extend))
+        .route("/sandboxes/{id}/snapshot", post(sandboxes::snapshot))
+        .route("/sandboxes/{id}/fork", post(sandboxes::fork))
         .route("/sandboxes/{id}/exec", post(sandboxes::exec))
         .route("/sandboxes/{id}/exec/ws", get(sandboxes::exec_ws))
         .route("/sandboxes/{id}/logs", get(sandboxes::logs))
@@ -56,6 +58,10 @@ pub fn api_routes() -> Router<AppState> {
         .route("/providers/{name}", get(system::provider))
         .route("/pool/status", get(system::pool_status))
         .route("/snapshots", get(system::snapshots))
+        .route(
+            "/snapshots/{id}",
+            get(system::snapshot).delete(system::delete_snapshot),
+        )
         .route("/templates", get(templates::list).post(templates::create))
         .route(
             "/templates/{name}",

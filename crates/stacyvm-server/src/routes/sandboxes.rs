@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Deserialize;
 use stacyvm_api::{
-    ExecRequest, ExecResponse, ExtendRequest, GoDuration, PruneResponse, Sandbox, SpawnRequest,
-    StatusResponse, StreamChunk, StreamExit,
+    ExecRequest, ExecResponse, ExtendRequest, ForkRequest, ForkResponse, GoDuration, PruneResponse,
+    Sandbox, SnapshotSummary, SpawnRequest, StatusResponse, StreamChunk, StreamExit,
 };
 use stacyvm_core::manager::{self, Caller, StreamEvent};
 use tokio_stream::wrappers::ReceiverStream;
@@ -76,6 +76,25 @@ pub async fn destroy(
 ) -> ApiResult<Json<StatusResponse>> {
     st.manager.destroy(&id, &who).await?;
     Ok(Json::ok(StatusResponse::new("destroyed")))
+}
+
+/// `POST /sandboxes/{id}/snapshot`: 201 with the snapshot.
+pub async fn snapshot(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SnapshotSummary>> {
+    Ok(Json::created(st.manager.snapshot_sandbox(&id, &who).await?))
+}
+
+/// `POST /sandboxes/{id}/fork`: 201 with the children.
+pub async fn fork(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    OptBody(req): OptBody<ForkRequest>,
+) -> ApiResult<Json<ForkResponse>> {
+    Ok(Json::created(st.manager.fork(&id, &req, &who).await?))
 }
 
 pub async fn extend(

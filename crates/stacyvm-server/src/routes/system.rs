@@ -154,9 +154,14 @@ pub async fn pool_status(State(st): State<AppState>) -> Json<PoolStatus> {
     })
 }
 
-/// Snapshots of every provider that keeps them (microVM restore points).
-pub async fn snapshots(State(st): State<AppState>) -> Json<Vec<SnapshotSummary>> {
-    let mut all = Vec::new();
+/// Snapshots of sandboxes the caller sees (`source_sandbox_id` set), then
+/// the restore points providers keep for their own spawns (a booted
+/// guest per image and size: no user data).
+pub async fn snapshots(
+    State(st): State<AppState>,
+    Who(who): Who,
+) -> ApiResult<Json<Vec<SnapshotSummary>>> {
+    let mut all = st.manager.list_snapshots(&who).await?;
     for p in st.manager.registry().all() {
         match p.snapshots().await {
             Ok(list) => all.extend(list),
@@ -164,7 +169,27 @@ pub async fn snapshots(State(st): State<AppState>) -> Json<Vec<SnapshotSummary>>
         }
     }
     all.sort_by_key(|s| s.created_at);
-    Json::ok(all)
+    Ok(Json::ok(all))
+}
+
+/// `GET /snapshots/{id}`: a snapshot of a sandbox the caller sees.
+pub async fn snapshot(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+) -> ApiResult<Json<SnapshotSummary>> {
+    let r = st.manager.get_snapshot(&id, &who).await?;
+    Ok(Json::ok(stacyvm_core::manager::snapshot_summary(&r)))
+}
+
+/// `DELETE /snapshots/{id}`.
+pub async fn delete_snapshot(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+) -> ApiResult<Json<stacyvm_api::StatusResponse>> {
+    st.manager.delete_snapshot(&id, &who).await?;
+    Ok(Json::ok(stacyvm_api::StatusResponse::new("deleted")))
 }
 
 /// Server-sent events: `data: <json>\n\n` per event, flushed immediately.
