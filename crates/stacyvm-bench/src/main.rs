@@ -51,7 +51,8 @@ struct Args {
     /// Operations per scenario for sandbox-heavy scenarios (spawn, exec, files).
     #[arg(long, default_value_t = 200)]
     ops: usize,
-    /// Comma-separated scenarios: get,list,spawn,first_exec,exec,file_1k,file_1m,raw_1m,destroy.
+    /// Comma-separated scenarios: get,list,spawn,first_exec,exec,file_1k,file_1m,raw_1m,destroy,
+    /// snapshot, fork (providers with sandbox snapshots).
     #[arg(
         long,
         default_value = "get,list,spawn,first_exec,exec,file_1k,file_1m,destroy"
@@ -396,6 +397,50 @@ async fn scenario(args: &Args, name: &str) -> Result<Outcome> {
                     }
                     .await;
                     (c, timed(t, r))
+                }
+            })
+            .await;
+            c.ok(Method::DELETE, &format!("/sandboxes/{id}"), None)
+                .await?;
+            out
+        }
+        "snapshot" | "fork" => {
+            // One source sandbox; each op snapshots it (then deletes the
+            // snapshot) or forks one child from it (then destroys it).
+            let mut c = Conn::open(args).await?;
+            let id = c.spawn(args).await?;
+            c.ok(
+                Method::POST,
+                &format!("/sandboxes/{id}/exec"),
+                Some(json!({"command": "echo state > /workspace/state"})),
+            )
+            .await?;
+            let fork = name == "fork";
+            let id2 = id.clone();
+            let out = run(args, name, args.ops, move |mut c, _| {
+                let id = id2.clone();
+                async move {
+                    let t = Instant::now();
+                    let r = async {
+                        let (path, body) = if fork {
+                            (format!("/sandboxes/{id}/fork"), json!({"count": 1}))
+                        } else {
+                            (format!("/sandboxes/{id}/snapshot"), json!({}))
+                        };
+                        let v: serde_json::Value =
+                            serde_json::from_slice(&c.ok(Method::POST, &path, Some(body)).await?)?;
+                        let d = t.elapsed();
+                        let cleanup = if fork {
+                            let child = v["sandboxes"][0]["id"].as_str().unwrap_or_default();
+                            format!("/sandboxes/{child}")
+                        } else {
+                            format!("/snapshots/{}", v["id"].as_str().unwrap_or_default())
+                        };
+                        c.ok(Method::DELETE, &cleanup, None).await?;
+                        Ok(d)
+                    }
+                    .await;
+                    (c, r)
                 }
             })
             .await;

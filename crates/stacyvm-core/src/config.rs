@@ -315,10 +315,27 @@ impl Default for QemuConfig {
 pub struct FirecrackerConfig {
     pub enabled: bool,
     pub firecracker_path: String,
+    /// Uncompressed `vmlinux` guest kernel.
     pub kernel_path: String,
+    /// Image used when a spawn names none or `host`.
     pub default_rootfs: String,
     pub agent_path: String,
+    /// Where sandbox state lives (`<data_dir>/firecracker/sandboxes`);
+    /// empty = `server.data_dir`.
     pub data_dir: String,
+    pub max_sandboxes: i64,
+    /// Largest `memory_mb` a spawn may ask for (0 = no cap).
+    pub max_memory_mb: i64,
+    pub max_vcpus: i64,
+    /// MiB free in each sandbox's root disk.
+    pub disk_mb: i64,
+    /// Firecracker start to the guest agent's answer.
+    pub boot_timeout: Dur,
+    /// Hard cap of every exec.
+    pub default_timeout: Dur,
+    /// Spawn by loading a restore point of a booted guest of the same
+    /// image, memory and vCPUs (built after the first boot of a shape).
+    pub snapshots: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -630,7 +647,14 @@ impl Default for FirecrackerConfig {
             kernel_path: "/var/lib/stacyvm/vmlinux.bin".into(),
             default_rootfs: String::new(),
             agent_path: "./bin/stacyvm-agent".into(),
-            data_dir: "/var/lib/stacyvm".into(),
+            data_dir: String::new(),
+            max_sandboxes: 20,
+            max_memory_mb: 4096,
+            max_vcpus: 4,
+            disk_mb: 2048,
+            boot_timeout: Dur::secs(30),
+            default_timeout: Dur::secs(300),
+            snapshots: true,
         }
     }
 }

@@ -999,6 +999,28 @@ pub async fn restart_visibility(f: &dyn Fixture) {
 /// Emits one `#[tokio::test]` per conformance case for a fixture expression.
 #[macro_export]
 macro_rules! conformance_tests {
+    // A fixture that exists only on some hosts (`Option`): where it is
+    // `None` each case says so on stderr and passes without running.
+    ($name:ident, optional $fixture:expr) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+            $crate::conformance_tests!(@optional $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
+                streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
+                binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
+                sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
+                hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);
+        }
+    };
+    (@optional $fixture:expr; $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let Some(fx) = $fixture else { return };
+                $crate::conformance::$case(&fx).await;
+            }
+        )*
+    };
     ($name:ident, $fixture:expr) => {
         mod $name {
             #[allow(unused_imports)]

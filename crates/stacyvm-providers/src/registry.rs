@@ -55,6 +55,8 @@ pub fn modules() -> Vec<&'static dyn ProviderModule> {
         &crate::proot::setup::ProotModule,
         #[cfg(feature = "microvm")]
         &crate::microvm::setup::QemuModule,
+        #[cfg(feature = "microvm")]
+        &crate::microvm::setup::FirecrackerModule,
         #[cfg(feature = "custom")]
         &crate::remote::setup::CustomModule,
         #[cfg(feature = "mock")]

@@ -1100,6 +1100,6 @@ mod tests {
             .fetch_all(s.pool())
             .await
             .expect("versions");
-        assert_eq!(versions, vec![1, 2]);
+        assert_eq!(versions, vec![1, 2, 3]);
     }
 }

@@ -11,14 +11,12 @@
 use std::fs;
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
 use stacyvm_core::config::{self, Config};
 
 use crate::checks::{self, Report};
-use stacyvm_core::checks::which;
 
 /// Arguments of `stacyvm doctor`.
 #[derive(Debug, Args)]
@@ -66,7 +64,7 @@ pub async fn diagnose(config_path: Option<&Path>, production: bool) -> Report {
     check_database(&mut r, &cfg, production).await;
     check_data_dir(&mut r, &cfg);
     stacyvm_providers::registry::doctor(&cfg, production, &mut r).await;
-    check_firecracker(&mut r, &cfg).await;
+    check_firecracker(&mut r, &cfg);
     r
 }
 
@@ -259,172 +257,22 @@ fn check_data_dir(r: &mut Report, cfg: &Config) {
     }
 }
 
-/// Resolves a relative agent path like the firecracker provider does:
-/// next to the executable, then the working directory, then `$PATH`.
-fn resolve_agent(p: &str) -> Option<PathBuf> {
-    let path = Path::new(p);
-    if path.is_absolute() {
-        return path.is_file().then(|| path.to_path_buf());
-    }
-    if let Some(dir) = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-    {
-        let c = dir.join(path);
-        if c.is_file() {
-            return Some(c);
-        }
-    }
-    if path.is_file() {
-        return Some(path.to_path_buf());
-    }
-    which(path.file_name()?.to_str()?)
-}
-
-/// Runs `bin args…` with a 5 s limit; its stdout, or why it failed.
-async fn probe_output(bin: &Path, args: &[&str]) -> Result<String, String> {
-    let child = tokio::process::Command::new(bin)
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    match tokio::time::timeout(Duration::from_secs(5), child).await {
-        Err(_) => Err("no answer within 5 s".into()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Ok(Ok(out)) if out.status.success() => {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        }
-        Ok(Ok(out)) => Err(format!(
-            "{}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-    }
-}
-
-async fn check_firecracker(r: &mut Report, cfg: &Config) {
+/// The firecracker provider checks its host itself (its module's
+/// `doctor`); here only the line saying it is not in use.
+fn check_firecracker(r: &mut Report, cfg: &Config) {
     if !used(cfg, "firecracker") {
         r.warn(
             "firecracker",
             "not enabled; microVM checks skipped",
             "ignore unless you use microVMs (providers.firecracker.enabled)",
         );
-        return;
-    }
-    let f = &cfg.providers.firecracker;
-    r.warn(
-        "firecracker.provider",
-        "not certified on this host: StacyVM speaks Firecracker's API (tested against a recording fake of its socket) but registers no firecracker provider yet",
-        "use providers.qemu for microVMs (KVM where a guest boots with it, else TCG)",
-    );
-    let fc = which(&f.firecracker_path).or_else(|| which("firecracker"));
-    match (fc, which("qemu-system-x86_64")) {
-        (Some(p), _) => match probe_output(&p, &["--version"]).await {
-            Ok(out) => r.pass(
-                "firecracker.binary",
-                format!(
-                    "{} ({})",
-                    p.display(),
-                    out.lines().next().unwrap_or_default().trim()
-                ),
-            ),
-            Err(e) => r.fail(
-                "firecracker.binary",
-                format!("{} does not run: {e}", p.display()),
-                "reinstall firecracker for this architecture",
-            ),
-        },
-        (None, Some(q)) => {
-            r.warn(
-                "firecracker.binary",
-                format!(
-                    "{} not found; microVMs use QEMU ({})",
-                    f.firecracker_path,
-                    q.display()
-                ),
-                "install firecracker and set providers.firecracker.firecracker_path to use it",
-            );
-            match probe_output(&q, &["-machine", "help"]).await {
-                Ok(out) if out.lines().any(|l| l.split_whitespace().next() == Some("microvm")) => {
-                    r.pass("firecracker.qemu", "QEMU has the microvm machine type");
-                }
-                Ok(_) => r.fail(
-                    "firecracker.qemu",
-                    format!("{} has no microvm machine type", q.display()),
-                    "install a QEMU built with microvm support (Debian's qemu-system-x86 is)",
-                ),
-                Err(e) => r.fail(
-                    "firecracker.qemu",
-                    format!("{} does not run: {e}", q.display()),
-                    "reinstall qemu-system-x86",
-                ),
-            }
-        }
-        (None, None) => r.fail(
-            "firecracker.binary",
-            format!("neither {} nor qemu-system-x86_64 found", f.firecracker_path),
-            "install firecracker (set providers.firecracker.firecracker_path) or apt-get install qemu-system-x86",
-        ),
-    }
-    match fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
-        Ok(_) => r.pass("firecracker.kvm", "/dev/kvm is usable"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => r.fail(
-            "firecracker.kvm",
-            "/dev/kvm does not exist",
-            "enable virtualisation (VT-x/AMD-V or nested virtualisation) and load kvm_intel or kvm_amd",
-        ),
-        Err(e) => r.fail(
-            "firecracker.kvm",
-            format!("cannot open /dev/kvm: {e}"),
-            "run stacyvm as root or add its user to the kvm group",
-        ),
-    }
-    if Path::new(&f.kernel_path).is_file() {
-        r.pass("firecracker.kernel", f.kernel_path.clone());
-    } else {
-        r.fail(
-            "firecracker.kernel",
-            format!("{} does not exist", f.kernel_path),
-            "put a guest kernel (vmlinux) there or set providers.firecracker.kernel_path",
-        );
-    }
-    let data = Path::new(&f.data_dir);
-    match fs::metadata(data) {
-        Ok(m) if m.is_dir() => match probe_writable(data) {
-            Ok(()) => r.pass("firecracker.data_dir", f.data_dir.clone()),
-            Err(e) => r.fail(
-                "firecracker.data_dir",
-                format!("cannot write in {}: {e}", f.data_dir),
-                "run stacyvm as the directory's owner or fix its permissions",
-            ),
-        },
-        Ok(_) => r.fail(
-            "firecracker.data_dir",
-            format!("{} is not a directory", f.data_dir),
-            "point providers.firecracker.data_dir at a directory",
-        ),
-        Err(_) => r.warn(
-            "firecracker.data_dir",
-            format!("{} does not exist yet", f.data_dir),
-            format!("create it: install -d -m 0750 {}", f.data_dir),
-        ),
-    }
-    match resolve_agent(&f.agent_path) {
-        Some(p) => r.pass("firecracker.agent", p.display().to_string()),
-        None => r.fail(
-            "firecracker.agent",
-            format!(
-                "{} not found (next to stacyvm, in the working directory or PATH)",
-                f.agent_path
-            ),
-            "set providers.firecracker.agent_path to the static stacyvm-agent binary",
-        ),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stacyvm_core::checks::which;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

@@ -424,7 +424,7 @@ fn doctor_probes_the_vmm() {
         p
     };
     let fc = script("fc", "echo 'Firecracker v1.99.0'");
-    std::fs::write(d.join("vmlinux"), b"kernel").expect("kernel");
+    std::fs::write(d.join("vmlinux"), b"\x7fELF kernel").expect("kernel");
     std::fs::write(d.join("agent"), b"agent").expect("agent");
     let cfg = |fc_path: &str| {
         write_config(
@@ -464,10 +464,33 @@ fn doctor_probes_the_vmm() {
         status_of(&out, "firecracker.kernel").as_deref(),
         Some("PASS")
     );
+    // No KVM that boots guests on CI hosts: the provider says so.
+    assert_eq!(
+        status_of(&out, "firecracker.provider").as_deref(),
+        Some("WARN"),
+        "{}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("not certified on this host: no KVM that boots guests"),
+        "{}",
+        text(&out)
+    );
     assert_eq!(
         status_of(&out, "firecracker.agent").as_deref(),
         Some("PASS")
     );
+    // A compressed bzImage is refused with how to get a vmlinux.
+    let mut bz = vec![0u8; 0x300];
+    bz[0x202..0x206].copy_from_slice(b"HdrS");
+    std::fs::write(d.join("vmlinux"), &bz).expect("bzImage");
+    let out = run(&c, &sys_path);
+    assert_eq!(
+        status_of(&out, "firecracker.kernel").as_deref(),
+        Some("FAIL")
+    );
+    assert!(text(&out).contains("extract-vmlinux"), "{}", text(&out));
+    std::fs::write(d.join("vmlinux"), b"\x7fELF kernel").expect("kernel");
     assert_eq!(
         status_of(&out, "firecracker.data_dir").as_deref(),
         Some("PASS")

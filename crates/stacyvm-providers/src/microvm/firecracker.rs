@@ -175,8 +175,12 @@ impl FcApi {
             })),
         )
         .await?;
-        // Firecracker binds the socket during this call: a stale one fails it.
-        let _ = std::fs::remove_file(&c.vsock_uds);
+        // Firecracker binds the socket during this call: a stale one fails
+        // it. (A relative path is Firecracker's working directory's, which
+        // the caller made fresh: never removed from ours.)
+        if c.vsock_uds.is_absolute() {
+            let _ = std::fs::remove_file(&c.vsock_uds);
+        }
         self.call(
             "PUT",
             "/vsock",

@@ -15,6 +15,7 @@
 //! the kernel command line (`stacyvm.token=<hex>`), the hostname likewise
 //! (`stacyvm.hostname=`), the root disk as `stacyvm.root=vda`.
 
+pub mod fcvm;
 pub mod firecracker;
 pub mod kernel;
 pub mod qcow2;
@@ -26,10 +27,14 @@ pub mod snapshot;
 pub mod usersnap;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 /// The name of the agent's virtio-serial port.
 pub const AGENT_PORT: &str = "org.stacyvm.agent";
+
+/// The guest vsock port the agent listens on under Firecracker
+/// (`stacyvm.transport=vsock`; the agent's `guest::VSOCK_PORT`).
+pub const AGENT_VSOCK_PORT: u32 = 1024;
 
 /// Kernel command line of every guest (before the `stacyvm.*` values).
 /// `panic=-1` with QEMU's `-no-reboot` turns a guest panic into a QEMU exit.
@@ -81,5 +86,26 @@ pub fn kvm_usable() -> std::result::Result<(), String> {
             Err("/dev/kvm does not exist (no hardware virtualisation here)".into())
         }
         Err(e) => Err(format!("/dev/kvm cannot be opened: {e}")),
+    }
+}
+
+/// Whether KVM boots guests on this host: `/dev/kvm` opens and the qemu
+/// provider's probe (a guest booted with KVM, its verdict kept per host
+/// boot in `CACHE/accel.json`) said yes. A paravirtualised `/dev/kvm` (as
+/// on this project's CI hosts) opens but boots no stock kernel.
+pub fn kvm_boots_guests(cache: &std::path::Path) -> std::result::Result<(), String> {
+    kvm_usable()?;
+    let verdict: Option<serde_json::Value> = std::fs::read(cache.join("accel.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    match verdict {
+        Some(v) if v["boot_id"] == stacyvm_sandbox::procs::boot_id().as_str() => {
+            if v["kvm"] == true {
+                Ok(())
+            } else {
+                Err(v["why"].as_str().unwrap_or("the KVM probe failed").to_string())
+            }
+        }
+        _ => Err("/dev/kvm opens but no guest has been booted with it since this host started (the qemu provider's first spawn with accel auto probes it)".into()),
     }
 }

@@ -213,7 +213,7 @@ impl Drop for NetGuard {
 }
 
 /// Releases a leased uid when dropped.
-struct LeaseGuard(Option<u32>);
+pub(super) struct LeaseGuard(pub(super) Option<u32>);
 
 impl Drop for LeaseGuard {
     fn drop(&mut self) {
@@ -224,7 +224,7 @@ impl Drop for LeaseGuard {
 }
 
 /// The host's memory in MiB (`MemTotal`).
-fn host_memory_mb() -> Option<i64> {
+pub(super) fn host_memory_mb() -> Option<i64> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
     let kb: i64 = text
         .lines()
