@@ -134,6 +134,15 @@ impl Drop for Fixture {
                             .filter_map(|d| d.as_str().map(PathBuf::from))
                             .collect();
                         stacyvm_sandbox::cgroup::destroy(&dirs);
+                        // And what it held outside the directory.
+                        if let Ok(att) = serde_json::from_value::<crate::native::net::Attachment>(
+                            v["net"].clone(),
+                        ) {
+                            crate::native::net::release(&att);
+                        }
+                        if let Some(uid) = v["uid"].as_u64().and_then(|u| u32::try_from(u).ok()) {
+                            crate::native::ids::release_lease(uid);
+                        }
                     }
                 }
             }
@@ -791,6 +800,26 @@ async fn bridge_vms_reach_only_what_the_bridge_allows() {
     );
     let r = sh(&p, &b.id, &spoof_mac).await;
     assert_eq!(r.stdout.trim(), "public=blocked", "forged MAC: {r:?}");
+
+    // A pin whose tap is gone (its server died) is pruned when a server
+    // sets the bridge up; live VMs' pins stay.
+    host(&format!(
+        "nft add element bridge stacyvm_{b} vmports '{{ \"svmdead00000\" }}'; \
+         nft add element bridge stacyvm_{b} bound4 '{{ \"svmdead00000\" . 52:54:0a:59:00:fe . 10.89.{n}.254 }}'",
+        b = lab.bridge
+    ));
+    crate::native::net::Bridge::new(lab.bridge_options())
+        .ensure()
+        .expect("bridge setup");
+    let pins = host(&format!(
+        "nft list set bridge stacyvm_{} bound4",
+        lab.bridge
+    ));
+    assert!(!pins.contains("svmdead00000"), "stale pin kept: {pins}");
+    assert!(
+        pins.contains(&crate::native::net::host_if_name(&a.id)),
+        "a live VM's pin went: {pins}"
+    );
 
     let taps: Vec<String> = [&a.id, &b.id]
         .iter()

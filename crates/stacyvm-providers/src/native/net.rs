@@ -259,6 +259,32 @@ fn antispoof_ruleset(table: &str) -> String {
     )
 }
 
+/// The `(tap, MAC, IPv4)` pins in `nft list set … bound4` output.
+fn pins_in(text: &str) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("\"svm") {
+        rest = &rest[start + 1..];
+        let Some(end) = rest.find('"') else { break };
+        let tap = &rest[..end];
+        // ` . <mac> . <ip>,` or ` . <mac> . <ip> }`
+        let mut parts = rest[end + 1..]
+            .split_whitespace()
+            .filter(|w| *w != ".")
+            .map(|w| w.trim_end_matches([',', '}']));
+        let (Some(mac), Some(ip)) = (parts.next(), parts.next()) else {
+            break;
+        };
+        let tap_ok = tap.len() <= 15 && tap.bytes().all(|b| b.is_ascii_alphanumeric());
+        let mac_ok = mac.len() == 17 && mac.bytes().all(|b| b.is_ascii_hexdigit() || b == b':');
+        if tap_ok && mac_ok && ip.parse::<Ipv4Addr>().is_ok() {
+            out.push((tap.to_string(), mac.to_string(), ip.to_string()));
+        }
+        rest = &rest[end + 1..];
+    }
+    out
+}
+
 /// The MAC of the VM holding bridge address `ip`: locally administered,
 /// unicast, and unique on the bridge because the lease is.
 pub fn mac_for(ip: Ipv4Addr) -> String {
@@ -454,9 +480,37 @@ impl Bridge {
         }
         // One transaction: create-if-missing, drop, recreate.
         run("nft", &["-f", "-"], Some(&ruleset(&self.opts, &resolvers)?))?;
+        self.prune_pins();
         self.allow_in_iptables_forward();
         let _ = self.ready.set(());
         Ok(())
+    }
+
+    /// Drops anti-spoofing pins whose tap is gone (a VM whose server died
+    /// before it could release them): the sets hold the taps of every
+    /// server on the bridge, so only absent interfaces are touched.
+    fn prune_pins(&self) {
+        let table = format!("stacyvm_{}", self.opts.name);
+        let Ok(out) = std::process::Command::new("nft")
+            .args(["list", "set", "bridge", &table, "bound4"])
+            .output()
+        else {
+            return;
+        };
+        let mut script = String::new();
+        for (tap, mac, ip) in pins_in(&String::from_utf8_lossy(&out.stdout)) {
+            if !iface_exists(&tap) {
+                script.push_str(&format!(
+                    "delete element bridge {table} bound4 {{ \"{tap}\" . {mac} . {ip} }}\n\
+                     delete element bridge {table} vmports {{ \"{tap}\" }}\n"
+                ));
+            }
+        }
+        if !script.is_empty() {
+            if let Err(e) = run("nft", &["-f", "-"], Some(&script)) {
+                warn!(bridge = %self.opts.name, error = %e, "pruning stale VM pins failed");
+            }
+        }
     }
 
     /// Docker sets the iptables FORWARD policy to DROP, which would also
@@ -726,6 +780,31 @@ pub fn release(att: &Attachment) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pins_are_read_from_nft_output() {
+        let text = "table bridge stacyvm_x {\n\tset bound4 {\n\t\ttype ifname . ether_addr . ipv4_addr\n\t\telements = { \"svm05c08b47da\" . 52:54:0a:59:9c:4c . 10.89.156.76,\n\t\t\t     \"svm767391d69e\" . 52:54:0a:58:f5:34 . 10.88.245.52 }\n\t}\n}\n";
+        assert_eq!(
+            pins_in(text),
+            [
+                (
+                    "svm05c08b47da".to_string(),
+                    "52:54:0a:59:9c:4c".to_string(),
+                    "10.89.156.76".to_string()
+                ),
+                (
+                    "svm767391d69e".to_string(),
+                    "52:54:0a:58:f5:34".to_string(),
+                    "10.88.245.52".to_string()
+                ),
+            ]
+        );
+        assert!(pins_in(
+            "table bridge stacyvm_x { set bound4 { type ifname . ether_addr . ipv4_addr } }"
+        )
+        .is_empty());
+        assert!(pins_in("\"svm1\" . nonsense . 1.2.3.4").is_empty());
+    }
 
     #[test]
     fn subnets_parse_and_reject_bad_input() {
