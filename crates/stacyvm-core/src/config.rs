@@ -315,6 +315,9 @@ impl Default for QemuConfig {
 pub struct FirecrackerConfig {
     pub enabled: bool,
     pub firecracker_path: String,
+    /// Firecracker's `jailer` (empty = none): every VMM then starts in a
+    /// chroot of its VM directory with device nodes of its own.
+    pub jailer_path: String,
     /// Uncompressed `vmlinux` guest kernel.
     pub kernel_path: String,
     /// Image used when a spawn names none or `host`.
@@ -644,6 +647,7 @@ impl Default for FirecrackerConfig {
         FirecrackerConfig {
             enabled: false,
             firecracker_path: "/usr/local/bin/firecracker".into(),
+            jailer_path: String::new(),
             kernel_path: "/var/lib/stacyvm/vmlinux.bin".into(),
             default_rootfs: String::new(),
             agent_path: "./bin/stacyvm-agent".into(),

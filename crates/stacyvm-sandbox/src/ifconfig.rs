@@ -134,6 +134,30 @@ pub fn open_tap(name: &str) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Creates the tap interface `name` like [`open_tap`] but persistent and
+/// owned by `owner` (who may then attach to it by name without
+/// CAP_NET_ADMIN, as Firecracker does). It stays until deleted (`ip link
+/// del`). Needs CAP_NET_ADMIN.
+pub fn create_owned_tap(name: &str, owner: u32) -> io::Result<()> {
+    let fd = open_tap(name)?;
+    // SAFETY: TUNSETOWNER and TUNSETPERSIST take an integer argument by
+    // value; the fd is a tun queue we own.
+    unsafe {
+        if libc::ioctl(
+            fd.as_raw_fd(),
+            libc::TUNSETOWNER as _,
+            libc::c_ulong::from(owner),
+        ) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::ioctl(fd.as_raw_fd(), libc::TUNSETPERSIST as _, 1 as libc::c_ulong) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -54,7 +54,7 @@ use super::rootfs::RootfsCache;
 use super::usersnap::copy_sparse;
 use crate::agent::{AgentClient, AgentSession};
 use crate::image::store as images;
-use crate::native::ids;
+use crate::native::{ids, net};
 
 /// The guest vsock port the agent listens on.
 const AGENT_PORT: u32 = super::AGENT_VSOCK_PORT;
@@ -79,6 +79,9 @@ pub struct FirecrackerOptions {
     pub agent_path: PathBuf,
     /// `firecracker` (a name looked up in PATH, or a path).
     pub firecracker_binary: String,
+    /// Firecracker's `jailer`: when set, every VMM starts through it
+    /// (chroot in the VM directory, its own uid, /dev nodes of its own).
+    pub jailer: Option<PathBuf>,
     /// Uncompressed `vmlinux` (Firecracker boots no bzImage on x86_64).
     pub kernel_path: PathBuf,
     /// The Debian kernel package whose modules the initramfs carries.
@@ -94,6 +97,9 @@ pub struct FirecrackerOptions {
     /// Restore points (built after the first boot of a shape).
     pub snapshots: bool,
     pub subordinate_ids: ids::IdRange,
+    /// The native bridge `bridge` spawns join (its egress rules, per-tap
+    /// anti-spoofing pins).
+    pub bridge: net::BridgeOptions,
 }
 
 /// What is recorded of a sandbox (`meta.json`).
@@ -118,6 +124,9 @@ struct Meta {
     snapshot: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     uid: Option<u32>,
+    /// The VM's tap on the bridge (persistent, owned by the VMM's uid).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    net: Option<net::Attachment>,
 }
 
 impl Meta {
@@ -160,8 +169,33 @@ fn teardown_blocking(dir: &Path, meta: Option<&Meta>) {
         }
     }
     let _ = std::fs::remove_dir_all(dir);
+    // A jailer on a cgroup v1 host makes `firecracker/<id>` in each
+    // hierarchy and removes nothing (empty once the VMM is gone).
+    if let Some(m) = meta {
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for h in rd.flatten() {
+                let _ = std::fs::remove_dir(h.path().join("firecracker").join(&m.id));
+            }
+        }
+    }
     if let Some(uid) = meta.and_then(|m| m.uid) {
         ids::release_lease(uid);
+    }
+    // The tap is persistent: release deletes it with its pins and lease.
+    if let Some(att) = meta.and_then(|m| m.net.as_ref()) {
+        net::release(att);
+    }
+}
+
+/// Releases a bridge attachment when dropped, unless taken (recorded in
+/// `meta.json`; teardown releases it from there).
+struct TapGuard(Option<net::Attachment>);
+
+impl Drop for TapGuard {
+    fn drop(&mut self) {
+        if let Some(att) = self.0.take() {
+            net::release(&att);
+        }
     }
 }
 
@@ -229,6 +263,7 @@ pub struct FirecrackerProvider {
     starting: Mutex<usize>,
     building: Arc<Mutex<std::collections::HashSet<String>>>,
     ids: Option<Arc<ids::IdAllocator>>,
+    bridge: Arc<net::Bridge>,
 }
 
 impl FirecrackerProvider {
@@ -243,6 +278,7 @@ impl FirecrackerProvider {
             cgroups = None;
         }
         let p = Self {
+            bridge: Arc::new(net::Bridge::new(opts.bridge.clone())),
             binary: stacyvm_core::checks::which(&opts.firecracker_binary),
             disks: RootfsCache::new(&opts.cache),
             images,
@@ -294,6 +330,18 @@ impl FirecrackerProvider {
                 self.opts.firecracker_binary
             ))
         })
+    }
+
+    /// The jailer, when configured (it needs a root server).
+    fn jailer(&self) -> Result<Option<&Path>> {
+        match &self.opts.jailer {
+            None => Ok(None),
+            Some(j) if !nix::unistd::geteuid().is_root() => Err(Error::unavailable(format!(
+                "providers.firecracker.jailer_path ({}) needs a server running as root",
+                j.display()
+            ))),
+            Some(j) => Ok(Some(j.as_path())),
+        }
     }
 
     /// The initramfs (the agent and the Debian kernel's modules).
@@ -355,9 +403,9 @@ impl FirecrackerProvider {
             ));
         }
         match spec.network_mode.as_str() {
-            "" | "none" => Ok(()),
+            "" | "none" | "bridge" => Ok(()),
             other => Err(Error::invalid(format!(
-                "unsupported network_mode {other:?} for the firecracker provider (allowed: none)"
+                "unsupported network_mode {other:?} for the firecracker provider (allowed: none, bridge)"
             ))),
         }
     }
@@ -419,8 +467,14 @@ impl FirecrackerProvider {
             return Err(Error::sandbox_not_found(id));
         }
         let token = hex::decode(&meta.token).unwrap_or_default();
+        let root = vmm_root(
+            &self.dir(id),
+            self.binary()?,
+            id,
+            self.opts.jailer.is_some(),
+        )?;
         let c = wait_agent(
-            &self.dir(id).join("vsock.sock"),
+            &root.join("vsock.sock"),
             &token,
             Duration::from_secs(30),
             &meta.vmm(),
@@ -461,7 +515,11 @@ impl FirecrackerProvider {
             &initrd,
             &self.opts.kernel_path,
         );
-        let snap = if self.opts.snapshots {
+        // Networked VMs boot: a restore point records its tap's name, and
+        // renaming it per clone needs `network_overrides`, which older
+        // Firecracker releases lack.
+        let networked = spec.network_mode == "bridge";
+        let snap = if self.opts.snapshots && !networked {
             self.find_snapshot(&snap_key)
         } else {
             None
@@ -475,7 +533,7 @@ impl FirecrackerProvider {
             }
             (res, _) => res,
         };
-        if res.is_ok() && self.opts.snapshots && snap.is_none() {
+        if res.is_ok() && self.opts.snapshots && snap.is_none() && !networked {
             self.build_snapshot_later(&initrd, &base, &image, &snap_key, spec);
         }
         res
@@ -540,6 +598,11 @@ impl FirecrackerProvider {
         uid: Option<u32>,
         slot: &mut Option<Meta>,
     ) -> Result<Arc<AgentClient>> {
+        let binary = self.binary()?;
+        let jailer = self.jailer()?;
+        let root = vmm_root(dir, binary, &spec.id, jailer.is_some())?;
+        let dir_for_log = dir;
+        let dir = root.as_path();
         let disk_src = snap.map_or_else(|| base.to_path_buf(), |(d, _)| d.join("disk.raw"));
         copy_sparse(&disk_src, &dir.join("disk.raw")).await?;
         let token = match snap {
@@ -551,7 +614,50 @@ impl FirecrackerProvider {
             give(&sdir.join("vmstate"), dir, "snap.vmstate", uid)?;
             give(&sdir.join("mem"), dir, "snap.mem", uid)?;
         }
-        let (pid, _child) = launch(self.binary()?, dir, &spec.id, uid, false).await?;
+        // `bridge`: a persistent tap the VMM's uid may open, pinned to the
+        // leased address; released here on failure until meta.json has it.
+        let mut nic_guard = TapGuard(None);
+        let nic = if spec.network_mode == "bridge" {
+            let (bridge, id, owner) = (self.bridge.clone(), spec.id.clone(), uid.unwrap_or(0));
+            let att = tokio::task::spawn_blocking(move || bridge.attach_owned_tap(&id, owner))
+                .await
+                .map_err(|e| Error::internal(format!("tap setup task: {e}")))??;
+            let subnet = self.bridge.options().subnet;
+            let dns: Vec<String> = self
+                .bridge
+                .resolvers()
+                .iter()
+                .map(ToString::to_string)
+                .collect();
+            let cmdline = format!(
+                " stacyvm.net={}/{},{}{}",
+                att.ip,
+                subnet.prefix,
+                subnet.gateway(),
+                if dns.is_empty() {
+                    String::new()
+                } else {
+                    format!(" stacyvm.dns={}", dns.join(","))
+                }
+            );
+            let n = (
+                super::firecracker::Nic {
+                    host_dev_name: att.host_if.clone(),
+                    guest_mac: net::mac_for(att.ip),
+                },
+                cmdline,
+            );
+            nic_guard.0 = Some(att);
+            Some(n)
+        } else {
+            None
+        };
+        let vmm = Vmm {
+            binary,
+            jailer,
+            log_dir: dir_for_log,
+        };
+        let (pid, _child) = launch(&vmm, dir, &spec.id, uid, false).await?;
         let ident =
             Identity::of(pid).ok_or_else(|| Error::internal("firecracker exited at once"))?;
         let cgroups = match &self.cgroups {
@@ -589,10 +695,11 @@ impl FirecrackerProvider {
             token: hex::encode(&token),
             snapshot: snap.map(|(_, m)| m.id.clone()),
             uid,
+            net: nic_guard.0.take(),
         };
         *slot = Some(meta.clone());
         std::fs::write(
-            dir.join("meta.json"),
+            dir_for_log.join("meta.json"),
             serde_json::to_vec(&meta).unwrap_or_default(),
         )
         .map_err(|e| Error::internal("recording the sandbox").with_source(e))?;
@@ -608,15 +715,19 @@ impl FirecrackerProvider {
                     .await?
             }
             None => {
-                api.configure_and_start(&vm_config(
+                let mut c = vm_config(
                     spec.vcpus,
                     spec.memory_mb,
                     &kernel,
                     &initrd,
                     &spec.id,
                     &token,
-                )?)
-                .await?
+                )?;
+                if let Some((card, cmdline)) = nic {
+                    c.nic = Some(card);
+                    c.boot_args.push_str(&cmdline);
+                }
+                api.configure_and_start(&c).await?
             }
         }
         let client = wait_agent(
@@ -627,7 +738,7 @@ impl FirecrackerProvider {
         )
         .await
         .map_err(|e| {
-            let log = log_tail(dir, 10);
+            let log = log_tail(dir_for_log, 10);
             if log.is_empty() {
                 e
             } else {
@@ -661,6 +772,7 @@ impl FirecrackerProvider {
         let ids = self.ids.clone();
         let t = Template {
             binary,
+            jailer: self.opts.jailer.clone(),
             root: self.snapshot_root(),
             kernel: self.opts.kernel_path.clone(),
             initrd: initrd.to_path_buf(),
@@ -734,6 +846,7 @@ fn vm_config(
         rootfs: PathBuf::from("disk.raw"),
         vsock_uds: PathBuf::from("vsock.sock"),
         guest_cid: GUEST_CID,
+        nic: None,
     })
 }
 
@@ -757,29 +870,97 @@ fn prepare_dir(
     ))
 }
 
-/// Starts Firecracker for the VM in `dir` (its working directory), in its
-/// own process group, as `uid` with `/dev/kvm`'s group when given; waits
-/// for its API socket. Not killed when the server goes.
+/// How a VMM is started.
+struct Vmm<'a> {
+    binary: &'a Path,
+    jailer: Option<&'a Path>,
+    /// Where `firecracker.log` goes (outside a jail).
+    log_dir: &'a Path,
+}
+
+/// The directory Firecracker works in: the VM directory, or with the
+/// jailer its jail root, `<dir>/<binary name>/<id>/root` (the jailer's
+/// layout with `--chroot-base-dir <dir>`). Created (0700) if missing.
+fn vmm_root(dir: &Path, binary: &Path, id: &str, jailed: bool) -> Result<PathBuf> {
+    if !jailed {
+        return Ok(dir.to_path_buf());
+    }
+    let name = binary
+        .file_name()
+        .ok_or_else(|| Error::invalid(format!("bad firecracker path {}", binary.display())))?;
+    let root = dir.join(name).join(id).join("root");
+    std::fs::create_dir_all(&root)
+        .map_err(|e| Error::internal(format!("creating the jail {}: {e}", root.display())))?;
+    Ok(root)
+}
+
+/// The jailer's arguments for VM `id` (see `docs/notes/firecracker-api.md`
+/// §3: two argv entries per flag, Firecracker's own after `--`, no second
+/// `--id`). With a unified cgroup hierarchy `--cgroup-version 2` keeps it
+/// from creating cgroups of its own (the server's hold the VMM).
+fn jailer_args(binary: &Path, id: &str, uid: u32, gid: u32, chroot_base: &Path) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "--id".into(),
+        id.into(),
+        "--exec-file".into(),
+        binary.display().to_string(),
+        "--uid".into(),
+        uid.to_string(),
+        "--gid".into(),
+        gid.to_string(),
+        "--chroot-base-dir".into(),
+        chroot_base.display().to_string(),
+    ];
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        a.extend(["--cgroup-version".into(), "2".into()]);
+    }
+    a.extend(
+        ["--", "--api-sock", "api.sock", "--level", "Warning"]
+            .iter()
+            .map(|s| (*s).to_string()),
+    );
+    a
+}
+
+/// Starts Firecracker for the VM whose working directory is `dir`, in its
+/// own process group, as `uid` with `/dev/kvm`'s group when given (through
+/// the jailer when configured); waits for its API socket. Not killed when
+/// the server goes.
 async fn launch(
-    binary: &Path,
+    vmm: &Vmm<'_>,
     dir: &Path,
     id: &str,
     uid: Option<u32>,
     kill_on_drop: bool,
 ) -> Result<(i32, tokio::process::Child)> {
-    let log = std::fs::File::create(dir.join("firecracker.log"))
+    let log = std::fs::File::create(vmm.log_dir.join("firecracker.log"))
         .map_err(|e| Error::internal(format!("creating firecracker.log: {e}")))?;
     let log2 = log
         .try_clone()
         .map_err(|e| Error::internal(format!("firecracker.log: {e}")))?;
-    let mut cmd = tokio::process::Command::new(binary);
-    cmd.args(["--api-sock", "api.sock", "--id", id, "--level", "Warning"])
-        .stdin(std::process::Stdio::null())
+    let mut cmd = match vmm.jailer {
+        Some(j) => {
+            let u = uid.ok_or_else(|| Error::unavailable("the jailer needs a leased uid"))?;
+            let base = dir
+                .ancestors()
+                .nth(3)
+                .ok_or_else(|| Error::internal("jail root outside its VM directory"))?;
+            let mut c = tokio::process::Command::new(j);
+            c.args(jailer_args(vmm.binary, id, u, kvm_gid().unwrap_or(u), base));
+            c
+        }
+        None => {
+            let mut c = tokio::process::Command::new(vmm.binary);
+            c.args(["--api-sock", "api.sock", "--id", id, "--level", "Warning"]);
+            c
+        }
+    };
+    cmd.stdin(std::process::Stdio::null())
         .stdout(log)
         .stderr(log2)
         .process_group(0)
         .kill_on_drop(kill_on_drop);
-    match uid {
+    match uid.filter(|_| vmm.jailer.is_none()) {
         // Into the directory as root, then the leased uid with /dev/kvm's
         // group: the VMM never needs to reach the directory by its path.
         Some(u) => {
@@ -790,9 +971,12 @@ async fn launch(
             cmd.current_dir(dir);
         }
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| Error::unavailable(format!("starting {}: {e}", binary.display())))?;
+    let mut child = cmd.spawn().map_err(|e| {
+        Error::unavailable(format!(
+            "starting {}: {e}",
+            vmm.jailer.unwrap_or(vmm.binary).display()
+        ))
+    })?;
     let pid = child
         .id()
         .and_then(|p| i32::try_from(p).ok())
@@ -802,7 +986,7 @@ async fn launch(
         if let Ok(Some(status)) = child.try_wait() {
             return Err(Error::internal(format!(
                 "firecracker exited during start ({status}): {}",
-                log_tail(dir, 10)
+                log_tail(vmm.log_dir, 10)
             )));
         }
         if tokio::net::UnixStream::connect(dir.join("api.sock"))
@@ -864,6 +1048,7 @@ fn log_tail(dir: &Path, n: usize) -> String {
 /// A restore point to build.
 struct Template {
     binary: PathBuf,
+    jailer: Option<PathBuf>,
     root: PathBuf,
     kernel: PathBuf,
     initrd: PathBuf,
@@ -886,11 +1071,18 @@ async fn build_snapshot(t: &Template, uid: Option<u32>) -> Result<FcSnapMeta> {
         .prefix(".build-")
         .tempdir_in(&t.root)
         .map_err(|e| Error::internal(format!("restore point build dir: {e}")))?;
-    let dir = tmp.path();
+    let out = tmp.path();
+    let root = vmm_root(out, &t.binary, "stacyvm-snapshot", t.jailer.is_some())?;
+    let dir = root.as_path();
     copy_sparse(&t.base, &dir.join("disk.raw")).await?;
     let (kernel, initrd) = prepare_dir(dir, &t.kernel, &t.initrd, uid)?;
     let token: [u8; 32] = rand::random();
-    let (pid, child) = launch(&t.binary, dir, "stacyvm-snapshot", uid, true).await?;
+    let vmm = Vmm {
+        binary: &t.binary,
+        jailer: t.jailer.as_deref(),
+        log_dir: out,
+    };
+    let (pid, child) = launch(&vmm, dir, "stacyvm-snapshot", uid, true).await?;
     let ident = Identity::of(pid).ok_or_else(|| Error::internal("firecracker exited"))?;
     let api = FcApi::new(&dir.join("api.sock"));
     api.configure_and_start(&vm_config(
@@ -916,9 +1108,13 @@ async fn build_snapshot(t: &Template, uid: Option<u32>) -> Result<FcSnapMeta> {
     // Back to root, readable through the hard links clones get (the
     // directory stays private to the server); the content is a freshly
     // booted template, the same in every clone.
-    let _ = std::os::unix::fs::chown(dir, Some(0), Some(0));
+    let _ = std::os::unix::fs::chown(out, Some(0), Some(0));
     for f in ["vmstate", "mem", "disk.raw"] {
-        let p = dir.join(f);
+        let p = out.join(f);
+        if dir != out {
+            std::fs::rename(dir.join(f), &p)
+                .map_err(|e| Error::internal(format!("moving {f} out of the jail: {e}")))?;
+        }
         let _ = std::os::unix::fs::chown(&p, Some(0), Some(0));
         let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644));
     }
@@ -929,8 +1125,12 @@ async fn build_snapshot(t: &Template, uid: Option<u32>) -> Result<FcSnapMeta> {
         "vmlinux",
         "initrd.cpio",
     ] {
-        let _ = std::fs::remove_file(dir.join(f));
+        let _ = std::fs::remove_file(out.join(f));
     }
+    if let Some(name) = t.binary.file_name() {
+        let _ = std::fs::remove_dir_all(out.join(name));
+    }
+    let dir = out;
     let meta = FcSnapMeta {
         id: t.key.clone(),
         image: t.image.clone(),
@@ -982,7 +1182,7 @@ impl Provider for FirecrackerProvider {
     fn profile(&self) -> Profile {
         Profile {
             isolation: Isolation::MicroVm,
-            network_modes: vec!["none".into()],
+            network_modes: vec!["none".into(), "bridge".into()],
             default_network: "none".into(),
         }
     }
@@ -1245,9 +1445,13 @@ class H(http.server.BaseHTTPRequestHandler):
     def _do(self):
         n = int(self.headers.get("Content-Length") or 0)
         body = json.loads(self.rfile.read(n) or b"null")
+        tap_owner = None
+        if self.path.startswith("/network-interfaces/"):
+            try: tap_owner = open("/sys/class/net/%s/owner" % body["host_dev_name"]).read().strip()
+            except OSError: tap_owner = "missing"
         with open(record, "a") as f:
             f.write(json.dumps({"method": self.command, "path": self.path, "body": body,
-                                "uid": os.getuid(), "cwd": os.getcwd()}) + "\n")
+                                "uid": os.getuid(), "cwd": os.getcwd(), "tap_owner": tap_owner}) + "\n")
         if self.command == "GET":
             out = json.dumps({"state": state["v"]}).encode()
             self.send_response(200); self.send_header("Content-Length", str(len(out))); self.end_headers(); self.wfile.write(out)
@@ -1259,6 +1463,30 @@ class S(socketserver.UnixStreamServer):
     def get_request(self):
         r, _ = self.socket.accept(); return r, ("uds", 0)
 S(sock, H).serve_forever()
+"#;
+
+    /// A stand-in for Firecracker's `jailer`, doing what its docs say it
+    /// does short of the chroot: parse its flags (two argv entries each,
+    /// Firecracker's after `--`), make and chown the jail root
+    /// `<chroot-base>/<exec name>/<id>/root`, enter it, drop to uid/gid,
+    /// and exec the binary with `--id` and the passed-through arguments.
+    const FAKE_JAILER: &str = r#"#!/usr/bin/env python3
+import json, os, sys
+a = sys.argv[1:]
+sep = a.index("--")
+flags, extra = a[:sep], a[sep + 1:]
+assert all(not f.startswith("--") or "=" not in f for f in flags), flags
+get = lambda n: flags[flags.index(n) + 1]
+idv, exe, uid, gid, base = get("--id"), get("--exec-file"), int(get("--uid")), int(get("--gid")), get("--chroot-base-dir")
+assert "--id" not in extra, "a second --id is a duplicate-argument error"
+with open(os.environ["STACYVM_FAKE_FC_RECORD"], "a") as f:
+    f.write(json.dumps({"jailer": a}) + "\n")
+root = os.path.join(base, os.path.basename(exe), idv, "root")
+os.makedirs(root, exist_ok=True)
+os.chown(root, uid, gid)
+os.chdir(root)
+os.setgroups([gid]); os.setgid(gid); os.setuid(uid)
+os.execv(exe, [exe, "--id", idv] + extra)
 "#;
 
     /// The provider's process handling with the fake VMM: the boot
@@ -1296,6 +1524,7 @@ S(sock, H).serve_forever()
             hidden: q.hidden,
             agent_path: q.agent_path,
             firecracker_binary: bin.display().to_string(),
+            jailer: None,
             kernel_path: kernel.clone(),
             kernel_package: q.kernel_package,
             default_image: String::new(),
@@ -1307,6 +1536,7 @@ S(sock, H).serve_forever()
             exec_timeout: Duration::from_secs(10),
             snapshots: true,
             subordinate_ids: q.subordinate_ids,
+            bridge: q.bridge,
         };
         let base = opts.base.clone();
         let p = FirecrackerProvider::new(opts).expect("provider");
@@ -1387,12 +1617,136 @@ S(sock, H).serve_forever()
             p.spawn(&big).await.expect_err("vcpus").kind(),
             ErrorKind::InvalidInput
         );
-        let mut net = crate::conformance::spawn_spec(super::super::tests::BUSYBOX_TAG);
-        net.network_mode = "bridge".into();
+        let mut odd = crate::conformance::spawn_spec(super::super::tests::BUSYBOX_TAG);
+        odd.network_mode = "host".into();
         assert_eq!(
-            p.spawn(&net).await.expect_err("net").kind(),
+            p.spawn(&odd).await.expect_err("net").kind(),
             ErrorKind::InvalidInput
         );
+        // `bridge`: a persistent tap the VMM's uid owns, pinned, named in
+        // `PUT /network-interfaces/eth0` before the start; on failure tap,
+        // pins and lease go.
+        let lab = crate::native::isolation_tests::Lab::new();
+        let mut o2 = p.opts.clone();
+        o2.bridge = lab.bridge_options();
+        let p2 = FirecrackerProvider::new(o2).expect("provider");
+        std::fs::write(&record, b"").expect("reset record");
+        let mut b = crate::conformance::spawn_spec(super::super::tests::BUSYBOX_TAG);
+        b.memory_mb = 128;
+        b.network_mode = "bridge".into();
+        let e = p2.spawn(&b).await.expect_err("no guest answers");
+        assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
+        let calls: Vec<serde_json::Value> = std::fs::read_to_string(&record)
+            .expect("record")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        let tap = net::host_if_name(&b.id);
+        let nic = calls
+            .iter()
+            .find(|c| c["path"] == "/network-interfaces/eth0")
+            .expect("a network card");
+        assert_eq!(nic["body"]["host_dev_name"], tap.as_str());
+        assert_eq!(
+            nic["tap_owner"],
+            nic["uid"].to_string(),
+            "the VMM's uid owns its tap: {nic}"
+        );
+        let mac = nic["body"]["guest_mac"].as_str().expect("mac").to_string();
+        let boot = calls
+            .iter()
+            .find(|c| c["path"] == "/boot-source")
+            .expect("boot");
+        let args = boot["body"]["boot_args"].as_str().unwrap_or_default();
+        let n = lab.n;
+        assert!(args.contains(&format!("stacyvm.net=10.89.{n}.")), "{args}");
+        assert!(
+            args.contains(&format!("/24,10.89.{n}.1 stacyvm.dns=172.31.{n}.53")),
+            "{args}"
+        );
+        let ip: std::net::Ipv4Addr = args
+            .split("stacyvm.net=")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .and_then(|a| a.parse().ok())
+            .expect("address");
+        assert_eq!(mac, net::mac_for(ip));
+        assert!(
+            !Path::new("/sys/class/net").join(&tap).exists(),
+            "tap {tap} left"
+        );
+        let pins = std::process::Command::new("nft")
+            .args([
+                "list",
+                "set",
+                "bridge",
+                &format!("stacyvm_{}", lab.bridge),
+                "vmports",
+            ])
+            .output()
+            .expect("nft");
+        assert!(
+            !String::from_utf8_lossy(&pins.stdout).contains(&tap),
+            "pin left"
+        );
+        assert!(
+            !Path::new("/run/stacyvm/net")
+                .join(&lab.bridge)
+                .join(ip.to_string())
+                .exists(),
+            "lease left"
+        );
+        drop(lab);
+
+        // Through the jailer: its flags, Firecracker in the jail root
+        // (files put there beforehand) as the leased uid; nothing left.
+        if nix::unistd::geteuid().is_root() {
+            let jailer = tools.path().join("jailer");
+            std::fs::write(&jailer, FAKE_JAILER).expect("fake jailer");
+            std::fs::set_permissions(&jailer, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+            let mut o3 = p.opts.clone();
+            o3.jailer = Some(jailer);
+            let p3 = FirecrackerProvider::new(o3).expect("provider");
+            std::fs::write(&record, b"").expect("reset record");
+            let mut j = crate::conformance::spawn_spec(super::super::tests::BUSYBOX_TAG);
+            j.memory_mb = 128;
+            let e = p3.spawn(&j).await.expect_err("no guest answers");
+            assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
+            let lines: Vec<serde_json::Value> = std::fs::read_to_string(&record)
+                .expect("record")
+                .lines()
+                .map(|l| serde_json::from_str(l).expect("json"))
+                .collect();
+            let argv: Vec<String> = lines[0]["jailer"]
+                .as_array()
+                .expect("jailer argv")
+                .iter()
+                .map(|v| v.as_str().unwrap_or_default().to_string())
+                .collect();
+            let vm_dir = base.join(&j.id);
+            let flag = |n: &str| argv[argv.iter().position(|a| a == n).expect(n) + 1].clone();
+            assert_eq!(flag("--id"), j.id);
+            assert_eq!(flag("--exec-file"), bin.display().to_string());
+            assert_eq!(flag("--chroot-base-dir"), vm_dir.display().to_string());
+            assert_ne!(flag("--uid"), "0", "{argv:?}");
+            let tail: Vec<&str> = argv
+                .iter()
+                .skip_while(|a| *a != "--")
+                .map(String::as_str)
+                .collect();
+            assert_eq!(tail, ["--", "--api-sock", "api.sock", "--level", "Warning"]);
+            let root = vm_dir.join("firecracker").join(&j.id).join("root");
+            let fc_calls: Vec<&serde_json::Value> =
+                lines.iter().filter(|l| l.get("path").is_some()).collect();
+            assert_eq!(fc_calls.len(), 6, "{lines:?}");
+            for c in fc_calls {
+                assert_eq!(c["cwd"], root.display().to_string(), "in the jail");
+                assert_eq!(c["uid"].to_string(), flag("--uid"));
+            }
+            assert!(!vm_dir.exists(), "jail left behind");
+        }
+
         std::fs::write(&kernel, vec![0u8; 0x300]).expect("not elf");
         let mut k = crate::conformance::spawn_spec(super::super::tests::BUSYBOX_TAG);
         k.memory_mb = 128;
@@ -1465,6 +1819,7 @@ mod conformance_on_firecracker {
             hidden: q.hidden,
             agent_path: q.agent_path,
             firecracker_binary: "firecracker".into(),
+            jailer: stacyvm_core::checks::which("jailer"),
             kernel_path: PathBuf::from(kernel),
             kernel_package: q.kernel_package,
             default_image: String::new(),
@@ -1476,6 +1831,7 @@ mod conformance_on_firecracker {
             exec_timeout: Duration::from_secs(120),
             snapshots: true,
             subordinate_ids: q.subordinate_ids,
+            bridge: q.bridge,
         };
         Some(FcFixture {
             _inner: inner,

@@ -45,6 +45,15 @@ pub struct VmConfig {
     /// Host side of the hybrid vsock (Firecracker binds it).
     pub vsock_uds: PathBuf,
     pub guest_cid: u32,
+    /// A virtio-net card `eth0` on this host tap, with this MAC.
+    pub nic: Option<Nic>,
+}
+
+/// A VM's network card: the tap Firecracker opens by name.
+#[derive(Debug, Clone)]
+pub struct Nic {
+    pub host_dev_name: String,
+    pub guest_mac: String,
 }
 
 impl FcApi {
@@ -187,6 +196,18 @@ impl FcApi {
             Some(json!({"guest_cid": c.guest_cid, "uds_path": path(&c.vsock_uds)})),
         )
         .await?;
+        if let Some(n) = &c.nic {
+            self.call(
+                "PUT",
+                "/network-interfaces/eth0",
+                Some(json!({
+                    "iface_id": "eth0",
+                    "host_dev_name": n.host_dev_name,
+                    "guest_mac": n.guest_mac,
+                })),
+            )
+            .await?;
+        }
         self.call("PUT", "/entropy", Some(json!({}))).await?;
         self.call(
             "PUT",
@@ -433,6 +454,25 @@ mod tests {
                 }
                 keys(&["guest_cid", "uds_path", "vsock_id"])
             }
+            ("PUT", p) if p.starts_with("/network-interfaces/") => {
+                if *st {
+                    return Some("not supported after starting the microVM".into());
+                }
+                let id = &p["/network-interfaces/".len()..];
+                if body["iface_id"] != id {
+                    return Some("iface id does not match the path".into());
+                }
+                if body["host_dev_name"].as_str().is_none_or(str::is_empty) {
+                    return Some("host_dev_name is required".into());
+                }
+                keys(&[
+                    "iface_id",
+                    "host_dev_name",
+                    "guest_mac",
+                    "rx_rate_limiter",
+                    "tx_rate_limiter",
+                ])
+            }
             ("PUT", "/entropy") => keys(&["rate_limiter"]),
             ("PUT", "/actions") => {
                 if body["action_type"] == "InstanceStart" {
@@ -483,6 +523,7 @@ mod tests {
             rootfs: dir.join("rootfs.ext4"),
             vsock_uds: dir.join("v.sock"),
             guest_cid: 3,
+            nic: None,
         }
     }
 
@@ -556,6 +597,31 @@ mod tests {
         assert_eq!(body("/snapshot/create")["snapshot_type"], "Full");
         assert_eq!(seen[8].body, json!({"state": "Paused"}));
         assert_eq!(seen[10].body, json!({"state": "Resumed"}));
+    }
+
+    #[tokio::test]
+    async fn a_network_card_is_configured_before_the_start() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let seen = fake(dir.path().join("api.sock")).await;
+        let api = FcApi::new(&dir.path().join("api.sock"));
+        let mut c = config(dir.path());
+        c.nic = Some(Nic {
+            host_dev_name: "svm0123456789".into(),
+            guest_mac: "52:54:0a:58:00:07".into(),
+        });
+        api.configure_and_start(&c).await.expect("start");
+        let seen = seen.lock().expect("seen").clone();
+        let paths: Vec<&str> = seen.iter().map(|s| s.path.as_str()).collect();
+        let nic = paths
+            .iter()
+            .position(|p| *p == "/network-interfaces/eth0")
+            .expect("nic configured");
+        let start = paths.iter().position(|p| *p == "/actions").expect("start");
+        assert!(nic < start, "{paths:?}");
+        assert_eq!(
+            seen[nic].body,
+            json!({"iface_id": "eth0", "host_dev_name": "svm0123456789", "guest_mac": "52:54:0a:58:00:07"})
+        );
     }
 
     #[tokio::test]

@@ -228,6 +228,7 @@ pub fn fc_options(cfg: &Config) -> Result<super::fcvm::FirecrackerOptions> {
         hidden: vec![cfg.server.data_dir.clone()],
         agent_path: agent,
         firecracker_binary: f.firecracker_path.clone(),
+        jailer: (!f.jailer_path.is_empty()).then(|| PathBuf::from(&f.jailer_path)),
         kernel_path: PathBuf::from(&f.kernel_path),
         kernel_package: cfg.providers.qemu.kernel_package.clone(),
         default_image: f.default_rootfs.clone(),
@@ -240,6 +241,7 @@ pub fn fc_options(cfg: &Config) -> Result<super::fcvm::FirecrackerOptions> {
         snapshots: f.snapshots,
         subordinate_ids: crate::native::ids::IdRange::parse(&cfg.providers.native.subordinate_ids)
             .map_err(|e| Error::invalid(format!("providers.native.subordinate_ids: {e}")))?,
+        bridge: crate::native::setup::bridge_options(cfg)?,
     })
 }
 

@@ -694,6 +694,24 @@ impl Bridge {
     /// address and [`mac_for`] it in the anti-spoofing sets before it is
     /// up.
     pub fn attach_tap(&self, sandbox_id: &str) -> Result<(Attachment, std::os::fd::OwnedFd)> {
+        let (att, tap) = self.attach_tap_with(sandbox_id, None)?;
+        let tap = tap.ok_or_else(|| Error::internal("tap queue missing"))?;
+        Ok((att, tap))
+    }
+
+    /// Like [`Bridge::attach_tap`], for a VMM that opens its tap by name
+    /// itself (Firecracker): the tap is persistent and owned by `owner`
+    /// (the VMM's uid), and [`release`] deletes it.
+    pub fn attach_owned_tap(&self, sandbox_id: &str, owner: u32) -> Result<Attachment> {
+        self.attach_tap_with(sandbox_id, Some(owner))
+            .map(|(a, _)| a)
+    }
+
+    fn attach_tap_with(
+        &self,
+        sandbox_id: &str,
+        owner: Option<u32>,
+    ) -> Result<(Attachment, Option<std::os::fd::OwnedFd>)> {
         self.ensure()?;
         let host_if = host_if_name(sandbox_id);
         let ip = self.lease(sandbox_id, &host_if)?;
@@ -704,9 +722,14 @@ impl Bridge {
             tap: true,
         };
         let res = (|| {
-            let tap = stacyvm_sandbox::ifconfig::open_tap(&host_if).map_err(|e| {
-                Error::internal(format!("creating tap {host_if} (/dev/net/tun): {e}"))
-            })?;
+            let tap = match owner {
+                None => Some(stacyvm_sandbox::ifconfig::open_tap(&host_if)),
+                Some(uid) => stacyvm_sandbox::ifconfig::create_owned_tap(&host_if, uid)
+                    .err()
+                    .map(Err),
+            }
+            .transpose()
+            .map_err(|e| Error::internal(format!("creating tap {host_if} (/dev/net/tun): {e}")))?;
             disable_ipv6(&host_if)
                 .map_err(|e| Error::internal("disabling IPv6 on the tap").with_source(e))?;
             let table = format!("stacyvm_{}", att.bridge);
