@@ -223,10 +223,8 @@ fn ruleset(opts: &BridgeOptions, resolvers: &[Ipv4Addr]) -> Result<String> {
              iifname \"{name}\" ip daddr @resolvers4 meta l4proto {{ tcp, udp }} th dport 53 accept\n\
              iifname \"{name}\" ip daddr @blocked4 drop\n\
            }}\n\
-         }}\n\
-         {spoof}",
+         }}\n",
         subnet = opts.subnet,
-        spoof = antispoof_ruleset(&table),
     ))
 }
 
@@ -422,6 +420,9 @@ pub struct Bridge {
     opts: BridgeOptions,
     lease_dir: PathBuf,
     ready: std::sync::OnceLock<()>,
+    /// Why VM taps cannot be pinned here (the kernel lacks nftables'
+    /// bridge family), once setup has tried.
+    no_pins: std::sync::OnceLock<Option<String>>,
 }
 
 impl Bridge {
@@ -431,6 +432,7 @@ impl Bridge {
             opts,
             lease_dir,
             ready: std::sync::OnceLock::new(),
+            no_pins: std::sync::OnceLock::new(),
         }
     }
 
@@ -480,6 +482,15 @@ impl Bridge {
         }
         // One transaction: create-if-missing, drop, recreate.
         run("nft", &["-f", "-"], Some(&ruleset(&self.opts, &resolvers)?))?;
+        // Separately: a kernel without nftables' bridge family still runs
+        // native bridge sandboxes (no code in them can spoof); only VM
+        // taps, which need the pins, are refused there.
+        let table = format!("stacyvm_{name}");
+        let pins = run("nft", &["-f", "-"], Some(&antispoof_ruleset(&table)));
+        if let Err(e) = &pins {
+            warn!(bridge = name, error = %e, "no nftables bridge family: microVMs cannot join this bridge");
+        }
+        let _ = self.no_pins.set(pins.err().map(|e| e.to_string()));
         self.prune_pins();
         self.allow_in_iptables_forward();
         let _ = self.ready.set(());
@@ -713,6 +724,11 @@ impl Bridge {
         owner: Option<u32>,
     ) -> Result<(Attachment, Option<std::os::fd::OwnedFd>)> {
         self.ensure()?;
+        if let Some(Some(why)) = self.no_pins.get() {
+            return Err(Error::unavailable(format!(
+                "microVMs need the anti-spoofing pins of an nftables bridge table, which this kernel refused ({why}); enable CONFIG_NF_TABLES_BRIDGE (module nf_tables with bridge support) or use network_mode none"
+            )));
+        }
         let host_if = host_if_name(sandbox_id);
         let ip = self.lease(sandbox_id, &host_if)?;
         let att = Attachment {
@@ -880,7 +896,12 @@ mod tests {
             ],
             ..BridgeOptions::default()
         };
-        let rs = ruleset(&opts, &[Ipv4Addr::new(10, 255, 255, 53)]).expect("ruleset");
+        let rs = ruleset(&opts, &[Ipv4Addr::new(10, 255, 255, 53)]).expect("ruleset")
+            + &antispoof_ruleset("stacyvm_svmcheck0");
+        assert!(
+            rs.contains("iifname . ether saddr . ip saddr @bound4 accept"),
+            "{rs}"
+        );
         for cidr in BLOCKED_V4 {
             assert!(rs.contains(cidr), "{cidr} missing");
         }
