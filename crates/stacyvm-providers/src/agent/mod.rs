@@ -8,8 +8,10 @@
 
 pub mod binary;
 pub mod client;
+pub mod conns;
 pub mod session;
 
 pub use binary::{agent_problem, elf_is_static, find_agent, find_static_agent};
 pub use client::AgentClient;
+pub use conns::Connections;
 pub use session::AgentSession;

@@ -30,7 +30,7 @@
 //! VMM, and the conformance suite runs here automatically where a
 //! `firecracker` binary and a KVM that boots guests exist.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -42,7 +42,7 @@ use stacyvm_core::provider::{
     capability, ExecInput, ExecSpec, ExitStatus, Isolation, OutputSink, Profile, Provider,
     RuntimeInfo, RuntimeStatus, SandboxIo, SpawnSpec, Spawned, Stats,
 };
-use stacyvm_core::{paths, Error, ErrorKind, Result};
+use stacyvm_core::{paths, Error, Result};
 use stacyvm_sandbox::cgroup::{self, Layout, Limits};
 use stacyvm_sandbox::procs::Identity;
 use tracing::{info, warn};
@@ -258,8 +258,7 @@ pub struct FirecrackerProvider {
     disks: RootfsCache,
     cgroups: Option<Layout>,
     initrd: tokio::sync::Mutex<Option<PathBuf>>,
-    conns: Mutex<HashMap<String, Arc<AgentClient>>>,
-    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    conns: crate::agent::Connections,
     starting: Mutex<usize>,
     building: Arc<Mutex<std::collections::HashSet<String>>>,
     ids: Option<Arc<ids::IdAllocator>>,
@@ -284,8 +283,7 @@ impl FirecrackerProvider {
             images,
             cgroups,
             initrd: tokio::sync::Mutex::new(None),
-            conns: Mutex::default(),
-            connecting: Mutex::default(),
+            conns: crate::agent::Connections::default(),
             starting: Mutex::new(0),
             building: Arc::default(),
             ids: nix::unistd::geteuid().is_root().then(|| {
@@ -448,57 +446,32 @@ impl FirecrackerProvider {
     }
 
     async fn client(&self, id: &str) -> Result<Arc<AgentClient>> {
-        if let Some(c) = self.open_client(id)? {
-            return Ok(c);
-        }
-        let lock = self
-            .connecting
-            .lock()
-            .map_err(|_| Error::internal("lock"))?
-            .entry(id.to_string())
-            .or_default()
-            .clone();
-        let _g = lock.lock().await;
-        if let Some(c) = self.open_client(id)? {
-            return Ok(c);
-        }
-        let meta = self.meta(id)?;
-        if !meta.vmm().alive() {
-            return Err(Error::sandbox_not_found(id));
-        }
-        let token = hex::decode(&meta.token).unwrap_or_default();
-        let root = vmm_root(
-            &self.dir(id),
-            self.binary()?,
-            id,
-            self.opts.jailer.is_some(),
-        )?;
-        let c = wait_agent(
-            &root.join("vsock.sock"),
-            &token,
-            Duration::from_secs(30),
-            &meta.vmm(),
-        )
-        .await?;
         self.conns
-            .lock()
-            .map_err(|_| Error::internal("lock"))?
-            .insert(id.to_string(), c.clone());
-        Ok(c)
-    }
-
-    fn open_client(&self, id: &str) -> Result<Option<Arc<AgentClient>>> {
-        let conns = self.conns.lock().map_err(|_| Error::internal("lock"))?;
-        Ok(conns.get(id).filter(|c| !c.is_closed()).cloned())
+            .get_or_connect(id, || async {
+                let meta = self.meta(id)?;
+                if !meta.vmm().alive() {
+                    return Err(Error::sandbox_not_found(id));
+                }
+                let token = hex::decode(&meta.token).unwrap_or_default();
+                let root = vmm_root(
+                    &self.dir(id),
+                    self.binary()?,
+                    id,
+                    self.opts.jailer.is_some(),
+                )?;
+                wait_agent(
+                    &root.join("vsock.sock"),
+                    &token,
+                    Duration::from_secs(30),
+                    &meta.vmm(),
+                )
+                .await
+            })
+            .await
     }
 
     async fn teardown(&self, id: &str, meta: Option<Meta>) {
-        if let Ok(mut c) = self.conns.lock() {
-            c.remove(id);
-        }
-        if let Ok(mut c) = self.connecting.lock() {
-            c.remove(id);
-        }
+        self.conns.forget(id);
         let dir = self.dir(id);
         let _ = tokio::task::spawn_blocking(move || teardown_blocking(&dir, meta.as_ref())).await;
     }
@@ -567,10 +540,7 @@ impl FirecrackerProvider {
             .await
         {
             Ok(c) => {
-                self.conns
-                    .lock()
-                    .map_err(|_| Error::internal("lock"))?
-                    .insert(spec.id.clone(), c);
+                self.conns.insert(&spec.id, c);
                 info!(sandbox_id = %spec.id, snapshot = snap.map_or("", |(_, m)| m.id.as_str()), "firecracker sandbox started");
                 Ok(Spawned {
                     runtime_id: spec.id.clone(),
@@ -1280,20 +1250,7 @@ impl Provider for FirecrackerProvider {
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {
-        let c = self.client(id).await.map_err(|e| {
-            if e.kind() == ErrorKind::SandboxNotFound {
-                e
-            } else {
-                Error::sandbox_not_found(id)
-            }
-        })?;
-        Ok(RuntimeStatus {
-            state: match tokio::time::timeout(Duration::from_secs(5), c.ping()).await {
-                Ok(Ok(())) => "running",
-                _ => "unhealthy",
-            }
-            .into(),
-        })
+        crate::agent::conns::ping_status(id, self.client(id).await).await
     }
 
     async fn destroy(&self, id: &str) -> Result<()> {
@@ -1362,6 +1319,7 @@ impl Provider for FirecrackerProvider {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use stacyvm_core::ErrorKind;
 
     #[test]
     fn only_an_uncompressed_elf_kernel_is_accepted() {

@@ -14,7 +14,7 @@
 //! waits for the agent's handshake. VMs outlive the server: a new
 //! provider instance finds them through `meta.json` and reconnects.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -158,8 +158,7 @@ pub struct QemuProvider {
     assets: tokio::sync::Mutex<Option<Assets>>,
     /// The accelerator spawns use, once decided (`auto` probes KVM once).
     accel: tokio::sync::Mutex<Option<(Accel, String)>>,
-    conns: Mutex<HashMap<String, Arc<AgentClient>>>,
-    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    conns: crate::agent::Connections,
     starting: Mutex<usize>,
     /// Snapshot keys being built in the background.
     building: Arc<Mutex<std::collections::HashSet<String>>>,
@@ -283,8 +282,7 @@ impl QemuProvider {
             cgroups,
             assets: tokio::sync::Mutex::new(None),
             accel: tokio::sync::Mutex::new(None),
-            conns: Mutex::default(),
-            connecting: Mutex::default(),
+            conns: crate::agent::Connections::default(),
             starting: Mutex::new(0),
             building: Arc::default(),
             ids: nix::unistd::geteuid().is_root().then(|| {
@@ -494,55 +492,31 @@ impl QemuProvider {
         })
     }
 
-    fn open_client(&self, id: &str) -> Result<Option<Arc<AgentClient>>> {
-        let conns = self.conns.lock().map_err(|_| Error::internal("lock"))?;
-        Ok(conns.get(id).filter(|c| !c.is_closed()).cloned())
-    }
-
     /// The live connection to a sandbox's agent (reconnecting after a
     /// server restart: the VM's port takes a new host connection).
     async fn client(&self, id: &str) -> Result<Arc<AgentClient>> {
-        if let Some(c) = self.open_client(id)? {
-            return Ok(c);
-        }
-        let lock = self
-            .connecting
-            .lock()
-            .map_err(|_| Error::internal("lock"))?
-            .entry(id.to_string())
-            .or_default()
-            .clone();
-        let _g = lock.lock().await;
-        if let Some(c) = self.open_client(id)? {
-            return Ok(c);
-        }
-        let meta = self.meta(id)?;
-        if !meta.alive() {
-            return Err(Error::sandbox_not_found(id));
-        }
-        let token = meta.token().unwrap_or_default();
-        let c = wait_agent(
-            &self.dir(id).join("agent.sock"),
-            &token,
-            RECONNECT_TIMEOUT,
-            &meta.qemu(),
-        )
-        .await?;
-        spawn_console_reader(self.dir(id));
         self.conns
-            .lock()
-            .map_err(|_| Error::internal("lock"))?
-            .insert(id.to_string(), c.clone());
-        Ok(c)
+            .get_or_connect(id, || async {
+                let meta = self.meta(id)?;
+                if !meta.alive() {
+                    return Err(Error::sandbox_not_found(id));
+                }
+                let token = meta.token().unwrap_or_default();
+                let c = wait_agent(
+                    &self.dir(id).join("agent.sock"),
+                    &token,
+                    RECONNECT_TIMEOUT,
+                    &meta.qemu(),
+                )
+                .await?;
+                spawn_console_reader(self.dir(id));
+                Ok(c)
+            })
+            .await
     }
 
     async fn teardown(&self, id: &str, meta: Option<Meta>) {
-        if let Ok(mut c) = self.conns.lock() {
-            c.remove(id);
-        }
-        if let Ok(mut c) = self.connecting.lock() {
-            c.remove(id);
-        }
+        self.conns.forget(id);
         let dir = self.dir(id);
         let _ = tokio::task::spawn_blocking(move || teardown_blocking(&dir, meta.as_ref())).await;
     }
@@ -825,10 +799,7 @@ impl QemuProvider {
             .await
         {
             Ok(c) => {
-                self.conns
-                    .lock()
-                    .map_err(|_| Error::internal("lock"))?
-                    .insert(spec.id.clone(), c);
+                self.conns.insert(&spec.id, c);
                 info!(
                     sandbox_id = %spec.id,
                     image = %spec.image,
@@ -1517,20 +1488,9 @@ impl Provider for QemuProvider {
         // session no child could finish (what snapshot templates do too):
         // close this server's connection and let the agent see it. Until
         // the snapshot is done, requests wait on the reconnect lock.
-        let lock = self
-            .connecting
-            .lock()
-            .map_err(|_| Error::internal("lock"))?
-            .entry(id.to_string())
-            .or_default()
-            .clone();
+        let lock = self.conns.connect_lock(id)?;
         let _reconnect = lock.lock().await;
-        let open = self
-            .conns
-            .lock()
-            .map_err(|_| Error::internal("lock"))?
-            .remove(id);
-        if let Some(c) = open {
+        if let Some(c) = self.conns.take(id) {
             c.close().await;
         }
         tokio::time::sleep(snapshot::SETTLE).await;
@@ -1686,21 +1646,7 @@ impl Provider for QemuProvider {
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {
-        let c = self.client(id).await.map_err(|e| {
-            if e.kind() == ErrorKind::SandboxNotFound {
-                e
-            } else {
-                Error::sandbox_not_found(id)
-            }
-        })?;
-        match tokio::time::timeout(Duration::from_secs(5), c.ping()).await {
-            Ok(Ok(())) => Ok(RuntimeStatus {
-                state: "running".into(),
-            }),
-            _ => Ok(RuntimeStatus {
-                state: "unhealthy".into(),
-            }),
-        }
+        crate::agent::conns::ping_status(id, self.client(id).await).await
     }
 
     async fn destroy(&self, id: &str) -> Result<()> {

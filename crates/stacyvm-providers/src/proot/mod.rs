@@ -25,7 +25,7 @@ pub mod setup;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
@@ -173,8 +173,7 @@ pub struct ProotProvider {
     rootless: bool,
     ids: Option<Arc<ids::IdAllocator>>,
     landlock: bool,
-    conns: Mutex<HashMap<String, Arc<AgentClient>>>,
-    connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    conns: crate::agent::Connections,
     /// Spawns in flight (they count against `max_sandboxes`).
     starting: Mutex<usize>,
     _alive: Arc<()>,
@@ -366,8 +365,7 @@ impl ProotProvider {
             rootless,
             ids,
             landlock: stacyvm_sandbox::proot::landlock_available(),
-            conns: Mutex::new(HashMap::new()),
-            connecting: Mutex::new(HashMap::new()),
+            conns: crate::agent::Connections::default(),
             starting: Mutex::new(0),
             _alive: Arc::new(()),
             opts,
@@ -657,48 +655,23 @@ impl ProotProvider {
         }
     }
 
-    fn open_client(&self, id: &str) -> Result<Option<Arc<AgentClient>>> {
-        let conns = self.conns.lock().map_err(|_| Error::internal("lock"))?;
-        Ok(conns.get(id).filter(|c| !c.is_closed()).cloned())
-    }
-
     /// The live connection to a sandbox's agent (reconnecting after a
     /// restart).
     async fn client(&self, id: &str) -> Result<Arc<AgentClient>> {
-        if let Some(c) = self.open_client(id)? {
-            return Ok(c);
-        }
-        let lock = self
-            .connecting
-            .lock()
-            .map_err(|_| Error::internal("lock"))?
-            .entry(id.to_string())
-            .or_default()
-            .clone();
-        let _g = lock.lock().await;
-        if let Some(c) = self.open_client(id)? {
-            return Ok(c);
-        }
-        let meta = self.meta(id)?;
-        if !meta.alive() {
-            return Err(Error::sandbox_not_found(id));
-        }
-        let c =
-            AgentClient::connect(&self.dir(id).join("agent.sock"), meta.token().as_deref()).await?;
         self.conns
-            .lock()
-            .map_err(|_| Error::internal("lock"))?
-            .insert(id.to_string(), c.clone());
-        Ok(c)
+            .get_or_connect(id, || async {
+                let meta = self.meta(id)?;
+                if !meta.alive() {
+                    return Err(Error::sandbox_not_found(id));
+                }
+                AgentClient::connect(&self.dir(id).join("agent.sock"), meta.token().as_deref())
+                    .await
+            })
+            .await
     }
 
     async fn teardown(&self, id: &str, meta: Option<Meta>) {
-        if let Ok(mut c) = self.conns.lock() {
-            c.remove(id);
-        }
-        if let Ok(mut c) = self.connecting.lock() {
-            c.remove(id);
-        }
+        self.conns.forget(id);
         let dir = self.dir(id);
         let id = id.to_string();
         let _ =
@@ -1059,21 +1032,7 @@ impl Provider for ProotProvider {
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {
-        let c = self.client(id).await.map_err(|e| {
-            if e.kind() == ErrorKind::SandboxNotFound {
-                e
-            } else {
-                Error::sandbox_not_found(id)
-            }
-        })?;
-        match tokio::time::timeout(Duration::from_secs(5), c.ping()).await {
-            Ok(Ok(())) => Ok(RuntimeStatus {
-                state: "running".into(),
-            }),
-            _ => Ok(RuntimeStatus {
-                state: "unhealthy".into(),
-            }),
-        }
+        crate::agent::conns::ping_status(id, self.client(id).await).await
     }
 
     async fn destroy(&self, id: &str) -> Result<()> {
@@ -1162,10 +1121,7 @@ impl ProotProvider {
         let mut slot = None;
         match self.start(spec, &dir, root, uid, &mut slot).await {
             Ok(c) => {
-                self.conns
-                    .lock()
-                    .map_err(|_| Error::internal("lock"))?
-                    .insert(spec.id.clone(), c);
+                self.conns.insert(&spec.id, c);
                 info!(sandbox_id = %spec.id, image = %spec.image, "proot sandbox started");
                 Ok(Spawned {
                     runtime_id: spec.id.clone(),
