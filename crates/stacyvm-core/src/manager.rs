@@ -701,16 +701,25 @@ impl Manager {
             network_mode: req.network_mode.clone(),
             snapshot: (!req.snapshot.is_empty()).then(|| req.snapshot.clone()),
         };
-        let spawned = provider.spawn(&spec).await?;
+        // The id is new: its lease is written while the provider works.
         let lease_ttl = ttl.to_std() + LEASE_GRACE;
-        if let Err(e) = self
-            .store
-            .acquire_lease(&id, "sandbox", LOCAL_WORKER, lease_ttl)
-            .await
-        {
-            self.destroy_runtime(provider, &spawned.runtime_id).await;
-            return Err(e);
-        }
+        let (spawned, leased) = tokio::join!(
+            provider.spawn(&spec),
+            self.store
+                .acquire_lease(&id, "sandbox", LOCAL_WORKER, lease_ttl)
+        );
+        let spawned = match (spawned, leased) {
+            (Ok(s), Ok(_)) => s,
+            (Ok(s), Err(e)) => {
+                self.destroy_runtime(provider, &s.runtime_id).await;
+                return Err(e);
+            }
+            (Err(e), Ok(_)) => {
+                let _ = self.store.release_lease(&id, LOCAL_WORKER).await;
+                return Err(e);
+            }
+            (Err(e), Err(_)) => return Err(e),
+        };
         let rec = SandboxRecord {
             id: id.clone(),
             state: state::RUNNING.into(),

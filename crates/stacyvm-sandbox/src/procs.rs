@@ -11,9 +11,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 /// The kernel's id of this boot (`/proc/sys/kernel/random/boot_id`).
 pub fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
+    // Read once: a process never outlives the boot it started in.
+    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    ID.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    })
+    .clone()
 }
 
 /// Start time of `pid` (field 22 of `/proc/<pid>/stat`), if it is alive

@@ -29,9 +29,16 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
 ];
 
 /// The SQLite store.
+///
+/// Reads share a small pool; writes go through one connection of their
+/// own. SQLite admits one writer at a time, and a second connection that
+/// finds the write lock taken sleeps in SQLite's busy handler (1 ms at
+/// least); queued in-process behind one connection, concurrent writes wait
+/// only for each other. WAL readers never wait for the writer.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    writer: SqlitePool,
 }
 
 impl SqliteStore {
@@ -82,15 +89,30 @@ impl SqliteStore {
     }
 
     async fn with_options(opts: SqliteConnectOptions, max: u32) -> Result<Self> {
-        let pool = SqlitePoolOptions::new()
-            .max_connections(max)
-            .min_connections(1)
-            .idle_timeout(None)
-            .max_lifetime(None)
-            .connect_with(opts)
+        let open = |n: u32| {
+            SqlitePoolOptions::new()
+                .max_connections(n)
+                .min_connections(1)
+                // A local file connection does not go stale; the default
+                // ping before every query is one more round trip to the
+                // connection's thread (the dearest part of a query here).
+                .test_before_acquire(false)
+                .idle_timeout(None)
+                .max_lifetime(None)
+                .connect_with(opts.clone())
+        };
+        let pool = open(max)
             .await
             .map_err(|e| Error::internal("opening sqlite database").with_source(e))?;
-        let store = SqliteStore { pool };
+        // An in-memory database is one connection: it is also the writer.
+        let writer = if max > 1 {
+            open(1)
+                .await
+                .map_err(|e| Error::internal("opening sqlite database").with_source(e))?
+        } else {
+            pool.clone()
+        };
+        let store = SqliteStore { pool, writer };
         store.migrate().await?;
         Ok(store)
     }
@@ -104,11 +126,11 @@ impl SqliteStore {
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, applied_at TEXT NOT NULL)",
         )
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db_err)?;
         for (version, sql) in MIGRATIONS {
-            let mut tx = self.pool.begin().await.map_err(db_err)?;
+            let mut tx = self.writer.begin().await.map_err(db_err)?;
             let done: Option<i64> =
                 sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = ?")
                     .bind(version)
@@ -300,7 +322,7 @@ impl Store for SqliteStore {
         .bind(&r.vm_id)
         .bind(&r.worker_id)
         .bind(&r.tenant_id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(|e| match db_err(e) {
             e if e.kind() == ErrorKind::Conflict => Error::conflict(format!("sandbox {} already exists", r.id)),
@@ -334,7 +356,7 @@ impl Store for SqliteStore {
             .bind(state)
             .bind(ts(Utc::now()))
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
@@ -345,7 +367,7 @@ impl Store for SqliteStore {
             .bind(ts(expires_at))
             .bind(ts(Utc::now()))
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
@@ -369,7 +391,7 @@ impl Store for SqliteStore {
             .bind(&r.stderr)
             .bind(&r.duration)
             .bind(ts(r.created_at))
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         Ok(())
@@ -378,7 +400,7 @@ impl Store for SqliteStore {
     async fn prune_exec_logs(&self, before: DateTime<Utc>) -> Result<u64> {
         let r = sqlx::query("DELETE FROM exec_logs WHERE created_at < ?")
             .bind(ts(before))
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         Ok(r.rows_affected())
@@ -386,7 +408,7 @@ impl Store for SqliteStore {
 
     async fn prune_destroyed_sandboxes(&self, before: DateTime<Utc>) -> Result<u64> {
         let cutoff = ts(before);
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut tx = self.writer.begin().await.map_err(db_err)?;
         sqlx::query(
             "DELETE FROM exec_logs WHERE sandbox_id IN \
              (SELECT id FROM sandboxes WHERE state = 'destroyed' AND updated_at < ?)",
@@ -448,7 +470,7 @@ impl Store for SqliteStore {
         .bind(to_json(&t.metadata))
         .bind(ts(t.created_at))
         .bind(ts(t.updated_at))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(|e| match db_err(e) {
             e if e.kind() == ErrorKind::Conflict => Error::conflict("template already exists"),
@@ -494,7 +516,7 @@ impl Store for SqliteStore {
         .bind(to_json(&t.metadata))
         .bind(ts(t.updated_at))
         .bind(&t.name)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("template {:?}", t.name))?;
@@ -504,7 +526,7 @@ impl Store for SqliteStore {
     async fn delete_template(&self, name: &str) -> Result<()> {
         let r = sqlx::query("DELETE FROM templates WHERE name = ?")
             .bind(name)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("template {name:?}"))
@@ -522,7 +544,7 @@ impl Store for SqliteStore {
         .bind(q.max_exec_timeout_seconds)
         .bind(ts(q.created_at))
         .bind(ts(q.updated_at))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db_err)?;
         self.get_quota(&q.owner_id).await
@@ -549,7 +571,7 @@ impl Store for SqliteStore {
     async fn delete_quota(&self, owner_id: &str) -> Result<()> {
         let r = sqlx::query("DELETE FROM owner_quotas WHERE owner_id = ?")
             .bind(owner_id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("owner_quota {owner_id:?}"))
@@ -569,7 +591,7 @@ impl Store for SqliteStore {
         .bind(&r.tenant_id)
         .bind(&r.request_id)
         .bind(ts(r.created_at))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db_err)?;
         Ok(())
@@ -613,7 +635,7 @@ impl Store for SqliteStore {
         .bind(&r.user_agent)
         .bind(&r.tenant_id)
         .bind(ts(r.created_at))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db_err)?;
         Ok(())
@@ -661,12 +683,12 @@ impl Store for SqliteStore {
         let cutoff = ts(before);
         let a = sqlx::query("DELETE FROM admin_audit_logs WHERE created_at < ?")
             .bind(&cutoff)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         let o = sqlx::query("DELETE FROM operation_audit_logs WHERE created_at < ?")
             .bind(&cutoff)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         Ok(a.rows_affected() + o.rows_affected())
@@ -682,7 +704,7 @@ impl Store for SqliteStore {
         .bind(&m.role)
         .bind(ts(m.created_at))
         .bind(ts(m.updated_at))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db_err)?;
         self.get_tenant_member(&m.tenant_id, &m.user_id).await
@@ -736,7 +758,7 @@ impl Store for SqliteStore {
         let r = sqlx::query("DELETE FROM tenant_members WHERE tenant_id = ? AND user_id = ?")
             .bind(tenant_id)
             .bind(user_id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("member {user_id:?}"))
@@ -752,7 +774,7 @@ impl Store for SqliteStore {
         .bind(&t.settings)
         .bind(ts(t.created_at))
         .bind(ts(t.updated_at))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(|e| match db_err(e) {
             e if e.kind() == ErrorKind::Conflict => Error::conflict(format!("tenant {:?} already exists", t.id)),
@@ -788,14 +810,14 @@ impl Store for SqliteStore {
         .bind(&t.settings)
         .bind(ts(t.updated_at))
         .bind(&t.id)
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("tenant {:?}", t.id))
     }
 
     async fn delete_tenant(&self, id: &str) -> Result<()> {
-        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let mut tx = self.writer.begin().await.map_err(db_err)?;
         let r = sqlx::query("DELETE FROM tenants WHERE id = ?")
             .bind(id)
             .execute(&mut *tx)
@@ -829,7 +851,7 @@ impl Store for SqliteStore {
         .bind(p.priority)
         .bind(ts(p.created_at))
         .bind(ts(p.updated_at))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(|e| match db_err(e) {
             e if e.kind() == ErrorKind::Conflict => Error::conflict(format!("policy {:?} already exists", p.id)),
@@ -871,7 +893,7 @@ impl Store for SqliteStore {
         let r = sqlx::query("DELETE FROM policies WHERE id = ? AND tenant_id = ?")
             .bind(id)
             .bind(tenant_id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("policy {id:?}"))
@@ -892,7 +914,7 @@ impl Store for SqliteStore {
         .bind(&r.owner_id)
         .bind(&r.tenant_id)
         .bind(ts(r.created_at))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(|e| match db_err(e) {
             e if e.kind() == ErrorKind::Conflict => {
@@ -930,7 +952,7 @@ impl Store for SqliteStore {
     async fn delete_snapshot(&self, id: &str) -> Result<()> {
         let r = sqlx::query("DELETE FROM snapshots WHERE id = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("snapshot {id:?}"))
@@ -951,7 +973,7 @@ impl Store for SqliteStore {
         .bind(ts(w.last_heartbeat))
         .bind(ts(w.created_at))
         .bind(ts(w.updated_at))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db_err)?;
         let row = sqlx::query("SELECT * FROM workers WHERE id = ?")
@@ -988,7 +1010,8 @@ impl Store for SqliteStore {
             "INSERT INTO leases (resource_id, resource_type, holder_id, generation, expires_at, created_at, updated_at) VALUES (?, ?, ?, 1, ?, ?, ?) \
              ON CONFLICT(resource_id) DO UPDATE SET holder_id = excluded.holder_id, resource_type = excluded.resource_type, \
              generation = leases.generation + 1, expires_at = excluded.expires_at, updated_at = excluded.updated_at \
-             WHERE leases.expires_at <= excluded.updated_at OR leases.holder_id = excluded.holder_id",
+             WHERE leases.expires_at <= excluded.updated_at OR leases.holder_id = excluded.holder_id \
+             RETURNING *",
         )
         .bind(resource_id)
         .bind(resource_type)
@@ -996,13 +1019,13 @@ impl Store for SqliteStore {
         .bind(ts(expires))
         .bind(ts(now))
         .bind(ts(now))
-        .execute(&self.pool)
+        .fetch_optional(&self.writer)
         .await
         .map_err(db_err)?;
-        if r.rows_affected() == 0 {
-            return Err(Error::conflict("lease is held by another worker"));
+        match r {
+            Some(row) => lease_from(&row),
+            None => Err(Error::conflict("lease is held by another worker")),
         }
-        self.get_lease(resource_id).await
     }
 
     async fn renew_lease(
@@ -1023,7 +1046,7 @@ impl Store for SqliteStore {
         .bind(resource_id)
         .bind(holder_id)
         .bind(ts(now))
-        .execute(&self.pool)
+        .execute(&self.writer)
         .await
         .map_err(db_err)?;
         if r.rows_affected() == 0 {
@@ -1038,7 +1061,7 @@ impl Store for SqliteStore {
         let r = sqlx::query("DELETE FROM leases WHERE resource_id = ? AND holder_id = ?")
             .bind(resource_id)
             .bind(holder_id)
-            .execute(&self.pool)
+            .execute(&self.writer)
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("lease {resource_id:?}"))

@@ -121,8 +121,8 @@ impl IdAllocator {
     /// Records that the block now belongs to the sandbox at `owner`
     /// (a warm sandbox was claimed under a new name).
     pub fn reassign(&self, base: u32, owner: &Path) {
-        let _ = std::fs::write(
-            self.dir.join(base.to_string()),
+        let _ = super::rewrite_in_place(
+            &self.dir.join(base.to_string()),
             owner.as_os_str().as_encoded_bytes(),
         );
     }
@@ -145,7 +145,8 @@ impl IdAllocator {
             let Ok(owner) = std::fs::read(e.path()) else {
                 continue;
             };
-            let owner = PathBuf::from(String::from_utf8_lossy(&owner).to_string());
+            // Trimmed: a lease rewritten in place may end in padding.
+            let owner = PathBuf::from(String::from_utf8_lossy(&owner).trim_end().to_string());
             if !owner.as_os_str().is_empty() && std::fs::symlink_metadata(&owner).is_err() {
                 let _ = std::fs::remove_file(e.path());
             }

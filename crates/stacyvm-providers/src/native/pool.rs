@@ -3,8 +3,9 @@
 //! A pool sandbox is a complete native sandbox (image `host`, network
 //! `none`) under `sandboxes/pool-<hex>/`, with its agent connected. Claiming
 //! one for sandbox `sb-…` renames its state dir and cgroups to the new id,
-//! writes the spawn's limits into its cgroups, sets its hostname (setns into
-//! its UTS namespace from a short-lived host thread) and records its
+//! writes the spawn's limits into its cgroups (unless they are the pool's),
+//! sets its hostname (the claiming thread enters its UTS namespace for one
+//! call and returns) and records its
 //! metadata: the result is indistinguishable from a sandbox booted for the
 //! spawn, in a fraction of the time. The pool refills in the background
 //! after every claim. Pool sandboxes never appear in the runtime inventory;
@@ -31,6 +32,8 @@ pub(crate) const PREFIX: &str = "pool-";
 pub(crate) struct Warm {
     pub meta: Meta,
     pub client: Arc<AgentClient>,
+    /// The cgroup limits it was booted with.
+    pub limits: Limits,
 }
 
 #[derive(Debug)]
@@ -118,24 +121,36 @@ impl Pool {
             self.filling.fetch_add(1, Ordering::SeqCst);
             let pool = self.clone();
             let booter = booter.clone();
-            rt.spawn(async move {
-                match boot_one(&booter, &pool.closed).await {
-                    Ok(w) if pool.closed.load(Ordering::SeqCst) => {
-                        let dir = booter.opts.state_dir.join("sandboxes").join(&w.meta.id);
-                        teardown_state(dir, Some(w.meta), booter.bridge.clone()).await;
-                    }
-                    Ok(w) => {
-                        if let Ok(mut r) = pool.ready.lock() {
-                            r.push(w);
-                        }
-                    }
-                    // Not retried until the next claim: a persistent
-                    // failure (e.g. out of pids) must not spin.
-                    Err(e) => warn!(error = %e, "booting a warm pool sandbox failed"),
-                }
-                pool.filling.fetch_sub(1, Ordering::SeqCst);
+            // Each boot runs on a blocking-pool thread, not on the
+            // runtime's workers: its synchronous part (state dir, id lease,
+            // cgroups, starting the boot process) would otherwise run on
+            // the worker serving the claim's request (a task spawned from a
+            // task runs next on the same worker) and delay its response. A
+            // runtime shutting down waits for blocking work, and the boot
+            // then fails and unwinds (its id lease and cgroups go back).
+            rt.spawn_blocking(move || {
+                tokio::runtime::Handle::current().block_on(pool.fill_one(booter))
             });
         }
+    }
+
+    /// Boots one sandbox into the pool (counted in `filling` by the caller).
+    async fn fill_one(self: Arc<Self>, booter: Arc<Booter>) {
+        match boot_one(&booter, &self.closed).await {
+            Ok(w) if self.closed.load(Ordering::SeqCst) => {
+                let dir = booter.opts.state_dir.join("sandboxes").join(&w.meta.id);
+                teardown_state(dir, Some(w.meta), booter.bridge.clone()).await;
+            }
+            Ok(w) => {
+                if let Ok(mut r) = self.ready.lock() {
+                    r.push(w);
+                }
+            }
+            // Not retried until the next claim: a persistent failure (e.g.
+            // out of pids) must not spin.
+            Err(e) => warn!(error = %e, "booting a warm pool sandbox failed"),
+        }
+        self.filling.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -180,7 +195,11 @@ async fn boot_one(booter: &Booter, closed: &std::sync::atomic::AtomicBool) -> Re
     match client {
         Ok(client) => {
             debug!(pool_id = %id, "warm pool sandbox ready");
-            Ok(Warm { meta, client })
+            Ok(Warm {
+                meta,
+                client,
+                limits: booter.limits(&spec, memory_bytes),
+            })
         }
         Err(e) => {
             teardown_state(dir, Some(meta), booter.bridge.clone()).await;
@@ -218,8 +237,12 @@ pub(crate) async fn claim(
                 *dir = renamed;
             }
         }
-        cgroup::set_limits(&meta.cgroups, limits)
-            .map_err(|e| Error::internal(format!("applying limits: {e}")))?;
+        // A spawn asking for the pool's own size keeps the limits the
+        // sandbox was booted with.
+        if limits != warm.limits {
+            cgroup::set_limits(&meta.cgroups, limits)
+                .map_err(|e| Error::internal(format!("applying limits: {e}")))?;
+        }
         set_hostname(&meta, &spec.id)?;
         meta.id = spec.id.clone();
         meta.image = spec.image.clone();
@@ -229,9 +252,9 @@ pub(crate) async fn claim(
         meta.tenant_id = spec.tenant_id.clone();
         meta.metadata = spec.metadata.clone();
         meta.memory_mb = spec.memory_mb;
-        std::fs::write(
-            new_dir.join("meta.json"),
-            serde_json::to_vec(&meta).unwrap_or_default(),
+        super::rewrite_in_place(
+            &new_dir.join("meta.json"),
+            &serde_json::to_vec(&meta).unwrap_or_default(),
         )
         .map_err(|e| Error::internal("writing sandbox metadata").with_source(e))
     })();
@@ -244,10 +267,18 @@ pub(crate) async fn claim(
     }
 }
 
-/// Sets the hostname inside the sandbox whose PID 1 is `init_pid`, from a
-/// dedicated thread that joins its UTS namespace and then exits (so no
-/// server thread ever stays in a sandbox namespace).
+/// Sets the hostname inside the claimed sandbox: the calling thread joins
+/// the sandbox's UTS namespace for one `sethostname` and returns to its own
+/// before anything else runs on it (no await in between). A thread that
+/// cannot return aborts the server rather than serve from a sandbox's
+/// namespace. Done in place because a helper thread costs more than the
+/// whole claim when the CPUs are busy (its wake-up waits for a CPU).
 fn set_hostname(meta: &Meta, name: &str) -> Result<()> {
+    use nix::sched::{setns, CloneFlags};
+    thread_local! {
+        /// This thread's own UTS namespace, opened before it ever left it.
+        static HOME: std::io::Result<std::fs::File> = std::fs::File::open("/proc/thread-self/ns/uts");
+    }
     // Only the recorded init's namespace: a reused pid must never lead the
     // server into a stranger's (or the host's) UTS namespace.
     let init = meta
@@ -256,14 +287,19 @@ fn set_hostname(meta: &Meta, name: &str) -> Result<()> {
     let ns = init
         .open_ns("uts")
         .map_err(|e| Error::internal("opening the sandbox UTS namespace").with_source(e))?;
-    let name = name.to_string();
-    std::thread::spawn(move || -> std::result::Result<(), nix::Error> {
-        nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWUTS)?;
-        nix::unistd::sethostname(&name)
+    HOME.with(|home| {
+        let home = home
+            .as_ref()
+            .map_err(|e| Error::internal(format!("opening this thread's UTS namespace: {e}")))?;
+        setns(&ns, CloneFlags::CLONE_NEWUTS)
+            .map_err(|e| Error::internal("entering the sandbox UTS namespace").with_source(e))?;
+        let set = nix::unistd::sethostname(name);
+        if let Err(e) = setns(home, CloneFlags::CLONE_NEWUTS) {
+            tracing::error!(error = %e, "a server thread could not leave a sandbox's UTS namespace; aborting");
+            std::process::abort();
+        }
+        set.map_err(|e| Error::internal("setting the sandbox hostname").with_source(e))
     })
-    .join()
-    .map_err(|_| Error::internal("hostname thread panicked"))?
-    .map_err(|e| Error::internal("setting the sandbox hostname").with_source(e))
 }
 
 /// Removes pool sandboxes a previous server left (they are not sandboxes
