@@ -1302,6 +1302,37 @@ pub(crate) mod tests {
         panic!("warm pool did not reach {n} ready sandboxes in 10 s");
     }
 
+    /// The claiming thread enters the sandbox's UTS namespace only for the
+    /// `sethostname` call: afterwards it is back in its own namespace with
+    /// the host's name, and the sandbox has its id as hostname. A claim of
+    /// the pool's own size keeps the pool's limits.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_claim_leaves_the_claiming_thread_in_its_own_uts_namespace() {
+        let fx = pooled_fixture(1);
+        let p = fx.make();
+        pool_ready(&p, 1).await;
+        let ns = || std::fs::read_link("/proc/thread-self/ns/uts").expect("own uts ns");
+        let (ns_before, host_before) = (ns(), nix::unistd::gethostname().expect("hostname"));
+        let mut spec = crate::conformance::spawn_spec("host");
+        spec.memory_mb = 256;
+        spec.vcpus = 1;
+        p.spawn(&spec).await.expect("spawn");
+        // current_thread: the claim ran on this very thread.
+        assert_eq!(ns(), ns_before);
+        assert_eq!(nix::unistd::gethostname().expect("hostname"), host_before);
+        let meta = p.meta(&spec.id).expect("meta");
+        assert_eq!(meta.memory_mb, 256);
+        let out = crate::conformance::sh(&p, &spec.id, "cat /proc/sys/kernel/hostname").await;
+        assert_eq!(out.stdout.trim(), spec.id);
+        for dir in &meta.cgroups {
+            if let Ok(v) = std::fs::read_to_string(dir.join("memory.limit_in_bytes")) {
+                assert_eq!(v.trim(), (256u64 << 20).to_string());
+            }
+        }
+        p.destroy(&spec.id).await.expect("destroy");
+        p.shutdown().await;
+    }
+
     /// A claimed warm sandbox is the spawn's sandbox in every visible way:
     /// hostname, cgroup names and limits, state dir, inventory; pool
     /// sandboxes never show in the inventory; the pool refills; a new
