@@ -231,6 +231,32 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
 ];
 
 /// The permission of `method route` (route = axum pattern under `/api/v1`).
+/// The permission of every E2B API route (outside `/api/v1`, see
+/// `crate::e2b`): the same scopes as their `/api/v1` counterparts.
+pub const E2B_ROUTE_PERMISSIONS: &[RoutePerm] = &[
+    r("POST", "/sandboxes", Perm::Write),
+    r("POST", "/v2/sandboxes", Perm::Write),
+    r("GET", "/sandboxes", Perm::Read),
+    r("GET", "/v2/sandboxes", Perm::Read),
+    r("GET", "/sandboxes/{id}", Perm::Read),
+    r("DELETE", "/sandboxes/{id}", Perm::Write),
+    r("POST", "/sandboxes/{id}/timeout", Perm::Write),
+    r("POST", "/sandboxes/{id}/refreshes", Perm::Write),
+    r("POST", "/sandboxes/{id}/connect", Perm::Write),
+    r("POST", "/v2/sandboxes/{id}/connect", Perm::Write),
+    r("POST", "/sandboxes/{id}/pause", Perm::Write),
+    r("POST", "/sandboxes/{id}/resume", Perm::Write),
+    r("GET", "/sandboxes/{id}/metrics", Perm::Read),
+];
+
+/// The permission of an E2B API route.
+pub fn e2b_permission(method: &Method, route: &str) -> Option<Perm> {
+    E2B_ROUTE_PERMISSIONS
+        .iter()
+        .find(|p| p.method == method.as_str() && p.path == route)
+        .map(|p| p.perm)
+}
+
 pub fn permission(method: &Method, route: &str) -> Option<Perm> {
     ROUTE_PERMISSIONS
         .iter()

@@ -1,4 +1,4 @@
-//! The StacyVM REST API (`/api/v1`) on axum.
+//! The StacyVM REST API (`/api/v1`) and the E2B API ([`e2b`]) on axum.
 //!
 //! [`router`] builds the routes of `spec/api.md`; [`serve`] runs them on a
 //! listener until the shutdown future resolves, then drains. No global
@@ -7,6 +7,7 @@
 
 pub mod active;
 pub mod auth;
+pub mod e2b;
 pub mod error;
 pub mod json;
 mod middleware;
@@ -24,7 +25,7 @@ use stacyvm_core::manager::Manager;
 use stacyvm_core::store::AdminAuditRecord;
 use tokio::net::TcpListener;
 
-pub use auth::{Perm, Role, ROUTE_PERMISSIONS};
+pub use auth::{Perm, Role, E2B_ROUTE_PERMISSIONS, ROUTE_PERMISSIONS};
 
 /// Server version reported on `/health`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -121,11 +122,17 @@ pub fn router(state: AppState) -> Router {
         state.clone(),
         middleware::authorize,
     ));
+    let e2b = e2b::routes().route_layer(axum::middleware::from_fn_with_state(
+        state.clone(),
+        middleware::authorize,
+    ));
     let inner: Router = Router::new()
         .nest("/api/v1", api)
+        .merge(e2b)
         .fallback(middleware::not_found)
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(e2b::error_shape))
         .with_state(state.clone());
     // CORS and request ids wrap routing, so preflights are answered for
     // every path (before auth) and every response carries X-Request-ID.

@@ -150,18 +150,18 @@ fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
 /// permission table. Runs only on matched routes (route layer), so the
 /// matched pattern is known. 401 = who are you; 403 = not allowed.
 pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
-    let route = req
+    let matched = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|m| {
-            m.as_str()
-                .strip_prefix("/api/v1")
-                .unwrap_or(m.as_str())
-                .to_string()
-        })
+        .map(|m| m.as_str().to_string())
         .unwrap_or_default();
     let method = req.method().clone();
-    let Some(perm) = auth::permission(&method, &route) else {
+    // `/api/v1` routes by their table; the E2B API (outside it) by its own.
+    let (route, perm) = match matched.strip_prefix("/api/v1") {
+        Some(r) => (r.to_string(), auth::permission(&method, r)),
+        None => (matched.clone(), auth::e2b_permission(&method, &matched)),
+    };
+    let Some(perm) = perm else {
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "FORBIDDEN",

@@ -21,7 +21,7 @@ use stacyvm_core::registry::Registry;
 use stacyvm_core::store::{AdminAuditFilter, OpAuditFilter, TenantMemberRecord};
 use stacyvm_providers::mock::MockProvider;
 use stacyvm_server::auth::Authenticator;
-use stacyvm_server::{AppState, Perm, Role, ROUTE_PERMISSIONS};
+use stacyvm_server::{AppState, Perm, Role, E2B_ROUTE_PERMISSIONS, ROUTE_PERMISSIONS};
 use stacyvm_store::SqliteStore;
 
 const API_KEY: &str = "api-key-0123456789abcdef0123456789abcdef";
@@ -353,8 +353,19 @@ async fn every_route_times_every_role_matches_the_permission_table() {
         ("admin key", Cred::AdminKey, vec![], Some(Role::Admin)),
     ];
     let mut checked = 0;
-    for rp in ROUTE_PERMISSIONS {
-        let path = concrete(rp.path);
+    // The E2B API (outside /api/v1) answers errors in E2B's shape: the
+    // status as a number in `code`.
+    let tables = ROUTE_PERMISSIONS
+        .iter()
+        .map(|rp| (rp, false))
+        .chain(E2B_ROUTE_PERMISSIONS.iter().map(|rp| (rp, true)));
+    for (rp, e2b) in tables {
+        let path = if e2b {
+            // The root: `/api/v1/../..` resolves to it.
+            format!("/../..{}", concrete(rp.path))
+        } else {
+            concrete(rp.path)
+        };
         let body = matches!(rp.method, "POST" | "PUT").then(|| json!({}));
         for (name, cred, extra, role) in &callers {
             let (st, v) = s.send(rp.method, &path, cred, extra, body.clone()).await;
@@ -371,10 +382,10 @@ async fn every_route_times_every_role_matches_the_permission_table() {
             } else {
                 let want = if role.is_none() { 401 } else { 403 };
                 assert_eq!(st, want, "{name} on {} {path}: {v}", rp.method);
-                let code = if want == 401 {
-                    "UNAUTHORIZED"
-                } else {
-                    "FORBIDDEN"
+                let code = match (want, e2b) {
+                    (_, true) => json!(want),
+                    (401, false) => json!("UNAUTHORIZED"),
+                    _ => json!("FORBIDDEN"),
                 };
                 assert_eq!(v["code"], code, "{v}");
                 if want == 403 {
@@ -385,7 +396,10 @@ async fn every_route_times_every_role_matches_the_permission_table() {
             checked += 1;
         }
     }
-    assert_eq!(checked, ROUTE_PERMISSIONS.len() * callers.len());
+    assert_eq!(
+        checked,
+        (ROUTE_PERMISSIONS.len() + E2B_ROUTE_PERMISSIONS.len()) * callers.len()
+    );
 }
 
 #[tokio::test]
@@ -402,11 +416,18 @@ async fn every_registered_route_has_a_permission_entry() {
         Duration::from_secs(10),
     )
     .await;
-    for rp in ROUTE_PERMISSIONS {
+    // E2B routes live at the root: `/api/v1/../..` resolves to it.
+    let rows = ROUTE_PERMISSIONS
+        .iter()
+        .map(|rp| (rp, concrete(rp.path)))
+        .chain(
+            E2B_ROUTE_PERMISSIONS
+                .iter()
+                .map(|rp| (rp, format!("/../..{}", concrete(rp.path)))),
+        );
+    for (rp, path) in rows {
         let body = matches!(rp.method, "POST" | "PUT").then(|| json!({}));
-        let (st, v) = s
-            .send(rp.method, &concrete(rp.path), &Cred::AdminKey, &[], body)
-            .await;
+        let (st, v) = s.send(rp.method, &path, &Cred::AdminKey, &[], body).await;
         let msg = v["message"].as_str().unwrap_or_default();
         assert!(
             !msg.starts_with("route not found"),

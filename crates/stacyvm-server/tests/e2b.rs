@@ -1,0 +1,413 @@
+//! The E2B control plane on a real listener (mock provider, SQLite): the
+//! objects, status codes and error shape the official SDKs parse
+//! (research/e2b-compat.md §4). The SDKs themselves drive a real server
+//! in tests/python/test_e2b_sdk.py.
+
+use std::sync::Arc;
+
+use serde_json::{json, Value};
+use stacyvm_core::config::Config;
+use stacyvm_core::events::EventBus;
+use stacyvm_core::manager::Manager;
+use stacyvm_core::metrics::Metrics;
+use stacyvm_core::registry::Registry;
+use stacyvm_providers::mock::MockProvider;
+use stacyvm_store::SqliteStore;
+
+struct Server {
+    root: String,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+async fn start() -> Server {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut cfg = Config::default();
+    cfg.server.data_dir = dir.path().to_string_lossy().to_string();
+    cfg.providers.default = "mock".into();
+    let provider = Arc::new(MockProvider::new(dir.path().join("mock")).expect("mock"));
+    let registry = Arc::new(Registry::new(vec![provider], "mock").expect("registry"));
+    let store = Arc::new(
+        SqliteStore::open(&dir.path().join("db.sqlite"))
+            .await
+            .expect("store"),
+    );
+    let manager = Manager::new(
+        Arc::new(cfg),
+        store,
+        registry,
+        Arc::new(EventBus::new()),
+        Arc::new(Metrics::default()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let root = format!("http://{}", listener.local_addr().expect("addr"));
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let state = stacyvm_server::AppState::new(manager).expect("state");
+    tokio::spawn(stacyvm_server::serve(listener, state, async move {
+        let _ = rx.await;
+    }));
+    Server {
+        root,
+        http: reqwest::Client::new(),
+        _dir: dir,
+        _stop: tx,
+    }
+}
+
+struct Reply {
+    status: u16,
+    body: Value,
+    headers: reqwest::header::HeaderMap,
+}
+
+impl Server {
+    async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut rb = self
+            .http
+            .request(m, format!("{}{path}", self.root))
+            .header("X-API-KEY", "e2b_0123abcd");
+        if let Some(b) = body {
+            rb = rb
+                .header("content-type", "application/json")
+                .body(b.to_string());
+        }
+        for (k, v) in headers {
+            rb = rb.header(*k, *v);
+        }
+        let r = rb.send().await.expect("send");
+        let status = r.status().as_u16();
+        let headers = r.headers().clone();
+        let text = r.text().await.expect("body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Reply {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    async fn create(&self, body: Value) -> Value {
+        let r = self
+            .call("POST", "/v2/sandboxes", Some(&body.to_string()), &[])
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        r.body
+    }
+}
+
+/// E2B's error shape: the status as a number, and a message.
+fn assert_e2b_error(r: &Reply, status: u16, contains: &str) {
+    assert_eq!(r.status, status, "{}", r.body);
+    assert_eq!(r.body["code"], json!(status), "{}", r.body);
+    let msg = r.body["message"].as_str().expect("message");
+    assert!(msg.contains(contains), "{msg:?} lacks {contains:?}");
+}
+
+fn ends_in(v: &Value, secs: i64) -> i64 {
+    let end =
+        chrono::DateTime::parse_from_rfc3339(v["endAt"].as_str().expect("endAt")).expect("time");
+    (end.with_timezone(&chrono::Utc) - chrono::Utc::now()).num_seconds() - secs
+}
+
+#[tokio::test]
+async fn create_get_timeouts_and_kill_speak_e2b() {
+    let s = start().await;
+    let sb = s
+        .create(
+            json!({"templateID": "base", "timeout": 120, "metadata": {"who": "me"}, "envVars": {}}),
+        )
+        .await;
+    let id = sb["sandboxID"].as_str().expect("sandboxID").to_string();
+    assert_eq!(sb["templateID"], "base");
+    assert_eq!(sb["clientID"], "stacyvm");
+    assert!(sb["envdVersion"]
+        .as_str()
+        .is_some_and(|v| v.split('.').count() == 3));
+    assert!(sb.get("domain").is_some(), "domain is present (null)");
+
+    let d = s.call("GET", &format!("/sandboxes/{id}"), None, &[]).await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    for key in [
+        "templateID",
+        "sandboxID",
+        "clientID",
+        "startedAt",
+        "endAt",
+        "envdVersion",
+        "cpuCount",
+        "memoryMB",
+        "diskSizeMB",
+        "state",
+    ] {
+        assert!(d.body.get(key).is_some(), "{key} missing: {}", d.body);
+    }
+    assert_eq!(d.body["state"], "running");
+    // The layer's own keys stay hidden.
+    assert_eq!(d.body["metadata"], json!({"who": "me"}));
+    assert!(ends_in(&d.body, 120).abs() <= 5, "{}", d.body);
+
+    // set_timeout overwrites, shorter included.
+    let r = s
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/timeout"),
+            Some(r#"{"timeout": 30}"#),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let d = s.call("GET", &format!("/sandboxes/{id}"), None, &[]).await;
+    assert!(ends_in(&d.body, 30).abs() <= 5, "{}", d.body);
+    // refresh and connect only extend.
+    let r = s
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/refreshes"),
+            Some(r#"{"duration": 10}"#),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let d = s.call("GET", &format!("/sandboxes/{id}"), None, &[]).await;
+    assert!(
+        ends_in(&d.body, 30).abs() <= 5,
+        "a shorter refresh kept the end: {}",
+        d.body
+    );
+    let c = s
+        .call(
+            "POST",
+            &format!("/v2/sandboxes/{id}/connect"),
+            Some(r#"{"timeout": 600}"#),
+            &[],
+        )
+        .await;
+    assert_eq!(c.status, 200, "{}", c.body);
+    assert_eq!(c.body["sandboxID"], json!(id));
+    let d = s.call("GET", &format!("/sandboxes/{id}"), None, &[]).await;
+    assert!(ends_in(&d.body, 600).abs() <= 5, "{}", d.body);
+    // Connect without a body (older SDKs).
+    let c = s
+        .call("POST", &format!("/sandboxes/{id}/connect"), None, &[])
+        .await;
+    assert_eq!(c.status, 200, "{}", c.body);
+
+    // Pause and resume: E2B's shape for what no provider does yet.
+    let r = s
+        .call("POST", &format!("/sandboxes/{id}/pause"), Some("{}"), &[])
+        .await;
+    assert_e2b_error(&r, 501, "pause is not supported");
+    let r = s
+        .call("POST", &format!("/sandboxes/{id}/resume"), Some("{}"), &[])
+        .await;
+    assert_e2b_error(&r, 409, "not paused");
+    let m = s
+        .call("GET", &format!("/sandboxes/{id}/metrics"), None, &[])
+        .await;
+    assert_eq!(m.status, 200, "{}", m.body);
+    assert!(m.body.is_array(), "{}", m.body);
+
+    let k = s
+        .call("DELETE", &format!("/sandboxes/{id}"), None, &[])
+        .await;
+    assert_eq!(k.status, 204, "{}", k.body);
+    let k = s
+        .call("DELETE", &format!("/sandboxes/{id}"), None, &[])
+        .await;
+    assert_e2b_error(&k, 404, "not found");
+    let d = s.call("GET", &format!("/sandboxes/{id}"), None, &[]).await;
+    assert_e2b_error(&d, 404, "not found");
+    let r = s
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/timeout"),
+            Some(r#"{"timeout": 30}"#),
+            &[],
+        )
+        .await;
+    assert_e2b_error(&r, 404, "not found");
+}
+
+#[tokio::test]
+async fn bad_input_gets_e2b_errors_and_spawns_nothing() {
+    let s = start().await;
+    let r = s
+        .call("POST", "/v2/sandboxes", Some("{not json"), &[])
+        .await;
+    assert_e2b_error(&r, 400, "");
+    let r = s
+        .call(
+            "POST",
+            "/v2/sandboxes",
+            Some(r#"{"metadata": {"e2b.template": "x"}}"#),
+            &[],
+        )
+        .await;
+    assert_e2b_error(&r, 400, "reserved");
+    let r = s
+        .call("POST", "/v2/sandboxes", Some(r#"{"timeout": -5}"#), &[])
+        .await;
+    assert_e2b_error(&r, 400, "timeout");
+    let r = s
+        .call(
+            "POST",
+            "/v2/sandboxes",
+            Some(r#"{"envVars": {"A": "1"}}"#),
+            &[],
+        )
+        .await;
+    assert_e2b_error(&r, 501, "envVars");
+    let r = s
+        .call(
+            "POST",
+            "/v2/sandboxes",
+            Some("{}"),
+            &[("Idempotency-Key", "Not Valid!")],
+        )
+        .await;
+    assert_e2b_error(&r, 400, "Idempotency-Key");
+    let r = s
+        .call("POST", "/sandboxes/sb-0000dead/timeout", Some("{}"), &[])
+        .await;
+    assert_e2b_error(&r, 400, "timeout is required");
+    let r = s
+        .call("GET", "/v2/sandboxes?state=sleeping", None, &[])
+        .await;
+    assert_e2b_error(&r, 400, "state");
+    let r = s
+        .call("GET", "/v2/sandboxes?nextToken=garbage!", None, &[])
+        .await;
+    assert_e2b_error(&r, 400, "nextToken");
+    let r = s.call("GET", "/v2/sandboxes?limit=0", None, &[]).await;
+    assert_e2b_error(&r, 400, "limit");
+    // Routes StacyVM lacks, as newer SDKs may call them.
+    let r = s
+        .call(
+            "POST",
+            "/v2/sandboxes/sb-0000dead/snapshots",
+            Some("{}"),
+            &[],
+        )
+        .await;
+    assert_e2b_error(&r, 404, "route not found");
+    let r = s.call("PUT", "/v2/sandboxes", Some("{}"), &[]).await;
+    assert_eq!(r.body["code"], json!(r.status), "{}", r.body);
+    // /api/v1 keeps its own error shape.
+    let r = s.call("GET", "/api/v1/nope", None, &[]).await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.body["code"], "NOT_FOUND");
+    let l = s.call("GET", "/v2/sandboxes", None, &[]).await;
+    assert_eq!(l.body, json!([]), "nothing was spawned");
+}
+
+#[tokio::test]
+async fn idempotency_key_makes_a_retried_create_one_sandbox() {
+    let s = start().await;
+    let create = |key: &'static str| {
+        let s = &s;
+        async move {
+            s.call(
+                "POST",
+                "/v2/sandboxes",
+                Some("{}"),
+                &[("Idempotency-Key", key)],
+            )
+            .await
+        }
+    };
+    let (a, b) = tokio::join!(create("retry-1"), create("retry-1"));
+    assert_eq!((a.status, b.status), (201, 201), "{} {}", a.body, b.body);
+    assert_eq!(a.body["sandboxID"], b.body["sandboxID"]);
+    let c = create("retry-2").await;
+    assert_ne!(c.body["sandboxID"], a.body["sandboxID"]);
+    let l = s.call("GET", "/v2/sandboxes", None, &[]).await;
+    assert_eq!(l.body.as_array().map(Vec::len), Some(2), "{}", l.body);
+    // Once the first is gone, the key makes a new sandbox.
+    let id = a.body["sandboxID"].as_str().expect("id");
+    s.call("DELETE", &format!("/sandboxes/{id}"), None, &[])
+        .await;
+    let d = create("retry-1").await;
+    assert_eq!(d.status, 201);
+    assert_ne!(d.body["sandboxID"], a.body["sandboxID"]);
+}
+
+#[tokio::test]
+async fn list_filters_by_metadata_and_state_and_pages() {
+    let s = start().await;
+    let mut mine = Vec::new();
+    for i in 0..3 {
+        let sb = s
+            .create(json!({"metadata": {"suite": "pages", "n": i.to_string()}}))
+            .await;
+        mine.push(sb["sandboxID"].as_str().expect("id").to_string());
+    }
+    s.create(json!({"metadata": {"suite": "other"}})).await;
+
+    let q = "metadata=suite%3Dpages";
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    for page in 0..3 {
+        let path = if token.is_empty() {
+            format!("/v2/sandboxes?{q}&limit=2")
+        } else {
+            format!("/v2/sandboxes?{q}&limit=2&nextToken={token}")
+        };
+        let r = s.call("GET", &path, None, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        for sb in r.body.as_array().expect("array") {
+            assert_eq!(sb["state"], "running");
+            assert_eq!(sb["metadata"]["suite"], "pages");
+            seen.push(sb["sandboxID"].as_str().expect("id").to_string());
+        }
+        match r.headers.get("x-next-token") {
+            Some(t) => token = t.to_str().expect("token").to_string(),
+            None => {
+                assert_eq!(page, 1, "two pages of 2 and 1");
+                break;
+            }
+        }
+    }
+    assert_eq!(seen, mine, "every match once, oldest first");
+    let r = s
+        .call(
+            "GET",
+            &format!("/v2/sandboxes?{q}&order=desc&limit=1"),
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.body[0]["sandboxID"], json!(mine[2]));
+    let r = s.call("GET", "/v2/sandboxes?state=paused", None, &[]).await;
+    assert_eq!(r.body, json!([]));
+    let r = s
+        .call("GET", "/v2/sandboxes?state=running,paused", None, &[])
+        .await;
+    assert_eq!(r.body.as_array().map(Vec::len), Some(4));
+    // The v1 route: all matches, no pagination.
+    let r = s.call("GET", &format!("/sandboxes?{q}"), None, &[]).await;
+    assert_eq!(r.body.as_array().map(Vec::len), Some(3));
+    // Reserved keys are never a filter.
+    let r = s
+        .call(
+            "GET",
+            "/v2/sandboxes?metadata=e2b.template%3Dbase",
+            None,
+            &[],
+        )
+        .await;
+    assert_eq!(r.body, json!([]));
+}
