@@ -93,3 +93,73 @@ def test_async_client(server):
             assert await sbx.kill() is True
 
     asyncio.run(flow())
+
+
+def test_commands_and_files_through_envd(server):
+    from e2b import CommandExitException
+
+    o = opts(server)
+    sbx = Sandbox.create(**o)
+    try:
+        assert sbx.is_running()
+        r = sbx.commands.run("echo hello; echo oops >&2")
+        assert r.exit_code == 0
+        assert r.stdout == "hello\n"
+        assert r.stderr == "oops\n"
+        seen = []
+        r = sbx.commands.run("for i in 1 2 3; do echo $i; done", on_stdout=seen.append)
+        assert "".join(seen) == "1\n2\n3\n"
+        with pytest.raises(CommandExitException) as e:
+            sbx.commands.run("exit 7")
+        assert e.value.exit_code == 7
+        r = sbx.commands.run("echo $FOO; pwd", envs={"FOO": "bar"}, cwd="/tmp")
+        assert r.stdout == "bar\n/tmp\n"
+
+        sbx.files.write("/tmp/e2b/hello.txt", "hi there")
+        assert sbx.files.read("/tmp/e2b/hello.txt") == "hi there"
+        big = bytes(range(256)) * 4096 * 10  # 10 MiB
+        sbx.files.write("/tmp/e2b/big.bin", big)
+        assert sbx.files.read("/tmp/e2b/big.bin", format="bytes") == big
+        sbx.files.write_files([
+            {"path": "/tmp/e2b/many/a.txt", "data": "A"},
+            {"path": "/tmp/e2b/many/b.txt", "data": "B"},
+        ])
+        names = sorted(e.name for e in sbx.files.list("/tmp/e2b/many"))
+        assert names == ["a.txt", "b.txt"]
+        deep = {e.path for e in sbx.files.list("/tmp/e2b", depth=2)}
+        assert "/tmp/e2b/many/a.txt" in deep
+        assert sbx.files.exists("/tmp/e2b/hello.txt")
+        assert not sbx.files.exists("/tmp/e2b/nope")
+        info = sbx.files.get_info("/tmp/e2b/hello.txt")
+        assert info.size == 8
+        assert sbx.files.make_dir("/tmp/e2b/dir") is True
+        assert sbx.files.make_dir("/tmp/e2b/dir") is False
+        sbx.files.rename("/tmp/e2b/hello.txt", "/tmp/e2b/dir/moved.txt")
+        assert sbx.files.read("/tmp/e2b/dir/moved.txt") == "hi there"
+        sbx.files.remove("/tmp/e2b/dir")
+        assert not sbx.files.exists("/tmp/e2b/dir")
+        sbx.files.remove("/tmp/e2b/never-was")
+    finally:
+        sbx.kill()
+    assert not sbx.is_running()
+
+
+def test_envd_needs_the_sandbox_token(server):
+    import httpx
+
+    o = opts(server)
+    sbx = Sandbox.create(**o)
+    other = Sandbox.create(**o)
+    try:
+        h = {"E2b-Sandbox-Id": sbx.sandbox_id, "E2b-Sandbox-Port": "49983"}
+        r = httpx.get(server + "/files", params={"path": "/etc/hostname"}, headers=h)
+        assert r.status_code == 401, r.text
+        # Another sandbox's token opens nothing here.
+        h["X-Access-Token"] = other._envd_access_token
+        r = httpx.get(server + "/files", params={"path": "/etc/hostname"}, headers=h)
+        assert r.status_code == 401, r.text
+        r = httpx.get(server + "/health", headers={"E2b-Sandbox-Id": "sb-00000000"})
+        assert r.status_code == 502 and "was not found" in r.json()["message"]
+    finally:
+        sbx.kill()
+        other.kill()

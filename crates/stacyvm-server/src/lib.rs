@@ -42,6 +42,8 @@ pub struct AppState {
     pub active: Arc<active::Active>,
     /// Failed authentication attempts per client address.
     pub failed_auth: Arc<ratelimit::RateLimiter>,
+    /// The key of E2B envd access tokens.
+    pub e2b_keys: Arc<e2b::envd::EnvdKeys>,
     /// Server-wide budget of failed-authentication audit rows.
     failed_auth_rows: Arc<middleware::FailedAuthRows>,
     /// Refuse `Host` headers other than loopback names (the API is open
@@ -67,6 +69,7 @@ impl AppState {
             !auth.enabled() && stacyvm_core::config::is_loopback_host(cfg.listen_host().0);
         let failed_auth = Arc::new(ratelimit::RateLimiter::failed_auth(&cfg.rate_limit));
         AppState {
+            e2b_keys: Arc::new(e2b::envd::EnvdKeys::load(&cfg.server.data_dir)),
             active: Arc::new(active::Active::new(&cfg.limits)),
             failed_auth,
             failed_auth_rows: Arc::default(),
@@ -138,6 +141,11 @@ pub fn router(state: AppState) -> Router {
     // every path (before auth) and every response carries X-Request-ID.
     Router::new()
         .fallback_service(inner)
+        // E2B envd calls (with `E2b-Sandbox-Id`) are routed by header.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            e2b::envd::dispatch,
+        ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::body_limit,

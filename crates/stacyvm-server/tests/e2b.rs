@@ -411,3 +411,219 @@ async fn list_filters_by_metadata_and_state_and_pages() {
         .await;
     assert_eq!(r.body, json!([]));
 }
+
+/// envd calls are routed by `E2b-Sandbox-Id`, need the sandbox's own
+/// token, and answer bad input with typed errors.
+#[tokio::test]
+async fn envd_routing_tokens_and_bad_input() {
+    let s = start().await;
+    let a = s.create(json!({})).await;
+    let b = s.create(json!({})).await;
+    let id = a["sandboxID"].as_str().expect("id");
+    let token = a["envdAccessToken"].as_str().expect("token");
+    let other = b["envdAccessToken"].as_str().expect("token");
+    assert_ne!(token, other);
+    // A reader's view of the sandbox carries no token.
+    let d = s.call("GET", &format!("/sandboxes/{id}"), None, &[]).await;
+    assert!(d.body.get("envdAccessToken").is_none(), "{}", d.body);
+
+    let envd = |extra: Vec<(&'static str, String)>| {
+        let mut h: Vec<(&'static str, String)> = vec![
+            ("E2b-Sandbox-Id", id.to_string()),
+            ("E2b-Sandbox-Port", "49983".to_string()),
+        ];
+        h.extend(extra);
+        h
+    };
+    let send = |method: &'static str,
+                path: &'static str,
+                headers: Vec<(&'static str, String)>,
+                body: Vec<u8>| {
+        let s = &s;
+        async move {
+            let m = reqwest::Method::from_bytes(method.as_bytes()).expect("m");
+            let mut rb = s.http.request(m, format!("{}{path}", s.root)).body(body);
+            for (k, v) in headers {
+                rb = rb.header(k, v);
+            }
+            let r = rb.send().await.expect("send");
+            let st = r.status().as_u16();
+            let text = r.text().await.expect("text");
+            (
+                st,
+                serde_json::from_str::<Value>(&text).unwrap_or(Value::String(text)),
+            )
+        }
+    };
+    let tok = |t: &str| ("X-Access-Token", t.to_string());
+    let json_ct = ("Content-Type", "application/json".to_string());
+    let stream_ct = ("Content-Type", "application/connect+json".to_string());
+
+    // Health needs no token; everything else needs this sandbox's.
+    let (st, _) = send("GET", "/health", envd(vec![]), vec![]).await;
+    assert_eq!(st, 204);
+    let (st, v) = send(
+        "POST",
+        "/filesystem.Filesystem/Stat",
+        envd(vec![json_ct.clone()]),
+        br#"{"path":"/"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(st, 401, "{v}");
+    let (st, v) = send(
+        "POST",
+        "/filesystem.Filesystem/Stat",
+        envd(vec![json_ct.clone(), tok(other)]),
+        br#"{"path":"/"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(st, 401, "{v}");
+    let (st, v) = send(
+        "GET",
+        "/files?path=/etc/hostname",
+        envd(vec![tok(other)]),
+        vec![],
+    )
+    .await;
+    assert_eq!(st, 401, "{v}");
+    // Unknown sandboxes and ports: E2B's 502s.
+    let (st, v) = send(
+        "GET",
+        "/health",
+        vec![("E2b-Sandbox-Id", "sb-00000000".into())],
+        vec![],
+    )
+    .await;
+    assert_eq!(st, 502, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("was not found"),
+        "{v}"
+    );
+    let (st, v) = send(
+        "GET",
+        "/health",
+        vec![
+            ("E2b-Sandbox-Id", id.to_string()),
+            ("E2b-Sandbox-Port", "49999".into()),
+        ],
+        vec![],
+    )
+    .await;
+    assert_eq!(st, 502, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("port 49999"),
+        "{v}"
+    );
+
+    // Connect bad input: wrong content type, short or lying envelopes,
+    // compressed flags, non-JSON, missing fields.
+    let start = "/process.Process/Start";
+    let (st, v) = send(
+        "POST",
+        start,
+        envd(vec![tok(token), json_ct.clone()]),
+        b"{}".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{v}"
+    );
+    for body in [
+        vec![0u8, 0, 0],
+        vec![0u8, 0, 0, 0, 9, b'{', b'}'],
+        vec![1u8, 0, 0, 0, 2, b'{', b'}'],
+        vec![0u8, 0, 0, 0, 3, b'n', b'o', b'!'],
+        vec![0u8, 0, 0, 0, 2, b'{', b'}'],
+    ] {
+        let (st, v) = send(
+            "POST",
+            start,
+            envd(vec![tok(token), stream_ct.clone()]),
+            body.clone(),
+        )
+        .await;
+        assert_eq!(
+            (st, v["code"].as_str()),
+            (400, Some("invalid_argument")),
+            "{body:?}: {v}"
+        );
+    }
+    let (st, v) = send(
+        "POST",
+        "/filesystem.Filesystem/ListDir",
+        envd(vec![tok(token), json_ct.clone()]),
+        b"{}".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{v}"
+    );
+    let (st, v) = send(
+        "POST",
+        "/filesystem.Filesystem/Stat",
+        envd(vec![tok(token), json_ct.clone()]),
+        b"[1,2".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{v}"
+    );
+    let (st, v) = send(
+        "POST",
+        "/filesystem.Filesystem/Stat",
+        envd(vec![tok(token), json_ct.clone()]),
+        br#"{"path":"/no/such/file"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!((st, v["code"].as_str()), (404, Some("not_found")), "{v}");
+    let (st, v) = send(
+        "POST",
+        "/process.Process/SendSignal",
+        envd(vec![tok(token), json_ct.clone()]),
+        b"{}".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (501, Some("unimplemented")),
+        "{v}"
+    );
+    let (st, v) = send("GET", "/nope", envd(vec![tok(token)]), vec![]).await;
+    assert_eq!((st, v["code"].as_u64()), (404, Some(404)), "{v}");
+    let (st, v) = send("GET", "/files", envd(vec![tok(token)]), vec![]).await;
+    assert_eq!((st, v["code"].as_u64()), (400, Some(400)), "{v}");
+    let (st, v) = send(
+        "POST",
+        "/files",
+        envd(vec![
+            tok(token),
+            ("Content-Type", "multipart/form-data; boundary=x".into()),
+        ]),
+        b"garbage".to_vec(),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+    // After a kill the token opens nothing.
+    s.call("DELETE", &format!("/sandboxes/{id}"), None, &[])
+        .await;
+    let (st, v) = send(
+        "GET",
+        "/files?path=/etc/hostname",
+        envd(vec![tok(token)]),
+        vec![],
+    )
+    .await;
+    assert_eq!(st, 502, "{v}");
+}

@@ -371,12 +371,25 @@ async fn security_checks(runtime: &str) {
         );
         await_stopped(&p, &id).await;
         let d = p.engine().await.expect("engine");
-        let st = d
-            .inspect_container(&id, None)
-            .await
-            .expect("inspect")
-            .state
-            .expect("state");
+        // The engine records the exit and the OOM event separately; on a
+        // loaded machine the exit can be recorded first, and the flag
+        // follows shortly after.
+        let mut st = None;
+        for _ in 0..30 {
+            let s = d
+                .inspect_container(&id, None)
+                .await
+                .expect("inspect")
+                .state
+                .expect("state");
+            let done = s.oom_killed == Some(true);
+            st = Some(s);
+            if done {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        let st = st.expect("state");
         assert_eq!(st.oom_killed, Some(true), "{st:?}");
         p.destroy(&id).await.expect("destroy");
         return;

@@ -82,6 +82,10 @@ struct E2bSandbox {
     #[serde(rename = "clientID")]
     client_id: &'static str,
     envd_version: &'static str,
+    /// The sandbox's envd token (`X-Access-Token` on every envd call).
+    /// Only create and connect, which need `sandboxes:write`, hand it out:
+    /// a reader must not gain exec through it.
+    envd_access_token: String,
     /// Null: the SDK then uses `E2B_DOMAIN` / `E2B_SANDBOX_URL`.
     domain: Option<String>,
 }
@@ -124,12 +128,13 @@ fn public_metadata(m: &BTreeMap<String, String>) -> BTreeMap<String, String> {
         .collect()
 }
 
-fn sandbox_of(r: &SandboxRecord) -> E2bSandbox {
+fn sandbox_of(st: &AppState, r: &SandboxRecord) -> E2bSandbox {
     E2bSandbox {
         template_id: template_of(r),
         sandbox_id: r.id.clone(),
         client_id: CLIENT_ID,
         envd_version: ENVD_VERSION,
+        envd_access_token: st.e2b_keys.token(&r.id),
         domain: None,
     }
 }
@@ -267,7 +272,7 @@ pub async fn create(
                     && r.metadata.get(META_IDEMPOTENCY) == Some(k)
             });
             if let Some(r) = earlier {
-                return Ok(json_response(StatusCode::CREATED, &sandbox_of(&r)));
+                return Ok(json_response(StatusCode::CREATED, &sandbox_of(&st, &r)));
             }
             Some(guard)
         }
@@ -299,7 +304,7 @@ pub async fn create(
     if let Some(k) = &key {
         IN_FLIGHT.lock().remove(&format!("{owner}\0{k}"));
     }
-    Ok(json_response(StatusCode::CREATED, &sandbox_of(&rec)))
+    Ok(json_response(StatusCode::CREATED, &sandbox_of(&st, &rec)))
 }
 
 /// `GET /sandboxes/{id}`.
@@ -391,7 +396,7 @@ pub async fn connect(
     if let Some(secs) = b.timeout {
         extend_only(&st, &r, timeout_secs(Some(secs), "timeout")?, &who).await?;
     }
-    Ok(json_response(StatusCode::OK, &sandbox_of(&r)))
+    Ok(json_response(StatusCode::OK, &sandbox_of(&st, &r)))
 }
 
 /// `POST /sandboxes/{id}/pause`: no provider pauses yet; E2B's error

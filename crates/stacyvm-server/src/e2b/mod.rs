@@ -14,6 +14,7 @@
 //! `metadata` and refused in a caller's own.
 
 mod control;
+pub mod envd;
 
 use axum::body::Body;
 use axum::extract::Request;

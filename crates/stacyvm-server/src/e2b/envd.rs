@@ -1,0 +1,846 @@
+//! E2B's in-sandbox API ("envd") on the server's listener, for requests
+//! that carry `E2b-Sandbox-Id` (the SDKs' `E2B_SANDBOX_URL` mode): `GET
+//! /health`, `GET`/`POST /files`, Connect `process.Process/Start` and
+//! the unary `filesystem.Filesystem` calls, each one translated onto the
+//! manager as the sandbox's owner. Wire facts: research/e2b-compat.md §5.
+//!
+//! Access: every call but `/health` must carry `X-Access-Token`, the
+//! sandbox's `envdAccessToken` from create or connect: an HMAC of the
+//! sandbox id under a key kept in the data dir ([`EnvdKeys`]), so it
+//! needs no storage and survives restarts, and one sandbox's token opens
+//! no other.
+
+// The helpers here fail with the finished HTTP response (an error is
+// built once per failed call and returned as is); boxing it buys nothing.
+#![allow(clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use stacyvm_api::FileInfo;
+use stacyvm_core::manager::{Caller, ExecRequest, Scope, StreamEvent};
+use stacyvm_core::provider::StreamKind;
+use stacyvm_core::{Error, ErrorKind};
+
+use crate::AppState;
+
+/// The port envd listens on in an E2B sandbox; the SDKs name it in
+/// `E2b-Sandbox-Port`.
+const ENVD_PORT: &str = "49983";
+/// Largest Connect request body (a Start or a filesystem call).
+const MAX_RPC_BYTES: usize = 1024 * 1024;
+const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
+
+/// The key envd access tokens are derived from.
+#[derive(Debug)]
+pub struct EnvdKeys {
+    key: [u8; 32],
+}
+
+impl EnvdKeys {
+    /// Loads `<data_dir>/e2b-envd.key`, creating it (0600) on first use;
+    /// a data dir that cannot hold it gets a key for this process only
+    /// (tokens then end with the process), with a warning.
+    pub fn load(data_dir: &str) -> Self {
+        let path = Path::new(data_dir).join("e2b-envd.key");
+        match Self::read_or_create(&path) {
+            Ok(key) => EnvdKeys { key },
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot keep the E2B envd token key; tokens last until the server stops");
+                EnvdKeys {
+                    key: rand::random(),
+                }
+            }
+        }
+    }
+
+    fn read_or_create(path: &Path) -> std::io::Result<[u8; 32]> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        if let Ok(b) = std::fs::read(path) {
+            if let Ok(k) = <[u8; 32]>::try_from(b.as_slice()) {
+                return Ok(k);
+            }
+        }
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let key: [u8; 32] = rand::random();
+        let tmp = path.with_extension("key.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(&key)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(key)
+    }
+
+    /// The envd access token of sandbox `id`.
+    pub fn token(&self, id: &str) -> String {
+        use hmac::Mac;
+        let mut mac =
+            hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key).expect("hmac takes any key");
+        mac.update(b"stacyvm e2b envd access\0");
+        mac.update(id.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
+    fn verify(&self, id: &str, token: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        let want = self.token(id);
+        want.len() == token.len() && bool::from(want.as_bytes().ct_eq(token.as_bytes()))
+    }
+}
+
+/// Whether a request is for envd (routed by header, mode A).
+pub fn is_envd(h: &HeaderMap) -> bool {
+    h.contains_key("e2b-sandbox-id")
+}
+
+/// envd's plain-HTTP error body (`/health`, `/files`, routing).
+fn http_error(status: StatusCode, message: impl Into<String>) -> Response {
+    super::error(status, message)
+}
+
+/// A Connect error: the status of the code, `{"code": "<code>", "message"}`.
+fn rpc_error(code: &'static str, message: impl Into<String>) -> Response {
+    let status = match code {
+        "invalid_argument" => StatusCode::BAD_REQUEST,
+        "unauthenticated" => StatusCode::UNAUTHORIZED,
+        "permission_denied" => StatusCode::FORBIDDEN,
+        "not_found" => StatusCode::NOT_FOUND,
+        "already_exists" => StatusCode::CONFLICT,
+        "resource_exhausted" => StatusCode::TOO_MANY_REQUESTS,
+        "unimplemented" => StatusCode::NOT_IMPLEMENTED,
+        "unavailable" => StatusCode::SERVICE_UNAVAILABLE,
+        "deadline_exceeded" => StatusCode::GATEWAY_TIMEOUT,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    crate::json::json_response(status, &json!({"code": code, "message": message.into()}))
+}
+
+/// The Connect code of a StacyVM error.
+fn code_of(e: &Error) -> &'static str {
+    match e.kind() {
+        ErrorKind::InvalidInput => "invalid_argument",
+        ErrorKind::SandboxNotFound | ErrorKind::SandboxDestroyed | ErrorKind::NotFound => {
+            "not_found"
+        }
+        ErrorKind::Conflict => "already_exists",
+        ErrorKind::ResourceLimit | ErrorKind::PayloadTooLarge => "resource_exhausted",
+        ErrorKind::Forbidden => "permission_denied",
+        ErrorKind::ExecTimeout => "deadline_exceeded",
+        ErrorKind::ProviderUnavailable => "unavailable",
+        ErrorKind::Unsupported => "unimplemented",
+        ErrorKind::ProviderNotFound | ErrorKind::Internal => "internal",
+    }
+}
+
+fn rpc_fail(e: Error) -> Response {
+    let code = code_of(&e);
+    let api = crate::error::ApiError::from(e);
+    rpc_error(code, api.message)
+}
+
+/// Serves one envd request for the sandbox named in `E2b-Sandbox-Id`.
+pub async fn handle(st: AppState, req: Request) -> Response {
+    let h = req.headers();
+    let id = h
+        .get("e2b-sandbox-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let port = h
+        .get("e2b-sandbox-port")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or(ENVD_PORT)
+        .to_string();
+    let request_id = req
+        .extensions()
+        .get::<crate::middleware::RequestId>()
+        .map(|r| r.0.clone())
+        .unwrap_or_default();
+    // The sandbox as the system sees it; the caller is then its owner.
+    let system = Caller {
+        request_id: request_id.clone(),
+        ..Default::default()
+    };
+    let rec = match st.manager.get(&id, &system).await {
+        Ok(r) if r.state == "running" => r,
+        _ => {
+            return http_error(
+                StatusCode::BAD_GATEWAY,
+                format!("The sandbox {id:?} was not found"),
+            )
+        }
+    };
+    if port != ENVD_PORT {
+        return http_error(
+            StatusCode::BAD_GATEWAY,
+            format!("The sandbox {id:?} is running but port {port} is not open"),
+        );
+    }
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    if method == Method::GET && path == "/health" {
+        return StatusCode::NO_CONTENT.into_response();
+    }
+    let token = h
+        .get("x-access-token")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !st.e2b_keys.verify(&id, token) {
+        return http_error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong X-Access-Token for this sandbox",
+        );
+    }
+    let caller = Caller {
+        owner_id: rec.owner_id.clone(),
+        tenant_id: rec.tenant_id.clone(),
+        actor: if rec.owner_id.is_empty() {
+            "e2b-envd".into()
+        } else {
+            format!("e2b-envd:{}", rec.owner_id)
+        },
+        request_id,
+        scope: Scope::Owner,
+        names_owners: false,
+    };
+    let env = Env { st, id, caller };
+    match (method, path.as_str()) {
+        (Method::GET, "/files") => env.download(req).await,
+        (Method::POST, "/files") => env.upload(req).await,
+        (Method::POST, rpc) if rpc.starts_with("/process.Process/") => {
+            match rpc.trim_start_matches("/process.Process/") {
+                "Start" => env.start(req).await,
+                m => rpc_error(
+                    "unimplemented",
+                    format!("process.Process/{m} is not supported yet (docs/e2b.md)"),
+                ),
+            }
+        }
+        (Method::POST, rpc) if rpc.starts_with("/filesystem.Filesystem/") => {
+            let m = rpc
+                .trim_start_matches("/filesystem.Filesystem/")
+                .to_string();
+            env.filesystem(&m, req).await
+        }
+        (m, p) => http_error(
+            StatusCode::NOT_FOUND,
+            format!("route not found: {m} {p} (envd)"),
+        ),
+    }
+}
+
+/// One envd call: the sandbox and its owner as the caller.
+struct Env {
+    st: AppState,
+    id: String,
+    caller: Caller,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PathQuery {
+    path: Option<String>,
+}
+
+/// Paths of E2B calls: absolute, or relative to (and `~` for) the
+/// default user's home.
+fn resolve(p: &str) -> String {
+    const HOME: &str = "/root";
+    if let Some(rest) = p.strip_prefix('~') {
+        format!("{HOME}{rest}")
+    } else if p.starts_with('/') {
+        p.to_string()
+    } else {
+        format!("{HOME}/{p}")
+    }
+}
+
+fn query<T: serde::de::DeserializeOwned + Default>(req: &Request) -> T {
+    axum::extract::Query::<T>::try_from_uri(req.uri())
+        .map(|q| q.0)
+        .unwrap_or_default()
+}
+
+impl Env {
+    /// `GET /files?path=`: the file's bytes, streamed.
+    async fn download(&self, req: Request) -> Response {
+        let q: PathQuery = query(&req);
+        let Some(path) = q.path.filter(|p| !p.is_empty()) else {
+            return http_error(StatusCode::BAD_REQUEST, "path is required");
+        };
+        let path = resolve(&path);
+        match self
+            .st
+            .manager
+            .read_file_stream(&self.id, &path, &self.caller)
+            .await
+        {
+            Ok(fs) => {
+                use futures::StreamExt;
+                let size = fs.size;
+                let stream = tokio_stream::wrappers::ReceiverStream::new(fs.chunks).map(|c| {
+                    c.map(Bytes::from)
+                        .map_err(|e| std::io::Error::other(e.to_string()))
+                });
+                let mut resp = Response::new(Body::from_stream(stream));
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                if let Ok(v) = HeaderValue::from_str(&size.to_string()) {
+                    resp.headers_mut().insert(header::CONTENT_LENGTH, v);
+                }
+                resp
+            }
+            Err(e) => file_error(e),
+        }
+    }
+
+    /// `POST /files`: multipart (each part's filename is its target path;
+    /// `?path=` wins for a single file) or a raw body to `?path=`.
+    async fn upload(&self, req: Request) -> Response {
+        let q: PathQuery = query(&req);
+        let ctype = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let max = self.st.cfg.limits.max_file_bytes;
+        let mut written = Vec::new();
+        if ctype.starts_with("multipart/form-data") {
+            let boundary = match multer::parse_boundary(&ctype) {
+                Ok(b) => b,
+                Err(e) => return http_error(StatusCode::BAD_REQUEST, format!("multipart: {e}")),
+            };
+            let stream = req.into_body().into_data_stream();
+            let mut mp = multer::Multipart::new(stream, boundary);
+            let mut parts = 0;
+            loop {
+                let field = match mp.next_field().await {
+                    Ok(Some(f)) => f,
+                    Ok(None) => break,
+                    Err(e) => {
+                        return http_error(StatusCode::BAD_REQUEST, format!("multipart: {e}"))
+                    }
+                };
+                parts += 1;
+                let target = match (&q.path, field.file_name()) {
+                    (Some(p), _) if !p.is_empty() && parts == 1 => p.clone(),
+                    (_, Some(name)) if !name.is_empty() => name.to_string(),
+                    _ => return http_error(StatusCode::BAD_REQUEST, "a file part without a path"),
+                };
+                let path = resolve(&target);
+                if let Err(r) = self.write_stream(&path, field, max).await {
+                    return r;
+                }
+                written.push(json!({"name": base_name(&path), "type": "file", "path": path}));
+            }
+            if written.is_empty() {
+                return http_error(StatusCode::BAD_REQUEST, "no file in the upload");
+            }
+        } else {
+            let Some(target) = q.path.filter(|p| !p.is_empty()) else {
+                return http_error(StatusCode::BAD_REQUEST, "path is required for a raw upload");
+            };
+            if req
+                .headers()
+                .get(header::CONTENT_ENCODING)
+                .is_some_and(|v| v.as_bytes() != b"identity")
+            {
+                return http_error(
+                    StatusCode::BAD_REQUEST,
+                    "compressed uploads are not supported; send identity",
+                );
+            }
+            let path = resolve(&target);
+            if let Err(r) = self
+                .write_stream(&path, req.into_body().into_data_stream(), max)
+                .await
+            {
+                return r;
+            }
+            written.push(json!({"name": base_name(&path), "type": "file", "path": path}));
+        }
+        crate::json::json_response(StatusCode::OK, &written)
+    }
+
+    /// Streams one upload into the sandbox, at most `max` bytes.
+    async fn write_stream<S, E>(&self, path: &str, body: S, max: u64) -> Result<(), Response>
+    where
+        S: futures::Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        use futures::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let feed = async move {
+            let mut body = body;
+            let mut total = 0u64;
+            while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(|e| format!("reading the upload: {e}"))?;
+                total += chunk.len() as u64;
+                if total > max {
+                    return Err(format!("the file exceeds the limit of {max} bytes"));
+                }
+                if tx.send(chunk.to_vec()).await.is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        };
+        let write = self
+            .st
+            .manager
+            .write_file_stream(&self.id, path, rx, "", &self.caller);
+        let (fed, wrote) = tokio::join!(feed, write);
+        if let Err(msg) = fed {
+            let status = if msg.contains("limit") {
+                StatusCode::PAYLOAD_TOO_LARGE
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return Err(http_error(status, msg));
+        }
+        wrote.map(|_| ()).map_err(file_error)
+    }
+
+    /// `process.Process/Start`: runs the process and streams its events.
+    async fn start(&self, req: Request) -> Response {
+        let timeout_ms = req
+            .headers()
+            .get("connect-timeout-ms")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let body = match read_envelope(req).await {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        let start: StartRequest = match serde_json::from_value(body) {
+            Ok(s) => s,
+            Err(e) => return rpc_error("invalid_argument", format!("StartRequest: {e}")),
+        };
+        if start.pty.is_some() {
+            return rpc_error("unimplemented", "pty is not supported yet (docs/e2b.md)");
+        }
+        let Some(process) = start.process else {
+            return rpc_error("invalid_argument", "process is required");
+        };
+        if process.cmd.is_empty() {
+            return rpc_error("invalid_argument", "process.cmd is required");
+        }
+        let exec = ExecRequest {
+            command: process.cmd.clone(),
+            args: process.args.clone(),
+            mode: "argv".into(),
+            env: process.envs.clone(),
+            workdir: process.cwd.as_deref().map(resolve).unwrap_or_default(),
+            timeout: timeout_ms.map(|ms| format!("{ms}ms")).unwrap_or_default(),
+            ..Default::default()
+        };
+        let mut rx = match self
+            .st
+            .manager
+            .exec_stream(&self.id, &exec, &self.caller)
+            .await
+        {
+            Ok(rx) => rx,
+            Err(e) => return rpc_fail(e),
+        };
+        static PIDS: AtomicU32 = AtomicU32::new(1000);
+        let pid = PIDS.fetch_add(1, Ordering::Relaxed);
+        let keepalive = Duration::from_secs(30);
+        let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(16);
+        tokio::spawn(async move {
+            let send = |v: Bytes| {
+                let tx = tx.clone();
+                async move { tx.send(Ok(v)).await.is_ok() }
+            };
+            if !send(envelope(0, &json!({"event": {"start": {"pid": pid}}}))).await {
+                return;
+            }
+            loop {
+                let ev = match tokio::time::timeout(keepalive, rx.recv()).await {
+                    Err(_) => {
+                        if !send(envelope(0, &json!({"event": {"keepalive": {}}}))).await {
+                            return;
+                        }
+                        continue;
+                    }
+                    Ok(None) => {
+                        let _ = send(envelope(2, &json!({"error": {"code": "internal", "message": "the process stream ended without an exit"}}))).await;
+                        return;
+                    }
+                    Ok(Some(ev)) => ev,
+                };
+                match ev {
+                    StreamEvent::Output(chunk) => {
+                        let key = match chunk.stream {
+                            StreamKind::Stderr => "stderr",
+                            _ => "stdout",
+                        };
+                        let msg = json!({"event": {"data": {key: B64.encode(&chunk.data)}}});
+                        if !send(envelope(0, &msg)).await {
+                            return;
+                        }
+                    }
+                    StreamEvent::Exit { code, .. } => {
+                        let end = if code >= 0 {
+                            let status = format!("exit status {code}");
+                            let mut e = json!({"exitCode": code, "exited": true, "status": status});
+                            if code != 0 {
+                                e["error"] = json!(status);
+                            }
+                            e
+                        } else {
+                            json!({"exitCode": -1, "exited": false, "status": "signal: killed"})
+                        };
+                        if send(envelope(0, &json!({"event": {"end": end}}))).await {
+                            let _ = send(envelope(2, &json!({}))).await;
+                        }
+                        return;
+                    }
+                    StreamEvent::Failed(msg) => {
+                        let code = if msg.contains("timed out") {
+                            "deadline_exceeded"
+                        } else {
+                            "internal"
+                        };
+                        let _ = send(envelope(
+                            2,
+                            &json!({"error": {"code": code, "message": msg}}),
+                        ))
+                        .await;
+                        return;
+                    }
+                }
+            }
+        });
+        let stream = tokio_stream::wrappers::ReceiverStream::new(out);
+        let mut resp = Response::new(Body::from_stream(stream));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/connect+json"),
+        );
+        resp
+    }
+
+    /// The unary `filesystem.Filesystem` calls.
+    async fn filesystem(&self, method: &str, req: Request) -> Response {
+        let body = match read_unary(req).await {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        let path_of = |k: &str| -> Result<String, Response> {
+            match body
+                .get(k)
+                .and_then(Value::as_str)
+                .filter(|p| !p.is_empty())
+            {
+                Some(p) => Ok(resolve(p)),
+                None => Err(rpc_error("invalid_argument", format!("{k} is required"))),
+            }
+        };
+        let m = &self.st.manager;
+        let res: Result<Value, Response> = async {
+            match method {
+                "Stat" => {
+                    let p = path_of("path")?;
+                    let info = m
+                        .stat_file(&self.id, &p, &self.caller)
+                        .await
+                        .map_err(rpc_fail)?;
+                    Ok(json!({"entry": entry(&info, &p)}))
+                }
+                "ListDir" => {
+                    let p = path_of("path")?;
+                    let depth = body
+                        .get("depth")
+                        .and_then(Value::as_u64)
+                        .unwrap_or(1)
+                        .clamp(1, 16);
+                    let mut out = Vec::new();
+                    self.list(&p, depth, &mut out).await?;
+                    Ok(json!({"entries": out}))
+                }
+                "MakeDir" => {
+                    let p = path_of("path")?;
+                    match m.stat_file(&self.id, &p, &self.caller).await {
+                        Ok(i) if i.is_dir => {
+                            return Err(rpc_error("already_exists", format!("{p} already exists")))
+                        }
+                        Ok(_) => {
+                            return Err(rpc_error(
+                                "invalid_argument",
+                                format!("{p} exists and is not a directory"),
+                            ))
+                        }
+                        Err(e) if e.kind() == ErrorKind::NotFound => {}
+                        Err(e) => return Err(rpc_fail(e)),
+                    }
+                    self.run(&["mkdir", "-p", "--", &p]).await?;
+                    let info = m
+                        .stat_file(&self.id, &p, &self.caller)
+                        .await
+                        .map_err(rpc_fail)?;
+                    Ok(json!({"entry": entry(&info, &p)}))
+                }
+                "Move" => {
+                    let (from, to) = (path_of("source")?, path_of("destination")?);
+                    m.move_file(&self.id, &from, &to, &self.caller)
+                        .await
+                        .map_err(rpc_fail)?;
+                    let info = m
+                        .stat_file(&self.id, &to, &self.caller)
+                        .await
+                        .map_err(rpc_fail)?;
+                    Ok(json!({"entry": entry(&info, &to)}))
+                }
+                "Remove" => {
+                    let p = path_of("path")?;
+                    match m.delete_file(&self.id, &p, true, &self.caller).await {
+                        Ok(()) => Ok(json!({})),
+                        Err(e) if e.kind() == ErrorKind::NotFound => Ok(json!({})),
+                        Err(e) => Err(rpc_fail(e)),
+                    }
+                }
+                other => Err(rpc_error(
+                    "unimplemented",
+                    format!("filesystem.Filesystem/{other} is not supported yet (docs/e2b.md)"),
+                )),
+            }
+        }
+        .await;
+        match res {
+            Ok(v) => crate::json::json_response(StatusCode::OK, &v),
+            Err(r) => r,
+        }
+    }
+
+    /// Lists `dir` to `depth` levels (children only), as EntryInfo.
+    async fn list(&self, dir: &str, depth: u64, out: &mut Vec<Value>) -> Result<(), Response> {
+        let mut level = vec![dir.to_string()];
+        for _ in 0..depth {
+            let mut next = Vec::new();
+            for d in level {
+                let items = self
+                    .st
+                    .manager
+                    .list_files(&self.id, &d, &self.caller)
+                    .await
+                    .map_err(rpc_fail)?;
+                for i in items {
+                    let full = if i.path.starts_with('/') {
+                        i.path.clone()
+                    } else {
+                        format!("{}/{}", d.trim_end_matches('/'), i.name)
+                    };
+                    if i.is_dir {
+                        next.push(full.clone());
+                    }
+                    out.push(entry(&i, &full));
+                    if out.len() > 10_000 {
+                        return Err(rpc_error("resource_exhausted", "more than 10000 entries"));
+                    }
+                }
+            }
+            level = next;
+        }
+        Ok(())
+    }
+
+    /// Runs a helper command in the sandbox (as its user); fails on a
+    /// nonzero exit with its stderr.
+    async fn run(&self, argv: &[&str]) -> Result<(), Response> {
+        let req = ExecRequest {
+            command: argv[0].to_string(),
+            args: argv[1..].iter().map(|s| s.to_string()).collect(),
+            mode: "argv".into(),
+            timeout: "30s".into(),
+            ..Default::default()
+        };
+        let out = self
+            .st
+            .manager
+            .exec(&self.id, &req, &self.caller)
+            .await
+            .map_err(rpc_fail)?;
+        if out.exit_code != 0 {
+            return Err(rpc_error(
+                "invalid_argument",
+                String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn base_name(p: &str) -> String {
+    p.rsplit('/').next().unwrap_or(p).to_string()
+}
+
+/// envd's `EntryInfo` of a StacyVM `FileInfo` at `path`.
+fn entry(i: &FileInfo, path: &str) -> Value {
+    let mode = u32::from_str_radix(i.mode.trim_start_matches("0o"), 8).unwrap_or(0);
+    let (kind, bits) = if i.is_dir {
+        ("FILE_TYPE_DIRECTORY", mode & 0o7777)
+    } else {
+        ("FILE_TYPE_FILE", mode & 0o7777)
+    };
+    let name = if i.name.is_empty() {
+        base_name(path)
+    } else {
+        i.name.clone()
+    };
+    json!({
+        "name": name,
+        "type": kind,
+        "path": path,
+        "size": i.size.to_string(),
+        "mode": bits,
+        "permissions": permissions(i.is_dir, bits),
+        "owner": "root",
+        "group": "root",
+        "modifiedTime": i.mod_time,
+    })
+}
+
+fn permissions(dir: bool, bits: u32) -> String {
+    let mut s = String::from(if dir { "d" } else { "-" });
+    for shift in [6u32, 3, 0] {
+        let b = (bits >> shift) & 7;
+        s.push(if b & 4 != 0 { 'r' } else { '-' });
+        s.push(if b & 2 != 0 { 'w' } else { '-' });
+        s.push(if b & 1 != 0 { 'x' } else { '-' });
+    }
+    s
+}
+
+fn file_error(e: Error) -> Response {
+    let api = crate::error::ApiError::from(e);
+    http_error(api.status, api.message)
+}
+
+/// One Connect envelope: flags, big-endian length, JSON.
+fn envelope(flags: u8, v: &Value) -> Bytes {
+    let payload = serde_json::to_vec(v).unwrap_or_default();
+    let mut out = Vec::with_capacity(5 + payload.len());
+    out.push(flags);
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    out.extend_from_slice(&payload);
+    Bytes::from(out)
+}
+
+async fn read_body(req: Request) -> Result<Bytes, Response> {
+    axum::body::to_bytes(req.into_body(), MAX_RPC_BYTES)
+        .await
+        .map_err(|_| {
+            rpc_error(
+                "resource_exhausted",
+                format!("request larger than {MAX_RPC_BYTES} bytes"),
+            )
+        })
+}
+
+/// The one message of a server-streaming request.
+async fn read_envelope(req: Request) -> Result<Value, Response> {
+    let ctype_ok = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/connect+json"));
+    if !ctype_ok {
+        return Err(rpc_error(
+            "invalid_argument",
+            "a streaming call needs Content-Type application/connect+json",
+        ));
+    }
+    let b = read_body(req).await?;
+    if b.len() < 5 {
+        return Err(rpc_error(
+            "invalid_argument",
+            "a Connect envelope is at least 5 bytes",
+        ));
+    }
+    let flags = b[0];
+    let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+    if flags & 0x01 != 0 {
+        return Err(rpc_error(
+            "invalid_argument",
+            "compressed envelopes are not supported",
+        ));
+    }
+    if b.len() != 5 + len {
+        return Err(rpc_error(
+            "invalid_argument",
+            format!("envelope says {len} bytes, the body has {}", b.len() - 5),
+        ));
+    }
+    serde_json::from_slice(&b[5..])
+        .map_err(|e| rpc_error("invalid_argument", format!("message is not JSON: {e}")))
+}
+
+/// The JSON body of a unary call.
+async fn read_unary(req: Request) -> Result<Value, Response> {
+    let ctype_ok = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !ctype_ok {
+        return Err(rpc_error(
+            "invalid_argument",
+            "a unary call needs Content-Type application/json",
+        ));
+    }
+    let b = read_body(req).await?;
+    if b.is_empty() {
+        return Ok(json!({}));
+    }
+    serde_json::from_slice(&b)
+        .map_err(|e| rpc_error("invalid_argument", format!("message is not JSON: {e}")))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct StartRequest {
+    process: Option<ProcessConfig>,
+    pty: Option<Value>,
+    #[allow(dead_code)]
+    tag: Option<String>,
+    #[allow(dead_code)]
+    stdin: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize, Serialize)]
+#[serde(default)]
+struct ProcessConfig {
+    cmd: String,
+    args: Vec<String>,
+    envs: BTreeMap<String, String>,
+    cwd: Option<String>,
+}
+
+/// Routes envd requests (those with `E2b-Sandbox-Id`) before anything else.
+pub async fn dispatch(
+    axum::extract::State(st): axum::extract::State<AppState>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if is_envd(req.headers()) {
+        return handle(st, req).await;
+    }
+    next.run(req).await
+}
