@@ -99,9 +99,11 @@ def test_commands_and_files_through_envd(server):
     from e2b import CommandExitException
 
     o = opts(server)
-    sbx = Sandbox.create(**o)
+    sbx = Sandbox.create(envs={"FROM_CREATE": "yes", "FOO": "create"}, **o)
     try:
         assert sbx.is_running()
+        # Sandbox-wide envs reach every process; a call's own win.
+        assert sbx.commands.run("echo $FROM_CREATE").stdout == "yes\n"
         r = sbx.commands.run("echo hello; echo oops >&2")
         assert r.exit_code == 0
         assert r.stdout == "hello\n"

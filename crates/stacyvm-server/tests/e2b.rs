@@ -266,11 +266,11 @@ async fn bad_input_gets_e2b_errors_and_spawns_nothing() {
         .call(
             "POST",
             "/v2/sandboxes",
-            Some(r#"{"envVars": {"A": "1"}}"#),
+            Some(&json!({"envVars": {"A": "x".repeat(5000)}}).to_string()),
             &[],
         )
         .await;
-    assert_e2b_error(&r, 501, "envVars");
+    assert_e2b_error(&r, 400, "envVars");
     let r = s
         .call(
             "POST",

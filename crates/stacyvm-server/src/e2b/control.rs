@@ -24,6 +24,10 @@ pub const CLIENT_ID: &str = "stacyvm";
 
 const META_TEMPLATE: &str = "e2b.template";
 const META_IDEMPOTENCY: &str = "e2b.idempotency_key";
+/// The create's `envVars`, as a JSON object.
+pub(crate) const META_ENVS: &str = "e2b.envs";
+/// Most bytes of `envVars` (as JSON): one metadata value.
+const MAX_ENVS_BYTES: usize = 4096;
 /// E2B's default sandbox lifetime when a create names none.
 const DEFAULT_TIMEOUT_SECS: i64 = 300;
 /// The template `Sandbox.create()` asks for when given none.
@@ -246,13 +250,19 @@ pub async fn create(
             format!("metadata key {k:?}: the prefix {META_PREFIX:?} is reserved"),
         ));
     }
-    if req.env_vars.as_ref().is_some_and(|e| !e.is_empty()) {
-        // envd serves processes with these once it is in place; until then
-        // a create that depends on them must not pretend they are set.
-        return Err(fail(
-            StatusCode::NOT_IMPLEMENTED,
-            "envVars are not supported yet (docs/e2b.md)",
-        ));
+    if let Some(envs) = req.env_vars.filter(|e| !e.is_empty()) {
+        // Kept with the sandbox; envd gives them to every process it starts.
+        let text = serde_json::to_string(&envs).unwrap_or_default();
+        if text.len() > MAX_ENVS_BYTES {
+            return Err(fail(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "envVars take {} bytes as JSON; the limit is {MAX_ENVS_BYTES}",
+                    text.len()
+                ),
+            ));
+        }
+        metadata.insert(META_ENVS.into(), text);
     }
     metadata.insert(META_TEMPLATE.into(), template.clone());
     let owner = who.owner_for("")?;

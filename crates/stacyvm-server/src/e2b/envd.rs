@@ -219,7 +219,18 @@ pub async fn handle(st: AppState, req: Request) -> Response {
         scope: Scope::Owner,
         names_owners: false,
     };
-    let env = Env { st, id, caller };
+    // The create's envVars, under each call's own envs.
+    let sandbox_envs: BTreeMap<String, String> = rec
+        .metadata
+        .get(super::control::META_ENVS)
+        .and_then(|t| serde_json::from_str(t).ok())
+        .unwrap_or_default();
+    let env = Env {
+        st,
+        id,
+        caller,
+        sandbox_envs,
+    };
     match (method, path.as_str()) {
         (Method::GET, "/files") => env.download(req).await,
         (Method::POST, "/files") => env.upload(req).await,
@@ -250,6 +261,7 @@ struct Env {
     st: AppState,
     id: String,
     caller: Caller,
+    sandbox_envs: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -447,7 +459,11 @@ impl Env {
             command: process.cmd.clone(),
             args: process.args.clone(),
             mode: "argv".into(),
-            env: process.envs.clone(),
+            env: {
+                let mut e = self.sandbox_envs.clone();
+                e.extend(process.envs.clone());
+                e
+            },
             workdir: process.cwd.as_deref().map(resolve).unwrap_or_default(),
             timeout: timeout_ms.map(|ms| format!("{ms}ms")).unwrap_or_default(),
             ..Default::default()
