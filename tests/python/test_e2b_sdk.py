@@ -165,3 +165,45 @@ def test_envd_needs_the_sandbox_token(server):
     finally:
         sbx.kill()
         other.kill()
+
+
+def test_background_processes_stdin_signals_connect_and_pty(server):
+    from e2b import CommandExitException
+    from e2b.sandbox.commands.command_handle import PtySize
+
+    o = opts(server)
+    sbx = Sandbox.create(**o)
+    try:
+        # Background with stdin: listed, fed, closed, waited for.
+        h = sbx.commands.run("cat", background=True, stdin=True, timeout=0)
+        assert h.pid in [p.pid for p in sbx.commands.list()]
+        sbx.commands.send_stdin(h.pid, "hello\n")
+        sbx.commands.close_stdin(h.pid)
+        assert h.wait().stdout == "hello\n"
+        assert h.pid not in [p.pid for p in sbx.commands.list()]
+
+        # kill: True while it runs, False after.
+        h = sbx.commands.run("sleep 60", background=True, timeout=0)
+        assert sbx.commands.kill(h.pid) is True
+        with pytest.raises(CommandExitException):
+            h.wait()
+        assert sbx.commands.kill(h.pid) is False
+
+        # A reader that goes away leaves the process running; another
+        # reattaches by pid and sees it finish.
+        h = sbx.commands.run("sleep 1; echo late", background=True)
+        h.disconnect()
+        again = sbx.commands.connect(h.pid)
+        assert again.wait().stdout == "late\n"
+
+        # A pty: a shell that reads what is typed.
+        shell = sbx.pty.create(PtySize(rows=24, cols=80))
+        sbx.pty.resize(shell.pid, PtySize(rows=30, cols=100))
+        sbx.pty.send_stdin(shell.pid, b"stty size; echo pty-$((6*7)); exit\n")
+        seen = []
+        shell.wait(on_pty=seen.append)
+        out = b"".join(seen)
+        assert b"pty-42" in out, out
+        assert b"30 100" in out, out
+    finally:
+        sbx.kill()

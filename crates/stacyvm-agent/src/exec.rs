@@ -197,7 +197,32 @@ pub struct ExecHandle {
     /// The pty master of a terminal exec (for resizes).
     pub pty: Mutex<Option<std::os::fd::OwnedFd>>,
     pub pgid: Arc<Mutex<Option<i32>>>,
+    /// A signal that arrived before the process existed; delivered as soon
+    /// as it does. Read and written only with `pgid` locked.
+    pub pending_signal: Mutex<Option<i32>>,
     pub window: Arc<Window>,
+}
+
+impl ExecHandle {
+    /// Sends `sig` to the exec's process group, or keeps it for the
+    /// process about to start (a kill sent right after the start must not
+    /// be lost).
+    pub fn signal(&self, sig: i32) {
+        let pgid = self.pgid.lock().unwrap_or_else(|e| e.into_inner());
+        match *pgid {
+            Some(pg) => {
+                if let Ok(s) = Signal::try_from(sig) {
+                    let _ = killpg(Pid::from_raw(pg), s);
+                }
+            }
+            None => {
+                *self
+                    .pending_signal
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some(sig);
+            }
+        }
+    }
 }
 
 /// Parameters of an exec request.
@@ -379,6 +404,14 @@ fn start(
     let pid = child.id() as i32;
     if let Ok(mut g) = handle.pgid.lock() {
         *g = Some(pid);
+        let pending = handle
+            .pending_signal
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(sig) = pending.and_then(|s| Signal::try_from(s).ok()) {
+            let _ = killpg(Pid::from_raw(pid), sig);
+        }
     }
     // Drop our copies of the slave (held by `cmd`) so EOF is seen on exit.
     drop(cmd);

@@ -336,12 +336,7 @@ fn dispatch(f: Frame, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: bool) {
                 .get(&id)
                 .cloned();
             if let (Some(h), Ok(s)) = (h, serde_json::from_slice::<SignalMsg>(&f.body)) {
-                if let (Some(pgid), Ok(sig)) = (
-                    *h.pgid.lock().unwrap_or_else(|e| e.into_inner()),
-                    nix::sys::signal::Signal::try_from(s.signal),
-                ) {
-                    let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), sig);
-                }
+                h.signal(s.signal);
             }
         }
         _ => {}
@@ -370,6 +365,7 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
             let handle = Arc::new(ExecHandle {
                 stdin: stdin_tx,
                 pgid: Arc::new(Mutex::new(None)),
+                pending_signal: Mutex::new(None),
                 window: Window::new(),
                 pty: Mutex::new(None),
             });

@@ -845,6 +845,48 @@ pub async fn interactive_stdin_and_signals(f: &dyn Fixture) {
         .expect("task")
         .expect("exec");
     assert_eq!(status.code, 143, "killed by SIGTERM reports 128+15");
+    // Closing stdin does not close the input: a signal still arrives.
+    let (in_tx, in_rx) = mpsc::channel(8);
+    let (tx, _rx) = mpsc::channel::<OutputChunk>(16);
+    let argv = paths::build_argv("shell", "sleep 30", &[]).expect("argv");
+    let spec = ExecSpec {
+        argv,
+        timeout: Some(Duration::from_secs(20)),
+        ..Default::default()
+    };
+    let p2 = p.clone();
+    let id2 = id.clone();
+    let run = tokio::spawn(async move { p2.exec_interactive(&id2, &spec, tx, in_rx).await });
+    in_tx.send(ExecInput::CloseStdin).await.expect("close");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    in_tx.send(ExecInput::Signal(9)).await.expect("signal");
+    let status = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("ends after SIGKILL with stdin closed")
+        .expect("task")
+        .expect("exec");
+    assert_eq!(status.code, 137, "killed by SIGKILL reports 128+9");
+    // A signal sent together with the start is not lost while the
+    // command is still being started.
+    for _ in 0..3 {
+        let (in_tx, in_rx) = mpsc::channel(8);
+        let (tx, _rx) = mpsc::channel::<OutputChunk>(16);
+        let argv = paths::build_argv("shell", "sleep 30", &[]).expect("argv");
+        let spec = ExecSpec {
+            argv,
+            timeout: Some(Duration::from_secs(20)),
+            ..Default::default()
+        };
+        in_tx.send(ExecInput::Signal(9)).await.expect("signal");
+        let status = tokio::time::timeout(
+            Duration::from_secs(10),
+            p.exec_interactive(&id, &spec, tx, in_rx),
+        )
+        .await
+        .expect("an early SIGKILL ends the command")
+        .expect("exec");
+        assert_eq!(status.code, 137, "killed by the early SIGKILL");
+    }
     p.destroy(&id).await.expect("destroy");
 }
 

@@ -745,19 +745,32 @@ impl AgentClient {
             client: Some(self.clone()),
             id,
         };
+        // Closing stdin ends the input only when the sender is gone too:
+        // signals and resizes still reach a process whose stdin is closed.
         let mut input_open = true;
+        let mut stdin_open = true;
         loop {
             tokio::select! {
                 msg = input.recv(), if input_open => match msg {
-                    Some(ExecInput::Stdin(data)) => {
+                    Some(ExecInput::Stdin(data)) if stdin_open => {
                         for chunk in data.chunks(MAX_CHUNK) {
                             self.send(&Frame::new(Kind::Stdin, id, chunk.to_vec())).await?;
                         }
                     }
+                    Some(ExecInput::Stdin(_)) => {}
                     Some(ExecInput::Signal(sig)) => self.send(&Frame::json(Kind::Signal, id, &SignalMsg { signal: sig })).await?,
                     Some(ExecInput::Resize(rows, cols)) => self.send(&Frame::json(Kind::Resize, id, &proto::Resize { rows, cols })).await?,
-                    Some(ExecInput::CloseStdin) | None => {
-                        self.send(&Frame::new(Kind::Stdin, id, Vec::new())).await?;
+                    Some(ExecInput::CloseStdin) => {
+                        if stdin_open {
+                            self.send(&Frame::new(Kind::Stdin, id, Vec::new())).await?;
+                            stdin_open = false;
+                        }
+                    }
+                    None => {
+                        if stdin_open {
+                            self.send(&Frame::new(Kind::Stdin, id, Vec::new())).await?;
+                            stdin_open = false;
+                        }
                         input_open = false;
                     }
                 },

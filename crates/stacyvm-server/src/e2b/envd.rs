@@ -15,8 +15,11 @@
 #![allow(clippy::result_large_err)]
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -28,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use stacyvm_api::FileInfo;
 use stacyvm_core::manager::{Caller, ExecRequest, Scope, StreamEvent};
+use stacyvm_core::provider::ExecInput;
 use stacyvm_core::provider::StreamKind;
 use stacyvm_core::{Error, ErrorKind};
 
@@ -237,10 +241,11 @@ pub async fn handle(st: AppState, req: Request) -> Response {
         (Method::POST, rpc) if rpc.starts_with("/process.Process/") => {
             match rpc.trim_start_matches("/process.Process/") {
                 "Start" => env.start(req).await,
-                m => rpc_error(
-                    "unimplemented",
-                    format!("process.Process/{m} is not supported yet (docs/e2b.md)"),
-                ),
+                "Connect" => env.attach(req).await,
+                m => {
+                    let m = m.to_string();
+                    env.process_call(&m, req).await
+                }
             }
         }
         (Method::POST, rpc) if rpc.starts_with("/filesystem.Filesystem/") => {
@@ -431,13 +436,17 @@ impl Env {
         wrote.map(|_| ()).map_err(file_error)
     }
 
-    /// `process.Process/Start`: runs the process and streams its events.
+    /// `process.Process/Start`: starts the process and streams its events.
+    /// The process is registered (see [`Proc`]): it outlives this request
+    /// (a client that goes away stops reading, not the process) and can
+    /// be listed, reattached, fed and signalled until it exits.
     async fn start(&self, req: Request) -> Response {
         let timeout_ms = req
             .headers()
             .get("connect-timeout-ms")
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| *ms > 0);
         let body = match read_envelope(req).await {
             Ok(v) => v,
             Err(r) => return r,
@@ -446,15 +455,42 @@ impl Env {
             Ok(s) => s,
             Err(e) => return rpc_error("invalid_argument", format!("StartRequest: {e}")),
         };
-        if start.pty.is_some() {
-            return rpc_error("unimplemented", "pty is not supported yet (docs/e2b.md)");
-        }
         let Some(process) = start.process else {
             return rpc_error("invalid_argument", "process is required");
         };
         if process.cmd.is_empty() {
             return rpc_error("invalid_argument", "process.cmd is required");
         }
+        let pty = match &start.pty {
+            None => None,
+            Some(p) => {
+                let size = &p["size"];
+                let rows = size["rows"].as_u64().unwrap_or(24).clamp(1, 1000) as u16;
+                let cols = size["cols"].as_u64().unwrap_or(80).clamp(1, 1000) as u16;
+                Some((rows, cols))
+            }
+        };
+        if let Some(tag) = &start.tag {
+            if tag.len() > 256 {
+                return rpc_error("invalid_argument", "tag is longer than 256 bytes");
+            }
+        }
+        if PROCS.count(&self.id) >= MAX_PROCS_PER_SANDBOX {
+            return rpc_error(
+                "resource_exhausted",
+                format!("{MAX_PROCS_PER_SANDBOX} processes already run in this sandbox"),
+            );
+        }
+        // The per-sandbox and per-tenant caps on concurrent execs of
+        // /api/v1 apply to envd's processes too, for as long as they run.
+        let permit = match self.st.active.try_acquire(
+            Some(&format!("{}/{}", self.caller.tenant_id, self.id)),
+            &format!("e2b-envd\0{}", self.caller.owner_id),
+            &self.caller.tenant_id,
+        ) {
+            Ok(p) => p,
+            Err(cap) => return rpc_error("resource_exhausted", cap.to_string()),
+        };
         let exec = ExecRequest {
             command: process.cmd.clone(),
             args: process.args.clone(),
@@ -466,88 +502,179 @@ impl Env {
             },
             workdir: process.cwd.as_deref().map(resolve).unwrap_or_default(),
             timeout: timeout_ms.map(|ms| format!("{ms}ms")).unwrap_or_default(),
+            pty,
             ..Default::default()
         };
-        let mut rx = match self
+        let (input, input_rx) = tokio::sync::mpsc::channel(64);
+        let rx = match self
             .st
             .manager
-            .exec_stream(&self.id, &exec, &self.caller)
+            .exec_stream_with(&self.id, &exec, &self.caller, Some(input_rx))
             .await
         {
             Ok(rx) => rx,
             Err(e) => return rpc_fail(e),
         };
-        static PIDS: AtomicU32 = AtomicU32::new(1000);
-        let pid = PIDS.fetch_add(1, Ordering::Relaxed);
-        let keepalive = Duration::from_secs(30);
+        // `"stdin": false`: the process reads end-of-file.
+        if start.stdin == Some(false) && pty.is_none() {
+            let _ = input.send(ExecInput::CloseStdin).await;
+        }
+        let proc = PROCS.register(&self.id, process, start.tag, pty.is_some(), input);
         let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(16);
+        tokio::spawn(forward(proc, rx, Some(tx), permit));
+        connect_stream(out)
+    }
+
+    /// `process.Process/Connect`: the start event, then what the process
+    /// prints from now on, then its end.
+    async fn attach(&self, req: Request) -> Response {
+        let body = match read_envelope(req).await {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        let proc = match PROCS.select(&self.id, &body["process"]) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        let mut sub = proc.watchers.subscribe();
+        let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(16);
+        let pid = proc.pid;
         tokio::spawn(async move {
-            let send = |v: Bytes| {
-                let tx = tx.clone();
-                async move { tx.send(Ok(v)).await.is_ok() }
-            };
-            if !send(envelope(0, &json!({"event": {"start": {"pid": pid}}}))).await {
+            if tx
+                .send(Ok(envelope(0, &json!({"event": {"start": {"pid": pid}}}))))
+                .await
+                .is_err()
+            {
                 return;
             }
             loop {
-                let ev = match tokio::time::timeout(keepalive, rx.recv()).await {
-                    Err(_) => {
-                        if !send(envelope(0, &json!({"event": {"keepalive": {}}}))).await {
-                            return;
-                        }
-                        continue;
-                    }
-                    Ok(None) => {
-                        let _ = send(envelope(2, &json!({"error": {"code": "internal", "message": "the process stream ended without an exit"}}))).await;
-                        return;
-                    }
-                    Ok(Some(ev)) => ev,
-                };
-                match ev {
-                    StreamEvent::Output(chunk) => {
-                        let key = match chunk.stream {
-                            StreamKind::Stderr => "stderr",
-                            _ => "stdout",
-                        };
-                        let msg = json!({"event": {"data": {key: B64.encode(&chunk.data)}}});
-                        if !send(envelope(0, &msg)).await {
+                match sub.recv().await {
+                    Ok(b) => {
+                        if tx.send(Ok(b)).await.is_err() {
                             return;
                         }
                     }
-                    StreamEvent::Exit { code, .. } => {
-                        let end = if code >= 0 {
-                            let status = format!("exit status {code}");
-                            let mut e = json!({"exitCode": code, "exited": true, "status": status});
-                            if code != 0 {
-                                e["error"] = json!(status);
-                            }
-                            e
-                        } else {
-                            json!({"exitCode": -1, "exited": false, "status": "signal: killed"})
-                        };
-                        if send(envelope(0, &json!({"event": {"end": end}}))).await {
-                            let _ = send(envelope(2, &json!({}))).await;
-                        }
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                        let _ = tx
+                            .send(Ok(envelope(
+                                2,
+                                &json!({"error": {"code": "resource_exhausted", "message": format!("this reader fell {n} messages behind the process")}}),
+                            )))
+                            .await;
                         return;
                     }
-                    StreamEvent::Failed(msg) => {
-                        let code = if msg.contains("timed out") {
-                            "deadline_exceeded"
-                        } else {
-                            "internal"
-                        };
-                        let _ = send(envelope(
-                            2,
-                            &json!({"error": {"code": code, "message": msg}}),
-                        ))
-                        .await;
-                        return;
-                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
                 }
             }
         });
-        let stream = tokio_stream::wrappers::ReceiverStream::new(out);
-        let mut resp = Response::new(Body::from_stream(stream));
+        connect_stream(out)
+    }
+
+    /// The unary `process.Process` calls.
+    async fn process_call(&self, method: &str, req: Request) -> Response {
+        if method == "StreamInput" {
+            return self.stream_input(req).await;
+        }
+        let body = match read_unary(req).await {
+            Ok(v) => v,
+            Err(r) => return r,
+        };
+        if method == "List" {
+            return crate::json::json_response(
+                StatusCode::OK,
+                &json!({"processes": PROCS.list(&self.id)}),
+            );
+        }
+        let proc = match PROCS.select(&self.id, &body["process"]) {
+            Ok(p) => p,
+            Err(r) => return r,
+        };
+        let input = match method {
+            "SendInput" => match decode_input(&body["input"], proc.pty) {
+                Ok(i) => i,
+                Err(r) => return r,
+            },
+            "CloseStdin" => ExecInput::CloseStdin,
+            "SendSignal" => match body["signal"].as_str().unwrap_or_default() {
+                "SIGNAL_SIGKILL" | "9" => ExecInput::Signal(9),
+                "SIGNAL_SIGTERM" | "15" => ExecInput::Signal(15),
+                other => {
+                    return rpc_error(
+                        "invalid_argument",
+                        format!("signal {other:?}: expected SIGNAL_SIGKILL or SIGNAL_SIGTERM"),
+                    )
+                }
+            },
+            "Update" => {
+                let size = &body["pty"]["size"];
+                match (size["rows"].as_u64(), size["cols"].as_u64()) {
+                    (Some(r), Some(c)) if proc.pty => {
+                        ExecInput::Resize(r.clamp(1, 1000) as u16, c.clamp(1, 1000) as u16)
+                    }
+                    _ => {
+                        return rpc_error(
+                            "invalid_argument",
+                            "Update needs pty.size of a pty process",
+                        )
+                    }
+                }
+            }
+            other => {
+                return rpc_error(
+                    "unimplemented",
+                    format!("process.Process/{other} is not supported"),
+                )
+            }
+        };
+        match proc.send(input).await {
+            Ok(()) => crate::json::json_response(StatusCode::OK, &json!({})),
+            Err(r) => r,
+        }
+    }
+
+    /// `process.Process/StreamInput`: a client stream of stdin chunks.
+    async fn stream_input(&self, req: Request) -> Response {
+        let ctype_ok = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/connect+json"));
+        if !ctype_ok {
+            return rpc_error(
+                "invalid_argument",
+                "StreamInput needs application/connect+json",
+            );
+        }
+        let b = match read_body(req).await {
+            Ok(b) => b,
+            Err(r) => return r,
+        };
+        let msgs = match split_envelopes(&b) {
+            Ok(m) => m,
+            Err(r) => return r,
+        };
+        let mut proc: Option<Arc<Proc>> = None;
+        for m in msgs {
+            if let Some(start) = m.get("start") {
+                proc = match PROCS.select(&self.id, &start["process"]) {
+                    Ok(p) => Some(p),
+                    Err(r) => return r,
+                };
+            } else if let Some(data) = m.get("data") {
+                let Some(p) = &proc else {
+                    return rpc_error("invalid_argument", "data before start");
+                };
+                let input = match decode_input(&data["input"], p.pty) {
+                    Ok(i) => i,
+                    Err(r) => return r,
+                };
+                if let Err(r) = p.send(input).await {
+                    return r;
+                }
+            }
+        }
+        let mut body = envelope(0, &json!({})).to_vec();
+        body.extend_from_slice(&envelope(2, &json!({})));
+        let mut resp = Response::new(Body::from(body));
         resp.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/connect+json"),
@@ -834,9 +961,7 @@ async fn read_unary(req: Request) -> Result<Value, Response> {
 struct StartRequest {
     process: Option<ProcessConfig>,
     pty: Option<Value>,
-    #[allow(dead_code)]
     tag: Option<String>,
-    #[allow(dead_code)]
     stdin: Option<bool>,
 }
 
@@ -859,4 +984,276 @@ pub async fn dispatch(
         return handle(st, req).await;
     }
     next.run(req).await
+}
+
+/// A process envd started, until it exits.
+struct Proc {
+    pid: u32,
+    sandbox: String,
+    config: ProcessConfig,
+    tag: Option<String>,
+    pty: bool,
+    /// Stdin, signals and resizes; `None` once the process has ended.
+    input: parking_lot::Mutex<Option<tokio::sync::mpsc::Sender<ExecInput>>>,
+    /// Envelopes for `Connect` readers (the starting request has its own).
+    watchers: tokio::sync::broadcast::Sender<Bytes>,
+}
+
+impl Proc {
+    async fn send(&self, input: ExecInput) -> Result<(), Response> {
+        let tx = self.input.lock().clone();
+        match tx {
+            Some(tx) if tx.send(input).await.is_ok() => Ok(()),
+            _ => Err(rpc_error(
+                "not_found",
+                format!("process {} has ended", self.pid),
+            )),
+        }
+    }
+}
+
+/// Most processes envd runs at once in one sandbox.
+const MAX_PROCS_PER_SANDBOX: usize = 256;
+
+/// Every running envd process, by pid.
+struct Procs {
+    next: AtomicU32,
+    map: parking_lot::Mutex<HashMap<u32, Arc<Proc>>>,
+}
+
+static PROCS: LazyLock<Procs> = LazyLock::new(|| Procs {
+    next: AtomicU32::new(1000),
+    map: Default::default(),
+});
+
+impl Procs {
+    fn register(
+        &self,
+        sandbox: &str,
+        config: ProcessConfig,
+        tag: Option<String>,
+        pty: bool,
+        input: tokio::sync::mpsc::Sender<ExecInput>,
+    ) -> Arc<Proc> {
+        let pid = self.next.fetch_add(1, Ordering::Relaxed);
+        let proc = Arc::new(Proc {
+            pid,
+            sandbox: sandbox.to_string(),
+            config,
+            tag,
+            pty,
+            input: parking_lot::Mutex::new(Some(input)),
+            watchers: tokio::sync::broadcast::channel(1024).0,
+        });
+        self.map.lock().insert(pid, proc.clone());
+        proc
+    }
+
+    /// The process a `ProcessSelector` (`{"pid": N}` or `{"tag": "…"}`)
+    /// names in this sandbox; another sandbox's is not found.
+    fn select(&self, sandbox: &str, sel: &Value) -> Result<Arc<Proc>, Response> {
+        let map = self.map.lock();
+        let found = if let Some(pid) = sel.get("pid").and_then(Value::as_u64) {
+            map.get(&(pid as u32)).cloned()
+        } else if let Some(tag) = sel.get("tag").and_then(Value::as_str) {
+            map.values()
+                .find(|p| p.sandbox == sandbox && p.tag.as_deref() == Some(tag))
+                .cloned()
+        } else {
+            return Err(rpc_error(
+                "invalid_argument",
+                "process needs a pid or a tag",
+            ));
+        };
+        match found {
+            Some(p) if p.sandbox == sandbox => Ok(p),
+            _ => Err(rpc_error("not_found", format!("process {sel} not found"))),
+        }
+    }
+
+    fn list(&self, sandbox: &str) -> Vec<Value> {
+        let mut out: Vec<Value> = self
+            .map
+            .lock()
+            .values()
+            .filter(|p| p.sandbox == sandbox)
+            .map(|p| {
+                let mut v = json!({"pid": p.pid, "config": p.config});
+                if let Some(t) = &p.tag {
+                    v["tag"] = json!(t);
+                }
+                v
+            })
+            .collect();
+        out.sort_by_key(|v| v["pid"].as_u64());
+        out
+    }
+
+    fn count(&self, sandbox: &str) -> usize {
+        self.map
+            .lock()
+            .values()
+            .filter(|p| p.sandbox == sandbox)
+            .count()
+    }
+
+    fn remove(&self, pid: u32) {
+        self.map.lock().remove(&pid);
+    }
+}
+
+/// Turns a process's events into Connect envelopes for the starting
+/// request (while it reads) and every `Connect` reader, until it ends.
+async fn forward(
+    proc: Arc<Proc>,
+    mut rx: tokio::sync::mpsc::Receiver<StreamEvent>,
+    mut primary: Option<tokio::sync::mpsc::Sender<Result<Bytes, std::convert::Infallible>>>,
+    _permit: crate::active::Permit,
+) {
+    let keepalive = Duration::from_secs(30);
+    let data_key = if proc.pty { "pty" } else { "stdout" };
+    let emit = |b: Bytes, primary: &mut Option<tokio::sync::mpsc::Sender<_>>| {
+        let _ = proc.watchers.send(b.clone());
+        let p = primary.clone();
+        async move {
+            match p {
+                Some(tx) => tx.send(Ok(b)).await.is_ok(),
+                None => false,
+            }
+        }
+    };
+    let start = envelope(0, &json!({"event": {"start": {"pid": proc.pid}}}));
+    if let Some(tx) = &primary {
+        if tx.send(Ok(start)).await.is_err() {
+            primary = None;
+        }
+    }
+    let finish = loop {
+        let ev = match tokio::time::timeout(keepalive, rx.recv()).await {
+            Err(_) => {
+                let b = envelope(0, &json!({"event": {"keepalive": {}}}));
+                if !emit(b, &mut primary).await {
+                    primary = None;
+                }
+                continue;
+            }
+            Ok(None) => {
+                break vec![envelope(
+                    2,
+                    &json!({"error": {"code": "internal", "message": "the process stream ended without an exit"}}),
+                )];
+            }
+            Ok(Some(ev)) => ev,
+        };
+        match ev {
+            StreamEvent::Output(chunk) => {
+                let key = match chunk.stream {
+                    StreamKind::Stderr if !proc.pty => "stderr",
+                    _ => data_key,
+                };
+                let b = envelope(
+                    0,
+                    &json!({"event": {"data": {key: B64.encode(&chunk.data)}}}),
+                );
+                if !emit(b, &mut primary).await {
+                    primary = None;
+                }
+            }
+            StreamEvent::Exit { code, .. } => {
+                let status = format!("exit status {code}");
+                let mut end = json!({"exitCode": code, "exited": true, "status": status});
+                if code != 0 {
+                    end["error"] = json!(status);
+                }
+                break vec![
+                    envelope(0, &json!({"event": {"end": end}})),
+                    envelope(2, &json!({})),
+                ];
+            }
+            StreamEvent::Failed(msg) => {
+                let code = if msg.contains("timed out") {
+                    "deadline_exceeded"
+                } else {
+                    "internal"
+                };
+                break vec![envelope(
+                    2,
+                    &json!({"error": {"code": code, "message": msg}}),
+                )];
+            }
+        }
+    };
+    // Nothing reaches the process any more; it leaves the registry before
+    // its readers see the end.
+    proc.input.lock().take();
+    PROCS.remove(proc.pid);
+    for b in finish {
+        if !emit(b, &mut primary).await {
+            primary = None;
+        }
+    }
+}
+
+/// A Connect server-streaming response of envelopes from `out`.
+fn connect_stream(
+    out: tokio::sync::mpsc::Receiver<Result<Bytes, std::convert::Infallible>>,
+) -> Response {
+    let mut resp = Response::new(Body::from_stream(
+        tokio_stream::wrappers::ReceiverStream::new(out),
+    ));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/connect+json"),
+    );
+    resp
+}
+
+/// The bytes of a `ProcessInput` (`{"stdin": b64}` or `{"pty": b64}`).
+fn decode_input(v: &Value, pty: bool) -> Result<ExecInput, Response> {
+    let key = if pty { "pty" } else { "stdin" };
+    let Some(b64) = v
+        .get(key)
+        .or_else(|| v.get("stdin"))
+        .and_then(Value::as_str)
+    else {
+        return Err(rpc_error(
+            "invalid_argument",
+            format!("input.{key} is required"),
+        ));
+    };
+    let bytes = B64
+        .decode(b64)
+        .or_else(|_| base64::engine::general_purpose::URL_SAFE.decode(b64))
+        .map_err(|e| rpc_error("invalid_argument", format!("input is not base64: {e}")))?;
+    Ok(ExecInput::Stdin(bytes))
+}
+
+/// The messages of a client stream (end-of-stream envelopes skipped).
+fn split_envelopes(mut b: &[u8]) -> Result<Vec<Value>, Response> {
+    let mut out = Vec::new();
+    while !b.is_empty() {
+        if b.len() < 5 {
+            return Err(rpc_error("invalid_argument", "a truncated envelope"));
+        }
+        let flags = b[0];
+        let len = u32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        if b.len() < 5 + len {
+            return Err(rpc_error("invalid_argument", "a truncated envelope"));
+        }
+        if flags & 0x01 != 0 {
+            return Err(rpc_error(
+                "invalid_argument",
+                "compressed envelopes are not supported",
+            ));
+        }
+        if flags & 0x02 == 0 {
+            out.push(
+                serde_json::from_slice(&b[5..5 + len]).map_err(|e| {
+                    rpc_error("invalid_argument", format!("message is not JSON: {e}"))
+                })?,
+            );
+        }
+        b = &b[5 + len..];
+    }
+    Ok(out)
 }
