@@ -455,11 +455,24 @@ impl Env {
             Ok(s) => s,
             Err(e) => return rpc_error("invalid_argument", format!("StartRequest: {e}")),
         };
-        let Some(process) = start.process else {
+        let Some(mut process) = start.process else {
             return rpc_error("invalid_argument", "process is required");
         };
         if process.cmd.is_empty() {
             return rpc_error("invalid_argument", "process.cmd is required");
+        }
+        // The SDKs hard-code /bin/bash for commands and ptys; an image
+        // without it (busybox, alpine) runs them with /bin/sh, which takes
+        // the same `-l -c` and `-i -l`.
+        if process.cmd == "/bin/bash" {
+            let stat = self
+                .st
+                .manager
+                .stat_file(&self.id, "/bin/bash", &self.caller)
+                .await;
+            if matches!(&stat, Err(e) if e.kind() == ErrorKind::NotFound) {
+                process.cmd = "/bin/sh".into();
+            }
         }
         let pty = match &start.pty {
             None => None,
