@@ -1620,7 +1620,10 @@ impl Provider for DockerProvider {
         if !paths::is_sandbox_id(&spec.id) {
             return Err(Error::invalid(format!("bad sandbox id {:?}", spec.id)));
         }
-        let name = if spec.image.is_empty() {
+        // `host` (the orchestrator's default image) is not an image a
+        // container can show: like the microVM providers, docker then uses
+        // its own default image.
+        let name = if spec.image.is_empty() || spec.image == "host" {
             self.opts.config.default_image.as_str()
         } else {
             spec.image.as_str()

@@ -743,6 +743,26 @@ async fn health_reports_engine_and_runtimes() {
     assert_eq!(e.kind(), ErrorKind::ProviderUnavailable, "{e}");
 }
 
+/// `host` (the orchestrator's default image) and no image both mean the
+/// provider's `default_image`: a container cannot show the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_and_no_image_mean_the_default_image() {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    for image in ["host", ""] {
+        let spec = spawn_spec(image, 64);
+        let id = p.spawn(&spec).await.expect("spawn").runtime_id;
+        let d = p.engine().await.expect("engine");
+        let c = d.inspect_container(&id, None).await.expect("inspect");
+        assert_eq!(
+            c.config.and_then(|c| c.image).as_deref(),
+            Some(TEST_IMAGE),
+            "image {image:?}"
+        );
+        p.destroy(&id).await.expect("destroy");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_typed_and_leaves_nothing_behind() {
     let fx = fixture("runc");
