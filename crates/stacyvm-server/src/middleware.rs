@@ -524,14 +524,18 @@ pub async fn body_limit(State(st): State<AppState>, req: Request, next: Next) ->
         )
         .into_response();
     }
-    // The raw upload streams to the sandbox: its bound is the file limit.
-    let raw_upload = req.method() == axum::http::Method::PUT
+    // The raw upload and E2B's envd upload stream to the sandbox (with
+    // their own per-file cap): their bound is the file limit.
+    let raw_upload = (req.method() == axum::http::Method::PUT
         && req
             .uri()
             .path()
             .strip_prefix("/api/v1/sandboxes/")
             .and_then(|rest| rest.split_once('/'))
-            .is_some_and(|(_, tail)| tail == "files");
+            .is_some_and(|(_, tail)| tail == "files"))
+        || (req.method() == axum::http::Method::POST
+            && req.uri().path() == "/files"
+            && crate::e2b::envd::is_envd(req.headers()));
     let limit = if raw_upload {
         st.cfg.limits.max_file_bytes
     } else {

@@ -22,8 +22,11 @@ struct Server {
 }
 
 async fn start() -> Server {
+    start_with(Config::default()).await
+}
+
+async fn start_with(mut cfg: Config) -> Server {
     let dir = tempfile::tempdir().expect("tmp");
-    let mut cfg = Config::default();
     cfg.server.data_dir = dir.path().to_string_lossy().to_string();
     cfg.providers.default = "mock".into();
     let provider = Arc::new(MockProvider::new(dir.path().join("mock")).expect("mock"));
@@ -597,6 +600,26 @@ async fn envd_routing_tokens_and_bad_input() {
     .await;
     assert_eq!(
         (st, v["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "{v}"
+    );
+    let (st, v) = send(
+        "POST",
+        "/process.Process/SendSignal",
+        envd(vec![tok(token), json_ct.clone()]),
+        br#"{"process":{"pid":999999},"signal":"SIGNAL_SIGKILL"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!((st, v["code"].as_str()), (404, Some("not_found")), "{v}");
+    let (st, v) = send(
+        "POST",
+        "/process.Process/Frobnicate",
+        envd(vec![tok(token), json_ct.clone()]),
+        b"{}".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
         (501, Some("unimplemented")),
         "{v}"
     );
@@ -626,4 +649,49 @@ async fn envd_routing_tokens_and_bad_input() {
     )
     .await;
     assert_eq!(st, 502, "{v}");
+}
+
+/// envd uploads stream to the sandbox: bounded by the file limit, not by
+/// the API's body limit, and checked against the file limit per file.
+#[tokio::test]
+async fn envd_uploads_are_bounded_by_the_file_limit() {
+    let mut cfg = Config::default();
+    cfg.server.max_body_bytes = 1024 * 1024;
+    cfg.limits.max_file_bytes = 3 * 1024 * 1024;
+    let s = start_with(cfg).await;
+    let sb = s.create(json!({})).await;
+    let id = sb["sandboxID"].as_str().expect("id").to_string();
+    let token = sb["envdAccessToken"].as_str().expect("token").to_string();
+    let upload = |len: usize| {
+        let (s, id, token) = (&s, id.clone(), token.clone());
+        async move {
+            let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let r = s
+                .http
+                .post(format!("{}/files?path=/workspace/up.bin", s.root))
+                .header("E2b-Sandbox-Id", id)
+                .header("X-Access-Token", token)
+                .header("Content-Type", "application/octet-stream")
+                .body(body)
+                .send()
+                .await
+                .expect("send");
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        }
+    };
+    // Twice the API's body limit, under the file limit: stored whole.
+    let (st, body) = upload(2 * 1024 * 1024).await;
+    assert_eq!(st, 200, "{body}");
+    let r = s
+        .http
+        .get(format!("{}/files?path=/workspace/up.bin", s.root))
+        .header("E2b-Sandbox-Id", &id)
+        .header("X-Access-Token", &token)
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(r.bytes().await.expect("bytes").len(), 2 * 1024 * 1024);
+    // Over the file limit: refused.
+    let (st, body) = upload(4 * 1024 * 1024).await;
+    assert_eq!(st, 413, "{body}");
 }

@@ -585,8 +585,15 @@ impl Env {
 
     /// The unary `process.Process` calls.
     async fn process_call(&self, method: &str, req: Request) -> Response {
-        if method == "StreamInput" {
-            return self.stream_input(req).await;
+        match method {
+            "StreamInput" => return self.stream_input(req).await,
+            "List" | "SendInput" | "CloseStdin" | "SendSignal" | "Update" => {}
+            other => {
+                return rpc_error(
+                    "unimplemented",
+                    format!("process.Process/{other} does not exist"),
+                )
+            }
         }
         let body = match read_unary(req).await {
             Ok(v) => v,
