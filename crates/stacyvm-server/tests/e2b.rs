@@ -695,3 +695,49 @@ async fn envd_uploads_are_bounded_by_the_file_limit() {
     let (st, body) = upload(4 * 1024 * 1024).await;
     assert_eq!(st, 413, "{body}");
 }
+
+/// envd transfers and processes take the same per-sandbox slots as
+/// `/api/v1`: with one slot, an open download refuses an upload until
+/// the download is gone.
+#[tokio::test]
+async fn envd_transfers_take_the_per_sandbox_slots() {
+    let mut cfg = Config::default();
+    cfg.limits.max_active_per_sandbox = 1;
+    let s = start_with(cfg).await;
+    let sb = s.create(json!({})).await;
+    let id = sb["sandboxID"].as_str().expect("id").to_string();
+    let token = sb["envdAccessToken"].as_str().expect("token").to_string();
+    let upload = || {
+        s.http
+            .post(format!("{}/files?path=/workspace/f.bin", s.root))
+            .header("E2b-Sandbox-Id", &id)
+            .header("X-Access-Token", &token)
+            .header("Content-Type", "application/octet-stream")
+            .body(vec![7u8; 4 * 1024 * 1024])
+            .send()
+    };
+    assert_eq!(upload().await.expect("upload").status(), 200);
+    let open = s
+        .http
+        .get(format!("{}/files?path=/workspace/f.bin", s.root))
+        .header("E2b-Sandbox-Id", &id)
+        .header("X-Access-Token", &token)
+        .send()
+        .await
+        .expect("download");
+    assert_eq!(open.status(), 200);
+    let r = upload().await.expect("upload");
+    assert_eq!(r.status(), 429);
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["code"], 429, "{v}");
+    drop(open);
+    let mut freed = false;
+    for _ in 0..50 {
+        if upload().await.expect("upload").status() == 200 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(freed, "the slot comes back once the download is gone");
+}

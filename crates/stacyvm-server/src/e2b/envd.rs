@@ -294,8 +294,22 @@ fn query<T: serde::de::DeserializeOwned + Default>(req: &Request) -> T {
 }
 
 impl Env {
+    /// A slot of the per-sandbox, per-credential and per-tenant caps on
+    /// concurrent execs and transfers, as `/api/v1` takes for its own.
+    fn permit(&self) -> Result<crate::active::Permit, crate::active::Cap> {
+        self.st.active.try_acquire(
+            Some(&format!("{}/{}", self.caller.tenant_id, self.id)),
+            &format!("e2b-envd\0{}", self.caller.owner_id),
+            &self.caller.tenant_id,
+        )
+    }
+
     /// `GET /files?path=`: the file's bytes, streamed.
     async fn download(&self, req: Request) -> Response {
+        let permit = match self.permit() {
+            Ok(p) => p,
+            Err(cap) => return http_error(StatusCode::TOO_MANY_REQUESTS, cap.to_string()),
+        };
         let q: PathQuery = query(&req);
         let Some(path) = q.path.filter(|p| !p.is_empty()) else {
             return http_error(StatusCode::BAD_REQUEST, "path is required");
@@ -310,7 +324,9 @@ impl Env {
             Ok(fs) => {
                 use futures::StreamExt;
                 let size = fs.size;
-                let stream = tokio_stream::wrappers::ReceiverStream::new(fs.chunks).map(|c| {
+                // The slot lives as long as the body.
+                let stream = tokio_stream::wrappers::ReceiverStream::new(fs.chunks).map(move |c| {
+                    let _held = &permit;
                     c.map(Bytes::from)
                         .map_err(|e| std::io::Error::other(e.to_string()))
                 });
@@ -331,6 +347,10 @@ impl Env {
     /// `POST /files`: multipart (each part's filename is its target path;
     /// `?path=` wins for a single file) or a raw body to `?path=`.
     async fn upload(&self, req: Request) -> Response {
+        let _permit = match self.permit() {
+            Ok(p) => p,
+            Err(cap) => return http_error(StatusCode::TOO_MANY_REQUESTS, cap.to_string()),
+        };
         let q: PathQuery = query(&req);
         let ctype = req
             .headers()
@@ -496,11 +516,7 @@ impl Env {
         }
         // The per-sandbox and per-tenant caps on concurrent execs of
         // /api/v1 apply to envd's processes too, for as long as they run.
-        let permit = match self.st.active.try_acquire(
-            Some(&format!("{}/{}", self.caller.tenant_id, self.id)),
-            &format!("e2b-envd\0{}", self.caller.owner_id),
-            &self.caller.tenant_id,
-        ) {
+        let permit = match self.permit() {
             Ok(p) => p,
             Err(cap) => return rpc_error("resource_exhausted", cap.to_string()),
         };
@@ -1063,7 +1079,8 @@ impl Procs {
             tag,
             pty,
             input: parking_lot::Mutex::new(Some(input)),
-            watchers: tokio::sync::broadcast::channel(1024).0,
+            // Bounds what a reader that stops reading makes the server keep.
+            watchers: tokio::sync::broadcast::channel(64).0,
         });
         self.map.lock().insert(pid, proc.clone());
         proc
