@@ -3,7 +3,7 @@
 // (docs/e2b.md). Run: E2B_JS_SDK=<dir>/node_modules/e2b STACYVM_BIN=… node --test
 //
 // Moving the pin: install the new version, run this file, and compare the
-// SDK's dist/index.mjs routes and fields with research/e2b-compat.md §4–5.
+// SDK's dist/index.mjs routes and fields with docs/e2b.md, "Wire contract".
 
 import { test, before, after } from 'node:test'
 import assert from 'node:assert/strict'

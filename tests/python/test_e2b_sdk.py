@@ -4,7 +4,7 @@ real `stacyvm serve`: its control-plane flows, unchanged, with only
 
 Moving the pin: install the new version in the venv, run this file, and read
 the SDK's `api/client/api/sandboxes/*.py` for new routes or fields
-(research/e2b-compat.md §4 lists what 2.63 sends and parses).
+(docs/e2b.md, "Wire contract", lists what 2.63 sends and parses).
 """
 
 import asyncio

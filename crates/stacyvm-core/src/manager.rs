@@ -119,6 +119,11 @@ pub struct ExecRequest {
     pub pty: Option<(u16, u16)>,
 }
 
+/// Metadata kept with a sandbox but never shown by the API: the E2B
+/// layer's `envVars` for the sandbox's processes (values are often
+/// secrets, and E2B never returns them either).
+pub const HIDDEN_METADATA: &[&str] = &["e2b.envs"];
+
 /// The result of a synchronous exec.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExecOutcome {
@@ -248,10 +253,14 @@ impl Manager {
             worker_id: r.worker_id.clone(),
             created_at: r.created_at,
             expires_at: r.expires_at,
-            metadata: if r.metadata.is_empty() {
-                None
-            } else {
-                Some(r.metadata.clone())
+            metadata: {
+                let shown: BTreeMap<String, String> = r
+                    .metadata
+                    .iter()
+                    .filter(|(k, _)| !HIDDEN_METADATA.contains(&k.as_str()))
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect();
+                (!shown.is_empty()).then_some(shown)
             },
             preview_domain: self.cfg.server.preview_domain.clone(),
         }

@@ -1,6 +1,6 @@
 //! The E2B control plane on a real listener (mock provider, SQLite): the
 //! objects, status codes and error shape the official SDKs parse
-//! (research/e2b-compat.md §4). The SDKs themselves drive a real server
+//! (docs/e2b.md, "Wire contract"). The SDKs themselves drive a real server
 //! in tests/python/test_e2b_sdk.py.
 
 use std::sync::Arc;
@@ -462,6 +462,19 @@ async fn envd_routing_tokens_and_bad_input() {
     let json_ct = ("Content-Type", "application/json".to_string());
     let stream_ct = ("Content-Type", "application/connect+json".to_string());
 
+    // A multipart body with no boundary near its start is refused, not
+    // buffered.
+    let (st, v) = send(
+        "POST",
+        "/files?path=/workspace/x",
+        envd(vec![
+            tok(token),
+            ("Content-Type", "multipart/form-data; boundary=xyz".into()),
+        ]),
+        vec![b'a'; 64 * 1024],
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
     // Health needs no token; everything else needs this sandbox's.
     let (st, _) = send("GET", "/health", envd(vec![]), vec![]).await;
     assert_eq!(st, 204);
@@ -480,7 +493,12 @@ async fn envd_routing_tokens_and_bad_input() {
         br#"{"path":"/"}"#.to_vec(),
     )
     .await;
-    assert_eq!(st, 401, "{v}");
+    // Connect's own code: the SDK raises its authentication error.
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (401, Some("unauthenticated")),
+        "{v}"
+    );
     let (st, v) = send(
         "GET",
         "/files?path=/etc/hostname",
@@ -740,4 +758,25 @@ async fn envd_transfers_take_the_per_sandbox_slots() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert!(freed, "the slot comes back once the download is gone");
+}
+
+/// A create's envVars (often secrets) are never shown: not by E2B's
+/// routes, not by /api/v1 to anyone who may read the sandbox.
+#[tokio::test]
+async fn env_vars_are_never_shown() {
+    let s = start().await;
+    let sb = s
+        .create(json!({"envVars": {"TOKEN": "s3cret"}, "metadata": {"a": "b"}}))
+        .await;
+    let id = sb["sandboxID"].as_str().expect("id");
+    for path in [
+        format!("/sandboxes/{id}"),
+        "/v2/sandboxes".to_string(),
+        format!("/api/v1/sandboxes/{id}"),
+        "/api/v1/sandboxes".to_string(),
+    ] {
+        let r = s.call("GET", &path, None, &[]).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+        assert!(!r.body.to_string().contains("s3cret"), "{path}: {}", r.body);
+    }
 }

@@ -138,7 +138,7 @@ fn sandbox_of(st: &AppState, r: &SandboxRecord) -> E2bSandbox {
         sandbox_id: r.id.clone(),
         client_id: CLIENT_ID,
         envd_version: ENVD_VERSION,
-        envd_access_token: st.e2b_keys.token(&r.id),
+        envd_access_token: st.e2b_keys.token(r),
         domain: None,
     }
 }
@@ -207,6 +207,26 @@ fn body_or_default<T: serde::de::DeserializeOwned + Default>(bytes: &[u8]) -> E2
 static IN_FLIGHT: LazyLock<parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
     LazyLock::new(Default::default);
 
+/// A create's hold on its (owner, key) slot: the slot's entry leaves the
+/// map with the last create that used it, whatever the outcome.
+struct InFlight {
+    slot: String,
+    _held: tokio::sync::OwnedMutexGuard<()>,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut map = IN_FLIGHT.lock();
+        // Ours plus the map's: nobody else waits on this slot.
+        if map
+            .get(&self.slot)
+            .is_some_and(|m| Arc::strong_count(m) <= 2)
+        {
+            map.remove(&self.slot);
+        }
+    }
+}
+
 fn idempotency_key(headers: &HeaderMap) -> E2bResult<Option<String>> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
@@ -270,12 +290,12 @@ pub async fn create(
     let _serial = match &key {
         Some(k) => {
             metadata.insert(META_IDEMPOTENCY.into(), k.clone());
-            let lock = IN_FLIGHT
-                .lock()
-                .entry(format!("{owner}\0{k}"))
-                .or_default()
-                .clone();
-            let guard = lock.lock_owned().await;
+            let slot = format!("{owner}\0{k}");
+            let lock = IN_FLIGHT.lock().entry(slot.clone()).or_default().clone();
+            let guard = InFlight {
+                slot,
+                _held: lock.lock_owned().await,
+            };
             let earlier = st.manager.list(&who).await?.into_iter().find(|r| {
                 r.owner_id == owner
                     && r.state == "running"
@@ -311,9 +331,6 @@ pub async fn create(
         }
     })?;
     let rec = st.manager.get(&sb.id, &who).await?;
-    if let Some(k) = &key {
-        IN_FLIGHT.lock().remove(&format!("{owner}\0{k}"));
-    }
     Ok(json_response(StatusCode::CREATED, &sandbox_of(&st, &rec)))
 }
 

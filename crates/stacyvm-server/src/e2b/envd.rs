@@ -2,7 +2,7 @@
 //! that carry `E2b-Sandbox-Id` (the SDKs' `E2B_SANDBOX_URL` mode): `GET
 //! /health`, `GET`/`POST /files`, Connect `process.Process/Start` and
 //! the unary `filesystem.Filesystem` calls, each one translated onto the
-//! manager as the sandbox's owner. Wire facts: research/e2b-compat.md §5.
+//! manager as the sandbox's owner. Wire facts: docs/e2b.md, "Wire contract".
 //!
 //! Access: every call but `/health` must carry `X-Access-Token`, the
 //! sandbox's `envdAccessToken` from create or connect: an HMAC of the
@@ -33,6 +33,7 @@ use stacyvm_api::FileInfo;
 use stacyvm_core::manager::{Caller, ExecRequest, Scope, StreamEvent};
 use stacyvm_core::provider::ExecInput;
 use stacyvm_core::provider::StreamKind;
+use stacyvm_core::store::SandboxRecord;
 use stacyvm_core::{Error, ErrorKind};
 
 use crate::AppState;
@@ -40,6 +41,10 @@ use crate::AppState;
 /// The port envd listens on in an E2B sandbox; the SDKs name it in
 /// `E2b-Sandbox-Port`.
 const ENVD_PORT: &str = "49983";
+/// Most files in one multipart upload.
+const MAX_PARTS: usize = 1000;
+/// Most bytes a multipart body may carry before its first boundary.
+const MAX_PREAMBLE: usize = 8 * 1024;
 /// Largest Connect request body (a Start or a filesystem call).
 const MAX_RPC_BYTES: usize = 1024 * 1024;
 const B64: base64::engine::GeneralPurpose = base64::engine::general_purpose::STANDARD;
@@ -92,19 +97,32 @@ impl EnvdKeys {
         Ok(key)
     }
 
-    /// The envd access token of sandbox `id`.
-    pub fn token(&self, id: &str) -> String {
+    /// The envd access token of one sandbox: bound to its id, start time,
+    /// tenant and owner, so a token kept from a destroyed sandbox opens
+    /// nothing when its id is issued again.
+    pub fn token(&self, r: &SandboxRecord) -> String {
         use hmac::Mac;
         let mut mac =
             hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.key).expect("hmac takes any key");
-        mac.update(b"stacyvm e2b envd access\0");
-        mac.update(id.as_bytes());
+        mac.update(b"stacyvm e2b envd access v2\0");
+        for part in [
+            r.id.as_str(),
+            &r.created_at
+                .timestamp_nanos_opt()
+                .unwrap_or_default()
+                .to_string(),
+            r.tenant_id.as_str(),
+            r.owner_id.as_str(),
+        ] {
+            mac.update(&(part.len() as u64).to_be_bytes());
+            mac.update(part.as_bytes());
+        }
         hex::encode(mac.finalize().into_bytes())
     }
 
-    fn verify(&self, id: &str, token: &str) -> bool {
+    fn verify(&self, r: &SandboxRecord, token: &str) -> bool {
         use subtle::ConstantTimeEq;
-        let want = self.token(id);
+        let want = self.token(r);
         want.len() == token.len() && bool::from(want.as_bytes().ct_eq(token.as_bytes()))
     }
 }
@@ -205,11 +223,15 @@ pub async fn handle(st: AppState, req: Request) -> Response {
         .get("x-access-token")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    if !st.e2b_keys.verify(&id, token) {
-        return http_error(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong X-Access-Token for this sandbox",
-        );
+    if !st.e2b_keys.verify(&rec, token) {
+        let msg = "missing or wrong X-Access-Token for this sandbox";
+        // Connect calls get Connect's code, so the SDK raises its
+        // authentication error rather than "unreachable".
+        return if path.starts_with("/process.") || path.starts_with("/filesystem.") {
+            rpc_error("unauthenticated", msg)
+        } else {
+            http_error(StatusCode::UNAUTHORIZED, msg)
+        };
     }
     let caller = Caller {
         owner_id: rec.owner_id.clone(),
@@ -365,8 +387,29 @@ impl Env {
                 Ok(b) => b,
                 Err(e) => return http_error(StatusCode::BAD_REQUEST, format!("multipart: {e}")),
             };
-            let stream = req.into_body().into_data_stream();
-            let mut mp = multer::Multipart::new(stream, boundary);
+            // Bounded: the whole upload by the file limit, the number of
+            // parts, and the bytes before the first boundary (a body that
+            // never shows one must not be buffered whole).
+            let marker = format!("--{boundary}").into_bytes();
+            let mut head: Option<Vec<u8>> = Some(Vec::new());
+            use futures::StreamExt;
+            let stream = req.into_body().into_data_stream().map(move |chunk| {
+                let chunk = chunk.map_err(|e| std::io::Error::other(e.to_string()))?;
+                if let Some(h) = head.as_mut() {
+                    h.extend_from_slice(&chunk[..chunk.len().min(MAX_PREAMBLE)]);
+                    if h.windows(marker.len()).any(|w| w == marker.as_slice()) {
+                        head = None;
+                    } else if h.len() >= MAX_PREAMBLE {
+                        return Err(std::io::Error::other(
+                            "no multipart boundary in the first 8 KiB",
+                        ));
+                    }
+                }
+                Ok::<_, std::io::Error>(chunk)
+            });
+            let constraints = multer::Constraints::new()
+                .size_limit(multer::SizeLimit::new().whole_stream(max).per_field(max));
+            let mut mp = multer::Multipart::with_constraints(stream, boundary, constraints);
             let mut parts = 0;
             loop {
                 let field = match mp.next_field().await {
@@ -377,6 +420,12 @@ impl Env {
                     }
                 };
                 parts += 1;
+                if parts > MAX_PARTS {
+                    return http_error(
+                        StatusCode::BAD_REQUEST,
+                        format!("more than {MAX_PARTS} files in one upload"),
+                    );
+                }
                 let target = match (&q.path, field.file_name()) {
                     (Some(p), _) if !p.is_empty() && parts == 1 => p.clone(),
                     (_, Some(name)) if !name.is_empty() => name.to_string(),
@@ -1293,4 +1342,54 @@ fn split_envelopes(mut b: &[u8]) -> Result<Vec<Value>, Response> {
         b = &b[5 + len..];
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, nanos: i64, owner: &str) -> SandboxRecord {
+        let t = chrono::DateTime::from_timestamp_nanos(nanos);
+        SandboxRecord {
+            id: id.into(),
+            state: "running".into(),
+            provider: "native".into(),
+            image: "host".into(),
+            memory_mb: 512,
+            vcpus: 1,
+            metadata: BTreeMap::new(),
+            owner_id: owner.into(),
+            tenant_id: String::new(),
+            vm_id: String::new(),
+            worker_id: "local".into(),
+            created_at: t,
+            expires_at: t,
+            updated_at: t,
+        }
+    }
+
+    /// A token names one sandbox: not another id, not a later sandbox
+    /// that got the same id, not another owner's.
+    #[test]
+    fn a_token_opens_one_sandbox_only() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let keys = EnvdKeys::load(&dir.path().to_string_lossy());
+        let a = record("sb-0000aaaa", 1_000, "alice");
+        let t = keys.token(&a);
+        assert!(keys.verify(&a, &t));
+        assert!(!keys.verify(&record("sb-0000bbbb", 1_000, "alice"), &t));
+        assert!(
+            !keys.verify(&record("sb-0000aaaa", 2_000, "alice"), &t),
+            "a reused id"
+        );
+        assert!(!keys.verify(&record("sb-0000aaaa", 1_000, "bob"), &t));
+        assert!(!keys.verify(&a, ""));
+        // The key persists: a restarted server accepts the same token.
+        let again = EnvdKeys::load(&dir.path().to_string_lossy());
+        assert!(again.verify(&a, &t));
+        let mode = std::fs::metadata(dir.path().join("e2b-envd.key"))
+            .map(|m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o777)
+            .expect("key file");
+        assert_eq!(mode, 0o600);
+    }
 }

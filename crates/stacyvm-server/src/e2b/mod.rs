@@ -6,7 +6,7 @@
 //! same keys, roles, tenants, quotas, policies and audit (every operation
 //! goes through the [`Manager`](stacyvm_core::manager::Manager) as
 //! `/api/v1` does; the E2B routes only translate). Wire facts:
-//! `research/e2b-compat.md` §4.
+//! the wire contract in docs/e2b.md.
 //!
 //! What E2B's objects carry that StacyVM's do not is kept in the
 //! sandbox's metadata under the reserved `e2b.` prefix (the template the
@@ -30,7 +30,7 @@ use crate::AppState;
 pub use control::CLIENT_ID;
 
 /// The envd version StacyVM reports: it decides which client features the
-/// SDKs turn on (research/e2b-compat.md §4.4).
+/// SDKs turn on (docs/e2b.md, "Wire contract").
 pub const ENVD_VERSION: &str = "0.5.7";
 
 /// Metadata keys StacyVM keeps for the E2B layer.
