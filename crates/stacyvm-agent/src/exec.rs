@@ -200,10 +200,31 @@ pub struct ExecHandle {
     /// A signal that arrived before the process existed; delivered as soon
     /// as it does. Read and written only with `pgid` locked.
     pub pending_signal: Mutex<Option<i32>>,
+    /// A terminal size that arrived before the pty existed; applied when it
+    /// does. Read and written only with `pty` locked.
+    pub pending_resize: Mutex<Option<(u16, u16)>>,
     pub window: Arc<Window>,
 }
 
 impl ExecHandle {
+    /// Resizes the exec's terminal, or keeps the size for the terminal
+    /// about to be made (a resize sent right after the start must not be
+    /// lost).
+    pub fn resize(&self, rows: u16, cols: u16) {
+        let pty = self.pty.lock().unwrap_or_else(|e| e.into_inner());
+        match pty.as_ref() {
+            Some(m) => {
+                let _ = stacyvm_sandbox::pty::resize(m, rows, cols);
+            }
+            None => {
+                *self
+                    .pending_resize
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = Some((rows, cols));
+            }
+        }
+    }
+
     /// Sends `sig` to the exec's process group, or keeps it for the
     /// process about to start (a kill sent right after the start must not
     /// be lost).
@@ -430,6 +451,14 @@ fn start(
                 .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))?,
         );
         if let Ok(mut g) = handle.pty.lock() {
+            let pending = handle
+                .pending_resize
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some((rows, cols)) = pending {
+                let _ = stacyvm_sandbox::pty::resize(&master, rows, cols);
+            }
             *g = Some(master);
         }
         if let Some(rx) = stdin_rx.take() {

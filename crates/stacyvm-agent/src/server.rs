@@ -303,9 +303,7 @@ fn dispatch(f: Frame, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: bool) {
                 h,
                 serde_json::from_slice::<stacyvm_agent_proto::Resize>(&f.body),
             ) {
-                if let Some(m) = h.pty.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-                    let _ = stacyvm_sandbox::pty::resize(m, r.rows, r.cols);
-                }
+                h.resize(r.rows, r.cols);
             }
         }
         Kind::Signal => {
@@ -366,6 +364,7 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
                 stdin: stdin_tx,
                 pgid: Arc::new(Mutex::new(None)),
                 pending_signal: Mutex::new(None),
+                pending_resize: Mutex::new(None),
                 window: Window::new(),
                 pty: Mutex::new(None),
             });
