@@ -121,16 +121,12 @@ impl Pool {
             self.filling.fetch_add(1, Ordering::SeqCst);
             let pool = self.clone();
             let booter = booter.clone();
-            // Each boot runs on a blocking-pool thread, not on the
-            // runtime's workers: its synchronous part (state dir, id lease,
-            // cgroups, starting the boot process) would otherwise run on
-            // the worker serving the claim's request (a task spawned from a
-            // task runs next on the same worker) and delay its response. A
-            // runtime shutting down waits for blocking work, and the boot
-            // then fails and unwinds (its id lease and cgroups go back).
-            rt.spawn_blocking(move || {
-                tokio::runtime::Handle::current().block_on(pool.fill_one(booter))
-            });
+            // A runtime task: a runtime that shuts down drops the boot at
+            // its next await, and the boot's unwind guard returns its id
+            // lease and cgroups. (Running boots on blocking threads kept
+            // them off the claiming worker, but a boot that ended during a
+            // shutdown could no longer clean up: its id lease leaked.)
+            rt.spawn(pool.fill_one(booter));
         }
     }
 
