@@ -9,6 +9,7 @@ the SDK's `api/client/api/sandboxes/*.py` for new routes or fields
 
 import asyncio
 import datetime
+import os
 
 import pytest
 from e2b import (
@@ -205,5 +206,38 @@ def test_background_processes_stdin_signals_connect_and_pty(server):
         out = b"".join(seen)
         assert b"pty-42" in out, out
         assert b"30 100" in out, out
+    finally:
+        sbx.kill()
+
+
+def test_default_user_and_root(server):
+    from e2b import CommandExitException
+
+    o = opts(server)
+    sbx = Sandbox.create(**o)
+    try:
+        who = sbx.commands.run("whoami; echo $HOME; pwd").stdout.split()
+        if os.environ.get("STACYVM_TEST_PROVIDER", "native") == "native":
+            # The host image has E2B's `user`; calls act as it by default.
+            assert who == ["user", "/home/user", "/home/user"]
+            # Relative paths are the user's home; what it writes is its own,
+            # parents included.
+            sbx.files.write("notes/a.txt", "x")
+            assert sbx.files.read("/home/user/notes/a.txt") == "x"
+            owners = sbx.commands.run("stat -c '%U:%G' /home/user/notes /home/user/notes/a.txt")
+            assert owners.stdout == "user:user\nuser:user\n"
+            assert sbx.files.make_dir("made") is True
+            assert sbx.commands.run("stat -c %U /home/user/made").stdout == "user\n"
+            # It is not root.
+            with pytest.raises(CommandExitException):
+                sbx.commands.run("touch /etc/planted")
+        else:
+            # An image without `user` (the busybox test image) runs as root.
+            assert who[0] == "root"
+        # root when asked, for commands and files.
+        assert sbx.commands.run("whoami; echo $HOME; pwd", user="root").stdout == "root\n/root\n/root\n"
+        sbx.files.write("/root/r.txt", "r", user="root")
+        assert sbx.files.read("~/r.txt", user="root") == "r"
+        assert sbx.commands.run("stat -c %U /root/r.txt", user="root").stdout == "root\n"
     finally:
         sbx.kill()

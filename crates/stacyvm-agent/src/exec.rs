@@ -366,6 +366,7 @@ fn start(
         cmd.env(k, v);
     }
     cmd.envs(&p.env);
+    switchable(p.uid, p.gid)?;
     if let Some(uid) = p.uid {
         cmd.uid(uid);
     }
@@ -551,4 +552,34 @@ fn start(
     let mut exit = exit_of(ws);
     exit.timed_out = timed_out;
     Ok(exit)
+}
+
+/// Fails with `Unsupported` when the command asks for another uid or gid
+/// and the agent lacks the capability to switch (a container that drops
+/// them all), rather than a bare "permission denied" from the spawn.
+fn switchable(uid: Option<u32>, gid: Option<u32>) -> Result<(), AgentError> {
+    const CAP_SETGID: u32 = 6;
+    const CAP_SETUID: u32 = 7;
+    static EFFECTIVE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let caps = *EFFECTIVE.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("CapEff:"))
+                    .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            })
+            .unwrap_or(0)
+    });
+    let need = |cap: u32| caps & (1 << cap) == 0;
+    let uid_change = uid.is_some_and(|u| u != nix::unistd::geteuid().as_raw());
+    // std drops supplementary groups (setgroups) whenever a uid is given.
+    let gid_change = gid.is_some_and(|g| g != nix::unistd::getegid().as_raw()) || uid_change;
+    if (uid_change && need(CAP_SETUID)) || (gid_change && need(CAP_SETGID)) {
+        return Err(AgentError::new(
+            ErrorKind::Unsupported,
+            "this sandbox cannot run commands as another user: its agent holds no CAP_SETUID/CAP_SETGID",
+        ));
+    }
+    Ok(())
 }

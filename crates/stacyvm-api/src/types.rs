@@ -146,6 +146,11 @@ pub struct ExecRequest {
     /// `{"type":"resize","rows":R,"cols":C}` messages resize it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tty: Option<TtySize>,
+    /// Extension: run as this account of the sandbox, a name from its
+    /// `/etc/passwd` (its home becomes `HOME` and the default working
+    /// directory) or a numeric `uid[:gid]`. Absent = root.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 /// Terminal size of a pty exec.

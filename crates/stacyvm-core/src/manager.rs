@@ -20,7 +20,8 @@ use crate::events::{self, kind, EventBus};
 use crate::metrics::Metrics;
 use crate::paths;
 use crate::provider::{
-    ExecSpec, ExitStatus, FileStream, OutputChunk, Provider, SpawnSpec, StreamKind,
+    find_account, Account, ExecSpec, ExecUser, ExitStatus, FileStream, OutputChunk, Provider,
+    SpawnSpec, StreamKind,
 };
 use crate::registry::Registry;
 use crate::store::{
@@ -105,6 +106,35 @@ impl Caller {
     }
 }
 
+/// `uid` or `uid:gid` as an identity; `None` for a name.
+fn numeric_user(s: &str) -> Result<Option<ExecUser>> {
+    let (u, g) = match s.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (s, None),
+    };
+    let digits = |v: &str| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+    if !digits(u) || g.is_some_and(|g| !digits(g)) {
+        if g.is_some() {
+            return Err(Error::invalid(format!(
+                "user {s:?}: expected a name, uid or uid:gid"
+            )));
+        }
+        return Ok(None);
+    }
+    let parse = |v: &str| {
+        v.parse::<u32>()
+            .ok()
+            .filter(|n| *n < 65536)
+            .ok_or_else(|| Error::invalid(format!("user {s:?}: ids run from 0 to 65535")))
+    };
+    let uid = parse(u)?;
+    let gid = match g {
+        Some(g) => parse(g)?,
+        None => uid,
+    };
+    Ok(Some(ExecUser { uid, gid }))
+}
+
 /// A resolved exec request.
 #[derive(Debug, Clone, Default)]
 pub struct ExecRequest {
@@ -117,6 +147,10 @@ pub struct ExecRequest {
     pub stdin: Option<Vec<u8>>,
     /// Pseudo-terminal size (rows, cols), if any.
     pub pty: Option<(u16, u16)>,
+    /// Run as this account of the sandbox: a name from its `/etc/passwd`
+    /// (whose home becomes `HOME` and the default working directory) or
+    /// a numeric `uid[:gid]`. Empty = root.
+    pub user: Option<String>,
 }
 
 /// Metadata kept with a sandbox but never shown by the API: the E2B
@@ -1290,14 +1324,89 @@ impl Manager {
             paths::normalize(&req.workdir)?
         };
         let timeout = self.resolve_timeout(&req.timeout, &rec.owner_id).await?;
-        Ok(ExecSpec {
+        let mut spec = ExecSpec {
             argv,
             env: req.env.clone(),
             workdir,
             timeout,
             stdin: req.stdin.clone(),
             pty: req.pty,
-        })
+            user: None,
+        };
+        if let Some(name) = req.user.as_deref().filter(|u| !u.is_empty()) {
+            spec.user = Some(match numeric_user(name)? {
+                Some(u) => u,
+                None => {
+                    let acct = self.account_of(rec, name).await?.ok_or_else(|| {
+                        Error::invalid(format!(
+                            "user {name:?} has no account in this sandbox's /etc/passwd"
+                        ))
+                    })?;
+                    for (k, v) in [
+                        ("HOME", &acct.home),
+                        ("USER", &acct.name),
+                        ("LOGNAME", &acct.name),
+                    ] {
+                        spec.env.entry(k.to_string()).or_insert_with(|| v.clone());
+                    }
+                    // The home is the default working directory where it
+                    // exists (an image may name one it lacks).
+                    if spec.workdir.is_empty() && self.is_dir(rec, &acct.home).await {
+                        spec.workdir = acct.home.clone();
+                    }
+                    ExecUser {
+                        uid: acct.uid,
+                        gid: acct.gid,
+                    }
+                }
+            });
+        }
+        Ok(spec)
+    }
+
+    /// Whether `path` is a directory in the sandbox (asked of its provider).
+    async fn is_dir(&self, rec: &SandboxRecord, path: &str) -> bool {
+        let Ok(provider) = self.registry.get(&rec.provider) else {
+            return false;
+        };
+        let target = if rec.vm_id.is_empty() {
+            &rec.id
+        } else {
+            &rec.vm_id
+        };
+        provider
+            .stat_file(target, path)
+            .await
+            .is_ok_and(|i| i.is_dir)
+    }
+
+    /// The account named `name` in the sandbox's `/etc/passwd` (read
+    /// through its provider, not audited as a caller's file read);
+    /// `None` when there is none.
+    pub async fn account_of(&self, rec: &SandboxRecord, name: &str) -> Result<Option<Account>> {
+        if name == "root" {
+            return Ok(Some(Account {
+                name: "root".into(),
+                uid: 0,
+                gid: 0,
+                home: "/root".into(),
+            }));
+        }
+        let provider = self.registry.get(&rec.provider)?;
+        let target = if rec.vm_id.is_empty() {
+            rec.id.clone()
+        } else {
+            rec.vm_id.clone()
+        };
+        let text = match provider
+            .read_file_stream(&target, "/etc/passwd", 1024 * 1024)
+            .await
+        {
+            Ok(s) => s.collect().await?,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(find_account(&String::from_utf8_lossy(&text), name))
     }
 
     fn command_text(req: &ExecRequest) -> String {

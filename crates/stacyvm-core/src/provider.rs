@@ -75,6 +75,45 @@ pub struct ExecSpec {
     pub stdin: Option<Vec<u8>>,
     /// Run on a pseudo-terminal of (rows, cols); stdout carries everything.
     pub pty: Option<(u16, u16)>,
+    /// Run as this uid and gid of the sandbox (supplementary groups
+    /// dropped); `None` = the sandbox's root.
+    pub user: Option<ExecUser>,
+}
+
+/// A numeric identity inside a sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExecUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// One account of a sandbox's `/etc/passwd`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Account {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: String,
+}
+
+/// The account named `name` in a `passwd` file's text.
+pub fn find_account(passwd: &str, name: &str) -> Option<Account> {
+    passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 7 || f[0] != name {
+            return None;
+        }
+        Some(Account {
+            name: f[0].to_string(),
+            uid: f[2].parse().ok()?,
+            gid: f[3].parse().ok()?,
+            home: if f[5].starts_with('/') {
+                f[5].to_string()
+            } else {
+                "/".to_string()
+            },
+        })
+    })
 }
 
 /// Which output stream a chunk came from.
@@ -193,6 +232,8 @@ pub mod capability {
     pub const EXEC_INTERACTIVE: &str = "exec_interactive";
     /// Pseudo-terminal execs (with resize).
     pub const PTY: &str = "pty";
+    /// Commands run as another uid/gid of the sandbox ([`super::ExecSpec::user`]).
+    pub const EXEC_USER: &str = "exec_user";
     pub const SNAPSHOTS: &str = "snapshots";
     /// `POST /sandboxes/{id}/snapshot`, `/fork` and spawns from a snapshot.
     pub const SANDBOX_SNAPSHOTS: &str = "sandbox_snapshots";

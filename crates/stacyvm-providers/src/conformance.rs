@@ -41,6 +41,11 @@ pub trait Fixture: Send + Sync {
     fn has_devices(&self) -> bool {
         true
     }
+    /// Whether commands can run as another uid of the sandbox (the mock
+    /// and a remote StacyVM refuse with `Unsupported`).
+    fn supports_users(&self) -> bool {
+        true
+    }
 }
 
 /// Output of a finished command.
@@ -241,6 +246,42 @@ pub async fn env_and_workdir(f: &dyn Fixture) {
         .await
         .expect_err("missing workdir");
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// A command run as uid/gid 1000 is that identity, owns what it
+/// creates, and holds none of root's powers.
+pub async fn exec_as_user(f: &dyn Fixture) {
+    let p = f.provider();
+    let id = spawn(p.as_ref(), &f.image()).await;
+    let spec = ExecSpec {
+        argv: paths::build_argv(
+            "shell",
+            "id -u; id -g; id -G; f=${SANDBOX_ROOT}/tmp/by-user; touch $f; ls -ln $f | awk '{print $3\":\"$4}'; \
+             touch ${SANDBOX_ROOT}/etc/planted 2>/dev/null && echo wrote-etc || echo denied",
+            &[],
+        )
+        .expect("argv"),
+        user: Some(stacyvm_core::provider::ExecUser {
+            uid: 1000,
+            gid: 1000,
+        }),
+        ..Default::default()
+    };
+    let r = run_spec(p.as_ref(), &id, spec).await;
+    if !f.supports_users() {
+        let e = r.expect_err("a provider without users must refuse");
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        p.destroy(&id).await.expect("destroy");
+        return;
+    }
+    let r = r.expect("exec as user");
+    assert_eq!(
+        r.stdout, "1000\n1000\n1000\n1000:1000\ndenied\n",
+        "uid, gid, no supplementary groups, ownership, no root powers: {r:?}"
+    );
+    let r = sh(p.as_ref(), &id, "id -u").await;
+    assert_eq!(r.stdout, "0\n", "the default stays root");
     p.destroy(&id).await.expect("destroy");
 }
 
@@ -1048,7 +1089,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@optional $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
-                streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
+                exec_as_user, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);
@@ -1068,7 +1109,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@cases $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
-                streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
+                exec_as_user, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);

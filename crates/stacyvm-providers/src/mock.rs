@@ -106,6 +106,9 @@ impl MockProvider {
         if spec.pty.is_some() {
             return Err(Error::unsupported("mock: pty exec"));
         }
+        if spec.user.is_some_and(|u| u.uid != 0) {
+            return Err(Error::unsupported("mock: exec as a user other than root"));
+        }
         let root = HostRoot::new(&dir);
         let workdir = if spec.workdir.is_empty() {
             "/workspace".to_string()
@@ -648,6 +651,9 @@ mod tests {
             false
         }
         fn has_devices(&self) -> bool {
+            false
+        }
+        fn supports_users(&self) -> bool {
             false
         }
     }

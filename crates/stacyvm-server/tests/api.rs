@@ -367,6 +367,30 @@ async fn exec_sync_modes_errors_and_timeouts() {
         .post(&p, json!({"command": "/no/such/program", "mode": "argv"}))
         .await;
     assert_eq!(v["exit_code"], 127);
+    // `user`: root by name or number runs; a name the sandbox lacks, a
+    // malformed or out-of-range id are 400; a uid the provider cannot
+    // switch to (the mock runs on the host) is 501.
+    for user in ["root", "0", "0:0"] {
+        let (st, v) = s
+            .post(&p, json!({"command": "echo ok", "user": user}))
+            .await;
+        assert_eq!((st, v["stdout"].as_str()), (200, Some("ok\n")), "{user}");
+    }
+    for (user, msg) in [
+        (
+            "nobody-here",
+            "has no account in this sandbox's /etc/passwd",
+        ),
+        ("1000:staff", "expected a name, uid or uid:gid"),
+        ("70000", "ids run from 0 to 65535"),
+        (":5", "expected a name, uid or uid:gid"),
+        ("5:70000", "ids run from 0 to 65535"),
+    ] {
+        let (st, v) = s.post(&p, json!({"command": "true", "user": user})).await;
+        assert_error(st, &v, 400, "BAD_REQUEST", msg);
+    }
+    let (st, v) = s.post(&p, json!({"command": "true", "user": "1000"})).await;
+    assert_eq!(st, 501, "{v}");
 }
 
 #[tokio::test]

@@ -89,6 +89,10 @@ pub enum Command {
         /// Environment variable KEY=VALUE (repeatable).
         #[arg(long = "env", short = 'e', value_parser = parse_kv)]
         env: Vec<(String, String)>,
+        /// Run as this account of the sandbox (a name, `uid` or
+        /// `uid:gid`); default root.
+        #[arg(long, short = 'u')]
+        user: Option<String>,
         /// Timeout, e.g. 30s.
         #[arg(long)]
         timeout: Option<String>,
@@ -278,6 +282,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             shell,
             workdir,
             env,
+            user,
             timeout,
             no_stream,
             command,
@@ -299,6 +304,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 env: env.into_iter().collect(),
                 workdir: workdir.unwrap_or_default(),
                 timeout: timeout.unwrap_or_default(),
+                user,
                 ..ExecRequest::default()
             };
             if no_stream || conn.json {

@@ -846,8 +846,8 @@ pub(crate) fn exec_request(spec: &stacyvm_core::provider::ExecSpec, stdin: bool)
         argv: spec.argv.clone(),
         env: spec.env.clone(),
         cwd: spec.workdir.clone(),
-        uid: None,
-        gid: None,
+        uid: spec.user.map(|u| u.uid),
+        gid: spec.user.map(|u| u.gid),
         stdin,
         pty: spec.pty.map(|(rows, cols)| proto::Resize { rows, cols }),
         timeout_ms: spec

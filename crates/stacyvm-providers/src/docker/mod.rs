@@ -604,6 +604,24 @@ impl DockerProvider {
         }
     }
 
+    /// Whether a container's agent keeps CAP_SETUID and CAP_SETGID (to
+    /// run a command as another user). The default drops every
+    /// capability, so it cannot; `added_caps: [SETUID, SETGID]` lets it.
+    fn can_switch_users(&self) -> bool {
+        let c = &self.opts.config;
+        let norm = |s: &String| {
+            s.trim()
+                .to_ascii_uppercase()
+                .trim_start_matches("CAP_")
+                .to_string()
+        };
+        let has =
+            |list: &[String], cap: &str| list.iter().any(|x| norm(x) == cap || norm(x) == "ALL");
+        let keeps = |cap: &str| has(&c.added_caps, cap) || !has(&c.dropped_caps, cap);
+        let root = matches!(c.user.trim(), "" | "0" | "0:0" | "root");
+        root && keeps("SETUID") && keeps("SETGID")
+    }
+
     fn runtime(&self) -> &str {
         match self.opts.config.runtime.as_str() {
             "" => "runc",
@@ -1501,6 +1519,9 @@ impl Provider for DockerProvider {
         c.push(capability::STATS.into());
         c.push(capability::EXEC_INTERACTIVE.into());
         c.push(capability::PTY.into());
+        if self.can_switch_users() {
+            c.push(capability::EXEC_USER.into());
+        }
         c
     }
 

@@ -273,9 +273,29 @@ impl conformance::Fixture for SuiteFixture {
     fn survives_restart(&self) -> bool {
         true
     }
+    fn supports_users(&self) -> bool {
+        self.0
+            .make()
+            .capabilities()
+            .iter()
+            .any(|c| c == stacyvm_core::provider::capability::EXEC_USER)
+    }
 }
 
 crate::conformance_tests!(docker_runc_conformance, suite_fixture("runc"));
+
+/// With CAP_SETUID and CAP_SETGID added back, commands run as other
+/// users (the default, which drops every capability, refuses with
+/// `Unsupported`: the conformance case above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_as_user_with_setuid_caps() {
+    for runtime in ["runc", "runsc"] {
+        let mut fx = suite_fixture(runtime);
+        fx.0.config.added_caps = vec!["SETUID".into(), "CAP_SETGID".into()];
+        assert!(conformance::Fixture::supports_users(&fx), "{runtime}");
+        conformance::exec_as_user(&fx).await;
+    }
+}
 crate::conformance_tests!(docker_runsc_conformance, suite_fixture("runsc"));
 // gVisor registered with `--host-uds=create`: the agent's socket reaches
 // the host, so no relay exec is needed (scripts/test registers both).

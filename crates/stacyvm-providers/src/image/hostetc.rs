@@ -156,6 +156,10 @@ pub fn ensure_layer(host_etc: &Path, store: &Path) -> Result<PathBuf> {
     }
 }
 
+/// The unprivileged account of the `host` image (home `/home/user`).
+pub const DEFAULT_USER: &str = "user";
+pub const DEFAULT_UID: u32 = 1000;
+
 /// Reads the allowed part of `host_etc`, plus the synthesized files.
 fn collect(host_etc: &Path) -> std::io::Result<BTreeMap<String, Entry>> {
     let mut out = BTreeMap::new();
@@ -171,12 +175,27 @@ fn collect(host_etc: &Path) -> std::io::Result<BTreeMap<String, Entry>> {
     }
     let passwd = std::fs::read_to_string(host_etc.join("passwd")).unwrap_or_default();
     let group = std::fs::read_to_string(host_etc.join("group")).unwrap_or_default();
-    let (passwd, users) = system_accounts(&passwd);
+    let (mut passwd, users) = system_accounts(&passwd);
+    let mut group = system_groups(&group, &users);
+    // The unprivileged account E2B code (and most images) assume.
+    if !users.iter().any(|u| u == DEFAULT_USER) {
+        let shell = if Path::new("/bin/bash").exists() {
+            "/bin/bash"
+        } else {
+            "/bin/sh"
+        };
+        passwd.push_str(&format!(
+            "{DEFAULT_USER}:x:{DEFAULT_UID}:{DEFAULT_UID}:{DEFAULT_USER}:/home/{DEFAULT_USER}:{shell}\n"
+        ));
+        if !group
+            .lines()
+            .any(|l| l.split(':').next() == Some(DEFAULT_USER))
+        {
+            group.push_str(&format!("{DEFAULT_USER}:x:{DEFAULT_UID}:\n"));
+        }
+    }
     out.insert("passwd".into(), Entry::File(passwd.into_bytes(), 0o644));
-    out.insert(
-        "group".into(),
-        Entry::File(system_groups(&group, &users).into_bytes(), 0o644),
-    );
+    out.insert("group".into(), Entry::File(group.into_bytes(), 0o644));
     out.insert(
         "hosts".into(),
         Entry::File(
@@ -314,11 +333,11 @@ mod tests {
         let passwd = std::fs::read_to_string(etc.join("passwd")).expect("passwd");
         assert_eq!(
             passwd,
-            "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/nonexistent:/usr/sbin/nologin\n"
+            "root:x:0:0:root:/root:/bin/bash\nnobody:x:65534:65534::/nonexistent:/usr/sbin/nologin\nuser:x:1000:1000:user:/home/user:/bin/bash\n"
         );
         assert_eq!(
             std::fs::read_to_string(etc.join("group")).expect("group"),
-            "root:x:0:\nsudo:x:27:root\n"
+            "root:x:0:\nsudo:x:27:root\nuser:x:1000:\n"
         );
         for hidden in ["environment", "default", "ssl/private", "ssl/openssl.cnf"] {
             assert!(

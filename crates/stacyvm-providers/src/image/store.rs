@@ -74,6 +74,22 @@ impl ImageStore {
             )
             .map_err(err)?;
         }
+        // The home of the image's unprivileged account, owned by it (the
+        // layer is id-mapped, so on-disk ids are the sandbox's ids).
+        let uid = super::hostetc::DEFAULT_UID;
+        let home = self
+            .host_skel
+            .join("home")
+            .join(super::hostetc::DEFAULT_USER);
+        std::fs::create_dir_all(&home).map_err(err)?;
+        // A server without root (PRoot only) cannot give it away; its
+        // sandboxes then see the directory as their own.
+        if let Err(e) = std::os::unix::fs::chown(&home, Some(uid), Some(uid)) {
+            if e.kind() != std::io::ErrorKind::PermissionDenied {
+                return Err(err(e));
+            }
+        }
+        std::fs::set_permissions(&home, std::fs::Permissions::from_mode(0o755)).map_err(err)?;
         for name in HOST_DIRS {
             let host = Path::new("/").join(name);
             let skel = self.host_skel.join(name);

@@ -69,6 +69,9 @@ impl Drop for Fixture {
 }
 
 impl conformance::Fixture for Fixture {
+    fn supports_users(&self) -> bool {
+        false
+    }
     fn provider(&self) -> Arc<dyn Provider> {
         Arc::new(self.make())
     }
@@ -102,6 +105,9 @@ pub fn busybox_fixture() -> BusyboxFixture {
 }
 
 impl conformance::Fixture for BusyboxFixture {
+    fn supports_users(&self) -> bool {
+        false
+    }
     fn provider(&self) -> Arc<dyn Provider> {
         self.inner.provider()
     }

@@ -485,6 +485,12 @@ impl CustomProvider {
         if !spec.workdir.is_empty() {
             body.insert("workdir".into(), spec.workdir.as_str().into());
         }
+        if spec.user.is_some_and(|u| u.uid != 0) {
+            return Err(Error::unsupported(format!(
+                "{}: running a command as a user other than root",
+                self.name
+            )));
+        }
         if let Some(stdin) = &spec.stdin {
             if !ext.stdin {
                 return Err(Error::unsupported(format!(

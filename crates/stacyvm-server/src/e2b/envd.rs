@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use stacyvm_api::FileInfo;
 use stacyvm_core::manager::{Caller, ExecRequest, Scope, StreamEvent};
-use stacyvm_core::provider::ExecInput;
 use stacyvm_core::provider::StreamKind;
+use stacyvm_core::provider::{Account, ExecInput};
 use stacyvm_core::store::SandboxRecord;
 use stacyvm_core::{Error, ErrorKind};
 
@@ -251,11 +251,33 @@ pub async fn handle(st: AppState, req: Request) -> Response {
         .get(super::control::META_ENVS)
         .and_then(|t| serde_json::from_str(t).ok())
         .unwrap_or_default();
+    let is_rpc = path.starts_with("/process.") || path.starts_with("/filesystem.");
+    let asked = match requested_user(&req, is_rpc) {
+        Ok(u) => u,
+        Err(msg) => {
+            return if is_rpc {
+                rpc_error("invalid_argument", msg)
+            } else {
+                http_error(StatusCode::BAD_REQUEST, msg)
+            }
+        }
+    };
+    let user = match account(&st, &rec, asked.as_deref()).await {
+        Ok(a) => a,
+        Err(msg) => {
+            return if is_rpc {
+                rpc_error("unauthenticated", msg)
+            } else {
+                http_error(StatusCode::UNAUTHORIZED, msg)
+            }
+        }
+    };
     let env = Env {
         st,
         id,
         caller,
         sandbox_envs,
+        user,
     };
     match (method, path.as_str()) {
         (Method::GET, "/files") => env.download(req).await,
@@ -289,7 +311,99 @@ struct Env {
     id: String,
     caller: Caller,
     sandbox_envs: BTreeMap<String, String>,
+    /// The account the call acts as.
+    user: Account,
 }
+
+/// The user a call names: `Authorization: Basic base64("<user>:")` on
+/// RPCs, `?username=` on `/files`; `None` = the default user.
+fn requested_user(req: &Request, is_rpc: bool) -> Result<Option<String>, String> {
+    if !is_rpc {
+        #[derive(Default, Deserialize)]
+        struct Q {
+            username: Option<String>,
+        }
+        let q: Q = query(req);
+        return Ok(q.username.filter(|u| !u.is_empty()));
+    }
+    let Some(v) = req.headers().get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let v = v.to_str().map_err(|_| "Authorization is not text")?;
+    let Some(b) = v.strip_prefix("Basic ") else {
+        return Err("Authorization: expected Basic with the user name".into());
+    };
+    let raw = B64
+        .decode(b.trim())
+        .map_err(|_| "Authorization: Basic is not base64")?;
+    let text = String::from_utf8(raw).map_err(|_| "Authorization: the user is not UTF-8")?;
+    let name = text.split(':').next().unwrap_or_default();
+    Ok(Some(name.to_string()).filter(|n| !n.is_empty()))
+}
+
+/// Accounts already looked up, by sandbox (id and start time) and name.
+static ACCOUNTS: LazyLock<parking_lot::Mutex<HashMap<String, Account>>> =
+    LazyLock::new(Default::default);
+
+/// The account a call acts as. The default is `user` (E2B's), or root in
+/// an image that has no such account; a name the sandbox lacks is an
+/// error.
+async fn account(
+    st: &AppState,
+    rec: &SandboxRecord,
+    asked: Option<&str>,
+) -> Result<Account, String> {
+    let name = asked.unwrap_or(DEFAULT_USER);
+    if name.len() > 64 || name.contains(['\0', ':', '\n']) {
+        return Err(format!("user {name:?} is not a valid account name"));
+    }
+    let key = format!(
+        "{}\0{}\0{name}",
+        rec.id,
+        rec.created_at.timestamp_nanos_opt().unwrap_or_default()
+    );
+    if let Some(a) = ACCOUNTS.lock().get(&key) {
+        return Ok(a.clone());
+    }
+    let found = st
+        .manager
+        .account_of(rec, name)
+        .await
+        .map_err(|e| format!("looking up user {name:?}: {e}"))?;
+    // The default user is best effort: an image without it, or a provider
+    // that cannot switch users (docker without CAP_SETUID), runs as root.
+    let switches = st.manager.registry().get(&rec.provider).is_ok_and(|p| {
+        p.capabilities()
+            .iter()
+            .any(|c| c == stacyvm_core::provider::capability::EXEC_USER)
+    });
+    let acct = match (found, asked) {
+        (Some(a), None) if a.uid != 0 && !switches => root_account(),
+        (Some(a), _) => a,
+        (None, None) => root_account(),
+        (None, Some(_)) => return Err(format!("user {name:?} does not exist in this sandbox")),
+    };
+    let mut map = ACCOUNTS.lock();
+    // Entries of destroyed sandboxes are never asked for again; a full
+    // map starts over rather than grow.
+    if map.len() >= 4096 {
+        map.clear();
+    }
+    map.insert(key, acct.clone());
+    Ok(acct)
+}
+
+fn root_account() -> Account {
+    Account {
+        name: "root".into(),
+        uid: 0,
+        gid: 0,
+        home: "/root".into(),
+    }
+}
+
+/// E2B's default user.
+const DEFAULT_USER: &str = "user";
 
 #[derive(Debug, Default, Deserialize)]
 struct PathQuery {
@@ -297,15 +411,15 @@ struct PathQuery {
 }
 
 /// Paths of E2B calls: absolute, or relative to (and `~` for) the
-/// default user's home.
-fn resolve(p: &str) -> String {
-    const HOME: &str = "/root";
+/// user's home.
+fn resolve(home: &str, p: &str) -> String {
+    let home = home.trim_end_matches('/');
     if let Some(rest) = p.strip_prefix('~') {
-        format!("{HOME}{rest}")
+        format!("{home}{rest}")
     } else if p.starts_with('/') {
         p.to_string()
     } else {
-        format!("{HOME}/{p}")
+        format!("{home}/{p}")
     }
 }
 
@@ -316,6 +430,15 @@ fn query<T: serde::de::DeserializeOwned + Default>(req: &Request) -> T {
 }
 
 impl Env {
+    fn resolve(&self, p: &str) -> String {
+        resolve(&self.user.home, p)
+    }
+
+    /// The exec identity of the call's user (`None` = root).
+    fn as_user(&self) -> Option<String> {
+        (self.user.uid != 0).then(|| format!("{}:{}", self.user.uid, self.user.gid))
+    }
+
     /// A slot of the per-sandbox, per-credential and per-tenant caps on
     /// concurrent execs and transfers, as `/api/v1` takes for its own.
     fn permit(&self) -> Result<crate::active::Permit, crate::active::Cap> {
@@ -336,7 +459,7 @@ impl Env {
         let Some(path) = q.path.filter(|p| !p.is_empty()) else {
             return http_error(StatusCode::BAD_REQUEST, "path is required");
         };
-        let path = resolve(&path);
+        let path = self.resolve(&path);
         match self
             .st
             .manager
@@ -431,7 +554,7 @@ impl Env {
                     (_, Some(name)) if !name.is_empty() => name.to_string(),
                     _ => return http_error(StatusCode::BAD_REQUEST, "a file part without a path"),
                 };
-                let path = resolve(&target);
+                let path = self.resolve(&target);
                 if let Err(r) = self.write_stream(&path, field, max).await {
                     return r;
                 }
@@ -454,7 +577,7 @@ impl Env {
                     "compressed uploads are not supported; send identity",
                 );
             }
-            let path = resolve(&target);
+            let path = self.resolve(&target);
             if let Err(r) = self
                 .write_stream(&path, req.into_body().into_data_stream(), max)
                 .await
@@ -473,6 +596,29 @@ impl Env {
         E: std::fmt::Display,
     {
         use futures::StreamExt;
+        // A user other than root gets the parents it lacks made as itself
+        // and the file given to it, as envd's own writes would.
+        let owner = self.as_user();
+        if let Some(u) = &owner {
+            let parent = match path.rsplit_once('/') {
+                Some(("", _)) | None => "/",
+                Some((d, _)) => d,
+            };
+            let missing = matches!(
+                self.st.manager.stat_file(&self.id, parent, &self.caller).await,
+                Err(e) if e.kind() == ErrorKind::NotFound
+            );
+            if missing {
+                self.run(&["mkdir", "-p", "--", parent], Some(u.clone()))
+                    .await
+                    .map_err(|_| {
+                        http_error(
+                            StatusCode::FORBIDDEN,
+                            format!("user {:?} cannot create {parent}", self.user.name),
+                        )
+                    })?;
+            }
+        }
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
         let feed = async move {
             let mut body = body;
@@ -502,7 +648,18 @@ impl Env {
             };
             return Err(http_error(status, msg));
         }
-        wrote.map(|_| ()).map_err(file_error)
+        wrote.map(|_| ()).map_err(file_error)?;
+        if let Some(u) = owner {
+            self.run(&["chown", "-h", "--", &u, path], None)
+                .await
+                .map_err(|_| {
+                    http_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("giving {path} to user {:?} failed", self.user.name),
+                    )
+                })?;
+        }
+        Ok(())
     }
 
     /// `process.Process/Start`: starts the process and streams its events.
@@ -574,11 +731,21 @@ impl Env {
             args: process.args.clone(),
             mode: "argv".into(),
             env: {
-                let mut e = self.sandbox_envs.clone();
+                let u = &self.user;
+                let mut e: BTreeMap<String, String> = [
+                    ("HOME", u.home.as_str()),
+                    ("USER", u.name.as_str()),
+                    ("LOGNAME", u.name.as_str()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+                e.extend(self.sandbox_envs.clone());
                 e.extend(process.envs.clone());
                 e
             },
-            workdir: process.cwd.as_deref().map(resolve).unwrap_or_default(),
+            user: self.as_user(),
+            workdir: self.resolve(process.cwd.as_deref().unwrap_or("~")),
             timeout: timeout_ms.map(|ms| format!("{ms}ms")).unwrap_or_default(),
             pty,
             ..Default::default()
@@ -779,7 +946,7 @@ impl Env {
                 .and_then(Value::as_str)
                 .filter(|p| !p.is_empty())
             {
-                Some(p) => Ok(resolve(p)),
+                Some(p) => Ok(self.resolve(p)),
                 None => Err(rpc_error("invalid_argument", format!("{k} is required"))),
             }
         };
@@ -820,7 +987,7 @@ impl Env {
                         Err(e) if e.kind() == ErrorKind::NotFound => {}
                         Err(e) => return Err(rpc_fail(e)),
                     }
-                    self.run(&["mkdir", "-p", "--", &p]).await?;
+                    self.run(&["mkdir", "-p", "--", &p], self.as_user()).await?;
                     let info = m
                         .stat_file(&self.id, &p, &self.caller)
                         .await
@@ -891,14 +1058,15 @@ impl Env {
         Ok(())
     }
 
-    /// Runs a helper command in the sandbox (as its user); fails on a
-    /// nonzero exit with its stderr.
-    async fn run(&self, argv: &[&str]) -> Result<(), Response> {
+    /// Runs a helper command in the sandbox as `user` (`None` = root);
+    /// fails on a nonzero exit with its stderr.
+    async fn run(&self, argv: &[&str], user: Option<String>) -> Result<(), Response> {
         let req = ExecRequest {
             command: argv[0].to_string(),
             args: argv[1..].iter().map(|s| s.to_string()).collect(),
             mode: "argv".into(),
             timeout: "30s".into(),
+            user,
             ..Default::default()
         };
         let out = self

@@ -116,6 +116,7 @@ fn to_manager_req(req: &ExecRequest) -> manager::ExecRequest {
         timeout: req.timeout.clone(),
         stdin: req.stdin.as_ref().map(|s| s.as_bytes().to_vec()),
         pty: req.tty.map(|t| (t.rows.max(1), t.cols.max(1))),
+        user: req.user.clone(),
     }
 }
 

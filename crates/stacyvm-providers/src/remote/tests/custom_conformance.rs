@@ -100,6 +100,9 @@ fn shared() -> &'static Backend {
 struct Fixture;
 
 impl crate::conformance::Fixture for Fixture {
+    fn supports_users(&self) -> bool {
+        false
+    }
     fn provider(&self) -> Arc<dyn Provider> {
         Arc::new(shared().provider())
     }
