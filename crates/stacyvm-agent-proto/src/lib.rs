@@ -242,7 +242,35 @@ pub struct Hello {
 /// - `chunked_results`: a `ListDir`/`Glob` result larger than
 ///   [`MAX_CHUNK`] arrives as `Data` frames of JSON followed by a
 ///   `Response` whose result is `{"chunked": true}`.
-pub const FEATURES: &[&str] = &["read_stream", "write_flow", "chunked_results"];
+/// - `watch`: `Watch` answers with a header `Response`, then `Data`
+///   frames, each a JSON array of [`WatchEvent`]s, until the host sends a
+///   `Signal` to the request (then an empty `Data` frame ends it) or the
+///   watch fails (a second, error `Response`).
+pub const FEATURES: &[&str] = &["read_stream", "write_flow", "chunked_results", "watch"];
+
+/// One change under a watched directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WatchEvent {
+    /// Path relative to the watched directory (`sub/file` when recursive).
+    pub name: String,
+    pub op: WatchOp,
+}
+
+/// What happened to a [`WatchEvent`]'s path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WatchOp {
+    /// Created, or moved in.
+    Create,
+    /// Content written.
+    Write,
+    /// Deleted.
+    Remove,
+    /// Moved away (renamed).
+    Rename,
+    /// Mode, owner or times changed.
+    Chmod,
+}
 
 /// Domain separation for the handshake MAC.
 const PROOF_CONTEXT: &[u8] = b"stacyvm-agent-hello-v1\0";
@@ -397,6 +425,13 @@ pub enum Request {
         /// The `chunked_results` feature.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         chunked: bool,
+    },
+    /// Watches a directory for changes (the `watch` feature).
+    Watch {
+        path: String,
+        /// Subdirectories too, including ones made while watching.
+        #[serde(default)]
+        recursive: bool,
     },
     /// Stops every process and exits the agent (sandbox teardown).
     Shutdown,

@@ -132,7 +132,11 @@ impl Upload {
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_default();
         let tmp = p
-            .with_file_name(format!(".{name}.stacyvm-upload-{}", std::process::id()))
+            .with_file_name(format!(
+                ".{name}{}{}",
+                crate::watch::UPLOAD_MARK,
+                std::process::id()
+            ))
             .to_string_lossy()
             .to_string();
         let file = fs::OpenOptions::new()

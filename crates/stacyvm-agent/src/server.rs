@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io::{BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -34,6 +35,8 @@ pub struct Conn {
     uploads: Mutex<HashMap<u32, mpsc::Sender<Vec<u8>>>>,
     /// Streamed reads in flight: their credit (and cancellation).
     reads: Mutex<HashMap<u32, Arc<Window>>>,
+    /// Directory watches in flight: their stop flags.
+    watches: Mutex<HashMap<u32, Arc<AtomicBool>>>,
 }
 
 impl Conn {
@@ -47,10 +50,23 @@ impl Conn {
         for r in self.reads.lock().unwrap_or_else(|e| e.into_inner()).drain() {
             r.1.cancel();
         }
+        self.stop_watches();
         self.uploads
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+    }
+
+    /// Ends every directory watch of this connection.
+    fn stop_watches(&self) {
+        for w in self
+            .watches
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+        {
+            w.1.store(true, Ordering::SeqCst);
+        }
     }
 
     pub fn send(&self, f: &Frame) -> std::io::Result<()> {
@@ -173,7 +189,17 @@ pub fn handle_stream<R: Read>(
         execs: Mutex::new(HashMap::new()),
         uploads: Mutex::new(HashMap::new()),
         reads: Mutex::new(HashMap::new()),
+        watches: Mutex::new(HashMap::new()),
     });
+    // Watches end with the connection (their threads would otherwise
+    // wait for the next change to find the host gone).
+    struct EndWatches(Arc<Conn>);
+    impl Drop for EndWatches {
+        fn drop(&mut self) {
+            self.0.stop_watches();
+        }
+    }
+    let _end = EndWatches(conn.clone());
     let mut reader = BufReader::with_capacity(256 * 1024, stream);
     // Handshake: the first frame must be Hello with our major version.
     match Frame::read_from(&mut reader) {
@@ -307,8 +333,17 @@ fn dispatch(f: Frame, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: bool) {
             }
         }
         Kind::Signal => {
-            // A signal to a streamed read cancels it; to an upload, aborts
-            // it (its channel closes before the final chunk).
+            // A signal to a streamed read or a watch cancels it; to an
+            // upload, aborts it (its channel closes before the final chunk).
+            if let Some(w) = conn
+                .watches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id)
+            {
+                w.store(true, Ordering::SeqCst);
+                return;
+            }
             if let Some(r) = conn
                 .reads
                 .lock()
@@ -471,6 +506,28 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
                 conn.respond_err(id, exhausted());
             }
         }
+        Request::Watch { path, recursive } => {
+            let stop = Arc::new(AtomicBool::new(false));
+            conn.watches
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, stop.clone());
+            let c = conn.clone();
+            let spawned = crate::spawn_thread(move || {
+                crate::watch::run(id, &path, recursive, &c, &stop);
+                c.watches
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            });
+            if spawned.is_err() {
+                conn.watches
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                conn.respond_err(id, exhausted());
+            }
+        }
         other => {
             let c = conn.clone();
             if crate::spawn_thread(move || simple(id, other, &c, pid1)).is_err() {
@@ -543,9 +600,10 @@ fn simple(id: u32, req: Request, conn: &Arc<Conn>, pid1: bool) {
                 ))
             }
         }
-        Request::Ping | Request::Exec { .. } | Request::WriteFile { .. } => {
-            Err(AgentError::new(ErrorKind::Internal, "unreachable"))
-        }
+        Request::Ping
+        | Request::Exec { .. }
+        | Request::WriteFile { .. }
+        | Request::Watch { .. } => Err(AgentError::new(ErrorKind::Internal, "unreachable")),
     };
     conn.respond(id, res);
 }

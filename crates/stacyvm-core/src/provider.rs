@@ -80,6 +80,31 @@ pub struct ExecSpec {
     pub user: Option<ExecUser>,
 }
 
+/// One change under a watched directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsEvent {
+    /// Path relative to the watched directory.
+    pub name: String,
+    pub op: FsOp,
+}
+
+/// What happened to an [`FsEvent`]'s path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsOp {
+    /// Created, or moved in.
+    Create,
+    Write,
+    Remove,
+    /// Moved away.
+    Rename,
+    /// Mode, owner or times changed.
+    Chmod,
+}
+
+/// A running directory watch: batches of events; `None` once the watch
+/// ends (the directory went away), an `Err` when it fails.
+pub type FsEvents = mpsc::Receiver<Result<Vec<FsEvent>>>;
+
 /// A numeric identity inside a sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExecUser {
@@ -237,6 +262,8 @@ pub mod capability {
     pub const SNAPSHOTS: &str = "snapshots";
     /// `POST /sandboxes/{id}/snapshot`, `/fork` and spawns from a snapshot.
     pub const SANDBOX_SNAPSHOTS: &str = "sandbox_snapshots";
+    /// Directory watches ([`super::SandboxIo::watch_dir`]).
+    pub const WATCH: &str = "watch";
 }
 
 /// How a provider separates a sandbox from the host, weakest first: the
@@ -322,6 +349,14 @@ pub trait SandboxIo: Send + Sync {
 
     async fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<()>;
     async fn read_file(&self, path: &str) -> Result<Vec<u8>>;
+
+    /// Watches the directory `path` (and, when `recursive`, the ones
+    /// under it, also those made later): batches of changes as they
+    /// happen. Not a directory → `InvalidInput`; missing → `NotFound`.
+    /// Dropping the receiver ends the watch.
+    async fn watch_dir(&self, _path: &str, _recursive: bool) -> Result<FsEvents> {
+        Err(Error::unsupported("watching directories"))
+    }
 
     /// Reads a regular file of at most `max_bytes` as a stream; anything
     /// else (device, FIFO, socket, directory) is `InvalidInput`, a larger
@@ -565,6 +600,10 @@ pub trait Provider: Debug + Send + Sync + 'static {
     /// Absolute matching paths, sorted; no match is an empty list.
     async fn glob_files(&self, runtime_id: &str, pattern: &str) -> Result<Vec<String>> {
         self.io(runtime_id).await?.glob_files(pattern).await
+    }
+    /// Watches a directory (see [`SandboxIo::watch_dir`]).
+    async fn watch_dir(&self, runtime_id: &str, path: &str, recursive: bool) -> Result<FsEvents> {
+        self.io(runtime_id).await?.watch_dir(path, recursive).await
     }
 
     /// Current state; unknown sandbox → `ErrorKind::SandboxNotFound`.

@@ -46,6 +46,11 @@ pub trait Fixture: Send + Sync {
     fn supports_users(&self) -> bool {
         true
     }
+    /// Whether directories can be watched (the mock and a remote StacyVM
+    /// refuse with `Unsupported`).
+    fn supports_watch(&self) -> bool {
+        true
+    }
 }
 
 /// Output of a finished command.
@@ -282,6 +287,121 @@ pub async fn exec_as_user(f: &dyn Fixture) {
     );
     let r = sh(p.as_ref(), &id, "id -u").await;
     assert_eq!(r.stdout, "0\n", "the default stays root");
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// Waits (at most 10 s) until `events` has shown every `(op, name)` of
+/// `want`; returns all it saw.
+async fn expect_events(
+    events: &mut stacyvm_core::provider::FsEvents,
+    want: &[(stacyvm_core::provider::FsOp, &str)],
+) -> Vec<(stacyvm_core::provider::FsOp, String)> {
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !want
+        .iter()
+        .all(|(op, n)| seen.iter().any(|(o, s)| o == op && s == n))
+    {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(Ok(batch))) => seen.extend(batch.into_iter().map(|e| (e.op, e.name))),
+            other => panic!("waiting for {want:?}: got {other:?} after {seen:?}"),
+        }
+    }
+    seen
+}
+
+/// Directory watches report creates, writes, renames, chmods and removals
+/// by name; a recursive one follows directories made after it began; bad
+/// paths are typed errors.
+pub async fn watch_dir_reports_changes(f: &dyn Fixture) {
+    use stacyvm_core::provider::FsOp;
+    let p = f.provider();
+    let id = spawn(p.as_ref(), &f.image()).await;
+    let w = p.watch_dir(&id, "/workspace", false).await;
+    if !f.supports_watch() {
+        let e = w.expect_err("a provider without watches must refuse");
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        p.destroy(&id).await.expect("destroy");
+        return;
+    }
+    let mut w = w.expect("watch /workspace");
+    p.write_file(&id, "/workspace/w.txt", b"hello", 0o644)
+        .await
+        .expect("write");
+    expect_events(&mut w, &[(FsOp::Create, "w.txt"), (FsOp::Write, "w.txt")]).await;
+    let r = sh(
+        p.as_ref(),
+        &id,
+        "cd /workspace && chmod 600 w.txt && mv w.txt v.txt && rm v.txt && mkdir d && echo x > d/inner",
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let seen = expect_events(
+        &mut w,
+        &[
+            (FsOp::Chmod, "w.txt"),
+            (FsOp::Rename, "w.txt"),
+            (FsOp::Create, "v.txt"),
+            (FsOp::Remove, "v.txt"),
+            (FsOp::Create, "d"),
+        ],
+    )
+    .await;
+    assert!(
+        !seen.iter().any(|(_, n)| n.contains('/')),
+        "a flat watch sees no deeper changes: {seen:?}"
+    );
+    drop(w);
+
+    // Recursive: existing and new subdirectories alike.
+    let mut w = p
+        .watch_dir(&id, "/workspace", true)
+        .await
+        .expect("recursive watch");
+    let r = sh(
+        p.as_ref(),
+        &id,
+        "cd /workspace && echo y > d/inner && mkdir -p new/deeper && sleep 0.3 && echo z > new/deeper/f",
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    expect_events(
+        &mut w,
+        &[
+            (FsOp::Write, "d/inner"),
+            (FsOp::Create, "new"),
+            (FsOp::Create, "new/deeper/f"),
+        ],
+    )
+    .await;
+    drop(w);
+
+    let e = p
+        .watch_dir(&id, "/workspace/none", false)
+        .await
+        .expect_err("missing");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    let e = p
+        .watch_dir(&id, "/workspace/d/inner", false)
+        .await
+        .expect_err("a file");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+
+    // The watched directory going away ends the watch.
+    let mut w = p
+        .watch_dir(&id, "/workspace/d", false)
+        .await
+        .expect("watch d");
+    let r = sh(p.as_ref(), &id, "rm -rf /workspace/d").await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, w.recv()).await {
+            Ok(None) => break,
+            Ok(Some(Ok(_))) => {}
+            other => panic!("the watch must end when its directory goes: {other:?}"),
+        }
+    }
     p.destroy(&id).await.expect("destroy");
 }
 
@@ -1089,7 +1209,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@optional $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
-                exec_as_user, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
+                exec_as_user, watch_dir_reports_changes, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);
@@ -1109,7 +1229,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@cases $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
-                exec_as_user, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
+                exec_as_user, watch_dir_reports_changes, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);

@@ -586,6 +586,96 @@ impl AgentClient {
         Ok(FileStream { size, chunks })
     }
 
+    /// Watches a directory (the agent's `watch` feature): batches of
+    /// events until the watch ends; dropping the receiver cancels it.
+    pub async fn watch(
+        self: &Arc<Self>,
+        path: &str,
+        recursive: bool,
+    ) -> Result<stacyvm_core::provider::FsEvents> {
+        use stacyvm_core::provider::{FsEvent, FsOp};
+        if !self.has("watch") {
+            return Err(Error::unsupported(
+                "watching directories (this sandbox's agent predates watches)",
+            ));
+        }
+        let (id, mut rx, guard) = self.register()?;
+        let req = Request::Watch {
+            path: path.to_string(),
+            recursive,
+        };
+        self.send(&Frame::json(Kind::Request, id, &req)).await?;
+        loop {
+            let Some(f) = rx.recv_within(CALL_TIMEOUT).await? else {
+                return Err(lost());
+            };
+            if f.kind == Kind::Response {
+                response(&f.body)?;
+                break;
+            }
+        }
+        let (tx, events) = mpsc::channel(64);
+        let client = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            loop {
+                // A watch may be quiet for as long as it likes; the reader
+                // going away is noticed at its next event or its close.
+                let f = tokio::select! {
+                    f = rx.recv() => f,
+                    () = tx.closed() => break,
+                };
+                let Some(f) = f else {
+                    let _ = tx.send(Err(lost())).await;
+                    return;
+                };
+                match f.kind {
+                    Kind::Data if f.body.is_empty() => return,
+                    Kind::Data => {
+                        let batch: Vec<proto::WatchEvent> = match serde_json::from_slice(&f.body) {
+                            Ok(b) => b,
+                            Err(e) => {
+                                let _ = tx
+                                    .send(Err(Error::internal(format!(
+                                        "agent sent a malformed watch event: {e}"
+                                    ))))
+                                    .await;
+                                break;
+                            }
+                        };
+                        let batch = batch
+                            .into_iter()
+                            .map(|e| FsEvent {
+                                name: e.name,
+                                op: match e.op {
+                                    proto::WatchOp::Create => FsOp::Create,
+                                    proto::WatchOp::Write => FsOp::Write,
+                                    proto::WatchOp::Remove => FsOp::Remove,
+                                    proto::WatchOp::Rename => FsOp::Rename,
+                                    proto::WatchOp::Chmod => FsOp::Chmod,
+                                },
+                            })
+                            .collect();
+                        // A reader that falls behind by a whole channel
+                        // loses batches rather than hold the connection's
+                        // frames in memory.
+                        match tx.try_send(Ok(batch)) {
+                            Ok(()) | Err(mpsc::error::TrySendError::Full(_)) => {}
+                            Err(mpsc::error::TrySendError::Closed(_)) => break,
+                        }
+                    }
+                    Kind::Response => {
+                        let _ = tx.send(response(&f.body).and(Err(lost()))).await;
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+            client.cancel(id).await;
+        });
+        Ok(events)
+    }
+
     /// Uploads a buffered file.
     pub async fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<()> {
         let (tx, rx) = mpsc::channel(1);

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use stacyvm_api::FileInfo;
-use stacyvm_core::provider::{ExecInput, ExecSpec, ExitStatus, FileStream, OutputSink, SandboxIo};
+use stacyvm_core::provider::{
+    ExecInput, ExecSpec, ExitStatus, FileStream, FsEvents, OutputSink, SandboxIo,
+};
 use stacyvm_core::Result;
 use tokio::sync::mpsc;
 
@@ -126,6 +128,10 @@ impl SandboxIo for AgentSession {
 
     async fn stat_file(&self, path: &str) -> Result<FileInfo> {
         Ok(to_info(self.client.stat(path).await?))
+    }
+
+    async fn watch_dir(&self, path: &str, recursive: bool) -> Result<FsEvents> {
+        self.client.watch(path, recursive).await
     }
 
     async fn glob_files(&self, pattern: &str) -> Result<Vec<String>> {

@@ -1519,6 +1519,7 @@ impl Provider for DockerProvider {
         c.push(capability::STATS.into());
         c.push(capability::EXEC_INTERACTIVE.into());
         c.push(capability::PTY.into());
+        c.push(capability::WATCH.into());
         if self.can_switch_users() {
             c.push(capability::EXEC_USER.into());
         }

@@ -1426,6 +1426,7 @@ impl Provider for QemuProvider {
         }
         c.push(capability::EXEC_INTERACTIVE.into());
         c.push(capability::PTY.into());
+        c.push(capability::WATCH.into());
         c.push(capability::EXEC_USER.into());
         if self.opts.snapshots {
             c.push(capability::SNAPSHOTS.into());

@@ -824,6 +824,7 @@ impl Provider for NativeProvider {
         }
         c.push(capability::EXEC_INTERACTIVE.into());
         c.push(capability::PTY.into());
+        c.push(capability::WATCH.into());
         c.push(capability::EXEC_USER.into());
         c.push("namespaces".into());
         c

@@ -864,6 +864,7 @@ impl Provider for ProotProvider {
         }
         c.push(capability::EXEC_INTERACTIVE.into());
         c.push(capability::PTY.into());
+        c.push(capability::WATCH.into());
         c.push("user-space".into());
         c
     }

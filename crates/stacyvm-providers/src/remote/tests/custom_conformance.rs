@@ -103,6 +103,9 @@ impl crate::conformance::Fixture for Fixture {
     fn supports_users(&self) -> bool {
         false
     }
+    fn supports_watch(&self) -> bool {
+        false
+    }
     fn provider(&self) -> Arc<dyn Provider> {
         Arc::new(shared().provider())
     }
