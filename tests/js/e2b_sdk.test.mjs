@@ -128,6 +128,18 @@ test('commands, background processes and files', async () => {
     assert.equal(await sbx.files.read('/tmp/js/d/b.txt'), 'js text')
     await sbx.files.remove('/tmp/js/d')
     assert.equal(await sbx.files.exists('/tmp/js/d'), false)
+
+    // watchDir (the WatchDir stream), recursive.
+    const events = []
+    const w = await sbx.files.watchDir('/tmp/js', (e) => events.push(`${e.type}:${e.name}`), { recursive: true })
+    await sbx.commands.run('mkdir /tmp/js/w && sleep 0.3 && echo x > /tmp/js/w/x.txt && rm /tmp/js/big.bin')
+    const want = ['create:w', 'create:w/x.txt', 'remove:big.bin']
+    const deadline = Date.now() + 10_000
+    while (!want.every((e) => events.includes(e))) {
+      assert.ok(Date.now() < deadline, `saw ${events}`)
+      await new Promise((r) => setTimeout(r, 100))
+    }
+    await w.stop()
   } finally {
     await sbx.kill()
   }

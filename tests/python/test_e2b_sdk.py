@@ -10,6 +10,7 @@ the SDK's `api/client/api/sandboxes/*.py` for new routes or fields
 import asyncio
 import datetime
 import os
+import time
 
 import pytest
 from e2b import (
@@ -239,5 +240,52 @@ def test_default_user_and_root(server):
         sbx.files.write("/root/r.txt", "r", user="root")
         assert sbx.files.read("~/r.txt", user="root") == "r"
         assert sbx.commands.run("stat -c %U /root/r.txt", user="root").stdout == "root\n"
+    finally:
+        sbx.kill()
+
+
+def test_watch_dir_polled_and_streamed(server):
+    from e2b.sandbox.filesystem.watch_handle import FilesystemEventType as T
+
+    o = opts(server)
+    sbx = Sandbox.create(**o)
+    try:
+        sbx.files.make_dir("/tmp/w")
+        # Polled (sync SDK: CreateWatcher, GetWatcherEvents, RemoveWatcher).
+        h = sbx.files.watch_dir("/tmp/w", recursive=True)
+        sbx.files.write("/tmp/w/a.txt", "a")
+        sbx.commands.run("mkdir /tmp/w/sub && sleep 0.3 && echo b > /tmp/w/sub/b.txt && rm /tmp/w/a.txt")
+        want = {
+            ("a.txt", T.CREATE),
+            ("a.txt", T.WRITE),
+            ("sub", T.CREATE),
+            ("sub/b.txt", T.CREATE),
+            ("a.txt", T.REMOVE),
+        }
+        seen = set()
+        deadline = time.time() + 10
+        while not want <= seen and time.time() < deadline:
+            seen |= {(e.name, e.type) for e in h.get_new_events()}
+            time.sleep(0.1)
+        assert want <= seen, seen
+        h.stop()
+
+        # Streamed (async SDK: WatchDir), flat: nothing from below.
+        async def streamed():
+            asbx = await AsyncSandbox.connect(sbx.sandbox_id, **o)
+            events = []
+            handle = await asbx.files.watch_dir("/tmp/w", events.append)
+            await asbx.files.write("/tmp/w/c.txt", "c")
+            await asbx.commands.run("echo deep > /tmp/w/sub/d.txt; chmod 600 /tmp/w/c.txt")
+            deadline = time.time() + 10
+            while ("c.txt", T.CHMOD) not in {(e.name, e.type) for e in events}:
+                assert time.time() < deadline, events
+                await asyncio.sleep(0.1)
+            await handle.stop()
+            got = {(e.name, e.type) for e in events}
+            assert ("c.txt", T.CREATE) in got and ("c.txt", T.WRITE) in got, got
+            assert not any("/" in e.name for e in events), events
+
+        asyncio.run(streamed())
     finally:
         sbx.kill()

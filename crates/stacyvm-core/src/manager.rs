@@ -1929,6 +1929,29 @@ impl Manager {
         .await
     }
 
+    /// Watches a directory of the sandbox (see
+    /// [`crate::provider::SandboxIo::watch_dir`]); dropping the receiver
+    /// ends the watch.
+    pub async fn watch_dir(
+        &self,
+        id: &str,
+        path: &str,
+        recursive: bool,
+        caller: &Caller,
+    ) -> Result<crate::provider::FsEvents> {
+        let path = paths::normalize(path)?;
+        let p2 = path.clone();
+        self.file_op(
+            "watch",
+            id,
+            &path,
+            caller,
+            |_| format!("recursive={recursive}"),
+            |p, t| async move { p.watch_dir(&t, &p2, recursive).await },
+        )
+        .await
+    }
+
     pub async fn glob_files(
         &self,
         id: &str,

@@ -656,6 +656,116 @@ async fn envd_routing_tokens_and_bad_input() {
     )
     .await;
     assert_eq!(st, 400, "{v}");
+    // Watchers and users: (path, Authorization, body) → (status, code).
+    let basic = |u: &str| {
+        use base64::Engine;
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:"))
+        )
+    };
+    let cases: Vec<(&'static str, Option<String>, &str, u16, &str)> = vec![
+        (
+            "/filesystem.Filesystem/CreateWatcher",
+            None,
+            "{}",
+            400,
+            "invalid_argument",
+        ),
+        // The mock cannot watch: a typed refusal, not a hang.
+        (
+            "/filesystem.Filesystem/CreateWatcher",
+            None,
+            r#"{"path":"/workspace"}"#,
+            501,
+            "unimplemented",
+        ),
+        (
+            "/filesystem.Filesystem/GetWatcherEvents",
+            None,
+            r#"{"watcherId":"w1-0"}"#,
+            404,
+            "not_found",
+        ),
+        (
+            "/filesystem.Filesystem/RemoveWatcher",
+            None,
+            "{}",
+            404,
+            "not_found",
+        ),
+        (
+            "/filesystem.Filesystem/Stat",
+            Some(basic("ghost")),
+            r#"{"path":"/"}"#,
+            401,
+            "unauthenticated",
+        ),
+        (
+            "/filesystem.Filesystem/Stat",
+            Some("Basic !!".into()),
+            r#"{"path":"/"}"#,
+            400,
+            "invalid_argument",
+        ),
+        (
+            "/filesystem.Filesystem/Stat",
+            Some("Bearer x".into()),
+            r#"{"path":"/"}"#,
+            400,
+            "invalid_argument",
+        ),
+        (
+            "/filesystem.Filesystem/Stat",
+            Some(basic("a:b\nc")),
+            r#"{"path":"/"}"#,
+            401,
+            "unauthenticated",
+        ),
+    ];
+    for (path, auth, body, want_st, want_code) in cases {
+        let mut h = envd(vec![tok(token), json_ct.clone()]);
+        if let Some(a) = &auth {
+            h.push(("Authorization", a.clone()));
+        }
+        let (st, v) = send("POST", path, h, body.as_bytes().to_vec()).await;
+        assert_eq!(
+            (st, v["code"].as_str()),
+            (want_st, Some(want_code)),
+            "{path} {auth:?} {body}: {v}"
+        );
+    }
+    // root always exists; an unknown user of /files is 401.
+    let mut h = envd(vec![tok(token), json_ct.clone()]);
+    h.push(("Authorization", basic("root")));
+    let (st, v) = send(
+        "POST",
+        "/filesystem.Filesystem/Stat",
+        h,
+        br#"{"path":"/"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = send(
+        "GET",
+        "/files?path=/etc/hostname&username=ghost",
+        envd(vec![tok(token)]),
+        vec![],
+    )
+    .await;
+    assert_eq!((st, v["code"].as_u64()), (401, Some(401)), "{v}");
+    let (st, v) = send(
+        "POST",
+        "/filesystem.Filesystem/WatchDir",
+        envd(vec![tok(token), stream_ct.clone()]),
+        b"{}".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (400, Some("invalid_argument")),
+        "a streaming call needs an envelope: {v}"
+    );
     // After a kill the token opens nothing.
     s.call("DELETE", &format!("/sandboxes/{id}"), None, &[])
         .await;

@@ -38,6 +38,8 @@ use stacyvm_core::{Error, ErrorKind};
 
 use crate::AppState;
 
+mod watch;
+
 /// The port envd listens on in an E2B sandbox; the SDKs name it in
 /// `E2b-Sandbox-Port`.
 const ENVD_PORT: &str = "49983";
@@ -292,6 +294,7 @@ pub async fn handle(st: AppState, req: Request) -> Response {
                 }
             }
         }
+        (Method::POST, "/filesystem.Filesystem/WatchDir") => env.watch_stream(req).await,
         (Method::POST, rpc) if rpc.starts_with("/filesystem.Filesystem/") => {
             let m = rpc
                 .trim_start_matches("/filesystem.Filesystem/")
@@ -1013,9 +1016,12 @@ impl Env {
                         Err(e) => Err(rpc_fail(e)),
                     }
                 }
+                "CreateWatcher" | "GetWatcherEvents" | "RemoveWatcher" => {
+                    self.watcher_call(method, &body).await
+                }
                 other => Err(rpc_error(
                     "unimplemented",
-                    format!("filesystem.Filesystem/{other} is not supported yet (docs/e2b.md)"),
+                    format!("filesystem.Filesystem/{other} does not exist"),
                 )),
             }
         }
