@@ -296,6 +296,20 @@ fn fmt_int(rev: &mut Vec<u8>, mut v: u64) {
     }
 }
 
+impl schemars::JsonSchema for GoDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "description": "A Go-style duration: a sequence of decimal numbers with units (ns, us, ms, s, m, h), e.g. \"1h30m\" or \"250ms\".",
+            "examples": ["30s", "1h30m"]
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

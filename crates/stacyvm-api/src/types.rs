@@ -3,12 +3,13 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::GoDuration;
 
 /// Error body of every JSON error: exactly `code` and `message`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
@@ -31,7 +32,7 @@ fn is_empty_map(m: &Option<BTreeMap<String, String>>) -> bool {
 }
 
 /// The sandbox object (`GET /sandboxes/{id}` and friends).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Sandbox {
     pub id: String,
     pub state: String,
@@ -56,7 +57,7 @@ pub struct Sandbox {
 }
 
 /// `POST /sandboxes` and `POST /sandboxes/admission` body. Every field is optional.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct SpawnRequest {
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -97,7 +98,7 @@ fn is_false(v: &bool) -> bool {
 
 /// `POST /sandboxes/admission` response. The three worker keys of the original
 /// are deliberately absent: the published Python SDK rejects unknown keys.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct AdmissionDecision {
     pub allowed: bool,
     pub queueable: bool,
@@ -114,7 +115,7 @@ pub struct AdmissionDecision {
 }
 
 /// `POST /sandboxes/{id}/exec` body.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct ExecRequest {
     pub command: String,
@@ -154,14 +155,14 @@ pub struct ExecRequest {
 }
 
 /// Terminal size of a pty exec.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TtySize {
     pub rows: u16,
     pub cols: u16,
 }
 
 /// Synchronous exec result.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ExecResponse {
     pub exit_code: i32,
     pub stdout: String,
@@ -170,14 +171,14 @@ pub struct ExecResponse {
 }
 
 /// One NDJSON line of a streamed exec (or one WebSocket text message).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StreamChunk {
     pub stream: String,
     pub data: String,
 }
 
 /// Final record of a streamed exec when `report_exit` is set.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct StreamExit {
     #[serde(rename = "type")]
     pub kind: String,
@@ -187,7 +188,7 @@ pub struct StreamExit {
 
 /// File metadata, normalised across providers: absolute `path`, permission
 /// bits in octal without type bits (`644`), RFC 3339 UTC `mod_time`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct FileInfo {
     pub path: String,
     pub size: u64,
@@ -200,7 +201,7 @@ pub struct FileInfo {
 }
 
 /// `POST /sandboxes/{id}/files` body.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct WriteFileRequest {
     pub path: String,
@@ -213,7 +214,7 @@ pub struct WriteFileRequest {
 }
 
 /// `POST /sandboxes/{id}/files/move` body.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct MoveFileRequest {
     pub old_path: String,
@@ -221,7 +222,7 @@ pub struct MoveFileRequest {
 }
 
 /// `POST /sandboxes/{id}/files/chmod` body.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct ChmodRequest {
     pub path: String,
@@ -229,14 +230,14 @@ pub struct ChmodRequest {
 }
 
 /// `POST /sandboxes/{id}/extend` body.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct ExtendRequest {
     pub ttl: String,
 }
 
 /// `{"status":"…"}` responses.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct StatusResponse {
     pub status: String,
 }
@@ -250,13 +251,13 @@ impl StatusResponse {
 }
 
 /// `DELETE /sandboxes` response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PruneResponse {
     pub pruned: u64,
 }
 
 /// `GET /health` and `GET /live`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct HealthResponse {
     pub status: String,
     pub uptime: GoDuration,
@@ -264,7 +265,7 @@ pub struct HealthResponse {
 }
 
 /// Health of one provider.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProviderHealth {
     pub name: String,
     pub healthy: bool,
@@ -288,7 +289,7 @@ pub struct ProviderHealth {
 }
 
 /// `GET /ready`; map-typed in the original, so keys are alphabetical.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ReadyResponse {
     pub providers: Vec<ProviderHealth>,
     pub ready_providers: i64,
@@ -299,7 +300,7 @@ pub struct ReadyResponse {
 }
 
 /// `GET /providers/{name}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ProviderDetail {
     pub name: String,
     pub healthy: bool,
@@ -310,7 +311,7 @@ pub struct ProviderDetail {
 }
 
 /// A template secret reference.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct TemplateSecret {
     pub name: String,
     #[serde(default)]
@@ -320,7 +321,7 @@ pub struct TemplateSecret {
 /// A sandbox template. Input also accepts the SDK aliases `vcpus`
 /// (→ `cpu_cores`), `ttl` (→ `ttl_seconds`), `provider` and `metadata`;
 /// output carries both spellings so either SDK reads what it sent.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Template {
     pub name: String,
     pub version: i64,
@@ -352,7 +353,7 @@ pub struct Template {
 }
 
 /// Template create/replace body (all fields optional on the wire).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct TemplateInput {
     pub name: String,
@@ -375,7 +376,7 @@ pub struct TemplateInput {
 }
 
 /// `POST /templates/{name}/spawn` optional body.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct TemplateSpawnRequest {
     #[serde(skip_serializing_if = "String::is_empty")]
@@ -385,7 +386,7 @@ pub struct TemplateSpawnRequest {
 }
 
 /// Per-owner quota override.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct OwnerQuota {
     pub owner_id: String,
     pub max_sandboxes: i64,
@@ -396,7 +397,7 @@ pub struct OwnerQuota {
 }
 
 /// `PUT /quotas/{owner}` body.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct QuotaInput {
     pub max_sandboxes: i64,
@@ -405,7 +406,7 @@ pub struct QuotaInput {
 }
 
 /// `GET /quotas/summary`: exactly four keys (the Python SDK unpacks them).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct QuotaSummary {
     pub total: i64,
     pub with_max_sandboxes: i64,
@@ -414,7 +415,7 @@ pub struct QuotaSummary {
 }
 
 /// `GET /quotas/{owner}/usage`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct QuotaUsage {
     pub owner_id: String,
     pub active_sandboxes: i64,
@@ -425,7 +426,7 @@ pub struct QuotaUsage {
 }
 
 /// `GET /snapshots` item (the spec's three fields, then StacyVM's).
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct SnapshotSummary {
     pub image: String,
     pub provider: String,
@@ -449,7 +450,7 @@ pub struct SnapshotSummary {
 }
 
 /// `POST /sandboxes/{id}/fork` body. Every field is optional.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(default)]
 pub struct ForkRequest {
     /// Children to start (1–16, default 1).
@@ -468,7 +469,7 @@ pub struct ForkRequest {
 }
 
 /// `POST /sandboxes/{id}/fork` response.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct ForkResponse {
     pub sandboxes: Vec<Sandbox>,
     /// The snapshot, when `keep_snapshot` asked for it.
@@ -481,7 +482,7 @@ fn is_zero_u64(v: &u64) -> bool {
 }
 
 /// An event on `GET /events` (SSE) and the internal bus.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Event {
     pub id: String,
     #[serde(rename = "type")]
@@ -494,7 +495,7 @@ pub struct Event {
 }
 
 /// Pool status when the pool is disabled: `{"enabled":false}`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct PoolStatus {
     pub enabled: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -141,6 +141,8 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
     r("GET", "/health", Perm::Open),
     r("GET", "/live", Perm::Open),
     r("GET", "/ready", Perm::Open),
+    r("GET", "/openapi.json", Perm::Open),
+    r("GET", "/docs", Perm::Open),
     r("GET", "/sandboxes", Perm::Read),
     r("POST", "/sandboxes", Perm::Write),
     r("DELETE", "/sandboxes", Perm::Operate),

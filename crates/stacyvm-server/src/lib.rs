@@ -11,8 +11,9 @@ pub mod e2b;
 pub mod error;
 pub mod json;
 mod middleware;
+pub mod openapi;
 pub mod ratelimit;
-mod routes;
+pub mod routes;
 pub mod tenancy;
 
 use std::future::Future;

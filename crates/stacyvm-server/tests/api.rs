@@ -15,47 +15,22 @@ use stacyvm_core::registry::Registry;
 use stacyvm_providers::mock::MockProvider;
 use stacyvm_store::SqliteStore;
 
+mod common;
+
 struct Server {
     base: String,
     http: reqwest::Client,
     manager: Arc<Manager>,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _server: common::TestServer,
 }
 
-async fn start_with(mut cfg: Config) -> Server {
-    let dir = tempfile::tempdir().expect("tmp");
-    cfg.server.data_dir = dir.path().to_string_lossy().to_string();
-    cfg.providers.default = "mock".into();
-    let provider = Arc::new(MockProvider::new(dir.path().join("mock")).expect("mock"));
-    let registry = Arc::new(Registry::new(vec![provider], "mock").expect("registry"));
-    let store = Arc::new(
-        SqliteStore::open(&dir.path().join("db.sqlite"))
-            .await
-            .expect("store"),
-    );
-    let manager = Manager::new(
-        Arc::new(cfg),
-        store,
-        registry,
-        Arc::new(EventBus::new()),
-        Arc::new(Metrics::default()),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let base = format!("http://{}/api/v1", listener.local_addr().expect("addr"));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let state = stacyvm_server::AppState::new(manager.clone()).expect("state");
-    tokio::spawn(stacyvm_server::serve(listener, state, async move {
-        let _ = rx.await;
-    }));
+async fn start_with(cfg: Config) -> Server {
+    let t = common::start_with(cfg).await;
     Server {
-        base,
-        http: reqwest::Client::new(),
-        manager,
-        _dir: dir,
-        _stop: tx,
+        base: format!("{}/api/v1", t.root),
+        http: t.http.clone(),
+        manager: t.manager.clone(),
+        _server: t,
     }
 }
 

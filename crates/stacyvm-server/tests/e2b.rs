@@ -3,60 +3,27 @@
 //! (docs/e2b.md, "Wire contract"). The SDKs themselves drive a real server
 //! in tests/python/test_e2b_sdk.py.
 
-use std::sync::Arc;
-
 use serde_json::{json, Value};
 use stacyvm_core::config::Config;
-use stacyvm_core::events::EventBus;
-use stacyvm_core::manager::Manager;
-use stacyvm_core::metrics::Metrics;
-use stacyvm_core::registry::Registry;
-use stacyvm_providers::mock::MockProvider;
-use stacyvm_store::SqliteStore;
+
+mod common;
 
 struct Server {
     root: String,
     http: reqwest::Client,
-    _dir: tempfile::TempDir,
-    _stop: tokio::sync::oneshot::Sender<()>,
+    _server: common::TestServer,
 }
 
 async fn start() -> Server {
     start_with(Config::default()).await
 }
 
-async fn start_with(mut cfg: Config) -> Server {
-    let dir = tempfile::tempdir().expect("tmp");
-    cfg.server.data_dir = dir.path().to_string_lossy().to_string();
-    cfg.providers.default = "mock".into();
-    let provider = Arc::new(MockProvider::new(dir.path().join("mock")).expect("mock"));
-    let registry = Arc::new(Registry::new(vec![provider], "mock").expect("registry"));
-    let store = Arc::new(
-        SqliteStore::open(&dir.path().join("db.sqlite"))
-            .await
-            .expect("store"),
-    );
-    let manager = Manager::new(
-        Arc::new(cfg),
-        store,
-        registry,
-        Arc::new(EventBus::new()),
-        Arc::new(Metrics::default()),
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let root = format!("http://{}", listener.local_addr().expect("addr"));
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let state = stacyvm_server::AppState::new(manager).expect("state");
-    tokio::spawn(stacyvm_server::serve(listener, state, async move {
-        let _ = rx.await;
-    }));
+async fn start_with(cfg: Config) -> Server {
+    let t = common::start_with(cfg).await;
     Server {
-        root,
-        http: reqwest::Client::new(),
-        _dir: dir,
-        _stop: tx,
+        root: t.root.clone(),
+        http: t.http.clone(),
+        _server: t,
     }
 }
 

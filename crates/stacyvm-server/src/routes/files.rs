@@ -13,15 +13,21 @@ use crate::error::{ApiError, ApiResult};
 use crate::json::{Body2, Json};
 use crate::AppState;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct PathQuery {
+    /// Absolute path in the sandbox (required).
+    #[schemars(required)]
     path: Option<String>,
+    /// `true` deletes a directory with its contents (`DELETE` only).
     recursive: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct UploadQuery {
+    /// Absolute path in the sandbox (required).
+    #[schemars(required)]
     path: Option<String>,
+    /// Octal permission bits, e.g. `0755` (default `0644`).
     mode: Option<String>,
 }
 
@@ -63,8 +69,10 @@ pub async fn upload(
     Ok(Json::ok(StatusResponse::new("written")))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct GlobQuery {
+    /// Absolute glob pattern, e.g. `/workspace/**/*.py` (required).
+    #[schemars(required)]
     pattern: Option<String>,
 }
 

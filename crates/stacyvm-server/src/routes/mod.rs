@@ -10,124 +10,159 @@ pub mod tenants;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::routing::{delete, get, post, put};
+use axum::routing::MethodRouter;
 use axum::Router;
 use stacyvm_core::manager::Caller;
 
 use crate::error::ApiError;
+use crate::openapi::{schema, Body, Doc, Op, Reply};
 use crate::tenancy::Authed;
 use crate::AppState;
 
+/// Builds `/api/v1` from [`table`].
 pub fn api_routes() -> Router<AppState> {
-    Router::new()
-        .route("/health", get(system::health))
-        .route("/live", get(system::live))
-        .route("/ready", get(system::ready))
-        .route(
-            "/sandboxes",
-            post(sandboxes::spawn)
-                .get(sandboxes::list)
-                .delete(sandboxes::prune),
-        )
-        .route("/sandboxes/admission", post(sandboxes::admission))
-        .route(
-            "/sandboxes/{id}",
-            get(sandboxes::get).delete(sandboxes::destroy),
-        )
-        .route("/sandboxes/{id}/extend", post(sandboxes::extend))
-        .route("/sandboxes/{id}/snapshot", post(sandboxes::snapshot))
-        .route("/sandboxes/{id}/fork", post(sandboxes::fork))
-        .route("/sandboxes/{id}/exec", post(sandboxes::exec))
-        .route("/sandboxes/{id}/exec/ws", get(sandboxes::exec_ws))
-        .route("/sandboxes/{id}/logs", get(sandboxes::logs))
-        .route("/sandboxes/{id}/stats", get(sandboxes::stats))
-        .route(
-            "/sandboxes/{id}/files",
-            post(files::write)
-                .put(files::upload)
-                .get(files::read)
-                .delete(files::delete),
-        )
-        .route("/sandboxes/{id}/files/list", get(files::list))
-        .route("/sandboxes/{id}/files/move", post(files::mv))
-        .route("/sandboxes/{id}/files/chmod", post(files::chmod))
-        .route("/sandboxes/{id}/files/stat", get(files::stat))
-        .route("/sandboxes/{id}/files/glob", get(files::glob))
-        .route("/providers", get(system::providers))
-        .route("/providers/test", post(system::providers_test))
-        .route("/providers/{name}", get(system::provider))
-        .route("/pool/status", get(system::pool_status))
-        .route("/snapshots", get(system::snapshots))
-        .route(
-            "/snapshots/{id}",
-            get(system::snapshot).delete(system::delete_snapshot),
-        )
-        .route("/templates", get(templates::list).post(templates::create))
-        .route(
-            "/templates/{name}",
-            get(templates::get)
-                .put(templates::replace)
-                .delete(templates::delete),
-        )
-        .route("/templates/{name}/spawn", post(templates::spawn))
-        .route("/quotas", get(quotas::list))
-        .route("/quotas/summary", get(quotas::summary))
-        .route(
-            "/quotas/{owner}",
-            get(quotas::get).put(quotas::put).delete(quotas::delete),
-        )
-        .route("/quotas/{owner}/usage", get(quotas::usage))
-        .route("/events", get(system::events))
-        .route("/metrics", get(system::metrics))
-        .route("/metrics/prometheus", get(system::prometheus))
-        .route("/diagnostics", get(system::diagnostics))
-        .route("/system/stats", get(system::system_stats))
-        // Admin aliases used by the web dashboard (api.md §12).
-        .route("/admin/diagnostics", get(system::diagnostics))
-        .route("/admin/metrics", get(system::metrics))
-        .route("/admin/metrics/prometheus", get(system::prometheus))
-        .route("/admin/providers", get(system::providers))
-        .route("/admin/providers/test", post(system::providers_test))
-        .route("/admin/providers/{name}", get(system::provider))
-        .route("/admin/quotas", get(quotas::list))
-        .route("/admin/quotas/summary", get(quotas::summary))
-        .route(
-            "/admin/quotas/{owner}",
-            get(quotas::get).put(quotas::put).delete(quotas::delete),
-        )
-        .route("/admin/quotas/{owner}/usage", get(quotas::usage))
-        .route("/admin/audit", get(audit::admin_audit))
-        .route("/admin/op-audit", get(audit::op_audit))
-        .route("/admin/tenants", get(tenants::list).post(tenants::create))
-        .route(
-            "/admin/tenants/{tenant}",
-            get(tenants::get)
-                .put(tenants::update)
-                .delete(tenants::delete),
-        )
-        .route("/admin/tenants/{tenant}/members", get(tenants::members))
-        .route(
-            "/admin/tenants/{tenant}/members/{user}",
-            put(tenants::put_member).delete(tenants::delete_member),
-        )
-        .route("/admin/tenants/{tenant}/audit", get(tenants::audit))
-        .route(
-            "/admin/tenants/{tenant}/policies",
-            get(tenants::policies).post(tenants::create_policy),
-        )
-        .route(
-            "/admin/tenants/{tenant}/policies/{policy}",
-            delete(tenants::delete_policy),
-        )
-        .route(
-            "/admin/policies",
-            get(tenants::global_policies).post(tenants::create_global_policy),
-        )
-        .route(
-            "/admin/policies/{policy}",
-            delete(tenants::delete_global_policy),
-        )
+    table()
+        .into_iter()
+        .fold(Router::new(), |r, (op, method)| r.route(op.path, method))
 }
+
+/// The documented operations of `/api/v1` (for [`crate::openapi`]).
+pub fn operations() -> Vec<Op> {
+    table().into_iter().map(|(op, _)| op).collect()
+}
+
+/// One row: the operation's documentation and its handler.
+macro_rules! op {
+    ($m:ident $path:literal, $h:expr, $doc:expr) => {
+        (
+            Op {
+                method: method_name(stringify!($m)),
+                path: $path,
+                doc: $doc,
+            },
+            axum::routing::$m($h),
+        )
+    };
+}
+
+const fn method_name(m: &str) -> &'static str {
+    match m.as_bytes() {
+        b"get" => "GET",
+        b"post" => "POST",
+        b"put" => "PUT",
+        b"delete" => "DELETE",
+        _ => panic!("unknown method"),
+    }
+}
+
+/// Every route of `/api/v1`, with what `openapi.json` says of it. The
+/// permission of each is in [`crate::auth::ROUTE_PERMISSIONS`] (the tests
+/// check that the two tables name the same routes).
+fn table() -> Vec<(Op, MethodRouter<AppState>)> {
+    use stacyvm_api as a;
+    let obj = Reply::Object;
+    let status = Reply::Json(schema::<a::StatusResponse>);
+    let sandbox = Reply::Json(schema::<a::Sandbox>);
+    let text = |what| Reply::Other("text/plain", what);
+    let files = |s| Doc::new("files", s, status);
+    vec![
+        op!(get "/health", system::health, Doc::new("system", "Server health and provider status", Reply::Json(schema::<a::HealthResponse>))),
+        op!(get "/live", system::live, Doc::new("system", "Liveness", Reply::Json(schema::<a::HealthResponse>))),
+        op!(get "/ready", system::ready, Doc::new("system", "Readiness: the store answers and a provider is healthy (503 otherwise)", obj)),
+        op!(get "/openapi.json", openapi_json, Doc::new("system", "This document (OpenAPI 3.1)", obj)),
+        op!(get "/docs", openapi_page, Doc::new("system", "This document as a page", Reply::Other("text/html", "HTML"))),
+        op!(post "/sandboxes", sandboxes::spawn, Doc::new("sandboxes", "Spawn a sandbox", sandbox).body(Body::OptionalJson(schema::<a::SpawnRequest>))),
+        op!(get "/sandboxes", sandboxes::list, Doc::new("sandboxes", "List the caller's sandboxes", Reply::Json(schema::<Vec<a::Sandbox>>))),
+        op!(delete "/sandboxes", sandboxes::prune, Doc::new("sandboxes", "Remove expired and destroyed sandboxes", Reply::Json(schema::<a::PruneResponse>))),
+        op!(post "/sandboxes/admission", sandboxes::admission, Doc::new("sandboxes", "Would this spawn be admitted now? (nothing is spawned)", Reply::Json(schema::<a::AdmissionDecision>)).body(Body::OptionalJson(schema::<a::SpawnRequest>))),
+        op!(get "/sandboxes/{id}", sandboxes::get, Doc::new("sandboxes", "One sandbox", sandbox)),
+        op!(delete "/sandboxes/{id}", sandboxes::destroy, Doc::new("sandboxes", "Destroy a sandbox", status)),
+        op!(post "/sandboxes/{id}/extend", sandboxes::extend, Doc::new("sandboxes", "Extend a sandbox's time to live", sandbox).body(Body::Json(schema::<a::ExtendRequest>))),
+        op!(post "/sandboxes/{id}/snapshot", sandboxes::snapshot, Doc::new("snapshots", "Snapshot a sandbox", Reply::Json(schema::<a::SnapshotSummary>))),
+        op!(post "/sandboxes/{id}/fork", sandboxes::fork, Doc::new("snapshots", "Fork a sandbox into children", Reply::Json(schema::<a::ForkResponse>)).body(Body::OptionalJson(schema::<a::ForkRequest>))),
+        op!(post "/sandboxes/{id}/exec", sandboxes::exec, Doc::new("exec", "Run a command (JSON result, or NDJSON with stream: true)", Reply::JsonOrNdjson(schema::<a::ExecResponse>)).body(Body::Json(schema::<a::ExecRequest>))),
+        op!(get "/sandboxes/{id}/exec/ws", sandboxes::exec_ws, Doc::new("exec", "Run a command over a WebSocket (stdin, signals, pty)", Reply::WebSocket)),
+        op!(get "/sandboxes/{id}/logs", sandboxes::logs, Doc::new("sandboxes", "The sandbox's log lines", Reply::Json(schema::<Vec<String>>)).query(schema::<sandboxes::LogsQuery>)),
+        op!(get "/sandboxes/{id}/stats", sandboxes::stats, Doc::new("sandboxes", "CPU and memory of a sandbox", obj)),
+        op!(post "/sandboxes/{id}/files", files::write, files("Write a file (JSON, base64 or text)").body(Body::Json(schema::<a::WriteFileRequest>))),
+        op!(put "/sandboxes/{id}/files", files::upload, files("Upload a file (raw body, streamed)").body(Body::Raw("application/octet-stream")).query(schema::<files::UploadQuery>)),
+        op!(get "/sandboxes/{id}/files", files::read, Doc::new("files", "Read a file (raw bytes, streamed)", Reply::Other("application/octet-stream", "The file's bytes")).query(schema::<files::PathQuery>)),
+        op!(delete "/sandboxes/{id}/files", files::delete, files("Delete a file or directory").query(schema::<files::PathQuery>)),
+        op!(get "/sandboxes/{id}/files/list", files::list, Doc::new("files", "List a directory", Reply::Json(schema::<Vec<a::FileInfo>>)).query(schema::<files::PathQuery>)),
+        op!(post "/sandboxes/{id}/files/move", files::mv, files("Move or rename").body(Body::Json(schema::<a::MoveFileRequest>))),
+        op!(post "/sandboxes/{id}/files/chmod", files::chmod, files("Change a file's mode").body(Body::Json(schema::<a::ChmodRequest>))),
+        op!(get "/sandboxes/{id}/files/stat", files::stat, Doc::new("files", "A file's metadata", Reply::Json(schema::<a::FileInfo>)).query(schema::<files::PathQuery>)),
+        op!(get "/sandboxes/{id}/files/glob", files::glob, Doc::new("files", "Paths matching a glob", Reply::Json(schema::<Vec<String>>)).query(schema::<files::GlobQuery>)),
+        op!(get "/providers", system::providers, Doc::new("providers", "Providers and their health", Reply::Json(schema::<Vec<a::ProviderHealth>>))),
+        op!(post "/providers/test", system::providers_test, Doc::new("providers", "Health-check every provider now", obj)),
+        op!(get "/providers/{name}", system::provider, Doc::new("providers", "One provider: capabilities, profile, settings", Reply::Json(schema::<a::ProviderDetail>))),
+        op!(get "/pool/status", system::pool_status, Doc::new("providers", "Warm pool state", Reply::Json(schema::<a::PoolStatus>))),
+        op!(get "/snapshots", system::snapshots, Doc::new("snapshots", "The caller's snapshots", Reply::Json(schema::<Vec<a::SnapshotSummary>>))),
+        op!(get "/snapshots/{id}", system::snapshot, Doc::new("snapshots", "One snapshot", Reply::Json(schema::<a::SnapshotSummary>))),
+        op!(delete "/snapshots/{id}", system::delete_snapshot, Doc::new("snapshots", "Delete a snapshot", status)),
+        op!(get "/templates", templates::list, Doc::new("templates", "Templates", Reply::Json(schema::<Vec<a::Template>>))),
+        op!(post "/templates", templates::create, Doc::new("templates", "Create a template", Reply::Json(schema::<a::Template>)).body(Body::Json(schema::<a::TemplateInput>))),
+        op!(get "/templates/{name}", templates::get, Doc::new("templates", "One template", Reply::Json(schema::<a::Template>))),
+        op!(put "/templates/{name}", templates::replace, Doc::new("templates", "Replace a template", Reply::Json(schema::<a::Template>)).body(Body::Json(schema::<a::TemplateInput>))),
+        op!(delete "/templates/{name}", templates::delete, Doc::new("templates", "Delete a template", status)),
+        op!(post "/templates/{name}/spawn", templates::spawn, Doc::new("templates", "Spawn from a template", sandbox).body(Body::OptionalJson(schema::<a::TemplateSpawnRequest>))),
+        op!(get "/quotas", quotas::list, Doc::new("quotas", "Per-owner quota overrides", Reply::Json(schema::<Vec<a::OwnerQuota>>))),
+        op!(get "/quotas/summary", quotas::summary, Doc::new("quotas", "Quota defaults and overrides", Reply::Json(schema::<a::QuotaSummary>))),
+        op!(get "/quotas/{owner}", quotas::get, Doc::new("quotas", "One owner's quota", Reply::Json(schema::<a::OwnerQuota>))),
+        op!(put "/quotas/{owner}", quotas::put, Doc::new("quotas", "Set an owner's quota", Reply::Json(schema::<a::OwnerQuota>)).body(Body::Json(schema::<a::QuotaInput>))),
+        op!(delete "/quotas/{owner}", quotas::delete, Doc::new("quotas", "Remove an owner's quota override", status)),
+        op!(get "/quotas/{owner}/usage", quotas::usage, Doc::new("quotas", "An owner's usage against its quota", Reply::Json(schema::<a::QuotaUsage>))),
+        op!(get "/events", system::events, Doc::new("system", "Server-sent events of the caller's sandboxes", Reply::Other("text/event-stream", "Server-sent events"))),
+        op!(get "/metrics", system::metrics, Doc::new("system", "Operation metrics", obj)),
+        op!(get "/metrics/prometheus", system::prometheus, Doc::new("system", "Metrics in the Prometheus text format", text("Prometheus exposition"))),
+        op!(get "/diagnostics", system::diagnostics, Doc::new("system", "Diagnostics (doctor checks, config, store)", obj)),
+        op!(get "/system/stats", system::system_stats, Doc::new("system", "Host CPU, memory and disk", obj)),
+        // Admin aliases used by the web dashboard (api.md §12).
+        op!(get "/admin/diagnostics", system::diagnostics, Doc::new("admin", "Diagnostics (alias)", obj)),
+        op!(get "/admin/metrics", system::metrics, Doc::new("admin", "Operation metrics (alias)", obj)),
+        op!(get "/admin/metrics/prometheus", system::prometheus, Doc::new("admin", "Prometheus metrics (alias)", text("Prometheus exposition"))),
+        op!(get "/admin/providers", system::providers, Doc::new("admin", "Providers (alias)", Reply::Json(schema::<Vec<a::ProviderHealth>>))),
+        op!(post "/admin/providers/test", system::providers_test, Doc::new("admin", "Health-check every provider (alias)", obj)),
+        op!(get "/admin/providers/{name}", system::provider, Doc::new("admin", "One provider (alias)", Reply::Json(schema::<a::ProviderDetail>))),
+        op!(get "/admin/quotas", quotas::list, Doc::new("admin", "Quota overrides (alias)", Reply::Json(schema::<Vec<a::OwnerQuota>>))),
+        op!(get "/admin/quotas/summary", quotas::summary, Doc::new("admin", "Quota summary (alias)", Reply::Json(schema::<a::QuotaSummary>))),
+        op!(get "/admin/quotas/{owner}", quotas::get, Doc::new("admin", "One owner's quota (alias)", Reply::Json(schema::<a::OwnerQuota>))),
+        op!(put "/admin/quotas/{owner}", quotas::put, Doc::new("admin", "Set an owner's quota (alias)", Reply::Json(schema::<a::OwnerQuota>)).body(Body::Json(schema::<a::QuotaInput>))),
+        op!(delete "/admin/quotas/{owner}", quotas::delete, Doc::new("admin", "Remove a quota override (alias)", status)),
+        op!(get "/admin/quotas/{owner}/usage", quotas::usage, Doc::new("admin", "An owner's usage (alias)", Reply::Json(schema::<a::QuotaUsage>))),
+        op!(get "/admin/audit", audit::admin_audit, Doc::new("audit", "Request audit (JSON or CSV)", obj).query(schema::<crate::openapi::queries::AdminAudit>)),
+        op!(get "/admin/op-audit", audit::op_audit, Doc::new("audit", "Sandbox operation audit (JSON or CSV)", obj).query(schema::<crate::openapi::queries::OpAudit>)),
+        op!(get "/admin/tenants", tenants::list, Doc::new("tenants", "Tenants", obj)),
+        op!(post "/admin/tenants", tenants::create, Doc::new("tenants", "Create a tenant", obj).body(Body::Json(schema::<tenants::TenantBody>))),
+        op!(get "/admin/tenants/{tenant}", tenants::get, Doc::new("tenants", "One tenant", obj)),
+        op!(put "/admin/tenants/{tenant}", tenants::update, Doc::new("tenants", "Update a tenant", obj).body(Body::Json(schema::<tenants::TenantBody>))),
+        op!(delete "/admin/tenants/{tenant}", tenants::delete, Doc::new("tenants", "Delete a tenant", obj)),
+        op!(get "/admin/tenants/{tenant}/members", tenants::members, Doc::new("tenants", "A tenant's members", obj)),
+        op!(put "/admin/tenants/{tenant}/members/{user}", tenants::put_member, Doc::new("tenants", "Add a member or change its role", obj).body(Body::Json(schema::<tenants::MemberBody>))),
+        op!(delete "/admin/tenants/{tenant}/members/{user}", tenants::delete_member, Doc::new("tenants", "Remove a member", obj)),
+        op!(get "/admin/tenants/{tenant}/audit", tenants::audit, Doc::new("tenants", "A tenant's audit", obj).query(schema::<crate::openapi::queries::TenantAudit>)),
+        op!(get "/admin/tenants/{tenant}/policies", tenants::policies, Doc::new("tenants", "A tenant's policies", obj)),
+        op!(post "/admin/tenants/{tenant}/policies", tenants::create_policy, Doc::new("tenants", "Add a tenant policy", obj).body(Body::Json(schema::<tenants::PolicyBody>))),
+        op!(delete "/admin/tenants/{tenant}/policies/{policy}", tenants::delete_policy, Doc::new("tenants", "Remove a tenant policy", obj)),
+        op!(get "/admin/policies", tenants::global_policies, Doc::new("tenants", "Server-wide policies", obj)),
+        op!(post "/admin/policies", tenants::create_global_policy, Doc::new("tenants", "Add a server-wide policy", obj).body(Body::Json(schema::<tenants::PolicyBody>))),
+        op!(delete "/admin/policies/{policy}", tenants::delete_global_policy, Doc::new("tenants", "Remove a server-wide policy", obj)),
+    ]
+}
+
+/// `GET /openapi.json`.
+async fn openapi_json() -> axum::response::Response {
+    crate::json::json_response(axum::http::StatusCode::OK, &*OPENAPI)
+}
+
+/// `GET /docs`.
+async fn openapi_page() -> axum::response::Html<String> {
+    axum::response::Html(crate::openapi::page(&OPENAPI))
+}
+
+/// The document, built once.
+static OPENAPI: std::sync::LazyLock<serde_json::Value> =
+    std::sync::LazyLock::new(|| crate::openapi::document(&operations()));
 
 /// The caller of a request, as the authorization layer resolved it.
 pub struct Who(pub Caller);

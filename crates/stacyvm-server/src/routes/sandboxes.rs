@@ -391,8 +391,9 @@ fn parse_input(text: &str) -> Option<stacyvm_core::provider::ExecInput> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct LogsQuery {
+    /// How many of the last lines (default 100).
     lines: Option<String>,
 }
 

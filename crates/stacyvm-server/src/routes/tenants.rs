@@ -60,7 +60,7 @@ fn tenant_json(t: &TenantRecord) -> Value {
            "created_at": t.created_at, "updated_at": t.updated_at})
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TenantBody {
     #[serde(default)]
@@ -176,7 +176,7 @@ pub async fn members(
     Ok(Json::ok(json!({ "members": ms })))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MemberBody {
     #[serde(default)]
@@ -230,7 +230,7 @@ pub async fn delete_member(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyBody {
     #[serde(default)]
