@@ -6,6 +6,7 @@ Environment:
   STACYVM_TEST_IMAGE     image to spawn (default: host)
 """
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -22,8 +23,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server():
+@contextlib.contextmanager
+def launch(config_yaml=None, extra_env=None):
+    """A `stacyvm serve` on a free loopback port with its own data dir
+    (optionally with a config file); yields its URL, stops it after."""
     binary = os.environ.get("STACYVM_BIN")
     if not binary:
         pytest.fail("STACYVM_BIN must point at the stacyvm binary (scripts/test sets it)")
@@ -42,8 +45,15 @@ def server():
     )
     if provider == "mock":
         env["STACYVM_PROVIDERS_MOCK_ENABLED"] = "true"
+    env.update(extra_env or {})
+    args = [binary, "serve"]
+    if config_yaml is not None:
+        path = os.path.join(data, "stacyvm.yaml")
+        with open(path, "w") as f:
+            f.write(config_yaml)
+        args += ["--config", path]
     log = open(os.path.join(data, "server.log"), "w")
-    proc = subprocess.Popen([binary, "serve"], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data)
+    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -58,13 +68,21 @@ def server():
     else:
         proc.kill()
         pytest.fail("stacyvm serve did not become live within 30s")
-    yield url
-    proc.terminate()
     try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def server():
+    with launch() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

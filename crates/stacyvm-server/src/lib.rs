@@ -10,6 +10,7 @@ pub mod auth;
 pub mod e2b;
 pub mod error;
 pub mod json;
+pub mod mcp;
 mod middleware;
 pub mod openapi;
 pub mod ratelimit;
@@ -51,6 +52,10 @@ pub struct AppState {
     /// and bound to loopback: DNS-rebinding guard).
     pub host_checked: bool,
     last_prune: Arc<parking_lot::Mutex<Option<std::time::Instant>>>,
+    /// The router MCP tool calls go through (built on first use).
+    mcp_router: Arc<std::sync::OnceLock<Router>>,
+    /// Ends open MCP streams when the server stops.
+    mcp_shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
@@ -81,6 +86,8 @@ impl AppState {
             auth: Arc::new(auth),
             ratelimit,
             last_prune: Arc::default(),
+            mcp_router: Arc::default(),
+            mcp_shutdown: tokio_util::sync::CancellationToken::new(),
         }
     }
 
@@ -130,8 +137,24 @@ pub fn router(state: AppState) -> Router {
         state.clone(),
         middleware::authorize,
     ));
+    // MCP over streamable HTTP: any authenticated caller may connect; its
+    // role decides which tools it sees and may call.
+    let mcp = Router::new()
+        .route_service(
+            "/mcp",
+            mcp::service(
+                state.clone(),
+                state.mcp_router.clone(),
+                state.mcp_shutdown.child_token(),
+            ),
+        )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::authorize,
+        ));
     let inner: Router = Router::new()
         .nest("/api/v1", api)
+        .merge(mcp)
         .merge(e2b)
         .fallback(middleware::not_found)
         .method_not_allowed_fallback(middleware::method_not_allowed)
@@ -169,7 +192,13 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
+    let mcp_shutdown = state.mcp_shutdown.clone();
     let app = router(state);
+    let shutdown = async move {
+        shutdown.await;
+        // Open MCP streams would hold the graceful shutdown forever.
+        mcp_shutdown.cancel();
+    };
     // Streamed responses (file reads) write headers and body separately:
     // without TCP_NODELAY the body of a small file waits for the client's
     // delayed ACK (~40 ms).

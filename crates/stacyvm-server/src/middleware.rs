@@ -159,6 +159,8 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
     // `/api/v1` routes by their table; the E2B API (outside it) by its own.
     let (route, perm) = match matched.strip_prefix("/api/v1") {
         Some(r) => (r.to_string(), auth::permission(&method, r)),
+        // MCP: every role may connect; each tool checks its own scope.
+        None if matched == "/mcp" => (matched.clone(), Some(Perm::Read)),
         None => (matched.clone(), auth::e2b_permission(&method, &matched)),
     };
     let Some(perm) = perm else {

@@ -74,6 +74,15 @@ pub enum Command {
         #[arg(long)]
         network: Option<String>,
     },
+    /// Serve MCP (Model Context Protocol) on stdin/stdout: tools to create,
+    /// list and destroy sandboxes, run commands and read, write and list
+    /// files, each a call of the server's API with this key (so its role
+    /// limits what they may do). For MCP hosts that start a local
+    /// command; the server itself serves the same tools at `/mcp`.
+    Mcp {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Run a command in a sandbox; exits with the command's exit code.
     Exec {
         #[command(flatten)]
@@ -332,6 +341,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 })
                 .await?;
             Ok(exit_code(code.unwrap_or(1)))
+        }
+        Command::Mcp { conn } => {
+            let api = stacyvm_server::mcp::Remote::new(&conn.url, conn.api_key.clone());
+            stacyvm_server::mcp::serve_stdio(std::sync::Arc::new(api))
+                .await
+                .map_err(|e| anyhow::anyhow!(e))?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::List { conn } => {
             let c = client(&conn)?;
