@@ -581,5 +581,31 @@ fn switchable(uid: Option<u32>, gid: Option<u32>) -> Result<(), AgentError> {
             "this sandbox cannot run commands as another user: its agent holds no CAP_SETUID/CAP_SETGID",
         ));
     }
+    // In a user namespace only mapped ids exist (a rootless sandbox maps
+    // one).
+    for (what, id, map) in [("uid", uid, "uid_map"), ("gid", gid, "gid_map")] {
+        if let Some(id) = id {
+            if !mapped(id, map) {
+                return Err(AgentError::new(
+                    ErrorKind::Unsupported,
+                    format!("{what} {id} does not exist in this sandbox's user namespace"),
+                ));
+            }
+        }
+    }
     Ok(())
+}
+
+/// Whether `id` is mapped in `/proc/self/<map>` (unreadable = assume so).
+fn mapped(id: u32, map: &str) -> bool {
+    let Ok(text) = std::fs::read_to_string(format!("/proc/self/{map}")) else {
+        return true;
+    };
+    text.lines().any(|l| {
+        let f: Vec<u64> = l
+            .split_whitespace()
+            .filter_map(|x| x.parse().ok())
+            .collect();
+        f.len() == 3 && (f[0]..f[0] + f[2]).contains(&u64::from(id))
+    })
 }

@@ -373,6 +373,12 @@ pub struct E2bConfig {
     pub enabled: bool,
     pub api_key: Secret,
     pub base_url: String,
+    /// Where envd answers for every sandbox, routed by the
+    /// `E2b-Sandbox-Id` header (a StacyVM, or a proxy); empty = E2B's
+    /// host routing, `https://49983-<id>.<domain>`.
+    pub sandbox_url: String,
+    /// The template a spawn without an image starts from.
+    pub template: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -692,6 +698,8 @@ impl Default for E2bConfig {
             enabled: false,
             api_key: Secret::default(),
             base_url: "https://api.e2b.dev".into(),
+            sandbox_url: String::new(),
+            template: "base".into(),
         }
     }
 }

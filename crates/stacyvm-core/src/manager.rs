@@ -175,8 +175,12 @@ pub enum StreamEvent {
         code: i32,
         duration: Duration,
     },
-    /// The stream ended abnormally (timeout or provider error).
-    Failed(String),
+    /// The stream ended abnormally (timeout or provider error): its kind,
+    /// and the message for the client.
+    Failed {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 /// Spawn-queue counters for diagnostics.
@@ -1673,7 +1677,12 @@ impl Manager {
                     } else {
                         e.to_string()
                     };
-                    let _ = out_tx.send(StreamEvent::Failed(text)).await;
+                    let _ = out_tx
+                        .send(StreamEvent::Failed {
+                            kind: e.kind(),
+                            message: text,
+                        })
+                        .await;
                 }
             }
         });
@@ -1846,6 +1855,65 @@ impl Manager {
             caller,
             |v: &Vec<FileInfo>| format!("count={}", v.len()),
             |p, t| async move { p.list_files(&t, &p2).await },
+        )
+        .await
+    }
+
+    /// Lists `path` and the directories below it, `depth` levels deep
+    /// (1 = its children), at most `max` entries (more is `ResourceLimit`);
+    /// every entry's `path` is absolute. One audited operation. A
+    /// directory below the first level that cannot be listed (it vanished,
+    /// or is unreadable) is skipped, as `find` would.
+    pub async fn list_tree(
+        &self,
+        id: &str,
+        path: &str,
+        depth: u32,
+        max: usize,
+        caller: &Caller,
+    ) -> Result<Vec<FileInfo>> {
+        let path = if path.trim().is_empty() {
+            "/".to_string()
+        } else {
+            paths::normalize(path)?
+        };
+        let p2 = path.clone();
+        self.file_op(
+            "list",
+            id,
+            &path,
+            caller,
+            |v: &Vec<FileInfo>| format!("count={} depth={depth}", v.len()),
+            |p, t| async move {
+                let mut out: Vec<FileInfo> = Vec::new();
+                let mut level = vec![p2];
+                for n in 0..depth.max(1) {
+                    let mut next = Vec::new();
+                    for d in level {
+                        let items = match p.list_files(&t, &d).await {
+                            Ok(items) => items,
+                            Err(_) if n > 0 => continue,
+                            Err(e) => return Err(e),
+                        };
+                        for mut i in items {
+                            if !i.path.starts_with('/') {
+                                i.path = format!("{}/{}", d.trim_end_matches('/'), i.name);
+                            }
+                            if i.is_dir {
+                                next.push(i.path.clone());
+                            }
+                            out.push(i);
+                            if out.len() > max {
+                                return Err(Error::limit(format!(
+                                    "more than {max} entries; list less deep"
+                                )));
+                            }
+                        }
+                    }
+                    level = next;
+                }
+                Ok(out)
+            },
         )
         .await
     }

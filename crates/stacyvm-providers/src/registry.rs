@@ -59,6 +59,8 @@ pub fn modules() -> Vec<&'static dyn ProviderModule> {
         &crate::microvm::setup::FirecrackerModule,
         #[cfg(feature = "custom")]
         &crate::remote::setup::CustomModule,
+        #[cfg(feature = "custom")]
+        &crate::remote::setup::E2bModule,
         #[cfg(feature = "mock")]
         &crate::mock::MockModule,
     ]

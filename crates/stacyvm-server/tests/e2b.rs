@@ -786,9 +786,33 @@ async fn envd_uploads_are_bounded_by_the_file_limit() {
         .await
         .expect("read");
     assert_eq!(r.bytes().await.expect("bytes").len(), 2 * 1024 * 1024);
-    // Over the file limit: refused.
+    // Over the file limit: refused, up front when declared...
     let (st, body) = upload(4 * 1024 * 1024).await;
     assert_eq!(st, 413, "{body}");
+    // ...and when streamed without a length, once the limit is passed;
+    // the file then stays as it was (the write is abandoned, never
+    // finished with what had arrived).
+    let chunks = (0..64).map(|_| Ok::<Vec<u8>, std::io::Error>(vec![7u8; 64 * 1024]));
+    let r = s
+        .http
+        .post(format!("{}/files?path=/workspace/up.bin", s.root))
+        .header("E2b-Sandbox-Id", &id)
+        .header("X-Access-Token", &token)
+        .header("Content-Type", "application/octet-stream")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 413);
+    let r = s
+        .http
+        .get(format!("{}/files?path=/workspace/up.bin", s.root))
+        .header("E2b-Sandbox-Id", &id)
+        .header("X-Access-Token", &token)
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(r.bytes().await.expect("bytes").len(), 2 * 1024 * 1024);
 }
 
 /// envd transfers and processes take the same per-sandbox slots as

@@ -677,7 +677,7 @@ impl AgentClient {
     }
 
     /// Uploads a buffered file.
-    pub async fn write_file(&self, path: &str, data: &[u8], mode: u32) -> Result<()> {
+    pub async fn write_file(self: &Arc<Self>, path: &str, data: &[u8], mode: u32) -> Result<()> {
         let (tx, rx) = mpsc::channel(1);
         let owned = data.to_vec();
         let _ = tx.try_send(owned);
@@ -692,13 +692,33 @@ impl AgentClient {
     /// more than [`INITIAL_WINDOW`] bytes in flight. On any failure the
     /// agent discards the partial upload (the old file stays).
     pub async fn write_stream(
+        self: &Arc<Self>,
+        path: &str,
+        mode: u32,
+        input: mpsc::Receiver<Vec<u8>>,
+        max: u64,
+    ) -> Result<u64> {
+        let (id, rx, _guard) = self.register()?;
+        // An upload whose caller goes away (its future dropped) is
+        // cancelled in the agent at once: the file is left as it was.
+        let mut abort = KillOnDrop {
+            client: Some(self.clone()),
+            id,
+        };
+        let res = self.upload(id, rx, path, mode, input, max).await;
+        abort.client = None;
+        res
+    }
+
+    async fn upload(
         &self,
+        id: u32,
+        mut rx: RouteRx,
         path: &str,
         mode: u32,
         mut input: mpsc::Receiver<Vec<u8>>,
         max: u64,
     ) -> Result<u64> {
-        let (id, mut rx, _guard) = self.register()?;
         let flow = self.has("write_flow");
         let req = Request::WriteFile {
             path: path.to_string(),

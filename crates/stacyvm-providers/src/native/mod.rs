@@ -825,7 +825,10 @@ impl Provider for NativeProvider {
         c.push(capability::EXEC_INTERACTIVE.into());
         c.push(capability::PTY.into());
         c.push(capability::WATCH.into());
-        c.push(capability::EXEC_USER.into());
+        // A rootless sandbox maps one uid: there is no other to become.
+        if !self.rootless {
+            c.push(capability::EXEC_USER.into());
+        }
         c.push("namespaces".into());
         c
     }
@@ -1212,6 +1215,12 @@ pub(crate) mod tests {
         }
         fn survives_restart(&self) -> bool {
             true
+        }
+        fn supports_users(&self) -> bool {
+            self.make()
+                .capabilities()
+                .iter()
+                .any(|c| c == capability::EXEC_USER)
         }
     }
 

@@ -101,7 +101,8 @@ async fn host_etc_secrets_stay_on_the_host() {
         &format!(
             "cat /etc/{marker} /etc/default/{marker} 2>&1; ls /etc/default 2>&1 | wc -l; \
              test -e /etc/shadow || echo no-shadow; \
-             awk -F: '$3 >= 1000 && $3 != 65534' /etc/passwd | wc -l; grep -c ':x:' /etc/passwd; \
+             awk -F: '$3 >= 1000 && $3 != 65534 && $1 != \"user\"' /etc/passwd | wc -l; \
+             grep -c '^user:x:1000:1000:user:/home/user:' /etc/passwd; grep -c ':x:' /etc/passwd; \
              python3 -c 'import ssl; print(len(ssl.create_default_context().get_ca_certs()) >= 0)'; \
              getent hosts localhost | head -1; echo edited >> /etc/hosts && tail -1 /etc/hosts"
         ),
@@ -118,13 +119,15 @@ async fn host_etc_secrets_stay_on_the_host() {
         Some("edited"),
         "/etc is writable inside: {r:?}"
     );
-    // Ordinary accounts (uid >= 1000) never show; system ones do.
+    // No host account with uid >= 1000 shows, only the image's own
+    // `user`; system ones do.
     let pos = lines
         .iter()
         .position(|l| *l == "no-shadow")
         .expect("marker");
-    assert_eq!(lines[pos + 1], "0", "no ordinary accounts: {r:?}");
-    assert_ne!(lines[pos + 2], "0", "system accounts present: {r:?}");
+    assert_eq!(lines[pos + 1], "0", "no host ordinary accounts: {r:?}");
+    assert_eq!(lines[pos + 2], "1", "the image's user: {r:?}");
+    assert_ne!(lines[pos + 3], "0", "system accounts present: {r:?}");
     // The file API sees the same /etc.
     let e = p
         .read_file(&id, &format!("/etc/{marker}"))

@@ -55,3 +55,61 @@ impl ProviderModule for CustomModule {
         add(r, http::doctor(cfg).await);
     }
 }
+
+/// The E2B provider's module: built from `providers.e2b.*`.
+pub struct E2bModule;
+
+#[async_trait]
+impl ProviderModule for E2bModule {
+    fn kind(&self) -> &'static str {
+        "e2b"
+    }
+
+    fn provider_name(&self, _cfg: &Config) -> String {
+        "e2b".into()
+    }
+
+    fn enabled(&self, cfg: &Config) -> bool {
+        cfg.providers.e2b.enabled
+    }
+
+    /// A missing key or a malformed URL is a startup error.
+    fn build(&self, cfg: &Config) -> Result<Arc<dyn Provider>> {
+        Ok(Arc::new(super::e2b::E2bProvider::from_config(
+            &cfg.providers.e2b,
+        )?))
+    }
+
+    fn lint(&self, cfg: &Config, production: bool, r: &mut Report) {
+        let c = &cfg.providers.e2b;
+        match super::e2b::E2bProvider::from_config(c) {
+            Ok(_) => r.pass("providers.e2b", format!("base_url {}", c.base_url)),
+            Err(e) => r.fail(
+                "providers.e2b",
+                e.to_string(),
+                "set providers.e2b.api_key and an http(s) base_url",
+            ),
+        }
+        if production && c.base_url.trim_start().starts_with("http://") {
+            r.fail(
+                "providers.e2b.base_url",
+                "plain http carries the API key and envd tokens unencrypted",
+                "use https:// (or a loopback address)",
+            );
+        }
+    }
+
+    async fn doctor(&self, cfg: &Config, _production: bool, r: &mut Report) {
+        match super::e2b::E2bProvider::from_config(&cfg.providers.e2b) {
+            Ok(p) => match p.health().await {
+                Ok(()) => r.pass("providers.e2b", "the service answers and accepts the key"),
+                Err(e) => r.fail(
+                    "providers.e2b",
+                    e.to_string(),
+                    "check providers.e2b.base_url and api_key",
+                ),
+            },
+            Err(e) => r.fail("providers.e2b", e.to_string(), "fix providers.e2b"),
+        }
+    }
+}

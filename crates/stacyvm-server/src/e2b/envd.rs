@@ -43,6 +43,9 @@ mod watch;
 /// The port envd listens on in an E2B sandbox; the SDKs name it in
 /// `E2b-Sandbox-Port`.
 const ENVD_PORT: &str = "49983";
+/// Most entries one `ListDir` returns (a deep listing is walked in the
+/// server, level by level).
+const MAX_LIST_ENTRIES: usize = 100_000;
 /// Most files in one multipart upload.
 const MAX_PARTS: usize = 1000;
 /// Most bytes a multipart body may carry before its first boundary.
@@ -158,7 +161,12 @@ fn rpc_error(code: &'static str, message: impl Into<String>) -> Response {
 
 /// The Connect code of a StacyVM error.
 fn code_of(e: &Error) -> &'static str {
-    match e.kind() {
+    code_of_kind(e.kind())
+}
+
+/// The Connect code of an error kind.
+fn code_of_kind(kind: ErrorKind) -> &'static str {
+    match kind {
         ErrorKind::InvalidInput => "invalid_argument",
         ErrorKind::SandboxNotFound | ErrorKind::SandboxDestroyed | ErrorKind::NotFound => {
             "not_found"
@@ -598,7 +606,6 @@ impl Env {
         S: futures::Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
     {
-        use futures::StreamExt;
         // A user other than root gets the parents it lacks made as itself
         // and the file given to it, as envd's own writes would.
         let owner = self.as_user();
@@ -623,35 +630,18 @@ impl Env {
             }
         }
         let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-        let feed = async move {
-            let mut body = body;
-            let mut total = 0u64;
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(|e| format!("reading the upload: {e}"))?;
-                total += chunk.len() as u64;
-                if total > max {
-                    return Err(format!("the file exceeds the limit of {max} bytes"));
-                }
-                if tx.send(chunk.to_vec()).await.is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        };
         let write = self
             .st
             .manager
             .write_file_stream(&self.id, path, rx, "", &self.caller);
-        let (fed, wrote) = tokio::join!(feed, write);
-        if let Err(msg) = fed {
-            let status = if msg.contains("limit") {
-                StatusCode::PAYLOAD_TOO_LARGE
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            return Err(http_error(status, msg));
-        }
-        wrote.map(|_| ()).map_err(file_error)?;
+        use crate::routes::files::{feed, Feed};
+        let wrote = match feed(body, tx, max, write).await {
+            Ok(_) => Ok(()),
+            Err(Feed::Body(m)) => return Err(http_error(StatusCode::BAD_REQUEST, m)),
+            Err(Feed::TooLarge(m)) => return Err(http_error(StatusCode::PAYLOAD_TOO_LARGE, m)),
+            Err(Feed::Write(e)) => Err(e),
+        };
+        wrote.map_err(file_error)?;
         if let Some(u) = owner {
             self.run(&["chown", "-h", "--", &u, path], None)
                 .await
@@ -966,6 +956,11 @@ impl Env {
                 }
                 "ListDir" => {
                     let p = path_of("path")?;
+                    // A big listing holds memory: it takes a slot like a
+                    // transfer does.
+                    let _permit = self
+                        .permit()
+                        .map_err(|cap| rpc_error("resource_exhausted", cap.to_string()))?;
                     let depth = body
                         .get("depth")
                         .and_then(Value::as_u64)
@@ -1034,33 +1029,14 @@ impl Env {
 
     /// Lists `dir` to `depth` levels (children only), as EntryInfo.
     async fn list(&self, dir: &str, depth: u64, out: &mut Vec<Value>) -> Result<(), Response> {
-        let mut level = vec![dir.to_string()];
-        for _ in 0..depth {
-            let mut next = Vec::new();
-            for d in level {
-                let items = self
-                    .st
-                    .manager
-                    .list_files(&self.id, &d, &self.caller)
-                    .await
-                    .map_err(rpc_fail)?;
-                for i in items {
-                    let full = if i.path.starts_with('/') {
-                        i.path.clone()
-                    } else {
-                        format!("{}/{}", d.trim_end_matches('/'), i.name)
-                    };
-                    if i.is_dir {
-                        next.push(full.clone());
-                    }
-                    out.push(entry(&i, &full));
-                    if out.len() > 10_000 {
-                        return Err(rpc_error("resource_exhausted", "more than 10000 entries"));
-                    }
-                }
-            }
-            level = next;
-        }
+        let depth = u32::try_from(depth).unwrap_or(16);
+        let items = self
+            .st
+            .manager
+            .list_tree(&self.id, dir, depth, MAX_LIST_ENTRIES, &self.caller)
+            .await
+            .map_err(rpc_fail)?;
+        out.extend(items.iter().map(|i| entry(i, &i.path)));
         Ok(())
     }
 
@@ -1430,12 +1406,8 @@ async fn forward(
                     envelope(2, &json!({})),
                 ];
             }
-            StreamEvent::Failed(msg) => {
-                let code = if msg.contains("timed out") {
-                    "deadline_exceeded"
-                } else {
-                    "internal"
-                };
+            StreamEvent::Failed { kind, message: msg } => {
+                let code = code_of_kind(kind);
                 break vec![envelope(
                     2,
                     &json!({"error": {"code": code, "message": msg}}),

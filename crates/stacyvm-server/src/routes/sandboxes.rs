@@ -207,7 +207,7 @@ fn ndjson(rx: tokio::sync::mpsc::Receiver<StreamEvent>, report_exit: bool, id: S
                     })));
                 }
             }
-            StreamEvent::Failed(msg) => {
+            StreamEvent::Failed { message: msg, .. } => {
                 for (s, text) in carry.flush() {
                     out.push(Ok(line(&StreamChunk {
                         stream: s.into(),
@@ -338,7 +338,7 @@ async fn ws_session(st: AppState, who: Caller, id: String, mut socket: WebSocket
                         v.push(serde_json::json!({"type": "done", "exit_code": code, "duration": GoDuration::from_std(duration)}).to_string());
                         v
                     }
-                    StreamEvent::Failed(msg) => {
+                    StreamEvent::Failed { message: msg, .. } => {
                         let mut v: Vec<String> = carry.flush().into_iter().map(|(s, t)| serde_json::to_string(&StreamChunk { stream: s.into(), data: t }).unwrap_or_default()).collect();
                         v.push(serde_json::to_string(&StreamChunk { stream: "stderr".into(), data: msg }).unwrap_or_default());
                         v.push(serde_json::json!({"type": "done"}).to_string());
