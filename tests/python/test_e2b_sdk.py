@@ -121,6 +121,10 @@ def test_commands_and_files_through_envd(server):
 
         sbx.files.write("/tmp/e2b/hello.txt", "hi there")
         assert sbx.files.read("/tmp/e2b/hello.txt") == "hi there"
+        # gzip=True: a compressed octet-stream upload, inflated by the server.
+        sbx.files.write("/tmp/e2b/gz.txt", "zipped " * 1000, gzip=True)
+        assert sbx.files.read("/tmp/e2b/gz.txt") == "zipped " * 1000
+        assert sbx.files.read("/tmp/e2b/gz.txt", gzip=True) == "zipped " * 1000
         big = bytes(range(256)) * 4096 * 10  # 10 MiB
         sbx.files.write("/tmp/e2b/big.bin", big)
         assert sbx.files.read("/tmp/e2b/big.bin", format="bytes") == big

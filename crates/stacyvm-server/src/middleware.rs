@@ -366,6 +366,76 @@ fn rate_limited(limit: u64, retry_after_secs: u64) -> Response {
     resp
 }
 
+/// The gate of an E2B envd call (routed by header, outside the route
+/// table): the same failed-authentication throttle, rate limit and
+/// request audit as `/api/v1`.
+pub(crate) struct EnvdGate {
+    meta: AuditMeta,
+    started: Instant,
+}
+
+impl EnvdGate {
+    pub(crate) fn start(st: &AppState, req: &Request) -> Self {
+        EnvdGate {
+            meta: AuditMeta::of(req, st),
+            started: Instant::now(),
+        }
+    }
+
+    /// A refused token: spends the client address's failed-auth tokens
+    /// and writes an audit row within the server-wide budget. `Some`
+    /// (seconds to wait) when the address is throttled.
+    pub(crate) async fn refused(&self, st: &AppState) -> Option<u64> {
+        if st.failed_auth.enabled() {
+            let key = st.failed_auth.key("", "", &self.meta.remote_addr);
+            if let Decision::Limited {
+                retry_after_secs, ..
+            } = st.failed_auth.check(&key)
+            {
+                return Some(retry_after_secs);
+            }
+        }
+        match st.failed_auth_rows.take() {
+            RowBudget::Write { suppressed } => {
+                if suppressed > 0 {
+                    self.meta.write_suppressed(st, suppressed).await;
+                }
+                self.meta
+                    .write(st, "e2b-envd:rejected", "", 401, self.started)
+                    .await;
+            }
+            RowBudget::Skip => {}
+        }
+        None
+    }
+
+    /// The API's per-caller rate limit, keyed by the sandbox's token and
+    /// owner. `Some` (seconds to wait) when limited.
+    pub(crate) fn limited(&self, st: &AppState, sandbox: &str, owner: &str) -> Option<u64> {
+        if !st.ratelimit.enabled() {
+            return None;
+        }
+        let key = st
+            .ratelimit
+            .key(&format!("envd:{sandbox}"), owner, &self.meta.remote_addr);
+        match st.ratelimit.check(&key) {
+            Decision::Limited {
+                retry_after_secs, ..
+            } => Some(retry_after_secs),
+            Decision::Allowed { .. } => None,
+        }
+    }
+
+    /// The request's audit row (changes only, as for `/api/v1`).
+    pub(crate) async fn finish(self, st: &AppState, actor: &str, tenant: &str, status: u16) {
+        if self.meta.method != "GET" {
+            self.meta
+                .write(st, actor, tenant, i64::from(status), self.started)
+                .await;
+        }
+    }
+}
+
 /// Audited paths are cut to this many bytes (at a character boundary).
 pub const MAX_AUDIT_PATH: usize = 2048;
 
@@ -548,8 +618,20 @@ pub async fn body_limit(State(st): State<AppState>, req: Request, next: Next) ->
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    // E2B's routes (and envd) answer in E2B's error shape.
+    let e2b = !req.uri().path().starts_with("/api/") && req.uri().path() != "/mcp";
+    let refuse = |limit: u64| {
+        if e2b {
+            crate::e2b::error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body too large (limit {limit} bytes)"),
+            )
+        } else {
+            too_large(limit)
+        }
+    };
     if declared.is_some_and(|n| n > limit) {
-        return too_large(limit);
+        return refuse(limit);
     }
     let resp = next.run(req).await;
     let is_json = resp
@@ -557,7 +639,7 @@ pub async fn body_limit(State(st): State<AppState>, req: Request, next: Next) ->
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
     if resp.status() == StatusCode::PAYLOAD_TOO_LARGE && !is_json {
-        return too_large(limit);
+        return refuse(limit);
     }
     resp
 }

@@ -789,6 +789,8 @@ async fn envd_uploads_are_bounded_by_the_file_limit() {
     // Over the file limit: refused, up front when declared...
     let (st, body) = upload(4 * 1024 * 1024).await;
     assert_eq!(st, 413, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["code"], 413, "E2B's error shape: {v}");
     // ...and when streamed without a length, once the limit is passed;
     // the file then stays as it was (the write is abandoned, never
     // finished with what had arrived).
@@ -880,4 +882,200 @@ async fn env_vars_are_never_shown() {
         assert_eq!(r.status, 200, "{path}: {}", r.body);
         assert!(!r.body.to_string().contains("s3cret"), "{path}: {}", r.body);
     }
+}
+
+/// `Content-Encoding: gzip` uploads (the SDKs' `gzip=True`) are inflated
+/// as they stream, bounded by what they inflate to: a bomb is a 413 and
+/// leaves the file as it was; a corrupt or unknown encoding is a 400.
+#[tokio::test]
+async fn envd_gzip_uploads_inflate_within_the_file_limit() {
+    use std::io::Write;
+    let mut cfg = Config::default();
+    cfg.limits.max_file_bytes = 3 * 1024 * 1024;
+    let s = start_with(cfg).await;
+    let sb = s.create(json!({})).await;
+    let id = sb["sandboxID"].as_str().expect("id").to_string();
+    let token = sb["envdAccessToken"].as_str().expect("token").to_string();
+    let gz = |data: &[u8]| {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).expect("gzip");
+        e.finish().expect("gzip")
+    };
+    let send = |body: Vec<u8>, encoding: &'static str| {
+        let (s, id, token) = (&s, id.clone(), token.clone());
+        async move {
+            let r = s
+                .http
+                .post(format!("{}/files?path=/workspace/g.txt", s.root))
+                .header("E2b-Sandbox-Id", id)
+                .header("X-Access-Token", token)
+                .header("Content-Type", "application/octet-stream")
+                .header("Content-Encoding", encoding)
+                .body(body)
+                .send()
+                .await
+                .expect("send");
+            (r.status().as_u16(), r.text().await.unwrap_or_default())
+        }
+    };
+    let read = || async {
+        s.http
+            .get(format!("{}/files?path=/workspace/g.txt", s.root))
+            .header("E2b-Sandbox-Id", &id)
+            .header("X-Access-Token", &token)
+            .send()
+            .await
+            .expect("read")
+            .bytes()
+            .await
+            .expect("bytes")
+    };
+    let text = "compressed hello\n".repeat(1000);
+    let (st, body) = send(gz(text.as_bytes()), "gzip").await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(read().await, text.as_bytes());
+    // 16 MiB of zeros in a few KiB: refused once it inflates past 3 MiB.
+    let bomb = gz(&vec![0u8; 16 * 1024 * 1024]);
+    assert!(bomb.len() < 64 * 1024);
+    let (st, body) = send(bomb, "gzip").await;
+    assert_eq!(st, 413, "{body}");
+    assert_eq!(
+        read().await,
+        text.as_bytes(),
+        "a refused upload changes nothing"
+    );
+    let mut corrupt = gz(b"some text that will be cut");
+    corrupt.truncate(corrupt.len() - 6);
+    let (st, body) = send(corrupt, "gzip").await;
+    assert_eq!(st, 400, "{body}");
+    let (st, body) = send(b"x".to_vec(), "br").await;
+    assert_eq!(st, 400, "{body}");
+    assert_eq!(read().await, text.as_bytes());
+}
+
+/// envd calls meet the API's gates: a stream of bad tokens is throttled
+/// per address, calls count against the rate limit, and changes are in
+/// the request audit under the sandbox's owner.
+#[tokio::test]
+async fn envd_calls_are_throttled_rate_limited_and_audited() {
+    let mut cfg = Config::default();
+    cfg.rate_limit.enabled = true;
+    cfg.rate_limit.requests_per_minute = 6;
+    cfg.rate_limit.burst = 6;
+    cfg.rate_limit.failed_auth_per_minute = 3;
+    let s = start_with(cfg).await;
+    let sb = s.create(json!({})).await;
+    let id = sb["sandboxID"].as_str().expect("id").to_string();
+    let token = sb["envdAccessToken"].as_str().expect("token").to_string();
+    let stat = |token: String| {
+        let (s, id) = (&s, id.clone());
+        async move {
+            let r = s
+                .http
+                .post(format!("{}/filesystem.Filesystem/Stat", s.root))
+                .header("E2b-Sandbox-Id", id)
+                .header("X-Access-Token", token)
+                .header("Content-Type", "application/json")
+                .body(r#"{"path":"/"}"#)
+                .send()
+                .await
+                .expect("send");
+            let st = r.status().as_u16();
+            let v: Value = r.json().await.unwrap_or(Value::Null);
+            (st, v["code"].as_str().unwrap_or_default().to_string())
+        }
+    };
+    // Bad tokens: refused, then throttled.
+    let mut codes = Vec::new();
+    for _ in 0..5 {
+        codes.push(stat("forged".into()).await);
+    }
+    assert_eq!(codes[0], (401, "unauthenticated".into()), "{codes:?}");
+    assert!(
+        codes.contains(&(429, "resource_exhausted".into())),
+        "bad tokens are throttled: {codes:?}"
+    );
+    // Good calls: served until the rate limit, then refused.
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        seen.push(stat(token.clone()).await.0);
+    }
+    assert_eq!(seen[0], 200, "{seen:?}");
+    assert!(seen.contains(&429), "envd calls are rate limited: {seen:?}");
+    // Audited: the RPCs (POSTs) under the owner, the refusals as rejected.
+    s._server.manager.flush_audit().await;
+    let rows = s
+        ._server
+        .manager
+        .store()
+        .list_admin_audit(&stacyvm_core::store::AdminAuditFilter {
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("audit");
+    assert!(
+        rows.iter().any(|r| r.actor.starts_with("e2b-envd")
+            && r.path.contains("Filesystem/Stat")
+            && r.status == 200),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r.actor == "e2b-envd:rejected" && r.status == 401),
+        "{rows:?}"
+    );
+}
+
+/// A `Connect` reader holds a per-sandbox slot while it reads, like the
+/// process it watches and any transfer.
+#[tokio::test]
+async fn envd_connect_readers_take_a_slot() {
+    use futures::StreamExt;
+    let mut cfg = Config::default();
+    cfg.limits.max_active_per_sandbox = 2;
+    let s = start_with(cfg).await;
+    let sb = s.create(json!({})).await;
+    let id = sb["sandboxID"].as_str().expect("id").to_string();
+    let token = sb["envdAccessToken"].as_str().expect("token").to_string();
+    let envelope = |v: Value| {
+        let p = serde_json::to_vec(&v).expect("json");
+        let mut out = vec![0u8];
+        out.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        out.extend_from_slice(&p);
+        out
+    };
+    let stream = |rpc: &'static str, body: Value| {
+        s.http
+            .post(format!("{}/process.Process/{rpc}", s.root))
+            .header("E2b-Sandbox-Id", &id)
+            .header("X-Access-Token", &token)
+            .header("Content-Type", "application/connect+json")
+            .body(envelope(body))
+            .send()
+    };
+    let start = stream(
+        "Start",
+        json!({"process": {"cmd": "/bin/sh", "args": ["-c", "sleep 3"], "cwd": "/workspace"}}),
+    )
+    .await
+    .expect("start");
+    assert_eq!(start.status(), 200);
+    let mut body = start.bytes_stream();
+    let first = body.next().await.expect("first").expect("bytes");
+    let msg: Value = serde_json::from_slice(&first[5..]).expect("start event");
+    let pid = msg["event"]["start"]["pid"].as_u64().expect("pid");
+    // The process holds one slot, this reader the other...
+    let reader = stream("Connect", json!({"process": {"pid": pid}}))
+        .await
+        .expect("connect");
+    assert_eq!(reader.status(), 200);
+    // ...so a second reader is refused.
+    let r = stream("Connect", json!({"process": {"pid": pid}}))
+        .await
+        .expect("connect");
+    let v: Value = r.json().await.expect("json");
+    assert_eq!(v["code"], "resource_exhausted", "{v}");
+    drop(reader);
+    drop(body);
 }

@@ -233,11 +233,28 @@ pub async fn handle(st: AppState, req: Request) -> Response {
         .get("x-access-token")
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
+    let is_rpc = path.starts_with("/process.") || path.starts_with("/filesystem.");
+    let throttled = |wait: u64| {
+        let msg = format!("rate limit exceeded; retry after {wait}s");
+        let mut r = if is_rpc {
+            rpc_error("resource_exhausted", msg)
+        } else {
+            http_error(StatusCode::TOO_MANY_REQUESTS, msg)
+        };
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(wait));
+        r
+    };
+    let gate = crate::middleware::EnvdGate::start(&st, &req);
     if !st.e2b_keys.verify(&rec, token) {
+        // Failed attempts are throttled and audited as on /api/v1.
+        if let Some(wait) = gate.refused(&st).await {
+            return throttled(wait);
+        }
         let msg = "missing or wrong X-Access-Token for this sandbox";
         // Connect calls get Connect's code, so the SDK raises its
         // authentication error rather than "unreachable".
-        return if path.starts_with("/process.") || path.starts_with("/filesystem.") {
+        return if is_rpc {
             rpc_error("unauthenticated", msg)
         } else {
             http_error(StatusCode::UNAUTHORIZED, msg)
@@ -261,7 +278,9 @@ pub async fn handle(st: AppState, req: Request) -> Response {
         .get(super::control::META_ENVS)
         .and_then(|t| serde_json::from_str(t).ok())
         .unwrap_or_default();
-    let is_rpc = path.starts_with("/process.") || path.starts_with("/filesystem.");
+    if let Some(wait) = gate.limited(&st, &rec.id, &rec.owner_id) {
+        return throttled(wait);
+    }
     let asked = match requested_user(&req, is_rpc) {
         Ok(u) => u,
         Err(msg) => {
@@ -282,6 +301,7 @@ pub async fn handle(st: AppState, req: Request) -> Response {
             }
         }
     };
+    let (audit_st, actor, tenant) = (st.clone(), caller.actor.clone(), caller.tenant_id.clone());
     let env = Env {
         st,
         id,
@@ -289,7 +309,7 @@ pub async fn handle(st: AppState, req: Request) -> Response {
         sandbox_envs,
         user,
     };
-    match (method, path.as_str()) {
+    let resp = match (method, path.as_str()) {
         (Method::GET, "/files") => env.download(req).await,
         (Method::POST, "/files") => env.upload(req).await,
         (Method::POST, rpc) if rpc.starts_with("/process.Process/") => {
@@ -313,7 +333,10 @@ pub async fn handle(st: AppState, req: Request) -> Response {
             StatusCode::NOT_FOUND,
             format!("route not found: {m} {p} (envd)"),
         ),
-    }
+    };
+    gate.finish(&audit_st, &actor, &tenant, resp.status().as_u16())
+        .await;
+    resp
 }
 
 /// One envd call: the sandbox and its owner as the caller.
@@ -578,21 +601,30 @@ impl Env {
             let Some(target) = q.path.filter(|p| !p.is_empty()) else {
                 return http_error(StatusCode::BAD_REQUEST, "path is required for a raw upload");
             };
-            if req
+            let gzip = match req
                 .headers()
                 .get(header::CONTENT_ENCODING)
-                .is_some_and(|v| v.as_bytes() != b"identity")
+                .map(|v| v.as_bytes().to_ascii_lowercase())
+                .as_deref()
             {
-                return http_error(
-                    StatusCode::BAD_REQUEST,
-                    "compressed uploads are not supported; send identity",
-                );
-            }
+                None | Some(b"identity") => false,
+                Some(b"gzip") => true,
+                Some(_) => {
+                    return http_error(
+                        StatusCode::BAD_REQUEST,
+                        "Content-Encoding must be gzip or identity",
+                    )
+                }
+            };
             let path = self.resolve(&target);
-            if let Err(r) = self
-                .write_stream(&path, req.into_body().into_data_stream(), max)
-                .await
-            {
+            let body = req.into_body().into_data_stream();
+            let res = if gzip {
+                // Bounded like any upload, by what it inflates to.
+                self.write_stream(&path, Box::pin(gunzip(body)), max).await
+            } else {
+                self.write_stream(&path, body, max).await
+            };
+            if let Err(r) = res {
                 return r;
             }
             written.push(json!({"name": base_name(&path), "type": "file", "path": path}));
@@ -707,12 +739,14 @@ impl Env {
                 return rpc_error("invalid_argument", "tag is longer than 256 bytes");
             }
         }
-        if PROCS.count(&self.id) >= MAX_PROCS_PER_SANDBOX {
+        // Reserved before the process starts, so concurrent starts cannot
+        // pass the cap together.
+        let Some(reservation) = PROCS.reserve(&self.id) else {
             return rpc_error(
                 "resource_exhausted",
                 format!("{MAX_PROCS_PER_SANDBOX} processes already run in this sandbox"),
             );
-        }
+        };
         // The per-sandbox and per-tenant caps on concurrent execs of
         // /api/v1 apply to envd's processes too, for as long as they run.
         let permit = match self.permit() {
@@ -758,6 +792,7 @@ impl Env {
             let _ = input.send(ExecInput::CloseStdin).await;
         }
         let proc = PROCS.register(&self.id, process, start.tag, pty.is_some(), input);
+        drop(reservation);
         let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(16);
         tokio::spawn(forward(proc, rx, Some(tx), permit));
         connect_stream(out)
@@ -774,10 +809,16 @@ impl Env {
             Ok(p) => p,
             Err(r) => return r,
         };
+        // A reader holds a slot for as long as it reads, like any stream.
+        let permit = match self.permit() {
+            Ok(p) => p,
+            Err(cap) => return rpc_error("resource_exhausted", cap.to_string()),
+        };
         let mut sub = proc.watchers.subscribe();
         let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(16);
         let pid = proc.pid;
         tokio::spawn(async move {
+            let _permit = permit;
             if tx
                 .send(Ok(envelope(0, &json!({"event": {"start": {"pid": pid}}}))))
                 .await
@@ -1067,6 +1108,59 @@ impl Env {
     }
 }
 
+/// A gzip body, inflated as it arrives. Compressed input goes to the
+/// decoder 1 KiB at a time and what it inflates to is handed on at once
+/// (deflate expands at most ~1000:1), so a bomb never holds more than
+/// about a megabyte before the upload bound sees it.
+fn gunzip<S, E>(body: S) -> impl futures::Stream<Item = Result<Bytes, String>> + Send
+where
+    S: futures::Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+    E: std::fmt::Display,
+{
+    use std::io::Write;
+    let decoder = flate2::write::GzDecoder::new(Vec::new());
+    futures::stream::unfold(
+        (body, Some(decoder), Bytes::new()),
+        |(mut body, mut decoder, mut pending)| async move {
+            use futures::StreamExt;
+            loop {
+                let dec = decoder.as_mut()?;
+                if !pending.is_empty() {
+                    let piece = pending.split_to(pending.len().min(1024));
+                    if let Err(e) = dec.write_all(&piece) {
+                        let err = Err(format!("the gzip body is corrupt: {e}"));
+                        return Some((err, (body, None, pending)));
+                    }
+                    if !dec.get_ref().is_empty() {
+                        let out = Bytes::from(std::mem::take(dec.get_mut()));
+                        return Some((Ok(out), (body, decoder, pending)));
+                    }
+                    continue;
+                }
+                match body.next().await {
+                    Some(Ok(chunk)) => pending = chunk,
+                    Some(Err(e)) => {
+                        let err = Err(format!("reading the upload: {e}"));
+                        return Some((err, (body, None, pending)));
+                    }
+                    None => {
+                        let mut dec = decoder.take()?;
+                        if let Err(e) = dec.try_finish() {
+                            let err = Err(format!("the gzip body is truncated: {e}"));
+                            return Some((err, (body, None, pending)));
+                        }
+                        let rest = std::mem::take(dec.get_mut());
+                        if rest.is_empty() {
+                            return None;
+                        }
+                        return Some((Ok(Bytes::from(rest)), (body, None, pending)));
+                    }
+                }
+            }
+        },
+    )
+}
+
 fn base_name(p: &str) -> String {
     p.rsplit('/').next().unwrap_or(p).to_string()
 }
@@ -1249,19 +1343,54 @@ impl Proc {
 
 /// Most processes envd runs at once in one sandbox.
 const MAX_PROCS_PER_SANDBOX: usize = 256;
+/// How long a process waits for the reader of its `Start` stream.
+const PRIMARY_STALL: Duration = Duration::from_secs(10);
 
 /// Every running envd process, by pid.
 struct Procs {
     next: AtomicU32,
     map: parking_lot::Mutex<HashMap<u32, Arc<Proc>>>,
+    /// Starts under way per sandbox (see [`Procs::reserve`]).
+    pending: parking_lot::Mutex<HashMap<String, usize>>,
 }
 
 static PROCS: LazyLock<Procs> = LazyLock::new(|| Procs {
     next: AtomicU32::new(1000),
     map: Default::default(),
+    pending: Default::default(),
 });
 
+/// A place under a sandbox's process cap, held from the check until the
+/// process is registered (or its start failed).
+struct Reservation(String);
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut p = PROCS.pending.lock();
+        if let Some(n) = p.get_mut(&self.0) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                p.remove(&self.0);
+            }
+        }
+    }
+}
+
 impl Procs {
+    /// A place for one more process of `sandbox`; `None` at the cap
+    /// (running and starting processes together).
+    fn reserve(&self, sandbox: &str) -> Option<Reservation> {
+        let map = self.map.lock();
+        let mut pending = self.pending.lock();
+        let running = map.values().filter(|p| p.sandbox == sandbox).count();
+        let starting = pending.get(sandbox).copied().unwrap_or(0);
+        if running + starting >= MAX_PROCS_PER_SANDBOX {
+            return None;
+        }
+        *pending.entry(sandbox.to_string()).or_default() += 1;
+        Some(Reservation(sandbox.to_string()))
+    }
+
     fn register(
         &self,
         sandbox: &str,
@@ -1325,14 +1454,6 @@ impl Procs {
         out
     }
 
-    fn count(&self, sandbox: &str) -> usize {
-        self.map
-            .lock()
-            .values()
-            .filter(|p| p.sandbox == sandbox)
-            .count()
-    }
-
     fn remove(&self, pid: u32) {
         self.map.lock().remove(&pid);
     }
@@ -1352,8 +1473,10 @@ async fn forward(
         let _ = proc.watchers.send(b.clone());
         let p = primary.clone();
         async move {
+            // A starting reader that stops reading is let go after a
+            // while, so the process and its other readers go on.
             match p {
-                Some(tx) => tx.send(Ok(b)).await.is_ok(),
+                Some(tx) => tx.send_timeout(Ok(b), PRIMARY_STALL).await.is_ok(),
                 None => false,
             }
         }
