@@ -65,7 +65,7 @@ impl RouteRx {
 
 /// A connection to one agent.
 pub struct AgentClient {
-    writer: tokio::sync::Mutex<Writer>,
+    writer: Arc<tokio::sync::Mutex<Writer>>,
     routes: Routes,
     next: AtomicU32,
     closed: Arc<AtomicBool>,
@@ -293,7 +293,7 @@ impl AgentClient {
             .abort_handle()
         };
         Ok(Arc::new(AgentClient {
-            writer: tokio::sync::Mutex::new(Box::new(wr)),
+            writer: Arc::new(tokio::sync::Mutex::new(Box::new(wr))),
             routes,
             next: AtomicU32::new(1),
             closed,
@@ -327,17 +327,31 @@ impl AgentClient {
     }
 
     async fn send(&self, f: &Frame) -> Result<()> {
-        let bytes = f.encode();
-        let mut w = self.writer.lock().await;
-        w.write_all(&bytes).await.map_err(|_| lost())
+        self.write_whole(f.encode()).await
     }
 
-    /// Sends a frame made of `body` without copying it into a frame.
+    /// Sends a frame made of `body`.
     async fn send_body(&self, kind: Kind, id: u32, body: &[u8]) -> Result<()> {
         let header = Frame::header(kind, id, body.len());
-        let mut w = self.writer.lock().await;
-        w.write_all(&header).await.map_err(|_| lost())?;
-        w.write_all(body).await.map_err(|_| lost())
+        let mut bytes = Vec::with_capacity(header.len() + body.len());
+        bytes.extend_from_slice(&header);
+        bytes.extend_from_slice(body);
+        self.write_whole(bytes).await
+    }
+
+    /// Writes one whole frame. The write runs in a task of its own, so a
+    /// caller that is dropped midway (a client that hung up) never leaves
+    /// half a frame on the connection, which would desynchronise it for
+    /// every later request.
+    async fn write_whole(&self, bytes: Vec<u8>) -> Result<()> {
+        let writer = self.writer.clone();
+        tokio::spawn(async move {
+            let mut w = writer.lock().await;
+            w.write_all(&bytes).await
+        })
+        .await
+        .map_err(|_| lost())?
+        .map_err(|_| lost())
     }
 
     /// Asks the agent to stop request `id` (a read, an upload or an exec).
@@ -1129,6 +1143,69 @@ mod tests {
             "handshake nobody answers",
         );
         assert!(start.elapsed() >= CONNECT_TIMEOUT, "{:?}", start.elapsed());
+    }
+
+    /// An upload dropped in the middle of a frame (its caller hung up)
+    /// leaves the connection in step: the frame is finished, the upload
+    /// cancelled, and the next request is understood.
+    #[tokio::test]
+    async fn a_dropped_upload_never_leaves_half_a_frame() {
+        let (host, mut agent) = pipe();
+        let hello = tokio::spawn(async move {
+            agent.hello(None, &["write_flow"]).await;
+            agent
+        });
+        let client = AgentClient::handshake(host, None).await.expect("handshake");
+        let mut agent = hello.await.expect("agent");
+        // A chunk far larger than the pipe: its frame cannot be written
+        // until the agent reads, which it does not yet.
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(vec![7u8; 4 * PIPE]).await.expect("chunk");
+        let upload = client.write_stream("/w/f", 0o644, rx, u64::MAX);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), upload)
+                .await
+                .is_err(),
+            "the upload is stuck mid-frame"
+        );
+        drop(tx);
+        let ping = {
+            let client = client.clone();
+            tokio::spawn(async move { client.ping().await })
+        };
+        // The agent sees the request, the whole data frame, the cancel,
+        // then the ping, each whole.
+        let mut kinds = Vec::new();
+        loop {
+            let f = tokio::time::timeout(Duration::from_secs(10), agent.frame())
+                .await
+                .unwrap_or_else(|_| panic!("the connection is out of step after {kinds:?}"))
+                .expect("frame");
+            if f.kind == Kind::Data {
+                assert_eq!(f.body.len(), 4 * PIPE, "the data frame arrives whole");
+            }
+            kinds.push(f.kind);
+            if f.kind == Kind::Request {
+                let req: Request = serde_json::from_slice(&f.body).expect("request");
+                if req == Request::Ping {
+                    agent
+                        .send(&Frame::json(
+                            Kind::Response,
+                            f.id,
+                            &proto::Response::ok(serde_json::json!({"pong": true})),
+                        ))
+                        .await
+                        .expect("pong");
+                    break;
+                }
+            }
+        }
+        assert_eq!(
+            kinds,
+            [Kind::Request, Kind::Data, Kind::Signal, Kind::Request],
+            "request, data, cancel, ping"
+        );
+        ping.await.expect("task").expect("the ping is answered");
     }
 
     /// Runs a ping against an agent that answers the Hello and then
