@@ -106,6 +106,15 @@ impl Caller {
     }
 }
 
+/// A directory to list: normalized, and empty meaning `/`.
+fn dir_path(path: &str) -> Result<String> {
+    if path.trim().is_empty() {
+        Ok("/".to_string())
+    } else {
+        paths::normalize(path)
+    }
+}
+
 /// `uid` or `uid:gid` as an identity; `None` for a name.
 fn numeric_user(s: &str) -> Result<Option<ExecUser>> {
     let (u, g) = match s.split_once(':') {
@@ -1842,11 +1851,7 @@ impl Manager {
     }
 
     pub async fn list_files(&self, id: &str, path: &str, caller: &Caller) -> Result<Vec<FileInfo>> {
-        let path = if path.trim().is_empty() {
-            "/".to_string()
-        } else {
-            paths::normalize(path)?
-        };
+        let path = dir_path(path)?;
         let p2 = path.clone();
         self.file_op(
             "list",
@@ -1872,11 +1877,7 @@ impl Manager {
         max: usize,
         caller: &Caller,
     ) -> Result<Vec<FileInfo>> {
-        let path = if path.trim().is_empty() {
-            "/".to_string()
-        } else {
-            paths::normalize(path)?
-        };
+        let path = dir_path(path)?;
         let p2 = path.clone();
         self.file_op(
             "list",

@@ -352,19 +352,24 @@ impl E2bProvider {
                 Some(id),
             )
             .await?;
+        Ok(self.remember(id, &v))
+    }
+
+    /// Keeps the envd token and domain of a create or connect reply.
+    fn remember(&self, id: &str, reply: &Value) -> Envd {
         let e = Envd {
             id: id.to_string(),
-            token: v["envdAccessToken"]
+            token: reply["envdAccessToken"]
                 .as_str()
                 .unwrap_or_default()
                 .to_string(),
-            domain: v["domain"].as_str().unwrap_or("e2b.app").to_string(),
+            domain: reply["domain"].as_str().unwrap_or("e2b.app").to_string(),
         };
         self.envds
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(id.to_string(), e.clone());
-        Ok(e)
+        e
     }
 
     fn io_for(&self, envd: Envd) -> E2bIo {
@@ -1063,18 +1068,7 @@ impl Provider for E2bProvider {
             .filter(|s| !s.is_empty())
             .ok_or_else(|| Error::internal("e2b: sandbox create: the reply has no sandboxID"))?
             .to_string();
-        let envd = Envd {
-            id: id.clone(),
-            token: v["envdAccessToken"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string(),
-            domain: v["domain"].as_str().unwrap_or("e2b.app").to_string(),
-        };
-        self.envds
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), envd.clone());
+        let envd = self.remember(&id, &v);
         // Every sandbox has /workspace, the default working directory.
         let made = self
             .io_for(envd)

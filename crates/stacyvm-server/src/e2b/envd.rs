@@ -475,19 +475,30 @@ impl Env {
 
     /// A slot of the per-sandbox, per-credential and per-tenant caps on
     /// concurrent execs and transfers, as `/api/v1` takes for its own.
-    fn permit(&self) -> Result<crate::active::Permit, crate::active::Cap> {
-        self.st.active.try_acquire(
-            Some(&format!("{}/{}", self.caller.tenant_id, self.id)),
-            &format!("e2b-envd\0{}", self.caller.owner_id),
-            &self.caller.tenant_id,
-        )
+    /// A full cap is the call's failure: 429 on `/files`, Connect's
+    /// `resource_exhausted` on RPCs.
+    fn permit(&self, rpc: bool) -> Result<crate::active::Permit, Response> {
+        self.st
+            .active
+            .try_acquire(
+                Some(&format!("{}/{}", self.caller.tenant_id, self.id)),
+                &format!("e2b-envd\0{}", self.caller.owner_id),
+                &self.caller.tenant_id,
+            )
+            .map_err(|cap| {
+                if rpc {
+                    rpc_error("resource_exhausted", cap.to_string())
+                } else {
+                    http_error(StatusCode::TOO_MANY_REQUESTS, cap.to_string())
+                }
+            })
     }
 
     /// `GET /files?path=`: the file's bytes, streamed.
     async fn download(&self, req: Request) -> Response {
-        let permit = match self.permit() {
+        let permit = match self.permit(false) {
             Ok(p) => p,
-            Err(cap) => return http_error(StatusCode::TOO_MANY_REQUESTS, cap.to_string()),
+            Err(r) => return r,
         };
         let q: PathQuery = query(&req);
         let Some(path) = q.path.filter(|p| !p.is_empty()) else {
@@ -526,9 +537,9 @@ impl Env {
     /// `POST /files`: multipart (each part's filename is its target path;
     /// `?path=` wins for a single file) or a raw body to `?path=`.
     async fn upload(&self, req: Request) -> Response {
-        let _permit = match self.permit() {
+        let _permit = match self.permit(false) {
             Ok(p) => p,
-            Err(cap) => return http_error(StatusCode::TOO_MANY_REQUESTS, cap.to_string()),
+            Err(r) => return r,
         };
         let q: PathQuery = query(&req);
         let ctype = req
@@ -749,9 +760,9 @@ impl Env {
         };
         // The per-sandbox and per-tenant caps on concurrent execs of
         // /api/v1 apply to envd's processes too, for as long as they run.
-        let permit = match self.permit() {
+        let permit = match self.permit(true) {
             Ok(p) => p,
-            Err(cap) => return rpc_error("resource_exhausted", cap.to_string()),
+            Err(r) => return r,
         };
         let exec = ExecRequest {
             command: process.cmd.clone(),
@@ -810,9 +821,9 @@ impl Env {
             Err(r) => return r,
         };
         // A reader holds a slot for as long as it reads, like any stream.
-        let permit = match self.permit() {
+        let permit = match self.permit(true) {
             Ok(p) => p,
-            Err(cap) => return rpc_error("resource_exhausted", cap.to_string()),
+            Err(r) => return r,
         };
         let mut sub = proc.watchers.subscribe();
         let (tx, out) = tokio::sync::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(16);
@@ -999,9 +1010,7 @@ impl Env {
                     let p = path_of("path")?;
                     // A big listing holds memory: it takes a slot like a
                     // transfer does.
-                    let _permit = self
-                        .permit()
-                        .map_err(|cap| rpc_error("resource_exhausted", cap.to_string()))?;
+                    let _permit = self.permit(true)?;
                     let depth = body
                         .get("depth")
                         .and_then(Value::as_u64)
