@@ -293,3 +293,30 @@ def test_watch_dir_polled_and_streamed(server):
         asyncio.run(streamed())
     finally:
         sbx.kill()
+
+
+def test_signed_file_urls_with_host_routing():
+    """The SDK's own signatures (`download_url`/`upload_url`) open one path
+    through host routing (`server.e2b_domain`), which such URLs need: they
+    carry no sandbox header."""
+    import httpx
+
+    from conftest import launch
+
+    with launch(config_yaml="server:\n  e2b_domain: sbx.test\n") as url:
+        o = opts(url)
+        sbx = Sandbox.create(**o)
+        try:
+            host = {"Host": f"49983-{sbx.sandbox_id}.sbx.test"}
+            up = sbx.upload_url("/tmp/signed.txt", use_signature_expiration=120)
+            r = httpx.post(up, headers=host, files={"file": ("/tmp/signed.txt", b"via a signed url")})
+            assert r.status_code == 200, r.text
+            down = sbx.download_url("/tmp/signed.txt", use_signature_expiration=120)
+            r = httpx.get(down, headers=host)
+            assert r.status_code == 200 and r.text == "via a signed url", r.text
+            # The read URL does not write, nor read another path.
+            assert httpx.post(down, headers=host, content=b"x").status_code == 401
+            other = down.replace("signed.txt", "other.txt")
+            assert httpx.get(other, headers=host).status_code == 401
+        finally:
+            sbx.kill()

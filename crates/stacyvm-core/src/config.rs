@@ -157,6 +157,11 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     /// Proxies (addresses or CIDRs) whose `X-Forwarded-For` is believed.
     pub trusted_proxies: Vec<String>,
+    /// E2B's host-based routing: requests for `<port>-<sandbox id>.<domain>`
+    /// go to that sandbox (port 49983: its envd), and E2B create/connect
+    /// answers name this domain. Empty = header routing only
+    /// (`E2B_SANDBOX_URL`).
+    pub e2b_domain: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -593,6 +598,7 @@ impl Default for ServerConfig {
             data_dir: default_data_dir(),
             max_body_bytes: 64 * 1024 * 1024,
             trusted_proxies: Vec::new(),
+            e2b_domain: String::new(),
         }
     }
 }

@@ -688,7 +688,10 @@ pub async fn host_guard(State(st): State<AppState>, req: Request, next: Next) ->
                     .map(axum::http::uri::Authority::as_str)
             });
         if let Some(h) = host {
-            if !is_local_host_header(h) {
+            // Names under `server.e2b_domain` are the operator's own.
+            let e2b_routed =
+                crate::e2b::envd::host_route(&st.cfg.server.e2b_domain, req.headers()).is_some();
+            if !is_local_host_header(h) && !e2b_routed {
                 return ApiError::new(
                     StatusCode::MISDIRECTED_REQUEST,
                     "MISDIRECTED_REQUEST",

@@ -1079,3 +1079,145 @@ async fn envd_connect_readers_take_a_slot() {
     drop(reader);
     drop(body);
 }
+
+/// Host routing (E2B's mode B, `server.e2b_domain`) and the SDKs' signed
+/// file URLs: `<port>-<id>.<domain>` reaches the sandbox's envd; a signed
+/// URL opens one path for one operation until it expires.
+#[tokio::test]
+async fn host_routing_and_signed_file_urls() {
+    use base64::Engine;
+    use sha2::Digest;
+    let mut cfg = Config::default();
+    cfg.server.e2b_domain = "sbx.test".into();
+    let s = start_with(cfg).await;
+    let sb = s.create(json!({})).await;
+    assert_eq!(sb["domain"], "sbx.test", "{sb}");
+    let id = sb["sandboxID"].as_str().expect("id").to_string();
+    let token = sb["envdAccessToken"].as_str().expect("token").to_string();
+    let host = format!("49983-{id}.sbx.test");
+    let call =
+        |method: &'static str, url: String, host: String, token: Option<String>, body: Vec<u8>| {
+            let s = &s;
+            async move {
+                let m = reqwest::Method::from_bytes(method.as_bytes()).expect("m");
+                let mut rb = s
+                    .http
+                    .request(m, format!("{}{url}", s.root))
+                    .header("Host", host)
+                    .body(body);
+                if let Some(t) = token {
+                    rb = rb.header("X-Access-Token", t);
+                }
+                let r = rb.send().await.expect("send");
+                (r.status().as_u16(), r.text().await.unwrap_or_default())
+            }
+        };
+    let (st, _) = call("GET", "/health".into(), host.clone(), None, vec![]).await;
+    assert_eq!(st, 204);
+    let (st, body) = call(
+        "POST",
+        "/files?path=/workspace/h.txt".into(),
+        host.clone(),
+        Some(token.clone()),
+        b"routed by host".to_vec(),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let sign = |path: &str, op: &str, exp: Option<i64>| {
+        let raw = match exp {
+            None => format!("{path}:{op}::{token}"),
+            Some(e) => format!("{path}:{op}::{token}:{e}"),
+        };
+        // As the SDK sends it: percent-encoded in the query.
+        format!(
+            "v1_{}",
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .encode(sha2::Sha256::digest(raw.as_bytes()))
+        )
+        .replace('+', "%2B")
+        .replace('/', "%2F")
+    };
+    let later = chrono::Utc::now().timestamp() + 300;
+    let earlier = chrono::Utc::now().timestamp() - 5;
+    let read = |sig: String, exp: Option<i64>| {
+        let mut url = format!("/files?path=/workspace/h.txt&signature={sig}");
+        if let Some(e) = exp {
+            url.push_str(&format!("&signature_expiration={e}"));
+        }
+        call("GET", url, host.clone(), None, vec![])
+    };
+    let (st, body) = read(sign("/workspace/h.txt", "read", None), None).await;
+    assert_eq!((st, body.as_str()), (200, "routed by host"));
+    let (st, _) = read(sign("/workspace/h.txt", "read", Some(later)), Some(later)).await;
+    assert_eq!(st, 200, "an unexpired signature");
+    let (st, _) = read(
+        sign("/workspace/h.txt", "read", Some(earlier)),
+        Some(earlier),
+    )
+    .await;
+    assert_eq!(st, 401, "an expired signature");
+    let (st, _) = read(
+        sign("/workspace/h.txt", "read", Some(later)),
+        Some(later + 1),
+    )
+    .await;
+    assert_eq!(st, 401, "an extended expiration");
+    let (st, _) = read(sign("/workspace/other", "read", None), None).await;
+    assert_eq!(st, 401, "another path's signature");
+    let (st, _) = read(sign("/workspace/h.txt", "write", None), None).await;
+    assert_eq!(st, 401, "a write signature does not read");
+    // A signed write writes its path only.
+    let w = sign("/workspace/up.txt", "write", None);
+    let boundary = "xyzzy";
+    let multipart = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"/workspace/up.txt\"\r\n\r\nok\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"/etc/evil\"\r\n\r\nx\r\n--{boundary}--\r\n"
+    );
+    let r = s
+        .http
+        .post(format!(
+            "{}/files?signature={w}&path=/workspace/up.txt",
+            s.root
+        ))
+        .header("Host", &host)
+        .header(
+            "Content-Type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(multipart)
+        .send()
+        .await
+        .expect("send");
+    assert_eq!(r.status(), 403, "a second part elsewhere is refused");
+    let (st, _) = call(
+        "POST",
+        format!("/files?path=/workspace/up.txt&signature={w}"),
+        host.clone(),
+        None,
+        b"signed".to_vec(),
+    )
+    .await;
+    assert_eq!(st, 200);
+    // RPCs need the token; other ports are not envd; other names are not
+    // served by an open loopback server.
+    let (st, _) = call(
+        "POST",
+        format!("/filesystem.Filesystem/Stat?signature={w}"),
+        host.clone(),
+        None,
+        br#"{"path":"/"}"#.to_vec(),
+    )
+    .await;
+    assert_eq!(st, 401);
+    let (st, body) = call(
+        "GET",
+        "/health".into(),
+        format!("3000-{id}.sbx.test"),
+        None,
+        vec![],
+    )
+    .await;
+    assert_eq!(st, 502, "{body}");
+    let (st, _) = call("GET", "/health".into(), "evil.test".into(), None, vec![]).await;
+    assert_eq!(st, 421);
+}

@@ -132,6 +132,11 @@ fn public_metadata(m: &BTreeMap<String, String>) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// `server.e2b_domain`, when host routing is on.
+fn domain_of(st: &AppState) -> Option<String> {
+    Some(st.cfg.server.e2b_domain.trim().to_string()).filter(|d| !d.is_empty())
+}
+
 fn sandbox_of(st: &AppState, r: &SandboxRecord) -> E2bSandbox {
     E2bSandbox {
         template_id: template_of(r),
@@ -139,7 +144,7 @@ fn sandbox_of(st: &AppState, r: &SandboxRecord) -> E2bSandbox {
         client_id: CLIENT_ID,
         envd_version: ENVD_VERSION,
         envd_access_token: st.e2b_keys.token(r),
-        domain: None,
+        domain: domain_of(st),
     }
 }
 

@@ -246,7 +246,11 @@ pub async fn handle(st: AppState, req: Request) -> Response {
         r
     };
     let gate = crate::middleware::EnvdGate::start(&st, &req);
-    if !st.e2b_keys.verify(&rec, token) {
+    let by_token = st.e2b_keys.verify(&rec, token);
+    // A signed URL opens one path for one operation, nothing else.
+    let signed_path = (!by_token && signed(&st, &rec, &req))
+        .then(|| query::<PathQuery>(&req).path.unwrap_or_default());
+    if !by_token && signed_path.is_none() {
         // Failed attempts are throttled and audited as on /api/v1.
         if let Some(wait) = gate.refused(&st).await {
             return throttled(wait);
@@ -308,6 +312,7 @@ pub async fn handle(st: AppState, req: Request) -> Response {
         caller,
         sandbox_envs,
         user,
+        signed_path,
     };
     let resp = match (method, path.as_str()) {
         (Method::GET, "/files") => env.download(req).await,
@@ -347,6 +352,9 @@ struct Env {
     sandbox_envs: BTreeMap<String, String>,
     /// The account the call acts as.
     user: Account,
+    /// Set when a signed URL, not the token, let the call in: the one
+    /// path it may read or write.
+    signed_path: Option<String>,
 }
 
 /// The user a call names: `Authorization: Basic base64("<user>:")` on
@@ -599,6 +607,12 @@ impl Env {
                     (_, Some(name)) if !name.is_empty() => name.to_string(),
                     _ => return http_error(StatusCode::BAD_REQUEST, "a file part without a path"),
                 };
+                if self.signed_path.as_ref().is_some_and(|p| *p != target) {
+                    return http_error(
+                        StatusCode::FORBIDDEN,
+                        "a signed URL writes only the path it was signed for",
+                    );
+                }
                 let path = self.resolve(&target);
                 if let Err(r) = self.write_stream(&path, field, max).await {
                     return r;
@@ -1315,13 +1329,87 @@ struct ProcessConfig {
 /// Routes envd requests (those with `E2b-Sandbox-Id`) before anything else.
 pub async fn dispatch(
     axum::extract::State(st): axum::extract::State<AppState>,
-    req: Request,
+    mut req: Request,
     next: axum::middleware::Next,
 ) -> Response {
     if is_envd(req.headers()) {
         return handle(st, req).await;
     }
+    // Host routing (E2B's mode B): `<port>-<id>.<server.e2b_domain>`.
+    if let Some((port, id)) = host_route(&st.cfg.server.e2b_domain, req.headers()) {
+        if let (Ok(i), Ok(p)) = (HeaderValue::from_str(&id), HeaderValue::from_str(&port)) {
+            let h = req.headers_mut();
+            h.insert("e2b-sandbox-id", i);
+            h.insert("e2b-sandbox-port", p);
+            return handle(st, req).await;
+        }
+    }
     next.run(req).await
+}
+
+/// The port and sandbox id a `Host` of `<port>-<id>.<domain>` names.
+pub fn host_route(domain: &str, h: &HeaderMap) -> Option<(String, String)> {
+    let domain = domain.trim().trim_matches('.').to_ascii_lowercase();
+    if domain.is_empty() {
+        return None;
+    }
+    let host = h.get(header::HOST)?.to_str().ok()?.to_ascii_lowercase();
+    let host = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name.to_string(),
+        _ => host,
+    };
+    let label = host.strip_suffix(&format!(".{domain}"))?;
+    let (port, id) = label.split_once('-')?;
+    let port_ok = !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+    if !port_ok || id.is_empty() || id.contains('.') {
+        return None;
+    }
+    Some((port.to_string(), id.to_string()))
+}
+
+/// Whether a `/files` request carries a valid signature of the SDKs'
+/// `download_url`/`upload_url`: `v1_` + unpadded base64 of SHA-256 over
+/// `path:op:user:token[:expiration]` with the sandbox's envd token,
+/// unexpired.
+fn signed(st: &AppState, rec: &SandboxRecord, req: &Request) -> bool {
+    use sha2::Digest;
+    use subtle::ConstantTimeEq;
+    let op = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/files") => "read",
+        (&Method::POST, "/files") => "write",
+        _ => return false,
+    };
+    #[derive(Default, Deserialize)]
+    struct Q {
+        path: Option<String>,
+        username: Option<String>,
+        signature: Option<String>,
+        signature_expiration: Option<String>,
+    }
+    let q: Q = query(req);
+    let (Some(path), Some(sig)) = (q.path, q.signature) else {
+        return false;
+    };
+    let token = st.e2b_keys.token(rec);
+    let user = q.username.unwrap_or_default();
+    let raw = match &q.signature_expiration {
+        None => format!("{path}:{op}:{user}:{token}"),
+        Some(exp) => {
+            let Ok(at) = exp.parse::<i64>() else {
+                return false;
+            };
+            if at <= chrono::Utc::now().timestamp() {
+                return false;
+            }
+            format!("{path}:{op}:{user}:{token}:{exp}")
+        }
+    };
+    let want = format!(
+        "v1_{}",
+        base64::engine::general_purpose::STANDARD_NO_PAD
+            .encode(sha2::Sha256::digest(raw.as_bytes()))
+    );
+    want.as_bytes().ct_eq(sig.as_bytes()).into()
 }
 
 /// A process envd started, until it exits.
