@@ -173,10 +173,16 @@ async fn boot_one(booter: &Booter, closed: &std::sync::atomic::AtomicBool) -> Re
             return Err(e);
         }
     };
+    // Until the sandbox is handed to the pool, a boot dropped at an await
+    // (its runtime shutting down) tears it down on the spot.
+    let mut guard = Unhanded {
+        dir: dir.clone(),
+        meta: Some(meta.clone()),
+    };
     // The provider went away while this boot ran: nobody will claim or
     // tear down this sandbox (its init is killed before the first await).
     if closed.load(Ordering::SeqCst) {
-        teardown_state(dir, Some(meta), booter.bridge.clone()).await;
+        teardown_state(dir, guard.meta.take(), booter.bridge.clone()).await;
         return Err(Error::unavailable("the warm pool was closed during a boot"));
     }
     let ready = std::fs::write(
@@ -191,6 +197,7 @@ async fn boot_one(booter: &Booter, closed: &std::sync::atomic::AtomicBool) -> Re
     match client {
         Ok(client) => {
             debug!(pool_id = %id, "warm pool sandbox ready");
+            guard.meta = None;
             Ok(Warm {
                 meta,
                 client,
@@ -198,8 +205,39 @@ async fn boot_one(booter: &Booter, closed: &std::sync::atomic::AtomicBool) -> Re
             })
         }
         Err(e) => {
-            teardown_state(dir, Some(meta), booter.bridge.clone()).await;
+            teardown_state(dir, guard.meta.take(), booter.bridge.clone()).await;
             Err(e)
+        }
+    }
+}
+
+/// A booted pool sandbox not yet handed over. Dropped armed (its boot
+/// cancelled at an await), it is torn down synchronously: init killed,
+/// cgroups, state dir and id lease gone. Pool sandboxes have no network.
+struct Unhanded {
+    dir: std::path::PathBuf,
+    meta: Option<Meta>,
+}
+
+impl Drop for Unhanded {
+    fn drop(&mut self) {
+        let Some(meta) = self.meta.take() else {
+            return;
+        };
+        let init = meta.init();
+        if let Some(i) = &init {
+            i.kill();
+        }
+        for _ in 0..500 {
+            if !init.as_ref().is_some_and(super::Identity::alive) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        cgroup::destroy(&meta.cgroups);
+        let _ = super::remove_tree(&self.dir);
+        if let Some(base) = meta.id_base {
+            super::ids::release_lease(base);
         }
     }
 }
