@@ -271,14 +271,13 @@ pub fn document(ops: &[Op]) -> Value {
             .or_default()
             .insert(op.method.to_ascii_lowercase(), o);
     }
-    let mut tags: Vec<&str> = ops.iter().map(|o| o.doc.tag).collect();
-    tags.dedup();
-    let mut seen = Vec::new();
-    tags.retain(|t| {
-        let new = !seen.contains(t);
-        seen.push(t);
-        new
-    });
+    // Tags in order of first use.
+    let mut tags: Vec<&str> = Vec::new();
+    for o in ops {
+        if !tags.contains(&o.doc.tag) {
+            tags.push(o.doc.tag);
+        }
+    }
     json!({
         "openapi": "3.1.0",
         "jsonSchemaDialect": "https://spec.openapis.org/oas/3.1/dialect/base",
