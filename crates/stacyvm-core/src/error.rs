@@ -34,6 +34,8 @@ pub enum ErrorKind {
     ProviderUnavailable,
     /// The operation is not supported by this provider (501).
     Unsupported,
+    /// The database cannot be reached right now (503); retry later.
+    StoreUnavailable,
     /// Anything else (500).
     Internal,
 }
@@ -54,6 +56,7 @@ impl ErrorKind {
             ErrorKind::Forbidden => "forbidden",
             ErrorKind::ProviderUnavailable => "provider unavailable",
             ErrorKind::Unsupported => "unsupported operation",
+            ErrorKind::StoreUnavailable => "store unavailable",
             ErrorKind::Internal => "internal error",
         }
     }

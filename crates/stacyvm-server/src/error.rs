@@ -28,7 +28,9 @@ pub fn status_of(kind: ErrorKind) -> (StatusCode, &'static str) {
         ErrorKind::ResourceLimit => (StatusCode::TOO_MANY_REQUESTS, "RESOURCE_LIMIT"),
         ErrorKind::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
         ErrorKind::Forbidden => (StatusCode::FORBIDDEN, "FORBIDDEN"),
-        ErrorKind::ProviderUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+        ErrorKind::ProviderUnavailable | ErrorKind::StoreUnavailable => {
+            (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+        }
         ErrorKind::Unsupported => (StatusCode::NOT_IMPLEMENTED, "NOT_IMPLEMENTED"),
         ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
     }

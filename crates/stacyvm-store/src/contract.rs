@@ -13,9 +13,16 @@ use stacyvm_core::store::{
 };
 use stacyvm_core::ErrorKind;
 
+/// The current time at the precision every engine keeps (microseconds:
+/// Postgres `TIMESTAMPTZ`; SQLite keeps more).
+pub fn now() -> chrono::DateTime<Utc> {
+    use chrono::SubsecRound;
+    Utc::now().trunc_subsecs(6)
+}
+
 /// Inserts a running sandbox with the given id.
 pub async fn insert_sample(s: &dyn Store, id: &str) -> SandboxRecord {
-    let now = Utc::now();
+    let now = now();
     let rec = SandboxRecord {
         id: id.to_string(),
         state: "running".into(),
@@ -43,7 +50,7 @@ pub async fn sandbox_lifecycle(s: &dyn Store) {
     assert_eq!(got.metadata, rec.metadata);
     assert_eq!(
         got.created_at, rec.created_at,
-        "timestamps round-trip with nanoseconds"
+        "timestamps round-trip (to the microsecond)"
     );
     let dup = s.insert_sandbox(&rec).await.expect_err("duplicate");
     assert_eq!(dup.kind(), ErrorKind::Conflict);
@@ -114,7 +121,7 @@ pub async fn exec_logs(s: &dyn Store) {
 pub async fn retention(s: &dyn Store) {
     insert_sample(s, "sb-0000a001").await;
     insert_sample(s, "sb-0000a002").await;
-    let now = Utc::now();
+    let now = now();
     for (i, age_h) in [(0, 200), (1, 190), (2, 1)] {
         s.insert_exec_log(&ExecLogRecord {
             sandbox_id: "sb-0000a001".into(),
@@ -170,7 +177,7 @@ pub async fn retention(s: &dyn Store) {
 }
 
 fn template(name: &str) -> TemplateRecord {
-    let now = Utc::now();
+    let now = now();
     TemplateRecord {
         name: name.into(),
         version: 1,
@@ -231,7 +238,7 @@ pub async fn templates(s: &dyn Store) {
 }
 
 pub async fn quotas(s: &dyn Store) {
-    let now = Utc::now();
+    let now = now();
     let q = QuotaRecord {
         owner_id: "bob".into(),
         max_sandboxes: 3,
@@ -306,7 +313,7 @@ pub async fn audit(s: &dyn Store) {
 }
 
 pub async fn workers(s: &dyn Store) {
-    let now = Utc::now();
+    let now = now();
     let w = WorkerRecord {
         id: "local".into(),
         hostname: "h".into(),
@@ -329,7 +336,7 @@ pub async fn workers(s: &dyn Store) {
 }
 
 pub async fn snapshots(s: &dyn Store) {
-    let now = Utc::now();
+    let now = now();
     let rec = |id: &str, tenant: &str, secs: i64| SnapshotRecord {
         id: id.into(),
         provider: "qemu".into(),
@@ -444,9 +451,37 @@ pub async fn leases(s: &dyn Store) {
     assert!(s.acquire_lease("", "sandbox", "w1", ttl).await.is_err());
 }
 
+/// Many holders race for the same free resources: each resource has
+/// exactly one winner, every loser gets `Conflict`, and the generation is
+/// the first one.
+pub async fn lease_race(s: &dyn Store) {
+    let ttl = Duration::from_secs(60);
+    for round in 0..5 {
+        let resource = format!("sb-race{round}");
+        let attempts = (0..16).map(|i| {
+            let resource = resource.clone();
+            async move {
+                s.acquire_lease(&resource, "sandbox", &format!("w{i}"), ttl)
+                    .await
+            }
+        });
+        let results = futures::future::join_all(attempts).await;
+        let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(winners.len(), 1, "exactly one winner in round {round}");
+        assert_eq!(winners[0].generation, 1);
+        for r in &results {
+            if let Err(e) = r {
+                assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+            }
+        }
+        let held = s.get_lease(&resource).await.expect("lease");
+        assert_eq!(held.holder_id, winners[0].holder_id);
+    }
+}
+
 pub async fn concurrent_writers(s: &dyn Store) {
     // Many concurrent inserts must all land (busy handling, no lost writes).
-    let now = Utc::now();
+    let now = now();
     let recs: Vec<SandboxRecord> = (0..50)
         .map(|i| SandboxRecord {
             id: format!("sb-c{i:07}"),
@@ -479,7 +514,7 @@ macro_rules! store_contract_tests {
         mod $engine {
             #[allow(unused_imports)]
             use super::*;
-            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, concurrent_writers, snapshots);
+            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, concurrent_writers, snapshots);
         }
     };
     (@case $make:expr, $($case:ident),*) => {

@@ -17,7 +17,8 @@ use stacyvm_core::store::{
 };
 use stacyvm_core::{Error, ErrorKind, Result};
 
-use crate::codec::{db_err, from_json, parse_ts, to_json, ts};
+use crate::codec::{db_err, parse_ts, to_json, ts};
+use crate::rows::{self, Cols};
 
 pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../migrations/sqlite/0001_initial.sql")),
@@ -156,109 +157,16 @@ impl SqliteStore {
     }
 }
 
-fn sandbox_from(row: &SqliteRow) -> Result<SandboxRecord> {
-    Ok(SandboxRecord {
-        id: row.get("id"),
-        state: row.get("state"),
-        provider: row.get("provider"),
-        image: row.get("image"),
-        memory_mb: row.get("memory_mb"),
-        vcpus: row.get("vcpus"),
-        metadata: from_json(row.get::<&str, _>("metadata")),
-        owner_id: row.get("owner_id"),
-        tenant_id: row.get("tenant_id"),
-        vm_id: row.get("vm_id"),
-        worker_id: row.get("worker_id"),
-        created_at: parse_ts(row.get("created_at"))?,
-        expires_at: parse_ts(row.get("expires_at"))?,
-        updated_at: parse_ts(row.get("updated_at"))?,
-    })
-}
-
-fn template_from(row: &SqliteRow) -> Result<TemplateRecord> {
-    Ok(TemplateRecord {
-        name: row.get("name"),
-        version: row.get("version"),
-        image: row.get("image"),
-        description: row.get("description"),
-        setup: from_json(row.get::<&str, _>("setup")),
-        allowed_hosts: from_json(row.get::<&str, _>("allowed_hosts")),
-        memory_mb: row.get("memory_mb"),
-        cpu_cores: row.get("cpu_cores"),
-        ttl_seconds: row.get("ttl_seconds"),
-        env: from_json(row.get::<&str, _>("env")),
-        secrets: from_json(row.get::<&str, _>("secrets")),
-        pool_size: row.get("pool_size"),
-        provider: row.get("provider"),
-        metadata: from_json(row.get::<&str, _>("metadata")),
-        created_at: parse_ts(row.get("created_at"))?,
-        updated_at: parse_ts(row.get("updated_at"))?,
-    })
-}
-
-fn quota_from(row: &SqliteRow) -> Result<QuotaRecord> {
-    Ok(QuotaRecord {
-        owner_id: row.get("owner_id"),
-        max_sandboxes: row.get("max_sandboxes"),
-        max_ttl_seconds: row.get("max_ttl_seconds"),
-        max_exec_timeout_seconds: row.get("max_exec_timeout_seconds"),
-        created_at: parse_ts(row.get("created_at"))?,
-        updated_at: parse_ts(row.get("updated_at"))?,
-    })
-}
-
-fn worker_from(row: &SqliteRow) -> Result<WorkerRecord> {
-    Ok(WorkerRecord {
-        id: row.get("id"),
-        hostname: row.get("hostname"),
-        status: row.get("status"),
-        providers: from_json(row.get::<&str, _>("providers")),
-        capabilities: from_json(row.get::<&str, _>("capabilities")),
-        capacity: serde_json::from_str(row.get::<&str, _>("capacity"))
-            .unwrap_or(serde_json::Value::Null),
-        last_heartbeat: parse_ts(row.get("last_heartbeat"))?,
-        created_at: parse_ts(row.get("created_at"))?,
-        updated_at: parse_ts(row.get("updated_at"))?,
-    })
-}
-
-fn lease_from(row: &SqliteRow) -> Result<LeaseRecord> {
-    Ok(LeaseRecord {
-        resource_id: row.get("resource_id"),
-        resource_type: row.get("resource_type"),
-        holder_id: row.get("holder_id"),
-        generation: row.get("generation"),
-        expires_at: parse_ts(row.get("expires_at"))?,
-        created_at: parse_ts(row.get("created_at"))?,
-        updated_at: parse_ts(row.get("updated_at"))?,
-    })
-}
-
-fn tenant_from(row: &SqliteRow) -> Result<TenantRecord> {
-    Ok(TenantRecord {
-        id: row.get("id"),
-        name: row.get("name"),
-        owner_id: row.get("owner_id"),
-        settings: row.get("settings"),
-        created_at: parse_ts(row.get("created_at"))?,
-        updated_at: parse_ts(row.get("updated_at"))?,
-    })
-}
-
-fn op_audit_from(row: &SqliteRow) -> Result<OpAuditRecord> {
-    Ok(OpAuditRecord {
-        id: row.get("id"),
-        actor: row.get("actor"),
-        action: row.get("action"),
-        sandbox_id: row.get("sandbox_id"),
-        resource: row.get("resource"),
-        provider: row.get("provider"),
-        status: row.get("status"),
-        detail: row.get("detail"),
-        tenant_id: row.get("tenant_id"),
-        request_id: row.get("request_id"),
-        created_at: parse_ts(row.get("created_at"))?,
-    })
+impl Cols for SqliteRow {
+    fn text(&self, col: &str) -> String {
+        self.get(col)
+    }
+    fn int(&self, col: &str) -> i64 {
+        self.get(col)
+    }
+    fn time(&self, col: &str) -> Result<DateTime<Utc>> {
+        parse_ts(self.get(col))
+    }
 }
 
 fn not_found_if_zero(rows: u64, what: String) -> Result<()> {
@@ -271,22 +179,6 @@ fn not_found_if_zero(rows: u64, what: String) -> Result<()> {
 
 fn ttl_chrono(ttl: Duration) -> chrono::Duration {
     chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX)
-}
-
-fn snapshot_from(row: &sqlx::sqlite::SqliteRow) -> Result<SnapshotRecord> {
-    Ok(SnapshotRecord {
-        id: row.get("id"),
-        provider: row.get("provider"),
-        source_sandbox_id: row.get("source_sandbox_id"),
-        image: row.get("image"),
-        memory_mb: row.get("memory_mb"),
-        vcpus: row.get("vcpus"),
-        network_mode: row.get("network_mode"),
-        size_bytes: u64::try_from(row.get::<i64, _>("size_bytes")).unwrap_or(0),
-        owner_id: row.get("owner_id"),
-        tenant_id: row.get("tenant_id"),
-        created_at: parse_ts(row.get("created_at"))?,
-    })
 }
 
 #[async_trait]
@@ -338,7 +230,7 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?
             .ok_or_else(|| Error::not_found(format!("sandbox {id:?}")))?;
-        sandbox_from(&row)
+        rows::sandbox(&row)
     }
 
     async fn list_active_sandboxes(&self) -> Result<Vec<SandboxRecord>> {
@@ -348,7 +240,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;
-        rows.iter().map(sandbox_from).collect()
+        rows.iter().map(rows::sandbox).collect()
     }
 
     async fn set_sandbox_state(&self, id: &str, state: &str) -> Result<()> {
@@ -379,7 +271,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db_err)?;
-        rows.iter().map(sandbox_from).collect()
+        rows.iter().map(rows::sandbox).collect()
     }
 
     async fn insert_exec_log(&self, r: &ExecLogRecord) -> Result<()> {
@@ -434,19 +326,7 @@ impl Store for SqliteStore {
                 .fetch_all(&self.pool)
                 .await
                 .map_err(db_err)?;
-        rows.iter()
-            .map(|row| {
-                Ok(ExecLogRecord {
-                    sandbox_id: row.get("sandbox_id"),
-                    command: row.get("command"),
-                    exit_code: row.get("exit_code"),
-                    stdout: row.get("stdout"),
-                    stderr: row.get("stderr"),
-                    duration: row.get("duration"),
-                    created_at: parse_ts(row.get("created_at"))?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::exec_log).collect()
     }
 
     async fn create_template(&self, t: &TemplateRecord) -> Result<()> {
@@ -486,7 +366,7 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?
             .ok_or_else(|| Error::not_found(format!("template {name:?}")))?;
-        template_from(&row)
+        rows::template(&row)
     }
 
     async fn list_templates(&self) -> Result<Vec<TemplateRecord>> {
@@ -494,7 +374,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db_err)?;
-        rows.iter().map(template_from).collect()
+        rows.iter().map(rows::template).collect()
     }
 
     async fn update_template(&self, t: &TemplateRecord) -> Result<TemplateRecord> {
@@ -557,7 +437,7 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?
             .ok_or_else(|| Error::not_found(format!("owner_quota {owner_id:?}")))?;
-        quota_from(&row)
+        rows::quota(&row)
     }
 
     async fn list_quotas(&self) -> Result<Vec<QuotaRecord>> {
@@ -565,7 +445,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db_err)?;
-        rows.iter().map(quota_from).collect()
+        rows.iter().map(rows::quota).collect()
     }
 
     async fn delete_quota(&self, owner_id: &str) -> Result<()> {
@@ -618,7 +498,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;
-        rows.iter().map(op_audit_from).collect()
+        rows.iter().map(rows::op_audit).collect()
     }
 
     async fn insert_admin_audit(&self, r: &AdminAuditRecord) -> Result<()> {
@@ -660,23 +540,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;
-        rows.iter()
-            .map(|row| {
-                Ok(AdminAuditRecord {
-                    id: row.get("id"),
-                    actor: row.get("actor"),
-                    method: row.get("method"),
-                    path: row.get("path"),
-                    status: row.get("status"),
-                    duration_ms: row.get("duration_ms"),
-                    request_id: row.get("request_id"),
-                    remote_addr: row.get("remote_addr"),
-                    user_agent: row.get("user_agent"),
-                    tenant_id: row.get("tenant_id"),
-                    created_at: parse_ts(row.get("created_at"))?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::admin_audit).collect()
     }
 
     async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64> {
@@ -724,13 +588,7 @@ impl Store for SqliteStore {
             .ok_or_else(|| {
                 Error::not_found(format!("tenant member {user_id:?} of {tenant_id:?}"))
             })?;
-        Ok(TenantMemberRecord {
-            tenant_id: row.get("tenant_id"),
-            user_id: row.get("user_id"),
-            role: row.get("role"),
-            created_at: parse_ts(row.get("created_at"))?,
-            updated_at: parse_ts(row.get("updated_at"))?,
-        })
+        rows::member(&row)
     }
 
     async fn list_tenant_members(&self, tenant_id: &str) -> Result<Vec<TenantMemberRecord>> {
@@ -741,17 +599,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;
-        rows.iter()
-            .map(|row| {
-                Ok(TenantMemberRecord {
-                    tenant_id: row.get("tenant_id"),
-                    user_id: row.get("user_id"),
-                    role: row.get("role"),
-                    created_at: parse_ts(row.get("created_at"))?,
-                    updated_at: parse_ts(row.get("updated_at"))?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::member).collect()
     }
 
     async fn delete_tenant_member(&self, tenant_id: &str, user_id: &str) -> Result<()> {
@@ -790,7 +638,7 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?
             .ok_or_else(|| Error::not_found(format!("tenant {id:?}")))?;
-        tenant_from(&row)
+        rows::tenant(&row)
     }
 
     async fn list_tenants(&self) -> Result<Vec<TenantRecord>> {
@@ -798,7 +646,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db_err)?;
-        rows.iter().map(tenant_from).collect()
+        rows.iter().map(rows::tenant).collect()
     }
 
     async fn update_tenant(&self, t: &TenantRecord) -> Result<()> {
@@ -873,20 +721,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;
-        rows.iter()
-            .map(|row| {
-                Ok(PolicyRecord {
-                    id: row.get("id"),
-                    tenant_id: row.get("tenant_id"),
-                    resource_type: row.get("resource_type"),
-                    effect: row.get("effect"),
-                    pattern: row.get("pattern"),
-                    priority: row.get("priority"),
-                    created_at: parse_ts(row.get("created_at"))?,
-                    updated_at: parse_ts(row.get("updated_at"))?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::policy).collect()
     }
 
     async fn delete_policy(&self, tenant_id: &str, id: &str) -> Result<()> {
@@ -932,7 +767,7 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?
             .ok_or_else(|| Error::not_found(format!("snapshot {id:?}")))?;
-        snapshot_from(&row)
+        rows::snapshot(&row)
     }
 
     async fn list_snapshots(&self, tenant_id: Option<&str>) -> Result<Vec<SnapshotRecord>> {
@@ -946,7 +781,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.pool)
         .await
         .map_err(db_err)?;
-        rows.iter().map(snapshot_from).collect()
+        rows.iter().map(rows::snapshot).collect()
     }
 
     async fn delete_snapshot(&self, id: &str) -> Result<()> {
@@ -981,7 +816,7 @@ impl Store for SqliteStore {
             .fetch_one(&self.pool)
             .await
             .map_err(db_err)?;
-        worker_from(&row)
+        rows::worker(&row)
     }
 
     async fn list_workers(&self) -> Result<Vec<WorkerRecord>> {
@@ -989,7 +824,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db_err)?;
-        rows.iter().map(worker_from).collect()
+        rows.iter().map(rows::worker).collect()
     }
 
     async fn acquire_lease(
@@ -1023,7 +858,7 @@ impl Store for SqliteStore {
         .await
         .map_err(db_err)?;
         match r {
-            Some(row) => lease_from(&row),
+            Some(row) => rows::lease(&row),
             None => Err(Error::conflict("lease is held by another worker")),
         }
     }
@@ -1074,7 +909,7 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?
             .ok_or_else(|| Error::not_found(format!("lease {resource_id:?}")))?;
-        lease_from(&row)
+        rows::lease(&row)
     }
 
     async fn list_leases(&self) -> Result<Vec<LeaseRecord>> {
@@ -1082,7 +917,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.pool)
             .await
             .map_err(db_err)?;
-        rows.iter().map(lease_from).collect()
+        rows.iter().map(rows::lease).collect()
     }
 }
 

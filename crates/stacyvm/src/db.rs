@@ -72,6 +72,27 @@ pub enum DbCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Rehearse a Postgres upgrade on a scratch copy; the database itself
+    /// is only read.
+    ///
+    /// Copies the database (pg_dump | pg_restore) into a scratch database
+    /// on the same server, applies this build's migrations to the copy,
+    /// checks that every table is present with the same rows and that the
+    /// records decode, prints a report and drops the copy. Needs the
+    /// CREATEDB privilege and pg_dump/pg_restore in PATH. The DSN comes as
+    /// for pg-backup and is never printed.
+    #[command(after_help = "Example:\n  stacyvm db pg-rehearse --config /etc/stacyvm/config.yaml")]
+    PgRehearse {
+        /// Postgres DSN (URL or key=value form).
+        #[arg(long, hide_env_values = true)]
+        dsn: Option<String>,
+        /// Config file to read database.dsn from.
+        #[arg(long, short = 'c', env = "STACYVM_CONFIG")]
+        config: Option<PathBuf>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a database or backup file: integrity, schema version, rows.
     Check {
         /// The file to check (default: the configured database).
@@ -231,6 +252,10 @@ pub async fn run(command: DbCommand) -> Result<()> {
             config,
             force,
         } => pg_backup(&output, dsn, &format, config.as_deref(), force)?,
+        DbCommand::PgRehearse { dsn, config, json } => {
+            let dsn = resolve_dsn(dsn, config.as_deref())?;
+            crate::pgrehearse::run(&dsn, json).await?;
+        }
         DbCommand::Check { file, db } => {
             let path = match file {
                 Some(f) => f,
@@ -325,13 +350,9 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn pg_backup(
-    output: &Path,
-    dsn: Option<String>,
-    format: &str,
-    config_path: Option<&Path>,
-    force: bool,
-) -> Result<()> {
+/// The DSN: `--dsn`, else `database.dsn` of the config, else
+/// `STACYVM_DATABASE_DSN`.
+fn resolve_dsn(dsn: Option<String>, config_path: Option<&Path>) -> Result<String> {
     let dsn = match dsn.filter(|d| !d.trim().is_empty()) {
         Some(d) => d,
         None => {
@@ -348,6 +369,17 @@ fn pg_backup(
     if dsn.trim().is_empty() {
         bail!("no Postgres DSN: pass --dsn, set database.dsn or STACYVM_DATABASE_DSN");
     }
+    Ok(dsn)
+}
+
+fn pg_backup(
+    output: &Path,
+    dsn: Option<String>,
+    format: &str,
+    config_path: Option<&Path>,
+    force: bool,
+) -> Result<()> {
+    let dsn = resolve_dsn(dsn, config_path)?;
     match std::fs::symlink_metadata(output) {
         Ok(_) if !force => bail!(
             "{} already exists; pass --force to overwrite it",
@@ -360,34 +392,49 @@ fn pg_backup(
     };
     let split = split_dsn(&dsn);
     let shown = crate::redact::url_without_credentials(&split.without_password);
-    let mut cmd = std::process::Command::new(&pg_dump);
-    cmd.arg(format!("--format={format}"))
-        .arg(format!("--file={}", output.display()))
-        .arg(format!("--dbname={}", split.without_password));
-    if let Some(pw) = &split.password {
-        cmd.env("PGPASSWORD", pw);
-    }
     eprintln!(
         "running: {} --format={format} --file={} --dbname={shown}",
         pg_dump.display(),
         output.display()
     );
+    pg_tool(
+        &pg_dump,
+        &dsn,
+        &[
+            format!("--format={format}"),
+            format!("--file={}", output.display()),
+            format!("--dbname={}", split.without_password),
+        ],
+    )?;
+    println!("backup written: {}", absolute(output).display());
+    Ok(())
+}
+
+/// Runs a Postgres client tool for `dsn`: the password goes through
+/// `PGPASSWORD`, never argv, and is scrubbed from any error.
+pub fn pg_tool(tool: &Path, dsn: &str, args: &[String]) -> Result<()> {
+    let split = split_dsn(dsn);
+    let mut cmd = std::process::Command::new(tool);
+    cmd.args(args);
+    if let Some(pw) = &split.password {
+        cmd.env("PGPASSWORD", pw);
+    }
     let out = cmd
         .output()
-        .with_context(|| format!("running {}", pg_dump.display()))?;
+        .with_context(|| format!("running {}", tool.display()))?;
     if !out.status.success() {
         let mut r = crate::redact::Redactor::new();
-        r.add_secret(&dsn);
+        r.add_secret(dsn);
         if let Some(pw) = &split.password {
             r.add_secret(pw);
         }
+        let name = tool.file_name().unwrap_or_default().to_string_lossy();
         bail!(
-            "pg_dump failed ({}): {}",
+            "{name} failed ({}): {}",
             out.status,
             r.text(String::from_utf8_lossy(&out.stderr).trim())
         );
     }
-    println!("backup written: {}", absolute(output).display());
     Ok(())
 }
 

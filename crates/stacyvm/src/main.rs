@@ -9,6 +9,7 @@ mod doctor;
 mod image;
 mod lint;
 mod ops;
+mod pgrehearse;
 mod redact;
 mod serve;
 mod support;

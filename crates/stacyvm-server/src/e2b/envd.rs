@@ -175,7 +175,7 @@ fn code_of_kind(kind: ErrorKind) -> &'static str {
         ErrorKind::ResourceLimit | ErrorKind::PayloadTooLarge => "resource_exhausted",
         ErrorKind::Forbidden => "permission_denied",
         ErrorKind::ExecTimeout => "deadline_exceeded",
-        ErrorKind::ProviderUnavailable => "unavailable",
+        ErrorKind::ProviderUnavailable | ErrorKind::StoreUnavailable => "unavailable",
         ErrorKind::Unsupported => "unimplemented",
         ErrorKind::ProviderNotFound | ErrorKind::Internal => "internal",
     }

@@ -1,0 +1,997 @@
+//! Postgres engine (feature `postgres`): the store of a cluster.
+//!
+//! Several control planes and workers share one database. Timestamps are
+//! `TIMESTAMPTZ` (microseconds); lease times come from the database's clock,
+//! so machines whose clocks disagree still agree on who holds a lease.
+//! Migrations run under an advisory lock: control planes starting together
+//! on a fresh database apply each migration once.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row};
+use stacyvm_core::store::{
+    AdminAuditFilter, AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditFilter, OpAuditRecord,
+    PolicyRecord, QuotaRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
+    TenantMemberRecord, TenantRecord, WorkerRecord,
+};
+use stacyvm_core::{Error, ErrorKind, Result};
+
+use crate::codec::{db_err, to_json};
+use crate::rows::{self, Cols};
+
+pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../migrations/postgres/0001_initial.sql")),
+    (
+        2,
+        include_str!("../migrations/postgres/0002_retention_indexes.sql"),
+    ),
+    (3, include_str!("../migrations/postgres/0003_snapshots.sql")),
+];
+
+/// The newest schema version this build knows.
+pub fn latest_version() -> i64 {
+    MIGRATIONS.iter().map(|(v, _)| *v).max().unwrap_or(0)
+}
+
+/// The tables of the schema, for checks and rehearsals.
+pub const TABLES: &[&str] = &[
+    "sandboxes",
+    "exec_logs",
+    "provider_configs",
+    "templates",
+    "environment_specs",
+    "environment_builds",
+    "environment_artifacts",
+    "registry_connections",
+    "owner_quotas",
+    "admin_audit_logs",
+    "operation_audit_logs",
+    "workers",
+    "leases",
+    "tenants",
+    "tenant_members",
+    "policies",
+    "snapshots",
+];
+
+/// Key of the advisory lock held while migrating (`"stacyvm"` in ASCII).
+const MIGRATION_LOCK: i64 = 0x0073_7461_6379_766d;
+
+/// The Postgres store.
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl Cols for PgRow {
+    fn text(&self, col: &str) -> String {
+        self.get(col)
+    }
+    fn int(&self, col: &str) -> i64 {
+        self.get(col)
+    }
+    fn time(&self, col: &str) -> Result<DateTime<Utc>> {
+        Ok(self.get(col))
+    }
+}
+
+/// Parses a DSN (`postgres://user:pass@host:port/db?…` or key=value), never
+/// echoing it: the error names what is wrong, not the secret.
+pub fn parse_dsn(dsn: &str) -> Result<PgConnectOptions> {
+    dsn.parse::<PgConnectOptions>().map_err(|_| {
+        Error::invalid("database.dsn is not a valid Postgres connection string (postgres://user:password@host:port/database)")
+    })
+}
+
+/// `dsn` naming database `db` instead (URL or key=value form).
+pub fn with_database(dsn: &str, db: &str) -> String {
+    let dsn = dsn.trim();
+    let Some(scheme_end) = dsn.find("://").map(|i| i + 3) else {
+        // key=value: a later keyword overrides an earlier one.
+        return format!("{dsn} dbname={db}");
+    };
+    let (base, query) = match dsn.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (dsn, None),
+    };
+    let host_part = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{host_part}/{db}?{q}"),
+        None => format!("{host_part}/{db}"),
+    }
+}
+
+impl PostgresStore {
+    /// Connects (10 connections at most) and applies pending migrations.
+    pub async fn connect(dsn: &str) -> Result<Self> {
+        let opts = parse_dsn(dsn)?.application_name("stacyvm");
+        Self::with_options(opts, 10).await
+    }
+
+    /// Connects with explicit options.
+    pub async fn with_options(opts: PgConnectOptions, max: u32) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(max)
+            .min_connections(1)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(opts)
+            .await
+            .map_err(|e| {
+                Error::new(ErrorKind::StoreUnavailable, "connecting to postgres").with_source(e)
+            })?;
+        let store = PostgresStore { pool };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// The underlying pool (tooling and the event bridge).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Applied migration versions, ascending.
+    pub async fn applied_migrations(&self) -> Result<Vec<i64>> {
+        sqlx::query_scalar("SELECT version FROM schema_migrations ORDER BY version")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *conn)
+            .await
+            .map_err(db_err)?;
+        let result = migrate_locked(&mut conn).await;
+        let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(MIGRATION_LOCK)
+            .execute(&mut *conn)
+            .await;
+        result?;
+        unlocked.map_err(db_err)?;
+        Ok(())
+    }
+}
+
+async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<()> {
+    use sqlx::Connection;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL)",
+    )
+    .execute(&mut *conn)
+    .await
+    .map_err(db_err)?;
+    for (version, sql) in MIGRATIONS {
+        let mut tx = conn.begin().await.map_err(db_err)?;
+        let done: Option<i64> =
+            sqlx::query_scalar("SELECT version FROM schema_migrations WHERE version = $1")
+                .bind(version)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        if done.is_some() {
+            continue;
+        }
+        sqlx::raw_sql(sql)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| Error::internal(format!("applying migration {version}")).with_source(e))?;
+        sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, now())")
+            .bind(version)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        tracing::info!(version, "applied database migration");
+    }
+    Ok(())
+}
+
+fn not_found_if_zero(rows: u64, what: String) -> Result<()> {
+    if rows == 0 {
+        Err(Error::not_found(what))
+    } else {
+        Ok(())
+    }
+}
+
+fn conflict_as(e: sqlx::Error, what: impl FnOnce() -> String) -> Error {
+    match db_err(e) {
+        e if e.kind() == ErrorKind::Conflict => Error::conflict(what()),
+        e => e,
+    }
+}
+
+fn secs(ttl: Duration) -> f64 {
+    ttl.as_secs_f64().min(1e9)
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    fn engine(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn insert_sandbox(&self, r: &SandboxRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sandboxes (id, state, provider, image, memory_mb, vcpus, metadata, created_at, expires_at, updated_at, owner_id, vm_id, worker_id, tenant_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        )
+        .bind(&r.id)
+        .bind(&r.state)
+        .bind(&r.provider)
+        .bind(&r.image)
+        .bind(r.memory_mb)
+        .bind(r.vcpus)
+        .bind(to_json(&r.metadata))
+        .bind(r.created_at)
+        .bind(r.expires_at)
+        .bind(r.updated_at)
+        .bind(&r.owner_id)
+        .bind(&r.vm_id)
+        .bind(&r.worker_id)
+        .bind(&r.tenant_id)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| conflict_as(e, || format!("sandbox {} already exists", r.id)))?;
+        Ok(())
+    }
+
+    async fn get_sandbox(&self, id: &str) -> Result<SandboxRecord> {
+        let row = sqlx::query("SELECT * FROM sandboxes WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("sandbox {id:?}")))?;
+        rows::sandbox(&row)
+    }
+
+    async fn list_active_sandboxes(&self) -> Result<Vec<SandboxRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM sandboxes WHERE state != 'destroyed' ORDER BY created_at DESC, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::sandbox).collect()
+    }
+
+    async fn set_sandbox_state(&self, id: &str, state: &str) -> Result<()> {
+        let r = sqlx::query("UPDATE sandboxes SET state = $1, updated_at = $2 WHERE id = $3")
+            .bind(state)
+            .bind(Utc::now())
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
+    }
+
+    async fn set_sandbox_expiry(&self, id: &str, expires_at: DateTime<Utc>) -> Result<()> {
+        let r = sqlx::query(
+            "UPDATE sandboxes SET expires_at = $1, updated_at = $2 WHERE id = $3 AND state != 'destroyed'",
+        )
+        .bind(expires_at)
+        .bind(Utc::now())
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
+    }
+
+    async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM sandboxes WHERE state != 'destroyed' AND expires_at < $1 ORDER BY expires_at",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::sandbox).collect()
+    }
+
+    async fn insert_exec_log(&self, r: &ExecLogRecord) -> Result<()> {
+        sqlx::query("INSERT INTO exec_logs (sandbox_id, command, exit_code, stdout, stderr, duration, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+            .bind(&r.sandbox_id)
+            .bind(&r.command)
+            .bind(i64::from(r.exit_code))
+            .bind(&r.stdout)
+            .bind(&r.stderr)
+            .bind(&r.duration)
+            .bind(r.created_at)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn list_exec_logs(&self, sandbox_id: &str, limit: i64) -> Result<Vec<ExecLogRecord>> {
+        let rows =
+            sqlx::query("SELECT * FROM exec_logs WHERE sandbox_id = $1 ORDER BY id DESC LIMIT $2")
+                .bind(sandbox_id)
+                .bind(limit.clamp(1, 1000))
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
+        rows.iter().map(rows::exec_log).collect()
+    }
+
+    async fn prune_exec_logs(&self, before: DateTime<Utc>) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM exec_logs WHERE created_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(r.rows_affected())
+    }
+
+    async fn prune_destroyed_sandboxes(&self, before: DateTime<Utc>) -> Result<u64> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        sqlx::query(
+            "DELETE FROM exec_logs WHERE sandbox_id IN \
+             (SELECT id FROM sandboxes WHERE state = 'destroyed' AND updated_at < $1)",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        let r = sqlx::query("DELETE FROM sandboxes WHERE state = 'destroyed' AND updated_at < $1")
+            .bind(before)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        tx.commit().await.map_err(db_err)?;
+        Ok(r.rows_affected())
+    }
+
+    async fn create_template(&self, t: &TemplateRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO templates (name, version, image, description, setup, allowed_hosts, memory_mb, cpu_cores, ttl_seconds, env, secrets, pool_size, provider, metadata, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+        )
+        .bind(&t.name)
+        .bind(t.version)
+        .bind(&t.image)
+        .bind(&t.description)
+        .bind(to_json(&t.setup))
+        .bind(to_json(&t.allowed_hosts))
+        .bind(t.memory_mb)
+        .bind(t.cpu_cores)
+        .bind(t.ttl_seconds)
+        .bind(to_json(&t.env))
+        .bind(to_json(&t.secrets))
+        .bind(t.pool_size)
+        .bind(&t.provider)
+        .bind(to_json(&t.metadata))
+        .bind(t.created_at)
+        .bind(t.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| conflict_as(e, || "template already exists".into()))?;
+        Ok(())
+    }
+
+    async fn get_template(&self, name: &str) -> Result<TemplateRecord> {
+        let row = sqlx::query("SELECT * FROM templates WHERE name = $1")
+            .bind(name)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("template {name:?}")))?;
+        rows::template(&row)
+    }
+
+    async fn list_templates(&self) -> Result<Vec<TemplateRecord>> {
+        let rows = sqlx::query("SELECT * FROM templates ORDER BY name")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(rows::template).collect()
+    }
+
+    async fn update_template(&self, t: &TemplateRecord) -> Result<TemplateRecord> {
+        let row = sqlx::query(
+            "UPDATE templates SET version = $1, image = $2, description = $3, setup = $4, allowed_hosts = $5, memory_mb = $6, cpu_cores = $7, \
+             ttl_seconds = $8, env = $9, secrets = $10, pool_size = $11, provider = $12, metadata = $13, updated_at = $14 WHERE name = $15 RETURNING *",
+        )
+        .bind(t.version)
+        .bind(&t.image)
+        .bind(&t.description)
+        .bind(to_json(&t.setup))
+        .bind(to_json(&t.allowed_hosts))
+        .bind(t.memory_mb)
+        .bind(t.cpu_cores)
+        .bind(t.ttl_seconds)
+        .bind(to_json(&t.env))
+        .bind(to_json(&t.secrets))
+        .bind(t.pool_size)
+        .bind(&t.provider)
+        .bind(to_json(&t.metadata))
+        .bind(t.updated_at)
+        .bind(&t.name)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?
+        .ok_or_else(|| Error::not_found(format!("template {:?}", t.name)))?;
+        rows::template(&row)
+    }
+
+    async fn delete_template(&self, name: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM templates WHERE name = $1")
+            .bind(name)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("template {name:?}"))
+    }
+
+    async fn upsert_quota(&self, q: &QuotaRecord) -> Result<QuotaRecord> {
+        let row = sqlx::query(
+            "INSERT INTO owner_quotas (owner_id, max_sandboxes, max_ttl_seconds, max_exec_timeout_seconds, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT(owner_id) DO UPDATE SET max_sandboxes = excluded.max_sandboxes, max_ttl_seconds = excluded.max_ttl_seconds, \
+             max_exec_timeout_seconds = excluded.max_exec_timeout_seconds, updated_at = excluded.updated_at RETURNING *",
+        )
+        .bind(&q.owner_id)
+        .bind(q.max_sandboxes)
+        .bind(q.max_ttl_seconds)
+        .bind(q.max_exec_timeout_seconds)
+        .bind(q.created_at)
+        .bind(q.updated_at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows::quota(&row)
+    }
+
+    async fn get_quota(&self, owner_id: &str) -> Result<QuotaRecord> {
+        let row = sqlx::query("SELECT * FROM owner_quotas WHERE owner_id = $1")
+            .bind(owner_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("owner_quota {owner_id:?}")))?;
+        rows::quota(&row)
+    }
+
+    async fn list_quotas(&self) -> Result<Vec<QuotaRecord>> {
+        let rows = sqlx::query("SELECT * FROM owner_quotas ORDER BY owner_id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(rows::quota).collect()
+    }
+
+    async fn delete_quota(&self, owner_id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM owner_quotas WHERE owner_id = $1")
+            .bind(owner_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("owner_quota {owner_id:?}"))
+    }
+
+    async fn insert_op_audit(&self, r: &OpAuditRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO operation_audit_logs (actor, action, sandbox_id, resource, provider, status, detail, tenant_id, request_id, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&r.actor)
+        .bind(&r.action)
+        .bind(&r.sandbox_id)
+        .bind(&r.resource)
+        .bind(&r.provider)
+        .bind(&r.status)
+        .bind(&r.detail)
+        .bind(&r.tenant_id)
+        .bind(&r.request_id)
+        .bind(r.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn list_op_audit(&self, f: &OpAuditFilter) -> Result<Vec<OpAuditRecord>> {
+        let limit = if f.limit <= 0 { 100 } else { f.limit.min(500) };
+        let rows = sqlx::query(
+            "SELECT * FROM operation_audit_logs WHERE ($1 = '' OR actor = $1) AND ($2 = '' OR action = $2) AND ($3 = '' OR sandbox_id = $3) \
+             AND ($4 = '' OR tenant_id = $4) AND ($5::timestamptz IS NULL OR created_at >= $5) ORDER BY created_at DESC, id DESC LIMIT $6",
+        )
+        .bind(&f.actor)
+        .bind(&f.action)
+        .bind(&f.sandbox_id)
+        .bind(&f.tenant_id)
+        .bind(f.since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::op_audit).collect()
+    }
+
+    async fn insert_admin_audit(&self, r: &AdminAuditRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO admin_audit_logs (actor, method, path, status, duration_ms, request_id, remote_addr, user_agent, tenant_id, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&r.actor)
+        .bind(&r.method)
+        .bind(&r.path)
+        .bind(r.status)
+        .bind(r.duration_ms)
+        .bind(&r.request_id)
+        .bind(&r.remote_addr)
+        .bind(&r.user_agent)
+        .bind(&r.tenant_id)
+        .bind(r.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn list_admin_audit(&self, f: &AdminAuditFilter) -> Result<Vec<AdminAuditRecord>> {
+        let limit = if f.limit <= 0 { 100 } else { f.limit.min(500) };
+        let rows = sqlx::query(
+            "SELECT * FROM admin_audit_logs WHERE ($1 = '' OR actor = $1) AND ($2 = '' OR method = $2) \
+             AND ($3 = '' OR tenant_id = $3) AND ($4::timestamptz IS NULL OR created_at >= $4) ORDER BY created_at DESC, id DESC LIMIT $5",
+        )
+        .bind(&f.actor)
+        .bind(&f.method)
+        .bind(&f.tenant_id)
+        .bind(f.since)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::admin_audit).collect()
+    }
+
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64> {
+        let a = sqlx::query("DELETE FROM admin_audit_logs WHERE created_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let o = sqlx::query("DELETE FROM operation_audit_logs WHERE created_at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(a.rows_affected() + o.rows_affected())
+    }
+
+    async fn upsert_tenant_member(&self, m: &TenantMemberRecord) -> Result<TenantMemberRecord> {
+        let row = sqlx::query(
+            "INSERT INTO tenant_members (tenant_id, user_id, role, created_at, updated_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT(tenant_id, user_id) DO UPDATE SET role = excluded.role, updated_at = excluded.updated_at RETURNING *",
+        )
+        .bind(&m.tenant_id)
+        .bind(&m.user_id)
+        .bind(&m.role)
+        .bind(m.created_at)
+        .bind(m.updated_at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows::member(&row)
+    }
+
+    async fn get_tenant_member(
+        &self,
+        tenant_id: &str,
+        user_id: &str,
+    ) -> Result<TenantMemberRecord> {
+        let row = sqlx::query("SELECT * FROM tenant_members WHERE tenant_id = $1 AND user_id = $2")
+            .bind(tenant_id)
+            .bind(user_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| {
+                Error::not_found(format!("tenant member {user_id:?} of {tenant_id:?}"))
+            })?;
+        rows::member(&row)
+    }
+
+    async fn list_tenant_members(&self, tenant_id: &str) -> Result<Vec<TenantMemberRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM tenant_members WHERE tenant_id = $1 ORDER BY created_at ASC, user_id ASC",
+        )
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::member).collect()
+    }
+
+    async fn delete_tenant_member(&self, tenant_id: &str, user_id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM tenant_members WHERE tenant_id = $1 AND user_id = $2")
+            .bind(tenant_id)
+            .bind(user_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("member {user_id:?}"))
+    }
+
+    async fn create_tenant(&self, t: &TenantRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO tenants (id, name, owner_id, settings, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&t.id)
+        .bind(&t.name)
+        .bind(&t.owner_id)
+        .bind(&t.settings)
+        .bind(t.created_at)
+        .bind(t.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| conflict_as(e, || format!("tenant {:?} already exists", t.id)))?;
+        Ok(())
+    }
+
+    async fn get_tenant(&self, id: &str) -> Result<TenantRecord> {
+        let row = sqlx::query("SELECT * FROM tenants WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("tenant {id:?}")))?;
+        rows::tenant(&row)
+    }
+
+    async fn list_tenants(&self) -> Result<Vec<TenantRecord>> {
+        let rows = sqlx::query("SELECT * FROM tenants ORDER BY created_at DESC, id ASC")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(rows::tenant).collect()
+    }
+
+    async fn update_tenant(&self, t: &TenantRecord) -> Result<()> {
+        let r = sqlx::query(
+            "UPDATE tenants SET name = $1, owner_id = $2, settings = $3, updated_at = $4 WHERE id = $5",
+        )
+        .bind(&t.name)
+        .bind(&t.owner_id)
+        .bind(&t.settings)
+        .bind(t.updated_at)
+        .bind(&t.id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("tenant {:?}", t.id))
+    }
+
+    async fn delete_tenant(&self, id: &str) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        let r = sqlx::query("DELETE FROM tenants WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        if r.rows_affected() == 0 {
+            return Err(Error::not_found(format!("tenant {id:?}")));
+        }
+        for sql in [
+            "DELETE FROM tenant_members WHERE tenant_id = $1",
+            "DELETE FROM policies WHERE tenant_id = $1",
+        ] {
+            sqlx::query(sql)
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn create_policy(&self, p: &PolicyRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO policies (id, tenant_id, resource_type, effect, pattern, priority, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&p.id)
+        .bind(&p.tenant_id)
+        .bind(&p.resource_type)
+        .bind(&p.effect)
+        .bind(&p.pattern)
+        .bind(p.priority)
+        .bind(p.created_at)
+        .bind(p.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| conflict_as(e, || format!("policy {:?} already exists", p.id)))?;
+        Ok(())
+    }
+
+    async fn list_policies(&self, tenant_id: Option<&str>) -> Result<Vec<PolicyRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM policies WHERE tenant_id = '' OR ($1::text IS NOT NULL AND tenant_id = $1) \
+             ORDER BY priority ASC, created_at ASC, id ASC",
+        )
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::policy).collect()
+    }
+
+    async fn delete_policy(&self, tenant_id: &str, id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM policies WHERE id = $1 AND tenant_id = $2")
+            .bind(id)
+            .bind(tenant_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("policy {id:?}"))
+    }
+
+    async fn insert_snapshot(&self, r: &SnapshotRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO snapshots (id, provider, source_sandbox_id, image, memory_mb, vcpus, network_mode, size_bytes, owner_id, tenant_id, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(&r.id)
+        .bind(&r.provider)
+        .bind(&r.source_sandbox_id)
+        .bind(&r.image)
+        .bind(r.memory_mb)
+        .bind(r.vcpus)
+        .bind(&r.network_mode)
+        .bind(i64::try_from(r.size_bytes).unwrap_or(i64::MAX))
+        .bind(&r.owner_id)
+        .bind(&r.tenant_id)
+        .bind(r.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| conflict_as(e, || format!("snapshot {:?} already exists", r.id)))?;
+        Ok(())
+    }
+
+    async fn get_snapshot(&self, id: &str) -> Result<SnapshotRecord> {
+        let row = sqlx::query("SELECT * FROM snapshots WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("snapshot {id:?}")))?;
+        rows::snapshot(&row)
+    }
+
+    async fn list_snapshots(&self, tenant_id: Option<&str>) -> Result<Vec<SnapshotRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM snapshots WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY created_at ASC, id ASC",
+        )
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::snapshot).collect()
+    }
+
+    async fn delete_snapshot(&self, id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM snapshots WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("snapshot {id:?}"))
+    }
+
+    async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord> {
+        let row = sqlx::query(
+            "INSERT INTO workers (id, hostname, status, providers, capabilities, capacity, last_heartbeat, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+             ON CONFLICT(id) DO UPDATE SET hostname = excluded.hostname, status = excluded.status, providers = excluded.providers, \
+             capabilities = excluded.capabilities, capacity = excluded.capacity, last_heartbeat = excluded.last_heartbeat, updated_at = excluded.updated_at \
+             RETURNING *",
+        )
+        .bind(&w.id)
+        .bind(&w.hostname)
+        .bind(&w.status)
+        .bind(to_json(&w.providers))
+        .bind(to_json(&w.capabilities))
+        .bind(to_json(&w.capacity))
+        .bind(w.last_heartbeat)
+        .bind(w.created_at)
+        .bind(w.updated_at)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows::worker(&row)
+    }
+
+    async fn list_workers(&self) -> Result<Vec<WorkerRecord>> {
+        let rows = sqlx::query("SELECT * FROM workers ORDER BY id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(rows::worker).collect()
+    }
+
+    async fn acquire_lease(
+        &self,
+        resource_id: &str,
+        resource_type: &str,
+        holder_id: &str,
+        ttl: Duration,
+    ) -> Result<LeaseRecord> {
+        if resource_id.is_empty() || holder_id.is_empty() || ttl.is_zero() {
+            return Err(Error::conflict(
+                "lease needs a resource, a holder and a positive ttl",
+            ));
+        }
+        // One statement: a fresh row, or the expired (or own) row taken
+        // over. Concurrent acquirers serialise on the primary key; the
+        // loser's update finds a live row held by another and returns none.
+        let row = sqlx::query(
+            "INSERT INTO leases (resource_id, resource_type, holder_id, generation, expires_at, created_at, updated_at) \
+             VALUES ($1, $2, $3, 1, clock_timestamp() + make_interval(secs => $4), clock_timestamp(), clock_timestamp()) \
+             ON CONFLICT(resource_id) DO UPDATE SET holder_id = excluded.holder_id, resource_type = excluded.resource_type, \
+             generation = leases.generation + 1, expires_at = excluded.expires_at, updated_at = excluded.updated_at \
+             WHERE leases.expires_at <= clock_timestamp() OR leases.holder_id = excluded.holder_id \
+             RETURNING *",
+        )
+        .bind(resource_id)
+        .bind(resource_type)
+        .bind(holder_id)
+        .bind(secs(ttl))
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        match row {
+            Some(row) => rows::lease(&row),
+            None => Err(Error::conflict("lease is held by another worker")),
+        }
+    }
+
+    async fn renew_lease(
+        &self,
+        resource_id: &str,
+        holder_id: &str,
+        ttl: Duration,
+    ) -> Result<LeaseRecord> {
+        if ttl.is_zero() {
+            return Err(Error::conflict("lease ttl must be positive"));
+        }
+        let row = sqlx::query(
+            "UPDATE leases SET generation = generation + 1, expires_at = clock_timestamp() + make_interval(secs => $1), updated_at = clock_timestamp() \
+             WHERE resource_id = $2 AND holder_id = $3 AND expires_at > clock_timestamp() RETURNING *",
+        )
+        .bind(secs(ttl))
+        .bind(resource_id)
+        .bind(holder_id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db_err)?;
+        match row {
+            Some(row) => rows::lease(&row),
+            None => Err(Error::conflict(
+                "lease is not held by worker or has expired",
+            )),
+        }
+    }
+
+    async fn release_lease(&self, resource_id: &str, holder_id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM leases WHERE resource_id = $1 AND holder_id = $2")
+            .bind(resource_id)
+            .bind(holder_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("lease {resource_id:?}"))
+    }
+
+    async fn get_lease(&self, resource_id: &str) -> Result<LeaseRecord> {
+        let row = sqlx::query("SELECT * FROM leases WHERE resource_id = $1")
+            .bind(resource_id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("lease {resource_id:?}")))?;
+        rows::lease(&row)
+    }
+
+    async fn list_leases(&self) -> Result<Vec<LeaseRecord>> {
+        let rows = sqlx::query("SELECT * FROM leases ORDER BY resource_id")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(rows::lease).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testpg;
+
+    crate::store_contract_tests!(postgres, async {
+        PostgresStore::connect(&testpg::fresh_database().await)
+            .await
+            .expect("connect")
+    });
+
+    /// Separate pools (as separate control planes would be) race for the
+    /// same leases: one winner per resource.
+    #[tokio::test]
+    async fn lease_race_across_pools() {
+        let dsn = testpg::fresh_database().await;
+        let mut stores = Vec::new();
+        for _ in 0..6 {
+            stores.push(PostgresStore::connect(&dsn).await.expect("connect"));
+        }
+        let ttl = Duration::from_secs(30);
+        for round in 0..10 {
+            let id = format!("sb-{round:08}");
+            let results = futures::future::join_all(stores.iter().enumerate().map(|(i, s)| {
+                let id = id.clone();
+                async move {
+                    s.acquire_lease(&id, "sandbox", &format!("cp-{i}"), ttl)
+                        .await
+                }
+            }))
+            .await;
+            let won = results.iter().filter(|r| r.is_ok()).count();
+            assert_eq!(won, 1, "round {round}: {results:?}");
+        }
+    }
+
+    /// Control planes starting together on a fresh database migrate it once.
+    #[tokio::test]
+    async fn concurrent_first_opens_migrate_once() {
+        let dsn = testpg::fresh_database().await;
+        let opens = futures::future::join_all((0..4).map(|_| PostgresStore::connect(&dsn))).await;
+        let stores: Vec<_> = opens.into_iter().map(|r| r.expect("open")).collect();
+        let versions = stores[0].applied_migrations().await.expect("versions");
+        let expected: Vec<i64> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, expected);
+    }
+
+    #[test]
+    fn with_database_replaces_only_the_database() {
+        assert_eq!(
+            with_database("postgres://u:p@127.0.0.1:5/postgres", "t1"),
+            "postgres://u:p@127.0.0.1:5/t1"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@h:5/postgres?sslmode=disable", "t1"),
+            "postgres://u:p@h:5/t1?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h:5", "t1"), "postgres://h:5/t1");
+        assert_eq!(
+            with_database("host=h dbname=a password=x", "t1"),
+            "host=h dbname=a password=x dbname=t1"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_bad_dsn_names_no_secret() {
+        let e = parse_dsn("postgres://user:hunter2@[::1:5432/db").expect_err("bad dsn");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        let e = PostgresStore::connect("postgres://user:hunter2@127.0.0.1:1/db")
+            .await
+            .expect_err("nothing listens on port 1");
+        assert_eq!(e.kind(), ErrorKind::StoreUnavailable, "{e}");
+        assert!(!format!("{e} {e:?}").contains("hunter2"), "{e:?}");
+    }
+}

@@ -1,0 +1,201 @@
+//! Rows to records, once for every engine.
+//!
+//! An engine implements [`Cols`] for its row type (SQLite keeps timestamps
+//! as fixed-width RFC 3339 text, Postgres as `TIMESTAMPTZ`; both keep JSON
+//! as text), and every mapper below works on either.
+
+use chrono::{DateTime, Utc};
+use stacyvm_core::store::{
+    AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditRecord, PolicyRecord, QuotaRecord,
+    SandboxRecord, SnapshotRecord, TemplateRecord, TenantMemberRecord, TenantRecord, WorkerRecord,
+};
+use stacyvm_core::Result;
+
+use crate::codec::from_json;
+
+/// Typed column access on one engine's rows.
+pub(crate) trait Cols {
+    fn text(&self, col: &str) -> String;
+    fn int(&self, col: &str) -> i64;
+    fn time(&self, col: &str) -> Result<DateTime<Utc>>;
+
+    fn json<T: serde::de::DeserializeOwned + Default>(&self, col: &str) -> T {
+        from_json(&self.text(col))
+    }
+}
+
+/// A column that holds a small integer.
+fn int32(r: &impl Cols, col: &str) -> i32 {
+    i32::try_from(r.int(col)).unwrap_or(i32::MAX)
+}
+
+pub(crate) fn sandbox(r: &impl Cols) -> Result<SandboxRecord> {
+    Ok(SandboxRecord {
+        id: r.text("id"),
+        state: r.text("state"),
+        provider: r.text("provider"),
+        image: r.text("image"),
+        memory_mb: r.int("memory_mb"),
+        vcpus: r.int("vcpus"),
+        metadata: r.json("metadata"),
+        owner_id: r.text("owner_id"),
+        tenant_id: r.text("tenant_id"),
+        vm_id: r.text("vm_id"),
+        worker_id: r.text("worker_id"),
+        created_at: r.time("created_at")?,
+        expires_at: r.time("expires_at")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
+
+pub(crate) fn exec_log(r: &impl Cols) -> Result<ExecLogRecord> {
+    Ok(ExecLogRecord {
+        sandbox_id: r.text("sandbox_id"),
+        command: r.text("command"),
+        exit_code: int32(r, "exit_code"),
+        stdout: r.text("stdout"),
+        stderr: r.text("stderr"),
+        duration: r.text("duration"),
+        created_at: r.time("created_at")?,
+    })
+}
+
+pub(crate) fn template(r: &impl Cols) -> Result<TemplateRecord> {
+    Ok(TemplateRecord {
+        name: r.text("name"),
+        version: r.int("version"),
+        image: r.text("image"),
+        description: r.text("description"),
+        setup: r.json("setup"),
+        allowed_hosts: r.json("allowed_hosts"),
+        memory_mb: r.int("memory_mb"),
+        cpu_cores: r.int("cpu_cores"),
+        ttl_seconds: r.int("ttl_seconds"),
+        env: r.json("env"),
+        secrets: r.json("secrets"),
+        pool_size: r.int("pool_size"),
+        provider: r.text("provider"),
+        metadata: r.json("metadata"),
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
+
+pub(crate) fn quota(r: &impl Cols) -> Result<QuotaRecord> {
+    Ok(QuotaRecord {
+        owner_id: r.text("owner_id"),
+        max_sandboxes: r.int("max_sandboxes"),
+        max_ttl_seconds: r.int("max_ttl_seconds"),
+        max_exec_timeout_seconds: r.int("max_exec_timeout_seconds"),
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
+
+pub(crate) fn worker(r: &impl Cols) -> Result<WorkerRecord> {
+    Ok(WorkerRecord {
+        id: r.text("id"),
+        hostname: r.text("hostname"),
+        status: r.text("status"),
+        providers: r.json("providers"),
+        capabilities: r.json("capabilities"),
+        capacity: serde_json::from_str(&r.text("capacity")).unwrap_or(serde_json::Value::Null),
+        last_heartbeat: r.time("last_heartbeat")?,
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
+
+pub(crate) fn lease(r: &impl Cols) -> Result<LeaseRecord> {
+    Ok(LeaseRecord {
+        resource_id: r.text("resource_id"),
+        resource_type: r.text("resource_type"),
+        holder_id: r.text("holder_id"),
+        generation: r.int("generation"),
+        expires_at: r.time("expires_at")?,
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
+
+pub(crate) fn tenant(r: &impl Cols) -> Result<TenantRecord> {
+    Ok(TenantRecord {
+        id: r.text("id"),
+        name: r.text("name"),
+        owner_id: r.text("owner_id"),
+        settings: r.text("settings"),
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
+
+pub(crate) fn member(r: &impl Cols) -> Result<TenantMemberRecord> {
+    Ok(TenantMemberRecord {
+        tenant_id: r.text("tenant_id"),
+        user_id: r.text("user_id"),
+        role: r.text("role"),
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
+
+pub(crate) fn policy(r: &impl Cols) -> Result<PolicyRecord> {
+    Ok(PolicyRecord {
+        id: r.text("id"),
+        tenant_id: r.text("tenant_id"),
+        resource_type: r.text("resource_type"),
+        effect: r.text("effect"),
+        pattern: r.text("pattern"),
+        priority: r.int("priority"),
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
+
+pub(crate) fn op_audit(r: &impl Cols) -> Result<OpAuditRecord> {
+    Ok(OpAuditRecord {
+        id: r.int("id"),
+        actor: r.text("actor"),
+        action: r.text("action"),
+        sandbox_id: r.text("sandbox_id"),
+        resource: r.text("resource"),
+        provider: r.text("provider"),
+        status: r.text("status"),
+        detail: r.text("detail"),
+        tenant_id: r.text("tenant_id"),
+        request_id: r.text("request_id"),
+        created_at: r.time("created_at")?,
+    })
+}
+
+pub(crate) fn admin_audit(r: &impl Cols) -> Result<AdminAuditRecord> {
+    Ok(AdminAuditRecord {
+        id: r.int("id"),
+        actor: r.text("actor"),
+        method: r.text("method"),
+        path: r.text("path"),
+        status: r.int("status"),
+        duration_ms: r.int("duration_ms"),
+        request_id: r.text("request_id"),
+        remote_addr: r.text("remote_addr"),
+        user_agent: r.text("user_agent"),
+        tenant_id: r.text("tenant_id"),
+        created_at: r.time("created_at")?,
+    })
+}
+
+pub(crate) fn snapshot(r: &impl Cols) -> Result<SnapshotRecord> {
+    Ok(SnapshotRecord {
+        id: r.text("id"),
+        provider: r.text("provider"),
+        source_sandbox_id: r.text("source_sandbox_id"),
+        image: r.text("image"),
+        memory_mb: r.int("memory_mb"),
+        vcpus: r.int("vcpus"),
+        network_mode: r.text("network_mode"),
+        size_bytes: u64::try_from(r.int("size_bytes")).unwrap_or(0),
+        owner_id: r.text("owner_id"),
+        tenant_id: r.text("tenant_id"),
+        created_at: r.time("created_at")?,
+    })
+}
