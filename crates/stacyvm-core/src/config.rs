@@ -1164,6 +1164,15 @@ impl Config {
                 ))
             }
         }
+        if !self.worker.id.is_empty() && !crate::paths::is_worker_id(&self.worker.id) {
+            return Err(invalid(
+                "worker.id",
+                format!(
+                    "{:?} is not a valid worker id (1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit)",
+                    self.worker.id
+                ),
+            ));
+        }
         let durations = [
             ("defaults.ttl", self.defaults.ttl),
             ("defaults.max_ttl", self.defaults.max_ttl),

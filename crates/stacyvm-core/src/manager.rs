@@ -281,6 +281,25 @@ impl Manager {
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }
+    /// This process's worker id: `worker.id` when set (every control plane
+    /// of a cluster has its own), else `local` (one machine).
+    pub fn worker_id(&self) -> &str {
+        if self.cfg.worker.id.is_empty() {
+            LOCAL_WORKER
+        } else {
+            &self.cfg.worker.id
+        }
+    }
+
+    /// Whether a sandbox lives here. On SQLite (one machine) the rows
+    /// written before this control plane had an id of its own (`local`,
+    /// or empty in old rows) are its own too.
+    pub fn owns(&self, rec: &SandboxRecord) -> bool {
+        rec.worker_id == self.worker_id()
+            || (self.store.engine() == "sqlite"
+                && (rec.worker_id.is_empty() || rec.worker_id == LOCAL_WORKER))
+    }
+
     pub fn uptime(&self) -> Duration {
         self.started.elapsed()
     }
@@ -742,7 +761,7 @@ impl Manager {
         while self.cache.read().contains_key(&id) {
             id = paths::new_sandbox_id();
         }
-        let now = Utc::now();
+        let now = crate::store::record_now();
         let expires_at = now + chrono::Duration::nanoseconds(ttl.nanos());
         let metadata = req.metadata.clone().unwrap_or_default();
         let spec = SpawnSpec {
@@ -762,7 +781,7 @@ impl Manager {
         let (spawned, leased) = tokio::join!(
             provider.spawn(&spec),
             self.store
-                .acquire_lease(&id, "sandbox", LOCAL_WORKER, lease_ttl)
+                .acquire_lease(&id, "sandbox", self.worker_id(), lease_ttl)
         );
         let spawned = match (spawned, leased) {
             (Ok(s), Ok(_)) => s,
@@ -771,7 +790,7 @@ impl Manager {
                 return Err(e);
             }
             (Err(e), Ok(_)) => {
-                let _ = self.store.release_lease(&id, LOCAL_WORKER).await;
+                let _ = self.store.release_lease(&id, self.worker_id()).await;
                 return Err(e);
             }
             (Err(e), Err(_)) => return Err(e),
@@ -791,14 +810,14 @@ impl Manager {
             } else {
                 spawned.runtime_id.clone()
             },
-            worker_id: LOCAL_WORKER.into(),
+            worker_id: self.worker_id().into(),
             created_at: now,
             expires_at,
             updated_at: now,
         };
         if let Err(e) = self.store.insert_sandbox(&rec).await {
             self.destroy_runtime(provider, &spawned.runtime_id).await;
-            let _ = self.store.release_lease(&id, LOCAL_WORKER).await;
+            let _ = self.store.release_lease(&id, self.worker_id()).await;
             return Err(e);
         }
         let api = self.to_api(&rec);
@@ -849,7 +868,7 @@ impl Manager {
         let lease_ttl = LEASE_GRACE;
         if let Err(e) = self
             .store
-            .acquire_lease(&rec.id, "sandbox", LOCAL_WORKER, lease_ttl)
+            .acquire_lease(&rec.id, "sandbox", self.worker_id(), lease_ttl)
             .await
         {
             if e.kind() == ErrorKind::Conflict {
@@ -890,7 +909,7 @@ impl Manager {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let _ = self.store.release_lease(&rec.id, LOCAL_WORKER).await;
+        let _ = self.store.release_lease(&rec.id, self.worker_id()).await;
         let was_cached = self.cache.write().remove(&rec.id).is_some();
         if was_cached {
             self.release_slot(&rec.owner_id);
@@ -940,7 +959,7 @@ impl Manager {
         if !max_ttl.is_zero() && GoDuration(d) > max_ttl {
             return Err(Error::limit(format!("ttl exceeds max ttl {max_ttl}")));
         }
-        let expires_at = Utc::now() + chrono::Duration::nanoseconds(d);
+        let expires_at = crate::store::record_now() + chrono::Duration::nanoseconds(d);
         self.store
             .set_sandbox_expiry(id, expires_at)
             .await
@@ -952,16 +971,20 @@ impl Manager {
                 }
             })?;
         let lease_ttl = GoDuration(d).to_std() + LEASE_GRACE;
-        if let Err(e) = self.store.renew_lease(id, LOCAL_WORKER, lease_ttl).await {
+        if let Err(e) = self
+            .store
+            .renew_lease(id, self.worker_id(), lease_ttl)
+            .await
+        {
             // A missing lease is re-acquired; one held elsewhere is a conflict.
             self.store
-                .acquire_lease(id, "sandbox", LOCAL_WORKER, lease_ttl)
+                .acquire_lease(id, "sandbox", self.worker_id(), lease_ttl)
                 .await
                 .map_err(|_| e)?;
         }
         let mut updated = (*rec).clone();
         updated.expires_at = expires_at;
-        updated.updated_at = Utc::now();
+        updated.updated_at = crate::store::record_now();
         self.audit(
             caller,
             &rec.owner_id,
@@ -1055,8 +1078,9 @@ impl Manager {
     pub async fn reconcile(&self) -> Result<()> {
         let records = self.store.list_active_sandboxes().await?;
         for rec in records {
-            if !rec.worker_id.is_empty() && rec.worker_id != LOCAL_WORKER {
-                // Remote workers are handled by the cluster layer.
+            if !self.owns(&rec) {
+                // Sandboxes of other workers and control planes are theirs
+                // to reconcile.
                 continue;
             }
             let provider = match self.registry.get(&rec.provider) {
@@ -1182,7 +1206,7 @@ impl Manager {
             .store
             .set_sandbox_state(&rec.id, state::DESTROYED)
             .await;
-        let _ = self.store.release_lease(&rec.id, LOCAL_WORKER).await;
+        let _ = self.store.release_lease(&rec.id, self.worker_id()).await;
         self.events.publish(
             kind::RECONCILE_ACTION,
             &rec.id,
@@ -1207,7 +1231,7 @@ impl Manager {
     }
 
     async fn adopt_runtime(&self, provider: &Arc<dyn Provider>, rt: crate::provider::RuntimeInfo) {
-        let now = Utc::now();
+        let now = crate::store::record_now();
         let created_at = rt.created_at.unwrap_or(now);
         let ttl = chrono::Duration::nanoseconds(self.cfg.defaults.ttl.0.nanos().max(1));
         let mut expires_at = rt.expires_at.unwrap_or(created_at + ttl);
@@ -1233,7 +1257,7 @@ impl Manager {
             owner_id: rt.owner_id.clone(),
             tenant_id: rt.tenant_id.clone(),
             vm_id: String::new(),
-            worker_id: LOCAL_WORKER.into(),
+            worker_id: self.worker_id().into(),
             created_at,
             expires_at,
             updated_at: now,
@@ -1241,7 +1265,7 @@ impl Manager {
         let lease_ttl = (expires_at - now).to_std().unwrap_or_default() + LEASE_GRACE;
         if self
             .store
-            .acquire_lease(&rec.id, "sandbox", LOCAL_WORKER, lease_ttl)
+            .acquire_lease(&rec.id, "sandbox", self.worker_id(), lease_ttl)
             .await
             .is_err()
         {

@@ -118,6 +118,16 @@ pub fn is_sandbox_id(id: &str) -> bool {
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
+/// A worker or control-plane id: 1–64 of `[A-Za-z0-9._-]`, starting with
+/// a letter or digit (it appears in URLs, leases and log lines).
+pub fn is_worker_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
 /// Validates and trims an owner id (spec: ≤128 chars, no `/` `\`,
 /// no whitespace or control characters).
 pub fn normalize_owner(owner: &str) -> Result<String> {

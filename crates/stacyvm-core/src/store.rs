@@ -14,6 +14,14 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
 
+/// The current time as records keep it: to the microsecond, the precision
+/// of every engine (Postgres `TIMESTAMPTZ`), so a record read back from the
+/// store equals the one that was written.
+pub fn record_now() -> DateTime<Utc> {
+    use chrono::SubsecRound;
+    Utc::now().trunc_subsecs(6)
+}
+
 /// A persisted sandbox.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SandboxRecord {

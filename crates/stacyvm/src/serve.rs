@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use chrono::Utc;
 use stacyvm_core::config::{self, Config};
 use stacyvm_core::events::EventBus;
-use stacyvm_core::manager::{Manager, LOCAL_WORKER};
+use stacyvm_core::manager::Manager;
 use stacyvm_core::metrics::Metrics;
 use stacyvm_core::registry::Registry;
 use stacyvm_core::store::WorkerRecord;
@@ -66,6 +66,8 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         std::os::unix::fs::PermissionsExt::from_mode(0o700),
     )
     .with_context(|| format!("making data dir {} private (0700)", cfg.server.data_dir))?;
+    let mut cfg = cfg;
+    cfg.worker.id = control_plane_id(&cfg)?;
     let providers = stacyvm_providers::registry::build(&cfg)?;
     let registry = match Registry::with_default(providers, &cfg.providers.default).await {
         Ok(r) => r,
@@ -82,7 +84,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     let store = stacyvm_store::open(&cfg)
         .await
         .context("opening the database")?;
-    info!(engine = store.engine(), path = %cfg.sqlite_path().display(), "store ready");
+    if cfg.is_postgres() {
+        info!(engine = store.engine(), worker_id = %cfg.worker.id, "store ready (a cluster: control planes share this database)");
+    } else {
+        info!(engine = store.engine(), path = %cfg.sqlite_path().display(), "store ready");
+    }
     let cfg = Arc::new(cfg);
     let manager = Manager::new(
         cfg.clone(),
@@ -120,10 +126,59 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-async fn heartbeat(m: Arc<Manager>) {
-    let host = std::fs::read_to_string("/etc/hostname")
+/// This control plane's worker id. `worker.id` when set. On SQLite (one
+/// machine) `local`, as always. On Postgres every control plane needs its
+/// own: one is made once (`cp-<hostname>-<random>`) and kept in the data
+/// dir, so a restart is the same control plane.
+fn control_plane_id(cfg: &Config) -> Result<String> {
+    if !cfg.worker.id.is_empty() || !cfg.is_postgres() {
+        return Ok(cfg.worker.id.clone());
+    }
+    let path = std::path::Path::new(&cfg.server.data_dir).join("control-plane-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if stacyvm_core::paths::is_worker_id(s.trim()) => return Ok(s.trim().to_string()),
+        Ok(_) => bail!(
+            "{} does not hold a valid worker id; delete it to make a new one, or set worker.id",
+            path.display()
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+    let host: String = hostname()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .take(40)
+        .collect();
+    let rnd: [u8; 4] = rand::random();
+    let id = format!(
+        "cp-{}-{}",
+        host.trim_matches('-'),
+        rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    );
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, format!("{id}\n"))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    info!(worker_id = %id, "this control plane's worker id (kept in {})", path.display());
+    Ok(id)
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "local".into());
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "local".into())
+}
+
+async fn heartbeat(m: Arc<Manager>) {
+    let host = hostname();
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     let created = Utc::now();
     loop {
@@ -131,17 +186,23 @@ async fn heartbeat(m: Arc<Manager>) {
         let now = Utc::now();
         let d = &m.config().defaults;
         let w = WorkerRecord {
-            id: LOCAL_WORKER.into(),
+            id: m.worker_id().into(),
             hostname: host.clone(),
             status: "online".into(),
             providers: m.registry().names(),
-            capabilities: vec![
-                "api".into(),
-                "single_node".into(),
-                "spawn".into(),
-                "exec".into(),
-                "files".into(),
-            ],
+            capabilities: [
+                "api",
+                if m.store().engine() == "sqlite" {
+                    "single_node"
+                } else {
+                    "control_plane"
+                },
+                "spawn",
+                "exec",
+                "files",
+            ]
+            .map(String::from)
+            .to_vec(),
             capacity: serde_json::json!({"max_sandboxes": d.max_sandboxes, "max_sandboxes_per_owner": d.max_sandboxes_per_owner}),
             last_heartbeat: now,
             created_at: created,

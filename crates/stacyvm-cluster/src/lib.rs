@@ -1,0 +1,7 @@
+//! StacyVM clusters: what several control planes and workers need to trust
+//! each other.
+//!
+//! - [`token`]: signed worker tokens (HMAC-SHA256), their claims, scopes and
+//!   audiences, issued centrally and verified by control planes and workers.
+
+pub mod token;
