@@ -548,3 +548,81 @@ mod tests {
         assert!(serde_json::from_str::<SpawnRequest>(r#"{"memory_mb":"lots"}"#).is_err());
     }
 }
+
+/// A worker (a control plane or a `stacyvm worker`), as `/workers` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Worker {
+    pub id: String,
+    pub hostname: String,
+    /// `online`, `draining` or `offline`.
+    pub status: String,
+    pub providers: Vec<String>,
+    pub capabilities: Vec<String>,
+    /// `max_sandboxes`, `rpc_url`, `preview_domain`, running counts …
+    pub capacity: serde_json::Value,
+    pub last_heartbeat: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// No heartbeat for more than 2 minutes.
+    pub stale: bool,
+}
+
+/// What a worker says about itself every heartbeat.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct WorkerHeartbeat {
+    pub hostname: String,
+    /// `online` (the default) or `draining`.
+    pub status: String,
+    pub providers: Vec<String>,
+    pub capabilities: Vec<String>,
+    pub capacity: serde_json::Value,
+}
+
+/// `POST …/leases/{resource}/renew`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct LeaseRenewRequest {
+    /// A positive duration (`30s`, `5m`).
+    pub ttl: String,
+}
+
+/// A lease as workers see it: the generation is the fencing token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LeaseToken {
+    pub resource_id: String,
+    pub holder_id: String,
+    pub generation: i64,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// `{"lease": …}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct LeaseResponse {
+    pub lease: LeaseToken,
+}
+
+/// `POST /admin/worker-tokens`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct WorkerTokenRequest {
+    pub worker_id: String,
+    /// Lifetime (default `5m`, at most `15m`).
+    pub ttl: String,
+    /// `worker:*` scopes; omitted = every scope.
+    pub scopes: Option<Vec<String>>,
+    /// `worker:control-plane` (default) or `worker:rpc`.
+    pub audience: String,
+}
+
+/// A signed worker token.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WorkerTokenResponse {
+    pub token: String,
+    pub token_id: String,
+    pub worker_id: String,
+    pub audience: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    pub expires_at: DateTime<Utc>,
+}

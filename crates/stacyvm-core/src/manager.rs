@@ -29,6 +29,7 @@ use crate::store::{
 };
 
 mod snapshots;
+pub mod workers;
 pub use snapshots::{summary as snapshot_summary, MAX_FORK};
 
 /// Id of the control plane's own worker.

@@ -313,6 +313,10 @@ pub trait Store: Debug + Send + Sync + 'static {
     async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord>;
     /// Ordered by id.
     async fn list_workers(&self) -> Result<Vec<WorkerRecord>>;
+    /// One worker; `NotFound` when it never registered or was deleted.
+    async fn get_worker(&self, id: &str) -> Result<WorkerRecord>;
+    /// Removes a worker's row (its leases stay and expire).
+    async fn delete_worker(&self, id: &str) -> Result<()>;
 
     /// Takes the lease when free, expired or already held by `holder`
     /// (generation + 1); else conflict.

@@ -90,6 +90,9 @@ pub enum Perm {
     Tenant,
     /// `admin:*`
     Admin,
+    /// Worker credentials with this scope (`/worker/*`): no API key or
+    /// OIDC role reaches these routes.
+    Worker(stacyvm_cluster::token::Scope),
 }
 
 impl Perm {
@@ -102,10 +105,14 @@ impl Perm {
             Perm::Shared => Some((SHARED, "operator:shared")),
             Perm::Tenant => Some((TENANT_ADMIN, "tenant:admin")),
             Perm::Admin => Some((ADMIN, "admin:*")),
+            Perm::Worker(_) => None,
         }
     }
 
     pub fn allows(self, role: Role) -> bool {
+        if let Perm::Worker(_) = self {
+            return false;
+        }
         self.scope().is_none_or(|(bit, _)| role.scopes() & bit != 0)
     }
 
@@ -118,6 +125,7 @@ impl Perm {
             Perm::Shared => "operator:shared",
             Perm::Tenant => "tenant:admin",
             Perm::Admin => "admin:*",
+            Perm::Worker(s) => s.as_str(),
         }
     }
 }
@@ -228,6 +236,28 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
         Perm::Tenant,
     ),
     r("GET", "/admin/policies", Perm::Admin),
+    r("GET", "/workers", Perm::Read),
+    r("GET", "/workers/{worker}", Perm::Read),
+    r("GET", "/admin/workers", Perm::Admin),
+    r("GET", "/admin/workers/{worker}", Perm::Admin),
+    r("DELETE", "/admin/workers/{worker}", Perm::Admin),
+    r("POST", "/admin/workers/{worker}/heartbeat", Perm::Admin),
+    r(
+        "POST",
+        "/admin/workers/{worker}/leases/{resource}/renew",
+        Perm::Admin,
+    ),
+    r("POST", "/admin/worker-tokens", Perm::Admin),
+    r(
+        "POST",
+        "/worker/{worker}/heartbeat",
+        Perm::Worker(stacyvm_cluster::token::Scope::Heartbeat),
+    ),
+    r(
+        "POST",
+        "/worker/{worker}/leases/{resource}/renew",
+        Perm::Worker(stacyvm_cluster::token::Scope::Lease),
+    ),
     r("POST", "/admin/policies", Perm::Admin),
     r("DELETE", "/admin/policies/{policy}", Perm::Admin),
 ];

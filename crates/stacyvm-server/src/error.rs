@@ -13,7 +13,15 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
+    /// A 5xx message that says nothing about the host (a kind, or a fixed
+    /// sentence): kept in the body. Other 5xx messages are replaced by
+    /// their kind and the request id on the way out.
+    pub public: bool,
 }
+
+/// Marks a 5xx response whose message may be shown (stripped before the
+/// response leaves the server).
+pub const PUBLIC_MESSAGE: &str = "x-stacyvm-public-message";
 
 /// Status and wire code of an error kind.
 pub fn status_of(kind: ErrorKind) -> (StatusCode, &'static str) {
@@ -42,11 +50,20 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            public: false,
         }
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", message)
+    }
+
+    /// A 503 with a message fit for any caller (no host detail).
+    pub fn unavailable(message: &'static str) -> Self {
+        ApiError {
+            public: true,
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message)
+        }
     }
 }
 
@@ -64,6 +81,8 @@ impl From<Error> for ApiError {
         ApiError {
             status,
             code,
+            // A 5xx message here is only the kind's prefix.
+            public: true,
             message,
         }
     }
@@ -71,13 +90,18 @@ impl From<Error> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        json_response(
+        let mut resp = json_response(
             self.status,
             &ErrorBody {
                 code: self.code.to_string(),
                 message: self.message,
             },
-        )
+        );
+        if self.public && self.status.is_server_error() {
+            resp.headers_mut()
+                .insert(PUBLIC_MESSAGE, axum::http::HeaderValue::from_static("1"));
+        }
+        resp
     }
 }
 

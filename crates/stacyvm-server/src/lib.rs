@@ -16,6 +16,7 @@ pub mod openapi;
 pub mod ratelimit;
 pub mod routes;
 pub mod tenancy;
+pub mod workerauth;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -44,6 +45,8 @@ pub struct AppState {
     pub active: Arc<active::Active>,
     /// Failed authentication attempts per client address.
     pub failed_auth: Arc<ratelimit::RateLimiter>,
+    /// Worker credentials and the worker token issuer.
+    pub worker_auth: Arc<workerauth::WorkerAuth>,
     /// The key of E2B envd access tokens.
     pub e2b_keys: Arc<e2b::envd::EnvdKeys>,
     /// Server-wide budget of failed-authentication audit rows.
@@ -64,6 +67,8 @@ impl AppState {
     pub fn new(manager: Arc<Manager>) -> Result<Self, String> {
         let cfg = Arc::new(manager.config().clone());
         let auth = auth::Authenticator::new(&cfg.auth)?;
+        // A signing key too short to trust refuses the start.
+        workerauth::WorkerAuth::new(&cfg.auth)?;
         Ok(Self::with_auth(manager, auth))
     }
 
@@ -74,7 +79,14 @@ impl AppState {
         let host_checked =
             !auth.enabled() && stacyvm_core::config::is_loopback_host(cfg.listen_host().0);
         let failed_auth = Arc::new(ratelimit::RateLimiter::failed_auth(&cfg.rate_limit));
+        // `new` refused an unusable worker configuration; a test state made
+        // with one gets no worker credentials at all.
+        let worker_auth = workerauth::WorkerAuth::new(&cfg.auth).unwrap_or_else(|_| {
+            workerauth::WorkerAuth::new(&stacyvm_core::config::AuthConfig::default())
+                .unwrap_or_else(|_| unreachable!("the default auth config has no signing key"))
+        });
         AppState {
+            worker_auth: Arc::new(worker_auth),
             e2b_keys: Arc::new(e2b::envd::EnvdKeys::load(&cfg.server.data_dir)),
             active: Arc::new(active::Active::new(&cfg.limits)),
             failed_auth,

@@ -43,7 +43,11 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
 /// A 5xx error body says only its kind and the request id; the message
 /// it had (host paths, agent stderr) goes to the log (F-17). Bodies that
 /// are not the error shape (`/ready`'s 503 report) pass unchanged.
-async fn scrub_server_error(resp: Response, request_id: &str) -> Response {
+async fn scrub_server_error(mut resp: Response, request_id: &str) -> Response {
+    let public = resp
+        .headers_mut()
+        .remove(crate::error::PUBLIC_MESSAGE)
+        .is_some();
     let is_json = resp
         .headers()
         .get(header::CONTENT_TYPE)
@@ -59,6 +63,7 @@ async fn scrub_server_error(resp: Response, request_id: &str) -> Response {
         return Response::from_parts(parts, Body::from(bytes));
     };
     let kind = match err.code.as_str() {
+        _ if public => err.message.as_str(),
         "INTERNAL_ERROR" => "internal error",
         "UNAVAILABLE" => "provider unavailable",
         "NOT_IMPLEMENTED" => "unsupported operation",
@@ -173,6 +178,9 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
     };
     if perm == Perm::Open {
         return next.run(req).await;
+    }
+    if let Perm::Worker(scope) = perm {
+        return worker_gate(st, req, next, scope).await;
     }
     let started = Instant::now();
     let h = req.headers();
@@ -348,6 +356,95 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
             started,
         )
         .await;
+    }
+    resp
+}
+
+/// Worker routes (`/worker/{id}/…`): worker credentials, the route's
+/// scope, and the path naming the credential's own worker. No API key,
+/// no per-caller rate limit; failures spend the address's failed-auth
+/// budget and are audited like other authentication failures.
+async fn worker_gate(
+    st: AppState,
+    mut req: Request,
+    next: Next,
+    scope: stacyvm_cluster::token::Scope,
+) -> Response {
+    use crate::workerauth::WorkerAuthError;
+    let started = Instant::now();
+    let meta = AuditMeta::of(&req, &st);
+    let h = req.headers();
+    let worker = header_str(h, "x-worker-id").unwrap_or_default().to_string();
+    let token = header_str(h, "x-worker-token")
+        .or_else(|| {
+            header_str(h, "authorization").and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+        })
+        .unwrap_or_default()
+        .to_string();
+    let now = chrono::Utc::now().timestamp();
+    let ident = match st.worker_auth.authenticate(&worker, &token, now) {
+        Ok(i) => i,
+        Err(WorkerAuthError::NotConfigured) => {
+            return ApiError::unavailable("worker token is not configured").into_response()
+        }
+        Err(WorkerAuthError::Invalid(reason)) => {
+            if st.failed_auth.enabled() {
+                let key = st.failed_auth.key("", "", &meta.remote_addr);
+                if let Decision::Limited {
+                    limit,
+                    retry_after_secs,
+                } = st.failed_auth.check(&key)
+                {
+                    return rate_limited(limit, retry_after_secs);
+                }
+            }
+            if let RowBudget::Write { suppressed } = st.failed_auth_rows.take() {
+                if suppressed > 0 {
+                    meta.write_suppressed(&st, suppressed).await;
+                }
+                meta.write(&st, "worker:rejected", "", 401, started).await;
+            }
+            tracing::info!(%reason, worker = %worker, path = %meta.path, "worker authentication failed");
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHORIZED",
+                "invalid or missing worker credentials",
+            )
+            .into_response();
+        }
+    };
+    let actor = format!("worker:{}", ident.worker_id);
+    // `/worker/{id}/…`: the credential must be that worker's.
+    let path_worker = meta
+        .path
+        .split('/')
+        .skip_while(|s| *s != "worker")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    let refusal = if path_worker != ident.worker_id {
+        Some("worker credential does not match requested worker".to_string())
+    } else if !ident.scopes.contains(&scope) {
+        Some(format!(
+            "worker credential lacks scope {} required for this route",
+            scope.as_str()
+        ))
+    } else {
+        None
+    };
+    if let Some(msg) = refusal {
+        meta.write(&st, &actor, "", 403, started).await;
+        return ApiError::new(StatusCode::FORBIDDEN, "FORBIDDEN", msg).into_response();
+    }
+    req.extensions_mut().insert(ident);
+    let resp = next.run(req).await;
+    // Heartbeats are frequent and change little: only failures are kept.
+    if resp.status().is_client_error() || resp.status().is_server_error() {
+        meta.write(&st, &actor, "", i64::from(resp.status().as_u16()), started)
+            .await;
     }
     resp
 }

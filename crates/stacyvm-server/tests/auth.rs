@@ -224,6 +224,9 @@ fn oidc_config(jwks_url: &str) -> Config {
     cfg.auth.oidc_admin_groups = vec!["admins".into()];
     cfg.auth.oidc_operator_groups = vec!["ops".into()];
     cfg.auth.oidc_viewer_groups = vec!["viewers".into()];
+    // Worker routes answer 401 to every API caller (an API key or a JWT
+    // is not a worker credential), not 503 (nothing configured).
+    cfg.auth.worker_token = Secret::new("worker-token-for-the-route-tests");
     cfg
 }
 
@@ -380,7 +383,11 @@ async fn every_route_times_every_role_matches_the_permission_table() {
                     rp.method
                 );
             } else {
-                let want = if role.is_none() { 401 } else { 403 };
+                let want = if role.is_none() || matches!(rp.perm, Perm::Worker(_)) {
+                    401
+                } else {
+                    403
+                };
                 assert_eq!(st, want, "{name} on {} {path}: {v}", rp.method);
                 let code = match (want, e2b) {
                     (_, true) => json!(want),
@@ -1353,6 +1360,7 @@ async fn every_route_refuses_oversized_bodies_with_json_413() {
     let mut cfg = Config::default();
     cfg.auth.admin_api_key = Secret::new(ADMIN_KEY);
     cfg.server.max_body_bytes = 1024;
+    cfg.auth.worker_token = Secret::new("worker-token-for-the-route-tests");
     // The raw upload route (PUT /files) streams; its bound is the file limit.
     cfg.limits.max_file_bytes = 1024;
     let s = start(cfg, Duration::from_secs(10)).await;

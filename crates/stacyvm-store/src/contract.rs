@@ -333,6 +333,16 @@ pub async fn workers(s: &dyn Store) {
     assert_eq!(got.status, "draining");
     assert_eq!(got.created_at, now);
     assert_eq!(s.list_workers().await.expect("list").len(), 1);
+    assert_eq!(s.get_worker("local").await.expect("get").status, "draining");
+    s.delete_worker("local").await.expect("delete");
+    assert_eq!(
+        s.get_worker("local").await.expect_err("gone").kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        s.delete_worker("local").await.expect_err("gone").kind(),
+        ErrorKind::NotFound
+    );
 }
 
 pub async fn snapshots(s: &dyn Store) {

@@ -827,6 +827,25 @@ impl Store for SqliteStore {
         rows.iter().map(rows::worker).collect()
     }
 
+    async fn get_worker(&self, id: &str) -> Result<WorkerRecord> {
+        let row = sqlx::query("SELECT * FROM workers WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("worker {id:?}")))?;
+        rows::worker(&row)
+    }
+
+    async fn delete_worker(&self, id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM workers WHERE id = ?")
+            .bind(id)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("worker {id:?}"))
+    }
+
     async fn acquire_lease(
         &self,
         resource_id: &str,

@@ -7,6 +7,7 @@ pub mod sandboxes;
 pub mod system;
 pub mod templates;
 pub mod tenants;
+pub mod workers;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
@@ -147,6 +148,16 @@ fn table() -> Vec<(Op, MethodRouter<AppState>)> {
         op!(get "/admin/policies", tenants::global_policies, Doc::new("tenants", "Server-wide policies", obj)),
         op!(post "/admin/policies", tenants::create_global_policy, Doc::new("tenants", "Add a server-wide policy", obj).body(Body::Json(schema::<tenants::PolicyBody>))),
         op!(delete "/admin/policies/{policy}", tenants::delete_global_policy, Doc::new("tenants", "Remove a server-wide policy", obj)),
+        op!(get "/workers", workers::list, Doc::new("workers", "Workers and control planes", Reply::Json(schema::<Vec<a::Worker>>))),
+        op!(get "/workers/{worker}", workers::get, Doc::new("workers", "One worker", Reply::Json(schema::<a::Worker>))),
+        op!(get "/admin/workers", workers::list, Doc::new("workers", "Workers (alias)", Reply::Json(schema::<Vec<a::Worker>>))),
+        op!(get "/admin/workers/{worker}", workers::get, Doc::new("workers", "One worker (alias)", Reply::Json(schema::<a::Worker>))),
+        op!(delete "/admin/workers/{worker}", workers::delete, Doc::new("workers", "Forget a worker (its leases expire)", obj)),
+        op!(post "/admin/workers/{worker}/heartbeat", workers::admin_heartbeat, Doc::new("workers", "Record a heartbeat for a worker", Reply::Json(schema::<a::Worker>)).body(Body::OptionalJson(schema::<a::WorkerHeartbeat>))),
+        op!(post "/admin/workers/{worker}/leases/{resource}/renew", workers::admin_renew, Doc::new("workers", "Renew a worker's lease", Reply::Json(schema::<a::LeaseResponse>)).body(Body::Json(schema::<a::LeaseRenewRequest>))),
+        op!(post "/admin/worker-tokens", workers::issue_token, Doc::new("workers", "Issue a signed worker token", Reply::Json(schema::<a::WorkerTokenResponse>)).body(Body::Json(schema::<a::WorkerTokenRequest>))),
+        op!(post "/worker/{worker}/heartbeat", workers::heartbeat, Doc::new("worker", "A worker's heartbeat (worker credentials)", Reply::Json(schema::<a::Worker>)).body(Body::OptionalJson(schema::<a::WorkerHeartbeat>))),
+        op!(post "/worker/{worker}/leases/{resource}/renew", workers::renew, Doc::new("worker", "A worker renews its lease (worker credentials)", Reply::Json(schema::<a::LeaseResponse>)).body(Body::Json(schema::<a::LeaseRenewRequest>))),
     ]
 }
 
