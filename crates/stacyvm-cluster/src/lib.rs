@@ -2,6 +2,9 @@
 //! each other.
 //!
 //! - [`token`]: signed worker tokens (HMAC-SHA256), their claims, scopes and
-//!   audiences, issued centrally and verified by control planes and workers.
+//!   audiences, issued centrally and verified by control planes and workers;
+//! - [`rpc`]: the worker's RPC server (the custom-provider contract with
+//!   fencing, served over mutual TLS).
 
+pub mod rpc;
 pub mod token;

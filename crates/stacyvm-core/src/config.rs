@@ -174,6 +174,13 @@ pub struct WorkerConfig {
     pub heartbeat_interval: Dur,
     pub shutdown_timeout: Dur,
     pub rpc_tls: RpcTlsConfig,
+    /// The RPC address other machines use to reach this worker (when
+    /// `listen_addr` is a wildcard or behind NAT); "" = from `listen_addr`.
+    pub advertise_url: String,
+    /// On a control plane of a cluster: run sandboxes here too. `false`
+    /// makes an API-only control plane that places every sandbox on a
+    /// worker.
+    pub local_sandboxes: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -613,6 +620,8 @@ impl Default for WorkerConfig {
             heartbeat_interval: Dur::secs(30),
             shutdown_timeout: Dur::secs(10),
             rpc_tls: RpcTlsConfig::default(),
+            advertise_url: String::new(),
+            local_sandboxes: true,
         }
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod checks;
 pub mod cidr;
+pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod events;

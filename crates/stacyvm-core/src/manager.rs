@@ -28,6 +28,7 @@ use crate::store::{
     ExecLogRecord, OpAuditRecord, QuotaRecord, SandboxRecord, Store, TemplateRecord,
 };
 
+pub mod placement;
 mod snapshots;
 pub mod workers;
 pub use snapshots::{summary as snapshot_summary, MAX_FORK};
@@ -232,6 +233,9 @@ pub struct Manager {
     pub queue: QueueStats,
     audit_tx: mpsc::Sender<AuditItem>,
     started: Instant,
+    /// How sandboxes of other workers are reached (a cluster); `None` on a
+    /// single machine.
+    remote: RwLock<Option<Arc<dyn crate::cluster::Remote>>>,
 }
 
 #[derive(Debug)]
@@ -262,6 +266,7 @@ impl Manager {
             queue: QueueStats::default(),
             audit_tx,
             started: Instant::now(),
+            remote: RwLock::new(None),
         });
         tokio::spawn(audit_writer(store, audit_rx));
         m
@@ -289,6 +294,52 @@ impl Manager {
             LOCAL_WORKER
         } else {
             &self.cfg.worker.id
+        }
+    }
+
+    /// Makes this a control plane of a cluster: sandboxes of other
+    /// workers are reached through `remote`, and spawns are placed on any
+    /// eligible worker.
+    pub fn attach_remote(&self, remote: Arc<dyn crate::cluster::Remote>) {
+        *self.remote.write() = Some(remote);
+    }
+
+    /// Whether this control plane places sandboxes on other workers.
+    pub fn is_clustered(&self) -> bool {
+        self.remote.read().is_some()
+    }
+
+    /// The provider that acts on `rec`: a local one, or the sandbox's
+    /// worker through its RPC.
+    pub async fn provider_of(&self, rec: &SandboxRecord) -> Result<Arc<dyn Provider>> {
+        if self.owns(rec) {
+            return self.registry.get(&rec.provider);
+        }
+        let Some(remote) = self.remote.read().clone() else {
+            return Err(Error::unavailable(format!(
+                "sandbox {} lives on worker {:?}; this control plane has no worker RPC configured",
+                rec.id, rec.worker_id
+            )));
+        };
+        let worker = match self.store.get_worker(&rec.worker_id).await {
+            Ok(w) => w,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(Error::unavailable(format!(
+                    "sandbox {} lives on worker {:?}, which is not registered",
+                    rec.id, rec.worker_id
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        remote.provider(&worker, &rec.provider).await
+    }
+
+    /// Who holds (or should hold) the lease of `rec`.
+    fn holder_of<'a>(&'a self, rec: &'a SandboxRecord) -> &'a str {
+        if self.owns(rec) {
+            self.worker_id()
+        } else {
+            &rec.worker_id
         }
     }
 
@@ -602,7 +653,8 @@ impl Manager {
             let t = self.get_template(&req.template).await?;
             merge_template(&mut req, &t);
         }
-        let provider = self.registry.get(&req.provider)?;
+        let placed = self.place(&req.provider).await?;
+        let provider = placed.provider.clone();
         let provider_name = provider.name().to_string();
         let owner = caller.owner_for(&req.owner_id)?;
         let ttl = self.parse_ttl(&req.ttl)?;
@@ -643,7 +695,7 @@ impl Manager {
                 ));
             }
         }
-        let profile = provider.profile();
+        let profile = placed.profile.clone();
         let network = if req.network_mode.is_empty() {
             profile.default_network.clone()
         } else if profile.network_modes.contains(&req.network_mode) {
@@ -694,6 +746,7 @@ impl Manager {
         let res = self
             .spawn_reserved(
                 &provider,
+                &placed.worker_id,
                 &image,
                 (memory_mb, spec_memory_mb),
                 (vcpus, spec_vcpus),
@@ -750,6 +803,7 @@ impl Manager {
     async fn spawn_reserved(
         &self,
         provider: &Arc<dyn Provider>,
+        holder: &str,
         image: &str,
         (memory_mb, spec_memory_mb): (i64, i64),
         (vcpus, spec_vcpus): (i64, i64),
@@ -777,13 +831,24 @@ impl Manager {
             network_mode: req.network_mode.clone(),
             snapshot: (!req.snapshot.is_empty()).then(|| req.snapshot.clone()),
         };
-        // The id is new: its lease is written while the provider works.
         let lease_ttl = ttl.to_std() + LEASE_GRACE;
-        let (spawned, leased) = tokio::join!(
-            provider.spawn(&spec),
-            self.store
-                .acquire_lease(&id, "sandbox", self.worker_id(), lease_ttl)
-        );
+        let (spawned, leased) = if holder == self.worker_id() {
+            // The id is new: its lease is written while the provider works.
+            tokio::join!(
+                provider.spawn(&spec),
+                self.store.acquire_lease(&id, "sandbox", holder, lease_ttl)
+            )
+        } else {
+            // A worker acts only under a lease it holds: take it first.
+            match self
+                .store
+                .acquire_lease(&id, "sandbox", holder, lease_ttl)
+                .await
+            {
+                Ok(l) => (provider.spawn(&spec).await, Ok(l)),
+                Err(e) => return Err(e),
+            }
+        };
         let spawned = match (spawned, leased) {
             (Ok(s), Ok(_)) => s,
             (Ok(s), Err(e)) => {
@@ -791,7 +856,7 @@ impl Manager {
                 return Err(e);
             }
             (Err(e), Ok(_)) => {
-                let _ = self.store.release_lease(&id, self.worker_id()).await;
+                let _ = self.store.release_lease(&id, holder).await;
                 return Err(e);
             }
             (Err(e), Err(_)) => return Err(e),
@@ -811,14 +876,14 @@ impl Manager {
             } else {
                 spawned.runtime_id.clone()
             },
-            worker_id: self.worker_id().into(),
+            worker_id: holder.into(),
             created_at: now,
             expires_at,
             updated_at: now,
         };
         if let Err(e) = self.store.insert_sandbox(&rec).await {
             self.destroy_runtime(provider, &spawned.runtime_id).await;
-            let _ = self.store.release_lease(&id, self.worker_id()).await;
+            let _ = self.store.release_lease(&id, holder).await;
             return Err(e);
         }
         let api = self.to_api(&rec);
@@ -867,9 +932,10 @@ impl Manager {
     async fn destroy_record(&self, rec: &SandboxRecord, caller: &Caller) -> Result<()> {
         let started = Instant::now();
         let lease_ttl = LEASE_GRACE;
+        let holder = self.holder_of(rec).to_string();
         if let Err(e) = self
             .store
-            .acquire_lease(&rec.id, "sandbox", self.worker_id(), lease_ttl)
+            .acquire_lease(&rec.id, "sandbox", &holder, lease_ttl)
             .await
         {
             if e.kind() == ErrorKind::Conflict {
@@ -878,7 +944,7 @@ impl Manager {
             warn!(sandbox_id = %rec.id, error = %e, "lease acquire before destroy failed");
         }
         let mut detail = String::new();
-        match self.registry.get(&rec.provider) {
+        match self.provider_of(rec).await {
             Ok(p) => {
                 let target = if rec.vm_id.is_empty() {
                     &rec.id
@@ -899,7 +965,10 @@ impl Manager {
                     );
                 }
             }
-            Err(_) => detail = "provider_unavailable=true".into(),
+            Err(e) => {
+                warn!(sandbox_id = %rec.id, error = %e, "no provider reaches the sandbox to destroy it");
+                detail = "provider_unavailable=true".into();
+            }
         }
         match self
             .store
@@ -910,7 +979,7 @@ impl Manager {
             Err(e) if e.kind() == ErrorKind::NotFound => {}
             Err(e) => return Err(e),
         }
-        let _ = self.store.release_lease(&rec.id, self.worker_id()).await;
+        let _ = self.store.release_lease(&rec.id, &holder).await;
         let was_cached = self.cache.write().remove(&rec.id).is_some();
         if was_cached {
             self.release_slot(&rec.owner_id);
@@ -972,14 +1041,11 @@ impl Manager {
                 }
             })?;
         let lease_ttl = GoDuration(d).to_std() + LEASE_GRACE;
-        if let Err(e) = self
-            .store
-            .renew_lease(id, self.worker_id(), lease_ttl)
-            .await
-        {
+        let holder = self.holder_of(&rec).to_string();
+        if let Err(e) = self.store.renew_lease(id, &holder, lease_ttl).await {
             // A missing lease is re-acquired; one held elsewhere is a conflict.
             self.store
-                .acquire_lease(id, "sandbox", self.worker_id(), lease_ttl)
+                .acquire_lease(id, "sandbox", &holder, lease_ttl)
                 .await
                 .map_err(|_| e)?;
         }
@@ -1195,7 +1261,7 @@ impl Manager {
 
     async fn mark_destroyed(&self, rec: &SandboxRecord, reason: &str) {
         // Clean up whatever the runtime left behind (destroy is idempotent).
-        if let Ok(p) = self.registry.get(&rec.provider) {
+        if let Ok(p) = self.provider_of(rec).await {
             let target = if rec.vm_id.is_empty() {
                 &rec.id
             } else {
@@ -1327,7 +1393,7 @@ impl Manager {
         caller: &Caller,
     ) -> Result<(Arc<SandboxRecord>, Arc<dyn Provider>)> {
         let rec = self.get(id, caller).await?;
-        let p = self.registry.get(&rec.provider)?;
+        let p = self.provider_of(&rec).await?;
         Ok((rec, p))
     }
 
@@ -1404,7 +1470,7 @@ impl Manager {
 
     /// Whether `path` is a directory in the sandbox (asked of its provider).
     async fn is_dir(&self, rec: &SandboxRecord, path: &str) -> bool {
-        let Ok(provider) = self.registry.get(&rec.provider) else {
+        let Ok(provider) = self.provider_of(rec).await else {
             return false;
         };
         let target = if rec.vm_id.is_empty() {
@@ -1430,7 +1496,7 @@ impl Manager {
                 home: "/root".into(),
             }));
         }
-        let provider = self.registry.get(&rec.provider)?;
+        let provider = self.provider_of(rec).await?;
         let target = if rec.vm_id.is_empty() {
             rec.id.clone()
         } else {

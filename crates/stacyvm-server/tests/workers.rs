@@ -337,6 +337,7 @@ async fn token_issuance_refuses_bad_requests_and_needs_a_key() {
         .expect("audit");
     assert!(issued.iter().all(|r| r.action != "worker.token_issued"));
     issue(&s, json!({"worker_id": "w"})).await;
+    s.manager.flush_audit().await;
     let issued = s
         .manager
         .store()

@@ -49,7 +49,7 @@ impl Manager {
     /// /sandboxes/{id}/snapshot`.
     pub async fn snapshot_sandbox(&self, id: &str, caller: &Caller) -> Result<SnapshotSummary> {
         let rec = self.get(id, caller).await?;
-        let provider = self.registry.get(&rec.provider)?;
+        let provider = self.provider_of(&rec).await?;
         let res = self.snapshot_record(&provider, &rec, caller).await;
         self.audit(
             caller,

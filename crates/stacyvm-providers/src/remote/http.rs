@@ -84,17 +84,27 @@ pub struct Extensions {
     /// `POST /exec` with `"interactive": true` first sends
     /// `{"exec_id": "…"}`; `POST /exec/input` then feeds stdin and signals.
     pub interactive: bool,
+    /// (StacyVM workers) `"pty": [rows, cols]` in an interactive exec runs
+    /// it on a terminal; `POST /exec/input {"resize": [rows, cols]}`.
+    pub pty: bool,
+    /// (StacyVM workers) `"user": {"uid", "gid"}` in `/exec`.
+    pub user: bool,
+    /// (StacyVM workers) `GET /logs/{id}?lines=` answers `{"lines": […]}`.
+    pub logs: bool,
 }
 
 impl Extensions {
     /// Every extension name this provider understands.
-    pub const ALL: [&'static str; 6] = [
+    pub const ALL: [&'static str; 9] = [
         "exit_status",
         "stdin",
         "timeout",
         "base64",
         "raw_files",
         "interactive",
+        "pty",
+        "user",
+        "logs",
     ];
 
     /// Reads the `extensions` array of a `/health` answer.
@@ -111,6 +121,9 @@ impl Extensions {
                 "base64" => e.base64 = true,
                 "raw_files" => e.raw_files = true,
                 "interactive" => e.interactive = true,
+                "pty" => e.pty = true,
+                "user" => e.user = true,
+                "logs" => e.logs = true,
                 _ => {}
             }
         }
@@ -126,6 +139,9 @@ impl Extensions {
             self.base64,
             self.raw_files,
             self.interactive,
+            self.pty,
+            self.user,
+            self.logs,
         ];
         let mut out = Vec::new();
         for (name, on) in Self::ALL.iter().zip(flags) {
@@ -135,6 +151,14 @@ impl Extensions {
         }
         out
     }
+}
+
+/// Adds what a request needs beyond the contract (StacyVM workers: worker
+/// credentials, the sandbox's lease, the provider to use). Called before
+/// every request; `sandbox` is the sandbox it acts on, if any.
+#[async_trait]
+pub trait Decorate: Send + Sync + fmt::Debug {
+    async fn decorate(&self, rb: RequestBuilder, sandbox: Option<&str>) -> Result<RequestBuilder>;
 }
 
 /// A sandbox provider backed by a user's HTTP service.
@@ -149,6 +173,9 @@ pub struct CustomProvider {
     client: reqwest::Client,
     /// What the last successful `/health` said; `None` until one answered.
     extensions: Mutex<Option<Extensions>>,
+    decorate: Option<Arc<dyn Decorate>>,
+    /// Capabilities the backend reported on `/health` (workers do).
+    reported: Mutex<Option<Vec<String>>>,
 }
 
 impl fmt::Debug for CustomProvider {
@@ -256,7 +283,30 @@ impl CustomProvider {
             timeout,
             client,
             extensions: Mutex::new(None),
+            decorate: None,
+            reported: Mutex::new(None),
         })
+    }
+
+    /// A provider for a StacyVM worker: its own HTTP client (mutual TLS)
+    /// and a decorator that adds credentials, lease and provider to every
+    /// request.
+    pub fn for_worker(
+        cfg: &CustomConfig,
+        client: reqwest::Client,
+        decorate: Arc<dyn Decorate>,
+    ) -> Result<CustomProvider> {
+        let mut p = CustomProvider::from_config(cfg)?;
+        p.client = client;
+        p.decorate = Some(decorate);
+        Ok(p)
+    }
+
+    async fn decorated(&self, rb: RequestBuilder, id: Option<&str>) -> Result<RequestBuilder> {
+        match &self.decorate {
+            Some(d) => d.decorate(rb, id).await,
+            None => Ok(rb),
+        }
     }
 
     /// The backend's base URL.
@@ -323,6 +373,7 @@ impl CustomProvider {
 
     /// Sends a request; a non-2xx answer becomes a typed error.
     async fn send(&self, op: &str, id: Option<&str>, rb: RequestBuilder) -> Result<Response> {
+        let rb = self.decorated(rb, id).await?;
         let resp = rb.send().await.map_err(|e| self.transport_error(op, e))?;
         if resp.status().is_success() {
             return Ok(resp);
@@ -397,11 +448,10 @@ impl CustomProvider {
     /// `GET /health`; remembers the extensions it declares.
     async fn probe(&self) -> Result<Extensions> {
         let op = "GET /health";
-        let resp = self
-            .request(Method::GET, &["health"])
-            .send()
-            .await
-            .map_err(|e| self.transport_error(op, e))?;
+        let rb = self
+            .decorated(self.request(Method::GET, &["health"]), None)
+            .await?;
+        let resp = rb.send().await.map_err(|e| self.transport_error(op, e))?;
         let status = resp.status();
         if status.as_u16() >= 400 {
             let e = self.status_error(op, None, resp).await;
@@ -417,9 +467,23 @@ impl CustomProvider {
             .read_capped(op, resp, MAX_JSON_BYTES)
             .await
             .unwrap_or_default();
-        let ext = serde_json::from_slice::<Value>(&body)
-            .map(|v| Extensions::from_health(&v))
+        let parsed = serde_json::from_slice::<Value>(&body).ok();
+        let ext = parsed
+            .as_ref()
+            .map(Extensions::from_health)
             .unwrap_or_default();
+        if let Some(caps) = parsed
+            .as_ref()
+            .and_then(|v| v.get("capabilities"))
+            .and_then(Value::as_array)
+        {
+            *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = Some(
+                caps.iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect(),
+            );
+        }
         *self.extensions.lock().unwrap_or_else(|p| p.into_inner()) = Some(ext);
         Ok(ext)
     }
@@ -429,6 +493,13 @@ impl CustomProvider {
         let rb = self
             .request(Method::DELETE, &["sandboxes", id])
             .timeout(self.timeout.min(CLEANUP_TIMEOUT));
+        let rb = match self.decorated(rb, Some(id)).await {
+            Ok(rb) => rb,
+            Err(e) => {
+                warn!(provider = %self.name, runtime_id = id, error = %e, "cleanup after a failed spawn could not be sent");
+                return;
+            }
+        };
         match rb.send().await {
             Ok(r) if r.status().is_success() || r.status() == StatusCode::NOT_FOUND => {
                 debug!(provider = %self.name, runtime_id = id, "cleaned up after a failed spawn");
@@ -461,16 +532,16 @@ impl CustomProvider {
         sink: OutputSink,
         input: Option<mpsc::Receiver<ExecInput>>,
     ) -> Result<ExitStatus> {
-        if spec.pty.is_some() {
-            return Err(Error::unsupported(format!(
-                "{}: pty exec (the custom provider contract has no terminal)",
-                self.name
-            )));
-        }
         let Some((prog, args)) = spec.argv.split_first() else {
             return Err(Error::invalid("empty command"));
         };
         let ext = self.extensions().await;
+        if spec.pty.is_some() && !(ext.pty && input.is_some()) {
+            return Err(Error::unsupported(format!(
+                "{}: pty exec (the backend does not declare the pty extension)",
+                self.name
+            )));
+        }
         let mut body = Map::new();
         body.insert("sandbox_id".into(), id.into());
         body.insert("command".into(), prog.as_str().into());
@@ -485,11 +556,20 @@ impl CustomProvider {
         if !spec.workdir.is_empty() {
             body.insert("workdir".into(), spec.workdir.as_str().into());
         }
-        if spec.user.is_some_and(|u| u.uid != 0) {
-            return Err(Error::unsupported(format!(
-                "{}: running a command as a user other than root",
-                self.name
-            )));
+        match spec.user {
+            Some(u) if ext.user => {
+                body.insert("user".into(), json!({"uid": u.uid, "gid": u.gid}));
+            }
+            Some(u) if u.uid != 0 => {
+                return Err(Error::unsupported(format!(
+                    "{}: running a command as a user other than root",
+                    self.name
+                )));
+            }
+            _ => {}
+        }
+        if let Some((rows, cols)) = spec.pty {
+            body.insert("pty".into(), json!([rows, cols]));
         }
         if let Some(stdin) = &spec.stdin {
             if !ext.stdin {
@@ -695,8 +775,9 @@ impl CustomProvider {
             ExecInput::Signal(n) => {
                 body.insert("signal".into(), n.into());
             }
-            // No terminal, nothing to resize.
-            ExecInput::Resize(..) => return,
+            ExecInput::Resize(rows, cols) => {
+                body.insert("resize".into(), json!([rows, cols]));
+            }
         }
         let rb = self.request(Method::POST, &["exec", "input"]).json(&body);
         if let Err(e) = self.send("POST /exec/input", Some(id), rb).await {
@@ -1158,7 +1239,35 @@ impl Provider for CustomProvider {
     }
 
     fn capabilities(&self) -> Vec<String> {
-        capability::BASE.iter().map(|s| s.to_string()).collect()
+        let mut caps: Vec<String> = capability::BASE.iter().map(|s| s.to_string()).collect();
+        let ext = *self.extensions.lock().unwrap_or_else(|p| p.into_inner());
+        let reported = self
+            .reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_default();
+        if let Some(ext) = ext {
+            // What the backend can do and the contract can carry.
+            let reaches =
+                |c: &str, on: bool| on && (reported.is_empty() || reported.iter().any(|r| r == c));
+            for (c, on) in [
+                (
+                    capability::EXEC_INTERACTIVE,
+                    ext.interactive && ext.exit_status,
+                ),
+                (
+                    capability::PTY,
+                    ext.pty && ext.interactive && ext.exit_status,
+                ),
+                (capability::EXEC_USER, ext.user),
+            ] {
+                if reaches(c, on) {
+                    caps.push(c.to_string());
+                }
+            }
+        }
+        caps
     }
 
     fn profile(&self) -> Profile {
@@ -1209,7 +1318,22 @@ impl Provider for CustomProvider {
         }
         // Extension: the id StacyVM would like; backends may use it.
         body.insert("sandbox_id".into(), spec.id.as_str().into());
+        // A StacyVM worker keeps who owns the sandbox and until when; a
+        // user's backend is not told.
+        if self.decorate.is_some() {
+            for (k, v) in [
+                ("owner_id", &spec.owner_id),
+                ("tenant_id", &spec.tenant_id),
+                ("network_mode", &spec.network_mode),
+            ] {
+                if !v.is_empty() {
+                    body.insert(k.into(), v.as_str().into());
+                }
+            }
+            body.insert("expires_at".into(), json!(spec.expires_at));
+        }
         let rb = self.request(Method::POST, &["spawn"]).json(&body);
+        let rb = self.decorated(rb, Some(&spec.id)).await?;
         let resp = match rb.send().await {
             Ok(r) => r,
             Err(e) => {
@@ -1561,7 +1685,24 @@ impl Provider for CustomProvider {
         }
     }
 
-    async fn logs(&self, _id: &str, lines: usize) -> Result<Vec<String>> {
+    async fn logs(&self, id: &str, lines: usize) -> Result<Vec<String>> {
+        if self.extensions().await.logs {
+            let op = "GET /logs";
+            let n = lines.to_string();
+            let rb = self
+                .request(Method::GET, &["logs", id])
+                .query(&[("lines", n.as_str())]);
+            let resp = self.send(op, Some(id), rb).await?;
+            let v = self.read_json(op, resp, MAX_JSON_BYTES).await?;
+            return match v.get("lines").and_then(Value::as_array) {
+                Some(l) => Ok(l
+                    .iter()
+                    .filter_map(Value::as_str)
+                    .map(str::to_string)
+                    .collect()),
+                None => Err(self.garbage(op, "no \"lines\" array", v.to_string().as_bytes())),
+            };
+        }
         Ok(if lines == 0 {
             Vec::new()
         } else {

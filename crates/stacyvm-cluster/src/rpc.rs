@@ -1,0 +1,908 @@
+//! The worker's RPC server: what a control plane calls to run sandboxes on
+//! this machine.
+//!
+//! It speaks the custom-provider contract (`docs/custom-provider.md`) with
+//! every extension, plus three for clusters (`pty`, `user`, `fenced`), so
+//! the control plane drives a worker with the same client it uses for any
+//! HTTP backend, and the contract's conformance suite covers the pair.
+//!
+//! Every request must show, besides the transport's mutual TLS:
+//! - `X-Worker-ID`: this worker's id;
+//! - `X-Worker-Token`: a signed token for the audience `worker:rpc` and
+//!   this worker, carrying the scope of the route (spawn, destroy, status,
+//!   exec, files, logs), or the control plane's static token;
+//! - `X-Stacyvm-Provider`: which of this worker's providers (default: its
+//!   default one);
+//! - on every request that acts on a sandbox, `X-Stacyvm-Lease:
+//!   <holder>:<generation>`, the sandbox's lease as the control plane's
+//!   store has it. The holder must be this worker, and the generation may
+//!   never go back: a control plane acting on an old lease (one taken over
+//!   since) is refused with 409 instead of touching a sandbox that is no
+//!   longer its to touch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post, put};
+use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use futures::StreamExt as _;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use stacyvm_core::paths;
+use stacyvm_core::provider::{
+    ExecInput, ExecSpec, ExecUser, OutputChunk, Provider, SpawnSpec, StreamKind,
+};
+use stacyvm_core::registry::Registry;
+use stacyvm_core::{Error, ErrorKind};
+use subtle::ConstantTimeEq;
+use tokio::sync::mpsc;
+
+use crate::token::{Audience, Scope, Verifier};
+
+/// Extensions this server implements.
+pub const EXTENSIONS: [&str; 9] = [
+    "exit_status",
+    "stdin",
+    "timeout",
+    "base64",
+    "raw_files",
+    "interactive",
+    "pty",
+    "user",
+    "fenced",
+];
+
+/// Largest JSON request body (file writes in JSON are small; big files go
+/// through `PUT /files/raw`).
+const MAX_JSON_BODY: usize = 16 << 20;
+/// Largest file a raw upload may carry.
+pub const MAX_FILE_BYTES: u64 = 4 << 30;
+
+/// How the control plane proves itself to this worker.
+pub struct RpcAuth {
+    pub worker_id: String,
+    /// Signed tokens (audience `worker:rpc`).
+    pub verifier: Verifier,
+    /// The control plane's static token, if configured.
+    pub static_token: Option<String>,
+}
+
+/// The worker's RPC state.
+pub struct WorkerRpc {
+    registry: Arc<Registry>,
+    auth: RpcAuth,
+    /// Highest lease generation seen per sandbox.
+    fences: parking_lot::Mutex<HashMap<String, i64>>,
+    /// No new sandboxes once set (drain).
+    draining: AtomicBool,
+    execs: parking_lot::Mutex<HashMap<String, mpsc::Sender<ExecInput>>>,
+    running_execs: AtomicU64,
+}
+
+impl WorkerRpc {
+    pub fn new(registry: Arc<Registry>, auth: RpcAuth) -> Arc<WorkerRpc> {
+        Arc::new(WorkerRpc {
+            registry,
+            auth,
+            fences: parking_lot::Mutex::default(),
+            draining: AtomicBool::new(false),
+            execs: parking_lot::Mutex::default(),
+            running_execs: AtomicU64::new(0),
+        })
+    }
+
+    /// Stops taking new sandboxes (existing ones keep being served).
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// The routes (serve them over TLS: see [`crate::tls`]).
+    pub fn router(self: &Arc<Self>) -> Router {
+        Router::new()
+            .route("/health", get(health))
+            .route("/spawn", post(spawn))
+            .route("/exec", post(exec))
+            .route("/exec/input", post(exec_input))
+            .route(
+                "/files",
+                post(write_file).get(read_file).delete(delete_file),
+            )
+            .route("/files/raw", put(write_raw))
+            .route("/files/list", get(list_files))
+            .route("/files/stat", get(stat_file))
+            .route("/files/glob", get(glob_files))
+            .route("/files/move", post(move_file))
+            .route("/files/chmod", post(chmod_file))
+            .route("/status/{id}", get(status))
+            .route("/sandboxes/{id}", delete(destroy))
+            .route("/logs/{id}", get(logs))
+            .layer(middleware::from_fn_with_state(self.clone(), authenticate))
+            .with_state(self.clone())
+    }
+
+    fn provider(&self, h: &HeaderMap) -> Result<Arc<dyn Provider>, Fail> {
+        let name = header(h, "x-stacyvm-provider");
+        self.registry.get(name).map_err(Fail::from)
+    }
+
+    /// Checks the lease the control plane acts under (see the module doc).
+    fn fence(&self, h: &HeaderMap, sandbox: &str) -> Result<(), Fail> {
+        let raw = header(h, "x-stacyvm-lease");
+        let Some((holder, gen)) = raw.rsplit_once(':') else {
+            return Err(Fail::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                "no lease: X-Stacyvm-Lease <holder>:<generation> is required",
+            ));
+        };
+        let gen: i64 = gen.parse().map_err(|_| {
+            Fail::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "bad lease generation",
+            )
+        })?;
+        if holder != self.auth.worker_id {
+            return Err(Fail::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("lease of {sandbox} is held by {holder:?}, not this worker"),
+            ));
+        }
+        let mut fences = self.fences.lock();
+        let seen = fences.entry(sandbox.to_string()).or_insert(gen);
+        if gen < *seen {
+            return Err(Fail::new(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!(
+                    "stale lease generation {gen} for {sandbox} (generation {} is current)",
+                    *seen
+                ),
+            ));
+        }
+        *seen = gen;
+        Ok(())
+    }
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .trim()
+}
+
+/// An error answer in the contract's shape: `{"error", "kind"}`.
+#[derive(Debug)]
+struct Fail {
+    status: StatusCode,
+    kind: &'static str,
+    message: String,
+}
+
+impl Fail {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Fail {
+        Fail {
+            status,
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+fn kind_of(k: ErrorKind) -> (StatusCode, &'static str) {
+    match k {
+        ErrorKind::InvalidInput => (StatusCode::BAD_REQUEST, "invalid_input"),
+        ErrorKind::SandboxNotFound => (StatusCode::NOT_FOUND, "sandbox_not_found"),
+        ErrorKind::SandboxDestroyed => (StatusCode::GONE, "sandbox_destroyed"),
+        ErrorKind::NotFound => (StatusCode::NOT_FOUND, "not_found"),
+        ErrorKind::Conflict => (StatusCode::CONFLICT, "conflict"),
+        ErrorKind::ExecTimeout => (StatusCode::REQUEST_TIMEOUT, "exec_timeout"),
+        ErrorKind::ResourceLimit => (StatusCode::TOO_MANY_REQUESTS, "resource_limit"),
+        ErrorKind::PayloadTooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+        ErrorKind::ProviderUnavailable | ErrorKind::StoreUnavailable => {
+            (StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable")
+        }
+        ErrorKind::Unsupported => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
+        // Policy kinds are the control plane's own; here they are faults.
+        ErrorKind::Forbidden | ErrorKind::ProviderNotFound | ErrorKind::Internal => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "internal")
+        }
+    }
+}
+
+impl From<Error> for Fail {
+    fn from(e: Error) -> Fail {
+        let (status, kind) = kind_of(e.kind());
+        let message = if e.kind() == ErrorKind::ProviderNotFound {
+            format!("this worker has no such provider: {}", e.detail())
+        } else {
+            e.to_string()
+        };
+        Fail::new(status, kind, message)
+    }
+}
+
+impl IntoResponse for Fail {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({"error": self.message, "kind": self.kind})),
+        )
+            .into_response()
+    }
+}
+
+type Answer = Result<Response, Fail>;
+
+fn ok(v: Value) -> Answer {
+    Ok(Json(v).into_response())
+}
+
+/// Verifies the caller and the route's scope.
+async fn authenticate(State(w): State<Arc<WorkerRpc>>, req: Request, next: Next) -> Response {
+    let h = req.headers();
+    let target = header(h, "x-worker-id");
+    if target != w.auth.worker_id {
+        return Fail::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this is worker {:?}, not {target:?}", w.auth.worker_id),
+        )
+        .into_response();
+    }
+    let token = match header(h, "x-worker-token") {
+        "" => header(h, "authorization")
+            .strip_prefix("Bearer ")
+            .unwrap_or(""),
+        t => t,
+    };
+    let scope = scope_of(req.uri().path(), req.method());
+    let now = chrono::Utc::now().timestamp();
+    let allowed = if token.starts_with(crate::token::PREFIX) {
+        match w
+            .auth
+            .verifier
+            .verify(token, Audience::Rpc, Some(&w.auth.worker_id), now)
+        {
+            Ok(v) => match scope {
+                None => true,
+                Some(s) => v.allows(s),
+            }
+            .then_some(())
+            .ok_or_else(|| format!("the token lacks scope {}", scope.map_or("", Scope::as_str))),
+            Err(e) => Err(e.to_string()),
+        }
+    } else {
+        match &w.auth.static_token {
+            Some(t)
+                if !token.is_empty()
+                    && t.len() == token.len()
+                    && bool::from(t.as_bytes().ct_eq(token.as_bytes())) =>
+            {
+                Ok(())
+            }
+            _ => Err("invalid or missing worker credentials".to_string()),
+        }
+    };
+    match allowed {
+        Ok(()) => next.run(req).await,
+        Err(reason) => {
+            tracing::info!(%reason, path = %req.uri().path(), "worker RPC refused");
+            let status = if reason.contains("lacks scope") {
+                StatusCode::FORBIDDEN
+            } else {
+                StatusCode::UNAUTHORIZED
+            };
+            Fail::new(status, "forbidden", reason).into_response()
+        }
+    }
+}
+
+fn scope_of(path: &str, method: &axum::http::Method) -> Option<Scope> {
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    match first {
+        "health" => None,
+        "spawn" => Some(Scope::Spawn),
+        "exec" => Some(Scope::Exec),
+        "files" => Some(Scope::Files),
+        "status" => Some(Scope::Status),
+        "logs" => Some(Scope::Logs),
+        "sandboxes" if method == axum::http::Method::DELETE => Some(Scope::Destroy),
+        _ => Some(Scope::Spawn),
+    }
+}
+
+async fn health(State(w): State<Arc<WorkerRpc>>, h: HeaderMap) -> Answer {
+    let p = w.provider(&h)?;
+    p.health().await?;
+    ok(json!({
+        "status": if w.is_draining() { "draining" } else { "ok" },
+        "worker_id": w.auth.worker_id,
+        "provider": p.name(),
+        "capabilities": p.capabilities(),
+        "extensions": EXTENSIONS,
+        "running_execs": w.running_execs.load(Ordering::Relaxed),
+    }))
+}
+
+#[derive(Deserialize)]
+struct SpawnBody {
+    image: String,
+    #[serde(default)]
+    memory_mb: i64,
+    #[serde(default)]
+    vcpus: i64,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    sandbox_id: String,
+    #[serde(default)]
+    owner_id: String,
+    #[serde(default)]
+    tenant_id: String,
+    #[serde(default)]
+    network_mode: String,
+    #[serde(default)]
+    expires_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+fn sandbox_id(id: &str) -> Result<&str, Fail> {
+    if paths::is_sandbox_id(id) {
+        Ok(id)
+    } else {
+        Err(Fail::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            format!("{id:?} is not a sandbox id"),
+        ))
+    }
+}
+
+fn body<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, Fail> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        Fail::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            format!("bad request body: {e}"),
+        )
+    })
+}
+
+async fn spawn(State(w): State<Arc<WorkerRpc>>, h: HeaderMap, raw: axum::body::Bytes) -> Answer {
+    if w.is_draining() {
+        return Err(Fail::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "provider_unavailable",
+            format!("worker {} is draining", w.auth.worker_id),
+        ));
+    }
+    let b: SpawnBody = body(&raw)?;
+    let id = sandbox_id(&b.sandbox_id)?.to_string();
+    w.fence(&h, &id)?;
+    let p = w.provider(&h)?;
+    let spec = SpawnSpec {
+        id: id.clone(),
+        image: b.image,
+        memory_mb: b.memory_mb,
+        vcpus: b.vcpus,
+        metadata: b.metadata,
+        owner_id: b.owner_id,
+        tenant_id: b.tenant_id,
+        expires_at: b
+            .expires_at
+            .unwrap_or_else(|| chrono::Utc::now() + chrono::Duration::minutes(30)),
+        network_mode: b.network_mode,
+        snapshot: None,
+    };
+    let s = p.spawn(&spec).await?;
+    tracing::info!(sandbox_id = %id, provider = p.name(), "sandbox spawned for the control plane");
+    ok(json!({"id": s.runtime_id}))
+}
+
+#[derive(Deserialize)]
+struct ExecBody {
+    sandbox_id: String,
+    command: String,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    #[serde(default)]
+    workdir: String,
+    #[serde(default)]
+    stream: bool,
+    #[serde(default)]
+    stdin: Option<String>,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    interactive: bool,
+    #[serde(default)]
+    pty: Option<(u16, u16)>,
+    #[serde(default)]
+    user: Option<UserBody>,
+}
+
+#[derive(Deserialize)]
+struct UserBody {
+    uid: u32,
+    gid: u32,
+}
+
+fn record(v: &Value) -> axum::body::Bytes {
+    let mut line = serde_json::to_vec(v).unwrap_or_default();
+    line.push(b'\n');
+    line.into()
+}
+
+async fn exec(State(w): State<Arc<WorkerRpc>>, h: HeaderMap, raw: axum::body::Bytes) -> Answer {
+    let b: ExecBody = body(&raw)?;
+    let id = sandbox_id(&b.sandbox_id)?.to_string();
+    w.fence(&h, &id)?;
+    let p = w.provider(&h)?;
+    let stdin = match &b.stdin {
+        Some(s) => Some(B64.decode(s).map_err(|_| {
+            Fail::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "stdin is not base64",
+            )
+        })?),
+        None => None,
+    };
+    let mut argv = vec![b.command];
+    argv.extend(b.args);
+    let spec = ExecSpec {
+        argv,
+        env: b.env,
+        workdir: b.workdir,
+        timeout: b.timeout_ms.map(Duration::from_millis),
+        stdin,
+        pty: b.pty,
+        user: b.user.map(|u| ExecUser {
+            uid: u.uid,
+            gid: u.gid,
+        }),
+    };
+    let (tx, mut rx) = mpsc::channel::<OutputChunk>(64);
+    if !b.stream {
+        // The plain contract: one answer when the command has ended.
+        let collect = async {
+            let (mut out, mut err) = (Vec::new(), Vec::new());
+            while let Some(c) = rx.recv().await {
+                match c.stream {
+                    StreamKind::Stdout => out.extend_from_slice(&c.data),
+                    StreamKind::Stderr => err.extend_from_slice(&c.data),
+                }
+            }
+            (out, err)
+        };
+        let (status, (out, err)) = tokio::join!(p.exec(&id, &spec, tx), collect);
+        let status = status?;
+        return ok(json!({
+            "exit_code": status.code,
+            "stdout": String::from_utf8_lossy(&out),
+            "stderr": String::from_utf8_lossy(&err),
+        }));
+    }
+    // Streamed: output records while it runs, then the exit record. The
+    // exec runs in its own task; a client that goes away drops the body,
+    // which drops the receiver and, for interactive execs, their input.
+    let (lines_tx, lines_rx) = mpsc::channel::<axum::body::Bytes>(64);
+    let input = if b.interactive {
+        let (in_tx, in_rx) = mpsc::channel::<ExecInput>(64);
+        let exec_id = uuid_like();
+        w.execs.lock().insert(exec_id.clone(), in_tx);
+        let _ = lines_tx.send(record(&json!({"exec_id": exec_id}))).await;
+        Some((exec_id, in_rx))
+    } else {
+        None
+    };
+    let w2 = w.clone();
+    w.running_execs.fetch_add(1, Ordering::Relaxed);
+    tokio::spawn(async move {
+        let forward = {
+            let lines_tx = lines_tx.clone();
+            async move {
+                while let Some(c) = rx.recv().await {
+                    let r = json!({"stream": c.stream.as_str(), "data": B64.encode(&c.data), "encoding": "base64"});
+                    if lines_tx.send(record(&r)).await.is_err() {
+                        // The caller is gone; keep draining so the exec is not blocked.
+                        while rx.recv().await.is_some() {}
+                        break;
+                    }
+                }
+            }
+        };
+        let (exec_id, run) = match input {
+            Some((eid, in_rx)) => (
+                Some(eid),
+                futures::future::Either::Left(p.exec_interactive(&id, &spec, tx, in_rx)),
+            ),
+            None => (None, futures::future::Either::Right(p.exec(&id, &spec, tx))),
+        };
+        let (status, ()) = tokio::join!(run, forward);
+        if let Some(eid) = exec_id {
+            w2.execs.lock().remove(&eid);
+        }
+        w2.running_execs.fetch_sub(1, Ordering::Relaxed);
+        let last = match status {
+            Ok(s) => json!({"exit_code": s.code, "signal": s.signal}),
+            Err(e) => {
+                let (_, kind) = kind_of(e.kind());
+                json!({"error": e.to_string(), "kind": kind})
+            }
+        };
+        let _ = lines_tx.send(record(&last)).await;
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(lines_rx).map(Ok::<_, std::io::Error>);
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .map_err(|e| Fail::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+fn uuid_like() -> String {
+    hex::encode(rand::random::<[u8; 16]>())
+}
+
+#[derive(Deserialize)]
+struct InputBody {
+    exec_id: String,
+    #[serde(default)]
+    stdin: Option<String>,
+    #[serde(default)]
+    close_stdin: bool,
+    #[serde(default)]
+    signal: Option<i32>,
+    #[serde(default)]
+    resize: Option<(u16, u16)>,
+}
+
+async fn exec_input(State(w): State<Arc<WorkerRpc>>, raw: axum::body::Bytes) -> Answer {
+    let b: InputBody = body(&raw)?;
+    let Some(tx) = w.execs.lock().get(&b.exec_id).cloned() else {
+        return Err(Fail::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such running exec",
+        ));
+    };
+    if let Some(s) = b.stdin {
+        let data = B64.decode(s).map_err(|_| {
+            Fail::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "stdin is not base64",
+            )
+        })?;
+        let _ = tx.send(ExecInput::Stdin(data)).await;
+    }
+    if let Some(sig) = b.signal {
+        let _ = tx.send(ExecInput::Signal(sig)).await;
+    }
+    if let Some((r, c)) = b.resize {
+        let _ = tx.send(ExecInput::Resize(r, c)).await;
+    }
+    if b.close_stdin {
+        let _ = tx.send(ExecInput::CloseStdin).await;
+        w.execs.lock().remove(&b.exec_id);
+    }
+    ok(json!({}))
+}
+
+fn path_of(p: &str) -> Result<String, Fail> {
+    let n = paths::normalize(p).map_err(Fail::from)?;
+    if n != p {
+        return Err(Fail::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            format!("path {p:?} is not absolute and clean"),
+        ));
+    }
+    Ok(n)
+}
+
+#[derive(Deserialize)]
+struct WriteBody {
+    sandbox_id: String,
+    path: String,
+    content: String,
+    #[serde(default)]
+    mode: String,
+    #[serde(default)]
+    encoding: String,
+}
+
+fn mode_of(m: &str) -> Result<u32, Fail> {
+    if m.trim().is_empty() {
+        return Ok(0o644);
+    }
+    u32::from_str_radix(m.trim(), 8)
+        .ok()
+        .filter(|m| *m <= 0o7777)
+        .ok_or_else(|| {
+            Fail::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                format!("mode {m:?} is not octal"),
+            )
+        })
+}
+
+async fn write_file(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    raw: axum::body::Bytes,
+) -> Answer {
+    if raw.len() > MAX_JSON_BODY {
+        return Err(Fail::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "use PUT /files/raw",
+        ));
+    }
+    let b: WriteBody = body(&raw)?;
+    let id = sandbox_id(&b.sandbox_id)?.to_string();
+    w.fence(&h, &id)?;
+    let data = if b.encoding == "base64" {
+        B64.decode(&b.content).map_err(|_| {
+            Fail::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_input",
+                "content is not base64",
+            )
+        })?
+    } else {
+        b.content.into_bytes()
+    };
+    w.provider(&h)?
+        .write_file(&id, &path_of(&b.path)?, &data, mode_of(&b.mode)?)
+        .await?;
+    ok(json!({}))
+}
+
+#[derive(Deserialize)]
+struct FileQuery {
+    sandbox_id: String,
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    pattern: String,
+    #[serde(default)]
+    mode: String,
+    #[serde(default)]
+    max_bytes: Option<u64>,
+}
+
+async fn write_raw(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    Query(q): Query<FileQuery>,
+    req: Request,
+) -> Answer {
+    let id = sandbox_id(&q.sandbox_id)?.to_string();
+    w.fence(&h, &id)?;
+    let path = path_of(&q.path)?;
+    let mode = mode_of(&q.mode)?;
+    let p = w.provider(&h)?;
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+    let body = req.into_body().into_data_stream();
+    // The write sees the end of its input only when the whole body came;
+    // a body that breaks off drops the unfinished write, so the old file
+    // stays as it was.
+    let pump = async move {
+        let mut body = std::pin::pin!(body);
+        let mut total = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| {
+                Fail::new(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_input",
+                    format!("upload interrupted: {e}"),
+                )
+            })?;
+            total += chunk.len() as u64;
+            if total > MAX_FILE_BYTES {
+                return Err(Fail::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    format!("the file exceeds the worker's limit of {MAX_FILE_BYTES} bytes"),
+                ));
+            }
+            if tx.send(chunk.to_vec()).await.is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        Ok(())
+    };
+    let write = p.write_file_stream(&id, &path, mode, rx, MAX_FILE_BYTES);
+    let mut pump = std::pin::pin!(pump);
+    let mut write = std::pin::pin!(write);
+    let size = tokio::select! {
+        fed = &mut pump => {
+            fed?;
+            write.await?
+        }
+        written = &mut write => written?,
+    };
+    ok(json!({"size": size}))
+}
+
+async fn read_file(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    Query(q): Query<FileQuery>,
+) -> Answer {
+    let id = sandbox_id(&q.sandbox_id)?.to_string();
+    w.fence(&h, &id)?;
+    let max = q.max_bytes.unwrap_or(MAX_FILE_BYTES).min(MAX_FILE_BYTES);
+    let fs = w
+        .provider(&h)?
+        .read_file_stream(&id, &path_of(&q.path)?, max)
+        .await?;
+    let size = fs.size;
+    let stream = tokio_stream::wrappers::ReceiverStream::new(fs.chunks).map(|c| {
+        c.map(axum::body::Bytes::from)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    });
+    Response::builder()
+        .header("content-type", "application/octet-stream")
+        .header("content-length", size)
+        .body(Body::from_stream(stream))
+        .map_err(|e| Fail::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+async fn list_files(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    Query(q): Query<FileQuery>,
+) -> Answer {
+    let id = sandbox_id(&q.sandbox_id)?.to_string();
+    w.fence(&h, &id)?;
+    let l = w.provider(&h)?.list_files(&id, &path_of(&q.path)?).await?;
+    ok(serde_json::to_value(l).unwrap_or_default())
+}
+
+async fn stat_file(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    Query(q): Query<FileQuery>,
+) -> Answer {
+    let id = sandbox_id(&q.sandbox_id)?.to_string();
+    w.fence(&h, &id)?;
+    let f = w.provider(&h)?.stat_file(&id, &path_of(&q.path)?).await?;
+    ok(serde_json::to_value(f).unwrap_or_default())
+}
+
+async fn glob_files(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    Query(q): Query<FileQuery>,
+) -> Answer {
+    let id = sandbox_id(&q.sandbox_id)?.to_string();
+    w.fence(&h, &id)?;
+    let pattern = paths::normalize_pattern(&q.pattern).map_err(Fail::from)?;
+    let g = w.provider(&h)?.glob_files(&id, &pattern).await?;
+    ok(json!(g))
+}
+
+#[derive(Deserialize)]
+struct PathBody {
+    sandbox_id: String,
+    #[serde(default)]
+    path: String,
+    #[serde(default)]
+    recursive: bool,
+    #[serde(default)]
+    old_path: String,
+    #[serde(default)]
+    new_path: String,
+    #[serde(default)]
+    mode: String,
+}
+
+async fn delete_file(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    raw: axum::body::Bytes,
+) -> Answer {
+    let b: PathBody = body(&raw)?;
+    let id = sandbox_id(&b.sandbox_id)?.to_string();
+    w.fence(&h, &id)?;
+    w.provider(&h)?
+        .delete_file(&id, &path_of(&b.path)?, b.recursive)
+        .await?;
+    ok(json!({}))
+}
+
+async fn move_file(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    raw: axum::body::Bytes,
+) -> Answer {
+    let b: PathBody = body(&raw)?;
+    let id = sandbox_id(&b.sandbox_id)?.to_string();
+    w.fence(&h, &id)?;
+    w.provider(&h)?
+        .move_file(&id, &path_of(&b.old_path)?, &path_of(&b.new_path)?)
+        .await?;
+    ok(json!({}))
+}
+
+async fn chmod_file(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    raw: axum::body::Bytes,
+) -> Answer {
+    let b: PathBody = body(&raw)?;
+    let id = sandbox_id(&b.sandbox_id)?.to_string();
+    w.fence(&h, &id)?;
+    w.provider(&h)?
+        .chmod_file(&id, &path_of(&b.path)?, mode_of(&b.mode)?)
+        .await?;
+    ok(json!({}))
+}
+
+async fn status(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Answer {
+    let id = sandbox_id(&id)?.to_string();
+    w.fence(&h, &id)?;
+    let s = w.provider(&h)?.status(&id).await?;
+    ok(json!({"id": id, "state": s.state}))
+}
+
+async fn destroy(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Answer {
+    let id = sandbox_id(&id)?.to_string();
+    w.fence(&h, &id)?;
+    match w.provider(&h)?.destroy(&id).await {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::SandboxNotFound | ErrorKind::NotFound) => {}
+        Err(e) => return Err(e.into()),
+    }
+    tracing::info!(sandbox_id = %id, "sandbox destroyed for the control plane");
+    ok(json!({}))
+}
+
+#[derive(Deserialize)]
+struct LogsQuery {
+    #[serde(default)]
+    lines: Option<usize>,
+}
+
+async fn logs(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    Query(q): Query<LogsQuery>,
+) -> Answer {
+    let id = sandbox_id(&id)?.to_string();
+    w.fence(&h, &id)?;
+    let l = w
+        .provider(&h)?
+        .logs(&id, q.lines.unwrap_or(100).min(10_000))
+        .await?;
+    ok(json!({"lines": l}))
+}
