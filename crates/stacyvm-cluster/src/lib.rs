@@ -6,5 +6,7 @@
 //! - [`rpc`]: the worker's RPC server (the custom-provider contract with
 //!   fencing, served over mutual TLS).
 
+pub mod remote;
 pub mod rpc;
+pub mod tls;
 pub mod token;

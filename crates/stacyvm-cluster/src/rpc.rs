@@ -49,7 +49,7 @@ use tokio::sync::mpsc;
 use crate::token::{Audience, Scope, Verifier};
 
 /// Extensions this server implements.
-pub const EXTENSIONS: [&str; 9] = [
+pub const EXTENSIONS: [&str; 10] = [
     "exit_status",
     "stdin",
     "timeout",
@@ -58,6 +58,7 @@ pub const EXTENSIONS: [&str; 9] = [
     "interactive",
     "pty",
     "user",
+    "logs",
     "fenced",
 ];
 

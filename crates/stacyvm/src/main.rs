@@ -14,6 +14,7 @@ mod redact;
 mod serve;
 mod support;
 mod upgrade;
+mod worker;
 
 use std::process::ExitCode;
 

@@ -15,7 +15,7 @@ use stacyvm_core::registry::Registry;
 use stacyvm_core::store::WorkerRecord;
 use tracing::{info, warn};
 
-fn init_logging(cfg: &Config) {
+pub(crate) fn init_logging(cfg: &Config) {
     let level = cfg.logging.level.to_ascii_lowercase();
     let filter = tracing_subscriber::EnvFilter::try_from_env("STACYVM_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(format!("{level},sqlx=warn,hyper=warn,tower=warn"))
@@ -97,6 +97,16 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         Arc::new(EventBus::new()),
         Arc::new(Metrics::default()),
     );
+    // A cluster: with worker credentials this control plane reaches the
+    // sandboxes of workers and places new ones on them.
+    if let Some(workers) = stacyvm_cluster::remote::Workers::from_config(&cfg, store.clone())? {
+        manager.attach_remote(Arc::new(workers));
+        info!(
+            tls = cfg.worker.rpc_tls.enabled,
+            "worker RPC client ready: sandboxes may run on workers"
+        );
+    }
+    let rpc_server = serve_rpc(&cfg, &registry).await?;
     manager
         .reconcile()
         .await
@@ -117,6 +127,10 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     stacyvm_server::serve(listener, state, shutdown_signal()).await?;
     reaper.abort();
     heartbeat.abort();
+    if let Some((stop, task)) = rpc_server {
+        stop.cancel();
+        let _ = task.await;
+    }
     // Warm pools hold no user state: nothing of them outlives the server.
     for p in registry.all() {
         p.shutdown().await;
@@ -124,6 +138,80 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     manager.flush_audit().await;
     info!("stopped");
     Ok(())
+}
+
+/// Worker RPC on a control plane (`worker.listen_addr`), so the other
+/// control planes of a cluster reach the sandboxes that run here.
+async fn serve_rpc(
+    cfg: &Config,
+    registry: &Arc<Registry>,
+) -> Result<
+    Option<(
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<std::io::Result<()>>,
+    )>,
+> {
+    if cfg.worker.listen_addr.is_empty() {
+        return Ok(None);
+    }
+    let keys: Vec<String> = std::iter::once(cfg.auth.worker_signing_key.expose().to_string())
+        .chain(
+            cfg.auth
+                .worker_signing_keys
+                .iter()
+                .map(|k| k.expose().to_string()),
+        )
+        .filter(|k| !k.trim().is_empty())
+        .collect();
+    let rpc = stacyvm_cluster::rpc::WorkerRpc::new(
+        registry.clone(),
+        stacyvm_cluster::rpc::RpcAuth {
+            worker_id: if cfg.worker.id.is_empty() {
+                stacyvm_core::manager::LOCAL_WORKER.into()
+            } else {
+                cfg.worker.id.clone()
+            },
+            verifier: stacyvm_cluster::token::Verifier::new(
+                &keys,
+                &cfg.auth.worker_revoked_token_ids,
+            ),
+            static_token: Some(cfg.auth.worker_token.expose().trim().to_string())
+                .filter(|s| !s.is_empty()),
+        },
+    );
+    let tls = if cfg.worker.rpc_tls.enabled {
+        Some(stacyvm_cluster::tls::server_config(&cfg.worker.rpc_tls)?)
+    } else {
+        warn!("worker.rpc_tls is off: worker RPC is plain HTTP (use it only on a trusted network)");
+        None
+    };
+    let listener = tokio::net::TcpListener::bind(&cfg.worker.listen_addr)
+        .await
+        .with_context(|| format!("listening on worker.listen_addr {}", cfg.worker.listen_addr))?;
+    info!(addr = %listener.local_addr()?, "worker RPC listening");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let s = stop.clone();
+    let router = rpc.router();
+    let task = tokio::spawn(async move {
+        stacyvm_cluster::tls::serve(listener, router, tls, async move { s.cancelled().await }).await
+    });
+    Ok(Some((stop, task)))
+}
+
+/// The URL other machines reach this control plane's worker RPC at.
+fn advertised_rpc(cfg: &Config) -> String {
+    if !cfg.worker.advertise_url.is_empty() {
+        return cfg.worker.advertise_url.clone();
+    }
+    if cfg.worker.listen_addr.is_empty() {
+        return String::new();
+    }
+    let scheme = if cfg.worker.rpc_tls.enabled {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{}", cfg.worker.listen_addr)
 }
 
 /// This control plane's worker id. `worker.id` when set. On SQLite (one
@@ -203,7 +291,14 @@ async fn heartbeat(m: Arc<Manager>) {
             ]
             .map(String::from)
             .to_vec(),
-            capacity: serde_json::json!({"max_sandboxes": d.max_sandboxes, "max_sandboxes_per_owner": d.max_sandboxes_per_owner}),
+            capacity: {
+                let mut c = serde_json::json!({"max_sandboxes": d.max_sandboxes, "max_sandboxes_per_owner": d.max_sandboxes_per_owner});
+                let url = advertised_rpc(m.config());
+                if !url.is_empty() {
+                    c["rpc_url"] = url.into();
+                }
+                c
+            },
             last_heartbeat: now,
             created_at: created,
             updated_at: now,
@@ -214,7 +309,7 @@ async fn heartbeat(m: Arc<Manager>) {
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = match signal(SignalKind::terminate()) {
         Ok(s) => s,

@@ -1,0 +1,524 @@
+//! `stacyvm worker`: run sandboxes for a control plane.
+//!
+//! A worker builds every provider its config enables (any of them: native,
+//! docker, qemu, …), heartbeats to the control plane with what it offers,
+//! and serves worker RPC (mutual TLS) on `worker.listen_addr`. On SIGTERM
+//! it drains: it takes no new sandbox, tells the control plane, keeps
+//! serving the ones it has for `worker.shutdown_timeout`, then says it is
+//! offline and stops. `stacyvm worker token` makes and reads worker tokens.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use stacyvm_cluster::rpc::{RpcAuth, WorkerRpc};
+use stacyvm_cluster::token::{self, Audience, Issue, Verifier};
+use stacyvm_core::config::{self, Config};
+use stacyvm_core::registry::Registry;
+use tracing::{info, warn};
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct WorkerArgs {
+    #[command(subcommand)]
+    pub command: Option<WorkerCommand>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkerCommand {
+    /// Make or read signed worker tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Sign a token for a worker (needs the signing key; a control plane
+    /// issues them centrally at POST /api/v1/admin/worker-tokens).
+    Sign {
+        /// The worker the token is for.
+        worker_id: String,
+        /// The signing key (or --signing-key-file).
+        #[arg(long, env = "STACYVM_AUTH_WORKER_SIGNING_KEY", hide_env_values = true)]
+        signing_key: Option<String>,
+        #[arg(long)]
+        signing_key_file: Option<PathBuf>,
+        /// Lifetime, at most 15m.
+        #[arg(long, default_value = "5m")]
+        ttl: String,
+        /// `worker:control-plane` (a worker calling the control plane) or
+        /// `worker:rpc` (a control plane calling a worker).
+        #[arg(long, default_value = "worker:control-plane")]
+        audience: String,
+        /// A scope to grant (repeatable; default every worker scope).
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+    },
+    /// Print a token's claims without checking its signature.
+    Inspect { token: String },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Config file (default: ./stacyvm.yaml, then ~/.stacyvm/config.yaml).
+    #[arg(long, short = 'c', env = "STACYVM_CONFIG")]
+    config: Option<PathBuf>,
+    /// This worker's id (default: worker.id, else the host name).
+    #[arg(long)]
+    id: Option<String>,
+    /// The control plane's URL (default: worker.control_plane_url).
+    #[arg(long)]
+    control_plane: Option<String>,
+    /// A static worker token (auth.worker_token or auth.worker_tokens[id]
+    /// on the control plane).
+    #[arg(long, env = "STACYVM_AUTH_WORKER_TOKEN", hide_env_values = true)]
+    worker_token: Option<String>,
+    /// A file holding the worker token, read before every heartbeat (for
+    /// tokens rotated by something else).
+    #[arg(long, conflicts_with = "worker_token")]
+    worker_token_file: Option<PathBuf>,
+    /// An admin key to fetch short-lived signed tokens from the control
+    /// plane (POST /api/v1/admin/worker-tokens): the worker never holds the
+    /// signing key.
+    #[arg(
+        long,
+        env = "STACYVM_WORKER_BOOTSTRAP_ADMIN_KEY",
+        hide_env_values = true
+    )]
+    bootstrap_admin_key: Option<String>,
+    /// Where worker RPC listens (default: worker.listen_addr; empty = no
+    /// RPC, and the worker receives no sandbox).
+    #[arg(long)]
+    listen: Option<String>,
+    /// The RPC URL to advertise (default: from the listen address).
+    #[arg(long)]
+    advertise_url: Option<String>,
+    /// Seconds between heartbeats (default: worker.heartbeat_interval).
+    #[arg(long)]
+    heartbeat_interval: Option<u64>,
+    /// Send one heartbeat and exit.
+    #[arg(long)]
+    once: bool,
+}
+
+pub async fn run(args: WorkerArgs) -> Result<()> {
+    match args.command {
+        Some(WorkerCommand::Token { command }) => token_cmd(command),
+        None => run_worker(args.run).await,
+    }
+}
+
+fn read_key(inline: Option<String>, file: Option<PathBuf>) -> Result<String> {
+    match (inline.filter(|s| !s.trim().is_empty()), file) {
+        (Some(_), Some(_)) => bail!("pass --signing-key or --signing-key-file, not both"),
+        (Some(k), None) => Ok(k.trim().to_string()),
+        (None, Some(f)) => Ok(std::fs::read_to_string(&f)
+            .with_context(|| format!("reading {}", f.display()))?
+            .trim()
+            .to_string()),
+        (None, None) => bail!(
+            "no signing key: pass --signing-key-file (or set STACYVM_AUTH_WORKER_SIGNING_KEY)"
+        ),
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn token_cmd(c: TokenCommand) -> Result<()> {
+    match c {
+        TokenCommand::Sign {
+            worker_id,
+            signing_key,
+            signing_key_file,
+            ttl,
+            audience,
+            scopes,
+        } => {
+            let key = read_key(signing_key, signing_key_file)?;
+            let secs = stacyvm_api::duration::parse(ttl.trim())
+                .map_err(|_| anyhow::anyhow!("invalid --ttl {ttl:?}; use a duration like 5m"))?
+                / 1_000_000_000;
+            let audience = Audience::parse(&audience).ok_or_else(|| {
+                anyhow::anyhow!("--audience must be worker:control-plane or worker:rpc")
+            })?;
+            let scopes = if scopes.is_empty() {
+                None
+            } else {
+                Some(token::parse_scopes(&scopes).map_err(|e| anyhow::anyhow!("{e}"))?)
+            };
+            let issue = Issue {
+                scopes,
+                ..Issue::new(&worker_id, audience, secs)
+            };
+            let (t, _) = token::sign(key.as_bytes(), &issue, chrono::Utc::now().timestamp())
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("{t}");
+        }
+        TokenCommand::Inspect { token } => {
+            let c = token::inspect(&token).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let t = |s: i64| {
+                (s > 0)
+                    .then(|| chrono::DateTime::from_timestamp(s, 0).map(|d| d.to_rfc3339()))
+                    .flatten()
+            };
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&json!({
+                    "signature_verified": false,
+                    "worker_id": c.worker_id,
+                    "token_id": c.jti,
+                    "audience": c.aud,
+                    "scopes": c.scopes,
+                    "issued_at": t(c.iat),
+                    "not_before": t(c.nbf),
+                    "expires_at": t(c.exp),
+                }))?
+            );
+        }
+    }
+    Ok(())
+}
+
+fn hostname_id() -> String {
+    let h = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    let id: String = h
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(64)
+        .collect();
+    if id.is_empty() {
+        "worker".into()
+    } else {
+        id
+    }
+}
+
+/// Where the worker's credential towards the control plane comes from.
+enum Credential {
+    Static(String),
+    File(PathBuf),
+    /// A signed token fetched with an admin key, with its expiry.
+    Bootstrap {
+        admin_key: String,
+        cached: Option<(String, chrono::DateTime<chrono::Utc>)>,
+    },
+}
+
+struct ControlPlane {
+    http: reqwest::Client,
+    base: String,
+    worker_id: String,
+    cred: Credential,
+}
+
+impl ControlPlane {
+    async fn token(&mut self) -> Result<String> {
+        match &mut self.cred {
+            Credential::Static(t) => Ok(t.clone()),
+            Credential::File(p) => Ok(std::fs::read_to_string(&*p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .trim()
+                .to_string()),
+            Credential::Bootstrap { admin_key, cached } => {
+                let now = chrono::Utc::now();
+                if let Some((t, exp)) = cached {
+                    if *exp - now > chrono::Duration::seconds(60) {
+                        return Ok(t.clone());
+                    }
+                }
+                let r = self
+                    .http
+                    .post(format!("{}/api/v1/admin/worker-tokens", self.base))
+                    .header("X-Admin-API-Key", admin_key.as_str())
+                    .json(&json!({"worker_id": self.worker_id, "ttl": "5m", "scopes": ["worker:heartbeat", "worker:lease"]}))
+                    .send()
+                    .await
+                    .context("asking the control plane for a worker token")?;
+                let status = r.status();
+                let v: serde_json::Value = r.json().await.unwrap_or_default();
+                if !status.is_success() {
+                    bail!(
+                        "the control plane refused a worker token ({status}): {}",
+                        v["message"]
+                    );
+                }
+                let t = v["token"].as_str().unwrap_or_default().to_string();
+                let exp = v["expires_at"]
+                    .as_str()
+                    .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                    .map_or(now, |d| d.with_timezone(&chrono::Utc));
+                *cached = Some((t.clone(), exp));
+                Ok(t)
+            }
+        }
+    }
+
+    async fn heartbeat(&mut self, body: &serde_json::Value) -> Result<()> {
+        let t = self.token().await?;
+        let r = self
+            .http
+            .post(format!(
+                "{}/api/v1/worker/{}/heartbeat",
+                self.base, self.worker_id
+            ))
+            .header("X-Worker-ID", &self.worker_id)
+            .header("X-Worker-Token", t)
+            .json(body)
+            .send()
+            .await
+            .with_context(|| format!("reaching the control plane at {}", self.base))?;
+        let status = r.status();
+        if !status.is_success() {
+            let v: serde_json::Value = r.json().await.unwrap_or_default();
+            bail!(
+                "the control plane refused the heartbeat ({status}): {}",
+                v["message"]
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The RPC URL others reach this worker at.
+fn rpc_url(cfg: &Config, listen: &str, advertised: &str, tls: bool) -> String {
+    if !advertised.is_empty() {
+        return advertised.to_string();
+    }
+    if !cfg.worker.advertise_url.is_empty() {
+        return cfg.worker.advertise_url.clone();
+    }
+    if listen.is_empty() {
+        return String::new();
+    }
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{listen}")
+}
+
+async fn run_worker(a: RunArgs) -> Result<()> {
+    let loaded = config::load(a.config.as_deref(), std::env::vars())?;
+    let mut cfg = loaded.config;
+    crate::serve::init_logging(&cfg);
+    let id =
+        a.id.clone()
+            .filter(|s| !s.is_empty())
+            .or_else(|| Some(cfg.worker.id.clone()).filter(|s| !s.is_empty()))
+            .unwrap_or_else(hostname_id);
+    if !stacyvm_core::paths::is_worker_id(&id) {
+        bail!("{id:?} is not a valid worker id (1-64 of A-Z a-z 0-9 . _ -)");
+    }
+    cfg.worker.id = id.clone();
+    let base = a
+        .control_plane
+        .clone()
+        .unwrap_or_else(|| cfg.worker.control_plane_url.clone())
+        .trim_end_matches('/')
+        .to_string();
+    let listen = a
+        .listen
+        .clone()
+        .unwrap_or_else(|| cfg.worker.listen_addr.clone());
+    let tls = cfg.worker.rpc_tls.enabled;
+    let url = rpc_url(&cfg, &listen, a.advertise_url.as_deref().unwrap_or(""), tls);
+    std::fs::create_dir_all(&cfg.server.data_dir)
+        .with_context(|| format!("creating data dir {}", cfg.server.data_dir))?;
+
+    // Every provider the config enables (gaps C-11: not only docker).
+    let providers = stacyvm_providers::registry::build(&cfg)?;
+    let registry = Arc::new(
+        Registry::with_default(providers, &cfg.providers.default)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    );
+    recover(&registry).await;
+
+    let cred = if let Some(f) = a.worker_token_file.clone() {
+        Credential::File(f)
+    } else if let Some(k) = a.bootstrap_admin_key.clone().filter(|s| !s.is_empty()) {
+        Credential::Bootstrap {
+            admin_key: k,
+            cached: None,
+        }
+    } else if let Some(t) = a
+        .worker_token
+        .clone()
+        .filter(|s| !s.is_empty())
+        .or_else(|| Some(cfg.auth.worker_token.expose().to_string()).filter(|s| !s.is_empty()))
+    {
+        Credential::Static(t)
+    } else {
+        bail!("no credential for the control plane: pass --worker-token, --worker-token-file or --bootstrap-admin-key");
+    };
+    let mut http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .connect_timeout(Duration::from_secs(10));
+    if base.starts_with("https://") && !cfg.worker.rpc_tls.ca_file.is_empty() {
+        http =
+            http.use_preconfigured_tls(stacyvm_cluster::tls::client_config(&cfg.worker.rpc_tls)?);
+    }
+    let mut cp = ControlPlane {
+        http: http.build().context("building the HTTP client")?,
+        base,
+        worker_id: id.clone(),
+        cred,
+    };
+
+    let keys: Vec<String> = std::iter::once(cfg.auth.worker_signing_key.expose().to_string())
+        .chain(
+            cfg.auth
+                .worker_signing_keys
+                .iter()
+                .map(|k| k.expose().to_string()),
+        )
+        .filter(|k| !k.trim().is_empty())
+        .collect();
+    let rpc = WorkerRpc::new(
+        registry.clone(),
+        RpcAuth {
+            worker_id: id.clone(),
+            verifier: Verifier::new(&keys, &cfg.auth.worker_revoked_token_ids),
+            static_token: Some(cfg.auth.worker_token.expose().trim().to_string())
+                .filter(|s| !s.is_empty()),
+        },
+    );
+    let capabilities: Vec<String> = {
+        let mut c: Vec<String> = vec!["remote_worker".into(), "heartbeat".into()];
+        for p in registry.all() {
+            for cap in p.capabilities() {
+                if !c.contains(&cap) {
+                    c.push(cap);
+                }
+            }
+        }
+        c
+    };
+    let hostname = std::fs::read_to_string("/etc/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let beat = |state: &str| {
+        json!({
+            "hostname": hostname,
+            "status": state,
+            "providers": registry.names(),
+            "capabilities": capabilities,
+            "capacity": {
+                "max_sandboxes": cfg.defaults.max_sandboxes,
+                "max_sandboxes_per_owner": cfg.defaults.max_sandboxes_per_owner,
+                "preview_domain": if cfg.worker.preview_domain.is_empty() { cfg.server.preview_domain.clone() } else { cfg.worker.preview_domain.clone() },
+                "rpc_url": url,
+            },
+        })
+    };
+    // The first heartbeat must land: a worker the control plane does not
+    // accept should fail loudly, not sit idle.
+    cp.heartbeat(&beat("online"))
+        .await
+        .context("first heartbeat")?;
+    info!(worker_id = %id, control_plane = %cp.base, rpc_url = %url, providers = ?registry.names(), "worker registered");
+    if a.once {
+        return Ok(());
+    }
+    if url.is_empty() {
+        warn!("no worker.listen_addr: this worker serves no RPC and receives no sandboxes");
+    }
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let server = if listen.is_empty() {
+        None
+    } else {
+        let tls_cfg = if tls {
+            Some(stacyvm_cluster::tls::server_config(&cfg.worker.rpc_tls)?)
+        } else {
+            warn!("worker.rpc_tls is off: worker RPC is plain HTTP (use it only on a trusted network)");
+            None
+        };
+        let listener = tokio::net::TcpListener::bind(&listen)
+            .await
+            .with_context(|| format!("listening on {listen}"))?;
+        info!(addr = %listener.local_addr()?, tls, "worker RPC listening");
+        let router = rpc.router();
+        let s = stop.clone();
+        Some(tokio::spawn(async move {
+            stacyvm_cluster::tls::serve(
+                listener,
+                router,
+                tls_cfg,
+                async move { s.cancelled().await },
+            )
+            .await
+        }))
+    };
+
+    let every = Duration::from_secs(
+        a.heartbeat_interval
+            .unwrap_or_else(|| cfg.worker.heartbeat_interval.std().as_secs())
+            .max(1),
+    );
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    let shutdown = crate::serve::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let state = if rpc.is_draining() { "draining" } else { "online" };
+                if let Err(e) = cp.heartbeat(&beat(state)).await {
+                    warn!(error = %format!("{e:#}"), "heartbeat failed");
+                }
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    // Drain: no new sandboxes; the ones here keep being served a while.
+    rpc.drain();
+    if let Err(e) = cp.heartbeat(&beat("draining")).await {
+        warn!(error = %format!("{e:#}"), "draining heartbeat failed");
+    }
+    let grace = cfg.worker.shutdown_timeout.std();
+    info!(?grace, "draining");
+    tokio::time::sleep(grace).await;
+    if let Err(e) = cp.heartbeat(&beat("offline")).await {
+        warn!(error = %format!("{e:#}"), "offline heartbeat failed");
+    }
+    stop.cancel();
+    if let Some(s) = server {
+        let _ = s.await;
+    }
+    for p in registry.all() {
+        p.shutdown().await;
+    }
+    info!("worker stopped");
+    Ok(())
+}
+
+/// Picks up the sandboxes a previous run of this worker left (their
+/// control plane still has them).
+async fn recover(registry: &Registry) {
+    for p in registry.all() {
+        let Ok(runtimes) = p.list_runtimes().await else {
+            continue;
+        };
+        for rt in runtimes {
+            match p.recover(&rt.sandbox_id).await {
+                Ok(()) => {
+                    info!(sandbox_id = %rt.sandbox_id, provider = p.name(), "recovered a sandbox")
+                }
+                Err(e) => {
+                    warn!(sandbox_id = %rt.sandbox_id, provider = p.name(), error = %e, "could not recover a sandbox")
+                }
+            }
+        }
+    }
+}
