@@ -113,7 +113,11 @@ impl Workers {
     /// worker.
     pub fn from_config(cfg: &Config, store: Arc<dyn Store>) -> Result<Option<Workers>> {
         let a = &cfg.auth;
-        let creds = if !a.worker_signing_key.is_empty() {
+        // The shared token first: a worker then verifies calls without
+        // holding the signing key (it only ever gets tokens issued to it).
+        let creds = if !a.worker_token.is_empty() {
+            Creds::Static(a.worker_token.expose().trim().to_string())
+        } else if !a.worker_signing_key.is_empty() {
             let k = a.worker_signing_key.expose().trim().as_bytes().to_vec();
             if k.len() < token::MIN_KEY_LEN {
                 return Err(Error::invalid(format!(
@@ -122,8 +126,6 @@ impl Workers {
                 )));
             }
             Creds::Signing(k)
-        } else if !a.worker_token.is_empty() {
-            Creds::Static(a.worker_token.expose().trim().to_string())
         } else {
             return Ok(None);
         };

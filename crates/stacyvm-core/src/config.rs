@@ -177,6 +177,9 @@ pub struct WorkerConfig {
     /// The RPC address other machines use to reach this worker (when
     /// `listen_addr` is a wildcard or behind NAT); "" = from `listen_addr`.
     pub advertise_url: String,
+    /// A worker silent this long is stale: no new sandboxes go to it, and
+    /// its sandboxes are shown `unhealthy` until it heartbeats again.
+    pub stale_after: Dur,
     /// On a control plane of a cluster: run sandboxes here too. `false`
     /// makes an API-only control plane that places every sandbox on a
     /// worker.
@@ -621,6 +624,7 @@ impl Default for WorkerConfig {
             shutdown_timeout: Dur::secs(10),
             rpc_tls: RpcTlsConfig::default(),
             advertise_url: String::new(),
+            stale_after: Dur::secs(120),
             local_sandboxes: true,
         }
     }
@@ -1213,6 +1217,7 @@ impl Config {
             ),
             ("worker.heartbeat_interval", self.worker.heartbeat_interval),
             ("worker.shutdown_timeout", self.worker.shutdown_timeout),
+            ("worker.stale_after", self.worker.stale_after),
             ("providers.custom.timeout", self.providers.custom.timeout),
             (
                 "providers.proot.default_timeout",

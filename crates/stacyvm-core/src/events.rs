@@ -19,6 +19,8 @@ pub mod kind {
     pub const SANDBOX_CREATED: &str = "sandbox.created";
     pub const SANDBOX_RUNNING: &str = "sandbox.running";
     pub const SANDBOX_DESTROYED: &str = "sandbox.destroyed";
+    /// Its worker stopped heartbeating (a cluster).
+    pub const SANDBOX_UNHEALTHY: &str = "sandbox.unhealthy";
     pub const EXEC_STARTED: &str = "exec.started";
     pub const EXEC_COMPLETED: &str = "exec.completed";
     pub const EXEC_FAILED: &str = "exec.failed";

@@ -107,6 +107,19 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         );
     }
     let rpc_server = serve_rpc(&cfg, &registry).await?;
+    let watcher = manager.is_clustered().then(|| {
+        let m = manager.clone();
+        let every = (m.stale_after() / 3).clamp(Duration::from_secs(1), Duration::from_secs(10));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                if let Err(e) = m.watch_workers().await {
+                    warn!(error = %e, "checking workers failed");
+                }
+            }
+        })
+    });
     manager
         .reconcile()
         .await
@@ -127,6 +140,9 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     stacyvm_server::serve(listener, state, shutdown_signal()).await?;
     reaper.abort();
     heartbeat.abort();
+    if let Some(w) = watcher {
+        w.abort();
+    }
     if let Some((stop, task)) = rpc_server {
         stop.cancel();
         let _ = task.await;

@@ -3,7 +3,7 @@
 //! On one machine: here. In a cluster (a [`crate::cluster::Remote`] is
 //! attached) every registered worker is a candidate, this control plane
 //! included unless `worker.local_sandboxes` is off. A candidate must be
-//! online, have heartbeated within [`STALE_AFTER`], offer the provider, be
+//! online, have heartbeated within `worker.stale_after`, offer the provider, be
 //! under its `capacity.max_sandboxes`, and (for another machine) advertise
 //! an `rpc_url`: a worker without one never receives a sandbox from here
 //! (gaps C-9). Among candidates the least loaded wins (share of its
@@ -14,7 +14,7 @@ use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::workers::{status, STALE_AFTER};
+use super::workers::status;
 use super::Manager;
 use crate::error::{Error, Result};
 use crate::provider::{Profile, Provider};
@@ -104,7 +104,7 @@ impl Manager {
                 let fresh = now
                     .signed_duration_since(w.last_heartbeat)
                     .to_std()
-                    .map_or(true, |age| age <= STALE_AFTER);
+                    .map_or(true, |age| age <= self.stale_after());
                 let rpc = w
                     .capacity
                     .get("rpc_url")

@@ -30,12 +30,10 @@ pub mod status {
     pub const OFFLINE: &str = "offline";
 }
 
-/// The wire object for a worker row.
-pub fn to_api(w: &WorkerRecord) -> Worker {
-    let stale = chrono::Utc::now()
-        .signed_duration_since(w.last_heartbeat)
-        .to_std()
-        .is_ok_and(|age| age > STALE_AFTER);
+/// The wire object for a worker row (`stale_after`: see
+/// [`Manager::stale_after`]).
+pub fn to_api(w: &WorkerRecord, stale_after: Duration) -> Worker {
+    let stale = is_stale(w, stale_after);
     Worker {
         id: w.id.clone(),
         hostname: w.hostname.clone(),
@@ -48,6 +46,14 @@ pub fn to_api(w: &WorkerRecord) -> Worker {
         updated_at: w.updated_at,
         stale,
     }
+}
+
+/// Whether `w` has been silent longer than `stale_after`.
+pub fn is_stale(w: &WorkerRecord, stale_after: Duration) -> bool {
+    chrono::Utc::now()
+        .signed_duration_since(w.last_heartbeat)
+        .to_std()
+        .is_ok_and(|age| age > stale_after)
 }
 
 /// The `rpc_url` a worker advertises, checked: `http(s)://host:port` with
@@ -90,6 +96,61 @@ fn check_names(what: &str, names: &[String]) -> Result<()> {
 }
 
 impl Manager {
+    /// How long a worker may be silent before it is stale
+    /// (`worker.stale_after`, 2 minutes by default).
+    pub fn stale_after(&self) -> Duration {
+        let d = self.cfg.worker.stale_after.std();
+        if d.is_zero() {
+            STALE_AFTER
+        } else {
+            d
+        }
+    }
+
+    /// Marks the sandboxes of stale workers `unhealthy` (their calls fail
+    /// with a typed 503 meanwhile) and those of workers that came back
+    /// `running` again. Returns how many records changed.
+    pub async fn watch_workers(&self) -> Result<usize> {
+        use stacyvm_api::state;
+        let workers = self.store.list_workers().await?;
+        let stale: std::collections::HashMap<&str, bool> = workers
+            .iter()
+            .map(|w| {
+                (
+                    w.id.as_str(),
+                    is_stale(w, self.stale_after()) || w.status == status::OFFLINE,
+                )
+            })
+            .collect();
+        let mut changed = 0;
+        for rec in self.store.list_active_sandboxes().await? {
+            if rec.worker_id == self.worker_id() {
+                continue;
+            }
+            let gone = stale.get(rec.worker_id.as_str()).copied().unwrap_or(true);
+            let next = match (gone, rec.state.as_str()) {
+                (true, state::RUNNING) => state::UNHEALTHY,
+                (false, state::UNHEALTHY) => state::RUNNING,
+                _ => continue,
+            };
+            self.store.set_sandbox_state(&rec.id, next).await?;
+            self.cache.write().remove(&rec.id);
+            let kind = if next == state::UNHEALTHY {
+                crate::events::kind::SANDBOX_UNHEALTHY
+            } else {
+                crate::events::kind::SANDBOX_RUNNING
+            };
+            self.events.publish(
+                kind,
+                &rec.id,
+                crate::events::data([("worker_id", serde_json::json!(rec.worker_id))]),
+            );
+            tracing::warn!(sandbox_id = %rec.id, worker = %rec.worker_id, state = next, "sandbox state follows its worker");
+            changed += 1;
+        }
+        Ok(changed)
+    }
+
     /// Every registered worker, by id.
     pub async fn workers(&self) -> Result<Vec<WorkerRecord>> {
         self.store.list_workers().await

@@ -69,13 +69,21 @@ fn ttl_of(req: &LeaseRenewRequest) -> stacyvm_core::Result<std::time::Duration> 
 /// `GET /workers`, `GET /admin/workers`.
 pub async fn list(State(st): State<AppState>) -> ApiResult<Json<Vec<Worker>>> {
     Ok(Json::ok(
-        st.manager.workers().await?.iter().map(to_api).collect(),
+        st.manager
+            .workers()
+            .await?
+            .iter()
+            .map(|w| to_api(w, st.manager.stale_after()))
+            .collect(),
     ))
 }
 
 /// `GET /workers/{worker}`, `GET /admin/workers/{worker}`.
 pub async fn get(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Worker>> {
-    Ok(Json::ok(to_api(&st.manager.worker(&id).await?)))
+    Ok(Json::ok(to_api(
+        &st.manager.worker(&id).await?,
+        st.manager.stale_after(),
+    )))
 }
 
 /// `DELETE /admin/workers/{worker}`.
@@ -98,6 +106,7 @@ pub async fn admin_heartbeat(
 ) -> ApiResult<Json<Worker>> {
     Ok(Json::ok(to_api(
         &st.manager.worker_heartbeat(&id, hb, &who).await?,
+        st.manager.stale_after(),
     )))
 }
 
@@ -126,6 +135,7 @@ pub async fn heartbeat(
     let id = w.identity.worker_id.clone();
     Ok(Json::ok(to_api(
         &st.manager.worker_heartbeat(&id, hb, &w.caller).await?,
+        st.manager.stale_after(),
     )))
 }
 

@@ -1,0 +1,553 @@
+//! A cluster on one machine, with real processes: two control planes and
+//! two workers (`stacyvm serve`, `stacyvm worker`) over one Postgres
+//! (`STACYVM_TEST_PG_DSN`), worker RPC over mutual TLS with certificates
+//! made here (rcgen). Sandboxes run on the workers (native provider).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use stacyvm_core::store::Store;
+use stacyvm_store::{testpg, PostgresStore};
+
+const BIN: &str = env!("CARGO_BIN_EXE_stacyvm");
+const ADMIN: &str = "cluster-admin-key-0123456789abcdef";
+const RPC_TOKEN: &str = "cluster-rpc-token-0123456789abcdef";
+const SIGNING: &str = "cluster-signing-key-0123456789abcdef0123";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+/// Test certificates: a CA, the workers' server certificate, the control
+/// planes' client certificate, and a client certificate of another CA.
+struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    fn make(dir: &Path) -> Pki {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+        };
+        let write = |name: &str, text: String| {
+            std::fs::write(dir.join(name), text).expect("write pem");
+        };
+        let ca = |cn: &str| {
+            let key = KeyPair::generate().expect("key");
+            let mut p = CertificateParams::new(Vec::<String>::new()).expect("params");
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.distinguished_name.push(DnType::CommonName, cn);
+            let cert = p.self_signed(&key).expect("ca");
+            (cert, key)
+        };
+        let (ca_cert, ca_key) = ca("stacyvm test CA");
+        let (rogue_cert, rogue_key) = ca("someone else's CA");
+        write("ca.pem", ca_cert.pem());
+        let leaf = |sans: Vec<String>,
+                    purpose: ExtendedKeyUsagePurpose,
+                    issuer: (&rcgen::Certificate, &KeyPair),
+                    name: &str| {
+            let key = KeyPair::generate().expect("key");
+            let mut p = CertificateParams::new(sans).expect("params");
+            p.distinguished_name.push(DnType::CommonName, name);
+            p.extended_key_usages = vec![purpose];
+            let cert = p.signed_by(&key, issuer.0, issuer.1).expect("sign");
+            write(&format!("{name}.pem"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        };
+        leaf(
+            vec!["127.0.0.1".into(), "localhost".into()],
+            ExtendedKeyUsagePurpose::ServerAuth,
+            (&ca_cert, &ca_key),
+            "worker",
+        );
+        leaf(
+            vec![],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            (&ca_cert, &ca_key),
+            "control-plane",
+        );
+        leaf(
+            vec![],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            (&rogue_cert, &rogue_key),
+            "rogue",
+        );
+        Pki {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+}
+
+/// A `stacyvm` process; SIGTERM (then SIGKILL) on drop unless killed.
+struct Proc {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn start(name: &str, dir: &Path, args: &[&str], env: &[(&str, String)]) -> Proc {
+        let data = dir.join(name);
+        std::fs::create_dir_all(&data).expect("data dir");
+        let log = data.join("log");
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .current_dir(&data)
+            .env("STACYVM_SERVER_DATA_DIR", data.join("data"))
+            .env("STACYVM_LOGGING_LEVEL", "info")
+            .env("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0")
+            .env("HOME", &data)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Proc {
+            child: cmd.spawn().expect("spawn stacyvm"),
+            log,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        let _ = Command::new("kill")
+            .arg("-15")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    fn new(port: u16) -> Api {
+        Api {
+            http: reqwest::Client::new(),
+            base: format!("http://127.0.0.1:{port}/api/v1"),
+        }
+    }
+
+    async fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut rb = self
+            .http
+            .request(
+                method.parse().expect("method"),
+                format!("{}{path}", self.base),
+            )
+            .header("X-Admin-API-Key", ADMIN)
+            .timeout(Duration::from_secs(30));
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        match rb.send().await {
+            Ok(r) => {
+                let st = r.status().as_u16();
+                (st, r.json().await.unwrap_or(Value::Null))
+            }
+            Err(e) => (0, json!({"transport": e.to_string()})),
+        }
+    }
+
+    async fn wait_ready(&self, p: &Proc) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let (200, _) = self.call("GET", "/live", None).await {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "control plane did not start: {}",
+                p.log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn exec(&self, id: &str, cmd: &str) -> (u16, Value) {
+        self.call(
+            "POST",
+            &format!("/sandboxes/{id}/exec"),
+            Some(json!({"command": cmd})),
+        )
+        .await
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    pki: Pki,
+    dsn: String,
+}
+
+impl Cluster {
+    async fn new() -> Cluster {
+        let dir = tempfile::tempdir().expect("tmp");
+        let pki = Pki::make(dir.path());
+        Cluster {
+            dsn: testpg::fresh_database().await,
+            pki,
+            dir,
+        }
+    }
+
+    fn control_plane(&self, name: &str, port: u16) -> Proc {
+        let env = vec![
+            ("STACYVM_SERVER_HOST", "127.0.0.1".to_string()),
+            ("STACYVM_SERVER_PORT", port.to_string()),
+            ("STACYVM_DATABASE_DRIVER", "postgres".into()),
+            ("STACYVM_DATABASE_DSN", self.dsn.clone()),
+            ("STACYVM_WORKER_ID", name.into()),
+            ("STACYVM_WORKER_LOCAL_SANDBOXES", "false".into()),
+            ("STACYVM_WORKER_STALE_AFTER", "3s".into()),
+            ("STACYVM_AUTH_ADMIN_API_KEY", ADMIN.into()),
+            ("STACYVM_AUTH_WORKER_TOKEN", RPC_TOKEN.into()),
+            ("STACYVM_AUTH_WORKER_SIGNING_KEY", SIGNING.into()),
+            ("STACYVM_WORKER_RPC_TLS_ENABLED", "true".into()),
+            ("STACYVM_WORKER_RPC_TLS_CA_FILE", self.pki.path("ca.pem")),
+            (
+                "STACYVM_WORKER_RPC_TLS_CLIENT_CERT_FILE",
+                self.pki.path("control-plane.pem"),
+            ),
+            (
+                "STACYVM_WORKER_RPC_TLS_CLIENT_KEY_FILE",
+                self.pki.path("control-plane.key"),
+            ),
+        ];
+        Proc::start(name, self.dir.path(), &["serve"], &env)
+    }
+
+    fn worker(&self, name: &str, cp_port: u16, rpc_port: u16) -> Proc {
+        let env = vec![
+            ("STACYVM_AUTH_WORKER_TOKEN", RPC_TOKEN.to_string()),
+            ("STACYVM_WORKER_RPC_TLS_ENABLED", "true".into()),
+            (
+                "STACYVM_WORKER_RPC_TLS_SERVER_CERT_FILE",
+                self.pki.path("worker.pem"),
+            ),
+            (
+                "STACYVM_WORKER_RPC_TLS_SERVER_KEY_FILE",
+                self.pki.path("worker.key"),
+            ),
+            (
+                "STACYVM_WORKER_RPC_TLS_CLIENT_CA_FILE",
+                self.pki.path("ca.pem"),
+            ),
+        ];
+        let cp = format!("http://127.0.0.1:{cp_port}");
+        let listen = format!("127.0.0.1:{rpc_port}");
+        Proc::start(
+            name,
+            self.dir.path(),
+            &[
+                "worker",
+                "--id",
+                name,
+                "--control-plane",
+                &cp,
+                "--listen",
+                &listen,
+                "--bootstrap-admin-key",
+                ADMIN,
+                "--heartbeat-interval",
+                "1",
+            ],
+            &env,
+        )
+    }
+}
+
+async fn wait_workers(api: &Api, want: &[&str]) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, v) = api.call("GET", "/workers", None).await;
+        let online: Vec<String> = v
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .filter(|w| {
+                        w["status"] == "online"
+                            && w["stale"] == false
+                            && w["capacity"]["rpc_url"].is_string()
+                    })
+                    .filter_map(|w| w["id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if want.iter().all(|w| online.iter().any(|o| o == w)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "workers {want:?} did not register: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn state_of(api: &Api, id: &str) -> String {
+    api.call("GET", &format!("/sandboxes/{id}"), None).await.1["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_control_planes_two_workers_over_mutual_tls() {
+    let c = Cluster::new().await;
+    let (pa, pb) = (free_port(), free_port());
+    let mut cp_a = c.control_plane("cp-a", pa);
+    let cp_b = c.control_plane("cp-b", pb);
+    let (a, b) = (Api::new(pa), Api::new(pb));
+    a.wait_ready(&cp_a).await;
+    b.wait_ready(&cp_b).await;
+    let (r1, r2) = (free_port(), free_port());
+    let mut w1 = c.worker("w1", pa, r1);
+    let w2 = c.worker("w2", pb, r2);
+    wait_workers(&b, &["w1", "w2"]).await;
+
+    // Four sandboxes through one control plane: spread over both workers.
+    let mut ids = Vec::new();
+    let mut on: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for _ in 0..4 {
+        let (st, v) = a
+            .call("POST", "/sandboxes", Some(json!({"ttl": "10m"})))
+            .await;
+        assert_eq!(st, 201, "{v}\n{}\n{}", w1.log(), cp_a.log());
+        let id = v["id"].as_str().expect("id").to_string();
+        on.entry(v["worker_id"].as_str().expect("worker").to_string())
+            .or_default()
+            .push(id.clone());
+        ids.push(id);
+    }
+    assert_eq!(
+        on.get("w1").map(Vec::len),
+        Some(2),
+        "load-aware placement: {on:?}"
+    );
+    assert_eq!(
+        on.get("w2").map(Vec::len),
+        Some(2),
+        "load-aware placement: {on:?}"
+    );
+
+    // The other control plane serves each of them.
+    for id in &ids {
+        let (st, v) = b.exec(id, "hostname").await;
+        assert_eq!(st, 200, "{v}");
+        assert_eq!(v["stdout"].as_str().expect("out").trim(), id);
+    }
+    // A file bigger than any RPC buffer, written through one control
+    // plane and read through the other.
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let r = reqwest::Client::new()
+        .put(format!(
+            "{}/sandboxes/{}/files?path=/workspace/big.bin",
+            a.base, ids[0]
+        ))
+        .header("X-Admin-API-Key", ADMIN)
+        .body(big.clone())
+        .send()
+        .await
+        .expect("upload");
+    assert!(
+        r.status().is_success(),
+        "{}",
+        r.text().await.unwrap_or_default()
+    );
+    let got = reqwest::Client::new()
+        .get(format!(
+            "{}/sandboxes/{}/files?path=/workspace/big.bin",
+            b.base, ids[0]
+        ))
+        .header("X-Admin-API-Key", ADMIN)
+        .send()
+        .await
+        .expect("download")
+        .bytes()
+        .await
+        .expect("body");
+    assert!(got.as_ref() == big.as_slice(), "the file came back changed");
+
+    // Worker RPC refuses: another CA's client certificate, no token, and a
+    // lease generation older than one it has seen.
+    let w1_url = format!("https://127.0.0.1:{r1}");
+    let client = |cert: &str| {
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(c.pki.path("ca.pem")).expect("ca"))
+            .expect("ca");
+        let mut pem = std::fs::read(c.pki.path(&format!("{cert}.pem"))).expect("cert");
+        pem.extend(std::fs::read(c.pki.path(&format!("{cert}.key"))).expect("key"));
+        reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(ca)
+            .tls_built_in_root_certs(false)
+            .identity(reqwest::Identity::from_pem(&pem).expect("identity"))
+            .build()
+            .expect("client")
+    };
+    let w1_sandbox = &on["w1"][0];
+    let rogue = client("rogue")
+        .get(format!("{w1_url}/health"))
+        .header("X-Worker-ID", "w1")
+        .header("X-Worker-Token", RPC_TOKEN)
+        .send()
+        .await;
+    assert!(
+        rogue.is_err(),
+        "a client certificate of another CA must be refused: {rogue:?}"
+    );
+    let good = client("control-plane");
+    let r = good
+        .get(format!("{w1_url}/health"))
+        .header("X-Worker-ID", "w1")
+        .send()
+        .await
+        .expect("health");
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(
+        r.version(),
+        reqwest::Version::HTTP_2,
+        "worker RPC speaks HTTP/2"
+    );
+    let r = good
+        .post(format!("{w1_url}/exec"))
+        .header("X-Worker-ID", "w1")
+        .header("X-Worker-Token", RPC_TOKEN)
+        .header("X-Stacyvm-Lease", "w1:0")
+        .json(&json!({"sandbox_id": w1_sandbox, "command": "true"}))
+        .send()
+        .await
+        .expect("exec");
+    assert_eq!(
+        r.status().as_u16(),
+        409,
+        "a stale lease generation is refused"
+    );
+    let r = good
+        .post(format!("{w1_url}/exec"))
+        .header("X-Worker-ID", "w1")
+        .header("X-Worker-Token", RPC_TOKEN)
+        .header("X-Stacyvm-Lease", "w2:99")
+        .json(&json!({"sandbox_id": w1_sandbox, "command": "true"}))
+        .send()
+        .await
+        .expect("exec");
+    assert_eq!(
+        r.status().as_u16(),
+        409,
+        "a lease held by another worker is refused"
+    );
+
+    // Kill -9 a control plane: the other serves every sandbox.
+    cp_a.kill9();
+    for id in &ids {
+        let (st, v) = b.exec(id, "echo alive").await;
+        assert_eq!(st, 200, "{v}");
+    }
+
+    // Kill -9 a worker in the middle of 20 execs: the other worker's
+    // execs finish, the dead one's fail with a typed error, none hangs.
+    let started = Instant::now();
+    let execs = (0..20).map(|i| {
+        let id = ids[i % ids.len()].clone();
+        let b = &b;
+        async move { (id.clone(), b.exec(&id, "sleep 1.5; echo done").await) }
+    });
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        w1.kill9();
+    };
+    let (results, ()) = tokio::join!(futures::future::join_all(execs), killer);
+    assert!(started.elapsed() < Duration::from_secs(25), "execs hung");
+    for (id, (st, v)) in &results {
+        if on["w2"].contains(id) {
+            assert_eq!(*st, 200, "{id} on w2: {v}");
+            assert_eq!(v["stdout"], "done\n", "{v}");
+        } else {
+            assert!(
+                *st >= 500,
+                "{id} on the killed worker must fail with a server error: {st} {v}"
+            );
+            assert!(v["code"].is_string(), "typed error: {v}");
+        }
+    }
+    // Its sandboxes are marked; the others are not; no record is lost.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while state_of(&b, &on["w1"][0]).await != "unhealthy" {
+        assert!(Instant::now() < deadline, "w1's sandboxes were not marked");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for id in &on["w1"] {
+        assert_eq!(state_of(&b, id).await, "unhealthy");
+        let (st, v) = b.exec(id, "true").await;
+        assert_eq!(st, 503, "{v}");
+    }
+    for id in &on["w2"] {
+        assert_eq!(state_of(&b, id).await, "running");
+    }
+    let store = PostgresStore::connect(&c.dsn).await.expect("store");
+    assert_eq!(store.list_active_sandboxes().await.expect("list").len(), 4);
+
+    // The worker comes back: its sandboxes are reachable again.
+    let _w1 = c.worker("w1", pb, r1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state_of(&b, &on["w1"][0]).await != "running" {
+        assert!(
+            Instant::now() < deadline,
+            "w1's sandboxes did not come back"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for id in &on["w1"] {
+        let (st, v) = b.exec(id, "echo back").await;
+        assert_eq!(st, 200, "{id} after the worker's restart: {v}");
+    }
+
+    // Destroy everything through the surviving control plane.
+    for id in &ids {
+        let (st, v) = b.call("DELETE", &format!("/sandboxes/{id}"), None).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    assert!(store
+        .list_active_sandboxes()
+        .await
+        .expect("list")
+        .is_empty());
+    let leases = store.list_leases().await.expect("leases");
+    assert!(leases.is_empty(), "leases left: {leases:?}");
+    drop(w2);
+    drop(cp_b);
+}
