@@ -1,15 +1,19 @@
-//! In-process event bus: fan-out to SSE subscribers, bounded history.
+//! Event bus: fan-out to SSE subscribers, bounded history.
 //!
 //! Slow subscribers lose events rather than slowing publishers (each
-//! subscriber has a 64-slot buffer, as in the original).
+//! subscriber has a 64-slot buffer, as in the original). In a cluster a
+//! bridge (Postgres `LISTEN/NOTIFY`) carries what is published here to the
+//! other control planes and [`EventBus::inject`]s theirs: subscribers see
+//! the events of every control plane, and [`EventBus::subscribe_remote`]
+//! sees only the others' (to invalidate caches).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use chrono::Utc;
 use stacyvm_api::Event;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 const HISTORY: usize = 1000;
 const SUBSCRIBER_BUFFER: usize = 64;
@@ -19,6 +23,7 @@ pub mod kind {
     pub const SANDBOX_CREATED: &str = "sandbox.created";
     pub const SANDBOX_RUNNING: &str = "sandbox.running";
     pub const SANDBOX_DESTROYED: &str = "sandbox.destroyed";
+    pub const SANDBOX_EXTENDED: &str = "sandbox.extended";
     /// Its worker stopped heartbeating (a cluster).
     pub const SANDBOX_UNHEALTHY: &str = "sandbox.unhealthy";
     pub const EXEC_STARTED: &str = "exec.started";
@@ -51,6 +56,10 @@ pub struct EventBus {
     tx: broadcast::Sender<Event>,
     seq: AtomicU64,
     history: Mutex<VecDeque<Event>>,
+    /// Where local events go to reach other control planes.
+    bridge: OnceLock<mpsc::Sender<Event>>,
+    /// Events of other control planes.
+    remote: broadcast::Sender<Event>,
 }
 
 impl Default for EventBus {
@@ -66,6 +75,8 @@ impl EventBus {
             tx,
             seq: AtomicU64::new(0),
             history: Mutex::new(VecDeque::with_capacity(HISTORY)),
+            bridge: OnceLock::new(),
+            remote: broadcast::channel(1024).0,
         }
     }
 
@@ -84,14 +95,40 @@ impl EventBus {
             timestamp: Utc::now(),
             data,
         };
+        self.remember(&ev);
+        if let Some(b) = self.bridge.get() {
+            // A full bridge drops the event for other control planes only.
+            let _ = b.try_send(ev.clone());
+        }
+        // No receivers is fine.
+        let _ = self.tx.send(ev);
+    }
+
+    fn remember(&self, ev: &Event) {
         if let Ok(mut h) = self.history.lock() {
             if h.len() == HISTORY {
                 h.pop_front();
             }
             h.push_back(ev.clone());
         }
-        // No receivers is fine.
-        let _ = self.tx.send(ev);
+    }
+
+    /// Sends every event published from now on to `tx` as well (once).
+    pub fn bridge_to(&self, tx: mpsc::Sender<Event>) -> bool {
+        self.bridge.set(tx).is_ok()
+    }
+
+    /// Delivers an event of another control plane to the subscribers here
+    /// (not back to the bridge).
+    pub fn inject(&self, ev: Event) {
+        self.remember(&ev);
+        let _ = self.tx.send(ev.clone());
+        let _ = self.remote.send(ev);
+    }
+
+    /// Events of other control planes only.
+    pub fn subscribe_remote(&self) -> broadcast::Receiver<Event> {
+        self.remote.subscribe()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {

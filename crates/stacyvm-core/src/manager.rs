@@ -269,6 +269,34 @@ impl Manager {
             remote: RwLock::new(None),
         });
         tokio::spawn(audit_writer(store, audit_rx));
+        // Another control plane changed a sandbox: drop the cached copy
+        // (the next lookup reads the store).
+        let weak = Arc::downgrade(&m);
+        let mut remote = m.events.subscribe_remote();
+        tokio::spawn(async move {
+            loop {
+                let ev = match remote.recv().await {
+                    Ok(ev) => ev,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        // Missed some: forget every cached record.
+                        match weak.upgrade() {
+                            Some(m) => m.cache.write().clear(),
+                            None => return,
+                        }
+                        continue;
+                    }
+                    Err(_) => return,
+                };
+                let Some(m) = weak.upgrade() else { return };
+                if !ev.sandbox_id.is_empty() && ev.kind.starts_with("sandbox.") {
+                    let gone = m.cache.write().remove(&ev.sandbox_id);
+                    // Spawned here, destroyed there: its slot is free again.
+                    if let (Some(rec), true) = (gone, ev.kind == kind::SANDBOX_DESTROYED) {
+                        m.release_slot(&rec.owner_id);
+                    }
+                }
+            }
+        });
         m
     }
 
@@ -1068,6 +1096,11 @@ impl Manager {
         );
         let api = self.to_api(&updated);
         self.cache.write().insert(id.to_string(), Arc::new(updated));
+        self.events.publish(
+            kind::SANDBOX_EXTENDED,
+            id,
+            events::data([("expires_at", json!(expires_at))]),
+        );
         Ok(api)
     }
 

@@ -161,6 +161,96 @@ impl PostgresStore {
     }
 }
 
+/// The channel control planes share events on.
+pub const EVENTS_CHANNEL: &str = "stacyvm_events";
+/// NOTIFY payloads must stay under 8000 bytes; an event's data is dropped
+/// beyond this.
+const MAX_PAYLOAD: usize = 7900;
+
+impl PostgresStore {
+    /// Carries `bus` events between control planes: what is published here
+    /// is `NOTIFY`ed (tagged with `instance`), what others notify is
+    /// injected here. Reconnects with backoff; events published while the
+    /// database is away are not delivered to the others.
+    pub fn bridge_events(
+        &self,
+        bus: std::sync::Arc<stacyvm_core::events::EventBus>,
+        instance: String,
+    ) -> tokio::task::JoinHandle<()> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<stacyvm_api::Event>(1024);
+        bus.bridge_to(tx);
+        let pool = self.pool.clone();
+        let me = instance.clone();
+        let send = tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                let mut v = serde_json::json!({"src": me, "event": ev});
+                let mut text = v.to_string();
+                if text.len() > MAX_PAYLOAD {
+                    v["event"]["data"] = serde_json::Value::Null;
+                    text = v.to_string();
+                }
+                if text.len() > MAX_PAYLOAD {
+                    continue;
+                }
+                if let Err(e) = sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(EVENTS_CHANNEL)
+                    .bind(&text)
+                    .execute(&pool)
+                    .await
+                {
+                    tracing::debug!(error = %e, "event not shared with other control planes");
+                }
+            }
+        });
+        let pool = self.pool.clone();
+        tokio::spawn(async move {
+            let mut attempt = 0u32;
+            loop {
+                let listener = async {
+                    let mut l = sqlx::postgres::PgListener::connect_with(&pool).await?;
+                    l.listen(EVENTS_CHANNEL).await?;
+                    Ok::<_, sqlx::Error>(l)
+                };
+                let mut l = match listener.await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        attempt = (attempt + 1).min(10);
+                        tracing::warn!(error = %e, attempt, "event bridge: cannot listen; retrying");
+                        tokio::time::sleep(Duration::from_secs(2 * u64::from(attempt))).await;
+                        continue;
+                    }
+                };
+                attempt = 0;
+                loop {
+                    match l.recv().await {
+                        Ok(n) => {
+                            let Ok(v) = serde_json::from_str::<serde_json::Value>(n.payload())
+                            else {
+                                continue;
+                            };
+                            if v["src"].as_str() == Some(instance.as_str()) {
+                                continue;
+                            }
+                            if let Ok(ev) =
+                                serde_json::from_value::<stacyvm_api::Event>(v["event"].clone())
+                            {
+                                bus.inject(ev);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "event bridge: connection lost; reconnecting");
+                            break;
+                        }
+                    }
+                }
+                if send.is_finished() {
+                    return;
+                }
+            }
+        })
+    }
+}
+
 async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<()> {
     use sqlx::Connection;
     sqlx::query(

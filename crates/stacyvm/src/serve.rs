@@ -90,11 +90,26 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         info!(engine = store.engine(), path = %cfg.sqlite_path().display(), "store ready");
     }
     let cfg = Arc::new(cfg);
+    let bus = Arc::new(EventBus::new());
+    // Control planes on one Postgres share their events (and invalidate
+    // each other's caches with them).
+    let bridge = if cfg.is_postgres() {
+        // Two connections of its own: the listener, and the notifier.
+        let pg = stacyvm_store::PostgresStore::with_options(
+            stacyvm_store::parse_dsn(cfg.database.dsn.expose())?.application_name("stacyvm-events"),
+            2,
+        )
+        .await
+        .context("opening the event bridge")?;
+        Some(pg.bridge_events(bus.clone(), cfg.worker.id.clone()))
+    } else {
+        None
+    };
     let manager = Manager::new(
         cfg.clone(),
         store.clone(),
         registry.clone(),
-        Arc::new(EventBus::new()),
+        bus,
         Arc::new(Metrics::default()),
     );
     // A cluster: with worker credentials this control plane reaches the
@@ -140,6 +155,9 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     stacyvm_server::serve(listener, state, shutdown_signal()).await?;
     reaper.abort();
     heartbeat.abort();
+    if let Some(b) = bridge {
+        b.abort();
+    }
     if let Some(w) = watcher {
         w.abort();
     }

@@ -551,3 +551,69 @@ async fn two_control_planes_two_workers_over_mutual_tls() {
     drop(w2);
     drop(cp_b);
 }
+
+/// Events reach every control plane, and a sandbox destroyed through one
+/// is gone on the other at once (its cached copy is dropped).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_and_caches_follow_across_control_planes() {
+    let c = Cluster::new().await;
+    let (pa, pb) = (free_port(), free_port());
+    let cp_a = c.control_plane("cp-a", pa);
+    let cp_b = c.control_plane("cp-b", pb);
+    let (a, b) = (Api::new(pa), Api::new(pb));
+    a.wait_ready(&cp_a).await;
+    b.wait_ready(&cp_b).await;
+    let w = c.worker("w1", pa, free_port());
+    wait_workers(&a, &["w1"]).await;
+
+    // An SSE subscriber on B.
+    let sse = reqwest::Client::new()
+        .get(format!("{}/events", b.base))
+        .header("X-Admin-API-Key", ADMIN)
+        .send()
+        .await
+        .expect("events");
+    assert_eq!(sse.status().as_u16(), 200);
+    let mut sse = sse.bytes_stream();
+
+    let (st, v) = a.call("POST", "/sandboxes", Some(json!({}))).await;
+    assert_eq!(st, 201, "{v}\n{}", w.log());
+    let id = v["id"].as_str().expect("id").to_string();
+    // A has it cached now.
+    assert_eq!(state_of(&a, &id).await, "running");
+
+    use futures::StreamExt as _;
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !seen.contains(&format!("\"sandbox_id\":\"{id}\"")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, sse.next()).await {
+            Ok(Some(Ok(chunk))) => seen.push_str(&String::from_utf8_lossy(&chunk)),
+            _ => panic!("control plane B never saw the spawn on A: {seen}"),
+        }
+    }
+    assert!(seen.contains("sandbox.created"), "{seen}");
+
+    let (st, v) = b.call("DELETE", &format!("/sandboxes/{id}"), None).await;
+    assert_eq!(st, 200, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (st, v) = a.call("GET", &format!("/sandboxes/{id}"), None).await;
+        if st == 404 {
+            assert!(
+                v["message"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .contains("destroyed"),
+                "{v}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A still shows the sandbox B destroyed: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(w);
+}
