@@ -511,6 +511,13 @@ impl Manager {
     async fn reserve_slot(&self, owner: &str, ttl: GoDuration) -> Result<()> {
         let quota = self.quota_for(owner).await?;
         let (max_ttl, per_owner) = self.effective_limits(quota.as_ref());
+        if self.shared_admission() {
+            // Counted in the store when the record is written.
+            if !max_ttl.is_zero() && ttl > max_ttl {
+                return Err(self.deny_error(Deny::Ttl, max_ttl));
+            }
+            return Ok(());
+        }
         let queue_mode = self.cfg.defaults.spawn_overflow == "queue";
         let mut deadline: Option<tokio::time::Instant> = None;
         let mut queued_at: Option<Instant> = None;
@@ -599,6 +606,10 @@ impl Manager {
     }
 
     fn release_slot(&self, owner: &str) {
+        if self.shared_admission() {
+            self.capacity_changed.notify_waiters();
+            return;
+        }
         {
             let mut adm = self.admission.lock();
             adm.total = (adm.total - 1).max(0);
@@ -612,6 +623,51 @@ impl Manager {
         self.capacity_changed.notify_waiters();
     }
 
+    /// Whether admission is counted in the store (several control planes
+    /// share it: Postgres) rather than in this process.
+    pub fn shared_admission(&self) -> bool {
+        self.store.engine() != "sqlite"
+    }
+
+    /// Writes a new record through the store's admission (shared mode),
+    /// waiting for room when `defaults.spawn_overflow` is `queue`.
+    async fn insert_admitted(&self, rec: &SandboxRecord) -> Result<()> {
+        let quota = self.quota_for(&rec.owner_id).await?;
+        let (_, per_owner) = self.effective_limits(quota.as_ref());
+        let max = self.cfg.defaults.max_sandboxes;
+        let queue_mode = self.cfg.defaults.spawn_overflow == "queue";
+        let wait = if self.cfg.defaults.spawn_queue_timeout.is_zero() {
+            Duration::from_secs(30)
+        } else {
+            self.cfg.defaults.spawn_queue_timeout.std()
+        };
+        let deadline = Instant::now() + wait;
+        loop {
+            match self
+                .store
+                .insert_sandbox_admitted(rec, max, per_owner)
+                .await
+            {
+                Err(e) if e.kind() == ErrorKind::ResourceLimit => {
+                    if !queue_mode || Instant::now() >= deadline {
+                        self.events.publish(
+                            kind::RESOURCE_LIMIT,
+                            "",
+                            events::data([
+                                ("operation", json!("spawn")),
+                                ("owner_id", json!(rec.owner_id)),
+                            ]),
+                        );
+                        return Err(e);
+                    }
+                    // Another control plane may free room: poll.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Wakes queued spawns (after quota changes).
     pub fn wake_queue(&self) {
         self.capacity_changed.notify_waiters();
@@ -623,8 +679,24 @@ impl Manager {
         let ttl = self.parse_ttl(&req.ttl)?;
         let quota = self.quota_for(&owner).await?;
         let (max_ttl, per_owner) = self.effective_limits(quota.as_ref());
-        let adm = self.admission.lock();
-        let deny = self.evaluate(&adm, &owner, ttl, max_ttl, per_owner);
+        // Shared admission: the cluster's live sandboxes, from the store.
+        let counted;
+        let local;
+        let adm = if self.shared_admission() {
+            let mut a = Admission::default();
+            for r in self.store.list_active_sandboxes().await? {
+                a.total += 1;
+                if !r.owner_id.is_empty() {
+                    *a.per_owner.entry(r.owner_id).or_default() += 1;
+                }
+            }
+            counted = a;
+            &counted
+        } else {
+            local = self.admission.lock();
+            &*local
+        };
+        let deny = self.evaluate(adm, &owner, ttl, max_ttl, per_owner);
         let queue_mode = self.cfg.defaults.spawn_overflow == "queue";
         let (reason, queueable) = match deny {
             None => ("", false),
@@ -860,6 +932,28 @@ impl Manager {
             snapshot: (!req.snapshot.is_empty()).then(|| req.snapshot.clone()),
         };
         let lease_ttl = ttl.to_std() + LEASE_GRACE;
+        let shared = self.shared_admission();
+        if shared {
+            // The record first, in state creating: the cluster's count
+            // includes spawns in flight.
+            let pending = SandboxRecord {
+                id: id.clone(),
+                state: state::CREATING.into(),
+                provider: provider.name().to_string(),
+                image: image.to_string(),
+                memory_mb,
+                vcpus,
+                metadata: metadata.clone(),
+                owner_id: owner.to_string(),
+                tenant_id: caller.tenant_id.clone(),
+                vm_id: String::new(),
+                worker_id: holder.into(),
+                created_at: now,
+                expires_at,
+                updated_at: now,
+            };
+            self.insert_admitted(&pending).await?;
+        }
         let (spawned, leased) = if holder == self.worker_id() {
             // The id is new: its lease is written while the provider works.
             tokio::join!(
@@ -881,13 +975,18 @@ impl Manager {
             (Ok(s), Ok(_)) => s,
             (Ok(s), Err(e)) => {
                 self.destroy_runtime(provider, &s.runtime_id).await;
+                self.abandon(&id, shared).await;
                 return Err(e);
             }
             (Err(e), Ok(_)) => {
                 let _ = self.store.release_lease(&id, holder).await;
+                self.abandon(&id, shared).await;
                 return Err(e);
             }
-            (Err(e), Err(_)) => return Err(e),
+            (Err(e), Err(_)) => {
+                self.abandon(&id, shared).await;
+                return Err(e);
+            }
         };
         let rec = SandboxRecord {
             id: id.clone(),
@@ -909,8 +1008,16 @@ impl Manager {
             expires_at,
             updated_at: now,
         };
-        if let Err(e) = self.store.insert_sandbox(&rec).await {
+        let saved = if shared {
+            self.store
+                .set_sandbox_runtime(&id, state::RUNNING, &rec.vm_id)
+                .await
+        } else {
+            self.store.insert_sandbox(&rec).await
+        };
+        if let Err(e) = saved {
             self.destroy_runtime(provider, &spawned.runtime_id).await;
+            self.abandon(&id, shared).await;
             let _ = self.store.release_lease(&id, holder).await;
             return Err(e);
         }
@@ -927,6 +1034,16 @@ impl Manager {
         self.events.publish(kind::SANDBOX_RUNNING, &id, None);
         info!(sandbox_id = %id, provider = provider.name(), image, "sandbox spawned");
         Ok(api)
+    }
+
+    /// A spawn that failed after its record was written (shared
+    /// admission) leaves it destroyed, so it counts no more.
+    async fn abandon(&self, id: &str, shared: bool) {
+        if shared {
+            if let Err(e) = self.store.set_sandbox_state(id, state::DESTROYED).await {
+                warn!(sandbox_id = id, error = %e, "marking a failed spawn destroyed failed");
+            }
+        }
     }
 
     async fn destroy_runtime(&self, provider: &Arc<dyn Provider>, runtime_id: &str) {

@@ -231,6 +231,19 @@ pub trait Store: Debug + Send + Sync + 'static {
 
     /// Inserts a new sandbox; a duplicate id is a conflict.
     async fn insert_sandbox(&self, rec: &SandboxRecord) -> Result<()>;
+    /// Inserts `rec` only if, counting it, at most `max_total` sandboxes
+    /// (0 = no limit) and at most `max_per_owner` of its owner (0 = no
+    /// limit, or no owner) are live; otherwise `ResourceLimit` naming the
+    /// limit. Atomic across every process sharing the store: the cluster's
+    /// admission.
+    async fn insert_sandbox_admitted(
+        &self,
+        rec: &SandboxRecord,
+        max_total: i64,
+        max_per_owner: i64,
+    ) -> Result<()>;
+    /// Records a spawned sandbox's state and runtime id.
+    async fn set_sandbox_runtime(&self, id: &str, state: &str, vm_id: &str) -> Result<()>;
     /// Any sandbox, destroyed or not; unknown id is not-found.
     async fn get_sandbox(&self, id: &str) -> Result<SandboxRecord>;
     /// Non-destroyed sandboxes, newest first.

@@ -461,6 +461,81 @@ pub async fn leases(s: &dyn Store) {
     assert!(s.acquire_lease("", "sandbox", "w1", ttl).await.is_err());
 }
 
+/// Admission counted in the store: limits hold under concurrent inserts.
+pub async fn admission(s: &dyn Store) {
+    let sample = |i: usize, owner: &str| {
+        let now = now();
+        SandboxRecord {
+            id: format!("sb-ad{i:06}"),
+            state: "creating".into(),
+            provider: "mock".into(),
+            image: "host".into(),
+            memory_mb: 1,
+            vcpus: 1,
+            metadata: BTreeMap::new(),
+            owner_id: owner.into(),
+            tenant_id: String::new(),
+            vm_id: String::new(),
+            worker_id: "w1".into(),
+            created_at: now,
+            expires_at: now + chrono::Duration::minutes(5),
+            updated_at: now,
+        }
+    };
+    let recs: Vec<SandboxRecord> = (0..12)
+        .map(|i| sample(i, if i % 2 == 0 { "alice" } else { "bob" }))
+        .collect();
+    let results =
+        futures::future::join_all(recs.iter().map(|r| s.insert_sandbox_admitted(r, 5, 0))).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(ok, 5, "exactly the limit is admitted: {results:?}");
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(r.kind(), ErrorKind::ResourceLimit);
+        assert_eq!(
+            r.to_string(),
+            "resource limit exceeded: max sandboxes reached (5)"
+        );
+    }
+    // Destroyed rows free their slots; per-owner limits count the owner only.
+    for r in &recs {
+        let _ = s.set_sandbox_state(&r.id, "destroyed").await;
+    }
+    let results = futures::future::join_all(
+        (20..30)
+            .map(|i| sample(i, "alice"))
+            .collect::<Vec<_>>()
+            .iter()
+            .map(|r| async move { s.insert_sandbox_admitted(r, 0, 3).await }),
+    )
+    .await;
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        3,
+        "{results:?}"
+    );
+    s.insert_sandbox_admitted(&sample(40, "bob"), 0, 3)
+        .await
+        .expect("another owner");
+    s.insert_sandbox_admitted(&sample(41, ""), 0, 1)
+        .await
+        .expect("no owner, no per-owner limit");
+    s.set_sandbox_runtime("sb-ad000040", "running", "vm-1")
+        .await
+        .expect("runtime");
+    let got = s.get_sandbox("sb-ad000040").await.expect("get");
+    assert_eq!(
+        (got.state.as_str(), got.vm_id.as_str()),
+        ("running", "vm-1")
+    );
+    assert_eq!(
+        s.set_sandbox_runtime("sb-ffffffff", "running", "")
+            .await
+            .expect_err("missing")
+            .kind(),
+        ErrorKind::NotFound
+    );
+}
+
 /// Many holders race for the same free resources: each resource has
 /// exactly one winner, every loser gets `Conflict`, and the generation is
 /// the first one.
@@ -524,7 +599,7 @@ macro_rules! store_contract_tests {
         mod $engine {
             #[allow(unused_imports)]
             use super::*;
-            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, concurrent_writers, snapshots);
+            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, admission, concurrent_writers, snapshots);
         }
     };
     (@case $make:expr, $($case:ident),*) => {

@@ -161,6 +161,34 @@ impl PostgresStore {
     }
 }
 
+/// Key of the advisory lock admissions take (`"admit"`).
+const ADMISSION_LOCK: i64 = 0x0061_646d_6974;
+
+async fn insert_sandbox_in(conn: &mut sqlx::PgConnection, r: &SandboxRecord) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO sandboxes (id, state, provider, image, memory_mb, vcpus, metadata, created_at, expires_at, updated_at, owner_id, vm_id, worker_id, tenant_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+    )
+    .bind(&r.id)
+    .bind(&r.state)
+    .bind(&r.provider)
+    .bind(&r.image)
+    .bind(r.memory_mb)
+    .bind(r.vcpus)
+    .bind(to_json(&r.metadata))
+    .bind(r.created_at)
+    .bind(r.expires_at)
+    .bind(r.updated_at)
+    .bind(&r.owner_id)
+    .bind(&r.vm_id)
+    .bind(&r.worker_id)
+    .bind(&r.tenant_id)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| conflict_as(e, || format!("sandbox {} already exists", r.id)))?;
+    Ok(())
+}
+
 /// The channel control planes share events on.
 pub const EVENTS_CHANNEL: &str = "stacyvm_events";
 /// NOTIFY payloads must stay under 8000 bytes; an event's data is dropped
@@ -319,28 +347,47 @@ impl Store for PostgresStore {
     }
 
     async fn insert_sandbox(&self, r: &SandboxRecord) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO sandboxes (id, state, provider, image, memory_mb, vcpus, metadata, created_at, expires_at, updated_at, owner_id, vm_id, worker_id, tenant_id) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        let mut conn = self.pool.acquire().await.map_err(db_err)?;
+        insert_sandbox_in(&mut conn, r).await
+    }
+
+    async fn insert_sandbox_admitted(
+        &self,
+        r: &SandboxRecord,
+        max_total: i64,
+        max_per_owner: i64,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await.map_err(db_err)?;
+        // Every admission of the cluster passes here one at a time.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(ADMISSION_LOCK)
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        let (total, owned): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE owner_id = $1 AND $1 != '') FROM sandboxes WHERE state != 'destroyed'",
         )
-        .bind(&r.id)
-        .bind(&r.state)
-        .bind(&r.provider)
-        .bind(&r.image)
-        .bind(r.memory_mb)
-        .bind(r.vcpus)
-        .bind(to_json(&r.metadata))
-        .bind(r.created_at)
-        .bind(r.expires_at)
-        .bind(r.updated_at)
         .bind(&r.owner_id)
-        .bind(&r.vm_id)
-        .bind(&r.worker_id)
-        .bind(&r.tenant_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        crate::rows::admit(total, owned, r, max_total, max_per_owner)?;
+        insert_sandbox_in(&mut tx, r).await?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn set_sandbox_runtime(&self, id: &str, state: &str, vm_id: &str) -> Result<()> {
+        let r = sqlx::query(
+            "UPDATE sandboxes SET state = $1, vm_id = $2, updated_at = $3 WHERE id = $4",
+        )
+        .bind(state)
+        .bind(vm_id)
+        .bind(Utc::now())
+        .bind(id)
         .execute(&self.pool)
         .await
-        .map_err(|e| conflict_as(e, || format!("sandbox {} already exists", r.id)))?;
-        Ok(())
+        .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
     }
 
     async fn get_sandbox(&self, id: &str) -> Result<SandboxRecord> {

@@ -9,7 +9,7 @@ use stacyvm_core::store::{
     AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditRecord, PolicyRecord, QuotaRecord,
     SandboxRecord, SnapshotRecord, TemplateRecord, TenantMemberRecord, TenantRecord, WorkerRecord,
 };
-use stacyvm_core::Result;
+use stacyvm_core::{Error, Result};
 
 use crate::codec::from_json;
 
@@ -198,4 +198,24 @@ pub(crate) fn snapshot(r: &impl Cols) -> Result<SnapshotRecord> {
         tenant_id: r.text("tenant_id"),
         created_at: r.time("created_at")?,
     })
+}
+
+/// The admission rule of [`stacyvm_core::store::Store::insert_sandbox_admitted`],
+/// given the live counts before `rec`.
+pub(crate) fn admit(
+    total: i64,
+    owned: i64,
+    rec: &SandboxRecord,
+    max_total: i64,
+    max_per_owner: i64,
+) -> Result<()> {
+    if max_total > 0 && total >= max_total {
+        return Err(Error::limit(format!("max sandboxes reached ({max_total})")));
+    }
+    if max_per_owner > 0 && !rec.owner_id.is_empty() && owned >= max_per_owner {
+        return Err(Error::limit(format!(
+            "max sandboxes per owner reached ({max_per_owner})"
+        )));
+    }
+    Ok(())
 }

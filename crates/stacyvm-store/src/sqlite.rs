@@ -223,6 +223,64 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn insert_sandbox_admitted(
+        &self,
+        r: &SandboxRecord,
+        max_total: i64,
+        max_per_owner: i64,
+    ) -> Result<()> {
+        // The writer is one connection: writes are already serial, and
+        // this transaction's count and insert see no other write between.
+        let mut tx = self.writer.begin().await.map_err(db_err)?;
+        let (total, owned): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), coalesce(sum(CASE WHEN owner_id = ? AND ? != '' THEN 1 ELSE 0 END), 0) FROM sandboxes WHERE state != 'destroyed'",
+        )
+        .bind(&r.owner_id)
+        .bind(&r.owner_id)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db_err)?;
+        crate::rows::admit(total, owned, r, max_total, max_per_owner)?;
+        sqlx::query(
+            "INSERT INTO sandboxes (id, state, provider, image, memory_mb, vcpus, metadata, created_at, expires_at, updated_at, owner_id, vm_id, worker_id, tenant_id) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.state)
+        .bind(&r.provider)
+        .bind(&r.image)
+        .bind(r.memory_mb)
+        .bind(r.vcpus)
+        .bind(to_json(&r.metadata))
+        .bind(ts(r.created_at))
+        .bind(ts(r.expires_at))
+        .bind(ts(r.updated_at))
+        .bind(&r.owner_id)
+        .bind(&r.vm_id)
+        .bind(&r.worker_id)
+        .bind(&r.tenant_id)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| match db_err(e) {
+            e if e.kind() == ErrorKind::Conflict => Error::conflict(format!("sandbox {} already exists", r.id)),
+            e => e,
+        })?;
+        tx.commit().await.map_err(db_err)
+    }
+
+    async fn set_sandbox_runtime(&self, id: &str, state: &str, vm_id: &str) -> Result<()> {
+        let r =
+            sqlx::query("UPDATE sandboxes SET state = ?, vm_id = ?, updated_at = ? WHERE id = ?")
+                .bind(state)
+                .bind(vm_id)
+                .bind(ts(Utc::now()))
+                .bind(id)
+                .execute(&self.writer)
+                .await
+                .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
+    }
+
     async fn get_sandbox(&self, id: &str) -> Result<SandboxRecord> {
         let row = sqlx::query("SELECT * FROM sandboxes WHERE id = ?")
             .bind(id)

@@ -225,7 +225,11 @@ impl Cluster {
     }
 
     fn control_plane(&self, name: &str, port: u16) -> Proc {
-        let env = vec![
+        self.control_plane_with(name, port, &[])
+    }
+
+    fn control_plane_with(&self, name: &str, port: u16, extra: &[(&'static str, &str)]) -> Proc {
+        let mut env = vec![
             ("STACYVM_SERVER_HOST", "127.0.0.1".to_string()),
             ("STACYVM_SERVER_PORT", port.to_string()),
             ("STACYVM_DATABASE_DRIVER", "postgres".into()),
@@ -247,6 +251,7 @@ impl Cluster {
                 self.pki.path("control-plane.key"),
             ),
         ];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         Proc::start(name, self.dir.path(), &["serve"], &env)
     }
 
@@ -552,14 +557,16 @@ async fn two_control_planes_two_workers_over_mutual_tls() {
     drop(cp_b);
 }
 
-/// Events reach every control plane, and a sandbox destroyed through one
-/// is gone on the other at once (its cached copy is dropped).
+/// Events reach every control plane, a sandbox destroyed through one is
+/// gone on the other at once (its cached copy is dropped), and
+/// `defaults.max_sandboxes` holds for the cluster, not per control plane.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn events_and_caches_follow_across_control_planes() {
+async fn events_caches_and_admission_span_control_planes() {
     let c = Cluster::new().await;
     let (pa, pb) = (free_port(), free_port());
-    let cp_a = c.control_plane("cp-a", pa);
-    let cp_b = c.control_plane("cp-b", pb);
+    let limit = [("STACYVM_DEFAULTS_MAX_SANDBOXES", "3")];
+    let cp_a = c.control_plane_with("cp-a", pa, &limit);
+    let cp_b = c.control_plane_with("cp-b", pb, &limit);
     let (a, b) = (Api::new(pa), Api::new(pb));
     a.wait_ready(&cp_a).await;
     b.wait_ready(&cp_b).await;
@@ -615,5 +622,47 @@ async fn events_and_caches_follow_across_control_planes() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+
+    // Six spawns at once, three through each control plane: three fit.
+    let spawns = (0..6).map(|i| {
+        let api = if i % 2 == 0 { &a } else { &b };
+        async move { api.call("POST", "/sandboxes", Some(json!({}))).await }
+    });
+    let results = futures::future::join_all(spawns).await;
+    let admitted: Vec<String> = results
+        .iter()
+        .filter(|(st, _)| *st == 201)
+        .filter_map(|(_, v)| v["id"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(admitted.len(), 3, "{results:?}");
+    for (st, v) in results.iter().filter(|(st, _)| *st != 201) {
+        assert_eq!(*st, 429, "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("max sandboxes reached (3)"),
+            "{v}"
+        );
+    }
+    let (_, adm) = b
+        .call("POST", "/sandboxes/admission", Some(json!({})))
+        .await;
+    assert_eq!(adm["allowed"], false, "{adm}");
+    assert_eq!(adm["active_sandboxes"], 3, "{adm}");
+    for id in &admitted {
+        let (st, v) = a.call("DELETE", &format!("/sandboxes/{id}"), None).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let (st, v) = b.call("POST", "/sandboxes", Some(json!({}))).await;
+    assert_eq!(st, 201, "room again after the destroys: {v}");
+    let (st, _) = b
+        .call(
+            "DELETE",
+            &format!("/sandboxes/{}", v["id"].as_str().expect("id")),
+            None,
+        )
+        .await;
+    assert_eq!(st, 200);
     drop(w);
 }
