@@ -666,3 +666,170 @@ async fn events_caches_and_admission_span_control_planes() {
     assert_eq!(st, 200);
     drop(w);
 }
+
+/// A loopback TCP proxy to Postgres that can be cut (every connection
+/// dropped, new ones refused) and restored.
+struct PgProxy {
+    port: u16,
+    up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl PgProxy {
+    async fn start(upstream: String) -> PgProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>> =
+            Default::default();
+        let (u, c) = (up.clone(), conns.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if !u.load(Ordering::SeqCst) {
+                    drop(inbound);
+                    continue;
+                }
+                let upstream = upstream.clone();
+                c.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(tokio::spawn(async move {
+                        if let Ok(mut out) = tokio::net::TcpStream::connect(&upstream).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                        }
+                    }));
+            }
+        });
+        PgProxy {
+            port,
+            up,
+            conns,
+            accept,
+        }
+    }
+
+    fn cut(&self) {
+        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        for h in self
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            h.abort();
+        }
+    }
+
+    fn restore(&self) {
+        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        self.cut();
+        self.accept.abort();
+    }
+}
+
+/// Postgres goes away for 30 s: what needs it answers 503 `store
+/// unavailable`, what does not keeps working, and everything is back, with
+/// nothing lost, when it returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_outage_is_503_and_recovers() {
+    let dsn = testpg::fresh_database().await;
+    // The DSN's host:port, for the proxy.
+    let authority = dsn.split_once('@').expect("dsn").1;
+    let upstream = authority.split('/').next().expect("host:port").to_string();
+    let proxy = PgProxy::start(upstream.clone()).await;
+    let proxied = dsn.replace(&upstream, &format!("127.0.0.1:{}", proxy.port));
+    let dir = tempfile::tempdir().expect("tmp");
+    let port = free_port();
+    let cp = Proc::start(
+        "cp",
+        dir.path(),
+        &["serve"],
+        &[
+            ("STACYVM_SERVER_HOST", "127.0.0.1".into()),
+            ("STACYVM_SERVER_PORT", port.to_string()),
+            ("STACYVM_DATABASE_DRIVER", "postgres".into()),
+            ("STACYVM_DATABASE_DSN", proxied.clone()),
+            ("STACYVM_AUTH_ADMIN_API_KEY", ADMIN.into()),
+        ],
+    );
+    let api = Api::new(port);
+    api.wait_ready(&cp).await;
+    let (st, v) = api.call("POST", "/sandboxes", Some(json!({}))).await;
+    assert_eq!(st, 201, "{v}\n{}", cp.log());
+    let before = v["id"].as_str().expect("id").to_string();
+
+    proxy.cut();
+    let started = Instant::now();
+    let mut refused = 0;
+    while started.elapsed() < Duration::from_secs(30) {
+        let (st, v) = api.call("GET", "/sandboxes", None).await;
+        assert_eq!(st, 503, "{v}");
+        assert_eq!(v["code"], "UNAVAILABLE", "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("store unavailable"),
+            "{v}"
+        );
+        let (st, v) = api.call("POST", "/sandboxes", Some(json!({}))).await;
+        assert_eq!(st, 503, "a spawn without its store is refused: {v}");
+        let (st, _) = api.call("GET", "/ready", None).await;
+        assert_eq!(st, 503);
+        refused += 1;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(refused >= 3);
+    // A running sandbox still runs commands (it needs no row to do so).
+    let (st, v) = api.exec(&before, "echo still").await;
+    assert_eq!(st, 200, "{v}");
+
+    proxy.restore();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (st, v) = api.call("GET", "/sandboxes", None).await;
+        if st == 200 {
+            let ids: Vec<&str> = v
+                .as_array()
+                .expect("list")
+                .iter()
+                .filter_map(|s| s["id"].as_str())
+                .collect();
+            assert_eq!(
+                ids,
+                vec![before.as_str()],
+                "nothing lost, nothing half-made"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store did not come back: {st} {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (st, v) = api.call("POST", "/sandboxes", Some(json!({}))).await;
+    assert_eq!(st, 201, "{v}");
+    let after = v["id"].as_str().expect("id").to_string();
+    for id in [&before, &after] {
+        let (st, v) = api.call("DELETE", &format!("/sandboxes/{id}"), None).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let store = PostgresStore::connect(&dsn).await.expect("store");
+    assert!(store
+        .list_active_sandboxes()
+        .await
+        .expect("list")
+        .is_empty());
+}
