@@ -113,11 +113,42 @@ fn check_config(r: &mut Report, cfg: &Config, p: bool) {
 
 async fn check_database(r: &mut Report, cfg: &Config, p: bool) {
     if cfg.is_postgres() {
-        r.fail(
-            "database.driver",
-            "postgres is not available in this build",
-            "use database.driver: sqlite",
-        );
+        let probe = async {
+            let opts = stacyvm_store::parse_dsn(cfg.database.dsn.expose())?;
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .connect_with(opts)
+                .await
+                .map_err(|_| stacyvm_core::Error::unavailable("cannot connect"))?;
+            let version: String = sqlx::query_scalar("SHOW server_version")
+                .fetch_one(&pool)
+                .await
+                .map_err(|_| stacyvm_core::Error::unavailable("cannot query"))?;
+            let schema: Option<i64> = sqlx::query_scalar(
+                "SELECT max(version) FROM schema_migrations WHERE to_regclass('schema_migrations') IS NOT NULL",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(None);
+            pool.close().await;
+            Ok::<_, stacyvm_core::Error>((version, schema))
+        };
+        match probe.await {
+            Ok((version, schema)) => r.pass(
+                "database.driver",
+                format!(
+                    "postgres {version}, schema version {} (this build: {})",
+                    schema.map_or("none yet".to_string(), |v| v.to_string()),
+                    stacyvm_store::pg::latest_version()
+                ),
+            ),
+            Err(e) => r.fail(
+                "database.driver",
+                format!("postgres: {}", e.detail()),
+                "check database.dsn, the server and the network (stacyvm db pg-rehearse tells more)",
+            ),
+        }
         return;
     }
     r.pass("database.driver", "sqlite");

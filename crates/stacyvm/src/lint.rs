@@ -383,12 +383,44 @@ fn lint_server(r: &mut Report, cfg: &Config, p: bool) {
         r.pass("rate_limit.key_by", rl.key_by.clone());
     }
     if cfg.is_postgres() {
-        // Validation already refused an empty DSN; this build cannot open it.
-        r.fail(
-            "database.driver",
-            "postgres is not available in this build",
-            "use database.driver: sqlite",
-        );
+        // Validation already refused an empty DSN. Its text is never shown.
+        match stacyvm_store::parse_dsn(cfg.database.dsn.expose()) {
+            Err(e) => r.fail(
+                "database.dsn",
+                e.detail().to_string(),
+                "use postgres://user:password@host:5432/database",
+            ),
+            Ok(o) => {
+                let host = o.get_host().to_string();
+                let local = host == "localhost"
+                    || host.starts_with('/')
+                    || host
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                let tls = matches!(
+                    o.get_ssl_mode(),
+                    sqlx::postgres::PgSslMode::Require
+                        | sqlx::postgres::PgSslMode::VerifyCa
+                        | sqlx::postgres::PgSslMode::VerifyFull
+                );
+                if !local && !tls {
+                    r.prod(
+                        p,
+                        "database.dsn",
+                        format!("the database at {host} is reached without requiring TLS"),
+                        "add ?sslmode=verify-full (or require) to the DSN",
+                    );
+                } else {
+                    r.pass(
+                        "database.dsn",
+                        format!(
+                            "postgres at {host}, database {}",
+                            o.get_database().unwrap_or("(default)")
+                        ),
+                    );
+                }
+            }
+        }
     } else {
         let path = cfg.sqlite_path();
         if path.is_relative() {

@@ -181,3 +181,53 @@ async fn pg_rehearse_reports_an_unreachable_database() {
         all_output(&o)
     );
 }
+
+#[tokio::test]
+async fn lint_and_doctor_check_postgres_without_showing_the_dsn() {
+    let dsn = testpg::fresh_database().await;
+    PostgresStore::connect(&dsn).await.expect("migrate");
+    let env = [
+        ("STACYVM_DATABASE_DRIVER", "postgres"),
+        ("STACYVM_DATABASE_DSN", dsn.as_str()),
+    ];
+    let o = stacyvm(&["doctor"], &env);
+    let text = all_output(&o);
+    assert!(
+        text.contains("[PASS] database.driver: postgres 1"),
+        "{text}"
+    );
+    assert!(text.contains("schema version 3"), "{text}");
+    assert!(!text.contains(&password_of(&dsn)), "{text}");
+    let remote = "postgres://app:hunter2-secret@10.255.0.1:5432/stacyvm";
+    let o = stacyvm(
+        &["config", "lint", "--production"],
+        &[
+            ("STACYVM_DATABASE_DRIVER", "postgres"),
+            ("STACYVM_DATABASE_DSN", remote),
+        ],
+    );
+    let text = all_output(&o);
+    assert!(
+        text.contains(
+            "[FAIL] database.dsn: the database at 10.255.0.1 is reached without requiring TLS"
+        ),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+    let o = stacyvm(
+        &["doctor"],
+        &[
+            ("STACYVM_DATABASE_DRIVER", "postgres"),
+            (
+                "STACYVM_DATABASE_DSN",
+                "postgres://app:hunter2-secret@127.0.0.1:1/x",
+            ),
+        ],
+    );
+    let text = all_output(&o);
+    assert!(
+        text.contains("[FAIL] database.driver: postgres: cannot connect"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "{text}");
+}
