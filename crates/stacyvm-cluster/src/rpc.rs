@@ -219,8 +219,10 @@ fn kind_of(k: ErrorKind) -> (StatusCode, &'static str) {
             (StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable")
         }
         ErrorKind::Unsupported => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
-        // Policy kinds are the control plane's own; here they are faults.
-        ErrorKind::Forbidden | ErrorKind::ProviderNotFound | ErrorKind::Internal => {
+        // A refusal to protect the host (a device, /proc): the control
+        // plane reports it as its own 403.
+        ErrorKind::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),
+        ErrorKind::ProviderNotFound | ErrorKind::Internal => {
             (StatusCode::INTERNAL_SERVER_ERROR, "internal")
         }
     }
@@ -261,7 +263,7 @@ async fn authenticate(State(w): State<Arc<WorkerRpc>>, req: Request, next: Next)
     if target != w.auth.worker_id {
         return Fail::new(
             StatusCode::FORBIDDEN,
-            "forbidden",
+            "worker_auth",
             format!("this is worker {:?}, not {target:?}", w.auth.worker_id),
         )
         .into_response();
@@ -309,7 +311,9 @@ async fn authenticate(State(w): State<Arc<WorkerRpc>>, req: Request, next: Next)
             } else {
                 StatusCode::UNAUTHORIZED
             };
-            Fail::new(status, "forbidden", reason).into_response()
+            // Not "forbidden": that kind reaches API clients as their own
+            // 403; a refused control plane is the operator's problem.
+            Fail::new(status, "worker_auth", reason).into_response()
         }
     }
 }
@@ -575,6 +579,7 @@ struct InputBody {
 }
 
 async fn exec_input(State(w): State<Arc<WorkerRpc>>, raw: axum::body::Bytes) -> Answer {
+    // (`w` is the table of running execs.)
     let b: InputBody = body(&raw)?;
     let Some(tx) = w.execs.lock().get(&b.exec_id).cloned() else {
         return Err(Fail::new(
@@ -600,8 +605,8 @@ async fn exec_input(State(w): State<Arc<WorkerRpc>>, raw: axum::body::Bytes) -> 
         let _ = tx.send(ExecInput::Resize(r, c)).await;
     }
     if b.close_stdin {
+        // Signals may still follow: the exec leaves the table when it ends.
         let _ = tx.send(ExecInput::CloseStdin).await;
-        w.execs.lock().remove(&b.exec_id);
     }
     ok(json!({}))
 }

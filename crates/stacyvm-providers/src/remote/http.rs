@@ -399,6 +399,16 @@ impl CustomProvider {
         body.truncate(MAX_REASON_BYTES);
         let (reason, kind) = parse_error_body(&body);
         debug!(provider = %self.name, op, status = status.as_u16(), reason = %reason, "backend refused");
+        // A StacyVM worker is a peer: its refusals to protect the host
+        // (devices, /proc) are the server's own 403, as they would be
+        // locally. A user's backend cannot claim that kind.
+        if self.decorate.is_some()
+            && status == StatusCode::FORBIDDEN
+            && serde_json::from_slice::<Value>(&body)
+                .is_ok_and(|v| v.get("kind").and_then(Value::as_str) == Some("forbidden"))
+        {
+            return Error::forbidden(reason);
+        }
         status_to_error(&self.name, op, id, status, &reason, kind)
     }
 
