@@ -68,6 +68,11 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     .with_context(|| format!("making data dir {} private (0700)", cfg.server.data_dir))?;
     let mut cfg = cfg;
     cfg.worker.id = control_plane_id(&cfg)?;
+    if !cfg.worker.local_sandboxes {
+        // An API-only control plane: no sandbox starts here, so none is
+        // kept warm either.
+        cfg.providers.native.warm_pool = 0;
+    }
     let providers = stacyvm_providers::registry::build(&cfg)?;
     let registry = match Registry::with_default(providers, &cfg.providers.default).await {
         Ok(r) => r,

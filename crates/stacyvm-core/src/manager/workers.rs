@@ -124,7 +124,7 @@ impl Manager {
             .collect();
         let mut changed = 0;
         for rec in self.store.list_active_sandboxes().await? {
-            if rec.worker_id == self.worker_id() {
+            if self.owns(&rec) {
                 continue;
             }
             let gone = stale.get(rec.worker_id.as_str()).copied().unwrap_or(true);
