@@ -180,6 +180,50 @@ impl WorkerRpc {
     }
 }
 
+impl WorkerRpc {
+    /// The sandbox a request names, checked and fenced.
+    fn target(&self, h: &HeaderMap, id: &str) -> Result<String, Fail> {
+        let id = sandbox_id(id)?.to_string();
+        self.fence(h, &id)?;
+        Ok(id)
+    }
+}
+
+impl RpcAuth {
+    /// From config: the control planes' static token (`auth.worker_token`)
+    /// and any signing keys for tokens of the audience `worker:rpc`.
+    pub fn from_config(cfg: &stacyvm_core::config::Config, worker_id: &str) -> RpcAuth {
+        let a = &cfg.auth;
+        let keys: Vec<String> = std::iter::once(a.worker_signing_key.expose().to_string())
+            .chain(a.worker_signing_keys.iter().map(|k| k.expose().to_string()))
+            .filter(|k| !k.trim().is_empty())
+            .collect();
+        RpcAuth {
+            worker_id: worker_id.to_string(),
+            verifier: Verifier::new(&keys, &a.worker_revoked_token_ids),
+            static_token: Some(a.worker_token.expose().trim().to_string())
+                .filter(|s| !s.is_empty()),
+        }
+    }
+}
+
+/// The RPC URL others reach a worker at: `worker.advertise_url`, else the
+/// listen address with the scheme TLS implies ("" without a listener).
+pub fn advertised_url(cfg: &stacyvm_core::config::Config, listen: &str) -> String {
+    if !cfg.worker.advertise_url.is_empty() {
+        return cfg.worker.advertise_url.clone();
+    }
+    if listen.is_empty() {
+        return String::new();
+    }
+    let scheme = if cfg.worker.rpc_tls.enabled {
+        "https"
+    } else {
+        "http"
+    };
+    format!("{scheme}://{listen}")
+}
+
 fn header<'a>(h: &'a HeaderMap, name: &str) -> &'a str {
     h.get(name)
         .and_then(|v| v.to_str().ok())
@@ -396,8 +440,7 @@ async fn spawn(State(w): State<Arc<WorkerRpc>>, h: HeaderMap, raw: axum::body::B
         ));
     }
     let b: SpawnBody = body(&raw)?;
-    let id = sandbox_id(&b.sandbox_id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &b.sandbox_id)?;
     let p = w.provider(&h)?;
     let spec = SpawnSpec {
         id: id.clone(),
@@ -456,8 +499,7 @@ fn record(v: &Value) -> axum::body::Bytes {
 
 async fn exec(State(w): State<Arc<WorkerRpc>>, h: HeaderMap, raw: axum::body::Bytes) -> Answer {
     let b: ExecBody = body(&raw)?;
-    let id = sandbox_id(&b.sandbox_id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &b.sandbox_id)?;
     let p = w.provider(&h)?;
     let stdin = match &b.stdin {
         Some(s) => Some(B64.decode(s).map_err(|_| {
@@ -663,8 +705,7 @@ async fn write_file(
         ));
     }
     let b: WriteBody = body(&raw)?;
-    let id = sandbox_id(&b.sandbox_id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &b.sandbox_id)?;
     let data = if b.encoding == "base64" {
         B64.decode(&b.content).map_err(|_| {
             Fail::new(
@@ -701,8 +742,7 @@ async fn write_raw(
     Query(q): Query<FileQuery>,
     req: Request,
 ) -> Answer {
-    let id = sandbox_id(&q.sandbox_id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &q.sandbox_id)?;
     let path = path_of(&q.path)?;
     let mode = mode_of(&q.mode)?;
     let p = w.provider(&h)?;
@@ -755,8 +795,7 @@ async fn read_file(
     h: HeaderMap,
     Query(q): Query<FileQuery>,
 ) -> Answer {
-    let id = sandbox_id(&q.sandbox_id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &q.sandbox_id)?;
     let max = q.max_bytes.unwrap_or(MAX_FILE_BYTES).min(MAX_FILE_BYTES);
     let fs = w
         .provider(&h)?
@@ -779,8 +818,7 @@ async fn list_files(
     h: HeaderMap,
     Query(q): Query<FileQuery>,
 ) -> Answer {
-    let id = sandbox_id(&q.sandbox_id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &q.sandbox_id)?;
     let l = w.provider(&h)?.list_files(&id, &path_of(&q.path)?).await?;
     ok(serde_json::to_value(l).unwrap_or_default())
 }
@@ -790,8 +828,7 @@ async fn stat_file(
     h: HeaderMap,
     Query(q): Query<FileQuery>,
 ) -> Answer {
-    let id = sandbox_id(&q.sandbox_id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &q.sandbox_id)?;
     let f = w.provider(&h)?.stat_file(&id, &path_of(&q.path)?).await?;
     ok(serde_json::to_value(f).unwrap_or_default())
 }
@@ -801,8 +838,7 @@ async fn glob_files(
     h: HeaderMap,
     Query(q): Query<FileQuery>,
 ) -> Answer {
-    let id = sandbox_id(&q.sandbox_id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &q.sandbox_id)?;
     let pattern = paths::normalize_pattern(&q.pattern).map_err(Fail::from)?;
     let g = w.provider(&h)?.glob_files(&id, &pattern).await?;
     ok(json!(g))
@@ -829,8 +865,7 @@ async fn delete_file(
     raw: axum::body::Bytes,
 ) -> Answer {
     let b: PathBody = body(&raw)?;
-    let id = sandbox_id(&b.sandbox_id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &b.sandbox_id)?;
     w.provider(&h)?
         .delete_file(&id, &path_of(&b.path)?, b.recursive)
         .await?;
@@ -843,8 +878,7 @@ async fn move_file(
     raw: axum::body::Bytes,
 ) -> Answer {
     let b: PathBody = body(&raw)?;
-    let id = sandbox_id(&b.sandbox_id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &b.sandbox_id)?;
     w.provider(&h)?
         .move_file(&id, &path_of(&b.old_path)?, &path_of(&b.new_path)?)
         .await?;
@@ -857,8 +891,7 @@ async fn chmod_file(
     raw: axum::body::Bytes,
 ) -> Answer {
     let b: PathBody = body(&raw)?;
-    let id = sandbox_id(&b.sandbox_id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &b.sandbox_id)?;
     w.provider(&h)?
         .chmod_file(&id, &path_of(&b.path)?, mode_of(&b.mode)?)
         .await?;
@@ -870,8 +903,7 @@ async fn status(
     h: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Answer {
-    let id = sandbox_id(&id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &id)?;
     let s = w.provider(&h)?.status(&id).await?;
     ok(json!({"id": id, "state": s.state}))
 }
@@ -881,8 +913,7 @@ async fn destroy(
     h: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Answer {
-    let id = sandbox_id(&id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &id)?;
     match w.provider(&h)?.destroy(&id).await {
         Ok(()) => {}
         Err(e) if matches!(e.kind(), ErrorKind::SandboxNotFound | ErrorKind::NotFound) => {}
@@ -904,8 +935,7 @@ async fn logs(
     axum::extract::Path(id): axum::extract::Path<String>,
     Query(q): Query<LogsQuery>,
 ) -> Answer {
-    let id = sandbox_id(&id)?.to_string();
-    w.fence(&h, &id)?;
+    let id = w.target(&h, &id)?;
     let l = w
         .provider(&h)?
         .logs(&id, q.lines.unwrap_or(100).min(10_000))

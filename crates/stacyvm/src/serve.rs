@@ -193,30 +193,14 @@ async fn serve_rpc(
     if cfg.worker.listen_addr.is_empty() {
         return Ok(None);
     }
-    let keys: Vec<String> = std::iter::once(cfg.auth.worker_signing_key.expose().to_string())
-        .chain(
-            cfg.auth
-                .worker_signing_keys
-                .iter()
-                .map(|k| k.expose().to_string()),
-        )
-        .filter(|k| !k.trim().is_empty())
-        .collect();
+    let id = if cfg.worker.id.is_empty() {
+        stacyvm_core::manager::LOCAL_WORKER
+    } else {
+        cfg.worker.id.as_str()
+    };
     let rpc = stacyvm_cluster::rpc::WorkerRpc::new(
         registry.clone(),
-        stacyvm_cluster::rpc::RpcAuth {
-            worker_id: if cfg.worker.id.is_empty() {
-                stacyvm_core::manager::LOCAL_WORKER.into()
-            } else {
-                cfg.worker.id.clone()
-            },
-            verifier: stacyvm_cluster::token::Verifier::new(
-                &keys,
-                &cfg.auth.worker_revoked_token_ids,
-            ),
-            static_token: Some(cfg.auth.worker_token.expose().trim().to_string())
-                .filter(|s| !s.is_empty()),
-        },
+        stacyvm_cluster::rpc::RpcAuth::from_config(cfg, id),
     );
     let tls = if cfg.worker.rpc_tls.enabled {
         Some(stacyvm_cluster::tls::server_config(&cfg.worker.rpc_tls)?)
@@ -235,22 +219,6 @@ async fn serve_rpc(
         stacyvm_cluster::tls::serve(listener, router, tls, async move { s.cancelled().await }).await
     });
     Ok(Some((stop, task)))
-}
-
-/// The URL other machines reach this control plane's worker RPC at.
-fn advertised_rpc(cfg: &Config) -> String {
-    if !cfg.worker.advertise_url.is_empty() {
-        return cfg.worker.advertise_url.clone();
-    }
-    if cfg.worker.listen_addr.is_empty() {
-        return String::new();
-    }
-    let scheme = if cfg.worker.rpc_tls.enabled {
-        "https"
-    } else {
-        "http"
-    };
-    format!("{scheme}://{}", cfg.worker.listen_addr)
 }
 
 /// This control plane's worker id. `worker.id` when set. On SQLite (one
@@ -332,7 +300,10 @@ async fn heartbeat(m: Arc<Manager>) {
             .to_vec(),
             capacity: {
                 let mut c = serde_json::json!({"max_sandboxes": d.max_sandboxes, "max_sandboxes_per_owner": d.max_sandboxes_per_owner});
-                let url = advertised_rpc(m.config());
+                let url = stacyvm_cluster::rpc::advertised_url(
+                    m.config(),
+                    &m.config().worker.listen_addr,
+                );
                 if !url.is_empty() {
                     c["rpc_url"] = url.into();
                 }

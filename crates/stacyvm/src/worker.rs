@@ -15,8 +15,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
 use stacyvm_cluster::rpc::{RpcAuth, WorkerRpc};
-use stacyvm_cluster::token::{self, Audience, Issue, Verifier};
-use stacyvm_core::config::{self, Config};
+use stacyvm_cluster::token::{self, Audience, Issue};
+use stacyvm_core::config;
 use stacyvm_core::registry::Registry;
 use tracing::{info, warn};
 
@@ -292,21 +292,6 @@ impl ControlPlane {
     }
 }
 
-/// The RPC URL others reach this worker at.
-fn rpc_url(cfg: &Config, listen: &str, advertised: &str, tls: bool) -> String {
-    if !advertised.is_empty() {
-        return advertised.to_string();
-    }
-    if !cfg.worker.advertise_url.is_empty() {
-        return cfg.worker.advertise_url.clone();
-    }
-    if listen.is_empty() {
-        return String::new();
-    }
-    let scheme = if tls { "https" } else { "http" };
-    format!("{scheme}://{listen}")
-}
-
 async fn run_worker(a: RunArgs) -> Result<()> {
     let loaded = config::load(a.config.as_deref(), std::env::vars())?;
     let mut cfg = loaded.config;
@@ -331,7 +316,10 @@ async fn run_worker(a: RunArgs) -> Result<()> {
         .clone()
         .unwrap_or_else(|| cfg.worker.listen_addr.clone());
     let tls = cfg.worker.rpc_tls.enabled;
-    let url = rpc_url(&cfg, &listen, a.advertise_url.as_deref().unwrap_or(""), tls);
+    if let Some(u) = a.advertise_url.clone().filter(|u| !u.is_empty()) {
+        cfg.worker.advertise_url = u;
+    }
+    let url = stacyvm_cluster::rpc::advertised_url(&cfg, &listen);
     std::fs::create_dir_all(&cfg.server.data_dir)
         .with_context(|| format!("creating data dir {}", cfg.server.data_dir))?;
 
@@ -375,24 +363,7 @@ async fn run_worker(a: RunArgs) -> Result<()> {
         cred,
     };
 
-    let keys: Vec<String> = std::iter::once(cfg.auth.worker_signing_key.expose().to_string())
-        .chain(
-            cfg.auth
-                .worker_signing_keys
-                .iter()
-                .map(|k| k.expose().to_string()),
-        )
-        .filter(|k| !k.trim().is_empty())
-        .collect();
-    let rpc = WorkerRpc::new(
-        registry.clone(),
-        RpcAuth {
-            worker_id: id.clone(),
-            verifier: Verifier::new(&keys, &cfg.auth.worker_revoked_token_ids),
-            static_token: Some(cfg.auth.worker_token.expose().trim().to_string())
-                .filter(|s| !s.is_empty()),
-        },
-    );
+    let rpc = WorkerRpc::new(registry.clone(), RpcAuth::from_config(&cfg, &id));
     let capabilities: Vec<String> = {
         let mut c: Vec<String> = vec!["remote_worker".into(), "heartbeat".into()];
         for p in registry.all() {
