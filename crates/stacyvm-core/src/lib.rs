@@ -16,6 +16,7 @@ pub mod paths;
 pub mod policy;
 pub mod provider;
 pub mod registry;
+pub mod services;
 pub mod store;
 
 pub use error::{Error, ErrorKind, Result};

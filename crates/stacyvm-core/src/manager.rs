@@ -24,6 +24,7 @@ use crate::provider::{
     SpawnSpec, StreamKind,
 };
 use crate::registry::Registry;
+use crate::services;
 use crate::store::{
     ExecLogRecord, OpAuditRecord, QuotaRecord, SandboxRecord, Store, TemplateRecord,
 };
@@ -236,6 +237,8 @@ pub struct Manager {
     /// How sandboxes of other workers are reached (a cluster); `None` on a
     /// single machine.
     remote: RwLock<Option<Arc<dyn crate::cluster::Remote>>>,
+    /// When the admin audit was last pruned ([`services::Audit`]).
+    pub(crate) audit_pruned: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug)]
@@ -267,6 +270,7 @@ impl Manager {
             audit_tx,
             started: Instant::now(),
             remote: RwLock::new(None),
+            audit_pruned: Mutex::new(None),
         });
         tokio::spawn(audit_writer(store, audit_rx));
         // Another control plane changed a sandbox: drop the cached copy
@@ -303,8 +307,38 @@ impl Manager {
     pub fn config(&self) -> &Config {
         &self.cfg
     }
+    /// The store, for the binary's maintenance commands and for tests.
+    /// Request handlers go through the manager and its services instead.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.store
+    }
+    /// Templates: CRUD with validation and defaults.
+    pub fn templates(&self) -> services::Templates<'_> {
+        services::Templates { m: self }
+    }
+    /// Per-owner quotas: CRUD, usage, events and queue wake-ups.
+    pub fn quotas(&self) -> services::Quotas<'_> {
+        services::Quotas { m: self }
+    }
+    /// Tenants, members and policies.
+    pub fn tenancy(&self) -> services::Tenancy<'_> {
+        services::Tenancy { m: self }
+    }
+    /// The audit trail: writes, retention and exports.
+    pub fn audit_trail(&self) -> services::Audit<'_> {
+        services::Audit { m: self }
+    }
+    /// Is the store reachable? Its engine name either way.
+    pub async fn store_health(&self) -> (Result<()>, &'static str) {
+        (self.store.ping().await, self.store.engine())
+    }
+    /// Every sandbox not yet destroyed, of every control plane and worker.
+    pub async fn active_records(&self) -> Result<Vec<SandboxRecord>> {
+        self.store.list_active_sandboxes().await
+    }
+    /// Every sandbox lease (held or expired).
+    pub async fn leases(&self) -> Result<Vec<crate::store::LeaseRecord>> {
+        self.store.list_leases().await
     }
     pub fn registry(&self) -> &Arc<Registry> {
         &self.registry
@@ -2308,13 +2342,7 @@ impl Manager {
     // ----- templates ------------------------------------------------------
 
     pub async fn get_template(&self, name: &str) -> Result<TemplateRecord> {
-        self.store.get_template(name).await.map_err(|e| {
-            if e.kind() == ErrorKind::NotFound {
-                Error::not_found(format!("template {name:?}"))
-            } else {
-                e
-            }
-        })
+        self.templates().get(name).await
     }
 
     // ----- audit ----------------------------------------------------------

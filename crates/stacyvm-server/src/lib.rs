@@ -54,7 +54,6 @@ pub struct AppState {
     /// Refuse `Host` headers other than loopback names (the API is open
     /// and bound to loopback: DNS-rebinding guard).
     pub host_checked: bool,
-    last_prune: Arc<parking_lot::Mutex<Option<std::time::Instant>>>,
     /// The router MCP tool calls go through (built on first use).
     mcp_router: Arc<std::sync::OnceLock<Router>>,
     /// Ends open MCP streams when the server stops.
@@ -97,42 +96,14 @@ impl AppState {
             system: Arc::new(routes::system::SystemSampler::default()),
             auth: Arc::new(auth),
             ratelimit,
-            last_prune: Arc::default(),
             mcp_router: Arc::default(),
             mcp_shutdown: tokio_util::sync::CancellationToken::new(),
         }
     }
 
-    /// Writes an admin audit row; applies `auth.admin_audit_retention` at
-    /// most once a minute (or once per retention period if shorter), not
-    /// after every write (C-28).
+    /// Writes an admin audit row (retention applied by the audit service).
     pub async fn audit_admin(&self, rec: AdminAuditRecord) {
-        let store = self.manager.store();
-        if let Err(e) = store.insert_admin_audit(&rec).await {
-            tracing::warn!(error = %e, "writing admin audit failed");
-            return;
-        }
-        let keep = self.cfg.auth.admin_audit_retention;
-        if keep.is_zero() || keep.0.is_negative() {
-            return;
-        }
-        let Ok(keep) = chrono::Duration::from_std(keep.std()) else {
-            return;
-        };
-        let every = keep
-            .to_std()
-            .unwrap_or_default()
-            .min(std::time::Duration::from_secs(60));
-        {
-            let mut last = self.last_prune.lock();
-            if last.is_some_and(|t| t.elapsed() < every) {
-                return;
-            }
-            *last = Some(std::time::Instant::now());
-        }
-        if let Err(e) = store.prune_audit(chrono::Utc::now() - keep).await {
-            tracing::warn!(error = %e, "pruning audit failed");
-        }
+        self.manager.audit_trail().record_admin(&rec).await;
     }
 }
 

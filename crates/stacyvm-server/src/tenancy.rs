@@ -77,12 +77,7 @@ pub async fn caller_of(
                 "X-Tenant-ID from an API key needs X-User-ID of a member of that tenant",
             ));
         }
-        let member = match st
-            .manager
-            .store()
-            .get_tenant_member(&asked_tenant, &owner)
-            .await
-        {
+        let member = match st.manager.tenancy().member(&asked_tenant, &owner).await {
             Ok(m) => m,
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 return Err(forbidden(format!(

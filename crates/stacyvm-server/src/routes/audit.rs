@@ -101,7 +101,7 @@ pub async fn admin_audit(
         limit: limit_of(&query)?,
     };
     let csv = wants_csv(&query)?;
-    let rows = st.manager.store().list_admin_audit(&f).await?;
+    let rows = st.manager.audit_trail().admin(f).await?;
     if !csv {
         return Ok(json_response(StatusCode::OK, &rows));
     }
@@ -143,7 +143,7 @@ pub async fn op_audit(
         limit: limit_of(&query)?,
     };
     let csv = wants_csv(&query)?;
-    let rows = st.manager.store().list_op_audit(&f).await?;
+    let rows = st.manager.audit_trail().ops(f).await?;
     if !csv {
         return Ok(json_response(StatusCode::OK, &rows));
     }

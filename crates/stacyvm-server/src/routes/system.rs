@@ -49,7 +49,7 @@ pub async fn live(State(st): State<AppState>) -> Json<HealthResponse> {
 pub async fn ready(State(st): State<AppState>) -> Response {
     let providers = st.manager.registry().health_all().await;
     let healthy = providers.iter().filter(|p| p.healthy).count() as i64;
-    let store_ok = st.manager.store().ping().await.is_ok();
+    let store_ok = st.manager.store_health().await.0.is_ok();
     let ok = healthy > 0 && store_ok;
     let body = ReadyResponse {
         total_providers: providers.len() as i64,
@@ -277,7 +277,7 @@ struct Summary {
 }
 
 async fn sandbox_summary(st: &AppState) -> ApiResult<Summary> {
-    let recs = st.manager.store().list_active_sandboxes().await?;
+    let recs = st.manager.active_records().await?;
     let mut s = Summary {
         by_state: BTreeMap::new(),
         by_provider: BTreeMap::new(),
@@ -355,7 +355,7 @@ fn thread_count() -> u64 {
 }
 
 async fn quota_counts(st: &AppState) -> ApiResult<Value> {
-    let qs = st.manager.store().list_quotas().await?;
+    let qs = st.manager.quotas().list().await?;
     Ok(json!({
         "total": qs.len(),
         "with_max_sandboxes": qs.iter().filter(|q| q.max_sandboxes > 0).count(),
@@ -365,7 +365,7 @@ async fn quota_counts(st: &AppState) -> ApiResult<Value> {
 }
 
 async fn leases(st: &AppState) -> ApiResult<Value> {
-    let ls = st.manager.store().list_leases().await?;
+    let ls = st.manager.leases().await?;
     let now = Utc::now();
     let mut by_holder: BTreeMap<String, i64> = BTreeMap::new();
     let mut active = 0;
@@ -426,12 +426,12 @@ pub async fn diagnostics(State(st): State<AppState>) -> ApiResult<Json<Value>> {
     let s = sandbox_summary(&st).await?;
     let bus = st.manager.events().stats();
     let t0 = Instant::now();
-    let store = match st.manager.store().ping().await {
-        Ok(()) => {
-            json!({"healthy": true, "latency_ms": t0.elapsed().as_millis() as i64, "engine": st.manager.store().engine()})
+    let store = match st.manager.store_health().await {
+        (Ok(()), engine) => {
+            json!({"healthy": true, "latency_ms": t0.elapsed().as_millis() as i64, "engine": engine})
         }
-        Err(e) => {
-            json!({"error": e.to_string(), "healthy": false, "latency_ms": t0.elapsed().as_millis() as i64, "engine": st.manager.store().engine()})
+        (Err(e), engine) => {
+            json!({"error": e.to_string(), "healthy": false, "latency_ms": t0.elapsed().as_millis() as i64, "engine": engine})
         }
     };
     let (rss, vsz) = process_memory();
@@ -698,7 +698,7 @@ pub async fn prometheus(State(st): State<AppState>) -> ApiResult<Response> {
         fam(&mut out, name, kind, help);
         let _ = writeln!(out, "{name} {v}");
     }
-    let quotas = st.manager.store().list_quotas().await?;
+    let quotas = st.manager.quotas().list().await?;
     fam(
         &mut out,
         "stacyvm_owner_quotas_total",

@@ -12,20 +12,15 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use stacyvm_core::store::{
-    AdminAuditFilter, OpAuditFilter, PolicyRecord, TenantMemberRecord, TenantRecord,
-};
-use stacyvm_core::{policy, Error};
+use stacyvm_core::services::{PolicyInput, TenantInput};
+use stacyvm_core::store::TenantRecord;
+use stacyvm_core::Error;
 
 use crate::auth::Role;
 use crate::error::{ApiError, ApiResult};
 use crate::json::{Body2, Json};
 use crate::tenancy::Authed;
 use crate::AppState;
-
-fn random_suffix() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
-}
 
 /// The admin, or a tenant admin acting in `tenant`.
 fn may_manage(who: &Authed, tenant: &str) -> Result<(), ApiError> {
@@ -40,19 +35,16 @@ fn may_manage(who: &Authed, tenant: &str) -> Result<(), ApiError> {
     ))
 }
 
-fn check_id(kind: &str, id: &str) -> Result<(), ApiError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(format!(
-            "{kind} must be 1-128 characters of letters, digits, '-', '_', '.', '@'"
-        )))
+/// A core error as this API has always worded it: a 4xx says only the
+/// detail ("tenant not found", "name is required").
+fn plain(e: Error) -> ApiError {
+    let mut api = ApiError::from(e);
+    if !api.status.is_server_error() {
+        if let Some((_, detail)) = api.message.split_once(": ") {
+            api.message = detail.to_string();
+        }
     }
+    api
 }
 
 fn tenant_json(t: &TenantRecord) -> Value {
@@ -73,16 +65,19 @@ pub struct TenantBody {
     settings: Option<Value>,
 }
 
-fn settings_text(v: Option<&Value>) -> Result<Option<String>, ApiError> {
-    match v {
-        None | Some(Value::Null) => Ok(None),
-        Some(v @ Value::Object(_)) => Ok(Some(v.to_string())),
-        Some(_) => Err(ApiError::bad_request("settings must be a JSON object")),
+impl From<TenantBody> for TenantInput {
+    fn from(b: TenantBody) -> Self {
+        TenantInput {
+            id: b.id,
+            name: b.name,
+            owner_id: b.owner_id,
+            settings: b.settings,
+        }
     }
 }
 
 pub async fn list(State(st): State<AppState>) -> ApiResult<Json<Value>> {
-    let ts = st.manager.store().list_tenants().await?;
+    let ts = st.manager.tenancy().list().await?;
     Ok(Json::ok(
         json!({"tenants": ts.iter().map(tenant_json).collect::<Vec<_>>()}),
     ))
@@ -92,38 +87,8 @@ pub async fn create(
     State(st): State<AppState>,
     Body2(b): Body2<TenantBody>,
 ) -> ApiResult<Json<Value>> {
-    if b.name.trim().is_empty() {
-        return Err(ApiError::bad_request("name is required"));
-    }
-    let id = if b.id.is_empty() {
-        format!("tenant-{}", random_suffix())
-    } else {
-        b.id.clone()
-    };
-    check_id("tenant id", &id)?;
-    let now = Utc::now();
-    let t = TenantRecord {
-        id,
-        name: b.name.trim().to_string(),
-        owner_id: b.owner_id,
-        settings: settings_text(b.settings.as_ref())?.unwrap_or_else(|| "{}".into()),
-        created_at: now,
-        updated_at: now,
-    };
-    st.manager.store().create_tenant(&t).await?;
+    let t = st.manager.tenancy().create(b.into()).await.map_err(plain)?;
     Ok(Json::created(json!({"tenant": tenant_json(&t)})))
-}
-
-async fn load(st: &AppState, id: &str) -> Result<TenantRecord, ApiError> {
-    match st.manager.store().get_tenant(id).await {
-        Ok(t) => Ok(t),
-        Err(e) if e.kind() == stacyvm_core::ErrorKind::NotFound => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            "tenant not found",
-        )),
-        Err(e) => Err(e.into()),
-    }
 }
 
 pub async fn get(
@@ -132,7 +97,7 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     may_manage(&who, &id)?;
-    let t = load(&st, &id).await?;
+    let t = st.manager.tenancy().get(&id).await.map_err(plain)?;
     Ok(Json::ok(json!({"tenant": tenant_json(&t)})))
 }
 
@@ -141,27 +106,17 @@ pub async fn update(
     Path(id): Path<String>,
     Body2(b): Body2<TenantBody>,
 ) -> ApiResult<Json<Value>> {
-    let mut t = load(&st, &id).await?;
-    if !b.id.is_empty() && b.id != id {
-        return Err(ApiError::bad_request("id cannot be changed"));
-    }
-    if !b.name.trim().is_empty() {
-        t.name = b.name.trim().to_string();
-    }
-    if !b.owner_id.is_empty() {
-        t.owner_id = b.owner_id;
-    }
-    if let Some(s) = settings_text(b.settings.as_ref())? {
-        t.settings = s;
-    }
-    t.updated_at = Utc::now();
-    st.manager.store().update_tenant(&t).await?;
+    let t = st
+        .manager
+        .tenancy()
+        .update(&id, b.into())
+        .await
+        .map_err(plain)?;
     Ok(Json::ok(json!({"tenant": tenant_json(&t)})))
 }
 
 pub async fn delete(State(st): State<AppState>, Path(id): Path<String>) -> ApiResult<Response> {
-    load(&st, &id).await?;
-    st.manager.store().delete_tenant(&id).await?;
+    st.manager.tenancy().delete(&id).await.map_err(plain)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -171,8 +126,7 @@ pub async fn members(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     may_manage(&who, &id)?;
-    load(&st, &id).await?;
-    let ms = st.manager.store().list_tenant_members(&id).await?;
+    let ms = st.manager.tenancy().members(&id).await.map_err(plain)?;
     Ok(Json::ok(json!({ "members": ms })))
 }
 
@@ -190,26 +144,12 @@ pub async fn put_member(
     Body2(b): Body2<MemberBody>,
 ) -> ApiResult<Json<Value>> {
     may_manage(&who, &id)?;
-    check_id("user id", &user)?;
-    if !matches!(b.role.as_str(), "viewer" | "operator" | "admin") {
-        return Err(ApiError::bad_request(format!(
-            "role must be viewer, operator, or admin, got {:?}",
-            b.role
-        )));
-    }
-    load(&st, &id).await?;
-    let now = Utc::now();
     let m = st
         .manager
-        .store()
-        .upsert_tenant_member(&TenantMemberRecord {
-            tenant_id: id,
-            user_id: user,
-            role: b.role,
-            created_at: now,
-            updated_at: now,
-        })
-        .await?;
+        .tenancy()
+        .put_member(&id, &user, &b.role)
+        .await
+        .map_err(plain)?;
     Ok(Json::ok(json!({ "member": m })))
 }
 
@@ -219,15 +159,12 @@ pub async fn delete_member(
     Path((id, user)): Path<(String, String)>,
 ) -> ApiResult<Response> {
     may_manage(&who, &id)?;
-    match st.manager.store().delete_tenant_member(&id, &user).await {
-        Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
-        Err(e) if e.kind() == stacyvm_core::ErrorKind::NotFound => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            "member not found",
-        )),
-        Err(e) => Err(e.into()),
-    }
+    st.manager
+        .tenancy()
+        .delete_member(&id, &user)
+        .await
+        .map_err(plain)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
@@ -243,23 +180,19 @@ pub struct PolicyBody {
     priority: i64,
 }
 
-async fn create_policy_in(st: &AppState, tenant: &str, b: PolicyBody) -> ApiResult<Json<Value>> {
-    policy::validate(&b.resource_type, &b.effect, &b.pattern)?;
-    if b.priority < 0 {
-        return Err(Error::invalid("priority must not be negative").into());
+impl From<PolicyBody> for PolicyInput {
+    fn from(b: PolicyBody) -> Self {
+        PolicyInput {
+            resource_type: b.resource_type,
+            effect: b.effect,
+            pattern: b.pattern,
+            priority: b.priority,
+        }
     }
-    let now = Utc::now();
-    let p = PolicyRecord {
-        id: format!("pol-{}", random_suffix()),
-        tenant_id: tenant.to_string(),
-        resource_type: b.resource_type,
-        effect: b.effect,
-        pattern: b.pattern,
-        priority: if b.priority == 0 { 10 } else { b.priority },
-        created_at: now,
-        updated_at: now,
-    };
-    st.manager.store().create_policy(&p).await?;
+}
+
+async fn create_policy_in(st: &AppState, tenant: &str, b: PolicyBody) -> ApiResult<Json<Value>> {
+    let p = st.manager.tenancy().create_policy(tenant, b.into()).await?;
     Ok(Json::created(json!({ "policy": p })))
 }
 
@@ -269,8 +202,12 @@ pub async fn policies(
     Path(id): Path<String>,
 ) -> ApiResult<Json<Value>> {
     may_manage(&who, &id)?;
-    load(&st, &id).await?;
-    let ps = st.manager.store().list_policies(Some(&id)).await?;
+    let ps = st
+        .manager
+        .tenancy()
+        .policies(Some(&id))
+        .await
+        .map_err(plain)?;
     Ok(Json::ok(json!({ "policies": ps })))
 }
 
@@ -281,20 +218,17 @@ pub async fn create_policy(
     Body2(b): Body2<PolicyBody>,
 ) -> ApiResult<Json<Value>> {
     may_manage(&who, &id)?;
-    load(&st, &id).await?;
+    st.manager.tenancy().get(&id).await.map_err(plain)?;
     create_policy_in(&st, &id, b).await
 }
 
 async fn delete_policy_in(st: &AppState, tenant: &str, pid: &str) -> ApiResult<Response> {
-    match st.manager.store().delete_policy(tenant, pid).await {
-        Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
-        Err(e) if e.kind() == stacyvm_core::ErrorKind::NotFound => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "NOT_FOUND",
-            "policy not found",
-        )),
-        Err(e) => Err(e.into()),
-    }
+    st.manager
+        .tenancy()
+        .delete_policy(tenant, pid)
+        .await
+        .map_err(plain)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 pub async fn delete_policy(
@@ -307,7 +241,7 @@ pub async fn delete_policy(
 }
 
 pub async fn global_policies(State(st): State<AppState>) -> ApiResult<Json<Value>> {
-    let ps = st.manager.store().list_policies(None).await?;
+    let ps = st.manager.tenancy().policies(None).await?;
     Ok(Json::ok(json!({ "policies": ps })))
 }
 
@@ -335,27 +269,11 @@ pub async fn audit(
 ) -> ApiResult<Json<Value>> {
     may_manage(&who, &id)?;
     let since = crate::routes::audit::parse_since(q.get("since").map_or("", String::as_str))?;
-    let store = st.manager.store();
-    let admin = store
-        .list_admin_audit(&AdminAuditFilter {
-            tenant_id: id.clone(),
-            since,
-            limit: 200,
-            ..AdminAuditFilter::default()
-        })
-        .await?;
-    let ops = store
-        .list_op_audit(&OpAuditFilter {
-            tenant_id: id.clone(),
-            since,
-            limit: 200,
-            ..OpAuditFilter::default()
-        })
-        .await?;
+    let rows = st.manager.audit_trail().tenant(&id, since).await?;
     Ok(Json::ok(json!({
-        "admin_audit": admin,
+        "admin_audit": rows.admin,
         "exported_at": Utc::now().to_rfc3339(),
-        "op_audit": ops,
+        "op_audit": rows.ops,
         "tenant_id": id,
     })))
 }
