@@ -68,6 +68,33 @@ const MAX_JSON_BODY: usize = 16 << 20;
 /// Largest file a raw upload may carry.
 pub const MAX_FILE_BYTES: u64 = 4 << 30;
 
+/// The highest lease generation seen per sandbox, optionally on disk.
+#[derive(Default)]
+struct Fences {
+    seen: HashMap<String, i64>,
+    file: Option<std::path::PathBuf>,
+}
+
+impl Fences {
+    /// Rewrites the file (temporary file, then rename: a crash leaves the
+    /// old or the new map, never half of one). A failed write is logged;
+    /// the in-memory map still fences this process.
+    fn save(&self) {
+        let Some(path) = &self.file else { return };
+        let tmp = path.with_extension("tmp");
+        let body = match serde_json::to_vec(&self.seen) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "encoding lease fences failed");
+                return;
+            }
+        };
+        if let Err(e) = std::fs::write(&tmp, body).and_then(|()| std::fs::rename(&tmp, path)) {
+            tracing::error!(path = %path.display(), error = %e, "saving lease fences failed");
+        }
+    }
+}
+
 /// How the control plane proves itself to this worker.
 pub struct RpcAuth {
     pub worker_id: String,
@@ -81,8 +108,8 @@ pub struct RpcAuth {
 pub struct WorkerRpc {
     registry: Arc<Registry>,
     auth: RpcAuth,
-    /// Highest lease generation seen per sandbox.
-    fences: parking_lot::Mutex<HashMap<String, i64>>,
+    /// Highest lease generation seen per live sandbox.
+    fences: parking_lot::Mutex<Fences>,
     /// No new sandboxes once set (drain).
     draining: AtomicBool,
     execs: parking_lot::Mutex<HashMap<String, mpsc::Sender<ExecInput>>>,
@@ -99,6 +126,36 @@ impl WorkerRpc {
             execs: parking_lot::Mutex::default(),
             running_execs: AtomicU64::new(0),
         })
+    }
+
+    /// Keeps the lease generations seen in `path` (JSON), loaded now and
+    /// rewritten whenever one moves, so a restarted worker still refuses
+    /// the generations it refused before. An unreadable file is an error:
+    /// starting with no memory would accept stale leases again.
+    pub fn persist_fences(&self, path: impl Into<std::path::PathBuf>) -> Result<(), String> {
+        let path = path.into();
+        let map = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice::<HashMap<String, i64>>(&b)
+                .map_err(|e| format!("reading lease fences {}: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => HashMap::new(),
+            Err(e) => return Err(format!("reading lease fences {}: {e}", path.display())),
+        };
+        let mut f = self.fences.lock();
+        for (k, v) in map {
+            let seen = f.seen.entry(k).or_insert(v);
+            *seen = (*seen).max(v);
+        }
+        f.file = Some(path);
+        f.save();
+        Ok(())
+    }
+
+    /// Forgets a destroyed sandbox's fence (the map holds live ones).
+    fn forget_fence(&self, sandbox: &str) {
+        let mut f = self.fences.lock();
+        if f.seen.remove(sandbox).is_some() {
+            f.save();
+        }
     }
 
     /// Stops taking new sandboxes (existing ones keep being served).
@@ -164,19 +221,22 @@ impl WorkerRpc {
             ));
         }
         let mut fences = self.fences.lock();
-        let seen = fences.entry(sandbox.to_string()).or_insert(gen);
-        if gen < *seen {
-            return Err(Fail::new(
+        let seen = fences.seen.get(sandbox).copied();
+        match seen {
+            Some(seen) if gen < seen => Err(Fail::new(
                 StatusCode::CONFLICT,
                 "conflict",
                 format!(
-                    "stale lease generation {gen} for {sandbox} (generation {} is current)",
-                    *seen
+                    "stale lease generation {gen} for {sandbox} (generation {seen} is current)"
                 ),
-            ));
+            )),
+            Some(seen) if gen == seen => Ok(()),
+            _ => {
+                fences.seen.insert(sandbox.to_string(), gen);
+                fences.save();
+                Ok(())
+            }
         }
-        *seen = gen;
-        Ok(())
     }
 }
 
@@ -919,6 +979,7 @@ async fn destroy(
         Err(e) if matches!(e.kind(), ErrorKind::SandboxNotFound | ErrorKind::NotFound) => {}
         Err(e) => return Err(e.into()),
     }
+    w.forget_fence(&id);
     tracing::info!(sandbox_id = %id, "sandbox destroyed for the control plane");
     ok(json!({}))
 }

@@ -1005,8 +1005,8 @@ impl Manager {
                 Err(e) => return Err(e),
             }
         };
-        let spawned = match (spawned, leased) {
-            (Ok(s), Ok(_)) => s,
+        let (spawned, fence) = match (spawned, leased) {
+            (Ok(s), Ok(l)) => (s, l.fence()),
             (Ok(s), Err(e)) => {
                 self.destroy_runtime(provider, &s.runtime_id).await;
                 self.abandon(&id, shared).await;
@@ -1044,7 +1044,7 @@ impl Manager {
         };
         let saved = if shared {
             self.store
-                .set_sandbox_runtime(&id, state::RUNNING, &rec.vm_id)
+                .set_sandbox_runtime(&id, state::RUNNING, &rec.vm_id, Some(&fence))
                 .await
         } else {
             self.store.insert_sandbox(&rec).await
@@ -1071,10 +1071,15 @@ impl Manager {
     }
 
     /// A spawn that failed after its record was written (shared
-    /// admission) leaves it destroyed, so it counts no more.
+    /// admission) leaves it destroyed, so it counts no more. Unfenced: the
+    /// record never ran and was never anyone else's to act on.
     async fn abandon(&self, id: &str, shared: bool) {
         if shared {
-            if let Err(e) = self.store.set_sandbox_state(id, state::DESTROYED).await {
+            if let Err(e) = self
+                .store
+                .set_sandbox_state(id, state::DESTROYED, None)
+                .await
+            {
                 warn!(sandbox_id = id, error = %e, "marking a failed spawn destroyed failed");
             }
         }
@@ -1112,16 +1117,20 @@ impl Manager {
         let started = Instant::now();
         let lease_ttl = LEASE_GRACE;
         let holder = self.holder_of(rec).to_string();
-        if let Err(e) = self
+        // The destroy acts under a fresh generation: an older holder's
+        // writes (a worker taken over) are refused from here on.
+        let fence = match self
             .store
             .acquire_lease(&rec.id, "sandbox", &holder, lease_ttl)
             .await
         {
-            if e.kind() == ErrorKind::Conflict {
-                return Err(e);
+            Ok(l) => Some(l.fence()),
+            Err(e) if e.kind() == ErrorKind::Conflict => return Err(e),
+            Err(e) => {
+                warn!(sandbox_id = %rec.id, error = %e, "lease acquire before destroy failed");
+                None
             }
-            warn!(sandbox_id = %rec.id, error = %e, "lease acquire before destroy failed");
-        }
+        };
         let mut detail = String::new();
         match self.provider_of(rec).await {
             Ok(p) => {
@@ -1151,7 +1160,7 @@ impl Manager {
         }
         match self
             .store
-            .set_sandbox_state(&rec.id, state::DESTROYED)
+            .set_sandbox_state(&rec.id, state::DESTROYED, fence.as_ref())
             .await
         {
             Ok(()) => {}
@@ -1209,8 +1218,20 @@ impl Manager {
             return Err(Error::limit(format!("ttl exceeds max ttl {max_ttl}")));
         }
         let expires_at = crate::store::record_now() + chrono::Duration::nanoseconds(d);
+        let lease_ttl = GoDuration(d).to_std() + LEASE_GRACE;
+        let holder = self.holder_of(&rec).to_string();
+        // The lease first, then the record under it (fenced).
+        let lease = match self.store.renew_lease(id, &holder, lease_ttl).await {
+            Ok(l) => l,
+            // A missing lease is re-acquired; one held elsewhere is a conflict.
+            Err(e) => self
+                .store
+                .acquire_lease(id, "sandbox", &holder, lease_ttl)
+                .await
+                .map_err(|_| e)?,
+        };
         self.store
-            .set_sandbox_expiry(id, expires_at)
+            .set_sandbox_expiry(id, expires_at, Some(&lease.fence()))
             .await
             .map_err(|e| {
                 if e.kind() == ErrorKind::NotFound {
@@ -1219,15 +1240,6 @@ impl Manager {
                     e
                 }
             })?;
-        let lease_ttl = GoDuration(d).to_std() + LEASE_GRACE;
-        let holder = self.holder_of(&rec).to_string();
-        if let Err(e) = self.store.renew_lease(id, &holder, lease_ttl).await {
-            // A missing lease is re-acquired; one held elsewhere is a conflict.
-            self.store
-                .acquire_lease(id, "sandbox", &holder, lease_ttl)
-                .await
-                .map_err(|_| e)?;
-        }
         let mut updated = (*rec).clone();
         updated.expires_at = expires_at;
         updated.updated_at = crate::store::record_now();
@@ -1337,7 +1349,7 @@ impl Manager {
             let provider = match self.registry.get(&rec.provider) {
                 Ok(p) => p,
                 Err(_) => {
-                    let _ = self.store.set_sandbox_state(&rec.id, state::ERROR).await;
+                    self.reconcile_state(&rec.id, state::ERROR).await;
                     self.events.publish(
                         kind::PROVIDER_FAILED,
                         &rec.id,
@@ -1381,7 +1393,7 @@ impl Manager {
                     }
                     let mut r = rec.clone();
                     if new_state != rec.state {
-                        let _ = self.store.set_sandbox_state(&rec.id, &new_state).await;
+                        self.reconcile_state(&rec.id, &new_state).await;
                         r.state = new_state;
                     }
                     self.adopt_into_cache(r);
@@ -1398,7 +1410,7 @@ impl Manager {
                 }
                 Err(e) => {
                     warn!(sandbox_id = %rec.id, error = %e, "status during reconcile failed");
-                    let _ = self.store.set_sandbox_state(&rec.id, state::ERROR).await;
+                    self.reconcile_state(&rec.id, state::ERROR).await;
                 }
             }
         }
@@ -1443,6 +1455,44 @@ impl Manager {
         Ok(())
     }
 
+    /// Sets the state of a sandbox this process holds, under its lease.
+    async fn reconcile_state(&self, id: &str, state: &str) {
+        if let Err(e) = self
+            .set_state_under_lease(id, self.worker_id(), state)
+            .await
+        {
+            warn!(sandbox_id = id, state, error = %e, "reconcile could not record the state");
+        }
+    }
+
+    /// Sets a sandbox's state under the lease `holder` has on it now: a
+    /// compare-and-set on the lease, so a lease that changes hands between
+    /// the read and the write makes the write a `Conflict` that changes
+    /// nothing. A lease held by someone else is a `Conflict` too; a
+    /// sandbox without a lease row (released, or from before leases) is
+    /// written plainly.
+    pub(crate) async fn set_state_under_lease(
+        &self,
+        id: &str,
+        holder: &str,
+        state: &str,
+    ) -> Result<()> {
+        let fence = match self.store.get_lease(id).await {
+            Ok(l) if l.holder_id == holder => Some(l.fence()),
+            Ok(l) => {
+                return Err(Error::conflict(format!(
+                    "sandbox {id:?} is leased to {:?}, not {holder:?}",
+                    l.holder_id
+                )))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        self.store
+            .set_sandbox_state(id, state, fence.as_ref())
+            .await
+    }
+
     async fn mark_destroyed(&self, rec: &SandboxRecord, reason: &str) {
         // Clean up whatever the runtime left behind (destroy is idempotent).
         if let Ok(p) = self.provider_of(rec).await {
@@ -1453,10 +1503,7 @@ impl Manager {
             };
             self.destroy_runtime(&p, target).await;
         }
-        let _ = self
-            .store
-            .set_sandbox_state(&rec.id, state::DESTROYED)
-            .await;
+        self.reconcile_state(&rec.id, state::DESTROYED).await;
         let _ = self.store.release_lease(&rec.id, self.worker_id()).await;
         self.events.publish(
             kind::RECONCILE_ACTION,

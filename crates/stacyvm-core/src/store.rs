@@ -221,6 +221,33 @@ pub struct LeaseRecord {
     pub updated_at: DateTime<Utc>,
 }
 
+impl LeaseRecord {
+    /// The fencing token this lease gives its holder.
+    pub fn fence(&self) -> Fence {
+        Fence {
+            holder_id: self.holder_id.clone(),
+            generation: self.generation,
+        }
+    }
+}
+
+/// A fencing token: who holds a sandbox's lease, at which generation.
+///
+/// A fenced write lands only while the sandbox's lease row still has this
+/// holder and generation; a writer whose lease was taken over since gets
+/// a `Conflict` and changes nothing (S-11).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub holder_id: String,
+    pub generation: i64,
+}
+
+impl std::fmt::Display for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.holder_id, self.generation)
+    }
+}
+
 /// Persistence for everything the control plane remembers.
 #[async_trait]
 pub trait Store: Debug + Send + Sync + 'static {
@@ -242,16 +269,30 @@ pub trait Store: Debug + Send + Sync + 'static {
         max_total: i64,
         max_per_owner: i64,
     ) -> Result<()>;
-    /// Records a spawned sandbox's state and runtime id.
-    async fn set_sandbox_runtime(&self, id: &str, state: &str, vm_id: &str) -> Result<()>;
+    /// Records a spawned sandbox's state and runtime id. With a fence,
+    /// only while the lease still matches it (else `Conflict`).
+    async fn set_sandbox_runtime(
+        &self,
+        id: &str,
+        state: &str,
+        vm_id: &str,
+        fence: Option<&Fence>,
+    ) -> Result<()>;
     /// Any sandbox, destroyed or not; unknown id is not-found.
     async fn get_sandbox(&self, id: &str) -> Result<SandboxRecord>;
     /// Non-destroyed sandboxes, newest first.
     async fn list_active_sandboxes(&self) -> Result<Vec<SandboxRecord>>;
-    /// Sets the state (and `updated_at`); unknown id is not-found.
-    async fn set_sandbox_state(&self, id: &str, state: &str) -> Result<()>;
-    /// Sets `expires_at` of a non-destroyed sandbox; else not-found.
-    async fn set_sandbox_expiry(&self, id: &str, expires_at: DateTime<Utc>) -> Result<()>;
+    /// Sets the state (and `updated_at`); unknown id is not-found. With a
+    /// fence, only while the lease still matches it (else `Conflict`).
+    async fn set_sandbox_state(&self, id: &str, state: &str, fence: Option<&Fence>) -> Result<()>;
+    /// Sets `expires_at` of a non-destroyed sandbox; else not-found. With a
+    /// fence, only while the lease still matches it (else `Conflict`).
+    async fn set_sandbox_expiry(
+        &self,
+        id: &str,
+        expires_at: DateTime<Utc>,
+        fence: Option<&Fence>,
+    ) -> Result<()>;
     /// Non-destroyed sandboxes with `expires_at < now`.
     async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>>;
 

@@ -684,7 +684,7 @@ async fn extend_admission_and_prune() {
     );
     s.manager
         .store()
-        .set_sandbox_expiry(&id, chrono::Utc::now() - chrono::Duration::seconds(1))
+        .set_sandbox_expiry(&id, chrono::Utc::now() - chrono::Duration::seconds(1), None)
         .await
         .expect("expire");
     let (st, v) = s.delete("/sandboxes").await;

@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use chrono::Utc;
 use stacyvm_core::store::{
-    AdminAuditRecord, ExecLogRecord, OpAuditFilter, OpAuditRecord, QuotaRecord, SandboxRecord,
-    SnapshotRecord, Store, TemplateRecord, WorkerRecord,
+    AdminAuditRecord, ExecLogRecord, Fence, OpAuditFilter, OpAuditRecord, QuotaRecord,
+    SandboxRecord, SnapshotRecord, Store, TemplateRecord, WorkerRecord,
 };
 use stacyvm_core::ErrorKind;
 
@@ -56,7 +56,7 @@ pub async fn sandbox_lifecycle(s: &dyn Store) {
     assert_eq!(dup.kind(), ErrorKind::Conflict);
     let missing = s.get_sandbox("sb-ffffffff").await.expect_err("missing");
     assert_eq!(missing.kind(), ErrorKind::NotFound);
-    s.set_sandbox_state("sb-00000001", "destroyed")
+    s.set_sandbox_state("sb-00000001", "destroyed", None)
         .await
         .expect("destroy");
     assert!(s.list_active_sandboxes().await.expect("list").is_empty());
@@ -68,12 +68,12 @@ pub async fn sandbox_lifecycle(s: &dyn Store) {
         "destroyed"
     );
     let e = s
-        .set_sandbox_expiry("sb-00000001", Utc::now())
+        .set_sandbox_expiry("sb-00000001", Utc::now(), None)
         .await
         .expect_err("expiry of destroyed");
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert_eq!(
-        s.set_sandbox_state("sb-ffffffff", "x")
+        s.set_sandbox_state("sb-ffffffff", "x", None)
             .await
             .expect_err("state of missing")
             .kind(),
@@ -88,7 +88,7 @@ pub async fn sandbox_listing_order_and_expiry(s: &dyn Store) {
     let list = s.list_active_sandboxes().await.expect("list");
     let ids: Vec<&str> = list.iter().map(|r| r.id.as_str()).collect();
     assert_eq!(ids, vec!["sb-0000000b", "sb-0000000a"], "newest first");
-    s.set_sandbox_expiry(&a.id, Utc::now() - chrono::Duration::seconds(1))
+    s.set_sandbox_expiry(&a.id, Utc::now() - chrono::Duration::seconds(1), None)
         .await
         .expect("expire");
     let expired = s.list_expired_sandboxes(Utc::now()).await.expect("expired");
@@ -145,7 +145,7 @@ pub async fn retention(s: &dyn Store) {
     assert_eq!(logs[0].command, "echo 2");
     // A live sandbox is never removed, however old; a destroyed one is,
     // together with its logs, once it is past the cutoff.
-    s.set_sandbox_state("sb-0000a002", "destroyed")
+    s.set_sandbox_state("sb-0000a002", "destroyed", None)
         .await
         .expect("destroy");
     let n = s
@@ -153,7 +153,7 @@ pub async fn retention(s: &dyn Store) {
         .await
         .expect("prune");
     assert_eq!(n, 0, "destroyed just now");
-    s.set_sandbox_state("sb-0000a001", "destroyed")
+    s.set_sandbox_state("sb-0000a001", "destroyed", None)
         .await
         .expect("destroy");
     let n = s
@@ -498,7 +498,7 @@ pub async fn admission(s: &dyn Store) {
     }
     // Destroyed rows free their slots; per-owner limits count the owner only.
     for r in &recs {
-        let _ = s.set_sandbox_state(&r.id, "destroyed").await;
+        let _ = s.set_sandbox_state(&r.id, "destroyed", None).await;
     }
     let results = futures::future::join_all(
         (20..30)
@@ -519,7 +519,7 @@ pub async fn admission(s: &dyn Store) {
     s.insert_sandbox_admitted(&sample(41, ""), 0, 1)
         .await
         .expect("no owner, no per-owner limit");
-    s.set_sandbox_runtime("sb-ad000040", "running", "vm-1")
+    s.set_sandbox_runtime("sb-ad000040", "running", "vm-1", None)
         .await
         .expect("runtime");
     let got = s.get_sandbox("sb-ad000040").await.expect("get");
@@ -528,7 +528,7 @@ pub async fn admission(s: &dyn Store) {
         ("running", "vm-1")
     );
     assert_eq!(
-        s.set_sandbox_runtime("sb-ffffffff", "running", "")
+        s.set_sandbox_runtime("sb-ffffffff", "running", "", None)
             .await
             .expect_err("missing")
             .kind(),
@@ -562,6 +562,98 @@ pub async fn lease_race(s: &dyn Store) {
         let held = s.get_lease(&resource).await.expect("lease");
         assert_eq!(held.holder_id, winners[0].holder_id);
     }
+}
+
+/// Fenced sandbox writes land only under the lease they name: a holder
+/// whose lease was taken over (a newer generation, or another holder)
+/// changes nothing and gets `Conflict`; an unknown sandbox stays
+/// `NotFound`; concurrent fenced writers with the same stale fence all
+/// fail.
+pub async fn fenced_writes(s: &dyn Store) {
+    let ttl = Duration::from_secs(60);
+    let rec = insert_sample(s, "sb-fe000001").await;
+    let first = s
+        .acquire_lease(&rec.id, "sandbox", "w1", ttl)
+        .await
+        .expect("acquire")
+        .fence();
+    s.set_sandbox_state(&rec.id, "running", Some(&first))
+        .await
+        .expect("write under the current lease");
+    s.set_sandbox_runtime(&rec.id, "running", "vm-9", Some(&first))
+        .await
+        .expect("runtime under the current lease");
+    let later = now() + chrono::Duration::seconds(600);
+    s.set_sandbox_expiry(&rec.id, later, Some(&first))
+        .await
+        .expect("expiry under the current lease");
+    // The holder takes the lease again (a destroy does): the old
+    // generation is stale from now on.
+    let second = s
+        .acquire_lease(&rec.id, "sandbox", "w1", ttl)
+        .await
+        .expect("re-acquire")
+        .fence();
+    assert_eq!(second.generation, first.generation + 1);
+    let stale = [
+        s.set_sandbox_state(&rec.id, "error", Some(&first)).await,
+        s.set_sandbox_runtime(&rec.id, "error", "vm-x", Some(&first))
+            .await,
+        s.set_sandbox_expiry(&rec.id, now(), Some(&first)).await,
+    ];
+    for r in stale {
+        let e = r.expect_err("stale generation");
+        assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+        assert!(e.to_string().contains("stale lease"), "{e}");
+        assert!(e.to_string().contains("w1:2"), "names the lease now: {e}");
+    }
+    // Another holder with the right generation number is refused too.
+    let forged = Fence {
+        holder_id: "w2".into(),
+        generation: second.generation,
+    };
+    let e = s
+        .set_sandbox_state(&rec.id, "error", Some(&forged))
+        .await
+        .expect_err("wrong holder");
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    let got = s.get_sandbox(&rec.id).await.expect("get");
+    assert_eq!(got.state, "running", "no stale write landed");
+    assert_eq!(got.vm_id, "vm-9");
+    assert_eq!(got.expires_at, later);
+    // Many writers racing with the stale fence: none lands.
+    let racers = (0..8).map(|_| s.set_sandbox_state(&rec.id, "error", Some(&first)));
+    for r in futures::future::join_all(racers).await {
+        assert_eq!(r.expect_err("stale racer").kind(), ErrorKind::Conflict);
+    }
+    assert_eq!(s.get_sandbox(&rec.id).await.expect("get").state, "running");
+    // No lease at all: a fenced write is a conflict, an unknown sandbox
+    // is not-found, a destroyed one is not-found for expiry.
+    s.release_lease(&rec.id, "w1").await.expect("release");
+    let e = s
+        .set_sandbox_state(&rec.id, "error", Some(&second))
+        .await
+        .expect_err("released lease");
+    assert_eq!(e.kind(), ErrorKind::Conflict);
+    assert!(e.to_string().contains("no lease"), "{e}");
+    let e = s
+        .set_sandbox_state("sb-fe0000ff", "error", Some(&second))
+        .await
+        .expect_err("unknown");
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    let third = s
+        .acquire_lease(&rec.id, "sandbox", "w1", ttl)
+        .await
+        .expect("acquire again")
+        .fence();
+    s.set_sandbox_state(&rec.id, "destroyed", Some(&third))
+        .await
+        .expect("destroy under the lease");
+    let e = s
+        .set_sandbox_expiry(&rec.id, later, Some(&third))
+        .await
+        .expect_err("destroyed");
+    assert_eq!(e.kind(), ErrorKind::NotFound);
 }
 
 pub async fn concurrent_writers(s: &dyn Store) {
@@ -599,7 +691,7 @@ macro_rules! store_contract_tests {
         mod $engine {
             #[allow(unused_imports)]
             use super::*;
-            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, admission, concurrent_writers, snapshots);
+            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, fenced_writes, admission, concurrent_writers, snapshots);
         }
     };
     (@case $make:expr, $($case:ident),*) => {

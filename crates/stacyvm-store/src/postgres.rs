@@ -13,8 +13,8 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 use stacyvm_core::store::{
-    AdminAuditFilter, AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditFilter, OpAuditRecord,
-    PolicyRecord, QuotaRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
+    AdminAuditFilter, AdminAuditRecord, ExecLogRecord, Fence, LeaseRecord, OpAuditFilter,
+    OpAuditRecord, PolicyRecord, QuotaRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
     TenantMemberRecord, TenantRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
@@ -313,6 +313,16 @@ async fn migrate_locked(conn: &mut sqlx::PgConnection) -> Result<()> {
     Ok(())
 }
 
+type Query<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Binds a fence's holder and generation (see [`rows::fence_clause`]).
+fn bind_fence<'q>(q: Query<'q>, fence: Option<&'q Fence>) -> Query<'q> {
+    match fence {
+        Some(f) => q.bind(f.holder_id.as_str()).bind(f.generation),
+        None => q,
+    }
+}
+
 fn not_found_if_zero(rows: u64, what: String) -> Result<()> {
     if rows == 0 {
         Err(Error::not_found(what))
@@ -376,18 +386,30 @@ impl Store for PostgresStore {
         tx.commit().await.map_err(db_err)
     }
 
-    async fn set_sandbox_runtime(&self, id: &str, state: &str, vm_id: &str) -> Result<()> {
-        let r = sqlx::query(
-            "UPDATE sandboxes SET state = $1, vm_id = $2, updated_at = $3 WHERE id = $4",
-        )
-        .bind(state)
-        .bind(vm_id)
-        .bind(Utc::now())
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(db_err)?;
-        not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
+    async fn set_sandbox_runtime(
+        &self,
+        id: &str,
+        state: &str,
+        vm_id: &str,
+        fence: Option<&Fence>,
+    ) -> Result<()> {
+        let sql = format!(
+            "UPDATE sandboxes SET state = $1, vm_id = $2, updated_at = $3 WHERE id = $4{}",
+            fence.map_or(String::new(), |_| rows::fence_clause(Some(5)))
+        );
+        let q = sqlx::query(&sql)
+            .bind(state)
+            .bind(vm_id)
+            .bind(Utc::now())
+            .bind(id);
+        let r = bind_fence(q, fence)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        if r.rows_affected() == 0 {
+            return Err(rows::update_missed(self, id, fence, false).await);
+        }
+        Ok(())
     }
 
     async fn get_sandbox(&self, id: &str) -> Result<SandboxRecord> {
@@ -410,28 +432,41 @@ impl Store for PostgresStore {
         rows.iter().map(rows::sandbox).collect()
     }
 
-    async fn set_sandbox_state(&self, id: &str, state: &str) -> Result<()> {
-        let r = sqlx::query("UPDATE sandboxes SET state = $1, updated_at = $2 WHERE id = $3")
-            .bind(state)
-            .bind(Utc::now())
-            .bind(id)
+    async fn set_sandbox_state(&self, id: &str, state: &str, fence: Option<&Fence>) -> Result<()> {
+        let sql = format!(
+            "UPDATE sandboxes SET state = $1, updated_at = $2 WHERE id = $3{}",
+            fence.map_or(String::new(), |_| rows::fence_clause(Some(4)))
+        );
+        let q = sqlx::query(&sql).bind(state).bind(Utc::now()).bind(id);
+        let r = bind_fence(q, fence)
             .execute(&self.pool)
             .await
             .map_err(db_err)?;
-        not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
+        if r.rows_affected() == 0 {
+            return Err(rows::update_missed(self, id, fence, false).await);
+        }
+        Ok(())
     }
 
-    async fn set_sandbox_expiry(&self, id: &str, expires_at: DateTime<Utc>) -> Result<()> {
-        let r = sqlx::query(
-            "UPDATE sandboxes SET expires_at = $1, updated_at = $2 WHERE id = $3 AND state != 'destroyed'",
-        )
-        .bind(expires_at)
-        .bind(Utc::now())
-        .bind(id)
-        .execute(&self.pool)
-        .await
-        .map_err(db_err)?;
-        not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
+    async fn set_sandbox_expiry(
+        &self,
+        id: &str,
+        expires_at: DateTime<Utc>,
+        fence: Option<&Fence>,
+    ) -> Result<()> {
+        let sql = format!(
+            "UPDATE sandboxes SET expires_at = $1, updated_at = $2 WHERE id = $3 AND state != 'destroyed'{}",
+            fence.map_or(String::new(), |_| rows::fence_clause(Some(4)))
+        );
+        let q = sqlx::query(&sql).bind(expires_at).bind(Utc::now()).bind(id);
+        let r = bind_fence(q, fence)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        if r.rows_affected() == 0 {
+            return Err(rows::update_missed(self, id, fence, true).await);
+        }
+        Ok(())
     }
 
     async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>> {

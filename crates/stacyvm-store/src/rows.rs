@@ -200,6 +200,46 @@ pub(crate) fn snapshot(r: &impl Cols) -> Result<SnapshotRecord> {
     })
 }
 
+/// `AND EXISTS (…)`: the sandbox's lease still has the fence's holder and
+/// generation. `first` numbers Postgres placeholders (`$n`); `None` uses
+/// SQLite's `?`. Bind the holder, then the generation.
+pub(crate) fn fence_clause(first: Option<usize>) -> String {
+    let (h, g) = match first {
+        Some(n) => (format!("${n}"), format!("${}", n + 1)),
+        None => ("?".to_string(), "?".to_string()),
+    };
+    format!(
+        " AND EXISTS (SELECT 1 FROM leases WHERE leases.resource_id = sandboxes.id \
+         AND leases.holder_id = {h} AND leases.generation = {g})"
+    )
+}
+
+/// Why a sandbox update changed no row: the sandbox is not there (or, for
+/// `live_only`, destroyed), or its lease moved on from the fence.
+pub(crate) async fn update_missed(
+    store: &(impl stacyvm_core::store::Store + ?Sized),
+    id: &str,
+    fence: Option<&stacyvm_core::store::Fence>,
+    live_only: bool,
+) -> Error {
+    let missing = Error::not_found(format!("sandbox {id:?}"));
+    let Some(f) = fence else { return missing };
+    match store.get_sandbox(id).await {
+        Ok(rec) if !(live_only && rec.state == "destroyed") => {
+            let now = match store.get_lease(id).await {
+                Ok(l) => l.fence().to_string(),
+                Err(_) => "no lease".to_string(),
+            };
+            Error::conflict(format!(
+                "stale lease for sandbox {id:?}: acting as {f}, the lease is now {now}"
+            ))
+        }
+        Ok(_) => missing,
+        Err(e) if e.kind() == stacyvm_core::ErrorKind::NotFound => missing,
+        Err(e) => e,
+    }
+}
+
 /// The admission rule of [`stacyvm_core::store::Store::insert_sandbox_admitted`],
 /// given the live counts before `rec`.
 pub(crate) fn admit(

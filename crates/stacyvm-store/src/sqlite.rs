@@ -11,8 +11,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlitePool};
 use stacyvm_core::store::{
-    AdminAuditFilter, AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditFilter, OpAuditRecord,
-    PolicyRecord, QuotaRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
+    AdminAuditFilter, AdminAuditRecord, ExecLogRecord, Fence, LeaseRecord, OpAuditFilter,
+    OpAuditRecord, PolicyRecord, QuotaRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
     TenantMemberRecord, TenantRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
@@ -169,6 +169,16 @@ impl Cols for SqliteRow {
     }
 }
 
+type Query<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Binds a fence's holder and generation (see [`rows::fence_clause`]).
+fn bind_fence<'q>(q: Query<'q>, fence: Option<&'q Fence>) -> Query<'q> {
+    match fence {
+        Some(f) => q.bind(f.holder_id.as_str()).bind(f.generation),
+        None => q,
+    }
+}
+
 fn not_found_if_zero(rows: u64, what: String) -> Result<()> {
     if rows == 0 {
         Err(Error::not_found(what))
@@ -268,17 +278,30 @@ impl Store for SqliteStore {
         tx.commit().await.map_err(db_err)
     }
 
-    async fn set_sandbox_runtime(&self, id: &str, state: &str, vm_id: &str) -> Result<()> {
-        let r =
-            sqlx::query("UPDATE sandboxes SET state = ?, vm_id = ?, updated_at = ? WHERE id = ?")
-                .bind(state)
-                .bind(vm_id)
-                .bind(ts(Utc::now()))
-                .bind(id)
-                .execute(&self.writer)
-                .await
-                .map_err(db_err)?;
-        not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
+    async fn set_sandbox_runtime(
+        &self,
+        id: &str,
+        state: &str,
+        vm_id: &str,
+        fence: Option<&Fence>,
+    ) -> Result<()> {
+        let sql = format!(
+            "UPDATE sandboxes SET state = ?, vm_id = ?, updated_at = ? WHERE id = ?{}",
+            fence.map_or(String::new(), |_| rows::fence_clause(None))
+        );
+        let q = sqlx::query(&sql)
+            .bind(state)
+            .bind(vm_id)
+            .bind(ts(Utc::now()))
+            .bind(id);
+        let r = bind_fence(q, fence)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        if r.rows_affected() == 0 {
+            return Err(rows::update_missed(self, id, fence, false).await);
+        }
+        Ok(())
     }
 
     async fn get_sandbox(&self, id: &str) -> Result<SandboxRecord> {
@@ -301,26 +324,44 @@ impl Store for SqliteStore {
         rows.iter().map(rows::sandbox).collect()
     }
 
-    async fn set_sandbox_state(&self, id: &str, state: &str) -> Result<()> {
-        let r = sqlx::query("UPDATE sandboxes SET state = ?, updated_at = ? WHERE id = ?")
-            .bind(state)
-            .bind(ts(Utc::now()))
-            .bind(id)
+    async fn set_sandbox_state(&self, id: &str, state: &str, fence: Option<&Fence>) -> Result<()> {
+        let sql = format!(
+            "UPDATE sandboxes SET state = ?, updated_at = ? WHERE id = ?{}",
+            fence.map_or(String::new(), |_| rows::fence_clause(None))
+        );
+        let q = sqlx::query(&sql).bind(state).bind(ts(Utc::now())).bind(id);
+        let r = bind_fence(q, fence)
             .execute(&self.writer)
             .await
             .map_err(db_err)?;
-        not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
+        if r.rows_affected() == 0 {
+            return Err(rows::update_missed(self, id, fence, false).await);
+        }
+        Ok(())
     }
 
-    async fn set_sandbox_expiry(&self, id: &str, expires_at: DateTime<Utc>) -> Result<()> {
-        let r = sqlx::query("UPDATE sandboxes SET expires_at = ?, updated_at = ? WHERE id = ? AND state != 'destroyed'")
+    async fn set_sandbox_expiry(
+        &self,
+        id: &str,
+        expires_at: DateTime<Utc>,
+        fence: Option<&Fence>,
+    ) -> Result<()> {
+        let sql = format!(
+            "UPDATE sandboxes SET expires_at = ?, updated_at = ? WHERE id = ? AND state != 'destroyed'{}",
+            fence.map_or(String::new(), |_| rows::fence_clause(None))
+        );
+        let q = sqlx::query(&sql)
             .bind(ts(expires_at))
             .bind(ts(Utc::now()))
-            .bind(id)
+            .bind(id);
+        let r = bind_fence(q, fence)
             .execute(&self.writer)
             .await
             .map_err(db_err)?;
-        not_found_if_zero(r.rows_affected(), format!("sandbox {id:?}"))
+        if r.rows_affected() == 0 {
+            return Err(rows::update_missed(self, id, fence, true).await);
+        }
+        Ok(())
     }
 
     async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>> {

@@ -202,6 +202,8 @@ async fn serve_rpc(
         registry.clone(),
         stacyvm_cluster::rpc::RpcAuth::from_config(cfg, id),
     );
+    rpc.persist_fences(std::path::Path::new(&cfg.server.data_dir).join("worker-fences.json"))
+        .map_err(anyhow::Error::msg)?;
     let tls = if cfg.worker.rpc_tls.enabled {
         Some(stacyvm_cluster::tls::server_config(&cfg.worker.rpc_tls)?)
     } else {

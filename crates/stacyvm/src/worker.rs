@@ -364,6 +364,8 @@ async fn run_worker(a: RunArgs) -> Result<()> {
     };
 
     let rpc = WorkerRpc::new(registry.clone(), RpcAuth::from_config(&cfg, &id));
+    rpc.persist_fences(std::path::Path::new(&cfg.server.data_dir).join("worker-fences.json"))
+        .map_err(anyhow::Error::msg)?;
     let capabilities: Vec<String> = {
         let mut c: Vec<String> = vec!["remote_worker".into(), "heartbeat".into()];
         for p in registry.all() {

@@ -536,6 +536,24 @@ async fn two_control_planes_two_workers_over_mutual_tls() {
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    // The restarted worker still refuses the lease generations it had
+    // seen before the kill (its fences are kept on disk).
+    for id in &on["w1"] {
+        let r = good
+            .post(format!("{w1_url}/exec"))
+            .header("X-Worker-ID", "w1")
+            .header("X-Worker-Token", RPC_TOKEN)
+            .header("X-Stacyvm-Lease", "w1:0")
+            .json(&json!({"sandbox_id": id, "command": "true"}))
+            .send()
+            .await
+            .expect("exec");
+        assert_eq!(
+            r.status().as_u16(),
+            409,
+            "a restarted worker must still refuse a stale lease generation for {id}"
+        );
+    }
     for id in &on["w1"] {
         let (st, v) = b.exec(id, "echo back").await;
         assert_eq!(st, 200, "{id} after the worker's restart: {v}");

@@ -133,7 +133,16 @@ impl Manager {
                 (false, state::UNHEALTHY) => state::RUNNING,
                 _ => continue,
             };
-            self.store.set_sandbox_state(&rec.id, next).await?;
+            // Under the worker's lease as read now: a sandbox whose lease
+            // changes hands meanwhile is left to its new holder.
+            match self
+                .set_state_under_lease(&rec.id, &rec.worker_id, next)
+                .await
+            {
+                Ok(()) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::Conflict | ErrorKind::NotFound) => continue,
+                Err(e) => return Err(e),
+            }
             self.cache.write().remove(&rec.id);
             let kind = if next == state::UNHEALTHY {
                 crate::events::kind::SANDBOX_UNHEALTHY
