@@ -49,7 +49,7 @@ use tokio::sync::mpsc;
 use crate::token::{Audience, Scope, Verifier};
 
 /// Extensions this server implements.
-pub const EXTENSIONS: [&str; 10] = [
+pub const EXTENSIONS: [&str; 12] = [
     "exit_status",
     "stdin",
     "timeout",
@@ -60,6 +60,8 @@ pub const EXTENSIONS: [&str; 10] = [
     "user",
     "logs",
     "fenced",
+    "stats",
+    "watch",
 ];
 
 /// Largest JSON request body (file writes in JSON are small; big files go
@@ -187,6 +189,8 @@ impl WorkerRpc {
             .route("/status/{id}", get(status))
             .route("/sandboxes/{id}", delete(destroy))
             .route("/logs/{id}", get(logs))
+            .route("/stats/{id}", get(stats))
+            .route("/files/watch", get(watch_files))
             .layer(middleware::from_fn_with_state(self.clone(), authenticate))
             .with_state(self.clone())
     }
@@ -429,7 +433,7 @@ fn scope_of(path: &str, method: &axum::http::Method) -> Option<Scope> {
         "spawn" => Some(Scope::Spawn),
         "exec" => Some(Scope::Exec),
         "files" => Some(Scope::Files),
-        "status" => Some(Scope::Status),
+        "status" | "stats" => Some(Scope::Status),
         "logs" => Some(Scope::Logs),
         "sandboxes" if method == axum::http::Method::DELETE => Some(Scope::Destroy),
         _ => Some(Scope::Spawn),
@@ -982,6 +986,79 @@ async fn destroy(
     w.forget_fence(&id);
     tracing::info!(sandbox_id = %id, "sandbox destroyed for the control plane");
     ok(json!({}))
+}
+
+async fn stats(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Answer {
+    let id = w.target(&h, &id)?;
+    let s = w.provider(&h)?.stats(&id).await?;
+    ok(json!({
+        "cpu_pct": s.cpu_pct,
+        "mem_bytes": s.mem_bytes,
+        "mem_limit_bytes": s.mem_limit_bytes,
+    }))
+}
+
+#[derive(Deserialize)]
+struct WatchQuery {
+    sandbox_id: String,
+    path: String,
+    #[serde(default)]
+    recursive: bool,
+}
+
+/// How often an idle watch stream says it is alive (a control plane that
+/// went away is noticed on the next write).
+const WATCH_KEEPALIVE: Duration = Duration::from_secs(15);
+
+/// `GET /files/watch?sandbox_id=&path=&recursive=`: NDJSON, one
+/// `{"events": [{"name", "op"}]}` per batch, `{}` keepalives, and a last
+/// `{"error", "kind"}` if the watch fails. The stream ends when the
+/// directory goes away; the watch ends when the caller hangs up.
+async fn watch_files(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    Query(q): Query<WatchQuery>,
+) -> Answer {
+    let id = w.target(&h, &q.sandbox_id)?;
+    let mut events = w
+        .provider(&h)?
+        .watch_dir(&id, &path_of(&q.path)?, q.recursive)
+        .await?;
+    let (tx, rx) = mpsc::channel::<axum::body::Bytes>(16);
+    tokio::spawn(async move {
+        let mut keepalive = tokio::time::interval(WATCH_KEEPALIVE);
+        keepalive.tick().await;
+        loop {
+            let line = tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(Ok(batch)) => json!({"events": batch
+                        .iter()
+                        .map(|e| json!({"name": e.name, "op": e.op.as_str()}))
+                        .collect::<Vec<_>>()}),
+                    Some(Err(e)) => {
+                        let (_, kind) = kind_of(e.kind());
+                        let _ = tx.send(record(&json!({"error": e.to_string(), "kind": kind}))).await;
+                        return;
+                    }
+                    None => return,
+                },
+                _ = keepalive.tick() => json!({}),
+                () = tx.closed() => return,
+            };
+            if tx.send(record(&line)).await.is_err() {
+                return;
+            }
+        }
+    });
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(Ok::<_, std::io::Error>);
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .map_err(|e| Fail::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
 }
 
 #[derive(Deserialize)]

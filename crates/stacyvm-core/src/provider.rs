@@ -101,6 +101,31 @@ pub enum FsOp {
     Chmod,
 }
 
+impl FsOp {
+    /// The wire name (`create`, `write`, `remove`, `rename`, `chmod`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsOp::Create => "create",
+            FsOp::Write => "write",
+            FsOp::Remove => "remove",
+            FsOp::Rename => "rename",
+            FsOp::Chmod => "chmod",
+        }
+    }
+
+    /// The op a wire name names; `None` for any other word.
+    pub fn parse(s: &str) -> Option<FsOp> {
+        Some(match s {
+            "create" => FsOp::Create,
+            "write" => FsOp::Write,
+            "remove" => FsOp::Remove,
+            "rename" => FsOp::Rename,
+            "chmod" => FsOp::Chmod,
+            _ => return None,
+        })
+    }
+}
+
 /// A running directory watch: batches of events; `None` once the watch
 /// ends (the directory went away), an `Err` when it fails.
 pub type FsEvents = mpsc::Receiver<Result<Vec<FsEvent>>>;

@@ -405,6 +405,60 @@ pub async fn watch_dir_reports_changes(f: &dyn Fixture) {
     p.destroy(&id).await.expect("destroy");
 }
 
+/// Providers that announce `stats` report a running sandbox's CPU and
+/// memory (a sandbox holding 64 MiB shows at least that much); the rest
+/// refuse with `Unsupported`. A destroyed sandbox has no stats.
+pub async fn stats_report_usage(f: &dyn Fixture) {
+    use stacyvm_core::provider::capability;
+    let p = f.provider();
+    let id = spawn(p.as_ref(), &f.image()).await;
+    // Capabilities are what the last health check learnt.
+    p.health().await.expect("health");
+    let announced = p.capabilities().iter().any(|c| c == capability::STATS);
+    if !announced {
+        let e = p.stats(&id).await.expect_err("stats not announced");
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        p.destroy(&id).await.expect("destroy");
+        return;
+    }
+    // Hold 64 MiB in one process while sampling (awk doubles a string:
+    // no pipe, few syscalls, fast under TCG, ptrace and gVisor alike).
+    let holder = {
+        let p = p.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            sh(
+                p.as_ref(),
+                &id,
+                "awk 'BEGIN { s = \"a\"; while (length(s) < 67108864) s = s s; system(\"sleep 120\"); print length(s) }'",
+            )
+            .await
+        })
+    };
+    let mut peak = 0u64;
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while std::time::Instant::now() < deadline {
+        let s = p.stats(&id).await.expect("stats");
+        assert!(s.cpu_pct.is_finite() && s.cpu_pct >= 0.0, "{s:?}");
+        assert!(
+            s.mem_limit_bytes == 0 || s.mem_bytes <= s.mem_limit_bytes,
+            "{s:?}"
+        );
+        peak = peak.max(s.mem_bytes);
+        if peak >= 64 << 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    holder.abort();
+    assert!(
+        peak >= 64 << 20,
+        "a sandbox holding 64 MiB reported at most {peak} bytes"
+    );
+    p.destroy(&id).await.expect("destroy");
+    assert!(p.stats(&id).await.is_err(), "stats of a destroyed sandbox");
+}
+
 pub async fn streaming(f: &dyn Fixture) {
     let p = f.provider();
     let id = spawn(p.as_ref(), &f.image()).await;
@@ -1209,7 +1263,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@optional $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
-                exec_as_user, watch_dir_reports_changes, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
+                exec_as_user, watch_dir_reports_changes, stats_report_usage, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);
@@ -1229,7 +1283,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@cases $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
-                exec_as_user, watch_dir_reports_changes, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
+                exec_as_user, watch_dir_reports_changes, stats_report_usage, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);

@@ -179,9 +179,6 @@ impl conformance::Fixture for Fixture {
         // A new client reaches the same worker.
         true
     }
-    fn supports_watch(&self) -> bool {
-        false
-    }
 }
 
 stacyvm_providers::conformance_tests!(worker_rpc_conformance, fixture());

@@ -1811,11 +1811,18 @@ impl Provider for DockerProvider {
         });
         let mem = st.memory_stats.unwrap_or_default();
         let usage = mem.usage.unwrap_or(0);
-        // Page cache is reclaimable: v1 reports it as `cache`, v2 as `file`.
+        // Inactive file pages are reclaimable and not the sandbox's use
+        // (v1: `total_inactive_file`, v2: `inactive_file`). Not all of
+        // `cache`: that holds shared memory too (tmpfs, and gVisor's whole
+        // application memory, which lives in a memfd).
         let cache = mem
             .stats
             .as_ref()
-            .and_then(|s| s.get("cache").or_else(|| s.get("file")).copied())
+            .and_then(|s| {
+                s.get("total_inactive_file")
+                    .or_else(|| s.get("inactive_file"))
+                    .copied()
+            })
             .unwrap_or(0);
         Ok(Stats {
             cpu_pct: spec::cpu_percent(

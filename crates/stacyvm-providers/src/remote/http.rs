@@ -30,9 +30,9 @@ use serde_json::{json, Map, Value};
 use stacyvm_api::FileInfo;
 use stacyvm_core::config::{Config, CustomConfig};
 use stacyvm_core::provider::{
-    capability, format_mod_time, format_mode, ExecInput, ExecSpec, ExitStatus, FileStream,
-    Isolation, OutputChunk, OutputSink, Profile, Provider, RuntimeStatus, SpawnSpec, Spawned,
-    StreamKind,
+    capability, format_mod_time, format_mode, ExecInput, ExecSpec, ExitStatus, FileStream, FsEvent,
+    FsEvents, FsOp, Isolation, OutputChunk, OutputSink, Profile, Provider, RuntimeStatus,
+    SpawnSpec, Spawned, Stats, StreamKind,
 };
 use stacyvm_core::{paths, Error, ErrorKind, Result};
 use tokio::sync::mpsc;
@@ -54,6 +54,9 @@ const MAX_REASON_BYTES: usize = 4096;
 const REASON_TIMEOUT: Duration = Duration::from_secs(5);
 /// Characters of the reason quoted in an error message.
 const MAX_REASON_CHARS: usize = 512;
+/// Longest a directory watch stays open (the caller ends it sooner by
+/// dropping its receiver).
+const MAX_WATCH: Duration = Duration::from_secs(24 * 3600);
 /// Deadline of a best-effort cleanup request.
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time the backend gets beyond an exec's own timeout to report it.
@@ -91,11 +94,17 @@ pub struct Extensions {
     pub user: bool,
     /// (StacyVM workers) `GET /logs/{id}?lines=` answers `{"lines": […]}`.
     pub logs: bool,
+    /// (StacyVM workers) `GET /stats/{id}` answers `{"cpu_pct",
+    /// "mem_bytes", "mem_limit_bytes"}`.
+    pub stats: bool,
+    /// (StacyVM workers) `GET /files/watch?sandbox_id=&path=&recursive=`
+    /// streams NDJSON `{"events": [{"name", "op"}]}` batches.
+    pub watch: bool,
 }
 
 impl Extensions {
     /// Every extension name this provider understands.
-    pub const ALL: [&'static str; 9] = [
+    pub const ALL: [&'static str; 11] = [
         "exit_status",
         "stdin",
         "timeout",
@@ -105,6 +114,8 @@ impl Extensions {
         "pty",
         "user",
         "logs",
+        "stats",
+        "watch",
     ];
 
     /// Reads the `extensions` array of a `/health` answer.
@@ -124,6 +135,8 @@ impl Extensions {
                 "pty" => e.pty = true,
                 "user" => e.user = true,
                 "logs" => e.logs = true,
+                "stats" => e.stats = true,
+                "watch" => e.watch = true,
                 _ => {}
             }
         }
@@ -142,6 +155,8 @@ impl Extensions {
             self.pty,
             self.user,
             self.logs,
+            self.stats,
+            self.watch,
         ];
         let mut out = Vec::new();
         for (name, on) in Self::ALL.iter().zip(flags) {
@@ -1055,6 +1070,46 @@ impl Ndjson {
     }
 }
 
+/// One line of a watch stream: a batch (`{}` keepalives are empty), or
+/// the backend's error.
+fn parse_watch_line(name: &str, line: &[u8]) -> Result<Vec<FsEvent>> {
+    let bad = |why: &str| {
+        Error::unavailable(format!(
+            "{name}: GET /files/watch: {why}: {}",
+            clean_reason(&String::from_utf8_lossy(&line[..line.len().min(200)]))
+        ))
+    };
+    let v: Value = serde_json::from_slice(line).map_err(|_| bad("not a JSON line"))?;
+    if let Some(err) = v.get("error") {
+        let reason = err.as_str().unwrap_or("watch failed");
+        let kind = v.get("kind").and_then(Value::as_str).and_then(parse_kind);
+        return Err(Error::new(
+            kind.unwrap_or(ErrorKind::ProviderUnavailable),
+            clean_reason(reason),
+        ));
+    }
+    let Some(events) = v.get("events") else {
+        return Ok(Vec::new());
+    };
+    let events = events
+        .as_array()
+        .ok_or_else(|| bad("events is not an array"))?;
+    events
+        .iter()
+        .map(|e| {
+            let name = e.get("name").and_then(Value::as_str);
+            let op = e.get("op").and_then(Value::as_str).and_then(FsOp::parse);
+            match (name, op) {
+                (Some(n), Some(op)) if n.len() <= 4096 && !n.contains('\0') => Ok(FsEvent {
+                    name: n.to_string(),
+                    op,
+                }),
+                _ => Err(bad("an event needs a name and an op")),
+            }
+        })
+        .collect()
+}
+
 /// Reads a FileInfo object the way the contract's backends write it: Go
 /// field names matched case-insensitively (`path`, `size`, `mode`, `IsDir`,
 /// `ModTime`) or snake_case (`is_dir`, `mod_time`); `mode` as an octal or
@@ -1271,6 +1326,8 @@ impl Provider for CustomProvider {
                     ext.pty && ext.interactive && ext.exit_status,
                 ),
                 (capability::EXEC_USER, ext.user),
+                (capability::STATS, ext.stats),
+                (capability::WATCH, ext.watch),
             ] {
                 if reaches(c, on) {
                     caps.push(c.to_string());
@@ -1693,6 +1750,88 @@ impl Provider for CustomProvider {
             }
             Err(e) => Err(e),
         }
+    }
+
+    async fn stats(&self, id: &str) -> Result<Stats> {
+        if !self.extensions().await.stats {
+            return Err(Error::unsupported(format!(
+                "{}: stats (the backend does not declare the stats extension)",
+                self.name
+            )));
+        }
+        let op = "GET /stats";
+        let resp = self
+            .send(op, Some(id), self.request(Method::GET, &["stats", id]))
+            .await?;
+        let v = self.read_json(op, resp, MAX_JSON_BYTES).await?;
+        let num = |k: &str| {
+            v.get(k)
+                .and_then(Value::as_f64)
+                .filter(|n| n.is_finite() && *n >= 0.0)
+        };
+        match (num("cpu_pct"), num("mem_bytes"), num("mem_limit_bytes")) {
+            (Some(cpu), Some(mem), Some(limit)) => Ok(Stats {
+                cpu_pct: cpu,
+                mem_bytes: mem as u64,
+                mem_limit_bytes: limit as u64,
+            }),
+            _ => Err(self.garbage(
+                op,
+                "cpu_pct, mem_bytes and mem_limit_bytes must be non-negative numbers",
+                v.to_string().as_bytes(),
+            )),
+        }
+    }
+
+    async fn watch_dir(&self, id: &str, path: &str, recursive: bool) -> Result<FsEvents> {
+        if !self.extensions().await.watch {
+            return Err(Error::unsupported(format!(
+                "{}: watching directories (the backend does not declare the watch extension)",
+                self.name
+            )));
+        }
+        let op = "GET /files/watch";
+        let rb = self
+            .request(Method::GET, &["files", "watch"])
+            .query(&[
+                ("sandbox_id", id),
+                ("path", path),
+                ("recursive", if recursive { "true" } else { "false" }),
+            ])
+            .header(ACCEPT, HeaderValue::from_static("application/x-ndjson"))
+            .timeout(MAX_WATCH);
+        let resp = self.send(op, Some(id), rb).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            let mut lines = Ndjson::new(resp);
+            loop {
+                let line = tokio::select! {
+                    l = lines.next_line() => l,
+                    () = tx.closed() => return,
+                };
+                let batch = match line {
+                    Ok(Some(l)) => parse_watch_line(&name, &l),
+                    Ok(None) => return,
+                    Err(NdjsonError::TooLong) => Err(Error::unavailable(format!(
+                        "{name}: {op}: a line longer than {MAX_LINE_BYTES} bytes"
+                    ))),
+                    Err(NdjsonError::Transport(e)) => Err(Error::unavailable(format!(
+                        "{name}: {op}: the watch stream broke: {e}"
+                    ))),
+                };
+                let end = batch.is_err();
+                match batch {
+                    Ok(b) if b.is_empty() => continue,
+                    b => {
+                        if tx.send(b).await.is_err() || end {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(rx)
     }
 
     async fn logs(&self, id: &str, lines: usize) -> Result<Vec<String>> {
