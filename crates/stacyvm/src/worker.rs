@@ -31,38 +31,114 @@ pub struct WorkerArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum WorkerCommand {
-    /// Make or read signed worker tokens.
-    Token {
-        #[command(subcommand)]
-        command: TokenCommand,
-    },
+    /// Make, read, verify signed worker tokens, and plan a key rotation.
+    /// `stacyvm worker token <worker-id>` signs (the same as `sign`).
+    Token(TokenArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct TokenArgs {
+    #[command(subcommand)]
+    pub command: Option<TokenCommand>,
+    #[command(flatten)]
+    pub sign: SignArgs,
+}
+
+/// The signing key, inline or from a file.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// The signing key (or --signing-key-file).
+    #[arg(long, env = "STACYVM_AUTH_WORKER_SIGNING_KEY", hide_env_values = true)]
+    signing_key: Option<String>,
+    #[arg(long)]
+    signing_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SignArgs {
+    /// The worker the token is for.
+    worker_id: Option<String>,
+    #[command(flatten)]
+    key: KeyArgs,
+    /// Lifetime, more than 0 and at most 15m.
+    #[arg(long, default_value = "5m")]
+    ttl: String,
+    /// `worker:control-plane` (a worker calling the control plane) or
+    /// `worker:rpc` (a control plane calling a worker).
+    #[arg(long, default_value = "worker:control-plane")]
+    audience: String,
+    /// The token id (default: random); revoke it with
+    /// auth.worker_revoked_token_ids.
+    #[arg(long)]
+    token_id: Option<String>,
+    /// How long from now before the token is valid (default 0s).
+    #[arg(long, default_value = "0s")]
+    not_before: String,
+    /// `token` (the token alone) or `json` (the token and its claims).
+    #[arg(long, default_value = "token", value_parser = ["token", "json"])]
+    format: String,
+    /// A scope to grant (repeatable; default every worker scope).
+    #[arg(long = "scope")]
+    scopes: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum TokenCommand {
     /// Sign a token for a worker (needs the signing key; a control plane
     /// issues them centrally at POST /api/v1/admin/worker-tokens).
-    Sign {
-        /// The worker the token is for.
-        worker_id: String,
-        /// The signing key (or --signing-key-file).
-        #[arg(long, env = "STACYVM_AUTH_WORKER_SIGNING_KEY", hide_env_values = true)]
-        signing_key: Option<String>,
-        #[arg(long)]
-        signing_key_file: Option<PathBuf>,
-        /// Lifetime, at most 15m.
-        #[arg(long, default_value = "5m")]
-        ttl: String,
-        /// `worker:control-plane` (a worker calling the control plane) or
-        /// `worker:rpc` (a control plane calling a worker).
-        #[arg(long, default_value = "worker:control-plane")]
-        audience: String,
-        /// A scope to grant (repeatable; default every worker scope).
-        #[arg(long = "scope")]
-        scopes: Vec<String>,
-    },
+    Sign(SignArgs),
     /// Print a token's claims without checking its signature.
     Inspect { token: String },
+    /// Check a token's signature, lifetime, audience, worker and
+    /// revocation, as a control plane or worker would; exit 1 if it fails.
+    Verify(VerifyArgs),
+    /// Print the steps of a signing-key rotation (no secret is read or
+    /// printed).
+    RotationPlan(RotationArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    token: String,
+    /// Config whose auth.worker_signing_key(s) and
+    /// auth.worker_revoked_token_ids are used too (default: ./stacyvm.yaml,
+    /// then ~/.stacyvm/config.yaml, when present).
+    #[arg(long, short = 'c', env = "STACYVM_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    key: KeyArgs,
+    /// Another key that may have signed it (repeatable; rotation).
+    #[arg(long = "verification-key", hide_env_values = true)]
+    verification_keys: Vec<String>,
+    #[arg(long = "verification-key-file")]
+    verification_key_files: Vec<PathBuf>,
+    /// The audience it must carry.
+    #[arg(long, default_value = "worker:control-plane")]
+    audience: String,
+    /// The worker it must be for.
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// A token id to treat as revoked (repeatable).
+    #[arg(long = "revoked-token-id")]
+    revoked_token_ids: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RotationArgs {
+    /// Where the new key goes (a config key or a file path).
+    #[arg(long, default_value = "auth.worker_signing_key")]
+    new_key_ref: String,
+    /// Where the previous key stays for verification meanwhile.
+    #[arg(long, default_value = "auth.worker_signing_keys[0]")]
+    previous_key_ref: String,
+    /// The longest lifetime of a token signed with the previous key (how
+    /// long to keep it), at most 15m.
+    #[arg(long, default_value = "5m")]
+    ttl: String,
+    /// `text` or `json`.
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    format: String,
 }
 
 #[derive(Debug, Args)]
@@ -110,77 +186,217 @@ pub struct RunArgs {
 
 pub async fn run(args: WorkerArgs) -> Result<()> {
     match args.command {
-        Some(WorkerCommand::Token { command }) => token_cmd(command),
+        Some(WorkerCommand::Token(t)) => match t.command {
+            Some(c) => token_cmd(c),
+            None => sign_cmd(t.sign),
+        },
         None => run_worker(args.run).await,
     }
 }
 
-fn read_key(inline: Option<String>, file: Option<PathBuf>) -> Result<String> {
-    match (inline.filter(|s| !s.trim().is_empty()), file) {
-        (Some(_), Some(_)) => bail!("pass --signing-key or --signing-key-file, not both"),
-        (Some(k), None) => Ok(k.trim().to_string()),
-        (None, Some(f)) => Ok(std::fs::read_to_string(&f)
-            .with_context(|| format!("reading {}", f.display()))?
-            .trim()
-            .to_string()),
-        (None, None) => bail!(
+fn read_key(k: KeyArgs) -> Result<String> {
+    Ok(read_optional_key(k)?.ok_or_else(|| {
+        anyhow::anyhow!(
             "no signing key: pass --signing-key-file (or set STACYVM_AUTH_WORKER_SIGNING_KEY)"
-        ),
+        )
+    })?)
+}
+
+fn read_optional_key(k: KeyArgs) -> Result<Option<String>> {
+    match (
+        k.signing_key.filter(|s| !s.trim().is_empty()),
+        k.signing_key_file,
+    ) {
+        (Some(_), Some(_)) => bail!("pass --signing-key or --signing-key-file, not both"),
+        (Some(k), None) => Ok(Some(k.trim().to_string())),
+        (None, Some(f)) => Ok(Some(read_key_file(&f)?)),
+        (None, None) => Ok(None),
     }
+}
+
+fn read_key_file(f: &std::path::Path) -> Result<String> {
+    Ok(std::fs::read_to_string(f)
+        .with_context(|| format!("reading {}", f.display()))?
+        .trim()
+        .to_string())
+}
+
+/// Seconds of a duration flag within `0..=max`.
+fn secs_flag(flag: &str, v: &str, min: i64, max: i64) -> Result<i64> {
+    let n = stacyvm_api::duration::parse(v.trim())
+        .map_err(|_| anyhow::anyhow!("invalid --{flag} {v:?}; use a duration like 5m"))?;
+    let secs = n / 1_000_000_000;
+    if n < 0 || secs < min || secs > max || (min > 0 && n == 0) {
+        bail!("--{flag} must be between {}s and {}s, got {v:?}", min, max);
+    }
+    Ok(secs)
+}
+
+fn audience_flag(a: &str) -> Result<Audience> {
+    Audience::parse(a)
+        .ok_or_else(|| anyhow::anyhow!("--audience must be worker:control-plane or worker:rpc"))
+}
+
+/// A token's claims as `inspect` and `verify` print them.
+fn claims_json(c: &token::Claims, verified: bool) -> serde_json::Value {
+    let t = |s: i64| {
+        (s > 0)
+            .then(|| chrono::DateTime::from_timestamp(s, 0).map(|d| d.to_rfc3339()))
+            .flatten()
+    };
+    json!({
+        "signature_verified": verified,
+        "worker_id": c.worker_id,
+        "token_id": c.jti,
+        "audience": c.aud,
+        "scopes": c.scopes,
+        "issued_at": t(c.iat),
+        "not_before": t(c.nbf),
+        "expires_at": t(c.exp),
+    })
+}
+
+#[allow(clippy::print_stdout)]
+fn sign_cmd(a: SignArgs) -> Result<()> {
+    let Some(worker_id) = a.worker_id else {
+        bail!("which worker? stacyvm worker token <worker-id> (see --help)");
+    };
+    let key = read_key(a.key)?;
+    let ttl = secs_flag("ttl", &a.ttl, 1, token::MAX_TTL_SECS)?;
+    let not_before = secs_flag("not-before", &a.not_before, 0, token::MAX_TTL_SECS)?;
+    let audience = audience_flag(&a.audience)?;
+    if let Some(id) = &a.token_id {
+        stacyvm_core::services::check_id("--token-id", id)?;
+    }
+    let scopes = if a.scopes.is_empty() {
+        None
+    } else {
+        Some(token::parse_scopes(&a.scopes).map_err(|e| anyhow::anyhow!("{e}"))?)
+    };
+    let issue = Issue {
+        scopes,
+        not_before_secs: not_before,
+        token_id: a.token_id,
+        ..Issue::new(&worker_id, audience, ttl)
+    };
+    let (t, _) = token::sign(key.as_bytes(), &issue, chrono::Utc::now().timestamp())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if a.format == "json" {
+        let c = token::inspect(&t).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut v = claims_json(&c, true);
+        if let Some(m) = v.as_object_mut() {
+            m.remove("signature_verified");
+            m.insert("token".into(), json!(t));
+        }
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{t}");
+    }
+    Ok(())
 }
 
 #[allow(clippy::print_stdout)]
 fn token_cmd(c: TokenCommand) -> Result<()> {
     match c {
-        TokenCommand::Sign {
-            worker_id,
-            signing_key,
-            signing_key_file,
-            ttl,
-            audience,
-            scopes,
-        } => {
-            let key = read_key(signing_key, signing_key_file)?;
-            let secs = stacyvm_api::duration::parse(ttl.trim())
-                .map_err(|_| anyhow::anyhow!("invalid --ttl {ttl:?}; use a duration like 5m"))?
-                / 1_000_000_000;
-            let audience = Audience::parse(&audience).ok_or_else(|| {
-                anyhow::anyhow!("--audience must be worker:control-plane or worker:rpc")
-            })?;
-            let scopes = if scopes.is_empty() {
-                None
-            } else {
-                Some(token::parse_scopes(&scopes).map_err(|e| anyhow::anyhow!("{e}"))?)
-            };
-            let issue = Issue {
-                scopes,
-                ..Issue::new(&worker_id, audience, secs)
-            };
-            let (t, _) = token::sign(key.as_bytes(), &issue, chrono::Utc::now().timestamp())
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            println!("{t}");
-        }
+        TokenCommand::Sign(a) => sign_cmd(a)?,
         TokenCommand::Inspect { token } => {
             let c = token::inspect(&token).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let t = |s: i64| {
-                (s > 0)
-                    .then(|| chrono::DateTime::from_timestamp(s, 0).map(|d| d.to_rfc3339()))
-                    .flatten()
-            };
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&json!({
-                    "signature_verified": false,
-                    "worker_id": c.worker_id,
-                    "token_id": c.jti,
-                    "audience": c.aud,
-                    "scopes": c.scopes,
-                    "issued_at": t(c.iat),
-                    "not_before": t(c.nbf),
-                    "expires_at": t(c.exp),
-                }))?
-            );
+            println!("{}", serde_json::to_string_pretty(&claims_json(&c, false))?);
         }
+        TokenCommand::Verify(a) => verify_cmd(a)?,
+        TokenCommand::RotationPlan(a) => rotation_plan(a)?,
+    }
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn verify_cmd(a: VerifyArgs) -> Result<()> {
+    // The config's keys and revocations when there is a config.
+    let explicit = a.config.is_some();
+    let auth = match config::load(a.config.as_deref(), std::env::vars()) {
+        Ok(l) => l.config.auth,
+        Err(e) if explicit => return Err(e.into()),
+        Err(_) => config::AuthConfig::default(),
+    };
+    let mut keys: Vec<String> = Vec::new();
+    if let Some(k) = read_optional_key(a.key)? {
+        keys.push(k);
+    }
+    keys.push(auth.worker_signing_key.expose().trim().to_string());
+    keys.extend(
+        auth.worker_signing_keys
+            .iter()
+            .map(|k| k.expose().trim().to_string()),
+    );
+    keys.extend(a.verification_keys.iter().map(|k| k.trim().to_string()));
+    for f in &a.verification_key_files {
+        keys.push(read_key_file(f)?);
+    }
+    keys.retain(|k| !k.is_empty());
+    if keys.is_empty() {
+        bail!("no key to verify with: pass --signing-key(-file) or --verification-key(-file), or a config with auth.worker_signing_key");
+    }
+    let mut revoked = auth.worker_revoked_token_ids.clone();
+    revoked.extend(a.revoked_token_ids);
+    let audience = audience_flag(&a.audience)?;
+    let v = token::Verifier::new(&keys, &revoked)
+        .verify(
+            &a.token,
+            audience,
+            a.worker_id.as_deref(),
+            chrono::Utc::now().timestamp(),
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&claims_json(&v.claims, true))?
+    );
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn rotation_plan(a: RotationArgs) -> Result<()> {
+    let ttl = secs_flag("ttl", &a.ttl, 1, token::MAX_TTL_SECS)?;
+    let wait = ttl + token::SKEW_SECS;
+    let (new, prev) = (a.new_key_ref, a.previous_key_ref);
+    let steps = [
+        format!("Generate a new key of at least {} random bytes into a file only the server reads (e.g. head -c 32 /dev/urandom | base64 > new.key); never paste it into a shell history or a ticket.", token::MIN_KEY_LEN),
+        format!("On every control plane and worker, add the current key to {prev} (verification only) and restart or reload them: tokens signed with either key now verify."),
+        format!("Put the new key in {new} on every control plane and restart them: new tokens are signed with it."),
+        format!("Wait {wait}s (the longest token lifetime, {ttl}s, plus {}s clock skew): every token signed with the previous key has expired.", token::SKEW_SECS),
+        format!("Remove the previous key from {prev} everywhere and restart; revoke any token id you distrust with auth.worker_revoked_token_ids."),
+    ];
+    let yaml = format!(
+        "auth:\n  worker_signing_key_file: /etc/stacyvm/worker-signing.new.key   # {new}\n  worker_signing_keys:\n    - <the previous key, from where you keep secrets>   # {prev}, removed in step 5\n"
+    );
+    let checks = [
+        "stacyvm config lint --production".to_string(),
+        "stacyvm worker token <worker-id> --signing-key-file /etc/stacyvm/worker-signing.new.key --ttl 1m > t && stacyvm worker token verify \"$(cat t)\" -c /etc/stacyvm/config.yaml".to_string(),
+        "stacyvm doctor".to_string(),
+    ];
+    if a.format == "json" {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "new_key_ref": new,
+                "previous_key_ref": prev,
+                "token_ttl_seconds": ttl,
+                "wait_seconds": wait,
+                "steps": steps,
+                "config_sketch": yaml,
+                "validation_commands": checks,
+            }))?
+        );
+        return Ok(());
+    }
+    println!("Worker signing-key rotation ({new}; previous key kept in {prev})\n");
+    for (i, s) in steps.iter().enumerate() {
+        println!("{}. {s}", i + 1);
+    }
+    println!("\nConfig during the rotation:\n\n{yaml}");
+    println!("Validate:");
+    for c in &checks {
+        println!("  {c}");
     }
     Ok(())
 }
