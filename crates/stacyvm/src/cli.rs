@@ -146,7 +146,7 @@ pub enum Command {
     },
     /// Run sandboxes for a control plane (a cluster worker), or make and
     /// read worker tokens (`worker token …`).
-    Worker(crate::worker::WorkerArgs),
+    Worker(Box<crate::worker::WorkerArgs>),
     /// Print the version.
     Version,
     /// Operator tooling: config lint, doctor, db, upgrade, support.
@@ -236,7 +236,7 @@ fn print_json(v: &impl serde::Serialize) -> Result<()> {
 pub async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Serve { config } => crate::serve::run(config).await.map(|()| ExitCode::SUCCESS),
-        Command::Worker(args) => crate::worker::run(args).await.map(|()| ExitCode::SUCCESS),
+        Command::Worker(args) => crate::worker::run(*args).await.map(|()| ExitCode::SUCCESS),
         Command::Image { config, command } => crate::image::run(config, command)
             .await
             .map(|()| ExitCode::SUCCESS),

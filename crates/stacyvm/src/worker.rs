@@ -195,11 +195,11 @@ pub async fn run(args: WorkerArgs) -> Result<()> {
 }
 
 fn read_key(k: KeyArgs) -> Result<String> {
-    Ok(read_optional_key(k)?.ok_or_else(|| {
+    read_optional_key(k)?.ok_or_else(|| {
         anyhow::anyhow!(
             "no signing key: pass --signing-key-file (or set STACYVM_AUTH_WORKER_SIGNING_KEY)"
         )
-    })?)
+    })
 }
 
 fn read_optional_key(k: KeyArgs) -> Result<Option<String>> {
