@@ -787,17 +787,42 @@ impl Manager {
             let t = self.get_template(&req.template).await?;
             merge_template(&mut req, &t);
         }
-        let placed = self.place(&req.provider).await?;
-        let provider = placed.provider.clone();
-        let provider_name = provider.name().to_string();
-        let owner = caller.owner_for(&req.owner_id)?;
-        let ttl = self.parse_ttl(&req.ttl)?;
         let d = &self.cfg.defaults;
         let image = if req.image.trim().is_empty() {
             d.image.clone()
         } else {
             req.image.trim().to_string()
         };
+        let owner = caller.owner_for(&req.owner_id)?;
+        let policies = self
+            .store
+            .list_policies(Some(caller.tenant_id.as_str()))
+            .await?;
+        let want = placement::Want {
+            image: &image,
+            policies: &policies,
+        };
+        let placed = match self.place(&req.provider, want).await {
+            Ok(p) => p,
+            Err(e) => {
+                if e.kind() == ErrorKind::Forbidden {
+                    self.audit(
+                        caller,
+                        &owner,
+                        "sandbox.spawn",
+                        "",
+                        &image,
+                        &req.provider,
+                        false,
+                        e.to_string(),
+                    );
+                }
+                return Err(e);
+            }
+        };
+        let provider = placed.provider.clone();
+        let provider_name = provider.name().to_string();
+        let ttl = self.parse_ttl(&req.ttl)?;
         let memory_mb = if req.memory_mb == 0 {
             if d.memory_mb > 0 {
                 d.memory_mb
@@ -841,10 +866,6 @@ impl Manager {
                 profile.network_modes.join(", ")
             )));
         };
-        let policies = self
-            .store
-            .list_policies(Some(caller.tenant_id.as_str()))
-            .await?;
         for (t, v) in [
             ("image", image.as_str()),
             ("provider", provider_name.as_str()),

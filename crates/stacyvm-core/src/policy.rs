@@ -1,5 +1,5 @@
-//! Spawn policies (S-5): image, provider and network allow/deny rules,
-//! tenant and global, in priority order.
+//! Spawn policies (S-5): image, provider, network and worker allow/deny
+//! rules, tenant and global, in priority order.
 //!
 //! For each resource type the first policy (lowest priority number, then
 //! oldest) whose pattern matches the value decides: `deny` refuses,
@@ -10,7 +10,9 @@
 use crate::error::{Error, Result};
 use crate::store::PolicyRecord;
 
-pub const RESOURCE_TYPES: [&str; 3] = ["image", "provider", "network"];
+/// `worker` rules say which workers (by id) may run a tenant's
+/// sandboxes: placement skips the others.
+pub const RESOURCE_TYPES: [&str; 4] = ["image", "provider", "network", "worker"];
 pub const EFFECTS: [&str; 2] = ["allow", "deny"];
 
 /// Checks a policy before it is stored: known type and effect, a pattern
@@ -18,7 +20,7 @@ pub const EFFECTS: [&str; 2] = ["allow", "deny"];
 pub fn validate(resource_type: &str, effect: &str, pattern: &str) -> Result<()> {
     if !RESOURCE_TYPES.contains(&resource_type) {
         return Err(Error::invalid(format!(
-            "resource_type must be image, provider or network, got {resource_type:?}"
+            "resource_type must be image, provider, network or worker, got {resource_type:?}"
         )));
     }
     if !EFFECTS.contains(&effect) {
@@ -50,6 +52,57 @@ fn matches(pattern: &str, value: &str) -> bool {
 pub fn image_forms(value: &str) -> Vec<String> {
     let v = value.trim();
     let mut forms = vec![v.to_string()];
+    let Some(r) = parse_ref(v) else {
+        return forms;
+    };
+    let mut push = |f: String| {
+        if !forms.contains(&f) {
+            forms.push(f);
+        }
+    };
+    for n in [&r.full, &r.short] {
+        match (r.tag, r.digest) {
+            (_, Some(d)) => {
+                push(format!("{n}@{d}"));
+                push(format!("{n}:{d}"));
+                if let Some(t) = r.tag {
+                    push(format!("{n}:{t}"));
+                }
+            }
+            (Some(t), None) => push(format!("{n}:{t}")),
+            (None, None) => push(format!("{n}:latest")),
+        }
+        push(n.clone());
+    }
+    forms
+}
+
+/// One spelling per image: registry, namespace and tag filled in
+/// (`alpine` → `docker.io/library/alpine:latest`), the digest kept. Two
+/// references name the same image when their canonical forms are equal.
+pub fn canonical_image(value: &str) -> String {
+    let v = value.trim();
+    let Some(r) = parse_ref(v) else {
+        return v.to_string();
+    };
+    match (r.tag, r.digest) {
+        (_, Some(d)) => format!("{}@{d}", r.full),
+        (Some(t), None) => format!("{}:{t}", r.full),
+        (None, None) => format!("{}:latest", r.full),
+    }
+}
+
+/// An image reference's parts.
+struct ImageRef<'a> {
+    /// `registry/path` with the defaults filled in.
+    full: String,
+    /// Without `docker.io/library/` for Docker Hub images.
+    short: String,
+    tag: Option<&'a str>,
+    digest: Option<&'a str>,
+}
+
+fn parse_ref(v: &str) -> Option<ImageRef<'_>> {
     let (name_tag, digest) = match v.split_once('@') {
         Some((n, d)) => (n, Some(d)),
         None => (v, None),
@@ -59,7 +112,7 @@ pub fn image_forms(value: &str) -> Vec<String> {
         _ => (name_tag, None),
     };
     if name.is_empty() {
-        return forms;
+        return None;
     }
     let (domain, path) = match name.split_once('/') {
         Some((d, rest)) if d.contains(['.', ':']) || d == "localhost" => (d, rest.to_string()),
@@ -81,26 +134,12 @@ pub fn image_forms(value: &str) -> Vec<String> {
     } else {
         full.clone()
     };
-    let mut push = |f: String| {
-        if !forms.contains(&f) {
-            forms.push(f);
-        }
-    };
-    for n in [&full, &short] {
-        match (tag, digest) {
-            (_, Some(d)) => {
-                push(format!("{n}@{d}"));
-                push(format!("{n}:{d}"));
-                if let Some(t) = tag {
-                    push(format!("{n}:{t}"));
-                }
-            }
-            (Some(t), None) => push(format!("{n}:{t}")),
-            (None, None) => push(format!("{n}:latest")),
-        }
-        push(n.clone());
-    }
-    forms
+    Some(ImageRef {
+        full,
+        short,
+        tag,
+        digest,
+    })
 }
 
 /// Decides `value` of `resource_type` under `policies` (already ordered).
@@ -182,6 +221,20 @@ mod tests {
             created_at: chrono::Utc::now(),
             updated_at: chrono::Utc::now(),
         }
+    }
+
+    #[test]
+    fn canonical_images_name_one_image_one_way() {
+        for (a, b) in [
+            ("alpine", "docker.io/library/alpine:latest"),
+            ("alpine:3", "index.docker.io/library/alpine:3"),
+            ("localhost:5000/x", "localhost:5000/x:latest"),
+        ] {
+            assert_eq!(canonical_image(a), canonical_image(b), "{a} {b}");
+        }
+        assert_ne!(canonical_image("alpine:3"), canonical_image("alpine:4"));
+        assert_ne!(canonical_image("a/alpine"), canonical_image("alpine"));
+        assert_eq!(canonical_image("host"), "docker.io/library/host:latest");
     }
 
     #[test]

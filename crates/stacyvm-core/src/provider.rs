@@ -648,6 +648,12 @@ pub trait Provider: Debug + Send + Sync + 'static {
         )))
     }
 
+    /// Images this provider spawns without fetching anything, as workers
+    /// report them for placement locality; empty when it cannot tell.
+    async fn local_images(&self) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Resource usage.
     async fn stats(&self, _runtime_id: &str) -> Result<Stats> {
         Err(Error::unsupported(format!("{}: stats", self.name())))

@@ -98,6 +98,23 @@ impl Registry {
         self.providers.keys().cloned().collect()
     }
 
+    /// Images the providers spawn without fetching (deduplicated, at most
+    /// 1000), for the heartbeat's `capacity.images` (placement locality).
+    pub async fn local_images(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for p in self.all() {
+            for i in p.local_images().await {
+                if out.len() >= 1000 {
+                    return out;
+                }
+                if !out.contains(&i) {
+                    out.push(i);
+                }
+            }
+        }
+        out
+    }
+
     pub fn all(&self) -> Vec<Arc<dyn Provider>> {
         self.providers.values().cloned().collect()
     }

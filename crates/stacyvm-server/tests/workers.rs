@@ -377,3 +377,126 @@ async fn token_issuance_refuses_bad_requests_and_needs_a_key() {
         "{msg}"
     );
 }
+
+/// Placement with remote workers: a test double of the worker RPC seam
+/// runs every "remote" sandbox on this server's mock provider, so the
+/// record's worker shows the decision.
+#[derive(Debug)]
+struct Here(std::sync::Arc<stacyvm_core::registry::Registry>);
+
+#[async_trait::async_trait]
+impl stacyvm_core::cluster::Remote for Here {
+    async fn provider(
+        &self,
+        _worker: &stacyvm_core::store::WorkerRecord,
+        provider: &str,
+    ) -> stacyvm_core::Result<std::sync::Arc<dyn stacyvm_core::provider::Provider>> {
+        self.0.get(provider)
+    }
+}
+
+#[tokio::test]
+async fn placement_prefers_workers_with_the_image_and_follows_worker_policies() {
+    let s = server(|c| c.worker.local_sandboxes = false).await;
+    s.manager
+        .attach_remote(std::sync::Arc::new(Here(s.manager.registry().clone())));
+    let provider = s.manager.registry().get("").expect("default").name().to_string();
+    for (w, images) in [("w-a", json!([])), ("w-b", json!(["docker.io/library/alpine:3"]))] {
+        let t = issue(&s, json!({"worker_id": w, "ttl": "2m"})).await;
+        let hb = json!({"providers": [provider], "capacity": {"max_sandboxes": 3,
+                        "rpc_url": format!("https://{w}.test:7430"), "images": images}});
+        let (st, v) = as_worker(&s, &format!("/worker/{w}/heartbeat"), w, &t, hb).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let spawn = |image: &'static str, tenant: Option<&'static str>| {
+        let s = &s;
+        async move {
+            let mut rb = s
+                .http
+                .post(format!("{}/api/v1/sandboxes", s.root))
+                .header("X-Admin-API-Key", ADMIN)
+                .json(&json!({"image": image}));
+            if let Some(t) = tenant {
+                rb = rb.header("X-Tenant-ID", t);
+            }
+            let r = rb.send().await.expect("send");
+            let st = r.status().as_u16();
+            (st, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let ids = std::sync::Mutex::new(Vec::<String>::new());
+    let worker_of = |v: &Value| {
+        let id = v["id"].as_str().expect("id").to_string();
+        ids.lock().expect("ids").push(id.clone());
+        let m = s.manager.clone();
+        async move { m.store().get_sandbox(&id).await.expect("record").worker_id }
+    };
+    // The worker with the image wins while it has room, though it is
+    // busier (alpine:3 and docker.io/library/alpine:3 are one image).
+    for _ in 0..3 {
+        let (st, v) = spawn("alpine:3", None).await;
+        assert_eq!(st, 201, "{v}");
+        assert_eq!(worker_of(&v).await, "w-b");
+    }
+    // Full: the other worker takes it. Another image: the least loaded.
+    let (st, v) = spawn("alpine:3", None).await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(worker_of(&v).await, "w-a");
+    let (st, v) = spawn("busybox", None).await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(worker_of(&v).await, "w-a");
+
+    // A tenant whose policies permit only w-a: its sandboxes go there even
+    // when the image is on w-b; a policy that permits no eligible worker
+    // is a 403 naming the policies, and audited.
+    for (t, effect, pattern) in [("t-only-a", "allow", "w-a"), ("t-none", "deny", "w-*")] {
+        let (st, v) = admin(&s, "POST", "/admin/tenants", Some(json!({"id": t, "name": t}))).await;
+        assert_eq!(st, 201, "{v}");
+        let (st, v) = admin(
+            &s,
+            "POST",
+            &format!("/admin/tenants/{t}/policies"),
+            Some(json!({"resource_type": "worker", "effect": effect, "pattern": pattern})),
+        )
+        .await;
+        assert_eq!(st, 201, "{v}");
+    }
+    // Room again on both.
+    let done: Vec<String> = ids.lock().expect("ids").drain(..).collect();
+    for id in done {
+        let (st, v) = admin(&s, "DELETE", &format!("/sandboxes/{id}"), None).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    let (st, v) = spawn("alpine:3", Some("t-only-a")).await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(worker_of(&v).await, "w-a");
+    let (st, v) = spawn("alpine:3", Some("t-none")).await;
+    assert_eq!(st, 403, "{v}");
+    assert!(
+        v["message"].as_str().unwrap_or("").contains("worker policies"),
+        "{v}"
+    );
+    s.manager.flush_audit().await;
+    let rows = s
+        .manager
+        .store()
+        .list_op_audit(&Default::default())
+        .await
+        .expect("audit");
+    assert!(
+        rows.iter().any(|r| r.action == "sandbox.spawn"
+            && r.status == "failure"
+            && r.tenant_id == "t-none"
+            && r.detail.contains("worker policies")),
+        "the refusal is audited"
+    );
+    // A malformed worker policy is refused when it is written.
+    let (st, v) = admin(
+        &s,
+        "POST",
+        "/admin/tenants/t-none/policies",
+        Some(json!({"resource_type": "workers", "effect": "allow", "pattern": "w-a"})),
+    )
+    .await;
+    assert_eq!(st, 400, "{v}");
+}

@@ -309,6 +309,7 @@ async fn heartbeat(m: Arc<Manager>) {
                 if !url.is_empty() {
                     c["rpc_url"] = url.into();
                 }
+                c["images"] = m.registry().local_images().await.into();
                 c
             },
             last_heartbeat: now,

@@ -596,7 +596,7 @@ async fn run_worker(a: RunArgs) -> Result<()> {
     let hostname = std::fs::read_to_string("/etc/hostname")
         .map(|s| s.trim().to_string())
         .unwrap_or_default();
-    let beat = |state: &str| {
+    let beat = |state: &str, images: Vec<String>| {
         json!({
             "hostname": hostname,
             "status": state,
@@ -607,12 +607,13 @@ async fn run_worker(a: RunArgs) -> Result<()> {
                 "max_sandboxes_per_owner": cfg.defaults.max_sandboxes_per_owner,
                 "preview_domain": if cfg.worker.preview_domain.is_empty() { cfg.server.preview_domain.clone() } else { cfg.worker.preview_domain.clone() },
                 "rpc_url": url,
+                "images": images,
             },
         })
     };
     // The first heartbeat must land: a worker the control plane does not
     // accept should fail loudly, not sit idle.
-    cp.heartbeat(&beat("online"))
+    cp.heartbeat(&beat("online", registry.local_images().await))
         .await
         .context("first heartbeat")?;
     info!(worker_id = %id, control_plane = %cp.base, rpc_url = %url, providers = ?registry.names(), "worker registered");
@@ -663,7 +664,7 @@ async fn run_worker(a: RunArgs) -> Result<()> {
         tokio::select! {
             _ = tick.tick() => {
                 let state = if rpc.is_draining() { "draining" } else { "online" };
-                if let Err(e) = cp.heartbeat(&beat(state)).await {
+                if let Err(e) = cp.heartbeat(&beat(state, registry.local_images().await)).await {
                     warn!(error = %format!("{e:#}"), "heartbeat failed");
                 }
             }
@@ -672,13 +673,13 @@ async fn run_worker(a: RunArgs) -> Result<()> {
     }
     // Drain: no new sandboxes; the ones here keep being served a while.
     rpc.drain();
-    if let Err(e) = cp.heartbeat(&beat("draining")).await {
+    if let Err(e) = cp.heartbeat(&beat("draining", registry.local_images().await)).await {
         warn!(error = %format!("{e:#}"), "draining heartbeat failed");
     }
     let grace = cfg.worker.shutdown_timeout.std();
     info!(?grace, "draining");
     tokio::time::sleep(grace).await;
-    if let Err(e) = cp.heartbeat(&beat("offline")).await {
+    if let Err(e) = cp.heartbeat(&beat("offline", Vec::new())).await {
         warn!(error = %format!("{e:#}"), "offline heartbeat failed");
     }
     stop.cancel();

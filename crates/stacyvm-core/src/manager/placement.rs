@@ -6,9 +6,12 @@
 //! online, have heartbeated within `worker.stale_after`, offer the provider, be
 //! under its `capacity.max_sandboxes`, and (for another machine) advertise
 //! an `rpc_url`: a worker without one never receives a sandbox from here
-//! (gaps C-9). Among candidates the least loaded wins (share of its
-//! capacity used, then sandbox count), ties broken by worker id, so the
-//! choice depends only on the store's rows, never on iteration order.
+//! (gaps C-9), and the caller's tenant policies must permit it (`worker`
+//! rules, by worker id). Among candidates a worker that already has the
+//! image (its heartbeat's `capacity.images`) wins over one that would have
+//! to fetch it; then the least loaded (share of its capacity used, then
+//! sandbox count); ties are broken by worker id, so the choice depends
+//! only on the store's rows, never on iteration order.
 
 use std::cmp::Ordering;
 use std::collections::HashMap;
@@ -17,8 +20,18 @@ use std::sync::Arc;
 use super::workers::status;
 use super::Manager;
 use crate::error::{Error, Result};
+use crate::policy;
 use crate::provider::{Profile, Provider};
-use crate::store::WorkerRecord;
+use crate::store::{PolicyRecord, WorkerRecord};
+
+/// What the sandbox to place needs besides its provider.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Want<'a> {
+    /// The image, for locality ("" = no preference).
+    pub image: &'a str,
+    /// The caller's policies (tenant and global); `worker` rules apply.
+    pub policies: &'a [PolicyRecord],
+}
 
 /// The outcome of placement.
 pub struct Placed {
@@ -35,6 +48,8 @@ struct Candidate<'a> {
     worker: &'a WorkerRecord,
     running: i64,
     max: i64,
+    /// The worker reports the image as present.
+    has_image: bool,
 }
 
 impl Candidate<'_> {
@@ -47,9 +62,9 @@ impl Candidate<'_> {
     }
 
     fn cmp(&self, o: &Candidate<'_>) -> Ordering {
-        self.load()
-            .partial_cmp(&o.load())
-            .unwrap_or(Ordering::Equal)
+        o.has_image
+            .cmp(&self.has_image)
+            .then_with(|| self.load().partial_cmp(&o.load()).unwrap_or(Ordering::Equal))
             .then(self.running.cmp(&o.running))
             .then(self.worker.id.cmp(&o.worker.id))
     }
@@ -59,13 +74,27 @@ fn offers(w: &WorkerRecord, provider: &str) -> bool {
     w.providers.iter().any(|p| p.eq_ignore_ascii_case(provider))
 }
 
+/// Whether a worker's heartbeat lists `image` (in any spelling).
+fn has_image(w: &WorkerRecord, canonical: &str) -> bool {
+    !canonical.is_empty()
+        && w.capacity
+            .get("images")
+            .and_then(serde_json::Value::as_array)
+            .is_some_and(|l| {
+                l.iter()
+                    .filter_map(serde_json::Value::as_str)
+                    .any(|i| policy::canonical_image(i) == canonical)
+            })
+}
+
 impl Manager {
     /// Chooses where a sandbox of `provider` ("" = the default) runs.
-    pub async fn place(&self, provider: &str) -> Result<Placed> {
+    pub async fn place(&self, provider: &str, want: Want<'_>) -> Result<Placed> {
         let local = self.registry.get(provider);
         let remote = self.remote.read().clone();
         let Some(remote) = remote else {
             let p = local?;
+            policy::check(want.policies, "worker", self.worker_id())?;
             return Ok(Placed {
                 worker_id: self.worker_id().to_string(),
                 profile: p.profile(),
@@ -89,7 +118,13 @@ impl Manager {
         }
         let now = chrono::Utc::now();
         let here = self.worker_id();
+        let canonical = if want.image.is_empty() {
+            String::new()
+        } else {
+            policy::canonical_image(want.image)
+        };
         let mut best: Option<Candidate<'_>> = None;
+        let mut refused_by_policy = 0;
         for w in &workers {
             let is_here = w.id == here;
             let max = w
@@ -115,10 +150,15 @@ impl Manager {
             if !eligible || (max > 0 && count >= max) {
                 continue;
             }
+            if policy::check(want.policies, "worker", &w.id).is_err() {
+                refused_by_policy += 1;
+                continue;
+            }
             let c = Candidate {
                 worker: w,
                 running: count,
                 max,
+                has_image: has_image(w, &canonical),
             };
             if best.as_ref().is_none_or(|b| c.cmp(b) == Ordering::Less) {
                 best = Some(c);
@@ -129,6 +169,7 @@ impl Manager {
             && self.cfg.worker.local_sandboxes
             && local.is_ok()
             && !workers.iter().any(|w| w.id == here)
+            && policy::check(want.policies, "worker", here).is_ok()
         {
             let p = local?;
             return Ok(Placed {
@@ -138,6 +179,11 @@ impl Manager {
             });
         }
         let Some(best) = best else {
+            if refused_by_policy > 0 {
+                return Err(Error::forbidden(format!(
+                    "no worker the tenant's worker policies permit can take a sandbox of provider {name:?} ({refused_by_policy} eligible worker(s) are not permitted)"
+                )));
+            }
             return Err(Error::limit(format!(
                 "no eligible worker available for provider {name:?} (online, heartbeating, with an rpc_url and free capacity)"
             )));

@@ -1780,6 +1780,26 @@ impl Provider for DockerProvider {
         Ok(out)
     }
 
+    /// The engine's tagged images (at most 1000).
+    async fn local_images(&self) -> Vec<String> {
+        let Ok(d) = self.engine().await else {
+            return Vec::new();
+        };
+        let opts = bollard::query_parameters::ListImagesOptionsBuilder::default().build();
+        match d.list_images(Some(opts)).await {
+            Ok(list) => list
+                .into_iter()
+                .flat_map(|i| i.repo_tags)
+                .filter(|t| t != "<none>:<none>")
+                .take(1000)
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "listing the engine's images failed");
+                Vec::new()
+            }
+        }
+    }
+
     async fn stats(&self, id: &str) -> Result<Stats> {
         self.status(id).await?;
         let d = self.engine().await?;

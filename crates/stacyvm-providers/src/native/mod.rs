@@ -1033,6 +1033,10 @@ impl Provider for NativeProvider {
 
     /// CPU (% of one CPU over a 100 ms window) and memory from the
     /// sandbox's cgroups; the memory limit falls back to the spawn's.
+    async fn local_images(&self) -> Vec<String> {
+        self.images().names()
+    }
+
     async fn stats(&self, id: &str) -> Result<Stats> {
         let meta = self.meta(id)?;
         if !meta.init_alive() {

@@ -1048,6 +1048,10 @@ impl Provider for ProotProvider {
         Ok(())
     }
 
+    async fn local_images(&self) -> Vec<String> {
+        self.images().names()
+    }
+
     async fn stats(&self, id: &str) -> Result<Stats> {
         let meta = self.meta(id)?;
         if !meta.alive() {
