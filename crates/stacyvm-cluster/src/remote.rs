@@ -53,6 +53,14 @@ impl Creds {
     }
 }
 
+/// How long a sandbox's lease, as read from the store, is sent without
+/// reading it again. A lease changes hands only when a sandbox is
+/// destroyed or its lease is lost and re-taken; a worker refuses any
+/// generation older than one it has seen (409), and that refusal drops the
+/// cached one, so a stale entry costs one refused call, never a call
+/// acting under an old lease.
+const LEASE_CACHE_TTL: Duration = Duration::from_secs(2);
+
 /// Adds worker id, token, provider and lease to each request.
 #[derive(Debug)]
 struct Decorator {
@@ -60,6 +68,52 @@ struct Decorator {
     provider: String,
     creds: Creds,
     store: Arc<dyn Store>,
+    leases: Arc<LeaseCache>,
+    /// The last signed token and when it was made (reused for a minute of
+    /// its five).
+    token: parking_lot::Mutex<Option<(String, std::time::Instant)>>,
+}
+
+impl Decorator {
+    fn token(&self) -> Result<String> {
+        if let Creds::Static(t) = &self.creds {
+            return Ok(t.clone());
+        }
+        let mut cached = self.token.lock();
+        if let Some((t, at)) = cached.as_ref() {
+            if at.elapsed() < Duration::from_secs(60) {
+                return Ok(t.clone());
+            }
+        }
+        let t = self.creds.token(&self.worker)?;
+        *cached = Some((t.clone(), std::time::Instant::now()));
+        Ok(t)
+    }
+}
+
+/// `holder:generation` per sandbox, with when it was read.
+#[derive(Debug, Default)]
+struct LeaseCache(parking_lot::Mutex<HashMap<String, (String, std::time::Instant)>>);
+
+impl LeaseCache {
+    fn get(&self, id: &str) -> Option<String> {
+        let m = self.0.lock();
+        m.get(id)
+            .filter(|(_, at)| at.elapsed() < LEASE_CACHE_TTL)
+            .map(|(v, _)| v.clone())
+    }
+
+    fn put(&self, id: &str, v: String) {
+        let mut m = self.0.lock();
+        if m.len() >= 10_000 {
+            m.retain(|_, (_, at)| at.elapsed() < LEASE_CACHE_TTL);
+        }
+        m.insert(id.to_string(), (v, std::time::Instant::now()));
+    }
+
+    fn forget(&self, id: &str) {
+        self.0.lock().remove(id);
+    }
 }
 
 #[async_trait]
@@ -68,17 +122,19 @@ impl Decorate for Decorator {
         let mut rb = rb
             .header("X-Worker-ID", &self.worker)
             .header("X-Stacyvm-Provider", &self.provider);
-        let mut t = reqwest::header::HeaderValue::from_str(&self.creds.token(&self.worker)?)
+        let mut t = reqwest::header::HeaderValue::from_str(&self.token()?)
             .map_err(|_| Error::invalid("the worker token cannot be sent in a header"))?;
         t.set_sensitive(true);
         rb = rb.header("X-Worker-Token", t);
         if let Some(id) = sandbox {
+            if let Some(l) = self.leases.get(id) {
+                return Ok(rb.header("X-Stacyvm-Lease", l));
+            }
             match self.store.get_lease(id).await {
                 Ok(l) => {
-                    rb = rb.header(
-                        "X-Stacyvm-Lease",
-                        format!("{}:{}", l.holder_id, l.generation),
-                    );
+                    let v = l.fence().to_string();
+                    self.leases.put(id, v.clone());
+                    rb = rb.header("X-Stacyvm-Lease", v);
                 }
                 // No lease: the worker refuses the call (409), as it must.
                 Err(e) if e.kind() == ErrorKind::NotFound => {}
@@ -86,6 +142,10 @@ impl Decorate for Decorator {
             }
         }
         Ok(rb)
+    }
+
+    fn refused(&self, sandbox: &str) {
+        self.leases.forget(sandbox);
     }
 }
 
@@ -96,6 +156,7 @@ pub struct Workers {
     creds: Creds,
     tls: bool,
     cache: parking_lot::Mutex<HashMap<(String, String, String), Arc<CustomProvider>>>,
+    leases: Arc<LeaseCache>,
 }
 
 impl std::fmt::Debug for Workers {
@@ -150,12 +211,17 @@ impl Workers {
             creds,
             tls: t.enabled,
             cache: parking_lot::Mutex::default(),
+            leases: Arc::default(),
         }))
     }
 }
 
 #[async_trait]
 impl Remote for Workers {
+    fn lease_changed(&self, sandbox: &str) {
+        self.leases.forget(sandbox);
+    }
+
     async fn provider(&self, worker: &WorkerRecord, provider: &str) -> Result<Arc<dyn Provider>> {
         let url = worker
             .capacity
@@ -194,6 +260,8 @@ impl Remote for Workers {
                 provider: provider.to_string(),
                 creds: self.creds.clone(),
                 store: self.store.clone(),
+                leases: self.leases.clone(),
+                token: parking_lot::Mutex::new(None),
             }),
         )?);
         self.cache.lock().insert(key, p.clone());

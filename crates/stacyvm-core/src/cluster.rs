@@ -17,4 +17,9 @@ pub trait Remote: Send + Sync + std::fmt::Debug {
     /// A provider that runs `provider` on `worker` (through its RPC
     /// address). Every call it makes carries the sandbox's lease.
     async fn provider(&self, worker: &WorkerRecord, provider: &str) -> Result<Arc<dyn Provider>>;
+
+    /// The lease of `sandbox` changed (taken again for a destroy, re-taken
+    /// after it was lost, or changed by another control plane): forget any
+    /// copy of it kept for calls.
+    fn lease_changed(&self, _sandbox: &str) {}
 }

@@ -293,6 +293,7 @@ impl Manager {
                 };
                 let Some(m) = weak.upgrade() else { return };
                 if !ev.sandbox_id.is_empty() && ev.kind.starts_with("sandbox.") {
+                    m.lease_changed(&ev.sandbox_id);
                     let gone = m.cache.write().remove(&ev.sandbox_id);
                     // Spawned here, destroyed there: its slot is free again.
                     if let (Some(rec), true) = (gone, ev.kind == kind::SANDBOX_DESTROYED) {
@@ -356,6 +357,14 @@ impl Manager {
             LOCAL_WORKER
         } else {
             &self.cfg.worker.id
+        }
+    }
+
+    /// Tells the remote seam a sandbox's lease changed (see
+    /// [`crate::cluster::Remote::lease_changed`]).
+    pub(crate) fn lease_changed(&self, sandbox: &str) {
+        if let Some(r) = self.remote.read().as_ref() {
+            r.lease_changed(sandbox);
         }
     }
 
@@ -1145,7 +1154,10 @@ impl Manager {
             .acquire_lease(&rec.id, "sandbox", &holder, lease_ttl)
             .await
         {
-            Ok(l) => Some(l.fence()),
+            Ok(l) => {
+                self.lease_changed(&rec.id);
+                Some(l.fence())
+            }
             Err(e) if e.kind() == ErrorKind::Conflict => return Err(e),
             Err(e) => {
                 warn!(sandbox_id = %rec.id, error = %e, "lease acquire before destroy failed");
@@ -1251,6 +1263,8 @@ impl Manager {
                 .await
                 .map_err(|_| e)?,
         };
+        // Renewing moves the generation too.
+        self.lease_changed(id);
         self.store
             .set_sandbox_expiry(id, expires_at, Some(&lease.fence()))
             .await

@@ -400,8 +400,17 @@ async fn placement_prefers_workers_with_the_image_and_follows_worker_policies() 
     let s = server(|c| c.worker.local_sandboxes = false).await;
     s.manager
         .attach_remote(std::sync::Arc::new(Here(s.manager.registry().clone())));
-    let provider = s.manager.registry().get("").expect("default").name().to_string();
-    for (w, images) in [("w-a", json!([])), ("w-b", json!(["docker.io/library/alpine:3"]))] {
+    let provider = s
+        .manager
+        .registry()
+        .get("")
+        .expect("default")
+        .name()
+        .to_string();
+    for (w, images) in [
+        ("w-a", json!([])),
+        ("w-b", json!(["docker.io/library/alpine:3"])),
+    ] {
         let t = issue(&s, json!({"worker_id": w, "ttl": "2m"})).await;
         let hb = json!({"providers": [provider], "capacity": {"max_sandboxes": 3,
                         "rpc_url": format!("https://{w}.test:7430"), "images": images}});
@@ -450,7 +459,13 @@ async fn placement_prefers_workers_with_the_image_and_follows_worker_policies() 
     // when the image is on w-b; a policy that permits no eligible worker
     // is a 403 naming the policies, and audited.
     for (t, effect, pattern) in [("t-only-a", "allow", "w-a"), ("t-none", "deny", "w-*")] {
-        let (st, v) = admin(&s, "POST", "/admin/tenants", Some(json!({"id": t, "name": t}))).await;
+        let (st, v) = admin(
+            &s,
+            "POST",
+            "/admin/tenants",
+            Some(json!({"id": t, "name": t})),
+        )
+        .await;
         assert_eq!(st, 201, "{v}");
         let (st, v) = admin(
             &s,
@@ -473,7 +488,10 @@ async fn placement_prefers_workers_with_the_image_and_follows_worker_policies() 
     let (st, v) = spawn("alpine:3", Some("t-none")).await;
     assert_eq!(st, 403, "{v}");
     assert!(
-        v["message"].as_str().unwrap_or("").contains("worker policies"),
+        v["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("worker policies"),
         "{v}"
     );
     s.manager.flush_audit().await;

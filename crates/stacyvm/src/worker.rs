@@ -673,7 +673,10 @@ async fn run_worker(a: RunArgs) -> Result<()> {
     }
     // Drain: no new sandboxes; the ones here keep being served a while.
     rpc.drain();
-    if let Err(e) = cp.heartbeat(&beat("draining", registry.local_images().await)).await {
+    if let Err(e) = cp
+        .heartbeat(&beat("draining", registry.local_images().await))
+        .await
+    {
         warn!(error = %format!("{e:#}"), "draining heartbeat failed");
     }
     let grace = cfg.worker.shutdown_timeout.std();

@@ -64,7 +64,11 @@ impl Candidate<'_> {
     fn cmp(&self, o: &Candidate<'_>) -> Ordering {
         o.has_image
             .cmp(&self.has_image)
-            .then_with(|| self.load().partial_cmp(&o.load()).unwrap_or(Ordering::Equal))
+            .then_with(|| {
+                self.load()
+                    .partial_cmp(&o.load())
+                    .unwrap_or(Ordering::Equal)
+            })
             .then(self.running.cmp(&o.running))
             .then(self.worker.id.cmp(&o.worker.id))
     }

@@ -303,6 +303,9 @@ impl Manager {
             return Err(Error::invalid("ttl must be a positive duration"));
         }
         let r = self.store.renew_lease(resource, worker, ttl).await;
+        if r.is_ok() {
+            self.lease_changed(resource);
+        }
         if let Err(e) = &r {
             self.audit(
                 caller,

@@ -174,6 +174,11 @@ impl Extensions {
 #[async_trait]
 pub trait Decorate: Send + Sync + fmt::Debug {
     async fn decorate(&self, rb: RequestBuilder, sandbox: Option<&str>) -> Result<RequestBuilder>;
+
+    /// The backend refused a call about `sandbox` with 409 (for a worker:
+    /// the lease sent is not the current one): drop what was cached about
+    /// it, so the next call sends the store's.
+    fn refused(&self, _sandbox: &str) {}
 }
 
 /// A sandbox provider backed by a user's HTTP service.
@@ -413,6 +418,9 @@ impl CustomProvider {
         let _ = tokio::time::timeout(self.timeout.min(REASON_TIMEOUT), read).await;
         body.truncate(MAX_REASON_BYTES);
         let (reason, kind) = parse_error_body(&body);
+        if let (Some(d), Some(id), StatusCode::CONFLICT) = (&self.decorate, id, status) {
+            d.refused(id);
+        }
         debug!(provider = %self.name, op, status = status.as_u16(), reason = %reason, "backend refused");
         // A StacyVM worker is a peer: its refusals to protect the host
         // (devices, /proc) are the server's own 403, as they would be
