@@ -811,45 +811,28 @@ async fn write_raw(
     let mode = mode_of(&q.mode)?;
     let p = w.provider(&h)?;
     let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
-    let body = req.into_body().into_data_stream();
-    // The write sees the end of its input only when the whole body came;
-    // a body that breaks off drops the unfinished write, so the old file
-    // stays as it was.
-    let pump = async move {
-        let mut body = std::pin::pin!(body);
-        let mut total = 0u64;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk.map_err(|e| {
-                Fail::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_input",
-                    format!("upload interrupted: {e}"),
-                )
-            })?;
-            total += chunk.len() as u64;
-            if total > MAX_FILE_BYTES {
-                return Err(Fail::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "payload_too_large",
-                    format!("the file exceeds the worker's limit of {MAX_FILE_BYTES} bytes"),
-                ));
-            }
-            if tx.send(chunk.to_vec()).await.is_err() {
-                break;
-            }
-        }
-        drop(tx);
-        Ok(())
-    };
     let write = p.write_file_stream(&id, &path, mode, rx, MAX_FILE_BYTES);
-    let mut pump = std::pin::pin!(pump);
-    let mut write = std::pin::pin!(write);
-    let size = tokio::select! {
-        fed = &mut pump => {
-            fed?;
-            write.await?
+    use stacyvm_core::provider::{feed, Feed};
+    let size = match feed(
+        req.into_body().into_data_stream(),
+        tx,
+        MAX_FILE_BYTES,
+        write,
+    )
+    .await
+    {
+        Ok(n) => n,
+        Err(Feed::Body(m)) => {
+            return Err(Fail::new(StatusCode::BAD_REQUEST, "invalid_input", m));
         }
-        written = &mut write => written?,
+        Err(Feed::TooLarge(m)) => {
+            return Err(Fail::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                m,
+            ));
+        }
+        Err(Feed::Write(e)) => return Err(e.into()),
     };
     ok(json!({"size": size}))
 }

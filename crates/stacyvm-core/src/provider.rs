@@ -428,6 +428,70 @@ pub fn buffered_read(data: Vec<u8>, path: &str, max_bytes: u64) -> Result<FileSt
     Ok(FileStream::buffered(data))
 }
 
+/// Why a fed upload failed.
+#[derive(Debug)]
+pub enum Feed {
+    /// The request body broke off (a client error or hang-up).
+    Body(String),
+    /// The body went past the limit.
+    TooLarge(String),
+    /// The sandbox refused the write.
+    Write(Error),
+}
+
+/// Runs `write` (which reads what `tx` sends) fed from `body`, at most
+/// `max` bytes. A body that breaks off or grows past the limit abandons
+/// the write before its end (its future is dropped, which cancels the
+/// upload in the sandbox): the old file stays as it was, never a
+/// truncated new one. Every front door that streams an upload into a
+/// sandbox (the REST API, envd, worker RPC) goes through this.
+pub async fn feed<S, B, E, W, T>(
+    body: S,
+    tx: mpsc::Sender<Vec<u8>>,
+    max: u64,
+    write: W,
+) -> std::result::Result<T, Feed>
+where
+    S: futures::Stream<Item = std::result::Result<B, E>> + Send,
+    B: AsRef<[u8]>,
+    E: std::fmt::Display,
+    W: std::future::Future<Output = Result<T>>,
+{
+    use futures::StreamExt;
+    let pump = async move {
+        let mut body = std::pin::pin!(body);
+        let mut total = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk =
+                chunk.map_err(|e| Feed::Body(format!("the request body ended early: {e}")))?;
+            let chunk = chunk.as_ref();
+            total += chunk.len() as u64;
+            if total > max {
+                return Err(Feed::TooLarge(format!(
+                    "the file exceeds the limit of {max} bytes"
+                )));
+            }
+            if tx.send(chunk.to_vec()).await.is_err() {
+                break;
+            }
+        }
+        // Only now may the write see the end of its input.
+        drop(tx);
+        Ok(())
+    };
+    let mut pump = std::pin::pin!(pump);
+    let mut write = std::pin::pin!(write);
+    tokio::select! {
+        fed = &mut pump => match fed {
+            Ok(()) => write.await.map_err(Feed::Write),
+            // Returning drops the unfinished write.
+            Err(e) => Err(e),
+        },
+        // The write ended first: the sandbox refused it.
+        written = &mut write => written.map_err(Feed::Write),
+    }
+}
+
 /// Collects an upload of at most `max_bytes`.
 pub async fn collect_upload(
     mut chunks: mpsc::Receiver<Vec<u8>>,

@@ -691,7 +691,7 @@ impl Env {
             .st
             .manager
             .write_file_stream(&self.id, path, rx, "", &self.caller);
-        use crate::routes::files::{feed, Feed};
+        use stacyvm_core::provider::{feed, Feed};
         let wrote = match feed(body, tx, max, write).await {
             Ok(_) => Ok(()),
             Err(Feed::Body(m)) => return Err(http_error(StatusCode::BAD_REQUEST, m)),

@@ -47,76 +47,15 @@ pub async fn upload(
     let write = st
         .manager
         .write_file_stream(&id, &path, rx, q.mode.as_deref().unwrap_or(""), &who);
-    match feed(body.into_data_stream(), tx, u64::MAX, write).await {
+    match stacyvm_core::provider::feed(body.into_data_stream(), tx, u64::MAX, write).await {
         Ok(_) => Ok(Json::ok(StatusResponse::new("written"))),
-        Err(Feed::Write(e)) => Err(e.into()),
-        Err(Feed::Body(m)) => Err(ApiError::bad_request(m)),
-        Err(Feed::TooLarge(m)) => Err(ApiError::new(
+        Err(stacyvm_core::provider::Feed::Write(e)) => Err(e.into()),
+        Err(stacyvm_core::provider::Feed::Body(m)) => Err(ApiError::bad_request(m)),
+        Err(stacyvm_core::provider::Feed::TooLarge(m)) => Err(ApiError::new(
             axum::http::StatusCode::PAYLOAD_TOO_LARGE,
             "PAYLOAD_TOO_LARGE",
             m,
         )),
-    }
-}
-
-/// Why a fed upload failed.
-#[derive(Debug)]
-pub enum Feed {
-    /// The request body broke off (a client error or hang-up).
-    Body(String),
-    /// The body went past the limit.
-    TooLarge(String),
-    /// The sandbox refused the write.
-    Write(stacyvm_core::Error),
-}
-
-/// Runs `write` (which reads what `tx` sends) fed from `body`, at most
-/// `max` bytes. A body that breaks off or grows past the limit abandons
-/// the write before its end (its future is dropped, which cancels the
-/// upload in the sandbox): the old file stays as it was, never a
-/// truncated new one.
-pub async fn feed<S, E, W, T>(
-    body: S,
-    tx: tokio::sync::mpsc::Sender<Vec<u8>>,
-    max: u64,
-    write: W,
-) -> Result<T, Feed>
-where
-    S: futures::Stream<Item = Result<axum::body::Bytes, E>> + Send,
-    E: std::fmt::Display,
-    W: std::future::Future<Output = stacyvm_core::Result<T>>,
-{
-    use futures::StreamExt;
-    let pump = async move {
-        let mut body = std::pin::pin!(body);
-        let mut total = 0u64;
-        while let Some(chunk) = body.next().await {
-            let chunk =
-                chunk.map_err(|e| Feed::Body(format!("the request body ended early: {e}")))?;
-            total += chunk.len() as u64;
-            if total > max {
-                return Err(Feed::TooLarge(format!(
-                    "the file exceeds the limit of {max} bytes"
-                )));
-            }
-            if tx.send(chunk.to_vec()).await.is_err() {
-                break;
-            }
-        }
-        // Only now may the write see the end of its input.
-        drop(tx);
-        Ok(())
-    };
-    let mut pump = std::pin::pin!(pump);
-    let mut write = std::pin::pin!(write);
-    tokio::select! {
-        fed = &mut pump => match fed {
-            Ok(()) => write.await.map_err(Feed::Write),
-            // Returning drops the unfinished write.
-            Err(e) => Err(e),
-        },
-        // The write ended first: the sandbox refused it.
-        written = &mut write => written.map_err(Feed::Write),
     }
 }
 
