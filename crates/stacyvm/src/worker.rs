@@ -401,6 +401,21 @@ fn rotation_plan(a: RotationArgs) -> Result<()> {
     Ok(())
 }
 
+/// Sandboxes this worker's providers still run (providers that cannot
+/// list theirs count none).
+async fn running_sandboxes(registry: &Registry) -> usize {
+    let mut n = 0;
+    for p in registry.all() {
+        if let Ok(list) = p.list_runtimes().await {
+            n += list
+                .iter()
+                .filter(|r| r.state != stacyvm_api::state::DESTROYED)
+                .count();
+        }
+    }
+    n
+}
+
 fn hostname_id() -> String {
     let h = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
     let id: String = h
@@ -679,9 +694,45 @@ async fn run_worker(a: RunArgs) -> Result<()> {
     {
         warn!(error = %format!("{e:#}"), "draining heartbeat failed");
     }
+    // Its sandboxes finish: it keeps serving (and heartbeating, so they
+    // are not marked unhealthy) until none is left, `shutdown_timeout`
+    // passes, or a second signal says stop now.
     let grace = cfg.worker.shutdown_timeout.std();
-    info!(?grace, "draining");
-    tokio::time::sleep(grace).await;
+    let started = std::time::Instant::now();
+    let again = crate::serve::shutdown_signal();
+    tokio::pin!(again);
+    loop {
+        let left = running_sandboxes(&registry).await;
+        if left == 0 {
+            info!("drained: no sandbox left");
+            break;
+        }
+        let Some(remaining) = grace.checked_sub(started.elapsed()) else {
+            warn!(
+                sandboxes = left,
+                "shutdown_timeout passed with sandboxes still here; going offline"
+            );
+            break;
+        };
+        info!(
+            sandboxes = left,
+            remaining_s = remaining.as_secs(),
+            "draining: waiting for sandboxes to finish"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(every.min(remaining).min(Duration::from_secs(5))) => {}
+            _ = &mut again => {
+                warn!(sandboxes = left, "second signal: going offline now");
+                break;
+            }
+        }
+        if let Err(e) = cp
+            .heartbeat(&beat("draining", registry.local_images().await))
+            .await
+        {
+            warn!(error = %format!("{e:#}"), "draining heartbeat failed");
+        }
+    }
     if let Err(e) = cp.heartbeat(&beat("offline", Vec::new())).await {
         warn!(error = %format!("{e:#}"), "offline heartbeat failed");
     }

@@ -121,6 +121,18 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// SIGTERM, without waiting.
+    fn term(&self) {
+        let _ = Command::new("kill")
+            .arg("-15")
+            .arg(self.child.id().to_string())
+            .status();
+    }
+
+    fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -256,7 +268,17 @@ impl Cluster {
     }
 
     fn worker(&self, name: &str, cp_port: u16, rpc_port: u16) -> Proc {
-        let env = vec![
+        self.worker_with(name, cp_port, rpc_port, &[])
+    }
+
+    fn worker_with(
+        &self,
+        name: &str,
+        cp_port: u16,
+        rpc_port: u16,
+        extra: &[(&'static str, &str)],
+    ) -> Proc {
+        let mut env = vec![
             ("STACYVM_AUTH_WORKER_TOKEN", RPC_TOKEN.to_string()),
             ("STACYVM_WORKER_RPC_TLS_ENABLED", "true".into()),
             (
@@ -272,6 +294,7 @@ impl Cluster {
                 self.pki.path("ca.pem"),
             ),
         ];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
         let cp = format!("http://127.0.0.1:{cp_port}");
         let listen = format!("127.0.0.1:{rpc_port}");
         Proc::start(
@@ -578,6 +601,73 @@ async fn two_control_planes_two_workers_over_mutual_tls() {
 /// Events reach every control plane, a sandbox destroyed through one is
 /// gone on the other at once (its cached copy is dropped), and
 /// `defaults.max_sandboxes` holds for the cluster, not per control plane.
+/// SIGTERM: the worker drains. It takes no new sandbox, keeps serving and
+/// heartbeating for the ones it has, and goes offline as soon as the last
+/// one is destroyed, long before its shutdown timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_serves_its_sandboxes_until_they_finish() {
+    let c = Cluster::new().await;
+    let p = free_port();
+    let cp = c.control_plane("cp-a", p);
+    let a = Api::new(p);
+    a.wait_ready(&cp).await;
+    let mut w = c.worker_with(
+        "w1",
+        p,
+        free_port(),
+        &[("STACYVM_WORKER_SHUTDOWN_TIMEOUT", "90s")],
+    );
+    wait_workers(&a, &["w1"]).await;
+    let (st, v) = a.call("POST", "/sandboxes", Some(json!({}))).await;
+    assert_eq!(st, 201, "{v}\n{}", w.log());
+    let id = v["id"].as_str().expect("id").to_string();
+
+    let started = Instant::now();
+    w.term();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while a.call("GET", "/workers/w1", None).await.1["status"] != "draining" {
+        assert!(
+            Instant::now() < deadline,
+            "w1 never said it drains: {}",
+            w.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (st, v) = a.exec(&id, "echo still").await;
+    assert_eq!(st, 200, "a draining worker still serves: {v}");
+    assert_eq!(v["stdout"], "still\n");
+    let (st, v) = a.call("POST", "/sandboxes", Some(json!({}))).await;
+    assert_eq!(st, 429, "no new sandbox goes to a draining worker: {v}");
+    // It keeps heartbeating: past the control plane's stale_after (3 s) its
+    // sandbox is still running, not unhealthy.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!w.exited(), "w1 left with a sandbox still there");
+    assert_eq!(state_of(&a, &id).await, "running");
+    let (st, v) = a.call("GET", "/workers/w1", None).await;
+    assert_eq!((st, &v["stale"]), (200, &json!(false)), "{v}");
+
+    let (st, v) = a.call("DELETE", &format!("/sandboxes/{id}"), None).await;
+    assert_eq!(st, 200, "{v}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !w.exited() {
+        assert!(
+            Instant::now() < deadline,
+            "w1 did not go once drained: {}",
+            w.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "it waited for the timeout"
+    );
+    assert_eq!(
+        a.call("GET", "/workers/w1", None).await.1["status"],
+        "offline"
+    );
+    assert!(w.log().contains("drained: no sandbox left"), "{}", w.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_caches_and_admission_span_control_planes() {
     let c = Cluster::new().await;
