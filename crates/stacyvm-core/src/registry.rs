@@ -11,6 +11,8 @@ use stacyvm_api::ProviderHealth;
 use crate::error::{Error, Result};
 use crate::provider::{Isolation, Provider};
 
+/// Most bytes of image names a heartbeat reports.
+pub const MAX_IMAGE_LIST_BYTES: usize = 32 << 10;
 /// How long a health result is reused before probing again.
 const HEALTH_TTL: Duration = Duration::from_secs(2);
 /// Upper bound of the health probes that choose an `auto` default.
@@ -99,17 +101,22 @@ impl Registry {
     }
 
     /// Images the providers spawn without fetching (deduplicated, at most
-    /// 1000), for the heartbeat's `capacity.images` (placement locality).
+    /// [`MAX_IMAGE_LIST_BYTES`] of names), for the heartbeat's
+    /// `capacity.images` (placement locality). A longer list is cut: the
+    /// images left out only lose their locality preference.
     pub async fn local_images(&self) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
+        let mut bytes = 0;
         for p in self.all() {
             for i in p.local_images().await {
-                if out.len() >= 1000 {
+                if i.len() > 512 || out.contains(&i) {
+                    continue;
+                }
+                bytes += i.len() + 3;
+                if bytes > MAX_IMAGE_LIST_BYTES {
                     return out;
                 }
-                if !out.contains(&i) {
-                    out.push(i);
-                }
+                out.push(i);
             }
         }
         out

@@ -149,11 +149,28 @@ async fn a_heartbeat_without_rpc_url_registers_but_says_so() {
         json!({"capacity": "big"}),
         json!({"status": "sleeping"}),
         json!({"providers": ["a b"]}),
-        json!({"capacity": {"pad": "x".repeat(9000)}}),
+        json!({"capacity": {"pad": "x".repeat(66_000)}}),
     ] {
         let (st, v) = as_worker(&s, "/worker/w-norpc/heartbeat", "w-norpc", &t, bad.clone()).await;
-        assert!(st == 400 || st == 413, "{bad}: {st} {v}");
+        assert!(
+            st == 400 || st == 413,
+            "{}: {st} {v}",
+            &bad.to_string()[..80.min(bad.to_string().len())]
+        );
     }
+    // A long image list (what a registry-heavy worker reports) fits.
+    let images: Vec<String> = (0..400)
+        .map(|i| format!("registry.example:5000/team/app-{i:04}:v1.2.3"))
+        .collect();
+    let (st, v) = as_worker(
+        &s,
+        "/worker/w-norpc/heartbeat",
+        "w-norpc",
+        &t,
+        json!({"capacity": {"images": images}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
 }
 
 #[tokio::test]

@@ -582,6 +582,17 @@ async fn two_control_planes_two_workers_over_mutual_tls() {
         assert_eq!(st, 200, "{id} after the worker's restart: {v}");
     }
 
+    // The killed control plane comes back: it reconciles and serves every
+    // sandbox again, on both workers, with the same records.
+    cp_a = c.control_plane("cp-a", pa);
+    a.wait_ready(&cp_a).await;
+    for id in &ids {
+        let (st, v) = a.exec(id, "echo reconciled").await;
+        assert_eq!(st, 200, "{id} through the restarted control plane: {v}");
+        assert_eq!(v["stdout"], "reconciled\n");
+    }
+    assert_eq!(store.list_active_sandboxes().await.expect("list").len(), 4);
+
     // Destroy everything through the surviving control plane.
     for id in &ids {
         let (st, v) = b.call("DELETE", &format!("/sandboxes/{id}"), None).await;
@@ -601,6 +612,64 @@ async fn two_control_planes_two_workers_over_mutual_tls() {
 /// Events reach every control plane, a sandbox destroyed through one is
 /// gone on the other at once (its cached copy is dropped), and
 /// `defaults.max_sandboxes` holds for the cluster, not per control plane.
+/// E2B traffic for a sandbox on a worker: a control plane's E2B API
+/// (create, envd's process and filesystem RPCs, `/files`, kill) reaches it
+/// through worker RPC. The client is StacyVM's own E2B provider, which
+/// speaks E2B's wire contract as the official SDKs do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e2b_traffic_reaches_the_owning_worker() {
+    use stacyvm_core::config::{E2bConfig, Secret};
+    use stacyvm_core::provider::Provider;
+    use stacyvm_providers::conformance::{sh, spawn};
+    const KEY: &str = "cluster-e2b-api-key-0123456789abcdef";
+    let c = Cluster::new().await;
+    let p = free_port();
+    let cp = c.control_plane_with("cp-a", p, &[("STACYVM_AUTH_API_KEY", KEY)]);
+    let a = Api::new(p);
+    a.wait_ready(&cp).await;
+    let w = c.worker("w1", p, free_port());
+    wait_workers(&a, &["w1"]).await;
+    let root = format!("http://127.0.0.1:{p}");
+    let e2b = stacyvm_providers::remote::e2b::E2bProvider::from_config(&E2bConfig {
+        enabled: true,
+        api_key: Secret::new(KEY),
+        base_url: root.clone(),
+        sandbox_url: root,
+        template: "base".into(),
+    })
+    .expect("e2b client");
+    let id = spawn(&e2b, "base").await;
+    let store = PostgresStore::connect(&c.dsn).await.expect("store");
+    assert_eq!(
+        store.get_sandbox(&id).await.expect("record").worker_id,
+        "w1",
+        "the E2B sandbox runs on the worker"
+    );
+    e2b.write_file(&id, "/workspace/e.txt", b"via e2b", 0o644)
+        .await
+        .expect("envd upload");
+    assert_eq!(
+        e2b.read_file(&id, "/workspace/e.txt")
+            .await
+            .expect("envd download"),
+        b"via e2b"
+    );
+    let r = sh(&e2b, &id, "cat /workspace/e.txt; echo; id -u").await;
+    assert_eq!(r.code, 0, "{r:?}\n{}", w.log());
+    assert!(r.stdout.starts_with("via e2b\n"), "{r:?}");
+    let listed = e2b.list_files(&id, "/workspace").await.expect("envd list");
+    assert!(
+        listed.iter().any(|f| f.path.ends_with("/e.txt")),
+        "{listed:?}"
+    );
+    e2b.destroy(&id).await.expect("kill");
+    assert_eq!(
+        store.get_sandbox(&id).await.expect("record").state,
+        "destroyed"
+    );
+    assert!(w.log().contains(&id), "the worker served it: {}", w.log());
+}
+
 /// SIGTERM: the worker drains. It takes no new sandbox, keeps serving and
 /// heartbeating for the ones it has, and goes offline as soon as the last
 /// one is destroyed, long before its shutdown timeout.

@@ -15,8 +15,9 @@ use crate::store::{record_now, LeaseRecord, WorkerRecord};
 /// never chosen for a spawn.
 pub const STALE_AFTER: Duration = Duration::from_secs(120);
 
-/// Largest heartbeat `capacity` object, serialized.
-const MAX_CAPACITY_BYTES: usize = 8 << 10;
+/// Largest heartbeat `capacity` object, serialized (room for the image
+/// list of [`crate::registry::MAX_IMAGE_LIST_BYTES`]).
+const MAX_CAPACITY_BYTES: usize = 64 << 10;
 /// Most provider or capability names in one heartbeat.
 const MAX_NAMES: usize = 64;
 
@@ -204,7 +205,7 @@ impl Manager {
             _ => return Err(Error::invalid("capacity must be an object")),
         };
         if serde_json::to_vec(&capacity).map_or(0, |v| v.len()) > MAX_CAPACITY_BYTES {
-            return Err(Error::too_large("capacity is larger than 8 KiB"));
+            return Err(Error::too_large("capacity is larger than 64 KiB"));
         }
         let rpc_url = capacity
             .get("rpc_url")
