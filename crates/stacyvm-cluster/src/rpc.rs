@@ -202,6 +202,14 @@ impl WorkerRpc {
 
     /// Checks the lease the control plane acts under (see the module doc).
     fn fence(&self, h: &HeaderMap, sandbox: &str) -> Result<(), Fail> {
+        self.fence_as(h, sandbox, false)
+    }
+
+    /// As [`Self::fence`]; with `moved_away`, a lease now held by another
+    /// worker at a generation newer than any seen here is accepted too:
+    /// the sandbox moved (a drain with `migrate`), and this copy may only
+    /// be destroyed.
+    fn fence_as(&self, h: &HeaderMap, sandbox: &str, moved_away: bool) -> Result<(), Fail> {
         let raw = header(h, "x-stacyvm-lease");
         let Some((holder, gen)) = raw.rsplit_once(':') else {
             return Err(Fail::new(
@@ -218,6 +226,10 @@ impl WorkerRpc {
             )
         })?;
         if holder != self.auth.worker_id {
+            let seen = self.fences.lock().seen.get(sandbox).copied();
+            if moved_away && seen.is_some_and(|s| gen > s) {
+                return Ok(());
+            }
             return Err(Fail::new(
                 StatusCode::CONFLICT,
                 "conflict",
@@ -960,7 +972,8 @@ async fn destroy(
     h: HeaderMap,
     axum::extract::Path(id): axum::extract::Path<String>,
 ) -> Answer {
-    let id = w.target(&h, &id)?;
+    let id = sandbox_id(&id)?.to_string();
+    w.fence_as(&h, &id, true)?;
     match w.provider(&h)?.destroy(&id).await {
         Ok(()) => {}
         Err(e) if matches!(e.kind(), ErrorKind::SandboxNotFound | ErrorKind::NotFound) => {}

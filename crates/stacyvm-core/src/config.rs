@@ -184,6 +184,11 @@ pub struct WorkerConfig {
     /// makes an API-only control plane that places every sandbox on a
     /// worker.
     pub local_sandboxes: bool,
+    /// What a draining worker does with its sandboxes: `finish` (keep
+    /// serving them until they end or `shutdown_timeout` passes) or
+    /// `migrate` (a control plane moves them to other workers, with their
+    /// `/workspace` files; processes restart).
+    pub drain_policy: String,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -626,6 +631,7 @@ impl Default for WorkerConfig {
             advertise_url: String::new(),
             stale_after: Dur::secs(120),
             local_sandboxes: true,
+            drain_policy: "finish".into(),
         }
     }
 }
@@ -1271,7 +1277,12 @@ impl Config {
                 return Err(invalid(key, format!("must not be negative, got {v}")));
             }
         }
-        let enums: [(&str, &str, &[&str]); 6] = [
+        let enums: [(&str, &str, &[&str]); 7] = [
+            (
+                "worker.drain_policy",
+                &self.worker.drain_policy,
+                &["", "finish", "migrate"],
+            ),
             (
                 "defaults.spawn_overflow",
                 &self.defaults.spawn_overflow,

@@ -29,6 +29,7 @@ use crate::store::{
     ExecLogRecord, OpAuditRecord, QuotaRecord, SandboxRecord, Store, TemplateRecord,
 };
 
+pub mod migrate;
 pub mod placement;
 mod snapshots;
 pub mod workers;

@@ -282,6 +282,16 @@ pub trait Store: Debug + Send + Sync + 'static {
     async fn get_sandbox(&self, id: &str) -> Result<SandboxRecord>;
     /// Non-destroyed sandboxes, newest first.
     async fn list_active_sandboxes(&self) -> Result<Vec<SandboxRecord>>;
+    /// Moves a sandbox to another worker: its worker id, runtime id and
+    /// state, under the fence of the lease its new worker holds.
+    async fn set_sandbox_worker(
+        &self,
+        id: &str,
+        worker_id: &str,
+        vm_id: &str,
+        state: &str,
+        fence: &Fence,
+    ) -> Result<()>;
     /// Sets the state (and `updated_at`); unknown id is not-found. With a
     /// fence, only while the lease still matches it (else `Conflict`).
     async fn set_sandbox_state(&self, id: &str, state: &str, fence: Option<&Fence>) -> Result<()>;
@@ -390,6 +400,16 @@ pub trait Store: Debug + Send + Sync + 'static {
     ) -> Result<LeaseRecord>;
     /// Drops a lease held by `holder`; not-found when it is not.
     async fn release_lease(&self, resource_id: &str, holder_id: &str) -> Result<()>;
+    /// Hands a lease from its holder (as `from` names it, generation
+    /// included) to `to`, generation + 1, in one step: nobody else can
+    /// take it in between. A lease that moved on is a `Conflict`.
+    async fn transfer_lease(
+        &self,
+        resource_id: &str,
+        from: &Fence,
+        to: &str,
+        ttl: Duration,
+    ) -> Result<LeaseRecord>;
     async fn get_lease(&self, resource_id: &str) -> Result<LeaseRecord>;
     /// Ordered by resource id.
     async fn list_leases(&self) -> Result<Vec<LeaseRecord>>;

@@ -656,6 +656,56 @@ pub async fn fenced_writes(s: &dyn Store) {
     assert_eq!(e.kind(), ErrorKind::NotFound);
 }
 
+/// A lease handed from one worker to another in one step (a sandbox
+/// moving off a draining worker): only from the current holder and
+/// generation; the old holder's fence is stale afterwards; the record
+/// moves under the new holder's fence only.
+pub async fn lease_transfer(s: &dyn Store) {
+    let ttl = Duration::from_secs(60);
+    let rec = insert_sample(s, "sb-7f000001").await;
+    let old = s
+        .acquire_lease(&rec.id, "sandbox", "w1", ttl)
+        .await
+        .expect("acquire")
+        .fence();
+    let forged = Fence {
+        holder_id: "w1".into(),
+        generation: old.generation + 5,
+    };
+    let e = s
+        .transfer_lease(&rec.id, &forged, "w2", ttl)
+        .await
+        .expect_err("wrong generation");
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    let moved = s
+        .transfer_lease(&rec.id, &old, "w2", ttl)
+        .await
+        .expect("transfer");
+    assert_eq!(moved.holder_id, "w2");
+    assert_eq!(moved.generation, old.generation + 1);
+    // Twice with the same fence: the second is stale.
+    let e = s
+        .transfer_lease(&rec.id, &old, "w3", ttl)
+        .await
+        .expect_err("stale transfer");
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    let e = s
+        .set_sandbox_worker(&rec.id, "w1", "", "running", &old)
+        .await
+        .expect_err("old holder");
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+    s.set_sandbox_worker(&rec.id, "w2", "vm-2", "running", &moved.fence())
+        .await
+        .expect("move under the new lease");
+    let got = s.get_sandbox(&rec.id).await.expect("get");
+    assert_eq!((got.worker_id.as_str(), got.vm_id.as_str()), ("w2", "vm-2"));
+    let e = s
+        .transfer_lease("sb-7f0000ff", &old, "w2", ttl)
+        .await
+        .expect_err("no lease");
+    assert_eq!(e.kind(), ErrorKind::Conflict, "{e}");
+}
+
 pub async fn concurrent_writers(s: &dyn Store) {
     // Many concurrent inserts must all land (busy handling, no lost writes).
     let now = now();
@@ -691,7 +741,7 @@ macro_rules! store_contract_tests {
         mod $engine {
             #[allow(unused_imports)]
             use super::*;
-            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, fenced_writes, admission, concurrent_writers, snapshots);
+            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, fenced_writes, lease_transfer, admission, concurrent_writers, snapshots);
         }
     };
     (@case $make:expr, $($case:ident),*) => {

@@ -1092,6 +1092,64 @@ impl Store for PostgresStore {
         not_found_if_zero(r.rows_affected(), format!("lease {resource_id:?}"))
     }
 
+    async fn transfer_lease(
+        &self,
+        resource_id: &str,
+        from: &Fence,
+        to: &str,
+        ttl: Duration,
+    ) -> Result<LeaseRecord> {
+        if ttl.is_zero() || to.is_empty() {
+            return Err(Error::invalid(
+                "a lease transfer needs a holder and a positive ttl",
+            ));
+        }
+        let r = sqlx::query(
+            "UPDATE leases SET holder_id = $1, generation = generation + 1, \
+             expires_at = clock_timestamp() + make_interval(secs => $2), updated_at = clock_timestamp() \
+             WHERE resource_id = $3 AND holder_id = $4 AND generation = $5",
+        )
+            .bind(to)
+            .bind(secs(ttl))
+            .bind(resource_id)
+            .bind(&from.holder_id)
+            .bind(from.generation)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        if r.rows_affected() == 0 {
+            return Err(Error::conflict(format!(
+                "lease {resource_id:?} is no longer {from}"
+            )));
+        }
+        self.get_lease(resource_id).await
+    }
+
+    async fn set_sandbox_worker(
+        &self,
+        id: &str,
+        worker_id: &str,
+        vm_id: &str,
+        state: &str,
+        fence: &Fence,
+    ) -> Result<()> {
+        let sql = format!("UPDATE sandboxes SET worker_id = $1, vm_id = $2, state = $3, updated_at = $4 WHERE id = $5{}", rows::fence_clause(Some(6)));
+        let q = sqlx::query(&sql)
+            .bind(worker_id)
+            .bind(vm_id)
+            .bind(state)
+            .bind(Utc::now())
+            .bind(id);
+        let r = bind_fence(q, Some(fence))
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        if r.rows_affected() == 0 {
+            return Err(rows::update_missed(self, id, Some(fence), false).await);
+        }
+        Ok(())
+    }
+
     async fn get_lease(&self, resource_id: &str) -> Result<LeaseRecord> {
         let row = sqlx::query("SELECT * FROM leases WHERE resource_id = $1")
             .bind(resource_id)

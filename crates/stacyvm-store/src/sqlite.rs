@@ -1020,6 +1020,62 @@ impl Store for SqliteStore {
         not_found_if_zero(r.rows_affected(), format!("lease {resource_id:?}"))
     }
 
+    async fn transfer_lease(
+        &self,
+        resource_id: &str,
+        from: &Fence,
+        to: &str,
+        ttl: Duration,
+    ) -> Result<LeaseRecord> {
+        if ttl.is_zero() || to.is_empty() {
+            return Err(Error::invalid(
+                "a lease transfer needs a holder and a positive ttl",
+            ));
+        }
+        let now = Utc::now();
+        let r = sqlx::query("UPDATE leases SET holder_id = ?, generation = generation + 1, expires_at = ?, updated_at = ? WHERE resource_id = ? AND holder_id = ? AND generation = ?")
+            .bind(to)
+            .bind(ts(now + ttl_chrono(ttl)))
+            .bind(ts(now))
+            .bind(resource_id)
+            .bind(&from.holder_id)
+            .bind(from.generation)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        if r.rows_affected() == 0 {
+            return Err(Error::conflict(format!(
+                "lease {resource_id:?} is no longer {from}"
+            )));
+        }
+        self.get_lease(resource_id).await
+    }
+
+    async fn set_sandbox_worker(
+        &self,
+        id: &str,
+        worker_id: &str,
+        vm_id: &str,
+        state: &str,
+        fence: &Fence,
+    ) -> Result<()> {
+        let sql = format!("UPDATE sandboxes SET worker_id = ?, vm_id = ?, state = ?, updated_at = ? WHERE id = ?{}", rows::fence_clause(None));
+        let q = sqlx::query(&sql)
+            .bind(worker_id)
+            .bind(vm_id)
+            .bind(state)
+            .bind(ts(Utc::now()))
+            .bind(id);
+        let r = bind_fence(q, Some(fence))
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        if r.rows_affected() == 0 {
+            return Err(rows::update_missed(self, id, Some(fence), false).await);
+        }
+        Ok(())
+    }
+
     async fn get_lease(&self, resource_id: &str) -> Result<LeaseRecord> {
         let row = sqlx::query("SELECT * FROM leases WHERE resource_id = ?")
             .bind(resource_id)

@@ -137,6 +137,9 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
                 if let Err(e) = m.watch_workers().await {
                     warn!(error = %e, "checking workers failed");
                 }
+                if let Err(e) = m.migrate_draining().await {
+                    warn!(error = %e, "moving sandboxes off draining workers failed");
+                }
             }
         })
     });

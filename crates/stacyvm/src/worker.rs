@@ -623,6 +623,7 @@ async fn run_worker(a: RunArgs) -> Result<()> {
                 "preview_domain": if cfg.worker.preview_domain.is_empty() { cfg.server.preview_domain.clone() } else { cfg.worker.preview_domain.clone() },
                 "rpc_url": url,
                 "images": images,
+                "drain_policy": if cfg.worker.drain_policy.is_empty() { "finish" } else { cfg.worker.drain_policy.as_str() },
             },
         })
     };

@@ -670,6 +670,119 @@ async fn e2b_traffic_reaches_the_owning_worker() {
     assert!(w.log().contains(&id), "the worker served it: {}", w.log());
 }
 
+/// A worker draining with `drain_policy: migrate`: a control plane moves
+/// its sandboxes to another worker, ids, records and `/workspace` files
+/// (modes included) kept, and the drained worker leaves at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_worker_hands_its_sandboxes_to_another() {
+    let c = Cluster::new().await;
+    let p = free_port();
+    let cp = c.control_plane("cp-a", p);
+    let a = Api::new(p);
+    a.wait_ready(&cp).await;
+    let mut w1 = c.worker_with(
+        "w1",
+        p,
+        free_port(),
+        &[
+            ("STACYVM_WORKER_SHUTDOWN_TIMEOUT", "120s"),
+            ("STACYVM_WORKER_DRAIN_POLICY", "migrate"),
+        ],
+    );
+    wait_workers(&a, &["w1"]).await;
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        let (st, v) = a.call("POST", "/sandboxes", Some(json!({}))).await;
+        assert_eq!(st, 201, "{v}");
+        let id = v["id"].as_str().expect("id").to_string();
+        let (st, v) = a
+            .exec(
+                &id,
+                &format!("mkdir -p /workspace/d && echo {i}-data > /workspace/d/f.txt && printf x > /workspace/top && chmod 751 /workspace/top"),
+            )
+            .await;
+        assert_eq!((st, &v["exit_code"]), (200, &json!(0)), "{v}");
+        ids.push(id);
+    }
+    let w2 = c.worker("w2", p, free_port());
+    wait_workers(&a, &["w1", "w2"]).await;
+    let store = PostgresStore::connect(&c.dsn).await.expect("store");
+    for id in &ids {
+        assert_eq!(store.get_sandbox(id).await.expect("record").worker_id, "w1");
+    }
+
+    w1.term();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let mut on_w2 = 0;
+        for id in &ids {
+            if store.get_sandbox(id).await.expect("record").worker_id == "w2" {
+                on_w2 += 1;
+            }
+        }
+        if on_w2 == ids.len() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sandboxes did not move: {}\n{}",
+            cp.log(),
+            w1.log()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(state_of(&a, id).await, "running");
+        let (st, v) = a
+            .exec(id, "cat /workspace/d/f.txt; stat -c %a /workspace/top")
+            .await;
+        assert_eq!(st, 200, "{v}\n{}", w2.log());
+        assert_eq!(v["stdout"], format!("{i}-data\n751\n"), "{v}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !w1.exited() {
+        assert!(
+            Instant::now() < deadline,
+            "w1 kept waiting after its sandboxes moved: {}",
+            w1.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        w1.log().contains("drained: no sandbox left"),
+        "{}",
+        w1.log()
+    );
+    // Every move is audited (the audit is written in the background).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let rows = store
+            .list_op_audit(&Default::default())
+            .await
+            .expect("audit");
+        let moves = rows
+            .iter()
+            .filter(|r| r.action == "sandbox.migrate" && r.status == "success")
+            .count();
+        if moves == ids.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{moves} moves audited");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in &ids {
+        let (st, v) = a.call("DELETE", &format!("/sandboxes/{id}"), None).await;
+        assert_eq!(st, 200, "{v}");
+    }
+    assert!(store
+        .list_leases()
+        .await
+        .expect("leases")
+        .iter()
+        .all(|l| !l.resource_id.starts_with("sb-")));
+    drop(w2);
+}
+
 /// SIGTERM: the worker drains. It takes no new sandbox, keeps serving and
 /// heartbeating for the ones it has, and goes offline as soon as the last
 /// one is destroyed, long before its shutdown timeout.
