@@ -1202,6 +1202,10 @@ impl Manager {
             Err(e) => return Err(e),
         }
         let _ = self.store.release_lease(&rec.id, &holder).await;
+        if !rec.vm_id.is_empty() {
+            // A moved sandbox's runtime has a lease of its own.
+            let _ = self.store.release_lease(&rec.vm_id, &holder).await;
+        }
         let was_cached = self.cache.write().remove(&rec.id).is_some();
         if was_cached {
             self.release_slot(&rec.owner_id);

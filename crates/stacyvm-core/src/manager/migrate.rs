@@ -13,7 +13,9 @@
 //!    [`MAX_MOVE_BYTES`], [`MAX_MOVE_FILES`]);
 //! 3. the lease is handed to the new worker in one step
 //!    ([`crate::store::Store::transfer_lease`]);
-//! 4. the new worker spawns the sandbox under that lease and gets the files;
+//! 4. the new worker spawns the sandbox (under a runtime id and lease of
+//!    its own: two workers on one host must not share runtime names) and
+//!    gets the files;
 //! 5. the record moves under the new lease;
 //! 6. the old runtime is destroyed (the old worker accepts a destroy under
 //!    a newer lease held by another worker: its copy is stale).
@@ -88,6 +90,13 @@ impl Manager {
             }
             let r = self.migrate(&rec).await;
             let _ = self.store.release_lease(&key, self.worker_id()).await;
+            if let Err(e) = &r {
+                if e.kind() == crate::ErrorKind::ResourceLimit {
+                    // No worker has room yet: the next pass tries again.
+                    tracing::debug!(sandbox_id = %rec.id, error = %e, "no worker can take a draining worker's sandbox yet");
+                    continue;
+                }
+            }
             let ok = r.is_ok();
             let detail = match &r {
                 Ok(to) => format!("moved from {} to {to}", rec.worker_id),
@@ -170,9 +179,20 @@ impl Manager {
             .await?
             .fence();
         self.lease_changed(&rec.id);
-        // 4. The new runtime, with the files.
+        // 4. The new runtime, with the files. It gets a runtime id of its
+        // own (two workers on one host must not share runtime names), with
+        // a lease of its own that worker RPC checks for it.
+        let runtime = crate::paths::new_sandbox_id();
+        if let Err(e) = self
+            .store
+            .acquire_lease(&runtime, "sandbox", &placed.worker_id, ttl)
+            .await
+        {
+            self.hand_back(&rec.id, &new, &rec.worker_id, ttl).await;
+            return Err(e);
+        }
         let spec = SpawnSpec {
-            id: rec.id.clone(),
+            id: runtime.clone(),
             image: rec.image.clone(),
             memory_mb: rec.memory_mb,
             vcpus: rec.vcpus,
@@ -196,16 +216,13 @@ impl Manager {
         let spawned = match landed {
             Ok(s) => s,
             Err(e) => {
+                let _ = self.store.release_lease(&runtime, &placed.worker_id).await;
                 self.hand_back(&rec.id, &new, &rec.worker_id, ttl).await;
                 return Err(e);
             }
         };
         // 5. The record, under the new lease.
-        let vm_id = if spawned.runtime_id == rec.id {
-            String::new()
-        } else {
-            spawned.runtime_id.clone()
-        };
+        let vm_id = spawned.runtime_id.clone();
         if let Err(e) = self
             .store
             .set_sandbox_worker(&rec.id, &placed.worker_id, &vm_id, state::RUNNING, &new)
@@ -213,6 +230,7 @@ impl Manager {
         {
             self.destroy_runtime(&placed.provider, &spawned.runtime_id)
                 .await;
+            let _ = self.store.release_lease(&runtime, &placed.worker_id).await;
             self.hand_back(&rec.id, &new, &rec.worker_id, ttl).await;
             return Err(e);
         }
