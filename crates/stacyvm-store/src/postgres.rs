@@ -406,10 +406,7 @@ impl Store for PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(db_err)?;
-        if r.rows_affected() == 0 {
-            return Err(rows::update_missed(self, id, fence, false).await);
-        }
-        Ok(())
+        rows::updated(self, r.rows_affected(), id, fence, false).await
     }
 
     async fn get_sandbox(&self, id: &str) -> Result<SandboxRecord> {
@@ -442,10 +439,7 @@ impl Store for PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(db_err)?;
-        if r.rows_affected() == 0 {
-            return Err(rows::update_missed(self, id, fence, false).await);
-        }
-        Ok(())
+        rows::updated(self, r.rows_affected(), id, fence, false).await
     }
 
     async fn set_sandbox_expiry(
@@ -463,10 +457,7 @@ impl Store for PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(db_err)?;
-        if r.rows_affected() == 0 {
-            return Err(rows::update_missed(self, id, fence, true).await);
-        }
-        Ok(())
+        rows::updated(self, r.rows_affected(), id, fence, true).await
     }
 
     async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>> {
@@ -1144,10 +1135,7 @@ impl Store for PostgresStore {
             .execute(&self.pool)
             .await
             .map_err(db_err)?;
-        if r.rows_affected() == 0 {
-            return Err(rows::update_missed(self, id, Some(fence), false).await);
-        }
-        Ok(())
+        rows::updated(self, r.rows_affected(), id, Some(fence), false).await
     }
 
     async fn get_lease(&self, resource_id: &str) -> Result<LeaseRecord> {

@@ -214,9 +214,23 @@ pub(crate) fn fence_clause(first: Option<usize>) -> String {
     )
 }
 
-/// Why a sandbox update changed no row: the sandbox is not there (or, for
-/// `live_only`, destroyed), or its lease moved on from the fence.
-pub(crate) async fn update_missed(
+/// The outcome of a sandbox update that changed `rows` rows. None: the
+/// sandbox is not there (or, for `live_only`, destroyed), or its lease
+/// moved on from the fence.
+pub(crate) async fn updated(
+    store: &(impl stacyvm_core::store::Store + ?Sized),
+    rows: u64,
+    id: &str,
+    fence: Option<&stacyvm_core::store::Fence>,
+    live_only: bool,
+) -> Result<()> {
+    if rows > 0 {
+        return Ok(());
+    }
+    Err(update_missed(store, id, fence, live_only).await)
+}
+
+async fn update_missed(
     store: &(impl stacyvm_core::store::Store + ?Sized),
     id: &str,
     fence: Option<&stacyvm_core::store::Fence>,

@@ -298,10 +298,7 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await
             .map_err(db_err)?;
-        if r.rows_affected() == 0 {
-            return Err(rows::update_missed(self, id, fence, false).await);
-        }
-        Ok(())
+        rows::updated(self, r.rows_affected(), id, fence, false).await
     }
 
     async fn get_sandbox(&self, id: &str) -> Result<SandboxRecord> {
@@ -334,10 +331,7 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await
             .map_err(db_err)?;
-        if r.rows_affected() == 0 {
-            return Err(rows::update_missed(self, id, fence, false).await);
-        }
-        Ok(())
+        rows::updated(self, r.rows_affected(), id, fence, false).await
     }
 
     async fn set_sandbox_expiry(
@@ -358,10 +352,7 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await
             .map_err(db_err)?;
-        if r.rows_affected() == 0 {
-            return Err(rows::update_missed(self, id, fence, true).await);
-        }
-        Ok(())
+        rows::updated(self, r.rows_affected(), id, fence, true).await
     }
 
     async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>> {
@@ -1070,10 +1061,7 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await
             .map_err(db_err)?;
-        if r.rows_affected() == 0 {
-            return Err(rows::update_missed(self, id, Some(fence), false).await);
-        }
-        Ok(())
+        rows::updated(self, r.rows_affected(), id, Some(fence), false).await
     }
 
     async fn get_lease(&self, resource_id: &str) -> Result<LeaseRecord> {

@@ -38,13 +38,10 @@ fn may_manage(who: &Authed, tenant: &str) -> Result<(), ApiError> {
 /// A core error as this API has always worded it: a 4xx says only the
 /// detail ("tenant not found", "name is required").
 fn plain(e: Error) -> ApiError {
-    let mut api = ApiError::from(e);
-    if !api.status.is_server_error() {
-        if let Some((_, detail)) = api.message.split_once(": ") {
-            api.message = detail.to_string();
-        }
+    match crate::error::status_of(e.kind()) {
+        (status, code) if !status.is_server_error() => ApiError::new(status, code, e.detail()),
+        _ => e.into(),
     }
-    api
 }
 
 fn tenant_json(t: &TenantRecord) -> Value {
