@@ -40,7 +40,7 @@ use crate::store::{Fence, SandboxRecord};
 
 /// Most bytes of `/workspace` a move carries.
 pub const MAX_MOVE_BYTES: u64 = 256 << 20;
-/// Most files of `/workspace` a move carries.
+/// Most entries (files and directories) of `/workspace` a move walks.
 pub const MAX_MOVE_FILES: usize = 20_000;
 /// The directory that moves with a sandbox.
 const MOVED_DIR: &str = "/workspace";
@@ -255,17 +255,21 @@ impl Manager {
 async fn read_tree(p: &dyn Provider, runtime: &str) -> Result<Vec<Moved>> {
     let mut out = Vec::new();
     let mut total = 0u64;
+    let mut entries = 0usize;
     let mut dirs = vec![MOVED_DIR.to_string()];
     while let Some(dir) = dirs.pop() {
         for f in p.list_files(runtime, &dir).await? {
+            // Directories count too: a symlink loop listed as directories
+            // ends here instead of walking forever.
+            entries += 1;
+            if entries > MAX_MOVE_FILES {
+                return Err(Error::too_large(format!(
+                    "{MOVED_DIR} has more than {MAX_MOVE_FILES} entries to move"
+                )));
+            }
             if f.is_dir {
                 dirs.push(f.path);
                 continue;
-            }
-            if out.len() >= MAX_MOVE_FILES {
-                return Err(Error::too_large(format!(
-                    "{MOVED_DIR} has more than {MAX_MOVE_FILES} files to move"
-                )));
             }
             // Symlinks and special files are not regular: the read refuses
             // them, and they stay behind.
