@@ -246,7 +246,21 @@ pub struct Hello {
 ///   frames, each a JSON array of [`WatchEvent`]s, until the host sends a
 ///   `Signal` to the request (then an empty `Data` frame ends it) or the
 ///   watch fails (a second, error `Response`).
-pub const FEATURES: &[&str] = &["read_stream", "write_flow", "chunked_results", "watch"];
+/// - `connect`: `Connect` opens a TCP connection to a port on the
+///   sandbox's loopback and answers with a `Response` (an error when
+///   nothing listens there). Then bytes flow both ways as `Data` frames,
+///   each direction under credit ([`INITIAL_WINDOW`] bytes, more granted
+///   with `Window` frames as the other side consumes them); an empty
+///   `Data` frame ends a direction (a half-close), a `Signal` to the
+///   request aborts the connection. The request is over when both
+///   directions have ended.
+pub const FEATURES: &[&str] = &[
+    "read_stream",
+    "write_flow",
+    "chunked_results",
+    "watch",
+    "connect",
+];
 
 /// One change under a watched directory.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -432,6 +446,12 @@ pub enum Request {
         /// Subdirectories too, including ones made while watching.
         #[serde(default)]
         recursive: bool,
+    },
+    /// Opens a TCP connection to `port` on the sandbox's loopback (the
+    /// `connect` feature): the preview proxy's way into sandboxes whose
+    /// network the host cannot enter directly.
+    Connect {
+        port: u16,
     },
     /// Stops every process and exits the agent (sandbox teardown).
     Shutdown,

@@ -33,6 +33,7 @@ mod files;
 mod guest;
 mod guestnet;
 mod server;
+mod tcp;
 mod watch;
 
 use std::os::unix::net::UnixListener;

@@ -37,6 +37,8 @@ pub struct Conn {
     reads: Mutex<HashMap<u32, Arc<Window>>>,
     /// Directory watches in flight: their stop flags.
     watches: Mutex<HashMap<u32, Arc<AtomicBool>>>,
+    /// TCP connections in flight (`Connect`): shut down on a `Signal`.
+    sockets: Mutex<HashMap<u32, std::net::TcpStream>>,
 }
 
 impl Conn {
@@ -55,6 +57,56 @@ impl Conn {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clear();
+        self.close_sockets();
+    }
+
+    /// Aborts every TCP connection of this host connection.
+    fn close_sockets(&self) {
+        for s in self
+            .sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain()
+        {
+            let _ = s.1.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub(crate) fn reads_insert(&self, id: u32, w: Arc<Window>) {
+        self.reads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, w);
+    }
+
+    pub(crate) fn uploads_insert(&self, id: u32, tx: mpsc::Sender<Vec<u8>>) {
+        self.uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, tx);
+    }
+
+    pub(crate) fn sockets_insert(&self, id: u32, s: std::net::TcpStream) {
+        self.sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, s);
+    }
+
+    /// Drops the routes of a finished `Connect`.
+    pub(crate) fn forget_connection(&self, id: u32) {
+        self.reads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.uploads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
+        self.sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&id);
     }
 
     /// Ends every directory watch of this connection.
@@ -190,13 +242,16 @@ pub fn handle_stream<R: Read>(
         uploads: Mutex::new(HashMap::new()),
         reads: Mutex::new(HashMap::new()),
         watches: Mutex::new(HashMap::new()),
+        sockets: Mutex::new(HashMap::new()),
     });
-    // Watches end with the connection (their threads would otherwise
-    // wait for the next change to find the host gone).
+    // Watches and TCP connections end with the connection (their threads
+    // would otherwise wait for the next change or byte to find the host
+    // gone).
     struct EndWatches(Arc<Conn>);
     impl Drop for EndWatches {
         fn drop(&mut self) {
             self.0.stop_watches();
+            self.0.close_sockets();
         }
     }
     let _end = EndWatches(conn.clone());
@@ -333,8 +388,30 @@ fn dispatch(f: Frame, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: bool) {
             }
         }
         Kind::Signal => {
-            // A signal to a streamed read or a watch cancels it; to an
-            // upload, aborts it (its channel closes before the final chunk).
+            // A signal to a TCP connection aborts it; to a streamed read
+            // or a watch, cancels it; to an upload, aborts it (its channel
+            // closes before the final chunk).
+            if let Some(s) = conn
+                .sockets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id)
+            {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+                if let Some(r) = conn
+                    .reads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .get(&id)
+                {
+                    r.cancel();
+                }
+                conn.uploads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                return;
+            }
             if let Some(w) = conn
                 .watches
                 .lock()
@@ -528,6 +605,7 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
                 conn.respond_err(id, exhausted());
             }
         }
+        Request::Connect { port } => crate::tcp::start(id, port, conn),
         other => {
             let c = conn.clone();
             if crate::spawn_thread(move || simple(id, other, &c, pid1)).is_err() {
@@ -537,7 +615,7 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
     }
 }
 
-fn exhausted() -> AgentError {
+pub(crate) fn exhausted() -> AgentError {
     AgentError::new(
         ErrorKind::ResourceExhausted,
         "the sandbox is out of processes or memory; retry when its processes exit",
@@ -603,7 +681,8 @@ fn simple(id: u32, req: Request, conn: &Arc<Conn>, pid1: bool) {
         Request::Ping
         | Request::Exec { .. }
         | Request::WriteFile { .. }
-        | Request::Watch { .. } => Err(AgentError::new(ErrorKind::Internal, "unreachable")),
+        | Request::Watch { .. }
+        | Request::Connect { .. } => Err(AgentError::new(ErrorKind::Internal, "unreachable")),
     };
     conn.respond(id, res);
 }

@@ -626,3 +626,55 @@ pub struct WorkerTokenResponse {
     pub scopes: Option<Vec<String>>,
     pub expires_at: DateTime<Utc>,
 }
+
+/// `POST /sandboxes/{id}/ports/{port}`: how the preview proxy serves a
+/// port.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ExposePortRequest {
+    /// `token` (the default: a preview token is needed, in the
+    /// `X-StacyVM-Preview-Token` header, the `stacyvm_token` query
+    /// parameter or the cookie it sets) or `public` (anyone with the URL).
+    #[serde(default)]
+    pub mode: String,
+}
+
+/// An exposed port of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PortExposure {
+    pub sandbox_id: String,
+    pub port: u16,
+    /// `public` or `token`.
+    pub mode: String,
+    /// `http://{port}-{id}.{preview_domain}[:port]/`.
+    pub url: String,
+    /// The path form on the API's own address: `/preview/{id}/{port}/`.
+    pub path: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// `POST /sandboxes/{id}/ports/{port}/tokens`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PreviewTokenRequest {
+    /// How long the token works (Go duration, e.g. `30m`, `24h`);
+    /// default `preview.default_token_ttl`, at most
+    /// `preview.max_token_ttl`.
+    #[serde(default)]
+    pub ttl: String,
+}
+
+/// A preview token. `token` (the secret) appears only in the answer
+/// that creates it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct PreviewToken {
+    pub id: String,
+    pub sandbox_id: String,
+    pub port: u16,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
+    /// The preview URL with the token as a query parameter (creation only).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub url: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub revoked: bool,
+}

@@ -140,6 +140,41 @@ pub struct Config {
     pub logging: LoggingConfig,
     pub pool: PoolConfig,
     pub limits: LimitsConfig,
+    pub preview: PreviewConfig,
+}
+
+/// The built-in preview proxy (docs/preview.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PreviewConfig {
+    /// Serve `{port}-{id}.{server.preview_domain}` and `/preview/{id}/{port}/`.
+    pub enabled: bool,
+    /// Scheme of the URLs the API reports (`https` behind a TLS proxy).
+    pub scheme: String,
+    /// Port of the URLs the API reports; 0 = `server.port`.
+    pub url_port: u16,
+    /// More domains whose `{port}-{id}.` names the proxy answers.
+    pub extra_domains: Vec<String>,
+    /// Lifetime of a preview token when the request names none.
+    pub default_token_ttl: String,
+    /// Longest lifetime a preview token may have.
+    pub max_token_ttl: String,
+    /// Ports a sandbox may expose at once.
+    pub max_ports_per_sandbox: u16,
+}
+
+impl Default for PreviewConfig {
+    fn default() -> Self {
+        PreviewConfig {
+            enabled: true,
+            scheme: "http".into(),
+            url_port: 0,
+            extra_domains: Vec::new(),
+            default_token_ttl: "24h".into(),
+            max_token_ttl: "720h".into(),
+            max_ports_per_sandbox: 16,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

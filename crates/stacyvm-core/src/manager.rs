@@ -240,6 +240,8 @@ pub struct Manager {
     remote: RwLock<Option<Arc<dyn crate::cluster::Remote>>>,
     /// When the admin audit was last pruned ([`services::Audit`]).
     pub(crate) audit_pruned: Mutex<Option<Instant>>,
+    /// Exposed ports the preview proxy has looked up recently.
+    previews: services::previews::PreviewCache,
 }
 
 #[derive(Debug)]
@@ -272,6 +274,7 @@ impl Manager {
             started: Instant::now(),
             remote: RwLock::new(None),
             audit_pruned: Mutex::new(None),
+            previews: services::previews::PreviewCache::default(),
         });
         tokio::spawn(audit_writer(store, audit_rx));
         // Another control plane changed a sandbox: drop the cached copy
@@ -293,6 +296,11 @@ impl Manager {
                     Err(_) => return,
                 };
                 let Some(m) = weak.upgrade() else { return };
+                if !ev.sandbox_id.is_empty()
+                    && (ev.kind.starts_with("sandbox.") || ev.kind.starts_with("preview."))
+                {
+                    m.previews.evict(&ev.sandbox_id);
+                }
                 if !ev.sandbox_id.is_empty() && ev.kind.starts_with("sandbox.") {
                     m.lease_changed(&ev.sandbox_id);
                     let gone = m.cache.write().remove(&ev.sandbox_id);
@@ -327,6 +335,66 @@ impl Manager {
         services::Tenancy { m: self }
     }
     /// The audit trail: writes, retention and exports.
+    pub fn previews(&self) -> services::Previews<'_> {
+        services::Previews { m: self }
+    }
+
+    pub(crate) fn previews_cache(&self) -> &services::previews::PreviewCache {
+        &self.previews
+    }
+
+    /// A sandbox's record for work no caller asked for (the preview
+    /// proxy): the cache, else the store.
+    pub async fn live_record(&self, id: &str) -> Result<Arc<SandboxRecord>> {
+        if let Some(r) = self.cache.read().get(id).cloned() {
+            return Ok(r);
+        }
+        let rec = match self.store.get_sandbox(id).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(Error::sandbox_not_found(id)),
+            Err(e) => return Err(e),
+        };
+        if rec.state == state::DESTROYED {
+            return Err(Error::sandbox_destroyed(id));
+        }
+        Ok(Arc::new(rec))
+    }
+
+    /// A TCP connection to `port` inside sandbox `id`, wherever it runs
+    /// (the preview proxy, after [`services::Previews::admit`]).
+    pub async fn connect_port(&self, id: &str, port: u16) -> Result<crate::provider::PortStream> {
+        let rec = self.live_record(id).await?;
+        let provider = self.provider_of(&rec).await?;
+        let target = if rec.vm_id.is_empty() {
+            rec.id.clone()
+        } else {
+            rec.vm_id.clone()
+        };
+        provider.connect(&target, port).await
+    }
+
+    /// An operation audit row about `rec` (services' changes).
+    pub(crate) fn audit_op(
+        &self,
+        caller: &Caller,
+        rec: &SandboxRecord,
+        action: &str,
+        resource: &str,
+        ok: bool,
+        detail: String,
+    ) {
+        self.audit(
+            caller,
+            &rec.owner_id,
+            action,
+            &rec.id,
+            resource,
+            &rec.provider,
+            ok,
+            detail,
+        );
+    }
+
     pub fn audit_trail(&self) -> services::Audit<'_> {
         services::Audit { m: self }
     }
@@ -1210,6 +1278,10 @@ impl Manager {
         if was_cached {
             self.release_slot(&rec.owner_id);
         }
+        self.previews.evict(&rec.id);
+        if let Err(e) = self.store.delete_sandbox_ports(&rec.id).await {
+            warn!(sandbox_id = %rec.id, error = %e, "dropping the preview ports of a destroyed sandbox failed");
+        }
         self.metrics
             .observe("destroy", &rec.provider, started.elapsed(), None);
         self.events.publish(kind::SANDBOX_DESTROYED, &rec.id, None);
@@ -1545,6 +1617,8 @@ impl Manager {
         }
         self.reconcile_state(&rec.id, state::DESTROYED).await;
         let _ = self.store.release_lease(&rec.id, self.worker_id()).await;
+        self.previews.evict(&rec.id);
+        let _ = self.store.delete_sandbox_ports(&rec.id).await;
         self.events.publish(
             kind::RECONCILE_ACTION,
             &rec.id,

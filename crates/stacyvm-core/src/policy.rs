@@ -11,8 +11,9 @@ use crate::error::{Error, Result};
 use crate::store::PolicyRecord;
 
 /// `worker` rules say which workers (by id) may run a tenant's
-/// sandboxes: placement skips the others.
-pub const RESOURCE_TYPES: [&str; 4] = ["image", "provider", "network", "worker"];
+/// sandboxes: placement skips the others. `preview` rules say which
+/// exposure modes (`public`, `token`) a tenant's sandboxes may use.
+pub const RESOURCE_TYPES: [&str; 5] = ["image", "provider", "network", "worker", "preview"];
 pub const EFFECTS: [&str; 2] = ["allow", "deny"];
 
 /// Checks a policy before it is stored: known type and effect, a pattern
@@ -20,7 +21,7 @@ pub const EFFECTS: [&str; 2] = ["allow", "deny"];
 pub fn validate(resource_type: &str, effect: &str, pattern: &str) -> Result<()> {
     if !RESOURCE_TYPES.contains(&resource_type) {
         return Err(Error::invalid(format!(
-            "resource_type must be image, provider, network or worker, got {resource_type:?}"
+            "resource_type must be image, provider, network, worker or preview, got {resource_type:?}"
         )));
     }
     if !EFFECTS.contains(&effect) {

@@ -416,7 +416,19 @@ pub trait SandboxIo: Send + Sync {
     async fn stat_file(&self, path: &str) -> Result<FileInfo>;
     /// Absolute matching paths, sorted; no match is an empty list.
     async fn glob_files(&self, pattern: &str) -> Result<Vec<String>>;
+
+    /// Opens a TCP connection to `port` on the sandbox's loopback (the
+    /// preview proxy). Nothing listening there is `NotFound`.
+    async fn connect(&self, _port: u16) -> Result<PortStream> {
+        Err(Error::unsupported("connecting to sandbox ports"))
+    }
 }
+
+/// A byte stream to a port inside a sandbox (see [`Provider::connect`]).
+pub trait PortIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> PortIo for T {}
+/// A boxed [`PortIo`].
+pub type PortStream = Box<dyn PortIo>;
 
 /// A whole file already read, as a stream bounded by `max_bytes`.
 pub fn buffered_read(data: Vec<u8>, path: &str, max_bytes: u64) -> Result<FileStream> {
@@ -693,6 +705,12 @@ pub trait Provider: Debug + Send + Sync + 'static {
     /// Watches a directory (see [`SandboxIo::watch_dir`]).
     async fn watch_dir(&self, runtime_id: &str, path: &str, recursive: bool) -> Result<FsEvents> {
         self.io(runtime_id).await?.watch_dir(path, recursive).await
+    }
+    /// A TCP connection to `port` on the sandbox's loopback (see
+    /// [`SandboxIo::connect`]). Providers that can enter the sandbox's
+    /// network namespace directly override it.
+    async fn connect(&self, runtime_id: &str, port: u16) -> Result<PortStream> {
+        self.io(runtime_id).await?.connect(port).await
     }
 
     /// Current state; unknown sandbox → `ErrorKind::SandboxNotFound`.

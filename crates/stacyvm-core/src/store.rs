@@ -179,6 +179,32 @@ pub struct SnapshotRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// A sandbox port the preview proxy serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PortRecord {
+    pub sandbox_id: String,
+    pub port: u16,
+    /// `public` or `token`.
+    pub mode: String,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// An access token of a token-mode port (its secret is never stored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PreviewTokenRecord {
+    /// `pt-` + 16 hex digits.
+    pub id: String,
+    pub sandbox_id: String,
+    pub port: u16,
+    /// Hex SHA-256 of the secret.
+    pub hash: String,
+    pub created_by: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub revoked: bool,
+}
+
 /// An admin audit row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdminAuditRecord {
@@ -368,6 +394,28 @@ pub trait Store: Debug + Send + Sync + 'static {
     async fn delete_policy(&self, tenant_id: &str, id: &str) -> Result<()>;
 
     /// Insert or update; `created_at` of an existing row is preserved.
+    /// Exposes a port (or changes its mode).
+    async fn put_port(&self, r: &PortRecord) -> Result<()>;
+    /// Unknown → `NotFound`.
+    async fn get_port(&self, sandbox_id: &str, port: u16) -> Result<PortRecord>;
+    /// A sandbox's exposed ports, by port.
+    async fn list_ports(&self, sandbox_id: &str) -> Result<Vec<PortRecord>>;
+    /// Unexposes a port and drops its tokens; unknown → `NotFound`.
+    async fn delete_port(&self, sandbox_id: &str, port: u16) -> Result<()>;
+    /// Drops every port and token of a sandbox; how many ports.
+    async fn delete_sandbox_ports(&self, sandbox_id: &str) -> Result<u64>;
+    async fn insert_preview_token(&self, r: &PreviewTokenRecord) -> Result<()>;
+    /// By the hash of its secret; unknown → `NotFound`.
+    async fn find_preview_token(&self, hash: &str) -> Result<PreviewTokenRecord>;
+    /// A port's tokens, oldest first.
+    async fn list_preview_tokens(
+        &self,
+        sandbox_id: &str,
+        port: u16,
+    ) -> Result<Vec<PreviewTokenRecord>>;
+    /// Marks a token revoked; unknown (for this sandbox) → `NotFound`.
+    async fn revoke_preview_token(&self, sandbox_id: &str, id: &str) -> Result<()>;
+
     async fn insert_snapshot(&self, r: &SnapshotRecord) -> Result<()>;
     async fn get_snapshot(&self, id: &str) -> Result<SnapshotRecord>;
     /// One tenant's snapshots, or every snapshot with `None`; oldest first.

@@ -13,6 +13,7 @@ pub mod json;
 pub mod mcp;
 mod middleware;
 pub mod openapi;
+pub mod preview;
 pub mod ratelimit;
 pub mod routes;
 pub mod tenancy;
@@ -58,6 +59,8 @@ pub struct AppState {
     mcp_router: Arc<std::sync::OnceLock<Router>>,
     /// Ends open MCP streams when the server stops.
     mcp_shutdown: tokio_util::sync::CancellationToken,
+    /// The preview proxy's upstream connections.
+    pub previews: preview::PreviewClient,
 }
 
 impl AppState {
@@ -74,6 +77,7 @@ impl AppState {
     /// State with a prepared authenticator (tests tune OIDC refetching).
     pub fn with_auth(manager: Arc<Manager>, auth: auth::Authenticator) -> Self {
         let cfg = Arc::new(manager.config().clone());
+        let previews = preview::PreviewClient::new(&manager);
         let ratelimit = Arc::new(ratelimit::RateLimiter::new(&cfg.rate_limit));
         let host_checked =
             !auth.enabled() && stacyvm_core::config::is_loopback_host(cfg.listen_host().0);
@@ -98,6 +102,7 @@ impl AppState {
             ratelimit,
             mcp_router: Arc::default(),
             mcp_shutdown: tokio_util::sync::CancellationToken::new(),
+            previews,
         }
     }
 
@@ -164,6 +169,12 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::host_guard,
+        ))
+        // Preview hosts and `/preview/…` are the proxy's, before the API's
+        // host guard, CORS and body limit (they are the sandbox's to set).
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            preview::dispatch,
         ))
         .layer(axum::middleware::from_fn(middleware::request_id))
 }

@@ -734,6 +734,105 @@ pub async fn concurrent_writers(s: &dyn Store) {
     assert_eq!(s.list_active_sandboxes().await.expect("list").len(), 50);
 }
 
+pub async fn preview_ports(s: &dyn Store) {
+    use stacyvm_core::store::{PortRecord, PreviewTokenRecord};
+    let now = now();
+    let port = |sb: &str, port: u16, mode: &str| PortRecord {
+        sandbox_id: sb.into(),
+        port,
+        mode: mode.into(),
+        created_by: "alice".into(),
+        created_at: now,
+    };
+    let token = |id: &str, sb: &str, p: u16, secs: i64| PreviewTokenRecord {
+        id: id.into(),
+        sandbox_id: sb.into(),
+        port: p,
+        hash: format!("hash-{id}"),
+        created_by: "alice".into(),
+        created_at: now + chrono::Duration::seconds(secs),
+        expires_at: now + chrono::Duration::hours(1),
+        revoked: false,
+    };
+    assert_eq!(
+        s.get_port("sb-1", 3000).await.expect_err("none").kind(),
+        ErrorKind::NotFound
+    );
+    s.put_port(&port("sb-1", 8080, "public")).await.expect("put");
+    s.put_port(&port("sb-1", 3000, "public")).await.expect("put");
+    s.put_port(&port("sb-2", 3000, "public")).await.expect("put");
+    // A second put changes the mode.
+    s.put_port(&port("sb-1", 3000, "token")).await.expect("put");
+    assert_eq!(
+        s.get_port("sb-1", 3000).await.expect("get"),
+        port("sb-1", 3000, "token")
+    );
+    let ports: Vec<u16> = s
+        .list_ports("sb-1")
+        .await
+        .expect("list")
+        .iter()
+        .map(|p| p.port)
+        .collect();
+    assert_eq!(ports, [3000, 8080]);
+
+    s.insert_preview_token(&token("pt-b", "sb-1", 3000, 2))
+        .await
+        .expect("insert");
+    s.insert_preview_token(&token("pt-a", "sb-1", 3000, 1))
+        .await
+        .expect("insert");
+    s.insert_preview_token(&token("pt-c", "sb-2", 3000, 0))
+        .await
+        .expect("insert");
+    // The secret's hash is unique, like the id.
+    let mut dup = token("pt-d", "sb-1", 3000, 0);
+    dup.hash = "hash-pt-a".into();
+    assert_eq!(
+        s.insert_preview_token(&dup)
+            .await
+            .expect_err("duplicate hash")
+            .kind(),
+        ErrorKind::Conflict
+    );
+    assert_eq!(
+        s.find_preview_token("hash-pt-b").await.expect("find"),
+        token("pt-b", "sb-1", 3000, 2)
+    );
+    let ids = |l: Vec<PreviewTokenRecord>| l.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.list_preview_tokens("sb-1", 3000).await.expect("list")),
+        ["pt-a", "pt-b"]
+    );
+    // Revoking needs the right sandbox.
+    assert_eq!(
+        s.revoke_preview_token("sb-2", "pt-a")
+            .await
+            .expect_err("other sandbox")
+            .kind(),
+        ErrorKind::NotFound
+    );
+    s.revoke_preview_token("sb-1", "pt-a").await.expect("revoke");
+    assert!(s.find_preview_token("hash-pt-a").await.expect("find").revoked);
+    // Unexposing a port drops its tokens, not other sandboxes'.
+    s.delete_port("sb-1", 3000).await.expect("delete");
+    assert_eq!(
+        s.delete_port("sb-1", 3000).await.expect_err("gone").kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        s.find_preview_token("hash-pt-b")
+            .await
+            .expect_err("dropped")
+            .kind(),
+        ErrorKind::NotFound
+    );
+    assert!(s.find_preview_token("hash-pt-c").await.is_ok());
+    assert_eq!(s.delete_sandbox_ports("sb-2").await.expect("drop"), 1);
+    assert!(s.find_preview_token("hash-pt-c").await.is_err());
+    assert_eq!(s.list_ports("sb-1").await.expect("list").len(), 1);
+}
+
 /// Emits one `#[tokio::test]` per contract case for a store constructor.
 #[macro_export]
 macro_rules! store_contract_tests {
@@ -741,7 +840,7 @@ macro_rules! store_contract_tests {
         mod $engine {
             #[allow(unused_imports)]
             use super::*;
-            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, fenced_writes, lease_transfer, admission, concurrent_writers, snapshots);
+            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, fenced_writes, lease_transfer, admission, concurrent_writers, snapshots, preview_ports);
         }
     };
     (@case $make:expr, $($case:ident),*) => {

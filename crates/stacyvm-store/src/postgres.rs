@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 use stacyvm_core::store::{
+    PortRecord, PreviewTokenRecord,
     AdminAuditFilter, AdminAuditRecord, ExecLogRecord, Fence, LeaseRecord, OpAuditFilter,
     OpAuditRecord, PolicyRecord, QuotaRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
     TenantMemberRecord, TenantRecord, WorkerRecord,
@@ -29,6 +30,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
         include_str!("../migrations/postgres/0002_retention_indexes.sql"),
     ),
     (3, include_str!("../migrations/postgres/0003_snapshots.sql")),
+    (4, include_str!("../migrations/postgres/0004_preview.sql")),
 ];
 
 /// The newest schema version this build knows.
@@ -55,6 +57,8 @@ pub const TABLES: &[&str] = &[
     "tenant_members",
     "policies",
     "snapshots",
+    "sandbox_ports",
+    "preview_tokens",
 ];
 
 /// Key of the advisory lock held while migrating (`"stacyvm"` in ASCII).
@@ -906,6 +910,119 @@ impl Store for PostgresStore {
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("policy {id:?}"))
+    }
+
+    async fn put_port(&self, r: &PortRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO sandbox_ports (sandbox_id, port, mode, created_by, created_at) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (sandbox_id, port) DO UPDATE SET mode = excluded.mode, created_by = excluded.created_by",
+        )
+        .bind(&r.sandbox_id)
+        .bind(i64::from(r.port))
+        .bind(&r.mode)
+        .bind(&r.created_by)
+        .bind(r.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn get_port(&self, sandbox_id: &str, port: u16) -> Result<PortRecord> {
+        let row = sqlx::query("SELECT * FROM sandbox_ports WHERE sandbox_id = $1 AND port = $2")
+            .bind(sandbox_id)
+            .bind(i64::from(port))
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("port {port} of sandbox {sandbox_id} is not exposed")))?;
+        rows::port(&row)
+    }
+
+    async fn list_ports(&self, sandbox_id: &str) -> Result<Vec<PortRecord>> {
+        let rows = sqlx::query("SELECT * FROM sandbox_ports WHERE sandbox_id = $1 ORDER BY port ASC")
+            .bind(sandbox_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(rows::port).collect()
+    }
+
+    async fn delete_port(&self, sandbox_id: &str, port: u16) -> Result<()> {
+        sqlx::query("DELETE FROM preview_tokens WHERE sandbox_id = $1 AND port = $2")
+            .bind(sandbox_id)
+            .bind(i64::from(port))
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let r = sqlx::query("DELETE FROM sandbox_ports WHERE sandbox_id = $1 AND port = $2")
+            .bind(sandbox_id)
+            .bind(i64::from(port))
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("port {port} of sandbox {sandbox_id} (not exposed)"))
+    }
+
+    async fn delete_sandbox_ports(&self, sandbox_id: &str) -> Result<u64> {
+        sqlx::query("DELETE FROM preview_tokens WHERE sandbox_id = $1")
+            .bind(sandbox_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        let r = sqlx::query("DELETE FROM sandbox_ports WHERE sandbox_id = $1")
+            .bind(sandbox_id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        Ok(r.rows_affected())
+    }
+
+    async fn insert_preview_token(&self, r: &PreviewTokenRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO preview_tokens (id, sandbox_id, port, hash, created_by, created_at, expires_at, revoked) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(&r.id)
+        .bind(&r.sandbox_id)
+        .bind(i64::from(r.port))
+        .bind(&r.hash)
+        .bind(&r.created_by)
+        .bind(r.created_at)
+        .bind(r.expires_at)
+        .bind(i64::from(r.revoked))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| conflict_as(e, || "preview token id or secret already exists".to_string()))?;
+        Ok(())
+    }
+
+    async fn find_preview_token(&self, hash: &str) -> Result<PreviewTokenRecord> {
+        let row = sqlx::query("SELECT * FROM preview_tokens WHERE hash = $1")
+            .bind(hash)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found("preview token"))?;
+        rows::preview_token(&row)
+    }
+
+    async fn list_preview_tokens(&self, sandbox_id: &str, port: u16) -> Result<Vec<PreviewTokenRecord>> {
+        let rows = sqlx::query("SELECT * FROM preview_tokens WHERE sandbox_id = $1 AND port = $2 ORDER BY created_at ASC, id ASC")
+            .bind(sandbox_id)
+            .bind(i64::from(port))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(rows::preview_token).collect()
+    }
+
+    async fn revoke_preview_token(&self, sandbox_id: &str, id: &str) -> Result<()> {
+        let r = sqlx::query("UPDATE preview_tokens SET revoked = 1 WHERE sandbox_id = $1 AND id = $2")
+            .bind(sandbox_id)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("preview token {id:?}"))
     }
 
     async fn insert_snapshot(&self, r: &SnapshotRecord) -> Result<()> {

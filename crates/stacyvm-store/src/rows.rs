@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, Utc};
 use stacyvm_core::store::{
+    PortRecord, PreviewTokenRecord,
     AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditRecord, PolicyRecord, QuotaRecord,
     SandboxRecord, SnapshotRecord, TemplateRecord, TenantMemberRecord, TenantRecord, WorkerRecord,
 };
@@ -272,4 +273,27 @@ pub(crate) fn admit(
         )));
     }
     Ok(())
+}
+
+pub(crate) fn port(r: &impl Cols) -> Result<PortRecord> {
+    Ok(PortRecord {
+        sandbox_id: r.text("sandbox_id"),
+        port: u16::try_from(r.int("port")).unwrap_or(0),
+        mode: r.text("mode"),
+        created_by: r.text("created_by"),
+        created_at: r.time("created_at")?,
+    })
+}
+
+pub(crate) fn preview_token(r: &impl Cols) -> Result<PreviewTokenRecord> {
+    Ok(PreviewTokenRecord {
+        id: r.text("id"),
+        sandbox_id: r.text("sandbox_id"),
+        port: u16::try_from(r.int("port")).unwrap_or(0),
+        hash: r.text("hash"),
+        created_by: r.text("created_by"),
+        created_at: r.time("created_at")?,
+        expires_at: r.time("expires_at")?,
+        revoked: r.int("revoked") != 0,
+    })
 }

@@ -9,11 +9,13 @@
 //! the same rules.
 
 pub mod audit;
+pub mod previews;
 pub mod quotas;
 pub mod templates;
 pub mod tenancy;
 
 pub use audit::Audit;
+pub use previews::Previews;
 pub use quotas::Quotas;
 pub use templates::Templates;
 pub use tenancy::{PolicyInput, Tenancy, TenantInput};

@@ -18,7 +18,9 @@ use stacyvm_agent_proto::{
     self as proto, Decoder, Exit, FileStat, Frame, Hello, Kind, Request, Response, SignalMsg,
     WindowMsg, INITIAL_WINDOW, MAX_CHUNK,
 };
-use stacyvm_core::provider::{ExitStatus, FileStream, OutputChunk, OutputSink, StreamKind};
+use stacyvm_core::provider::{
+    ExitStatus, FileStream, OutputChunk, OutputSink, PortStream, StreamKind,
+};
 use stacyvm_core::{Error, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -853,6 +855,100 @@ impl AgentClient {
         }
         killer.client = None;
         Err(lost())
+    }
+
+    /// A TCP connection to `port` on the sandbox's loopback, through the
+    /// agent (the `connect` feature): the returned stream is ours, a task
+    /// moves its bytes over the link under credit both ways. Dropping the
+    /// stream aborts the connection.
+    pub async fn connect_port(self: &Arc<Self>, port: u16) -> Result<PortStream> {
+        if !self.has("connect") {
+            return Err(Error::unsupported(
+                "this sandbox's agent cannot open connections (it predates the preview proxy; respawn the sandbox)",
+            ));
+        }
+        let (id, mut rx, guard) = self.register()?;
+        self.send(&Frame::json(Kind::Request, id, &Request::Connect { port }))
+            .await?;
+        // The agent's dial has a 5 s deadline of its own.
+        match rx.recv_within(CONNECT_TIMEOUT * 2).await? {
+            Some(f) if f.kind == Kind::Response => {
+                response(&f.body)?;
+            }
+            Some(_) => return Err(Error::internal("agent sent data before connecting")),
+            None => return Err(lost()),
+        }
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        let client = self.clone();
+        tokio::spawn(async move {
+            let _guard = guard;
+            let (mut rd, mut wr) = tokio::io::split(theirs);
+            let mut credit: u64 = INITIAL_WINDOW;
+            let (mut up_open, mut down_open) = (true, true);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut aborted = false;
+            while up_open || down_open {
+                tokio::select! {
+                    f = rx.recv(), if down_open || up_open => {
+                        let Some(f) = f else { aborted = true; break };
+                        match f.kind {
+                            Kind::Data if f.body.is_empty() => {
+                                down_open = false;
+                                let _ = wr.shutdown().await;
+                            }
+                            Kind::Data if down_open => {
+                                let n = f.body.len() as u64;
+                                if wr.write_all(&f.body).await.is_err() {
+                                    aborted = true;
+                                    break;
+                                }
+                                let _ = client.send(&Frame::json(Kind::Window, id, &WindowMsg { bytes: n })).await;
+                            }
+                            Kind::Window => {
+                                if let Ok(w) = serde_json::from_slice::<WindowMsg>(&f.body) {
+                                    credit = credit.saturating_add(w.bytes);
+                                }
+                            }
+                            Kind::Response => {
+                                aborted = true;
+                                break;
+                            }
+                            _ => {}
+                        }
+                    }
+                    // After our side's EOF, notice the stream being dropped
+                    // (a zero-byte write fails once nobody reads it).
+                    () = tokio::time::sleep(Duration::from_secs(2)), if !up_open => {
+                        if wr.write(&[]).await.is_err() {
+                            aborted = true;
+                            break;
+                        }
+                    }
+                    n = rd.read(&mut buf[..usize::try_from(credit.min(64 * 1024)).unwrap_or(0)]), if up_open && credit > 0 => {
+                        match n {
+                            Ok(0) | Err(_) => {
+                                up_open = false;
+                                if client.send(&Frame::new(Kind::Data, id, Vec::new())).await.is_err() {
+                                    aborted = true;
+                                    break;
+                                }
+                            }
+                            Ok(n) => {
+                                credit -= n as u64;
+                                if client.send_body(Kind::Data, id, &buf[..n]).await.is_err() {
+                                    aborted = true;
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            if aborted {
+                client.cancel(id).await;
+            }
+        });
+        Ok(Box::new(ours))
     }
 
     /// An exec whose stdin and signals come from `input` while it runs.

@@ -138,6 +138,10 @@ impl SandboxIo for AgentSession {
         // An empty match is `[]`, never null (gaps C-3).
         self.client.glob(pattern).await
     }
+
+    async fn connect(&self, port: u16) -> Result<stacyvm_core::provider::PortStream> {
+        self.client.connect_port(port).await
+    }
 }
 
 /// The exec as it runs: a provider's hard timeout `max` (zero = none)

@@ -2,6 +2,7 @@
 
 pub mod audit;
 pub mod files;
+pub mod ports;
 pub mod quotas;
 pub mod sandboxes;
 pub mod system;
@@ -85,6 +86,12 @@ fn table() -> Vec<(Op, MethodRouter<AppState>)> {
         op!(get "/sandboxes/{id}/exec/ws", sandboxes::exec_ws, Doc::new("exec", "Run a command over a WebSocket (stdin, signals, pty)", Reply::WebSocket)),
         op!(get "/sandboxes/{id}/logs", sandboxes::logs, Doc::new("sandboxes", "The sandbox's log lines", Reply::Json(schema::<Vec<String>>)).query(schema::<sandboxes::LogsQuery>)),
         op!(get "/sandboxes/{id}/stats", sandboxes::stats, Doc::new("sandboxes", "CPU and memory of a sandbox", obj)),
+        op!(get "/sandboxes/{id}/ports", ports::list, Doc::new("previews", "The sandbox's exposed ports and their preview URLs", Reply::Json(schema::<Vec<a::PortExposure>>))),
+        op!(post "/sandboxes/{id}/ports/{port}", ports::expose, Doc::new("previews", "Expose a port through the preview proxy (public or token mode)", Reply::Json(schema::<a::PortExposure>)).body(Body::OptionalJson(schema::<a::ExposePortRequest>))),
+        op!(delete "/sandboxes/{id}/ports/{port}", ports::unexpose, Doc::new("previews", "Stop serving a port (its tokens go too)", status)),
+        op!(get "/sandboxes/{id}/ports/{port}/tokens", ports::tokens, Doc::new("previews", "A port's preview tokens (without secrets)", Reply::Json(schema::<Vec<a::PreviewToken>>))),
+        op!(post "/sandboxes/{id}/ports/{port}/tokens", ports::create_token, Doc::new("previews", "Issue an expiring preview token (the secret is shown once)", Reply::Json(schema::<a::PreviewToken>)).body(Body::OptionalJson(schema::<a::PreviewTokenRequest>))),
+        op!(delete "/sandboxes/{id}/ports/{port}/tokens/{token}", ports::revoke_token, Doc::new("previews", "Revoke a preview token", status)),
         op!(post "/sandboxes/{id}/files", files::write, files("Write a file (JSON, base64 or text)").body(Body::Json(schema::<a::WriteFileRequest>))),
         op!(put "/sandboxes/{id}/files", files::upload, files("Upload a file (raw body, streamed)").body(Body::Raw("application/octet-stream")).query(schema::<files::UploadQuery>)),
         op!(get "/sandboxes/{id}/files", files::read, Doc::new("files", "Read a file (raw bytes, streamed)", Reply::Other("application/octet-stream", "The file's bytes")).query(schema::<files::PathQuery>)),

@@ -1,0 +1,22 @@
+-- Live preview (docs/preview.md): which ports of a sandbox the proxy
+-- serves, and how (public, or with a token).
+CREATE TABLE IF NOT EXISTS sandbox_ports (
+    sandbox_id TEXT NOT NULL,
+    port BIGINT NOT NULL,
+    mode TEXT NOT NULL,
+    created_by TEXT NOT NULL DEFAULT '',
+    created_at TIMESTAMPTZ NOT NULL,
+    PRIMARY KEY (sandbox_id, port)
+);
+-- Access tokens of token-mode ports: only a SHA-256 of the secret is kept.
+CREATE TABLE IF NOT EXISTS preview_tokens (
+    id TEXT PRIMARY KEY,
+    sandbox_id TEXT NOT NULL,
+    port BIGINT NOT NULL,
+    hash TEXT NOT NULL UNIQUE,
+    created_by TEXT NOT NULL DEFAULT '',
+    created_at TIMESTAMPTZ NOT NULL,
+    expires_at TIMESTAMPTZ NOT NULL,
+    revoked BIGINT NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS idx_preview_tokens_port ON preview_tokens(sandbox_id, port);
