@@ -1,0 +1,523 @@
+//! The preview proxy against the real binary on the native provider: a
+//! real HTTP server and a WebSocket echo server inside a sandbox, reached
+//! by Host and by path, with and without tokens; expired, revoked and
+//! forged tokens refused; hostile Host headers and huge headers; a tenant
+//! policy that forbids public ports; and nothing left when the sandbox
+//! goes.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+const APP: &str = include_str!("fixtures/preview_app.py");
+const APP_PORT: u16 = 8000;
+
+struct Api {
+    http: reqwest::Client,
+    base: String,
+    root: String,
+}
+
+impl Api {
+    fn new(server: &common::Server) -> Api {
+        Api {
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("client"),
+            base: server.url.clone(),
+            root: server.url.trim_end_matches("/api/v1").to_string(),
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if let Some(b) = body {
+            r = r.json(&b);
+        }
+        let resp = r.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn exec(&self, id: &str, command: &str) -> Value {
+        let (s, v) = self
+            .post(&format!("/sandboxes/{id}/exec"), json!({ "command": command }))
+            .await;
+        assert_eq!(s, 200, "{v}");
+        v
+    }
+
+    fn addr(&self) -> SocketAddr {
+        self.root
+            .trim_start_matches("http://")
+            .parse()
+            .expect("server address")
+    }
+
+    /// A client that resolves every preview name to the server.
+    fn preview_client(&self, hosts: &[&str]) -> reqwest::Client {
+        let mut b = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+        for h in hosts {
+            b = b.resolve(h, self.addr());
+        }
+        b.build().expect("client")
+    }
+}
+
+/// Spawns a sandbox running the test app on [`APP_PORT`].
+async fn sandbox_with_app(api: &Api) -> String {
+    let (s, sb) = api.post("/sandboxes", json!({})).await;
+    assert_eq!(s, 201, "{sb}");
+    let id = sb["id"].as_str().expect("id").to_string();
+    let (s, v) = api
+        .post(
+            &format!("/sandboxes/{id}/files"),
+            json!({ "path": "/workspace/app.py", "content": APP }),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    api.exec(
+        &id,
+        &format!("setsid python3 /workspace/app.py {APP_PORT} >/workspace/app.log 2>&1 </dev/null &"),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = api
+            .exec(
+                &id,
+                &format!("python3 -c \"import socket; socket.create_connection(('127.0.0.1', {APP_PORT}))\""),
+            )
+            .await;
+        if v["exit_code"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the app did not listen: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    id
+}
+
+async fn text(r: reqwest::Response) -> (u16, String) {
+    let s = r.status().as_u16();
+    (s, r.text().await.expect("body"))
+}
+
+fn serve(dir: &std::path::Path) -> common::Server {
+    common::Server::start(
+        dir,
+        &[
+            ("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0"),
+            ("STACYVM_SERVER_PREVIEW_DOMAIN", "preview.test"),
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_proxy_serves_http_sse_and_websockets_by_host_and_path() {
+    let dir = tempfile::tempdir().expect("dir");
+    let server = serve(dir.path());
+    let api = Api::new(&server);
+    let id = sandbox_with_app(&api).await;
+    let port = api.addr().port();
+    let host = format!("{APP_PORT}-{id}.preview.test");
+    let client = api.preview_client(&[&host]);
+    let url = format!("http://{host}:{port}");
+
+    // Nothing is reachable before it is exposed, and an unknown sandbox
+    // looks the same.
+    let (s, body) = text(client.get(format!("{url}/")).send().await.expect("get")).await;
+    assert_eq!(s, 404, "{body}");
+    let ghost = format!("{APP_PORT}-sb-00000000.preview.test");
+    let ghost_client = api.preview_client(&[&ghost]);
+    let (s, ghost_body) = text(
+        ghost_client
+            .get(format!("http://{ghost}:{port}/"))
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(s, 404);
+    assert!(!ghost_body.contains("exist"), "{ghost_body}");
+
+    let (s, exposed) = api
+        .post(&format!("/sandboxes/{id}/ports/{APP_PORT}"), json!({"mode": "public"}))
+        .await;
+    assert_eq!(s, 200, "{exposed}");
+    assert_eq!(exposed["mode"], "public");
+    assert_eq!(exposed["url"], format!("http://{host}:{port}/"));
+    assert_eq!(exposed["path"], format!("/preview/{id}/{APP_PORT}/"));
+
+    // Host form: the app sees its own path and the Host the client used.
+    let (s, body) = text(client.get(format!("{url}/hello?x=1")).send().await.expect("get")).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("path=/hello?x=1"), "{body}");
+    assert!(body.contains(&format!("host={host}:{port}")), "{body}");
+    // Odd casing and a trailing dot name the same preview.
+    let upper = format!("{APP_PORT}-{}.PREVIEW.TEST", id.to_uppercase());
+    let (s, _) = text(
+        api.http
+            .get(format!("{}/x", api.root))
+            .header("Host", format!("{upper}.:{port}"))
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    // Path form: the prefix is stripped, announced, and the page is
+    // sandboxed off the API's origin.
+    let r = api
+        .http
+        .get(format!("{}/preview/{id}/{APP_PORT}/a/b?y=2", api.root))
+        .send()
+        .await
+        .expect("get");
+    let csp = r
+        .headers()
+        .get("content-security-policy")
+        .map(|v| v.to_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    let (s, body) = text(r).await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("path=/a/b?y=2"), "{body}");
+    assert!(body.contains(&format!("prefix=/preview/{id}/{APP_PORT}")), "{body}");
+    assert!(csp.starts_with("sandbox"), "{csp}");
+    let r = api
+        .http
+        .get(format!("{}/preview/{id}/{APP_PORT}", api.root))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 302);
+    assert_eq!(
+        r.headers()["location"],
+        format!("/preview/{id}/{APP_PORT}/").as_str()
+    );
+
+    // A 4 MiB body goes up and comes back whole.
+    let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+    let r = client
+        .post(format!("{url}/echo"))
+        .body(big.clone())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.bytes().await.expect("body").as_ref(), big.as_slice());
+
+    // Server-sent events arrive as they are sent, not all at the end.
+    let r = client.get(format!("{url}/sse")).send().await.expect("sse");
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let mut stream = r.bytes_stream();
+    let (mut seen, mut first, mut last) = (String::new(), None, None);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.expect("chunk");
+        let now = Instant::now();
+        first.get_or_insert(now);
+        last = Some(now);
+        seen.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    assert_eq!(seen, "data: event 0\n\ndata: event 1\n\ndata: event 2\n\n");
+    let spread = last.expect("events") - first.expect("events");
+    assert!(
+        spread >= Duration::from_millis(400),
+        "events 0 and 2 were sent 0.6 s apart but arrived {spread:?} apart (buffered)"
+    );
+
+    // WebSocket through the Host form: text and a 200 KiB binary message.
+    let tcp = tokio::net::TcpStream::connect(api.addr()).await.expect("tcp");
+    let (mut ws, resp) =
+        tokio_tungstenite::client_async(format!("ws://{host}:{port}/ws"), tcp)
+            .await
+            .expect("websocket handshake through the proxy");
+    assert_eq!(resp.status().as_u16(), 101);
+    ws.send(Message::text("hello sandbox")).await.expect("send");
+    let got = ws.next().await.expect("reply").expect("frame");
+    assert_eq!(got.into_text().expect("text").as_str(), "hello sandbox");
+    let blob: Vec<u8> = (0..200 * 1024u32).map(|i| (i % 256) as u8).collect();
+    ws.send(Message::binary(blob.clone())).await.expect("send");
+    let got = ws.next().await.expect("reply").expect("frame");
+    assert_eq!(got.into_data().as_ref(), blob.as_slice());
+    ws.close(None).await.expect("close");
+
+    // A port nothing listens on is a 502 that says so.
+    let (s, _) = api
+        .post(&format!("/sandboxes/{id}/ports/8001"), json!({"mode": "public"}))
+        .await;
+    assert_eq!(s, 200);
+    let empty = format!("8001-{id}.preview.test");
+    let (s, body) = text(
+        api.preview_client(&[&empty])
+            .get(format!("http://{empty}:{port}/"))
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(s, 502, "{body}");
+    assert!(body.contains("nothing accepts connections on port 8001"), "{body}");
+
+    // A huge header is refused by the server, which keeps serving.
+    let r = client
+        .get(format!("{url}/"))
+        .header("x-huge", "a".repeat(512 * 1024))
+        .send()
+        .await;
+    if let Ok(r) = r {
+        assert!(r.status().is_client_error(), "{}", r.status());
+    }
+    let (s, _) = text(client.get(format!("{url}/")).send().await.expect("get")).await;
+    assert_eq!(s, 200);
+
+    // The exposure changes are audited.
+    let (s, audit) = api
+        .call(
+            reqwest::Method::GET,
+            &format!("/admin/op-audit?action=preview.expose&sandbox_id={id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{audit}");
+    let rows = audit
+        .as_array()
+        .or_else(|| audit["records"].as_array())
+        .or_else(|| audit["items"].as_array())
+        .cloned()
+        .unwrap_or_default();
+    assert!(rows.len() >= 2, "{audit}");
+
+    // Destroying the sandbox takes its previews with it.
+    let (s, _) = api
+        .call(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = text(client.get(format!("{url}/")).send().await.expect("get")).await;
+    assert_eq!(s, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
+    let dir = tempfile::tempdir().expect("dir");
+    let server = serve(dir.path());
+    let api = Api::new(&server);
+    let id = sandbox_with_app(&api).await;
+    let port = api.addr().port();
+    let host = format!("{APP_PORT}-{id}.preview.test");
+    let client = api.preview_client(&[&host]);
+    let url = format!("http://{host}:{port}");
+
+    // The default mode is token.
+    let (s, exposed) = api
+        .post(&format!("/sandboxes/{id}/ports/{APP_PORT}"), json!({}))
+        .await;
+    assert_eq!(s, 200, "{exposed}");
+    assert_eq!(exposed["mode"], "token");
+    let r = client.get(format!("{url}/")).send().await.expect("get");
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers().contains_key("www-authenticate"));
+
+    // Tokens need an exposed port and a sane lifetime.
+    let (s, v) = api
+        .post(&format!("/sandboxes/{id}/ports/9999/tokens"), json!({}))
+        .await;
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = api
+        .post(
+            &format!("/sandboxes/{id}/ports/{APP_PORT}/tokens"),
+            json!({"ttl": "10000h"}),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = api
+        .post(
+            &format!("/sandboxes/{id}/ports/{APP_PORT}/tokens"),
+            json!({"ttl": "banana"}),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+
+    let (s, tok) = api
+        .post(
+            &format!("/sandboxes/{id}/ports/{APP_PORT}/tokens"),
+            json!({"ttl": "1h"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{tok}");
+    let secret = tok["token"].as_str().expect("secret").to_string();
+    let token_id = tok["id"].as_str().expect("id").to_string();
+    assert!(secret.starts_with("svp_"), "{tok}");
+    // The secret is shown once: listings never carry it.
+    let (s, list) = api
+        .call(
+            reqwest::Method::GET,
+            &format!("/sandboxes/{id}/ports/{APP_PORT}/tokens"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    assert!(!list.to_string().contains(&secret), "{list}");
+
+    // Header: admitted, and the app never sees the token.
+    let (s, body) = text(
+        client
+            .get(format!("{url}/"))
+            .header("X-StacyVM-Preview-Token", &secret)
+            .header("Cookie", "app=1")
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("token=None"), "{body}");
+    assert!(body.contains("cookie=app=1"), "{body}");
+    assert!(!body.contains(&secret), "{body}");
+
+    // Query: traded for an HttpOnly cookie, and dropped from the URL.
+    let r = client
+        .get(format!("{url}/page?stacyvm_token={secret}&keep=1"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 302);
+    assert_eq!(r.headers()["location"], "/page?keep=1");
+    let cookie = r.headers()["set-cookie"].to_str().expect("cookie").to_string();
+    assert!(cookie.contains("HttpOnly") && cookie.contains("Path=/"), "{cookie}");
+    let pair = cookie.split(';').next().expect("pair").to_string();
+    let (s, body) = text(
+        client
+            .get(format!("{url}/page?keep=1"))
+            .header("Cookie", format!("app=2; {pair}"))
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("cookie=app=2|"), "{body}");
+
+    // Forged, other-port and other-sandbox tokens are refused.
+    for bad in [
+        "svp_0000000000000000000000000000000000000000000000".to_string(),
+        "not-a-token".to_string(),
+        format!("{secret}x"),
+    ] {
+        let r = client
+            .get(format!("{url}/"))
+            .header("X-StacyVM-Preview-Token", bad)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(r.status().as_u16(), 401);
+    }
+    let (s, _) = api
+        .post(&format!("/sandboxes/{id}/ports/8001"), json!({"mode": "token"}))
+        .await;
+    assert_eq!(s, 200);
+    let other = format!("8001-{id}.preview.test");
+    let r = api
+        .preview_client(&[&other])
+        .get(format!("http://{other}:{port}/"))
+        .header("X-StacyVM-Preview-Token", &secret)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 401, "a token for port 8000 opened port 8001");
+
+    // Expired tokens are refused (the test controls the clock: 1 s).
+    let (s, short) = api
+        .post(
+            &format!("/sandboxes/{id}/ports/{APP_PORT}/tokens"),
+            json!({"ttl": "1s"}),
+        )
+        .await;
+    assert_eq!(s, 201);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let (s, body) = text(
+        client
+            .get(format!("{url}/"))
+            .header("X-StacyVM-Preview-Token", short["token"].as_str().expect("t"))
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(s, 401);
+    assert!(body.contains("expired"), "{body}");
+
+    // Revoked tokens are refused at once.
+    let (s, v) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/sandboxes/{id}/ports/{APP_PORT}/tokens/{token_id}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, body) = text(
+        client
+            .get(format!("{url}/"))
+            .header("X-StacyVM-Preview-Token", &secret)
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(s, 401);
+    assert!(body.contains("revoked"), "{body}");
+
+    // Unexposing drops the port.
+    let (s, _) = api
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/sandboxes/{id}/ports/{APP_PORT}"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200);
+    let r = client.get(format!("{url}/")).send().await.expect("get");
+    assert_eq!(r.status().as_u16(), 404);
+
+    // A server-wide policy can forbid public ports.
+    let (s, pol) = api
+        .post(
+            "/admin/policies",
+            json!({"resource_type": "preview", "effect": "deny", "pattern": "public"}),
+        )
+        .await;
+    assert!(s == 200 || s == 201, "{pol}");
+    let (s, v) = api
+        .post(&format!("/sandboxes/{id}/ports/{APP_PORT}"), json!({"mode": "public"}))
+        .await;
+    assert_eq!(s, 403, "{v}");
+    let (s, v) = api
+        .post(&format!("/sandboxes/{id}/ports/{APP_PORT}"), json!({"mode": "token"}))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = api
+        .post(&format!("/sandboxes/{id}/ports/{APP_PORT}"), json!({"mode": "open"}))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, v) = api
+        .post(&format!("/sandboxes/{id}/ports/0"), json!({}))
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let (s, _) = api
+        .call(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
+        .await;
+    assert_eq!(s, 200);
+}
