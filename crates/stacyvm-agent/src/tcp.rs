@@ -108,7 +108,9 @@ fn read_side(id: u32, mut sock: TcpStream, window: &Window, conn: &Conn) {
             let _ = sock.shutdown(Shutdown::Both);
             return;
         };
-        let want = usize::try_from(credit).unwrap_or(READ_CHUNK).min(READ_CHUNK);
+        let want = usize::try_from(credit)
+            .unwrap_or(READ_CHUNK)
+            .min(READ_CHUNK);
         match sock.read(&mut buf[..want]) {
             Ok(0) | Err(_) => {
                 let _ = conn.send_body(Kind::Data, id, &[]);

@@ -51,6 +51,11 @@ pub trait Fixture: Send + Sync {
     fn supports_watch(&self) -> bool {
         true
     }
+    /// Whether ports inside the sandbox can be connected to (the mock and
+    /// a remote E2B refuse with `Unsupported`).
+    fn supports_connect(&self) -> bool {
+        true
+    }
 }
 
 /// Output of a finished command.
@@ -457,6 +462,64 @@ pub async fn stats_report_usage(f: &dyn Fixture) {
     );
     p.destroy(&id).await.expect("destroy");
     assert!(p.stats(&id).await.is_err(), "stats of a destroyed sandbox");
+}
+
+/// `connect` reaches a server on the sandbox's loopback (the preview
+/// proxy's way in): bytes both ways, a half-close, and a port nothing
+/// listens on is `NotFound`.
+pub async fn connect_reaches_a_port(f: &dyn Fixture) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = f.provider();
+    let id = spawn(p.as_ref(), &f.image()).await;
+    if !f.supports_connect() {
+        let e = p
+            .connect(&id, 18123)
+            .await
+            .err()
+            .expect("connect not supported");
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        p.destroy(&id).await.expect("destroy");
+        return;
+    }
+    let e = p.connect(&id, 18124).await.err().expect("nothing listens");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    // An echo server (busybox nc), in the background.
+    let started = sh(
+        p.as_ref(),
+        &id,
+        "if command -v busybox >/dev/null; then NC='busybox nc'; else NC=nc; fi; \
+         setsid $NC -ll -p 18123 -e cat </dev/null >/dev/null 2>&1 & echo started",
+    )
+    .await;
+    assert_eq!(started.code, 0, "{started:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut conn = loop {
+        match p.connect(&id, 18123).await {
+            Ok(c) => break c,
+            Err(e) if e.kind() == ErrorKind::NotFound && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("connect: {e}"),
+        }
+    };
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let (mut rd, mut wr) = tokio::io::split(&mut conn);
+    let send = async {
+        wr.write_all(&payload).await.expect("write");
+        wr.flush().await.expect("flush");
+    };
+    let recv = async {
+        let mut got = vec![0u8; payload.len()];
+        rd.read_exact(&mut got).await.expect("read the echo");
+        got
+    };
+    let ((), got) =
+        tokio::time::timeout(Duration::from_secs(60), async { tokio::join!(send, recv) })
+            .await
+            .expect("echo within 60 s");
+    assert!(got == payload, "the echo differs from what was sent");
+    drop(conn);
+    p.destroy(&id).await.expect("destroy");
 }
 
 pub async fn streaming(f: &dyn Fixture) {
@@ -1263,7 +1326,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@optional $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
-                exec_as_user, watch_dir_reports_changes, stats_report_usage, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
+                exec_as_user, watch_dir_reports_changes, stats_report_usage, connect_reaches_a_port, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);
@@ -1283,7 +1346,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@cases $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
-                exec_as_user, watch_dir_reports_changes, stats_report_usage, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
+                exec_as_user, watch_dir_reports_changes, stats_report_usage, connect_reaches_a_port, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);

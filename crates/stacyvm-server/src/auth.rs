@@ -169,7 +169,11 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
     r("DELETE", "/sandboxes/{id}/ports/{port}", Perm::Write),
     r("GET", "/sandboxes/{id}/ports/{port}/tokens", Perm::Write),
     r("POST", "/sandboxes/{id}/ports/{port}/tokens", Perm::Write),
-    r("DELETE", "/sandboxes/{id}/ports/{port}/tokens/{token}", Perm::Write),
+    r(
+        "DELETE",
+        "/sandboxes/{id}/ports/{port}/tokens/{token}",
+        Perm::Write,
+    ),
     r("GET", "/sandboxes/{id}/files", Perm::Read),
     r("POST", "/sandboxes/{id}/files", Perm::Write),
     r("PUT", "/sandboxes/{id}/files", Perm::Write),

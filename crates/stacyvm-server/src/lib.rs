@@ -60,7 +60,7 @@ pub struct AppState {
     /// Ends open MCP streams when the server stops.
     mcp_shutdown: tokio_util::sync::CancellationToken,
     /// The preview proxy's upstream connections.
-    pub previews: preview::PreviewClient,
+    pub previews: Arc<preview::PreviewClient>,
 }
 
 impl AppState {
@@ -77,7 +77,7 @@ impl AppState {
     /// State with a prepared authenticator (tests tune OIDC refetching).
     pub fn with_auth(manager: Arc<Manager>, auth: auth::Authenticator) -> Self {
         let cfg = Arc::new(manager.config().clone());
-        let previews = preview::PreviewClient::new(&manager);
+        let previews = Arc::new(preview::PreviewClient::new(&manager));
         let ratelimit = Arc::new(ratelimit::RateLimiter::new(&cfg.rate_limit));
         let host_checked =
             !auth.enabled() && stacyvm_core::config::is_loopback_host(cfg.listen_host().0);

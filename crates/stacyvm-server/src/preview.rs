@@ -210,8 +210,7 @@ fn token_of(req: &Request) -> (Option<String>, bool) {
         return (Some(t.trim().to_string()), false);
     }
     if let Some(q) = req.uri().query() {
-        if let Some((_, v)) = form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == TOKEN_QUERY)
-        {
+        if let Some((_, v)) = form_urlencoded::parse(q.as_bytes()).find(|(k, _)| k == TOKEN_QUERY) {
             return (Some(v.into_owned()), true);
         }
     }
@@ -286,7 +285,10 @@ fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
 fn is_upgrade(h: &HeaderMap) -> bool {
     h.get(header::CONNECTION)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
         && h.contains_key(header::UPGRADE)
 }
 
@@ -301,7 +303,10 @@ async fn proxy(st: AppState, t: Target, mut req: Request) -> Response {
         Ok(a) => a,
         Err(e) => return refuse_error(&e),
     };
-    let cookie_path = t.prefix.clone().map_or_else(|| "/".to_string(), |p| format!("{p}/"));
+    let cookie_path = t
+        .prefix
+        .clone()
+        .map_or_else(|| "/".to_string(), |p| format!("{p}/"));
     if in_query && admit == Admit::Token {
         // Trade the link's token for a cookie and drop it from the URL
         // (out of the app's logs, history and Referer headers).
@@ -329,15 +334,11 @@ async fn proxy(st: AppState, t: Target, mut req: Request) -> Response {
         .extensions()
         .get::<ConnectInfo<std::net::SocketAddr>>()
         .map(|c| c.0.ip().to_string());
-    let original_host = req
-        .headers()
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+    let original_host = req.headers().get(header::HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     // The upstream request: origin form, HTTP/1.1, our credentials gone.
     let path = req.uri().path();
     let path = match &t.prefix {
@@ -399,7 +400,10 @@ async fn proxy(st: AppState, t: Target, mut req: Request) -> Response {
         }
     }
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers, parts.status == StatusCode::SWITCHING_PROTOCOLS);
+    strip_hop_by_hop(
+        &mut parts.headers,
+        parts.status == StatusCode::SWITCHING_PROTOCOLS,
+    );
     if t.prefix.is_some() {
         // Same origin as the API: the page gets an opaque origin.
         parts.headers.insert(
@@ -472,10 +476,7 @@ impl AsyncWrite for PortConn {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_flush(cx)
     }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
@@ -597,30 +598,39 @@ mod tests {
             HeaderValue::from_static("a=1; stacyvm_preview_token=svp_x; b=2"),
         );
         strip_cookie(&mut h);
-        assert_eq!(h.get(header::COOKIE).unwrap(), "a=1; b=2");
+        assert_eq!(h.get(header::COOKIE).expect("cookie"), "a=1; b=2");
         let mut h = HeaderMap::new();
-        h.insert(header::COOKIE, HeaderValue::from_static("stacyvm_preview_token=svp_x"));
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("stacyvm_preview_token=svp_x"),
+        );
         strip_cookie(&mut h);
         assert!(h.get(header::COOKIE).is_none());
-        assert_eq!(query_without_token("a=1&stacyvm_token=svp_x&b=2"), "a=1&b=2");
+        assert_eq!(
+            query_without_token("a=1&stacyvm_token=svp_x&b=2"),
+            "a=1&b=2"
+        );
         assert_eq!(query_without_token("stacyvm_token=svp_x"), "");
     }
 
     #[test]
     fn hop_by_hop_headers_stay_here() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert("x-app", HeaderValue::from_static("1"));
         strip_hop_by_hop(&mut h, false);
         assert!(h.get("x-secret").is_none() && h.get(header::CONNECTION).is_none());
-        assert_eq!(h.get("x-app").unwrap(), "1");
+        assert_eq!(h.get("x-app").expect("x-app"), "1");
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         assert!(is_upgrade(&h));
         strip_hop_by_hop(&mut h, true);
-        assert_eq!(h.get(header::UPGRADE).unwrap(), "websocket");
+        assert_eq!(h.get(header::UPGRADE).expect("upgrade"), "websocket");
     }
 }

@@ -758,9 +758,15 @@ pub async fn preview_ports(s: &dyn Store) {
         s.get_port("sb-1", 3000).await.expect_err("none").kind(),
         ErrorKind::NotFound
     );
-    s.put_port(&port("sb-1", 8080, "public")).await.expect("put");
-    s.put_port(&port("sb-1", 3000, "public")).await.expect("put");
-    s.put_port(&port("sb-2", 3000, "public")).await.expect("put");
+    s.put_port(&port("sb-1", 8080, "public"))
+        .await
+        .expect("put");
+    s.put_port(&port("sb-1", 3000, "public"))
+        .await
+        .expect("put");
+    s.put_port(&port("sb-2", 3000, "public"))
+        .await
+        .expect("put");
     // A second put changes the mode.
     s.put_port(&port("sb-1", 3000, "token")).await.expect("put");
     assert_eq!(
@@ -812,8 +818,15 @@ pub async fn preview_ports(s: &dyn Store) {
             .kind(),
         ErrorKind::NotFound
     );
-    s.revoke_preview_token("sb-1", "pt-a").await.expect("revoke");
-    assert!(s.find_preview_token("hash-pt-a").await.expect("find").revoked);
+    s.revoke_preview_token("sb-1", "pt-a")
+        .await
+        .expect("revoke");
+    assert!(
+        s.find_preview_token("hash-pt-a")
+            .await
+            .expect("find")
+            .revoked
+    );
     // Unexposing a port drops its tokens, not other sandboxes'.
     s.delete_port("sb-1", 3000).await.expect("delete");
     assert_eq!(

@@ -6,9 +6,9 @@
 
 use chrono::{DateTime, Utc};
 use stacyvm_core::store::{
-    PortRecord, PreviewTokenRecord,
-    AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditRecord, PolicyRecord, QuotaRecord,
-    SandboxRecord, SnapshotRecord, TemplateRecord, TenantMemberRecord, TenantRecord, WorkerRecord,
+    AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditRecord, PolicyRecord, PortRecord,
+    PreviewTokenRecord, QuotaRecord, SandboxRecord, SnapshotRecord, TemplateRecord,
+    TenantMemberRecord, TenantRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, Result};
 

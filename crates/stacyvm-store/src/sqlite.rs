@@ -11,10 +11,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlitePool};
 use stacyvm_core::store::{
-    PortRecord, PreviewTokenRecord,
     AdminAuditFilter, AdminAuditRecord, ExecLogRecord, Fence, LeaseRecord, OpAuditFilter,
-    OpAuditRecord, PolicyRecord, QuotaRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
-    TenantMemberRecord, TenantRecord, WorkerRecord,
+    OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord, SandboxRecord,
+    SnapshotRecord, Store, TemplateRecord, TenantMemberRecord, TenantRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
 
@@ -848,16 +847,21 @@ impl Store for SqliteStore {
             .fetch_optional(&self.pool)
             .await
             .map_err(db_err)?
-            .ok_or_else(|| Error::not_found(format!("port {port} of sandbox {sandbox_id} is not exposed")))?;
+            .ok_or_else(|| {
+                Error::not_found(format!(
+                    "port {port} of sandbox {sandbox_id} is not exposed"
+                ))
+            })?;
         rows::port(&row)
     }
 
     async fn list_ports(&self, sandbox_id: &str) -> Result<Vec<PortRecord>> {
-        let rows = sqlx::query("SELECT * FROM sandbox_ports WHERE sandbox_id = ? ORDER BY port ASC")
-            .bind(sandbox_id)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db_err)?;
+        let rows =
+            sqlx::query("SELECT * FROM sandbox_ports WHERE sandbox_id = ? ORDER BY port ASC")
+                .bind(sandbox_id)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(db_err)?;
         rows.iter().map(rows::port).collect()
     }
 
@@ -874,7 +878,10 @@ impl Store for SqliteStore {
             .execute(&self.writer)
             .await
             .map_err(db_err)?;
-        not_found_if_zero(r.rows_affected(), format!("port {port} of sandbox {sandbox_id} (not exposed)"))
+        not_found_if_zero(
+            r.rows_affected(),
+            format!("port {port} of sandbox {sandbox_id} (not exposed)"),
+        )
     }
 
     async fn delete_sandbox_ports(&self, sandbox_id: &str) -> Result<u64> {
@@ -922,7 +929,11 @@ impl Store for SqliteStore {
         rows::preview_token(&row)
     }
 
-    async fn list_preview_tokens(&self, sandbox_id: &str, port: u16) -> Result<Vec<PreviewTokenRecord>> {
+    async fn list_preview_tokens(
+        &self,
+        sandbox_id: &str,
+        port: u16,
+    ) -> Result<Vec<PreviewTokenRecord>> {
         let rows = sqlx::query("SELECT * FROM preview_tokens WHERE sandbox_id = ? AND port = ? ORDER BY created_at ASC, id ASC")
             .bind(sandbox_id)
             .bind(i64::from(port))
@@ -933,12 +944,13 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_preview_token(&self, sandbox_id: &str, id: &str) -> Result<()> {
-        let r = sqlx::query("UPDATE preview_tokens SET revoked = 1 WHERE sandbox_id = ? AND id = ?")
-            .bind(sandbox_id)
-            .bind(id)
-            .execute(&self.writer)
-            .await
-            .map_err(db_err)?;
+        let r =
+            sqlx::query("UPDATE preview_tokens SET revoked = 1 WHERE sandbox_id = ? AND id = ?")
+                .bind(sandbox_id)
+                .bind(id)
+                .execute(&self.writer)
+                .await
+                .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("preview token {id:?}"))
     }
 

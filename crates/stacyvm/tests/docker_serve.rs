@@ -475,3 +475,123 @@ async fn stopped_containers_are_recovered_at_startup() {
     .await;
     assert_eq!(status, 200);
 }
+
+/// The preview proxy reaches a docker sandbox through its agent: busybox
+/// httpd inside the container, public and token ports, a server that is
+/// not there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preview_reaches_a_server_in_a_container() {
+    ensure_image();
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = start(dir.path());
+    let id = spawn(&s, "preview").await;
+    let (st, v) = exec(
+        &s,
+        &id,
+        "mkdir -p /workspace/www && echo 'hello from the container' > /workspace/www/index.html && httpd -p 127.0.0.1:8000 -h /workspace/www",
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["exit_code"], 0, "{v}");
+    let root = s.url.trim_end_matches("/api/v1").to_string();
+    let addr: std::net::SocketAddr = root.trim_start_matches("http://").parse().expect("addr");
+    let host = format!("8000-{id}.localhost");
+    let client = reqwest::Client::builder()
+        .resolve(&host, addr)
+        .build()
+        .expect("client");
+    let url = format!("http://{host}:{}/index.html", addr.port());
+    assert_eq!(
+        client
+            .get(&url)
+            .send()
+            .await
+            .expect("get")
+            .status()
+            .as_u16(),
+        404
+    );
+
+    let (st, v) = call(
+        reqwest::Method::POST,
+        format!("{}/sandboxes/{id}/ports/8000", s.url),
+        Some(json!({"mode": "public"})),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let mut ok = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let r = client.get(&url).send().await.expect("get");
+        if r.status().as_u16() == 200 {
+            ok = Some(r.text().await.expect("body"));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(ok.as_deref(), Some("hello from the container\n"));
+    // The path form, on the API's own address.
+    let r = reqwest::get(format!("{root}/preview/{id}/8000/index.html"))
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.text().await.expect("body"), "hello from the container\n");
+
+    // Token mode: refused without, served with.
+    let (st, _) = call(
+        reqwest::Method::POST,
+        format!("{}/sandboxes/{id}/ports/8000", s.url),
+        Some(json!({"mode": "token"})),
+    )
+    .await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        client
+            .get(&url)
+            .send()
+            .await
+            .expect("get")
+            .status()
+            .as_u16(),
+        401
+    );
+    let (st, tok) = call(
+        reqwest::Method::POST,
+        format!("{}/sandboxes/{id}/ports/8000/tokens", s.url),
+        Some(json!({"ttl": "5m"})),
+    )
+    .await;
+    assert_eq!(st, 201, "{tok}");
+    let r = client
+        .get(&url)
+        .header(
+            "X-StacyVM-Preview-Token",
+            tok["token"].as_str().expect("token"),
+        )
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 200);
+
+    // Nothing listens on 8001: a 502 naming the port.
+    let (st, _) = call(
+        reqwest::Method::POST,
+        format!("{}/sandboxes/{id}/ports/8001", s.url),
+        Some(json!({"mode": "public"})),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let r = reqwest::get(format!("{root}/preview/{id}/8001/"))
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 502);
+    assert!(r.text().await.expect("body").contains("port 8001"));
+
+    let (st, _) = call(
+        reqwest::Method::DELETE,
+        format!("{}/sandboxes/{id}", s.url),
+        None,
+    )
+    .await;
+    assert_eq!(st, 200);
+}

@@ -60,6 +60,10 @@ impl conformance::Fixture for Fixture {
     fn supports_users(&self) -> bool {
         false
     }
+    /// Ports of an E2B sandbox are reached through E2B's own host names.
+    fn supports_connect(&self) -> bool {
+        false
+    }
 }
 
 stacyvm_providers::conformance_tests!(e2b_conformance, fixture());

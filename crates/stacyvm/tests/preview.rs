@@ -43,7 +43,10 @@ impl Api {
         let resp = r.send().await.expect("request");
         let status = resp.status().as_u16();
         let text = resp.text().await.expect("body");
-        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
     }
 
     async fn post(&self, path: &str, body: Value) -> (u16, Value) {
@@ -52,7 +55,10 @@ impl Api {
 
     async fn exec(&self, id: &str, command: &str) -> Value {
         let (s, v) = self
-            .post(&format!("/sandboxes/{id}/exec"), json!({ "command": command }))
+            .post(
+                &format!("/sandboxes/{id}/exec"),
+                json!({ "command": command }),
+            )
             .await;
         assert_eq!(s, 200, "{v}");
         v
@@ -89,7 +95,9 @@ async fn sandbox_with_app(api: &Api) -> String {
     assert_eq!(s, 200, "{v}");
     api.exec(
         &id,
-        &format!("setsid python3 /workspace/app.py {APP_PORT} >/workspace/app.log 2>&1 </dev/null &"),
+        &format!(
+            "setsid python3 /workspace/app.py {APP_PORT} >/workspace/app.log 2>&1 </dev/null &"
+        ),
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -153,7 +161,10 @@ async fn preview_proxy_serves_http_sse_and_websockets_by_host_and_path() {
     assert!(!ghost_body.contains("exist"), "{ghost_body}");
 
     let (s, exposed) = api
-        .post(&format!("/sandboxes/{id}/ports/{APP_PORT}"), json!({"mode": "public"}))
+        .post(
+            &format!("/sandboxes/{id}/ports/{APP_PORT}"),
+            json!({"mode": "public"}),
+        )
         .await;
     assert_eq!(s, 200, "{exposed}");
     assert_eq!(exposed["mode"], "public");
@@ -161,7 +172,14 @@ async fn preview_proxy_serves_http_sse_and_websockets_by_host_and_path() {
     assert_eq!(exposed["path"], format!("/preview/{id}/{APP_PORT}/"));
 
     // Host form: the app sees its own path and the Host the client used.
-    let (s, body) = text(client.get(format!("{url}/hello?x=1")).send().await.expect("get")).await;
+    let (s, body) = text(
+        client
+            .get(format!("{url}/hello?x=1"))
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
     assert_eq!(s, 200, "{body}");
     assert!(body.contains("path=/hello?x=1"), "{body}");
     assert!(body.contains(&format!("host={host}:{port}")), "{body}");
@@ -194,7 +212,10 @@ async fn preview_proxy_serves_http_sse_and_websockets_by_host_and_path() {
     let (s, body) = text(r).await;
     assert_eq!(s, 200, "{body}");
     assert!(body.contains("path=/a/b?y=2"), "{body}");
-    assert!(body.contains(&format!("prefix=/preview/{id}/{APP_PORT}")), "{body}");
+    assert!(
+        body.contains(&format!("prefix=/preview/{id}/{APP_PORT}")),
+        "{body}"
+    );
     assert!(csp.starts_with("sandbox"), "{csp}");
     let r = api
         .http
@@ -239,11 +260,12 @@ async fn preview_proxy_serves_http_sse_and_websockets_by_host_and_path() {
     );
 
     // WebSocket through the Host form: text and a 200 KiB binary message.
-    let tcp = tokio::net::TcpStream::connect(api.addr()).await.expect("tcp");
-    let (mut ws, resp) =
-        tokio_tungstenite::client_async(format!("ws://{host}:{port}/ws"), tcp)
-            .await
-            .expect("websocket handshake through the proxy");
+    let tcp = tokio::net::TcpStream::connect(api.addr())
+        .await
+        .expect("tcp");
+    let (mut ws, resp) = tokio_tungstenite::client_async(format!("ws://{host}:{port}/ws"), tcp)
+        .await
+        .expect("websocket handshake through the proxy");
     assert_eq!(resp.status().as_u16(), 101);
     ws.send(Message::text("hello sandbox")).await.expect("send");
     let got = ws.next().await.expect("reply").expect("frame");
@@ -256,7 +278,10 @@ async fn preview_proxy_serves_http_sse_and_websockets_by_host_and_path() {
 
     // A port nothing listens on is a 502 that says so.
     let (s, _) = api
-        .post(&format!("/sandboxes/{id}/ports/8001"), json!({"mode": "public"}))
+        .post(
+            &format!("/sandboxes/{id}/ports/8001"),
+            json!({"mode": "public"}),
+        )
         .await;
     assert_eq!(s, 200);
     let empty = format!("8001-{id}.preview.test");
@@ -269,7 +294,10 @@ async fn preview_proxy_serves_http_sse_and_websockets_by_host_and_path() {
     )
     .await;
     assert_eq!(s, 502, "{body}");
-    assert!(body.contains("nothing accepts connections on port 8001"), "{body}");
+    assert!(
+        body.contains("nothing accepts connections on port 8001"),
+        "{body}"
+    );
 
     // A huge header is refused by the server, which keeps serving.
     let r = client
@@ -395,8 +423,14 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
         .expect("get");
     assert_eq!(r.status().as_u16(), 302);
     assert_eq!(r.headers()["location"], "/page?keep=1");
-    let cookie = r.headers()["set-cookie"].to_str().expect("cookie").to_string();
-    assert!(cookie.contains("HttpOnly") && cookie.contains("Path=/"), "{cookie}");
+    let cookie = r.headers()["set-cookie"]
+        .to_str()
+        .expect("cookie")
+        .to_string();
+    assert!(
+        cookie.contains("HttpOnly") && cookie.contains("Path=/"),
+        "{cookie}"
+    );
     let pair = cookie.split(';').next().expect("pair").to_string();
     let (s, body) = text(
         client
@@ -425,7 +459,10 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
         assert_eq!(r.status().as_u16(), 401);
     }
     let (s, _) = api
-        .post(&format!("/sandboxes/{id}/ports/8001"), json!({"mode": "token"}))
+        .post(
+            &format!("/sandboxes/{id}/ports/8001"),
+            json!({"mode": "token"}),
+        )
         .await;
     assert_eq!(s, 200);
     let other = format!("8001-{id}.preview.test");
@@ -436,7 +473,11 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
         .send()
         .await
         .expect("get");
-    assert_eq!(r.status().as_u16(), 401, "a token for port 8000 opened port 8001");
+    assert_eq!(
+        r.status().as_u16(),
+        401,
+        "a token for port 8000 opened port 8001"
+    );
 
     // Expired tokens are refused (the test controls the clock: 1 s).
     let (s, short) = api
@@ -450,7 +491,10 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
     let (s, body) = text(
         client
             .get(format!("{url}/"))
-            .header("X-StacyVM-Preview-Token", short["token"].as_str().expect("t"))
+            .header(
+                "X-StacyVM-Preview-Token",
+                short["token"].as_str().expect("t"),
+            )
             .send()
             .await
             .expect("get"),
@@ -501,15 +545,24 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
         .await;
     assert!(s == 200 || s == 201, "{pol}");
     let (s, v) = api
-        .post(&format!("/sandboxes/{id}/ports/{APP_PORT}"), json!({"mode": "public"}))
+        .post(
+            &format!("/sandboxes/{id}/ports/{APP_PORT}"),
+            json!({"mode": "public"}),
+        )
         .await;
     assert_eq!(s, 403, "{v}");
     let (s, v) = api
-        .post(&format!("/sandboxes/{id}/ports/{APP_PORT}"), json!({"mode": "token"}))
+        .post(
+            &format!("/sandboxes/{id}/ports/{APP_PORT}"),
+            json!({"mode": "token"}),
+        )
         .await;
     assert_eq!(s, 200, "{v}");
     let (s, v) = api
-        .post(&format!("/sandboxes/{id}/ports/{APP_PORT}"), json!({"mode": "open"}))
+        .post(
+            &format!("/sandboxes/{id}/ports/{APP_PORT}"),
+            json!({"mode": "open"}),
+        )
         .await;
     assert_eq!(s, 400, "{v}");
     let (s, v) = api

@@ -43,11 +43,14 @@ pub enum Admit {
     Token,
 }
 
+/// When an exposure was read, and what it was (`None`: not exposed).
+type Cached = (Instant, Option<PortRecord>);
+
 /// The proxy's cache of exposures: `(sandbox, port)` → the record, or
 /// `None` for "not exposed", with when it was read.
 #[derive(Debug, Default)]
 pub struct PreviewCache {
-    entries: parking_lot::Mutex<HashMap<(String, u16), (Instant, Option<PortRecord>)>>,
+    entries: parking_lot::Mutex<HashMap<(String, u16), Cached>>,
 }
 
 impl PreviewCache {
@@ -93,10 +96,12 @@ fn check_port(port: u16) -> Result<()> {
 }
 
 fn parse_ttl(s: &str, what: &str) -> Result<chrono::Duration> {
-    let nanos = duration::parse(s.trim())
-        .map_err(|e| Error::invalid(format!("parsing {what}: {e}")))?;
+    let nanos =
+        duration::parse(s.trim()).map_err(|e| Error::invalid(format!("parsing {what}: {e}")))?;
     if nanos <= 0 {
-        return Err(Error::invalid(format!("{what} must be positive, got {s:?}")));
+        return Err(Error::invalid(format!(
+            "{what} must be positive, got {s:?}"
+        )));
     }
     Ok(chrono::Duration::nanoseconds(nanos))
 }
@@ -144,7 +149,14 @@ impl Previews<'_> {
             .await?;
         let resource = format!("{port}:{mode}");
         if let Err(e) = policy::check(&policies, "preview", mode) {
-            self.m.audit_op(caller, &rec, "preview.expose", &resource, false, e.to_string());
+            self.m.audit_op(
+                caller,
+                &rec,
+                "preview.expose",
+                &resource,
+                false,
+                e.to_string(),
+            );
             return Err(e);
         }
         let existing = self.m.store().list_ports(id).await?;
@@ -153,7 +165,14 @@ impl Previews<'_> {
             let e = Error::limit(format!(
                 "sandbox {id} already exposes {max} ports (preview.max_ports_per_sandbox)"
             ));
-            self.m.audit_op(caller, &rec, "preview.expose", &resource, false, e.to_string());
+            self.m.audit_op(
+                caller,
+                &rec,
+                "preview.expose",
+                &resource,
+                false,
+                e.to_string(),
+            );
             return Err(e);
         }
         let created_at = existing
@@ -168,7 +187,14 @@ impl Previews<'_> {
             created_at,
         };
         self.m.store().put_port(&r).await?;
-        self.m.audit_op(caller, &rec, "preview.expose", &resource, true, String::new());
+        self.m.audit_op(
+            caller,
+            &rec,
+            "preview.expose",
+            &resource,
+            true,
+            String::new(),
+        );
         self.publish(id, port, "expose");
         Ok(r)
     }
@@ -184,7 +210,10 @@ impl Previews<'_> {
             "preview.unexpose",
             &port.to_string(),
             res.is_ok(),
-            res.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+            res.as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         );
         res?;
         self.publish(id, port, "unexpose");
@@ -230,10 +259,7 @@ impl Previews<'_> {
                 e
             }
         })?;
-        let secret = format!(
-            "{TOKEN_PREFIX}{}",
-            hex::encode(rand::random::<[u8; 24]>())
-        );
+        let secret = format!("{TOKEN_PREFIX}{}", hex::encode(rand::random::<[u8; 24]>()));
         let now = Utc::now();
         let t = PreviewTokenRecord {
             id: format!("pt-{}", hex::encode(rand::random::<[u8; 8]>())),
@@ -298,7 +324,10 @@ impl Previews<'_> {
             "preview.token.revoke",
             &format!("{port}:{token_id}"),
             res.is_ok(),
-            res.as_ref().err().map(ToString::to_string).unwrap_or_default(),
+            res.as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
         );
         res?;
         self.publish(id, port, "revoke");

@@ -242,8 +242,9 @@ pub(crate) fn remove_tree(dir: &Path) -> std::io::Result<()> {
 /// changed namespace never runs anything else).
 fn netns_sockets(pid: i32) -> Result<Vec<(tokio::net::TcpSocket, std::net::IpAddr)>> {
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net"))
-        .map_err(|e| Error::unavailable("the sandbox's network namespace is gone").with_source(e))?;
+    let ns = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| {
+        Error::unavailable("the sandbox's network namespace is gone").with_source(e)
+    })?;
     std::thread::Builder::new()
         .name("netns-socket".into())
         .spawn(move || -> Result<Vec<(tokio::net::TcpSocket, IpAddr)>> {

@@ -25,7 +25,10 @@ pub fn preview_url(st: &AppState, id: &str, port: u16) -> String {
     } else {
         cfg.url_port
     };
-    let default = matches!((cfg.scheme.as_str(), url_port), ("http", 80) | ("https", 443));
+    let default = matches!(
+        (cfg.scheme.as_str(), url_port),
+        ("http", 80) | ("https", 443)
+    );
     let suffix = if default {
         String::new()
     } else {

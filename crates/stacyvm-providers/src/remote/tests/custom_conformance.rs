@@ -106,6 +106,10 @@ impl crate::conformance::Fixture for Fixture {
     fn supports_watch(&self) -> bool {
         false
     }
+    /// The custom-provider contract has no port stream.
+    fn supports_connect(&self) -> bool {
+        false
+    }
     fn provider(&self) -> Arc<dyn Provider> {
         Arc::new(shared().provider())
     }
