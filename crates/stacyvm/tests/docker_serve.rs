@@ -62,6 +62,13 @@ fn ensure_image() {
     for d in ["bin", "etc", "tmp", "root"] {
         std::fs::create_dir_all(root.join(d)).expect("mkdir");
     }
+    // /tmp as in any image (the provider tests import the same tag with
+    // it; whichever test imports first must build the same image).
+    std::fs::set_permissions(
+        root.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .expect("chmod tmp");
     std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
     let list = Command::new("/bin/busybox")
         .arg("--list")

@@ -98,11 +98,14 @@ async fn pg_rehearse_migrates_a_copy_and_leaves_the_source_alone() {
     let dsn = testpg::fresh_database().await;
     let store = PostgresStore::connect(&dsn).await.expect("connect");
     stacyvm_store::contract::insert_sample(&store, "sb-0000c0de").await;
-    // Make the source look like an older release: without migration 3.
-    sqlx::raw_sql("DROP TABLE snapshots; DELETE FROM schema_migrations WHERE version = 3")
-        .execute(store.pool())
-        .await
-        .expect("downgrade");
+    // Make the source look like an older release: without migrations 3 and 4.
+    sqlx::raw_sql(
+        "DROP TABLE snapshots; DROP TABLE sandbox_ports; DROP TABLE preview_tokens; \
+         DELETE FROM schema_migrations WHERE version >= 3",
+    )
+    .execute(store.pool())
+    .await
+    .expect("downgrade");
     let o = stacyvm(&["db", "pg-rehearse", "--dsn", &dsn, "--json"], &[]);
     let text = all_output(&o);
     assert!(o.status.success(), "{text}");
@@ -126,10 +129,10 @@ async fn pg_rehearse_migrates_a_copy_and_leaves_the_source_alone() {
             .to_string()
     };
     assert!(
-        detail("schema").contains("1 migration(s) to apply"),
+        detail("schema").contains("2 migration(s) to apply"),
         "{report}"
     );
-    assert!(detail("migrate").contains("at version 3"), "{report}");
+    assert!(detail("migrate").contains("at version 4"), "{report}");
     assert!(detail("tables").contains("every row kept"), "{report}");
     // The source is untouched and the copy is gone.
     let versions = store.applied_migrations().await.expect("versions");
@@ -196,7 +199,7 @@ async fn lint_and_doctor_check_postgres_without_showing_the_dsn() {
         text.contains("[PASS] database.driver: postgres 1"),
         "{text}"
     );
-    assert!(text.contains("schema version 3"), "{text}");
+    assert!(text.contains("schema version 4"), "{text}");
     assert!(!text.contains(&password_of(&dsn)), "{text}");
     let remote = "postgres://app:hunter2-secret@10.255.0.1:5432/stacyvm";
     let o = stacyvm(
