@@ -108,13 +108,6 @@ fn path_target(path: &str) -> Option<(Target, bool)> {
     ))
 }
 
-/// The domains the host form answers for.
-fn domains(st: &AppState) -> Vec<String> {
-    let mut d = vec![st.cfg.server.preview_domain.clone()];
-    d.extend(st.cfg.preview.extra_domains.iter().cloned());
-    d
-}
-
 /// Middleware: preview requests are proxied, everything else goes on.
 pub async fn dispatch(State(st): State<AppState>, req: Request, next: Next) -> Response {
     if !st.cfg.preview.enabled {
@@ -126,7 +119,10 @@ pub async fn dispatch(State(st): State<AppState>, req: Request, next: Next) -> R
         .and_then(|h| h.to_str().ok())
         .map(str::to_string)
         .or_else(|| req.uri().authority().map(|a| a.to_string()));
-    if let Some(t) = host.as_deref().and_then(|h| host_target(h, &domains(&st))) {
+    if let Some(t) = host
+        .as_deref()
+        .and_then(|h| host_target(h, &st.previews.domains))
+    {
         // E2B's envd port under a shared domain stays E2B's.
         let e2b = &st.cfg.server.e2b_domain;
         let envd = t.port == 49983
@@ -236,12 +232,13 @@ fn query_without_token(q: &str) -> String {
 
 /// The Cookie header without ours (the sandbox never sees the token).
 fn strip_cookie(h: &mut HeaderMap) {
+    let ours = format!("{TOKEN_COOKIE}=");
     let kept: Vec<String> = h
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|s| s.split(';').map(|c| c.trim().to_string()))
-        .filter(|c| !c.is_empty() && !c.starts_with(&format!("{TOKEN_COOKIE}=")))
+        .filter(|c| !c.is_empty() && !c.starts_with(&ours))
         .collect();
     h.remove(header::COOKIE);
     if !kept.is_empty() {
@@ -515,6 +512,9 @@ impl tower::Service<Uri> for Connector {
 #[derive(Clone)]
 pub struct PreviewClient {
     client: Client<Connector, Body>,
+    /// The domains the host form answers for (read once from the config:
+    /// every request of the server is matched against them).
+    domains: Vec<String>,
 }
 
 impl std::fmt::Debug for PreviewClient {
@@ -533,7 +533,10 @@ impl PreviewClient {
             .pool_max_idle_per_host(32)
             .set_host(false)
             .build(connector);
-        PreviewClient { client }
+        let cfg = manager.config();
+        let mut domains = vec![cfg.server.preview_domain.clone()];
+        domains.extend(cfg.preview.extra_domains.iter().cloned());
+        PreviewClient { client, domains }
     }
 }
 

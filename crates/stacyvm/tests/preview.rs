@@ -122,6 +122,19 @@ async fn text(r: reqwest::Response) -> (u16, String) {
     (s, r.text().await.expect("body"))
 }
 
+/// GET `url` with a preview token in its header.
+async fn get_with_token(client: &reqwest::Client, url: &str, token: &str) -> (u16, String) {
+    text(
+        client
+            .get(url)
+            .header("X-StacyVM-Preview-Token", token)
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await
+}
+
 fn serve(dir: &std::path::Path) -> common::Server {
     common::Server::start(
         dir,
@@ -450,13 +463,8 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
         "not-a-token".to_string(),
         format!("{secret}x"),
     ] {
-        let r = client
-            .get(format!("{url}/"))
-            .header("X-StacyVM-Preview-Token", bad)
-            .send()
-            .await
-            .expect("get");
-        assert_eq!(r.status().as_u16(), 401);
+        let (s, _) = get_with_token(&client, &format!("{url}/"), &bad).await;
+        assert_eq!(s, 401);
     }
     let (s, _) = api
         .post(
@@ -466,18 +474,13 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
         .await;
     assert_eq!(s, 200);
     let other = format!("8001-{id}.preview.test");
-    let r = api
-        .preview_client(&[&other])
-        .get(format!("http://{other}:{port}/"))
-        .header("X-StacyVM-Preview-Token", &secret)
-        .send()
-        .await
-        .expect("get");
-    assert_eq!(
-        r.status().as_u16(),
-        401,
-        "a token for port 8000 opened port 8001"
-    );
+    let (s, _) = get_with_token(
+        &api.preview_client(&[&other]),
+        &format!("http://{other}:{port}/"),
+        &secret,
+    )
+    .await;
+    assert_eq!(s, 401, "a token for port 8000 opened port 8001");
 
     // Expired tokens are refused (the test controls the clock: 1 s).
     let (s, short) = api
@@ -488,18 +491,8 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
         .await;
     assert_eq!(s, 201);
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    let (s, body) = text(
-        client
-            .get(format!("{url}/"))
-            .header(
-                "X-StacyVM-Preview-Token",
-                short["token"].as_str().expect("t"),
-            )
-            .send()
-            .await
-            .expect("get"),
-    )
-    .await;
+    let short = short["token"].as_str().expect("t");
+    let (s, body) = get_with_token(&client, &format!("{url}/"), short).await;
     assert_eq!(s, 401);
     assert!(body.contains("expired"), "{body}");
 
@@ -512,15 +505,7 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
         )
         .await;
     assert_eq!(s, 200, "{v}");
-    let (s, body) = text(
-        client
-            .get(format!("{url}/"))
-            .header("X-StacyVM-Preview-Token", &secret)
-            .send()
-            .await
-            .expect("get"),
-    )
-    .await;
+    let (s, body) = get_with_token(&client, &format!("{url}/"), &secret).await;
     assert_eq!(s, 401);
     assert!(body.contains("revoked"), "{body}");
 
