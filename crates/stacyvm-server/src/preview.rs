@@ -223,6 +223,12 @@ fn token_of(req: &Request) -> (Option<String>, bool) {
     (None, false)
 }
 
+/// A redirect target that stays on this host: `//evil.example/x` would be
+/// read by browsers as another host, so leading slashes collapse to one.
+fn same_site_path(path: &str) -> String {
+    format!("/{}", path.trim_start_matches(['/', '\\']))
+}
+
 /// The query without `stacyvm_token`.
 fn query_without_token(q: &str) -> String {
     form_urlencoded::Serializer::new(String::new())
@@ -308,10 +314,11 @@ async fn proxy(st: AppState, t: Target, mut req: Request) -> Response {
         // Trade the link's token for a cookie and drop it from the URL
         // (out of the app's logs, history and Referer headers).
         let q = query_without_token(req.uri().query().unwrap_or(""));
+        let path = same_site_path(req.uri().path());
         let to = if q.is_empty() {
-            req.uri().path().to_string()
+            path
         } else {
-            format!("{}?{q}", req.uri().path())
+            format!("{path}?{q}")
         };
         let secure = if st.cfg.preview.scheme == "https" {
             "; Secure"
@@ -614,6 +621,10 @@ mod tests {
             "a=1&b=2"
         );
         assert_eq!(query_without_token("stacyvm_token=svp_x"), "");
+        // The token-for-cookie redirect never leaves the host.
+        assert_eq!(same_site_path("//evil.example/x"), "/evil.example/x");
+        assert_eq!(same_site_path("/\\evil.example"), "/evil.example");
+        assert_eq!(same_site_path("/page"), "/page");
     }
 
     #[test]
