@@ -1250,6 +1250,8 @@ mod tests {
             .fetch_all(s.pool())
             .await
             .expect("versions");
-        assert_eq!(versions, vec![1, 2, 3]);
+        let expected: Vec<i64> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
+        assert_eq!(versions, expected);
+        assert_eq!(*expected.last().expect("migrations"), 4);
     }
 }
