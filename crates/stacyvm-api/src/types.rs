@@ -147,6 +147,12 @@ pub struct ExecRequest {
     /// `{"type":"resize","rows":R,"cols":C}` messages resize it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tty: Option<TtySize>,
+    /// Extension (WebSocket only): output arrives as binary messages whose
+    /// first byte names the stream (1 stdout, 2 stderr) followed by the raw
+    /// bytes, so binary output passes unchanged. The end is still the text
+    /// `{"type":"done",…}` message.
+    #[serde(skip_serializing_if = "is_false")]
+    pub binary: bool,
     /// Extension: run as this account of the sandbox, a name from its
     /// `/etc/passwd` (its home becomes `HOME` and the default working
     /// directory) or a numeric `uid[:gid]`. Absent = root.
@@ -175,6 +181,35 @@ pub struct ExecResponse {
 pub struct StreamChunk {
     pub stream: String,
     pub data: String,
+    /// NDJSON streams: the output offset after this line's bytes; a client
+    /// whose connection drops resumes from the last one it got
+    /// (`GET /sandboxes/{id}/execs/{exec_id}/stream?offset=`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+}
+
+/// A streamed exec, running or recently ended
+/// (`GET /sandboxes/{id}/execs`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct ExecInfo {
+    pub id: String,
+    pub sandbox_id: String,
+    pub command: String,
+    /// `running`, `exited`, `failed` or `killed`.
+    pub state: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub started_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Bytes of output (stdout and stderr together) written so far.
+    pub output_bytes: u64,
+    /// The oldest offset still kept; reading from before it reports a gap.
+    pub retained_from: u64,
+    /// Readers attached now.
+    pub attached: usize,
 }
 
 /// Final record of a streamed exec when `report_exit` is set.

@@ -21,12 +21,9 @@ pub enum ClientError {
         code: String,
         message: String,
     },
-    #[error("cannot reach the server at {url}: {source}")]
-    Connect {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    /// The server could not be reached: one line, the innermost cause.
+    #[error("{}", unreachable(url, reason))]
+    Connect { url: String, reason: String },
     #[error("request failed: {0}")]
     Http(#[from] reqwest::Error),
     #[error("unexpected response: {0}")]
@@ -43,6 +40,30 @@ impl ClientError {
 }
 
 pub type Result<T> = std::result::Result<T, ClientError>;
+
+/// "cannot reach the server at URL: REASON; is `stacyvm serve` running?"
+pub fn unreachable(url: &str, reason: &str) -> String {
+    format!("cannot reach the server at {url}: {reason}; is `stacyvm serve` running?")
+}
+
+/// The innermost cause of an error, lower-cased, without `(os error N)`:
+/// "connection refused", "dns error: …".
+pub fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut last: &(dyn std::error::Error + 'static) = e;
+    while let Some(next) = last.source() {
+        last = next;
+    }
+    let text = last.to_string();
+    let text = match text.find(" (os error") {
+        Some(i) => &text[..i],
+        None => &text,
+    };
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => "unknown error".into(),
+    }
+}
 
 /// An output line of a streamed exec.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,7 +126,7 @@ impl Client {
             if e.is_connect() {
                 ClientError::Connect {
                     url: self.base.clone(),
-                    source: e,
+                    reason: root_cause(&e),
                 }
             } else {
                 ClientError::Http(e)
@@ -177,6 +198,9 @@ impl Client {
     }
 
     /// Streams an exec; `on_item` gets output as it arrives and the exit code last.
+    /// A connection that drops mid-stream is resumed from the last offset
+    /// received (`GET /sandboxes/{id}/execs/{exec_id}/stream`), so nothing is
+    /// repeated or lost while the server keeps the exec (`exec.resume_window`).
     pub async fn exec_stream(
         &self,
         id: &str,
@@ -186,50 +210,45 @@ impl Client {
         let mut body = req.clone();
         body.stream = true;
         body.report_exit = true;
-        let resp = self
+        let mut resp = self
             .send(
                 self.req(Method::POST, &format!("/sandboxes/{id}/exec"))
                     .json(&body),
             )
             .await?;
-        let mut stream = resp.bytes_stream();
-        let mut buf: Vec<u8> = Vec::new();
+        let exec_id = resp
+            .headers()
+            .get("x-stacyvm-exec-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let mut offset = 0u64;
         let mut exit = None;
-        let mut handle_line = |line: &[u8], exit: &mut Option<i32>| {
-            let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
-                return;
-            };
-            if v.get("type").and_then(|t| t.as_str()) == Some("exit") {
-                *exit = v
-                    .get("exit_code")
-                    .and_then(serde_json::Value::as_i64)
-                    .map(|c| c as i32);
-                if let Some(c) = *exit {
-                    on_item(StreamItem::Exit(c));
+        let mut resumes = 0u32;
+        loop {
+            match read_ndjson(resp, &mut offset, &mut exit, &mut on_item).await {
+                Ok(()) => return Ok(exit),
+                Err(e) => {
+                    // Only a dropped connection of a known exec is resumed.
+                    let (Some(exec_id), ClientError::Http(_)) = (&exec_id, &e) else {
+                        return Err(e);
+                    };
+                    resumes += 1;
+                    if resumes > 5 {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(resumes))).await;
+                    resp = self
+                        .send(
+                            self.req(
+                                Method::GET,
+                                &format!("/sandboxes/{id}/execs/{exec_id}/stream"),
+                            )
+                            .query(&[("offset", offset)]),
+                        )
+                        .await?;
                 }
-                return;
-            }
-            let data = v
-                .get("data")
-                .and_then(|d| d.as_str())
-                .unwrap_or_default()
-                .to_string();
-            match v.get("stream").and_then(|s| s.as_str()) {
-                Some("stderr") => on_item(StreamItem::Stderr(data)),
-                _ => on_item(StreamItem::Stdout(data)),
-            }
-        };
-        while let Some(chunk) = stream.next().await {
-            buf.extend_from_slice(&chunk?);
-            while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                let line: Vec<u8> = buf.drain(..=pos).collect();
-                handle_line(&line[..line.len() - 1], &mut exit);
             }
         }
-        if !buf.is_empty() {
-            handle_line(&buf, &mut exit);
-        }
-        Ok(exit)
     }
 
     pub async fn write_file(&self, id: &str, path: &str, content: &str) -> Result<()> {
@@ -278,4 +297,59 @@ impl Client {
     pub async fn is_live(&self) -> bool {
         matches!(self.http.get(format!("{}/api/v1/live", self.base)).send().await, Ok(r) if r.status() == StatusCode::OK)
     }
+}
+
+/// Reads one NDJSON exec response, tracking the resume offset. An
+/// incomplete last line (the connection dropped inside it) is discarded:
+/// its bytes come again from the offset.
+async fn read_ndjson(
+    resp: reqwest::Response,
+    offset: &mut u64,
+    exit: &mut Option<i32>,
+    on_item: &mut impl FnMut(StreamItem),
+) -> Result<()> {
+    let mut stream = resp.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut handle_line = |line: &[u8]| {
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(line) else {
+            return;
+        };
+        if let Some(o) = v.get("offset").and_then(serde_json::Value::as_u64) {
+            *offset = o;
+        }
+        match v.get("type").and_then(|t| t.as_str()) {
+            Some("exit") => {
+                *exit = v
+                    .get("exit_code")
+                    .and_then(serde_json::Value::as_i64)
+                    .map(|c| c as i32);
+                if let Some(c) = *exit {
+                    on_item(StreamItem::Exit(c));
+                }
+                return;
+            }
+            Some(_) => return,
+            None => {}
+        }
+        let data = v
+            .get("data")
+            .and_then(|d| d.as_str())
+            .unwrap_or_default()
+            .to_string();
+        match v.get("stream").and_then(|s| s.as_str()) {
+            Some("stderr") => on_item(StreamItem::Stderr(data)),
+            _ => on_item(StreamItem::Stdout(data)),
+        }
+    };
+    while let Some(chunk) = stream.next().await {
+        buf.extend_from_slice(&chunk?);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            handle_line(&line[..line.len() - 1]);
+        }
+    }
+    if !buf.is_empty() {
+        handle_line(&buf);
+    }
+    Ok(())
 }

@@ -141,6 +141,38 @@ pub struct Config {
     pub pool: PoolConfig,
     pub limits: LimitsConfig,
     pub preview: PreviewConfig,
+    pub exec: ExecConfig,
+}
+
+/// Streamed execs: ids, the output journal and reattaching
+/// (docs/api.md, "Resumable exec streams").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ExecConfig {
+    /// How long a streamed exec keeps running with no client attached
+    /// (a dropped connection); 0 = killed when its client goes.
+    pub resume_window: Dur,
+    /// Output one streamed exec keeps for readers, in bytes. Unread output
+    /// is never dropped: a command that writes faster waits.
+    pub buffer_bytes: u64,
+    /// How long a finished exec stays listed and readable.
+    pub keep_finished: Dur,
+    /// Finished execs kept per sandbox (the oldest are dropped first).
+    pub keep_per_sandbox: u32,
+    /// Streamed execs one sandbox may run at once, attached or not.
+    pub max_running_per_sandbox: u32,
+}
+
+impl Default for ExecConfig {
+    fn default() -> Self {
+        ExecConfig {
+            resume_window: Dur::secs(60),
+            buffer_bytes: 1024 * 1024,
+            keep_finished: Dur::secs(600),
+            keep_per_sandbox: 8,
+            max_running_per_sandbox: 16,
+        }
+    }
 }
 
 /// The built-in preview proxy (docs/preview.md).
@@ -1264,7 +1296,15 @@ impl Config {
                 "providers.proot.default_timeout",
                 self.providers.proot.default_timeout,
             ),
+            ("exec.resume_window", self.exec.resume_window),
+            ("exec.keep_finished", self.exec.keep_finished),
         ];
+        if self.exec.buffer_bytes < 4096 {
+            return Err(invalid(
+                "exec.buffer_bytes",
+                format!("must be at least 4096, got {}", self.exec.buffer_bytes),
+            ));
+        }
         for (key, d) in durations {
             if d.0.is_negative() {
                 return Err(invalid(key, format!("must not be negative, got {}", d.0)));

@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod config;
 pub mod error;
 pub mod events;
+pub mod execs;
 pub mod manager;
 pub mod metrics;
 pub mod paths;

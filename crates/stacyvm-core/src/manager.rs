@@ -17,6 +17,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{self, kind, EventBus};
+use crate::execs::{Attachment, ExecInfo, Finish, JournalItem};
 use crate::metrics::Metrics;
 use crate::paths;
 use crate::provider::{
@@ -242,6 +243,8 @@ pub struct Manager {
     pub(crate) audit_pruned: Mutex<Option<Instant>>,
     /// Exposed ports the preview proxy has looked up recently.
     previews: services::previews::PreviewCache,
+    /// Streamed execs and their output journals (resumable streams).
+    execs: crate::execs::ExecJournal,
 }
 
 #[derive(Debug)]
@@ -260,6 +263,7 @@ impl Manager {
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         let (audit_tx, audit_rx) = mpsc::channel(4096);
+        let cfg_exec = cfg.exec.clone();
         let m = Arc::new(Manager {
             cfg,
             store: store.clone(),
@@ -275,6 +279,12 @@ impl Manager {
             remote: RwLock::new(None),
             audit_pruned: Mutex::new(None),
             previews: services::previews::PreviewCache::default(),
+            execs: crate::execs::ExecJournal::new(crate::execs::JournalLimits {
+                buffer_bytes: usize::try_from(cfg_exec.buffer_bytes).unwrap_or(usize::MAX),
+                keep_finished: cfg_exec.keep_finished.std(),
+                keep_per_sandbox: cfg_exec.keep_per_sandbox as usize,
+                max_running_per_sandbox: cfg_exec.max_running_per_sandbox as usize,
+            }),
         });
         tokio::spawn(audit_writer(store, audit_rx));
         // Another control plane changed a sandbox: drop the cached copy
@@ -1279,6 +1289,7 @@ impl Manager {
             self.release_slot(&rec.owner_id);
         }
         self.previews.evict(&rec.id);
+        self.execs.forget_sandbox(&rec.id);
         if let Err(e) = self.store.delete_sandbox_ports(&rec.id).await {
             warn!(sandbox_id = %rec.id, error = %e, "dropping the preview ports of a destroyed sandbox failed");
         }
@@ -1618,6 +1629,7 @@ impl Manager {
         self.reconcile_state(&rec.id, state::DESTROYED).await;
         let _ = self.store.release_lease(&rec.id, self.worker_id()).await;
         self.previews.evict(&rec.id);
+        self.execs.forget_sandbox(&rec.id);
         let _ = self.store.delete_sandbox_ports(&rec.id).await;
         self.events.publish(
             kind::RECONCILE_ACTION,
@@ -1996,6 +2008,7 @@ impl Manager {
     }
 
     /// `exec_stream` with live stdin and signals from `input` (interactive).
+    /// The command is killed as soon as the receiver is dropped.
     pub async fn exec_stream_with(
         self: &Arc<Self>,
         id: &str,
@@ -2003,6 +2016,53 @@ impl Manager {
         caller: &Caller,
         input: Option<mpsc::Receiver<crate::provider::ExecInput>>,
     ) -> Result<mpsc::Receiver<StreamEvent>> {
+        let mut att = self
+            .exec_start(id, req, caller, input, Duration::ZERO)
+            .await?;
+        let (tx, rx) = mpsc::channel::<StreamEvent>(64);
+        tokio::spawn(async move {
+            loop {
+                let item = tokio::select! {
+                    item = att.next() => item,
+                    () = tx.closed() => return,
+                };
+                let ev = match item {
+                    Some(JournalItem::Output { stream, data, .. }) => {
+                        StreamEvent::Output(OutputChunk {
+                            stream,
+                            data: data.to_vec(),
+                        })
+                    }
+                    Some(JournalItem::Gap { .. }) => continue,
+                    Some(JournalItem::End(Finish::Exit { code, duration })) => {
+                        StreamEvent::Exit { code, duration }
+                    }
+                    Some(JournalItem::End(Finish::Failed { kind, message })) => {
+                        StreamEvent::Failed { kind, message }
+                    }
+                    None => return,
+                };
+                if tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Starts a streamed exec with an id and an output journal, and returns
+    /// a reader attached at offset 0. The command keeps running for
+    /// `resume_window` after its last reader detaches (0 = killed at once),
+    /// so a client whose connection dropped can reattach
+    /// ([`Manager::exec_attach`]).
+    pub async fn exec_start(
+        self: &Arc<Self>,
+        id: &str,
+        req: &ExecRequest,
+        caller: &Caller,
+        input: Option<mpsc::Receiver<crate::provider::ExecInput>>,
+        resume_window: Duration,
+    ) -> Result<Attachment> {
         let (rec, provider) = self.exec_target(id, caller).await?;
         let spec = self.prepare_exec(&rec, req).await?;
         let target = if rec.vm_id.is_empty() {
@@ -2010,7 +2070,8 @@ impl Manager {
         } else {
             rec.vm_id.clone()
         };
-        let (out_tx, mut out_rx) = mpsc::channel::<StreamEvent>(64);
+        let entry = self.execs.start(&rec.id, &Self::command_text(req))?;
+        let att = entry.attach(0);
         let me = Arc::clone(self);
         let id = id.to_string();
         let req = req.clone();
@@ -2018,15 +2079,20 @@ impl Manager {
         self.events.publish(
             kind::EXEC_STARTED,
             &id,
-            events::data([("command", json!(Self::command_text(&req)))]),
+            events::data([
+                ("command", json!(Self::command_text(&req))),
+                ("exec_id", json!(entry.id)),
+            ]),
         );
         tokio::spawn(async move {
             let started = Instant::now();
             let (tx, mut rx) = mpsc::channel::<OutputChunk>(64);
-            let forward_tx = out_tx.clone();
+            let sink = Arc::clone(&entry);
+            // Output goes to the journal; a full journal makes this wait,
+            // which makes the command wait. `false` = killed.
             let forward = async move {
                 while let Some(c) = rx.recv().await {
-                    if forward_tx.send(StreamEvent::Output(c)).await.is_err() {
+                    if !sink.push(c.stream, c.data).await {
                         return false;
                     }
                 }
@@ -2038,36 +2104,47 @@ impl Manager {
                 Some(input) => Box::pin(provider.exec_interactive(&target, &spec, tx, input)),
                 None => Box::pin(provider.exec(&target, &spec, tx)),
             };
+            let stop = entry.stop_requested(resume_window);
             tokio::pin!(run);
             tokio::pin!(forward);
+            tokio::pin!(stop);
             let mut forward_done = false;
-            let res: Option<Result<ExitStatus>> = loop {
+            let res: std::result::Result<Result<ExitStatus>, String> = loop {
                 tokio::select! {
-                    r = &mut run => break Some(r),
-                    ok = &mut forward, if !forward_done => {
-                        forward_done = true;
-                        if !ok { break None; }
-                    }
-                    () = out_tx.closed() => break None,
+                    r = &mut run => break Ok(r),
+                    // A killed journal ends `forward`; `stop` names why.
+                    _ = &mut forward, if !forward_done => forward_done = true,
+                    why = &mut stop => break Err(why),
                 }
             };
-            let Some(res) = res else {
-                // The client went away: dropping `run` kills the command.
-                me.audit(
-                    &caller,
-                    &rec.owner_id,
-                    "exec_stream",
-                    &id,
-                    &Self::command_text(&req),
-                    &rec.provider,
-                    false,
-                    "client disconnected".into(),
-                );
-                return;
+            let res = match res {
+                Ok(r) => r,
+                Err(why) => {
+                    // Dropping `run` kills the command.
+                    me.audit(
+                        &caller,
+                        &rec.owner_id,
+                        "exec_stream",
+                        &id,
+                        &Self::command_text(&req),
+                        &rec.provider,
+                        false,
+                        why.clone(),
+                    );
+                    entry.kill(&why);
+                    entry.finish(Finish::Failed {
+                        kind: ErrorKind::Conflict,
+                        message: format!("exec {} stopped: {why}", entry.id),
+                    });
+                    return;
+                }
             };
             // Drain output that is still buffered.
             if !forward_done {
-                let _ = forward.await;
+                tokio::select! {
+                    _ = &mut forward => {}
+                    _ = &mut stop => {}
+                }
             }
             let took = started.elapsed();
             match res {
@@ -2079,6 +2156,7 @@ impl Manager {
                         events::data([
                             ("exit_code", json!(status.code)),
                             ("duration", json!(GoDuration::from_std(took).to_string())),
+                            ("exec_id", json!(entry.id)),
                         ]),
                     );
                     me.audit(
@@ -2100,12 +2178,10 @@ impl Manager {
                             }
                         ),
                     );
-                    let _ = out_tx
-                        .send(StreamEvent::Exit {
-                            code: status.code,
-                            duration: took,
-                        })
-                        .await;
+                    entry.finish(Finish::Exit {
+                        code: status.code,
+                        duration: took,
+                    });
                 }
                 Err(e) => {
                     me.exec_failed(&id, &rec, &req, &caller, &e, took);
@@ -2122,25 +2198,60 @@ impl Manager {
                     } else {
                         e.to_string()
                     };
-                    let _ = out_tx
-                        .send(StreamEvent::Failed {
-                            kind: e.kind(),
-                            message: text,
-                        })
-                        .await;
+                    entry.finish(Finish::Failed {
+                        kind: e.kind(),
+                        message: text,
+                    });
                 }
             }
         });
-        // Peek nothing: return the receiver; the first item arrives as produced.
-        let (tx2, rx2) = mpsc::channel(64);
-        tokio::spawn(async move {
-            while let Some(ev) = out_rx.recv().await {
-                if tx2.send(ev).await.is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(rx2)
+        Ok(att)
+    }
+
+    /// Running and recent streamed execs of a sandbox, newest first.
+    pub async fn execs(&self, id: &str, caller: &Caller) -> Result<Vec<ExecInfo>> {
+        let rec = self.get(id, caller).await?;
+        Ok(self.execs.list(&rec.id))
+    }
+
+    /// One streamed exec.
+    pub async fn exec_info(&self, id: &str, exec_id: &str, caller: &Caller) -> Result<ExecInfo> {
+        let rec = self.get(id, caller).await?;
+        Ok(self.execs.get(&rec.id, exec_id)?.info())
+    }
+
+    /// Reattaches to a streamed exec at `offset`.
+    pub async fn exec_attach(
+        &self,
+        id: &str,
+        exec_id: &str,
+        offset: u64,
+        caller: &Caller,
+    ) -> Result<Attachment> {
+        let rec = self.get(id, caller).await?;
+        Ok(self.execs.get(&rec.id, exec_id)?.attach(offset))
+    }
+
+    /// Kills a running streamed exec (audited); a finished one is a conflict.
+    pub async fn exec_kill(&self, id: &str, exec_id: &str, caller: &Caller) -> Result<ExecInfo> {
+        let rec = self.get(id, caller).await?;
+        let entry = self.execs.get(&rec.id, exec_id)?;
+        if !entry.kill("killed by the caller") {
+            return Err(Error::conflict(format!("exec {exec_id} has already ended")));
+        }
+        self.audit(
+            caller,
+            &rec.owner_id,
+            "exec.kill",
+            &rec.id,
+            exec_id,
+            &rec.provider,
+            true,
+            entry.command.clone(),
+        );
+        // The exec task records the end as soon as the command is gone.
+        let _ = tokio::time::timeout(Duration::from_secs(5), entry.wait_finished()).await;
+        Ok(entry.info())
     }
 
     // ----- files ----------------------------------------------------------

@@ -149,6 +149,7 @@ pub fn counted(method: &axum::http::Method, route: &str) -> Option<bool> {
     match (method, route) {
         (&Method::POST, "/sandboxes/{id}/exec")
         | (&Method::GET, "/sandboxes/{id}/exec/ws")
+        | (&Method::GET, "/sandboxes/{id}/execs/{exec_id}/stream")
         | (&Method::GET | &Method::POST | &Method::PUT, "/sandboxes/{id}/files") => Some(true),
         (&Method::GET, "/events") => Some(false),
         _ => None,

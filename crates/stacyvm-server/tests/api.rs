@@ -381,6 +381,15 @@ async fn exec_stream_ndjson_with_optional_exit_record() {
         .expect("send");
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["content-type"], "application/x-ndjson");
+    // The exec's id rides in a header: the body keeps the original shape.
+    assert!(
+        r.headers()["x-stacyvm-exec-id"]
+            .to_str()
+            .expect("id")
+            .starts_with("ex-"),
+        "{:?}",
+        r.headers()
+    );
     let text = r.text().await.expect("text");
     let lines: Vec<Value> = text
         .lines()

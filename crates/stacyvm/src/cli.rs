@@ -106,11 +106,36 @@ pub enum Command {
         #[arg(long)]
         timeout: Option<String>,
         /// Wait for the whole output instead of streaming it.
-        #[arg(long)]
+        #[arg(long, conflicts_with_all = ["interactive", "tty"])]
         no_stream: bool,
+        /// Keep stdin open and pipe it to the command
+        /// (`echo hi | stacyvm exec -i ID -- cat`).
+        #[arg(long, short = 'i')]
+        interactive: bool,
+        /// Run on a pseudo-terminal: this terminal goes raw, follows
+        /// window resizes, and the remote exit code is ours.
+        #[arg(long, short = 't')]
+        tty: bool,
         /// The command and its arguments (after `--`).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true)]
         command: Vec<String>,
+    },
+    /// Open an interactive login shell in a sandbox (bash if it has one,
+    /// else sh) on a pseudo-terminal.
+    Shell {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox id.
+        id: String,
+        /// Working directory inside the sandbox.
+        #[arg(long, short = 'w')]
+        workdir: Option<String>,
+        /// Environment variable KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e', value_parser = parse_kv)]
+        env: Vec<(String, String)>,
+        /// Log in as this account of the sandbox; default root.
+        #[arg(long, short = 'u')]
+        user: Option<String>,
     },
     /// List live sandboxes.
     #[command(alias = "ls")]
@@ -298,9 +323,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             user,
             timeout,
             no_stream,
+            interactive,
+            tty,
             command,
         } => {
-            let c = client(&conn)?;
             let (mode, cmd, args) = if shell {
                 ("shell".to_string(), command.join(" "), Vec::new())
             } else {
@@ -320,6 +346,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 user,
                 ..ExecRequest::default()
             };
+            if interactive || tty {
+                return crate::interactive::run(&conn, &id, req, tty).await;
+            }
+            let c = client(&conn)?;
             if no_stream || conn.json {
                 let r = c.exec(&id, &req).await?;
                 if conn.json {
@@ -345,6 +375,25 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 })
                 .await?;
             Ok(exit_code(code.unwrap_or(1)))
+        }
+        Command::Shell {
+            conn,
+            id,
+            workdir,
+            env,
+            user,
+        } => {
+            let req = ExecRequest {
+                command:
+                    "if command -v bash >/dev/null 2>&1; then exec bash -l; else exec sh -l; fi"
+                        .into(),
+                mode: "shell".into(),
+                env: env.into_iter().collect(),
+                workdir: workdir.unwrap_or_default(),
+                user,
+                ..ExecRequest::default()
+            };
+            crate::interactive::run(&conn, &id, req, true).await
         }
         Command::Mcp { conn } => {
             let api = stacyvm_server::mcp::Remote::new(&conn.url, conn.api_key.clone());
@@ -425,6 +474,6 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
     }
 }
 
-fn exit_code(code: i32) -> ExitCode {
+pub(crate) fn exit_code(code: i32) -> ExitCode {
     ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
 }

@@ -7,6 +7,7 @@ mod cli;
 mod db;
 mod doctor;
 mod image;
+mod interactive;
 mod lint;
 mod ops;
 mod pgrehearse;

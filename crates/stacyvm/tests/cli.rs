@@ -240,15 +240,146 @@ fn cli_drives_native_sandboxes_and_restart_readopts_them() {
     );
     let out = s.cli(&["list"]);
     assert!(text(&out.stderr).contains("No active sandboxes"));
-    let out = Command::new(BIN)
-        .args(["list", "--url", "http://127.0.0.1:1"])
-        .output()
-        .expect("list");
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        text(&out.stderr).contains("cannot reach the server"),
+    // An unreachable server is one clear line, for plain and interactive
+    // commands alike.
+    for args in [
+        &["list", "--url", "http://127.0.0.1:1"][..],
+        &[
+            "exec",
+            "-i",
+            "--url",
+            "http://127.0.0.1:1",
+            "sb-1",
+            "--",
+            "true",
+        ][..],
+    ] {
+        let out = Command::new(BIN).args(args).output().expect("cli");
+        assert_eq!(out.status.code(), Some(1));
+        assert_eq!(
+            text(&out.stderr),
+            "error: cannot reach the server at http://127.0.0.1:1: connection refused; \
+             is `stacyvm serve` running?\n",
+            "{args:?}"
+        );
+    }
+}
+
+/// Runs the CLI with `input` on its stdin.
+fn cli_with_stdin(s: &Server, args: &[&str], input: &[u8]) -> Output {
+    use std::io::Write as _;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .env("STACYVM_URL", &s.url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("cli");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("wait");
+    feeder.join().expect("feeder");
+    out
+}
+
+/// Runs `command` on a pseudo-terminal (util-linux `script`), feeding it
+/// `input`; returns the exit code and what the terminal showed.
+fn on_a_terminal(s: &Server, command: &str, input: &[u8]) -> (Option<i32>, String) {
+    use std::io::Write as _;
+    let mut child = Command::new("script")
+        .args(["-qec", command, "/dev/null"])
+        .env("STACYVM_URL", &s.url)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script (util-linux)");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(input).expect("input");
+    let out = child.wait_with_output().expect("wait");
+    drop(stdin);
+    (out.status.code(), text(&out.stdout))
+}
+
+#[test]
+fn exec_pipes_stdin_and_runs_ttys_like_docker_exec() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let s = start(dir.path(), free_port());
+    let out = s.cli(&["spawn"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+
+    // -i pipes stdin; the remote exit code is ours.
+    let out = cli_with_stdin(&s, &["exec", "-i", &id, "--", "cat"], b"hi\n");
+    assert_eq!(
+        (out.status.code(), text(&out.stdout)),
+        (Some(0), "hi\n".into()),
         "{}",
         text(&out.stderr)
+    );
+    let out = cli_with_stdin(
+        &s,
+        &[
+            "exec",
+            "-i",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            "read x; echo got $x >&2; exit $x",
+        ],
+        b"7\n",
+    );
+    assert_eq!(out.status.code(), Some(7));
+    assert_eq!(text(&out.stderr), "got 7\n");
+    // Binary stdin and stdout pass byte for byte (no UTF-8 mangling).
+    let blob: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let out = cli_with_stdin(&s, &["exec", "-i", &id, "--", "cat"], &blob);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        out.stdout == blob,
+        "binary round trip differs ({} bytes)",
+        out.stdout.len()
+    );
+
+    // -t needs a terminal, and says so.
+    let out = cli_with_stdin(&s, &["exec", "-t", &id, "--", "true"], b"");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("not a terminal"),
+        "{}",
+        text(&out.stderr)
+    );
+
+    // On a terminal: a pty remotely, its exit code locally.
+    let (code, screen) = on_a_terminal(
+        &s,
+        &format!("{BIN} exec -t {id} -- sh -c 'tty; stty size; exit 5'"),
+        b"",
+    );
+    assert_eq!(code, Some(5), "{screen}");
+    assert!(screen.contains("/dev/pts/"), "{screen}");
+    // `shell` is an interactive login shell.
+    let (code, screen) = on_a_terminal(
+        &s,
+        &format!("{BIN} shell {id}"),
+        b"echo $((6*7)) $0; exit 3\n",
+    );
+    assert_eq!(code, Some(3), "{screen}");
+    assert!(
+        screen.contains("42 bash") || screen.contains("42 sh"),
+        "{screen}"
+    );
+    // bash says goodbye to a login shell.
+    assert!(
+        !screen.contains("42 bash") || screen.contains("logout"),
+        "{screen}"
     );
 }
 

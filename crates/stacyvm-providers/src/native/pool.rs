@@ -31,6 +31,8 @@ pub(crate) const PREFIX: &str = "pool-";
 #[derive(Debug)]
 pub(crate) struct Warm {
     pub meta: Meta,
+    /// Its state dir.
+    pub dir: std::path::PathBuf,
     pub client: Arc<AgentClient>,
     /// The cgroup limits it was booted with.
     pub limits: Limits,
@@ -44,6 +46,21 @@ pub(crate) struct Pool {
     filling: AtomicUsize,
     /// Set at shutdown: no refills; boots that finish tear themselves down.
     closed: std::sync::atomic::AtomicBool,
+}
+
+/// The last owner of the pool went away without `close` (a provider
+/// dropped while boots were in flight, a runtime shut down): the sandboxes
+/// still waiting are torn down here, synchronously, so none outlives it.
+impl Drop for Pool {
+    fn drop(&mut self) {
+        let ready = self.ready.get_mut().map(std::mem::take).unwrap_or_default();
+        for w in ready {
+            drop(Unhanded {
+                dir: w.dir,
+                meta: Some(w.meta),
+            });
+        }
+    }
 }
 
 impl Pool {
@@ -200,6 +217,7 @@ async fn boot_one(booter: &Booter, closed: &std::sync::atomic::AtomicBool) -> Re
             guard.meta = None;
             Ok(Warm {
                 meta,
+                dir: guard.dir.clone(),
                 client,
                 limits: booter.limits(&spec, memory_bytes),
             })

@@ -11,11 +11,11 @@ use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Deserialize;
 use stacyvm_api::{
-    ExecRequest, ExecResponse, ExtendRequest, ForkRequest, ForkResponse, GoDuration, PruneResponse,
-    Sandbox, SnapshotSummary, SpawnRequest, StatusResponse, StreamChunk, StreamExit,
+    ExecInfo, ExecRequest, ExecResponse, ExtendRequest, ForkRequest, ForkResponse, GoDuration,
+    PruneResponse, Sandbox, SnapshotSummary, SpawnRequest, StatusResponse, StreamChunk, StreamExit,
 };
+use stacyvm_core::execs::{Attachment, Finish, JournalItem};
 use stacyvm_core::manager::{self, Caller, StreamEvent};
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::Who;
 use crate::error::ApiResult;
@@ -128,8 +128,12 @@ pub async fn exec(
 ) -> ApiResult<Response> {
     let mreq = to_manager_req(&req);
     if req.stream {
-        let rx = st.manager.exec_stream(&id, &mreq, &who).await?;
-        return Ok(ndjson(rx, req.report_exit, id));
+        let window = st.manager.config().exec.resume_window.std();
+        let att = st
+            .manager
+            .exec_start(&id, &mreq, &who, None, window)
+            .await?;
+        return Ok(ndjson(att, req.report_exit));
     }
     let out = st.manager.exec(&id, &mreq, &who).await?;
     Ok(Json::ok(ExecResponse {
@@ -163,10 +167,29 @@ impl Utf8Carry {
         text
     }
 
+    fn pending_len(&self, stream: &'static str) -> usize {
+        self.pending.get(stream).map_or(0, Vec::len)
+    }
+
     fn flush(&mut self) -> Vec<(&'static str, String)> {
         std::mem::take(&mut self.pending)
             .into_iter()
             .filter(|(_, b)| !b.is_empty())
+            .map(|(k, b)| (k, String::from_utf8_lossy(&b).into_owned()))
+            .collect()
+    }
+
+    /// Flushes every stream but `keep` (whose bytes come later).
+    fn flush_others(&mut self, keep: &'static str) -> Vec<(&'static str, String)> {
+        let others: Vec<&'static str> = self
+            .pending
+            .iter()
+            .filter(|(k, b)| **k != keep && !b.is_empty())
+            .map(|(k, _)| *k)
+            .collect();
+        others
+            .into_iter()
+            .filter_map(|k| self.pending.remove(k).map(|b| (k, b)))
             .map(|(k, b)| (k, String::from_utf8_lossy(&b).into_owned()))
             .collect()
     }
@@ -178,61 +201,173 @@ fn line<T: serde::Serialize>(v: &T) -> Bytes {
     Bytes::from(b)
 }
 
-fn ndjson(rx: tokio::sync::mpsc::Receiver<StreamEvent>, report_exit: bool, id: String) -> Response {
-    let mut carry = Utf8Carry::default();
-    let stream = ReceiverStream::new(rx).flat_map(move |ev| {
-        let mut out: Vec<Result<Bytes, std::io::Error>> = Vec::new();
-        match ev {
-            StreamEvent::Output(c) => {
-                let text = carry.push(c.stream.as_str(), &c.data);
+fn chunk_line(stream: &str, data: String, offset: Option<u64>) -> Bytes {
+    line(&StreamChunk {
+        stream: stream.into(),
+        data,
+        offset,
+    })
+}
+
+/// Turns journal items into NDJSON lines. With `extended` (the request
+/// asked for `report_exit`, or this is a resumed stream) every output line
+/// carries the offset after its bytes, so a client resumes exactly where it
+/// stopped; without it the lines have exactly the original's shape:
+/// bytes held back to complete a UTF-8 sequence are not counted until
+/// their line is written, and only one stream holds such bytes at a time
+/// (another stream's output flushes them first).
+#[derive(Default)]
+struct NdjsonEncoder {
+    carry: Utf8Carry,
+}
+
+impl NdjsonEncoder {
+    fn encode(&mut self, item: JournalItem, extended: bool) -> Vec<Bytes> {
+        let at = |o: u64| extended.then_some(o);
+        let mut out = Vec::new();
+        match item {
+            JournalItem::Output {
+                offset,
+                stream,
+                data,
+            } => {
+                let name = stream.as_str();
+                for (s, text) in self.carry.flush_others(name) {
+                    out.push(chunk_line(s, text, at(offset)));
+                }
+                let text = self.carry.push(name, &data);
+                let end = offset + data.len() as u64 - self.carry.pending_len(name) as u64;
                 if !text.is_empty() {
-                    out.push(Ok(line(&StreamChunk {
-                        stream: c.stream.as_str().into(),
-                        data: text,
-                    })));
+                    out.push(chunk_line(name, text, at(end)));
                 }
             }
-            StreamEvent::Exit { code, duration } => {
-                for (s, text) in carry.flush() {
-                    out.push(Ok(line(&StreamChunk {
-                        stream: s.into(),
-                        data: text,
-                    })));
-                }
-                if report_exit {
-                    out.push(Ok(line(&StreamExit {
-                        kind: "exit".into(),
-                        exit_code: code,
-                        duration: GoDuration::from_std(duration),
-                    })));
-                }
-            }
-            StreamEvent::Failed { message: msg, .. } => {
-                for (s, text) in carry.flush() {
-                    out.push(Ok(line(&StreamChunk {
-                        stream: s.into(),
-                        data: text,
-                    })));
-                }
-                let _ = &id;
-                out.push(Ok(line(&StreamChunk {
-                    stream: "stderr".into(),
-                    data: msg,
+            JournalItem::Gap { from, to } => {
+                self.carry = Utf8Carry::default();
+                out.push(line(&serde_json::json!({
+                    "type": "gap",
+                    "offset": to,
+                    "lost_bytes": to - from,
                 })));
             }
+            JournalItem::End(finish) => {
+                for (s, text) in self.carry.flush() {
+                    out.push(line(&StreamChunk {
+                        stream: s.into(),
+                        data: text,
+                        offset: None,
+                    }));
+                }
+                match finish {
+                    Finish::Exit { code, duration } => {
+                        if extended {
+                            out.push(line(&StreamExit {
+                                kind: "exit".into(),
+                                exit_code: code,
+                                duration: GoDuration::from_std(duration),
+                            }));
+                        }
+                    }
+                    Finish::Failed { message, .. } => {
+                        out.push(line(&StreamChunk {
+                            stream: "stderr".into(),
+                            data: message,
+                            offset: None,
+                        }));
+                    }
+                }
+            }
         }
-        futures::stream::iter(out)
-    });
+        out
+    }
+}
+
+/// An NDJSON response that follows `att`; the exec's id is in
+/// `X-StacyVM-Exec-Id`. Dropping the response (the client went away)
+/// detaches the reader; the exec lives on for `exec.resume_window`.
+/// `extended`: offsets on output lines and the exit record at the end.
+fn ndjson(att: Attachment, extended: bool) -> Response {
+    let exec_id = att.exec_id().to_string();
+    let stream = futures::stream::unfold(
+        (att, NdjsonEncoder::default()),
+        move |(mut att, mut enc)| async move {
+            let item = att.next().await?;
+            let lines = enc.encode(item, extended);
+            Some((
+                futures::stream::iter(lines.into_iter().map(Ok::<_, std::io::Error>)),
+                (att, enc),
+            ))
+        },
+    )
+    .flatten();
     let mut resp = Response::new(Body::from_stream(stream));
-    resp.headers_mut().insert(
+    let h = resp.headers_mut();
+    h.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/x-ndjson"),
     );
-    resp.headers_mut()
-        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    resp.headers_mut()
-        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    if let Ok(v) = HeaderValue::from_str(&exec_id) {
+        h.insert(EXEC_ID_HEADER, v);
+    }
     resp
+}
+
+/// The response header naming a streamed exec.
+pub const EXEC_ID_HEADER: &str = "x-stacyvm-exec-id";
+
+/// `GET /sandboxes/{id}/execs`: running and recent streamed execs.
+pub async fn execs(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Vec<ExecInfo>>> {
+    Ok(Json::ok(st.manager.execs(&id, &who).await?))
+}
+
+/// `GET /sandboxes/{id}/execs/{exec_id}`.
+pub async fn exec_info(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path((id, exec_id)): Path<(String, String)>,
+) -> ApiResult<Json<ExecInfo>> {
+    Ok(Json::ok(st.manager.exec_info(&id, &exec_id, &who).await?))
+}
+
+#[derive(Debug, Deserialize, schemars::JsonSchema)]
+pub struct ResumeQuery {
+    /// Output offset to read from (the `offset` of the last line
+    /// received); 0 = from the start.
+    offset: Option<String>,
+}
+
+/// `GET /sandboxes/{id}/execs/{exec_id}/stream?offset=N`: the exec's
+/// output from `offset` as NDJSON, then the exit record.
+pub async fn exec_resume(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path((id, exec_id)): Path<(String, String)>,
+    Query(q): Query<ResumeQuery>,
+) -> ApiResult<Response> {
+    let offset = match q.offset.as_deref().map(str::trim) {
+        None | Some("") => 0,
+        Some(o) => o.parse::<u64>().map_err(|_| {
+            stacyvm_core::Error::invalid(format!(
+                "offset must be a byte offset (a whole number >= 0), got {o:?}"
+            ))
+        })?,
+    };
+    let att = st.manager.exec_attach(&id, &exec_id, offset, &who).await?;
+    Ok(ndjson(att, true))
+}
+
+/// `DELETE /sandboxes/{id}/execs/{exec_id}`: kills a running exec.
+pub async fn exec_kill(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path((id, exec_id)): Path<(String, String)>,
+) -> ApiResult<Json<ExecInfo>> {
+    Ok(Json::ok(st.manager.exec_kill(&id, &exec_id, &who).await?))
 }
 
 /// WebSocket exec: one JSON request message in; `{"stream","data"}`
@@ -326,21 +461,36 @@ async fn ws_session(st: AppState, who: Caller, id: String, mut socket: WebSocket
         tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { break };
+                if req.binary {
+                    if let StreamEvent::Output(c) = &ev {
+                        let tag = match c.stream {
+                            stacyvm_core::provider::StreamKind::Stdout => 1u8,
+                            stacyvm_core::provider::StreamKind::Stderr => 2u8,
+                        };
+                        let mut frame = Vec::with_capacity(c.data.len() + 1);
+                        frame.push(tag);
+                        frame.extend_from_slice(&c.data);
+                        if socket.send(Message::Binary(frame.into())).await.is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                }
                 let msgs: Vec<String> = match ev {
                     StreamEvent::Output(c) => {
                         let text = carry.push(c.stream.as_str(), &c.data);
                         if text.is_empty() { vec![] } else {
-                            vec![serde_json::to_string(&StreamChunk { stream: c.stream.as_str().into(), data: text }).unwrap_or_default()]
+                            vec![serde_json::to_string(&StreamChunk { stream: c.stream.as_str().into(), data: text, offset: None }).unwrap_or_default()]
                         }
                     }
                     StreamEvent::Exit { code, duration } => {
-                        let mut v: Vec<String> = carry.flush().into_iter().map(|(s, t)| serde_json::to_string(&StreamChunk { stream: s.into(), data: t }).unwrap_or_default()).collect();
+                        let mut v: Vec<String> = carry.flush().into_iter().map(|(s, t)| serde_json::to_string(&StreamChunk { stream: s.into(), data: t, offset: None }).unwrap_or_default()).collect();
                         v.push(serde_json::json!({"type": "done", "exit_code": code, "duration": GoDuration::from_std(duration)}).to_string());
                         v
                     }
                     StreamEvent::Failed { message: msg, .. } => {
-                        let mut v: Vec<String> = carry.flush().into_iter().map(|(s, t)| serde_json::to_string(&StreamChunk { stream: s.into(), data: t }).unwrap_or_default()).collect();
-                        v.push(serde_json::to_string(&StreamChunk { stream: "stderr".into(), data: msg }).unwrap_or_default());
+                        let mut v: Vec<String> = carry.flush().into_iter().map(|(s, t)| serde_json::to_string(&StreamChunk { stream: s.into(), data: t, offset: None }).unwrap_or_default()).collect();
+                        v.push(serde_json::to_string(&StreamChunk { stream: "stderr".into(), data: msg, offset: None }).unwrap_or_default());
                         v.push(serde_json::json!({"type": "done"}).to_string());
                         v
                     }
@@ -357,6 +507,16 @@ async fn ws_session(st: AppState, who: Caller, id: String, mut socket: WebSocket
                     Some(Ok(Message::Text(t))) => {
                         if let (Some(tx), Some(msg)) = (&input_tx, parse_input(t.as_str())) {
                             let _ = tx.send(msg).await;
+                        }
+                    }
+                    // Binary messages are raw stdin bytes.
+                    Some(Ok(Message::Binary(b))) => {
+                        if let Some(tx) = &input_tx {
+                            if !b.is_empty() {
+                                let _ = tx
+                                    .send(stacyvm_core::provider::ExecInput::Stdin(b.to_vec()))
+                                    .await;
+                            }
                         }
                     }
                     _ => {}
