@@ -254,12 +254,15 @@ pub struct Hello {
 ///   `Data` frame ends a direction (a half-close), a `Signal` to the
 ///   request aborts the connection. The request is over when both
 ///   directions have ended.
+/// - `archive`: `ArchiveRead` and `ArchiveWrite` move directories as tar
+///   streams (links stored as links, entries confined on extraction).
 pub const FEATURES: &[&str] = &[
     "read_stream",
     "write_flow",
     "chunked_results",
     "watch",
     "connect",
+    "archive",
 ];
 
 /// One change under a watched directory.
@@ -452,6 +455,23 @@ pub enum Request {
     /// network the host cannot enter directly.
     Connect {
         port: u16,
+    },
+    /// Packs `path` (a directory's contents, or one file) as a tar stream
+    /// (the `archive` feature): answered like a streamed `ReadFile`.
+    ArchiveRead {
+        path: String,
+        max_bytes: u64,
+        max_entries: u64,
+    },
+    /// Extracts the tar stream of the `Data` frames that follow into the
+    /// directory `path` (created if missing), with upload credit as for
+    /// `WriteFile { flow: true }`; an empty `Data` frame ends it. Answers
+    /// `{"entries": N, "bytes": N}`. A refused archive, or one whose upload
+    /// is cancelled, leaves nothing it created.
+    ArchiveWrite {
+        path: String,
+        max_bytes: u64,
+        max_entries: u64,
     },
     /// Stops every process and exits the agent (sandbox teardown).
     Shutdown,

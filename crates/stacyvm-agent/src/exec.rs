@@ -148,6 +148,10 @@ impl Window {
         self.cv.notify_all();
     }
 
+    pub fn is_cancelled(&self) -> bool {
+        self.cancelled.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
     /// Wakes every waiter; `take_within` returns `None` from now on.
     pub fn cancel(&self) {
         self.cancelled

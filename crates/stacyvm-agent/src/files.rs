@@ -8,43 +8,7 @@ use std::path::Path;
 use stacyvm_agent_proto::{AgentError, ErrorKind, FileStat};
 
 pub fn err(path: &str, e: &io::Error) -> AgentError {
-    let kind = match e.kind() {
-        io::ErrorKind::NotFound => ErrorKind::NotFound,
-        io::ErrorKind::PermissionDenied => ErrorKind::PermissionDenied,
-        io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
-        io::ErrorKind::DirectoryNotEmpty => {
-            return AgentError::new(
-                ErrorKind::InvalidInput,
-                format!("directory {path:?} is not empty (use recursive)"),
-            )
-        }
-        io::ErrorKind::IsADirectory => {
-            return AgentError::new(ErrorKind::InvalidInput, format!("{path:?} is a directory"))
-        }
-        io::ErrorKind::NotADirectory => {
-            return AgentError::new(
-                ErrorKind::InvalidInput,
-                format!("a component of {path:?} is not a directory"),
-            )
-        }
-        io::ErrorKind::InvalidInput | io::ErrorKind::InvalidFilename => ErrorKind::InvalidInput,
-        _ => match e.raw_os_error() {
-            // What the caller's path or the sandbox's state caused is the
-            // caller's error (4xx), never an internal one.
-            Some(libc::EIO | libc::ENXIO | libc::ENODEV | libc::EINVAL | libc::EOVERFLOW)
-            | Some(libc::ELOOP | libc::ENAMETOOLONG | libc::EXDEV | libc::ESPIPE) => {
-                ErrorKind::InvalidInput
-            }
-            Some(libc::EROFS | libc::EPERM | libc::ETXTBSY) => ErrorKind::PermissionDenied,
-            Some(libc::ENOSPC | libc::EDQUOT | libc::EMFILE | libc::ENFILE | libc::ENOMEM) => {
-                ErrorKind::ResourceExhausted
-            }
-            Some(libc::EFBIG) => ErrorKind::TooLarge,
-            Some(libc::EBUSY) => ErrorKind::AlreadyExists,
-            _ => ErrorKind::Internal,
-        },
-    };
-    AgentError::new(kind, format!("{path}: {e}"))
+    stacyvm_sandbox::archive::io_error(path, e)
 }
 
 /// The error for a file over the caller's limit.

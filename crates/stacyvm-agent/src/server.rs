@@ -606,6 +606,80 @@ fn request(id: u32, req: Request, conn: &Arc<Conn>, reaper: &Arc<Reaper>, pid1: 
             }
         }
         Request::Connect { port } => crate::tcp::start(id, port, conn),
+        Request::ArchiveRead {
+            path,
+            max_bytes,
+            max_entries,
+        } => {
+            let window = Window::new();
+            conn.reads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, window.clone());
+            let c = conn.clone();
+            let limits = stacyvm_sandbox::archive::Limits {
+                max_bytes,
+                max_entries,
+            };
+            let spawned = crate::spawn_thread(move || {
+                stream_archive(id, &path, limits, &c, &window);
+                c.reads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+            });
+            if spawned.is_err() {
+                conn.reads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                conn.respond_err(id, exhausted());
+            }
+        }
+        Request::ArchiveWrite {
+            path,
+            max_bytes,
+            max_entries,
+        } => {
+            let (tx, rx) = mpsc::channel::<Vec<u8>>();
+            conn.uploads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, tx);
+            let c = conn.clone();
+            let limits = stacyvm_sandbox::archive::Limits {
+                max_bytes,
+                max_entries,
+            };
+            let spawned = crate::spawn_thread(move || {
+                let credit = c.clone();
+                // Each chunk taken is credit for the next one.
+                let reader = stacyvm_sandbox::archive::ChunkReader::new(
+                    rx,
+                    Duration::from_secs(120),
+                    move |n| {
+                        let w = WindowMsg { bytes: n as u64 };
+                        let _ = credit.send(&Frame::json(Kind::Window, id, &w));
+                    },
+                );
+                let res = stacyvm_sandbox::archive::unpack(&path, reader, limits, |r| r.drain());
+                c.uploads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                c.respond(
+                    id,
+                    res.map(|r| serde_json::json!({"entries": r.entries, "bytes": r.bytes})),
+                );
+            });
+            if spawned.is_err() {
+                conn.uploads
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                conn.respond_err(id, exhausted());
+            }
+        }
         other => {
             let c = conn.clone();
             if crate::spawn_thread(move || simple(id, other, &c, pid1)).is_err() {
@@ -682,7 +756,9 @@ fn simple(id: u32, req: Request, conn: &Arc<Conn>, pid1: bool) {
         | Request::Exec { .. }
         | Request::WriteFile { .. }
         | Request::Watch { .. }
-        | Request::Connect { .. } => Err(AgentError::new(ErrorKind::Internal, "unreachable")),
+        | Request::Connect { .. }
+        | Request::ArchiveRead { .. }
+        | Request::ArchiveWrite { .. } => Err(AgentError::new(ErrorKind::Internal, "unreachable")),
     };
     conn.respond(id, res);
 }
@@ -717,6 +793,84 @@ fn read_file(
 /// Streamed read (`read_stream`): a header response with the size, then
 /// chunks as the host grants credit, then an empty chunk; a failure after
 /// the header is a second (error) response.
+/// Sends `Data` frames under the host's credit.
+struct CreditWriter<'a> {
+    id: u32,
+    conn: &'a Arc<Conn>,
+    window: &'a Window,
+    buf: Vec<u8>,
+}
+
+impl CreditWriter<'_> {
+    fn send_buffered(&mut self) -> std::io::Result<()> {
+        let mut at = 0;
+        while at < self.buf.len() {
+            let want = (self.buf.len() - at) as u64;
+            let Some(credit) = self.window.take_within(want, CREDIT_WAIT) else {
+                return Err(std::io::Error::other("the host stopped reading"));
+            };
+            let n = usize::try_from(credit)
+                .unwrap_or(0)
+                .min(self.buf.len() - at);
+            if n == 0 {
+                continue;
+            }
+            self.window.grant(credit - n as u64);
+            self.conn
+                .send_body(Kind::Data, self.id, &self.buf[at..at + n])
+                .map_err(|_| std::io::Error::other("the host went away"))?;
+            at += n;
+        }
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+impl Write for CreditWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= MAX_CHUNK {
+            self.send_buffered()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send_buffered()
+    }
+}
+
+/// Packs `path` as a tar stream to the host (an `ArchiveRead`).
+fn stream_archive(
+    id: u32,
+    path: &str,
+    limits: stacyvm_sandbox::archive::Limits,
+    conn: &Arc<Conn>,
+    window: &Window,
+) {
+    if let Err(e) = std::fs::symlink_metadata(path) {
+        return conn.respond_err(id, files::err(path, &e));
+    }
+    conn.respond(id, Ok(serde_json::json!({})));
+    let mut w = CreditWriter {
+        id,
+        conn,
+        window,
+        buf: Vec::with_capacity(MAX_CHUNK),
+    };
+    match stacyvm_sandbox::archive::pack(path, &mut w, limits).and_then(|_| {
+        w.flush()
+            .map_err(|e| AgentError::new(ErrorKind::Internal, e.to_string()))
+    }) {
+        Ok(()) => {
+            let _ = conn.send_body(Kind::Data, id, &[]);
+        }
+        // Cancelled by the host: nobody to tell.
+        Err(_) if window.is_cancelled() => {}
+        Err(e) => conn.respond_err(id, e),
+    }
+}
+
 fn stream_file(id: u32, path: &str, max: u64, conn: &Arc<Conn>, window: &Window) {
     use std::io::Read;
     let (mut f, size) = match files::open_regular(path, max) {

@@ -251,6 +251,42 @@ impl Client {
         }
     }
 
+    /// `PUT /sandboxes/{id}/archive?path=`: extracts a tar (or tar.gz)
+    /// body of `len` bytes whose SHA-256 is `sha256` (checked by the
+    /// server before anything is kept); answers the server's report.
+    pub async fn archive_put(
+        &self,
+        id: &str,
+        path: &str,
+        body: reqwest::Body,
+        len: u64,
+        sha256: &str,
+    ) -> Result<serde_json::Value> {
+        let resp = self
+            .send(
+                self.req(Method::PUT, &format!("/sandboxes/{id}/archive"))
+                    .query(&[("path", path)])
+                    .header("content-type", "application/x-tar")
+                    .header("content-length", len)
+                    .header("x-stacyvm-archive-sha256", sha256)
+                    .body(body),
+            )
+            .await?;
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    /// `GET /sandboxes/{id}/archive?path=`: the tar stream of a directory
+    /// or file, as the open response.
+    pub async fn archive_get(&self, id: &str, path: &str) -> Result<reqwest::Response> {
+        self.send(
+            self.req(Method::GET, &format!("/sandboxes/{id}/archive"))
+                .query(&[("path", path)]),
+        )
+        .await
+    }
+
     pub async fn write_file(&self, id: &str, path: &str, content: &str) -> Result<()> {
         let body = WriteFileRequest {
             path: path.to_string(),

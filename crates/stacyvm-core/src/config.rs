@@ -152,9 +152,13 @@ pub struct ExecConfig {
     /// How long a streamed exec keeps running with no client attached
     /// (a dropped connection); 0 = killed when its client goes.
     pub resume_window: Dur,
-    /// Output one streamed exec keeps for readers, in bytes. Unread output
-    /// is never dropped: a command that writes faster waits.
+    /// Unread output one streamed exec may hold, in bytes; a command that
+    /// writes faster waits (unread output is never dropped).
     pub buffer_bytes: u64,
+    /// Output already sent that one streamed exec keeps, in bytes: what a
+    /// client whose connection dropped may not have received (socket
+    /// buffers, proxies) is sent again from its offset.
+    pub history_bytes: u64,
     /// How long a finished exec stays listed and readable.
     pub keep_finished: Dur,
     /// Finished execs kept per sandbox (the oldest are dropped first).
@@ -168,6 +172,7 @@ impl Default for ExecConfig {
         ExecConfig {
             resume_window: Dur::secs(60),
             buffer_bytes: 1024 * 1024,
+            history_bytes: 4 * 1024 * 1024,
             keep_finished: Dur::secs(600),
             keep_per_sandbox: 8,
             max_running_per_sandbox: 16,
@@ -648,6 +653,10 @@ pub struct LimitsConfig {
     /// Largest file the file API reads or writes (413 above). Transfers
     /// stream, so the server's memory does not depend on it.
     pub max_file_bytes: u64,
+    /// Bytes of file content one archive transfer (`/archive`) may move.
+    pub max_archive_bytes: u64,
+    /// Entries one archive transfer may hold.
+    pub max_archive_entries: u64,
 }
 
 /// Default data directory: `/var/lib/stacyvm` for root, else
@@ -921,6 +930,8 @@ impl Default for LimitsConfig {
             exec_output_bytes: 1024 * 1024,
             ws_max_message_bytes: 1024 * 1024,
             max_file_bytes: 4 * 1024 * 1024 * 1024,
+            max_archive_bytes: 16 * 1024 * 1024 * 1024,
+            max_archive_entries: 200_000,
         }
     }
 }

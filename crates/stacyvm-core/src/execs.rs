@@ -3,18 +3,18 @@
 //!
 //! The journal is the exec's only sink. Readers ("attachments") follow it
 //! from an offset; the command keeps running while nobody is attached for
-//! up to `exec.resume_window`, then it is killed. With `limit` =
-//! `exec.buffer_bytes`:
+//! up to `exec.resume_window`, then it is killed.
 //!
-//! - output nobody has read yet is never evicted; when `limit` bytes of it
-//!   are waiting the producer waits, which fills the command's pipe and
-//!   pauses it, exactly as a slow client would;
-//! - the last `limit` bytes already handed to a reader stay as history:
-//!   bytes the server wrote to a connection that then dropped (they were in
-//!   socket buffers, never seen by the client) are read again from there.
-//!   Older history is evicted, and a reader asking for it is told the gap.
+//! - Output nobody has read yet is never evicted; when `exec.buffer_bytes`
+//!   of it are waiting the producer waits, which fills the command's pipe
+//!   and pauses it, exactly as a slow client would.
+//! - The last `exec.history_bytes` already handed to a reader stay as
+//!   history: bytes the server wrote to a connection that then dropped
+//!   (they were in socket buffers, never seen by the client) are read again
+//!   from there. Older history is evicted, and a reader asking for it is
+//!   told the gap.
 //!
-//! So one exec holds at most about `2 × limit` bytes.
+//! So one exec holds at most `buffer_bytes + history_bytes` (plus a chunk).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -32,8 +32,10 @@ pub use stacyvm_api::ExecInfo;
 /// Limits of the journal (`exec.*` in the config).
 #[derive(Debug, Clone, Copy)]
 pub struct JournalLimits {
-    /// Bytes of output one exec keeps (unread plus history).
+    /// Unread output one exec may hold before the command waits.
     pub buffer_bytes: usize,
+    /// Output already sent that one exec keeps for readers that resume.
+    pub history_bytes: usize,
     /// How long a finished exec stays readable.
     pub keep_finished: Duration,
     /// Finished execs kept per sandbox (oldest dropped first).
@@ -46,6 +48,7 @@ impl Default for JournalLimits {
     fn default() -> Self {
         JournalLimits {
             buffer_bytes: 1024 * 1024,
+            history_bytes: 4 * 1024 * 1024,
             keep_finished: Duration::from_secs(600),
             keep_per_sandbox: 8,
             max_running_per_sandbox: 16,
@@ -108,6 +111,7 @@ pub struct ExecEntry {
     pub command: String,
     pub started_at: DateTime<Utc>,
     limit: usize,
+    history: usize,
     state: Mutex<State>,
     /// Bumped on every change; readers, the producer and the reaper wait
     /// on it.
@@ -115,13 +119,14 @@ pub struct ExecEntry {
 }
 
 impl ExecEntry {
-    fn new(id: String, sandbox_id: &str, command: &str, limit: usize) -> Self {
+    fn new(id: String, sandbox_id: &str, command: &str, limit: usize, history: usize) -> Self {
         ExecEntry {
             id,
             sandbox_id: sandbox_id.to_string(),
             command: command.to_string(),
             started_at: Utc::now(),
             limit: limit.max(1),
+            history,
             state: Mutex::new(State {
                 detached_since: Some(Instant::now()),
                 ..State::default()
@@ -151,8 +156,8 @@ impl ExecEntry {
                 if s.kill.is_some() {
                     return false;
                 }
-                // History more than `limit` behind the read mark goes.
-                let keep_from = s.read_mark.saturating_sub(limit);
+                // History more than `history` behind the read mark goes.
+                let keep_from = s.read_mark.saturating_sub(self.history as u64);
                 while let Some(c) = s.chunks.front() {
                     let c_end = c.offset + c.data.len() as u64;
                     if c_end > keep_from {
@@ -438,6 +443,7 @@ impl ExecJournal {
             sandbox_id,
             command,
             limits.buffer_bytes,
+            limits.history_bytes,
         ));
         entries.insert(id, Arc::clone(&e));
         Ok(e)
@@ -537,6 +543,7 @@ mod tests {
     fn small(buffer_bytes: usize) -> ExecJournal {
         ExecJournal::new(JournalLimits {
             buffer_bytes,
+            history_bytes: buffer_bytes,
             ..JournalLimits::default()
         })
     }

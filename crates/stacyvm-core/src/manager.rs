@@ -281,6 +281,7 @@ impl Manager {
             previews: services::previews::PreviewCache::default(),
             execs: crate::execs::ExecJournal::new(crate::execs::JournalLimits {
                 buffer_bytes: usize::try_from(cfg_exec.buffer_bytes).unwrap_or(usize::MAX),
+                history_bytes: usize::try_from(cfg_exec.history_bytes).unwrap_or(usize::MAX),
                 keep_finished: cfg_exec.keep_finished.std(),
                 keep_per_sandbox: cfg_exec.keep_per_sandbox as usize,
                 max_running_per_sandbox: cfg_exec.max_running_per_sandbox as usize,
@@ -2395,6 +2396,65 @@ impl Manager {
             events::data([("path", json!(path)), ("bytes", json!(stream.size))]),
         );
         Ok(stream)
+    }
+
+    /// The bounds of one archive transfer (`limits.max_archive_*`).
+    pub fn archive_limits(&self) -> crate::provider::ArchiveLimits {
+        crate::provider::ArchiveLimits {
+            max_bytes: self.cfg.limits.max_archive_bytes,
+            max_entries: self.cfg.limits.max_archive_entries,
+        }
+    }
+
+    /// `path` (a directory's contents, or one file) as a tar stream.
+    pub async fn archive_read(&self, id: &str, path: &str, caller: &Caller) -> Result<FileStream> {
+        let path = paths::normalize(path)?;
+        let limits = self.archive_limits();
+        let p2 = path.clone();
+        self.file_op(
+            "archive_read",
+            id,
+            &path,
+            caller,
+            |_: &FileStream| String::new(),
+            |p, t| async move { p.archive_read(&t, &p2, limits).await },
+        )
+        .await
+    }
+
+    /// Extracts the tar stream `chunks` into directory `path`.
+    pub async fn archive_write(
+        &self,
+        id: &str,
+        path: &str,
+        chunks: mpsc::Receiver<Vec<u8>>,
+        caller: &Caller,
+    ) -> Result<crate::provider::ArchiveReport> {
+        let path = paths::normalize(path)?;
+        let limits = self.archive_limits();
+        let p2 = path.clone();
+        let report = self
+            .file_op(
+                "archive_write",
+                id,
+                &path,
+                caller,
+                |r: &crate::provider::ArchiveReport| {
+                    format!("entries={} bytes={}", r.entries, r.bytes)
+                },
+                |p, t| async move { p.archive_write(&t, &p2, chunks, limits).await },
+            )
+            .await?;
+        self.events.publish(
+            kind::FILE_WRITTEN,
+            id,
+            events::data([
+                ("path", json!(path)),
+                ("bytes", json!(report.bytes)),
+                ("entries", json!(report.entries)),
+            ]),
+        );
+        Ok(report)
     }
 
     pub async fn list_files(&self, id: &str, path: &str, caller: &Caller) -> Result<Vec<FileInfo>> {

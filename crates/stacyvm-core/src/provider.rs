@@ -422,6 +422,43 @@ pub trait SandboxIo: Send + Sync {
     async fn connect(&self, _port: u16) -> Result<PortStream> {
         Err(Error::unsupported("connecting to sandbox ports"))
     }
+
+    /// Packs `path` (a directory's contents, or one file) as an
+    /// uncompressed tar stream: symlinks stored as links, sockets, FIFOs
+    /// and devices left out. Over `limits` is `PayloadTooLarge`.
+    async fn archive_read(&self, _path: &str, _limits: ArchiveLimits) -> Result<FileStream> {
+        Err(Error::unsupported("directory archives"))
+    }
+
+    /// Extracts the tar stream `chunks` into directory `path` (created if
+    /// missing). Entries stay inside it: absolute names, `..`, device
+    /// nodes, FIFOs and hard links out of the archive are `InvalidInput`,
+    /// symlinks are never followed. A refused archive, or one whose
+    /// channel closes before the end, leaves nothing it created.
+    async fn archive_write(
+        &self,
+        _path: &str,
+        _chunks: mpsc::Receiver<Vec<u8>>,
+        _limits: ArchiveLimits,
+    ) -> Result<ArchiveReport> {
+        Err(Error::unsupported("directory archives"))
+    }
+}
+
+/// Bounds of one archive transfer (`limits.max_archive_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArchiveLimits {
+    /// Bytes of file content.
+    pub max_bytes: u64,
+    pub max_entries: u64,
+}
+
+/// What an extraction did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ArchiveReport {
+    pub entries: u64,
+    /// Bytes of file content.
+    pub bytes: u64,
 }
 
 /// A byte stream to a port inside a sandbox (see [`Provider::connect`]).
@@ -711,6 +748,28 @@ pub trait Provider: Debug + Send + Sync + 'static {
     /// network namespace directly override it.
     async fn connect(&self, runtime_id: &str, port: u16) -> Result<PortStream> {
         self.io(runtime_id).await?.connect(port).await
+    }
+    /// See [`SandboxIo::archive_read`].
+    async fn archive_read(
+        &self,
+        runtime_id: &str,
+        path: &str,
+        limits: ArchiveLimits,
+    ) -> Result<FileStream> {
+        self.io(runtime_id).await?.archive_read(path, limits).await
+    }
+    /// See [`SandboxIo::archive_write`].
+    async fn archive_write(
+        &self,
+        runtime_id: &str,
+        path: &str,
+        chunks: mpsc::Receiver<Vec<u8>>,
+        limits: ArchiveLimits,
+    ) -> Result<ArchiveReport> {
+        self.io(runtime_id)
+            .await?
+            .archive_write(path, chunks, limits)
+            .await
     }
 
     /// Current state; unknown sandbox → `ErrorKind::SandboxNotFound`.

@@ -56,6 +56,11 @@ pub trait Fixture: Send + Sync {
     fn supports_connect(&self) -> bool {
         true
     }
+    /// Whether directories move as tar streams (`archive_read`/`write`);
+    /// providers without an agent in the sandbox refuse with `Unsupported`.
+    fn supports_archives(&self) -> bool {
+        true
+    }
 }
 
 /// Output of a finished command.
@@ -519,6 +524,168 @@ pub async fn connect_reaches_a_port(f: &dyn Fixture) {
             .expect("echo within 60 s");
     assert!(got == payload, "the echo differs from what was sent");
     drop(conn);
+    p.destroy(&id).await.expect("destroy");
+}
+
+/// Collects a stream's chunks, or its error.
+async fn collect_stream(
+    mut s: stacyvm_core::provider::FileStream,
+) -> stacyvm_core::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(c) = s.chunks.recv().await {
+        out.extend_from_slice(&c?);
+    }
+    Ok(out)
+}
+
+/// `data` as an upload channel in 64 KiB pieces.
+fn upload_of(data: &[u8]) -> mpsc::Receiver<Vec<u8>> {
+    let pieces: Vec<Vec<u8>> = data.chunks(64 * 1024).map(<[u8]>::to_vec).collect();
+    let (tx, rx) = mpsc::channel(pieces.len().max(1));
+    for p in pieces {
+        tx.try_send(p).expect("queue");
+    }
+    rx
+}
+
+/// A tar entry whose raw name skips the builder's own checks.
+fn raw_tar_entry(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, name: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_size(data.len() as u64);
+    h.set_mode(0o644);
+    h.as_gnu_mut().expect("gnu").name[..name.len()].copy_from_slice(name.as_bytes());
+    h.set_cksum();
+    b.append(&h, data).expect("append");
+}
+
+pub async fn archives_round_trip(f: &dyn Fixture) {
+    use stacyvm_core::provider::ArchiveLimits;
+    let p = f.provider();
+    let id = spawn(p.as_ref(), &f.image()).await;
+    let limits = ArchiveLimits {
+        max_bytes: 1 << 30,
+        max_entries: 10_000,
+    };
+    if !f.supports_archives() {
+        let e = p
+            .archive_read(&id, "/tmp", limits)
+            .await
+            .expect_err("archives not supported");
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        p.destroy(&id).await.expect("destroy");
+        return;
+    }
+    let made = sh(
+        p.as_ref(),
+        &id,
+        "set -e; mkdir -p /tmp/arc/src/sub/deep /tmp/arc/src/empty; printf hello > /tmp/arc/src/sub/a.txt; \
+         head -c 200000 /dev/urandom > /tmp/arc/src/big.bin; ln -s sub/a.txt /tmp/arc/src/link; \
+         ln -s /etc/hostname /tmp/arc/src/abs; sha256sum /tmp/arc/src/big.bin | cut -c1-64",
+    )
+    .await;
+    assert_eq!(made.code, 0, "{made:?}");
+    let sum = made.stdout.trim().to_string();
+
+    // Packed: every kind of entry, links as links.
+    let tar_bytes = collect_stream(
+        p.archive_read(&id, "/tmp/arc/src", limits)
+            .await
+            .expect("pack"),
+    )
+    .await
+    .expect("pack stream");
+    let mut seen = BTreeMap::new();
+    let mut a = tar::Archive::new(tar_bytes.as_slice());
+    for e in a.entries().expect("a tar") {
+        let e = e.expect("entry");
+        let name = e
+            .path()
+            .expect("name")
+            .to_string_lossy()
+            .trim_end_matches('/')
+            .to_string();
+        let link = e
+            .link_name()
+            .expect("link")
+            .map(|l| l.to_string_lossy().to_string())
+            .unwrap_or_default();
+        seen.insert(name, (e.header().entry_type(), e.size(), link));
+    }
+    let kinds: Vec<(&str, tar::EntryType)> = seen.iter().map(|(k, v)| (k.as_str(), v.0)).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            ("abs", tar::EntryType::Symlink),
+            ("big.bin", tar::EntryType::Regular),
+            ("empty", tar::EntryType::Directory),
+            ("link", tar::EntryType::Symlink),
+            ("sub", tar::EntryType::Directory),
+            ("sub/a.txt", tar::EntryType::Regular),
+            ("sub/deep", tar::EntryType::Directory),
+        ]
+    );
+    assert_eq!(seen["big.bin"].1, 200_000);
+    assert_eq!(seen["link"].2, "sub/a.txt");
+    assert_eq!(seen["abs"].2, "/etc/hostname");
+
+    // Extracted elsewhere: the same tree.
+    let r = p
+        .archive_write(&id, "/tmp/arc/dst", upload_of(&tar_bytes), limits)
+        .await
+        .expect("unpack");
+    assert_eq!((r.entries, r.bytes), (7, 200_005));
+    let check = sh(
+        p.as_ref(),
+        &id,
+        "cd /tmp/arc/dst && cat sub/a.txt && echo && readlink link && readlink abs && \
+         test -d empty && test -d sub/deep && sha256sum big.bin | cut -c1-64",
+    )
+    .await;
+    assert_eq!(
+        check.stdout,
+        format!("hello\nsub/a.txt\n/etc/hostname\n{sum}\n"),
+        "{check:?}"
+    );
+
+    // A hostile archive: refused, and what it made before is gone.
+    let mut b = tar::Builder::new(Vec::new());
+    raw_tar_entry(&mut b, tar::EntryType::Regular, "fine.txt", b"fine");
+    raw_tar_entry(&mut b, tar::EntryType::Regular, "../escape.txt", b"x");
+    let bad = b.into_inner().expect("tar");
+    let e = p
+        .archive_write(&id, "/tmp/arc/bad", upload_of(&bad), limits)
+        .await
+        .expect_err("refused");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    let left = sh(
+        p.as_ref(),
+        &id,
+        "ls -A /tmp/arc/bad; test ! -e /tmp/arc/escape.txt && echo clean",
+    )
+    .await;
+    assert_eq!(left.stdout, "clean\n", "{left:?}");
+
+    // Limits bound both directions.
+    let few = ArchiveLimits {
+        max_bytes: 1 << 30,
+        max_entries: 3,
+    };
+    let e = match p.archive_read(&id, "/tmp/arc/src", few).await {
+        Ok(s) => collect_stream(s).await.expect_err("over the entry limit"),
+        Err(e) => e,
+    };
+    assert_eq!(e.kind(), ErrorKind::PayloadTooLarge, "{e}");
+    let e = p
+        .archive_write(&id, "/tmp/arc/few", upload_of(&tar_bytes), few)
+        .await
+        .expect_err("over the entry limit");
+    assert_eq!(e.kind(), ErrorKind::PayloadTooLarge, "{e}");
+    let e = p
+        .archive_read(&id, "/tmp/arc/missing", limits)
+        .await
+        .expect_err("missing");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     p.destroy(&id).await.expect("destroy");
 }
 
@@ -1326,7 +1493,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@optional $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
-                exec_as_user, watch_dir_reports_changes, stats_report_usage, connect_reaches_a_port, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
+                exec_as_user, watch_dir_reports_changes, stats_report_usage, connect_reaches_a_port, archives_round_trip, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);
@@ -1346,7 +1513,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@cases $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
-                exec_as_user, watch_dir_reports_changes, stats_report_usage, connect_reaches_a_port, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
+                exec_as_user, watch_dir_reports_changes, stats_report_usage, connect_reaches_a_port, archives_round_trip, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);

@@ -656,6 +656,9 @@ mod tests {
         fn supports_users(&self) -> bool {
             false
         }
+        fn supports_archives(&self) -> bool {
+            false
+        }
         fn supports_connect(&self) -> bool {
             false
         }

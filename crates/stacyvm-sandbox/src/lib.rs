@@ -8,6 +8,7 @@
 //! agent socket, pivots into the new root, locks itself down and hands the
 //! listening socket to the caller, which then serves the agent protocol.
 
+pub mod archive;
 pub mod cgroup;
 pub mod ifconfig;
 mod mounts;

@@ -150,7 +150,8 @@ pub fn counted(method: &axum::http::Method, route: &str) -> Option<bool> {
         (&Method::POST, "/sandboxes/{id}/exec")
         | (&Method::GET, "/sandboxes/{id}/exec/ws")
         | (&Method::GET, "/sandboxes/{id}/execs/{exec_id}/stream")
-        | (&Method::GET | &Method::POST | &Method::PUT, "/sandboxes/{id}/files") => Some(true),
+        | (&Method::GET | &Method::POST | &Method::PUT, "/sandboxes/{id}/files")
+        | (&Method::GET | &Method::PUT, "/sandboxes/{id}/archive") => Some(true),
         (&Method::GET, "/events") => Some(false),
         _ => None,
     }

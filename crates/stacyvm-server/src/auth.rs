@@ -187,6 +187,8 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
     r("POST", "/sandboxes/{id}/files/chmod", Perm::Write),
     r("GET", "/sandboxes/{id}/files/stat", Perm::Read),
     r("GET", "/sandboxes/{id}/files/glob", Perm::Read),
+    r("GET", "/sandboxes/{id}/archive", Perm::Read),
+    r("PUT", "/sandboxes/{id}/archive", Perm::Write),
     r("GET", "/providers", Perm::Read),
     r("POST", "/providers/test", Perm::Admin),
     r("GET", "/providers/{name}", Perm::Read),

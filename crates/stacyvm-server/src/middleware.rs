@@ -332,12 +332,10 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
     let mut resp = next.run(req).await;
     if let Some(permit) = slot.and_then(|s| s.take()) {
         resp = resp.map(|body| {
-            use futures::StreamExt as _;
-            let stream = body.into_data_stream().map(move |chunk| {
-                let _held = &permit;
-                chunk
-            });
-            Body::from_stream(stream)
+            Body::new(Held {
+                inner: body,
+                _permit: permit,
+            })
         });
     }
     if let Some((limit, remaining)) = limit_headers {
@@ -695,18 +693,25 @@ pub async fn body_limit(State(st): State<AppState>, req: Request, next: Next) ->
     }
     // The raw upload and E2B's envd upload stream to the sandbox (with
     // their own per-file cap): their bound is the file limit.
-    let raw_upload = (req.method() == axum::http::Method::PUT
-        && req
-            .uri()
-            .path()
-            .strip_prefix("/api/v1/sandboxes/")
-            .and_then(|rest| rest.split_once('/'))
-            .is_some_and(|(_, tail)| tail == "files"))
+    let put_tail = (req.method() == axum::http::Method::PUT)
+        .then(|| {
+            req.uri()
+                .path()
+                .strip_prefix("/api/v1/sandboxes/")
+                .and_then(|rest| rest.split_once('/'))
+                .map(|(_, tail)| tail)
+        })
+        .flatten();
+    let raw_upload = put_tail == Some("files")
         || (req.method() == axum::http::Method::POST
             && req.uri().path() == "/files"
             && crate::e2b::envd::is_envd(req.headers()));
     let limit = if raw_upload {
         st.cfg.limits.max_file_bytes
+    } else if put_tail == Some("archive") {
+        // An archive upload streams too: its content is bounded by
+        // `limits.max_archive_*`, its tar framing by the entry count.
+        crate::routes::files::archive_body_limit(&st.cfg.limits)
     } else {
         st.cfg.server.max_body_bytes
     };
@@ -890,6 +895,33 @@ pub async fn method_not_allowed(method: Method, uri: axum::http::Uri) -> ApiErro
         "METHOD_NOT_ALLOWED",
         format!("method {method} is not allowed on {}", uri.path()),
     )
+}
+
+/// A response body that holds a slot until it is done (or dropped); every
+/// frame passes through, trailers included.
+struct Held<P> {
+    inner: Body,
+    _permit: P,
+}
+
+impl<P: Unpin> http_body::Body for Held<P> {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[cfg(test)]

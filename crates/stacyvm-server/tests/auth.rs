@@ -1363,8 +1363,12 @@ async fn every_route_refuses_oversized_bodies_with_json_413() {
     cfg.auth.worker_token = Secret::new("worker-token-for-the-route-tests");
     // The raw upload route (PUT /files) streams; its bound is the file limit.
     cfg.limits.max_file_bytes = 1024;
+    // PUT /archive streams too: content plus tar framing per entry.
+    cfg.limits.max_archive_bytes = 1024;
+    cfg.limits.max_archive_entries = 1;
+    let archive_limit = stacyvm_server::routes::files::archive_body_limit(&cfg.limits);
     let s = start(cfg, Duration::from_secs(10)).await;
-    let big = "x".repeat(4096);
+    let big = "x".repeat(archive_limit as usize + 1);
     // Oversized headers: 431 with the JSON error shape, before auth.
     let (st, v) = s
         .send(

@@ -137,6 +137,20 @@ pub enum Command {
         #[arg(long, short = 'u')]
         user: Option<String>,
     },
+    /// Copy files or directories between this machine and a sandbox
+    /// (`stacyvm cp ./src sb-1a2b3c4d:/workspace/src`, or the other way).
+    /// A directory's contents go into the destination directory (created);
+    /// a file goes to the destination path, or into it when it is a
+    /// directory (ends with `/` on the sandbox side). Symlinks are copied
+    /// as links; a progress bar shows on a terminal.
+    Cp {
+        #[command(flatten)]
+        conn: Conn,
+        /// Source: a local path or ID:/absolute/path.
+        src: String,
+        /// Destination: a local path or ID:/absolute/path.
+        dest: String,
+    },
     /// List live sandboxes.
     #[command(alias = "ls")]
     List {
@@ -395,6 +409,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             };
             crate::interactive::run(&conn, &id, req, true).await
         }
+        Command::Cp { conn, src, dest } => crate::transfer::run(&conn, &src, &dest).await,
         Command::Mcp { conn } => {
             let api = stacyvm_server::mcp::Remote::new(&conn.url, conn.api_key.clone());
             stacyvm_server::mcp::serve_stdio(std::sync::Arc::new(api))

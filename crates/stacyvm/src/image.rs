@@ -23,7 +23,7 @@ fn store(cfg: &config::Config) -> Result<ImageStore> {
     )?)
 }
 
-fn human(bytes: u64) -> String {
+pub(crate) fn human(bytes: u64) -> String {
     let mut v = bytes as f64;
     for unit in ["B", "KiB", "MiB", "GiB"] {
         if v < 1024.0 {
@@ -35,7 +35,7 @@ fn human(bytes: u64) -> String {
 }
 
 /// A byte progress bar on a terminal, nothing otherwise.
-fn progress_bar() -> ProgressBar {
+pub(crate) fn progress_bar() -> ProgressBar {
     let bar = if std::io::stderr().is_terminal() {
         ProgressBar::new(0)
     } else {

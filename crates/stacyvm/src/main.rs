@@ -14,6 +14,7 @@ mod pgrehearse;
 mod redact;
 mod serve;
 mod support;
+mod transfer;
 mod upgrade;
 mod worker;
 

@@ -61,6 +61,9 @@ impl conformance::Fixture for Fixture {
         false
     }
     /// Ports of an E2B sandbox are reached through E2B's own host names.
+    fn supports_archives(&self) -> bool {
+        false
+    }
     fn supports_connect(&self) -> bool {
         false
     }

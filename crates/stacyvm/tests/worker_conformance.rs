@@ -183,6 +183,10 @@ impl conformance::Fixture for Fixture {
     fn supports_connect(&self) -> bool {
         false
     }
+    /// Nor archives (docs/api.md: directory archives).
+    fn supports_archives(&self) -> bool {
+        false
+    }
 }
 
 stacyvm_providers::conformance_tests!(worker_rpc_conformance, fixture());

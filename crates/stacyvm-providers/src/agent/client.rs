@@ -550,6 +550,91 @@ impl AgentClient {
                     .unwrap_or(0);
             }
         };
+        let chunks = self.stream_data(id, rx, guard, max, "the file grew beyond the limit");
+        Ok(FileStream { size, chunks })
+    }
+
+    /// Packs `path` in the sandbox as a tar stream (the agent's `archive`
+    /// feature); dropping the stream cancels it.
+    pub async fn archive_read(
+        self: &Arc<Self>,
+        path: &str,
+        max_bytes: u64,
+        max_entries: u64,
+    ) -> Result<FileStream> {
+        if !self.has("archive") {
+            return Err(Error::unsupported(
+                "directory archives (this sandbox's agent predates them)",
+            ));
+        }
+        let (id, mut rx, guard) = self.register()?;
+        let req = Request::ArchiveRead {
+            path: path.to_string(),
+            max_bytes,
+            max_entries,
+        };
+        self.send(&Frame::json(Kind::Request, id, &req)).await?;
+        loop {
+            let Some(f) = rx.recv_within(CALL_TIMEOUT).await? else {
+                return Err(lost());
+            };
+            if f.kind == Kind::Response {
+                response(&f.body)?;
+                break;
+            }
+        }
+        // The tar framing adds headers to the content: allow for them.
+        let cap = max_bytes.saturating_add(max_entries.saturating_mul(1536));
+        let chunks = self.stream_data(id, rx, guard, cap, "the archive grew beyond the limit");
+        Ok(FileStream { size: 0, chunks })
+    }
+
+    /// Extracts the tar stream `input` into directory `path` in the
+    /// sandbox; answers (entries, bytes). A refused archive, or one whose
+    /// caller goes away, leaves nothing it created.
+    pub async fn archive_write(
+        self: &Arc<Self>,
+        path: &str,
+        input: mpsc::Receiver<Vec<u8>>,
+        max_bytes: u64,
+        max_entries: u64,
+    ) -> Result<(u64, u64)> {
+        if !self.has("archive") {
+            return Err(Error::unsupported(
+                "directory archives (this sandbox's agent predates them)",
+            ));
+        }
+        let (id, rx, _guard) = self.register()?;
+        let mut abort = KillOnDrop {
+            client: Some(self.clone()),
+            id,
+        };
+        let req = Request::ArchiveWrite {
+            path: path.to_string(),
+            max_bytes,
+            max_entries,
+        };
+        // The tar stream is larger than its content (headers, padding).
+        let cap = max_bytes
+            .saturating_add(max_entries.saturating_mul(1536))
+            .saturating_add(10240);
+        let res = self.upload_req(id, rx, &req, true, input, cap).await;
+        abort.client = None;
+        let v = res?.1;
+        let n = |k: &str| v.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        Ok((n("entries"), n("bytes")))
+    }
+
+    /// The `Data` frames of a streamed read after its header, as a channel
+    /// (credit granted as the reader takes them); at most `max` bytes.
+    fn stream_data(
+        self: &Arc<Self>,
+        id: u32,
+        mut rx: RouteRx,
+        guard: RouteGuard,
+        max: u64,
+        over: &'static str,
+    ) -> mpsc::Receiver<Result<Vec<u8>>> {
         let (tx, chunks) = mpsc::channel::<Result<Vec<u8>>>(2);
         let client = self.clone();
         tokio::spawn(async move {
@@ -574,9 +659,7 @@ impl AgentClient {
                         total += n;
                         if total > max {
                             let _ = tx
-                                .send(Err(Error::too_large(format!(
-                                    "the file grew beyond the limit of {max} bytes"
-                                ))))
+                                .send(Err(Error::too_large(format!("{over} of {max} bytes"))))
                                 .await;
                             break;
                         }
@@ -599,7 +682,7 @@ impl AgentClient {
             // Stopped early: tell the agent to stop sending.
             client.cancel(id).await;
         });
-        Ok(FileStream { size, chunks })
+        chunks
     }
 
     /// Watches a directory (the agent's `watch` feature): batches of
@@ -721,20 +804,6 @@ impl AgentClient {
             client: Some(self.clone()),
             id,
         };
-        let res = self.upload(id, rx, path, mode, input, max).await;
-        abort.client = None;
-        res
-    }
-
-    async fn upload(
-        &self,
-        id: u32,
-        mut rx: RouteRx,
-        path: &str,
-        mode: u32,
-        mut input: mpsc::Receiver<Vec<u8>>,
-        max: u64,
-    ) -> Result<u64> {
         let flow = self.has("write_flow");
         let req = Request::WriteFile {
             path: path.to_string(),
@@ -742,7 +811,24 @@ impl AgentClient {
             size: 0,
             flow,
         };
-        self.send(&Frame::json(Kind::Request, id, &req)).await?;
+        let res = self.upload_req(id, rx, &req, flow, input, max).await;
+        abort.client = None;
+        res.map(|(total, _)| total)
+    }
+
+    /// Sends `req`, then `input` as `Data` frames (under the agent's credit
+    /// with `flow`), then the empty end frame; answers the bytes sent and
+    /// the agent's result.
+    async fn upload_req(
+        &self,
+        id: u32,
+        mut rx: RouteRx,
+        req: &Request,
+        flow: bool,
+        mut input: mpsc::Receiver<Vec<u8>>,
+        max: u64,
+    ) -> Result<(u64, serde_json::Value)> {
+        self.send(&Frame::json(Kind::Request, id, req)).await?;
         let mut credit = INITIAL_WINDOW;
         let mut total = 0u64;
         loop {
@@ -777,7 +863,7 @@ impl AgentClient {
                             }
                         }
                         // An early answer is a failure (e.g. permission denied).
-                        Kind::Response => return response(&f.body).map(|_| total),
+                        Kind::Response => return response(&f.body).map(|v| (total, v)),
                         _ => {}
                     }
                 }
@@ -791,7 +877,7 @@ impl AgentClient {
                 return Err(lost());
             };
             if f.kind == Kind::Response {
-                return response(&f.body).map(|_| total);
+                return response(&f.body).map(|v| (total, v));
             }
         }
     }

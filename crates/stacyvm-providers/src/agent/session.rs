@@ -139,6 +139,29 @@ impl SandboxIo for AgentSession {
         self.client.glob(pattern).await
     }
 
+    async fn archive_read(
+        &self,
+        path: &str,
+        limits: stacyvm_core::provider::ArchiveLimits,
+    ) -> Result<FileStream> {
+        self.client
+            .archive_read(path, limits.max_bytes, limits.max_entries)
+            .await
+    }
+
+    async fn archive_write(
+        &self,
+        path: &str,
+        chunks: mpsc::Receiver<Vec<u8>>,
+        limits: stacyvm_core::provider::ArchiveLimits,
+    ) -> Result<stacyvm_core::provider::ArchiveReport> {
+        let (entries, bytes) = self
+            .client
+            .archive_write(path, chunks, limits.max_bytes, limits.max_entries)
+            .await?;
+        Ok(stacyvm_core::provider::ArchiveReport { entries, bytes })
+    }
+
     async fn connect(&self, port: u16) -> Result<stacyvm_core::provider::PortStream> {
         self.client.connect_port(port).await
     }

@@ -104,6 +104,8 @@ fn table() -> Vec<(Op, MethodRouter<AppState>)> {
         op!(post "/sandboxes/{id}/files/move", files::mv, files("Move or rename").body(Body::Json(schema::<a::MoveFileRequest>))),
         op!(post "/sandboxes/{id}/files/chmod", files::chmod, files("Change a file's mode").body(Body::Json(schema::<a::ChmodRequest>))),
         op!(get "/sandboxes/{id}/files/stat", files::stat, Doc::new("files", "A file's metadata", Reply::Json(schema::<a::FileInfo>)).query(schema::<files::PathQuery>)),
+        op!(get "/sandboxes/{id}/archive", files::archive_get, Doc::new("files", "A directory (or file) as a tar or tar.gz stream; SHA-256 in the X-StacyVM-Archive-SHA256 trailer", Reply::Other("application/x-tar", "The archive")).query(schema::<files::ArchiveQuery>)),
+        op!(put "/sandboxes/{id}/archive", files::archive_put, Doc::new("files", "Extract a tar or tar.gz body into a directory (confined, streamed, checksum-checked)", Reply::Json(schema::<files::ArchiveWritten>)).body(Body::Raw("application/x-tar")).query(schema::<files::ArchiveQuery>)),
         op!(get "/sandboxes/{id}/files/glob", files::glob, Doc::new("files", "Paths matching a glob", Reply::Json(schema::<Vec<String>>)).query(schema::<files::GlobQuery>)),
         op!(get "/providers", system::providers, Doc::new("providers", "Providers and their health", Reply::Json(schema::<Vec<a::ProviderHealth>>))),
         op!(post "/providers/test", system::providers_test, Doc::new("providers", "Health-check every provider now", obj)),

@@ -110,6 +110,10 @@ impl crate::conformance::Fixture for Fixture {
     fn supports_connect(&self) -> bool {
         false
     }
+    /// Nor archives.
+    fn supports_archives(&self) -> bool {
+        false
+    }
     fn provider(&self) -> Arc<dyn Provider> {
         Arc::new(shared().provider())
     }
