@@ -27,6 +27,9 @@ use hyper::{Method, Request};
 use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
+mod archive;
+mod preview;
+
 #[derive(Debug, Parser, Clone)]
 #[command(name = "stacyvm-bench", about = "Benchmark a running StacyVM server")]
 struct Args {
@@ -52,7 +55,9 @@ struct Args {
     #[arg(long, default_value_t = 200)]
     ops: usize,
     /// Comma-separated scenarios: get,list,spawn,first_exec,exec,file_1k,file_1m,raw_1m,destroy,
-    /// snapshot, fork (providers with sandbox snapshots).
+    /// snapshot, fork (providers with sandbox snapshots), preview (the preview
+    /// proxy against direct access to the sandbox's port; bridged network),
+    /// archive (tar throughput against the raw file routes, `--big-mib`).
     #[arg(
         long,
         default_value = "get,list,spawn,first_exec,exec,file_1k,file_1m,destroy"
@@ -888,7 +893,22 @@ async fn main() -> Result<()> {
         .map(str::trim)
         .filter(|s| !s.is_empty())
     {
-        let o = scenario(&args, name).await?;
+        let outcomes = if name == "preview" {
+            preview::run(&args).await?
+        } else if name == "archive" {
+            archive::run(&args).await?
+        } else {
+            vec![scenario(&args, name).await?]
+        };
+        for o in outcomes {
+            print_row(&args, &label, name, o);
+        }
+    }
+    Ok(())
+}
+
+fn print_row(args: &Args, label: &str, name: &str, o: Outcome) {
+    {
         let n = o.latencies.len();
         let rate = n as f64 / o.wall.as_secs_f64();
         let (p50, p95, p99) = (
@@ -921,5 +941,4 @@ async fn main() -> Result<()> {
             eprintln!("{name}: first error: {e}");
         }
     }
-    Ok(())
 }

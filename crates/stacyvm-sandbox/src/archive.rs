@@ -202,7 +202,10 @@ fn add<W: Write>(
         let mut h = tar::Header::new_gnu();
         h.set_metadata_in_mode(meta, tar::HeaderMode::Complete);
         let len = meta.len();
-        let exact = f.take(len).chain(io::repeat(0)).take(len);
+        let exact = io::BufReader::with_capacity(1 << 20, f)
+            .take(len)
+            .chain(io::repeat(0))
+            .take(len);
         b.append_data(&mut h, name, exact)
             .map_err(|e| err(&shown, &e))
     } else {
@@ -390,7 +393,7 @@ pub fn unpack<R: Read>(
                 r.bytes += entry.size();
                 limits.check(&r)?;
                 let existed = clear(&full, &rel)?;
-                let mut f = fs::OpenOptions::new()
+                let f = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .open(&full)
@@ -398,9 +401,11 @@ pub fn unpack<R: Read>(
                 if !existed {
                     created.paths.push(full.clone());
                 }
-                io::copy(&mut entry, &mut f)
+                let mut w = io::BufWriter::with_capacity(1 << 20, f);
+                io::copy(&mut entry, &mut w)
+                    .and_then(|_| w.flush())
                     .map_err(|e| invalid(format!("archive entry {:?}: {e}", rel.display())))?;
-                drop(f);
+                drop(w);
                 let _ = std::os::unix::fs::lchown(&full, Some(owner.0), Some(owner.1));
                 let _ = fs::set_permissions(&full, fs::Permissions::from_mode(mode));
                 let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(mtime);

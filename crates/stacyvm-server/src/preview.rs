@@ -304,7 +304,44 @@ async fn proxy(st: AppState, t: Target, mut req: Request) -> Response {
         .await;
     let admit = match admitted {
         Ok(a) => a,
-        Err(e) => return refuse_error(&e),
+        Err(e) => {
+            // Guessing ids, ports or tokens spends the address's
+            // failed-authentication budget (`rate_limit.failed_auth_per_minute`),
+            // the same one the API's bad credentials spend.
+            if matches!(
+                e.kind(),
+                ErrorKind::Forbidden
+                    | ErrorKind::NotFound
+                    | ErrorKind::SandboxNotFound
+                    | ErrorKind::SandboxDestroyed
+            ) && st.failed_auth.enabled()
+            {
+                let peer = req
+                    .extensions()
+                    .get::<ConnectInfo<std::net::SocketAddr>>()
+                    .map(|c| c.0.ip());
+                let addr = crate::middleware::remote_addr(
+                    req.headers(),
+                    peer,
+                    &st.cfg.server.trusted_proxies,
+                );
+                let key = st.failed_auth.key("", "", &addr);
+                if let crate::ratelimit::Decision::Limited {
+                    retry_after_secs, ..
+                } = st.failed_auth.check(&key)
+                {
+                    let mut r = refuse(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "too many refused preview requests from this address; retry later",
+                    );
+                    if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
+                        r.headers_mut().insert(header::RETRY_AFTER, v);
+                    }
+                    return r;
+                }
+            }
+            return refuse_error(&e);
+        }
     };
     let cookie_path = t
         .prefix

@@ -559,3 +559,43 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
         .await;
     assert_eq!(s, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guessing_ids_and_tokens_spends_the_failed_auth_budget() {
+    let dir = tempfile::tempdir().expect("dir");
+    let server = common::Server::start(
+        dir.path(),
+        &[
+            ("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0"),
+            ("STACYVM_SERVER_PREVIEW_DOMAIN", "preview.test"),
+            ("STACYVM_RATE_LIMIT_FAILED_AUTH_PER_MINUTE", "5"),
+        ],
+    );
+    let api = Api::new(&server);
+    let port = api.addr().port();
+    let mut statuses = Vec::new();
+    for i in 0..8 {
+        let host = format!("{APP_PORT}-sb-0000000{i}.preview.test");
+        let client = api.preview_client(&[&host]);
+        let r = client
+            .get(format!("http://{host}:{port}/"))
+            .send()
+            .await
+            .expect("get");
+        if r.status().as_u16() == 429 {
+            let wait: u64 = r.headers()["retry-after"]
+                .to_str()
+                .expect("retry-after")
+                .parse()
+                .expect("seconds");
+            assert!((1..=60).contains(&wait), "{wait}");
+        }
+        statuses.push(r.status().as_u16());
+    }
+    assert_eq!(statuses, vec![404, 404, 404, 404, 404, 429, 429, 429]);
+    // The path form shares the budget.
+    let r = reqwest::get(format!("{}/preview/sb-00000009/{APP_PORT}/", api.root))
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 429);
+}
