@@ -25,6 +25,10 @@ pub mod state {
     pub const DESTROYED: &str = "destroyed";
     pub const ERROR: &str = "error";
     pub const STOPPED: &str = "stopped";
+    /// Frozen by `POST /sandboxes/{id}/pause`: no CPU, memory kept, the
+    /// time to live stopped; the next exec, file operation or preview
+    /// request resumes it.
+    pub const PAUSED: &str = "paused";
 }
 
 fn is_empty_map(m: &Option<BTreeMap<String, String>>) -> bool {

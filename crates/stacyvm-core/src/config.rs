@@ -234,6 +234,12 @@ pub struct ServerConfig {
     /// answers name this domain. Empty = header routing only
     /// (`E2B_SANDBOX_URL`).
     pub e2b_domain: String,
+    /// How long a client may take to send a request's headers; a
+    /// connection that is slower (slowloris) is closed. 0 = no limit.
+    pub header_read_timeout: Dur,
+    /// Open client connections; more are closed as they arrive. 0 = no
+    /// limit.
+    pub max_connections: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -541,6 +547,9 @@ pub struct DefaultsConfig {
     pub spawn_overflow: String,
     pub spawn_queue_timeout: Dur,
     pub max_spawn_queue: i64,
+    /// How long a sandbox may stay paused before the reaper destroys it
+    /// (its time to live is stopped while paused). 0 = no limit.
+    pub max_paused: Dur,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -690,6 +699,8 @@ impl Default for ServerConfig {
             max_body_bytes: 64 * 1024 * 1024,
             trusted_proxies: Vec::new(),
             e2b_domain: String::new(),
+            header_read_timeout: Dur::secs(30),
+            max_connections: 8192,
         }
     }
 }
@@ -841,6 +852,7 @@ impl Default for DefaultsConfig {
             memory_mb: 1024,
             vcpus: 1,
             max_ttl: Dur::secs(24 * 3600),
+            max_paused: Dur::secs(24 * 3600),
             default_exec_timeout: Dur::default(),
             max_exec_timeout: Dur::secs(10 * 60),
             max_sandboxes: 0,
@@ -1308,6 +1320,11 @@ impl Config {
                 self.providers.proot.default_timeout,
             ),
             ("exec.resume_window", self.exec.resume_window),
+            ("defaults.max_paused", self.defaults.max_paused),
+            (
+                "server.header_read_timeout",
+                self.server.header_read_timeout,
+            ),
             ("exec.keep_finished", self.exec.keep_finished),
         ];
         if self.exec.buffer_bytes < 4096 {

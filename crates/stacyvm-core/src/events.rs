@@ -24,6 +24,8 @@ pub mod kind {
     pub const SANDBOX_RUNNING: &str = "sandbox.running";
     pub const SANDBOX_DESTROYED: &str = "sandbox.destroyed";
     pub const SANDBOX_EXTENDED: &str = "sandbox.extended";
+    pub const SANDBOX_PAUSED: &str = "sandbox.paused";
+    pub const SANDBOX_RESUMED: &str = "sandbox.resumed";
     /// Its worker stopped heartbeating (a cluster).
     pub const SANDBOX_UNHEALTHY: &str = "sandbox.unhealthy";
     pub const EXEC_STARTED: &str = "exec.started";

@@ -31,6 +31,7 @@ use crate::store::{
 };
 
 pub mod migrate;
+mod pause;
 pub mod placement;
 mod snapshots;
 pub mod workers;
@@ -245,6 +246,8 @@ pub struct Manager {
     previews: services::previews::PreviewCache,
     /// Streamed execs and their output journals (resumable streams).
     execs: crate::execs::ExecJournal,
+    /// Pause and resume one at a time (a resume moves the expiry once).
+    pause_lock: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -286,6 +289,7 @@ impl Manager {
                 keep_per_sandbox: cfg_exec.keep_per_sandbox as usize,
                 max_running_per_sandbox: cfg_exec.max_running_per_sandbox as usize,
             }),
+            pause_lock: tokio::sync::Mutex::new(()),
         });
         tokio::spawn(audit_writer(store, audit_rx));
         // Another control plane changed a sandbox: drop the cached copy
@@ -375,6 +379,16 @@ impl Manager {
     /// (the preview proxy, after [`services::Previews::admit`]).
     pub async fn connect_port(&self, id: &str, port: u16) -> Result<crate::provider::PortStream> {
         let rec = self.live_record(id).await?;
+        // A preview request wakes a paused sandbox.
+        let rec = self
+            .wake(
+                rec,
+                &Caller {
+                    actor: "system:preview".into(),
+                    ..Caller::default()
+                },
+            )
+            .await?;
         let provider = self.provider_of(&rec).await?;
         let target = if rec.vm_id.is_empty() {
             rec.id.clone()
@@ -1399,7 +1413,16 @@ impl Manager {
             ..Caller::default()
         };
         let mut n = 0;
+        let max_paused = self.cfg.defaults.max_paused.std();
         for rec in expired {
+            // A paused sandbox's time to live is stopped; it goes only
+            // after `defaults.max_paused`.
+            if rec.state == state::PAUSED {
+                let paused_for = (Utc::now() - rec.updated_at).to_std().unwrap_or_default();
+                if max_paused.is_zero() || paused_for < max_paused {
+                    continue;
+                }
+            }
             match self.destroy_record(&rec, &system).await {
                 Ok(()) => n += 1,
                 Err(e) => warn!(sandbox_id = %rec.id, error = %e, "reaping expired sandbox failed"),
@@ -1751,6 +1774,8 @@ impl Manager {
         caller: &Caller,
     ) -> Result<(Arc<SandboxRecord>, Arc<dyn Provider>)> {
         let rec = self.get(id, caller).await?;
+        // The next exec or file operation wakes a paused sandbox.
+        let rec = self.wake(rec, caller).await?;
         let p = self.provider_of(&rec).await?;
         Ok((rec, p))
     }

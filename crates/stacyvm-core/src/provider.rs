@@ -772,6 +772,24 @@ pub trait Provider: Debug + Send + Sync + 'static {
             .await
     }
 
+    /// Freezes every process of the sandbox where they stand (memory kept,
+    /// no CPU); `status` then reports `paused`. Pausing a paused sandbox
+    /// is `Ok`. `Unsupported` where the runtime cannot.
+    async fn pause(&self, _runtime_id: &str) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "pausing sandboxes on {}",
+            self.name()
+        )))
+    }
+
+    /// Thaws a paused sandbox; resuming a running one is `Ok`.
+    async fn resume(&self, _runtime_id: &str) -> Result<()> {
+        Err(Error::unsupported(format!(
+            "resuming sandboxes on {}",
+            self.name()
+        )))
+    }
+
     /// Current state; unknown sandbox → `ErrorKind::SandboxNotFound`.
     async fn status(&self, runtime_id: &str) -> Result<RuntimeStatus>;
 

@@ -61,6 +61,11 @@ pub trait Fixture: Send + Sync {
     fn supports_archives(&self) -> bool {
         true
     }
+    /// Whether sandboxes can be paused and resumed (native with cgroups,
+    /// docker); the others refuse with `Unsupported`.
+    fn supports_pause(&self) -> bool {
+        false
+    }
 }
 
 /// Output of a finished command.
@@ -687,6 +692,67 @@ pub async fn archives_round_trip(f: &dyn Fixture) {
         .expect_err("missing");
     assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
     p.destroy(&id).await.expect("destroy");
+}
+
+pub async fn pause_freezes_processes(f: &dyn Fixture) {
+    let p = f.provider();
+    let id = spawn(p.as_ref(), &f.image()).await;
+    if !f.supports_pause() {
+        let e = p.pause(&id).await.expect_err("pause not supported");
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        p.destroy(&id).await.expect("destroy");
+        return;
+    }
+    // A ticker writing the uptime every 50 ms.
+    let started = sh(
+        p.as_ref(),
+        &id,
+        "setsid sh -c 'while :; do cut -d\" \" -f1 /proc/uptime >> /tmp/ticks; sleep 0.05; done' \
+         >/dev/null 2>&1 </dev/null & echo started",
+    )
+    .await;
+    assert_eq!(started.code, 0, "{started:?}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    p.pause(&id).await.expect("pause");
+    p.pause(&id)
+        .await
+        .expect("pausing a paused sandbox is fine");
+    assert_eq!(p.status(&id).await.expect("status").state, "paused");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    p.resume(&id).await.expect("resume");
+    p.resume(&id)
+        .await
+        .expect("resuming a running sandbox is fine");
+    assert_eq!(p.status(&id).await.expect("status").state, "running");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let ticks = sh(p.as_ref(), &id, "cat /tmp/ticks").await;
+    let t: Vec<f64> = ticks
+        .stdout
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect();
+    let (gap_at, gap) = t
+        .windows(2)
+        .enumerate()
+        .map(|(i, w)| (i, w[1] - w[0]))
+        .fold((0, 0.0), |a, b| if b.1 > a.1 { b } else { a });
+    // Frozen for ~1.5 s: one gap that long, ticks before and after it.
+    assert!(
+        gap >= 1.2,
+        "no pause in the ticks (largest gap {gap:.2} s): {t:?}"
+    );
+    assert!(
+        gap_at >= 2 && t.len() - gap_at >= 3,
+        "ticks around the pause: {t:?}"
+    );
+    // A paused sandbox can be destroyed.
+    p.pause(&id).await.expect("pause");
+    p.destroy(&id).await.expect("destroy a paused sandbox");
+    let gone = p.status(&id).await;
+    assert!(
+        gone.as_ref().is_err() || gone.as_ref().is_ok_and(|s| s.state == "destroyed"),
+        "{gone:?}"
+    );
 }
 
 pub async fn streaming(f: &dyn Fixture) {
@@ -1493,7 +1559,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@optional $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
-                exec_as_user, watch_dir_reports_changes, stats_report_usage, connect_reaches_a_port, archives_round_trip, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
+                exec_as_user, watch_dir_reports_changes, stats_report_usage, connect_reaches_a_port, archives_round_trip, pause_freezes_processes, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);
@@ -1513,7 +1579,7 @@ macro_rules! conformance_tests {
             #[allow(unused_imports)]
             use super::*;
             $crate::conformance_tests!(@cases $fixture; lifecycle, exec_shell_and_argv, exit_codes, env_and_workdir,
-                exec_as_user, watch_dir_reports_changes, stats_report_usage, connect_reaches_a_port, archives_round_trip, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
+                exec_as_user, watch_dir_reports_changes, stats_report_usage, connect_reaches_a_port, archives_round_trip, pause_freezes_processes, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);

@@ -35,10 +35,10 @@ pub fn detect() -> Option<Layout> {
         return Some(Layout::V2(root.join(own.trim_start_matches('/'))));
     }
     let mut v = Vec::new();
-    // cpuacct only for usage (stats); when co-mounted with cpu both names
-    // lead to one hierarchy, kept once.
+    // cpuacct only for usage (stats), freezer for pause/resume; when
+    // co-mounted with cpu both names lead to one hierarchy, kept once.
     let mut seen = Vec::new();
-    for ctl in ["memory", "pids", "cpu", "cpuacct"] {
+    for ctl in ["memory", "pids", "cpu", "cpuacct", "freezer"] {
         let mount = root.join(ctl);
         if !mount.join("cgroup.procs").is_file() {
             continue;
@@ -170,8 +170,55 @@ pub fn join(dir: &Path) -> Result<(), SetupError> {
     write(&dir.join("cgroup.procs"), &std::process::id().to_string())
 }
 
+/// Freezes (`true`) or thaws every process of a sandbox's cgroups (v2
+/// `cgroup.freeze`, v1 `freezer.state`) and waits, at most 5 s, until the
+/// kernel reports it done. `Ok(false)` when the sandbox has no freezer.
+pub fn freeze(dirs: &[PathBuf], frozen: bool) -> Result<bool, SetupError> {
+    for dir in dirs {
+        let (file, value) = if dir.join("cgroup.freeze").is_file() {
+            ("cgroup.freeze", if frozen { "1" } else { "0" })
+        } else if dir.join("freezer.state").is_file() {
+            ("freezer.state", if frozen { "FROZEN" } else { "THAWED" })
+        } else {
+            continue;
+        };
+        write(&dir.join(file), value)?;
+        let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while is_frozen(std::slice::from_ref(dir)) != frozen {
+            if std::time::Instant::now() > until {
+                return Err(SetupError::Other(format!(
+                    "{} did not become {value} within 5 s",
+                    dir.join(file).display()
+                )));
+            }
+            // v1 re-tries freezing tasks that were busy on each write.
+            if file == "freezer.state" && frozen {
+                let _ = fs::write(dir.join(file), value);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        return Ok(true);
+    }
+    Ok(false)
+}
+
+/// Whether a sandbox's processes are frozen (v2: `frozen 1` in
+/// `cgroup.events`; v1: `freezer.state` is `FROZEN`).
+pub fn is_frozen(dirs: &[PathBuf]) -> bool {
+    dirs.iter().any(|d| {
+        if let Ok(ev) = fs::read_to_string(d.join("cgroup.events")) {
+            if d.join("cgroup.freeze").is_file() {
+                return ev.lines().any(|l| l.trim() == "frozen 1");
+            }
+        }
+        fs::read_to_string(d.join("freezer.state")).is_ok_and(|s| s.trim() == "FROZEN")
+    })
+}
+
 /// Kills every process in the cgroups and removes them (best effort, retried).
 pub fn destroy(dirs: &[PathBuf]) {
+    // Frozen tasks die only once thawed.
+    let _ = freeze(dirs, false);
     for dir in dirs {
         if dir.join("cgroup.kill").is_file() {
             let _ = fs::write(dir.join("cgroup.kill"), "1");

@@ -158,6 +158,8 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
     r("GET", "/sandboxes/{id}", Perm::Read),
     r("DELETE", "/sandboxes/{id}", Perm::Write),
     r("POST", "/sandboxes/{id}/extend", Perm::Write),
+    r("POST", "/sandboxes/{id}/pause", Perm::Write),
+    r("POST", "/sandboxes/{id}/resume", Perm::Write),
     r("POST", "/sandboxes/{id}/snapshot", Perm::Write),
     r("POST", "/sandboxes/{id}/fork", Perm::Write),
     r("POST", "/sandboxes/{id}/exec", Perm::Write),

@@ -180,29 +180,88 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves until `shutdown` resolves, then waits for in-flight requests.
+///
+/// Each connection is served by hyper directly (HTTP/1.1 with upgrades,
+/// HTTP/2): a client gets `server.header_read_timeout` to send a request's
+/// headers (slowloris connections are closed), and at most
+/// `server.max_connections` connections are open at once (more are closed
+/// as they arrive, before any work).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tower::Service as _;
+
+    /// Counts an open connection while it lives.
+    struct Open(Arc<AtomicUsize>);
+    impl Drop for Open {
+        fn drop(&mut self) {
+            self.0.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    let header_timeout = state.cfg.server.header_read_timeout.std();
+    let max = state.cfg.server.max_connections as usize;
     let mcp_shutdown = state.mcp_shutdown.clone();
     let app = router(state);
-    let shutdown = async move {
-        shutdown.await;
-        // Open MCP streams would hold the graceful shutdown forever.
-        mcp_shutdown.cancel();
-    };
-    // Streamed responses (file reads) write headers and body separately:
-    // without TCP_NODELAY the body of a small file waits for the client's
-    // delayed ACK (~40 ms).
-    let listener = listener.tap_io(|tcp| {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        if max > 0 && open.load(Ordering::SeqCst) >= max {
+            tracing::debug!(%peer, "connection refused: server.max_connections reached");
+            drop(tcp);
+            continue;
+        }
+        open.fetch_add(1, Ordering::SeqCst);
+        let counted = Open(open.clone());
+        // Streamed responses (file reads) write headers and body
+        // separately: without TCP_NODELAY the body of a small file waits
+        // for the client's delayed ACK (~40 ms).
         let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+        let app = app.clone();
+        let svc =
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                let mut app = app.clone();
+                async move { app.call(req.map(axum::body::Body::new)).await }
+            });
+        let mut builder = Builder::new(TokioExecutor::new());
+        if !header_timeout.is_zero() {
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout);
+        }
+        let conn = builder
+            .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _counted = counted;
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    // Open MCP streams would hold the graceful shutdown forever.
+    mcp_shutdown.cancel();
+    graceful.shutdown().await;
+    Ok(())
 }

@@ -826,6 +826,9 @@ impl DockerProvider {
             } else {
                 None
             };
+            // A paused container is thawed first (its processes must run
+            // to die).
+            let _ = d.unpause_container(id).await;
             let opts = RemoveContainerOptionsBuilder::default()
                 .force(true)
                 .v(true)
@@ -1686,6 +1689,28 @@ impl Provider for DockerProvider {
 
     async fn io(&self, id: &str) -> Result<Arc<dyn SandboxIo>> {
         Ok(Arc::new(self.conn(id).await?))
+    }
+
+    /// The engine's pause (the cgroup freezer under runc; gVisor stops
+    /// its sandbox).
+    async fn pause(&self, id: &str) -> Result<()> {
+        if self.status(id).await?.state == "paused" {
+            return Ok(());
+        }
+        let d = self.engine().await?;
+        d.pause_container(id)
+            .await
+            .map_err(|e| engine_err("pausing the sandbox container", e))
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        if self.status(id).await?.state != "paused" {
+            return Ok(());
+        }
+        let d = self.engine().await?;
+        d.unpause_container(id)
+            .await
+            .map_err(|e| engine_err("resuming the sandbox container", e))
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {

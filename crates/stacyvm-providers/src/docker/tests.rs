@@ -267,6 +267,9 @@ impl conformance::Fixture for SuiteFixture {
     fn provider(&self) -> Arc<dyn Provider> {
         Arc::new(self.0.make())
     }
+    fn supports_pause(&self) -> bool {
+        true
+    }
     fn image(&self) -> String {
         TEST_IMAGE.into()
     }

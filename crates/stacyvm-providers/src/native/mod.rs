@@ -441,6 +441,24 @@ impl NativeProvider {
     }
 
     /// Kills everything of a sandbox and removes its state.
+    async fn freeze(&self, id: &str, frozen: bool) -> Result<()> {
+        if !paths::is_sandbox_id(id) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let meta = self.meta(id)?;
+        let cgroups = meta.cgroups.clone();
+        let done = tokio::task::spawn_blocking(move || cgroup::freeze(&cgroups, frozen))
+            .await
+            .map_err(|e| Error::internal(format!("freezer task: {e}")))?
+            .map_err(|e| Error::internal(format!("the cgroup freezer failed: {e}")))?;
+        if !done {
+            return Err(Error::unsupported(
+                "pausing: this sandbox has no freezer cgroup (a rootless server without cgroup delegation)",
+            ));
+        }
+        Ok(())
+    }
+
     async fn teardown(&self, id: &str, meta: Option<Meta>) {
         if let Ok(mut conns) = self.conns.lock() {
             conns.remove(id);
@@ -805,6 +823,10 @@ async fn teardown_state(dir: PathBuf, meta: Option<Meta>, bridge: Arc<net::Bridg
     let att = meta.as_ref().and_then(|m| m.net.clone());
     let id_base = meta.as_ref().and_then(|m| m.id_base);
     let _ = tokio::task::spawn_blocking(move || {
+        // A paused sandbox's init dies only once thawed.
+        if cgroup::is_frozen(&cgroups) {
+            let _ = cgroup::freeze(&cgroups, false);
+        }
         for _ in 0..10_000 {
             if !init.as_ref().is_some_and(Identity::alive) {
                 break;
@@ -1029,7 +1051,25 @@ impl Provider for NativeProvider {
         Ok(Arc::new(AgentSession::new(id, self.client(id).await?)))
     }
 
+    /// The cgroup freezer: every process of the sandbox, the agent too,
+    /// stops where it stands.
+    async fn pause(&self, id: &str) -> Result<()> {
+        self.freeze(id, true).await
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        self.freeze(id, false).await
+    }
+
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {
+        // A frozen agent cannot answer a ping: ask the freezer first.
+        if let Ok(meta) = self.meta(id) {
+            if meta.init().is_some_and(|i| i.alive()) && cgroup::is_frozen(&meta.cgroups) {
+                return Ok(RuntimeStatus {
+                    state: "paused".into(),
+                });
+            }
+        }
         let c = self.client(id).await.map_err(|e| {
             if e.kind() == ErrorKind::SandboxNotFound {
                 e
@@ -1280,6 +1320,10 @@ pub(crate) mod tests {
         fn provider(&self) -> Arc<dyn Provider> {
             Arc::new(self.make())
         }
+        /// The freezer needs the cgroups a root server makes.
+        fn supports_pause(&self) -> bool {
+            nix::unistd::geteuid().is_root()
+        }
         fn image(&self) -> String {
             "host".into()
         }
@@ -1528,6 +1572,9 @@ pub(crate) mod tests {
         }
         fn image(&self) -> String {
             BUSYBOX_TAG.into()
+        }
+        fn supports_pause(&self) -> bool {
+            crate::conformance::Fixture::supports_pause(&self.inner)
         }
         fn survives_restart(&self) -> bool {
             true

@@ -80,6 +80,8 @@ fn table() -> Vec<(Op, MethodRouter<AppState>)> {
         op!(get "/sandboxes/{id}", sandboxes::get, Doc::new("sandboxes", "One sandbox", sandbox)),
         op!(delete "/sandboxes/{id}", sandboxes::destroy, Doc::new("sandboxes", "Destroy a sandbox", status)),
         op!(post "/sandboxes/{id}/extend", sandboxes::extend, Doc::new("sandboxes", "Extend a sandbox's time to live", sandbox).body(Body::Json(schema::<a::ExtendRequest>))),
+        op!(post "/sandboxes/{id}/pause", sandboxes::pause, Doc::new("sandboxes", "Pause a sandbox: its processes frozen, its time to live stopped", sandbox)),
+        op!(post "/sandboxes/{id}/resume", sandboxes::resume, Doc::new("sandboxes", "Resume a paused sandbox (any exec, file operation or preview request does too)", sandbox)),
         op!(post "/sandboxes/{id}/snapshot", sandboxes::snapshot, Doc::new("snapshots", "Snapshot a sandbox", Reply::Json(schema::<a::SnapshotSummary>))),
         op!(post "/sandboxes/{id}/fork", sandboxes::fork, Doc::new("snapshots", "Fork a sandbox into children", Reply::Json(schema::<a::ForkResponse>)).body(Body::OptionalJson(schema::<a::ForkRequest>))),
         op!(post "/sandboxes/{id}/exec", sandboxes::exec, Doc::new("exec", "Run a command (JSON result, or NDJSON with stream: true)", Reply::JsonOrNdjson(schema::<a::ExecResponse>)).body(Body::Json(schema::<a::ExecRequest>))),

@@ -106,6 +106,25 @@ pub async fn extend(
     Ok(Json::ok(st.manager.extend(&id, &req.ttl, &who).await?))
 }
 
+/// `POST /sandboxes/{id}/pause`: freezes the sandbox, stops its TTL.
+pub async fn pause(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Sandbox>> {
+    Ok(Json::ok(st.manager.pause(&id, &who).await?))
+}
+
+/// `POST /sandboxes/{id}/resume`: thaws it; the expiry moves on by the
+/// time paused.
+pub async fn resume(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Sandbox>> {
+    Ok(Json::ok(st.manager.resume(&id, &who).await?))
+}
+
 fn to_manager_req(req: &ExecRequest) -> manager::ExecRequest {
     manager::ExecRequest {
         command: req.command.clone(),
