@@ -16,7 +16,6 @@ import pytest
 from e2b import (
     AsyncSandbox,
     Sandbox,
-    SandboxException,
     SandboxNotFoundException,
     SandboxQuery,
     SandboxState,
@@ -55,9 +54,19 @@ def test_create_info_list_timeout_connect_kill(server):
         assert again.sandbox_id == sbx.sandbox_id
         assert abs(seconds_left(sbx.get_info().end_at) - 300) < 10
 
-        # No provider pauses yet: a typed SDK exception, not a parse failure.
-        with pytest.raises(SandboxException):
-            sbx.pause()
+        # Pause freezes it (its memory kept); pausing again is False
+        # (E2B's 409); connect resumes it and commands run again.
+        sbx.commands.run("echo kept > /tmp/pause-check")
+        assert sbx.pause() is True
+        assert sbx.pause() is False
+        assert sbx.get_info().state == SandboxState.PAUSED
+        paused = Sandbox.list(
+            query=SandboxQuery(metadata={"suite": "e2b-sdk"}, state=[SandboxState.PAUSED]), **o
+        ).next_items()
+        assert [s.sandbox_id for s in paused] == [sbx.sandbox_id]
+        woken = Sandbox.connect(sbx.sandbox_id, **o)
+        assert woken.get_info().state == SandboxState.RUNNING
+        assert woken.commands.run("cat /tmp/pause-check").stdout == "kept\n"
     finally:
         assert sbx.kill() is True
     assert Sandbox.kill(sbx.sandbox_id, **o) is False

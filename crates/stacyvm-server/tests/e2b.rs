@@ -176,7 +176,9 @@ async fn create_get_timeouts_and_kill_speak_e2b() {
         .await;
     assert_eq!(c.status, 200, "{}", c.body);
 
-    // Pause and resume: E2B's shape for what no provider does yet.
+    // Pause and resume: the mock provider cannot pause (E2B's 501 shape);
+    // resuming a running sandbox is a conflict. (Paused sandboxes through
+    // E2B's API: tests/e2b_pause.rs in the stacyvm crate, on native.)
     let r = s
         .call("POST", &format!("/sandboxes/{id}/pause"), Some("{}"), &[])
         .await;

@@ -159,7 +159,11 @@ fn detail_of(r: &SandboxRecord) -> E2bDetail {
         cpu_count: r.vcpus.max(1),
         memory_mb: r.memory_mb,
         disk_size_mb: 0,
-        state: "running",
+        state: if r.state == stacyvm_api::state::PAUSED {
+            "paused"
+        } else {
+            "running"
+        },
         metadata: public_metadata(&r.metadata),
         domain: None,
     }
@@ -167,8 +171,19 @@ fn detail_of(r: &SandboxRecord) -> E2bDetail {
 
 /// A live sandbox of the caller, or E2B's 404.
 async fn live(st: &AppState, id: &str, who: &Caller) -> E2bResult<Arc<SandboxRecord>> {
+    live_in(st, id, who, false).await
+}
+
+/// A running (or, with `paused`, paused) sandbox of the caller, or E2B's 404.
+async fn live_in(
+    st: &AppState,
+    id: &str,
+    who: &Caller,
+    paused: bool,
+) -> E2bResult<Arc<SandboxRecord>> {
     match st.manager.get(id, who).await {
         Ok(r) if r.state == "running" => Ok(r),
+        Ok(r) if paused && r.state == stacyvm_api::state::PAUSED => Ok(r),
         Ok(_) => Err(fail(
             StatusCode::NOT_FOUND,
             format!("sandbox {id:?} is not running"),
@@ -345,7 +360,7 @@ pub async fn detail(
     Who(who): Who,
     Path(id): Path<String>,
 ) -> E2bResult<Response> {
-    let r = live(&st, &id, &who).await?;
+    let r = live_in(&st, &id, &who, true).await?;
     Ok(json_response(StatusCode::OK, &detail_of(&r)))
 }
 
@@ -356,7 +371,7 @@ pub async fn kill(
     Who(who): Who,
     Path(id): Path<String>,
 ) -> E2bResult<Response> {
-    live(&st, &id, &who).await?;
+    live_in(&st, &id, &who, true).await?;
     st.manager.destroy(&id, &who).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -424,42 +439,64 @@ pub async fn connect(
     body: axum::body::Bytes,
 ) -> E2bResult<Response> {
     let b: TimeoutBody = body_or_default(&body)?;
-    let r = live(&st, &id, &who).await?;
+    let r = live_in(&st, &id, &who, true).await?;
+    // A paused sandbox is resumed: 201 says so.
+    let (status, r) = if r.state == stacyvm_api::state::PAUSED {
+        st.manager.resume(&id, &who).await?;
+        (StatusCode::CREATED, live(&st, &id, &who).await?)
+    } else {
+        (StatusCode::OK, r)
+    };
     if let Some(secs) = b.timeout {
         extend_only(&st, &r, timeout_secs(Some(secs), "timeout")?, &who).await?;
     }
-    Ok(json_response(StatusCode::OK, &sandbox_of(&st, &r)))
+    Ok(json_response(status, &sandbox_of(&st, &r)))
 }
 
-/// `POST /sandboxes/{id}/pause`: no provider pauses yet; E2B's error
-/// shape says so (the SDK raises it as a `SandboxException`).
+/// `POST /sandboxes/{id}/pause`: 204; 409 when it is already paused (the
+/// SDK returns `False`); 501 in E2B's shape where the provider cannot.
 pub async fn pause(
     State(st): State<AppState>,
     Who(who): Who,
     Path(id): Path<String>,
 ) -> E2bResult<Response> {
-    let r = live(&st, &id, &who).await?;
-    Err(fail(
-        StatusCode::NOT_IMPLEMENTED,
-        format!(
-            "pause is not supported by the {} provider (see GET /api/v1/providers)",
-            r.provider
-        ),
-    ))
+    let r = live_in(&st, &id, &who, true).await?;
+    if r.state == stacyvm_api::state::PAUSED {
+        return Err(fail(
+            StatusCode::CONFLICT,
+            format!("sandbox {id:?} is already paused"),
+        ));
+    }
+    match st.manager.pause(&id, &who).await {
+        Ok(_) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(e) if e.kind() == ErrorKind::Unsupported => Err(fail(
+            StatusCode::NOT_IMPLEMENTED,
+            format!(
+                "pause is not supported by the {} provider (see GET /api/v1/providers)",
+                r.provider
+            ),
+        )),
+        Err(e) => Err(e.into()),
+    }
 }
 
-/// `POST /sandboxes/{id}/resume`: nothing is ever paused, so a running
-/// sandbox is a conflict and anything else is not found.
+/// `POST /sandboxes/{id}/resume` (older SDKs): 201 with the sandbox; a
+/// running sandbox is a conflict.
 pub async fn resume(
     State(st): State<AppState>,
     Who(who): Who,
     Path(id): Path<String>,
 ) -> E2bResult<Response> {
-    live(&st, &id, &who).await?;
-    Err(fail(
-        StatusCode::CONFLICT,
-        format!("sandbox {id:?} is not paused"),
-    ))
+    let r = live_in(&st, &id, &who, true).await?;
+    if r.state != stacyvm_api::state::PAUSED {
+        return Err(fail(
+            StatusCode::CONFLICT,
+            format!("sandbox {id:?} is not paused"),
+        ));
+    }
+    st.manager.resume(&id, &who).await?;
+    let r = live(&st, &id, &who).await?;
+    Ok(json_response(StatusCode::CREATED, &sandbox_of(&st, &r)))
 }
 
 #[derive(Debug, Serialize)]
@@ -629,15 +666,12 @@ async fn select(
         Some(t) => Some(parse_token(t)?),
         None => None,
     };
-    // Nothing is ever paused: a filter for paused sandboxes only is empty.
     let wants_running = states.is_empty() || states.contains(&"running");
-    let mut recs: Vec<SandboxRecord> = if wants_running {
-        st.manager.list(who).await?
-    } else {
-        Vec::new()
-    };
+    let wants_paused = states.is_empty() || states.contains(&"paused");
+    let mut recs: Vec<SandboxRecord> = st.manager.list(who).await?;
     recs.retain(|r| {
-        r.state == "running"
+        ((wants_running && r.state == "running")
+            || (wants_paused && r.state == stacyvm_api::state::PAUSED))
             && filters
                 .iter()
                 .all(|(k, v)| !k.starts_with(META_PREFIX) && r.metadata.get(k) == Some(v))

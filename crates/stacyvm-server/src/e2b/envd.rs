@@ -211,7 +211,8 @@ pub async fn handle(st: AppState, req: Request) -> Response {
         ..Default::default()
     };
     let rec = match st.manager.get(&id, &system).await {
-        Ok(r) if r.state == "running" => r,
+        // A paused sandbox wakes at its next operation.
+        Ok(r) if r.state == "running" || r.state == stacyvm_api::state::PAUSED => r,
         _ => {
             return http_error(
                 StatusCode::BAD_GATEWAY,
