@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
 mod archive;
+mod pause;
 mod preview;
 
 #[derive(Debug, Parser, Clone)]
@@ -57,7 +58,8 @@ struct Args {
     /// Comma-separated scenarios: get,list,spawn,first_exec,exec,file_1k,file_1m,raw_1m,destroy,
     /// snapshot, fork (providers with sandbox snapshots), preview (the preview
     /// proxy against direct access to the sandbox's port; bridged network),
-    /// archive (tar throughput against the raw file routes, `--big-mib`).
+    /// archive (tar throughput against the raw file routes, `--big-mib`),
+    /// pause (pause, resume, and the first exec on a paused sandbox).
     #[arg(
         long,
         default_value = "get,list,spawn,first_exec,exec,file_1k,file_1m,destroy"
@@ -897,6 +899,8 @@ async fn main() -> Result<()> {
             preview::run(&args).await?
         } else if name == "archive" {
             archive::run(&args).await?
+        } else if name == "pause" {
+            pause::run(&args).await?
         } else {
             vec![scenario(&args, name).await?]
         };
