@@ -309,6 +309,15 @@ async fn archives_over_http_with_gzip_checksums_and_refusals() {
     }
 }
 
+/// `stacyvm cp SRC DEST` against the server at `url`.
+fn cp(url: &str, src: &str, dest: &str) -> std::process::Output {
+    Command::new(BIN)
+        .args(["cp", src, dest])
+        .env("STACYVM_URL", url)
+        .output()
+        .expect("stacyvm cp")
+}
+
 fn sha256sums(dir: &Path, files: &[&str]) -> String {
     let out = Command::new("sha256sum")
         .args(files)
@@ -346,15 +355,11 @@ async fn cp_moves_a_gibibyte_both_ways_intact() {
     let files = ["a.bin", "nested/b.bin", "small.txt"];
     let want = sha256sums(&src, &files);
 
-    let up = Command::new(BIN)
-        .args([
-            "cp",
-            &src.to_string_lossy(),
-            &format!("{id}:/workspace/big"),
-        ])
-        .env("STACYVM_URL", &url)
-        .output()
-        .expect("cp up");
+    let up = cp(
+        &url,
+        &src.to_string_lossy(),
+        &format!("{id}:/workspace/big"),
+    );
     assert!(
         up.status.success(),
         "{}",
@@ -375,15 +380,11 @@ async fn cp_moves_a_gibibyte_both_ways_intact() {
     assert_eq!(inside, format!("{want}nested/b.bin\n"));
 
     let back = local.path().join("back");
-    let down = Command::new(BIN)
-        .args([
-            "cp",
-            &format!("{id}:/workspace/big"),
-            &back.to_string_lossy(),
-        ])
-        .env("STACYVM_URL", &url)
-        .output()
-        .expect("cp down");
+    let down = cp(
+        &url,
+        &format!("{id}:/workspace/big"),
+        &back.to_string_lossy(),
+    );
     assert!(
         down.status.success(),
         "{}",
@@ -396,15 +397,11 @@ async fn cp_moves_a_gibibyte_both_ways_intact() {
     );
 
     // Single files, renamed on the way, in both directions.
-    let one = Command::new(BIN)
-        .args([
-            "cp",
-            &src.join("small.txt").to_string_lossy(),
-            &format!("{id}:/workspace/renamed.txt"),
-        ])
-        .env("STACYVM_URL", &url)
-        .output()
-        .expect("cp file up");
+    let one = cp(
+        &url,
+        &src.join("small.txt").to_string_lossy(),
+        &format!("{id}:/workspace/renamed.txt"),
+    );
     assert!(
         one.status.success(),
         "{}",
@@ -415,26 +412,18 @@ async fn cp_moves_a_gibibyte_both_ways_intact() {
         "small"
     );
     let got = local.path().join("got.txt");
-    let one = Command::new(BIN)
-        .args([
-            "cp",
-            &format!("{id}:/workspace/renamed.txt"),
-            &got.to_string_lossy(),
-        ])
-        .env("STACYVM_URL", &url)
-        .output()
-        .expect("cp file down");
+    let one = cp(
+        &url,
+        &format!("{id}:/workspace/renamed.txt"),
+        &got.to_string_lossy(),
+    );
     assert!(
         one.status.success(),
         "{}",
         String::from_utf8_lossy(&one.stderr)
     );
     assert_eq!(std::fs::read(&got).expect("read"), b"small");
-    let bad = Command::new(BIN)
-        .args(["cp", "a", "b"])
-        .env("STACYVM_URL", &url)
-        .output()
-        .expect("cp");
+    let bad = cp(&url, "a", "b");
     assert_eq!(bad.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("ID:/absolute/path"));
 }
