@@ -74,6 +74,29 @@ def test_create_info_list_timeout_connect_kill(server):
         Sandbox.connect(sbx.sandbox_id, **o)
 
 
+def test_lifecycle_on_timeout_pause(server):
+    """`lifecycle={"on_timeout": "pause"}` (the API's `autoPause`): the
+    timeout pauses instead of killing; connect resumes with the timeout it
+    names."""
+    import httpx
+
+    o = opts(server)
+    sbx = Sandbox.create(timeout=2, lifecycle={"on_timeout": "pause"}, **o)
+    try:
+        sbx.commands.run("echo kept > /tmp/auto-pause")
+        time.sleep(2.5)
+        # One reaper pass now (the background one runs every 30 s).
+        assert httpx.delete(f"{server}/api/v1/sandboxes").status_code == 200
+        assert sbx.get_info().state == SandboxState.PAUSED
+        woken = Sandbox.connect(sbx.sandbox_id, timeout=60, **o)
+        info = woken.get_info()
+        assert info.state == SandboxState.RUNNING
+        assert abs(seconds_left(info.end_at) - 60) < 10
+        assert woken.commands.run("cat /tmp/auto-pause").stdout == "kept\n"
+    finally:
+        sbx.kill()
+
+
 def test_idempotency_key_and_pagination(server):
     o = opts(server)
     a = Sandbox.create(idempotency_key="sdk-retry-1", metadata={"suite": "e2b-pages"}, **o)

@@ -58,6 +58,14 @@ pub struct Sandbox {
     pub metadata: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub preview_domain: String,
+    /// Time without activity (exec, file operations, preview traffic, open
+    /// streams) after which `on_timeout` applies; absent: none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub idle_timeout: String,
+    /// What the time to live or the idle timeout does when it runs out:
+    /// `kill` (absent) or `pause`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub on_timeout: String,
 }
 
 /// `POST /sandboxes` and `POST /sandboxes/admission` body. Every field is optional.
@@ -90,6 +98,17 @@ pub struct SpawnRequest {
     /// snapshot's; naming others is a 400.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub snapshot: String,
+    /// Go duration (`"10m"`): time without activity (exec, file
+    /// operations, preview traffic, open streams) after which `on_timeout`
+    /// applies. At least 1s, at most the time to live. Empty: none.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub idle_timeout: String,
+    /// What a timeout (time to live or idle) does: `kill` (the default)
+    /// destroys the sandbox, `pause` pauses it (kept up to
+    /// `defaults.max_paused`; the next call or preview request resumes it
+    /// with a fresh time to live).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub on_timeout: String,
 }
 
 fn is_zero(v: &i64) -> bool {
@@ -571,6 +590,8 @@ mod tests {
             expires_at: t,
             metadata: Some(BTreeMap::new()),
             preview_domain: "localhost".into(),
+            idle_timeout: String::new(),
+            on_timeout: String::new(),
         };
         let json = serde_json::to_string(&sb).expect("json");
         assert_eq!(

@@ -30,8 +30,10 @@ use crate::store::{
     ExecLogRecord, OpAuditRecord, QuotaRecord, SandboxRecord, Store, TemplateRecord,
 };
 
+mod idle;
 pub mod migrate;
 mod pause;
+pub use idle::on_timeout;
 pub mod placement;
 mod snapshots;
 pub mod workers;
@@ -248,6 +250,8 @@ pub struct Manager {
     execs: crate::execs::ExecJournal,
     /// Pause and resume one at a time (a resume moves the expiry once).
     pause_lock: tokio::sync::Mutex<()>,
+    /// Activity clocks of sandboxes with an idle timeout.
+    activity: Arc<idle::Activity>,
 }
 
 #[derive(Debug)]
@@ -290,6 +294,7 @@ impl Manager {
                 max_running_per_sandbox: cfg_exec.max_running_per_sandbox as usize,
             }),
             pause_lock: tokio::sync::Mutex::new(()),
+            activity: Arc::default(),
         });
         tokio::spawn(audit_writer(store, audit_rx));
         // Another control plane changed a sandbox: drop the cached copy
@@ -546,6 +551,8 @@ impl Manager {
                 (!shown.is_empty()).then_some(shown)
             },
             preview_domain: self.cfg.server.preview_domain.clone(),
+            idle_timeout: idle::shown(r).0,
+            on_timeout: idle::shown(r).1,
         }
     }
 
@@ -598,6 +605,16 @@ impl Manager {
             _ => d.max_sandboxes_per_owner,
         };
         (max_ttl, per_owner)
+    }
+
+    /// A 429-kind limit error when `ttl` exceeds `owner`'s max TTL.
+    pub(crate) async fn check_ttl_allowed(&self, ttl: GoDuration, owner: &str) -> Result<()> {
+        let quota = self.quota_for(owner).await?;
+        let (max_ttl, _) = self.effective_limits(quota.as_ref());
+        if !max_ttl.is_zero() && ttl > max_ttl {
+            return Err(Error::limit(format!("ttl exceeds max ttl {max_ttl}")));
+        }
+        Ok(())
     }
 
     async fn quota_for(&self, owner: &str) -> Result<Option<QuotaRecord>> {
@@ -926,6 +943,7 @@ impl Manager {
         let provider = placed.provider.clone();
         let provider_name = provider.name().to_string();
         let ttl = self.parse_ttl(&req.ttl)?;
+        let lifecycle = idle::lifecycle(&req, ttl, provider.as_ref())?;
         let memory_mb = if req.memory_mb == 0 {
             if d.memory_mb > 0 {
                 d.memory_mb
@@ -1009,6 +1027,7 @@ impl Manager {
                 (memory_mb, spec_memory_mb),
                 (vcpus, spec_vcpus),
                 ttl,
+                lifecycle,
                 &owner,
                 &req,
                 caller,
@@ -1066,6 +1085,7 @@ impl Manager {
         (memory_mb, spec_memory_mb): (i64, i64),
         (vcpus, spec_vcpus): (i64, i64),
         ttl: GoDuration,
+        (idle_timeout_secs, on_timeout): (i64, String),
         owner: &str,
         req: &SpawnRequest,
         caller: &Caller,
@@ -1109,6 +1129,9 @@ impl Manager {
                 created_at: now,
                 expires_at,
                 updated_at: now,
+                idle_timeout_secs,
+                on_timeout: on_timeout.clone(),
+                idle_deadline: now + chrono::Duration::seconds(idle_timeout_secs),
             };
             self.insert_admitted(&pending).await?;
         }
@@ -1165,6 +1188,9 @@ impl Manager {
             created_at: now,
             expires_at,
             updated_at: now,
+            idle_timeout_secs,
+            on_timeout,
+            idle_deadline: now + chrono::Duration::seconds(idle_timeout_secs),
         };
         let saved = if shared {
             self.store
@@ -1348,11 +1374,7 @@ impl Manager {
             return Err(Error::invalid("ttl must be positive"));
         }
         let rec = self.get(id, caller).await?;
-        let quota = self.quota_for(&rec.owner_id).await?;
-        let (max_ttl, _) = self.effective_limits(quota.as_ref());
-        if !max_ttl.is_zero() && GoDuration(d) > max_ttl {
-            return Err(Error::limit(format!("ttl exceeds max ttl {max_ttl}")));
-        }
+        self.check_ttl_allowed(GoDuration(d), &rec.owner_id).await?;
         let expires_at = crate::store::record_now() + chrono::Duration::nanoseconds(d);
         let lease_ttl = GoDuration(d).to_std() + LEASE_GRACE;
         let holder = self.holder_of(&rec).to_string();
@@ -1405,13 +1427,15 @@ impl Manager {
         Ok(api)
     }
 
-    /// Destroys every live sandbox past its expiry. Returns how many.
+    /// Applies `on_timeout` (destroy, or pause) to every live sandbox past
+    /// its expiry or its idle timeout. Returns how many.
     pub async fn prune(&self) -> Result<u64> {
-        let expired = self.store.list_expired_sandboxes(Utc::now()).await?;
         let system = Caller {
             actor: "system:reaper".into(),
             ..Caller::default()
         };
+        let idle = self.reap_idle(&system).await?;
+        let expired = self.store.list_expired_sandboxes(Utc::now()).await?;
         let mut n = 0;
         let max_paused = self.cfg.defaults.max_paused.std();
         for rec in expired {
@@ -1423,12 +1447,12 @@ impl Manager {
                     continue;
                 }
             }
-            match self.destroy_record(&rec, &system).await {
+            match self.time_out(&rec, "ttl", &system).await {
                 Ok(()) => n += 1,
                 Err(e) => warn!(sandbox_id = %rec.id, error = %e, "reaping expired sandbox failed"),
             }
         }
-        Ok(n)
+        Ok(n + idle)
     }
 
     /// Deletes stored rows past their retention: admin and operation
@@ -1709,6 +1733,9 @@ impl Manager {
             created_at,
             expires_at,
             updated_at: now,
+            idle_timeout_secs: 0,
+            on_timeout: String::new(),
+            idle_deadline: now,
         };
         let lease_ttl = (expires_at - now).to_std().unwrap_or_default() + LEASE_GRACE;
         if self
@@ -1776,6 +1803,7 @@ impl Manager {
         let rec = self.get(id, caller).await?;
         // The next exec or file operation wakes a paused sandbox.
         let rec = self.wake(rec, caller).await?;
+        self.touch(&rec);
         let p = self.provider_of(&rec).await?;
         Ok((rec, p))
     }
@@ -1908,6 +1936,8 @@ impl Manager {
     /// Runs a command to completion and returns its captured output.
     pub async fn exec(&self, id: &str, req: &ExecRequest, caller: &Caller) -> Result<ExecOutcome> {
         let (rec, provider) = self.exec_target(id, caller).await?;
+        // A command that runs is activity for as long as it runs.
+        let _busy = self.hold_busy(&rec);
         let spec = self.prepare_exec(&rec, req).await?;
         let target = if rec.vm_id.is_empty() {
             rec.id.clone()
@@ -2110,7 +2140,9 @@ impl Manager {
                 ("exec_id", json!(entry.id)),
             ]),
         );
+        let busy = self.hold_busy(&rec);
         tokio::spawn(async move {
+            let _busy = busy;
             let started = Instant::now();
             let (tx, mut rx) = mpsc::channel::<OutputChunk>(64);
             let sink = Arc::clone(&entry);
@@ -2302,7 +2334,10 @@ impl Manager {
             rec.vm_id.clone()
         };
         let started = Instant::now();
-        let res = f(provider, target).await;
+        let res = {
+            let _busy = self.hold_busy(&rec);
+            f(provider, target).await
+        };
         let took = started.elapsed();
         let metric = format!("file_{op}");
         let action = format!("file.{op}");
@@ -2415,6 +2450,10 @@ impl Manager {
                 |p, t| async move { p.read_file_stream(&t, &p2, max).await },
             )
             .await?;
+        let stream = FileStream {
+            size: stream.size,
+            chunks: self.busy_while(id, stream.chunks),
+        };
         self.events.publish(
             kind::FILE_READ,
             id,
@@ -2436,15 +2475,20 @@ impl Manager {
         let path = paths::normalize(path)?;
         let limits = self.archive_limits();
         let p2 = path.clone();
-        self.file_op(
-            "archive_read",
-            id,
-            &path,
-            caller,
-            |_: &FileStream| String::new(),
-            |p, t| async move { p.archive_read(&t, &p2, limits).await },
-        )
-        .await
+        let stream = self
+            .file_op(
+                "archive_read",
+                id,
+                &path,
+                caller,
+                |_: &FileStream| String::new(),
+                |p, t| async move { p.archive_read(&t, &p2, limits).await },
+            )
+            .await?;
+        Ok(FileStream {
+            size: stream.size,
+            chunks: self.busy_while(id, stream.chunks),
+        })
     }
 
     /// Extracts the tar stream `chunks` into directory `path`.
@@ -2651,6 +2695,7 @@ impl Manager {
             |p, t| async move { p.watch_dir(&t, &p2, recursive).await },
         )
         .await
+        .map(|events| self.busy_while(id, events))
     }
 
     pub async fn glob_files(

@@ -289,6 +289,8 @@ pub mod capability {
     pub const SANDBOX_SNAPSHOTS: &str = "sandbox_snapshots";
     /// Directory watches ([`super::SandboxIo::watch_dir`]).
     pub const WATCH: &str = "watch";
+    /// `pause`/`resume` freeze and thaw a sandbox (and `on_timeout: pause`).
+    pub const PAUSE: &str = "pause";
 }
 
 /// How a provider separates a sandbox from the host, weakest first: the

@@ -39,6 +39,18 @@ pub struct SandboxRecord {
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// Seconds without activity after which `on_timeout` applies; 0: no
+    /// idle timeout.
+    #[serde(default)]
+    pub idle_timeout_secs: i64,
+    /// What a timeout (time to live or idle) does: `""`/`kill` destroys,
+    /// `pause` pauses.
+    #[serde(default)]
+    pub on_timeout: String,
+    /// When the idle timeout falls due; activity moves it on. Meaningful
+    /// only with `idle_timeout_secs > 0`.
+    #[serde(default)]
+    pub idle_deadline: DateTime<Utc>,
 }
 
 /// One synchronous exec, for the exec log.
@@ -331,6 +343,11 @@ pub trait Store: Debug + Send + Sync + 'static {
     ) -> Result<()>;
     /// Non-destroyed sandboxes with `expires_at < now`.
     async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>>;
+    /// Running sandboxes with an idle timeout whose `idle_deadline < now`.
+    async fn list_idle_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>>;
+    /// Moves each sandbox's `idle_deadline` on to the given time (never
+    /// back; unknown ids are skipped). `updated_at` is left alone.
+    async fn set_idle_deadlines(&self, deadlines: &[(String, DateTime<Utc>)]) -> Result<()>;
 
     async fn insert_exec_log(&self, rec: &ExecLogRecord) -> Result<()>;
     async fn list_exec_logs(&self, sandbox_id: &str, limit: i64) -> Result<Vec<ExecLogRecord>>;

@@ -369,6 +369,10 @@ async fn proxy(st: AppState, t: Target, mut req: Request) -> Response {
         .ok();
         return redirect(&to, cookie);
     }
+    // Preview traffic is activity (idle timeouts); an open tunnel or a
+    // streamed response holds the sandbox busy until it ends.
+    st.manager.preview_activity(&t.id);
+    let busy = st.manager.preview_busy(&t.id);
     let upgrade = is_upgrade(req.headers());
     let inbound = upgrade.then(|| hyper::upgrade::on(&mut req));
     let client_addr = req
@@ -431,7 +435,9 @@ async fn proxy(st: AppState, t: Target, mut req: Request) -> Response {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(inbound) = inbound {
             let outbound = hyper::upgrade::on(&mut resp);
+            let busy = st.manager.preview_busy(&t.id);
             tokio::spawn(async move {
+                let _busy = busy;
                 let (Ok(a), Ok(b)) = (inbound.await, outbound.await) else {
                     return;
                 };
@@ -454,7 +460,16 @@ async fn proxy(st: AppState, t: Target, mut req: Request) -> Response {
             ),
         );
     }
-    Response::from_parts(parts, Body::new(body))
+    match busy {
+        Some(busy) => Response::from_parts(
+            parts,
+            Body::new(http_body_util::BodyExt::map_frame(body, move |f| {
+                let _ = &busy;
+                f
+            })),
+        ),
+        None => Response::from_parts(parts, Body::new(body)),
+    }
 }
 
 fn upstream_error(t: &Target, e: &hyper_util::client::legacy::Error) -> Response {

@@ -1363,3 +1363,80 @@ async fn interactive_websocket_exec_takes_stdin_and_signals() {
     }
     assert_eq!(done.expect("done after SIGTERM")["exit_code"], 143);
 }
+
+/// `idle_timeout` and `on_timeout` are checked before anything runs, and
+/// shown on the sandbox; an idle sandbox is reaped, a used one is not.
+#[tokio::test]
+async fn idle_timeouts_are_checked_and_applied() {
+    let s = start().await;
+    for (body, contains) in [
+        (json!({"idle_timeout": "soon"}), "parsing idle_timeout"),
+        (json!({"idle_timeout": "500ms"}), "at least 1s"),
+        (json!({"idle_timeout": "-5s"}), "idle_timeout"),
+        (
+            json!({"ttl": "1m", "idle_timeout": "2m"}),
+            "longer than the time to live",
+        ),
+        (json!({"on_timeout": "explode"}), "\"kill\" or \"pause\""),
+        (
+            json!({"on_timeout": "pause"}),
+            "needs a provider that can pause",
+        ),
+    ] {
+        let (st, v) = s.post("/sandboxes", body.clone()).await;
+        assert_error(st, &v, 400, "BAD_REQUEST", contains);
+    }
+    let (_, list) = s.get("/sandboxes").await;
+    assert_eq!(
+        list.as_array().map(Vec::len),
+        Some(0),
+        "nothing spawned: {list}"
+    );
+
+    let (st, v) = s
+        .post("/sandboxes", json!({"ttl": "10m", "idle_timeout": "90s"}))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    assert_eq!(
+        (v["idle_timeout"].as_str(), v["on_timeout"].as_str()),
+        (Some("1m30s"), Some("kill")),
+        "{v}"
+    );
+    let (st, v) = s
+        .post("/sandboxes", json!({"ttl": "10m", "idle_timeout": "1s"}))
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let idle = v["id"].as_str().expect("id").to_string();
+    let used = s.spawn().await;
+    let (_, plain) = s.get(&format!("/sandboxes/{used}")).await;
+    assert!(
+        plain.get("idle_timeout").is_none() && plain.get("on_timeout").is_none(),
+        "no idle keys on a sandbox without one: {plain}"
+    );
+    // Untouched past its idle timeout: reaped by the next pass.
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let (st, v) = s.delete("/sandboxes").await;
+    assert_eq!((st, v), (200, json!({"pruned": 1})));
+    let (st, _) = s.get(&format!("/sandboxes/{idle}")).await;
+    assert_eq!(st, 404, "the idle sandbox is gone");
+    let (st, _) = s.get(&format!("/sandboxes/{used}")).await;
+    assert_eq!(st, 200, "the one without an idle timeout stays");
+
+    // Activity on this control plane since the last pass keeps it.
+    let (_, v) = s
+        .post("/sandboxes", json!({"ttl": "10m", "idle_timeout": "1s"}))
+        .await;
+    let busy = v["id"].as_str().expect("id").to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(1200)).await;
+    let (st, v) = s
+        .post(
+            &format!("/sandboxes/{busy}/exec"),
+            json!({"command": "echo hi"}),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (_, v) = s.delete("/sandboxes").await;
+    assert_eq!(v, json!({"pruned": 0}), "an exec just ran");
+    let (st, _) = s.get(&format!("/sandboxes/{busy}")).await;
+    assert_eq!(st, 200);
+}

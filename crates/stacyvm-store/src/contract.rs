@@ -38,6 +38,9 @@ pub async fn insert_sample(s: &dyn Store, id: &str) -> SandboxRecord {
         created_at: now,
         expires_at: now + chrono::Duration::minutes(30),
         updated_at: now,
+        idle_timeout_secs: 0,
+        on_timeout: String::new(),
+        idle_deadline: Default::default(),
     };
     s.insert_sandbox(&rec).await.expect("insert sandbox");
     rec
@@ -480,6 +483,9 @@ pub async fn admission(s: &dyn Store) {
             created_at: now,
             expires_at: now + chrono::Duration::minutes(5),
             updated_at: now,
+            idle_timeout_secs: 0,
+            on_timeout: String::new(),
+            idle_deadline: Default::default(),
         }
     };
     let recs: Vec<SandboxRecord> = (0..12)
@@ -725,6 +731,9 @@ pub async fn concurrent_writers(s: &dyn Store) {
             created_at: now,
             expires_at: now,
             updated_at: now,
+            idle_timeout_secs: 0,
+            on_timeout: String::new(),
+            idle_deadline: Default::default(),
         })
         .collect();
     let results = futures::future::join_all(recs.iter().map(|r| s.insert_sandbox(r))).await;

@@ -30,6 +30,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (3, include_str!("../migrations/postgres/0003_snapshots.sql")),
     (4, include_str!("../migrations/postgres/0004_preview.sql")),
+    (5, include_str!("../migrations/postgres/0005_idle.sql")),
 ];
 
 /// The newest schema version this build knows.
@@ -169,8 +170,8 @@ const ADMISSION_LOCK: i64 = 0x0061_646d_6974;
 
 async fn insert_sandbox_in(conn: &mut sqlx::PgConnection, r: &SandboxRecord) -> Result<()> {
     sqlx::query(
-        "INSERT INTO sandboxes (id, state, provider, image, memory_mb, vcpus, metadata, created_at, expires_at, updated_at, owner_id, vm_id, worker_id, tenant_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+        "INSERT INTO sandboxes (id, state, provider, image, memory_mb, vcpus, metadata, created_at, expires_at, updated_at, owner_id, vm_id, worker_id, tenant_id, idle_timeout_secs, on_timeout, idle_deadline) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
     )
     .bind(&r.id)
     .bind(&r.state)
@@ -186,6 +187,9 @@ async fn insert_sandbox_in(conn: &mut sqlx::PgConnection, r: &SandboxRecord) -> 
     .bind(&r.vm_id)
     .bind(&r.worker_id)
     .bind(&r.tenant_id)
+    .bind(r.idle_timeout_secs)
+    .bind(&r.on_timeout)
+    .bind(r.idle_deadline)
     .execute(&mut *conn)
     .await
     .map_err(|e| conflict_as(e, || format!("sandbox {} already exists", r.id)))?;
@@ -472,6 +476,36 @@ impl Store for PostgresStore {
         .await
         .map_err(db_err)?;
         rows.iter().map(rows::sandbox).collect()
+    }
+
+    async fn list_idle_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM sandboxes WHERE idle_timeout_secs > 0 AND state = 'running' AND idle_deadline < $1 ORDER BY idle_deadline",
+        )
+        .bind(now)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::sandbox).collect()
+    }
+
+    async fn set_idle_deadlines(&self, deadlines: &[(String, DateTime<Utc>)]) -> Result<()> {
+        if deadlines.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<&str> = deadlines.iter().map(|(id, _)| id.as_str()).collect();
+        let ats: Vec<DateTime<Utc>> = deadlines.iter().map(|(_, at)| *at).collect();
+        sqlx::query(
+            "UPDATE sandboxes AS s SET idle_deadline = d.at \
+             FROM UNNEST($1::text[], $2::timestamptz[]) AS d(id, at) \
+             WHERE s.id = d.id AND s.idle_deadline < d.at AND s.state != 'destroyed'",
+        )
+        .bind(&ids)
+        .bind(&ats)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
     }
 
     async fn insert_exec_log(&self, r: &ExecLogRecord) -> Result<()> {

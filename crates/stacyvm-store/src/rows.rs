@@ -46,6 +46,9 @@ pub(crate) fn sandbox(r: &impl Cols) -> Result<SandboxRecord> {
         created_at: r.time("created_at")?,
         expires_at: r.time("expires_at")?,
         updated_at: r.time("updated_at")?,
+        idle_timeout_secs: r.int("idle_timeout_secs"),
+        on_timeout: r.text("on_timeout"),
+        idle_deadline: r.time("idle_deadline")?,
     })
 }
 

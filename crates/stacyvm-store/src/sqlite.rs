@@ -28,6 +28,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (3, include_str!("../migrations/sqlite/0003_snapshots.sql")),
     (4, include_str!("../migrations/sqlite/0004_preview.sql")),
+    (5, include_str!("../migrations/sqlite/0005_idle.sql")),
 ];
 
 /// The SQLite store.
@@ -208,8 +209,8 @@ impl Store for SqliteStore {
 
     async fn insert_sandbox(&self, r: &SandboxRecord) -> Result<()> {
         sqlx::query(
-            "INSERT INTO sandboxes (id, state, provider, image, memory_mb, vcpus, metadata, created_at, expires_at, updated_at, owner_id, vm_id, worker_id, tenant_id) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sandboxes (id, state, provider, image, memory_mb, vcpus, metadata, created_at, expires_at, updated_at, owner_id, vm_id, worker_id, tenant_id, idle_timeout_secs, on_timeout, idle_deadline) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&r.id)
         .bind(&r.state)
@@ -225,6 +226,9 @@ impl Store for SqliteStore {
         .bind(&r.vm_id)
         .bind(&r.worker_id)
         .bind(&r.tenant_id)
+        .bind(r.idle_timeout_secs)
+        .bind(&r.on_timeout)
+        .bind(ts(r.idle_deadline))
         .execute(&self.writer)
         .await
         .map_err(|e| match db_err(e) {
@@ -253,8 +257,8 @@ impl Store for SqliteStore {
         .map_err(db_err)?;
         crate::rows::admit(total, owned, r, max_total, max_per_owner)?;
         sqlx::query(
-            "INSERT INTO sandboxes (id, state, provider, image, memory_mb, vcpus, metadata, created_at, expires_at, updated_at, owner_id, vm_id, worker_id, tenant_id) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sandboxes (id, state, provider, image, memory_mb, vcpus, metadata, created_at, expires_at, updated_at, owner_id, vm_id, worker_id, tenant_id, idle_timeout_secs, on_timeout, idle_deadline) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&r.id)
         .bind(&r.state)
@@ -270,6 +274,9 @@ impl Store for SqliteStore {
         .bind(&r.vm_id)
         .bind(&r.worker_id)
         .bind(&r.tenant_id)
+        .bind(r.idle_timeout_secs)
+        .bind(&r.on_timeout)
+        .bind(ts(r.idle_deadline))
         .execute(&mut *tx)
         .await
         .map_err(|e| match db_err(e) {
@@ -363,6 +370,36 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?;
         rows.iter().map(rows::sandbox).collect()
+    }
+
+    async fn list_idle_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM sandboxes WHERE idle_timeout_secs > 0 AND state = 'running' AND idle_deadline < ? ORDER BY idle_deadline",
+        )
+        .bind(ts(now))
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::sandbox).collect()
+    }
+
+    async fn set_idle_deadlines(&self, deadlines: &[(String, DateTime<Utc>)]) -> Result<()> {
+        if deadlines.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.writer.begin().await.map_err(db_err)?;
+        for (id, at) in deadlines {
+            sqlx::query(
+                "UPDATE sandboxes SET idle_deadline = ? WHERE id = ? AND idle_deadline < ? AND state != 'destroyed'",
+            )
+            .bind(ts(*at))
+            .bind(id)
+            .bind(ts(*at))
+            .execute(&mut *tx)
+            .await
+            .map_err(db_err)?;
+        }
+        tx.commit().await.map_err(db_err)
     }
 
     async fn insert_exec_log(&self, r: &ExecLogRecord) -> Result<()> {
@@ -1252,6 +1289,6 @@ mod tests {
             .expect("versions");
         let expected: Vec<i64> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
         assert_eq!(versions, expected);
-        assert_eq!(*expected.last().expect("migrations"), 4);
+        assert_eq!(*expected.last().expect("migrations"), 5);
     }
 }

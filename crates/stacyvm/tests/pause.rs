@@ -9,47 +9,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-struct Api {
-    http: reqwest::Client,
-    base: String,
-}
-
-impl Api {
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut r = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    async fn spawn(&self, ttl: &str) -> Value {
-        let (s, v) = self
-            .call(
-                reqwest::Method::POST,
-                "/sandboxes",
-                Some(json!({ "ttl": ttl })),
-            )
-            .await;
-        assert_eq!(s, 201, "{v}");
-        v
-    }
-
-    async fn post(&self, path: &str) -> (u16, Value) {
-        self.call(reqwest::Method::POST, path, None).await
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        self.call(reqwest::Method::GET, path, None).await
-    }
-}
-
 fn expiry(v: &Value) -> chrono::DateTime<chrono::Utc> {
     v["expires_at"]
         .as_str()
@@ -68,44 +27,43 @@ async fn paused_sandboxes_keep_their_time_and_wake_on_use() {
             ("STACYVM_DEFAULTS_MAX_PAUSED", "3s"),
         ],
     );
-    let api = Api {
-        http: reqwest::Client::new(),
-        base: server.url.clone(),
-    };
+    let api = common::Api::new(&server);
 
     // Paused, then past its time to live: the reaper leaves it alone.
-    let sb = api.spawn("2s").await;
+    let sb = api.spawn(json!({ "ttl": "2s" })).await;
     let id = sb["id"].as_str().expect("id").to_string();
     let before = expiry(&sb);
     let (s, v) = api
-        .call(
-            reqwest::Method::POST,
+        .post(
             &format!("/sandboxes/{id}/exec"),
-            Some(json!({"command": "echo kept > /workspace/state"})),
+            json!({"command": "echo kept > /workspace/state"}),
         )
         .await;
     assert_eq!(s, 200, "{v}");
-    let (s, v) = api.post(&format!("/sandboxes/{id}/pause")).await;
+    let (s, v) = api
+        .post(&format!("/sandboxes/{id}/pause"), Value::Null)
+        .await;
     assert_eq!((s, v["state"].as_str()), (200, Some("paused")), "{v}");
     let paused_at = Instant::now();
-    let (s, v) = api.post(&format!("/sandboxes/{id}/pause")).await;
+    let (s, v) = api
+        .post(&format!("/sandboxes/{id}/pause"), Value::Null)
+        .await;
     assert_eq!(
         (s, v["state"].as_str()),
         (200, Some("paused")),
         "pausing twice: {v}"
     );
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let (s, v) = api.call(reqwest::Method::DELETE, "/sandboxes", None).await;
+    let (s, v) = api.delete("/sandboxes").await;
     assert_eq!(s, 200, "{v}");
     let (s, v) = api.get(&format!("/sandboxes/{id}")).await;
     assert_eq!((s, v["state"].as_str()), (200, Some("paused")), "{v}");
 
     // The next exec resumes it; its expiry moved on by the pause.
     let (s, v) = api
-        .call(
-            reqwest::Method::POST,
+        .post(
             &format!("/sandboxes/{id}/exec"),
-            Some(json!({"command": "cat /workspace/state"})),
+            json!({"command": "cat /workspace/state"}),
         )
         .await;
     assert_eq!((s, v["stdout"].as_str()), (200, Some("kept\n")), "{v}");
@@ -118,7 +76,9 @@ async fn paused_sandboxes_keep_their_time_and_wake_on_use() {
             && moved <= paused_for + Duration::from_secs(1),
         "expiry moved {moved:?} for a pause of {paused_for:?}"
     );
-    let (s, v) = api.post(&format!("/sandboxes/{id}/resume")).await;
+    let (s, v) = api
+        .post(&format!("/sandboxes/{id}/resume"), Value::Null)
+        .await;
     assert_eq!(
         (s, v["state"].as_str()),
         (200, Some("running")),
@@ -126,23 +86,25 @@ async fn paused_sandboxes_keep_their_time_and_wake_on_use() {
     );
 
     // Paused past `defaults.max_paused` and expired: reaped.
-    let sb = api.spawn("1s").await;
+    let sb = api.spawn(json!({ "ttl": "1s" })).await;
     let old = sb["id"].as_str().expect("id").to_string();
-    let (s, v) = api.post(&format!("/sandboxes/{old}/pause")).await;
+    let (s, v) = api
+        .post(&format!("/sandboxes/{old}/pause"), Value::Null)
+        .await;
     assert_eq!(s, 200, "{v}");
     tokio::time::sleep(Duration::from_millis(3500)).await;
-    let (s, v) = api.call(reqwest::Method::DELETE, "/sandboxes", None).await;
+    let (s, v) = api.delete("/sandboxes").await;
     assert_eq!(s, 200, "{v}");
     let (s, _) = api.get(&format!("/sandboxes/{old}")).await;
     assert_eq!(s, 404, "a sandbox paused past max_paused stays");
 
     // Bad input: unknown sandboxes, and a destroyed one.
-    let (s, _) = api.post("/sandboxes/sb-00000000/pause").await;
+    let (s, _) = api.post("/sandboxes/sb-00000000/pause", Value::Null).await;
     assert_eq!(s, 404);
-    let (s, _) = api
-        .call(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
-        .await;
+    let (s, _) = api.delete(&format!("/sandboxes/{id}")).await;
     assert_eq!(s, 200);
-    let (s, _) = api.post(&format!("/sandboxes/{id}/resume")).await;
+    let (s, _) = api
+        .post(&format!("/sandboxes/{id}/resume"), Value::Null)
+        .await;
     assert_eq!(s, 404);
 }

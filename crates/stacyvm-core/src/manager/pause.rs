@@ -20,6 +20,17 @@ use crate::store::SandboxRecord;
 impl Manager {
     /// Pauses a sandbox (idempotent).
     pub async fn pause(&self, id: &str, caller: &Caller) -> Result<Sandbox> {
+        self.pause_because(id, caller, "request").await
+    }
+
+    /// Pauses a sandbox; `why` (`request`, `idle`, `ttl`) goes into the
+    /// audit row and the `sandbox.paused` event.
+    pub(crate) async fn pause_because(
+        &self,
+        id: &str,
+        caller: &Caller,
+        why: &str,
+    ) -> Result<Sandbox> {
         let rec = self.get(id, caller).await?;
         let _turn = self.pause_lock.lock().await;
         let rec = self.fresh(&rec).await?;
@@ -42,10 +53,10 @@ impl Manager {
             &rec.image,
             &rec.provider,
             res.is_ok(),
-            res.as_ref()
-                .err()
-                .map(ToString::to_string)
-                .unwrap_or_default(),
+            match &res {
+                Ok(()) => format!("reason={why}"),
+                Err(e) => e.to_string(),
+            },
         );
         res?;
         // The lease must outlive the pause (the reaper ends a pause at
@@ -67,16 +78,27 @@ impl Manager {
         self.events.publish(
             kind::SANDBOX_PAUSED,
             id,
-            events::data([("state", json!(state::PAUSED))]),
+            events::data([("state", json!(state::PAUSED)), ("reason", json!(why))]),
         );
         Ok(api)
     }
 
     /// Resumes a paused sandbox (idempotent); its expiry moves on by the
-    /// time it spent paused.
-    pub async fn resume(&self, id: &str, caller: &Caller) -> Result<Sandbox> {
+    /// time it spent paused. One paused at (or within a second of) its
+    /// expiry — `on_timeout: pause` — gets a fresh time to live: `ttl` when
+    /// given, else `defaults.ttl`. A running sandbox is left as it is (its
+    /// time to live moves with `extend`).
+    pub async fn resume(&self, id: &str, ttl: Option<&str>, caller: &Caller) -> Result<Sandbox> {
+        let fresh = match ttl.map(str::trim) {
+            None | Some("") => None,
+            Some(t) => Some(self.parse_ttl(t)?),
+        };
+        if let Some(t) = fresh {
+            self.check_ttl_allowed(t, &self.get(id, caller).await?.owner_id)
+                .await?;
+        }
         let rec = self.get(id, caller).await?;
-        let rec = self.wake(rec, caller).await?;
+        let rec = self.wake_with(rec, fresh, caller).await?;
         Ok(self.to_api(&rec))
     }
 
@@ -84,6 +106,18 @@ impl Manager {
     pub(crate) async fn wake(
         &self,
         rec: Arc<SandboxRecord>,
+        caller: &Caller,
+    ) -> Result<Arc<SandboxRecord>> {
+        if rec.state != state::PAUSED {
+            return Ok(rec);
+        }
+        self.wake_with(rec, None, caller).await
+    }
+
+    async fn wake_with(
+        &self,
+        rec: Arc<SandboxRecord>,
+        fresh_ttl: Option<GoDuration>,
         caller: &Caller,
     ) -> Result<Arc<SandboxRecord>> {
         if rec.state != state::PAUSED {
@@ -115,8 +149,16 @@ impl Manager {
             },
         );
         res?;
-        let expires_at = rec.expires_at + paused_for;
-        let left = (expires_at - Utc::now()).to_std().unwrap_or_default();
+        let now = Utc::now();
+        let mut expires_at = rec.expires_at + paused_for;
+        if let Some(t) = fresh_ttl {
+            expires_at = now + chrono::Duration::nanoseconds(t.nanos());
+        } else if expires_at <= now + chrono::Duration::seconds(1) {
+            // Paused by its time to live running out: a fresh one.
+            let t = self.parse_ttl("")?;
+            expires_at = now + chrono::Duration::nanoseconds(t.nanos());
+        }
+        let left = (expires_at - now).to_std().unwrap_or_default();
         let lease = self.renew(&rec, left).await?;
         self.store
             .set_sandbox_expiry(&id, expires_at, Some(&lease.fence()))
@@ -127,6 +169,13 @@ impl Manager {
         updated.state = state::RUNNING.into();
         updated.expires_at = expires_at;
         updated.updated_at = crate::store::record_now();
+        if updated.idle_timeout_secs > 0 {
+            // The idle clock starts again from the resume.
+            updated.idle_deadline = now + chrono::Duration::seconds(updated.idle_timeout_secs);
+            self.store
+                .set_idle_deadlines(&[(id.clone(), updated.idle_deadline)])
+                .await?;
+        }
         let updated = Arc::new(updated);
         self.cache.write().insert(id.clone(), updated.clone());
         self.events.publish(

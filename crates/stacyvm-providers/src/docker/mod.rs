@@ -1523,6 +1523,7 @@ impl Provider for DockerProvider {
         c.push(capability::EXEC_INTERACTIVE.into());
         c.push(capability::PTY.into());
         c.push(capability::WATCH.into());
+        c.push(capability::PAUSE.into());
         if self.can_switch_users() {
             c.push(capability::EXEC_USER.into());
         }

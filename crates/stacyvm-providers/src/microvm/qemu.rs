@@ -339,6 +339,23 @@ impl QemuProvider {
         read_meta(&self.dir(id)).ok_or_else(|| Error::sandbox_not_found(id))
     }
 
+    /// Sends `stop` or `cont` to a live VM's QMP socket.
+    async fn vm_control(&self, id: &str, command: &str) -> Result<()> {
+        if !self.meta(id)?.alive() {
+            return Err(Error::sandbox_not_found(id));
+        }
+        qmp::execute(&self.dir(id).join("qmp.sock"), command, None)
+            .await
+            .map(|_| ())
+    }
+
+    /// Whether QEMU reports the VM stopped by `stop` (QMP `query-status`).
+    async fn vm_paused(&self, id: &str) -> bool {
+        qmp::execute(&self.dir(id).join("qmp.sock"), "query-status", None)
+            .await
+            .is_ok_and(|v| v.get("status").and_then(|s| s.as_str()) == Some("paused"))
+    }
+
     fn live_count(&self) -> usize {
         std::fs::read_dir(&self.opts.base)
             .map(|rd| {
@@ -1428,6 +1445,7 @@ impl Provider for QemuProvider {
         c.push(capability::PTY.into());
         c.push(capability::WATCH.into());
         c.push(capability::EXEC_USER.into());
+        c.push(capability::PAUSE.into());
         if self.opts.snapshots {
             c.push(capability::SNAPSHOTS.into());
         }
@@ -1648,7 +1666,25 @@ impl Provider for QemuProvider {
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {
+        // A stopped guest's agent cannot answer a ping: ask QEMU first.
+        if let Ok(meta) = self.meta(id) {
+            if meta.alive() && self.vm_paused(id).await {
+                return Ok(RuntimeStatus {
+                    state: "paused".into(),
+                });
+            }
+        }
         crate::agent::conns::ping_status(id, self.client(id).await).await
+    }
+
+    /// QMP `stop`: the guest's vCPUs halt where they stand, its memory
+    /// kept; the agent answers nothing until `cont`.
+    async fn pause(&self, id: &str) -> Result<()> {
+        self.vm_control(id, "stop").await
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        self.vm_control(id, "cont").await
     }
 
     async fn destroy(&self, id: &str) -> Result<()> {

@@ -160,6 +160,10 @@ impl conformance::Fixture for Fixture {
     fn survives_restart(&self) -> bool {
         true
     }
+    /// QMP `stop` and `cont`.
+    fn supports_pause(&self) -> bool {
+        true
+    }
 }
 
 crate::conformance_tests!(qemu_conformance, fixture());

@@ -871,6 +871,7 @@ impl Provider for NativeProvider {
         c.push(capability::RUNTIME_INVENTORY.into());
         if self.cgroups.is_some() {
             c.push(capability::STATS.into());
+            c.push(capability::PAUSE.into());
         }
         c.push(capability::EXEC_INTERACTIVE.into());
         c.push(capability::PTY.into());

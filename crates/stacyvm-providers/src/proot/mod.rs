@@ -412,6 +412,24 @@ impl ProotProvider {
         read_meta(&self.dir(id)).ok_or_else(|| Error::sandbox_not_found(id))
     }
 
+    async fn freeze(&self, id: &str, frozen: bool) -> Result<()> {
+        let meta = self.meta(id)?;
+        if !meta.alive() {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let cgroups = meta.cgroups.clone();
+        let done = tokio::task::spawn_blocking(move || cgroup::freeze(&cgroups, frozen))
+            .await
+            .map_err(|e| Error::internal(format!("freezer task: {e}")))?
+            .map_err(|e| Error::internal(format!("the cgroup freezer failed: {e}")))?;
+        if !done {
+            return Err(Error::unsupported(
+                "pausing: this sandbox has no freezer cgroup (a server without cgroups it may create)",
+            ));
+        }
+        Ok(())
+    }
+
     fn live_count(&self) -> usize {
         std::fs::read_dir(&self.opts.base)
             .map(|rd| {
@@ -861,6 +879,7 @@ impl Provider for ProotProvider {
         c.push(capability::RUNTIME_INVENTORY.into());
         if self.cgroups.is_some() {
             c.push(capability::STATS.into());
+            c.push(capability::PAUSE.into());
         }
         c.push(capability::EXEC_INTERACTIVE.into());
         c.push(capability::PTY.into());
@@ -1033,7 +1052,25 @@ impl Provider for ProotProvider {
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {
+        // A frozen agent cannot answer a ping: ask the freezer first.
+        if let Ok(meta) = self.meta(id) {
+            if meta.alive() && cgroup::is_frozen(&meta.cgroups) {
+                return Ok(RuntimeStatus {
+                    state: "paused".into(),
+                });
+            }
+        }
         crate::agent::conns::ping_status(id, self.client(id).await).await
+    }
+
+    /// The cgroup freezer: proot, the agent and every process it traces
+    /// stop where they stand.
+    async fn pause(&self, id: &str) -> Result<()> {
+        self.freeze(id, true).await
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        self.freeze(id, false).await
     }
 
     async fn destroy(&self, id: &str) -> Result<()> {

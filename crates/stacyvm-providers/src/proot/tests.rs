@@ -81,6 +81,10 @@ impl conformance::Fixture for Fixture {
     fn survives_restart(&self) -> bool {
         true
     }
+    /// The freezer needs the cgroups a root server makes.
+    fn supports_pause(&self) -> bool {
+        nix::unistd::geteuid().is_root()
+    }
 }
 
 crate::conformance_tests!(proot_conformance, fixture());
@@ -116,6 +120,9 @@ impl conformance::Fixture for BusyboxFixture {
     }
     fn survives_restart(&self) -> bool {
         true
+    }
+    fn supports_pause(&self) -> bool {
+        self.inner.supports_pause()
     }
 }
 

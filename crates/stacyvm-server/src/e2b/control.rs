@@ -73,6 +73,8 @@ struct NewSandbox {
     timeout: Option<i64>,
     metadata: Option<BTreeMap<String, String>>,
     env_vars: Option<BTreeMap<String, String>>,
+    /// Pause instead of kill when the timeout runs out.
+    auto_pause: Option<bool>,
 }
 
 /// `Sandbox` of E2B's API (create and connect).
@@ -331,6 +333,11 @@ pub async fn create(
     let mut spawn = SpawnRequest {
         ttl: format!("{timeout}s"),
         metadata: Some(metadata),
+        on_timeout: if req.auto_pause == Some(true) {
+            stacyvm_core::manager::on_timeout::PAUSE.into()
+        } else {
+            String::new()
+        },
         ..Default::default()
     };
     if template != BASE_TEMPLATE {
@@ -442,7 +449,12 @@ pub async fn connect(
     let r = live_in(&st, &id, &who, true).await?;
     // A paused sandbox is resumed: 201 says so.
     let (status, r) = if r.state == stacyvm_api::state::PAUSED {
-        st.manager.resume(&id, &who).await?;
+        let ttl = b
+            .timeout
+            .map(|s| timeout_secs(Some(s), "timeout"))
+            .transpose()?
+            .map(|s| format!("{s}s"));
+        st.manager.resume(&id, ttl.as_deref(), &who).await?;
         (StatusCode::CREATED, live(&st, &id, &who).await?)
     } else {
         (StatusCode::OK, r)
@@ -486,7 +498,9 @@ pub async fn resume(
     State(st): State<AppState>,
     Who(who): Who,
     Path(id): Path<String>,
+    body: axum::body::Bytes,
 ) -> E2bResult<Response> {
+    let b: TimeoutBody = body_or_default(&body)?;
     let r = live_in(&st, &id, &who, true).await?;
     if r.state != stacyvm_api::state::PAUSED {
         return Err(fail(
@@ -494,7 +508,12 @@ pub async fn resume(
             format!("sandbox {id:?} is not paused"),
         ));
     }
-    st.manager.resume(&id, &who).await?;
+    let ttl = b
+        .timeout
+        .map(|s| timeout_secs(Some(s), "timeout"))
+        .transpose()?
+        .map(|s| format!("{s}s"));
+    st.manager.resume(&id, ttl.as_deref(), &who).await?;
     let r = live(&st, &id, &who).await?;
     Ok(json_response(StatusCode::CREATED, &sandbox_of(&st, &r)))
 }

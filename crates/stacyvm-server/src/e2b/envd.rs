@@ -1732,6 +1732,9 @@ mod tests {
             created_at: t,
             expires_at: t,
             updated_at: t,
+            idle_timeout_secs: 0,
+            on_timeout: String::new(),
+            idle_deadline: t,
         }
     }
 

@@ -116,13 +116,22 @@ pub async fn pause(
 }
 
 /// `POST /sandboxes/{id}/resume`: thaws it; the expiry moves on by the
-/// time paused.
+/// time paused. An optional body `{"ttl": "10m"}` sets a fresh time to
+/// live instead.
 pub async fn resume(
     State(st): State<AppState>,
     Who(who): Who,
     Path(id): Path<String>,
+    body: axum::body::Bytes,
 ) -> ApiResult<Json<Sandbox>> {
-    Ok(Json::ok(st.manager.resume(&id, &who).await?))
+    let req: ExtendRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        ExtendRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| stacyvm_core::Error::invalid(format!("resume body: {e}")))?
+    };
+    let ttl = Some(req.ttl.as_str()).filter(|t| !t.trim().is_empty());
+    Ok(Json::ok(st.manager.resume(&id, ttl, &who).await?))
 }
 
 fn to_manager_req(req: &ExecRequest) -> manager::ExecRequest {

@@ -118,3 +118,84 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// JSON calls to a [`Server`]'s API.
+pub struct Api {
+    pub http: reqwest::Client,
+    /// `http://127.0.0.1:<port>/api/v1`
+    pub base: String,
+}
+
+impl Api {
+    pub fn new(server: &Server) -> Api {
+        Api {
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .expect("client"),
+            base: server.url.clone(),
+        }
+    }
+
+    /// `method path` with a JSON body (none for `Value::Null`): the status
+    /// and the body as JSON (a JSON string when it is not JSON).
+    pub async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let mut r = self.http.request(method, format!("{}{path}", self.base));
+        if !body.is_null() {
+            r = r.json(&body);
+        }
+        let resp = r.send().await.expect("request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.expect("body");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+        )
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::GET, path, serde_json::Value::Null)
+            .await
+    }
+
+    pub async fn post(&self, path: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::POST, path, body).await
+    }
+
+    pub async fn delete(&self, path: &str) -> (u16, serde_json::Value) {
+        self.call(reqwest::Method::DELETE, path, serde_json::Value::Null)
+            .await
+    }
+
+    /// `POST /sandboxes` with `body`; asserts 201.
+    pub async fn spawn(&self, body: serde_json::Value) -> serde_json::Value {
+        let (s, v) = self.post("/sandboxes", body).await;
+        assert_eq!(s, 201, "spawn: {v}");
+        v
+    }
+
+    /// A synchronous shell exec; asserts 200.
+    pub async fn exec(&self, id: &str, command: &str) -> serde_json::Value {
+        let (s, v) = self
+            .post(
+                &format!("/sandboxes/{id}/exec"),
+                serde_json::json!({ "command": command }),
+            )
+            .await;
+        assert_eq!(s, 200, "exec {command:?}: {v}");
+        v
+    }
+
+    /// The sandbox's state, or the status code when the lookup fails.
+    pub async fn state(&self, id: &str) -> String {
+        match self.get(&format!("/sandboxes/{id}")).await {
+            (200, v) => v["state"].as_str().unwrap_or_default().to_string(),
+            (s, _) => s.to_string(),
+        }
+    }
+}
