@@ -398,6 +398,13 @@ pub struct Template {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub secrets: Vec<TemplateSecret>,
     pub pool_size: i64,
+    /// Files written into every sandbox spawned from the template:
+    /// absolute path → text.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, String>,
+    /// The warm pool's state, when `pool_size > 0`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<TemplatePool>,
     /// Alias of `cpu_cores` for the SDKs.
     pub vcpus: i64,
     /// Alias of `ttl_seconds` as a Go duration, for the SDKs.
@@ -408,6 +415,21 @@ pub struct Template {
     pub metadata: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+/// A template's warm pool: sandboxes spawned and set up ahead of demand.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct TemplatePool {
+    /// `pool_size`.
+    pub target: i64,
+    /// Set up and waiting on this server.
+    pub ready: i64,
+    /// Spawns served from the pool since the server started.
+    pub hits: u64,
+    /// Spawns that found the pool empty (a fresh sandbox was set up).
+    pub misses: u64,
+    /// Pool sandboxes whose spawn or setup failed.
+    pub failures: u64,
 }
 
 /// Template create/replace body (all fields optional on the wire).
@@ -426,6 +448,8 @@ pub struct TemplateInput {
     pub env: BTreeMap<String, String>,
     pub secrets: Vec<TemplateSecret>,
     pub pool_size: i64,
+    /// Absolute path → text, written before `setup` runs.
+    pub files: BTreeMap<String, String>,
     pub vcpus: i64,
     /// Go duration string or integer seconds.
     pub ttl: Option<serde_json::Value>,

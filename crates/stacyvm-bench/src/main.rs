@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 mod archive;
 mod pause;
 mod preview;
+mod template;
 
 #[derive(Debug, Parser, Clone)]
 #[command(name = "stacyvm-bench", about = "Benchmark a running StacyVM server")]
@@ -59,7 +60,9 @@ struct Args {
     /// snapshot, fork (providers with sandbox snapshots), preview (the preview
     /// proxy against direct access to the sandbox's port; bridged network),
     /// archive (tar throughput against the raw file routes, `--big-mib`),
-    /// pause (pause, resume, and the first exec on a paused sandbox).
+    /// pause (pause, resume, and the first exec on a paused sandbox),
+    /// template (a warm-pool claim against a spawn that runs the template's
+    /// setup and a plain spawn).
     #[arg(
         long,
         default_value = "get,list,spawn,first_exec,exec,file_1k,file_1m,destroy"
@@ -901,6 +904,8 @@ async fn main() -> Result<()> {
             archive::run(&args).await?
         } else if name == "pause" {
             pause::run(&args).await?
+        } else if name == "template" {
+            template::run(&args).await?
         } else {
             vec![scenario(&args, name).await?]
         };

@@ -339,6 +339,7 @@ fn kind_of(k: ErrorKind) -> (StatusCode, &'static str) {
             (StatusCode::SERVICE_UNAVAILABLE, "provider_unavailable")
         }
         ErrorKind::Unsupported => (StatusCode::NOT_IMPLEMENTED, "unsupported"),
+        ErrorKind::SetupFailed => (StatusCode::UNPROCESSABLE_ENTITY, "setup_failed"),
         // A refusal to protect the host (a device, /proc): the control
         // plane reports it as its own 403.
         ErrorKind::Forbidden => (StatusCode::FORBIDDEN, "forbidden"),

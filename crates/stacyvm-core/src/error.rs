@@ -36,6 +36,8 @@ pub enum ErrorKind {
     Unsupported,
     /// The database cannot be reached right now (503); retry later.
     StoreUnavailable,
+    /// A template's setup failed in a new sandbox, which was removed (422).
+    SetupFailed,
     /// Anything else (500).
     Internal,
 }
@@ -57,6 +59,7 @@ impl ErrorKind {
             ErrorKind::ProviderUnavailable => "provider unavailable",
             ErrorKind::Unsupported => "unsupported operation",
             ErrorKind::StoreUnavailable => "store unavailable",
+            ErrorKind::SetupFailed => "template setup failed",
             ErrorKind::Internal => "internal error",
         }
     }
@@ -98,6 +101,9 @@ impl Error {
 
     pub fn invalid(detail: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidInput, detail)
+    }
+    pub fn setup_failed(detail: impl Into<String>) -> Self {
+        Self::new(ErrorKind::SetupFailed, detail)
     }
     pub fn sandbox_not_found(id: &str) -> Self {
         Self::new(ErrorKind::SandboxNotFound, id)

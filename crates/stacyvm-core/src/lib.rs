@@ -17,6 +17,7 @@ pub mod paths;
 pub mod policy;
 pub mod provider;
 pub mod registry;
+pub mod secrets;
 pub mod services;
 pub mod store;
 

@@ -33,7 +33,10 @@ use crate::store::{
 mod idle;
 pub mod migrate;
 mod pause;
+mod pools;
+mod setup;
 pub use idle::on_timeout;
+pub use setup::{check_template, RESERVED_PREFIX};
 pub mod placement;
 mod snapshots;
 pub mod workers;
@@ -88,6 +91,10 @@ impl Caller {
 
     /// Whether `r` is visible to this caller (tenancy, then ownership).
     pub fn sees(&self, r: &SandboxRecord) -> bool {
+        // A warm-pool sandbox is nobody's until it is claimed.
+        if r.metadata.contains_key(setup::POOL_KEY) {
+            return false;
+        }
         if self.sees_all_tenants() {
             return true;
         }
@@ -252,6 +259,8 @@ pub struct Manager {
     pause_lock: tokio::sync::Mutex<()>,
     /// Activity clocks of sandboxes with an idle timeout.
     activity: Arc<idle::Activity>,
+    /// Template warm pools.
+    pools: pools::Pools,
 }
 
 #[derive(Debug)]
@@ -295,6 +304,7 @@ impl Manager {
             }),
             pause_lock: tokio::sync::Mutex::new(()),
             activity: Arc::default(),
+            pools: pools::Pools::default(),
         });
         tokio::spawn(audit_writer(store, audit_rx));
         // Another control plane changed a sandbox: drop the cached copy
@@ -545,7 +555,9 @@ impl Manager {
                 let shown: BTreeMap<String, String> = r
                     .metadata
                     .iter()
-                    .filter(|(k, _)| !HIDDEN_METADATA.contains(&k.as_str()))
+                    .filter(|(k, _)| {
+                        !HIDDEN_METADATA.contains(&k.as_str()) && !k.starts_with(RESERVED_PREFIX)
+                    })
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
                 (!shown.is_empty()).then_some(shown)
@@ -899,13 +911,34 @@ impl Manager {
     // ----- spawn ------------------------------------------------------------
 
     /// Spawns a sandbox. `req.template` merges a stored template first.
-    pub async fn spawn(&self, mut req: SpawnRequest, caller: &Caller) -> Result<Sandbox> {
+    pub async fn spawn(&self, req: SpawnRequest, caller: &Caller) -> Result<Sandbox> {
+        self.spawn_as(req, caller, None).await
+    }
+
+    /// A spawn; `pool` (a template's stamp) makes a warm-pool sandbox.
+    pub(crate) async fn spawn_as(
+        &self,
+        mut req: SpawnRequest,
+        caller: &Caller,
+        pool: Option<&str>,
+    ) -> Result<Sandbox> {
         let started = Instant::now();
+        if let Some(k) = req
+            .metadata
+            .as_ref()
+            .and_then(|md| md.keys().find(|k| k.starts_with(RESERVED_PREFIX)))
+        {
+            return Err(Error::invalid(format!(
+                "metadata key {k:?}: the prefix {RESERVED_PREFIX:?} is reserved"
+            )));
+        }
+        let mut template = None;
         if !req.snapshot.is_empty() {
             self.apply_snapshot(&mut req, caller).await?;
         } else if !req.template.is_empty() {
             let t = self.get_template(&req.template).await?;
             merge_template(&mut req, &t);
+            template = Some(t);
         }
         let d = &self.cfg.defaults;
         let image = if req.image.trim().is_empty() {
@@ -975,6 +1008,18 @@ impl Manager {
                 ));
             }
         }
+        if let Some(t) = &template {
+            // A secret this server lacks is a 400 before anything runs.
+            self.check_secrets(t)?;
+        }
+        let user_metadata = req.metadata.clone();
+        if let Some(t) = &template {
+            let md = req.metadata.get_or_insert_with(BTreeMap::new);
+            md.extend(setup::env_metadata(t)?);
+            if let Some(stamp) = pool {
+                md.insert(setup::POOL_KEY.into(), stamp.to_string());
+            }
+        }
         let profile = placed.profile.clone();
         let network = if req.network_mode.is_empty() {
             profile.default_network.clone()
@@ -1018,6 +1063,34 @@ impl Manager {
             Some(d) if req.vcpus == 0 => (d.vcpus, 0),
             _ => (vcpus, vcpus),
         };
+        // Spawns the template allows come from its warm pool when one is
+        // ready.
+        if let (Some(t), None) = (&template, pool) {
+            if !self.shared_admission() && pools::compatible(&req, t, &provider_name) {
+                let asked = SpawnRequest {
+                    metadata: user_metadata,
+                    ..SpawnRequest::default()
+                };
+                if let Some(sb) = self
+                    .claim_pooled(t, &asked, &owner, caller, ttl, lifecycle.clone())
+                    .await?
+                {
+                    self.metrics
+                        .observe("spawn", &provider_name, started.elapsed(), None);
+                    self.audit(
+                        caller,
+                        &owner,
+                        "sandbox.spawn",
+                        &sb.id,
+                        &image,
+                        &provider_name,
+                        true,
+                        format!("state=running template={} from_pool=true", t.name),
+                    );
+                    return Ok(sb);
+                }
+            }
+        }
         self.reserve_slot(&owner, ttl).await?;
         let res = self
             .spawn_reserved(
@@ -1033,6 +1106,35 @@ impl Manager {
                 caller,
             )
             .await;
+        // A template's files and setup, in the new sandbox; a failure
+        // removes it (and gives its admission slot back).
+        let mut released = false;
+        let res = match (res, &template) {
+            (Ok(sb), Some(t)) if setup::acts(t) => {
+                let rec = self.cache.read().get(&sb.id).cloned();
+                let ran = match &rec {
+                    Some(rec) => self.run_template(rec, t).await,
+                    None => Err(Error::sandbox_not_found(&sb.id)),
+                };
+                match (ran, rec) {
+                    (Ok(()), _) => Ok(sb),
+                    (Err(e), rec) => {
+                        if let Some(rec) = rec {
+                            let system = Caller {
+                                actor: "system:setup".into(),
+                                ..Caller::default()
+                            };
+                            if let Err(d) = self.destroy_record(&rec, &system).await {
+                                warn!(sandbox_id = %rec.id, error = %d, "removing a sandbox whose setup failed");
+                            }
+                            released = true;
+                        }
+                        Err(e)
+                    }
+                }
+            }
+            (r, _) => r,
+        };
         let took = started.elapsed();
         match &res {
             Ok(sb) => {
@@ -1049,7 +1151,9 @@ impl Manager {
                 );
             }
             Err(e) => {
-                self.release_slot(&owner);
+                if !released {
+                    self.release_slot(&owner);
+                }
                 self.metrics
                     .observe("spawn", &provider_name, took, Some(&e.to_string()));
                 self.events.publish(
@@ -1839,9 +1943,12 @@ impl Manager {
             paths::normalize(&req.workdir)?
         };
         let timeout = self.resolve_timeout(&req.timeout, &rec.owner_id).await?;
+        // The template's environment and secrets, under the request's own.
+        let mut env = self.base_env(rec)?;
+        env.extend(req.env.clone());
         let mut spec = ExecSpec {
             argv,
-            env: req.env.clone(),
+            env,
             workdir,
             timeout,
             stdin: req.stdin.clone(),
@@ -2001,8 +2108,8 @@ impl Manager {
                     sandbox_id: id.to_string(),
                     command: Self::command_text(req),
                     exit_code: status.code,
-                    stdout: truncate_lossy(&stdout, 64 * 1024),
-                    stderr: truncate_lossy(&stderr, 64 * 1024),
+                    stdout: self.redact_secrets(&rec, truncate_lossy(&stdout, 64 * 1024)),
+                    stderr: self.redact_secrets(&rec, truncate_lossy(&stderr, 64 * 1024)),
                     duration: dur,
                     created_at: Utc::now(),
                 };

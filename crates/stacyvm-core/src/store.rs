@@ -80,6 +80,10 @@ pub struct TemplateRecord {
     pub env: BTreeMap<String, String>,
     pub secrets: Vec<stacyvm_api::TemplateSecret>,
     pub pool_size: i64,
+    /// Files written into a sandbox spawned from the template: absolute
+    /// path → text.
+    #[serde(default)]
+    pub files: BTreeMap<String, String>,
     pub provider: String,
     pub metadata: BTreeMap<String, String>,
     pub created_at: DateTime<Utc>,
@@ -341,6 +345,11 @@ pub trait Store: Debug + Send + Sync + 'static {
         expires_at: DateTime<Utc>,
         fence: Option<&Fence>,
     ) -> Result<()>;
+    /// Hands a live sandbox to a new owner (a claimed warm-pool sandbox):
+    /// sets its owner, tenant, metadata, expiry, idle timeout and
+    /// `on_timeout` from `rec`. With a fence, only while the lease still
+    /// matches it (else `Conflict`).
+    async fn reassign_sandbox(&self, rec: &SandboxRecord, fence: Option<&Fence>) -> Result<()>;
     /// Non-destroyed sandboxes with `expires_at < now`.
     async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>>;
     /// Running sandboxes with an idle timeout whose `idle_deadline < now`.

@@ -40,6 +40,7 @@ pub fn status_of(kind: ErrorKind) -> (StatusCode, &'static str) {
             (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
         }
         ErrorKind::Unsupported => (StatusCode::NOT_IMPLEMENTED, "NOT_IMPLEMENTED"),
+        ErrorKind::SetupFailed => (StatusCode::UNPROCESSABLE_ENTITY, "SETUP_FAILED"),
         ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL_ERROR"),
     }
 }

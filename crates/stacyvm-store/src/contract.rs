@@ -194,6 +194,7 @@ fn template(name: &str) -> TemplateRecord {
         env: BTreeMap::from([("A".to_string(), "1".to_string())]),
         secrets: vec![],
         pool_size: 0,
+        files: BTreeMap::from([("/etc/motd".to_string(), "hi\n".to_string())]),
         provider: String::new(),
         metadata: BTreeMap::new(),
         created_at: now,

@@ -30,7 +30,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (3, include_str!("../migrations/postgres/0003_snapshots.sql")),
     (4, include_str!("../migrations/postgres/0004_preview.sql")),
-    (5, include_str!("../migrations/postgres/0005_idle.sql")),
+    (5, include_str!("../migrations/postgres/0005_lifecycle.sql")),
 ];
 
 /// The newest schema version this build knows.
@@ -467,6 +467,29 @@ impl Store for PostgresStore {
         rows::updated(self, r.rows_affected(), id, fence, true).await
     }
 
+    async fn reassign_sandbox(&self, r: &SandboxRecord, fence: Option<&Fence>) -> Result<()> {
+        let sql = format!(
+            "UPDATE sandboxes SET owner_id = $1, tenant_id = $2, metadata = $3, expires_at = $4, idle_timeout_secs = $5, \
+             on_timeout = $6, idle_deadline = $7, updated_at = $8 WHERE id = $9 AND state != 'destroyed'{}",
+            fence.map_or(String::new(), |_| rows::fence_clause(Some(10)))
+        );
+        let q = sqlx::query(&sql)
+            .bind(&r.owner_id)
+            .bind(&r.tenant_id)
+            .bind(to_json(&r.metadata))
+            .bind(r.expires_at)
+            .bind(r.idle_timeout_secs)
+            .bind(&r.on_timeout)
+            .bind(r.idle_deadline)
+            .bind(Utc::now())
+            .bind(&r.id);
+        let res = bind_fence(q, fence)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows::updated(self, res.rows_affected(), &r.id, fence, true).await
+    }
+
     async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>> {
         let rows = sqlx::query(
             "SELECT * FROM sandboxes WHERE state != 'destroyed' AND expires_at < $1 ORDER BY expires_at",
@@ -564,8 +587,8 @@ impl Store for PostgresStore {
 
     async fn create_template(&self, t: &TemplateRecord) -> Result<()> {
         sqlx::query(
-            "INSERT INTO templates (name, version, image, description, setup, allowed_hosts, memory_mb, cpu_cores, ttl_seconds, env, secrets, pool_size, provider, metadata, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
+            "INSERT INTO templates (name, version, image, description, setup, allowed_hosts, memory_mb, cpu_cores, ttl_seconds, env, secrets, pool_size, provider, metadata, created_at, updated_at, files) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)",
         )
         .bind(&t.name)
         .bind(t.version)
@@ -583,6 +606,7 @@ impl Store for PostgresStore {
         .bind(to_json(&t.metadata))
         .bind(t.created_at)
         .bind(t.updated_at)
+        .bind(to_json(&t.files))
         .execute(&self.pool)
         .await
         .map_err(|e| conflict_as(e, || "template already exists".into()))?;
@@ -610,7 +634,7 @@ impl Store for PostgresStore {
     async fn update_template(&self, t: &TemplateRecord) -> Result<TemplateRecord> {
         let row = sqlx::query(
             "UPDATE templates SET version = $1, image = $2, description = $3, setup = $4, allowed_hosts = $5, memory_mb = $6, cpu_cores = $7, \
-             ttl_seconds = $8, env = $9, secrets = $10, pool_size = $11, provider = $12, metadata = $13, updated_at = $14 WHERE name = $15 RETURNING *",
+             ttl_seconds = $8, env = $9, secrets = $10, pool_size = $11, provider = $12, metadata = $13, updated_at = $14, files = $16 WHERE name = $15 RETURNING *",
         )
         .bind(t.version)
         .bind(&t.image)
@@ -627,6 +651,7 @@ impl Store for PostgresStore {
         .bind(to_json(&t.metadata))
         .bind(t.updated_at)
         .bind(&t.name)
+        .bind(to_json(&t.files))
         .fetch_optional(&self.pool)
         .await
         .map_err(db_err)?

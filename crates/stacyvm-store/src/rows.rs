@@ -78,6 +78,7 @@ pub(crate) fn template(r: &impl Cols) -> Result<TemplateRecord> {
         env: r.json("env"),
         secrets: r.json("secrets"),
         pool_size: r.int("pool_size"),
+        files: r.json("files"),
         provider: r.text("provider"),
         metadata: r.json("metadata"),
         created_at: r.time("created_at")?,

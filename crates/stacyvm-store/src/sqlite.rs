@@ -28,7 +28,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     ),
     (3, include_str!("../migrations/sqlite/0003_snapshots.sql")),
     (4, include_str!("../migrations/sqlite/0004_preview.sql")),
-    (5, include_str!("../migrations/sqlite/0005_idle.sql")),
+    (5, include_str!("../migrations/sqlite/0005_lifecycle.sql")),
 ];
 
 /// The SQLite store.
@@ -363,6 +363,29 @@ impl Store for SqliteStore {
         rows::updated(self, r.rows_affected(), id, fence, true).await
     }
 
+    async fn reassign_sandbox(&self, r: &SandboxRecord, fence: Option<&Fence>) -> Result<()> {
+        let sql = format!(
+            "UPDATE sandboxes SET owner_id = ?, tenant_id = ?, metadata = ?, expires_at = ?, idle_timeout_secs = ?, \
+             on_timeout = ?, idle_deadline = ?, updated_at = ? WHERE id = ? AND state != 'destroyed'{}",
+            fence.map_or(String::new(), |_| rows::fence_clause(None))
+        );
+        let q = sqlx::query(&sql)
+            .bind(&r.owner_id)
+            .bind(&r.tenant_id)
+            .bind(to_json(&r.metadata))
+            .bind(ts(r.expires_at))
+            .bind(r.idle_timeout_secs)
+            .bind(&r.on_timeout)
+            .bind(ts(r.idle_deadline))
+            .bind(ts(Utc::now()))
+            .bind(&r.id);
+        let res = bind_fence(q, fence)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        rows::updated(self, res.rows_affected(), &r.id, fence, true).await
+    }
+
     async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>> {
         let rows = sqlx::query("SELECT * FROM sandboxes WHERE state != 'destroyed' AND expires_at < ? ORDER BY expires_at")
             .bind(ts(now))
@@ -459,8 +482,8 @@ impl Store for SqliteStore {
 
     async fn create_template(&self, t: &TemplateRecord) -> Result<()> {
         sqlx::query(
-            "INSERT INTO templates (name, version, image, description, setup, allowed_hosts, memory_mb, cpu_cores, ttl_seconds, env, secrets, pool_size, provider, metadata, created_at, updated_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO templates (name, version, image, description, setup, allowed_hosts, memory_mb, cpu_cores, ttl_seconds, env, secrets, pool_size, provider, metadata, created_at, updated_at, files) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&t.name)
         .bind(t.version)
@@ -478,6 +501,7 @@ impl Store for SqliteStore {
         .bind(to_json(&t.metadata))
         .bind(ts(t.created_at))
         .bind(ts(t.updated_at))
+        .bind(to_json(&t.files))
         .execute(&self.writer)
         .await
         .map_err(|e| match db_err(e) {
@@ -507,7 +531,7 @@ impl Store for SqliteStore {
 
     async fn update_template(&self, t: &TemplateRecord) -> Result<TemplateRecord> {
         let r = sqlx::query(
-            "UPDATE templates SET version = ?, image = ?, description = ?, setup = ?, allowed_hosts = ?, memory_mb = ?, cpu_cores = ?, ttl_seconds = ?, env = ?, secrets = ?, pool_size = ?, provider = ?, metadata = ?, updated_at = ? WHERE name = ?",
+            "UPDATE templates SET version = ?, image = ?, description = ?, setup = ?, allowed_hosts = ?, memory_mb = ?, cpu_cores = ?, ttl_seconds = ?, env = ?, secrets = ?, pool_size = ?, provider = ?, metadata = ?, updated_at = ?, files = ? WHERE name = ?",
         )
         .bind(t.version)
         .bind(&t.image)
@@ -523,6 +547,7 @@ impl Store for SqliteStore {
         .bind(&t.provider)
         .bind(to_json(&t.metadata))
         .bind(ts(t.updated_at))
+        .bind(to_json(&t.files))
         .bind(&t.name)
         .execute(&self.writer)
         .await

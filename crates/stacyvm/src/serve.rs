@@ -148,6 +148,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         .await
         .context("startup reconciliation")?;
     let reaper = manager.start_reaper(Duration::from_secs(30));
+    let pools = manager.start_pools();
     let heartbeat = tokio::spawn(heartbeat(manager.clone()));
     let (host, _) = cfg.listen_host();
     let addr = if host.contains(':') && !host.starts_with('[') {
@@ -162,6 +163,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     let state = stacyvm_server::AppState::new(manager.clone()).map_err(anyhow::Error::msg)?;
     stacyvm_server::serve(listener, state, shutdown_signal()).await?;
     reaper.abort();
+    pools.abort();
     heartbeat.abort();
     if let Some(b) = bridge {
         b.abort();

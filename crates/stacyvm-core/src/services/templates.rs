@@ -33,6 +33,7 @@ impl Templates<'_> {
     pub async fn create(&self, input: &TemplateInput) -> Result<TemplateRecord> {
         let rec = from_input(&input.name, input, true)?;
         self.check_provider(&rec)?;
+        crate::manager::check_template(&rec)?;
         self.m.store().create_template(&rec).await?;
         Ok(rec)
     }
@@ -43,6 +44,7 @@ impl Templates<'_> {
         let rec = from_input(name, input, true)?;
         self.get(name).await?;
         self.check_provider(&rec)?;
+        crate::manager::check_template(&rec)?;
         self.m.store().update_template(&rec).await
     }
 
@@ -134,6 +136,7 @@ pub fn from_input(name: &str, i: &TemplateInput, defaults: bool) -> Result<Templ
         env: i.env.clone(),
         secrets: i.secrets.clone(),
         pool_size: i.pool_size,
+        files: i.files.clone(),
         provider: i.provider.clone(),
         metadata: i.metadata.clone(),
         created_at: now,

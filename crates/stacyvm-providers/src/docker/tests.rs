@@ -398,7 +398,7 @@ async fn security_checks(runtime: &str) {
         // loaded machine the exit can be recorded first, and the flag
         // follows shortly after.
         let mut st = None;
-        for _ in 0..30 {
+        for _ in 0..100 {
             let s = d
                 .inspect_container(&id, None)
                 .await

@@ -129,7 +129,9 @@ fn template_of(r: &SandboxRecord) -> String {
 /// The caller's metadata, without the keys StacyVM keeps for this layer.
 fn public_metadata(m: &BTreeMap<String, String>) -> BTreeMap<String, String> {
     m.iter()
-        .filter(|(k, _)| !k.starts_with(META_PREFIX))
+        .filter(|(k, _)| {
+            !k.starts_with(META_PREFIX) && !k.starts_with(stacyvm_core::manager::RESERVED_PREFIX)
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }

@@ -177,6 +177,7 @@ fn code_of_kind(kind: ErrorKind) -> &'static str {
         ErrorKind::ExecTimeout => "deadline_exceeded",
         ErrorKind::ProviderUnavailable | ErrorKind::StoreUnavailable => "unavailable",
         ErrorKind::Unsupported => "unimplemented",
+        ErrorKind::SetupFailed => "failed_precondition",
         ErrorKind::ProviderNotFound | ErrorKind::Internal => "internal",
     }
 }

@@ -552,6 +552,48 @@ pub async fn prometheus(State(st): State<AppState>) -> ApiResult<Response> {
     for (k, v) in &s.by_state {
         let _ = writeln!(out, "stacyvm_sandboxes_total{{state={}}} {v}", esc(k));
     }
+    let pools = st.manager.pool_stats();
+    if !pools.is_empty() {
+        for (name, kind, help) in [
+            (
+                "stacyvm_template_pool_target",
+                "gauge",
+                "Sandboxes a template's warm pool keeps (pool_size).",
+            ),
+            (
+                "stacyvm_template_pool_ready",
+                "gauge",
+                "Set-up sandboxes waiting in a template's warm pool.",
+            ),
+            (
+                "stacyvm_template_pool_hits_total",
+                "counter",
+                "Spawns served from a template's warm pool.",
+            ),
+            (
+                "stacyvm_template_pool_misses_total",
+                "counter",
+                "Spawns from a pooled template that found the pool empty.",
+            ),
+            (
+                "stacyvm_template_pool_failures_total",
+                "counter",
+                "Warm-pool sandboxes whose spawn or setup failed.",
+            ),
+        ] {
+            fam(&mut out, name, kind, help);
+            for (t, p) in &pools {
+                let v = match name {
+                    "stacyvm_template_pool_target" => p.target as f64,
+                    "stacyvm_template_pool_ready" => p.ready as f64,
+                    "stacyvm_template_pool_hits_total" => p.hits as f64,
+                    "stacyvm_template_pool_misses_total" => p.misses as f64,
+                    _ => p.failures as f64,
+                };
+                let _ = writeln!(out, "{name}{{template={}}} {v}", esc(t));
+            }
+        }
+    }
     fam(
         &mut out,
         "stacyvm_sandboxes_by_provider_total",

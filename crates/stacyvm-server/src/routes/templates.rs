@@ -12,7 +12,7 @@ use crate::error::ApiResult;
 use crate::json::{Body2, Json, OptBody};
 use crate::AppState;
 
-pub fn to_api(t: &TemplateRecord) -> Template {
+pub fn to_api(st: &AppState, t: &TemplateRecord) -> Template {
     Template {
         name: t.name.clone(),
         version: t.version,
@@ -26,6 +26,8 @@ pub fn to_api(t: &TemplateRecord) -> Template {
         env: t.env.clone(),
         secrets: t.secrets.clone(),
         pool_size: t.pool_size,
+        files: t.files.clone(),
+        pool: st.manager.template_pool(t),
         vcpus: t.cpu_cores,
         ttl: GoDuration::from_secs(t.ttl_seconds),
         provider: t.provider.clone(),
@@ -37,23 +39,23 @@ pub fn to_api(t: &TemplateRecord) -> Template {
 
 pub async fn list(State(st): State<AppState>) -> ApiResult<Json<Vec<Template>>> {
     let ts = st.manager.templates().list().await?;
-    Ok(Json::ok(ts.iter().map(to_api).collect()))
+    Ok(Json::ok(ts.iter().map(|t| to_api(&st, t)).collect()))
 }
 
 pub async fn create(
     State(st): State<AppState>,
     Body2(input): Body2<TemplateInput>,
 ) -> ApiResult<Json<Template>> {
-    Ok(Json::created(to_api(
-        &st.manager.templates().create(&input).await?,
-    )))
+    let t = st.manager.templates().create(&input).await?;
+    Ok(Json::created(to_api(&st, &t)))
 }
 
 pub async fn get(
     State(st): State<AppState>,
     Path(name): Path<String>,
 ) -> ApiResult<Json<Template>> {
-    Ok(Json::ok(to_api(&st.manager.templates().get(&name).await?)))
+    let t = st.manager.templates().get(&name).await?;
+    Ok(Json::ok(to_api(&st, &t)))
 }
 
 /// Full replace; unset numeric fields get the create defaults (gaps C-23).
@@ -62,9 +64,8 @@ pub async fn replace(
     Path(name): Path<String>,
     Body2(input): Body2<TemplateInput>,
 ) -> ApiResult<Json<Template>> {
-    Ok(Json::ok(to_api(
-        &st.manager.templates().replace(&name, &input).await?,
-    )))
+    let t = st.manager.templates().replace(&name, &input).await?;
+    Ok(Json::ok(to_api(&st, &t)))
 }
 
 pub async fn delete(
