@@ -49,7 +49,7 @@ use tokio::sync::mpsc;
 use crate::token::{Audience, Scope, Verifier};
 
 /// Extensions this server implements.
-pub const EXTENSIONS: [&str; 12] = [
+pub const EXTENSIONS: [&str; 13] = [
     "exit_status",
     "stdin",
     "timeout",
@@ -62,6 +62,7 @@ pub const EXTENSIONS: [&str; 12] = [
     "fenced",
     "stats",
     "watch",
+    "pause",
 ];
 
 /// Largest JSON request body (file writes in JSON are small; big files go
@@ -190,6 +191,8 @@ impl WorkerRpc {
             .route("/sandboxes/{id}", delete(destroy))
             .route("/logs/{id}", get(logs))
             .route("/stats/{id}", get(stats))
+            .route("/pause/{id}", post(pause))
+            .route("/resume/{id}", post(resume))
             .route("/files/watch", get(watch_files))
             .layer(middleware::from_fn_with_state(self.clone(), authenticate))
             .with_state(self.clone())
@@ -997,6 +1000,29 @@ async fn stats(
         "mem_bytes": s.mem_bytes,
         "mem_limit_bytes": s.mem_limit_bytes,
     }))
+}
+
+/// `POST /pause/{id}`: the cgroup freezer, the engine's pause or the VM's
+/// stop, as the worker's provider does it (fenced like every change).
+async fn pause(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Answer {
+    let id = w.target(&h, &id)?;
+    w.provider(&h)?.pause(&id).await?;
+    ok(json!({}))
+}
+
+/// `POST /resume/{id}`.
+async fn resume(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Answer {
+    let id = w.target(&h, &id)?;
+    w.provider(&h)?.resume(&id).await?;
+    ok(json!({}))
 }
 
 #[derive(Deserialize)]

@@ -187,6 +187,10 @@ impl conformance::Fixture for Fixture {
     fn supports_archives(&self) -> bool {
         false
     }
+    /// The `pause` extension, served by the worker's native provider.
+    fn supports_pause(&self) -> bool {
+        true
+    }
 }
 
 stacyvm_providers::conformance_tests!(worker_rpc_conformance, fixture());

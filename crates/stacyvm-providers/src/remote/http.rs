@@ -100,11 +100,15 @@ pub struct Extensions {
     /// (StacyVM workers) `GET /files/watch?sandbox_id=&path=&recursive=`
     /// streams NDJSON `{"events": [{"name", "op"}]}` batches.
     pub watch: bool,
+    /// (StacyVM workers) `POST /pause/{id}` and `POST /resume/{id}` freeze
+    /// and thaw a sandbox (idempotent); `GET /status/{id}` then says
+    /// `paused`.
+    pub pause: bool,
 }
 
 impl Extensions {
     /// Every extension name this provider understands.
-    pub const ALL: [&'static str; 11] = [
+    pub const ALL: [&'static str; 12] = [
         "exit_status",
         "stdin",
         "timeout",
@@ -116,6 +120,7 @@ impl Extensions {
         "logs",
         "stats",
         "watch",
+        "pause",
     ];
 
     /// Reads the `extensions` array of a `/health` answer.
@@ -137,6 +142,7 @@ impl Extensions {
                 "logs" => e.logs = true,
                 "stats" => e.stats = true,
                 "watch" => e.watch = true,
+                "pause" => e.pause = true,
                 _ => {}
             }
         }
@@ -157,6 +163,7 @@ impl Extensions {
             self.logs,
             self.stats,
             self.watch,
+            self.pause,
         ];
         let mut out = Vec::new();
         for (name, on) in Self::ALL.iter().zip(flags) {
@@ -466,6 +473,24 @@ impl CustomProvider {
         let body = self.read_capped(op, resp, cap).await?;
         serde_json::from_slice(&body)
             .map_err(|e| self.garbage(op, &format!("not JSON: {e}"), &body))
+    }
+
+    /// `POST /pause/{id}` or `POST /resume/{id}` (the `pause` extension).
+    async fn freeze(&self, what: &str, id: &str) -> Result<()> {
+        if !self.extensions().await.pause {
+            return Err(Error::unsupported(format!(
+                "{}: {what} (the backend does not declare the pause extension)",
+                self.name
+            )));
+        }
+        let op = if what == "pause" {
+            "POST /pause"
+        } else {
+            "POST /resume"
+        };
+        self.send(op, Some(id), self.request(Method::POST, &[what, id]))
+            .await
+            .map(|_| ())
     }
 
     /// The backend's extensions, asking `/health` once if never known.
@@ -1336,6 +1361,7 @@ impl Provider for CustomProvider {
                 (capability::EXEC_USER, ext.user),
                 (capability::STATS, ext.stats),
                 (capability::WATCH, ext.watch),
+                (capability::PAUSE, ext.pause),
             ] {
                 if reaches(c, on) {
                     caps.push(c.to_string());
@@ -1758,6 +1784,14 @@ impl Provider for CustomProvider {
             }
             Err(e) => Err(e),
         }
+    }
+
+    async fn pause(&self, id: &str) -> Result<()> {
+        self.freeze("pause", id).await
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        self.freeze("resume", id).await
     }
 
     async fn stats(&self, id: &str) -> Result<Stats> {
