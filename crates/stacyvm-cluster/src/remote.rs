@@ -149,10 +149,32 @@ impl Decorate for Decorator {
     }
 }
 
+/// The client of port tunnels to workers (`connect`): HTTP/1.1 only, as
+/// an `Upgrade` needs, with the RPC's TLS settings; no overall timeout (a
+/// tunnel lives as long as its connection).
+pub fn tunnel_client(t: &stacyvm_core::config::RpcTlsConfig) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .tcp_nodelay(true)
+        .no_proxy()
+        .http1_only()
+        .user_agent(concat!("stacyvm-control-plane/", env!("CARGO_PKG_VERSION")));
+    if t.enabled {
+        let mut h1 = crate::tls::client_config(t)?;
+        h1.alpn_protocols = vec![b"http/1.1".to_vec()];
+        b = b.use_preconfigured_tls(h1);
+    }
+    b.build()
+        .map_err(|e| Error::internal("building the worker tunnel client").with_source(e))
+}
+
 /// Every worker this control plane reaches.
 pub struct Workers {
     store: Arc<dyn Store>,
     client: reqwest::Client,
+    /// HTTP/1.1 only, for port tunnels.
+    tunnel: reqwest::Client,
     creds: Creds,
     tls: bool,
     cache: parking_lot::Mutex<HashMap<(String, String, String), Arc<CustomProvider>>>,
@@ -205,9 +227,11 @@ impl Workers {
         let client = builder
             .build()
             .map_err(|e| Error::internal("building the worker RPC client").with_source(e))?;
+        let tunnel = tunnel_client(t)?;
         Ok(Some(Workers {
             store,
             client,
+            tunnel,
             creds,
             tls: t.enabled,
             cache: parking_lot::Mutex::default(),
@@ -252,18 +276,21 @@ impl Remote for Workers {
             api_key: Secret::default(),
             timeout: Dur(stacyvm_api::duration::GoDuration::from_std(RPC_TIMEOUT)),
         };
-        let p = Arc::new(CustomProvider::for_worker(
-            &cfg,
-            self.client.clone(),
-            Arc::new(Decorator {
-                worker: worker.id.clone(),
-                provider: provider.to_string(),
-                creds: self.creds.clone(),
-                store: self.store.clone(),
-                leases: self.leases.clone(),
-                token: parking_lot::Mutex::new(None),
-            }),
-        )?);
+        let p = Arc::new(
+            CustomProvider::for_worker(
+                &cfg,
+                self.client.clone(),
+                Arc::new(Decorator {
+                    worker: worker.id.clone(),
+                    provider: provider.to_string(),
+                    creds: self.creds.clone(),
+                    store: self.store.clone(),
+                    leases: self.leases.clone(),
+                    token: parking_lot::Mutex::new(None),
+                }),
+            )?
+            .with_tunnel_client(self.tunnel.clone()),
+        );
         self.cache.lock().insert(key, p.clone());
         Ok(p)
     }

@@ -49,7 +49,7 @@ use tokio::sync::mpsc;
 use crate::token::{Audience, Scope, Verifier};
 
 /// Extensions this server implements.
-pub const EXTENSIONS: [&str; 13] = [
+pub const EXTENSIONS: [&str; 15] = [
     "exit_status",
     "stdin",
     "timeout",
@@ -63,6 +63,8 @@ pub const EXTENSIONS: [&str; 13] = [
     "stats",
     "watch",
     "pause",
+    "archive",
+    "connect",
 ];
 
 /// Largest JSON request body (file writes in JSON are small; big files go
@@ -192,6 +194,8 @@ impl WorkerRpc {
             .route("/logs/{id}", get(logs))
             .route("/stats/{id}", get(stats))
             .route("/pause/{id}", post(pause))
+            .route("/archive", get(archive_read).put(archive_write))
+            .route("/connect/{id}/{port}", get(connect_port))
             .route("/resume/{id}", post(resume))
             .route("/files/watch", get(watch_files))
             .layer(middleware::from_fn_with_state(self.clone(), authenticate))
@@ -448,7 +452,8 @@ fn scope_of(path: &str, method: &axum::http::Method) -> Option<Scope> {
         "health" => None,
         "spawn" => Some(Scope::Spawn),
         "exec" => Some(Scope::Exec),
-        "files" => Some(Scope::Files),
+        "files" | "archive" => Some(Scope::Files),
+        "connect" => Some(Scope::Exec),
         "status" | "stats" => Some(Scope::Status),
         "logs" => Some(Scope::Logs),
         "sandboxes" if method == axum::http::Method::DELETE => Some(Scope::Destroy),
@@ -1024,6 +1029,156 @@ async fn resume(
     w.provider(&h)?.resume(&id).await?;
     ok(json!({}))
 }
+
+#[derive(Deserialize)]
+struct ArchiveQuery {
+    sandbox_id: String,
+    path: String,
+    max_bytes: u64,
+    max_entries: u64,
+}
+
+impl ArchiveQuery {
+    fn limits(&self) -> stacyvm_core::provider::ArchiveLimits {
+        stacyvm_core::provider::ArchiveLimits {
+            max_bytes: self.max_bytes,
+            max_entries: self.max_entries,
+        }
+    }
+}
+
+/// `GET /archive?sandbox_id=&path=&max_bytes=&max_entries=`: the tar
+/// stream of `path` (chunked; its length is not known ahead).
+async fn archive_read(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    Query(q): Query<ArchiveQuery>,
+) -> Answer {
+    let id = w.target(&h, &q.sandbox_id)?;
+    let fs = w
+        .provider(&h)?
+        .archive_read(&id, &path_of(&q.path)?, q.limits())
+        .await?;
+    // Framed (`archive_frame`): an error part way (a limit, a file that
+    // went away) reaches the control plane with its kind, and a cut-off
+    // transfer is told from a complete one.
+    let frames = futures::stream::unfold(Some(fs.chunks), |rx| async move {
+        let mut rx = rx?;
+        Some(match rx.recv().await {
+            Some(Ok(data)) => (
+                Ok::<_, std::io::Error>(archive_frame(FRAME_DATA, &data)),
+                Some(rx),
+            ),
+            Some(Err(e)) => {
+                let (_, kind) = kind_of(e.kind());
+                let body = json!({"error": e.detail(), "kind": kind}).to_string();
+                (Ok(archive_frame(FRAME_ERROR, body.as_bytes())), None)
+            }
+            None => (Ok(archive_frame(FRAME_END, b"")), None),
+        })
+    });
+    Response::builder()
+        .header("content-type", ARCHIVE_FRAMED)
+        .body(Body::from_stream(frames))
+        .map_err(|e| Fail::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+/// Content type of a framed archive stream: frames of one type byte, a
+/// big-endian u32 length and that many bytes — data, an error (JSON
+/// `{"error", "kind"}`, last) or the end (empty, last).
+pub const ARCHIVE_FRAMED: &str = "application/vnd.stacyvm.archive-frames";
+pub const FRAME_DATA: u8 = 0;
+pub const FRAME_ERROR: u8 = 1;
+pub const FRAME_END: u8 = 2;
+
+fn archive_frame(kind: u8, data: &[u8]) -> axum::body::Bytes {
+    let mut out = Vec::with_capacity(5 + data.len());
+    out.push(kind);
+    out.extend_from_slice(&u32::try_from(data.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(data);
+    out.into()
+}
+
+/// `PUT /archive?…`: extracts the tar body into `path`; `{"entries",
+/// "bytes"}`. A body that breaks off leaves nothing (the provider's
+/// extraction sees its channel close before the end).
+async fn archive_write(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    Query(q): Query<ArchiveQuery>,
+    req: Request,
+) -> Answer {
+    let id = w.target(&h, &q.sandbox_id)?;
+    let path = path_of(&q.path)?;
+    let p = w.provider(&h)?;
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(8);
+    let write = p.archive_write(&id, &path, rx, q.limits());
+    let pump = async move {
+        let mut body = req.into_body().into_data_stream();
+        while let Some(c) = body.next().await {
+            match c {
+                Ok(b) => {
+                    if tx.send(b.to_vec()).await.is_err() {
+                        return;
+                    }
+                }
+                // Dropping `tx` without the end: the extraction is undone.
+                Err(_) => return,
+            }
+        }
+    };
+    let (report, ()) = tokio::join!(write, pump);
+    let r = report?;
+    ok(json!({"entries": r.entries, "bytes": r.bytes}))
+}
+
+/// `GET /connect/{id}/{port}` with `Upgrade: stacyvm-port`: 101, then the
+/// connection carries the bytes of a TCP connection to `port` inside the
+/// sandbox (the preview proxy of a control plane). The port is dialled
+/// before the answer, so a closed port is an error, not an empty tunnel.
+async fn connect_port(
+    State(w): State<Arc<WorkerRpc>>,
+    h: HeaderMap,
+    axum::extract::Path((id, port)): axum::extract::Path<(String, u16)>,
+    mut req: Request,
+) -> Answer {
+    let id = w.target(&h, &id)?;
+    if port == 0 {
+        return Err(Fail::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            "port must be 1-65535",
+        ));
+    }
+    let wants = h
+        .get(axum::http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case(CONNECT_PROTOCOL));
+    if !wants {
+        return Err(Fail::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_input",
+            format!("connect needs Upgrade: {CONNECT_PROTOCOL}"),
+        ));
+    }
+    let mut upstream = w.provider(&h)?.connect(&id, port).await?;
+    let on = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(up) = on.await {
+            let mut client = hyper_util::rt::TokioIo::new(up);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+        }
+    });
+    Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(axum::http::header::CONNECTION, "upgrade")
+        .header(axum::http::header::UPGRADE, CONNECT_PROTOCOL)
+        .body(Body::empty())
+        .map_err(|e| Fail::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))
+}
+
+/// The `Upgrade` protocol name of a port tunnel.
+pub const CONNECT_PROTOCOL: &str = "stacyvm-port";
 
 #[derive(Deserialize)]
 struct WatchQuery {

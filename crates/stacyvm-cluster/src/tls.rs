@@ -201,7 +201,11 @@ pub async fn serve(
                     match tokio::time::timeout(std::time::Duration::from_secs(10), a.accept(tcp))
                         .await
                     {
-                        Ok(Ok(tls)) => builder.serve_connection(TokioIo::new(tls), svc).await,
+                        Ok(Ok(tls)) => {
+                            builder
+                                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                                .await
+                        }
                         Ok(Err(e)) => {
                             tracing::info!(%peer, error = %e, "worker RPC TLS handshake refused");
                             return;
@@ -212,7 +216,11 @@ pub async fn serve(
                         }
                     }
                 }
-                None => builder.serve_connection(TokioIo::new(tcp), svc).await,
+                None => {
+                    builder
+                        .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                        .await
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(%peer, error = %e, "worker RPC connection ended");

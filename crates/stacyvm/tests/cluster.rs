@@ -670,6 +670,81 @@ async fn e2b_traffic_reaches_the_owning_worker() {
     assert!(w.log().contains(&id), "the worker served it: {}", w.log());
 }
 
+/// What a sandbox on a worker does through the control plane's API like a
+/// local one: a live preview (the `connect` tunnel over the worker RPC's
+/// mutual TLS), a directory archive both ways (`archive`, framed), pause
+/// and the wake on the next exec (`pause`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn previews_archives_and_pause_reach_a_worker() {
+    let c = Cluster::new().await;
+    let p = free_port();
+    let cp = c.control_plane("cp-a", p);
+    let a = Api::new(p);
+    a.wait_ready(&cp).await;
+    let w = c.worker("w1", p, free_port());
+    wait_workers(&a, &["w1"]).await;
+    let (st, sb) = a.call("POST", "/sandboxes", Some(json!({"ttl": "10m"}))).await;
+    assert_eq!(st, 201, "{sb}\n{}", cp.log());
+    let id = sb["id"].as_str().expect("id").to_string();
+    assert_eq!(sb["worker_id"], "w1", "{sb}");
+
+    // Preview: a web server inside, reached by path through the tunnel.
+    let (st, v) = a
+        .exec(
+            &id,
+            "mkdir -p /workspace/site && echo hello-from-w1 > /workspace/site/index.html && \
+             cd /workspace/site && setsid python3 -m http.server 8080 --bind 127.0.0.1 \
+             >/dev/null 2>&1 </dev/null & sleep 0.5",
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = a
+        .call(
+            "POST",
+            &format!("/sandboxes/{id}/ports/8080"),
+            Some(json!({"mode": "public"})),
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    let page = reqwest::get(format!("http://127.0.0.1:{p}/preview/{id}/8080/"))
+        .await
+        .expect("preview");
+    assert_eq!(page.status().as_u16(), 200, "{}", w.log());
+    assert_eq!(page.text().await.expect("body"), "hello-from-w1\n");
+
+    // Archive: download the directory, upload it elsewhere, compare.
+    let tar = a
+        .http
+        .get(format!("{}/sandboxes/{id}/archive?path=/workspace/site", a.base))
+        .header("X-Admin-API-Key", ADMIN)
+        .send()
+        .await
+        .expect("archive");
+    assert_eq!(tar.status().as_u16(), 200);
+    let tar = tar.bytes().await.expect("tar");
+    assert!(tar.len() >= 1024, "a tar: {} bytes", tar.len());
+    let up = a
+        .http
+        .put(format!("{}/sandboxes/{id}/archive?path=/workspace/copy", a.base))
+        .header("X-Admin-API-Key", ADMIN)
+        .body(tar.to_vec())
+        .send()
+        .await
+        .expect("upload");
+    assert_eq!(up.status().as_u16(), 200, "{:?}", up.text().await);
+    let (st, v) = a.exec(&id, "cat /workspace/copy/index.html").await;
+    assert_eq!((st, v["stdout"].as_str()), (200, Some("hello-from-w1\n")), "{v}");
+
+    // Pause on the worker; the next exec wakes it.
+    let (st, v) = a.call("POST", &format!("/sandboxes/{id}/pause"), None).await;
+    assert_eq!((st, v["state"].as_str()), (200, Some("paused")), "{v}");
+    let (st, v) = a.exec(&id, "echo awake").await;
+    assert_eq!((st, v["stdout"].as_str()), (200, Some("awake\n")), "{v}");
+    assert_eq!(state_of(&a, &id).await, "running");
+    let (st, _) = a.call("DELETE", &format!("/sandboxes/{id}"), None).await;
+    assert_eq!(st, 200);
+}
+
 /// A worker draining with `drain_policy: migrate`: a control plane moves
 /// its sandboxes to another worker, ids, records and `/workspace` files
 /// (modes included) kept, and the drained worker leaves at once.

@@ -169,7 +169,10 @@ impl conformance::Fixture for Fixture {
                 client,
                 Arc::new(Lease),
             )
-            .expect("provider"),
+            .expect("provider")
+            .with_tunnel_client(
+                stacyvm_cluster::remote::tunnel_client(&self.tls).expect("tunnel client"),
+            ),
         )
     }
     fn image(&self) -> String {
@@ -179,13 +182,12 @@ impl conformance::Fixture for Fixture {
         // A new client reaches the same worker.
         true
     }
-    /// Worker RPC has no port stream yet (docs/preview.md: clusters).
+    /// Port streams and archives: the `connect` and `archive` extensions.
     fn supports_connect(&self) -> bool {
-        false
+        true
     }
-    /// Nor archives (docs/api.md: directory archives).
     fn supports_archives(&self) -> bool {
-        false
+        true
     }
     /// The `pause` extension, served by the worker's native provider.
     fn supports_pause(&self) -> bool {

@@ -30,9 +30,9 @@ use serde_json::{json, Map, Value};
 use stacyvm_api::FileInfo;
 use stacyvm_core::config::{Config, CustomConfig};
 use stacyvm_core::provider::{
-    capability, format_mod_time, format_mode, ExecInput, ExecSpec, ExitStatus, FileStream, FsEvent,
-    FsEvents, FsOp, Isolation, OutputChunk, OutputSink, Profile, Provider, RuntimeStatus,
-    SpawnSpec, Spawned, Stats, StreamKind,
+    capability, format_mod_time, format_mode, ArchiveLimits, ArchiveReport, ExecInput, ExecSpec,
+    ExitStatus, FileStream, FsEvent, FsEvents, FsOp, Isolation, OutputChunk, OutputSink,
+    PortStream, Profile, Provider, RuntimeStatus, SpawnSpec, Spawned, Stats, StreamKind,
 };
 use stacyvm_core::{paths, Error, ErrorKind, Result};
 use tokio::sync::mpsc;
@@ -104,11 +104,19 @@ pub struct Extensions {
     /// and thaw a sandbox (idempotent); `GET /status/{id}` then says
     /// `paused`.
     pub pause: bool,
+    /// (StacyVM workers) `GET /archive?sandbox_id=&path=&max_bytes=&max_entries=`
+    /// streams a tar of `path`; `PUT /archive?…` extracts a tar body and
+    /// answers `{"entries", "bytes"}`.
+    pub archive: bool,
+    /// (StacyVM workers) `GET /connect/{id}/{port}` with `Upgrade:
+    /// stacyvm-port` answers 101 and then carries a TCP connection to the
+    /// port inside the sandbox.
+    pub connect: bool,
 }
 
 impl Extensions {
     /// Every extension name this provider understands.
-    pub const ALL: [&'static str; 12] = [
+    pub const ALL: [&'static str; 14] = [
         "exit_status",
         "stdin",
         "timeout",
@@ -121,6 +129,8 @@ impl Extensions {
         "stats",
         "watch",
         "pause",
+        "archive",
+        "connect",
     ];
 
     /// Reads the `extensions` array of a `/health` answer.
@@ -143,6 +153,8 @@ impl Extensions {
                 "stats" => e.stats = true,
                 "watch" => e.watch = true,
                 "pause" => e.pause = true,
+                "archive" => e.archive = true,
+                "connect" => e.connect = true,
                 _ => {}
             }
         }
@@ -164,6 +176,8 @@ impl Extensions {
             self.stats,
             self.watch,
             self.pause,
+            self.archive,
+            self.connect,
         ];
         let mut out = Vec::new();
         for (name, on) in Self::ALL.iter().zip(flags) {
@@ -203,6 +217,9 @@ pub struct CustomProvider {
     decorate: Option<Arc<dyn Decorate>>,
     /// Capabilities the backend reported on `/health` (workers do).
     reported: Mutex<Option<Vec<String>>>,
+    /// An HTTP/1.1-only client for port tunnels (an `Upgrade` needs
+    /// HTTP/1.1; workers speak HTTP/2 when TLS offers it); `None`: `client`.
+    tunnel: Option<reqwest::Client>,
 }
 
 impl fmt::Debug for CustomProvider {
@@ -312,6 +329,7 @@ impl CustomProvider {
             extensions: Mutex::new(None),
             decorate: None,
             reported: Mutex::new(None),
+            tunnel: None,
         })
     }
 
@@ -327,6 +345,12 @@ impl CustomProvider {
         p.client = client;
         p.decorate = Some(decorate);
         Ok(p)
+    }
+
+    /// Port tunnels (`connect`) go through `client` (HTTP/1.1 only).
+    pub fn with_tunnel_client(mut self, client: reqwest::Client) -> CustomProvider {
+        self.tunnel = Some(client);
+        self
     }
 
     async fn decorated(&self, rb: RequestBuilder, id: Option<&str>) -> Result<RequestBuilder> {
@@ -473,6 +497,15 @@ impl CustomProvider {
         let body = self.read_capped(op, resp, cap).await?;
         serde_json::from_slice(&body)
             .map_err(|e| self.garbage(op, &format!("not JSON: {e}"), &body))
+    }
+
+    fn archive_query(id: &str, path: &str, limits: ArchiveLimits) -> [(&'static str, String); 4] {
+        [
+            ("sandbox_id", id.to_string()),
+            ("path", path.to_string()),
+            ("max_bytes", limits.max_bytes.to_string()),
+            ("max_entries", limits.max_entries.to_string()),
+        ]
     }
 
     /// `POST /pause/{id}` or `POST /resume/{id}` (the `pause` extension).
@@ -1788,6 +1821,149 @@ impl Provider for CustomProvider {
 
     async fn pause(&self, id: &str) -> Result<()> {
         self.freeze("pause", id).await
+    }
+
+    async fn archive_read(
+        &self,
+        id: &str,
+        path: &str,
+        limits: ArchiveLimits,
+    ) -> Result<FileStream> {
+        if !self.extensions().await.archive {
+            return Err(Error::unsupported(format!(
+                "{}: directory archives (the backend does not declare the archive extension)",
+                self.name
+            )));
+        }
+        let op = "GET /archive";
+        let rb = self
+            .request(Method::GET, &["archive"])
+            .query(&Self::archive_query(id, path, limits));
+        let mut resp = self.send(op, Some(id), rb).await?;
+        let (tx, rx) = mpsc::channel(4);
+        let name = self.name.clone();
+        // Frames: type byte, u32 length, bytes (data, error, end).
+        tokio::spawn(async move {
+            let mut buf: Vec<u8> = Vec::new();
+            let mut got = 0u64;
+            let broke = |got: u64| {
+                Error::unavailable(format!(
+                    "{name}: GET /archive: the transfer broke after {got} bytes"
+                ))
+            };
+            loop {
+                while buf.len() >= 5 {
+                    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
+                    if len > 16 << 20 {
+                        let _ = tx.send(Err(broke(got))).await;
+                        return;
+                    }
+                    if buf.len() < 5 + len {
+                        break;
+                    }
+                    let kind = buf[0];
+                    let data: Vec<u8> = buf[5..5 + len].to_vec();
+                    buf.drain(..5 + len);
+                    match kind {
+                        0 => {
+                            got += data.len() as u64;
+                            if tx.send(Ok(data)).await.is_err() {
+                                return;
+                            }
+                        }
+                        1 => {
+                            let (reason, kind) = parse_error_body(&data);
+                            let kind = kind.unwrap_or(ErrorKind::ProviderUnavailable);
+                            let _ = tx.send(Err(Error::new(kind, reason))).await;
+                            return;
+                        }
+                        _ => return,
+                    }
+                }
+                match resp.chunk().await {
+                    Ok(Some(c)) => buf.extend_from_slice(&c),
+                    // No end frame: cut off.
+                    Ok(None) => {
+                        let _ = tx.send(Err(broke(got))).await;
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(broke(got).with_source(e.without_url()))).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(FileStream {
+            size: 0,
+            chunks: rx,
+        })
+    }
+
+    async fn archive_write(
+        &self,
+        id: &str,
+        path: &str,
+        chunks: mpsc::Receiver<Vec<u8>>,
+        limits: ArchiveLimits,
+    ) -> Result<ArchiveReport> {
+        if !self.extensions().await.archive {
+            return Err(Error::unsupported(format!(
+                "{}: directory archives (the backend does not declare the archive extension)",
+                self.name
+            )));
+        }
+        let op = "PUT /archive";
+        let stream = futures::stream::unfold(chunks, |mut rx| async move {
+            let c = rx.recv().await?;
+            Some((Ok::<Vec<u8>, std::io::Error>(c), rx))
+        });
+        let rb = self
+            .request(Method::PUT, &["archive"])
+            .query(&Self::archive_query(id, path, limits))
+            .body(reqwest::Body::wrap_stream(stream));
+        let resp = self.send(op, Some(id), rb).await?;
+        let v = self.read_json(op, resp, MAX_JSON_BYTES).await?;
+        match (
+            v.get("entries").and_then(Value::as_u64),
+            v.get("bytes").and_then(Value::as_u64),
+        ) {
+            (Some(entries), Some(bytes)) => Ok(ArchiveReport { entries, bytes }),
+            _ => Err(self.garbage(
+                op,
+                "entries and bytes must be numbers",
+                v.to_string().as_bytes(),
+            )),
+        }
+    }
+
+    async fn connect(&self, id: &str, port: u16) -> Result<PortStream> {
+        if !self.extensions().await.connect {
+            return Err(Error::unsupported(format!(
+                "{}: connecting to sandbox ports (the backend does not declare the connect extension)",
+                self.name
+            )));
+        }
+        let op = "GET /connect";
+        let port_s = port.to_string();
+        let client = self.tunnel.as_ref().unwrap_or(&self.client);
+        let mut rb = client.request(Method::GET, self.url(&["connect", id, port_s.as_str()]));
+        if let Some(key) = &self.api_key {
+            rb = rb.header("X-API-Key", key.clone());
+        }
+        let rb = rb
+            .header(reqwest::header::CONNECTION, "upgrade")
+            .header(reqwest::header::UPGRADE, "stacyvm-port");
+        let rb = self.decorated(rb, Some(id)).await?;
+        let resp = rb.send().await.map_err(|e| self.transport_error(op, e))?;
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            return Err(self.status_error(op, Some(id), resp).await);
+        }
+        let up = resp
+            .upgrade()
+            .await
+            .map_err(|e| self.transport_error(op, e))?;
+        Ok(Box::new(up))
     }
 
     async fn resume(&self, id: &str) -> Result<()> {
