@@ -256,6 +256,7 @@ pub struct Hello {
 ///   directions have ended.
 /// - `archive`: `ArchiveRead` and `ArchiveWrite` move directories as tar
 ///   streams (links stored as links, entries confined on extraction).
+/// - `set_clock`: `SetClock` sets a microVM guest's wall clock.
 pub const FEATURES: &[&str] = &[
     "read_stream",
     "write_flow",
@@ -263,6 +264,7 @@ pub const FEATURES: &[&str] = &[
     "watch",
     "connect",
     "archive",
+    "set_clock",
 ];
 
 /// One change under a watched directory.
@@ -489,6 +491,12 @@ pub enum Request {
         /// template's guest left `eth0` down and unaddressed.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         net: Option<GuestNet>,
+    },
+    /// microVM guests only (feature `set_clock`): sets the wall clock to
+    /// the host's, after a pause (a stopped VM's clock stands still).
+    SetClock {
+        /// The host's wall clock, nanoseconds since the epoch.
+        unix_nanos: i64,
     },
 }
 

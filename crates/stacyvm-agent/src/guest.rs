@@ -270,6 +270,16 @@ fn mount_runtime_dirs() -> Result<(), String> {
     std::fs::create_dir_all("/workspace").map_err(|e| format!("creating /workspace: {e}"))
 }
 
+/// Sets the wall clock (see `Request::SetClock`).
+pub fn set_clock(unix_nanos: i64) -> Result<(), String> {
+    let ts = nix::sys::time::TimeSpec::new(
+        unix_nanos.div_euclid(1_000_000_000),
+        unix_nanos.rem_euclid(1_000_000_000),
+    );
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
+        .map_err(|e| format!("setting the clock: {e}"))
+}
+
 /// A restored snapshot's new identity (see `Request::Reidentify`).
 pub fn reidentify(
     hostname: &str,
@@ -281,12 +291,7 @@ pub fn reidentify(
         return Err(format!("bad hostname {hostname:?}"));
     }
     nix::unistd::sethostname(hostname).map_err(|e| format!("setting the hostname: {e}"))?;
-    let ts = nix::sys::time::TimeSpec::new(
-        unix_nanos.div_euclid(1_000_000_000),
-        unix_nanos.rem_euclid(1_000_000_000),
-    );
-    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts)
-        .map_err(|e| format!("setting the clock: {e}"))?;
+    set_clock(unix_nanos)?;
     let seed = hex::decode(seed).map_err(|e| format!("seed is not hex: {e}"))?;
     if seed.len() < 32 {
         return Err("the seed must be at least 32 bytes".into());

@@ -752,6 +752,19 @@ fn simple(id: u32, req: Request, conn: &Arc<Conn>, pid1: bool) {
                 ))
             }
         }
+        Request::SetClock { unix_nanos } => {
+            if crate::guest::is_guest() {
+                crate::guest::set_clock(unix_nanos)
+                    .map(|()| serde_json::json!({}))
+                    .map_err(|e| AgentError::new(ErrorKind::Internal, e))
+            } else {
+                // A sandbox sharing the host's kernel shares its clock.
+                Err(AgentError::new(
+                    ErrorKind::Internal,
+                    "set_clock is for microVM guests only",
+                ))
+            }
+        }
         Request::Ping
         | Request::Exec { .. }
         | Request::WriteFile { .. }

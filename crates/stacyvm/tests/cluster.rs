@@ -683,7 +683,9 @@ async fn previews_archives_and_pause_reach_a_worker() {
     a.wait_ready(&cp).await;
     let w = c.worker("w1", p, free_port());
     wait_workers(&a, &["w1"]).await;
-    let (st, sb) = a.call("POST", "/sandboxes", Some(json!({"ttl": "10m"}))).await;
+    let (st, sb) = a
+        .call("POST", "/sandboxes", Some(json!({"ttl": "10m"})))
+        .await;
     assert_eq!(st, 201, "{sb}\n{}", cp.log());
     let id = sb["id"].as_str().expect("id").to_string();
     assert_eq!(sb["worker_id"], "w1", "{sb}");
@@ -715,7 +717,10 @@ async fn previews_archives_and_pause_reach_a_worker() {
     // Archive: download the directory, upload it elsewhere, compare.
     let tar = a
         .http
-        .get(format!("{}/sandboxes/{id}/archive?path=/workspace/site", a.base))
+        .get(format!(
+            "{}/sandboxes/{id}/archive?path=/workspace/site",
+            a.base
+        ))
         .header("X-Admin-API-Key", ADMIN)
         .send()
         .await
@@ -725,7 +730,10 @@ async fn previews_archives_and_pause_reach_a_worker() {
     assert!(tar.len() >= 1024, "a tar: {} bytes", tar.len());
     let up = a
         .http
-        .put(format!("{}/sandboxes/{id}/archive?path=/workspace/copy", a.base))
+        .put(format!(
+            "{}/sandboxes/{id}/archive?path=/workspace/copy",
+            a.base
+        ))
         .header("X-Admin-API-Key", ADMIN)
         .body(tar.to_vec())
         .send()
@@ -733,10 +741,16 @@ async fn previews_archives_and_pause_reach_a_worker() {
         .expect("upload");
     assert_eq!(up.status().as_u16(), 200, "{:?}", up.text().await);
     let (st, v) = a.exec(&id, "cat /workspace/copy/index.html").await;
-    assert_eq!((st, v["stdout"].as_str()), (200, Some("hello-from-w1\n")), "{v}");
+    assert_eq!(
+        (st, v["stdout"].as_str()),
+        (200, Some("hello-from-w1\n")),
+        "{v}"
+    );
 
     // Pause on the worker; the next exec wakes it.
-    let (st, v) = a.call("POST", &format!("/sandboxes/{id}/pause"), None).await;
+    let (st, v) = a
+        .call("POST", &format!("/sandboxes/{id}/pause"), None)
+        .await;
     assert_eq!((st, v["state"].as_str()), (200, Some("paused")), "{v}");
     let (st, v) = a.exec(&id, "echo awake").await;
     assert_eq!((st, v["stdout"].as_str()), (200, Some("awake\n")), "{v}");

@@ -439,6 +439,19 @@ impl AgentClient {
         self.call(&Request::Ping).await.map(|_| ())
     }
 
+    /// Sets a microVM guest's wall clock to the host's (after a pause).
+    pub async fn set_clock(&self) -> Result<()> {
+        if !self.has("set_clock") {
+            return Err(Error::unsupported(
+                "setting the guest clock (an older agent)",
+            ));
+        }
+        let unix_nanos = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+        self.call(&Request::SetClock { unix_nanos })
+            .await
+            .map(|_| ())
+    }
+
     /// A microVM clone's fresh identity (see `Request::Reidentify`).
     pub async fn reidentify(
         &self,

@@ -1683,8 +1683,18 @@ impl Provider for QemuProvider {
         self.vm_control(id, "stop").await
     }
 
+    /// QMP `cont`, then the guest's wall clock is set to the host's (it
+    /// stood still while the VM was stopped).
     async fn resume(&self, id: &str) -> Result<()> {
-        self.vm_control(id, "cont").await
+        self.vm_control(id, "cont").await?;
+        match self.client(id).await?.set_clock().await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::Unsupported => {}
+            Err(e) => {
+                tracing::warn!(sandbox_id = id, error = %e, "setting the guest clock after resume failed")
+            }
+        }
+        Ok(())
     }
 
     async fn destroy(&self, id: &str) -> Result<()> {

@@ -168,6 +168,28 @@ impl conformance::Fixture for Fixture {
 
 crate::conformance_tests!(qemu_conformance, fixture());
 
+/// A paused VM's clock stands still (QMP `stop`); on resume the agent sets
+/// it to the host's again, so the guest is not behind by the pause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guest_clock_catches_up_after_a_pause() {
+    let fx = fixture();
+    let p = fx.make();
+    let spec = conformance::spawn_spec(BUSYBOX_TAG);
+    p.spawn(&spec).await.expect("spawn");
+    let id = spec.id.clone();
+    p.pause(&id).await.expect("pause");
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    p.resume(&id).await.expect("resume");
+    let r = sh(&p, &id, "date +%s").await;
+    let guest: i64 = r.stdout.trim().parse().expect("seconds");
+    let host = chrono::Utc::now().timestamp();
+    assert!(
+        (host - guest).abs() <= 2,
+        "guest clock {guest}, host {host}: behind by the pause?"
+    );
+    p.destroy(&id).await.expect("destroy");
+}
+
 /// Inside the guest: its own kernel (not the host's), none of the host's
 /// files or processes, no network but loopback, the sandbox's hostname,
 /// memory and vCPUs as asked, a clock that agrees with the host's, ptys.
