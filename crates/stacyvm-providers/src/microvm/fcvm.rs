@@ -42,7 +42,7 @@ use stacyvm_core::provider::{
     capability, ExecInput, ExecSpec, ExitStatus, Isolation, OutputSink, Profile, Provider,
     RuntimeInfo, RuntimeStatus, SandboxIo, SpawnSpec, Spawned, Stats,
 };
-use stacyvm_core::{paths, Error, Result};
+use stacyvm_core::{paths, Error, ErrorKind, Result};
 use stacyvm_sandbox::cgroup::{self, Layout, Limits};
 use stacyvm_sandbox::procs::Identity;
 use tracing::{info, warn};
@@ -1143,6 +1143,7 @@ impl Provider for FirecrackerProvider {
         c.push(capability::PTY.into());
         c.push(capability::WATCH.into());
         c.push(capability::EXEC_USER.into());
+        c.push(capability::PAUSE.into());
         if self.opts.snapshots {
             c.push(capability::SNAPSHOTS.into());
         }
@@ -1252,7 +1253,40 @@ impl Provider for FirecrackerProvider {
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {
+        // A paused guest's agent cannot answer a ping: ask the VMM first.
+        if let Ok(meta) = self.meta(id) {
+            if meta.vmm().alive() && FcApi::new(&self.dir(id).join("api.sock")).is_paused().await {
+                return Ok(RuntimeStatus {
+                    state: "paused".into(),
+                });
+            }
+        }
         crate::agent::conns::ping_status(id, self.client(id).await).await
+    }
+
+    /// `PATCH /vm {"state": "Paused"}`: the vCPUs stop, memory kept.
+    async fn pause(&self, id: &str) -> Result<()> {
+        if !self.meta(id)?.vmm().alive() {
+            return Err(Error::sandbox_not_found(id));
+        }
+        FcApi::new(&self.dir(id).join("api.sock")).pause().await
+    }
+
+    /// `PATCH /vm {"state": "Resumed"}`, then the guest's wall clock is
+    /// set to the host's (it stood still while paused).
+    async fn resume(&self, id: &str) -> Result<()> {
+        if !self.meta(id)?.vmm().alive() {
+            return Err(Error::sandbox_not_found(id));
+        }
+        FcApi::new(&self.dir(id).join("api.sock")).resume().await?;
+        match self.client(id).await?.set_clock().await {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::Unsupported => {}
+            Err(e) => {
+                tracing::warn!(sandbox_id = id, error = %e, "setting the guest clock after resume failed")
+            }
+        }
+        Ok(())
     }
 
     async fn destroy(&self, id: &str) -> Result<()> {
@@ -1742,6 +1776,10 @@ mod conformance_on_firecracker {
             super::super::tests::BUSYBOX_TAG.into()
         }
         fn survives_restart(&self) -> bool {
+            true
+        }
+        /// `PATCH /vm` Paused and Resumed.
+        fn supports_pause(&self) -> bool {
             true
         }
     }

@@ -230,6 +230,17 @@ impl FcApi {
             .map(|_| ())
     }
 
+    /// Whether the VM is paused (`GET /`: the instance's `state`).
+    pub async fn is_paused(&self) -> bool {
+        match self.call("GET", "/", None).await {
+            Ok(b) => serde_json::from_slice::<Value>(&b)
+                .ok()
+                .and_then(|v| v.get("state").and_then(Value::as_str).map(str::to_string))
+                .is_some_and(|s| s == "Paused"),
+            Err(_) => false,
+        }
+    }
+
     /// A full snapshot of a paused VM: device state and guest memory.
     pub async fn snapshot_create(&self, state: &Path, memory: &Path) -> Result<()> {
         self.call(
