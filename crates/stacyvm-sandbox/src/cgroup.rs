@@ -215,36 +215,67 @@ pub fn is_frozen(dirs: &[PathBuf]) -> bool {
     })
 }
 
-/// Kills every process in the cgroups and removes them (best effort, retried).
+/// Kills every process in the cgroups and removes them (best effort,
+/// retried). What cannot be removed within 5 s (a loaded host, tasks still
+/// exiting) is retried by a background thread for another minute, so a
+/// destroyed sandbox leaves no cgroup behind.
 pub fn destroy(dirs: &[PathBuf]) {
     // Frozen tasks die only once thawed.
     let _ = freeze(dirs, false);
     for dir in dirs {
-        if dir.join("cgroup.kill").is_file() {
-            let _ = fs::write(dir.join("cgroup.kill"), "1");
-        } else if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
-            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
-            }
-        }
+        kill_all(dir);
     }
-    // Processes of a killed PID namespace take a moment to exit; poll
-    // briefly instead of sleeping in large steps (≤ 5 s in total).
+    let mut left: Vec<PathBuf> = dirs.to_vec();
+    // Processes of a killed PID namespace take a moment to exit; poll with
+    // a growing pause (≤ 5 s in total), killing what appeared meanwhile.
     let until = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let mut pause = std::time::Duration::from_micros(500);
     loop {
-        let mut left = false;
-        for dir in dirs {
-            if dir.exists() && fs::remove_dir(dir).is_err() {
-                left = true;
-            }
-        }
-        if !left || std::time::Instant::now() > until {
+        left.retain(|dir| !remove(dir));
+        if left.is_empty() {
             return;
         }
-        std::thread::sleep(std::time::Duration::from_micros(500));
+        if std::time::Instant::now() > until {
+            break;
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(50));
+    }
+    let _ = std::thread::Builder::new()
+        .name("cgroup-reaper".into())
+        .spawn(move || {
+            for _ in 0..600 {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                left.retain(|dir| !remove(dir));
+                if left.is_empty() {
+                    return;
+                }
+            }
+        });
+}
+
+/// Removes an (empty) cgroup directory; `true` when it is gone. One that
+/// still has tasks gets them killed again (v1 has no `cgroup.kill`, and a
+/// task may have forked after the first kill).
+fn remove(dir: &std::path::Path) -> bool {
+    if !dir.exists() || fs::remove_dir(dir).is_ok() {
+        return true;
+    }
+    kill_all(dir);
+    false
+}
+
+/// SIGKILLs every task of one cgroup (`cgroup.kill` where there is one).
+fn kill_all(dir: &std::path::Path) {
+    if dir.join("cgroup.kill").is_file() {
+        let _ = fs::write(dir.join("cgroup.kill"), "1");
+    } else if let Ok(procs) = fs::read_to_string(dir.join("cgroup.procs")) {
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 }
 
