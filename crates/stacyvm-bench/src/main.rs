@@ -217,6 +217,20 @@ struct Outcome {
     first_error: Option<String>,
 }
 
+impl Outcome {
+    /// Sequential measurements without errors: the wall time is their sum.
+    fn sequential(name: &str, mut latencies: Vec<Duration>) -> Outcome {
+        latencies.sort();
+        Outcome {
+            name: name.into(),
+            wall: latencies.iter().sum(),
+            latencies,
+            errors: 0,
+            first_error: None,
+        }
+    }
+}
+
 fn pct(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;

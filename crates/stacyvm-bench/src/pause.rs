@@ -2,24 +2,13 @@
 //! first exec on a paused sandbox (it resumes by itself) against an exec
 //! on a running one (the floor).
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use hyper::Method;
 use serde_json::json;
 
 use super::{Args, Conn, Outcome};
-
-fn outcome(name: &str, mut latencies: Vec<Duration>) -> Outcome {
-    latencies.sort();
-    Outcome {
-        name: name.into(),
-        wall: latencies.iter().sum(),
-        latencies,
-        errors: 0,
-        first_error: None,
-    }
-}
 
 pub async fn run(args: &Args) -> Result<Vec<Outcome>> {
     let mut c = Conn::open(args).await?;
@@ -63,9 +52,9 @@ async fn measure(args: &Args, c: &mut Conn, id: &str) -> Result<Vec<Outcome>> {
         floor.push(t.elapsed());
     }
     Ok(vec![
-        outcome("pause", pause),
-        outcome("resume", resume),
-        outcome("wake_exec", wake),
-        outcome("exec_floor", floor),
+        Outcome::sequential("pause", pause),
+        Outcome::sequential("resume", resume),
+        Outcome::sequential("wake_exec", wake),
+        Outcome::sequential("exec_floor", floor),
     ])
 }

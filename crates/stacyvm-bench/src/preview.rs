@@ -113,18 +113,6 @@ async fn exec(c: &mut Conn, id: &str, command: &str) -> Result<String> {
     Ok(v["stdout"].as_str().unwrap_or_default().to_string())
 }
 
-fn outcome(name: &str, mut latencies: Vec<Duration>) -> Outcome {
-    latencies.sort();
-    let wall = latencies.iter().sum();
-    Outcome {
-        name: name.into(),
-        latencies,
-        wall,
-        errors: 0,
-        first_error: None,
-    }
-}
-
 /// Runs the comparison; rows for the table, then the throughput line.
 pub async fn run(args: &Args) -> Result<Vec<Outcome>> {
     let mut c = Conn::open(args).await?;
@@ -247,9 +235,9 @@ async fn measure(args: &Args, c: &mut Conn, id: &str) -> Result<Vec<Outcome>> {
         100.0 * rp / rd,
     );
     Ok(vec![
-        outcome("pv_direct", lat_d),
-        outcome("pv_proxy", lat_p),
-        outcome("pv_64m_dir", big_d),
-        outcome("pv_64m_prx", big_p),
+        Outcome::sequential("pv_direct", lat_d),
+        Outcome::sequential("pv_proxy", lat_p),
+        Outcome::sequential("pv_64m_dir", big_d),
+        Outcome::sequential("pv_64m_prx", big_p),
     ])
 }

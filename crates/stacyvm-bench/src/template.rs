@@ -15,17 +15,6 @@ use super::{Args, Conn, Outcome};
 
 const NAME: &str = "bench-pool";
 
-fn outcome(name: &str, mut latencies: Vec<Duration>) -> Outcome {
-    latencies.sort();
-    Outcome {
-        name: name.into(),
-        wall: latencies.iter().sum(),
-        latencies,
-        errors: 0,
-        first_error: None,
-    }
-}
-
 pub async fn run(args: &Args) -> Result<Vec<Outcome>> {
     let mut c = Conn::open(args).await?;
     let _ = c
@@ -103,8 +92,8 @@ async fn measure(args: &Args, c: &mut Conn) -> Result<Vec<Outcome>> {
             .await?;
     }
     Ok(vec![
-        outcome("pool_claim", claim),
-        outcome("setup_spawn", fresh),
-        outcome("plain_spawn", plain),
+        Outcome::sequential("pool_claim", claim),
+        Outcome::sequential("setup_spawn", fresh),
+        Outcome::sequential("plain_spawn", plain),
     ])
 }

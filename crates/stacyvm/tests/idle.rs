@@ -28,14 +28,6 @@ async fn prune(api: &common::Api) -> u64 {
     v["pruned"].as_u64().expect("pruned")
 }
 
-fn expiry(v: &Value) -> chrono::DateTime<chrono::Utc> {
-    v["expires_at"]
-        .as_str()
-        .expect("expires_at")
-        .parse()
-        .expect("time")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn activity_keeps_a_sandbox_and_idleness_ends_it() {
     let dir = tempfile::tempdir().expect("dir");
@@ -156,7 +148,7 @@ async fn on_timeout_pause_pauses_and_the_next_call_resumes() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(prune(&api).await, 1);
     assert_eq!(api.state(&id).await, "paused");
-    let before = expiry(&api.get(&format!("/sandboxes/{id}")).await.1);
+    let before = common::expiry(&api.get(&format!("/sandboxes/{id}")).await.1);
     let out = api
         .exec(
             &id,
@@ -166,7 +158,10 @@ async fn on_timeout_pause_pauses_and_the_next_call_resumes() {
     assert_eq!(out["stdout"], "kept\nalive\n", "{out}");
     let (_, v) = api.get(&format!("/sandboxes/{id}")).await;
     assert_eq!(v["state"], "running");
-    assert!(expiry(&v) >= before, "the time to live stood still: {v}");
+    assert!(
+        common::expiry(&v) >= before,
+        "the time to live stood still: {v}"
+    );
     // Its idle clock starts again from the resume.
     prune(&api).await;
     assert_eq!(api.state(&id).await, "running");
@@ -188,7 +183,7 @@ async fn on_timeout_pause_pauses_and_the_next_call_resumes() {
         .post(&format!("/sandboxes/{id}/resume"), json!({"ttl": "5m"}))
         .await;
     assert_eq!((s, v["state"].as_str()), (200, Some("running")), "{v}");
-    let left = expiry(&v) - chrono::Utc::now();
+    let left = common::expiry(&v) - chrono::Utc::now();
     assert!(
         left > chrono::Duration::seconds(290) && left <= chrono::Duration::seconds(300),
         "a fresh five minutes: {left:?}"
@@ -213,7 +208,7 @@ async fn on_timeout_pause_pauses_and_the_next_call_resumes() {
     assert_eq!(api.state(&id2).await, "paused");
     api.exec(&id2, "true").await;
     let (_, v) = api.get(&format!("/sandboxes/{id2}")).await;
-    let left = expiry(&v) - chrono::Utc::now();
+    let left = common::expiry(&v) - chrono::Utc::now();
     assert!(
         left > chrono::Duration::minutes(19) && left <= chrono::Duration::minutes(20),
         "defaults.ttl after a wake: {left:?}"

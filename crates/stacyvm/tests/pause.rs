@@ -9,14 +9,6 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-fn expiry(v: &Value) -> chrono::DateTime<chrono::Utc> {
-    v["expires_at"]
-        .as_str()
-        .expect("expires_at")
-        .parse()
-        .expect("time")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_sandboxes_keep_their_time_and_wake_on_use() {
     let dir = tempfile::tempdir().expect("dir");
@@ -32,7 +24,7 @@ async fn paused_sandboxes_keep_their_time_and_wake_on_use() {
     // Paused, then past its time to live: the reaper leaves it alone.
     let sb = api.spawn(json!({ "ttl": "2s" })).await;
     let id = sb["id"].as_str().expect("id").to_string();
-    let before = expiry(&sb);
+    let before = common::expiry(&sb);
     let (s, v) = api
         .post(
             &format!("/sandboxes/{id}/exec"),
@@ -70,7 +62,9 @@ async fn paused_sandboxes_keep_their_time_and_wake_on_use() {
     let paused_for = paused_at.elapsed();
     let (s, v) = api.get(&format!("/sandboxes/{id}")).await;
     assert_eq!((s, v["state"].as_str()), (200, Some("running")), "{v}");
-    let moved = (expiry(&v) - before).to_std().expect("moved forward");
+    let moved = (common::expiry(&v) - before)
+        .to_std()
+        .expect("moved forward");
     assert!(
         moved + Duration::from_millis(300) >= paused_for.saturating_sub(Duration::from_millis(300))
             && moved <= paused_for + Duration::from_secs(1),

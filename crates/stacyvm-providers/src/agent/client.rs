@@ -439,6 +439,19 @@ impl AgentClient {
         self.call(&Request::Ping).await.map(|_| ())
     }
 
+    /// After a microVM resume: the guest's wall clock is set to the host's
+    /// (it stood still while the VM was stopped). An older agent without
+    /// the feature is left as it is; other failures are logged, not fatal.
+    pub async fn resync_clock(&self, id: &str) {
+        match self.set_clock().await {
+            Ok(()) => {}
+            Err(e) if e.kind() == stacyvm_core::ErrorKind::Unsupported => {}
+            Err(e) => {
+                tracing::warn!(sandbox_id = id, error = %e, "setting the guest clock after resume failed")
+            }
+        }
+    }
+
     /// Sets a microVM guest's wall clock to the host's (after a pause).
     pub async fn set_clock(&self) -> Result<()> {
         if !self.has("set_clock") {

@@ -1711,7 +1711,21 @@ impl Provider for DockerProvider {
         let d = self.engine().await?;
         d.unpause_container(id)
             .await
-            .map_err(|e| engine_err("resuming the sandbox container", e))
+            .map_err(|e| engine_err("resuming the sandbox container", e))?;
+        // The agent's connection is an engine stream; one that did not
+        // survive the pause (seen under gVisor) is dropped now, so the next
+        // call connects afresh instead of failing on it.
+        if let Ok(Some(c)) = self.open_conn(id) {
+            let alive = tokio::time::timeout(Duration::from_secs(2), c.client().ping())
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if !alive {
+                if let Ok(mut conns) = self.conns.lock() {
+                    conns.remove(id);
+                }
+            }
+        }
+        Ok(())
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {

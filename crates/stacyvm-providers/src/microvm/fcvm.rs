@@ -42,7 +42,7 @@ use stacyvm_core::provider::{
     capability, ExecInput, ExecSpec, ExitStatus, Isolation, OutputSink, Profile, Provider,
     RuntimeInfo, RuntimeStatus, SandboxIo, SpawnSpec, Spawned, Stats,
 };
-use stacyvm_core::{paths, Error, ErrorKind, Result};
+use stacyvm_core::{paths, Error, Result};
 use stacyvm_sandbox::cgroup::{self, Layout, Limits};
 use stacyvm_sandbox::procs::Identity;
 use tracing::{info, warn};
@@ -1279,13 +1279,7 @@ impl Provider for FirecrackerProvider {
             return Err(Error::sandbox_not_found(id));
         }
         FcApi::new(&self.dir(id).join("api.sock")).resume().await?;
-        match self.client(id).await?.set_clock().await {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::Unsupported => {}
-            Err(e) => {
-                tracing::warn!(sandbox_id = id, error = %e, "setting the guest clock after resume failed")
-            }
-        }
+        self.client(id).await?.resync_clock(id).await;
         Ok(())
     }
 

@@ -1687,13 +1687,7 @@ impl Provider for QemuProvider {
     /// stood still while the VM was stopped).
     async fn resume(&self, id: &str) -> Result<()> {
         self.vm_control(id, "cont").await?;
-        match self.client(id).await?.set_clock().await {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::Unsupported => {}
-            Err(e) => {
-                tracing::warn!(sandbox_id = id, error = %e, "setting the guest clock after resume failed")
-            }
-        }
+        self.client(id).await?.resync_clock(id).await;
         Ok(())
     }
 

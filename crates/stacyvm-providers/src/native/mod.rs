@@ -193,6 +193,21 @@ fn host_memory_bytes() -> u64 {
 
 /// CPU (% of one CPU over a 100 ms window) and memory of a sandbox from
 /// its cgroups; the memory limit falls back to the spawn's `memory_mb`.
+/// Freezes or thaws a sandbox's cgroups (pause and resume of the native
+/// and PRoot providers); `Unsupported` without a freezer cgroup.
+pub(crate) async fn freeze_cgroups(cgroups: Vec<PathBuf>, frozen: bool) -> Result<()> {
+    let done = tokio::task::spawn_blocking(move || cgroup::freeze(&cgroups, frozen))
+        .await
+        .map_err(|e| Error::internal(format!("freezer task: {e}")))?
+        .map_err(|e| Error::internal(format!("the cgroup freezer failed: {e}")))?;
+    if !done {
+        return Err(Error::unsupported(
+            "pausing: this sandbox has no freezer cgroup (a server without cgroups it may create)",
+        ));
+    }
+    Ok(())
+}
+
 pub(crate) async fn cgroup_stats(cgroups: &[PathBuf], memory_mb: i64) -> Stats {
     let window = Duration::from_millis(100);
     let first = cgroup::usage(cgroups);
@@ -445,18 +460,7 @@ impl NativeProvider {
         if !paths::is_sandbox_id(id) {
             return Err(Error::sandbox_not_found(id));
         }
-        let meta = self.meta(id)?;
-        let cgroups = meta.cgroups.clone();
-        let done = tokio::task::spawn_blocking(move || cgroup::freeze(&cgroups, frozen))
-            .await
-            .map_err(|e| Error::internal(format!("freezer task: {e}")))?
-            .map_err(|e| Error::internal(format!("the cgroup freezer failed: {e}")))?;
-        if !done {
-            return Err(Error::unsupported(
-                "pausing: this sandbox has no freezer cgroup (a rootless server without cgroup delegation)",
-            ));
-        }
-        Ok(())
+        freeze_cgroups(self.meta(id)?.cgroups.clone(), frozen).await
     }
 
     async fn teardown(&self, id: &str, meta: Option<Meta>) {

@@ -417,17 +417,7 @@ impl ProotProvider {
         if !meta.alive() {
             return Err(Error::sandbox_not_found(id));
         }
-        let cgroups = meta.cgroups.clone();
-        let done = tokio::task::spawn_blocking(move || cgroup::freeze(&cgroups, frozen))
-            .await
-            .map_err(|e| Error::internal(format!("freezer task: {e}")))?
-            .map_err(|e| Error::internal(format!("the cgroup freezer failed: {e}")))?;
-        if !done {
-            return Err(Error::unsupported(
-                "pausing: this sandbox has no freezer cgroup (a server without cgroups it may create)",
-            ));
-        }
-        Ok(())
+        crate::native::freeze_cgroups(meta.cgroups.clone(), frozen).await
     }
 
     fn live_count(&self) -> usize {

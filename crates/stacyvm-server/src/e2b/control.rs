@@ -451,12 +451,7 @@ pub async fn connect(
     let r = live_in(&st, &id, &who, true).await?;
     // A paused sandbox is resumed: 201 says so.
     let (status, r) = if r.state == stacyvm_api::state::PAUSED {
-        let ttl = b
-            .timeout
-            .map(|s| timeout_secs(Some(s), "timeout"))
-            .transpose()?
-            .map(|s| format!("{s}s"));
-        st.manager.resume(&id, ttl.as_deref(), &who).await?;
+        resume_with(&st, &id, b.timeout, &who).await?;
         (StatusCode::CREATED, live(&st, &id, &who).await?)
     } else {
         (StatusCode::OK, r)
@@ -510,14 +505,25 @@ pub async fn resume(
             format!("sandbox {id:?} is not paused"),
         ));
     }
-    let ttl = b
-        .timeout
+    resume_with(&st, &id, b.timeout, &who).await?;
+    let r = live(&st, &id, &who).await?;
+    Ok(json_response(StatusCode::CREATED, &sandbox_of(&st, &r)))
+}
+
+/// Resumes a paused sandbox; `timeout` (seconds), when given, is its new
+/// time to live.
+async fn resume_with(
+    st: &AppState,
+    id: &str,
+    timeout: Option<i64>,
+    who: &stacyvm_core::manager::Caller,
+) -> E2bResult<()> {
+    let ttl = timeout
         .map(|s| timeout_secs(Some(s), "timeout"))
         .transpose()?
         .map(|s| format!("{s}s"));
-    st.manager.resume(&id, ttl.as_deref(), &who).await?;
-    let r = live(&st, &id, &who).await?;
-    Ok(json_response(StatusCode::CREATED, &sandbox_of(&st, &r)))
+    st.manager.resume(id, ttl.as_deref(), who).await?;
+    Ok(())
 }
 
 #[derive(Debug, Serialize)]

@@ -199,3 +199,12 @@ impl Api {
         }
     }
 }
+
+/// A sandbox's `expires_at`.
+pub fn expiry(v: &serde_json::Value) -> chrono::DateTime<chrono::Utc> {
+    v["expires_at"]
+        .as_str()
+        .expect("expires_at")
+        .parse()
+        .expect("time")
+}
