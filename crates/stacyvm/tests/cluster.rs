@@ -470,6 +470,25 @@ async fn two_control_planes_two_workers_over_mutual_tls() {
         reqwest::Version::HTTP_2,
         "worker RPC speaks HTTP/2"
     );
+    // The tunnel, archive and pause routes need the same credentials.
+    for (method, path) in [
+        (reqwest::Method::GET, format!("/connect/{w1_sandbox}/8080")),
+        (
+            reqwest::Method::GET,
+            format!("/archive?sandbox_id={w1_sandbox}&path=/workspace&max_bytes=1&max_entries=1"),
+        ),
+        (reqwest::Method::POST, format!("/pause/{w1_sandbox}")),
+        (reqwest::Method::POST, format!("/resume/{w1_sandbox}")),
+    ] {
+        let r = good
+            .request(method.clone(), format!("{w1_url}{path}"))
+            .header("X-Worker-ID", "w1")
+            .header(reqwest::header::UPGRADE, "stacyvm-port")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(r.status().as_u16(), 401, "{method} {path} without a token");
+    }
     let r = good
         .post(format!("{w1_url}/exec"))
         .header("X-Worker-ID", "w1")

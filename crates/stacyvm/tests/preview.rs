@@ -7,82 +7,17 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 const APP: &str = include_str!("fixtures/preview_app.py");
 const APP_PORT: u16 = 8000;
 
-struct Api {
-    http: reqwest::Client,
-    base: String,
-    root: String,
-}
-
-impl Api {
-    fn new(server: &common::Server) -> Api {
-        Api {
-            http: reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .build()
-                .expect("client"),
-            base: server.url.clone(),
-            root: server.url.trim_end_matches("/api/v1").to_string(),
-        }
-    }
-
-    async fn call(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> (u16, Value) {
-        let mut r = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(b) = body {
-            r = r.json(&b);
-        }
-        let resp = r.send().await.expect("request");
-        let status = resp.status().as_u16();
-        let text = resp.text().await.expect("body");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-
-    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        self.call(reqwest::Method::POST, path, Some(body)).await
-    }
-
-    async fn exec(&self, id: &str, command: &str) -> Value {
-        let (s, v) = self
-            .post(
-                &format!("/sandboxes/{id}/exec"),
-                json!({ "command": command }),
-            )
-            .await;
-        assert_eq!(s, 200, "{v}");
-        v
-    }
-
-    fn addr(&self) -> SocketAddr {
-        self.root
-            .trim_start_matches("http://")
-            .parse()
-            .expect("server address")
-    }
-
-    /// A client that resolves every preview name to the server.
-    fn preview_client(&self, hosts: &[&str]) -> reqwest::Client {
-        let mut b = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
-        for h in hosts {
-            b = b.resolve(h, self.addr());
-        }
-        b.build().expect("client")
-    }
-}
-
 /// Spawns a sandbox running the test app on [`APP_PORT`].
-async fn sandbox_with_app(api: &Api) -> String {
+async fn sandbox_with_app(api: &common::Api) -> String {
     let (s, sb) = api.post("/sandboxes", json!({})).await;
     assert_eq!(s, 201, "{sb}");
     let id = sb["id"].as_str().expect("id").to_string();
@@ -149,7 +84,7 @@ fn serve(dir: &std::path::Path) -> common::Server {
 async fn preview_proxy_serves_http_sse_and_websockets_by_host_and_path() {
     let dir = tempfile::tempdir().expect("dir");
     let server = serve(dir.path());
-    let api = Api::new(&server);
+    let api = common::Api::new(&server);
     let id = sandbox_with_app(&api).await;
     let port = api.addr().port();
     let host = format!("{APP_PORT}-{id}.preview.test");
@@ -326,11 +261,9 @@ async fn preview_proxy_serves_http_sse_and_websockets_by_host_and_path() {
 
     // The exposure changes are audited.
     let (s, audit) = api
-        .call(
-            reqwest::Method::GET,
-            &format!("/admin/op-audit?action=preview.expose&sandbox_id={id}"),
-            None,
-        )
+        .get(&format!(
+            "/admin/op-audit?action=preview.expose&sandbox_id={id}"
+        ))
         .await;
     assert_eq!(s, 200, "{audit}");
     let rows = audit
@@ -342,9 +275,7 @@ async fn preview_proxy_serves_http_sse_and_websockets_by_host_and_path() {
     assert!(rows.len() >= 2, "{audit}");
 
     // Destroying the sandbox takes its previews with it.
-    let (s, _) = api
-        .call(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
-        .await;
+    let (s, _) = api.delete(&format!("/sandboxes/{id}")).await;
     assert_eq!(s, 200);
     let (s, _) = text(client.get(format!("{url}/")).send().await.expect("get")).await;
     assert_eq!(s, 404);
@@ -354,7 +285,7 @@ async fn preview_proxy_serves_http_sse_and_websockets_by_host_and_path() {
 async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
     let dir = tempfile::tempdir().expect("dir");
     let server = serve(dir.path());
-    let api = Api::new(&server);
+    let api = common::Api::new(&server);
     let id = sandbox_with_app(&api).await;
     let port = api.addr().port();
     let host = format!("{APP_PORT}-{id}.preview.test");
@@ -403,11 +334,7 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
     assert!(secret.starts_with("svp_"), "{tok}");
     // The secret is shown once: listings never carry it.
     let (s, list) = api
-        .call(
-            reqwest::Method::GET,
-            &format!("/sandboxes/{id}/ports/{APP_PORT}/tokens"),
-            None,
-        )
+        .get(&format!("/sandboxes/{id}/ports/{APP_PORT}/tokens"))
         .await;
     assert_eq!(s, 200);
     assert!(!list.to_string().contains(&secret), "{list}");
@@ -498,11 +425,9 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
 
     // Revoked tokens are refused at once.
     let (s, v) = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/sandboxes/{id}/ports/{APP_PORT}/tokens/{token_id}"),
-            None,
-        )
+        .delete(&format!(
+            "/sandboxes/{id}/ports/{APP_PORT}/tokens/{token_id}"
+        ))
         .await;
     assert_eq!(s, 200, "{v}");
     let (s, body) = get_with_token(&client, &format!("{url}/"), &secret).await;
@@ -511,11 +436,7 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
 
     // Unexposing drops the port.
     let (s, _) = api
-        .call(
-            reqwest::Method::DELETE,
-            &format!("/sandboxes/{id}/ports/{APP_PORT}"),
-            None,
-        )
+        .delete(&format!("/sandboxes/{id}/ports/{APP_PORT}"))
         .await;
     assert_eq!(s, 200);
     let r = client.get(format!("{url}/")).send().await.expect("get");
@@ -554,9 +475,7 @@ async fn token_ports_need_a_live_token_and_never_leak_it_to_the_sandbox() {
         .post(&format!("/sandboxes/{id}/ports/0"), json!({}))
         .await;
     assert_eq!(s, 400, "{v}");
-    let (s, _) = api
-        .call(reqwest::Method::DELETE, &format!("/sandboxes/{id}"), None)
-        .await;
+    let (s, _) = api.delete(&format!("/sandboxes/{id}")).await;
     assert_eq!(s, 200);
 }
 
@@ -571,7 +490,7 @@ async fn guessing_ids_and_tokens_spends_the_failed_auth_budget() {
             ("STACYVM_RATE_LIMIT_FAILED_AUTH_PER_MINUTE", "5"),
         ],
     );
-    let api = Api::new(&server);
+    let api = common::Api::new(&server);
     let port = api.addr().port();
     let mut statuses = Vec::new();
     for i in 0..8 {

@@ -23,18 +23,23 @@ fn start(dir: &std::path::Path, extra: &[(&str, &str)]) -> common::Server {
     common::Server::start(dir, &env)
 }
 
-/// Live sandboxes the server runs (pool ones included), from /metrics.
-async fn running(api: &common::Api) -> u64 {
-    let text = api
-        .http
+/// The Prometheus metrics text.
+async fn metrics(api: &common::Api) -> String {
+    api.http
         .get(format!("{}/metrics/prometheus", api.base))
         .send()
         .await
         .expect("metrics")
         .text()
         .await
-        .expect("text");
-    text.lines()
+        .expect("text")
+}
+
+/// Live sandboxes the server runs (pool ones included), from the metrics.
+async fn running(api: &common::Api) -> u64 {
+    metrics(api)
+        .await
+        .lines()
         .find_map(|l| l.strip_prefix("stacyvm_sandboxes_total{state=\"running\"} "))
         .map_or(0, |v| v.trim().parse::<f64>().expect("number") as u64)
 }
@@ -310,15 +315,7 @@ async fn warm_pools_fill_hand_out_refill_and_drain() {
     // Refilled behind the claim.
     wait_for("the pool to refill", async || ready(&api).await == 2).await;
     assert_eq!(running(&api).await, 3);
-    let metrics = api
-        .http
-        .get(format!("{}/metrics/prometheus", api.base))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(&api).await;
     assert!(
         metrics.contains("stacyvm_template_pool_hits_total{template=\"warm\"} 1"),
         "{metrics}"

@@ -124,6 +124,8 @@ pub struct Api {
     pub http: reqwest::Client,
     /// `http://127.0.0.1:<port>/api/v1`
     pub base: String,
+    /// `http://127.0.0.1:<port>`
+    pub root: String,
 }
 
 impl Api {
@@ -134,7 +136,25 @@ impl Api {
                 .build()
                 .expect("client"),
             base: server.url.clone(),
+            root: server.url.trim_end_matches("/api/v1").to_string(),
         }
+    }
+
+    /// The server's listening address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.root
+            .trim_start_matches("http://")
+            .parse()
+            .expect("server address")
+    }
+
+    /// A client that resolves each of `hosts` (preview names) to the server.
+    pub fn preview_client(&self, hosts: &[&str]) -> reqwest::Client {
+        let mut b = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+        for h in hosts {
+            b = b.resolve(h, self.addr());
+        }
+        b.build().expect("client")
     }
 
     /// `method path` with a JSON body (none for `Value::Null`): the status
