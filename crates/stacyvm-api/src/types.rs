@@ -66,6 +66,9 @@ pub struct Sandbox {
     /// `kill` (absent) or `pause`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub on_timeout: String,
+    /// The sandbox's egress policy, when it has one (see [`NetworkPolicy`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkPolicy>,
 }
 
 /// `POST /sandboxes` and `POST /sandboxes/admission` body. Every field is optional.
@@ -109,6 +112,100 @@ pub struct SpawnRequest {
     /// with a fresh time to live).
     #[serde(skip_serializing_if = "String::is_empty")]
     pub on_timeout: String,
+    /// Where the sandbox may connect (`bridge` network mode): see
+    /// [`NetworkPolicy`]. Absent: the server's default (the public
+    /// internet, never private, link-local or metadata addresses).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<NetworkPolicy>,
+}
+
+/// A sandbox's egress policy. Every list entry is an IPv4 address, a CIDR
+/// block (`10.1.0.0/16`) or, in `allow_out` only, a domain
+/// (`api.example.com`, `*.example.com`: subdomains at any depth, not the
+/// apex). An allowed entry beats a denied one; what neither names is
+/// allowed. The operator's own limits (the built-in private and metadata
+/// ranges, `egress_deny`, tenant `egress` policies) always apply on top: a
+/// policy can only narrow them.
+///
+/// A domain means the domain: connections to denied addresses on TCP are
+/// handed to the server's egress proxy, which reads the HTTP `Host` or TLS
+/// SNI name, checks it against the allowed domains, resolves it itself and
+/// connects only to the addresses it resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct NetworkPolicy {
+    /// Input only: `true` is `deny_out: ["0.0.0.0/0"]`.
+    #[serde(skip_serializing_if = "is_false")]
+    pub deny_all: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow_out: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny_out: Vec<String>,
+    /// IPv4 resolvers the sandbox may query on port 53 (and the egress
+    /// proxy uses for allowed domains). Absent: the host's resolvers.
+    /// `[]`: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns_servers: Option<Vec<String>>,
+}
+
+/// `PATCH /sandboxes/{id}/network`: the fields present replace the
+/// policy's (`{"allow_out": []}` clears the allow list); `{}` keeps it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(default)]
+pub struct NetworkPatch {
+    pub deny_all: Option<bool>,
+    pub allow_out: Option<Vec<String>>,
+    pub deny_out: Option<Vec<String>>,
+    /// `null` resets to the host's resolvers.
+    #[serde(deserialize_with = "double_option")]
+    pub dns_servers: Option<Option<Vec<String>>>,
+}
+
+fn double_option<'de, D, T>(d: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(d).map(Some)
+}
+
+/// `GET /sandboxes/{id}/network`: the policy in force and what it denied.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct NetworkStatus {
+    pub sandbox_id: String,
+    pub network_mode: String,
+    /// The sandbox's own policy (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<NetworkPolicy>,
+    /// CIDRs denied by the operator or the tenant, whatever the policy says.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub enforced_deny: Vec<String>,
+    /// Recent denied connections, newest first (at most 256).
+    pub denied: Vec<EgressDenial>,
+}
+
+/// A destination the sandbox was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct EgressDenial {
+    /// The address it tried (empty when a name was refused before any
+    /// address was chosen).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub address: String,
+    /// The HTTP Host or TLS SNI name, for connections the egress proxy
+    /// judged.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    pub port: u16,
+    /// `tcp` or `udp`.
+    pub protocol: String,
+    /// `cidr` (a deny rule), `domain` (a name no rule allows), `no_name`
+    /// (neither HTTP nor TLS with SNI), `resolved_blocked` (the name
+    /// resolved only to addresses the operator blocks), `resolve_failed`.
+    pub reason: String,
+    /// Packets (`cidr`) or connections (proxy reasons) refused.
+    pub count: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_at: Option<DateTime<Utc>>,
 }
 
 fn is_zero(v: &i64) -> bool {

@@ -540,6 +540,7 @@ async fn spawn(State(w): State<Arc<WorkerRpc>>, h: HeaderMap, raw: axum::body::B
             .unwrap_or_else(|| chrono::Utc::now() + chrono::Duration::minutes(30)),
         network_mode: b.network_mode,
         snapshot: None,
+        egress: None,
     };
     let s = p.spawn(&spec).await?;
     tracing::info!(sandbox_id = %id, provider = p.name(), "sandbox spawned for the control plane");

@@ -26,6 +26,8 @@ pub mod kind {
     pub const SANDBOX_EXTENDED: &str = "sandbox.extended";
     pub const SANDBOX_PAUSED: &str = "sandbox.paused";
     pub const SANDBOX_RESUMED: &str = "sandbox.resumed";
+    /// Its egress policy changed (`PATCH /sandboxes/{id}/network`).
+    pub const SANDBOX_NETWORK_UPDATED: &str = "sandbox.network_updated";
     /// Its worker stopped heartbeating (a cluster).
     pub const SANDBOX_UNHEALTHY: &str = "sandbox.unhealthy";
     pub const EXEC_STARTED: &str = "exec.started";

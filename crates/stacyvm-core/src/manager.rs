@@ -32,6 +32,7 @@ use crate::store::{
 
 mod idle;
 pub mod migrate;
+pub mod network;
 mod pause;
 mod pools;
 mod setup;
@@ -565,6 +566,7 @@ impl Manager {
             preview_domain: self.cfg.server.preview_domain.clone(),
             idle_timeout: idle::shown(r).0,
             on_timeout: idle::shown(r).1,
+            network: network::policy_of(&r.metadata),
         }
     }
 
@@ -1051,6 +1053,13 @@ impl Manager {
                 return Err(e);
             }
         }
+        let egress = self.spawn_egress(
+            &req,
+            template.as_ref(),
+            &policies,
+            provider.as_ref(),
+            &network,
+        )?;
         // A provider's own defaults win over the server's when the request
         // names no size (gaps C-26); the spec then carries 0 so the
         // provider applies its exact setting (fractional CPUs included).
@@ -1065,8 +1074,17 @@ impl Manager {
         };
         // Spawns the template allows come from its warm pool when one is
         // ready.
+        // (Only when the caller's egress rules are the ones a pool
+        // sandbox was spawned with: the template's alone.)
         if let (Some(t), None) = (&template, pool) {
-            if !self.shared_admission() && pools::compatible(&req, t, &provider_name) {
+            let pool_rules = crate::egress::effective(
+                None,
+                &crate::egress::Limits::new(&[], &t.allowed_hosts)?,
+            )?;
+            if !self.shared_admission()
+                && pools::compatible(&req, t, &provider_name)
+                && egress.rules == pool_rules
+            {
                 let asked = SpawnRequest {
                     metadata: user_metadata,
                     ..SpawnRequest::default()
@@ -1091,10 +1109,14 @@ impl Manager {
                 }
             }
         }
+        req.metadata
+            .get_or_insert_with(BTreeMap::new)
+            .extend(egress.metadata);
         self.reserve_slot(&owner, ttl).await?;
         let res = self
             .spawn_reserved(
                 &provider,
+                egress.rules,
                 &placed.worker_id,
                 &image,
                 (memory_mb, spec_memory_mb),
@@ -1184,6 +1206,7 @@ impl Manager {
     async fn spawn_reserved(
         &self,
         provider: &Arc<dyn Provider>,
+        egress: Option<crate::egress::EgressRules>,
         holder: &str,
         image: &str,
         (memory_mb, spec_memory_mb): (i64, i64),
@@ -1212,6 +1235,7 @@ impl Manager {
             expires_at,
             network_mode: req.network_mode.clone(),
             snapshot: (!req.snapshot.is_empty()).then(|| req.snapshot.clone()),
+            egress,
         };
         let lease_ttl = ttl.to_std() + LEASE_GRACE;
         let shared = self.shared_admission();
@@ -1671,6 +1695,7 @@ impl Manager {
                         self.reconcile_state(&rec.id, &new_state).await;
                         r.state = new_state;
                     }
+                    self.reapply_egress(&provider, &r).await;
                     self.adopt_into_cache(r);
                 }
                 Err(e)

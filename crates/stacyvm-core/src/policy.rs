@@ -13,7 +13,11 @@ use crate::store::PolicyRecord;
 /// `worker` rules say which workers (by id) may run a tenant's
 /// sandboxes: placement skips the others. `preview` rules say which
 /// exposure modes (`public`, `token`) a tenant's sandboxes may use.
-pub const RESOURCE_TYPES: [&str; 5] = ["image", "provider", "network", "worker", "preview"];
+/// `egress` rules are not globs: a CIDR or domain each, all of which apply
+/// (see [`crate::egress`]).
+pub const RESOURCE_TYPES: [&str; 6] = [
+    "image", "provider", "network", "worker", "preview", "egress",
+];
 pub const EFFECTS: [&str; 2] = ["allow", "deny"];
 
 /// Checks a policy before it is stored: known type and effect, a pattern
@@ -21,7 +25,7 @@ pub const EFFECTS: [&str; 2] = ["allow", "deny"];
 pub fn validate(resource_type: &str, effect: &str, pattern: &str) -> Result<()> {
     if !RESOURCE_TYPES.contains(&resource_type) {
         return Err(Error::invalid(format!(
-            "resource_type must be image, provider, network, worker or preview, got {resource_type:?}"
+            "resource_type must be image, provider, network, worker, preview or egress, got {resource_type:?}"
         )));
     }
     if !EFFECTS.contains(&effect) {
@@ -31,6 +35,9 @@ pub fn validate(resource_type: &str, effect: &str, pattern: &str) -> Result<()> 
     }
     if pattern.trim().is_empty() {
         return Err(Error::invalid("pattern is required"));
+    }
+    if resource_type == "egress" {
+        return crate::egress::check_policy_pattern(effect, pattern);
     }
     glob::Pattern::new(pattern)
         .map_err(|e| Error::invalid(format!("pattern {pattern:?} does not compile: {e}")))?;

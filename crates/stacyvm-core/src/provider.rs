@@ -45,6 +45,9 @@ pub struct SpawnSpec {
     /// they were. The orchestrator sets image, size and network to the
     /// snapshot's.
     pub snapshot: Option<String>,
+    /// Egress rules in force from the sandbox's first packet (providers
+    /// with [`capability::EGRESS`]; `bridge` mode).
+    pub egress: Option<crate::egress::EgressRules>,
 }
 
 /// What [`Provider::snapshot_sandbox`] made.
@@ -291,6 +294,8 @@ pub mod capability {
     pub const WATCH: &str = "watch";
     /// `pause`/`resume` freeze and thaw a sandbox (and `on_timeout: pause`).
     pub const PAUSE: &str = "pause";
+    /// Per-sandbox egress rules ([`super::Provider::set_egress`]).
+    pub const EGRESS: &str = "egress";
 }
 
 /// How a provider separates a sandbox from the host, weakest first: the
@@ -665,6 +670,28 @@ pub trait Provider: Debug + Send + Sync + 'static {
     async fn delete_snapshot(&self, snapshot_id: &str) -> Result<()> {
         let _ = snapshot_id;
         Ok(())
+    }
+
+    /// Replaces the egress rules of a running sandbox (`None`: the
+    /// operator's defaults only), effective for new connections at once.
+    /// Also called after a restart for every adopted sandbox with rules.
+    /// Providers with [`capability::EGRESS`] implement it.
+    async fn set_egress(
+        &self,
+        runtime_id: &str,
+        rules: Option<&crate::egress::EgressRules>,
+    ) -> Result<()> {
+        let _ = rules;
+        Err(Error::unsupported(format!(
+            "provider {} cannot apply egress rules (to {runtime_id})",
+            self.name()
+        )))
+    }
+
+    /// Recent connections the sandbox's egress rules refused.
+    async fn egress_denials(&self, runtime_id: &str) -> Result<Vec<stacyvm_api::EgressDenial>> {
+        let _ = runtime_id;
+        Ok(Vec::new())
     }
 
     /// Stops what the provider runs for itself (warm pools, helpers)

@@ -350,6 +350,13 @@ pub trait Store: Debug + Send + Sync + 'static {
     /// `on_timeout` from `rec`. With a fence, only while the lease still
     /// matches it (else `Conflict`).
     async fn reassign_sandbox(&self, rec: &SandboxRecord, fence: Option<&Fence>) -> Result<()>;
+    /// Replaces the metadata of a non-destroyed sandbox (`updated_at` is
+    /// left alone); else not-found.
+    async fn set_sandbox_metadata(
+        &self,
+        id: &str,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<()>;
     /// Non-destroyed sandboxes with `expires_at < now`.
     async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>>;
     /// Running sandboxes with an idle timeout whose `idle_deadline < now`.

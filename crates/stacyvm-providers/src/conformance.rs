@@ -90,6 +90,7 @@ pub fn spawn_spec(image: &str) -> SpawnSpec {
         expires_at: Utc::now() + chrono::Duration::minutes(10),
         network_mode: String::new(),
         snapshot: None,
+        egress: None,
     }
 }
 

@@ -8,6 +8,7 @@ pub mod agent;
 pub mod conformance;
 #[cfg(feature = "docker")]
 pub mod docker;
+pub mod egress;
 pub mod hostfs;
 pub mod image;
 #[cfg(feature = "microvm")]

@@ -160,6 +160,9 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
     r("POST", "/sandboxes/{id}/extend", Perm::Write),
     r("POST", "/sandboxes/{id}/pause", Perm::Write),
     r("POST", "/sandboxes/{id}/resume", Perm::Write),
+    r("GET", "/sandboxes/{id}/network", Perm::Read),
+    r("PATCH", "/sandboxes/{id}/network", Perm::Write),
+    r("PUT", "/sandboxes/{id}/network", Perm::Write),
     r("POST", "/sandboxes/{id}/snapshot", Perm::Write),
     r("POST", "/sandboxes/{id}/fork", Perm::Write),
     r("POST", "/sandboxes/{id}/exec", Perm::Write),
@@ -297,6 +300,7 @@ pub const E2B_ROUTE_PERMISSIONS: &[RoutePerm] = &[
     r("POST", "/sandboxes/{id}/pause", Perm::Write),
     r("POST", "/sandboxes/{id}/resume", Perm::Write),
     r("GET", "/sandboxes/{id}/metrics", Perm::Read),
+    r("PUT", "/sandboxes/{id}/network", Perm::Write),
 ];
 
 /// The permission of an E2B API route.

@@ -490,6 +490,25 @@ impl Store for PostgresStore {
         rows::updated(self, res.rows_affected(), &r.id, fence, true).await
     }
 
+    async fn set_sandbox_metadata(
+        &self,
+        id: &str,
+        metadata: &std::collections::BTreeMap<String, String>,
+    ) -> Result<()> {
+        let res = sqlx::query(
+            "UPDATE sandboxes SET metadata = $1 WHERE id = $2 AND state != 'destroyed'",
+        )
+        .bind(to_json(metadata))
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        if res.rows_affected() == 0 {
+            return Err(Error::sandbox_not_found(id));
+        }
+        Ok(())
+    }
+
     async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>> {
         let rows = sqlx::query(
             "SELECT * FROM sandboxes WHERE state != 'destroyed' AND expires_at < $1 ORDER BY expires_at",

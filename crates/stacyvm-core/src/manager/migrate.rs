@@ -202,6 +202,7 @@ impl Manager {
             expires_at: rec.expires_at,
             network_mode: String::new(),
             snapshot: None,
+            egress: None,
         };
         let landed = async {
             let spawned = placed.provider.spawn(&spec).await?;

@@ -187,7 +187,7 @@ impl Manager {
     }
 
     /// The stored record (another request may have changed it).
-    async fn fresh(&self, rec: &SandboxRecord) -> Result<Arc<SandboxRecord>> {
+    pub(super) async fn fresh(&self, rec: &SandboxRecord) -> Result<Arc<SandboxRecord>> {
         match self.store.get_sandbox(&rec.id).await {
             Ok(r) if r.state == state::DESTROYED => Err(Error::sandbox_destroyed(&rec.id)),
             Ok(r) => Ok(Arc::new(r)),

@@ -68,6 +68,7 @@ pub(crate) fn compatible(req: &SpawnRequest, t: &TemplateRecord, provider: &str)
         && req.memory_mb == t.memory_mb
         && req.vcpus == t.cpu_cores
         && req.network_mode.is_empty()
+        && req.network.is_none()
 }
 
 impl Manager {

@@ -423,6 +423,7 @@ mod tests {
                 .with_timezone(&Utc),
             network_mode: String::new(),
             snapshot: None,
+            egress: None,
         }
     }
 

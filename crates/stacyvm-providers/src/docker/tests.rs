@@ -319,6 +319,7 @@ fn spawn_spec(image: &str, memory_mb: i64) -> SpawnSpec {
         expires_at: Utc::now() + chrono::Duration::minutes(10),
         network_mode: String::new(),
         snapshot: None,
+        egress: None,
     }
 }
 

@@ -458,6 +458,7 @@ mod tests {
             expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
             network_mode: String::new(),
             snapshot: None,
+            egress: None,
         };
         use stacyvm_core::provider::Provider;
         p.spawn(&spec).await.expect("spawn the pulled image");

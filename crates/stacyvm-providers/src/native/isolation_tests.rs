@@ -26,6 +26,7 @@ async fn spawn_net(p: &dyn Provider, memory_mb: i64, network_mode: &str) -> Stri
         expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
         network_mode: network_mode.into(),
         snapshot: None,
+        egress: None,
     };
     p.spawn(&spec).await.expect("spawn");
     id
@@ -858,6 +859,7 @@ async fn unknown_network_mode_is_rejected() {
         expires_at: chrono::Utc::now() + chrono::Duration::minutes(5),
         network_mode: "host".into(),
         snapshot: None,
+        egress: None,
     };
     let e = p
         .spawn(&spec)

@@ -880,12 +880,39 @@ impl Provider for NativeProvider {
         c.push(capability::EXEC_INTERACTIVE.into());
         c.push(capability::PTY.into());
         c.push(capability::WATCH.into());
-        // A rootless sandbox maps one uid: there is no other to become.
+        // A rootless sandbox maps one uid: there is no other to become
+        // (and has no bridge to filter).
         if !self.rootless {
             c.push(capability::EXEC_USER.into());
+            c.push(capability::EGRESS.into());
         }
         c.push("namespaces".into());
         c
+    }
+
+    async fn set_egress(
+        &self,
+        runtime_id: &str,
+        rules: Option<&stacyvm_core::egress::EgressRules>,
+    ) -> Result<()> {
+        if !paths::is_sandbox_id(runtime_id) {
+            return Err(Error::sandbox_not_found(runtime_id));
+        }
+        match self.meta(runtime_id)?.net {
+            Some(att) => self.bridge.set_egress(&att, rules).await,
+            // `none`: no network, nothing to reach.
+            None => Ok(()),
+        }
+    }
+
+    async fn egress_denials(&self, runtime_id: &str) -> Result<Vec<stacyvm_api::EgressDenial>> {
+        if !paths::is_sandbox_id(runtime_id) {
+            return Err(Error::sandbox_not_found(runtime_id));
+        }
+        Ok(match self.meta(runtime_id)?.net {
+            Some(att) => self.bridge.egress_denials(&att).await,
+            None => Vec::new(),
+        })
     }
 
     fn profile(&self) -> Profile {
@@ -1023,6 +1050,14 @@ impl Provider for NativeProvider {
                 Err(e) => {
                     self.teardown(&spec.id, Some(meta)).await;
                     return Err(e.context("connecting the sandbox to the bridge"));
+                }
+            }
+            // In force before the spawn returns: no command of the caller
+            // runs without them.
+            if let (Some(att), Some(rules)) = (&meta.net, &spec.egress) {
+                if let Err(e) = self.bridge.set_egress(att, Some(rules)).await {
+                    self.teardown(&spec.id, Some(meta)).await;
+                    return Err(e);
                 }
             }
         }
@@ -1624,6 +1659,7 @@ pub(crate) mod tests {
             expires_at: Utc::now(),
             network_mode: String::new(),
             snapshot: None,
+            egress: None,
         };
         let e = p.spawn(&spec).await.expect_err("unknown image");
         assert_eq!(e.kind(), ErrorKind::InvalidInput);

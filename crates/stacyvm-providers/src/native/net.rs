@@ -209,6 +209,7 @@ fn ruleset(opts: &BridgeOptions, resolvers: &[Ipv4Addr]) -> Result<String> {
              type filter hook input priority filter; policy accept;\n\
              iifname \"{name}\" ct state established,related accept\n\
              iifname \"{name}\" ip daddr @resolvers4 meta l4proto {{ tcp, udp }} th dport 53 accept\n\
+             iifname \"{name}\" ct status dnat ip daddr {gateway} meta l4proto tcp accept\n\
              iifname \"{name}\" drop\n\
            }}\n\
            chain forward {{\n\
@@ -225,6 +226,7 @@ fn ruleset(opts: &BridgeOptions, resolvers: &[Ipv4Addr]) -> Result<String> {
            }}\n\
          }}\n",
         subnet = opts.subnet,
+        gateway = opts.subnet.gateway(),
     ))
 }
 
@@ -423,6 +425,8 @@ pub struct Bridge {
     /// Why VM taps cannot be pinned here (the kernel lacks nftables'
     /// bridge family), once setup has tried.
     no_pins: std::sync::OnceLock<Option<String>>,
+    /// Per-sandbox egress rules and their proxy.
+    egress: crate::egress::Egress,
 }
 
 impl Bridge {
@@ -433,7 +437,55 @@ impl Bridge {
             lease_dir,
             ready: std::sync::OnceLock::new(),
             no_pins: std::sync::OnceLock::new(),
+            egress: crate::egress::Egress::new(),
         }
+    }
+
+    /// A sandbox's place for the egress rules.
+    fn egress_port(&self, att: &Attachment) -> crate::egress::Port {
+        crate::egress::Port::new(
+            &att.bridge,
+            att.ip,
+            self.opts.subnet.gateway(),
+            &att.host_if,
+        )
+    }
+
+    /// Marks a sandbox with egress rules (kept in /run with the leases, so
+    /// a restarted server still removes them on destroy).
+    fn egress_marker(&self, att: &Attachment) -> PathBuf {
+        self.lease_dir
+            .join(format!("egress-{}", self.egress_port(att).key))
+    }
+
+    /// Puts a sandbox's egress rules in force (`None`: the bridge's
+    /// defaults only).
+    pub async fn set_egress(
+        &self,
+        att: &Attachment,
+        rules: Option<&stacyvm_core::egress::EgressRules>,
+    ) -> Result<()> {
+        let port = self.egress_port(att);
+        let marker = self.egress_marker(att);
+        if rules.is_some_and(|r| !r.is_empty()) {
+            std::fs::write(&marker, b"")
+                .map_err(|e| Error::internal("marking egress rules").with_source(e))?;
+            let op = crate::egress::Operator {
+                allow: self.opts.egress_allow.clone(),
+                deny: self.opts.egress_deny.clone(),
+                resolvers: self.resolvers(),
+            };
+            self.egress.apply(&port, rules, &op).await
+        } else {
+            self.egress.remove(&port).await;
+            let _ = std::fs::remove_file(&marker);
+            Ok(())
+        }
+    }
+
+    /// What a sandbox's egress rules refused lately.
+    pub async fn egress_denials(&self, att: &Attachment) -> Vec<stacyvm_api::EgressDenial> {
+        self.egress.denials(&self.egress_port(att)).await
     }
 
     pub fn options(&self) -> &BridgeOptions {
@@ -688,6 +740,13 @@ impl Bridge {
     /// Removes what a sandbox held: its veth (gone anyway once its
     /// namespace dies) and its address lease.
     pub fn detach(&self, att: &Attachment) {
+        // The rules go before the address: once the lease is free another
+        // sandbox may hold it, and its rules must stay.
+        let marker = self.egress_marker(att);
+        if marker.exists() {
+            self.egress.remove_blocking(&self.egress_port(att));
+            let _ = std::fs::remove_file(&marker);
+        }
         release(att);
     }
 

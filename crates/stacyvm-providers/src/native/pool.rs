@@ -180,6 +180,7 @@ async fn boot_one(booter: &Booter, closed: &std::sync::atomic::AtomicBool) -> Re
         expires_at: Utc::now() + chrono::Duration::days(3650),
         network_mode: "none".into(),
         snapshot: None,
+        egress: None,
     };
     let dir = booter.opts.state_dir.join("sandboxes").join(&id);
     let memory_bytes = (spec.memory_mb.max(16) as u64) * 1024 * 1024;

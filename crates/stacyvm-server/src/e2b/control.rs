@@ -75,6 +75,71 @@ struct NewSandbox {
     env_vars: Option<BTreeMap<String, String>>,
     /// Pause instead of kill when the timeout runs out.
     auto_pause: Option<bool>,
+    /// Egress rules (snake case on the wire, as the SDKs send them).
+    network: Option<E2bNetwork>,
+    /// `false` is `deny_out: ["0.0.0.0/0"]`.
+    #[serde(rename = "allow_internet_access")]
+    allow_internet_access: Option<bool>,
+}
+
+/// E2B's `SandboxNetworkConfig` / `SandboxNetworkUpdateConfig`. Inbound
+/// settings (`allow_public_traffic`, `mask_request_host`) are accepted and
+/// ignored (previews have their own exposure API); request transforms and
+/// a SOCKS5 egress proxy are refused, as E2B's open-source runtime does.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct E2bNetwork {
+    allow_out: Vec<String>,
+    deny_out: Vec<String>,
+    dns_servers: Option<Vec<String>>,
+    rules: Option<serde_json::Value>,
+    egress_proxy: Option<serde_json::Value>,
+    allow_internet_access: Option<bool>,
+}
+
+/// The policy of an E2B network config (`None`: none given).
+fn e2b_policy(
+    network: Option<E2bNetwork>,
+    allow_internet_access: Option<bool>,
+) -> E2bResult<Option<stacyvm_api::NetworkPolicy>> {
+    let n = network.unwrap_or_default();
+    if n.rules
+        .as_ref()
+        .is_some_and(|r| !r.is_null() && r != &serde_json::json!({}))
+    {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            "network.rules (request transforms) are not supported by this server",
+        ));
+    }
+    if n.egress_proxy.as_ref().is_some_and(|p| !p.is_null()) {
+        return Err(fail(
+            StatusCode::BAD_REQUEST,
+            "network.egress_proxy is not supported by this server",
+        ));
+    }
+    let deny_all = allow_internet_access.or(n.allow_internet_access) == Some(false);
+    let p = stacyvm_api::NetworkPolicy {
+        deny_all,
+        allow_out: n.allow_out,
+        deny_out: n.deny_out,
+        dns_servers: n.dns_servers,
+    };
+    Ok((p != stacyvm_api::NetworkPolicy::default()).then_some(p))
+}
+
+/// `PUT /sandboxes/{id}/network`: replaces the egress rules; 204.
+pub async fn update_network(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> E2bResult<Response> {
+    let n: E2bNetwork = body_or_default(&body)?;
+    live_in(&st, &id, &who, true).await?;
+    let policy = e2b_policy(Some(n), None)?;
+    st.manager.set_network(&id, policy, &who).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// `Sandbox` of E2B's API (create and connect).
@@ -340,6 +405,7 @@ pub async fn create(
         } else {
             String::new()
         },
+        network: e2b_policy(req.network, req.allow_internet_access)?,
         ..Default::default()
     };
     if template != BASE_TEMPLATE {

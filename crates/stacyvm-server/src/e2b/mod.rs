@@ -50,6 +50,10 @@ pub fn routes() -> Router<AppState> {
         .route("/sandboxes/{id}/connect", post(control::connect))
         .route("/v2/sandboxes/{id}/connect", post(control::connect))
         .route("/sandboxes/{id}/pause", post(control::pause))
+        .route(
+            "/sandboxes/{id}/network",
+            axum::routing::put(control::update_network),
+        )
         .route("/sandboxes/{id}/resume", post(control::resume))
         .route("/sandboxes/{id}/metrics", get(control::metrics))
 }

@@ -52,6 +52,7 @@ const fn method_name(m: &str) -> &'static str {
         b"get" => "GET",
         b"post" => "POST",
         b"put" => "PUT",
+        b"patch" => "PATCH",
         b"delete" => "DELETE",
         _ => panic!("unknown method"),
     }
@@ -82,6 +83,9 @@ fn table() -> Vec<(Op, MethodRouter<AppState>)> {
         op!(post "/sandboxes/{id}/extend", sandboxes::extend, Doc::new("sandboxes", "Extend a sandbox's time to live", sandbox).body(Body::Json(schema::<a::ExtendRequest>))),
         op!(post "/sandboxes/{id}/pause", sandboxes::pause, Doc::new("sandboxes", "Pause a sandbox: its processes frozen, its time to live stopped", sandbox)),
         op!(post "/sandboxes/{id}/resume", sandboxes::resume, Doc::new("sandboxes", "Resume a paused sandbox (any exec, file operation or preview request does too)", sandbox)),
+        op!(get "/sandboxes/{id}/network", sandboxes::network, Doc::new("network", "The sandbox's egress policy and the connections it refused lately", Reply::Json(schema::<a::NetworkStatus>))),
+        op!(patch "/sandboxes/{id}/network", sandboxes::patch_network, Doc::new("network", "Change the sandbox's egress policy (the fields given replace the policy's), at once", Reply::Json(schema::<a::NetworkStatus>)).body(Body::Json(schema::<a::NetworkPatch>))),
+        op!(put "/sandboxes/{id}/network", sandboxes::put_network, Doc::new("network", "Replace the sandbox's egress policy, at once", Reply::Json(schema::<a::NetworkStatus>)).body(Body::Json(schema::<a::NetworkPolicy>))),
         op!(post "/sandboxes/{id}/snapshot", sandboxes::snapshot, Doc::new("snapshots", "Snapshot a sandbox", Reply::Json(schema::<a::SnapshotSummary>))),
         op!(post "/sandboxes/{id}/fork", sandboxes::fork, Doc::new("snapshots", "Fork a sandbox into children", Reply::Json(schema::<a::ForkResponse>)).body(Body::OptionalJson(schema::<a::ForkRequest>))),
         op!(post "/sandboxes/{id}/exec", sandboxes::exec, Doc::new("exec", "Run a command (JSON result, or NDJSON with stream: true)", Reply::JsonOrNdjson(schema::<a::ExecResponse>)).body(Body::Json(schema::<a::ExecRequest>))),

@@ -106,6 +106,37 @@ pub async fn extend(
     Ok(Json::ok(st.manager.extend(&id, &req.ttl, &who).await?))
 }
 
+/// `GET /sandboxes/{id}/network`: the egress policy and recent denials.
+pub async fn network(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+) -> ApiResult<Json<stacyvm_api::NetworkStatus>> {
+    Ok(Json::ok(st.manager.network(&id, &who).await?))
+}
+
+/// `PATCH /sandboxes/{id}/network`: the fields given replace the policy's.
+pub async fn patch_network(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Body2(req): Body2<stacyvm_api::NetworkPatch>,
+) -> ApiResult<Json<stacyvm_api::NetworkStatus>> {
+    Ok(Json::ok(st.manager.patch_network(&id, req, &who).await?))
+}
+
+/// `PUT /sandboxes/{id}/network`: a whole new policy.
+pub async fn put_network(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    Body2(req): Body2<stacyvm_api::NetworkPolicy>,
+) -> ApiResult<Json<stacyvm_api::NetworkStatus>> {
+    Ok(Json::ok(
+        st.manager.set_network(&id, Some(req), &who).await?,
+    ))
+}
+
 /// `POST /sandboxes/{id}/pause`: freezes the sandbox, stops its TTL.
 pub async fn pause(
     State(st): State<AppState>,

@@ -1,0 +1,467 @@
+//! Per-sandbox egress rules on a host bridge (native and microVM sandboxes
+//! on the native bridge, Docker containers on StacyVM's Docker network).
+//!
+//! One nftables table, `inet stacyvm_egress`, shared by every bridge and
+//! server on the host and never dropped as a whole:
+//! - map `sb_out` (`bridge . source address : jump e_<key>`), looked up
+//!   from a `forward` chain at priority filter − 5, for every packet a
+//!   sandbox sends, so a changed policy applies at once, to connections
+//!   already open as well;
+//! - map `sb_nat` (same key : `jump n_<key>`), from a `prerouting` nat
+//!   chain at priority dstnat − 5, for sandboxes with domain rules: their
+//!   new TCP connections to denied addresses are redirected to the egress
+//!   proxy ([`proxy`]) on the bridge's own address;
+//! - per sandbox, chains `e_<key>`/`n_<key>` and sets `<key>_hard`
+//!   (tenant denies), `<key>_allow`, `<key>_deny`, `<key>_dns` and
+//!   `<key>_log`, a dynamic set with counters of denied destinations
+//!   (address, protocol, port), kept an hour.
+//!
+//! These rules only narrow: the bridge's own table (the operator's
+//! blocked ranges and `egress_deny`) still judges what they let through,
+//! and the proxy applies the same limits to the addresses it dials.
+//! A sandbox cannot forge its source address: native sandboxes hold no
+//! `CAP_NET_ADMIN`, VM taps are pinned to their address, Docker drops the
+//! capability.
+
+pub mod dns;
+pub mod proxy;
+pub mod sniff;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use stacyvm_api::EgressDenial;
+use stacyvm_core::cidr::{Cidr, BLOCKED_EGRESS_V4};
+use stacyvm_core::egress::EgressRules;
+use stacyvm_core::{Error, Result};
+
+/// The shared table.
+pub const TABLE: &str = "stacyvm_egress";
+
+/// Where a sandbox sits on a bridge.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Port {
+    /// The bridge interface its traffic arrives on.
+    pub iface: String,
+    /// Its address.
+    pub ip: Ipv4Addr,
+    /// The bridge's own address (where the proxy listens and dials from).
+    pub gateway: Ipv4Addr,
+    /// Names its chains and sets: 10 hex digits of its id's hash.
+    pub key: String,
+}
+
+impl Port {
+    pub fn new(iface: &str, ip: Ipv4Addr, gateway: Ipv4Addr, sandbox_id: &str) -> Port {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(sandbox_id.as_bytes());
+        Port {
+            iface: iface.to_string(),
+            ip,
+            gateway,
+            key: hex::encode(&h[..5]),
+        }
+    }
+}
+
+/// The operator's limits, which the proxy applies to the addresses it
+/// dials (the kernel applies them to forwarded traffic).
+#[derive(Debug, Clone, Default)]
+pub struct Operator {
+    pub allow: Vec<Cidr>,
+    pub deny: Vec<Cidr>,
+    /// The host's resolvers: what sandboxes query when their policy names
+    /// none.
+    pub resolvers: Vec<Ipv4Addr>,
+}
+
+impl Operator {
+    /// Whether the operator lets a sandbox reach `ip`.
+    pub fn permits(&self, ip: Ipv4Addr) -> bool {
+        let ip = IpAddr::V4(ip);
+        if self.deny.iter().any(|c| c.contains(ip)) {
+            return false;
+        }
+        self.allow.iter().any(|c| c.contains(ip))
+            || !BLOCKED_EGRESS_V4
+                .iter()
+                .filter_map(|c| c.parse::<Cidr>().ok())
+                .any(|c| c.contains(ip))
+    }
+}
+
+fn set(name: &str, elements: &[String], extra: &str) -> String {
+    let mut s = format!(
+        "add set inet {TABLE} {name} {{ type ipv4_addr; flags interval; auto-merge; {extra}}}\n\
+         flush set inet {TABLE} {name}\n"
+    );
+    if !elements.is_empty() {
+        s.push_str(&format!(
+            "add element inet {TABLE} {name} {{ {} }}\n",
+            elements.join(", ")
+        ));
+    }
+    s
+}
+
+/// The table's fixed part, idempotent (every apply carries it).
+fn base() -> String {
+    format!(
+        "add table inet {TABLE}\n\
+         add map inet {TABLE} sb_out {{ type ifname . ipv4_addr : verdict; }}\n\
+         add map inet {TABLE} sb_nat {{ type ifname . ipv4_addr : verdict; }}\n\
+         add chain inet {TABLE} forward {{ type filter hook forward priority filter - 5; policy accept; }}\n\
+         flush chain inet {TABLE} forward\n\
+         add rule inet {TABLE} forward iifname . ip saddr vmap @sb_out\n\
+         add chain inet {TABLE} prerouting {{ type nat hook prerouting priority dstnat - 5; policy accept; }}\n\
+         flush chain inet {TABLE} prerouting\n\
+         add rule inet {TABLE} prerouting iifname . ip saddr vmap @sb_nat\n"
+    )
+}
+
+/// The transaction that puts `rules` in force for `port` (`proxy`: the
+/// egress proxy's port on the gateway, when the rules have domains).
+pub fn apply_script(
+    port: &Port,
+    rules: &EgressRules,
+    dns: &[Ipv4Addr],
+    proxy: Option<u16>,
+) -> String {
+    let k = &port.key;
+    let strs = |l: &[Cidr]| l.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let dns: Vec<String> = if rules.domains.is_empty() {
+        Vec::new()
+    } else {
+        dns.iter().map(ToString::to_string).collect()
+    };
+    let mut s = base();
+    s.push_str(&set(&format!("{k}_hard"), &strs(&rules.enforced), ""));
+    s.push_str(&set(&format!("{k}_allow"), &strs(&rules.allow), ""));
+    s.push_str(&set(&format!("{k}_deny"), &strs(&rules.deny), ""));
+    s.push_str(&set(&format!("{k}_dns"), &dns, ""));
+    s.push_str(&format!(
+        "add set inet {TABLE} {k}_log {{ type ipv4_addr . inet_proto . inet_service; size 256; flags dynamic,timeout; timeout 1h; counter; }}\n\
+         add chain inet {TABLE} e_{k}\n\
+         flush chain inet {TABLE} e_{k}\n\
+         add rule inet {TABLE} e_{k} ip daddr @{k}_hard meta l4proto {{ tcp, udp }} update @{k}_log {{ ip daddr . meta l4proto . th dport }}\n\
+         add rule inet {TABLE} e_{k} ip daddr @{k}_hard drop\n\
+         add rule inet {TABLE} e_{k} ip daddr @{k}_allow return\n\
+         add rule inet {TABLE} e_{k} ip daddr @{k}_dns meta l4proto {{ tcp, udp }} th dport 53 return\n\
+         add rule inet {TABLE} e_{k} ip daddr @{k}_deny meta l4proto {{ tcp, udp }} update @{k}_log {{ ip daddr . meta l4proto . th dport }}\n\
+         add rule inet {TABLE} e_{k} ip daddr @{k}_deny drop\n\
+         add chain inet {TABLE} n_{k}\n\
+         flush chain inet {TABLE} n_{k}\n"
+    ));
+    if let Some(p) = proxy {
+        s.push_str(&format!(
+            "add rule inet {TABLE} n_{k} ip daddr @{k}_hard return\n\
+             add rule inet {TABLE} n_{k} ip daddr @{k}_allow return\n\
+             add rule inet {TABLE} n_{k} ip daddr @{k}_dns th dport 53 return\n\
+             add rule inet {TABLE} n_{k} ip daddr @{k}_deny meta l4proto tcp redirect to :{p}\n"
+        ));
+    }
+    let key = format!("\"{}\" . {}", port.iface, port.ip);
+    s.push_str(&format!(
+        "add element inet {TABLE} sb_out {{ {key} : jump e_{k} }}\n\
+         add element inet {TABLE} sb_nat {{ {key} : jump n_{k} }}\n"
+    ));
+    s
+}
+
+/// The transactions that remove everything of `port`, idempotent (each
+/// object is added before it is deleted): first its map elements (which
+/// fail, and stay, if they point at another sandbox's chains), then its
+/// chains and sets.
+pub fn remove_scripts(port: &Port) -> [String; 2] {
+    let k = &port.key;
+    let key = format!("\"{}\" . {}", port.iface, port.ip);
+    let mut elements = base();
+    elements.push_str(&format!(
+        "add chain inet {TABLE} e_{k}\n\
+         add chain inet {TABLE} n_{k}\n"
+    ));
+    for (map, chain) in [("sb_out", "e"), ("sb_nat", "n")] {
+        elements.push_str(&format!(
+            "add element inet {TABLE} {map} {{ {key} : jump {chain}_{k} }}\n\
+             delete element inet {TABLE} {map} {{ {key} }}\n"
+        ));
+    }
+    let mut s = base();
+    s.push_str(&format!(
+        "add chain inet {TABLE} e_{k}\n\
+         add chain inet {TABLE} n_{k}\n\
+         flush chain inet {TABLE} e_{k}\n\
+         flush chain inet {TABLE} n_{k}\n"
+    ));
+    s.push_str(&format!(
+        "delete chain inet {TABLE} e_{k}\n\
+         delete chain inet {TABLE} n_{k}\n"
+    ));
+    for name in ["hard", "allow", "deny", "dns"] {
+        s.push_str(&format!(
+            "add set inet {TABLE} {k}_{name} {{ type ipv4_addr; flags interval; auto-merge; }}\n\
+             delete set inet {TABLE} {k}_{name}\n"
+        ));
+    }
+    s.push_str(&format!(
+        "add set inet {TABLE} {k}_log {{ type ipv4_addr . inet_proto . inet_service; size 256; flags dynamic,timeout; timeout 1h; counter; }}\n\
+         delete set inet {TABLE} {k}_log\n"
+    ));
+    [elements, s]
+}
+
+fn remove_now(port: &Port) {
+    let [elements, objects] = remove_scripts(port);
+    if let Err(e) = nft(&elements) {
+        tracing::debug!(error = %e, "egress map elements not removed (another sandbox's)");
+    }
+    if let Err(e) = nft(&objects) {
+        tracing::warn!(error = %e, "removing a sandbox's egress rules");
+    }
+}
+
+/// Runs `nft -f -` on `script`.
+fn nft(script: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            Error::unavailable("egress rules need `nft` (Debian: apt-get install nftables)")
+                .with_source(e)
+        })?;
+    if let Some(mut w) = child.stdin.take() {
+        let _ = w.write_all(script.as_bytes());
+    }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| Error::internal("waiting for nft").with_source(e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::internal(format!(
+            "nft: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// The elements of a `<key>_log` set in `nft -j list set` output.
+fn logged(json: &str) -> Vec<EgressDenial> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let sets = v["nftables"].as_array().cloned().unwrap_or_default();
+    for s in sets {
+        for e in s["set"]["elem"].as_array().cloned().unwrap_or_default() {
+            let elem = &e["elem"];
+            let parts = elem["val"]["concat"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let (Some(addr), Some(proto), Some(port)) = (
+                parts.first().and_then(|p| p.as_str()),
+                parts.get(1).and_then(|p| p.as_str()),
+                parts.get(2).and_then(serde_json::Value::as_u64),
+            ) else {
+                continue;
+            };
+            // `expires` counts down from the set's timeout (an hour) after
+            // the last update: the time of that update.
+            let last_at = elem["expires"].as_i64().map(|left| {
+                chrono::Utc::now() - chrono::Duration::seconds(3600 - left.clamp(0, 3600))
+            });
+            out.push(EgressDenial {
+                address: addr.to_string(),
+                host: String::new(),
+                port: u16::try_from(port).unwrap_or(0),
+                protocol: proto.to_string(),
+                reason: "cidr".into(),
+                count: elem["counter"]["packets"].as_u64().unwrap_or(0),
+                last_at,
+            });
+        }
+    }
+    out
+}
+
+/// Egress rules and the proxy of one provider.
+#[derive(Debug, Default)]
+pub struct Egress {
+    proxy: Arc<proxy::Proxy>,
+}
+
+impl Egress {
+    pub fn new() -> Egress {
+        Egress::default()
+    }
+
+    /// Puts `rules` in force for `port` (`None` or rules that deny
+    /// nothing: only the operator's limits). Atomic: the old rules hold
+    /// until the new ones do.
+    pub async fn apply(
+        &self,
+        port: &Port,
+        rules: Option<&EgressRules>,
+        op: &Operator,
+    ) -> Result<()> {
+        let Some(rules) = rules.filter(|r| !r.is_empty()) else {
+            self.remove(port).await;
+            return Ok(());
+        };
+        let proxy_port = if rules.proxied() {
+            Some(self.proxy.listen(port.gateway).await?)
+        } else {
+            None
+        };
+        let dns = rules.dns.clone().unwrap_or_else(|| op.resolvers.clone());
+        let script = apply_script(port, rules, &dns, proxy_port);
+        let p = port.clone();
+        tokio::task::spawn_blocking(move || {
+            nft(&script).or_else(|first| {
+                // A stale element (a sandbox that held this address and
+                // whose server died) points elsewhere: drop it, retry.
+                let key = format!("\"{}\" . {}", p.iface, p.ip);
+                for map in ["sb_out", "sb_nat"] {
+                    let _ = nft(&format!("delete element inet {TABLE} {map} {{ {key} }}\n"));
+                }
+                nft(&script).map_err(|_| first)
+            })
+        })
+        .await
+        .map_err(|e| Error::internal(format!("egress task: {e}")))?
+        .map_err(|e| e.context("applying the sandbox's egress rules"))?;
+        if rules.proxied() {
+            self.proxy.register(port, rules.clone(), op.clone(), dns);
+        } else {
+            self.proxy.forget(port);
+        }
+        Ok(())
+    }
+
+    /// Removes everything of `port` (idempotent).
+    pub async fn remove(&self, port: &Port) {
+        self.proxy.forget(port);
+        let port = port.clone();
+        let _ = tokio::task::spawn_blocking(move || remove_now(&port)).await;
+    }
+
+    /// The same, for teardown paths that are not async.
+    pub fn remove_blocking(&self, port: &Port) {
+        self.proxy.forget(port);
+        remove_now(port);
+    }
+
+    /// What `port`'s rules refused lately: the kernel's drops, then the
+    /// proxy's, newest first.
+    pub async fn denials(&self, port: &Port) -> Vec<EgressDenial> {
+        let set = format!("{}_log", port.key);
+        let json = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("nft")
+                .args(["-j", "list", "set", "inet", TABLE, &set])
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        })
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+        let mut out = logged(&json);
+        out.extend(self.proxy.denials(port));
+        out.sort_by(|a, b| b.last_at.cmp(&a.last_at));
+        out.truncate(256);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rules(allow: &[&str], domains: &[&str], deny: &[&str]) -> EgressRules {
+        EgressRules {
+            allow: allow.iter().map(|c| c.parse().unwrap()).collect(),
+            domains: domains
+                .iter()
+                .map(|d| stacyvm_core::egress::Domain::parse(d).unwrap())
+                .collect(),
+            deny: deny.iter().map(|c| c.parse().unwrap()).collect(),
+            dns: None,
+            enforced: vec!["1.2.3.4/32".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn scripts_name_only_their_sandbox() {
+        let port = Port::new(
+            "svmeg1",
+            Ipv4Addr::new(10, 89, 1, 5),
+            Ipv4Addr::new(10, 89, 1, 1),
+            "sb-1",
+        );
+        assert_eq!(port.key.len(), 10);
+        let s = apply_script(
+            &port,
+            &rules(&["8.8.8.8/32"], &[], &["0.0.0.0/0"]),
+            &[],
+            None,
+        );
+        assert!(
+            s.contains(&format!("\"svmeg1\" . 10.89.1.5 : jump e_{}", port.key)),
+            "{s}"
+        );
+        assert!(!s.contains("redirect"), "no domains, no proxy: {s}");
+        let s = apply_script(
+            &port,
+            &rules(&[], &["*.example.com"], &["0.0.0.0/0"]),
+            &[Ipv4Addr::new(9, 9, 9, 9)],
+            Some(4567),
+        );
+        assert!(s.contains("redirect to :4567"), "{s}");
+        assert!(
+            s.contains("add element inet stacyvm_egress ") && s.contains("9.9.9.9"),
+            "{s}"
+        );
+        let [_, r] = remove_scripts(&port);
+        assert!(r.contains(&format!("delete chain inet {TABLE} e_{}", port.key)));
+    }
+
+    #[test]
+    fn operator_limits_hold_for_the_proxy() {
+        let op = Operator {
+            allow: vec!["192.168.5.0/24".parse().unwrap()],
+            deny: vec![
+                "192.168.5.7/32".parse().unwrap(),
+                "8.8.8.8/32".parse().unwrap(),
+            ],
+            resolvers: vec![],
+        };
+        assert!(op.permits(Ipv4Addr::new(1, 1, 1, 1)));
+        assert!(!op.permits(Ipv4Addr::new(169, 254, 169, 254)));
+        assert!(!op.permits(Ipv4Addr::new(127, 0, 0, 1)));
+        assert!(op.permits(Ipv4Addr::new(192, 168, 5, 6)));
+        assert!(!op.permits(Ipv4Addr::new(192, 168, 5, 7)));
+        assert!(!op.permits(Ipv4Addr::new(8, 8, 8, 8)));
+    }
+
+    #[test]
+    fn logged_denials_are_read_from_nft_json() {
+        let json = r#"{"nftables": [{"metainfo": {}}, {"set": {"name": "x_log", "elem": [
+            {"elem": {"val": {"concat": ["192.88.99.9", "tcp", 8080]}, "timeout": 3600, "expires": 3590, "counter": {"packets": 3, "bytes": 180}}}]}}]}"#;
+        let d = logged(json);
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            (d[0].address.as_str(), d[0].port, d[0].count),
+            ("192.88.99.9", 8080, 3)
+        );
+        assert_eq!(d[0].protocol, "tcp");
+        assert!(logged("not json").is_empty());
+    }
+}

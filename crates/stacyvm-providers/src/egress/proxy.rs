@@ -1,0 +1,272 @@
+//! The egress proxy: where a sandbox with domain rules has its TCP
+//! connections to denied addresses redirected (see the module above).
+//!
+//! For each connection it finds the sandbox by source address, reads the
+//! first bytes until the TLS SNI or HTTP `Host` name is known
+//! ([`super::sniff`], 10 s and 16 KiB at most), and refuses unless an
+//! allowed domain matches. It then resolves the name itself (the sandbox's
+//! resolvers, or the host's), keeps only addresses the operator and the
+//! tenant permit, connects from the bridge's address to the port the
+//! sandbox asked for, replays the bytes read and relays both ways. The
+//! address the sandbox chose is never dialed: a domain rule means the
+//! domain, whatever the sandbox resolved or wrote in `Host`.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use stacyvm_api::EgressDenial;
+use stacyvm_core::egress::EgressRules;
+use stacyvm_core::{Error, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, info};
+
+use super::sniff::{sniff, Sniff};
+use super::{Operator, Port};
+
+const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Denial records kept per sandbox.
+const MAX_RECORDS: usize = 256;
+
+#[derive(Debug)]
+struct Sandbox {
+    rules: EgressRules,
+    op: Operator,
+    dns: Vec<Ipv4Addr>,
+    gateway: Ipv4Addr,
+    denials: Mutex<HashMap<(String, u16, &'static str), (u64, chrono::DateTime<chrono::Utc>)>>,
+}
+
+impl Sandbox {
+    fn deny(&self, src: Ipv4Addr, host: &str, port: u16, reason: &'static str) {
+        let mut d = self.denials.lock().unwrap_or_else(|p| p.into_inner());
+        if d.len() >= MAX_RECORDS && !d.contains_key(&(host.to_string(), port, reason)) {
+            if let Some(oldest) = d
+                .iter()
+                .min_by_key(|(_, (_, at))| *at)
+                .map(|(k, _)| k.clone())
+            {
+                d.remove(&oldest);
+            }
+        }
+        let e = d
+            .entry((host.to_string(), port, reason))
+            .or_insert((0, chrono::Utc::now()));
+        e.0 += 1;
+        e.1 = chrono::Utc::now();
+        // The first of a kind and then every hundredth: a loop cannot
+        // flood the log.
+        if e.0 == 1 || e.0 % 100 == 0 {
+            info!(sandbox_ip = %src, host, port, reason, count = e.0, "egress denied");
+        }
+    }
+}
+
+/// Listeners (one per bridge address) and the sandboxes they serve.
+#[derive(Debug, Default)]
+pub struct Proxy {
+    listeners: tokio::sync::Mutex<HashMap<Ipv4Addr, (u16, tokio::task::JoinHandle<()>)>>,
+    sandboxes: Arc<Mutex<HashMap<(Ipv4Addr, Ipv4Addr), Arc<Sandbox>>>>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for (_, (_, task)) in self.listeners.get_mut().drain() {
+            task.abort();
+        }
+    }
+}
+
+impl Proxy {
+    /// The proxy's port on `gateway`, listening from the first call.
+    pub async fn listen(&self, gateway: Ipv4Addr) -> Result<u16> {
+        let mut l = self.listeners.lock().await;
+        if let Some((port, task)) = l.get(&gateway) {
+            if !task.is_finished() {
+                return Ok(*port);
+            }
+        }
+        let listener = TcpListener::bind(SocketAddr::from((gateway, 0)))
+            .await
+            .map_err(|e| Error::internal(format!("egress proxy on {gateway}")).with_source(e))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| Error::internal("egress proxy address").with_source(e))?
+            .port();
+        let sandboxes = self.sandboxes.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((conn, peer)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let SocketAddr::V4(peer) = peer else { continue };
+                let sb = sandboxes
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&(gateway, *peer.ip()))
+                    .cloned();
+                match sb {
+                    Some(sb) => {
+                        tokio::spawn(serve(conn, *peer.ip(), sb));
+                    }
+                    None => debug!(peer = %peer, "egress proxy: not a sandbox with domain rules"),
+                }
+            }
+        });
+        l.insert(gateway, (port, task));
+        info!(%gateway, port, "egress proxy listening");
+        Ok(port)
+    }
+
+    pub fn register(&self, port: &Port, rules: EgressRules, op: Operator, dns: Vec<Ipv4Addr>) {
+        let mut map = self.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (port.gateway, port.ip);
+        // A runtime change keeps the denials seen so far.
+        let denials = map
+            .get(&key)
+            .map(|old| {
+                old.denials
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone()
+            })
+            .unwrap_or_default();
+        map.insert(
+            key,
+            Arc::new(Sandbox {
+                rules,
+                op,
+                dns,
+                gateway: port.gateway,
+                denials: Mutex::new(denials),
+            }),
+        );
+    }
+
+    pub fn forget(&self, port: &Port) {
+        self.sandboxes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(port.gateway, port.ip));
+    }
+
+    pub fn denials(&self, port: &Port) -> Vec<EgressDenial> {
+        let map = self.sandboxes.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(sb) = map.get(&(port.gateway, port.ip)) else {
+            return Vec::new();
+        };
+        let d = sb.denials.lock().unwrap_or_else(|p| p.into_inner());
+        d.iter()
+            .map(|((host, p, reason), (count, at))| EgressDenial {
+                address: String::new(),
+                host: host.clone(),
+                port: *p,
+                protocol: "tcp".into(),
+                reason: (*reason).into(),
+                count: *count,
+                last_at: Some(*at),
+            })
+            .collect()
+    }
+}
+
+/// The destination the sandbox dialed before the redirect.
+fn original_dst(conn: &TcpStream) -> Option<SocketAddrV4> {
+    let sin = nix::sys::socket::getsockopt(conn, nix::sys::socket::sockopt::OriginalDst).ok()?;
+    Some(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
+        u16::from_be(sin.sin_port),
+    ))
+}
+
+async fn serve(mut conn: TcpStream, src: Ipv4Addr, sb: Arc<Sandbox>) {
+    let Some(dst) = original_dst(&conn) else {
+        return;
+    };
+    let port = dst.port();
+    let mut buf = Vec::with_capacity(2048);
+    let sniffed = tokio::time::timeout(SNIFF_TIMEOUT, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match sniff(&buf) {
+                Sniff::More => {}
+                done => return done,
+            }
+            match conn.read(&mut chunk).await {
+                Ok(0) | Err(_) => return Sniff::Nameless,
+                // Bounded: sniff decides by MAX_SNIFF (+ a TLS header).
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .unwrap_or(Sniff::Nameless);
+    let host = match sniffed {
+        Sniff::Name(h) => h,
+        _ => {
+            sb.deny(src, "", port, "no_name");
+            return;
+        }
+    };
+    if !sb.rules.allows_name(&host) {
+        sb.deny(src, &host, port, "domain");
+        return;
+    }
+    let resolved = if sb.dns.is_empty() {
+        tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map(|it| {
+                it.filter_map(|a| match a {
+                    SocketAddr::V4(a) => Some(*a.ip()),
+                    SocketAddr::V6(_) => None,
+                })
+                .collect::<Vec<_>>()
+            })
+    } else {
+        super::dns::resolve(&host, &sb.dns, sb.gateway).await
+    };
+    let addrs = match resolved {
+        Ok(a) if !a.is_empty() => a,
+        _ => {
+            sb.deny(src, &host, port, "resolve_failed");
+            return;
+        }
+    };
+    let permitted: Vec<Ipv4Addr> = addrs
+        .into_iter()
+        .filter(|ip| sb.op.permits(*ip) && sb.rules.may_dial(*ip))
+        .collect();
+    if permitted.is_empty() {
+        sb.deny(src, &host, port, "resolved_blocked");
+        return;
+    }
+    let mut upstream = None;
+    for ip in permitted {
+        let Ok(sock) = tokio::net::TcpSocket::new_v4() else {
+            return;
+        };
+        if sock.bind(SocketAddr::from((sb.gateway, 0))).is_err() {
+            return;
+        }
+        if let Ok(Ok(s)) =
+            tokio::time::timeout(CONNECT_TIMEOUT, sock.connect(SocketAddr::from((ip, port)))).await
+        {
+            upstream = Some(s);
+            break;
+        }
+    }
+    let Some(mut upstream) = upstream else {
+        debug!(host, port, "egress proxy: no resolved address answered");
+        return;
+    };
+    let _ = upstream.set_nodelay(true);
+    let _ = conn.set_nodelay(true);
+    if upstream.write_all(&buf).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+}
