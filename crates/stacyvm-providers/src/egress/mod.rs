@@ -11,9 +11,9 @@
 //!   chain at priority dstnat − 5, for sandboxes with domain rules: their
 //!   new TCP connections to denied addresses are redirected to the egress
 //!   proxy ([`proxy`]) on the bridge's own address;
-//! - per sandbox, chains `e_<key>`/`n_<key>` and sets `<key>_hard`
+//! - per sandbox, chains `e_<key>`/`n_<key>` and sets `s_<key>_hard`
 //!   (tenant denies), `<key>_allow`, `<key>_deny`, `<key>_dns` and
-//!   `<key>_log`, a dynamic set with counters of denied destinations
+//!   `s_<key>_log`, a dynamic set with counters of denied destinations
 //!   (address, protocol, port), kept an hour.
 //!
 //! These rules only narrow: the bridge's own table (the operator's
@@ -136,29 +136,29 @@ pub fn apply_script(
         dns.iter().map(ToString::to_string).collect()
     };
     let mut s = base();
-    s.push_str(&set(&format!("{k}_hard"), &strs(&rules.enforced), ""));
-    s.push_str(&set(&format!("{k}_allow"), &strs(&rules.allow), ""));
-    s.push_str(&set(&format!("{k}_deny"), &strs(&rules.deny), ""));
-    s.push_str(&set(&format!("{k}_dns"), &dns, ""));
+    s.push_str(&set(&format!("s_{k}_hard"), &strs(&rules.enforced), ""));
+    s.push_str(&set(&format!("s_{k}_allow"), &strs(&rules.allow), ""));
+    s.push_str(&set(&format!("s_{k}_deny"), &strs(&rules.deny), ""));
+    s.push_str(&set(&format!("s_{k}_dns"), &dns, ""));
     s.push_str(&format!(
-        "add set inet {TABLE} {k}_log {{ type ipv4_addr . inet_proto . inet_service; size 256; flags dynamic,timeout; timeout 1h; counter; }}\n\
+        "add set inet {TABLE} s_{k}_log {{ type ipv4_addr . inet_proto . inet_service; size 256; flags dynamic,timeout; timeout 1h; counter; }}\n\
          add chain inet {TABLE} e_{k}\n\
          flush chain inet {TABLE} e_{k}\n\
-         add rule inet {TABLE} e_{k} ip daddr @{k}_hard meta l4proto {{ tcp, udp }} update @{k}_log {{ ip daddr . meta l4proto . th dport }}\n\
-         add rule inet {TABLE} e_{k} ip daddr @{k}_hard drop\n\
-         add rule inet {TABLE} e_{k} ip daddr @{k}_allow return\n\
-         add rule inet {TABLE} e_{k} ip daddr @{k}_dns meta l4proto {{ tcp, udp }} th dport 53 return\n\
-         add rule inet {TABLE} e_{k} ip daddr @{k}_deny meta l4proto {{ tcp, udp }} update @{k}_log {{ ip daddr . meta l4proto . th dport }}\n\
-         add rule inet {TABLE} e_{k} ip daddr @{k}_deny drop\n\
+         add rule inet {TABLE} e_{k} ip daddr @s_{k}_hard meta l4proto {{ tcp, udp }} update @s_{k}_log {{ ip daddr . meta l4proto . th dport }}\n\
+         add rule inet {TABLE} e_{k} ip daddr @s_{k}_hard drop\n\
+         add rule inet {TABLE} e_{k} ip daddr @s_{k}_allow return\n\
+         add rule inet {TABLE} e_{k} ip daddr @s_{k}_dns meta l4proto {{ tcp, udp }} th dport 53 return\n\
+         add rule inet {TABLE} e_{k} ip daddr @s_{k}_deny meta l4proto {{ tcp, udp }} update @s_{k}_log {{ ip daddr . meta l4proto . th dport }}\n\
+         add rule inet {TABLE} e_{k} ip daddr @s_{k}_deny drop\n\
          add chain inet {TABLE} n_{k}\n\
          flush chain inet {TABLE} n_{k}\n"
     ));
     if let Some(p) = proxy {
         s.push_str(&format!(
-            "add rule inet {TABLE} n_{k} ip daddr @{k}_hard return\n\
-             add rule inet {TABLE} n_{k} ip daddr @{k}_allow return\n\
-             add rule inet {TABLE} n_{k} ip daddr @{k}_dns th dport 53 return\n\
-             add rule inet {TABLE} n_{k} ip daddr @{k}_deny meta l4proto tcp redirect to :{p}\n"
+            "add rule inet {TABLE} n_{k} ip daddr @s_{k}_hard return\n\
+             add rule inet {TABLE} n_{k} ip daddr @s_{k}_allow return\n\
+             add rule inet {TABLE} n_{k} ip daddr @s_{k}_dns th dport 53 return\n\
+             add rule inet {TABLE} n_{k} ip daddr @s_{k}_deny meta l4proto tcp redirect to :{p}\n"
         ));
     }
     let key = format!("\"{}\" . {}", port.iface, port.ip);
@@ -200,13 +200,13 @@ pub fn remove_scripts(port: &Port) -> [String; 2] {
     ));
     for name in ["hard", "allow", "deny", "dns"] {
         s.push_str(&format!(
-            "add set inet {TABLE} {k}_{name} {{ type ipv4_addr; flags interval; auto-merge; }}\n\
-             delete set inet {TABLE} {k}_{name}\n"
+            "add set inet {TABLE} s_{k}_{name} {{ type ipv4_addr; flags interval; auto-merge; }}\n\
+             delete set inet {TABLE} s_{k}_{name}\n"
         ));
     }
     s.push_str(&format!(
-        "add set inet {TABLE} {k}_log {{ type ipv4_addr . inet_proto . inet_service; size 256; flags dynamic,timeout; timeout 1h; counter; }}\n\
-         delete set inet {TABLE} {k}_log\n"
+        "add set inet {TABLE} s_{k}_log {{ type ipv4_addr . inet_proto . inet_service; size 256; flags dynamic,timeout; timeout 1h; counter; }}\n\
+         delete set inet {TABLE} s_{k}_log\n"
     ));
     [elements, s]
 }
@@ -250,7 +250,57 @@ fn nft(script: &str) -> Result<()> {
     }
 }
 
-/// The elements of a `<key>_log` set in `nft -j list set` output.
+/// The sandboxes with rules on bridge `iface`, from `nft -j list map`
+/// output of `sb_out` (gateway unknown: unspecified).
+fn ports_in(json: &str, iface: &str) -> Vec<Port> {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for item in v["nftables"].as_array().into_iter().flatten() {
+        for e in item["map"]["elem"].as_array().into_iter().flatten() {
+            let parts = e[0]["concat"].as_array().cloned().unwrap_or_default();
+            let target = e[1]["jump"]["target"].as_str().unwrap_or_default();
+            let (Some(dev), Some(ip), Some(key)) = (
+                parts.first().and_then(|p| p.as_str()),
+                parts
+                    .get(1)
+                    .and_then(|p| p.as_str()?.parse::<Ipv4Addr>().ok()),
+                target.strip_prefix("e_"),
+            ) else {
+                continue;
+            };
+            let key_ok = key.len() == 10 && key.bytes().all(|b| b.is_ascii_hexdigit());
+            if dev == iface && key_ok {
+                out.push(Port {
+                    iface: dev.to_string(),
+                    ip,
+                    gateway: Ipv4Addr::UNSPECIFIED,
+                    key: key.to_string(),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Removes the rules of every sandbox on bridge `iface` that `keep`
+/// rejects: those whose server died before it could remove them.
+pub fn prune(iface: &str, keep: impl Fn(&Port) -> bool) {
+    let Ok(out) = std::process::Command::new("nft")
+        .args(["-j", "list", "map", "inet", TABLE, "sb_out"])
+        .output()
+    else {
+        return;
+    };
+    for port in ports_in(&String::from_utf8_lossy(&out.stdout), iface) {
+        if !keep(&port) {
+            remove_now(&port);
+        }
+    }
+}
+
+/// The elements of a `s_<key>_log` set in `nft -j list set` output.
 fn logged(json: &str) -> Vec<EgressDenial> {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(json) else {
         return Vec::new();
@@ -360,7 +410,7 @@ impl Egress {
     /// What `port`'s rules refused lately: the kernel's drops, then the
     /// proxy's, newest first.
     pub async fn denials(&self, port: &Port) -> Vec<EgressDenial> {
-        let set = format!("{}_log", port.key);
+        let set = format!("s_{}_log", port.key);
         let json = tokio::task::spawn_blocking(move || {
             std::process::Command::new("nft")
                 .args(["-j", "list", "set", "inet", TABLE, &set])
@@ -449,6 +499,20 @@ mod tests {
         assert!(op.permits(Ipv4Addr::new(192, 168, 5, 6)));
         assert!(!op.permits(Ipv4Addr::new(192, 168, 5, 7)));
         assert!(!op.permits(Ipv4Addr::new(8, 8, 8, 8)));
+    }
+
+    #[test]
+    fn map_elements_are_read_per_bridge() {
+        let json = r#"{"nftables": [{"metainfo": {}}, {"map": {"name": "sb_out", "elem": [
+            [{"concat": ["svmeg84", "10.89.84.58"]}, {"jump": {"target": "e_a711837bf6"}}],
+            [{"concat": ["other", "10.1.1.1"]}, {"jump": {"target": "e_0011223344"}}],
+            [{"concat": ["svmeg84", "10.89.84.9"]}, {"jump": {"target": "e_bad; drop"}}]]}}]}"#;
+        let ports = ports_in(json, "svmeg84");
+        assert_eq!(ports.len(), 1, "{ports:?}");
+        assert_eq!(
+            (ports[0].ip, ports[0].key.as_str()),
+            (Ipv4Addr::new(10, 89, 84, 58), "a711837bf6")
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ async fn spawn_with(p: &dyn Provider, memory_mb: i64) -> String {
     spawn_net(p, memory_mb, "").await
 }
 
-async fn spawn_net(p: &dyn Provider, memory_mb: i64, network_mode: &str) -> String {
+pub(crate) async fn spawn_net(p: &dyn Provider, memory_mb: i64, network_mode: &str) -> String {
     let id = paths::new_sandbox_id();
     let spec = SpawnSpec {
         id: id.clone(),
@@ -52,7 +52,7 @@ async fn run(
 }
 
 /// Runs a Python snippet and returns its stdout.
-async fn py(p: &dyn Provider, id: &str, code: &str) -> Ran {
+pub(crate) async fn py(p: &dyn Provider, id: &str, code: &str) -> Ran {
     let spec = ExecSpec {
         argv: vec!["python3".into(), "-c".into(), code.into()],
         timeout: Some(Duration::from_secs(30)),
@@ -393,7 +393,9 @@ pub(crate) fn host(cmd: &str) -> String {
 /// Sandbox traffic from the lab's subnet is routed by a policy rule into a
 /// table of the lab's own whose default route is `unreachable`: it can only
 /// ever reach the namespaces below, never a real network, whatever address
-/// a probe names.
+/// a probe names. (Traffic *to* the subnet, such as the egress proxy's
+/// replies, keeps the main table, where the bridge's route is; the proxy's
+/// own connections leave from the bridge address and so take the lab's.)
 /// - `outside` (netns): stands in for the internet; holds 192.88.99.n and
 ///   192.88.99.(n+1) (globally reachable per IANA, in no blocked range; the
 ///   second is listed in `egress_deny`), listening on TCP 8080;
@@ -449,6 +451,7 @@ impl Lab {
         lab.cleanup();
         host(&format!(
             "set -e
+             ip rule add to 10.89.{n}.0/24 lookup main priority {t0}
              ip rule add from 10.89.{n}.0/24 lookup {t} priority {t}
              ip route add unreachable default table {t}
              ip netns add {o}
@@ -473,6 +476,7 @@ impl Lab {
              ip -n {l} route add default via 10.215.{n}.1
              ip -n {o} route add default via 10.214.{n}.1",
             t = lab.table,
+            t0 = lab.table - 1000,
             o = lab.outside_ns,
             l = lab.lan_ns,
             m = n + 1,
@@ -489,8 +493,13 @@ impl Lab {
              l.bind(('0.0.0.0', port)); l.listen(16)\n  while True:\n    c, a = l.accept(); c.sendall((a[0] + '\\n').encode()); c.close()\n\
              for p in {ports:?}: threading.Thread(target=serve, args=(p,)).start()\n"
         );
+        self.spawn_in(ns, &code);
+    }
+
+    /// Runs a Python program in `ns` until the lab is dropped.
+    pub(crate) fn spawn_in(&mut self, ns: &str, code: &str) {
         let child = std::process::Command::new("ip")
-            .args(["netns", "exec", ns, "python3", "-c", &code])
+            .args(["netns", "exec", ns, "python3", "-c", code])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -562,6 +571,8 @@ impl Lab {
                 }
             }
         }
+        // Rules of sandboxes a failed test left behind.
+        crate::egress::prune(&self.bridge, |_| false);
         quiet(format!(
             "nft delete table inet stacyvm_{b}; nft delete table ip stacyvm_{b}; \
              nft delete table bridge stacyvm_{b}; \
@@ -570,8 +581,9 @@ impl Lab {
         ));
         // The rule goes last: until then nothing from the lab leaves the host.
         quiet(format!(
-            "ip route flush table {t}; ip rule del priority {t}",
-            t = self.table
+            "ip route flush table {t}; ip rule del priority {t}; ip rule del priority {t0}",
+            t = self.table,
+            t0 = self.table - 1000,
         ));
     }
 }
@@ -612,7 +624,7 @@ impl Lab {
 }
 
 /// A provider like the fixture's, on the lab's bridge.
-fn lab_provider(fx: &super::tests::Fixture, lab: &Lab) -> super::NativeProvider {
+pub(crate) fn lab_provider(fx: &super::tests::Fixture, lab: &Lab) -> super::NativeProvider {
     super::NativeProvider::new(super::NativeOptions {
         state_dir: fx.state_dir(),
         agent_path: super::find_agent("").expect("stacyvm-agent next to the test binary"),

@@ -9,6 +9,8 @@
 //! server: a restarted server re-adopts them through `agent.sock`.
 
 pub mod disk;
+#[cfg(test)]
+mod egress_tests;
 pub mod ids;
 #[cfg(test)]
 pub(crate) mod isolation_tests;

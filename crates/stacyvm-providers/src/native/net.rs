@@ -544,6 +544,11 @@ impl Bridge {
         }
         let _ = self.no_pins.set(pins.err().map(|e| e.to_string()));
         self.prune_pins();
+        // Egress rules of sandboxes whose lease is gone (their server died).
+        crate::egress::prune(name, |port| {
+            let lease = self.lease_dir.join(port.ip.to_string());
+            std::fs::read_to_string(&lease).is_ok_and(|owner| iface_exists(owner.trim()))
+        });
         self.allow_in_iptables_forward();
         let _ = self.ready.set(());
         Ok(())
