@@ -148,6 +148,8 @@ pub struct DockerProvider {
     user_ids: Mutex<HashMap<(String, String), (u32, u32)>>,
     /// Per runtime name: whether its sockets reach the host (from engine info).
     socket_sharing: Mutex<HashMap<String, bool>>,
+    /// Per-sandbox egress rules on the sandbox network, and their proxy.
+    egress: crate::egress::Egress,
 }
 
 /// Whether containers of this runtime expose bind-mounted unix sockets to
@@ -384,6 +386,7 @@ impl DockerProvider {
             remap: tokio::sync::OnceCell::new(),
             layer_quota: tokio::sync::OnceCell::new(),
             bridge: tokio::sync::OnceCell::new(),
+            egress: crate::egress::Egress::new(),
             user_ids: Mutex::new(HashMap::new()),
             socket_sharing: Mutex::new(HashMap::new()),
         })
@@ -865,6 +868,12 @@ impl DockerProvider {
                 }
             }
         }
+        // Its egress rules go once the container is gone (an address that
+        // another sandbox holds by then keeps that one's rules: see
+        // `egress::remove_scripts`).
+        if let Some(port) = self.egress_marker(id) {
+            self.egress.remove(&port).await;
+        }
         let dir = self.dir(id);
         if let Err(e) = tokio::fs::remove_dir_all(&dir).await {
             if e.kind() != std::io::ErrorKind::NotFound {
@@ -1309,6 +1318,11 @@ impl DockerProvider {
             .inspect_container(&spec.id, None)
             .await
             .map_err(|e| engine_err("inspecting the sandbox container", e))?;
+        // In force before the spawn returns: no command of the caller runs
+        // without them.
+        if let Some(rules) = &spec.egress {
+            self.apply_egress(&spec.id, &info, Some(rules)).await?;
+        }
         let run_dir = run_dir_of(&info)
             .ok_or_else(|| Error::internal("the sandbox container has no agent socket mount"))?;
         let client = self.await_agent(&spec.id, &run_dir, &token).await?;
@@ -1324,6 +1338,77 @@ impl DockerProvider {
             .map_err(|_| Error::internal("lock"))?
             .insert(spec.id.clone(), conn);
         Ok(())
+    }
+
+    /// Where a container sits on the sandbox network (`None`: not on it,
+    /// as with `network_mode: none`).
+    fn egress_port_of(
+        &self,
+        id: &str,
+        info: &bollard::models::ContainerInspectResponse,
+    ) -> Option<crate::egress::Port> {
+        let name = match self.opts.config.bridge_network.trim() {
+            "" => "stacyvm-bridge",
+            n => n,
+        };
+        let networks = info.network_settings.as_ref()?.networks.as_ref()?;
+        let ep = networks.get(name)?;
+        let ip = ep.ip_address.as_deref()?.parse().ok()?;
+        let gateway = ep.gateway.as_deref()?.parse().ok()?;
+        let iface = self
+            .bridge
+            .get()
+            .cloned()
+            .unwrap_or_else(|| net::bridge_name(name));
+        Some(crate::egress::Port::new(&iface, ip, gateway, id))
+    }
+
+    /// The place of a sandbox whose egress rules are in force (recorded in
+    /// its host dir).
+    fn egress_marker(&self, id: &str) -> Option<crate::egress::Port> {
+        let text = std::fs::read(self.dir(id).join("egress.json")).ok()?;
+        serde_json::from_slice(&text).ok()
+    }
+
+    async fn apply_egress(
+        &self,
+        id: &str,
+        info: &bollard::models::ContainerInspectResponse,
+        rules: Option<&stacyvm_core::egress::EgressRules>,
+    ) -> Result<()> {
+        let Some(port) = self.egress_port_of(id, info) else {
+            // Not on the sandbox network: nothing to filter (none), or a
+            // network StacyVM does not manage.
+            let mode = info
+                .host_config
+                .as_ref()
+                .and_then(|h| h.network_mode.clone())
+                .unwrap_or_default();
+            return if mode == "none" || rules.is_none_or(|r| r.is_empty()) {
+                Ok(())
+            } else {
+                Err(Error::unsupported(format!(
+                    "egress rules apply to sandboxes on the sandbox network (network_mode bridge), not {mode:?}"
+                )))
+            };
+        };
+        let marker = self.dir(id).join("egress.json");
+        if rules.is_some_and(|r| !r.is_empty()) {
+            std::fs::write(&marker, serde_json::to_vec(&port).unwrap_or_default())
+                .map_err(|e| Error::internal("recording egress rules").with_source(e))?;
+            let resolvers = std::fs::read_to_string("/etc/resolv.conf")
+                .map(|t| crate::native::net::reachable_nameservers(&t))
+                .unwrap_or_default();
+            let op = crate::egress::Operator {
+                resolvers,
+                ..crate::egress::Operator::default()
+            };
+            self.egress.apply(&port, rules, &op).await
+        } else {
+            self.egress.remove(&port).await;
+            let _ = std::fs::remove_file(&marker);
+            Ok(())
+        }
     }
 
     /// Creates (does not start) the sandbox container; `run_owner` owns
@@ -1524,6 +1609,7 @@ impl Provider for DockerProvider {
         c.push(capability::PTY.into());
         c.push(capability::WATCH.into());
         c.push(capability::PAUSE.into());
+        c.push(capability::EGRESS.into());
         if self.can_switch_users() {
             c.push(capability::EXEC_USER.into());
         }
@@ -1726,6 +1812,36 @@ impl Provider for DockerProvider {
             }
         }
         Ok(())
+    }
+
+    async fn set_egress(
+        &self,
+        id: &str,
+        rules: Option<&stacyvm_core::egress::EgressRules>,
+    ) -> Result<()> {
+        if !paths::is_sandbox_id(id) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let d = self.engine().await?;
+        let info = match d.inspect_container(id, None).await {
+            Ok(i) => i,
+            Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
+            Err(e) => return Err(engine_err("inspecting the sandbox container", e)),
+        };
+        if !spec::is_ours(info.config.as_ref().and_then(|c| c.labels.as_ref())) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        self.apply_egress(id, &info, rules).await
+    }
+
+    async fn egress_denials(&self, id: &str) -> Result<Vec<stacyvm_api::EgressDenial>> {
+        if !paths::is_sandbox_id(id) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        Ok(match self.egress_marker(id) {
+            Some(port) => self.egress.denials(&port).await,
+            None => Vec::new(),
+        })
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {

@@ -100,6 +100,14 @@ pub fn rules(network: &str, bridge: &str) -> Vec<Vec<String>> {
         &["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED"],
         "ACCEPT",
     ));
+    // Connections redirected to the egress proxy (sandboxes with domain
+    // rules; see `crate::egress`): nothing else redirects bridge traffic
+    // to the host.
+    out.push(rule(
+        "INPUT",
+        &["-p", "tcp", "-m", "conntrack", "--ctstate", "DNAT"],
+        "ACCEPT",
+    ));
     out.push(rule("INPUT", &[], "DROP"));
     out
 }
@@ -181,7 +189,7 @@ mod tests {
         assert_eq!(br, bridge_name("stacyvm-bridge"), "deterministic");
         assert_ne!(br, bridge_name("other"));
         let rs = rules("stacyvm-bridge", &br);
-        assert_eq!(rs.len(), BLOCKED_V4.len() + 2);
+        assert_eq!(rs.len(), BLOCKED_V4.len() + 3);
         for r in &rs {
             assert!(
                 r[0] == "DOCKER-USER" || r[0] == "INPUT",
@@ -200,7 +208,11 @@ mod tests {
         }
         let input: Vec<_> = rs.iter().filter(|r| r[0] == "INPUT").collect();
         assert!(input[0].contains(&"ACCEPT".to_string()), "replies first");
-        assert!(input[1].contains(&"DROP".to_string()));
+        assert!(
+            input[1].contains(&"DNAT".to_string()) && input[1].contains(&"tcp".to_string()),
+            "then connections redirected to the egress proxy"
+        );
+        assert!(input[2].contains(&"DROP".to_string()));
     }
 
     #[test]

@@ -1463,13 +1463,24 @@ struct Outside {
     ns: String,
     host_if: String,
     private: String,
+    /// A globally routable-looking address (no blocked range), routed to
+    /// the namespace by a host route for it alone.
+    public: String,
     listener: std::process::Child,
+    dns: Option<std::process::Child>,
+    metadata: bool,
 }
 
 const METADATA: &str = "169.254.169.254";
 
 impl Outside {
+    /// With a host route to the metadata address (one test at a time may
+    /// hold it: the route is the host's).
     fn start() -> Outside {
+        Outside::start_with(true)
+    }
+
+    fn start_with(metadata: bool) -> Outside {
         let tag = &paths::new_sandbox_id()[3..];
         let ns = format!("svt-{tag}");
         let host_if = format!("svh{tag}");
@@ -1478,11 +1489,15 @@ impl Outside {
         let n = u8::from_str_radix(&tag[..2], 16).expect("hex");
         let (host_ip, private) = (format!("10.213.{n}.1"), format!("10.213.{n}.2"));
         assert!(ip(&["netns", "add", &ns]), "ip netns add");
+        let public = format!("192.88.97.{n}");
         let mut o = Outside {
             ns: ns.clone(),
             host_if: host_if.clone(),
             private: private.clone(),
+            public: public.clone(),
             listener: std::process::Command::new("true").spawn().expect("true"),
+            dns: None,
+            metadata,
         };
         let x = |args: &[&str]| {
             let mut v = vec!["netns", "exec", &ns, "ip"];
@@ -1503,16 +1518,18 @@ impl Outside {
         assert!(ip(&["link", "set", &host_if, "up"]));
         x(&["addr", "add", &format!("{private}/30"), "dev", &peer]);
         x(&["addr", "add", &format!("{METADATA}/32"), "dev", &peer]);
+        x(&["addr", "add", &format!("{public}/32"), "dev", &peer]);
         x(&["link", "set", &peer, "up"]);
         x(&["link", "set", "lo", "up"]);
         x(&["route", "add", "default", "via", &host_ip]);
-        assert!(ip(&[
-            "route",
-            "add",
-            &format!("{METADATA}/32"),
-            "via",
-            &private
-        ]));
+        let routed: &[&str] = if metadata {
+            &[METADATA, public.as_str()]
+        } else {
+            &[public.as_str()]
+        };
+        for dst in routed {
+            assert!(ip(&["route", "add", &format!("{dst}/32"), "via", &private]));
+        }
         o.listener = std::process::Command::new("ip")
             .args([
                 "netns",
@@ -1531,8 +1548,11 @@ impl Outside {
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("listener");
-        // The listener answers the host on both addresses.
-        for addr in [private.as_str(), METADATA] {
+        // The listener answers the host on its addresses.
+        for addr in [
+            private.as_str(),
+            if metadata { METADATA } else { public.as_str() },
+        ] {
             let mut got = String::new();
             for _ in 0..50 {
                 got = host_nc(addr, 8080);
@@ -1547,11 +1567,50 @@ impl Outside {
     }
 }
 
+impl Outside {
+    /// A DNS server on UDP 53 of the public address: A records for
+    /// `names`, NXDOMAIN for the rest.
+    fn serve_dns(&mut self, names: &[(&str, &str)]) {
+        let table: Vec<String> = names
+            .iter()
+            .map(|(n, ip)| format!("{n:?}: {ip:?}"))
+            .collect();
+        let code = format!(
+            "import socket\nnames = {{{}}}\n\
+             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(({:?}, 53))\n\
+             while True:\n  q, a = s.recvfrom(512)\n  i = 12; labels = []\n  \
+             while q[i]:\n    labels.append(q[i+1:i+1+q[i]].decode()); i += 1 + q[i]\n  \
+             ip = names.get('.'.join(labels).lower())\n  \
+             r = q[:2] + (b'\\x81\\x80' if ip else b'\\x81\\x83') + q[4:6] + (b'\\x00\\x01' if ip else b'\\x00\\x00') + b'\\x00\\x00\\x00\\x00' + q[12:i+5]\n  \
+             if ip:\n    r += b'\\xc0\\x0c\\x00\\x01\\x00\\x01\\x00\\x00\\x00\\x3c\\x00\\x04' + socket.inet_aton(ip)\n  \
+             s.sendto(r, a)\n",
+            table.join(", "),
+            self.public
+        );
+        self.dns = Some(
+            std::process::Command::new("ip")
+                .args(["netns", "exec", &self.ns, "python3", "-c", &code])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("dns server"),
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 impl Drop for Outside {
     fn drop(&mut self) {
         let _ = self.listener.kill();
         let _ = self.listener.wait();
-        ip(&["route", "del", &format!("{METADATA}/32")]);
+        if let Some(c) = &mut self.dns {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.metadata {
+            ip(&["route", "del", &format!("{METADATA}/32")]);
+        }
+        ip(&["route", "del", &format!("{}/32", self.public)]);
         // Deleting the namespace deletes the veth pair.
         ip(&["netns", "del", &self.ns]);
         ip(&["link", "del", &self.host_if]);
@@ -1611,6 +1670,91 @@ async fn on_default_bridge(d: &Docker, script: &str) -> String {
         )
         .await;
     out
+}
+
+/// Per-sandbox egress rules on the sandbox network: deny-all at spawn,
+/// an allowed address at runtime, then a domain rule served by the egress
+/// proxy (the allowed name reaches the outside, another does not), with
+/// the denials reported and nothing left after destroy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn egress_rules_narrow_and_domains_go_through_the_proxy() {
+    use stacyvm_core::egress::{Domain, EgressRules};
+    let mut fx = fixture("runc");
+    fx.config.network_mode = "bridge".into();
+    let p = fx.ready().await;
+    let mut outside = Outside::start_with(false);
+    let public = outside.public.clone();
+    outside.serve_dns(&[("allowed.test", &public), ("other.test", &public)]);
+    let all: stacyvm_core::cidr::Cidr = "0.0.0.0/0".parse().expect("cidr");
+    let mut spec = spawn_spec(TEST_IMAGE, 64);
+    spec.egress = Some(EgressRules {
+        deny: vec![all],
+        ..EgressRules::default()
+    });
+    let id = p.spawn(&spec).await.expect("spawn").runtime_id;
+    let plain = format!("nc -w 2 {public} 8080 </dev/null; echo done");
+    let r = sh(&p, &id, &plain).await;
+    assert_eq!(r.stdout.trim(), "done", "denied address reached: {r:?}");
+    let denied = p.egress_denials(&id).await.expect("denials");
+    assert!(
+        denied
+            .iter()
+            .any(|d| d.address == public && d.port == 8080 && d.reason == "cidr"),
+        "{denied:?}"
+    );
+
+    p.set_egress(
+        &id,
+        Some(&EgressRules {
+            allow: vec![format!("{public}/32").parse().expect("cidr")],
+            deny: vec![all],
+            ..EgressRules::default()
+        }),
+    )
+    .await
+    .expect("allow one");
+    let r = sh(&p, &id, &plain).await;
+    assert!(r.stdout.contains("reached"), "allowed address: {r:?}");
+
+    p.set_egress(
+        &id,
+        Some(&EgressRules {
+            domains: vec![Domain::parse("allowed.test").expect("domain")],
+            deny: vec![all],
+            dns: Some(vec![public.parse().expect("ip")]),
+            ..EgressRules::default()
+        }),
+    )
+    .await
+    .expect("domains");
+    let http = |host: &str| {
+        format!("printf 'GET / HTTP/1.1\\r\\nHost: {host}\\r\\n\\r\\n' | nc -w 3 {public} 8080; echo done")
+    };
+    let r = sh(&p, &id, &http("allowed.test")).await;
+    assert!(r.stdout.contains("reached"), "allowed name: {r:?}");
+    let r = sh(&p, &id, &http("other.test")).await;
+    assert_eq!(r.stdout.trim(), "done", "other name reached: {r:?}");
+    let denied = p.egress_denials(&id).await.expect("denials");
+    assert!(
+        denied
+            .iter()
+            .any(|d| d.host == "other.test" && d.reason == "domain"),
+        "{denied:?}"
+    );
+    let key = crate::egress::Port::new(
+        "x",
+        std::net::Ipv4Addr::UNSPECIFIED,
+        std::net::Ipv4Addr::UNSPECIFIED,
+        &id,
+    )
+    .key;
+    p.destroy(&id).await.expect("destroy");
+    let table = std::process::Command::new("nft")
+        .args(["list", "table", "inet", crate::egress::TABLE])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    assert!(!table.contains(&key), "egress rules of {id} left: {table}");
 }
 
 /// F-7: on `bridge`, a sandbox reaches neither cloud metadata, nor private

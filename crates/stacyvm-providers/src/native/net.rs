@@ -159,6 +159,11 @@ fn nameservers(text: &str) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
     (reachable, loopback)
 }
 
+/// The nameservers of a resolv.conf a sandbox on a bridge can reach.
+pub fn reachable_nameservers(text: &str) -> Vec<Ipv4Addr> {
+    nameservers(text).0
+}
+
 /// An nft set of IPv4 intervals, with its elements when there are any.
 fn nft_set<T: std::fmt::Display>(name: &str, elements: &[T]) -> String {
     let mut out = format!("  set {name} {{\n    type ipv4_addr; flags interval; auto-merge;\n");
