@@ -92,6 +92,31 @@ test('create, info, list, timeout, connect and kill', async () => {
   await assert.rejects(Sandbox.connect(sbx.sandboxId, opts()), SandboxNotFoundError)
 })
 
+test('network egress rules at create and updateNetwork', async () => {
+  const policy = async (id) => {
+    const r = await fetch(`${url}/api/v1/sandboxes/${id}/network`)
+    assert.equal(r.status, 200)
+    return (await r.json()).policy
+  }
+  const sbx = await Sandbox.create({
+    ...opts(),
+    timeoutMs: 60_000,
+    network: { allowOut: ['*.example.com'], denyOut: ['0.0.0.0/0'] },
+  })
+  try {
+    assert.deepEqual(await policy(sbx.sandboxId), {
+      allow_out: ['*.example.com'],
+      deny_out: ['0.0.0.0/0'],
+    })
+    await sbx.updateNetwork({ denyOut: ['10.0.0.0/8'] })
+    assert.deepEqual(await policy(sbx.sandboxId), { deny_out: ['10.0.0.0/8'] })
+    await assert.rejects(sbx.updateNetwork({ denyOut: ['evil.example'] }))
+    assert.deepEqual(await policy(sbx.sandboxId), { deny_out: ['10.0.0.0/8'] })
+  } finally {
+    await sbx.kill()
+  }
+})
+
 test('commands, background processes and files', async () => {
   const sbx = await Sandbox.create({ ...opts(), envs: { FROM_CREATE: 'yes' } })
   try {

@@ -97,6 +97,53 @@ def test_lifecycle_on_timeout_pause(server):
         sbx.kill()
 
 
+def test_network_egress_rules_at_create_and_update(server):
+    """`network` at create and `update_network` (E2B's `PUT
+    /sandboxes/{id}/network`, which replaces the rules): StacyVM's own API
+    shows the policy as stored; `allow_internet_access=False` is deny-all;
+    a deny rule naming a domain, and request transforms, are refused."""
+    import httpx
+    from e2b.sandbox.network import ALL_TRAFFIC
+
+    o = opts(server)
+
+    def policy(sid):
+        r = httpx.get(f"{server}/api/v1/sandboxes/{sid}/network")
+        assert r.status_code == 200, r.text
+        return r.json().get("policy")
+
+    sbx = Sandbox.create(
+        timeout=120,
+        network={"allow_out": ["api.example.com", "1.1.1.1"], "deny_out": [ALL_TRAFFIC]},
+        **o,
+    )
+    try:
+        assert policy(sbx.sandbox_id) == {
+            "allow_out": ["api.example.com", "1.1.1.1/32"],
+            "deny_out": ["0.0.0.0/0"],
+        }
+        sbx.update_network({"deny_out": [ALL_TRAFFIC], "dns_servers": ["9.9.9.9"]})
+        assert policy(sbx.sandbox_id) == {"deny_out": ["0.0.0.0/0"], "dns_servers": ["9.9.9.9"]}
+        with pytest.raises(Exception) as bad:
+            sbx.update_network({"deny_out": ["evil.example"]})
+        assert "deny_out" in str(bad.value)
+        with pytest.raises(Exception) as bad:
+            sbx.update_network({"allow_out": ["api.example.com"], "rules": {"api.example.com": [{"transform": {"headers": {"X": "y"}}}]}})
+        assert "rules" in str(bad.value)
+        # The refused updates changed nothing; an empty one clears it.
+        assert policy(sbx.sandbox_id) == {"deny_out": ["0.0.0.0/0"], "dns_servers": ["9.9.9.9"]}
+        sbx.update_network({})
+        assert policy(sbx.sandbox_id) is None
+    finally:
+        sbx.kill()
+
+    offline = Sandbox.create(timeout=60, allow_internet_access=False, **o)
+    try:
+        assert policy(offline.sandbox_id) == {"deny_out": ["0.0.0.0/0"]}
+    finally:
+        offline.kill()
+
+
 def test_idempotency_key_and_pagination(server):
     o = opts(server)
     a = Sandbox.create(idempotency_key="sdk-retry-1", metadata={"suite": "e2b-pages"}, **o)

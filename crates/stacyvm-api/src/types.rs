@@ -177,7 +177,12 @@ pub struct NetworkStatus {
     /// The sandbox's own policy (absent: none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<NetworkPolicy>,
-    /// CIDRs denied by the operator or the tenant, whatever the policy says.
+    /// What is enforced: the policy under the tenant's and template's
+    /// allowlists (absent: the server's defaults only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub effective: Option<NetworkPolicy>,
+    /// CIDRs denied by the tenant's `egress` policies, whatever the
+    /// sandbox's policy allows.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub enforced_deny: Vec<String>,
     /// Recent denied connections, newest first (at most 256).
@@ -713,6 +718,7 @@ mod tests {
             preview_domain: "localhost".into(),
             idle_timeout: String::new(),
             on_timeout: String::new(),
+            network: None,
         };
         let json = serde_json::to_string(&sb).expect("json");
         assert_eq!(

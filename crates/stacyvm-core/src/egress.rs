@@ -450,13 +450,13 @@ mod tests {
 
     #[test]
     fn domains_match_names_not_lookalikes() {
-        let d = Domain::parse("API.Example.com.").unwrap();
+        let d = Domain::parse("API.Example.com.").expect("valid");
         assert_eq!(d.as_str(), "api.example.com");
         assert!(d.matches("api.example.com"));
         assert!(d.matches("API.EXAMPLE.COM."));
         assert!(!d.matches("xapi.example.com"));
         assert!(!d.matches("api.example.com.evil.net"));
-        let w = Domain::parse("*.example.com").unwrap();
+        let w = Domain::parse("*.example.com").expect("valid");
         assert!(w.matches("a.example.com"));
         assert!(w.matches("a.b.example.com"));
         assert!(!w.matches("example.com"), "not the apex");
@@ -480,11 +480,11 @@ mod tests {
     #[test]
     fn entries_parse_and_refuse_ipv6() {
         assert_eq!(
-            Entry::parse("8.8.8.8").unwrap(),
-            Entry::Cidr("8.8.8.8/32".parse().unwrap())
+            Entry::parse("8.8.8.8").expect("valid"),
+            Entry::Cidr("8.8.8.8/32".parse().expect("valid"))
         );
         assert!(matches!(
-            Entry::parse("pypi.org").unwrap(),
+            Entry::parse("pypi.org").expect("valid"),
             Entry::Domain(_)
         ));
         for bad in [
@@ -503,10 +503,10 @@ mod tests {
     fn parse_folds_deny_all_and_refuses_domain_denies() {
         let mut p = pol(&["pypi.org", "1.1.1.1"], &[]);
         p.deny_all = true;
-        let parsed = parse(&p).unwrap();
+        let parsed = parse(&p).expect("valid");
         assert_eq!(parsed.to_policy().deny_out, ["0.0.0.0/0"]);
         assert_eq!(parsed.to_policy().allow_out, ["pypi.org", "1.1.1.1/32"]);
-        let e = parse(&pol(&[], &["evil.com"])).unwrap_err();
+        let e = parse(&pol(&[], &["evil.com"])).expect_err("must fail");
         assert!(e.to_string().contains("deny_out"), "{e}");
         let many: Vec<String> = (0..300)
             .map(|i| format!("10.0.{}.{}", i / 256, i % 256))
@@ -515,28 +515,32 @@ mod tests {
             allow_out: many,
             ..NetworkPolicy::default()
         })
-        .unwrap_err();
+        .expect_err("must fail");
         assert!(e.to_string().contains("at most"), "{e}");
         let e = parse(&NetworkPolicy {
             dns_servers: Some(vec!["dns.google".into()]),
             ..NetworkPolicy::default()
         })
-        .unwrap_err();
+        .expect_err("must fail");
         assert!(e.to_string().contains("dns_servers"), "{e}");
     }
 
     #[test]
     fn allow_beats_deny_and_enforced_beats_allow() {
-        let parsed = parse(&pol(&["1.1.1.0/24"], &["0.0.0.0/0"])).unwrap();
-        let limits = Limits::new(&[rule("deny", "1.1.1.1")], &[]).unwrap();
-        let r = effective(Some(&parsed), &limits).unwrap().unwrap();
-        assert!(r.allows_addr("1.1.1.2".parse().unwrap()));
+        let parsed = parse(&pol(&["1.1.1.0/24"], &["0.0.0.0/0"])).expect("valid");
+        let limits = Limits::new(&[rule("deny", "1.1.1.1")], &[]).expect("valid");
+        let r = effective(Some(&parsed), &limits)
+            .expect("valid")
+            .expect("valid");
+        assert!(r.allows_addr("1.1.1.2".parse().expect("valid")));
         assert!(
-            !r.allows_addr("1.1.1.1".parse().unwrap()),
+            !r.allows_addr("1.1.1.1".parse().expect("valid")),
             "tenant deny wins"
         );
-        assert!(!r.allows_addr("8.8.8.8".parse().unwrap()));
-        assert!(effective(None, &Limits::default()).unwrap().is_none());
+        assert!(!r.allows_addr("8.8.8.8".parse().expect("valid")));
+        assert!(effective(None, &Limits::default())
+            .expect("valid")
+            .is_none());
     }
 
     #[test]
@@ -545,19 +549,21 @@ mod tests {
             &[rule("allow", "*.example.com"), rule("allow", "10.1.0.0/16")],
             &[],
         )
-        .unwrap();
+        .expect("valid");
         // No policy: the tenant's list, everything else denied.
-        let r = effective(None, &limits).unwrap().unwrap();
-        assert_eq!(r.deny, vec!["0.0.0.0/0".parse().unwrap()]);
+        let r = effective(None, &limits).expect("valid").expect("valid");
+        assert_eq!(r.deny, vec!["0.0.0.0/0".parse().expect("valid")]);
         assert!(r.allows_name("a.example.com") && !r.allows_name("pypi.org"));
-        assert!(r.allows_addr("10.1.2.3".parse().unwrap()));
+        assert!(r.allows_addr("10.1.2.3".parse().expect("valid")));
         // A narrower policy is fine; a wider one is a 403.
-        let ok = parse(&pol(&["api.example.com", "10.1.2.0/24"], &[])).unwrap();
-        let r = effective(Some(&ok), &limits).unwrap().unwrap();
-        assert!(!r.allows_addr("10.1.3.1".parse().unwrap()));
+        let ok = parse(&pol(&["api.example.com", "10.1.2.0/24"], &[])).expect("valid");
+        let r = effective(Some(&ok), &limits)
+            .expect("valid")
+            .expect("valid");
+        assert!(!r.allows_addr("10.1.3.1".parse().expect("valid")));
         for wide in ["example.com", "pypi.org", "10.0.0.0/8", "*.com"] {
-            let p = parse(&pol(&[wide], &[])).unwrap();
-            let e = effective(Some(&p), &limits).unwrap_err();
+            let p = parse(&pol(&[wide], &[])).expect("valid");
+            let e = effective(Some(&p), &limits).expect_err("must fail");
             assert_eq!(e.kind(), crate::error::ErrorKind::Forbidden, "{wide}: {e}");
         }
         // A template's list narrows the tenant's.
@@ -565,9 +571,12 @@ mod tests {
             &[rule("allow", "*.example.com")],
             &["api.example.com".into(), "pypi.org".into()],
         )
-        .unwrap();
-        let r = effective(None, &both).unwrap().unwrap();
-        assert_eq!(r.domains, vec![Domain::parse("api.example.com").unwrap()]);
+        .expect("valid");
+        let r = effective(None, &both).expect("valid").expect("valid");
+        assert_eq!(
+            r.domains,
+            vec![Domain::parse("api.example.com").expect("valid")]
+        );
     }
 
     #[test]

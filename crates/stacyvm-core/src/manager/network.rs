@@ -113,7 +113,12 @@ impl Manager {
         provider: &dyn Provider,
         network: &str,
     ) -> Result<SpawnEgress> {
-        let parsed = req.network.as_ref().map(egress::parse).transpose()?;
+        let parsed = req
+            .network
+            .as_ref()
+            .map(egress::parse)
+            .transpose()?
+            .filter(|p| !(p.allow.is_empty() && p.deny.is_empty() && p.dns.is_none()));
         let allowed_hosts = template
             .map(|t| t.allowed_hosts.clone())
             .unwrap_or_default();
@@ -151,6 +156,20 @@ impl Manager {
             sandbox_id: rec.id.clone(),
             network_mode: self.network_mode_of(rec),
             policy: policy_of(&rec.metadata),
+            effective: rules.as_ref().map(|r| NetworkPolicy {
+                deny_all: false,
+                allow_out: r
+                    .allow
+                    .iter()
+                    .map(ToString::to_string)
+                    .chain(r.domains.iter().map(|d| d.as_str().to_string()))
+                    .collect(),
+                deny_out: r.deny.iter().map(ToString::to_string).collect(),
+                dns_servers: r
+                    .dns
+                    .as_ref()
+                    .map(|l| l.iter().map(ToString::to_string).collect()),
+            }),
             enforced_deny: rules
                 .map(|r| r.enforced.iter().map(ToString::to_string).collect())
                 .unwrap_or_default(),
@@ -203,7 +222,12 @@ impl Manager {
     ) -> Result<NetworkStatus> {
         let rec = self.get(id, caller).await?;
         let rec = self.fresh(&rec).await?;
-        let parsed = policy.as_ref().map(egress::parse).transpose()?;
+        // A policy that says nothing is no policy.
+        let parsed = policy
+            .as_ref()
+            .map(egress::parse)
+            .transpose()?
+            .filter(|p| !(p.allow.is_empty() && p.deny.is_empty() && p.dns.is_none()));
         let policies = self
             .store
             .list_policies(Some(rec.tenant_id.as_str()))

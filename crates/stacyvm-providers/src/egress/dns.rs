@@ -110,7 +110,7 @@ mod tests {
 
     #[test]
     fn answers_with_compression_are_read() {
-        let q = query(0x1234, "a.example.com").unwrap();
+        let q = query(0x1234, "a.example.com").expect("valid");
         let mut r = q.clone();
         r[2] = 0x81;
         r[3] = 0x80;

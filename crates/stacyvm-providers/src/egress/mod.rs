@@ -425,7 +425,7 @@ impl Egress {
         .unwrap_or_default();
         let mut out = logged(&json);
         out.extend(self.proxy.denials(port));
-        out.sort_by(|a, b| b.last_at.cmp(&a.last_at));
+        out.sort_by_key(|d| std::cmp::Reverse(d.last_at));
         out.truncate(256);
         out
     }
@@ -437,14 +437,14 @@ mod tests {
 
     fn rules(allow: &[&str], domains: &[&str], deny: &[&str]) -> EgressRules {
         EgressRules {
-            allow: allow.iter().map(|c| c.parse().unwrap()).collect(),
+            allow: allow.iter().map(|c| c.parse().expect("valid")).collect(),
             domains: domains
                 .iter()
-                .map(|d| stacyvm_core::egress::Domain::parse(d).unwrap())
+                .map(|d| stacyvm_core::egress::Domain::parse(d).expect("valid"))
                 .collect(),
-            deny: deny.iter().map(|c| c.parse().unwrap()).collect(),
+            deny: deny.iter().map(|c| c.parse().expect("valid")).collect(),
             dns: None,
-            enforced: vec!["1.2.3.4/32".parse().unwrap()],
+            enforced: vec!["1.2.3.4/32".parse().expect("valid")],
         }
     }
 
@@ -486,10 +486,10 @@ mod tests {
     #[test]
     fn operator_limits_hold_for_the_proxy() {
         let op = Operator {
-            allow: vec!["192.168.5.0/24".parse().unwrap()],
+            allow: vec!["192.168.5.0/24".parse().expect("valid")],
             deny: vec![
-                "192.168.5.7/32".parse().unwrap(),
-                "8.8.8.8/32".parse().unwrap(),
+                "192.168.5.7/32".parse().expect("valid"),
+                "8.8.8.8/32".parse().expect("valid"),
             ],
             resolvers: vec![],
         };

@@ -31,13 +31,18 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Denial records kept per sandbox.
 const MAX_RECORDS: usize = 256;
 
+/// (Host/SNI name, port, reason) → (count, last time).
+type DenialLog = HashMap<(String, u16, &'static str), (u64, chrono::DateTime<chrono::Utc>)>;
+/// (bridge address, sandbox address) → its rules.
+type Served = Arc<Mutex<HashMap<(Ipv4Addr, Ipv4Addr), Arc<Sandbox>>>>;
+
 #[derive(Debug)]
 struct Sandbox {
     rules: EgressRules,
     op: Operator,
     dns: Vec<Ipv4Addr>,
     gateway: Ipv4Addr,
-    denials: Mutex<HashMap<(String, u16, &'static str), (u64, chrono::DateTime<chrono::Utc>)>>,
+    denials: Mutex<DenialLog>,
 }
 
 impl Sandbox {
@@ -59,7 +64,7 @@ impl Sandbox {
         e.1 = chrono::Utc::now();
         // The first of a kind and then every hundredth: a loop cannot
         // flood the log.
-        if e.0 == 1 || e.0 % 100 == 0 {
+        if e.0 == 1 || e.0.is_multiple_of(100) {
             info!(sandbox_ip = %src, host, port, reason, count = e.0, "egress denied");
         }
     }
@@ -69,7 +74,7 @@ impl Sandbox {
 #[derive(Debug, Default)]
 pub struct Proxy {
     listeners: tokio::sync::Mutex<HashMap<Ipv4Addr, (u16, tokio::task::JoinHandle<()>)>>,
-    sandboxes: Arc<Mutex<HashMap<(Ipv4Addr, Ipv4Addr), Arc<Sandbox>>>>,
+    sandboxes: Served,
 }
 
 impl Drop for Proxy {

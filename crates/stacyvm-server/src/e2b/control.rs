@@ -86,14 +86,23 @@ struct NewSandbox {
 /// settings (`allow_public_traffic`, `mask_request_host`) are accepted and
 /// ignored (previews have their own exposure API); request transforms and
 /// a SOCKS5 egress proxy are refused, as E2B's open-source runtime does.
+///
+/// The SDKs send camel case (`allowOut`, `denyOut`, `dnsServers`,
+/// `egressProxy`) but `allow_internet_access` in snake case; either
+/// spelling is accepted.
 #[derive(Debug, Default, Deserialize)]
-#[serde(default)]
+#[serde(default, rename_all = "camelCase")]
 struct E2bNetwork {
+    #[serde(alias = "allow_out")]
     allow_out: Vec<String>,
+    #[serde(alias = "deny_out")]
     deny_out: Vec<String>,
+    #[serde(alias = "dns_servers")]
     dns_servers: Option<Vec<String>>,
     rules: Option<serde_json::Value>,
+    #[serde(alias = "egress_proxy")]
     egress_proxy: Option<serde_json::Value>,
+    #[serde(rename = "allow_internet_access", alias = "allowInternetAccess")]
     allow_internet_access: Option<bool>,
 }
 
