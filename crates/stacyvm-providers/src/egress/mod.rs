@@ -211,6 +211,11 @@ pub fn remove_scripts(port: &Port) -> [String; 2] {
     [elements, s]
 }
 
+/// Removes the rules of `port` (teardown paths, which are not async).
+pub fn remove_blocking(port: &Port) {
+    remove_now(port);
+}
+
 fn remove_now(port: &Port) {
     let [elements, objects] = remove_scripts(port);
     if let Err(e) = nft(&elements) {
@@ -401,10 +406,10 @@ impl Egress {
         let _ = tokio::task::spawn_blocking(move || remove_now(&port)).await;
     }
 
-    /// The same, for teardown paths that are not async.
-    pub fn remove_blocking(&self, port: &Port) {
+    /// Stops serving `port` in the proxy (its rules are removed by
+    /// [`remove_blocking`]).
+    pub fn forget(&self, port: &Port) {
         self.proxy.forget(port);
-        remove_now(port);
     }
 
     /// What `port`'s rules refused lately: the kernel's drops, then the

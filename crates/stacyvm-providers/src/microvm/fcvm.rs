@@ -592,6 +592,11 @@ impl FirecrackerProvider {
             let att = tokio::task::spawn_blocking(move || bridge.attach_owned_tap(&id, owner))
                 .await
                 .map_err(|e| Error::internal(format!("tap setup task: {e}")))??;
+            nic_guard.0 = Some(att.clone());
+            // In force before the VM sends its first packet.
+            if let Some(rules) = &spec.egress {
+                self.bridge.set_egress(&att, Some(rules)).await?;
+            }
             let subnet = self.bridge.options().subnet;
             let dns: Vec<String> = self
                 .bridge
@@ -1144,6 +1149,7 @@ impl Provider for FirecrackerProvider {
         c.push(capability::WATCH.into());
         c.push(capability::EXEC_USER.into());
         c.push(capability::PAUSE.into());
+        c.push(capability::EGRESS.into());
         if self.opts.snapshots {
             c.push(capability::SNAPSHOTS.into());
         }
@@ -1265,6 +1271,20 @@ impl Provider for FirecrackerProvider {
     }
 
     /// `PATCH /vm {"state": "Paused"}`: the vCPUs stop, memory kept.
+    async fn set_egress(
+        &self,
+        runtime_id: &str,
+        rules: Option<&stacyvm_core::egress::EgressRules>,
+    ) -> Result<()> {
+        let meta = self.meta(runtime_id)?;
+        self.bridge.set_egress_of(meta.net.as_ref(), rules).await
+    }
+
+    async fn egress_denials(&self, runtime_id: &str) -> Result<Vec<stacyvm_api::EgressDenial>> {
+        let meta = self.meta(runtime_id)?;
+        Ok(self.bridge.egress_denials_of(meta.net.as_ref()).await)
+    }
+
     async fn pause(&self, id: &str) -> Result<()> {
         if !self.meta(id)?.vmm().alive() {
             return Err(Error::sandbox_not_found(id));

@@ -892,7 +892,12 @@ impl QemuProvider {
             let (att, tap) = tokio::task::spawn_blocking(move || bridge.attach_tap(&id))
                 .await
                 .map_err(|e| Error::internal(format!("tap setup task: {e}")))??;
-            (NetGuard(Some(att)), Some(tap))
+            let guard = NetGuard(Some(att.clone()));
+            // In force before the VM sends its first packet.
+            if let Some(rules) = &spec.egress {
+                self.bridge.set_egress(&att, Some(rules)).await?;
+            }
+            (guard, Some(tap))
         } else {
             (NetGuard(None), None)
         };
@@ -1446,6 +1451,7 @@ impl Provider for QemuProvider {
         c.push(capability::WATCH.into());
         c.push(capability::EXEC_USER.into());
         c.push(capability::PAUSE.into());
+        c.push(capability::EGRESS.into());
         if self.opts.snapshots {
             c.push(capability::SNAPSHOTS.into());
         }
@@ -1679,6 +1685,20 @@ impl Provider for QemuProvider {
 
     /// QMP `stop`: the guest's vCPUs halt where they stand, its memory
     /// kept; the agent answers nothing until `cont`.
+    async fn set_egress(
+        &self,
+        runtime_id: &str,
+        rules: Option<&stacyvm_core::egress::EgressRules>,
+    ) -> Result<()> {
+        let meta = self.meta(runtime_id)?;
+        self.bridge.set_egress_of(meta.net.as_ref(), rules).await
+    }
+
+    async fn egress_denials(&self, runtime_id: &str) -> Result<Vec<stacyvm_api::EgressDenial>> {
+        let meta = self.meta(runtime_id)?;
+        Ok(self.bridge.egress_denials_of(meta.net.as_ref()).await)
+    }
+
     async fn pause(&self, id: &str) -> Result<()> {
         self.vm_control(id, "stop").await
     }

@@ -791,6 +791,29 @@ async fn bridge_vms_reach_only_what_the_bridge_allows() {
     )
     .await;
     assert_eq!(r.stdout.trim(), format!("public=10.214.{n}.1"), "{r:?}");
+    // Per-sandbox egress rules hold for a VM as for a native sandbox (its
+    // address is pinned, so the rules keyed on it cannot be dodged), and
+    // change at runtime.
+    let deny_all = stacyvm_core::egress::EgressRules {
+        deny: vec!["0.0.0.0/0".parse().expect("cidr")],
+        ..Default::default()
+    };
+    p.set_egress(&b.id, Some(&deny_all))
+        .await
+        .expect("egress rules");
+    let public = one("public", &format!("192.88.99.{n}"), 8080);
+    let r = sh(&p, &b.id, &nc_probes(&public)).await;
+    assert_eq!(r.stdout.trim(), "public=blocked", "{r:?}");
+    let denied = p.egress_denials(&b.id).await.expect("denials");
+    assert!(
+        denied
+            .iter()
+            .any(|d| d.address == format!("192.88.99.{n}") && d.port == 8080),
+        "{denied:?}"
+    );
+    p.set_egress(&b.id, None).await.expect("rules cleared");
+    let r = sh(&p, &b.id, &nc_probes(&public)).await;
+    assert_eq!(r.stdout.trim(), format!("public=10.214.{n}.1"), "{r:?}");
     // Not each other: a listens, b knocks.
     let pa = &p;
     let (listen, knock) = tokio::join!(
@@ -857,9 +880,23 @@ async fn bridge_vms_reach_only_what_the_bridge_allows() {
             "tap {t}"
         );
     }
+    // Destroy removes a VM's egress rules with its tap.
+    p.set_egress(&b.id, Some(&deny_all))
+        .await
+        .expect("egress rules");
+    let b_rules = crate::egress::Port::new(
+        &lab.bridge,
+        std::net::Ipv4Addr::UNSPECIFIED,
+        std::net::Ipv4Addr::UNSPECIFIED,
+        &crate::native::net::host_if_name(&b.id),
+    )
+    .key;
+    assert!(host(&format!("nft list table inet {}", crate::egress::TABLE)).contains(&b_rules));
     for s in [&a, &b] {
         p.destroy(&s.id).await.expect("destroy");
     }
+    let table = host(&format!("nft list table inet {}", crate::egress::TABLE));
+    assert!(!table.contains(&b_rules), "egress rules of b left: {table}");
     let pins = host(&format!(
         "nft list set bridge stacyvm_{} vmports",
         lab.bridge

@@ -900,21 +900,16 @@ impl Provider for NativeProvider {
         if !paths::is_sandbox_id(runtime_id) {
             return Err(Error::sandbox_not_found(runtime_id));
         }
-        match self.meta(runtime_id)?.net {
-            Some(att) => self.bridge.set_egress(&att, rules).await,
-            // `none`: no network, nothing to reach.
-            None => Ok(()),
-        }
+        let meta = self.meta(runtime_id)?;
+        self.bridge.set_egress_of(meta.net.as_ref(), rules).await
     }
 
     async fn egress_denials(&self, runtime_id: &str) -> Result<Vec<stacyvm_api::EgressDenial>> {
         if !paths::is_sandbox_id(runtime_id) {
             return Err(Error::sandbox_not_found(runtime_id));
         }
-        Ok(match self.meta(runtime_id)?.net {
-            Some(att) => self.bridge.egress_denials(&att).await,
-            None => Vec::new(),
-        })
+        let meta = self.meta(runtime_id)?;
+        Ok(self.bridge.egress_denials_of(meta.net.as_ref()).await)
     }
 
     fn profile(&self) -> Profile {

@@ -456,11 +456,8 @@ impl Bridge {
         )
     }
 
-    /// Marks a sandbox with egress rules (kept in /run with the leases, so
-    /// a restarted server still removes them on destroy).
     fn egress_marker(&self, att: &Attachment) -> PathBuf {
-        self.lease_dir
-            .join(format!("egress-{}", self.egress_port(att).key))
+        egress_marker(att)
     }
 
     /// Puts a sandbox's egress rules in force (`None`: the bridge's
@@ -491,6 +488,30 @@ impl Bridge {
     /// What a sandbox's egress rules refused lately.
     pub async fn egress_denials(&self, att: &Attachment) -> Vec<stacyvm_api::EgressDenial> {
         self.egress.denials(&self.egress_port(att)).await
+    }
+
+    /// [`Bridge::set_egress`] for a sandbox that may have no attachment
+    /// (`none` mode: nothing to reach, nothing to filter).
+    pub async fn set_egress_of(
+        &self,
+        att: Option<&Attachment>,
+        rules: Option<&stacyvm_core::egress::EgressRules>,
+    ) -> Result<()> {
+        match att {
+            Some(att) => self.set_egress(att, rules).await,
+            None => Ok(()),
+        }
+    }
+
+    /// [`Bridge::egress_denials`] likewise.
+    pub async fn egress_denials_of(
+        &self,
+        att: Option<&Attachment>,
+    ) -> Vec<stacyvm_api::EgressDenial> {
+        match att {
+            Some(att) => self.egress_denials(att).await,
+            None => Vec::new(),
+        }
     }
 
     pub fn options(&self) -> &BridgeOptions {
@@ -750,13 +771,7 @@ impl Bridge {
     /// Removes what a sandbox held: its veth (gone anyway once its
     /// namespace dies) and its address lease.
     pub fn detach(&self, att: &Attachment) {
-        // The rules go before the address: once the lease is free another
-        // sandbox may hold it, and its rules must stay.
-        let marker = self.egress_marker(att);
-        if marker.exists() {
-            self.egress.remove_blocking(&self.egress_port(att));
-            let _ = std::fs::remove_file(&marker);
-        }
+        self.egress.forget(&self.egress_port(att));
         release(att);
     }
 
@@ -853,6 +868,18 @@ impl Bridge {
 /// gone anyway once its namespace dies, a tap once its VMM exits), a tap's
 /// anti-spoofing entries, and the address lease.
 pub fn release(att: &Attachment) {
+    // The egress rules go before the address: once the lease is free
+    // another sandbox may hold it, and its rules must stay.
+    let marker = egress_marker(att);
+    if marker.exists() {
+        crate::egress::remove_blocking(&crate::egress::Port::new(
+            &att.bridge,
+            att.ip,
+            Ipv4Addr::UNSPECIFIED,
+            &att.host_if,
+        ));
+        let _ = std::fs::remove_file(&marker);
+    }
     if iface_exists(&att.host_if) {
         let _ = run("ip", &["link", "del", &att.host_if], None);
     }
@@ -883,6 +910,17 @@ pub fn release(att: &Attachment) {
     if std::fs::read_to_string(&lease).is_ok_and(|o| o.trim() == att.host_if) {
         let _ = std::fs::remove_file(lease);
     }
+}
+
+/// Marks a sandbox with egress rules (kept in /run with the leases, so a
+/// restarted server, or a teardown without the bridge at hand, still
+/// removes them).
+fn egress_marker(att: &Attachment) -> PathBuf {
+    let key =
+        crate::egress::Port::new(&att.bridge, att.ip, Ipv4Addr::UNSPECIFIED, &att.host_if).key;
+    PathBuf::from("/run/stacyvm/net")
+        .join(&att.bridge)
+        .join(format!("egress-{key}"))
 }
 
 #[cfg(test)]
