@@ -947,6 +947,7 @@ fn docs_security_md_lists_the_permission_table() {
             l.starts_with("| GET |")
                 || l.starts_with("| POST |")
                 || l.starts_with("| PUT |")
+                || l.starts_with("| PATCH |")
                 || l.starts_with("| DELETE |")
         })
         .collect();

@@ -55,6 +55,24 @@ pub async fn sandbox_lifecycle(s: &dyn Store) {
         got.created_at, rec.created_at,
         "timestamps round-trip (to the microsecond)"
     );
+    // Metadata replaced whole (egress policies live there), a live row only.
+    let mut md = rec.metadata.clone();
+    md.insert(
+        "stacyvm.sys.network".into(),
+        "{\"deny_out\":[\"0.0.0.0/0\"]}".into(),
+    );
+    s.set_sandbox_metadata("sb-00000001", &md)
+        .await
+        .expect("set metadata");
+    assert_eq!(
+        s.get_sandbox("sb-00000001").await.expect("get").metadata,
+        md
+    );
+    let e = s
+        .set_sandbox_metadata("sb-ffffffff", &md)
+        .await
+        .expect_err("metadata of missing");
+    assert_eq!(e.kind(), ErrorKind::NotFound);
     let dup = s.insert_sandbox(&rec).await.expect_err("duplicate");
     assert_eq!(dup.kind(), ErrorKind::Conflict);
     let missing = s.get_sandbox("sb-ffffffff").await.expect_err("missing");
@@ -74,6 +92,11 @@ pub async fn sandbox_lifecycle(s: &dyn Store) {
         .set_sandbox_expiry("sb-00000001", Utc::now(), None)
         .await
         .expect_err("expiry of destroyed");
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    let e = s
+        .set_sandbox_metadata("sb-00000001", &md)
+        .await
+        .expect_err("metadata of destroyed");
     assert_eq!(e.kind(), ErrorKind::NotFound);
     assert_eq!(
         s.set_sandbox_state("sb-ffffffff", "x", None)

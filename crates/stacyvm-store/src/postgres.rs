@@ -503,10 +503,7 @@ impl Store for PostgresStore {
         .execute(&self.pool)
         .await
         .map_err(db_err)?;
-        if res.rows_affected() == 0 {
-            return Err(Error::sandbox_not_found(id));
-        }
-        Ok(())
+        rows::updated(self, res.rows_affected(), id, None, true).await
     }
 
     async fn list_expired_sandboxes(&self, now: DateTime<Utc>) -> Result<Vec<SandboxRecord>> {
