@@ -97,6 +97,23 @@ def test_lifecycle_on_timeout_pause(server):
         sbx.kill()
 
 
+def test_lifecycle_auto_resume_off(server):
+    """`lifecycle={"auto_resume": False}`: a paused sandbox stays paused
+    when envd is called (the call fails) until `connect` resumes it."""
+    o = opts(server)
+    sbx = Sandbox.create(timeout=120, lifecycle={"on_timeout": "pause", "auto_resume": False}, **o)
+    try:
+        sbx.commands.run("echo kept > /tmp/manual")
+        assert sbx.pause() is True
+        with pytest.raises(Exception):
+            sbx.commands.run("true")
+        assert sbx.get_info().state == SandboxState.PAUSED
+        woken = Sandbox.connect(sbx.sandbox_id, **o)
+        assert woken.commands.run("cat /tmp/manual").stdout == "kept\n"
+    finally:
+        sbx.kill()
+
+
 def test_network_egress_rules_at_create_and_update(server):
     """`network` at create and `update_network` (E2B's `PUT
     /sandboxes/{id}/network`, which replaces the rules): StacyVM's own API

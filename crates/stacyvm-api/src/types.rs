@@ -69,6 +69,10 @@ pub struct Sandbox {
     /// The sandbox's egress policy, when it has one (see [`NetworkPolicy`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkPolicy>,
+    /// `false` when a paused sandbox waits for an explicit resume (absent:
+    /// the next call resumes it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_resume: Option<bool>,
 }
 
 /// `POST /sandboxes` and `POST /sandboxes/admission` body. Every field is optional.
@@ -117,6 +121,11 @@ pub struct SpawnRequest {
     /// internet, never private, link-local or metadata addresses).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub network: Option<NetworkPolicy>,
+    /// `false`: a paused sandbox stays paused until `POST …/resume` (an
+    /// exec, file operation or preview request is then a 409 instead of
+    /// resuming it). Default `true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_resume: Option<bool>,
 }
 
 /// A sandbox's egress policy. Every list entry is an IPv4 address, a CIDR
@@ -205,7 +214,8 @@ pub struct EgressDenial {
     pub protocol: String,
     /// `cidr` (a deny rule), `domain` (a name no rule allows), `no_name`
     /// (neither HTTP nor TLS with SNI), `resolved_blocked` (the name
-    /// resolved only to addresses the operator blocks), `resolve_failed`.
+    /// resolved only to addresses the operator blocks), `resolve_failed`,
+    /// `too_many_connections` (more than 256 open through the proxy).
     pub reason: String,
     /// Packets (`cidr`) or connections (proxy reasons) refused.
     pub count: u64,
@@ -719,6 +729,7 @@ mod tests {
             idle_timeout: String::new(),
             on_timeout: String::new(),
             network: None,
+            auto_resume: None,
         };
         let json = serde_json::to_string(&sb).expect("json");
         assert_eq!(

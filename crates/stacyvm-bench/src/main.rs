@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
 mod archive;
+mod egress;
 mod pause;
 mod preview;
 mod template;
@@ -62,7 +63,8 @@ struct Args {
     /// archive (tar throughput against the raw file routes, `--big-mib`),
     /// pause (pause, resume, and the first exec on a paused sandbox),
     /// template (a warm-pool claim against a spawn that runs the template's
-    /// setup and a plain spawn).
+    /// setup and a plain spawn), egress (bridged spawns with CIDR and domain
+    /// policies against one without, and a runtime policy change).
     #[arg(
         long,
         default_value = "get,list,spawn,first_exec,exec,file_1k,file_1m,destroy"
@@ -920,6 +922,8 @@ async fn main() -> Result<()> {
             pause::run(&args).await?
         } else if name == "template" {
             template::run(&args).await?
+        } else if name == "egress" {
+            egress::run(&args).await?
         } else {
             vec![scenario(&args, name).await?]
         };

@@ -567,6 +567,7 @@ impl Manager {
             idle_timeout: idle::shown(r).0,
             on_timeout: idle::shown(r).1,
             network: network::policy_of(&r.metadata),
+            auto_resume: (!pause::auto_resumes(r)).then_some(false),
         }
     }
 
@@ -1015,6 +1016,11 @@ impl Manager {
             self.check_secrets(t)?;
         }
         let user_metadata = req.metadata.clone();
+        if req.auto_resume == Some(false) {
+            req.metadata
+                .get_or_insert_with(BTreeMap::new)
+                .insert(pause::AUTO_RESUME_KEY.into(), "false".into());
+        }
         if let Some(t) = &template {
             let md = req.metadata.get_or_insert_with(BTreeMap::new);
             md.extend(setup::env_metadata(t)?);

@@ -102,3 +102,44 @@ async fn paused_sandboxes_keep_their_time_and_wake_on_use() {
         .await;
     assert_eq!(s, 404);
 }
+
+/// `auto_resume: false`: the sandbox object says so, a paused sandbox
+/// refuses execs and file operations with a 409 naming the resume route
+/// (and stays paused), and an explicit resume brings it back as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_resume_off_waits_for_an_explicit_resume() {
+    let dir = tempfile::tempdir().expect("dir");
+    let server = common::Server::start(dir.path(), &[("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0")]);
+    let api = common::Api::new(&server);
+    let sb = api.spawn(json!({"auto_resume": false})).await;
+    assert_eq!(sb["auto_resume"], json!(false), "{sb}");
+    let id = sb["id"].as_str().expect("id").to_string();
+    api.exec(&id, "echo kept > /workspace/state").await;
+    let (s, v) = api
+        .post(&format!("/sandboxes/{id}/pause"), Value::Null)
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = api
+        .post(&format!("/sandboxes/{id}/exec"), json!({"command": "true"}))
+        .await;
+    assert_eq!(s, 409, "{v}");
+    assert!(v.to_string().contains("/resume"), "{v}");
+    let (s, v) = api
+        .get(&format!("/sandboxes/{id}/files?path=/workspace/state"))
+        .await;
+    assert_eq!(s, 409, "{v}");
+    assert_eq!(api.state(&id).await, "paused");
+    let (s, v) = api
+        .post(&format!("/sandboxes/{id}/resume"), Value::Null)
+        .await;
+    assert_eq!((s, v["state"].as_str()), (200, Some("running")), "{v}");
+    let r = api.exec(&id, "cat /workspace/state").await;
+    assert_eq!(r["stdout"], "kept\n", "{r}");
+    // Without it, the object shows nothing and traffic resumes.
+    let plain = api.spawn(json!({})).await;
+    assert!(plain.get("auto_resume").is_none(), "{plain}");
+    for id in [&id, plain["id"].as_str().expect("id")] {
+        let (s, v) = api.delete(&format!("/sandboxes/{id}")).await;
+        assert_eq!(s, 200, "{v}");
+    }
+}

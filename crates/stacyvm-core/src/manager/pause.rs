@@ -102,7 +102,8 @@ impl Manager {
         Ok(self.to_api(&rec))
     }
 
-    /// `rec`, resumed first when it is paused.
+    /// `rec`, resumed first when it is paused (a `Conflict` when its
+    /// `auto_resume` is off).
     pub(crate) async fn wake(
         &self,
         rec: Arc<SandboxRecord>,
@@ -110,6 +111,12 @@ impl Manager {
     ) -> Result<Arc<SandboxRecord>> {
         if rec.state != state::PAUSED {
             return Ok(rec);
+        }
+        if !auto_resumes(&rec) {
+            return Err(Error::conflict(format!(
+                "sandbox {} is paused and resumes only when asked (auto_resume is off): POST /sandboxes/{}/resume first",
+                rec.id, rec.id
+            )));
         }
         self.wake_with(rec, None, caller).await
     }
@@ -215,6 +222,15 @@ impl Manager {
         self.lease_changed(&rec.id);
         Ok(lease)
     }
+}
+
+/// Hidden metadata: `"false"` keeps a paused sandbox paused until an
+/// explicit resume (the spawn's `auto_resume: false`, E2B's `autoResume`).
+pub const AUTO_RESUME_KEY: &str = "stacyvm.sys.auto_resume";
+
+/// Whether the next call resumes the paused sandbox `rec`.
+pub fn auto_resumes(rec: &SandboxRecord) -> bool {
+    rec.metadata.get(AUTO_RESUME_KEY).map(String::as_str) != Some("false")
 }
 
 fn target(rec: &SandboxRecord) -> &str {

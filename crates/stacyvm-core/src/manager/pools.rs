@@ -69,6 +69,7 @@ pub(crate) fn compatible(req: &SpawnRequest, t: &TemplateRecord, provider: &str)
         && req.vcpus == t.cpu_cores
         && req.network_mode.is_empty()
         && req.network.is_none()
+        && req.auto_resume.is_none()
 }
 
 impl Manager {

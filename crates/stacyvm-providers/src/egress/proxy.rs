@@ -26,6 +26,9 @@ use tracing::{debug, info};
 use super::sniff::{sniff, Sniff};
 use super::{Operator, Port};
 
+/// Connections one sandbox may have open through the proxy at once (each
+/// holds a task and up to 16 KiB while it is read): more are refused.
+pub const MAX_CONNECTIONS: usize = 256;
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Denial records kept per sandbox.
@@ -43,6 +46,7 @@ struct Sandbox {
     dns: Vec<Ipv4Addr>,
     gateway: Ipv4Addr,
     denials: Mutex<DenialLog>,
+    open: Arc<tokio::sync::Semaphore>,
 }
 
 impl Sandbox {
@@ -115,9 +119,15 @@ impl Proxy {
                     .get(&(gateway, *peer.ip()))
                     .cloned();
                 match sb {
-                    Some(sb) => {
-                        tokio::spawn(serve(conn, *peer.ip(), sb));
-                    }
+                    Some(sb) => match sb.open.clone().try_acquire_owned() {
+                        Ok(permit) => {
+                            tokio::spawn(async move {
+                                serve(conn, *peer.ip(), sb).await;
+                                drop(permit);
+                            });
+                        }
+                        Err(_) => sb.deny(*peer.ip(), "", 0, "too_many_connections"),
+                    },
                     None => debug!(peer = %peer, "egress proxy: not a sandbox with domain rules"),
                 }
             }
@@ -140,6 +150,11 @@ impl Proxy {
                     .clone()
             })
             .unwrap_or_default();
+        // And the count of open connections.
+        let open = map.get(&key).map_or_else(
+            || Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
+            |old| old.open.clone(),
+        );
         map.insert(
             key,
             Arc::new(Sandbox {
@@ -148,6 +163,7 @@ impl Proxy {
                 dns,
                 gateway: port.gateway,
                 denials: Mutex::new(denials),
+                open,
             }),
         );
     }

@@ -340,6 +340,32 @@ async fn domain_rules_go_through_the_proxy_by_name() {
         "{denied:?}"
     );
 
+    // A sandbox cannot pile up connections in the proxy: past 256 open at
+    // once (none naming a host yet), new ones are closed at once.
+    let flood = format!(
+        "import socket, time\n\
+         held = []\n\
+         for i in range(270):\n  held.append(socket.create_connection(({public:?}, 8080), timeout=3))\n\
+         time.sleep(1)\n\
+         closed = 0\n\
+         for c in held:\n  c.setblocking(False)\n  \
+         try:\n    closed += c.recv(1) == b''\n  \
+         except BlockingIOError: pass\n  \
+         except OSError: closed += 1\n\
+         print(closed)"
+    );
+    let r = py(p.as_ref(), &a, &flood).await;
+    let closed: usize = r.stdout.trim().parse().unwrap_or_else(|_| panic!("{r:?}"));
+    assert!(
+        (14..=20).contains(&closed),
+        "270 held, 256 allowed: {closed} closed: {r:?}"
+    );
+    let denied = p.egress_denials(&a).await.expect("denials");
+    assert!(
+        denied.iter().any(|d| d.reason == "too_many_connections"),
+        "{denied:?}"
+    );
+
     // Without domain rules the proxy no longer serves the sandbox.
     let cidr_only = EgressRules {
         deny: cidrs(&["0.0.0.0/0"]),

@@ -75,6 +75,10 @@ struct NewSandbox {
     env_vars: Option<BTreeMap<String, String>>,
     /// Pause instead of kill when the timeout runs out.
     auto_pause: Option<bool>,
+    /// `{"enabled": false}` (the SDKs' `lifecycle={"auto_resume": False}`;
+    /// a bare boolean is accepted too): a paused sandbox stays paused
+    /// until connect/resume. Absent: StacyVM's default, traffic resumes it.
+    auto_resume: Option<serde_json::Value>,
     /// Egress rules (snake case on the wire, as the SDKs send them).
     network: Option<E2bNetwork>,
     /// `false` is `deny_out: ["0.0.0.0/0"]`.
@@ -415,6 +419,11 @@ pub async fn create(
             String::new()
         },
         network: e2b_policy(req.network, req.allow_internet_access)?,
+        auto_resume: req
+            .auto_resume
+            .as_ref()
+            .and_then(|v| v.as_bool().or_else(|| v["enabled"].as_bool()))
+            .filter(|on| !on),
         ..Default::default()
     };
     if template != BASE_TEMPLATE {
