@@ -870,7 +870,7 @@ impl DockerProvider {
         }
         // Its egress rules go once the container is gone (an address that
         // another sandbox holds by then keeps that one's rules: see
-        // `egress::remove_scripts`).
+        // `egress::remove_script`).
         if let Some(port) = self.egress_marker(id) {
             self.egress.remove(&port).await;
         }
@@ -1318,14 +1318,22 @@ impl DockerProvider {
             .inspect_container(&spec.id, None)
             .await
             .map_err(|e| engine_err("inspecting the sandbox container", e))?;
-        // In force before the spawn returns: no command of the caller runs
-        // without them.
-        if let Some(rules) = &spec.egress {
-            self.apply_egress(&spec.id, &info, Some(rules)).await?;
-        }
         let run_dir = run_dir_of(&info)
             .ok_or_else(|| Error::internal("the sandbox container has no agent socket mount"))?;
-        let client = self.await_agent(&spec.id, &run_dir, &token).await?;
+        // The egress rules go in while the agent comes up (each costs a
+        // kernel commit); both are done before the spawn returns, so no
+        // command of the caller runs without them.
+        let (ruled, client) = tokio::join!(
+            async {
+                match &spec.egress {
+                    Some(rules) => self.apply_egress(&spec.id, &info, Some(rules)).await,
+                    None => Ok(()),
+                }
+            },
+            self.await_agent(&spec.id, &run_dir, &token)
+        );
+        ruled?;
+        let client = client?;
         let env = tokio::time::timeout(
             CONNECT_TIMEOUT,
             base_env(&client, spec::parse_env(&image_env), &user),

@@ -1038,24 +1038,39 @@ impl Provider for NativeProvider {
             }
         };
         if self.network_mode(spec) == "bridge" {
-            let (bridge, id, pid) = (self.bridge.clone(), spec.id.clone(), meta.init_pid);
-            let attached = tokio::task::spawn_blocking(move || bridge.attach(&id, pid))
+            let (bridge, id) = (self.bridge.clone(), spec.id.clone());
+            let reserved = tokio::task::spawn_blocking(move || bridge.reserve(&id))
                 .await
                 .unwrap_or_else(|e| Err(Error::internal(format!("bridge setup task: {e}"))));
-            match attached {
-                Ok(att) => meta.net = Some(att),
+            let att = match reserved {
+                Ok(att) => att,
                 Err(e) => {
                     self.teardown(&spec.id, Some(meta)).await;
                     return Err(e.context("connecting the sandbox to the bridge"));
                 }
-            }
-            // In force before the spawn returns: no command of the caller
-            // runs without them.
-            if let (Some(att), Some(rules)) = (&meta.net, &spec.egress) {
-                if let Err(e) = self.bridge.set_egress(att, Some(rules)).await {
-                    self.teardown(&spec.id, Some(meta)).await;
-                    return Err(e);
+            };
+            meta.net = Some(att.clone());
+            // The egress rules go in while the veth is made (each costs a
+            // kernel commit): both are done before the spawn returns, so
+            // no command of the caller runs without them.
+            let (bridge, pid, a) = (self.bridge.clone(), meta.init_pid, att.clone());
+            let (wired, ruled) = tokio::join!(
+                tokio::task::spawn_blocking(move || bridge.connect(&a, pid)),
+                async {
+                    match &spec.egress {
+                        Some(rules) => self.bridge.set_egress(&att, Some(rules)).await,
+                        None => Ok(()),
+                    }
                 }
+            );
+            let wired =
+                wired.unwrap_or_else(|e| Err(Error::internal(format!("bridge setup task: {e}"))));
+            if let Err(e) = wired
+                .map_err(|e| e.context("connecting the sandbox to the bridge"))
+                .and(ruled)
+            {
+                self.teardown(&spec.id, Some(meta)).await;
+                return Err(e);
             }
         }
         let write_meta = std::fs::write(

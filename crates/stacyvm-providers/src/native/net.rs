@@ -692,20 +692,33 @@ impl Bridge {
 
     /// Connects the (booted) sandbox whose PID 1 is `init_pid` to the bridge.
     pub fn attach(&self, sandbox_id: &str, init_pid: i32) -> Result<Attachment> {
+        let att = self.reserve(sandbox_id)?;
+        self.connect(&att, init_pid).map(|()| att)
+    }
+
+    /// The first half of [`Bridge::attach`]: sets the bridge up and leases
+    /// an address (egress rules for it can be put in place while
+    /// [`Bridge::connect`] wires the sandbox).
+    pub fn reserve(&self, sandbox_id: &str) -> Result<Attachment> {
         self.ensure()?;
         let host_if = host_if_name(sandbox_id);
         let ip = self.lease(sandbox_id, &host_if)?;
-        let att = Attachment {
+        Ok(Attachment {
             bridge: self.opts.name.clone(),
             ip,
-            host_if: host_if.clone(),
+            host_if,
             tap: false,
-        };
-        let res = self.wire(&att, init_pid);
+        })
+    }
+
+    /// The second half: the veth pair into the sandbox whose PID 1 is
+    /// `init_pid`. On failure everything of `att` is released.
+    pub fn connect(&self, att: &Attachment, init_pid: i32) -> Result<()> {
+        let res = self.wire(att, init_pid);
         if res.is_err() {
-            self.detach(&att);
+            self.detach(att);
         }
-        res.map(|()| att)
+        res
     }
 
     fn wire(&self, att: &Attachment, init_pid: i32) -> Result<()> {
