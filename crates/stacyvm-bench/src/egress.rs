@@ -6,21 +6,14 @@
 //! alternating two policies). Spawned sandboxes are destroyed outside
 //! the timing.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::Result;
 use hyper::Method;
 use serde_json::{json, Value};
 
+use super::template::spawn_timed;
 use super::{Args, Conn, Outcome};
-
-async fn spawn_timed(c: &mut Conn, body: Value) -> Result<(Duration, String)> {
-    let t = Instant::now();
-    let b = c.ok(Method::POST, "/sandboxes", Some(body)).await?;
-    let took = t.elapsed();
-    let v: Value = serde_json::from_slice(&b)?;
-    Ok((took, v["id"].as_str().unwrap_or_default().to_string()))
-}
 
 pub async fn run(args: &Args) -> Result<Vec<Outcome>> {
     let mut c = Conn::open(args).await?;

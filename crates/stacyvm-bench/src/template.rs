@@ -58,7 +58,8 @@ async fn wait_full(c: &mut Conn) -> Result<()> {
     Ok(())
 }
 
-async fn spawn_timed(c: &mut Conn, body: Value) -> Result<(Duration, String)> {
+/// `POST /sandboxes` with `body`, timed; the new id.
+pub(crate) async fn spawn_timed(c: &mut Conn, body: Value) -> Result<(Duration, String)> {
     let t = Instant::now();
     let b = c.ok(Method::POST, "/sandboxes", Some(body)).await?;
     let took = t.elapsed();

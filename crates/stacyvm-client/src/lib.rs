@@ -186,6 +186,21 @@ impl Client {
         self.get_json("/sandboxes").await
     }
 
+    /// `GET /sandboxes/{id}/network`: the egress policy and its denials.
+    pub async fn network(&self, id: &str) -> Result<stacyvm_api::NetworkStatus> {
+        self.get_json(&format!("/sandboxes/{id}/network")).await
+    }
+
+    /// `PUT /sandboxes/{id}/network`: replaces the egress policy.
+    pub async fn set_network(
+        &self,
+        id: &str,
+        policy: &stacyvm_api::NetworkPolicy,
+    ) -> Result<stacyvm_api::NetworkStatus> {
+        self.send_json(Method::PUT, &format!("/sandboxes/{id}/network"), policy)
+            .await
+    }
+
     pub async fn destroy(&self, id: &str) -> Result<()> {
         self.send(self.req(Method::DELETE, &format!("/sandboxes/{id}")))
             .await

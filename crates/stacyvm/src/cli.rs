@@ -37,6 +37,38 @@ pub struct Conn {
     pub json: bool,
 }
 
+/// An egress policy on the command line (docs/egress.md).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct EgressArgs {
+    /// Allow connections to an IPv4 address, CIDR block or domain
+    /// (`api.example.com`, `*.example.com`); beats --deny-out (repeatable).
+    #[arg(long = "allow-out", value_name = "DEST")]
+    pub allow_out: Vec<String>,
+    /// Deny connections to an IPv4 address or CIDR block (repeatable).
+    #[arg(long = "deny-out", value_name = "CIDR")]
+    pub deny_out: Vec<String>,
+    /// Deny everything --allow-out does not name.
+    #[arg(long)]
+    pub deny_all: bool,
+    /// A resolver the sandbox may query while domain rules apply
+    /// (repeatable; default the host's).
+    #[arg(long = "dns", value_name = "IPV4")]
+    pub dns: Vec<String>,
+}
+
+impl EgressArgs {
+    /// The policy the flags describe (`None`: no flag given).
+    pub fn policy(&self) -> Option<stacyvm_api::NetworkPolicy> {
+        let p = stacyvm_api::NetworkPolicy {
+            deny_all: self.deny_all,
+            allow_out: self.allow_out.clone(),
+            deny_out: self.deny_out.clone(),
+            dns_servers: (!self.dns.is_empty()).then(|| self.dns.clone()),
+        };
+        (p != stacyvm_api::NetworkPolicy::default()).then_some(p)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the API server.
@@ -73,6 +105,22 @@ pub enum Command {
         /// Network mode: none (loopback only) or bridge (NAT to the outside).
         #[arg(long)]
         network: Option<String>,
+        #[command(flatten)]
+        egress: EgressArgs,
+    },
+    /// Show a sandbox's egress policy and the connections it refused, or
+    /// replace the policy (any of the flags; `--clear` removes it).
+    /// Takes effect at once.
+    Network {
+        #[command(flatten)]
+        conn: Conn,
+        /// Sandbox id.
+        id: String,
+        #[command(flatten)]
+        egress: EgressArgs,
+        /// Remove the policy (the server's defaults only).
+        #[arg(long, conflicts_with_all = ["allow_out", "deny_out", "deny_all", "dns"])]
+        clear: bool,
     },
     /// Serve MCP (Model Context Protocol) on stdin/stdout: tools to create,
     /// list and destroy sandboxes, run commands and read, write and list
@@ -299,9 +347,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             template,
             metadata,
             network,
+            egress,
         } => {
             let c = client(&conn)?;
             let req = SpawnRequest {
+                network: egress.policy(),
                 image: image.unwrap_or_default(),
                 provider: provider.unwrap_or_default(),
                 ttl: ttl.unwrap_or_default(),
@@ -451,6 +501,64 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 ]);
             }
             println!("{t}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Network {
+            conn,
+            id,
+            egress,
+            clear,
+        } => {
+            let c = client(&conn)?;
+            let status = match (egress.policy(), clear) {
+                (Some(p), _) => c.set_network(&id, &p).await?,
+                (None, true) => {
+                    c.set_network(&id, &stacyvm_api::NetworkPolicy::default())
+                        .await?
+                }
+                (None, false) => c.network(&id).await?,
+            };
+            if conn.json {
+                print_json(&status)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let list = |l: &[String]| {
+                if l.is_empty() {
+                    "-".to_string()
+                } else {
+                    l.join(", ")
+                }
+            };
+            println!("network mode: {}", status.network_mode);
+            match &status.effective {
+                None => println!("policy:       none (the server's defaults)"),
+                Some(e) => {
+                    println!("allow out:    {}", list(&e.allow_out));
+                    println!("deny out:     {}", list(&e.deny_out));
+                    if let Some(d) = &e.dns_servers {
+                        println!("dns servers:  {}", list(d));
+                    }
+                }
+            }
+            if !status.enforced_deny.is_empty() {
+                println!("tenant deny:  {}", status.enforced_deny.join(", "));
+            }
+            if status.denied.is_empty() {
+                println!("denied:       none lately");
+            } else {
+                println!("denied (newest first):");
+                for d in &status.denied {
+                    let what = if d.host.is_empty() {
+                        d.address.clone()
+                    } else {
+                        d.host.clone()
+                    };
+                    println!(
+                        "  {what}:{} {} {} x{}",
+                        d.port, d.protocol, d.reason, d.count
+                    );
+                }
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Kill { conn, ids } => {

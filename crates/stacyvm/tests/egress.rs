@@ -230,7 +230,56 @@ async fn egress_policies_through_the_api() {
     .await;
     assert_eq!(s, 403, "{v}");
 
-    for id in [&id, &id2, &id3] {
+    // The CLI: a policy at spawn, shown, replaced, cleared; a bad one is
+    // refused with the server's reason.
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_stacyvm"))
+            .args(args)
+            .env("STACYVM_URL", server.url.trim_end_matches("/api/v1"))
+            .output()
+            .expect("run the cli");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = cli(&[
+        "spawn",
+        "--network",
+        "bridge",
+        "--deny-all",
+        "--allow-out",
+        "1.1.1.1",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let sb4: Value = serde_json::from_str(&out).expect("spawn json");
+    assert_eq!(
+        sb4["network"],
+        json!({"allow_out": ["1.1.1.1/32"], "deny_out": ["0.0.0.0/0"]}),
+        "{sb4}"
+    );
+    let id4 = sb4["id"].as_str().expect("id").to_string();
+    let (ok, out, err) = cli(&["network", &id4]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("allow out:    1.1.1.1/32") && out.contains("deny out:     0.0.0.0/0"),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&["network", &id4, "--deny-out", "10.0.0.0/8"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("allow out:    -") && out.contains("deny out:     10.0.0.0/8"),
+        "{out}"
+    );
+    let (ok, _, err) = cli(&["network", &id4, "--deny-out", "evil.example"]);
+    assert!(!ok && err.contains("deny_out"), "{err}");
+    let (ok, out, err) = cli(&["network", &id4, "--clear"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("policy:       none"), "{out}");
+
+    for id in [&id, &id2, &id3, &id4] {
         let (s, v) = api.delete(&format!("/sandboxes/{id}")).await;
         assert_eq!(s, 200, "{v}");
     }

@@ -1571,22 +1571,7 @@ impl Outside {
     /// A DNS server on UDP 53 of the public address: A records for
     /// `names`, NXDOMAIN for the rest.
     fn serve_dns(&mut self, names: &[(&str, &str)]) {
-        let table: Vec<String> = names
-            .iter()
-            .map(|(n, ip)| format!("{n:?}: {ip:?}"))
-            .collect();
-        let code = format!(
-            "import socket\nnames = {{{}}}\n\
-             s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(({:?}, 53))\n\
-             while True:\n  q, a = s.recvfrom(512)\n  i = 12; labels = []\n  \
-             while q[i]:\n    labels.append(q[i+1:i+1+q[i]].decode()); i += 1 + q[i]\n  \
-             ip = names.get('.'.join(labels).lower())\n  \
-             r = q[:2] + (b'\\x81\\x80' if ip else b'\\x81\\x83') + q[4:6] + (b'\\x00\\x01' if ip else b'\\x00\\x00') + b'\\x00\\x00\\x00\\x00' + q[12:i+5]\n  \
-             if ip:\n    r += b'\\xc0\\x0c\\x00\\x01\\x00\\x01\\x00\\x00\\x00\\x3c\\x00\\x04' + socket.inet_aton(ip)\n  \
-             s.sendto(r, a)\n",
-            table.join(", "),
-            self.public
-        );
+        let code = crate::egress::dns::test_server_program(&self.public, names);
         self.dns = Some(
             std::process::Command::new("ip")
                 .args(["netns", "exec", &self.ns, "python3", "-c", &code])

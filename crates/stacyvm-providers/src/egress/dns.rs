@@ -104,6 +104,28 @@ pub async fn resolve(
     Err(last)
 }
 
+/// A Python DNS server for tests: UDP 53 of `addr` (bound to it, so
+/// answers come from the address asked), A records for `names`, NXDOMAIN
+/// for the rest. Run it in a network namespace the test owns.
+#[cfg(test)]
+pub(crate) fn test_server_program(addr: &str, names: &[(&str, &str)]) -> String {
+    let table: Vec<String> = names
+        .iter()
+        .map(|(n, ip)| format!("{n:?}: {ip:?}"))
+        .collect();
+    format!(
+        "import socket\nnames = {{{}}}\n\
+         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(({addr:?}, 53))\n\
+         while True:\n  q, a = s.recvfrom(512)\n  i = 12; labels = []\n  \
+         while q[i]:\n    labels.append(q[i+1:i+1+q[i]].decode()); i += 1 + q[i]\n  \
+         ip = names.get('.'.join(labels).lower())\n  \
+         r = q[:2] + (b'\\x81\\x80' if ip else b'\\x81\\x83') + q[4:6] + (b'\\x00\\x01' if ip else b'\\x00\\x00') + b'\\x00\\x00\\x00\\x00' + q[12:i+5]\n  \
+         if ip:\n    r += b'\\xc0\\x0c\\x00\\x01\\x00\\x01\\x00\\x00\\x00\\x3c\\x00\\x04' + socket.inet_aton(ip)\n  \
+         s.sendto(r, a)\n",
+        table.join(", ")
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

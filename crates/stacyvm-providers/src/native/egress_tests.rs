@@ -38,26 +38,10 @@ fn cidrs(l: &[&str]) -> Vec<stacyvm_core::cidr::Cidr> {
     l.iter().map(|c| c.parse().expect("cidr")).collect()
 }
 
-/// A DNS server on UDP 53 of `addr` in `ns` (bound to it, so answers
-/// come from the address asked): A records for `names`, NXDOMAIN for the
-/// rest.
+/// A DNS server on UDP 53 of `addr` in `ns`: A records for `names`.
 fn serve_dns(lab: &mut Lab, ns: &str, addr: &str, names: &[(&str, String)]) {
-    let table: Vec<String> = names
-        .iter()
-        .map(|(n, ip)| format!("{n:?}: {ip:?}"))
-        .collect();
-    let code = format!(
-        "import socket\nnames = {{{}}}\n\
-         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(({addr:?}, 53))\n\
-         while True:\n  q, a = s.recvfrom(512)\n  i = 12; labels = []\n  \
-         while q[i]:\n    labels.append(q[i+1:i+1+q[i]].decode()); i += 1 + q[i]\n  \
-         name = '.'.join(labels).lower(); ip = names.get(name)\n  \
-         r = q[:2] + (b'\\x81\\x80' if ip else b'\\x81\\x83') + q[4:6] + (b'\\x00\\x01' if ip else b'\\x00\\x00') + b'\\x00\\x00\\x00\\x00' + q[12:i+5]\n  \
-         if ip:\n    r += b'\\xc0\\x0c\\x00\\x01\\x00\\x01\\x00\\x00\\x00\\x3c\\x00\\x04' + socket.inet_aton(ip)\n  \
-         s.sendto(r, a)\n",
-        table.join(", ")
-    );
-    lab.spawn_in(ns, &code);
+    let names: Vec<(&str, &str)> = names.iter().map(|(n, ip)| (*n, ip.as_str())).collect();
+    lab.spawn_in(ns, &crate::egress::dns::test_server_program(addr, &names));
 }
 
 /// Connects to each target in parallel, sends its payload (`http:NAME`:
