@@ -285,3 +285,98 @@ async fn egress_policies_through_the_api() {
     }
     drop(server);
 }
+
+/// After a restart the rules of a sandbox with domain rules point at the
+/// new server's egress proxy (the old one's port died with it): they are
+/// re-applied when the sandbox is adopted, and its policy is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn domain_rules_follow_the_proxy_across_a_restart() {
+    let n = (std::process::id() + 97) % 200 + 20;
+    let bridge = format!("svmapr{n}");
+    let _guard = BridgeGuard(bridge.clone());
+    let dir = tempfile::tempdir().expect("dir");
+    let subnet = format!("10.92.{n}.0/24");
+    let gateway = format!("10.92.{n}.1");
+    let env = [
+        ("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0"),
+        ("STACYVM_PROVIDERS_NATIVE_BRIDGE_NAME", bridge.as_str()),
+        ("STACYVM_PROVIDERS_NATIVE_BRIDGE_SUBNET", subnet.as_str()),
+    ];
+    let server = common::Server::start(dir.path(), &env);
+    let api = common::Api::new(&server);
+    let sb = api
+        .spawn(json!({"network_mode": "bridge", "network": {"allow_out": ["example.com"], "deny_all": true}}))
+        .await;
+    let id = sb["id"].as_str().expect("id").to_string();
+    let r = api.exec(&id, "ip -4 -o addr show dev eth0").await;
+    let ip = r["stdout"]
+        .as_str()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|c| c.split('/').next())
+        .unwrap_or_default()
+        .to_string();
+    assert!(ip.starts_with(&format!("10.92.{n}.")), "{r}");
+    // The port the sandbox's denied TCP is redirected to, from the kernel.
+    let redirect_port = || -> Option<u16> {
+        let sh = |cmd: &str| {
+            String::from_utf8_lossy(
+                &std::process::Command::new("sh")
+                    .args(["-c", cmd])
+                    .output()
+                    .expect("sh")
+                    .stdout,
+            )
+            .into_owned()
+        };
+        let map = sh("nft list map inet stacyvm_egress sb_nat");
+        let key = format!("\"{bridge}\" . {ip} : jump ");
+        let chain = map
+            .split(&key)
+            .nth(1)?
+            .split(|c: char| c == ',' || c.is_whitespace())
+            .next()?
+            .to_string();
+        let rules = sh(&format!("nft list chain inet stacyvm_egress {chain}"));
+        rules
+            .split("redirect to :")
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let listening = |port: u16| std::net::TcpStream::connect((gateway.as_str(), port)).is_ok();
+    let first = redirect_port().expect("a redirect to the proxy");
+    assert!(listening(first), "the proxy listens on {gateway}:{first}");
+
+    drop(server);
+    assert!(!listening(first), "the old proxy is gone with its server");
+    let server = common::Server::start(dir.path(), &env);
+    let api = common::Api::new(&server);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let now = loop {
+        if let Some(p) = redirect_port().filter(|p| *p != first && listening(*p)) {
+            break p;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rules still point at {first}: {:?}",
+            redirect_port()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert!(listening(now));
+    let (s, net) = api.get(&format!("/sandboxes/{id}/network")).await;
+    assert_eq!(s, 200, "{net}");
+    assert_eq!(
+        net["policy"],
+        json!({"allow_out": ["example.com"], "deny_out": ["0.0.0.0/0"]}),
+        "{net}"
+    );
+    let (s, v) = api.delete(&format!("/sandboxes/{id}")).await;
+    assert_eq!(s, 200, "{v}");
+    drop(server);
+}
