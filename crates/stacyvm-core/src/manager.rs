@@ -936,11 +936,15 @@ impl Manager {
             )));
         }
         let mut template = None;
+        // The template allowlist the sandbox's egress stays within: its
+        // template's, or for a snapshot's child the source sandbox's.
+        let mut allowed_hosts = Vec::new();
         if !req.snapshot.is_empty() {
-            self.apply_snapshot(&mut req, caller).await?;
+            allowed_hosts = self.apply_snapshot(&mut req, caller).await?;
         } else if !req.template.is_empty() {
             let t = self.get_template(&req.template).await?;
             merge_template(&mut req, &t);
+            allowed_hosts = t.allowed_hosts.clone();
             template = Some(t);
         }
         let d = &self.cfg.defaults;
@@ -1059,13 +1063,8 @@ impl Manager {
                 return Err(e);
             }
         }
-        let egress = self.spawn_egress(
-            &req,
-            template.as_ref(),
-            &policies,
-            provider.as_ref(),
-            &network,
-        )?;
+        let egress =
+            self.spawn_egress(&req, &allowed_hosts, &policies, provider.as_ref(), &network)?;
         // A provider's own defaults win over the server's when the request
         // names no size (gaps C-26); the spec then carries 0 so the
         // provider applies its exact setting (fractional CPUs included).

@@ -2991,3 +2991,96 @@ async fn snapshots_and_forks_follow_tenancy_limits_and_audit() {
     );
     assert_eq!(count("snapshot.delete", true), 1, "{rows:?}");
 }
+
+/// A snapshot's children keep the source's egress: its policy (unless a
+/// child names its own) and its template's allowlist, which still bounds
+/// the child's policy (403 beyond it). The mock provider (no network) stands
+/// in for a provider that snapshots.
+#[tokio::test]
+async fn snapshot_children_keep_the_source_egress_limits() {
+    let s = start(Config::default(), Duration::from_secs(10)).await;
+    let (st, v) = s
+        .send(
+            "POST",
+            "/templates",
+            &Cred::None,
+            &[],
+            Some(json!({"name": "pkgs", "image": "host", "allowed_hosts": ["pypi.org", "*.pythonhosted.org"]})),
+        )
+        .await;
+    assert!(st == 200 || st == 201, "{v}");
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &Cred::None,
+            &[],
+            Some(json!({"template": "pkgs", "network": {"allow_out": ["pypi.org"]}})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let a = v["id"].as_str().expect("id").to_string();
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{a}/fork"),
+            &Cred::None,
+            &[],
+            Some(json!({"count": 1})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let child = v["sandboxes"][0]["id"]
+        .as_str()
+        .expect("child id")
+        .to_string();
+    let (st, net) = s
+        .send(
+            "GET",
+            &format!("/sandboxes/{child}/network"),
+            &Cred::None,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{net}");
+    assert_eq!(net["policy"], json!({"allow_out": ["pypi.org"]}), "{net}");
+    assert_eq!(
+        net["effective"],
+        json!({"allow_out": ["pypi.org"], "deny_out": ["0.0.0.0/0"]}),
+        "{net}"
+    );
+    // The template's allowlist still bounds the child.
+    let (st, v) = s
+        .send(
+            "PATCH",
+            &format!("/sandboxes/{child}/network"),
+            &Cred::None,
+            &[],
+            Some(json!({"allow_out": ["evil.example"]})),
+        )
+        .await;
+    assert_eq!(st, 403, "{v}");
+    // A spawn from a kept snapshot with a policy of its own, beyond it: 403.
+    let (st, v) = s
+        .send(
+            "POST",
+            &format!("/sandboxes/{a}/snapshot"),
+            &Cred::None,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let snap = v["id"].as_str().expect("snapshot").to_string();
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &Cred::None,
+            &[],
+            Some(json!({"snapshot": snap, "network": {"allow_out": ["evil.example"]}})),
+        )
+        .await;
+    assert_eq!(st, 403, "{v}");
+}

@@ -19,7 +19,7 @@ use super::{Caller, Manager};
 use crate::egress::{self, EgressRules, Limits};
 use crate::error::{Error, Result};
 use crate::provider::{capability, Provider};
-use crate::store::{PolicyRecord, SandboxRecord, TemplateRecord};
+use crate::store::{PolicyRecord, SandboxRecord};
 
 /// The sandbox's own policy, as shown.
 pub const POLICY_KEY: &str = "stacyvm.sys.network";
@@ -33,6 +33,11 @@ fn stored<T: serde::de::DeserializeOwned>(
     key: &str,
 ) -> Option<T> {
     rec_md.get(key).and_then(|v| serde_json::from_str(v).ok())
+}
+
+/// The template allowlist a sandbox was spawned under.
+pub fn allowed_hosts_of(md: &BTreeMap<String, String>) -> Vec<String> {
+    stored(md, ALLOWED_HOSTS_KEY).unwrap_or_default()
 }
 
 /// A sandbox's own policy (shown on the sandbox object).
@@ -104,11 +109,12 @@ fn check_capable(
 
 impl Manager {
     /// The egress of a new sandbox: its request's policy under the
-    /// caller's tenant policies and the template's `allowed_hosts`.
+    /// caller's tenant policies and the template's `allowed_hosts` (for a
+    /// snapshot's child, its source sandbox's).
     pub(crate) fn spawn_egress(
         &self,
         req: &SpawnRequest,
-        template: Option<&TemplateRecord>,
+        allowed_hosts: &[String],
         policies: &[PolicyRecord],
         provider: &dyn Provider,
         network: &str,
@@ -119,10 +125,7 @@ impl Manager {
             .map(egress::parse)
             .transpose()?
             .filter(|p| !(p.allow.is_empty() && p.deny.is_empty() && p.dns.is_none()));
-        let allowed_hosts = template
-            .map(|t| t.allowed_hosts.clone())
-            .unwrap_or_default();
-        let limits = Limits::new(policies, &allowed_hosts)?;
+        let limits = Limits::new(policies, allowed_hosts)?;
         let rules = egress::effective(parsed.as_ref(), &limits)?;
         check_capable(provider, network, rules.as_ref())?;
         let mut metadata = BTreeMap::from([(NETWORK_MODE_KEY.to_string(), network.to_string())]);
@@ -232,8 +235,7 @@ impl Manager {
             .store
             .list_policies(Some(rec.tenant_id.as_str()))
             .await?;
-        let allowed_hosts: Vec<String> =
-            stored(&rec.metadata, ALLOWED_HOSTS_KEY).unwrap_or_default();
+        let allowed_hosts = allowed_hosts_of(&rec.metadata);
         let limits = Limits::new(&policies, &allowed_hosts)?;
         let rules = egress::effective(parsed.as_ref(), &limits)?;
         let provider = self.provider_of(&rec).await?;

@@ -51,6 +51,11 @@ pub(crate) fn acts(t: &TemplateRecord) -> bool {
 /// Checks a template's acting parts when it is created or replaced.
 pub fn check_template(t: &TemplateRecord) -> Result<()> {
     crate::egress::check_allowed_hosts(&t.allowed_hosts)?;
+    if let Some(k) = t.metadata.keys().find(|k| k.starts_with(RESERVED_PREFIX)) {
+        return Err(Error::invalid(format!(
+            "template metadata key {k:?}: the prefix {RESERVED_PREFIX:?} is reserved"
+        )));
+    }
     for (k, v) in &t.env {
         if k.is_empty() || k.contains(['=', '\0']) || v.contains('\0') {
             return Err(Error::invalid(format!(

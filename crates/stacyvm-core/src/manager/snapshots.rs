@@ -202,11 +202,14 @@ impl Manager {
 
     /// The spawn request of a child of snapshot `id`: provider, image,
     /// size and network are the snapshot's; asking for others is a 400.
+    /// The child keeps the source sandbox's egress: its policy unless the
+    /// request names one, and its template allowlist, which is returned
+    /// (a source whose record is gone is a 409: its limits are unknown).
     pub(super) async fn apply_snapshot(
         &self,
         req: &mut SpawnRequest,
         caller: &Caller,
-    ) -> Result<()> {
+    ) -> Result<Vec<String>> {
         if !req.template.is_empty() {
             return Err(Error::invalid(
                 "a spawn starts from a template or from a snapshot, not both",
@@ -236,12 +239,25 @@ impl Manager {
                 )));
             }
         }
+        let source = match self.store.get_sandbox(&s.source_sandbox_id).await {
+            Ok(r) => r,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(Error::conflict(format!(
+                    "snapshot {}: the record of its source sandbox {} is gone, so its network limits cannot be carried over",
+                    s.id, s.source_sandbox_id
+                )))
+            }
+            Err(e) => return Err(e),
+        };
+        if req.network.is_none() {
+            req.network = super::network::policy_of(&source.metadata);
+        }
         req.provider = s.provider;
         req.image = s.image;
         req.network_mode = s.network_mode;
         req.memory_mb = s.memory_mb;
         req.vcpus = s.vcpus;
-        Ok(())
+        Ok(super::network::allowed_hosts_of(&source.metadata))
     }
 
     /// `POST /sandboxes/{id}/fork`: snapshots sandbox `id` and starts

@@ -525,8 +525,18 @@ impl DockerProvider {
             }
             Err(e) => return Err(engine_err("inspecting the sandbox network", e)),
         };
+        // The network's gateway: where the egress proxy listens, the only
+        // address redirected connections may reach on the host.
+        let gateway = d
+            .inspect_network(name, None)
+            .await
+            .ok()
+            .and_then(|n| n.ipam)
+            .and_then(|i| i.config)
+            .and_then(|c| c.into_iter().find_map(|c| c.gateway))
+            .filter(|g| g.parse::<std::net::Ipv4Addr>().is_ok());
         let (n, b) = (name.to_string(), bridge.clone());
-        tokio::task::spawn_blocking(move || net::install_rules(&n, &b))
+        tokio::task::spawn_blocking(move || net::install_rules(&n, &b, gateway.as_deref()))
             .await
             .map_err(|e| Error::internal("installing the egress filter").with_source(e))??;
         info!(network = %name, bridge = %bridge, "sandbox network ready (no inter-sandbox traffic, public internet only)");
@@ -1407,8 +1417,31 @@ impl DockerProvider {
             let resolvers = std::fs::read_to_string("/etc/resolv.conf")
                 .map(|t| crate::native::net::reachable_nameservers(&t))
                 .unwrap_or_default();
+            let sandbox_net = info
+                .network_settings
+                .as_ref()
+                .and_then(|n| n.networks.as_ref())
+                .and_then(|n| {
+                    n.values()
+                        .find(|ep| ep.gateway.as_deref() == Some(&port.gateway.to_string()))
+                })
+                .and_then(|ep| ep.ip_prefix_len)
+                .and_then(|len| {
+                    let mask = u32::MAX
+                        .checked_shl(32 - u32::try_from(len).ok()?.min(32))
+                        .unwrap_or(0);
+                    let base = std::net::Ipv4Addr::from(u32::from(port.ip) & mask);
+                    format!("{base}/{len}").parse().ok()
+                });
             let op = crate::egress::Operator {
                 resolvers,
+                // Unknown prefix: the gateway's /16, Docker's default.
+                sandbox_net: vec![sandbox_net.unwrap_or_else(|| {
+                    let base = std::net::Ipv4Addr::from(u32::from(port.gateway) & 0xffff_0000);
+                    format!("{base}/16")
+                        .parse()
+                        .unwrap_or_else(|_| stacyvm_core::cidr::Cidr::from(port.gateway))
+                })],
                 ..crate::egress::Operator::default()
             };
             self.egress.apply(&port, rules, &op).await

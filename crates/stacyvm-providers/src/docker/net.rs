@@ -76,7 +76,11 @@ pub fn check_existing(
 
 /// The iptables rules of a network, as argument lists after `-I CHAIN`/`-D CHAIN`
 /// (chain first). Order matters for `INPUT`: the ACCEPT of replies comes first.
-pub fn rules(network: &str, bridge: &str) -> Vec<Vec<String>> {
+///
+/// `gateway`: the network's own address, where the egress proxy listens;
+/// connections redirected there (sandboxes with domain rules) are
+/// accepted, and no other redirected connection (none: not even those).
+pub fn rules(network: &str, bridge: &str, gateway: Option<&str>) -> Vec<Vec<String>> {
     let comment = format!("stacyvm:{network}");
     let mut out = Vec::new();
     let rule = |chain: &str, extra: &[&str], target: &str| -> Vec<String> {
@@ -100,14 +104,25 @@ pub fn rules(network: &str, bridge: &str) -> Vec<Vec<String>> {
         &["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED"],
         "ACCEPT",
     ));
-    // Connections redirected to the egress proxy (sandboxes with domain
-    // rules; see `crate::egress`): nothing else redirects bridge traffic
-    // to the host.
-    out.push(rule(
-        "INPUT",
-        &["-p", "tcp", "-m", "conntrack", "--ctstate", "DNAT"],
-        "ACCEPT",
-    ));
+    // Connections redirected to the egress proxy on the gateway (sandboxes
+    // with domain rules; see `crate::egress`); a redirect anywhere else
+    // (kube-proxy's service addresses, an operator's own) stays dropped.
+    if let Some(gw) = gateway {
+        out.push(rule(
+            "INPUT",
+            &[
+                "-d",
+                gw,
+                "-p",
+                "tcp",
+                "-m",
+                "conntrack",
+                "--ctstate",
+                "DNAT",
+            ],
+            "ACCEPT",
+        ));
+    }
     out.push(rule("INPUT", &[], "DROP"));
     out
 }
@@ -119,9 +134,9 @@ fn iptables(args: &[String]) -> std::io::Result<std::process::Output> {
 /// Installs the rules of a network unless present (idempotent; rules
 /// vanish with a host reboot or an iptables flush, so this runs once per
 /// provider start).
-pub fn install_rules(network: &str, bridge: &str) -> Result<()> {
+pub fn install_rules(network: &str, bridge: &str, gateway: Option<&str>) -> Result<()> {
     // Inserted at position 1 in reverse order, so the list's order holds.
-    for r in rules(network, bridge).iter().rev() {
+    for r in rules(network, bridge, gateway).iter().rev() {
         let (chain, spec) = r
             .split_first()
             .ok_or_else(|| Error::internal("empty rule"))?;
@@ -149,7 +164,27 @@ pub fn install_rules(network: &str, bridge: &str) -> Result<()> {
 
 /// Removes every rule of a network (all copies).
 pub fn remove_rules(network: &str, bridge: &str) {
-    for r in rules(network, bridge) {
+    // The proxy accept names the gateway: found by its comment (and any
+    // of an earlier version without it).
+    let comment = format!("stacyvm:{network}");
+    if let Ok(out) = iptables(&["-S".to_string(), "INPUT".to_string()]) {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            // (`-S` quotes the comment.)
+            let words: Vec<&str> = line
+                .split_whitespace()
+                .map(|w| w.trim_matches('"'))
+                .collect();
+            if words.first() == Some(&"-A")
+                && words.contains(&comment.as_str())
+                && words.contains(&"DNAT")
+            {
+                let mut del: Vec<String> = words.iter().map(|w| (*w).to_string()).collect();
+                del[0] = "-D".into();
+                let _ = iptables(&del);
+            }
+        }
+    }
+    for r in rules(network, bridge, None) {
         let Some((chain, spec)) = r.split_first() else {
             continue;
         };
@@ -188,7 +223,12 @@ mod tests {
         assert!(br.len() <= 15 && br.starts_with("svm"), "{br}");
         assert_eq!(br, bridge_name("stacyvm-bridge"), "deterministic");
         assert_ne!(br, bridge_name("other"));
-        let rs = rules("stacyvm-bridge", &br);
+        assert_eq!(
+            rules("stacyvm-bridge", &br, None).len(),
+            BLOCKED_V4.len() + 2,
+            "no gateway known: no redirect accepted"
+        );
+        let rs = rules("stacyvm-bridge", &br, Some("172.30.0.1"));
         assert_eq!(rs.len(), BLOCKED_V4.len() + 3);
         for r in &rs {
             assert!(
@@ -209,8 +249,10 @@ mod tests {
         let input: Vec<_> = rs.iter().filter(|r| r[0] == "INPUT").collect();
         assert!(input[0].contains(&"ACCEPT".to_string()), "replies first");
         assert!(
-            input[1].contains(&"DNAT".to_string()) && input[1].contains(&"tcp".to_string()),
-            "then connections redirected to the egress proxy"
+            input[1].contains(&"DNAT".to_string())
+                && input[1].contains(&"tcp".to_string())
+                && input[1].contains(&"172.30.0.1".to_string()),
+            "then connections redirected to the egress proxy on the gateway"
         );
         assert!(input[2].contains(&"DROP".to_string()));
     }

@@ -74,13 +74,46 @@ pub struct Operator {
     /// The host's resolvers: what sandboxes query when their policy names
     /// none.
     pub resolvers: Vec<Ipv4Addr>,
+    /// The sandboxes' own network (the bridge subnet): never reachable
+    /// through the proxy, whatever `allow` says (the kernel drops traffic
+    /// between sandboxes; the proxy must not relay it).
+    pub sandbox_net: Vec<Cidr>,
+}
+
+/// Whether `ip` is one of this host's own addresses (on any interface):
+/// traffic the proxy sent there would be local, past every filter of the
+/// bridge. Unknown (the interface list unreadable) counts as local.
+pub fn is_local(ip: Ipv4Addr) -> bool {
+    if ip.is_loopback() || ip.is_unspecified() {
+        return true;
+    }
+    match nix::ifaddrs::getifaddrs() {
+        Ok(addrs) => addrs.into_iter().any(|a| {
+            a.address
+                .as_ref()
+                .and_then(|s| s.as_sockaddr_in())
+                .is_some_and(|sin| sin.ip() == ip)
+        }),
+        Err(_) => true,
+    }
 }
 
 impl Operator {
-    /// Whether the operator lets a sandbox reach `ip`.
+    /// Whether the operator lets a sandbox reach `ip` through the proxy.
+    /// The host itself and the sandboxes' network never: the proxy's own
+    /// connections leave from the host, where the bridge's filters do not
+    /// apply.
     pub fn permits(&self, ip: Ipv4Addr) -> bool {
+        if is_local(ip) {
+            return false;
+        }
         let ip = IpAddr::V4(ip);
-        if self.deny.iter().any(|c| c.contains(ip)) {
+        if self
+            .deny
+            .iter()
+            .chain(&self.sandbox_net)
+            .any(|c| c.contains(ip))
+        {
             return false;
         }
         self.allow.iter().any(|c| c.contains(ip))
@@ -179,11 +212,12 @@ pub fn apply_script(
     s
 }
 
-/// The transaction that removes everything of `port`: its map elements
-/// when they are its own (`elements`: an address another sandbox holds by
-/// now keeps that one's), then its chains and sets. `idempotent`: each
-/// object is declared before it is deleted, so a missing one is no error
-/// (at the price of a slower commit).
+/// The transaction that removes everything of `port`: with `elements`,
+/// its map elements (the transaction fails if they point at another
+/// sandbox's chains: an address another sandbox holds by now keeps that
+/// one's), then its chains and sets. `idempotent`: each object is
+/// declared before it is deleted, so a missing one is no error (at the
+/// price of a slower commit).
 pub fn remove_script(port: &Port, elements: bool, idempotent: bool) -> String {
     let k = &port.key;
     let key = format!("\"{}\" . {}", port.iface, port.ip);
@@ -196,13 +230,13 @@ pub fn remove_script(port: &Port, elements: bool, idempotent: bool) -> String {
         ));
     }
     if elements {
+        // Re-adding the element as this sandbox's fails (and the whole
+        // transaction with it) when it points at another sandbox's chain.
         for (map, chain) in [("sb_out", "e"), ("sb_nat", "n")] {
-            if idempotent {
-                s.push_str(&format!(
-                    "add element inet {TABLE} {map} {{ {key} : jump {chain}_{k} }}\n"
-                ));
-            }
-            s.push_str(&format!("delete element inet {TABLE} {map} {{ {key} }}\n"));
+            s.push_str(&format!(
+                "add element inet {TABLE} {map} {{ {key} : jump {chain}_{k} }}\n\
+                 delete element inet {TABLE} {map} {{ {key} }}\n"
+            ));
         }
     }
     s.push_str(&format!(
@@ -231,28 +265,18 @@ pub fn remove_blocking(port: &Port) {
     remove_now(port);
 }
 
-/// Whether the map elements of `port`'s bridge and address jump to its
-/// own chains (not another sandbox's that holds the address now).
-fn elements_are_ours(port: &Port) -> bool {
-    std::process::Command::new("nft")
-        .args(["-j", "list", "map", "inet", TABLE, "sb_out"])
-        .output()
-        .map(|o| {
-            ports_in(&String::from_utf8_lossy(&o.stdout), &port.iface)
-                .iter()
-                .any(|p| p.ip == port.ip && p.key == port.key)
-        })
-        .unwrap_or(false)
-}
-
 fn remove_now(port: &Port) {
-    let elements = elements_are_ours(port);
-    // Usually everything is there: one quick transaction; else the one
-    // that tolerates what is missing.
-    if nft(&remove_script(port, elements, false)).is_ok() {
+    // One transaction: re-adding the map elements as the sandbox's own
+    // fails, and with it everything, when the address is another
+    // sandbox's by now (nft refuses a different verdict for a key); then
+    // only the sandbox's chains and sets go.
+    if nft(&remove_script(port, true, false)).is_ok() {
         return;
     }
-    if let Err(e) = nft(&remove_script(port, elements, true)) {
+    if nft(&remove_script(port, false, false)).is_ok() {
+        return;
+    }
+    if let Err(e) = nft(&remove_script(port, false, true)) {
         tracing::warn!(error = %e, "removing a sandbox's egress rules");
     }
 }
@@ -561,6 +585,7 @@ mod tests {
                 "8.8.8.8/32".parse().expect("valid"),
             ],
             resolvers: vec![],
+            sandbox_net: vec!["10.88.0.0/16".parse().expect("valid")],
         };
         assert!(op.permits(Ipv4Addr::new(1, 1, 1, 1)));
         assert!(!op.permits(Ipv4Addr::new(169, 254, 169, 254)));
@@ -568,6 +593,15 @@ mod tests {
         assert!(op.permits(Ipv4Addr::new(192, 168, 5, 6)));
         assert!(!op.permits(Ipv4Addr::new(192, 168, 5, 7)));
         assert!(!op.permits(Ipv4Addr::new(8, 8, 8, 8)));
+        // The host itself and the sandboxes' network, whatever `allow` says.
+        let open = Operator {
+            allow: vec!["0.0.0.0/0".parse().expect("valid")],
+            ..op.clone()
+        };
+        assert!(!open.permits(Ipv4Addr::LOCALHOST));
+        assert!(!open.permits(Ipv4Addr::new(10, 88, 3, 4)));
+        assert!(open.permits(Ipv4Addr::new(10, 1, 2, 3)));
+        assert!(is_local(Ipv4Addr::LOCALHOST));
     }
 
     #[test]

@@ -29,6 +29,11 @@ use super::{Operator, Port};
 /// Connections one sandbox may have open through the proxy at once (each
 /// holds a task and up to 16 KiB while it is read): more are refused.
 pub const MAX_CONNECTIONS: usize = 256;
+/// Connections through one provider's proxy at once, all sandboxes
+/// together (each holds two descriptors once relayed).
+pub const MAX_TOTAL_CONNECTIONS: usize = 4096;
+/// A name the host's resolver does not answer within this is refused.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Denial records kept per sandbox.
@@ -75,10 +80,21 @@ impl Sandbox {
 }
 
 /// Listeners (one per bridge address) and the sandboxes they serve.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Proxy {
     listeners: tokio::sync::Mutex<HashMap<Ipv4Addr, (u16, tokio::task::JoinHandle<()>)>>,
     sandboxes: Served,
+    total: Arc<tokio::sync::Semaphore>,
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Proxy {
+            listeners: tokio::sync::Mutex::default(),
+            sandboxes: Served::default(),
+            total: Arc::new(tokio::sync::Semaphore::new(MAX_TOTAL_CONNECTIONS)),
+        }
+    }
 }
 
 impl Drop for Proxy {
@@ -106,6 +122,7 @@ impl Proxy {
             .map_err(|e| Error::internal("egress proxy address").with_source(e))?
             .port();
         let sandboxes = self.sandboxes.clone();
+        let total = self.total.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((conn, peer)) = listener.accept().await else {
@@ -119,14 +136,17 @@ impl Proxy {
                     .get(&(gateway, *peer.ip()))
                     .cloned();
                 match sb {
-                    Some(sb) => match sb.open.clone().try_acquire_owned() {
-                        Ok(permit) => {
+                    Some(sb) => match (
+                        sb.open.clone().try_acquire_owned(),
+                        total.clone().try_acquire_owned(),
+                    ) {
+                        (Ok(permit), Ok(all)) => {
                             tokio::spawn(async move {
                                 serve(conn, *peer.ip(), sb).await;
-                                drop(permit);
+                                drop((permit, all));
                             });
                         }
-                        Err(_) => sb.deny(*peer.ip(), "", 0, "too_many_connections"),
+                        _ => sb.deny(*peer.ip(), "", 0, "too_many_connections"),
                     },
                     None => debug!(peer = %peer, "egress proxy: not a sandbox with domain rules"),
                 }
@@ -237,18 +257,37 @@ async fn serve(mut conn: TcpStream, src: Ipv4Addr, sb: Arc<Sandbox>) {
         sb.deny(src, &host, port, "domain");
         return;
     }
-    let resolved = if sb.dns.is_empty() {
-        tokio::net::lookup_host((host.as_str(), port))
-            .await
-            .map(|it| {
+    // The sandbox's resolvers, those the operator lets it reach (or the
+    // host's own); none left: the host's resolver. The name is absolute
+    // (a trailing dot), so no search domain is appended to it.
+    let servers: Vec<Ipv4Addr> = sb
+        .dns
+        .iter()
+        .copied()
+        .filter(|ip| (sb.op.permits(*ip) || sb.op.resolvers.contains(ip)) && sb.rules.may_dial(*ip))
+        .collect();
+    let resolved = if servers.is_empty() {
+        let absolute = format!("{host}.");
+        let looked = tokio::time::timeout(
+            RESOLVE_TIMEOUT,
+            tokio::net::lookup_host((absolute.as_str(), port)),
+        )
+        .await;
+        match looked {
+            Ok(r) => r.map(|it| {
                 it.filter_map(|a| match a {
                     SocketAddr::V4(a) => Some(*a.ip()),
                     SocketAddr::V6(_) => None,
                 })
                 .collect::<Vec<_>>()
-            })
+            }),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "resolver timed out",
+            )),
+        }
     } else {
-        super::dns::resolve(&host, &sb.dns, sb.gateway).await
+        super::dns::resolve(&host, &servers, sb.gateway).await
     };
     let addrs = match resolved {
         Ok(a) if !a.is_empty() => a,

@@ -233,11 +233,17 @@ async fn domain_rules_go_through_the_proxy_by_name() {
             ("wild.test", public.clone()),
             ("other.test", public.clone()),
             ("meta.test", "169.254.169.254".into()),
+            // An address of the host itself (added below), public-looking.
+            ("local.test", format!("192.88.98.{n}")),
         ],
     );
+    // The host answers on a public-looking address of its own (removed
+    // with the lab's veth): what a name resolving to the host would reach.
+    super::isolation_tests::host(&format!("ip addr add 192.88.98.{n}/32 dev svmto{n}"));
+    let host_app = std::net::TcpListener::bind(format!("192.88.98.{n}:8080")).expect("host app");
     std::thread::sleep(Duration::from_millis(700));
     let rules = EgressRules {
-        domains: ["allowed.test", "*.wild.test", "meta.test"]
+        domains: ["allowed.test", "*.wild.test", "meta.test", "local.test"]
             .iter()
             .map(|d| Domain::parse(d).expect("domain"))
             .collect(),
@@ -282,6 +288,12 @@ async fn domain_rules_go_through_the_proxy_by_name() {
             8080,
             "raw:SSH-2.0-probe\r\n".into(),
         ),
+        (
+            "http-host-name",
+            public.clone(),
+            8080,
+            "http:local.test".into(),
+        ),
         ("dns-own", public.clone(), 53, "dns:allowed.test".into()),
         (
             "dns-host",
@@ -294,7 +306,13 @@ async fn domain_rules_go_through_the_proxy_by_name() {
     assert_eq!(got["http-allowed"], via, "{got:?}");
     assert_eq!(got["http-allowed-elsewhere"], via, "{got:?}");
     assert_eq!(got["tls-wildcard"], via, "{got:?}");
-    for refused in ["tls-apex", "http-other", "http-metadata-name", "nameless"] {
+    for refused in [
+        "tls-apex",
+        "http-other",
+        "http-metadata-name",
+        "nameless",
+        "http-host-name",
+    ] {
         assert_eq!(got[refused], "closed", "{refused}: {got:?}");
     }
     assert_eq!(got["dns-own"], "answered", "{got:?}");
@@ -311,6 +329,13 @@ async fn domain_rules_go_through_the_proxy_by_name() {
     assert_eq!(reason_of("wild.test"), "domain", "{denied:?}");
     assert_eq!(reason_of("other.test"), "domain", "{denied:?}");
     assert_eq!(reason_of("meta.test"), "resolved_blocked", "{denied:?}");
+    // The host's own addresses are never dialed for a sandbox, public or not.
+    assert_eq!(reason_of("local.test"), "resolved_blocked", "{denied:?}");
+    host_app.set_nonblocking(true).expect("nonblocking");
+    assert!(
+        host_app.accept().is_err(),
+        "the proxy connected to the host"
+    );
     assert!(
         denied
             .iter()

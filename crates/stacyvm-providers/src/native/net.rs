@@ -476,6 +476,13 @@ impl Bridge {
                 allow: self.opts.egress_allow.clone(),
                 deny: self.opts.egress_deny.clone(),
                 resolvers: self.resolvers(),
+                sandbox_net: self
+                    .opts
+                    .subnet
+                    .to_string()
+                    .parse::<Cidr>()
+                    .into_iter()
+                    .collect(),
             };
             self.egress.apply(&port, rules, &op).await
         } else {
@@ -570,10 +577,13 @@ impl Bridge {
         }
         let _ = self.no_pins.set(pins.err().map(|e| e.to_string()));
         self.prune_pins();
-        // Egress rules of sandboxes whose lease is gone (their server died).
+        // Egress rules of sandboxes whose lease is gone (their server
+        // died); a lease younger than a minute may be a spawn whose veth
+        // is still being made.
         crate::egress::prune(name, |port| {
             let lease = self.lease_dir.join(port.ip.to_string());
             std::fs::read_to_string(&lease).is_ok_and(|owner| iface_exists(owner.trim()))
+                || !self.stale(&lease) && lease.exists()
         });
         self.allow_in_iptables_forward();
         let _ = self.ready.set(());
