@@ -30,9 +30,24 @@ pub(crate) fn init_logging(cfg: &Config) {
     }
 }
 
+/// Every open connection — API calls, previews, the egress proxy's
+/// relays — holds a descriptor: the soft limit on open files goes up to
+/// the hard one (systemd's default soft limit is 1024).
+fn raise_open_files() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                warn!(soft, hard, error = %e, "could not raise the open-files limit");
+            }
+        }
+    }
+}
+
 pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
     // Request bodies and file chunks of up to 1 MiB reuse heap memory.
     stacyvm_sandbox::tune_allocator(32 << 20, 64 << 20);
+    raise_open_files();
     let loaded = config::load(config_path.as_deref(), std::env::vars())?;
     let cfg = loaded.config;
     init_logging(&cfg);

@@ -50,6 +50,12 @@ async fn egress_policies_through_the_api() {
     let _guard = BridgeGuard(bridge.clone());
     let dir = tempfile::tempdir().expect("dir");
     let subnet = format!("10.91.{n}.0/24");
+    // A low soft limit on open files, as systemd gives (the server inherits
+    // it and must raise it).
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).expect("getrlimit");
+    assert!(hard > 1024, "hard limit {hard}");
+    setrlimit(Resource::RLIMIT_NOFILE, 1024, hard).expect("setrlimit");
     let server = common::Server::start(
         dir.path(),
         &[
@@ -59,6 +65,18 @@ async fn egress_policies_through_the_api() {
         ],
     );
     let api = common::Api::new(&server);
+
+    // Each relayed connection holds descriptors: the server runs with its
+    // open-files soft limit raised to the hard one.
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.pid())).expect("limits");
+    let files: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("open files line")
+        .split_whitespace()
+        .collect();
+    assert_eq!(files[3], files[4], "soft = hard: {limits}");
+    assert_eq!(files[3], hard.to_string(), "{limits}");
 
     // Bad policies: a 400 naming what is wrong; nothing spawned.
     let many: Vec<String> = (0..300)

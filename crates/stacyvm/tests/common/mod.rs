@@ -63,6 +63,11 @@ pub struct Server {
 }
 
 impl Server {
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts `stacyvm serve` with `env` on top of a loopback listener and
     /// the data dir, and waits until it listens.
     pub fn start(data: &Path, env: &[(&str, &str)]) -> Server {
