@@ -1358,6 +1358,24 @@ impl DockerProvider {
         Ok(())
     }
 
+    /// The engine's view of sandbox `id`'s container; not found unless it
+    /// exists and StacyVM made it.
+    async fn inspect_ours(&self, id: &str) -> Result<bollard::models::ContainerInspectResponse> {
+        if !paths::is_sandbox_id(id) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let d = self.engine().await?;
+        let info = match d.inspect_container(id, None).await {
+            Ok(i) => i,
+            Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
+            Err(e) => return Err(engine_err("inspecting the sandbox container", e)),
+        };
+        if !spec::is_ours(info.config.as_ref().and_then(|c| c.labels.as_ref())) {
+            return Err(Error::sandbox_not_found(id));
+        }
+        Ok(info)
+    }
+
     /// Where a container sits on the sandbox network (`None`: not on it,
     /// as with `network_mode: none`).
     fn egress_port_of(
@@ -1860,18 +1878,7 @@ impl Provider for DockerProvider {
         id: &str,
         rules: Option<&stacyvm_core::egress::EgressRules>,
     ) -> Result<()> {
-        if !paths::is_sandbox_id(id) {
-            return Err(Error::sandbox_not_found(id));
-        }
-        let d = self.engine().await?;
-        let info = match d.inspect_container(id, None).await {
-            Ok(i) => i,
-            Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
-            Err(e) => return Err(engine_err("inspecting the sandbox container", e)),
-        };
-        if !spec::is_ours(info.config.as_ref().and_then(|c| c.labels.as_ref())) {
-            return Err(Error::sandbox_not_found(id));
-        }
+        let info = self.inspect_ours(id).await?;
         self.apply_egress(id, &info, rules).await
     }
 
@@ -1886,18 +1893,7 @@ impl Provider for DockerProvider {
     }
 
     async fn status(&self, id: &str) -> Result<RuntimeStatus> {
-        if !paths::is_sandbox_id(id) {
-            return Err(Error::sandbox_not_found(id));
-        }
-        let d = self.engine().await?;
-        let info = match d.inspect_container(id, None).await {
-            Ok(i) => i,
-            Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
-            Err(e) => return Err(engine_err("inspecting the sandbox container", e)),
-        };
-        if !spec::is_ours(info.config.as_ref().and_then(|c| c.labels.as_ref())) {
-            return Err(Error::sandbox_not_found(id));
-        }
+        let info = self.inspect_ours(id).await?;
         let state = info
             .state
             .and_then(|s| s.status)
