@@ -114,6 +114,32 @@ impl Reaper {
     }
 }
 
+/// Spawns, retrying briefly while the sandbox is out of pids: processes that
+/// just exited (an exec's pumps, zombies the reaper has not collected yet)
+/// free theirs within milliseconds, and a caller cleaning up after a fork
+/// bomb should not be refused for that. Bounded at about 300 ms; the reaper
+/// lock is not held between attempts so exited children can be reaped.
+fn spawn_retrying(
+    reaper: &Reaper,
+    cmd: &mut Command,
+) -> std::io::Result<(std::process::Child, mpsc::Receiver<WaitStatus>)> {
+    let mut delay = Duration::from_millis(10);
+    let mut waited = Duration::ZERO;
+    loop {
+        match reaper.spawn(cmd) {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    && waited < Duration::from_millis(300) =>
+            {
+                std::thread::sleep(delay);
+                waited += delay;
+                delay = (delay * 2).min(Duration::from_millis(80));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn reap_nonblocking(r: &Reaper) {
     while let Ok(ws) = waitpid(
         Pid::from_raw(-1),
@@ -399,7 +425,7 @@ fn start(
             .stderr(Stdio::piped());
         }
     }
-    let (mut child, status_rx) = match reaper.spawn(&mut cmd) {
+    let (mut child, status_rx) = match spawn_retrying(reaper, &mut cmd) {
         Ok(c) => c,
         Err(e) => {
             let (code, what) = match e.kind() {
