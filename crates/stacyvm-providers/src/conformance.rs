@@ -1550,6 +1550,143 @@ pub async fn restart_visibility(f: &dyn Fixture) {
     second.destroy(&id).await.expect("destroy via new instance");
 }
 
+/// Snapshots of sandboxes and their children (`sandbox_snapshots`): a
+/// child starts with the source's files as they were at the snapshot
+/// (contents, modes, owners, links, a removed file stays removed), writes
+/// privately (neither the source nor a sibling sees its writes, nor it
+/// theirs), and runs on after the snapshot is deleted, from which nothing
+/// new can start. Providers without the capability refuse with
+/// `Unsupported`.
+pub async fn snapshots_fork_files(f: &dyn Fixture) {
+    let p = f.provider();
+    let id = spawn(p.as_ref(), &f.image()).await;
+    let snap_id = paths::new_snapshot_id();
+    if !p
+        .capabilities()
+        .iter()
+        .any(|c| c == stacyvm_core::provider::capability::SANDBOX_SNAPSHOTS)
+    {
+        let e = p
+            .snapshot_sandbox(&id, &snap_id)
+            .await
+            .expect_err("no snapshots");
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        p.destroy(&id).await.expect("destroy");
+        return;
+    }
+    let ws = "${SANDBOX_ROOT}/workspace";
+    let made = sh(
+        p.as_ref(),
+        &id,
+        &format!(
+            "set -e; mkdir -p {ws}/snap/deep/er && cd {ws}/snap \
+             && printf 'from the source' > a && chmod 640 a \
+             && head -c 1048576 /dev/urandom > big && ln -s a link && ln a hard \
+             && printf x > deep/er/f && printf gone > removed && rm removed \
+             && mkdir -p gone/dir && rm -r gone && mkdir gone && printf new > gone/only \
+             && md5sum big | cut -c1-32"
+        ),
+    )
+    .await;
+    assert_eq!(made.code, 0, "{made:?}");
+    let big_sum = made.stdout.trim().to_string();
+    assert_eq!(big_sum.len(), 32, "a checksum: {made:?}");
+    if f.supports_users() {
+        let own = sh(p.as_ref(), &id, &format!("chown 1000:1000 {ws}/snap/a")).await;
+        assert_eq!(own.code, 0, "{own:?}");
+    }
+    let taken = p.snapshot_sandbox(&id, &snap_id).await.expect("snapshot");
+    assert!(taken.size_bytes > 1_000_000, "{taken:?}");
+    // The source runs on; its later writes are its own.
+    let later = sh(p.as_ref(), &id, &format!("printf later > {ws}/snap/a")).await;
+    assert_eq!(later.code, 0, "{later:?}");
+
+    let child_spec = || {
+        let mut s = spawn_spec(&f.image());
+        s.snapshot = Some(snap_id.clone());
+        s.network_mode = taken.network_mode.clone();
+        s
+    };
+    let (s1, s2) = (child_spec(), child_spec());
+    let c1 = p.spawn(&s1).await.expect("child 1").runtime_id;
+    let c2 = p.spawn(&s2).await.expect("child 2").runtime_id;
+    let owner = if f.supports_users() {
+        " && stat -c %u:%g:%a a"
+    } else {
+        " && stat -c %a a"
+    };
+    let look = format!(
+        "cd {ws}/snap && cat a && echo && cat link && echo && cat hard && echo \
+         && md5sum big | cut -c1-32 && cat deep/er/f && echo && ls gone \
+         && (test -e removed && echo removed-is-back || echo removed-stays-removed){owner}"
+    );
+    for c in [&c1, &c2] {
+        let seen = sh(p.as_ref(), c, &look).await;
+        assert_eq!(seen.code, 0, "{seen:?}");
+        let lines: Vec<&str> = seen.stdout.lines().collect();
+        assert_eq!(lines[0], "from the source", "{seen:?}");
+        assert_eq!(lines[1], "from the source", "the symlink: {seen:?}");
+        assert_eq!(lines[2], "from the source", "the hard link: {seen:?}");
+        assert_eq!(lines[3], big_sum, "the 1 MiB file: {seen:?}");
+        assert_eq!(lines[4], "x", "{seen:?}");
+        assert_eq!(
+            lines[5], "only",
+            "a directory removed and made again: {seen:?}"
+        );
+        assert_eq!(lines[6], "removed-stays-removed", "{seen:?}");
+        if f.supports_users() {
+            assert_eq!(lines[7], "1000:1000:640", "owner and mode: {seen:?}");
+        } else {
+            assert_eq!(lines[7], "640", "mode: {seen:?}");
+        }
+    }
+    // Private writes: child 1 changes a file; child 2 and the source keep
+    // theirs.
+    let w = sh(
+        p.as_ref(),
+        &c1,
+        &format!("printf child1 > {ws}/snap/a && rm {ws}/snap/big"),
+    )
+    .await;
+    assert_eq!(w.code, 0, "{w:?}");
+    let read = |c: String| {
+        let p = p.clone();
+        async move {
+            sh(
+                p.as_ref(),
+                &c,
+                &format!("cat {ws}/snap/a; test -e {ws}/snap/big && echo +big"),
+            )
+            .await
+            .stdout
+        }
+    };
+    assert_eq!(read(c1.clone()).await, "child1");
+    assert_eq!(read(c2.clone()).await, "from the source+big\n");
+    assert_eq!(read(id.clone()).await, "later+big\n");
+
+    // Deleted while children run: they run on; nothing new starts from it.
+    p.delete_snapshot(&snap_id).await.expect("delete");
+    p.delete_snapshot(&snap_id)
+        .await
+        .expect("deleting twice is fine");
+    assert_eq!(read(c2.clone()).await, "from the source+big\n");
+    let e = p.spawn(&child_spec()).await.expect_err("deleted snapshot");
+    assert!(
+        matches!(e.kind(), ErrorKind::NotFound | ErrorKind::InvalidInput),
+        "{e}"
+    );
+    for c in [&c1, &c2, &id] {
+        p.destroy(c).await.expect("destroy");
+    }
+    // Unknown sandboxes have no snapshot.
+    let e = p
+        .snapshot_sandbox(&paths::new_sandbox_id(), &paths::new_snapshot_id())
+        .await
+        .expect_err("unknown sandbox");
+    assert_eq!(e.kind(), ErrorKind::SandboxNotFound, "{e}");
+}
+
 /// Emits one `#[tokio::test]` per conformance case for a fixture expression.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -1563,7 +1700,8 @@ macro_rules! conformance_tests {
                 exec_as_user, watch_dir_reports_changes, stats_report_usage, connect_reaches_a_port, archives_round_trip, pause_freezes_processes, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
-                hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);
+                hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded,
+                snapshots_fork_files);
         }
     };
     (@optional $fixture:expr; $($case:ident),*) => {
@@ -1583,7 +1721,8 @@ macro_rules! conformance_tests {
                 exec_as_user, watch_dir_reports_changes, stats_report_usage, connect_reaches_a_port, archives_round_trip, pause_freezes_processes, streaming, timeout_kills_process_tree, stdin_is_delivered, file_operations,
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
-                hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded);
+                hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded,
+                snapshots_fork_files);
         }
     };
     (@cases $fixture:expr; $($case:ident),*) => {

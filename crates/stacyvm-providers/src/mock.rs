@@ -379,15 +379,15 @@ impl Provider for MockProvider {
         if target.exists() {
             return Err(Error::conflict(format!("snapshot {snapshot_id} exists")));
         }
-        Self::blocking(move || {
+        let size_bytes = Self::blocking(move || {
             std::fs::create_dir_all(&target)?;
             copy_tree(&dir.join("workspace"), &target.join("workspace"))?;
-            Ok(())
+            Ok(crate::native::disk::usage(&target, u64::MAX).0)
         })
         .await
         .map_err(|e| e.context("mock snapshot"))?;
         Ok(SandboxSnapshot {
-            size_bytes: 4096,
+            size_bytes,
             network_mode: "none".into(),
         })
     }

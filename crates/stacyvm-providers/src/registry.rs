@@ -175,9 +175,11 @@ mod tests {
     use std::collections::BTreeMap;
 
     use stacyvm_core::checks::Status;
+    #[cfg(feature = "mock")]
     use stacyvm_core::registry::Registry;
 
     use super::*;
+    #[cfg(feature = "mock")]
     use crate::conformance::Fixture;
 
     fn cfg(yaml: &str) -> Config {

@@ -16,6 +16,7 @@ pub mod procs;
 pub mod proot;
 pub mod pty;
 pub mod security;
+pub mod treecopy;
 pub mod userns;
 
 use std::fs::File;

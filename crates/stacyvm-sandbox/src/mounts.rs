@@ -185,7 +185,18 @@ fn read_only_self_bind(t: &Path, what: &str) -> Result<(), SetupError> {
 /// from the sandbox dir (the upper dir's parent), `lower/<k>` are
 /// symlinks to the layers and `upper`, `work` are relative. The kernel
 /// resolves the names at mount time and shows them as given.
-fn mount_overlay(r: &stacyvm_agent_proto::boot::RootSpec) -> Result<(), SetupError> {
+///
+/// In a user namespace (`userxattr`), the overlay keeps its own metadata —
+/// opaque directories, above all: a directory removed and made again must
+/// not show the lower layer's files — in `user.overlay.*` xattrs; without
+/// the option the kernel cannot write its `trusted.*` ones there, keeps
+/// opacity only in memory and the upper dir on disk misses it (what a
+/// snapshot of the sandbox copies). Kernels before 5.11 lack the option:
+/// then without.
+fn mount_overlay(
+    r: &stacyvm_agent_proto::boot::RootSpec,
+    in_userns: bool,
+) -> Result<(), SetupError> {
     let upper = Path::new(&r.upper);
     let work = Path::new(&r.work);
     let sbdir = upper
@@ -228,22 +239,25 @@ fn mount_overlay(r: &stacyvm_agent_proto::boot::RootSpec) -> Result<(), SetupErr
     // by fsync inside nor at unmount. A sandbox does not outlive its host
     // (its processes die with it), so durability across a host crash buys
     // nothing and every sync costs a flush of the host filesystem.
-    let volatile = format!("{opts},volatile");
-    let mut mounted = mount(
-        Some("overlay"),
-        Path::new(&r.merged),
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(volatile.as_str()),
-    );
-    if mounted == Err(nix::errno::Errno::EINVAL) {
+    let mut tries = Vec::new();
+    if in_userns {
+        tries.push(format!("{opts},userxattr,volatile"));
+        tries.push(format!("{opts},userxattr"));
+    }
+    tries.push(format!("{opts},volatile"));
+    tries.push(opts);
+    let mut mounted = Err(nix::errno::Errno::EINVAL);
+    for o in &tries {
         mounted = mount(
             Some("overlay"),
             Path::new(&r.merged),
             Some("overlay"),
             MsFlags::empty(),
-            Some(opts.as_str()),
+            Some(o.as_str()),
         );
+        if mounted != Err(nix::errno::Errno::EINVAL) {
+            break;
+        }
     }
     // Not back to the server's working directory: as the sandbox's root
     // (an unprivileged host id) it may not be allowed in (e.g. /root, or a
@@ -262,7 +276,7 @@ pub fn build_root(spec: &BootSpec) -> Result<(), SetupError> {
     mkdirs(merged)?;
     mkdirs(Path::new(&r.upper))?;
     mkdirs(Path::new(&r.work))?;
-    mount_overlay(r)?;
+    mount_overlay(r, spec.userns.is_some())?;
 
     for b in &spec.binds {
         let src = Path::new(&b.source);

@@ -20,6 +20,9 @@ mod pool;
 #[cfg(test)]
 mod security_tests;
 pub mod setup;
+pub mod snapshot;
+#[cfg(test)]
+mod snapshot_tests;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -99,6 +102,8 @@ pub struct NativeProvider {
     /// Serialises connection setup per sandbox (a hung agent delays only
     /// its own sandbox).
     connecting: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Snapshots of sandboxes (their files).
+    snapshots: Arc<snapshot::Snapshots>,
     /// Held while the provider exists; the disk guard stops with it.
     _alive: Arc<()>,
 }
@@ -132,6 +137,10 @@ struct Meta {
     /// sandboxes of older servers).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     token: String,
+    /// The snapshot whose layer the sandbox's root stands on (children of
+    /// `POST /sandboxes/{id}/snapshot` and `/fork`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<String>,
 }
 
 impl Meta {
@@ -342,8 +351,11 @@ impl NativeProvider {
         if !rootless {
             orphans::reap(&opts.state_dir.join("sandboxes"));
         }
+        let snapshots = Arc::new(snapshot::Snapshots::new(snapshot::root(&opts.state_dir))?);
+        snapshots.sweep(&snapshots_in_use(&opts.state_dir.join("sandboxes")));
         let p = NativeProvider {
             images,
+            snapshots,
             rootless,
             cgroups,
             bridge,
@@ -472,7 +484,17 @@ impl NativeProvider {
         if let Ok(mut c) = self.connecting.lock() {
             c.remove(id);
         }
+        let from_snapshot = meta.as_ref().is_some_and(|m| m.snapshot.is_some());
         teardown_state(self.dir(id), meta, self.bridge.clone()).await;
+        if from_snapshot {
+            // The last child of a deleted snapshot takes its layer along.
+            let (snaps, sandboxes) = (
+                self.snapshots.clone(),
+                self.opts.state_dir.join("sandboxes"),
+            );
+            let _ = tokio::task::spawn_blocking(move || snaps.sweep(&snapshots_in_use(&sandboxes)))
+                .await;
+        }
     }
 }
 
@@ -608,7 +630,10 @@ impl Booter {
         dir: &Path,
         id_base: Option<u32>,
     ) -> Result<Meta> {
-        let (lower, binds, masks) = self.images.layers(&spec.image)?;
+        let (mut lower, binds, masks) = self.images.layers(&spec.image)?;
+        if let Some(snap) = &spec.snapshot {
+            lower.insert(0, snapshot::layer_path(&self.opts.state_dir, snap));
+        }
         let cgroups = match &self.cgroups {
             Some(layout) => cgroup::create(layout, &spec.id, self.limits(spec, memory_bytes))
                 .map_err(|e| Error::internal(format!("creating cgroups: {e}")))?,
@@ -761,6 +786,7 @@ impl Booter {
             net: None,
             id_base,
             token,
+            snapshot: spec.snapshot.clone(),
         };
         if let Err(e) = std::fs::write(
             dir.join("meta.json"),
@@ -816,6 +842,23 @@ impl Booter {
             }
         }
     }
+}
+
+/// Snapshot ids the sandboxes under `sandboxes` (alive or not yet torn
+/// down) stand on.
+fn snapshots_in_use(sandboxes: &Path) -> std::collections::HashSet<String> {
+    let mut used = std::collections::HashSet::new();
+    if let Ok(rd) = std::fs::read_dir(sandboxes) {
+        for e in rd.flatten() {
+            let meta: Option<Meta> = std::fs::read(e.path().join("meta.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
+            if let Some(s) = meta.and_then(|m| m.snapshot) {
+                used.insert(s);
+            }
+        }
+    }
+    used
 }
 
 /// Kills a sandbox's processes (SIGKILL of its PID 1 ends the whole pid
@@ -887,6 +930,9 @@ impl Provider for NativeProvider {
         if !self.rootless {
             c.push(capability::EXEC_USER.into());
             c.push(capability::EGRESS.into());
+            // Copying an upper dir recreates overlay whiteouts (device
+            // nodes), which takes a root server.
+            c.push(capability::SANDBOX_SNAPSHOTS.into());
         }
         c.push("namespaces".into());
         c
@@ -910,6 +956,80 @@ impl Provider for NativeProvider {
         }
         let meta = self.meta(runtime_id)?;
         Ok(self.bridge.egress_denials_of(meta.net.as_ref()).await)
+    }
+
+    /// The sandbox's files: its upper dir copied while it is frozen (a
+    /// paused sandbox stays paused), ids shifted to the sandbox's own.
+    async fn snapshot_sandbox(
+        &self,
+        id: &str,
+        snapshot_id: &str,
+    ) -> Result<stacyvm_core::provider::SandboxSnapshot> {
+        if self.rootless {
+            return Err(Error::unsupported(
+                "a rootless native provider has no snapshots",
+            ));
+        }
+        let meta = self.meta(id)?;
+        if !meta.init_alive() {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let was_frozen = cgroup::is_frozen(&meta.cgroups);
+        if !was_frozen {
+            freeze_cgroups(meta.cgroups.clone(), true).await?;
+        }
+        let network_mode = if meta.net.is_some() { "bridge" } else { "none" };
+        let mut info = snapshot::Info {
+            id: snapshot_id.to_string(),
+            source: id.to_string(),
+            image: meta.image.clone(),
+            network_mode: network_mode.to_string(),
+            created_at: Utc::now(),
+            size_bytes: 0,
+        };
+        let (snaps, upper) = (self.snapshots.clone(), self.dir(id).join("upper"));
+        let shift = meta.id_base.map(|base| snapshot::Shift {
+            base,
+            count: ids::PER_SANDBOX,
+        });
+        let min_free = self.opts.disk.min_free;
+        let taken = tokio::task::spawn_blocking(move || {
+            snaps
+                .take(&upper, &mut info, shift, min_free)
+                .map(|()| info)
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::internal(format!("snapshot task: {e}"))));
+        if !was_frozen {
+            if let Err(e) = freeze_cgroups(meta.cgroups.clone(), false).await {
+                warn!(sandbox_id = %id, error = %e, "thawing the sandbox after its snapshot failed");
+            }
+        }
+        let info = match taken {
+            Ok(i) => i,
+            // Destroyed while it was copied.
+            Err(_) if !self.dir(id).join("meta.json").exists() => {
+                return Err(Error::sandbox_not_found(id))
+            }
+            Err(e) => return Err(e),
+        };
+        info!(sandbox_id = %id, snapshot = %snapshot_id, bytes = info.size_bytes, "native sandbox snapshot taken");
+        Ok(stacyvm_core::provider::SandboxSnapshot {
+            size_bytes: info.size_bytes,
+            network_mode: info.network_mode,
+        })
+    }
+
+    /// Children keep running: their layer goes with the last of them.
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<()> {
+        let (snaps, sandboxes) = (
+            self.snapshots.clone(),
+            self.opts.state_dir.join("sandboxes"),
+        );
+        let id = snapshot_id.to_string();
+        tokio::task::spawn_blocking(move || snaps.delete(&id, &snapshots_in_use(&sandboxes)))
+            .await
+            .unwrap_or_else(|e| Err(Error::internal(format!("snapshot removal task: {e}"))))
     }
 
     fn profile(&self) -> Profile {
@@ -1026,11 +1146,29 @@ impl Provider for NativeProvider {
         let mut resolved = spec.clone();
         resolved.network_mode = self.network_mode(spec).to_string();
         let spec = &resolved;
-        if let Some(spawned) = self.claim_warm(spec, memory_bytes).await {
-            return Ok(spawned);
-        }
         let dir = self.dir(&spec.id);
-        let mut meta = match self.booter.boot(spec, memory_bytes, &dir).await {
+        let booted = match &spec.snapshot {
+            // A child of a snapshot: its layer stays while the child boots
+            // (until its meta.json names it), whatever a delete does.
+            Some(snap) => {
+                if self.rootless {
+                    return Err(Error::unsupported(
+                        "a rootless native provider has no snapshots",
+                    ));
+                }
+                self.snapshots.claim(&spec.id, snap)?;
+                let booted = self.booter.boot(spec, memory_bytes, &dir).await;
+                self.snapshots.settle(&spec.id);
+                booted
+            }
+            None => {
+                if let Some(spawned) = self.claim_warm(spec, memory_bytes).await {
+                    return Ok(spawned);
+                }
+                self.booter.boot(spec, memory_bytes, &dir).await
+            }
+        };
+        let mut meta = match booted {
             Ok(m) => m,
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);
