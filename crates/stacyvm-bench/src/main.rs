@@ -58,7 +58,8 @@ struct Args {
     #[arg(long, default_value_t = 200)]
     ops: usize,
     /// Comma-separated scenarios: get,list,spawn,first_exec,exec,file_1k,file_1m,raw_1m,destroy,
-    /// snapshot, fork (providers with sandbox snapshots), preview (the preview
+    /// snapshot, fork, fork10 (providers with sandbox snapshots; 1 or 10
+    /// children per fork; `--upper-mib`), preview (the preview
     /// proxy against direct access to the sandbox's port; bridged network),
     /// archive (tar throughput against the raw file routes, `--big-mib`),
     /// pause (pause, resume, and the first exec on a paused sandbox),
@@ -79,6 +80,10 @@ struct Args {
     /// Container runtime of the engine_* scenarios.
     #[arg(long, default_value = "runc")]
     runtime: String,
+    /// MiB the source of `snapshot`/`fork`/`fork10` writes before the runs
+    /// (its own files, in 1 MiB files).
+    #[arg(long, default_value_t = 0)]
+    upper_mib: u64,
     /// Size of the `bigfile` transfer in MiB.
     #[arg(long, default_value_t = 2048)]
     big_mib: u64,
@@ -430,18 +435,26 @@ async fn scenario(args: &Args, name: &str) -> Result<Outcome> {
                 .await?;
             out
         }
-        "snapshot" | "fork" => {
-            // One source sandbox; each op snapshots it (then deletes the
-            // snapshot) or forks one child from it (then destroys it).
+        "snapshot" | "fork" | "fork10" => {
+            // One source sandbox (with `--upper-mib` MiB of its own files,
+            // in 1 MiB files of random bytes); each op snapshots it (then
+            // deletes the snapshot) or forks 1 or 10 children from it (then
+            // destroys them).
             let mut c = Conn::open(args).await?;
             let id = c.spawn(args).await?;
+            let fill = format!(
+                "echo state > /workspace/state && mkdir -p /workspace/fill && i=0; \
+                 while [ $i -lt {} ]; do head -c 1048576 /dev/urandom > /workspace/fill/$i; i=$((i+1)); done",
+                args.upper_mib
+            );
             c.ok(
                 Method::POST,
                 &format!("/sandboxes/{id}/exec"),
-                Some(json!({"command": "echo state > /workspace/state"})),
+                Some(json!({"command": fill, "timeout": "600s"})),
             )
             .await?;
-            let fork = name == "fork";
+            let count = if name == "fork10" { 10 } else { 1 };
+            let fork = name != "snapshot";
             let id2 = id.clone();
             let out = run(args, name, args.ops, move |mut c, _| {
                 let id = id2.clone();
@@ -449,20 +462,44 @@ async fn scenario(args: &Args, name: &str) -> Result<Outcome> {
                     let t = Instant::now();
                     let r = async {
                         let (path, body) = if fork {
-                            (format!("/sandboxes/{id}/fork"), json!({"count": 1}))
+                            (format!("/sandboxes/{id}/fork"), json!({"count": count}))
                         } else {
                             (format!("/sandboxes/{id}/snapshot"), json!({}))
                         };
                         let v: serde_json::Value =
                             serde_json::from_slice(&c.ok(Method::POST, &path, Some(body)).await?)?;
                         let d = t.elapsed();
-                        let cleanup = if fork {
-                            let child = v["sandboxes"][0]["id"].as_str().unwrap_or_default();
-                            format!("/sandboxes/{child}")
+                        let cleanup: Vec<String> = if fork {
+                            v["sandboxes"]
+                                .as_array()
+                                .map(|a| {
+                                    a.iter()
+                                        .map(|s| {
+                                            format!(
+                                                "/sandboxes/{}",
+                                                s["id"].as_str().unwrap_or_default()
+                                            )
+                                        })
+                                        .collect()
+                                })
+                                .unwrap_or_default()
                         } else {
-                            format!("/snapshots/{}", v["id"].as_str().unwrap_or_default())
+                            eprintln!(
+                                "snapshot {}: {} bytes",
+                                v["id"].as_str().unwrap_or_default(),
+                                v["size_bytes"]
+                            );
+                            vec![format!(
+                                "/snapshots/{}",
+                                v["id"].as_str().unwrap_or_default()
+                            )]
                         };
-                        c.ok(Method::DELETE, &cleanup, None).await?;
+                        if cleanup.len() != if fork { count } else { 1 } {
+                            bail!("expected {count} children: {v}");
+                        }
+                        for u in cleanup {
+                            c.ok(Method::DELETE, &u, None).await?;
+                        }
                         Ok(d)
                     }
                     .await;

@@ -79,7 +79,7 @@ impl Manager {
             .any(|c| c == capability::SANDBOX_SNAPSHOTS)
         {
             return Err(Error::unsupported(format!(
-                "provider {} cannot snapshot sandboxes (the qemu provider can)",
+                "provider {} cannot snapshot sandboxes (native, docker and qemu can)",
                 rec.provider
             )));
         }

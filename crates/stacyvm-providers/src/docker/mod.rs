@@ -22,6 +22,7 @@
 mod link;
 mod net;
 pub mod setup;
+mod snapshot;
 mod sock;
 mod spec;
 #[cfg(test)]
@@ -50,8 +51,8 @@ use chrono::Utc;
 use futures::StreamExt;
 use stacyvm_core::config::DockerConfig;
 use stacyvm_core::provider::{
-    capability, Isolation, Profile, Provider, RuntimeInfo, RuntimeStatus, SandboxIo, SpawnSpec,
-    Spawned, Stats,
+    capability, Isolation, Profile, Provider, RuntimeInfo, RuntimeStatus, SandboxIo,
+    SandboxSnapshot, SpawnSpec, Spawned, Stats,
 };
 use stacyvm_core::{paths, Error, Result};
 use tokio::io::AsyncWriteExt;
@@ -828,12 +829,15 @@ impl DockerProvider {
             // containers on the StacyVM bridge network leave it one at a
             // time, with a pause for the watch loop to drain.
             let bridge = self.opts.config.bridge_network.trim().to_string();
+            let inspected = d.inspect_container(id, None).await.ok();
             let on_bridge = !bridge.is_empty()
-                && d.inspect_container(id, None).await.is_ok_and(|i| {
+                && inspected.as_ref().is_some_and(|i| {
                     i.network_settings
-                        .and_then(|n| n.networks)
+                        .as_ref()
+                        .and_then(|n| n.networks.as_ref())
                         .is_some_and(|n| n.contains_key(&bridge))
                 });
+            let image_id = inspected.and_then(|i| i.image);
             let _serial = if on_bridge {
                 Some(self.leave_lock.lock().await)
             } else {
@@ -847,7 +851,11 @@ impl DockerProvider {
                 .v(true)
                 .build();
             match d.remove_container(id, Some(opts)).await {
-                Ok(()) => {}
+                Ok(()) => {
+                    if let Some(img) = &image_id {
+                        self.release_snapshot_image(img).await;
+                    }
+                }
                 Err(e) if is_status(&e, 404) => {}
                 Err(e) => warn!(sandbox_id = %id, error = %e, "removing container failed"),
             }
@@ -1483,6 +1491,14 @@ impl DockerProvider {
             spec::LABEL_HOST_DIR.to_string(),
             self.dir(&spec.id).display().to_string(),
         );
+        if spec.snapshot.is_some() {
+            // A snapshot image carries its source's labels, which the
+            // engine gives every container of it unless set: the child's
+            // own (even empty) win.
+            for k in [spec::LABEL_METADATA, spec::LABEL_OWNER, spec::LABEL_TENANT] {
+                labels.entry(k.to_string()).or_default();
+            }
+        }
         let body = ContainerCreateBody {
             image: Some(image.full()),
             entrypoint: Some(vec![
@@ -1669,6 +1685,9 @@ impl Provider for DockerProvider {
         c.push(capability::WATCH.into());
         c.push(capability::PAUSE.into());
         c.push(capability::EGRESS.into());
+        if !self.opts.config.read_only_rootfs {
+            c.push(capability::SANDBOX_SNAPSHOTS.into());
+        }
         if self.can_switch_users() {
             c.push(capability::EXEC_USER.into());
         }
@@ -1799,7 +1818,18 @@ impl Provider for DockerProvider {
         } else {
             spec.image.as_str()
         };
-        let image = parse_image(name)?;
+        let image = match &spec.snapshot {
+            Some(snap) => self.snapshot_image(snap).await?,
+            None => {
+                let image = parse_image(name)?;
+                if snapshot::is_reserved(&image) {
+                    return Err(Error::invalid(format!(
+                        "image {name:?} is reserved: snapshots are spawned with \"snapshot\", not by image name"
+                    )));
+                }
+                image
+            }
+        };
         if !self.opts.agent_path.is_file() {
             return Err(Error::unavailable(format!(
                 "agent binary {} not found; build it with scripts/build-agent or set STACYVM_AGENT_PATH",
@@ -1871,6 +1901,14 @@ impl Provider for DockerProvider {
             }
         }
         Ok(())
+    }
+
+    async fn snapshot_sandbox(&self, id: &str, snapshot_id: &str) -> Result<SandboxSnapshot> {
+        self.take_snapshot(id, snapshot_id).await
+    }
+
+    async fn delete_snapshot(&self, snapshot_id: &str) -> Result<()> {
+        self.remove_snapshot(snapshot_id).await
     }
 
     async fn set_egress(
@@ -1983,7 +2021,7 @@ impl Provider for DockerProvider {
             Ok(list) => list
                 .into_iter()
                 .flat_map(|i| i.repo_tags)
-                .filter(|t| t != "<none>:<none>")
+                .filter(|t| t != "<none>:<none>" && !t.starts_with("stacyvm-snapshot:"))
                 .take(1000)
                 .collect(),
             Err(e) => {

@@ -2016,3 +2016,118 @@ async fn zz_stdin_probe() {
         )
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_images_are_reserved_labels_are_the_childs_and_deleted_images_go_with_the_last_child(
+) {
+    let fx = fixture("runc");
+    let p = fx.ready().await;
+    let d = p.engine().await.expect("engine");
+    let id = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    let w = sh(&p, &id, "echo kept > /workspace/f").await;
+    assert_eq!(w.code, 0, "{w:?}");
+    let snap = paths::new_snapshot_id();
+    p.snapshot_sandbox(&id, &snap).await.expect("snapshot");
+    let image = snapshot::image_of(&snap);
+
+    // Naming the snapshot's image (however spelled) or an image id is no
+    // way around the snapshot's tenancy.
+    let image_id = d
+        .inspect_image(&image)
+        .await
+        .expect("image")
+        .id
+        .expect("id");
+    for name in [
+        image.clone(),
+        format!("docker.io/library/{image}"),
+        format!("library/{image}"),
+        format!("stacyvm-snapshot@{image_id}"),
+        image_id.clone(),
+    ] {
+        let e = p
+            .spawn(&spawn_spec(&name, 64))
+            .await
+            .expect_err("reserved image");
+        assert_eq!(e.kind(), ErrorKind::InvalidInput, "{name}: {e}");
+    }
+    assert!(
+        !p.local_images()
+            .await
+            .iter()
+            .any(|i| i.contains("stacyvm-snapshot")),
+        "snapshot images are not offered as images"
+    );
+
+    // A child with no owner, tenant or metadata of its own does not wear
+    // its source's (the image carries the source's labels).
+    let mut spec = spawn_spec(TEST_IMAGE, 64);
+    spec.snapshot = Some(snap.clone());
+    spec.owner_id = String::new();
+    spec.tenant_id = String::new();
+    spec.metadata.clear();
+    let child = p.spawn(&spec).await.expect("child").runtime_id;
+    assert_eq!(sh(&p, &child, "cat /workspace/f").await.stdout, "kept\n");
+    let rt = p
+        .list_runtimes()
+        .await
+        .expect("inventory")
+        .into_iter()
+        .find(|r| r.sandbox_id == child)
+        .expect("child listed");
+    assert_eq!(
+        (
+            rt.owner_id.as_str(),
+            rt.tenant_id.as_str(),
+            rt.metadata.len()
+        ),
+        ("", "", 0),
+        "{rt:?}"
+    );
+
+    // Deleted while the child runs: untagged, kept for it, gone with it.
+    p.delete_snapshot(&snap).await.expect("delete");
+    assert!(d.inspect_image(&image).await.is_err(), "untagged");
+    assert!(
+        d.inspect_image(&image_id).await.is_ok(),
+        "kept for the child"
+    );
+    assert_eq!(sh(&p, &child, "cat /workspace/f").await.stdout, "kept\n");
+    assert_eq!(
+        p.spawn(&spec).await.expect_err("deleted").kind(),
+        ErrorKind::NotFound
+    );
+    p.destroy(&child).await.expect("destroy child");
+    assert!(
+        d.inspect_image(&image_id).await.is_err(),
+        "the last child takes the deleted snapshot's image along"
+    );
+    p.destroy(&id).await.expect("destroy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_roots_have_no_snapshots() {
+    let mut fx = fixture("runc");
+    fx.config.read_only_rootfs = true;
+    let p = fx.ready().await;
+    assert!(!p
+        .capabilities()
+        .iter()
+        .any(|c| c == stacyvm_core::provider::capability::SANDBOX_SNAPSHOTS));
+    let id = p
+        .spawn(&spawn_spec(TEST_IMAGE, 64))
+        .await
+        .expect("spawn")
+        .runtime_id;
+    let e = p
+        .snapshot_sandbox(&id, &paths::new_snapshot_id())
+        .await
+        .expect_err("no snapshots on tmpfs");
+    assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+    assert!(e.to_string().contains("read_only_rootfs"), "{e}");
+    p.destroy(&id).await.expect("destroy");
+}

@@ -1,0 +1,120 @@
+//! Snapshots and fork through the API on the native provider, as a user
+//! would drive them: a fork of three children with the source's files and
+//! private writes, a kept snapshot listed and spawned from, everything
+//! surviving a `kill -9` of the server, and a deleted snapshot whose data
+//! goes with its last child.
+
+mod common;
+
+use std::time::Duration;
+
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_children_keep_the_files_write_privately_and_survive_a_crash() {
+    let dir = tempfile::tempdir().expect("dir");
+    let env = [("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0")];
+    let server = common::Server::start(dir.path(), &env);
+    let api = common::Api::new(&server);
+    let sb = api.spawn(json!({})).await;
+    let id = sb["id"].as_str().expect("id").to_string();
+    let out = api
+        .exec(
+            &id,
+            "mkdir -p /workspace/app && echo v1 > /workspace/app/version && head -c 2000000 /dev/urandom > /workspace/app/data && md5sum /workspace/app/data | cut -c1-32",
+        )
+        .await;
+    let sum = out["stdout"].as_str().expect("stdout").trim().to_string();
+    assert_eq!(sum.len(), 32, "{out}");
+
+    let (s, v) = api
+        .post(
+            &format!("/sandboxes/{id}/fork"),
+            json!({"count": 3, "keep_snapshot": true, "metadata": {"role": "child"}}),
+        )
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let children: Vec<String> = v["sandboxes"]
+        .as_array()
+        .expect("sandboxes")
+        .iter()
+        .map(|c| c["id"].as_str().expect("child id").to_string())
+        .collect();
+    assert_eq!(children.len(), 3, "{v}");
+    let snap = v["snapshot"]["id"]
+        .as_str()
+        .expect("kept snapshot")
+        .to_string();
+    assert!(
+        v["snapshot"]["size_bytes"].as_u64().expect("size") >= 2_000_000,
+        "{v}"
+    );
+    assert_eq!(v["snapshot"]["source_sandbox_id"], id.as_str(), "{v}");
+    for (k, c) in children.iter().enumerate() {
+        let out = api
+            .exec(
+                c,
+                &format!("cat /workspace/app/version; md5sum /workspace/app/data | cut -c1-32; echo c{k} > /workspace/app/version"),
+            )
+            .await;
+        assert_eq!(out["stdout"], format!("v1\n{sum}\n"), "{out}");
+    }
+    for (k, c) in children.iter().enumerate() {
+        let out = api.exec(c, "cat /workspace/app/version").await;
+        assert_eq!(out["stdout"], format!("c{k}\n"), "private writes: {out}");
+    }
+    let out = api.exec(&id, "cat /workspace/app/version").await;
+    assert_eq!(out["stdout"], "v1\n", "the source keeps its own: {out}");
+    let (s, list) = api.get("/snapshots").await;
+    assert_eq!(s, 200, "{list}");
+    assert!(
+        list.as_array()
+            .expect("list")
+            .iter()
+            .any(|x| x["id"] == snap.as_str() && x["provider"] == "native"),
+        "{list}"
+    );
+
+    // The server dies hard; the next one finds the children and the
+    // snapshot as they were.
+    let pid = server.pid();
+    let _ = std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status();
+    drop(server);
+    let server = common::Server::start(dir.path(), &env);
+    let api = common::Api::new(&server);
+    let out = api.exec(&children[1], "cat /workspace/app/version").await;
+    assert_eq!(out["stdout"], "c1\n", "{out}");
+    let (s, v) = api.post("/sandboxes", json!({"snapshot": snap})).await;
+    assert_eq!(s, 201, "spawn from the kept snapshot: {v}");
+    let late = v["id"].as_str().expect("id").to_string();
+    let out = api.exec(&late, "cat /workspace/app/version").await;
+    assert_eq!(out["stdout"], "v1\n", "{out}");
+
+    // Asking a child of a snapshot for another image is refused.
+    let (s, v) = api
+        .post("/sandboxes", json!({"snapshot": snap, "image": "busybox"}))
+        .await;
+    assert_eq!(s, 400, "{v}");
+
+    // Deleted while children run: they run on; its data goes with the
+    // last of them.
+    let (s, v) = api.delete(&format!("/snapshots/{snap}")).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = api.post("/sandboxes", json!({"snapshot": snap})).await;
+    assert_eq!(s, 404, "{v}");
+    let out = api.exec(&late, "cat /workspace/app/version").await;
+    assert_eq!(out["stdout"], "v1\n", "{out}");
+    let on_disk = dir.path().join("native").join("snapshots").join(&snap);
+    assert!(on_disk.exists(), "kept for its children");
+    for c in children.iter().chain([&late, &id]) {
+        let (s, v) = api.delete(&format!("/sandboxes/{c}")).await;
+        assert_eq!(s, 200, "{v}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while on_disk.exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!on_disk.exists(), "the last child took the layer along");
+}
