@@ -126,6 +126,64 @@ pub struct SpawnRequest {
     /// resuming it). Default `true`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_resume: Option<bool>,
+    /// Named volumes (`POST /volumes`) to mount (at most 8). A volume is
+    /// mounted read-write by one running sandbox at a time, read-only by
+    /// any number.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// A volume in a spawn request.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct VolumeMount {
+    /// The volume's name (or its `vol-…` id).
+    pub volume: String,
+    /// Where it appears in the sandbox: an absolute path, not `/`, not
+    /// under `/proc`, `/sys` or `/dev`.
+    pub path: String,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub read_only: bool,
+}
+
+/// `POST /volumes` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct CreateVolumeRequest {
+    /// 1–63 characters: lowercase letters, digits, `-`, `_`, `.`; starts
+    /// with a letter or digit. Unique within the tenant.
+    pub name: String,
+    /// Capacity in MiB (default 1024, at most `defaults.max_volume_mb`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub size_mb: i64,
+    /// Owner (admins and tenant admins; default: the caller).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub owner_id: String,
+}
+
+/// A named persistent volume.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Volume {
+    pub id: String,
+    pub name: String,
+    pub size_mb: i64,
+    /// Bytes its file system holds now.
+    pub used_bytes: u64,
+    pub owner_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub tenant_id: String,
+    pub created_at: DateTime<Utc>,
+    /// Running sandboxes that mount it.
+    #[serde(default)]
+    pub mounts: Vec<VolumeUse>,
+}
+
+/// A sandbox's mount of a volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct VolumeUse {
+    pub sandbox_id: String,
+    pub path: String,
+    pub read_only: bool,
 }
 
 /// A sandbox's egress policy. Every list entry is an IPv4 address, a CIDR

@@ -541,6 +541,7 @@ async fn spawn(State(w): State<Arc<WorkerRpc>>, h: HeaderMap, raw: axum::body::B
         network_mode: b.network_mode,
         snapshot: None,
         egress: None,
+        volumes: Vec::new(),
     };
     let s = p.spawn(&spec).await?;
     tracing::info!(sandbox_id = %id, provider = p.name(), "sandbox spawned for the control plane");

@@ -544,6 +544,10 @@ pub struct DefaultsConfig {
     pub max_sandboxes_per_owner: i64,
     /// Snapshots of sandboxes one owner may keep (0 = no limit).
     pub max_snapshots_per_owner: i64,
+    /// Volumes one owner may keep (0 = no limit).
+    pub max_volumes_per_owner: i64,
+    /// Largest volume, MiB.
+    pub max_volume_mb: i64,
     pub spawn_overflow: String,
     pub spawn_queue_timeout: Dur,
     pub max_spawn_queue: i64,
@@ -858,6 +862,8 @@ impl Default for DefaultsConfig {
             max_sandboxes: 0,
             max_sandboxes_per_owner: 0,
             max_snapshots_per_owner: 20,
+            max_volumes_per_owner: 20,
+            max_volume_mb: 10240,
             spawn_overflow: "reject".into(),
             spawn_queue_timeout: Dur::secs(30),
             max_spawn_queue: 100,
@@ -1345,6 +1351,11 @@ impl Config {
                 self.defaults.max_sandboxes_per_owner,
             ),
             ("defaults.max_spawn_queue", self.defaults.max_spawn_queue),
+            (
+                "defaults.max_volumes_per_owner",
+                self.defaults.max_volumes_per_owner,
+            ),
+            ("defaults.max_volume_mb", self.defaults.max_volume_mb),
             ("defaults.memory_mb", self.defaults.memory_mb),
             ("defaults.vcpus", self.defaults.vcpus),
             (

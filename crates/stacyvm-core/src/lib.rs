@@ -21,5 +21,6 @@ pub mod registry;
 pub mod secrets;
 pub mod services;
 pub mod store;
+pub mod volumes;
 
 pub use error::{Error, ErrorKind, Result};

@@ -40,6 +40,7 @@ pub use idle::on_timeout;
 pub use setup::{check_template, RESERVED_PREFIX};
 pub mod placement;
 mod snapshots;
+mod volumes;
 pub mod workers;
 pub use snapshots::{summary as snapshot_summary, MAX_FORK};
 
@@ -262,6 +263,10 @@ pub struct Manager {
     activity: Arc<idle::Activity>,
     /// Template warm pools.
     pools: pools::Pools,
+    /// Where volumes keep their data (`None`: no volumes on this server).
+    volume_host: RwLock<Option<Arc<dyn crate::volumes::VolumeHost>>>,
+    /// Volumes claimed by spawns in flight.
+    volume_claims: Arc<volumes::Claims>,
 }
 
 #[derive(Debug)]
@@ -306,6 +311,8 @@ impl Manager {
             pause_lock: tokio::sync::Mutex::new(()),
             activity: Arc::default(),
             pools: pools::Pools::default(),
+            volume_host: RwLock::new(None),
+            volume_claims: Arc::default(),
         });
         tokio::spawn(audit_writer(store, audit_rx));
         // Another control plane changed a sandbox: drop the cached copy
@@ -1065,6 +1072,9 @@ impl Manager {
         }
         let egress =
             self.spawn_egress(&req, &allowed_hosts, &policies, provider.as_ref(), &network)?;
+        let volumes = self
+            .spawn_volumes(&req, caller, &provider, &placed.worker_id)
+            .await?;
         // A provider's own defaults win over the server's when the request
         // names no size (gaps C-26); the spec then carries 0 so the
         // provider applies its exact setting (fractional CPUs included).
@@ -1117,11 +1127,20 @@ impl Manager {
         req.metadata
             .get_or_insert_with(BTreeMap::new)
             .extend(egress.metadata);
+        let (binds, _claims) = match volumes {
+            Some((binds, recorded, claims)) => {
+                req.metadata
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(crate::volumes::MOUNTS_KEY.into(), recorded);
+                (binds, Some(claims))
+            }
+            None => (Vec::new(), None),
+        };
         self.reserve_slot(&owner, ttl).await?;
         let res = self
             .spawn_reserved(
                 &provider,
-                egress.rules,
+                (egress.rules, binds),
                 &placed.worker_id,
                 &image,
                 (memory_mb, spec_memory_mb),
@@ -1211,7 +1230,10 @@ impl Manager {
     async fn spawn_reserved(
         &self,
         provider: &Arc<dyn Provider>,
-        egress: Option<crate::egress::EgressRules>,
+        (egress, volumes): (
+            Option<crate::egress::EgressRules>,
+            Vec<crate::volumes::VolumeBind>,
+        ),
         holder: &str,
         image: &str,
         (memory_mb, spec_memory_mb): (i64, i64),
@@ -1241,6 +1263,7 @@ impl Manager {
             network_mode: req.network_mode.clone(),
             snapshot: (!req.snapshot.is_empty()).then(|| req.snapshot.clone()),
             egress,
+            volumes,
         };
         let lease_ttl = ttl.to_std() + LEASE_GRACE;
         let shared = self.shared_admission();

@@ -48,6 +48,8 @@ pub struct SpawnSpec {
     /// Egress rules in force from the sandbox's first packet (providers
     /// with [`capability::EGRESS`]; `bridge` mode).
     pub egress: Option<crate::egress::EgressRules>,
+    /// Volumes to mount (providers with [`capability::VOLUMES`]).
+    pub volumes: Vec<crate::volumes::VolumeBind>,
 }
 
 /// What [`Provider::snapshot_sandbox`] made.
@@ -290,6 +292,8 @@ pub mod capability {
     pub const SNAPSHOTS: &str = "snapshots";
     /// `POST /sandboxes/{id}/snapshot`, `/fork` and spawns from a snapshot.
     pub const SANDBOX_SNAPSHOTS: &str = "sandbox_snapshots";
+    /// Named volumes mounted at spawn (`SpawnSpec::volumes`).
+    pub const VOLUMES: &str = "volumes";
     /// Directory watches ([`super::SandboxIo::watch_dir`]).
     pub const WATCH: &str = "watch";
     /// `pause`/`resume` freeze and thaw a sandbox (and `on_timeout: pause`).

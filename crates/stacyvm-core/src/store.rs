@@ -195,6 +195,20 @@ pub struct SnapshotRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// A named persistent volume (the host holds its data).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    /// `vol-` + 16 hex digits.
+    pub id: String,
+    /// Unique within the tenant.
+    pub name: String,
+    /// Capacity of its file system.
+    pub size_mb: i64,
+    pub owner_id: String,
+    pub tenant_id: String,
+    pub created_at: DateTime<Utc>,
+}
+
 /// A sandbox port the preview proxy serves.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PortRecord {
@@ -454,6 +468,13 @@ pub trait Store: Debug + Send + Sync + 'static {
     /// One tenant's snapshots, or every snapshot with `None`; oldest first.
     async fn list_snapshots(&self, tenant_id: Option<&str>) -> Result<Vec<SnapshotRecord>>;
     async fn delete_snapshot(&self, id: &str) -> Result<()>;
+
+    /// A name already taken in the tenant is a `Conflict`.
+    async fn insert_volume(&self, r: &VolumeRecord) -> Result<()>;
+    async fn get_volume(&self, id: &str) -> Result<VolumeRecord>;
+    /// One tenant's volumes, or every volume with `None`; oldest first.
+    async fn list_volumes(&self, tenant_id: Option<&str>) -> Result<Vec<VolumeRecord>>;
+    async fn delete_volume(&self, id: &str) -> Result<()>;
 
     async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord>;
     /// Ordered by id.

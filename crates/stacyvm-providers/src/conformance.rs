@@ -91,6 +91,7 @@ pub fn spawn_spec(image: &str) -> SpawnSpec {
         network_mode: String::new(),
         snapshot: None,
         egress: None,
+        volumes: Vec::new(),
     }
 }
 

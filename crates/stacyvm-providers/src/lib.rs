@@ -21,3 +21,4 @@ pub mod proot;
 pub mod registry;
 #[cfg(feature = "custom")]
 pub mod remote;
+pub mod volumes;

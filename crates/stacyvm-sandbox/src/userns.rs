@@ -60,6 +60,9 @@ struct Layer {
     target: PathBuf,
     /// Submounts come along (host binds such as /usr may have some).
     recursive: bool,
+    /// Staged read-only (image layers and host binds); a volume mounted
+    /// read-write is not.
+    readonly: bool,
 }
 
 /// Enters a user namespace mapping `ids` (a range) to root; returns the
@@ -114,6 +117,7 @@ pub(crate) fn enter_mapped(spec: &BootSpec, ids: IdMap) -> Result<BootSpec, Setu
             source: PathBuf::from(&*lower),
             target: target.clone(),
             recursive: false,
+            readonly: true,
         });
         *lower = target.to_string_lossy().to_string();
     }
@@ -128,6 +132,7 @@ pub(crate) fn enter_mapped(spec: &BootSpec, ids: IdMap) -> Result<BootSpec, Setu
             source: PathBuf::from(&b.source),
             target: target.clone(),
             recursive: is_dir,
+            readonly: b.readonly,
         });
         b.source = target.to_string_lossy().to_string();
     }
@@ -232,7 +237,13 @@ fn map_and_stage(pid: i32, ids: IdMap, layers: &[Layer]) -> Result<(), SetupErro
         File::open(format!("/proc/{pid}/ns/user")),
     )?;
     for l in layers {
-        if let Err(e) = idmapped_bind(&l.source, &l.target, l.recursive, userns.as_raw_fd()) {
+        if let Err(e) = idmapped_bind(
+            &l.source,
+            &l.target,
+            l.recursive,
+            l.readonly,
+            userns.as_raw_fd(),
+        ) {
             // Filesystems that cannot be idmapped are bound as they are:
             // their files then show as nobody:nogroup inside.
             let _ = e;
@@ -249,12 +260,13 @@ fn map_and_stage(pid: i32, ids: IdMap, layers: &[Layer]) -> Result<(), SetupErro
     Ok(())
 }
 
-/// Clones the mount of `source`, idmaps it to `userns` (read-only) and
-/// attaches it at `target`.
+/// Clones the mount of `source`, idmaps it to `userns` (read-only unless
+/// `readonly` is false) and attaches it at `target`.
 fn idmapped_bind(
     source: &Path,
     target: &Path,
     recursive: bool,
+    readonly: bool,
     userns: RawFd,
 ) -> Result<(), SetupError> {
     let src = path_cstr(source)?;
@@ -280,7 +292,7 @@ fn idmapped_bind(
     // SAFETY: `fd` was just returned by open_tree and is owned by nobody else.
     let tree = unsafe { OwnedFd::from_raw_fd(fd) };
     let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_RDONLY,
+        attr_set: MOUNT_ATTR_IDMAP | if readonly { MOUNT_ATTR_RDONLY } else { 0 },
         attr_clr: 0,
         propagation: 0,
         userns_fd: u64::try_from(userns).unwrap_or(0),

@@ -708,7 +708,14 @@ pub async fn body_limit(State(st): State<AppState>, req: Request, next: Next) ->
             && crate::e2b::envd::is_envd(req.headers()));
     let limit = if raw_upload {
         st.cfg.limits.max_file_bytes
-    } else if put_tail == Some("archive") {
+    } else if put_tail == Some("archive")
+        || (req.method() == axum::http::Method::PUT
+            && req
+                .uri()
+                .path()
+                .strip_prefix("/api/v1/volumes/")
+                .is_some_and(|rest| rest.ends_with("/archive")))
+    {
         // An archive upload streams too: its content is bounded by
         // `limits.max_archive_*`, its tar framing by the entry count.
         crate::routes::files::archive_body_limit(&st.cfg.limits)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use chrono::Utc;
 use stacyvm_core::store::{
     AdminAuditRecord, ExecLogRecord, Fence, OpAuditFilter, OpAuditRecord, QuotaRecord,
-    SandboxRecord, SnapshotRecord, Store, TemplateRecord, WorkerRecord,
+    SandboxRecord, SnapshotRecord, Store, TemplateRecord, VolumeRecord, WorkerRecord,
 };
 use stacyvm_core::ErrorKind;
 
@@ -423,6 +423,60 @@ pub async fn snapshots(s: &dyn Store) {
     );
     assert_eq!(
         s.get_snapshot("snap-a").await.expect_err("gone").kind(),
+        ErrorKind::NotFound
+    );
+}
+
+pub async fn volumes(s: &dyn Store) {
+    let now = now();
+    let rec = |id: &str, name: &str, tenant: &str, secs: i64| VolumeRecord {
+        id: id.into(),
+        name: name.into(),
+        size_mb: 1024,
+        owner_id: "alice".into(),
+        tenant_id: tenant.into(),
+        created_at: now + chrono::Duration::seconds(secs),
+    };
+    s.insert_volume(&rec("vol-b", "data", "t1", 2))
+        .await
+        .expect("insert");
+    s.insert_volume(&rec("vol-a", "cache", "t1", 1))
+        .await
+        .expect("insert");
+    // The same name in another tenant is another volume.
+    s.insert_volume(&rec("vol-c", "data", "t2", 0))
+        .await
+        .expect("insert");
+    for dup in [
+        rec("vol-d", "data", "t1", 3),
+        rec("vol-a", "other", "t1", 3),
+    ] {
+        assert_eq!(
+            s.insert_volume(&dup).await.expect_err("duplicate").kind(),
+            ErrorKind::Conflict,
+            "{dup:?}"
+        );
+    }
+    assert_eq!(
+        s.get_volume("vol-b").await.expect("get"),
+        rec("vol-b", "data", "t1", 2)
+    );
+    let ids = |l: Vec<VolumeRecord>| l.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.list_volumes(Some("t1")).await.expect("list")),
+        ["vol-a", "vol-b"]
+    );
+    assert_eq!(
+        ids(s.list_volumes(None).await.expect("list")),
+        ["vol-c", "vol-a", "vol-b"]
+    );
+    s.delete_volume("vol-a").await.expect("delete");
+    assert_eq!(
+        s.delete_volume("vol-a").await.expect_err("gone").kind(),
+        ErrorKind::NotFound
+    );
+    assert_eq!(
+        s.get_volume("vol-a").await.expect_err("gone").kind(),
         ErrorKind::NotFound
     );
 }
@@ -886,7 +940,7 @@ macro_rules! store_contract_tests {
         mod $engine {
             #[allow(unused_imports)]
             use super::*;
-            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, fenced_writes, lease_transfer, admission, concurrent_writers, snapshots, preview_ports);
+            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, fenced_writes, lease_transfer, admission, concurrent_writers, snapshots, volumes, preview_ports);
         }
     };
     (@case $make:expr, $($case:ident),*) => {

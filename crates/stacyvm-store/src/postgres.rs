@@ -15,7 +15,8 @@ use sqlx::{PgPool, Row};
 use stacyvm_core::store::{
     AdminAuditFilter, AdminAuditRecord, ExecLogRecord, Fence, LeaseRecord, OpAuditFilter,
     OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord, SandboxRecord,
-    SnapshotRecord, Store, TemplateRecord, TenantMemberRecord, TenantRecord, WorkerRecord,
+    SnapshotRecord, Store, TemplateRecord, TenantMemberRecord, TenantRecord, VolumeRecord,
+    WorkerRecord,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
 
@@ -31,6 +32,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/postgres/0003_snapshots.sql")),
     (4, include_str!("../migrations/postgres/0004_preview.sql")),
     (5, include_str!("../migrations/postgres/0005_lifecycle.sql")),
+    (6, include_str!("../migrations/postgres/0006_volumes.sql")),
 ];
 
 /// The newest schema version this build knows.
@@ -57,6 +59,7 @@ pub const TABLES: &[&str] = &[
     "tenant_members",
     "policies",
     "snapshots",
+    "volumes",
     "sandbox_ports",
     "preview_tokens",
 ];
@@ -1162,6 +1165,56 @@ impl Store for PostgresStore {
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("snapshot {id:?}"))
+    }
+
+    async fn insert_volume(&self, r: &VolumeRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO volumes (id, name, size_mb, owner_id, tenant_id, created_at) VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&r.id)
+        .bind(&r.name)
+        .bind(r.size_mb)
+        .bind(&r.owner_id)
+        .bind(&r.tenant_id)
+        .bind(r.created_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            conflict_as(e, || {
+                format!("a volume named {:?} already exists in this tenant", r.name)
+            })
+        })?;
+        Ok(())
+    }
+
+    async fn get_volume(&self, id: &str) -> Result<VolumeRecord> {
+        let row = sqlx::query("SELECT * FROM volumes WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("volume {id:?}")))?;
+        rows::volume(&row)
+    }
+
+    async fn list_volumes(&self, tenant_id: Option<&str>) -> Result<Vec<VolumeRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM volumes WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY created_at ASC, id ASC",
+        )
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::volume).collect()
+    }
+
+    async fn delete_volume(&self, id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM volumes WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("volume {id:?}"))
     }
 
     async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord> {

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use stacyvm_core::store::{
     AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditRecord, PolicyRecord, PortRecord,
     PreviewTokenRecord, QuotaRecord, SandboxRecord, SnapshotRecord, TemplateRecord,
-    TenantMemberRecord, TenantRecord, WorkerRecord,
+    TenantMemberRecord, TenantRecord, VolumeRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, Result};
 
@@ -199,6 +199,17 @@ pub(crate) fn snapshot(r: &impl Cols) -> Result<SnapshotRecord> {
         vcpus: r.int("vcpus"),
         network_mode: r.text("network_mode"),
         size_bytes: u64::try_from(r.int("size_bytes")).unwrap_or(0),
+        owner_id: r.text("owner_id"),
+        tenant_id: r.text("tenant_id"),
+        created_at: r.time("created_at")?,
+    })
+}
+
+pub(crate) fn volume(r: &impl Cols) -> Result<VolumeRecord> {
+    Ok(VolumeRecord {
+        id: r.text("id"),
+        name: r.text("name"),
+        size_mb: r.int("size_mb"),
         owner_id: r.text("owner_id"),
         tenant_id: r.text("tenant_id"),
         created_at: r.time("created_at")?,

@@ -13,7 +13,8 @@ use sqlx::{Row, SqlitePool};
 use stacyvm_core::store::{
     AdminAuditFilter, AdminAuditRecord, ExecLogRecord, Fence, LeaseRecord, OpAuditFilter,
     OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord, SandboxRecord,
-    SnapshotRecord, Store, TemplateRecord, TenantMemberRecord, TenantRecord, WorkerRecord,
+    SnapshotRecord, Store, TemplateRecord, TenantMemberRecord, TenantRecord, VolumeRecord,
+    WorkerRecord,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
 
@@ -29,6 +30,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (3, include_str!("../migrations/sqlite/0003_snapshots.sql")),
     (4, include_str!("../migrations/sqlite/0004_preview.sql")),
     (5, include_str!("../migrations/sqlite/0005_lifecycle.sql")),
+    (6, include_str!("../migrations/sqlite/0006_volumes.sql")),
 ];
 
 /// The SQLite store.
@@ -1088,6 +1090,61 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("snapshot {id:?}"))
+    }
+
+    async fn insert_volume(&self, r: &VolumeRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO volumes (id, name, size_mb, owner_id, tenant_id, created_at) VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.name)
+        .bind(r.size_mb)
+        .bind(&r.owner_id)
+        .bind(&r.tenant_id)
+        .bind(ts(r.created_at))
+        .execute(&self.writer)
+        .await
+        .map_err(|e| match db_err(e) {
+            e if e.kind() == ErrorKind::Conflict => Error::conflict(format!(
+                "a volume named {:?} already exists in this tenant",
+                r.name
+            )),
+            e => e,
+        })?;
+        Ok(())
+    }
+
+    async fn get_volume(&self, id: &str) -> Result<VolumeRecord> {
+        let row = sqlx::query("SELECT * FROM volumes WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("volume {id:?}")))?;
+        rows::volume(&row)
+    }
+
+    async fn list_volumes(&self, tenant_id: Option<&str>) -> Result<Vec<VolumeRecord>> {
+        let rows = match tenant_id {
+            Some(t) => sqlx::query(
+                "SELECT * FROM volumes WHERE tenant_id = ? ORDER BY created_at ASC, id ASC",
+            )
+            .bind(t),
+            None => sqlx::query("SELECT * FROM volumes ORDER BY created_at ASC, id ASC"),
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::volume).collect()
+    }
+
+    async fn delete_volume(&self, id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM volumes WHERE id = ?")
+            .bind(id)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("volume {id:?}"))
     }
 
     async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord> {

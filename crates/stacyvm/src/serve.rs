@@ -132,6 +132,17 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         bus,
         Arc::new(Metrics::default()),
     );
+    // Named volumes live on this host (a loop-mounted file system each).
+    if cfg.worker.local_sandboxes {
+        let root = std::path::Path::new(&cfg.server.data_dir).join("volumes");
+        let min_free = u64::try_from(cfg.providers.native.disk_min_free_mb)
+            .unwrap_or(0)
+            .saturating_mul(1024 * 1024);
+        match stacyvm_providers::volumes::LoopVolumes::new(root, min_free) {
+            Ok(v) => manager.attach_volumes(Arc::new(v)),
+            Err(why) => info!("volumes are not available: {why}"),
+        }
+    }
     // A cluster: with worker credentials this control plane reaches the
     // sandboxes of workers and places new ones on them.
     if let Some(workers) = stacyvm_cluster::remote::Workers::from_config(&cfg, store.clone())? {

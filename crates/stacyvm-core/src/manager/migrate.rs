@@ -203,6 +203,7 @@ impl Manager {
             network_mode: String::new(),
             snapshot: None,
             egress: None,
+            volumes: Vec::new(),
         };
         let landed = async {
             let spawned = placed.provider.spawn(&spec).await?;

@@ -70,6 +70,7 @@ pub(crate) fn compatible(req: &SpawnRequest, t: &TemplateRecord, provider: &str)
         && req.network_mode.is_empty()
         && req.network.is_none()
         && req.auto_resume.is_none()
+        && req.volumes.is_empty()
 }
 
 impl Manager {

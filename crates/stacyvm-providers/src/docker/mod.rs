@@ -799,7 +799,24 @@ impl DockerProvider {
                 "{}:{AGENT_IN}:ro",
                 self.opts.agent_path.display()
             )]),
-            mounts: Some(vec![run_mount]),
+            mounts: Some(
+                std::iter::once(run_mount)
+                    .chain(spec.volumes.iter().map(|v| Mount {
+                        target: Some(v.target.clone()),
+                        source: Some(v.host_path.to_string_lossy().to_string()),
+                        typ: Some(MountType::BIND),
+                        read_only: Some(v.read_only),
+                        bind_options: Some(bollard::models::MountBindOptions {
+                            // Nothing mounted later on the host shows inside.
+                            propagation: Some(
+                                bollard::models::MountBindOptionsPropagationEnum::RPRIVATE,
+                            ),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }))
+                    .collect(),
+            ),
             log_config: Some(HostConfigLogConfig {
                 typ: Some("json-file".into()),
                 config: Some(HashMap::from([
@@ -1688,6 +1705,7 @@ impl Provider for DockerProvider {
         if !self.opts.config.read_only_rootfs {
             c.push(capability::SANDBOX_SNAPSHOTS.into());
         }
+        c.push(capability::VOLUMES.into());
         if self.can_switch_users() {
             c.push(capability::EXEC_USER.into());
         }

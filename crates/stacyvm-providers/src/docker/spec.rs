@@ -424,6 +424,7 @@ mod tests {
             network_mode: String::new(),
             snapshot: None,
             egress: None,
+            volumes: Vec::new(),
         }
     }
 

@@ -320,6 +320,7 @@ fn spawn_spec(image: &str, memory_mb: i64) -> SpawnSpec {
         network_mode: String::new(),
         snapshot: None,
         egress: None,
+        volumes: Vec::new(),
     }
 }
 

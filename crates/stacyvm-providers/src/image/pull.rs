@@ -459,6 +459,7 @@ mod tests {
             network_mode: String::new(),
             snapshot: None,
             egress: None,
+            volumes: Vec::new(),
         };
         use stacyvm_core::provider::Provider;
         p.spawn(&spec).await.expect("spawn the pulled image");

@@ -29,6 +29,7 @@ async fn spawn_with_rules(p: &dyn Provider, rules: Option<EgressRules>) -> Strin
         network_mode: "bridge".into(),
         snapshot: None,
         egress: rules,
+        volumes: Vec::new(),
     };
     p.spawn(&spec).await.expect("spawn");
     id

@@ -27,6 +27,7 @@ pub(crate) async fn spawn_net(p: &dyn Provider, memory_mb: i64, network_mode: &s
         network_mode: network_mode.into(),
         snapshot: None,
         egress: None,
+        volumes: Vec::new(),
     };
     p.spawn(&spec).await.expect("spawn");
     id
@@ -872,6 +873,7 @@ async fn unknown_network_mode_is_rejected() {
         network_mode: "host".into(),
         snapshot: None,
         egress: None,
+        volumes: Vec::new(),
     };
     let e = p
         .spawn(&spec)

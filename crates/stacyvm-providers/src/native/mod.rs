@@ -630,9 +630,18 @@ impl Booter {
         dir: &Path,
         id_base: Option<u32>,
     ) -> Result<Meta> {
-        let (mut lower, binds, masks) = self.images.layers(&spec.image)?;
+        let (mut lower, mut binds, masks) = self.images.layers(&spec.image)?;
         if let Some(snap) = &spec.snapshot {
             lower.insert(0, snapshot::layer_path(&self.opts.state_dir, snap));
+        }
+        // Volumes: their file systems, idmapped like the image (uid 0 on
+        // the volume is the sandbox's root).
+        for v in &spec.volumes {
+            binds.push(stacyvm_agent_proto::boot::BindSpec {
+                source: v.host_path.to_string_lossy().to_string(),
+                target: v.target.clone(),
+                readonly: v.read_only,
+            });
         }
         let cgroups = match &self.cgroups {
             Some(layout) => cgroup::create(layout, &spec.id, self.limits(spec, memory_bytes))
@@ -683,7 +692,16 @@ impl Booter {
                 0
             },
             landlock_write: if self.opts.landlock {
-                LANDLOCK_WRITABLE.iter().map(|p| (*p).to_string()).collect()
+                LANDLOCK_WRITABLE
+                    .iter()
+                    .map(|p| (*p).to_string())
+                    .chain(
+                        spec.volumes
+                            .iter()
+                            .filter(|v| !v.read_only)
+                            .map(|v| v.target.clone()),
+                    )
+                    .collect()
             } else {
                 Vec::new()
             },
@@ -933,6 +951,7 @@ impl Provider for NativeProvider {
             // Copying an upper dir recreates overlay whiteouts (device
             // nodes), which takes a root server.
             c.push(capability::SANDBOX_SNAPSHOTS.into());
+            c.push(capability::VOLUMES.into());
         }
         c.push("namespaces".into());
         c
@@ -1810,6 +1829,7 @@ pub(crate) mod tests {
             network_mode: String::new(),
             snapshot: None,
             egress: None,
+            volumes: Vec::new(),
         };
         let e = p.spawn(&spec).await.expect_err("unknown image");
         assert_eq!(e.kind(), ErrorKind::InvalidInput);

@@ -181,6 +181,7 @@ async fn boot_one(booter: &Booter, closed: &std::sync::atomic::AtomicBool) -> Re
         network_mode: "none".into(),
         snapshot: None,
         egress: None,
+        volumes: Vec::new(),
     };
     let dir = booter.opts.state_dir.join("sandboxes").join(&id);
     let memory_bytes = (spec.memory_mb.max(16) as u64) * 1024 * 1024;

@@ -230,17 +230,29 @@ pub async fn archive_get(
     Query(q): Query<ArchiveQuery>,
 ) -> ApiResult<Response> {
     let path = required(q.path)?;
-    let gzip = match q.format.as_deref().unwrap_or("tar") {
-        "tar" | "" => false,
-        "tar.gz" | "tgz" | "gzip" => true,
-        other => {
-            return Err(ApiError::bad_request(format!(
-                "invalid input: unsupported archive format {other:?} (allowed: tar, tar.gz)"
-            )))
-        }
-    };
+    let gzip = archive_format(q.format.as_deref())?;
     let stream = st.manager.archive_read(&id, &path, &who).await?;
-    let body = TarBody::new(stream.chunks, gzip);
+    Ok(tar_response(stream.chunks, gzip))
+}
+
+/// `format`: `tar` (default) or `tar.gz`; whether to gzip.
+pub(crate) fn archive_format(format: Option<&str>) -> ApiResult<bool> {
+    match format.unwrap_or("tar") {
+        "tar" | "" => Ok(false),
+        "tar.gz" | "tgz" | "gzip" => Ok(true),
+        other => Err(ApiError::bad_request(format!(
+            "invalid input: unsupported archive format {other:?} (allowed: tar, tar.gz)"
+        ))),
+    }
+}
+
+/// A tar stream as the response (gzipped when asked), its SHA-256 in the
+/// trailer.
+pub(crate) fn tar_response(
+    chunks: tokio::sync::mpsc::Receiver<stacyvm_core::Result<Vec<u8>>>,
+    gzip: bool,
+) -> Response {
+    let body = TarBody::new(chunks, gzip);
     let mut resp = Response::new(Body::new(body));
     let h = resp.headers_mut();
     h.insert(
@@ -252,7 +264,7 @@ pub async fn archive_get(
         }),
     );
     h.insert(header::TRAILER, HeaderValue::from_static(ARCHIVE_SHA256));
-    Ok(resp)
+    resp
 }
 
 /// A tar stream from the sandbox, optionally gzipped, with its SHA-256 as
@@ -461,6 +473,31 @@ pub async fn archive_put(
     body: Body,
 ) -> ApiResult<Json<ArchiveWritten>> {
     let path = required(q.path)?;
+    let (report, sum) = intake_archive(&headers, body, |rx| {
+        st.manager.archive_write(&id, &path, rx, &who)
+    })
+    .await?;
+    Ok(Json::ok(ArchiveWritten {
+        status: "extracted".into(),
+        path: path.clone(),
+        entries: report.entries,
+        bytes: report.bytes,
+        sha256: sum,
+    }))
+}
+
+/// Feeds a tar (or tar.gz) request body, checksum-checked against the
+/// `X-StacyVM-Archive-SHA256` header when given, to `write`; the report
+/// and the body's SHA-256.
+pub(crate) async fn intake_archive<F, Fut>(
+    headers: &axum::http::HeaderMap,
+    body: Body,
+    write: F,
+) -> ApiResult<(stacyvm_core::provider::ArchiveReport, String)>
+where
+    F: FnOnce(tokio::sync::mpsc::Receiver<Vec<u8>>) -> Fut,
+    Fut: std::future::Future<Output = stacyvm_core::Result<stacyvm_core::provider::ArchiveReport>>,
+{
     let expect = match headers.get(ARCHIVE_SHA256).map(|v| v.to_str()) {
         None => None,
         Some(Ok(v)) if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
@@ -482,7 +519,7 @@ pub async fn archive_put(
         done: false,
     };
     let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
-    let write = st.manager.archive_write(&id, &path, rx, &who);
+    let write = write(rx);
     let pump = async move {
         while let Some(chunk) = intake.next().await {
             let chunk = chunk?;
@@ -511,11 +548,5 @@ pub async fn archive_put(
             (report, sum)
         }
     };
-    Ok(Json::ok(ArchiveWritten {
-        status: "extracted".into(),
-        path: path.clone(),
-        entries: report.entries,
-        bytes: report.bytes,
-        sha256: sum,
-    }))
+    Ok((report, sum))
 }

@@ -8,6 +8,7 @@ pub mod sandboxes;
 pub mod system;
 pub mod templates;
 pub mod tenants;
+pub mod volumes;
 pub mod workers;
 
 use axum::extract::FromRequestParts;
@@ -120,6 +121,12 @@ fn table() -> Vec<(Op, MethodRouter<AppState>)> {
         op!(get "/snapshots", system::snapshots, Doc::new("snapshots", "The caller's snapshots", Reply::Json(schema::<Vec<a::SnapshotSummary>>))),
         op!(get "/snapshots/{id}", system::snapshot, Doc::new("snapshots", "One snapshot", Reply::Json(schema::<a::SnapshotSummary>))),
         op!(delete "/snapshots/{id}", system::delete_snapshot, Doc::new("snapshots", "Delete a snapshot", status)),
+        op!(get "/volumes", volumes::list, Doc::new("volumes", "The caller's volumes with their usage and mounts", Reply::Json(schema::<Vec<a::Volume>>))),
+        op!(post "/volumes", volumes::create, Doc::new("volumes", "Create a volume", Reply::Json(schema::<a::Volume>)).body(Body::Json(schema::<a::CreateVolumeRequest>))),
+        op!(get "/volumes/{name}", volumes::get, Doc::new("volumes", "One volume (by name or id)", Reply::Json(schema::<a::Volume>))),
+        op!(delete "/volumes/{name}", volumes::delete, Doc::new("volumes", "Delete a volume and its data (409 while a sandbox mounts it)", status)),
+        op!(get "/volumes/{name}/archive", volumes::export, Doc::new("volumes", "A volume's files as a tar or tar.gz stream (409 while a sandbox writes to it)", Reply::Other("application/x-tar", "The archive")).query(schema::<volumes::ExportQuery>)),
+        op!(put "/volumes/{name}/archive", volumes::import, Doc::new("volumes", "Extract a tar or tar.gz body into a volume (confined, streamed, checksum-checked; 409 while a sandbox writes to it)", Reply::Json(schema::<files::ArchiveWritten>)).body(Body::Raw("application/x-tar"))),
         op!(get "/templates", templates::list, Doc::new("templates", "Templates", Reply::Json(schema::<Vec<a::Template>>))),
         op!(post "/templates", templates::create, Doc::new("templates", "Create a template", Reply::Json(schema::<a::Template>)).body(Body::Json(schema::<a::TemplateInput>))),
         op!(get "/templates/{name}", templates::get, Doc::new("templates", "One template", Reply::Json(schema::<a::Template>))),

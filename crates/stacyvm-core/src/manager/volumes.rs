@@ -1,0 +1,421 @@
+//! Named persistent volumes: ownership and tenancy in the store, limits,
+//! audit, and the claims of spawns that mount them (one read-write mount
+//! at a time). The host holds the data ([`VolumeHost`]).
+
+use std::sync::Arc;
+
+use stacyvm_api::{CreateVolumeRequest, SpawnRequest, Volume, VolumeUse};
+use tracing::info;
+
+use super::{Caller, Manager, Scope};
+use crate::error::{Error, ErrorKind, Result};
+use crate::provider::{capability, ArchiveReport, FileStream, Provider};
+use crate::store::VolumeRecord;
+use crate::volumes::{self, Mounted, VolumeBind, VolumeHost};
+
+/// Volumes spawns in flight have claimed (volume id, read-only, claim).
+#[derive(Debug, Default)]
+pub(crate) struct Claims {
+    held: parking_lot::Mutex<Vec<(String, bool, u64)>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// A spawn's claims; dropped when the spawn ends (its record then holds
+/// the mounts).
+#[derive(Debug)]
+pub(crate) struct ClaimGuard {
+    claims: Arc<Claims>,
+    token: u64,
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.claims.held.lock().retain(|(_, _, t)| *t != self.token);
+    }
+}
+
+impl Caller {
+    /// Whether the volume `r` is visible to this caller (the rule of
+    /// sandboxes: tenancy, then ownership).
+    pub fn sees_volume(&self, r: &VolumeRecord) -> bool {
+        self.sees_all_tenants()
+            || (r.tenant_id == self.tenant_id
+                && (self.scope != Scope::Owner || r.owner_id == self.owner_id))
+    }
+}
+
+impl Manager {
+    /// Gives this server volumes (the host that keeps their data).
+    pub fn attach_volumes(&self, host: Arc<dyn VolumeHost>) {
+        *self.volume_host.write() = Some(host);
+    }
+
+    fn volume_host(&self) -> Result<Arc<dyn VolumeHost>> {
+        self.volume_host.read().clone().ok_or_else(|| {
+            Error::unsupported(
+                "this server has no volumes (they need a server running as root, with loop devices)",
+            )
+        })
+    }
+
+    /// Running sandboxes' mounts of volume `id`.
+    async fn volume_uses(&self, id: &str) -> Result<Vec<VolumeUse>> {
+        Ok(self
+            .active_records()
+            .await?
+            .iter()
+            .flat_map(|r| {
+                volumes::mounts_of(&r.metadata)
+                    .into_iter()
+                    .filter(|m| m.id == id)
+                    .map(|m| VolumeUse {
+                        sandbox_id: r.id.clone(),
+                        path: m.path,
+                        read_only: m.read_only,
+                    })
+            })
+            .collect())
+    }
+
+    async fn volume_view(&self, r: &VolumeRecord) -> Result<Volume> {
+        let host = self.volume_host()?;
+        Ok(Volume {
+            id: r.id.clone(),
+            name: r.name.clone(),
+            size_mb: r.size_mb,
+            used_bytes: host.used_bytes(&r.id).await.unwrap_or(0),
+            owner_id: r.owner_id.clone(),
+            tenant_id: r.tenant_id.clone(),
+            created_at: r.created_at,
+            mounts: self.volume_uses(&r.id).await?,
+        })
+    }
+
+    /// `POST /volumes`.
+    pub async fn create_volume(&self, req: CreateVolumeRequest, caller: &Caller) -> Result<Volume> {
+        let host = self.volume_host()?;
+        volumes::check_name(&req.name)?;
+        let size_mb = if req.size_mb == 0 {
+            volumes::DEFAULT_SIZE_MB
+        } else {
+            req.size_mb
+        };
+        let max = self.cfg.defaults.max_volume_mb;
+        if size_mb < volumes::MIN_SIZE_MB || (max > 0 && size_mb > max) {
+            return Err(Error::invalid(format!(
+                "size_mb {size_mb}: a volume has {} to {} MiB (defaults.max_volume_mb)",
+                volumes::MIN_SIZE_MB,
+                if max > 0 { max } else { i64::MAX }
+            )));
+        }
+        let owner = caller.owner_for(&req.owner_id)?;
+        let tenant = caller.tenant_id.clone();
+        let existing = self.store.list_volumes(Some(&tenant)).await?;
+        if existing.iter().any(|v| v.name == req.name) {
+            return Err(Error::conflict(format!(
+                "a volume named {:?} already exists",
+                req.name
+            )));
+        }
+        let limit = self.cfg.defaults.max_volumes_per_owner;
+        let held = existing.iter().filter(|v| v.owner_id == owner).count();
+        if limit > 0 && i64::try_from(held).unwrap_or(i64::MAX) >= limit {
+            return Err(Error::limit(format!(
+                "owner {owner:?} keeps {held} volumes, the most defaults.max_volumes_per_owner allows; delete some (DELETE /api/v1/volumes/{{name}})"
+            )));
+        }
+        let r = VolumeRecord {
+            id: volumes::new_volume_id(),
+            name: req.name.clone(),
+            size_mb,
+            owner_id: owner.clone(),
+            tenant_id: tenant,
+            created_at: crate::store::record_now(),
+        };
+        let res = async {
+            host.create(&r.id, size_mb).await?;
+            if let Err(e) = self.store.insert_volume(&r).await {
+                let _ = host.remove(&r.id).await;
+                return Err(e);
+            }
+            Ok(())
+        }
+        .await;
+        self.audit(
+            caller,
+            &owner,
+            "volume.create",
+            "",
+            &r.name,
+            "",
+            res.is_ok(),
+            match &res {
+                Ok(()) => format!("id={} size_mb={size_mb}", r.id),
+                Err(e) => e.to_string(),
+            },
+        );
+        res?;
+        info!(volume = %r.id, name = %r.name, size_mb, "volume created");
+        self.volume_view(&r).await
+    }
+
+    /// A volume by name (in the caller's tenant) or id, if the caller
+    /// sees it.
+    async fn find_volume(&self, name: &str, caller: &Caller) -> Result<VolumeRecord> {
+        let missing = || Error::not_found(format!("volume {name:?}"));
+        let found = if volumes::is_volume_id(name) {
+            match self.store.get_volume(name).await {
+                Ok(r) => Some(r),
+                Err(e) if e.kind() == ErrorKind::NotFound => None,
+                Err(e) => return Err(e),
+            }
+        } else {
+            self.store
+                .list_volumes(Some(&caller.tenant_id))
+                .await?
+                .into_iter()
+                .find(|v| v.name == name)
+        };
+        found.filter(|r| caller.sees_volume(r)).ok_or_else(missing)
+    }
+
+    /// `GET /volumes`: the caller's volumes, oldest first.
+    pub async fn list_volumes(&self, caller: &Caller) -> Result<Vec<Volume>> {
+        self.volume_host()?;
+        let tenant = (!caller.sees_all_tenants()).then_some(caller.tenant_id.as_str());
+        let mut out = Vec::new();
+        for r in self.store.list_volumes(tenant).await? {
+            if caller.sees_volume(&r) {
+                out.push(self.volume_view(&r).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `GET /volumes/{name}`.
+    pub async fn get_volume(&self, name: &str, caller: &Caller) -> Result<Volume> {
+        self.volume_host()?;
+        let r = self.find_volume(name, caller).await?;
+        self.volume_view(&r).await
+    }
+
+    /// `DELETE /volumes/{name}`: refused while a sandbox mounts it.
+    pub async fn delete_volume(&self, name: &str, caller: &Caller) -> Result<()> {
+        let host = self.volume_host()?;
+        let r = self.find_volume(name, caller).await?;
+        let res = async {
+            let uses = self.volume_uses(&r.id).await?;
+            let pending = self.volume_claims.held.lock().iter().any(|c| c.0 == r.id);
+            if !uses.is_empty() || pending {
+                return Err(Error::conflict(format!(
+                    "volume {:?} is mounted by {}; destroy {} first",
+                    r.name,
+                    if uses.is_empty() {
+                        "a sandbox being spawned".to_string()
+                    } else {
+                        uses.iter()
+                            .map(|u| u.sandbox_id.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    },
+                    if uses.len() > 1 { "them" } else { "it" }
+                )));
+            }
+            // The record first: a volume without a record is found and
+            // removed again by nobody, but one whose data is gone while
+            // its record stays would mount an empty file system.
+            self.store.delete_volume(&r.id).await?;
+            host.remove(&r.id).await
+        }
+        .await;
+        self.audit(
+            caller,
+            &r.owner_id,
+            "volume.delete",
+            "",
+            &r.name,
+            "",
+            res.is_ok(),
+            res.as_ref()
+                .err()
+                .map(ToString::to_string)
+                .unwrap_or_else(|| format!("id={}", r.id)),
+        );
+        res
+    }
+
+    /// Fails unless no running sandbox mounts the volume read-write (an
+    /// export or import must not race a writer).
+    async fn quiet_volume(&self, r: &VolumeRecord, what: &str) -> Result<()> {
+        let writers: Vec<String> = self
+            .volume_uses(&r.id)
+            .await?
+            .into_iter()
+            .filter(|u| !u.read_only)
+            .map(|u| u.sandbox_id)
+            .collect();
+        let pending = self
+            .volume_claims
+            .held
+            .lock()
+            .iter()
+            .any(|c| c.0 == r.id && !c.1);
+        if !writers.is_empty() || pending {
+            return Err(Error::conflict(format!(
+                "volume {:?} is mounted read-write by {}; {what} it when no sandbox writes to it",
+                r.name,
+                if writers.is_empty() {
+                    "a sandbox being spawned".into()
+                } else {
+                    writers.join(", ")
+                }
+            )));
+        }
+        Ok(())
+    }
+
+    /// `GET /volumes/{name}/archive`: its files as a tar stream.
+    pub async fn export_volume(&self, name: &str, caller: &Caller) -> Result<FileStream> {
+        let host = self.volume_host()?;
+        let r = self.find_volume(name, caller).await?;
+        self.quiet_volume(&r, "export").await?;
+        host.export(&r.id, self.archive_limits()).await
+    }
+
+    /// `PUT /volumes/{name}/archive`: extracts a tar stream into it.
+    pub async fn import_volume(
+        &self,
+        name: &str,
+        chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
+        caller: &Caller,
+    ) -> Result<ArchiveReport> {
+        let host = self.volume_host()?;
+        let r = self.find_volume(name, caller).await?;
+        self.quiet_volume(&r, "import into").await?;
+        let res = host.import(&r.id, chunks, self.archive_limits()).await;
+        self.audit(
+            caller,
+            &r.owner_id,
+            "volume.import",
+            "",
+            &r.name,
+            "",
+            res.is_ok(),
+            match &res {
+                Ok(rep) => format!("entries={} bytes={}", rep.entries, rep.bytes),
+                Err(e) => e.to_string(),
+            },
+        );
+        res
+    }
+
+    /// The volumes a spawn mounts: checked (visible to the caller, the
+    /// provider mounts volumes, the sandbox runs on this host, one writer
+    /// at a time), claimed until the spawn ends, with the metadata that
+    /// records them on the sandbox.
+    pub(super) async fn spawn_volumes(
+        &self,
+        req: &SpawnRequest,
+        caller: &Caller,
+        provider: &Arc<dyn Provider>,
+        worker_id: &str,
+    ) -> Result<Option<(Vec<VolumeBind>, String, ClaimGuard)>> {
+        if req.volumes.is_empty() {
+            return Ok(None);
+        }
+        let host = self.volume_host()?;
+        if req.volumes.len() > volumes::MAX_PER_SANDBOX {
+            return Err(Error::invalid(format!(
+                "a sandbox mounts at most {} volumes",
+                volumes::MAX_PER_SANDBOX
+            )));
+        }
+        if !provider
+            .capabilities()
+            .iter()
+            .any(|c| c == capability::VOLUMES)
+        {
+            return Err(Error::invalid(format!(
+                "provider {} cannot mount volumes (native and docker can)",
+                provider.name()
+            )));
+        }
+        if worker_id != self.worker_id() {
+            return Err(Error::invalid(
+                "volumes live on the control plane's host: a spawn with volumes cannot run on a worker",
+            ));
+        }
+        let mut wanted: Vec<(VolumeRecord, Mounted)> = Vec::new();
+        for v in &req.volumes {
+            let path = volumes::check_path(&v.path)?;
+            let r = self.find_volume(&v.volume, caller).await?;
+            if wanted.iter().any(|(w, _)| w.id == r.id) {
+                return Err(Error::invalid(format!(
+                    "volume {:?} is named twice",
+                    v.volume
+                )));
+            }
+            if wanted.iter().any(|(_, m)| {
+                m.path == path
+                    || path.starts_with(&format!("{}/", m.path))
+                    || m.path.starts_with(&format!("{path}/"))
+            }) {
+                return Err(Error::invalid(format!(
+                    "volume path {path:?} overlaps another volume's"
+                )));
+            }
+            let m = Mounted {
+                id: r.id.clone(),
+                path,
+                read_only: v.read_only,
+            };
+            wanted.push((r, m));
+        }
+        let uses = self.active_records().await?;
+        let claims = self.volume_claims.clone();
+        let token = claims
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        {
+            let mut held = claims.held.lock();
+            for (r, m) in &wanted {
+                let mut writers: Vec<String> = uses
+                    .iter()
+                    .filter(|s| {
+                        volumes::mounts_of(&s.metadata)
+                            .iter()
+                            .any(|x| x.id == r.id && !x.read_only)
+                    })
+                    .map(|s| s.id.clone())
+                    .collect();
+                if held.iter().any(|c| c.0 == r.id && !c.1) {
+                    writers.push("a sandbox being spawned".into());
+                }
+                if !m.read_only && !writers.is_empty() {
+                    return Err(Error::conflict(format!(
+                        "volume {:?} is mounted read-write by {}: one sandbox at a time mounts a volume read-write (any number read-only)",
+                        r.name,
+                        writers.join(", ")
+                    )));
+                }
+            }
+            for (r, m) in &wanted {
+                held.push((r.id.clone(), m.read_only, token));
+            }
+        }
+        let guard = ClaimGuard { claims, token };
+        let mut binds = Vec::new();
+        for (r, m) in &wanted {
+            binds.push(VolumeBind {
+                id: r.id.clone(),
+                host_path: host.path(&r.id).await?,
+                target: m.path.clone(),
+                read_only: m.read_only,
+            });
+        }
+        let recorded: Vec<&Mounted> = wanted.iter().map(|(_, m)| m).collect();
+        let json = serde_json::to_string(&recorded)
+            .map_err(|e| Error::internal(format!("recording volume mounts: {e}")))?;
+        Ok(Some((binds, json, guard)))
+    }
+}

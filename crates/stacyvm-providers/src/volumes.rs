@@ -1,0 +1,397 @@
+//! The host side of named volumes: one ext4 file system per volume, in a
+//! sparse image file of the volume's size (`<data_dir>/volumes/<id>.img`),
+//! loop-mounted `nosuid,nodev` at `<data_dir>/volumes/<id>/` (under the
+//! 0700 data dir: no host user reaches it). The file system is the size
+//! cap: a sandbox that fills its volume gets ENOSPC, the host's disk is
+//! not touched beyond the image. Providers bind the mounted directory
+//! into sandboxes (native: idmapped into the sandbox's user namespace,
+//! where root is uid 0 on the volume; docker: a bind mount).
+//!
+//! Files on a volume belong to the ids a sandbox sees (0 = its root), so
+//! every sandbox that mounts it later sees them the same. Mounts survive a
+//! server restart; a host reboot is met by mounting again at the next use.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use async_trait::async_trait;
+use stacyvm_core::provider::{ArchiveLimits, ArchiveReport, FileStream};
+use stacyvm_core::volumes::{is_volume_id, VolumeHost};
+use stacyvm_core::{Error, Result};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+/// Volumes under one directory of the host.
+#[derive(Debug)]
+pub struct LoopVolumes {
+    root: PathBuf,
+    /// Free bytes the data file system keeps when a volume is created.
+    min_free: u64,
+    /// Serialises mounting (two spawns mounting one volume at once).
+    lock: tokio::sync::Mutex<()>,
+}
+
+fn run(what: &str, cmd: &mut Command) -> Result<()> {
+    let out = cmd
+        .output()
+        .map_err(|e| Error::unavailable(format!("{what}: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::internal(format!(
+            "{what}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+/// Whether `dir` is a mount point (its device differs from its parent's,
+/// or /proc/self/mountinfo lists it).
+fn is_mounted(dir: &Path) -> bool {
+    let Ok(text) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = dir.to_string_lossy();
+    text.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|mp| unescape(mp) == want)
+}
+
+/// mountinfo escapes spaces, tabs, newlines and backslashes as `\ooo`.
+fn unescape(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = (b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl LoopVolumes {
+    /// Volumes under `root` (created 0700). Needs root and `mkfs.ext4`;
+    /// `None` with the reason otherwise.
+    pub fn new(root: PathBuf, min_free: u64) -> std::result::Result<Self, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("volumes need a server running as root (loop mounts)".into());
+        }
+        if !Path::new("/dev/loop-control").exists() {
+            return Err("volumes need loop devices (/dev/loop-control is missing)".into());
+        }
+        if which("mkfs.ext4").is_none() {
+            return Err("volumes need mkfs.ext4 (Debian package e2fsprogs)".into());
+        }
+        std::fs::create_dir_all(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+        std::fs::set_permissions(&root, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| format!("making {} private: {e}", root.display()))?;
+        Ok(LoopVolumes {
+            root,
+            min_free,
+            lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn image(&self, id: &str) -> PathBuf {
+        self.root.join(format!("{id}.img"))
+    }
+
+    fn dir(&self, id: &str) -> PathBuf {
+        self.root.join(id)
+    }
+
+    fn check(id: &str) -> Result<()> {
+        if is_volume_id(id) {
+            Ok(())
+        } else {
+            Err(Error::not_found(format!("volume {id:?}")))
+        }
+    }
+
+    /// Mounts volume `id` unless it is mounted.
+    async fn mount(&self, id: &str) -> Result<PathBuf> {
+        let (img, dir, id) = (self.image(id), self.dir(id), id.to_string());
+        blocking(move || mount_image(&img, &dir, &id)).await
+    }
+}
+
+/// Unmounts volume `id`'s directory if it is mounted.
+fn unmount_dir(dir: &Path, id: &str) {
+    if !is_mounted(dir) {
+        return;
+    }
+    if run("umount", Command::new("umount").arg(dir)).is_err() {
+        // Still open somewhere (a transfer in flight): detach now, the
+        // file system goes with its last user.
+        if let Err(e) = run("umount -l", Command::new("umount").arg("-l").arg(dir)) {
+            warn!(volume = %id, error = %e, "unmounting a volume failed");
+        }
+    }
+}
+
+/// Mounts the image `img` of volume `id` at `dir` unless it is mounted.
+fn mount_image(img: &Path, dir: &Path, id: &str) -> Result<PathBuf> {
+    if is_mounted(dir) {
+        return Ok(dir.to_path_buf());
+    }
+    if !img.is_file() {
+        return Err(Error::not_found(format!(
+            "the data of volume {id} is missing ({})",
+            img.display()
+        )));
+    }
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::internal(format!("creating {}", dir.display())).with_source(e))?;
+    run(
+        &format!("mounting volume {id}"),
+        Command::new("mount")
+            .args(["-t", "ext4", "-o", "loop,nosuid,nodev,noatime"])
+            .arg(img)
+            .arg(dir),
+    )?;
+    Ok(dir.to_path_buf())
+}
+
+fn which(prog: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain(["/usr/sbin".into(), "/sbin".into()])
+        .map(|d| d.join(prog))
+        .find(|p| p.is_file())
+}
+
+fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> impl std::future::Future<Output = Result<T>> {
+    async move {
+        tokio::task::spawn_blocking(f)
+            .await
+            .unwrap_or_else(|e| Err(Error::internal(format!("volume task: {e}"))))
+    }
+}
+
+/// `Write` into a channel of chunks (the export's stream).
+struct ChunkWriter {
+    tx: mpsc::Sender<Result<Vec<u8>>>,
+    buf: Vec<u8>,
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= 256 * 1024 {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::take(&mut self.buf);
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the reader left"))
+    }
+}
+
+/// `Read` over upload chunks (the import's stream); a closed channel is
+/// the end.
+struct ChunkReader {
+    rx: mpsc::Receiver<Vec<u8>>,
+    buf: Vec<u8>,
+    at: usize,
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.at >= self.buf.len() {
+            match self.rx.blocking_recv() {
+                Some(c) if c.is_empty() => return Ok(0),
+                Some(c) => {
+                    self.buf = c;
+                    self.at = 0;
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.at);
+        out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}
+
+fn archive_limits(l: ArchiveLimits) -> stacyvm_sandbox::archive::Limits {
+    stacyvm_sandbox::archive::Limits {
+        max_bytes: l.max_bytes,
+        max_entries: l.max_entries,
+    }
+}
+
+#[async_trait]
+impl VolumeHost for LoopVolumes {
+    async fn create(&self, id: &str, size_mb: i64) -> Result<()> {
+        Self::check(id)?;
+        let size = u64::try_from(size_mb).unwrap_or(0) * 1024 * 1024;
+        let st = nix::sys::statvfs::statvfs(&self.root)
+            .map_err(|e| Error::internal("reading free space").with_source(e))?;
+        let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+        if free < size.saturating_add(self.min_free) {
+            return Err(Error::limit(format!(
+                "a {size_mb} MiB volume does not fit: the data file system has {} MiB free and keeps {} MiB",
+                free >> 20,
+                self.min_free >> 20
+            )));
+        }
+        let _g = self.lock.lock().await;
+        let (img, id2) = (self.image(id), id.to_string());
+        let made = blocking(move || {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&img)
+                .map_err(|e| Error::conflict(format!("volume image {}: {e}", img.display())))?;
+            f.set_len(size)
+                .map_err(|e| Error::internal("sizing the volume image").with_source(e))?;
+            drop(f);
+            run(
+                "making the volume's file system",
+                Command::new("mkfs.ext4")
+                    .args([
+                        "-q",
+                        "-F",
+                        "-m",
+                        "0",
+                        "-L",
+                        &id2[..id2.len().min(16)],
+                        "-E",
+                        "root_owner=0:0,lazy_itable_init=1,lazy_journal_init=1",
+                    ])
+                    .arg(&img),
+            )
+        })
+        .await;
+        let made = match made {
+            Ok(()) => self.mount(id).await.map(|_| ()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = made {
+            let _ = std::fs::remove_file(self.image(id));
+            let _ = std::fs::remove_dir(self.dir(id));
+            return Err(e);
+        }
+        info!(volume = %id, size_mb, "volume file system made");
+        Ok(())
+    }
+
+    async fn remove(&self, id: &str) -> Result<()> {
+        if !is_volume_id(id) {
+            return Ok(());
+        }
+        let _g = self.lock.lock().await;
+        let me = self.dir(id);
+        let id2 = id.to_string();
+        blocking(move || {
+            unmount_dir(&me, &id2);
+            Ok(())
+        })
+        .await?;
+        for r in [
+            std::fs::remove_file(self.image(id)),
+            std::fs::remove_dir(self.dir(id)),
+        ] {
+            if let Err(e) = r {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    return Err(Error::internal(format!("removing volume {id}")).with_source(e));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn path(&self, id: &str) -> Result<PathBuf> {
+        Self::check(id)?;
+        let _g = self.lock.lock().await;
+        self.mount(id).await
+    }
+
+    async fn used_bytes(&self, id: &str) -> Result<u64> {
+        let dir = self.path(id).await?;
+        let st = nix::sys::statvfs::statvfs(&dir)
+            .map_err(|e| Error::internal("reading the volume's usage").with_source(e))?;
+        Ok((st.blocks() as u64 - st.blocks_free() as u64) * st.fragment_size() as u64)
+    }
+
+    async fn export(&self, id: &str, limits: ArchiveLimits) -> Result<FileStream> {
+        let dir = self.path(id).await?;
+        let (tx, rx) = mpsc::channel(8);
+        tokio::task::spawn_blocking(move || {
+            let mut w = ChunkWriter {
+                tx: tx.clone(),
+                buf: Vec::new(),
+            };
+            let path = dir.to_string_lossy().to_string();
+            let packed = stacyvm_sandbox::archive::pack(&path, &mut w, archive_limits(limits))
+                .and_then(|r| {
+                    w.flush()
+                        .map(|()| r)
+                        .map_err(|e| stacyvm_sandbox::archive::io_error(&path, &e))
+                });
+            if let Err(e) = packed {
+                let _ = tx.blocking_send(Err(crate::agent::client::map_err(e)));
+            }
+        });
+        Ok(FileStream {
+            size: 0,
+            chunks: rx,
+        })
+    }
+
+    async fn import(
+        &self,
+        id: &str,
+        chunks: mpsc::Receiver<Vec<u8>>,
+        limits: ArchiveLimits,
+    ) -> Result<ArchiveReport> {
+        let dir = self.path(id).await?;
+        blocking(move || {
+            let r = ChunkReader {
+                rx: chunks,
+                buf: Vec::new(),
+                at: 0,
+            };
+            let path = dir.to_string_lossy().to_string();
+            let report =
+                stacyvm_sandbox::archive::unpack(&path, r, archive_limits(limits), |_| Ok(()))
+                    .map_err(crate::agent::client::map_err)?;
+            Ok(ArchiveReport {
+                entries: report.entries,
+                bytes: report.bytes,
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_names_are_unescaped() {
+        assert_eq!(unescape("/a\\040b"), "/a b");
+        assert_eq!(unescape("/plain"), "/plain");
+        assert_eq!(unescape("/x\\134y"), "/x\\y");
+        assert_eq!(unescape("/end\\04"), "/end\\04");
+    }
+}
