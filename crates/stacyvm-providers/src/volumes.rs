@@ -371,9 +371,13 @@ impl VolumeHost for LoopVolumes {
                 at: 0,
             };
             let path = dir.to_string_lossy().to_string();
-            let report =
-                stacyvm_sandbox::archive::unpack(&path, r, archive_limits(limits), |_| Ok(()))
-                    .map_err(crate::agent::client::map_err)?;
+            let report = stacyvm_sandbox::archive::unpack_keeping_owners(
+                &path,
+                r,
+                archive_limits(limits),
+                |_| Ok(()),
+            )
+            .map_err(crate::agent::client::map_err)?;
             Ok(ArchiveReport {
                 entries: report.entries,
                 bytes: report.bytes,

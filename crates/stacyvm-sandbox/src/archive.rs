@@ -326,6 +326,28 @@ pub fn unpack<R: Read>(
     limits: Limits,
     finish: impl FnOnce(&mut R) -> io::Result<()>,
 ) -> Result<Report, AgentError> {
+    unpack_as(dest, input, limits, finish, false)
+}
+
+/// [`unpack`], with every entry owned by the ids its header names instead
+/// of the destination's owner (restoring a volume's backup, as root).
+/// Set-id bits are dropped either way.
+pub fn unpack_keeping_owners<R: Read>(
+    dest: &str,
+    input: R,
+    limits: Limits,
+    finish: impl FnOnce(&mut R) -> io::Result<()>,
+) -> Result<Report, AgentError> {
+    unpack_as(dest, input, limits, finish, true)
+}
+
+fn unpack_as<R: Read>(
+    dest: &str,
+    input: R,
+    limits: Limits,
+    finish: impl FnOnce(&mut R) -> io::Result<()>,
+    keep_owners: bool,
+) -> Result<Report, AgentError> {
     let root = PathBuf::from(dest);
     let mut created = Created {
         paths: Vec::new(),
@@ -364,6 +386,21 @@ pub fn unpack<R: Read>(
         let shown = full.to_string_lossy().to_string();
         r.entries += 1;
         let mode = entry.header().mode().unwrap_or(0o644) & 0o1777;
+        let owner = if keep_owners {
+            let h = entry.header();
+            (
+                h.uid()
+                    .ok()
+                    .and_then(|u| u32::try_from(u).ok())
+                    .unwrap_or(owner.0),
+                h.gid()
+                    .ok()
+                    .and_then(|g| u32::try_from(g).ok())
+                    .unwrap_or(owner.1),
+            )
+        } else {
+            owner
+        };
         let mtime = entry.header().mtime().unwrap_or(0);
         if rel.as_os_str().is_empty() {
             // The destination itself (`./`): nothing to create.

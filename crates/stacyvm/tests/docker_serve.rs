@@ -52,50 +52,6 @@ fn memory_and_cpus(id: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
-/// `docker import`s a busybox image unless it exists (test setup only).
-fn ensure_image() {
-    if docker(&["image", "inspect", IMAGE]).status.success() {
-        return;
-    }
-    let dir = tempfile::tempdir().expect("tmp");
-    let root = dir.path();
-    for d in ["bin", "etc", "tmp", "root"] {
-        std::fs::create_dir_all(root.join(d)).expect("mkdir");
-    }
-    // /tmp as in any image (the provider tests import the same tag with
-    // it; whichever test imports first must build the same image).
-    std::fs::set_permissions(
-        root.join("tmp"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
-    )
-    .expect("chmod tmp");
-    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
-    let list = Command::new("/bin/busybox")
-        .arg("--list")
-        .output()
-        .expect("busybox --list");
-    for applet in String::from_utf8_lossy(&list.stdout).lines() {
-        if !applet.is_empty() && applet != "busybox" {
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("link");
-        }
-    }
-    std::fs::write(
-        root.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000::/home/sandbox:/bin/sh\n",
-    )
-    .expect("passwd");
-    std::fs::write(root.join("etc/group"), "root:x:0:\nsandbox:x:1000:\n").expect("group");
-    let st = Command::new("sh")
-        .arg("-c")
-        .arg(format!(
-            "tar -C {} -c . | docker import - {IMAGE} >/dev/null",
-            root.display()
-        ))
-        .status()
-        .expect("import");
-    assert!(st.success(), "docker import failed");
-}
-
 struct Server {
     child: Child,
     url: String,
@@ -221,7 +177,7 @@ async fn docker_sandboxes_over_rest_survive_a_restart() {
         nix_is_root(),
         "docker serve tests need root (CI runs as root)"
     );
-    ensure_image();
+    common::ensure_docker_image(IMAGE);
     let data = tempfile::tempdir().expect("tmp");
     let other = tempfile::tempdir().expect("tmp");
     let mut containers = Containers(Vec::new());
@@ -390,7 +346,7 @@ fn nix_is_root() -> bool {
 #[test]
 fn cli_pulls_into_the_docker_engine() {
     assert!(nix_is_root(), "docker tests need root (CI runs as root)");
-    ensure_image();
+    common::ensure_docker_image(IMAGE);
     let dir = tempfile::tempdir().expect("tmp");
     let registry = common::Registry::start(dir.path());
     let addr = &registry.addr;
@@ -444,7 +400,7 @@ fn cli_pulls_into_the_docker_engine() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stopped_containers_are_recovered_at_startup() {
     assert!(nix_is_root(), "docker tests need root (CI runs as root)");
-    ensure_image();
+    common::ensure_docker_image(IMAGE);
     let data = tempfile::tempdir().expect("tmp");
     let mut containers = Containers(Vec::new());
     let s = start(data.path());
@@ -488,7 +444,7 @@ async fn stopped_containers_are_recovered_at_startup() {
 /// not there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preview_reaches_a_server_in_a_container() {
-    ensure_image();
+    common::ensure_docker_image(IMAGE);
     let dir = tempfile::tempdir().expect("tmp");
     let s = start(dir.path());
     let id = spawn(&s, "preview").await;

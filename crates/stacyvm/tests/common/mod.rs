@@ -233,3 +233,56 @@ pub fn expiry(v: &serde_json::Value) -> chrono::DateTime<chrono::Utc> {
         .parse()
         .expect("time")
 }
+
+/// The docker CLI (test setup only).
+pub fn docker(args: &[&str]) -> std::process::Output {
+    Command::new("docker")
+        .args(args)
+        .output()
+        .expect("docker CLI (test setup only)")
+}
+
+/// `docker import`s a busybox image as `image` unless it exists (test
+/// setup only).
+pub fn ensure_docker_image(image: &str) {
+    if docker(&["image", "inspect", image]).status.success() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = dir.path();
+    for d in ["bin", "etc", "tmp", "root"] {
+        std::fs::create_dir_all(root.join(d)).expect("mkdir");
+    }
+    // /tmp as in any image (the provider tests import the same tag with
+    // it; whichever test imports first must build the same image).
+    std::fs::set_permissions(
+        root.join("tmp"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o1777),
+    )
+    .expect("chmod tmp");
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).expect("busybox-static");
+    let list = Command::new("/bin/busybox")
+        .arg("--list")
+        .output()
+        .expect("busybox --list");
+    for applet in String::from_utf8_lossy(&list.stdout).lines() {
+        if !applet.is_empty() && applet != "busybox" {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet)).expect("link");
+        }
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\nsandbox:x:1000:1000::/home/sandbox:/bin/sh\n",
+    )
+    .expect("passwd");
+    std::fs::write(root.join("etc/group"), "root:x:0:\nsandbox:x:1000:\n").expect("group");
+    let st = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "tar -C {} -c . | docker import - {image} >/dev/null",
+            root.display()
+        ))
+        .status()
+        .expect("import");
+    assert!(st.success(), "docker import failed");
+}
