@@ -302,6 +302,44 @@ impl Client {
         .await
     }
 
+    /// `DELETE` of `path`; the server's JSON answer.
+    pub async fn delete_json(&self, path: &str) -> Result<serde_json::Value> {
+        self.json(self.req(Method::DELETE, path)).await
+    }
+
+    /// `GET /volumes/{name}/archive`: the volume's files as tar (or
+    /// tar.gz), as the open response.
+    pub async fn volume_archive_get(&self, name: &str, gzip: bool) -> Result<reqwest::Response> {
+        self.send(
+            self.req(Method::GET, &format!("/volumes/{name}/archive"))
+                .query(&[("format", if gzip { "tar.gz" } else { "tar" })]),
+        )
+        .await
+    }
+
+    /// `PUT /volumes/{name}/archive`: extracts a tar (or tar.gz) body of
+    /// `len` bytes whose SHA-256 is `sha256` into the volume.
+    pub async fn volume_archive_put(
+        &self,
+        name: &str,
+        body: reqwest::Body,
+        len: u64,
+        sha256: &str,
+    ) -> Result<serde_json::Value> {
+        let resp = self
+            .send(
+                self.req(Method::PUT, &format!("/volumes/{name}/archive"))
+                    .header("content-type", "application/x-tar")
+                    .header("content-length", len)
+                    .header("x-stacyvm-archive-sha256", sha256)
+                    .body(body),
+            )
+            .await?;
+        resp.json()
+            .await
+            .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
     pub async fn write_file(&self, id: &str, path: &str, content: &str) -> Result<()> {
         let body = WriteFileRequest {
             path: path.to_string(),

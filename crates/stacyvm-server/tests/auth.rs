@@ -3084,3 +3084,150 @@ async fn snapshot_children_keep_the_source_egress_limits() {
         .await;
     assert_eq!(st, 403, "{v}");
 }
+
+/// Volumes follow the rules of sandboxes: another tenant, and another
+/// owner for owner-scoped callers, finds no volume by name or id (404 on
+/// get, delete, export and mount), a name is unique only within its
+/// tenant, viewers cannot create, and a provider without volumes refuses
+/// a mount with a 400 naming it. Real volume file systems (the server
+/// tests run as root).
+#[tokio::test]
+async fn volumes_follow_tenancy_and_roles() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
+    let mut cfg = oidc_config(&jwks.url);
+    cfg.auth.oidc_tenant_claim = "tenant".into();
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let host = stacyvm_providers::volumes::LoopVolumes::new(dir.path().join("volumes"), 0)
+        .expect("volumes (root with loop devices)");
+    s.manager.attach_volumes(std::sync::Arc::new(host));
+    // Unmounts what a failing run leaves.
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+            for mp in text.lines().filter_map(|l| l.split(' ').nth(4)) {
+                if std::path::Path::new(mp).starts_with(&self.0) {
+                    let _ = std::process::Command::new("umount")
+                        .args(["-l", mp])
+                        .status();
+                }
+            }
+        }
+    }
+    let _unmount = Unmount(dir.path().join("volumes"));
+    let token = |sub: &str, tenant: Option<&str>, groups: &[&str]| {
+        let mut c = claims(sub, groups);
+        if let Some(t) = tenant {
+            c["tenant"] = json!(t);
+        }
+        Cred::Bearer(sign(&rsa, "rsa1", &c))
+    };
+    let alice = token("alice", Some("acme"), &[]);
+    let carol = token("carol", Some("acme"), &[]);
+    let oscar = token("oscar", Some("acme"), &["ops"]);
+    let bob = token("bob", Some("other"), &[]);
+    let vera = token("vera", Some("acme"), &["viewers"]);
+    let (st, v) = s
+        .send(
+            "POST",
+            "/volumes",
+            &vera,
+            &[],
+            Some(json!({"name": "mine", "size_mb": 16})),
+        )
+        .await;
+    assert_eq!(st, 403, "a viewer creates nothing: {v}");
+
+    let (st, v) = s
+        .send(
+            "POST",
+            "/volumes",
+            &alice,
+            &[],
+            Some(json!({"name": "data", "size_mb": 16})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    assert_eq!(v["owner_id"], "alice", "{v}");
+    // Another tenant: the same name is its own volume; alice's is not there.
+    let (st, v) = s
+        .send(
+            "POST",
+            "/volumes",
+            &bob,
+            &[],
+            Some(json!({"name": "data", "size_mb": 16})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let bobs = v["id"].as_str().expect("id").to_string();
+    for (who, cred, sees) in [
+        ("alice", &alice, true),
+        ("oscar", &oscar, true),
+        ("carol", &carol, false),
+        ("bob", &bob, false),
+    ] {
+        for path in [format!("/volumes/{id}"), format!("/volumes/{id}/archive")] {
+            let (st, v) = s.send("GET", &path, cred, &[], None).await;
+            assert_eq!(st == 200, sees, "{who} GET {path}: {st} {v}");
+            if !sees {
+                assert_eq!(st, 404, "{who} GET {path}: {v}");
+            }
+        }
+        let (st, v) = s.send("GET", "/volumes", cred, &[], None).await;
+        assert_eq!(st, 200, "{v}");
+        let ids: Vec<&str> = v
+            .as_array()
+            .expect("list")
+            .iter()
+            .filter_map(|x| x["id"].as_str())
+            .collect();
+        assert_eq!(ids.contains(&id.as_str()), sees, "{who} lists: {v}");
+        if !sees {
+            let (st, v) = s
+                .send(
+                    "POST",
+                    "/sandboxes",
+                    cred,
+                    &[],
+                    Some(json!({"volumes": [{"volume": id, "path": "/d"}]})),
+                )
+                .await;
+            assert_eq!(st, 404, "{who} mounts another's volume: {v}");
+            let (st, v) = s
+                .send("DELETE", &format!("/volumes/{id}"), cred, &[], None)
+                .await;
+            assert_eq!(st, 404, "{who} deletes another's volume: {v}");
+        }
+    }
+    // Bob's "data" by name is bob's.
+    let (st, v) = s.send("GET", "/volumes/data", &bob, &[], None).await;
+    assert_eq!((st, v["id"].as_str()), (200, Some(bobs.as_str())), "{v}");
+    // The mock provider has no volumes: a 400 that names it.
+    let (st, v) = s
+        .send(
+            "POST",
+            "/sandboxes",
+            &alice,
+            &[],
+            Some(json!({"volumes": [{"volume": "data", "path": "/d"}]})),
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("cannot mount volumes"),
+        "{v}"
+    );
+    for (cred, name) in [(&alice, "data"), (&bob, "data")] {
+        let (st, v) = s
+            .send("DELETE", &format!("/volumes/{name}"), cred, &[], None)
+            .await;
+        assert_eq!(st, 200, "{v}");
+    }
+}

@@ -107,6 +107,9 @@ pub enum Command {
         network: Option<String>,
         #[command(flatten)]
         egress: EgressArgs,
+        /// Mount a volume: NAME:/PATH, or NAME:/PATH:ro (repeatable).
+        #[arg(long = "volume", short = 'v', value_parser = parse_volume)]
+        volumes: Vec<stacyvm_api::VolumeMount>,
     },
     /// Show a sandbox's egress policy and the connections it refused, or
     /// replace the policy (any of the flags; `--clear` removes it).
@@ -223,6 +226,13 @@ pub enum Command {
         #[arg(long, short = 'n', default_value_t = 100)]
         lines: usize,
     },
+    /// Named persistent volumes: create, list, delete, export, import.
+    Volume {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        command: crate::volume::VolumeCommand,
+    },
     /// Manage images of the native provider (local to this machine).
     Image {
         /// Config file (for server.data_dir).
@@ -303,6 +313,24 @@ pub enum ImageCommand {
     Kernel,
 }
 
+fn parse_volume(s: &str) -> Result<stacyvm_api::VolumeMount, String> {
+    let (name, rest) = s
+        .split_once(':')
+        .ok_or_else(|| format!("expected NAME:/PATH[:ro], got {s:?}"))?;
+    let (path, read_only) = match rest.strip_suffix(":ro") {
+        Some(p) => (p, true),
+        None => (rest.strip_suffix(":rw").unwrap_or(rest), false),
+    };
+    if name.is_empty() || !path.starts_with('/') {
+        return Err(format!("expected NAME:/PATH[:ro], got {s:?}"));
+    }
+    Ok(stacyvm_api::VolumeMount {
+        volume: name.to_string(),
+        path: path.to_string(),
+        read_only,
+    })
+}
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -313,7 +341,7 @@ fn client(c: &Conn) -> Result<Client> {
     Ok(Client::new(&c.url, c.api_key.clone())?)
 }
 
-fn print_json(v: &impl serde::Serialize) -> Result<()> {
+pub(crate) fn print_json(v: &impl serde::Serialize) -> Result<()> {
     let mut out = std::io::stdout().lock();
     serde_json::to_writer_pretty(&mut out, v)?;
     writeln!(out)?;
@@ -328,6 +356,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             .await
             .map(|()| ExitCode::SUCCESS),
         Command::Ops(command) => crate::ops::run(command).await,
+        Command::Volume { conn, command } => crate::volume::run(&conn, command).await,
         Command::Version => {
             println!(
                 "stacyvm {} ({}/{})",
@@ -348,10 +377,12 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             metadata,
             network,
             egress,
+            volumes,
         } => {
             let c = client(&conn)?;
             let req = SpawnRequest {
                 network: egress.policy(),
+                volumes,
                 image: image.unwrap_or_default(),
                 provider: provider.unwrap_or_default(),
                 ttl: ttl.unwrap_or_default(),

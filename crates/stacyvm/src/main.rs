@@ -16,6 +16,7 @@ mod serve;
 mod support;
 mod transfer;
 mod upgrade;
+mod volume;
 mod worker;
 
 use std::process::ExitCode;

@@ -77,13 +77,18 @@ impl Manager {
             .collect())
     }
 
+    /// The API view (usage 0 where this server does not hold the data).
     async fn volume_view(&self, r: &VolumeRecord) -> Result<Volume> {
-        let host = self.volume_host()?;
+        let host = self.volume_host.read().clone();
+        let used_bytes = match host {
+            Some(h) => h.used_bytes(&r.id).await.unwrap_or(0),
+            None => 0,
+        };
         Ok(Volume {
             id: r.id.clone(),
             name: r.name.clone(),
             size_mb: r.size_mb,
-            used_bytes: host.used_bytes(&r.id).await.unwrap_or(0),
+            used_bytes,
             owner_id: r.owner_id.clone(),
             tenant_id: r.tenant_id.clone(),
             created_at: r.created_at,
@@ -181,7 +186,6 @@ impl Manager {
 
     /// `GET /volumes`: the caller's volumes, oldest first.
     pub async fn list_volumes(&self, caller: &Caller) -> Result<Vec<Volume>> {
-        self.volume_host()?;
         let tenant = (!caller.sees_all_tenants()).then_some(caller.tenant_id.as_str());
         let mut out = Vec::new();
         for r in self.store.list_volumes(tenant).await? {
@@ -194,15 +198,14 @@ impl Manager {
 
     /// `GET /volumes/{name}`.
     pub async fn get_volume(&self, name: &str, caller: &Caller) -> Result<Volume> {
-        self.volume_host()?;
         let r = self.find_volume(name, caller).await?;
         self.volume_view(&r).await
     }
 
     /// `DELETE /volumes/{name}`: refused while a sandbox mounts it.
     pub async fn delete_volume(&self, name: &str, caller: &Caller) -> Result<()> {
-        let host = self.volume_host()?;
         let r = self.find_volume(name, caller).await?;
+        let host = self.volume_host()?;
         let res = async {
             let uses = self.volume_uses(&r.id).await?;
             let pending = self.volume_claims.held.lock().iter().any(|c| c.0 == r.id);
@@ -276,8 +279,8 @@ impl Manager {
 
     /// `GET /volumes/{name}/archive`: its files as a tar stream.
     pub async fn export_volume(&self, name: &str, caller: &Caller) -> Result<FileStream> {
-        let host = self.volume_host()?;
         let r = self.find_volume(name, caller).await?;
+        let host = self.volume_host()?;
         self.quiet_volume(&r, "export").await?;
         host.export(&r.id, self.archive_limits()).await
     }
@@ -289,8 +292,8 @@ impl Manager {
         chunks: tokio::sync::mpsc::Receiver<Vec<u8>>,
         caller: &Caller,
     ) -> Result<ArchiveReport> {
-        let host = self.volume_host()?;
         let r = self.find_volume(name, caller).await?;
+        let host = self.volume_host()?;
         self.quiet_volume(&r, "import into").await?;
         let res = host.import(&r.id, chunks, self.archive_limits()).await;
         self.audit(
@@ -330,21 +333,6 @@ impl Manager {
                 volumes::MAX_PER_SANDBOX
             )));
         }
-        if !provider
-            .capabilities()
-            .iter()
-            .any(|c| c == capability::VOLUMES)
-        {
-            return Err(Error::invalid(format!(
-                "provider {} cannot mount volumes (native and docker can)",
-                provider.name()
-            )));
-        }
-        if worker_id != self.worker_id() {
-            return Err(Error::invalid(
-                "volumes live on the control plane's host: a spawn with volumes cannot run on a worker",
-            ));
-        }
         let mut wanted: Vec<(VolumeRecord, Mounted)> = Vec::new();
         for v in &req.volumes {
             let path = volumes::check_path(&v.path)?;
@@ -370,6 +358,21 @@ impl Manager {
                 read_only: v.read_only,
             };
             wanted.push((r, m));
+        }
+        if !provider
+            .capabilities()
+            .iter()
+            .any(|c| c == capability::VOLUMES)
+        {
+            return Err(Error::invalid(format!(
+                "provider {} cannot mount volumes (native and docker can)",
+                provider.name()
+            )));
+        }
+        if worker_id != self.worker_id() {
+            return Err(Error::invalid(
+                "volumes live on the control plane's host: a spawn with volumes cannot run on a worker",
+            ));
         }
         let uses = self.active_records().await?;
         let claims = self.volume_claims.clone();
