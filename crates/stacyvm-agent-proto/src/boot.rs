@@ -20,6 +20,11 @@ pub struct BindSpec {
     /// Path inside the sandbox.
     pub target: String,
     pub readonly: bool,
+    /// The target must be reached without a symlink (and is made as
+    /// directories where missing): a volume the caller places, whose path
+    /// must not be redirected by a link in the image or a snapshot.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub confined: bool,
 }
 
 /// Everything `stacyvm-agent boot` needs to build a sandbox.

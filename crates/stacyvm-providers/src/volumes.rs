@@ -123,18 +123,35 @@ impl LoopVolumes {
 }
 
 /// Unmounts volume `id`'s directory if it is mounted.
-fn unmount_dir(dir: &Path, id: &str) {
+/// Unmounts volume `id`'s directory if it is mounted; a file system still
+/// in use on the host (a sandbox the server lost track of) stays, and the
+/// removal is refused.
+fn unmount_dir(dir: &Path, id: &str) -> Result<()> {
     if !is_mounted(dir) {
-        return;
+        return Ok(());
     }
-    if run("umount", Command::new("umount").arg(dir)).is_err() {
-        // Still open somewhere (a transfer in flight): detach now, the
-        // file system goes with its last user.
-        if let Err(e) = run("umount -l", Command::new("umount").arg("-l").arg(dir)) {
-            warn!(volume = %id, error = %e, "unmounting a volume failed");
-        }
-    }
+    run("umount", Command::new("umount").arg(dir)).map_err(|e| {
+        warn!(volume = %id, error = %e, "unmounting a volume failed");
+        Error::conflict(format!(
+            "volume {id} is still in use on the host (a sandbox the server no longer tracks?); it was not removed"
+        ))
+    })
 }
+
+/// `e` without host paths under `root` in its message (they are no
+/// business of a caller).
+fn scrub(e: Error, root: &Path) -> Error {
+    let root = root.to_string_lossy();
+    if !e.detail().contains(root.as_ref()) {
+        return e;
+    }
+    Error::new(e.kind(), e.detail().replace(root.as_ref(), "<volumes>"))
+}
+
+/// How long an export waits for its reader, and an import for its next
+/// chunk, before giving up (a stalled client holds a thread and the
+/// volume's transfer claim).
+const TRANSFER_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Mounts the image `img` of volume `id` at `dir` unless it is mounted.
 fn mount_image(img: &Path, dir: &Path, id: &str) -> Result<PathBuf> {
@@ -178,6 +195,7 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'sta
 struct ChunkWriter {
     tx: mpsc::Sender<Result<Vec<u8>>>,
     buf: Vec<u8>,
+    rt: tokio::runtime::Handle,
 }
 
 impl Write for ChunkWriter {
@@ -194,9 +212,21 @@ impl Write for ChunkWriter {
             return Ok(());
         }
         let chunk = std::mem::take(&mut self.buf);
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the reader left"))
+        let tx = self.tx.clone();
+        let sent = self
+            .rt
+            .block_on(async move { tokio::time::timeout(TRANSFER_IDLE, tx.send(Ok(chunk))).await });
+        match sent {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                "the reader left",
+            )),
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the reader stopped reading",
+            )),
+        }
     }
 }
 
@@ -206,12 +236,20 @@ struct ChunkReader {
     rx: mpsc::Receiver<Vec<u8>>,
     buf: Vec<u8>,
     at: usize,
+    rt: tokio::runtime::Handle,
 }
 
 impl Read for ChunkReader {
     fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
         while self.at >= self.buf.len() {
-            match self.rx.blocking_recv() {
+            let rx = &mut self.rx;
+            let next = self
+                .rt
+                .block_on(async { tokio::time::timeout(TRANSFER_IDLE, rx.recv()).await })
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "the upload stalled")
+                })?;
+            match next {
                 Some(c) if c.is_empty() => return Ok(0),
                 Some(c) => {
                     self.buf = c;
@@ -239,6 +277,8 @@ impl VolumeHost for LoopVolumes {
     async fn create(&self, id: &str, size_mb: i64) -> Result<()> {
         Self::check(id)?;
         let size = u64::try_from(size_mb).unwrap_or(0) * 1024 * 1024;
+        // One creation at a time: each sees the space the last one took.
+        let _g = self.lock.lock().await;
         let st = nix::sys::statvfs::statvfs(&self.root)
             .map_err(|e| Error::internal("reading free space").with_source(e))?;
         let free = st.blocks_available() as u64 * st.fragment_size() as u64;
@@ -249,16 +289,22 @@ impl VolumeHost for LoopVolumes {
                 self.min_free >> 20
             )));
         }
-        let _g = self.lock.lock().await;
         let (img, id2) = (self.image(id), id.to_string());
         let made = blocking(move || {
             let f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&img)
-                .map_err(|e| Error::conflict(format!("volume image {}: {e}", img.display())))?;
-            f.set_len(size)
-                .map_err(|e| Error::internal("sizing the volume image").with_source(e))?;
+                .map_err(|e| Error::conflict(format!("volume {id2} exists: {e}")))?;
+            // The space is taken now (not promised by a sparse file): the
+            // host's disk never runs out under volumes that fill later.
+            nix::fcntl::fallocate(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                nix::fcntl::FallocateFlags::empty(),
+                0,
+                i64::try_from(size).unwrap_or(i64::MAX),
+            )
+            .map_err(|e| Error::limit(format!("reserving {size_mb} MiB for the volume: {e}")))?;
             drop(f);
             run(
                 "making the volume's file system",
@@ -284,7 +330,7 @@ impl VolumeHost for LoopVolumes {
         if let Err(e) = made {
             let _ = std::fs::remove_file(self.image(id));
             let _ = std::fs::remove_dir(self.dir(id));
-            return Err(e);
+            return Err(scrub(e, &self.root));
         }
         info!(volume = %id, size_mb, "volume file system made");
         Ok(())
@@ -297,11 +343,7 @@ impl VolumeHost for LoopVolumes {
         let _g = self.lock.lock().await;
         let me = self.dir(id);
         let id2 = id.to_string();
-        blocking(move || {
-            unmount_dir(&me, &id2);
-            Ok(())
-        })
-        .await?;
+        blocking(move || unmount_dir(&me, &id2)).await?;
         for r in [
             std::fs::remove_file(self.image(id)),
             std::fs::remove_dir(self.dir(id)),
@@ -318,7 +360,7 @@ impl VolumeHost for LoopVolumes {
     async fn path(&self, id: &str) -> Result<PathBuf> {
         Self::check(id)?;
         let _g = self.lock.lock().await;
-        self.mount(id).await
+        self.mount(id).await.map_err(|e| scrub(e, &self.root))
     }
 
     async fn used_bytes(&self, id: &str) -> Result<u64> {
@@ -331,10 +373,12 @@ impl VolumeHost for LoopVolumes {
     async fn export(&self, id: &str, limits: ArchiveLimits) -> Result<FileStream> {
         let dir = self.path(id).await?;
         let (tx, rx) = mpsc::channel(8);
+        let (rt, root) = (tokio::runtime::Handle::current(), self.root.clone());
         tokio::task::spawn_blocking(move || {
             let mut w = ChunkWriter {
                 tx: tx.clone(),
                 buf: Vec::new(),
+                rt: rt.clone(),
             };
             let path = dir.to_string_lossy().to_string();
             let packed = stacyvm_sandbox::archive::pack(&path, &mut w, archive_limits(limits))
@@ -344,7 +388,9 @@ impl VolumeHost for LoopVolumes {
                         .map_err(|e| stacyvm_sandbox::archive::io_error(&path, &e))
                 });
             if let Err(e) = packed {
-                let _ = tx.blocking_send(Err(crate::agent::client::map_err(e)));
+                let e = scrub(crate::agent::client::map_err(e), &root);
+                let _ = rt
+                    .block_on(async { tokio::time::timeout(TRANSFER_IDLE, tx.send(Err(e))).await });
             }
         });
         Ok(FileStream {
@@ -360,11 +406,13 @@ impl VolumeHost for LoopVolumes {
         limits: ArchiveLimits,
     ) -> Result<ArchiveReport> {
         let dir = self.path(id).await?;
+        let (rt, root) = (tokio::runtime::Handle::current(), self.root.clone());
         blocking(move || {
             let r = ChunkReader {
                 rx: chunks,
                 buf: Vec::new(),
                 at: 0,
+                rt,
             };
             let path = dir.to_string_lossy().to_string();
             let report = stacyvm_sandbox::archive::unpack_keeping_owners(
@@ -373,7 +421,7 @@ impl VolumeHost for LoopVolumes {
                 archive_limits(limits),
                 |_| Ok(()),
             )
-            .map_err(crate::agent::client::map_err)?;
+            .map_err(|e| scrub(crate::agent::client::map_err(e), &root))?;
             Ok(ArchiveReport {
                 entries: report.entries,
                 bytes: report.bytes,

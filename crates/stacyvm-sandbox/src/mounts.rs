@@ -15,6 +15,40 @@ fn inside(merged: &Path, p: &str) -> PathBuf {
     merged.join(p.trim_start_matches('/'))
 }
 
+/// The directory `target` inside `merged`, made where missing, reached
+/// without following a symlink: a component that is a link or not a
+/// directory is an error. (At boot nothing runs in the root yet and its
+/// layers do not change, so what is checked is what gets mounted on.)
+fn confined_dir(merged: &Path, target: &str) -> Result<PathBuf, SetupError> {
+    let mut at = merged.to_path_buf();
+    for comp in target.split('/').filter(|c| !c.is_empty()) {
+        if comp == "." || comp == ".." {
+            return Err(SetupError::Other(format!(
+                "bind target {target:?}: '.' and '..' are not allowed"
+            )));
+        }
+        at.push(comp);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(SetupError::Other(format!(
+                    "bind target {target:?}: {comp:?} is a symlink in the sandbox's root"
+                )))
+            }
+            Ok(m) if !m.is_dir() => {
+                return Err(SetupError::Other(format!(
+                    "bind target {target:?}: {comp:?} is not a directory in the sandbox's root"
+                )))
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                io(format!("mkdir {}", at.display()), fs::create_dir(&at))?;
+            }
+            Err(e) => return io(format!("stat {}", at.display()), Err(e)),
+        }
+    }
+    Ok(at)
+}
+
 fn mkdirs(p: &Path) -> Result<(), SetupError> {
     io(format!("mkdir {}", p.display()), fs::create_dir_all(p))
 }
@@ -280,13 +314,24 @@ pub fn build_root(spec: &BootSpec) -> Result<(), SetupError> {
 
     for b in &spec.binds {
         let src = Path::new(&b.source);
-        let dst = inside(merged, &b.target);
         let meta = io(format!("bind source {}", b.source), fs::metadata(src))?;
-        if meta.is_dir() {
-            mkdirs(&dst)?;
+        let dst = if b.confined {
+            if !meta.is_dir() {
+                return Err(SetupError::Other(format!(
+                    "bind source for {:?} is not a directory",
+                    b.target
+                )));
+            }
+            confined_dir(merged, &b.target)?
         } else {
-            touch(&dst)?;
-        }
+            let dst = inside(merged, &b.target);
+            if meta.is_dir() {
+                mkdirs(&dst)?;
+            } else {
+                touch(&dst)?;
+            }
+            dst
+        };
         sys(
             format!("bind {} -> {}", b.source, b.target),
             mount(

@@ -63,6 +63,8 @@ pub struct Copied {
     pub entries: u64,
     /// Allocated bytes of the source entries copied.
     pub bytes: u64,
+    /// Bytes of file data copied (holes excluded).
+    pub data: u64,
 }
 
 type Result<T> = std::result::Result<T, CopyError>;
@@ -73,7 +75,15 @@ fn errno(what: impl std::fmt::Display) -> impl FnOnce(nix::errno::Errno) -> Copy
 
 /// Copies the tree at `src` to the new directory `dst` (see the module
 /// docs for what is copied), shifting ids by `shift`.
-pub fn copy_tree(src: &Path, dst: &Path, shift: Option<Shift>, max_entries: u64) -> Result<Copied> {
+/// At most `max_entries` entries and `max_bytes` bytes of file data (holes
+/// are not copied and do not count).
+pub fn copy_tree(
+    src: &Path,
+    dst: &Path,
+    shift: Option<Shift>,
+    max_entries: u64,
+    max_bytes: u64,
+) -> Result<Copied> {
     let s = open_dir(None, src.as_os_str())?;
     let parent = dst
         .parent()
@@ -86,6 +96,7 @@ pub fn copy_tree(src: &Path, dst: &Path, shift: Option<Shift>, max_entries: u64)
     let mut c = Copier {
         shift,
         max_entries,
+        max_bytes,
         root: None,
         rel: PathBuf::new(),
         links: HashMap::new(),
@@ -99,6 +110,7 @@ pub fn copy_tree(src: &Path, dst: &Path, shift: Option<Shift>, max_entries: u64)
 struct Copier {
     shift: Option<Shift>,
     max_entries: u64,
+    max_bytes: u64,
     /// The destination's top directory, and the path below it of the
     /// directory being filled.
     root: Option<OwnedFd>,
@@ -284,6 +296,13 @@ impl Copier {
                     AtFlags::empty(),
                 );
                 if linked.is_ok() {
+                    self.copied.entries += 1;
+                    if self.copied.entries > self.max_entries {
+                        return Err(CopyError::Limit(format!(
+                            "more than {} files to copy",
+                            self.max_entries
+                        )));
+                    }
                     return Ok(());
                 }
                 // Otherwise a copy of its own.
@@ -331,22 +350,58 @@ impl Copier {
     /// shares extents, an in-kernel copy elsewhere), read/write when the
     /// kernel cannot.
     fn data(&mut self, src: &OwnedFd, dst: &OwnedFd, size: u64) -> Result<()> {
-        let mut left = size;
-        while left > 0 {
-            let chunk = usize::try_from(left.min(1 << 30)).unwrap_or(1 << 30);
-            // SAFETY: valid descriptors; null offsets use the file positions.
+        use nix::unistd::{lseek, Whence};
+        let size_off = i64::try_from(size).unwrap_or(i64::MAX);
+        // Only the data extents: holes stay holes (a sparse file the size
+        // of a disk must not become one), and every byte copied counts
+        // against the budget.
+        let mut pos: i64 = 0;
+        while pos < size_off {
+            let start = match lseek(src.as_raw_fd(), pos, Whence::SeekData) {
+                Ok(o) => o,
+                Err(nix::errno::Errno::ENXIO) => break, // a hole to the end
+                Err(e) => return Err(errno("finding file data")(e)),
+            };
+            let end = lseek(src.as_raw_fd(), start, Whence::SeekHole)
+                .map_err(errno("finding file holes"))?
+                .min(size_off);
+            if end <= start {
+                break;
+            }
+            self.extent(src, dst, start, end)?;
+            pos = end;
+        }
+        // The size, holes at the end included.
+        nix::unistd::ftruncate(dst.as_fd(), size_off).map_err(errno("sizing a file"))?;
+        Ok(())
+    }
+
+    /// Copies bytes `start..end` of `src` to the same place in `dst`.
+    fn extent(&mut self, src: &OwnedFd, dst: &OwnedFd, start: i64, end: i64) -> Result<()> {
+        let len = u64::try_from(end - start).unwrap_or(0);
+        self.copied.data = self.copied.data.saturating_add(len);
+        if self.copied.data > self.max_bytes {
+            return Err(CopyError::Limit(format!(
+                "more than {} bytes of file data to copy",
+                self.max_bytes
+            )));
+        }
+        let (mut off_in, mut off_out) = (start, start);
+        while off_in < end {
+            let chunk = usize::try_from((end - off_in).min(1 << 30)).unwrap_or(1 << 30);
+            // SAFETY: valid descriptors; the offsets are ours and updated
+            // by the kernel.
             let n = unsafe {
                 libc::copy_file_range(
                     src.as_raw_fd(),
-                    std::ptr::null_mut(),
+                    &mut off_in,
                     dst.as_raw_fd(),
-                    std::ptr::null_mut(),
+                    &mut off_out,
                     chunk,
                     0,
                 )
             };
             if n > 0 {
-                left -= n as u64;
                 continue;
             }
             if n == 0 {
@@ -363,17 +418,21 @@ impl Copier {
                     | nix::errno::Errno::EOPNOTSUPP
                     | nix::errno::Errno::ENOSYS
             ) {
-                return self.data_by_read(src, dst);
+                return self.extent_by_read(src, dst, off_in, end);
             }
             return Err(errno("copying file data")(e));
         }
         Ok(())
     }
 
-    fn data_by_read(&mut self, src: &OwnedFd, dst: &OwnedFd) -> Result<()> {
+    fn extent_by_read(&mut self, src: &OwnedFd, dst: &OwnedFd, start: i64, end: i64) -> Result<()> {
         self.buf.resize(1 << 20, 0);
-        loop {
-            let n = match nix::unistd::read(src.as_raw_fd(), &mut self.buf) {
+        let mut at = start;
+        while at < end {
+            let want = usize::try_from(end - at)
+                .unwrap_or(usize::MAX)
+                .min(self.buf.len());
+            let n = match nix::sys::uio::pread(src.as_fd(), &mut self.buf[..want], at) {
                 Ok(0) => return Ok(()),
                 Ok(n) => n,
                 Err(nix::errno::Errno::EINTR) => continue,
@@ -381,13 +440,15 @@ impl Copier {
             };
             let mut off = 0;
             while off < n {
-                match nix::unistd::write(dst, &self.buf[off..n]) {
+                match nix::sys::uio::pwrite(dst.as_fd(), &self.buf[off..n], at + off as i64) {
                     Ok(w) => off += w,
                     Err(nix::errno::Errno::EINTR) => {}
                     Err(e) => return Err(errno("writing file data")(e)),
                 }
             }
+            at += n as i64;
         }
+        Ok(())
     }
 
     /// Owner, mode (after the owner: chown clears set-id bits), times.

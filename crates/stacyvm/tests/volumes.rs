@@ -405,3 +405,122 @@ async fn the_cli_creates_mounts_backs_up_and_restores_volumes() {
     }
     assert!(mounted_under(dir.path()).is_empty());
 }
+
+/// What the security review tried: a snapshot whose files turn a volume's
+/// path into a link to `/dev` (the bind must not follow it), writers
+/// racing for one volume (exactly one wins, every time), and an export
+/// that holds the volume so no writer can start meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_in_the_root_races_and_transfers_cannot_get_around_the_rules() {
+    let dir = tempfile::tempdir().expect("dir");
+    let _unmount = Unmount(dir.path().to_path_buf());
+    let server = common::Server::start(dir.path(), &[("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0")]);
+    let api = common::Api::new(&server);
+    let (s, v) = api
+        .post("/volumes", json!({"name": "v", "size_mb": 16}))
+        .await;
+    assert_eq!(s, 201, "{v}");
+
+    // A link planted in a snapshot: /root/x -> /dev. Mounting the volume
+    // there is refused with a 400; nothing lands on /dev.
+    let src = spawn_with(&api, json!({})).await;
+    let out = api
+        .exec(
+            &src,
+            "ln -s /dev /root/x && ln -s ../dev /root/rel && echo ok",
+        )
+        .await;
+    assert_eq!(out["stdout"], "ok\n", "{out}");
+    let (s, v) = api
+        .post(&format!("/sandboxes/{src}/snapshot"), json!({}))
+        .await;
+    assert_eq!(s, 201, "{v}");
+    let snap = v["id"].as_str().expect("snapshot").to_string();
+    for path in ["/root/x", "/root/rel", "/root/x/null"] {
+        let (s, v) = api
+            .post(
+                "/sandboxes",
+                json!({"snapshot": snap, "volumes": [{"volume": "v", "path": path}]}),
+            )
+            .await;
+        assert_eq!(s, 400, "{path}: {v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("symlink"),
+            "{v}"
+        );
+    }
+    let (s, v) = api.get("/volumes/v").await;
+    assert_eq!(
+        (s, v["mounts"].as_array().map(Vec::len)),
+        (200, Some(0)),
+        "nothing holds it: {v}"
+    );
+
+    // Writers race: of two spawns at once, one gets the volume.
+    for _ in 0..4 {
+        let body = json!({"volumes": [{"volume": "v", "path": "/v"}]});
+        let (a, b) = tokio::join!(
+            api.post("/sandboxes", body.clone()),
+            api.post("/sandboxes", body)
+        );
+        let mut won = Vec::new();
+        for (s, v) in [a, b] {
+            match s {
+                201 => won.push(v["id"].as_str().expect("id").to_string()),
+                409 => {}
+                other => panic!("{other}: {v}"),
+            }
+        }
+        assert_eq!(won.len(), 1, "exactly one writer");
+        for id in won {
+            let (s, v) = api.delete(&format!("/sandboxes/{id}")).await;
+            assert_eq!(s, 200, "{v}");
+        }
+    }
+
+    // An export in progress holds the volume against writers.
+    let w = spawn_with(&api, json!({"volumes": [{"volume": "v", "path": "/v"}]})).await;
+    let out = api
+        .exec(&w, "head -c 8000000 /dev/urandom > /v/big && echo ok")
+        .await;
+    assert_eq!(out["stdout"], "ok\n", "{out}");
+    let (s, v) = api.delete(&format!("/sandboxes/{w}")).await;
+    assert_eq!(s, 200, "{v}");
+    let resp = api
+        .http
+        .get(format!("{}/volumes/v/archive", api.base))
+        .send()
+        .await
+        .expect("export");
+    assert_eq!(resp.status().as_u16(), 200);
+    // Headers are in, the body is not read yet: the transfer is running.
+    let (s, v) = api
+        .post(
+            "/sandboxes",
+            json!({"volumes": [{"volume": "v", "path": "/v"}]}),
+        )
+        .await;
+    assert_eq!(s, 409, "a writer during an export: {v}");
+    let (s, v) = api.delete("/volumes/v").await;
+    assert_eq!(s, 409, "a delete during an export: {v}");
+    let body = resp.bytes().await.expect("body");
+    assert!(body.len() > 8_000_000, "{}", body.len());
+    // Done: the volume is free again.
+    let mut freed = false;
+    for _ in 0..50 {
+        let (s, _) = api.delete("/volumes/v").await;
+        if s == 200 {
+            freed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(freed, "the export's claim ends with it");
+    let (s, v) = api.delete(&format!("/sandboxes/{src}")).await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = api.delete(&format!("/snapshots/{snap}")).await;
+    assert_eq!(s, 200, "{v}");
+}

@@ -13,15 +13,48 @@ use crate::provider::{capability, ArchiveReport, FileStream, Provider};
 use crate::store::VolumeRecord;
 use crate::volumes::{self, Mounted, VolumeBind, VolumeHost};
 
-/// Volumes spawns in flight have claimed (volume id, read-only, claim).
+/// What an operation in flight does with a volume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Use {
+    /// A spawn mounting it read-only (or a running sandbox that does).
+    Read,
+    /// A spawn mounting it read-write (or a running sandbox that does).
+    Write,
+    /// An export or import: the server walks its files as root, so no
+    /// sandbox may write to them meanwhile.
+    Transfer,
+    /// A deletion: nothing else.
+    Delete,
+}
+
+impl Use {
+    fn conflicts(self, other: Use) -> bool {
+        use Use::*;
+        matches!(
+            (self, other),
+            (Delete, _) | (_, Delete) | (Write, Write) | (Write, Transfer) | (Transfer, Write)
+        )
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Use::Read => "a sandbox being spawned (read-only)",
+            Use::Write => "a sandbox being spawned (read-write)",
+            Use::Transfer => "an export or import",
+            Use::Delete => "its deletion",
+        }
+    }
+}
+
+/// Volumes operations in flight have claimed: (volume id, use, claim).
 #[derive(Debug, Default)]
 pub(crate) struct Claims {
-    held: parking_lot::Mutex<Vec<(String, bool, u64)>>,
+    held: parking_lot::Mutex<Vec<(String, Use, u64)>>,
     next: std::sync::atomic::AtomicU64,
 }
 
-/// A spawn's claims; dropped when the spawn ends (its record then holds
-/// the mounts).
+/// An operation's claims; dropped when it ends (a spawn's record then
+/// holds its mounts).
 #[derive(Debug)]
 pub(crate) struct ClaimGuard {
     claims: Arc<Claims>,
@@ -94,6 +127,71 @@ impl Manager {
             created_at: r.created_at,
             mounts: self.volume_uses(&r.id).await?,
         })
+    }
+
+    /// Claims `wants` (volume, use) for an operation, or says what holds
+    /// them. Claims of other operations are checked under the lock; the
+    /// running sandboxes' mounts after the claim is in (an operation that
+    /// ended before ours began has its record written by then), so two
+    /// racing operations never both pass.
+    async fn claim(&self, wants: &[(&VolumeRecord, Use)]) -> Result<ClaimGuard> {
+        let claims = self.volume_claims.clone();
+        let token = claims
+            .next
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        {
+            let mut held = claims.held.lock();
+            for (r, u) in wants {
+                if let Some((_, other, _)) = held
+                    .iter()
+                    .find(|(id, other, _)| *id == r.id && u.conflicts(*other))
+                {
+                    return Err(Error::conflict(format!(
+                        "volume {:?} is in use by {}",
+                        r.name,
+                        other.what()
+                    )));
+                }
+            }
+            for (r, u) in wants {
+                held.push((r.id.clone(), *u, token));
+            }
+        }
+        let guard = ClaimGuard { claims, token };
+        let records = self.active_records().await?;
+        for (r, u) in wants {
+            let holders: Vec<String> = records
+                .iter()
+                .filter(|s| {
+                    volumes::mounts_of(&s.metadata).iter().any(|m| {
+                        m.id == r.id
+                            && u.conflicts(if m.read_only { Use::Read } else { Use::Write })
+                    })
+                })
+                .map(|s| s.id.clone())
+                .collect();
+            if !holders.is_empty() {
+                return Err(Error::conflict(match u {
+                    Use::Write => format!(
+                        "volume {:?} is mounted read-write by {}: one sandbox at a time mounts a volume read-write (any number read-only)",
+                        r.name,
+                        holders.join(", ")
+                    ),
+                    Use::Transfer => format!(
+                        "volume {:?} is mounted read-write by {}; export or import it when no sandbox writes to it",
+                        r.name,
+                        holders.join(", ")
+                    ),
+                    _ => format!(
+                        "volume {:?} is mounted by {}; destroy {} first",
+                        r.name,
+                        holders.join(", "),
+                        if holders.len() > 1 { "them" } else { "it" }
+                    ),
+                }));
+            }
+        }
+        Ok(guard)
     }
 
     /// `POST /volumes`.
@@ -207,28 +305,14 @@ impl Manager {
         let r = self.find_volume(name, caller).await?;
         let host = self.volume_host()?;
         let res = async {
-            let uses = self.volume_uses(&r.id).await?;
-            let pending = self.volume_claims.held.lock().iter().any(|c| c.0 == r.id);
-            if !uses.is_empty() || pending {
-                return Err(Error::conflict(format!(
-                    "volume {:?} is mounted by {}; destroy {} first",
-                    r.name,
-                    if uses.is_empty() {
-                        "a sandbox being spawned".to_string()
-                    } else {
-                        uses.iter()
-                            .map(|u| u.sandbox_id.as_str())
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    },
-                    if uses.len() > 1 { "them" } else { "it" }
-                )));
+            let _claim = self.claim(&[(&r, Use::Delete)]).await?;
+            // The data first (a mount that cannot go is an error that keeps
+            // everything), then the record.
+            host.remove(&r.id).await?;
+            match self.store.delete_volume(&r.id).await {
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
             }
-            // The record first: a volume without a record is found and
-            // removed again by nobody, but one whose data is gone while
-            // its record stays would mount an empty file system.
-            self.store.delete_volume(&r.id).await?;
-            host.remove(&r.id).await
         }
         .await;
         self.audit(
@@ -247,42 +331,27 @@ impl Manager {
         res
     }
 
-    /// Fails unless no running sandbox mounts the volume read-write (an
-    /// export or import must not race a writer).
-    async fn quiet_volume(&self, r: &VolumeRecord, what: &str) -> Result<()> {
-        let writers: Vec<String> = self
-            .volume_uses(&r.id)
-            .await?
-            .into_iter()
-            .filter(|u| !u.read_only)
-            .map(|u| u.sandbox_id)
-            .collect();
-        let pending = self
-            .volume_claims
-            .held
-            .lock()
-            .iter()
-            .any(|c| c.0 == r.id && !c.1);
-        if !writers.is_empty() || pending {
-            return Err(Error::conflict(format!(
-                "volume {:?} is mounted read-write by {}; {what} it when no sandbox writes to it",
-                r.name,
-                if writers.is_empty() {
-                    "a sandbox being spawned".into()
-                } else {
-                    writers.join(", ")
-                }
-            )));
-        }
-        Ok(())
-    }
-
     /// `GET /volumes/{name}/archive`: its files as a tar stream.
     pub async fn export_volume(&self, name: &str, caller: &Caller) -> Result<FileStream> {
         let r = self.find_volume(name, caller).await?;
         let host = self.volume_host()?;
-        self.quiet_volume(&r, "export").await?;
-        host.export(&r.id, self.archive_limits()).await
+        let claim = self.claim(&[(&r, Use::Transfer)]).await?;
+        let stream = host.export(&r.id, self.archive_limits()).await?;
+        // The claim lasts as long as the stream.
+        let (tx, rx) = tokio::sync::mpsc::channel(2);
+        let mut chunks = stream.chunks;
+        tokio::spawn(async move {
+            let _claim = claim;
+            while let Some(c) = chunks.recv().await {
+                if tx.send(c).await.is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(FileStream {
+            size: stream.size,
+            chunks: rx,
+        })
     }
 
     /// `PUT /volumes/{name}/archive`: extracts a tar stream into it.
@@ -294,7 +363,7 @@ impl Manager {
     ) -> Result<ArchiveReport> {
         let r = self.find_volume(name, caller).await?;
         let host = self.volume_host()?;
-        self.quiet_volume(&r, "import into").await?;
+        let _claim = self.claim(&[(&r, Use::Transfer)]).await?;
         let res = host.import(&r.id, chunks, self.archive_limits()).await;
         self.audit(
             caller,
@@ -374,39 +443,11 @@ impl Manager {
                 "volumes live on the control plane's host: a spawn with volumes cannot run on a worker",
             ));
         }
-        let uses = self.active_records().await?;
-        let claims = self.volume_claims.clone();
-        let token = claims
-            .next
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        {
-            let mut held = claims.held.lock();
-            for (r, m) in &wanted {
-                let mut writers: Vec<String> = uses
-                    .iter()
-                    .filter(|s| {
-                        volumes::mounts_of(&s.metadata)
-                            .iter()
-                            .any(|x| x.id == r.id && !x.read_only)
-                    })
-                    .map(|s| s.id.clone())
-                    .collect();
-                if held.iter().any(|c| c.0 == r.id && !c.1) {
-                    writers.push("a sandbox being spawned".into());
-                }
-                if !m.read_only && !writers.is_empty() {
-                    return Err(Error::conflict(format!(
-                        "volume {:?} is mounted read-write by {}: one sandbox at a time mounts a volume read-write (any number read-only)",
-                        r.name,
-                        writers.join(", ")
-                    )));
-                }
-            }
-            for (r, m) in &wanted {
-                held.push((r.id.clone(), m.read_only, token));
-            }
-        }
-        let guard = ClaimGuard { claims, token };
+        let wants: Vec<(&VolumeRecord, Use)> = wanted
+            .iter()
+            .map(|(r, m)| (r, if m.read_only { Use::Read } else { Use::Write }))
+            .collect();
+        let guard = self.claim(&wants).await?;
         let mut binds = Vec::new();
         for (r, m) in &wanted {
             binds.push(VolumeBind {

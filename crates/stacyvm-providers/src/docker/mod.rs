@@ -663,7 +663,9 @@ impl DockerProvider {
 
     /// Makes sure the image exists locally, pulling it with progress logs.
     /// Returns its configured user and environment, and its id.
-    async fn ensure_image(&self, image: &ImageRef) -> Result<(String, Vec<String>, String)> {
+    /// The image's user, environment and id, and whether it is a
+    /// snapshot's (pulled first when missing).
+    async fn ensure_image(&self, image: &ImageRef) -> Result<(String, Vec<String>, String, bool)> {
         let d = self.engine().await?;
         let full = image.full();
         let found = match d.inspect_image(&full).await {
@@ -682,10 +684,15 @@ impl DockerProvider {
         };
         let id = inspected.id.unwrap_or_else(|| full.clone());
         let cfg = inspected.config.unwrap_or_default();
+        let is_snapshot = cfg
+            .labels
+            .as_ref()
+            .is_some_and(|l| l.contains_key(snapshot::LABEL_SNAPSHOT));
         Ok((
             cfg.user.unwrap_or_default(),
             cfg.env.unwrap_or_default(),
             id,
+            is_snapshot,
         ))
     }
 
@@ -1304,7 +1311,16 @@ impl DockerProvider {
     }
 
     async fn spawn_inner(&self, spec: &SpawnSpec, image: &ImageRef) -> Result<()> {
-        let (image_user, image_env, image_id) = self.ensure_image(image).await?;
+        let (image_user, image_env, image_id, is_snapshot) = self.ensure_image(image).await?;
+        if spec.snapshot.is_none() {
+            // However it was named: a snapshot's image is reached through
+            // the snapshot (its tenancy), never as an image.
+            if is_snapshot {
+                return Err(Error::invalid(
+                    "that image is a snapshot: spawn it with \"snapshot\", not by image name",
+                ));
+            }
+        }
         let d = self.engine().await?;
         let dir = self.make_dir(&spec.id)?;
         let token = new_token(&dir)?;
@@ -1492,6 +1508,23 @@ impl DockerProvider {
             self.egress.remove(&port).await;
             let _ = std::fs::remove_file(&marker);
             Ok(())
+        }
+    }
+
+    /// After a pause (ours, or the engine's for a commit): the agent's
+    /// connection is an engine stream, and one that did not survive it
+    /// (seen under gVisor) is dropped now, so the next call connects
+    /// afresh instead of failing on it.
+    pub(super) async fn drop_dead_conn(&self, id: &str) {
+        if let Ok(Some(c)) = self.open_conn(id) {
+            let alive = tokio::time::timeout(Duration::from_secs(2), c.client().ping())
+                .await
+                .is_ok_and(|r| r.is_ok());
+            if !alive {
+                if let Ok(mut conns) = self.conns.lock() {
+                    conns.remove(id);
+                }
+            }
         }
     }
 
@@ -1905,19 +1938,7 @@ impl Provider for DockerProvider {
         d.unpause_container(id)
             .await
             .map_err(|e| engine_err("resuming the sandbox container", e))?;
-        // The agent's connection is an engine stream; one that did not
-        // survive the pause (seen under gVisor) is dropped now, so the next
-        // call connects afresh instead of failing on it.
-        if let Ok(Some(c)) = self.open_conn(id) {
-            let alive = tokio::time::timeout(Duration::from_secs(2), c.client().ping())
-                .await
-                .is_ok_and(|r| r.is_ok());
-            if !alive {
-                if let Ok(mut conns) = self.conns.lock() {
-                    conns.remove(id);
-                }
-            }
-        }
+        self.drop_dead_conn(id).await;
         Ok(())
     }
 

@@ -36,12 +36,18 @@ pub fn image_of(snap: &str) -> String {
 /// `sha256:…` is an image id to the engine, never a repository: refused
 /// too (it would start any local image, a snapshot's among them).
 pub fn is_reserved(image: &spec::ImageRef) -> bool {
-    let repo = image.repo.as_str();
-    repo == REPO
-        || repo == "sha256"
-        || repo.strip_suffix(REPO).is_some_and(|host| {
-            host == "docker.io/library/" || host == "library/" || host == "index.docker.io/library/"
-        })
+    // Docker Hub's spellings of an official image: `x`, `library/x`,
+    // `docker.io/x`, `docker.io/library/x`, `index.docker.io/…`,
+    // `registry-1.docker.io/…`.
+    let mut repo = image.repo.as_str();
+    for host in ["docker.io/", "index.docker.io/", "registry-1.docker.io/"] {
+        if let Some(rest) = repo.strip_prefix(host) {
+            repo = rest;
+            break;
+        }
+    }
+    let repo = repo.strip_prefix("library/").unwrap_or(repo);
+    repo == REPO || repo == "sha256"
 }
 
 impl DockerProvider {
@@ -54,8 +60,39 @@ impl DockerProvider {
         if !paths::is_snapshot_id(snap) {
             return Err(Error::invalid(format!("bad snapshot id {snap:?}")));
         }
-        let info = self.inspect_ours(id).await?;
         let d = self.engine().await?;
+        let info = match d
+            .inspect_container(
+                id,
+                Some(bollard::query_parameters::InspectContainerOptions { size: true }),
+            )
+            .await
+        {
+            Ok(i) if spec::is_ours(i.config.as_ref().and_then(|c| c.labels.as_ref())) => i,
+            Ok(_) => return Err(Error::sandbox_not_found(id)),
+            Err(e) if is_status(&e, 404) => return Err(Error::sandbox_not_found(id)),
+            Err(e) => return Err(engine_err("inspecting the sandbox container", e)),
+        };
+        // The commit writes the container's layer again: it must fit
+        // beside what the engine keeps, with a GiB to spare.
+        let layer = u64::try_from(info.size_rw.unwrap_or(0)).unwrap_or(0);
+        if let Ok(sys) = d.info().await {
+            if let Some(root) = sys
+                .docker_root_dir
+                .filter(|r| std::path::Path::new(r).is_dir())
+            {
+                if let Ok(st) = nix::sys::statvfs::statvfs(root.as_str()) {
+                    let free = st.blocks_available() * st.fragment_size();
+                    if free < layer.saturating_add(1 << 30) {
+                        return Err(Error::limit(format!(
+                            "a snapshot of {id} needs {} MiB and the engine's disk has {} MiB free (a GiB is kept)",
+                            layer >> 20,
+                            free >> 20
+                        )));
+                    }
+                }
+            }
+        }
         let network_mode = match info
             .host_config
             .as_ref()
@@ -82,7 +119,10 @@ impl DockerProvider {
             ])),
             ..Default::default()
         };
-        d.commit_container(opts, config).await.map_err(|e| {
+        let committed = d.commit_container(opts, config).await;
+        // The engine paused the container for the commit.
+        self.drop_dead_conn(id).await;
+        committed.map_err(|e| {
             if is_status(&e, 404) {
                 Error::sandbox_not_found(id)
             } else {

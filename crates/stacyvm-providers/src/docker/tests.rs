@@ -2046,6 +2046,9 @@ async fn snapshot_images_are_reserved_labels_are_the_childs_and_deleted_images_g
     for name in [
         image.clone(),
         format!("docker.io/library/{image}"),
+        format!("docker.io/{image}"),
+        format!("index.docker.io/{image}"),
+        format!("registry-1.docker.io/library/{image}"),
         format!("library/{image}"),
         format!("stacyvm-snapshot@{image_id}"),
         image_id.clone(),
@@ -2063,6 +2066,30 @@ async fn snapshot_images_are_reserved_labels_are_the_childs_and_deleted_images_g
             .any(|i| i.contains("stacyvm-snapshot")),
         "snapshot images are not offered as images"
     );
+    // Another name for the same image is no way around either.
+    d.tag_image(
+        &image,
+        Some(
+            bollard::query_parameters::TagImageOptionsBuilder::default()
+                .repo("innocent-looking")
+                .tag("1")
+                .build(),
+        ),
+    )
+    .await
+    .expect("tag");
+    let e = p
+        .spawn(&spawn_spec("innocent-looking:1", 64))
+        .await
+        .expect_err("a snapshot under another name");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    d.remove_image(
+        "innocent-looking:1",
+        None::<bollard::query_parameters::RemoveImageOptions>,
+        None,
+    )
+    .await
+    .expect("untag");
 
     // A child with no owner, tenant or metadata of its own does not wear
     // its source's (the image carries the source's labels).

@@ -247,6 +247,7 @@ impl ImageStore {
                         source: host.to_string_lossy().to_string(),
                         target: format!("/{name}"),
                         readonly: true,
+                        confined: false,
                     });
                 }
             }

@@ -641,6 +641,7 @@ impl Booter {
                 source: v.host_path.to_string_lossy().to_string(),
                 target: v.target.clone(),
                 readonly: v.read_only,
+                confined: true,
             });
         }
         let cgroups = match &self.cgroups {
@@ -776,6 +777,9 @@ impl Booter {
                 &cgroups,
                 if msg.is_empty() {
                     Error::internal("sandbox boot did not report the init pid")
+                } else if msg.contains("in the sandbox's root") {
+                    // A volume path the image (or snapshot) redirects.
+                    Error::invalid(format!("volume path refused: {msg}"))
                 } else {
                     Error::internal(format!("sandbox setup failed: {msg}"))
                 },

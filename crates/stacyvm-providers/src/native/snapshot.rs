@@ -126,8 +126,16 @@ impl Snapshots {
             std::fs::create_dir(&tmp)
                 .map_err(|e| Error::internal("creating the snapshot dir").with_source(e))?;
             super::private_dir(&tmp)?;
-            let copied = treecopy::copy_tree(upper, &tmp.join("layer"), shift, disk::MAX_ENTRIES)
-                .map_err(|e| match e {
+            let copied = treecopy::copy_tree(
+                upper,
+                &tmp.join("layer"),
+                shift,
+                disk::MAX_ENTRIES,
+                // What the upper dir holds now, and room for what a
+                // sandbox the freezer could not stop writes meanwhile.
+                need.saturating_add(64 << 20),
+            )
+            .map_err(|e| match e {
                 CopyError::Limit(m) => {
                     Error::limit(format!("the sandbox cannot be snapshotted: {m}"))
                 }

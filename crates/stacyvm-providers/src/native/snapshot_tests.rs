@@ -164,3 +164,45 @@ async fn trees_too_deep_to_copy_are_refused_and_nothing_is_left() {
     }
     p.destroy(&id).await.expect("destroy");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sparse_files_stay_sparse_and_count_for_what_they_hold() {
+    let fx = fixture();
+    let p = fx.make();
+    let id = spawn(&p, "host").await;
+    // 64 GiB apparent, one 4 KiB block of data at 1 GiB: copying it byte
+    // for byte would fill the host's disk.
+    let made = sh(
+        &p,
+        &id,
+        "truncate -s 64G /workspace/sparse && printf data | dd of=/workspace/sparse bs=1 seek=1073741824 conv=notrunc 2>/dev/null && echo ok",
+    )
+    .await;
+    assert_eq!(made.stdout, "ok\n", "{made:?}");
+    let snap = paths::new_snapshot_id();
+    let taken = p.snapshot_sandbox(&id, &snap).await.expect("snapshot");
+    assert!(taken.size_bytes < 16 << 20, "{taken:?}");
+    let copy = fx
+        .state_dir()
+        .join("snapshots")
+        .join(&snap)
+        .join("layer/workspace/sparse");
+    let m = std::fs::metadata(&copy).expect("copy");
+    assert_eq!(m.len(), 64 << 30, "the size is kept");
+    assert!(
+        m.blocks() * 512 < 1 << 20,
+        "holes stay holes: {} blocks",
+        m.blocks()
+    );
+    let child = p.spawn(&child_of(&snap)).await.expect("child").runtime_id;
+    let seen = sh(
+        &p,
+        &child,
+        "dd if=/workspace/sparse bs=1 skip=1073741824 count=4 2>/dev/null",
+    )
+    .await;
+    assert_eq!(seen.stdout, "data", "{seen:?}");
+    p.destroy(&child).await.expect("destroy");
+    p.delete_snapshot(&snap).await.expect("delete");
+    p.destroy(&id).await.expect("destroy");
+}

@@ -520,16 +520,19 @@ impl ProotProvider {
                     source: s(&root.dir),
                     target: "root".into(),
                     readonly: true,
+                    confined: false,
                 },
                 BindSpec {
                     source: s(&rw_host),
                     target: "rw".into(),
                     readonly: false,
+                    confined: false,
                 },
                 BindSpec {
                     source: s(&self.opts.agent_path),
                     target: "agent".into(),
                     readonly: true,
+                    confined: false,
                 },
             ];
             if let Some(etc) = &root.etc {
@@ -537,6 +540,7 @@ impl ProotProvider {
                     source: s(etc),
                     target: "etc".into(),
                     readonly: true,
+                    confined: false,
                 });
             }
             (
