@@ -110,6 +110,11 @@ pub enum Command {
         /// Mount a volume: NAME:/PATH, or NAME:/PATH:ro (repeatable).
         #[arg(long = "volume", short = 'v', value_parser = parse_volume)]
         volumes: Vec<stacyvm_api::VolumeMount>,
+        /// Start from a snapshot (`stacyvm snapshot create`): its files
+        /// (and, on qemu, memory and processes); image, size and network
+        /// are the snapshot's.
+        #[arg(long, conflicts_with_all = ["image", "provider", "template", "memory", "vcpus", "network"])]
+        snapshot: Option<String>,
     },
     /// Show a sandbox's egress policy and the connections it refused, or
     /// replace the policy (any of the flags; `--clear` removes it).
@@ -225,6 +230,13 @@ pub enum Command {
         /// Number of lines.
         #[arg(long, short = 'n', default_value_t = 100)]
         lines: usize,
+    },
+    /// Snapshots of sandboxes and forks: create, fork, list, delete.
+    Snapshot {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        command: crate::snapshot::SnapshotCommand,
     },
     /// Named persistent volumes: create, list, delete, export, import.
     Volume {
@@ -357,6 +369,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             .map(|()| ExitCode::SUCCESS),
         Command::Ops(command) => crate::ops::run(command).await,
         Command::Volume { conn, command } => crate::volume::run(&conn, command).await,
+        Command::Snapshot { conn, command } => crate::snapshot::run(&conn, command).await,
         Command::Version => {
             println!(
                 "stacyvm {} ({}/{})",
@@ -378,11 +391,13 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             network,
             egress,
             volumes,
+            snapshot,
         } => {
             let c = client(&conn)?;
             let req = SpawnRequest {
                 network: egress.policy(),
                 volumes,
+                snapshot: snapshot.unwrap_or_default(),
                 image: image.unwrap_or_default(),
                 provider: provider.unwrap_or_default(),
                 ttl: ttl.unwrap_or_default(),

@@ -13,6 +13,7 @@ mod ops;
 mod pgrehearse;
 mod redact;
 mod serve;
+mod snapshot;
 mod support;
 mod transfer;
 mod upgrade;

@@ -118,3 +118,82 @@ async fn fork_children_keep_the_files_write_privately_and_survive_a_crash() {
     }
     assert!(!on_disk.exists(), "the last child took the layer along");
 }
+
+/// Runs the CLI against the server; its stdout, failing the test on a
+/// non-zero exit.
+fn cli(server: &common::Server, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stacyvm"))
+        .args(args)
+        .env("STACYVM_URL", server.url.trim_end_matches("/api/v1"))
+        .output()
+        .expect("stacyvm");
+    assert!(
+        out.status.success(),
+        "stacyvm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_snapshots_forks_and_spawns_from_snapshots() {
+    let dir = tempfile::tempdir().expect("dir");
+    let server = common::Server::start(dir.path(), &[("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0")]);
+    let api = common::Api::new(&server);
+    let src = cli(&server, &["spawn"]).trim().to_string();
+    let out = api.exec(&src, "echo cli-state > /workspace/s").await;
+    assert_eq!(out["exit_code"], 0, "{out}");
+    let snap = cli(&server, &["snapshot", "create", &src])
+        .trim()
+        .to_string();
+    assert!(snap.starts_with("snap-"), "{snap}");
+    let child = cli(&server, &["spawn", "--snapshot", &snap])
+        .trim()
+        .to_string();
+    assert_eq!(
+        api.exec(&child, "cat /workspace/s").await["stdout"],
+        "cli-state\n"
+    );
+    // A snapshot's child takes the snapshot's image: naming one is a usage error.
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_stacyvm"))
+        .args(["spawn", "--snapshot", &snap, "--image", "busybox"])
+        .env("STACYVM_URL", server.url.trim_end_matches("/api/v1"))
+        .output()
+        .expect("stacyvm");
+    assert!(!refused.status.success());
+    let forked: serde_json::Value = serde_json::from_str(&cli(
+        &server,
+        &["snapshot", "fork", &src, "--count", "2", "--keep", "--json"],
+    ))
+    .expect("json");
+    let kids: Vec<String> = forked["sandboxes"]
+        .as_array()
+        .expect("sandboxes")
+        .iter()
+        .map(|s| s["id"].as_str().expect("id").to_string())
+        .collect();
+    assert_eq!(kids.len(), 2, "{forked}");
+    let kept = forked["snapshot"]["id"].as_str().expect("kept").to_string();
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli(&server, &["snapshot", "ls", "--json"])).expect("json");
+    let ids: Vec<&str> = listed
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|s| s["id"].as_str())
+        .collect();
+    assert!(
+        ids.contains(&snap.as_str()) && ids.contains(&kept.as_str()),
+        "{listed}"
+    );
+    let table = cli(&server, &["snapshot", "ls"]);
+    assert!(table.contains(&snap) && table.contains(&src), "{table}");
+    for s in [&snap, &kept] {
+        cli(&server, &["snapshot", "rm", s]);
+    }
+    let mut all = kids;
+    all.extend([child, src]);
+    let mut args = vec!["kill"];
+    args.extend(all.iter().map(String::as_str));
+    cli(&server, &args);
+}
