@@ -106,7 +106,12 @@ impl Manager {
             &rec.vm_id
         };
         let started = Instant::now();
-        let made = provider.snapshot_sandbox(target, &snap_id).await;
+        // No pause or resume meanwhile: a provider that freezes the
+        // sandbox for the copy must find it as it left it.
+        let made = {
+            let _turn = self.pause_lock.lock().await;
+            provider.snapshot_sandbox(target, &snap_id).await
+        };
         self.metrics.observe(
             "snapshot",
             &rec.provider,

@@ -36,6 +36,10 @@ pub const MAX_TOTAL_CONNECTIONS: usize = 4096;
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 const SNIFF_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A relayed connection with no byte either way for this long is closed
+/// (a sandbox cannot hold its share of the proxy's connections with idle
+/// ones; protocols with keepalives are unaffected).
+pub const RELAY_IDLE: Duration = Duration::from_secs(15 * 60);
 /// Denial records kept per sandbox.
 const MAX_RECORDS: usize = 256;
 
@@ -328,5 +332,124 @@ async fn serve(mut conn: TcpStream, src: Ipv4Addr, sb: Arc<Sandbox>) {
     if upstream.write_all(&buf).await.is_err() {
         return;
     }
-    let _ = tokio::io::copy_bidirectional(&mut conn, &mut upstream).await;
+    relay(conn, upstream, RELAY_IDLE).await;
+}
+
+/// A stream that notes when it last read anything.
+struct Active<S> {
+    inner: S,
+    last: Arc<std::sync::atomic::AtomicU64>,
+    start: std::time::Instant,
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Active<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+            self.last.store(ms, std::sync::atomic::Ordering::Relaxed);
+        }
+        r
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Active<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        data: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Copies both ways until both ends are done, or until nothing has moved
+/// either way for `idle`.
+async fn relay(a: TcpStream, b: TcpStream, idle: Duration) {
+    let last = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let start = std::time::Instant::now();
+    let mut a = Active {
+        inner: a,
+        last: last.clone(),
+        start,
+    };
+    let mut b = Active {
+        inner: b,
+        last: last.clone(),
+        start,
+    };
+    let copy = tokio::io::copy_bidirectional(&mut a, &mut b);
+    tokio::pin!(copy);
+    let tick = (idle / 4).max(Duration::from_millis(10));
+    loop {
+        tokio::select! {
+            _ = &mut copy => return,
+            () = tokio::time::sleep(tick) => {
+                let now = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let quiet = now.saturating_sub(last.load(std::sync::atomic::Ordering::Relaxed));
+                if Duration::from_millis(quiet) >= idle {
+                    debug!("egress proxy: an idle relayed connection closed");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A connected pair of loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let (c, s) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (c.expect("connect"), s.expect("accept").0)
+    }
+
+    #[tokio::test]
+    async fn relays_close_when_idle_and_live_ones_carry_on() {
+        let (mut client, proxy_in) = pair().await;
+        let (proxy_out, mut server) = pair().await;
+        let idle = Duration::from_millis(1000);
+        let relay = tokio::spawn(relay(proxy_in, proxy_out, idle));
+        // Traffic every 100 ms keeps it open past the idle limit.
+        for _ in 0..6 {
+            client.write_all(b"ping").await.expect("write");
+            let mut got = [0u8; 4];
+            server.read_exact(&mut got).await.expect("read");
+            assert_eq!(&got, b"ping");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(!relay.is_finished(), "a live relay stays");
+        // Then nothing: it closes, and both ends see it.
+        tokio::time::timeout(Duration::from_secs(3), relay)
+            .await
+            .expect("the idle relay ended")
+            .expect("join");
+        let mut rest = Vec::new();
+        let n = tokio::time::timeout(Duration::from_secs(2), server.read_to_end(&mut rest))
+            .await
+            .expect("the server sees the end")
+            .expect("read");
+        assert_eq!(n, 0);
+    }
 }
