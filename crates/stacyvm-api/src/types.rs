@@ -146,6 +146,46 @@ pub struct VolumeMount {
     pub read_only: bool,
 }
 
+/// `POST /environments/registry-connections` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct CreateRegistryConnection {
+    /// Replace this connection (one of yours); absent: a new one.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub id: String,
+    /// The connection's owner (default: the caller; naming another needs
+    /// a credential that may act for others).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub owner_id: String,
+    /// `ghcr`, `dockerhub`, or `registry` (any OCI registry at `host`).
+    pub provider: String,
+    /// `registry` only: `host[:port]`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    pub username: String,
+    /// The NAME of a server secret holding the password or token
+    /// (`<data_dir>/secrets/NAME` or the server's `STACYVM_SECRET_NAME`).
+    /// Never the secret itself: it must be set on the server when the
+    /// connection is made, and it is never returned.
+    pub secret_ref: String,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub is_default: bool,
+}
+
+/// A registry connection (its secret is never part of it).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct RegistryConnection {
+    pub id: String,
+    pub owner_id: String,
+    pub provider: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host: String,
+    pub username: String,
+    pub is_default: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// `POST /volumes` body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]

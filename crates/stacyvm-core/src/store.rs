@@ -195,6 +195,25 @@ pub struct SnapshotRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// A connection to a container registry builds push to. The credential is
+/// a secret of the server's (`secret_ref` names it), never stored here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RegistryConnectionRecord {
+    pub id: String,
+    pub owner_id: String,
+    pub tenant_id: String,
+    /// `ghcr`, `dockerhub` or `registry` (any OCI registry at `host`).
+    pub provider: String,
+    pub host: String,
+    pub username: String,
+    /// The name of a server secret (`<data_dir>/secrets/NAME` or
+    /// `STACYVM_SECRET_NAME`), resolved when used.
+    pub secret_ref: String,
+    pub is_default: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// A named persistent volume (the host holds its data).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VolumeRecord {
@@ -468,6 +487,15 @@ pub trait Store: Debug + Send + Sync + 'static {
     /// One tenant's snapshots, or every snapshot with `None`; oldest first.
     async fn list_snapshots(&self, tenant_id: Option<&str>) -> Result<Vec<SnapshotRecord>>;
     async fn delete_snapshot(&self, id: &str) -> Result<()>;
+
+    /// (owner, provider, username) taken is a `Conflict`.
+    async fn insert_registry_connection(&self, r: &RegistryConnectionRecord) -> Result<()>;
+    /// One tenant's connections, or all with `None`; newest first.
+    async fn list_registry_connections(
+        &self,
+        tenant_id: Option<&str>,
+    ) -> Result<Vec<RegistryConnectionRecord>>;
+    async fn delete_registry_connection(&self, id: &str) -> Result<()>;
 
     /// A name already taken in the tenant is a `Conflict`.
     async fn insert_volume(&self, r: &VolumeRecord) -> Result<()>;

@@ -201,6 +201,13 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
     r("GET", "/snapshots", Perm::Read),
     r("GET", "/snapshots/{id}", Perm::Read),
     r("DELETE", "/snapshots/{id}", Perm::Write),
+    r("GET", "/environments/registry-connections", Perm::Read),
+    r("POST", "/environments/registry-connections", Perm::Write),
+    r(
+        "DELETE",
+        "/environments/registry-connections/{id}",
+        Perm::Write,
+    ),
     r("GET", "/volumes", Perm::Read),
     r("POST", "/volumes", Perm::Write),
     r("GET", "/volumes/{name}", Perm::Read),

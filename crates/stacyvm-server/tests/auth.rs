@@ -3231,3 +3231,104 @@ async fn volumes_follow_tenancy_and_roles() {
         assert_eq!(st, 200, "{v}");
     }
 }
+
+/// Registry connections hold a reference to a server secret, never the
+/// secret (gaps S-14): a `secret_ref` that names no secret of the server
+/// (a password pasted in, say) is a 400 and stored nowhere; the secret
+/// never appears in any answer; connections follow tenancy; bad providers
+/// and hosts are 400s.
+#[tokio::test]
+async fn registry_connections_store_references_never_secrets() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
+    let mut cfg = oidc_config(&jwks.url);
+    cfg.auth.oidc_tenant_claim = "tenant".into();
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let secrets = s._dir.path().join("secrets");
+    std::fs::create_dir_all(&secrets).expect("secrets dir");
+    std::fs::write(secrets.join("REGISTRY_TOKEN"), "s3cret-token-value\n").expect("secret");
+    let token = |sub: &str, tenant: &str| {
+        let mut c = claims(sub, &[]);
+        c["tenant"] = json!(tenant);
+        Cred::Bearer(sign(&rsa, "rsa1", &c))
+    };
+    let alice = token("alice", "acme");
+    let bob = token("bob", "other");
+    let path = "/environments/registry-connections";
+    for (body, want) in [
+        (
+            json!({"provider": "registry", "host": "localhost:5000", "username": "ci", "secret_ref": "hunter2-plain-password!"}),
+            400,
+        ),
+        (
+            json!({"provider": "registry", "host": "localhost:5000", "username": "ci", "secret_ref": "NOT_SET"}),
+            400,
+        ),
+        (
+            json!({"provider": "quay", "username": "ci", "secret_ref": "REGISTRY_TOKEN"}),
+            400,
+        ),
+        (
+            json!({"provider": "registry", "host": "bad host/x", "username": "ci", "secret_ref": "REGISTRY_TOKEN"}),
+            400,
+        ),
+        (
+            json!({"provider": "ghcr", "host": "evil.example", "username": "ci", "secret_ref": "REGISTRY_TOKEN"}),
+            400,
+        ),
+        (
+            json!({"provider": "registry", "host": "localhost:5000", "username": "", "secret_ref": "REGISTRY_TOKEN"}),
+            400,
+        ),
+    ] {
+        let (st, v) = s.send("POST", path, &alice, &[], Some(body.clone())).await;
+        assert_eq!(st, want, "{body}: {v}");
+        assert!(!v.to_string().contains("hunter2"), "{v}");
+    }
+    let (st, v) = s.send("GET", path, &alice, &[], None).await;
+    assert_eq!(
+        (st, v.as_array().map(Vec::len)),
+        (200, Some(0)),
+        "nothing stored: {v}"
+    );
+
+    let (st, v) = s
+        .send(
+            "POST",
+            path,
+            &alice,
+            &[],
+            Some(json!({"provider": "registry", "host": "localhost:5000", "username": "ci", "secret_ref": "REGISTRY_TOKEN", "is_default": true})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        (v["owner_id"].as_str(), v["host"].as_str()),
+        (Some("alice"), Some("localhost:5000")),
+        "{v}"
+    );
+    assert!(v.get("secret_ref").is_none(), "{v}");
+    let (st, v) = s.send("GET", path, &alice, &[], None).await;
+    assert_eq!(st, 200, "{v}");
+    let text = v.to_string();
+    assert!(
+        text.contains(&id) && !text.contains("s3cret") && !text.contains("secret_ref"),
+        "{text}"
+    );
+    // Another tenant sees nothing and deletes nothing.
+    let (st, v) = s.send("GET", path, &bob, &[], None).await;
+    assert_eq!((st, v.as_array().map(Vec::len)), (200, Some(0)), "{v}");
+    let (st, v) = s
+        .send("DELETE", &format!("{path}/{id}"), &bob, &[], None)
+        .await;
+    assert_eq!(st, 404, "{v}");
+    let (st, v) = s
+        .send("DELETE", &format!("{path}/{id}"), &alice, &[], None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+    // Nothing of the secret in the database file either.
+    let db = std::fs::read(s._dir.path().join("db.sqlite")).expect("db");
+    assert!(!String::from_utf8_lossy(&db).contains("s3cret-token-value"));
+}

@@ -9,7 +9,8 @@ use std::time::Duration;
 use chrono::Utc;
 use stacyvm_core::store::{
     AdminAuditRecord, ExecLogRecord, Fence, OpAuditFilter, OpAuditRecord, QuotaRecord,
-    SandboxRecord, SnapshotRecord, Store, TemplateRecord, VolumeRecord, WorkerRecord,
+    RegistryConnectionRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord, VolumeRecord,
+    WorkerRecord,
 };
 use stacyvm_core::ErrorKind;
 
@@ -423,6 +424,59 @@ pub async fn snapshots(s: &dyn Store) {
     );
     assert_eq!(
         s.get_snapshot("snap-a").await.expect_err("gone").kind(),
+        ErrorKind::NotFound
+    );
+}
+
+pub async fn registry_connections(s: &dyn Store) {
+    let now = now();
+    let rec =
+        |id: &str, owner: &str, user: &str, tenant: &str, secs: i64| RegistryConnectionRecord {
+            id: id.into(),
+            owner_id: owner.into(),
+            tenant_id: tenant.into(),
+            provider: "registry".into(),
+            host: "localhost:5000".into(),
+            username: user.into(),
+            secret_ref: "REGISTRY_TOKEN".into(),
+            is_default: secs == 0,
+            created_at: now + chrono::Duration::seconds(secs),
+            updated_at: now + chrono::Duration::seconds(secs),
+        };
+    s.insert_registry_connection(&rec("rc-a", "alice", "ci", "t1", 0))
+        .await
+        .expect("insert");
+    s.insert_registry_connection(&rec("rc-b", "alice", "bot", "t1", 1))
+        .await
+        .expect("insert");
+    s.insert_registry_connection(&rec("rc-c", "bob", "ci", "t2", 2))
+        .await
+        .expect("insert");
+    assert_eq!(
+        s.insert_registry_connection(&rec("rc-d", "alice", "ci", "t1", 3))
+            .await
+            .expect_err("same owner, provider and user")
+            .kind(),
+        ErrorKind::Conflict
+    );
+    let t1 = s.list_registry_connections(Some("t1")).await.expect("list");
+    assert_eq!(
+        t1,
+        [
+            rec("rc-b", "alice", "bot", "t1", 1),
+            rec("rc-a", "alice", "ci", "t1", 0)
+        ]
+    );
+    assert_eq!(
+        s.list_registry_connections(None).await.expect("all").len(),
+        3
+    );
+    s.delete_registry_connection("rc-a").await.expect("delete");
+    assert_eq!(
+        s.delete_registry_connection("rc-a")
+            .await
+            .expect_err("gone")
+            .kind(),
         ErrorKind::NotFound
     );
 }
@@ -940,7 +994,7 @@ macro_rules! store_contract_tests {
         mod $engine {
             #[allow(unused_imports)]
             use super::*;
-            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, fenced_writes, lease_transfer, admission, concurrent_writers, snapshots, volumes, preview_ports);
+            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, fenced_writes, lease_transfer, admission, concurrent_writers, snapshots, volumes, registry_connections, preview_ports);
         }
     };
     (@case $make:expr, $($case:ident),*) => {

@@ -14,9 +14,9 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 use stacyvm_core::store::{
     AdminAuditFilter, AdminAuditRecord, ExecLogRecord, Fence, LeaseRecord, OpAuditFilter,
-    OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord, SandboxRecord,
-    SnapshotRecord, Store, TemplateRecord, TenantMemberRecord, TenantRecord, VolumeRecord,
-    WorkerRecord,
+    OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord,
+    RegistryConnectionRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
+    TenantMemberRecord, TenantRecord, VolumeRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
 
@@ -33,6 +33,10 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/postgres/0004_preview.sql")),
     (5, include_str!("../migrations/postgres/0005_lifecycle.sql")),
     (6, include_str!("../migrations/postgres/0006_volumes.sql")),
+    (
+        7,
+        include_str!("../migrations/postgres/0007_registry_tenancy.sql"),
+    ),
 ];
 
 /// The newest schema version this build knows.
@@ -78,6 +82,9 @@ impl Cols for PgRow {
         self.get(col)
     }
     fn int(&self, col: &str) -> i64 {
+        self.get(col)
+    }
+    fn flag(&self, col: &str) -> bool {
         self.get(col)
     }
     fn time(&self, col: &str) -> Result<DateTime<Utc>> {
@@ -1215,6 +1222,56 @@ impl Store for PostgresStore {
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("volume {id:?}"))
+    }
+
+    async fn insert_registry_connection(&self, r: &RegistryConnectionRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO registry_connections (id, owner_id, tenant_id, provider, host, username, secret_ref, is_default, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&r.id)
+        .bind(&r.owner_id)
+        .bind(&r.tenant_id)
+        .bind(&r.provider)
+        .bind(&r.host)
+        .bind(&r.username)
+        .bind(&r.secret_ref)
+        .bind(r.is_default)
+        .bind(r.created_at)
+        .bind(r.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| {
+            conflict_as(e, || {
+                format!(
+                    "a {} connection for {:?} already exists",
+                    r.provider, r.username
+                )
+            })
+        })?;
+        Ok(())
+    }
+
+    async fn list_registry_connections(
+        &self,
+        tenant_id: Option<&str>,
+    ) -> Result<Vec<RegistryConnectionRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM registry_connections WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY created_at DESC, id DESC",
+        )
+        .bind(tenant_id)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::registry_connection).collect()
+    }
+
+    async fn delete_registry_connection(&self, id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM registry_connections WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("registry connection {id:?}"))
     }
 
     async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord> {

@@ -7,8 +7,8 @@
 use chrono::{DateTime, Utc};
 use stacyvm_core::store::{
     AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditRecord, PolicyRecord, PortRecord,
-    PreviewTokenRecord, QuotaRecord, SandboxRecord, SnapshotRecord, TemplateRecord,
-    TenantMemberRecord, TenantRecord, VolumeRecord, WorkerRecord,
+    PreviewTokenRecord, QuotaRecord, RegistryConnectionRecord, SandboxRecord, SnapshotRecord,
+    TemplateRecord, TenantMemberRecord, TenantRecord, VolumeRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, Result};
 
@@ -18,6 +18,7 @@ use crate::codec::from_json;
 pub(crate) trait Cols {
     fn text(&self, col: &str) -> String;
     fn int(&self, col: &str) -> i64;
+    fn flag(&self, col: &str) -> bool;
     fn time(&self, col: &str) -> Result<DateTime<Utc>>;
 
     fn json<T: serde::de::DeserializeOwned + Default>(&self, col: &str) -> T {
@@ -202,6 +203,21 @@ pub(crate) fn snapshot(r: &impl Cols) -> Result<SnapshotRecord> {
         owner_id: r.text("owner_id"),
         tenant_id: r.text("tenant_id"),
         created_at: r.time("created_at")?,
+    })
+}
+
+pub(crate) fn registry_connection(r: &impl Cols) -> Result<RegistryConnectionRecord> {
+    Ok(RegistryConnectionRecord {
+        id: r.text("id"),
+        owner_id: r.text("owner_id"),
+        tenant_id: r.text("tenant_id"),
+        provider: r.text("provider"),
+        host: r.text("host"),
+        username: r.text("username"),
+        secret_ref: r.text("secret_ref"),
+        is_default: r.flag("is_default"),
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
     })
 }
 

@@ -12,9 +12,9 @@ use sqlx::sqlite::{
 use sqlx::{Row, SqlitePool};
 use stacyvm_core::store::{
     AdminAuditFilter, AdminAuditRecord, ExecLogRecord, Fence, LeaseRecord, OpAuditFilter,
-    OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord, SandboxRecord,
-    SnapshotRecord, Store, TemplateRecord, TenantMemberRecord, TenantRecord, VolumeRecord,
-    WorkerRecord,
+    OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord,
+    RegistryConnectionRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
+    TenantMemberRecord, TenantRecord, VolumeRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
 
@@ -31,6 +31,10 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
     (4, include_str!("../migrations/sqlite/0004_preview.sql")),
     (5, include_str!("../migrations/sqlite/0005_lifecycle.sql")),
     (6, include_str!("../migrations/sqlite/0006_volumes.sql")),
+    (
+        7,
+        include_str!("../migrations/sqlite/0007_registry_tenancy.sql"),
+    ),
 ];
 
 /// The SQLite store.
@@ -167,6 +171,9 @@ impl Cols for SqliteRow {
     }
     fn int(&self, col: &str) -> i64 {
         self.get(col)
+    }
+    fn flag(&self, col: &str) -> bool {
+        self.get::<i64, _>(col) != 0
     }
     fn time(&self, col: &str) -> Result<DateTime<Utc>> {
         parse_ts(self.get(col))
@@ -1147,6 +1154,60 @@ impl Store for SqliteStore {
         not_found_if_zero(r.rows_affected(), format!("volume {id:?}"))
     }
 
+    async fn insert_registry_connection(&self, r: &RegistryConnectionRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO registry_connections (id, owner_id, tenant_id, provider, host, username, secret_ref, is_default, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.owner_id)
+        .bind(&r.tenant_id)
+        .bind(&r.provider)
+        .bind(&r.host)
+        .bind(&r.username)
+        .bind(&r.secret_ref)
+        .bind(r.is_default)
+        .bind(ts(r.created_at))
+        .bind(ts(r.updated_at))
+        .execute(&self.writer)
+        .await
+        .map_err(|e| match db_err(e) {
+            e if e.kind() == ErrorKind::Conflict => Error::conflict(format!(
+                "a {} connection for {:?} already exists",
+                r.provider, r.username
+            )),
+            e => e,
+        })?;
+        Ok(())
+    }
+
+    async fn list_registry_connections(
+        &self,
+        tenant_id: Option<&str>,
+    ) -> Result<Vec<RegistryConnectionRecord>> {
+        let rows = match tenant_id {
+            Some(t) => sqlx::query(
+                "SELECT * FROM registry_connections WHERE tenant_id = ? ORDER BY created_at DESC, id DESC",
+            )
+            .bind(t),
+            None => sqlx::query(
+                "SELECT * FROM registry_connections ORDER BY created_at DESC, id DESC",
+            ),
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::registry_connection).collect()
+    }
+
+    async fn delete_registry_connection(&self, id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM registry_connections WHERE id = ?")
+            .bind(id)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("registry connection {id:?}"))
+    }
+
     async fn upsert_worker(&self, w: &WorkerRecord) -> Result<WorkerRecord> {
         sqlx::query(
             "INSERT INTO workers (id, hostname, status, providers, capabilities, capacity, last_heartbeat, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) \
@@ -1386,6 +1447,6 @@ mod tests {
             .expect("versions");
         let expected: Vec<i64> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
         assert_eq!(versions, expected);
-        assert_eq!(*expected.last().expect("migrations"), 6);
+        assert_eq!(*expected.last().expect("migrations"), 7);
     }
 }

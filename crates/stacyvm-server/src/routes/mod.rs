@@ -4,6 +4,7 @@ pub mod audit;
 pub mod files;
 pub mod ports;
 pub mod quotas;
+pub mod registries;
 pub mod sandboxes;
 pub mod system;
 pub mod templates;
@@ -121,6 +122,9 @@ fn table() -> Vec<(Op, MethodRouter<AppState>)> {
         op!(get "/snapshots", system::snapshots, Doc::new("snapshots", "The caller's snapshots", Reply::Json(schema::<Vec<a::SnapshotSummary>>))),
         op!(get "/snapshots/{id}", system::snapshot, Doc::new("snapshots", "One snapshot", Reply::Json(schema::<a::SnapshotSummary>))),
         op!(delete "/snapshots/{id}", system::delete_snapshot, Doc::new("snapshots", "Delete a snapshot", status)),
+        op!(get "/environments/registry-connections", registries::list, Doc::new("environments", "Registry connections (never their secrets)", Reply::Json(schema::<Vec<a::RegistryConnection>>)).query(schema::<registries::OwnerQuery>)),
+        op!(post "/environments/registry-connections", registries::create, Doc::new("environments", "Create or replace a registry connection; secret_ref names a server secret", Reply::Json(schema::<a::RegistryConnection>)).body(Body::Json(schema::<a::CreateRegistryConnection>))),
+        op!(delete "/environments/registry-connections/{id}", registries::delete, Doc::new("environments", "Delete a registry connection", status)),
         op!(get "/volumes", volumes::list, Doc::new("volumes", "The caller's volumes with their usage and mounts", Reply::Json(schema::<Vec<a::Volume>>))),
         op!(post "/volumes", volumes::create, Doc::new("volumes", "Create a volume", Reply::Json(schema::<a::Volume>)).body(Body::Json(schema::<a::CreateVolumeRequest>))),
         op!(get "/volumes/{name}", volumes::get, Doc::new("volumes", "One volume (by name or id)", Reply::Json(schema::<a::Volume>))),
