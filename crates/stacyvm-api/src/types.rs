@@ -146,6 +146,46 @@ pub struct VolumeMount {
     pub read_only: bool,
 }
 
+/// `POST /environments/specs` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct CreateEnvironmentSpec {
+    /// The spec's owner (default: the caller).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub owner_id: String,
+    /// Unique per owner.
+    pub name: String,
+    pub base_image: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub python_packages: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub apt_packages: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub python_version: String,
+}
+
+/// An environment spec: what a build makes.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct EnvironmentSpec {
+    pub id: String,
+    pub owner_id: String,
+    pub name: String,
+    pub base_image: String,
+    pub python_packages: Vec<String>,
+    pub apt_packages: Vec<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub python_version: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// `GET /environments/specs/{id}/suggestions`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct SpecSuggestions {
+    pub spec_id: String,
+    pub suggestions: Vec<String>,
+}
+
 /// `POST /environments/registry-connections` body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]

@@ -38,6 +38,7 @@ mod pools;
 mod setup;
 pub use idle::on_timeout;
 pub use setup::{check_template, RESERVED_PREFIX};
+mod environments;
 pub mod placement;
 mod registries;
 mod snapshots;

@@ -195,6 +195,22 @@ pub struct SnapshotRecord {
     pub created_at: DateTime<Utc>,
 }
 
+/// An environment spec: what a build makes (base image and packages).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EnvironmentSpecRecord {
+    pub id: String,
+    pub owner_id: String,
+    pub tenant_id: String,
+    /// Unique per owner.
+    pub name: String,
+    pub base_image: String,
+    pub python_packages: Vec<String>,
+    pub apt_packages: Vec<String>,
+    pub python_version: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// A connection to a container registry builds push to. The credential is
 /// a secret of the server's (`secret_ref` names it), never stored here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -487,6 +503,16 @@ pub trait Store: Debug + Send + Sync + 'static {
     /// One tenant's snapshots, or every snapshot with `None`; oldest first.
     async fn list_snapshots(&self, tenant_id: Option<&str>) -> Result<Vec<SnapshotRecord>>;
     async fn delete_snapshot(&self, id: &str) -> Result<()>;
+
+    /// (owner, name) taken is a `Conflict`.
+    async fn insert_environment_spec(&self, r: &EnvironmentSpecRecord) -> Result<()>;
+    async fn get_environment_spec(&self, id: &str) -> Result<EnvironmentSpecRecord>;
+    /// One tenant's specs, or all with `None`; newest first.
+    async fn list_environment_specs(
+        &self,
+        tenant_id: Option<&str>,
+    ) -> Result<Vec<EnvironmentSpecRecord>>;
+    async fn delete_environment_spec(&self, id: &str) -> Result<()>;
 
     /// (owner, provider, username) taken is a `Conflict`.
     async fn insert_registry_connection(&self, r: &RegistryConnectionRecord) -> Result<()>;

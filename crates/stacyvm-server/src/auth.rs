@@ -201,6 +201,11 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
     r("GET", "/snapshots", Perm::Read),
     r("GET", "/snapshots/{id}", Perm::Read),
     r("DELETE", "/snapshots/{id}", Perm::Write),
+    r("GET", "/environments/specs", Perm::Read),
+    r("POST", "/environments/specs", Perm::Write),
+    r("GET", "/environments/specs/{id}", Perm::Read),
+    r("DELETE", "/environments/specs/{id}", Perm::Write),
+    r("GET", "/environments/specs/{id}/suggestions", Perm::Read),
     r("GET", "/environments/registry-connections", Perm::Read),
     r("POST", "/environments/registry-connections", Perm::Write),
     r(

@@ -3332,3 +3332,95 @@ async fn registry_connections_store_references_never_secrets() {
     let db = std::fs::read(s._dir.path().join("db.sqlite")).expect("db");
     assert!(!String::from_utf8_lossy(&db).contains("s3cret-token-value"));
 }
+
+/// Environment specs: required fields and package names checked (an
+/// option or a shell word is not a package), lists trimmed and
+/// de-duplicated, one name per owner, suggestions, and tenancy.
+#[tokio::test]
+async fn environment_specs_are_checked_and_follow_tenancy() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
+    let mut cfg = oidc_config(&jwks.url);
+    cfg.auth.oidc_tenant_claim = "tenant".into();
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let token = |sub: &str, tenant: &str| {
+        let mut c = claims(sub, &[]);
+        c["tenant"] = json!(tenant);
+        Cred::Bearer(sign(&rsa, "rsa1", &c))
+    };
+    let alice = token("alice", "acme");
+    let bob = token("bob", "other");
+    let path = "/environments/specs";
+    for body in [
+        json!({"name": "web"}),
+        json!({"base_image": "python:3.12"}),
+        json!({"name": "web", "base_image": "python:3.12", "python_packages": ["--index-url=http://evil.example"]}),
+        json!({"name": "web", "base_image": "python:3.12", "apt_packages": ["curl; rm -rf /"]}),
+        json!({"name": "web", "base_image": "python 3.12"}),
+        json!({"name": "web", "base_image": "python:3.12", "python_version": "three"}),
+        json!({"name": "web", "base_image": "python:3.12", "unknown": 1}),
+    ] {
+        let (st, v) = s.send("POST", path, &alice, &[], Some(body.clone())).await;
+        assert_eq!(st, 400, "{body}: {v}");
+    }
+    let (st, v) = s
+        .send(
+            "POST",
+            path,
+            &alice,
+            &[],
+            Some(json!({"name": "web", "base_image": "python:3.12", "python_packages": [" requests ", "requests", "flask==3.0.3"], "apt_packages": ["curl"], "python_version": "3.12"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let id = v["id"].as_str().expect("id").to_string();
+    assert_eq!(
+        v["python_packages"],
+        json!(["requests", "flask==3.0.3"]),
+        "{v}"
+    );
+    assert_eq!(v["owner_id"], "alice", "{v}");
+    let (st, v) = s
+        .send(
+            "POST",
+            path,
+            &alice,
+            &[],
+            Some(json!({"name": "web", "base_image": "debian:12"})),
+        )
+        .await;
+    assert_eq!(st, 409, "{v}");
+    let (st, v) = s
+        .send(
+            "GET",
+            &format!("{path}/{id}/suggestions"),
+            &alice,
+            &[],
+            None,
+        )
+        .await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(
+        v["suggestions"],
+        json!(["pytest", "python-dotenv", "pandas", "numpy"]),
+        "{v}"
+    );
+    for (cred, sees) in [(&alice, true), (&bob, false)] {
+        let (st, v) = s
+            .send("GET", &format!("{path}/{id}"), cred, &[], None)
+            .await;
+        assert_eq!(st == 200, sees, "{v}");
+        let (st, v) = s.send("GET", path, cred, &[], None).await;
+        assert_eq!(st, 200);
+        assert_eq!(v.to_string().contains(&id), sees, "{v}");
+    }
+    let (st, v) = s
+        .send("DELETE", &format!("{path}/{id}"), &bob, &[], None)
+        .await;
+    assert_eq!(st, 404, "{v}");
+    let (st, v) = s
+        .send("DELETE", &format!("{path}/{id}"), &alice, &[], None)
+        .await;
+    assert_eq!(st, 200, "{v}");
+}

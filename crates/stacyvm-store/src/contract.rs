@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use chrono::Utc;
 use stacyvm_core::store::{
-    AdminAuditRecord, ExecLogRecord, Fence, OpAuditFilter, OpAuditRecord, QuotaRecord,
-    RegistryConnectionRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord, VolumeRecord,
-    WorkerRecord,
+    AdminAuditRecord, EnvironmentSpecRecord, ExecLogRecord, Fence, OpAuditFilter, OpAuditRecord,
+    QuotaRecord, RegistryConnectionRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
+    VolumeRecord, WorkerRecord,
 };
 use stacyvm_core::ErrorKind;
 
@@ -424,6 +424,56 @@ pub async fn snapshots(s: &dyn Store) {
     );
     assert_eq!(
         s.get_snapshot("snap-a").await.expect_err("gone").kind(),
+        ErrorKind::NotFound
+    );
+}
+
+pub async fn environment_specs(s: &dyn Store) {
+    let now = now();
+    let rec = |id: &str, owner: &str, name: &str, tenant: &str, secs: i64| EnvironmentSpecRecord {
+        id: id.into(),
+        owner_id: owner.into(),
+        tenant_id: tenant.into(),
+        name: name.into(),
+        base_image: "debian:12".into(),
+        python_packages: vec!["requests==2.32.3".into()],
+        apt_packages: vec!["curl".into(), "jq".into()],
+        python_version: "3.11".into(),
+        created_at: now + chrono::Duration::seconds(secs),
+        updated_at: now + chrono::Duration::seconds(secs),
+    };
+    s.insert_environment_spec(&rec("es-a", "alice", "web", "t1", 0))
+        .await
+        .expect("insert");
+    s.insert_environment_spec(&rec("es-b", "alice", "ml", "t1", 1))
+        .await
+        .expect("insert");
+    s.insert_environment_spec(&rec("es-c", "bob", "web", "t2", 2))
+        .await
+        .expect("insert");
+    assert_eq!(
+        s.insert_environment_spec(&rec("es-d", "alice", "web", "t1", 3))
+            .await
+            .expect_err("same owner and name")
+            .kind(),
+        ErrorKind::Conflict
+    );
+    assert_eq!(
+        s.get_environment_spec("es-b").await.expect("get"),
+        rec("es-b", "alice", "ml", "t1", 1)
+    );
+    let ids = |l: Vec<EnvironmentSpecRecord>| l.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.list_environment_specs(Some("t1")).await.expect("list")),
+        ["es-b", "es-a"]
+    );
+    assert_eq!(s.list_environment_specs(None).await.expect("all").len(), 3);
+    s.delete_environment_spec("es-a").await.expect("delete");
+    assert_eq!(
+        s.get_environment_spec("es-a")
+            .await
+            .expect_err("gone")
+            .kind(),
         ErrorKind::NotFound
     );
 }
@@ -994,7 +1044,7 @@ macro_rules! store_contract_tests {
         mod $engine {
             #[allow(unused_imports)]
             use super::*;
-            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, fenced_writes, lease_transfer, admission, concurrent_writers, snapshots, volumes, registry_connections, preview_ports);
+            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, fenced_writes, lease_transfer, admission, concurrent_writers, snapshots, volumes, registry_connections, environment_specs, preview_ports);
         }
     };
     (@case $make:expr, $($case:ident),*) => {

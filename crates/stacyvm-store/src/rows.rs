@@ -6,9 +6,10 @@
 
 use chrono::{DateTime, Utc};
 use stacyvm_core::store::{
-    AdminAuditRecord, ExecLogRecord, LeaseRecord, OpAuditRecord, PolicyRecord, PortRecord,
-    PreviewTokenRecord, QuotaRecord, RegistryConnectionRecord, SandboxRecord, SnapshotRecord,
-    TemplateRecord, TenantMemberRecord, TenantRecord, VolumeRecord, WorkerRecord,
+    AdminAuditRecord, EnvironmentSpecRecord, ExecLogRecord, LeaseRecord, OpAuditRecord,
+    PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord, RegistryConnectionRecord,
+    SandboxRecord, SnapshotRecord, TemplateRecord, TenantMemberRecord, TenantRecord, VolumeRecord,
+    WorkerRecord,
 };
 use stacyvm_core::{Error, Result};
 
@@ -203,6 +204,21 @@ pub(crate) fn snapshot(r: &impl Cols) -> Result<SnapshotRecord> {
         owner_id: r.text("owner_id"),
         tenant_id: r.text("tenant_id"),
         created_at: r.time("created_at")?,
+    })
+}
+
+pub(crate) fn environment_spec(r: &impl Cols) -> Result<EnvironmentSpecRecord> {
+    Ok(EnvironmentSpecRecord {
+        id: r.text("id"),
+        owner_id: r.text("owner_id"),
+        tenant_id: r.text("tenant_id"),
+        name: r.text("name"),
+        base_image: r.text("base_image"),
+        python_packages: r.json("python_packages"),
+        apt_packages: r.json("apt_packages"),
+        python_version: r.text("python_version"),
+        created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
     })
 }
 

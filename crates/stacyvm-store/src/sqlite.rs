@@ -11,8 +11,8 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlitePool};
 use stacyvm_core::store::{
-    AdminAuditFilter, AdminAuditRecord, ExecLogRecord, Fence, LeaseRecord, OpAuditFilter,
-    OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord,
+    AdminAuditFilter, AdminAuditRecord, EnvironmentSpecRecord, ExecLogRecord, Fence, LeaseRecord,
+    OpAuditFilter, OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord,
     RegistryConnectionRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
     TenantMemberRecord, TenantRecord, VolumeRecord, WorkerRecord,
 };
@@ -1152,6 +1152,68 @@ impl Store for SqliteStore {
             .await
             .map_err(db_err)?;
         not_found_if_zero(r.rows_affected(), format!("volume {id:?}"))
+    }
+
+    async fn insert_environment_spec(&self, r: &EnvironmentSpecRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO environment_specs (id, owner_id, tenant_id, name, base_image, python_packages, apt_packages, python_version, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.owner_id)
+        .bind(&r.tenant_id)
+        .bind(&r.name)
+        .bind(&r.base_image)
+        .bind(to_json(&r.python_packages))
+        .bind(to_json(&r.apt_packages))
+        .bind(&r.python_version)
+        .bind(ts(r.created_at))
+        .bind(ts(r.updated_at))
+        .execute(&self.writer)
+        .await
+        .map_err(|e| match db_err(e) {
+            e if e.kind() == ErrorKind::Conflict => Error::conflict(format!(
+                "an environment spec named {:?} already exists for {:?}",
+                r.name, r.owner_id
+            )),
+            e => e,
+        })?;
+        Ok(())
+    }
+
+    async fn get_environment_spec(&self, id: &str) -> Result<EnvironmentSpecRecord> {
+        let row = sqlx::query("SELECT * FROM environment_specs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("environment spec {id:?}")))?;
+        rows::environment_spec(&row)
+    }
+
+    async fn list_environment_specs(
+        &self,
+        tenant_id: Option<&str>,
+    ) -> Result<Vec<EnvironmentSpecRecord>> {
+        let rows = match tenant_id {
+            Some(t) => sqlx::query(
+                "SELECT * FROM environment_specs WHERE tenant_id = ? ORDER BY created_at DESC, id DESC",
+            )
+            .bind(t),
+            None => sqlx::query("SELECT * FROM environment_specs ORDER BY created_at DESC, id DESC"),
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::environment_spec).collect()
+    }
+
+    async fn delete_environment_spec(&self, id: &str) -> Result<()> {
+        let r = sqlx::query("DELETE FROM environment_specs WHERE id = ?")
+            .bind(id)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("environment spec {id:?}"))
     }
 
     async fn insert_registry_connection(&self, r: &RegistryConnectionRecord) -> Result<()> {

@@ -1,6 +1,7 @@
 //! Route table of `/api/v1`.
 
 pub mod audit;
+pub mod environments;
 pub mod files;
 pub mod ports;
 pub mod quotas;
@@ -122,6 +123,11 @@ fn table() -> Vec<(Op, MethodRouter<AppState>)> {
         op!(get "/snapshots", system::snapshots, Doc::new("snapshots", "The caller's snapshots", Reply::Json(schema::<Vec<a::SnapshotSummary>>))),
         op!(get "/snapshots/{id}", system::snapshot, Doc::new("snapshots", "One snapshot", Reply::Json(schema::<a::SnapshotSummary>))),
         op!(delete "/snapshots/{id}", system::delete_snapshot, Doc::new("snapshots", "Delete a snapshot", status)),
+        op!(get "/environments/specs", environments::list, Doc::new("environments", "Environment specs", Reply::Json(schema::<Vec<a::EnvironmentSpec>>)).query(schema::<registries::OwnerQuery>)),
+        op!(post "/environments/specs", environments::create, Doc::new("environments", "Create an environment spec", Reply::Json(schema::<a::EnvironmentSpec>)).body(Body::Json(schema::<a::CreateEnvironmentSpec>))),
+        op!(get "/environments/specs/{id}", environments::get, Doc::new("environments", "One environment spec", Reply::Json(schema::<a::EnvironmentSpec>))),
+        op!(delete "/environments/specs/{id}", environments::delete, Doc::new("environments", "Delete an environment spec", status)),
+        op!(get "/environments/specs/{id}/suggestions", environments::suggestions, Doc::new("environments", "Packages often added to environments like this one", Reply::Json(schema::<a::SpecSuggestions>))),
         op!(get "/environments/registry-connections", registries::list, Doc::new("environments", "Registry connections (never their secrets)", Reply::Json(schema::<Vec<a::RegistryConnection>>)).query(schema::<registries::OwnerQuery>)),
         op!(post "/environments/registry-connections", registries::create, Doc::new("environments", "Create or replace a registry connection; secret_ref names a server secret", Reply::Json(schema::<a::RegistryConnection>)).body(Body::Json(schema::<a::CreateRegistryConnection>))),
         op!(delete "/environments/registry-connections/{id}", registries::delete, Doc::new("environments", "Delete a registry connection", status)),

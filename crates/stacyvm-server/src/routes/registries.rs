@@ -13,7 +13,7 @@ use crate::AppState;
 #[derive(Debug, Deserialize, schemars::JsonSchema)]
 pub struct OwnerQuery {
     /// Only this owner's connections.
-    owner_id: Option<String>,
+    pub(crate) owner_id: Option<String>,
 }
 
 /// `GET /environments/registry-connections[?owner_id=]`.

@@ -1,4 +1,6 @@
--- Registry connections belong to a tenant like everything else, and name
+-- Registry connections and environment specs belong to a tenant like
+-- everything else; a registry connection names
 -- the registry host for the `registry` provider (any OCI registry).
 ALTER TABLE registry_connections ADD COLUMN IF NOT EXISTS tenant_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE registry_connections ADD COLUMN IF NOT EXISTS host TEXT NOT NULL DEFAULT '';
+ALTER TABLE environment_specs ADD COLUMN IF NOT EXISTS tenant_id TEXT NOT NULL DEFAULT '';
