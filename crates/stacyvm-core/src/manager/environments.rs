@@ -106,12 +106,14 @@ impl Manager {
             )));
         }
         let version = req.python_version.trim();
-        if !version.is_empty()
-            && !(version.split('.').count() <= 3
-                && version.split('.').all(|p| {
-                    !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
-                }))
-        {
+        let version_ok = |v: &str| {
+            let parts: Vec<&str> = v.split('.').collect();
+            parts.len() <= 3
+                && parts
+                    .iter()
+                    .all(|p| !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit()))
+        };
+        if !version.is_empty() && !version_ok(version) {
             return Err(Error::invalid(format!(
                 "python_version {version:?}: like 3, 3.12 or 3.12.4"
             )));
