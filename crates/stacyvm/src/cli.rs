@@ -231,6 +231,14 @@ pub enum Command {
         #[arg(long, short = 'n', default_value_t = 100)]
         lines: usize,
     },
+    /// Environment specs and registry connections (builds are not in this
+    /// release).
+    Env {
+        #[command(flatten)]
+        conn: Conn,
+        #[command(subcommand)]
+        command: crate::env::EnvCommand,
+    },
     /// Snapshots of sandboxes and forks: create, fork, list, delete.
     Snapshot {
         #[command(flatten)]
@@ -370,6 +378,7 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Ops(command) => crate::ops::run(command).await,
         Command::Volume { conn, command } => crate::volume::run(&conn, command).await,
         Command::Snapshot { conn, command } => crate::snapshot::run(&conn, command).await,
+        Command::Env { conn, command } => crate::env::run(&conn, command).await,
         Command::Version => {
             println!(
                 "stacyvm {} ({}/{})",

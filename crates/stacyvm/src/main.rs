@@ -6,6 +6,7 @@ mod checks;
 mod cli;
 mod db;
 mod doctor;
+mod env;
 mod image;
 mod interactive;
 mod lint;

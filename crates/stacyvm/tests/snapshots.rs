@@ -197,3 +197,65 @@ async fn the_cli_snapshots_forks_and_spawns_from_snapshots() {
     args.extend(all.iter().map(String::as_str));
     cli(&server, &args);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_manages_environment_specs_and_registry_connections() {
+    let dir = tempfile::tempdir().expect("dir");
+    let server = common::Server::start(dir.path(), &[("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0")]);
+    let id = cli(
+        &server,
+        &[
+            "env",
+            "create",
+            "web",
+            "--base-image",
+            "python:3.12",
+            "--pip",
+            "flask==3.0.3",
+            "--apt",
+            "curl",
+        ],
+    )
+    .trim()
+    .to_string();
+    assert!(id.starts_with("es-"), "{id}");
+    let table = cli(&server, &["env", "ls"]);
+    assert!(
+        table.contains("web") && table.contains("pip:flask==3.0.3") && table.contains("apt:curl"),
+        "{table}"
+    );
+    // A registry connection names a server secret; the secret stays on the
+    // server.
+    let secrets = dir.path().join("secrets");
+    std::fs::create_dir_all(&secrets).expect("secrets");
+    std::fs::write(secrets.join("REGISTRY_TOKEN"), "token-value").expect("secret");
+    let rc = cli(
+        &server,
+        &[
+            "env",
+            "registry",
+            "add",
+            "registry",
+            "--host",
+            "localhost:5000",
+            "--username",
+            "ci",
+            "--secret",
+            "REGISTRY_TOKEN",
+        ],
+    )
+    .trim()
+    .to_string();
+    let listed = cli(&server, &["env", "registry", "ls", "--json"]);
+    assert!(
+        listed.contains(&rc)
+            && !listed.contains("token-value")
+            && !listed.contains("REGISTRY_TOKEN"),
+        "{listed}"
+    );
+    cli(&server, &["env", "registry", "rm", &rc]);
+    cli(&server, &["env", "rm", &id]);
+    let listed: serde_json::Value =
+        serde_json::from_str(&cli(&server, &["env", "ls", "--json"])).expect("json");
+    assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
+}
