@@ -99,10 +99,16 @@ impl Caller {
         if r.metadata.contains_key(setup::POOL_KEY) {
             return false;
         }
-        if self.sees_all_tenants() {
-            return true;
-        }
-        r.tenant_id == self.tenant_id && (self.scope != Scope::Owner || r.owner_id == self.owner_id)
+        self.sees_owned(&r.tenant_id, &r.owner_id)
+    }
+
+    /// Whether something of `tenant_id` and `owner_id` (a sandbox, a
+    /// snapshot, a volume, a spec, a registry connection) is visible to
+    /// this caller: tenancy, then ownership for owner-scoped callers.
+    pub fn sees_owned(&self, tenant_id: &str, owner_id: &str) -> bool {
+        self.sees_all_tenants()
+            || (tenant_id == self.tenant_id
+                && (self.scope != Scope::Owner || owner_id == self.owner_id))
     }
 
     /// The owner of a new sandbox. A body `owner_id` other than the

@@ -119,35 +119,19 @@ async fn fork_children_keep_the_files_write_privately_and_survive_a_crash() {
     assert!(!on_disk.exists(), "the last child took the layer along");
 }
 
-/// Runs the CLI against the server; its stdout, failing the test on a
-/// non-zero exit.
-fn cli(server: &common::Server, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stacyvm"))
-        .args(args)
-        .env("STACYVM_URL", server.url.trim_end_matches("/api/v1"))
-        .output()
-        .expect("stacyvm");
-    assert!(
-        out.status.success(),
-        "stacyvm {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_snapshots_forks_and_spawns_from_snapshots() {
     let dir = tempfile::tempdir().expect("dir");
     let server = common::Server::start(dir.path(), &[("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0")]);
     let api = common::Api::new(&server);
-    let src = cli(&server, &["spawn"]).trim().to_string();
+    let src = common::cli(&server, &["spawn"]).trim().to_string();
     let out = api.exec(&src, "echo cli-state > /workspace/s").await;
     assert_eq!(out["exit_code"], 0, "{out}");
-    let snap = cli(&server, &["snapshot", "create", &src])
+    let snap = common::cli(&server, &["snapshot", "create", &src])
         .trim()
         .to_string();
     assert!(snap.starts_with("snap-"), "{snap}");
-    let child = cli(&server, &["spawn", "--snapshot", &snap])
+    let child = common::cli(&server, &["spawn", "--snapshot", &snap])
         .trim()
         .to_string();
     assert_eq!(
@@ -161,7 +145,7 @@ async fn the_cli_snapshots_forks_and_spawns_from_snapshots() {
         .output()
         .expect("stacyvm");
     assert!(!refused.status.success());
-    let forked: serde_json::Value = serde_json::from_str(&cli(
+    let forked: serde_json::Value = serde_json::from_str(&common::cli(
         &server,
         &["snapshot", "fork", &src, "--count", "2", "--keep", "--json"],
     ))
@@ -175,7 +159,7 @@ async fn the_cli_snapshots_forks_and_spawns_from_snapshots() {
     assert_eq!(kids.len(), 2, "{forked}");
     let kept = forked["snapshot"]["id"].as_str().expect("kept").to_string();
     let listed: serde_json::Value =
-        serde_json::from_str(&cli(&server, &["snapshot", "ls", "--json"])).expect("json");
+        serde_json::from_str(&common::cli(&server, &["snapshot", "ls", "--json"])).expect("json");
     let ids: Vec<&str> = listed
         .as_array()
         .expect("list")
@@ -186,23 +170,23 @@ async fn the_cli_snapshots_forks_and_spawns_from_snapshots() {
         ids.contains(&snap.as_str()) && ids.contains(&kept.as_str()),
         "{listed}"
     );
-    let table = cli(&server, &["snapshot", "ls"]);
+    let table = common::cli(&server, &["snapshot", "ls"]);
     assert!(table.contains(&snap) && table.contains(&src), "{table}");
     for s in [&snap, &kept] {
-        cli(&server, &["snapshot", "rm", s]);
+        common::cli(&server, &["snapshot", "rm", s]);
     }
     let mut all = kids;
     all.extend([child, src]);
     let mut args = vec!["kill"];
     args.extend(all.iter().map(String::as_str));
-    cli(&server, &args);
+    common::cli(&server, &args);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_manages_environment_specs_and_registry_connections() {
     let dir = tempfile::tempdir().expect("dir");
     let server = common::Server::start(dir.path(), &[("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0")]);
-    let id = cli(
+    let id = common::cli(
         &server,
         &[
             "env",
@@ -219,7 +203,7 @@ async fn the_cli_manages_environment_specs_and_registry_connections() {
     .trim()
     .to_string();
     assert!(id.starts_with("es-"), "{id}");
-    let table = cli(&server, &["env", "ls"]);
+    let table = common::cli(&server, &["env", "ls"]);
     assert!(
         table.contains("web") && table.contains("pip:flask==3.0.3") && table.contains("apt:curl"),
         "{table}"
@@ -229,7 +213,7 @@ async fn the_cli_manages_environment_specs_and_registry_connections() {
     let secrets = dir.path().join("secrets");
     std::fs::create_dir_all(&secrets).expect("secrets");
     std::fs::write(secrets.join("REGISTRY_TOKEN"), "token-value").expect("secret");
-    let rc = cli(
+    let rc = common::cli(
         &server,
         &[
             "env",
@@ -246,16 +230,16 @@ async fn the_cli_manages_environment_specs_and_registry_connections() {
     )
     .trim()
     .to_string();
-    let listed = cli(&server, &["env", "registry", "ls", "--json"]);
+    let listed = common::cli(&server, &["env", "registry", "ls", "--json"]);
     assert!(
         listed.contains(&rc)
             && !listed.contains("token-value")
             && !listed.contains("REGISTRY_TOKEN"),
         "{listed}"
     );
-    cli(&server, &["env", "registry", "rm", &rc]);
-    cli(&server, &["env", "rm", &id]);
+    common::cli(&server, &["env", "registry", "rm", &rc]);
+    common::cli(&server, &["env", "rm", &id]);
     let listed: serde_json::Value =
-        serde_json::from_str(&cli(&server, &["env", "ls", "--json"])).expect("json");
+        serde_json::from_str(&common::cli(&server, &["env", "ls", "--json"])).expect("json");
     assert_eq!(listed.as_array().map(Vec::len), Some(0), "{listed}");
 }

@@ -334,22 +334,6 @@ async fn one_volume_serves_native_and_docker_sandboxes() {
     assert!(mounted_under(dir.path()).is_empty());
 }
 
-/// Runs the CLI against the server; its stdout, failing the test on a
-/// non-zero exit.
-fn cli(server: &common::Server, args: &[&str]) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_stacyvm"))
-        .args(args)
-        .env("STACYVM_URL", server.url.trim_end_matches("/api/v1"))
-        .output()
-        .expect("stacyvm");
-    assert!(
-        out.status.success(),
-        "stacyvm {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_creates_mounts_backs_up_and_restores_volumes() {
     let dir = tempfile::tempdir().expect("dir");
@@ -357,51 +341,51 @@ async fn the_cli_creates_mounts_backs_up_and_restores_volumes() {
     let server = common::Server::start(dir.path(), &[("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0")]);
     let api = common::Api::new(&server);
     assert_eq!(
-        cli(&server, &["volume", "create", "notes", "--size-mb", "24"]),
+        common::cli(&server, &["volume", "create", "notes", "--size-mb", "24"]),
         "notes\n"
     );
-    let id = cli(&server, &["spawn", "--volume", "notes:/notes"])
+    let id = common::cli(&server, &["spawn", "--volume", "notes:/notes"])
         .trim()
         .to_string();
     let out = api.exec(&id, "echo remember > /notes/todo").await;
     assert_eq!(out["exit_code"], 0, "{out}");
     let listed: serde_json::Value =
-        serde_json::from_str(&cli(&server, &["volume", "ls", "--json"])).expect("json");
+        serde_json::from_str(&common::cli(&server, &["volume", "ls", "--json"])).expect("json");
     assert_eq!(listed[0]["name"], "notes", "{listed}");
     assert_eq!(
         listed[0]["mounts"][0]["sandbox_id"],
         id.as_str(),
         "{listed}"
     );
-    let table = cli(&server, &["volume", "ls"]);
+    let table = common::cli(&server, &["volume", "ls"]);
     assert!(
         table.contains("notes") && table.contains(&format!("{id}:/notes")),
         "{table}"
     );
-    cli(&server, &["kill", &id]);
+    common::cli(&server, &["kill", &id]);
     let backup = dir.path().join("notes.tar.gz");
-    cli(
+    common::cli(
         &server,
         &["volume", "export", "notes", "-o", &backup.to_string_lossy()],
     );
     let bytes = std::fs::read(&backup).expect("backup");
     assert_eq!(&bytes[..2], &[0x1f, 0x8b], "a .tar.gz name means gzip");
-    cli(
+    common::cli(
         &server,
         &["volume", "create", "restored", "--size-mb", "24"],
     );
-    cli(
+    common::cli(
         &server,
         &["volume", "import", "restored", &backup.to_string_lossy()],
     );
-    let id = cli(&server, &["spawn", "-v", "restored:/r:ro"])
+    let id = common::cli(&server, &["spawn", "-v", "restored:/r:ro"])
         .trim()
         .to_string();
     let out = api.exec(&id, "cat /r/todo").await;
     assert_eq!(out["stdout"], "remember\n", "{out}");
-    cli(&server, &["kill", &id]);
+    common::cli(&server, &["kill", &id]);
     for name in ["notes", "restored"] {
-        cli(&server, &["volume", "rm", name]);
+        common::cli(&server, &["volume", "rm", name]);
     }
     assert!(mounted_under(dir.path()).is_empty());
 }

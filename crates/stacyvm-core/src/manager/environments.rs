@@ -4,7 +4,7 @@
 
 use stacyvm_api::{CreateEnvironmentSpec, EnvironmentSpec, SpecSuggestions};
 
-use super::{Caller, Manager, Scope};
+use super::{Caller, Manager};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::EnvironmentSpecRecord;
 
@@ -77,9 +77,7 @@ pub fn clean_packages(field: &str, list: &[String]) -> Result<Vec<String>> {
 
 impl Caller {
     fn sees_spec(&self, r: &EnvironmentSpecRecord) -> bool {
-        self.sees_all_tenants()
-            || (r.tenant_id == self.tenant_id
-                && (self.scope != Scope::Owner || r.owner_id == self.owner_id))
+        self.sees_owned(&r.tenant_id, &r.owner_id)
     }
 }
 

@@ -5,7 +5,7 @@
 
 use stacyvm_api::{CreateRegistryConnection, RegistryConnection};
 
-use super::{Caller, Manager, Scope};
+use super::{Caller, Manager};
 use crate::error::{Error, ErrorKind, Result};
 use crate::store::RegistryConnectionRecord;
 
@@ -49,9 +49,7 @@ fn check_host(host: &str) -> Result<()> {
 
 impl Caller {
     fn sees_connection(&self, r: &RegistryConnectionRecord) -> bool {
-        self.sees_all_tenants()
-            || (r.tenant_id == self.tenant_id
-                && (self.scope != Scope::Owner || r.owner_id == self.owner_id))
+        self.sees_owned(&r.tenant_id, &r.owner_id)
     }
 }
 

@@ -9,7 +9,7 @@ use chrono::Utc;
 use stacyvm_api::{ForkRequest, ForkResponse, Sandbox, SnapshotSummary, SpawnRequest};
 use tracing::{info, warn};
 
-use super::{Caller, Manager, Scope};
+use super::{Caller, Manager};
 use crate::error::{Error, ErrorKind, Result};
 use crate::paths;
 use crate::provider::{capability, Provider};
@@ -38,9 +38,7 @@ impl Caller {
     /// Whether the snapshot `r` is visible to this caller (the rule of
     /// sandboxes: tenancy, then ownership).
     pub fn sees_snapshot(&self, r: &SnapshotRecord) -> bool {
-        self.sees_all_tenants()
-            || (r.tenant_id == self.tenant_id
-                && (self.scope != Scope::Owner || r.owner_id == self.owner_id))
+        self.sees_owned(&r.tenant_id, &r.owner_id)
     }
 }
 

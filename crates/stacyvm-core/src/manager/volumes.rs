@@ -7,7 +7,7 @@ use std::sync::Arc;
 use stacyvm_api::{CreateVolumeRequest, SpawnRequest, Volume, VolumeUse};
 use tracing::info;
 
-use super::{Caller, Manager, Scope};
+use super::{Caller, Manager};
 use crate::error::{Error, ErrorKind, Result};
 use crate::provider::{capability, ArchiveReport, FileStream, Provider};
 use crate::store::VolumeRecord;
@@ -71,9 +71,7 @@ impl Caller {
     /// Whether the volume `r` is visible to this caller (the rule of
     /// sandboxes: tenancy, then ownership).
     pub fn sees_volume(&self, r: &VolumeRecord) -> bool {
-        self.sees_all_tenants()
-            || (r.tenant_id == self.tenant_id
-                && (self.scope != Scope::Owner || r.owner_id == self.owner_id))
+        self.sees_owned(&r.tenant_id, &r.owner_id)
     }
 }
 

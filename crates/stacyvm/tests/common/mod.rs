@@ -286,3 +286,19 @@ pub fn ensure_docker_image(image: &str) {
         .expect("import");
     assert!(st.success(), "docker import failed");
 }
+
+/// Runs the CLI against `server`; its stdout, failing the test on a
+/// non-zero exit.
+pub fn cli(server: &Server, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_stacyvm"))
+        .args(args)
+        .env("STACYVM_URL", server.url.trim_end_matches("/api/v1"))
+        .output()
+        .expect("stacyvm");
+    assert!(
+        out.status.success(),
+        "stacyvm {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
