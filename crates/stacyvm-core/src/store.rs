@@ -211,6 +211,50 @@ pub struct EnvironmentSpecRecord {
     pub updated_at: DateTime<Utc>,
 }
 
+/// One place a build's image goes: the provider's own store (`local`) or
+/// a registry connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    /// `local`, or the registry connection's provider (`ghcr`,
+    /// `dockerhub`, `registry`).
+    pub target: String,
+    /// The registry connection pushed with (empty for `local`).
+    #[serde(default)]
+    pub connection_id: String,
+    pub image_ref: String,
+    #[serde(default)]
+    pub digest: String,
+    /// `pending`, `ready` or `failed`.
+    pub status: String,
+    #[serde(default)]
+    pub error: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A build of an environment spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildRecord {
+    pub id: String,
+    pub spec_id: String,
+    pub owner_id: String,
+    pub tenant_id: String,
+    /// The provider whose image store (or engine) gets the image.
+    pub provider: String,
+    /// `queued`, `building`, `ready`, `failed` or `canceled`.
+    pub status: String,
+    pub current_step: String,
+    /// The build's output (bounded; see `manager::builds`).
+    pub log: String,
+    pub image_size_bytes: u64,
+    pub digest_local: String,
+    pub error: String,
+    pub artifacts: Vec<ArtifactRecord>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// A connection to a container registry builds push to. The credential is
 /// a secret of the server's (`secret_ref` names it), never stored here.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -512,7 +556,17 @@ pub trait Store: Debug + Send + Sync + 'static {
         &self,
         tenant_id: Option<&str>,
     ) -> Result<Vec<EnvironmentSpecRecord>>;
+    /// Deletes the spec and the records of its builds.
     async fn delete_environment_spec(&self, id: &str) -> Result<()>;
+
+    async fn insert_build(&self, r: &BuildRecord) -> Result<()>;
+    async fn get_build(&self, id: &str) -> Result<BuildRecord>;
+    /// Replaces a build's row (NotFound when it is gone).
+    async fn update_build(&self, r: &BuildRecord) -> Result<()>;
+    /// One tenant's builds, or all with `None`; newest first, at most `limit`.
+    async fn list_builds(&self, tenant_id: Option<&str>, limit: usize) -> Result<Vec<BuildRecord>>;
+    /// Builds still `queued` or `building` (for a restarting server).
+    async fn unfinished_builds(&self) -> Result<Vec<BuildRecord>>;
 
     /// (owner, provider, username) taken is a `Conflict`.
     async fn insert_registry_connection(&self, r: &RegistryConnectionRecord) -> Result<()>;

@@ -6,11 +6,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{TimeZone, Utc};
 use stacyvm_core::store::{
-    AdminAuditRecord, EnvironmentSpecRecord, ExecLogRecord, Fence, OpAuditFilter, OpAuditRecord,
-    QuotaRecord, RegistryConnectionRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
-    VolumeRecord, WorkerRecord,
+    AdminAuditRecord, ArtifactRecord, BuildRecord, EnvironmentSpecRecord, ExecLogRecord, Fence,
+    OpAuditFilter, OpAuditRecord, QuotaRecord, RegistryConnectionRecord, SandboxRecord,
+    SnapshotRecord, Store, TemplateRecord, VolumeRecord, WorkerRecord,
 };
 use stacyvm_core::ErrorKind;
 
@@ -473,6 +473,99 @@ pub async fn environment_specs(s: &dyn Store) {
         s.get_environment_spec("es-a")
             .await
             .expect_err("gone")
+            .kind(),
+        ErrorKind::NotFound
+    );
+}
+
+pub async fn builds(s: &dyn Store) {
+    let t0 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
+    let spec = EnvironmentSpecRecord {
+        id: "es-b1".into(),
+        owner_id: "alice".into(),
+        tenant_id: "t1".into(),
+        name: "web".into(),
+        base_image: "debian:bookworm".into(),
+        python_packages: vec![],
+        apt_packages: vec!["curl".into()],
+        python_version: String::new(),
+        created_at: t0,
+        updated_at: t0,
+    };
+    s.insert_environment_spec(&spec).await.expect("spec");
+    let rec = |id: &str, tenant: &str, secs: i64| BuildRecord {
+        id: id.into(),
+        spec_id: "es-b1".into(),
+        owner_id: "alice".into(),
+        tenant_id: tenant.into(),
+        provider: "native".into(),
+        status: "queued".into(),
+        current_step: String::new(),
+        log: "build queued".into(),
+        image_size_bytes: 0,
+        digest_local: String::new(),
+        error: String::new(),
+        artifacts: vec![ArtifactRecord {
+            target: "local".into(),
+            connection_id: String::new(),
+            image_ref: format!("local/stacyvm-env:web-{id}"),
+            digest: String::new(),
+            status: "pending".into(),
+            error: String::new(),
+            created_at: t0,
+            updated_at: t0,
+        }],
+        created_at: t0 + chrono::Duration::seconds(secs),
+        finished_at: None,
+        updated_at: t0 + chrono::Duration::seconds(secs),
+    };
+    for (id, tenant, secs) in [("bd-1", "t1", 0), ("bd-2", "t1", 1), ("bd-3", "t2", 2)] {
+        s.insert_build(&rec(id, tenant, secs))
+            .await
+            .expect("insert");
+    }
+    assert_eq!(
+        s.get_build("bd-1").await.expect("get"),
+        rec("bd-1", "t1", 0)
+    );
+    let ids = |l: Vec<BuildRecord>| l.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(s.list_builds(Some("t1"), 10).await.expect("list")),
+        ["bd-2", "bd-1"]
+    );
+    assert_eq!(
+        ids(s.list_builds(None, 2).await.expect("limit")),
+        ["bd-3", "bd-2"]
+    );
+    // A finished build keeps its log, error, artifacts and end time.
+    let mut done = rec("bd-1", "t1", 0);
+    done.status = "failed".into();
+    done.log = "line one\nline two\n".into();
+    done.error = "apt-get exited with 100".into();
+    done.artifacts[0].status = "failed".into();
+    done.finished_at = Some(t0 + chrono::Duration::seconds(30));
+    done.updated_at = t0 + chrono::Duration::seconds(30);
+    s.update_build(&done).await.expect("update");
+    assert_eq!(s.get_build("bd-1").await.expect("get"), done);
+    assert_eq!(
+        ids(s.unfinished_builds().await.expect("unfinished")),
+        ["bd-2", "bd-3"]
+    );
+    assert_eq!(
+        s.update_build(&rec("bd-none", "t1", 0))
+            .await
+            .expect_err("gone")
+            .kind(),
+        ErrorKind::NotFound
+    );
+    // Deleting the spec deletes its builds' records.
+    s.delete_environment_spec("es-b1")
+        .await
+        .expect("delete spec");
+    assert_eq!(
+        s.get_build("bd-2")
+            .await
+            .expect_err("gone with its spec")
             .kind(),
         ErrorKind::NotFound
     );
@@ -1044,7 +1137,7 @@ macro_rules! store_contract_tests {
         mod $engine {
             #[allow(unused_imports)]
             use super::*;
-            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, fenced_writes, lease_transfer, admission, concurrent_writers, snapshots, volumes, registry_connections, environment_specs, preview_ports);
+            $crate::store_contract_tests!(@case $make, sandbox_lifecycle, sandbox_listing_order_and_expiry, exec_logs, retention, templates, quotas, audit, workers, leases, lease_race, fenced_writes, lease_transfer, admission, concurrent_writers, snapshots, volumes, registry_connections, environment_specs, builds, preview_ports);
         }
     };
     (@case $make:expr, $($case:ident),*) => {

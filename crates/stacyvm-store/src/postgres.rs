@@ -13,9 +13,9 @@ use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use sqlx::{PgPool, Row};
 use stacyvm_core::store::{
-    AdminAuditFilter, AdminAuditRecord, EnvironmentSpecRecord, ExecLogRecord, Fence, LeaseRecord,
-    OpAuditFilter, OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord,
-    RegistryConnectionRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
+    AdminAuditFilter, AdminAuditRecord, BuildRecord, EnvironmentSpecRecord, ExecLogRecord, Fence,
+    LeaseRecord, OpAuditFilter, OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord,
+    QuotaRecord, RegistryConnectionRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
     TenantMemberRecord, TenantRecord, VolumeRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
@@ -37,6 +37,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
         7,
         include_str!("../migrations/postgres/0007_registry_tenancy.sql"),
     ),
+    (8, include_str!("../migrations/postgres/0008_builds.sql")),
 ];
 
 /// The newest schema version this build knows.
@@ -88,6 +89,9 @@ impl Cols for PgRow {
         self.get(col)
     }
     fn time(&self, col: &str) -> Result<DateTime<Utc>> {
+        Ok(self.get(col))
+    }
+    fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>> {
         Ok(self.get(col))
     }
 }
@@ -1275,7 +1279,88 @@ impl Store for PostgresStore {
         rows.iter().map(rows::environment_spec).collect()
     }
 
+    async fn insert_build(&self, r: &BuildRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO environment_builds (id, spec_id, owner_id, tenant_id, provider, status, current_step, log_blob, image_size_bytes, digest_local, error, artifacts, created_at, finished_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+        )
+        .bind(&r.id)
+        .bind(&r.spec_id)
+        .bind(&r.owner_id)
+        .bind(&r.tenant_id)
+        .bind(&r.provider)
+        .bind(&r.status)
+        .bind(&r.current_step)
+        .bind(&r.log)
+        .bind(i64::try_from(r.image_size_bytes).unwrap_or(i64::MAX))
+        .bind(&r.digest_local)
+        .bind(&r.error)
+        .bind(to_json(&r.artifacts))
+        .bind(r.created_at)
+        .bind(r.finished_at)
+        .bind(r.updated_at)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn get_build(&self, id: &str) -> Result<BuildRecord> {
+        let row = sqlx::query("SELECT * FROM environment_builds WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("build {id:?}")))?;
+        rows::build(&row)
+    }
+
+    async fn update_build(&self, r: &BuildRecord) -> Result<()> {
+        let res = sqlx::query(
+            "UPDATE environment_builds SET status = $1, current_step = $2, log_blob = $3, image_size_bytes = $4, digest_local = $5, error = $6, artifacts = $7, finished_at = $8, updated_at = $9 WHERE id = $10",
+        )
+        .bind(&r.status)
+        .bind(&r.current_step)
+        .bind(&r.log)
+        .bind(i64::try_from(r.image_size_bytes).unwrap_or(i64::MAX))
+        .bind(&r.digest_local)
+        .bind(&r.error)
+        .bind(to_json(&r.artifacts))
+        .bind(r.finished_at)
+        .bind(r.updated_at)
+        .bind(&r.id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        not_found_if_zero(res.rows_affected(), format!("build {:?}", r.id))
+    }
+
+    async fn list_builds(&self, tenant_id: Option<&str>, limit: usize) -> Result<Vec<BuildRecord>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = sqlx::query("SELECT * FROM environment_builds WHERE $1::text IS NULL OR tenant_id = $1 ORDER BY created_at DESC, id DESC LIMIT $2")
+            .bind(tenant_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(rows::build).collect()
+    }
+
+    async fn unfinished_builds(&self) -> Result<Vec<BuildRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM environment_builds WHERE status IN ('queued', 'building') ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::build).collect()
+    }
+
     async fn delete_environment_spec(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM environment_builds WHERE spec_id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
         let r = sqlx::query("DELETE FROM environment_specs WHERE id = $1")
             .bind(id)
             .execute(&self.pool)

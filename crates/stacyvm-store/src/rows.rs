@@ -6,10 +6,10 @@
 
 use chrono::{DateTime, Utc};
 use stacyvm_core::store::{
-    AdminAuditRecord, EnvironmentSpecRecord, ExecLogRecord, LeaseRecord, OpAuditRecord,
-    PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord, RegistryConnectionRecord,
-    SandboxRecord, SnapshotRecord, TemplateRecord, TenantMemberRecord, TenantRecord, VolumeRecord,
-    WorkerRecord,
+    AdminAuditRecord, BuildRecord, EnvironmentSpecRecord, ExecLogRecord, LeaseRecord,
+    OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord,
+    RegistryConnectionRecord, SandboxRecord, SnapshotRecord, TemplateRecord, TenantMemberRecord,
+    TenantRecord, VolumeRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, Result};
 
@@ -21,6 +21,7 @@ pub(crate) trait Cols {
     fn int(&self, col: &str) -> i64;
     fn flag(&self, col: &str) -> bool;
     fn time(&self, col: &str) -> Result<DateTime<Utc>>;
+    fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>>;
 
     fn json<T: serde::de::DeserializeOwned + Default>(&self, col: &str) -> T {
         from_json(&self.text(col))
@@ -218,6 +219,26 @@ pub(crate) fn environment_spec(r: &impl Cols) -> Result<EnvironmentSpecRecord> {
         apt_packages: r.json("apt_packages"),
         python_version: r.text("python_version"),
         created_at: r.time("created_at")?,
+        updated_at: r.time("updated_at")?,
+    })
+}
+
+pub(crate) fn build(r: &impl Cols) -> Result<BuildRecord> {
+    Ok(BuildRecord {
+        id: r.text("id"),
+        spec_id: r.text("spec_id"),
+        owner_id: r.text("owner_id"),
+        tenant_id: r.text("tenant_id"),
+        provider: r.text("provider"),
+        status: r.text("status"),
+        current_step: r.text("current_step"),
+        log: r.text("log_blob"),
+        image_size_bytes: u64::try_from(r.int("image_size_bytes")).unwrap_or(0),
+        digest_local: r.text("digest_local"),
+        error: r.text("error"),
+        artifacts: r.json("artifacts"),
+        created_at: r.time("created_at")?,
+        finished_at: r.opt_time("finished_at")?,
         updated_at: r.time("updated_at")?,
     })
 }

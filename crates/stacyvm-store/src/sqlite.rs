@@ -11,9 +11,9 @@ use sqlx::sqlite::{
 };
 use sqlx::{Row, SqlitePool};
 use stacyvm_core::store::{
-    AdminAuditFilter, AdminAuditRecord, EnvironmentSpecRecord, ExecLogRecord, Fence, LeaseRecord,
-    OpAuditFilter, OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord, QuotaRecord,
-    RegistryConnectionRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
+    AdminAuditFilter, AdminAuditRecord, BuildRecord, EnvironmentSpecRecord, ExecLogRecord, Fence,
+    LeaseRecord, OpAuditFilter, OpAuditRecord, PolicyRecord, PortRecord, PreviewTokenRecord,
+    QuotaRecord, RegistryConnectionRecord, SandboxRecord, SnapshotRecord, Store, TemplateRecord,
     TenantMemberRecord, TenantRecord, VolumeRecord, WorkerRecord,
 };
 use stacyvm_core::{Error, ErrorKind, Result};
@@ -35,6 +35,7 @@ pub(crate) const MIGRATIONS: &[(i64, &str)] = &[
         7,
         include_str!("../migrations/sqlite/0007_registry_tenancy.sql"),
     ),
+    (8, include_str!("../migrations/sqlite/0008_builds.sql")),
 ];
 
 /// The SQLite store.
@@ -177,6 +178,9 @@ impl Cols for SqliteRow {
     }
     fn time(&self, col: &str) -> Result<DateTime<Utc>> {
         parse_ts(self.get(col))
+    }
+    fn opt_time(&self, col: &str) -> Result<Option<DateTime<Utc>>> {
+        self.get::<Option<&str>, _>(col).map(parse_ts).transpose()
     }
 }
 
@@ -1207,7 +1211,95 @@ impl Store for SqliteStore {
         rows.iter().map(rows::environment_spec).collect()
     }
 
+    async fn insert_build(&self, r: &BuildRecord) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO environment_builds (id, spec_id, owner_id, tenant_id, provider, status, current_step, log_blob, image_size_bytes, digest_local, error, artifacts, created_at, finished_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(&r.spec_id)
+        .bind(&r.owner_id)
+        .bind(&r.tenant_id)
+        .bind(&r.provider)
+        .bind(&r.status)
+        .bind(&r.current_step)
+        .bind(&r.log)
+        .bind(i64::try_from(r.image_size_bytes).unwrap_or(i64::MAX))
+        .bind(&r.digest_local)
+        .bind(&r.error)
+        .bind(to_json(&r.artifacts))
+        .bind(ts(r.created_at))
+        .bind(r.finished_at.map(ts))
+        .bind(ts(r.updated_at))
+        .execute(&self.writer)
+        .await
+        .map_err(db_err)?;
+        Ok(())
+    }
+
+    async fn get_build(&self, id: &str) -> Result<BuildRecord> {
+        let row = sqlx::query("SELECT * FROM environment_builds WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db_err)?
+            .ok_or_else(|| Error::not_found(format!("build {id:?}")))?;
+        rows::build(&row)
+    }
+
+    async fn update_build(&self, r: &BuildRecord) -> Result<()> {
+        let res = sqlx::query(
+            "UPDATE environment_builds SET status = ?, current_step = ?, log_blob = ?, image_size_bytes = ?, digest_local = ?, error = ?, artifacts = ?, finished_at = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&r.status)
+        .bind(&r.current_step)
+        .bind(&r.log)
+        .bind(i64::try_from(r.image_size_bytes).unwrap_or(i64::MAX))
+        .bind(&r.digest_local)
+        .bind(&r.error)
+        .bind(to_json(&r.artifacts))
+        .bind(r.finished_at.map(ts))
+        .bind(ts(r.updated_at))
+        .bind(&r.id)
+        .execute(&self.writer)
+        .await
+        .map_err(db_err)?;
+        not_found_if_zero(res.rows_affected(), format!("build {:?}", r.id))
+    }
+
+    async fn list_builds(&self, tenant_id: Option<&str>, limit: usize) -> Result<Vec<BuildRecord>> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = match tenant_id {
+            Some(t) => sqlx::query(
+                "SELECT * FROM environment_builds WHERE tenant_id = ? ORDER BY created_at DESC, id DESC LIMIT ?",
+            )
+            .bind(t),
+            None => sqlx::query(
+                "SELECT * FROM environment_builds ORDER BY created_at DESC, id DESC LIMIT ?",
+            ),
+        }
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::build).collect()
+    }
+
+    async fn unfinished_builds(&self) -> Result<Vec<BuildRecord>> {
+        let rows = sqlx::query(
+            "SELECT * FROM environment_builds WHERE status IN ('queued', 'building') ORDER BY created_at, id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db_err)?;
+        rows.iter().map(rows::build).collect()
+    }
+
     async fn delete_environment_spec(&self, id: &str) -> Result<()> {
+        sqlx::query("DELETE FROM environment_builds WHERE spec_id = ?")
+            .bind(id)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
         let r = sqlx::query("DELETE FROM environment_specs WHERE id = ?")
             .bind(id)
             .execute(&self.writer)
