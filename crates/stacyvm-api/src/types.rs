@@ -186,6 +186,89 @@ pub struct SpecSuggestions {
     pub suggestions: Vec<String>,
 }
 
+/// `POST /environments/builds` body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct CreateBuild {
+    pub spec_id: String,
+    /// Where the image goes: `local` (the provider's own store, always
+    /// made), `ghcr`, `dockerhub`, `registry` (your default connection of
+    /// that kind) or a registry connection's id. Default `["local"]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub targets: Vec<String>,
+    /// The provider the image is for (default: the server's default).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub provider: String,
+    /// Accepted for compatibility; images are private to their tenant.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub visibility: String,
+}
+
+/// Where one build's image went.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct BuildArtifact {
+    /// `local`, `ghcr`, `dockerhub` or `registry`.
+    pub target: String,
+    /// The registry connection pushed with.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub connection_id: String,
+    pub image_ref: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest: String,
+    /// `pending`, `ready` or `failed`.
+    pub status: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// An environment build.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct Build {
+    pub id: String,
+    pub spec_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub owner_id: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub provider: String,
+    /// `queued`, `building`, `ready`, `failed` or `canceled`.
+    pub status: String,
+    pub current_step: String,
+    /// The build's output so far (`GET …/logs?follow=1` streams it).
+    pub log: String,
+    pub image_size_bytes: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub digest_local: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error: String,
+    pub created_at: DateTime<Utc>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<DateTime<Utc>>,
+    pub updated_at: DateTime<Utc>,
+    pub artifacts: Vec<BuildArtifact>,
+}
+
+/// One entry of `GET /environments/builds`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct BuildEntry {
+    pub build: Build,
+    pub spec: EnvironmentSpec,
+}
+
+/// `GET /environments/builds/{id}/spawn-config`: how to spawn the image.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct BuildSpawnConfig {
+    pub build_id: String,
+    pub build_status: String,
+    pub digest: String,
+    pub image: String,
+    pub note: String,
+    pub provider: String,
+    pub ready: bool,
+    pub target: String,
+}
+
 /// `POST /environments/registry-connections` body.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(default, deny_unknown_fields)]

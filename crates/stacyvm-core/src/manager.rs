@@ -38,6 +38,7 @@ mod pools;
 mod setup;
 pub use idle::on_timeout;
 pub use setup::{check_template, RESERVED_PREFIX};
+mod builds;
 mod environments;
 pub mod placement;
 mod registries;
@@ -275,6 +276,8 @@ pub struct Manager {
     volume_host: RwLock<Option<Arc<dyn crate::volumes::VolumeHost>>>,
     /// Volumes claimed by spawns in flight.
     volume_claims: Arc<volumes::Claims>,
+    /// Environment builds: the queue and the running build.
+    builds: builds::Builds,
 }
 
 #[derive(Debug)]
@@ -319,6 +322,7 @@ impl Manager {
             pause_lock: tokio::sync::Mutex::new(()),
             activity: Arc::default(),
             pools: pools::Pools::default(),
+            builds: builds::Builds::default(),
             volume_host: RwLock::new(None),
             volume_claims: Arc::default(),
         });
@@ -930,17 +934,6 @@ impl Manager {
 
     /// Spawns a sandbox. `req.template` merges a stored template first.
     pub async fn spawn(&self, req: SpawnRequest, caller: &Caller) -> Result<Sandbox> {
-        self.spawn_as(req, caller, None).await
-    }
-
-    /// A spawn; `pool` (a template's stamp) makes a warm-pool sandbox.
-    pub(crate) async fn spawn_as(
-        &self,
-        mut req: SpawnRequest,
-        caller: &Caller,
-        pool: Option<&str>,
-    ) -> Result<Sandbox> {
-        let started = Instant::now();
         if let Some(k) = req
             .metadata
             .as_ref()
@@ -950,6 +943,19 @@ impl Manager {
                 "metadata key {k:?}: the prefix {RESERVED_PREFIX:?} is reserved"
             )));
         }
+        self.spawn_as(req, caller, None).await
+    }
+
+    /// A spawn; `pool` (a template's stamp) makes a warm-pool sandbox.
+    /// Internal callers may set reserved metadata keys ([`Manager::spawn`]
+    /// refuses them).
+    pub(crate) async fn spawn_as(
+        &self,
+        mut req: SpawnRequest,
+        caller: &Caller,
+        pool: Option<&str>,
+    ) -> Result<Sandbox> {
+        let started = Instant::now();
         let mut template = None;
         // The template allowlist the sandbox's egress stays within: its
         // template's, or for a snapshot's child the source sandbox's.

@@ -52,6 +52,66 @@ pub struct SpawnSpec {
     pub volumes: Vec<crate::volumes::VolumeBind>,
 }
 
+/// One step of an image build (the Dockerfile subset builds run).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BuildStep {
+    /// `RUN`: `/bin/sh -c` as the image's root, in the current working
+    /// directory, with the environment so far.
+    Run(String),
+    /// `ENV key=value`.
+    Env(String, String),
+    /// `WORKDIR`: an absolute path, created when missing.
+    Workdir(String),
+}
+
+/// An image to build from a base and steps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageBuild {
+    pub build_id: String,
+    pub base_image: String,
+    pub steps: Vec<BuildStep>,
+    /// The built image's name in the provider's store (`repo:tag`).
+    pub name: String,
+    /// Names base and steps: an image built before with this key on the
+    /// same base image is the same image.
+    pub cache_key: String,
+}
+
+/// An image a build made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuiltImage {
+    /// What spawns name to run it.
+    pub image_ref: String,
+    /// The image's id (`sha256:…`).
+    pub digest: String,
+    pub size_bytes: u64,
+    /// Made by an earlier build with the same cache key.
+    pub reused: bool,
+}
+
+/// Credentials for a registry push (resolved from a server secret at use).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryAuth {
+    /// `host[:port]`.
+    pub host: String,
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryAuth")
+            .field("host", &self.host)
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Where a build's output lines go.
+pub type BuildLog = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
+
 /// What [`Provider::snapshot_sandbox`] made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SandboxSnapshot {
@@ -300,6 +360,11 @@ pub mod capability {
     pub const PAUSE: &str = "pause";
     /// Per-sandbox egress rules ([`super::Provider::set_egress`]).
     pub const EGRESS: &str = "egress";
+    /// Environment builds: [`super::Provider::build_image`], or the
+    /// steps run in a sandbox and [`super::Provider::commit_image`].
+    pub const IMAGE_BUILD: &str = "image_build";
+    /// Built images pushed to a registry ([`super::Provider::push_image`]).
+    pub const IMAGE_PUSH: &str = "image_push";
 }
 
 /// How a provider separates a sandbox from the host, weakest first: the
@@ -674,6 +739,54 @@ pub trait Provider: Debug + Send + Sync + 'static {
     async fn delete_snapshot(&self, snapshot_id: &str) -> Result<()> {
         let _ = snapshot_id;
         Ok(())
+    }
+
+    /// Builds `plan` with the provider's own builder (docker: the Engine
+    /// build API), its output to `log`, stopping when `cancel` fires.
+    /// `Ok(None)`: the provider has no builder of its own; the orchestrator
+    /// runs the steps in a sandbox and calls [`Provider::commit_image`].
+    async fn build_image(
+        &self,
+        plan: &ImageBuild,
+        log: BuildLog,
+        cancel: tokio_util::sync::CancellationToken,
+    ) -> Result<Option<BuiltImage>> {
+        let _ = (plan, log, cancel);
+        Ok(None)
+    }
+
+    /// An image an earlier build made from `plan.cache_key` on the base
+    /// image as it is now, given the name `plan.name`; `None` when there
+    /// is none.
+    async fn cached_image(&self, plan: &ImageBuild) -> Result<Option<BuiltImage>> {
+        let _ = plan;
+        Ok(None)
+    }
+
+    /// Saves what the steps changed in sandbox `runtime_id` (spawned from
+    /// `plan.base_image`) as the image `plan.name`, on top of the base.
+    async fn commit_image(&self, runtime_id: &str, plan: &ImageBuild) -> Result<BuiltImage> {
+        let _ = plan;
+        Err(Error::unsupported(format!(
+            "provider {} cannot save sandbox {runtime_id} as an image",
+            self.name()
+        )))
+    }
+
+    /// Pushes the built image `image_ref` to `target` (`host/repo:tag`)
+    /// with `auth`; returns the pushed manifest's digest.
+    async fn push_image(
+        &self,
+        image_ref: &str,
+        target: &str,
+        auth: &RegistryAuth,
+        log: BuildLog,
+    ) -> Result<String> {
+        let _ = (image_ref, auth, log);
+        Err(Error::unsupported(format!(
+            "provider {} cannot push images (to {target})",
+            self.name()
+        )))
     }
 
     /// Replaces the egress rules of a running sandbox (`None`: the

@@ -206,6 +206,12 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
     r("GET", "/environments/specs/{id}", Perm::Read),
     r("DELETE", "/environments/specs/{id}", Perm::Write),
     r("GET", "/environments/specs/{id}/suggestions", Perm::Read),
+    r("GET", "/environments/builds", Perm::Read),
+    r("POST", "/environments/builds", Perm::Write),
+    r("GET", "/environments/builds/{id}", Perm::Read),
+    r("POST", "/environments/builds/{id}/cancel", Perm::Write),
+    r("GET", "/environments/builds/{id}/logs", Perm::Read),
+    r("GET", "/environments/builds/{id}/spawn-config", Perm::Read),
     r("GET", "/environments/registry-connections", Perm::Read),
     r("POST", "/environments/registry-connections", Perm::Write),
     r(

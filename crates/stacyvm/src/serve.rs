@@ -175,6 +175,7 @@ pub async fn run(config_path: Option<PathBuf>) -> Result<()> {
         .context("startup reconciliation")?;
     let reaper = manager.start_reaper(Duration::from_secs(30));
     let pools = manager.start_pools();
+    manager.start_builds();
     let heartbeat = tokio::spawn(heartbeat(manager.clone()));
     let (host, _) = cfg.listen_host();
     let addr = if host.contains(':') && !host.starts_with('[') {

@@ -11,7 +11,7 @@ use crate::store::EnvironmentSpecRecord;
 /// Most packages one list holds.
 const MAX_PACKAGES: usize = 200;
 
-fn view(r: &EnvironmentSpecRecord) -> EnvironmentSpec {
+pub(super) fn view(r: &EnvironmentSpecRecord) -> EnvironmentSpec {
     EnvironmentSpec {
         id: r.id.clone(),
         owner_id: r.owner_id.clone(),
@@ -150,7 +150,11 @@ impl Manager {
         Ok(view(&r))
     }
 
-    async fn find_spec(&self, id: &str, caller: &Caller) -> Result<EnvironmentSpecRecord> {
+    pub(super) async fn find_spec(
+        &self,
+        id: &str,
+        caller: &Caller,
+    ) -> Result<EnvironmentSpecRecord> {
         match self.store.get_environment_spec(id).await {
             Ok(r) if caller.sees_spec(&r) => Ok(r),
             Ok(_) => Err(Error::not_found(format!("environment spec {id:?}"))),

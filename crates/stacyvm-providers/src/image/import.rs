@@ -27,6 +27,14 @@ pub struct ImageRecord {
     pub size_bytes: u64,
     pub imported_at: String,
     pub source: String,
+    /// A built image: its rootfs holds only what the build changed, over
+    /// this image (its id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// A built image: the key of the steps that made it (see
+    /// `stacyvm_core::manager::builds::cache_key`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build_key: Option<String>,
 }
 
 /// Progress callback: (bytes done, bytes total, what).
@@ -417,6 +425,8 @@ pub fn import_archive(
         size_bytes: dir_size(&dir),
         imported_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         source: archive.display().to_string(),
+        parent: None,
+        build_key: None,
     })
 }
 

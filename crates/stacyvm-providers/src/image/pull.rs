@@ -253,6 +253,8 @@ fn unpack_files(
         size_bytes: import::dir_size_of(&dir),
         imported_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         source: source.to_string(),
+        parent: None,
+        build_key: None,
     })
 }
 

@@ -169,7 +169,9 @@ impl ImageStore {
 
     /// Adds (or merges) an unpacked image into the index; its names move
     /// to it from any other image.
-    pub(crate) fn record(&self, rec: ImageRecord) -> Result<ImageRecord> {
+    pub(crate) fn record(&self, mut rec: ImageRecord) -> Result<ImageRecord> {
+        let mut seen = std::collections::HashSet::new();
+        rec.names.retain(|n| seen.insert(n.clone()));
         let _g = self
             .lock
             .lock()
@@ -193,7 +195,8 @@ impl ImageStore {
         Ok(list.into_iter().find(|r| r.id == rec.id).unwrap_or(rec))
     }
 
-    /// Removes an image (all its names) and its rootfs.
+    /// Removes an image (all its names) and its rootfs. An image built
+    /// images stand on stays (409) until they are removed.
     pub fn remove(&self, image: &str) -> Result<ImageRecord> {
         let rec = self
             .find(image)
@@ -203,6 +206,19 @@ impl ImageStore {
             .lock()
             .map_err(|_| Error::internal("image index lock"))?;
         let mut list = self.list();
+        if let Some(child) = list
+            .iter()
+            .find(|r| r.parent.as_deref() == Some(rec.id.as_str()))
+        {
+            return Err(Error::conflict(format!(
+                "image {image:?} is the base of {} (built on it); remove that first",
+                child
+                    .names
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| child.id.clone())
+            )));
+        }
         list.retain(|r| r.id != rec.id);
         self.save(&list)?;
         let dir = self.rootfs_dir().join(rec.id.trim_start_matches("sha256:"));
@@ -213,6 +229,41 @@ impl ImageStore {
     /// The rootfs directory of an imported image.
     pub fn rootfs_of(&self, rec: &ImageRecord) -> PathBuf {
         self.rootfs_dir().join(rec.id.trim_start_matches("sha256:"))
+    }
+
+    /// The rootfs dirs of an image, topmost first: a built image's own
+    /// layer, then its parent's (at most 32 deep).
+    fn chain(&self, rec: &ImageRecord) -> Result<Vec<String>> {
+        let list = self.list();
+        let mut out = vec![self.rootfs_of(rec).to_string_lossy().to_string()];
+        let mut cur = rec.clone();
+        while let Some(parent) = cur.parent.clone() {
+            if out.len() >= 32 {
+                return Err(Error::invalid(format!(
+                    "image {} is built on more than 32 layers",
+                    rec.id
+                )));
+            }
+            cur = list
+                .iter()
+                .find(|r| r.id == parent)
+                .cloned()
+                .ok_or_else(|| {
+                    Error::invalid(format!(
+                        "image {} was built on {parent}, which is gone",
+                        rec.id
+                    ))
+                })?;
+            out.push(self.rootfs_of(&cur).to_string_lossy().to_string());
+        }
+        Ok(out)
+    }
+
+    /// An image built from `build_key` on `parent` (an image id).
+    pub fn find_built(&self, parent: &str, build_key: &str) -> Option<ImageRecord> {
+        self.list().into_iter().find(|r| {
+            r.parent.as_deref() == Some(parent) && r.build_key.as_deref() == Some(build_key)
+        })
     }
 
     /// Checks that an image exists, with a message telling how to get it.
@@ -232,11 +283,7 @@ impl ImageStore {
             let rec = self
                 .find(image)
                 .ok_or_else(|| Error::invalid(format!("image {image:?} disappeared")))?;
-            return Ok((
-                vec![self.rootfs_of(&rec).to_string_lossy().to_string()],
-                Vec::new(),
-                Vec::new(),
-            ));
+            return Ok((self.chain(&rec)?, Vec::new(), Vec::new()));
         }
         let mut binds = Vec::new();
         for name in HOST_DIRS {

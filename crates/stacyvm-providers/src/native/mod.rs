@@ -8,6 +8,7 @@
 //! and `meta.json`. Sandboxes live under the host's init, not under the
 //! server: a restarted server re-adopts them through `agent.sock`.
 
+pub mod build;
 pub mod disk;
 #[cfg(test)]
 mod egress_tests;
@@ -956,6 +957,8 @@ impl Provider for NativeProvider {
             // nodes), which takes a root server.
             c.push(capability::SANDBOX_SNAPSHOTS.into());
             c.push(capability::VOLUMES.into());
+            // Built images are upper dirs copied like snapshots.
+            c.push(capability::IMAGE_BUILD.into());
         }
         c.push("namespaces".into());
         c
@@ -1040,6 +1043,77 @@ impl Provider for NativeProvider {
         Ok(stacyvm_core::provider::SandboxSnapshot {
             size_bytes: info.size_bytes,
             network_mode: info.network_mode,
+        })
+    }
+
+    async fn cached_image(
+        &self,
+        plan: &stacyvm_core::provider::ImageBuild,
+    ) -> Result<Option<stacyvm_core::provider::BuiltImage>> {
+        let base = build::base_of(&self.images, &plan.base_image)?;
+        Ok(
+            build::reuse(&self.images, &base, &plan.cache_key, &plan.name)?.map(|rec| {
+                stacyvm_core::provider::BuiltImage {
+                    image_ref: rec.names.first().cloned().unwrap_or_default(),
+                    digest: rec.id,
+                    size_bytes: rec.size_bytes,
+                    reused: true,
+                }
+            }),
+        )
+    }
+
+    async fn commit_image(
+        &self,
+        id: &str,
+        plan: &stacyvm_core::provider::ImageBuild,
+    ) -> Result<stacyvm_core::provider::BuiltImage> {
+        if self.rootless {
+            return Err(Error::unsupported(
+                "a rootless native provider cannot build images",
+            ));
+        }
+        let meta = self.meta(id)?;
+        if !meta.init_alive() {
+            return Err(Error::sandbox_not_found(id));
+        }
+        let base = build::base_of(&self.images, &meta.image)?;
+        // The build is over: the sandbox stays frozen until it is removed.
+        freeze_cgroups(meta.cgroups.clone(), true).await?;
+        let images = self.images.clone();
+        let upper = self.dir(id).join("upper");
+        let shift = meta.id_base.map(|base| snapshot::Shift {
+            base,
+            count: ids::PER_SANDBOX,
+        });
+        let (key, name, build_id) = (
+            plan.cache_key.clone(),
+            plan.name.clone(),
+            plan.build_id.clone(),
+        );
+        let min_free = self.opts.disk.min_free;
+        let rec = tokio::task::spawn_blocking(move || {
+            build::commit(
+                &images,
+                &build::Commit {
+                    upper: &upper,
+                    shift,
+                    base: &base,
+                    build_key: &key,
+                    name: &name,
+                    build_id: &build_id,
+                    min_free,
+                },
+            )
+        })
+        .await
+        .unwrap_or_else(|e| Err(Error::internal(format!("image commit task: {e}"))))?;
+        info!(sandbox_id = %id, image = %rec.id, bytes = rec.size_bytes, "native build committed");
+        Ok(stacyvm_core::provider::BuiltImage {
+            image_ref: rec.names.first().cloned().unwrap_or_default(),
+            digest: rec.id,
+            size_bytes: rec.size_bytes,
+            reused: false,
         })
     }
 

@@ -1,6 +1,7 @@
 //! Route table of `/api/v1`.
 
 pub mod audit;
+pub mod builds;
 pub mod environments;
 pub mod files;
 pub mod ports;
@@ -128,6 +129,12 @@ fn table() -> Vec<(Op, MethodRouter<AppState>)> {
         op!(get "/environments/specs/{id}", environments::get, Doc::new("environments", "One environment spec", Reply::Json(schema::<a::EnvironmentSpec>))),
         op!(delete "/environments/specs/{id}", environments::delete, Doc::new("environments", "Delete an environment spec", status)),
         op!(get "/environments/specs/{id}/suggestions", environments::suggestions, Doc::new("environments", "Packages often added to environments like this one", Reply::Json(schema::<a::SpecSuggestions>))),
+        op!(get "/environments/builds", builds::list, Doc::new("environments", "Builds with their specs, newest first", Reply::Json(schema::<Vec<a::BuildEntry>>)).query(schema::<builds::ListQuery>)),
+        op!(post "/environments/builds", builds::create, Doc::new("environments", "Queue a build of a spec (201)", Reply::Json(schema::<a::Build>)).body(Body::Json(schema::<a::CreateBuild>))),
+        op!(get "/environments/builds/{id}", builds::get, Doc::new("environments", "One build with its log and artifacts", Reply::Json(schema::<a::Build>))),
+        op!(post "/environments/builds/{id}/cancel", builds::cancel, Doc::new("environments", "Stop a queued or running build (409 once it has ended)", Reply::Json(schema::<a::Build>))),
+        op!(get "/environments/builds/{id}/logs", builds::logs, Doc::new("environments", "The build's log from a byte offset; follow=1 streams until the build ends", Reply::Other("text/plain", "The log")).query(schema::<builds::LogQuery>)),
+        op!(get "/environments/builds/{id}/spawn-config", builds::spawn_config, Doc::new("environments", "The image to spawn and its provider", Reply::Json(schema::<a::BuildSpawnConfig>))),
         op!(get "/environments/registry-connections", registries::list, Doc::new("environments", "Registry connections (never their secrets)", Reply::Json(schema::<Vec<a::RegistryConnection>>)).query(schema::<registries::OwnerQuery>)),
         op!(post "/environments/registry-connections", registries::create, Doc::new("environments", "Create or replace a registry connection; secret_ref names a server secret", Reply::Json(schema::<a::RegistryConnection>)).body(Body::Json(schema::<a::CreateRegistryConnection>))),
         op!(delete "/environments/registry-connections/{id}", registries::delete, Doc::new("environments", "Delete a registry connection", status)),
