@@ -463,6 +463,10 @@ pub struct DockerConfig {
     /// The Docker network `network_mode: bridge` means (created on demand,
     /// no inter-container traffic, public internet only).
     pub bridge_network: String,
+    /// IPv4 CIDRs the network's sandboxes may reach despite the built-in
+    /// deny list (an internal package mirror or proxy).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub egress_allow: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -804,6 +808,7 @@ impl Default for DockerConfig {
             tmpfs: BTreeMap::new(),
             disk: "10g".into(),
             bridge_network: "stacyvm-bridge".into(),
+            egress_allow: Vec::new(),
         }
     }
 }
@@ -1501,6 +1506,10 @@ impl Config {
             (
                 "providers.native.egress_deny",
                 &self.providers.native.egress_deny,
+            ),
+            (
+                "providers.docker.egress_allow",
+                &self.providers.docker.egress_allow,
             ),
         ] {
             for entry in list {

@@ -109,6 +109,11 @@ impl std::fmt::Debug for RegistryAuth {
     }
 }
 
+/// Metadata key of a build's sandbox (reserved: callers cannot set it);
+/// its value is the build's id. Providers may grant such a sandbox what
+/// package installs need.
+pub const IMAGE_BUILD_METADATA: &str = "stacyvm.sys.build";
+
 /// Where a build's output lines go.
 pub type BuildLog = std::sync::Arc<dyn Fn(&str) + Send + Sync>;
 

@@ -51,7 +51,7 @@ const SAVE_EVERY: Duration = Duration::from_secs(2);
 /// The longest one build step may run.
 const STEP_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// Metadata key marking a build's sandbox (reserved: callers cannot set it).
-pub(crate) const BUILD_KEY: &str = "stacyvm.sys.build";
+pub(crate) const BUILD_KEY: &str = crate::provider::IMAGE_BUILD_METADATA;
 /// Registry targets a build may name (besides connection ids).
 const TARGET_KINDS: [&str; 4] = ["local", "ghcr", "dockerhub", "registry"];
 

@@ -19,6 +19,7 @@
 //! `none` unless configured, the configured (or image) user. Containers
 //! carry `stacyvm.*` labels so a restarted server finds them again.
 
+mod build;
 mod link;
 mod net;
 pub mod setup;
@@ -193,6 +194,17 @@ fn pids_cgroup_limit(configured: i64, runtime: &str) -> i64 {
         base
     }
 }
+
+/// Capabilities a build sandbox's root gets back (package installs).
+const BUILD_CAPS: [&str; 7] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "SETUID",
+    "SETGID",
+    "KILL",
+];
 
 /// Maps an engine error to a typed error; `what` names the operation.
 fn engine_err(what: &str, e: EngineError) -> Error {
@@ -537,9 +549,12 @@ impl DockerProvider {
             .and_then(|c| c.into_iter().find_map(|c| c.gateway))
             .filter(|g| g.parse::<std::net::Ipv4Addr>().is_ok());
         let (n, b) = (name.to_string(), bridge.clone());
-        tokio::task::spawn_blocking(move || net::install_rules(&n, &b, gateway.as_deref()))
-            .await
-            .map_err(|e| Error::internal("installing the egress filter").with_source(e))??;
+        let allow = self.opts.config.egress_allow.clone();
+        tokio::task::spawn_blocking(move || {
+            net::install_rules(&n, &b, gateway.as_deref(), &allow, &net::host_resolvers())
+        })
+        .await
+        .map_err(|e| Error::internal("installing the egress filter").with_source(e))??;
         info!(network = %name, bridge = %bridge, "sandbox network ready (no inter-sandbox traffic, public internet only)");
         Ok(bridge)
     }
@@ -569,9 +584,12 @@ impl DockerProvider {
             Err(e) => return Err(engine_err("removing the sandbox network", e)),
         }
         let n = name.to_string();
-        tokio::task::spawn_blocking(move || net::remove_rules(&n, &bridge))
-            .await
-            .map_err(|e| Error::internal("removing the egress filter").with_source(e))?;
+        let allow = self.opts.config.egress_allow.clone();
+        tokio::task::spawn_blocking(move || {
+            net::remove_rules(&n, &bridge, &allow, &net::host_resolvers())
+        })
+        .await
+        .map_err(|e| Error::internal("removing the egress filter").with_source(e))?;
         Ok(())
     }
 
@@ -795,10 +813,24 @@ impl DockerProvider {
             pids_limit: Some(pids_cgroup_limit(c.pids_limit, self.runtime())),
             security_opt: Some(self.security_opts()?),
             cap_drop: Some(c.dropped_caps.clone()),
-            cap_add: if c.added_caps.is_empty() {
-                None
-            } else {
-                Some(c.added_caps.clone())
+            cap_add: {
+                let mut add = c.added_caps.clone();
+                // A build's sandbox installs packages: root manages files
+                // and drops to service users as dpkg and apt do (Docker's
+                // own defaults, without NET_RAW, MKNOD, SYS_CHROOT,
+                // SETFCAP, SETPCAP, AUDIT_WRITE). The caller cannot ask
+                // for it: the key is reserved.
+                if spec
+                    .metadata
+                    .contains_key(stacyvm_core::provider::IMAGE_BUILD_METADATA)
+                {
+                    for cap in BUILD_CAPS {
+                        if !add.iter().any(|a| a.eq_ignore_ascii_case(cap)) {
+                            add.push(cap.to_string());
+                        }
+                    }
+                }
+                (!add.is_empty()).then_some(add)
             },
             tmpfs: if tmpfs.is_empty() { None } else { Some(tmpfs) },
             storage_opt,
@@ -1541,13 +1573,12 @@ impl DockerProvider {
             spec::LABEL_HOST_DIR.to_string(),
             self.dir(&spec.id).display().to_string(),
         );
-        if spec.snapshot.is_some() {
-            // A snapshot image carries its source's labels, which the
-            // engine gives every container of it unless set: the child's
-            // own (even empty) win.
-            for k in [spec::LABEL_METADATA, spec::LABEL_OWNER, spec::LABEL_TENANT] {
-                labels.entry(k.to_string()).or_default();
-            }
+        // An image may carry labels of ours (a snapshot's or a build's
+        // commit keeps the source container's; anyone can label an image),
+        // which the engine gives every container of it unless set: the
+        // sandbox's own (even empty) win.
+        for k in [spec::LABEL_METADATA, spec::LABEL_OWNER, spec::LABEL_TENANT] {
+            labels.entry(k.to_string()).or_default();
         }
         let body = ContainerCreateBody {
             image: Some(image.full()),
@@ -1737,7 +1768,9 @@ impl Provider for DockerProvider {
         c.push(capability::EGRESS.into());
         if !self.opts.config.read_only_rootfs {
             c.push(capability::SANDBOX_SNAPSHOTS.into());
+            c.push(capability::IMAGE_BUILD.into());
         }
+        c.push(capability::IMAGE_PUSH.into());
         c.push(capability::VOLUMES.into());
         if self.can_switch_users() {
             c.push(capability::EXEC_USER.into());
@@ -1948,6 +1981,31 @@ impl Provider for DockerProvider {
 
     async fn delete_snapshot(&self, snapshot_id: &str) -> Result<()> {
         self.remove_snapshot(snapshot_id).await
+    }
+
+    async fn cached_image(
+        &self,
+        plan: &stacyvm_core::provider::ImageBuild,
+    ) -> Result<Option<stacyvm_core::provider::BuiltImage>> {
+        self.cached_build(plan).await
+    }
+
+    async fn commit_image(
+        &self,
+        id: &str,
+        plan: &stacyvm_core::provider::ImageBuild,
+    ) -> Result<stacyvm_core::provider::BuiltImage> {
+        self.commit_build(id, plan).await
+    }
+
+    async fn push_image(
+        &self,
+        image_ref: &str,
+        target: &str,
+        auth: &stacyvm_core::provider::RegistryAuth,
+        log: stacyvm_core::provider::BuildLog,
+    ) -> Result<String> {
+        self.push_built(image_ref, target, auth, log).await
     }
 
     async fn set_egress(

@@ -80,7 +80,18 @@ pub fn check_existing(
 /// `gateway`: the network's own address, where the egress proxy listens;
 /// connections redirected there (sandboxes with domain rules) are
 /// accepted, and no other redirected connection (none: not even those).
-pub fn rules(network: &str, bridge: &str, gateway: Option<&str>) -> Vec<Vec<String>> {
+///
+/// `allow`: IPv4 CIDRs reachable despite [`BLOCKED_V4`] (returned to
+/// Docker's own chains before the drops); `dns`: resolvers reachable on
+/// port 53 only (the engine's embedded DNS forwards from the sandbox's
+/// network namespace to the host's resolvers, often private addresses).
+pub fn rules(
+    network: &str,
+    bridge: &str,
+    gateway: Option<&str>,
+    allow: &[String],
+    dns: &[String],
+) -> Vec<Vec<String>> {
     let comment = format!("stacyvm:{network}");
     let mut out = Vec::new();
     let rule = |chain: &str, extra: &[&str], target: &str| -> Vec<String> {
@@ -96,6 +107,18 @@ pub fn rules(network: &str, bridge: &str, gateway: Option<&str>) -> Vec<Vec<Stri
         ]);
         r
     };
+    for ns in dns {
+        for proto in ["udp", "tcp"] {
+            out.push(rule(
+                "DOCKER-USER",
+                &["-d", ns.as_str(), "-p", proto, "--dport", "53"],
+                "RETURN",
+            ));
+        }
+    }
+    for cidr in allow {
+        out.push(rule("DOCKER-USER", &["-d", cidr.as_str()], "RETURN"));
+    }
     for cidr in BLOCKED_V4 {
         out.push(rule("DOCKER-USER", &["-d", cidr], "DROP"));
     }
@@ -134,9 +157,25 @@ fn iptables(args: &[String]) -> std::io::Result<std::process::Output> {
 /// Installs the rules of a network unless present (idempotent; rules
 /// vanish with a host reboot or an iptables flush, so this runs once per
 /// provider start).
-pub fn install_rules(network: &str, bridge: &str, gateway: Option<&str>) -> Result<()> {
+/// The host's reachable IPv4 resolvers (from /etc/resolv.conf).
+pub fn host_resolvers() -> Vec<String> {
+    std::fs::read_to_string("/etc/resolv.conf")
+        .map(|t| crate::native::net::nameservers(&t).0)
+        .unwrap_or_default()
+        .iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+pub fn install_rules(
+    network: &str,
+    bridge: &str,
+    gateway: Option<&str>,
+    allow: &[String],
+    dns: &[String],
+) -> Result<()> {
     // Inserted at position 1 in reverse order, so the list's order holds.
-    for r in rules(network, bridge, gateway).iter().rev() {
+    for r in rules(network, bridge, gateway, allow, dns).iter().rev() {
         let (chain, spec) = r
             .split_first()
             .ok_or_else(|| Error::internal("empty rule"))?;
@@ -163,7 +202,7 @@ pub fn install_rules(network: &str, bridge: &str, gateway: Option<&str>) -> Resu
 }
 
 /// Removes every rule of a network (all copies).
-pub fn remove_rules(network: &str, bridge: &str) {
+pub fn remove_rules(network: &str, bridge: &str, allow: &[String], dns: &[String]) {
     // The proxy accept names the gateway: found by its comment (and any
     // of an earlier version without it).
     let comment = format!("stacyvm:{network}");
@@ -184,7 +223,7 @@ pub fn remove_rules(network: &str, bridge: &str) {
             }
         }
     }
-    for r in rules(network, bridge, None) {
+    for r in rules(network, bridge, None, allow, dns) {
         let Some((chain, spec)) = r.split_first() else {
             continue;
         };
@@ -218,17 +257,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn allowed_ranges_return_before_the_drops() {
+        let br = bridge_name("stacyvm-bridge");
+        let rs = rules(
+            "stacyvm-bridge",
+            &br,
+            None,
+            &["203.0.113.80/32".to_string()],
+            &["10.255.255.53".to_string()],
+        );
+        let pos = |target: &str, d: &str| {
+            rs.iter()
+                .position(|r| r.contains(&d.to_string()) && r.last() == Some(&target.to_string()))
+                .unwrap_or_else(|| panic!("no {target} for {d}: {rs:?}"))
+        };
+        assert!(pos("RETURN", "203.0.113.80/32") < pos("DROP", "203.0.113.0/24"));
+        assert!(pos("RETURN", "10.255.255.53") < pos("DROP", "10.0.0.0/8"));
+        let dns: Vec<_> = rs
+            .iter()
+            .filter(|r| r.contains(&"10.255.255.53".to_string()))
+            .collect();
+        assert_eq!(dns.len(), 2, "udp and tcp");
+        assert!(
+            dns.iter().all(|r| r.contains(&"53".to_string())),
+            "port 53 only"
+        );
+        assert_eq!(rs.len(), BLOCKED_V4.len() + 5);
+    }
+
+    #[test]
     fn rules_are_scoped_to_the_bridge_and_marked() {
         let br = bridge_name("stacyvm-bridge");
         assert!(br.len() <= 15 && br.starts_with("svm"), "{br}");
         assert_eq!(br, bridge_name("stacyvm-bridge"), "deterministic");
         assert_ne!(br, bridge_name("other"));
         assert_eq!(
-            rules("stacyvm-bridge", &br, None).len(),
+            rules("stacyvm-bridge", &br, None, &[], &[]).len(),
             BLOCKED_V4.len() + 2,
             "no gateway known: no redirect accepted"
         );
-        let rs = rules("stacyvm-bridge", &br, Some("172.30.0.1"));
+        let rs = rules("stacyvm-bridge", &br, Some("172.30.0.1"), &[], &[]);
         assert_eq!(rs.len(), BLOCKED_V4.len() + 3);
         for r in &rs {
             assert!(

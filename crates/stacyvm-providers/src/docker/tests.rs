@@ -212,7 +212,7 @@ impl Drop for Fixture {
                     .and_then(|o| o.get(net::OPT_BRIDGE_NAME).cloned());
                 let _ = d.remove_network(&network).await;
                 if let Some(bridge) = bridge {
-                    net::remove_rules(&network, &bridge);
+                    net::remove_rules(&network, &bridge, &[], &net::host_resolvers());
                 }
             });
         })

@@ -137,7 +137,7 @@ impl Default for BridgeOptions {
 /// The IPv4 nameservers of a resolv.conf, split into those a sandbox can
 /// be allowed to reach and loopback ones it never can (its loopback is its
 /// own).
-fn nameservers(text: &str) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
+pub(crate) fn nameservers(text: &str) -> (Vec<Ipv4Addr>, Vec<Ipv4Addr>) {
     let (mut reachable, mut loopback) = (Vec::new(), Vec::new());
     for line in text.lines() {
         let mut words = line.split_whitespace();
