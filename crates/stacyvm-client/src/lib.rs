@@ -302,6 +302,24 @@ impl Client {
         .await
     }
 
+    /// `GET /environments/builds/{id}/logs`: the build's log from byte
+    /// `offset`, streamed until the build ends with `follow`.
+    pub async fn build_logs(
+        &self,
+        id: &str,
+        offset: u64,
+        follow: bool,
+    ) -> Result<reqwest::Response> {
+        self.send(
+            self.req(Method::GET, &format!("/environments/builds/{id}/logs"))
+                .query(&[
+                    ("offset", offset.to_string()),
+                    ("follow", if follow { "1" } else { "0" }.to_string()),
+                ]),
+        )
+        .await
+    }
+
     /// `DELETE` of `path`; the server's JSON answer.
     pub async fn delete_json(&self, path: &str) -> Result<serde_json::Value> {
         self.json(self.req(Method::DELETE, path)).await

@@ -231,8 +231,7 @@ pub enum Command {
         #[arg(long, short = 'n', default_value_t = 100)]
         lines: usize,
     },
-    /// Environment specs and registry connections (builds are not in this
-    /// release).
+    /// Environment specs, builds and registry connections.
     Env {
         #[command(flatten)]
         conn: Conn,

@@ -1,5 +1,5 @@
-//! `stacyvm env …`: environment specs and registry connections through the
-//! server's API (`/environments/…`). Builds are not in this release.
+//! `stacyvm env …`: environment specs, builds and registry connections
+//! through the server's API (`/environments/…`).
 
 use std::process::ExitCode;
 
@@ -7,7 +7,8 @@ use anyhow::Result;
 use clap::Subcommand;
 use reqwest::Method;
 use stacyvm_api::{
-    CreateEnvironmentSpec, CreateRegistryConnection, EnvironmentSpec, RegistryConnection,
+    Build, BuildEntry, BuildSpawnConfig, CreateBuild, CreateEnvironmentSpec,
+    CreateRegistryConnection, EnvironmentSpec, RegistryConnection,
 };
 
 use crate::cli::Conn;
@@ -37,6 +38,42 @@ pub enum EnvCommand {
     /// Delete an environment spec.
     #[command(alias = "delete")]
     Rm { id: String },
+    /// Build a spec into an image (streams the build's log; the image
+    /// name is printed on stdout when it is ready).
+    #[command(
+        after_help = "Examples:\n  stacyvm env build es-0123456789abcdef\n  stacyvm env build es-0123456789abcdef --provider docker --target registry\n  stacyvm spawn --image \"$(stacyvm env build es-0123456789abcdef)\""
+    )]
+    Build {
+        /// The spec's id.
+        spec_id: String,
+        /// The provider the image is for (default: the server's default).
+        #[arg(long)]
+        provider: Option<String>,
+        /// Push to: ghcr, dockerhub, registry (your default connection of
+        /// that kind) or a connection id (repeatable). The provider's own
+        /// store always gets the image.
+        #[arg(long = "target")]
+        targets: Vec<String>,
+        /// Queue the build and return at once (its id on stdout).
+        #[arg(long)]
+        detach: bool,
+    },
+    /// List builds, newest first.
+    Builds {
+        /// At most this many (1-200).
+        #[arg(long, default_value_t = 30)]
+        limit: usize,
+    },
+    /// Show one build (status, step, artifacts; --json for everything).
+    Show { build_id: String },
+    /// Print a build's log; --follow streams it until the build ends.
+    Logs {
+        build_id: String,
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Stop a queued or running build.
+    Cancel { build_id: String },
     /// Registry connections builds push with.
     #[command(subcommand)]
     Registry(RegistryCommand),
@@ -137,7 +174,181 @@ pub async fn run(conn: &Conn, cmd: EnvCommand) -> Result<ExitCode> {
                 eprintln!("environment spec {id} deleted");
             }
         }
+        EnvCommand::Build {
+            spec_id,
+            provider,
+            targets,
+            detach,
+        } => {
+            let b: Build = c
+                .send_json(
+                    Method::POST,
+                    "/environments/builds",
+                    &CreateBuild {
+                        spec_id,
+                        targets,
+                        provider: provider.unwrap_or_default(),
+                        ..CreateBuild::default()
+                    },
+                )
+                .await?;
+            if detach {
+                if conn.json {
+                    crate::cli::print_json(&b)?;
+                } else {
+                    println!("{}", b.id);
+                    eprintln!("build {} queued", b.id);
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!("build {} queued; following its log (Ctrl-C leaves it running; `stacyvm env cancel {}` stops it)", b.id, b.id);
+            follow_log(&c, &b.id, false).await?;
+            let b: Build = c
+                .get_json(&format!("/environments/builds/{}", b.id))
+                .await?;
+            return finish(conn, &c, &b).await;
+        }
+        EnvCommand::Builds { limit } => {
+            let list: Vec<BuildEntry> = c
+                .get_json(&format!("/environments/builds?limit={limit}"))
+                .await?;
+            if conn.json {
+                crate::cli::print_json(&list)?;
+            } else {
+                println!(
+                    "{:<36} {:<16} {:<9} {:<9} IMAGE",
+                    "ID", "SPEC", "PROVIDER", "STATUS"
+                );
+                for e in &list {
+                    let image = e
+                        .build
+                        .artifacts
+                        .iter()
+                        .find(|a| a.target == "local")
+                        .map(|a| a.image_ref.as_str())
+                        .unwrap_or("-");
+                    println!(
+                        "{:<36} {:<16} {:<9} {:<9} {}",
+                        e.build.id, e.spec.name, e.build.provider, e.build.status, image
+                    );
+                }
+            }
+        }
+        EnvCommand::Show { build_id } => {
+            let b: Build = c
+                .get_json(&format!("/environments/builds/{build_id}"))
+                .await?;
+            if conn.json {
+                crate::cli::print_json(&b)?;
+            } else {
+                println!("build     {}", b.id);
+                println!("spec      {}", b.spec_id);
+                println!("provider  {}", b.provider);
+                println!("status    {} ({})", b.status, b.current_step);
+                if !b.error.is_empty() {
+                    println!("error     {}", b.error);
+                }
+                for a in &b.artifacts {
+                    println!(
+                        "artifact  {:<9} {:<8} {}{}",
+                        a.target,
+                        a.status,
+                        a.image_ref,
+                        if a.error.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", a.error)
+                        }
+                    );
+                }
+            }
+        }
+        EnvCommand::Logs { build_id, follow } => {
+            follow_log(&c, &build_id, !follow).await?;
+        }
+        EnvCommand::Cancel { build_id } => {
+            let b: Build = c
+                .send_json(
+                    Method::POST,
+                    &format!("/environments/builds/{build_id}/cancel"),
+                    &serde_json::json!({}),
+                )
+                .await?;
+            if conn.json {
+                crate::cli::print_json(&b)?;
+            } else {
+                eprintln!("build {} {}", b.id, b.status);
+            }
+        }
         EnvCommand::Registry(cmd) => return registry(conn, &c, cmd).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Copies a build's log to stderr from the start (`once`: what there is
+/// now; otherwise until the build ends, reconnecting after a dropped
+/// connection from where it stopped).
+async fn follow_log(c: &stacyvm_client::Client, id: &str, once: bool) -> Result<()> {
+    use std::io::Write;
+    let mut offset = 0u64;
+    let mut retries = 0;
+    loop {
+        let mut resp = c.build_logs(id, offset, !once).await?;
+        let res: Result<()> = async {
+            while let Some(chunk) = resp.chunk().await? {
+                offset += chunk.len() as u64;
+                let mut err = std::io::stderr().lock();
+                err.write_all(&chunk)?;
+                err.flush()?;
+            }
+            Ok(())
+        }
+        .await;
+        if once {
+            return res;
+        }
+        let b: Build = c.get_json(&format!("/environments/builds/{id}")).await?;
+        if matches!(b.status.as_str(), "ready" | "failed" | "canceled") {
+            // What the end wrote after the stream closed.
+            let rest = usize::try_from(offset)
+                .ok()
+                .and_then(|o| b.log.as_bytes().get(o..))
+                .unwrap_or_default();
+            std::io::stderr().write_all(rest)?;
+            return Ok(());
+        }
+        retries += 1;
+        if retries > 30 {
+            return res.and_then(|()| Err(anyhow::anyhow!("the log stream keeps closing")));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// Reports a finished build: its image on stdout when ready; exit 1 when
+/// it failed or was canceled.
+async fn finish(conn: &Conn, c: &stacyvm_client::Client, b: &Build) -> Result<ExitCode> {
+    if conn.json {
+        crate::cli::print_json(b)?;
+    }
+    if b.status != "ready" {
+        eprintln!(
+            "build {} {}: {}",
+            b.id,
+            b.status,
+            if b.error.is_empty() { "-" } else { &b.error }
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let sc: BuildSpawnConfig = c
+        .get_json(&format!("/environments/builds/{}/spawn-config", b.id))
+        .await?;
+    if !conn.json {
+        println!("{}", sc.image);
+        eprintln!(
+            "image {} ready for provider {} (stacyvm spawn --provider {} --image {})",
+            sc.image, sc.provider, sc.provider, sc.image
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

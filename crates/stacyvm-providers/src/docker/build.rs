@@ -250,7 +250,7 @@ impl DockerProvider {
                     }
                 }
                 Err(e) => {
-                    failure = Some(engine_err("pushing", e).to_string());
+                    failure = Some(e.to_string());
                     break;
                 }
             }
