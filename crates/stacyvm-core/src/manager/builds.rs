@@ -413,11 +413,6 @@ impl Manager {
         targets.retain(|t| t != "local");
         targets.insert(0, "local".into());
         targets.dedup();
-        if targets.len() > 1 && !caps.iter().any(|c| c == capability::IMAGE_PUSH) {
-            return Err(Error::invalid(format!(
-                "provider {provider_name} cannot push images to registries; build with target local only"
-            )));
-        }
         let unfinished = self
             .store
             .unfinished_builds()
@@ -443,6 +438,11 @@ impl Manager {
             {
                 artifacts.push(a);
             }
+        }
+        if artifacts.len() > 1 && !caps.iter().any(|c| c == capability::IMAGE_PUSH) {
+            return Err(Error::invalid(format!(
+                "provider {provider_name} cannot push images to registries; build with target local only"
+            )));
         }
         let rec = BuildRecord {
             id: id.clone(),

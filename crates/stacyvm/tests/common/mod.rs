@@ -17,6 +17,19 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> Registry {
+        Registry::launch(dir, None)
+    }
+
+    /// A registry that asks for `user` and `password` (htpasswd, basic
+    /// auth over loopback HTTP, as Docker accepts for 127.0.0.0/8).
+    pub fn start_with_auth(dir: &Path, user: &str, password: &str) -> Registry {
+        let hash = bcrypt::hash(password, 5).expect("bcrypt");
+        let file = dir.join("htpasswd");
+        std::fs::write(&file, format!("{user}:{hash}\n")).expect("htpasswd");
+        Registry::launch(dir, Some(&file))
+    }
+
+    fn launch(dir: &Path, htpasswd: Option<&Path>) -> Registry {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .expect("free port")
@@ -26,8 +39,15 @@ impl Registry {
         std::fs::write(
             &cfg,
             format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-                dir.join("registry").display()
+                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n{}",
+                dir.join("registry").display(),
+                match htpasswd {
+                    Some(f) => format!(
+                        "auth:\n  htpasswd:\n    realm: stacyvm-test\n    path: {}\n",
+                        f.display()
+                    ),
+                    None => String::new(),
+                }
             ),
         )
         .expect("registry config");
