@@ -1601,6 +1601,6 @@ mod tests {
             .expect("versions");
         let expected: Vec<i64> = MIGRATIONS.iter().map(|(v, _)| *v).collect();
         assert_eq!(versions, expected);
-        assert_eq!(*expected.last().expect("migrations"), 7);
+        assert_eq!(*expected.last().expect("migrations"), 8);
     }
 }
