@@ -162,6 +162,11 @@ pub struct CreateEnvironmentSpec {
     pub apt_packages: Vec<String>,
     #[serde(skip_serializing_if = "String::is_empty")]
     pub python_version: String,
+    /// A Dockerfile run after the packages: FROM (the base image; then
+    /// `base_image` may be left out), RUN, ENV, WORKDIR, COPY (from the
+    /// context uploaded with `PUT /environments/specs/{id}/context`).
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub dockerfile: String,
 }
 
 /// An environment spec: what a build makes.
@@ -175,6 +180,11 @@ pub struct EnvironmentSpec {
     pub apt_packages: Vec<String>,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub python_version: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub dockerfile: String,
+    /// SHA-256 of the uploaded build context (none uploaded: absent).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub context_sha256: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }

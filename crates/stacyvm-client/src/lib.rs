@@ -337,16 +337,32 @@ impl Client {
 
     /// `PUT /volumes/{name}/archive`: extracts a tar (or tar.gz) body of
     /// `len` bytes whose SHA-256 is `sha256` into the volume.
-    pub async fn volume_archive_put(
+    pub async fn spec_context_put(
         &self,
-        name: &str,
+        spec_id: &str,
+        body: reqwest::Body,
+        len: u64,
+        sha256: &str,
+    ) -> Result<serde_json::Value> {
+        self.tar_put(
+            &format!("/environments/specs/{spec_id}/context"),
+            body,
+            len,
+            sha256,
+        )
+        .await
+    }
+
+    async fn tar_put(
+        &self,
+        path: &str,
         body: reqwest::Body,
         len: u64,
         sha256: &str,
     ) -> Result<serde_json::Value> {
         let resp = self
             .send(
-                self.req(Method::PUT, &format!("/volumes/{name}/archive"))
+                self.req(Method::PUT, path)
                     .header("content-type", "application/x-tar")
                     .header("content-length", len)
                     .header("x-stacyvm-archive-sha256", sha256)
@@ -356,6 +372,17 @@ impl Client {
         resp.json()
             .await
             .map_err(|e| ClientError::Decode(e.to_string()))
+    }
+
+    pub async fn volume_archive_put(
+        &self,
+        name: &str,
+        body: reqwest::Body,
+        len: u64,
+        sha256: &str,
+    ) -> Result<serde_json::Value> {
+        self.tar_put(&format!("/volumes/{name}/archive"), body, len, sha256)
+            .await
     }
 
     pub async fn write_file(&self, id: &str, path: &str, content: &str) -> Result<()> {

@@ -8,6 +8,7 @@ pub mod checks;
 pub mod cidr;
 pub mod cluster;
 pub mod config;
+pub mod dockerfile;
 pub mod egress;
 pub mod error;
 pub mod events;

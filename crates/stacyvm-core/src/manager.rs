@@ -39,6 +39,7 @@ mod setup;
 pub use idle::on_timeout;
 pub use setup::{check_template, RESERVED_PREFIX};
 mod builds;
+mod context;
 mod environments;
 pub mod placement;
 mod registries;

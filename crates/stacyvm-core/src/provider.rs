@@ -63,6 +63,10 @@ pub enum BuildStep {
     Env(String, String),
     /// `WORKDIR`: an absolute path, created when missing.
     Workdir(String),
+    /// `COPY`: paths of the spec's build context (`""` is all of it) to an
+    /// absolute destination (a directory when it ends in `/`, or when
+    /// there are several sources or a directory source).
+    Copy { sources: Vec<String>, dest: String },
 }
 
 /// An image to build from a base and steps.

@@ -207,6 +207,12 @@ pub struct EnvironmentSpecRecord {
     pub python_packages: Vec<String>,
     pub apt_packages: Vec<String>,
     pub python_version: String,
+    /// A Dockerfile (the subset `crate::dockerfile` parses), run after
+    /// the packages.
+    pub dockerfile: String,
+    /// SHA-256 of the uploaded build context (`COPY` sources); empty when
+    /// none was uploaded.
+    pub context_sha256: String,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -556,6 +562,8 @@ pub trait Store: Debug + Send + Sync + 'static {
         &self,
         tenant_id: Option<&str>,
     ) -> Result<Vec<EnvironmentSpecRecord>>;
+    /// Records the checksum of a spec's uploaded build context.
+    async fn set_environment_spec_context(&self, id: &str, sha256: &str) -> Result<()>;
     /// Deletes the spec and the records of its builds.
     async fn delete_environment_spec(&self, id: &str) -> Result<()>;
 

@@ -205,6 +205,7 @@ pub const ROUTE_PERMISSIONS: &[RoutePerm] = &[
     r("POST", "/environments/specs", Perm::Write),
     r("GET", "/environments/specs/{id}", Perm::Read),
     r("DELETE", "/environments/specs/{id}", Perm::Write),
+    r("PUT", "/environments/specs/{id}/context", Perm::Write),
     r("GET", "/environments/specs/{id}/suggestions", Perm::Read),
     r("GET", "/environments/builds", Perm::Read),
     r("POST", "/environments/builds", Perm::Write),

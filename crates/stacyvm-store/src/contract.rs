@@ -439,6 +439,12 @@ pub async fn environment_specs(s: &dyn Store) {
         python_packages: vec!["requests==2.32.3".into()],
         apt_packages: vec!["curl".into(), "jq".into()],
         python_version: "3.11".into(),
+        dockerfile: if id == "es-b" {
+            "FROM debian:12\nRUN true\n".into()
+        } else {
+            String::new()
+        },
+        context_sha256: String::new(),
         created_at: now + chrono::Duration::seconds(secs),
         updated_at: now + chrono::Duration::seconds(secs),
     };
@@ -468,6 +474,21 @@ pub async fn environment_specs(s: &dyn Store) {
         ["es-b", "es-a"]
     );
     assert_eq!(s.list_environment_specs(None).await.expect("all").len(), 3);
+    s.set_environment_spec_context("es-b", &"ab".repeat(32))
+        .await
+        .expect("context");
+    let b = s.get_environment_spec("es-b").await.expect("get");
+    assert_eq!(
+        (b.dockerfile.as_str(), b.context_sha256.len()),
+        ("FROM debian:12\nRUN true\n", 64)
+    );
+    assert_eq!(
+        s.set_environment_spec_context("es-none", "x")
+            .await
+            .expect_err("missing")
+            .kind(),
+        ErrorKind::NotFound
+    );
     s.delete_environment_spec("es-a").await.expect("delete");
     assert_eq!(
         s.get_environment_spec("es-a")
@@ -489,6 +510,8 @@ pub async fn builds(s: &dyn Store) {
         python_packages: vec![],
         apt_packages: vec!["curl".into()],
         python_version: String::new(),
+        dockerfile: String::new(),
+        context_sha256: String::new(),
         created_at: t0,
         updated_at: t0,
     };

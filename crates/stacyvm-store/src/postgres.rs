@@ -1230,7 +1230,7 @@ impl Store for PostgresStore {
 
     async fn insert_environment_spec(&self, r: &EnvironmentSpecRecord) -> Result<()> {
         sqlx::query(
-            "INSERT INTO environment_specs (id, owner_id, tenant_id, name, base_image, python_packages, apt_packages, python_version, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO environment_specs (id, owner_id, tenant_id, name, base_image, python_packages, apt_packages, python_version, dockerfile, context_sha256, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
         )
         .bind(&r.id)
         .bind(&r.owner_id)
@@ -1240,6 +1240,8 @@ impl Store for PostgresStore {
         .bind(to_json(&r.python_packages))
         .bind(to_json(&r.apt_packages))
         .bind(&r.python_version)
+        .bind(&r.dockerfile)
+        .bind(&r.context_sha256)
         .bind(r.created_at)
         .bind(r.updated_at)
         .execute(&self.pool)
@@ -1353,6 +1355,16 @@ impl Store for PostgresStore {
         .await
         .map_err(db_err)?;
         rows.iter().map(rows::build).collect()
+    }
+
+    async fn set_environment_spec_context(&self, id: &str, sha256: &str) -> Result<()> {
+        let r = sqlx::query("UPDATE environment_specs SET context_sha256 = $1 WHERE id = $2")
+            .bind(sha256)
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("environment spec {id:?}"))
     }
 
     async fn delete_environment_spec(&self, id: &str) -> Result<()> {

@@ -218,6 +218,8 @@ pub(crate) fn environment_spec(r: &impl Cols) -> Result<EnvironmentSpecRecord> {
         python_packages: r.json("python_packages"),
         apt_packages: r.json("apt_packages"),
         python_version: r.text("python_version"),
+        dockerfile: r.text("dockerfile"),
+        context_sha256: r.text("context_sha256"),
         created_at: r.time("created_at")?,
         updated_at: r.time("updated_at")?,
     })

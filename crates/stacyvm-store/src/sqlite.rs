@@ -1160,7 +1160,7 @@ impl Store for SqliteStore {
 
     async fn insert_environment_spec(&self, r: &EnvironmentSpecRecord) -> Result<()> {
         sqlx::query(
-            "INSERT INTO environment_specs (id, owner_id, tenant_id, name, base_image, python_packages, apt_packages, python_version, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO environment_specs (id, owner_id, tenant_id, name, base_image, python_packages, apt_packages, python_version, dockerfile, context_sha256, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&r.id)
         .bind(&r.owner_id)
@@ -1170,6 +1170,8 @@ impl Store for SqliteStore {
         .bind(to_json(&r.python_packages))
         .bind(to_json(&r.apt_packages))
         .bind(&r.python_version)
+        .bind(&r.dockerfile)
+        .bind(&r.context_sha256)
         .bind(ts(r.created_at))
         .bind(ts(r.updated_at))
         .execute(&self.writer)
@@ -1292,6 +1294,16 @@ impl Store for SqliteStore {
         .await
         .map_err(db_err)?;
         rows.iter().map(rows::build).collect()
+    }
+
+    async fn set_environment_spec_context(&self, id: &str, sha256: &str) -> Result<()> {
+        let r = sqlx::query("UPDATE environment_specs SET context_sha256 = ? WHERE id = ?")
+            .bind(sha256)
+            .bind(id)
+            .execute(&self.writer)
+            .await
+            .map_err(db_err)?;
+        not_found_if_zero(r.rows_affected(), format!("environment spec {id:?}"))
     }
 
     async fn delete_environment_spec(&self, id: &str) -> Result<()> {

@@ -15,14 +15,23 @@ use crate::cli::Conn;
 
 #[derive(Debug, Subcommand)]
 pub enum EnvCommand {
-    /// Create an environment spec: a base image and packages.
+    /// Create an environment spec: a base image and packages, and/or a
+    /// Dockerfile (FROM, RUN, ENV, WORKDIR, COPY) with its context dir.
     #[command(
-        after_help = "Example:\n  stacyvm env create web --base-image python:3.12 --pip flask==3.0.3 --apt curl"
+        after_help = "Examples:\n  stacyvm env create web --base-image python:3.12 --pip flask==3.0.3 --apt curl\n  stacyvm env create app --dockerfile ./Dockerfile --context ."
     )]
     Create {
         name: String,
+        /// The base image (default: the Dockerfile's FROM).
+        #[arg(long, required_unless_present = "dockerfile")]
+        base_image: Option<String>,
+        /// A Dockerfile of the supported subset, run after the packages.
         #[arg(long)]
-        base_image: String,
+        dockerfile: Option<std::path::PathBuf>,
+        /// The directory the Dockerfile's COPY reads (uploaded as a tar;
+        /// links are kept as links).
+        #[arg(long, requires = "dockerfile")]
+        context: Option<std::path::PathBuf>,
         /// A pip package (repeatable).
         #[arg(long = "pip")]
         python_packages: Vec<String>,
@@ -114,17 +123,25 @@ pub async fn run(conn: &Conn, cmd: EnvCommand) -> Result<ExitCode> {
         EnvCommand::Create {
             name,
             base_image,
+            dockerfile,
+            context,
             python_packages,
             apt_packages,
             python_version,
         } => {
+            let dockerfile = match &dockerfile {
+                Some(p) => std::fs::read_to_string(p)
+                    .map_err(|e| anyhow::anyhow!("reading {}: {e}", p.display()))?,
+                None => String::new(),
+            };
             let s: EnvironmentSpec = c
                 .send_json(
                     Method::POST,
                     "/environments/specs",
                     &CreateEnvironmentSpec {
                         name,
-                        base_image,
+                        base_image: base_image.unwrap_or_default(),
+                        dockerfile,
                         python_packages,
                         apt_packages,
                         python_version: python_version.unwrap_or_default(),
@@ -132,6 +149,22 @@ pub async fn run(conn: &Conn, cmd: EnvCommand) -> Result<ExitCode> {
                     },
                 )
                 .await?;
+            if let Some(dir) = context {
+                let bar = crate::image::progress_bar();
+                let src = dir.to_string_lossy().to_string();
+                let packed = crate::transfer::pack(&src, None, &bar).await?;
+                let res = c
+                    .spec_context_put(&s.id, packed.body, packed.len, &packed.sha)
+                    .await;
+                bar.finish_and_clear();
+                let v = res?;
+                eprintln!(
+                    "build context {}: {} entries ({}) uploaded",
+                    dir.display(),
+                    v["entries"].as_u64().unwrap_or(0),
+                    crate::image::human(v["bytes"].as_u64().unwrap_or(0))
+                );
+            }
             if conn.json {
                 crate::cli::print_json(&s)?;
             } else {

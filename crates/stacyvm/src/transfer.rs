@@ -74,23 +74,22 @@ pub async fn run(conn: &Conn, src: &str, dest: &str) -> Result<ExitCode> {
 /// Local `src` into the sandbox at `dest`: a directory's contents go into
 /// `dest` (created); a file goes to `dest`, or into it when it ends with
 /// `/`.
-async fn upload(
-    client: &stacyvm_client::Client,
+/// A local file or directory packed as a tar (never following a link) in
+/// a temporary file, ready to upload with its length and SHA-256.
+pub(crate) struct Packed {
+    pub body: reqwest::Body,
+    pub len: u64,
+    pub sha: String,
+    pub report: archive::Report,
+}
+
+/// Packs `src` (named `name` when a single file is renamed), then counts
+/// the upload on `bar`.
+pub(crate) async fn pack(
     src: &str,
-    id: &str,
-    dest: &str,
-) -> Result<ExitCode> {
-    let meta = std::fs::symlink_metadata(src).with_context(|| format!("reading {src}"))?;
-    let (into, name): (String, Option<PathBuf>) = if meta.is_dir() || dest.ends_with('/') {
-        (dest.to_string(), None)
-    } else {
-        let p = Path::new(dest);
-        let parent = p
-            .parent()
-            .map_or("/".into(), |p| p.to_string_lossy().to_string());
-        (parent, p.file_name().map(PathBuf::from))
-    };
-    let bar = progress_bar();
+    name: Option<PathBuf>,
+    bar: &indicatif::ProgressBar,
+) -> Result<Packed> {
     bar.set_message("packing");
     let spool = tempfile::tempfile().context("creating a temporary file")?;
     let src_owned = src.to_string();
@@ -110,8 +109,7 @@ async fn upload(
     .await??;
     bar.set_length(len);
     bar.set_message("uploading");
-    let file = tokio::fs::File::from_std(spool);
-    let mut file = file;
+    let mut file = tokio::fs::File::from_std(spool);
     tokio::io::AsyncSeekExt::seek(&mut file, std::io::SeekFrom::Start(0)).await?;
     let counted = bar.clone();
     let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map(move |c| {
@@ -120,9 +118,34 @@ async fn upload(
         }
         c
     });
-    let res = client
-        .archive_put(id, &into, reqwest::Body::wrap_stream(stream), len, &sha)
-        .await;
+    Ok(Packed {
+        body: reqwest::Body::wrap_stream(stream),
+        len,
+        sha,
+        report,
+    })
+}
+
+async fn upload(
+    client: &stacyvm_client::Client,
+    src: &str,
+    id: &str,
+    dest: &str,
+) -> Result<ExitCode> {
+    let meta = std::fs::symlink_metadata(src).with_context(|| format!("reading {src}"))?;
+    let (into, name): (String, Option<PathBuf>) = if meta.is_dir() || dest.ends_with('/') {
+        (dest.to_string(), None)
+    } else {
+        let p = Path::new(dest);
+        let parent = p
+            .parent()
+            .map_or("/".into(), |p| p.to_string_lossy().to_string());
+        (parent, p.file_name().map(PathBuf::from))
+    };
+    let bar = progress_bar();
+    let packed = pack(src, name, &bar).await?;
+    let (len, sha, report) = (packed.len, packed.sha.clone(), packed.report);
+    let res = client.archive_put(id, &into, packed.body, len, &sha).await;
     bar.finish_and_clear();
     let v = res?;
     eprintln!(

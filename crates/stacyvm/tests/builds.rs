@@ -259,6 +259,82 @@ async fn native_builds_install_packages_spawn_and_reuse_their_layer() {
     );
     let (_, list) = api.get("/environments/builds").await;
     assert_eq!(list[0]["spec"]["id"], spec_id.as_str(), "{list}");
+    // A Dockerfile with a build context, through the CLI: COPY of a
+    // directory and of a renamed file, ENV for later steps, a relative
+    // WORKDIR, RUN in both forms; a link in the context stays a link.
+    let ctx = env.dir.path().join("ctx");
+    std::fs::create_dir_all(ctx.join("app/lib")).expect("ctx");
+    std::fs::write(ctx.join("app/main.py"), "print('hello from app')\n").expect("main");
+    std::fs::write(ctx.join("app/lib/util.py"), "X = 1\n").expect("util");
+    std::fs::write(ctx.join("settings.yml"), "mode: prod\n").expect("settings");
+    std::os::unix::fs::symlink("/etc/shadow", ctx.join("app/secret")).expect("link");
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "FROM {BASE}\nENV GREETING=\"hi there\" MODE=prod\nWORKDIR /srv\nWORKDIR site\nCOPY app app/\nCOPY settings.yml /etc/tool/config.yml\nRUN echo \"$GREETING $MODE\" > greeting && \\\n    python3 app/main.py > out.txt\nRUN [\"sh\", \"-c\", \"echo json-form > /srv/site/json\"]\n"
+        ),
+    )
+    .expect("dockerfile");
+    let out = env.cli(
+        &server,
+        &[
+            "env",
+            "create",
+            "site",
+            "--dockerfile",
+            &ctx.join("Dockerfile").to_string_lossy(),
+            "--context",
+            &ctx.to_string_lossy(),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let site = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let out = env.cli(&server, &["env", "build", &site]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    let sb = api.spawn(json!({ "image": image })).await;
+    let id = sb["id"].as_str().expect("id");
+    let out = api
+        .exec(
+            id,
+            "cd /srv/site && cat greeting out.txt json /etc/tool/config.yml app/lib/util.py && readlink app/secret",
+        )
+        .await;
+    assert_eq!(
+        out["stdout"], "hi there prod\nhello from app\njson-form\nmode: prod\nX = 1\n/etc/shadow\n",
+        "{out}"
+    );
+    api.delete(&format!("/sandboxes/{id}")).await;
+    // A context that leaves its root or holds a device is refused whole.
+    for (name, kind) in [("../escape", b'0'), ("dev/tty", b'3')] {
+        let mut h = [0u8; 512];
+        h[..name.len()].copy_from_slice(name.as_bytes());
+        h[100..107].copy_from_slice(b"0000644");
+        h[124..135].copy_from_slice(b"00000000000");
+        h[156] = kind;
+        h[148..156].copy_from_slice(b"        ");
+        let sum: u32 = h.iter().map(|b| u32::from(*b)).sum();
+        h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        let mut body = h.to_vec();
+        body.extend_from_slice(&[0u8; 1024]);
+        let resp = api
+            .http
+            .put(format!("{}/environments/specs/{site}/context", api.base))
+            .body(body)
+            .send()
+            .await
+            .expect("put context");
+        assert_eq!(resp.status(), 400, "{name}");
+    }
+
     // The base image cannot go while a built image stands on it.
     let out = Command::new(env!("CARGO_BIN_EXE_stacyvm"))
         .args(["image", "rm", BASE])
@@ -417,6 +493,53 @@ async fn bad_builds_fail_cleanly_cancel_stops_and_a_crash_is_settled() {
     }
     let (s, v) = api.get("/environments/builds?limit=0").await;
     assert_eq!(s, 400, "{v}");
+
+    // Dockerfiles outside the subset are refused when the spec is made,
+    // naming the line; a COPY without an uploaded context fails the build.
+    for (dockerfile, want) in [
+        (
+            format!("FROM {BASE}\nADD https://example.com/x /x\n"),
+            "line 2: ADD is not supported",
+        ),
+        (format!("FROM {BASE} AS build\n"), "multi-stage"),
+        ("RUN true\n".to_string(), "before FROM"),
+    ] {
+        let (s, v) = api
+            .post(
+                "/environments/specs",
+                json!({"name": "df", "dockerfile": dockerfile}),
+            )
+            .await;
+        assert_eq!(s, 400, "{v}");
+        assert!(
+            v["message"].as_str().unwrap_or_default().contains(want),
+            "{v}"
+        );
+    }
+    let (s, v) = api
+        .post(
+            "/environments/specs",
+            json!({"name": "df", "base_image": "debian:trixie", "dockerfile": format!("FROM {BASE}\n")}),
+        )
+        .await;
+    assert_eq!(s, 400, "{v}");
+    let no_ctx = spec(
+        &api,
+        json!({"name": "no-ctx", "dockerfile": format!("FROM {BASE}\nCOPY a /a\n")}),
+    )
+    .await;
+    let (_, b) = api
+        .post("/environments/builds", json!({"spec_id": no_ctx}))
+        .await;
+    let b = wait_build(&api, b["id"].as_str().expect("id")).await;
+    assert_eq!(b["status"], "failed", "{b}");
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("none was uploaded"),
+        "{b}"
+    );
 
     // A package Debian does not have: failed, the log kept with apt's
     // words, no sandbox left.

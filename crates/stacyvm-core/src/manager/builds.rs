@@ -201,7 +201,7 @@ fn sh_quote(s: &str) -> String {
 }
 
 /// The steps a spec builds with.
-pub fn plan_steps(spec: &EnvironmentSpecRecord) -> Vec<BuildStep> {
+pub fn plan_steps(spec: &EnvironmentSpecRecord) -> Result<Vec<BuildStep>> {
     let mut steps = vec![
         BuildStep::Env("DEBIAN_FRONTEND".into(), "noninteractive".into()),
         // Debian's Python refuses system-wide pip installs without it
@@ -230,14 +230,20 @@ pub fn plan_steps(spec: &EnvironmentSpecRecord) -> Vec<BuildStep> {
             pkgs.join(" ")
         )));
     }
+    if !spec.dockerfile.is_empty() {
+        steps.extend(crate::dockerfile::parse(&spec.dockerfile)?.steps);
+    }
     steps.push(BuildStep::Run("mkdir -p /workspace /output /data".into()));
     steps.push(BuildStep::Workdir("/workspace".into()));
-    steps
+    Ok(steps)
 }
 
-/// What identifies a build's result: provider, base image and steps.
-pub fn cache_key(provider: &str, base: &str, steps: &[BuildStep]) -> String {
+/// What identifies a build's result: provider, base image, steps and the
+/// build context they copy from.
+pub fn cache_key(provider: &str, base: &str, steps: &[BuildStep], context: &str) -> String {
     let mut h = Sha256::new();
+    h.update(context.as_bytes());
+    h.update([0]);
     h.update(provider.as_bytes());
     h.update([0]);
     h.update(base.as_bytes());
@@ -251,6 +257,13 @@ fn step_text(s: &BuildStep) -> String {
         BuildStep::Run(c) => format!("RUN {c}"),
         BuildStep::Env(k, v) => format!("ENV {k}={v}"),
         BuildStep::Workdir(d) => format!("WORKDIR {d}"),
+        BuildStep::Copy { sources, dest } => {
+            let s: Vec<&str> = sources
+                .iter()
+                .map(|s| if s.is_empty() { "." } else { s.as_str() })
+                .collect();
+            format!("COPY {} {dest}", s.join(" "))
+        }
     }
 }
 
@@ -894,7 +907,14 @@ impl Manager {
             .await
             .map_err(|e| Stop::Failed(format!("reading the spec: {e}")))?;
         let provider = self.registry.get(&r.provider)?;
-        let steps = plan_steps(&spec);
+        let steps = plan_steps(&spec)?;
+        if steps.iter().any(|s| matches!(s, BuildStep::Copy { .. }))
+            && !self.context_file(&spec.id).is_file()
+        {
+            return Err(Stop::Failed(
+                "the dockerfile COPYs from the build context and none was uploaded (PUT /environments/specs/{id}/context)".into(),
+            ));
+        }
         let local = r
             .artifacts
             .iter()
@@ -904,7 +924,7 @@ impl Manager {
         let plan = ImageBuild {
             build_id: r.id.clone(),
             base_image: spec.base_image.clone(),
-            cache_key: cache_key(&r.provider, &spec.base_image, &steps),
+            cache_key: cache_key(&r.provider, &spec.base_image, &steps, &spec.context_sha256),
             steps,
             name: local,
         };
@@ -990,7 +1010,16 @@ impl Manager {
             _ = live.cancel.cancelled() => return Err(Stop::Canceled),
         };
         live.line(&format!("build sandbox {} from {}", sb.id, plan.base_image));
-        let res = self.run_steps(r, live, provider, &sb.id, plan).await;
+        let res = self
+            .run_steps(
+                r,
+                live,
+                provider,
+                &sb.id,
+                plan,
+                &self.context_file(&r.spec_id),
+            )
+            .await;
         let res = match res {
             Ok(()) => {
                 self.set_step(r, live, "commit").await;
@@ -1032,6 +1061,7 @@ impl Manager {
         provider: &Arc<dyn Provider>,
         sandbox: &str,
         plan: &ImageBuild,
+        context: &std::path::Path,
     ) -> Result<(), Stop> {
         let rec = self
             .cache
@@ -1064,6 +1094,17 @@ impl Manager {
                     format!("mkdir -p {}", sh_quote(d))
                 }
                 BuildStep::Run(c) => c.clone(),
+                BuildStep::Copy { sources, dest } => {
+                    let to_dir = sources.len() > 1 || dest.ends_with('/') || dest.ends_with("/.");
+                    for source in sources {
+                        let (dir, entries) = tokio::select! {
+                            res = self.copy_in(provider, &target, context, source, dest, to_dir, &env) => res.map_err(|e| Stop::Failed(format!("{name}: {e}")))?,
+                            _ = live.cancel.cancelled() => return Err(Stop::Canceled),
+                        };
+                        live.line(&format!("copied {entries} entries into {dir}"));
+                    }
+                    continue;
+                }
             };
             let spec = ExecSpec {
                 argv: vec!["/bin/sh".into(), "-c".into(), cmd],
@@ -1102,6 +1143,84 @@ impl Manager {
             }
         }
         Ok(())
+    }
+
+    /// One `COPY` source: its entries of the context extracted in the
+    /// sandbox (links kept as links, never followed).
+    #[allow(clippy::too_many_arguments)]
+    async fn copy_in(
+        &self,
+        provider: &Arc<dyn Provider>,
+        target: &str,
+        context: &std::path::Path,
+        source: &str,
+        dest: &str,
+        to_dir: bool,
+        env: &BTreeMap<String, String>,
+    ) -> Result<(String, u64)> {
+        let out = context.with_extension(format!(
+            "copy-{}.tar",
+            hex::encode(rand::random::<[u8; 4]>())
+        ));
+        let (ctx, src, dst, o) = (
+            context.to_path_buf(),
+            source.to_string(),
+            dest.to_string(),
+            out.clone(),
+        );
+        let sel = tokio::task::spawn_blocking(move || {
+            super::context::select(&ctx, &src, &dst, to_dir, &o)
+        })
+        .await
+        .map_err(|e| Error::internal(format!("context selection: {e}")))?;
+        let res = async {
+            let sel = sel?;
+            let mkdir = ExecSpec {
+                argv: vec!["/bin/mkdir".into(), "-p".into(), sel.dir.clone()],
+                env: env.clone(),
+                workdir: "/".into(),
+                timeout: Some(Duration::from_secs(60)),
+                ..ExecSpec::default()
+            };
+            let (tx, _rx) = mpsc::channel::<OutputChunk>(8);
+            let st = provider.exec(target, &mkdir, tx).await?;
+            if st.code != 0 {
+                return Err(Error::invalid(format!(
+                    "COPY: cannot create {} in the image",
+                    sel.dir
+                )));
+            }
+            let (tx, rx) = mpsc::channel::<Vec<u8>>(4);
+            let file = sel.tar.clone();
+            let feeder = tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let Ok(mut f) = tokio::fs::File::open(&file).await else {
+                    return;
+                };
+                let mut buf = vec![0u8; 256 * 1024];
+                while let Ok(n) = f.read(&mut buf).await {
+                    if n == 0 || tx.send(buf[..n].to_vec()).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            let report = provider
+                .archive_write(
+                    target,
+                    &sel.dir,
+                    rx,
+                    crate::provider::ArchiveLimits {
+                        max_bytes: super::context::MAX_BYTES,
+                        max_entries: super::context::MAX_ENTRIES,
+                    },
+                )
+                .await;
+            feeder.abort();
+            report.map(|_| (sel.dir.clone(), sel.entries))
+        }
+        .await;
+        let _ = std::fs::remove_file(&out);
+        res
     }
 
     async fn push_artifacts(
@@ -1194,6 +1313,8 @@ mod tests {
             python_packages: pip.iter().map(|s| s.to_string()).collect(),
             apt_packages: apt.iter().map(|s| s.to_string()).collect(),
             python_version: py.into(),
+            dockerfile: String::new(),
+            context_sha256: String::new(),
             created_at: now,
             updated_at: now,
         }
@@ -1214,7 +1335,7 @@ mod tests {
 
     #[test]
     fn package_names_reach_the_shell_quoted() {
-        let steps = plan_steps(&spec(&["curl"], &["requests>=2", "numpy<2"], ""));
+        let steps = plan_steps(&spec(&["curl"], &["requests>=2", "numpy<2"], "")).expect("steps");
         let runs: Vec<&str> = steps
             .iter()
             .filter_map(|s| match s {
@@ -1229,13 +1350,14 @@ mod tests {
 
     #[test]
     fn cache_keys_change_with_every_input() {
-        let a = plan_steps(&spec(&["curl"], &[], ""));
-        let b = plan_steps(&spec(&["curl", "git"], &[], ""));
-        let k = cache_key("native", "debian:bookworm", &a);
-        assert_eq!(k, cache_key("native", "debian:bookworm", &a));
-        assert_ne!(k, cache_key("native", "debian:bookworm", &b));
-        assert_ne!(k, cache_key("docker", "debian:bookworm", &a));
-        assert_ne!(k, cache_key("native", "debian:trixie", &a));
+        let a = plan_steps(&spec(&["curl"], &[], "")).expect("steps");
+        let b = plan_steps(&spec(&["curl", "git"], &[], "")).expect("steps");
+        let k = cache_key("native", "debian:bookworm", &a, "");
+        assert_eq!(k, cache_key("native", "debian:bookworm", &a, ""));
+        assert_ne!(k, cache_key("native", "debian:bookworm", &a, "ctx1"));
+        assert_ne!(k, cache_key("native", "debian:bookworm", &b, ""));
+        assert_ne!(k, cache_key("docker", "debian:bookworm", &a, ""));
+        assert_ne!(k, cache_key("native", "debian:trixie", &a, ""));
     }
 
     #[test]

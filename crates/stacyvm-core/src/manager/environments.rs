@@ -20,6 +20,8 @@ pub(super) fn view(r: &EnvironmentSpecRecord) -> EnvironmentSpec {
         python_packages: r.python_packages.clone(),
         apt_packages: r.apt_packages.clone(),
         python_version: r.python_version.clone(),
+        dockerfile: r.dockerfile.clone(),
+        context_sha256: r.context_sha256.clone(),
         created_at: r.created_at,
         updated_at: r.updated_at,
     }
@@ -89,9 +91,25 @@ impl Manager {
         caller: &Caller,
     ) -> Result<EnvironmentSpec> {
         let name = req.name.trim();
-        let base = req.base_image.trim();
+        let parsed = if req.dockerfile.trim().is_empty() {
+            None
+        } else {
+            Some(crate::dockerfile::parse(&req.dockerfile)?)
+        };
+        let base = match (&parsed, req.base_image.trim()) {
+            (Some(p), "") => p.from.as_str(),
+            (Some(p), b) if b != p.from => {
+                return Err(Error::invalid(format!(
+                    "base_image {b:?} and the dockerfile's FROM {:?} differ; give one",
+                    p.from
+                )))
+            }
+            (_, b) => b,
+        };
         if name.is_empty() || base.is_empty() {
-            return Err(Error::invalid("name and base_image are required"));
+            return Err(Error::invalid(
+                "name and base_image (or a dockerfile with FROM) are required",
+            ));
         }
         if name.len() > 100 || name.chars().any(|c| c.is_control() || c == '/') {
             return Err(Error::invalid(
@@ -129,6 +147,12 @@ impl Manager {
             python_packages: python,
             apt_packages: apt,
             python_version: version.to_string(),
+            dockerfile: if parsed.is_some() {
+                req.dockerfile.clone()
+            } else {
+                String::new()
+            },
+            context_sha256: String::new(),
             created_at: now,
             updated_at: now,
         };

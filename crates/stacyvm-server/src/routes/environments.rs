@@ -60,3 +60,25 @@ pub async fn suggestions(
 ) -> ApiResult<Json<SpecSuggestions>> {
     Ok(Json::ok(st.manager.spec_suggestions(&id, &who).await?))
 }
+
+/// `PUT /environments/specs/{id}/context`: the build context (tar or
+/// tar.gz) the spec's Dockerfile `COPY`s from.
+pub async fn put_context(
+    State(st): State<AppState>,
+    Who(who): Who,
+    Path(id): Path<String>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Body,
+) -> ApiResult<Json<super::files::ArchiveWritten>> {
+    let (report, sum) = super::files::intake_archive(&headers, body, |rx| {
+        st.manager.put_spec_context(&id, rx, &who)
+    })
+    .await?;
+    Ok(Json::ok(super::files::ArchiveWritten {
+        status: "stored".into(),
+        path: String::new(),
+        entries: report.entries,
+        bytes: report.bytes,
+        sha256: sum,
+    }))
+}

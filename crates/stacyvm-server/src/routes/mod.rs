@@ -128,6 +128,7 @@ fn table() -> Vec<(Op, MethodRouter<AppState>)> {
         op!(post "/environments/specs", environments::create, Doc::new("environments", "Create an environment spec", Reply::Json(schema::<a::EnvironmentSpec>)).body(Body::Json(schema::<a::CreateEnvironmentSpec>))),
         op!(get "/environments/specs/{id}", environments::get, Doc::new("environments", "One environment spec", Reply::Json(schema::<a::EnvironmentSpec>))),
         op!(delete "/environments/specs/{id}", environments::delete, Doc::new("environments", "Delete an environment spec", status)),
+        op!(put "/environments/specs/{id}/context", environments::put_context, Doc::new("environments", "Upload the build context (tar or tar.gz) the spec's Dockerfile COPYs from", Reply::Json(schema::<files::ArchiveWritten>)).body(Body::Raw("application/x-tar"))),
         op!(get "/environments/specs/{id}/suggestions", environments::suggestions, Doc::new("environments", "Packages often added to environments like this one", Reply::Json(schema::<a::SpecSuggestions>))),
         op!(get "/environments/builds", builds::list, Doc::new("environments", "Builds with their specs, newest first", Reply::Json(schema::<Vec<a::BuildEntry>>)).query(schema::<builds::ListQuery>)),
         op!(post "/environments/builds", builds::create, Doc::new("environments", "Queue a build of a spec (201)", Reply::Json(schema::<a::Build>)).body(Body::Json(schema::<a::CreateBuild>))),

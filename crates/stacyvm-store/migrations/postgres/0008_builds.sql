@@ -1,3 +1,6 @@
+-- Specs may carry a Dockerfile and an uploaded build context.
+ALTER TABLE environment_specs ADD COLUMN IF NOT EXISTS dockerfile TEXT NOT NULL DEFAULT '';
+ALTER TABLE environment_specs ADD COLUMN IF NOT EXISTS context_sha256 TEXT NOT NULL DEFAULT '';
 -- Environment builds belong to their spec's owner and tenant, name the
 -- provider that gets the image, and keep their artifacts (local image and
 -- registry pushes) beside them.
