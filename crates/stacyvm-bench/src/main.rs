@@ -28,6 +28,7 @@ use serde_json::{json, Value};
 use tokio::net::TcpStream;
 
 mod archive;
+mod build;
 mod egress;
 mod pause;
 mod preview;
@@ -65,7 +66,9 @@ struct Args {
     /// pause (pause, resume, and the first exec on a paused sandbox),
     /// template (a warm-pool claim against a spawn that runs the template's
     /// setup and a plain spawn), egress (bridged spawns with CIDR and domain
-    /// policies against one without, and a runtime policy change).
+    /// policies against one without, and a runtime policy change), build
+    /// (environment builds cold and cached against the same commands run by
+    /// hand; `--image` is the base; `docker build` too on `--provider docker`).
     #[arg(
         long,
         default_value = "get,list,spawn,first_exec,exec,file_1k,file_1m,destroy"
@@ -961,6 +964,8 @@ async fn main() -> Result<()> {
             template::run(&args).await?
         } else if name == "egress" {
             egress::run(&args).await?
+        } else if name == "build" {
+            build::run(&args).await?
         } else {
             vec![scenario(&args, name).await?]
         };
