@@ -513,6 +513,36 @@ fn copy_xattrs(src: RawFd, dst: RawFd, is_dir: bool) -> Result<()> {
     Ok(())
 }
 
+/// Whether the directory at `path` is marked opaque for overlayfs
+/// (`trusted.overlay.opaque` or `user.overlay.opaque` = `y`). The path is
+/// opened `O_NOFOLLOW`: a link is never a directory here.
+pub fn is_opaque_dir(path: &std::path::Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(dir) = nix::fcntl::open(
+        path,
+        nix::fcntl::OFlag::O_RDONLY
+            | nix::fcntl::OFlag::O_DIRECTORY
+            | nix::fcntl::OFlag::O_NOFOLLOW
+            | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    ) else {
+        return false;
+    };
+    // SAFETY: `open` returned a descriptor this function owns.
+    let dir = unsafe { std::os::fd::OwnedFd::from_raw_fd(dir) };
+    [b"trusted.overlay.opaque".as_slice(), b"user.overlay.opaque"]
+        .iter()
+        .any(|n| get_xattr(dir.as_raw_fd(), n).is_some_and(|v| v.first() == Some(&b'y')))
+}
+
+/// Marks the directory at `path` opaque for overlayfs (both spellings).
+pub fn mark_opaque_dir(path: &std::path::Path) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path)?;
+    set_xattr(f.as_raw_fd(), b"trusted.overlay.opaque", b"y")
+        .map_err(|e| std::io::Error::other(format!("{e:?}")))
+}
+
 fn list_xattrs(fd: RawFd) -> Vec<u8> {
     let mut buf = vec![0u8; 4096];
     loop {

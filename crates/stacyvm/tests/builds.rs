@@ -166,8 +166,18 @@ async fn sandboxes(api: &common::Api) -> Vec<Value> {
 async fn native_builds_install_packages_spawn_and_reuse_their_layer() {
     let env = Env::new(false);
     env.import_native();
+    let registry = common::Registry::start_with_auth(env.dir.path(), "natbot", "pw-native-1");
+    std::fs::create_dir_all(env.dir.path().join("secrets")).expect("secrets dir");
+    std::fs::write(env.dir.path().join("secrets/NAT_PW"), "pw-native-1").expect("secret");
     let server = env.start();
     let api = common::Api::new(&server);
+    let (s, conn) = api
+        .post(
+            "/environments/registry-connections",
+            json!({"provider": "registry", "host": registry.addr, "username": "natbot", "secret_ref": "NAT_PW"}),
+        )
+        .await;
+    assert_eq!(s, 201, "{conn}");
     let spec_id = spec(
         &api,
         json!({
@@ -181,8 +191,9 @@ async fn native_builds_install_packages_spawn_and_reuse_their_layer() {
     )
     .await;
 
-    // The CLI follows the log on stderr and prints the image on stdout.
-    let out = env.cli(&server, &["env", "build", &spec_id]);
+    // The CLI follows the log on stderr and prints the image on stdout;
+    // the image goes to the registry too.
+    let out = env.cli(&server, &["env", "build", &spec_id, "--target", "registry"]);
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert!(out.status.success(), "env build: {stderr}");
     let image = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -202,6 +213,45 @@ async fn native_builds_install_packages_spawn_and_reuse_their_layer() {
     assert!(
         !env.dir.path().join("<2").exists() && !env.dir.path().join("=1.16,").exists(),
         "a package name reached the shell"
+    );
+    // What was pushed pulls into another store whole: the base's files
+    // and the build's.
+    let (_, list) = api.get("/environments/builds?limit=1").await;
+    let pushed = list[0]["build"]["artifacts"][1].clone();
+    assert_eq!(pushed["status"], "ready", "{list}");
+    let other = tempfile::tempdir().expect("other store");
+    let out = Command::new(env!("CARGO_BIN_EXE_stacyvm"))
+        .args(["image", "pull", pushed["image_ref"].as_str().expect("ref")])
+        .env("STACYVM_SERVER_DATA_DIR", other.path())
+        .env("STACYVM_REGISTRY_USERNAME", "natbot")
+        .env("STACYVM_REGISTRY_PASSWORD", "pw-native-1")
+        .output()
+        .expect("image pull");
+    assert!(
+        out.status.success(),
+        "pull: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rootfs = std::fs::read_dir(other.path().join("native/images/rootfs"))
+        .expect("rootfs")
+        .flatten()
+        .find(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .expect("pulled rootfs")
+        .path();
+    for f in [
+        "usr/bin/jq",
+        "usr/bin/python3",
+        "etc/debian_version",
+        "workspace",
+    ] {
+        assert!(rootfs.join(f).exists(), "{f} missing from the pulled image");
+    }
+    assert!(
+        !rootfs
+            .join("var/lib/apt/lists/partial")
+            .join(".wh.")
+            .exists(),
+        "whiteouts are applied, not copied"
     );
 
     let sb = api.spawn(json!({ "image": image })).await;

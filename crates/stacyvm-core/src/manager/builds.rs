@@ -805,6 +805,8 @@ impl Manager {
             self.run_build(rec, live.clone()).await;
             self.builds.live.lock().remove(&id);
             live.finished.send_replace(true);
+            // Followers of the log look again: the record is final now.
+            live.version.send_modify(|v| *v += 1);
         }
     }
 

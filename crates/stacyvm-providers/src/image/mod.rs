@@ -6,6 +6,7 @@
 pub mod hostetc;
 pub mod import;
 pub mod pull;
+pub mod push;
 pub mod store;
 
 pub use store::{ImageRecord, ImageStore};

@@ -259,6 +259,19 @@ impl ImageStore {
         Ok(out)
     }
 
+    /// The one rootfs dir of an image, for providers that run single-layer
+    /// images (microVM disks, PRoot): a built image (a layer over its
+    /// base, with overlay whiteouts) is refused with the reason.
+    pub fn single_dir(&self, rec: &ImageRecord, provider: &str) -> Result<PathBuf> {
+        if rec.parent.is_some() {
+            return Err(Error::invalid(format!(
+                "image {} is an environment build layered over its base; the {provider} provider runs single-layer images (spawn it on native, or build the environment for docker)",
+                rec.names.first().cloned().unwrap_or_else(|| rec.id.clone())
+            )));
+        }
+        Ok(self.rootfs_of(rec))
+    }
+
     /// An image built from `build_key` on `parent` (an image id).
     pub fn find_built(&self, parent: &str, build_key: &str) -> Option<ImageRecord> {
         self.list().into_iter().find(|r| {

@@ -427,7 +427,8 @@ impl FirecrackerProvider {
             .find(image)
             .ok_or_else(|| Error::invalid(format!("image {image:?} disappeared")))?;
         let key = rec.id.trim_start_matches("sha256:").to_string();
-        Ok((image.to_string(), key, self.images.rootfs_of(&rec)))
+        let dir = self.images.single_dir(&rec, "firecracker")?;
+        Ok((image.to_string(), key, dir))
     }
 
     fn snapshot_root(&self) -> PathBuf {

@@ -559,7 +559,8 @@ impl QemuProvider {
             .find(image)
             .ok_or_else(|| Error::invalid(format!("image {image:?} disappeared")))?;
         let key = rec.id.trim_start_matches("sha256:").to_string();
-        Ok((image.to_string(), key, self.images.rootfs_of(&rec)))
+        let dir = self.images.single_dir(&rec, "qemu")?;
+        Ok((image.to_string(), key, dir))
     }
 
     fn validate(&self, spec: &SpawnSpec) -> Result<()> {

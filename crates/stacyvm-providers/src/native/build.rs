@@ -135,3 +135,106 @@ pub fn commit(images: &ImageStore, c: &Commit<'_>) -> Result<ImageRecord> {
     }
     res
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store(dir: &Path) -> (ImageStore, ImageRecord) {
+        let images = ImageStore::new(dir.join("images"), &[]).expect("store");
+        let base_id = format!("sha256:{}", "ab".repeat(32));
+        std::fs::create_dir_all(images.rootfs_dir().join("ab".repeat(32)).join("etc"))
+            .expect("base rootfs");
+        let base = images
+            .record(ImageRecord {
+                id: base_id,
+                names: vec!["debian:bookworm".into()],
+                layers: 1,
+                size_bytes: 10,
+                imported_at: String::new(),
+                source: "test".into(),
+                parent: None,
+                build_key: None,
+            })
+            .expect("record");
+        (images, base)
+    }
+
+    #[test]
+    fn a_committed_build_is_a_layer_over_its_base_and_is_reused() {
+        let d = tempfile::tempdir().expect("dir");
+        let (images, base) = store(d.path());
+        let upper = d.path().join("upper");
+        std::fs::create_dir_all(upper.join("usr/bin")).expect("upper");
+        std::fs::write(upper.join("usr/bin/tool"), b"#!/bin/sh\n").expect("file");
+        let c = Commit {
+            upper: &upper,
+            shift: None,
+            base: &base,
+            build_key: "key-1",
+            name: "local/stacyvm-env:web-1",
+            build_id: "b1",
+            min_free: 0,
+        };
+        let rec = commit(&images, &c).expect("commit");
+        assert_eq!(rec.parent.as_deref(), Some(base.id.as_str()));
+        assert_eq!(rec.id, layer_id(&base.id, "key-1"));
+        assert!(images.rootfs_of(&rec).join("usr/bin/tool").is_file());
+        let (lower, _, _) = images.layers("local/stacyvm-env:web-1").expect("layers");
+        assert_eq!(
+            lower,
+            [
+                images.rootfs_of(&rec).display().to_string(),
+                images.rootfs_of(&base).display().to_string()
+            ]
+        );
+        // Reuse: the same key on the same base, under a new name.
+        let again = reuse(&images, &base, "key-1", "local/stacyvm-env:web-2")
+            .expect("reuse")
+            .expect("found");
+        assert_eq!(again.id, rec.id);
+        assert!(images.find("local/stacyvm-env:web-2").is_some());
+        assert!(reuse(&images, &base, "key-2", "x:y")
+            .expect("reuse")
+            .is_none());
+        // The base stays while the build stands on it; single-layer
+        // providers refuse the build.
+        let e = images.remove("debian:bookworm").expect_err("in use");
+        assert!(e.to_string().contains("is the base of"), "{e}");
+        assert!(images.single_dir(&rec, "qemu").is_err());
+        assert!(images.single_dir(&base, "qemu").is_ok());
+        images
+            .remove("local/stacyvm-env:web-2")
+            .expect("remove build");
+        images.remove("debian:bookworm").expect("remove base");
+        // The host image cannot be built on.
+        assert!(base_of(&images, "host").is_err());
+        assert!(base_of(&images, "").is_err());
+    }
+
+    #[test]
+    fn a_commit_that_does_not_fit_leaves_nothing() {
+        let d = tempfile::tempdir().expect("dir");
+        let (images, base) = store(d.path());
+        let upper = d.path().join("upper");
+        std::fs::create_dir_all(&upper).expect("upper");
+        std::fs::write(upper.join("f"), b"x").expect("file");
+        let c = Commit {
+            upper: &upper,
+            shift: None,
+            base: &base,
+            build_key: "k",
+            name: "a:b",
+            build_id: "b",
+            min_free: u64::MAX / 2,
+        };
+        let e = commit(&images, &c).expect_err("no room");
+        assert!(e.to_string().contains("free"), "{e}");
+        let left: Vec<_> = std::fs::read_dir(images.rootfs_dir())
+            .expect("rootfs")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left.len(), 1, "only the base: {left:?}");
+    }
+}

@@ -959,6 +959,7 @@ impl Provider for NativeProvider {
             c.push(capability::VOLUMES.into());
             // Built images are upper dirs copied like snapshots.
             c.push(capability::IMAGE_BUILD.into());
+            c.push(capability::IMAGE_PUSH.into());
         }
         c.push("namespaces".into());
         c
@@ -1061,6 +1062,16 @@ impl Provider for NativeProvider {
                 }
             }),
         )
+    }
+
+    async fn push_image(
+        &self,
+        image_ref: &str,
+        target: &str,
+        auth: &stacyvm_core::provider::RegistryAuth,
+        log: stacyvm_core::provider::BuildLog,
+    ) -> Result<String> {
+        crate::image::push::push(&self.images, image_ref, target, auth, log).await
     }
 
     async fn commit_image(

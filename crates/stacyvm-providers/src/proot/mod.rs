@@ -467,6 +467,11 @@ impl ProotProvider {
                 host_dirs: binds.into_iter().map(|b| b.target).collect(),
             });
         }
+        if lower.len() > 1 {
+            if let Some(rec) = self.images.find(image) {
+                self.images.single_dir(&rec, "proot")?;
+            }
+        }
         let dir = lower
             .first()
             .map(PathBuf::from)
