@@ -33,6 +33,7 @@ mod egress;
 mod pause;
 mod preview;
 mod template;
+mod volume;
 
 #[derive(Debug, Parser, Clone)]
 #[command(name = "stacyvm-bench", about = "Benchmark a running StacyVM server")]
@@ -68,7 +69,9 @@ struct Args {
     /// setup and a plain spawn), egress (bridged spawns with CIDR and domain
     /// policies against one without, and a runtime policy change), build
     /// (environment builds cold and cached against the same commands run by
-    /// hand; `--image` is the base; `docker build` too on `--provider docker`).
+    /// hand; `--image` is the base; `docker build` too on `--provider docker`),
+    /// volume (dd on a named volume against the sandbox's own disk and,
+    /// with `--host-dir`, the host; `--big-mib` per pass).
     #[arg(
         long,
         default_value = "get,list,spawn,first_exec,exec,file_1k,file_1m,destroy"
@@ -93,6 +96,9 @@ struct Args {
     /// Pid of the server, whose resident memory `bigfile` samples.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// A host directory on the data disk: the `volume` scenario's floor.
+    #[arg(long)]
+    host_dir: Option<std::path::PathBuf>,
 }
 
 struct Conn {
@@ -966,6 +972,8 @@ async fn main() -> Result<()> {
             egress::run(&args).await?
         } else if name == "build" {
             build::run(&args).await?
+        } else if name == "volume" {
+            volume::run(&args).await?
         } else {
             vec![scenario(&args, name).await?]
         };
