@@ -59,13 +59,24 @@ fn host_dd(dir: &std::path::Path, mib: u64) -> Result<(Duration, Duration)> {
     let f = dir.join("stacyvm-bench.bin");
     let t = Instant::now();
     let st = std::process::Command::new("dd")
-        .args(["if=/dev/zero", &format!("of={}", f.display()), "bs=1M", &format!("count={mib}"), "conv=fsync"])
+        .args([
+            "if=/dev/zero",
+            &format!("of={}", f.display()),
+            "bs=1M",
+            &format!("count={mib}"),
+            "conv=fsync",
+        ])
         .stderr(std::process::Stdio::null())
         .status()?;
     let write = t.elapsed();
     let t = Instant::now();
     let st2 = std::process::Command::new("dd")
-        .args([&format!("if={}", f.display()), "of=/dev/null", "bs=1M", "iflag=direct"])
+        .args([
+            &format!("if={}", f.display()),
+            "of=/dev/null",
+            "bs=1M",
+            "iflag=direct",
+        ])
         .stderr(std::process::Stdio::null())
         .status()?;
     let read = t.elapsed();
@@ -127,7 +138,11 @@ pub async fn run(args: &Args) -> Result<Vec<Outcome>> {
         Ok::<_, anyhow::Error>(out)
     }
     .await;
-    let _ = c.ok(Method::DELETE, &format!("/sandboxes/{id}"), None).await;
-    let _ = c.ok(Method::DELETE, &format!("/volumes/{name}"), None).await;
+    let _ = c
+        .ok(Method::DELETE, &format!("/sandboxes/{id}"), None)
+        .await;
+    let _ = c
+        .ok(Method::DELETE, &format!("/volumes/{name}"), None)
+        .await;
     res
 }

@@ -265,6 +265,20 @@ pub enum Command {
     Worker(Box<crate::worker::WorkerArgs>),
     /// Print the version.
     Version,
+    /// Print a shell completion script.
+    #[command(
+        after_help = "Examples:\n  stacyvm completion bash | sudo tee /etc/bash_completion.d/stacyvm\n  stacyvm completion zsh > \"${fpath[1]}/_stacyvm\"\n  stacyvm completion fish > ~/.config/fish/completions/stacyvm.fish"
+    )]
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (stacyvm.1 and one per subcommand) into a directory.
+    #[command(after_help = "Example:\n  stacyvm man --out /usr/local/share/man/man1 && mandb")]
+    Man {
+        #[arg(long, default_value = "man")]
+        out: PathBuf,
+    },
     /// Operator tooling: config lint, doctor, db, upgrade, support.
     #[command(flatten)]
     Ops(crate::ops::OpsCommand),
@@ -378,6 +392,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Volume { conn, command } => crate::volume::run(&conn, command).await,
         Command::Snapshot { conn, command } => crate::snapshot::run(&conn, command).await,
         Command::Env { conn, command } => crate::env::run(&conn, command).await,
+        Command::Completion { shell } => crate::docs::completion(shell),
+        Command::Man { out } => crate::docs::man(&out),
         Command::Version => {
             println!(
                 "stacyvm {} ({}/{})",

@@ -5,6 +5,7 @@
 mod checks;
 mod cli;
 mod db;
+mod docs;
 mod doctor;
 mod env;
 mod image;

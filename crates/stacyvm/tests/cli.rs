@@ -788,3 +788,102 @@ fn image_pull_and_docker_import_through_the_cli() {
     let _ = docker(&["rmi", "mini/busybox:1"]);
     drop(registry);
 }
+
+/// Completions and man pages come from the CLI's definition: every
+/// subcommand is in them.
+#[test]
+fn completions_and_man_pages_cover_the_commands() {
+    let bin = env!("CARGO_BIN_EXE_stacyvm");
+    for (shell, marker) in [
+        ("bash", "_stacyvm()"),
+        ("zsh", "#compdef stacyvm"),
+        ("fish", "complete -c stacyvm"),
+    ] {
+        let out = std::process::Command::new(bin)
+            .args(["completion", shell])
+            .output()
+            .expect("completion");
+        assert!(out.status.success(), "{shell}");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(marker), "{shell}: no {marker}");
+        for sub in ["spawn", "env", "snapshot", "volume", "doctor"] {
+            assert!(text.contains(sub), "{shell} completion lacks {sub}");
+        }
+    }
+    let out = std::process::Command::new(bin)
+        .args(["completion", "tcsh"])
+        .output()
+        .expect("completion");
+    assert!(!out.status.success(), "an unknown shell is an error");
+    let dir = tempfile::tempdir().expect("dir");
+    let out = std::process::Command::new(bin)
+        .args(["man", "--out"])
+        .arg(dir.path())
+        .output()
+        .expect("man");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for page in [
+        "stacyvm.1",
+        "stacyvm-env-build.1",
+        "stacyvm-volume-export.1",
+        "stacyvm-serve.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page)).expect(page);
+        let name = page.trim_end_matches(".1");
+        assert!(
+            text.contains(&format!(".TH {name} 1")),
+            "{page}: {}",
+            &text[..200.min(text.len())]
+        );
+    }
+    assert!(
+        std::fs::read_to_string(dir.path().join("stacyvm-env-build.1"))
+            .expect("page")
+            .contains("\\-\\-target"),
+        "options are documented"
+    );
+}
+
+/// The bug report template asks for commands that exist, with options
+/// that exist.
+#[test]
+fn the_issue_templates_name_real_commands() {
+    let bin = env!("CARGO_BIN_EXE_stacyvm");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let text = std::fs::read_to_string(root.join(".github/ISSUE_TEMPLATE/bug_report.yml"))
+        .expect("bug_report.yml");
+    let mut checked = 0;
+    for cmd in text.split('`').skip(1).step_by(2) {
+        let Some(rest) = cmd.strip_prefix("stacyvm ") else {
+            continue;
+        };
+        let words: Vec<&str> = rest.split_whitespace().collect();
+        let path: Vec<&str> = words
+            .iter()
+            .take_while(|w| !w.starts_with('-') && !w.contains('.'))
+            .copied()
+            .collect();
+        let out = std::process::Command::new(bin)
+            .args(&path)
+            .arg("--help")
+            .output()
+            .expect("help");
+        assert!(out.status.success(), "`stacyvm {rest}`: no such command");
+        let help = String::from_utf8_lossy(&out.stdout);
+        for flag in words.iter().filter(|w| w.starts_with("--")) {
+            assert!(
+                help.contains(flag),
+                "`stacyvm {rest}`: {flag} is not an option"
+            );
+        }
+        checked += 1;
+    }
+    assert!(
+        checked >= 4,
+        "the template names the evidence commands ({checked})"
+    );
+}
