@@ -247,6 +247,8 @@ pub struct BuildRecord {
     pub tenant_id: String,
     /// The provider whose image store (or engine) gets the image.
     pub provider: String,
+    /// The worker id of the control plane running it (set by the claim).
+    pub builder: String,
     /// `queued`, `building`, `ready`, `failed` or `canceled`.
     pub status: String,
     pub current_step: String,
@@ -573,6 +575,12 @@ pub trait Store: Debug + Send + Sync + 'static {
     async fn update_build(&self, r: &BuildRecord) -> Result<()>;
     /// One tenant's builds, or all with `None`; newest first, at most `limit`.
     async fn list_builds(&self, tenant_id: Option<&str>, limit: usize) -> Result<Vec<BuildRecord>>;
+    /// Saves a running build's log (only while it is `building`: a final
+    /// state is never overwritten); returns its status now.
+    async fn save_build_log(&self, id: &str, log: &str, now: DateTime<Utc>) -> Result<String>;
+    /// Moves a build from `queued` to `building` unless another server
+    /// (or a cancel) got there first: true when this caller may run it.
+    async fn claim_build(&self, id: &str, builder: &str, now: DateTime<Utc>) -> Result<bool>;
     /// Builds still `queued` or `building` (for a restarting server).
     async fn unfinished_builds(&self) -> Result<Vec<BuildRecord>>;
 

@@ -522,6 +522,7 @@ pub async fn builds(s: &dyn Store) {
         owner_id: "alice".into(),
         tenant_id: tenant.into(),
         provider: "native".into(),
+        builder: String::new(),
         status: "queued".into(),
         current_step: String::new(),
         log: "build queued".into(),
@@ -573,6 +574,34 @@ pub async fn builds(s: &dyn Store) {
     assert_eq!(
         ids(s.unfinished_builds().await.expect("unfinished")),
         ["bd-2", "bd-3"]
+    );
+    // One claim of a queued build wins; a finished one cannot be claimed.
+    assert!(s.claim_build("bd-2", "cp-1", t0).await.expect("claim"));
+    assert!(!s
+        .claim_build("bd-2", "cp-1", t0)
+        .await
+        .expect("claim again"));
+    assert!(!s
+        .claim_build("bd-1", "cp-1", t0)
+        .await
+        .expect("claim finished"));
+    // The running log is saved while building, never over a final state.
+    assert_eq!(
+        s.save_build_log("bd-2", "so far\n", t0)
+            .await
+            .expect("save"),
+        "building"
+    );
+    assert_eq!(s.get_build("bd-2").await.expect("get").log, "so far\n");
+    assert_eq!(
+        s.save_build_log("bd-1", "late\n", t0).await.expect("save"),
+        "failed"
+    );
+    assert_ne!(s.get_build("bd-1").await.expect("get").log, "late\n");
+    let claimed = s.get_build("bd-2").await.expect("get");
+    assert_eq!(
+        (claimed.status.as_str(), claimed.builder.as_str()),
+        ("building", "cp-1")
     );
     assert_eq!(
         s.update_build(&rec("bd-none", "t1", 0))

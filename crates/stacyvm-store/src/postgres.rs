@@ -1283,13 +1283,14 @@ impl Store for PostgresStore {
 
     async fn insert_build(&self, r: &BuildRecord) -> Result<()> {
         sqlx::query(
-            "INSERT INTO environment_builds (id, spec_id, owner_id, tenant_id, provider, status, current_step, log_blob, image_size_bytes, digest_local, error, artifacts, created_at, finished_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
+            "INSERT INTO environment_builds (id, spec_id, owner_id, tenant_id, provider, builder, status, current_step, log_blob, image_size_bytes, digest_local, error, artifacts, created_at, finished_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)",
         )
         .bind(&r.id)
         .bind(&r.spec_id)
         .bind(&r.owner_id)
         .bind(&r.tenant_id)
         .bind(&r.provider)
+        .bind(&r.builder)
         .bind(&r.status)
         .bind(&r.current_step)
         .bind(&r.log)
@@ -1345,6 +1346,38 @@ impl Store for PostgresStore {
             .await
             .map_err(db_err)?;
         rows.iter().map(rows::build).collect()
+    }
+
+    async fn save_build_log(&self, id: &str, log: &str, now: DateTime<Utc>) -> Result<String> {
+        sqlx::query(
+            "UPDATE environment_builds SET log_blob = $1, updated_at = $2 WHERE id = $3 AND status = 'building'",
+        )
+        .bind(log)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        let status: Option<String> =
+            sqlx::query_scalar("SELECT status FROM environment_builds WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(db_err)?;
+        status.ok_or_else(|| Error::not_found(format!("build {id:?}")))
+    }
+
+    async fn claim_build(&self, id: &str, builder: &str, now: DateTime<Utc>) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE environment_builds SET status = 'building', builder = $1, updated_at = $2 WHERE id = $3 AND status = 'queued'",
+        )
+        .bind(builder)
+        .bind(now)
+        .bind(id)
+        .execute(&self.pool)
+        .await
+        .map_err(db_err)?;
+        Ok(r.rows_affected() == 1)
     }
 
     async fn unfinished_builds(&self) -> Result<Vec<BuildRecord>> {

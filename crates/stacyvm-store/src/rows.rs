@@ -232,6 +232,7 @@ pub(crate) fn build(r: &impl Cols) -> Result<BuildRecord> {
         owner_id: r.text("owner_id"),
         tenant_id: r.text("tenant_id"),
         provider: r.text("provider"),
+        builder: r.text("builder"),
         status: r.text("status"),
         current_step: r.text("current_step"),
         log: r.text("log_blob"),

@@ -265,6 +265,15 @@ pub enum Command {
     Worker(Box<crate::worker::WorkerArgs>),
     /// Print the version.
     Version,
+    /// A terminal view of the sandboxes: live state, exec console, log
+    /// tail, destroy and extend (`?` lists the keys).
+    Tui {
+        #[command(flatten)]
+        conn: Conn,
+        /// How often the list is fetched again, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        refresh_ms: u64,
+    },
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  stacyvm completion bash | sudo tee /etc/bash_completion.d/stacyvm\n  stacyvm completion zsh > \"${fpath[1]}/_stacyvm\"\n  stacyvm completion fish > ~/.config/fish/completions/stacyvm.fish"
@@ -393,6 +402,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Snapshot { conn, command } => crate::snapshot::run(&conn, command).await,
         Command::Env { conn, command } => crate::env::run(&conn, command).await,
         Command::Completion { shell } => crate::docs::completion(shell),
+        Command::Tui { conn, refresh_ms } => {
+            crate::tui::run(&conn, std::time::Duration::from_millis(refresh_ms.max(100))).await
+        }
         Command::Man { out } => crate::docs::man(&out),
         Command::Version => {
             println!(

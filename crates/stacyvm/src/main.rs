@@ -18,6 +18,7 @@ mod serve;
 mod snapshot;
 mod support;
 mod transfer;
+mod tui;
 mod upgrade;
 mod volume;
 mod worker;

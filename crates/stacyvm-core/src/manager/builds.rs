@@ -463,6 +463,7 @@ impl Manager {
             owner_id: spec.owner_id.clone(),
             tenant_id: spec.tenant_id.clone(),
             provider: provider_name.clone(),
+            builder: String::new(),
             status: "queued".into(),
             current_step: "queued".into(),
             log: "build queued\n".into(),
@@ -733,8 +734,17 @@ impl Manager {
                 return;
             }
         };
+        let now = crate::store::record_now();
         for mut r in unfinished {
             if self.builds.live.lock().contains_key(&r.id) {
+                continue;
+            }
+            // Another control plane of the cluster runs it (its log was
+            // saved within the last minute); ours ran it before a restart.
+            if r.status == "building"
+                && r.builder != self.worker_id()
+                && now - r.updated_at < chrono::Duration::seconds(60)
+            {
                 continue;
             }
             if r.status == "queued" {
@@ -759,8 +769,8 @@ impl Manager {
                 warn!(build_id = %r.id, error = %e, "settling an interrupted build failed");
             }
         }
-        // Sandboxes of builds that are not running any more.
-        let leftovers: Vec<_> = self
+        // Sandboxes of builds that are over (or gone).
+        let candidates: Vec<_> = self
             .cache
             .read()
             .values()
@@ -771,6 +781,17 @@ impl Manager {
             })
             .cloned()
             .collect();
+        let mut leftovers = Vec::new();
+        for s in candidates {
+            let build = s.metadata.get(BUILD_KEY).cloned().unwrap_or_default();
+            let over = match self.store.get_build(&build).await {
+                Ok(b) => is_final(&b.status),
+                Err(e) => e.kind() == ErrorKind::NotFound,
+            };
+            if over {
+                leftovers.push(s);
+            }
+        }
         let system = Caller {
             actor: "system:build".into(),
             ..Caller::default()
@@ -786,15 +807,27 @@ impl Manager {
         while let Some(id) = rx.recv().await {
             let started = {
                 let _g = self.builds.gate.lock().await;
-                match self.store.get_build(&id).await {
-                    Ok(r) if r.status == "queued" => {
-                        let live = Live::new();
-                        self.builds.live.lock().insert(id.clone(), live.clone());
-                        Some((r, live))
-                    }
-                    Ok(_) => None,
+                // The claim is atomic in the store: in a cluster, one
+                // control plane runs a queued build.
+                let claimed = self
+                    .store
+                    .claim_build(&id, self.worker_id(), crate::store::record_now())
+                    .await;
+                match claimed {
+                    Ok(true) => match self.store.get_build(&id).await {
+                        Ok(r) => {
+                            let live = Live::new();
+                            self.builds.live.lock().insert(id.clone(), live.clone());
+                            Some((r, live))
+                        }
+                        Err(e) => {
+                            warn!(build_id = %id, error = %e, "reading a claimed build failed");
+                            None
+                        }
+                    },
+                    Ok(false) => None,
                     Err(e) => {
-                        warn!(build_id = %id, error = %e, "reading a queued build failed");
+                        warn!(build_id = %id, error = %e, "claiming a queued build failed");
                         None
                     }
                 }
@@ -814,6 +847,19 @@ impl Manager {
     async fn save_build(&self, r: &mut BuildRecord, live: &Live) {
         r.log = live.text();
         r.updated_at = crate::store::record_now();
+        // A cancel through another control plane of the cluster is in the
+        // store only: it wins over what this one was about to write.
+        if let Ok(cur) = self.store.get_build(&r.id).await {
+            if cur.status == "canceled" && r.status != "canceled" {
+                live.cancel.cancel();
+                if !is_final(&r.status) {
+                    return;
+                }
+                r.status = "canceled".into();
+                r.current_step = "canceled".into();
+                r.error = "build canceled by user".into();
+            }
+        }
         if let Err(e) = self.store.update_build(r).await {
             warn!(build_id = %r.id, error = %e, "saving a build failed");
         }
@@ -833,18 +879,25 @@ impl Manager {
             let saver = {
                 let live = live.clone();
                 let store = self.store.clone();
-                let mut snapshot = r.clone();
+                let id = r.id.clone();
                 tokio::spawn(async move {
                     loop {
                         tokio::time::sleep(SAVE_EVERY).await;
-                        if let Ok(cur) = store.get_build(&snapshot.id).await {
-                            snapshot = cur;
+                        // A fresh time with the log: how other servers tell
+                        // a running build from one whose server died.
+                        match store
+                            .save_build_log(&id, &live.text(), crate::store::record_now())
+                            .await
+                        {
+                            // Canceled through another control plane of
+                            // the cluster: stop here too.
+                            Ok(s) if s == "canceled" => {
+                                live.cancel.cancel();
+                                return;
+                            }
+                            Ok(s) if is_final(&s) => return,
+                            _ => {}
                         }
-                        if is_final(&snapshot.status) {
-                            return;
-                        }
-                        snapshot.log = live.text();
-                        let _ = store.update_build(&snapshot).await;
                     }
                 })
             };

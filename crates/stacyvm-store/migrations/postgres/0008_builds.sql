@@ -7,6 +7,7 @@ ALTER TABLE environment_specs ADD COLUMN IF NOT EXISTS context_sha256 TEXT NOT N
 ALTER TABLE environment_builds ADD COLUMN IF NOT EXISTS owner_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE environment_builds ADD COLUMN IF NOT EXISTS tenant_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE environment_builds ADD COLUMN IF NOT EXISTS provider TEXT NOT NULL DEFAULT '';
+ALTER TABLE environment_builds ADD COLUMN IF NOT EXISTS builder TEXT NOT NULL DEFAULT '';
 ALTER TABLE environment_builds ADD COLUMN IF NOT EXISTS artifacts TEXT NOT NULL DEFAULT '[]';
 CREATE INDEX IF NOT EXISTS environment_builds_tenant ON environment_builds(tenant_id, created_at);
 CREATE INDEX IF NOT EXISTS environment_builds_status ON environment_builds(status);

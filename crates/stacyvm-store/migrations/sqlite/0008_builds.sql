@@ -7,6 +7,7 @@ ALTER TABLE environment_specs ADD COLUMN context_sha256 TEXT NOT NULL DEFAULT ''
 ALTER TABLE environment_builds ADD COLUMN owner_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE environment_builds ADD COLUMN tenant_id TEXT NOT NULL DEFAULT '';
 ALTER TABLE environment_builds ADD COLUMN provider TEXT NOT NULL DEFAULT '';
+ALTER TABLE environment_builds ADD COLUMN builder TEXT NOT NULL DEFAULT '';
 ALTER TABLE environment_builds ADD COLUMN artifacts TEXT NOT NULL DEFAULT '[]';
 CREATE INDEX environment_builds_tenant ON environment_builds(tenant_id, created_at);
 CREATE INDEX environment_builds_status ON environment_builds(status);
