@@ -465,7 +465,6 @@ pub struct DockerConfig {
     pub bridge_network: String,
     /// IPv4 CIDRs the network's sandboxes may reach despite the built-in
     /// deny list (an internal package mirror or proxy).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub egress_allow: Vec<String>,
 }
 

@@ -155,15 +155,19 @@ impl App {
     }
 
     async fn extend(&mut self) {
-        let Some(id) = self.selected().map(|s| s.id.clone()) else {
+        let Some((id, expires)) = self.selected().map(|s| (s.id.clone(), s.expires_at)) else {
             return;
         };
+        // The API sets the time left; ten minutes more than now.
+        let left = (expires - chrono::Utc::now()).num_seconds().max(0);
         let res: Result<Sandbox, _> = self
             .client
             .send_json(
                 Method::POST,
                 &format!("/sandboxes/{id}/extend"),
-                &ExtendRequest { ttl: "10m".into() },
+                &ExtendRequest {
+                    ttl: format!("{}s", left + 600),
+                },
             )
             .await;
         self.status = match res {

@@ -16,6 +16,37 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 const BASE: &str = "stacyvm-test/debian:bookworm";
+/// The docker test's sandbox network.
+const DOCKER_NET: &str = "stacyvm-buildtest";
+
+/// Removes the docker test's network, its bridge and the provider's
+/// filter rules for it (found by their comment) when dropped.
+struct NetworkGuard;
+
+impl Drop for NetworkGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["network", "rm", DOCKER_NET])
+            .output();
+        let mark = format!("stacyvm:{DOCKER_NET}");
+        for chain in ["DOCKER-USER", "INPUT"] {
+            let Ok(out) = Command::new("iptables").args(["-w", "-S", chain]).output() else {
+                continue;
+            };
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if !line.contains(&mark) || !line.starts_with("-A ") {
+                    continue;
+                }
+                let mut args: Vec<String> = line
+                    .split_whitespace()
+                    .map(|w| w.trim_matches('"').to_string())
+                    .collect();
+                args[0] = "-D".into();
+                let _ = Command::new("iptables").arg("-w").args(&args).output();
+            }
+        }
+    }
+}
 
 /// The Debian base image `scripts/test` makes (mmdebstrap), imported into
 /// the Docker engine once per test binary.
@@ -87,6 +118,9 @@ impl Env {
         if self.docker {
             v.push(("STACYVM_PROVIDERS_DOCKER_ENABLED", "true"));
             v.push(("STACYVM_PROVIDERS_DOCKER_EGRESS_ALLOW", self.allow.as_str()));
+            // A sandbox network of the test's own, removed with its
+            // filter rules at the end (NetworkGuard).
+            v.push(("STACYVM_PROVIDERS_DOCKER_BRIDGE_NETWORK", DOCKER_NET));
         }
         v
     }
@@ -401,6 +435,7 @@ async fn native_builds_install_packages_spawn_and_reuse_their_layer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn docker_builds_push_with_a_secret_reference_and_refuse_wrong_credentials() {
+    let _net = NetworkGuard;
     let env = Env::new(true);
     let registry = common::Registry::start_with_auth(env.dir.path(), "pushbot", "pw-9f3c1e");
     std::fs::create_dir_all(env.dir.path().join("secrets")).expect("secrets dir");
