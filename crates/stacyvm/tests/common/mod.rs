@@ -132,7 +132,10 @@ impl Drop for Server {
             .arg("-15")
             .arg(self.child.id().to_string())
             .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
+        // Longer than the server's own shutdown may take (the native warm
+        // pool waits up to 30 s for boots in flight): a SIGKILL before it
+        // ends would leave their sandboxes behind.
+        let deadline = Instant::now() + Duration::from_secs(40);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
                 return;
