@@ -63,7 +63,8 @@ fn logical_lines(text: &str) -> Vec<(usize, String)> {
     out
 }
 
-fn sh_quote(s: &str) -> String {
+/// Quotes a word for `/bin/sh`.
+pub(crate) fn sh_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 

@@ -426,11 +426,7 @@ impl Manager {
             )
             .await?;
         let provider = self.provider_of(&rec).await?;
-        let target = if rec.vm_id.is_empty() {
-            rec.id.clone()
-        } else {
-            rec.vm_id.clone()
-        };
+        let target = rec.runtime_id().to_string();
         provider.connect(&target, port).await
     }
 
@@ -1705,11 +1701,7 @@ impl Manager {
                     continue;
                 }
             };
-            let target = if rec.vm_id.is_empty() {
-                rec.id.clone()
-            } else {
-                rec.vm_id.clone()
-            };
+            let target = rec.runtime_id().to_string();
             match provider.status(&target).await {
                 Ok(st) if st.state == state::DESTROYED => {
                     self.mark_destroyed(&rec, "runtime destroyed").await
@@ -2083,11 +2075,7 @@ impl Manager {
             }));
         }
         let provider = self.provider_of(rec).await?;
-        let target = if rec.vm_id.is_empty() {
-            rec.id.clone()
-        } else {
-            rec.vm_id.clone()
-        };
+        let target = rec.runtime_id().to_string();
         let text = match provider
             .read_file_stream(&target, "/etc/passwd", 1024 * 1024)
             .await
@@ -2114,11 +2102,7 @@ impl Manager {
         // A command that runs is activity for as long as it runs.
         let _busy = self.hold_busy(&rec);
         let spec = self.prepare_exec(&rec, req).await?;
-        let target = if rec.vm_id.is_empty() {
-            rec.id.clone()
-        } else {
-            rec.vm_id.clone()
-        };
+        let target = rec.runtime_id().to_string();
         self.events.publish(
             kind::EXEC_STARTED,
             id,
@@ -2296,11 +2280,7 @@ impl Manager {
     ) -> Result<Attachment> {
         let (rec, provider) = self.exec_target(id, caller).await?;
         let spec = self.prepare_exec(&rec, req).await?;
-        let target = if rec.vm_id.is_empty() {
-            rec.id.clone()
-        } else {
-            rec.vm_id.clone()
-        };
+        let target = rec.runtime_id().to_string();
         let entry = self.execs.start(&rec.id, &Self::command_text(req))?;
         let att = entry.attach(0);
         let me = Arc::clone(self);
@@ -2503,11 +2483,7 @@ impl Manager {
         Fut: std::future::Future<Output = Result<T>>,
     {
         let (rec, provider) = self.exec_target(id, caller).await?;
-        let target = if rec.vm_id.is_empty() {
-            rec.id.clone()
-        } else {
-            rec.vm_id.clone()
-        };
+        let target = rec.runtime_id().to_string();
         let started = Instant::now();
         let res = {
             let _busy = self.hold_busy(&rec);
@@ -2894,21 +2870,13 @@ impl Manager {
 
     pub async fn logs(&self, id: &str, lines: usize, caller: &Caller) -> Result<Vec<String>> {
         let (rec, provider) = self.exec_target(id, caller).await?;
-        let target = if rec.vm_id.is_empty() {
-            rec.id.clone()
-        } else {
-            rec.vm_id.clone()
-        };
+        let target = rec.runtime_id().to_string();
         provider.logs(&target, lines).await
     }
 
     pub async fn stats(&self, id: &str, caller: &Caller) -> Result<Option<crate::provider::Stats>> {
         let (rec, provider) = self.exec_target(id, caller).await?;
-        let target = if rec.vm_id.is_empty() {
-            rec.id.clone()
-        } else {
-            rec.vm_id.clone()
-        };
+        let target = rec.runtime_id().to_string();
         match provider.stats(&target).await {
             Ok(s) => Ok(Some(s)),
             Err(e) if e.kind() == ErrorKind::Unsupported => Ok(None),

@@ -53,6 +53,18 @@ pub struct SandboxRecord {
     pub idle_deadline: DateTime<Utc>,
 }
 
+impl SandboxRecord {
+    /// The id its provider knows it by: the VM of a pooled sandbox, else
+    /// its own.
+    pub fn runtime_id(&self) -> &str {
+        if self.vm_id.is_empty() {
+            &self.id
+        } else {
+            &self.vm_id
+        }
+    }
+}
+
 /// One synchronous exec, for the exec log.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExecLogRecord {

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::{Caller, Manager, Scope};
+use crate::dockerfile::sh_quote;
 use crate::error::{Error, ErrorKind, Result};
 use crate::provider::{
     capability, BuildLog, BuildStep, BuiltImage, ExecSpec, ImageBuild, OutputChunk, Provider,
@@ -192,12 +193,6 @@ pub fn build_tag(spec_name: &str, build_id: &str) -> String {
     }
     let short: String = build_id.chars().filter(|c| *c != '-').take(8).collect();
     format!("{name}-{short}")
-}
-
-/// Quotes a validated package name for `/bin/sh` (the names' pattern has
-/// no `'`, but `<`, `>` and `~` must not reach the shell bare).
-fn sh_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// The steps a spec builds with.
@@ -1081,11 +1076,7 @@ impl Manager {
                 let rec = self.cache.read().get(&sb.id).cloned();
                 match rec {
                     Some(rec) => {
-                        let target = if rec.vm_id.is_empty() {
-                            rec.id.clone()
-                        } else {
-                            rec.vm_id.clone()
-                        };
+                        let target = rec.runtime_id().to_string();
                         provider
                             .commit_image(&target, plan)
                             .await
@@ -1124,11 +1115,7 @@ impl Manager {
             .get(sandbox)
             .cloned()
             .ok_or_else(|| Stop::Failed(format!("the build sandbox {sandbox} is gone")))?;
-        let target = if rec.vm_id.is_empty() {
-            rec.id.clone()
-        } else {
-            rec.vm_id.clone()
-        };
+        let target = rec.runtime_id().to_string();
         let mut env: BTreeMap<String, String> = BTreeMap::from([(
             "PATH".to_string(),
             "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_string(),

@@ -165,11 +165,7 @@ impl Manager {
             .await?
             .fence();
         self.lease_changed(&rec.id);
-        let target = if rec.vm_id.is_empty() {
-            rec.id.clone()
-        } else {
-            rec.vm_id.clone()
-        };
+        let target = rec.runtime_id().to_string();
         // 2. The files.
         let files = read_tree(from.as_ref(), &target).await?;
         // 3. The lease, in one step.

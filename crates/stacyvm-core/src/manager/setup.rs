@@ -210,11 +210,7 @@ impl Manager {
     pub(crate) async fn run_template(&self, rec: &SandboxRecord, t: &TemplateRecord) -> Result<()> {
         let started = Instant::now();
         let provider = self.provider_of(rec).await?;
-        let target = if rec.vm_id.is_empty() {
-            rec.id.clone()
-        } else {
-            rec.vm_id.clone()
-        };
+        let target = rec.runtime_id().to_string();
         let res = async {
             for (path, content) in &t.files {
                 provider

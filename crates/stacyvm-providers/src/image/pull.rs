@@ -96,7 +96,7 @@ impl<W: AsyncWrite + Unpin> AsyncWrite for Counting<'_, W> {
 }
 
 /// Whether a registry host is on loopback (HTTP like Docker allows).
-fn is_loopback_registry(registry: &str) -> bool {
+pub(crate) fn is_loopback_registry(registry: &str) -> bool {
     let host = registry.rsplit_once(':').map_or(registry, |(h, p)| {
         if p.bytes().all(|b| b.is_ascii_digit()) {
             h

@@ -169,14 +169,8 @@ pub async fn push(
         None,
     );
     let registry = reference.resolve_registry().to_string();
-    let loopback = {
-        let host = registry
-            .rsplit_once(':')
-            .map_or(registry.as_str(), |(h, _)| h);
-        host == "localhost" || host.starts_with("127.")
-    };
     let client = Client::new(ClientConfig {
-        protocol: if loopback {
+        protocol: if super::pull::is_loopback_registry(&registry) {
             ClientProtocol::HttpsExcept(vec![registry.clone()])
         } else {
             ClientProtocol::Https

@@ -1,6 +1,5 @@
 //! `/environments/builds` (see `stacyvm_core::manager::builds`).
 
-use axum::body::Body;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderValue};
 use axum::response::Response;
@@ -90,12 +89,7 @@ pub async fn logs(
         .manager
         .build_logs(&id, q.offset.unwrap_or(0), follow, &who)
         .await?;
-    let chunks = tokio_stream::wrappers::ReceiverStream::new(rx);
-    let body = Body::from_stream(futures::StreamExt::map(chunks, |c| {
-        c.map(bytes::Bytes::from)
-            .map_err(|e| std::io::Error::other(e.to_string()))
-    }));
-    let mut resp = Response::new(body);
+    let mut resp = Response::new(super::files::stream_body(rx));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),

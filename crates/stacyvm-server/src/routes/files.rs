@@ -108,12 +108,7 @@ pub async fn read(
     let file = st.manager.read_file_stream(&id, &path, &who).await?;
     let size = file.size;
     // Streamed with backpressure: the agent sends as fast as the client reads.
-    let chunks = tokio_stream::wrappers::ReceiverStream::new(file.chunks);
-    let body = Body::from_stream(futures::StreamExt::map(chunks, |c| {
-        c.map(bytes::Bytes::from)
-            .map_err(|e| std::io::Error::other(e.to_string()))
-    }));
-    let mut resp = Response::new(body);
+    let mut resp = Response::new(stream_body(file.chunks));
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/octet-stream"),
@@ -447,6 +442,18 @@ where
             }
         }
     }
+}
+
+/// A response body fed by `chunks` (an error ends it early: the client
+/// sees a short body, never a silent one).
+pub(crate) fn stream_body(
+    chunks: tokio::sync::mpsc::Receiver<stacyvm_core::Result<Vec<u8>>>,
+) -> Body {
+    let chunks = tokio_stream::wrappers::ReceiverStream::new(chunks);
+    Body::from_stream(futures::StreamExt::map(chunks, |c| {
+        c.map(bytes::Bytes::from)
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    }))
 }
 
 /// What `PUT /archive` answers.
