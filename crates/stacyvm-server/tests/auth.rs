@@ -3424,3 +3424,68 @@ async fn environment_specs_are_checked_and_follow_tenancy() {
         .await;
     assert_eq!(st, 200, "{v}");
 }
+
+/// Builds and build contexts follow the spec's tenancy: another tenant
+/// cannot build, upload a context to, or see the spec's builds.
+#[tokio::test]
+async fn builds_of_another_tenants_spec_are_not_found() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let rsa = make_key(dir.path(), "rsa1", Algorithm::RS256);
+    let jwks = jwks_server(vec![rsa.jwk.clone()]).await;
+    let mut cfg = oidc_config(&jwks.url);
+    cfg.auth.oidc_tenant_claim = "tenant".into();
+    let s = start(cfg, Duration::from_secs(10)).await;
+    let token = |sub: &str, tenant: &str| {
+        let mut c = claims(sub, &[]);
+        c["tenant"] = json!(tenant);
+        Cred::Bearer(sign(&rsa, "rsa1", &c))
+    };
+    let alice = token("alice", "acme");
+    let bob = token("bob", "other");
+    let (st, v) = s
+        .send(
+            "POST",
+            "/environments/specs",
+            &alice,
+            &[],
+            Some(json!({"name": "web", "base_image": "debian:12"})),
+        )
+        .await;
+    assert_eq!(st, 201, "{v}");
+    let spec = v["id"].as_str().expect("id").to_string();
+    let (st, v) = s
+        .send(
+            "POST",
+            "/environments/builds",
+            &bob,
+            &[],
+            Some(json!({"spec_id": spec})),
+        )
+        .await;
+    assert_eq!(st, 404, "{v}");
+    let (st, v) = s
+        .send(
+            "PUT",
+            &format!("/environments/specs/{spec}/context"),
+            &bob,
+            &[],
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(st, 404, "{v}");
+    // The owner gets past tenancy to the provider's answer (this test
+    // server's provider cannot build).
+    let (st, v) = s
+        .send(
+            "POST",
+            "/environments/builds",
+            &alice,
+            &[],
+            Some(json!({"spec_id": spec})),
+        )
+        .await;
+    assert_eq!(st, 400, "{v}");
+    assert!(v.to_string().contains("cannot build images"), "{v}");
+    let (st, v) = s.send("GET", "/environments/builds", &bob, &[], None).await;
+    assert_eq!((st, v), (200, json!([])));
+}
