@@ -72,6 +72,10 @@ pub struct BootSpec {
     /// (see `Hello::nonce`). Empty: no proof (sandboxes of older servers).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub token: String,
+    /// A pool host: the sandbox init keeps a helper outside the agent's
+    /// lock-down that makes slots ([`crate::Request::SlotOpen`]).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pool_host: bool,
 }
 
 /// Host ids that become uid/gid 0 inside a user namespace: `count` ids

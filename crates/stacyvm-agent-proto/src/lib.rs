@@ -230,6 +230,12 @@ pub struct Hello {
     /// Agent → host: optional protocol features it speaks ([`FEATURES`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub features: Vec<String>,
+    /// Host → agent of a pool host (the `slots` feature): serve this
+    /// connection from the named slot ([`Request::SlotOpen`]) instead of
+    /// the host. The host's agent answers the Hello and hands the
+    /// connection to the slot's agent, which serves every later frame.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub slot: String,
 }
 
 /// Features of this agent, announced in its `Hello`:
@@ -265,6 +271,7 @@ pub const FEATURES: &[&str] = &[
     "connect",
     "archive",
     "set_clock",
+    "slots",
 ];
 
 /// One change under a watched directory.
@@ -498,6 +505,25 @@ pub enum Request {
         /// The host's wall clock, nanoseconds since the epoch.
         unix_nanos: i64,
     },
+    /// Pool hosts only (feature `slots`): starts a slot — a logical
+    /// sandbox inside this one, with its own pid and mount namespaces, its
+    /// own `uid`/`gid`, a private `/tmp` and a `/workspace` in which only
+    /// its own directory `/workspace/<id>` (mode 0700, its uid's) is
+    /// visible. Its agent runs as that uid with no capabilities. Opening a
+    /// slot that exists succeeds (idempotent).
+    SlotOpen {
+        /// `sb-` and 8 lowercase hex digits.
+        id: String,
+        uid: u32,
+        gid: u32,
+    },
+    /// Pool hosts only: ends a slot (every process in it) and removes its
+    /// workspace. Closing an unknown slot succeeds.
+    SlotClose {
+        id: String,
+    },
+    /// Pool hosts only: the ids of the slots alive. Answers `{"slots": […]}`.
+    SlotList,
 }
 
 /// How a microVM guest configures `eth0` (given at boot on the kernel

@@ -395,6 +395,10 @@ fn start(
     for (k, v) in BASE_ENV {
         cmd.env(k, v);
     }
+    if let Some(home) = crate::slot::home() {
+        // A pool slot runs as its own uid: its home is its workspace.
+        cmd.env("HOME", home);
+    }
     cmd.envs(&p.env);
     switchable(p.uid, p.gid)?;
     if let Some(uid) = p.uid {

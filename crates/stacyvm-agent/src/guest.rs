@@ -158,7 +158,13 @@ fn serve_vsock(port: u32) {
         let Ok(write) = conn.try_clone() else {
             continue;
         };
-        crate::server::handle_stream(&conn, Box::new(write), &reaper, true);
+        crate::server::handle_stream(
+            &conn,
+            Box::new(write),
+            &reaper,
+            true,
+            crate::server::Greeting::Expect,
+        );
     }
 }
 
@@ -392,7 +398,13 @@ fn serve_port(port: &Path) {
         let Ok(write) = file.try_clone() else {
             return;
         };
-        crate::server::handle_stream(&file, Box::new(write), &reaper, true);
+        crate::server::handle_stream(
+            &file,
+            Box::new(write),
+            &reaper,
+            true,
+            crate::server::Greeting::Expect,
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
 }

@@ -4,6 +4,10 @@
 //! Usage:
 //!   stacyvm-agent boot --spec FILE   build a native sandbox and serve as its PID 1
 //!   stacyvm-agent serve --socket PATH  serve on a unix socket (no setup)
+//!   stacyvm-agent serve --socket PATH --pool-host
+//!                                      the same, as a docker pool host (forks
+//!                                      the slot factory, then drops every
+//!                                      capability)
 //!   stacyvm-agent serve --listen-fd 3  serve on an inherited listening socket
 //!                                      (a proot sandbox's agent)
 //!   stacyvm-agent proot --spec FILE    confine this process and become proot
@@ -33,6 +37,7 @@ mod files;
 mod guest;
 mod guestnet;
 mod server;
+mod slot;
 mod tcp;
 mod watch;
 
@@ -41,7 +46,7 @@ use std::process::ExitCode;
 
 use stacyvm_sandbox::{BootSpec, Booted};
 
-const USAGE: &str = "usage: stacyvm-agent boot --spec FILE | serve (--socket PATH | --listen-fd 3) [--token-file FILE] | proot --spec FILE | relay --socket PATH | guest | version";
+const USAGE: &str = "usage: stacyvm-agent boot --spec FILE | serve (--socket PATH | --listen-fd 3) [--token-file FILE] [--pool-host] | proot --spec FILE | relay --socket PATH | guest | version";
 
 /// Reads the handshake token from `path` and removes the file, so nothing
 /// started later in the sandbox can read it.
@@ -66,6 +71,7 @@ fn take_token_file(path: &str) -> Result<Vec<u8>, String> {
 }
 
 fn main() -> ExitCode {
+    stacyvm_sandbox::pool::set_slot_main(slot::main);
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.is_empty() && std::process::id() == 1 {
         return guest::run();
@@ -90,18 +96,45 @@ fn main() -> ExitCode {
                 eprintln!("stacyvm-agent: making the agent undumpable: {e}");
                 return ExitCode::from(1);
             }
-            match rest {
-                [] => {}
-                ["--token-file", file] => match take_token_file(file) {
-                    Ok(t) => server::set_token(t),
-                    Err(e) => {
-                        eprintln!("stacyvm-agent: {e}");
-                        return ExitCode::from(1);
+            let mut rest = rest;
+            let mut pool_host = false;
+            loop {
+                match rest {
+                    [] => break,
+                    ["--token-file", file, more @ ..] => {
+                        match take_token_file(file) {
+                            Ok(t) => server::set_token(t),
+                            Err(e) => {
+                                eprintln!("stacyvm-agent: {e}");
+                                return ExitCode::from(1);
+                            }
+                        }
+                        rest = more;
                     }
-                },
-                _ => {
-                    eprintln!("{USAGE}");
-                    return ExitCode::from(2);
+                    ["--pool-host", more @ ..] if !under_proot => {
+                        pool_host = true;
+                        rest = more;
+                    }
+                    _ => {
+                        eprintln!("{USAGE}");
+                        return ExitCode::from(2);
+                    }
+                }
+            }
+            if pool_host {
+                // A docker pool host: the container has what making slots
+                // takes; the factory keeps it, this agent gives it all up.
+                let started = stacyvm_sandbox::pool::start_factory(
+                    stacyvm_sandbox::pool::SlotPolicy {
+                        seccomp: true,
+                        landlock_write: Vec::new(),
+                    },
+                    &[],
+                )
+                .and_then(|()| stacyvm_sandbox::security::drop_all_caps());
+                if let Err(e) = started {
+                    eprintln!("stacyvm-agent: starting the slot factory: {e}");
+                    return ExitCode::from(1);
                 }
             }
             let listener = if *how == "--listen-fd" {

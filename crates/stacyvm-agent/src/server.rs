@@ -223,7 +223,60 @@ fn handle(stream: UnixStream, reaper: Arc<Reaper>, pid1: bool) {
     let Ok(write_half) = stream.try_clone() else {
         return;
     };
-    handle_stream(stream, Box::new(write_half), &reaper, pid1);
+    // The Hello, read unbuffered: a connection for a pool slot goes on to
+    // the slot's agent with nothing of it read past the Hello (the host
+    // sends no other frame before the answer).
+    let hello = match Frame::read_from(&mut &stream) {
+        Ok(Some(f)) if f.kind == Kind::Hello => f,
+        _ => return,
+    };
+    let slot = serde_json::from_slice::<Hello>(&hello.body)
+        .map(|h| h.slot)
+        .unwrap_or_default();
+    if !slot.is_empty() {
+        let conn = new_conn(Box::new(write_half));
+        let handed = crate::slot::hand_off(&slot, &stream);
+        // Echoing the slot tells the host the slot's agent has it.
+        answer_hello(&hello, &conn, if handed { &slot } else { "" });
+        return;
+    }
+    handle_stream(
+        stream,
+        Box::new(write_half),
+        &reaper,
+        pid1,
+        Greeting::Received(hello),
+    );
+}
+
+/// A connection a pool host's agent handed to this slot's agent, its
+/// Hello answered there.
+pub fn serve_handed(stream: UnixStream, reaper: Arc<Reaper>) {
+    let Ok(write_half) = stream.try_clone() else {
+        return;
+    };
+    handle_stream(stream, Box::new(write_half), &reaper, true, Greeting::Done);
+}
+
+/// Where a connection's handshake stands when it is served.
+pub enum Greeting {
+    /// The first frame must be the host's Hello.
+    Expect,
+    /// The Hello was read; answer it.
+    Received(Frame),
+    /// Answered elsewhere (a pool host's agent, for a slot).
+    Done,
+}
+
+fn new_conn(write: Box<dyn Write + Send>) -> Arc<Conn> {
+    Arc::new(Conn {
+        writer: Mutex::new(write),
+        execs: Mutex::new(HashMap::new()),
+        uploads: Mutex::new(HashMap::new()),
+        reads: Mutex::new(HashMap::new()),
+        watches: Mutex::new(HashMap::new()),
+        sockets: Mutex::new(HashMap::new()),
+    })
 }
 
 /// Serves one host connection on `read` (and `write`, the same stream's
@@ -234,16 +287,10 @@ pub fn handle_stream<R: Read>(
     write: Box<dyn Write + Send>,
     reaper: &Arc<Reaper>,
     pid1: bool,
+    greeting: Greeting,
 ) {
     let stream = read;
-    let conn = Arc::new(Conn {
-        writer: Mutex::new(write),
-        execs: Mutex::new(HashMap::new()),
-        uploads: Mutex::new(HashMap::new()),
-        reads: Mutex::new(HashMap::new()),
-        watches: Mutex::new(HashMap::new()),
-        sockets: Mutex::new(HashMap::new()),
-    });
+    let conn = new_conn(write);
     // Watches and TCP connections end with the connection (their threads
     // would otherwise wait for the next change or byte to find the host
     // gone).
@@ -257,13 +304,18 @@ pub fn handle_stream<R: Read>(
     let _end = EndWatches(conn.clone());
     let mut reader = BufReader::with_capacity(256 * 1024, stream);
     // Handshake: the first frame must be Hello with our major version.
-    match Frame::read_from(&mut reader) {
-        Ok(Some(f)) if f.kind == Kind::Hello => {
-            if !answer_hello(&f, &conn) {
-                return;
-            }
+    let hello = match greeting {
+        Greeting::Done => None,
+        Greeting::Received(f) => Some(f),
+        Greeting::Expect => match Frame::read_from(&mut reader) {
+            Ok(Some(f)) if f.kind == Kind::Hello => Some(f),
+            _ => return,
+        },
+    };
+    if let Some(f) = hello {
+        if !answer_hello(&f, &conn, "") {
+            return;
         }
-        _ => return,
     }
     loop {
         let frame = match Frame::read_from(&mut reader) {
@@ -277,7 +329,7 @@ pub fn handle_stream<R: Read>(
             // the device may drop). What the old host ran is forgotten,
             // as at the end of a session, and the new one is answered.
             conn.forget_session();
-            if !answer_hello(&frame, &conn) {
+            if !answer_hello(&frame, &conn, "") {
                 return;
             }
             continue;
@@ -288,7 +340,7 @@ pub fn handle_stream<R: Read>(
 
 /// Answers a host's Hello (with the token proof when we have a token);
 /// false when its protocol version is not ours.
-fn answer_hello(f: &Frame, conn: &Conn) -> bool {
+fn answer_hello(f: &Frame, conn: &Conn, slot: &str) -> bool {
     let hello: Option<Hello> = serde_json::from_slice(&f.body).ok();
     let proof = match (TOKEN.get(), hello.as_ref()) {
         (Some(token), Some(h)) if !h.nonce.is_empty() => {
@@ -303,6 +355,7 @@ fn answer_hello(f: &Frame, conn: &Conn) -> bool {
         nonce: String::new(),
         proof,
         features: FEATURES.iter().map(|f| (*f).to_string()).collect(),
+        slot: slot.to_string(),
     };
     let _ = conn.send(&Frame::json(Kind::Hello, 0, &ours));
     hello.map(|h| h.version) == Some(VERSION)
@@ -752,6 +805,11 @@ fn simple(id: u32, req: Request, conn: &Arc<Conn>, pid1: bool) {
                 ))
             }
         }
+        Request::SlotOpen { id, uid, gid } => {
+            crate::slot::open(&id, uid, gid).map(|()| serde_json::json!({}))
+        }
+        Request::SlotClose { id } => crate::slot::close(&id).map(|()| serde_json::json!({})),
+        Request::SlotList => crate::slot::list().map(|ids| serde_json::json!({ "slots": ids })),
         Request::SetClock { unix_nanos } => {
             if crate::guest::is_guest() {
                 crate::guest::set_clock(unix_nanos)

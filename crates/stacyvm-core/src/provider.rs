@@ -374,6 +374,25 @@ pub mod capability {
     pub const IMAGE_BUILD: &str = "image_build";
     /// Built images pushed to a registry ([`super::Provider::push_image`]).
     pub const IMAGE_PUSH: &str = "image_push";
+    /// Pool mode: sandboxes spawned with [`super::POOL_HOST_METADATA`]
+    /// host slots ([`super::Provider::slot_open`]).
+    pub const POOL_HOST: &str = "pool_host";
+}
+
+/// Metadata key of a pool host (reserved): the provider spawns it able to
+/// start slots, each a logical sandbox confined to its own uid, pid and
+/// mount namespaces and workspace inside the shared runtime.
+pub const POOL_HOST_METADATA: &str = "stacyvm.sys.pool_host";
+
+/// The runtime id of slot `slot` of pool host `host` (what
+/// [`Provider::io`] and the file and exec calls take).
+pub fn slot_runtime_id(host: &str, slot: &str) -> String {
+    format!("{host}/{slot}")
+}
+
+/// The pool host and slot of a slot's runtime id.
+pub fn split_slot_runtime_id(id: &str) -> Option<(&str, &str)> {
+    id.split_once('/')
 }
 
 /// How a provider separates a sandbox from the host, weakest first: the
@@ -818,6 +837,37 @@ pub trait Provider: Debug + Send + Sync + 'static {
     async fn egress_denials(&self, runtime_id: &str) -> Result<Vec<stacyvm_api::EgressDenial>> {
         let _ = runtime_id;
         Ok(Vec::new())
+    }
+
+    /// Pool mode ([`capability::POOL_HOST`]): starts slot `slot` — a
+    /// logical sandbox with its own uid and gid, pid and mount namespaces
+    /// and workspace — in the pool host `host` (a sandbox spawned with
+    /// [`POOL_HOST_METADATA`]). Its I/O is then [`Provider::io`] of
+    /// [`slot_runtime_id`]`(host, slot)`. Idempotent.
+    async fn slot_open(&self, host: &str, slot: &str, uid: u32) -> Result<()> {
+        let _ = (slot, uid);
+        Err(Error::unsupported(format!(
+            "provider {} cannot host pooled sandboxes (in {host})",
+            self.name()
+        )))
+    }
+
+    /// Ends a slot: every process in it, and its workspace. Closing an
+    /// unknown slot succeeds.
+    async fn slot_close(&self, host: &str, slot: &str) -> Result<()> {
+        let _ = slot;
+        Err(Error::unsupported(format!(
+            "provider {} cannot host pooled sandboxes (in {host})",
+            self.name()
+        )))
+    }
+
+    /// The slots alive in a pool host.
+    async fn slots(&self, host: &str) -> Result<Vec<String>> {
+        Err(Error::unsupported(format!(
+            "provider {} cannot host pooled sandboxes (in {host})",
+            self.name()
+        )))
     }
 
     /// Stops what the provider runs for itself (warm pools, helpers)

@@ -1688,6 +1688,178 @@ pub async fn snapshots_fork_files(f: &dyn Fixture) {
     assert_eq!(e.kind(), ErrorKind::SandboxNotFound, "{e}");
 }
 
+/// Counts the processes whose command line contains `what`, from a
+/// shell's view of /proc (the pattern escapes its spaces, so the counting
+/// shell's own command line does not match).
+fn count_procs_script(what: &str) -> String {
+    let pattern = what.replace(' ', "\\ ");
+    format!(
+        "n=0; for d in /proc/[0-9]*; do c=$(tr '\\0' ' ' < $d/cmdline 2>/dev/null); \
+         case \"$c\" in *{pattern}*) n=$((n+1));; esac; done; echo $n"
+    )
+}
+
+/// Pool mode: slots of one pool host are separate users in separate pid
+/// and mount namespaces — none sees, reads or signals another's processes
+/// or files — and closing a slot ends its processes and removes its
+/// workspace. Providers without `pool_host` refuse slots.
+pub async fn pool_slots_are_confined(f: &dyn Fixture) {
+    use stacyvm_core::provider::{capability, slot_runtime_id, POOL_HOST_METADATA};
+    let p = f.provider();
+    if !p.capabilities().iter().any(|c| c == capability::POOL_HOST) {
+        let id = spawn(p.as_ref(), &f.image()).await;
+        let e = p
+            .slot_open(&id, &paths::new_sandbox_id(), 10_001)
+            .await
+            .expect_err("a provider without pool hosts refuses slots");
+        assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
+        p.destroy(&id).await.expect("destroy");
+        return;
+    }
+    let mut spec = spawn_spec(&f.image());
+    spec.metadata
+        .insert(POOL_HOST_METADATA.into(), "conformance".into());
+    let host = p.spawn(&spec).await.expect("pool host").runtime_id;
+    let (a, b) = (paths::new_sandbox_id(), paths::new_sandbox_id());
+    p.slot_open(&host, &a, 10_001).await.expect("slot a");
+    p.slot_open(&host, &b, 10_002).await.expect("slot b");
+    p.slot_open(&host, &a, 10_001)
+        .await
+        .expect("opening an open slot is idempotent");
+    let mut listed = p.slots(&host).await.expect("slots");
+    listed.sort();
+    let mut want = vec![a.clone(), b.clone()];
+    want.sort();
+    assert_eq!(listed, want);
+    let (ra, rb) = (slot_runtime_id(&host, &a), slot_runtime_id(&host, &b));
+
+    // A: its own identity and workspace; a secret and a long process.
+    let r = sh(
+        p.as_ref(),
+        &ra,
+        "id -u; id -g; pwd; echo $HOME; echo s3cret > /workspace/secret; chmod 644 /workspace/secret; \
+         (sleep 3217 &); echo started",
+    )
+    .await;
+    assert_eq!(r.code, 0, "{r:?}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(
+        lines,
+        ["10001", "10001", "/workspace", "/workspace", "started"],
+        "{r:?}"
+    );
+    let r = sh(p.as_ref(), &ra, &count_procs_script("sleep 3217")).await;
+    assert_eq!(r.stdout.trim(), "1", "A sees its own process: {r:?}");
+
+    // B: none of A's files or processes, not even by A's host path.
+    let script = format!(
+        "id -u; ls -A /workspace | wc -l; cat /workspace/secret 2>/dev/null || echo no-secret; \
+         ls /workspace/{a} 2>/dev/null || echo no-path; {}",
+        count_procs_script("sleep 3217")
+    );
+    let r = sh(p.as_ref(), &rb, &script).await;
+    let lines: Vec<&str> = r.stdout.lines().map(str::trim).collect();
+    assert_eq!(
+        lines,
+        ["10002", "0", "no-secret", "no-path", "0"],
+        "B must see nothing of A: {r:?}"
+    );
+    let e = p
+        .read_file(&rb, "/workspace/secret")
+        .await
+        .expect_err("the file API of B reads B's workspace");
+    assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+    p.write_file(&rb, "/workspace/mine", b"b", 0o600)
+        .await
+        .expect("B writes its workspace");
+    // Nothing else of the shared runtime is B's to change.
+    let r = sh(
+        p.as_ref(),
+        &rb,
+        "touch /etc/planted 2>/dev/null && echo wrote-etc || echo denied; \
+         echo x > /tmp/b-was-here && echo tmp-ok",
+    )
+    .await;
+    assert_eq!(
+        r.stdout.lines().collect::<Vec<_>>(),
+        ["denied", "tmp-ok"],
+        "{r:?}"
+    );
+    // B signals everything it may: A's process lives on.
+    let _ = sh(p.as_ref(), &rb, "kill -9 -1 2>/dev/null; echo done").await;
+    let r = sh(
+        p.as_ref(),
+        &ra,
+        &format!(
+            "{}; ls /tmp/b-was-here 2>/dev/null || echo private-tmp",
+            count_procs_script("sleep 3217")
+        ),
+    )
+    .await;
+    assert_eq!(
+        r.stdout.lines().collect::<Vec<_>>(),
+        ["1", "private-tmp"],
+        "A's process survives B, and B's /tmp is not A's: {r:?}"
+    );
+
+    // Closing A ends its processes and its workspace; B stays.
+    p.slot_close(&host, &a).await.expect("close a");
+    p.slot_close(&host, &a)
+        .await
+        .expect("closing a closed slot succeeds");
+    let e = run_spec(
+        p.as_ref(),
+        &ra,
+        ExecSpec {
+            argv: vec!["true".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect_err("a closed slot runs nothing");
+    assert_eq!(e.kind(), ErrorKind::SandboxNotFound, "{e}");
+    assert_eq!(p.slots(&host).await.expect("slots"), vec![b.clone()]);
+    p.slot_open(&host, &a, 10_001).await.expect("reopen a");
+    let r = sh(p.as_ref(), &ra, "ls -A /workspace | wc -l").await;
+    assert_eq!(
+        r.stdout.trim(),
+        "0",
+        "a closed slot's workspace is gone: {r:?}"
+    );
+    let r = sh(p.as_ref(), &rb, "cat /workspace/mine").await;
+    assert_eq!(r.stdout, "b", "{r:?}");
+
+    // Ids of the image's own accounts are never a slot's.
+    let e = p
+        .slot_open(&host, &paths::new_sandbox_id(), 0)
+        .await
+        .expect_err("root is no slot's uid");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    let e = p
+        .slot_open(&host, "../etc", 10_003)
+        .await
+        .expect_err("a slot id is a sandbox id");
+    assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
+    p.destroy(&host).await.expect("destroy host");
+    let e = run_spec(
+        p.as_ref(),
+        &rb,
+        ExecSpec {
+            argv: vec!["true".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .expect_err("a destroyed host's slots run nothing");
+    assert!(
+        matches!(
+            e.kind(),
+            ErrorKind::SandboxNotFound | ErrorKind::ProviderUnavailable
+        ),
+        "{e}"
+    );
+}
+
 /// Emits one `#[tokio::test]` per conformance case for a fixture expression.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -1702,7 +1874,7 @@ macro_rules! conformance_tests {
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded,
-                snapshots_fork_files);
+                snapshots_fork_files, pool_slots_are_confined);
         }
     };
     (@optional $fixture:expr; $($case:ident),*) => {
@@ -1723,7 +1895,7 @@ macro_rules! conformance_tests {
                 binary_and_large_files, symlink_escapes_are_contained, traversal_is_rejected_before_providers,
                 sandboxes_are_separate, concurrent_execs, interactive_stdin_and_signals, pty_exec_with_resize, restart_visibility,
                 hostile_file_reads_are_refused, streamed_transfers_are_bounded, large_listings_and_globs_stay_bounded,
-                snapshots_fork_files);
+                snapshots_fork_files, pool_slots_are_confined);
         }
     };
     (@cases $fixture:expr; $($case:ident),*) => {

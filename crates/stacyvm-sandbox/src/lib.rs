@@ -12,6 +12,7 @@ pub mod archive;
 pub mod cgroup;
 pub mod ifconfig;
 mod mounts;
+pub mod pool;
 pub mod procs;
 pub mod proot;
 pub mod pty;
@@ -258,6 +259,17 @@ fn init(spec: &BootSpec) -> Result<UnixListener, SetupError> {
     )?;
     mounts::pivot(Path::new(&spec.root.merged))?;
     security::loopback_up()?;
+    if spec.pool_host {
+        // Before the lock-down: the factory keeps what making slots takes.
+        use std::os::fd::AsRawFd;
+        pool::start_factory(
+            pool::SlotPolicy {
+                seccomp: spec.seccomp,
+                landlock_write: spec.landlock_write.clone(),
+            },
+            &[listener.as_raw_fd()],
+        )?;
+    }
     security::lock_down(spec)?;
     Ok(listener)
 }

@@ -169,6 +169,17 @@ const PROC_READ_ONLY: [&str; 5] = [
     "/proc/fs",
 ];
 
+/// Masks the /proc mounted under `root` as a sandbox's is.
+pub(crate) fn mask_proc(root: &Path) -> Result<(), SetupError> {
+    for p in PROC_MASKED {
+        mask(&inside(root, p), p)?;
+    }
+    for p in PROC_READ_ONLY {
+        read_only_self_bind(&inside(root, p), p)?;
+    }
+    Ok(())
+}
+
 /// Hides `t` (`what` inside the sandbox): a file behind /dev/null, a
 /// directory behind an empty read-only tmpfs. A path this kernel does not
 /// have is skipped; any other failure fails the boot.
@@ -360,12 +371,7 @@ pub fn build_root(spec: &BootSpec) -> Result<(), SetupError> {
             NONE,
         ),
     )?;
-    for p in PROC_MASKED {
-        mask(&inside(merged, p), p)?;
-    }
-    for p in PROC_READ_ONLY {
-        read_only_self_bind(&inside(merged, p), p)?;
-    }
+    mask_proc(merged)?;
     build_dev(merged)?;
 
     let tmp_size = if spec.tmp_size_mb > 0 {

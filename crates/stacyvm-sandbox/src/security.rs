@@ -88,6 +88,63 @@ pub fn lock_down(spec: &BootSpec) -> Result<(), SetupError> {
     Ok(())
 }
 
+/// Gives up every capability, the bounding set included: a docker pool
+/// host's agent once its slot factory is forked (the container got what
+/// the factory needs; the agent keeps none of it).
+pub fn drop_all_caps() -> Result<(), SetupError> {
+    for cap in caps::all() {
+        if caps::has_cap(None, CapSet::Bounding, cap).unwrap_or(false) {
+            caps::drop(None, CapSet::Bounding, cap)
+                .map_err(|e| caps_err("dropping bounding capability", e))?;
+        }
+    }
+    caps::clear(None, CapSet::Ambient).map_err(|e| caps_err("clearing ambient capabilities", e))?;
+    for set in [CapSet::Inheritable, CapSet::Effective, CapSet::Permitted] {
+        caps::clear(None, set).map_err(|e| caps_err("clearing capabilities", e))?;
+    }
+    crate::sys("no_new_privs", nix::sys::prctl::set_no_new_privs())
+}
+
+/// A pool slot's init, last step before it serves: no capability left
+/// (bounding set included, while CAP_SETPCAP still allows), `uid`/`gid`
+/// with no supplementary groups, the sandbox's resource limits,
+/// no_new_privs, undumpable, Landlock and seccomp as the host's.
+pub fn lock_down_slot(
+    uid: u32,
+    gid: u32,
+    policy: &crate::pool::SlotPolicy,
+) -> Result<(), SetupError> {
+    for cap in caps::all() {
+        // Without CAP_SETPCAP this fails; no_new_privs and a non-root uid
+        // keep the bounding set out of reach anyway.
+        let _ = caps::drop(None, CapSet::Bounding, cap);
+    }
+    caps::clear(None, CapSet::Ambient).map_err(|e| caps_err("clearing ambient capabilities", e))?;
+    caps::set(None, CapSet::Inheritable, &CapsHashSet::new())
+        .map_err(|e| caps_err("clearing inheritable capabilities", e))?;
+    set_resource_limits()?;
+    crate::sys("setgroups", nix::unistd::setgroups(&[]))?;
+    let g = nix::unistd::Gid::from_raw(gid);
+    crate::sys("setresgid", nix::unistd::setresgid(g, g, g))?;
+    let u = nix::unistd::Uid::from_raw(uid);
+    crate::sys("setresuid", nix::unistd::setresuid(u, u, u))?;
+    // Every uid is non-zero now: the kernel cleared the permitted and
+    // effective sets. Make sure.
+    caps::clear(None, CapSet::Effective)
+        .map_err(|e| caps_err("clearing effective capabilities", e))?;
+    caps::clear(None, CapSet::Permitted)
+        .map_err(|e| caps_err("clearing permitted capabilities", e))?;
+    crate::sys("no_new_privs", nix::sys::prctl::set_no_new_privs())?;
+    if !policy.landlock_write.is_empty() {
+        landlock_writes_beneath(&policy.landlock_write)?;
+    }
+    crate::sys("dumpable", nix::sys::prctl::set_dumpable(false))?;
+    if policy.seccomp {
+        install_seccomp()?;
+    }
+    Ok(())
+}
+
 // ---- seccomp ---------------------------------------------------------------
 //
 // The profile is an allowlist in the spirit of Docker's default profile,

@@ -162,6 +162,16 @@ impl AgentClient {
     /// and performs the handshake; with `token`, the agent must prove it
     /// holds it.
     pub async fn connect(path: &Path, token: Option<&[u8]>) -> Result<Arc<AgentClient>> {
+        Self::connect_slot(path, token, "").await
+    }
+
+    /// [`AgentClient::connect`] to a pool host's agent, served by its slot
+    /// `slot` (none when empty).
+    pub async fn connect_slot(
+        path: &Path,
+        token: Option<&[u8]>,
+        slot: &str,
+    ) -> Result<Arc<AgentClient>> {
         let p = path.to_path_buf();
         let std_stream = tokio::time::timeout(
             CONNECT_TIMEOUT,
@@ -175,12 +185,25 @@ impl AgentClient {
             .map_err(|e| Error::unavailable("connecting to the sandbox agent").with_source(e))?;
         let stream = tokio::net::UnixStream::from_std(std_stream)
             .map_err(|e| Error::unavailable("connecting to the sandbox agent").with_source(e))?;
-        Self::handshake(stream, token).await
+        Self::handshake_slot(stream, token, slot).await
     }
 
     /// Speaks the protocol over `stream`: version handshake (and proof of
     /// `token`), then a reader task that routes frames to requests.
     pub async fn handshake<S>(stream: S, token: Option<&[u8]>) -> Result<Arc<AgentClient>>
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        Self::handshake_slot(stream, token, "").await
+    }
+
+    /// [`AgentClient::handshake`], asking a pool host's agent to hand the
+    /// connection to slot `slot` (none when empty).
+    pub async fn handshake_slot<S>(
+        stream: S,
+        token: Option<&[u8]>,
+        slot: &str,
+    ) -> Result<Arc<AgentClient>>
     where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -199,6 +222,7 @@ impl AgentClient {
                 nonce: nonce.clone(),
                 proof: String::new(),
                 features: Vec::new(),
+                slot: slot.to_string(),
             },
         );
         let mut dec = Decoder::default();
@@ -244,6 +268,11 @@ impl AgentClient {
                     "the sandbox agent failed to prove it belongs to this sandbox",
                 ));
             }
+        }
+        if theirs.slot != slot {
+            // The host's agent echoes the slot once that slot has the
+            // connection; otherwise it has no such slot alive.
+            return Err(Error::sandbox_not_found(slot));
         }
         let routes: Routes = Arc::new(Mutex::new(HashMap::new()));
         let closed = Arc::new(AtomicBool::new(false));
@@ -1255,6 +1284,7 @@ mod tests {
                     .map(|t| proto::handshake_proof(t, &theirs.nonce))
                     .unwrap_or_default(),
                 features: features.iter().map(|f| (*f).to_string()).collect(),
+                slot: String::new(),
             };
             self.send(&Frame::json(Kind::Hello, 0, &reply))
                 .await

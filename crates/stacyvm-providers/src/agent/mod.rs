@@ -15,3 +15,18 @@ pub use binary::{agent_problem, elf_is_static, find_agent, find_static_agent};
 pub use client::AgentClient;
 pub use conns::Connections;
 pub use session::AgentSession;
+
+/// A pool-slot request to a pool host's agent.
+pub async fn slot_call(
+    c: &AgentClient,
+    req: &stacyvm_agent_proto::Request,
+) -> stacyvm_core::Result<serde_json::Value> {
+    c.call(req).await
+}
+
+/// The slots alive in a pool host, from its agent.
+pub async fn slot_list(c: &AgentClient) -> stacyvm_core::Result<Vec<String>> {
+    let v = c.call(&stacyvm_agent_proto::Request::SlotList).await?;
+    serde_json::from_value(v.get("slots").cloned().unwrap_or_default())
+        .map_err(|e| stacyvm_core::Error::internal(format!("the pool host's slot list: {e}")))
+}

@@ -412,7 +412,8 @@ impl NativeProvider {
         Ok(conns.get(id).filter(|c| !c.is_closed()).cloned())
     }
 
-    /// The live connection to a sandbox's agent (re-connecting after a restart).
+    /// The live connection to a sandbox's agent (re-connecting after a
+    /// restart); for a pool slot's runtime id, to the slot's agent.
     async fn client(&self, id: &str) -> Result<Arc<AgentClient>> {
         if let Some(c) = self.open_client(id)? {
             return Ok(c);
@@ -429,12 +430,17 @@ impl NativeProvider {
         if let Some(c) = self.open_client(id)? {
             return Ok(c);
         }
-        let meta = self.meta(id)?;
+        let (host, slot) = stacyvm_core::provider::split_slot_runtime_id(id).unwrap_or((id, ""));
+        let meta = self.meta(host)?;
         if !pid_alive(meta.init_pid) {
             return Err(Error::sandbox_not_found(id));
         }
-        let c =
-            AgentClient::connect(&self.dir(id).join("agent.sock"), meta.token().as_deref()).await?;
+        let c = AgentClient::connect_slot(
+            &self.dir(host).join("agent.sock"),
+            meta.token().as_deref(),
+            slot,
+        )
+        .await?;
         self.conns
             .lock()
             .map_err(|_| Error::internal("lock"))?
@@ -478,9 +484,18 @@ impl NativeProvider {
         freeze_cgroups(self.meta(id)?.cgroups.clone(), frozen).await
     }
 
-    async fn teardown(&self, id: &str, meta: Option<Meta>) {
+    /// Drops the cached connection of a runtime id (a pool slot's, too).
+    fn forget_client(&self, id: &str) {
         if let Ok(mut conns) = self.conns.lock() {
             conns.remove(id);
+        }
+    }
+
+    async fn teardown(&self, id: &str, meta: Option<Meta>) {
+        if let Ok(mut conns) = self.conns.lock() {
+            // The sandbox's connection, and those of its pool slots.
+            let slots = format!("{id}/");
+            conns.retain(|k, _| k != id && !k.starts_with(&slots));
         }
         if let Ok(mut c) = self.connecting.lock() {
             c.remove(id);
@@ -650,8 +665,17 @@ impl Booter {
                 .map_err(|e| Error::internal(format!("creating cgroups: {e}")))?,
             None => Vec::new(),
         };
+        let pool_host = spec
+            .metadata
+            .contains_key(stacyvm_core::provider::POOL_HOST_METADATA);
+        if pool_host && id_base.is_none() {
+            return Err(Error::unsupported(
+                "a native pool host needs a user namespace with a range of ids for its slots' users: run the server as root (providers.native.subordinate_ids)",
+            ));
+        }
         let token = hex::encode(rand::random::<[u8; 32]>());
         let boot = BootSpec {
+            pool_host,
             token: token.clone(),
             id: spec.id.clone(),
             hostname: spec.id.clone(),
@@ -951,6 +975,7 @@ impl Provider for NativeProvider {
         // A rootless sandbox maps one uid: there is no other to become
         // (and has no bridge to filter).
         if !self.rootless {
+            c.push(capability::POOL_HOST.into());
             c.push(capability::EXEC_USER.into());
             c.push(capability::EGRESS.into());
             // Copying an upper dir recreates overlay whiteouts (device
@@ -1270,8 +1295,13 @@ impl Provider for NativeProvider {
                 booted
             }
             None => {
-                if let Some(spawned) = self.claim_warm(spec, memory_bytes).await {
-                    return Ok(spawned);
+                let pool_host = spec
+                    .metadata
+                    .contains_key(stacyvm_core::provider::POOL_HOST_METADATA);
+                if !pool_host {
+                    if let Some(spawned) = self.claim_warm(spec, memory_bytes).await {
+                        return Ok(spawned);
+                    }
                 }
                 self.booter.boot(spec, memory_bytes, &dir).await
             }
@@ -1349,6 +1379,41 @@ impl Provider for NativeProvider {
         Ok(Arc::new(AgentSession::new(id, self.client(id).await?)))
     }
 
+    async fn slot_open(&self, host: &str, slot: &str, uid: u32) -> Result<()> {
+        crate::agent::slot_call(
+            &*self.client(host).await?,
+            &stacyvm_agent_proto::Request::SlotOpen {
+                id: slot.to_string(),
+                uid,
+                gid: uid,
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn slot_close(&self, host: &str, slot: &str) -> Result<()> {
+        let c = match self.client(host).await {
+            Ok(c) => c,
+            // The host is gone, and its slots with it.
+            Err(e) if e.kind() == ErrorKind::SandboxNotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        self.forget_client(&stacyvm_core::provider::slot_runtime_id(host, slot));
+        crate::agent::slot_call(
+            &c,
+            &stacyvm_agent_proto::Request::SlotClose {
+                id: slot.to_string(),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn slots(&self, host: &str) -> Result<Vec<String>> {
+        crate::agent::slot_list(&*self.client(host).await?).await
+    }
+
     /// The cgroup freezer: every process of the sandbox, the agent too,
     /// stops where it stands.
     async fn pause(&self, id: &str) -> Result<()> {
@@ -1407,6 +1472,8 @@ impl Provider for NativeProvider {
     /// there by a short-lived thread, connected to the sandbox's loopback
     /// from here. No agent hop, the kernel moves the bytes.
     async fn connect(&self, id: &str, port: u16) -> Result<stacyvm_core::provider::PortStream> {
+        // A pool slot shares its host's network namespace.
+        let id = stacyvm_core::provider::split_slot_runtime_id(id).map_or(id, |(host, _)| host);
         let meta = self.meta(id)?;
         let Some(init) = meta.init() else {
             return Err(Error::sandbox_not_found(id));
