@@ -206,6 +206,27 @@ const BUILD_CAPS: [&str; 7] = [
     "KILL",
 ];
 
+/// Capabilities of a pool host container (runc only), which its agent's
+/// slot factory keeps to make slots (namespaces and mounts, the slot's
+/// workspace and ids, ending a slot and removing its files); the agent
+/// drops every one of them once the factory is forked, and slots run as
+/// their own uid with none.
+const POOL_HOST_CAPS: [&str; 8] = [
+    "SYS_ADMIN",
+    "SETUID",
+    "SETGID",
+    "SETPCAP",
+    "CHOWN",
+    "KILL",
+    "DAC_OVERRIDE",
+    "FOWNER",
+];
+
+fn is_pool_host(spec: &SpawnSpec) -> bool {
+    spec.metadata
+        .contains_key(stacyvm_core::provider::POOL_HOST_METADATA)
+}
+
 /// Maps an engine error to a typed error; `what` names the operation.
 fn engine_err(what: &str, e: EngineError) -> Error {
     match e {
@@ -830,6 +851,13 @@ impl DockerProvider {
                         }
                     }
                 }
+                if is_pool_host(spec) {
+                    for cap in POOL_HOST_CAPS {
+                        if !add.iter().any(|a| a.eq_ignore_ascii_case(cap)) {
+                            add.push(cap.to_string());
+                        }
+                    }
+                }
                 (!add.is_empty()).then_some(add)
             },
             tmpfs: if tmpfs.is_empty() { None } else { Some(tmpfs) },
@@ -1098,19 +1126,20 @@ impl DockerProvider {
         runtime: &str,
         run_dir: &Path,
         token: Option<&[u8]>,
+        slot: &str,
     ) -> Result<Arc<AgentClient>> {
         if self.shares_sockets(runtime).await {
             let pinned = sock::open_agent_socket(run_dir)?.ok_or_else(|| {
                 Error::unavailable(format!("the agent of sandbox {id} has no socket"))
             })?;
-            return AgentClient::connect(&pinned.path(), token).await;
+            return AgentClient::connect_slot(&pinned.path(), token, slot).await;
         }
-        self.relay(id, token).await
+        self.relay(id, token, slot).await
     }
 
     /// Speaks the agent protocol over an Engine exec of `stacyvm-agent
     /// relay`, whose attached stream is the link (no host socket).
-    async fn relay(&self, id: &str, token: Option<&[u8]>) -> Result<Arc<AgentClient>> {
+    async fn relay(&self, id: &str, token: Option<&[u8]>, slot: &str) -> Result<Arc<AgentClient>> {
         let d = self.engine().await?;
         let exec = d
             .create_exec(
@@ -1142,7 +1171,12 @@ impl DockerProvider {
             return Err(Error::internal("agent relay exec started detached"));
         };
         let exited = Box::pin(d.wait_container(id, None::<WaitContainerOptions>));
-        AgentClient::handshake(link::EngineStream::new(id, output, input, exited), token).await
+        AgentClient::handshake_slot(
+            link::EngineStream::new(id, output, input, exited),
+            token,
+            slot,
+        )
+        .await
     }
 
     fn open_conn(&self, id: &str) -> Result<Option<AgentSession>> {
@@ -1226,7 +1260,8 @@ impl DockerProvider {
         if let Some(c) = self.open_conn(id)? {
             return Ok(c);
         }
-        if !paths::is_sandbox_id(id) {
+        let (host, slot) = stacyvm_core::provider::split_slot_runtime_id(id).unwrap_or((id, ""));
+        if !paths::is_sandbox_id(host) || !(slot.is_empty() || paths::is_sandbox_id(slot)) {
             return Err(Error::sandbox_not_found(id));
         }
         let lock = self.connect_lock(id)?;
@@ -1248,7 +1283,11 @@ impl DockerProvider {
             .map_err(|_| timed_out())?
     }
 
-    async fn reconnect(&self, id: &str) -> Result<AgentSession> {
+    /// Connects to a container's agent; for a pool slot's runtime id
+    /// (`host/slot`), to the slot's agent in the host container.
+    async fn reconnect(&self, runtime_id: &str) -> Result<AgentSession> {
+        let (id, slot) =
+            stacyvm_core::provider::split_slot_runtime_id(runtime_id).unwrap_or((runtime_id, ""));
         let d = self.engine().await?;
         let info = match d.inspect_container(id, None).await {
             Ok(i) => i,
@@ -1277,15 +1316,21 @@ impl DockerProvider {
             .ok_or_else(|| Error::unavailable(format!("sandbox {id} has no agent socket mount")))?;
         let token = self.sandbox_token(id, &cfg)?;
         let client = self
-            .connect(id, &runtime, &run_dir, token.as_deref())
+            .connect(id, &runtime, &run_dir, token.as_deref(), slot)
             .await?;
         let env = spec::parse_env(&cfg.env.unwrap_or_default());
-        let env = base_env(&client, env, cfg.user.as_deref().unwrap_or_default()).await;
-        let conn = AgentSession::new(id, client).with_env(env);
+        // A slot runs as its own uid whatever the container's user is.
+        let user = if slot.is_empty() {
+            cfg.user.as_deref().unwrap_or_default()
+        } else {
+            ""
+        };
+        let env = base_env(&client, env, user).await;
+        let conn = AgentSession::new(runtime_id, client).with_env(env);
         self.conns
             .lock()
             .map_err(|_| Error::internal("lock"))?
-            .insert(id.to_string(), conn.clone());
+            .insert(runtime_id.to_string(), conn.clone());
         Ok(conn)
     }
 
@@ -1309,7 +1354,7 @@ impl DockerProvider {
                     }
                 }
             } else {
-                match self.relay(id, Some(token)).await {
+                match self.relay(id, Some(token), "").await {
                     Ok(connected) => return Ok(connected),
                     Err(e) => debug!(sandbox_id = %id, error = %e, "agent relay not ready"),
                 }
@@ -1582,14 +1627,20 @@ impl DockerProvider {
         }
         let body = ContainerCreateBody {
             image: Some(image.full()),
-            entrypoint: Some(vec![
-                AGENT_IN.into(),
-                "serve".into(),
-                "--socket".into(),
-                SOCK_IN.into(),
-                "--token-file".into(),
-                TOKEN_FROM.into(),
-            ]),
+            entrypoint: Some({
+                let mut e: Vec<String> = vec![
+                    AGENT_IN.into(),
+                    "serve".into(),
+                    "--socket".into(),
+                    SOCK_IN.into(),
+                    "--token-file".into(),
+                    TOKEN_FROM.into(),
+                ];
+                if is_pool_host(spec) {
+                    e.push("--pool-host".into());
+                }
+                e
+            }),
             cmd: Some(Vec::new()),
             // The engine creates the workdir; on a read-only root the
             // workspace is a tmpfs instead, whose mode a workdir would reset.
@@ -1599,7 +1650,11 @@ impl DockerProvider {
                 Some(paths::WORKSPACE.into())
             },
             hostname: Some(spec.id.clone()),
-            user: if self.opts.config.user.is_empty() {
+            // A pool host's agent starts as root (its slot factory makes
+            // the slots' users); slots never run as it.
+            user: if is_pool_host(spec) {
+                Some("0:0".into())
+            } else if self.opts.config.user.is_empty() {
                 None
             } else {
                 Some(self.opts.config.user.clone())
@@ -1775,6 +1830,11 @@ impl Provider for DockerProvider {
         if self.can_switch_users() {
             c.push(capability::EXEC_USER.into());
         }
+        // Slots need a /proc of their own pid namespace, which gVisor
+        // cannot list and Kata's guest agent cannot make: runc only.
+        if self.runtime() == "runc" {
+            c.push(capability::POOL_HOST.into());
+        }
         c
     }
 
@@ -1894,6 +1954,12 @@ impl Provider for DockerProvider {
         if !paths::is_sandbox_id(&spec.id) {
             return Err(Error::invalid(format!("bad sandbox id {:?}", spec.id)));
         }
+        if is_pool_host(spec) && self.runtime() != "runc" {
+            return Err(Error::unsupported(format!(
+                "pool hosts run under runc only: a slot needs a /proc of its own pid namespace, which runtime {} cannot give",
+                self.runtime()
+            )));
+        }
         // `host` (the orchestrator's default image) is not an image a
         // container can show: like the microVM providers, docker then uses
         // its own default image.
@@ -1949,6 +2015,44 @@ impl Provider for DockerProvider {
 
     async fn io(&self, id: &str) -> Result<Arc<dyn SandboxIo>> {
         Ok(Arc::new(self.conn(id).await?))
+    }
+
+    async fn slot_open(&self, host: &str, slot: &str, uid: u32) -> Result<()> {
+        let c = self.conn(host).await?;
+        crate::agent::slot_call(
+            c.client(),
+            &stacyvm_agent_proto::Request::SlotOpen {
+                id: slot.to_string(),
+                uid,
+                gid: uid,
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn slot_close(&self, host: &str, slot: &str) -> Result<()> {
+        let c = match self.conn(host).await {
+            Ok(c) => c,
+            // The host is gone, and its slots with it.
+            Err(e) if e.kind() == stacyvm_core::ErrorKind::SandboxNotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if let Ok(mut conns) = self.conns.lock() {
+            conns.remove(&stacyvm_core::provider::slot_runtime_id(host, slot));
+        }
+        crate::agent::slot_call(
+            c.client(),
+            &stacyvm_agent_proto::Request::SlotClose {
+                id: slot.to_string(),
+            },
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn slots(&self, host: &str) -> Result<Vec<String>> {
+        crate::agent::slot_list(self.conn(host).await?.client()).await
     }
 
     /// The engine's pause (the cgroup freezer under runc; gVisor stops
