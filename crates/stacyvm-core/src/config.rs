@@ -638,12 +638,23 @@ pub struct LoggingConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct PoolConfig {
+    /// Pool mode: sandboxes share pool hosts, each confined to a slot
+    /// (its own uid, pid and mount namespaces, and workspace); see
+    /// docs/pool-mode.md.
     pub enabled: bool,
+    /// Pool hosts this server runs at most.
     pub max_vms: i64,
+    /// Sandboxes one pool host holds at most.
     pub max_users_per_vm: i64,
+    /// Image of pooled sandboxes whose spawn names none; empty =
+    /// `defaults.image`.
     pub image: String,
+    /// Memory of a pool host (shared by its sandboxes).
     pub memory_mb: i64,
+    /// vCPUs of a pool host (shared by its sandboxes).
     pub vcpus: i64,
+    /// With every host full and `max_vms` reached: `reject` (429) or
+    /// `queue` (wait for a slot up to `defaults.spawn_queue_timeout`).
     pub overflow: String,
 }
 
@@ -964,7 +975,7 @@ impl Default for PoolConfig {
             enabled: false,
             max_vms: 10,
             max_users_per_vm: 5,
-            image: "alpine:latest".into(),
+            image: String::new(),
             memory_mb: 2048,
             vcpus: 2,
             overflow: "reject".into(),
@@ -1393,6 +1404,24 @@ impl Config {
         for (key, v) in non_negative {
             if v < 0 {
                 return Err(invalid(key, format!("must not be negative, got {v}")));
+            }
+        }
+        if self.pool.enabled {
+            // Slot uids are 10000 + slot: a sandbox's user namespace maps
+            // 65536 ids.
+            for (key, v, max) in [
+                ("pool.max_vms", self.pool.max_vms, 10_000),
+                ("pool.max_users_per_vm", self.pool.max_users_per_vm, 50_000),
+            ] {
+                if !(1..=max).contains(&v) {
+                    return Err(invalid(key, format!("must be 1..={max}, got {v}")));
+                }
+            }
+            if !(self.database.driver.is_empty() || self.database.driver == "sqlite") {
+                return Err(invalid(
+                    "pool.enabled",
+                    "pool mode keeps its hosts on one control plane: it needs database.driver sqlite",
+                ));
             }
         }
         let enums: [(&str, &str, &[&str]); 7] = [

@@ -44,6 +44,7 @@ mod environments;
 pub mod placement;
 mod registries;
 mod snapshots;
+mod vmpool;
 mod volumes;
 pub mod workers;
 pub use snapshots::{summary as snapshot_summary, MAX_FORK};
@@ -97,8 +98,9 @@ impl Caller {
 
     /// Whether `r` is visible to this caller (tenancy, then ownership).
     pub fn sees(&self, r: &SandboxRecord) -> bool {
-        // A warm-pool sandbox is nobody's until it is claimed.
-        if r.metadata.contains_key(setup::POOL_KEY) {
+        // A warm-pool sandbox is nobody's until it is claimed; a pool
+        // host is the server's alone.
+        if r.metadata.contains_key(setup::POOL_KEY) || r.is_pool_host() {
             return false;
         }
         self.sees_owned(&r.tenant_id, &r.owner_id)
@@ -279,6 +281,8 @@ pub struct Manager {
     volume_claims: Arc<volumes::Claims>,
     /// Environment builds: the queue and the running build.
     builds: builds::Builds,
+    /// Pool mode's placement and counters.
+    vmpool: vmpool::VmPool,
 }
 
 #[derive(Debug)]
@@ -324,6 +328,7 @@ impl Manager {
             activity: Arc::default(),
             pools: pools::Pools::default(),
             builds: builds::Builds::default(),
+            vmpool: vmpool::VmPool::default(),
             volume_host: RwLock::new(None),
             volume_claims: Arc::default(),
         });
@@ -870,6 +875,9 @@ impl Manager {
         let adm = if self.shared_admission() {
             let mut a = Admission::default();
             for r in self.store.list_active_sandboxes().await? {
+                if r.is_pool_host() {
+                    continue;
+                }
                 a.total += 1;
                 if !r.owner_id.is_empty() {
                     *a.per_owner.entry(r.owner_id).or_default() += 1;
@@ -967,7 +975,11 @@ impl Manager {
         }
         let d = &self.cfg.defaults;
         let image = if req.image.trim().is_empty() {
-            d.image.clone()
+            if self.pool_mode() && !self.cfg.pool.image.is_empty() {
+                self.cfg.pool.image.clone()
+            } else {
+                d.image.clone()
+            }
         } else {
             req.image.trim().to_string()
         };
@@ -1002,6 +1014,18 @@ impl Manager {
         let provider_name = provider.name().to_string();
         let ttl = self.parse_ttl(&req.ttl)?;
         let lifecycle = idle::lifecycle(&req, ttl, provider.as_ref())?;
+        // Pool mode: a slot in a shared runtime (not for a template's warm
+        // pool nor a build, which need a sandbox of their own).
+        let is_build = req
+            .metadata
+            .as_ref()
+            .is_some_and(|m| m.contains_key(crate::provider::IMAGE_BUILD_METADATA));
+        let pooled = self.pool_mode() && pool.is_none() && !is_build;
+        if pooled {
+            if let Some(why) = vmpool::unpoolable(&req, &lifecycle.1) {
+                return Err(Error::invalid(format!("pool mode: {why}")));
+            }
+        }
         let memory_mb = if req.memory_mb == 0 {
             if d.memory_mb > 0 {
                 d.memory_mb
@@ -1098,6 +1122,38 @@ impl Manager {
             Some(d) if req.vcpus == 0 => (d.vcpus, 0),
             _ => (vcpus, vcpus),
         };
+        if pooled {
+            self.reserve_slot(&owner, ttl).await?;
+            let res = self
+                .spawn_pooled(
+                    vmpool::PooledSpawn {
+                        provider: &provider,
+                        holder: &placed.worker_id,
+                        image: &image,
+                        network: &network,
+                        egress: egress.rules.clone(),
+                        egress_metadata: egress.metadata.clone(),
+                        ttl,
+                        lifecycle: lifecycle.clone(),
+                        owner: &owner,
+                    },
+                    &req,
+                    caller,
+                )
+                .await;
+            return self
+                .finish_spawn(
+                    res,
+                    template.as_ref(),
+                    &owner,
+                    &image,
+                    &provider_name,
+                    started,
+                    caller,
+                    "pooled=true",
+                )
+                .await;
+        }
         // Spawns the template allows come from its warm pool when one is
         // ready.
         // (Only when the caller's egress rules are the ones a pool
@@ -1163,10 +1219,38 @@ impl Manager {
                 caller,
             )
             .await;
+        self.finish_spawn(
+            res,
+            template.as_ref(),
+            &owner,
+            &image,
+            &provider_name,
+            started,
+            caller,
+            "",
+        )
+        .await
+    }
+
+    /// The end of a spawn: the template's files and setup in the new
+    /// sandbox (a failure removes it and gives its admission slot back),
+    /// then metrics, events and the audit row.
+    #[allow(clippy::too_many_arguments)]
+    async fn finish_spawn(
+        &self,
+        res: Result<Sandbox>,
+        template: Option<&TemplateRecord>,
+        owner: &str,
+        image: &str,
+        provider_name: &str,
+        started: Instant,
+        caller: &Caller,
+        detail: &str,
+    ) -> Result<Sandbox> {
         // A template's files and setup, in the new sandbox; a failure
         // removes it (and gives its admission slot back).
         let mut released = false;
-        let res = match (res, &template) {
+        let res = match (res, template) {
             (Ok(sb), Some(t)) if setup::acts(t) => {
                 let rec = self.cache.read().get(&sb.id).cloned();
                 let ran = match &rec {
@@ -1195,24 +1279,28 @@ impl Manager {
         let took = started.elapsed();
         match &res {
             Ok(sb) => {
-                self.metrics.observe("spawn", &provider_name, took, None);
+                self.metrics.observe("spawn", provider_name, took, None);
                 self.audit(
                     caller,
-                    &owner,
+                    owner,
                     "sandbox.spawn",
                     &sb.id,
-                    &image,
-                    &provider_name,
+                    image,
+                    provider_name,
                     true,
-                    "state=running".into(),
+                    if detail.is_empty() {
+                        "state=running".into()
+                    } else {
+                        format!("state=running {detail}")
+                    },
                 );
             }
             Err(e) => {
                 if !released {
-                    self.release_slot(&owner);
+                    self.release_slot(owner);
                 }
                 self.metrics
-                    .observe("spawn", &provider_name, took, Some(&e.to_string()));
+                    .observe("spawn", provider_name, took, Some(&e.to_string()));
                 self.events.publish(
                     kind::OPERATION_FAILED,
                     "",
@@ -1224,11 +1312,11 @@ impl Manager {
                 );
                 self.audit(
                     caller,
-                    &owner,
+                    owner,
                     "sandbox.spawn",
                     "",
-                    &image,
-                    &provider_name,
+                    image,
+                    provider_name,
                     false,
                     e.to_string(),
                 );
@@ -1452,6 +1540,7 @@ impl Manager {
             }
         };
         let mut detail = String::new();
+        let pooled = rec.pool_slot().is_some();
         match self.provider_of(rec).await {
             Ok(p) => {
                 let target = if rec.vm_id.is_empty() {
@@ -1459,7 +1548,14 @@ impl Manager {
                 } else {
                     &rec.vm_id
                 };
-                if let Err(e) = p.destroy(target).await {
+                let gone = if pooled {
+                    // Its slot, not the host it shares.
+                    detail = "pooled=true".into();
+                    p.slot_close(&rec.vm_id, &rec.id).await
+                } else {
+                    p.destroy(target).await
+                };
+                if let Err(e) = gone {
                     warn!(sandbox_id = %rec.id, error = %e, "provider destroy failed");
                     detail = format!("provider_error={e}");
                     self.events.publish(
@@ -1488,12 +1584,12 @@ impl Manager {
             Err(e) => return Err(e),
         }
         let _ = self.store.release_lease(&rec.id, &holder).await;
-        if !rec.vm_id.is_empty() {
+        if !rec.vm_id.is_empty() && !pooled {
             // A moved sandbox's runtime has a lease of its own.
             let _ = self.store.release_lease(&rec.vm_id, &holder).await;
         }
         let was_cached = self.cache.write().remove(&rec.id).is_some();
-        if was_cached {
+        if was_cached && !rec.is_pool_host() {
             self.release_slot(&rec.owner_id);
         }
         self.previews.evict(&rec.id);
@@ -1526,6 +1622,9 @@ impl Manager {
             detail,
         );
         info!(sandbox_id = %rec.id, "sandbox destroyed");
+        if pooled {
+            self.slot_freed(&rec.vm_id).await;
+        }
         Ok(())
     }
 
@@ -1701,7 +1800,11 @@ impl Manager {
                     continue;
                 }
             };
-            let target = rec.runtime_id().to_string();
+            if rec.pool_slot().is_some() {
+                self.reconcile_pooled(&provider, rec).await;
+                continue;
+            }
+            let target = rec.runtime_id();
             match provider.status(&target).await {
                 Ok(st) if st.state == state::DESTROYED => {
                     self.mark_destroyed(&rec, "runtime destroyed").await
@@ -1787,6 +1890,7 @@ impl Manager {
                 self.adopt_runtime(&provider, rt).await;
             }
         }
+        self.drop_empty_hosts().await;
         Ok(())
     }
 
@@ -1831,12 +1935,19 @@ impl Manager {
     async fn mark_destroyed(&self, rec: &SandboxRecord, reason: &str) {
         // Clean up whatever the runtime left behind (destroy is idempotent).
         if let Ok(p) = self.provider_of(rec).await {
-            let target = if rec.vm_id.is_empty() {
-                &rec.id
+            if rec.pool_slot().is_some() {
+                // Its slot only: the host is shared.
+                if let Err(e) = p.slot_close(&rec.vm_id, &rec.id).await {
+                    warn!(sandbox_id = %rec.id, error = %e, "closing the slot of a missing pooled sandbox failed");
+                }
             } else {
-                &rec.vm_id
-            };
-            self.destroy_runtime(&p, target).await;
+                let target = if rec.vm_id.is_empty() {
+                    &rec.id
+                } else {
+                    &rec.vm_id
+                };
+                self.destroy_runtime(&p, target).await;
+            }
         }
         self.reconcile_state(&rec.id, state::DESTROYED).await;
         let _ = self.store.release_lease(&rec.id, self.worker_id()).await;
@@ -1856,7 +1967,8 @@ impl Manager {
     }
 
     fn adopt_into_cache(&self, r: SandboxRecord) {
-        {
+        // A pool host is not a sandbox of anyone's limits.
+        if !r.is_pool_host() {
             let mut adm = self.admission.lock();
             adm.total += 1;
             if !r.owner_id.is_empty() {
@@ -2870,12 +2982,20 @@ impl Manager {
 
     pub async fn logs(&self, id: &str, lines: usize, caller: &Caller) -> Result<Vec<String>> {
         let (rec, provider) = self.exec_target(id, caller).await?;
+        if rec.pool_slot().is_some() {
+            // The console is its pool host's (other sandboxes' too).
+            return Ok(Vec::new());
+        }
         let target = rec.runtime_id().to_string();
         provider.logs(&target, lines).await
     }
 
     pub async fn stats(&self, id: &str, caller: &Caller) -> Result<Option<crate::provider::Stats>> {
         let (rec, provider) = self.exec_target(id, caller).await?;
+        if rec.pool_slot().is_some() {
+            // Usage is counted per runtime: its pool host's is shared.
+            return Ok(None);
+        }
         let target = rec.runtime_id().to_string();
         match provider.stats(&target).await {
             Ok(s) => Ok(Some(s)),

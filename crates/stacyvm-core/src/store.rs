@@ -53,15 +53,32 @@ pub struct SandboxRecord {
     pub idle_deadline: DateTime<Utc>,
 }
 
+/// Metadata key of a pooled sandbox (reserved): its slot number in the
+/// pool host named by its `vm_id`.
+pub const POOL_SLOT_KEY: &str = "stacyvm.sys.pool_slot";
+
 impl SandboxRecord {
-    /// The id its provider knows it by: the VM of a pooled sandbox, else
-    /// its own.
-    pub fn runtime_id(&self) -> &str {
+    /// The id its provider knows it by: a pool slot's (`host/slot`) for a
+    /// pooled sandbox, the runtime of a moved sandbox, else its own.
+    pub fn runtime_id(&self) -> String {
         if self.vm_id.is_empty() {
-            &self.id
+            self.id.clone()
+        } else if self.pool_slot().is_some() {
+            crate::provider::slot_runtime_id(&self.vm_id, &self.id)
         } else {
-            &self.vm_id
+            self.vm_id.clone()
         }
+    }
+
+    /// A pooled sandbox's slot number in its pool host (`vm_id`).
+    pub fn pool_slot(&self) -> Option<u32> {
+        self.metadata.get(POOL_SLOT_KEY)?.parse().ok()
+    }
+
+    /// Whether this record is a pool host (nobody's; hidden from the API).
+    pub fn is_pool_host(&self) -> bool {
+        self.metadata
+            .contains_key(crate::provider::POOL_HOST_METADATA)
     }
 }
 

@@ -366,8 +366,10 @@ fn open_slot(
     let cb = Box::new(move || -> isize {
         let _ = nix::unistd::close(agent_fd);
         let _ = nix::unistd::close(ready_rfd);
-        // SAFETY: fresh copies of the parent's descriptors, ours alone.
+        // SAFETY: the clone's own copy of the parent's pipe end, owned by
+        // nothing else in this process.
         let ready = unsafe { std::fs::File::from_raw_fd(ready_fd) };
+        // SAFETY: likewise, the clone's copy of the slot's socket end.
         let control = unsafe { UnixStream::from_raw_fd(slot_fd) };
         match confine(&child_ws, uid, gid, &child_policy) {
             Ok(()) => {

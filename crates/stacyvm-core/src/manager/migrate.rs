@@ -140,6 +140,7 @@ impl Manager {
 
     /// Moves one sandbox; returns the worker it went to.
     async fn migrate(&self, rec: &SandboxRecord) -> Result<String> {
+        super::vmpool::refuse_pooled(rec, "move to another worker")?;
         let from = self.provider_of(rec).await?;
         let policies = self.store.list_policies(Some(&rec.tenant_id)).await?;
         let placed = self

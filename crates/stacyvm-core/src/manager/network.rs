@@ -149,6 +149,9 @@ impl Manager {
     async fn network_status(&self, rec: &SandboxRecord) -> Result<NetworkStatus> {
         let rules = rules_of(&rec.metadata);
         let denied = match &rules {
+            // A pooled sandbox's rules are its host's, and so would be the
+            // denials (other sandboxes' connections): none are shown.
+            Some(_) if rec.pool_slot().is_some() => Vec::new(),
             Some(_) => {
                 let provider = self.provider_of(rec).await?;
                 provider.egress_denials(target(rec)).await?
@@ -224,6 +227,10 @@ impl Manager {
         caller: &Caller,
     ) -> Result<NetworkStatus> {
         let rec = self.get(id, caller).await?;
+        super::vmpool::refuse_pooled(
+            &rec,
+            "change its egress rules (they are its pool host's; spawn it with them instead)",
+        )?;
         let rec = self.fresh(&rec).await?;
         // A policy that says nothing is no policy.
         let parsed = policy

@@ -32,6 +32,7 @@ impl Manager {
         why: &str,
     ) -> Result<Sandbox> {
         let rec = self.get(id, caller).await?;
+        super::vmpool::refuse_pooled(&rec, "be paused")?;
         let _turn = self.pause_lock.lock().await;
         let rec = self.fresh(&rec).await?;
         if rec.state == state::PAUSED {

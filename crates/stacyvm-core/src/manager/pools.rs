@@ -11,7 +11,8 @@
 //! name and version). A changed or deleted template, or a smaller
 //! `pool_size`, drains them; after a restart the pool takes back the ones
 //! still current. Pools work on a single control plane (SQLite admission);
-//! with shared admission (Postgres) spawns from templates do not use them.
+//! with shared admission (Postgres) spawns from templates do not use them,
+//! nor in pool mode (`pool.enabled`), whose sandboxes live in pool hosts.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -217,7 +218,9 @@ impl Manager {
     pub fn start_pools(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let me = Arc::clone(self);
         tokio::spawn(async move {
-            if me.shared_admission() {
+            // Pool mode spawns into pool hosts: warm sandboxes of their
+            // own would never be claimed.
+            if me.shared_admission() || me.pool_mode() {
                 return;
             }
             me.adopt_pool_sandboxes().await;

@@ -97,6 +97,7 @@ impl Manager {
                 )));
             }
         }
+        super::vmpool::refuse_pooled(rec, "be snapshotted or forked")?;
         let snap_id = paths::new_snapshot_id();
         let target = if rec.vm_id.is_empty() {
             &rec.id

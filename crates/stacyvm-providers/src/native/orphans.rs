@@ -4,7 +4,9 @@
 //! <state>/sandboxes/<name>/boot.json` process, so its command line says
 //! which state dir it belongs to. An init is an orphan when
 //! - it belongs to this provider's state dir but no sandbox metadata there
-//!   names it (a server killed between boot and writing the metadata), or
+//!   names it nor one of its ancestors (a server killed between boot and
+//!   writing the metadata; a pool host's slot factory and slot inits are
+//!   forks of its init, with its command line), or
 //! - the state dir it belongs to no longer exists at all (its data dir was
 //!   deleted: nothing may outlive its data dir).
 //!
@@ -89,6 +91,29 @@ fn cgroups_of(pid: i32) -> Vec<PathBuf> {
     dirs
 }
 
+/// The parent pid of `pid` (host view).
+fn parent_of(pid: i32) -> Option<i32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether `pid` is a fork of one of the `inits` (a pool host's slot
+/// factory and slot inits run the init's command line too), at most a
+/// few generations down.
+fn descends_from(pid: i32, inits: &HashSet<i32>) -> bool {
+    let mut p = pid;
+    for _ in 0..4 {
+        match parent_of(p) {
+            Some(pp) if inits.contains(&pp) => return true,
+            Some(pp) if pp > 1 => p = pp,
+            _ => return false,
+        }
+    }
+    false
+}
+
 /// Kills orphaned inits (see the module docs); returns how many.
 pub(crate) fn reap(sandboxes: &Path) -> usize {
     let ours = std::fs::canonicalize(sandboxes).unwrap_or_else(|_| sandboxes.to_path_buf());
@@ -110,7 +135,7 @@ pub(crate) fn reap(sandboxes: &Path) -> usize {
         };
         let parent_real = std::fs::canonicalize(parent).ok();
         let orphan = match &parent_real {
-            Some(dir) if *dir == ours => !known.contains(&p.pid),
+            Some(dir) if *dir == ours => !known.contains(&p.pid) && !descends_from(p.pid, &known),
             Some(_) => false,
             // The whole state dir is gone.
             None => true,

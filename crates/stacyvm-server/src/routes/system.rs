@@ -144,14 +144,7 @@ pub async fn provider(
 }
 
 pub async fn pool_status(State(st): State<AppState>) -> Json<PoolStatus> {
-    let _ = &st;
-    Json::ok(PoolStatus {
-        enabled: false,
-        vms: None,
-        max_vms: None,
-        total_users: None,
-        max_users_per_vm: None,
-    })
+    Json::ok(st.manager.pool_status())
 }
 
 /// Snapshots of sandboxes the caller sees (`source_sandbox_id` set), then
@@ -277,7 +270,10 @@ struct Summary {
 }
 
 async fn sandbox_summary(st: &AppState) -> ApiResult<Summary> {
-    let recs = st.manager.active_records().await?;
+    let mut recs = st.manager.active_records().await?;
+    // Pool hosts are the server's runtimes, not sandboxes (see
+    // `stacyvm_pool_hosts`).
+    recs.retain(|r| !r.is_pool_host());
     let mut s = Summary {
         by_state: BTreeMap::new(),
         by_provider: BTreeMap::new(),
@@ -551,6 +547,44 @@ pub async fn prometheus(State(st): State<AppState>) -> ApiResult<Response> {
     );
     for (k, v) in &s.by_state {
         let _ = writeln!(out, "stacyvm_sandboxes_total{{state={}}} {v}", esc(k));
+    }
+    if st.manager.config().pool.enabled {
+        let (hosts, users, queued, claims, spawned) = st.manager.pool_counters();
+        for (name, kind, help, v) in [
+            (
+                "stacyvm_pool_hosts",
+                "gauge",
+                "Pool hosts (pool mode) running.",
+                hosts as u64,
+            ),
+            (
+                "stacyvm_pool_sandboxes",
+                "gauge",
+                "Pooled sandboxes in pool hosts.",
+                users as u64,
+            ),
+            (
+                "stacyvm_pool_queued",
+                "gauge",
+                "Spawns waiting for a pool slot (pool.overflow: queue).",
+                queued as u64,
+            ),
+            (
+                "stacyvm_pool_claims_total",
+                "counter",
+                "Pooled sandboxes spawned.",
+                claims,
+            ),
+            (
+                "stacyvm_pool_hosts_spawned_total",
+                "counter",
+                "Pool hosts spawned.",
+                spawned,
+            ),
+        ] {
+            fam(&mut out, name, kind, help);
+            let _ = writeln!(out, "{name} {v}");
+        }
     }
     let pools = st.manager.pool_stats();
     if !pools.is_empty() {
