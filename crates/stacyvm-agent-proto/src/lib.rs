@@ -516,6 +516,11 @@ pub enum Request {
         id: String,
         uid: u32,
         gid: u32,
+        /// A network namespace of its own (loopback only): its ports,
+        /// loopback and abstract sockets are nobody else's. Without it the
+        /// slot shares the host's network (a bridged host's way out).
+        #[serde(default)]
+        private_network: bool,
     },
     /// Pool hosts only: ends a slot (every process in it) and removes its
     /// workspace. Closing an unknown slot succeeds.

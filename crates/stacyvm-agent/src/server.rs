@@ -805,9 +805,12 @@ fn simple(id: u32, req: Request, conn: &Arc<Conn>, pid1: bool) {
                 ))
             }
         }
-        Request::SlotOpen { id, uid, gid } => {
-            crate::slot::open(&id, uid, gid).map(|()| serde_json::json!({}))
-        }
+        Request::SlotOpen {
+            id,
+            uid,
+            gid,
+            private_network,
+        } => crate::slot::open(&id, uid, gid, private_network).map(|()| serde_json::json!({})),
         Request::SlotClose { id } => crate::slot::close(&id).map(|()| serde_json::json!({})),
         Request::SlotList => crate::slot::list().map(|ids| serde_json::json!({ "slots": ids })),
         Request::SetClock { unix_nanos } => {

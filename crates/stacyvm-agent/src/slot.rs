@@ -57,7 +57,7 @@ fn not_pool_host() -> AgentError {
 }
 
 /// Starts slot `id` (idempotent).
-pub fn open(id: &str, uid: u32, gid: u32) -> Result<(), AgentError> {
+pub fn open(id: &str, uid: u32, gid: u32, private_network: bool) -> Result<(), AgentError> {
     let factory = pool::factory().ok_or_else(not_pool_host)?;
     if !pool::valid_slot_id(id) {
         return Err(AgentError::new(
@@ -85,7 +85,7 @@ pub fn open(id: &str, uid: u32, gid: u32) -> Result<(), AgentError> {
         let _ = factory.close(id);
     }
     let control = factory
-        .open(id, uid, gid)
+        .open(id, uid, gid, private_network)
         .map_err(|e| AgentError::new(ErrorKind::Internal, e))?;
     table.insert(id.to_string(), control);
     Ok(())

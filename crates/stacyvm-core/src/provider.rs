@@ -384,6 +384,16 @@ pub mod capability {
 /// mount namespaces and workspace inside the shared runtime.
 pub const POOL_HOST_METADATA: &str = "stacyvm.sys.pool_host";
 
+/// How a pool slot runs ([`Provider::slot_open`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotSpec {
+    /// Its uid and gid (10000 or more: never one of the image's accounts).
+    pub uid: u32,
+    /// A network namespace of its own with only loopback (a host with
+    /// network `none`); else it shares the host's network.
+    pub private_network: bool,
+}
+
 /// The runtime id of slot `slot` of pool host `host` (what
 /// [`Provider::io`] and the file and exec calls take).
 pub fn slot_runtime_id(host: &str, slot: &str) -> String {
@@ -844,8 +854,8 @@ pub trait Provider: Debug + Send + Sync + 'static {
     /// and workspace — in the pool host `host` (a sandbox spawned with
     /// [`POOL_HOST_METADATA`]). Its I/O is then [`Provider::io`] of
     /// [`slot_runtime_id`]`(host, slot)`. Idempotent.
-    async fn slot_open(&self, host: &str, slot: &str, uid: u32) -> Result<()> {
-        let _ = (slot, uid);
+    async fn slot_open(&self, host: &str, slot: &str, spec: &SlotSpec) -> Result<()> {
+        let _ = (slot, spec);
         Err(Error::unsupported(format!(
             "provider {} cannot host pooled sandboxes (in {host})",
             self.name()

@@ -1704,12 +1704,16 @@ fn count_procs_script(what: &str) -> String {
 /// or files — and closing a slot ends its processes and removes its
 /// workspace. Providers without `pool_host` refuse slots.
 pub async fn pool_slots_are_confined(f: &dyn Fixture) {
-    use stacyvm_core::provider::{capability, slot_runtime_id, POOL_HOST_METADATA};
+    use stacyvm_core::provider::{capability, slot_runtime_id, SlotSpec, POOL_HOST_METADATA};
+    let slot = |uid: u32| SlotSpec {
+        uid,
+        private_network: true,
+    };
     let p = f.provider();
     if !p.capabilities().iter().any(|c| c == capability::POOL_HOST) {
         let id = spawn(p.as_ref(), &f.image()).await;
         let e = p
-            .slot_open(&id, &paths::new_sandbox_id(), 10_001)
+            .slot_open(&id, &paths::new_sandbox_id(), &slot(10_001))
             .await
             .expect_err("a provider without pool hosts refuses slots");
         assert_eq!(e.kind(), ErrorKind::Unsupported, "{e}");
@@ -1721,9 +1725,9 @@ pub async fn pool_slots_are_confined(f: &dyn Fixture) {
         .insert(POOL_HOST_METADATA.into(), "conformance".into());
     let host = p.spawn(&spec).await.expect("pool host").runtime_id;
     let (a, b) = (paths::new_sandbox_id(), paths::new_sandbox_id());
-    p.slot_open(&host, &a, 10_001).await.expect("slot a");
-    p.slot_open(&host, &b, 10_002).await.expect("slot b");
-    p.slot_open(&host, &a, 10_001)
+    p.slot_open(&host, &a, &slot(10_001)).await.expect("slot a");
+    p.slot_open(&host, &b, &slot(10_002)).await.expect("slot b");
+    p.slot_open(&host, &a, &slot(10_001))
         .await
         .expect("opening an open slot is idempotent");
     let mut listed = p.slots(&host).await.expect("slots");
@@ -1802,6 +1806,30 @@ pub async fn pool_slots_are_confined(f: &dyn Fixture) {
         "A's process survives B, and B's /tmp is not A's: {r:?}"
     );
 
+    // Loopback is each slot's own: A's listener is A's alone.
+    let r = sh(
+        p.as_ref(),
+        &ra,
+        "if command -v python3 >/dev/null; then \
+           (python3 -m http.server 7301 --bind 127.0.0.1 >/dev/null 2>&1 &); \
+         else (nc -ll -p 7301 -e /bin/cat >/dev/null 2>&1 &); fi; echo listening",
+    )
+    .await;
+    assert_eq!(r.stdout.trim(), "listening", "{r:?}");
+    let mut reached = false;
+    for _ in 0..50 {
+        if p.connect(&ra, 7301).await.is_ok() {
+            reached = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(reached, "A's port is reachable in A");
+    assert!(
+        p.connect(&rb, 7301).await.is_err(),
+        "A's port is not on B's loopback"
+    );
+
     // Closing A ends its processes and its workspace; B stays.
     p.slot_close(&host, &a).await.expect("close a");
     p.slot_close(&host, &a)
@@ -1819,7 +1847,9 @@ pub async fn pool_slots_are_confined(f: &dyn Fixture) {
     .expect_err("a closed slot runs nothing");
     assert_eq!(e.kind(), ErrorKind::SandboxNotFound, "{e}");
     assert_eq!(p.slots(&host).await.expect("slots"), vec![b.clone()]);
-    p.slot_open(&host, &a, 10_001).await.expect("reopen a");
+    p.slot_open(&host, &a, &slot(10_001))
+        .await
+        .expect("reopen a");
     let r = sh(p.as_ref(), &ra, "ls -A /workspace | wc -l").await;
     assert_eq!(
         r.stdout.trim(),
@@ -1831,12 +1861,12 @@ pub async fn pool_slots_are_confined(f: &dyn Fixture) {
 
     // Ids of the image's own accounts are never a slot's.
     let e = p
-        .slot_open(&host, &paths::new_sandbox_id(), 0)
+        .slot_open(&host, &paths::new_sandbox_id(), &slot(0))
         .await
         .expect_err("root is no slot's uid");
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");
     let e = p
-        .slot_open(&host, "../etc", 10_003)
+        .slot_open(&host, "../etc", &slot(10_003))
         .await
         .expect_err("a slot id is a sandbox id");
     assert_eq!(e.kind(), ErrorKind::InvalidInput, "{e}");

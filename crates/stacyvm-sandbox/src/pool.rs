@@ -7,7 +7,8 @@
 //! the agent's requests on a socket pair:
 //!
 //! - `open ID UID GID`: makes `/workspace/ID` (0700, the slot's), clones
-//!   the slot's init into new pid and mount namespaces and answers with
+//!   the slot's init into new pid and mount namespaces (and a network
+//!   namespace with only loopback, when asked) and answers with
 //!   one end of a socket pair to it (SCM_RIGHTS). The init, in its mount
 //!   namespace, puts a fresh `/tmp`, `/var/tmp` and `/dev/shm` in place,
 //!   binds its own workspace over `/workspace` (the host's, with every
@@ -80,8 +81,16 @@ pub const MIN_SLOT_ID: u32 = 10_000;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 enum Ask {
-    Open { id: String, uid: u32, gid: u32 },
-    Close { id: String },
+    Open {
+        id: String,
+        uid: u32,
+        gid: u32,
+        #[serde(default)]
+        private_network: bool,
+    },
+    Close {
+        id: String,
+    },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -113,12 +122,20 @@ impl SlotFactory {
         }
     }
 
-    /// Starts slot `id` as `uid`:`gid`; answers its control socket.
-    pub fn open(&self, id: &str, uid: u32, gid: u32) -> Result<UnixStream, String> {
+    /// Starts slot `id` as `uid`:`gid` (in a network namespace of its own
+    /// with `private_network`); answers its control socket.
+    pub fn open(
+        &self,
+        id: &str,
+        uid: u32,
+        gid: u32,
+        private_network: bool,
+    ) -> Result<UnixStream, String> {
         match self.ask(&Ask::Open {
             id: id.to_string(),
             uid,
             gid,
+            private_network,
         })? {
             Some(fd) => Ok(UnixStream::from(fd)),
             None => Err("the slot factory sent no socket".into()),
@@ -255,26 +272,29 @@ fn factory_loop(sock: UnixStream, policy: &SlotPolicy, main: SlotMain) {
             Ok((None, _)) | Err(_) => return,
         };
         let (answer, fd) = match serde_json::from_slice::<Ask>(&msg) {
-            Ok(Ask::Open { id, uid, gid }) => {
-                match open_slot(&id, uid, gid, policy, main, &slots) {
-                    Ok(Some((pid, control))) => {
-                        slots.insert(id, pid);
-                        (Answer::default(), Some(control))
-                    }
-                    Ok(None) => (
-                        Answer {
-                            error: format!("slot {id} is already open"),
-                        },
-                        None,
-                    ),
-                    Err(e) => (
-                        Answer {
-                            error: e.to_string(),
-                        },
-                        None,
-                    ),
+            Ok(Ask::Open {
+                id,
+                uid,
+                gid,
+                private_network,
+            }) => match open_slot(&id, (uid, gid), private_network, policy, main, &slots) {
+                Ok(Some((pid, control))) => {
+                    slots.insert(id, pid);
+                    (Answer::default(), Some(control))
                 }
-            }
+                Ok(None) => (
+                    Answer {
+                        error: format!("slot {id} is already open"),
+                    },
+                    None,
+                ),
+                Err(e) => (
+                    Answer {
+                        error: e.to_string(),
+                    },
+                    None,
+                ),
+            },
             Ok(Ask::Close { id }) => {
                 let r = close_slot(&id, slots.remove(&id));
                 (
@@ -308,8 +328,8 @@ type Opened = Option<(Pid, OwnedFd)>;
 
 fn open_slot(
     id: &str,
-    uid: u32,
-    gid: u32,
+    (uid, gid): (u32, u32),
+    private_network: bool,
     policy: &SlotPolicy,
     main: SlotMain,
     slots: &HashMap<String, Pid>,
@@ -371,7 +391,7 @@ fn open_slot(
         let ready = unsafe { std::fs::File::from_raw_fd(ready_fd) };
         // SAFETY: likewise, the clone's copy of the slot's socket end.
         let control = unsafe { UnixStream::from_raw_fd(slot_fd) };
-        match confine(&child_ws, uid, gid, &child_policy) {
+        match confine(&child_ws, uid, gid, private_network, &child_policy) {
             Ok(()) => {
                 // The descriptor must not leak into what the slot runs.
                 let _ = nix::fcntl::fcntl(
@@ -389,15 +409,14 @@ fn open_slot(
             }
         }
     });
+    let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS;
+    if private_network {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
     // SAFETY: the factory is single-threaded; the child gets its own copy
     // of the address space (no CLONE_VM) and runs `cb` on `stack`.
     let pid = sys("clone slot init", unsafe {
-        nix::sched::clone(
-            cb,
-            &mut stack,
-            CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS,
-            Some(libc::SIGCHLD),
-        )
+        nix::sched::clone(cb, &mut stack, flags, Some(libc::SIGCHLD))
     })?;
     drop(ready_w);
     drop(slot_end);
@@ -419,8 +438,17 @@ fn open_slot(
 
 /// In the slot's new namespaces, as its pid 1: its view of the files,
 /// then its identity and lock-down.
-fn confine(ws: &str, uid: u32, gid: u32, policy: &SlotPolicy) -> Result<(), SetupError> {
+fn confine(
+    ws: &str,
+    uid: u32,
+    gid: u32,
+    private_network: bool,
+    policy: &SlotPolicy,
+) -> Result<(), SetupError> {
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    if private_network {
+        crate::security::loopback_up()?;
+    }
     sys(
         "make mounts private",
         mount(NONE, "/", NONE, MsFlags::MS_REC | MsFlags::MS_PRIVATE, NONE),

@@ -35,7 +35,7 @@ use tracing::{info, warn};
 use super::{Caller, Manager};
 use crate::error::{Error, ErrorKind, Result};
 use crate::events::{self, kind};
-use crate::provider::{capability, Provider, POOL_HOST_METADATA};
+use crate::provider::{capability, Provider, SlotSpec, POOL_HOST_METADATA};
 use crate::store::{SandboxRecord, POOL_SLOT_KEY};
 
 /// First uid (and gid) of slots: slot `n` runs as `SLOT_UID_BASE + n`.
@@ -343,7 +343,14 @@ impl Manager {
         self.store
             .acquire_lease(&id, "sandbox", p.holder, lease_ttl)
             .await?;
-        if let Err(e) = p.provider.slot_open(&host.id, &id, SLOT_UID_BASE + n).await {
+        let spec = SlotSpec {
+            uid: SLOT_UID_BASE + n,
+            // A host without a way out gives each slot a loopback of its
+            // own; a bridged one shares its network (its slots are one
+            // tenant's, under one egress policy).
+            private_network: p.network == "none",
+        };
+        if let Err(e) = p.provider.slot_open(&host.id, &id, &spec).await {
             let _ = self.store.release_lease(&id, p.holder).await;
             return Err(e);
         }

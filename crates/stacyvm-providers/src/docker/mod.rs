@@ -208,11 +208,13 @@ const BUILD_CAPS: [&str; 7] = [
 
 /// Capabilities of a pool host container (runc only), which its agent's
 /// slot factory keeps to make slots (namespaces and mounts, the slot's
-/// workspace and ids, ending a slot and removing its files); the agent
+/// workspace and ids, a slot's own loopback, ending a slot and removing
+/// its files); the agent
 /// drops every one of them once the factory is forked, and slots run as
 /// their own uid with none.
-const POOL_HOST_CAPS: [&str; 8] = [
+const POOL_HOST_CAPS: [&str; 9] = [
     "SYS_ADMIN",
+    "NET_ADMIN",
     "SETUID",
     "SETGID",
     "SETPCAP",
@@ -2017,14 +2019,20 @@ impl Provider for DockerProvider {
         Ok(Arc::new(self.conn(id).await?))
     }
 
-    async fn slot_open(&self, host: &str, slot: &str, uid: u32) -> Result<()> {
+    async fn slot_open(
+        &self,
+        host: &str,
+        slot: &str,
+        spec: &stacyvm_core::provider::SlotSpec,
+    ) -> Result<()> {
         let c = self.conn(host).await?;
         crate::agent::slot_call(
             c.client(),
             &stacyvm_agent_proto::Request::SlotOpen {
                 id: slot.to_string(),
-                uid,
-                gid: uid,
+                uid: spec.uid,
+                gid: spec.uid,
+                private_network: spec.private_network,
             },
         )
         .await

@@ -1379,13 +1379,19 @@ impl Provider for NativeProvider {
         Ok(Arc::new(AgentSession::new(id, self.client(id).await?)))
     }
 
-    async fn slot_open(&self, host: &str, slot: &str, uid: u32) -> Result<()> {
+    async fn slot_open(
+        &self,
+        host: &str,
+        slot: &str,
+        spec: &stacyvm_core::provider::SlotSpec,
+    ) -> Result<()> {
         crate::agent::slot_call(
             &*self.client(host).await?,
             &stacyvm_agent_proto::Request::SlotOpen {
                 id: slot.to_string(),
-                uid,
-                gid: uid,
+                uid: spec.uid,
+                gid: spec.uid,
+                private_network: spec.private_network,
             },
         )
         .await
@@ -1472,8 +1478,10 @@ impl Provider for NativeProvider {
     /// there by a short-lived thread, connected to the sandbox's loopback
     /// from here. No agent hop, the kernel moves the bytes.
     async fn connect(&self, id: &str, port: u16) -> Result<stacyvm_core::provider::PortStream> {
-        // A pool slot shares its host's network namespace.
-        let id = stacyvm_core::provider::split_slot_runtime_id(id).map_or(id, |(host, _)| host);
+        if stacyvm_core::provider::split_slot_runtime_id(id).is_some() {
+            // A pool slot's network may be its own: its agent connects.
+            return self.io(id).await?.connect(port).await;
+        }
         let meta = self.meta(id)?;
         let Some(init) = meta.init() else {
             return Err(Error::sandbox_not_found(id));
