@@ -213,6 +213,12 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Pool mode's state: pool hosts and the sandboxes in them
+    /// (docs/pool-mode.md).
+    Pool {
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Destroy sandboxes.
     #[command(alias = "destroy", alias = "rm")]
     Kill {
@@ -547,6 +553,24 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             stacyvm_server::mcp::serve_stdio(std::sync::Arc::new(api))
                 .await
                 .map_err(|e| anyhow::anyhow!(e))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Pool { conn } => {
+            let c = client(&conn)?;
+            let st: stacyvm_api::PoolStatus = c.get_json("/pool/status").await?;
+            if conn.json {
+                print_json(&st)?;
+            } else if !st.enabled {
+                println!("pool mode is off (pool.enabled: false)");
+            } else {
+                println!(
+                    "pool hosts {}/{}, sandboxes {} (at most {} per host)",
+                    st.vms.unwrap_or(0),
+                    st.max_vms.unwrap_or(0),
+                    st.total_users.unwrap_or(0),
+                    st.max_users_per_vm.unwrap_or(0)
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::List { conn } => {

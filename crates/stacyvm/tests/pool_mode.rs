@@ -147,6 +147,10 @@ async fn pool_mode(case: Case) {
         1,
         "a DELETE of the host's id does nothing"
     );
+    assert_eq!(
+        common::cli(&server, &["pool"]).trim(),
+        "pool hosts 1/1, sandboxes 2 (at most 2 per host)"
+    );
     let (_, metrics) = api.get("/metrics/prometheus").await;
     let text = metrics.as_str().unwrap_or_default();
     assert!(text.contains("stacyvm_pool_hosts 1"), "{text}");
@@ -213,10 +217,15 @@ async fn pool_mode(case: Case) {
     let (s, v) = spawn_as(
         &api,
         "carol",
-        json!({"provider": provider, "volumes": [{"name": "v", "path": "/data"}]}),
+        json!({"provider": provider, "volumes": [{"volume": "v", "path": "/data"}]}),
     )
     .await;
     assert_eq!(s, 400, "{v}");
+    assert!(
+        v.to_string()
+            .contains("volumes need a sandbox of their own"),
+        "{v}"
+    );
     // Full: one host of two.
     let (s, v) = spawn_as(&api, "carol", json!({"provider": provider})).await;
     assert_eq!(s, 429, "{v}");

@@ -442,18 +442,39 @@ impl Manager {
         }
     }
 
-    /// After reconcile: hosts left with no slot go.
+    /// After reconcile: hosts left with no sandbox go, and slots no
+    /// record names (a server stopped between opening a slot and
+    /// recording its sandbox) are closed.
     pub(crate) async fn drop_empty_hosts(&self) {
         for h in self.pool_hosts() {
-            if self.slots_of(&h.id).is_empty() {
-                let system = Caller {
-                    actor: "system:pool".into(),
-                    ..Caller::default()
+            let known: BTreeSet<String> = self
+                .cache
+                .read()
+                .values()
+                .filter(|r| r.vm_id == h.id && r.pool_slot().is_some())
+                .map(|r| r.id.clone())
+                .collect();
+            if !known.is_empty() {
+                let Ok(provider) = self.provider_of(&h).await else {
+                    continue;
                 };
-                info!(host = %h.id, "destroying a pool host with no sandbox left");
-                if let Err(e) = self.destroy_record(&h, &system).await {
-                    warn!(host = %h.id, error = %e, "destroying an empty pool host failed");
+                if let Ok(live) = provider.slots(&h.id).await {
+                    for s in live.iter().filter(|s| !known.contains(*s)) {
+                        warn!(host = %h.id, slot = %s, "closing a pool slot no sandbox record names");
+                        if let Err(e) = provider.slot_close(&h.id, s).await {
+                            warn!(host = %h.id, slot = %s, error = %e, "closing an unrecorded pool slot failed");
+                        }
+                    }
                 }
+                continue;
+            }
+            let system = Caller {
+                actor: "system:pool".into(),
+                ..Caller::default()
+            };
+            info!(host = %h.id, "destroying a pool host with no sandbox left");
+            if let Err(e) = self.destroy_record(&h, &system).await {
+                warn!(host = %h.id, error = %e, "destroying an empty pool host failed");
             }
         }
     }
@@ -469,4 +490,70 @@ pub(crate) fn refuse_pooled(rec: &SandboxRecord, what: &str) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn what_cannot_be_pooled_is_named() {
+        let plain = SpawnRequest::default();
+        assert_eq!(unpoolable(&plain, ""), None);
+        assert_eq!(unpoolable(&plain, "kill"), None);
+        assert!(unpoolable(&plain, "pause").is_some_and(|w| w.contains("paused")));
+        let vol = SpawnRequest {
+            volumes: vec![stacyvm_api::VolumeMount {
+                volume: "v".into(),
+                path: "/data".into(),
+                read_only: false,
+            }],
+            ..SpawnRequest::default()
+        };
+        assert!(unpoolable(&vol, "").is_some_and(|w| w.contains("volumes")));
+        let snap = SpawnRequest {
+            snapshot: "snap-1".into(),
+            ..SpawnRequest::default()
+        };
+        assert!(unpoolable(&snap, "").is_some_and(|w| w.contains("snapshot")));
+    }
+
+    #[test]
+    fn pooled_records_name_their_slot() {
+        let now = chrono::Utc::now();
+        let mut r = SandboxRecord {
+            id: "sb-00000001".into(),
+            state: state::RUNNING.into(),
+            provider: "native".into(),
+            image: "host".into(),
+            memory_mb: 256,
+            vcpus: 1,
+            metadata: BTreeMap::new(),
+            owner_id: String::new(),
+            tenant_id: String::new(),
+            vm_id: "sb-000000aa".into(),
+            worker_id: "local".into(),
+            created_at: now,
+            expires_at: now,
+            updated_at: now,
+            idle_timeout_secs: 0,
+            on_timeout: String::new(),
+            idle_deadline: now,
+        };
+        assert_eq!(
+            r.runtime_id(),
+            "sb-000000aa",
+            "a moved sandbox: its runtime"
+        );
+        r.metadata.insert(POOL_SLOT_KEY.into(), "3".into());
+        assert_eq!(r.pool_slot(), Some(3));
+        assert_eq!(r.runtime_id(), "sb-000000aa/sb-00000001");
+        assert_eq!(
+            crate::provider::split_slot_runtime_id(&r.runtime_id()),
+            Some(("sb-000000aa", "sb-00000001"))
+        );
+        assert!(!r.is_pool_host());
+        r.metadata.insert(POOL_HOST_METADATA.into(), "k".into());
+        assert!(r.is_pool_host());
+    }
 }
