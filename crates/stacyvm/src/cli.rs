@@ -213,6 +213,17 @@ pub enum Command {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Upgrade this install from a release (directory or URL): verify its
+    /// signature and checksum, run the new binary's `upgrade rehearse`,
+    /// then swap the binaries (the old ones kept as *.bak) and restart the
+    /// service if it ran.
+    #[command(
+        after_help = "Example:\n  stacyvm update --from https://releases.example/stacyvm/0.2.0 --pubkey /etc/stacyvm/release.pub --require-signature"
+    )]
+    Update(crate::install::UpdateArgs),
+    /// Remove what install.sh installed (binaries, systemd unit); the
+    /// config and data stay unless --purge --yes.
+    Uninstall(crate::install::UninstallArgs),
     /// Pool mode's state: pool hosts and the sandboxes in them
     /// (docs/pool-mode.md).
     Pool {
@@ -555,6 +566,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
                 .map_err(|e| anyhow::anyhow!(e))?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Update(args) => crate::install::update(&args).await,
+        Command::Uninstall(args) => crate::install::uninstall(&args),
         Command::Pool { conn } => {
             let c = client(&conn)?;
             let st: stacyvm_api::PoolStatus = c.get_json("/pool/status").await?;

@@ -9,6 +9,7 @@ mod docs;
 mod doctor;
 mod env;
 mod image;
+mod install;
 mod interactive;
 mod lint;
 mod ops;
