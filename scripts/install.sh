@@ -87,6 +87,15 @@ fi
 if [ "$live" = 1 ] && [ "$RESTART" = 0 ]; then
   die "stacyvm is running: stop it (systemctl stop stacyvm), or pass --restart, or use \`stacyvm update\`"
 fi
+# A server started by hand from this install (not the unit's).
+if [ "$live" = 0 ]; then
+  pids=""
+  for p in /proc/[0-9]*; do
+    exe=$(readlink "$p/exe" 2>/dev/null) || continue
+    case "$exe" in "$R/usr/local/bin/stacyvm"|"$R/usr/local/bin/stacyvm (deleted)") pids="$pids ${p#/proc/}" ;; esac
+  done
+  [ -z "$pids" ] || die "stacyvm runs from $R/usr/local/bin/stacyvm outside systemd (pid$pids): stop it first; nothing was changed"
+fi
 [ "$live" = 1 ] && { say "stopping stacyvm"; systemctl stop stacyvm; }
 
 # 4. Files. What is replaced is kept as *.bak; the config is never replaced.

@@ -242,6 +242,9 @@ pub fn start_factory(policy: SlotPolicy, close_in_child: &[RawFd]) -> Result<(),
             for fd in close_in_child {
                 let _ = nix::unistd::close(*fd);
             }
+            // Nothing of the agent's (the boot pipes, the listener, any
+            // connection) stays open here, nor in the slots it clones.
+            crate::close_other_fds(&[&theirs]);
             let _ = nix::sys::prctl::set_dumpable(false);
             let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
             factory_loop(UnixStream::from(theirs), &policy, main);
@@ -258,6 +261,7 @@ pub fn start_factory(policy: SlotPolicy, close_in_child: &[RawFd]) -> Result<(),
 }
 
 fn factory_loop(sock: UnixStream, policy: &SlotPolicy, main: SlotMain) {
+    let factory_fd = sock.as_raw_fd();
     let mut slots: HashMap<String, Pid> = HashMap::new();
     loop {
         // Slots whose init ended on its own (an OOM kill): reaped here.
@@ -277,7 +281,13 @@ fn factory_loop(sock: UnixStream, policy: &SlotPolicy, main: SlotMain) {
                 uid,
                 gid,
                 private_network,
-            }) => match open_slot(&id, (uid, gid), private_network, policy, main, &slots) {
+            }) => match open_slot(
+                &id,
+                (uid, gid),
+                private_network,
+                (policy, main, factory_fd),
+                &slots,
+            ) {
                 Ok(Some((pid, control))) => {
                     slots.insert(id, pid);
                     (Answer::default(), Some(control))
@@ -330,8 +340,7 @@ fn open_slot(
     id: &str,
     (uid, gid): (u32, u32),
     private_network: bool,
-    policy: &SlotPolicy,
-    main: SlotMain,
+    (policy, main, factory_fd): (&SlotPolicy, SlotMain, RawFd),
     slots: &HashMap<String, Pid>,
 ) -> Result<Opened, SetupError> {
     if !valid_slot_id(id) {
@@ -384,6 +393,9 @@ fn open_slot(
     let child_ws = ws.clone();
     let child_policy = policy.clone();
     let cb = Box::new(move || -> isize {
+        // The slot keeps nothing of the factory: not its socket to the
+        // agent, not the agent's end of this slot's socket.
+        let _ = nix::unistd::close(factory_fd);
         let _ = nix::unistd::close(agent_fd);
         let _ = nix::unistd::close(ready_rfd);
         // SAFETY: the clone's own copy of the parent's pipe end, owned by

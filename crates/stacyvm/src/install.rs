@@ -73,6 +73,21 @@ fn service_active() -> bool {
             .is_ok_and(|s| s.success())
 }
 
+/// Pids of processes running `bin` (a server started by hand).
+fn running_from(bin: &Path) -> Vec<u32> {
+    let deleted = PathBuf::from(format!("{} (deleted)", bin.display()));
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let exe = std::fs::read_link(e.path().join("exe")).ok()?;
+            (exe == bin || exe == deleted).then_some(pid)
+        })
+        .collect()
+}
+
 fn systemctl(args: &[&str]) -> Result<()> {
     let st = Command::new("systemctl")
         .args(args)
@@ -275,6 +290,15 @@ pub async fn update(args: &UpdateArgs) -> Result<ExitCode> {
     }
     eprintln!("update: the new binary's checks passed");
     let was_running = is_real_root(&root) && service_active();
+    if !was_running {
+        let pids = running_from(&current);
+        if !pids.is_empty() {
+            bail!(
+                "stacyvm runs from {} outside systemd (pid {pids:?}): stop it first; nothing was changed",
+                current.display()
+            );
+        }
+    }
     if was_running {
         eprintln!("update: stopping stacyvm");
         systemctl(&["stop", "stacyvm"])?;

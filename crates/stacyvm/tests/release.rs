@@ -307,6 +307,32 @@ fn releases_are_signed_verified_installed_updated_and_removed() {
         .expect("config")
         .ends_with("# edited by the operator\n"));
 
+    // A server running from the install: neither the installer nor an
+    // update replaces its binary under it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port();
+    let mut server = Command::new(root.join("usr/local/bin/stacyvm"))
+        .arg("serve")
+        .env("STACYVM_SERVER_HOST", "127.0.0.1")
+        .env("STACYVM_SERVER_PORT", port.to_string())
+        .env("STACYVM_SERVER_DATA_DIR", w.join("live-data"))
+        .env("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the installed server");
+    let up = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            up.elapsed() < std::time::Duration::from_secs(30),
+            "server up"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    fails(&mut install(&rel1, &root, Some(&pub_key)), "stop it first");
+
     // Update: a new release of changed binaries, rehearsed first.
     let bins2 = w.join("bins2");
     copy_dir(&bins, &bins2);
@@ -336,6 +362,11 @@ fn releases_are_signed_verified_installed_updated_and_removed() {
     };
     let bad_config = w.join("bad.yaml");
     std::fs::write(&bad_config, "server:\n  port: not-a-port\n").expect("bad config");
+    fails(&mut update(&rel2, &config), "stop it first");
+    let _ = Command::new("kill")
+        .args(["-15", &server.id().to_string()])
+        .status();
+    let _ = server.wait();
     fails(&mut update(&rel2, &bad_config), "nothing was changed");
     // A database written by an earlier version: the rehearsal migrates a
     // copy of it with the new binary.
