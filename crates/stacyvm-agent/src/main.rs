@@ -15,6 +15,10 @@
 //!   stacyvm-agent relay --socket PATH  copy stdin/stdout to and from an
 //!                                      agent socket (for runtimes whose
 //!                                      sockets the host cannot reach, e.g. gVisor)
+//!   stacyvm-agent flatten --out DIR LAYER...
+//!                                      copy the merged view of image layers
+//!                                      (topmost first) into the new DIR, in
+//!                                      a mount namespace of its own (root)
 //!   stacyvm-agent guest                as /init of a microVM's initramfs: mount,
 //!                                      load modules, serve on the virtio-serial
 //!                                      port (also when run as PID 1 with no
@@ -46,7 +50,7 @@ use std::process::ExitCode;
 
 use stacyvm_sandbox::{BootSpec, Booted};
 
-const USAGE: &str = "usage: stacyvm-agent boot --spec FILE | serve (--socket PATH | --listen-fd 3) [--token-file FILE] [--pool-host] | proot --spec FILE | relay --socket PATH | guest | version";
+const USAGE: &str = "usage: stacyvm-agent boot --spec FILE | serve (--socket PATH | --listen-fd 3) [--token-file FILE] [--pool-host] | proot --spec FILE | relay --socket PATH | flatten --out DIR LAYER... | guest | version";
 
 /// Reads the handshake token from `path` and removes the file, so nothing
 /// started later in the sandbox can read it.
@@ -162,6 +166,20 @@ fn main() -> ExitCode {
             }
         }
         ["relay", "--socket", path] => relay(path),
+        ["flatten", "--out", out, layers @ ..] => {
+            let layers: Vec<std::path::PathBuf> =
+                layers.iter().map(std::path::PathBuf::from).collect();
+            match stacyvm_sandbox::flatten::flatten(std::path::Path::new(out), &layers) {
+                Ok(c) => {
+                    println!("{} entries, {} bytes", c.entries, c.data);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("stacyvm-agent: flattening into {out}: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         ["guest"] => guest::run(),
         ["version"] | ["--version"] => {
             println!(

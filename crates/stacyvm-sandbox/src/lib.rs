@@ -10,6 +10,7 @@
 
 pub mod archive;
 pub mod cgroup;
+pub mod flatten;
 pub mod ifconfig;
 mod mounts;
 pub mod pool;

@@ -114,6 +114,7 @@ impl Env {
         let mut v = vec![
             ("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0"),
             ("STACYVM_PROVIDERS_NATIVE_EGRESS_ALLOW", self.allow.as_str()),
+            ("STACYVM_PROVIDERS_PROOT_ENABLED", "true"),
         ];
         if self.docker {
             v.push(("STACYVM_PROVIDERS_DOCKER_ENABLED", "true"));
@@ -306,6 +307,19 @@ async fn native_builds_install_packages_spawn_and_reuse_their_layer() {
     let out = api.exec(again_id, "jq --version").await;
     assert_eq!(out["exit_code"], 0, "{out}");
     api.delete(&format!("/sandboxes/{again_id}")).await;
+    // PRoot runs the built image too, from a flattened copy.
+    let sb = api
+        .spawn(json!({ "image": image, "provider": "proot" }))
+        .await;
+    let pid = sb["id"].as_str().expect("id");
+    let out = api
+        .exec(
+            pid,
+            "jq -n '{a: 1}' -c; python3 -c 'import six; print(six.__name__)'",
+        )
+        .await;
+    assert_eq!(out["stdout"], "{\"a\":1}\nsix\n", "{out}");
+    api.delete(&format!("/sandboxes/{pid}")).await;
 
     // The same spec again: the layer is found by its cache key.
     let (s, b) = api

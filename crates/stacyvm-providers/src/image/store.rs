@@ -57,7 +57,26 @@ impl ImageStore {
             lock: std::sync::Mutex::new(()),
         };
         store.ensure_skeleton()?;
+        store.drop_stale_flattening();
         Ok(store)
+    }
+
+    /// Removes half-made flattened copies whose server is gone
+    /// (`flat/<id>.tmp-<pid>-<n>`).
+    fn drop_stale_flattening(&self) {
+        let Ok(rd) = std::fs::read_dir(self.root.join("flat")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some((_, rest)) = name.split_once(".tmp-") else {
+                continue;
+            };
+            let pid = rest.split('-').next().unwrap_or_default();
+            if pid.is_empty() || !Path::new("/proc").join(pid).exists() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
     }
 
     fn ensure_skeleton(&self) -> Result<()> {
@@ -223,6 +242,11 @@ impl ImageStore {
         self.save(&list)?;
         let dir = self.rootfs_dir().join(rec.id.trim_start_matches("sha256:"));
         let _ = std::fs::remove_dir_all(dir);
+        let _ = std::fs::remove_dir_all(
+            self.root
+                .join("flat")
+                .join(rec.id.trim_start_matches("sha256:")),
+        );
         Ok(rec)
     }
 
@@ -260,16 +284,57 @@ impl ImageStore {
     }
 
     /// The one rootfs dir of an image, for providers that run single-layer
-    /// images (microVM disks, PRoot): a built image (a layer over its
-    /// base, with overlay whiteouts) is refused with the reason.
-    pub fn single_dir(&self, rec: &ImageRecord, provider: &str) -> Result<PathBuf> {
-        if rec.parent.is_some() {
+    /// images (microVM disks, PRoot). A built image (a layer over its
+    /// base, with overlay whiteouts) is flattened once, by `agent flatten`
+    /// in a mount namespace of its own, into `flat/<id>/rootfs`; that
+    /// takes root, and without it the image is refused with the reason.
+    pub fn single_dir(&self, rec: &ImageRecord, provider: &str, agent: &Path) -> Result<PathBuf> {
+        if rec.parent.is_none() {
+            return Ok(self.rootfs_of(rec));
+        }
+        let name = rec.names.first().cloned().unwrap_or_else(|| rec.id.clone());
+        let hex = rec.id.trim_start_matches("sha256:");
+        let flat = self.root.join("flat");
+        let done = flat.join(hex);
+        if done.join("rootfs").is_dir() {
+            return Ok(done.join("rootfs"));
+        }
+        if !nix::unistd::geteuid().is_root() {
             return Err(Error::invalid(format!(
-                "image {} is an environment build layered over its base; the {provider} provider runs single-layer images (spawn it on native, or build the environment for docker)",
-                rec.names.first().cloned().unwrap_or_else(|| rec.id.clone())
+                "image {name} is an environment build layered over its base; the {provider} provider runs it flattened, which takes a server running as root (spawn it on native instead)"
             )));
         }
-        Ok(self.rootfs_of(rec))
+        let layers = self.chain(rec)?;
+        // Spawns flattening the same image at once each copy on their own.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let seq = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = flat.join(format!("{hex}.tmp-{}-{seq}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp)
+            .map_err(|e| Error::internal("making the flattened image's dir").with_source(e))?;
+        let out = std::process::Command::new(agent)
+            .arg("flatten")
+            .arg("--out")
+            .arg(tmp.join("rootfs"))
+            .args(&layers)
+            .output()
+            .map_err(|e| Error::internal("running stacyvm-agent flatten").with_source(e))?;
+        if !out.status.success() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(Error::internal(format!(
+                "flattening image {name} for {provider}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        // Another spawn may have flattened it meanwhile: the first wins.
+        if std::fs::rename(&tmp, &done).is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        if done.join("rootfs").is_dir() {
+            Ok(done.join("rootfs"))
+        } else {
+            Err(Error::internal(format!("image {name}: no flattened copy")))
+        }
     }
 
     /// An image built from `build_key` on `parent` (an image id).

@@ -427,7 +427,9 @@ impl FirecrackerProvider {
             .find(image)
             .ok_or_else(|| Error::invalid(format!("image {image:?} disappeared")))?;
         let key = rec.id.trim_start_matches("sha256:").to_string();
-        let dir = self.images.single_dir(&rec, "firecracker")?;
+        let dir = self
+            .images
+            .single_dir(&rec, "firecracker", &self.opts.agent_path)?;
         Ok((image.to_string(), key, dir))
     }
 

@@ -190,6 +190,50 @@ async fn the_guest_clock_catches_up_after_a_pause() {
     p.destroy(&id).await.expect("destroy");
 }
 
+/// An environment build's image (a layer over its base, with a whiteout)
+/// boots: the provider runs a flattened copy, made once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_built_layered_image_boots_flattened() {
+    let fx = fixture();
+    let p = fx.make();
+    let images = p.images();
+    let base = images.find(BUSYBOX_TAG).expect("base");
+    let layer_id = format!("sha256:{}", "c7".repeat(32));
+    let layer = images.rootfs_dir().join("c7".repeat(32));
+    std::fs::create_dir_all(layer.join("srv")).expect("layer");
+    std::fs::write(layer.join("srv/built"), "from the build\n").expect("file");
+    std::fs::create_dir_all(layer.join("bin")).expect("bin");
+    nix::sys::stat::mknod(
+        &layer.join("bin/vi"),
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::empty(),
+        0,
+    )
+    .expect("whiteout");
+    images
+        .record(crate::image::store::ImageRecord {
+            id: layer_id,
+            names: vec!["local/stacyvm-env:layered-1".into()],
+            layers: 1,
+            size_bytes: 16,
+            imported_at: String::new(),
+            source: "test".into(),
+            parent: Some(base.id.clone()),
+            build_key: Some("test".into()),
+        })
+        .expect("record");
+    let spec = conformance::spawn_spec("local/stacyvm-env:layered-1");
+    p.spawn(&spec).await.expect("spawn a layered image");
+    let r = sh(
+        &p,
+        &spec.id,
+        "cat /srv/built; test -e /bin/vi && echo vi || echo no-vi; echo ok | cat",
+    )
+    .await;
+    assert_eq!(r.stdout, "from the build\nno-vi\nok\n", "{r:?}");
+    p.destroy(&spec.id).await.expect("destroy");
+}
+
 /// Inside the guest: its own kernel (not the host's), none of the host's
 /// files or processes, no network but loopback, the sandbox's hostname,
 /// memory and vCPUs as asked, a clock that agrees with the host's, ptys.

@@ -167,6 +167,24 @@ mod tests {
         let upper = d.path().join("upper");
         std::fs::create_dir_all(upper.join("usr/bin")).expect("upper");
         std::fs::write(upper.join("usr/bin/tool"), b"#!/bin/sh\n").expect("file");
+        // The base has two files; the build removed one (an overlay
+        // whiteout) and replaced a directory (opaque).
+        let base_root = images.rootfs_of(&base);
+        std::fs::write(base_root.join("etc/keep"), b"k").expect("base file");
+        std::fs::write(base_root.join("etc/gone"), b"g").expect("base file");
+        std::fs::create_dir_all(base_root.join("opt/old")).expect("base dir");
+        std::fs::write(base_root.join("opt/old/a"), b"a").expect("base file");
+        std::fs::create_dir_all(upper.join("etc")).expect("upper etc");
+        nix::sys::stat::mknod(
+            &upper.join("etc/gone"),
+            nix::sys::stat::SFlag::S_IFCHR,
+            nix::sys::stat::Mode::empty(),
+            0,
+        )
+        .expect("whiteout (root)");
+        std::fs::create_dir_all(upper.join("opt/old")).expect("upper dir");
+        std::fs::write(upper.join("opt/old/b"), b"b").expect("upper file");
+        stacyvm_sandbox::treecopy::mark_opaque_dir(&upper.join("opt/old")).expect("opaque");
         let c = Commit {
             upper: &upper,
             shift: None,
@@ -201,11 +219,37 @@ mod tests {
         // providers refuse the build.
         let e = images.remove("debian:bookworm").expect_err("in use");
         assert!(e.to_string().contains("is the base of"), "{e}");
-        assert!(images.single_dir(&rec, "qemu").is_err());
-        assert!(images.single_dir(&base, "qemu").is_ok());
+        // Single-layer providers get a flattened copy, made once.
+        let agent = crate::agent::find_agent("").expect("stacyvm-agent built (cargo build --bins)");
+        assert_eq!(
+            images.single_dir(&base, "qemu", &agent).expect("base"),
+            images.rootfs_of(&base)
+        );
+        let flat = images.single_dir(&rec, "qemu", &agent).expect("flattened");
+        assert!(flat.join("usr/bin/tool").is_file());
+        assert_eq!(std::fs::read(flat.join("etc/keep")).expect("kept"), b"k");
+        assert!(
+            std::fs::symlink_metadata(flat.join("etc/gone")).is_err(),
+            "the whiteout removed the base's file"
+        );
+        assert!(flat.join("opt/old/b").is_file());
+        assert!(
+            !flat.join("opt/old/a").exists(),
+            "the opaque directory hid the base's contents"
+        );
+        assert!(
+            !stacyvm_sandbox::treecopy::is_opaque_dir(&flat.join("opt/old")),
+            "no overlay marker is left"
+        );
+        assert_eq!(
+            images.single_dir(&rec, "proot", &agent).expect("again"),
+            flat,
+            "the copy is made once"
+        );
         images
             .remove("local/stacyvm-env:web-2")
             .expect("remove build");
+        assert!(!flat.exists(), "the flattened copy goes with its image");
         images.remove("debian:bookworm").expect("remove base");
         // The host image cannot be built on.
         assert!(base_of(&images, "host").is_err());

@@ -467,15 +467,16 @@ impl ProotProvider {
                 host_dirs: binds.into_iter().map(|b| b.target).collect(),
             });
         }
-        if lower.len() > 1 {
-            if let Some(rec) = self.images.find(image) {
-                self.images.single_dir(&rec, "proot")?;
+        let dir = match self.images.find(image) {
+            Some(rec) if lower.len() > 1 => {
+                self.images
+                    .single_dir(&rec, "proot", &self.opts.agent_path)?
             }
-        }
-        let dir = lower
-            .first()
-            .map(PathBuf::from)
-            .ok_or_else(|| Error::internal(format!("image {image:?} has no layer")))?;
+            _ => lower
+                .first()
+                .map(PathBuf::from)
+                .ok_or_else(|| Error::internal(format!("image {image:?} has no layer")))?,
+        };
         Ok(Root {
             dir,
             etc: None,
