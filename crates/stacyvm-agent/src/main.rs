@@ -102,17 +102,12 @@ fn main() -> ExitCode {
             }
             let mut rest = rest;
             let mut pool_host = false;
+            let mut token_file = None;
             loop {
                 match rest {
                     [] => break,
                     ["--token-file", file, more @ ..] => {
-                        match take_token_file(file) {
-                            Ok(t) => server::set_token(t),
-                            Err(e) => {
-                                eprintln!("stacyvm-agent: {e}");
-                                return ExitCode::from(1);
-                            }
-                        }
+                        token_file = Some(*file);
                         rest = more;
                     }
                     ["--pool-host", more @ ..] if !under_proot => {
@@ -139,6 +134,17 @@ fn main() -> ExitCode {
                 if let Err(e) = started {
                     eprintln!("stacyvm-agent: starting the slot factory: {e}");
                     return ExitCode::from(1);
+                }
+            }
+            // Read after the factory is forked: neither it nor a slot ever
+            // holds the token.
+            if let Some(file) = token_file {
+                match take_token_file(file) {
+                    Ok(t) => server::set_token(t),
+                    Err(e) => {
+                        eprintln!("stacyvm-agent: {e}");
+                        return ExitCode::from(1);
+                    }
                 }
             }
             let listener = if *how == "--listen-fd" {

@@ -1776,18 +1776,26 @@ pub async fn pool_slots_are_confined(f: &dyn Fixture) {
     p.write_file(&rb, "/workspace/mine", b"b", 0o600)
         .await
         .expect("B writes its workspace");
-    // Nothing else of the shared runtime is B's to change.
+    // Nothing else of the shared runtime is B's to change: the image is
+    // read-only to it; its IPC namespace is its own.
     let r = sh(
         p.as_ref(),
         &rb,
         "touch /etc/planted 2>/dev/null && echo wrote-etc || echo denied; \
-         echo x > /tmp/b-was-here && echo tmp-ok",
+         echo x > /tmp/b-was-here && echo tmp-ok; \
+         awk '$5 == \"/\" { o = $6 } END { split(o, f, \",\"); print f[1] }' /proc/self/mountinfo; \
+         readlink /proc/self/ns/ipc",
     )
     .await;
-    assert_eq!(
-        r.stdout.lines().collect::<Vec<_>>(),
-        ["denied", "tmp-ok"],
-        "{r:?}"
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{r:?}");
+    assert_eq!(lines[..3], ["denied", "tmp-ok", "ro"], "{r:?}");
+    let a_ipc = sh(p.as_ref(), &ra, "readlink /proc/self/ns/ipc").await;
+    assert!(lines[3].starts_with("ipc:["), "{r:?}");
+    assert_ne!(
+        a_ipc.stdout.trim(),
+        lines[3],
+        "each slot has its own IPC namespace"
     );
     // B signals everything it may: A's process lives on.
     let _ = sh(p.as_ref(), &rb, "kill -9 -1 2>/dev/null; echo done").await;

@@ -421,7 +421,10 @@ fn open_slot(
             }
         }
     });
-    let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS;
+    // Its own System V IPC and POSIX message queues too: shared memory
+    // and queues outlive their creator and would pass to the next
+    // sandbox in the slot (same uid).
+    let mut flags = CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC;
     if private_network {
         flags |= CloneFlags::CLONE_NEWNET;
     }
@@ -514,11 +517,49 @@ fn confine(
         ),
     )?;
     crate::mounts::mask_proc(Path::new("/"))?;
+    if Path::new("/dev/mqueue").is_dir() {
+        sys(
+            "mount /dev/mqueue",
+            mount(
+                Some("mqueue"),
+                "/dev/mqueue",
+                Some("mqueue"),
+                flags | MsFlags::MS_NOEXEC,
+                NONE,
+            ),
+        )?;
+    }
+    // The image is read-only to a slot (its own mounts above stay
+    // writable): nothing it writes outside them outlives it or reaches
+    // another slot, even where an image gives files to ids of its range.
+    read_only_root()?;
     io(
         "chdir to the workspace",
         std::env::set_current_dir("/workspace"),
     )?;
     crate::security::lock_down_slot(uid, gid, policy)
+}
+
+/// Remounts `/` read-only in this mount namespace, keeping its other
+/// flags (a remount that dropped `nosuid` or `nodev` would be refused in a
+/// user namespace).
+fn read_only_root() -> Result<(), SetupError> {
+    use nix::sys::statvfs::FsFlags;
+    let st = sys("statvfs /", nix::sys::statvfs::statvfs("/"))?;
+    let mut flags = MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY;
+    for (f, m) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if st.flags().contains(f) {
+            flags |= m;
+        }
+    }
+    sys("remount / read-only", mount(NONE, "/", NONE, flags, NONE))
 }
 
 fn close_slot(id: &str, pid: Option<Pid>) -> Result<(), SetupError> {
@@ -539,27 +580,10 @@ fn close_slot(id: &str, pid: Option<Pid>) -> Result<(), SetupError> {
     }
 }
 
-/// Removes a slot's tree whatever modes its owner left on it.
+/// Removes a slot's tree whatever modes its owner left on it (the factory
+/// has CAP_DAC_OVERRIDE and CAP_FOWNER; nothing is ever chmod-ed or
+/// followed, and the slot's processes are gone by now).
 fn remove_tree(p: &Path) -> Result<(), SetupError> {
-    if std::fs::remove_dir_all(p).is_ok() {
-        return Ok(());
-    }
-    // Directories without write or search permission for their owner:
-    // open them up, then try again.
-    fn open_up(p: &Path) {
-        use std::os::unix::fs::PermissionsExt;
-        if let Ok(md) = std::fs::symlink_metadata(p) {
-            if md.is_dir() {
-                let _ = std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o700));
-                if let Ok(rd) = std::fs::read_dir(p) {
-                    for e in rd.flatten() {
-                        open_up(&e.path());
-                    }
-                }
-            }
-        }
-    }
-    open_up(p);
     io(
         format!("remove {}", p.display()),
         std::fs::remove_dir_all(p),

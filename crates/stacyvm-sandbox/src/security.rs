@@ -128,6 +128,12 @@ pub fn lock_down_slot(
     crate::sys("setresgid", nix::unistd::setresgid(g, g, g))?;
     let u = nix::unistd::Uid::from_raw(uid);
     crate::sys("setresuid", nix::unistd::setresuid(u, u, u))?;
+    // The credential change cleared the parent-death signal: the slot
+    // must still end with its factory.
+    crate::sys(
+        "parent death signal",
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL),
+    )?;
     // Every uid is non-zero now: the kernel cleared the permitted and
     // effective sets. Make sure.
     caps::clear(None, CapSet::Effective)

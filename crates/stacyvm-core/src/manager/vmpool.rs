@@ -196,7 +196,20 @@ impl Manager {
                     Some((host, n)) => Some(self.open_slot(&host, n, &p, req, caller).await),
                     None if (self.pool_hosts().len() as i64) < self.cfg.pool.max_vms => {
                         Some(match self.spawn_host(&key, &p, caller).await {
-                            Ok(host) => self.open_slot(&host, 0, &p, req, caller).await,
+                            Ok(host) => {
+                                let opened = self.open_slot(&host, 0, &p, req, caller).await;
+                                if opened.is_err() {
+                                    // A host nobody got into goes at once.
+                                    let system = Caller {
+                                        actor: "system:pool".into(),
+                                        ..Caller::default()
+                                    };
+                                    if let Err(e) = self.destroy_record(&host, &system).await {
+                                        warn!(host = %host.id, error = %e, "removing a pool host whose first slot failed");
+                                    }
+                                }
+                                opened
+                            }
                             Err(e) => Err(e),
                         })
                     }

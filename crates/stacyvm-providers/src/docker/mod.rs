@@ -1403,7 +1403,11 @@ impl DockerProvider {
         let d = self.engine().await?;
         let dir = self.make_dir(&spec.id)?;
         let token = new_token(&dir)?;
-        let user = if self.opts.config.user.is_empty() {
+        // A pool host's agent runs as root (see create_container): its run
+        // dir is root's.
+        let user = if is_pool_host(spec) {
+            "0:0".to_string()
+        } else if self.opts.config.user.is_empty() {
             image_user
         } else {
             self.opts.config.user.clone()
