@@ -220,15 +220,7 @@ impl Manager {
                 break r;
             }
             if !queue {
-                self.events.publish(
-                    kind::RESOURCE_LIMIT,
-                    "",
-                    events::data([
-                        ("operation", json!("spawn")),
-                        ("owner_id", json!(p.owner)),
-                        ("reason", json!("pool")),
-                    ]),
-                );
+                self.pool_event(kind::RESOURCE_LIMIT, p.owner);
                 break Err(Error::limit(format!(
                     "vm pool at capacity: {} pool hosts with {} sandboxes each (pool.max_vms, pool.max_users_per_vm)",
                     self.cfg.pool.max_vms, max_users
@@ -237,26 +229,10 @@ impl Manager {
             if queued_at.is_none() {
                 queued_at = Some(Instant::now());
                 self.vmpool.queued.fetch_add(1, Ordering::SeqCst);
-                self.events.publish(
-                    kind::SPAWN_QUEUED,
-                    "",
-                    events::data([
-                        ("operation", json!("spawn")),
-                        ("owner_id", json!(p.owner)),
-                        ("reason", json!("pool")),
-                    ]),
-                );
+                self.pool_event(kind::SPAWN_QUEUED, p.owner);
             }
             if tokio::time::timeout_at(deadline, freed).await.is_err() {
-                self.events.publish(
-                    kind::SPAWN_QUEUE_TIMEOUT,
-                    "",
-                    events::data([
-                        ("operation", json!("spawn")),
-                        ("owner_id", json!(p.owner)),
-                        ("reason", json!("pool")),
-                    ]),
-                );
+                self.pool_event(kind::SPAWN_QUEUE_TIMEOUT, p.owner);
                 break Err(Error::limit(format!(
                     "vm pool at capacity: no slot came free within {}",
                     GoDuration::from_std(self.cfg.defaults.spawn_queue_timeout.std())
@@ -267,6 +243,19 @@ impl Manager {
             self.vmpool.queued.fetch_sub(1, Ordering::SeqCst);
         }
         result
+    }
+
+    /// A spawn event of pool placement (limit, queued, queue timeout).
+    fn pool_event(&self, kind: &str, owner: &str) {
+        self.events.publish(
+            kind,
+            "",
+            events::data([
+                ("operation", json!("spawn")),
+                ("owner_id", json!(owner)),
+                ("reason", json!("pool")),
+            ]),
+        );
     }
 
     /// The fullest host of `key` with a free slot, and that slot's number

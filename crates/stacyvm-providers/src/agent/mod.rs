@@ -16,12 +16,29 @@ pub use client::AgentClient;
 pub use conns::Connections;
 pub use session::AgentSession;
 
-/// A pool-slot request to a pool host's agent.
-pub async fn slot_call(
+/// Starts slot `slot` in the pool host whose agent `c` is.
+pub async fn slot_open(
     c: &AgentClient,
-    req: &stacyvm_agent_proto::Request,
-) -> stacyvm_core::Result<serde_json::Value> {
-    c.call(req).await
+    slot: &str,
+    spec: &stacyvm_core::provider::SlotSpec,
+) -> stacyvm_core::Result<()> {
+    c.call(&stacyvm_agent_proto::Request::SlotOpen {
+        id: slot.to_string(),
+        uid: spec.uid,
+        gid: spec.uid,
+        private_network: spec.private_network,
+    })
+    .await
+    .map(|_| ())
+}
+
+/// Ends slot `slot` of the pool host whose agent `c` is.
+pub async fn slot_close(c: &AgentClient, slot: &str) -> stacyvm_core::Result<()> {
+    c.call(&stacyvm_agent_proto::Request::SlotClose {
+        id: slot.to_string(),
+    })
+    .await
+    .map(|_| ())
 }
 
 /// The slots alive in a pool host, from its agent.

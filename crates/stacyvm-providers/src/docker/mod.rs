@@ -2030,17 +2030,7 @@ impl Provider for DockerProvider {
         spec: &stacyvm_core::provider::SlotSpec,
     ) -> Result<()> {
         let c = self.conn(host).await?;
-        crate::agent::slot_call(
-            c.client(),
-            &stacyvm_agent_proto::Request::SlotOpen {
-                id: slot.to_string(),
-                uid: spec.uid,
-                gid: spec.uid,
-                private_network: spec.private_network,
-            },
-        )
-        .await
-        .map(|_| ())
+        crate::agent::slot_open(c.client(), slot, spec).await
     }
 
     async fn slot_close(&self, host: &str, slot: &str) -> Result<()> {
@@ -2053,14 +2043,7 @@ impl Provider for DockerProvider {
         if let Ok(mut conns) = self.conns.lock() {
             conns.remove(&stacyvm_core::provider::slot_runtime_id(host, slot));
         }
-        crate::agent::slot_call(
-            c.client(),
-            &stacyvm_agent_proto::Request::SlotClose {
-                id: slot.to_string(),
-            },
-        )
-        .await
-        .map(|_| ())
+        crate::agent::slot_close(c.client(), slot).await
     }
 
     async fn slots(&self, host: &str) -> Result<Vec<String>> {

@@ -1385,17 +1385,7 @@ impl Provider for NativeProvider {
         slot: &str,
         spec: &stacyvm_core::provider::SlotSpec,
     ) -> Result<()> {
-        crate::agent::slot_call(
-            &*self.client(host).await?,
-            &stacyvm_agent_proto::Request::SlotOpen {
-                id: slot.to_string(),
-                uid: spec.uid,
-                gid: spec.uid,
-                private_network: spec.private_network,
-            },
-        )
-        .await
-        .map(|_| ())
+        crate::agent::slot_open(&*self.client(host).await?, slot, spec).await
     }
 
     async fn slot_close(&self, host: &str, slot: &str) -> Result<()> {
@@ -1406,14 +1396,7 @@ impl Provider for NativeProvider {
             Err(e) => return Err(e),
         };
         self.forget_client(&stacyvm_core::provider::slot_runtime_id(host, slot));
-        crate::agent::slot_call(
-            &c,
-            &stacyvm_agent_proto::Request::SlotClose {
-                id: slot.to_string(),
-            },
-        )
-        .await
-        .map(|_| ())
+        crate::agent::slot_close(&c, slot).await
     }
 
     async fn slots(&self, host: &str) -> Result<Vec<String>> {
