@@ -198,6 +198,10 @@ pub struct PreviewConfig {
     pub max_token_ttl: String,
     /// Ports a sandbox may expose at once.
     pub max_ports_per_sandbox: u16,
+    /// Carry connections to public ports (Host form, plain HTTP) as
+    /// tunnels spliced in the kernel after their first request, instead
+    /// of proxying each request (docs/preview.md).
+    pub tunnel: bool,
 }
 
 impl Default for PreviewConfig {
@@ -210,6 +214,7 @@ impl Default for PreviewConfig {
             default_token_ttl: "24h".into(),
             max_token_ttl: "720h".into(),
             max_ports_per_sandbox: 16,
+            tunnel: true,
         }
     }
 }

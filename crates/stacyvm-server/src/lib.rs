@@ -205,6 +205,7 @@ pub async fn serve(
     }
 
     let header_timeout = state.cfg.server.header_read_timeout.std();
+    let tunnels = (state.cfg.preview.enabled && state.cfg.preview.tunnel).then(|| state.clone());
     let max = state.cfg.server.max_connections as usize;
     let mcp_shutdown = state.mcp_shutdown.clone();
     let app = router(state);
@@ -250,13 +251,23 @@ pub async fn serve(
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout);
         }
-        let conn = builder
-            .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let watcher = graceful.watcher();
+        let tunnels = tunnels.clone();
         tokio::spawn(async move {
             let _counted = counted;
-            let _ = conn.await;
+            // A public preview's connection may become a tunnel
+            // (preview/tunnel.rs); everything else is HTTP.
+            let tcp = match tunnels {
+                Some(st) => match preview::tunnel::offer(&st, tcp, peer, header_timeout).await {
+                    preview::tunnel::Offer::Taken => return,
+                    preview::tunnel::Offer::Http(tcp) => tcp,
+                },
+                None => tcp,
+            };
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(tcp), svc)
+                .into_owned();
+            let _ = watcher.watch(conn).await;
         });
     }
     drop(listener);

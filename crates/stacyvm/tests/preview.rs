@@ -18,7 +18,12 @@ const APP_PORT: u16 = 8000;
 
 /// Spawns a sandbox running the test app on [`APP_PORT`].
 async fn sandbox_with_app(api: &common::Api) -> String {
-    let (s, sb) = api.post("/sandboxes", json!({})).await;
+    app_in(api, json!({})).await
+}
+
+/// Spawns a sandbox with `spawn` as its request, running the test app.
+async fn app_in(api: &common::Api, spawn: serde_json::Value) -> String {
+    let (s, sb) = api.post("/sandboxes", spawn).await;
     assert_eq!(s, 201, "{sb}");
     let id = sb["id"].as_str().expect("id").to_string();
     let (s, v) = api
@@ -517,4 +522,230 @@ async fn guessing_ids_and_tokens_spends_the_failed_auth_budget() {
         .await
         .expect("get");
     assert_eq!(r.status().as_u16(), 429);
+}
+
+/// One HTTP/1.1 keep-alive connection, by hand: the tunnel is per
+/// connection, so the test must see which connection carried what.
+struct RawConn {
+    tcp: tokio::net::TcpStream,
+    host: String,
+}
+
+impl RawConn {
+    async fn open(api: &common::Api, host: &str) -> RawConn {
+        let tcp = tokio::net::TcpStream::connect(api.addr())
+            .await
+            .expect("connect");
+        RawConn {
+            tcp,
+            host: format!("{host}:{}", api.addr().port()),
+        }
+    }
+
+    /// GET `path` on this connection: the status and body, or why the
+    /// connection could not carry it.
+    async fn get(&mut self, path: &str) -> Result<(u16, String), String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let req = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.host);
+        self.tcp
+            .write_all(req.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        let read = async {
+            loop {
+                if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    let status: u16 = head
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|s| s.parse().ok())
+                        .ok_or_else(|| format!("bad status line: {head}"))?;
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .ok_or_else(|| format!("no content-length: {head}"))?;
+                    while buf.len() < end + 4 + len {
+                        let n = self.tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+                        if n == 0 {
+                            return Err("closed in the body".to_string());
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + len]).to_string();
+                    return Ok((status, body));
+                }
+                let n = self.tcp.read(&mut chunk).await.map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("closed".to_string());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read)
+            .await
+            .map_err(|_| "no answer in 10 s".to_string())?
+    }
+}
+
+/// Connections opened as tunnels so far (the `preview_tunnel` operation).
+async fn tunnels(api: &common::Api) -> u64 {
+    let (s, v) = api.get("/metrics").await;
+    assert_eq!(s, 200, "{v}");
+    let ops = v["operations"].as_array().expect("operations");
+    ops.iter()
+        .find(|o| o["operation"] == "preview_tunnel")
+        .map_or(0, |o| o["success_total"].as_u64().expect("success_total"))
+}
+
+/// Waits until `conn` can no longer carry a request (the tunnel closed).
+async fn closes(conn: &mut RawConn, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match conn.get("/still-open").await {
+            Err(_) => return,
+            Ok((s, body)) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the tunnel still carried requests 5 s after {what}: {s} {body}"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_ports_ride_a_tunnel_that_closes_when_access_ends() {
+    let dir = tempfile::tempdir().expect("dir");
+    let server = serve(dir.path());
+    let api = common::Api::new(&server);
+    let id = sandbox_with_app(&api).await;
+    let host = format!("{APP_PORT}-{id}.preview.test");
+    let expose = |mode: &'static str| {
+        let api = &api;
+        let id = id.clone();
+        async move {
+            let (s, v) = api
+                .post(
+                    &format!("/sandboxes/{id}/ports/{APP_PORT}"),
+                    json!({ "mode": mode }),
+                )
+                .await;
+            assert_eq!(s, 200, "{v}");
+        }
+    };
+    expose("public").await;
+    let before = tunnels(&api).await;
+
+    // Two requests on one connection: the first opens a tunnel (the
+    // forwarding headers are on it), the second rides it.
+    let mut conn = RawConn::open(&api, &host).await;
+    let (s, body) = conn.get("/one?x=1").await.expect("first request");
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("path=/one?x=1"), "{body}");
+    assert!(body.contains("xff=127.0.0.1"), "{body}");
+    assert!(body.contains("proto=http"), "{body}");
+    assert!(body.contains(&format!("host={}", conn.host)), "{body}");
+    let (s, body) = conn.get("/two").await.expect("second request");
+    assert_eq!(s, 200, "{body}");
+    assert!(body.contains("path=/two"), "{body}");
+    assert_eq!(tunnels(&api).await, before + 1, "one tunnel, two requests");
+
+    // Token mode: the open tunnel closes, a new connection needs a token
+    // (and the per-request proxy keeps it from the app).
+    expose("token").await;
+    closes(&mut conn, "the port went to token mode").await;
+    let mut conn = RawConn::open(&api, &host).await;
+    let (s, _) = conn.get("/").await.expect("refusal");
+    assert_eq!(s, 401);
+
+    // Pausing closes tunnels; the next request wakes the sandbox.
+    expose("public").await;
+    let mut conn = RawConn::open(&api, &host).await;
+    assert_eq!(conn.get("/").await.expect("get").0, 200);
+    let (s, v) = api.post(&format!("/sandboxes/{id}/pause"), json!({})).await;
+    assert_eq!(s, 200, "{v}");
+    closes(&mut conn, "the sandbox was paused").await;
+    assert_eq!(api.state(&id).await, "paused");
+    let mut conn = RawConn::open(&api, &host).await;
+    assert_eq!(conn.get("/").await.expect("get").0, 200);
+    assert_eq!(api.state(&id).await, "running", "preview traffic resumes");
+
+    // Unexposing closes it too, and the port is gone for new connections.
+    let (s, v) = api
+        .delete(&format!("/sandboxes/{id}/ports/{APP_PORT}"))
+        .await;
+    assert_eq!(s, 200, "{v}");
+    closes(&mut conn, "the port was unexposed").await;
+    let mut conn = RawConn::open(&api, &host).await;
+    assert_eq!(conn.get("/").await.expect("get").0, 404);
+
+    // And so does destroying the sandbox.
+    expose("public").await;
+    let mut conn = RawConn::open(&api, &host).await;
+    assert_eq!(conn.get("/").await.expect("get").0, 200);
+    let (s, _) = api.delete(&format!("/sandboxes/{id}")).await;
+    assert_eq!(s, 200);
+    closes(&mut conn, "the sandbox was destroyed").await;
+    assert!(tunnels(&api).await >= before + 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnel_traffic_and_open_websockets_keep_a_sandbox_from_idling() {
+    let dir = tempfile::tempdir().expect("dir");
+    let server = serve(dir.path());
+    let api = common::Api::new(&server);
+    let id = app_in(&api, json!({"ttl": "10m", "idle_timeout": "3s"})).await;
+    let (s, v) = api
+        .post(
+            &format!("/sandboxes/{id}/ports/{APP_PORT}"),
+            json!({"mode": "public"}),
+        )
+        .await;
+    assert_eq!(s, 200, "{v}");
+    let host = format!("{APP_PORT}-{id}.preview.test");
+    let prune = || async {
+        let (s, v) = api.delete("/sandboxes").await;
+        assert_eq!(s, 200, "{v}");
+    };
+
+    // Requests on one tunnel, a second apart, for twice the timeout.
+    let mut conn = RawConn::open(&api, &host).await;
+    for _ in 0..6 {
+        assert_eq!(conn.get("/").await.expect("get").0, 200);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        prune().await;
+        assert_eq!(
+            api.state(&id).await,
+            "running",
+            "tunnel traffic is activity"
+        );
+    }
+    drop(conn);
+
+    // A silent WebSocket holds it busy while open.
+    let tcp = tokio::net::TcpStream::connect(api.addr())
+        .await
+        .expect("tcp");
+    let port = api.addr().port();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{host}:{port}/ws"), tcp)
+        .await
+        .expect("websocket through the tunnel");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    prune().await;
+    assert_eq!(api.state(&id).await, "running", "an open WebSocket is busy");
+    ws.send(Message::text("still here")).await.expect("send");
+    let got = ws.next().await.expect("reply").expect("frame");
+    assert_eq!(got.into_text().expect("text").as_str(), "still here");
+    ws.close(None).await.expect("close");
+    drop(ws);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    prune().await;
+    assert_eq!(api.state(&id).await, "404", "idle once everything closed");
 }

@@ -37,6 +37,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::AppState;
 
+pub mod tunnel;
+
 /// Header a client may carry its preview token in.
 pub const TOKEN_HEADER: &str = "x-stacyvm-preview-token";
 /// Query parameter a link may carry its preview token in.
