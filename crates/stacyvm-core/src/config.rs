@@ -199,8 +199,8 @@ pub struct PreviewConfig {
     /// Ports a sandbox may expose at once.
     pub max_ports_per_sandbox: u16,
     /// Carry connections to public ports (Host form, plain HTTP) as
-    /// tunnels spliced in the kernel after their first request, instead
-    /// of proxying each request (docs/preview.md).
+    /// tunnels after their first request (bytes copied, not parsed),
+    /// instead of proxying each request (docs/preview.md).
     pub tunnel: bool,
 }
 

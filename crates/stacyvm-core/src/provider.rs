@@ -576,16 +576,8 @@ pub struct ArchiveReport {
 }
 
 /// A byte stream to a port inside a sandbox (see [`Provider::connect`]).
-pub trait PortIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {
-    /// The stream as `Any`, so a caller can find a real socket under it
-    /// (the preview tunnel splices `tokio::net::TcpStream`s).
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
-}
-impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> PortIo for T {
-    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
-        self
-    }
-}
+pub trait PortIo: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> PortIo for T {}
 /// A boxed [`PortIo`].
 pub type PortStream = Box<dyn PortIo>;
 
