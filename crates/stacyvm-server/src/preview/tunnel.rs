@@ -349,7 +349,7 @@ mod tests {
     use super::*;
 
     fn peer() -> SocketAddr {
-        "192.0.2.7:5555".parse().unwrap()
+        "192.0.2.7:5555".parse().expect("test")
     }
     fn doms() -> Vec<String> {
         vec!["localhost".into()]
@@ -368,7 +368,7 @@ mod tests {
         assert_eq!(h.target.port, 8080);
         assert_eq!(h.len, bytes.len());
         assert!(!h.upgrade);
-        let up = String::from_utf8(h.upstream).unwrap();
+        let up = String::from_utf8(h.upstream).expect("test");
         assert!(up.starts_with("GET /x?a=1 HTTP/1.1\r\n"), "{up}");
         assert!(up.contains("Connection: keep-alive\r\n"), "{up}");
         assert!(up.contains("x-forwarded-for: 192.0.2.7\r\n"), "{up}");
@@ -385,7 +385,7 @@ mod tests {
         let mut hs = [httparse::EMPTY_HEADER; 16];
         let mut req = httparse::Request::new(&mut hs);
         assert_eq!(
-            req.parse(up.as_bytes()).unwrap(),
+            req.parse(up.as_bytes()).expect("test"),
             httparse::Status::Complete(up.len())
         );
     }
@@ -396,7 +396,7 @@ mod tests {
         let h = parse(&bytes, &doms(), None, &peer(), "http").expect("carried");
         assert!(h.upgrade);
         assert!(String::from_utf8(h.upstream)
-            .unwrap()
+            .expect("test")
             .contains("Upgrade: websocket\r\n"));
     }
 
@@ -461,13 +461,13 @@ mod tests {
     /// client <-> [a  relay  b] <-> app, on loopback.
     async fn pair() -> ((TcpStream, TcpStream), (TcpStream, TcpStream)) {
         use tokio::net::TcpListener;
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").await.expect("test");
+        let addr = l.local_addr().expect("test");
         let (client, a) = tokio::join!(TcpStream::connect(addr), l.accept());
         let (app, b) = tokio::join!(TcpStream::connect(addr), l.accept());
         (
-            (client.unwrap(), a.unwrap().0),
-            (b.unwrap().0, app.unwrap()),
+            (client.expect("test"), a.expect("test").0),
+            (b.expect("test").0, app.expect("test")),
         )
     }
 
@@ -480,36 +480,36 @@ mod tests {
         let big: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
         let sent = big.clone();
         let writer = tokio::spawn(async move {
-            client.write_all(&sent).await.unwrap();
-            client.shutdown().await.unwrap();
+            client.write_all(&sent).await.expect("test");
+            client.shutdown().await.expect("test");
             let mut back = Vec::new();
-            client.read_to_end(&mut back).await.unwrap();
+            client.read_to_end(&mut back).await.expect("test");
             back
         });
         let mut got = Vec::new();
-        app.read_to_end(&mut got).await.unwrap();
+        app.read_to_end(&mut got).await.expect("test");
         assert_eq!(got.len(), big.len());
         assert!(got == big, "bytes arrive in order");
         app.write_all(b"reply after the client's half-close")
             .await
-            .unwrap();
-        app.shutdown().await.unwrap();
+            .expect("test");
+        app.shutdown().await.expect("test");
         assert_eq!(
-            writer.await.unwrap(),
+            writer.await.expect("test"),
             b"reply after the client's half-close"
         );
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
-            .unwrap()
-            .unwrap();
+            .expect("test")
+            .expect("test");
         assert_eq!(moved.load(Ordering::Relaxed), big.len() as u64 + 35);
 
         // Closing a tunnel (dropping its relay) ends both connections.
         let ((mut client, a), (b, mut app)) = pair().await;
         let task = tokio::spawn(relay(a, Box::new(b), Arc::new(AtomicU64::new(0))));
-        client.write_all(b"ping").await.unwrap();
+        client.write_all(b"ping").await.expect("test");
         let mut four = [0u8; 4];
-        app.read_exact(&mut four).await.unwrap();
+        app.read_exact(&mut four).await.expect("test");
         task.abort();
         let mut rest = Vec::new();
         let ends = tokio::time::timeout(Duration::from_secs(5), async {
