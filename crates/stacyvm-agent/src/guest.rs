@@ -25,6 +25,7 @@
 
 use std::ffi::CString;
 use std::fs::File;
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,6 +73,13 @@ pub fn run() -> ExitCode {
     if let Err(e) = mount_runtime_dirs() {
         eprintln!("stacyvm-agent: guest setup failed: {e}");
         power_off();
+    }
+    if let Some(list) = cmdline_value(&cmdline, "stacyvm.volumes") {
+        if let Err(e) = mount_volumes(list) {
+            // The spawn fails (no agent answers) with this on the console.
+            eprintln!("stacyvm-agent: guest volumes: {e}");
+            power_off();
+        }
     }
     if let Err(e) = crate::guestnet::loopback_up() {
         eprintln!("stacyvm-agent: bringing lo up: {e}");
@@ -276,6 +284,88 @@ fn mount_runtime_dirs() -> Result<(), String> {
     std::fs::create_dir_all("/workspace").map_err(|e| format!("creating /workspace: {e}"))
 }
 
+/// One volume disk of `stacyvm.volumes=`: `index:rw|ro:hexpath`.
+#[derive(Debug, PartialEq, Eq)]
+struct VolumeDisk {
+    serial: String,
+    read_only: bool,
+    target: PathBuf,
+}
+
+fn parse_volumes(list: &str) -> Result<Vec<VolumeDisk>, String> {
+    list.split(',')
+        .map(|item| {
+            let mut f = item.split(':');
+            let (Some(i), Some(mode), Some(path), None) = (f.next(), f.next(), f.next(), f.next())
+            else {
+                return Err(format!("bad volume entry {item:?}"));
+            };
+            let i: usize = i.parse().map_err(|_| format!("bad volume index {i:?}"))?;
+            let read_only = match mode {
+                "ro" => true,
+                "rw" => false,
+                m => return Err(format!("bad volume mode {m:?}")),
+            };
+            let path = hex::decode(path).map_err(|_| format!("bad volume path {path:?}"))?;
+            let path = PathBuf::from(std::ffi::OsString::from_vec(path));
+            if !path.is_absolute()
+                || path
+                    .components()
+                    .any(|c| c == std::path::Component::ParentDir)
+            {
+                return Err(format!("bad volume path {}", path.display()));
+            }
+            Ok(VolumeDisk {
+                serial: format!("stacyvm_vol{i}"),
+                read_only,
+                target: path,
+            })
+        })
+        .collect()
+}
+
+/// The `/dev` node of the virtio disk whose serial is `serial`.
+fn disk_by_serial(serial: &str) -> Option<PathBuf> {
+    let dir = std::fs::read_dir("/sys/block").ok()?;
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if !name.starts_with("vd") {
+            continue;
+        }
+        let s = std::fs::read_to_string(e.path().join("serial")).unwrap_or_default();
+        if s.trim_end_matches(['\0', '\n']) == serial {
+            return Some(Path::new("/dev").join(name));
+        }
+    }
+    None
+}
+
+/// Mounts each volume disk (ext4, its file system made by the host) at
+/// its path: `nosuid,nodev`, read-only when asked.
+fn mount_volumes(list: &str) -> Result<(), String> {
+    for v in parse_volumes(list)? {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let dev = loop {
+            if let Some(d) = disk_by_serial(&v.serial) {
+                break d;
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no disk with serial {} appeared", v.serial));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        std::fs::create_dir_all(&v.target)
+            .map_err(|e| format!("creating {}: {e}", v.target.display()))?;
+        let mut flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOATIME;
+        if v.read_only {
+            flags |= MsFlags::MS_RDONLY;
+        }
+        mount(Some(&dev), &v.target, Some("ext4"), flags, None::<&str>)
+            .map_err(|e| format!("mounting {} on {}: {e}", dev.display(), v.target.display()))?;
+    }
+    Ok(())
+}
+
 /// Sets the wall clock (see `Request::SetClock`).
 pub fn set_clock(unix_nanos: i64) -> Result<(), String> {
     let ts = nix::sys::time::TimeSpec::new(
@@ -412,6 +502,37 @@ fn serve_port(port: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn volume_lists_are_parsed_and_checked() {
+        let v = parse_volumes("0:rw:2f64617461,1:ro:2f6f70742f782079").expect("parsed");
+        assert_eq!(
+            v,
+            vec![
+                VolumeDisk {
+                    serial: "stacyvm_vol0".into(),
+                    read_only: false,
+                    target: "/data".into()
+                },
+                VolumeDisk {
+                    serial: "stacyvm_vol1".into(),
+                    read_only: true,
+                    target: "/opt/x y".into()
+                },
+            ]
+        );
+        for bad in [
+            "0:rw",
+            "0:rw:2f64:extra",
+            "x:rw:2f64",
+            "0:wr:2f64",
+            "0:rw:zz",
+            "0:rw:64617461",     // "data": not absolute
+            "0:rw:2f2e2e2f6574", // "/../et"
+        ] {
+            assert!(parse_volumes(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn cmdline_values() {

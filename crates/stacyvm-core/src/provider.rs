@@ -363,6 +363,10 @@ pub mod capability {
     pub const SANDBOX_SNAPSHOTS: &str = "sandbox_snapshots";
     /// Named volumes mounted at spawn (`SpawnSpec::volumes`).
     pub const VOLUMES: &str = "volumes";
+    /// Named volumes attached at spawn as block devices whose file system
+    /// the guest mounts (`VolumeBind::device`; microVMs). Such a sandbox
+    /// holds its volumes alone.
+    pub const BLOCK_VOLUMES: &str = "block_volumes";
     /// Directory watches ([`super::SandboxIo::watch_dir`]).
     pub const WATCH: &str = "watch";
     /// `pause`/`resume` freeze and thaw a sandbox (and `on_timeout: pause`).

@@ -35,6 +35,10 @@ pub struct Mounted {
     pub path: String,
     #[serde(default)]
     pub read_only: bool,
+    /// Attached as a block device (a microVM's guest mounts the volume's
+    /// file system itself): the sandbox holds the volume alone.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub device: bool,
 }
 
 /// A volume as a provider mounts it.
@@ -46,6 +50,9 @@ pub struct VolumeBind {
     /// Where it appears in the sandbox.
     pub target: String,
     pub read_only: bool,
+    /// `host_path` is the volume's image file, to attach as a block device
+    /// (microVMs); the host has unmounted it (see [`VolumeHost::lend`]).
+    pub device: bool,
 }
 
 /// The host side of volumes.
@@ -59,8 +66,21 @@ pub trait VolumeHost: Send + Sync + std::fmt::Debug {
     /// The host directory providers mount (the volume's file system,
     /// mounted if it is not).
     async fn path(&self, id: &str) -> Result<PathBuf>;
-    /// Bytes the volume's file system holds.
+    /// Bytes the volume's file system holds (while a microVM has it, what
+    /// it held when lent).
     async fn used_bytes(&self, id: &str) -> Result<u64>;
+    /// Unmounts volume `id` on the host and returns its image file, for a
+    /// microVM to attach as a block device: two kernels must never mount
+    /// one ext4 at once. Until [`VolumeHost::give_back`], and for as long
+    /// as any process holds the image open, the host will not mount it.
+    async fn lend(&self, id: &str) -> Result<PathBuf> {
+        Err(Error::unsupported(format!(
+            "volume {id}: this host cannot lend volumes as block devices"
+        )))
+    }
+    /// Ends a lending's spawn window (the VM holds the image open by now,
+    /// or failed to start); see [`VolumeHost::lend`].
+    fn give_back(&self, _id: &str) {}
     /// The volume's files as a tar stream.
     async fn export(&self, id: &str, limits: ArchiveLimits) -> Result<FileStream>;
     /// Extracts a tar stream into the volume; entries stay inside it (see

@@ -30,6 +30,9 @@ pub struct LoopVolumes {
     min_free: u64,
     /// Serialises mounting (two spawns mounting one volume at once).
     lock: tokio::sync::Mutex<()>,
+    /// Volumes lent to a microVM's spawn and not yet given back: never
+    /// mounted here meanwhile (see [`VolumeHost::lend`]).
+    lent: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 fn run(what: &str, cmd: &mut Command) -> Result<()> {
@@ -96,6 +99,7 @@ impl LoopVolumes {
             root,
             min_free,
             lock: tokio::sync::Mutex::new(()),
+            lent: std::sync::Mutex::default(),
         })
     }
 
@@ -115,11 +119,79 @@ impl LoopVolumes {
         }
     }
 
-    /// Mounts volume `id` unless it is mounted.
+    /// Mounts volume `id` unless it is mounted — never while a microVM
+    /// has it (lent for a spawn, or its image open in any process).
     async fn mount(&self, id: &str) -> Result<PathBuf> {
-        let (img, dir, id) = (self.image(id), self.dir(id), id.to_string());
-        blocking(move || mount_image(&img, &dir, &id)).await
+        let attached = || {
+            Error::conflict(format!(
+                "volume {id} is attached to a microVM as its disk; it is back once that sandbox is destroyed"
+            ))
+        };
+        if self
+            .lent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains(id)
+        {
+            return Err(attached());
+        }
+        let (img, dir, id2) = (self.image(id), self.dir(id), id.to_string());
+        let opened = blocking(move || {
+            if is_mounted(&dir) {
+                return Ok(None);
+            }
+            // A VM holds the image (after a restart nothing else says so).
+            if image_in_use(&img) {
+                return Ok(Some(()));
+            }
+            mount_image(&img, &dir, &id2).map(|_| None)
+        })
+        .await?;
+        match opened {
+            Some(()) => Err(attached()),
+            None => Ok(self.dir(id)),
+        }
     }
+
+    fn usage_file(&self, id: &str) -> PathBuf {
+        self.root.join(format!("{id}.usage"))
+    }
+}
+
+/// Bytes in use on the file system mounted at `dir`.
+fn used_at(dir: &Path) -> Result<u64> {
+    let st = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| Error::internal("reading the volume's usage").with_source(e))?;
+    Ok((st.blocks() as u64 - st.blocks_free() as u64) * st.fragment_size() as u64)
+}
+
+/// Whether any process has the file `img` open (by device and inode, so
+/// a hard link or a file moved since counts the same).
+fn image_in_use(img: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(want) = std::fs::metadata(img) else {
+        return false;
+    };
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    for p in procs.flatten() {
+        let name = p.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(fds) = std::fs::read_dir(p.path().join("fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            if let Ok(m) = std::fs::metadata(fd.path()) {
+                if m.dev() == want.dev() && m.ino() == want.ino() {
+                    return true;
+                }
+            }
+        }
+    }
+    false
 }
 
 /// Unmounts volume `id`'s directory if it is mounted.
@@ -344,6 +416,7 @@ impl VolumeHost for LoopVolumes {
         let me = self.dir(id);
         let id2 = id.to_string();
         blocking(move || unmount_dir(&me, &id2)).await?;
+        let _ = std::fs::remove_file(self.usage_file(id));
         for r in [
             std::fs::remove_file(self.image(id)),
             std::fs::remove_dir(self.dir(id)),
@@ -364,10 +437,41 @@ impl VolumeHost for LoopVolumes {
     }
 
     async fn used_bytes(&self, id: &str) -> Result<u64> {
-        let dir = self.path(id).await?;
-        let st = nix::sys::statvfs::statvfs(&dir)
-            .map_err(|e| Error::internal("reading the volume's usage").with_source(e))?;
-        Ok((st.blocks() as u64 - st.blocks_free() as u64) * st.fragment_size() as u64)
+        match self.path(id).await {
+            Ok(dir) => used_at(&dir),
+            // Attached to a microVM: what it held when lent.
+            Err(e) if e.kind() == stacyvm_core::ErrorKind::Conflict => {
+                let text = std::fs::read_to_string(self.usage_file(id)).unwrap_or_default();
+                Ok(text.trim().parse().unwrap_or(0))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn lend(&self, id: &str) -> Result<PathBuf> {
+        Self::check(id)?;
+        let _g = self.lock.lock().await;
+        // Mounted first (a volume never mounted since a reboot has a
+        // journal to replay on the host), its usage noted, then let go.
+        let dir = self.mount(id).await.map_err(|e| scrub(e, &self.root))?;
+        if let Ok(used) = used_at(&dir) {
+            let _ = std::fs::write(self.usage_file(id), used.to_string());
+        }
+        let id2 = id.to_string();
+        blocking(move || unmount_dir(&dir, &id2)).await?;
+        self.lent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(id.to_string());
+        info!(volume = %id, "volume lent to a microVM");
+        Ok(self.image(id))
+    }
+
+    fn give_back(&self, id: &str) {
+        self.lent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(id);
     }
 
     async fn export(&self, id: &str, limits: ArchiveLimits) -> Result<FileStream> {

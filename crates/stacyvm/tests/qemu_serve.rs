@@ -3,7 +3,8 @@
 //! `providers.default: qemu`: the provider report, spawn with no image
 //! (the configured default image), exec, a file round trip, logs, a fork
 //! into two children, the snapshot list, destroy; and a spawn of `host` with no default image is
-//! a 400 that says what to do.
+//! a 400 that says what to do. Volumes on qemu: a disk the guest mounts,
+//! held by that VM alone, back on the host after it is destroyed.
 
 mod common;
 
@@ -104,16 +105,13 @@ async fn call(method: reqwest::Method, url: String, body: Option<Value>) -> (u16
     (status, resp.json::<Value>().await.unwrap_or(Value::Null))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn qemu_provider_end_to_end() {
-    let data = tempfile::tempdir().expect("tmp");
-    let _reaper = VmReaper(data.path().to_path_buf());
-    let archive = busybox_archive(data.path());
-    let (agent, cache) = (agent(), cache());
+/// Imports the busybox image into `data` (printing its id).
+fn import_busybox(data: &std::path::Path) -> std::process::Output {
+    let archive = busybox_archive(data);
     let import = std::process::Command::new(BIN)
         .args(["image", "import"])
         .arg(&archive)
-        .env("STACYVM_SERVER_DATA_DIR", data.path())
+        .env("STACYVM_SERVER_DATA_DIR", data)
         .output()
         .expect("image import");
     assert!(
@@ -121,6 +119,146 @@ async fn qemu_provider_end_to_end() {
         "{}",
         String::from_utf8_lossy(&import.stderr)
     );
+    import
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_volumes_are_disks_the_guest_owns_alone() {
+    let data = tempfile::tempdir().expect("tmp");
+    let _reaper = VmReaper(data.path().to_path_buf());
+    import_busybox(data.path());
+    let (agent, cache) = (agent(), cache());
+    let env = [
+        ("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0"),
+        ("STACYVM_PROVIDERS_QEMU_ENABLED", "true"),
+        ("STACYVM_PROVIDERS_DEFAULT", "qemu"),
+        ("STACYVM_PROVIDERS_QEMU_DEFAULT_IMAGE", "e2e/busybox:1"),
+        ("STACYVM_PROVIDERS_QEMU_BOOT_TIMEOUT", "180s"),
+        ("STACYVM_AGENT_PATH", agent.as_str()),
+        ("STACYVM_MICROVM_CACHE", cache.as_str()),
+    ];
+    let s = common::Server::start(data.path(), &env);
+    let url = |p: &str| format!("{}{p}", s.url);
+    let exec = |id: String, cmd: &'static str| {
+        let u = url(&format!("/sandboxes/{id}/exec"));
+        async move {
+            let (status, v) = call(reqwest::Method::POST, u, Some(json!({ "command": cmd }))).await;
+            assert_eq!(status, 200, "{v}");
+            v
+        }
+    };
+    let (status, v) = call(
+        reqwest::Method::POST,
+        url("/volumes"),
+        Some(json!({"name": "data", "size_mb": 64})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+
+    // The guest mounts the volume's disk; its writes are its own.
+    let (status, v) = call(
+        reqwest::Method::POST,
+        url("/sandboxes"),
+        Some(json!({"memory_mb": 224, "volumes": [{"volume": "data", "path": "/data"}]})),
+    )
+    .await;
+    assert_eq!(status, 201, "spawn with a volume: {v}");
+    let vm = v["id"].as_str().expect("id").to_string();
+    let v = exec(
+        vm.clone(),
+        "grep ' /data ' /proc/mounts; echo from-the-vm > /data/f; sync; cat /data/f",
+    )
+    .await;
+    let out = v["stdout"].as_str().expect("stdout");
+    assert!(out.contains("/dev/vd") && out.contains(" ext4 "), "{v}");
+    assert!(out.contains("nosuid") && out.contains("nodev"), "{v}");
+    assert!(out.ends_with("from-the-vm\n"), "{v}");
+
+    // While the VM has it, nothing else does: not a reader, not an
+    // export, not a deletion, not a snapshot of the VM.
+    let (status, v) = call(
+        reqwest::Method::POST,
+        url("/sandboxes"),
+        Some(json!({"provider": "native", "volumes": [{"volume": "data", "path": "/data", "read_only": true}]})),
+    )
+    .await;
+    assert_eq!(status, 409, "{v}");
+    assert!(v.to_string().contains("attached to microVM"), "{v}");
+    let r = reqwest::get(url("/volumes/data/archive"))
+        .await
+        .expect("export");
+    assert_eq!(r.status().as_u16(), 409);
+    let (status, v) = call(reqwest::Method::DELETE, url("/volumes/data"), None).await;
+    assert_eq!(status, 409, "{v}");
+    let (status, v) = call(
+        reqwest::Method::POST,
+        url(&format!("/sandboxes/{vm}/snapshot")),
+        Some(json!({})),
+    )
+    .await;
+    assert_eq!(status, 409, "{v}");
+    let (status, v) = call(reqwest::Method::GET, url("/volumes/data"), None).await;
+    assert_eq!(status, 200, "listed while attached: {v}");
+    assert!(v.to_string().contains(&vm), "who mounts it: {v}");
+
+    // Destroyed: the host has the file system back, with the VM's file.
+    let (status, v) = call(
+        reqwest::Method::DELETE,
+        url(&format!("/sandboxes/{vm}")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = call(
+        reqwest::Method::POST,
+        url("/sandboxes"),
+        Some(json!({"provider": "native", "volumes": [{"volume": "data", "path": "/data"}]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let native = v["id"].as_str().expect("id").to_string();
+    let v = exec(native.clone(), "cat /data/f; echo from-native > /data/g").await;
+    assert_eq!(v["stdout"], "from-the-vm\n", "{v}");
+    let (status, v) = call(
+        reqwest::Method::DELETE,
+        url(&format!("/sandboxes/{native}")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+
+    // Read-only: the guest reads, and cannot write.
+    let (status, v) = call(
+        reqwest::Method::POST,
+        url("/sandboxes"),
+        Some(json!({"memory_mb": 224, "volumes": [{"volume": "data", "path": "/ro", "read_only": true}]})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let vm = v["id"].as_str().expect("id").to_string();
+    let v = exec(
+        vm.clone(),
+        "cat /ro/f /ro/g; touch /ro/h && echo WROTE; true",
+    )
+    .await;
+    assert_eq!(v["stdout"], "from-the-vm\nfrom-native\n", "{v}");
+    let (status, v) = call(
+        reqwest::Method::DELETE,
+        url(&format!("/sandboxes/{vm}")),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    let (status, v) = call(reqwest::Method::DELETE, url("/volumes/data"), None).await;
+    assert_eq!(status, 200, "the volume goes once no VM has it: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_provider_end_to_end() {
+    let data = tempfile::tempdir().expect("tmp");
+    let _reaper = VmReaper(data.path().to_path_buf());
+    let (agent, cache) = (agent(), cache());
+    let import = import_busybox(data.path());
     // Restore points are keyed by image content (another run may have
     // built this one under another name): `<first 16 hex of the id>-…`.
     let printed = String::from_utf8_lossy(&import.stdout).to_string()

@@ -98,6 +98,17 @@ impl Manager {
             }
         }
         super::vmpool::refuse_pooled(rec, "be snapshotted or forked")?;
+        if crate::volumes::mounts_of(&rec.metadata)
+            .iter()
+            .any(|m| m.device)
+        {
+            // A microVM's snapshot is its whole machine, volume disks
+            // included: a child would attach a volume another VM holds.
+            return Err(Error::conflict(format!(
+                "sandbox {} has volumes attached as disks (a microVM): it cannot be snapshotted or forked",
+                rec.id
+            )));
+        }
         let snap_id = paths::new_snapshot_id();
         let target = if rec.vm_id.is_empty() {
             &rec.id

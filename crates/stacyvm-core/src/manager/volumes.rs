@@ -25,6 +25,9 @@ pub(crate) enum Use {
     Transfer,
     /// A deletion: nothing else.
     Delete,
+    /// A microVM attaching it as a block device (or a running one that
+    /// has): nothing else, not even readers.
+    Device,
 }
 
 impl Use {
@@ -32,7 +35,11 @@ impl Use {
         use Use::*;
         matches!(
             (self, other),
-            (Delete, _) | (_, Delete) | (Write, Write) | (Write, Transfer) | (Transfer, Write)
+            (Delete | Device, _)
+                | (_, Delete | Device)
+                | (Write, Write)
+                | (Write, Transfer)
+                | (Transfer, Write)
         )
     }
 
@@ -42,6 +49,7 @@ impl Use {
             Use::Write => "a sandbox being spawned (read-write)",
             Use::Transfer => "an export or import",
             Use::Delete => "its deletion",
+            Use::Device => "a microVM being spawned",
         }
     }
 }
@@ -54,15 +62,23 @@ pub(crate) struct Claims {
 }
 
 /// An operation's claims; dropped when it ends (a spawn's record then
-/// holds its mounts).
+/// holds its mounts). Volumes lent to a microVM's spawn are given back
+/// then too: the VM holds their images open by now, or never started.
 #[derive(Debug)]
 pub(crate) struct ClaimGuard {
     claims: Arc<Claims>,
     token: u64,
+    lent: Vec<String>,
+    host: Option<Arc<dyn VolumeHost>>,
 }
 
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
+        if let Some(h) = &self.host {
+            for id in &self.lent {
+                h.give_back(id);
+            }
+        }
         self.claims.held.lock().retain(|(_, _, t)| *t != self.token);
     }
 }
@@ -155,19 +171,40 @@ impl Manager {
                 held.push((r.id.clone(), *u, token));
             }
         }
-        let guard = ClaimGuard { claims, token };
+        let guard = ClaimGuard {
+            claims,
+            token,
+            lent: Vec::new(),
+            host: None,
+        };
         let records = self.active_records().await?;
         for (r, u) in wants {
+            let mut attached = false;
             let holders: Vec<String> = records
                 .iter()
                 .filter(|s| {
                     volumes::mounts_of(&s.metadata).iter().any(|m| {
-                        m.id == r.id
-                            && u.conflicts(if m.read_only { Use::Read } else { Use::Write })
+                        let theirs = if m.device {
+                            Use::Device
+                        } else if m.read_only {
+                            Use::Read
+                        } else {
+                            Use::Write
+                        };
+                        let hit = m.id == r.id && u.conflicts(theirs);
+                        attached |= hit && m.device;
+                        hit
                     })
                 })
                 .map(|s| s.id.clone())
                 .collect();
+            if attached {
+                return Err(Error::conflict(format!(
+                    "volume {:?} is attached to microVM {} (its guest owns the file system until the sandbox is destroyed)",
+                    r.name,
+                    holders.join(", ")
+                )));
+            }
             if !holders.is_empty() {
                 return Err(Error::conflict(match u {
                     Use::Write => format!(
@@ -175,10 +212,16 @@ impl Manager {
                         r.name,
                         holders.join(", ")
                     ),
-                    Use::Transfer => format!(
+                        Use::Transfer => format!(
                         "volume {:?} is mounted read-write by {}; export or import it when no sandbox writes to it",
                         r.name,
                         holders.join(", ")
+                    ),
+                    Use::Device => format!(
+                        "volume {:?} is mounted by {}: a microVM mounts a volume alone (its guest owns the file system), so destroy {} first",
+                        r.name,
+                        holders.join(", "),
+                        if holders.len() > 1 { "them" } else { "it" }
                     ),
                     _ => format!(
                         "volume {:?} is mounted by {}; destroy {} first",
@@ -423,16 +466,15 @@ impl Manager {
                 id: r.id.clone(),
                 path,
                 read_only: v.read_only,
+                device: false,
             };
             wanted.push((r, m));
         }
-        if !provider
-            .capabilities()
-            .iter()
-            .any(|c| c == capability::VOLUMES)
-        {
+        let caps = provider.capabilities();
+        let block = !caps.iter().any(|c| c == capability::VOLUMES);
+        if block && !caps.iter().any(|c| c == capability::BLOCK_VOLUMES) {
             return Err(Error::invalid(format!(
-                "provider {} cannot mount volumes (native and docker can)",
+                "provider {} cannot mount volumes (native, docker and qemu can)",
                 provider.name()
             )));
         }
@@ -443,16 +485,37 @@ impl Manager {
         }
         let wants: Vec<(&VolumeRecord, Use)> = wanted
             .iter()
-            .map(|(r, m)| (r, if m.read_only { Use::Read } else { Use::Write }))
+            .map(|(r, m)| {
+                let u = if block {
+                    Use::Device
+                } else if m.read_only {
+                    Use::Read
+                } else {
+                    Use::Write
+                };
+                (r, u)
+            })
             .collect();
-        let guard = self.claim(&wants).await?;
+        let mut guard = self.claim(&wants).await?;
         let mut binds = Vec::new();
-        for (r, m) in &wanted {
+        for (r, m) in &mut wanted {
+            let host_path = if block {
+                // The guest mounts the image itself: the host lets go of
+                // it first (given back when the spawn ends, see ClaimGuard).
+                guard.host = Some(host.clone());
+                let img = host.lend(&r.id).await?;
+                guard.lent.push(r.id.clone());
+                m.device = true;
+                img
+            } else {
+                host.path(&r.id).await?
+            };
             binds.push(VolumeBind {
                 id: r.id.clone(),
-                host_path: host.path(&r.id).await?,
+                host_path,
                 target: m.path.clone(),
                 read_only: m.read_only,
+                device: block,
             });
         }
         let recorded: Vec<&Mounted> = wanted.iter().map(|(_, m)| m).collect();

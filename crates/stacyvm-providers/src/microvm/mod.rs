@@ -109,3 +109,37 @@ pub fn kvm_boots_guests(cache: &std::path::Path) -> std::result::Result<(), Stri
         _ => Err("/dev/kvm opens but no guest has been booted with it since this host started (the qemu provider's first spawn with accel auto probes it)".into()),
     }
 }
+
+/// The serial number of a sandbox's `i`th volume disk; the guest finds
+/// the disk by it (`/sys/block/vd*/serial`), whatever order devices probe
+/// in.
+pub(crate) fn volume_serial(i: usize) -> String {
+    format!("stacyvm_vol{i}")
+}
+
+/// The guest's `stacyvm.volumes=` argument: per disk its index, `rw` or
+/// `ro`, and the mount path in hex (paths may hold any byte but `/0`).
+/// The kernel command line is short (2 KiB on x86): refused when it
+/// would not fit.
+pub(crate) fn volumes_arg(
+    volumes: &[stacyvm_core::volumes::VolumeBind],
+) -> stacyvm_core::Result<String> {
+    let list: Vec<String> = volumes
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            format!(
+                "{i}:{}:{}",
+                if v.read_only { "ro" } else { "rw" },
+                hex::encode(v.target.as_bytes())
+            )
+        })
+        .collect();
+    let arg = format!("stacyvm.volumes={}", list.join(","));
+    if arg.len() > 1024 {
+        return Err(stacyvm_core::Error::invalid(
+            "the volume paths are too long for a microVM's kernel command line (at most about 500 bytes together)",
+        ));
+    }
+    Ok(arg)
+}

@@ -476,6 +476,7 @@ impl QemuProvider {
             incoming: false,
             kill_on_drop: true,
             runas: None,
+            volumes: &[],
             nic: None,
         };
         let res = async {
@@ -637,7 +638,10 @@ impl QemuProvider {
             accel,
             networked,
         );
-        let snap = if self.opts.snapshots {
+        // A boot snapshot is a guest past its init with a fixed set of
+        // devices: a spawn with volume disks boots cold.
+        let snapshots = self.opts.snapshots && spec.volumes.is_empty();
+        let snap = if snapshots {
             snapshot::find(&self.opts.cache, &snap_key)
         } else {
             None
@@ -654,7 +658,7 @@ impl QemuProvider {
             }
             (res, _) => res,
         };
-        if res.is_ok() && self.opts.snapshots && snap.is_none() {
+        if res.is_ok() && snapshots && snap.is_none() {
             self.build_snapshot_later(&assets, accel, &base, &image, &snap_key, spec);
         }
         res
@@ -662,6 +666,11 @@ impl QemuProvider {
 
     /// A child of the sandbox snapshot `id`: its shape is the snapshot's.
     async fn spawn_from_snapshot(&self, spec: &SpawnSpec, id: &str) -> Result<Spawned> {
+        if !spec.volumes.is_empty() {
+            return Err(Error::invalid(
+                "a qemu sandbox spawned from a snapshot cannot mount volumes (the snapshot is a whole machine, its disks fixed)",
+            ));
+        }
         let found = usersnap::find(&self.user_snapshots(), id)
             .ok_or_else(|| Error::not_found(format!("snapshot {id:?}")))?;
         let m = &found.1;
@@ -921,6 +930,7 @@ impl QemuProvider {
             incoming: snap.is_restore(),
             kill_on_drop: false,
             runas: uid,
+            volumes: &spec.volumes,
             nic: tap.as_ref().zip(guest_net.as_ref()).map(|(fd, g)| Nic {
                 tap: fd,
                 mac: net::mac_for(
@@ -1154,6 +1164,10 @@ pub(super) async fn launch(qemu: &Path, l: &Launch<'_>) -> Result<(i32, tokio::p
     if l.disk.is_some() {
         append.push_str(" stacyvm.root=vda");
     }
+    if !l.volumes.is_empty() {
+        append.push(' ');
+        append.push_str(&super::volumes_arg(l.volumes)?);
+    }
     append.push_str(&format!(
         " stacyvm.hostname={} stacyvm.token={}",
         l.hostname,
@@ -1257,6 +1271,27 @@ pub(super) async fn launch(qemu: &Path, l: &Launch<'_>) -> Result<(i32, tokio::p
             "virtio-blk-device,drive=root",
         ]);
     }
+    for (i, v) in l.volumes.iter().enumerate() {
+        if !v.device {
+            return Err(Error::internal(format!(
+                "volume {} was not lent as a disk",
+                v.id
+            )));
+        }
+        cmd.args([
+            "-blockdev",
+            &format!(
+                "driver=raw,node-name=vol{i},read-only={},file.driver=file,file.filename={}",
+                if v.read_only { "on" } else { "off" },
+                v.host_path.display()
+            ),
+            "-device",
+            &format!(
+                "virtio-blk-device,drive=vol{i},serial={}",
+                super::volume_serial(i)
+            ),
+        ]);
+    }
     if let Some(nic) = &l.nic {
         let fd = nic
             .tap
@@ -1337,6 +1372,9 @@ pub(super) struct Launch<'a> {
     pub(super) runas: Option<u32>,
     /// A virtio-net NIC on this tap; `None`: no network device at all.
     pub(super) nic: Option<Nic<'a>>,
+    /// Volumes attached as virtio-blk disks (`VolumeBind::device`), which
+    /// the guest mounts (`stacyvm.volumes` on its command line).
+    pub(super) volumes: &'a [stacyvm_core::volumes::VolumeBind],
 }
 
 /// A VM's network card.
@@ -1459,6 +1497,7 @@ impl Provider for QemuProvider {
             c.push(capability::SNAPSHOTS.into());
         }
         c.push(capability::SANDBOX_SNAPSHOTS.into());
+        c.push(capability::BLOCK_VOLUMES.into());
         c.push("microvm".into());
         c
     }

@@ -220,6 +220,7 @@ pub(super) async fn build(t: &Template<'_>) -> Result<SnapMeta> {
         incoming: false,
         kill_on_drop: true,
         runas: t.runas,
+        volumes: &[],
         nic: tap.as_ref().map(|fd| super::qemu::Nic {
             tap: fd,
             mac: "52:54:00:00:00:01".into(),
