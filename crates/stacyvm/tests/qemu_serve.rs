@@ -4,7 +4,9 @@
 //! (the configured default image), exec, a file round trip, logs, a fork
 //! into two children, the snapshot list, destroy; and a spawn of `host` with no default image is
 //! a 400 that says what to do. Volumes on qemu: a disk the guest mounts,
-//! held by that VM alone, back on the host after it is destroyed.
+//! held by that VM alone, back on the host after it is destroyed. An
+//! environment build on qemu: its steps in a guest, its image a layer
+//! over the base that native runs too.
 
 mod common;
 
@@ -251,6 +253,126 @@ async fn qemu_volumes_are_disks_the_guest_owns_alone() {
     assert_eq!(status, 200, "{v}");
     let (status, v) = call(reqwest::Method::DELETE, url("/volumes/data"), None).await;
     assert_eq!(status, 200, "the volume goes once no VM has it: {v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_builds_run_their_steps_in_a_guest() {
+    let data = tempfile::tempdir().expect("tmp");
+    let _reaper = VmReaper(data.path().to_path_buf());
+    import_busybox(data.path());
+    let (agent, cache) = (agent(), cache());
+    let env = [
+        ("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0"),
+        ("STACYVM_PROVIDERS_QEMU_ENABLED", "true"),
+        ("STACYVM_PROVIDERS_QEMU_DEFAULT_IMAGE", "e2e/busybox:1"),
+        ("STACYVM_PROVIDERS_QEMU_BOOT_TIMEOUT", "180s"),
+        ("STACYVM_AGENT_PATH", agent.as_str()),
+        ("STACYVM_MICROVM_CACHE", cache.as_str()),
+    ];
+    let s = common::Server::start(data.path(), &env);
+    let url = |p: &str| format!("{}{p}", s.url);
+    // Steps that add, change and remove files, and report where they ran.
+    let dockerfile = "FROM e2e/busybox:1\n\
+        RUN uname -r > /etc/built-on && echo added > /etc/added\n\
+        RUN rm /bin/vi && mkdir -p /opt/tool && echo 'echo tool ran' > /opt/tool/run && chmod 755 /opt/tool/run\n";
+    let (status, v) = call(
+        reqwest::Method::POST,
+        url("/environments/specs"),
+        Some(json!({"name": "in-guest", "dockerfile": dockerfile})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    let spec_id = v["id"].as_str().expect("spec").to_string();
+    let build = |spec_id: String| {
+        let u = url("/environments/builds");
+        let base = s.url.clone();
+        async move {
+            let (status, b) = call(
+                reqwest::Method::POST,
+                u,
+                Some(json!({"spec_id": spec_id, "provider": "qemu"})),
+            )
+            .await;
+            assert_eq!(status, 201, "{b}");
+            let id = b["id"].as_str().expect("id").to_string();
+            let deadline = Instant::now() + Duration::from_secs(600);
+            loop {
+                let (_, v) = call(
+                    reqwest::Method::GET,
+                    format!("{base}/environments/builds/{id}"),
+                    None,
+                )
+                .await;
+                if matches!(v["status"].as_str(), Some("ready" | "failed" | "canceled")) {
+                    return v;
+                }
+                assert!(Instant::now() < deadline, "build did not end: {v}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    };
+    let b = build(spec_id.clone()).await;
+    assert_eq!(b["status"], "ready", "{b}");
+    let image = b["artifacts"][0]["image_ref"]
+        .as_str()
+        .expect("image")
+        .to_string();
+
+    // The steps ran in the guest (its kernel), and the image holds what
+    // they did, on qemu and on native alike.
+    for provider in ["qemu", "native"] {
+        let (status, v) = call(
+            reqwest::Method::POST,
+            url("/sandboxes"),
+            Some(json!({"image": image, "provider": provider, "memory_mb": 224})),
+        )
+        .await;
+        assert_eq!(status, 201, "spawn on {provider}: {v}");
+        let id = v["id"].as_str().expect("id").to_string();
+        let (status, v) = call(
+            reqwest::Method::POST,
+            url(&format!("/sandboxes/{id}/exec")),
+            Some(json!({"command": "cat /etc/built-on /etc/added; /opt/tool/run; test -e /bin/vi && echo vi-still-there; test -e /bin/sh && echo sh-kept"})),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        let out = v["stdout"].as_str().expect("stdout");
+        assert!(
+            out.contains("cloud-amd64"),
+            "built in the guest's kernel: {v}"
+        );
+        assert!(
+            out.contains("added\ntool ran\nsh-kept\n"),
+            "{provider}: {v}"
+        );
+        assert!(
+            !out.contains("vi-still-there"),
+            "a removed file stays removed: {v}"
+        );
+        let (status, _) = call(
+            reqwest::Method::DELETE,
+            url(&format!("/sandboxes/{id}")),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+
+    // The same steps on the same base: the image is reused, no VM booted.
+    let again = build(spec_id).await;
+    assert_eq!(again["status"], "ready", "{again}");
+    assert_eq!(
+        again["artifacts"][0]["image_ref"],
+        image.as_str(),
+        "{again}"
+    );
+    assert!(
+        again["log"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("reusing"),
+        "{again}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,7 @@
 
 pub mod hostetc;
 pub mod import;
+pub mod layerdiff;
 pub mod pull;
 pub mod push;
 pub mod store;

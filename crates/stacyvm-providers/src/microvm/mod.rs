@@ -15,6 +15,7 @@
 //! the kernel command line (`stacyvm.token=<hex>`), the hostname likewise
 //! (`stacyvm.hostname=`), the root disk as `stacyvm.root=vda`.
 
+pub mod build;
 pub mod fcvm;
 pub mod firecracker;
 pub mod kernel;

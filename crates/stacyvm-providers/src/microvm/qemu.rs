@@ -1498,8 +1498,46 @@ impl Provider for QemuProvider {
         }
         c.push(capability::SANDBOX_SNAPSHOTS.into());
         c.push(capability::BLOCK_VOLUMES.into());
+        if nix::unistd::geteuid().is_root() {
+            // The commit unpacks the guest's root with its owners.
+            c.push(capability::IMAGE_BUILD.into());
+        }
         c.push("microvm".into());
         c
+    }
+
+    async fn cached_image(
+        &self,
+        plan: &stacyvm_core::provider::ImageBuild,
+    ) -> Result<Option<stacyvm_core::provider::BuiltImage>> {
+        let (base, _, _) = self.image_source(&plan.base_image)?;
+        super::build::cached(&self.images, &base, plan)
+    }
+
+    async fn commit_image(
+        &self,
+        id: &str,
+        plan: &stacyvm_core::provider::ImageBuild,
+    ) -> Result<stacyvm_core::provider::BuiltImage> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(Error::unsupported(
+                "a qemu build's commit needs a server running as root (the guest's files keep their owners)",
+            ));
+        }
+        let (base, _, _) = self.image_source(&plan.base_image)?;
+        let root = self
+            .io(id)
+            .await?
+            .archive_read("/", super::build::root_limits())
+            .await?;
+        super::build::commit(
+            self.images.clone(),
+            self.opts.agent_path.clone(),
+            &base,
+            plan,
+            root,
+        )
+        .await
     }
 
     async fn snapshots(&self) -> Result<Vec<stacyvm_api::SnapshotSummary>> {
