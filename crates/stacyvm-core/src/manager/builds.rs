@@ -406,7 +406,7 @@ impl Manager {
         let caps = provider.capabilities();
         if !caps.iter().any(|c| c == capability::IMAGE_BUILD) {
             return Err(Error::invalid(format!(
-                "provider {provider_name} cannot build images (providers that can: native, docker, qemu)"
+                "provider {provider_name} cannot build images (providers that can: native, docker, qemu, firecracker)"
             )));
         }
         let mut targets: Vec<String> = req

@@ -41,8 +41,7 @@ fn built(rec: ImageRecord, reused: bool) -> BuiltImage {
 /// Saves the guest root streamed in `root` (an archive of `/`) as the
 /// image `plan.name` over `base`. Nothing is left behind on failure.
 pub async fn commit(
-    images: std::sync::Arc<ImageStore>,
-    agent: PathBuf,
+    (images, provider, agent): (std::sync::Arc<ImageStore>, &'static str, PathBuf),
     base: &str,
     plan: &ImageBuild,
     root: FileStream,
@@ -52,14 +51,16 @@ pub async fn commit(
         return Ok(built(rec, true));
     }
     let (plan, rt) = (plan.clone(), tokio::runtime::Handle::current());
-    tokio::task::spawn_blocking(move || commit_blocking(&images, &agent, &base, &plan, root, rt))
-        .await
-        .map_err(|e| Error::internal(format!("build commit task: {e}")))?
+    tokio::task::spawn_blocking(move || {
+        commit_blocking(&images, (provider, &agent), &base, &plan, root, rt)
+    })
+    .await
+    .map_err(|e| Error::internal(format!("build commit task: {e}")))?
 }
 
 fn commit_blocking(
     images: &ImageStore,
-    agent: &Path,
+    (provider, agent): (&str, &Path),
     base: &ImageRecord,
     plan: &ImageBuild,
     root: FileStream,
@@ -83,7 +84,7 @@ fn commit_blocking(
             free >> 20
         )));
     }
-    let flat = images.single_dir(base, "qemu", agent)?;
+    let flat = images.single_dir(base, provider, agent)?;
     let guest = store.join(format!(".{hex_id}.guest"));
     let tmp = store.join(format!(".{hex_id}.tmp"));
     for d in [&guest, &tmp] {

@@ -1156,9 +1156,50 @@ impl Provider for FirecrackerProvider {
         if self.opts.snapshots {
             c.push(capability::SNAPSHOTS.into());
         }
+        if nix::unistd::geteuid().is_root() {
+            // As qemu's (microvm/build.rs): the steps in the guest.
+            c.push(capability::IMAGE_BUILD.into());
+        }
         c.push("microvm".into());
         c.push("vsock_agent".into());
         c
+    }
+
+    async fn cached_image(
+        &self,
+        plan: &stacyvm_core::provider::ImageBuild,
+    ) -> Result<Option<stacyvm_core::provider::BuiltImage>> {
+        let (base, _, _) = self.image_source(&plan.base_image)?;
+        super::build::cached(&self.images, &base, plan)
+    }
+
+    async fn commit_image(
+        &self,
+        id: &str,
+        plan: &stacyvm_core::provider::ImageBuild,
+    ) -> Result<stacyvm_core::provider::BuiltImage> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err(Error::unsupported(
+                "a firecracker build's commit needs a server running as root (the guest's files keep their owners)",
+            ));
+        }
+        let (base, _, _) = self.image_source(&plan.base_image)?;
+        let root = self
+            .io(id)
+            .await?
+            .archive_read("/", super::build::root_limits())
+            .await?;
+        super::build::commit(
+            (
+                self.images.clone(),
+                "firecracker",
+                self.opts.agent_path.clone(),
+            ),
+            &base,
+            plan,
+            root,
+        )
+        .await
     }
 
     fn profile(&self) -> Profile {

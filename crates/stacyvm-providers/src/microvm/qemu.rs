@@ -1531,8 +1531,7 @@ impl Provider for QemuProvider {
             .archive_read("/", super::build::root_limits())
             .await?;
         super::build::commit(
-            self.images.clone(),
-            self.opts.agent_path.clone(),
+            (self.images.clone(), "qemu", self.opts.agent_path.clone()),
             &base,
             plan,
             root,
