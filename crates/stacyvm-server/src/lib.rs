@@ -17,6 +17,7 @@ pub mod preview;
 pub mod ratelimit;
 pub mod routes;
 pub mod tenancy;
+pub mod ui;
 pub mod workerauth;
 
 use std::future::Future;
@@ -61,6 +62,8 @@ pub struct AppState {
     mcp_shutdown: tokio_util::sync::CancellationToken,
     /// The preview proxy's upstream connections.
     pub previews: Arc<preview::PreviewClient>,
+    /// The dashboard's browser sessions.
+    pub ui: Arc<ui::Sessions>,
 }
 
 impl AppState {
@@ -103,6 +106,7 @@ impl AppState {
             mcp_router: Arc::default(),
             mcp_shutdown: tokio_util::sync::CancellationToken::new(),
             previews,
+            ui: Arc::default(),
         }
     }
 
@@ -140,8 +144,23 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             middleware::authorize,
         ));
+    // The dashboard: its files and its sessions (ui.rs), outside the
+    // API's permission table (the page is public; its API calls are not).
+    let dashboard = Router::new()
+        .route("/", axum::routing::get(ui::root))
+        .route("/ui", axum::routing::get(ui::root))
+        .route("/ui/", axum::routing::get(ui::index))
+        .route("/ui/app.js", axum::routing::get(ui::app_js))
+        .route("/ui/app.css", axum::routing::get(ui::app_css))
+        .route(
+            "/ui/session",
+            axum::routing::get(ui::current)
+                .post(ui::sign_in)
+                .delete(ui::sign_out),
+        );
     let inner: Router = Router::new()
         .nest("/api/v1", api)
+        .merge(dashboard)
         .merge(mcp)
         .merge(e2b)
         .fallback(middleware::not_found)

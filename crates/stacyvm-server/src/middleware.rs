@@ -190,14 +190,35 @@ pub async fn authorize(State(st): State<AppState>, mut req: Request, next: Next)
             .map(str::trim)
     });
     let meta = AuditMeta::of(&req, &st);
-    let result = st
-        .auth
-        .authenticate(
-            header_str(h, "x-admin-api-key"),
-            header_str(h, "x-api-key"),
-            bearer,
-        )
-        .await;
+    let (mut admin_key, mut api_key) =
+        (header_str(h, "x-admin-api-key"), header_str(h, "x-api-key"));
+    // The dashboard's session cookie stands for its key when no key is
+    // sent (ui.rs): only with the session's CSRF token, or for a
+    // WebSocket from this origin.
+    let session = if admin_key.is_none() && api_key.is_none() && bearer.is_none() {
+        match st.ui.credential_of(h) {
+            Ok(c) => c,
+            Err(r) => {
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "FORBIDDEN",
+                    match r {
+                        crate::ui::Refusal::Csrf => "a request with the dashboard's session cookie needs its X-StacyVM-CSRF header",
+                        crate::ui::Refusal::Origin => "a WebSocket with the dashboard's session cookie must come from this server's origin",
+                    },
+                )
+                .into_response();
+            }
+        }
+    } else {
+        None
+    };
+    match &session {
+        Some(crate::ui::Credential::Admin(k)) => admin_key = Some(k.as_str()),
+        Some(crate::ui::Credential::Api(k)) => api_key = Some(k.as_str()),
+        None => {}
+    }
+    let result = st.auth.authenticate(admin_key, api_key, bearer).await;
     let ident = match result {
         Ok(i) => i,
         Err(f) => {
@@ -837,6 +858,9 @@ pub async fn cors(State(st): State<AppState>, req: Request, next: Next) -> Respo
         (Some(o), false) if origins.iter().any(|x| x == o) => Some(o.clone()),
         _ => None,
     };
+    // The dashboard's own calls: a browser sends `Origin` on same-origin
+    // POSTs too; they are not cross-origin.
+    let same_origin = origin.is_some() && crate::ui::same_origin(req.headers());
     let is_preflight = req.method() == Method::OPTIONS;
     let mut resp = if is_preflight {
         if origin.is_some() && allowed_origin.is_none() {
@@ -849,7 +873,7 @@ pub async fn cors(State(st): State<AppState>, req: Request, next: Next) -> Respo
             return r;
         }
         Response::new(Body::empty())
-    } else if let (Some(o), None) = (&origin, &allowed_origin) {
+    } else if let (Some(o), None, false) = (&origin, &allowed_origin, same_origin) {
         // A browser sends simple cross-origin requests (a form POST, a
         // text/plain fetch) without a preflight; they must not run.
         return ApiError::new(
