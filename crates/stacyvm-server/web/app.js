@@ -149,7 +149,19 @@ function route() {
     else a.removeAttribute("aria-current");
   }
   const m = h.match(/^#\/sandboxes\/(sb-[0-9a-f]+)$/);
-  const view = m ? sandboxView(m[1]) : h === "#/providers" ? providersView() : h === "#/audit" ? auditView() : sandboxesView();
+  stopLive();
+  const t = h.match(/^#\/tenants\/([A-Za-z0-9._-]+)$/);
+  const view = m
+    ? sandboxView(m[1])
+    : t
+      ? tenantView(t[1])
+      : h === "#/providers"
+        ? providersView()
+        : h === "#/audit"
+          ? auditView()
+          : h === "#/tenants"
+            ? tenantsView()
+            : sandboxesView();
   view.catch(fail);
   document.getElementById("main").focus();
 }
@@ -223,7 +235,8 @@ async function sandboxView(id) {
   }
   for (const [k, v] of Object.entries(s.metadata || {})) facts.append(el("dt", { text: `metadata ${k}` }), el("dd", { class: "mono", text: v }));
   const parts = [el("h1", {}, "Sandbox ", el("span", { class: "mono", text: id })), facts];
-  if (canWrite()) parts.push(execPanel(id));
+  parts.push(livePanel(id));
+  if (canWrite()) parts.push(execPanel(id), terminalPanel(id));
   parts.push(await filesPanel(id, "/workspace"));
   if (canWrite()) {
     const destroy = el("button", { type: "button", class: "danger", id: "destroy", text: "Destroy" });
@@ -312,6 +325,185 @@ async function filesPanel(id, dir) {
   };
   await render(dir);
   return section;
+}
+
+// ---- live stats and logs ----
+
+let live = [];
+function stopLive() {
+  for (const stop of live) stop();
+  live = [];
+}
+
+function livePanel(id) {
+  const stats = el("dl", { class: "facts", id: "stats", "aria-live": "off" });
+  const logs = el("pre", { class: "out", id: "logs", "aria-label": "Log lines" });
+  const tick = async () => {
+    try {
+      const s = await json("GET", `/sandboxes/${id}/stats`);
+      const rows = [];
+      for (const [k, v] of Object.entries(s)) if (typeof v !== "object") rows.push(el("dt", { text: k }), el("dd", { class: "mono", text: v }));
+      stats.replaceChildren(...rows);
+    } catch (e) {
+      stats.replaceChildren(el("dt", { text: "stats" }), el("dd", { text: e.message }));
+    }
+    try {
+      const l = await json("GET", `/sandboxes/${id}/logs?lines=50`);
+      logs.textContent = (Array.isArray(l) ? l : l.lines || []).join("\n") || "(no log lines)";
+    } catch (_) {}
+  };
+  tick();
+  const timer = setInterval(tick, 2000);
+  live.push(() => clearInterval(timer));
+  return el("section", { "aria-labelledby": "live-title" }, el("h2", { id: "live-title", text: "Live" }), stats, el("h3", { text: "Logs" }), logs);
+}
+
+// ---- terminal ----
+
+// A terminal on the WebSocket pty exec. It keeps the text a shell writes
+// (carriage returns, backspaces and line feeds applied) and drops other
+// escape sequences (colours, cursor moves, titles).
+function terminalPanel(id) {
+  const screen = el("pre", { class: "out term", id: "terminal", tabindex: 0, role: "log", "aria-label": "Terminal: click here and type" });
+  const open = el("button", { type: "button", class: "secondary", id: "terminal-open", text: "Open a terminal" });
+  let ws = null;
+  let cr = false;
+  const write = (data) => {
+    const clean = data
+      .replace(/\x1b\][^\x07\x1b]*(\x07|\x1b\\)/g, "")
+      .replace(/\x1b\[[0-9;?]*[ -\/]*[@-~]/g, "")
+      .replace(/\x1b[@-Z\\-_]/g, "");
+    let text = screen.textContent;
+    for (const ch of clean) {
+      // A carriage return not followed by a line feed rewrites the line
+      // (progress bars); "\r\n" is just a new line.
+      if (cr && ch !== "\n") text = text.slice(0, text.lastIndexOf("\n") + 1);
+      cr = false;
+      if (ch === "\r") {
+        cr = true;
+      } else if (ch === "\b") {
+        if (!text.endsWith("\n")) text = text.slice(0, -1);
+      } else if (ch === "\n") {
+        text += "\n";
+      } else if (ch >= " " || ch === "\t") {
+        text += ch;
+      }
+    }
+    screen.textContent = text.slice(-100000);
+    screen.scrollTop = screen.scrollHeight;
+  };
+  const keys = { Enter: "\r", Backspace: "\x7f", Tab: "\t", Escape: "\x1b", ArrowUp: "\x1b[A", ArrowDown: "\x1b[B", ArrowRight: "\x1b[C", ArrowLeft: "\x1b[D" };
+  screen.addEventListener("keydown", (ev) => {
+    if (!ws || ws.readyState !== WebSocket.OPEN) return;
+    let data = keys[ev.key];
+    if (!data && ev.ctrlKey && ev.key.length === 1) data = String.fromCharCode(ev.key.toUpperCase().charCodeAt(0) - 64);
+    if (!data && ev.key.length === 1 && !ev.metaKey) data = ev.key;
+    if (!data) return;
+    ev.preventDefault();
+    ws.send(JSON.stringify({ type: "stdin", data }));
+  });
+  screen.addEventListener("paste", (ev) => {
+    if (!ws) return;
+    ev.preventDefault();
+    ws.send(JSON.stringify({ type: "stdin", data: ev.clipboardData.getData("text") }));
+  });
+  open.addEventListener("click", () => {
+    if (ws) ws.close();
+    screen.textContent = "";
+    const proto = location.protocol === "https:" ? "wss" : "ws";
+    ws = new WebSocket(`${proto}://${location.host}/api/v1/sandboxes/${id}/exec/ws`);
+    ws.addEventListener("open", () => {
+      ws.send(JSON.stringify({ command: "/bin/sh", args: ["-i"], interactive: true, tty: { rows: 24, cols: 100 } }));
+      screen.focus();
+    });
+    ws.addEventListener("message", (ev) => {
+      try {
+        const m = JSON.parse(ev.data);
+        if (m.data !== undefined) write(m.data);
+        else if (m.type === "done") write(`\n[exit ${m.exit_code}]\n`);
+        else if (m.error) write(`\n[${m.error}]\n`);
+      } catch (_) {}
+    });
+    ws.addEventListener("close", (ev) => {
+      write(`\n[connection closed${ev.reason ? `: ${ev.reason}` : ""} (${ev.code})]\n`);
+      ws = null;
+    });
+    live.push(() => ws && ws.close());
+  });
+  return el("section", { "aria-labelledby": "term-title" }, el("h2", { id: "term-title", text: "Terminal" }), open, screen);
+}
+
+// ---- tenants ----
+
+async function tenantsView() {
+  const t = await json("GET", "/admin/tenants");
+  const list = t.tenants || [];
+  const id = el("input", { id: "tenant-id", placeholder: "team-a" });
+  const name = el("input", { id: "tenant-name", placeholder: "Team A" });
+  const form = el("form", { class: "row", "aria-label": "Create a tenant" }, el("label", { for: "tenant-id" }, "Id", id), el("label", { for: "tenant-name" }, "Name", name), el("button", { type: "submit", id: "tenant-create", text: "Create" }));
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      await json("POST", "/admin/tenants", { id: id.value, name: name.value });
+      route();
+    } catch (e) {
+      fail(e);
+    }
+  });
+  main(
+    el("h1", { text: "Tenants" }),
+    form,
+    el(
+      "table",
+      { "aria-label": "Tenants" },
+      el("thead", {}, el("tr", {}, ...["Id", "Name", "Owner"].map((h) => el("th", { scope: "col", text: h })))),
+      el("tbody", {}, list.map((x) => el("tr", {}, el("td", { class: "mono" }, el("a", { href: `#/tenants/${x.id}`, text: x.id })), el("td", { text: x.name || "" }), el("td", { text: x.owner_id || "" })))),
+    ),
+  );
+}
+
+const ROLES = ["viewer", "operator", "admin"];
+
+async function tenantView(tid) {
+  const m = await json("GET", `/admin/tenants/${encodeURIComponent(tid)}/members`);
+  const p = await json("GET", `/admin/tenants/${encodeURIComponent(tid)}/policies`).catch(() => ({ policies: [] }));
+  const setRole = async (user, role) => {
+    try {
+      await json("PUT", `/admin/tenants/${encodeURIComponent(tid)}/members/${encodeURIComponent(user)}`, { role });
+      toast(`${user} is now ${role}`);
+      route();
+    } catch (e) {
+      fail(e);
+    }
+  };
+  const rows = (m.members || []).map((x) => {
+    const sel = el("select", { "aria-label": `Role of ${x.user_id}`, class: "member-role" }, ...ROLES.map((r) => el("option", { value: r, text: r, selected: r === x.role })));
+    sel.addEventListener("change", () => setRole(x.user_id, sel.value));
+    const rm = el("button", { type: "button", class: "danger", text: "Remove", "aria-label": `Remove ${x.user_id}` });
+    rm.addEventListener("click", async () => {
+      try {
+        await api("DELETE", `/admin/tenants/${encodeURIComponent(tid)}/members/${encodeURIComponent(x.user_id)}`);
+        route();
+      } catch (e) {
+        fail(e);
+      }
+    });
+    return el("tr", {}, el("td", { class: "mono", text: x.user_id }), el("td", {}, sel), el("td", {}, rm));
+  });
+  const user = el("input", { id: "member-user", placeholder: "user id" });
+  const role = el("select", { id: "member-role" }, ...ROLES.map((r) => el("option", { value: r, text: r })));
+  const add = el("form", { class: "row", "aria-label": "Add a member" }, el("label", { for: "member-user" }, "User", user), el("label", { for: "member-role" }, "Role", role), el("button", { type: "submit", id: "member-add", text: "Add member" }));
+  add.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    setRole(user.value, role.value);
+  });
+  main(
+    el("h1", {}, "Tenant ", el("span", { class: "mono", text: tid })),
+    add,
+    el("table", { "aria-label": "Members", id: "members" }, el("thead", {}, el("tr", {}, ...["User", "Role", ""].map((h) => el("th", { scope: "col", text: h })))), el("tbody", {}, rows)),
+    el("h2", { text: "Policies" }),
+    el("pre", { class: "out", text: JSON.stringify(p.policies || p, null, 2) }),
+  );
 }
 
 // ---- providers and audit ----

@@ -2,7 +2,8 @@
 //! security headers, sign-in sessions (cookie flags, CSRF, cross-origin
 //! WebSockets, sign-out, wrong keys), then the page itself in headless
 //! Chromium over WebDriver: sign in, spawn, run a command, upload a file,
-//! hostile metadata and output rendered as text, every control named;
+//! hostile metadata and output rendered as text, a terminal on a pty,
+//! tenants and a member's role change as the admin, every control named;
 //! screenshots kept under the cache dir.
 
 mod common;
@@ -357,6 +358,21 @@ impl Driver {
         .await;
     }
 
+    /// Types `text` as key presses into whatever has the focus.
+    async fn keys(&self, text: &str) {
+        let mut actions = Vec::new();
+        for c in text.chars() {
+            actions.push(json!({"type": "keyDown", "value": c.to_string()}));
+            actions.push(json!({"type": "keyUp", "value": c.to_string()}));
+        }
+        self.call(
+            reqwest::Method::POST,
+            "/actions",
+            json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]}),
+        )
+        .await;
+    }
+
     async fn click(&self, css: &str) {
         let e = self.find(css).await;
         self.call(
@@ -549,6 +565,17 @@ async fn the_dashboard_in_a_real_browser() {
     d.type_into("#command", "\u{E007}").await;
     d.wait_text("#output", "typed").await;
 
+    // The terminal: a shell on a pty over the WebSocket, keys typed into it.
+    d.click("#terminal-open").await;
+    d.wait_text("#terminal", "#").await;
+    d.click("#terminal").await;
+    d.keys("echo term-$((6*7))\u{E007}").await;
+    d.wait_text("#terminal", "term-42").await;
+    d.screenshot("terminal.png").await;
+
+    // Live stats and logs are on the page.
+    assert!(!d.text("#stats").await.is_empty());
+
     // Destroy through the page (its confirm accepted).
     d.click("#destroy").await;
     d.call(reqwest::Method::POST, "/alert/accept", json!({}))
@@ -564,6 +591,61 @@ async fn the_dashboard_in_a_real_browser() {
         r.status().as_u16() == 404 || r.text().await.unwrap_or_default().contains("destroyed"),
         "destroyed through the page"
     );
+    // An API role sees no tenants or audit pages.
+    assert_eq!(
+        d.script("return [...document.querySelectorAll('nav a')].filter(a => !a.hidden).map(a => a.textContent)").await,
+        json!(["Sandboxes", "Providers"])
+    );
+
+    // Sign out, sign in as the admin: tenants and a member's role change.
+    d.click("#signout").await;
+    d.find("#key").await;
+    d.click("#kind option[value=admin]").await;
+    d.type_into("#key", ADMIN_KEY).await;
+    d.click("#signin").await;
+    d.wait_text("#who", "(admin)").await;
+    d.call(
+        reqwest::Method::POST,
+        "/url",
+        json!({"url": format!("{root}/ui/#/tenants")}),
+    )
+    .await;
+    d.type_into("#tenant-id", "team-a").await;
+    d.type_into("#tenant-name", "Team <A>").await;
+    d.click("#tenant-create").await;
+    d.wait_text("main table", "team-a").await;
+    d.click("a[href='#/tenants/team-a']").await;
+    d.type_into("#member-user", "alice").await;
+    d.click("#member-role option[value=viewer]").await;
+    d.click("#member-add").await;
+    d.wait_text("#members", "alice").await;
+    d.click("select.member-role option[value=operator]").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = client()
+            .get(format!("{root}/api/v1/admin/tenants/team-a/members"))
+            .header("x-admin-api-key", ADMIN_KEY)
+            .send()
+            .await
+            .expect("members");
+        let v: Value = r.json().await.expect("json");
+        if v["members"][0]["role"] == "operator" {
+            assert_eq!(v["members"][0]["user_id"], "alice", "{v}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the role change did not land: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        d.script(UNNAMED).await,
+        json!([]),
+        "every control has a name"
+    );
+    d.screenshot("tenant.png").await;
+
     let _ = client()
         .delete(format!("{root}/api/v1/sandboxes/{planted}"))
         .header("x-api-key", API_KEY)

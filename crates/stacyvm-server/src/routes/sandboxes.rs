@@ -439,13 +439,13 @@ pub async fn exec_ws(
     slot: Option<axum::Extension<crate::active::PermitSlot>>,
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
-    // A browser's Origin must be in an exact CORS list (S-17); non-browser
-    // clients send none.
+    // A browser's Origin must be this server's own (the dashboard) or in
+    // an exact CORS list (S-17); non-browser clients send none.
     let origins = &st.cfg.server.cors_allowed_origins;
     if let Some(origin) = headers.get(axum::http::header::ORIGIN) {
         let origin = origin.to_str().unwrap_or_default();
         let any = origins.iter().any(|o| o == "*");
-        if !any && !origins.iter().any(|o| o == origin) {
+        if !any && !origins.iter().any(|o| o == origin) && !crate::ui::same_origin(&headers) {
             return Err(crate::error::ApiError::new(
                 axum::http::StatusCode::FORBIDDEN,
                 "FORBIDDEN",
