@@ -312,10 +312,9 @@ impl Driver {
             .await
             .expect("webdriver");
         let v: Value = r.json().await.expect("json");
-        v["value"]
-            .as_object()
-            .and_then(|o| o.values().next())
-            .and_then(Value::as_str)
+        // W3C's element reference key; an error ("no such element") has none.
+        v["value"]["element-6066-11e4-a52e-4f735466cecf"]
+            .as_str()
             .map(str::to_string)
     }
 
@@ -348,16 +347,6 @@ impl Driver {
         v.as_str().unwrap_or_default().to_string()
     }
 
-    async fn type_into(&self, css: &str, text: &str) {
-        let e = self.find(css).await;
-        self.call(
-            reqwest::Method::POST,
-            &format!("/element/{e}/value"),
-            json!({ "text": text }),
-        )
-        .await;
-    }
-
     /// Types `text` as key presses into whatever has the focus.
     async fn keys(&self, text: &str) {
         let mut actions = Vec::new();
@@ -374,13 +363,42 @@ impl Driver {
     }
 
     async fn click(&self, css: &str) {
-        let e = self.find(css).await;
-        self.call(
-            reqwest::Method::POST,
-            &format!("/element/{e}/click"),
-            json!({}),
-        )
-        .await;
+        self.on_element(css, "click", json!({})).await;
+    }
+
+    async fn type_into(&self, css: &str, text: &str) {
+        self.on_element(css, "value", json!({ "text": text })).await;
+    }
+
+    /// `POST …/element/{e}/{what}` on `css`; the page may re-render
+    /// between finding and acting (a route change): find again then.
+    async fn on_element(&self, css: &str, what: &str, body: Value) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let e = self.find(css).await;
+            let r = self
+                .http
+                .post(format!(
+                    "{}/session/{}/element/{e}/{what}",
+                    self.url, self.session
+                ))
+                .json(&body)
+                .send()
+                .await
+                .expect("webdriver");
+            let v: Value = r.json().await.expect("json");
+            match v["value"]["error"].as_str() {
+                None => return,
+                Some(
+                    "stale element reference"
+                    | "element click intercepted"
+                    | "element not interactable",
+                ) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Some(_) => panic!("{what} {css}: {v}"),
+            }
+        }
     }
 
     async fn script(&self, js: &str) -> Value {
