@@ -780,12 +780,19 @@ impl ProotProvider {
                 Error::unavailable(format!("starting {}", self.opts.agent_path.display()))
                     .with_source(e)
             })?;
-        let pid = child
-            .id()
-            .and_then(|p| i32::try_from(p).ok())
-            .ok_or_else(|| Error::internal("the proot launcher exited at once"))?;
-        let identity = Identity::of(pid)
-            .ok_or_else(|| Error::internal("the proot launcher exited at once"))?;
+        // A launcher (or proot) that dies at once may be gone before it
+        // can be identified: that is the same failure as dying later, with
+        // the console saying why.
+        let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
+            return Err(self
+                .death_report(dir, &mut child, "it exited at once".into())
+                .await);
+        };
+        let Some(identity) = Identity::of(pid) else {
+            return Err(self
+                .death_report(dir, &mut child, "it exited at once".into())
+                .await);
+        };
         if let Some(m) = slot.as_mut() {
             m.pid = pid;
             m.start_time = identity.start_time;
