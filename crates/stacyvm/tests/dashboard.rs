@@ -224,6 +224,7 @@ async fn sessions_are_cookies_the_page_cannot_read_and_other_sites_cannot_use() 
 /// chromedriver on a free port, killed when dropped.
 struct Driver {
     child: Child,
+    profile: PathBuf,
     url: String,
     http: reqwest::Client,
     session: String,
@@ -233,6 +234,18 @@ impl Drop for Driver {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // The browser chromedriver started outlives it: every process of
+        // this test's profile goes too.
+        let needle = format!("--user-data-dir={}", self.profile.display());
+        for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmd).contains(&needle) {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+            }
+        }
     }
 }
 
@@ -257,6 +270,7 @@ impl Driver {
         }
         let mut d = Driver {
             child,
+            profile: profile.to_path_buf(),
             url,
             http,
             session: String::new(),
