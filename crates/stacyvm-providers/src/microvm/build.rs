@@ -13,7 +13,7 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use stacyvm_core::provider::{ArchiveLimits, BuiltImage, FileStream, ImageBuild};
+use stacyvm_core::provider::{ArchiveLimits, BuiltImage, FileStream, ImageBuild, SandboxIo};
 use stacyvm_core::{Error, Result};
 
 use crate::image::layerdiff;
@@ -38,14 +38,21 @@ fn built(rec: ImageRecord, reused: bool) -> BuiltImage {
     }
 }
 
-/// Saves the guest root streamed in `root` (an archive of `/`) as the
-/// image `plan.name` over `base`. Nothing is left behind on failure.
+/// Saves the root of the guest behind `io` as the image `plan.name` over
+/// `base` (what a microVM provider's `commit_image` does). Nothing is
+/// left behind on failure.
 pub async fn commit(
+    io: std::sync::Arc<dyn SandboxIo>,
     (images, provider, agent): (std::sync::Arc<ImageStore>, &'static str, PathBuf),
     base: &str,
     plan: &ImageBuild,
-    root: FileStream,
 ) -> Result<BuiltImage> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(Error::unsupported(format!(
+            "a {provider} build's commit needs a server running as root (the guest's files keep their owners)"
+        )));
+    }
+    let root = io.archive_read("/", root_limits()).await?;
     let base = native_build::base_of(&images, base)?;
     if let Some(rec) = native_build::reuse(&images, &base, &plan.cache_key, &plan.name)? {
         return Ok(built(rec, true));
@@ -134,7 +141,7 @@ fn commit_blocking(
 }
 
 /// What a commit asks the guest for: its whole root.
-pub fn root_limits() -> ArchiveLimits {
+fn root_limits() -> ArchiveLimits {
     ArchiveLimits {
         max_bytes: u64::MAX,
         max_entries: disk::MAX_ENTRIES,

@@ -1178,18 +1178,9 @@ impl Provider for FirecrackerProvider {
         id: &str,
         plan: &stacyvm_core::provider::ImageBuild,
     ) -> Result<stacyvm_core::provider::BuiltImage> {
-        if !nix::unistd::geteuid().is_root() {
-            return Err(Error::unsupported(
-                "a firecracker build's commit needs a server running as root (the guest's files keep their owners)",
-            ));
-        }
         let (base, _, _) = self.image_source(&plan.base_image)?;
-        let root = self
-            .io(id)
-            .await?
-            .archive_read("/", super::build::root_limits())
-            .await?;
         super::build::commit(
+            self.io(id).await?,
             (
                 self.images.clone(),
                 "firecracker",
@@ -1197,7 +1188,6 @@ impl Provider for FirecrackerProvider {
             ),
             &base,
             plan,
-            root,
         )
         .await
     }

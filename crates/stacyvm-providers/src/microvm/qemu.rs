@@ -1519,22 +1519,12 @@ impl Provider for QemuProvider {
         id: &str,
         plan: &stacyvm_core::provider::ImageBuild,
     ) -> Result<stacyvm_core::provider::BuiltImage> {
-        if !nix::unistd::geteuid().is_root() {
-            return Err(Error::unsupported(
-                "a qemu build's commit needs a server running as root (the guest's files keep their owners)",
-            ));
-        }
         let (base, _, _) = self.image_source(&plan.base_image)?;
-        let root = self
-            .io(id)
-            .await?
-            .archive_read("/", super::build::root_limits())
-            .await?;
         super::build::commit(
+            self.io(id).await?,
             (self.images.clone(), "qemu", self.opts.agent_path.clone()),
             &base,
             plan,
-            root,
         )
         .await
     }
