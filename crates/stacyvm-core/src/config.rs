@@ -599,6 +599,19 @@ pub struct AuthConfig {
     pub oidc_admin_groups: Vec<String>,
     pub oidc_operator_groups: Vec<String>,
     pub oidc_viewer_groups: Vec<String>,
+    /// The dashboard's OIDC sign-in (authorization code + PKCE): this
+    /// server's client id at the issuer; empty = no OIDC sign-in.
+    pub oidc_client_id: String,
+    /// The client's secret, for issuers that require one (confidential
+    /// clients); empty = a public client (PKCE alone).
+    pub oidc_client_secret: Secret,
+    pub oidc_client_secret_file: String,
+    /// Where the issuer sends the browser back: this server's
+    /// `/ui/oidc/callback` as the browser reaches it (empty = derived from
+    /// the request's host and `preview.scheme`).
+    pub oidc_redirect_url: String,
+    /// Scopes asked for at sign-in.
+    pub oidc_scopes: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -919,6 +932,11 @@ impl Default for AuthConfig {
             oidc_admin_groups: Vec::new(),
             oidc_operator_groups: Vec::new(),
             oidc_viewer_groups: Vec::new(),
+            oidc_client_id: String::new(),
+            oidc_client_secret: Secret::default(),
+            oidc_client_secret_file: String::new(),
+            oidc_redirect_url: String::new(),
+            oidc_scopes: vec!["openid".into(), "email".into(), "profile".into()],
         }
     }
 }
@@ -1264,6 +1282,18 @@ impl Config {
             a.worker_signing_key = Secret(read_secret_file(
                 "auth.worker_signing_key_file",
                 &a.worker_signing_key_file,
+            )?);
+        }
+        if !a.oidc_client_secret_file.is_empty() {
+            if !a.oidc_client_secret.is_empty() {
+                return Err(invalid(
+                    "auth.oidc_client_secret",
+                    "auth.oidc_client_secret and auth.oidc_client_secret_file cannot both be set",
+                ));
+            }
+            a.oidc_client_secret = Secret(read_secret_file(
+                "auth.oidc_client_secret_file",
+                &a.oidc_client_secret_file,
             )?);
         }
         if !a.oidc_public_key_file.is_empty() {

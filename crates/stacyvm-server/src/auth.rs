@@ -354,7 +354,7 @@ pub enum Via {
 }
 
 /// A verified caller.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
     pub role: Role,
     pub via: Via,
@@ -478,6 +478,17 @@ impl Authenticator {
             return Err(
                 "auth.oidc_enabled is true but neither auth.oidc_jwks_url nor auth.oidc_public_key is set".into(),
             );
+        }
+        if !a.oidc_client_id.trim().is_empty() && a.oidc_issuer.trim().is_empty() {
+            return Err("auth.oidc_client_id (the dashboard's OIDC sign-in) needs auth.oidc_issuer: its discovery document names the sign-in endpoints, and ID tokens must come from it".into());
+        }
+        let redirect = &a.oidc_redirect_url;
+        let http_url = redirect.starts_with("https://") || redirect.starts_with("http://");
+        if !redirect.is_empty() && !http_url {
+            return Err(format!(
+                "auth.oidc_redirect_url {:?} is not an http(s) URL (this server's /ui/oidc/callback as browsers reach it)",
+                a.oidc_redirect_url
+            ));
         }
         let oidc = if oidc_configured {
             if a.oidc_jwks_url.is_empty() && a.oidc_public_key.is_empty() {
@@ -834,6 +845,23 @@ impl Oidc {
 
     /// Verifies a compact JWS and maps it to an identity.
     pub async fn verify(&self, token: &str) -> Result<Identity, String> {
+        self.verify_for(token, &self.audience)
+            .await
+            .map(|(ident, _)| ident)
+    }
+
+    /// The issuer tokens must name (empty: any).
+    pub fn issuer(&self) -> &str {
+        &self.issuer
+    }
+
+    /// Verifies a token whose audience must include `audience` (none
+    /// checked when empty): the identity and the token's claims.
+    pub async fn verify_for(
+        &self,
+        token: &str,
+        audience: &str,
+    ) -> Result<(Identity, Value), String> {
         let header_alg = raw_alg(token)?;
         let alg = match header_alg.as_str() {
             "RS256" => Algorithm::RS256,
@@ -864,17 +892,17 @@ impl Oidc {
         } else {
             v.set_issuer(&[&self.issuer]);
         }
-        if self.audience.is_empty() {
+        if audience.is_empty() {
             v.validate_aud = false;
         } else {
-            v.set_audience(&[&self.audience]);
+            v.set_audience(&[audience]);
         }
         let data = jsonwebtoken::decode::<Value>(token, &key.key, &v).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             match e.kind() {
                 K::ExpiredSignature => "token has expired".to_string(),
                 K::ImmatureSignature => "token is not valid yet (nbf)".to_string(),
-                K::InvalidAudience => format!("audience does not include {:?}", self.audience),
+                K::InvalidAudience => format!("audience does not include {audience:?}"),
                 K::InvalidIssuer => format!("issuer is not {:?}", self.issuer),
                 K::InvalidSignature => "signature verification failed".to_string(),
                 K::MissingRequiredClaim(c) => format!("claim {c:?} is required"),
@@ -922,7 +950,7 @@ impl Oidc {
         } else {
             s(&self.tenant_claim)
         };
-        Ok(Identity {
+        let ident = Identity {
             role,
             via: Via::Oidc,
             api_key_acts_for_users: false,
@@ -930,7 +958,8 @@ impl Oidc {
             email: s("email"),
             tenant_id,
             groups,
-        })
+        };
+        Ok((ident, claims))
     }
 }
 

@@ -91,6 +91,7 @@ impl AppState {
             workerauth::WorkerAuth::new(&stacyvm_core::config::AuthConfig::default())
                 .unwrap_or_else(|_| unreachable!("the default auth config has no signing key"))
         });
+        let ui = Arc::new(ui::Sessions::new(&cfg.auth));
         AppState {
             worker_auth: Arc::new(worker_auth),
             e2b_keys: Arc::new(e2b::envd::EnvdKeys::load(&cfg.server.data_dir)),
@@ -106,7 +107,7 @@ impl AppState {
             mcp_router: Arc::default(),
             mcp_shutdown: tokio_util::sync::CancellationToken::new(),
             previews,
-            ui: Arc::default(),
+            ui,
         }
     }
 
@@ -152,6 +153,9 @@ pub fn router(state: AppState) -> Router {
         .route("/ui/", axum::routing::get(ui::index))
         .route("/ui/app.js", axum::routing::get(ui::app_js))
         .route("/ui/app.css", axum::routing::get(ui::app_css))
+        .route("/ui/term.js", axum::routing::get(ui::term_js))
+        .route("/ui/oidc/start", axum::routing::get(ui::oidc_start))
+        .route("/ui/oidc/callback", axum::routing::get(ui::oidc_callback))
         .route(
             "/ui/session",
             axum::routing::get(ui::current)

@@ -3,7 +3,7 @@
 // (sandbox metadata, file names, command output) and reaches the page
 // only through textContent and attribute setters, never as HTML.
 
-const state = { role: "", csrf: "", auth: true, who: "" };
+const state = { role: "", csrf: "", auth: true, who: "", tenant: "", can: {} };
 
 function el(tag, attrs = {}, ...children) {
   const e = document.createElement(tag);
@@ -66,12 +66,61 @@ async function api(method, path, body, raw) {
 }
 
 const json = async (method, path, body) => (await api(method, path, body)).json();
-const canWrite = () => state.role !== "viewer";
+// What the signed-in caller may do, as the server computed it from the
+// same permission table the API enforces: a control the API would refuse
+// is not shown.
+const can = (what) => Boolean(state.can[what]);
+const canWrite = () => can("write");
 
 function main(...children) {
   const m = document.getElementById("main");
-  m.replaceChildren(...children);
+  m.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
   return m;
+}
+
+// A table with a header row; `rows` are <tr> elements.
+function table(label, headers, rows, attrs = {}) {
+  return el(
+    "table",
+    { "aria-label": label, ...attrs },
+    el("thead", {}, el("tr", {}, ...headers.map((h) => el("th", { scope: "col", text: h })))),
+    el("tbody", {}, rows.length ? rows : el("tr", {}, el("td", { colspan: headers.length, text: "None." }))),
+  );
+}
+
+const row = (...cells) => el("tr", {}, ...cells.map((c) => (c instanceof Node && c.tagName === "TD" ? c : el("td", {}, c ?? ""))));
+const mono = (text) => el("td", { class: "mono", text: text ?? "" });
+
+// Saves a blob as a file the browser downloads.
+function download(blob, name) {
+  const url = URL.createObjectURL(blob);
+  const a = el("a", { href: url, download: name });
+  document.body.append(a);
+  a.click();
+  a.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+// A button that runs `action`, showing failures.
+function button(text, action, attrs = {}) {
+  const b = el("button", { type: "button", text, ...attrs });
+  b.addEventListener("click", async () => {
+    b.disabled = true;
+    try {
+      await action();
+    } catch (e) {
+      fail(e);
+    } finally {
+      b.disabled = false;
+    }
+  });
+  return b;
+}
+
+// A link only to http(s) addresses (never javascript: or data:).
+function safeLink(url, text, attrs = {}) {
+  if (!/^https?:\/\//i.test(url || "")) return el("span", { class: "mono", text: url || "" });
+  return el("a", { href: url, target: "_blank", rel: "noopener noreferrer", class: "mono", text: text || url, ...attrs });
 }
 
 function fail(e) {
@@ -81,7 +130,19 @@ function fail(e) {
 
 // ---- sign-in ----
 
-function signInView(message) {
+// The messages for an OIDC sign-in that came back refused (the server
+// puts only the code in the URL; details stay in its log).
+const SIGNIN_ERRORS = {
+  state: "That sign-in link was not started by this browser, or it was already used or expired. Start again.",
+  denied: "The identity provider did not sign you in.",
+  exchange: "The identity provider did not accept the sign-in (code exchange failed).",
+  token: "The identity provider's token was not accepted.",
+  unavailable: "The identity provider cannot be reached or is misconfigured.",
+  request: "The sign-in request was malformed.",
+  rate_limited: "Too many failed sign-ins from this address; retry later.",
+};
+
+function signInView(message, oidc) {
   state.csrf = "";
   document.getElementById("nav").hidden = true;
   document.getElementById("signout").hidden = true;
@@ -96,6 +157,7 @@ function signInView(message) {
     el("label", { for: "key" }, "Key", key),
     el("label", { for: "kind" }, "Kind", kind),
     el("p", {}, el("button", { type: "submit", id: "signin", text: "Sign in" })),
+    oidc ? el("p", {}, el("a", { href: "/ui/oidc/start", id: "signin-oidc", class: "button", text: "Sign in with single sign-on" })) : null,
     msg,
   );
   form.addEventListener("submit", async (ev) => {
@@ -122,21 +184,27 @@ function signInView(message) {
   key.focus();
 }
 
-async function start() {
+async function start(message) {
   const r = await fetch("/ui/session", { credentials: "same-origin" });
-  if (r.status === 401) return signInView();
+  if (r.status === 401) {
+    const body = await r.json().catch(() => ({}));
+    const code = (location.hash.match(/^#signin-error=([a-z_]+)$/) || [])[1];
+    if (code) history.replaceState(null, "", "/ui/");
+    return signInView(code ? SIGNIN_ERRORS[code] || "Sign-in failed." : message || "", body.oidc);
+  }
   const s = await r.json();
-  Object.assign(state, { role: s.role, csrf: s.csrf || "", auth: s.auth, who: s.who || "" });
+  Object.assign(state, { role: s.role, csrf: s.csrf || "", auth: s.auth, who: s.who || "", tenant: s.tenant || "", can: s.can || {} });
+  if (location.hash.startsWith("#signin-error=")) history.replaceState(null, "", "/ui/");
   document.getElementById("nav").hidden = false;
   document.getElementById("signout").hidden = !s.auth;
   document.getElementById("who").textContent = s.auth ? `${state.who} (${state.role})` : "open server (no sign-in)";
-  for (const a of document.querySelectorAll("[data-role]")) a.hidden = a.dataset.role !== state.role;
+  for (const a of document.querySelectorAll("[data-need]")) a.hidden = !can(a.dataset.need);
   route();
 }
 
 document.getElementById("signout").addEventListener("click", async () => {
   await fetch("/ui/session", { method: "DELETE", headers: { "X-StacyVM-CSRF": state.csrf }, credentials: "same-origin" });
-  signInView("Signed out.");
+  start("Signed out.");
 });
 
 // ---- routing ----
@@ -148,24 +216,35 @@ function route() {
     if (h.startsWith(a.getAttribute("href"))) a.setAttribute("aria-current", "page");
     else a.removeAttribute("aria-current");
   }
-  const m = h.match(/^#\/sandboxes\/(sb-[0-9a-f]+)$/);
   stopLive();
-  const t = h.match(/^#\/tenants\/([A-Za-z0-9._-]+)$/);
-  const view = m
-    ? sandboxView(m[1])
-    : t
-      ? tenantView(t[1])
-      : h === "#/providers"
-        ? providersView()
-        : h === "#/audit"
-          ? auditView()
-          : h === "#/tenants"
-            ? tenantsView()
-            : sandboxesView();
-  view.catch(fail);
+  let view = null;
+  for (const [pattern, show] of ROUTES) {
+    const m = h.match(pattern);
+    if (m) {
+      view = show(...m.slice(1).map(decodeURIComponent));
+      break;
+    }
+  }
+  (view || sandboxesView()).catch(fail);
   document.getElementById("main").focus();
 }
 window.addEventListener("hashchange", route);
+
+// Views by address; ids in addresses are the API's own (checked shapes).
+const ROUTES = [
+  [/^#\/sandboxes\/(sb-[0-9a-f]+)$/, (id) => sandboxView(id)],
+  [/^#\/sandboxes$/, () => sandboxesView()],
+  [/^#\/templates$/, () => templatesView()],
+  [/^#\/environments$/, () => environmentsView()],
+  [/^#\/builds\/([A-Za-z0-9_-]+)$/, (id) => buildView(id)],
+  [/^#\/quotas$/, () => quotasView()],
+  [/^#\/workers$/, () => workersView()],
+  [/^#\/providers$/, () => providersView()],
+  [/^#\/system$/, () => systemView()],
+  [/^#\/tenants$/, () => tenantsView()],
+  [/^#\/tenants\/([A-Za-z0-9._-]+)$/, (t) => tenantView(t)],
+  [/^#\/audit$/, () => auditView()],
+];
 
 // ---- sandboxes ----
 
@@ -238,6 +317,7 @@ async function sandboxView(id) {
   parts.push(livePanel(id));
   if (canWrite()) parts.push(execPanel(id), terminalPanel(id));
   parts.push(await filesPanel(id, "/workspace"));
+  parts.push(await previewsPanel(id));
   if (canWrite()) {
     const destroy = el("button", { type: "button", class: "danger", id: "destroy", text: "Destroy" });
     destroy.addEventListener("click", async () => {
@@ -288,12 +368,7 @@ async function filesPanel(id, dir) {
       dl.addEventListener("click", async () => {
         try {
           const r = await api("GET", `/sandboxes/${id}/files?path=${encodeURIComponent(full)}`);
-          const url = URL.createObjectURL(await r.blob());
-          const a = el("a", { href: url, download: name });
-          document.body.append(a);
-          a.click();
-          a.remove();
-          setTimeout(() => URL.revokeObjectURL(url), 10000);
+          download(await r.blob(), name);
         } catch (e) {
           fail(e);
         }
@@ -360,77 +435,387 @@ function livePanel(id) {
 
 // ---- terminal ----
 
-// A terminal on the WebSocket pty exec. It keeps the text a shell writes
-// (carriage returns, backspaces and line feeds applied) and drops other
-// escape sequences (colours, cursor moves, titles).
+// A terminal on the WebSocket pty exec: term.js emulates the screen
+// (cursor addressing, colours, the alternate screen of full-screen
+// programs), the pty is sized to the panel and resized with it.
 function terminalPanel(id) {
-  const screen = el("pre", { class: "out term", id: "terminal", tabindex: 0, role: "log", "aria-label": "Terminal: click here and type" });
+  const box = el("div", { id: "terminal", "aria-label": "Terminal: click here and type", role: "application" });
+  const status = el("p", { id: "terminal-status", class: "muted", "aria-live": "polite" });
   const open = el("button", { type: "button", class: "secondary", id: "terminal-open", text: "Open a terminal" });
   let ws = null;
-  let cr = false;
-  const write = (data) => {
-    const clean = data
-      .replace(/\x1b\][^\x07\x1b]*(\x07|\x1b\\)/g, "")
-      .replace(/\x1b\[[0-9;?]*[ -\/]*[@-~]/g, "")
-      .replace(/\x1b[@-Z\\-_]/g, "");
-    let text = screen.textContent;
-    for (const ch of clean) {
-      // A carriage return not followed by a line feed rewrites the line
-      // (progress bars); "\r\n" is just a new line.
-      if (cr && ch !== "\n") text = text.slice(0, text.lastIndexOf("\n") + 1);
-      cr = false;
-      if (ch === "\r") {
-        cr = true;
-      } else if (ch === "\b") {
-        if (!text.endsWith("\n")) text = text.slice(0, -1);
-      } else if (ch === "\n") {
-        text += "\n";
-      } else if (ch >= " " || ch === "\t") {
-        text += ch;
-      }
-    }
-    screen.textContent = text.slice(-100000);
-    screen.scrollTop = screen.scrollHeight;
-  };
-  const keys = { Enter: "\r", Backspace: "\x7f", Tab: "\t", Escape: "\x1b", ArrowUp: "\x1b[A", ArrowDown: "\x1b[B", ArrowRight: "\x1b[C", ArrowLeft: "\x1b[D" };
-  screen.addEventListener("keydown", (ev) => {
-    if (!ws || ws.readyState !== WebSocket.OPEN) return;
-    let data = keys[ev.key];
-    if (!data && ev.ctrlKey && ev.key.length === 1) data = String.fromCharCode(ev.key.toUpperCase().charCodeAt(0) - 64);
-    if (!data && ev.key.length === 1 && !ev.metaKey) data = ev.key;
-    if (!data) return;
-    ev.preventDefault();
-    ws.send(JSON.stringify({ type: "stdin", data }));
-  });
-  screen.addEventListener("paste", (ev) => {
-    if (!ws) return;
-    ev.preventDefault();
-    ws.send(JSON.stringify({ type: "stdin", data: ev.clipboardData.getData("text") }));
-  });
-  open.addEventListener("click", () => {
+  let view = null;
+  const send = (m) => ws && ws.readyState === WebSocket.OPEN && ws.send(JSON.stringify(m));
+  const close = () => {
     if (ws) ws.close();
-    screen.textContent = "";
-    const proto = location.protocol === "https:" ? "wss" : "ws";
-    ws = new WebSocket(`${proto}://${location.host}/api/v1/sandboxes/${id}/exec/ws`);
-    ws.addEventListener("open", () => {
-      ws.send(JSON.stringify({ command: "/bin/sh", args: ["-i"], interactive: true, tty: { rows: 24, cols: 100 } }));
-      screen.focus();
+    if (view) view.dispose();
+    ws = view = null;
+  };
+  open.addEventListener("click", () => {
+    close();
+    const model = new StacyTerm.TermModel(100, 24, { scrollback: 2000 });
+    view = new StacyTerm.TermView(box, model, {
+      onData: (data) => send({ type: "stdin", data }),
+      onResize: ({ cols, rows }) => send({ type: "resize", rows, cols }),
     });
-    ws.addEventListener("message", (ev) => {
+    const { cols, rows } = view.fit();
+    const proto = location.protocol === "https:" ? "wss" : "ws";
+    const socket = new WebSocket(`${proto}://${location.host}/api/v1/sandboxes/${id}/exec/ws`);
+    ws = socket;
+    socket.addEventListener("open", () => {
+      socket.send(JSON.stringify({ command: "/bin/sh", args: ["-i"], interactive: true, tty: { rows, cols }, env: { TERM: "xterm-256color" } }));
+      status.textContent = "Connected.";
+      view.focus();
+    });
+    socket.addEventListener("message", (ev) => {
       try {
         const m = JSON.parse(ev.data);
-        if (m.data !== undefined) write(m.data);
-        else if (m.type === "done") write(`\n[exit ${m.exit_code}]\n`);
-        else if (m.error) write(`\n[${m.error}]\n`);
+        if (m.data !== undefined) model.write(m.data);
+        else if (m.type === "done") status.textContent = `The shell exited (${m.exit_code}).`;
+        else if (m.error) status.textContent = m.error;
       } catch (_) {}
     });
-    ws.addEventListener("close", (ev) => {
-      write(`\n[connection closed${ev.reason ? `: ${ev.reason}` : ""} (${ev.code})]\n`);
+    socket.addEventListener("close", (ev) => {
+      if (ws !== socket) return;
+      status.textContent = `Connection closed${ev.reason ? `: ${ev.reason}` : ""} (${ev.code}).`;
       ws = null;
     });
-    live.push(() => ws && ws.close());
+    const refit = () => view && view.fit();
+    window.addEventListener("resize", refit);
+    live.push(() => {
+      window.removeEventListener("resize", refit);
+      close();
+    });
   });
-  return el("section", { "aria-labelledby": "term-title" }, el("h2", { id: "term-title", text: "Terminal" }), open, screen);
+  return el("section", { "aria-labelledby": "term-title" }, el("h2", { id: "term-title", text: "Terminal" }), open, status, box);
+}
+
+// ---- previews ----
+
+async function previewsPanel(id) {
+  const section = el("section", { "aria-labelledby": "previews-title", id: "previews" });
+  const minted = el("pre", { class: "out", id: "preview-token", hidden: true, "aria-live": "polite", "aria-label": "New preview link" });
+  const render = async () => {
+    const ports = await json("GET", `/sandboxes/${id}/ports`).catch((e) => (fail(e), []));
+    const rows = ports.map((p) => {
+      const actions = [];
+      if (canWrite()) {
+        if (p.mode === "token")
+          actions.push(
+            button("New link", async () => {
+              const t = await json("POST", `/sandboxes/${id}/ports/${p.port}/tokens`, { ttl: "1h" });
+              minted.hidden = false;
+              minted.textContent = `Link for port ${p.port} (shown once, expires ${t.expires_at}):\n${t.url}`;
+            }, { class: "secondary", "aria-label": `New link for port ${p.port}` }),
+          );
+        actions.push(
+          button("Unexpose", async () => {
+            await api("DELETE", `/sandboxes/${id}/ports/${p.port}`);
+            render();
+          }, { class: "danger", "aria-label": `Unexpose port ${p.port}` }),
+        );
+      }
+      return row(String(p.port), p.mode, safeLink(p.url), el("span", { class: "mono", text: p.path || "" }), p.created_at || "", el("span", {}, ...actions));
+    });
+    const port = el("input", { id: "expose-port", type: "number", min: 1, max: 65535, placeholder: "8080" });
+    const mode = el("select", { id: "expose-mode" }, el("option", { value: "token", text: "token (links that expire)" }), el("option", { value: "public", text: "public" }));
+    const form = el("form", { class: "row", "aria-label": "Expose a port" }, el("label", { for: "expose-port" }, "Port", port), el("label", { for: "expose-mode" }, "Access", mode), el("button", { type: "submit", id: "expose", text: "Expose" }));
+    form.addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      try {
+        await json("POST", `/sandboxes/${id}/ports/${Number(port.value)}`, { mode: mode.value });
+        render();
+      } catch (e) {
+        fail(e);
+      }
+    });
+    section.replaceChildren(
+      el("h2", { id: "previews-title", text: "Previews" }),
+      canWrite() ? form : null,
+      table("Exposed ports", ["Port", "Access", "URL", "Path", "Since", ""], rows, { id: "ports" }),
+      minted,
+    );
+  };
+  await render();
+  return section;
+}
+
+// ---- templates ----
+
+async function templatesView() {
+  const list = await json("GET", "/templates");
+  const rows = list.map((t) => {
+    const pool = t.pool ? `${t.pool.ready}/${t.pool.target} ready, ${t.pool.hits} hits, ${t.pool.misses} misses` : String(t.pool_size || 0);
+    const actions = [];
+    if (canWrite())
+      actions.push(
+        button("Spawn", async () => {
+          const sb = await json("POST", `/templates/${encodeURIComponent(t.name)}/spawn`, {});
+          location.hash = `#/sandboxes/${sb.id || (sb.sandbox && sb.sandbox.id)}`;
+        }, { "aria-label": `Spawn from ${t.name}`, class: "template-spawn" }),
+      );
+    if (can("shared"))
+      actions.push(
+        button("Delete", async () => {
+          if (!confirm(`Delete template ${t.name}?`)) return;
+          await api("DELETE", `/templates/${encodeURIComponent(t.name)}`);
+          route();
+        }, { class: "danger", "aria-label": `Delete template ${t.name}` }),
+      );
+    return row(el("span", { class: "mono", text: t.name }), mono(t.image), t.provider || "default", `${t.memory_mb} MiB, ${t.vcpus} vCPU, ${t.ttl}`, Object.keys(t.env || {}).join(" "), pool, el("span", {}, ...actions));
+  });
+  const parts = [el("h1", { text: "Templates" }), table("Templates", ["Name", "Image", "Provider", "Resources", "Env", "Pool", ""], rows, { id: "templates" })];
+  if (can("shared")) parts.splice(1, 0, templateForm());
+  main(...parts);
+}
+
+function templateForm() {
+  const name = el("input", { id: "template-name", placeholder: "python-dev", required: true });
+  const image = el("input", { id: "template-image", placeholder: "default image" });
+  const setup = el("input", { id: "template-setup", class: "mono", placeholder: "pip install -r requirements.txt", size: 40 });
+  const form = el(
+    "form",
+    { class: "row", "aria-label": "Create a template" },
+    el("label", { for: "template-name" }, "Name", name),
+    el("label", { for: "template-image" }, "Image", image),
+    el("label", { for: "template-setup" }, "Setup command", setup),
+    el("button", { type: "submit", id: "template-create", text: "Create template" }),
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      const body = { name: name.value };
+      if (image.value) body.image = image.value;
+      if (setup.value) body.setup = [setup.value];
+      await json("POST", "/templates", body);
+      route();
+    } catch (e) {
+      fail(e);
+    }
+  });
+  return form;
+}
+
+// ---- environments and builds ----
+
+async function environmentsView() {
+  const specs = await json("GET", "/environments/specs");
+  const builds = await json("GET", "/environments/builds?limit=50");
+  const specRows = specs.map((s) =>
+    row(
+      mono(s.name),
+      mono(s.base_image),
+      [...(s.apt_packages || []), ...(s.python_packages || [])].join(" ") || (s.dockerfile ? "Dockerfile" : ""),
+      s.updated_at || "",
+      canWrite()
+        ? button("Build", async () => {
+            const b = await json("POST", "/environments/builds", { spec_id: s.id });
+            location.hash = `#/builds/${b.id}`;
+          }, { "aria-label": `Build ${s.name}`, class: "spec-build" })
+        : "",
+    ),
+  );
+  const buildRows = builds.map(({ build: b, spec }) =>
+    row(el("a", { href: `#/builds/${b.id}`, class: "mono", text: b.id }), mono(spec ? spec.name : b.spec_id), el("span", { class: `state-${b.status}`, text: b.status }), b.current_step || "", b.created_at || ""),
+  );
+  const parts = [el("h1", { text: "Environments" })];
+  if (canWrite()) parts.push(specForm());
+  parts.push(table("Environment specs", ["Name", "Base", "Packages", "Updated", ""], specRows, { id: "specs" }), el("h2", { text: "Builds" }), table("Builds", ["Build", "Spec", "Status", "Step", "Created"], buildRows, { id: "builds" }));
+  main(...parts);
+}
+
+function specForm() {
+  const name = el("input", { id: "spec-name", placeholder: "data-science", required: true });
+  const dockerfile = el("textarea", { id: "spec-dockerfile", class: "mono", rows: 4, cols: 60, placeholder: "FROM host\nRUN echo ready > /etc/motd" });
+  const form = el(
+    "form",
+    { class: "row", "aria-label": "Create an environment spec" },
+    el("label", { for: "spec-name" }, "Name", name),
+    el("label", { for: "spec-dockerfile" }, "Dockerfile", dockerfile),
+    el("button", { type: "submit", id: "spec-create", text: "Create spec" }),
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      await json("POST", "/environments/specs", { name: name.value, dockerfile: dockerfile.value });
+      route();
+    } catch (e) {
+      fail(e);
+    }
+  });
+  return form;
+}
+
+async function buildView(id) {
+  const b = await json("GET", `/environments/builds/${encodeURIComponent(id)}`);
+  const facts = el("dl", { class: "facts", id: "build-facts" });
+  const status = el("dd", { class: `mono state-${b.status}`, id: "build-status", text: b.status });
+  facts.append(el("dt", { text: "Status" }), status);
+  for (const [k, v] of [["Spec", b.spec_id], ["Provider", b.provider], ["Image", b.digest_local], ["Error", b.error]]) if (v) facts.append(el("dt", { text: k }), el("dd", { class: "mono", text: v }));
+  const log = el("pre", { class: "out", id: "build-log", "aria-label": "Build log", "aria-live": "off" });
+  const parts = [el("h1", {}, "Build ", el("span", { class: "mono", text: id })), facts];
+  if (canWrite() && ["queued", "building"].includes(b.status))
+    parts.push(
+      button("Cancel build", async () => {
+        await json("POST", `/environments/builds/${encodeURIComponent(id)}/cancel`);
+        route();
+      }, { class: "danger", id: "build-cancel" }),
+    );
+  parts.push(el("h2", { text: "Log" }), log);
+  main(...parts);
+  // Follow the log as it is written; the stream ends with the build.
+  const abort = new AbortController();
+  live.push(() => abort.abort());
+  try {
+    const r = await fetch(`/api/v1/environments/builds/${encodeURIComponent(id)}/logs?follow=1`, { headers: { "X-StacyVM-CSRF": state.csrf }, credentials: "same-origin", signal: abort.signal });
+    if (!r.ok) throw new ApiError(r.status, `log: HTTP ${r.status}`);
+    const reader = r.body.getReader();
+    const dec = new TextDecoder();
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      log.textContent = (log.textContent + dec.decode(value, { stream: true })).slice(-500000);
+      log.scrollTop = log.scrollHeight;
+    }
+    const end = await json("GET", `/environments/builds/${encodeURIComponent(id)}`);
+    status.textContent = end.status;
+    status.className = `mono state-${end.status}`;
+  } catch (e) {
+    if (e.name !== "AbortError") fail(e);
+  }
+}
+
+// ---- quotas ----
+
+async function quotasView() {
+  const list = await json("GET", "/quotas");
+  const summary = await json("GET", "/quotas/summary");
+  const rows = list.map((q) =>
+    row(
+      mono(q.owner_id),
+      String(q.max_sandboxes || "—"),
+      q.max_ttl || "—",
+      q.max_exec_timeout || "—",
+      q.updated_at || "",
+      can("admin")
+        ? button("Remove", async () => {
+            await api("DELETE", `/quotas/${encodeURIComponent(q.owner_id)}`);
+            route();
+          }, { class: "danger", "aria-label": `Remove the quota of ${q.owner_id}` })
+        : "",
+    ),
+  );
+  const facts = el("dl", { class: "facts", id: "quota-summary" });
+  for (const [k, v] of Object.entries(summary)) facts.append(el("dt", { text: k.replaceAll("_", " ") }), el("dd", { class: "mono", text: v }));
+  const parts = [el("h1", { text: "Quotas" }), facts];
+  if (can("admin")) parts.push(quotaForm());
+  parts.push(table("Quotas", ["Owner", "Sandboxes", "TTL", "Exec timeout", "Updated", ""], rows, { id: "quotas" }));
+  main(...parts);
+}
+
+function quotaForm() {
+  const owner = el("input", { id: "quota-owner", placeholder: "user id", required: true });
+  const max = el("input", { id: "quota-max", type: "number", min: 0, placeholder: "10" });
+  const ttl = el("input", { id: "quota-ttl", placeholder: "2h" });
+  const exec = el("input", { id: "quota-exec", placeholder: "5m" });
+  const form = el(
+    "form",
+    { class: "row", "aria-label": "Set a quota" },
+    el("label", { for: "quota-owner" }, "Owner", owner),
+    el("label", { for: "quota-max" }, "Max sandboxes", max),
+    el("label", { for: "quota-ttl" }, "Max TTL", ttl),
+    el("label", { for: "quota-exec" }, "Max exec timeout", exec),
+    el("button", { type: "submit", id: "quota-set", text: "Set quota" }),
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      const body = {};
+      if (max.value) body.max_sandboxes = Number(max.value);
+      if (ttl.value) body.max_ttl = ttl.value;
+      if (exec.value) body.max_exec_timeout = exec.value;
+      await json("PUT", `/quotas/${encodeURIComponent(owner.value)}`, body);
+      route();
+    } catch (e) {
+      fail(e);
+    }
+  });
+  return form;
+}
+
+// ---- workers ----
+
+async function workersView() {
+  const list = await json("GET", "/workers");
+  const rows = list.map((w) =>
+    row(mono(w.id), w.hostname || "", el("span", { class: `state-${w.stale ? "stale" : w.status}`, text: w.stale ? `${w.status} (stale)` : w.status }), (w.providers || []).join(" "), (w.capabilities || []).join(" "), w.capacity && w.capacity.max_sandboxes ? String(w.capacity.max_sandboxes) : "unlimited", w.last_heartbeat || ""),
+  );
+  main(el("h1", { text: "Workers" }), table("Workers", ["Id", "Host", "Status", "Providers", "Capabilities", "Capacity", "Last heartbeat"], rows, { id: "workers" }));
+}
+
+// ---- system: host graphs, metrics, diagnostics ----
+
+// A line graph of the last values of one series, drawn as SVG.
+function sparkline(label, unit, max) {
+  const NS = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("viewBox", "0 0 300 60");
+  svg.setAttribute("class", "graph");
+  svg.setAttribute("role", "img");
+  const line = document.createElementNS(NS, "polyline");
+  svg.append(line);
+  const now = el("span", { class: "mono graph-now", text: "…" });
+  const values = [];
+  const figure = el("figure", { class: "graph-box" }, el("figcaption", {}, label, " ", now), svg);
+  return {
+    figure,
+    push(v) {
+      values.push(Number(v) || 0);
+      if (values.length > 60) values.shift();
+      const top = Math.max(max || 0, ...values, 1e-9);
+      line.setAttribute("points", values.map((x, i) => `${(i * 300) / 59},${58 - (x / top) * 56}`).join(" "));
+      now.textContent = `${values[values.length - 1].toFixed(1)} ${unit}`;
+      svg.setAttribute("aria-label", `${label}: ${now.textContent}`);
+    },
+  };
+}
+
+async function systemView() {
+  const graphs = {
+    cpu_pct: sparkline("CPU", "%", 100),
+    mem_pct: sparkline("Memory", "%", 100),
+    load1: sparkline("Load", "", 0),
+    net_rx_bps: sparkline("Network in", "B/s", 0),
+    net_tx_bps: sparkline("Network out", "B/s", 0),
+  };
+  const active = sparkline("Active sandboxes", "", 0);
+  const metrics = el("dl", { class: "facts", id: "metrics" });
+  const ops = el("div", { id: "operations" });
+  const diag = el("pre", { class: "out", id: "diagnostics", "aria-label": "Diagnostics" });
+  const tick = async () => {
+    try {
+      const s = await json("GET", "/system/stats");
+      for (const [k, g] of Object.entries(graphs)) g.push(s[k]);
+      const m = await json("GET", "/metrics");
+      const facts = [];
+      for (const [k, v] of Object.entries(m)) if (typeof v !== "object") facts.push(el("dt", { text: k.replaceAll("_", " ") }), el("dd", { class: "mono", text: v }));
+      active.push(m.sandboxes ? m.sandboxes.active : 0);
+      for (const [k, v] of [["active sandboxes", m.sandboxes && m.sandboxes.active], ["workers online", m.workers && m.workers.online], ["active leases", m.leases && m.leases.active], ["spawn queue", m.scheduler && m.scheduler.spawn_queue_depth]])
+        if (v !== undefined) facts.push(el("dt", { text: k }), el("dd", { class: "mono", text: v }));
+      metrics.replaceChildren(...facts);
+      const ms = (x) => (x === undefined ? "" : `${Number(x).toFixed(1)} ms`);
+      const opRows = (m.operations || []).map((o) => row(o.operation, o.provider || "", String(o.success_total ?? ""), String(o.failure_total ?? ""), ms(o.latency_avg_ms), ms(o.latency_max_ms)));
+      ops.replaceChildren(table("Operations", ["Operation", "Provider", "Succeeded", "Failed", "Mean", "Max"], opRows));
+    } catch (e) {
+      fail(e);
+    }
+  };
+  const parts = [el("h1", { text: "System" }), el("div", { class: "graphs", id: "graphs" }, ...Object.values(graphs).map((g) => g.figure), active.figure), el("h2", { text: "Metrics" }), metrics, el("h2", { text: "Operations" }), ops];
+  if (can("admin")) parts.push(el("h2", { text: "Diagnostics" }), diag);
+  main(...parts);
+  await tick();
+  if (can("admin")) json("GET", "/diagnostics").then((d) => (diag.textContent = JSON.stringify(d, null, 2)), fail);
+  const timer = setInterval(tick, 2000);
+  live.push(() => clearInterval(timer));
 }
 
 // ---- tenants ----
@@ -502,8 +887,58 @@ async function tenantView(tid) {
     add,
     el("table", { "aria-label": "Members", id: "members" }, el("thead", {}, el("tr", {}, ...["User", "Role", ""].map((h) => el("th", { scope: "col", text: h })))), el("tbody", {}, rows)),
     el("h2", { text: "Policies" }),
-    el("pre", { class: "out", text: JSON.stringify(p.policies || p, null, 2) }),
+    policyForm(tid),
+    policyTable(tid, p.policies || []),
   );
+}
+
+const POLICY_KINDS = ["image", "provider", "network", "egress", "preview", "worker"];
+
+// Policies of the tenant (removable here) and the global ones it is
+// subject to, in the order they are evaluated.
+function policyTable(tid, list) {
+  const rows = list.map((x) =>
+    row(
+      String(x.priority),
+      x.resource_type,
+      el("span", { class: `effect-${x.effect}`, text: x.effect }),
+      mono(x.pattern),
+      x.tenant_id ? "tenant" : "global",
+      x.tenant_id === tid
+        ? button("Remove", async () => {
+            await api("DELETE", `/admin/tenants/${encodeURIComponent(tid)}/policies/${encodeURIComponent(x.id)}`);
+            route();
+          }, { class: "danger", "aria-label": `Remove policy ${x.resource_type} ${x.effect} ${x.pattern}` })
+        : "",
+    ),
+  );
+  return table("Policies", ["Priority", "Resource", "Effect", "Pattern", "Scope", ""], rows, { id: "policies" });
+}
+
+function policyForm(tid) {
+  const kind = el("select", { id: "policy-kind" }, ...POLICY_KINDS.map((k) => el("option", { value: k, text: k })));
+  const effect = el("select", { id: "policy-effect" }, el("option", { value: "deny", text: "deny" }), el("option", { value: "allow", text: "allow" }));
+  const pattern = el("input", { id: "policy-pattern", class: "mono", placeholder: "docker.io/library/*", required: true });
+  const priority = el("input", { id: "policy-priority", type: "number", value: 100 });
+  const form = el(
+    "form",
+    { class: "row", "aria-label": "Add a policy" },
+    el("label", { for: "policy-kind" }, "Resource", kind),
+    el("label", { for: "policy-effect" }, "Effect", effect),
+    el("label", { for: "policy-pattern" }, "Pattern", pattern),
+    el("label", { for: "policy-priority" }, "Priority", priority),
+    el("button", { type: "submit", id: "policy-add", text: "Add policy" }),
+  );
+  form.addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    try {
+      await json("POST", `/admin/tenants/${encodeURIComponent(tid)}/policies`, { resource_type: kind.value, effect: effect.value, pattern: pattern.value, priority: Number(priority.value) });
+      route();
+    } catch (e) {
+      fail(e);
+    }
+  });
+  return form;
 }
 
 // ---- providers and audit ----
@@ -528,24 +963,65 @@ async function providersView() {
   );
 }
 
+// The audit trail: operation rows (spawn, exec, files, previews, …) or
+// admin rows (every administrative call), filtered by the server; the
+// same filters export CSV.
+const AUDIT_FILTERS = {
+  op: [["since", "Since", "24h or 2026-01-01T00:00:00Z"], ["actor", "Actor", "api-key"], ["action", "Action", "exec"], ["sandbox_id", "Sandbox", "sb-…"], ["tenant_id", "Tenant", "team-a"]],
+  admin: [["since", "Since", "24h"], ["actor", "Actor", "admin-key"], ["method", "Method", "POST"], ["tenant_id", "Tenant", "team-a"]],
+};
+
 async function auditView() {
-  const a = await json("GET", "/admin/op-audit?limit=100");
-  const rows = Array.isArray(a) ? a : a.records || a.items || [];
-  main(
-    el("h1", { text: "Audit" }),
-    el(
-      "table",
-      { "aria-label": "Audit" },
-      el("thead", {}, el("tr", {}, ...["Time", "Actor", "Action", "Sandbox", "Result", "Detail"].map((h) => el("th", { scope: "col", text: h })))),
-      el(
-        "tbody",
-        {},
-        rows.map((r) =>
-          el("tr", {}, el("td", { text: r.created_at || r.time || "" }), el("td", { text: r.actor || "" }), el("td", { text: r.action || "" }), el("td", { class: "mono", text: r.sandbox_id || "" }), el("td", { text: r.success === false ? "failed" : "ok" }), el("td", { class: "mono", text: r.detail || "" })),
-        ),
-      ),
-    ),
+  const kind = el("select", { id: "audit-kind" }, el("option", { value: "op", text: "Operations" }), el("option", { value: "admin", text: "Administration" }));
+  const fields = el("span", { class: "row" });
+  const inputs = {};
+  const results = el("div", { id: "audit-results" });
+  const drawFields = () => {
+    for (const k of Object.keys(inputs)) delete inputs[k];
+    fields.replaceChildren(
+      ...AUDIT_FILTERS[kind.value].map(([name, label, hint]) => {
+        inputs[name] = el("input", { id: `audit-${name}`, placeholder: hint });
+        return el("label", { for: `audit-${name}` }, label, inputs[name]);
+      }),
+    );
+  };
+  const query = (extra) => {
+    const q = new URLSearchParams({ limit: "200", ...extra });
+    for (const [k, i] of Object.entries(inputs)) if (i.value.trim()) q.set(k, i.value.trim());
+    return `/admin/${kind.value === "op" ? "op-audit" : "audit"}?${q}`;
+  };
+  const search = async () => {
+    const a = await json("GET", query());
+    const list = Array.isArray(a) ? a : a.records || a.items || [];
+    const rows =
+      kind.value === "op"
+        ? list.map((r) => row(r.created_at || "", r.actor || "", r.action || "", mono(r.sandbox_id), r.status || "", mono(r.resource), mono(r.detail)))
+        : list.map((r) => row(r.created_at || "", r.actor || "", r.method || "", mono(r.path), String(r.status ?? r.status_code ?? ""), mono(r.tenant_id)));
+    const headers = kind.value === "op" ? ["Time", "Actor", "Action", "Sandbox", "Result", "Resource", "Detail"] : ["Time", "Actor", "Method", "Path", "Status", "Tenant"];
+    results.replaceChildren(el("p", { id: "audit-count", text: `${list.length} rows` }), table("Audit", headers, rows, { id: "audit" }));
+  };
+  const form = el(
+    "form",
+    { class: "row", "aria-label": "Search the audit trail" },
+    el("label", { for: "audit-kind" }, "Trail", kind),
+    fields,
+    el("button", { type: "submit", id: "audit-search", text: "Search" }),
+    button("Export CSV", async () => {
+      const r = await api("GET", query({ format: "csv", limit: "500" }));
+      download(await r.blob(), `stacyvm-${kind.value}-audit.csv`);
+    }, { class: "secondary", id: "audit-csv" }),
   );
+  form.addEventListener("submit", (ev) => {
+    ev.preventDefault();
+    search().catch(fail);
+  });
+  kind.addEventListener("change", () => {
+    drawFields();
+    search().catch(fail);
+  });
+  drawFields();
+  main(el("h1", { text: "Audit" }), form, results);
+  await search();
 }
 
 start().catch(fail);

@@ -623,10 +623,10 @@ async fn the_dashboard_in_a_real_browser() {
         r.status().as_u16() == 404 || r.text().await.unwrap_or_default().contains("destroyed"),
         "destroyed through the page"
     );
-    // An API role sees no tenants or audit pages.
+    // An API role sees no system, tenants or audit pages.
     assert_eq!(
         d.script("return [...document.querySelectorAll('nav a')].filter(a => !a.hidden).map(a => a.textContent)").await,
-        json!(["Sandboxes", "Providers"])
+        json!(["Sandboxes", "Templates", "Environments", "Quotas", "Workers", "Providers"])
     );
 
     // Sign out, sign in as the admin: tenants and a member's role change.
@@ -681,6 +681,371 @@ async fn the_dashboard_in_a_real_browser() {
     let _ = client()
         .delete(format!("{root}/api/v1/sandboxes/{planted}"))
         .header("x-api-key", API_KEY)
+        .send()
+        .await;
+}
+
+/// A real OpenID Provider (the `oidc-provider` package under Node, which
+/// scripts/test installs) on a loopback port, killed when dropped.
+struct Idp {
+    child: Child,
+    issuer: String,
+}
+
+impl Drop for Idp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CLIENT_ID: &str = "stacyvm-dashboard";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("port")
+        .port()
+}
+
+impl Idp {
+    fn start(port: u16, redirect: &str) -> Idp {
+        use std::io::BufRead as _;
+        let package = std::env::var("STACYVM_OIDC_PROVIDER")
+            .unwrap_or_else(|_| "/var/cache/stacyvm/npm/node_modules/oidc-provider".into());
+        assert!(
+            std::path::Path::new(&package).join("package.json").exists(),
+            "the oidc-provider package is not at {package} (scripts/test installs it)"
+        );
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/js/oidc-idp.mjs");
+        let mut child = Command::new("node")
+            .arg(script)
+            .args([&port.to_string(), CLIENT_ID, redirect])
+            .env("OIDC_PROVIDER", &package)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("node (Debian package nodejs)");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("idp output");
+        // The rest of its output is drained (a closed pipe would kill it).
+        std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+        assert!(
+            line.starts_with("ready "),
+            "the IdP did not start: {line:?}"
+        );
+        Idp {
+            child,
+            issuer: line.trim_start_matches("ready ").trim().to_string(),
+        }
+    }
+}
+
+/// A server whose dashboard signs in through `idp_port`'s issuer, with
+/// its groups mapped to roles, and the IdP itself.
+fn serve_with_idp(dir: &std::path::Path, extra: &[(&str, &str)]) -> (common::Server, Idp) {
+    let port = free_port();
+    let issuer = format!("http://127.0.0.1:{port}");
+    let jwks = format!("{issuer}/jwks");
+    let mut env = vec![
+        ("STACYVM_PROVIDERS_NATIVE_WARM_POOL", "0"),
+        ("STACYVM_AUTH_ENABLED", "true"),
+        ("STACYVM_AUTH_API_KEY", API_KEY),
+        ("STACYVM_AUTH_ADMIN_API_KEY", ADMIN_KEY),
+        ("STACYVM_AUTH_OIDC_ISSUER", issuer.as_str()),
+        ("STACYVM_AUTH_OIDC_JWKS_URL", jwks.as_str()),
+        ("STACYVM_AUTH_OIDC_CLIENT_ID", CLIENT_ID),
+        ("STACYVM_AUTH_OIDC_SCOPES", "openid,email,groups"),
+        ("STACYVM_AUTH_OIDC_ADMIN_GROUPS", "stacyvm-admins"),
+        ("STACYVM_AUTH_OIDC_VIEWER_GROUPS", "stacyvm-viewers"),
+    ];
+    env.extend_from_slice(extra);
+    let server = common::Server::start(dir, &env);
+    let root = server.url.trim_end_matches("/api/v1").to_string();
+    let idp = Idp::start(port, &format!("{root}/ui/oidc/callback"));
+    assert_eq!(idp.issuer, issuer);
+    (server, idp)
+}
+
+/// The `name=value` of cookie `name` among a response's `Set-Cookie`s,
+/// and the whole header.
+fn set_cookie(r: &reqwest::Response, name: &str) -> Option<(String, String)> {
+    r.headers()
+        .get_all("set-cookie")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .find(|v| v.starts_with(&format!("{name}=")))
+        .map(|v| (v.split(';').next().unwrap_or("").to_string(), v.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_sign_in_binds_its_state_to_the_browser_and_refuses_forgeries() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (server, idp) = serve_with_idp(
+        dir.path(),
+        &[("STACYVM_RATE_LIMIT_FAILED_AUTH_PER_MINUTE", "6")],
+    );
+    let root = server.url.trim_end_matches("/api/v1").to_string();
+    let c = client();
+
+    // Signed out, the page is told single sign-on is offered.
+    let r = c
+        .get(format!("{root}/ui/session"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 401);
+    assert_eq!(r.json::<Value>().await.expect("json")["oidc"], true);
+
+    // Start: to the issuer's authorization endpoint with PKCE (S256), a
+    // state and a nonce; the state also in an HttpOnly cookie for the
+    // callback only.
+    let start = || async {
+        let r = c
+            .get(format!("{root}/ui/oidc/start"))
+            .send()
+            .await
+            .expect("start");
+        assert_eq!(r.status().as_u16(), 303);
+        let loc = r.headers()["location"].to_str().expect("loc").to_string();
+        let (pair, whole) = set_cookie(&r, "stacyvm_oidc").expect("state cookie");
+        (loc, pair, whole)
+    };
+    let (loc, pair, whole) = start().await;
+    assert!(loc.starts_with(&format!("{}/auth?", idp.issuer)), "{loc}");
+    let q: std::collections::HashMap<String, String> = reqwest::Url::parse(&loc)
+        .expect("url")
+        .query_pairs()
+        .into_owned()
+        .collect();
+    assert_eq!(q["response_type"], "code");
+    assert_eq!(q["client_id"], CLIENT_ID);
+    assert_eq!(q["code_challenge_method"], "S256");
+    assert_eq!(q["code_challenge"].len(), 43, "{q:?}");
+    assert_eq!(q["redirect_uri"], format!("{root}/ui/oidc/callback"));
+    assert!(q["scope"].split(' ').any(|s| s == "openid"), "{q:?}");
+    assert!(q["state"].len() >= 32 && q["nonce"].len() >= 32, "{q:?}");
+    assert_ne!(q["state"], q["nonce"]);
+    assert_eq!(pair, format!("stacyvm_oidc={}", q["state"]));
+    for attr in ["HttpOnly", "SameSite=Lax", "Path=/ui/oidc"] {
+        assert!(whole.contains(attr), "{whole}");
+    }
+    // The issuer really serves that authorization request (PKCE client).
+    let r = c.get(&loc).send().await.expect("authorize");
+    assert!(
+        r.status().is_redirection() || r.status().is_success(),
+        "the issuer refused the request: {}",
+        r.status()
+    );
+
+    // Callbacks the browser did not start: another state, no cookie, a
+    // cookie for another sign-in; an issuer error; a forged code.
+    let callback = |query: String, cookie: Option<String>| {
+        let c = c.clone();
+        let url = format!("{root}/ui/oidc/callback?{query}");
+        async move {
+            let mut req = c.get(url);
+            if let Some(ck) = cookie {
+                req = req.header("cookie", ck);
+            }
+            let r = req.send().await.expect("callback");
+            assert_eq!(r.status().as_u16(), 303);
+            assert!(
+                set_cookie(&r, "stacyvm_session").is_none(),
+                "no session from a refused callback"
+            );
+            r.headers()["location"].to_str().expect("loc").to_string()
+        }
+    };
+    let state = q["state"].clone();
+    assert_eq!(
+        callback(format!("code=x&state={state}"), None).await,
+        "/ui/#signin-error=state"
+    );
+    assert_eq!(
+        callback(
+            format!("code=x&state={state}"),
+            Some("stacyvm_oidc=another".into())
+        )
+        .await,
+        "/ui/#signin-error=state"
+    );
+    assert_eq!(
+        callback(
+            "code=x&state=attacker".into(),
+            Some("stacyvm_oidc=attacker".into())
+        )
+        .await,
+        "/ui/#signin-error=state",
+        "a state this server never issued"
+    );
+    assert_eq!(
+        callback(
+            format!("error=access_denied&state={state}"),
+            Some(pair.clone())
+        )
+        .await,
+        "/ui/#signin-error=denied"
+    );
+    // The right state with a code the issuer never issued: the issuer
+    // refuses the exchange, and the state is spent.
+    assert_eq!(
+        callback(format!("code=forged&state={state}"), Some(pair.clone())).await,
+        "/ui/#signin-error=exchange"
+    );
+    assert_eq!(
+        callback(format!("code=forged&state={state}"), Some(pair.clone())).await,
+        "/ui/#signin-error=state",
+        "a state is good once"
+    );
+    // Failed sign-ins spend the address's failed-authentication budget
+    // (6 a minute here): the callback says so, and key sign-ins get 429.
+    let mut limited = false;
+    for _ in 0..4 {
+        let loc = callback("code=x&state=nope".into(), Some("stacyvm_oidc=nope".into())).await;
+        limited |= loc == "/ui/#signin-error=rate_limited";
+    }
+    assert!(limited, "failed callbacks are rate limited");
+    let r = c
+        .post(format!("{root}/ui/session"))
+        .json(&json!({"key": "wrong"}))
+        .send()
+        .await
+        .expect("sign in");
+    assert_eq!(r.status().as_u16(), 429);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oidc_sign_in_in_a_real_browser_and_what_a_viewer_sees() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (server, idp) = serve_with_idp(dir.path(), &[]);
+    let root = server.url.trim_end_matches("/api/v1").to_string();
+    let profile = tempfile::tempdir().expect("profile");
+    let d = Driver::start(profile.path()).await;
+    // A sandbox of the viewer's (viewers only see their own), made by
+    // the admin key acting for it.
+    let r = client()
+        .post(format!("{root}/api/v1/sandboxes"))
+        .header("x-admin-api-key", ADMIN_KEY)
+        .header("x-user-id", "viewer-vera")
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("spawn");
+    let sb: Value = r.json().await.expect("json");
+    let sb = sb["id"].as_str().expect("id").to_string();
+
+    let sign_in_as = |login: &'static str| {
+        let d = &d;
+        let root = root.clone();
+        let issuer = idp.issuer.clone();
+        async move {
+            d.call(
+                reqwest::Method::POST,
+                "/url",
+                json!({"url": format!("{root}/ui/")}),
+            )
+            .await;
+            d.click("#signin-oidc").await;
+            // The issuer's own sign-in page.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let url = d.call(reqwest::Method::GET, "/url", Value::Null).await;
+                if url.as_str().is_some_and(|u| u.starts_with(&issuer)) {
+                    break;
+                }
+                assert!(Instant::now() < deadline, "not at the issuer: {url}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            d.type_into("input[name=login]", login).await;
+            d.type_into("input[name=password]", "any").await;
+            d.click("button[type=submit]").await;
+            d.wait_text("#who", &format!("{login}@example.test")).await
+        }
+    };
+
+    // A viewer: signed in by the issuer, sees only what it may use.
+    let who = sign_in_as("viewer-vera").await;
+    assert!(who.contains("(viewer)"), "{who}");
+    let stored = d
+        .script("return JSON.stringify(localStorage) + JSON.stringify(sessionStorage) + document.cookie")
+        .await;
+    assert_eq!(stored, json!("{}{}"), "nothing readable by scripts");
+    assert_eq!(
+        d.script("return [...document.querySelectorAll('nav a')].filter(a => !a.hidden).map(a => a.textContent)").await,
+        json!(["Sandboxes", "Templates", "Environments", "Quotas", "Workers", "Providers"])
+    );
+    d.wait_text("main table", &sb).await;
+    d.screenshot("viewer-sandboxes.png").await;
+    // No control the API would refuse: no spawn, command, terminal,
+    // upload, expose or destroy.
+    let controls = "return ['#spawn', '#command', '#terminal-open', '#upload', '#expose', '#destroy', '.template-spawn', '#spec-create', '#quota-set'].filter(c => document.querySelector(c))";
+    assert_eq!(d.script(controls).await, json!([]));
+    d.call(
+        reqwest::Method::POST,
+        "/url",
+        json!({"url": format!("{root}/ui/#/sandboxes/{sb}")}),
+    )
+    .await;
+    d.wait_text("#files", "Files in").await;
+    d.wait_text("#previews", "Previews").await;
+    assert_eq!(d.script(controls).await, json!([]));
+    d.screenshot("viewer-sandbox.png").await;
+    for (page, title) in [
+        ("templates", "Templates"),
+        ("environments", "Environments"),
+        ("quotas", "Quotas"),
+        ("workers", "Workers"),
+    ] {
+        d.call(
+            reqwest::Method::POST,
+            "/url",
+            json!({"url": format!("{root}/ui/#/{page}")}),
+        )
+        .await;
+        d.wait_text("main h1", title).await;
+        assert_eq!(d.script(controls).await, json!([]), "{page}");
+        assert_eq!(d.script(UNNAMED).await, json!([]), "{page}");
+    }
+    d.wait_text("#workers", "local").await;
+    // The viewer's session really is a viewer's at the API.
+    let refused = d
+        .script(
+            "return (async () => {
+               const s = await (await fetch('/ui/session')).json();
+               const r = await fetch('/api/v1/sandboxes', {method: 'POST', headers: {'X-StacyVM-CSRF': s.csrf, 'Content-Type': 'application/json'}, body: '{}'});
+               return r.status;
+             })()",
+        )
+        .await;
+    assert_eq!(refused, json!(403));
+
+    // Sign out; an admin of the issuer's groups gets the admin's pages.
+    d.click("#signout").await;
+    d.wait_text("#signin-error", "Signed out").await;
+    // Signing out of the dashboard leaves the issuer's own session (single
+    // sign-on would sign the viewer straight back in): end it too.
+    d.call(reqwest::Method::DELETE, "/cookie", Value::Null)
+        .await;
+    let who = sign_in_as("admin-ada").await;
+    assert!(who.contains("(admin)"), "{who}");
+    for (page, title) in [
+        ("system", "System"),
+        ("audit", "Audit"),
+        ("tenants", "Tenants"),
+    ] {
+        d.call(
+            reqwest::Method::POST,
+            "/url",
+            json!({"url": format!("{root}/ui/#/{page}")}),
+        )
+        .await;
+        d.wait_text("main h1", title).await;
+    }
+    let _ = client()
+        .delete(format!("{root}/api/v1/sandboxes/{sb}"))
+        .header("x-admin-api-key", ADMIN_KEY)
         .send()
         .await;
 }

@@ -88,7 +88,8 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
 /// authorisation layer, unknown paths and methods) in E2B's shape, so an
 /// SDK meets a typed exception and never a parse failure.
 pub async fn error_shape(req: Request, next: Next) -> Response {
-    if req.uri().path().starts_with("/api/") || req.uri().path() == "/mcp" {
+    let path = req.uri().path();
+    if path.starts_with("/api/") || path.starts_with("/ui/") || path == "/mcp" {
         return next.run(req).await;
     }
     let resp = next.run(req).await;

@@ -26,6 +26,8 @@ use sha2::{Digest, Sha256};
 
 use crate::AppState;
 
+pub mod oidc;
+
 /// The session cookie's name.
 pub const COOKIE: &str = "stacyvm_session";
 /// The header carrying the session's CSRF token.
@@ -37,32 +39,38 @@ const MAX_AGE: Duration = Duration::from_secs(12 * 3600);
 /// Sessions held at once; the oldest go first.
 const MAX_SESSIONS: usize = 10_000;
 
-const INDEX: &str = include_str!("../web/index.html");
-const APP_JS: &str = include_str!("../web/app.js");
-const APP_CSS: &str = include_str!("../web/app.css");
+const INDEX: &str = include_str!("../../web/index.html");
+const APP_JS: &str = include_str!("../../web/app.js");
+const APP_CSS: &str = include_str!("../../web/app.css");
+const TERM_JS: &str = include_str!("../../web/term.js");
 
 /// The page's policy: its own scripts and styles only, no inline code,
 /// no framing, API calls and WebSockets to this origin.
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-/// The key a session signs in with.
+/// What a session signed in with: a key (checked again on every call, so
+/// a removed key stops working at once), or the identity an OIDC sign-in
+/// proved (good until its ID token expires).
 #[derive(Clone)]
 pub enum Credential {
     Admin(String),
     Api(String),
+    Oidc(Box<crate::auth::Identity>),
 }
 
 struct Session {
     credential: Credential,
     csrf: String,
-    created: Instant,
+    ends: Instant,
     used: Instant,
 }
 
-/// Sessions by the SHA-256 of their id (the id itself is kept nowhere).
+/// Sessions by the SHA-256 of their id (the id itself is kept nowhere),
+/// and the OIDC sign-in when one is configured.
 #[derive(Default)]
 pub struct Sessions {
     map: parking_lot::Mutex<HashMap<String, Session>>,
+    oidc: Option<oidc::SignIn>,
 }
 
 impl std::fmt::Debug for Sessions {
@@ -91,8 +99,17 @@ pub enum Refusal {
 }
 
 impl Sessions {
-    /// A new session for `credential`: its id and CSRF token.
-    pub fn create(&self, credential: Credential) -> (String, String) {
+    /// Sessions for a server configured with `a`.
+    pub fn new(a: &stacyvm_core::config::AuthConfig) -> Self {
+        Sessions {
+            map: parking_lot::Mutex::default(),
+            oidc: oidc::SignIn::new(a),
+        }
+    }
+
+    /// A new session for `credential`, ending after `lifetime` (at most
+    /// twelve hours): its id and CSRF token.
+    pub fn create(&self, credential: Credential, lifetime: Duration) -> (String, String) {
         let (id, csrf) = (random_hex(), random_hex());
         let now = Instant::now();
         let mut map = self.map.lock();
@@ -100,7 +117,7 @@ impl Sessions {
         if map.len() >= MAX_SESSIONS {
             if let Some(oldest) = map
                 .iter()
-                .min_by_key(|(_, s)| s.created)
+                .min_by_key(|(_, s)| s.ends)
                 .map(|(k, _)| k.clone())
             {
                 map.remove(&oldest);
@@ -111,7 +128,7 @@ impl Sessions {
             Session {
                 credential,
                 csrf: csrf.clone(),
-                created: now,
+                ends: now + lifetime.min(MAX_AGE),
                 used: now,
             },
         );
@@ -176,7 +193,7 @@ impl Sessions {
 }
 
 fn live(s: &Session, now: Instant) -> bool {
-    now.duration_since(s.used) < IDLE && now.duration_since(s.created) < MAX_AGE
+    now.duration_since(s.used) < IDLE && now < s.ends
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
@@ -240,6 +257,11 @@ pub async fn app_js() -> Response {
     page(APP_JS, "text/javascript; charset=utf-8")
 }
 
+/// `GET /ui/term.js`.
+pub async fn term_js() -> Response {
+    page(TERM_JS, "text/javascript; charset=utf-8")
+}
+
 /// `GET /ui/app.css`.
 pub async fn app_css() -> Response {
     page(APP_CSS, "text/css; charset=utf-8")
@@ -260,15 +282,12 @@ fn refuse(status: StatusCode, code: &str, message: &str) -> Response {
 }
 
 fn session_cookie(st: &AppState, value: &str, max_age: u64) -> HeaderValue {
-    let secure = if st.cfg.preview.scheme == "https" {
-        "; Secure"
-    } else {
-        ""
-    };
-    HeaderValue::from_str(&format!(
-        "{COOKIE}={value}; Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}{secure}"
-    ))
-    .unwrap_or_else(|_| HeaderValue::from_static("stacyvm_session=; Path=/; Max-Age=0"))
+    cookie_value(
+        st,
+        COOKIE,
+        value,
+        &format!("Path=/; HttpOnly; SameSite=Strict; Max-Age={max_age}"),
+    )
 }
 
 #[derive(Deserialize)]
@@ -336,17 +355,12 @@ pub async fn sign_in(State(st): State<AppState>, req: axum::extract::Request) ->
     let ident = match authenticate(&st, &credential).await {
         Ok(i) => i,
         Err(e) => {
-            // Bad keys spend the address's failed-authentication budget,
-            // as they do on the API.
-            if st.failed_auth.enabled() {
-                let k = st.failed_auth.key("", "", &addr);
-                if let crate::ratelimit::Decision::Limited { .. } = st.failed_auth.check(&k) {
-                    return refuse(
-                        StatusCode::TOO_MANY_REQUESTS,
-                        "RATE_LIMITED",
-                        "too many failed sign-ins from this address; retry later",
-                    );
-                }
+            if spend_failed(&st, &addr) {
+                return refuse(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "RATE_LIMITED",
+                    "too many failed sign-ins from this address; retry later",
+                );
             }
             tracing::info!(reason = %e, "dashboard sign-in refused");
             return refuse(
@@ -356,16 +370,183 @@ pub async fn sign_in(State(st): State<AppState>, req: axum::extract::Request) ->
             );
         }
     };
-    let (id, csrf) = st.ui.create(credential);
-    let mut r = answer(
-        StatusCode::OK,
-        serde_json::json!({"auth": true, "role": ident.role.name(), "who": ident.label(), "csrf": csrf}),
-    );
+    let (id, csrf) = st.ui.create(credential, MAX_AGE);
+    let mut r = answer(StatusCode::OK, signed_in(&ident, &csrf));
     r.headers_mut().insert(
         header::SET_COOKIE,
         session_cookie(&st, &id, MAX_AGE.as_secs()),
     );
     r
+}
+
+/// What the page is told about who signed in: the role, what it may do
+/// (so it shows no control the API would refuse), its tenant.
+fn signed_in(ident: &crate::auth::Identity, csrf: &str) -> serde_json::Value {
+    use crate::auth::Perm;
+    let may = |p: Perm| p.allows(ident.role);
+    serde_json::json!({
+        "auth": true,
+        "role": ident.role.name(),
+        "who": ident.label(),
+        "tenant": ident.tenant_id,
+        "csrf": csrf,
+        "can": {
+            "write": may(Perm::Write),
+            "operate": may(Perm::Operate),
+            "shared": may(Perm::Shared),
+            "tenant": may(Perm::Tenant),
+            "admin": may(Perm::Admin),
+        },
+    })
+}
+
+/// Spends one of the address's failed-authentication tokens, as a bad
+/// key on the API does: whether the address is now limited.
+fn spend_failed(st: &AppState, addr: &str) -> bool {
+    if !st.failed_auth.enabled() {
+        return false;
+    }
+    let k = st.failed_auth.key("", "", addr);
+    matches!(
+        st.failed_auth.check(&k),
+        crate::ratelimit::Decision::Limited { .. }
+    )
+}
+
+fn cookie_value(st: &AppState, name: &str, value: &str, rest: &str) -> HeaderValue {
+    let secure = if st.cfg.preview.scheme == "https" {
+        "; Secure"
+    } else {
+        ""
+    };
+    HeaderValue::from_str(&format!("{name}={value}; {rest}{secure}"))
+        .unwrap_or_else(|_| HeaderValue::from_static("stacyvm_none=; Max-Age=0"))
+}
+
+/// The state cookie of an OIDC sign-in: sent back on the issuer's
+/// redirect (a top-level navigation, hence `Lax`), only to the callback.
+fn state_cookie(st: &AppState, value: &str, max_age: u64) -> HeaderValue {
+    cookie_value(
+        st,
+        oidc::STATE_COOKIE,
+        value,
+        &format!("Path=/ui/oidc; HttpOnly; SameSite=Lax; Max-Age={max_age}"),
+    )
+}
+
+/// Back to the page after an OIDC sign-in that failed: the page shows
+/// the message for `code`; the detail stays in the server's log.
+fn back_to_page(st: &AppState, code: &str) -> Response {
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::SEE_OTHER;
+    let h = r.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&format!("/ui/#signin-error={code}")) {
+        h.insert(header::LOCATION, v);
+    }
+    h.insert(header::SET_COOKIE, state_cookie(st, "", 0));
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+/// `GET /ui/oidc/start`: to the issuer's sign-in page.
+pub async fn oidc_start(State(st): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(flow) = st.ui.oidc.as_ref() else {
+        return refuse(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "OIDC sign-in is not configured (auth.oidc_client_id, auth.oidc_issuer)",
+        );
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    match flow.start(&st.cfg.preview.scheme, host).await {
+        Ok(started) => {
+            let mut r = Response::new(Body::empty());
+            *r.status_mut() = StatusCode::SEE_OTHER;
+            let h = r.headers_mut();
+            match HeaderValue::from_str(&started.location) {
+                Ok(v) => h.insert(header::LOCATION, v),
+                Err(_) => return back_to_page(&st, "unavailable"),
+            };
+            h.insert(
+                header::SET_COOKIE,
+                state_cookie(&st, &started.state, oidc::PENDING_FOR.as_secs()),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            h.insert(
+                header::REFERRER_POLICY,
+                HeaderValue::from_static("no-referrer"),
+            );
+            r
+        }
+        Err(f) => {
+            tracing::warn!(detail = %f.detail, "dashboard OIDC sign-in could not start");
+            back_to_page(&st, f.code)
+        }
+    }
+}
+
+/// `GET /ui/oidc/callback`: the issuer sends the browser back here.
+pub async fn oidc_callback(State(st): State<AppState>, req: axum::extract::Request) -> Response {
+    let Some(flow) = st.ui.oidc.as_ref() else {
+        return back_to_page(&st, "unavailable");
+    };
+    let Some(verifier) = st.auth.oidc() else {
+        return back_to_page(&st, "unavailable");
+    };
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let addr = crate::middleware::remote_addr(req.headers(), peer, &st.cfg.server.trusted_proxies);
+    let q: HashMap<String, String> =
+        form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .into_owned()
+            .collect();
+    let get = |k: &str| q.get(k).map(String::as_str).unwrap_or("");
+    let bound = cookie(req.headers(), oidc::STATE_COOKIE);
+    let result = if get("error").is_empty() {
+        flow.finish(verifier, get("state"), bound.as_deref(), get("code"))
+            .await
+    } else {
+        Err(oidc::Failure {
+            code: "denied",
+            detail: format!("the issuer answered {:?}", get("error")),
+        })
+    };
+    match result {
+        Ok(done) => {
+            let who = done.identity.label();
+            let role = done.identity.role.name();
+            let (id, _) = st
+                .ui
+                .create(Credential::Oidc(Box::new(done.identity)), done.lifetime);
+            tracing::info!(%who, %role, "dashboard OIDC sign-in");
+            let mut r = back_to_page(&st, "");
+            let h = r.headers_mut();
+            h.insert(header::LOCATION, HeaderValue::from_static("/ui/"));
+            h.append(
+                header::SET_COOKIE,
+                session_cookie(&st, &id, done.lifetime.min(MAX_AGE).as_secs()),
+            );
+            r
+        }
+        Err(f) => {
+            // A browser's stale or foreign callback is routine; an issuer
+            // that answers badly is a misconfiguration worth a warning.
+            if matches!(f.code, "exchange" | "token" | "unavailable") {
+                tracing::warn!(code = f.code, detail = %f.detail, "dashboard OIDC sign-in failed");
+            } else {
+                tracing::info!(code = f.code, detail = %f.detail, "dashboard OIDC sign-in refused");
+            }
+            if spend_failed(&st, &addr) {
+                return back_to_page(&st, "rate_limited");
+            }
+            back_to_page(&st, f.code)
+        }
+    }
 }
 
 async fn authenticate(
@@ -375,6 +556,7 @@ async fn authenticate(
     match c {
         Credential::Admin(k) => st.auth.authenticate(Some(k), None, None).await,
         Credential::Api(k) => st.auth.authenticate(None, Some(k), None).await,
+        Credential::Oidc(ident) => Ok((**ident).clone()),
     }
 }
 
@@ -383,32 +565,29 @@ pub async fn current(State(st): State<AppState>, headers: HeaderMap) -> Response
     if !st.auth.enabled() {
         return answer(
             StatusCode::OK,
-            serde_json::json!({"auth": false, "role": "admin", "who": "", "csrf": ""}),
+            serde_json::json!({"auth": false, "role": "admin", "who": "", "csrf": "", "tenant": "",
+                "can": {"write": true, "operate": true, "shared": true, "tenant": true, "admin": true}}),
         );
     }
+    // Signed-out answers say whether OIDC sign-in is offered.
+    let signed_out = |message: &str| {
+        answer(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": "UNAUTHORIZED", "message": message, "oidc": st.ui.oidc.is_some()}),
+        )
+    };
     let Some(id) = cookie(&headers, COOKIE) else {
-        return refuse(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "not signed in");
+        return signed_out("not signed in");
     };
     let Some((cred, csrf)) = st.ui.get(&id) else {
-        return refuse(
-            StatusCode::UNAUTHORIZED,
-            "UNAUTHORIZED",
-            "the session ended",
-        );
+        return signed_out("the session ended");
     };
     match authenticate(&st, &cred).await {
-        Ok(ident) => answer(
-            StatusCode::OK,
-            serde_json::json!({"auth": true, "role": ident.role.name(), "who": ident.label(), "csrf": csrf}),
-        ),
+        Ok(ident) => answer(StatusCode::OK, signed_in(&ident, &csrf)),
         Err(_) => {
             // The key was removed: the session goes with it.
             st.ui.remove(&id);
-            refuse(
-                StatusCode::UNAUTHORIZED,
-                "UNAUTHORIZED",
-                "the session's key is no longer valid",
-            )
+            signed_out("the session's key is no longer valid")
         }
     }
 }
@@ -438,6 +617,7 @@ impl PartialEq for Credential {
             | (Credential::Api(a), Credential::Api(b)) => {
                 subtle::ConstantTimeEq::ct_eq(a.as_bytes(), b.as_bytes()).into()
             }
+            (Credential::Oidc(a), Credential::Oidc(b)) => a == b,
             _ => false,
         }
     }
@@ -449,6 +629,7 @@ impl std::fmt::Debug for Credential {
         f.write_str(match self {
             Credential::Admin(_) => "Credential::Admin(…)",
             Credential::Api(_) => "Credential::Api(…)",
+            Credential::Oidc(_) => "Credential::Oidc(…)",
         })
     }
 }
@@ -471,7 +652,7 @@ mod tests {
     #[test]
     fn a_session_needs_its_csrf_token_and_websockets_their_own_origin() {
         let s = Sessions::default();
-        let (id, csrf) = s.create(Credential::Api("k1".into()));
+        let (id, csrf) = s.create(Credential::Api("k1".into()), MAX_AGE);
         let c = format!("a=b; {COOKIE}={id}");
         assert_eq!(s.credential_of(&headers(&[])), Ok(None));
         assert_eq!(
@@ -515,8 +696,8 @@ mod tests {
     #[test]
     fn ids_are_random_and_stored_only_as_digests() {
         let s = Sessions::default();
-        let (a, _) = s.create(Credential::Admin("x".into()));
-        let (b, _) = s.create(Credential::Admin("x".into()));
+        let (a, _) = s.create(Credential::Admin("x".into()), MAX_AGE);
+        let (b, _) = s.create(Credential::Admin("x".into()), MAX_AGE);
         assert_ne!(a, b);
         assert_eq!(a.len(), 64);
         let map = s.map.lock();
@@ -533,9 +714,18 @@ mod tests {
         assert!(csp.contains("script-src 'self'") && !csp.contains("unsafe"));
         assert!(csp.contains("frame-ancestors 'none'"));
         assert!(!INDEX.contains("<script>"), "no inline script in the page");
-        assert!(
-            !APP_JS.contains("innerHTML"),
-            "API strings never become HTML"
-        );
+        for (name, js) in [("app.js", APP_JS), ("term.js", TERM_JS)] {
+            for sink in [
+                "innerHTML",
+                "outerHTML",
+                "insertAdjacentHTML",
+                "document.write",
+            ] {
+                assert!(
+                    !js.contains(sink),
+                    "{name}: API strings never become HTML ({sink})"
+                );
+            }
+        }
     }
 }
