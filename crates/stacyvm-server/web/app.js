@@ -72,11 +72,14 @@ const json = async (method, path, body) => (await api(method, path, body)).json(
 const can = (what) => Boolean(state.can[what]);
 const canWrite = () => can("write");
 
-function main(...children) {
-  const m = document.getElementById("main");
-  m.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
-  return m;
+// Replaces a node's children, skipping the absent ones (a control the
+// role may not use is `null`).
+function fill(node, ...children) {
+  node.replaceChildren(...children.flat().filter((c) => c !== null && c !== undefined && c !== false));
+  return node;
 }
+
+const main = (...children) => fill(document.getElementById("main"), ...children);
 
 // A table with a header row; `rows` are <tr> elements.
 function table(label, headers, rows, attrs = {}) {
@@ -387,7 +390,7 @@ async function filesPanel(id, dir) {
         fail(e);
       }
     });
-    section.replaceChildren(
+    fill(section, 
       el("h2", { id: "files-title" }, "Files in ", el("span", { class: "mono", text: path })),
       canWrite() ? el("label", { for: "upload" }, "Upload a file", upload) : null,
       el(
@@ -455,9 +458,13 @@ function terminalPanel(id) {
     const model = new StacyTerm.TermModel(100, 24, { scrollback: 2000 });
     view = new StacyTerm.TermView(box, model, {
       onData: (data) => send({ type: "stdin", data }),
-      onResize: ({ cols, rows }) => send({ type: "resize", rows, cols }),
+      onResize: ({ cols, rows }) => {
+        box.dataset.size = `${rows} ${cols}`;
+        send({ type: "resize", rows, cols });
+      },
     });
     const { cols, rows } = view.fit();
+    box.dataset.size = `${rows} ${cols}`;
     const proto = location.protocol === "https:" ? "wss" : "ws";
     const socket = new WebSocket(`${proto}://${location.host}/api/v1/sandboxes/${id}/exec/ws`);
     ws = socket;
@@ -528,7 +535,7 @@ async function previewsPanel(id) {
         fail(e);
       }
     });
-    section.replaceChildren(
+    fill(section, 
       el("h2", { id: "previews-title", text: "Previews" }),
       canWrite() ? form : null,
       table("Exposed ports", ["Port", "Access", "URL", "Path", "Since", ""], rows, { id: "ports" }),
@@ -570,7 +577,7 @@ async function templatesView() {
 
 function templateForm() {
   const name = el("input", { id: "template-name", placeholder: "python-dev", required: true });
-  const image = el("input", { id: "template-image", placeholder: "default image" });
+  const image = el("input", { id: "template-image", placeholder: "host", required: true });
   const setup = el("input", { id: "template-setup", class: "mono", placeholder: "pip install -r requirements.txt", size: 40 });
   const form = el(
     "form",
@@ -583,8 +590,7 @@ function templateForm() {
   form.addEventListener("submit", async (ev) => {
     ev.preventDefault();
     try {
-      const body = { name: name.value };
-      if (image.value) body.image = image.value;
+      const body = { name: name.value, image: image.value };
       if (setup.value) body.setup = [setup.value];
       await json("POST", "/templates", body);
       route();
@@ -679,6 +685,7 @@ async function buildView(id) {
     const end = await json("GET", `/environments/builds/${encodeURIComponent(id)}`);
     status.textContent = end.status;
     status.className = `mono state-${end.status}`;
+    for (const [k, v] of [["Image", end.digest_local], ["Error", end.error]]) if (v && !b[k === "Image" ? "digest_local" : "error"]) facts.append(el("dt", { text: k }), el("dd", { class: "mono", text: v }));
   } catch (e) {
     if (e.name !== "AbortError") fail(e);
   }
@@ -772,7 +779,9 @@ function sparkline(label, unit, max) {
       values.push(Number(v) || 0);
       if (values.length > 60) values.shift();
       const top = Math.max(max || 0, ...values, 1e-9);
-      line.setAttribute("points", values.map((x, i) => `${(i * 300) / 59},${58 - (x / top) * 56}`).join(" "));
+      // The newest sample at the right edge, two minutes across.
+      const x0 = 300 - (values.length - 1) * (300 / 59);
+      line.setAttribute("points", values.map((x, i) => `${x0 + (i * 300) / 59},${58 - (x / top) * 56}`).join(" "));
       now.textContent = `${values[values.length - 1].toFixed(1)} ${unit}`;
       svg.setAttribute("aria-label", `${label}: ${now.textContent}`);
     },
@@ -797,7 +806,8 @@ async function systemView() {
       for (const [k, g] of Object.entries(graphs)) g.push(s[k]);
       const m = await json("GET", "/metrics");
       const facts = [];
-      for (const [k, v] of Object.entries(m)) if (typeof v !== "object") facts.push(el("dt", { text: k.replaceAll("_", " ") }), el("dd", { class: "mono", text: v }));
+      const mib = (n) => `${(Number(n) / 1048576).toFixed(1)} MiB`;
+      for (const [k, v] of Object.entries(m)) if (typeof v !== "object") facts.push(el("dt", { text: k.replaceAll("_", " ") }), el("dd", { class: "mono", text: k.startsWith("memory_") ? mib(v) : v }));
       active.push(m.sandboxes ? m.sandboxes.active : 0);
       for (const [k, v] of [["active sandboxes", m.sandboxes && m.sandboxes.active], ["workers online", m.workers && m.workers.online], ["active leases", m.leases && m.leases.active], ["spawn queue", m.scheduler && m.scheduler.spawn_queue_depth]])
         if (v !== undefined) facts.push(el("dt", { text: k }), el("dd", { class: "mono", text: v }));
@@ -967,7 +977,7 @@ async function providersView() {
 // admin rows (every administrative call), filtered by the server; the
 // same filters export CSV.
 const AUDIT_FILTERS = {
-  op: [["since", "Since", "24h or 2026-01-01T00:00:00Z"], ["actor", "Actor", "api-key"], ["action", "Action", "exec"], ["sandbox_id", "Sandbox", "sb-…"], ["tenant_id", "Tenant", "team-a"]],
+  op: [["since", "Since", "24h or 2026-01-01T00:00:00Z"], ["actor", "Actor", "api-key"], ["action", "Action", "sandbox.spawn"], ["sandbox_id", "Sandbox", "sb-…"], ["tenant_id", "Tenant", "team-a"]],
   admin: [["since", "Since", "24h"], ["actor", "Actor", "admin-key"], ["method", "Method", "POST"], ["tenant_id", "Tenant", "team-a"]],
 };
 

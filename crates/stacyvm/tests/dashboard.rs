@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// The busybox image the docker tests import, built on by the dashboard.
+const BUILD_BASE: &str = "stacyvm-test/docker-busybox:1";
 const API_KEY: &str = "dash-api-key-0123456789abcdef";
 const ADMIN_KEY: &str = "dash-admin-key-0123456789abcdef";
 
@@ -286,6 +288,10 @@ impl Driver {
                         "args": ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                                  "--disable-background-networking", "--window-size=1280,900",
                                  format!("--user-data-dir={}", profile.display())],
+                        "prefs": {
+                            "download.default_directory": profile.join("downloads"),
+                            "download.prompt_for_download": false,
+                        },
                     }
                 }}}),
             )
@@ -426,7 +432,11 @@ impl Driver {
 
     /// Waits until `css`'s text contains `want` (20 s).
     async fn wait_text(&self, css: &str, want: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_text_for(css, want, Duration::from_secs(20)).await
+    }
+
+    async fn wait_text_for(&self, css: &str, want: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
         loop {
             let t = self.text(css).await;
             if t.contains(want) {
@@ -458,6 +468,50 @@ impl Driver {
     }
 }
 
+/// Opens the dashboard's page `page` (`#/page`).
+async fn goto(d: &Driver, root: &str, page: &str) {
+    d.call(
+        reqwest::Method::POST,
+        "/url",
+        json!({"url": format!("{root}/ui/#/{page}")}),
+    )
+    .await;
+}
+
+/// The id of the sandbox page the browser lands on (after a spawn).
+async fn sandbox_page(d: &Driver) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let url = d.call(reqwest::Method::GET, "/url", Value::Null).await;
+        if let Some(id) = url.as_str().and_then(|u| u.split("#/sandboxes/").nth(1)) {
+            return id.to_string();
+        }
+        assert!(Instant::now() < deadline, "no sandbox page: {url}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn admin_get(root: &str, path: &str) -> Value {
+    client()
+        .get(format!("{root}/api/v1{path}"))
+        .header("x-admin-api-key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json")
+}
+
+/// Text nodes that say `null` or `undefined` (a value the page failed
+/// to render).
+const STRAY: &str = r#"
+return [...document.querySelectorAll('main, main *')]
+  .flatMap(e => [...e.childNodes])
+  .filter(n => n.nodeType === 3 && ['null', 'undefined'].includes(n.textContent.trim()))
+  .map(n => n.parentElement.outerHTML.slice(0, 200));
+"#;
+
 /// Controls without an accessible name (label, aria-label, text).
 const UNNAMED: &str = r#"
 return [...document.querySelectorAll('input, select, button, a[href]')]
@@ -469,6 +523,18 @@ return [...document.querySelectorAll('input, select, button, a[href]')]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_in_a_real_browser() {
     let dir = tempfile::tempdir().expect("dir");
+    // A base image for the environment build (the host image is not one).
+    common::ensure_docker_image(BUILD_BASE);
+    let out = Command::new(env!("CARGO_BIN_EXE_stacyvm"))
+        .args(["image", "import", "--docker", BUILD_BASE])
+        .env("STACYVM_SERVER_DATA_DIR", dir.path())
+        .output()
+        .expect("stacyvm image import");
+    assert!(
+        out.status.success(),
+        "image import: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let server = serve(dir.path());
     let root = server.url.trim_end_matches("/api/v1").to_string();
     let profile = tempfile::tempdir().expect("profile");
@@ -535,18 +601,7 @@ async fn the_dashboard_in_a_real_browser() {
 
     // Spawn, run a command whose output is markup, upload a file.
     d.click("#spawn").await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let id = loop {
-        let url = d.call(reqwest::Method::GET, "/url", Value::Null).await;
-        if let Some(id) = url.as_str().and_then(|u| u.split("#/sandboxes/").nth(1)) {
-            break id.to_string();
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no sandbox page after spawn: {url}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let id = sandbox_page(&d).await;
     assert!(id.starts_with("sb-") && id != planted, "{id}");
     d.type_into(
         "#command",
@@ -578,6 +633,7 @@ async fn the_dashboard_in_a_real_browser() {
         json!([]),
         "every control has a name"
     );
+    assert_eq!(d.script(STRAY).await, json!([]));
     d.screenshot("sandbox.png").await;
     let got = client()
         .get(format!(
@@ -603,7 +659,76 @@ async fn the_dashboard_in_a_real_browser() {
     d.click("#terminal").await;
     d.keys("echo term-$((6*7))\u{E007}").await;
     d.wait_text("#terminal", "term-42").await;
+    // A full-screen program's cursor addressing lands where it put it,
+    // and the pty has the panel's size, also after the window shrinks.
+    let size = || async {
+        d.script("return document.getElementById('terminal').dataset.size")
+            .await
+            .as_str()
+            .expect("size")
+            .to_string()
+    };
+    let screen_row = |n: usize| {
+        let d = &d;
+        async move {
+            d.script(&format!(
+                "const r = document.querySelectorAll('#terminal .term-screen .term-row'); return r.length > {n} ? r[{n}].textContent.trimEnd() : `only ${{r.length}} rows: ${{document.getElementById('terminal').innerText}}`"
+            ))
+            .await
+        }
+    };
+    d.keys("clear; printf '\\033[5;10Hplaced\\033[12;1H'; stty size\u{E007}")
+        .await;
+    let before = size().await;
+    d.wait_text("#terminal", &before).await;
+    assert_eq!(screen_row(4).await, json!("         placed"));
+    d.call(
+        reqwest::Method::POST,
+        "/window/rect",
+        json!({"width": 900, "height": 900}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while size().await == before {
+        assert!(Instant::now() < deadline, "the terminal did not refit");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let after = size().await;
+    d.keys("clear; stty size\u{E007}").await;
+    d.wait_text("#terminal", &after).await;
+    // Colours are cells with classes, never markup.
+    d.keys("printf '\\033[31mred\\033[0m <b>x</b>\\n'\u{E007}")
+        .await;
+    d.wait_text("#terminal", "red <b>x</b>").await;
+    assert_eq!(
+        d.script("return document.querySelectorAll('#terminal b').length + ':' + [...document.querySelectorAll('#terminal .term-fg-1')].map(e => e.textContent).join('')").await,
+        json!("0:red")
+    );
     d.screenshot("terminal.png").await;
+    d.call(
+        reqwest::Method::POST,
+        "/window/rect",
+        json!({"width": 1280, "height": 900}),
+    )
+    .await;
+
+    // Previews: expose a port with links that expire, mint one.
+    d.type_into("#expose-port", "8080").await;
+    d.click("#expose").await;
+    d.wait_text("#ports", "8080").await;
+    d.click("button[aria-label='New link for port 8080']").await;
+    let link = d.wait_text("#preview-token", "stacyvm_token=svp_").await;
+    let ports: Value = client()
+        .get(format!("{root}/api/v1/sandboxes/{id}/ports"))
+        .header("x-api-key", API_KEY)
+        .send()
+        .await
+        .expect("ports")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(ports[0]["mode"], "token", "{ports}");
+    assert!(link.contains(&format!("8080-{id}")), "{link}");
 
     // Live stats and logs are on the page.
     assert!(!d.text("#stats").await.is_empty());
@@ -677,6 +802,132 @@ async fn the_dashboard_in_a_real_browser() {
         "every control has a name"
     );
     d.screenshot("tenant.png").await;
+
+    // A policy for the tenant, added on its page.
+    d.click("#policy-kind option[value=image]").await;
+    d.click("#policy-effect option[value=deny]").await;
+    d.type_into("#policy-pattern", "evil/*").await;
+    d.click("#policy-add").await;
+    d.wait_text("#policies", "evil/*").await;
+    let v = admin_get(&root, "/admin/tenants/team-a/policies").await;
+    assert!(
+        v["policies"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["pattern"] == "evil/*"
+                && p["effect"] == "deny"
+                && p["resource_type"] == "image")),
+        "{v}"
+    );
+
+    // A quota set on the quotas page.
+    goto(&d, &root, "quotas").await;
+    d.type_into("#quota-owner", "bob").await;
+    d.type_into("#quota-max", "3").await;
+    d.type_into("#quota-ttl", "2h").await;
+    d.click("#quota-set").await;
+    d.wait_text("#quotas", "bob").await;
+    let v = admin_get(&root, "/quotas/bob").await;
+    assert_eq!(v["max_sandboxes"], 3, "{v}");
+
+    // A template whose setup runs at spawn, spawned from its page.
+    goto(&d, &root, "templates").await;
+    d.type_into("#template-name", "greeter").await;
+    d.type_into("#template-image", "host").await;
+    d.type_into("#template-setup", "echo set-up > /workspace/setup.txt")
+        .await;
+    d.click("#template-create").await;
+    d.wait_text("#templates", "greeter").await;
+    d.click("button[aria-label='Spawn from greeter']").await;
+    let from_template = sandbox_page(&d).await;
+    let got = client()
+        .get(format!(
+            "{root}/api/v1/sandboxes/{from_template}/files?path=/workspace/setup.txt"
+        ))
+        .header("x-admin-api-key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(got.text().await.expect("text"), "set-up\n");
+
+    // An environment built from its page, the log followed to the end.
+    goto(&d, &root, "environments").await;
+    d.type_into("#spec-name", "built").await;
+    d.type_into(
+        "#spec-dockerfile",
+        &format!("FROM {BUILD_BASE}\nRUN echo built-in-a-sandbox > /built.txt"),
+    )
+    .await;
+    d.click("#spec-create").await;
+    d.wait_text("#specs", "built").await;
+    d.click("button[aria-label='Build built']").await;
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let status = d.text("#build-status").await;
+        if status == "ready" {
+            break;
+        }
+        assert!(
+            status != "failed" && Instant::now() < deadline,
+            "the build is {status}: {} {}",
+            d.text("#build-facts").await,
+            d.text("#build-log").await
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert!(d.text("#build-log").await.contains("built-in-a-sandbox"));
+    d.screenshot("build.png").await;
+
+    // The system page draws its graphs from live samples.
+    goto(&d, &root, "system").await;
+    d.wait_text("#metrics", "active sandboxes").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d
+        .script("return [...document.querySelectorAll('#graphs polyline')].filter(p => (p.getAttribute('points') || '').split(' ').length >= 2).length")
+        .await
+        != json!(6)
+    {
+        assert!(Instant::now() < deadline, "the graphs never drew two samples");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(d.script(STRAY).await, json!([]));
+    d.screenshot("system.png").await;
+
+    // The audit: filtered by action on the server, exported as CSV.
+    goto(&d, &root, "audit").await;
+    d.type_into("#audit-action", "sandbox.spawn").await;
+    d.click("#audit-search").await;
+    d.wait_text("#audit", from_template.as_str()).await;
+    let actions = d
+        .script("return [...document.querySelectorAll('#audit tbody tr td:nth-child(3)')].map(td => td.textContent)")
+        .await;
+    assert!(
+        actions
+            .as_array()
+            .is_some_and(|a| !a.is_empty() && a.iter().all(|x| x == "sandbox.spawn")),
+        "{actions}"
+    );
+    d.click("#audit-csv").await;
+    let csv = profile.path().join("downloads/stacyvm-op-audit.csv");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !csv.exists() {
+        assert!(Instant::now() < deadline, "no CSV downloaded");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let text = std::fs::read_to_string(&csv).expect("csv");
+    assert!(text.starts_with("id,created_at,actor,action"), "{text}");
+    assert!(text.contains(&from_template), "{text}");
+    assert_eq!(
+        d.script(UNNAMED).await,
+        json!([]),
+        "every control has a name"
+    );
+    d.screenshot("audit.png").await;
+
+    let _ = client()
+        .delete(format!("{root}/api/v1/sandboxes/{from_template}"))
+        .header("x-admin-api-key", ADMIN_KEY)
+        .send()
+        .await;
 
     let _ = client()
         .delete(format!("{root}/api/v1/sandboxes/{planted}"))
@@ -991,6 +1242,7 @@ async fn oidc_sign_in_in_a_real_browser_and_what_a_viewer_sees() {
     d.wait_text("#files", "Files in").await;
     d.wait_text("#previews", "Previews").await;
     assert_eq!(d.script(controls).await, json!([]));
+    assert_eq!(d.script(STRAY).await, json!([]));
     d.screenshot("viewer-sandbox.png").await;
     for (page, title) in [
         ("templates", "Templates"),
@@ -1007,6 +1259,7 @@ async fn oidc_sign_in_in_a_real_browser_and_what_a_viewer_sees() {
         d.wait_text("main h1", title).await;
         assert_eq!(d.script(controls).await, json!([]), "{page}");
         assert_eq!(d.script(UNNAMED).await, json!([]), "{page}");
+        assert_eq!(d.script(STRAY).await, json!([]), "{page}");
     }
     d.wait_text("#workers", "local").await;
     // The viewer's session really is a viewer's at the API.
