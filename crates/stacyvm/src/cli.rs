@@ -291,6 +291,27 @@ pub enum Command {
         #[arg(long, default_value_t = 1000)]
         refresh_ms: u64,
     },
+    /// The web dashboard of a (remote) server on this machine: serves the
+    /// dashboard's files on 127.0.0.1 and relays the API, sign-in and
+    /// WebSockets to --server. `stacyvm serve` itself serves the same
+    /// dashboard at its own `/ui/`.
+    #[command(visible_alias = "ui")]
+    WebUi {
+        /// The server's URL.
+        #[arg(
+            long,
+            env = "STACYVM_URL",
+            default_value = "http://localhost:7423",
+            alias = "url"
+        )]
+        server: String,
+        /// The local port (127.0.0.1 only; 0 picks a free one).
+        #[arg(long, short, default_value_t = 5749)]
+        port: u16,
+        /// Do not try to open a browser.
+        #[arg(long)]
+        no_open: bool,
+    },
     /// Print a shell completion script.
     #[command(
         after_help = "Examples:\n  stacyvm completion bash | sudo tee /etc/bash_completion.d/stacyvm\n  stacyvm completion zsh > \"${fpath[1]}/_stacyvm\"\n  stacyvm completion fish > ~/.config/fish/completions/stacyvm.fish"
@@ -423,6 +444,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             crate::tui::run(&conn, std::time::Duration::from_millis(refresh_ms.max(100))).await
         }
         Command::Man { out } => crate::docs::man(&out),
+        Command::WebUi {
+            server,
+            port,
+            no_open,
+        } => crate::webui::run(&server, port, !no_open).await,
         Command::Version => {
             println!(
                 "stacyvm {} ({}/{})",

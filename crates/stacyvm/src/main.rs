@@ -22,6 +22,7 @@ mod transfer;
 mod tui;
 mod upgrade;
 mod volume;
+mod webui;
 mod worker;
 
 use std::process::ExitCode;

@@ -1302,3 +1302,159 @@ async fn oidc_sign_in_in_a_real_browser_and_what_a_viewer_sees() {
         .send()
         .await;
 }
+
+/// `stacyvm web-ui` on a free port, relaying to `server`; killed on drop.
+struct WebUi {
+    child: Child,
+    url: String,
+}
+
+impl Drop for WebUi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl WebUi {
+    fn start(server: &str) -> WebUi {
+        use std::io::BufRead as _;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_stacyvm"))
+            .args(["web-ui", "--server", server, "--port", "0", "--no-open"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("stacyvm web-ui");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("web-ui output");
+        // "The dashboard of SERVER is at LOCAL (…)".
+        let url = line
+            .split(" is at ")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .filter(|w| w.starts_with("http://127.0.0.1:"))
+            .unwrap_or_else(|| panic!("no local URL in {line:?}"))
+            .trim_end_matches('/')
+            .to_string();
+        WebUi { child, url }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_ui_relays_a_remote_servers_dashboard_with_its_protections() {
+    use futures::{SinkExt as _, StreamExt as _};
+    let dir = tempfile::tempdir().expect("dir");
+    let server = serve(dir.path());
+    // `--server` may name the API's base; the relay uses the root.
+    let ui = WebUi::start(&server.url);
+    let local = ui.url.clone();
+    let c = client();
+
+    // The page is served by the relay, with the page's policy.
+    let r = c.get(format!("{local}/ui/")).send().await.expect("page");
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers()["content-security-policy"]
+        .to_str()
+        .expect("csp")
+        .contains("frame-ancestors 'none'"));
+    // The server decides sign-ins: a wrong key is its 401, the right one
+    // its session cookie.
+    let r = c
+        .post(format!("{local}/ui/session"))
+        .json(&json!({"key": "wrong"}))
+        .send()
+        .await
+        .expect("sign in");
+    assert_eq!(r.status().as_u16(), 401);
+    let r = c
+        .post(format!("{local}/ui/session"))
+        .json(&json!({"key": API_KEY}))
+        .send()
+        .await
+        .expect("sign in");
+    assert_eq!(r.status().as_u16(), 200);
+    let (cookie, _) = session_cookie(&r);
+    let csrf = r.json::<Value>().await.expect("json")["csrf"]
+        .as_str()
+        .expect("csrf")
+        .to_string();
+    // API calls through the relay, CSRF still required.
+    let r = c
+        .get(format!("{local}/api/v1/sandboxes"))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(r.status().as_u16(), 403, "no CSRF token");
+    let r = c
+        .post(format!("{local}/api/v1/sandboxes"))
+        .header("cookie", &cookie)
+        .header("x-stacyvm-csrf", &csrf)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("spawn");
+    assert_eq!(r.status().as_u16(), 201);
+    let id = r.json::<Value>().await.expect("json")["id"]
+        .as_str()
+        .expect("id")
+        .to_string();
+
+    // A WebSocket from the relay's own page reaches the server as same
+    // origin; one from another site is refused by the server.
+    let ws_url = format!(
+        "{}/api/v1/sandboxes/{id}/exec/ws",
+        local.replace("http://", "ws://")
+    );
+    let request = |origin: &str| {
+        let mut req =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                ws_url.as_str(),
+            )
+            .expect("request");
+        req.headers_mut()
+            .insert("cookie", cookie.parse().expect("cookie"));
+        req.headers_mut()
+            .insert("origin", origin.parse().expect("origin"));
+        req
+    };
+    let refused = tokio_tungstenite::connect_async(request("http://evil.example")).await;
+    assert!(refused.is_err(), "a foreign origin is refused");
+    let (mut ws, _) = tokio_tungstenite::connect_async(request(&local))
+        .await
+        .expect("same-origin WebSocket through the relay");
+    ws.send(tokio_tungstenite::tungstenite::Message::Text(
+        json!({"command": "echo", "args": ["through-the-relay"]})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .expect("send");
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !seen.contains("through-the-relay") {
+        assert!(Instant::now() < deadline, "no output: {seen}");
+        match tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+            Ok(Some(Ok(m))) => seen.push_str(&m.to_string()),
+            other => panic!("the stream ended: {other:?} after {seen}"),
+        }
+    }
+
+    // An unreachable server is one clear answer, not a hang.
+    drop(ws);
+    let _ = client()
+        .delete(format!("{}/sandboxes/{id}", server.url))
+        .header("x-api-key", API_KEY)
+        .send()
+        .await;
+    drop(server);
+    let r = c
+        .get(format!("{local}/api/v1/sandboxes"))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 502);
+    let body = r.text().await.expect("body");
+    assert!(body.contains("cannot reach the server"), "{body}");
+}
