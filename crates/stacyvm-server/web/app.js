@@ -355,6 +355,12 @@ function execPanel(id) {
   return el("section", { "aria-labelledby": "exec-title" }, el("h2", { id: "exec-title", text: "Run a command" }), form, out);
 }
 
+// A path's parent ("/" stays "/").
+const parentOf = (path) => path.replace(/\/[^/]*\/?$/, "") || "/";
+const joinPath = (dir, name) => `${dir.replace(/\/$/, "")}/${name}`;
+
+// The sandbox's files: browse directories (a path field, names that open
+// directories, "..") with upload and download.
 async function filesPanel(id, dir) {
   const section = el("section", { "aria-labelledby": "files-title", id: "files" });
   const render = async (path) => {
@@ -366,39 +372,47 @@ async function filesPanel(id, dir) {
     }
     const rows = items.map((f) => {
       const name = f.name || (f.path || "").split("/").pop();
-      const full = f.path || `${path}/${name}`;
-      const dl = el("button", { type: "button", class: "secondary", text: "Download", "aria-label": `Download ${name}` });
-      dl.addEventListener("click", async () => {
-        try {
-          const r = await api("GET", `/sandboxes/${id}/files?path=${encodeURIComponent(full)}`);
-          download(await r.blob(), name);
-        } catch (e) {
-          fail(e);
-        }
-      });
-      return el("tr", {}, el("td", { class: "mono", text: name }), el("td", { text: f.is_dir ? "dir" : String(f.size ?? "") }), el("td", {}, f.is_dir ? "" : dl));
+      const full = f.path || joinPath(path, name);
+      if (f.is_dir) {
+        const open = el("button", { type: "button", class: "link mono", text: `${name}/`, "aria-label": `Open directory ${name}` });
+        open.addEventListener("click", () => render(full).catch(fail));
+        return row(open, "dir", "");
+      }
+      const dl = button("Download", async () => {
+        const r = await api("GET", `/sandboxes/${id}/files?path=${encodeURIComponent(full)}`);
+        download(await r.blob(), name);
+      }, { class: "secondary", "aria-label": `Download ${name}` });
+      return row(el("span", { class: "mono", text: name }), String(f.size ?? ""), dl);
+    });
+    if (path !== "/") {
+      const up = el("button", { type: "button", class: "link mono", text: "..", id: "files-up", "aria-label": "Open the parent directory" });
+      up.addEventListener("click", () => render(parentOf(path)).catch(fail));
+      rows.unshift(row(up, "dir", ""));
+    }
+    const where = el("input", { id: "files-path", class: "mono", value: path });
+    const go = el("form", { class: "row", "aria-label": "Open a directory" }, el("label", { for: "files-path" }, "Directory", where), el("button", { type: "submit", class: "secondary", id: "files-go", text: "Open" }));
+    go.addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      render(where.value.trim() || "/").catch(fail);
     });
     const upload = el("input", { type: "file", id: "upload" });
     upload.addEventListener("change", async () => {
       const file = upload.files[0];
       if (!file) return;
       try {
-        await api("PUT", `/sandboxes/${id}/files?path=${encodeURIComponent(`${path}/${file.name}`)}`, undefined, file);
+        await api("PUT", `/sandboxes/${id}/files?path=${encodeURIComponent(joinPath(path, file.name))}`, undefined, file);
         toast(`Uploaded ${file.name}`);
         render(path);
       } catch (e) {
         fail(e);
       }
     });
-    fill(section, 
-      el("h2", { id: "files-title" }, "Files in ", el("span", { class: "mono", text: path })),
-      canWrite() ? el("label", { for: "upload" }, "Upload a file", upload) : null,
-      el(
-        "table",
-        { "aria-label": "Files" },
-        el("thead", {}, el("tr", {}, el("th", { scope: "col", text: "Name" }), el("th", { scope: "col", text: "Size" }), el("th", { scope: "col", text: "" }))),
-        el("tbody", {}, rows),
-      ),
+    fill(
+      section,
+      el("h2", { id: "files-title" }, "Files in ", el("span", { class: "mono", id: "files-dir", text: path })),
+      go,
+      canWrite() ? el("label", { for: "upload" }, "Upload a file here", upload) : null,
+      table("Files", ["Name", "Size", ""], rows),
     );
   };
   await render(dir);

@@ -8,7 +8,10 @@
 //! 127.0.0.1 only. A browser request that comes from this relay's own
 //! page gets the server's origin (so the server's same-origin checks for
 //! WebSockets hold); one from any other site keeps its foreign `Origin`
-//! and is refused by the server as it would be there.
+//! and is refused by the server as it would be there. Requests must name
+//! the relay by its loopback address (`Host`): a site that points its own
+//! name at 127.0.0.1 (DNS rebinding) is refused, since the relay would
+//! otherwise carry it to the server under the server's own host name.
 
 use std::sync::Arc;
 
@@ -38,6 +41,8 @@ struct Relay {
     upstream_origin: String,
     /// This relay's own origins.
     own: [String; 2],
+    /// The `Host` values browsers send for this relay.
+    hosts: [String; 3],
     http: reqwest::Client,
 }
 
@@ -113,6 +118,34 @@ fn is_websocket(h: &HeaderMap) -> bool {
         .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
 }
 
+/// Whether a request names this relay (`Host`), not some other name
+/// that resolves to loopback.
+fn addressed_to_relay(relay: &Relay, h: &HeaderMap) -> bool {
+    h.get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|host| {
+            relay
+                .hosts
+                .iter()
+                .any(|ours| host.eq_ignore_ascii_case(ours))
+        })
+}
+
+async fn guard(
+    State(relay): State<Arc<Relay>>,
+    req: Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !addressed_to_relay(&relay, req.headers()) {
+        return (
+            StatusCode::MISDIRECTED_REQUEST,
+            "this is stacyvm web-ui: open it as http://127.0.0.1:PORT/ or http://localhost:PORT/\n",
+        )
+            .into_response();
+    }
+    next.run(req).await
+}
+
 async fn forward(State(relay): State<Arc<Relay>>, mut req: Request) -> Response {
     let path = req
         .uri()
@@ -185,6 +218,11 @@ pub async fn run(server: &str, port: u16, open: bool) -> Result<std::process::Ex
             format!("http://127.0.0.1:{port}"),
             format!("http://localhost:{port}"),
         ],
+        hosts: [
+            format!("127.0.0.1:{port}"),
+            format!("localhost:{port}"),
+            format!("[::1]:{port}"),
+        ],
         upstream,
         http,
     });
@@ -216,6 +254,7 @@ pub async fn run(server: &str, port: u16, open: bool) -> Result<std::process::Ex
         .route("/ui/app.css", axum::routing::get(ui::app_css))
         .route("/ui/term.js", axum::routing::get(ui::term_js))
         .fallback(forward)
+        .layer(axum::middleware::from_fn_with_state(relay.clone(), guard))
         .with_state(relay.clone());
     let local = format!("http://127.0.0.1:{port}/");
     println!(
@@ -270,8 +309,21 @@ mod tests {
                 "http://127.0.0.1:5749".into(),
                 "http://localhost:5749".into(),
             ],
+            hosts: [
+                "127.0.0.1:5749".into(),
+                "localhost:5749".into(),
+                "[::1]:5749".into(),
+            ],
             http: reqwest::Client::new(),
         };
+        let host = |h: &'static str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::HOST, HeaderValue::from_static(h));
+            addressed_to_relay(&relay, &m)
+        };
+        assert!(host("127.0.0.1:5749") && host("LOCALHOST:5749"));
+        assert!(!host("evil.example:5749"), "a rebound name is refused");
+        assert!(!host("127.0.0.1:5750"));
         let mut h = HeaderMap::new();
         h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:5749"));
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));

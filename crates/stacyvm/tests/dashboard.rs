@@ -647,6 +647,40 @@ async fn the_dashboard_in_a_real_browser() {
         got.text().await.expect("text"),
         "uploaded through the dashboard\n"
     );
+    // Downloaded back through the page's button.
+    d.click("button[aria-label='Download from-the-browser.txt']")
+        .await;
+    let downloaded = profile.path().join("downloads/from-the-browser.txt");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::fs::read_to_string(&downloaded).ok().as_deref()
+        != Some("uploaded through the dashboard\n")
+    {
+        assert!(Instant::now() < deadline, "the download never arrived");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A file whose name is markup, then browsing up and back: names are
+    // text, directories open.
+    let r = client()
+        .put(format!(
+            "{root}/api/v1/sandboxes/{id}/files?path=/workspace/%3Cimg%20src%3Dx%20onerror%3Dwindow.pwned%3D3%3E"
+        ))
+        .header("x-api-key", API_KEY)
+        .body("x")
+        .send()
+        .await
+        .expect("put");
+    assert!(r.status().is_success(), "{}", r.status());
+    d.click("#files-up").await;
+    d.wait_text("#files table", "workspace/").await;
+    d.click("button[aria-label='Open directory workspace']")
+        .await;
+    d.wait_text("#files table", "<img src=x onerror=window.pwned=3>")
+        .await;
+    assert_eq!(
+        d.script("return window.pwned === undefined && !document.querySelector('#files img')")
+            .await,
+        json!(true)
+    );
 
     // Keyboard: Tab reaches the controls in order, Enter runs the command.
     d.script("document.getElementById('command').focus(); document.getElementById('command').value='echo typed'; return 1").await;
@@ -1358,6 +1392,15 @@ async fn web_ui_relays_a_remote_servers_dashboard_with_its_protections() {
         .to_str()
         .expect("csp")
         .contains("frame-ancestors 'none'"));
+    // A name other than the relay's own (a site rebinding its name to
+    // 127.0.0.1) is refused before anything reaches the server.
+    let r = c
+        .get(format!("{local}/api/v1/sandboxes"))
+        .header("host", "rebound.example")
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(r.status().as_u16(), 421);
     // The server decides sign-ins: a wrong key is its 401, the right one
     // its session cookie.
     let r = c

@@ -449,7 +449,13 @@ fn back_to_page(st: &AppState, code: &str) -> Response {
 }
 
 /// `GET /ui/oidc/start`: to the issuer's sign-in page.
-pub async fn oidc_start(State(st): State<AppState>, headers: HeaderMap) -> Response {
+pub async fn oidc_start(State(st): State<AppState>, req: axum::extract::Request) -> Response {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    let headers = req.headers();
+    let addr = crate::middleware::remote_addr(headers, peer, &st.cfg.server.trusted_proxies);
     let Some(flow) = st.ui.oidc.as_ref() else {
         return refuse(
             StatusCode::NOT_FOUND,
@@ -461,7 +467,7 @@ pub async fn oidc_start(State(st): State<AppState>, headers: HeaderMap) -> Respo
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
-    match flow.start(&st.cfg.preview.scheme, host).await {
+    match flow.start(&st.cfg.preview.scheme, host, &addr).await {
         Ok(started) => {
             let mut r = Response::new(Body::empty());
             *r.status_mut() = StatusCode::SEE_OTHER;

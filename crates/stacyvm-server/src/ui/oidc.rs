@@ -30,6 +30,9 @@ pub const STATE_COOKIE: &str = "stacyvm_oidc";
 pub const PENDING_FOR: Duration = Duration::from_secs(600);
 /// Sign-ins awaiting their callback at once; the oldest go first.
 const MAX_PENDING: usize = 10_000;
+/// Sign-ins one client address may have in flight; its oldest go first,
+/// so one address starting sign-ins in a loop pushes out only its own.
+const MAX_PENDING_PER_ADDR: usize = 16;
 /// Discovery documents are refetched after this.
 const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
 /// Largest discovery document or token answer read.
@@ -61,6 +64,8 @@ struct Pending {
     nonce: String,
     redirect: String,
     created: Instant,
+    /// The client address that started it.
+    addr: String,
 }
 
 /// The configured sign-in client and its sign-ins in flight.
@@ -136,6 +141,26 @@ async fn read_json(resp: reqwest::Response, what: &str) -> Result<Value, String>
         return Err(format!("{what}: HTTP {} {err}", status.as_u16()));
     }
     Ok(v)
+}
+
+/// Keeps a started sign-in: expired ones dropped, and room made within
+/// the caps (the address's own oldest first when it is at its cap).
+fn remember(pending: &mut HashMap<String, Pending>, key: String, p: Pending) {
+    let now = p.created;
+    pending.retain(|_, q| now.duration_since(q.created) < PENDING_FOR);
+    let mine = pending.values().filter(|q| q.addr == p.addr).count();
+    if mine >= MAX_PENDING_PER_ADDR || pending.len() >= MAX_PENDING {
+        let at_cap = mine >= MAX_PENDING_PER_ADDR;
+        let oldest = pending
+            .iter()
+            .filter(|(_, q)| !at_cap || q.addr == p.addr)
+            .min_by_key(|(_, q)| q.created)
+            .map(|(k, _)| k.clone());
+        if let Some(k) = oldest {
+            pending.remove(&k);
+        }
+    }
+    pending.insert(key, p);
 }
 
 impl SignIn {
@@ -215,9 +240,9 @@ impl SignIn {
         Ok(e)
     }
 
-    /// Starts a sign-in for a browser that reached this server as `host`
-    /// over `scheme`.
-    pub async fn start(&self, scheme: &str, host: &str) -> Result<Started, Failure> {
+    /// Starts a sign-in for a browser at `addr` that reached this server
+    /// as `host` over `scheme`.
+    pub async fn start(&self, scheme: &str, host: &str, addr: &str) -> Result<Started, Failure> {
         let redirect = if self.redirect_url.is_empty() {
             if !plain_authority(host) {
                 return Err(fail(
@@ -246,25 +271,15 @@ impl SignIn {
         } else {
             '?'
         };
-        let now = Instant::now();
-        let mut pending = self.pending.lock();
-        pending.retain(|_, p| now.duration_since(p.created) < PENDING_FOR);
-        if pending.len() >= MAX_PENDING {
-            if let Some(oldest) = pending
-                .iter()
-                .min_by_key(|(_, p)| p.created)
-                .map(|(k, _)| k.clone())
-            {
-                pending.remove(&oldest);
-            }
-        }
-        pending.insert(
+        remember(
+            &mut self.pending.lock(),
             digest(&state),
             Pending {
                 verifier,
                 nonce,
                 redirect,
-                created: now,
+                created: Instant::now(),
+                addr: addr.to_string(),
             },
         );
         Ok(Started {
@@ -398,6 +413,30 @@ mod tests {
         assert!(SignIn::new(&c).is_none());
     }
 
+    #[test]
+    fn one_address_starting_sign_ins_in_a_loop_pushes_out_only_its_own() {
+        let mut pending = HashMap::new();
+        let start = Instant::now();
+        let at = |addr: &str, i: u64| Pending {
+            verifier: String::new(),
+            nonce: String::new(),
+            redirect: String::new(),
+            created: start + Duration::from_millis(i),
+            addr: addr.into(),
+        };
+        remember(&mut pending, "victim".into(), at("198.51.100.7", 0));
+        for i in 1..1000 {
+            remember(&mut pending, format!("flood-{i}"), at("203.0.113.9", i));
+        }
+        assert!(
+            pending.contains_key("victim"),
+            "another address's sign-in survives"
+        );
+        let flood = pending.values().filter(|p| p.addr == "203.0.113.9").count();
+        assert_eq!(flood, MAX_PENDING_PER_ADDR);
+        assert!(pending.contains_key("flood-999") && !pending.contains_key("flood-1"));
+    }
+
     #[tokio::test]
     async fn a_callback_needs_the_browsers_own_state_and_uses_it_once() {
         let c = config();
@@ -410,6 +449,7 @@ mod tests {
                 nonce: "n".into(),
                 redirect: "http://h/ui/oidc/callback".into(),
                 created: Instant::now(),
+                addr: "192.0.2.1".into(),
             },
         );
         let auth = crate::auth::Authenticator::new(&c).expect("auth");
