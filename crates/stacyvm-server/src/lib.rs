@@ -147,13 +147,7 @@ pub fn router(state: AppState) -> Router {
         ));
     // The dashboard: its files and its sessions (ui.rs), outside the
     // API's permission table (the page is public; its API calls are not).
-    let dashboard = Router::new()
-        .route("/", axum::routing::get(ui::root))
-        .route("/ui", axum::routing::get(ui::root))
-        .route("/ui/", axum::routing::get(ui::index))
-        .route("/ui/app.js", axum::routing::get(ui::app_js))
-        .route("/ui/app.css", axum::routing::get(ui::app_css))
-        .route("/ui/term.js", axum::routing::get(ui::term_js))
+    let dashboard = ui::files()
         .route("/ui/oidc/start", axum::routing::get(ui::oidc_start))
         .route("/ui/oidc/callback", axum::routing::get(ui::oidc_callback))
         .route(

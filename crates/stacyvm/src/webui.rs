@@ -246,13 +246,7 @@ pub async fn run(server: &str, port: u16, open: bool) -> Result<std::process::Ex
             stacyvm_client::root_cause(&e)
         ),
     }
-    let app = axum::Router::new()
-        .route("/", axum::routing::get(ui::root))
-        .route("/ui", axum::routing::get(ui::root))
-        .route("/ui/", axum::routing::get(ui::index))
-        .route("/ui/app.js", axum::routing::get(ui::app_js))
-        .route("/ui/app.css", axum::routing::get(ui::app_css))
-        .route("/ui/term.js", axum::routing::get(ui::term_js))
+    let app = ui::files()
         .fallback(forward)
         .layer(axum::middleware::from_fn_with_state(relay.clone(), guard))
         .with_state(relay.clone());

@@ -795,12 +795,7 @@ async fn the_dashboard_in_a_real_browser() {
     d.type_into("#key", ADMIN_KEY).await;
     d.click("#signin").await;
     d.wait_text("#who", "(admin)").await;
-    d.call(
-        reqwest::Method::POST,
-        "/url",
-        json!({"url": format!("{root}/ui/#/tenants")}),
-    )
-    .await;
+    goto(&d, &root, "tenants").await;
     d.type_into("#tenant-id", "team-a").await;
     d.type_into("#tenant-name", "Team <A>").await;
     d.click("#tenant-create").await;
@@ -973,14 +968,17 @@ async fn the_dashboard_in_a_real_browser() {
 /// A real OpenID Provider (the `oidc-provider` package under Node, which
 /// scripts/test installs) on a loopback port, killed when dropped.
 struct Idp {
-    child: Child,
+    _child: Reaped,
     issuer: String,
 }
 
-impl Drop for Idp {
+/// A child process killed (and waited for) when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -1021,7 +1019,7 @@ impl Idp {
             "the IdP did not start: {line:?}"
         );
         Idp {
-            child,
+            _child: Reaped(child),
             issuer: line.trim_start_matches("ready ").trim().to_string(),
         }
     }
@@ -1267,12 +1265,7 @@ async fn oidc_sign_in_in_a_real_browser_and_what_a_viewer_sees() {
     // upload, expose or destroy.
     let controls = "return ['#spawn', '#command', '#terminal-open', '#upload', '#expose', '#destroy', '.template-spawn', '#spec-create', '#quota-set'].filter(c => document.querySelector(c))";
     assert_eq!(d.script(controls).await, json!([]));
-    d.call(
-        reqwest::Method::POST,
-        "/url",
-        json!({"url": format!("{root}/ui/#/sandboxes/{sb}")}),
-    )
-    .await;
+    goto(&d, &root, &format!("sandboxes/{sb}")).await;
     d.wait_text("#files", "Files in").await;
     d.wait_text("#previews", "Previews").await;
     assert_eq!(d.script(controls).await, json!([]));
@@ -1284,12 +1277,7 @@ async fn oidc_sign_in_in_a_real_browser_and_what_a_viewer_sees() {
         ("quotas", "Quotas"),
         ("workers", "Workers"),
     ] {
-        d.call(
-            reqwest::Method::POST,
-            "/url",
-            json!({"url": format!("{root}/ui/#/{page}")}),
-        )
-        .await;
+        goto(&d, &root, page).await;
         d.wait_text("main h1", title).await;
         assert_eq!(d.script(controls).await, json!([]), "{page}");
         assert_eq!(d.script(UNNAMED).await, json!([]), "{page}");
@@ -1322,12 +1310,7 @@ async fn oidc_sign_in_in_a_real_browser_and_what_a_viewer_sees() {
         ("audit", "Audit"),
         ("tenants", "Tenants"),
     ] {
-        d.call(
-            reqwest::Method::POST,
-            "/url",
-            json!({"url": format!("{root}/ui/#/{page}")}),
-        )
-        .await;
+        goto(&d, &root, page).await;
         d.wait_text("main h1", title).await;
     }
     let _ = client()
@@ -1339,15 +1322,8 @@ async fn oidc_sign_in_in_a_real_browser_and_what_a_viewer_sees() {
 
 /// `stacyvm web-ui` on a free port, relaying to `server`; killed on drop.
 struct WebUi {
-    child: Child,
+    _child: Reaped,
     url: String,
-}
-
-impl Drop for WebUi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl WebUi {
@@ -1371,7 +1347,10 @@ impl WebUi {
             .unwrap_or_else(|| panic!("no local URL in {line:?}"))
             .trim_end_matches('/')
             .to_string();
-        WebUi { child, url }
+        WebUi {
+            _child: Reaped(child),
+            url,
+        }
     }
 }
 

@@ -301,10 +301,7 @@ pub struct SignIn {
 
 /// `POST /ui/session`: signs in with a key; the answer sets the cookie.
 pub async fn sign_in(State(st): State<AppState>, req: axum::extract::Request) -> Response {
-    let peer = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
+    let addr = client_addr(&st, &req);
     let headers = req.headers().clone();
     let Ok(body) = axum::body::to_bytes(req.into_body(), 64 * 1024).await else {
         return refuse(
@@ -340,7 +337,6 @@ pub async fn sign_in(State(st): State<AppState>, req: axum::extract::Request) ->
             "sign in with {\"key\": \"…\", \"kind\": \"api\"|\"admin\"}",
         );
     };
-    let addr = crate::middleware::remote_addr(&headers, peer, &st.cfg.server.trusted_proxies);
     let credential = match req.kind.as_str() {
         "admin" => Credential::Admin(req.key),
         "" | "api" => Credential::Api(req.key),
@@ -400,6 +396,28 @@ fn signed_in(ident: &crate::auth::Identity, csrf: &str) -> serde_json::Value {
     })
 }
 
+/// The client's address (through trusted proxies), for rate limits.
+fn client_addr(st: &AppState, req: &axum::extract::Request) -> String {
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip());
+    crate::middleware::remote_addr(req.headers(), peer, &st.cfg.server.trusted_proxies)
+}
+
+/// The dashboard's own files (`/`, `/ui/` and its scripts and styles),
+/// for `stacyvm serve` and `stacyvm web-ui` alike.
+pub fn files<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
+    use axum::routing::get;
+    axum::Router::new()
+        .route("/", get(root))
+        .route("/ui", get(root))
+        .route("/ui/", get(index))
+        .route("/ui/app.js", get(app_js))
+        .route("/ui/app.css", get(app_css))
+        .route("/ui/term.js", get(term_js))
+}
+
 /// Spends one of the address's failed-authentication tokens, as a bad
 /// key on the API does: whether the address is now limited.
 fn spend_failed(st: &AppState, addr: &str) -> bool {
@@ -450,12 +468,8 @@ fn back_to_page(st: &AppState, code: &str) -> Response {
 
 /// `GET /ui/oidc/start`: to the issuer's sign-in page.
 pub async fn oidc_start(State(st): State<AppState>, req: axum::extract::Request) -> Response {
-    let peer = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
+    let addr = client_addr(&st, &req);
     let headers = req.headers();
-    let addr = crate::middleware::remote_addr(headers, peer, &st.cfg.server.trusted_proxies);
     let Some(flow) = st.ui.oidc.as_ref() else {
         return refuse(
             StatusCode::NOT_FOUND,
@@ -502,11 +516,7 @@ pub async fn oidc_callback(State(st): State<AppState>, req: axum::extract::Reque
     let Some(verifier) = st.auth.oidc() else {
         return back_to_page(&st, "unavailable");
     };
-    let peer = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0.ip());
-    let addr = crate::middleware::remote_addr(req.headers(), peer, &st.cfg.server.trusted_proxies);
+    let addr = client_addr(&st, &req);
     let q: HashMap<String, String> =
         form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
             .into_owned()
