@@ -666,27 +666,44 @@ function specForm() {
 }
 
 async function buildView(id) {
-  const b = await json("GET", `/environments/builds/${encodeURIComponent(id)}`);
+  const path = `/environments/builds/${encodeURIComponent(id)}`;
+  const b = await json("GET", path);
   const facts = el("dl", { class: "facts", id: "build-facts" });
-  const status = el("dd", { class: `mono state-${b.status}`, id: "build-status", text: b.status });
-  facts.append(el("dt", { text: "Status" }), status);
-  for (const [k, v] of [["Spec", b.spec_id], ["Provider", b.provider], ["Image", b.digest_local], ["Error", b.error]]) if (v) facts.append(el("dt", { text: k }), el("dd", { class: "mono", text: v }));
-  const log = el("pre", { class: "out", id: "build-log", "aria-label": "Build log", "aria-live": "off" });
-  const parts = [el("h1", {}, "Build ", el("span", { class: "mono", text: id })), facts];
-  if (canWrite() && ["queued", "building"].includes(b.status))
-    parts.push(
-      button("Cancel build", async () => {
-        await json("POST", `/environments/builds/${encodeURIComponent(id)}/cancel`);
-        route();
-      }, { class: "danger", id: "build-cancel" }),
+  const status = el("dd", { class: `mono state-${b.status}`, id: "build-status" });
+  const actions = el("p", { class: "row", id: "build-actions" });
+  // The facts and actions of the build as it stands.
+  const show = (x) => {
+    status.textContent = x.status;
+    status.className = `mono state-${x.status}`;
+    fill(facts, el("dt", { text: "Status" }), status);
+    for (const [k, v] of [["Spec", x.spec_id], ["Provider", x.provider], ["Image", x.digest_local], ["Error", x.error]]) if (v) facts.append(el("dt", { text: k }), el("dd", { class: "mono", text: v }));
+    const running = ["queued", "building"].includes(x.status);
+    fill(
+      actions,
+      canWrite() && running
+        ? button("Cancel build", async () => {
+            show(await json("POST", `${path}/cancel`));
+          }, { class: "danger", id: "build-cancel" })
+        : null,
+      canWrite() && x.status === "ready"
+        ? button("Spawn a sandbox from it", async () => {
+            const c = await json("GET", `${path}/spawn-config`);
+            const body = { image: c.image };
+            if (c.provider) body.provider = c.provider;
+            const sb = await json("POST", "/sandboxes", body);
+            location.hash = `#/sandboxes/${sb.id}`;
+          }, { id: "build-spawn" })
+        : null,
     );
-  parts.push(el("h2", { text: "Log" }), log);
-  main(...parts);
+  };
+  show(b);
+  const log = el("pre", { class: "out", id: "build-log", "aria-label": "Build log", "aria-live": "off" });
+  main(el("h1", {}, "Build ", el("span", { class: "mono", text: id })), facts, actions, el("h2", { text: "Log" }), log);
   // Follow the log as it is written; the stream ends with the build.
   const abort = new AbortController();
   live.push(() => abort.abort());
   try {
-    const r = await fetch(`/api/v1/environments/builds/${encodeURIComponent(id)}/logs?follow=1`, { headers: { "X-StacyVM-CSRF": state.csrf }, credentials: "same-origin", signal: abort.signal });
+    const r = await fetch(`/api/v1${path}/logs?follow=1`, { headers: { "X-StacyVM-CSRF": state.csrf }, credentials: "same-origin", signal: abort.signal });
     if (!r.ok) throw new ApiError(r.status, `log: HTTP ${r.status}`);
     const reader = r.body.getReader();
     const dec = new TextDecoder();
@@ -696,10 +713,7 @@ async function buildView(id) {
       log.textContent = (log.textContent + dec.decode(value, { stream: true })).slice(-500000);
       log.scrollTop = log.scrollHeight;
     }
-    const end = await json("GET", `/environments/builds/${encodeURIComponent(id)}`);
-    status.textContent = end.status;
-    status.className = `mono state-${end.status}`;
-    for (const [k, v] of [["Image", end.digest_local], ["Error", end.error]]) if (v && !b[k === "Image" ? "digest_local" : "error"]) facts.append(el("dt", { text: k }), el("dd", { class: "mono", text: v }));
+    show(await json("GET", path));
   } catch (e) {
     if (e.name !== "AbortError") fail(e);
   }

@@ -904,7 +904,30 @@ async fn the_dashboard_in_a_real_browser() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     assert!(d.text("#build-log").await.contains("built-in-a-sandbox"));
+    assert_eq!(
+        d.script("return !document.getElementById('build-cancel')")
+            .await,
+        json!(true),
+        "a finished build offers no cancel"
+    );
     d.screenshot("build.png").await;
+    // Its image runs: a sandbox spawned from the build page has the file.
+    d.click("#build-spawn").await;
+    let from_build = sandbox_page(&d).await;
+    let got = client()
+        .get(format!(
+            "{root}/api/v1/sandboxes/{from_build}/files?path=/built.txt"
+        ))
+        .header("x-admin-api-key", ADMIN_KEY)
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(got.text().await.expect("text"), "built-in-a-sandbox\n");
+    let _ = client()
+        .delete(format!("{root}/api/v1/sandboxes/{from_build}"))
+        .header("x-admin-api-key", ADMIN_KEY)
+        .send()
+        .await;
 
     // The system page draws its graphs from live samples.
     goto(&d, &root, "system").await;
