@@ -682,7 +682,15 @@ async fn the_dashboard_in_a_real_browser() {
         json!(true)
     );
 
-    // Keyboard: Tab reaches the controls in order, Enter runs the command.
+    // Keyboard: Tab goes from the command field to its button and on to
+    // the terminal's; Enter in the field runs the command.
+    d.script("document.getElementById('command').focus(); return 1")
+        .await;
+    let focused = || d.script("return document.activeElement.id");
+    d.keys("\u{E004}").await;
+    assert_eq!(focused().await, json!("run"));
+    d.keys("\u{E004}").await;
+    assert_eq!(focused().await, json!("terminal-open"));
     d.script("document.getElementById('command').focus(); document.getElementById('command').value='echo typed'; return 1").await;
     d.type_into("#command", "\u{E007}").await;
     d.wait_text("#output", "typed").await;
