@@ -455,13 +455,23 @@ fn state_cookie(st: &AppState, value: &str, max_age: u64) -> HeaderValue {
 /// Back to the page after an OIDC sign-in that failed: the page shows
 /// the message for `code`; the detail stays in the server's log.
 fn back_to_page(st: &AppState, code: &str) -> Response {
+    see_other(
+        &format!("/ui/#signin-error={code}"),
+        state_cookie(st, "", 0),
+    )
+}
+
+/// A `303` to `location` (never cached) setting `cookie`; a location
+/// that cannot be a header goes back to the page.
+fn see_other(location: &str, cookie: HeaderValue) -> Response {
     let mut r = Response::new(Body::empty());
     *r.status_mut() = StatusCode::SEE_OTHER;
     let h = r.headers_mut();
-    if let Ok(v) = HeaderValue::from_str(&format!("/ui/#signin-error={code}")) {
-        h.insert(header::LOCATION, v);
-    }
-    h.insert(header::SET_COOKIE, state_cookie(st, "", 0));
+    h.insert(
+        header::LOCATION,
+        HeaderValue::from_str(location).unwrap_or_else(|_| HeaderValue::from_static("/ui/")),
+    );
+    h.insert(header::SET_COOKIE, cookie);
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
 }
@@ -483,19 +493,14 @@ pub async fn oidc_start(State(st): State<AppState>, req: axum::extract::Request)
         .unwrap_or("");
     match flow.start(&st.cfg.preview.scheme, host, &addr).await {
         Ok(started) => {
-            let mut r = Response::new(Body::empty());
-            *r.status_mut() = StatusCode::SEE_OTHER;
-            let h = r.headers_mut();
-            match HeaderValue::from_str(&started.location) {
-                Ok(v) => h.insert(header::LOCATION, v),
-                Err(_) => return back_to_page(&st, "unavailable"),
-            };
-            h.insert(
-                header::SET_COOKIE,
+            if HeaderValue::from_str(&started.location).is_err() {
+                return back_to_page(&st, "unavailable");
+            }
+            let mut r = see_other(
+                &started.location,
                 state_cookie(&st, &started.state, oidc::PENDING_FOR.as_secs()),
             );
-            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            h.insert(
+            r.headers_mut().insert(
                 header::REFERRER_POLICY,
                 HeaderValue::from_static("no-referrer"),
             );
@@ -540,10 +545,8 @@ pub async fn oidc_callback(State(st): State<AppState>, req: axum::extract::Reque
                 .ui
                 .create(Credential::Oidc(Box::new(done.identity)), done.lifetime);
             tracing::info!(%who, %role, "dashboard OIDC sign-in");
-            let mut r = back_to_page(&st, "");
-            let h = r.headers_mut();
-            h.insert(header::LOCATION, HeaderValue::from_static("/ui/"));
-            h.append(
+            let mut r = see_other("/ui/", state_cookie(&st, "", 0));
+            r.headers_mut().append(
                 header::SET_COOKIE,
                 session_cookie(&st, &id, done.lifetime.min(MAX_AGE).as_secs()),
             );
