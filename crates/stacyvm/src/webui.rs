@@ -34,6 +34,16 @@ const HOP_BY_HOP: [&str; 8] = [
     "upgrade",
 ];
 
+/// Client-address headers a browser must not choose: the server may
+/// trust them from the relay's address (a proxy on the same host).
+const CLIENT_ADDRESS: [&str; 5] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+];
+
 struct Relay {
     /// The server's base URL (no path).
     upstream: reqwest::Url,
@@ -70,7 +80,7 @@ fn upstream_headers(relay: &Relay, incoming: &HeaderMap, websocket: bool) -> Hea
     let mut out = HeaderMap::new();
     for (k, v) in incoming {
         let name = k.as_str();
-        if HOP_BY_HOP.contains(&name) || k == header::HOST {
+        if HOP_BY_HOP.contains(&name) || CLIENT_ADDRESS.contains(&name) || k == header::HOST {
             continue;
         }
         if k == header::ORIGIN && relay.own.iter().any(|o| v.as_bytes() == o.as_bytes()) {
@@ -322,6 +332,7 @@ mod tests {
         h.insert(header::HOST, HeaderValue::from_static("127.0.0.1:5749"));
         h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive"));
         h.insert("x-stacyvm-csrf", HeaderValue::from_static("t"));
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.9.9.9"));
         h.insert(
             header::ORIGIN,
             HeaderValue::from_static("http://localhost:5749"),
@@ -330,6 +341,10 @@ mod tests {
         assert_eq!(out[header::ORIGIN], "https://svm.example:8443");
         assert!(out.get(header::HOST).is_none() && out.get(header::CONNECTION).is_none());
         assert_eq!(out["x-stacyvm-csrf"], "t");
+        assert!(
+            out.get("x-forwarded-for").is_none(),
+            "a browser does not choose its address"
+        );
         h.insert(
             header::ORIGIN,
             HeaderValue::from_static("http://evil.example"),
