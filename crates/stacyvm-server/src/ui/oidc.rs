@@ -35,6 +35,9 @@ const MAX_PENDING: usize = 10_000;
 const MAX_PENDING_PER_ADDR: usize = 16;
 /// Discovery documents are refetched after this.
 const DISCOVERY_TTL: Duration = Duration::from_secs(3600);
+/// A failed discovery is not retried for this long: while the issuer is
+/// down, sign-ins fail at once instead of each waiting on it.
+const DISCOVERY_RETRY: Duration = Duration::from_secs(10);
 /// Largest discovery document or token answer read.
 const MAX_ANSWER: usize = 256 * 1024;
 
@@ -76,7 +79,10 @@ pub struct SignIn {
     redirect_url: String,
     scopes: String,
     http: reqwest::Client,
-    endpoints: tokio::sync::Mutex<Option<(Endpoints, Instant)>>,
+    /// The last discovery's answer (or why it failed) and when.
+    endpoints: tokio::sync::Mutex<Option<(Result<Endpoints, String>, Instant)>>,
+    /// How long a failed discovery is answered from the cache.
+    retry_after: Duration,
     pending: parking_lot::Mutex<HashMap<String, Pending>>,
 }
 
@@ -186,18 +192,35 @@ impl SignIn {
             scopes: scopes.join(" "),
             http,
             endpoints: tokio::sync::Mutex::new(None),
+            retry_after: DISCOVERY_RETRY,
             pending: parking_lot::Mutex::new(HashMap::new()),
         })
     }
 
-    /// The issuer's endpoints from its discovery document (cached).
+    /// The issuer's endpoints from its discovery document (cached for
+    /// an hour; a failure for `retry_after`).
     async fn endpoints(&self) -> Result<Endpoints, Failure> {
         let mut cached = self.endpoints.lock().await;
-        if let Some((e, at)) = cached.as_ref() {
-            if at.elapsed() < DISCOVERY_TTL {
-                return Ok(e.clone());
+        match cached.as_ref() {
+            Some((Ok(e), at)) if at.elapsed() < DISCOVERY_TTL => return Ok(e.clone()),
+            Some((Err(why), at)) if at.elapsed() < self.retry_after => {
+                return Err(fail(
+                    "unavailable",
+                    format!(
+                        "{why} (failed {} ms ago; not retried yet)",
+                        at.elapsed().as_millis()
+                    ),
+                ))
             }
+            _ => {}
         }
+        let got = self.discover().await;
+        *cached = Some((got.clone(), Instant::now()));
+        got.map_err(|why| fail("unavailable", why))
+    }
+
+    /// Fetches and checks the issuer's discovery document.
+    async fn discover(&self) -> Result<Endpoints, String> {
         let url = format!(
             "{}/.well-known/openid-configuration",
             self.issuer.trim_end_matches('/')
@@ -207,21 +230,16 @@ impl SignIn {
             .get(&url)
             .send()
             .await
-            .map_err(|e| fail("unavailable", format!("discovery at {url}: {e}")))?;
-        let doc = read_json(resp, "discovery")
-            .await
-            .map_err(|e| fail("unavailable", e))?;
+            .map_err(|e| format!("discovery at {url}: {e}"))?;
+        let doc = read_json(resp, "discovery").await?;
         let field = |k: &str| doc.get(k).and_then(Value::as_str).unwrap_or("").to_string();
         // The document must be the configured issuer's own (OpenID
         // Connect Discovery §4.3).
         if field("issuer").trim_end_matches('/') != self.issuer.trim_end_matches('/') {
-            return Err(fail(
-                "unavailable",
-                format!(
-                    "the discovery document names issuer {:?}, not {:?}",
-                    field("issuer"),
-                    self.issuer
-                ),
+            return Err(format!(
+                "the discovery document names issuer {:?}, not {:?}",
+                field("issuer"),
+                self.issuer
             ));
         }
         let e = Endpoints {
@@ -230,13 +248,11 @@ impl SignIn {
         };
         for u in [&e.authorization, &e.token] {
             if !(u.starts_with("https://") || u.starts_with("http://")) {
-                return Err(fail(
-                    "unavailable",
-                    format!("the discovery document's endpoint {u:?} is not an HTTP URL"),
+                return Err(format!(
+                    "the discovery document's endpoint {u:?} is not an HTTP URL"
                 ));
             }
         }
-        *cached = Some((e.clone(), Instant::now()));
         Ok(e)
     }
 
@@ -435,6 +451,78 @@ mod tests {
         let flood = pending.values().filter(|p| p.addr == "203.0.113.9").count();
         assert_eq!(flood, MAX_PENDING_PER_ADDR);
         assert!(pending.contains_key("flood-999") && !pending.contains_key("flood-1"));
+    }
+
+    /// An issuer that answers discovery with `status`, counting fetches.
+    async fn issuer(status: u16) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("test");
+        let url = format!("http://{}", l.local_addr().expect("test"));
+        let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (h, me) = (hits.clone(), url.clone());
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let mut buf = [0u8; 4096];
+                let _ = c.read(&mut buf).await;
+                let body = format!(
+                    r#"{{"issuer":"{me}","authorization_endpoint":"{me}/auth","token_endpoint":"{me}/token"}}"#
+                );
+                let body = if status == 200 { body } else { String::new() };
+                let _ = c
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            }
+        });
+        (url, hits)
+    }
+
+    #[tokio::test]
+    async fn a_failed_discovery_is_answered_from_the_cache_until_it_may_be_retried() {
+        let (url, hits) = issuer(503).await;
+        let mut c = config();
+        c.oidc_issuer = url;
+        let mut s = SignIn::new(&c).expect("configured");
+        for _ in 0..5 {
+            let e = s
+                .start("http", "127.0.0.1:7423", "192.0.2.1")
+                .await
+                .err()
+                .expect("the issuer is down");
+            assert_eq!(e.code, "unavailable");
+        }
+        assert_eq!(
+            hits.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "one fetch while the failure is fresh"
+        );
+        // Once the failure may be retried, the next sign-in asks again.
+        s.retry_after = Duration::ZERO;
+        let (good, good_hits) = issuer(200).await;
+        s.issuer = good;
+        let started = s
+            .start("http", "127.0.0.1:7423", "192.0.2.1")
+            .await
+            .expect("the issuer is back");
+        assert!(
+            started.location.starts_with(&format!("{}/auth?", s.issuer)),
+            "{}",
+            started.location
+        );
+        assert_eq!(good_hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // A good answer is kept.
+        s.start("http", "127.0.0.1:7423", "192.0.2.1")
+            .await
+            .expect("cached");
+        assert_eq!(good_hits.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
